@@ -1,0 +1,328 @@
+//! The delivery agents' side of a delivery request: opening the queue
+//! file, reading the content, and recording each recipient's outcome.
+//!
+//! Recording an outcome does three things, in this order, before the
+//! agent answers qmgr: the delivery line is logged (`to=<...>, relay=...,
+//! delay=..., delays=a/b/c/d, dsn=..., status=...`), the reason is
+//! appended to the message's `defer/` or `bounce/` log (fsync'd), and a
+//! sent or bounced recipient is marked done in the queue file. A qmgr
+//! that dies meanwhile thus never causes a second delivery to a recipient
+//! that was recorded.
+
+use crate::ipc::{DeliveryRecipient, DeliveryReply, DeliveryRequest, Outcome, RecipientResult};
+use crate::qfile::{self, ContentReader};
+use crate::queue::{MessageLog, Queue, QueueTree};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Instant;
+
+/// One delivery request being worked on.
+pub struct Job {
+    pub req: DeliveryRequest,
+    pub file: File,
+    tree: QueueTree,
+    started: Instant,
+    connected: Option<Instant>,
+    results: Vec<RecipientResult>,
+    destination_failed: bool,
+}
+
+impl Job {
+    /// Opens the request's queue file for reading and for marking
+    /// recipients done.
+    pub fn open(tree: &QueueTree, req: DeliveryRequest) -> io::Result<Job> {
+        let q = Queue::from_name(&req.queue)
+            .filter(|q| matches!(q, Queue::Active))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("bad queue {}", req.queue),
+                )
+            })?;
+        if !crate::queue::is_queue_id(&req.queue_id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad queue id"));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(tree.path(q, &req.queue_id))?;
+        Ok(Job {
+            req,
+            file,
+            tree: tree.clone(),
+            started: Instant::now(),
+            connected: None,
+            results: Vec::new(),
+            destination_failed: false,
+        })
+    }
+
+    /// The message content, streamed from the queue file.
+    pub fn content(&self) -> io::Result<ContentReader<'_>> {
+        ContentReader::new(&self.file, self.req.content_offset)
+    }
+
+    /// Notes that the connection to the next hop is set up (for `delays=`).
+    pub fn connected(&mut self) {
+        self.connected = Some(Instant::now());
+    }
+
+    /// Notes that the destination could not be reached at all.
+    pub fn destination_failed(&mut self) {
+        self.destination_failed = true;
+    }
+
+    /// Recipients that have no outcome yet.
+    pub fn unfinished(&self) -> Vec<DeliveryRecipient> {
+        self.req
+            .recipients
+            .iter()
+            .filter(|r| !self.results.iter().any(|x| x.offset == r.offset))
+            .cloned()
+            .collect()
+    }
+
+    /// Records one recipient's outcome (see the module doc). `relay` is
+    /// Postfix's `relay=` field: "host[addr]:port", "local", "none".
+    pub fn record(
+        &mut self,
+        r: &DeliveryRecipient,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+    ) {
+        if self.results.iter().any(|x| x.offset == r.offset) {
+            return;
+        }
+        let now = Instant::now();
+        let arrival = std::time::UNIX_EPOCH
+            + std::time::Duration::new(self.req.arrival_secs, self.req.arrival_usecs * 1000);
+        let delay = std::time::SystemTime::now()
+            .duration_since(arrival)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let conn = self.connected.unwrap_or(now);
+        let c = conn.duration_since(self.started).as_secs_f64();
+        let d = now.duration_since(conn).as_secs_f64();
+        let orig = if r.rcpt.original.is_empty() || r.rcpt.original == r.rcpt.address {
+            String::new()
+        } else {
+            format!(" orig_to=<{}>,", r.rcpt.original)
+        };
+        crate::info!(
+            "{}: to=<{}>,{} relay={}, delay={}, delays={}/{}/{}/{}, dsn={}, status={} ({})",
+            self.req.queue_id,
+            r.rcpt.address,
+            orig,
+            relay,
+            fmt_delay(delay),
+            fmt_delay(self.req.queue_wait),
+            fmt_delay(0.0),
+            fmt_delay(c),
+            fmt_delay(d),
+            dsn,
+            outcome.word(),
+            reason
+        );
+        let log = match outcome {
+            Outcome::Sent => None,
+            Outcome::Deferred => Some(MessageLog::Defer),
+            Outcome::Bounced => Some(MessageLog::Bounce),
+        };
+        let mut ok = true;
+        if let Some(log) = log {
+            let entry = LogEntry {
+                recipient: r.rcpt.address.clone(),
+                original: r.rcpt.original.clone(),
+                orcpt: r.rcpt.orcpt.clone(),
+                notify: r.rcpt.notify,
+                offset: r.offset,
+                status: dsn.to_string(),
+                action: if outcome == Outcome::Bounced {
+                    "failed"
+                } else {
+                    "delayed"
+                }
+                .into(),
+                relay: relay.to_string(),
+                reason: reason.to_string(),
+            };
+            if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
+                crate::warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
+                ok = false;
+            }
+        }
+        let outcome = if outcome != Outcome::Deferred && ok {
+            match qfile::mark_done(&self.file, r.offset) {
+                Ok(()) => outcome,
+                Err(e) => {
+                    crate::warning!("{}: mark recipient done: {e}", self.req.queue_id);
+                    // Not recorded as done: qmgr will offer it again, which
+                    // may deliver twice but never loses it.
+                    outcome
+                }
+            }
+        } else if !ok && outcome == Outcome::Bounced {
+            // Without a bounce log entry no notice could be sent: retry.
+            Outcome::Deferred
+        } else {
+            outcome
+        };
+        self.results.push(RecipientResult {
+            offset: r.offset,
+            outcome,
+            dsn: dsn.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Records the same outcome for every recipient not yet recorded.
+    pub fn record_rest(&mut self, outcome: Outcome, dsn: &str, relay: &str, reason: &str) {
+        for r in self.unfinished() {
+            self.record(&r, outcome, dsn, relay, reason);
+        }
+    }
+
+    /// The reply for qmgr. Recipients without an outcome are deferred.
+    pub fn finish(mut self) -> DeliveryReply {
+        self.record_rest(Outcome::Deferred, "4.3.0", "none", "delivery incomplete");
+        DeliveryReply {
+            results: self.results,
+            destination_failed: self.destination_failed,
+        }
+    }
+}
+
+/// Postfix prints delays with two decimals below 10 s, as a whole number above.
+pub fn fmt_delay(s: f64) -> String {
+    if s < 0.005 {
+        "0".into()
+    } else if s < 10.0 {
+        format!("{s:.2}")
+    } else {
+        format!("{s:.0}")
+    }
+}
+
+/// One recipient's entry in a message's defer or bounce log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogEntry {
+    pub recipient: String,
+    pub original: String,
+    pub orcpt: String,
+    pub notify: u8,
+    pub offset: u64,
+    /// Enhanced status code.
+    pub status: String,
+    /// "failed", "delayed", "delivered".
+    pub action: String,
+    pub relay: String,
+    pub reason: String,
+}
+
+fn clean(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+/// Appends an entry to a message log and fsyncs it.
+pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> io::Result<()> {
+    let text = format!(
+        "recipient={}\noriginal_recipient={}\ndsn_orig_rcpt={}\nnotify_flags={}\noffset={}\nstatus={}\naction={}\nrelay={}\nreason={}\n\n",
+        clean(&e.recipient),
+        clean(&e.original),
+        clean(&e.orcpt),
+        e.notify,
+        e.offset,
+        clean(&e.status),
+        clean(&e.action),
+        clean(&e.relay),
+        clean(&e.reason)
+    );
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(tree.log_path(log, id))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+/// Reads a message log; a missing log is empty.
+pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<LogEntry>> {
+    let text = match std::fs::read_to_string(tree.log_path(log, id)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut e = LogEntry::default();
+        let mut any = false;
+        for line in block.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            any = true;
+            match k {
+                "recipient" => e.recipient = v.into(),
+                "original_recipient" => e.original = v.into(),
+                "dsn_orig_rcpt" => e.orcpt = v.into(),
+                "notify_flags" => e.notify = v.parse().unwrap_or(0),
+                "offset" => e.offset = v.parse().unwrap_or(0),
+                "status" => e.status = v.into(),
+                "action" => e.action = v.into(),
+                "relay" => e.relay = v.into(),
+                "reason" => e.reason = v.into(),
+                _ => {}
+            }
+        }
+        if any {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Serves a delivery agent's socket: one request per connection, answered
+/// once every recipient is recorded.
+pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
+    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
+    crate::service::serve_one_at_a_time(cfg, |mut conn| {
+        let _ = conn.set_read_timeout(Some(timeout));
+        let req: DeliveryRequest = match crate::ipc::recv(&mut conn) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::warning!("read delivery request: {e}");
+                return;
+            }
+        };
+        let reply = match Job::open(&tree, req.clone()) {
+            Ok(mut job) => {
+                deliver(&mut job);
+                job.finish()
+            }
+            Err(e) => {
+                crate::warning!("{}: open queue file: {e}", req.queue_id);
+                DeliveryReply {
+                    results: req
+                        .recipients
+                        .iter()
+                        .map(|r| RecipientResult {
+                            offset: r.offset,
+                            outcome: Outcome::Deferred,
+                            dsn: "4.3.0".into(),
+                            reason: format!("cannot open queue file: {e}"),
+                        })
+                        .collect(),
+                    destination_failed: false,
+                }
+            }
+        };
+        if let Err(e) = crate::ipc::send(&mut conn, &reply) {
+            crate::warning!("{}: send delivery reply: {e}", req.queue_id);
+        }
+    })
+}

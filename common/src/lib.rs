@@ -1,0 +1,22 @@
+//! What Postern's programs share, defined once.
+//!
+//! - [`qfile`]: the queue file format (records, streaming writer and
+//!   reader, in-place "done" marks).
+//! - [`queue`]: the queue tree, queue IDs, moves between queues.
+//! - [`ipc`]: every message the programs exchange, and its framing.
+//! - [`delivery`]: the delivery agents' side of a delivery request.
+//! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
+//! - [`addr`]: envelope addresses.
+//! - [`log`]: logging in Postfix's format.
+//! - [`privs`]: accounts and dropping privileges.
+//! - [`service`]: the skeleton of a daemon started by master.
+
+pub mod addr;
+pub mod delivery;
+pub mod ipc;
+pub mod log;
+pub mod maps;
+pub mod privs;
+pub mod qfile;
+pub mod queue;
+pub mod service;

@@ -1,0 +1,201 @@
+//! Logging in Postfix's line format.
+//!
+//! Lines look like `Nov 22 14:11:42 HOST postern/smtpd[1234]: ID: text`
+//! in `maillog_file` (when set; `/dev/stdout` works), or go to syslog
+//! (facility mail) through `/dev/log`, or to stderr when neither is
+//! available. Commands run by people (sendmail, postconf, ...) also print
+//! warnings and fatal errors to stderr as `name: warning: text`, so that
+//! the one-line reason reaches the terminal.
+//!
+//! Use the macros: `info!`, `warning!`, `error!`, `fatal!` (exits 1).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Mutex, OnceLock};
+
+enum Sink {
+    File(File),
+    Syslog(UnixDatagram),
+    Stderr,
+}
+
+struct Logger {
+    /// "postern/smtpd"
+    ident: String,
+    /// The command name printed on stderr ("sendmail"), when interactive.
+    stderr_name: Option<String>,
+    host: String,
+    sink: Mutex<Sink>,
+    verbose: bool,
+}
+
+static LOGGER: OnceLock<Logger> = OnceLock::new();
+
+/// Sets up logging for this process. `program` is the short name
+/// ("smtpd"); `syslog_name` the prefix ("postern"); `maillog_file` the file
+/// to append to, or "" for syslog. `interactive` also copies warnings
+/// and errors to stderr. Only the first call has an effect.
+pub fn init(
+    program: &str,
+    syslog_name: &str,
+    maillog_file: &str,
+    interactive: bool,
+    verbose: bool,
+) {
+    let sink = if !maillog_file.is_empty() {
+        match OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(maillog_file)
+        {
+            Ok(f) => Sink::File(f),
+            Err(e) => {
+                eprintln!("{program}: warning: open {maillog_file}: {e}; logging to stderr");
+                Sink::Stderr
+            }
+        }
+    } else {
+        match UnixDatagram::unbound().and_then(|s| s.connect("/dev/log").map(|_| s)) {
+            Ok(s) => Sink::Syslog(s),
+            Err(_) => Sink::Stderr,
+        }
+    };
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or("localhost").to_string())
+        .unwrap_or_else(|| "localhost".into());
+    let _ = LOGGER.set(Logger {
+        ident: format!("{syslog_name}/{program}"),
+        stderr_name: interactive.then(|| program.to_string()),
+        host,
+        sink: Mutex::new(sink),
+        verbose,
+    });
+}
+
+/// Severity of a line; the word Postfix puts before the text.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Level {
+    Info,
+    Warning,
+    Error,
+    Fatal,
+    Debug,
+}
+
+impl Level {
+    fn prefix(self) -> &'static str {
+        match self {
+            Level::Info | Level::Debug => "",
+            Level::Warning => "warning: ",
+            Level::Error => "error: ",
+            Level::Fatal => "fatal: ",
+        }
+    }
+
+    fn syslog_severity(self) -> u8 {
+        match self {
+            Level::Info => 6,
+            Level::Debug => 7,
+            Level::Warning => 4,
+            Level::Error => 3,
+            Level::Fatal => 2,
+        }
+    }
+}
+
+/// Whether verbose (`-v`) logging is on.
+pub fn verbose() -> bool {
+    LOGGER.get().map(|l| l.verbose).unwrap_or(false)
+}
+
+fn timestamp() -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    // SAFETY: time(NULL) and localtime_r with valid pointers.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        format!(
+            "{} {:2} {:02}:{:02}:{:02}",
+            MONTHS[(tm.tm_mon.clamp(0, 11)) as usize],
+            tm.tm_mday,
+            tm.tm_hour,
+            tm.tm_min,
+            tm.tm_sec
+        )
+    }
+}
+
+/// Writes one line. Used through the macros.
+pub fn write(level: Level, text: std::fmt::Arguments<'_>) {
+    let Some(l) = LOGGER.get() else {
+        eprintln!("{}{}", level.prefix(), text);
+        return;
+    };
+    if level == Level::Debug && !l.verbose {
+        return;
+    }
+    let pid = std::process::id();
+    let msg = format!("{}{}", level.prefix(), text);
+    if let (Some(name), true) = (
+        &l.stderr_name,
+        level != Level::Info && level != Level::Debug,
+    ) {
+        eprintln!("{name}: {msg}");
+    }
+    let mut sink = l.sink.lock().unwrap_or_else(|e| e.into_inner());
+    match &mut *sink {
+        Sink::File(f) => {
+            let line = format!("{} {} {}[{}]: {}\n", timestamp(), l.host, l.ident, pid, msg);
+            // One write per line: with O_APPEND, lines from many processes
+            // do not interleave.
+            let _ = f.write_all(line.as_bytes());
+        }
+        Sink::Syslog(s) => {
+            let pri = 2 * 8 + level.syslog_severity(); // facility mail = 2
+            let line = format!("<{pri}>{} {}[{}]: {}", timestamp(), l.ident, pid, msg);
+            if s.send(line.as_bytes()).is_err() {
+                eprintln!("{}[{}]: {}", l.ident, pid, msg);
+            }
+        }
+        Sink::Stderr => {
+            if l.stderr_name.is_none() {
+                eprintln!("{} {}[{}]: {}", timestamp(), l.ident, pid, msg);
+            }
+        }
+    }
+}
+
+#[macro_export]
+macro_rules! info {
+    ($($a:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($a)*)) };
+}
+
+#[macro_export]
+macro_rules! warning {
+    ($($a:tt)*) => { $crate::log::write($crate::log::Level::Warning, format_args!($($a)*)) };
+}
+
+#[macro_export]
+macro_rules! error {
+    ($($a:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($a)*)) };
+}
+
+#[macro_export]
+macro_rules! debug {
+    ($($a:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($a)*)) };
+}
+
+/// Logs a fatal error and exits with status 1.
+#[macro_export]
+macro_rules! fatal {
+    ($($a:tt)*) => {{
+        $crate::log::write($crate::log::Level::Fatal, format_args!($($a)*));
+        std::process::exit(1)
+    }};
+}

@@ -1,0 +1,301 @@
+//! Lookup tables, named as Postfix names them: `type:name`.
+//!
+//! - `hash:/path`: Postern's own indexed file `/path.db`, compiled from
+//!   `/path` by `postmap` (or by `newaliases` for aliases). It is not
+//!   Berkeley DB; its format is [`write_hash_db`]'s.
+//! - `texthash:/path`: the source file read directly (postmap format).
+//! - `static:value`: every key finds `value`.
+//! - `inline:{ key=value, ... }`: the table written in place.
+//!
+//! Keys are matched case-insensitively (stored lower-case), as Postfix does
+//! for its indexed tables.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Header of a compiled `hash:` file.
+const HASH_MAGIC: &[u8] = b"postern-hash-1\n";
+
+/// One opened table.
+#[derive(Debug, Clone)]
+pub enum Table {
+    Entries {
+        spec: String,
+        map: HashMap<String, String>,
+    },
+    Static(String),
+}
+
+impl Table {
+    /// Opens `type:name`.
+    pub fn open(spec: &str) -> Result<Table, String> {
+        let (kind, name) = spec
+            .split_once(':')
+            .ok_or_else(|| format!("table {spec}: expected type:name"))?;
+        match kind {
+            "hash" | "btree" | "lmdb" | "cdb" => {
+                let db = db_path(Path::new(name));
+                let data = std::fs::read(&db)
+                    .map_err(|e| format!("open database {}: {e}", db.display()))?;
+                let map =
+                    read_hash_db(&data).map_err(|e| format!("database {}: {e}", db.display()))?;
+                Ok(Table::Entries {
+                    spec: spec.into(),
+                    map,
+                })
+            }
+            "texthash" => {
+                let text =
+                    std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
+                let map = parse_source(&text, false)
+                    .map_err(|(line, e)| format!("{name}, line {line}: {e}"))?
+                    .into_iter()
+                    .collect();
+                Ok(Table::Entries {
+                    spec: spec.into(),
+                    map,
+                })
+            }
+            "static" => Ok(Table::Static(
+                name.trim_start_matches('{')
+                    .trim_end_matches('}')
+                    .trim()
+                    .into(),
+            )),
+            "inline" => {
+                let inner = name.trim().trim_start_matches('{').trim_end_matches('}');
+                let map = inner
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                    .collect();
+                Ok(Table::Entries {
+                    spec: spec.into(),
+                    map,
+                })
+            }
+            other => Err(format!(
+                "table {spec}: unsupported dictionary type: {other}"
+            )),
+        }
+    }
+
+    pub fn lookup(&self, key: &str) -> Option<&str> {
+        match self {
+            Table::Static(v) => Some(v),
+            Table::Entries { map, .. } => map.get(&key.to_lowercase()).map(|s| s.as_str()),
+        }
+    }
+}
+
+/// Several tables searched in order (`alias_maps = hash:a, hash:b`).
+#[derive(Debug, Clone, Default)]
+pub struct Tables(pub Vec<Table>);
+
+impl Tables {
+    /// Opens every `type:name` in a list value. Names Postern does not
+    /// serve (such as `nis:mail.aliases` or `proxy:unix:passwd.byname`)
+    /// are returned in the second list so the caller can decide.
+    pub fn open_list(value: &str) -> (Tables, Vec<String>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for spec in split_specs(value) {
+            match Table::open(&spec) {
+                Ok(t) => ok.push(t),
+                Err(e) => bad.push(e),
+            }
+        }
+        (Tables(ok), bad)
+    }
+
+    pub fn lookup(&self, key: &str) -> Option<&str> {
+        self.0.iter().find_map(|t| t.lookup(key))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Splits a list of table specs on commas and white space, keeping
+/// `{ ... }` groups whole.
+pub fn split_specs(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut depth = 0;
+    for c in value.chars() {
+        match c {
+            '{' => {
+                depth += 1;
+                cur.push(c)
+            }
+            '}' => {
+                depth -= 1;
+                cur.push(c)
+            }
+            c if depth == 0 && (c == ',' || c.is_whitespace()) => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The compiled file of a `hash:` table.
+pub fn db_path(source: &Path) -> PathBuf {
+    let mut s = source.as_os_str().to_owned();
+    s.push(".db");
+    PathBuf::from(s)
+}
+
+/// Parses a table source. `aliases` selects the aliases(5) form
+/// (`name: value`) over postmap's (`key whitespace value`). Lines starting
+/// with white space continue the previous entry; `#` lines are comments.
+/// Keys are lower-cased. A later duplicate key replaces an earlier one.
+pub fn parse_source(text: &str, aliases: bool) -> Result<Vec<(String, String)>, (usize, String)> {
+    let mut entries: Vec<(String, String, usize)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let lineno = i + 1;
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            match entries.last_mut() {
+                Some(e) => {
+                    e.1.push(' ');
+                    e.1.push_str(t);
+                    continue;
+                }
+                None => return Err((lineno, "continuation line without an entry".into())),
+            }
+        }
+        let (k, v) = if aliases {
+            match split_alias_key(t) {
+                Some(kv) => kv,
+                None => return Err((lineno, format!("missing colon in \"{t}\""))),
+            }
+        } else {
+            match t.split_once(char::is_whitespace) {
+                Some((k, v)) => (k, v.trim()),
+                None => {
+                    return Err((
+                        lineno,
+                        format!("expected \"key whitespace value\": \"{t}\""),
+                    ))
+                }
+            }
+        };
+        entries.push((k.to_lowercase(), v.to_string(), lineno));
+    }
+    let mut map: Vec<(String, String)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (k, v, _) in entries {
+        match index.get(&k) {
+            Some(&i) => map[i].1 = v,
+            None => {
+                index.insert(k.clone(), map.len());
+                map.push((k, v));
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// `name: value`, where name may be quoted ("a b": ...).
+fn split_alias_key(t: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = t.strip_prefix('"') {
+        let end = rest.find('"')?;
+        let after = rest[end + 1..].trim_start().strip_prefix(':')?;
+        return Some((&rest[..end], after.trim()));
+    }
+    let (k, v) = t.split_once(':')?;
+    Some((k.trim(), v.trim()))
+}
+
+/// Writes a compiled table atomically: `DB.tmp` then rename, so a daemon
+/// never reads half a table.
+pub fn write_hash_db(source: &Path, entries: &[(String, String)]) -> io::Result<PathBuf> {
+    let db = db_path(source);
+    let tmp = db.with_extension(format!("db.tmp.{}", std::process::id()));
+    let mut out = Vec::with_capacity(
+        64 + entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(HASH_MAGIC);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (k, v) in entries {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+    std::fs::write(&tmp, &out)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &db)?;
+    Ok(db)
+}
+
+fn read_hash_db(data: &[u8]) -> Result<HashMap<String, String>, String> {
+    let rest = data
+        .strip_prefix(HASH_MAGIC)
+        .ok_or("not a postern hash file (run postmap)")?;
+    let mut p = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let s = rest.get(p..p + n).ok_or("file cut short")?;
+        p += n;
+        Ok(s)
+    };
+    let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap()) as usize;
+    let count = u32_at(take(4)?);
+    let mut map = HashMap::with_capacity(count.min(1 << 20));
+    for _ in 0..count {
+        let kl = u32_at(take(4)?);
+        let k = String::from_utf8_lossy(take(kl)?).into_owned();
+        let vl = u32_at(take(4)?);
+        let v = String::from_utf8_lossy(take(vl)?).into_owned();
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_round_trip() {
+        let dir = std::env::temp_dir().join(format!("pmaps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("aliases");
+        let text = "# c\npostmaster: root\nWebmaster: alice,\n  bob\n\"x y\": z\n";
+        let e = parse_source(text, true).unwrap();
+        write_hash_db(&src, &e).unwrap();
+        let t = Table::open(&format!("hash:{}", src.display())).unwrap();
+        assert_eq!(t.lookup("POSTMASTER"), Some("root"));
+        assert_eq!(t.lookup("webmaster"), Some("alice, bob"));
+        assert_eq!(t.lookup("x y"), Some("z"));
+        assert_eq!(t.lookup("nobody"), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn specs_and_static() {
+        assert_eq!(
+            split_specs("hash:/a, texthash:/b inline:{a=b, c=d}"),
+            vec!["hash:/a", "texthash:/b", "inline:{a=b, c=d}"]
+        );
+        let t = Table::open("inline:{a=b, c=d}").unwrap();
+        assert_eq!(t.lookup("C"), Some("d"));
+        assert_eq!(Table::open("static:x").unwrap().lookup("q"), Some("x"));
+    }
+}

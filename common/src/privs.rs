@@ -1,0 +1,130 @@
+//! Accounts and privileges: who a program runs as.
+//!
+//! master, started as root, drops every unprivileged daemon to
+//! `mail_owner` between fork and exec with [`drop_to`], so that no code
+//! that parses outside input ever runs as root. `local` keeps root only to
+//! switch its effective ids to each recipient in turn ([`as_user`]).
+
+use std::io;
+
+/// A user account from the password database.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: std::path::PathBuf,
+    pub shell: std::path::PathBuf,
+}
+
+/// Looks up an account by name.
+pub fn user(name: &str) -> Option<Account> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| Account {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            home: u.dir,
+            shell: u.shell,
+        })
+}
+
+/// Looks up an account by uid.
+pub fn user_by_uid(uid: u32) -> Option<Account> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| Account {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            home: u.dir,
+            shell: u.shell,
+        })
+}
+
+/// Looks up a group id by name.
+pub fn group_id(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Drops to `uid`/`gid` for good: no supplementary groups, an empty
+/// capability bounding set, no ambient capabilities, and no_new_privs.
+/// Made of plain system calls only, so that it is safe to call between
+/// fork and exec.
+pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
+    fn check(r: libc::c_int) -> io::Result<()> {
+        if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+    // SAFETY: plain system calls with valid arguments.
+    unsafe {
+        // Clear ambient capabilities and empty the bounding set while we
+        // still have CAP_SETPCAP; EINVAL marks the end of known caps.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == -1 {
+                break;
+            }
+        }
+        let groups = [gid as libc::gid_t];
+        check(libc::setgroups(1, groups.as_ptr()))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))?;
+        // setresuid away from root cleared permitted and effective sets;
+        // no_new_privs keeps a set-id program from giving them back.
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+/// Runs `f` with the effective uid and gid of `uid`/`gid` (and only that
+/// group), then returns to root. When not root, runs `f` as is.
+/// Must not be used from a process with more than one thread.
+pub fn as_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> io::Result<T> {
+    if !is_root() {
+        return Ok(f());
+    }
+    // SAFETY: plain system calls; the process is single-threaded.
+    unsafe {
+        let groups = [gid as libc::gid_t];
+        if libc::setgroups(1, groups.as_ptr()) == -1
+            || libc::setegid(gid) == -1
+            || libc::seteuid(uid) == -1
+        {
+            let e = io::Error::last_os_error();
+            libc::seteuid(0);
+            libc::setegid(0);
+            return Err(e);
+        }
+    }
+    let out = f();
+    // SAFETY: back to root; the saved set-user-id is still 0.
+    unsafe {
+        if libc::seteuid(0) == -1 || libc::setegid(0) == -1 {
+            // Cannot become root again: better to die than to go on as
+            // the wrong user.
+            libc::_exit(1);
+        }
+        libc::setgroups(0, std::ptr::null());
+    }
+    Ok(out)
+}

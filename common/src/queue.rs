@@ -1,0 +1,297 @@
+//! The queue tree under `queue_directory`, queue IDs, and moves between
+//! queues.
+//!
+//! A message lives in exactly one of `maildrop incoming active deferred
+//! hold corrupt` at a time and moves by `rename(2)`; the directories on both
+//! sides are fsync'd so a move survives a crash. Per-message logs of
+//! deferral and bounce reasons live in `defer/` and `bounce/` under the
+//! message's queue ID.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The queues a message can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// Local submissions written by sendmail, read by pickup.
+    Maildrop,
+    /// Written by cleanup; complete files wait here for qmgr.
+    Incoming,
+    /// Being delivered: owned by qmgr.
+    Active,
+    /// Waiting for a retry; the file's mtime is the next retry time.
+    Deferred,
+    /// Put aside by the administrator (postsuper -h): never retried.
+    Hold,
+    /// Unreadable files, kept for the administrator.
+    Corrupt,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 6] = [
+        Queue::Maildrop,
+        Queue::Incoming,
+        Queue::Active,
+        Queue::Deferred,
+        Queue::Hold,
+        Queue::Corrupt,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Maildrop => "maildrop",
+            Queue::Incoming => "incoming",
+            Queue::Active => "active",
+            Queue::Deferred => "deferred",
+            Queue::Hold => "hold",
+            Queue::Corrupt => "corrupt",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Queue> {
+        Queue::ALL.into_iter().find(|q| q.name() == s)
+    }
+}
+
+/// The per-message logs that feed notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageLog {
+    /// Reasons for recipients that will be retried.
+    Defer,
+    /// Reasons for recipients that failed for good.
+    Bounce,
+}
+
+impl MessageLog {
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageLog::Defer => "defer",
+            MessageLog::Bounce => "bounce",
+        }
+    }
+}
+
+/// Directories below `queue_directory`, with their modes. `maildrop` and
+/// `public` are group-accessible so that the set-gid submission programs
+/// (group `setgid_group`) can use them, as in Postfix.
+pub const TREE: &[(&str, u32)] = &[
+    ("maildrop", 0o730),
+    ("incoming", 0o700),
+    ("active", 0o700),
+    ("deferred", 0o700),
+    ("hold", 0o700),
+    ("corrupt", 0o700),
+    ("defer", 0o700),
+    ("bounce", 0o700),
+    ("private", 0o700),
+    ("public", 0o710),
+    ("pid", 0o755),
+];
+
+/// A handle on the queue directory.
+#[derive(Debug, Clone)]
+pub struct QueueTree {
+    root: PathBuf,
+}
+
+/// A newly created, still incomplete queue file and its ID.
+pub struct NewFile {
+    pub id: String,
+    pub path: PathBuf,
+    pub file: File,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl QueueTree {
+    pub fn new(root: impl Into<PathBuf>) -> QueueTree {
+        QueueTree { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, q: Queue) -> PathBuf {
+        self.root.join(q.name())
+    }
+
+    pub fn path(&self, q: Queue, id: &str) -> PathBuf {
+        self.root.join(q.name()).join(id)
+    }
+
+    pub fn log_path(&self, log: MessageLog, id: &str) -> PathBuf {
+        self.root.join(log.name()).join(id)
+    }
+
+    /// A service socket: `private/NAME` or `public/NAME`.
+    pub fn socket(&self, private: bool, name: &str) -> PathBuf {
+        self.root
+            .join(if private { "private" } else { "public" })
+            .join(name)
+    }
+
+    /// Creates a new queue file in `q` with a fresh queue ID: first under a
+    /// temporary name (O_EXCL, mode 0600), then renamed to an ID made of
+    /// the arrival time and the file's inode number, which is unique on
+    /// the file system for as long as the file exists.
+    pub fn create(&self, q: Queue) -> io::Result<NewFile> {
+        let dir = self.dir(q);
+        loop {
+            let tmp = dir.join(format!(
+                ".tmp.{}.{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(crate::qfile::MODE_WRITING)
+                .open(&tmp)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            };
+            // The umask may have narrowed the mode; set it exactly.
+            file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
+            let ino = file.metadata()?.ino();
+            let id = make_id(SystemTime::now(), ino);
+            let path = dir.join(&id);
+            if path.exists() {
+                // Same microsecond and a reused inode: try again.
+                fs::remove_file(&tmp)?;
+                continue;
+            }
+            fs::rename(&tmp, &path)?;
+            return Ok(NewFile { id, path, file });
+        }
+    }
+
+    /// Moves message `id` from one queue to another and makes the move
+    /// durable (both directories fsync'd).
+    pub fn move_to(&self, id: &str, from: Queue, to: Queue) -> io::Result<()> {
+        fs::rename(self.path(from, id), self.path(to, id))?;
+        sync_dir(&self.dir(to))?;
+        sync_dir(&self.dir(from))
+    }
+
+    /// Queue IDs in `q`, sorted (= by arrival). Temporary names are skipped.
+    pub fn list(&self, q: Queue) -> io::Result<Vec<String>> {
+        let mut v: Vec<String> = fs::read_dir(self.dir(q))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| is_queue_id(n))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Which queue holds `id`, if any.
+    pub fn find(&self, id: &str) -> Option<Queue> {
+        if !is_queue_id(id) {
+            return None;
+        }
+        Queue::ALL.into_iter().find(|q| self.path(*q, id).exists())
+    }
+
+    /// Creates every directory of the tree that is missing, with its mode,
+    /// owned by `owner` (uid, gid) when given; `maildrop` and `public`
+    /// get group `setgid_gid` when given.
+    pub fn create_dirs(
+        &self,
+        owner: Option<(u32, u32)>,
+        setgid_gid: Option<u32>,
+    ) -> io::Result<()> {
+        fs::create_dir_all(&self.root)?;
+        for (name, mode) in TREE {
+            let p = self.root.join(name);
+            if !p.exists() {
+                fs::create_dir(&p)?;
+            }
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
+            if let Some((uid, gid)) = owner {
+                let gid = match (*name, setgid_gid) {
+                    ("maildrop" | "public", Some(g)) => g,
+                    _ => gid,
+                };
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A queue ID from a time and an inode number: 8 hex digits of seconds, 5
+/// of microseconds, then the inode in hex. IDs sort by arrival, are safe as
+/// file names, and are unique while their file exists.
+pub fn make_id(t: SystemTime, ino: u64) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{:08X}{:05X}{:X}", d.as_secs(), d.subsec_micros(), ino)
+}
+
+/// Whether `s` has the form of a queue ID (upper-case hex, 14 or more).
+pub fn is_queue_id(s: &str) -> bool {
+    s.len() >= 14
+        && s.len() <= 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// fsyncs a directory, so that names created, renamed or removed in it
+/// survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The current time as (seconds, microseconds) since the epoch.
+pub fn now() -> (u64, u32) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_micros())
+}
+
+/// Sets a file's modification time (the retry time of a deferred message).
+pub fn set_mtime(path: &Path, secs: u64) -> io::Result<()> {
+    let f = File::options().write(true).open(path)?;
+    f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_and_validate() {
+        let a = make_id(
+            UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_000_001),
+            99,
+        );
+        let b = make_id(
+            UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_000_002),
+            5,
+        );
+        assert!(a < b);
+        assert!(is_queue_id(&a));
+        assert!(!is_queue_id("../etc/passwd"));
+        assert!(!is_queue_id(".tmp.1.2"));
+    }
+
+    #[test]
+    fn create_and_move() {
+        let root = std::env::temp_dir().join(format!("pqt-{}", std::process::id()));
+        let t = QueueTree::new(&root);
+        t.create_dirs(None, None).unwrap();
+        let nf = t.create(Queue::Incoming).unwrap();
+        assert_eq!(t.find(&nf.id), Some(Queue::Incoming));
+        t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
+        assert_eq!(t.list(Queue::Active).unwrap(), vec![nf.id.clone()]);
+        fs::remove_dir_all(root).unwrap();
+    }
+}

@@ -1,0 +1,238 @@
+//! The skeleton every daemon stands on: arguments from master, the
+//! configuration, logging, the inherited listener, and the status pipe.
+//!
+//! master starts a daemon as `NAME -c CONFIG_DIR -n SERVICE -t TYPE
+//! [-o name=value]... [-v] [args]`, with the service's listening socket on
+//! fd [`LISTEN_FD`] and the write end of the service's status pipe on fd
+//! [`STATUS_FD`]. The daemon reports on the pipe whether it can take more
+//! work ([`Status`]); master starts another process for the service when
+//! every process it has is busy, up to the service's `maxproc`.
+
+use postern_conf::Config;
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The listening socket master hands every daemon.
+pub const LISTEN_FD: RawFd = 3;
+/// The write end of the status pipe back to master.
+pub const STATUS_FD: RawFd = 4;
+
+/// What a daemon was started with.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    pub config_dir: Option<PathBuf>,
+    /// The master.cf service name (first column), e.g. "smtp" or "relay".
+    pub service: String,
+    /// "inet", "unix", "fifo".
+    pub kind: String,
+    pub overrides: Vec<(String, String)>,
+    pub verbose: bool,
+    /// Arguments after the options.
+    pub rest: Vec<String>,
+}
+
+/// Parses a daemon's command line.
+pub fn parse_args(program: &str, argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args {
+        service: program.to_string(),
+        ..Default::default()
+    };
+    let mut it = argv.into_iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "-c" => a.config_dir = Some(it.next().ok_or("-c needs a directory")?.into()),
+            "-n" => a.service = it.next().ok_or("-n needs a service name")?,
+            "-t" => a.kind = it.next().ok_or("-t needs a service type")?,
+            "-o" => {
+                let v = it.next().ok_or("-o needs name=value")?;
+                let (n, val) = v.split_once('=').ok_or("-o needs name=value")?;
+                a.overrides
+                    .push((n.trim().to_string(), val.trim().to_string()));
+            }
+            "-v" => a.verbose = true,
+            "-S" | "-s" | "-u" | "-D" | "-d" => {} // Postfix options we accept and ignore
+            _ => {
+                a.rest.push(arg);
+                a.rest.extend(it.by_ref());
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// Starts a daemon: parses arguments, reads the configuration with
+/// master.cf's overrides applied, and sets up logging. Exits with a fatal
+/// log line when the configuration cannot be used.
+pub fn start(program: &str) -> (Config, Args) {
+    let args = match parse_args(program, std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{program}: fatal: {e}");
+            std::process::exit(1);
+        }
+    };
+    let dir = postern_conf::config_dir(args.config_dir.as_deref());
+    let mut cfg = match Config::load(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: fatal: {e}");
+            std::process::exit(1);
+        }
+    };
+    cfg.set_overrides(args.overrides.clone());
+    crate::log::init(
+        program,
+        &cfg.get("syslog_name"),
+        &cfg.get("maillog_file"),
+        false,
+        args.verbose,
+    );
+    (cfg, args)
+}
+
+/// Reports this process's state to master. Silent when there is no
+/// status pipe (a daemon started by hand).
+pub struct Status {
+    fd: Option<std::fs::File>,
+}
+
+impl Status {
+    pub fn new() -> Status {
+        // SAFETY: fcntl on a number we only inspect.
+        let open = unsafe { libc::fcntl(STATUS_FD, libc::F_GETFD) } != -1;
+        Status {
+            // SAFETY: master gave us this descriptor and nothing else owns it.
+            fd: open.then(|| unsafe { std::fs::File::from_raw_fd(STATUS_FD) }),
+        }
+    }
+
+    fn send(&mut self, busy: bool) {
+        if let Some(f) = &mut self.fd {
+            let mut m = [0u8; 8];
+            m[..4].copy_from_slice(&std::process::id().to_le_bytes());
+            m[4..].copy_from_slice(&(busy as u32).to_le_bytes());
+            // 8 bytes < PIPE_BUF: atomic among all processes of the service.
+            let _ = f.write_all(&m);
+        }
+    }
+
+    /// Every slot is taken: master should start another process.
+    pub fn busy(&mut self) {
+        self.send(true)
+    }
+
+    /// Ready for more.
+    pub fn available(&mut self) {
+        self.send(false)
+    }
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The inherited listener of a unix-type service.
+pub fn unix_listener() -> io::Result<UnixListener> {
+    // SAFETY: master put the listening socket on LISTEN_FD for us.
+    let l = unsafe { UnixListener::from_raw_fd(LISTEN_FD) };
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Waits until `fd` is readable or `timeout` passes. Returns whether it is
+/// readable.
+pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout
+        .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
+        .unwrap_or(-1);
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    r > 0
+}
+
+/// Serves a unix-type service one connection at a time, as Postfix's
+/// single-threaded servers do: busy while a connection is handled, exits
+/// after `max_use` connections or `max_idle` seconds without one (master
+/// starts a fresh process when work comes).
+pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> ! {
+    let listener = match unix_listener() {
+        Ok(l) => l,
+        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+    };
+    let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1);
+    let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
+    let mut status = Status::new();
+    let mut uses = 0;
+    let mut idle_since = Instant::now();
+    loop {
+        let left = max_idle.saturating_sub(idle_since.elapsed());
+        if left.is_zero() {
+            std::process::exit(0);
+        }
+        if !wait_readable(LISTEN_FD, Some(left)) {
+            continue;
+        }
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue, // another process took it
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => crate::fatal!("accept: {e}"),
+        };
+        let _ = conn.set_nonblocking(false);
+        status.busy();
+        handle(conn);
+        uses += 1;
+        if uses >= max_use {
+            std::process::exit(0);
+        }
+        status.available();
+        idle_since = Instant::now();
+    }
+}
+
+/// Serves a trigger service (qmgr, pickup): calls `on_wakeup` with the
+/// bytes of every wake-up connection, and with nothing when `period`
+/// passes without one. Never exits by itself.
+pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) -> ! {
+    let listener = match unix_listener() {
+        Ok(l) => l,
+        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+    };
+    let mut status = Status::new();
+    // A trigger server is always "busy": there is only ever one.
+    status.busy();
+    let mut next = Instant::now() + period;
+    loop {
+        let now = Instant::now();
+        if now >= next {
+            on_wakeup(&[]);
+            next = Instant::now() + period;
+            continue;
+        }
+        if !wait_readable(LISTEN_FD, Some(next - now)) {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        // Drain every pending wake-up before acting once.
+        while let Ok((mut c, _)) = listener.accept() {
+            use std::io::Read;
+            let _ = c.set_nonblocking(false);
+            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut b = [0u8; 64];
+            if let Ok(n) = c.read(&mut b) {
+                bytes.extend_from_slice(&b[..n]);
+            }
+        }
+        on_wakeup(&bytes);
+    }
+}

@@ -1,0 +1,407 @@
+//! Postern's configuration: `main.cf` and `master.cf` in Postfix's syntax.
+//!
+//! Every program reads its parameters through [`Config`]: the settings of
+//! `main.cf` in the configuration directory (`-c DIR`, `MAIL_CONFIG`, or
+//! `/etc/postern`), then the `-o name=value` overrides master passes from
+//! master.cf, then the defaults of the one parameter table in [`params`].
+//! Values are expanded (`$name`, `${name}`, `$(name)`, `${name?text}`,
+//! `${name:text}`) when read, so a change to `myhostname` reaches every
+//! parameter that refers to it.
+
+pub mod main_cf;
+pub mod master_cf;
+pub mod params;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The default configuration directory.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/postern";
+
+/// A configuration that cannot be used.
+#[derive(Debug)]
+pub enum ConfError {
+    /// A file could not be read.
+    Io { file: String, err: std::io::Error },
+    /// A malformed line: Postfix's form, `FILE, line N: reason`.
+    Syntax {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    /// A value of the wrong kind: `name = value: reason`.
+    Value {
+        name: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfError::Io { file, err } => write!(f, "open {file}: {err}"),
+            ConfError::Syntax { file, line, reason } => write!(f, "{file}, line {line}: {reason}"),
+            ConfError::Value {
+                name,
+                value,
+                reason,
+            } => {
+                write!(f, "bad parameter value: {name} = {value}: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfError {}
+
+/// The configuration directory a command should use: `-c DIR` if given,
+/// else `MAIL_CONFIG`, else `/etc/postern`.
+pub fn config_dir(cli: Option<&Path>) -> PathBuf {
+    if let Some(d) = cli {
+        return d.to_path_buf();
+    }
+    match std::env::var_os("MAIL_CONFIG") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(DEFAULT_CONFIG_DIR),
+    }
+}
+
+/// The parameters in force for one program.
+#[derive(Debug, Clone)]
+pub struct Config {
+    dir: PathBuf,
+    /// From main.cf: the last setting of each name.
+    main: HashMap<String, String>,
+    /// From master.cf `-o` (or a command's own `-o`): these win over main.cf.
+    overrides: HashMap<String, String>,
+    /// Machine-dependent defaults computed once.
+    computed: HashMap<&'static str, String>,
+    /// main.cf settings of names Postern does not know (warned about).
+    unknown: Vec<(String, usize)>,
+}
+
+impl Config {
+    /// Reads `DIR/main.cf`. A missing main.cf is an error: Postfix's
+    /// commands refuse to run without one too.
+    pub fn load(dir: &Path) -> Result<Config, ConfError> {
+        let file = dir.join("main.cf");
+        let text = std::fs::read_to_string(&file).map_err(|err| ConfError::Io {
+            file: file.display().to_string(),
+            err,
+        })?;
+        Self::from_text(dir, &text, &file)
+    }
+
+    /// Builds a configuration from main.cf text (tests, and `postconf -d`
+    /// with an empty text).
+    pub fn from_text(dir: &Path, text: &str, file: &Path) -> Result<Config, ConfError> {
+        let settings = main_cf::parse(text, file)?;
+        let mut main = HashMap::new();
+        let mut unknown = Vec::new();
+        for s in settings {
+            if !params::is_known(&s.name) {
+                unknown.push((s.name.clone(), s.line));
+            }
+            main.insert(s.name, s.value);
+        }
+        let mut cfg = Config {
+            dir: dir.to_path_buf(),
+            main,
+            overrides: HashMap::new(),
+            computed: HashMap::new(),
+            unknown,
+        };
+        cfg.compute_defaults();
+        Ok(cfg)
+    }
+
+    fn compute_defaults(&mut self) {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        let host = if host.contains('.') {
+            host
+        } else {
+            format!("{host}.localdomain")
+        };
+        self.computed.insert("myhostname", host);
+        let myhostname = self.get("myhostname");
+        let domain = match myhostname.split_once('.') {
+            Some((_, d)) if d.contains('.') || !d.is_empty() => d.to_string(),
+            _ => "localdomain".to_string(),
+        };
+        self.computed.insert("mydomain", domain);
+        self.computed
+            .insert("mynetworks", "127.0.0.0/8 [::1]/128".to_string());
+        self.computed
+            .insert("config_directory", self.dir.display().to_string());
+    }
+
+    /// The configuration directory this was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// main.cf names that are not Postern parameters, with their line, for
+    /// the warning each program logs at start.
+    pub fn unknown_parameters(&self) -> &[(String, usize)] {
+        &self.unknown
+    }
+
+    /// Applies `-o name=value` overrides (from master.cf or the command line).
+    pub fn set_overrides<I: IntoIterator<Item = (String, String)>>(&mut self, it: I) {
+        for (n, v) in it {
+            self.overrides.insert(n, v);
+        }
+    }
+
+    /// The value before `$name` expansion, and whether it was set explicitly.
+    pub fn raw(&self, name: &str) -> Option<(&str, bool)> {
+        if name == "config_directory" {
+            return self.computed.get(name).map(|v| (v.as_str(), true));
+        }
+        if let Some(v) = self.overrides.get(name) {
+            return Some((v, true));
+        }
+        if let Some(v) = self.main.get(name) {
+            return Some((v, true));
+        }
+        self.default_raw(name).map(|v| (v, false))
+    }
+
+    /// The default, before expansion: computed, from the table, or for a
+    /// per-transport name the value of its `default_*` form.
+    pub fn default_raw(&self, name: &str) -> Option<&str> {
+        if let Some(v) = self.computed.get(name) {
+            return Some(v);
+        }
+        params::default_of(name)
+    }
+
+    /// The expanded value of a parameter; "" for an unknown unset name.
+    pub fn get(&self, name: &str) -> String {
+        let mut depth = 0;
+        self.get_depth(name, &mut depth)
+    }
+
+    fn get_depth(&self, name: &str, depth: &mut u32) -> String {
+        match self.raw(name) {
+            Some((v, _)) => {
+                let v = v.to_string();
+                self.expand_depth(&v, depth)
+            }
+            None => String::new(),
+        }
+    }
+
+    /// Expands `$name` references in `text`.
+    pub fn expand(&self, text: &str) -> String {
+        let mut depth = 0;
+        self.expand_depth(text, &mut depth)
+    }
+
+    fn expand_depth(&self, text: &str, depth: &mut u32) -> String {
+        *depth += 1;
+        if *depth > 100 || !text.contains('$') {
+            *depth -= 1;
+            return text.to_string();
+        }
+        let b = text.as_bytes();
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] != b'$' {
+                let next = text[i..].find('$').map(|p| i + p).unwrap_or(b.len());
+                out.push_str(&text[i..next]);
+                i = next;
+                continue;
+            }
+            // b[i] == '$'
+            if i + 1 >= b.len() {
+                out.push('$');
+                break;
+            }
+            let c = b[i + 1];
+            if c == b'$' {
+                out.push('$');
+                i += 2;
+            } else if c == b'{' || c == b'(' {
+                let close = if c == b'{' { '}' } else { ')' };
+                let Some(end) = text[i + 2..].find(close).map(|p| i + 2 + p) else {
+                    out.push_str(&text[i..]);
+                    break;
+                };
+                let inner = &text[i + 2..end];
+                let (name, op) = match inner.find(['?', ':']) {
+                    Some(p) => (&inner[..p], Some((inner.as_bytes()[p], &inner[p + 1..]))),
+                    None => (inner, None),
+                };
+                let val = self.get_depth(name, depth);
+                match op {
+                    None => out.push_str(&val),
+                    Some((b'?', t)) if !val.is_empty() => {
+                        out.push_str(&self.expand_depth(t, depth))
+                    }
+                    Some((b':', t)) if val.is_empty() => out.push_str(&self.expand_depth(t, depth)),
+                    _ => {}
+                }
+                i = end + 1;
+            } else if c.is_ascii_alphanumeric() || c == b'_' {
+                let mut end = i + 1;
+                while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+                    end += 1;
+                }
+                out.push_str(&self.get_depth(&text[i + 1..end], depth));
+                i = end;
+            } else {
+                out.push('$');
+                i += 1;
+            }
+        }
+        *depth -= 1;
+        out
+    }
+
+    /// A yes/no parameter.
+    pub fn get_bool(&self, name: &str) -> Result<bool, ConfError> {
+        let v = self.get(name);
+        match v.to_ascii_lowercase().as_str() {
+            "yes" | "true" | "1" | "on" => Ok(true),
+            "no" | "false" | "0" | "off" | "" => Ok(false),
+            _ => Err(self.bad(name, &v, "expected yes or no")),
+        }
+    }
+
+    /// A whole-number parameter.
+    pub fn get_u64(&self, name: &str) -> Result<u64, ConfError> {
+        let v = self.get(name);
+        v.trim()
+            .parse()
+            .map_err(|_| self.bad(name, &v, "expected a whole number"))
+    }
+
+    /// A time parameter in seconds: a number with an optional unit
+    /// `s m h d w` (seconds when none, as Postfix).
+    pub fn get_time(&self, name: &str) -> Result<u64, ConfError> {
+        let v = self.get(name);
+        parse_time(&v).ok_or_else(|| self.bad(name, &v, "expected a time such as 300s, 5m, 1h, 5d"))
+    }
+
+    /// A list parameter: items separated by commas and/or white space.
+    pub fn get_list(&self, name: &str) -> Vec<String> {
+        split_list(&self.get(name))
+    }
+
+    fn bad(&self, name: &str, value: &str, reason: &str) -> ConfError {
+        ConfError::Value {
+            name: name.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Every parameter name with an explicit setting (main.cf or override).
+    pub fn explicit_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .main
+            .keys()
+            .chain(self.overrides.keys())
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// A path parameter relative to `queue_directory` unless absolute (as
+    /// Postfix treats `smtpd_sasl_path`, `process_id_directory`, ...).
+    pub fn queue_path(&self, name: &str) -> PathBuf {
+        let v = PathBuf::from(self.get(name));
+        if v.is_absolute() {
+            v
+        } else {
+            PathBuf::from(self.get("queue_directory")).join(v)
+        }
+    }
+
+    /// Reads master.cf from the configuration directory.
+    pub fn master_services(&self) -> Result<Vec<master_cf::Service>, ConfError> {
+        let file = self.dir.join("master.cf");
+        let text = std::fs::read_to_string(&file).map_err(|err| ConfError::Io {
+            file: file.display().to_string(),
+            err,
+        })?;
+        let limit = self.get_u64("default_process_limit")? as u32;
+        master_cf::parse(&text, &file, limit)
+    }
+}
+
+/// Seconds from a Postfix time value (`300`, `300s`, `5m`, `1h`, `2d`, `1w`).
+pub fn parse_time(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (num, mult) = match v.chars().last()? {
+        's' => (&v[..v.len() - 1], 1),
+        'm' => (&v[..v.len() - 1], 60),
+        'h' => (&v[..v.len() - 1], 3600),
+        'd' => (&v[..v.len() - 1], 86400),
+        'w' => (&v[..v.len() - 1], 604800),
+        _ => (v, 1),
+    };
+    num.trim().parse::<u64>().ok().map(|n| n * mult)
+}
+
+/// Splits a list value on commas and white space, dropping empty items.
+pub fn split_list(v: &str) -> Vec<String> {
+    v.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::from_text(Path::new("/etc/postern"), text, Path::new("main.cf")).unwrap()
+    }
+
+    #[test]
+    fn expansion_and_defaults() {
+        let c = cfg("myhostname = mx.example.com\nfoo_x = 1\n");
+        assert_eq!(c.get("mydomain"), "example.com");
+        assert_eq!(
+            c.get("mydestination"),
+            "mx.example.com, localhost.example.com, localhost"
+        );
+        assert_eq!(c.get("smtpd_banner"), "mx.example.com ESMTP Postern");
+        assert_eq!(c.expand("${myhostname?yes}${relayhost:none}$$"), "yesnone$");
+        assert_eq!(c.unknown_parameters(), &[("foo_x".to_string(), 2)]);
+    }
+
+    #[test]
+    fn last_wins_and_overrides() {
+        let mut c = cfg("relayhost = a\nrelayhost = b\n");
+        assert_eq!(c.get("relayhost"), "b");
+        c.set_overrides([("relayhost".to_string(), "c".to_string())]);
+        assert_eq!(c.get("relayhost"), "c");
+    }
+
+    #[test]
+    fn times_and_lists() {
+        let c = cfg("maximal_backoff_time = 2h\n");
+        assert_eq!(c.get_time("maximal_backoff_time").unwrap(), 7200);
+        assert_eq!(c.get_time("smtpd_timeout").unwrap(), 300);
+        assert_eq!(split_list("a, b  c,,d"), vec!["a", "b", "c", "d"]);
+        assert!(params::is_known("relay_destination_concurrency_limit"));
+    }
+
+    #[test]
+    fn self_reference_does_not_loop() {
+        let c = cfg("a_b = $a_b x\n");
+        let _ = c.get("a_b");
+    }
+}

@@ -1,0 +1,184 @@
+//! The one table of every parameter Postern knows, with its default.
+//!
+//! Names and defaults are Postfix's wherever the meaning is the same; the
+//! few Postern-only parameters are marked in their comment. A default may
+//! refer to other parameters with `$name`; it is expanded when read.
+//! Defaults that depend on the machine (`myhostname`, `mynetworks`, ...)
+//! are computed in [`crate::Config`] and are written here as `""`.
+
+/// (name, default). Keep sorted by area, not alphabetically: related
+/// parameters sit together so that a reader sees them side by side.
+pub const PARAMS: &[(&str, &str)] = &[
+    // Identity.
+    ("mail_name", "Postern"),
+    ("mail_version", env!("CARGO_PKG_VERSION")),
+    ("myhostname", ""),
+    ("mydomain", ""),
+    ("myorigin", "$myhostname"),
+    (
+        "mydestination",
+        "$myhostname, localhost.$mydomain, localhost",
+    ),
+    ("mynetworks", ""),
+    ("mynetworks_style", "host"),
+    ("relay_domains", ""),
+    ("inet_interfaces", "all"),
+    ("inet_protocols", "all"),
+    ("append_dot_mydomain", "no"),
+    // Where things are.
+    ("config_directory", "/etc/postern"),
+    ("queue_directory", "/var/spool/postern"),
+    ("data_directory", "/var/lib/postern"),
+    ("daemon_directory", "/usr/libexec/postern"),
+    ("command_directory", "/usr/sbin"),
+    ("sendmail_path", "/usr/sbin/sendmail"),
+    ("newaliases_path", "/usr/bin/newaliases"),
+    ("mailq_path", "/usr/bin/mailq"),
+    ("manpage_directory", "/usr/share/man"),
+    ("process_id_directory", "pid"),
+    // Accounts.
+    ("mail_owner", "postern"),
+    ("setgid_group", "postdrop"),
+    ("default_privs", "nobody"),
+    // Logging.
+    ("syslog_facility", "mail"),
+    ("syslog_name", "postern"),
+    ("maillog_file", ""),
+    // master.
+    ("default_process_limit", "100"),
+    ("max_idle", "100s"),
+    ("max_use", "100"),
+    ("service_throttle_time", "60s"),
+    ("ipc_timeout", "3600s"),
+    // Postern-only: how many sessions one smtpd process serves before
+    // master starts another one on the same listener.
+    ("smtpd_client_session_limit", "1000"),
+    // smtpd.
+    ("smtpd_banner", "$myhostname ESMTP $mail_name"),
+    ("smtpd_timeout", "300s"),
+    ("smtpd_helo_required", "no"),
+    ("smtpd_recipient_limit", "1000"),
+    ("smtpd_soft_error_limit", "10"),
+    ("smtpd_hard_error_limit", "20"),
+    ("smtpd_error_sleep_time", "1s"),
+    ("smtpd_client_restrictions", ""),
+    ("smtpd_helo_restrictions", ""),
+    ("smtpd_sender_restrictions", ""),
+    // Postfix's default ends in defer_unauth_destination (454); Postern
+    // answers an unauthorized relay attempt with a permanent 554 5.7.1 so
+    // that a misdirected client learns at once, as `reject_unauth_destination`.
+    (
+        "smtpd_relay_restrictions",
+        "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
+    ),
+    ("smtpd_recipient_restrictions", ""),
+    ("smtpd_data_restrictions", ""),
+    ("smtpd_delay_reject", "yes"),
+    ("smtpd_reject_unlisted_recipient", "yes"),
+    ("smtpd_sasl_auth_enable", "no"),
+    ("smtpd_sasl_type", "dovecot"),
+    ("smtpd_sasl_path", "private/auth"),
+    ("smtpd_tls_security_level", ""),
+    ("smtpd_forbid_bare_newline", "normalize"),
+    ("disable_vrfy_command", "no"),
+    ("message_size_limit", "10240000"),
+    ("header_size_limit", "102400"),
+    ("hopcount_limit", "50"),
+    ("line_length_limit", "2048"),
+    ("smtputf8_enable", "yes"),
+    // cleanup.
+    (
+        "message_drop_headers",
+        "bcc, content-length, resent-bcc, return-path",
+    ),
+    ("always_add_missing_headers", "no"),
+    ("local_header_rewrite_clients", "permit_inet_interfaces"),
+    // qmgr.
+    ("qmgr_message_active_limit", "20000"),
+    ("qmgr_message_recipient_limit", "20000"),
+    ("default_destination_concurrency_limit", "20"),
+    ("local_destination_concurrency_limit", "2"),
+    ("initial_destination_concurrency", "5"),
+    ("default_destination_recipient_limit", "50"),
+    ("local_destination_recipient_limit", "1"),
+    ("queue_run_delay", "300s"),
+    ("minimal_backoff_time", "300s"),
+    ("maximal_backoff_time", "4000s"),
+    ("maximal_queue_lifetime", "5d"),
+    ("bounce_queue_lifetime", "5d"),
+    ("delay_warning_time", "0h"),
+    ("bounce_notice_recipient", "postmaster"),
+    ("2bounce_notice_recipient", "postmaster"),
+    ("double_bounce_sender", "double-bounce"),
+    ("notify_classes", "resource, software"),
+    // Address resolution.
+    ("default_transport", "smtp"),
+    ("relay_transport", "relay"),
+    ("local_transport", "local:$myhostname"),
+    ("relayhost", ""),
+    ("transport_maps", ""),
+    ("empty_address_recipient", "MAILER-DAEMON"),
+    ("recipient_delimiter", ""),
+    ("swap_bangpath", "yes"),
+    // smtp client.
+    ("smtp_connect_timeout", "30s"),
+    ("smtp_helo_timeout", "300s"),
+    ("smtp_mail_timeout", "300s"),
+    ("smtp_rcpt_timeout", "300s"),
+    ("smtp_data_init_timeout", "120s"),
+    ("smtp_data_xfer_timeout", "180s"),
+    ("smtp_data_done_timeout", "600s"),
+    ("smtp_quit_timeout", "300s"),
+    ("smtp_helo_name", "$myhostname"),
+    ("smtp_mx_address_limit", "5"),
+    ("smtp_mx_session_limit", "2"),
+    ("smtp_bind_address", ""),
+    ("smtp_bind_address6", ""),
+    ("smtp_tls_security_level", "may"),
+    ("lmtp_connect_timeout", "0s"),
+    // Postern-only: name servers to ask instead of /etc/resolv.conf, as
+    // `host` or `host:port`, separated by commas or spaces (for tests, or
+    // a host with a dedicated resolver).
+    ("dns_resolver_addresses", ""),
+    // Postern-only: seconds to wait for one DNS answer.
+    ("dns_resolver_timeout", "5s"),
+    // local.
+    ("alias_maps", "hash:/etc/aliases"),
+    ("alias_database", "hash:/etc/aliases"),
+    ("home_mailbox", ""),
+    ("mail_spool_directory", "/var/mail"),
+    ("mailbox_size_limit", "51200000"),
+    ("mailbox_command", ""),
+    ("mailbox_transport", ""),
+    ("luser_relay", ""),
+    (
+        "local_recipient_maps",
+        "proxy:unix:passwd.byname $alias_maps",
+    ),
+    ("allow_mail_to_commands", "alias, forward"),
+    ("allow_mail_to_files", "alias, forward"),
+    ("command_time_limit", "1000s"),
+    ("prepend_delivered_header", "command, file, forward"),
+    ("enable_original_recipient", "yes"),
+    // pickup / sendmail.
+    ("default_database_type", "hash"),
+];
+
+/// The default of a known parameter, or `None` for a name Postern does not know.
+pub fn default_of(name: &str) -> Option<&'static str> {
+    PARAMS.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
+}
+
+/// Whether `name` is a known parameter. Per-transport forms of a known
+/// `default_*` parameter (`relay_destination_concurrency_limit` for
+/// `default_destination_concurrency_limit`) count as known.
+pub fn is_known(name: &str) -> bool {
+    if default_of(name).is_some() {
+        return true;
+    }
+    if let Some((_, rest)) = name.split_once('_') {
+        let generic = format!("default_{rest}");
+        return default_of(&generic).is_some();
+    }
+    false
+}
