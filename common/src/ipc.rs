@@ -5,7 +5,7 @@
 //! `queue_directory/private` or `public`. Each protocol is one request
 //! enum and one reply enum defined here, and nowhere else:
 //!
-//! - cleanup (`private/cleanup`, or `public/cleanup` for local tools):
+//! - cleanup (`public/cleanup`, see `QueueTree::cleanup_socket`):
 //!   [`CleanupRequest`] / [`CleanupReply`]; clients are smtpd, pickup, and
 //!   qmgr and local when they send notifications or forward mail.
 //! - delivery agents (`private/smtp`, `private/relay`, `private/local`):

@@ -7,11 +7,14 @@
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`addr`]: envelope addresses.
+//! - [`cidr`]: network blocks (`mynetworks`, `cidr:` tables).
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
+//! - [`time`]: RFC 5322 dates.
 
 pub mod addr;
+pub mod cidr;
 pub mod delivery;
 pub mod ipc;
 pub mod log;
@@ -20,3 +23,4 @@ pub mod privs;
 pub mod qfile;
 pub mod queue;
 pub mod service;
+pub mod time;

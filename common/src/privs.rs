@@ -128,3 +128,69 @@ pub fn as_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> io::Result<T> {
     }
     Ok(out)
 }
+
+/// Who owns the queue: (uid, gid) of `mail_owner` and the gid of
+/// `setgid_group`, when running as root; `None` for a plain user, who
+/// runs everything as itself.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub setgid_gid: Option<u32>,
+}
+
+/// Resolves the queue owner from the configuration.
+pub fn queue_owner(cfg: &postern_conf::Config) -> Result<Option<QueueOwner>, String> {
+    if !is_root() {
+        return Ok(None);
+    }
+    let name = cfg.get("mail_owner");
+    let acct = user(&name).ok_or_else(|| {
+        format!(
+            "file {}/main.cf: parameter mail_owner: unknown user name value: {name}",
+            cfg.dir().display()
+        )
+    })?;
+    if acct.uid == 0 {
+        return Err(format!("mail_owner {name} must not be the super-user"));
+    }
+    Ok(Some(QueueOwner {
+        uid: acct.uid,
+        gid: acct.gid,
+        setgid_gid: group_id(&cfg.get("setgid_group")),
+    }))
+}
+
+/// Creates whatever is missing of the queue tree and `data_directory`,
+/// with owners and modes, as Postfix's post-install does.
+pub fn prepare_tree(cfg: &postern_conf::Config, owner: Option<QueueOwner>) -> Result<(), String> {
+    let tree = crate::queue::QueueTree::new(cfg.get("queue_directory"));
+    tree.create_dirs(
+        owner.map(|o| (o.uid, o.gid)),
+        owner.and_then(|o| o.setgid_gid),
+    )
+    .map_err(|e| format!("queue directory {}: {e}", tree.root().display()))?;
+    if owner.is_some() {
+        // pid/ belongs to root: only master writes there.
+        let _ = std::os::unix::fs::chown(tree.root().join("pid"), Some(0), Some(0));
+    }
+    // Daemons that run as mail_owner append to maillog_file too.
+    let maillog = cfg.get("maillog_file");
+    if let (Some(o), false) = (owner, maillog.is_empty() || maillog.starts_with("/dev/")) {
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&maillog)
+            .map_err(|e| format!("maillog_file {maillog}: {e}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = f.set_permissions(std::fs::Permissions::from_mode(0o640));
+        let _ = std::os::unix::fs::chown(&maillog, Some(o.uid), Some(o.gid));
+    }
+    let data = std::path::PathBuf::from(cfg.get("data_directory"));
+    std::fs::create_dir_all(&data)
+        .map_err(|e| format!("data directory {}: {e}", data.display()))?;
+    if let Some(o) = owner {
+        let _ = std::os::unix::fs::chown(&data, Some(o.uid), Some(o.gid));
+    }
+    Ok(())
+}

@@ -135,6 +135,23 @@ impl QueueTree {
             .join(name)
     }
 
+    /// cleanup's socket. Postfix's master.cf declares cleanup, qmgr and
+    /// pickup public (`private` = n), so their clients find them in
+    /// `public/`; delivery agents are private.
+    pub fn cleanup_socket(&self) -> PathBuf {
+        self.socket(false, "cleanup")
+    }
+
+    /// qmgr's wake-up socket (see [`QueueTree::cleanup_socket`]).
+    pub fn qmgr_socket(&self) -> PathBuf {
+        self.socket(false, "qmgr")
+    }
+
+    /// pickup's wake-up socket (see [`QueueTree::cleanup_socket`]).
+    pub fn pickup_socket(&self) -> PathBuf {
+        self.socket(false, "pickup")
+    }
+
     /// Creates a new queue file in `q` with a fresh queue ID: first under a
     /// temporary name (O_EXCL, mode 0600), then renamed to an ID made of
     /// the arrival time and the file's inode number, which is unique on

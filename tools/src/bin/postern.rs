@@ -1,1 +1,4 @@
-fn main() {}
+//! postern: starts, stops, reloads, checks and reports on the mail system.
+fn main() {
+    postern_tools::control::main()
+}

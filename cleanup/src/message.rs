@@ -1,0 +1,522 @@
+//! One message from Open to Queued: the queue file is created at Open,
+//! the header section is buffered (it is bounded by `header_size_limit`)
+//! so that recipients from `sendmail -t` can be written before the
+//! content, and the body is streamed straight through.
+
+use crate::headers::{self, Header};
+use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
+use postern_common::qfile::{self, Recipient};
+use postern_common::queue::{self, Queue, QueueTree};
+use postern_conf::Config;
+use std::io;
+
+/// Parameters cleanup reads, once per process.
+pub struct Settings {
+    pub myhostname: String,
+    pub myorigin: String,
+    pub drop_headers: Vec<String>,
+    pub header_size_limit: usize,
+    pub message_size_limit: u64,
+    pub hopcount_limit: usize,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        Settings {
+            myhostname: cfg.get("myhostname"),
+            myorigin: cfg.get("myorigin"),
+            drop_headers: cfg
+                .get_list("message_drop_headers")
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            header_size_limit: cfg.get_u64("header_size_limit").unwrap_or(102400) as usize,
+            message_size_limit: cfg.get_u64("message_size_limit").unwrap_or(10240000),
+            hopcount_limit: cfg.get_u64("hopcount_limit").unwrap_or(50) as usize,
+        }
+    }
+}
+
+/// Why a message was not queued.
+#[derive(Debug)]
+pub struct Refusal {
+    pub temporary: bool,
+    pub dsn: &'static str,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn reply(&self) -> CleanupReply {
+        CleanupReply::Failed {
+            temporary: self.temporary,
+            dsn: self.dsn.into(),
+            reason: self.reason.clone(),
+        }
+    }
+
+    fn write_error(e: io::Error) -> Refusal {
+        let temporary = true;
+        Refusal {
+            temporary,
+            dsn: "4.3.0",
+            reason: format!("queue file write error: {e}"),
+        }
+    }
+}
+
+enum Part {
+    /// Still in the header section; bytes of the current partial line.
+    Headers {
+        partial: Vec<u8>,
+    },
+    Body,
+}
+
+/// A message being written.
+pub struct Message<'a> {
+    settings: &'a Settings,
+    tree: &'a QueueTree,
+    pub id: String,
+    writer: Option<qfile::Writer>,
+    new: NewMessage,
+    part: Part,
+    headers: Vec<Header>,
+    header_bytes: usize,
+    total: u64,
+    refused: Option<Refusal>,
+    message_id: Option<String>,
+}
+
+impl<'a> Message<'a> {
+    /// Creates the queue file and writes the envelope's first records.
+    pub fn open(
+        settings: &'a Settings,
+        tree: &'a QueueTree,
+        mut new: NewMessage,
+    ) -> Result<Message<'a>, Refusal> {
+        if new.recipients.is_empty() && new.flags & cleanup_flags::EXTRACT_RECIPIENTS == 0 {
+            return Err(Refusal {
+                temporary: false,
+                dsn: "5.1.3",
+                reason: "no recipients specified".into(),
+            });
+        }
+        new.sender = postern_common::addr::qualify(&new.sender, &settings.myorigin);
+        for r in &mut new.recipients {
+            r.address = postern_common::addr::qualify(&r.address, &settings.myorigin);
+        }
+        let nf = tree.create(Queue::Incoming).map_err(Refusal::write_error)?;
+        let mut w = qfile::Writer::new(nf.file).map_err(Refusal::write_error)?;
+        let (secs, usecs) = queue::now();
+        let res = (|| {
+            w.arrival(secs, usecs)?;
+            w.sender(&new.sender)?;
+            for (n, v) in &new.attrs {
+                w.attribute(n, v)?;
+            }
+            Ok::<(), io::Error>(())
+        })();
+        let mut m = Message {
+            settings,
+            tree,
+            id: nf.id,
+            writer: Some(w),
+            new,
+            part: Part::Headers {
+                partial: Vec::new(),
+            },
+            headers: Vec::new(),
+            header_bytes: 0,
+            total: 0,
+            refused: None,
+            message_id: None,
+        };
+        if let Err(e) = res {
+            m.discard();
+            return Err(Refusal::write_error(e));
+        }
+        Ok(m)
+    }
+
+    /// Takes the next piece of content.
+    pub fn content(&mut self, mut data: &[u8]) {
+        if self.refused.is_some() {
+            return;
+        }
+        self.total += data.len() as u64;
+        if self.total > self.settings.message_size_limit && self.settings.message_size_limit > 0 {
+            self.refused = Some(Refusal {
+                temporary: false,
+                dsn: "5.3.4",
+                reason: "message file too big".into(),
+            });
+            return;
+        }
+        while !data.is_empty() {
+            match &mut self.part {
+                Part::Body => {
+                    let r = self.writer.as_mut().map(|w| w.content(data));
+                    if let Some(Err(e)) = r {
+                        self.refused = Some(Refusal::write_error(e));
+                    }
+                    return;
+                }
+                Part::Headers { partial } => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let (line_part, rest) = match nl {
+                        Some(i) => (&data[..=i], &data[i + 1..]),
+                        None => (data, &data[data.len()..]),
+                    };
+                    partial.extend_from_slice(line_part);
+                    data = rest;
+                    if nl.is_none() {
+                        // A header line longer than the whole header
+                        // budget is body text, not a header.
+                        if partial.len() > self.settings.header_size_limit {
+                            let line = std::mem::take(partial);
+                            self.end_headers(Some(line));
+                        }
+                        return;
+                    }
+                    let line = std::mem::take(partial);
+                    self.header_line(line);
+                }
+            }
+        }
+    }
+
+    fn header_line(&mut self, line: Vec<u8>) {
+        let is_blank = line == b"\n" || line == b"\r\n";
+        let is_continuation = matches!(line.first(), Some(b' ' | b'\t'));
+        if is_blank {
+            self.end_headers(Some(line));
+        } else if is_continuation && !self.headers.is_empty() {
+            self.header_bytes += line.len();
+            if self.header_bytes > self.settings.header_size_limit {
+                self.end_headers(Some(line));
+            } else {
+                self.headers
+                    .last_mut()
+                    .unwrap()
+                    .text
+                    .extend_from_slice(&line);
+            }
+        } else if let Some(name) = headers::header_name(&line) {
+            self.header_bytes += line.len();
+            if self.header_bytes > self.settings.header_size_limit {
+                self.end_headers(Some(line));
+            } else {
+                let name = name.to_string();
+                self.headers.push(Header { name, text: line });
+            }
+        } else {
+            // Not a header: the body starts without a separating line.
+            self.end_headers(Some(line));
+        }
+    }
+
+    /// The header section is complete: edit it, write the recipients and
+    /// the headers, and switch to streaming the body. `first_body` is the
+    /// line that ended the headers (blank line or first body line).
+    fn end_headers(&mut self, first_body: Option<Vec<u8>>) {
+        self.part = Part::Body;
+        if let Err(r) = self.write_head(first_body) {
+            self.refused = Some(r);
+        }
+    }
+
+    fn write_head(&mut self, first_body: Option<Vec<u8>>) -> Result<(), Refusal> {
+        let s = self.settings;
+        let hops = self
+            .headers
+            .iter()
+            .filter(|h| h.is("received") || h.is("delivered-to"))
+            .count();
+        if hops > s.hopcount_limit {
+            return Err(Refusal {
+                temporary: false,
+                dsn: "5.4.6",
+                reason: "too many hops".into(),
+            });
+        }
+        // Recipients from the headers (sendmail -t): Resent- headers win
+        // when there are any, as in Postfix.
+        if self.new.flags & cleanup_flags::EXTRACT_RECIPIENTS != 0 {
+            let resent = self
+                .headers
+                .iter()
+                .any(|h| h.is("resent-to") || h.is("resent-cc") || h.is("resent-bcc"));
+            let names: &[&str] = if resent {
+                &["resent-to", "resent-cc", "resent-bcc"]
+            } else {
+                &["to", "cc", "bcc"]
+            };
+            for h in self
+                .headers
+                .iter()
+                .filter(|h| names.iter().any(|n| h.is(n)))
+            {
+                for a in headers::addresses(&h.value()) {
+                    let a = postern_common::addr::qualify(&a, &s.myorigin);
+                    if !self
+                        .new
+                        .recipients
+                        .iter()
+                        .any(|r| r.address.eq_ignore_ascii_case(&a))
+                    {
+                        self.new.recipients.push(Recipient::new(&a));
+                    }
+                }
+            }
+            if self.new.recipients.is_empty() {
+                return Err(Refusal {
+                    temporary: false,
+                    dsn: "5.1.3",
+                    reason: "No recipient addresses found in message header".into(),
+                });
+            }
+        }
+        let fixup = self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0;
+        let mut added: Vec<String> = Vec::new();
+        if fixup {
+            let now = postern_common::time::now_secs();
+            if !self
+                .headers
+                .iter()
+                .any(|h| h.is("message-id") || h.is("resent-message-id"))
+            {
+                let mid = format!("<{}.{}@{}>", date_stamp(now), self.id, s.myhostname);
+                added.push(format!("Message-Id: {mid}\n"));
+                self.message_id = Some(mid);
+            }
+            if !self
+                .headers
+                .iter()
+                .any(|h| h.is("date") || h.is("resent-date"))
+            {
+                added.push(format!(
+                    "Date: {}\n",
+                    postern_common::time::rfc5322_date(now)
+                ));
+            }
+            if !self
+                .headers
+                .iter()
+                .any(|h| h.is("from") || h.is("resent-from"))
+            {
+                let from = if self.new.sender.is_empty() {
+                    format!("MAILER-DAEMON@{}", s.myhostname)
+                } else {
+                    self.new.sender.clone()
+                };
+                let full = self
+                    .new
+                    .attrs
+                    .iter()
+                    .find(|(n, _)| n == qfile::attr::FULL_NAME)
+                    .map(|(_, v)| v.clone());
+                added.push(match full {
+                    Some(name) if !name.is_empty() => {
+                        format!("From: \"{}\" <{from}>\n", name.replace('"', ""))
+                    }
+                    _ => format!("From: {from}\n"),
+                });
+            }
+        }
+        if self.message_id.is_none() {
+            self.message_id = self
+                .headers
+                .iter()
+                .find(|h| h.is("message-id"))
+                .map(|h| h.value());
+        }
+        let drop = &s.drop_headers;
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| Refusal::write_error(io::ErrorKind::Other.into()))?;
+        let res = (|| {
+            for r in &self.new.recipients {
+                w.recipient(r)?;
+            }
+            w.begin_content()?;
+            for h in &self.headers {
+                if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
+                    w.content(&h.text)?;
+                }
+            }
+            for a in &added {
+                w.content(a.as_bytes())?;
+            }
+            if let Some(line) = first_body {
+                if line != b"\n" && line != b"\r\n" {
+                    // The body started without a blank line: add one so the
+                    // stored message has a well-formed header section.
+                    w.content(b"\n")?;
+                }
+                w.content(&line)?;
+            } else {
+                w.content(b"\n")?;
+            }
+            Ok::<(), io::Error>(())
+        })();
+        res.map_err(Refusal::write_error)
+    }
+
+    /// Makes the file durable and reports the queue ID, or refuses.
+    pub fn close(mut self) -> Result<String, Refusal> {
+        if self.refused.is_none() {
+            if let Part::Headers { partial } = &mut self.part {
+                // Content ended inside the header section.
+                let line = std::mem::take(partial);
+                if !line.is_empty() {
+                    self.header_line(line);
+                }
+                if matches!(self.part, Part::Headers { .. }) {
+                    self.end_headers(None);
+                }
+            }
+        }
+        if let Some(r) = self.refused.take() {
+            self.discard();
+            return Err(r);
+        }
+        let w = self.writer.take().expect("writer present until close");
+        let done = w
+            .finish()
+            .and_then(|_| queue::sync_dir(&self.tree.dir(Queue::Incoming)));
+        match done {
+            Ok(()) => {
+                let mid = self.message_id.clone().unwrap_or_default();
+                postern_common::info!("{}: message-id={}", self.id, mid);
+                Ok(self.id.clone())
+            }
+            Err(e) => {
+                self.discard();
+                Err(Refusal::write_error(e))
+            }
+        }
+    }
+
+    /// Removes the file: the client gave up or the message was refused.
+    pub fn discard(&mut self) {
+        self.writer = None;
+        let _ = std::fs::remove_file(self.tree.path(Queue::Incoming, &self.id));
+    }
+}
+
+/// `20261122141142` in UTC, for Message-Id.
+fn date_stamp(secs: u64) -> String {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_common::qfile::ContentReader;
+    use std::io::Read;
+
+    fn setup(name: &str) -> (QueueTree, Settings) {
+        let root = std::env::temp_dir().join(format!("pcl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let t = QueueTree::new(&root);
+        t.create_dirs(None, None).unwrap();
+        let cfg = Config::from_text(
+            &root,
+            "myhostname = h.test\n",
+            std::path::Path::new("main.cf"),
+        )
+        .unwrap();
+        (t, Settings::from_config(&cfg))
+    }
+
+    fn stored(t: &QueueTree, id: &str) -> (qfile::Envelope, String) {
+        let f = std::fs::File::open(t.path(Queue::Incoming, id)).unwrap();
+        let env = qfile::read_envelope(&f).unwrap();
+        let mut s = String::new();
+        ContentReader::new(&f, env.content_offset)
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        (env, s)
+    }
+
+    #[test]
+    fn extracts_recipients_drops_bcc_adds_headers() {
+        let (t, s) = setup("x");
+        let new = NewMessage {
+            sender: "root".into(),
+            flags: cleanup_flags::EXTRACT_RECIPIENTS,
+            ..Default::default()
+        };
+        let mut m = Message::open(&s, &t, new).unwrap();
+        m.content(b"To: a@x.test, \"B\" <b@x.test>\nBcc: c@x.test\nSubj");
+        m.content(b"ect: hi\n folded\n\nbody\n.\n");
+        let id = m.close().map_err(|r| r.reason).unwrap();
+        let (env, text) = stored(&t, &id);
+        assert_eq!(env.sender, "root@h.test");
+        let rc: Vec<_> = env
+            .recipients
+            .iter()
+            .map(|r| r.rcpt.address.as_str())
+            .collect();
+        assert_eq!(rc, ["a@x.test", "b@x.test", "c@x.test"]);
+        assert!(!text.contains("Bcc:"));
+        assert!(text.contains("Subject: hi\n folded\n"));
+        assert!(text.contains("Message-Id: <"));
+        assert!(text.contains("\nDate: "));
+        assert!(text.contains("\nFrom: root@h.test\n"));
+        assert!(text.ends_with("\n\nbody\n.\n"));
+        std::fs::remove_dir_all(t.root()).unwrap();
+    }
+
+    #[test]
+    fn no_recipients_is_refused_and_nothing_left() {
+        let (t, s) = setup("n");
+        let new = NewMessage {
+            sender: "root".into(),
+            flags: cleanup_flags::EXTRACT_RECIPIENTS,
+            ..Default::default()
+        };
+        let mut m = Message::open(&s, &t, new).unwrap();
+        m.content(b"Subject: x\n\nbody\n");
+        let r = m.close().err().unwrap();
+        assert_eq!(r.dsn, "5.1.3");
+        assert!(t.list(Queue::Incoming).unwrap().is_empty());
+        std::fs::remove_dir_all(t.root()).unwrap();
+    }
+
+    #[test]
+    fn body_without_blank_line_and_date_stamp() {
+        let (t, s) = setup("b");
+        let new = NewMessage {
+            sender: "a@x.test".into(),
+            recipients: vec![Recipient::new("b@x.test")],
+            ..Default::default()
+        };
+        let mut m = Message::open(&s, &t, new).unwrap();
+        m.content(b"Subject: x\nthis is body\n");
+        let id = m.close().map_err(|r| r.reason).unwrap();
+        let (_, text) = stored(&t, &id);
+        assert!(text.contains("\n\nthis is body\n"), "{text}");
+        assert_eq!(date_stamp(1_700_000_000), "20231114221320");
+        std::fs::remove_dir_all(t.root()).unwrap();
+    }
+}

@@ -1,0 +1,79 @@
+//! One client connection: the Open / Content / Close exchange.
+
+use crate::message::{Message, Settings};
+use postern_common::ipc::{self, CleanupReply, CleanupRequest, Wakeup};
+use postern_common::queue::QueueTree;
+use postern_conf::Config;
+use std::time::Duration;
+
+pub fn run(cfg: &Config) -> ! {
+    let settings = Settings::from_config(cfg);
+    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
+    let qmgr = tree.qmgr_socket();
+    postern_common::service::serve_one_at_a_time(cfg, |mut conn| {
+        let _ = conn.set_read_timeout(Some(timeout));
+        let _ = conn.set_write_timeout(Some(timeout));
+        let new = match ipc::recv::<_, CleanupRequest>(&mut conn) {
+            Ok(CleanupRequest::Open(n)) => n,
+            Ok(other) => {
+                postern_common::warning!("unexpected request before Open: {other:?}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let origin = new.origin.clone();
+        let mut msg = match Message::open(&settings, &tree, new) {
+            Ok(m) => m,
+            Err(r) => {
+                postern_common::warning!("{origin}: message not queued: {}", r.reason);
+                let _ = ipc::send(&mut conn, &r.reply());
+                return;
+            }
+        };
+        if ipc::send(
+            &mut conn,
+            &CleanupReply::Opened {
+                queue_id: msg.id.clone(),
+            },
+        )
+        .is_err()
+        {
+            msg.discard();
+            return;
+        }
+        loop {
+            match ipc::recv::<_, CleanupRequest>(&mut conn) {
+                Ok(CleanupRequest::Content(data)) => msg.content(&data),
+                Ok(CleanupRequest::Close) => break,
+                Ok(CleanupRequest::Abort) | Err(_) => {
+                    // The client gave up or vanished: it was never told the
+                    // message is queued, so nothing may stay behind.
+                    msg.discard();
+                    return;
+                }
+                Ok(CleanupRequest::Open(_)) => {
+                    postern_common::warning!("{}: Open inside a message", msg.id);
+                    msg.discard();
+                    return;
+                }
+            }
+        }
+        let id = msg.id.clone();
+        let reply = match msg.close() {
+            Ok(id) => CleanupReply::Queued { queue_id: id },
+            Err(r) => {
+                postern_common::warning!("{id}: {}: message not queued: {}", origin, r.reason);
+                r.reply()
+            }
+        };
+        let queued = matches!(reply, CleanupReply::Queued { .. });
+        let _ = ipc::send(&mut conn, &reply);
+        if queued {
+            // Even if the client vanished now, the message is safely queued
+            // and will be delivered; a client that retries may cause a
+            // duplicate, which is the lesser evil.
+            let _ = ipc::wake(&qmgr, &[Wakeup::Incoming]);
+        }
+    })
+}

@@ -1,0 +1,130 @@
+//! Starting daemon processes and keeping count of them.
+//!
+//! A child gets its service's listener on fd 3 (further listeners of the
+//! same service on fd 5 and up, named in `POSTERN_LISTEN_FDS`), the write
+//! end of the service's status pipe on fd 4, and, when master runs as root
+//! and the service is unprivileged, the uid and gid of `mail_owner` with no
+//! capabilities, set before exec so that the daemon never runs as root.
+
+use postern_common::service::{LISTEN_FD, STATUS_FD};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+/// What a spawned process needs to know.
+pub struct SpawnSpec<'a> {
+    pub program: &'a Path,
+    pub args: Vec<String>,
+    pub listen_fds: Vec<RawFd>,
+    pub status_fd: RawFd,
+    /// (uid, gid) to drop to before exec.
+    pub drop_to: Option<(u32, u32)>,
+    pub config_dir: &'a Path,
+}
+
+/// Starts one daemon process; returns its pid.
+pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
+    let mut cmd = Command::new(spec.program);
+    cmd.args(&spec.args);
+    cmd.env("MAIL_CONFIG", spec.config_dir);
+    let extra: Vec<String> = (0..spec.listen_fds.len())
+        .map(|i| {
+            if i == 0 {
+                LISTEN_FD.to_string()
+            } else {
+                (STATUS_FD + i as i32).to_string()
+            }
+        })
+        .collect();
+    cmd.env("POSTERN_LISTEN_FDS", extra.join(" "));
+    cmd.stdin(std::process::Stdio::null());
+    let listen = spec.listen_fds.clone();
+    let status = spec.status_fd;
+    let drop = spec.drop_to;
+    // SAFETY: between fork and exec we only make system calls (dup,
+    // dup2, fcntl, and the ones in privs::drop_to), which are
+    // async-signal-safe, and allocate nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move every descriptor out of the way first, so that putting
+            // one on fd 3 cannot clobber another that happens to be there.
+            let mut high = [0 as RawFd; 16];
+            let n = listen.len().min(15);
+            for (i, fd) in listen.iter().take(n).enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let st = libc::fcntl(status, libc::F_DUPFD_CLOEXEC, 64);
+            if st < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 clears close-on-exec on the new descriptor.
+            for (i, fd) in high.iter().take(n).enumerate() {
+                let target = if i == 0 {
+                    LISTEN_FD
+                } else {
+                    STATUS_FD + i as i32
+                };
+                if libc::dup2(*fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::dup2(st, STATUS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Each child in its own process group would escape a terminal's
+            // ^C; stay in master's group but reset the signal mask.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            if let Some((uid, gid)) = drop {
+                postern_common::privs::drop_to(uid, gid)?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok(child.id())
+}
+
+/// Reads the status pipe messages waiting in `fd`: (pid, busy).
+pub fn read_status(fd: &std::fs::File) -> Vec<(u32, bool)> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8 * 64];
+    let mut f = fd;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                for m in buf[..n - n % 8].chunks_exact(8) {
+                    let pid = u32::from_le_bytes(m[..4].try_into().unwrap());
+                    let busy = u32::from_le_bytes(m[4..].try_into().unwrap()) != 0;
+                    out.push((pid, busy));
+                }
+                if n < buf.len() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// A pipe whose read end master keeps (non-blocking) and whose write end
+/// every child of the service inherits as fd 4.
+pub fn status_pipe() -> std::io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // The write end must block in children: a status write never fails
+    // with EAGAIN for 8 bytes unless master is gone.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    Ok((std::fs::File::from(r), w))
+}

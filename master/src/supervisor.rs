@@ -1,0 +1,421 @@
+//! The supervisor loop: start daemons when their listener has work and no
+//! process of the service is free, count them through the status pipes,
+//! reap and respawn them, send timed wake-ups, reload on SIGHUP, and stop
+//! everything on SIGTERM.
+
+use crate::children::{self, SpawnSpec};
+use crate::listeners::{self, Listener};
+use postern_common::ipc::{self, Wakeup};
+use postern_common::{info, warning};
+use postern_conf::master_cf::{Service, ServiceType};
+use postern_conf::Config;
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Child {
+    busy: bool,
+    /// The child reported busy at least once: it did work. A child that
+    /// dies with an error before that throttles its service.
+    worked: bool,
+}
+
+struct ServiceState {
+    def: Service,
+    listener: Listener,
+    status_read: std::fs::File,
+    status_write: OwnedFd,
+    children: HashMap<u32, Child>,
+    throttled_until: Option<Instant>,
+    next_wakeup: Option<Instant>,
+}
+
+impl ServiceState {
+    fn needs_process(&self, now: Instant) -> bool {
+        let free = self.children.values().any(|c| !c.busy);
+        let room = self.def.maxproc == 0 || (self.children.len() as u32) < self.def.maxproc;
+        let throttled = self.throttled_until.is_some_and(|t| t > now);
+        !free && room && !throttled
+    }
+}
+
+/// Everything master owns while it runs.
+pub struct Supervisor {
+    cfg: Config,
+    services: Vec<ServiceState>,
+    /// Children of services removed by a reload, still to be reaped.
+    orphans: Vec<u32>,
+    owner: Option<(u32, u32)>,
+    signals: Signals,
+}
+
+struct Signals {
+    term: UnixStream,
+    hup: UnixStream,
+    chld: UnixStream,
+}
+
+fn signal_pipe(sig: i32) -> std::io::Result<UnixStream> {
+    let (r, w) = UnixStream::pair()?;
+    r.set_nonblocking(true)?;
+    w.set_nonblocking(true)?;
+    signal_hook::low_level::pipe::register(sig, w)?;
+    Ok(r)
+}
+
+fn drain(s: &UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let mut any = false;
+    let mut r = s;
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        any = true;
+    }
+    any
+}
+
+impl Supervisor {
+    /// Opens every service's listener. Fails if a listener cannot be made.
+    pub fn new(cfg: Config, owner: Option<(u32, u32)>) -> Result<Supervisor, String> {
+        let services = open_services(&cfg, owner, Vec::new())?;
+        let signals = Signals {
+            term: signal_pipe(libc::SIGTERM).map_err(|e| e.to_string())?,
+            hup: signal_pipe(libc::SIGHUP).map_err(|e| e.to_string())?,
+            chld: signal_pipe(libc::SIGCHLD).map_err(|e| e.to_string())?,
+        };
+        // SIGINT (a terminal's ^C in start-fg) stops master like SIGTERM.
+        signal_hook::low_level::pipe::register(
+            libc::SIGINT,
+            signals.term.try_clone().map_err(|e| e.to_string())?,
+        )
+        .ok();
+        Ok(Supervisor {
+            cfg,
+            services,
+            orphans: Vec::new(),
+            owner,
+            signals,
+        })
+    }
+
+    /// Runs until SIGTERM; then stops every child and returns.
+    pub fn run(&mut self) {
+        // Wake every trigger service once at start: qmgr takes back what a
+        // crash left in active/, pickup reads maildrop.
+        let now = Instant::now();
+        for s in &mut self.services {
+            if s.def.wakeup > 0 && !s.def.wakeup_after_use {
+                s.next_wakeup = Some(now);
+            }
+        }
+        loop {
+            let now = Instant::now();
+            self.send_wakeups(now);
+            let mut fds: Vec<libc::pollfd> = Vec::new();
+            let mut what: Vec<(usize, bool)> = Vec::new(); // (service, is_listener)
+            let pfd = |fd: RawFd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            fds.push(pfd(self.signals.term.as_raw_fd()));
+            fds.push(pfd(self.signals.hup.as_raw_fd()));
+            fds.push(pfd(self.signals.chld.as_raw_fd()));
+            for (i, s) in self.services.iter().enumerate() {
+                fds.push(pfd(s.status_read.as_raw_fd()));
+                what.push((i, false));
+                if s.needs_process(now) {
+                    for l in &s.listener.fds {
+                        fds.push(pfd(l.as_raw_fd()));
+                        what.push((i, true));
+                    }
+                }
+            }
+            let mut timeout = Duration::from_secs(60);
+            for s in &self.services {
+                for t in [s.next_wakeup, s.throttled_until].into_iter().flatten() {
+                    timeout = timeout.min(t.saturating_duration_since(now));
+                }
+            }
+            // SAFETY: fds is a valid array of pollfd.
+            let n = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    timeout.as_millis().min(60_000) as i32 + 1,
+                )
+            };
+            if n < 0 {
+                continue; // EINTR
+            }
+            if fds[2].revents != 0 && drain(&self.signals.chld) {
+                self.reap();
+            }
+            if fds[0].revents != 0 && drain(&self.signals.term) {
+                info!("terminating on signal");
+                self.stop_all();
+                return;
+            }
+            if fds[1].revents != 0 && drain(&self.signals.hup) {
+                self.reload();
+                continue;
+            }
+            let mut spawned = vec![false; self.services.len()];
+            for (k, (svc, is_listener)) in what.iter().enumerate() {
+                if fds[3 + k].revents == 0 {
+                    continue;
+                }
+                if *is_listener {
+                    if !spawned[*svc] {
+                        spawned[*svc] = true;
+                        self.spawn(*svc);
+                    }
+                } else {
+                    let s = &mut self.services[*svc];
+                    for (pid, busy) in children::read_status(&s.status_read) {
+                        if let Some(c) = s.children.get_mut(&pid) {
+                            c.busy = busy;
+                            c.worked |= busy;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, idx: usize) {
+        let dir = self.cfg.dir().to_path_buf();
+        let daemon_dir = PathBuf::from(self.cfg.get("daemon_directory"));
+        let s = &mut self.services[idx];
+        let program = if s.def.command.starts_with('/') {
+            PathBuf::from(&s.def.command)
+        } else {
+            daemon_dir.join(&s.def.command)
+        };
+        let mut args = vec![
+            "-c".to_string(),
+            dir.display().to_string(),
+            "-n".into(),
+            s.def.name.clone(),
+            "-t".into(),
+            match s.def.kind {
+                ServiceType::Inet => "inet",
+                ServiceType::Unix => "unix",
+                ServiceType::Fifo => "fifo",
+            }
+            .into(),
+        ];
+        for (n, v) in &s.def.overrides {
+            args.push("-o".into());
+            args.push(format!("{n}={v}"));
+        }
+        args.extend(s.def.args.iter().cloned());
+        let spec = SpawnSpec {
+            program: &program,
+            args,
+            listen_fds: s.listener.fds.iter().map(|f| f.as_raw_fd()).collect(),
+            status_fd: s.status_write.as_raw_fd(),
+            drop_to: if s.def.unpriv { self.owner } else { None },
+            config_dir: &dir,
+        };
+        match children::spawn(&spec) {
+            Ok(pid) => {
+                s.children.insert(
+                    pid,
+                    Child {
+                        busy: false,
+                        worked: false,
+                    },
+                );
+                if s.def.wakeup > 0 && s.next_wakeup.is_none() {
+                    s.next_wakeup = Some(Instant::now() + Duration::from_secs(s.def.wakeup));
+                }
+            }
+            Err(e) => {
+                warning!(
+                    "spawn {}: {e}; throttling service {}",
+                    program.display(),
+                    s.def.name
+                );
+                let t = self.cfg.get_time("service_throttle_time").unwrap_or(60);
+                s.throttled_until = Some(Instant::now() + Duration::from_secs(t));
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid with a valid pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let pid = pid as u32;
+            self.orphans.retain(|p| *p != pid);
+            let throttle = self.cfg.get_time("service_throttle_time").unwrap_or(60);
+            for s in &mut self.services {
+                let Some(child) = s.children.remove(&pid) else {
+                    continue;
+                };
+                let normal = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                if !normal {
+                    let how = if libc::WIFSIGNALED(status) {
+                        format!("killed by signal {}", libc::WTERMSIG(status))
+                    } else {
+                        format!("exit status {}", libc::WEXITSTATUS(status))
+                    };
+                    warning!("process {} pid {pid} {how}", s.def.command);
+                    if !child.worked {
+                        warning!(
+                            "{}: bad command startup -- throttling for {throttle}s",
+                            s.def.command
+                        );
+                        s.throttled_until = Some(Instant::now() + Duration::from_secs(throttle));
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    fn send_wakeups(&mut self, now: Instant) {
+        let tree = postern_common::queue::QueueTree::new(self.cfg.get("queue_directory"));
+        for s in &mut self.services {
+            let Some(t) = s.next_wakeup else { continue };
+            if t > now {
+                continue;
+            }
+            s.next_wakeup = Some(now + Duration::from_secs(s.def.wakeup.max(1)));
+            if s.def.kind == ServiceType::Inet {
+                continue;
+            }
+            // The listener is ours, so connecting never blocks; it makes
+            // the listener readable, which starts the daemon if needed.
+            let path = tree.socket(s.def.private, &s.def.name);
+            if let Err(e) = ipc::wake(&path, &[Wakeup::Wake]) {
+                warning!("wake up {}: {e}", path.display());
+            }
+        }
+    }
+
+    fn signal_children(&self, sig: i32) {
+        for s in &self.services {
+            for pid in s.children.keys() {
+                // SAFETY: kill with a pid we started.
+                unsafe { libc::kill(*pid as i32, sig) };
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        self.signal_children(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.services.iter().any(|s| !s.children.is_empty()) || !self.orphans.is_empty() {
+            if Instant::now() > deadline {
+                self.signal_children(libc::SIGKILL);
+                for p in &self.orphans {
+                    // SAFETY: kill with a pid we started.
+                    unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            self.reap();
+            if Instant::now() > deadline + Duration::from_secs(5) {
+                break;
+            }
+        }
+        for s in &self.services {
+            if let Some(p) = &s.listener.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    /// SIGHUP: read the configuration again. Services that stay keep their
+    /// listeners, so no client is refused during a reload; their processes
+    /// are told to exit and new ones start with the new configuration.
+    fn reload(&mut self) {
+        let cfg = match Config::load(self.cfg.dir()) {
+            Ok(c) => c,
+            Err(e) => {
+                warning!("reload: {e}; keeping the old configuration");
+                return;
+            }
+        };
+        self.signal_children(libc::SIGTERM);
+        let old = std::mem::take(&mut self.services);
+        let mut keep = Vec::new();
+        for s in old {
+            self.orphans.extend(s.children.keys().copied());
+            keep.push(s);
+        }
+        match open_services(&cfg, self.owner, keep) {
+            Ok(services) => {
+                self.services = services;
+                self.cfg = cfg;
+                info!(
+                    "reload -- version {}, configuration {}",
+                    env!("CARGO_PKG_VERSION"),
+                    self.cfg.dir().display()
+                );
+            }
+            Err(e) => {
+                warning!("reload: {e}");
+            }
+        }
+    }
+}
+
+/// Builds the service table from master.cf, reusing the listeners of
+/// `previous` services with the same name and type.
+fn open_services(
+    cfg: &Config,
+    owner: Option<(u32, u32)>,
+    mut previous: Vec<ServiceState>,
+) -> Result<Vec<ServiceState>, String> {
+    let defs = cfg.master_services().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for def in defs {
+        let reused = previous
+            .iter()
+            .position(|p| p.def.name == def.name && p.def.kind == def.kind)
+            .map(|i| previous.swap_remove(i));
+        let state = match reused {
+            Some(mut p) => {
+                p.def = def;
+                p.children.clear();
+                p.throttled_until = None;
+                p
+            }
+            None => {
+                let listener = listeners::open(cfg, &def, owner)
+                    .map_err(|e| format!("service {}: {e}", def.name))?;
+                let (status_read, status_write) =
+                    children::status_pipe().map_err(|e| e.to_string())?;
+                ServiceState {
+                    def,
+                    listener,
+                    status_read,
+                    status_write,
+                    children: HashMap::new(),
+                    throttled_until: None,
+                    next_wakeup: None,
+                }
+            }
+        };
+        out.push(state);
+    }
+    // Services that are gone: remove their sockets.
+    for p in previous {
+        if let Some(path) = &p.listener.path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    Ok(out)
+}

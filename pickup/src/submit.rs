@@ -1,0 +1,149 @@
+//! Handing one maildrop file to cleanup.
+
+use postern_common::ipc::{self, cleanup_flags, CleanupReply, CleanupRequest, NewMessage};
+use postern_common::qfile::{self, attr, ContentReader};
+use postern_common::queue::QueueTree;
+use postern_conf::Config;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+pub struct Settings {
+    timeout: Duration,
+    /// Most recipients one submission may carry.
+    recipient_limit: usize,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        Settings {
+            timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
+            recipient_limit: cfg
+                .get_u64("smtpd_recipient_limit")
+                .unwrap_or(1000)
+                .max(1000) as usize,
+        }
+    }
+}
+
+pub enum Outcome {
+    Queued,
+    /// cleanup refused it for good (no recipients, too big, ...).
+    Rejected(String),
+    Corrupt(String),
+    TryLater(String),
+}
+
+/// Submits one complete maildrop file.
+pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
+    let env = match qfile::read_envelope(file) {
+        Ok(e) => e,
+        Err(qfile::ReadError::Incomplete) => return Outcome::TryLater("incomplete".into()),
+        Err(e) => return Outcome::Corrupt(e.to_string()),
+    };
+    // A maildrop file comes from an unprivileged user: take only what
+    // sendmail writes, and nothing that would pass as a done recipient or
+    // a notification.
+    if env.recipients.iter().any(|r| r.done) {
+        return Outcome::Corrupt("done recipient in maildrop file".into());
+    }
+    if env.recipients.len() > s.recipient_limit {
+        return Outcome::Rejected(format!("too many recipients ({})", env.recipients.len()));
+    }
+    let bad = |v: &str| v.bytes().any(|b| b < 32 || b == 127);
+    if bad(&env.sender)
+        || env
+            .recipients
+            .iter()
+            .any(|r| bad(&r.rcpt.address) || r.rcpt.address.is_empty())
+    {
+        return Outcome::Corrupt("control characters in an address".into());
+    }
+    let mut flags = 0;
+    let mut attrs = Vec::new();
+    for (n, v) in &env.attrs {
+        match n.as_str() {
+            attr::EXTRACT_RECIPIENTS => flags |= cleanup_flags::EXTRACT_RECIPIENTS,
+            attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
+            _ => {}
+        }
+    }
+    // The file's owner is who wrote it, unless it is mail_owner (us): a
+    // sendmail run by root hands its file to mail_owner, and then the uid
+    // it recorded is the one to believe.
+    let owner = file.metadata().map(|m| m.uid()).unwrap_or(u32::MAX);
+    let recorded = env
+        .attr(attr::SUBMITTER)
+        .and_then(|v| v.parse::<u32>().ok());
+    let uid = match recorded {
+        Some(u) if owner == nix::unistd::geteuid().as_raw() => u,
+        _ => owner,
+    };
+    attrs.push((attr::CLIENT.to_string(), "local".to_string()));
+    attrs.push((attr::PROTOCOL.to_string(), "sendmail".to_string()));
+    attrs.push((attr::SUBMITTER.to_string(), format!("uid={uid}")));
+    let recipients = env
+        .recipients
+        .iter()
+        .map(|r| qfile::Recipient::new(&r.rcpt.address))
+        .collect();
+    let new = NewMessage {
+        sender: env.sender.clone(),
+        recipients,
+        attrs,
+        flags,
+        origin: "pickup".into(),
+    };
+    let path = tree.cleanup_socket();
+    let mut conn = match ipc::connect(&path, s.timeout) {
+        Ok(c) => c,
+        Err(e) => return Outcome::TryLater(format!("cleanup unavailable: {e}")),
+    };
+    let io_err = |e: std::io::Error| Outcome::TryLater(format!("cleanup: {e}"));
+    if let Err(e) = ipc::send(&mut conn, &CleanupRequest::Open(new)) {
+        return io_err(e);
+    }
+    let queue_id = match ipc::recv::<_, CleanupReply>(&mut conn) {
+        Ok(CleanupReply::Opened { queue_id }) => queue_id,
+        Ok(CleanupReply::Failed {
+            temporary: false,
+            reason,
+            ..
+        }) => return Outcome::Rejected(reason),
+        Ok(other) => return Outcome::TryLater(format!("cleanup: {other:?}")),
+        Err(e) => return io_err(e),
+    };
+    postern_common::info!("{queue_id}: uid={uid} from=<{}>", env.sender);
+    let mut content = match ContentReader::new(file, env.content_offset) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Corrupt(e.to_string()),
+    };
+    let mut buf = vec![0u8; qfile::CHUNK];
+    loop {
+        let n = match content.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                let _ = ipc::send(&mut conn, &CleanupRequest::Abort);
+                return Outcome::Corrupt(e.to_string());
+            }
+        };
+        if let Err(e) = ipc::send(&mut conn, &CleanupRequest::Content(buf[..n].to_vec())) {
+            return io_err(e);
+        }
+    }
+    if let Err(e) = ipc::send(&mut conn, &CleanupRequest::Close) {
+        return io_err(e);
+    }
+    match ipc::recv::<_, CleanupReply>(&mut conn) {
+        Ok(CleanupReply::Queued { .. }) => Outcome::Queued,
+        Ok(CleanupReply::Failed {
+            temporary: false,
+            reason,
+            ..
+        }) => Outcome::Rejected(reason),
+        Ok(CleanupReply::Failed { reason, .. }) => Outcome::TryLater(reason),
+        Ok(other) => Outcome::TryLater(format!("cleanup: unexpected {other:?}")),
+        Err(e) => io_err(e),
+    }
+}

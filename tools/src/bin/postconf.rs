@@ -1,0 +1,4 @@
+//! postconf: prints and edits main.cf parameters.
+fn main() {
+    postern_tools::postconf::main()
+}

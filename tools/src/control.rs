@@ -1,0 +1,211 @@
+//! postern: the administrator's control command.
+//!
+//! `postern [-c DIR] start | start-fg | stop | reload | status | check`.
+//! `check` validates main.cf and master.cf and creates what is missing of
+//! the queue tree; `start` checks, then runs master, which detaches once
+//! it is ready; `start-fg` replaces itself with master in the foreground;
+//! `stop` sends master SIGTERM and waits until it has stopped its children
+//! and exited; `reload` sends SIGHUP; `status` exits 0 when master runs.
+
+use crate::die;
+use crate::sysexits::*;
+use postern_common::privs;
+use postern_conf::Config;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const NAME: &str = "postern";
+
+pub fn main() -> ! {
+    let mut config: Option<PathBuf> = None;
+    let mut command: Option<String> = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-c" => config = Some(it.next().unwrap_or_else(|| die(NAME, EX_USAGE, "-c requires a directory")).into()),
+            "-v" | "-D" => {}
+            c if command.is_none() && !c.starts_with('-') => command = Some(c.to_string()),
+            other => die(NAME, EX_USAGE, format_args!("unexpected argument \"{other}\"; usage: postern [-c config_dir] start|start-fg|stop|reload|status|check")),
+        }
+    }
+    let Some(command) = command else {
+        die(
+            NAME,
+            EX_USAGE,
+            "usage: postern [-c config_dir] start|start-fg|stop|reload|status|check",
+        );
+    };
+    let cfg = crate::load_config(NAME, config.as_deref());
+    match command.as_str() {
+        "check" => {
+            check(&cfg);
+            std::process::exit(EX_OK)
+        }
+        "start" | "start-fg" => start(&cfg, command == "start-fg"),
+        "stop" => stop(&cfg),
+        "reload" => {
+            let pid = running(&cfg)
+                .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
+            eprintln!("{NAME}: refreshing the Postern mail system");
+            signal(pid, libc::SIGHUP);
+            std::process::exit(EX_OK)
+        }
+        "status" => match running(&cfg) {
+            Some(pid) => {
+                eprintln!("{NAME}: the Postern mail system is running: PID: {pid}");
+                std::process::exit(EX_OK)
+            }
+            None => {
+                eprintln!("{NAME}: the Postern mail system is not running");
+                std::process::exit(1)
+            }
+        },
+        other => die(NAME, EX_USAGE, format_args!("unknown command \"{other}\"")),
+    }
+}
+
+/// Validates the configuration and prepares the queue tree.
+fn check(cfg: &Config) {
+    for (name, line) in cfg.unknown_parameters() {
+        eprintln!(
+            "{NAME}: warning: {}/main.cf, line {line}: unused parameter: {name}",
+            cfg.dir().display()
+        );
+    }
+    let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
+    let daemon_dir = PathBuf::from(cfg.get("daemon_directory"));
+    let mut commands: Vec<&str> = services.iter().map(|s| s.command.as_str()).collect();
+    commands.push("master");
+    commands.sort();
+    commands.dedup();
+    for c in commands {
+        let p = if c.starts_with('/') {
+            PathBuf::from(c)
+        } else {
+            daemon_dir.join(c)
+        };
+        if !p.is_file() {
+            die(
+                NAME,
+                1,
+                format_args!(
+                    "{}: no such program (daemon_directory = {})",
+                    p.display(),
+                    daemon_dir.display()
+                ),
+            );
+        }
+    }
+    for t in ["message_size_limit", "default_process_limit", "max_use"] {
+        if let Err(e) = cfg.get_u64(t) {
+            die(NAME, 1, e);
+        }
+    }
+    for t in [
+        "max_idle",
+        "ipc_timeout",
+        "queue_run_delay",
+        "minimal_backoff_time",
+        "maximal_backoff_time",
+        "maximal_queue_lifetime",
+        "smtpd_timeout",
+    ] {
+        if let Err(e) = cfg.get_time(t) {
+            die(NAME, 1, e);
+        }
+    }
+    let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
+    if let Err(e) = privs::prepare_tree(cfg, owner) {
+        die(NAME, 1, e);
+    }
+}
+
+fn pid_file(cfg: &Config) -> PathBuf {
+    PathBuf::from(cfg.get("queue_directory"))
+        .join("pid")
+        .join("master.pid")
+}
+
+/// master's pid when it runs: its pid file is locked.
+fn running(cfg: &Config) -> Option<i32> {
+    let mut f = std::fs::File::open(pid_file(cfg)).ok()?;
+    let mut s = String::new();
+    f.read_to_string(&mut s).ok()?;
+    // SAFETY: flock on a descriptor we own; a shared lock conflicts with
+    // master's exclusive one and is released when `f` closes.
+    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        return None;
+    }
+    s.trim().parse().ok()
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill with a pid read from master's locked pid file.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        die(
+            NAME,
+            1,
+            format_args!(
+                "signal master (pid {pid}): {}",
+                std::io::Error::last_os_error()
+            ),
+        );
+    }
+}
+
+fn start(cfg: &Config, foreground: bool) -> ! {
+    if let Some(pid) = running(cfg) {
+        die(
+            NAME,
+            1,
+            format_args!("the Postern mail system is already running (pid {pid})"),
+        );
+    }
+    check(cfg);
+    let master = PathBuf::from(cfg.get("daemon_directory")).join("master");
+    let mut cmd = std::process::Command::new(&master);
+    cmd.arg("-c").arg(cfg.dir());
+    if foreground {
+        cmd.arg("-d");
+        let e = cmd.exec();
+        die(
+            NAME,
+            EX_OSERR,
+            format_args!("exec {}: {e}", master.display()),
+        );
+    }
+    eprintln!("{NAME}: starting the Postern mail system");
+    match cmd.status() {
+        Ok(s) if s.success() => std::process::exit(EX_OK),
+        Ok(s) => die(NAME, 1, format_args!("mail system startup failed ({s})")),
+        Err(e) => die(
+            NAME,
+            EX_OSERR,
+            format_args!("run {}: {e}", master.display()),
+        ),
+    }
+}
+
+fn stop(cfg: &Config) -> ! {
+    let pid =
+        running(cfg).unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
+    eprintln!("{NAME}: stopping the Postern mail system");
+    signal(pid, libc::SIGTERM);
+    // master stops its children first; wait until its lock is free.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running(cfg).is_some() {
+        if Instant::now() > deadline {
+            die(
+                NAME,
+                1,
+                format_args!("master (pid {pid}) did not stop within 60 s"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::process::exit(EX_OK)
+}
