@@ -47,6 +47,10 @@ impl Job {
             .read(true)
             .write(true)
             .open(tree.path(q, &req.queue_id))?;
+        // Held (shared) while the job lives: a qmgr restarted meanwhile
+        // sees it (its exclusive try-lock fails) and does not hand the
+        // message out a second time while this delivery is under way.
+        let _ = file.lock_shared();
         Ok(Job {
             req,
             file,
@@ -285,6 +289,22 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
     Ok(out)
 }
 
+/// Whether the other end of a connection has closed it.
+fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: a non-blocking peek into a valid one-byte buffer.
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
+}
+
 /// Serves a delivery agent's socket: one request per connection, answered
 /// once every recipient is recorded.
 pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
@@ -301,6 +321,18 @@ pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> !
         };
         let reply = match Job::open(&tree, req.clone()) {
             Ok(mut job) => {
+                // The queue file is locked now. A qmgr that died after it
+                // sent this request is replaced by one that takes active/
+                // back and hands the message out again (unless it sees
+                // this lock): deliver only if the qmgr that asked is still
+                // there, so that the message is never delivered twice.
+                if peer_gone(&conn) {
+                    crate::warning!(
+                        "{}: the queue manager went away; request dropped",
+                        req.queue_id
+                    );
+                    return;
+                }
                 deliver(&mut job);
                 job.finish()
             }

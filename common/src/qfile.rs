@@ -18,9 +18,10 @@
 //! E  end                empty; a file without it was cut short
 //! ```
 //!
-//! A writer creates the file with mode 0600 and sets 0700 only after the
-//! `E` record is written and before the final fsync, so a reader that sees
-//! mode 0700 and a trailing `E` knows the file is whole.
+//! A writer creates the file without the owner-execute bit (0600; 0644 for
+//! maildrop files, which pickup reads as another user) and sets that bit
+//! only after the `E` record is written and before the final fsync, so a
+//! reader that sees `u+x` and a trailing `E` knows the file is whole.
 //! Recipients are marked done by overwriting their type byte (`R` → `D`)
 //! at the offset the reader reported: one byte, no rewrite of the file.
 
@@ -44,9 +45,11 @@ pub const VERSION: &[u8] = b"postern-queue-1";
 pub const MAX_RECORD: u32 = 1 << 24;
 /// Content is cut into records of this size.
 pub const CHUNK: usize = 64 * 1024;
-/// Mode of a queue file being written, and of a complete one.
+/// Mode of a queue file being written.
 pub const MODE_WRITING: u32 = 0o600;
-pub const MODE_COMPLETE: u32 = 0o700;
+/// The owner-execute bit marks a complete file (Postfix's rule), whatever
+/// the other bits are.
+pub const MODE_COMPLETE_BIT: u32 = 0o100;
 
 /// DSN NOTIFY bits (RFC 3461). 0 means "not given": the default applies.
 pub const NOTIFY_SUCCESS: u8 = 1;
@@ -229,7 +232,7 @@ impl Writer {
     }
 
     /// Writes the end record, patches the sizes, marks the file complete
-    /// (mode 0700) and fsyncs it. The caller must still fsync the directory
+    /// (owner-execute bit) and fsyncs it. The caller must still fsync the directory
     /// that holds the file's name before it reports the message as queued.
     pub fn finish(mut self) -> io::Result<File> {
         if !self.chunk.is_empty() {
@@ -243,7 +246,8 @@ impl Writer {
         sizes[8..16].copy_from_slice(&self.content_size.to_le_bytes());
         sizes[16..].copy_from_slice(&self.rcpt_count.to_le_bytes());
         file.write_all_at(&sizes, self.sizes_at + 5)?;
-        file.set_permissions(std::fs::Permissions::from_mode(MODE_COMPLETE))?;
+        let mode = file.metadata()?.permissions().mode() & 0o777;
+        file.set_permissions(std::fs::Permissions::from_mode(mode | MODE_COMPLETE_BIT))?;
         file.sync_all()?;
         Ok(file)
     }
@@ -291,7 +295,7 @@ impl Envelope {
 #[derive(Debug)]
 pub enum ReadError {
     Io(io::Error),
-    /// Still being written (mode is not 0700) or cut short (no `E`).
+    /// Still being written (no owner-execute bit) or cut short (no `E`).
     Incomplete,
     /// Not a queue file, or damaged: belongs in `corrupt/`.
     Corrupt(String),
@@ -330,7 +334,7 @@ fn read_header<R: Read>(r: &mut R) -> Result<Option<(u8, u32)>, ReadError> {
 /// Whether `file` is marked complete and ends with an `E` record.
 pub fn is_complete(file: &File) -> io::Result<bool> {
     let meta = file.metadata()?;
-    if meta.permissions().mode() & 0o777 != MODE_COMPLETE || meta.len() < 5 {
+    if meta.permissions().mode() & MODE_COMPLETE_BIT == 0 || meta.len() < 5 {
         return Ok(false);
     }
     let mut tail = [0u8; 5];

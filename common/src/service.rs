@@ -101,8 +101,13 @@ pub struct Status {
 
 impl Status {
     pub fn new() -> Status {
-        // SAFETY: fcntl on a number we only inspect.
-        let open = unsafe { libc::fcntl(STATUS_FD, libc::F_GETFD) } != -1;
+        // Only a pipe on fd 4 is master's status pipe: a daemon started by
+        // hand may have anything there (its log file, say).
+        // SAFETY: fstat into a zeroed stat buffer.
+        let open = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(STATUS_FD, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO
+        };
         Status {
             // SAFETY: master gave us this descriptor and nothing else owns it.
             fd: open.then(|| unsafe { std::fs::File::from_raw_fd(STATUS_FD) }),

@@ -1,1 +1,42 @@
-fn main() {}
+//! `local`: Postern's local delivery agent, as Postfix's local(8).
+//!
+//! master starts it for the `local` service (`local unix - n n - - local`)
+//! and qmgr sends it one delivery request per connection on
+//! `private/local`, for recipients whose domain is in `mydestination`.
+//! It resolves each recipient through `alias_maps`, delivers to
+//! mailboxes (Maildir or mbox), files and commands, forwards remote alias
+//! targets (and `luser_relay`) through cleanup (`public/cleanup`), and
+//! records every recipient's outcome in the queue file before answering.
+//!
+//! What it may touch: the queue file of the request (read, and "done"
+//! marks through `postern_common::delivery`), the `defer/` and `bounce/`
+//! logs, recipients' mailboxes (as the recipient), files named by aliases
+//! and the commands they run (as `default_privs`). Run by a root master it
+//! keeps root only to switch its effective ids for each write; it is
+//! single-threaded and serves one request at a time.
+//!
+//! Modules:
+//! - [`deliver`]: one request, from recipients to recorded outcomes.
+//! - [`resolve`]: aliases, extensions, unknown users (pure).
+//! - [`mailbox`]: Maildir and mbox writers, locks.
+//! - [`pipe`]: delivery to `|command`.
+//! - [`forward`]: resubmission through cleanup.
+//! - [`message`]: the header section and the lines put before a copy.
+//! - [`status`]: outcomes and how they combine.
+
+mod deliver;
+mod forward;
+mod mailbox;
+mod message;
+mod pipe;
+mod resolve;
+mod status;
+
+fn main() {
+    let (cfg, _args) = postern_common::service::start("local");
+    let agent = match deliver::Agent::new(&cfg) {
+        Ok(a) => a,
+        Err(e) => postern_common::fatal!("{e}"),
+    };
+    postern_common::delivery::serve(&cfg, |job| agent.deliver(job))
+}

@@ -52,8 +52,7 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
             o.recipients.extend(it.by_ref());
             break;
         }
-        let mut chars = a[1..].char_indices();
-        while let Some((i, c)) = chars.next() {
+        for (i, c) in a[1..].char_indices() {
             if WITH_VALUE.contains(c) {
                 let rest = &a[1 + i + c.len_utf8()..];
                 let value = if !rest.is_empty() {
@@ -73,11 +72,7 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
                     'b' => o.mode = value,
                     'f' | 'r' => o.sender = Some(value),
                     'F' => o.full_name = Some(value),
-                    'o' => {
-                        if value == "i" {
-                            o.ignore_dots = true
-                        }
-                    }
+                    'o' if value == "i" => o.ignore_dots = true,
                     _ => {} // -B -N -R -V -X -L -O -e -h -p: accepted
                 }
                 break;
@@ -175,6 +170,11 @@ fn submit(name: &str, cfg: &postern_conf::Config, o: Opts) -> ! {
         ),
     };
     let path = nf.path.clone();
+    // pickup runs as mail_owner and must read what a local user wrote;
+    // maildrop/ (mode 0730) keeps other users out, as in Postfix.
+    let _ = nf
+        .file
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     // Run as root, give the file to mail_owner so that pickup (which runs
     // as mail_owner) can read and remove it.
     if let Ok(Some(owner)) = postern_common::privs::queue_owner(cfg) {
@@ -242,7 +242,19 @@ fn submit(name: &str, cfg: &postern_conf::Config, o: Opts) -> ! {
     }
     let res = w
         .finish()
-        .and_then(|_| queue::sync_dir(&tree.dir(Queue::Maildrop)));
+        .and_then(|file| match queue::sync_dir(&tree.dir(Queue::Maildrop)) {
+            // An unprivileged user may write into maildrop (mode 0730) but not
+            // open it; syncing the whole file system makes the new name durable
+            // all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // SAFETY: syncfs on a descriptor we own.
+                match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&file)) } {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            }
+            other => other,
+        });
     if let Err(e) = res {
         fail(EX_TEMPFAIL, format!("queue file write error: {e}"));
     }

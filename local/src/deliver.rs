@@ -1,0 +1,536 @@
+//! One delivery request, start to end: open the alias tables, read the
+//! header section once (loop detection), resolve each recipient, deliver
+//! to every place it resolved to, and record one outcome per recipient.
+//!
+//! Privileges: when running as root, mailbox writes happen as the
+//! recipient (spool files are created and dot-locked as Postfix does:
+//! as root when only root may write the spool directory, then owned by
+//! the recipient), files and commands named by aliases as
+//! `default_privs`; a plain-user `local` does everything as itself.
+
+use crate::forward::Forward;
+use crate::mailbox::{self, Ids, LockPolicy, Mbox};
+use crate::message::{self, Prefix};
+use crate::pipe;
+use crate::resolve::{Class, Dest, Resolver, Target};
+use crate::status::{self, Status};
+use postern_common::delivery::Job;
+use postern_common::ipc::{DeliveryRecipient, Outcome};
+use postern_common::maps::Tables;
+use postern_common::privs::{self, Account};
+use postern_common::qfile::Recipient;
+use postern_common::{info, warning};
+use postern_conf::Config;
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The local delivery agent's settings, read once at start.
+pub struct Agent {
+    cfg: Config,
+    alias_maps: String,
+    mydestination: Vec<String>,
+    myorigin: String,
+    delimiter: String,
+    luser_relay: String,
+    home_mailbox: String,
+    spool: String,
+    size_limit: u64,
+    time_limit: Duration,
+    allow_commands: Vec<String>,
+    allow_files: Vec<String>,
+    /// `prepend_delivered_header`: command, file, forward.
+    delivered_header: Vec<String>,
+    original_recipient: bool,
+    default_privs: String,
+    strict_owner: bool,
+    locks: LockPolicy,
+    cleanup: PathBuf,
+    ipc_timeout: Duration,
+    hostname: String,
+}
+
+impl Agent {
+    pub fn new(cfg: &Config) -> Result<Agent, String> {
+        let e = |e: postern_conf::ConfError| e.to_string();
+        let lower = |name: &str| -> Vec<String> {
+            cfg.get_list(name)
+                .into_iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect()
+        };
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        Ok(Agent {
+            alias_maps: cfg.get("alias_maps"),
+            mydestination: cfg.get_list("mydestination"),
+            myorigin: cfg.get("myorigin"),
+            delimiter: cfg.get("recipient_delimiter"),
+            luser_relay: cfg
+                .raw("luser_relay")
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_default(),
+            home_mailbox: cfg.get("home_mailbox"),
+            spool: cfg.get("mail_spool_directory"),
+            size_limit: cfg.get_u64("mailbox_size_limit").map_err(e)?,
+            time_limit: Duration::from_secs(cfg.get_time("command_time_limit").map_err(e)?),
+            allow_commands: lower("allow_mail_to_commands"),
+            allow_files: lower("allow_mail_to_files"),
+            delivered_header: lower("prepend_delivered_header"),
+            original_recipient: cfg.get_bool("enable_original_recipient").map_err(e)?,
+            default_privs: cfg.get("default_privs"),
+            strict_owner: cfg.get_bool("strict_mailbox_ownership").map_err(e)?,
+            locks: LockPolicy {
+                attempts: cfg.get_u64("deliver_lock_attempts").map_err(e)?.max(1) as u32,
+                delay: Duration::from_secs(cfg.get_time("deliver_lock_delay").map_err(e)?),
+                stale: Duration::from_secs(cfg.get_time("stale_lock_time").map_err(e)?),
+            },
+            cleanup: postern_common::queue::QueueTree::new(cfg.get("queue_directory"))
+                .cleanup_socket(),
+            ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
+            hostname,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Delivers one request and records every recipient.
+    pub fn deliver(&self, job: &mut Job) {
+        let id = job.req.queue_id.clone();
+        let (tables, bad) = Tables::open_list(&self.alias_maps);
+        let mut unavailable = false;
+        for e in bad {
+            if e.contains("unsupported dictionary type") {
+                warning!("{id}: alias_maps: {e}; skipped");
+            } else {
+                warning!("{id}: alias_maps: {e}");
+                unavailable = true;
+            }
+        }
+        if unavailable {
+            job.record_rest(
+                Outcome::Deferred,
+                "4.3.0",
+                "local",
+                "alias database unavailable",
+            );
+            return;
+        }
+        let header = job
+            .content()
+            .and_then(|mut r| message::read_header_section(&mut r, message::MAX_HEADER_SECTION));
+        let seen = match header {
+            Ok(h) => message::delivered_to(&h),
+            Err(e) => {
+                warning!("{id}: read queue file: {e}");
+                let reason = format!("cannot read queue file: {}", status::strip_os_error(&e));
+                job.record_rest(Outcome::Deferred, "4.3.0", "local", &reason);
+                return;
+            }
+        };
+        for r in job.req.recipients.clone() {
+            let s = self.recipient(job, &r, &seen, &tables);
+            job.record(&r, s.outcome, &s.dsn, "local", &s.reason);
+        }
+    }
+
+    /// Delivers to one recipient: its outcome over all its destinations.
+    fn recipient(
+        &self,
+        job: &Job,
+        r: &DeliveryRecipient,
+        seen: &HashSet<String>,
+        tables: &Tables,
+    ) -> Status {
+        let rcpt = &r.rcpt.address;
+        if seen.contains(&rcpt.to_lowercase()) {
+            return Status::bounce("5.4.6", format!("mail forwarding loop for {rcpt}"));
+        }
+        let dp = self.default_privs_ids();
+        let read_include = |p: &Path| -> io::Result<String> {
+            let read = || {
+                let mut s = String::new();
+                std::fs::File::open(p)?
+                    .take(crate::resolve::MAX_INCLUDE as u64)
+                    .read_to_string(&mut s)?;
+                Ok(s)
+            };
+            match dp {
+                Some((uid, gid)) if privs::is_root() => privs::as_user(uid, gid, read)?,
+                _ => read(),
+            }
+        };
+        let expand = |s: &str| self.cfg.expand(s);
+        let has_account = |u: &str| privs::user(u).is_some();
+        let resolver = Resolver {
+            aliases: tables,
+            mydestination: &self.mydestination,
+            myorigin: &self.myorigin,
+            delimiter: &self.delimiter,
+            luser_relay: &self.luser_relay,
+            expand: &expand,
+            has_account: &has_account,
+            read_include: &read_include,
+        };
+        let exp = resolver.resolve(rcpt);
+        let several = exp.targets.len() + exp.failures.len() > 1;
+        let id = &job.req.queue_id;
+        let mut results = Vec::new();
+        for (addr, s) in exp.failures {
+            if several || addr != *rcpt {
+                info!(
+                    "{id}: <{rcpt}>: {addr}: {} ({})",
+                    s.outcome.word(),
+                    s.reason
+                );
+            }
+            results.push(s);
+        }
+        let mut forwards: Vec<&Target> = Vec::new();
+        for t in &exp.targets {
+            if matches!(t.dest, Dest::Forward(_)) {
+                forwards.push(t);
+                continue;
+            }
+            let s = self.target(job, r, t, seen);
+            if several {
+                info!(
+                    "{id}: <{rcpt}>: {}: {} ({})",
+                    describe(t),
+                    s.outcome.word(),
+                    s.reason
+                );
+            }
+            results.push(s);
+        }
+        if !forwards.is_empty() {
+            let s = self.forward(job, r, &forwards);
+            if several {
+                let to: Vec<String> = forwards.iter().map(|t| describe(t)).collect();
+                info!(
+                    "{id}: <{rcpt}>: {}: {} ({})",
+                    to.join(", "),
+                    s.outcome.word(),
+                    s.reason
+                );
+            }
+            results.push(s);
+        }
+        status::combine(&results)
+    }
+
+    /// Delivers to a mailbox, a file or a command.
+    fn target(
+        &self,
+        job: &Job,
+        r: &DeliveryRecipient,
+        t: &Target,
+        seen: &HashSet<String>,
+    ) -> Status {
+        match &t.dest {
+            Dest::Mailbox => self.mailbox(job, r, t, seen),
+            Dest::File(path) => self.file(job, r, t, path),
+            Dest::Command(cmd) => self.command(job, r, t, cmd),
+            Dest::Forward(_) => Status::defer("4.3.0", "internal error: forward as target"),
+        }
+    }
+
+    fn prefix_headers(
+        &self,
+        r: &DeliveryRecipient,
+        sender: &str,
+        delivered: Option<&str>,
+    ) -> Vec<u8> {
+        Prefix {
+            sender,
+            original: self
+                .original_recipient
+                .then(|| r.rcpt.original_or_address()),
+            delivered,
+        }
+        .headers()
+    }
+
+    fn wants_delivered(&self, what: &str) -> bool {
+        self.delivered_header.iter().any(|w| w == what)
+    }
+
+    fn mailbox(
+        &self,
+        job: &Job,
+        r: &DeliveryRecipient,
+        t: &Target,
+        seen: &HashSet<String>,
+    ) -> Status {
+        let address = if t.class == Class::Direct && r.rcpt.address.contains('@') {
+            r.rcpt.address.clone()
+        } else {
+            t.name.address.clone()
+        };
+        if t.class != Class::Direct && seen.contains(&address.to_lowercase()) {
+            return Status::bounce("5.4.6", format!("mail forwarding loop for {address}"));
+        }
+        let Some(acct) = privs::user(&t.name.user) else {
+            return Status::bounce("5.1.1", format!("unknown user: \"{}\"", t.name.user));
+        };
+        let sender = job.req.sender.as_str();
+        let headers = self.prefix_headers(r, sender, Some(&address));
+        let mut content = match job.content() {
+            Ok(c) => c,
+            Err(e) => return Status::io(&e, "cannot read queue file"),
+        };
+        let ids = (acct.uid, acct.gid);
+        let (path, maildir, spool) = if !self.home_mailbox.is_empty() {
+            let p = format!("{}/{}", acct.home.display(), self.home_mailbox);
+            (PathBuf::from(&p), p.ends_with('/'), None)
+        } else {
+            let dir = self.spool.trim_end_matches('/');
+            let maildir = self.spool.ends_with('/');
+            let p = format!("{dir}/{}{}", acct.name, if maildir { "/" } else { "" });
+            (PathBuf::from(p), maildir, Some(PathBuf::from(dir)))
+        };
+        if maildir {
+            return match mailbox::deliver_maildir(
+                &path,
+                ids,
+                &self.hostname,
+                &headers,
+                &mut content,
+            ) {
+                Ok(_) => Status::sent("delivered to maildir"),
+                Err(s) => s,
+            };
+        }
+        let (open_as, chown) = match &spool {
+            Some(dir) => spool_ids(dir, &acct),
+            None => (ids, None),
+        };
+        let mbox = Mbox {
+            path: &path,
+            open_as,
+            write_as: ids,
+            chown,
+            mailbox: true,
+            owner: self.strict_owner.then_some(acct.uid),
+            size_limit: self.size_limit,
+            locks: &self.locks,
+        };
+        let from = message::from_line(sender, postern_common::queue::now().0);
+        match mbox.append(
+            from.as_bytes(),
+            &headers,
+            &mut content,
+            job.req.content_size,
+        ) {
+            Ok(()) => Status::sent("delivered to mailbox"),
+            Err(mut s) => {
+                s.reason = format!(
+                    "cannot update mailbox {} for user {}. {}",
+                    path.display(),
+                    acct.name,
+                    s.reason
+                );
+                s
+            }
+        }
+    }
+
+    /// The ids of `default_privs` (None when it does not exist).
+    fn default_privs_ids(&self) -> Option<Ids> {
+        privs::user(&self.default_privs).map(|a| (a.uid, a.gid))
+    }
+
+    /// The account files and commands of aliases run as: `default_privs`
+    /// as root, this process's own account otherwise.
+    fn run_as(&self) -> Result<Account, Status> {
+        if privs::is_root() {
+            privs::user(&self.default_privs).ok_or_else(|| {
+                warning!(
+                    "default_privs account {} does not exist",
+                    self.default_privs
+                );
+                Status::defer(
+                    "4.3.5",
+                    format!(
+                        "mail system configuration error: no account {}",
+                        self.default_privs
+                    ),
+                )
+            })
+        } else {
+            // SAFETY: plain getter.
+            let uid = unsafe { libc::geteuid() };
+            Ok(privs::user_by_uid(uid).unwrap_or_else(|| Account {
+                name: uid.to_string(),
+                uid,
+                // SAFETY: plain getter.
+                gid: unsafe { libc::getegid() },
+                home: PathBuf::from("/"),
+                shell: PathBuf::from("/bin/sh"),
+            }))
+        }
+    }
+
+    fn file(&self, job: &Job, r: &DeliveryRecipient, t: &Target, path: &Path) -> Status {
+        if !self.allow_files.iter().any(|c| c == t.class.word()) {
+            return Status::bounce("5.7.1", "mail to file is restricted");
+        }
+        let acct = match self.run_as() {
+            Ok(a) => a,
+            Err(s) => return s,
+        };
+        let ids = (acct.uid, acct.gid);
+        let sender = job.req.sender.as_str();
+        let delivered = self
+            .wants_delivered("file")
+            .then_some(t.name.address.as_str());
+        let headers = self.prefix_headers(r, sender, delivered);
+        let mut content = match job.content() {
+            Ok(c) => c,
+            Err(e) => return Status::io(&e, "cannot read queue file"),
+        };
+        let reason = format!("delivered to file: {}", path.display());
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            return match mailbox::deliver_maildir(path, ids, &self.hostname, &headers, &mut content)
+            {
+                Ok(_) => Status::sent(reason),
+                Err(s) => s,
+            };
+        }
+        let mbox = Mbox {
+            path,
+            open_as: ids,
+            write_as: ids,
+            chown: None,
+            mailbox: false,
+            owner: None,
+            size_limit: self.size_limit,
+            locks: &self.locks,
+        };
+        let from = message::from_line(sender, postern_common::queue::now().0);
+        match mbox.append(
+            from.as_bytes(),
+            &headers,
+            &mut content,
+            job.req.content_size,
+        ) {
+            Ok(()) => Status::sent(reason),
+            Err(mut s) => {
+                s.reason = format!(
+                    "cannot append message to file {}: {}",
+                    path.display(),
+                    s.reason
+                );
+                s
+            }
+        }
+    }
+
+    fn command(&self, job: &Job, r: &DeliveryRecipient, t: &Target, cmd: &str) -> Status {
+        if !self.allow_commands.iter().any(|c| c == t.class.word()) {
+            return Status::bounce("5.7.1", "mail to command is restricted");
+        }
+        let acct = match self.run_as() {
+            Ok(a) => a,
+            Err(s) => return s,
+        };
+        let sender = job.req.sender.as_str();
+        let delivered = self
+            .wants_delivered("command")
+            .then_some(t.name.address.as_str());
+        let mut prefix = message::from_line(sender, postern_common::queue::now().0).into_bytes();
+        prefix.extend_from_slice(&self.prefix_headers(r, sender, delivered));
+        let mut content = match job.content() {
+            Ok(c) => c,
+            Err(e) => return Status::io(&e, "cannot read queue file"),
+        };
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/bin:/bin".into()),
+            ("SENDER".into(), sender.into()),
+            ("RECIPIENT".into(), t.name.address.clone()),
+            ("LOCAL".into(), t.name.local.clone()),
+            ("DOMAIN".into(), t.name.domain.clone()),
+            ("HOME".into(), acct.home.display().to_string()),
+            ("USER".into(), acct.name.clone()),
+            ("LOGNAME".into(), acct.name.clone()),
+            ("SHELL".into(), acct.shell.display().to_string()),
+            (
+                "ORIGINAL_RECIPIENT".into(),
+                r.rcpt.original_or_address().to_string(),
+            ),
+        ];
+        if let Some(ext) = &t.name.extension {
+            env.push(("EXTENSION".into(), ext.clone()));
+        }
+        for name in ["TZ", "LANG", "MAIL_CONFIG"] {
+            if let Ok(v) = std::env::var(name) {
+                env.push((name.into(), v));
+            }
+        }
+        let c = pipe::Command {
+            command: cmd,
+            env,
+            run_as: Some((acct.uid, acct.gid)),
+            home: &acct.home,
+            time_limit: self.time_limit,
+        };
+        c.run(&prefix, &mut content)
+    }
+
+    /// One forwarded message to every remote target of a recipient.
+    fn forward(&self, job: &Job, r: &DeliveryRecipient, targets: &[&Target]) -> Status {
+        let recipients: Vec<Recipient> = targets
+            .iter()
+            .filter_map(|t| match &t.dest {
+                Dest::Forward(a) => Some(Recipient {
+                    address: a.clone(),
+                    original: String::new(),
+                    notify: r.rcpt.notify,
+                    orcpt: r.rcpt.orcpt.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let mut content = match job.content() {
+            Ok(c) => c,
+            Err(e) => return Status::io(&e, "cannot read queue file"),
+        };
+        let f = Forward {
+            cleanup: &self.cleanup,
+            timeout: self.ipc_timeout,
+            sender: &job.req.sender,
+            recipients,
+            delivered_to: self
+                .wants_delivered("forward")
+                .then_some(r.rcpt.address.as_str()),
+        };
+        f.submit(&mut content)
+    }
+}
+
+/// Who opens a spool mailbox, as Postfix: the recipient when the spool
+/// directory is world-writable; the recipient with the directory's group
+/// when it is group-writable (`/var/mail` is `root:mail 2775`); else
+/// root, and a new file is then given to the recipient.
+fn spool_ids(dir: &Path, acct: &Account) -> (Ids, Option<Ids>) {
+    let user = (acct.uid, acct.gid);
+    match std::fs::metadata(dir) {
+        Ok(m) if m.mode() & 0o002 != 0 => (user, None),
+        Ok(m) if m.mode() & 0o020 != 0 => ((acct.uid, m.gid()), None),
+        _ if privs::is_root() => ((0, 0), Some(user)),
+        _ => (user, None),
+    }
+}
+
+/// A target for log lines.
+fn describe(t: &Target) -> String {
+    match &t.dest {
+        Dest::Mailbox => format!("mailbox of {}", t.name.user),
+        Dest::File(p) => format!("file {}", p.display()),
+        Dest::Command(c) => format!("command \"{c}\""),
+        Dest::Forward(a) => format!("forward to {a}"),
+    }
+}

@@ -1,0 +1,1223 @@
+//! The SMTP client conversation with one server, over any byte stream.
+//!
+//! [`deliver`] reads the greeting, says EHLO (HELO when EHLO is refused),
+//! sends MAIL FROM, one RCPT TO per recipient and DATA, streams the
+//! content with CRLF line ends and dot-stuffing ([`DataEncoder`]), and
+//! ends with QUIT. With PIPELINING the MAIL, RCPT and DATA commands go
+//! out in one write and their replies are read in order (RFC 2920).
+//!
+//! What the conversation needs from the delivery is behind
+//! [`Transaction`]: the envelope, the content, and a place to record each
+//! recipient's outcome as soon as it is known. A failure that leaves
+//! recipients without an outcome before any content was sent (refused
+//! greeting or handshake, 421, 4xx to MAIL FROM, lost connection, time-out)
+//! ends the session with [`End::TryNext`]: the caller tries the next
+//! server or defers them. Once content has been sent, every recipient gets
+//! an outcome here.
+//!
+//! The stream is anything [`Stream`]: a TCP connection today; TLS and
+//! LMTP sessions are meant to grow here.
+
+use crate::nexthop::{Failure, Server};
+use crate::reply::{LineReader, Reply};
+use postern_common::ipc::Outcome;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// A byte stream to a server whose I/O can be given a time limit.
+pub trait Stream: Read + Write {
+    /// Limits each following read and write to `t` (zero: no limit).
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()>;
+}
+
+impl<S: Stream + ?Sized> Stream for &mut S {
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        (**self).set_timeout(t)
+    }
+}
+
+impl Stream for TcpStream {
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        let t = (!t.is_zero()).then_some(t);
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+/// Time limits of each stage (`smtp_*_timeout`).
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub helo: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data_init: Duration,
+    pub data_xfer: Duration,
+    pub data_done: Duration,
+    pub quit: Duration,
+}
+
+/// How the client behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The name sent with EHLO/HELO (`smtp_helo_name`).
+    pub helo_name: String,
+    pub timeouts: Timeouts,
+}
+
+/// What a server's EHLO reply offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// Said EHLO (false after a fallback to HELO).
+    pub esmtp: bool,
+    pub pipelining: bool,
+    /// SIZE: `Some(0)` when offered without a limit.
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub starttls: bool,
+    pub chunking: bool,
+    /// AUTH mechanisms, upper-case.
+    pub auth: Vec<String>,
+}
+
+impl Extensions {
+    /// Parses an EHLO reply (every line but the first names an extension).
+    pub fn parse(r: &Reply) -> Extensions {
+        let mut e = Extensions {
+            esmtp: true,
+            ..Default::default()
+        };
+        for t in r.texts().skip(1) {
+            let mut words = t.split_whitespace();
+            let Some(kw) = words.next() else { continue };
+            let kw = kw.to_ascii_uppercase();
+            let (kw, first) = match kw.split_once('=') {
+                // Old "AUTH=LOGIN PLAIN" form.
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (kw, None),
+            };
+            match kw.as_str() {
+                "PIPELINING" => e.pipelining = true,
+                "SIZE" => e.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => e.eight_bit_mime = true,
+                "SMTPUTF8" => e.smtputf8 = true,
+                "DSN" => e.dsn = true,
+                "STARTTLS" => e.starttls = true,
+                "CHUNKING" => e.chunking = true,
+                "AUTH" => {
+                    for m in first.into_iter().chain(words.map(str::to_string)) {
+                        let m = m.to_ascii_uppercase();
+                        if !e.auth.contains(&m) {
+                            e.auth.push(m);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// The delivery as the conversation sees it. Recipients are numbered
+/// from 0 in the order they are sent.
+pub trait Transaction {
+    /// The envelope sender, "" for the null sender.
+    fn sender(&self) -> &str;
+    fn recipients(&self) -> &[String];
+    /// Content size in bytes (for SIZE=).
+    fn content_size(&self) -> u64;
+    /// Whether the content has bytes above 127 (for BODY=8BITMIME).
+    fn eight_bit(&mut self) -> io::Result<bool>;
+    /// The content: LF-terminated lines, as queued.
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>>;
+    /// The connection is up and the server greeted and answered EHLO/HELO.
+    fn connected(&mut self);
+    /// Records recipient `i`'s outcome. Called at most once per recipient.
+    fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str);
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Every recipient of the transaction has an outcome.
+    Complete,
+    /// Nothing was sent: the recipients without an outcome may try the
+    /// next server, or be deferred with `failure` when none is left.
+    /// `handshake` says whether the server got as far as EHLO/HELO.
+    TryNext { failure: Failure, handshake: bool },
+}
+
+/// Converts queued content (LF line ends) to SMTP DATA: CRLF line ends
+/// (a CR already before the LF is kept as is), a dot doubled at the start
+/// of a line, a final CRLF when the content lacks one, and the `.` line.
+/// Works chunk by chunk: a line may span any number of chunks.
+#[derive(Debug, Clone)]
+pub struct DataEncoder {
+    at_line_start: bool,
+    last: Option<u8>,
+}
+
+impl Default for DataEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DataEncoder {
+    pub fn new() -> DataEncoder {
+        DataEncoder {
+            at_line_start: true,
+            last: None,
+        }
+    }
+
+    /// Appends the encoding of `input` to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let mut rest = input;
+        while !rest.is_empty() {
+            if self.at_line_start && rest[0] == b'.' {
+                out.push(b'.');
+            }
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(p) => {
+                    out.extend_from_slice(&rest[..p]);
+                    let before = if p > 0 { Some(rest[p - 1]) } else { self.last };
+                    if before == Some(b'\r') {
+                        out.push(b'\n');
+                    } else {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    self.at_line_start = true;
+                    self.last = Some(b'\n');
+                    rest = &rest[p + 1..];
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    self.at_line_start = false;
+                    self.last = rest.last().copied();
+                    rest = &[];
+                }
+            }
+        }
+    }
+
+    /// Appends the end: a CRLF if the last line lacks one, then `.` CRLF.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.at_line_start {
+            if self.last == Some(b'\r') {
+                out.push(b'\n');
+            } else {
+                out.extend_from_slice(b"\r\n");
+            }
+            self.at_line_start = true;
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// `<address>` for MAIL FROM / RCPT TO, with the local part quoted when
+/// it is not a dot-atom (RFC 5321 section 4.1.2).
+pub fn smtp_address(addr: &str) -> String {
+    if addr.is_empty() {
+        return "<>".into();
+    }
+    let (local, domain) = match addr.rfind('@') {
+        Some(i) => (&addr[..i], Some(&addr[i..])),
+        None => (addr, None),
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|w| !w.is_empty() && w.chars().all(atext));
+    let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    let local = if dot_atom || quoted {
+        local.to_string()
+    } else {
+        let mut q = String::from("\"");
+        for c in local.chars() {
+            if c == '"' || c == '\\' {
+                q.push('\\');
+            }
+            q.push(c);
+        }
+        q.push('"');
+        q
+    };
+    format!("<{}{}>", local, domain.unwrap_or(""))
+}
+
+/// Postfix's words for a stage of the conversation, in "lost connection
+/// with HOST while ..." and "conversation with HOST timed out while ...".
+mod stage {
+    pub const GREETING: &str = "receiving the initial server greeting";
+    pub const EHLO: &str = "performing the EHLO handshake";
+    pub const HELO: &str = "performing the HELO handshake";
+    pub const MAIL: &str = "sending MAIL FROM";
+    pub const RCPT: &str = "sending RCPT TO";
+    pub const DATA: &str = "sending DATA command";
+    pub const BODY: &str = "sending message body";
+    pub const DOT: &str = "sending end of data -- message may be sent more than once";
+}
+
+/// Runs one mail transaction with `peer` over `stream`. See the module doc.
+pub fn deliver<S: Stream, T: Transaction>(
+    stream: S,
+    peer: &Server,
+    settings: &Settings,
+    txn: &mut T,
+) -> End {
+    let mut s = Session {
+        conn: stream,
+        rd: LineReader::new(),
+        wbuf: Vec::with_capacity(4096),
+        peer,
+        settings,
+        handshake: false,
+    };
+    s.run(txn)
+}
+
+struct Session<'a, S> {
+    conn: S,
+    rd: LineReader,
+    wbuf: Vec<u8>,
+    peer: &'a Server,
+    settings: &'a Settings,
+    handshake: bool,
+}
+
+impl<S: Stream> Session<'_, S> {
+    fn timeout(&mut self, t: Duration) {
+        // A stream that cannot take a time limit still works.
+        let _ = self.conn.set_timeout(t);
+    }
+
+    fn queue(&mut self, cmd: &str) {
+        if postern_common::log::verbose() {
+            postern_common::debug!("> {}: {}", self.peer.namaddr(), cmd);
+        }
+        self.wbuf.extend_from_slice(cmd.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self
+            .conn
+            .write_all(&self.wbuf)
+            .and_then(|_| self.conn.flush());
+        self.wbuf.clear();
+        r
+    }
+
+    fn read(&mut self) -> io::Result<Reply> {
+        let r = self.rd.read_reply(&mut self.conn)?;
+        if postern_common::log::verbose() {
+            postern_common::debug!("< {}: {}", self.peer.namaddr(), r.text());
+        }
+        Ok(r)
+    }
+
+    /// Sends `cmd` (unless already sent in a pipelined batch) and reads
+    /// its reply.
+    fn command(&mut self, cmd: Option<&str>) -> io::Result<Reply> {
+        if let Some(c) = cmd {
+            self.queue(c);
+            self.flush()?;
+        }
+        self.read()
+    }
+
+    /// The failure for an I/O error at a stage.
+    fn io_failure(&self, e: &io::Error, stage: &str) -> Failure {
+        let timed_out = matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        );
+        Failure {
+            dsn: "4.4.2".into(),
+            reason: if timed_out {
+                format!(
+                    "conversation with {} timed out while {stage}",
+                    self.peer.namaddr()
+                )
+            } else {
+                format!("lost connection with {} while {stage}", self.peer.namaddr())
+            },
+        }
+    }
+
+    fn try_next(&self, failure: Failure) -> End {
+        End::TryNext {
+            failure,
+            handshake: self.handshake,
+        }
+    }
+
+    /// The outcome, DSN and reason for a failed reply to `what`
+    /// ("RCPT TO command"): 4xx deferred, 5xx bounced, anything else a
+    /// protocol error (deferred).
+    fn said(&self, r: &Reply, what: &str) -> (Outcome, String, String) {
+        let text = format!(
+            "host {} said: {} (in reply to {what})",
+            self.peer.namaddr(),
+            r.text()
+        );
+        match r.class() {
+            5 => (Outcome::Bounced, r.dsn(), text),
+            4 => (Outcome::Deferred, r.dsn(), text),
+            _ => (
+                Outcome::Deferred,
+                "4.5.0".into(),
+                format!("Protocol error: {text}"),
+            ),
+        }
+    }
+
+    fn refused(&self, r: &Reply) -> Failure {
+        Failure {
+            dsn: r.dsn(),
+            reason: format!(
+                "host {} refused to talk to me: {}",
+                self.peer.namaddr(),
+                r.text()
+            ),
+        }
+    }
+
+    /// Sends QUIT and reads its reply, ignoring any trouble.
+    fn quit(&mut self) {
+        self.timeout(self.settings.timeouts.quit);
+        self.queue("QUIT");
+        if self.flush().is_ok() {
+            let _ = self.read();
+        }
+    }
+
+    fn record_all<T: Transaction>(
+        txn: &mut T,
+        which: &[usize],
+        outcome: Outcome,
+        dsn: &str,
+        reason: &str,
+    ) {
+        for &i in which {
+            txn.record(i, outcome, dsn, reason);
+        }
+    }
+
+    fn run<T: Transaction>(&mut self, txn: &mut T) -> End {
+        let t = self.settings.timeouts.clone();
+        self.timeout(t.helo);
+        let greeting = match self.read() {
+            Ok(r) => r,
+            Err(e) => return self.try_next(self.io_failure(&e, stage::GREETING)),
+        };
+        if greeting.class() != 2 {
+            // As Postfix with smtp_skip_5xx_greeting: a refusal to talk is
+            // never final for this destination.
+            let mut f = self.refused(&greeting);
+            if f.dsn.starts_with('5') {
+                f.dsn.replace_range(0..1, "4");
+            }
+            if greeting.code != 421 {
+                self.quit();
+            }
+            return self.try_next(f);
+        }
+        let ehlo = format!("EHLO {}", self.settings.helo_name);
+        let ext = match self.command(Some(&ehlo)) {
+            Err(e) => return self.try_next(self.io_failure(&e, stage::EHLO)),
+            Ok(r) if r.class() == 2 => Extensions::parse(&r),
+            Ok(r) if r.code == 421 => return self.try_next(self.refused(&r)),
+            Ok(_) => {
+                let helo = format!("HELO {}", self.settings.helo_name);
+                match self.command(Some(&helo)) {
+                    Err(e) => return self.try_next(self.io_failure(&e, stage::HELO)),
+                    Ok(r) if r.class() == 2 => Extensions::default(),
+                    Ok(r) => {
+                        let f = self.refused(&r);
+                        if r.class() == 5 {
+                            self.quit();
+                            let all: Vec<usize> = (0..txn.recipients().len()).collect();
+                            Self::record_all(txn, &all, Outcome::Bounced, &f.dsn, &f.reason);
+                            return End::Complete;
+                        }
+                        if r.code != 421 {
+                            self.quit();
+                        }
+                        return self.try_next(f);
+                    }
+                }
+            }
+        };
+        self.handshake = true;
+        txn.connected();
+        self.transaction(txn, &ext)
+    }
+
+    /// MAIL, RCPT, DATA, content, end of data. Sends QUIT when the server
+    /// is still talking.
+    fn transaction<T: Transaction>(&mut self, txn: &mut T, ext: &Extensions) -> End {
+        let t = self.settings.timeouts.clone();
+        let n = txn.recipients().len();
+        let all: Vec<usize> = (0..n).collect();
+
+        // Refuse what the server cannot take before saying MAIL FROM.
+        let size = txn.content_size();
+        if let Some(limit) = ext.size.filter(|&l| l > 0 && size > l) {
+            let reason = format!(
+                "message size {size} exceeds size limit {limit} of server {}",
+                self.peer.namaddr()
+            );
+            Self::record_all(txn, &all, Outcome::Bounced, "5.3.4", &reason);
+            self.quit();
+            return End::Complete;
+        }
+        let utf8 = !txn.sender().is_ascii() || txn.recipients().iter().any(|r| !r.is_ascii());
+        if utf8 && !ext.smtputf8 {
+            let reason = format!(
+                "SMTPUTF8 is required, but was not offered by host {}",
+                self.peer.namaddr()
+            );
+            Self::record_all(txn, &all, Outcome::Bounced, "5.6.7", &reason);
+            self.quit();
+            return End::Complete;
+        }
+        let mut mail = format!("MAIL FROM:{}", smtp_address(txn.sender()));
+        if ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if ext.eight_bit_mime {
+            match txn.eight_bit() {
+                Ok(true) => mail.push_str(" BODY=8BITMIME"),
+                Ok(false) => {}
+                Err(e) => return self.local_error(txn, &all, &e),
+            }
+        }
+        if utf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let rcpts: Vec<String> = txn
+            .recipients()
+            .iter()
+            .map(|r| format!("RCPT TO:{}", smtp_address(r)))
+            .collect();
+
+        let pipelined = ext.pipelining;
+        if pipelined {
+            self.timeout(t.mail);
+            self.queue(&mail);
+            for r in &rcpts {
+                self.queue(r);
+            }
+            self.queue("DATA");
+            if let Err(e) = self.flush() {
+                return self.try_next(self.io_failure(&e, stage::MAIL));
+            }
+        }
+        let unsent = |c: &str| (!pipelined).then(|| c.to_string());
+
+        // MAIL FROM.
+        self.timeout(t.mail);
+        let r = match self.command(unsent(&mail).as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.try_next(self.io_failure(&e, stage::MAIL)),
+        };
+        if r.class() != 2 {
+            let (outcome, dsn, reason) = self.said(&r, "MAIL FROM command");
+            if r.code == 421 {
+                return self.try_next(Failure { dsn, reason });
+            }
+            self.quit();
+            if outcome == Outcome::Bounced {
+                Self::record_all(txn, &all, outcome, &dsn, &reason);
+                return End::Complete;
+            }
+            return self.try_next(Failure { dsn, reason });
+        }
+
+        // RCPT TO, one reply each.
+        let mut accepted = Vec::with_capacity(n);
+        self.timeout(t.rcpt);
+        for (i, cmd) in rcpts.iter().enumerate() {
+            let r = match self.command(unsent(cmd).as_deref()) {
+                Ok(r) => r,
+                Err(e) => return self.try_next(self.io_failure(&e, stage::RCPT)),
+            };
+            if r.class() == 2 {
+                accepted.push(i);
+                continue;
+            }
+            let (outcome, dsn, reason) = self.said(&r, "RCPT TO command");
+            if r.code == 421 {
+                return self.try_next(Failure { dsn, reason });
+            }
+            txn.record(i, outcome, &dsn, &reason);
+        }
+        if accepted.is_empty() && !pipelined {
+            self.quit();
+            return End::Complete;
+        }
+
+        // DATA.
+        self.timeout(t.data_init);
+        let r = match self.command(unsent("DATA").as_deref()) {
+            Ok(r) => r,
+            // Every recipient has its outcome: nothing is lost.
+            Err(_) if accepted.is_empty() => return End::Complete,
+            Err(e) => return self.try_next(self.io_failure(&e, stage::DATA)),
+        };
+        if r.class() != 3 {
+            if accepted.is_empty() {
+                self.quit();
+                return End::Complete;
+            }
+            let (outcome, dsn, reason) = self.said(&r, "DATA command");
+            if r.code == 421 {
+                return self.try_next(Failure { dsn, reason });
+            }
+            Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+            self.quit();
+            return End::Complete;
+        }
+        if accepted.is_empty() {
+            // A server that wants content for no recipient: give it none.
+            self.timeout(t.data_done);
+            self.queue(".");
+            if self.flush().is_ok() {
+                let _ = self.read();
+            }
+            self.quit();
+            return End::Complete;
+        }
+
+        // The content. From here on a failure may leave a copy at the
+        // server: every accepted recipient gets an outcome now.
+        self.timeout(t.data_xfer);
+        match self.send_content(txn) {
+            Ok(()) => {}
+            Err(Trouble::Local(e)) => {
+                // Do not send the final dot: drop the connection so that
+                // the server discards the partial message.
+                return self.local_error(txn, &accepted, &e);
+            }
+            Err(Trouble::Io(e)) => {
+                let f = self.io_failure(&e, stage::BODY);
+                Self::record_all(txn, &accepted, Outcome::Deferred, &f.dsn, &f.reason);
+                return End::Complete;
+            }
+        }
+        self.timeout(t.data_done);
+        let r = match self.read() {
+            Ok(r) => r,
+            Err(e) => {
+                let f = self.io_failure(&e, stage::DOT);
+                Self::record_all(txn, &accepted, Outcome::Deferred, &f.dsn, &f.reason);
+                return End::Complete;
+            }
+        };
+        if r.class() == 2 {
+            Self::record_all(txn, &accepted, Outcome::Sent, &r.dsn(), &r.text());
+        } else {
+            let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
+            Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+            if r.code == 421 {
+                return End::Complete;
+            }
+        }
+        self.quit();
+        End::Complete
+    }
+
+    /// A problem reading our own queue file: defer, and drop the
+    /// connection without finishing the transaction.
+    fn local_error<T: Transaction>(&mut self, txn: &mut T, which: &[usize], e: &io::Error) -> End {
+        postern_common::warning!("read message content: {e}");
+        let reason = format!("local data error while talking to {}", self.peer.namaddr());
+        Self::record_all(txn, which, Outcome::Deferred, "4.3.0", &reason);
+        End::Complete
+    }
+
+    /// Streams the content, encoded, and the final dot.
+    fn send_content<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
+        const CHUNK: usize = 64 * 1024;
+        let mut content = txn.content().map_err(Trouble::Local)?;
+        let mut enc = DataEncoder::new();
+        let mut inbuf = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 2);
+        loop {
+            let n = match content.read(&mut inbuf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Trouble::Local(e)),
+            };
+            out.clear();
+            enc.feed(&inbuf[..n], &mut out);
+            self.conn.write_all(&out).map_err(Trouble::Io)?;
+        }
+        out.clear();
+        enc.finish(&mut out);
+        self.conn.write_all(&out).map_err(Trouble::Io)?;
+        self.conn.flush().map_err(Trouble::Io)
+    }
+}
+
+/// Why sending the content stopped.
+enum Trouble {
+    /// Reading our queue file failed.
+    Local(io::Error),
+    /// Writing to the server failed.
+    Io(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use std::net::{IpAddr, TcpListener};
+
+    fn enc_chunks(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut e = DataEncoder::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            e.feed(c, &mut out);
+        }
+        e.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn data_encoding() {
+        assert_eq!(enc_chunks(&[]), b".\r\n");
+        assert_eq!(enc_chunks(&[b"a\nb\n"]), b"a\r\nb\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"a\r\nb"]), b"a\r\nb\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b".\n..x\n.y"]), b"..\r\n...x\r\n..y\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"a.b\n x.\n"]), b"a.b\r\n x.\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"\n\n"]), b"\r\n\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"bare\rcr\n"]), b"bare\rcr\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"end\r"]), b"end\r\n.\r\n");
+    }
+
+    #[test]
+    fn data_encoding_across_chunk_boundaries() {
+        let whole: &[u8] = b"Subject: x\n\n.dot\nline\r\n..two\nlast.\n.";
+        let expect = enc_chunks(&[whole]);
+        assert_eq!(
+            expect,
+            b"Subject: x\r\n\r\n..dot\r\nline\r\n...two\r\nlast.\r\n..\r\n.\r\n".to_vec()
+        );
+        // Every way of cutting it in two or three gives the same bytes.
+        for i in 0..=whole.len() {
+            for j in i..=whole.len() {
+                let got = enc_chunks(&[&whole[..i], &whole[i..j], &whole[j..]]);
+                assert_eq!(got, expect, "cut at {i},{j}");
+            }
+        }
+        // A CR at the end of one chunk and its LF at the start of the next.
+        assert_eq!(enc_chunks(&[b"a\r", b"\nb\n"]), b"a\r\nb\r\n.\r\n");
+        // A dot after a newline that ended the previous chunk.
+        assert_eq!(enc_chunks(&[b"a\n", b".b\n"]), b"a\r\n..b\r\n.\r\n");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(smtp_address(""), "<>");
+        assert_eq!(smtp_address("a.b+c@x.test"), "<a.b+c@x.test>");
+        assert_eq!(smtp_address("a b@x.test"), "<\"a b\"@x.test>");
+        assert_eq!(smtp_address("\"a b\"@x.test"), "<\"a b\"@x.test>");
+        assert_eq!(smtp_address(".a@x.test"), "<\".a\"@x.test>");
+        assert_eq!(smtp_address("postmaster"), "<postmaster>");
+        assert_eq!(smtp_address("jö@x.test"), "<jö@x.test>");
+    }
+
+    #[test]
+    fn extensions() {
+        let r = LineReader::new()
+            .read_reply(
+                &mut &b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-AUTH PLAIN login\r\n250-AUTH=LOGIN\r\n250 STARTTLS\r\n"[..],
+            )
+            .unwrap();
+        let e = Extensions::parse(&r);
+        assert!(e.esmtp && e.pipelining && e.eight_bit_mime && e.starttls);
+        assert!(!e.smtputf8 && !e.dsn);
+        assert_eq!(e.size, Some(1000));
+        assert_eq!(e.auth, vec!["PLAIN", "LOGIN"]);
+        let r = LineReader::new()
+            .read_reply(&mut &b"250-x\r\n250 size\r\n"[..])
+            .unwrap();
+        assert_eq!(Extensions::parse(&r).size, Some(0));
+    }
+
+    // ------------------------------------------------------------------
+    // Scripted servers.
+
+    /// An in-memory server: every reply is there from the start; what the
+    /// client writes is kept, one entry per write call.
+    struct Scripted {
+        input: Cursor<Vec<u8>>,
+        writes: Vec<Vec<u8>>,
+    }
+
+    impl Scripted {
+        fn new(replies: &str) -> Scripted {
+            Scripted {
+                input: Cursor::new(replies.as_bytes().to_vec()),
+                writes: Vec::new(),
+            }
+        }
+    }
+
+    impl Read for Scripted {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.input.read(b)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.writes.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Stream for Scripted {
+        fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct TestTxn {
+        sender: String,
+        rcpts: Vec<String>,
+        content: Vec<u8>,
+        /// Read the content this many bytes at a time.
+        chunk: usize,
+        connected: bool,
+        recorded: Vec<(usize, Outcome, String, String)>,
+    }
+
+    impl TestTxn {
+        fn new(rcpts: &[&str], content: &[u8]) -> TestTxn {
+            TestTxn {
+                sender: "from@a.test".into(),
+                rcpts: rcpts.iter().map(|s| s.to_string()).collect(),
+                content: content.to_vec(),
+                chunk: 7,
+                connected: false,
+                recorded: Vec::new(),
+            }
+        }
+
+        fn outcome(&self, i: usize) -> Option<(Outcome, &str, &str)> {
+            self.recorded
+                .iter()
+                .find(|r| r.0 == i)
+                .map(|r| (r.1, r.2.as_str(), r.3.as_str()))
+        }
+    }
+
+    /// Returns at most `n` bytes per read.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.len().min(b.len()).min(self.1);
+            b[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    impl Transaction for TestTxn {
+        fn sender(&self) -> &str {
+            &self.sender
+        }
+        fn recipients(&self) -> &[String] {
+            &self.rcpts
+        }
+        fn content_size(&self) -> u64 {
+            self.content.len() as u64
+        }
+        fn eight_bit(&mut self) -> io::Result<bool> {
+            Ok(self.content.iter().any(|&b| b >= 0x80))
+        }
+        fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+            Ok(Box::new(Trickle(&self.content, self.chunk)))
+        }
+        fn connected(&mut self) {
+            self.connected = true;
+        }
+        fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
+            assert!(self.outcome(i).is_none(), "recipient {i} recorded twice");
+            self.recorded.push((i, outcome, dsn.into(), reason.into()));
+        }
+    }
+
+    fn peer() -> Server {
+        Server {
+            name: "mx.b.test".into(),
+            addr: "127.0.0.1".parse::<IpAddr>().unwrap(),
+            port: 25,
+        }
+    }
+
+    fn settings(t: u64) -> Settings {
+        let d = Duration::from_secs(t);
+        Settings {
+            helo_name: "client.test".into(),
+            timeouts: Timeouts {
+                helo: d,
+                mail: d,
+                rcpt: d,
+                data_init: d,
+                data_xfer: d,
+                data_done: d,
+                quit: d,
+            },
+        }
+    }
+
+    fn sent_text(s: &Scripted) -> String {
+        String::from_utf8(s.writes.concat()).unwrap()
+    }
+
+    #[test]
+    fn pipelined_per_recipient_results() {
+        let mut srv = Scripted::new(
+            "220 mx.b.test ESMTP\r\n\
+             250-mx.b.test\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n\
+             250 2.1.0 Ok\r\n\
+             250 2.1.5 Ok\r\n\
+             450 4.2.0 <b@b.test>: Recipient address rejected: Greylisted\r\n\
+             550 5.1.1 <c@b.test>: Recipient address rejected: User unknown\r\n\
+             250 2.1.5 Ok\r\n\
+             354 End data with <CR><LF>.<CR><LF>\r\n\
+             250 2.0.0 Ok: queued as ABC\r\n\
+             221 2.0.0 Bye\r\n",
+        );
+        let content = b"Subject: t\n\n.hello\nw\xc3\xb6rld\n";
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test", "c@b.test", "d@b.test"], content);
+        let end = deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(end, End::Complete);
+        assert!(txn.connected);
+        // EHLO alone, then MAIL + RCPTs + DATA in one write.
+        assert_eq!(srv.writes[0], b"EHLO client.test\r\n");
+        assert_eq!(
+            String::from_utf8(srv.writes[1].clone()).unwrap(),
+            format!(
+                "MAIL FROM:<from@a.test> SIZE={} BODY=8BITMIME\r\nRCPT TO:<a@b.test>\r\nRCPT TO:<b@b.test>\r\nRCPT TO:<c@b.test>\r\nRCPT TO:<d@b.test>\r\nDATA\r\n",
+                content.len()
+            )
+        );
+        let all = sent_text(&srv);
+        assert!(all.ends_with("Subject: t\r\n\r\n..hello\r\nwörld\r\n.\r\nQUIT\r\n"));
+        assert_eq!(
+            txn.outcome(0),
+            Some((Outcome::Sent, "2.0.0", "250 2.0.0 Ok: queued as ABC"))
+        );
+        assert_eq!(
+            txn.outcome(1),
+            Some((
+                Outcome::Deferred,
+                "4.2.0",
+                "host mx.b.test[127.0.0.1] said: 450 4.2.0 <b@b.test>: Recipient address rejected: Greylisted (in reply to RCPT TO command)"
+            ))
+        );
+        assert_eq!(
+            txn.outcome(2),
+            Some((
+                Outcome::Bounced,
+                "5.1.1",
+                "host mx.b.test[127.0.0.1] said: 550 5.1.1 <c@b.test>: Recipient address rejected: User unknown (in reply to RCPT TO command)"
+            ))
+        );
+        assert_eq!(txn.outcome(3).unwrap().0, Outcome::Sent);
+        // Rejections are recorded before the content is sent.
+        assert_eq!(txn.recorded[0].0, 1);
+        assert_eq!(txn.recorded[1].0, 2);
+    }
+
+    #[test]
+    fn one_at_a_time_without_pipelining() {
+        let mut srv = Scripted::new(
+            "220 mx ESMTP\r\n250 mx\r\n250 Ok\r\n550 no\r\n250 Ok\r\n354 go\r\n451 4.3.0 try later\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test"], b"x\n");
+        let end = deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(end, End::Complete);
+        let w: Vec<String> = srv
+            .writes
+            .iter()
+            .map(|w| String::from_utf8(w.clone()).unwrap())
+            .collect();
+        assert_eq!(
+            &w[..5],
+            &[
+                "EHLO client.test\r\n",
+                "MAIL FROM:<from@a.test>\r\n",
+                "RCPT TO:<a@b.test>\r\n",
+                "RCPT TO:<b@b.test>\r\n",
+                "DATA\r\n"
+            ]
+        );
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Bounced,
+                "5.0.0",
+                "host mx.b.test[127.0.0.1] said: 550 no (in reply to RCPT TO command)"
+            )
+        );
+        assert_eq!(
+            txn.outcome(1).unwrap(),
+            (
+                Outcome::Deferred,
+                "4.3.0",
+                "host mx.b.test[127.0.0.1] said: 451 4.3.0 try later (in reply to end of DATA command)"
+            )
+        );
+    }
+
+    #[test]
+    fn no_recipient_accepted_skips_data() {
+        let mut srv = Scripted::new("220 mx\r\n250 mx\r\n250 Ok\r\n550 5.1.1 no\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        let all = sent_text(&srv);
+        assert!(!all.contains("DATA"));
+        assert!(all.ends_with("QUIT\r\n"));
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Bounced);
+
+        // Pipelined: DATA was sent with the rest; its error is ignored.
+        let mut srv = Scripted::new(
+            "220 mx\r\n250-mx\r\n250 PIPELINING\r\n250 Ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(txn.recorded.len(), 1);
+        assert!(!sent_text(&srv).contains("\r\nx\r\n"));
+    }
+
+    #[test]
+    fn helo_fallback_and_refusals() {
+        let mut srv = Scripted::new(
+            "220 old\r\n502 what\r\n250 old\r\n250 Ok\r\n250 Ok\r\n354 go\r\n250 Ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(srv.writes[1], b"HELO client.test\r\n");
+        assert_eq!(txn.outcome(0).unwrap(), (Outcome::Sent, "2.0.0", "250 Ok"));
+
+        // A refused greeting: try the next server, whatever the code.
+        let mut srv = Scripted::new("554 5.7.1 go away\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        let end = deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(
+            end,
+            End::TryNext {
+                failure: Failure {
+                    dsn: "4.7.1".into(),
+                    reason: "host mx.b.test[127.0.0.1] refused to talk to me: 554 5.7.1 go away"
+                        .into()
+                },
+                handshake: false
+            }
+        );
+        assert!(txn.recorded.is_empty() && !txn.connected);
+
+        // HELO refused for good: bounce.
+        let mut srv = Scripted::new("220 x\r\n500 no\r\n550 5.7.1 no\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test", "c@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(txn.recorded.len(), 2);
+        assert_eq!(txn.outcome(1).unwrap().0, Outcome::Bounced);
+    }
+
+    #[test]
+    fn service_closing_and_lost_connection() {
+        // 421 to a RCPT: nothing sent yet, so the rest may go elsewhere.
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 PIPELINING\r\n250 Ok\r\n550 5.1.1 no\r\n421 4.3.2 shutting down\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test", "c@b.test"], b"x\n");
+        match deliver(&mut srv, &peer(), &settings(5), &mut txn) {
+            End::TryNext { failure, handshake } => {
+                assert!(handshake);
+                assert_eq!(failure.dsn, "4.3.2");
+                assert_eq!(
+                    failure.reason,
+                    "host mx.b.test[127.0.0.1] said: 421 4.3.2 shutting down (in reply to RCPT TO command)"
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(txn.recorded.len(), 1);
+
+        // Lost before the MAIL reply.
+        let mut srv = Scripted::new("220 x\r\n250 x\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        match deliver(&mut srv, &peer(), &settings(5), &mut txn) {
+            End::TryNext { failure, .. } => assert_eq!(
+                failure.reason,
+                "lost connection with mx.b.test[127.0.0.1] while sending MAIL FROM"
+            ),
+            e => panic!("{e:?}"),
+        }
+
+        // Lost after the content: deferred here, not retried elsewhere.
+        let mut srv = Scripted::new("220 x\r\n250 x\r\n250 Ok\r\n250 Ok\r\n354 go\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Deferred,
+                "4.4.2",
+                "lost connection with mx.b.test[127.0.0.1] while sending end of data -- message may be sent more than once"
+            )
+        );
+
+        // MAIL FROM refused for good: every recipient bounces.
+        let mut srv = Scripted::new("220 x\r\n250 x\r\n553 5.1.8 bad sender\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test"], b"x\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(txn.outcome(1).unwrap().1, "5.1.8");
+        assert!(txn
+            .outcome(1)
+            .unwrap()
+            .2
+            .ends_with("(in reply to MAIL FROM command)"));
+    }
+
+    #[test]
+    fn size_limit_and_smtputf8() {
+        let mut srv = Scripted::new("220 x\r\n250-x\r\n250 SIZE 3\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"four\n");
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Bounced,
+                "5.3.4",
+                "message size 5 exceeds size limit 3 of server mx.b.test[127.0.0.1]"
+            )
+        );
+        let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().1, "5.6.7");
+    }
+
+    /// A real socket: a server thread that answers each command as it
+    /// comes and checks the client's bytes.
+    #[test]
+    fn over_loopback_tcp() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let body: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!(".line {i}\n").into_bytes())
+            .collect();
+        let expect: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("..line {i}\r\n").into_bytes())
+            .collect();
+        let server = std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            let mut r = io::BufReader::new(c);
+            use std::io::BufRead;
+            let mut line = String::new();
+            let mut next = |r: &mut io::BufReader<TcpStream>| {
+                line.clear();
+                r.read_line(&mut line).unwrap();
+                line.clone()
+            };
+            w.write_all(b"220 loop ESMTP\r\n").unwrap();
+            assert_eq!(next(&mut r), "EHLO client.test\r\n");
+            w.write_all(b"250-loop\r\n250 PIPELINING\r\n").unwrap();
+            assert!(next(&mut r).starts_with("MAIL FROM:<from@a.test>"));
+            assert_eq!(next(&mut r), "RCPT TO:<a@b.test>\r\n");
+            assert_eq!(next(&mut r), "DATA\r\n");
+            w.write_all(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                r.read_until(b'\n', &mut l).unwrap();
+                if l == b".\r\n" {
+                    break;
+                }
+                got.extend_from_slice(&l);
+            }
+            w.write_all(b"250 2.0.0 Ok: queued as LOOP1\r\n").unwrap();
+            assert_eq!(next(&mut r), "QUIT\r\n");
+            w.write_all(b"221 bye\r\n").unwrap();
+            got
+        });
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut txn = TestTxn::new(&["a@b.test"], &body);
+        txn.chunk = 4000;
+        let p = Server { port, ..peer() };
+        assert_eq!(deliver(s, &p, &settings(5), &mut txn), End::Complete);
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (Outcome::Sent, "2.0.0", "250 2.0.0 Ok: queued as LOOP1")
+        );
+        assert_eq!(server.join().unwrap(), expect);
+    }
+
+    #[test]
+    fn greeting_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(c);
+        });
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        let end = deliver(s, &peer(), &settings(1), &mut txn);
+        server.join().unwrap();
+        match end {
+            End::TryNext { failure, handshake } => {
+                assert!(!handshake);
+                assert_eq!(failure.dsn, "4.4.2");
+                assert_eq!(
+                    failure.reason,
+                    "conversation with mx.b.test[127.0.0.1] timed out while receiving the initial server greeting"
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+}

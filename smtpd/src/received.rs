@@ -1,0 +1,138 @@
+//! The `Received:` header smtpd puts on top of every message, in Postfix's
+//! layout:
+//!
+//! ```text
+//! Received: from HELO (NAME [ADDR])
+//!     by MYHOSTNAME (MAIL_NAME) with ESMTP id QUEUEID
+//!     for <rcpt@example>; Sun, 22 Nov 2026 14:11:42 +0000 (UTC)
+//! ```
+//!
+//! Continuation lines start with a tab. The `for` clause only when the
+//! message has exactly one recipient (naming several would disclose Bcc
+//! recipients); with several, the date goes on its own line after a `;`.
+
+use std::net::IpAddr;
+
+/// What the header says.
+pub struct Received<'a> {
+    /// The HELO/EHLO name; the client name when the client sent none.
+    pub helo: Option<&'a str>,
+    pub client_name: &'a str,
+    pub client_addr: IpAddr,
+    pub myhostname: &'a str,
+    pub mail_name: &'a str,
+    /// "SMTP" or "ESMTP".
+    pub protocol: &'a str,
+    pub queue_id: &'a str,
+    /// The recipients, for the `for` clause.
+    pub recipients: &'a [&'a str],
+    /// RFC 5322 date of arrival.
+    pub date: &'a str,
+}
+
+/// The address as a header shows it: `[1.2.3.4]`'s inside, or `IPv6:...`.
+pub fn rfc_addr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("IPv6:{a}"),
+    }
+}
+
+/// Quotes the local part of an address when RFC 5322 requires it
+/// (`a b@x` → `"a b"@x`), as Postfix's quote_822_local.
+pub fn quote_local(addr: &str) -> String {
+    let (local, domain) = match addr.rfind('@') {
+        Some(i) => (&addr[..i], Some(&addr[i..])),
+        None => (addr, None),
+    };
+    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| atext(c) || c == '.');
+    let mut out = String::with_capacity(addr.len() + 2);
+    if dot_atom || local.is_empty() {
+        out.push_str(local);
+    } else {
+        out.push('"');
+        for c in local.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    if let Some(d) = domain {
+        out.push_str(d);
+    }
+    out
+}
+
+impl Received<'_> {
+    /// The header lines, LF-terminated, as stored in the queue file.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "Received: from {} ({} [{}])\n\tby {} ({}) with {} id {}",
+            self.helo.unwrap_or(self.client_name),
+            self.client_name,
+            rfc_addr(self.client_addr),
+            self.myhostname,
+            self.mail_name,
+            self.protocol,
+            self.queue_id
+        );
+        if let [one] = self.recipients {
+            s.push_str(&format!("\n\tfor <{}>; {}\n", quote_local(one), self.date));
+        } else {
+            s.push_str(&format!(";\n\t{}\n", self.date));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr(rcpts: &[&str], helo: Option<&str>, ip: &str) -> String {
+        Received {
+            helo,
+            client_name: "localhost",
+            client_addr: ip.parse().unwrap(),
+            myhostname: "mx.example",
+            mail_name: "Postern",
+            protocol: "ESMTP",
+            queue_id: "4ABCDEF",
+            recipients: rcpts,
+            date: "Sun, 22 Nov 2026 14:11:42 +0000 (UTC)",
+        }
+        .render()
+    }
+
+    #[test]
+    fn layout() {
+        assert_eq!(
+            hdr(&["u@example.test"], Some("client.example"), "127.0.0.1"),
+            "Received: from client.example (localhost [127.0.0.1])\n\
+             \tby mx.example (Postern) with ESMTP id 4ABCDEF\n\
+             \tfor <u@example.test>; Sun, 22 Nov 2026 14:11:42 +0000 (UTC)\n"
+        );
+        assert_eq!(
+            hdr(&["a@x", "b@x"], None, "::1"),
+            "Received: from localhost (localhost [IPv6:::1])\n\
+             \tby mx.example (Postern) with ESMTP id 4ABCDEF;\n\
+             \tSun, 22 Nov 2026 14:11:42 +0000 (UTC)\n"
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_local("a.b@x"), "a.b@x");
+        assert_eq!(quote_local("a b@x"), "\"a b\"@x");
+        assert_eq!(quote_local("a\"b@x"), "\"a\\\"b\"@x");
+        assert_eq!(quote_local(".a@x"), "\".a\"@x");
+        assert_eq!(quote_local("postmaster"), "postmaster");
+    }
+}

@@ -1,0 +1,775 @@
+//! The event loop: one process serves many SMTP sessions on mio.
+//!
+//! The listener is the TCP socket master passed on fd 3. Each session
+//! has its client socket and, from DATA until cleanup's answer, a Unix
+//! socket to `queue_directory/public/cleanup`; both are registered in
+//! the same poll, so nothing ever blocks waiting for cleanup. mio is
+//! edge-triggered: a socket is read until it would block, unless the
+//! session does not want input (it waits for cleanup) or the output
+//! side is backed up (back-pressure: a slow cleanup slows the client
+//! down instead of filling memory); a flag remembers that there may be
+//! more to read.
+//!
+//! The process reports busy to master when it holds
+//! `smtpd_client_session_limit` sessions (and stops accepting), available
+//! when below; it exits after `max_idle` without any session. Timeouts
+//! (`smtpd_timeout` for the client, `ipc_timeout` for cleanup) are
+//! checked about once a second.
+
+use crate::session::{Client, Session};
+use crate::settings::Settings;
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Registry, Token};
+use postern_common::ipc::{self, CleanupReply, CleanupRequest};
+use postern_common::service::{Status, LISTEN_FD};
+use postern_common::{fatal, warning};
+use std::io::{self, Read, Write};
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const READ_CHUNK: usize = 64 * 1024;
+/// Stop reading a client while this much of our output to it is unsent.
+const CLIENT_OUT_HIGH: usize = 256 * 1024;
+/// Stop reading a client while this much of its content waits for cleanup.
+const CLEANUP_OUT_HIGH: usize = 1024 * 1024;
+/// Reads from one client before the loop turns to the others.
+const READS_PER_TURN: usize = 16;
+/// How often timeouts are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Wait before trying again to connect to a cleanup whose backlog is full.
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+fn client_token(idx: usize) -> Token {
+    Token(1 + 2 * idx)
+}
+
+fn cleanup_token(idx: usize) -> Token {
+    Token(2 + 2 * idx)
+}
+
+/// Bytes waiting to be written.
+#[derive(Default)]
+struct OutBuf {
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl OutBuf {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos >= 64 * 1024 {
+            // Never fully drained: drop what was sent before growing.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Writes until done or the socket is full; Ok(bytes written).
+    fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
+        let mut n = 0;
+        while self.pos < self.buf.len() {
+            match w.write(&self.buf[self.pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    self.pos += k;
+                    n += k;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        Ok(n)
+    }
+}
+
+/// The connection to cleanup for the message being received.
+struct CleanupConn {
+    sock: UnixStream,
+    out: OutBuf,
+    inbuf: Vec<u8>,
+    readable: bool,
+    /// Abort sent: flush it and close; cleanup's answers no longer matter.
+    closing: bool,
+    last_io: Instant,
+}
+
+/// An Open that could not connect yet (cleanup's backlog was full).
+struct PendingOpen {
+    frame: Vec<u8>,
+    since: Instant,
+    next_try: Instant,
+}
+
+struct Slot {
+    session: Session,
+    sock: TcpStream,
+    out: OutBuf,
+    /// There may be bytes to read.
+    readable: bool,
+    eof: bool,
+    /// A write failed: the client is gone.
+    broken: bool,
+    /// Close after one last attempt to send (timeout).
+    kill: bool,
+    last_io: Instant,
+    cleanup: Option<CleanupConn>,
+    pending_open: Option<PendingOpen>,
+}
+
+enum Turn {
+    /// Nothing more to do until an event.
+    Idle,
+    /// More input may be waiting; come back soon.
+    Again,
+    /// The session is over.
+    Close,
+}
+
+/// Runs the server until idle for `max_idle`. Never returns.
+pub fn run(cfg: Settings) -> ! {
+    let cfg = Arc::new(cfg);
+    // SAFETY: master put the listening socket on LISTEN_FD for us, and
+    // nothing else in this process owns that descriptor.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(LISTEN_FD) };
+    if let Err(e) = std_listener.set_nonblocking(true) {
+        fatal!("no listener from master on fd {LISTEN_FD}: {e}");
+    }
+    let mut listener = TcpListener::from_std(std_listener);
+    let poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => fatal!("poll: {e}"),
+    };
+    if let Err(e) = poll
+        .registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+    {
+        fatal!("register listener: {e}");
+    }
+    let mut status = Status::new();
+    status.available();
+    let mut server = Server {
+        cfg,
+        poll,
+        listener,
+        slots: Vec::new(),
+        free: Vec::new(),
+        count: 0,
+        status,
+        busy: false,
+        idle_since: Instant::now(),
+        again: Vec::new(),
+        buf: vec![0u8; READ_CHUNK],
+        last_tick: Instant::now(),
+    };
+    // master started us because a connection is waiting: take it now.
+    let mut first = Vec::new();
+    server.accept_all(&mut first);
+    for idx in first {
+        server.drive(idx);
+    }
+    server.run()
+}
+
+struct Server {
+    cfg: Arc<Settings>,
+    poll: Poll,
+    listener: TcpListener,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    count: usize,
+    status: Status,
+    busy: bool,
+    idle_since: Instant,
+    /// Sessions to drive again without waiting for an event.
+    again: Vec<usize>,
+    buf: Vec<u8>,
+    last_tick: Instant,
+}
+
+impl Server {
+    fn run(&mut self) -> ! {
+        let mut events = Events::with_capacity(1024);
+        let mut touched: Vec<usize> = Vec::new();
+        loop {
+            let timeout = if !self.again.is_empty() {
+                Duration::ZERO
+            } else if self
+                .slots
+                .iter()
+                .flatten()
+                .any(|s| s.pending_open.is_some())
+            {
+                CONNECT_RETRY
+            } else {
+                TICK.saturating_sub(self.last_tick.elapsed())
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    fatal!("poll: {e}");
+                }
+                continue;
+            }
+            touched.clear();
+            touched.append(&mut self.again);
+            let mut accept = false;
+            for ev in events.iter() {
+                let t = ev.token();
+                if t == LISTENER {
+                    accept = true;
+                    continue;
+                }
+                let idx = (t.0 - 1) / 2;
+                let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                    continue;
+                };
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                if (t.0 - 1) % 2 == 1 {
+                    if let Some(c) = &mut slot.cleanup {
+                        c.readable |= readable;
+                    }
+                } else {
+                    slot.readable |= readable;
+                }
+                touched.push(idx);
+            }
+            if accept {
+                self.accept_all(&mut touched);
+            }
+            if self
+                .slots
+                .iter()
+                .flatten()
+                .any(|s| s.pending_open.is_some())
+            {
+                for (i, s) in self.slots.iter().enumerate() {
+                    if s.as_ref().is_some_and(|s| s.pending_open.is_some()) {
+                        touched.push(i);
+                    }
+                }
+            }
+            if self.last_tick.elapsed() >= TICK {
+                self.last_tick = Instant::now();
+                self.check_timeouts(&mut touched);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            let mut closed = false;
+            for &idx in &touched {
+                closed |= self.drive(idx);
+            }
+            if closed && !self.busy {
+                // Connections may have waited while we were full.
+                let mut more = Vec::new();
+                self.accept_all(&mut more);
+                for idx in more {
+                    self.drive(idx);
+                }
+            }
+            if self.count == 0 && self.idle_since.elapsed() >= self.cfg.max_idle {
+                std::process::exit(0);
+            }
+        }
+    }
+
+    fn accept_all(&mut self, touched: &mut Vec<usize>) {
+        while self.count < self.cfg.session_limit {
+            match self.listener.accept() {
+                Ok((sock, peer)) => {
+                    if let Some(idx) = self.add(sock, peer) {
+                        touched.push(idx);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    warning!("accept connection: {e}");
+                    break;
+                }
+            }
+        }
+        if self.count >= self.cfg.session_limit && !self.busy {
+            self.busy = true;
+            self.status.busy();
+        }
+    }
+
+    fn add(&mut self, mut sock: TcpStream, peer: std::net::SocketAddr) -> Option<usize> {
+        let _ = sock.set_nodelay(true);
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            client_token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warning!("register connection from {}: {e}", peer.ip());
+            self.free.push(idx);
+            return None;
+        }
+        let session = Session::new(self.cfg.clone(), Client::new(peer.ip()));
+        self.slots[idx] = Some(Slot {
+            session,
+            sock,
+            out: OutBuf::default(),
+            readable: true,
+            eof: false,
+            broken: false,
+            kill: false,
+            last_io: Instant::now(),
+            cleanup: None,
+            pending_open: None,
+        });
+        self.count += 1;
+        Some(idx)
+    }
+
+    /// Runs one session until it has nothing more to do; true if closed.
+    fn drive(&mut self, idx: usize) -> bool {
+        let Some(Some(slot)) = self.slots.get_mut(idx) else {
+            return false;
+        };
+        match turn(slot, idx, self.poll.registry(), &self.cfg, &mut self.buf) {
+            Turn::Idle => false,
+            Turn::Again => {
+                self.again.push(idx);
+                false
+            }
+            Turn::Close => {
+                self.close(idx);
+                true
+            }
+        }
+    }
+
+    fn close(&mut self, idx: usize) {
+        let Some(mut slot) = self.slots[idx].take() else {
+            return;
+        };
+        slot.session.finish();
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut slot.sock);
+        if let Some(mut c) = slot.cleanup.take() {
+            let _ = registry.deregister(&mut c.sock);
+        }
+        drop(slot);
+        self.free.push(idx);
+        self.count -= 1;
+        if self.busy && self.count < self.cfg.session_limit {
+            self.busy = false;
+            self.status.available();
+        }
+        if self.count == 0 {
+            self.idle_since = Instant::now();
+        }
+    }
+
+    fn check_timeouts(&mut self, touched: &mut Vec<usize>) {
+        let now = Instant::now();
+        for (idx, slot) in self.slots.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            let cleanup_busy = slot.cleanup.as_ref().is_some_and(|c| {
+                !c.closing && (c.out.pending() > 0 || slot.session.waiting_on_cleanup())
+            });
+            if cleanup_busy {
+                let c = slot.cleanup.as_ref().map(|c| c.last_io).unwrap_or(now);
+                if now.duration_since(c) > self.cfg.ipc_timeout {
+                    warning!(
+                        "{}: timeout talking to {}",
+                        slot.session.namaddr(),
+                        self.cfg.cleanup_socket.display()
+                    );
+                    if let Some(mut c) = slot.cleanup.take() {
+                        let _ = self.poll.registry().deregister(&mut c.sock);
+                    }
+                    slot.session.cleanup_lost();
+                    slot.last_io = now;
+                    touched.push(idx);
+                }
+            } else if slot.pending_open.is_none()
+                && now.duration_since(slot.last_io) > self.cfg.timeout
+            {
+                slot.session.timeout();
+                slot.kill = true;
+                touched.push(idx);
+            }
+        }
+    }
+}
+
+/// Drops the cleanup connection of a slot.
+fn drop_cleanup(slot: &mut Slot, registry: &Registry) {
+    if let Some(mut c) = slot.cleanup.take() {
+        let _ = c.sock.deregister(registry);
+    }
+}
+
+/// Encodes one request as a frame.
+fn frame(req: &CleanupRequest) -> Vec<u8> {
+    let mut v = Vec::new();
+    // Writing into a Vec cannot fail, and our messages always encode.
+    let _ = ipc::send(&mut v, req);
+    v
+}
+
+/// Takes one whole reply frame off the front of `inbuf`, if there is one.
+fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
+    if inbuf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([inbuf[0], inbuf[1], inbuf[2], inbuf[3]]);
+    if len > ipc::MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("IPC message of {len} bytes"),
+        ));
+    }
+    let end = 4 + len as usize;
+    if inbuf.len() < end {
+        return Ok(None);
+    }
+    let mut r = &inbuf[..end];
+    let reply = ipc::recv(&mut r)?;
+    inbuf.drain(..end);
+    Ok(Some(reply))
+}
+
+fn connect_cleanup(
+    slot: &mut Slot,
+    idx: usize,
+    registry: &Registry,
+    cfg: &Settings,
+    frame: Vec<u8>,
+    since: Instant,
+) {
+    let path = &cfg.cleanup_socket;
+    match UnixStream::connect(path) {
+        Ok(mut sock) => {
+            if let Err(e) = registry.register(
+                &mut sock,
+                cleanup_token(idx),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                warning!("register connection to {}: {e}", path.display());
+                slot.session.cleanup_lost();
+                return;
+            }
+            let mut out = OutBuf::default();
+            out.push(&frame);
+            slot.cleanup = Some(CleanupConn {
+                sock,
+                out,
+                inbuf: Vec::new(),
+                readable: true,
+                closing: false,
+                last_io: Instant::now(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && since.elapsed() < cfg.ipc_timeout => {
+            // cleanup's backlog is full: master is starting more of them.
+            slot.pending_open = Some(PendingOpen {
+                frame,
+                since,
+                next_try: Instant::now() + CONNECT_RETRY,
+            });
+        }
+        Err(e) => {
+            warning!("connect to {}: {e}", path.display());
+            slot.session.cleanup_lost();
+        }
+    }
+}
+
+/// One turn of a session: moves bytes between the client, the session
+/// and cleanup until nothing moves.
+fn turn(slot: &mut Slot, idx: usize, registry: &Registry, cfg: &Settings, buf: &mut [u8]) -> Turn {
+    let mut reads = 0;
+    loop {
+        let mut progress = false;
+
+        // Requests for cleanup.
+        for req in slot.session.take_requests() {
+            progress = true;
+            match req {
+                CleanupRequest::Open(_) => {
+                    drop_cleanup(slot, registry);
+                    slot.pending_open = None;
+                    let now = Instant::now();
+                    connect_cleanup(slot, idx, registry, cfg, frame(&req), now);
+                }
+                CleanupRequest::Abort => {
+                    slot.pending_open = None;
+                    if let Some(c) = &mut slot.cleanup {
+                        c.out.push(&frame(&req));
+                        c.closing = true;
+                    }
+                }
+                _ => {
+                    if let Some(c) = &mut slot.cleanup {
+                        if !c.closing {
+                            c.out.push(&frame(&req));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(p) = slot.pending_open.take() {
+            if Instant::now() >= p.next_try {
+                progress = true;
+                connect_cleanup(slot, idx, registry, cfg, p.frame, p.since);
+            } else {
+                slot.pending_open = Some(p);
+            }
+        }
+
+        // Talk to cleanup.
+        let mut lost = false;
+        let mut finished = false;
+        if let Some(c) = &mut slot.cleanup {
+            match c.out.write_to(&mut c.sock) {
+                Ok(n) if n > 0 => c.last_io = Instant::now(),
+                Ok(_) => {}
+                Err(e) => {
+                    if !c.closing {
+                        warning!("write to {}: {e}", cfg.cleanup_socket.display());
+                    }
+                    lost = true;
+                }
+            }
+            if !lost && c.closing && c.out.pending() == 0 {
+                finished = true;
+            } else if !lost && c.readable {
+                loop {
+                    match c.sock.read(buf) {
+                        Ok(0) => {
+                            lost = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            c.last_io = Instant::now();
+                            if !c.closing {
+                                c.inbuf.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            c.readable = false;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            lost = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Deliver whole replies, even when the connection closed after them.
+        while let Some(c) = &mut slot.cleanup {
+            match next_reply(&mut c.inbuf) {
+                Ok(Some(reply)) => {
+                    progress = true;
+                    let last = matches!(
+                        reply,
+                        CleanupReply::Queued { .. } | CleanupReply::Failed { .. }
+                    );
+                    if last {
+                        drop_cleanup(slot, registry);
+                        lost = false;
+                    }
+                    slot.session.cleanup_reply(reply);
+                    slot.last_io = Instant::now();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warning!("read from {}: {e}", cfg.cleanup_socket.display());
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if finished || lost {
+            let closing = slot.cleanup.as_ref().is_none_or(|c| c.closing);
+            if slot.cleanup.is_some() {
+                drop_cleanup(slot, registry);
+                progress = true;
+                if lost && !closing {
+                    slot.session.cleanup_lost();
+                    slot.last_io = Instant::now();
+                }
+            }
+        }
+
+        // Replies to the client.
+        if slot.session.has_output() {
+            let o = slot.session.take_output();
+            if !slot.broken {
+                slot.out.push(&o);
+            }
+        }
+        if slot.out.pending() > 0 && !slot.broken {
+            match slot.out.write_to(&mut slot.sock) {
+                Ok(n) if n > 0 => slot.last_io = Instant::now(),
+                Ok(_) => {}
+                Err(_) => {
+                    slot.broken = true;
+                    slot.out = OutBuf::default();
+                    slot.session.client_eof();
+                    progress = true;
+                }
+            }
+        }
+
+        // Input from the client.
+        let cleanup_backed_up = slot
+            .cleanup
+            .as_ref()
+            .is_some_and(|c| c.out.pending() >= CLEANUP_OUT_HIGH);
+        if slot.readable
+            && !slot.eof
+            && !slot.broken
+            && slot.session.wants_input()
+            && slot.out.pending() < CLIENT_OUT_HIGH
+            && !cleanup_backed_up
+        {
+            if reads >= READS_PER_TURN {
+                return Turn::Again;
+            }
+            match slot.sock.read(buf) {
+                Ok(0) => {
+                    slot.eof = true;
+                    slot.session.client_eof();
+                }
+                Ok(n) => {
+                    reads += 1;
+                    slot.last_io = Instant::now();
+                    slot.session.receive(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    slot.eof = true;
+                    slot.session.client_eof();
+                }
+            }
+            progress = true;
+        }
+
+        // Requests left at the end can only be an Abort; closing the
+        // cleanup connection with the session says the same.
+        let session_over = slot.session.is_done() && !slot.session.has_output();
+        if slot.broken || slot.kill || (session_over && slot.out.pending() == 0) {
+            return Turn::Close;
+        }
+        if !progress {
+            return Turn::Idle;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let mut bytes = Vec::new();
+        for r in [
+            CleanupReply::Opened {
+                queue_id: "ABC".into(),
+            },
+            CleanupReply::Queued {
+                queue_id: "ABC".into(),
+            },
+        ] {
+            ipc::send(&mut bytes, &r).unwrap();
+        }
+        let mut inbuf = Vec::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            inbuf.push(b);
+            while let Some(r) = next_reply(&mut inbuf).unwrap() {
+                got.push(r);
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                CleanupReply::Opened {
+                    queue_id: "ABC".into()
+                },
+                CleanupReply::Queued {
+                    queue_id: "ABC".into()
+                }
+            ]
+        );
+        assert!(inbuf.is_empty());
+        let mut huge = (ipc::MAX_MESSAGE + 1).to_le_bytes().to_vec();
+        assert!(next_reply(&mut huge).is_err());
+        // Requests encode as ipc frames.
+        let f = frame(&CleanupRequest::Close);
+        let mut r = &f[..];
+        assert!(matches!(
+            ipc::recv::<_, CleanupRequest>(&mut r).unwrap(),
+            CleanupRequest::Close
+        ));
+    }
+
+    /// A writer that takes at most `n` bytes per call.
+    struct Trickle(Vec<u8>, usize);
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if self.1 == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = b.len().min(self.1);
+            self.0.extend_from_slice(&b[..n]);
+            self.1 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn outbuf_partial_writes_and_compaction() {
+        let mut o = OutBuf::default();
+        let mut w = Trickle(Vec::new(), 0);
+        let mut want = Vec::new();
+        for i in 0..100u8 {
+            let chunk = vec![i; 10_000];
+            o.push(&chunk);
+            want.extend_from_slice(&chunk);
+            w.1 = 7_000;
+            o.write_to(&mut w).unwrap();
+            // What was sent is dropped before the buffer grows much.
+            assert!(o.buf.len() <= o.pending() + 64 * 1024 + 10_000);
+        }
+        w.1 = usize::MAX;
+        o.write_to(&mut w).unwrap();
+        assert_eq!(o.pending(), 0);
+        assert_eq!(w.0, want);
+    }
+}

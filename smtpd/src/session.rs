@@ -1,0 +1,1518 @@
+//! One SMTP session as a state machine, with no I/O of its own.
+//!
+//! The event loop hands it the client's bytes ([`Session::receive`]) and
+//! cleanup's answers ([`Session::cleanup_reply`], [`Session::cleanup_lost`]),
+//! and takes from it the bytes to send to the client
+//! ([`Session::take_output`]) and the requests to send to cleanup
+//! ([`Session::take_requests`]). A [`CleanupRequest::Open`] there means
+//! "connect to cleanup and send this"; after `Abort`, or after cleanup has
+//! answered `Queued` or `Failed`, that connection is finished.
+//!
+//! Commands are taken from the input in order, as many as there are
+//! (PIPELINING); their replies collect in the output, which the loop
+//! sends when the input is used up. While the session waits for cleanup
+//! (after DATA, and after the final dot) it takes no input: what the
+//! client pipelined stays buffered until the answer comes.
+
+use crate::data::Decoder;
+use crate::protocol::{self, Token, Verb};
+use crate::received::Received;
+use crate::restrictions::Request;
+use crate::settings::Settings;
+use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
+use postern_common::qfile::{attr, Recipient};
+use postern_common::{info, warning};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Content goes to cleanup in pieces of about this size.
+const CONTENT_CHUNK: usize = 64 * 1024;
+/// Postfix's smtpd_junk_command_limit default: HELO, NOOP, RSET, VRFY ...
+/// beyond this many count as errors.
+const JUNK_COMMAND_LIMIT: u32 = 100;
+/// Postfix's smtpd_recipient_overshoot_limit default: RCPTs refused with
+/// 452 for being over smtpd_recipient_limit before they count as errors.
+const RECIPIENT_OVERSHOOT_LIMIT: u32 = 1000;
+
+const WRITE_ERROR: &str = "451 4.3.0 Error: queue file write error";
+
+/// Who is on the other end.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The host name; `unknown` when it has none.
+    pub name: String,
+    pub addr: IpAddr,
+}
+
+impl Client {
+    /// A client at `addr`. Reverse DNS is later work: loopback addresses
+    /// are `localhost`, everything else `unknown`.
+    pub fn new(addr: IpAddr) -> Client {
+        let addr = postern_common::cidr::normalize(addr);
+        let name = if addr.is_loopback() {
+            "localhost"
+        } else {
+            "unknown"
+        };
+        Client {
+            name: name.to_string(),
+            addr,
+        }
+    }
+
+    /// `name[addr]`, as logs show a client.
+    pub fn namaddr(&self) -> String {
+        format!("{}[{}]", self.name, self.addr)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    ok: u32,
+    total: u32,
+}
+
+/// The envelope being built between MAIL and the end of DATA.
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: String,
+    recipients: Vec<Recipient>,
+    envid: Option<String>,
+    ret: Option<String>,
+    overshoot: u32,
+    queue_id: Option<String>,
+}
+
+#[derive(Debug)]
+struct DataState {
+    decoder: Decoder,
+    /// Bytes received so far, as the client sent them.
+    size: u64,
+    too_big: bool,
+    /// The reply to give at the end instead of sending Close.
+    failure: Option<String>,
+    /// Content not yet handed to cleanup.
+    content: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading commands.
+    Command,
+    /// DATA accepted; waiting for cleanup's Opened.
+    WaitOpened,
+    /// Reading message content.
+    Data(Box<DataState>),
+    /// The final dot seen, Close sent; waiting for Queued.
+    WaitQueued,
+}
+
+/// What a command handler did, for the per-command statistics.
+enum Done {
+    Ok,
+    Failed,
+    /// Decided later (DATA: when cleanup answers).
+    Pending,
+}
+
+pub struct Session {
+    cfg: Arc<Settings>,
+    client: Client,
+    namaddr: String,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    requests: Vec<CleanupRequest>,
+    state: State,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    /// The last command, for "... after RCPT from ..." log lines.
+    where_: &'static str,
+    /// Why the session ended abnormally ("timeout", "lost connection", ...).
+    reason: Option<&'static str>,
+    error_count: u32,
+    junk: u32,
+    /// Per verb in [`Verb::ALL`] order, then unknown commands.
+    counts: [Count; Verb::ALL.len() + 1],
+    /// Discarding the rest of an over-long command line.
+    skip_long: bool,
+    /// The session is over once the output is sent.
+    hangup: bool,
+    /// A cleanup connection is in use for the current message.
+    cleanup_open: bool,
+    /// Arrival date for the Received header, set at DATA.
+    date: String,
+    finished: bool,
+}
+
+impl Session {
+    /// Starts a session: logs the connection and queues the greeting.
+    pub fn new(cfg: Arc<Settings>, client: Client) -> Session {
+        let namaddr = client.namaddr();
+        info!("connect from {namaddr}");
+        let mut s = Session {
+            cfg,
+            client,
+            namaddr,
+            input: Vec::new(),
+            output: Vec::new(),
+            requests: Vec::new(),
+            state: State::Command,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            where_: "CONNECT",
+            reason: None,
+            error_count: 0,
+            junk: 0,
+            counts: Default::default(),
+            skip_long: false,
+            hangup: false,
+            cleanup_open: false,
+            date: String::new(),
+            finished: false,
+        };
+        let banner = s.cfg.banner.clone();
+        s.reply(&format!("220 {banner}"));
+        s
+    }
+
+    pub fn namaddr(&self) -> &str {
+        &self.namaddr
+    }
+
+    // ------------------------------------------------------------ the loop's side
+
+    /// Bytes from the client.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        if self.hangup {
+            return;
+        }
+        self.input.extend_from_slice(bytes);
+        self.process();
+    }
+
+    /// Whether the session takes client input now (not while it waits for
+    /// cleanup, not after it decided to hang up).
+    pub fn wants_input(&self) -> bool {
+        !self.hangup && matches!(self.state, State::Command | State::Data(_))
+    }
+
+    /// Whether the session waits for cleanup (the client's timeout does
+    /// not run meanwhile; cleanup's does).
+    pub fn waiting_on_cleanup(&self) -> bool {
+        matches!(self.state, State::WaitOpened | State::WaitQueued)
+    }
+
+    /// The session is over: close once the output is sent.
+    pub fn is_done(&self) -> bool {
+        self.hangup
+    }
+
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    pub fn take_requests(&mut self) -> Vec<CleanupRequest> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// The client closed the connection (or it broke).
+    pub fn client_eof(&mut self) {
+        if !self.hangup {
+            self.reason = Some("lost connection");
+            self.hangup = true;
+        }
+        self.abort_cleanup();
+    }
+
+    /// The client was silent for longer than smtpd_timeout.
+    pub fn timeout(&mut self) {
+        if self.hangup {
+            return;
+        }
+        self.reason = Some("timeout");
+        let host = self.cfg.myhostname.clone();
+        self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+        self.abort_cleanup();
+    }
+
+    /// An answer from cleanup.
+    pub fn cleanup_reply(&mut self, reply: CleanupReply) {
+        let state = std::mem::replace(&mut self.state, State::Command);
+        match (state, reply) {
+            (State::WaitOpened, CleanupReply::Opened { queue_id }) => {
+                info!("{queue_id}: client={}", self.namaddr);
+                let header = self.received_header(&queue_id);
+                if let Some(tx) = &mut self.tx {
+                    tx.queue_id = Some(queue_id);
+                }
+                self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.where_ = "DATA";
+                self.state = State::Data(Box::new(DataState {
+                    decoder: Decoder::new(self.cfg.line_limit),
+                    size: 0,
+                    too_big: false,
+                    failure: None,
+                    content: header.into_bytes(),
+                }));
+            }
+            (
+                State::Data(mut ds),
+                CleanupReply::Failed {
+                    temporary,
+                    dsn,
+                    reason,
+                },
+            ) => {
+                // cleanup gave up early: read to the end, then say why.
+                self.cleanup_open = false;
+                ds.failure = Some(failure_reply(temporary, &dsn, &reason));
+                ds.content.clear();
+                self.state = State::Data(ds);
+            }
+            (State::WaitQueued, CleanupReply::Queued { queue_id }) => {
+                self.cleanup_open = false;
+                self.reply(&format!("250 2.0.0 Ok: queued as {queue_id}"));
+                self.count_ok(Verb::Data);
+                // A message made it: forgive earlier errors, as Postfix.
+                self.error_count = 0;
+                self.junk = 0;
+                self.tx = None;
+            }
+            (
+                State::WaitOpened | State::WaitQueued,
+                CleanupReply::Failed {
+                    temporary,
+                    dsn,
+                    reason,
+                },
+            ) => {
+                self.cleanup_open = false;
+                self.reply(&failure_reply(temporary, &dsn, &reason));
+                self.transaction_failed();
+            }
+            (state, other) => {
+                warning!("{}: unexpected reply from cleanup: {other:?}", self.namaddr);
+                self.state = state;
+                self.cleanup_lost();
+                return;
+            }
+        }
+        self.process();
+    }
+
+    /// The cleanup connection could not be made, broke, or timed out.
+    pub fn cleanup_lost(&mut self) {
+        if !self.cleanup_open {
+            return;
+        }
+        self.cleanup_open = false;
+        match &mut self.state {
+            State::WaitOpened | State::WaitQueued => {
+                self.state = State::Command;
+                self.reply(WRITE_ERROR);
+                self.transaction_failed();
+                self.process();
+            }
+            State::Data(ds) => {
+                ds.content.clear();
+                ds.failure.get_or_insert_with(|| WRITE_ERROR.to_string());
+            }
+            State::Command => {}
+        }
+    }
+
+    /// Logs the end of the session. Call once, when the connection closes.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.abort_cleanup();
+        if let Some(reason) = self.reason {
+            // A client that leaves right after the final dot is normal.
+            if !(self.where_ == "END-OF-MESSAGE" && reason == "lost connection") {
+                info!("{reason} after {} from {}", self.where_, self.namaddr);
+            }
+        }
+        info!("disconnect from {}{}", self.namaddr, self.stats());
+    }
+
+    // ------------------------------------------------------------ input
+
+    fn process(&mut self) {
+        let mut pos = 0;
+        while !self.hangup {
+            match &mut self.state {
+                State::Command => {
+                    let rest = &self.input[pos..];
+                    let Some(i) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() > self.cfg.line_limit + 1 {
+                            if !self.skip_long {
+                                warning!(
+                                    "{}: request longer than {}: {}...",
+                                    self.namaddr,
+                                    self.cfg.line_limit,
+                                    protocol::printable(rest, 30)
+                                );
+                            }
+                            self.skip_long = true;
+                            pos = self.input.len();
+                        }
+                        break;
+                    };
+                    let mut line = rest[..i].to_vec();
+                    pos += i + 1;
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    if std::mem::take(&mut self.skip_long) || line.len() > self.cfg.line_limit {
+                        let host = self.cfg.myhostname.clone();
+                        self.reply(&format!("500 5.5.2 {host} Error: command too long"));
+                        self.error_count += 1;
+                    } else {
+                        self.command(&line);
+                    }
+                    self.check_error_limit();
+                }
+                State::Data(ds) => {
+                    let fed = ds.decoder.feed(&self.input[pos..], &mut ds.content);
+                    pos += fed.consumed;
+                    ds.size += fed.size;
+                    let limit = self.cfg.message_size_limit;
+                    if limit > 0 && ds.size > limit && !ds.too_big {
+                        ds.too_big = true;
+                        let qid = self
+                            .tx
+                            .as_ref()
+                            .and_then(|t| t.queue_id.clone())
+                            .unwrap_or_else(|| "NOQUEUE".into());
+                        warning!("{qid}: queue file size limit exceeded");
+                    }
+                    if ds.too_big || ds.failure.is_some() {
+                        ds.content.clear();
+                        if ds.too_big {
+                            self.abort_cleanup();
+                        }
+                    } else if ds.content.len() >= CONTENT_CHUNK {
+                        let chunk = std::mem::take(&mut ds.content);
+                        self.requests.push(CleanupRequest::Content(chunk));
+                    }
+                    if !fed.end {
+                        break;
+                    }
+                    self.end_of_data();
+                    self.check_error_limit();
+                }
+                State::WaitOpened | State::WaitQueued => break,
+            }
+        }
+        self.input.drain(..pos.min(self.input.len()));
+        if self.hangup {
+            self.input.clear();
+        }
+        if let State::Data(ds) = &mut self.state {
+            if !ds.content.is_empty() && self.cleanup_open {
+                let chunk = std::mem::take(&mut ds.content);
+                self.requests.push(CleanupRequest::Content(chunk));
+            }
+        }
+    }
+
+    fn end_of_data(&mut self) {
+        let State::Data(mut ds) = std::mem::replace(&mut self.state, State::Command) else {
+            return;
+        };
+        self.where_ = "END-OF-MESSAGE";
+        let failure = if ds.too_big {
+            Some("552 5.3.4 Error: message file too big".to_string())
+        } else if ds.failure.is_some() {
+            ds.failure.take()
+        } else if !self.cleanup_open {
+            Some(WRITE_ERROR.to_string())
+        } else {
+            None
+        };
+        match failure {
+            Some(reply) => {
+                self.abort_cleanup();
+                self.reply(&reply);
+                self.transaction_failed();
+            }
+            None => {
+                if !ds.content.is_empty() {
+                    self.requests
+                        .push(CleanupRequest::Content(std::mem::take(&mut ds.content)));
+                }
+                self.requests.push(CleanupRequest::Close);
+                self.state = State::WaitQueued;
+            }
+        }
+    }
+
+    fn check_error_limit(&mut self) {
+        if !self.hangup && self.error_count >= self.cfg.hard_error_limit {
+            self.reason = Some("too many errors");
+            let host = self.cfg.myhostname.clone();
+            self.reply(&format!("421 4.7.0 {host} Error: too many errors"));
+        }
+    }
+
+    // ------------------------------------------------------------ commands
+
+    fn command(&mut self, line: &[u8]) {
+        if line.contains(&0) {
+            self.unknown_command("500 5.5.2 Error: bad syntax");
+            return;
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            self.unknown_command("500 5.5.2 Error: bad UTF-8 syntax");
+            return;
+        };
+        let args = protocol::tokenize(text);
+        let Some(first) = args.first() else {
+            self.unknown_command("500 5.5.2 Error: bad syntax");
+            return;
+        };
+        let Some(verb) = Verb::parse(&first.text) else {
+            if protocol::is_header(&first.text) {
+                self.where_ = "UNKNOWN";
+                self.counts[Verb::ALL.len()].total += 1;
+                warning!(
+                    "non-SMTP command from {}: {}",
+                    self.namaddr,
+                    protocol::printable(line, 100)
+                );
+                self.reply("221 2.7.0 Error: I can break rules, too. Goodbye.");
+                self.hangup = true;
+                return;
+            }
+            self.unknown_command("500 5.5.2 Error: command not recognized");
+            return;
+        };
+        self.where_ = verb.name();
+        self.counts[verb_index(verb)].total += 1;
+        let done = if !verb.implemented() {
+            self.reply("502 5.5.1 Error: command not implemented");
+            Done::Failed
+        } else {
+            match verb {
+                Verb::Helo | Verb::Ehlo => self.helo(verb == Verb::Ehlo, &args),
+                Verb::Mail => self.mail(&args),
+                Verb::Rcpt => self.rcpt(&args),
+                Verb::Data => self.data(&args),
+                Verb::Rset => self.rset(&args),
+                Verb::Noop => {
+                    self.reply("250 2.0.0 Ok");
+                    Done::Ok
+                }
+                Verb::Vrfy => self.vrfy(&args),
+                Verb::Quit => {
+                    self.reply("221 2.0.0 Bye");
+                    self.hangup = true;
+                    Done::Ok
+                }
+                Verb::Help => {
+                    self.reply(
+                        "214 2.0.0 Commands: DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY",
+                    );
+                    Done::Ok
+                }
+                Verb::StartTls | Verb::Auth | Verb::Bdat | Verb::Etrn => unreachable!(),
+            }
+        };
+        match done {
+            Done::Ok => self.count_ok(verb),
+            Done::Failed => self.error_count += 1,
+            Done::Pending => {}
+        }
+        if verb.is_junk() {
+            if self.junk > JUNK_COMMAND_LIMIT {
+                self.error_count += 1;
+            }
+            self.junk += 1;
+        }
+    }
+
+    fn unknown_command(&mut self, reply: &str) {
+        self.where_ = "UNKNOWN";
+        self.counts[Verb::ALL.len()].total += 1;
+        self.reply(reply);
+        self.error_count += 1;
+    }
+
+    fn helo(&mut self, ehlo: bool, args: &[Token]) -> Done {
+        if args.len() < 2 {
+            self.reply(if ehlo {
+                "501 Syntax: EHLO hostname"
+            } else {
+                "501 Syntax: HELO hostname"
+            });
+            return Done::Failed;
+        }
+        let name: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
+        self.helo = Some(protocol::neuter(&name.join(" ")));
+        self.tx = None;
+        if ehlo {
+            self.esmtp = true;
+            let mut lines = vec![self.cfg.myhostname.clone(), "PIPELINING".to_string()];
+            lines.push(match self.cfg.message_size_limit {
+                0 => "SIZE".to_string(),
+                n => format!("SIZE {n}"),
+            });
+            if !self.cfg.disable_vrfy {
+                lines.push("VRFY".into());
+            }
+            lines.push("ENHANCEDSTATUSCODES".into());
+            lines.push("8BITMIME".into());
+            lines.push("DSN".into());
+            let last = lines.len() - 1;
+            for (i, l) in lines.iter().enumerate() {
+                let sep = if i == last { ' ' } else { '-' };
+                self.reply(&format!("250{sep}{l}"));
+            }
+        } else {
+            let host = self.cfg.myhostname.clone();
+            self.reply(&format!("250 {host}"));
+        }
+        Done::Ok
+    }
+
+    fn mail(&mut self, args: &[Token]) -> Done {
+        if self.cfg.helo_required && self.helo.is_none() {
+            self.reply("503 5.5.1 Error: send HELO/EHLO first");
+            return Done::Failed;
+        }
+        if self.tx.is_some() {
+            self.reply("503 5.5.1 Error: nested MAIL command");
+            return Done::Failed;
+        }
+        if args.len() < 3 || !args[1].text.eq_ignore_ascii_case("from:") {
+            self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
+            return Done::Failed;
+        }
+        let sender = match self.address(&args[2]) {
+            Some(a) => a,
+            None => {
+                self.reply("501 5.1.7 Bad sender address syntax");
+                return Done::Failed;
+            }
+        };
+        let mut tx = Transaction {
+            sender,
+            ..Default::default()
+        };
+        let mut size: u64 = 0;
+        for a in &args[3..] {
+            let w = a.text.as_str();
+            if w.eq_ignore_ascii_case("BODY=8BITMIME") || w.eq_ignore_ascii_case("BODY=7BIT") {
+                // Content is passed on as it comes, 8-bit or not.
+            } else if let Some(v) = protocol::param(w, "SIZE") {
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    self.reply("501 5.5.4 Bad message size syntax");
+                    return Done::Failed;
+                }
+                match v.parse() {
+                    Ok(n) => size = n,
+                    Err(_) => {
+                        self.reply("552 5.3.4 Message size exceeds file system imposed limit");
+                        return Done::Failed;
+                    }
+                }
+            } else if let Some(v) = protocol::param(w, "RET") {
+                match protocol::parse_ret(v) {
+                    Some(r) if tx.ret.is_none() => tx.ret = Some(r),
+                    _ => {
+                        self.reply("501 5.5.4 Bad RET parameter syntax");
+                        return Done::Failed;
+                    }
+                }
+            } else if let Some(v) = protocol::param(w, "ENVID") {
+                match protocol::xtext_decode(v) {
+                    Some(e) if tx.envid.is_none() => tx.envid = Some(e),
+                    _ => {
+                        self.reply("501 5.5.4 Bad ENVID parameter syntax");
+                        return Done::Failed;
+                    }
+                }
+            } else {
+                self.reply(&format!("555 5.5.4 Unsupported option: {w}"));
+                return Done::Failed;
+            }
+        }
+        let limit = self.cfg.message_size_limit;
+        if limit > 0 && size > limit {
+            let reply = "552 5.3.4 Message size exceeds fixed limit";
+            self.log_reject(reply, Some(&tx.sender), None);
+            self.reply(reply);
+            return Done::Failed;
+        }
+        self.tx = Some(tx);
+        self.reply("250 2.1.0 Ok");
+        Done::Ok
+    }
+
+    fn rcpt(&mut self, args: &[Token]) -> Done {
+        if self.tx.is_none() {
+            self.reply("503 5.5.1 Error: need MAIL command");
+            return Done::Failed;
+        }
+        if args.len() < 3 || !args[1].text.eq_ignore_ascii_case("to:") {
+            self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
+            return Done::Failed;
+        }
+        let address = match self.address(&args[2]) {
+            Some(a) if !a.is_empty() => a,
+            _ => {
+                self.reply("501 5.1.3 Bad recipient address syntax");
+                return Done::Failed;
+            }
+        };
+        let mut rcpt = Recipient::new(&address);
+        let (mut got_notify, mut got_orcpt) = (false, false);
+        for a in &args[3..] {
+            let w = a.text.as_str();
+            if let Some(v) = protocol::param(w, "NOTIFY") {
+                match protocol::parse_notify(v) {
+                    Some(n) if !got_notify => {
+                        rcpt.notify = n;
+                        got_notify = true;
+                    }
+                    _ => {
+                        self.reply("501 5.5.4 Error: Bad NOTIFY parameter syntax");
+                        return Done::Failed;
+                    }
+                }
+            } else if let Some(v) = protocol::param(w, "ORCPT") {
+                match protocol::parse_orcpt(v) {
+                    Some(o) if !got_orcpt => {
+                        rcpt.orcpt = o;
+                        got_orcpt = true;
+                    }
+                    _ => {
+                        self.reply("501 5.5.4 Error: Bad ORCPT parameter syntax");
+                        return Done::Failed;
+                    }
+                }
+            } else {
+                self.reply(&format!("555 5.5.4 Unsupported option: {w}"));
+                return Done::Failed;
+            }
+        }
+        let limit = self.cfg.recipient_limit;
+        if let Some(tx) = &mut self.tx {
+            if limit > 0 && tx.recipients.len() >= limit {
+                tx.overshoot += 1;
+                let over = tx.overshoot > RECIPIENT_OVERSHOOT_LIMIT;
+                self.reply("452 4.5.3 Error: too many recipients");
+                return if over { Done::Failed } else { Done::Ok };
+            }
+        }
+        if let Some(reply) = self.check_recipient(&address) {
+            let sender = self.tx.as_ref().map(|t| t.sender.clone());
+            self.log_reject(&reply, sender.as_deref(), Some(&address));
+            self.reply(&reply);
+            return Done::Failed;
+        }
+        if let Some(tx) = &mut self.tx {
+            tx.recipients.push(rcpt);
+        }
+        self.reply("250 2.1.5 Ok");
+        Done::Ok
+    }
+
+    fn data(&mut self, args: &[Token]) -> Done {
+        let Some(tx) = &self.tx else {
+            self.reply("503 5.5.1 Error: need RCPT command");
+            return Done::Failed;
+        };
+        if tx.recipients.is_empty() {
+            self.reply("554 5.5.1 Error: no valid recipients");
+            return Done::Failed;
+        }
+        if args.len() != 1 {
+            self.reply("501 5.5.4 Syntax: DATA");
+            return Done::Failed;
+        }
+        let mut attrs = vec![
+            (attr::CLIENT.to_string(), self.namaddr.clone()),
+            (attr::PROTOCOL.to_string(), self.protocol().to_string()),
+        ];
+        if let Some(h) = &self.helo {
+            attrs.push((attr::HELO.to_string(), h.clone()));
+        }
+        if let Some(e) = &tx.envid {
+            attrs.push((attr::ENVID.to_string(), e.clone()));
+        }
+        if let Some(r) = &tx.ret {
+            attrs.push((attr::RET.to_string(), r.clone()));
+        }
+        let msg = NewMessage {
+            sender: tx.sender.clone(),
+            recipients: tx.recipients.clone(),
+            attrs,
+            flags: 0,
+            origin: "smtpd".to_string(),
+        };
+        self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
+        self.requests.push(CleanupRequest::Open(msg));
+        self.cleanup_open = true;
+        self.state = State::WaitOpened;
+        Done::Pending
+    }
+
+    fn rset(&mut self, args: &[Token]) -> Done {
+        if args.len() != 1 {
+            self.reply("501 5.5.4 Syntax: RSET");
+            return Done::Failed;
+        }
+        self.tx = None;
+        self.reply("250 2.0.0 Ok");
+        Done::Ok
+    }
+
+    fn vrfy(&mut self, args: &[Token]) -> Done {
+        if self.cfg.disable_vrfy {
+            self.reply("502 5.5.1 VRFY command is disabled");
+            return Done::Failed;
+        }
+        if args.len() < 2 {
+            self.reply("501 5.5.4 Syntax: VRFY address");
+            return Done::Failed;
+        }
+        let words: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
+        let given = words.join(" ");
+        let address = match protocol::extract_address(&given) {
+            Ok(a) if !a.is_empty() && !args.iter().any(|t| t.unterminated) => a,
+            _ => {
+                self.reply("501 5.1.3 Bad recipient address syntax");
+                return Done::Failed;
+            }
+        };
+        if let Some(reply) = self.check_recipient(&address) {
+            let sender = self.tx.as_ref().map(|t| t.sender.clone());
+            self.log_reject(&reply, sender.as_deref(), Some(&address));
+            self.reply(&reply);
+            return Done::Failed;
+        }
+        self.reply(&format!("252 2.0.0 {given}"));
+        Done::Ok
+    }
+
+    // ------------------------------------------------------------ helpers
+
+    fn reply(&mut self, text: &str) {
+        self.output.extend_from_slice(text.as_bytes());
+        self.output.extend_from_slice(b"\r\n");
+        if text.starts_with("421") {
+            self.hangup = true;
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        if self.esmtp {
+            "ESMTP"
+        } else {
+            "SMTP"
+        }
+    }
+
+    /// The address in a MAIL FROM/RCPT TO word, or None (logged).
+    fn address(&self, tok: &Token) -> Option<String> {
+        let a = if tok.unterminated {
+            None
+        } else {
+            protocol::extract_address(&tok.text).ok()
+        };
+        if a.is_none() {
+            warning!(
+                "Illegal address syntax from {} in {} command: {}",
+                self.namaddr,
+                self.where_,
+                protocol::printable(tok.text.as_bytes(), 200)
+            );
+        }
+        a
+    }
+
+    fn check_recipient(&self, rcpt: &str) -> Option<String> {
+        self.cfg.restrictions.check_recipient(&Request {
+            client_addr: self.client.addr,
+            recipient: rcpt,
+            sasl_authenticated: false,
+        })
+    }
+
+    /// Postfix's reject log line.
+    fn log_reject(&self, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
+        let mut line = format!(
+            "NOQUEUE: reject: {} from {}: {};",
+            self.where_, self.namaddr, reply
+        );
+        if let Some(s) = sender {
+            line.push_str(&format!(" from=<{s}>"));
+        }
+        if let Some(r) = rcpt {
+            line.push_str(&format!(" to=<{r}>"));
+        }
+        line.push_str(&format!(" proto={}", self.protocol()));
+        if let Some(h) = &self.helo {
+            line.push_str(&format!(" helo=<{h}>"));
+        }
+        info!("{line}");
+    }
+
+    fn received_header(&self, queue_id: &str) -> String {
+        let rcpts: Vec<&str> = self
+            .tx
+            .as_ref()
+            .map(|t| t.recipients.iter().map(|r| r.address.as_str()).collect())
+            .unwrap_or_default();
+        Received {
+            helo: self.helo.as_deref(),
+            client_name: &self.client.name,
+            client_addr: self.client.addr,
+            myhostname: &self.cfg.myhostname,
+            mail_name: &self.cfg.mail_name,
+            protocol: self.protocol(),
+            queue_id,
+            recipients: &rcpts,
+            date: &self.date,
+        }
+        .render()
+    }
+
+    fn abort_cleanup(&mut self) {
+        if self.cleanup_open {
+            self.cleanup_open = false;
+            self.requests.push(CleanupRequest::Abort);
+        }
+    }
+
+    fn transaction_failed(&mut self) {
+        self.tx = None;
+        self.state = State::Command;
+        self.error_count += 1;
+        self.check_error_limit();
+    }
+
+    fn count_ok(&mut self, verb: Verb) {
+        self.counts[verb_index(verb)].ok += 1;
+    }
+
+    /// ` ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6`
+    fn stats(&self) -> String {
+        let mut s = String::new();
+        let (mut ok, mut total) = (0, 0);
+        let names = Verb::ALL.iter().map(|v| v.name()).chain(["unknown"]);
+        for (name, c) in names.zip(self.counts.iter()) {
+            if c.total == 0 {
+                continue;
+            }
+            s.push_str(&format!(" {}={}", name.to_ascii_lowercase(), c.ok));
+            if c.ok != c.total {
+                s.push_str(&format!("/{}", c.total));
+            }
+            ok += c.ok;
+            total += c.total;
+        }
+        s.push_str(&format!(" commands={ok}"));
+        if ok != total || total == 0 {
+            s.push_str(&format!("/{total}"));
+        }
+        s
+    }
+}
+
+fn verb_index(v: Verb) -> usize {
+    Verb::ALL
+        .iter()
+        .position(|x| *x == v)
+        .unwrap_or(Verb::ALL.len())
+}
+
+/// The reply for a message cleanup would not take.
+fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String {
+    let valid = |d: &str, class: char| {
+        d.starts_with(class)
+            && d.split('.').count() == 3
+            && d.split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let (code, dsn, default) = if temporary {
+        let dsn = if valid(dsn, '4') { dsn } else { "4.3.0" };
+        (451, dsn, "queue file write error")
+    } else {
+        let dsn = if valid(dsn, '5') { dsn } else { "5.3.0" };
+        let code = if dsn == "5.3.4" { 552 } else { 554 };
+        (code, dsn, "message not accepted")
+    };
+    let reason = protocol::printable(reason.as_bytes(), 400);
+    let reason = if reason.trim().is_empty() {
+        default.to_string()
+    } else {
+        reason
+    };
+    format!("{code} {dsn} Error: {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restrictions::Restrictions;
+    use postern_common::cidr::CidrList;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn settings() -> Settings {
+        let split = |s: &str| postern_conf::split_list(s);
+        Settings {
+            myhostname: "mx.example".into(),
+            mail_name: "Postern".into(),
+            banner: "mx.example ESMTP Postern".into(),
+            message_size_limit: 1000,
+            recipient_limit: 3,
+            hard_error_limit: 5,
+            helo_required: false,
+            disable_vrfy: false,
+            line_limit: 2048,
+            restrictions: Restrictions::new(
+                split("permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"),
+                vec![],
+                CidrList::parse(&["127.0.0.0/8"]).unwrap(),
+                split("mx.example, localhost"),
+                vec![],
+            )
+            .unwrap(),
+            timeout: Duration::from_secs(300),
+            ipc_timeout: Duration::from_secs(300),
+            max_idle: Duration::from_secs(100),
+            session_limit: 10,
+            cleanup_socket: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    fn session_with(s: Settings, ip: &str) -> Session {
+        let mut s = Session::new(Arc::new(s), Client::new(ip.parse().unwrap()));
+        let greeting = out(&mut s);
+        assert_eq!(greeting, ["220 mx.example ESMTP Postern"]);
+        s
+    }
+
+    fn session() -> Session {
+        session_with(settings(), "127.0.0.1")
+    }
+
+    fn out(s: &mut Session) -> Vec<String> {
+        let o = String::from_utf8(s.take_output()).unwrap();
+        o.split_terminator("\r\n").map(|l| l.to_string()).collect()
+    }
+
+    fn send(s: &mut Session, text: &str) -> Vec<String> {
+        s.receive(text.as_bytes());
+        out(s)
+    }
+
+    /// Content requests sent so far, concatenated; asserts the order of
+    /// the other requests.
+    fn requests(s: &mut Session) -> (Vec<&'static str>, Vec<u8>) {
+        let mut kinds = Vec::new();
+        let mut content = Vec::new();
+        for r in s.take_requests() {
+            match r {
+                CleanupRequest::Open(_) => kinds.push("open"),
+                CleanupRequest::Content(c) => {
+                    kinds.push("content");
+                    content.extend(c);
+                }
+                CleanupRequest::Close => kinds.push("close"),
+                CleanupRequest::Abort => kinds.push("abort"),
+            }
+        }
+        kinds.dedup();
+        (kinds, content)
+    }
+
+    fn opened(s: &mut Session) -> Vec<String> {
+        s.cleanup_reply(CleanupReply::Opened {
+            queue_id: "QID1".into(),
+        });
+        out(s)
+    }
+
+    fn queued(s: &mut Session) -> Vec<String> {
+        s.cleanup_reply(CleanupReply::Queued {
+            queue_id: "QID1".into(),
+        });
+        out(s)
+    }
+
+    #[test]
+    fn ehlo_offers_what_is_implemented() {
+        let mut s = session();
+        assert_eq!(
+            send(&mut s, "EHLO client.example\r\n"),
+            [
+                "250-mx.example",
+                "250-PIPELINING",
+                "250-SIZE 1000",
+                "250-VRFY",
+                "250-ENHANCEDSTATUSCODES",
+                "250-8BITMIME",
+                "250 DSN"
+            ]
+        );
+        assert_eq!(send(&mut s, "HELO x\r\n"), ["250 mx.example"]);
+        assert_eq!(send(&mut s, "EHLO\r\n"), ["501 Syntax: EHLO hostname"]);
+    }
+
+    #[test]
+    fn whole_transaction() {
+        let mut s = session();
+        let r = send(
+            &mut s,
+            "EHLO client.example\r\nMAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<u@mx.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u+40mx.example\r\nDATA\r\n",
+        );
+        assert_eq!(&r[r.len() - 2..], ["250 2.1.0 Ok", "250 2.1.5 Ok"]);
+        // Waiting for cleanup: no 354 yet.
+        let reqs = s.take_requests();
+        assert_eq!(reqs.len(), 1);
+        let CleanupRequest::Open(m) = &reqs[0] else {
+            panic!("{reqs:?}")
+        };
+        assert_eq!(m.sender, "a@b.example");
+        assert_eq!(m.recipients[0].address, "u@mx.example");
+        assert_eq!(m.recipients[0].notify, 3);
+        assert_eq!(m.recipients[0].orcpt, "rfc822;u@mx.example");
+        assert_eq!(m.origin, "smtpd");
+        assert!(m
+            .attrs
+            .contains(&("client".into(), "localhost[127.0.0.1]".into())));
+        assert!(m.attrs.contains(&("protocol".into(), "ESMTP".into())));
+        assert!(m.attrs.contains(&("helo".into(), "client.example".into())));
+        assert!(s.waiting_on_cleanup());
+        assert!(!s.wants_input());
+
+        assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+        assert_eq!(
+            send(&mut s, "Subject: hi\r\n\r\n..dot\r\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(send(&mut s, "end\r\n.\r\n"), Vec::<String>::new());
+        let (kinds, content) = requests(&mut s);
+        assert_eq!(kinds, ["content", "close"]);
+        let content = String::from_utf8(content).unwrap();
+        assert!(
+            content.starts_with(
+                "Received: from client.example (localhost [127.0.0.1])\n\tby mx.example (Postern) with ESMTP id QID1\n\tfor <u@mx.example>; "
+            ),
+            "{content}"
+        );
+        assert!(
+            content.ends_with("\nSubject: hi\n\n.dot\nend\n"),
+            "{content}"
+        );
+        assert_eq!(queued(&mut s), ["250 2.0.0 Ok: queued as QID1"]);
+        assert_eq!(send(&mut s, "QUIT\r\n"), ["221 2.0.0 Bye"]);
+        assert!(s.is_done());
+        assert_eq!(s.stats(), " ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5");
+    }
+
+    #[test]
+    fn pipelining_in_order_and_paused_while_waiting() {
+        let mut s = session();
+        // Everything at once, including the content and the next commands.
+        let r = send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
+        );
+        assert_eq!(&r[7..], ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"]);
+        let (kinds, _) = requests(&mut s);
+        assert_eq!(kinds, ["open"]);
+        // The content waited for the 354, the RSET and QUIT for the 250.
+        assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+        let (kinds, content) = requests(&mut s);
+        assert_eq!(kinds, ["content", "close"]);
+        assert!(content.ends_with(b"\nbody\n"));
+        assert_eq!(
+            queued(&mut s),
+            [
+                "250 2.0.0 Ok: queued as QID1",
+                "250 2.0.0 Ok",
+                "221 2.0.0 Bye"
+            ]
+        );
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn pipelined_replies_keep_order() {
+        let mut s = session();
+        let r = send(
+            &mut s,
+            "HELO c\r\nRCPT TO:<a@b>\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nNOOP\r\nXYZZY\r\nRSET\r\n",
+        );
+        assert_eq!(
+            r,
+            [
+                "250 mx.example",
+                "503 5.5.1 Error: need MAIL command",
+                "250 2.1.0 Ok",
+                "503 5.5.1 Error: nested MAIL command",
+                "250 2.0.0 Ok",
+                "500 5.5.2 Error: command not recognized",
+                "250 2.0.0 Ok"
+            ]
+        );
+        // A command split over two reads.
+        assert_eq!(send(&mut s, "NO"), Vec::<String>::new());
+        assert_eq!(send(&mut s, "OP\r"), Vec::<String>::new());
+        assert_eq!(send(&mut s, "\n"), ["250 2.0.0 Ok"]);
+        // Bare LF ends a command too.
+        assert_eq!(send(&mut s, "NOOP\n"), ["250 2.0.0 Ok"]);
+    }
+
+    #[test]
+    fn relay_denied_and_logged_shape() {
+        let mut s = session_with(settings(), "192.0.2.7");
+        assert_eq!(s.namaddr(), "unknown[192.0.2.7]");
+        let r = send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@far.example>\r\nRCPT TO:<u@MX.example>\r\nRCPT TO:<postmaster>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            &r[7..],
+            [
+                "250 2.1.0 Ok",
+                "554 5.7.1 <a@far.example>: Relay access denied",
+                "250 2.1.5 Ok",
+                "250 2.1.5 Ok"
+            ]
+        );
+        let reqs = s.take_requests();
+        let CleanupRequest::Open(m) = &reqs[0] else {
+            panic!()
+        };
+        assert_eq!(m.recipients.len(), 2);
+    }
+
+    #[test]
+    fn data_errors() {
+        let mut s = session();
+        assert_eq!(
+            send(&mut s, "DATA\r\n"),
+            ["503 5.5.1 Error: need RCPT command"]
+        );
+        send(&mut s, "MAIL FROM:<a@b>\r\n");
+        assert_eq!(
+            send(&mut s, "DATA\r\n"),
+            ["554 5.5.1 Error: no valid recipients"]
+        );
+        send(&mut s, "RCPT TO:<u@mx.example>\r\n");
+        assert_eq!(send(&mut s, "DATA x\r\n"), ["501 5.5.4 Syntax: DATA"]);
+    }
+
+    #[test]
+    fn size_limit() {
+        let mut s = session();
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b> SIZE=1001\r\n"),
+            ["552 5.3.4 Message size exceeds fixed limit"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b> SIZE=x\r\n"),
+            ["501 5.5.4 Bad message size syntax"]
+        );
+        send(
+            &mut s,
+            "MAIL FROM:<a@b> SIZE=1000\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        s.take_requests();
+        opened(&mut s);
+        let line = "x".repeat(98) + "\r\n";
+        for _ in 0..9 {
+            assert!(send(&mut s, &line).is_empty());
+        }
+        let (kinds, _) = requests(&mut s);
+        assert_eq!(kinds, ["content"]);
+        // Over the limit: aborted at once, read to the end, then refused.
+        assert!(send(&mut s, &(line.clone() + &line)).is_empty());
+        let (kinds, _) = requests(&mut s);
+        assert_eq!(kinds, ["abort"]);
+        assert!(send(&mut s, &line).is_empty());
+        assert!(requests(&mut s).0.is_empty());
+        assert_eq!(
+            send(&mut s, ".\r\n"),
+            ["552 5.3.4 Error: message file too big"]
+        );
+        assert!(requests(&mut s).0.is_empty());
+        // The session goes on.
+        assert_eq!(send(&mut s, "MAIL FROM:<a@b>\r\n"), ["250 2.1.0 Ok"]);
+    }
+
+    #[test]
+    fn too_many_recipients() {
+        let mut s = session();
+        send(&mut s, "MAIL FROM:<a@b>\r\n");
+        for i in 0..3 {
+            assert_eq!(
+                send(&mut s, &format!("RCPT TO:<u{i}@mx.example>\r\n")),
+                ["250 2.1.5 Ok"]
+            );
+        }
+        assert_eq!(
+            send(&mut s, "RCPT TO:<u9@mx.example>\r\n"),
+            ["452 4.5.3 Error: too many recipients"]
+        );
+        assert_eq!(s.error_count, 0);
+    }
+
+    #[test]
+    fn error_limit_hangs_up() {
+        let mut s = session();
+        let r = send(&mut s, "A\r\nB\r\nC\r\nD\r\nE\r\nF\r\n");
+        assert_eq!(r.len(), 6);
+        assert_eq!(r[5], "421 4.7.0 mx.example Error: too many errors");
+        assert!(s.is_done());
+        assert_eq!(s.reason, Some("too many errors"));
+        assert_eq!(s.stats(), " unknown=0/5 commands=0/5");
+    }
+
+    #[test]
+    fn bad_commands() {
+        let mut cfg = settings();
+        cfg.hard_error_limit = 20;
+        let mut s = session_with(cfg, "127.0.0.1");
+        assert_eq!(send(&mut s, "NOOP\0x\r\n"), ["500 5.5.2 Error: bad syntax"]);
+        assert_eq!(send(&mut s, "\r\n"), ["500 5.5.2 Error: bad syntax"]);
+        s.receive(b"NOOP \xff\r\n");
+        assert_eq!(out(&mut s), ["500 5.5.2 Error: bad UTF-8 syntax"]);
+        let long = "NOOP ".to_string() + &"x".repeat(3000) + "\r\n";
+        assert_eq!(
+            send(&mut s, &long),
+            ["500 5.5.2 mx.example Error: command too long"]
+        );
+        // Arriving in pieces, longer than the limit before its end.
+        assert!(send(&mut s, &"y".repeat(2500)).is_empty());
+        assert!(send(&mut s, &"y".repeat(2500)).is_empty());
+        assert_eq!(
+            send(&mut s, "y\r\nNOOP\r\n"),
+            [
+                "500 5.5.2 mx.example Error: command too long",
+                "250 2.0.0 Ok"
+            ]
+        );
+        assert_eq!(
+            send(&mut s, "STARTTLS\r\n"),
+            ["502 5.5.1 Error: command not implemented"]
+        );
+        assert_eq!(s.error_count, 6);
+    }
+
+    #[test]
+    fn header_as_command_ends_session() {
+        let mut s = session();
+        assert_eq!(
+            send(&mut s, "Subject: hello\r\nNOOP\r\n"),
+            ["221 2.7.0 Error: I can break rules, too. Goodbye."]
+        );
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn address_syntax() {
+        let mut cfg = settings();
+        cfg.hard_error_limit = 20;
+        let mut s = session_with(cfg, "127.0.0.1");
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a b@c>\r\n"),
+            ["501 5.1.7 Bad sender address syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@c\r\n"),
+            ["501 5.1.7 Bad sender address syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM <a@c>\r\n"),
+            ["501 5.5.4 Syntax: MAIL FROM:<address>"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@c> FOO=1\r\n"),
+            ["555 5.5.4 Unsupported option: FOO=1"]
+        );
+        assert_eq!(send(&mut s, "mail from: <a@c>\r\n"), ["250 2.1.0 Ok"]);
+        assert_eq!(
+            send(&mut s, "RCPT TO:<>\r\n"),
+            ["501 5.1.3 Bad recipient address syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<u@mx.example> NOTIFY=NEVER,DELAY\r\n"),
+            ["501 5.5.4 Error: Bad NOTIFY parameter syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<u@mx.example> FOO\r\n"),
+            ["555 5.5.4 Unsupported option: FOO"]
+        );
+        assert_eq!(send(&mut s, "RCPT TO:u@mx.example\r\n"), ["250 2.1.5 Ok"]);
+    }
+
+    #[test]
+    fn helo_required_and_vrfy() {
+        let mut cfg = settings();
+        cfg.helo_required = true;
+        let mut s = session_with(cfg.clone(), "127.0.0.1");
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b>\r\n"),
+            ["503 5.5.1 Error: send HELO/EHLO first"]
+        );
+        assert_eq!(
+            send(&mut s, "VRFY <u@mx.example>\r\n"),
+            ["252 2.0.0 <u@mx.example>"]
+        );
+        assert_eq!(send(&mut s, "VRFY\r\n"), ["501 5.5.4 Syntax: VRFY address"]);
+        cfg.disable_vrfy = true;
+        let mut s = session_with(cfg, "127.0.0.1");
+        assert_eq!(
+            send(&mut s, "VRFY u\r\n"),
+            ["502 5.5.1 VRFY command is disabled"]
+        );
+        let r = send(&mut s, "EHLO c\r\n");
+        assert!(!r.iter().any(|l| l.contains("VRFY")));
+    }
+
+    #[test]
+    fn smuggled_dot_does_not_end_data() {
+        let mut s = session();
+        send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        s.take_requests();
+        opened(&mut s);
+        let r = send(
+            &mut s,
+            "x\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@mx.example>\r\nDATA\r\nevil\r\n",
+        );
+        assert!(r.is_empty(), "{r:?}");
+        assert!(s.wants_input());
+        assert_eq!(send(&mut s, ".\r\n"), Vec::<String>::new());
+        let (kinds, content) = requests(&mut s);
+        assert_eq!(kinds, ["content", "close"]);
+        assert!(content.ends_with(b"\nx\nMAIL FROM:<evil@x>\nRCPT TO:<v@mx.example>\nDATA\nevil\n"));
+    }
+
+    #[test]
+    fn end_of_data_split_across_reads() {
+        let mut s = session();
+        send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        s.take_requests();
+        opened(&mut s);
+        for piece in ["text\r", "\n", ".", "\r", "\nNO", "OP\r\n"] {
+            assert!(send(&mut s, piece).is_empty());
+        }
+        let (kinds, content) = requests(&mut s);
+        assert_eq!(kinds, ["content", "close"]);
+        assert!(content.ends_with(b"\ntext\n"));
+        assert_eq!(
+            queued(&mut s),
+            ["250 2.0.0 Ok: queued as QID1", "250 2.0.0 Ok"]
+        );
+    }
+
+    #[test]
+    fn cleanup_failures() {
+        // Unreachable at DATA.
+        let mut s = session();
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nNOOP\r\n",
+        );
+        s.take_requests();
+        s.cleanup_lost();
+        assert_eq!(out(&mut s), [WRITE_ERROR, "250 2.0.0 Ok"]);
+        // Lost during the content: read to the end, then 451.
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        s.take_requests();
+        opened(&mut s);
+        send(&mut s, "a\r\n");
+        s.cleanup_lost();
+        assert!(send(&mut s, "b\r\n").is_empty());
+        assert_eq!(send(&mut s, ".\r\n"), [WRITE_ERROR]);
+        // Refused at the end.
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        opened(&mut s);
+        send(&mut s, "a\r\n.\r\n");
+        s.cleanup_reply(CleanupReply::Failed {
+            temporary: false,
+            dsn: "5.4.6".into(),
+            reason: "too many hops".into(),
+        });
+        assert_eq!(out(&mut s), ["554 5.4.6 Error: too many hops"]);
+        assert_eq!(
+            failure_reply(true, "", ""),
+            "451 4.3.0 Error: queue file write error"
+        );
+        assert_eq!(
+            failure_reply(false, "5.3.4", "message file too big"),
+            "552 5.3.4 Error: message file too big"
+        );
+    }
+
+    #[test]
+    fn client_leaves_mid_data() {
+        let mut s = session();
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        );
+        s.take_requests();
+        opened(&mut s);
+        send(&mut s, "partial\r\n");
+        s.take_requests();
+        s.client_eof();
+        let (kinds, _) = requests(&mut s);
+        assert_eq!(kinds, ["abort"]);
+        assert!(s.is_done());
+        assert_eq!(s.where_, "DATA");
+        assert_eq!(s.reason, Some("lost connection"));
+        s.finish();
+    }
+
+    #[test]
+    fn timeout_reply() {
+        let mut s = session();
+        s.timeout();
+        assert_eq!(
+            out(&mut s),
+            ["421 4.4.2 mx.example Error: timeout exceeded"]
+        );
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn multiple_recipients_received_has_no_for() {
+        let mut s = session();
+        send(&mut s, "HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nRCPT TO:<v@mx.example>\r\nDATA\r\n");
+        s.take_requests();
+        opened(&mut s);
+        send(&mut s, ".\r\n");
+        let (_, content) = requests(&mut s);
+        let content = String::from_utf8(content).unwrap();
+        assert!(content.starts_with("Received: from c (localhost [127.0.0.1])\n\tby mx.example (Postern) with SMTP id QID1;\n\t"), "{content}");
+        assert!(!content.contains("for <"));
+    }
+}
