@@ -7,6 +7,7 @@
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`addr`]: envelope addresses.
+//! - [`base64`]: base64 for SASL.
 //! - [`cidr`]: network blocks (`mynetworks`, `cidr:` tables).
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
@@ -14,6 +15,7 @@
 //! - [`time`]: RFC 5322 dates.
 
 pub mod addr;
+pub mod base64;
 pub mod cidr;
 pub mod delivery;
 pub mod ipc;
