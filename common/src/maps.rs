@@ -121,31 +121,7 @@ impl Tables {
 /// Splits a list of table specs on commas and white space, keeping
 /// `{ ... }` groups whole.
 pub fn split_specs(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut depth = 0;
-    for c in value.chars() {
-        match c {
-            '{' => {
-                depth += 1;
-                cur.push(c)
-            }
-            '}' => {
-                depth -= 1;
-                cur.push(c)
-            }
-            c if depth == 0 && (c == ',' || c.is_whitespace()) => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
+    postern_conf::split_braced(value, true)
 }
 
 /// The compiled file of a `hash:` table.

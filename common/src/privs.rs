@@ -17,18 +17,24 @@ pub struct Account {
     pub shell: std::path::PathBuf,
 }
 
-/// Looks up an account by name.
-pub fn user(name: &str) -> Option<Account> {
-    nix::unistd::User::from_name(name)
-        .ok()
-        .flatten()
-        .map(|u| Account {
+impl From<nix::unistd::User> for Account {
+    fn from(u: nix::unistd::User) -> Account {
+        Account {
             name: u.name,
             uid: u.uid.as_raw(),
             gid: u.gid.as_raw(),
             home: u.dir,
             shell: u.shell,
-        })
+        }
+    }
+}
+
+/// Looks up an account by name.
+pub fn user(name: &str) -> Option<Account> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(Account::from)
 }
 
 /// Looks up an account by uid.
@@ -36,13 +42,7 @@ pub fn user_by_uid(uid: u32) -> Option<Account> {
     nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
-        .map(|u| Account {
-            name: u.name,
-            uid: u.uid.as_raw(),
-            gid: u.gid.as_raw(),
-            home: u.dir,
-            shell: u.shell,
-        })
+        .map(Account::from)
 }
 
 /// Looks up a group id by name.

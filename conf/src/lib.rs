@@ -353,6 +353,33 @@ pub fn parse_time(v: &str) -> Option<u64> {
     num.trim().parse::<u64>().ok().map(|n| n * mult)
 }
 
+/// Splits on white space (and on commas when `commas`), keeping `{ ... }`
+/// groups whole: Postfix 3's syntax for values with spaces in master.cf
+/// and in lookup-table lists (`inline:{ a=b, c=d }`).
+pub fn split_braced(v: &str, commas: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut depth = 0i32;
+    for c in v.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && (c.is_whitespace() || (commas && c == ',')) {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// Splits a list value on commas and white space, dropping empty items.
 pub fn split_list(v: &str) -> Vec<String> {
     v.split(|c: char| c == ',' || c.is_whitespace())

@@ -120,7 +120,7 @@ pub fn parse(
             line,
             reason,
         };
-        let fields = tokenize(&l);
+        let fields = crate::split_braced(&l, false);
         if fields.len() < 8 {
             return Err(err(format!(
                 "expected 8 or more fields, found {}",
@@ -211,36 +211,6 @@ pub fn parse(
         }
     }
     Ok(out)
-}
-
-/// Splits on white space, keeping `{ ... }` groups (Postfix 3 syntax for
-/// values with spaces) as one field.
-fn tokenize(l: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut depth = 0;
-    for c in l.chars() {
-        match c {
-            '{' => {
-                depth += 1;
-                cur.push(c);
-            }
-            '}' => {
-                depth -= 1;
-                cur.push(c);
-            }
-            c if c.is_whitespace() && depth == 0 => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 #[cfg(test)]
