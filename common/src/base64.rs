@@ -21,7 +21,7 @@ pub fn encode(data: &[u8]) -> String {
 /// Decodes; white space is not allowed. `None` for malformed input.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 4 != 0 {
+    if !t.len().is_multiple_of(4) {
         return None;
     }
     let val = |c: u8| -> Option<u32> {
