@@ -388,6 +388,24 @@ def test_relay_denied_outside_mynetworks(make_postern, optional_local_users):
             assert code == 250, (code, text)
 
 
+def test_wildcard_listener_serves_ipv4_and_ipv6(make_postern):
+    """A master.cf service given as a bare port listens on every
+    inet_interfaces address (the default, all): IPv4 and IPv6 clients are
+    both served, and each is logged with its own address."""
+    port = h.free_port()
+    p = make_postern(master_cf_extra=[f"{port} inet n - n - - smtpd"])
+    for host in ("127.0.0.1", "::1"):
+        s = smtplib.SMTP(host, port, timeout=10)
+        try:
+            code, _ = s.ehlo("client.example")
+            assert code == 250
+        finally:
+            s.quit()
+    log = p.log_text()
+    assert "connect from localhost[127.0.0.1]" in log, log
+    assert "connect from localhost[::1]" in log, log
+
+
 def test_postconf(make_postern):
     p = make_postern(start=False)
 

@@ -34,7 +34,9 @@ fn port_of(s: &str) -> Result<u16, String> {
     }
 }
 
-fn tcp_listen(addr: SocketAddr) -> Result<OwnedFd, String> {
+/// `v6only` = false makes an IPv6 wildcard socket take IPv4 clients too
+/// (as IPv4-mapped addresses, which smtpd maps back).
+fn tcp_listen(addr: SocketAddr, v6only: bool) -> Result<OwnedFd, String> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -46,9 +48,7 @@ fn tcp_listen(addr: SocketAddr) -> Result<OwnedFd, String> {
     let res = match addr {
         SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
         SocketAddr::V6(a) => {
-            // One socket per family, so that an IPv4 client is never seen
-            // as an IPv4-mapped IPv6 address.
-            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)
                 .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
             socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))
         }
@@ -73,14 +73,9 @@ fn inet_addresses(cfg: &Config, svc: &Service) -> Result<Vec<SocketAddr>, String
     let mut out = Vec::new();
     for h in hosts {
         match h.as_str() {
-            "all" => {
-                if want4 {
-                    out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
-                }
-                if want6 {
-                    out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
-                }
-            }
+            // Both families on one dual-stack socket (see `open`).
+            "all" if want6 => out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
+            "all" => out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)),
             "loopback-only" | "localhost" => {
                 if want4 {
                     out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
@@ -108,19 +103,22 @@ pub fn open(cfg: &Config, svc: &Service, owner: Option<(u32, u32)>) -> Result<Li
     match svc.kind {
         ServiceType::Inet => {
             let addrs = inet_addresses(cfg, svc)?;
+            let want4 = {
+                let p = cfg.get("inet_protocols");
+                p.contains("all") || p.contains("ipv4")
+            };
             let mut fds = Vec::new();
-            let mut errors = Vec::new();
             for a in &addrs {
-                match tcp_listen(*a) {
+                let wildcard6 = a.is_ipv6() && a.ip().is_unspecified();
+                match tcp_listen(*a, !(wildcard6 && want4)) {
                     Ok(fd) => fds.push(fd),
-                    // An unspecified IPv6 address on a host without IPv6 is
-                    // not fatal when IPv4 works.
-                    Err(e) if a.ip().is_unspecified() && a.is_ipv6() => errors.push(e),
+                    // A host without IPv6: the IPv4 wildcard does the job.
+                    Err(_) if wildcard6 && want4 => {
+                        let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), a.port());
+                        fds.push(tcp_listen(v4, true)?);
+                    }
                     Err(e) => return Err(e),
                 }
-            }
-            if fds.is_empty() {
-                return Err(errors.join("; "));
             }
             Ok(Listener { fds, path: None })
         }
