@@ -68,11 +68,23 @@ pub fn run(cfg: &Config) -> ! {
             }
         };
         let queued = matches!(reply, CleanupReply::Queued { .. });
-        let _ = ipc::send(&mut conn, &reply);
+        let told = ipc::send(&mut conn, &reply).is_ok();
+        if queued && !told {
+            // The client is gone before it heard "queued", so nobody told
+            // the sender 250: withdraw the message rather than deliver
+            // mail its sender believes failed. If qmgr already took it,
+            // it is delivered (a duplicate at worst, never a loss).
+            let path = tree.path(postern_common::queue::Queue::Incoming, &id);
+            if std::fs::remove_file(&path).is_ok() {
+                postern_common::warning!(
+                    "{id}: client went away before the reply; message withdrawn"
+                );
+                return;
+            }
+        }
         if queued {
-            // Even if the client vanished now, the message is safely queued
-            // and will be delivered; a client that retries may cause a
-            // duplicate, which is the lesser evil.
+            // From here on a client that vanished was told the message is
+            // queued: it will be delivered.
             let _ = ipc::wake(&qmgr, &[Wakeup::Incoming]);
         }
     })

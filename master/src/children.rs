@@ -5,6 +5,8 @@
 //! end of the service's status pipe on fd 4, and, when master runs as root
 //! and the service is unprivileged, the uid and gid of `mail_owner` with no
 //! capabilities, set before exec so that the daemon never runs as root.
+//! Every child gets SIGTERM when master dies (PR_SET_PDEATHSIG), so that a
+//! master killed outright leaves no daemon holding its listeners.
 
 use postern_common::service::{LISTEN_FD, STATUS_FD};
 use std::os::fd::{AsRawFd, RawFd};
@@ -42,6 +44,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     let listen = spec.listen_fds.clone();
     let status = spec.status_fd;
     let drop = spec.drop_to;
+    // SAFETY: getpid has no preconditions.
+    let master = unsafe { libc::getpid() };
     // SAFETY: between fork and exec we only make system calls (dup,
     // dup2, fcntl, and the ones in privs::drop_to), which are
     // async-signal-safe, and allocate nothing.
@@ -82,6 +86,15 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
             if let Some((uid, gid)) = drop {
                 postern_common::privs::drop_to(uid, gid)?;
+            }
+            // A daemon must not outlive master: a new master could not
+            // bind the listeners it holds. Set after the privilege change,
+            // which clears this setting; then check master did not die
+            // just before.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+                || libc::getppid() != master
+            {
+                libc::_exit(1);
             }
             Ok(())
         });

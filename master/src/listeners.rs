@@ -53,6 +53,19 @@ fn tcp_listen(addr: SocketAddr, v6only: bool) -> Result<OwnedFd, String> {
             socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))
         }
     };
+    // Daemons of a master that was just killed may hold the port for a
+    // moment while they exit: retry for a few seconds before giving up.
+    let mut res = res;
+    for _ in 0..50 {
+        if res != Err(nix::errno::Errno::EADDRINUSE) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        res = match addr {
+            SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+            SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+        };
+    }
     res.map_err(|e| format!("bind {addr}: {e}"))?;
     socket::listen(&fd, socket::Backlog::new(128).unwrap())
         .map_err(|e| format!("listen {addr}: {e}"))?;
