@@ -1,0 +1,112 @@
+"""master as an administrator meets it: reload, process limits, the
+throttle on a crashing service, one master per queue, and `postern check`
+preparing the queue tree."""
+
+import os
+import smtplib
+import stat
+import threading
+import time
+
+import postern_harness as h
+from postern_harness import wait_for
+
+
+def greeting(p):
+    """The text of the 220 greeting."""
+    s = smtplib.SMTP(timeout=10)
+    try:
+        code, text = s.connect("127.0.0.1", p.port)
+        assert code == 220, (code, text)
+        return text.decode()
+    finally:
+        s.close()
+
+
+def test_reload_applies_main_cf_and_keeps_listening(make_postern):
+    p = make_postern(params={"smtpd_banner": "$myhostname ESMTP before-reload"})
+    assert "before-reload" in greeting(p)
+    r = p.postconf("-e", "smtpd_banner=$myhostname ESMTP after-reload")
+    assert r.returncode == 0, h.describe(r)
+    # Clients keep connecting through the reload: none may be refused.
+    refused = []
+    stop = threading.Event()
+
+    def knock():
+        while not stop.is_set():
+            try:
+                greeting(p)
+            except (OSError, AssertionError, smtplib.SMTPException) as e:
+                refused.append(repr(e))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=knock)
+    t.start()
+    try:
+        r = p.postern("reload")
+        assert r.returncode == 0, h.describe(r)
+        wait_for(lambda: "after-reload" in greeting(p), timeout=20,
+                 what="the new banner after reload")
+    finally:
+        stop.set()
+        t.join()
+    assert not refused, refused[:3]
+    assert "reload" in p.log_text()
+
+
+def test_maxproc_limits_processes(make_postern, sink):
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    # Replace the smtp service line with maxproc 1.
+    text = (p.etc / "master.cf").read_text()
+    lines = [("smtp      unix  -       -       n       -       1       smtp"
+              if line.startswith("smtp ") and " unix " in line else line)
+             for line in text.splitlines()]
+    (p.etc / "master.cf").write_text("\n".join(lines) + "\n")
+    assert p.postern("reload").returncode == 0
+    seen = 0
+    for i in range(30):
+        code, text = p.send("load@postern.test", [f"r{i}@remote.example"], f"Subject: m{i}\n\nx\n")
+        assert code == 250, text
+        seen = max(seen, len(p.child_pids("smtp")))
+    wait_for(lambda: len(sink.messages) >= 30, timeout=60, what="30 messages at the sink")
+    assert seen <= 1, f"{seen} smtp processes with maxproc 1"
+
+
+def test_crashing_service_is_throttled(make_postern):
+    p = make_postern(params={"service_throttle_time": "60s"},
+                     master_cf_extra=["broken    unix  -       -       n       -       -       /bin/false"])
+    # Connecting to the service's socket makes master start the program.
+    import socket
+    for _ in range(5):
+        c = socket.socket(socket.AF_UNIX)
+        try:
+            c.connect(str(p.queue / "private" / "broken"))
+        finally:
+            c.close()
+        time.sleep(0.2)
+    wait_for(lambda: "throttling" in p.log_text(), timeout=20, what="the throttle warning")
+    time.sleep(1)
+    starts = p.log_text().count("process /bin/false pid")
+    assert starts == 1, f"/bin/false started {starts} times despite the throttle"
+    # The rest of the system still works.
+    assert "ESMTP" in greeting(p)
+
+
+def test_one_master_per_queue(make_postern):
+    p = make_postern()
+    r = p.postern("start")
+    assert r.returncode != 0
+    assert "already running" in r.stderr, h.describe(r)
+    # master itself refuses too, not only the postern command.
+    r = h.run([p.cmd("master"), "-c", p.etc, "-d"], env=p.env(), timeout=20)
+    assert r.returncode != 0 and "already running" in r.stderr, h.describe(r)
+
+
+def test_check_creates_queue_tree(make_postern):
+    p = make_postern(start=False)
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)
+    for d, mode in (("incoming", 0o700), ("active", 0o700), ("deferred", 0o700),
+                    ("maildrop", 0o730), ("public", 0o710), ("private", 0o700)):
+        st = os.stat(p.queue / d)
+        assert stat.S_IMODE(st.st_mode) == mode, (d, oct(st.st_mode))
