@@ -11,13 +11,20 @@
 //! marks the file complete, fsyncs it and its directory, answers Queued,
 //! and only then wakes qmgr (`public/qmgr`). A client that closes before
 //! Close, or a refusal, leaves nothing in the queue.
-//! What it may touch: `incoming/` only. It runs as `mail_owner`.
+//! What it may touch: `incoming/` and `hold/` only. It runs as `mail_owner`.
+//!
+//! Address rewriting (canonical, masquerade, virtual alias) and
+//! `header_checks`/`body_checks` (REJECT, DISCARD, HOLD, IGNORE, WARN,
+//! REPLACE, PREPEND) are [`rewrite`]'s; a HOLD message is written to
+//! `hold/`, a DISCARD one is answered as queued and removed.
 //!
 //! Modules: [`message`] (one message, Open to Close), [`headers`] (header
-//! section parsing and address extraction), [`server`] (the connection).
+//! section parsing and address extraction), [`rewrite`] (address mapping
+//! and content checks), [`server`] (the connection).
 
 mod headers;
 mod message;
+mod rewrite;
 mod server;
 
 fn main() {

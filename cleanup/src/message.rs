@@ -4,6 +4,7 @@
 //! content, and the body is streamed straight through.
 
 use crate::headers::{self, Header};
+use crate::rewrite::{self, Action, Rewriter};
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, Queue, QueueTree};
@@ -18,6 +19,8 @@ pub struct Settings {
     pub header_size_limit: usize,
     pub message_size_limit: u64,
     pub hopcount_limit: usize,
+    /// Canonical, masquerade and virtual alias mapping; header and body checks.
+    pub rewriter: Rewriter,
 }
 
 impl Settings {
@@ -33,6 +36,7 @@ impl Settings {
             header_size_limit: cfg.get_u64("header_size_limit").unwrap_or(102400) as usize,
             message_size_limit: cfg.get_u64("message_size_limit").unwrap_or(10240000),
             hopcount_limit: cfg.get_u64("hopcount_limit").unwrap_or(50) as usize,
+            rewriter: Rewriter::from_config(cfg),
         }
     }
 }
@@ -85,6 +89,12 @@ pub struct Message<'a> {
     total: u64,
     refused: Option<Refusal>,
     message_id: Option<String>,
+    /// A header or body check said HOLD: the file goes to `hold/`.
+    hold: Option<String>,
+    /// A header or body check said DISCARD: answered as queued, removed.
+    discard: Option<String>,
+    /// The unfinished last body line, when body_checks need whole lines.
+    body_partial: Vec<u8>,
 }
 
 impl<'a> Message<'a> {
@@ -101,10 +111,22 @@ impl<'a> Message<'a> {
                 reason: "no recipients specified".into(),
             });
         }
-        new.sender = postern_common::addr::qualify(&new.sender, &settings.myorigin);
-        for r in &mut new.recipients {
-            r.address = postern_common::addr::qualify(&r.address, &settings.myorigin);
+        if let Some(e) = settings.rewriter.errors.first() {
+            return Err(Refusal {
+                temporary: true,
+                dsn: "4.3.0",
+                reason: format!("table lookup failure: {e}"),
+            });
         }
+        let rw = &settings.rewriter;
+        new.sender = postern_common::addr::qualify(&new.sender, &settings.myorigin);
+        new.sender = rw.address(&new.sender, "envelope_sender");
+        let mut recipients = Vec::with_capacity(new.recipients.len());
+        for r in std::mem::take(&mut new.recipients) {
+            let given = postern_common::addr::qualify(&r.address, &settings.myorigin);
+            recipients.extend(rewrite_recipient(rw, r, &given)?);
+        }
+        new.recipients = recipients;
         let nf = tree.create(Queue::Incoming).map_err(Refusal::write_error)?;
         let mut w = qfile::Writer::new(nf.file).map_err(Refusal::write_error)?;
         let (secs, usecs) = queue::now();
@@ -130,6 +152,9 @@ impl<'a> Message<'a> {
             total: 0,
             refused: None,
             message_id: None,
+            hold: None,
+            discard: None,
+            body_partial: Vec::new(),
         };
         if let Err(e) = res {
             m.discard();
@@ -152,8 +177,13 @@ impl<'a> Message<'a> {
             });
             return;
         }
+        let checked = self.body_checked();
         while !data.is_empty() {
             match &mut self.part {
+                Part::Body if checked => {
+                    self.body_lines(data);
+                    return;
+                }
                 Part::Body => {
                     let r = self.writer.as_mut().map(|w| w.content(data));
                     if let Some(Err(e)) = r {
@@ -258,13 +288,15 @@ impl<'a> Message<'a> {
             {
                 for a in headers::addresses(&h.value()) {
                     let a = postern_common::addr::qualify(&a, &s.myorigin);
-                    if !self
-                        .new
-                        .recipients
-                        .iter()
-                        .any(|r| r.address.eq_ignore_ascii_case(&a))
-                    {
-                        self.new.recipients.push(Recipient::new(&a));
+                    for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
+                        if !self
+                            .new
+                            .recipients
+                            .iter()
+                            .any(|x| x.address.eq_ignore_ascii_case(&r.address))
+                        {
+                            self.new.recipients.push(r);
+                        }
                     }
                 }
             }
@@ -276,6 +308,7 @@ impl<'a> Message<'a> {
                 });
             }
         }
+        self.rewrite_headers()?;
         let fixup = self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0;
         let mut added: Vec<String> = Vec::new();
         if fixup {
@@ -330,6 +363,25 @@ impl<'a> Message<'a> {
                 .find(|h| h.is("message-id"))
                 .map(|h| h.value());
         }
+        // Mail from sendmail (through pickup) gets Postfix's trace header:
+        // Received: by HOST (Postern, from userid N) id ID; DATE.
+        let attr = |name: &str| {
+            self.new
+                .attrs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let received = match (attr(qfile::attr::PROTOCOL), attr(qfile::attr::SUBMITTER)) {
+            (Some("sendmail"), Some(sub)) => Some(format!(
+                "Received: by {} (Postern, from userid {})\n\tid {}; {}\n",
+                s.myhostname,
+                sub.trim_start_matches("uid="),
+                self.id,
+                postern_common::time::rfc5322_date(postern_common::time::now_secs())
+            )),
+            _ => None,
+        };
         let drop = &s.drop_headers;
         let w = self
             .writer
@@ -340,6 +392,9 @@ impl<'a> Message<'a> {
                 w.recipient(r)?;
             }
             w.begin_content()?;
+            if let Some(r) = &received {
+                w.content(r.as_bytes())?;
+            }
             for h in &self.headers {
                 if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
                     w.content(&h.text)?;
@@ -353,14 +408,186 @@ impl<'a> Message<'a> {
                     // The body started without a blank line: add one so the
                     // stored message has a well-formed header section.
                     w.content(b"\n")?;
+                    Ok::<Option<Vec<u8>>, io::Error>(Some(line))
+                } else {
+                    w.content(&line)?;
+                    Ok(None)
                 }
-                w.content(&line)?;
             } else {
                 w.content(b"\n")?;
+                Ok(None)
             }
-            Ok::<(), io::Error>(())
         })();
-        res.map_err(Refusal::write_error)
+        match res.map_err(Refusal::write_error)? {
+            Some(first) if self.body_checked() => self.body_lines(&first),
+            Some(first) => {
+                if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&first)) {
+                    return Err(Refusal::write_error(e));
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn body_checked(&self) -> bool {
+        self.settings.rewriter.has_body_checks()
+            && self.new.flags & cleanup_flags::NOTIFICATION == 0
+    }
+
+    /// Body content, line by line through `body_checks`.
+    fn body_lines(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && self.refused.is_none() {
+            let nl = data.iter().position(|&b| b == b'\n');
+            let (part, rest) = match nl {
+                Some(i) => (&data[..=i], &data[i + 1..]),
+                None => (data, &data[data.len()..]),
+            };
+            self.body_partial.extend_from_slice(part);
+            data = rest;
+            // A very long line is checked in pieces, as Postfix does.
+            if nl.is_some() || self.body_partial.len() >= 64 * 1024 {
+                let line = std::mem::take(&mut self.body_partial);
+                self.body_line(line);
+            }
+        }
+    }
+
+    fn body_line(&mut self, line: Vec<u8>) {
+        let action = self.settings.rewriter.check_body_line(&line);
+        let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
+        let out: Vec<Vec<u8>> = match self.apply("body", &text, action) {
+            Applied::Keep => vec![line],
+            Applied::Drop => vec![],
+            Applied::Replace(t) => vec![format!("{t}\n").into_bytes()],
+            Applied::Prepend(t) => vec![format!("{t}\n").into_bytes(), line],
+        };
+        for l in out {
+            if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&l)) {
+                self.refused = Some(Refusal::write_error(e));
+                return;
+            }
+        }
+    }
+
+    /// Carries out a header or body check action; logs it as Postfix
+    /// does (`ID: reject: header Subject: ...; from=<...> to=<...>: text`).
+    fn apply(&mut self, what: &str, text: &str, action: Action) -> Applied {
+        let shown: String = text.chars().take(200).collect();
+        let to = self
+            .new
+            .recipients
+            .first()
+            .map(|r| r.address.clone())
+            .unwrap_or_default();
+        let log = |word: &str, reason: &str| {
+            postern_common::info!(
+                "{}: {word}: {what} {shown} from {}; from=<{}> to=<{to}>{}",
+                self.id,
+                self.new.origin,
+                self.new.sender,
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                }
+            );
+        };
+        match action {
+            Action::Keep => Applied::Keep,
+            Action::Ignore => Applied::Drop,
+            Action::Warn(t) => {
+                log("warning", &t);
+                Applied::Keep
+            }
+            Action::Reject(t) => {
+                let t = if t.is_empty() {
+                    "message content rejected".to_string()
+                } else {
+                    t
+                };
+                log("reject", &format!("5.7.1 {t}"));
+                if self.refused.is_none() {
+                    self.refused = Some(Refusal {
+                        temporary: false,
+                        dsn: "5.7.1",
+                        reason: t,
+                    });
+                }
+                Applied::Keep
+            }
+            Action::Discard(t) => {
+                log("discard", &t);
+                self.discard.get_or_insert(t);
+                Applied::Keep
+            }
+            Action::Hold(t) => {
+                log("hold", &t);
+                self.hold.get_or_insert(t);
+                Applied::Keep
+            }
+            Action::Replace(t) => Applied::Replace(t),
+            Action::Prepend(t) => Applied::Prepend(t),
+        }
+    }
+
+    /// header_checks, then canonical/masquerade rewriting of the
+    /// addresses in sender and recipient headers.
+    fn rewrite_headers(&mut self) -> Result<(), Refusal> {
+        let rw = &self.settings.rewriter;
+        let check = rw.has_header_checks() && self.new.flags & cleanup_flags::NOTIFICATION == 0;
+        let old = std::mem::take(&mut self.headers);
+        let mut out = Vec::with_capacity(old.len());
+        for mut h in old {
+            if check {
+                let action = self.settings.rewriter.check_header(&h.text);
+                let text = String::from_utf8_lossy(&h.text)
+                    .replace(['\r', '\n'], "")
+                    .to_string();
+                match self.apply("header", &text, action) {
+                    Applied::Keep => {}
+                    Applied::Drop => continue,
+                    Applied::Replace(t) => match headers::header_name(t.as_bytes()) {
+                        Some(n) => {
+                            h = Header {
+                                name: n.to_string(),
+                                text: format!("{t}\n").into_bytes(),
+                            }
+                        }
+                        None => continue,
+                    },
+                    Applied::Prepend(t) => {
+                        if let Some(n) = headers::header_name(t.as_bytes()) {
+                            out.push(Header {
+                                name: n.to_string(),
+                                text: format!("{t}\n").into_bytes(),
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(class) = rewrite::header_class(&h.name) {
+                let mut text = String::from_utf8_lossy(&h.text).into_owned();
+                let mut changed = false;
+                for a in headers::addresses(&h.value()) {
+                    let q = postern_common::addr::qualify(&a, &self.settings.myorigin);
+                    let n = self.settings.rewriter.address(&q, class);
+                    if n != q && !a.is_empty() {
+                        text = text.replace(&a, &n);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    h.text = text.into_bytes();
+                }
+            }
+            out.push(h);
+        }
+        self.headers = out;
+        match self.refused.take() {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
     }
 
     /// Makes the file durable and reports the queue ID, or refuses.
@@ -377,14 +604,39 @@ impl<'a> Message<'a> {
                 }
             }
         }
+        if self.refused.is_none() && !self.body_partial.is_empty() {
+            let line = std::mem::take(&mut self.body_partial);
+            self.body_line(line);
+        }
         if let Some(r) = self.refused.take() {
             self.discard();
             return Err(r);
         }
+        if self.discard.is_some() {
+            // Answered as queued, as Postfix does; nothing is delivered.
+            self.discard();
+            return Ok(self.id.clone());
+        }
+        let mut dir = Queue::Incoming;
+        if self.hold.is_some() {
+            // Renamed before it is complete, so qmgr never sees it.
+            if let Err(e) = std::fs::rename(
+                self.tree.path(Queue::Incoming, &self.id),
+                self.tree.path(Queue::Hold, &self.id),
+            ) {
+                self.discard();
+                return Err(Refusal::write_error(e));
+            }
+            dir = Queue::Hold;
+        }
         let w = self.writer.take().expect("writer present until close");
         let done = w
             .finish()
-            .and_then(|_| queue::sync_dir(&self.tree.dir(Queue::Incoming)));
+            .and_then(|_| queue::sync_dir(&self.tree.dir(dir)))
+            .and_then(|_| match dir {
+                Queue::Hold => queue::sync_dir(&self.tree.dir(Queue::Incoming)),
+                _ => Ok(()),
+            });
         match done {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();
@@ -402,7 +654,47 @@ impl<'a> Message<'a> {
     pub fn discard(&mut self) {
         self.writer = None;
         let _ = std::fs::remove_file(self.tree.path(Queue::Incoming, &self.id));
+        if self.hold.is_some() {
+            let _ = std::fs::remove_file(self.tree.path(Queue::Hold, &self.id));
+        }
     }
+}
+
+/// What a check leaves of a header or body line.
+enum Applied {
+    Keep,
+    Drop,
+    Replace(String),
+    Prepend(String),
+}
+
+/// Canonical mapping, then virtual aliasing of one envelope recipient;
+/// `given` is its address as given (qualified), kept as the original.
+fn rewrite_recipient(rw: &Rewriter, r: Recipient, given: &str) -> Result<Vec<Recipient>, Refusal> {
+    let canonical = rw.address(given, "envelope_recipient");
+    let expanded = rw.virtual_alias(&canonical).map_err(|e| Refusal {
+        temporary: false,
+        dsn: "5.4.6",
+        reason: e,
+    })?;
+    let original = if r.original.is_empty() {
+        given.to_string()
+    } else {
+        r.original.clone()
+    };
+    Ok(expanded
+        .into_iter()
+        .map(|address| Recipient {
+            original: if address == original {
+                String::new()
+            } else {
+                original.clone()
+            },
+            address,
+            notify: r.notify,
+            orcpt: r.orcpt.clone(),
+        })
+        .collect())
 }
 
 /// `20261122141142` in UTC, for Message-Id.

@@ -158,6 +158,9 @@ impl Job {
                 ok = false;
             }
         }
+        if outcome == Outcome::Sent && r.rcpt.notify & qfile::NOTIFY_SUCCESS != 0 {
+            record_success(&self.tree, &self.req.queue_id, r, dsn, relay, reason);
+        }
         let outcome = if outcome != Outcome::Deferred && ok {
             match qfile::mark_done(&self.file, r.offset) {
                 Ok(()) => outcome,
@@ -182,6 +185,15 @@ impl Job {
         });
     }
 
+    /// Takes an outcome that another agent already recorded (local hands a
+    /// recipient to its `mailbox_transport`, whose agent logs it and marks
+    /// it done): counted in the reply, not recorded again.
+    pub fn adopt(&mut self, result: RecipientResult) {
+        if !self.results.iter().any(|x| x.offset == result.offset) {
+            self.results.push(result);
+        }
+    }
+
     /// Records the same outcome for every recipient not yet recorded.
     pub fn record_rest(&mut self, outcome: Outcome, dsn: &str, relay: &str, reason: &str) {
         for r in self.unfinished() {
@@ -196,6 +208,34 @@ impl Job {
             results: self.results,
             destination_failed: self.destination_failed,
         }
+    }
+}
+
+/// Notes a delivered recipient that asked for a success notice (DSN
+/// NOTIFY=SUCCESS) in the message's success log (`trace/ID`), from which
+/// qmgr sends the "delivered" notice. A failure here is logged and does
+/// not undo the delivery (no notice rather than a second delivery).
+fn record_success(
+    tree: &QueueTree,
+    id: &str,
+    r: &DeliveryRecipient,
+    dsn: &str,
+    relay: &str,
+    reason: &str,
+) {
+    let entry = LogEntry {
+        recipient: r.rcpt.address.clone(),
+        original: r.rcpt.original.clone(),
+        orcpt: r.rcpt.orcpt.clone(),
+        notify: r.rcpt.notify,
+        offset: r.offset,
+        status: dsn.to_string(),
+        action: "delivered".into(),
+        relay: relay.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Err(e) = append_log(tree, MessageLog::Success, id, &entry) {
+        crate::warning!("{id}: append {} log: {e}", MessageLog::Success.name());
     }
 }
 
@@ -249,6 +289,14 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
         .create(true)
         .mode(0o600)
         .open(tree.log_path(log, id))?;
+    if crate::privs::is_root() {
+        // An agent running as root (local) writes logs that qmgr, running
+        // as mail_owner, must read: give the file to the directory's owner.
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(tree.root().join(log.name())) {
+            let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+        }
+    }
     f.write_all(text.as_bytes())?;
     f.sync_data()
 }

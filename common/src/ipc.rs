@@ -192,6 +192,49 @@ pub struct DeliveryReply {
     pub destination_failed: bool,
 }
 
+// ---------------------------------------------------------------- queue admin
+
+/// qmgr's administration socket, `private/qmgr-admin`, which qmgr binds
+/// itself: postsuper asks there for what it must not do to a file in
+/// `active/` on its own. One [`AdminRequest`], one [`AdminReply`].
+pub const QMGR_ADMIN_SOCKET: &str = "qmgr-admin";
+
+/// What postsuper asks qmgr to do to messages in the active queue. qmgr
+/// acts on a message only when no delivery request of it is in flight
+/// (at once, or when the last one returns).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// Remove the messages (and their defer and bounce logs).
+    Delete(Vec<String>),
+    /// Move them to `hold/`.
+    Hold(Vec<String>),
+    /// Move them to `deferred/`, due now (postsuper then requeues them).
+    Release(Vec<String>),
+    /// Cancel a hold asked for earlier and not yet done (`postsuper -H`):
+    /// the message goes to `deferred/`, due now, instead.
+    Unhold(Vec<String>),
+}
+
+/// qmgr's answer: one status per requested ID, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminReply {
+    pub results: Vec<AdminStatus>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AdminStatus {
+    /// Done now.
+    Done,
+    /// A delivery is in flight: qmgr does it when that returns.
+    Pending,
+    /// Not in qmgr's active queue (look in the queue directories).
+    NotActive,
+    /// Delivered and removed meanwhile: nothing left to do.
+    Gone,
+    /// Active, but there was nothing to undo (`Unhold` without a hold).
+    Unchanged,
+}
+
 // ---------------------------------------------------------------- wake-ups
 
 /// A one-byte request to a trigger service (qmgr, pickup), as Postfix.

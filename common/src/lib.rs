@@ -13,6 +13,8 @@
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
 //! - [`time`]: RFC 5322 dates.
+//! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
+//! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 
 pub mod addr;
 pub mod base64;
@@ -24,5 +26,7 @@ pub mod maps;
 pub mod privs;
 pub mod qfile;
 pub mod queue;
+pub mod regexp;
 pub mod service;
 pub mod time;
+pub mod tls;

@@ -25,6 +25,16 @@ pub enum Table {
         map: HashMap<String, String>,
     },
     Static(String),
+    /// `regexp:/path` or `pcre:/path`: ordered patterns (see
+    /// [`crate::regexp`]). [`Table::lookup`] gives the first matching
+    /// rule's result as written; [`Table::lookup_expanded`] fills in `$N`.
+    Regexp {
+        spec: String,
+        rules: Vec<crate::regexp::Rule>,
+    },
+    /// `cidr:/path`: lines `network/bits result`, first match wins; the
+    /// key is an IP address (see [`parse_cidr_table`]).
+    Cidr(Vec<(crate::cidr::Cidr, String)>),
 }
 
 impl Table {
@@ -57,6 +67,22 @@ impl Table {
                     map,
                 })
             }
+            "cidr" => {
+                let text =
+                    std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
+                parse_cidr_table(&text)
+                    .map(Table::Cidr)
+                    .map_err(|(line, e)| format!("{name}, line {line}: {e}"))
+            }
+            "regexp" | "pcre" => {
+                let text =
+                    std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
+                let rules = crate::regexp::parse(&text).map_err(|e| format!("{name}, {e}"))?;
+                Ok(Table::Regexp {
+                    spec: spec.into(),
+                    rules,
+                })
+            }
             "static" => Ok(Table::Static(
                 name.trim_start_matches('{')
                     .trim_end_matches('}')
@@ -84,7 +110,47 @@ impl Table {
     pub fn lookup(&self, key: &str) -> Option<&str> {
         match self {
             Table::Static(v) => Some(v),
+            Table::Regexp { rules, .. } => rules
+                .iter()
+                .find(|r| r.re.is_match(key) != r.negate)
+                .map(|r| r.result.as_str()),
             Table::Entries { map, .. } => map.get(&key.to_lowercase()).map(|s| s.as_str()),
+            Table::Cidr(rules) => {
+                let ip: std::net::IpAddr = key.trim_matches(['[', ']']).parse().ok()?;
+                rules
+                    .iter()
+                    .find(|(net, _)| net.contains(ip))
+                    .map(|(_, v)| v.as_str())
+            }
+        }
+    }
+}
+
+/// The rules of a `cidr:` table: `network/bits result` per line (a bare
+/// address for one host), `#` comments; Err((line number, why)).
+pub fn parse_cidr_table(text: &str) -> Result<Vec<(crate::cidr::Cidr, String)>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let (net, result) = t
+            .split_once(char::is_whitespace)
+            .ok_or((i + 1, format!("no result after {t}")))?;
+        let net = crate::cidr::Cidr::parse(net).map_err(|e| (i + 1, e))?;
+        out.push((net, result.trim().to_string()));
+    }
+    Ok(out)
+}
+
+impl Table {
+    /// Like [`Table::lookup`], with `$N` in a `regexp:`/`pcre:` result
+    /// replaced by the match's groups.
+    pub fn lookup_expanded(&self, key: &str) -> Option<String> {
+        match self {
+            Table::Regexp { rules, .. } => crate::regexp::lookup(rules, key),
+            other => other.lookup(key).map(str::to_string),
         }
     }
 }
@@ -115,6 +181,46 @@ impl Tables {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// A list parameter of domains whose items may also be tables, as
+/// `virtual_mailbox_domains = example.com, hash:/etc/postern/vdomains`:
+/// a domain is in the list when it is one of the names (case-insensitive)
+/// or a key of one of the tables.
+#[derive(Debug, Clone, Default)]
+pub struct DomainList {
+    names: Vec<String>,
+    tables: Tables,
+}
+
+impl DomainList {
+    /// From the items of a list parameter. Tables that cannot be opened
+    /// are reported in the second value.
+    pub fn new(items: &[String]) -> (DomainList, Vec<String>) {
+        let mut names = Vec::new();
+        let mut specs = Vec::new();
+        for i in items {
+            match i.split_once(':') {
+                Some((kind, _))
+                    if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+                {
+                    specs.push(i.clone())
+                }
+                _ => names.push(i.trim_end_matches('.').to_ascii_lowercase()),
+            }
+        }
+        let (tables, errors) = Tables::open_list(&specs.join(" "));
+        (DomainList { names, tables }, errors)
+    }
+
+    pub fn contains(&self, domain: &str) -> bool {
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        !d.is_empty() && (self.names.contains(&d) || self.tables.lookup(&d).is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.tables.is_empty()
     }
 }
 

@@ -430,6 +430,125 @@ pub fn read_envelope(file: &File) -> Result<Envelope, ReadError> {
     Ok(env)
 }
 
+/// A part of a message's envelope: see [`read_envelope_slice`].
+#[derive(Debug, Clone, Default)]
+pub struct EnvelopeSlice {
+    /// The envelope, with only the slice's pending recipients.
+    pub env: Envelope,
+    /// Where the next slice starts (a recipient record), if any is left.
+    pub next: Option<u64>,
+    /// Recipients in the whole file, done or not (the size record's count).
+    pub total: u64,
+}
+
+/// Reads the envelope of a complete queue file with at most `max` of its
+/// pending recipients, from the recipient record at offset `from` on (0:
+/// the first), so that a message with a million recipients is never in
+/// memory at once (qmgr's `qmgr_message_recipient_limit`). Done recipients
+/// are skipped. `content_offset` comes from the size record.
+pub fn read_envelope_slice(file: &File, from: u64, max: usize) -> Result<EnvelopeSlice, ReadError> {
+    if !is_complete(file)? {
+        return Err(ReadError::Incomplete);
+    }
+    let max = max.max(1);
+    let mut r = BufReader::new(file);
+    r.seek(SeekFrom::Start(0))?;
+    let mut out = EnvelopeSlice::default();
+    let mut pos: u64 = 0;
+    let mut seen_version = false;
+    let mut seen_sizes = false;
+    let mut buf = Vec::new();
+    loop {
+        let Some((kind, len)) = read_header(&mut r)? else {
+            return Err(ReadError::Corrupt("no message start record".into()));
+        };
+        let at = pos;
+        if matches!(kind, REC_RCPT | REC_DONE) && at < from {
+            // Before the slice: skip without reading.
+            r.seek_relative(len as i64)?;
+            pos += 5 + len as u64;
+            continue;
+        }
+        if matches!(kind, REC_RCPT | REC_DONE) && out.env.recipients.len() >= max {
+            out.next = Some(at);
+            break;
+        }
+        if kind == REC_DONE {
+            r.seek_relative(len as i64)?;
+            pos += 5 + len as u64;
+            continue;
+        }
+        buf.resize(len as usize, 0);
+        r.read_exact(&mut buf)
+            .map_err(|_| ReadError::Corrupt("record cut short".into()))?;
+        pos += 5 + len as u64;
+        let text = || {
+            std::str::from_utf8(&buf)
+                .map(|s| s.to_string())
+                .map_err(|_| {
+                    ReadError::Corrupt(format!("record {} at {at}: not UTF-8", kind as char))
+                })
+        };
+        match kind {
+            REC_VERSION => {
+                if buf != VERSION {
+                    return Err(ReadError::Corrupt("unknown version".into()));
+                }
+                seen_version = true;
+            }
+            _ if !seen_version => return Err(ReadError::Corrupt("no version record".into())),
+            REC_SIZES => {
+                if buf.len() != 24 {
+                    return Err(ReadError::Corrupt("size record".into()));
+                }
+                out.env.content_offset = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                out.env.content_size = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+                out.total = u64::from_le_bytes(buf[16..].try_into().unwrap());
+                seen_sizes = true;
+            }
+            REC_TIME => {
+                let t = text()?;
+                let (s, u) = t.split_once('.').unwrap_or((&t, "0"));
+                out.env.arrival_secs = s.parse().map_err(|_| ReadError::Corrupt("time".into()))?;
+                out.env.arrival_usecs = u.parse().map_err(|_| ReadError::Corrupt("time".into()))?;
+            }
+            REC_SENDER => out.env.sender = text()?,
+            REC_ATTR => {
+                let t = text()?;
+                let (n, v) = t.split_once('=').unwrap_or((&t, ""));
+                out.env.attrs.push((n.to_string(), v.to_string()));
+            }
+            REC_RCPT => {
+                let rcpt = Recipient::decode(&buf)
+                    .ok_or_else(|| ReadError::Corrupt(format!("recipient at {at}")))?;
+                out.env.recipients.push(QueuedRecipient {
+                    offset: at,
+                    done: false,
+                    rcpt,
+                });
+            }
+            REC_MESSAGE => {
+                if out.env.content_offset != pos {
+                    return Err(ReadError::Corrupt(
+                        "size record does not match content".into(),
+                    ));
+                }
+                break;
+            }
+            other => {
+                return Err(ReadError::Corrupt(format!(
+                    "unexpected record type {:?} in envelope",
+                    other as char
+                )))
+            }
+        }
+    }
+    if !seen_sizes {
+        return Err(ReadError::Corrupt("no size record".into()));
+    }
+    Ok(out)
+}
+
 /// Streams the content of a queue file: the bytes of its `C` records.
 pub struct ContentReader<'a> {
     inner: BufReader<&'a File>,
@@ -561,6 +680,43 @@ mod tests {
         mark_done(&f, env.recipients[0].offset).unwrap();
         let env = read_envelope(&f).unwrap();
         assert!(env.recipients[0].done && !env.recipients[1].done);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn envelope_in_slices() {
+        let (p, f) = tmpfile("slices");
+        let mut w = Writer::new(f).unwrap();
+        w.arrival(1, 0).unwrap();
+        w.sender("s@x").unwrap();
+        for i in 0..10 {
+            w.recipient(&Recipient::new(&format!("r{i}@y"))).unwrap();
+        }
+        w.begin_content().unwrap();
+        w.content(b"Subject: x\n\nhi\n").unwrap();
+        w.finish().unwrap();
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        let whole = read_envelope(&f).unwrap();
+        mark_done(&f, whole.recipients[1].offset).unwrap();
+        let mut got = Vec::new();
+        let mut from = 0;
+        loop {
+            let s = read_envelope_slice(&f, from, 3).unwrap();
+            assert_eq!(s.total, 10);
+            assert_eq!(s.env.content_offset, whole.content_offset);
+            assert_eq!(s.env.sender, "s@x");
+            assert!(s.env.recipients.len() <= 3);
+            got.extend(s.env.recipients.iter().map(|r| r.rcpt.address.clone()));
+            match s.next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..10)
+            .filter(|i| *i != 1)
+            .map(|i| format!("r{i}@y"))
+            .collect();
+        assert_eq!(got, want);
         std::fs::remove_file(p).unwrap();
     }
 

@@ -64,6 +64,10 @@ pub enum MessageLog {
     Defer,
     /// Reasons for recipients that failed for good.
     Bounce,
+    /// Recipients delivered that asked for a success notice (DSN
+    /// NOTIFY=SUCCESS), in `trace/` as Postfix; qmgr also notes there that
+    /// a delay warning was sent.
+    Success,
 }
 
 impl MessageLog {
@@ -71,6 +75,7 @@ impl MessageLog {
         match self {
             MessageLog::Defer => "defer",
             MessageLog::Bounce => "bounce",
+            MessageLog::Success => "trace",
         }
     }
 }
@@ -87,6 +92,7 @@ pub const TREE: &[(&str, u32)] = &[
     ("corrupt", 0o700),
     ("defer", 0o700),
     ("bounce", 0o700),
+    ("trace", 0o700),
     ("private", 0o700),
     ("public", 0o710),
     ("pid", 0o755),

@@ -16,6 +16,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The longest a parameter value may grow by expansion.
+const MAX_EXPANSION: usize = 64 * 1024;
+
 /// The default configuration directory.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/postern";
 
@@ -183,15 +186,23 @@ impl Config {
 
     /// The expanded value of a parameter; "" for an unknown unset name.
     pub fn get(&self, name: &str) -> String {
-        let mut depth = 0;
-        self.get_depth(name, &mut depth)
+        self.get_in(name, &mut Vec::new())
     }
 
-    fn get_depth(&self, name: &str, depth: &mut u32) -> String {
+    /// `stack` holds the names being expanded: a name that refers to
+    /// itself, directly or through others, expands to nothing there
+    /// (Postfix refuses such a "recursive macro").
+    fn get_in(&self, name: &str, stack: &mut Vec<String>) -> String {
+        if stack.iter().any(|n| n == name) {
+            return String::new();
+        }
         match self.raw(name) {
             Some((v, _)) => {
                 let v = v.to_string();
-                self.expand_depth(&v, depth)
+                stack.push(name.to_string());
+                let out = self.expand_in(&v, stack);
+                stack.pop();
+                out
             }
             None => String::new(),
         }
@@ -199,20 +210,22 @@ impl Config {
 
     /// Expands `$name` references in `text`.
     pub fn expand(&self, text: &str) -> String {
-        let mut depth = 0;
-        self.expand_depth(text, &mut depth)
+        self.expand_in(text, &mut Vec::new())
     }
 
-    fn expand_depth(&self, text: &str, depth: &mut u32) -> String {
-        *depth += 1;
-        if *depth > 100 || !text.contains('$') {
-            *depth -= 1;
+    fn expand_in(&self, text: &str, stack: &mut Vec<String>) -> String {
+        if !text.contains('$') {
             return text.to_string();
         }
         let b = text.as_bytes();
         let mut out = String::with_capacity(text.len());
         let mut i = 0;
         while i < b.len() {
+            if out.len() >= MAX_EXPANSION {
+                // Names that double each other (a = $b$b, b = $c$c, ...)
+                // grow exponentially: stop rather than exhaust memory.
+                break;
+            }
             if b[i] != b'$' {
                 let next = text[i..].find('$').map(|p| i + p).unwrap_or(b.len());
                 out.push_str(&text[i..next]);
@@ -239,13 +252,11 @@ impl Config {
                     Some(p) => (&inner[..p], Some((inner.as_bytes()[p], &inner[p + 1..]))),
                     None => (inner, None),
                 };
-                let val = self.get_depth(name, depth);
+                let val = self.get_in(name, stack);
                 match op {
                     None => out.push_str(&val),
-                    Some((b'?', t)) if !val.is_empty() => {
-                        out.push_str(&self.expand_depth(t, depth))
-                    }
-                    Some((b':', t)) if val.is_empty() => out.push_str(&self.expand_depth(t, depth)),
+                    Some((b'?', t)) if !val.is_empty() => out.push_str(&self.expand_in(t, stack)),
+                    Some((b':', t)) if val.is_empty() => out.push_str(&self.expand_in(t, stack)),
                     _ => {}
                 }
                 i = end + 1;
@@ -254,14 +265,20 @@ impl Config {
                 while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
                     end += 1;
                 }
-                out.push_str(&self.get_depth(&text[i + 1..end], depth));
+                out.push_str(&self.get_in(&text[i + 1..end], stack));
                 i = end;
             } else {
                 out.push('$');
                 i += 1;
             }
         }
-        *depth -= 1;
+        if out.len() > MAX_EXPANSION {
+            let mut cut = MAX_EXPANSION;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+        }
         out
     }
 
@@ -428,7 +445,20 @@ mod tests {
 
     #[test]
     fn self_reference_does_not_loop() {
-        let c = cfg("a_b = $a_b x\n");
-        let _ = c.get("a_b");
+        let c = cfg("a_b = $a_b x\nc_d = ${e_f} y\ne_f = $c_d z\n");
+        assert_eq!(c.get("a_b"), " x");
+        assert_eq!(c.get("c_d"), " z y");
+    }
+
+    #[test]
+    fn doubling_chain_is_bounded() {
+        // Found by the main_cf fuzz target: 2^30 bytes without the cap.
+        let mut text = String::new();
+        for i in 0..30 {
+            text.push_str(&format!("p{i} = $p{n}$p{n}\n", n = i + 1));
+        }
+        text.push_str("p30 = xy\n");
+        let c = cfg(&text);
+        assert!(c.get("p0").len() <= MAX_EXPANSION);
     }
 }

@@ -79,6 +79,22 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_sasl_type", "dovecot"),
     ("smtpd_sasl_path", "private/auth"),
     ("smtpd_tls_security_level", ""),
+    ("smtpd_tls_cert_file", ""),
+    ("smtpd_tls_key_file", "$smtpd_tls_cert_file"),
+    ("smtpd_tls_chain_files", ""),
+    ("smtpd_tls_wrappermode", "no"),
+    ("smtpd_tls_auth_only", "no"),
+    ("smtpd_tls_received_header", "no"),
+    ("smtpd_sasl_authenticated_header", "no"),
+    ("smtpd_sasl_service", "smtp"),
+    ("broken_sasl_auth_clients", "no"),
+    ("smtpd_sender_login_maps", ""),
+    ("smtpd_client_connection_count_limit", "50"),
+    ("smtpd_client_connection_rate_limit", "0"),
+    ("smtpd_client_message_rate_limit", "0"),
+    ("smtpd_client_recipient_rate_limit", "0"),
+    ("smtpd_client_event_limit_exceptions", "$mynetworks"),
+    ("anvil_rate_time_unit", "60s"),
     ("smtpd_forbid_bare_newline", "normalize"),
     ("disable_vrfy_command", "no"),
     ("message_size_limit", "10240000"),
@@ -99,6 +115,17 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_destination_concurrency_limit", "20"),
     ("local_destination_concurrency_limit", "2"),
     ("initial_destination_concurrency", "5"),
+    (
+        "default_destination_concurrency_positive_feedback",
+        "1/concurrency",
+    ),
+    (
+        "default_destination_concurrency_negative_feedback",
+        "1/concurrency",
+    ),
+    ("default_destination_concurrency_failed_cohort_limit", "1"),
+    ("default_destination_rate_delay", "0s"),
+    ("transport_retry_time", "60s"),
     ("default_destination_recipient_limit", "50"),
     ("local_destination_recipient_limit", "1"),
     ("queue_run_delay", "300s"),
@@ -110,6 +137,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("bounce_notice_recipient", "postmaster"),
     ("2bounce_notice_recipient", "postmaster"),
     ("double_bounce_sender", "double-bounce"),
+    ("delay_notice_recipient", "postmaster"),
+    ("bounce_size_limit", "50000"),
     ("notify_classes", "resource, software"),
     // Address resolution.
     ("default_transport", "smtp"),
@@ -136,6 +165,28 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtp_bind_address6", ""),
     ("smtp_tls_security_level", "may"),
     ("lmtp_connect_timeout", "0s"),
+    ("smtp_tls_CAfile", ""),
+    ("smtp_tls_CApath", ""),
+    ("smtp_tls_policy_maps", ""),
+    ("smtp_tls_loglevel", "0"),
+    ("smtp_tls_wrappermode", "no"),
+    ("smtp_sasl_auth_enable", "no"),
+    ("smtp_sasl_password_maps", ""),
+    ("smtp_sasl_security_options", "noplaintext, noanonymous"),
+    (
+        "smtp_sasl_tls_security_options",
+        "$smtp_sasl_security_options",
+    ),
+    ("smtp_sasl_mechanism_filter", ""),
+    ("smtp_sender_dependent_authentication", "no"),
+    ("smtp_connection_cache_on_demand", "yes"),
+    ("smtp_connection_cache_time_limit", "2s"),
+    ("smtp_connection_reuse_time_limit", "300s"),
+    ("lmtp_lhlo_name", "$myhostname"),
+    ("lmtp_lhlo_timeout", "300s"),
+    ("lmtp_tls_security_level", ""),
+    ("lmtp_sasl_auth_enable", "no"),
+    ("lmtp_sasl_password_maps", ""),
     // Postern-only: name servers to ask instead of /etc/resolv.conf, as
     // `host` or `host:port`, separated by commas or spaces (for tests, or
     // a host with a dedicated resolver).
@@ -166,6 +217,42 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("strict_mailbox_ownership", "yes"),
     // pickup / sendmail.
     ("default_database_type", "hash"),
+    // sendmail / postdrop: configuration directories an unprivileged
+    // user may name to the set-gid postdrop.
+    ("alternate_config_directories", ""),
+    ("multi_instance_directories", ""),
+    // local: .forward files.
+    (
+        "forward_path",
+        "$home/.forward${recipient_delimiter}${extension}, $home/.forward",
+    ),
+    // virtual(8) mailboxes.
+    ("virtual_mailbox_domains", "$virtual_mailbox_maps"),
+    ("virtual_mailbox_maps", ""),
+    ("virtual_mailbox_base", ""),
+    ("virtual_transport", "virtual"),
+    ("virtual_uid_maps", ""),
+    ("virtual_gid_maps", ""),
+    ("virtual_minimum_uid", "100"),
+    ("virtual_mailbox_limit", "51200000"),
+    // cleanup: address rewriting and content checks.
+    ("virtual_alias_maps", ""),
+    ("virtual_alias_domains", "$virtual_alias_maps"),
+    ("canonical_maps", ""),
+    ("sender_canonical_maps", ""),
+    ("recipient_canonical_maps", ""),
+    (
+        "canonical_classes",
+        "envelope_sender, envelope_recipient, header_sender, header_recipient",
+    ),
+    ("masquerade_domains", ""),
+    (
+        "masquerade_classes",
+        "envelope_sender, header_sender, header_recipient",
+    ),
+    ("masquerade_exceptions", ""),
+    ("header_checks", ""),
+    ("body_checks", ""),
 ];
 
 /// The default of a known parameter, or `None` for a name Postern does not know.

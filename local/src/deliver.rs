@@ -15,7 +15,7 @@ use crate::pipe;
 use crate::resolve::{Class, Dest, Resolver, Target};
 use crate::status::{self, Status};
 use postern_common::delivery::Job;
-use postern_common::ipc::{DeliveryRecipient, Outcome};
+use postern_common::ipc::{DeliveryRecipient, Outcome, RecipientResult};
 use postern_common::maps::Tables;
 use postern_common::privs::{self, Account};
 use postern_common::qfile::Recipient;
@@ -37,6 +37,10 @@ pub struct Agent {
     luser_relay: String,
     home_mailbox: String,
     spool: String,
+    /// `forward_path`, before per-recipient expansion.
+    forward_path: Vec<String>,
+    mailbox_command: String,
+    mailbox_transport: String,
     size_limit: u64,
     time_limit: Duration,
     allow_commands: Vec<String>,
@@ -76,6 +80,15 @@ impl Agent {
                 .unwrap_or_default(),
             home_mailbox: cfg.get("home_mailbox"),
             spool: cfg.get("mail_spool_directory"),
+            forward_path: cfg
+                .raw("forward_path")
+                .map(|(v, _)| postern_conf::split_list(v))
+                .unwrap_or_default(),
+            mailbox_command: cfg
+                .raw("mailbox_command")
+                .map(|(v, _)| v.trim().to_string())
+                .unwrap_or_default(),
+            mailbox_transport: cfg.get("mailbox_transport").trim().to_string(),
             size_limit: cfg.get_u64("mailbox_size_limit").map_err(e)?,
             time_limit: Duration::from_secs(cfg.get_time("command_time_limit").map_err(e)?),
             allow_commands: lower("allow_mail_to_commands"),
@@ -132,8 +145,10 @@ impl Agent {
             }
         };
         for r in job.req.recipients.clone() {
-            let s = self.recipient(job, &r, &seen, &tables);
-            job.record(&r, s.outcome, &s.dsn, "local", &s.reason);
+            match self.recipient(job, &r, &seen, &tables) {
+                Done::Here(s) => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
+                Done::Passed(result) => job.adopt(result),
+            }
         }
     }
 
@@ -144,10 +159,13 @@ impl Agent {
         r: &DeliveryRecipient,
         seen: &HashSet<String>,
         tables: &Tables,
-    ) -> Status {
+    ) -> Done {
         let rcpt = &r.rcpt.address;
         if seen.contains(&rcpt.to_lowercase()) {
-            return Status::bounce("5.4.6", format!("mail forwarding loop for {rcpt}"));
+            return Done::Here(Status::bounce(
+                "5.4.6",
+                format!("mail forwarding loop for {rcpt}"),
+            ));
         }
         let dp = self.default_privs_ids();
         let read_include = |p: &Path| -> io::Result<String> {
@@ -165,6 +183,7 @@ impl Agent {
         };
         let expand = |s: &str| self.cfg.expand(s);
         let has_account = |u: &str| privs::user(u).is_some();
+        let read_forward = |n: &crate::resolve::LocalName| self.read_forward(n);
         let resolver = Resolver {
             aliases: tables,
             mydestination: &self.mydestination,
@@ -174,8 +193,29 @@ impl Agent {
             expand: &expand,
             has_account: &has_account,
             read_include: &read_include,
+            read_forward: &read_forward,
         };
         let exp = resolver.resolve(rcpt);
+        if !self.mailbox_transport.is_empty() {
+            if let [t] = exp.targets.as_slice() {
+                if t.dest == Dest::Mailbox && exp.failures.is_empty() {
+                    return match self.pass(job, r, t) {
+                        Ok(result) => Done::Passed(result),
+                        Err(s) => Done::Here(s),
+                    };
+                }
+            }
+            if exp.targets.iter().any(|t| t.dest == Dest::Mailbox) {
+                // The other agent would record the whole recipient, which
+                // must stay ours while other destinations are pending.
+                warning!(
+                    "{}: <{rcpt}>: expands to several destinations: mailbox_transport {} \
+                     not used, the mailbox is delivered by local",
+                    job.req.queue_id,
+                    self.mailbox_transport
+                );
+            }
+        }
         let several = exp.targets.len() + exp.failures.len() > 1;
         let id = &job.req.queue_id;
         let mut results = Vec::new();
@@ -219,7 +259,71 @@ impl Agent {
             }
             results.push(s);
         }
-        status::combine(&results)
+        Done::Here(status::combine(&results))
+    }
+
+    /// Hands one recipient whose mail goes to a mailbox to the agent of
+    /// `mailbox_transport` (`lmtp:unix:private/dovecot-lmtp`): a
+    /// `DeliveryRequest` on `private/TRANSPORT`, as qmgr would send it.
+    /// That agent logs the delivery and marks the recipient done itself.
+    fn pass(
+        &self,
+        job: &Job,
+        r: &DeliveryRecipient,
+        t: &Target,
+    ) -> Result<RecipientResult, Status> {
+        let (transport, nexthop) = match self.mailbox_transport.split_once(':') {
+            Some((t, n)) => (t.trim(), n.trim()),
+            None => (self.mailbox_transport.as_str(), ""),
+        };
+        let nexthop = if nexthop.is_empty() {
+            self.cfg.get("myhostname")
+        } else {
+            nexthop.to_string()
+        };
+        let address = if t.class == Class::Direct {
+            r.rcpt.address.clone()
+        } else {
+            t.name.address.clone()
+        };
+        let mut req = job.req.clone();
+        req.transport = transport.to_string();
+        req.nexthop = nexthop;
+        req.recipients = vec![DeliveryRecipient {
+            offset: r.offset,
+            rcpt: Recipient {
+                address,
+                original: r.rcpt.original_or_address().to_string(),
+                ..r.rcpt.clone()
+            },
+        }];
+        let unavailable = |e: io::Error| {
+            Status::defer(
+                "4.3.0",
+                format!(
+                    "mailbox_transport {}: {}",
+                    self.mailbox_transport,
+                    status::strip_os_error(&e)
+                ),
+            )
+        };
+        let sock = postern_common::queue::QueueTree::new(self.cfg.get("queue_directory"))
+            .socket(true, transport);
+        let mut conn =
+            postern_common::ipc::connect(&sock, self.ipc_timeout).map_err(unavailable)?;
+        postern_common::ipc::send(&mut conn, &req).map_err(unavailable)?;
+        let reply: postern_common::ipc::DeliveryReply =
+            postern_common::ipc::recv(&mut conn).map_err(unavailable)?;
+        reply
+            .results
+            .into_iter()
+            .find(|x| x.offset == r.offset)
+            .ok_or_else(|| {
+                Status::defer(
+                    "4.3.0",
+                    format!("mailbox_transport {}: no result", self.mailbox_transport),
+                )
+            })
     }
 
     /// Delivers to a mailbox, a file or a command.
@@ -276,6 +380,36 @@ impl Agent {
         let Some(acct) = privs::user(&t.name.user) else {
             return Status::bounce("5.1.1", format!("unknown user: \"{}\"", t.name.user));
         };
+        if !self.mailbox_command.is_empty() {
+            // As the recipient, never as root (Postfix: mailbox_command
+            // runs with the recipient's privileges; root's mail too runs
+            // as default_privs).
+            let acct = if acct.uid == 0 && privs::is_root() {
+                match self.run_as(&Target {
+                    owner: None,
+                    ..t.clone()
+                }) {
+                    Ok(a) => a,
+                    Err(s) => return s,
+                }
+            } else {
+                acct
+            };
+            let home = acct.home.display().to_string();
+            let ext = t.name.extension.clone().unwrap_or_default();
+            let vars: [(&str, &str); 6] = [
+                ("user", &t.name.user),
+                ("home", &home),
+                ("extension", &ext),
+                ("recipient", &address),
+                ("domain", &t.name.domain),
+                ("local", &t.name.local),
+            ];
+            // $user, $home, ... as Postfix; "$EXTENSION" and other shell
+            // variables are left for the shell (they are in the environment).
+            let cmd = crate::resolve::substitute(&self.mailbox_command, &vars);
+            return self.run_command(job, r, &t.name, &acct, &cmd, Some(&address));
+        }
         let sender = job.req.sender.as_str();
         let headers = self.prefix_headers(r, sender, Some(&address));
         let mut content = match job.content() {
@@ -338,6 +472,74 @@ impl Agent {
         }
     }
 
+    /// The user's `.forward`: the first file of `forward_path` that
+    /// exists, read with the user's privileges and owned by the user or
+    /// root. A path that names `$extension` is skipped for an address
+    /// without one (Postfix's rule for undefined attributes).
+    fn read_forward(&self, n: &crate::resolve::LocalName) -> Option<String> {
+        let acct = privs::user(&n.user)?;
+        let home = acct.home.display().to_string();
+        let delim = self
+            .delimiter
+            .chars()
+            .next()
+            .map(String::from)
+            .unwrap_or_default();
+        for spec in &self.forward_path {
+            if n.extension.is_none() && spec.contains("extension") {
+                continue;
+            }
+            let vars: [(&str, &str); 7] = [
+                ("home", &home),
+                ("user", &n.user),
+                ("extension", n.extension.as_deref().unwrap_or("")),
+                ("recipient_delimiter", &delim),
+                ("local", &n.local),
+                ("domain", &n.domain),
+                ("recipient", &n.address),
+            ];
+            let path = PathBuf::from(crate::resolve::substitute(spec, &vars));
+            if !path.is_absolute() {
+                continue;
+            }
+            let read = || -> io::Result<Option<String>> {
+                let f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let m = f.metadata()?;
+                if !m.is_file() {
+                    return Ok(None);
+                }
+                if m.uid() != acct.uid && m.uid() != 0 {
+                    warning!(
+                        "file {} is not owned by {} or root: ignored",
+                        path.display(),
+                        acct.name
+                    );
+                    return Ok(None);
+                }
+                let mut s = String::new();
+                f.take(crate::resolve::MAX_INCLUDE as u64)
+                    .read_to_string(&mut s)?;
+                Ok(Some(s))
+            };
+            match privs::as_user(acct.uid, acct.gid, read) {
+                Ok(Ok(Some(text))) => return Some(text),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) | Err(e) => {
+                    warning!(
+                        "cannot read {}: {}",
+                        path.display(),
+                        status::strip_os_error(&e)
+                    )
+                }
+            }
+        }
+        None
+    }
+
     /// The ids of `default_privs` (None when it does not exist).
     fn default_privs_ids(&self) -> Option<Ids> {
         privs::user(&self.default_privs).map(|a| (a.uid, a.gid))
@@ -345,7 +547,21 @@ impl Agent {
 
     /// The account files and commands of aliases run as: `default_privs`
     /// as root, this process's own account otherwise.
-    fn run_as(&self) -> Result<Account, Status> {
+    fn run_as(&self, t: &Target) -> Result<Account, Status> {
+        if let Some(owner) = &t.owner {
+            // Named in a .forward file: as that user, never as root.
+            return match privs::user(owner) {
+                Some(a) if a.uid != 0 || !privs::is_root() => Ok(a),
+                Some(_) => self.run_as(&Target {
+                    owner: None,
+                    ..t.clone()
+                }),
+                None => Err(Status::bounce(
+                    "5.1.1",
+                    format!("unknown user: \"{owner}\""),
+                )),
+            };
+        }
         if privs::is_root() {
             privs::user(&self.default_privs).ok_or_else(|| {
                 warning!(
@@ -378,7 +594,7 @@ impl Agent {
         if !self.allow_files.iter().any(|c| c == t.class.word()) {
             return Status::bounce("5.7.1", "mail to file is restricted");
         }
-        let acct = match self.run_as() {
+        let acct = match self.run_as(t) {
             Ok(a) => a,
             Err(s) => return s,
         };
@@ -433,14 +649,28 @@ impl Agent {
         if !self.allow_commands.iter().any(|c| c == t.class.word()) {
             return Status::bounce("5.7.1", "mail to command is restricted");
         }
-        let acct = match self.run_as() {
+        let acct = match self.run_as(t) {
             Ok(a) => a,
             Err(s) => return s,
         };
-        let sender = job.req.sender.as_str();
         let delivered = self
             .wants_delivered("command")
             .then_some(t.name.address.as_str());
+        self.run_command(job, r, &t.name, &acct, cmd, delivered)
+    }
+
+    /// Runs a command (an alias's, a .forward's, or `mailbox_command`)
+    /// as `acct`, with the environment Postfix's local(8) gives it.
+    fn run_command(
+        &self,
+        job: &Job,
+        r: &DeliveryRecipient,
+        name: &crate::resolve::LocalName,
+        acct: &Account,
+        cmd: &str,
+        delivered: Option<&str>,
+    ) -> Status {
+        let sender = job.req.sender.as_str();
         let mut prefix = message::from_line(sender, postern_common::queue::now().0).into_bytes();
         prefix.extend_from_slice(&self.prefix_headers(r, sender, delivered));
         let mut content = match job.content() {
@@ -450,9 +680,9 @@ impl Agent {
         let mut env: Vec<(String, String)> = vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
             ("SENDER".into(), sender.into()),
-            ("RECIPIENT".into(), t.name.address.clone()),
-            ("LOCAL".into(), t.name.local.clone()),
-            ("DOMAIN".into(), t.name.domain.clone()),
+            ("RECIPIENT".into(), name.address.clone()),
+            ("LOCAL".into(), name.local.clone()),
+            ("DOMAIN".into(), name.domain.clone()),
             ("HOME".into(), acct.home.display().to_string()),
             ("USER".into(), acct.name.clone()),
             ("LOGNAME".into(), acct.name.clone()),
@@ -462,8 +692,11 @@ impl Agent {
                 r.rcpt.original_or_address().to_string(),
             ),
         ];
-        if let Some(ext) = &t.name.extension {
+        if let Some(ext) = &name.extension {
             env.push(("EXTENSION".into(), ext.clone()));
+        }
+        if let Some(d) = self.delimiter.chars().next() {
+            env.push(("RECIPIENT_DELIMITER".into(), d.to_string()));
         }
         for name in ["TZ", "LANG", "MAIL_CONFIG"] {
             if let Ok(v) = std::env::var(name) {
@@ -509,6 +742,14 @@ impl Agent {
         };
         f.submit(&mut content)
     }
+}
+
+/// Where a recipient's outcome was recorded.
+enum Done {
+    /// Here: local records it.
+    Here(Status),
+    /// By the `mailbox_transport` agent, which already recorded it.
+    Passed(RecipientResult),
 }
 
 /// Who opens a spool mailbox, as Postfix: the recipient when the spool

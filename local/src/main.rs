@@ -15,22 +15,10 @@
 //! keeps root only to switch its effective ids for each write; it is
 //! single-threaded and serves one request at a time.
 //!
-//! Modules:
-//! - [`deliver`]: one request, from recipients to recorded outcomes.
-//! - [`resolve`]: aliases, extensions, unknown users (pure).
-//! - [`mailbox`]: Maildir and mbox writers, locks.
-//! - [`pipe`]: delivery to `|command`.
-//! - [`forward`]: resubmission through cleanup.
-//! - [`message`]: the header section and the lines put before a copy.
-//! - [`status`]: outcomes and how they combine.
+//! The modules are in the crate's library (`postern_local`, see its
+//! `lib.rs`), shared with the `virtual` agent (`src/bin/virtual.rs`).
 
-mod deliver;
-mod forward;
-mod mailbox;
-mod message;
-mod pipe;
-mod resolve;
-mod status;
+use postern_local::deliver;
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("local");

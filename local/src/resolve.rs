@@ -21,6 +21,10 @@
 //!   deeper than [`MAX_DEPTH`] is a loop too.
 //! - A name that is neither an alias nor an account goes to
 //!   `luser_relay` when set, else bounces `unknown user: "name"` (5.1.1).
+//! - An account's mail goes where its `.forward` file (the first of
+//!   `forward_path` that exists, read as the user) says, in the alias
+//!   value syntax; `\\user` there, or the user's own name, means its
+//!   mailbox. Commands and files named in it run as the user.
 
 use crate::status::Status;
 use postern_common::addr;
@@ -103,6 +107,8 @@ pub enum Class {
     Include,
     /// `luser_relay`.
     Relay,
+    /// A `.forward` file.
+    Forward,
 }
 
 impl Class {
@@ -113,6 +119,7 @@ impl Class {
             Class::Alias => "alias",
             Class::Include => "include",
             Class::Relay => "relay",
+            Class::Forward => "forward",
         }
     }
 }
@@ -125,6 +132,9 @@ pub struct Target {
     /// forward, the local address whose alias named it.
     pub name: LocalName,
     pub class: Class,
+    /// The account whose `.forward` named this target: commands and files
+    /// run as that user (else as `default_privs`).
+    pub owner: Option<String>,
 }
 
 impl Target {
@@ -174,6 +184,9 @@ pub struct Resolver<'a> {
     pub has_account: &'a dyn Fn(&str) -> bool,
     /// Reads an `:include:` file.
     pub read_include: &'a dyn Fn(&Path) -> io::Result<String>,
+    /// The contents of the user's `.forward` (first of `forward_path`),
+    /// `None` when there is none.
+    pub read_forward: &'a dyn Fn(&LocalName) -> Option<String>,
 }
 
 impl Resolver<'_> {
@@ -249,8 +262,9 @@ impl Resolver<'_> {
                     ));
                 }
             }
-            // Not an alias, or the alias naming itself: the mailbox.
-            _ => self.mailbox_or_relay(name, class, exp),
+            // Not an alias, or the alias naming itself: the mailbox (or
+            // the account's .forward).
+            _ => self.account(name, class, chain, depth, true, exp),
         }
     }
 
@@ -259,17 +273,55 @@ impl Resolver<'_> {
             dest: Dest::Mailbox,
             name: name.clone(),
             class,
+            owner: None,
         }
     }
 
-    fn mailbox_or_relay(&self, name: &LocalName, class: Class, exp: &mut Expansion) {
+    /// An account's mail: its `.forward` when `forward` and it has one
+    /// (and is not already being expanded), else its mailbox; `luser_relay`
+    /// or unknown when there is no such account.
+    fn account(
+        &self,
+        name: &LocalName,
+        class: Class,
+        chain: &mut Vec<String>,
+        depth: usize,
+        forward: bool,
+        exp: &mut Expansion,
+    ) {
         if (self.has_account)(&name.user) {
+            let key = format!(".forward:{}", name.user);
+            if forward && !chain.contains(&key) && depth <= MAX_DEPTH {
+                if let Some(text) = (self.read_forward)(name) {
+                    let targets: Vec<String> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .flat_map(split_targets)
+                        .collect();
+                    if !targets.is_empty() {
+                        chain.push(key);
+                        let before = exp.targets.len();
+                        for t in targets {
+                            self.expand_target(&t, name, chain, depth + 1, Class::Forward, exp);
+                        }
+                        for t in &mut exp.targets[before..] {
+                            if t.class == Class::Forward && t.owner.is_none() {
+                                t.owner = Some(name.user.clone());
+                            }
+                        }
+                        chain.pop();
+                        return;
+                    }
+                }
+            }
             exp.add(self.mailbox(name, class));
         } else if let Some(to) = self.luser_relay(name) {
             exp.add(Target {
                 dest: Dest::Forward(to),
                 name: name.clone(),
                 class: Class::Relay,
+                owner: None,
             });
         } else {
             exp.failures.push((
@@ -320,6 +372,7 @@ impl Resolver<'_> {
                 dest: Dest::Command(cmd.trim().to_string()),
                 name: alias.clone(),
                 class,
+                owner: None,
             });
         } else if t.len() > 9 && t[..9].eq_ignore_ascii_case(":include:") {
             self.include(t[9..].trim(), alias, chain, depth, exp);
@@ -328,12 +381,13 @@ impl Resolver<'_> {
                 dest: Dest::File(PathBuf::from(t)),
                 name: alias.clone(),
                 class,
+                owner: None,
             });
         } else if let Some(user) = t.strip_prefix('\\') {
             // \name: that account's mailbox, no more aliasing.
             let (local, domain) = addr::split(user);
             let name = LocalName::new(local, domain.unwrap_or(&alias.domain), self.delimiter);
-            self.mailbox_or_relay(&name, class, exp);
+            self.account(&name, class, chain, depth, false, exp);
         } else {
             let (local, domain) = addr::split(&t);
             match domain {
@@ -342,6 +396,7 @@ impl Resolver<'_> {
                         dest: Dest::Forward(t.to_string()),
                         name: alias.clone(),
                         class,
+                        owner: None,
                     });
                 }
                 _ => {
@@ -463,7 +518,7 @@ fn unquote(t: &str) -> String {
 
 /// Replaces `$name` and `${name}` for the given names; leaves every other
 /// `$` reference as it is.
-fn substitute(text: &str, vars: &[(&str, &str)]) -> String {
+pub fn substitute(text: &str, vars: &[(&str, &str)]) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find('$') {
@@ -500,7 +555,7 @@ mod tests {
     use super::*;
     use postern_common::ipc::Outcome;
 
-    const ACCOUNTS: &[&str] = &["alice", "bob", "carol", "root"];
+    const ACCOUNTS: &[&str] = &["alice", "bob", "carol", "dave", "root"];
 
     fn resolve_with(aliases: &str, relay: &str, delim: &str, addr: &str) -> Expansion {
         let (tables, bad) = Tables::open_list(aliases);
@@ -522,6 +577,13 @@ mod tests {
                 } else {
                     Err(io::Error::from_raw_os_error(libc::ENOENT))
                 }
+            },
+            read_forward: &|n| match n.user.as_str() {
+                "dave" => {
+                    Some("# elsewhere\ndave@remote.test, \\dave\n\"|/bin/vacation\"\n".into())
+                }
+                "bob" if n.extension.as_deref() == Some("loop") => Some("bob\n".into()),
+                _ => None,
             },
         };
         r.resolve(addr)
@@ -702,6 +764,27 @@ mod tests {
         assert_eq!(e.failures[0].1.dsn, "5.3.5");
         let e = resolve("inline:{x=:include:/lists/self}", "x@host.test");
         assert_eq!(e.failures[0].1.dsn, "5.4.6");
+    }
+
+    #[test]
+    fn forward_files() {
+        let e = resolve("inline:{x=y}", "dave@host.test");
+        assert_eq!(
+            dests(&e),
+            [
+                "forward dave@remote.test",
+                "mailbox dave@host.test",
+                "command /bin/vacation"
+            ]
+        );
+        assert!(e.targets.iter().all(|t| t.class == Class::Forward));
+        assert_eq!(e.targets[2].owner.as_deref(), Some("dave"));
+        // Through an alias too; a .forward naming its own user is its mailbox.
+        let e = resolve("inline:{d=dave, b=bob+loop}", "d@host.test");
+        assert_eq!(dests(&e)[1], "mailbox dave@host.test");
+        let e = resolve("inline:{x=y}", "bob+loop@host.test");
+        assert_eq!(dests(&e), ["mailbox bob@host.test"]);
+        assert!(e.failures.is_empty());
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         match n.as_str() {
             attr::EXTRACT_RECIPIENTS => flags |= cleanup_flags::EXTRACT_RECIPIENTS,
             attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
+            // DSN from sendmail -R/-V and -bs.
+            attr::ENVID if !bad(v) && v.len() <= 100 => attrs.push((n.clone(), v.clone())),
+            attr::RET if v == "FULL" || v == "HDRS" => attrs.push((n.clone(), v.clone())),
             _ => {}
         }
     }
@@ -85,7 +88,17 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
     let recipients = env
         .recipients
         .iter()
-        .map(|r| qfile::Recipient::new(&r.rcpt.address))
+        .map(|r| qfile::Recipient {
+            // DSN NOTIFY (sendmail -N) and ORCPT (-bs) are the user's to
+            // set; the original address is not.
+            notify: r.rcpt.notify & 0x0f,
+            orcpt: if bad(&r.rcpt.orcpt) {
+                String::new()
+            } else {
+                r.rcpt.orcpt.clone()
+            },
+            ..qfile::Recipient::new(&r.rcpt.address)
+        })
         .collect();
     let new = NewMessage {
         sender: env.sender.clone(),

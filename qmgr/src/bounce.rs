@@ -1,15 +1,28 @@
-//! Non-delivery notices: composing the RFC 3464 report for the sender of a
-//! message whose bounce log has entries, and queueing it through cleanup.
+//! Delivery status notifications (RFC 3464), composed and queued through
+//! cleanup: failure notices ("Undelivered Mail Returned to Sender"),
+//! delay warnings ("Delayed Mail (still being retried)", after
+//! `delay_warning_time`) and success notices ("Successful Mail Delivery
+//! Report", DSN NOTIFY=SUCCESS), each only to the recipients' liking
+//! (NOTIFY=NEVER: none; see [`wanted`]); and the postmaster's copies
+//! (`notify_classes`: `bounce`, `delay`) and double bounces (`2bounce`).
 //!
-//! The notice is a `multipart/report; report-type=delivery-status`
-//! message from `MAILER-DAEMON@$myhostname` with the null sender, in three
-//! parts, as Postfix writes it: a human-readable text, the
-//! `message/delivery-status` report (one block per message, one per
-//! failed recipient), and the original message's headers as
-//! `text/rfc822-headers`. It is submitted with the
-//! [`cleanup_flags::NOTIFICATION`] flag and the `notification=bounce`
-//! attribute, so that a notice that itself fails is never answered with
-//! another notice.
+//! A notice is a `multipart/report; report-type=delivery-status`
+//! message from `MAILER-DAEMON@$myhostname` in three parts, as Postfix
+//! writes it: a human-readable text, the `message/delivery-status`
+//! report (per message: `Reporting-MTA`, `Original-Envelope-Id`,
+//! `Arrival-Date`; per recipient: `Final-Recipient`,
+//! `Original-Recipient` from ORCPT, `Action`, `Status`, `Remote-MTA`,
+//! `Diagnostic-Code`, `Will-Retry-Until`), and the original message:
+//! whole as `message/rfc822` (RET=FULL; for failures without RET, up to
+//! `bounce_size_limit` bytes), or its headers as `text/rfc822-headers`
+//! — streamed from the queue file, never held whole in memory.
+//!
+//! The sender's notices come from the null sender; postmaster notices
+//! from `double_bounce_sender`. Every notice is submitted with the
+//! [`cleanup_flags::NOTIFICATION`] flag and a `notification=` attribute
+//! (`bounce`, `delay`, `success`, `2bounce`): a notice that fails goes
+//! to the postmaster once, as a double bounce, and a double bounce that
+//! fails is dropped — never a loop.
 
 use postern_common::delivery::LogEntry;
 use postern_common::ipc::{self, cleanup_flags, CleanupReply, CleanupRequest, NewMessage};
@@ -23,25 +36,142 @@ use std::time::Duration;
 /// Most bytes of the original headers that a notice carries.
 pub const HEADER_LIMIT: usize = 100 * 1024;
 
+/// What a notice reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Recipients that failed for good ("Undelivered Mail Returned to Sender").
+    Failure,
+    /// Recipients still being retried (DSN NOTIFY=DELAY, `delay_warning_time`).
+    Delay,
+    /// Recipients delivered (DSN NOTIFY=SUCCESS).
+    Success,
+}
+
+/// How much of the original message a notice returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returned {
+    /// Its header section, as `text/rfc822-headers` (RET=HDRS).
+    Headers,
+    /// The whole message as `message/rfc822`, cut at a line end after
+    /// this many bytes when given (`bounce_size_limit`; RET=FULL: none).
+    Full(Option<u64>),
+}
+
 /// Everything a notice says.
 #[derive(Debug, Clone)]
 pub struct Notice {
     pub myhostname: String,
-    /// The queue ID of the message that failed.
+    pub kind: Kind,
+    /// A copy for the postmaster (or a double bounce) rather than the
+    /// sender's notice: other wording, sent from `double_bounce_sender`.
+    pub postmaster: bool,
+    /// The queue ID of the message reported on.
     pub queue_id: String,
-    /// Its envelope sender: the notice's recipient.
+    /// Its envelope sender.
     pub sender: String,
+    /// Who gets the notice: the sender, or a postmaster address.
+    pub to: String,
+    /// The notice's envelope sender: "" (the null sender), or
+    /// `double_bounce_sender` for postmaster notices, whose failure is
+    /// never reported again.
+    pub from: String,
     pub arrival_secs: u64,
-    /// One entry per failed recipient.
+    /// RFC 3461 ENVID of the original message ("" = none).
+    pub envid: String,
+    /// For delay notices: when the retries end.
+    pub retry_until: Option<u64>,
+    /// One entry per recipient reported.
     pub entries: Vec<LogEntry>,
-    /// The failed message's header section, LF line ends.
-    pub headers: Vec<u8>,
+    pub returned: Returned,
+    /// Where the original content starts in its queue file.
+    pub content_offset: u64,
 }
 
-/// The entries a notice reports: the last entry of each recipient, for
-/// recipients whose DSN NOTIFY allows failure notices (not given, or
-/// containing FAILURE).
-pub fn reportable(entries: Vec<LogEntry>) -> Vec<LogEntry> {
+impl Notice {
+    /// The `notification` attribute of the notice's own queue file.
+    pub fn notification(&self) -> &'static str {
+        if self.postmaster {
+            "2bounce"
+        } else {
+            match self.kind {
+                Kind::Failure => "bounce",
+                Kind::Delay => "delay",
+                Kind::Success => "success",
+            }
+        }
+    }
+
+    fn subject(&self) -> &'static str {
+        match (self.kind, self.postmaster) {
+            (Kind::Failure, false) => "Undelivered Mail Returned to Sender",
+            (Kind::Failure, true) => "Postmaster Copy: Undelivered Mail",
+            (Kind::Delay, false) => "Delayed Mail (still being retried)",
+            (Kind::Delay, true) => "Postmaster Warning: Delayed Mail",
+            (Kind::Success, _) => "Successful Mail Delivery Report",
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self.kind {
+            Kind::Failure => "Undelivered",
+            Kind::Delay => "Delayed",
+            Kind::Success => "Delivered",
+        }
+    }
+}
+
+/// The parameters that decide which notices go where.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub myhostname: String,
+    /// `notify_classes`, lower case.
+    pub classes: Vec<String>,
+    pub bounce_rcpt: String,
+    pub twobounce_rcpt: String,
+    pub delay_rcpt: String,
+    pub double_bounce_sender: String,
+    /// `delay_warning_time` in seconds; 0: no delay warnings.
+    pub delay_warning: u64,
+    /// `bounce_size_limit`.
+    pub size_limit: u64,
+    /// `maximal_queue_lifetime`, for Will-Retry-Until.
+    pub max_lifetime: u64,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &postern_conf::Config) -> Settings {
+        Settings {
+            myhostname: cfg.get("myhostname"),
+            classes: cfg
+                .get("notify_classes")
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+                .map(|w| w.to_ascii_lowercase())
+                .collect(),
+            bounce_rcpt: cfg.get("bounce_notice_recipient"),
+            twobounce_rcpt: cfg.get("2bounce_notice_recipient"),
+            delay_rcpt: cfg.get("delay_notice_recipient"),
+            double_bounce_sender: cfg.get("double_bounce_sender"),
+            delay_warning: cfg.get_time("delay_warning_time").unwrap_or(0),
+            size_limit: cfg.get_u64("bounce_size_limit").unwrap_or(50000),
+            max_lifetime: cfg.get_time("maximal_queue_lifetime").unwrap_or(5 * 86400),
+        }
+    }
+
+    pub fn class(&self, name: &str) -> bool {
+        self.classes.iter().any(|c| c == name)
+    }
+
+    /// Whether `sender` is the double-bounce address (bare or qualified).
+    pub fn is_double_bounce(&self, sender: &str) -> bool {
+        let local = sender.split('@').next().unwrap_or("");
+        !sender.is_empty() && local.eq_ignore_ascii_case(&self.double_bounce_sender)
+    }
+}
+
+/// The last entry of each recipient (a log may hold several, from
+/// retries or from an agent that restarted).
+pub fn last_per_recipient(entries: Vec<LogEntry>) -> Vec<LogEntry> {
     let mut last: HashMap<(u64, String), usize> = HashMap::new();
     let mut out: Vec<LogEntry> = Vec::new();
     for e in entries {
@@ -54,10 +184,29 @@ pub fn reportable(entries: Vec<LogEntry>) -> Vec<LogEntry> {
             }
         }
     }
-    out.retain(|e| {
-        e.notify == 0
-            || (e.notify & qfile::NOTIFY_FAILURE != 0 && e.notify & qfile::NOTIFY_NEVER == 0)
-    });
+    out
+}
+
+/// Whether a recipient's DSN NOTIFY asks for this kind of notice: never
+/// with NEVER; failure and delay notices when NOTIFY was not given or
+/// names them; success notices only when asked for.
+pub fn wanted(kind: Kind, notify: u8) -> bool {
+    if notify & qfile::NOTIFY_NEVER != 0 {
+        return false;
+    }
+    match kind {
+        Kind::Failure => notify == 0 || notify & qfile::NOTIFY_FAILURE != 0,
+        Kind::Delay => notify == 0 || notify & qfile::NOTIFY_DELAY != 0,
+        Kind::Success => notify & qfile::NOTIFY_SUCCESS != 0,
+    }
+}
+
+/// The entries a failure notice reports: the last entry of each
+/// recipient, for recipients whose DSN NOTIFY allows failure notices.
+#[cfg(test)]
+pub fn reportable(entries: Vec<LogEntry>) -> Vec<LogEntry> {
+    let mut out = last_per_recipient(entries);
+    out.retain(|e| wanted(Kind::Failure, e.notify));
     out
 }
 
@@ -115,18 +264,29 @@ fn smtp_reply(reason: &str) -> Option<&str> {
     Some(text.trim())
 }
 
-fn status_of(e: &LogEntry) -> &str {
-    if e.status.is_empty() {
-        "5.0.0"
-    } else {
+fn status_of(e: &LogEntry, kind: Kind) -> &str {
+    if !e.status.is_empty() {
         &e.status
+    } else {
+        match kind {
+            Kind::Failure => "5.0.0",
+            Kind::Delay => "4.0.0",
+            Kind::Success => "2.0.0",
+        }
     }
 }
 
-/// Composes the notice, with LF line ends, as cleanup stores content.
-/// `new_id` is the notice's own queue ID (for its Message-Id), `now` the
-/// time it is written.
-pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
+fn hours(secs: u64) -> String {
+    let h = secs / 3600;
+    format!("{h} hour{}", if h == 1 { "" } else { "s" })
+}
+
+/// Composes the notice, with LF line ends, as cleanup stores content:
+/// everything before the returned message (`head`) and after it
+/// (`tail`); [`returned_content`] streams what goes between. `new_id` is
+/// the notice's own queue ID (for its Message-Id), `now` the time it is
+/// written.
+pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     let host = &n.myhostname;
     let boundary = format!("{}.{}/{}", n.queue_id, now, host);
     let ascii = n
@@ -142,8 +302,8 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
     m.push_str(&format!(
         "From: MAILER-DAEMON@{host} (Mail Delivery System)\n"
     ));
-    m.push_str("Subject: Undelivered Mail Returned to Sender\n");
-    m.push_str(&format!("To: <{}>\n", n.sender));
+    m.push_str(&format!("Subject: {}\n", n.subject()));
+    m.push_str(&format!("To: <{}>\n", n.to));
     m.push_str("Auto-Submitted: auto-replied\n");
     m.push_str(&format!("Message-Id: <{new_id}.{now}@{host}>\n"));
     m.push_str("MIME-Version: 1.0\n");
@@ -163,14 +323,49 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
     }
     m.push('\n');
     m.push_str(&format!("This is the mail system at host {host}.\n\n"));
-    m.push_str(
-        "I'm sorry to have to inform you that your message could not\n\
-         be delivered to one or more recipients. It's attached below.\n\n\
-         For further assistance, please send mail to postmaster.\n\n\
-         If you do so, please include this problem report. You can\n\
-         delete your own text from the attached returned message.\n\n\
-         \x20                  The mail system\n\n",
-    );
+    match n.kind {
+        Kind::Failure if n.postmaster => m.push_str(&format!(
+            "Enclosed is the mail delivery report that was sent to <{}>\n\
+             (or could not be, if that is empty).\n\n",
+            n.sender
+        )),
+        Kind::Failure => m.push_str(
+            "I'm sorry to have to inform you that your message could not\n\
+             be delivered to one or more recipients. It's attached below.\n\n\
+             For further assistance, please send mail to postmaster.\n\n\
+             If you do so, please include this problem report. You can\n\
+             delete your own text from the attached returned message.\n\n",
+        ),
+        Kind::Delay => {
+            m.push_str(
+                "####################################################################\n\
+                 # THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\n\
+                 ####################################################################\n\n",
+            );
+            m.push_str(&format!(
+                "Your message could not be delivered for more than {}.\n",
+                hours(now.saturating_sub(n.arrival_secs))
+            ));
+            if let Some(until) = n.retry_until {
+                m.push_str(&format!(
+                    "It will be retried until it is {} old.\n",
+                    hours(until.saturating_sub(n.arrival_secs))
+                ));
+            }
+            m.push_str(
+                "\nFor further assistance, please send mail to postmaster.\n\n\
+                 If you do so, please include this problem report. You can\n\
+                 delete your own text from the attached returned message.\n\n",
+            );
+        }
+        Kind::Success => m.push_str(
+            "Your message was successfully delivered to the destination(s)\n\
+             listed below. If the message was delivered to mailbox you will\n\
+             receive no further notifications. Otherwise you may still receive\n\
+             notifications of mail delivery errors from other systems.\n\n",
+        ),
+    }
+    m.push_str("                   The mail system\n\n");
     for e in &n.entries {
         if !e.original.is_empty() && e.original != e.recipient {
             m.push_str(&format!(
@@ -190,6 +385,9 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
     m.push_str(&format!("Reporting-MTA: dns; {host}\n"));
     m.push_str(&format!("X-Postern-Queue-ID: {}\n", n.queue_id));
     m.push_str(&format!("X-Postern-Sender: rfc822; {}\n", n.sender));
+    if !n.envid.is_empty() {
+        m.push_str(&format!("Original-Envelope-Id: {}\n", n.envid));
+    }
     if n.arrival_secs > 0 {
         m.push_str(&format!(
             "Arrival-Date: {}\n",
@@ -208,8 +406,13 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
         } else if !e.original.is_empty() && e.original != e.recipient {
             m.push_str(&format!("Original-Recipient: rfc822; {}\n", e.original));
         }
-        m.push_str("Action: failed\n");
-        m.push_str(&format!("Status: {}\n", status_of(e)));
+        let action = match n.kind {
+            Kind::Failure => "failed",
+            Kind::Delay => "delayed",
+            Kind::Success => "delivered",
+        };
+        m.push_str(&format!("Action: {action}\n"));
+        m.push_str(&format!("Status: {}\n", status_of(e, n.kind)));
         if let Some(h) = remote_host(&e.relay) {
             m.push_str(&format!("Remote-MTA: dns; {h}\n"));
         }
@@ -217,18 +420,83 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> Vec<u8> {
             Some(reply) => m.push_str(&format!("Diagnostic-Code: smtp; {reply}\n")),
             None => m.push_str(&format!("Diagnostic-Code: X-Postern; {}\n", e.reason)),
         }
+        if n.kind == Kind::Delay {
+            if let Some(until) = n.retry_until {
+                m.push_str(&format!(
+                    "Will-Retry-Until: {}\n",
+                    postern_common::time::rfc5322_date(until)
+                ));
+            }
+        }
     }
     m.push('\n');
 
-    // The returned headers.
+    // The returned message or its headers.
     m.push_str(&format!("--{boundary}\n"));
-    m.push_str("Content-Description: Undelivered Message Headers\n");
-    m.push_str("Content-Type: text/rfc822-headers\n");
+    match n.returned {
+        Returned::Headers => {
+            m.push_str(&format!(
+                "Content-Description: {} Message Headers\n",
+                n.what()
+            ));
+            m.push_str("Content-Type: text/rfc822-headers\n");
+        }
+        Returned::Full(_) => {
+            m.push_str(&format!("Content-Description: {} Message\n", n.what()));
+            m.push_str("Content-Type: message/rfc822\n");
+        }
+    }
     m.push_str("Content-Transfer-Encoding: 8bit\n\n");
-    let mut out = m.into_bytes();
-    out.extend_from_slice(&n.headers);
-    out.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
-    out
+    (m.into_bytes(), format!("\n--{boundary}--\n").into_bytes())
+}
+
+/// Streams what a notice returns of the original message to `out`, in
+/// pieces, ending with a line end.
+pub fn returned_content(
+    file: &File,
+    content_offset: u64,
+    returned: Returned,
+    mut out: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    match returned {
+        Returned::Headers => out(&original_headers(file, content_offset)?),
+        Returned::Full(limit) => {
+            let mut r = ContentReader::new(file, content_offset)?;
+            let mut buf = vec![0u8; qfile::CHUNK];
+            let mut sent = 0u64;
+            let mut last = b'\n';
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                let mut piece = &buf[..n];
+                if let Some(limit) = limit {
+                    if sent + n as u64 > limit {
+                        // Cut at the last line end within the limit.
+                        let room = limit.saturating_sub(sent) as usize;
+                        let cut = piece[..room]
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map_or(0, |i| i + 1);
+                        piece = &piece[..cut];
+                        if !piece.is_empty() {
+                            out(piece)?;
+                            last = b'\n';
+                        }
+                        break;
+                    }
+                }
+                out(piece)?;
+                sent += n as u64;
+                last = piece[piece.len() - 1];
+            }
+            if last != b'\n' {
+                out(b"\n")?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Why a notice was not queued.
@@ -253,18 +521,31 @@ fn refused(what: &str, temp: bool, dsn: &str, reason: &str) -> NotQueued {
     }
 }
 
-/// Queues the notice through cleanup (`public/cleanup`) and returns the
-/// notice's queue ID.
-pub fn send(tree: &QueueTree, timeout: Duration, n: &Notice) -> Result<String, NotQueued> {
+/// Queues the notice through cleanup (`public/cleanup`), with the
+/// original message streamed from `file`, and returns the notice's queue
+/// ID.
+pub fn send(
+    tree: &QueueTree,
+    timeout: Duration,
+    n: &Notice,
+    file: &File,
+) -> Result<String, NotQueued> {
     let path = tree.cleanup_socket();
     let mut s = ipc::connect(&path, timeout).map_err(|e| temporary(e.to_string()))?;
     let io = |e: io::Error| temporary(format!("cleanup service: {e}"));
+    let mut attrs = vec![(
+        qfile::attr::NOTIFICATION.to_string(),
+        n.notification().to_string(),
+    )];
+    if !n.envid.is_empty() && n.postmaster {
+        attrs.push((qfile::attr::ENVID.to_string(), n.envid.clone()));
+    }
     ipc::send(
         &mut s,
         &CleanupRequest::Open(NewMessage {
-            sender: String::new(),
-            recipients: vec![Recipient::new(&n.sender)],
-            attrs: vec![(qfile::attr::NOTIFICATION.to_string(), "bounce".to_string())],
+            sender: n.from.clone(),
+            recipients: vec![Recipient::new(&n.to)],
+            attrs,
             flags: cleanup_flags::NOTIFICATION,
             origin: "qmgr".to_string(),
         }),
@@ -283,10 +564,16 @@ pub fn send(tree: &QueueTree, timeout: Duration, n: &Notice) -> Result<String, N
             )))
         }
     };
-    let body = compose(n, &new_id, postern_common::time::now_secs());
-    for chunk in body.chunks(qfile::CHUNK) {
-        ipc::send(&mut s, &CleanupRequest::Content(chunk.to_vec())).map_err(io)?;
-    }
+    let (head, tail) = compose(n, &new_id, postern_common::time::now_secs());
+    let mut chunk = |data: &[u8]| -> io::Result<()> {
+        for c in data.chunks(qfile::CHUNK) {
+            ipc::send(&mut s, &CleanupRequest::Content(c.to_vec()))?;
+        }
+        Ok(())
+    };
+    chunk(&head).map_err(io)?;
+    returned_content(file, n.content_offset, n.returned, &mut chunk).map_err(io)?;
+    chunk(&tail).map_err(io)?;
     ipc::send(&mut s, &CleanupRequest::Close).map_err(io)?;
     match ipc::recv::<_, CleanupReply>(&mut s).map_err(io)? {
         CleanupReply::Queued { queue_id } => Ok(queue_id),
@@ -358,13 +645,24 @@ mod tests {
         e2.original = "alias@h.test".into();
         let n = Notice {
             myhostname: "mx.example.test".into(),
+            kind: Kind::Failure,
+            postmaster: false,
             queue_id: "ABCDEF0123456789".into(),
             sender: "alice@example.test".into(),
+            to: "alice@example.test".into(),
+            from: String::new(),
             arrival_secs: 1_700_000_000,
+            envid: String::new(),
+            retry_until: None,
             entries: vec![e1, e2],
-            headers: b"Subject: hello\nFrom: alice@example.test\n".to_vec(),
+            returned: Returned::Headers,
+            content_offset: 0,
         };
-        let raw = String::from_utf8(compose(&n, "NEWID0123456789", 1_700_000_100)).unwrap();
+        let (head, tail) = compose(&n, "NEWID0123456789", 1_700_000_100);
+        let mut raw = head;
+        raw.extend_from_slice(b"Subject: hello\nFrom: alice@example.test\n");
+        raw.extend_from_slice(&tail);
+        let raw = String::from_utf8(raw).unwrap();
         assert!(!raw.contains('\r'));
         let (head, body) = raw.split_once("\n\n").unwrap();
         let h = fields(head);

@@ -14,7 +14,7 @@
 //! notices.
 //!
 //! What it may touch: the queue directories `incoming active deferred
-//! corrupt` (renames, removal of finished files, retry times as mtimes),
+//! hold corrupt` (renames, removal of finished files, retry times as mtimes),
 //! the message logs in `defer/` and `bounce/`, and the in-place done marks
 //! of recipients it fails or expires itself.
 //!
@@ -23,16 +23,21 @@
 //! - [`scan`]: start-up recovery and the incoming and deferred scans;
 //! - [`message`]: one active message and its recipients' states;
 //! - [`resolve`]: recipient → (transport, next hop);
-//! - [`schedule`]: per-transport, per-destination queues and limits;
+//! - [`schedule`]: per-transport, per-destination queues and limits,
+//!   concurrency feedback, dead destinations, rate delays;
 //! - [`deliver`]: one thread per request to a delivery agent;
 //! - [`record`]: outcomes qmgr records itself (error/retry transports,
 //!   unreachable agents, expiry);
-//! - [`bounce`]: non-delivery notices, composed and queued via cleanup;
-//! - [`retry`]: backoff and queue lifetime.
+//! - [`bounce`]: delivery status notices (failure, delay, success,
+//!   postmaster copies, double bounces), composed and queued via cleanup;
+//! - [`retry`]: backoff and queue lifetime;
+//! - [`admin`]: `private/qmgr-admin`, postsuper's requests for active
+//!   messages (delete, hold, release), applied when none is in flight.
 //!
 //! `e2e` (tests only) runs the whole manager on a real queue directory
 //! with fake agents and a fake cleanup.
 
+mod admin;
 mod bounce;
 mod deliver;
 #[cfg(test)]

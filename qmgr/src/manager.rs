@@ -15,16 +15,18 @@
 //! a done mark: a qmgr killed at any instant loses nothing, and the next
 //! one takes `active/` back at start-up.
 
-use crate::bounce::{self, NotQueued, Notice};
+use crate::bounce::{self, Kind, NotQueued, Notice, Returned};
 use crate::deliver::{self, Completion};
-use crate::message::{Message, RcptState};
+use crate::message::{AdminAction, Message, RcptState};
 use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};
-use postern_common::delivery;
-use postern_common::ipc::{DeliveryRecipient, Outcome, Wakeup};
+use postern_common::delivery::{self, LogEntry};
+use postern_common::ipc::{
+    AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
+};
 use postern_common::qfile::{self, QueuedRecipient, ReadError};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_common::time::now_secs;
@@ -48,7 +50,15 @@ pub enum Event {
         id: String,
         result: Result<String, NotQueued>,
     },
+    /// An administrator's request from `private/qmgr-admin` ([`crate::admin`]).
+    Admin {
+        req: AdminRequest,
+        reply: Sender<AdminReply>,
+    },
 }
+
+/// The `action` of the success-log entry that notes a delay warning.
+const WARNED: &str = "warned";
 
 /// Messages taken in per round of work, before events are looked at again.
 const TAKE_BATCH: usize = 100;
@@ -57,9 +67,14 @@ const LOOK_BATCH: usize = 2000;
 
 pub struct Manager {
     tree: QueueTree,
-    myhostname: String,
+    notice_settings: bounce::Settings,
     timeout: Duration,
     active_limit: usize,
+    /// `qmgr_message_recipient_limit`: no more messages are taken in
+    /// while the active ones hold this many recipients in memory.
+    recipient_limit: usize,
+    /// Recipients of the active messages, in memory.
+    recipients_in_memory: usize,
     resolver: Resolver,
     sched: Scheduler,
     retry: retry::Policy,
@@ -92,8 +107,13 @@ impl Manager {
         };
         Manager {
             tree: QueueTree::new(cfg.get("queue_directory")),
-            myhostname: cfg.get("myhostname"),
+            notice_settings: bounce::Settings::from_config(cfg),
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600).max(1)),
+            recipient_limit: cfg
+                .get_u64("qmgr_message_recipient_limit")
+                .unwrap_or(20000)
+                .max(1) as usize,
+            recipients_in_memory: 0,
             active_limit: cfg
                 .get_u64("qmgr_message_active_limit")
                 .unwrap_or(20000)
@@ -131,6 +151,10 @@ impl Manager {
             let more = self.work();
             let first = if more {
                 self.rx.try_recv().ok()
+            } else if let Some(at) = self.sched.next_wakeup() {
+                // A destination waits out its rate delay.
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                self.rx.recv_timeout(wait).ok()
             } else {
                 self.rx.recv().ok()
             };
@@ -170,7 +194,104 @@ impl Manager {
             Event::Wakeup(bytes) => self.wakeup(&bytes),
             Event::Delivered(c) => self.delivered(c),
             Event::Notice { id, result } => self.notice_done(&id, result),
+            Event::Admin { req, reply } => {
+                let r = self.admin(req);
+                let _ = reply.send(r);
+            }
         }
+    }
+
+    /// postsuper's request for active messages: each is taken out of the
+    /// scheduler's queues at once, and deleted, held or released when no
+    /// request of it is in flight (now, or when the last one returns).
+    pub fn admin(&mut self, req: AdminRequest) -> AdminReply {
+        let unhold = matches!(req, AdminRequest::Unhold(_));
+        let (action, ids) = match req {
+            AdminRequest::Delete(v) => (AdminAction::Delete, v),
+            AdminRequest::Hold(v) => (AdminAction::Hold, v),
+            AdminRequest::Release(v) | AdminRequest::Unhold(v) => (AdminAction::Release, v),
+        };
+        let mut results = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(msg) = self.messages.get_mut(&id) else {
+                results.push(AdminStatus::NotActive);
+                continue;
+            };
+            if unhold && msg.admin != Some(AdminAction::Hold) {
+                results.push(AdminStatus::Unchanged);
+                continue;
+            }
+            // The last request wins, except that a deletion stays.
+            if msg.admin != Some(AdminAction::Delete) {
+                msg.admin = Some(action);
+            }
+            let removed = self.sched.remove_message(&id);
+            msg.queued = msg.queued.saturating_sub(removed);
+            if msg.in_flight == 0 && !msg.finishing {
+                self.apply_admin(&id);
+                results.push(AdminStatus::Done);
+            } else {
+                results.push(AdminStatus::Pending);
+            }
+        }
+        AdminReply { results }
+    }
+
+    /// Carries out the administrator's request for a message that has no
+    /// request in flight.
+    fn apply_admin(&mut self, id: &str) {
+        let Some(msg) = self.forget(id) else {
+            return;
+        };
+        match msg.admin {
+            Some(AdminAction::Delete) => {
+                match std::fs::remove_file(self.tree.path(Queue::Active, id)) {
+                    Ok(()) => info!("{id}: removed"),
+                    Err(e) => warning!("{id}: remove active queue file: {e}"),
+                }
+                let _ = queue::sync_dir(&self.tree.dir(Queue::Active));
+                remove_log(&self.tree, MessageLog::Defer, id);
+                remove_log(&self.tree, MessageLog::Bounce, id);
+                remove_log(&self.tree, MessageLog::Success, id);
+            }
+            Some(AdminAction::Hold) => match self.tree.move_to(id, Queue::Active, Queue::Hold) {
+                Ok(()) => info!("{id}: placed on hold"),
+                Err(e) => warning!("{id}: move from active to hold: {e}"),
+            },
+            Some(AdminAction::Release) => {
+                let _ = queue::set_mtime(&self.tree.path(Queue::Active, id), now_secs());
+                if let Err(e) = self.tree.move_to(id, Queue::Active, Queue::Deferred) {
+                    warning!("{id}: move from active to deferred: {e}");
+                }
+            }
+            None => {
+                self.remember(id, msg);
+            }
+        }
+    }
+
+    /// Adds a message to the active set.
+    fn remember(&mut self, id: &str, msg: Message) {
+        self.recipients_in_memory += msg.env.recipients.len();
+        self.messages.insert(id.to_string(), msg);
+    }
+
+    /// Takes a message out of the active set.
+    fn forget(&mut self, id: &str) -> Option<Message> {
+        let msg = self.messages.remove(id)?;
+        self.recipients_in_memory = self
+            .recipients_in_memory
+            .saturating_sub(msg.env.recipients.len());
+        Some(msg)
+    }
+
+    /// Whether another message may be taken in: fewer than
+    /// `qmgr_message_active_limit` messages, and fewer than
+    /// `qmgr_message_recipient_limit` recipients in memory (one message
+    /// is always allowed, however many recipients it has).
+    fn room(&self) -> bool {
+        self.messages.len() < self.active_limit
+            && (self.messages.is_empty() || self.recipients_in_memory < self.recipient_limit)
     }
 
     fn wakeup(&mut self, bytes: &[u8]) {
@@ -196,7 +317,7 @@ impl Manager {
     pub fn work(&mut self) -> bool {
         self.resolver.refresh();
         let (mut taken, mut looked) = (0, 0);
-        while taken < TAKE_BATCH && looked < LOOK_BATCH && self.messages.len() < self.active_limit {
+        while taken < TAKE_BATCH && looked < LOOK_BATCH && self.room() {
             let Some((q, id, ignore_time)) = self.next_file() else {
                 break;
             };
@@ -215,7 +336,7 @@ impl Manager {
             }
         }
         self.dispatch();
-        self.messages.len() < self.active_limit && (self.incoming.busy() || self.deferred.busy())
+        self.room() && (self.incoming.busy() || self.deferred.busy())
     }
 
     fn next_file(&mut self) -> Option<(Queue, String, bool)> {
@@ -248,8 +369,8 @@ impl Manager {
             }
             Err(TryLockError::Error(e)) => warning!("{id}: lock queue file: {e}"),
         }
-        let env = match qfile::read_envelope(&file) {
-            Ok(env) => env,
+        let slice = match qfile::read_envelope_slice(&file, 0, self.recipient_limit) {
+            Ok(slice) => slice,
             Err(ReadError::Io(e)) => {
                 warning!("{id}: read queue file: {e}");
                 drop(file);
@@ -267,11 +388,16 @@ impl Manager {
         remove_log(&self.tree, MessageLog::Defer, id);
         info!(
             "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
-            env.sender,
-            env.content_size,
-            env.recipients.len()
+            slice.env.sender, slice.env.content_size, slice.total
         );
-        let mut msg = Message::new(id, env);
+        let mut msg = Message::new(id, slice.env);
+        msg.more = slice.next;
+        self.schedule_recipients(id, msg);
+    }
+
+    /// Resolves the pending recipients of (a slice of) an active message
+    /// and queues them.
+    fn schedule_recipients(&mut self, id: &str, mut msg: Message) {
         let mut targets = Vec::new();
         let mut items = Vec::new();
         let mut item_indexes = Vec::new();
@@ -311,10 +437,43 @@ impl Manager {
         let indexes: Vec<usize> = targets.iter().map(|t| t.index).collect();
         msg.set(&indexes, RcptState::Queued);
         msg.queued = self.sched.add_message(id, &targets);
-        let idle = msg.idle();
-        self.messages.insert(id.to_string(), msg);
-        if idle {
+        self.remember(id, msg);
+        self.defer_suspended();
+        if self.messages.get(id).is_some_and(|m| m.idle()) {
             self.finish(id);
+        }
+    }
+
+    /// Defers the recipients of entries whose destination is dead (no
+    /// connection attempt), and finishes messages left with nothing to do.
+    fn defer_suspended(&mut self) {
+        for s in self.sched.take_suspended() {
+            let id = s.entry.message.clone();
+            let Some(msg) = self.messages.get_mut(&id) else {
+                continue;
+            };
+            msg.queued = msg.queued.saturating_sub(1);
+            let items: Vec<Item> = s
+                .entry
+                .recipients
+                .iter()
+                .map(|&i| Item {
+                    rcpt: DeliveryRecipient {
+                        offset: msg.env.recipients[i].offset,
+                        rcpt: msg.env.recipients[i].rcpt.clone(),
+                    },
+                    outcome: Outcome::Deferred,
+                    dsn: s.dsn.clone(),
+                    reason: s.reason.clone(),
+                })
+                .collect();
+            let results = record::record(&self.tree, msg.request("none", "", &[]), items);
+            msg.apply(&s.entry.recipients, &results);
+            if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
+                self.apply_admin(&id);
+            } else if msg.idle() {
+                self.finish(&id);
+            }
         }
     }
 
@@ -322,7 +481,7 @@ impl Manager {
     fn dispatch(&mut self) {
         while let Some(d) = self.sched.pick() {
             let Some(msg) = self.messages.get_mut(&d.entry.message) else {
-                self.sched.done(&d.transport, &d.destination, true);
+                self.sched.done(&d.transport, &d.destination, None);
                 continue;
             };
             msg.queued = msg.queued.saturating_sub(1);
@@ -356,14 +515,23 @@ impl Manager {
     }
 
     fn delivered(&mut self, c: Completion) {
-        self.sched
-            .done(&c.transport, &c.destination, !c.destination_failed);
+        let failure = c.destination_failed.then(|| {
+            c.results
+                .iter()
+                .find(|r| r.outcome == Outcome::Deferred)
+                .map(|r| (r.dsn.as_str(), r.reason.as_str()))
+                .unwrap_or(("4.4.1", "destination unreachable"))
+        });
+        self.sched.done(&c.transport, &c.destination, failure);
+        self.defer_suspended();
         let Some(msg) = self.messages.get_mut(&c.message) else {
             return;
         };
         msg.in_flight = msg.in_flight.saturating_sub(1);
         msg.apply(&c.indexes, &c.results);
-        if msg.idle() {
+        if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
+            self.apply_admin(&c.message);
+        } else if msg.idle() {
             self.finish(&c.message);
         }
     }
@@ -371,6 +539,31 @@ impl Manager {
     /// The round of a message is over: expire it if it is too old, send a
     /// notice for its bounced recipients, then remove or defer it.
     fn finish(&mut self, id: &str) {
+        let Some(msg) = self.messages.get_mut(id) else {
+            return;
+        };
+        if let Some(from) = msg.more {
+            // The next slice of recipients (qmgr_message_recipient_limit),
+            // in the same round.
+            let slice = File::open(self.tree.path(Queue::Active, id))
+                .map_err(ReadError::Io)
+                .and_then(|f| qfile::read_envelope_slice(&f, from, self.recipient_limit));
+            match slice {
+                Ok(slice) if !slice.env.recipients.is_empty() => {
+                    let Some(old) = self.forget(id) else { return };
+                    let mut msg = Message::new(id, slice.env);
+                    msg.more = slice.next;
+                    msg.admin = old.admin;
+                    self.schedule_recipients(id, msg);
+                    return;
+                }
+                Ok(_) => msg.more = None,
+                Err(e) => {
+                    warning!("{id}: read queue file: {e}");
+                    msg.more = None;
+                }
+            }
+        }
         let Some(msg) = self.messages.get_mut(id) else {
             return;
         };
@@ -383,106 +576,277 @@ impl Manager {
             Ok(f) => f,
             Err(e) => {
                 warning!("{id}: open active queue file: {e}");
-                self.messages.remove(id);
+                self.forget(id);
                 return;
             }
         };
         // The file, not memory, says who is done: an agent that went away
-        // may have recorded some before it did.
-        let env = match qfile::read_envelope(&file) {
-            Ok(env) => env,
-            Err(ReadError::Io(e)) => {
-                warning!("{id}: read queue file: {e}");
-                self.complete(id, false);
-                return;
-            }
-            Err(e) => {
-                drop(file);
-                scan::to_corrupt(&self.tree, id, Queue::Active, &e.to_string());
-                self.messages.remove(id);
-                return;
-            }
-        };
-        let mut pending: Vec<QueuedRecipient> = env.pending().cloned().collect();
+        // may have recorded some before it did. It is read a slice at a
+        // time; expired recipients are failed slice by slice.
         let now = now_secs();
-        if !pending.is_empty()
-            && self
-                .retry
-                .expired(now, env.arrival_secs, env.sender.is_empty())
-        {
-            info!(
-                "{id}: from=<{}>, status=expired, returned to sender",
-                env.sender
-            );
-            let done = record::expire(&self.tree, id, &file, &pending);
-            pending.retain(|r| !done.contains(&r.offset));
-        }
-        drop(file);
-        let all_done = pending.is_empty();
-        if let Some(msg) = self.messages.get_mut(id) {
-            msg.all_done = all_done;
-        }
-        let entries = match delivery::read_log(&self.tree, MessageLog::Bounce, id) {
-            Ok(e) => e,
-            Err(e) => {
-                warning!("{id}: read bounce log: {e}");
-                self.complete(id, false);
-                return;
-            }
-        };
-        if !entries.is_empty() {
-            if env.sender.is_empty() || env.attr(qfile::attr::NOTIFICATION).is_some() {
-                // Postfix sends these to 2bounce_notice_recipient; not yet.
-                warning!(
-                    "{id}: undeliverable {}: {} failed recipient(s) not reported",
-                    if env.sender.is_empty() {
-                        "mail from the null sender"
-                    } else {
-                        "notification"
-                    },
-                    entries.len()
-                );
-                remove_log(&self.tree, MessageLog::Bounce, id);
-            } else {
-                let report = bounce::reportable(entries);
-                if report.is_empty() {
-                    remove_log(&self.tree, MessageLog::Bounce, id);
-                } else {
-                    let notice = Notice {
-                        myhostname: self.myhostname.clone(),
-                        queue_id: id.to_string(),
-                        sender: env.sender.clone(),
-                        arrival_secs: env.arrival_secs,
-                        entries: report,
-                        headers: Vec::new(),
-                    };
-                    if self.start_notice(notice, env.content_offset) {
-                        return;
-                    }
+        let mut env: Option<qfile::Envelope> = None;
+        let mut pending = 0usize;
+        let mut from = 0;
+        let mut expired_logged = false;
+        loop {
+            let mut slice = match qfile::read_envelope_slice(&file, from, self.recipient_limit) {
+                Ok(s) => s,
+                Err(ReadError::Io(e)) => {
+                    warning!("{id}: read queue file: {e}");
                     self.complete(id, false);
                     return;
                 }
+                Err(e) => {
+                    drop(file);
+                    scan::to_corrupt(&self.tree, id, Queue::Active, &e.to_string());
+                    self.forget(id);
+                    return;
+                }
+            };
+            let rcpts: Vec<QueuedRecipient> = std::mem::take(&mut slice.env.recipients);
+            let mut left = rcpts.len();
+            if left > 0
+                && self
+                    .retry
+                    .expired(now, slice.env.arrival_secs, slice.env.sender.is_empty())
+            {
+                if !expired_logged {
+                    info!(
+                        "{id}: from=<{}>, status=expired, returned to sender",
+                        slice.env.sender
+                    );
+                    expired_logged = true;
+                }
+                left -= record::expire(&self.tree, id, &file, &rcpts).len();
+            }
+            pending += left;
+            env.get_or_insert(slice.env);
+            match slice.next {
+                Some(n) => from = n,
+                None => break,
             }
         }
-        self.complete(id, all_done);
+        drop(file);
+        let env = env.unwrap_or_default();
+        let all_done = pending == 0;
+        if let Some(msg) = self.messages.get_mut(id) {
+            msg.all_done = all_done;
+        }
+        let notices = match self.plan_notices(id, &env, all_done) {
+            Ok(n) => n,
+            Err(e) => {
+                warning!("{id}: read message logs: {e}");
+                self.complete(id, false);
+                return;
+            }
+        };
+        if notices.is_empty() {
+            self.notices_done(id);
+            self.complete(id, all_done);
+            return;
+        }
+        if !self.start_notices(id, notices) {
+            self.complete(id, false);
+        }
     }
 
-    /// Sends a notice on its own thread. Returns whether it started.
-    fn start_notice(&self, mut notice: Notice, content_offset: u64) -> bool {
+    /// The notices a message's round calls for, from its bounce, success
+    /// and defer logs (see [`bounce`]). Notes in the message whether a
+    /// delay warning is among them.
+    fn plan_notices(
+        &mut self,
+        id: &str,
+        env: &qfile::Envelope,
+        all_done: bool,
+    ) -> io::Result<Vec<Notice>> {
+        let st = &self.notice_settings;
+        let failed = delivery::read_log(&self.tree, MessageLog::Bounce, id)?;
+        let trace = delivery::read_log(&self.tree, MessageLog::Success, id)?;
+        let warned = trace.iter().any(|e| e.action == WARNED);
+        let delivered: Vec<_> = trace
+            .into_iter()
+            .filter(|e| e.action == "delivered")
+            .collect();
+        let notification = env.attr(qfile::attr::NOTIFICATION);
+        let from_postern = env.sender.is_empty() || notification.is_some();
+        let double = notification == Some("2bounce") || st.is_double_bounce(&env.sender);
+        let ret = env.attr(qfile::attr::RET).unwrap_or("");
+        let base = Notice {
+            myhostname: st.myhostname.clone(),
+            kind: Kind::Failure,
+            postmaster: false,
+            queue_id: id.to_string(),
+            sender: env.sender.clone(),
+            to: env.sender.clone(),
+            from: String::new(),
+            arrival_secs: env.arrival_secs,
+            envid: env.attr(qfile::attr::ENVID).unwrap_or("").to_string(),
+            retry_until: None,
+            entries: Vec::new(),
+            returned: Returned::Headers,
+            content_offset: env.content_offset,
+        };
+        let postmaster = |to: &str, entries: Vec<LogEntry>, kind: Kind| Notice {
+            kind,
+            postmaster: true,
+            to: to.to_string(),
+            from: st.double_bounce_sender.clone(),
+            entries,
+            returned: Returned::Headers,
+            ..base.clone()
+        };
+        let mut out = Vec::new();
+        let failed = bounce::last_per_recipient(failed);
+        if !failed.is_empty() {
+            if double {
+                warning!("{id}: undeliverable postmaster notification discarded");
+            } else if from_postern {
+                // A notice (or mail from the null sender) that failed: a
+                // double bounce to the postmaster, if notify_classes says so.
+                if st.class("2bounce") || st.class("bounce") {
+                    let mut n = postmaster(&st.twobounce_rcpt, failed, Kind::Failure);
+                    n.returned = Returned::Full(Some(st.size_limit));
+                    out.push(n);
+                } else {
+                    info!("{id}: undeliverable notification discarded");
+                }
+            } else {
+                let report: Vec<LogEntry> = failed
+                    .iter()
+                    .filter(|e| bounce::wanted(Kind::Failure, e.notify))
+                    .cloned()
+                    .collect();
+                if !report.is_empty() {
+                    out.push(Notice {
+                        entries: report,
+                        returned: match ret {
+                            "HDRS" => Returned::Headers,
+                            "FULL" => Returned::Full(None),
+                            _ => Returned::Full(Some(st.size_limit)),
+                        },
+                        ..base.clone()
+                    });
+                }
+                if st.class("bounce") {
+                    out.push(postmaster(&st.bounce_rcpt, failed, Kind::Failure));
+                }
+            }
+        }
+        let returned = if ret == "FULL" {
+            Returned::Full(None)
+        } else {
+            Returned::Headers
+        };
+        let delivered: Vec<LogEntry> = bounce::last_per_recipient(delivered)
+            .into_iter()
+            .filter(|e| bounce::wanted(Kind::Success, e.notify))
+            .collect();
+        if !delivered.is_empty() && !from_postern {
+            out.push(Notice {
+                kind: Kind::Success,
+                entries: delivered,
+                returned,
+                ..base.clone()
+            });
+        }
+        let mut warn_now = false;
+        let age = now_secs().saturating_sub(env.arrival_secs);
+        if !all_done && st.delay_warning > 0 && !warned && !from_postern && age >= st.delay_warning
+        {
+            warn_now = true;
+            // This round's deferrals: recipients still pending.
+            let deferred: Vec<LogEntry> =
+                bounce::last_per_recipient(delivery::read_log(&self.tree, MessageLog::Defer, id)?);
+            let wanted: Vec<LogEntry> = deferred
+                .iter()
+                .filter(|e| bounce::wanted(Kind::Delay, e.notify))
+                .cloned()
+                .collect();
+            let retry_until = Some(env.arrival_secs + st.max_lifetime);
+            if !wanted.is_empty() {
+                out.push(Notice {
+                    kind: Kind::Delay,
+                    entries: wanted,
+                    retry_until,
+                    returned,
+                    ..base.clone()
+                });
+            }
+            if st.class("delay") && !deferred.is_empty() {
+                let mut n = postmaster(&st.delay_rcpt, deferred, Kind::Delay);
+                n.retry_until = retry_until;
+                out.push(n);
+            }
+        }
+        if let Some(m) = self.messages.get_mut(id) {
+            m.warned_now = warn_now;
+        }
+        Ok(out)
+    }
+
+    /// The notices of a round are queued (or need not be): the bounce log
+    /// goes, and the success log keeps only the note that a delay warning
+    /// was sent.
+    fn notices_done(&mut self, id: &str) {
+        let warned_now = self.messages.get(id).is_some_and(|m| m.warned_now);
+        remove_log(&self.tree, MessageLog::Bounce, id);
+        let trace = delivery::read_log(&self.tree, MessageLog::Success, id).unwrap_or_default();
+        let warned = warned_now || trace.iter().any(|e| e.action == WARNED);
+        let delivered = trace.iter().any(|e| e.action != WARNED);
+        if delivered || (warned && trace.is_empty()) {
+            remove_log(&self.tree, MessageLog::Success, id);
+            if warned {
+                let mark = LogEntry {
+                    action: WARNED.into(),
+                    ..Default::default()
+                };
+                if let Err(e) = delivery::append_log(&self.tree, MessageLog::Success, id, &mark) {
+                    warning!("{id}: note the delay warning: {e}");
+                }
+            }
+        }
+    }
+
+    /// Sends notices on their own thread. Returns whether it started.
+    fn start_notices(&self, id: &str, notices: Vec<Notice>) -> bool {
         let tree = self.tree.clone();
         let timeout = self.timeout;
         let tx = self.tx.clone();
+        let id = id.to_string();
         let started = std::thread::Builder::new()
             .name("notice".into())
             .spawn(move || {
-                let id = notice.queue_id.clone();
-                match File::open(tree.path(Queue::Active, &id))
-                    .and_then(|f| bounce::original_headers(&f, content_offset))
-                {
-                    Ok(h) => notice.headers = h,
-                    Err(e) => warning!("{id}: read message headers: {e}"),
-                }
-                let result = bounce::send(&tree, timeout, &notice);
+                let result = match File::open(tree.path(Queue::Active, &id)) {
+                    Ok(file) => {
+                        let mut ids = Vec::new();
+                        let mut result = Ok(());
+                        for n in &notices {
+                            match bounce::send(&tree, timeout, n, &file) {
+                                Ok(new_id) => {
+                                    info!(
+                                        "{id}: {} notification: {new_id}",
+                                        match (n.kind, n.postmaster) {
+                                            (_, true) => "postmaster",
+                                            (Kind::Failure, _) => "sender non-delivery",
+                                            (Kind::Delay, _) => "sender delay",
+                                            (Kind::Success, _) => "sender delivery status",
+                                        }
+                                    );
+                                    ids.push(new_id);
+                                }
+                                Err(e) => {
+                                    result = Err(e);
+                                    break;
+                                }
+                            }
+                        }
+                        result.map(|()| ids.join(" "))
+                    }
+                    Err(e) => Err(NotQueued {
+                        permanent: false,
+                        reason: format!("open queue file: {e}"),
+                    }),
+                };
                 let _ = tx.send(Event::Notice { id, result });
             });
         match started {
@@ -499,25 +863,18 @@ impl Manager {
             return;
         };
         match result {
-            Ok(new_id) => {
-                info!("{id}: sender non-delivery notification: {new_id}");
-                remove_log(&self.tree, MessageLog::Bounce, id);
+            Ok(_) => {
+                self.notices_done(id);
                 self.complete(id, all_done);
             }
             Err(e) if e.permanent => {
                 // Asking again would be refused again.
-                warning!(
-                    "{id}: sender non-delivery notification discarded: {}",
-                    e.reason
-                );
-                remove_log(&self.tree, MessageLog::Bounce, id);
+                warning!("{id}: notification discarded: {}", e.reason);
+                self.notices_done(id);
                 self.complete(id, all_done);
             }
             Err(e) => {
-                warning!(
-                    "{id}: cannot send non-delivery notification: {}; will retry",
-                    e.reason
-                );
+                warning!("{id}: cannot send notification: {}; will retry", e.reason);
                 self.complete(id, false);
             }
         }
@@ -525,12 +882,20 @@ impl Manager {
 
     /// The end of a round: remove the message (`remove`) or defer it.
     fn complete(&mut self, id: &str, remove: bool) {
-        let Some(msg) = self.messages.remove(id) else {
+        if !remove && self.messages.get(id).is_some_and(|m| m.admin.is_some()) {
+            if let Some(m) = self.messages.get_mut(id) {
+                m.finishing = false;
+            }
+            self.apply_admin(id);
+            return;
+        }
+        let Some(msg) = self.forget(id) else {
             return;
         };
         if remove {
             remove_log(&self.tree, MessageLog::Defer, id);
             remove_log(&self.tree, MessageLog::Bounce, id);
+            remove_log(&self.tree, MessageLog::Success, id);
             match std::fs::remove_file(self.tree.path(Queue::Active, id)) {
                 Ok(()) => info!("{id}: removed"),
                 Err(e) => warning!("{id}: remove active queue file: {e}"),
@@ -572,6 +937,7 @@ pub fn run(cfg: &Config) -> ! {
             })
         })
         .unwrap_or_else(|e| postern_common::fatal!("cannot start the wake-up thread: {e}"));
+    crate::admin::listen(&m.tree, m.sender());
     m.start();
     m.run()
 }

@@ -36,6 +36,22 @@ pub struct Message {
     pub finishing: bool,
     /// Whether, when finishing, every recipient turned out done.
     pub all_done: bool,
+    /// What an administrator asked for (postsuper), done as soon as no
+    /// request of the message is in flight.
+    pub admin: Option<AdminAction>,
+    /// The notices being sent include this message's delay warning.
+    pub warned_now: bool,
+    /// Where the next slice of recipients starts in the queue file, when
+    /// `env.recipients` holds only some (`qmgr_message_recipient_limit`).
+    pub more: Option<u64>,
+}
+
+/// An administrator's request for an active message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    Delete,
+    Hold,
+    Release,
 }
 
 impl Message {
@@ -59,6 +75,9 @@ impl Message {
             in_flight: 0,
             finishing: false,
             all_done: false,
+            admin: None,
+            warned_now: false,
+            more: None,
         }
     }
 

@@ -48,6 +48,14 @@ pub struct Resolver {
     delimiter: String,
     local: (String, String),
     relay: (String, String),
+    /// `virtual_mailbox_domains` → `virtual_transport` (Postfix's virtual
+    /// mailbox class, after mydestination and before relay_domains).
+    virtual_domains: maps::DomainList,
+    virtual_: (String, String),
+    /// `virtual_alias_domains`: cleanup expanded every known address of
+    /// these domains, so one still here is unknown (Postfix's virtual
+    /// alias class, whose transport is `error`).
+    virtual_alias_domains: maps::DomainList,
     default: (String, String),
     maps_spec: String,
     maps: Tables,
@@ -109,6 +117,9 @@ impl Resolver {
             delimiter: cfg.get("recipient_delimiter"),
             local: split_value(&cfg.get("local_transport")),
             relay: split_value(&cfg.get("relay_transport")),
+            virtual_domains: maps::DomainList::new(&cfg.get_list("virtual_mailbox_domains")).0,
+            virtual_: split_value(&cfg.get("virtual_transport")),
+            virtual_alias_domains: maps::DomainList::new(&cfg.get_list("virtual_alias_domains")).0,
             default: split_value(&cfg.get("default_transport")),
             maps_spec: cfg.get("transport_maps"),
             maps: Tables::default(),
@@ -193,6 +204,13 @@ impl Resolver {
         let domain = addr::domain(address);
         let class = if domain.is_empty() || addr::domain_in_list(&domain, &self.mydestination) {
             &self.local
+        } else if self.virtual_alias_domains.contains(&domain) {
+            return Resolution::Bounce {
+                dsn: "5.1.1".into(),
+                text: "User unknown in virtual alias table".into(),
+            };
+        } else if self.virtual_domains.contains(&domain) {
+            &self.virtual_
         } else if addr::domain_in_list(&domain, &self.relay_domains) {
             &self.relay
         } else {

@@ -17,12 +17,28 @@
 //!
 //! Only destinations that can take a request now sit in a transport's
 //! ready ring, so a pick costs O(1) however many destinations are at their
-//! limit. The per-destination state ([`Destination`]) is where later
-//! scheduling features belong: a concurrency window moved by feedback from
-//! [`Scheduler::done`], a dead flag and its retry time, rate delays.
+//! limit.
+//!
+//! Concurrency feedback, as Postfix's: a destination starts with a window
+//! of `initial_destination_concurrency` requests in flight; each request
+//! that reached the destination widens it by
+//! `TRANSPORT_destination_concurrency_positive_feedback` (default
+//! `1/concurrency`: one more per window's worth of successes), up to the
+//! transport's concurrency limit; each that could not reach it
+//! (`DeliveryReply::destination_failed`) narrows it by the negative
+//! feedback, down to 1, and counts 1/window of a failed pseudo-cohort.
+//! When `TRANSPORT_destination_concurrency_failed_cohort_limit` cohorts
+//! failed without a success between them, the destination is dead until
+//! `transport_retry_time` has passed: its waiting entries, and any that
+//! arrive meanwhile, are handed back ([`Scheduler::take_suspended`]) to
+//! be deferred without a connection attempt, so a dead destination never
+//! holds up a live one. `TRANSPORT_destination_rate_delay` > 0 allows one
+//! request in flight at a time per destination, the next no sooner than
+//! that delay after the last one ended ([`Scheduler::next_wakeup`]).
 
 use postern_conf::Config;
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 /// A per-transport parameter: `TRANSPORT_NAME` when that is set (or has a
 /// default of its own, as `local_destination_concurrency_limit`), else
@@ -44,18 +60,112 @@ pub fn transport_param(cfg: &Config, transport: &str, suffix: &str) -> Option<u6
     }
 }
 
+/// A concurrency feedback amount: `N/concurrency` (N divided by the
+/// current window) or a fixed number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Feedback {
+    PerWindow(f64),
+    Fixed(f64),
+}
+
+impl Feedback {
+    pub fn parse(s: &str) -> Option<Feedback> {
+        let s = s.trim();
+        if let Some(n) = s.strip_suffix("/concurrency") {
+            return n.trim().parse().ok().map(Feedback::PerWindow);
+        }
+        if let Some((a, b)) = s.split_once('/') {
+            let (a, b): (f64, f64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            return (b > 0.0).then_some(Feedback::Fixed(a / b));
+        }
+        s.parse().ok().map(Feedback::Fixed)
+    }
+
+    fn value(self, window: f64) -> f64 {
+        match self {
+            Feedback::PerWindow(n) => n / window.max(1.0),
+            Feedback::Fixed(v) => v,
+        }
+    }
+}
+
+fn transport_text(cfg: &Config, transport: &str, suffix: &str) -> String {
+    let specific = format!("{transport}_{suffix}");
+    if cfg.raw(&specific).is_some() {
+        cfg.get(&specific)
+    } else {
+        cfg.get(&format!("default_{suffix}"))
+    }
+}
+
 /// The limits of one transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Requests in flight per destination; 0 = no limit of its own.
     pub concurrency: usize,
     /// Recipients per request (at least 1; `usize::MAX` = no limit).
     pub recipients: usize,
+    /// The window a destination starts with.
+    pub initial: usize,
+    pub positive: Feedback,
+    pub negative: Feedback,
+    /// Failed pseudo-cohorts after which a destination is dead (0: never).
+    pub cohort_limit: f64,
+    /// How long a dead destination stays dead.
+    pub retry_time: Duration,
+    /// Pause between deliveries to one destination (0: none).
+    pub rate_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            concurrency: 20,
+            recipients: 50,
+            initial: 5,
+            positive: Feedback::PerWindow(1.0),
+            negative: Feedback::PerWindow(1.0),
+            cohort_limit: 1.0,
+            retry_time: Duration::from_secs(60),
+            rate_delay: Duration::ZERO,
+        }
+    }
 }
 
 impl Limits {
     pub fn from_config(cfg: &Config, transport: &str) -> Limits {
+        let d = Limits::default();
+        let feedback = |suffix: &str, dflt: Feedback| {
+            let text = transport_text(cfg, transport, suffix);
+            Feedback::parse(&text).unwrap_or_else(|| {
+                postern_common::warning!("bad {suffix} value \"{text}\"; using 1/concurrency");
+                dflt
+            })
+        };
+        let time = |suffix: &str, dflt: Duration| {
+            let specific = format!("{transport}_{suffix}");
+            let name = if cfg.raw(&specific).is_some() {
+                specific
+            } else {
+                format!("default_{suffix}")
+            };
+            cfg.get_time(&name).map(Duration::from_secs).unwrap_or(dflt)
+        };
         Limits {
+            initial: cfg
+                .get_u64("initial_destination_concurrency")
+                .unwrap_or(5)
+                .max(1) as usize,
+            positive: feedback("destination_concurrency_positive_feedback", d.positive),
+            negative: feedback("destination_concurrency_negative_feedback", d.negative),
+            cohort_limit: transport_param(
+                cfg,
+                transport,
+                "destination_concurrency_failed_cohort_limit",
+            )
+            .unwrap_or(1) as f64,
+            retry_time: Duration::from_secs(cfg.get_time("transport_retry_time").unwrap_or(60)),
+            rate_delay: time("destination_rate_delay", Duration::ZERO),
             concurrency: transport_param(cfg, transport, "destination_concurrency_limit")
                 .unwrap_or(20) as usize,
             // 0 = no limit, as in Postfix.
@@ -105,17 +215,87 @@ struct Destination {
     nexthop: String,
     entries: VecDeque<Entry>,
     in_flight: usize,
-    /// Requests allowed in flight now (0 = no limit). Today the
-    /// transport's limit; room for a feedback-driven window.
-    window: usize,
+    /// The concurrency window (feedback-driven), between 1 and `limit`.
+    window: f64,
+    /// The transport's concurrency limit (0 = none: no window).
+    limit: usize,
+    /// Failed pseudo-cohorts since the last success.
+    fail_cohorts: f64,
+    /// Positive and negative feedback not yet turned into a whole step
+    /// of the window (Postfix's hysteresis).
+    success: f64,
+    failure: f64,
+    /// Dead until then: entries are suspended, not dispatched.
+    dead_until: Option<Instant>,
+    /// The last failure's status and reason, for suspended entries.
+    last_failure: (String, String),
+    /// With a rate delay: no request before then.
+    next_at: Option<Instant>,
+    /// With a rate delay: one request at a time.
+    one_at_a_time: bool,
     /// Whether the key is in the transport's ready ring.
     in_ring: bool,
 }
 
 impl Destination {
-    fn ready(&self) -> bool {
-        !self.entries.is_empty() && (self.window == 0 || self.in_flight < self.window)
+    fn new(nexthop: String, limits: &Limits) -> Destination {
+        Destination {
+            nexthop,
+            entries: VecDeque::new(),
+            in_flight: 0,
+            window: initial_window(limits),
+            limit: limits.concurrency,
+            fail_cohorts: 0.0,
+            success: 0.0,
+            failure: 0.0,
+            dead_until: None,
+            last_failure: (String::new(), String::new()),
+            next_at: None,
+            one_at_a_time: !limits.rate_delay.is_zero(),
+            in_ring: false,
+        }
     }
+
+    /// Requests allowed in flight now.
+    fn allowed(&self) -> usize {
+        if self.one_at_a_time {
+            1
+        } else if self.limit == 0 {
+            usize::MAX
+        } else {
+            (self.window.floor() as usize).clamp(1, self.limit)
+        }
+    }
+
+    fn ready(&self) -> bool {
+        !self.entries.is_empty()
+            && self.dead_until.is_none()
+            && self.next_at.is_none_or(|t| t <= Instant::now())
+            && self.in_flight < self.allowed()
+    }
+
+    /// The window, in whole requests (for tests and logs).
+    #[cfg(test)]
+    fn window(&self) -> usize {
+        self.allowed()
+    }
+}
+
+fn initial_window(limits: &Limits) -> f64 {
+    if limits.concurrency == 0 {
+        limits.initial as f64
+    } else {
+        limits.initial.min(limits.concurrency) as f64
+    }
+}
+
+/// An entry that was not dispatched because its destination is dead,
+/// with the status and reason to defer its recipients with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspended {
+    pub entry: Entry,
+    pub dsn: String,
+    pub reason: String,
 }
 
 #[derive(Debug)]
@@ -166,6 +346,19 @@ impl Transport {
     }
 }
 
+fn suspend(entry: Entry, failure: &(String, String)) -> Suspended {
+    let (dsn, reason) = failure;
+    Suspended {
+        entry,
+        dsn: if dsn.is_empty() {
+            "4.4.1".into()
+        } else {
+            dsn.clone()
+        },
+        reason: format!("delivery temporarily suspended: {reason}"),
+    }
+}
+
 /// Every transport's destination queues.
 pub struct Scheduler {
     transports: Vec<Transport>,
@@ -175,6 +368,10 @@ pub struct Scheduler {
     in_flight: usize,
     max_in_flight: usize,
     limits_of: Box<dyn Fn(&str) -> Limits>,
+    /// Entries of dead destinations, for the manager to defer.
+    suspended: Vec<Suspended>,
+    /// Destinations waiting out a rate delay: (when, transport, key).
+    waiting: Vec<(Instant, usize, String)>,
 }
 
 impl Scheduler {
@@ -188,6 +385,8 @@ impl Scheduler {
             in_flight: 0,
             max_in_flight: max_in_flight.max(1),
             limits_of: Box::new(limits_of),
+            suspended: Vec::new(),
+            waiting: Vec::new(),
         }
     }
 
@@ -231,25 +430,30 @@ impl Scheduler {
             }
         }
         let mut count = 0;
+        let now = Instant::now();
         for (ti, key, nexthop, rcpts) in groups {
             let t = &mut self.transports[ti];
-            let limit = t.limits.recipients;
-            let window = t.limits.concurrency;
+            let limits = t.limits;
             let d = t
                 .destinations
                 .entry(key.clone())
-                .or_insert_with(|| Destination {
-                    nexthop,
-                    entries: VecDeque::new(),
-                    in_flight: 0,
-                    window,
-                    in_ring: false,
-                });
-            for chunk in rcpts.chunks(limit) {
-                d.entries.push_back(Entry {
+                .or_insert_with(|| Destination::new(nexthop, &limits));
+            if d.dead_until.is_some_and(|until| until <= now) {
+                // transport_retry_time has passed: try it again.
+                d.dead_until = None;
+                d.fail_cohorts = 0.0;
+                d.window = initial_window(&limits);
+            }
+            for chunk in rcpts.chunks(limits.recipients) {
+                let entry = Entry {
                     message: message.to_string(),
                     recipients: chunk.to_vec(),
-                });
+                };
+                if d.dead_until.is_some() {
+                    self.suspended.push(suspend(entry, &d.last_failure));
+                } else {
+                    d.entries.push_back(entry);
+                }
                 count += 1;
             }
             t.make_ready(&key);
@@ -257,11 +461,47 @@ impl Scheduler {
         count
     }
 
+    /// Entries of dead destinations, taken out of the queues: the caller
+    /// defers their recipients (they still count in what
+    /// [`Scheduler::add_message`] returned).
+    pub fn take_suspended(&mut self) -> Vec<Suspended> {
+        std::mem::take(&mut self.suspended)
+    }
+
+    /// When a destination waiting out its rate delay can go.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.waiting.iter().map(|(t, _, _)| *t).min()
+    }
+
+    /// Puts destinations whose rate delay has passed back in their rings.
+    fn promote_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
+        self.waiting = later;
+        for (_, ti, key) in due {
+            let t = &mut self.transports[ti];
+            if let Some(d) = t.destinations.get_mut(&key) {
+                d.next_at = None;
+                if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
+                    t.destinations.remove(&key);
+                    continue;
+                }
+            }
+            t.make_ready(&key);
+        }
+    }
+
     /// The next request to dispatch, if any may go now.
     pub fn pick(&mut self) -> Option<Dispatch> {
         if self.in_flight >= self.max_in_flight {
             return None;
         }
+        self.promote_waiting();
         let n = self.transports.len();
         for k in 0..n {
             let ti = (self.next + k) % n;
@@ -274,13 +514,15 @@ impl Scheduler {
         None
     }
 
-    /// A dispatched request has finished. `destination_ok` is false when
-    /// the destination itself could not be reached (for feedback).
-    pub fn done(&mut self, transport: &str, destination: &str, _destination_ok: bool) {
+    /// A dispatched request has finished. `failure`: the destination
+    /// itself could not be reached, with the status and reason (negative
+    /// feedback); `None`: it was reached (positive feedback).
+    pub fn done(&mut self, transport: &str, destination: &str, failure: Option<(&str, &str)>) {
         let Some(&ti) = self.index.get(transport) else {
             return;
         };
         let t = &mut self.transports[ti];
+        let limits = t.limits;
         let Some(d) = t.destinations.get_mut(destination) else {
             return;
         };
@@ -290,17 +532,93 @@ impl Scheduler {
         d.in_flight -= 1;
         t.in_flight -= 1;
         self.in_flight -= 1;
-        if d.entries.is_empty() && d.in_flight == 0 {
+        let now = Instant::now();
+        match failure {
+            None => {
+                d.fail_cohorts = 0.0;
+                if d.dead_until.is_some() {
+                    d.dead_until = None;
+                    d.window = initial_window(&limits);
+                } else if d.limit > 0 {
+                    d.success += limits.positive.value(d.window);
+                    if d.success >= 1.0 - 1e-9 {
+                        let step = (d.success + 1e-9).floor();
+                        d.success = (d.success - step).max(0.0);
+                        d.window = (d.window + step).min(d.limit as f64);
+                    }
+                }
+            }
+            Some((dsn, reason)) => {
+                d.last_failure = (dsn.to_string(), reason.to_string());
+                d.fail_cohorts += 1.0 / d.window.max(1.0);
+                if d.dead_until.is_none()
+                    && limits.cohort_limit > 0.0
+                    && d.fail_cohorts >= limits.cohort_limit
+                {
+                    postern_common::info!(
+                        "{transport} destination {destination}: dead for {}s after failed connections ({reason})",
+                        limits.retry_time.as_secs()
+                    );
+                    d.dead_until = Some(now + limits.retry_time);
+                    let failure = d.last_failure.clone();
+                    self.suspended
+                        .extend(d.entries.drain(..).map(|e| suspend(e, &failure)));
+                } else {
+                    d.failure += limits.negative.value(d.window);
+                    if d.failure >= 1.0 - 1e-9 {
+                        let step = (d.failure + 1e-9).floor();
+                        d.failure = (d.failure - step).max(0.0);
+                        d.window = (d.window - step).max(1.0);
+                    }
+                }
+            }
+        }
+        if !limits.rate_delay.is_zero() {
+            d.next_at = Some(now + limits.rate_delay);
+            self.waiting
+                .push((now + limits.rate_delay, ti, destination.to_string()));
+            return;
+        }
+        if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
             t.destinations.remove(destination);
         } else {
             t.make_ready(destination);
         }
     }
 
+    /// Takes every entry of `message` out of the queues (an administrator
+    /// deleted or held it). Returns how many entries were removed.
+    pub fn remove_message(&mut self, message: &str) -> usize {
+        let mut removed = 0;
+        for t in &mut self.transports {
+            let mut empty = Vec::new();
+            for (key, d) in t.destinations.iter_mut() {
+                let before = d.entries.len();
+                d.entries.retain(|e| e.message != message);
+                removed += before - d.entries.len();
+                if d.entries.is_empty() && d.in_flight == 0 {
+                    empty.push(key.clone());
+                }
+            }
+            for key in empty {
+                // A key left in the ring is skipped by pick().
+                t.destinations.remove(&key);
+            }
+        }
+        removed
+    }
+
     /// Requests in flight over all transports.
     #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// The window of a destination (tests).
+    #[cfg(test)]
+    pub fn window(&self, transport: &str, destination: &str) -> Option<usize> {
+        let t = &self.transports[*self.index.get(transport)?];
+        t.destinations.get(destination).map(|d| d.window())
     }
 
     /// Entries waiting to be dispatched.
@@ -333,10 +651,12 @@ mod tests {
             "local" => Limits {
                 concurrency: 2,
                 recipients: 1,
+                ..Limits::default()
             },
             _ => Limits {
                 concurrency: 2,
                 recipients: 3,
+                ..Limits::default()
             },
         }
     }
@@ -349,25 +669,19 @@ mod tests {
             Path::new("main.cf"),
         )
         .unwrap();
+        let l = |t: &str| {
+            let l = Limits::from_config(&cfg, t);
+            (l.concurrency, l.recipients)
+        };
+        assert_eq!(l("smtp"), (9, 7));
+        assert_eq!(l("local"), (2, 1));
+        assert_eq!(l("relay"), (9, 50));
         assert_eq!(
             Limits::from_config(&cfg, "smtp"),
             Limits {
                 concurrency: 9,
-                recipients: 7
-            }
-        );
-        assert_eq!(
-            Limits::from_config(&cfg, "local"),
-            Limits {
-                concurrency: 2,
-                recipients: 1
-            }
-        );
-        assert_eq!(
-            Limits::from_config(&cfg, "relay"),
-            Limits {
-                concurrency: 9,
-                recipients: 50
+                recipients: 7,
+                ..Limits::default()
             }
         );
     }
@@ -404,7 +718,7 @@ mod tests {
         assert!(locals.iter().all(|d| d.entry.recipients.len() == 1));
         assert_eq!(s.in_flight(), 5);
         assert_eq!(s.queued(), 1);
-        s.done("smtp", "a.test", true);
+        s.done("smtp", "a.test", None);
         let d = s.pick().unwrap();
         assert_eq!(d.entry.recipients, vec![6]);
         assert!(s.pick().is_none());
@@ -415,6 +729,7 @@ mod tests {
         let mut s = Scheduler::new(100, |_| Limits {
             concurrency: 0,
             recipients: 2,
+            ..Limits::default()
         });
         // A big message for one destination, then a small one elsewhere.
         let big: Vec<Target> = (0..50)
@@ -431,6 +746,7 @@ mod tests {
         let mut s = Scheduler::new(3, |_| Limits {
             concurrency: 0,
             recipients: 2,
+            ..Limits::default()
         });
         let t: Vec<Target> = (0..10)
             .map(|i| target(i, "smtp", &format!("d{i}"), "x"))
@@ -438,8 +754,88 @@ mod tests {
         s.add_message("M", &t);
         assert!(s.pick().is_some() && s.pick().is_some() && s.pick().is_some());
         assert!(s.pick().is_none());
-        s.done("smtp", "d0", true);
+        s.done("smtp", "d0", None);
         assert!(s.pick().is_some());
         assert!(s.pick().is_none());
+    }
+
+    fn feedback_limits(_: &str) -> Limits {
+        Limits {
+            concurrency: 8,
+            recipients: 2,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn window_grows_with_success_and_shrinks_with_failure() {
+        let mut s = Scheduler::new(1000, feedback_limits);
+        let t: Vec<Target> = (0..400)
+            .map(|i| target(i, "smtp", "d.test", &format!("u{i}")))
+            .collect();
+        s.add_message("M", &t);
+        let mut out = Vec::new();
+        while let Some(d) = s.pick() {
+            out.push(d);
+        }
+        assert_eq!(out.len(), 5, "the initial window");
+        // One window's worth of successes: one more.
+        for _ in 0..5 {
+            s.done("smtp", "d.test", None);
+        }
+        assert_eq!(s.window("smtp", "d.test"), Some(6));
+        while s.pick().is_some() {}
+        for _ in 0..40 {
+            s.done("smtp", "d.test", None);
+            while s.pick().is_some() {}
+        }
+        assert_eq!(s.window("smtp", "d.test"), Some(8), "capped at the limit");
+        assert_eq!(s.in_flight(), 8);
+        // A window's worth of failures narrows it by one; a success in
+        // between keeps it from being declared dead.
+        for _ in 0..7 {
+            s.done("smtp", "d.test", Some(("4.4.1", "refused")));
+        }
+        s.done("smtp", "d.test", None);
+        while s.pick().is_some() {}
+        s.done("smtp", "d.test", Some(("4.4.1", "refused")));
+        assert_eq!(s.window("smtp", "d.test"), Some(7));
+        assert!(s.take_suspended().is_empty());
+    }
+
+    #[test]
+    fn a_failed_cohort_kills_the_destination_not_others() {
+        let mut s = Scheduler::new(1000, feedback_limits);
+        let t: Vec<Target> = (0..20)
+            .map(|i| target(i, "smtp", "dead.test", "x"))
+            .chain((20..25).map(|i| target(i, "smtp", "live.test", "y")))
+            .collect();
+        s.add_message("M", &t);
+        let mut dead_in_flight = 0;
+        while let Some(d) = s.pick() {
+            if d.destination == "dead.test" {
+                dead_in_flight += 1;
+            }
+        }
+        assert_eq!(dead_in_flight, 5);
+        for _ in 0..5 {
+            s.done("smtp", "dead.test", Some(("4.4.1", "connect: refused")));
+        }
+        let sus = s.take_suspended();
+        assert_eq!(sus.len(), 5, "the rest is deferred without a try");
+        assert_eq!(
+            sus[0].reason,
+            "delivery temporarily suspended: connect: refused"
+        );
+        assert!(s.pick().is_none(), "nothing more for the dead one");
+        // New mail for the dead destination is suspended at once.
+        s.add_message("N", &[target(0, "smtp", "dead.test", "x")]);
+        assert_eq!(s.take_suspended().len(), 1);
+        // The live one goes on.
+        for _ in 0..5 {
+            s.done("smtp", "live.test", None);
+        }
+        s.add_message("O", &[target(0, "smtp", "live.test", "y")]);
+        assert_eq!(s.pick().unwrap().destination, "live.test");
     }
 }

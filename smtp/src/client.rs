@@ -1,10 +1,17 @@
 //! The SMTP client conversation with one server, over any byte stream.
 //!
-//! [`deliver`] reads the greeting, says EHLO (HELO when EHLO is refused),
-//! sends MAIL FROM, one RCPT TO per recipient and DATA, streams the
-//! content with CRLF line ends and dot-stuffing ([`DataEncoder`]), and
-//! ends with QUIT. With PIPELINING the MAIL, RCPT and DATA commands go
-//! out in one write and their replies are read in order (RFC 2920).
+//! [`deliver_with`] reads the greeting, says EHLO (HELO when EHLO is
+//! refused; LHLO in LMTP mode), starts TLS as [`Security::tls`] says
+//! (STARTTLS, or at once in wrapper mode, then EHLO again), authenticates
+//! as [`Security::sasl`] says (AUTH PLAIN or LOGIN), sends MAIL FROM (SIZE,
+//! BODY, SMTPUTF8, RET, ENVID), one RCPT TO per recipient (NOTIFY, ORCPT
+//! when the server offers DSN) and DATA, streams the content with CRLF
+//! line ends and dot-stuffing ([`DataEncoder`]), reads the reply to the
+//! end of the data (in LMTP one per accepted recipient), and ends with
+//! QUIT — or, with [`Settings::keep`], hands the session back as [`Idle`]
+//! for [`deliver_again`] (RSET, then the next transaction). With
+//! PIPELINING the MAIL, RCPT and DATA commands go out in one write and
+//! their replies are read in order (RFC 2920).
 //!
 //! What the conversation needs from the delivery is behind
 //! [`Transaction`]: the envelope, the content, and a place to record each
@@ -15,8 +22,8 @@
 //! server or defers them. Once content has been sent, every recipient gets
 //! an outcome here.
 //!
-//! The stream is anything [`Stream`]: a TCP connection today; TLS and
-//! LMTP sessions are meant to grow here.
+//! The stream is anything [`Stream`]: a TCP connection, a Unix-domain
+//! socket (LMTP), or either wrapped in TLS ([`crate::tls::TlsStream`]).
 
 use crate::nexthop::{Failure, Server};
 use crate::reply::{LineReader, Reply};
@@ -31,9 +38,23 @@ pub trait Stream: Read + Write {
     fn set_timeout(&mut self, t: Duration) -> io::Result<()>;
 }
 
+impl<S: Stream + ?Sized> Stream for Box<S> {
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        (**self).set_timeout(t)
+    }
+}
+
 impl<S: Stream + ?Sized> Stream for &mut S {
     fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
         (**self).set_timeout(t)
+    }
+}
+
+impl Stream for std::os::unix::net::UnixStream {
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        let t = (!t.is_zero()).then_some(t);
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
     }
 }
 
@@ -60,9 +81,50 @@ pub struct Timeouts {
 /// How the client behaves.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The name sent with EHLO/HELO (`smtp_helo_name`).
+    /// The name sent with EHLO/HELO (`smtp_helo_name`; LHLO:
+    /// `lmtp_lhlo_name`).
     pub helo_name: String,
     pub timeouts: Timeouts,
+    /// Speak LMTP (RFC 2033): LHLO, and one reply per accepted recipient
+    /// after the content.
+    pub lmtp: bool,
+    /// Keep a session that ended well for another transaction (the
+    /// connection cache) instead of saying QUIT.
+    pub keep: bool,
+}
+
+/// Who a session talks to, as reasons and the `relay=` field name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerId {
+    /// The host name (MX host, next-hop host; `myhostname` for a Unix
+    /// socket, as Postfix's lmtp).
+    pub name: String,
+    /// `name[addr]` (`name[path]` for a Unix socket).
+    pub namaddr: String,
+    /// `name[addr]:port` (`name[path]` for a Unix socket).
+    pub relay: String,
+}
+
+impl From<&Server> for PeerId {
+    fn from(s: &Server) -> PeerId {
+        PeerId {
+            name: s.name.clone(),
+            namaddr: s.namaddr(),
+            relay: s.relay(),
+        }
+    }
+}
+
+impl PeerId {
+    /// A Unix-domain socket `path` on this host (`myhostname`).
+    pub fn unix(myhostname: &str, path: &str) -> PeerId {
+        let namaddr = format!("{myhostname}[{path}]");
+        PeerId {
+            name: myhostname.to_string(),
+            relay: namaddr.clone(),
+            namaddr,
+        }
+    }
 }
 
 /// What a server's EHLO reply offers.
@@ -137,6 +199,47 @@ pub trait Transaction {
     fn connected(&mut self);
     /// Records recipient `i`'s outcome. Called at most once per recipient.
     fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str);
+    /// RFC 3461 RET (`FULL`/`HDRS`) and ENVID (decoded) of the message.
+    fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
+        (None, None)
+    }
+    /// RFC 3461 NOTIFY bits and ORCPT (`type;address`, decoded) of
+    /// recipient `i`.
+    fn dsn_recipient(&self, _i: usize) -> (u8, String) {
+        (0, String::new())
+    }
+}
+
+/// RFC 3461 xtext: `+XX` for `+`, `=`, and bytes outside `!`..`~`.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The NOTIFY= value of a recipient's bits ("" when not given).
+fn notify_value(bits: u8) -> String {
+    use postern_common::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
+    if bits & NOTIFY_NEVER != 0 {
+        return "NEVER".into();
+    }
+    let mut v = Vec::new();
+    for (bit, name) in [
+        (NOTIFY_SUCCESS, "SUCCESS"),
+        (NOTIFY_FAILURE, "FAILURE"),
+        (NOTIFY_DELAY, "DELAY"),
+    ] {
+        if bits & bit != 0 {
+            v.push(name);
+        }
+    }
+    v.join(",")
 }
 
 /// How a session ended.
@@ -251,11 +354,41 @@ pub fn smtp_address(addr: &str) -> String {
     format!("<{}{}>", local, domain.unwrap_or(""))
 }
 
+/// The failure reason of a TLS handshake that did not complete; at level
+/// `may` the caller may try the same server again in plaintext.
+pub const TLS_HANDSHAKE_FAILURE: &str = "Cannot start TLS: handshake failure";
+
+/// Stands in for the connection while STARTTLS wraps it.
+struct Closed;
+
+impl Read for Closed {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl Write for Closed {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::NotConnected.into())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for Closed {
+    fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Postfix's words for a stage of the conversation, in "lost connection
 /// with HOST while ..." and "conversation with HOST timed out while ...".
 mod stage {
     pub const GREETING: &str = "receiving the initial server greeting";
     pub const EHLO: &str = "performing the EHLO handshake";
+    pub const LHLO: &str = "performing the LHLO handshake";
+    pub const STARTTLS: &str = "receiving the STARTTLS response";
     pub const HELO: &str = "performing the HELO handshake";
     pub const MAIL: &str = "sending MAIL FROM";
     pub const RCPT: &str = "sending RCPT TO";
@@ -265,33 +398,121 @@ mod stage {
 }
 
 /// Runs one mail transaction with `peer` over `stream`. See the module doc.
-pub fn deliver<S: Stream, T: Transaction>(
+#[cfg(test)]
+pub fn deliver<'a, S: Stream + Send + 'a, T: Transaction>(
     stream: S,
-    peer: &Server,
-    settings: &Settings,
+    peer: impl Into<PeerId>,
+    settings: &'a Settings,
     txn: &mut T,
 ) -> End {
+    deliver_with(stream, peer, settings, Security::default(), txn).0
+}
+
+/// Another transaction over a kept session: RSET first (which also shows
+/// that the server is still there). `Err` when the session is no longer
+/// usable; nothing was sent then and the caller connects afresh.
+pub fn deliver_again<'a, 'c, T: Transaction>(
+    idle: Idle<'c>,
+    peer: impl Into<PeerId>,
+    settings: &'a Settings,
+    sec: Security<'a>,
+    txn: &mut T,
+) -> Result<(End, Option<Idle<'c>>), ()> {
     let mut s = Session {
-        conn: stream,
+        conn: idle.conn,
+        tls: sec.tls,
+        sasl: sec.sasl,
+        encrypted: idle.encrypted,
+        reusable: false,
+        ext: Some(idle.ext.clone()),
         rd: LineReader::new(),
         wbuf: Vec::with_capacity(4096),
-        peer,
+        peer: peer.into(),
+        settings,
+        handshake: true,
+    };
+    s.timeout(settings.timeouts.helo);
+    match s.command(Some("RSET")) {
+        Ok(r) if r.class() == 2 => {}
+        _ => return Err(()),
+    }
+    txn.connected();
+    let end = s.transaction(txn, &idle.ext);
+    Ok(s.finish(end))
+}
+
+/// STARTTLS and AUTH for one session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Security<'a> {
+    /// None: never STARTTLS.
+    pub tls: Option<&'a crate::tls::Client>,
+    /// None: never AUTH.
+    pub sasl: Option<&'a crate::sasl::Auth>,
+}
+
+/// A session kept open after a transaction (`Settings::keep`), ready for
+/// another one with [`deliver_again`].
+pub struct Idle<'c> {
+    conn: Box<dyn Stream + Send + 'c>,
+    ext: Extensions,
+    encrypted: bool,
+}
+
+impl Idle<'_> {
+    /// Ends the session politely.
+    pub fn quit(mut self, timeout: Duration) {
+        let _ = self.conn.set_timeout(timeout);
+        if self.conn.write_all(b"QUIT\r\n").is_ok() && self.conn.flush().is_ok() {
+            let _ = LineReader::new().read_reply(&mut self.conn);
+        }
+    }
+}
+
+/// Runs one mail transaction with `peer` over `stream`, with STARTTLS
+/// and AUTH as `sec` says (see the module doc). With `settings.keep`, a
+/// session that ended well comes back as [`Idle`].
+pub fn deliver_with<'a, 'c, S: Stream + Send + 'c, T: Transaction>(
+    stream: S,
+    peer: impl Into<PeerId>,
+    settings: &'a Settings,
+    sec: Security<'a>,
+    txn: &mut T,
+) -> (End, Option<Idle<'c>>) {
+    let mut s = Session {
+        tls: sec.tls,
+        sasl: sec.sasl,
+        encrypted: false,
+        reusable: false,
+        ext: None,
+        conn: Box::new(stream),
+        peer: peer.into(),
+        rd: LineReader::new(),
+        wbuf: Vec::with_capacity(4096),
         settings,
         handshake: false,
     };
-    s.run(txn)
+    let end = s.run(txn);
+    s.finish(end)
 }
 
-struct Session<'a, S> {
-    conn: S,
+struct Session<'a, 'c> {
+    conn: Box<dyn Stream + Send + 'c>,
+    /// The transaction ended well and `settings.keep` is set.
+    reusable: bool,
+    /// What the server offered (after STARTTLS, when used).
+    ext: Option<Extensions>,
+    tls: Option<&'a crate::tls::Client>,
+    sasl: Option<&'a crate::sasl::Auth>,
+    /// STARTTLS succeeded.
+    encrypted: bool,
     rd: LineReader,
     wbuf: Vec<u8>,
-    peer: &'a Server,
+    peer: PeerId,
     settings: &'a Settings,
     handshake: bool,
 }
 
-impl<S: Stream> Session<'_, S> {
+impl<'a, 'c> Session<'a, 'c> {
     fn timeout(&mut self, t: Duration) {
         // A stream that cannot take a time limit still works.
         let _ = self.conn.set_timeout(t);
@@ -299,7 +520,7 @@ impl<S: Stream> Session<'_, S> {
 
     fn queue(&mut self, cmd: &str) {
         if postern_common::log::verbose() {
-            postern_common::debug!("> {}: {}", self.peer.namaddr(), cmd);
+            postern_common::debug!("> {}: {}", self.peer.namaddr, cmd);
         }
         self.wbuf.extend_from_slice(cmd.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
@@ -317,7 +538,7 @@ impl<S: Stream> Session<'_, S> {
     fn read(&mut self) -> io::Result<Reply> {
         let r = self.rd.read_reply(&mut self.conn)?;
         if postern_common::log::verbose() {
-            postern_common::debug!("< {}: {}", self.peer.namaddr(), r.text());
+            postern_common::debug!("< {}: {}", self.peer.namaddr, r.text());
         }
         Ok(r)
     }
@@ -343,10 +564,10 @@ impl<S: Stream> Session<'_, S> {
             reason: if timed_out {
                 format!(
                     "conversation with {} timed out while {stage}",
-                    self.peer.namaddr()
+                    self.peer.namaddr
                 )
             } else {
-                format!("lost connection with {} while {stage}", self.peer.namaddr())
+                format!("lost connection with {} while {stage}", self.peer.namaddr)
             },
         }
     }
@@ -364,7 +585,7 @@ impl<S: Stream> Session<'_, S> {
     fn said(&self, r: &Reply, what: &str) -> (Outcome, String, String) {
         let text = format!(
             "host {} said: {} (in reply to {what})",
-            self.peer.namaddr(),
+            self.peer.namaddr,
             r.text()
         );
         match r.class() {
@@ -383,9 +604,19 @@ impl<S: Stream> Session<'_, S> {
             dsn: r.dsn(),
             reason: format!(
                 "host {} refused to talk to me: {}",
-                self.peer.namaddr(),
+                self.peer.namaddr,
                 r.text()
             ),
+        }
+    }
+
+    /// The transaction is over and the server still talking: keep the
+    /// session for the next request when `settings.keep`, else QUIT.
+    fn done(&mut self) {
+        if self.settings.keep {
+            self.reusable = true;
+        } else {
+            self.quit();
         }
     }
 
@@ -413,6 +644,12 @@ impl<S: Stream> Session<'_, S> {
     fn run<T: Transaction>(&mut self, txn: &mut T) -> End {
         let t = self.settings.timeouts.clone();
         self.timeout(t.helo);
+        if let Some(tls) = self.tls.filter(|t| t.wrapper) {
+            // smtp_tls_wrappermode: TLS before the greeting (SMTPS).
+            if let Err(end) = self.tls_handshake(tls) {
+                return end;
+            }
+        }
         let greeting = match self.read() {
             Ok(r) => r,
             Err(e) => return self.try_next(self.io_failure(&e, stage::GREETING)),
@@ -429,11 +666,19 @@ impl<S: Stream> Session<'_, S> {
             }
             return self.try_next(f);
         }
-        let ehlo = format!("EHLO {}", self.settings.helo_name);
+        let (verb, ehlo_stage) = if self.settings.lmtp {
+            ("LHLO", stage::LHLO)
+        } else {
+            ("EHLO", stage::EHLO)
+        };
+        let ehlo = format!("{verb} {}", self.settings.helo_name);
         let ext = match self.command(Some(&ehlo)) {
-            Err(e) => return self.try_next(self.io_failure(&e, stage::EHLO)),
+            Err(e) => return self.try_next(self.io_failure(&e, ehlo_stage)),
             Ok(r) if r.class() == 2 => Extensions::parse(&r),
-            Ok(r) if r.code == 421 => return self.try_next(self.refused(&r)),
+            Ok(r) if r.code == 421 || self.settings.lmtp => {
+                // LMTP has no HELO to fall back to.
+                return self.try_next(self.refused(&r));
+            }
             Ok(_) => {
                 let helo = format!("HELO {}", self.settings.helo_name);
                 match self.command(Some(&helo)) {
@@ -456,8 +701,226 @@ impl<S: Stream> Session<'_, S> {
             }
         };
         self.handshake = true;
+        let ext = match self.start_tls(ext, &ehlo, ehlo_stage) {
+            Ok(e) => e,
+            Err(end) => return end,
+        };
+        if let Some(auth) = self.sasl {
+            if !ext.auth.is_empty() {
+                if let Err(end) = self.authenticate(auth, &ext) {
+                    return end;
+                }
+            }
+        }
         txn.connected();
+        self.ext = Some(ext.clone());
         self.transaction(txn, &ext)
+    }
+
+    /// The session's end, and the session itself when it may be reused.
+    fn finish(self, end: End) -> (End, Option<Idle<'c>>) {
+        match (self.reusable, self.ext) {
+            (true, Some(ext)) if end == End::Complete => (
+                end,
+                Some(Idle {
+                    conn: self.conn,
+                    ext,
+                    encrypted: self.encrypted,
+                }),
+            ),
+            _ => (end, None),
+        }
+    }
+
+    /// AUTH with the first allowed mechanism the server offers.
+    fn authenticate(&mut self, auth: &crate::sasl::Auth, ext: &Extensions) -> Result<(), End> {
+        use crate::sasl::{plain_response, Mechanism};
+        use postern_common::base64;
+        let Some(mech) = auth.choose(&ext.auth, self.encrypted) else {
+            let f = Failure {
+                dsn: "4.7.0".into(),
+                reason: format!(
+                    "SASL authentication failed; cannot authenticate to server {}: no mechanism available",
+                    self.peer.namaddr
+                ),
+            };
+            postern_common::warning!("{}", f.reason);
+            self.quit();
+            return Err(self.try_next(f));
+        };
+        let stage = "performing the AUTH handshake";
+        let step = |s: &mut Self, cmd: String| {
+            s.command(Some(&cmd))
+                .map_err(|e| s.try_next(s.io_failure(&e, stage)))
+        };
+        let r = match mech {
+            Mechanism::Plain => step(self, format!("AUTH PLAIN {}", plain_response(&auth.creds)))?,
+            Mechanism::Login => {
+                let mut r = step(self, "AUTH LOGIN".into())?;
+                if r.code == 334 {
+                    r = step(self, base64::encode(auth.creds.user.as_bytes()))?;
+                }
+                if r.code == 334 {
+                    r = step(self, base64::encode(auth.creds.pass.as_bytes()))?;
+                }
+                r
+            }
+        };
+        if r.class() == 2 {
+            return Ok(());
+        }
+        // As Postfix with smtp_sasl_auth_soft_bounce = yes: never a bounce.
+        let mut dsn = r.dsn();
+        if !dsn.starts_with('4') {
+            dsn.replace_range(0..1, "4");
+        }
+        let f = Failure {
+            dsn,
+            reason: format!(
+                "SASL authentication failed; server {} said: {}",
+                self.peer.namaddr,
+                r.text()
+            ),
+        };
+        postern_common::warning!("{}", f.reason);
+        if r.code != 421 {
+            self.quit();
+        }
+        Err(self.try_next(f))
+    }
+
+    /// The TLS handshake over the connection (after 220 to STARTTLS, or
+    /// at once in wrapper mode), its log line, and the certificate check
+    /// the level asks for.
+    fn tls_handshake(&mut self, tls: &crate::tls::Client) -> Result<(), End> {
+        use crate::tls::Trust;
+        // Nothing the server sent before the handshake may count after it.
+        self.rd = LineReader::new();
+        let sock = std::mem::replace(&mut self.conn, Box::new(Closed));
+        let est = match tls.handshake(sock, &self.peer.name) {
+            Ok(est) => est,
+            Err(e) => {
+                postern_common::info!("SSL_connect error to {}: {e}", self.peer.relay);
+                return Err(self.try_next(Failure {
+                    dsn: "4.7.5".into(),
+                    reason: TLS_HANDSHAKE_FAILURE.into(),
+                }));
+            }
+        };
+        let stream: Box<dyn Stream + Send + 'c> = Box::new(est.stream);
+        self.conn = stream;
+        self.encrypted = true;
+        let level = tls.policy.level;
+        let kind = match &est.trust {
+            Trust::Verified if level.checks_certificate() => "Verified",
+            Trust::Verified | Trust::Trusted => "Trusted",
+            Trust::Untrusted(_) => "Untrusted",
+        };
+        if tls.loglevel >= 1 {
+            let what = est
+                .negotiated
+                .as_ref()
+                .map(|n| {
+                    let mut t = n.summary();
+                    if let Some(kx) = &n.kx {
+                        t.push_str(&format!(" key-exchange {kx}"));
+                    }
+                    t
+                })
+                .unwrap_or_default();
+            postern_common::info!(
+                "{kind} TLS connection established to {}: {what}",
+                self.peer.relay
+            );
+        }
+        if level.checks_certificate() && est.trust != Trust::Verified {
+            let (detail, reason) = match &est.trust {
+                Trust::Untrusted(d) => (d.clone(), "Server certificate not trusted"),
+                _ => (
+                    format!("certificate does not match {}", tls.names.join(", ")),
+                    "Server certificate not verified",
+                ),
+            };
+            postern_common::info!(
+                "server certificate verification failed for {}: {detail}",
+                self.peer.relay
+            );
+            // Say nothing more to a server we do not trust.
+            return Err(self.try_next(Failure {
+                dsn: "4.7.5".into(),
+                reason: reason.into(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// STARTTLS as the TLS level says, then EHLO again over TLS. Returns
+    /// the extensions to use, or how the session ended.
+    fn start_tls(
+        &mut self,
+        ext: Extensions,
+        ehlo: &str,
+        ehlo_stage: &str,
+    ) -> Result<Extensions, End> {
+        use crate::tls::Level;
+        let Some(tls) = self.tls.filter(|t| t.policy.level != Level::None) else {
+            return Ok(ext);
+        };
+        if self.encrypted {
+            // Wrapper mode: TLS from the start.
+            return Ok(ext);
+        }
+        let level = tls.policy.level;
+        if !ext.starttls {
+            if level.required() {
+                let f = Failure {
+                    dsn: "4.7.4".into(),
+                    reason: format!(
+                        "TLS is required, but was not offered by host {}",
+                        self.peer.namaddr
+                    ),
+                };
+                self.quit();
+                return Err(self.try_next(f));
+            }
+            return Ok(ext);
+        }
+        let r = match self.command(Some("STARTTLS")) {
+            Ok(r) => r,
+            Err(e) => return Err(self.try_next(self.io_failure(&e, stage::STARTTLS))),
+        };
+        if r.class() != 2 {
+            if !level.required() {
+                // Opportunistic: carry on in plaintext.
+                return Ok(ext);
+            }
+            let mut dsn = r.dsn();
+            if !dsn.starts_with('4') {
+                dsn.replace_range(0..1, "4");
+            }
+            let f = Failure {
+                dsn,
+                reason: format!(
+                    "TLS is required, but host {} refused to start TLS: {}",
+                    self.peer.namaddr,
+                    r.text()
+                ),
+            };
+            if r.code != 421 {
+                self.quit();
+            }
+            return Err(self.try_next(f));
+        }
+        self.tls_handshake(tls)?;
+        match self.command(Some(ehlo)) {
+            Ok(r) if r.class() == 2 => Ok(Extensions::parse(&r)),
+            Ok(r) => {
+                let f = self.refused(&r);
+                self.quit();
+                Err(self.try_next(f))
+            }
+            Err(e) => Err(self.try_next(self.io_failure(&e, ehlo_stage))),
+        }
     }
 
     /// MAIL, RCPT, DATA, content, end of data. Sends QUIT when the server
@@ -472,7 +935,7 @@ impl<S: Stream> Session<'_, S> {
         if let Some(limit) = ext.size.filter(|&l| l > 0 && size > l) {
             let reason = format!(
                 "message size {size} exceeds size limit {limit} of server {}",
-                self.peer.namaddr()
+                self.peer.namaddr
             );
             Self::record_all(txn, &all, Outcome::Bounced, "5.3.4", &reason);
             self.quit();
@@ -482,7 +945,7 @@ impl<S: Stream> Session<'_, S> {
         if utf8 && !ext.smtputf8 {
             let reason = format!(
                 "SMTPUTF8 is required, but was not offered by host {}",
-                self.peer.namaddr()
+                self.peer.namaddr
             );
             Self::record_all(txn, &all, Outcome::Bounced, "5.6.7", &reason);
             self.quit();
@@ -502,10 +965,33 @@ impl<S: Stream> Session<'_, S> {
         if utf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if ext.dsn {
+            let (ret, envid) = txn.dsn_envelope();
+            if let Some(r) = ret.filter(|r| !r.is_empty()) {
+                mail.push_str(&format!(" RET={r}"));
+            }
+            if let Some(e) = envid.filter(|e| !e.is_empty()) {
+                mail.push_str(&format!(" ENVID={}", xtext(&e)));
+            }
+        }
         let rcpts: Vec<String> = txn
             .recipients()
             .iter()
-            .map(|r| format!("RCPT TO:{}", smtp_address(r)))
+            .enumerate()
+            .map(|(i, r)| {
+                let mut cmd = format!("RCPT TO:{}", smtp_address(r));
+                if ext.dsn {
+                    let (bits, orcpt) = txn.dsn_recipient(i);
+                    let notify = notify_value(bits);
+                    if !notify.is_empty() {
+                        cmd.push_str(&format!(" NOTIFY={notify}"));
+                    }
+                    if let Some((kind, addr)) = orcpt.split_once(';') {
+                        cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                    }
+                }
+                cmd
+            })
             .collect();
 
         let pipelined = ext.pipelining;
@@ -560,7 +1046,7 @@ impl<S: Stream> Session<'_, S> {
             txn.record(i, outcome, &dsn, &reason);
         }
         if accepted.is_empty() && !pipelined {
-            self.quit();
+            self.done();
             return End::Complete;
         }
 
@@ -574,7 +1060,7 @@ impl<S: Stream> Session<'_, S> {
         };
         if r.class() != 3 {
             if accepted.is_empty() {
-                self.quit();
+                self.done();
                 return End::Complete;
             }
             let (outcome, dsn, reason) = self.said(&r, "DATA command");
@@ -582,7 +1068,7 @@ impl<S: Stream> Session<'_, S> {
                 return self.try_next(Failure { dsn, reason });
             }
             Self::record_all(txn, &accepted, outcome, &dsn, &reason);
-            self.quit();
+            self.done();
             return End::Complete;
         }
         if accepted.is_empty() {
@@ -592,7 +1078,7 @@ impl<S: Stream> Session<'_, S> {
             if self.flush().is_ok() {
                 let _ = self.read();
             }
-            self.quit();
+            self.done();
             return End::Complete;
         }
 
@@ -621,7 +1107,35 @@ impl<S: Stream> Session<'_, S> {
                 return End::Complete;
             }
         };
-        if r.class() == 2 {
+        if self.settings.lmtp {
+            // RFC 2033: one reply per accepted recipient, in RCPT order;
+            // the first was read above.
+            let mut r = r;
+            for (k, &i) in accepted.iter().enumerate() {
+                if k > 0 {
+                    r = match self.read() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let f = self.io_failure(&e, stage::DOT);
+                            Self::record_all(
+                                txn,
+                                &accepted[k..],
+                                Outcome::Deferred,
+                                &f.dsn,
+                                &f.reason,
+                            );
+                            return End::Complete;
+                        }
+                    };
+                }
+                if r.class() == 2 {
+                    txn.record(i, Outcome::Sent, &r.dsn(), &r.text());
+                } else {
+                    let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
+                    txn.record(i, outcome, &dsn, &reason);
+                }
+            }
+        } else if r.class() == 2 {
             Self::record_all(txn, &accepted, Outcome::Sent, &r.dsn(), &r.text());
         } else {
             let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
@@ -630,7 +1144,7 @@ impl<S: Stream> Session<'_, S> {
                 return End::Complete;
             }
         }
-        self.quit();
+        self.done();
         End::Complete
     }
 
@@ -638,7 +1152,7 @@ impl<S: Stream> Session<'_, S> {
     /// connection without finishing the transaction.
     fn local_error<T: Transaction>(&mut self, txn: &mut T, which: &[usize], e: &io::Error) -> End {
         postern_common::warning!("read message content: {e}");
-        let reason = format!("local data error while talking to {}", self.peer.namaddr());
+        let reason = format!("local data error while talking to {}", self.peer.namaddr);
         Self::record_all(txn, which, Outcome::Deferred, "4.3.0", &reason);
         End::Complete
     }
@@ -883,6 +1397,8 @@ mod tests {
                 data_done: d,
                 quit: d,
             },
+            lmtp: false,
+            keep: false,
         }
     }
 
@@ -944,6 +1460,108 @@ mod tests {
         // Rejections are recorded before the content is sent.
         assert_eq!(txn.recorded[0].0, 1);
         assert_eq!(txn.recorded[1].0, 2);
+    }
+
+    #[test]
+    fn lmtp_one_reply_per_recipient() {
+        let mut srv = Scripted::new(
+            "220 lmtp.test LMTP ready\r\n\
+             250-lmtp.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n\
+             250 2.1.0 Ok\r\n\
+             250 2.1.5 Ok\r\n\
+             550 5.1.1 <b@b.test> User doesn't exist: b@b.test\r\n\
+             250 2.1.5 Ok\r\n\
+             354 OK\r\n\
+             250 2.0.0 <a@b.test> Saved\r\n\
+             452 4.2.2 <c@b.test> Quota exceeded\r\n\
+             221 2.0.0 Bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test", "c@b.test"], b"x\n");
+        let mut st = settings(5);
+        st.lmtp = true;
+        let unix = PeerId::unix("me.test", "private/lmtp");
+        assert_eq!(deliver(&mut srv, unix, &st, &mut txn), End::Complete);
+        assert_eq!(srv.writes[0], b"LHLO client.test\r\n");
+        assert_eq!(
+            txn.outcome(0),
+            Some((Outcome::Sent, "2.0.0", "250 2.0.0 <a@b.test> Saved"))
+        );
+        assert_eq!(txn.outcome(1).unwrap().0, Outcome::Bounced);
+        assert_eq!(
+            txn.outcome(2),
+            Some((
+                Outcome::Deferred,
+                "4.2.2",
+                "host me.test[private/lmtp] said: 452 4.2.2 <c@b.test> Quota exceeded (in reply to end of DATA command)"
+            ))
+        );
+        assert!(sent_text(&srv).ends_with(".\r\nQUIT\r\n"));
+
+        // LHLO refused: no HELO fallback.
+        let mut srv = Scripted::new("220 x\r\n500 what\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        assert!(matches!(
+            deliver(&mut srv, &peer(), &st, &mut txn),
+            End::TryNext { .. }
+        ));
+        assert!(!sent_text(&srv).contains("HELO "));
+    }
+
+    #[test]
+    fn dsn_parameters_when_offered() {
+        struct Dsn(TestTxn);
+        impl Transaction for Dsn {
+            fn sender(&self) -> &str {
+                self.0.sender()
+            }
+            fn recipients(&self) -> &[String] {
+                self.0.recipients()
+            }
+            fn content_size(&self) -> u64 {
+                self.0.content_size()
+            }
+            fn eight_bit(&mut self) -> io::Result<bool> {
+                self.0.eight_bit()
+            }
+            fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+                self.0.content()
+            }
+            fn connected(&mut self) {}
+            fn record(&mut self, i: usize, o: Outcome, d: &str, r: &str) {
+                self.0.record(i, o, d, r)
+            }
+            fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
+                (Some("HDRS".into()), Some("id+1 x".into()))
+            }
+            fn dsn_recipient(&self, i: usize) -> (u8, String) {
+                if i == 0 {
+                    (3, "rfc822;Orig=x@b.test".into())
+                } else {
+                    (8, String::new())
+                }
+            }
+        }
+        let replies = "220 x\r\n250-x\r\n250 DSN\r\n250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n250 Ok\r\n221 bye\r\n";
+        let mut srv = Scripted::new(replies);
+        let mut txn = Dsn(TestTxn::new(&["a@b.test", "b@b.test"], b"x\n"));
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        let all = sent_text(&srv);
+        assert!(
+            all.contains("MAIL FROM:<from@a.test> RET=HDRS ENVID=id+2B1+20x\r\n"),
+            "{all}"
+        );
+        assert!(
+            all.contains(
+                "RCPT TO:<a@b.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Orig+3Dx@b.test\r\n"
+            ),
+            "{all}"
+        );
+        assert!(all.contains("RCPT TO:<b@b.test> NOTIFY=NEVER\r\n"), "{all}");
+        // Not offered: not sent.
+        let mut srv = Scripted::new(&replies.replace("250-x\r\n250 DSN", "250 x"));
+        let mut txn = Dsn(TestTxn::new(&["a@b.test", "b@b.test"], b"x\n"));
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert!(!sent_text(&srv).contains("NOTIFY"));
     }
 
     #[test]

@@ -11,14 +11,20 @@
 //! deferred with the last reason, and when no server even completed the
 //! handshake the destination is reported as failed.
 
-use crate::client::{self, End, Settings, Timeouts, Transaction};
+use crate::cache::Cache;
+use crate::client::{self, End, PeerId, Settings, Timeouts, Transaction};
 use crate::dns::{self, Resolver};
-use crate::nexthop::{self, Failure, NextHop, Server};
+use crate::nexthop::{self, Failure, LmtpHop, NextHop, Server};
+use crate::sasl;
+use crate::tls;
 use postern_common::delivery::Job;
 use postern_common::ipc::{DeliveryRecipient, Outcome};
+use postern_common::maps::Tables;
 use postern_conf::Config;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The agent's settings and its DNS resolver, made once per process.
@@ -32,6 +38,61 @@ pub struct Agent {
     dns_timeout: Duration,
     /// Started on first use: a delivery to `[address]` needs no DNS.
     resolver: Option<Resolver>,
+    /// LMTP mode (the `lmtp` program): next hops `unix:PATH` and
+    /// `inet:host:port`, LHLO, a reply per recipient.
+    lmtp: bool,
+    /// Where relative `unix:` paths start (`queue_directory`).
+    queue_dir: PathBuf,
+    /// The name a Unix-socket peer is given in logs (`myhostname`).
+    myhostname: String,
+    /// `smtp_tls_security_level` (for LMTP `lmtp_tls_security_level`).
+    tls_level: tls::Level,
+    /// `smtp_tls_policy_maps`.
+    tls_policy_maps: Tables,
+    ca_file: String,
+    ca_path: String,
+    tls_loglevel: u32,
+    /// `smtp_tls_wrappermode`.
+    tls_wrapper: bool,
+    /// `minimal_backoff_time`: after a failed handshake at level `may`, a
+    /// message that waited this long is sent in plaintext.
+    min_backoff: Duration,
+    /// `smtp_sasl_auth_enable`.
+    sasl_enable: bool,
+    /// `smtp_sasl_password_maps`.
+    sasl_maps: Tables,
+    sasl_plain_opts: sasl::SecurityOptions,
+    sasl_tls_opts: sasl::SecurityOptions,
+    sasl_filter: Vec<String>,
+    /// `smtp_sender_dependent_authentication`.
+    sender_dependent: bool,
+    /// Sessions kept between requests (`smtp_connection_cache_on_demand`).
+    cache: Cache,
+    /// `smtp_bind_address`, `smtp_bind_address6`.
+    bind: Bind,
+    /// Requests handled, and `max_use`: the process exits after that many
+    /// (common::service), so the cache is closed politely before.
+    uses: u64,
+    max_use: u64,
+}
+
+/// The parameter that configures `smtp_NAME` in this mode: for LMTP the
+/// `lmtp_` form when Postern knows it (as Postfix's lmtp(8) reads its own
+/// `lmtp_*` parameters), else the `smtp_` one.
+pub fn param(lmtp: bool, smtp_name: &str) -> String {
+    if lmtp {
+        let rest = smtp_name.strip_prefix("smtp_").unwrap_or(smtp_name);
+        let rest = match rest {
+            "helo_name" => "lhlo_name",
+            "helo_timeout" => "lhlo_timeout",
+            r => r,
+        };
+        let name = format!("lmtp_{rest}");
+        if postern_conf::params::default_of(&name).is_some() {
+            return name;
+        }
+    }
+    smtp_name.to_string()
 }
 
 /// A time parameter, with its default when the setting is unusable.
@@ -45,6 +106,22 @@ fn time(cfg: &Config, name: &str) -> Duration {
     Duration::from_secs(secs)
 }
 
+/// An address parameter; None when empty (or unusable, with a warning).
+fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
+    let v = cfg.get(name);
+    let v = v.trim().trim_start_matches('[').trim_end_matches(']');
+    if v.is_empty() {
+        return None;
+    }
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            postern_common::warning!("{name}: \"{v}\" is not an IP address; ignored");
+            None
+        }
+    }
+}
+
 fn number(cfg: &Config, name: &str) -> usize {
     cfg.get_u64(name).unwrap_or_else(|e| {
         postern_common::warning!("{e}; using the default");
@@ -55,9 +132,10 @@ fn number(cfg: &Config, name: &str) -> usize {
 }
 
 impl Agent {
-    /// Reads the `smtp_*`, `inet_protocols` and `dns_resolver_*`
-    /// parameters.
-    pub fn from_config(cfg: &Config) -> Agent {
+    /// Reads the `smtp_*` (for LMTP, `lmtp_*` where Postern has them),
+    /// `inet_protocols` and `dns_resolver_*` parameters.
+    pub fn from_config(cfg: &Config, lmtp: bool) -> Agent {
+        let p = |n: &str| param(lmtp, n);
         let dns_servers = cfg
             .get_list("dns_resolver_addresses")
             .iter()
@@ -73,27 +151,174 @@ impl Agent {
             .collect();
         Agent {
             settings: Settings {
-                helo_name: cfg.get("smtp_helo_name"),
+                helo_name: cfg.get(&p("smtp_helo_name")),
                 timeouts: Timeouts {
-                    helo: time(cfg, "smtp_helo_timeout"),
-                    mail: time(cfg, "smtp_mail_timeout"),
-                    rcpt: time(cfg, "smtp_rcpt_timeout"),
-                    data_init: time(cfg, "smtp_data_init_timeout"),
-                    data_xfer: time(cfg, "smtp_data_xfer_timeout"),
-                    data_done: time(cfg, "smtp_data_done_timeout"),
-                    quit: time(cfg, "smtp_quit_timeout"),
+                    helo: time(cfg, &p("smtp_helo_timeout")),
+                    mail: time(cfg, &p("smtp_mail_timeout")),
+                    rcpt: time(cfg, &p("smtp_rcpt_timeout")),
+                    data_init: time(cfg, &p("smtp_data_init_timeout")),
+                    data_xfer: time(cfg, &p("smtp_data_xfer_timeout")),
+                    data_done: time(cfg, &p("smtp_data_done_timeout")),
+                    quit: time(cfg, &p("smtp_quit_timeout")),
                 },
+                lmtp,
+                keep: cfg
+                    .get_bool(&p("smtp_connection_cache_on_demand"))
+                    .unwrap_or(true),
             },
-            connect_timeout: time(cfg, "smtp_connect_timeout"),
+            connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(
                 &cfg.get_list("inet_protocols"),
-                number(cfg, "smtp_mx_address_limit"),
+                number(cfg, &p("smtp_mx_address_limit")),
             ),
-            session_limit: number(cfg, "smtp_mx_session_limit"),
+            session_limit: number(cfg, &p("smtp_mx_session_limit")),
             dns_servers,
             dns_timeout: time(cfg, "dns_resolver_timeout"),
             resolver: None,
+            lmtp,
+            queue_dir: PathBuf::from(cfg.get("queue_directory")),
+            myhostname: cfg.get("myhostname"),
+            tls_level: {
+                let name = p("smtp_tls_security_level");
+                let v = cfg.get(&name);
+                tls::Level::parse(&v).unwrap_or_else(|| {
+                    postern_common::warning!(
+                        "{name}: invalid TLS security level \"{v}\"; using \"may\""
+                    );
+                    tls::Level::May
+                })
+            },
+            tls_policy_maps: {
+                let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_tls_policy_maps")));
+                for e in errors {
+                    postern_common::warning!("{}: {e}", p("smtp_tls_policy_maps"));
+                }
+                t
+            },
+            ca_file: cfg.get(&p("smtp_tls_CAfile")),
+            ca_path: cfg.get(&p("smtp_tls_CApath")),
+            tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
+            tls_wrapper: cfg.get_bool(&p("smtp_tls_wrappermode")).unwrap_or(false),
+            min_backoff: time(cfg, "minimal_backoff_time"),
+            sasl_enable: cfg.get_bool(&p("smtp_sasl_auth_enable")).unwrap_or(false),
+            sasl_maps: {
+                let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_sasl_password_maps")));
+                for e in errors {
+                    postern_common::warning!("{}: {e}", p("smtp_sasl_password_maps"));
+                }
+                t
+            },
+            sasl_plain_opts: sasl::SecurityOptions::parse(
+                &cfg.get_list(&p("smtp_sasl_security_options")),
+            ),
+            sasl_tls_opts: sasl::SecurityOptions::parse(
+                &cfg.get_list(&p("smtp_sasl_tls_security_options")),
+            ),
+            sasl_filter: cfg
+                .get_list(&p("smtp_sasl_mechanism_filter"))
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            sender_dependent: cfg
+                .get_bool(&p("smtp_sender_dependent_authentication"))
+                .unwrap_or(false),
+            bind: Bind {
+                v4: bind_address(cfg, &p("smtp_bind_address")),
+                v6: bind_address(cfg, &p("smtp_bind_address6")),
+            },
+            uses: 0,
+            max_use: cfg.get_u64("max_use").unwrap_or(100).max(1),
+            cache: Cache::new(
+                time(cfg, &p("smtp_connection_cache_time_limit")),
+                time(cfg, &p("smtp_connection_reuse_time_limit")),
+                time(cfg, &p("smtp_quit_timeout")),
+            ),
         }
+    }
+
+    /// The credentials for a session, if AUTH is enabled and the table
+    /// has an entry (see [`crate::sasl`] for the lookup order).
+    fn sasl_auth(&self, sender: &str, dest: &str, host: &str) -> Option<sasl::Auth> {
+        if !self.sasl_enable || self.sasl_maps.is_empty() {
+            return None;
+        }
+        let mut keys: Vec<String> = Vec::new();
+        if self.sender_dependent && !sender.is_empty() {
+            keys.push(sender.to_ascii_lowercase());
+            if let Some(at) = sender.rfind('@') {
+                keys.push(sender[at..].to_ascii_lowercase());
+            }
+        }
+        keys.push(dest.trim().to_ascii_lowercase());
+        keys.push(host.to_ascii_lowercase());
+        let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
+        let Some(creds) = sasl::Credentials::parse(value) else {
+            postern_common::warning!(
+                "smtp_sasl_password_maps: entry for {host} is not in username:password form"
+            );
+            return None;
+        };
+        Some(sasl::Auth {
+            creds,
+            plain_opts: self.sasl_plain_opts,
+            tls_opts: self.sasl_tls_opts,
+            filter: self.sasl_filter.clone(),
+        })
+    }
+
+    /// The TLS policy of a destination: `smtp_tls_policy_maps` by the
+    /// next hop as given, then by its host or domain, then by each parent
+    /// domain as `.parent`; else the level.
+    fn tls_policy(&self, dest: &str, host: &str) -> tls::Policy {
+        let mut keys = vec![dest.trim().to_ascii_lowercase(), host.to_ascii_lowercase()];
+        // As Postfix: ".example.com" matches the subdomains of example.com.
+        let mut rest = host.to_ascii_lowercase();
+        while let Some(i) = rest.find('.') {
+            rest = rest[i + 1..].to_string();
+            if rest.is_empty() {
+                break;
+            }
+            keys.push(format!(".{rest}"));
+        }
+        for k in &keys {
+            if let Some(v) = self.tls_policy_maps.lookup(k) {
+                match tls::Policy::parse(v) {
+                    Ok(p) => return p,
+                    Err(e) => {
+                        postern_common::warning!(
+                            "smtp_tls_policy_maps: {k}: {e}; using \"encrypt\""
+                        );
+                        return tls::Policy {
+                            level: tls::Level::Encrypt,
+                            matches: Vec::new(),
+                        };
+                    }
+                }
+            }
+        }
+        tls::Policy {
+            level: self.tls_level,
+            matches: Vec::new(),
+        }
+    }
+
+    /// What a session with `server` (named `name`) needs for TLS.
+    fn tls_client(&self, policy: &tls::Policy, name: &str, nexthop: &str) -> Option<tls::Client> {
+        let mut policy = policy.clone();
+        if self.tls_wrapper && policy.level < tls::Level::Encrypt {
+            // Wrapper mode is TLS or nothing.
+            policy.level = tls::Level::Encrypt;
+        }
+        if policy.level == tls::Level::None {
+            return None;
+        }
+        Some(tls::Client {
+            wrapper: self.tls_wrapper,
+            policy: policy.clone(),
+            names: policy.names(name, nexthop),
+            roots: tls::roots(&self.ca_file, &self.ca_path),
+            loglevel: self.tls_loglevel,
+        })
     }
 
     fn resolver(&mut self) -> Result<&Resolver, String> {
@@ -129,6 +354,15 @@ impl Agent {
 
     /// Delivers one request: every recipient gets an outcome.
     pub fn deliver(&mut self, job: &mut Job) {
+        self.deliver_request(job);
+        self.uses += 1;
+        if self.uses >= self.max_use {
+            // The process ends after this request: say QUIT first.
+            self.cache.close_all();
+        }
+    }
+
+    fn deliver_request(&mut self, job: &mut Job) {
         if job.unfinished().is_empty() {
             return;
         }
@@ -137,16 +371,27 @@ impl Agent {
         } else {
             job.req.nexthop.clone()
         };
-        let hop = match nexthop::parse(&dest) {
-            Ok(h) => h,
+        let parsed = if self.lmtp {
+            nexthop::parse_lmtp(&dest)
+        } else {
+            nexthop::parse(&dest).map(LmtpHop::Inet)
+        };
+        let hop = match parsed {
+            Ok(LmtpHop::Inet(h)) => h,
+            Ok(LmtpHop::Unix(path)) => {
+                let policy = self.tls_policy(&dest, &path);
+                let auth = self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname);
+                return self.deliver_unix(job, &path, &policy, auth.as_ref());
+            }
             Err(reason) => {
                 postern_common::warning!("{}: {reason}", job.req.queue_id);
                 job.record_rest(Outcome::Deferred, "4.3.5", "none", &reason);
                 return;
             }
         };
+        let policy = self.tls_policy(&dest, &hop.host);
         match self.servers(&hop) {
-            Ok(list) => self.try_servers(job, &list),
+            Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
             Err(f) => {
                 if f.is_permanent() {
                     job.record_rest(Outcome::Bounced, &f.dsn, "none", &f.reason);
@@ -158,8 +403,148 @@ impl Agent {
         }
     }
 
-    /// Tries each server in turn until every recipient has an outcome.
+    /// Delivers over the Unix-domain socket `path` (LMTP).
+    fn deliver_unix(
+        &self,
+        job: &mut Job,
+        path: &str,
+        policy: &tls::Policy,
+        auth: Option<&sasl::Auth>,
+    ) {
+        let full = self.queue_dir.join(path);
+        let peer = PeerId::unix(&self.myhostname, path);
+        let mut eight_bit = None;
+        let tls = self.tls_client(policy, &self.myhostname, &self.myhostname);
+        let sec = client::Security {
+            tls: tls.as_ref(),
+            sasl: auth,
+        };
+        let key = format!(
+            "unix:{path} {} {:?}",
+            auth.map(|a| a.creds.user.as_str()).unwrap_or(""),
+            policy.level
+        );
+        let end = match self.cached_session(&key, job, peer.clone(), sec, &mut eight_bit) {
+            Some(end) => end,
+            None => {
+                match self.unix_session(job, &full, path, &key, peer.clone(), sec, &mut eight_bit) {
+                    Some(end) => end,
+                    None => return,
+                }
+            }
+        };
+        if let End::TryNext { failure, handshake } = end {
+            if !handshake {
+                job.destination_failed();
+            }
+            let mut dsn = failure.dsn;
+            if !dsn.starts_with('4') {
+                dsn.replace_range(0..1, "4");
+            }
+            job.record_rest(Outcome::Deferred, &dsn, &peer.relay, &failure.reason);
+        }
+    }
+
+    /// A new connection to the socket `full` and a session over it; the
+    /// session is kept under `key` when it ends well. None when the
+    /// connection failed (the recipients are deferred then).
+    #[allow(clippy::too_many_arguments)]
+    fn unix_session(
+        &self,
+        job: &mut Job,
+        full: &std::path::Path,
+        path: &str,
+        key: &str,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Option<End> {
+        let stream = match UnixStream::connect(full) {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("connect to {path}: {}", strerror(&e));
+                job.destination_failed();
+                job.record_rest(Outcome::Deferred, "4.4.1", "none", &reason);
+                return None;
+            }
+        };
+        let created = std::time::Instant::now();
+        let (end, idle) = self.session(job, stream, peer, sec, eight_bit);
+        if let Some(idle) = idle {
+            self.cache.put(key.to_string(), idle, created);
+        }
+        Some(end)
+    }
+
+    /// One session over a connected stream, for the recipients still
+    /// without an outcome.
+    fn session<S: client::Stream + Send + 'static>(
+        &self,
+        job: &mut Job,
+        stream: S,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> (End, Option<client::Idle<'static>>) {
+        let rcpts = job.unfinished();
+        let mut txn = JobTransaction {
+            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
+            rcpts,
+            relay: peer.relay.clone(),
+            eight_bit,
+            job,
+        };
+        client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
+    }
+
+    /// A transaction over a cached session for `key`, if there is one
+    /// that still answers.
+    fn cached_session(
+        &self,
+        key: &str,
+        job: &mut Job,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Option<End> {
+        let (idle, created) = self.cache.take(key)?;
+        let rcpts = job.unfinished();
+        let mut txn = JobTransaction {
+            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
+            rcpts,
+            relay: peer.relay.clone(),
+            eight_bit,
+            job,
+        };
+        let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn).ok()?;
+        if let Some(idle) = idle {
+            self.cache.put(key.to_string(), idle, created);
+        }
+        Some(end)
+    }
+
+    /// Tries each server in turn until every recipient has an outcome
+    /// (TLS as `smtp_tls_security_level` says).
+    #[cfg(test)]
     pub fn try_servers(&self, job: &mut Job, servers: &[Server]) {
+        let policy = tls::Policy {
+            level: self.tls_level,
+            matches: Vec::new(),
+        };
+        self.try_servers_with(job, servers, &policy, "", "")
+    }
+
+    /// Tries each server in turn until every recipient has an outcome;
+    /// `dest` is the next hop as written, `nexthop` its host or domain
+    /// (for TLS names and SASL credentials).
+    pub fn try_servers_with(
+        &self,
+        job: &mut Job,
+        servers: &[Server],
+        policy: &tls::Policy,
+        dest: &str,
+        nexthop: &str,
+    ) {
         let mut last: Option<(Failure, String)> = None;
         let mut sessions = 0;
         let mut eight_bit = None;
@@ -171,7 +556,34 @@ impl Agent {
                 break;
             }
             let more = k + 1 < servers.len();
-            let stream = match connect(srv, self.connect_timeout) {
+            let tls = self.tls_client(policy, &srv.name, nexthop);
+            let auth = self.sasl_auth(&job.req.sender.clone(), dest, &srv.name);
+            let sec = client::Security {
+                tls: tls.as_ref(),
+                sasl: auth.as_ref(),
+            };
+            let key = format!(
+                "{dest} {} {} {:?}",
+                srv.relay(),
+                auth.as_ref().map(|a| a.creds.user.as_str()).unwrap_or(""),
+                policy.level
+            );
+            if let Some(end) =
+                self.cached_session(&key, job, PeerId::from(srv), sec, &mut eight_bit)
+            {
+                match end {
+                    End::Complete => {
+                        sessions += 1;
+                        last = None;
+                    }
+                    End::TryNext { failure, .. } => {
+                        sessions += 1;
+                        last = Some((failure, srv.relay()));
+                    }
+                }
+                continue;
+            }
+            let stream = match connect(srv, self.connect_timeout, &self.bind) {
                 Ok(s) => s,
                 Err(e) => {
                     let f = Failure {
@@ -190,15 +602,33 @@ impl Agent {
                     continue;
                 }
             };
-            let rcpts = job.unfinished();
-            let mut txn = JobTransaction {
-                addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
-                rcpts,
-                relay: srv.relay(),
-                eight_bit: &mut eight_bit,
-                job,
-            };
-            match client::deliver(stream, srv, &self.settings, &mut txn) {
+            let created = std::time::Instant::now();
+            let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, &mut eight_bit);
+            if let Some(idle) = idle {
+                self.cache.put(key, idle, created);
+            }
+            // Never in plaintext with credentials to send.
+            if auth.is_none() && self.plaintext_fallback(job, policy, &end) {
+                postern_common::info!(
+                    "{}: TLS handshake with {} failed; trying again without TLS",
+                    job.req.queue_id,
+                    srv.relay()
+                );
+                if let Ok(s) = connect(srv, self.connect_timeout, &self.bind) {
+                    let (e, idle) = self.session(
+                        job,
+                        s,
+                        PeerId::from(srv),
+                        client::Security::default(),
+                        &mut eight_bit,
+                    );
+                    if let Some(idle) = idle {
+                        idle.quit(self.settings.timeouts.quit);
+                    }
+                    end = e;
+                }
+            }
+            match end {
                 End::Complete => {
                     sessions += 1;
                     last = None;
@@ -238,14 +668,102 @@ impl Agent {
     }
 }
 
-/// Connects within `timeout` (zero: the system's own limit).
-fn connect(srv: &Server, timeout: Duration) -> io::Result<TcpStream> {
+impl Agent {
+    /// Postfix's rule for opportunistic TLS: after a failed handshake at
+    /// level `may`, a message that has already waited at least
+    /// `minimal_backoff_time` is sent in plaintext over a new connection
+    /// (a fresh message is deferred, so that a passing problem does not
+    /// downgrade it at once).
+    fn plaintext_fallback(&self, job: &Job, policy: &tls::Policy, end: &End) -> bool {
+        matches!(end, End::TryNext { failure, .. } if failure.reason == client::TLS_HANDSHAKE_FAILURE)
+            && policy.level == tls::Level::May
+            && !self.tls_wrapper
+            && job.req.queue_wait >= self.min_backoff.as_secs_f64()
+    }
+}
+
+/// Connects within `timeout` (zero: the system's own limit), from the
+/// `bind` address of the server's family when one is set.
+fn connect(srv: &Server, timeout: Duration, bind: &Bind) -> io::Result<TcpStream> {
     let sa = SocketAddr::new(srv.addr, srv.port);
+    let from = match srv.addr {
+        std::net::IpAddr::V4(_) => bind.v4,
+        std::net::IpAddr::V6(_) => bind.v6,
+    };
+    if let Some(from) = from {
+        return connect_from(from, sa, timeout);
+    }
     if timeout.is_zero() {
         TcpStream::connect(sa)
     } else {
         TcpStream::connect_timeout(&sa, timeout)
     }
+}
+
+/// `smtp_bind_address` and `smtp_bind_address6`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bind {
+    pub v4: Option<std::net::IpAddr>,
+    pub v6: Option<std::net::IpAddr>,
+}
+
+/// A TCP connection from the local address `from` (port chosen by the
+/// system), within `timeout` (zero: no limit of ours).
+fn connect_from(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        bind, connect, getsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(from, 0)),
+    )?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EINPROGRESS) => {
+            let limit = (!timeout.is_zero()).then_some(timeout);
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = limit
+                .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(-1);
+            // SAFETY: one valid pollfd for the call's duration.
+            let n = unsafe { libc::poll(&mut p, 1, ms) };
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let err = getsockopt(&fd, sockopt::SocketError)?;
+            if err != 0 {
+                return Err(io::Error::from_raw_os_error(err));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// The system's text for an error ("Connection refused"), as Postfix's %m.
@@ -312,6 +830,30 @@ impl Transaction for JobTransaction<'_> {
         self.job
             .record(&self.rcpts[i], outcome, dsn, &self.relay, reason);
     }
+
+    fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
+        use postern_common::qfile::{self, attr};
+        match qfile::read_envelope(&self.job.file) {
+            Ok(env) => (
+                env.attr(attr::RET).map(str::to_string),
+                env.attr(attr::ENVID).map(str::to_string),
+            ),
+            Err(_) => (None, None),
+        }
+    }
+
+    fn dsn_recipient(&self, i: usize) -> (u8, String) {
+        // As Postfix: without an ORCPT, the original recipient address.
+        let r = &self.rcpts[i].rcpt;
+        let orcpt = if !r.orcpt.is_empty() {
+            r.orcpt.clone()
+        } else if !r.original.is_empty() {
+            format!("rfc822;{}", r.original)
+        } else {
+            String::new()
+        };
+        (r.notify, orcpt)
+    }
 }
 
 #[cfg(test)]
@@ -377,7 +919,7 @@ mod tests {
             std::path::Path::new("main.cf"),
         )
         .unwrap();
-        Agent::from_config(&cfg)
+        Agent::from_config(&cfg, false)
     }
 
     /// A server that answers each command in turn; RCPT TO addresses
@@ -486,6 +1028,32 @@ mod tests {
         let log = postern_common::delivery::read_log(&tree, MessageLog::Bounce, &id).unwrap();
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].relay, format!("127.0.0.1[127.0.0.1]:{port}"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn second_request_reuses_the_session() {
+        let dir = tmpdir("reuse");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // The sink takes one connection only: the second message must
+        // come over it (after RSET), and QUIT when the cache lets go.
+        let srv = sink(l, &[]);
+        let a = agent();
+        for (i, body) in [&b"first\n"[..], &b"second\n"[..]].iter().enumerate() {
+            let (_tree, mut job) =
+                make_job(&dir.join(i.to_string()), &["a@b.test"], body, "b.test");
+            a.try_servers(&mut job, &[server(port)]);
+            let reply = job.finish();
+            assert_eq!(
+                reply.results[0].outcome,
+                Outcome::Sent,
+                "{:?}",
+                reply.results
+            );
+        }
+        // The reaper closes the idle session after smtp_connection_cache_time_limit.
+        assert_eq!(srv.join().unwrap(), b"first\r\nsecond\r\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -614,7 +1182,7 @@ mod tests {
             std::path::Path::new("main.cf"),
         )
         .unwrap();
-        let mut agent = Agent::from_config(&cfg);
+        let mut agent = Agent::from_config(&cfg, false);
         let (_tree, mut job) = make_job(
             &dir,
             &["a@example.test", "b@example.test"],

@@ -1,4 +1,13 @@
-//! smtp: the SMTP delivery agent (master.cf services `smtp` and `relay`).
+//! smtp: the SMTP delivery agent (master.cf services `smtp` and `relay`),
+//! and under the name `lmtp` the LMTP delivery agent (service `lmtp`).
+//!
+//! LMTP mode (RFC 2033), chosen by the program's name as Postfix's
+//! lmtp(8): the next hop is `unix:PATH` (relative to `queue_directory`,
+//! e.g. `lmtp:unix:private/dovecot-lmtp`) or `inet:host[:port]` (port 24,
+//! no MX lookup); the client says LHLO and reads one reply per accepted
+//! recipient after the content, so each recipient has its own outcome.
+//! It reads the `lmtp_*` form of a parameter where Postern has one, else
+//! the `smtp_*` one.
 //!
 //! Who talks to it: qmgr connects to `private/smtp` or `private/relay`
 //! and sends one `ipc::DeliveryRequest` per connection: a message, a next
@@ -17,16 +26,28 @@
 //! Modules: [`nexthop`] (next-hop syntax, MX ordering, the server list),
 //! [`dns`] (MX and address lookups with hickory-resolver), [`client`] (the
 //! SMTP conversation over any stream, DATA encoding), [`reply`] (server
-//! replies), [`deliver`] (one request: servers in turn, outcomes recorded).
+//! replies), [`tls`] (STARTTLS: levels, policy, certificate checks),
+//! [`sasl`] (AUTH: credentials, mechanisms, security options),
+//! [`cache`] (sessions kept open between requests),
+//! [`deliver`] (one request: servers in turn, outcomes recorded).
 
-mod client;
-mod deliver;
-mod dns;
-mod nexthop;
-mod reply;
+pub(crate) mod cache;
+pub(crate) mod client;
+pub(crate) mod deliver;
+pub(crate) mod dns;
+pub(crate) mod nexthop;
+pub(crate) mod reply;
+pub(crate) mod sasl;
+pub(crate) mod tls;
 
-fn main() {
-    let (cfg, _args) = postern_common::service::start("smtp");
-    let mut agent = deliver::Agent::from_config(&cfg);
+pub fn main() {
+    // One program, two names: `lmtp` speaks LMTP (see the crate doc).
+    let lmtp = std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|f| f == "lmtp"))
+        .unwrap_or(false);
+    let name = if lmtp { "lmtp" } else { "smtp" };
+    let (cfg, _args) = postern_common::service::start(name);
+    let mut agent = deliver::Agent::from_config(&cfg, lmtp);
     postern_common::delivery::serve(&cfg, |job| agent.deliver(job))
 }

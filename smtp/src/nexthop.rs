@@ -47,6 +47,36 @@ fn service_port(s: &str) -> Option<u16> {
 /// Parses `[host]:port`, `[host]`, `host:port`, `host`. An IP address
 /// without brackets is taken as if bracketed (there is no MX to look up).
 pub fn parse(s: &str) -> Result<NextHop, String> {
+    parse_with_port(s, 25)
+}
+
+/// Where an LMTP client connects (Postfix's lmtp(8) next hops).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LmtpHop {
+    /// `unix:PATH`; a relative path is relative to `queue_directory`.
+    Unix(String),
+    /// `inet:host:port`, `inet:[host]:port`, `host:port`, ...: the
+    /// host's own addresses (LMTP never looks up MX records); port 24
+    /// when none is given.
+    Inet(NextHop),
+}
+
+/// Parses an LMTP next hop (see [`LmtpHop`]).
+pub fn parse_lmtp(s: &str) -> Result<LmtpHop, String> {
+    let s = s.trim();
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(format!("bad next-hop destination: \"{s}\""));
+        }
+        return Ok(LmtpHop::Unix(path.to_string()));
+    }
+    let rest = s.strip_prefix("inet:").unwrap_or(s);
+    let mut hop = parse_with_port(rest, 24)?;
+    hop.mx = false;
+    Ok(LmtpHop::Inet(hop))
+}
+
+fn parse_with_port(s: &str, default_port: u16) -> Result<NextHop, String> {
     let s = s.trim();
     let bad = || format!("bad next-hop destination: \"{s}\"");
     if let Some(rest) = s.strip_prefix('[') {
@@ -56,7 +86,7 @@ pub fn parse(s: &str) -> Result<NextHop, String> {
             host = &host[5..];
         }
         let port = match &rest[close + 1..] {
-            "" => 25,
+            "" => default_port,
             p => service_port(p.strip_prefix(':').ok_or_else(bad)?).ok_or_else(bad)?,
         };
         if host.is_empty() {
@@ -72,13 +102,13 @@ pub fn parse(s: &str) -> Result<NextHop, String> {
         // A bare IPv6 address: its colons are not a port.
         return Ok(NextHop {
             host: s.to_string(),
-            port: 25,
+            port: default_port,
             mx: false,
         });
     }
     let (host, port) = match s.rsplit_once(':') {
         Some((h, p)) => (h, service_port(p).ok_or_else(bad)?),
-        None => (s, 25),
+        None => (s, default_port),
     };
     let host = host.trim_end_matches('.');
     if host.is_empty() || host.contains(['[', ']', ' ', '@']) {
@@ -298,6 +328,31 @@ mod tests {
     use super::*;
     use crate::dns::Mx;
     use std::collections::HashMap;
+
+    #[test]
+    fn lmtp_next_hops() {
+        assert_eq!(
+            parse_lmtp("unix:private/dovecot-lmtp"),
+            Ok(LmtpHop::Unix("private/dovecot-lmtp".into()))
+        );
+        assert_eq!(
+            parse_lmtp("unix:/run/dovecot/lmtp"),
+            Ok(LmtpHop::Unix("/run/dovecot/lmtp".into()))
+        );
+        let inet = |h: &str, port| {
+            Ok(LmtpHop::Inet(NextHop {
+                host: h.into(),
+                port,
+                mx: false,
+            }))
+        };
+        assert_eq!(parse_lmtp("inet:127.0.0.1:2424"), inet("127.0.0.1", 2424));
+        assert_eq!(parse_lmtp("inet:mail.test"), inet("mail.test", 24));
+        assert_eq!(parse_lmtp("[mail.test]:25"), inet("mail.test", 25));
+        assert_eq!(parse_lmtp("mail.test"), inet("mail.test", 24));
+        assert!(parse_lmtp("unix:").is_err());
+        assert!(parse_lmtp("inet:[x").is_err());
+    }
 
     #[test]
     fn parsing() {

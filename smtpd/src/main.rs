@@ -13,24 +13,36 @@
 //! - [`session`]: one SMTP session as a state machine without I/O.
 //! - [`protocol`]: command words, `<path>` addresses, ESMTP parameters.
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
-//! - [`restrictions`]: `smtpd_relay_restrictions` and
-//!   `smtpd_recipient_restrictions`.
+//! - [`restrictions`]: Postfix's restriction language
+//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).
 //! - [`received`]: the Received: header.
+//! - [`tls`]: STARTTLS and `smtpd_tls_wrappermode` on the event loop
+//!   (rustls), and what the session learns of the handshake.
+//! - [`anvil`]: client connection and message rate limits (per process).
+//! - [`dns`]: DNS lookups for the restrictions that need them, on
+//!   helper threads.
+//! - [`sasl`]: SASL AUTH through Dovecot's auth server, one shared
+//!   non-blocking connection per process.
 //! - [`settings`]: the parameters smtpd reads.
 
+mod anvil;
 mod data;
+mod dns;
 mod protocol;
 mod received;
 mod restrictions;
+mod sasl;
 mod server;
 mod session;
 mod settings;
+mod tls;
 
 fn main() {
-    let (cfg, _args) = postern_common::service::start("smtpd");
-    let settings = match settings::Settings::from_config(&cfg) {
+    let (cfg, args) = postern_common::service::start("smtpd");
+    let mut settings = match settings::Settings::from_config(&cfg) {
         Ok(s) => s,
         Err(e) => postern_common::fatal!("{e}"),
     };
+    settings.service = args.service;
     server::run(settings)
 }

@@ -164,7 +164,7 @@ impl Verb {
 
     /// Commands this version recognizes but does not implement.
     pub fn implemented(self) -> bool {
-        !matches!(self, Verb::StartTls | Verb::Auth | Verb::Bdat | Verb::Etrn)
+        !matches!(self, Verb::Bdat | Verb::Etrn)
     }
 
     /// Commands a client may repeat without end (HELO, NOOP, ...): past
@@ -405,7 +405,8 @@ mod tests {
         assert_eq!(Verb::parse("ehlo"), Some(Verb::Ehlo));
         assert_eq!(Verb::parse("StartTLS"), Some(Verb::StartTls));
         assert_eq!(Verb::parse("XYZZY"), None);
-        assert!(!Verb::Auth.implemented());
+        assert!(!Verb::Bdat.implemented());
+        assert!(Verb::Auth.implemented());
         assert!(Verb::Mail.implemented());
         assert!(is_header("Subject:"));
         assert!(is_header("From:x"));

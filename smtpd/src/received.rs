@@ -28,6 +28,11 @@ pub struct Received<'a> {
     pub recipients: &'a [&'a str],
     /// RFC 5322 date of arrival.
     pub date: &'a str,
+    /// `TLSv1.3 with cipher ... (256/256 bits)` when the session is
+    /// encrypted and `smtpd_tls_received_header` is on.
+    pub tls: Option<&'a str>,
+    /// The SASL login, when `smtpd_sasl_authenticated_header` is on.
+    pub auth_sender: Option<&'a str>,
 }
 
 /// The address as a header shows it: `[1.2.3.4]`'s inside, or `IPv6:...`.
@@ -74,15 +79,23 @@ impl Received<'_> {
     /// The header lines, LF-terminated, as stored in the queue file.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "Received: from {} ({} [{}])\n\tby {} ({}) with {} id {}",
+            "Received: from {} ({} [{}])\n",
             self.helo.unwrap_or(self.client_name),
             self.client_name,
             rfc_addr(self.client_addr),
-            self.myhostname,
-            self.mail_name,
-            self.protocol,
-            self.queue_id
         );
+        if let Some(t) = self.tls {
+            s.push_str(&format!(
+                "\t(using {t})\n\t(No client certificate requested)\n"
+            ));
+        }
+        if let Some(a) = self.auth_sender {
+            s.push_str(&format!("\t(Authenticated sender: {a})\n"));
+        }
+        s.push_str(&format!(
+            "\tby {} ({}) with {} id {}",
+            self.myhostname, self.mail_name, self.protocol, self.queue_id
+        ));
         if let [one] = self.recipients {
             s.push_str(&format!("\n\tfor <{}>; {}\n", quote_local(one), self.date));
         } else {
@@ -107,8 +120,37 @@ mod tests {
             queue_id: "4ABCDEF",
             recipients: rcpts,
             date: "Sun, 22 Nov 2026 14:11:42 +0000 (UTC)",
+            tls: None,
+            auth_sender: None,
         }
         .render()
+    }
+
+    #[test]
+    fn tls_and_auth() {
+        let h = Received {
+            helo: Some("c"),
+            client_name: "localhost",
+            client_addr: "127.0.0.1".parse().unwrap(),
+            myhostname: "mx.example",
+            mail_name: "Postern",
+            protocol: "ESMTPSA",
+            queue_id: "Q",
+            recipients: &["u@x"],
+            date: "D",
+            tls: Some("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
+            auth_sender: Some("alice@example.test"),
+        }
+        .render();
+        assert_eq!(
+            h,
+            "Received: from c (localhost [127.0.0.1])\n\
+             \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\n\
+             \t(No client certificate requested)\n\
+             \t(Authenticated sender: alice@example.test)\n\
+             \tby mx.example (Postern) with ESMTPSA id Q\n\
+             \tfor <u@x>; D\n"
+        );
     }
 
     #[test]

@@ -16,20 +16,30 @@
 //! (`smtpd_timeout` for the client, `ipc_timeout` for cleanup) are
 //! checked about once a second.
 
+use crate::anvil::Anvil;
+use crate::dns::Dns;
+use crate::sasl::{AuthConn, Delivery};
 use crate::session::{Client, Session};
 use crate::settings::Settings;
+use crate::tls::{ReadOutcome, TlsConn};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest};
 use postern_common::service::{Status, LISTEN_FD};
-use postern_common::{fatal, warning};
+use postern_common::{fatal, info, warning};
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::os::fd::FromRawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
+/// The connection to the SASL auth server (one per process).
+const AUTH: Token = Token(usize::MAX);
+/// The DNS helper threads' wake-ups.
+const DNS_WAKE: Token = Token(usize::MAX - 1);
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading a client while this much of our output to it is unsent.
 const CLIENT_OUT_HIGH: usize = 256 * 1024;
@@ -129,6 +139,10 @@ struct Slot {
     last_io: Instant,
     cleanup: Option<CleanupConn>,
     pending_open: Option<PendingOpen>,
+    /// The TLS layer, after STARTTLS (or from the start in wrapper mode).
+    tls: Option<Box<TlsConn>>,
+    /// Tarpit (smtpd_error_sleep_time): neither write nor read until then.
+    hold_until: Option<Instant>,
 }
 
 enum Turn {
@@ -142,6 +156,7 @@ enum Turn {
 
 /// Runs the server until idle for `max_idle`. Never returns.
 pub fn run(cfg: Settings) -> ! {
+    let cfg_anvil = cfg.anvil.clone();
     let cfg = Arc::new(cfg);
     // SAFETY: master put the listening socket on LISTEN_FD for us, and
     // nothing else in this process owns that descriptor.
@@ -175,7 +190,17 @@ pub fn run(cfg: Settings) -> ! {
         again: Vec::new(),
         buf: vec![0u8; READ_CHUNK],
         last_tick: Instant::now(),
+        auth: None,
+        dns: None,
+        anvil: Rc::new(RefCell::new(Anvil::new(cfg_anvil))),
     };
+    if let Some(target) = &server.cfg.sasl {
+        server.auth = Some(AuthConn::new(
+            target.clone(),
+            server.cfg.sasl_service.clone(),
+            AUTH,
+        ));
+    }
     // master started us because a connection is waiting: take it now.
     let mut first = Vec::new();
     server.accept_all(&mut first);
@@ -199,6 +224,11 @@ struct Server {
     again: Vec<usize>,
     buf: Vec<u8>,
     last_tick: Instant,
+    auth: Option<AuthConn>,
+    /// Started at the first DNS query.
+    dns: Option<Dns>,
+    /// Client limits, shared with the sessions.
+    anvil: Rc<RefCell<Anvil>>,
 }
 
 impl Server {
@@ -216,7 +246,14 @@ impl Server {
             {
                 CONNECT_RETRY
             } else {
-                TICK.saturating_sub(self.last_tick.elapsed())
+                let tick = TICK.saturating_sub(self.last_tick.elapsed());
+                let now = Instant::now();
+                self.slots
+                    .iter()
+                    .flatten()
+                    .filter_map(|s| s.hold_until)
+                    .map(|t| t.saturating_duration_since(now))
+                    .fold(tick, Duration::min)
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -232,6 +269,9 @@ impl Server {
                 if t == LISTENER {
                     accept = true;
                     continue;
+                }
+                if t == AUTH || t == DNS_WAKE {
+                    continue; // pumped below, every turn
                 }
                 let idx = (t.0 - 1) / 2;
                 let Some(Some(slot)) = self.slots.get_mut(idx) else {
@@ -262,6 +302,16 @@ impl Server {
                     }
                 }
             }
+            let now = Instant::now();
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                if let Some(s) = s {
+                    if s.hold_until.is_some_and(|t| t <= now) {
+                        s.hold_until = None;
+                        s.last_io = now;
+                        touched.push(i);
+                    }
+                }
+            }
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 self.check_timeouts(&mut touched);
@@ -272,6 +322,8 @@ impl Server {
             for &idx in &touched {
                 closed |= self.drive(idx);
             }
+            closed |= self.pump_auth();
+            closed |= self.pump_dns();
             if closed && !self.busy {
                 // Connections may have waited while we were full.
                 let mut more = Vec::new();
@@ -284,6 +336,52 @@ impl Server {
                 std::process::exit(0);
             }
         }
+    }
+
+    /// Moves the auth server's bytes and hands its answers to the
+    /// sessions (which may ask more: hence the loop); true if a session
+    /// closed.
+    fn pump_auth(&mut self) -> bool {
+        let mut closed = false;
+        for _ in 0..64 {
+            let Some(auth) = &mut self.auth else {
+                return closed;
+            };
+            let deliveries = auth.pump(self.poll.registry());
+            if deliveries.is_empty() {
+                break;
+            }
+            for (idx, d) in deliveries {
+                let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                    continue;
+                };
+                match d {
+                    Delivery::Mechs(m) => slot.session.sasl_mechs(m),
+                    Delivery::Reply(r) => slot.session.sasl_reply(r),
+                }
+                slot.last_io = Instant::now();
+                closed |= self.drive(idx);
+            }
+        }
+        closed
+    }
+
+    /// Hands DNS answers to the sessions that asked.
+    fn pump_dns(&mut self) -> bool {
+        let mut closed = false;
+        let answers = match &self.dns {
+            Some(d) => d.drain(),
+            None => return false,
+        };
+        for (idx, q, a) in answers {
+            let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            slot.session.dns_answer(q, a);
+            slot.last_io = Instant::now();
+            closed |= self.drive(idx);
+        }
+        closed
     }
 
     fn accept_all(&mut self, touched: &mut Vec<usize>) {
@@ -327,7 +425,28 @@ impl Server {
             self.free.push(idx);
             return None;
         }
-        let session = Session::new(self.cfg.clone(), Client::new(peer.ip()));
+        let tls = if self.cfg.tls_wrappermode {
+            let made = match &self.cfg.tls {
+                Some(c) => TlsConn::new(c.clone()),
+                None => Err("no certificate loaded".into()),
+            };
+            match made {
+                Ok(t) => Some(Box::new(t)),
+                Err(e) => {
+                    warning!("cannot start TLS for {}: {e}", peer.ip());
+                    let _ = self.poll.registry().deregister(&mut sock);
+                    self.free.push(idx);
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        let mut session =
+            Session::with_anvil(self.cfg.clone(), Client::new(peer.ip()), self.anvil.clone());
+        if let Some(m) = self.auth.as_ref().and_then(|a| a.mechs()) {
+            session.sasl_mechs(Some(m));
+        }
         self.slots[idx] = Some(Slot {
             session,
             sock,
@@ -339,6 +458,8 @@ impl Server {
             last_io: Instant::now(),
             cleanup: None,
             pending_open: None,
+            tls,
+            hold_until: None,
         });
         self.count += 1;
         Some(idx)
@@ -349,7 +470,15 @@ impl Server {
         let Some(Some(slot)) = self.slots.get_mut(idx) else {
             return false;
         };
-        match turn(slot, idx, self.poll.registry(), &self.cfg, &mut self.buf) {
+        match turn(
+            slot,
+            idx,
+            self.poll.registry(),
+            &self.cfg,
+            &mut self.buf,
+            self.auth.as_mut(),
+            &mut self.dns,
+        ) {
             Turn::Idle => false,
             Turn::Again => {
                 self.again.push(idx);
@@ -367,6 +496,9 @@ impl Server {
             return;
         };
         slot.session.finish();
+        if let Some(a) = &mut self.auth {
+            a.forget(idx);
+        }
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut slot.sock);
         if let Some(mut c) = slot.cleanup.take() {
@@ -414,6 +546,18 @@ impl Server {
                 touched.push(idx);
             }
         }
+    }
+}
+
+/// Plaintext into a TLS connection, as a Write for OutBuf.
+struct PlainWriter<'a>(&'a mut TlsConn);
+
+impl Write for PlainWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.write_plain(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -502,10 +646,47 @@ fn connect_cleanup(
 
 /// One turn of a session: moves bytes between the client, the session
 /// and cleanup until nothing moves.
-fn turn(slot: &mut Slot, idx: usize, registry: &Registry, cfg: &Settings, buf: &mut [u8]) -> Turn {
+fn turn(
+    slot: &mut Slot,
+    idx: usize,
+    registry: &Registry,
+    cfg: &Settings,
+    buf: &mut [u8],
+    mut auth: Option<&mut AuthConn>,
+    dns: &mut Option<Dns>,
+) -> Turn {
     let mut reads = 0;
     loop {
         let mut progress = false;
+
+        // DNS lookups (answers come through pump_dns).
+        for q in slot.session.take_dns_requests() {
+            if dns.is_none() {
+                let started = mio::Waker::new(registry, DNS_WAKE)
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| {
+                        Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
+                    });
+                match started {
+                    Ok(d) => *dns = Some(d),
+                    Err(e) => {
+                        warning!("DNS lookups are not available: {e}");
+                        slot.session.dns_answer(q, crate::dns::Answer::TryAgain);
+                        continue;
+                    }
+                }
+            }
+            if let Some(d) = dns {
+                d.submit(idx, q);
+            }
+        }
+
+        // Requests for the auth server (answers come through pump_auth).
+        for req in slot.session.take_sasl_requests() {
+            if let Some(a) = auth.as_deref_mut() {
+                a.submit(idx, req, registry);
+            }
+        }
 
         // Requests for cleanup.
         for req in slot.session.take_requests() {
@@ -620,15 +801,41 @@ fn turn(slot: &mut Slot, idx: usize, registry: &Registry, cfg: &Settings, buf: &
             }
         }
 
-        // Replies to the client.
+        // Replies to the client, after any tarpit delay.
+        let delay = slot.session.take_delay();
+        if !delay.is_zero() {
+            let base = slot.hold_until.unwrap_or_else(Instant::now);
+            slot.hold_until = Some(base + delay);
+        }
+        if slot.hold_until.is_some() && !slot.kill {
+            return Turn::Idle;
+        }
         if slot.session.has_output() {
             let o = slot.session.take_output();
             if !slot.broken {
                 slot.out.push(&o);
             }
         }
-        if slot.out.pending() > 0 && !slot.broken {
-            match slot.out.write_to(&mut slot.sock) {
+        if !slot.broken {
+            let written = match &mut slot.tls {
+                None if slot.out.pending() > 0 => slot.out.write_to(&mut slot.sock),
+                None => Ok(0),
+                Some(t) => {
+                    // Plaintext goes to rustls only when it has sent what
+                    // it had (handshake, tickets, earlier replies): slot.out
+                    // stays the measure of the backlog.
+                    t.flush(&mut slot.sock).and_then(|n| {
+                        if slot.out.pending() > 0 && !t.wants_write() {
+                            let mut w = PlainWriter(t);
+                            let _ = slot.out.write_to(&mut w);
+                            Ok(n + t.flush(&mut slot.sock)?)
+                        } else {
+                            Ok(n)
+                        }
+                    })
+                }
+            };
+            match written {
                 Ok(n) if n > 0 => slot.last_io = Instant::now(),
                 Ok(_) => {}
                 Err(_) => {
@@ -640,44 +847,106 @@ fn turn(slot: &mut Slot, idx: usize, registry: &Registry, cfg: &Settings, buf: &
             }
         }
 
+        // STARTTLS: the 220 is on the wire; what follows is TLS.
+        if slot.session.starttls_requested() && slot.out.pending() == 0 && !slot.broken {
+            progress = true;
+            slot.session.tls_started();
+            let made = match cfg.tls.clone() {
+                Some(c) => TlsConn::new(c),
+                None => Err("no certificate loaded".to_string()),
+            };
+            match made {
+                Ok(t) => slot.tls = Some(Box::new(t)),
+                Err(e) => {
+                    warning!("cannot start TLS for {}: {e}", slot.session.namaddr());
+                    slot.session.tls_failed();
+                }
+            }
+        }
+
         // Input from the client.
         let cleanup_backed_up = slot
             .cleanup
             .as_ref()
             .is_some_and(|c| c.out.pending() >= CLEANUP_OUT_HIGH);
-        if slot.readable
+        let tls_plain = slot.tls.as_ref().is_some_and(|t| t.has_plaintext());
+        let tls_backed_up = slot.tls.as_ref().is_some_and(|t| t.wants_write());
+        let handshaking = slot.tls.as_ref().is_some_and(|t| t.is_handshaking());
+        if (slot.readable || tls_plain)
             && !slot.eof
             && !slot.broken
-            && slot.session.wants_input()
+            && (slot.session.wants_input() || handshaking)
             && slot.out.pending() < CLIENT_OUT_HIGH
             && !cleanup_backed_up
+            && (!tls_backed_up || handshaking)
         {
             if reads >= READS_PER_TURN {
                 return Turn::Again;
             }
-            match slot.sock.read(buf) {
-                Ok(0) => {
-                    slot.eof = true;
-                    slot.session.client_eof();
+            if let Some(t) = &mut slot.tls {
+                let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
+                if let Some(n) = t.take_established() {
+                    slot.session.tls_established(n);
                 }
-                Ok(n) => {
-                    reads += 1;
-                    slot.last_io = Instant::now();
-                    slot.session.receive(&buf[..n]);
+                match outcome {
+                    ReadOutcome::Data(n) => {
+                        reads += 1;
+                        slot.last_io = Instant::now();
+                        slot.session.receive(&buf[..n]);
+                    }
+                    ReadOutcome::WouldBlock => slot.last_io = Instant::now(),
+                    ReadOutcome::Eof => {
+                        slot.eof = true;
+                        slot.session.client_eof();
+                    }
+                    ReadOutcome::Error(e) => {
+                        if t.is_handshaking() {
+                            info!("SSL_accept error from {}: {e}", slot.session.namaddr());
+                        } else {
+                            warning!("TLS read error from {}: {e}", slot.session.namaddr());
+                        }
+                        // Send the alert rustls queued, once.
+                        let _ = t.flush(&mut slot.sock);
+                        slot.eof = true;
+                        slot.session.tls_failed();
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    slot.eof = true;
-                    slot.session.client_eof();
+                progress = true;
+            } else {
+                match slot.sock.read(buf) {
+                    Ok(0) => {
+                        slot.eof = true;
+                        slot.session.client_eof();
+                    }
+                    Ok(n) => {
+                        reads += 1;
+                        slot.last_io = Instant::now();
+                        slot.session.receive(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        slot.eof = true;
+                        slot.session.client_eof();
+                    }
                 }
+                progress = true;
             }
-            progress = true;
         }
 
         // Requests left at the end can only be an Abort; closing the
         // cleanup connection with the session says the same.
         let session_over = slot.session.is_done() && !slot.session.has_output();
+        if session_over && slot.out.pending() == 0 && !slot.broken && !slot.kill && !slot.eof {
+            if let Some(t) = &mut slot.tls {
+                if t.close() {
+                    continue;
+                }
+                if t.wants_write() {
+                    return Turn::Idle;
+                }
+            }
+        }
         if slot.broken || slot.kill || (session_over && slot.out.pending() == 0) {
             return Turn::Close;
         }

@@ -14,15 +14,22 @@
 //! (after DATA, and after the final dot) it takes no input: what the
 //! client pipelined stays buffered until the answer comes.
 
+use crate::anvil::{Anvil, Event};
 use crate::data::Decoder;
+use crate::dns::{Answer, Query};
 use crate::protocol::{self, Token, Verb};
 use crate::received::Received;
 use crate::restrictions::Request;
-use crate::settings::Settings;
+use crate::sasl::{SaslReply, SaslRequest};
+use crate::settings::{Settings, TlsLevel};
 use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{attr, Recipient};
+use postern_common::tls::Negotiated;
 use postern_common::{info, warning};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Content goes to cleanup in pieces of about this size.
@@ -105,6 +112,15 @@ enum State {
     Data(Box<DataState>),
     /// The final dot seen, Close sent; waiting for Queued.
     WaitQueued,
+    /// EHLO needs the auth server's mechanism list; the reply waits.
+    WaitMechs,
+    /// AUTH sent to the auth server; waiting for its answer.
+    WaitAuth,
+    /// A 334 challenge sent; the next line is the client's answer.
+    AuthResponse,
+    /// The restrictions need DNS answers; this command line runs again
+    /// when they are in.
+    WaitDns(Vec<u8>),
 }
 
 /// What a command handler did, for the per-command statistics.
@@ -143,11 +159,45 @@ pub struct Session {
     /// Arrival date for the Received header, set at DATA.
     date: String,
     finished: bool,
+    /// What TLS negotiated, once the handshake is done.
+    tls: Option<Negotiated>,
+    /// STARTTLS answered 220: the loop starts TLS once that is sent.
+    starttls_pending: bool,
+    /// The auth server's mechanisms, once known.
+    mechs: Option<Vec<String>>,
+    /// More input was waiting behind the command being handled.
+    pipelined: bool,
+    /// How long the loop must wait before sending the output.
+    delay: std::time::Duration,
+    /// DNS answers for the restrictions, kept for the session.
+    dns: HashMap<Query, Answer>,
+    dns_pending: HashSet<Query>,
+    dns_requests: Vec<Query>,
+    /// The command line being handled (to run it again after DNS).
+    current_line: Vec<u8>,
+    anvil: Rc<RefCell<Anvil>>,
+    /// Counted in the anvil's sessions (to be released at the end).
+    anvil_counted: bool,
+    /// The client restrictions refused at connect (`smtpd_delay_reject =
+    /// no`): every command but QUIT is answered 503.
+    access_denied: bool,
+    sasl_requests: Vec<SaslRequest>,
+    /// The mechanism of the AUTH in progress, or of the successful one.
+    sasl_method: Option<String>,
+    sasl_username: Option<String>,
 }
 
 impl Session {
-    /// Starts a session: logs the connection and queues the greeting.
+    /// A session with a table of its own (tests).
+    #[cfg(test)]
     pub fn new(cfg: Arc<Settings>, client: Client) -> Session {
+        Session::with_anvil(cfg, client, Rc::new(RefCell::new(Anvil::default())))
+    }
+
+    /// Starts a session counted in the process's client limits
+    /// ([`Anvil`]): logs the connection and queues the greeting (or the
+    /// refusal, over a limit).
+    pub fn with_anvil(cfg: Arc<Settings>, client: Client, anvil: Rc<RefCell<Anvil>>) -> Session {
         let namaddr = client.namaddr();
         info!("connect from {namaddr}");
         let mut s = Session {
@@ -171,10 +221,176 @@ impl Session {
             cleanup_open: false,
             date: String::new(),
             finished: false,
+            tls: None,
+            starttls_pending: false,
+            mechs: None,
+            pipelined: false,
+            delay: std::time::Duration::ZERO,
+            dns: HashMap::new(),
+            dns_pending: HashSet::new(),
+            dns_requests: Vec::new(),
+            current_line: Vec::new(),
+            anvil,
+            anvil_counted: false,
+            access_denied: false,
+            sasl_requests: Vec::new(),
+            sasl_method: None,
+            sasl_username: None,
         };
-        let banner = s.cfg.banner.clone();
-        s.reply(&format!("220 {banner}"));
+        let ip = s.client.addr;
+        let limited = s.anvil.borrow_mut().connect(ip);
+        match limited {
+            Ok(()) => s.anvil_counted = true,
+            Err((what, n)) => {
+                warning!(
+                    "{what} exceeded: {n} from {} for service {}",
+                    s.namaddr,
+                    s.cfg.service
+                );
+                let host = s.cfg.myhostname.clone();
+                s.reply(&format!(
+                    "421 4.7.0 {host} Error: too many connections from {ip}"
+                ));
+                return s;
+            }
+        }
+        // With smtpd_tls_wrappermode the greeting waits for the handshake.
+        if !s.cfg.tls_wrappermode {
+            s.greet();
+        }
         s
+    }
+
+    fn greet(&mut self) {
+        let refused = {
+            let req = self.request(None, "CONNECT");
+            self.cfg.restrictions.check_connect(&req)
+        };
+        if let Some(reply) = refused {
+            self.log_reject(&reply, None, None);
+            self.reply(&reply);
+            self.access_denied = true;
+            self.error_count += 1;
+            return;
+        }
+        let banner = self.cfg.banner.clone();
+        self.reply(&format!("220 {banner}"));
+    }
+
+    /// Whether the client's STARTTLS was accepted: once the `220` is
+    /// sent, the loop starts TLS and calls [`Session::tls_started`].
+    pub fn starttls_requested(&self) -> bool {
+        self.starttls_pending
+    }
+
+    /// The loop switched the connection to TLS (handshake under way).
+    pub fn tls_started(&mut self) {
+        self.starttls_pending = false;
+    }
+
+    /// The TLS handshake is complete. As RFC 3207 demands, the session
+    /// forgets everything it learned before (HELO, transaction, SASL).
+    pub fn tls_established(&mut self, n: Negotiated) {
+        let mut line = format!(
+            "Anonymous TLS connection established from {}: {}",
+            self.namaddr,
+            n.summary()
+        );
+        if let Some(kx) = &n.kx {
+            line.push_str(&format!(" key-exchange {kx}"));
+        }
+        info!("{line}");
+        self.tls = Some(n);
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.sasl_username = None;
+        self.sasl_method = None;
+        self.input.clear();
+        if self.cfg.tls_wrappermode {
+            self.greet();
+        }
+    }
+
+    /// The TLS layer failed (handshake or record error): the session ends.
+    pub fn tls_failed(&mut self) {
+        if !self.hangup {
+            self.reason = Some("lost connection");
+            self.hangup = true;
+        }
+        self.abort_cleanup();
+    }
+
+    /// DNS lookups the restrictions need.
+    pub fn take_dns_requests(&mut self) -> Vec<Query> {
+        std::mem::take(&mut self.dns_requests)
+    }
+
+    /// A DNS answer: when the command that waited has all it needs, it
+    /// runs again.
+    pub fn dns_answer(&mut self, q: Query, a: Answer) {
+        self.dns_pending.remove(&q);
+        self.dns.insert(q, a);
+        if matches!(self.state, State::WaitDns(_)) {
+            let State::WaitDns(line) = std::mem::replace(&mut self.state, State::Command) else {
+                return;
+            };
+            self.command(&line);
+            self.check_error_limit();
+            self.process();
+        }
+    }
+
+    /// Requests for the auth server.
+    pub fn take_sasl_requests(&mut self) -> Vec<SaslRequest> {
+        std::mem::take(&mut self.sasl_requests)
+    }
+
+    /// The auth server's mechanisms (None: it cannot be reached).
+    pub fn sasl_mechs(&mut self, mechs: Option<Vec<String>>) {
+        self.mechs = Some(mechs.unwrap_or_default());
+        if matches!(self.state, State::WaitMechs) {
+            self.state = State::Command;
+            self.ehlo_reply();
+            self.process();
+        }
+    }
+
+    /// The auth server's answer to the AUTH in progress.
+    pub fn sasl_reply(&mut self, reply: SaslReply) {
+        if !matches!(self.state, State::WaitAuth) {
+            return;
+        }
+        self.state = State::Command;
+        let mech = self.sasl_method.clone().unwrap_or_default();
+        match reply {
+            SaslReply::Cont(data) => {
+                self.reply(&format!("334 {data}"));
+                self.state = State::AuthResponse;
+            }
+            SaslReply::Ok(user) => {
+                self.sasl_username = Some(user);
+                self.reply("235 2.7.0 Authentication successful");
+                self.count_ok(Verb::Auth);
+            }
+            SaslReply::Fail(why) => {
+                warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+                self.sasl_method = None;
+                self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
+                self.error_count += 1;
+                self.check_error_limit();
+            }
+            SaslReply::Temp(why) => {
+                warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+                self.sasl_method = None;
+                self.reply(&format!(
+                    "454 4.7.0 Temporary authentication failure: {why}"
+                ));
+                self.error_count += 1;
+                self.check_error_limit();
+            }
+        }
+        self.process();
     }
 
     pub fn namaddr(&self) -> &str {
@@ -185,7 +401,8 @@ impl Session {
 
     /// Bytes from the client.
     pub fn receive(&mut self, bytes: &[u8]) {
-        if self.hangup {
+        if self.hangup || self.starttls_pending {
+            // Nothing in plaintext counts between STARTTLS and TLS.
             return;
         }
         self.input.extend_from_slice(bytes);
@@ -195,7 +412,12 @@ impl Session {
     /// Whether the session takes client input now (not while it waits for
     /// cleanup, not after it decided to hang up).
     pub fn wants_input(&self) -> bool {
-        !self.hangup && matches!(self.state, State::Command | State::Data(_))
+        !self.hangup
+            && !self.starttls_pending
+            && matches!(
+                self.state,
+                State::Command | State::Data(_) | State::AuthResponse
+            )
     }
 
     /// Whether the session waits for cleanup (the client's timeout does
@@ -213,6 +435,11 @@ impl Session {
         std::mem::take(&mut self.output)
     }
 
+    /// The tarpit delay owed before the output goes out (taken once).
+    pub fn take_delay(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.delay)
+    }
+
     pub fn has_output(&self) -> bool {
         !self.output.is_empty()
     }
@@ -228,6 +455,9 @@ impl Session {
             self.hangup = true;
         }
         self.abort_cleanup();
+        if matches!(self.state, State::WaitAuth | State::AuthResponse) {
+            self.sasl_requests.push(SaslRequest::Abort);
+        }
     }
 
     /// The client was silent for longer than smtpd_timeout.
@@ -246,7 +476,13 @@ impl Session {
         let state = std::mem::replace(&mut self.state, State::Command);
         match (state, reply) {
             (State::WaitOpened, CleanupReply::Opened { queue_id }) => {
-                info!("{queue_id}: client={}", self.namaddr);
+                match (&self.sasl_method, &self.sasl_username) {
+                    (Some(m), Some(u)) => info!(
+                        "{queue_id}: client={}, sasl_method={m}, sasl_username={u}",
+                        self.namaddr
+                    ),
+                    _ => info!("{queue_id}: client={}", self.namaddr),
+                }
                 let header = self.received_header(&queue_id);
                 if let Some(tx) = &mut self.tx {
                     tx.queue_id = Some(queue_id);
@@ -323,7 +559,7 @@ impl Session {
                 ds.content.clear();
                 ds.failure.get_or_insert_with(|| WRITE_ERROR.to_string());
             }
-            State::Command => {}
+            _ => {}
         }
     }
 
@@ -333,6 +569,9 @@ impl Session {
             return;
         }
         self.finished = true;
+        if std::mem::take(&mut self.anvil_counted) {
+            self.anvil.borrow_mut().disconnect(self.client.addr);
+        }
         self.abort_cleanup();
         if let Some(reason) = self.reason {
             // A client that leaves right after the final dot is normal.
@@ -376,9 +615,13 @@ impl Session {
                         self.reply(&format!("500 5.5.2 {host} Error: command too long"));
                         self.error_count += 1;
                     } else {
+                        self.pipelined = pos < self.input.len();
                         self.command(&line);
                     }
                     self.check_error_limit();
+                    if self.starttls_pending {
+                        break;
+                    }
                 }
                 State::Data(ds) => {
                     let fed = ds.decoder.feed(&self.input[pos..], &mut ds.content);
@@ -409,11 +652,37 @@ impl Session {
                     self.end_of_data();
                     self.check_error_limit();
                 }
-                State::WaitOpened | State::WaitQueued => break,
+                State::AuthResponse => {
+                    let rest = &self.input[pos..];
+                    let Some(i) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() > 12 * 1024 {
+                            pos = self.input.len();
+                            self.state = State::Command;
+                            self.sasl_requests.push(SaslRequest::Abort);
+                            self.reply("500 5.5.6 Authentication exchange line is too long");
+                            self.error_count += 1;
+                            self.check_error_limit();
+                        }
+                        break;
+                    };
+                    let mut line = rest[..i].to_vec();
+                    pos += i + 1;
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    self.auth_response(&line);
+                }
+                State::WaitOpened
+                | State::WaitQueued
+                | State::WaitMechs
+                | State::WaitAuth
+                | State::WaitDns(_) => break,
             }
         }
         self.input.drain(..pos.min(self.input.len()));
-        if self.hangup {
+        if self.hangup || self.starttls_pending {
+            // After STARTTLS, plaintext the client sent along must not be
+            // taken as if it came over TLS (CVE-2011-0411).
             self.input.clear();
         }
         if let State::Data(ds) = &mut self.state {
@@ -466,6 +735,7 @@ impl Session {
     // ------------------------------------------------------------ commands
 
     fn command(&mut self, line: &[u8]) {
+        self.current_line = line.to_vec();
         if line.contains(&0) {
             self.unknown_command("500 5.5.2 Error: bad syntax");
             return;
@@ -500,6 +770,19 @@ impl Session {
         let done = if !verb.implemented() {
             self.reply("502 5.5.1 Error: command not implemented");
             Done::Failed
+        } else if self.access_denied && verb != Verb::Quit {
+            let n = self.namaddr.clone();
+            self.reply(&format!("503 5.7.0 Error: access denied for {n}"));
+            Done::Failed
+        } else if self.cfg.tls_level == TlsLevel::Encrypt
+            && self.tls.is_none()
+            && !matches!(
+                verb,
+                Verb::Helo | Verb::Ehlo | Verb::StartTls | Verb::Rset | Verb::Noop | Verb::Quit
+            )
+        {
+            self.reply("530 5.7.0 Must issue a STARTTLS command first");
+            Done::Failed
         } else {
             match verb {
                 Verb::Helo | Verb::Ehlo => self.helo(verb == Verb::Ehlo, &args),
@@ -523,7 +806,9 @@ impl Session {
                     );
                     Done::Ok
                 }
-                Verb::StartTls | Verb::Auth | Verb::Bdat | Verb::Etrn => unreachable!(),
+                Verb::StartTls => self.starttls(&args),
+                Verb::Auth => self.auth(&args),
+                Verb::Bdat | Verb::Etrn => unreachable!(),
             }
         };
         match done {
@@ -556,31 +841,176 @@ impl Session {
             return Done::Failed;
         }
         let name: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
-        self.helo = Some(protocol::neuter(&name.join(" ")));
+        let name = protocol::neuter(&name.join(" "));
+        let refused = {
+            let mut req = self.request(None, self.where_);
+            req.helo = Some(&name);
+            self.cfg.restrictions.check_helo(&req)
+        };
+        if let Some(reply) = refused {
+            self.log_reject(&reply, None, None);
+            self.reply(&reply);
+            return Done::Failed;
+        }
+        self.helo = Some(name);
         self.tx = None;
         if ehlo {
             self.esmtp = true;
-            let mut lines = vec![self.cfg.myhostname.clone(), "PIPELINING".to_string()];
-            lines.push(match self.cfg.message_size_limit {
-                0 => "SIZE".to_string(),
-                n => format!("SIZE {n}"),
-            });
-            if !self.cfg.disable_vrfy {
-                lines.push("VRFY".into());
+            if self.auth_offered() && self.mechs.is_none() {
+                // The reply waits for the auth server's mechanism list.
+                self.sasl_requests.push(SaslRequest::Mechs);
+                self.state = State::WaitMechs;
+                return Done::Ok;
             }
-            lines.push("ENHANCEDSTATUSCODES".into());
-            lines.push("8BITMIME".into());
-            lines.push("DSN".into());
-            let last = lines.len() - 1;
-            for (i, l) in lines.iter().enumerate() {
-                let sep = if i == last { ' ' } else { '-' };
-                self.reply(&format!("250{sep}{l}"));
-            }
+            self.ehlo_reply();
         } else {
             let host = self.cfg.myhostname.clone();
             self.reply(&format!("250 {host}"));
         }
         Done::Ok
+    }
+
+    /// Whether AUTH is on offer now (SASL enabled, and TLS active when
+    /// smtpd_tls_auth_only says so).
+    fn auth_offered(&self) -> bool {
+        self.cfg.sasl.is_some() && (self.tls.is_some() || !self.cfg.tls_auth_only)
+    }
+
+    fn starttls_offered(&self) -> bool {
+        self.cfg.tls_level != TlsLevel::None && self.tls.is_none() && !self.cfg.tls_wrappermode
+    }
+
+    fn ehlo_reply(&mut self) {
+        let mut lines = vec![self.cfg.myhostname.clone(), "PIPELINING".to_string()];
+        lines.push(match self.cfg.message_size_limit {
+            0 => "SIZE".to_string(),
+            n => format!("SIZE {n}"),
+        });
+        if !self.cfg.disable_vrfy {
+            lines.push("VRFY".into());
+        }
+        if self.starttls_offered() && self.cfg.tls.is_some() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            let mechs = self.mechs.clone().unwrap_or_default();
+            if !mechs.is_empty() {
+                let list = mechs.join(" ");
+                lines.push(format!("AUTH {list}"));
+                if self.cfg.broken_sasl_auth_clients {
+                    lines.push(format!("AUTH={list}"));
+                }
+            }
+        }
+        lines.push("ENHANCEDSTATUSCODES".into());
+        lines.push("8BITMIME".into());
+        lines.push("DSN".into());
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.reply(&format!("250{sep}{l}"));
+        }
+    }
+
+    fn starttls(&mut self, args: &[Token]) -> Done {
+        if args.len() != 1 {
+            self.reply("501 5.5.4 Syntax: STARTTLS");
+            return Done::Failed;
+        }
+        if self.tls.is_some() {
+            self.reply("554 5.5.1 Error: TLS already active");
+            return Done::Failed;
+        }
+        if !self.starttls_offered() {
+            self.reply("502 5.5.1 Error: command not implemented");
+            return Done::Failed;
+        }
+        if self.cfg.tls.is_none() {
+            self.reply("454 4.7.0 TLS not available due to local problem");
+            return Done::Failed;
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        self.starttls_pending = true;
+        Done::Ok
+    }
+
+    fn auth(&mut self, args: &[Token]) -> Done {
+        if !self.auth_offered() {
+            self.reply("503 5.5.1 Error: authentication not enabled");
+            return Done::Failed;
+        }
+        if self.helo.is_none() || !self.esmtp {
+            self.reply("503 5.5.1 Error: send HELO/EHLO first");
+            return Done::Failed;
+        }
+        if self.sasl_username.is_some() {
+            self.reply("503 5.5.1 Error: already authenticated");
+            return Done::Failed;
+        }
+        if self.tx.is_some() {
+            self.reply("503 5.5.1 Error: MAIL transaction in progress");
+            return Done::Failed;
+        }
+        if args.len() < 2 || args.len() > 3 {
+            self.reply("501 5.5.4 Syntax: AUTH mechanism");
+            return Done::Failed;
+        }
+        let mech = args[1].text.to_ascii_uppercase();
+        let known = self.mechs.as_ref().is_some_and(|m| m.contains(&mech));
+        if !known {
+            let why = "Invalid authentication mechanism";
+            warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+            self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
+            return Done::Failed;
+        }
+        let resp = match args.get(2).map(|t| t.text.as_str()) {
+            None => None,
+            // RFC 4954: "=" is an empty initial response.
+            Some("=") => Some(String::new()),
+            Some(r) => {
+                if postern_common::base64::decode(r).is_none() {
+                    self.reply("501 5.5.2 Error: invalid base64 in initial response");
+                    return Done::Failed;
+                }
+                Some(r.to_string())
+            }
+        };
+        self.sasl_method = Some(mech.clone());
+        self.sasl_requests.push(SaslRequest::Start {
+            mech,
+            resp,
+            secured: self.tls.is_some(),
+            rip: self.client.addr,
+        });
+        self.state = State::WaitAuth;
+        // Counted when the auth server answers.
+        Done::Pending
+    }
+
+    /// The client's line after a 334 challenge.
+    fn auth_response(&mut self, line: &[u8]) {
+        self.state = State::Command;
+        let text = String::from_utf8_lossy(line).trim().to_string();
+        if text == "*" {
+            self.sasl_requests.push(SaslRequest::Abort);
+            self.sasl_method = None;
+            self.reply("501 5.7.0 Authentication aborted");
+            self.error_count += 1;
+            self.check_error_limit();
+            return;
+        }
+        if postern_common::base64::decode(&text).is_none() {
+            self.sasl_requests.push(SaslRequest::Abort);
+            let mech = self.sasl_method.take().unwrap_or_default();
+            let why = "Invalid base64 data in continued response";
+            warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+            self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
+            self.error_count += 1;
+            self.check_error_limit();
+            return;
+        }
+        self.sasl_requests.push(SaslRequest::Continue(text));
+        self.state = State::WaitAuth;
     }
 
     fn mail(&mut self, args: &[Token]) -> Done {
@@ -632,6 +1062,8 @@ impl Session {
                         return Done::Failed;
                     }
                 }
+            } else if self.cfg.sasl.is_some() && protocol::param(w, "AUTH").is_some() {
+                // RFC 4954 AUTH=<mailbox>: accepted, not used.
             } else if let Some(v) = protocol::param(w, "ENVID") {
                 match protocol::xtext_decode(v) {
                     Some(e) if tx.envid.is_none() => tx.envid = Some(e),
@@ -650,6 +1082,30 @@ impl Session {
             let reply = "552 5.3.4 Message size exceeds fixed limit";
             self.log_reject(reply, Some(&tx.sender), None);
             self.reply(reply);
+            return Done::Failed;
+        }
+        let rate = self
+            .anvil
+            .borrow_mut()
+            .event(self.client.addr, Event::Message);
+        if let Err(n) = rate {
+            warning!(
+                "Message delivery request rate limit exceeded: {n} from {} for service {}",
+                self.namaddr,
+                self.cfg.service
+            );
+            let ip = self.client.addr;
+            self.reply(&format!("452 4.3.2 Too much mail from {ip}"));
+            return Done::Failed;
+        }
+        let refused = {
+            let mut req = self.request(None, self.where_);
+            req.sender = Some(&tx.sender);
+            self.cfg.restrictions.check_sender(&req)
+        };
+        if let Some(reply) = refused {
+            self.log_reject(&reply, Some(&tx.sender), None);
+            self.reply(&reply);
             return Done::Failed;
         }
         self.tx = Some(tx);
@@ -713,6 +1169,41 @@ impl Session {
                 return if over { Done::Failed } else { Done::Ok };
             }
         }
+        let needed = {
+            let req = self.request(Some(&address), self.where_);
+            self.cfg.restrictions.dns_needed(&req)
+        };
+        let missing: Vec<Query> = needed
+            .into_iter()
+            .filter(|q| !self.dns.contains_key(q))
+            .collect();
+        if !missing.is_empty() {
+            for q in missing {
+                if self.dns_pending.insert(q.clone()) {
+                    self.dns_requests.push(q);
+                }
+            }
+            self.state = State::WaitDns(std::mem::take(&mut self.current_line));
+            // Counted when the command runs again.
+            self.counts[verb_index(Verb::Rcpt)].total -= 1;
+            return Done::Pending;
+        }
+        {
+            let rate = self
+                .anvil
+                .borrow_mut()
+                .event(self.client.addr, Event::Recipient);
+            if let Err(n) = rate {
+                warning!(
+                    "Recipient address rate limit exceeded: {n} from {} for service {}",
+                    self.namaddr,
+                    self.cfg.service
+                );
+                let ip = self.client.addr;
+                self.reply(&format!("452 4.3.2 Too many recipients from {ip}"));
+                return Done::Failed;
+            }
+        }
         if let Some(reply) = self.check_recipient(&address) {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             self.log_reject(&reply, sender.as_deref(), Some(&address));
@@ -739,9 +1230,22 @@ impl Session {
             self.reply("501 5.5.4 Syntax: DATA");
             return Done::Failed;
         }
+        let refused = self
+            .cfg
+            .restrictions
+            .check_data(&self.request(None, "DATA"));
+        if let Some(reply) = refused {
+            let sender = tx.sender.clone();
+            self.log_reject(&reply, Some(&sender), None);
+            self.reply(&reply);
+            return Done::Failed;
+        }
+        let Some(tx) = &self.tx else {
+            return Done::Failed;
+        };
         let mut attrs = vec![
             (attr::CLIENT.to_string(), self.namaddr.clone()),
-            (attr::PROTOCOL.to_string(), self.protocol().to_string()),
+            (attr::PROTOCOL.to_string(), self.protocol()),
         ];
         if let Some(h) = &self.helo {
             attrs.push((attr::HELO.to_string(), h.clone()));
@@ -807,6 +1311,11 @@ impl Session {
     // ------------------------------------------------------------ helpers
 
     fn reply(&mut self, text: &str) {
+        // Slow down a client that makes many errors (Postfix sleeps
+        // before any reply once the soft limit is reached).
+        if self.error_count >= self.cfg.soft_error_limit && self.error_count > 0 {
+            self.delay += self.cfg.error_sleep;
+        }
         self.output.extend_from_slice(text.as_bytes());
         self.output.extend_from_slice(b"\r\n");
         if text.starts_with("421") {
@@ -814,12 +1323,16 @@ impl Session {
         }
     }
 
-    fn protocol(&self) -> &'static str {
-        if self.esmtp {
-            "ESMTP"
-        } else {
-            "SMTP"
+    /// `SMTP`, `ESMTP`, with `S` for TLS and `A` for SASL (RFC 3848).
+    fn protocol(&self) -> String {
+        let mut p = if self.esmtp { "ESMTP" } else { "SMTP" }.to_string();
+        if self.tls.is_some() {
+            p.push('S');
         }
+        if self.sasl_username.is_some() {
+            p.push('A');
+        }
+        p
     }
 
     /// The address in a MAIL FROM/RCPT TO word, or None (logged).
@@ -840,12 +1353,25 @@ impl Session {
         a
     }
 
-    fn check_recipient(&self, rcpt: &str) -> Option<String> {
-        self.cfg.restrictions.check_recipient(&Request {
-            client_addr: self.client.addr,
+    /// What the restrictions see now.
+    fn request<'a>(&'a self, rcpt: Option<&'a str>, command: &'a str) -> Request<'a> {
+        Request {
+            client_addr: Some(self.client.addr),
+            client_name: &self.client.name,
+            helo: self.helo.as_deref(),
+            sender: self.tx.as_ref().map(|t| t.sender.as_str()),
             recipient: rcpt,
-            sasl_authenticated: false,
-        })
+            sasl_username: self.sasl_username.as_deref(),
+            esmtp: self.esmtp,
+            pipelined: self.pipelined,
+            command,
+            dns: Some(&self.dns),
+        }
+    }
+
+    fn check_recipient(&self, rcpt: &str) -> Option<String> {
+        let req = self.request(Some(rcpt), self.where_);
+        self.cfg.restrictions.check_recipient(&req)
     }
 
     /// Postfix's reject log line.
@@ -868,6 +1394,11 @@ impl Session {
     }
 
     fn received_header(&self, queue_id: &str) -> String {
+        let tls = self
+            .tls
+            .as_ref()
+            .filter(|_| self.cfg.tls_received_header)
+            .map(|n| n.summary());
         let rcpts: Vec<&str> = self
             .tx
             .as_ref()
@@ -879,10 +1410,16 @@ impl Session {
             client_addr: self.client.addr,
             myhostname: &self.cfg.myhostname,
             mail_name: &self.cfg.mail_name,
-            protocol: self.protocol(),
+            protocol: &self.protocol(),
             queue_id,
             recipients: &rcpts,
             date: &self.date,
+            tls: tls.as_deref(),
+            auth_sender: if self.cfg.sasl_authenticated_header {
+                self.sasl_username.as_deref()
+            } else {
+                None
+            },
         }
         .render()
     }
@@ -978,11 +1515,15 @@ mod tests {
             message_size_limit: 1000,
             recipient_limit: 3,
             hard_error_limit: 5,
+            soft_error_limit: 3,
+            error_sleep: Duration::ZERO,
             helo_required: false,
             disable_vrfy: false,
             line_limit: 2048,
             restrictions: Restrictions::new(
-                split("permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"),
+                crate::restrictions::parse_list(&split(
+                    "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
+                )),
                 vec![],
                 CidrList::parse(&["127.0.0.0/8"]).unwrap(),
                 split("mx.example, localhost"),
@@ -994,6 +1535,19 @@ mod tests {
             max_idle: Duration::from_secs(100),
             session_limit: 10,
             cleanup_socket: PathBuf::from("/nonexistent"),
+            tls_level: TlsLevel::None,
+            tls: None,
+            tls_wrappermode: false,
+            tls_auth_only: false,
+            tls_received_header: false,
+            sasl: None,
+            sasl_service: "smtp".into(),
+            sasl_authenticated_header: false,
+            broken_sasl_auth_clients: false,
+            dns_servers: vec![],
+            dns_timeout: Duration::from_secs(5),
+            anvil: Default::default(),
+            service: "smtp".into(),
         }
     }
 
@@ -1501,6 +2055,241 @@ mod tests {
             ["421 4.4.2 mx.example Error: timeout exceeded"]
         );
         assert!(s.is_done());
+    }
+
+    fn sasl_settings() -> Settings {
+        let mut cfg = settings();
+        cfg.sasl = Some(crate::sasl::AuthTarget::Unix("/nonexistent".into()));
+        cfg.hard_error_limit = 20;
+        cfg
+    }
+
+    #[test]
+    fn auth_exchange_and_relay() {
+        let mut s = session_with(sasl_settings(), "192.0.2.7");
+        // EHLO waits for the mechanism list.
+        assert!(send(&mut s, "EHLO c\r\nNOOP\r\n").is_empty());
+        assert_eq!(s.take_sasl_requests(), [SaslRequest::Mechs]);
+        assert!(!s.wants_input());
+        s.sasl_mechs(Some(vec!["PLAIN".into(), "LOGIN".into()]));
+        let r = out(&mut s);
+        assert!(r.contains(&"250-AUTH PLAIN LOGIN".to_string()), "{r:?}");
+        assert_eq!(r.last().unwrap(), "250 2.0.0 Ok");
+        // Unknown mechanism.
+        assert_eq!(
+            send(&mut s, "AUTH CRAM-MD5\r\n"),
+            ["535 5.7.8 Error: authentication failed: Invalid authentication mechanism"]
+        );
+        // LOGIN: two challenges, the client's lines go to the server.
+        assert!(send(&mut s, "AUTH LOGIN\r\n").is_empty());
+        let reqs = s.take_sasl_requests();
+        assert!(
+            matches!(&reqs[..], [SaslRequest::Start { mech, resp: None, secured: false, .. }] if mech == "LOGIN")
+        );
+        s.sasl_reply(SaslReply::Cont("VXNlcm5hbWU6".into()));
+        assert_eq!(out(&mut s), ["334 VXNlcm5hbWU6"]);
+        assert!(send(&mut s, "YWxpY2U=\r\n").is_empty());
+        assert_eq!(
+            s.take_sasl_requests(),
+            [SaslRequest::Continue("YWxpY2U=".into())]
+        );
+        s.sasl_reply(SaslReply::Cont("UGFzc3dvcmQ6".into()));
+        assert_eq!(out(&mut s), ["334 UGFzc3dvcmQ6"]);
+        assert_eq!(send(&mut s, "*\r\n"), ["501 5.7.0 Authentication aborted"]);
+        assert_eq!(s.take_sasl_requests(), [SaslRequest::Abort]);
+        // Failure, then success; relaying only after.
+        send(&mut s, "AUTH PLAIN AGFsaWNlAGJhZA==\r\n");
+        s.take_sasl_requests();
+        s.sasl_reply(SaslReply::Fail(String::new()));
+        assert_eq!(out(&mut s), ["535 5.7.8 Error: authentication failed: "]);
+        let r = send(
+            &mut s,
+            "MAIL FROM:<a@b> AUTH=<>\r\nRCPT TO:<x@far.example>\r\nRSET\r\n",
+        );
+        assert_eq!(r[1], "554 5.7.1 <x@far.example>: Relay access denied");
+        send(&mut s, "AUTH PLAIN AGFsaWNlAGdvb2Q=\r\n");
+        s.take_sasl_requests();
+        s.sasl_reply(SaslReply::Ok("alice".into()));
+        assert_eq!(out(&mut s), ["235 2.7.0 Authentication successful"]);
+        assert_eq!(
+            send(&mut s, "AUTH PLAIN AGFsaWNlAGdvb2Q=\r\n"),
+            ["503 5.5.1 Error: already authenticated"]
+        );
+        let r = send(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<x@far.example>\r\n");
+        assert_eq!(r, ["250 2.1.0 Ok", "250 2.1.5 Ok"]);
+        assert_eq!(s.protocol(), "ESMTPA");
+    }
+
+    #[test]
+    fn auth_not_offered() {
+        let mut s = session();
+        assert_eq!(
+            send(&mut s, "EHLO c\r\nAUTH PLAIN\r\n").last().unwrap(),
+            "503 5.5.1 Error: authentication not enabled"
+        );
+        let mut cfg = sasl_settings();
+        cfg.tls_auth_only = true;
+        let mut s = session_with(cfg, "127.0.0.1");
+        let r = send(&mut s, "EHLO c\r\n");
+        assert!(!r.iter().any(|l| l.contains("AUTH")), "{r:?}");
+        assert!(s.take_sasl_requests().is_empty());
+    }
+
+    #[test]
+    fn starttls_state() {
+        let mut cfg = settings();
+        cfg.tls_level = TlsLevel::Encrypt;
+        let mut s = session_with(cfg, "127.0.0.1");
+        // No certificate loaded: not offered, a local problem.
+        let r = send(&mut s, "EHLO c\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n");
+        assert!(!r.iter().any(|l| l.starts_with("250-STARTTLS")), "{r:?}");
+        assert_eq!(
+            &r[r.len() - 2..],
+            [
+                "530 5.7.0 Must issue a STARTTLS command first",
+                "454 4.7.0 TLS not available due to local problem"
+            ]
+        );
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_input_and_resets() {
+        let mut cfg = settings();
+        cfg.tls_level = TlsLevel::May;
+        // Any certificate will do: the session only needs to know TLS is on.
+        cfg.tls = Some(test_tls_config());
+        let mut s = session_with(cfg, "127.0.0.1");
+        let r = send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\nRCPT TO:<u@mx.example>\r\n",
+        );
+        assert!(r.contains(&"250-STARTTLS".to_string()));
+        assert_eq!(
+            &r[r.len() - 2..],
+            ["250 2.1.0 Ok", "220 2.0.0 Ready to start TLS"]
+        );
+        assert!(s.starttls_requested());
+        assert!(!s.wants_input());
+        assert!(send(&mut s, "NOOP\r\n").is_empty());
+        s.tls_started();
+        s.tls_established(Negotiated {
+            protocol: "TLSv1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+            bits: 256,
+            kx: None,
+        });
+        // The transaction and the pipelined RCPT are gone.
+        assert_eq!(
+            send(&mut s, "RCPT TO:<u@mx.example>\r\n"),
+            ["503 5.5.1 Error: need MAIL command"]
+        );
+        let r = send(&mut s, "EHLO c\r\n");
+        assert!(!r.iter().any(|l| l.contains("STARTTLS")), "{r:?}");
+        assert_eq!(
+            send(&mut s, "STARTTLS\r\n"),
+            ["554 5.5.1 Error: TLS already active"]
+        );
+        assert_eq!(s.protocol(), "ESMTPS");
+    }
+
+    const TEST_KEY: &[u8] = &[
+        0x30, 0x81, 0x87, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+        0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x04, 0x6d, 0x30,
+        0x6b, 0x02, 0x01, 0x01, 0x04, 0x20, 0x9e, 0xc0, 0x61, 0xfc, 0x74, 0x75, 0x32, 0xae, 0x57,
+        0x27, 0x84, 0x45, 0x36, 0x96, 0x36, 0xa1, 0xfa, 0xcb, 0xd2, 0x7d, 0x7e, 0x62, 0x31, 0x8d,
+        0xb6, 0x5e, 0x77, 0x8f, 0x1d, 0x72, 0x0a, 0xbf, 0xa1, 0x44, 0x03, 0x42, 0x00, 0x04, 0xeb,
+        0x08, 0xef, 0x71, 0x8d, 0xcb, 0xd0, 0x07, 0x38, 0xfb, 0x8a, 0x15, 0xa5, 0xd6, 0x07, 0xc6,
+        0x25, 0xae, 0x08, 0xce, 0x4a, 0x31, 0xe0, 0x00, 0x93, 0x2e, 0x9c, 0x60, 0x5d, 0x6d, 0x4e,
+        0xc4, 0xf0, 0x4d, 0xa2, 0x4c, 0x05, 0xb4, 0x27, 0x06, 0x9d, 0x9e, 0x50, 0xb1, 0x38, 0x9c,
+        0xf9, 0x4a, 0xb1, 0xef, 0xd0, 0x2c, 0xa0, 0xd3, 0xf7, 0xff, 0x7d, 0x95, 0x08, 0xd9, 0x7c,
+        0xc2, 0xe3, 0x41,
+    ];
+    const TEST_CERT: &[u8] = &[
+        0x30, 0x82, 0x01, 0x75, 0x30, 0x82, 0x01, 0x1b, 0xa0, 0x03, 0x02, 0x01, 0x02, 0x02, 0x14,
+        0x18, 0xff, 0x56, 0xec, 0x59, 0x46, 0x62, 0x14, 0xd3, 0x0c, 0xa7, 0x8e, 0x83, 0x56, 0xce,
+        0xec, 0xde, 0x08, 0x9e, 0xf8, 0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04,
+        0x03, 0x02, 0x30, 0x0f, 0x31, 0x0d, 0x30, 0x0b, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x04,
+        0x74, 0x65, 0x73, 0x74, 0x30, 0x20, 0x17, 0x0d, 0x32, 0x36, 0x31, 0x31, 0x32, 0x32, 0x31,
+        0x34, 0x35, 0x35, 0x34, 0x31, 0x5a, 0x18, 0x0f, 0x32, 0x31, 0x32, 0x36, 0x31, 0x30, 0x32,
+        0x39, 0x31, 0x34, 0x35, 0x35, 0x34, 0x31, 0x5a, 0x30, 0x0f, 0x31, 0x0d, 0x30, 0x0b, 0x06,
+        0x03, 0x55, 0x04, 0x03, 0x0c, 0x04, 0x74, 0x65, 0x73, 0x74, 0x30, 0x59, 0x30, 0x13, 0x06,
+        0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+        0x03, 0x01, 0x07, 0x03, 0x42, 0x00, 0x04, 0xeb, 0x08, 0xef, 0x71, 0x8d, 0xcb, 0xd0, 0x07,
+        0x38, 0xfb, 0x8a, 0x15, 0xa5, 0xd6, 0x07, 0xc6, 0x25, 0xae, 0x08, 0xce, 0x4a, 0x31, 0xe0,
+        0x00, 0x93, 0x2e, 0x9c, 0x60, 0x5d, 0x6d, 0x4e, 0xc4, 0xf0, 0x4d, 0xa2, 0x4c, 0x05, 0xb4,
+        0x27, 0x06, 0x9d, 0x9e, 0x50, 0xb1, 0x38, 0x9c, 0xf9, 0x4a, 0xb1, 0xef, 0xd0, 0x2c, 0xa0,
+        0xd3, 0xf7, 0xff, 0x7d, 0x95, 0x08, 0xd9, 0x7c, 0xc2, 0xe3, 0x41, 0xa3, 0x53, 0x30, 0x51,
+        0x30, 0x1d, 0x06, 0x03, 0x55, 0x1d, 0x0e, 0x04, 0x16, 0x04, 0x14, 0x28, 0xbe, 0x60, 0x76,
+        0x00, 0xaa, 0xfa, 0x3c, 0x48, 0x76, 0xcc, 0x21, 0x96, 0xb7, 0xe3, 0x4b, 0xd4, 0xdb, 0xf5,
+        0xd9, 0x30, 0x1f, 0x06, 0x03, 0x55, 0x1d, 0x23, 0x04, 0x18, 0x30, 0x16, 0x80, 0x14, 0x28,
+        0xbe, 0x60, 0x76, 0x00, 0xaa, 0xfa, 0x3c, 0x48, 0x76, 0xcc, 0x21, 0x96, 0xb7, 0xe3, 0x4b,
+        0xd4, 0xdb, 0xf5, 0xd9, 0x30, 0x0f, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x01, 0x01, 0xff, 0x04,
+        0x05, 0x30, 0x03, 0x01, 0x01, 0xff, 0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+        0x04, 0x03, 0x02, 0x03, 0x48, 0x00, 0x30, 0x45, 0x02, 0x21, 0x00, 0xd5, 0xa7, 0x17, 0xf5,
+        0x48, 0x8d, 0xf0, 0x48, 0x4a, 0xd9, 0xa5, 0xc4, 0x60, 0x2b, 0x9e, 0x34, 0x87, 0x24, 0xe1,
+        0x12, 0x10, 0xe7, 0xde, 0x6c, 0xcc, 0xb6, 0x67, 0xe4, 0xc9, 0x8c, 0x00, 0xb8, 0x02, 0x20,
+        0x27, 0x3c, 0x0a, 0x75, 0x1d, 0xf8, 0xa7, 0xa5, 0xb2, 0x24, 0x5d, 0x55, 0xe5, 0x9e, 0xde,
+        0x29, 0xca, 0xb2, 0x05, 0x0c, 0x3f, 0x84, 0x0e, 0xbd, 0x52, 0xff, 0x7e, 0xc9, 0xe1, 0xec,
+        0x4a, 0xc6,
+    ];
+
+    /// A server configuration from a throwaway key and certificate
+    /// (made with `openssl req -x509 -newkey ec`).
+    fn test_tls_config() -> Arc<postern_common::tls::rustls::ServerConfig> {
+        use postern_common::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        // A P-256 key (PKCS#8) and its self-signed certificate.
+        let key = PrivateKeyDer::try_from(TEST_KEY.to_vec()).unwrap();
+        let cert = CertificateDer::from(TEST_CERT.to_vec());
+        postern_common::tls::rustls::ServerConfig::builder_with_provider(
+            postern_common::tls::provider(),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map(Arc::new)
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn rcpt_waits_for_dns_and_keeps_order() {
+        let mut cfg = settings();
+        let split = |s: &str| postern_conf::split_list(s);
+        cfg.restrictions = Restrictions::new(
+            crate::restrictions::parse_list(&split("permit_mynetworks, reject_unauth_destination")),
+            crate::restrictions::parse_list(&split("reject_unknown_recipient_domain")),
+            CidrList::parse(&["127.0.0.0/8"]).unwrap(),
+            split("mx.example"),
+            vec![],
+        )
+        .unwrap();
+        let mut s = session_with(cfg, "127.0.0.1");
+        let r = send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<x@gone.example>\r\nRCPT TO:<u@mx.example>\r\nNOOP\r\n",
+        );
+        assert_eq!(r, ["250 2.1.0 Ok"]);
+        assert_eq!(
+            s.take_dns_requests(),
+            [Query::Domain("gone.example".into())]
+        );
+        assert!(!s.wants_input());
+        s.dns_answer(Query::Domain("gone.example".into()), Answer::NotFound);
+        assert_eq!(
+            out(&mut s),
+            [
+                "450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found",
+                "250 2.1.5 Ok",
+                "250 2.0.0 Ok"
+            ]
+        );
+        // The answer is kept: no second lookup.
+        assert_eq!(
+            send(&mut s, "RCPT TO:<y@gone.example>\r\n")[0],
+            "450 4.1.2 <y@gone.example>: Recipient address rejected: Domain not found"
+        );
+        assert!(s.take_dns_requests().is_empty());
+        assert!(s.stats().contains("rcpt=1/3"), "{}", s.stats());
     }
 
     #[test]

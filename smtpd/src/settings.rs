@@ -1,9 +1,13 @@
 //! The parameters smtpd reads, once, at start.
 
 use crate::restrictions::Restrictions;
+use crate::sasl::{self, AuthTarget};
 use postern_common::queue::QueueTree;
+use postern_common::tls::{self, rustls::ServerConfig};
+use postern_common::warning;
 use postern_conf::Config;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything the sessions and the event loop need from the configuration.
@@ -18,6 +22,10 @@ pub struct Settings {
     /// 0 = no limit.
     pub recipient_limit: usize,
     pub hard_error_limit: u32,
+    /// `smtpd_soft_error_limit`: from this many errors on, every reply
+    /// waits `error_sleep` (Postfix's tarpit).
+    pub soft_error_limit: u32,
+    pub error_sleep: Duration,
     pub helo_required: bool,
     pub disable_vrfy: bool,
     /// Longest command line; content lines longer than this are passed on
@@ -35,11 +43,100 @@ pub struct Settings {
     /// cleanup's socket (`queue_directory/public/cleanup`, as Postfix's
     /// master.cf declares cleanup public).
     pub cleanup_socket: PathBuf,
+    /// `smtpd_tls_security_level`.
+    pub tls_level: TlsLevel,
+    /// The server's TLS configuration; None when TLS is off, or when the
+    /// certificate could not be loaded (STARTTLS then answers 454).
+    pub tls: Option<Arc<ServerConfig>>,
+    /// `smtpd_tls_wrappermode`: TLS from the first byte (port 465).
+    pub tls_wrappermode: bool,
+    /// `smtpd_tls_auth_only` (implied by level `encrypt`).
+    pub tls_auth_only: bool,
+    /// `smtpd_tls_received_header`.
+    pub tls_received_header: bool,
+    /// `smtpd_sasl_auth_enable` with `smtpd_sasl_type = dovecot`: where
+    /// the auth server is.
+    pub sasl: Option<AuthTarget>,
+    /// `smtpd_sasl_service`.
+    pub sasl_service: String,
+    /// `smtpd_sasl_authenticated_header`.
+    pub sasl_authenticated_header: bool,
+    /// `broken_sasl_auth_clients`: also announce `AUTH=MECHS`.
+    pub broken_sasl_auth_clients: bool,
+    /// `dns_resolver_addresses` (Postern-only; empty: /etc/resolv.conf).
+    pub dns_servers: Vec<std::net::SocketAddr>,
+    /// `dns_resolver_timeout`.
+    pub dns_timeout: Duration,
+    /// The client limits (`smtpd_client_*_limit`, `anvil_rate_time_unit`).
+    pub anvil: crate::anvil::Limits,
+    /// The master.cf service name, for log lines.
+    pub service: String,
+}
+
+/// `smtpd_tls_security_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsLevel {
+    None,
+    May,
+    Encrypt,
+}
+
+impl TlsLevel {
+    pub fn parse(v: &str) -> Result<TlsLevel, String> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "none" => Ok(TlsLevel::None),
+            "may" => Ok(TlsLevel::May),
+            "encrypt" => Ok(TlsLevel::Encrypt),
+            other => Err(format!(
+                "invalid smtpd_tls_security_level value: \"{other}\""
+            )),
+        }
+    }
+}
+
+/// Loads the certificate as `smtpd_tls_chain_files`, or
+/// `smtpd_tls_cert_file` + `smtpd_tls_key_file`, say.
+fn load_tls(cfg: &Config) -> Result<Arc<ServerConfig>, String> {
+    let chain = cfg.get_list("smtpd_tls_chain_files");
+    let key = if !chain.is_empty() {
+        tls::load_chain_files(&chain)?
+    } else {
+        let cert = cfg.get("smtpd_tls_cert_file");
+        if cert.is_empty() {
+            return Err("no certificate: set smtpd_tls_cert_file or smtpd_tls_chain_files".into());
+        }
+        tls::load_cert_and_key(&cert, &cfg.get("smtpd_tls_key_file"))?
+    };
+    tls::server_config(key)
 }
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Result<Settings, String> {
         let e = |e: postern_conf::ConfError| e.to_string();
+        let tls_level = TlsLevel::parse(&cfg.get("smtpd_tls_security_level"))?;
+        let tls_wrappermode = cfg.get_bool("smtpd_tls_wrappermode").map_err(e)?;
+        let tls = if tls_level != TlsLevel::None || tls_wrappermode {
+            match load_tls(cfg) {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    warning!("cannot load TLS certificate and key: {why}");
+                    warning!("TLS is not available");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let sasl = if cfg.get_bool("smtpd_sasl_auth_enable").map_err(e)? {
+            let kind = cfg.get("smtpd_sasl_type");
+            if kind != "dovecot" {
+                return Err(format!("unsupported SASL server implementation: {kind}"));
+            }
+            let queue = PathBuf::from(cfg.get("queue_directory"));
+            Some(sasl::parse_path(&cfg.get("smtpd_sasl_path"), &queue)?)
+        } else {
+            None
+        };
         Ok(Settings {
             myhostname: cfg.get("myhostname"),
             mail_name: cfg.get("mail_name"),
@@ -47,6 +144,8 @@ impl Settings {
             message_size_limit: cfg.get_u64("message_size_limit").map_err(e)?,
             recipient_limit: cfg.get_u64("smtpd_recipient_limit").map_err(e)? as usize,
             hard_error_limit: cfg.get_u64("smtpd_hard_error_limit").map_err(e)?.max(1) as u32,
+            soft_error_limit: cfg.get_u64("smtpd_soft_error_limit").map_err(e)? as u32,
+            error_sleep: Duration::from_secs(cfg.get_time("smtpd_error_sleep_time").map_err(e)?),
             helo_required: cfg.get_bool("smtpd_helo_required").map_err(e)?,
             disable_vrfy: cfg.get_bool("disable_vrfy_command").map_err(e)?,
             line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize).max(512),
@@ -56,6 +155,47 @@ impl Settings {
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),
             session_limit: cfg.get_u64("smtpd_client_session_limit").map_err(e)?.max(1) as usize,
             cleanup_socket: QueueTree::new(cfg.get("queue_directory")).cleanup_socket(),
+            tls_auth_only: tls_level == TlsLevel::Encrypt
+                || cfg.get_bool("smtpd_tls_auth_only").map_err(e)?,
+            tls_level,
+            tls,
+            tls_wrappermode,
+            tls_received_header: cfg.get_bool("smtpd_tls_received_header").map_err(e)?,
+            sasl,
+            sasl_service: cfg.get("smtpd_sasl_service"),
+            sasl_authenticated_header: cfg
+                .get_bool("smtpd_sasl_authenticated_header")
+                .map_err(e)?,
+            broken_sasl_auth_clients: cfg.get_bool("broken_sasl_auth_clients").map_err(e)?,
+            dns_servers: cfg
+                .get_list("dns_resolver_addresses")
+                .iter()
+                .map(|s| {
+                    crate::dns::parse_server(s)
+                        .ok_or_else(|| format!("dns_resolver_addresses: bad address {s}"))
+                })
+                .collect::<Result<_, _>>()?,
+            dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").map_err(e)?),
+            anvil: crate::anvil::Limits {
+                connection_count: cfg
+                    .get_u64("smtpd_client_connection_count_limit")
+                    .map_err(e)? as u32,
+                connection_rate: cfg
+                    .get_u64("smtpd_client_connection_rate_limit")
+                    .map_err(e)? as u32,
+                message_rate: cfg.get_u64("smtpd_client_message_rate_limit").map_err(e)? as u32,
+                recipient_rate: cfg
+                    .get_u64("smtpd_client_recipient_rate_limit")
+                    .map_err(e)? as u32,
+                time_unit: Duration::from_secs(
+                    cfg.get_time("anvil_rate_time_unit").map_err(e)?.max(1),
+                ),
+                exceptions: postern_common::cidr::CidrList::parse(
+                    &cfg.get_list("smtpd_client_event_limit_exceptions"),
+                )
+                .map_err(|e| format!("smtpd_client_event_limit_exceptions: {e}"))?,
+            },
+            service: "smtpd".into(),
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The commands people and programs run: `postern` (start, stop, reload,
 //! status, check), `sendmail` (and its other names `newaliases`), and
 //! `postconf`. Each binary in `src/bin/` is a thin `main` over a module
-//! here.
+//! here. The queue commands: [`postqueue`] (also `mailq`, `sendmail
+//! -bp`), [`postsuper`], [`postcat`].
 //!
 //! Every command takes the configuration directory as `-c DIR` (`-C DIR`
 //! for sendmail, as Postfix) or from `MAIL_CONFIG`, and reports a failure
@@ -10,9 +11,16 @@
 
 pub mod aliases;
 pub mod control;
+pub mod maildrop;
+pub mod postcat;
 pub mod postconf;
+pub mod postdrop;
+pub mod postqueue;
+pub mod postsuper;
 pub mod sendmail;
+pub mod stdio_smtp;
 pub mod sysexits;
+pub mod verify;
 
 use postern_conf::Config;
 use std::path::Path;

@@ -3,16 +3,22 @@
 //!
 //! It exits 0 only once the maildrop file and its directory entry are on
 //! disk, then wakes pickup (`public/pickup`); if pickup is not running the
-//! file waits for it. Flags as Postfix's sendmail: `-t -i -oi -f -r -F -C
-//! -bi -bm`, `-o` options and `-B -N -R -V -X -v -m -n -U -G -I -c -x` accepted
-//! (and ignored where Postfix ignores them). Called as `newaliases` it
-//! rebuilds the aliases (`-bi`).
+//! file waits for it. When the caller may not write `maildrop/` the
+//! message goes through the set-gid `postdrop` (see [`crate::maildrop`]).
+//! Flags as Postfix's sendmail: `-t -i -oi -f -r -F -C -bi -bm -bs -bv -q`,
+//! DSN `-N notify -R ret -V envid`, `-B type`; `-X -v -m -n -U -G -I -c
+//! -x -L -O -e -h -p` and other `-o` options accepted and ignored as
+//! Postfix ignores them. `-bs` speaks SMTP on standard input and output
+//! ([`crate::stdio_smtp`]); `-bv` reports what would happen to each
+//! recipient without sending ([`crate::verify`]). Called as `newaliases`
+//! it rebuilds the aliases (`-bi`).
 
+use crate::maildrop::{self, Drop, Fail, Submission};
 use crate::sysexits::*;
 use crate::{aliases, die};
 use postern_common::ipc::{self, Wakeup};
 use postern_common::qfile::{self, attr, Recipient};
-use postern_common::queue::{self, Queue, QueueTree};
+use postern_common::queue::QueueTree;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 
@@ -25,6 +31,37 @@ struct Opts {
     sender: Option<String>,
     full_name: Option<String>,
     recipients: Vec<String>,
+    /// -N: DSN NOTIFY bits for every command-line recipient.
+    notify: u8,
+    /// -R: RET (FULL or HDRS).
+    ret: Option<String>,
+    /// -V: ENVID.
+    envid: Option<String>,
+    /// A usage error found while parsing, reported once the mode is known.
+    error: Option<(i32, String)>,
+}
+
+/// Parses `-N` (`never` or a list of `success`, `failure`, `delay`).
+pub fn parse_notify(v: &str) -> Result<u8, String> {
+    let mut bits = 0;
+    for w in v.split(',').map(|w| w.trim().to_ascii_lowercase()) {
+        bits |= match w.as_str() {
+            "never" => qfile::NOTIFY_NEVER,
+            "success" => qfile::NOTIFY_SUCCESS,
+            "failure" => qfile::NOTIFY_FAILURE,
+            "delay" => qfile::NOTIFY_DELAY,
+            _ => return Err(format!("bad -N option value: {v}")),
+        };
+    }
+    if bits & qfile::NOTIFY_NEVER != 0 && bits != qfile::NOTIFY_NEVER {
+        return Err(format!("bad -N option value: {v}"));
+    }
+    Ok(bits)
+}
+
+/// Whether `v` is a usable ENVID (printable ASCII, at most 100 bytes).
+pub fn valid_envid(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 100 && v.bytes().all(|b| (33..=126).contains(&b))
 }
 
 /// Options that take a value ("-f sender" or "-fsender").
@@ -73,7 +110,29 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
                     'f' | 'r' => o.sender = Some(value),
                     'F' => o.full_name = Some(value),
                     'o' if value == "i" => o.ignore_dots = true,
-                    _ => {} // -B -N -R -V -X -L -O -e -h -p: accepted
+                    'N' => match parse_notify(&value) {
+                        Ok(bits) => o.notify = bits,
+                        Err(e) => o.error = Some((EX_USAGE, e)),
+                    },
+                    'R' => match value.to_ascii_lowercase().as_str() {
+                        "full" => o.ret = Some("FULL".into()),
+                        "hdrs" => o.ret = Some("HDRS".into()),
+                        _ => o.error = Some((EX_USAGE, format!("bad -R option value: {value}"))),
+                    },
+                    'V' => {
+                        // Postfix also takes the older form "-V vENVID".
+                        if valid_envid(&value) {
+                            o.envid = Some(value)
+                        } else {
+                            o.error = Some((EX_USAGE, format!("bad -V option value: {value}")))
+                        }
+                    }
+                    'B' if !["7bit", "8bitmime", "binarymime"]
+                        .contains(&value.to_ascii_lowercase().as_str()) =>
+                    {
+                        o.error = Some((EX_USAGE, format!("bad -B option value: {value}")))
+                    }
+                    _ => {} // -X -L -O -e -h -p -o...: accepted and ignored
                 }
                 break;
             } else if FLAGS.contains(c) {
@@ -98,20 +157,38 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
 pub fn main_as(name: &str) -> ! {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = parse(name, args);
-    let cfg = crate::load_config(name, o.config.as_deref());
-    postern_common::log::init(
-        "sendmail",
-        &cfg.get("syslog_name"),
-        &cfg.get("maillog_file"),
-        true,
-        false,
-    );
+    if let Some((code, why)) = &o.error {
+        die(name, *code, why);
+    }
+    let dir = postern_conf::config_dir(o.config.as_deref());
+    if let Err(e) = maildrop::check_config_dir(&dir) {
+        die(name, EX_NOPERM, e);
+    }
+    let cfg = crate::load_config(name, Some(&dir));
+    // A user who may not append to maillog_file logs to syslog instead of
+    // being warned about it on every submission.
+    let maillog = cfg.get("maillog_file");
+    let maillog = if maillog.is_empty()
+        || nix::unistd::access(maillog.as_str(), nix::unistd::AccessFlags::W_OK).is_ok()
+    {
+        maillog
+    } else {
+        String::new()
+    };
+    postern_common::log::init("sendmail", &cfg.get("syslog_name"), &maillog, true, false);
     match o.mode.as_str() {
         "i" => match aliases::newaliases(&cfg) {
             Ok(()) => std::process::exit(EX_OK),
             Err(e) => die(name, EX_CANTCREAT, e),
         },
         "m" => submit(name, &cfg, o),
+        "s" => {
+            let sender = o.sender.clone().unwrap_or_else(login_name);
+            crate::stdio_smtp::run(&cfg, &sender)
+        }
+        "v" => crate::verify::run(name, &cfg, &o.recipients, o.extract),
+        // -bp: mailq, the same listing as postqueue -p.
+        "p" => crate::postqueue::show(name, &cfg, false),
         "q" => {
             let tree = QueueTree::new(cfg.get("queue_directory"));
             match ipc::wake(&tree.qmgr_socket(), &[Wakeup::Flush]) {
@@ -137,76 +214,49 @@ fn login_name() -> String {
 
 fn submit(name: &str, cfg: &postern_conf::Config, o: Opts) -> ! {
     if o.recipients.is_empty() && !o.extract {
-        die(name, EX_USAGE, "no recipients specified");
+        die(
+            name,
+            EX_USAGE,
+            "no recipients specified: recipient addresses must be given on the command line or with -t",
+        );
     }
+    let mut sub = Submission::default();
     for r in &o.recipients {
-        if r.bytes().any(|b| b < 32 || b == 127) || r.contains(['<', '>']) {
+        if r.bytes().any(|b| b < 32 || b == 127) || r.contains(['<', '>']) || r.is_empty() {
             die(
                 name,
                 EX_DATAERR,
                 format_args!("bad recipient address syntax: {r}"),
             );
         }
+        sub.recipients.push(Recipient {
+            notify: o.notify,
+            ..Recipient::new(r)
+        });
     }
     let sender = o.sender.clone().unwrap_or_else(login_name);
-    let sender = sender
+    sub.sender = sender
         .trim_start_matches('<')
         .trim_end_matches('>')
         .to_string();
-    if sender.bytes().any(|b| b < 32 || b == 127) {
-        die(name, EX_DATAERR, "bad sender address syntax");
+    if o.extract {
+        sub.attrs
+            .push((attr::EXTRACT_RECIPIENTS.into(), "yes".into()));
     }
-    let limit = cfg.get_u64("message_size_limit").unwrap_or(10240000);
-    let tree = QueueTree::new(cfg.get("queue_directory"));
-    let nf = match tree.create(Queue::Maildrop) {
-        Ok(f) => f,
-        Err(e) => die(
-            name,
-            EX_TEMPFAIL,
-            format_args!(
-                "queue file write error: {}: {e}",
-                tree.dir(Queue::Maildrop).display()
-            ),
-        ),
-    };
-    let path = nf.path.clone();
-    // pickup runs as mail_owner and must read what a local user wrote;
-    // maildrop/ (mode 0730) keeps other users out, as in Postfix.
-    let _ = nf
-        .file
-        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    // Run as root, give the file to mail_owner so that pickup (which runs
-    // as mail_owner) can read and remove it.
-    if let Ok(Some(owner)) = postern_common::privs::queue_owner(cfg) {
-        let _ = std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid));
+    if let Some(f) = &o.full_name {
+        sub.attrs.push((attr::FULL_NAME.into(), f.clone()));
     }
-    let fail = |code: i32, why: String| -> ! {
-        let _ = std::fs::remove_file(&path);
-        die(name, code, why)
-    };
-    let mut w = match qfile::Writer::new(nf.file) {
-        Ok(w) => w,
-        Err(e) => fail(EX_TEMPFAIL, format!("queue file write error: {e}")),
-    };
-    let (secs, usecs) = queue::now();
-    let res = (|| -> std::io::Result<()> {
-        w.arrival(secs, usecs)?;
-        w.sender(&sender)?;
-        w.attribute(attr::SUBMITTER, &nix::unistd::getuid().as_raw().to_string())?;
-        if o.extract {
-            w.attribute(attr::EXTRACT_RECIPIENTS, "yes")?;
-        }
-        if let Some(f) = &o.full_name {
-            w.attribute(attr::FULL_NAME, f)?;
-        }
-        for r in &o.recipients {
-            w.recipient(&Recipient::new(r))?;
-        }
-        w.begin_content()
-    })();
-    if let Err(e) = res {
-        fail(EX_TEMPFAIL, format!("queue file write error: {e}"));
+    if let Some(r) = &o.ret {
+        sub.attrs.push((attr::RET.into(), r.clone()));
     }
+    if let Some(e) = &o.envid {
+        sub.attrs.push((attr::ENVID.into(), e.clone()));
+    }
+    let fail = |f: Fail| -> std::convert::Infallible { die(name, f.code, f.reason) };
+    let mut d = match Drop::open(cfg, &sub, true) {
+        Ok(d) => d,
+        Err(f) => match fail(f) {},
+    };
     // Copy standard input: CRLF or LF in, LF stored; a lone "." ends the
     // message unless -i/-oi.
     let mut input = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
@@ -217,7 +267,14 @@ fn submit(name: &str, cfg: &postern_conf::Config, o: Opts) -> ! {
         match input.by_ref().take(1 << 20).read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) => fail(EX_IOERR, format!("error reading input: {e}")),
+            Err(e) => {
+                d.abort();
+                die(
+                    name,
+                    EX_IOERR,
+                    format_args!("error reading the message from standard input: {e}"),
+                )
+            }
         }
         if line.ends_with(b"\r\n") {
             line.truncate(line.len() - 2);
@@ -227,40 +284,19 @@ fn submit(name: &str, cfg: &postern_conf::Config, o: Opts) -> ! {
             break;
         }
         ends_in_newline = line.ends_with(b"\n");
-        if let Err(e) = w.content(&line) {
-            fail(EX_TEMPFAIL, format!("queue file write error: {e}"));
-        }
-        if limit > 0 && w.content_size() > limit {
-            fail(EX_DATAERR, "message file too big".into());
+        if let Err(f) = d.content(&line) {
+            match fail(f) {}
         }
     }
     if !ends_in_newline {
         // A message whose last line lacks its newline gets one.
-        if let Err(e) = w.content(b"\n") {
-            fail(EX_TEMPFAIL, format!("queue file write error: {e}"));
+        if let Err(f) = d.content(b"\n") {
+            match fail(f) {}
         }
     }
-    let res = w
-        .finish()
-        .and_then(|file| match queue::sync_dir(&tree.dir(Queue::Maildrop)) {
-            // An unprivileged user may write into maildrop (mode 0730) but not
-            // open it; syncing the whole file system makes the new name durable
-            // all the same.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                // SAFETY: syncfs on a descriptor we own.
-                match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&file)) } {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            }
-            other => other,
-        });
-    if let Err(e) = res {
-        fail(EX_TEMPFAIL, format!("queue file write error: {e}"));
+    if let Err(f) = d.finish() {
+        match fail(f) {}
     }
-    // The message is safe. Waking pickup is a courtesy: it also scans
-    // maildrop on its own timer.
-    let _ = ipc::wake(&tree.pickup_socket(), &[Wakeup::Wake]);
     std::process::exit(EX_OK)
 }
 
@@ -288,5 +324,32 @@ mod tests {
             p(&["-F", "Full Name", "x"]).full_name.as_deref(),
             Some("Full Name")
         );
+    }
+
+    #[test]
+    fn dsn_flags() {
+        let o = p(&[
+            "-N",
+            "success,delay",
+            "-Rhdrs",
+            "-V",
+            "id-1",
+            "-B",
+            "8BITMIME",
+            "a@b",
+        ]);
+        assert_eq!(o.notify, qfile::NOTIFY_SUCCESS | qfile::NOTIFY_DELAY);
+        assert_eq!(o.ret.as_deref(), Some("HDRS"));
+        assert_eq!(o.envid.as_deref(), Some("id-1"));
+        assert!(o.error.is_none());
+        assert_eq!(p(&["-N", "never", "a"]).notify, qfile::NOTIFY_NEVER);
+        assert!(p(&["-N", "never,success", "a"]).error.is_some());
+        assert!(p(&["-R", "some", "a"]).error.is_some());
+        assert!(p(&["-V", "a b", "a"]).error.is_some());
+        assert!(p(&["-B", "9bit", "a"]).error.is_some());
+        // cron's invocation.
+        let o = p(&["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "u"]);
+        assert!(o.error.is_none() && o.ignore_dots);
+        assert_eq!(o.recipients, vec!["u"]);
     }
 }

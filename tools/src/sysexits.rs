@@ -11,3 +11,4 @@ pub const EX_IOERR: i32 = 74;
 pub const EX_TEMPFAIL: i32 = 75;
 pub const EX_NOPERM: i32 = 77;
 pub const EX_CONFIG: i32 = 78;
+pub const EX_NOUSER: i32 = 67;

@@ -1,0 +1,408 @@
+//! Address rewriting and content checks, as Postfix's cleanup(8) does
+//! them:
+//!
+//! - canonical mapping: `sender_canonical_maps` (senders) or
+//!   `recipient_canonical_maps` (recipients) first, then `canonical_maps`,
+//!   each looked up by `user@domain`, then `user` (when the domain is
+//!   `myorigin` or in `mydestination`), then `@domain`; a result
+//!   `@other` from the `@domain` form keeps the user part. Applied to the
+//!   classes in `canonical_classes` (`envelope_sender`,
+//!   `envelope_recipient`, `header_sender`, `header_recipient`).
+//! - masquerading: an address in a subdomain of one of
+//!   `masquerade_domains` becomes `user@domain` (`!name` stops at that
+//!   name); users in `masquerade_exceptions` are left alone; for the
+//!   classes in `masquerade_classes`.
+//! - virtual aliasing: each envelope recipient is looked up in
+//!   `virtual_alias_maps` (`user@domain`, then `@domain`) and replaced by
+//!   the comma-separated result, recursively (an address that maps to
+//!   itself stays), at most [`VIRTUAL_DEPTH`] deep and
+//!   [`VIRTUAL_EXPANSION`] addresses wide.
+//! - `header_checks` (one logical header at a time, unfolded) and
+//!   `body_checks` (one body line at a time): the first matching rule's
+//!   action: REJECT, DISCARD, HOLD, IGNORE, WARN, REPLACE, PREPEND, DUNNO,
+//!   OK.
+
+use postern_common::addr;
+use postern_common::maps::Tables;
+use postern_conf::Config;
+
+/// How deep virtual aliases nest (Postfix's virtual_alias_recursion_limit).
+pub const VIRTUAL_DEPTH: usize = 1000;
+/// How many addresses one recipient may become (virtual_alias_expansion_limit).
+pub const VIRTUAL_EXPANSION: usize = 1000;
+
+/// What a header or body rule says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// No rule matched, or DUNNO/OK.
+    Keep,
+    Reject(String),
+    Discard(String),
+    Hold(String),
+    /// Remove this header or line.
+    Ignore,
+    Warn(String),
+    Replace(String),
+    Prepend(String),
+}
+
+impl Action {
+    /// Parses a table result (`REJECT text`, ...).
+    pub fn parse(result: &str) -> Action {
+        let result = result.trim();
+        let (word, text) = match result.split_once(char::is_whitespace) {
+            Some((w, t)) => (w, t.trim().to_string()),
+            None => (result, String::new()),
+        };
+        match word.to_ascii_uppercase().as_str() {
+            "REJECT" => Action::Reject(text),
+            "DISCARD" => Action::Discard(text),
+            "HOLD" => Action::Hold(text),
+            "IGNORE" => Action::Ignore,
+            "WARN" => Action::Warn(text),
+            "REPLACE" if !text.is_empty() => Action::Replace(text),
+            "PREPEND" if !text.is_empty() => Action::Prepend(text),
+            "DUNNO" | "OK" => Action::Keep,
+            other => {
+                postern_common::warning!("unknown header/body check action: {other}");
+                Action::Keep
+            }
+        }
+    }
+}
+
+/// What cleanup rewrites, opened once per process.
+pub struct Rewriter {
+    canonical: Tables,
+    sender_canonical: Tables,
+    recipient_canonical: Tables,
+    canonical_classes: Vec<String>,
+    masquerade_domains: Vec<String>,
+    masquerade_classes: Vec<String>,
+    masquerade_exceptions: Vec<String>,
+    virtual_alias: Tables,
+    header_checks: Tables,
+    body_checks: Tables,
+    local_domains: Vec<String>,
+    /// Tables that could not be opened: messages are deferred (4.3.0)
+    /// rather than delivered unrewritten.
+    pub errors: Vec<String>,
+}
+
+fn lower_list(cfg: &Config, name: &str) -> Vec<String> {
+    cfg.get_list(name)
+        .into_iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect()
+}
+
+impl Rewriter {
+    pub fn from_config(cfg: &Config) -> Rewriter {
+        let mut errors = Vec::new();
+        let mut open = |name: &str| {
+            let (t, bad) = Tables::open_list(&cfg.get(name));
+            errors.extend(bad.into_iter().map(|e| format!("{name}: {e}")));
+            t
+        };
+        let canonical = open("canonical_maps");
+        let sender_canonical = open("sender_canonical_maps");
+        let recipient_canonical = open("recipient_canonical_maps");
+        let virtual_alias = open("virtual_alias_maps");
+        let header_checks = open("header_checks");
+        let body_checks = open("body_checks");
+        let mut local_domains = lower_list(cfg, "mydestination");
+        local_domains.push(cfg.get("myorigin").to_ascii_lowercase());
+        Rewriter {
+            canonical,
+            sender_canonical,
+            recipient_canonical,
+            canonical_classes: lower_list(cfg, "canonical_classes"),
+            masquerade_domains: lower_list(cfg, "masquerade_domains"),
+            masquerade_classes: lower_list(cfg, "masquerade_classes"),
+            masquerade_exceptions: lower_list(cfg, "masquerade_exceptions"),
+            virtual_alias,
+            header_checks,
+            body_checks,
+            local_domains,
+            errors,
+        }
+    }
+
+    pub fn has_body_checks(&self) -> bool {
+        !self.body_checks.is_empty()
+    }
+
+    pub fn has_header_checks(&self) -> bool {
+        !self.header_checks.is_empty()
+    }
+
+    /// One table lookup of Postfix's address forms; `None`: not found.
+    fn map_one(&self, t: &Tables, address: &str) -> Option<String> {
+        if t.is_empty() || address.is_empty() {
+            return None;
+        }
+        let (user, domain) = addr::split(address);
+        let domain = domain.unwrap_or("");
+        if let Some(v) = t.lookup(address) {
+            return Some(v.trim().to_string());
+        }
+        if !domain.is_empty() && addr::domain_in_list(domain, &self.local_domains) {
+            if let Some(v) = t.lookup(user) {
+                return Some(addr::qualify(v.trim(), domain));
+            }
+        }
+        if !domain.is_empty() {
+            if let Some(v) = t.lookup(&format!("@{domain}")) {
+                let v = v.trim();
+                return Some(match v.strip_prefix('@') {
+                    Some(d) => format!("{user}@{d}"),
+                    None => v.to_string(),
+                });
+            }
+        }
+        None
+    }
+
+    fn canonical(&self, address: &str, sender: bool) -> String {
+        let first = if sender {
+            &self.sender_canonical
+        } else {
+            &self.recipient_canonical
+        };
+        let a = self
+            .map_one(first, address)
+            .unwrap_or_else(|| address.to_string());
+        self.map_one(&self.canonical, &a).unwrap_or(a)
+    }
+
+    fn masquerade(&self, address: &str) -> String {
+        let (user, Some(domain)) = addr::split(address) else {
+            return address.to_string();
+        };
+        if self
+            .masquerade_exceptions
+            .iter()
+            .any(|e| e.eq_ignore_ascii_case(user))
+        {
+            return address.to_string();
+        }
+        let d = domain.to_ascii_lowercase();
+        for m in &self.masquerade_domains {
+            if let Some(stop) = m.strip_prefix('!') {
+                if d == *stop || d.ends_with(&format!(".{stop}")) {
+                    return address.to_string();
+                }
+                continue;
+            }
+            if d.ends_with(&format!(".{m}")) {
+                return format!("{user}@{m}");
+            }
+        }
+        address.to_string()
+    }
+
+    fn class(&self, list: &[String], name: &str) -> bool {
+        list.iter().any(|c| c == name)
+    }
+
+    /// Rewrites an address of the given class (`envelope_sender`,
+    /// `envelope_recipient`, `header_sender`, `header_recipient`).
+    pub fn address(&self, address: &str, class: &str) -> String {
+        let sender = class.ends_with("sender");
+        let mut a = address.to_string();
+        if self.class(&self.canonical_classes, class) {
+            a = self.canonical(&a, sender);
+        }
+        if !self.masquerade_domains.is_empty() && self.class(&self.masquerade_classes, class) {
+            a = self.masquerade(&a);
+        }
+        a
+    }
+
+    /// The recipients `address` becomes through `virtual_alias_maps`.
+    pub fn virtual_alias(&self, address: &str) -> Result<Vec<String>, String> {
+        if self.virtual_alias.is_empty() {
+            return Ok(vec![address.to_string()]);
+        }
+        let mut out = Vec::new();
+        self.expand(address, 0, &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
+    fn expand(
+        &self,
+        address: &str,
+        depth: usize,
+        chain: &mut Vec<String>,
+        out: &mut Vec<String>,
+    ) -> Result<(), String> {
+        if depth > VIRTUAL_DEPTH {
+            return Err(format!(
+                "virtual alias recursion limit exceeded for {address}"
+            ));
+        }
+        let key = address.to_ascii_lowercase();
+        let found = if chain.contains(&key) {
+            None
+        } else {
+            self.map_one(&self.virtual_alias, address)
+        };
+        match found {
+            None => {
+                if !out.iter().any(|o: &String| o.eq_ignore_ascii_case(address)) {
+                    if out.len() >= VIRTUAL_EXPANSION {
+                        return Err(format!(
+                            "virtual alias expansion limit exceeded for {address}"
+                        ));
+                    }
+                    out.push(address.to_string());
+                }
+                Ok(())
+            }
+            Some(v) => {
+                chain.push(key);
+                for t in v
+                    .split([',', ' ', '\t'])
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                {
+                    let t = addr::qualify(
+                        t,
+                        self.local_domains.last().map(String::as_str).unwrap_or(""),
+                    );
+                    self.expand(&t, depth + 1, chain, out)?;
+                }
+                chain.pop();
+                Ok(())
+            }
+        }
+    }
+
+    fn check(t: &Tables, text: &str) -> Action {
+        for table in &t.0 {
+            if let Some(r) = table.lookup_expanded(text) {
+                return Action::parse(&r);
+            }
+        }
+        Action::Keep
+    }
+
+    /// `header_checks` on one logical header (folded lines joined).
+    pub fn check_header(&self, header_text: &[u8]) -> Action {
+        let s = String::from_utf8_lossy(header_text);
+        let unfolded = s.trim_end_matches(['\r', '\n']).replace(['\r', '\n'], "");
+        Self::check(&self.header_checks, &unfolded)
+    }
+
+    /// `body_checks` on one body line (without its newline).
+    pub fn check_body_line(&self, line: &[u8]) -> Action {
+        let s = String::from_utf8_lossy(line);
+        Self::check(&self.body_checks, s.trim_end_matches(['\r', '\n']))
+    }
+}
+
+/// Headers whose addresses are senders (`header_sender`) or recipients
+/// (`header_recipient`), as Postfix's cleanup rewrites them.
+pub fn header_class(name: &str) -> Option<&'static str> {
+    const SENDERS: &[&str] = &[
+        "from",
+        "sender",
+        "reply-to",
+        "errors-to",
+        "return-receipt-to",
+        "resent-from",
+        "resent-sender",
+        "resent-reply-to",
+    ];
+    const RECIPIENTS: &[&str] = &["to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"];
+    let n = name.to_ascii_lowercase();
+    if SENDERS.contains(&n.as_str()) {
+        Some("header_sender")
+    } else if RECIPIENTS.contains(&n.as_str()) {
+        Some("header_recipient")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw(text: &str) -> Rewriter {
+        let cfg = Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            &format!("myhostname = h.test\nmydestination = h.test\n{text}"),
+            std::path::Path::new("main.cf"),
+        )
+        .unwrap();
+        let r = Rewriter::from_config(&cfg);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r
+    }
+
+    #[test]
+    fn canonical_and_masquerade() {
+        let r = rw("sender_canonical_maps = inline:{root=admin@example.test}\n\
+                    canonical_maps = inline:{@old.test=@new.test, admin@example.test=Admin@Example.test}\n\
+                    masquerade_domains = !keep.example.test, example.test\n\
+                    masquerade_exceptions = root\n");
+        assert_eq!(
+            r.address("root@h.test", "envelope_sender"),
+            "Admin@Example.test"
+        );
+        assert_eq!(
+            r.address("root@h.test", "envelope_recipient"),
+            "root@h.test"
+        );
+        assert_eq!(r.address("u@old.test", "header_recipient"), "u@new.test");
+        assert_eq!(
+            r.address("u@a.b.example.test", "envelope_sender"),
+            "u@example.test"
+        );
+        assert_eq!(
+            r.address("u@a.b.example.test", "envelope_recipient"),
+            "u@a.b.example.test"
+        );
+        assert_eq!(
+            r.address("u@x.keep.example.test", "header_sender"),
+            "u@x.keep.example.test"
+        );
+        assert_eq!(
+            r.address("root@a.example.test", "header_sender"),
+            "root@a.example.test"
+        );
+    }
+
+    #[test]
+    fn virtual_aliases() {
+        let r = rw(
+            "virtual_alias_maps = inline:{info@v.test=a@x.test b@v.test, \
+                    b@v.test=b@v.test c@y.test, @w.test=catch@x.test, loop@v.test=loop2@v.test, \
+                    loop2@v.test=loop@v.test}\n",
+        );
+        assert_eq!(
+            r.virtual_alias("info@v.test").unwrap(),
+            ["a@x.test", "b@v.test", "c@y.test"]
+        );
+        assert_eq!(r.virtual_alias("any@w.test").unwrap(), ["catch@x.test"]);
+        assert_eq!(r.virtual_alias("z@z.test").unwrap(), ["z@z.test"]);
+        assert_eq!(r.virtual_alias("loop@v.test").unwrap(), ["loop@v.test"]);
+    }
+
+    #[test]
+    fn actions() {
+        assert_eq!(
+            Action::parse("REJECT go away"),
+            Action::Reject("go away".into())
+        );
+        assert_eq!(Action::parse("ignore"), Action::Ignore);
+        assert_eq!(
+            Action::parse("PREPEND X-A: b"),
+            Action::Prepend("X-A: b".into())
+        );
+        assert_eq!(Action::parse("DUNNO"), Action::Keep);
+        assert_eq!(header_class("Reply-To"), Some("header_sender"));
+        assert_eq!(header_class("Subject"), None);
+    }
+}

@@ -1,0 +1,23 @@
+//! The local delivery agents: `local` (local(8): aliases, .forward,
+//! mailboxes of accounts, files, commands) and `virtual` (virtual(8):
+//! mailboxes of virtual users). See `main.rs` for local and
+//! [`virtual_agent`] for virtual.
+//!
+//! Modules:
+//! - [`deliver`]: one local request, from recipients to recorded outcomes.
+//! - [`resolve`]: aliases, .forward, extensions, unknown users (pure).
+//! - [`mailbox`]: Maildir and mbox writers, locks.
+//! - [`pipe`]: delivery to `|command` and `mailbox_command`.
+//! - [`forward`]: resubmission through cleanup.
+//! - [`message`]: the header section and the lines put before a copy.
+//! - [`status`]: outcomes and how they combine.
+//! - [`virtual_agent`]: the virtual(8) agent.
+
+pub mod deliver;
+pub mod forward;
+pub mod mailbox;
+pub mod message;
+pub mod pipe;
+pub mod resolve;
+pub mod status;
+pub mod virtual_agent;

@@ -1,0 +1,461 @@
+//! The client side of STARTTLS: security levels, per-destination policy,
+//! certificate checks, and the TLS stream.
+//!
+//! Levels, as Postfix's `smtp_tls_security_level` (and the level of an
+//! `smtp_tls_policy_maps` entry, looked up by the next hop as given —
+//! `[host]:port`, `domain` — then by its bare host or domain, then by its
+//! parent domains as `.parent`):
+//! - `none`: never STARTTLS;
+//! - `may`: STARTTLS when offered, any certificate accepted; plaintext
+//!   when not offered or refused. A failed handshake defers ("Cannot start
+//!   TLS: handshake failure"); a later attempt, once the message has waited
+//!   `minimal_backoff_time`, reconnects in plaintext (Postfix's rule);
+//! - `encrypt`: STARTTLS required, any certificate accepted;
+//! - `verify`, `secure`: STARTTLS required and the certificate must chain
+//!   to a trusted root (`smtp_tls_CAfile`, `smtp_tls_CApath`, else the
+//!   system bundle) and match a name: `verify` the server's host name (MX
+//!   host or next-hop host), `secure` the next-hop domain or a subdomain
+//!   of it (Postfix's `nexthop, dot-nexthop`); a policy entry's
+//!   `match=name1:name2` (with `hostname`, `nexthop`, `dot-nexthop` as
+//!   words, and `.domain` for any subdomain) overrides.
+//!
+//! With `smtp_tls_wrappermode = yes` the handshake comes first, before the
+//! server's greeting (SMTPS, port 465), at level `encrypt` or above.
+//!
+//! The certificate is checked by [`Recorder`], a rustls verifier that
+//! accepts every certificate during the handshake (signatures are still
+//! verified) but records how far it could be trusted; the level then
+//! decides. The result is logged as Postfix does (`Verified`, `Trusted` or
+//! `Untrusted TLS connection established to HOST[ADDR]:PORT: TLSv1.3 with
+//! cipher ...`) when `smtp_tls_loglevel` is 1 or more.
+
+use postern_common::tls::{provider, rustls, Negotiated};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
+    SignatureScheme,
+};
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// `smtp_tls_security_level` values Postern implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    None,
+    May,
+    Encrypt,
+    Verify,
+    Secure,
+}
+
+impl Level {
+    /// Parses a level name; `dane` is taken as `may` and `dane-only` as
+    /// `secure` (Postern does no DANE lookups); "" is `none`.
+    pub fn parse(s: &str) -> Option<Level> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "" | "none" => Level::None,
+            "may" | "dane" => Level::May,
+            "encrypt" => Level::Encrypt,
+            "verify" => Level::Verify,
+            "secure" | "dane-only" => Level::Secure,
+            _ => return None,
+        })
+    }
+
+    pub fn required(self) -> bool {
+        self >= Level::Encrypt
+    }
+
+    pub fn checks_certificate(self) -> bool {
+        self >= Level::Verify
+    }
+}
+
+/// The TLS policy of one destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub level: Level,
+    /// `match=` names (lower case); empty: the level's default.
+    pub matches: Vec<String>,
+}
+
+impl Policy {
+    /// Parses a policy table value: `LEVEL [match=a:b] [other=...]`.
+    pub fn parse(v: &str) -> Result<Policy, String> {
+        let mut words = v.split_whitespace();
+        let first = words.next().unwrap_or("");
+        let level =
+            Level::parse(first).ok_or_else(|| format!("invalid TLS security level \"{first}\""))?;
+        let mut matches = Vec::new();
+        for w in words {
+            if let Some(m) = w.strip_prefix("match=") {
+                matches.extend(
+                    m.split(':')
+                        .filter(|x| !x.is_empty())
+                        .map(|x| x.to_ascii_lowercase()),
+                );
+            }
+        }
+        Ok(Policy { level, matches })
+    }
+
+    /// The names a certificate must match for this session: `host` is the
+    /// server's name, `nexthop` the destination's host or domain. Names
+    /// that start with a dot stand for any subdomain.
+    pub fn names(&self, host: &str, nexthop: &str) -> Vec<String> {
+        let words: Vec<String> = if self.matches.is_empty() {
+            match self.level {
+                Level::Secure => vec!["nexthop".into(), "dot-nexthop".into()],
+                _ => vec!["hostname".into()],
+            }
+        } else {
+            self.matches.clone()
+        };
+        let mut out: Vec<String> = Vec::new();
+        for w in words {
+            let name = match w.as_str() {
+                "hostname" => host.to_string(),
+                "nexthop" => nexthop.to_string(),
+                "dot-nexthop" if !nexthop.is_empty() => format!(".{nexthop}"),
+                "dot-nexthop" => continue,
+                other => other.to_string(),
+            };
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if !name.is_empty() && name != "." && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
+
+/// How far a server certificate could be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Chain not trusted (the reason, for the log).
+    Untrusted(String),
+    /// Chain trusted, no name matched.
+    Trusted,
+    /// Chain trusted and a name matched.
+    Verified,
+}
+
+/// Trust anchors, read once per process.
+pub struct Roots {
+    verifier: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl Roots {
+    /// From `smtp_tls_CAfile`/`smtp_tls_CApath`, else the system bundle.
+    pub fn load(ca_file: &str, ca_path: &str) -> Roots {
+        let provider = provider();
+        let mut store = RootCertStore::empty();
+        let mut files: Vec<String> = Vec::new();
+        if !ca_file.is_empty() {
+            files.push(ca_file.to_string());
+        }
+        if !ca_path.is_empty() {
+            if let Ok(rd) = std::fs::read_dir(ca_path) {
+                for e in rd.flatten() {
+                    files.push(e.path().to_string_lossy().into_owned());
+                }
+            }
+        }
+        if files.is_empty() {
+            files.push("/etc/ssl/certs/ca-certificates.crt".into());
+        }
+        for f in &files {
+            match CertificateDer::pem_file_iter(f) {
+                Ok(it) => {
+                    for c in it.flatten() {
+                        let _ = store.add(c);
+                    }
+                }
+                Err(e) => postern_common::warning!("cannot load CA certificates from {f}: {e}"),
+            }
+        }
+        let verifier = if store.is_empty() {
+            None
+        } else {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                .build()
+                .ok()
+        };
+        Roots { verifier, provider }
+    }
+}
+
+/// The verifier of one session: accepts the handshake, records [`Trust`].
+#[derive(Debug)]
+pub struct Recorder {
+    verifier: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+    names: Vec<String>,
+    result: Mutex<Option<Trust>>,
+}
+
+impl Recorder {
+    fn check(&self, ee: &CertificateDer<'_>, inter: &[CertificateDer<'_>], now: UnixTime) -> Trust {
+        let Some(v) = &self.verifier else {
+            return Trust::Untrusted("no trust anchors".into());
+        };
+        let mut names: Vec<ServerName<'static>> = self
+            .names
+            .iter()
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| ServerName::try_from(n.clone()).ok())
+            .collect();
+        let suffixes: Vec<&str> = self
+            .names
+            .iter()
+            .filter(|n| n.starts_with('.'))
+            .map(String::as_str)
+            .collect();
+        // With no exact name to match, a name no certificate has still
+        // tells whether the chain is trusted.
+        let probe = names.is_empty();
+        if probe {
+            names.push(ServerName::try_from("invalid.invalid").expect("valid name"));
+        }
+        let mut trust = Trust::Untrusted("unknown".into());
+        for n in &names {
+            match v.verify_server_cert(ee, inter, n, &[], now) {
+                Ok(_) if !probe => return Trust::Verified,
+                Ok(_) => trust = Trust::Trusted,
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => trust = Trust::Trusted,
+                Err(e) => return Trust::Untrusted(describe(&e)),
+            }
+        }
+        if trust == Trust::Trusted && !suffixes.is_empty() {
+            // dot-nexthop: a DNS name of the (trusted) certificate that is
+            // a subdomain of the next hop, as Postfix matches it.
+            if let Ok(cert) = webpki::EndEntityCert::try_from(ee) {
+                let hit = cert.valid_dns_names().any(|d| {
+                    let d = d.trim_end_matches('.').to_ascii_lowercase();
+                    suffixes
+                        .iter()
+                        .any(|s| d.ends_with(*s) && d.len() > s.len())
+                });
+                if hit {
+                    return Trust::Verified;
+                }
+            }
+        }
+        trust
+    }
+
+    pub fn trust(&self) -> Option<Trust> {
+        self.result.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "untrusted issuer".into()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "certificate has expired".into()
+        }
+        rustls::Error::InvalidCertificate(c) => format!("{c:?}"),
+        other => other.to_string(),
+    }
+}
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        inter: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let t = self.check(ee, inter, now);
+        if let Ok(mut g) = self.result.lock() {
+            *g = Some(t);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What a session needs to start TLS.
+#[derive(Clone)]
+pub struct Client {
+    pub policy: Policy,
+    /// Names the certificate must match (for `verify`/`secure`).
+    pub names: Vec<String>,
+    pub roots: Arc<Roots>,
+    /// `smtp_tls_loglevel`.
+    pub loglevel: u32,
+    /// `smtp_tls_wrappermode`: TLS from the first byte (SMTPS, port 465),
+    /// no STARTTLS.
+    pub wrapper: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("policy", &self.policy)
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+/// The TLS stream over a session's connection.
+pub struct TlsStream<S: crate::client::Stream> {
+    pub inner: rustls::StreamOwned<ClientConnection, S>,
+}
+
+impl<S: crate::client::Stream> Read for TlsStream<S> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(b)
+    }
+}
+
+impl<S: crate::client::Stream> Write for TlsStream<S> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.inner.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<S: crate::client::Stream> crate::client::Stream for TlsStream<S> {
+    fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
+        self.inner.sock.set_timeout(t)
+    }
+}
+
+/// A finished handshake.
+pub struct Established<S: crate::client::Stream> {
+    pub stream: TlsStream<S>,
+    pub trust: Trust,
+    pub negotiated: Option<Negotiated>,
+}
+
+impl Client {
+    /// Runs the handshake over `sock` (the server said 220 to STARTTLS).
+    pub fn handshake<S: crate::client::Stream>(
+        &self,
+        mut sock: S,
+        host: &str,
+    ) -> Result<Established<S>, String> {
+        let recorder = Arc::new(Recorder {
+            verifier: self.roots.verifier.clone(),
+            provider: self.roots.provider.clone(),
+            names: self.names.clone(),
+            result: Mutex::new(None),
+        });
+        let mut config = ClientConfig::builder_with_provider(self.roots.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(recorder.clone())
+            .with_no_client_auth();
+        // As Postfix with smtp_tls_servername empty: no SNI.
+        config.enable_sni = false;
+        let name = ServerName::try_from(host.to_string())
+            .or_else(|_| ServerName::try_from("localhost"))
+            .map_err(|e| e.to_string())?;
+        let mut conn =
+            ClientConnection::new(Arc::new(config), name.to_owned()).map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut sock) {
+                return Err(
+                    match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
+                        Some(t) => t.to_string(),
+                        None => e.to_string(),
+                    },
+                );
+            }
+        }
+        let negotiated = Negotiated::of(&conn);
+        let trust = recorder
+            .trust()
+            .unwrap_or(Trust::Untrusted("no certificate".into()));
+        Ok(Established {
+            stream: TlsStream {
+                inner: rustls::StreamOwned::new(conn, sock),
+            },
+            trust,
+            negotiated,
+        })
+    }
+}
+
+/// Trust anchors shared by every session of the process.
+pub fn roots(ca_file: &str, ca_path: &str) -> Arc<Roots> {
+    static ROOTS: OnceLock<Arc<Roots>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| Arc::new(Roots::load(ca_file, ca_path)))
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_policies() {
+        assert_eq!(Level::parse("MAY"), Some(Level::May));
+        assert_eq!(Level::parse(""), Some(Level::None));
+        assert_eq!(Level::parse("bogus"), None);
+        assert!(Level::Encrypt.required() && !Level::May.required());
+        assert!(Level::Secure.checks_certificate() && !Level::Encrypt.checks_certificate());
+        let p = Policy::parse("verify match=hostname:Mail.Example.test").unwrap();
+        assert_eq!(p.level, Level::Verify);
+        assert_eq!(
+            p.names("mx.b.test", "b.test"),
+            vec!["mx.b.test", "mail.example.test"]
+        );
+        let p = Policy::parse("secure").unwrap();
+        assert_eq!(p.names("mx.b.test", "b.test"), vec!["b.test", ".b.test"]);
+        assert!(Policy::parse("sometimes").is_err());
+    }
+}

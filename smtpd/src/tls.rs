@@ -1,0 +1,158 @@
+//! The TLS layer of one client connection (STARTTLS, RFC 3207, and
+//! `smtpd_tls_wrappermode`), driven by the event loop.
+//!
+//! rustls does no I/O of its own: [`TlsConn::read`] pulls TLS records
+//! from the (non-blocking) socket into rustls and hands back plaintext,
+//! [`TlsConn::flush`] pushes what rustls wants to send. mio is
+//! edge-triggered, so `read` drains the socket until it would block, and
+//! remembers ([`TlsConn::has_plaintext`]) that rustls still holds
+//! decrypted bytes the session has not taken (it may not want input
+//! while it waits for cleanup).
+//!
+//! STARTTLS itself is the session's: it answers `220 2.0.0 Ready to start
+//! TLS`, drops whatever the client pipelined after the command, and takes
+//! no more input; the loop switches the connection to TLS once that reply
+//! is entirely on the wire, and tells the session when the handshake is
+//! complete ([`TlsConn::take_established`]), at which point the session
+//! forgets its earlier state.
+
+use postern_common::tls::rustls::{ServerConfig, ServerConnection};
+use postern_common::tls::Negotiated;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+pub struct TlsConn {
+    conn: ServerConnection,
+    /// rustls holds plaintext not yet read.
+    plain_pending: bool,
+    /// The session has been told that the handshake completed.
+    reported: bool,
+    /// close_notify queued.
+    closing: bool,
+}
+
+/// What a read produced.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    Data(usize),
+    /// Nothing more until the socket is readable again.
+    WouldBlock,
+    /// The client closed the connection.
+    Eof,
+    /// A TLS protocol error (the alert is queued; flush once, then close).
+    Error(String),
+}
+
+impl TlsConn {
+    pub fn new(cfg: Arc<ServerConfig>) -> Result<TlsConn, String> {
+        let mut conn = ServerConnection::new(cfg).map_err(|e| e.to_string())?;
+        // Replies are small and the loop stops reading a client whose
+        // output backs up, so rustls need not limit what it buffers.
+        conn.set_buffer_limit(None);
+        Ok(TlsConn {
+            conn,
+            plain_pending: false,
+            reported: false,
+            closing: false,
+        })
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// Decrypted bytes wait in rustls.
+    pub fn has_plaintext(&self) -> bool {
+        self.plain_pending
+    }
+
+    /// Reads plaintext into `buf`, taking TLS records from `sock` as
+    /// needed. `sock_readable` is the loop's "the socket may have bytes"
+    /// flag: cleared when the socket would block.
+    pub fn read<R: Read>(
+        &mut self,
+        sock: &mut R,
+        buf: &mut [u8],
+        sock_readable: &mut bool,
+    ) -> ReadOutcome {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => return ReadOutcome::Data(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.plain_pending = false,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return ReadOutcome::Eof,
+                Err(e) => return ReadOutcome::Error(e.to_string()),
+            }
+            if !*sock_readable {
+                return ReadOutcome::WouldBlock;
+            }
+            match self.conn.read_tls(sock) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => match self.conn.process_new_packets() {
+                    Ok(st) => {
+                        self.plain_pending = st.plaintext_bytes_to_read() > 0;
+                        if st.peer_has_closed() && !self.plain_pending {
+                            return ReadOutcome::Eof;
+                        }
+                        if !self.plain_pending {
+                            // Handshake records only: the caller flushes
+                            // our answer and comes back.
+                            return ReadOutcome::WouldBlock;
+                        }
+                    }
+                    Err(e) => return ReadOutcome::Error(e.to_string()),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *sock_readable = false;
+                    return ReadOutcome::WouldBlock;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return ReadOutcome::Eof,
+            }
+        }
+    }
+
+    /// Hands plaintext to rustls (all of it: no buffer limit).
+    pub fn write_plain(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.conn.writer().write(data)
+    }
+
+    /// Whether rustls has records to send.
+    pub fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Sends what rustls has until done or the socket is full; Ok(bytes).
+    pub fn flush<W: Write>(&mut self, sock: &mut W) -> io::Result<usize> {
+        let mut n = 0;
+        while self.conn.wants_write() {
+            match self.conn.write_tls(sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    /// What was negotiated, once, when the handshake has completed.
+    pub fn take_established(&mut self) -> Option<Negotiated> {
+        if self.reported || self.conn.is_handshaking() {
+            return None;
+        }
+        self.reported = true;
+        Negotiated::of(&self.conn)
+    }
+
+    /// Queues close_notify (once); true if it was queued now.
+    pub fn close(&mut self) -> bool {
+        if self.closing {
+            return false;
+        }
+        self.closing = true;
+        self.conn.send_close_notify();
+        true
+    }
+}

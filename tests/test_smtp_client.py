@@ -1,0 +1,437 @@
+"""Postern's SMTP client against a real Postfix as the far side
+(tests/postfix_peer.py): STARTTLS at each `smtp_tls_security_level`,
+certificate checks with a test CA, `smtp_tls_policy_maps`, SASL to a
+smarthost, and connection reuse.
+
+Names resolve through dnsmasq (`dns_resolver_addresses`): mx.far.test and
+other.far.test are both 127.0.0.1; the far side's certificate, from a
+test CA, names mx.far.test only.
+"""
+
+import re
+import shutil
+import tempfile
+import time
+import uuid
+
+import pytest
+
+import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
+from postfix_peer import TestCA, postfix_peer  # noqa: F401  (the fixture)
+
+SENDER = "sender@example.org"
+RCPT = "user@far.test"
+
+
+def new_token():
+    return "pt-smtpc-" + uuid.uuid4().hex
+
+
+def message(token, body="Hello over SMTP.\n"):
+    return h.crlf(f"From: {SENDER}\nTo: {RCPT}\nSubject: {token}\n\n{body}")
+
+
+@pytest.fixture(scope="module")
+def test_ca():
+    d = tempfile.mkdtemp(prefix="pt-ca-")
+    yield TestCA(d, names=["mx.far.test"])
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def other_ca():
+    d = tempfile.mkdtemp(prefix="pt-ca2-")
+    yield TestCA(d, names=["mx.far.test"], cn="Some Other CA")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def far_dns(dnsmasq):
+    return dnsmasq(["--local=/test/",
+                    "--mx-host=far.test,mx.far.test,10",
+                    "--host-record=mx.far.test,127.0.0.1",
+                    "--host-record=other.far.test,127.0.0.1"])
+
+
+def client(make_postern, dns, far, host="mx.far.test", **params):
+    base = {
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "relayhost": f"[{host}]:{far.port}",
+        "smtp_tls_loglevel": "1",
+    }
+    base.update(params)
+    return make_postern(base)
+
+
+def send(p, token):
+    code, text = p.send(SENDER, [RCPT], message(token))
+    assert code == 250, text
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+def test_tls_may_encrypt_verify_with_a_real_postfix(make_postern, far_dns, postfix_peer, test_ca):
+    far = postfix_peer(tls=test_ca)
+    relay = rf"mx\.far\.test\[127\.0\.0\.1\]:{far.port}"
+
+    # may (the default here): STARTTLS offered, so used; no CA given, so
+    # the certificate is not trusted, which is fine at this level.
+    p = client(make_postern, far_dns, far, smtp_tls_security_level="may")
+    token = new_token()
+    send(p, token)
+    (_path, raw), = far.wait_for(token)
+    assert re.search(rb"\(using TLSv1\.[23] with cipher ", raw), raw[:600]
+    p.wait_for_log(rf"Untrusted TLS connection established to {relay}: TLSv1\.3 with cipher \S+")
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+
+    # encrypt: the same, required.
+    q = client(make_postern, far_dns, far, smtp_tls_security_level="encrypt")
+    token = new_token()
+    send(q, token)
+    far.wait_for(token)
+    q.wait_for_log(rf"Untrusted TLS connection established to {relay}: TLSv1\.3")
+
+    # verify with the test CA: the certificate chains to it and names
+    # mx.far.test.
+    r = client(make_postern, far_dns, far, smtp_tls_security_level="verify",
+               smtp_tls_CAfile=str(test_ca.ca_file))
+    token = new_token()
+    send(r, token)
+    far.wait_for(token)
+    r.wait_for_log(rf"Verified TLS connection established to {relay}: TLSv1\.3")
+    r.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+
+
+def test_tls_verify_wrong_name_or_ca_defers(make_postern, far_dns, postfix_peer, test_ca, other_ca):
+    far = postfix_peer(tls=test_ca)
+
+    # The right CA, but the next hop is other.far.test: not in the certificate.
+    p = client(make_postern, far_dns, far, host="other.far.test",
+               smtp_tls_security_level="verify", smtp_tls_CAfile=str(test_ca.ca_file))
+    token = new_token()
+    send(p, token)
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay=other\.far\.test\[127\.0\.0\.1\]:{far.port}, "
+                   r".*dsn=4\.7\.5, status=deferred \(Server certificate not verified\)")
+    p.wait_for_log(r"server certificate verification failed for other\.far\.test\[127\.0\.0\.1\]:"
+                   rf"{far.port}: certificate does not match other\.far\.test")
+
+    # The right name, but a CA that did not sign it.
+    q = client(make_postern, far_dns, far, smtp_tls_security_level="secure",
+               smtp_tls_CAfile=str(other_ca.ca_file))
+    token2 = new_token()
+    send(q, token2)
+    q.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay=mx\.far\.test\[127\.0\.0\.1\]:{far.port}, "
+                   r".*dsn=4\.7\.5, status=deferred \(Server certificate not trusted\)")
+    q.wait_for_log(r"server certificate verification failed for mx\.far\.test\[127\.0\.0\.1\]:"
+                   rf"{far.port}: untrusted issuer")
+    time.sleep(1)
+    assert not far.find(token) and not far.find(token2), "nothing may reach an unverified server"
+    # Still queued, for a later try.
+    assert len(q.queue_files("deferred")) == 1
+
+
+def test_tls_required_but_not_offered_and_may_without_starttls(make_postern, far_dns, postfix_peer):
+    far = postfix_peer(tls=None)
+    relay = rf"mx\.far\.test\[127\.0\.0\.1\]:{far.port}"
+    p = client(make_postern, far_dns, far, smtp_tls_security_level="encrypt")
+    token = new_token()
+    send(p, token)
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*dsn=4\.7\.4, status=deferred "
+                   r"\(TLS is required, but was not offered by host mx\.far\.test\[127\.0\.0\.1\]\)")
+
+    # may: no STARTTLS offered, so plaintext.
+    q = client(make_postern, far_dns, far, smtp_tls_security_level="may")
+    token = new_token()
+    send(q, token)
+    (_path, raw), = far.wait_for(token)
+    assert b"(using TLS" not in raw
+    q.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+    assert "TLS connection established" not in q.log_text()
+
+
+def test_tls_policy_maps_per_destination(make_postern, far_dns, postfix_peer, test_ca):
+    far = postfix_peer(tls=test_ca)
+    # Level none in general, but this next hop must verify.
+    p = client(make_postern, far_dns, far, smtp_tls_security_level="none",
+               smtp_tls_CAfile=str(test_ca.ca_file),
+               smtp_tls_policy_maps=f"inline:{{ [mx.far.test]:{far.port}=verify }}")
+    token = new_token()
+    send(p, token)
+    (_path, raw), = far.wait_for(token)
+    assert b"(using TLS" in raw
+    p.wait_for_log(rf"Verified TLS connection established to mx\.far\.test\[127\.0\.0\.1\]:{far.port}")
+
+    # A parent-domain entry (".far.test") covers mx.far.test; its
+    # match= names a name the certificate lacks, so verification fails.
+    q = client(make_postern, far_dns, far, smtp_tls_security_level="none",
+               smtp_tls_CAfile=str(test_ca.ca_file),
+               smtp_tls_policy_maps="inline:{ .far.test=verify match=elsewhere.test }")
+    token = new_token()
+    send(q, token)
+    q.wait_for_log(r"dsn=4\.7\.5, status=deferred \(Server certificate not verified\)")
+    q.wait_for_log(r"certificate does not match elsewhere\.test")
+
+
+def test_tls_may_handshake_failure_defers_then_plaintext(make_postern, far_dns, postfix_peer, test_ca):
+    # A far side that speaks only TLS 1.0/1.1, which rustls refuses: the
+    # handshake fails. As Postfix: the first attempt defers, a retry once
+    # the message has waited minimal_backoff_time goes in plaintext.
+    far = postfix_peer(tls=test_ca, params={"smtpd_tls_protocols": "<=TLSv1.1",
+                                            "tls_medium_cipherlist": "DEFAULT:@SECLEVEL=0"})
+    relay = rf"mx\.far\.test\[127\.0\.0\.1\]:{far.port}"
+    p = client(make_postern, far_dns, far, smtp_tls_security_level="may")
+    token = new_token()
+    send(p, token)
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*dsn=4\.7\.5, status=deferred "
+                   r"\(Cannot start TLS: handshake failure\)")
+    (_path, raw), = far.wait_for(token, timeout=40)
+    assert b"(using TLS" not in raw
+    p.wait_for_log(r"TLS handshake with " + relay + " failed; trying again without TLS")
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+
+
+# --------------------------------------------------------------------------
+# SASL to a smarthost (the far side checks passwords through Dovecot)
+
+
+USERS = {"relayuser@example.test": "right-pw"}
+
+
+def sasl_client(make_postern, dns, far, password, **params):
+    base = {
+        "smtp_sasl_auth_enable": "yes",
+        "smtp_sasl_password_maps":
+            f"inline:{{ [mx.far.test]:{far.port}=relayuser@example.test:{password} }}",
+        # PLAIN and LOGIN only over TLS (the default keeps noplaintext
+        # for unencrypted sessions).
+        "smtp_sasl_tls_security_options": "noanonymous",
+        "smtp_tls_security_level": "encrypt",
+    }
+    base.update(params)
+    return client(make_postern, dns, far, **base)
+
+
+def test_sasl_right_and_wrong_password(make_postern, far_dns, postfix_peer, dovecot, test_ca):  # noqa: F811
+    d = dovecot(users=USERS, auth_failure_delay="0 secs")
+    far = postfix_peer(tls=test_ca, sasl_auth_port=d.auth_port, auth_only_tls=True)
+    relay = rf"mx\.far\.test\[127\.0\.0\.1\]:{far.port}"
+
+    p = sasl_client(make_postern, far_dns, far, "right-pw")
+    token = new_token()
+    send(p, token)
+    far.wait_for(token)
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+    far_log = h.wait_for(lambda: re.search(r"client=localhost\[127\.0\.0\.1\], sasl_method=PLAIN, "
+                                           r"sasl_username=relayuser@example\.test",
+                                           far.log_text()), 10)
+    assert far_log
+
+    q = sasl_client(make_postern, far_dns, far, "wrong-pw")
+    token2 = new_token()
+    send(q, token2)
+    q.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*dsn=4\.7\.8, status=deferred "
+                   r"\(SASL authentication failed; server mx\.far\.test\[127\.0\.0\.1\] said: "
+                   r"535 5\.7\.8 Error: authentication failed: .*\)")
+    time.sleep(1)
+    assert not far.find(token2)
+
+
+def test_sasl_login_mechanism_and_sender_dependent(make_postern, far_dns, postfix_peer, dovecot, test_ca):  # noqa: F811
+    d = dovecot(users=USERS, auth_failure_delay="0 secs")
+    far = postfix_peer(tls=test_ca, sasl_auth_port=d.auth_port)
+    p = sasl_client(make_postern, far_dns, far, "not-used",
+                    smtp_sender_dependent_authentication="yes",
+                    smtp_sasl_password_maps=f"inline:{{ {SENDER}=relayuser@example.test:right-pw }}",
+                    smtp_sasl_mechanism_filter="login")
+    token = new_token()
+    send(p, token)
+    far.wait_for(token)
+    h.wait_for(lambda: "sasl_method=LOGIN, sasl_username=relayuser@example.test" in far.log_text(), 10)
+
+
+def test_sasl_never_plaintext_unless_allowed(make_postern, far_dns, postfix_peer, dovecot):  # noqa: F811
+    d = dovecot(users=USERS, auth_failure_delay="0 secs")
+    far = postfix_peer(tls=None, sasl_auth_port=d.auth_port)
+    relay = rf"mx\.far\.test\[127\.0\.0\.1\]:{far.port}"
+    # No TLS here, and smtp_sasl_security_options keeps its default
+    # (noplaintext): the password is not sent.
+    p = sasl_client(make_postern, far_dns, far, "right-pw", smtp_tls_security_level="may")
+    token = new_token()
+    send(p, token)
+    p.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*dsn=4\.7\.0, status=deferred "
+                   r"\(SASL authentication failed; cannot authenticate to server "
+                   r"mx\.far\.test\[127\.0\.0\.1\]: no mechanism available\)")
+    # The far side saw EHLO and QUIT, no AUTH (its disconnect line counts
+    # every command).
+    h.wait_for(lambda: re.search(r"disconnect from localhost\[127\.0\.0\.1\] ehlo=1 quit=1 "
+                                 r"commands=2", far.log_text()), 10)
+    assert " auth=" not in far.log_text()
+
+    # Allowed in plaintext by the administrator: it works.
+    q = sasl_client(make_postern, far_dns, far, "right-pw", smtp_tls_security_level="may",
+                    smtp_sasl_security_options="noanonymous")
+    token = new_token()
+    send(q, token)
+    far.wait_for(token)
+    q.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+
+
+# --------------------------------------------------------------------------
+# Connection reuse
+
+
+def test_connection_reuse_many_messages_few_connections(make_postern, sink):
+    n = 220
+    p = make_postern({"relayhost": f"[127.0.0.1]:{sink.port}"})
+    token = new_token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        for i in range(n):
+            data = h.crlf(f"From: {SENDER}\nTo: r{i}@remote.example\nSubject: {token} {i}\n\nmsg {i}\n")
+            s.sendmail(SENDER, [f"r{i}@remote.example"], data)
+    sink.wait_for(token, count=n, timeout=120)
+    time.sleep(1)
+    got = sink.find(token)
+    assert len(got) == n, f"{len(got)} messages at the sink, {n} sent"
+    # Every message once, each intact.
+    subjects = sorted(int(re.search(rb"Subject: \S+ (\d+)", m.content).group(1)) for m in got)
+    assert subjects == list(range(n))
+    conns = sink.connections
+    print(f"connection reuse: {n} messages over {conns} connections "
+          f"({n / max(conns, 1):.1f} messages per connection)")
+    assert conns <= n // 4, f"{conns} connections for {n} messages"
+
+
+# --------------------------------------------------------------------------
+# DSN parameters passed on
+
+
+def test_dsn_parameters_passed_on(make_postern, far_dns, postfix_peer):
+    # The far side logs every command it receives from 127.0.0.1.
+    far = postfix_peer(params={"debug_peer_list": "127.0.0.1"})
+    p = client(make_postern, far_dns, far, smtp_tls_security_level="none")
+    token = new_token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        assert s.has_extn("dsn")
+        code, text = s.mail(SENDER, ["RET=HDRS", "ENVID=env+2B" + token])
+        assert code == 250, text
+        code, text = s.rcpt(RCPT, ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Orig+3Duser@far.test"])
+        assert code == 250, text
+        code, text = s.data(message(token))
+        assert code == 250, text
+    far.wait_for(token)
+    log = far.log_text()
+    assert re.search(r"< localhost\[127\.0\.0\.1\]: MAIL FROM:<sender@example\.org> .*RET=HDRS "
+                     rf"ENVID=env\+2B{token}", log), log[-3000:]
+    assert re.search(r"< localhost\[127\.0\.0\.1\]: RCPT TO:<user@far\.test> "
+                     r"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Orig\+3Duser@far\.test", log), log[-3000:]
+
+
+# --------------------------------------------------------------------------
+# smtp_bind_address
+
+
+def test_bind_address(make_postern, sink):
+    p = make_postern({"relayhost": f"[127.0.0.1]:{sink.port}",
+                      "smtp_bind_address": "127.0.0.3"})
+    token = new_token()
+    send(p, token)
+    m, = sink.wait_for(token)
+    assert m.peer[0] == "127.0.0.3", m.peer
+
+
+# --------------------------------------------------------------------------
+# MX cases through dnsmasq
+
+
+def test_mx_cases_via_dnsmasq(make_postern, sink, dnsmasq):
+    dead = "127.0.0.9"  # nothing listens there
+    dns = dnsmasq([
+        "--local=/test/",
+        # several preferences: the lowest wins
+        "--mx-host=prefs.test,mx20.prefs.test,20",
+        "--mx-host=prefs.test,mx10.prefs.test,10",
+        "--host-record=mx10.prefs.test,127.0.0.1",
+        "--host-record=mx20.prefs.test,127.0.0.1",
+        # equal preferences: either
+        "--mx-host=equal.test,a.equal.test,10",
+        "--mx-host=equal.test,b.equal.test,10",
+        "--host-record=a.equal.test,127.0.0.1",
+        "--host-record=b.equal.test,127.0.0.1",
+        # a dead first MX: the second one gets it
+        "--mx-host=deadfirst.test,mx1.deadfirst.test,10",
+        "--mx-host=deadfirst.test,mx2.deadfirst.test,20",
+        f"--host-record=mx1.deadfirst.test,{dead}",
+        "--host-record=mx2.deadfirst.test,127.0.0.1",
+        # no MX: the domain's own address
+        "--host-record=nomx.test,127.0.0.1",
+        # null MX (RFC 7505)
+        "--mx-host=nullmx.test,.,0",
+        # nosuch.test: NXDOMAIN
+    ])
+    domains = ["prefs.test", "equal.test", "deadfirst.test", "nomx.test", "nullmx.test",
+               "nosuch.test"]
+    table = ", ".join(f"{d}=smtp:{d}:{sink.port}" for d in domains)
+    p = make_postern({"dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+                      "transport_maps": f"inline:{{ {table} }}"})
+    tokens = {}
+    for d in domains:
+        tokens[d] = new_token()
+        code, text = p.send(SENDER, [f"u@{d}"], h.crlf(f"Subject: {tokens[d]}\n\nto {d}\n"))
+        assert code == 250, text
+    port = sink.port
+    for d in ("prefs.test", "equal.test", "deadfirst.test", "nomx.test"):
+        sink.wait_for(tokens[d])
+    p.wait_for_log(rf"to=<u@prefs\.test>, relay=mx10\.prefs\.test\[127\.0\.0\.1\]:{port}, .*status=sent")
+    p.wait_for_log(rf"to=<u@equal\.test>, relay=[ab]\.equal\.test\[127\.0\.0\.1\]:{port}, .*status=sent")
+    p.wait_for_log(rf"connect to mx1\.deadfirst\.test\[127\.0\.0\.9\]:{port}: Connection refused")
+    p.wait_for_log(rf"to=<u@deadfirst\.test>, relay=mx2\.deadfirst\.test\[127\.0\.0\.1\]:{port}, "
+                   r".*status=sent")
+    p.wait_for_log(rf"to=<u@nomx\.test>, relay=nomx\.test\[127\.0\.0\.1\]:{port}, .*status=sent")
+    p.wait_for_log(r"to=<u@nullmx\.test>, relay=none, .*dsn=5\.1\.10, status=bounced "
+                   r"\(.*nullmx\.test does not accept mail \(nullMX\)\)")
+    p.wait_for_log(r"to=<u@nosuch\.test>, relay=none, .*dsn=5\.4\.4, status=bounced "
+                   r"\(Host or domain name not found\. Name service error for name=nosuch\.test "
+                   r"type=MX: Host not found\)")
+    assert not sink.find(tokens["nullmx.test"]) and not sink.find(tokens["nosuch.test"])
+
+
+def test_tls_wrappermode_smtps(make_postern, far_dns, postfix_peer, test_ca):
+    far = postfix_peer(tls=test_ca)
+    p = make_postern({
+        "dns_resolver_addresses": f"127.0.0.1:{far_dns.port}",
+        "relayhost": f"[mx.far.test]:{far.smtps_port}",
+        "smtp_tls_wrappermode": "yes",
+        "smtp_tls_security_level": "verify",
+        "smtp_tls_CAfile": str(test_ca.ca_file),
+        "smtp_tls_loglevel": "1",
+    })
+    token = new_token()
+    send(p, token)
+    (_path, raw), = far.wait_for(token)
+    assert re.search(rb"\(using TLSv1\.[23] with cipher ", raw)
+    p.wait_for_log(rf"Verified TLS connection established to mx\.far\.test\[127\.0\.0\.1\]:"
+                   rf"{far.smtps_port}: TLSv1\.3")
+    p.wait_for_log(rf"relay=mx\.far\.test\[127\.0\.0\.1\]:{far.smtps_port}, .*status=sent")
+
+
+def test_tls_secure_matches_a_subdomain_of_the_nexthop(make_postern, far_dns, postfix_peer, test_ca):
+    # Delivery by MX to far.test: its MX mx.far.test presents a
+    # certificate for mx.far.test, which "secure" accepts as a subdomain
+    # of the next hop (Postfix's default match "nexthop, dot-nexthop").
+    far = postfix_peer(tls=test_ca)
+    p = make_postern({
+        "dns_resolver_addresses": f"127.0.0.1:{far_dns.port}",
+        "transport_maps": f"inline:{{ far.test=smtp:far.test:{far.port} }}",
+        "smtp_tls_security_level": "secure",
+        "smtp_tls_CAfile": str(test_ca.ca_file),
+        "smtp_tls_loglevel": "1",
+    })
+    token = new_token()
+    send(p, token)
+    far.wait_for(token)
+    p.wait_for_log(rf"Verified TLS connection established to mx\.far\.test\[127\.0\.0\.1\]:{far.port}")
