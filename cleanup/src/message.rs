@@ -59,9 +59,17 @@ impl Refusal {
     }
 
     fn write_error(e: io::Error) -> Refusal {
-        let temporary = true;
+        // A full file system or quota is Postfix's "452 4.3.1 Insufficient
+        // system storage": the client should try again later.
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+            return Refusal {
+                temporary: true,
+                dsn: "4.3.1",
+                reason: "Insufficient system storage".into(),
+            };
+        }
         Refusal {
-            temporary,
+            temporary: true,
             dsn: "4.3.0",
             reason: format!("queue file write error: {e}"),
         }

@@ -98,6 +98,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_forbid_bare_newline", "normalize"),
     ("disable_vrfy_command", "no"),
     ("message_size_limit", "10240000"),
+    ("queue_minfree", "0"),
     ("header_size_limit", "102400"),
     ("hopcount_limit", "50"),
     ("line_length_limit", "2048"),
@@ -187,6 +188,9 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("lmtp_tls_security_level", ""),
     ("lmtp_sasl_auth_enable", "no"),
     ("lmtp_sasl_password_maps", ""),
+    ("smtp_discard_ehlo_keywords", ""),
+    ("lmtp_discard_lhlo_keywords", ""),
+    ("sender_dependent_relayhost_maps", ""),
     // Postern-only: name servers to ask instead of /etc/resolv.conf, as
     // `host` or `host:port`, separated by commas or spaces (for tests, or
     // a host with a dedicated resolver).

@@ -1013,6 +1013,21 @@ impl Session {
         self.state = State::WaitAuth;
     }
 
+    /// Whether the queue file system can take a message of `size` bytes
+    /// (the MAIL FROM SIZE, 0 if not given), as Postfix checks it: at least
+    /// `queue_minfree` free, and 1.5 times the announced size; and never a
+    /// file system that is full.
+    fn enough_storage(&self, size: u64) -> bool {
+        match postern_common::queue::free_space(&self.cfg.queue_directory) {
+            Ok(free) => {
+                free >= self.cfg.queue_minfree
+                    && free >= size.saturating_mul(3) / 2
+                    && free >= MIN_FREE
+            }
+            Err(_) => true, // cannot tell: cleanup will say if it fails
+        }
+    }
+
     fn mail(&mut self, args: &[Token]) -> Done {
         if self.cfg.helo_required && self.helo.is_none() {
             self.reply("503 5.5.1 Error: send HELO/EHLO first");
@@ -1080,6 +1095,16 @@ impl Session {
         let limit = self.cfg.message_size_limit;
         if limit > 0 && size > limit {
             let reply = "552 5.3.4 Message size exceeds fixed limit";
+            self.log_reject(reply, Some(&tx.sender), None);
+            self.reply(reply);
+            return Done::Failed;
+        }
+        if !self.enough_storage(size) {
+            let reply = "452 4.3.1 Insufficient system storage";
+            warning!(
+                "not enough free space in the queue file system for {}",
+                self.namaddr
+            );
             self.log_reject(reply, Some(&tx.sender), None);
             self.reply(reply);
             return Done::Failed;
@@ -1474,6 +1499,10 @@ fn verb_index(v: Verb) -> usize {
 }
 
 /// The reply for a message cleanup would not take.
+/// Below this much free space in the queue file system no new message is
+/// started: a queue file needs a few blocks even for a short message.
+const MIN_FREE: u64 = 64 * 1024;
+
 fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String {
     let valid = |d: &str, class: char| {
         d.starts_with(class)
@@ -1483,6 +1512,10 @@ fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String {
     };
     let (code, dsn, default) = if temporary {
         let dsn = if valid(dsn, '4') { dsn } else { "4.3.0" };
+        if dsn == "4.3.1" {
+            // Postfix's answer for a full queue file system.
+            return "452 4.3.1 Insufficient system storage".to_string();
+        }
         (451, dsn, "queue file write error")
     } else {
         let dsn = if valid(dsn, '5') { dsn } else { "5.3.0" };
@@ -1513,6 +1546,8 @@ mod tests {
             mail_name: "Postern".into(),
             banner: "mx.example ESMTP Postern".into(),
             message_size_limit: 1000,
+            queue_directory: std::env::temp_dir(),
+            queue_minfree: 0,
             recipient_limit: 3,
             hard_error_limit: 5,
             soft_error_limit: 3,

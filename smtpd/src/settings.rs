@@ -19,6 +19,10 @@ pub struct Settings {
     pub banner: String,
     /// 0 = no limit.
     pub message_size_limit: u64,
+    /// Where the queue is, for the free-space check at MAIL FROM.
+    pub queue_directory: PathBuf,
+    /// `queue_minfree`: bytes that must stay free in the queue file system.
+    pub queue_minfree: u64,
     /// 0 = no limit.
     pub recipient_limit: usize,
     pub hard_error_limit: u32,
@@ -142,6 +146,8 @@ impl Settings {
             mail_name: cfg.get("mail_name"),
             banner: cfg.get("smtpd_banner"),
             message_size_limit: cfg.get_u64("message_size_limit").map_err(e)?,
+            queue_directory: PathBuf::from(cfg.get("queue_directory")),
+            queue_minfree: cfg.get_u64("queue_minfree").map_err(e)?,
             recipient_limit: cfg.get_u64("smtpd_recipient_limit").map_err(e)? as usize,
             hard_error_limit: cfg.get_u64("smtpd_hard_error_limit").map_err(e)?.max(1) as u32,
             soft_error_limit: cfg.get_u64("smtpd_soft_error_limit").map_err(e)? as u32,
