@@ -110,3 +110,21 @@ def test_check_creates_queue_tree(make_postern):
                     ("maildrop", 0o730), ("public", 0o710), ("private", 0o700)):
         st = os.stat(p.queue / d)
         assert stat.S_IMODE(st.st_mode) == mode, (d, oct(st.st_mode))
+
+
+def test_check_refuses_a_queue_others_can_write(make_postern):
+    p = make_postern(start=False)
+    assert p.postern("check").returncode == 0
+    for path, bad in ((p.queue / "incoming", 0o777), (p.queue, 0o775)):
+        good = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(path, bad)
+        try:
+            for command in ("check", "start"):
+                r = p.postern(command)
+                assert r.returncode != 0, h.describe(r)
+                assert "unsafe queue directory" in r.stderr and str(path) in r.stderr, r.stderr
+                assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+        finally:
+            os.chmod(path, good)
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)

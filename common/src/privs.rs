@@ -170,9 +170,15 @@ pub fn prepare_tree(cfg: &postern_conf::Config, owner: Option<QueueOwner>) -> Re
         owner.and_then(|o| o.setgid_gid),
     )
     .map_err(|e| format!("queue directory {}: {e}", tree.root().display()))?;
-    if owner.is_some() {
-        // pid/ belongs to root: only master writes there.
-        let _ = std::os::unix::fs::chown(tree.root().join("pid"), Some(0), Some(0));
+    let owner_uid = owner
+        .map(|o| o.uid)
+        .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    let problems = tree.check_dirs(owner_uid, owner.is_some());
+    if let Some(first) = problems.first() {
+        return Err(format!(
+            "unsafe queue directory: {first}{}; fix the owner and mode (Postern does not start on a queue others can write to)",
+            if problems.len() > 1 { format!(" (and {} more)", problems.len() - 1) } else { String::new() }
+        ));
     }
     // Daemons that run as mail_owner append to maillog_file too.
     let maillog = cfg.get("maillog_file");

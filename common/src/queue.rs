@@ -225,28 +225,80 @@ impl QueueTree {
 
     /// Creates every directory of the tree that is missing, with its mode,
     /// owned by `owner` (uid, gid) when given; `maildrop` and `public`
-    /// get group `setgid_gid` when given.
+    /// get group `setgid_gid` when given. Directories that exist are left
+    /// as they are: [`QueueTree::check_dirs`] judges them.
     pub fn create_dirs(
         &self,
         owner: Option<(u32, u32)>,
         setgid_gid: Option<u32>,
     ) -> io::Result<()> {
-        fs::create_dir_all(&self.root)?;
+        if !self.root.exists() {
+            fs::create_dir_all(&self.root)?;
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(0o755))?;
+        }
         for (name, mode) in TREE {
             let p = self.root.join(name);
-            if !p.exists() {
-                fs::create_dir(&p)?;
+            if p.exists() {
+                continue;
             }
+            fs::create_dir(&p)?;
             fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
             if let Some((uid, gid)) = owner {
-                let gid = match (*name, setgid_gid) {
-                    ("maildrop" | "public", Some(g)) => g,
-                    _ => gid,
+                let (uid, gid) = match (*name, setgid_gid) {
+                    // Only master (root) writes its pid file and lock.
+                    ("pid", _) => (0, 0),
+                    ("maildrop" | "public", Some(g)) => (uid, g),
+                    _ => (uid, gid),
                 };
                 std::os::unix::fs::chown(&p, Some(uid), Some(gid))?;
             }
         }
         Ok(())
+    }
+
+    /// What is wrong with the tree's ownership and modes, one line per
+    /// problem. `owner_uid` is mail_owner's uid when master runs as root,
+    /// else the uid everything runs as. Postern refuses to start on a tree
+    /// that another user could write to: that user could forge or read mail.
+    pub fn check_dirs(&self, owner_uid: u32, as_root: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |p: &Path, want_uid: u32, want_mode: Option<u32>| match fs::metadata(p) {
+            Ok(m) => {
+                let mode = m.permissions().mode() & 0o7777;
+                if m.uid() != want_uid {
+                    problems.push(format!(
+                        "{}: owned by uid {}, expected uid {want_uid}",
+                        p.display(),
+                        m.uid()
+                    ));
+                }
+                match want_mode {
+                    Some(w) if mode != w => problems.push(format!(
+                        "{}: mode {mode:04o}, expected {w:04o}",
+                        p.display()
+                    )),
+                    None if mode & 0o022 != 0 => problems.push(format!(
+                        "{}: mode {mode:04o} is writable by others",
+                        p.display()
+                    )),
+                    _ => {}
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e}", p.display())),
+        };
+        // The queue directory itself: root's when master is root (as
+        // Postfix's), and never writable by group or others.
+        let root_owner = if as_root { 0 } else { owner_uid };
+        check(&self.root, root_owner, None);
+        for (name, mode) in TREE {
+            let uid = if *name == "pid" {
+                root_owner
+            } else {
+                owner_uid
+            };
+            check(&self.root.join(name), uid, Some(*mode));
+        }
+        problems
     }
 }
 
