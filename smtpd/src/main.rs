@@ -1,48 +1,15 @@
 //! smtpd: Postern's SMTP server (RFC 5321), started by master for an
 //! `inet` service in master.cf.
 //!
-//! Talks to: SMTP clients on the TCP listener master passes on fd 3 (many
-//! sessions per process, on one event loop); `cleanup` through
-//! `queue_directory/public/cleanup`, one connection per message, to
-//! which it streams the envelope and the content; master through the
-//! status pipe on fd 4 (busy when `smtpd_client_session_limit` sessions
-//! are open). It touches no files: the queue file is cleanup's.
-//!
-//! Modules:
-//! - [`server`]: the mio event loop, sockets, timeouts, master status.
-//! - [`session`]: one SMTP session as a state machine without I/O.
-//! - [`protocol`]: command words, `<path>` addresses, ESMTP parameters.
-//! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
-//! - [`restrictions`]: Postfix's restriction language
-//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).
-//! - [`received`]: the Received: header.
-//! - [`tls`]: STARTTLS and `smtpd_tls_wrappermode` on the event loop
-//!   (rustls), and what the session learns of the handshake.
-//! - [`anvil`]: client connection and message rate limits (per process).
-//! - [`dns`]: DNS lookups for the restrictions that need them, on
-//!   helper threads.
-//! - [`sasl`]: SASL AUTH through Dovecot's auth server, one shared
-//!   non-blocking connection per process.
-//! - [`settings`]: the parameters smtpd reads.
-
-mod anvil;
-mod data;
-mod dns;
-mod protocol;
-mod received;
-mod restrictions;
-mod sasl;
-mod server;
-mod session;
-mod settings;
-mod tls;
+//! The program is a thin shell: everything is in the library
+//! (`src/lib.rs`), where the crate documentation lists the modules.
 
 fn main() {
     let (cfg, args) = postern_common::service::start("smtpd");
-    let mut settings = match settings::Settings::from_config(&cfg) {
+    let mut settings = match postern_smtpd::settings::Settings::from_config(&cfg) {
         Ok(s) => s,
         Err(e) => postern_common::fatal!("{e}"),
     };
     settings.service = args.service;
-    server::run(settings)
+    postern_smtpd::server::run(settings)
 }
