@@ -128,3 +128,42 @@ def test_check_refuses_a_queue_others_can_write(make_postern):
             os.chmod(path, good)
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
+
+
+def test_service_on_several_addresses(make_postern):
+    """inet_interfaces with two addresses: one listener each, both served
+    by the same smtpd processes."""
+    port = h.free_port()
+    p = make_postern(params={"inet_interfaces": "127.0.0.1, 127.0.0.3"},
+                     master_cf_extra=[f"{port} inet n - n - - smtpd"])
+    for host in ("127.0.0.1", "127.0.0.3"):
+        s = smtplib.SMTP(host, port, timeout=10)
+        try:
+            assert s.ehlo("client.example")[0] == 250
+        finally:
+            s.quit()
+
+
+def test_client_waiting_behind_a_full_smtpd_is_served(make_postern):
+    """One smtpd process with room for two sessions: a third client waits
+    in the listen queue, and is greeted as soon as a session ends."""
+    port = h.free_port()
+    p = make_postern(params={"smtpd_client_session_limit": "2"},
+                     master_cf_extra=[f"127.0.0.1:{port} inet n - n - 1 smtpd"])
+    first = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    second = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    third = smtplib.SMTP(timeout=20)
+    greeted = []
+
+    def connect():
+        greeted.append(third.connect("127.0.0.1", port))
+
+    t = threading.Thread(target=connect)
+    t.start()
+    time.sleep(1)
+    assert not greeted, "a third session was served beyond the limit"
+    first.quit()
+    t.join(15)
+    assert greeted and greeted[0][0] == 220, greeted
+    second.quit()
+    third.quit()

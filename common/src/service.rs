@@ -141,6 +141,23 @@ impl Default for Status {
     }
 }
 
+/// Every listening socket master passed: fd 3, and for an inet service
+/// that listens on several addresses also fd 5 and up, as named in
+/// `POSTERN_LISTEN_FDS`.
+pub fn listen_fds() -> Vec<RawFd> {
+    let from_env: Vec<RawFd> = std::env::var("POSTERN_LISTEN_FDS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .filter(|&fd| fd == LISTEN_FD || fd > STATUS_FD)
+        .collect();
+    if from_env.is_empty() {
+        vec![LISTEN_FD]
+    } else {
+        from_env
+    }
+}
+
 /// The inherited listener of a unix-type service.
 pub fn unix_listener() -> io::Result<UnixListener> {
     // SAFETY: master put the listening socket on LISTEN_FD for us.

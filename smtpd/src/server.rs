@@ -1,6 +1,7 @@
 //! The event loop: one process serves many SMTP sessions on mio.
 //!
-//! The listener is the TCP socket master passed on fd 3. Each session
+//! The listeners are the TCP sockets master passed (fd 3, and fd 5 and up
+//! when the service listens on several addresses). Each session
 //! has its client socket and, from DATA until cleanup's answer, a Unix
 //! socket to `queue_directory/public/cleanup`; both are registered in
 //! the same poll, so nothing ever blocks waiting for cleanup. mio is
@@ -26,7 +27,7 @@ use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest};
-use postern_common::service::{Status, LISTEN_FD};
+use postern_common::service::Status;
 use postern_common::{fatal, info, warning};
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
@@ -35,7 +36,22 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The first listener; further ones count down from below `DNS_WAKE`.
 const LISTENER: Token = Token(0);
+/// Most listeners one process serves.
+const MAX_LISTENERS: usize = 64;
+
+fn listener_token(i: usize) -> Token {
+    if i == 0 {
+        LISTENER
+    } else {
+        Token(usize::MAX - 1 - i)
+    }
+}
+
+fn is_listener(t: Token) -> bool {
+    t == LISTENER || (t.0 < DNS_WAKE.0 && t.0 >= usize::MAX - 1 - MAX_LISTENERS)
+}
 /// The connection to the SASL auth server (one per process).
 const AUTH: Token = Token(usize::MAX);
 /// The DNS helper threads' wake-ups.
@@ -158,29 +174,37 @@ enum Turn {
 pub fn run(cfg: Settings) -> ! {
     let cfg_anvil = cfg.anvil.clone();
     let cfg = Arc::new(cfg);
-    // SAFETY: master put the listening socket on LISTEN_FD for us, and
-    // nothing else in this process owns that descriptor.
-    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(LISTEN_FD) };
-    if let Err(e) = std_listener.set_nonblocking(true) {
-        fatal!("no listener from master on fd {LISTEN_FD}: {e}");
-    }
-    let mut listener = TcpListener::from_std(std_listener);
     let poll = match Poll::new() {
         Ok(p) => p,
         Err(e) => fatal!("poll: {e}"),
     };
-    if let Err(e) = poll
-        .registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
+    let mut listeners = Vec::new();
+    for (i, fd) in postern_common::service::listen_fds()
+        .into_iter()
+        .take(MAX_LISTENERS)
+        .enumerate()
     {
-        fatal!("register listener: {e}");
+        // SAFETY: master put the listening sockets on these descriptors for
+        // us, and nothing else in this process owns them.
+        let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        if let Err(e) = std_listener.set_nonblocking(true) {
+            fatal!("no listener from master on fd {fd}: {e}");
+        }
+        let mut listener = TcpListener::from_std(std_listener);
+        if let Err(e) =
+            poll.registry()
+                .register(&mut listener, listener_token(i), Interest::READABLE)
+        {
+            fatal!("register listener: {e}");
+        }
+        listeners.push(listener);
     }
     let mut status = Status::new();
     status.available();
     let mut server = Server {
         cfg,
         poll,
-        listener,
+        listeners,
         slots: Vec::new(),
         free: Vec::new(),
         count: 0,
@@ -213,7 +237,7 @@ pub fn run(cfg: Settings) -> ! {
 struct Server {
     cfg: Arc<Settings>,
     poll: Poll,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     count: usize,
@@ -266,7 +290,7 @@ impl Server {
             let mut accept = false;
             for ev in events.iter() {
                 let t = ev.token();
-                if t == LISTENER {
+                if is_listener(t) {
                     accept = true;
                     continue;
                 }
@@ -385,22 +409,25 @@ impl Server {
     }
 
     fn accept_all(&mut self, touched: &mut Vec<usize>) {
-        while self.count < self.cfg.session_limit {
-            match self.listener.accept() {
-                Ok((sock, peer)) => {
-                    if let Some(idx) = self.add(sock, peer) {
-                        touched.push(idx);
+        // Edge-triggered: drain every listener, whichever woke us.
+        for l in 0..self.listeners.len() {
+            while self.count < self.cfg.session_limit {
+                match self.listeners[l].accept() {
+                    Ok((sock, peer)) => {
+                        if let Some(idx) = self.add(sock, peer) {
+                            touched.push(idx);
+                        }
                     }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
-                Err(e) => {
-                    warning!("accept connection: {e}");
-                    break;
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                        ) => {}
+                    Err(e) => {
+                        warning!("accept connection: {e}");
+                        break;
+                    }
                 }
             }
         }
