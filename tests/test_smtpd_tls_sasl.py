@@ -319,6 +319,10 @@ def test_auth_relative_sasl_path(make_postern, dovecot):
     """smtpd_sasl_path = private/auth is relative to queue_directory."""
     p = make_postern(params={"smtpd_sasl_auth_enable": "yes", "smtpd_sasl_path": "private/auth"},
                      start=False)
+    # As on a real host: the queue exists (owned by mail_owner) before
+    # Dovecot is told to put its socket into private/.
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)
     dovecot(users={USER: PASSWORD}, auth_socket_path=str(p.queue / "private" / "auth"))
     p.start()
     with p.smtp() as s:

@@ -10,7 +10,7 @@
 //! that was recorded.
 
 use crate::ipc::{DeliveryRecipient, DeliveryReply, DeliveryRequest, Outcome, RecipientResult};
-use crate::qfile::{self, ContentReader};
+use crate::qfile::{self, ContentReader, Recipient};
 use crate::queue::{MessageLog, Queue, QueueTree};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -137,22 +137,12 @@ impl Job {
         };
         let mut ok = true;
         if let Some(log) = log {
-            let entry = LogEntry {
-                recipient: r.rcpt.address.clone(),
-                original: r.rcpt.original.clone(),
-                orcpt: r.rcpt.orcpt.clone(),
-                notify: r.rcpt.notify,
-                offset: r.offset,
-                status: dsn.to_string(),
-                action: if outcome == Outcome::Bounced {
-                    "failed"
-                } else {
-                    "delayed"
-                }
-                .into(),
-                relay: relay.to_string(),
-                reason: reason.to_string(),
+            let action = if outcome == Outcome::Bounced {
+                "failed"
+            } else {
+                "delayed"
             };
+            let entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
             if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
                 crate::warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
                 ok = false;
@@ -223,17 +213,7 @@ fn record_success(
     relay: &str,
     reason: &str,
 ) {
-    let entry = LogEntry {
-        recipient: r.rcpt.address.clone(),
-        original: r.rcpt.original.clone(),
-        orcpt: r.rcpt.orcpt.clone(),
-        notify: r.rcpt.notify,
-        offset: r.offset,
-        status: dsn.to_string(),
-        action: "delivered".into(),
-        relay: relay.to_string(),
-        reason: reason.to_string(),
-    };
+    let entry = LogEntry::new(r.offset, &r.rcpt, dsn, "delivered", relay, reason);
     if let Err(e) = append_log(tree, MessageLog::Success, id, &entry) {
         crate::warning!("{id}: append {} log: {e}", MessageLog::Success.name());
     }
@@ -264,6 +244,30 @@ pub struct LogEntry {
     pub action: String,
     pub relay: String,
     pub reason: String,
+}
+
+impl LogEntry {
+    /// The entry for the recipient whose record is at `offset`.
+    pub fn new(
+        offset: u64,
+        rcpt: &Recipient,
+        status: &str,
+        action: &str,
+        relay: &str,
+        reason: &str,
+    ) -> LogEntry {
+        LogEntry {
+            recipient: rcpt.address.clone(),
+            original: rcpt.original.clone(),
+            orcpt: rcpt.orcpt.clone(),
+            notify: rcpt.notify,
+            offset,
+            status: status.to_string(),
+            action: action.to_string(),
+            relay: relay.to_string(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 fn clean(s: &str) -> String {

@@ -4,6 +4,7 @@
 //!   reader, in-place "done" marks).
 //! - [`queue`]: the queue tree, queue IDs, moves between queues.
 //! - [`ipc`]: every message the programs exchange, and its framing.
+//! - [`dns`]: the DNS resolver smtp and smtpd share.
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`addr`]: envelope addresses.
@@ -20,6 +21,7 @@ pub mod addr;
 pub mod base64;
 pub mod cidr;
 pub mod delivery;
+pub mod dns;
 pub mod ipc;
 pub mod log;
 pub mod maps;

@@ -342,94 +342,6 @@ pub fn is_complete(file: &File) -> io::Result<bool> {
     Ok(tail == [REC_END, 0, 0, 0, 0])
 }
 
-/// Reads the envelope of a complete queue file (or a maildrop file, which
-/// has the same form). Leaves the file position unspecified.
-pub fn read_envelope(file: &File) -> Result<Envelope, ReadError> {
-    if !is_complete(file)? {
-        return Err(ReadError::Incomplete);
-    }
-    let mut r = BufReader::new(file);
-    r.seek(SeekFrom::Start(0))?;
-    let mut env = Envelope::default();
-    let mut pos: u64 = 0;
-    let mut seen_version = false;
-    let mut sizes: Option<[u8; 24]> = None;
-    let mut buf = Vec::new();
-    loop {
-        let Some((kind, len)) = read_header(&mut r)? else {
-            return Err(ReadError::Corrupt("no message start record".into()));
-        };
-        buf.resize(len as usize, 0);
-        r.read_exact(&mut buf)
-            .map_err(|_| ReadError::Corrupt("record cut short".into()))?;
-        let at = pos;
-        pos += 5 + len as u64;
-        let text = || {
-            std::str::from_utf8(&buf)
-                .map(|s| s.to_string())
-                .map_err(|_| {
-                    ReadError::Corrupt(format!("record {} at {at}: not UTF-8", kind as char))
-                })
-        };
-        match kind {
-            REC_VERSION => {
-                if buf != VERSION {
-                    return Err(ReadError::Corrupt("unknown version".into()));
-                }
-                seen_version = true;
-            }
-            _ if !seen_version => return Err(ReadError::Corrupt("no version record".into())),
-            REC_SIZES => {
-                let s: [u8; 24] = buf
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| ReadError::Corrupt("size record".into()))?;
-                sizes = Some(s);
-            }
-            REC_TIME => {
-                let t = text()?;
-                let (s, u) = t.split_once('.').unwrap_or((&t, "0"));
-                env.arrival_secs = s.parse().map_err(|_| ReadError::Corrupt("time".into()))?;
-                env.arrival_usecs = u.parse().map_err(|_| ReadError::Corrupt("time".into()))?;
-            }
-            REC_SENDER => env.sender = text()?,
-            REC_ATTR => {
-                let t = text()?;
-                let (n, v) = t.split_once('=').unwrap_or((&t, ""));
-                env.attrs.push((n.to_string(), v.to_string()));
-            }
-            REC_RCPT | REC_DONE => {
-                let rcpt = Recipient::decode(&buf)
-                    .ok_or_else(|| ReadError::Corrupt(format!("recipient at {at}")))?;
-                env.recipients.push(QueuedRecipient {
-                    offset: at,
-                    done: kind == REC_DONE,
-                    rcpt,
-                });
-            }
-            REC_MESSAGE => {
-                env.content_offset = pos;
-                break;
-            }
-            other => {
-                return Err(ReadError::Corrupt(format!(
-                    "unexpected record type {:?} in envelope",
-                    other as char
-                )))
-            }
-        }
-    }
-    let sizes = sizes.ok_or_else(|| ReadError::Corrupt("no size record".into()))?;
-    let content_at = u64::from_le_bytes(sizes[..8].try_into().unwrap());
-    env.content_size = u64::from_le_bytes(sizes[8..16].try_into().unwrap());
-    if content_at != env.content_offset {
-        return Err(ReadError::Corrupt(
-            "size record does not match content".into(),
-        ));
-    }
-    Ok(env)
-}
-
 /// A part of a message's envelope: see [`read_envelope_slice`].
 #[derive(Debug, Clone, Default)]
 pub struct EnvelopeSlice {
@@ -447,10 +359,27 @@ pub struct EnvelopeSlice {
 /// memory at once (qmgr's `qmgr_message_recipient_limit`). Done recipients
 /// are skipped. `content_offset` comes from the size record.
 pub fn read_envelope_slice(file: &File, from: u64, max: usize) -> Result<EnvelopeSlice, ReadError> {
+    scan_envelope(file, from, max.max(1), false)
+}
+
+/// Reads the envelope of a complete queue file (or a maildrop file, which
+/// has the same form), every recipient included, done or not. Leaves the
+/// file position unspecified.
+pub fn read_envelope(file: &File) -> Result<Envelope, ReadError> {
+    scan_envelope(file, 0, usize::MAX, true).map(|s| s.env)
+}
+
+/// The one envelope reader: records from the start, recipients from
+/// offset `from` on, at most `max` of them, done ones only if `keep_done`.
+fn scan_envelope(
+    file: &File,
+    from: u64,
+    max: usize,
+    keep_done: bool,
+) -> Result<EnvelopeSlice, ReadError> {
     if !is_complete(file)? {
         return Err(ReadError::Incomplete);
     }
-    let max = max.max(1);
     let mut r = BufReader::new(file);
     r.seek(SeekFrom::Start(0))?;
     let mut out = EnvelopeSlice::default();
@@ -473,7 +402,7 @@ pub fn read_envelope_slice(file: &File, from: u64, max: usize) -> Result<Envelop
             out.next = Some(at);
             break;
         }
-        if kind == REC_DONE {
+        if kind == REC_DONE && !keep_done {
             r.seek_relative(len as i64)?;
             pos += 5 + len as u64;
             continue;
@@ -518,12 +447,12 @@ pub fn read_envelope_slice(file: &File, from: u64, max: usize) -> Result<Envelop
                 let (n, v) = t.split_once('=').unwrap_or((&t, ""));
                 out.env.attrs.push((n.to_string(), v.to_string()));
             }
-            REC_RCPT => {
+            REC_RCPT | REC_DONE => {
                 let rcpt = Recipient::decode(&buf)
                     .ok_or_else(|| ReadError::Corrupt(format!("recipient at {at}")))?;
                 out.env.recipients.push(QueuedRecipient {
                     offset: at,
-                    done: false,
+                    done: kind == REC_DONE,
                     rcpt,
                 });
             }

@@ -405,7 +405,8 @@ impl Manager {
             if r.done {
                 continue;
             }
-            let (outcome, dsn, reason) = match self.resolver.resolve(&r.rcpt.address) {
+            let sender = Some(msg.env.sender.as_str());
+            let (outcome, dsn, reason) = match self.resolver.resolve_from(sender, &r.rcpt.address) {
                 Resolution::Deliver { transport, nexthop } => {
                     targets.push(Target {
                         index: i,

@@ -135,17 +135,7 @@ pub fn expire(
                 "delivery temporarily suspended".to_string(),
             ),
         };
-        let entry = LogEntry {
-            recipient: r.rcpt.address.clone(),
-            original: r.rcpt.original.clone(),
-            orcpt: r.rcpt.orcpt.clone(),
-            notify: r.rcpt.notify,
-            offset: r.offset,
-            status,
-            action: "failed".into(),
-            relay,
-            reason,
-        };
+        let entry = LogEntry::new(r.offset, &r.rcpt, &status, "failed", &relay, &reason);
         if let Err(e) = delivery::append_log(tree, MessageLog::Bounce, id, &entry) {
             postern_common::warning!("{id}: append bounce log: {e}");
             continue;

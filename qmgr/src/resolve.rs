@@ -13,7 +13,12 @@
 //! The usual next hop: `local_transport`'s (or `$myhostname`) for the
 //! local transport; for any other transport the class default's when the
 //! transport is the class's own, else `relayhost` when set, else the
-//! recipient's domain.
+//! recipient's domain. Before `relayhost` and the domain,
+//! `sender_dependent_relayhost_maps` is searched by the envelope sender
+//! (the full address, then `@domain`; `<>` for the null sender): a result
+//! other than `DUNNO` is the next hop ([`Resolver::resolve_from`]). A
+//! next hop from `transport_maps` or from the class's transport setting
+//! is never overridden, as in Postfix.
 //!
 //! Three transports are handled by qmgr itself, as Postfix's `error`,
 //! `retry` and `discard` agents would: `error:TEXT` bounces at once,
@@ -63,6 +68,11 @@ pub struct Resolver {
     /// The files behind `transport_maps`, with the mtime they had when
     /// opened, to notice a `postmap`.
     map_files: Vec<(PathBuf, Option<SystemTime>)>,
+    /// `sender_dependent_relayhost_maps`, its open errors and files.
+    snd_relay_spec: String,
+    snd_relay: Tables,
+    snd_relay_errors: Vec<String>,
+    snd_relay_files: Vec<(PathBuf, Option<SystemTime>)>,
     checked: Instant,
 }
 
@@ -107,6 +117,18 @@ fn mtime(p: &PathBuf) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+/// The files behind a list of tables, with their mtimes now.
+fn files_of(spec: &str) -> Vec<(PathBuf, Option<SystemTime>)> {
+    maps::split_specs(spec)
+        .iter()
+        .filter_map(|s| file_of(s))
+        .map(|p| {
+            let t = mtime(&p);
+            (p, t)
+        })
+        .collect()
+}
+
 impl Resolver {
     pub fn new(cfg: &Config) -> Resolver {
         let myhostname = cfg.get("myhostname").to_ascii_lowercase();
@@ -125,6 +147,10 @@ impl Resolver {
             maps: Tables::default(),
             map_errors: Vec::new(),
             map_files: Vec::new(),
+            snd_relay_spec: cfg.get("sender_dependent_relayhost_maps"),
+            snd_relay: Tables::default(),
+            snd_relay_errors: Vec::new(),
+            snd_relay_files: Vec::new(),
             checked: Instant::now(),
             myhostname,
         };
@@ -139,14 +165,14 @@ impl Resolver {
         }
         self.maps = tables;
         self.map_errors = errors;
-        self.map_files = maps::split_specs(&self.maps_spec)
-            .iter()
-            .filter_map(|s| file_of(s))
-            .map(|p| {
-                let t = mtime(&p);
-                (p, t)
-            })
-            .collect();
+        self.map_files = files_of(&self.maps_spec);
+        let (tables, errors) = Tables::open_list(&self.snd_relay_spec);
+        for e in &errors {
+            postern_common::warning!("sender_dependent_relayhost_maps: {e}");
+        }
+        self.snd_relay = tables;
+        self.snd_relay_errors = errors;
+        self.snd_relay_files = files_of(&self.snd_relay_spec);
     }
 
     /// Re-opens `transport_maps` when one of its files changed (a new
@@ -157,8 +183,13 @@ impl Resolver {
             return;
         }
         self.checked = Instant::now();
-        let changed =
-            !self.map_errors.is_empty() || self.map_files.iter().any(|(p, t)| mtime(p) != *t);
+        let changed = !self.map_errors.is_empty()
+            || !self.snd_relay_errors.is_empty()
+            || self
+                .map_files
+                .iter()
+                .chain(&self.snd_relay_files)
+                .any(|(p, t)| mtime(p) != *t);
         if changed {
             self.open_maps();
         }
@@ -199,8 +230,38 @@ impl Resolver {
         self.maps.lookup("*")
     }
 
-    /// Resolves one recipient address.
+    /// `sender_dependent_relayhost_maps` for `sender`: the full address,
+    /// then `@domain` (`<>` for the null sender, Postfix's
+    /// `empty_address_relayhost_maps_lookup_key`). `DUNNO` ends the
+    /// search with no override.
+    fn sender_relayhost(&self, sender: &str) -> Option<String> {
+        if self.snd_relay.is_empty() {
+            return None;
+        }
+        let sender = sender.to_ascii_lowercase();
+        let found = if sender.is_empty() {
+            self.snd_relay.lookup("<>")
+        } else {
+            self.snd_relay.lookup(&sender).or_else(|| {
+                let d = addr::domain(&sender);
+                (!d.is_empty())
+                    .then(|| self.snd_relay.lookup(&format!("@{d}")))
+                    .flatten()
+            })
+        };
+        let v = found?.trim();
+        (!v.is_empty() && !v.eq_ignore_ascii_case("DUNNO")).then(|| v.to_string())
+    }
+
+    /// Resolves one recipient address, without a sender.
+    #[cfg(test)]
     pub fn resolve(&self, address: &str) -> Resolution {
+        self.resolve_from(None, address)
+    }
+
+    /// Resolves one recipient address of mail from `sender` (None: not
+    /// known, no sender-dependent relay host).
+    pub fn resolve_from(&self, sender: Option<&str>, address: &str) -> Resolution {
         let domain = addr::domain(address);
         let class = if domain.is_empty() || addr::domain_in_list(&domain, &self.mydestination) {
             &self.local
@@ -221,6 +282,15 @@ impl Resolver {
             return Resolution::Defer {
                 dsn: "4.3.0".into(),
                 text: format!("transport table unavailable: {}", self.map_errors[0]),
+            };
+        }
+        if sender.is_some() && !self.snd_relay_errors.is_empty() {
+            return Resolution::Defer {
+                dsn: "4.3.0".into(),
+                text: format!(
+                    "sender-dependent relayhost table unavailable: {}",
+                    self.snd_relay_errors[0]
+                ),
             };
         }
         if let Some(v) = self.lookup(address, &domain) {
@@ -270,6 +340,8 @@ impl Resolver {
                 } else {
                     self.local.1.clone()
                 }
+            } else if let Some(relay) = sender.and_then(|s| self.sender_relayhost(s)) {
+                relay
             } else if !self.relayhost.is_empty() {
                 self.relayhost.clone()
             } else if !domain.is_empty() {
@@ -341,6 +413,66 @@ mod tests {
         );
         let r = resolver("default_transport = smtp:[gw.test]\n");
         assert_eq!(r.resolve("x@remote.test"), deliver("smtp", "[gw.test]"));
+    }
+
+    #[test]
+    fn sender_dependent_relayhost() {
+        let r = resolver(concat!(
+            "relayhost = [10.0.0.1]\n",
+            "relay_domains = relayed.test\n",
+            "sender_dependent_relayhost_maps = inline:{ boss@corp.test=[10.0.0.2]:2525,",
+            " @corp.test=[10.0.0.3], other@corp.test=DUNNO, <>=[10.0.0.4] }\n",
+            "transport_maps = inline:{ fixed.test=smtp:[10.0.0.9], kept.test=smtp: }\n"
+        ));
+        let from = |s: &str, a: &str| r.resolve_from(Some(s), a);
+        // Full address, then @domain; case-insensitive.
+        assert_eq!(
+            from("Boss@Corp.test", "x@remote.test"),
+            deliver("smtp", "[10.0.0.2]:2525")
+        );
+        assert_eq!(
+            from("anyone@corp.test", "x@remote.test"),
+            deliver("smtp", "[10.0.0.3]")
+        );
+        // DUNNO: no override; an unmapped sender: relayhost.
+        assert_eq!(
+            from("other@corp.test", "x@remote.test"),
+            deliver("smtp", "[10.0.0.1]")
+        );
+        assert_eq!(
+            from("a@elsewhere.test", "x@remote.test"),
+            deliver("smtp", "[10.0.0.1]")
+        );
+        // The null sender is looked up as <>.
+        assert_eq!(from("", "x@remote.test"), deliver("smtp", "[10.0.0.4]"));
+        // Relay domains go the same way; local mail and transport_maps
+        // next hops are not overridden.
+        assert_eq!(
+            from("anyone@corp.test", "x@relayed.test"),
+            deliver("relay", "[10.0.0.3]")
+        );
+        assert_eq!(
+            from("anyone@corp.test", "root@localhost"),
+            deliver("local", "mx.example.test")
+        );
+        assert_eq!(
+            from("anyone@corp.test", "x@fixed.test"),
+            deliver("smtp", "[10.0.0.9]")
+        );
+        assert_eq!(
+            from("anyone@corp.test", "x@kept.test"),
+            deliver("smtp", "[10.0.0.3]")
+        );
+        // Without relayhost the map still overrides the MX route.
+        let r = resolver("sender_dependent_relayhost_maps = inline:{ @corp.test=[10.0.0.3] }\n");
+        assert_eq!(
+            r.resolve_from(Some("a@corp.test"), "x@remote.test"),
+            deliver("smtp", "[10.0.0.3]")
+        );
+        assert_eq!(
+            r.resolve_from(Some("a@else.test"), "x@remote.test"),
+            deliver("smtp", "remote.test")
+        );
     }
 
     #[test]

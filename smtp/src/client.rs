@@ -11,7 +11,11 @@
 //! QUIT — or, with [`Settings::keep`], hands the session back as [`Idle`]
 //! for [`deliver_again`] (RSET, then the next transaction). With
 //! PIPELINING the MAIL, RCPT and DATA commands go out in one write and
-//! their replies are read in order (RFC 2920).
+//! their replies are read in order (RFC 2920). When the server offers
+//! CHUNKING (RFC 3030) the content goes as `BDAT n` chunks of at most 64
+//! KiB of queue file (CRLF line ends, no dot-stuffing), the last `BDAT n
+//! LAST`, instead of DATA. EHLO keywords in [`Settings::discard`]
+//! (`smtp_discard_ehlo_keywords`) are ignored.
 //!
 //! What the conversation needs from the delivery is behind
 //! [`Transaction`]: the envelope, the content, and a place to record each
@@ -91,6 +95,10 @@ pub struct Settings {
     /// Keep a session that ended well for another transaction (the
     /// connection cache) instead of saying QUIT.
     pub keep: bool,
+    /// EHLO keywords to ignore, lower-case (`smtp_discard_ehlo_keywords`;
+    /// LMTP: `lmtp_discard_lhlo_keywords`). `silent-discard` drops the
+    /// log line that names them.
+    pub discard: Vec<String>,
 }
 
 /// Who a session talks to, as reasons and the `relay=` field name it.
@@ -181,6 +189,34 @@ impl Extensions {
         }
         e
     }
+
+    /// Forgets what `keywords` (lower-case) name; returns the names of
+    /// the offered extensions forgotten, upper-case.
+    pub fn discard(&mut self, keywords: &[String]) -> Vec<&'static str> {
+        let mut gone = Vec::new();
+        let has = |k: &str| keywords.iter().any(|w| w == k);
+        let mut off = |on: &mut bool, name: &'static str| {
+            if *on && has(&name.to_ascii_lowercase()) {
+                *on = false;
+                gone.push(name);
+            }
+        };
+        off(&mut self.pipelining, "PIPELINING");
+        off(&mut self.eight_bit_mime, "8BITMIME");
+        off(&mut self.smtputf8, "SMTPUTF8");
+        off(&mut self.dsn, "DSN");
+        off(&mut self.starttls, "STARTTLS");
+        off(&mut self.chunking, "CHUNKING");
+        if self.size.is_some() && has("size") {
+            self.size = None;
+            gone.push("SIZE");
+        }
+        if !self.auth.is_empty() && has("auth") {
+            self.auth.clear();
+            gone.push("AUTH");
+        }
+        gone
+    }
 }
 
 /// The delivery as the conversation sees it. Recipients are numbered
@@ -256,11 +292,15 @@ pub enum End {
 /// Converts queued content (LF line ends) to SMTP DATA: CRLF line ends
 /// (a CR already before the LF is kept as is), a dot doubled at the start
 /// of a line, a final CRLF when the content lacks one, and the `.` line.
-/// Works chunk by chunk: a line may span any number of chunks.
+/// Works chunk by chunk: a line may span any number of chunks. For BDAT
+/// ([`DataEncoder::bdat`]) the same without the dots: BDAT carries the
+/// octets as they are.
 #[derive(Debug, Clone)]
 pub struct DataEncoder {
     at_line_start: bool,
     last: Option<u8>,
+    /// DATA: dot-stuffing and the final `.` line.
+    dots: bool,
 }
 
 impl Default for DataEncoder {
@@ -274,6 +314,15 @@ impl DataEncoder {
         DataEncoder {
             at_line_start: true,
             last: None,
+            dots: true,
+        }
+    }
+
+    /// For BDAT chunks: CRLF line ends only, no dot-stuffing, no `.` line.
+    pub fn bdat() -> DataEncoder {
+        DataEncoder {
+            dots: false,
+            ..DataEncoder::new()
         }
     }
 
@@ -281,7 +330,7 @@ impl DataEncoder {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let mut rest = input;
         while !rest.is_empty() {
-            if self.at_line_start && rest[0] == b'.' {
+            if self.dots && self.at_line_start && rest[0] == b'.' {
                 out.push(b'.');
             }
             match rest.iter().position(|&b| b == b'\n') {
@@ -317,7 +366,9 @@ impl DataEncoder {
             }
             self.at_line_start = true;
         }
-        out.extend_from_slice(b".\r\n");
+        if self.dots {
+            out.extend_from_slice(b".\r\n");
+        }
     }
 }
 
@@ -395,6 +446,7 @@ mod stage {
     pub const DATA: &str = "sending DATA command";
     pub const BODY: &str = "sending message body";
     pub const DOT: &str = "sending end of data -- message may be sent more than once";
+    pub const BDAT: &str = "sending BDAT command";
 }
 
 /// Runs one mail transaction with `peer` over `stream`. See the module doc.
@@ -674,7 +726,7 @@ impl<'a, 'c> Session<'a, 'c> {
         let ehlo = format!("{verb} {}", self.settings.helo_name);
         let ext = match self.command(Some(&ehlo)) {
             Err(e) => return self.try_next(self.io_failure(&e, ehlo_stage)),
-            Ok(r) if r.class() == 2 => Extensions::parse(&r),
+            Ok(r) if r.class() == 2 => self.extensions(&r),
             Ok(r) if r.code == 421 || self.settings.lmtp => {
                 // LMTP has no HELO to fall back to.
                 return self.try_next(self.refused(&r));
@@ -715,6 +767,17 @@ impl<'a, 'c> Session<'a, 'c> {
         txn.connected();
         self.ext = Some(ext.clone());
         self.transaction(txn, &ext)
+    }
+
+    /// What an EHLO/LHLO reply offers, less the discarded keywords
+    /// (logged as Postfix does unless `silent-discard` is set).
+    fn extensions(&self, r: &Reply) -> Extensions {
+        let mut ext = Extensions::parse(r);
+        let gone = ext.discard(&self.settings.discard);
+        if !gone.is_empty() && !self.settings.discard.iter().any(|k| k == "silent-discard") {
+            postern_common::info!("discarding EHLO keywords: {}", gone.join(" "));
+        }
+        ext
     }
 
     /// The session's end, and the session itself when it may be reused.
@@ -913,7 +976,7 @@ impl<'a, 'c> Session<'a, 'c> {
         }
         self.tls_handshake(tls)?;
         match self.command(Some(ehlo)) {
-            Ok(r) if r.class() == 2 => Ok(Extensions::parse(&r)),
+            Ok(r) if r.class() == 2 => Ok(self.extensions(&r)),
             Ok(r) => {
                 let f = self.refused(&r);
                 self.quit();
@@ -995,13 +1058,17 @@ impl<'a, 'c> Session<'a, 'c> {
             .collect();
 
         let pipelined = ext.pipelining;
+        // CHUNKING (RFC 3030): BDAT instead of DATA.
+        let bdat = ext.chunking;
         if pipelined {
             self.timeout(t.mail);
             self.queue(&mail);
             for r in &rcpts {
                 self.queue(r);
             }
-            self.queue("DATA");
+            if !bdat {
+                self.queue("DATA");
+            }
             if let Err(e) = self.flush() {
                 return self.try_next(self.io_failure(&e, stage::MAIL));
             }
@@ -1045,9 +1112,12 @@ impl<'a, 'c> Session<'a, 'c> {
             }
             txn.record(i, outcome, &dsn, &reason);
         }
-        if accepted.is_empty() && !pipelined {
+        if accepted.is_empty() && (!pipelined || bdat) {
             self.done();
             return End::Complete;
+        }
+        if bdat {
+            return self.send_bdat(txn, &accepted);
         }
 
         // DATA.
@@ -1097,13 +1167,26 @@ impl<'a, 'c> Session<'a, 'c> {
                 Self::record_all(txn, &accepted, Outcome::Deferred, &f.dsn, &f.reason);
                 return End::Complete;
             }
+            Err(Trouble::Refused(r)) => {
+                // DATA content has no reply before its end; kept for
+                // completeness.
+                let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
+                Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+                return End::Complete;
+            }
         }
-        self.timeout(t.data_done);
+        self.end_of_data(txn, &accepted)
+    }
+
+    /// Reads the reply (LMTP: the replies) to the end of the content and
+    /// records each accepted recipient's outcome.
+    fn end_of_data<T: Transaction>(&mut self, txn: &mut T, accepted: &[usize]) -> End {
+        self.timeout(self.settings.timeouts.data_done);
         let r = match self.read() {
             Ok(r) => r,
             Err(e) => {
                 let f = self.io_failure(&e, stage::DOT);
-                Self::record_all(txn, &accepted, Outcome::Deferred, &f.dsn, &f.reason);
+                Self::record_all(txn, accepted, Outcome::Deferred, &f.dsn, &f.reason);
                 return End::Complete;
             }
         };
@@ -1136,16 +1219,90 @@ impl<'a, 'c> Session<'a, 'c> {
                 }
             }
         } else if r.class() == 2 {
-            Self::record_all(txn, &accepted, Outcome::Sent, &r.dsn(), &r.text());
+            Self::record_all(txn, accepted, Outcome::Sent, &r.dsn(), &r.text());
         } else {
             let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
-            Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+            Self::record_all(txn, accepted, outcome, &dsn, &reason);
             if r.code == 421 {
                 return End::Complete;
             }
         }
         self.done();
         End::Complete
+    }
+
+    /// The content as BDAT chunks (RFC 3030) of at most 64 KiB of queue
+    /// file each (CRLF line ends, no dot-stuffing), the last one `BDAT n
+    /// LAST`; each chunk but the last has its reply read before the next
+    /// goes out. Then the reply (LMTP: replies) to the end of the content.
+    fn send_bdat<T: Transaction>(&mut self, txn: &mut T, accepted: &[usize]) -> End {
+        // From here on a failure may leave a copy at the server: every
+        // accepted recipient gets an outcome now.
+        self.timeout(self.settings.timeouts.data_xfer);
+        match self.bdat_chunks(txn) {
+            Ok(()) => self.end_of_data(txn, accepted),
+            // Drop the connection without BDAT LAST: the server discards
+            // the partial message.
+            Err(Trouble::Local(e)) => self.local_error(txn, accepted, &e),
+            Err(Trouble::Io(e)) => {
+                let f = self.io_failure(&e, stage::BDAT);
+                Self::record_all(txn, accepted, Outcome::Deferred, &f.dsn, &f.reason);
+                End::Complete
+            }
+            Err(Trouble::Refused(r)) => {
+                let (outcome, dsn, reason) = self.said(&r, "BDAT command");
+                Self::record_all(txn, accepted, outcome, &dsn, &reason);
+                if r.code != 421 {
+                    // A kept session starts the next transaction with RSET.
+                    self.done();
+                }
+                End::Complete
+            }
+        }
+    }
+
+    /// Sends the BDAT chunks; see [`Session::send_bdat`].
+    fn bdat_chunks<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
+        const CHUNK: usize = 64 * 1024;
+        let mut content = txn.content().map_err(Trouble::Local)?;
+        let mut enc = DataEncoder::bdat();
+        let mut inbuf = vec![0u8; CHUNK];
+        let mut pending: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
+        let mut next: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
+        let mut started = false;
+        loop {
+            // A whole chunk's worth, however the content reads.
+            let mut n = 0;
+            while n < CHUNK {
+                match content.read(&mut inbuf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Trouble::Local(e)),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            next.clear();
+            enc.feed(&inbuf[..n], &mut next);
+            if started {
+                // A chunk that is not the last: send it, read its reply.
+                self.queue(&format!("BDAT {}", pending.len()));
+                self.wbuf.extend_from_slice(&pending);
+                self.flush().map_err(Trouble::Io)?;
+                let r = self.read().map_err(Trouble::Io)?;
+                if r.class() != 2 {
+                    return Err(Trouble::Refused(r));
+                }
+            }
+            std::mem::swap(&mut pending, &mut next);
+            started = true;
+        }
+        enc.finish(&mut pending);
+        self.queue(&format!("BDAT {} LAST", pending.len()));
+        self.wbuf.extend_from_slice(&pending);
+        self.flush().map_err(Trouble::Io)
     }
 
     /// A problem reading our own queue file: defer, and drop the
@@ -1188,6 +1345,8 @@ enum Trouble {
     Local(io::Error),
     /// Writing to the server failed.
     Io(io::Error),
+    /// The server refused a BDAT chunk.
+    Refused(Reply),
 }
 
 #[cfg(test)]
@@ -1399,6 +1558,7 @@ mod tests {
             },
             lmtp: false,
             keep: false,
+            discard: Vec::new(),
         }
     }
 
@@ -1460,6 +1620,159 @@ mod tests {
         // Rejections are recorded before the content is sent.
         assert_eq!(txn.recorded[0].0, 1);
         assert_eq!(txn.recorded[1].0, 2);
+    }
+
+    #[test]
+    fn chunking_sends_bdat_without_dot_stuffing() {
+        let mut srv = Scripted::new(
+            "220 mx.b.test ESMTP\r\n\
+             250-mx.b.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n\
+             250 2.1.0 Ok\r\n\
+             250 2.1.5 Ok\r\n\
+             550 5.1.1 <b@b.test>: Recipient address rejected: User unknown\r\n\
+             250 2.0.0 Ok: queued as ABC\r\n\
+             221 2.0.0 Bye\r\n",
+        );
+        let content = b"Subject: t\n\n.hello\r\n.\nend";
+        let mut txn = TestTxn::new(&["a@b.test", "b@b.test"], content);
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        // MAIL and RCPTs pipelined, without DATA.
+        assert_eq!(
+            String::from_utf8(srv.writes[1].clone()).unwrap(),
+            "MAIL FROM:<from@a.test>\r\nRCPT TO:<a@b.test>\r\nRCPT TO:<b@b.test>\r\n"
+        );
+        // One chunk: CRLF line ends, dots as they are, a final CRLF added.
+        let body = "Subject: t\r\n\r\n.hello\r\n.\r\nend\r\n";
+        assert_eq!(
+            sent_text(&srv),
+            format!(
+                "EHLO client.test\r\n{}BDAT {} LAST\r\n{body}QUIT\r\n",
+                String::from_utf8(srv.writes[1].clone()).unwrap(),
+                body.len()
+            )
+        );
+        assert_eq!(
+            txn.outcome(0),
+            Some((Outcome::Sent, "2.0.0", "250 2.0.0 Ok: queued as ABC"))
+        );
+        assert_eq!(txn.outcome(1).unwrap().0, Outcome::Bounced);
+    }
+
+    #[test]
+    fn chunking_large_content_in_bounded_chunks() {
+        // 200,000 bytes of lines "x...x\n" (99 x's): 2,000 lines.
+        let line = format!("{}\n", "x".repeat(99));
+        let content = line.repeat(2000).into_bytes();
+        let mut srv = Scripted::new(
+            "220 mx.b.test ESMTP\r\n\
+             250-mx.b.test\r\n250 CHUNKING\r\n\
+             250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
+             250 2.0.0 chunk\r\n250 2.0.0 chunk\r\n250 2.0.0 chunk\r\n\
+             250 2.0.0 Ok: queued as XYZ\r\n221 Bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], &content);
+        txn.chunk = 1000;
+        assert_eq!(
+            deliver(&mut srv, &peer(), &settings(5), &mut txn),
+            End::Complete
+        );
+        let all = sent_text(&srv);
+        // Reassemble the chunks; each is at most 64 KiB of queue file.
+        let mut rest = &all[all.find("BDAT").unwrap()..];
+        let mut got = String::new();
+        let mut sizes = Vec::new();
+        loop {
+            let eol = rest.find("\r\n").unwrap();
+            let cmd = &rest[..eol];
+            let mut w = cmd.split(' ');
+            assert_eq!(w.next(), Some("BDAT"));
+            let n: usize = w.next().unwrap().parse().unwrap();
+            let last = w.next() == Some("LAST");
+            got.push_str(&rest[eol + 2..eol + 2 + n]);
+            sizes.push(n);
+            rest = &rest[eol + 2 + n..];
+            if last {
+                break;
+            }
+        }
+        assert_eq!(rest, "QUIT\r\n");
+        assert_eq!(got, line.replace('\n', "\r\n").repeat(2000));
+        assert_eq!(sizes.len(), 4);
+        assert!(sizes.iter().all(|&n| n <= 64 * 1024 * 2));
+        assert_eq!(
+            txn.outcome(0),
+            Some((Outcome::Sent, "2.0.0", "250 2.0.0 Ok: queued as XYZ"))
+        );
+    }
+
+    #[test]
+    fn chunking_refused_chunk_and_lmtp_replies() {
+        // A refused first chunk: no more chunks, outcome from its reply.
+        let content = "y\n".repeat(40_000).into_bytes();
+        let mut srv = Scripted::new(
+            "220 mx.b.test ESMTP\r\n\
+             250-mx.b.test\r\n250 CHUNKING\r\n\
+             250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n\
+             552 5.3.4 Message too big\r\n221 Bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], &content);
+        txn.chunk = 4096;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        let all = sent_text(&srv);
+        assert_eq!(all.matches("BDAT").count(), 1);
+        assert!(all.ends_with("QUIT\r\n"));
+        assert_eq!(
+            txn.outcome(0),
+            Some((
+                Outcome::Bounced,
+                "5.3.4",
+                "host mx.b.test[127.0.0.1] said: 552 5.3.4 Message too big (in reply to BDAT command)"
+            ))
+        );
+
+        // LMTP: one reply per accepted recipient after BDAT LAST.
+        let mut srv = Scripted::new(
+            "220 lmtp.test LMTP\r\n\
+             250-lmtp.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n\
+             250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n\
+             250 2.0.0 <a@b.test> Saved\r\n\
+             452 4.2.2 <c@b.test> Quota exceeded\r\n221 Bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test", "c@b.test"], b".x\n");
+        let mut st = settings(5);
+        st.lmtp = true;
+        let unix = PeerId::unix("me.test", "private/lmtp");
+        assert_eq!(deliver(&mut srv, unix, &st, &mut txn), End::Complete);
+        assert!(sent_text(&srv).ends_with("BDAT 4 LAST\r\n.x\r\nQUIT\r\n"));
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        assert_eq!(
+            txn.outcome(1),
+            Some((
+                Outcome::Deferred,
+                "4.2.2",
+                "host me.test[private/lmtp] said: 452 4.2.2 <c@b.test> Quota exceeded (in reply to end of DATA command)"
+            ))
+        );
+    }
+
+    #[test]
+    fn discarded_chunking_uses_data() {
+        let mut srv = Scripted::new(
+            "220 mx.b.test ESMTP\r\n\
+             250-mx.b.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n\
+             250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n250 2.0.0 Ok\r\n221 Bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], b".x\n");
+        let mut st = settings(5);
+        st.discard = vec!["chunking".into(), "silent-discard".into()];
+        assert_eq!(deliver(&mut srv, &peer(), &st, &mut txn), End::Complete);
+        let all = sent_text(&srv);
+        assert!(!all.contains("BDAT"));
+        assert!(all.ends_with("DATA\r\n..x\r\n.\r\nQUIT\r\n"));
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
     }
 
     #[test]

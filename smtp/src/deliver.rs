@@ -13,7 +13,7 @@
 
 use crate::cache::Cache;
 use crate::client::{self, End, PeerId, Settings, Timeouts, Transaction};
-use crate::dns::{self, Resolver};
+use crate::dns::Resolver;
 use crate::nexthop::{self, Failure, LmtpHop, NextHop, Server};
 use crate::sasl;
 use crate::tls;
@@ -85,6 +85,7 @@ pub fn param(lmtp: bool, smtp_name: &str) -> String {
         let rest = match rest {
             "helo_name" => "lhlo_name",
             "helo_timeout" => "lhlo_timeout",
+            "discard_ehlo_keywords" => "discard_lhlo_keywords",
             r => r,
         };
         let name = format!("lmtp_{rest}");
@@ -136,19 +137,7 @@ impl Agent {
     /// `inet_protocols` and `dns_resolver_*` parameters.
     pub fn from_config(cfg: &Config, lmtp: bool) -> Agent {
         let p = |n: &str| param(lmtp, n);
-        let dns_servers = cfg
-            .get_list("dns_resolver_addresses")
-            .iter()
-            .filter_map(|item| {
-                let sa = dns::parse_server(item);
-                if sa.is_none() {
-                    postern_common::warning!(
-                        "dns_resolver_addresses: ignoring \"{item}\": expected address or address:port"
-                    );
-                }
-                sa
-            })
-            .collect();
+        let dns_servers = postern_common::dns::servers_from_config(cfg);
         Agent {
             settings: Settings {
                 helo_name: cfg.get(&p("smtp_helo_name")),
@@ -165,6 +154,11 @@ impl Agent {
                 keep: cfg
                     .get_bool(&p("smtp_connection_cache_on_demand"))
                     .unwrap_or(true),
+                discard: cfg
+                    .get_list(&p("smtp_discard_ehlo_keywords"))
+                    .iter()
+                    .map(|k| k.to_ascii_lowercase())
+                    .collect(),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(

@@ -13,12 +13,11 @@
 //! (no record of that type), or `Host not found, try again` (SERVFAIL,
 //! REFUSED, time-out, no answer).
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError as HDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
+use postern_common::dns::BlockingResolver;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -100,52 +99,12 @@ pub struct Resolver {
     resolver: TokioResolver,
 }
 
-/// Parses one `dns_resolver_addresses` item: `1.2.3.4`, `1.2.3.4:5353`,
-/// `::1`, `[::1]:5353`.
-pub fn parse_server(item: &str) -> Option<SocketAddr> {
-    if let Ok(sa) = item.parse::<SocketAddr>() {
-        return Some(sa);
-    }
-    let bare = item.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, 53))
-}
-
 impl Resolver {
     /// A resolver asking `servers` (UDP, then TCP for truncated answers),
     /// or the servers of /etc/resolv.conf when `servers` is empty, waiting
     /// `timeout` for each answer.
     pub fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Resolver, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start DNS runtime: {e}"))?;
-        let _guard = rt.enter();
-        let mut builder = if servers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| format!("cannot read resolver configuration: {e}"))?
-        } else {
-            let ns = servers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(ns),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let opts = builder.options_mut();
-        opts.timeout = timeout.max(Duration::from_secs(1));
-        let resolver = builder
-            .build()
-            .map_err(|e| format!("cannot set up DNS resolver: {e}"))?;
+        let BlockingResolver { rt, resolver } = BlockingResolver::new(servers, timeout)?;
         Ok(Resolver { rt, resolver })
     }
 
@@ -242,25 +201,6 @@ impl Lookup for Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_items() {
-        assert_eq!(
-            parse_server("127.0.0.1"),
-            Some("127.0.0.1:53".parse().unwrap())
-        );
-        assert_eq!(
-            parse_server("127.0.0.1:5353"),
-            Some("127.0.0.1:5353".parse().unwrap())
-        );
-        assert_eq!(parse_server("::1"), Some("[::1]:53".parse().unwrap()));
-        assert_eq!(
-            parse_server("[::1]:5353"),
-            Some("[::1]:5353".parse().unwrap())
-        );
-        assert_eq!(parse_server("[::1]"), Some("[::1]:53".parse().unwrap()));
-        assert_eq!(parse_server("ns.example"), None);
-    }
 
     #[test]
     fn error_texts() {

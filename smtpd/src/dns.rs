@@ -15,12 +15,11 @@
 //! evaluates them, waits (taking no input), and evaluates once every
 //! answer is in; answers are kept for the rest of the session.
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError as HDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
+use postern_common::dns::BlockingResolver;
 use postern_common::warning;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -65,17 +64,6 @@ pub fn rbl_name(ip: IpAddr, domain: &str) -> String {
             s
         }
     }
-}
-
-/// `dns_resolver_addresses` items: `1.2.3.4`, `1.2.3.4:5353`, `[::1]:53`.
-pub fn parse_server(item: &str) -> Option<SocketAddr> {
-    if let Ok(sa) = item.parse::<SocketAddr>() {
-        return Some(sa);
-    }
-    let bare = item.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, 53))
 }
 
 /// The helper threads.
@@ -147,35 +135,7 @@ struct Worker {
 
 impl Worker {
     fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Worker, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start DNS runtime: {e}"))?;
-        let _guard = rt.enter();
-        let mut builder = if servers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| format!("cannot read resolver configuration: {e}"))?
-        } else {
-            let ns = servers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(ns),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        builder.options_mut().timeout = timeout.max(Duration::from_secs(1));
-        let resolver = builder
-            .build()
-            .map_err(|e| format!("cannot set up DNS resolver: {e}"))?;
-        drop(_guard);
+        let BlockingResolver { rt, resolver } = BlockingResolver::new(servers, timeout)?;
         Ok(Worker { rt, resolver })
     }
 
@@ -251,9 +211,5 @@ mod tests {
         );
         assert!(rbl_name("2001:db8::1".parse().unwrap(), "x.example")
             .starts_with("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2."));
-        assert_eq!(
-            parse_server("127.0.0.1:5353"),
-            Some("127.0.0.1:5353".parse().unwrap())
-        );
     }
 }

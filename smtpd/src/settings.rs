@@ -173,14 +173,7 @@ impl Settings {
                 .get_bool("smtpd_sasl_authenticated_header")
                 .map_err(e)?,
             broken_sasl_auth_clients: cfg.get_bool("broken_sasl_auth_clients").map_err(e)?,
-            dns_servers: cfg
-                .get_list("dns_resolver_addresses")
-                .iter()
-                .map(|s| {
-                    crate::dns::parse_server(s)
-                        .ok_or_else(|| format!("dns_resolver_addresses: bad address {s}"))
-                })
-                .collect::<Result<_, _>>()?,
+            dns_servers: postern_common::dns::servers_from_config(cfg),
             dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").map_err(e)?),
             anvil: crate::anvil::Limits {
                 connection_count: cfg

@@ -1,0 +1,109 @@
+//! The DNS resolver the daemons share: hickory-resolver on a
+//! current-thread tokio runtime (hickory has no blocking API), asking the
+//! name servers of `dns_resolver_addresses` (Postern-only: for tests, or a
+//! host with a dedicated resolver) or those of /etc/resolv.conf, waiting
+//! `dns_resolver_timeout` for an answer. What is asked, and what an
+//! answer means, stays with each daemon (MX routing in smtp, DNS
+//! restrictions in smtpd).
+
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// One `dns_resolver_addresses` item: `1.2.3.4`, `1.2.3.4:5353`, `[::1]:53`.
+pub fn parse_server(item: &str) -> Option<SocketAddr> {
+    if let Ok(sa) = item.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    let bare = item.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, 53))
+}
+
+/// The servers named in `dns_resolver_addresses`; an item that is not an
+/// address is skipped with a warning. Empty: use /etc/resolv.conf.
+pub fn servers_from_config(cfg: &postern_conf::Config) -> Vec<SocketAddr> {
+    cfg.get_list("dns_resolver_addresses")
+        .iter()
+        .filter_map(|item| {
+            let sa = parse_server(item);
+            if sa.is_none() {
+                crate::warning!(
+                    "dns_resolver_addresses: ignoring \"{item}\": expected address or address:port"
+                );
+            }
+            sa
+        })
+        .collect()
+}
+
+/// A resolver with the runtime that drives it: `rt.block_on(resolver...)`.
+pub struct BlockingResolver {
+    pub rt: tokio::runtime::Runtime,
+    pub resolver: TokioResolver,
+}
+
+impl BlockingResolver {
+    /// A resolver asking `servers` (UDP, then TCP for truncated answers),
+    /// or the servers of /etc/resolv.conf when `servers` is empty, waiting
+    /// `timeout` (at least a second) for each answer. Start it after the
+    /// process has dropped privileges: the runtime is a thread of its own.
+    pub fn new(servers: &[SocketAddr], timeout: Duration) -> Result<BlockingResolver, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start DNS runtime: {e}"))?;
+        let guard = rt.enter();
+        let mut builder = if servers.is_empty() {
+            TokioResolver::builder_tokio()
+                .map_err(|e| format!("cannot read resolver configuration: {e}"))?
+        } else {
+            let ns = servers
+                .iter()
+                .map(|sa| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = sa.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = sa.port();
+                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(ns),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        builder.options_mut().timeout = timeout.max(Duration::from_secs(1));
+        let resolver = builder
+            .build()
+            .map_err(|e| format!("cannot set up DNS resolver: {e}"))?;
+        drop(guard);
+        Ok(BlockingResolver { rt, resolver })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_items() {
+        assert_eq!(
+            parse_server("127.0.0.1"),
+            Some("127.0.0.1:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_server("127.0.0.1:5353"),
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(parse_server("::1"), Some("[::1]:53".parse().unwrap()));
+        assert_eq!(
+            parse_server("[::1]:5353"),
+            Some("[::1]:5353".parse().unwrap())
+        );
+        assert_eq!(parse_server("dns.example"), None);
+    }
+}
