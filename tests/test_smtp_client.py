@@ -571,3 +571,23 @@ def test_tls_secure_matches_a_subdomain_of_the_nexthop(make_postern, far_dns, po
     send(p, token)
     far.wait_for(token)
     p.wait_for_log(rf"Verified TLS connection established to mx\.far\.test\[127\.0\.0\.1\]:{far.port}")
+
+
+def test_eight_bit_content_needs_8bitmime(make_postern, smtp_sink):
+    """8-bit content goes only to a server that announced 8BITMIME
+    (RFC 6152): to one that did not, it bounces with 5.6.3 and a reason
+    that says so; 7-bit mail to the same server is delivered."""
+    sink = smtp_sink(["-8"])  # smtp-sink -8: no 8BITMIME in its EHLO reply
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    code, text = p.send("s@postern.test", ["eight@remote.example"],
+                        "Subject: 8bit\n\nsmörgåsbord\n", mail_options=["BODY=8BITMIME"])
+    assert code == 250, text
+    code, text = p.send("s@postern.test", ["seven@remote.example"],
+                        "Subject: 7bit\n\nplain\n")
+    assert code == 250, text
+    p.wait_for_log(r"to=<eight@remote\.example>.*dsn=5\.6\.3, status=bounced "
+                   r"\(message has 8-bit content, but host .* did not offer 8BITMIME")
+    p.wait_for_log(r"to=<seven@remote\.example>.*status=sent")
+    h.wait_for(lambda: sink.count() >= 1, timeout=20, what="the 7-bit message at smtp-sink")
+    time.sleep(1)
+    assert sink.count() == 1, "the 8-bit message reached a server without 8BITMIME"

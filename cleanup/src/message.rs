@@ -21,6 +21,8 @@ pub struct Settings {
     pub hopcount_limit: usize,
     /// Canonical, masquerade and virtual alias mapping; header and body checks.
     pub rewriter: Rewriter,
+    /// `append_dot_mydomain`: `user@host` becomes `user@host.$mydomain`.
+    pub append_dot_mydomain: Option<String>,
 }
 
 impl Settings {
@@ -37,7 +39,27 @@ impl Settings {
             message_size_limit: cfg.get_u64("message_size_limit").unwrap_or(10240000),
             hopcount_limit: cfg.get_u64("hopcount_limit").unwrap_or(50) as usize,
             rewriter: Rewriter::from_config(cfg),
+            append_dot_mydomain: cfg
+                .get_bool("append_dot_mydomain")
+                .unwrap_or(false)
+                .then(|| cfg.get("mydomain")),
         }
+    }
+
+    /// Postfix's local address rewriting: a bare name gets `@$myorigin`,
+    /// and with `append_dot_mydomain` a domain without a dot gets
+    /// `.$mydomain`. Bang paths (`host!user`) are left alone: Postern does
+    /// not swap them (`swap_bangpath` is `no`).
+    pub fn local_rewrite(&self, address: &str) -> String {
+        let q = postern_common::addr::qualify(address, &self.myorigin);
+        if let (Some(mydomain), (local, Some(domain))) =
+            (&self.append_dot_mydomain, postern_common::addr::split(&q))
+        {
+            if !domain.is_empty() && !domain.contains('.') && !domain.starts_with('[') {
+                return format!("{local}@{domain}.{mydomain}");
+            }
+        }
+        q
     }
 }
 
@@ -127,11 +149,11 @@ impl<'a> Message<'a> {
             });
         }
         let rw = &settings.rewriter;
-        new.sender = postern_common::addr::qualify(&new.sender, &settings.myorigin);
+        new.sender = settings.local_rewrite(&new.sender);
         new.sender = rw.address(&new.sender, "envelope_sender");
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
-            let given = postern_common::addr::qualify(&r.address, &settings.myorigin);
+            let given = settings.local_rewrite(&r.address);
             recipients.extend(rewrite_recipient(rw, r, &given)?);
         }
         new.recipients = recipients;
@@ -295,7 +317,7 @@ impl<'a> Message<'a> {
                 .filter(|h| names.iter().any(|n| h.is(n)))
             {
                 for a in headers::addresses(&h.value()) {
-                    let a = postern_common::addr::qualify(&a, &s.myorigin);
+                    let a = s.local_rewrite(&a);
                     for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
                         if !self
                             .new
@@ -578,7 +600,7 @@ impl<'a> Message<'a> {
                 let mut text = String::from_utf8_lossy(&h.text).into_owned();
                 let mut changed = false;
                 for a in headers::addresses(&h.value()) {
-                    let q = postern_common::addr::qualify(&a, &self.settings.myorigin);
+                    let q = self.settings.local_rewrite(&a);
                     let n = self.settings.rewriter.address(&q, class);
                     if n != q && !a.is_empty() {
                         text = text.replace(&a, &n);
@@ -785,6 +807,29 @@ mod tests {
         assert!(text.contains("\nFrom: root@h.test\n"));
         assert!(text.ends_with("\n\nbody\n.\n"));
         std::fs::remove_dir_all(t.root()).unwrap();
+    }
+
+    #[test]
+    fn append_dot_mydomain_and_bang_paths() {
+        let root = std::env::temp_dir();
+        let text = "myhostname = h.example.com\nappend_dot_mydomain = yes\n";
+        let cfg = Config::from_text(&root, text, std::path::Path::new("main.cf")).unwrap();
+        let s = Settings::from_config(&cfg);
+        assert_eq!(s.local_rewrite("root"), "root@h.example.com");
+        assert_eq!(s.local_rewrite("u@host"), "u@host.example.com");
+        assert_eq!(s.local_rewrite("u@a.b"), "u@a.b");
+        assert_eq!(s.local_rewrite("u@[10.0.0.1]"), "u@[10.0.0.1]");
+        assert_eq!(s.local_rewrite(""), "");
+        let off = Settings::from_config(
+            &Config::from_text(
+                &root,
+                "myhostname = h.example.com\n",
+                std::path::Path::new("main.cf"),
+            )
+            .unwrap(),
+        );
+        assert_eq!(off.local_rewrite("u@host"), "u@host");
+        assert_eq!(off.local_rewrite("host!user"), "host!user@h.example.com");
     }
 
     #[test]

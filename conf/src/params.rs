@@ -149,7 +149,9 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("transport_maps", ""),
     ("empty_address_recipient", "MAILER-DAEMON"),
     ("recipient_delimiter", ""),
-    ("swap_bangpath", "yes"),
+    // Postfix's default is yes; Postern never rewrites host!user bang
+    // paths, and says so.
+    ("swap_bangpath", "no"),
     // smtp client.
     ("smtp_connect_timeout", "30s"),
     ("smtp_helo_timeout", "300s"),
@@ -203,6 +205,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("home_mailbox", ""),
     ("mail_spool_directory", "/var/mail"),
     ("mailbox_size_limit", "51200000"),
+    // local always takes both locks on mbox files, as Postfix on Linux.
+    ("mailbox_delivery_lock", "fcntl, dotlock"),
     ("mailbox_command", ""),
     ("mailbox_transport", ""),
     ("luser_relay", ""),

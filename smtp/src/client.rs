@@ -1014,16 +1014,29 @@ impl<'a, 'c> Session<'a, 'c> {
             self.quit();
             return End::Complete;
         }
+        let eight_bit = match txn.eight_bit() {
+            Ok(b) => b,
+            Err(e) => return self.local_error(txn, &all, &e),
+        };
+        if eight_bit && !ext.eight_bit_mime {
+            // RFC 6152: 8-bit content only to a server that announced
+            // 8BITMIME. Postern does not convert to 7-bit MIME (Postfix
+            // can), so the sender learns why rather than the message
+            // arriving mangled.
+            let reason = format!(
+                "message has 8-bit content, but host {} did not offer 8BITMIME, and conversion to 7-bit is not supported",
+                self.peer.namaddr
+            );
+            Self::record_all(txn, &all, Outcome::Bounced, "5.6.3", &reason);
+            self.quit();
+            return End::Complete;
+        }
         let mut mail = format!("MAIL FROM:{}", smtp_address(txn.sender()));
         if ext.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
         }
-        if ext.eight_bit_mime {
-            match txn.eight_bit() {
-                Ok(true) => mail.push_str(" BODY=8BITMIME"),
-                Ok(false) => {}
-                Err(e) => return self.local_error(txn, &all, &e),
-            }
+        if eight_bit {
+            mail.push_str(" BODY=8BITMIME");
         }
         if utf8 {
             mail.push_str(" SMTPUTF8");
@@ -2067,6 +2080,13 @@ mod tests {
         let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
         deliver(&mut srv, &peer(), &settings(5), &mut txn);
         assert_eq!(txn.outcome(0).unwrap().1, "5.6.7");
+        // 8-bit content to a server without 8BITMIME: bounced, not sent.
+        let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        let (outcome, dsn, reason) = txn.outcome(0).unwrap();
+        assert_eq!((outcome, dsn), (Outcome::Bounced, "5.6.3"));
+        assert!(reason.contains("did not offer 8BITMIME"), "{reason}");
     }
 
     /// A real socket: a server thread that answers each command as it
