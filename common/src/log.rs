@@ -43,7 +43,21 @@ pub fn init(
     interactive: bool,
     verbose: bool,
 ) {
-    let sink = if !maillog_file.is_empty() {
+    let inherited = match maillog_file {
+        "/dev/stdout" => Some(1),
+        "/dev/stderr" => Some(2),
+        _ => None,
+    };
+    let sink = if let Some(fd) = inherited {
+        // Write to the descriptor we inherited: reopening /dev/stdout
+        // checks the permissions of whatever it is (a terminal or pipe of
+        // root's), which a daemon running as mail_owner may not pass.
+        // SAFETY: dup of a standard descriptor; the copy is ours alone.
+        match unsafe { libc::dup(fd) } {
+            -1 => Sink::Stderr,
+            copy => Sink::File(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) }),
+        }
+    } else if !maillog_file.is_empty() {
         match OpenOptions::new()
             .append(true)
             .create(true)
