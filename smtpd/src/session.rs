@@ -1028,6 +1028,22 @@ impl Session {
         }
     }
 
+    /// Counts one `event` against this client's rate limit; over it, logs
+    /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
+    /// `452 4.3.2 TEXT from IP`, and returns true.
+    fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
+        let rate = self.anvil.borrow_mut().event(self.client.addr, event);
+        let Err(n) = rate else { return false };
+        warning!(
+            "{what} rate limit exceeded: {n} from {} for service {}",
+            self.namaddr,
+            self.cfg.service
+        );
+        let ip = self.client.addr;
+        self.reply(&format!("452 4.3.2 {text} from {ip}"));
+        true
+    }
+
     fn mail(&mut self, args: &[Token]) -> Done {
         if self.cfg.helo_required && self.helo.is_none() {
             self.reply("503 5.5.1 Error: send HELO/EHLO first");
@@ -1109,18 +1125,7 @@ impl Session {
             self.reply(reply);
             return Done::Failed;
         }
-        let rate = self
-            .anvil
-            .borrow_mut()
-            .event(self.client.addr, Event::Message);
-        if let Err(n) = rate {
-            warning!(
-                "Message delivery request rate limit exceeded: {n} from {} for service {}",
-                self.namaddr,
-                self.cfg.service
-            );
-            let ip = self.client.addr;
-            self.reply(&format!("452 4.3.2 Too much mail from {ip}"));
+        if self.over_rate_limit(Event::Message, "Message delivery request", "Too much mail") {
             return Done::Failed;
         }
         let refused = {
@@ -1213,21 +1218,8 @@ impl Session {
             self.counts[verb_index(Verb::Rcpt)].total -= 1;
             return Done::Pending;
         }
-        {
-            let rate = self
-                .anvil
-                .borrow_mut()
-                .event(self.client.addr, Event::Recipient);
-            if let Err(n) = rate {
-                warning!(
-                    "Recipient address rate limit exceeded: {n} from {} for service {}",
-                    self.namaddr,
-                    self.cfg.service
-                );
-                let ip = self.client.addr;
-                self.reply(&format!("452 4.3.2 Too many recipients from {ip}"));
-                return Done::Failed;
-            }
+        if self.over_rate_limit(Event::Recipient, "Recipient address", "Too many recipients") {
+            return Done::Failed;
         }
         if let Some(reply) = self.check_recipient(&address) {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
