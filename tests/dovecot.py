@@ -32,7 +32,6 @@ import grp
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -221,15 +220,8 @@ service lmtp {{
     def stop(self, remove=True):
         """Stops Dovecot by PID (SIGTERM, then SIGKILL); removes DIR unless
         ``remove`` is false."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                h.kill_pid(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    h.kill_pid(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-            self.proc = None
+        h.stop_process(self.proc, grace=10)
+        self.proc = None
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -270,6 +270,19 @@ def kill_pid(pid, sig=signal.SIGKILL):
         return False
 
 
+def stop_process(proc, grace=5):
+    """Stops a child started with Popen, by its PID: SIGTERM, then SIGKILL
+    after ``grace`` seconds. A process that already exited is fine."""
+    if proc is None or proc.poll() is not None:
+        return
+    kill_pid(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        kill_pid(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def _identity(pid):
     st = _proc_stat(pid)
     return (pid, st[2]) if st else None
@@ -1043,15 +1056,8 @@ class Dnsmasq:
             return ""
 
     def stop(self):
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                kill_pid(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    kill_pid(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-            self.proc = None
+        stop_process(self.proc)
+        self.proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -1106,15 +1112,8 @@ class SmtpSink:
         return int(counts[-1]) if counts else 0
 
     def stop(self):
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                kill_pid(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    kill_pid(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-            self.proc = None
+        stop_process(self.proc)
+        self.proc = None
         if self._out is not None:
             self._out.close()
             self._out = None

@@ -591,3 +591,39 @@ def test_eight_bit_content_needs_8bitmime(make_postern, smtp_sink):
     h.wait_for(lambda: sink.count() >= 1, timeout=20, what="the 7-bit message at smtp-sink")
     time.sleep(1)
     assert sink.count() == 1, "the 8-bit message reached a server without 8BITMIME"
+
+
+def test_per_recipient_outcomes_in_one_transaction(make_postern, sink):
+    """One transaction whose recipients get 250, 450 and 550: the first is
+    delivered once, the second retried until it is accepted, the third
+    bounced with a notice to the sender."""
+    token = uuid.uuid4().hex
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    sink.set_rcpt("later@remote.example", "450 4.2.0 try later")
+    sink.set_rcpt("gone@remote.example", "550 5.1.1 no such user")
+    rcpts = ["ok@remote.example", "later@remote.example", "gone@remote.example"]
+    code, text = p.send("sender@remote.example", rcpts, f"Subject: {token}\n\nbody {token}\n")
+    assert code == 250, text
+
+    def copies():
+        # Deliveries of the message itself; the notice (from <>) quotes it.
+        return [m for m in sink.messages
+                if f"body {token}".encode() in m.content and m.mail_from not in ("", "<>")]
+
+    first = h.wait_for(copies, timeout=30, what="the first delivery")
+    assert [m.rcpt_tos for m in first] == [["ok@remote.example"]]
+    p.wait_for_log(r"to=<later@remote\.example>.*dsn=4\.2\.0, status=deferred")
+    p.wait_for_log(r"to=<gone@remote\.example>.*dsn=5\.1\.1, status=bounced "
+                   r"\(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 550 5\.1\.1 no such user")
+    notice = h.wait_for(
+        lambda: [m for m in sink.messages
+                 if m.rcpt_tos == ["sender@remote.example"] and m.mail_from in ("", "<>")],
+        timeout=30, what="the bounce notice to the sender")
+    assert b"gone@remote.example" in notice[0].content
+    assert b"later@remote.example" not in notice[0].content.split(b"Content-Type: text/rfc822-headers")[0]
+
+    sink.set_rcpt("later@remote.example", "250 2.0.0 ok")
+    h.wait_for(lambda: len(copies()) >= 2, timeout=30, what="the retried recipient delivered")
+    time.sleep(2)  # a second copy for ok@ would arrive by now
+    assert sorted(r for m in copies() for r in m.rcpt_tos) == \
+        ["later@remote.example", "ok@remote.example"]
