@@ -916,7 +916,7 @@ impl Manager {
         if let Err(e) = queue::set_mtime(&path, at) {
             warning!("{id}: set retry time: {e}");
         }
-        if let Err(e) = self.tree.move_to(id, Queue::Active, Queue::Deferred) {
+        if let Err(e) = self.tree.shift(id, Queue::Active, Queue::Deferred) {
             warning!("{id}: move from active to deferred: {e}");
         }
     }

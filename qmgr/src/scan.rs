@@ -86,7 +86,7 @@ pub fn recover(tree: &QueueTree) -> usize {
     };
     let mut n = 0;
     for id in ids {
-        match tree.move_to(&id, Queue::Active, Queue::Incoming) {
+        match tree.shift(&id, Queue::Active, Queue::Incoming) {
             Ok(()) => n += 1,
             Err(e) => warning!("{id}: move from active to incoming: {e}"),
         }
@@ -138,7 +138,7 @@ pub fn take_incoming(tree: &QueueTree, id: &str) -> Option<File> {
             return None;
         }
     }
-    match tree.move_to(id, Queue::Incoming, Queue::Active) {
+    match tree.shift(id, Queue::Incoming, Queue::Active) {
         Ok(()) => Some(file),
         Err(e) => {
             if e.kind() != io::ErrorKind::NotFound {
@@ -167,7 +167,7 @@ pub fn take_deferred(tree: &QueueTree, id: &str, ignore_time: bool) -> Option<Fi
         }
     }
     let file = open(tree, Queue::Deferred, id)?;
-    match tree.move_to(id, Queue::Deferred, Queue::Active) {
+    match tree.shift(id, Queue::Deferred, Queue::Active) {
         Ok(()) => Some(file),
         Err(e) => {
             if e.kind() != io::ErrorKind::NotFound {
