@@ -684,14 +684,19 @@ fn connect(srv: &Server, timeout: Duration, bind: &Bind) -> io::Result<TcpStream
         std::net::IpAddr::V4(_) => bind.v4,
         std::net::IpAddr::V6(_) => bind.v6,
     };
-    if let Some(from) = from {
-        return connect_from(from, sa, timeout);
-    }
-    if timeout.is_zero() {
-        TcpStream::connect(sa)
+    let stream = if let Some(from) = from {
+        connect_from(from, sa, timeout)?
+    } else if timeout.is_zero() {
+        TcpStream::connect(sa)?
     } else {
-        TcpStream::connect_timeout(&sa, timeout)
-    }
+        TcpStream::connect_timeout(&sa, timeout)?
+    };
+    // The client writes whole commands (a pipelined group, the content,
+    // the end of data) and then waits for replies: Nagle's algorithm would
+    // hold the last small write until the server's delayed ACK, some 40 ms
+    // per exchange.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// `smtp_bind_address` and `smtp_bind_address6`.
