@@ -1,4 +1,5 @@
-//! One client connection: the Open / Content / Close exchange.
+//! The connections: each client's Open / Content / Close exchange, on a
+//! thread of its own, up to [`CONNECTIONS_PER_PROCESS`] at once.
 
 use crate::message::{Message, Settings};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest, Wakeup};
@@ -6,12 +7,19 @@ use postern_common::queue::QueueTree;
 use postern_conf::Config;
 use std::time::Duration;
 
+/// How many clients one cleanup process serves at once. Every message in
+/// flight from smtpd holds a cleanup connection; serving them from one
+/// process's threads instead of a process each keeps a hundred concurrent
+/// SMTP sessions to one or two cleanup processes (Postfix runs one per
+/// message in flight).
+pub const CONNECTIONS_PER_PROCESS: usize = 64;
+
 pub fn run(cfg: &Config) -> ! {
     let settings = Settings::from_config(cfg);
     let tree = QueueTree::new(cfg.get("queue_directory"));
     let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     let qmgr = tree.qmgr_socket();
-    postern_common::service::serve_one_at_a_time(cfg, |mut conn| {
+    postern_common::service::serve_threaded(cfg, CONNECTIONS_PER_PROCESS, move |mut conn| {
         let _ = conn.set_read_timeout(Some(timeout));
         let _ = conn.set_write_timeout(Some(timeout));
         let new = match ipc::recv::<_, CleanupRequest>(&mut conn) {

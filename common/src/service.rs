@@ -222,6 +222,123 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
     }
 }
 
+/// Serves a unix-type service with up to `slots` connections at once,
+/// each on its own thread: one process carries many clients' requests
+/// (cleanup serves every smtpd session's message this way), so a busy
+/// system runs one or two such processes instead of one per client, and
+/// pays for a thread, not a fork and exec, per connection. Busy (master
+/// starts another process) only while every slot is taken. After `max_use`
+/// connections per slot, or `max_idle` seconds with none, the process
+/// stops accepting, lets its connections finish and exits.
+pub fn serve_threaded<F>(cfg: &Config, slots: usize, handle: F) -> !
+where
+    F: Fn(UnixStream) + Send + Sync + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = match unix_listener() {
+        Ok(l) => l,
+        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+    };
+    let slots = slots.max(1);
+    let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1) as usize * slots;
+    let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
+    let handle = Arc::new(handle);
+    // Connections in progress; a finished thread pokes the main loop
+    // through the pipe so that it can say "available" again.
+    let active = Arc::new(AtomicUsize::new(0));
+    let (done_rx, done_tx) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => crate::fatal!("pipe: {e}"),
+    };
+    let done_tx = Arc::new(std::fs::File::from(done_tx));
+    let mut done_rx = std::fs::File::from(done_rx);
+    let mut status = Status::new();
+    let mut busy = false;
+    let mut uses = 0;
+    let mut idle_since = Instant::now();
+    loop {
+        let now_active = active.load(Ordering::SeqCst);
+        if now_active == 0 && idle_since.elapsed() >= max_idle {
+            std::process::exit(0);
+        }
+        if uses >= max_use {
+            // Worn out: take no more (master starts a fresh process) and
+            // leave when the last connection is done.
+            if !busy {
+                status.busy();
+                busy = true;
+            }
+            if now_active == 0 {
+                std::process::exit(0);
+            }
+        }
+        let want_busy = now_active >= slots || uses >= max_use;
+        if want_busy != busy {
+            if want_busy {
+                status.busy()
+            } else {
+                status.available()
+            }
+            busy = want_busy;
+        }
+        let accepting = !want_busy;
+        let mut fds = [
+            libc::pollfd {
+                fd: LISTEN_FD,
+                events: if accepting { libc::POLLIN } else { 0 },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&done_rx),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let wait = if now_active == 0 {
+            max_idle.saturating_sub(idle_since.elapsed()).as_millis().min(i32::MAX as u128) as i32
+        } else {
+            -1
+        };
+        // SAFETY: two valid pollfds for the call's duration.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
+        if n <= 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            let mut b = [0u8; 64];
+            let _ = std::io::Read::read(&mut done_rx, &mut b);
+            if active.load(Ordering::SeqCst) == 0 {
+                idle_since = Instant::now();
+            }
+        }
+        if !accepting || fds[0].revents == 0 {
+            continue;
+        }
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue, // another process took it
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => crate::fatal!("accept: {e}"),
+        };
+        let _ = conn.set_nonblocking(false);
+        uses += 1;
+        active.fetch_add(1, Ordering::SeqCst);
+        let (h, a, d) = (handle.clone(), active.clone(), done_tx.clone());
+        let spawned = std::thread::Builder::new().spawn(move || {
+            h(conn);
+            a.fetch_sub(1, Ordering::SeqCst);
+            let _ = (&*d).write(&[0]);
+        });
+        if let Err(e) = spawned {
+            // The connection was moved into the closure and is dropped:
+            // the client sees it close and tries again.
+            active.fetch_sub(1, Ordering::SeqCst);
+            crate::warning!("cannot start a thread: {e}");
+        }
+    }
+}
+
 /// Serves a trigger service (qmgr, pickup): calls `on_wakeup` with the
 /// bytes of every wake-up connection, and with nothing when `period`
 /// passes without one. Never exits by itself.
