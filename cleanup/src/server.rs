@@ -19,81 +19,86 @@ pub fn run(cfg: &Config) -> ! {
     let tree = QueueTree::new(cfg.get("queue_directory"));
     let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     let qmgr = tree.qmgr_socket();
-    postern_common::service::serve_threaded(cfg, CONNECTIONS_PER_PROCESS, move |mut conn| {
-        let _ = conn.set_read_timeout(Some(timeout));
-        let _ = conn.set_write_timeout(Some(timeout));
-        let new = match ipc::recv::<_, CleanupRequest>(&mut conn) {
-            Ok(CleanupRequest::Open(n)) => n,
-            Ok(other) => {
-                postern_common::warning!("unexpected request before Open: {other:?}");
-                return;
-            }
-            Err(_) => return,
-        };
-        let origin = new.origin.clone();
-        let mut msg = match Message::open(&settings, &tree, new) {
-            Ok(m) => m,
-            Err(r) => {
-                postern_common::warning!("{origin}: message not queued: {}", r.reason);
-                let _ = ipc::send(&mut conn, &r.reply());
-                return;
-            }
-        };
-        if ipc::send(
-            &mut conn,
-            &CleanupReply::Opened {
-                queue_id: msg.id.clone(),
-            },
-        )
-        .is_err()
-        {
-            msg.discard();
-            return;
-        }
-        loop {
-            match ipc::recv::<_, CleanupRequest>(&mut conn) {
-                Ok(CleanupRequest::Content(data)) => msg.content(&data),
-                Ok(CleanupRequest::Close) => break,
-                Ok(CleanupRequest::Abort) | Err(_) => {
-                    // The client gave up or vanished: it was never told the
-                    // message is queued, so nothing may stay behind.
-                    msg.discard();
+    postern_common::service::serve_threaded(
+        cfg,
+        CONNECTIONS_PER_PROCESS,
+        move |mut conn| {
+            let _ = conn.set_read_timeout(Some(timeout));
+            let _ = conn.set_write_timeout(Some(timeout));
+            let new = match ipc::recv::<_, CleanupRequest>(&mut conn) {
+                Ok(CleanupRequest::Open(n)) => n,
+                Ok(other) => {
+                    postern_common::warning!("unexpected request before Open: {other:?}");
                     return;
                 }
-                Ok(CleanupRequest::Open(_)) => {
-                    postern_common::warning!("{}: Open inside a message", msg.id);
-                    msg.discard();
+                Err(_) => return,
+            };
+            let origin = new.origin.clone();
+            let mut msg = match Message::open(&settings, &tree, new) {
+                Ok(m) => m,
+                Err(r) => {
+                    postern_common::warning!("{origin}: message not queued: {}", r.reason);
+                    let _ = ipc::send(&mut conn, &r.reply());
+                    return;
+                }
+            };
+            if ipc::send(
+                &mut conn,
+                &CleanupReply::Opened {
+                    queue_id: msg.id.clone(),
+                },
+            )
+            .is_err()
+            {
+                msg.discard();
+                return;
+            }
+            loop {
+                match ipc::recv::<_, CleanupRequest>(&mut conn) {
+                    Ok(CleanupRequest::Content(data)) => msg.content(&data),
+                    Ok(CleanupRequest::Close) => break,
+                    Ok(CleanupRequest::Abort) | Err(_) => {
+                        // The client gave up or vanished: it was never told the
+                        // message is queued, so nothing may stay behind.
+                        msg.discard();
+                        return;
+                    }
+                    Ok(CleanupRequest::Open(_)) => {
+                        postern_common::warning!("{}: Open inside a message", msg.id);
+                        msg.discard();
+                        return;
+                    }
+                }
+            }
+            let id = msg.id.clone();
+            let reply = match msg.close() {
+                Ok(id) => CleanupReply::Queued { queue_id: id },
+                Err(r) => {
+                    postern_common::warning!("{id}: {}: message not queued: {}", origin, r.reason);
+                    r.reply()
+                }
+            };
+            let queued = matches!(reply, CleanupReply::Queued { .. });
+            let told = ipc::send(&mut conn, &reply).is_ok();
+            if queued && !told {
+                // The client is gone before it heard "queued", so nobody told
+                // the sender 250: withdraw the message rather than deliver
+                // mail its sender believes failed. If qmgr already took it,
+                // it is delivered (a duplicate at worst, never a loss).
+                let path = tree.path(postern_common::queue::Queue::Incoming, &id);
+                if std::fs::remove_file(&path).is_ok() {
+                    postern_common::warning!(
+                        "{id}: client went away before the reply; message withdrawn"
+                    );
                     return;
                 }
             }
-        }
-        let id = msg.id.clone();
-        let reply = match msg.close() {
-            Ok(id) => CleanupReply::Queued { queue_id: id },
-            Err(r) => {
-                postern_common::warning!("{id}: {}: message not queued: {}", origin, r.reason);
-                r.reply()
+            if queued {
+                // From here on a client that vanished was told the message is
+                // queued: it will be delivered.
+                let _ = ipc::wake(&qmgr, &[Wakeup::Incoming]);
             }
-        };
-        let queued = matches!(reply, CleanupReply::Queued { .. });
-        let told = ipc::send(&mut conn, &reply).is_ok();
-        if queued && !told {
-            // The client is gone before it heard "queued", so nobody told
-            // the sender 250: withdraw the message rather than deliver
-            // mail its sender believes failed. If qmgr already took it,
-            // it is delivered (a duplicate at worst, never a loss).
-            let path = tree.path(postern_common::queue::Queue::Incoming, &id);
-            if std::fs::remove_file(&path).is_ok() {
-                postern_common::warning!(
-                    "{id}: client went away before the reply; message withdrawn"
-                );
-                return;
-            }
-        }
-        if queued {
-            // From here on a client that vanished was told the message is
-            // queued: it will be delivered.
-            let _ = ipc::wake(&qmgr, &[Wakeup::Incoming]);
-        }
-    })
+        },
+        || {},
+    )
 }

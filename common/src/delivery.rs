@@ -362,51 +362,81 @@ fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
 pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
     let tree = QueueTree::new(cfg.get("queue_directory"));
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
-    crate::service::serve_one_at_a_time(cfg, |mut conn| {
-        let _ = conn.set_read_timeout(Some(timeout));
-        let req: DeliveryRequest = match crate::ipc::recv(&mut conn) {
-            Ok(r) => r,
-            Err(e) => {
-                crate::warning!("read delivery request: {e}");
+    crate::service::serve_one_at_a_time(cfg, |conn| {
+        handle_request(&tree, timeout, conn, |job| deliver(job))
+    })
+}
+
+/// As [`serve`], but up to `slots` requests at once, each on a thread
+/// ([`crate::service::serve_threaded`]): for agents whose deliveries share
+/// nothing but read-only settings and a thread-safe cache (smtp, lmtp).
+/// `before_exit` runs when the process leaves (to close cached sessions).
+pub fn serve_concurrently(
+    cfg: &postern_conf::Config,
+    slots: usize,
+    deliver: impl Fn(&mut Job) + Send + Sync + 'static,
+    before_exit: impl FnOnce(),
+) -> ! {
+    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
+    crate::service::serve_threaded(
+        cfg,
+        slots,
+        move |conn| handle_request(&tree, timeout, conn, &deliver),
+        before_exit,
+    )
+}
+
+/// One connection from qmgr: its request, the delivery, the reply.
+fn handle_request(
+    tree: &QueueTree,
+    timeout: std::time::Duration,
+    mut conn: std::os::unix::net::UnixStream,
+    deliver: impl FnOnce(&mut Job),
+) {
+    let _ = conn.set_read_timeout(Some(timeout));
+    let req: DeliveryRequest = match crate::ipc::recv(&mut conn) {
+        Ok(r) => r,
+        Err(e) => {
+            crate::warning!("read delivery request: {e}");
+            return;
+        }
+    };
+    let reply = match Job::open(tree, req.clone()) {
+        Ok(mut job) => {
+            // The queue file is locked now. A qmgr that died after it
+            // sent this request is replaced by one that takes active/
+            // back and hands the message out again (unless it sees
+            // this lock): deliver only if the qmgr that asked is still
+            // there, so that the message is never delivered twice.
+            if peer_gone(&conn) {
+                crate::warning!(
+                    "{}: the queue manager went away; request dropped",
+                    req.queue_id
+                );
                 return;
             }
-        };
-        let reply = match Job::open(&tree, req.clone()) {
-            Ok(mut job) => {
-                // The queue file is locked now. A qmgr that died after it
-                // sent this request is replaced by one that takes active/
-                // back and hands the message out again (unless it sees
-                // this lock): deliver only if the qmgr that asked is still
-                // there, so that the message is never delivered twice.
-                if peer_gone(&conn) {
-                    crate::warning!(
-                        "{}: the queue manager went away; request dropped",
-                        req.queue_id
-                    );
-                    return;
-                }
-                deliver(&mut job);
-                job.finish()
-            }
-            Err(e) => {
-                crate::warning!("{}: open queue file: {e}", req.queue_id);
-                DeliveryReply {
-                    results: req
-                        .recipients
-                        .iter()
-                        .map(|r| RecipientResult {
-                            offset: r.offset,
-                            outcome: Outcome::Deferred,
-                            dsn: "4.3.0".into(),
-                            reason: format!("cannot open queue file: {e}"),
-                        })
-                        .collect(),
-                    destination_failed: false,
-                }
-            }
-        };
-        if let Err(e) = crate::ipc::send(&mut conn, &reply) {
-            crate::warning!("{}: send delivery reply: {e}", req.queue_id);
+            deliver(&mut job);
+            job.finish()
         }
-    })
+        Err(e) => {
+            crate::warning!("{}: open queue file: {e}", req.queue_id);
+            DeliveryReply {
+                results: req
+                    .recipients
+                    .iter()
+                    .map(|r| RecipientResult {
+                        offset: r.offset,
+                        outcome: Outcome::Deferred,
+                        dsn: "4.3.0".into(),
+                        reason: format!("cannot open queue file: {e}"),
+                    })
+                    .collect(),
+                destination_failed: false,
+            }
+        }
+    };
+    if let Err(e) = crate::ipc::send(&mut conn, &reply) {
+        crate::warning!("{}: send delivery reply: {e}", req.queue_id);
+    }
 }

@@ -229,10 +229,12 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
 /// pays for a thread, not a fork and exec, per connection. Busy (master
 /// starts another process) only while every slot is taken. After `max_use`
 /// connections per slot, or `max_idle` seconds with none, the process
-/// stops accepting, lets its connections finish and exits.
-pub fn serve_threaded<F>(cfg: &Config, slots: usize, handle: F) -> !
+/// stops accepting, lets its connections finish, calls `before_exit` and
+/// exits.
+pub fn serve_threaded<F, E>(cfg: &Config, slots: usize, handle: F, before_exit: E) -> !
 where
     F: Fn(UnixStream) + Send + Sync + 'static,
+    E: FnOnce(),
 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -260,6 +262,7 @@ where
     loop {
         let now_active = active.load(Ordering::SeqCst);
         if now_active == 0 && idle_since.elapsed() >= max_idle {
+            before_exit();
             std::process::exit(0);
         }
         if uses >= max_use {
@@ -270,6 +273,7 @@ where
                 busy = true;
             }
             if now_active == 0 {
+                before_exit();
                 std::process::exit(0);
             }
         }
@@ -296,7 +300,10 @@ where
             },
         ];
         let wait = if now_active == 0 {
-            max_idle.saturating_sub(idle_since.elapsed()).as_millis().min(i32::MAX as u128) as i32
+            max_idle
+                .saturating_sub(idle_since.elapsed())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
         } else {
             -1
         };

@@ -25,6 +25,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The agent's settings and its DNS resolver, made once per process.
@@ -37,7 +38,8 @@ pub struct Agent {
     dns_servers: Vec<SocketAddr>,
     dns_timeout: Duration,
     /// Started on first use: a delivery to `[address]` needs no DNS.
-    resolver: Option<Resolver>,
+    /// Shared by the process's delivery threads.
+    resolver: Mutex<Option<Arc<Resolver>>>,
     /// LMTP mode (the `lmtp` program): next hops `unix:PATH` and
     /// `inet:host:port`, LHLO, a reply per recipient.
     lmtp: bool,
@@ -70,10 +72,6 @@ pub struct Agent {
     cache: Cache,
     /// `smtp_bind_address`, `smtp_bind_address6`.
     bind: Bind,
-    /// Requests handled, and `max_use`: the process exits after that many
-    /// (common::service), so the cache is closed politely before.
-    uses: u64,
-    max_use: u64,
 }
 
 /// The parameter that configures `smtp_NAME` in this mode: for LMTP the
@@ -168,7 +166,7 @@ impl Agent {
             session_limit: number(cfg, &p("smtp_mx_session_limit")),
             dns_servers,
             dns_timeout: time(cfg, "dns_resolver_timeout"),
-            resolver: None,
+            resolver: Mutex::new(None),
             lmtp,
             queue_dir: PathBuf::from(cfg.get("queue_directory")),
             myhostname: cfg.get("myhostname"),
@@ -220,8 +218,6 @@ impl Agent {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
             },
-            uses: 0,
-            max_use: cfg.get_u64("max_use").unwrap_or(100).max(1),
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),
                 time(cfg, &p("smtp_connection_reuse_time_limit")),
@@ -315,15 +311,19 @@ impl Agent {
         })
     }
 
-    fn resolver(&mut self) -> Result<&Resolver, String> {
-        if self.resolver.is_none() {
-            self.resolver = Some(Resolver::new(&self.dns_servers, self.dns_timeout)?);
+    fn resolver(&self) -> Result<Arc<Resolver>, String> {
+        let mut r = self.resolver.lock().map_err(|_| "resolver lock poisoned")?;
+        if r.is_none() {
+            *r = Some(Arc::new(Resolver::new(
+                &self.dns_servers,
+                self.dns_timeout,
+            )?));
         }
-        Ok(self.resolver.as_ref().expect("just set"))
+        Ok(r.as_ref().expect("just set").clone())
     }
 
     /// The servers for a next hop.
-    fn servers(&mut self, hop: &NextHop) -> Result<Vec<Server>, Failure> {
+    fn servers(&self, hop: &NextHop) -> Result<Vec<Server>, Failure> {
         let options = self.options.clone();
         if !hop.mx {
             if let Ok(addr) = hop.host.parse() {
@@ -335,7 +335,7 @@ impl Agent {
             }
         }
         match self.resolver() {
-            Ok(r) => nexthop::servers(hop, r, &options),
+            Ok(r) => nexthop::servers(hop, &*r, &options),
             Err(e) => {
                 postern_common::warning!("{e}");
                 Err(Failure {
@@ -346,17 +346,14 @@ impl Agent {
         }
     }
 
-    /// Delivers one request: every recipient gets an outcome.
-    pub fn deliver(&mut self, job: &mut Job) {
-        self.deliver_request(job);
-        self.uses += 1;
-        if self.uses >= self.max_use {
-            // The process ends after this request: say QUIT first.
-            self.cache.close_all();
-        }
+    /// Before the process ends: QUIT to every kept session.
+    pub fn close_cached(&self) {
+        self.cache.close_all();
     }
 
-    fn deliver_request(&mut self, job: &mut Job) {
+    /// Delivers one request: every recipient gets an outcome. Called from
+    /// several threads at once (see `main`).
+    pub fn deliver(&self, job: &mut Job) {
         if job.unfinished().is_empty() {
             return;
         }

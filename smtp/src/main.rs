@@ -10,6 +10,7 @@
 //! the `smtp_*` one.
 //!
 //! Who talks to it: qmgr connects to `private/smtp` or `private/relay`
+//! (one process serves up to 32 such connections at once, a thread each)
 //! and sends one `ipc::DeliveryRequest` per connection: a message, a next
 //! hop (`[host]:port`, `[host]`, `domain:port`, `domain`) and a batch of
 //! recipients; it answers one `ipc::DeliveryReply` after every recipient
@@ -48,6 +49,18 @@ pub fn main() {
         .unwrap_or(false);
     let name = if lmtp { "lmtp" } else { "smtp" };
     let (cfg, _args) = postern_common::service::start(name);
-    let mut agent = deliver::Agent::from_config(&cfg, lmtp);
-    postern_common::delivery::serve(&cfg, |job| agent.deliver(job))
+    let agent = std::sync::Arc::new(deliver::Agent::from_config(&cfg, lmtp));
+    let at_exit = agent.clone();
+    postern_common::delivery::serve_concurrently(
+        &cfg,
+        REQUESTS_PER_PROCESS,
+        move |job| agent.deliver(job),
+        move || at_exit.close_cached(),
+    )
 }
+
+/// Deliveries one process runs at once, a thread each. qmgr bounds the
+/// concurrency per destination; this only decides how many processes
+/// carry it: twenty parallel deliveries are one process sharing its
+/// settings, TLS configuration, resolver and connection cache, not twenty.
+const REQUESTS_PER_PROCESS: usize = 32;
