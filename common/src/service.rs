@@ -93,10 +93,36 @@ pub fn start(program: &str) -> (Config, Args) {
     (cfg, args)
 }
 
+/// What a status record says (the second half of its 8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// Can take more work.
+    Available = 0,
+    /// Every slot is taken: master should start another process.
+    Busy = 1,
+    /// Has taken work and can take more: a process that serves several
+    /// clients at once says this at its first one, so that master knows
+    /// it started well (a process that dies before it ever took work
+    /// throttles its service: "bad command startup").
+    Working = 2,
+}
+
+impl Load {
+    pub fn from_wire(v: u32) -> Load {
+        match v {
+            0 => Load::Available,
+            2 => Load::Working,
+            _ => Load::Busy,
+        }
+    }
+}
+
 /// Reports this process's state to master. Silent when there is no
 /// status pipe (a daemon started by hand).
 pub struct Status {
     fd: Option<std::fs::File>,
+    /// [`Load::Working`] was sent (or Busy, which implies it).
+    worked: bool,
 }
 
 impl Status {
@@ -111,14 +137,15 @@ impl Status {
         Status {
             // SAFETY: master gave us this descriptor and nothing else owns it.
             fd: open.then(|| unsafe { std::fs::File::from_raw_fd(STATUS_FD) }),
+            worked: false,
         }
     }
 
-    fn send(&mut self, busy: bool) {
+    fn send(&mut self, load: Load) {
         if let Some(f) = &mut self.fd {
             let mut m = [0u8; 8];
             m[..4].copy_from_slice(&std::process::id().to_le_bytes());
-            m[4..].copy_from_slice(&(busy as u32).to_le_bytes());
+            m[4..].copy_from_slice(&(load as u32).to_le_bytes());
             // 8 bytes < PIPE_BUF: atomic among all processes of the service.
             let _ = f.write_all(&m);
         }
@@ -126,12 +153,20 @@ impl Status {
 
     /// Every slot is taken: master should start another process.
     pub fn busy(&mut self) {
-        self.send(true)
+        self.worked = true;
+        self.send(Load::Busy)
     }
 
     /// Ready for more.
     pub fn available(&mut self) {
-        self.send(false)
+        self.send(Load::Available)
+    }
+
+    /// A client was taken (and there is room for more): said once.
+    pub fn took_work(&mut self) {
+        if !std::mem::replace(&mut self.worked, true) {
+            self.send(Load::Working)
+        }
     }
 }
 
@@ -331,6 +366,7 @@ where
         let _ = conn.set_nonblocking(false);
         uses += 1;
         active.fetch_add(1, Ordering::SeqCst);
+        status.took_work();
         let (h, a, d) = (handle.clone(), active.clone(), done_tx.clone());
         let spawned = std::thread::Builder::new().spawn(move || {
             h(conn);

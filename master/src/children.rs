@@ -8,7 +8,7 @@
 //! Every child gets SIGTERM when master dies (PR_SET_PDEATHSIG), so that a
 //! master killed outright leaves no daemon holding its listeners.
 
-use postern_common::service::{LISTEN_FD, STATUS_FD};
+use postern_common::service::{Load, LISTEN_FD, STATUS_FD};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -104,7 +104,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
 }
 
 /// Reads the status pipe messages waiting in `fd`: (pid, busy).
-pub fn read_status(fd: &std::fs::File) -> Vec<(u32, bool)> {
+pub fn read_status(fd: &std::fs::File) -> Vec<(u32, Load)> {
     use std::io::Read;
     let mut out = Vec::new();
     let mut buf = [0u8; 8 * 64];
@@ -115,8 +115,8 @@ pub fn read_status(fd: &std::fs::File) -> Vec<(u32, bool)> {
             Ok(n) => {
                 for m in buf[..n - n % 8].chunks_exact(8) {
                     let pid = u32::from_le_bytes(m[..4].try_into().unwrap());
-                    let busy = u32::from_le_bytes(m[4..].try_into().unwrap()) != 0;
-                    out.push((pid, busy));
+                    let load = Load::from_wire(u32::from_le_bytes(m[4..].try_into().unwrap()));
+                    out.push((pid, load));
                 }
                 if n < buf.len() {
                     break;

@@ -6,6 +6,7 @@
 use crate::children::{self, SpawnSpec};
 use crate::listeners::{self, Listener};
 use postern_common::ipc::{self, Wakeup};
+use postern_common::service::Load;
 use postern_common::{info, warning};
 use postern_conf::master_cf::{Service, ServiceType};
 use postern_conf::Config;
@@ -50,6 +51,9 @@ pub struct Supervisor {
     orphans: Vec<u32>,
     owner: Option<(u32, u32)>,
     signals: Signals,
+    /// Shutting down: the children die of our own SIGTERM, which is
+    /// neither a warning nor a reason to throttle.
+    stopping: bool,
 }
 
 struct Signals {
@@ -100,6 +104,7 @@ impl Supervisor {
             orphans: Vec::new(),
             owner,
             signals,
+            stopping: false,
         })
     }
 
@@ -177,10 +182,10 @@ impl Supervisor {
                     }
                 } else {
                     let s = &mut self.services[*svc];
-                    for (pid, busy) in children::read_status(&s.status_read) {
+                    for (pid, load) in children::read_status(&s.status_read) {
                         if let Some(c) = s.children.get_mut(&pid) {
-                            c.busy = busy;
-                            c.worked |= busy;
+                            c.busy = load == Load::Busy;
+                            c.worked |= load != Load::Available;
                         }
                     }
                 }
@@ -264,7 +269,10 @@ impl Supervisor {
                     continue;
                 };
                 let normal = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-                if !normal {
+                let told_to_stop = self.stopping
+                    && libc::WIFSIGNALED(status)
+                    && libc::WTERMSIG(status) == libc::SIGTERM;
+                if !normal && !told_to_stop {
                     let how = if libc::WIFSIGNALED(status) {
                         format!("killed by signal {}", libc::WTERMSIG(status))
                     } else {
@@ -314,6 +322,7 @@ impl Supervisor {
     }
 
     fn stop_all(&mut self) {
+        self.stopping = true;
         self.signal_children(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.services.iter().any(|s| !s.children.is_empty()) || !self.orphans.is_empty() {

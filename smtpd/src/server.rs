@@ -438,6 +438,9 @@ impl Server {
     }
 
     fn add(&mut self, mut sock: TcpStream, peer: std::net::SocketAddr) -> Option<usize> {
+        // Master now knows this process started well (a crash later does
+        // not throttle the service as a bad start-up would).
+        self.status.took_work();
         let _ = sock.set_nodelay(true);
         let idx = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
