@@ -157,7 +157,9 @@ impl<'a> Message<'a> {
             recipients.extend(rewrite_recipient(rw, r, &given)?);
         }
         new.recipients = recipients;
-        let nf = tree.create(Queue::Incoming).map_err(Refusal::write_error)?;
+        let nf = tree
+            .create_recycled(Queue::Incoming)
+            .map_err(Refusal::write_error)?;
         let mut w = qfile::Writer::new(nf.file).map_err(Refusal::write_error)?;
         let (secs, usecs) = queue::now();
         let res = (|| {

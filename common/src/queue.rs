@@ -95,6 +95,7 @@ pub const TREE: &[(&str, u32)] = &[
     ("defer", 0o700),
     ("bounce", 0o700),
     ("trace", 0o700),
+    ("spare", 0o700),
     ("private", 0o700),
     ("public", 0o710),
     ("pid", 0o755),
@@ -126,6 +127,10 @@ impl QueueTree {
 
     pub fn dir(&self, q: Queue) -> PathBuf {
         self.root.join(q.name())
+    }
+
+    fn dir_named(&self, name: &str) -> PathBuf {
+        self.root.join(name)
     }
 
     pub fn path(&self, q: Queue, id: &str) -> PathBuf {
@@ -196,6 +201,82 @@ impl QueueTree {
             fs::rename(&tmp, &path)?;
             return Ok(NewFile { id, path, file });
         }
+    }
+
+    /// Creates a new queue file in `q` as [`QueueTree::create`] does, but
+    /// takes the inode of a finished message from `spare/` when there is
+    /// one ([`QueueTree::retire`]): emptied, made private again and renamed
+    /// in, instead of allocated. Creating and deleting a file per message
+    /// is the queue's main cost in the kernel; on ext4 without a journal
+    /// every new inode is also checked against every recently deleted one
+    /// (`recently_deleted()`), which grows with the delivery rate.
+    pub fn create_recycled(&self, q: Queue) -> io::Result<NewFile> {
+        let dir = self.dir(q);
+        while let Some(name) = spare_name(&self.dir_named(SPARE)) {
+            // Claiming by rename is atomic: of several takers one wins,
+            // the others see ENOENT and try the next name. The new name is
+            // a temporary one, skipped by every scan.
+            let tmp = dir.join(format!(
+                ".tmp.{}.{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            if fs::rename(self.dir_named(SPARE).join(&name), &tmp).is_err() {
+                continue;
+            }
+            let file = match OpenOptions::new().read(true).write(true).open(&tmp) {
+                Ok(f) => f,
+                Err(_) => {
+                    let _ = fs::remove_file(&tmp);
+                    continue;
+                }
+            };
+            let ready = file
+                .set_len(0)
+                .and_then(|()| {
+                    file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
+                })
+                .and_then(|()| file.metadata());
+            let ino = match ready {
+                Ok(m) => m.ino(),
+                Err(_) => {
+                    let _ = fs::remove_file(&tmp);
+                    continue;
+                }
+            };
+            let id = make_id(SystemTime::now(), ino);
+            let path = dir.join(&id);
+            if path.exists() {
+                let _ = fs::remove_file(&tmp);
+                continue;
+            }
+            fs::rename(&tmp, &path)?;
+            return Ok(NewFile { id, path, file });
+        }
+        self.create(q)
+    }
+
+    /// Retires the file of a finished message in `q`: emptied and moved to
+    /// `spare/` for [`QueueTree::create_recycled`], or removed when
+    /// `spare/` holds enough already (or cannot take it). Not fsync'd, as
+    /// a removal is not: after a crash the message may come back and be
+    /// delivered again, never lost.
+    pub fn retire(&self, q: Queue, id: &str) -> io::Result<()> {
+        let path = self.path(q, id);
+        if spare_room(&self.dir_named(SPARE)) {
+            let emptied = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| {
+                    f.set_len(0)?;
+                    // Not complete (no owner-execute bit), whatever happens.
+                    f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
+                });
+            if emptied.is_ok() && fs::rename(&path, self.dir_named(SPARE).join(id)).is_ok() {
+                return Ok(());
+            }
+        }
+        fs::remove_file(&path)
     }
 
     /// Moves message `id` from one queue to another and makes the move
@@ -334,6 +415,73 @@ pub fn is_queue_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
+/// The directory of emptied queue files kept for reuse.
+const SPARE: &str = "spare";
+/// How many files `spare/` may hold: enough for a burst of arrivals.
+const SPARE_LIMIT: usize = 2000;
+
+/// This process's view of `spare/`: names read from it, not yet taken,
+/// and how full it looked.
+struct SparePool {
+    names: Vec<String>,
+    /// Do not read `spare/` again before this: it was empty.
+    empty_until: Option<std::time::Instant>,
+    /// Files this process put there since it last counted them.
+    added: usize,
+    counted: usize,
+}
+
+static SPARES: std::sync::Mutex<SparePool> = std::sync::Mutex::new(SparePool {
+    names: Vec::new(),
+    empty_until: None,
+    added: 0,
+    // Counted at the first use.
+    counted: SPARE_LIMIT,
+});
+
+/// A name in `spare/` to try, reading the directory (256 names at a time)
+/// when this process has none left; None when it is empty.
+fn spare_name(dir: &Path) -> Option<String> {
+    let mut pool = SPARES.lock().ok()?;
+    if let Some(name) = pool.names.pop() {
+        return Some(name);
+    }
+    let now = std::time::Instant::now();
+    if pool.empty_until.is_some_and(|t| now < t) {
+        return None;
+    }
+    pool.names = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| is_queue_id(n))
+        .take(256)
+        .collect();
+    if pool.names.is_empty() {
+        pool.empty_until = Some(now + std::time::Duration::from_secs(1));
+    }
+    pool.names.pop()
+}
+
+/// Whether `spare/` may take one more file: counted again (a directory
+/// read) only when this process's estimate reaches the limit.
+fn spare_room(dir: &Path) -> bool {
+    let Ok(mut pool) = SPARES.lock() else {
+        return false;
+    };
+    if pool.counted + pool.added >= SPARE_LIMIT {
+        pool.counted = match fs::read_dir(dir) {
+            Ok(d) => d.count(),
+            Err(_) => return false,
+        };
+        pool.added = 0;
+        if pool.counted >= SPARE_LIMIT {
+            return false;
+        }
+    }
+    pool.added += 1;
+    true
+}
+
 /// fsyncs a directory, so that names created, renamed or removed in it
 /// survive a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -399,6 +547,37 @@ mod tests {
         assert_eq!(t.find(&nf.id), Some(Queue::Incoming));
         t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
         assert_eq!(t.list(Queue::Active).unwrap(), vec![nf.id.clone()]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_retired_file_comes_back_empty_and_private() {
+        let root = std::env::temp_dir().join(format!("pqr-{}", std::process::id()));
+        let t = QueueTree::new(&root);
+        t.create_dirs(None, None).unwrap();
+        let mut nf = t.create(Queue::Incoming).unwrap();
+        std::io::Write::write_all(&mut nf.file, b"an old message").unwrap();
+        nf.file
+            .set_permissions(fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let ino = nf.file.metadata().unwrap().ino();
+        t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
+        t.retire(Queue::Active, &nf.id).unwrap();
+        assert_eq!(t.find(&nf.id), None, "no longer in any queue");
+        let spare = root.join(SPARE).join(&nf.id);
+        let m = fs::metadata(&spare).unwrap();
+        assert_eq!((m.len(), m.mode() & 0o777), (0, crate::qfile::MODE_WRITING));
+
+        let again = t.create_recycled(Queue::Incoming).unwrap();
+        let m = again.file.metadata().unwrap();
+        assert_eq!(m.ino(), ino, "the same inode, reused");
+        assert_eq!((m.len(), m.mode() & 0o777), (0, crate::qfile::MODE_WRITING));
+        assert_ne!(again.id, nf.id);
+        assert_eq!(t.find(&again.id), Some(Queue::Incoming));
+        assert!(!spare.exists());
+        // With spare/ empty, a new file is made.
+        let fresh = t.create_recycled(Queue::Incoming).unwrap();
+        assert_ne!(fresh.file.metadata().unwrap().ino(), ino);
         fs::remove_dir_all(root).unwrap();
     }
 }

@@ -897,7 +897,7 @@ impl Manager {
             remove_log(&self.tree, MessageLog::Defer, id);
             remove_log(&self.tree, MessageLog::Bounce, id);
             remove_log(&self.tree, MessageLog::Success, id);
-            match std::fs::remove_file(self.tree.path(Queue::Active, id)) {
+            match self.tree.retire(Queue::Active, id) {
                 Ok(()) => info!("{id}: removed"),
                 Err(e) => warning!("{id}: remove active queue file: {e}"),
             }
