@@ -33,6 +33,7 @@ class Cgroup:
     def enter_fn(self):
         """A preexec_fn that moves the child into this group."""
         procs = os.path.join(self.path, "cgroup.procs")
+        os.makedirs(self.path, exist_ok=True)  # again, after a remove()
 
         def enter():
             with open(procs, "w") as f:
