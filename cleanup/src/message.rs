@@ -664,7 +664,8 @@ impl<'a> Message<'a> {
         let w = self.writer.take().expect("writer present until close");
         let done = w
             .finish()
-            .and_then(|_| queue::sync_dir(&self.tree.dir(dir)))
+            // Sessions that end together share one fsync of the directory.
+            .and_then(|_| queue::sync_dir_grouped(&self.tree.dir(dir)))
             .and_then(|_| match dir {
                 Queue::Hold => queue::sync_dir(&self.tree.dir(Queue::Incoming)),
                 _ => Ok(()),

@@ -264,14 +264,11 @@ impl QueueTree {
     pub fn retire(&self, q: Queue, id: &str) -> io::Result<()> {
         let path = self.path(q, id);
         if spare_room(&self.dir_named(SPARE)) {
-            let emptied = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| {
-                    f.set_len(0)?;
-                    // Not complete (no owner-execute bit), whatever happens.
-                    f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
-                });
+            let emptied = OpenOptions::new().write(true).open(&path).and_then(|f| {
+                f.set_len(0)?;
+                // Not complete (no owner-execute bit), whatever happens.
+                f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
+            });
             if emptied.is_ok() && fs::rename(&path, self.dir_named(SPARE).join(id)).is_ok() {
                 return Ok(());
             }
@@ -488,6 +485,77 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Group commit of directory fsyncs among the threads of one process.
+#[derive(Default)]
+struct DirSyncs {
+    dirs: std::collections::HashMap<PathBuf, DirSync>,
+}
+
+#[derive(Default)]
+struct DirSync {
+    /// Callers so far; a caller's ticket is the count before it came.
+    arrivals: u64,
+    /// Every caller with a ticket below this is covered by a finished fsync.
+    covered: u64,
+    running: bool,
+}
+
+static DIR_SYNCS: std::sync::Mutex<Option<DirSyncs>> = std::sync::Mutex::new(None);
+static DIR_SYNCED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// As [`sync_dir`], for threads that finish files in the same directory
+/// at the same time (cleanup's): a caller whose name change happened
+/// before an fsync of the directory *started* is covered when that fsync
+/// ends, so one fsync serves every caller that arrived while the previous
+/// one ran. With many sessions ending at once this turns N directory
+/// fsyncs into a few, and each caller still returns only once its entry
+/// is on disk.
+pub fn sync_dir_grouped(dir: &Path) -> io::Result<()> {
+    let mut g = DIR_SYNCS
+        .lock()
+        .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
+    let ticket = {
+        let d = g
+            .get_or_insert_with(Default::default)
+            .dirs
+            .entry(dir.to_path_buf())
+            .or_default();
+        d.arrivals += 1;
+        d.arrivals - 1
+    };
+    loop {
+        let d = g
+            .as_mut()
+            .and_then(|s| s.dirs.get_mut(dir))
+            .expect("entry made above");
+        if d.covered > ticket {
+            return Ok(());
+        }
+        if !d.running {
+            d.running = true;
+            let upto = d.arrivals;
+            drop(g);
+            let result = sync_dir(dir);
+            g = DIR_SYNCS
+                .lock()
+                .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
+            let d = g
+                .as_mut()
+                .and_then(|s| s.dirs.get_mut(dir))
+                .expect("entry made above");
+            d.running = false;
+            if result.is_ok() {
+                d.covered = d.covered.max(upto);
+            }
+            DIR_SYNCED.notify_all();
+            return result;
+        }
+        g = DIR_SYNCED
+            .wait(g)
+            .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
+    }
+}
+
 /// Bytes an unprivileged process may still write on the file system that
 /// holds `dir`.
 pub fn free_space(dir: &Path) -> io::Result<u64> {
@@ -547,6 +615,32 @@ mod tests {
         assert_eq!(t.find(&nf.id), Some(Queue::Incoming));
         t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
         assert_eq!(t.list(Queue::Active).unwrap(), vec![nf.id.clone()]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn grouped_directory_syncs_return_for_every_caller() {
+        let root = std::env::temp_dir().join(format!("pqg-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    for j in 0..20 {
+                        fs::write(root.join(format!("{i}-{j}")), b"x").unwrap();
+                        sync_dir_grouped(&root).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let g = DIR_SYNCS.lock().unwrap();
+        let d = &g.as_ref().unwrap().dirs[&root];
+        assert_eq!(d.arrivals, 320);
+        assert!(!d.running);
+        drop(g);
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -994,7 +994,7 @@ mod tests {
         );
         let id = job.req.queue_id.clone();
         let offsets: Vec<u64> = job.req.recipients.iter().map(|r| r.offset).collect();
-        let mut a = agent();
+        let a = agent();
         a.deliver(&mut job);
         let reply = job.finish();
         assert_eq!(srv.join().unwrap(), b"Subject: hi\r\n\r\n..dot\r\n");
@@ -1178,7 +1178,7 @@ mod tests {
             std::path::Path::new("main.cf"),
         )
         .unwrap();
-        let mut agent = Agent::from_config(&cfg, false);
+        let agent = Agent::from_config(&cfg, false);
         let (_tree, mut job) = make_job(
             &dir,
             &["a@example.test", "b@example.test"],
