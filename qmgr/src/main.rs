@@ -31,6 +31,8 @@
 //! - [`bounce`]: delivery status notices (failure, delay, success,
 //!   postmaster copies, double bounces), composed and queued via cleanup;
 //! - [`retry`]: backoff and queue lifetime;
+//! - [`retire`]: finished files emptied into `spare/` (or removed) on a
+//!   thread of their own;
 //! - [`admin`]: `private/qmgr-admin`, postsuper's requests for active
 //!   messages (delete, hold, release), applied when none is in flight.
 //!
@@ -46,6 +48,7 @@ mod manager;
 mod message;
 mod record;
 mod resolve;
+mod retire;
 mod retry;
 mod scan;
 mod schedule;

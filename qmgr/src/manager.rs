@@ -16,6 +16,7 @@
 //! one takes `active/` back at start-up.
 
 use crate::bounce::{self, Kind, NotQueued, Notice, Returned};
+use crate::retire::Retirer;
 use crate::deliver::{self, Completion};
 use crate::message::{AdminAction, Message, RcptState};
 use crate::record::{self, Item};
@@ -85,6 +86,8 @@ pub struct Manager {
     incoming_turn: bool,
     tx: Sender<Event>,
     rx: Receiver<Event>,
+    /// Removes finished files on its own thread (see [`crate::retire`]).
+    retirer: Retirer,
 }
 
 fn remove_log(tree: &QueueTree, log: MessageLog, id: &str) {
@@ -127,6 +130,7 @@ impl Manager {
             incoming: Scan::new(Queue::Incoming),
             deferred: Scan::new(Queue::Deferred),
             incoming_turn: false,
+            retirer: Retirer::new(QueueTree::new(cfg.get("queue_directory"))),
             tx,
             rx,
         }
@@ -897,10 +901,7 @@ impl Manager {
             remove_log(&self.tree, MessageLog::Defer, id);
             remove_log(&self.tree, MessageLog::Bounce, id);
             remove_log(&self.tree, MessageLog::Success, id);
-            match self.tree.retire(Queue::Active, id) {
-                Ok(()) => info!("{id}: removed"),
-                Err(e) => warning!("{id}: remove active queue file: {e}"),
-            }
+            self.retirer.retire(id);
         } else {
             self.to_deferred(id, msg.env.arrival_secs);
         }

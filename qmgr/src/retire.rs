@@ -1,0 +1,60 @@
+//! Retiring finished queue files off the main thread.
+//!
+//! Freeing a file's blocks can wait on the disk: with the `discard` mount
+//! option and no journal, ext4 trims the freed blocks synchronously inside
+//! the truncate (or the unlink). qmgr's one thread must not stall on that
+//! per message, so the file of a finished message is handed to this
+//! thread, which retires it ([`QueueTree::retire`]: emptied into
+//! `spare/`, or removed) and logs `removed`. A crash before it gets there
+//! leaves the file in `active/`, with its recipients marked done: at
+//! start-up it is taken back and finishes at once.
+
+use postern_common::queue::{Queue, QueueTree};
+use postern_common::{info, warning};
+use std::sync::mpsc::{channel, Sender};
+
+pub struct Retirer {
+    tx: Option<Sender<String>>,
+    tree: QueueTree,
+}
+
+impl Retirer {
+    pub fn new(tree: QueueTree) -> Retirer {
+        // The manager's unit tests (e2e) look at the queue right after a
+        // round: there the file is retired on the spot.
+        if cfg!(test) {
+            return Retirer { tx: None, tree };
+        }
+        let (tx, rx) = channel::<String>();
+        let t = tree.clone();
+        let started = std::thread::Builder::new()
+            .name("retire".into())
+            .spawn(move || {
+                for id in rx {
+                    retire(&t, &id);
+                }
+            });
+        Retirer {
+            tx: started.is_ok().then_some(tx),
+            tree,
+        }
+    }
+
+    /// Retires the file of finished message `id` (in `active/`).
+    pub fn retire(&self, id: &str) {
+        let queued = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(id.to_string()).is_ok());
+        if !queued {
+            retire(&self.tree, id);
+        }
+    }
+}
+
+fn retire(tree: &QueueTree, id: &str) {
+    match tree.retire(Queue::Active, id) {
+        Ok(()) => info!("{id}: removed"),
+        Err(e) => warning!("{id}: remove active queue file: {e}"),
+    }
+}
