@@ -1,11 +1,16 @@
 //! The DATA decoder: end-of-data, dot-unstuffing, bare LF, long lines.
 //! Two properties beyond "no panic": the result does not depend on how
-//! the input was cut into reads, and end-of-data is only ever found right
-//! after CRLF.CRLF (no SMTP smuggling, CVE-2023-51764).
+//! the input was cut into reads (the decoded bytes plus what is still
+//! waiting for the rest of its line), and end-of-data is only ever found
+//! right after CRLF.CRLF (no SMTP smuggling, CVE-2023-51764).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use postern_smtpd::data::Decoder;
 
+/// The decoded bytes and where the end of data was found; without an end,
+/// the bytes still pending (a partial line) follow the decoded ones: how
+/// much of an unfinished long line was passed on depends on the reads,
+/// but nothing is lost or changed.
 fn decode(input: &[u8], piece: usize) -> (Vec<u8>, Option<usize>) {
     let mut d = Decoder::new(2048);
     let mut out = Vec::new();
@@ -20,6 +25,7 @@ fn decode(input: &[u8], piece: usize) -> (Vec<u8>, Option<usize>) {
             return (out, Some(consumed));
         }
     }
+    out.extend_from_slice(&pending);
     (out, None)
 }
 

@@ -265,6 +265,30 @@ mod tests {
         assert_eq!(*out.last().unwrap(), b'\n');
     }
 
+    /// Found by the smtp_data fuzz target in a 10-minute run: with no
+    /// line end yet, how much of a long line has been passed on depends on
+    /// the reads; what was passed on plus what is still pending does not.
+    #[test]
+    fn unfinished_long_line_is_split_by_reads_but_kept_whole() {
+        let input: Vec<u8> = (0..2472u32)
+            .map(|i| [189u8, 29, 255, 0][(i / 97 % 4) as usize])
+            .collect();
+        let whole = run(&input, input.len(), 2048);
+        let bytewise = run(&input, 1, 2048);
+        assert!(!whole.1 && !bytewise.1);
+        assert_ne!(
+            whole.0.len(),
+            bytewise.0.len(),
+            "flushed at different points"
+        );
+        let joined = |(mut out, _, rest, _): (Vec<u8>, bool, Vec<u8>, u64)| {
+            out.extend_from_slice(&rest);
+            out
+        };
+        assert_eq!(joined(whole), input);
+        assert_eq!(joined(bytewise), input);
+    }
+
     #[test]
     fn first_line_kludges() {
         let (out, _, _) = all_steps(b" folded\r\nbody\r\n.\r\n");
