@@ -205,53 +205,46 @@ impl QueueTree {
 
     /// Creates a new queue file in `q` as [`QueueTree::create`] does, but
     /// takes the inode of a finished message from `spare/` when there is
-    /// one ([`QueueTree::retire`]): emptied, made private again and renamed
-    /// in, instead of allocated. Creating and deleting a file per message
+    /// one ([`QueueTree::retire`]): renamed in under its new ID, emptied
+    /// and made private again, instead of allocated. Creating and deleting a file per message
     /// is the queue's main cost in the kernel; on ext4 without a journal
     /// every new inode is also checked against every recently deleted one
     /// (`recently_deleted()`), which grows with the delivery rate.
     pub fn create_recycled(&self, q: Queue) -> io::Result<NewFile> {
         let dir = self.dir(q);
         while let Some(name) = spare_name(&self.dir_named(SPARE)) {
-            // Claiming by rename is atomic: of several takers one wins,
-            // the others see ENOENT and try the next name. The new name is
-            // a temporary one, skipped by every scan.
-            let tmp = dir.join(format!(
-                ".tmp.{}.{}",
-                std::process::id(),
-                SEQ.fetch_add(1, Ordering::Relaxed)
-            ));
-            if fs::rename(self.dir_named(SPARE).join(&name), &tmp).is_err() {
+            // The ID needs the inode number, which the spare's name does
+            // not change: read it first, then claim and name the file in
+            // one rename (atomic: of several takers one wins, the others
+            // see ENOENT and try the next name). A spare's name is the ID
+            // it had, never reused, so the file stat'ed is the one renamed.
+            let from = self.dir_named(SPARE).join(&name);
+            let Ok(meta) = fs::symlink_metadata(&from) else {
                 continue;
-            }
-            let file = match OpenOptions::new().read(true).write(true).open(&tmp) {
-                Ok(f) => f,
-                Err(_) => {
-                    let _ = fs::remove_file(&tmp);
-                    continue;
-                }
             };
-            let ready = file
-                .set_len(0)
-                .and_then(|()| {
-                    file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
-                })
-                .and_then(|()| file.metadata());
-            let ino = match ready {
-                Ok(m) => m.ino(),
-                Err(_) => {
-                    let _ = fs::remove_file(&tmp);
-                    continue;
-                }
-            };
-            let id = make_id(SystemTime::now(), ino);
+            let id = make_id(SystemTime::now(), meta.ino());
             let path = dir.join(&id);
-            if path.exists() {
-                let _ = fs::remove_file(&tmp);
+            if path.exists() || fs::rename(&from, &path).is_err() {
                 continue;
             }
-            fs::rename(&tmp, &path)?;
-            return Ok(NewFile { id, path, file });
+            // Empty and private before anything is written (qmgr emptied
+            // it when it retired it; a crash may have come in between).
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .and_then(|f| {
+                    f.set_len(0)?;
+                    f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
+                    Ok(f)
+                });
+            match file {
+                Ok(file) => return Ok(NewFile { id, path, file }),
+                Err(_) => {
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            }
         }
         self.create(q)
     }
