@@ -26,6 +26,11 @@ pub struct Job {
     connected: Option<Instant>,
     results: Vec<RecipientResult>,
     destination_failed: bool,
+    /// The next hop announced DSN and was handed the recipients' NOTIFY:
+    /// it sends the success notices itself, so a success is not noted in
+    /// the success log for a "relayed" notice (Postfix's smtp_rcpt_done).
+    /// Set by the SMTP/LMTP client for the transaction under way.
+    pub dsn_passed_on: bool,
 }
 
 impl Job {
@@ -59,6 +64,7 @@ impl Job {
             connected: None,
             results: Vec::new(),
             destination_failed: false,
+            dsn_passed_on: false,
         })
     }
 
@@ -148,7 +154,10 @@ impl Job {
                 ok = false;
             }
         }
-        if outcome == Outcome::Sent && r.rcpt.notify & qfile::NOTIFY_SUCCESS != 0 {
+        if outcome == Outcome::Sent
+            && r.rcpt.notify & qfile::NOTIFY_SUCCESS != 0
+            && !self.dsn_passed_on
+        {
             record_success(&self.tree, &self.req.queue_id, r, dsn, relay, reason);
         }
         let outcome = if outcome != Outcome::Deferred && ok {
@@ -358,7 +367,8 @@ fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
 }
 
 /// Serves a delivery agent's socket: one request per connection, answered
-/// once every recipient is recorded.
+/// once every recipient is recorded; one connection at a time (local and
+/// virtual change their user per delivery, which is per process).
 pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
     let tree = QueueTree::new(cfg.get("queue_directory"));
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));

@@ -139,6 +139,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("2bounce_notice_recipient", "postmaster"),
     ("double_bounce_sender", "double-bounce"),
     ("delay_notice_recipient", "postmaster"),
+    ("error_notice_recipient", "postmaster"),
     ("bounce_size_limit", "50000"),
     ("notify_classes", "resource, software"),
     // Address resolution.

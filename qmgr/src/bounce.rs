@@ -4,7 +4,12 @@
 //! `delay_warning_time`) and success notices ("Successful Mail Delivery
 //! Report", DSN NOTIFY=SUCCESS), each only to the recipients' liking
 //! (NOTIFY=NEVER: none; see [`wanted`]); and the postmaster's copies
-//! (`notify_classes`: `bounce`, `delay`) and double bounces (`2bounce`).
+//! (`notify_classes`: `bounce`, `delay`), double bounces (`2bounce`) and
+//! notices of mail system problems to `error_notice_recipient`
+//! (`resource`, `software`: see [`problem_of`]). A success is reported
+//! as "relayed" or "delivered" ([`success_action`]). Each notice queued
+//! is marked in the message's success log ([`mark`]), so that a round
+//! retried after a later notice failed does not send it twice.
 //!
 //! A notice is a `multipart/report; report-type=delivery-status`
 //! message from `MAILER-DAEMON@$myhostname` in three parts, as Postfix
@@ -47,6 +52,54 @@ pub enum Kind {
     Success,
 }
 
+/// A mail system problem reported to `error_notice_recipient`
+/// (`notify_classes`: `resource`, `software`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// Out of disk space, memory, file handles: RFC 3463 `X.3.1`, or a
+    /// reason saying so.
+    Resource,
+    /// A delivery agent that crashed or could not be run, a configuration
+    /// error: the other `X.3.Y` mail system statuses.
+    Software,
+}
+
+impl Problem {
+    /// The `notify_classes` name.
+    pub fn class(self) -> &'static str {
+        match self {
+            Problem::Resource => "resource",
+            Problem::Software => "software",
+        }
+    }
+}
+
+/// What mail system problem, if any, a logged deferral or bounce reports:
+/// only `X.3.Y` statuses (RFC 3463 "mail system status") count;
+/// `X.3.1` (mail system full) and reasons that name a shortage are
+/// resource problems, the rest software problems.
+pub fn problem_of(e: &LogEntry) -> Option<Problem> {
+    let mut parts = e.status.split('.');
+    let (class, subject) = (parts.next()?, parts.next()?);
+    if !matches!(class, "4" | "5") || subject != "3" {
+        return None;
+    }
+    const SHORTAGES: [&str; 6] = [
+        "no space left",
+        "disk quota exceeded",
+        "insufficient system storage",
+        "cannot allocate memory",
+        "too many open files",
+        "file too large",
+    ];
+    let reason = e.reason.to_ascii_lowercase();
+    if parts.next() == Some("1") || SHORTAGES.iter().any(|s| reason.contains(s)) {
+        Some(Problem::Resource)
+    } else {
+        Some(Problem::Software)
+    }
+}
+
 /// How much of the original message a notice returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Returned {
@@ -85,6 +138,12 @@ pub struct Notice {
     pub returned: Returned,
     /// Where the original content starts in its queue file.
     pub content_offset: u64,
+    /// For a postmaster notice about a mail system problem: which one.
+    pub problem: Option<Problem>,
+    /// What to append to the message's success log once the notice is
+    /// queued, so that a round whose later notices fail does not send
+    /// this one again (see [`mark`]).
+    pub mark: Option<LogEntry>,
 }
 
 impl Notice {
@@ -102,6 +161,15 @@ impl Notice {
     }
 
     fn subject(&self) -> &'static str {
+        match self.problem {
+            Some(Problem::Resource) => {
+                return "Postmaster Warning: Mail Not Delivered (resource problem)"
+            }
+            Some(Problem::Software) => {
+                return "Postmaster Warning: Mail Not Delivered (software problem)"
+            }
+            None => {}
+        }
         match (self.kind, self.postmaster) {
             (Kind::Failure, false) => "Undelivered Mail Returned to Sender",
             (Kind::Failure, true) => "Postmaster Copy: Undelivered Mail",
@@ -129,6 +197,8 @@ pub struct Settings {
     pub bounce_rcpt: String,
     pub twobounce_rcpt: String,
     pub delay_rcpt: String,
+    /// `error_notice_recipient`: resource and software problems.
+    pub error_rcpt: String,
     pub double_bounce_sender: String,
     /// `delay_warning_time` in seconds; 0: no delay warnings.
     pub delay_warning: u64,
@@ -151,6 +221,7 @@ impl Settings {
             bounce_rcpt: cfg.get("bounce_notice_recipient"),
             twobounce_rcpt: cfg.get("2bounce_notice_recipient"),
             delay_rcpt: cfg.get("delay_notice_recipient"),
+            error_rcpt: cfg.get("error_notice_recipient"),
             double_bounce_sender: cfg.get("double_bounce_sender"),
             delay_warning: cfg.get_time("delay_warning_time").unwrap_or(0),
             size_limit: cfg.get_u64("bounce_size_limit").unwrap_or(50000),
@@ -167,6 +238,50 @@ impl Settings {
         let local = sender.split('@').next().unwrap_or("");
         !sender.is_empty() && local.eq_ignore_ascii_case(&self.double_bounce_sender)
     }
+}
+
+/// The `action` of a success-log entry that notes a notice already
+/// queued in the current round (see [`mark`]).
+pub const NOTIFIED: &str = "notified";
+
+/// The mark that says notice `key` was queued, having reported the
+/// first `upto` entries of `log` (the log as read when the notice was
+/// planned). Its `reason` holds the last of those entries' identity, so
+/// that a mark is only honoured for the very log it was made from.
+pub fn mark(key: &str, log: &[LogEntry]) -> LogEntry {
+    LogEntry {
+        recipient: key.to_string(),
+        action: NOTIFIED.to_string(),
+        offset: log.len() as u64,
+        reason: log.last().map(fingerprint).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+fn fingerprint(e: &LogEntry) -> String {
+    format!("{} {} {} {}", e.offset, e.action, e.status, e.reason)
+}
+
+/// The marks of a success log, by notice key.
+pub fn marks(trace: &[LogEntry]) -> HashMap<String, LogEntry> {
+    trace
+        .iter()
+        .filter(|e| e.action == NOTIFIED)
+        .map(|e| (e.recipient.clone(), e.clone()))
+        .collect()
+}
+
+/// How many of `log`'s first entries notice `key` already reported (0
+/// when it has no mark, or its mark is for another log).
+pub fn reported(marks: &HashMap<String, LogEntry>, key: &str, log: &[LogEntry]) -> usize {
+    let Some(m) = marks.get(key) else {
+        return 0;
+    };
+    let upto = m.offset as usize;
+    if upto == 0 || upto > log.len() || fingerprint(&log[upto - 1]) != m.reason {
+        return 0;
+    }
+    upto
 }
 
 /// The last entry of each recipient (a log may hold several, from
@@ -264,6 +379,20 @@ fn smtp_reply(reason: &str) -> Option<&str> {
     Some(text.trim())
 }
 
+/// The DSN action of a success (RFC 3464 §2.3.3, RFC 3461 §6.2.3.1): what
+/// the agent said when it said "relayed" or "expanded"; "relayed" for a
+/// recipient handed to another server (SMTP, or LMTP: Postfix's
+/// `lmtp_assume_final = no`), whose `relay=` names a peer `host[addr]`;
+/// "delivered" for final delivery here (local, virtual).
+pub fn success_action(e: &LogEntry) -> &'static str {
+    match e.action.as_str() {
+        "relayed" => "relayed",
+        "expanded" => "expanded",
+        _ if e.relay.contains('[') => "relayed",
+        _ => "delivered",
+    }
+}
+
 fn status_of(e: &LogEntry, kind: Kind) -> &str {
     if !e.status.is_empty() {
         &e.status
@@ -323,47 +452,57 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     }
     m.push('\n');
     m.push_str(&format!("This is the mail system at host {host}.\n\n"));
-    match n.kind {
-        Kind::Failure if n.postmaster => m.push_str(&format!(
-            "Enclosed is the mail delivery report that was sent to <{}>\n\
+    if let Some(p) = n.problem {
+        m.push_str(&format!(
+            "Mail from <{}> could not be delivered because of a {} problem\n\
+             of this mail system. Recipients reported as delayed will be tried\n\
+             again; the reasons are below.\n\n",
+            n.sender,
+            p.class()
+        ));
+    } else {
+        match n.kind {
+            Kind::Failure if n.postmaster => m.push_str(&format!(
+                "Enclosed is the mail delivery report that was sent to <{}>\n\
              (or could not be, if that is empty).\n\n",
-            n.sender
-        )),
-        Kind::Failure => m.push_str(
-            "I'm sorry to have to inform you that your message could not\n\
+                n.sender
+            )),
+            Kind::Failure => m.push_str(
+                "I'm sorry to have to inform you that your message could not\n\
              be delivered to one or more recipients. It's attached below.\n\n\
              For further assistance, please send mail to postmaster.\n\n\
              If you do so, please include this problem report. You can\n\
              delete your own text from the attached returned message.\n\n",
-        ),
-        Kind::Delay => {
-            m.push_str(
-                "####################################################################\n\
+            ),
+            Kind::Delay => {
+                m.push_str(
+                    "####################################################################\n\
                  # THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #\n\
                  ####################################################################\n\n",
-            );
-            m.push_str(&format!(
-                "Your message could not be delivered for more than {}.\n",
-                hours(now.saturating_sub(n.arrival_secs))
-            ));
-            if let Some(until) = n.retry_until {
+                );
                 m.push_str(&format!(
-                    "It will be retried until it is {} old.\n",
-                    hours(until.saturating_sub(n.arrival_secs))
+                    "Your message could not be delivered for more than {}.\n",
+                    hours(now.saturating_sub(n.arrival_secs))
                 ));
-            }
-            m.push_str(
-                "\nFor further assistance, please send mail to postmaster.\n\n\
+                if let Some(until) = n.retry_until {
+                    m.push_str(&format!(
+                        "It will be retried until it is {} old.\n",
+                        hours(until.saturating_sub(n.arrival_secs))
+                    ));
+                }
+                m.push_str(
+                    "\nFor further assistance, please send mail to postmaster.\n\n\
                  If you do so, please include this problem report. You can\n\
                  delete your own text from the attached returned message.\n\n",
-            );
-        }
-        Kind::Success => m.push_str(
-            "Your message was successfully delivered to the destination(s)\n\
+                );
+            }
+            Kind::Success => m.push_str(
+                "Your message was successfully delivered to the destination(s)\n\
              listed below. If the message was delivered to mailbox you will\n\
              receive no further notifications. Otherwise you may still receive\n\
              notifications of mail delivery errors from other systems.\n\n",
-        ),
+            ),
+        }
     }
     m.push_str("                   The mail system\n\n");
     for e in &n.entries {
@@ -408,8 +547,9 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
         }
         let action = match n.kind {
             Kind::Failure => "failed",
+            Kind::Delay if e.action == "failed" => "failed",
             Kind::Delay => "delayed",
-            Kind::Success => "delivered",
+            Kind::Success => success_action(e),
         };
         m.push_str(&format!("Action: {action}\n"));
         m.push_str(&format!("Status: {}\n", status_of(e, n.kind)));
@@ -657,6 +797,8 @@ mod tests {
             entries: vec![e1, e2],
             returned: Returned::Headers,
             content_offset: 0,
+            problem: None,
+            mark: None,
         };
         let (head, tail) = compose(&n, "NEWID0123456789", 1_700_000_100);
         let mut raw = head;
@@ -747,6 +889,48 @@ mod tests {
             .map(|e| (e.recipient.as_str(), e.reason.as_str()))
             .collect();
         assert_eq!(names, [("a@x", "second"), ("f@x", "r")]);
+    }
+
+    #[test]
+    fn problems_actions_and_marks() {
+        let e = |status: &str, reason: &str| entry("x@y", status, "none", reason);
+        assert_eq!(problem_of(&e("4.3.1", "x")), Some(Problem::Resource));
+        assert_eq!(
+            problem_of(&e("4.3.0", "write: No space left on device")),
+            Some(Problem::Resource)
+        );
+        assert_eq!(
+            problem_of(&e("4.3.0", "unknown mail transport error")),
+            Some(Problem::Software)
+        );
+        assert_eq!(problem_of(&e("5.3.5", "config")), Some(Problem::Software));
+        assert_eq!(problem_of(&e("4.4.1", "connect: refused")), None);
+        assert_eq!(problem_of(&e("5.1.1", "no such user")), None);
+
+        let mut s = entry("x@y", "2.0.0", "mx.test[192.0.2.1]:25", "250 ok");
+        s.action = "delivered".into();
+        assert_eq!(success_action(&s), "relayed");
+        s.relay = "local".into();
+        assert_eq!(success_action(&s), "delivered");
+        s.relay = "mx.test[private/dovecot-lmtp]".into();
+        assert_eq!(success_action(&s), "relayed");
+        s.action = "expanded".into();
+        assert_eq!(success_action(&s), "expanded");
+
+        let log = vec![e("5.0.0", "a"), e("5.0.0", "b")];
+        let m = mark("bounce", &log);
+        let ms = marks(&[m.clone(), entry("z", "", "", "")]);
+        assert_eq!(reported(&ms, "bounce", &log), 2);
+        assert_eq!(reported(&ms, "bounce-copy", &log), 0);
+        let mut longer = log.clone();
+        longer.push(e("5.0.0", "c"));
+        assert_eq!(reported(&ms, "bounce", &longer), 2);
+        // Another log (a new round's): the mark does not apply.
+        assert_eq!(reported(&ms, "bounce", &[e("5.0.0", "c")]), 0);
+        assert_eq!(
+            reported(&ms, "bounce", &[e("5.0.0", "c"), e("5.0.0", "d")]),
+            0
+        );
     }
 
     #[test]

@@ -234,7 +234,19 @@ fn deliver_bounce_defer_then_expire() {
 
     // The notice for the two bounced recipients.
     {
-        let notices = env.notices.lock().unwrap();
+        let all = env.notices.lock().unwrap();
+        // notify_classes' default (resource, software): the postmaster
+        // hears of the recipient whose transport is missing.
+        let (sender, postmaster): (Vec<_>, Vec<_>) =
+            all.iter().partition(|n| n.0.sender.is_empty());
+        assert_eq!(postmaster.len(), 1);
+        assert!(postmaster[0]
+            .1
+            .contains("Mail Not Delivered (software problem)"));
+        assert!(postmaster[0]
+            .1
+            .contains("Final-Recipient: rfc822; x@nowhere.test"));
+        let notices = sender;
         assert_eq!(notices.len(), 1);
         let (nm, body) = &notices[0];
         assert_eq!(nm.sender, "");
@@ -263,7 +275,8 @@ fn deliver_bounce_defer_then_expire() {
     assert_eq!(tree.find(&id), None);
     assert!(!tree.log_path(MessageLog::Defer, &id).exists());
     assert!(!tree.log_path(MessageLog::Bounce, &id).exists());
-    let notices = env.notices.lock().unwrap();
+    let all = env.notices.lock().unwrap();
+    let notices: Vec<_> = all.iter().filter(|n| n.0.sender.is_empty()).collect();
     assert_eq!(notices.len(), 2);
     let body = &notices[1].1;
     assert!(body.contains("Final-Recipient: rfc822; defer@remote.test"));
@@ -319,7 +332,14 @@ fn recovery_corruption_locks_and_crashes() {
     assert_eq!(tree.find(&writing.id), Some(Queue::Incoming));
     assert_eq!(tree.find(&busy), Some(Queue::Deferred));
     assert_eq!(tree.find(&null), None);
-    assert!(env.notices.lock().unwrap().is_empty());
+    // No notice but the postmaster's of the crashed agent (software).
+    let notices = env.notices.lock().unwrap().clone();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].0.sender, "double-bounce");
+    assert!(notices[0]
+        .1
+        .contains("Final-Recipient: rfc822; crash@remote.test"));
+    assert!(notices[0].1.contains("unknown mail transport error"));
     assert_eq!(tree.find(&crash), Some(Queue::Deferred));
     let d = delivery::read_log(tree, MessageLog::Defer, &crash).unwrap();
     assert_eq!(d.len(), 1);
@@ -389,5 +409,95 @@ fn notice_waits_for_cleanup() {
     assert!(notices[0]
         .1
         .contains("Final-Recipient: rfc822; bounce@remote.test"));
+    assert_eq!(env.requests.lock().unwrap().len(), 1, "not delivered again");
+}
+
+/// A cleanup that refuses, once and for a while (temporary failure), the
+/// notices to `refuse`, and accepts everything else.
+fn choosy_cleanup(tree: &QueueTree, notices: Notices, refuse: &'static str) {
+    let l = UnixListener::bind(tree.cleanup_socket()).unwrap();
+    std::thread::spawn(move || {
+        let mut refused = false;
+        for (n, conn) in l.incoming().enumerate() {
+            let mut conn = conn.unwrap();
+            let CleanupRequest::Open(nm) = ipc::recv(&mut conn).unwrap() else {
+                panic!("no Open");
+            };
+            if nm.recipients[0].address == refuse && !refused {
+                refused = true;
+                let no = CleanupReply::Failed {
+                    temporary: true,
+                    dsn: "4.3.0".into(),
+                    reason: "not now".into(),
+                };
+                ipc::send(&mut conn, &no).unwrap();
+                continue;
+            }
+            let id = format!("BBBBBBBBBBBBB{n:X}");
+            let opened = CleanupReply::Opened {
+                queue_id: id.clone(),
+            };
+            ipc::send(&mut conn, &opened).unwrap();
+            let mut body = Vec::new();
+            loop {
+                match ipc::recv(&mut conn).unwrap() {
+                    CleanupRequest::Content(c) => body.extend(c),
+                    CleanupRequest::Close => break,
+                    CleanupRequest::Abort | CleanupRequest::Open(_) => panic!("unexpected"),
+                }
+            }
+            ipc::send(&mut conn, &CleanupReply::Queued { queue_id: id }).unwrap();
+            let body = String::from_utf8(body).unwrap();
+            notices.lock().unwrap().push((nm, body));
+        }
+    });
+}
+
+#[test]
+fn a_round_whose_second_notice_fails_sends_the_first_once() {
+    let env = setup_without_cleanup("partway");
+    let tree = &env.tree;
+    choosy_cleanup(tree, env.notices.clone(), "pmcopy@mx.test");
+    let id = queue_message(
+        tree,
+        Queue::Incoming,
+        "a@example.test",
+        &["bounce@remote.test"],
+    );
+    let cfg = "notify_classes = bounce\nbounce_notice_recipient = pmcopy@mx.test\n";
+    let mut m = Manager::new(&config(&env, cfg));
+    m.start();
+    drive(&mut m);
+    // The sender's notice went; the postmaster's copy was refused: the
+    // message waits, and the success log notes the notice that went.
+    assert_eq!(tree.find(&id), Some(Queue::Deferred));
+    {
+        let notices = env.notices.lock().unwrap();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].0.recipients[0].address, "a@example.test");
+    }
+    let marks = delivery::read_log(tree, MessageLog::Success, &id).unwrap();
+    assert_eq!(marks.len(), 1);
+    assert_eq!(
+        (marks[0].action.as_str(), marks[0].recipient.as_str()),
+        ("notified", "bounce")
+    );
+
+    // The next round sends the copy only, then the message is done.
+    m.handle(Event::Wakeup(b"F".to_vec()));
+    drive(&mut m);
+    assert_eq!(tree.find(&id), None);
+    let notices = env.notices.lock().unwrap();
+    let to: Vec<&str> = notices
+        .iter()
+        .map(|n| n.0.recipients[0].address.as_str())
+        .collect();
+    assert_eq!(to, ["a@example.test", "pmcopy@mx.test"]);
+    assert!(notices[1].1.contains("Postmaster Copy: Undelivered Mail"));
+    assert!(notices[1]
+        .1
+        .contains("Final-Recipient: rfc822; bounce@remote.test"));
+    assert!(!tree.log_path(MessageLog::Bounce, &id).exists());
+    assert!(!tree.log_path(MessageLog::Success, &id).exists());
     assert_eq!(env.requests.lock().unwrap().len(), 1, "not delivered again");
 }

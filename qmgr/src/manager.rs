@@ -657,7 +657,9 @@ impl Manager {
 
     /// The notices a message's round calls for, from its bounce, success
     /// and defer logs (see [`bounce`]). Notes in the message whether a
-    /// delay warning is among them.
+    /// delay warning is among them. A notice that an earlier, unfinished
+    /// attempt at this round already queued (its mark is in the success
+    /// log) reports only what was added to its log since.
     fn plan_notices(
         &mut self,
         id: &str,
@@ -665,13 +667,23 @@ impl Manager {
         all_done: bool,
     ) -> io::Result<Vec<Notice>> {
         let st = &self.notice_settings;
-        let failed = delivery::read_log(&self.tree, MessageLog::Bounce, id)?;
+        let failed_log = delivery::read_log(&self.tree, MessageLog::Bounce, id)?;
+        let defer_log = delivery::read_log(&self.tree, MessageLog::Defer, id)?;
         let trace = delivery::read_log(&self.tree, MessageLog::Success, id)?;
+        let marks = bounce::marks(&trace);
         let warned = trace.iter().any(|e| e.action == WARNED);
-        let delivered: Vec<_> = trace
+        // What the agents wrote: successes (not the marks qmgr adds).
+        let success_log: Vec<LogEntry> = trace
             .into_iter()
-            .filter(|e| e.action == "delivered")
+            .filter(|e| e.action != WARNED && e.action != bounce::NOTIFIED)
             .collect();
+        let unreported = |key: &str, log: &[LogEntry]| {
+            bounce::last_per_recipient(log[bounce::reported(&marks, key, log)..].to_vec())
+        };
+        let marked = |mut n: Notice, key: &str, log: &[LogEntry]| {
+            n.mark = Some(bounce::mark(key, log));
+            n
+        };
         let notification = env.attr(qfile::attr::NOTIFICATION);
         let from_postern = env.sender.is_empty() || notification.is_some();
         let double = notification == Some("2bounce") || st.is_double_bounce(&env.sender);
@@ -690,6 +702,8 @@ impl Manager {
             entries: Vec::new(),
             returned: Returned::Headers,
             content_offset: env.content_offset,
+            problem: None,
+            mark: None,
         };
         let postmaster = |to: &str, entries: Vec<LogEntry>, kind: Kind| Notice {
             kind,
@@ -701,28 +715,29 @@ impl Manager {
             ..base.clone()
         };
         let mut out = Vec::new();
-        let failed = bounce::last_per_recipient(failed);
-        if !failed.is_empty() {
+        if !failed_log.is_empty() {
             if double {
                 warning!("{id}: undeliverable postmaster notification discarded");
             } else if from_postern {
                 // A notice (or mail from the null sender) that failed: a
                 // double bounce to the postmaster, if notify_classes says so.
                 if st.class("2bounce") || st.class("bounce") {
-                    let mut n = postmaster(&st.twobounce_rcpt, failed, Kind::Failure);
-                    n.returned = Returned::Full(Some(st.size_limit));
-                    out.push(n);
+                    let failed = unreported("2bounce", &failed_log);
+                    if !failed.is_empty() {
+                        let mut n = postmaster(&st.twobounce_rcpt, failed, Kind::Failure);
+                        n.returned = Returned::Full(Some(st.size_limit));
+                        out.push(marked(n, "2bounce", &failed_log));
+                    }
                 } else {
                     info!("{id}: undeliverable notification discarded");
                 }
             } else {
-                let report: Vec<LogEntry> = failed
-                    .iter()
+                let report: Vec<LogEntry> = unreported("bounce", &failed_log)
+                    .into_iter()
                     .filter(|e| bounce::wanted(Kind::Failure, e.notify))
-                    .cloned()
                     .collect();
                 if !report.is_empty() {
-                    out.push(Notice {
+                    let n = Notice {
                         entries: report,
                         returned: match ret {
                             "HDRS" => Returned::Headers,
@@ -730,10 +745,15 @@ impl Manager {
                             _ => Returned::Full(Some(st.size_limit)),
                         },
                         ..base.clone()
-                    });
+                    };
+                    out.push(marked(n, "bounce", &failed_log));
                 }
                 if st.class("bounce") {
-                    out.push(postmaster(&st.bounce_rcpt, failed, Kind::Failure));
+                    let failed = unreported("bounce-copy", &failed_log);
+                    if !failed.is_empty() {
+                        let n = postmaster(&st.bounce_rcpt, failed, Kind::Failure);
+                        out.push(marked(n, "bounce-copy", &failed_log));
+                    }
                 }
             }
         }
@@ -742,17 +762,19 @@ impl Manager {
         } else {
             Returned::Headers
         };
-        let delivered: Vec<LogEntry> = bounce::last_per_recipient(delivered)
+        let delivered: Vec<LogEntry> = unreported("success", &success_log)
             .into_iter()
+            .filter(|e| matches!(e.action.as_str(), "delivered" | "relayed" | "expanded"))
             .filter(|e| bounce::wanted(Kind::Success, e.notify))
             .collect();
         if !delivered.is_empty() && !from_postern {
-            out.push(Notice {
+            let n = Notice {
                 kind: Kind::Success,
                 entries: delivered,
                 returned,
                 ..base.clone()
-            });
+            };
+            out.push(marked(n, "success", &success_log));
         }
         let mut warn_now = false;
         let age = now_secs().saturating_sub(env.arrival_secs);
@@ -760,27 +782,48 @@ impl Manager {
         {
             warn_now = true;
             // This round's deferrals: recipients still pending.
-            let deferred: Vec<LogEntry> =
-                bounce::last_per_recipient(delivery::read_log(&self.tree, MessageLog::Defer, id)?);
+            let deferred: Vec<LogEntry> = bounce::last_per_recipient(defer_log.clone());
             let wanted: Vec<LogEntry> = deferred
                 .iter()
                 .filter(|e| bounce::wanted(Kind::Delay, e.notify))
                 .cloned()
                 .collect();
             let retry_until = Some(env.arrival_secs + st.max_lifetime);
-            if !wanted.is_empty() {
-                out.push(Notice {
+            // A delay warning goes once: a mark says it already went.
+            if !wanted.is_empty() && !marks.contains_key("delay") {
+                let n = Notice {
                     kind: Kind::Delay,
                     entries: wanted,
                     retry_until,
                     returned,
                     ..base.clone()
-                });
+                };
+                out.push(marked(n, "delay", &[]));
             }
-            if st.class("delay") && !deferred.is_empty() {
+            if st.class("delay") && !deferred.is_empty() && !marks.contains_key("delay-copy") {
                 let mut n = postmaster(&st.delay_rcpt, deferred, Kind::Delay);
                 n.retry_until = retry_until;
-                out.push(n);
+                out.push(marked(n, "delay-copy", &[]));
+            }
+        }
+        // notify_classes resource, software: the postmaster hears of
+        // recipients deferred or bounced for a mail system problem (never
+        // for a notice's own trouble: no notices about notices).
+        if !from_postern {
+            let log: Vec<LogEntry> = defer_log.iter().chain(failed_log.iter()).cloned().collect();
+            for p in [bounce::Problem::Resource, bounce::Problem::Software] {
+                if !st.class(p.class()) {
+                    continue;
+                }
+                let entries: Vec<LogEntry> = unreported(p.class(), &log)
+                    .into_iter()
+                    .filter(|e| bounce::problem_of(e) == Some(p))
+                    .collect();
+                if !entries.is_empty() {
+                    let mut n = postmaster(&st.error_rcpt, entries, Kind::Delay);
+                    n.problem = Some(p);
+                    out.push(marked(n, p.class(), &log));
+                }
             }
         }
         if let Some(m) = self.messages.get_mut(id) {
@@ -789,16 +832,17 @@ impl Manager {
         Ok(out)
     }
 
-    /// The notices of a round are queued (or need not be): the bounce log
-    /// goes, and the success log keeps only the note that a delay warning
-    /// was sent.
+    /// The notices of a round are queued (or need not be): the success
+    /// log keeps only the note that a delay warning was sent (the marks
+    /// of the notices queued go with the rest), then the bounce log goes.
+    /// In that order: a crash in between sends a notice twice, never not
+    /// at all.
     fn notices_done(&mut self, id: &str) {
         let warned_now = self.messages.get(id).is_some_and(|m| m.warned_now);
-        remove_log(&self.tree, MessageLog::Bounce, id);
         let trace = delivery::read_log(&self.tree, MessageLog::Success, id).unwrap_or_default();
         let warned = warned_now || trace.iter().any(|e| e.action == WARNED);
-        let delivered = trace.iter().any(|e| e.action != WARNED);
-        if delivered || (warned && trace.is_empty()) {
+        let other = trace.iter().any(|e| e.action != WARNED);
+        if other || (warned && trace.is_empty()) {
             remove_log(&self.tree, MessageLog::Success, id);
             if warned {
                 let mark = LogEntry {
@@ -810,9 +854,12 @@ impl Manager {
                 }
             }
         }
+        remove_log(&self.tree, MessageLog::Bounce, id);
     }
 
     /// Sends notices on their own thread. Returns whether it started.
+    /// Each notice queued (or refused for good) has its mark appended to
+    /// the success log at once, before the next is tried.
     fn start_notices(&self, id: &str, notices: Vec<Notice>) -> bool {
         let tree = self.tree.clone();
         let timeout = self.timeout;
@@ -821,6 +868,13 @@ impl Manager {
         let started = std::thread::Builder::new()
             .name("notice".into())
             .spawn(move || {
+                let note = |n: &Notice| {
+                    if let Some(m) = &n.mark {
+                        if let Err(e) = delivery::append_log(&tree, MessageLog::Success, &id, m) {
+                            warning!("{id}: note the notification: {e}");
+                        }
+                    }
+                };
                 let result = match File::open(tree.path(Queue::Active, &id)) {
                     Ok(file) => {
                         let mut ids = Vec::new();
@@ -837,7 +891,13 @@ impl Manager {
                                             (Kind::Success, _) => "sender delivery status",
                                         }
                                     );
+                                    note(n);
                                     ids.push(new_id);
+                                }
+                                Err(e) if e.permanent => {
+                                    // Asking again would be refused again.
+                                    warning!("{id}: notification discarded: {}", e.reason);
+                                    note(n);
                                 }
                                 Err(e) => {
                                     result = Err(e);

@@ -4,10 +4,13 @@
 //! A message entering the active queue has its pending recipients grouped
 //! by (transport, destination) into [`Entry`]s of at most
 //! `TRANSPORT_destination_recipient_limit` recipients each; every entry
-//! waits in its destination's FIFO queue. [`Scheduler::pick`] hands out
+//! waits in its destination's queue. [`Scheduler::pick`] hands out
 //! entries round-robin, first across transports, then across the
 //! destinations of a transport, so that one busy destination does not
-//! starve the others, and never more than
+//! starve the others, then across the messages waiting for that
+//! destination (one entry of each in turn, see [`Rotation`]), so that a
+//! small message queued after a bulk one with thousands of recipients is
+//! not kept behind all of the bulk message's entries; and never more than
 //! `TRANSPORT_destination_concurrency_limit` requests in flight per
 //! destination, nor more than the overall limit.
 //!
@@ -209,11 +212,82 @@ pub struct Dispatch {
     pub entry: Entry,
 }
 
+/// The entries waiting for one destination, taken message by message in
+/// turn: each pick takes the next entry of the message at the head of the
+/// rotation and puts that message at its tail, so a message queued after
+/// a bulk one has its first entry dispatched after at most one entry of
+/// each message already waiting, not after all of the bulk message's.
+#[derive(Debug, Default)]
+struct Rotation {
+    /// Message → its entries, in the order they were queued.
+    by_message: HashMap<String, VecDeque<Entry>>,
+    /// Messages with entries, in turn order (each exactly once).
+    turn: VecDeque<String>,
+    len: usize,
+}
+
+impl Rotation {
+    fn push(&mut self, entry: Entry) {
+        self.len += 1;
+        match self.by_message.get_mut(&entry.message) {
+            Some(q) => q.push_back(entry),
+            None => {
+                self.turn.push_back(entry.message.clone());
+                self.by_message
+                    .insert(entry.message.clone(), VecDeque::from([entry]));
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<Entry> {
+        let message = self.turn.pop_front()?;
+        let q = self.by_message.get_mut(&message)?;
+        let entry = q.pop_front();
+        if q.is_empty() {
+            self.by_message.remove(&message);
+        } else {
+            self.turn.push_back(message);
+        }
+        if entry.is_some() {
+            self.len -= 1;
+        }
+        entry
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Takes out every entry of `message`; returns how many.
+    fn remove_message(&mut self, message: &str) -> usize {
+        let Some(q) = self.by_message.remove(message) else {
+            return 0;
+        };
+        self.turn.retain(|m| m != message);
+        self.len -= q.len();
+        q.len()
+    }
+
+    /// Takes out every entry, in turn order.
+    fn drain(&mut self) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(self.len);
+        while let Some(e) = self.pop() {
+            out.push(e);
+        }
+        out
+    }
+}
+
 /// One destination of one transport.
 #[derive(Debug)]
 struct Destination {
     nexthop: String,
-    entries: VecDeque<Entry>,
+    entries: Rotation,
     in_flight: usize,
     /// The concurrency window (feedback-driven), between 1 and `limit`.
     window: f64,
@@ -241,7 +315,7 @@ impl Destination {
     fn new(nexthop: String, limits: &Limits) -> Destination {
         Destination {
             nexthop,
-            entries: VecDeque::new(),
+            entries: Rotation::default(),
             in_flight: 0,
             window: initial_window(limits),
             limit: limits.concurrency,
@@ -327,10 +401,7 @@ impl Transport {
             if !d.ready() {
                 continue;
             }
-            let entry = d
-                .entries
-                .pop_front()
-                .expect("ready destination has entries");
+            let entry = d.entries.pop().expect("ready destination has entries");
             d.in_flight += 1;
             let nexthop = d.nexthop.clone();
             self.in_flight += 1;
@@ -452,7 +523,7 @@ impl Scheduler {
                 if d.dead_until.is_some() {
                     self.suspended.push(suspend(entry, &d.last_failure));
                 } else {
-                    d.entries.push_back(entry);
+                    d.entries.push(entry);
                 }
                 count += 1;
             }
@@ -562,7 +633,7 @@ impl Scheduler {
                     d.dead_until = Some(now + limits.retry_time);
                     let failure = d.last_failure.clone();
                     self.suspended
-                        .extend(d.entries.drain(..).map(|e| suspend(e, &failure)));
+                        .extend(d.entries.drain().into_iter().map(|e| suspend(e, &failure)));
                 } else {
                     d.failure += limits.negative.value(d.window);
                     if d.failure >= 1.0 - 1e-9 {
@@ -593,9 +664,7 @@ impl Scheduler {
         for t in &mut self.transports {
             let mut empty = Vec::new();
             for (key, d) in t.destinations.iter_mut() {
-                let before = d.entries.len();
-                d.entries.retain(|e| e.message != message);
-                removed += before - d.entries.len();
+                removed += d.entries.remove_message(message);
                 if d.entries.is_empty() && d.in_flight == 0 {
                     empty.push(key.clone());
                 }
@@ -739,6 +808,34 @@ mod tests {
         s.add_message("SMALL", &[target(0, "smtp", "small.test", "y")]);
         let first: Vec<String> = (0..2).map(|_| s.pick().unwrap().destination).collect();
         assert!(first.contains(&"small.test".to_string()), "{first:?}");
+    }
+
+    #[test]
+    fn messages_take_turns_within_a_destination() {
+        let mut s = Scheduler::new(100, |_| Limits {
+            concurrency: 1,
+            initial: 1,
+            recipients: 2,
+            ..Limits::default()
+        });
+        // A bulk message of 50 entries, then two small ones, all for one
+        // destination that takes one request at a time.
+        let big: Vec<Target> = (0..100).map(|i| target(i, "smtp", "d.test", "x")).collect();
+        assert_eq!(s.add_message("BULK", &big), 50);
+        assert_eq!(s.pick().unwrap().entry.message, "BULK");
+        s.add_message("SMALL1", &[target(0, "smtp", "d.test", "y")]);
+        s.add_message("SMALL2", &[target(0, "smtp", "d.test", "z")]);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            s.done("smtp", "d.test", None);
+            order.push(s.pick().unwrap().entry.message);
+        }
+        assert_eq!(order, ["BULK", "SMALL1", "SMALL2", "BULK", "BULK", "BULK"]);
+        // Deleting a message takes all its entries out of the rotation.
+        assert_eq!(s.remove_message("BULK"), 45);
+        assert_eq!(s.queued(), 0);
+        s.done("smtp", "d.test", None);
+        assert!(s.pick().is_none());
     }
 
     #[test]

@@ -782,6 +782,13 @@ struct JobTransaction<'a> {
     eight_bit: &'a mut Option<bool>,
 }
 
+impl Drop for JobTransaction<'_> {
+    fn drop(&mut self) {
+        // The next session (another server) may not announce DSN.
+        self.job.dsn_passed_on = false;
+    }
+}
+
 impl Transaction for JobTransaction<'_> {
     fn sender(&self) -> &str {
         &self.job.req.sender
@@ -829,6 +836,9 @@ impl Transaction for JobTransaction<'_> {
 
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
         use postern_common::qfile::{self, attr};
+        // Asked only of a server that announced DSN: the recipients'
+        // NOTIFY goes with them, and that server reports success itself.
+        self.job.dsn_passed_on = true;
         match qfile::read_envelope(&self.job.file) {
             Ok(env) => (
                 env.attr(attr::RET).map(str::to_string),
