@@ -5,7 +5,7 @@
 //! the truncate (or the unlink). qmgr's one thread must not stall on that
 //! per message, so the file of a finished message is handed to this
 //! thread, which retires it ([`QueueTree::retire`]: emptied into
-//! `spare/`, or removed) and logs `removed`. A crash before it gets there
+//! `spare/`, or removed). A crash before it gets there
 //! leaves the file in `active/`, with its recipients marked done: at
 //! start-up it is taken back and finishes at once.
 
@@ -40,8 +40,12 @@ impl Retirer {
         }
     }
 
-    /// Retires the file of finished message `id` (in `active/`).
+    /// Retires the file of finished message `id` (in `active/`). The
+    /// `removed` line is logged here, when qmgr lets go of the message
+    /// (its memory and its place in the active queue are freed), not
+    /// when the thread gets to the file.
     pub fn retire(&self, id: &str) {
+        info!("{id}: removed");
         let queued = self
             .tx
             .as_ref()
@@ -53,8 +57,7 @@ impl Retirer {
 }
 
 fn retire(tree: &QueueTree, id: &str) {
-    match tree.retire(Queue::Active, id) {
-        Ok(()) => info!("{id}: removed"),
-        Err(e) => warning!("{id}: remove active queue file: {e}"),
+    if let Err(e) = tree.retire(Queue::Active, id) {
+        warning!("{id}: remove active queue file: {e}");
     }
 }
