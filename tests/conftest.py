@@ -63,19 +63,21 @@ def optional_local_users(system_accounts):
 @pytest.fixture
 def make_postern(request, system_accounts):
     """Factory: ``make_postern(params=None, files=None, start=True,
-    fg=False, master_cf_extra=())`` -> a Postern (started unless
+    fg=False, master_cf_extra=(), master_cf_omit=())`` -> a Postern (started unless
     start=False; with ``postern start``, or ``start-fg`` if fg=True).
     Every instance is stopped at teardown; its directory is removed unless
     the test failed or POSTERN_KEEP_TMP is set."""
     instances = []
     request.node._posterns = instances
 
-    def make(params=None, files=None, start=True, fg=False, master_cf_extra=()):
+    def make(params=None, files=None, start=True, fg=False, master_cf_extra=(),
+             master_cf_omit=()):
         missing = h.missing_binaries()
         if missing:
             pytest.fail(f"Postern binaries missing in {h.BIN_DIR}: {', '.join(missing)} "
                         "(run `cargo build --workspace`, or set POSTERN_BIN_DIR)")
-        p = h.Postern(params=params, files=files, master_cf_extra=master_cf_extra)
+        p = h.Postern(params=params, files=files, master_cf_extra=master_cf_extra,
+                      master_cf_omit=master_cf_omit)
         instances.append(p)
         if start:
             p.start_fg() if fg else p.start()

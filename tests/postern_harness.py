@@ -473,6 +473,7 @@ MASTER_CF = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
+anvil     unix  -       -       n       -       1       anvil
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
 lmtp      unix  -       -       n       -       -       lmtp
@@ -488,10 +489,13 @@ class Postern:
     of None removes a default; a callable value is called with this object
     (to refer to ``p.etc`` or ``p.dir``). ``files``: {relative path: text}
     written under DIR before start (e.g. ``{"etc/transport": "..."}``).
-    ``master_cf_extra``: lines appended to master.cf.
+    ``master_cf_extra``: lines appended to master.cf; one that names a
+    service of the default master.cf (same name and type) replaces it.
+    ``master_cf_omit``: names of default services left out.
     """
 
-    def __init__(self, params=None, files=None, master_cf_extra=(), bin_dir=None, tmp_base=None):
+    def __init__(self, params=None, files=None, master_cf_extra=(), bin_dir=None, tmp_base=None,
+                 master_cf_omit=()):
         self.bin_dir = Path(bin_dir or BIN_DIR)
         # Short paths on purpose: Unix socket paths under queue/ must stay
         # below 108 bytes, which pytest's tmp_path does not promise.
@@ -522,6 +526,7 @@ class Postern:
             else:
                 self.params[name] = value(self) if callable(value) else str(value)
         self.master_cf_extra = list(master_cf_extra)
+        self.master_cf_omit = set(master_cf_omit)
         self._fg = None
         self._fg_out = None
         self._aliases_built = False
@@ -566,7 +571,12 @@ class Postern:
 
     def write_master_cf(self):
         text = MASTER_CF.format(port_line=f"127.0.0.1:{self.port} inet n - n - - smtpd")
-        text += "".join(line.rstrip("\n") + "\n" for line in self.master_cf_extra)
+        extra = [line.rstrip("\n") for line in self.master_cf_extra]
+        named = {tuple(line.split()[:2]) for line in extra if line.split()}
+        kept = [line for line in text.splitlines()
+                if not (line.split() and (tuple(line.split()[:2]) in named
+                                          or line.split()[0] in self.master_cf_omit))]
+        text = "".join(line + "\n" for line in kept + extra)
         self.write_file("etc/master.cf", text)
 
     # -- commands ----------------------------------------------------------

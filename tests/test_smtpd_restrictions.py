@@ -352,6 +352,50 @@ def test_dns_restrictions(make_postern, dnsmasq):
         assert [s.getreply()[0] for _ in range(3)] == [450, 250, 450]
 
 
+def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
+    """smtpd_delay_reject = no: each list's DNS restrictions decide at their
+    own stage (the client's at connect, the greeting waits for DNS)."""
+    dns = dnsmasq(["--mx-host=good.test,mx.good.test,10", "--address=/mx.good.test/127.0.0.9",
+                   # 127.0.0.2 is listed in rbl.test, 127.0.0.3 in helo-rbl.test.
+                   "--address=/2.0.0.127.rbl.test/127.0.0.2",
+                   "--address=/3.0.0.127.helo-rbl.test/127.0.0.2"])
+    p = make_postern(params={
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "dns_resolver_timeout": "2s",
+        "smtpd_delay_reject": "no",
+        "smtpd_client_restrictions": "reject_rbl_client rbl.test",
+        "smtpd_helo_restrictions": "reject_rbl_client helo-rbl.test",
+        "smtpd_sender_restrictions": "reject_unknown_sender_domain",
+    })
+    # Listed: refused instead of the greeting; every command but QUIT 503.
+    listed = Raw(p.port, source=OUTSIDE)
+    assert listed.reply() == ["554 5.7.1 Service unavailable; Client host [127.0.0.2] "
+                              "blocked using rbl.test"]
+    assert listed.cmd("EHLO client.example") == \
+        ["503 5.7.0 Error: access denied for localhost[127.0.0.2]"]
+    assert listed.cmd("MAIL FROM:<a@good.test>") == \
+        ["503 5.7.0 Error: access denied for localhost[127.0.0.2]"]
+    assert listed.cmd("QUIT") == ["221 2.0.0 Bye"]
+    listed.close()
+    p.wait_for_log(r"NOQUEUE: reject: CONNECT from localhost\[127\.0\.0\.2\]: 554 5\.7\.1 "
+                   r"Service unavailable; Client host \[127\.0\.0\.2\] blocked using rbl\.test;")
+    # Listed at the HELO stage: refused at HELO/EHLO.
+    with p.smtp(source_address=("127.0.0.3", 0)) as s:
+        code, text = s.ehlo("client.example")
+        assert (code, text.decode()) == \
+            (554, "5.7.1 Service unavailable; Client host [127.0.0.3] blocked using helo-rbl.test")
+    # Not listed: the sender's domain is checked at MAIL FROM.
+    with p.smtp() as s:
+        assert s.ehlo("client.example")[0] == 250
+        code, text = s.mail("a@nxdomain.test")
+        assert (code, text.decode()) == \
+            (450, "4.1.8 <a@nxdomain.test>: Sender address rejected: Domain not found")
+        assert s.mail("a@good.test")[0] == 250
+        assert s.rcpt("root@postern.test")[0] == 250
+    p.wait_for_log(r"NOQUEUE: reject: MAIL from localhost\[127\.0\.0\.1\]: 450 4\.1\.8 "
+                   r"<a@nxdomain\.test>: Sender address rejected: Domain not found;")
+
+
 # --------------------------------------------------------------------------
 # Client limits (anvil)
 
@@ -380,7 +424,7 @@ def test_client_connection_and_message_limits(make_postern):
     first.cmd("RSET")
     assert first.cmd("MAIL FROM:<a@example.org>") == ["250 2.1.0 Ok"]
     first.cmd("RSET")
-    assert first.cmd("MAIL FROM:<a@example.org>") == ["452 4.3.2 Too much mail from 127.0.0.2"]
+    assert first.cmd("MAIL FROM:<a@example.org>") == ["450 4.7.1 Error: too much mail from 127.0.0.2"]
     p.wait_for_log(r"warning: Message delivery request rate limit exceeded: 3 from "
                    r"localhost\[127\.0\.0\.2\]")
     first.close()

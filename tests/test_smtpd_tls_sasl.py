@@ -281,6 +281,20 @@ def test_auth_plain_and_login_relay(make_postern, dc, sink):
                        rf"sasl_username={re.escape(USER)}")
 
 
+def test_auth_request_carries_both_addresses(make_postern, dovecot):
+    """Dovecot learns both ends of the connection (lip, rip, lport, rport),
+    as Postfix's smtpd tells it lip and rip."""
+    d = dovecot(users={USER: PASSWORD}, extra_conf="auth_debug = yes\n")
+    p = make_postern(params=sasl_params(d))
+    with p.smtp(source_address=("127.0.0.2", 0)) as s:
+        rport = s.sock.getsockname()[1]
+        s.ehlo("client.example")
+        s.user, s.password = USER, PASSWORD
+        assert s.auth("PLAIN", s.auth_plain)[0] == 235
+    h.wait_for(lambda: f"lip=127.0.0.1\trip=127.0.0.2\tlport={p.port}\trport={rport}"
+               in d.log_text(), what="the AUTH request in Dovecot's debug log")
+
+
 def test_auth_wrong_password(make_postern, dc):
     p = make_postern(params=sasl_params(dc))
     with p.smtp(source_address=("127.0.0.2", 0)) as s:

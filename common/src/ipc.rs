@@ -10,6 +10,8 @@
 //!   qmgr and local when they send notifications or forward mail.
 //! - delivery agents (`private/smtp`, `private/relay`, `private/local`):
 //!   one [`DeliveryRequest`] answered by one [`DeliveryReply`].
+//! - anvil (`private/anvil`): [`AnvilRequest`] / [`AnvilReply`], smtpd's
+//!   client counts and rates, one connection per smtpd process.
 //! - wake-ups (`public/qmgr`, `public/pickup`): a connection that writes
 //!   [`Wakeup`] bytes and closes; no framing, no reply.
 
@@ -233,6 +235,47 @@ pub enum AdminStatus {
     Gone,
     /// Active, but there was nothing to undo (`Unhold` without a hold).
     Unchanged,
+}
+
+// ---------------------------------------------------------------- anvil
+
+/// The client-limit server's socket, `private/anvil` (a master.cf `unix`
+/// service with one process, as Postfix's `anvil unix - - y - 1 anvil`).
+pub const ANVIL_SOCKET: &str = "anvil";
+
+/// Largest anvil message either side accepts.
+pub const ANVIL_MAX_MESSAGE: u32 = 4096;
+
+/// What smtpd tells anvil, many requests over one connection per smtpd
+/// process. `ident` names a (service, client) pair (smtpd sends
+/// `SERVICE:ADDRESS`); anvil does not look inside. Sessions registered on
+/// a connection stop counting when it closes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AnvilRequest {
+    /// A new session: answered with [`AnvilReply::Count`].
+    Connect(String),
+    /// A session registered with `Connect` ended. No reply.
+    Disconnect(String),
+    /// A MAIL FROM: answered with [`AnvilReply::Rate`].
+    Message(String),
+    /// A RCPT TO: answered with [`AnvilReply::Rate`].
+    Recipient(String),
+    /// An AUTH command: answered with [`AnvilReply::Rate`].
+    Auth(String),
+    /// Sessions this smtpd already has open (sent when it connects to a
+    /// new anvil): they count as sessions, not as new connections. No
+    /// reply.
+    Sessions { ident: String, count: u32 },
+}
+
+/// anvil's answer to a request that has one.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AnvilReply {
+    /// Open sessions and connections in this time unit, the new one
+    /// included.
+    Count { count: u32, rate: u32 },
+    /// Events in this time unit, this one included.
+    Rate(u32),
 }
 
 // ---------------------------------------------------------------- wake-ups

@@ -16,8 +16,10 @@
 //! - [`time`]: RFC 5322 dates.
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
+//! - [`anvil`]: client session counts and event rates (anvil and smtpd).
 
 pub mod addr;
+pub mod anvil;
 pub mod base64;
 pub mod cidr;
 pub mod delivery;

@@ -95,6 +95,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_client_recipient_rate_limit", "0"),
     ("smtpd_client_event_limit_exceptions", "$mynetworks"),
     ("anvil_rate_time_unit", "60s"),
+    ("smtpd_client_auth_rate_limit", "0"),
+    ("anvil_status_update_time", "600s"),
     ("smtpd_forbid_bare_newline", "normalize"),
     ("disable_vrfy_command", "no"),
     ("message_size_limit", "10240000"),

@@ -16,11 +16,11 @@
 //! one takes `active/` back at start-up.
 
 use crate::bounce::{self, Kind, NotQueued, Notice, Returned};
-use crate::retire::Retirer;
 use crate::deliver::{self, Completion};
 use crate::message::{AdminAction, Message, RcptState};
 use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
+use crate::retire::Retirer;
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};

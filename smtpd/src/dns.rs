@@ -11,13 +11,17 @@
 //! (Postern-only) or /etc/resolv.conf; each query waits
 //! `dns_resolver_timeout`.
 //!
+//! What an answer means is decided by pure functions of its records
+//! ([`rbl_answer`], [`has_records`], [`rcode_answer`]), which the fuzz
+//! target `dns_answer` feeds with DNS messages straight from the wire.
+//!
 //! A session asks for the facts its restriction lists will need before it
 //! evaluates them, waits (taking no input), and evaluates once every
 //! answer is in; answers are kept for the rest of the session.
 
 use hickory_resolver::net::{DnsError as HDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use postern_common::dns::BlockingResolver;
 use postern_common::warning;
@@ -139,20 +143,16 @@ impl Worker {
         Ok(Worker { rt, resolver })
     }
 
-    fn lookup(&self, name: &str, rtype: RecordType) -> Result<Vec<RData>, Answer> {
+    /// The answer records of `name`'s `rtype` query, or what a failure
+    /// means ([`rcode_answer`]).
+    fn lookup(&self, name: &str, rtype: RecordType) -> Result<Vec<Record>, Answer> {
         let mut n = Name::from_utf8(name).map_err(|_| Answer::NotFound)?;
         n.set_fqdn(true);
         match self.rt.block_on(self.resolver.lookup(n, rtype)) {
-            Ok(l) => Ok(l
-                .answers()
-                .iter()
-                .filter(|r| r.record_type() == rtype)
-                .map(|r| r.data.clone())
-                .collect()),
-            Err(NetError::Dns(HDnsError::NoRecordsFound(nr))) => match nr.response_code {
-                ResponseCode::NXDomain | ResponseCode::NoError => Err(Answer::NotFound),
-                _ => Err(Answer::TryAgain),
-            },
+            Ok(l) => Ok(l.answers().to_vec()),
+            Err(NetError::Dns(HDnsError::NoRecordsFound(nr))) => {
+                Err(rcode_answer(nr.response_code))
+            }
             Err(_) => Err(Answer::TryAgain),
         }
     }
@@ -166,7 +166,7 @@ impl Worker {
                 let mut temp = false;
                 for rtype in [RecordType::MX, RecordType::A, RecordType::AAAA] {
                     match self.lookup(d, rtype) {
-                        Ok(v) if !v.is_empty() => return Answer::Found(Vec::new()),
+                        Ok(v) if has_records(&v, rtype) => return Answer::Found(Vec::new()),
                         Ok(_) => {}
                         Err(Answer::TryAgain) => temp = true,
                         Err(_) => {}
@@ -179,29 +179,89 @@ impl Worker {
                 }
             }
             Query::Rbl(name) => match self.lookup(name, RecordType::A) {
-                Ok(v) => {
-                    let ips: Vec<IpAddr> = v
-                        .into_iter()
-                        .filter_map(|d| match d {
-                            RData::A(a) => Some(IpAddr::V4(a.0)),
-                            _ => None,
-                        })
-                        .collect();
-                    if ips.is_empty() {
-                        Answer::NotFound
-                    } else {
-                        Answer::Found(ips)
-                    }
-                }
+                Ok(v) => rbl_answer(&v),
                 Err(a) => a,
             },
         }
     }
 }
 
+/// What a response code with no usable record means: NXDOMAIN and
+/// NOERROR (no data) are "not found", anything else a temporary failure.
+pub fn rcode_answer(rc: ResponseCode) -> Answer {
+    match rc {
+        ResponseCode::NXDomain | ResponseCode::NoError => Answer::NotFound,
+        _ => Answer::TryAgain,
+    }
+}
+
+/// Whether the answer records of an `rtype` query hold one of that type
+/// (not only the CNAMEs of a chain).
+pub fn has_records(answers: &[Record], rtype: RecordType) -> bool {
+    answers.iter().any(|r| r.record_type() == rtype)
+}
+
+/// A DNS list's verdict from the answer records of its A query: listed
+/// with these addresses (`Found`, in answer order, without repeats) or not
+/// listed. Records of other types (a CNAME chain, a stray TXT) are
+/// skipped.
+pub fn rbl_answer(answers: &[Record]) -> Answer {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for r in answers {
+        if let RData::A(a) = &r.data {
+            let ip = IpAddr::V4(a.0);
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    if ips.is_empty() {
+        Answer::NotFound
+    } else {
+        Answer::Found(ips)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rbl_answers() {
+        use hickory_resolver::proto::rr::rdata::{CNAME, TXT};
+        let n = |s: &str| Name::from_utf8(s).unwrap();
+        let a = |ip: &str| {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            Record::from_rdata(n("2.0.0.127.zen.test."), 60, RData::A(ip.into()))
+        };
+        let chain = vec![
+            Record::from_rdata(
+                n("2.0.0.127.x.test."),
+                60,
+                RData::CNAME(CNAME(n("2.0.0.127.zen.test."))),
+            ),
+            a("127.0.0.2"),
+            Record::from_rdata(
+                n("2.0.0.127.zen.test."),
+                60,
+                RData::TXT(TXT::new(vec!["listed".into()])),
+            ),
+            a("127.0.0.4"),
+            a("127.0.0.2"),
+        ];
+        assert_eq!(
+            rbl_answer(&chain),
+            Answer::Found(vec![
+                "127.0.0.2".parse().unwrap(),
+                "127.0.0.4".parse().unwrap()
+            ])
+        );
+        assert_eq!(rbl_answer(&chain[..1]), Answer::NotFound);
+        assert!(has_records(&chain, RecordType::A));
+        assert!(!has_records(&chain[..1], RecordType::MX));
+        assert_eq!(rcode_answer(ResponseCode::ServFail), Answer::TryAgain);
+        assert_eq!(rcode_answer(ResponseCode::NXDomain), Answer::NotFound);
+    }
 
     #[test]
     fn names() {

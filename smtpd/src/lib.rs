@@ -6,7 +6,9 @@
 //! `queue_directory/public/cleanup`, one connection per message, to
 //! which it streams the envelope and the content; master through the
 //! status pipe on fd 4 (busy when `smtpd_client_session_limit` sessions
-//! are open). It touches no files: the queue file is cleanup's.
+//! are open); `anvil` through `queue_directory/private/anvil`, one
+//! connection per process, for the client limits. It touches no files:
+//! the queue file is cleanup's.
 //!
 //! Modules:
 //! - [`server`]: the mio event loop, sockets, timeouts, master status.
@@ -18,7 +20,9 @@
 //! - [`received`]: the Received: header.
 //! - [`tls`]: STARTTLS and `smtpd_tls_wrappermode` on the event loop
 //!   (rustls), and what the session learns of the handshake.
-//! - [`anvil`]: client connection and message rate limits (per process).
+//! - [`anvil`]: client connection, message, recipient and AUTH limits,
+//!   counted by the `anvil` server (`private/anvil`) for all smtpd
+//!   processes, or in this process when it cannot answer.
 //! - [`dns`]: DNS lookups for the restrictions that need them, on
 //!   helper threads.
 //! - [`sasl`]: SASL AUTH through Dovecot's auth server, one shared

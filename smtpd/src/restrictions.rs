@@ -333,13 +333,24 @@ impl Restrictions {
         None
     }
 
-    /// The DNS facts the RCPT TO checks of `req` will look at (with
-    /// `smtpd_delay_reject = no` the client, HELO and sender lists' DNS
-    /// restrictions find no answers and have no opinion).
-    pub fn dns_needed(&self, req: &Request<'_>) -> Vec<Query> {
-        let mut lists: Vec<&Vec<Item>> = vec![&self.relay, &self.recipient];
-        if self.delay_reject {
-            lists.extend([&self.client, &self.helo, &self.sender]);
+    /// The DNS facts the checks of `stage` will look at for `req`: at
+    /// RCPT TO ([`Stage::Recipient`]) the relay and recipient lists', and
+    /// with `smtpd_delay_reject = yes` the client, HELO and sender lists'
+    /// too; with `no`, each of those at its own stage (connect, HELO/EHLO,
+    /// MAIL FROM). The session fetches them before it runs the check.
+    pub fn dns_needed(&self, stage: Stage, req: &Request<'_>) -> Vec<Query> {
+        let mut lists: Vec<&Vec<Item>> = Vec::new();
+        match stage {
+            Stage::Recipient => {
+                lists.extend([&self.relay, &self.recipient]);
+                if self.delay_reject {
+                    lists.extend([&self.client, &self.helo, &self.sender]);
+                }
+            }
+            Stage::Client if !self.delay_reject => lists.push(&self.client),
+            Stage::Helo if !self.delay_reject => lists.push(&self.helo),
+            Stage::Sender if !self.delay_reject => lists.push(&self.sender),
+            _ => {}
         }
         let mut out = Vec::new();
         for item in lists.into_iter().flatten() {

@@ -14,7 +14,8 @@
 //! The protocol (Dovecot's auth-client protocol 1.x): we send
 //! `VERSION\t1\t0` and `CPID\tPID`; the server answers `VERSION`, one
 //! `MECH\tNAME\tflags...` per mechanism, ..., `DONE`. A request is
-//! `AUTH\tID\tMECH\tservice=smtp\tnologin\trip=IP[\tsecured][\tresp=B64]`;
+//! `AUTH\tID\tMECH\tservice=smtp\tnologin\tlip=IP\trip=IP\tlport=N\trport=N[\tsecured][\tresp=B64]`
+//! (the local and remote address and port, as far as known);
 //! answers are `OK\tID\tuser=NAME`, `CONT\tID\tB64` (we answer
 //! `CONT\tID\tB64`) and `FAIL\tID\t[reason=...]\t[temp]`.
 
@@ -176,6 +177,10 @@ pub enum SaslRequest {
         resp: Option<String>,
         secured: bool,
         rip: IpAddr,
+        /// The client's port.
+        rport: Option<u16>,
+        /// The local end of the client's connection.
+        local: Option<SocketAddr>,
     },
     /// The client's answer to a challenge (base64).
     Continue(String),
@@ -377,6 +382,8 @@ impl AuthConn {
                 resp,
                 secured,
                 rip,
+                rport,
+                local,
             } => {
                 if let Some(id) = self.by_slot.remove(&slot) {
                     self.pending.remove(&id);
@@ -395,10 +402,17 @@ impl AuthConn {
                 }
                 let id = self.next_id;
                 self.next_id = self.next_id.wrapping_add(1).max(1);
-                let mut line = format!(
-                    "AUTH\t{id}\t{mech}\tservice={}\tnologin\trip={rip}",
-                    self.service
-                );
+                let mut line = format!("AUTH\t{id}\t{mech}\tservice={}\tnologin", self.service);
+                if let Some(l) = local {
+                    line.push_str(&format!("\tlip={}", l.ip()));
+                }
+                line.push_str(&format!("\trip={rip}"));
+                if let Some(l) = local {
+                    line.push_str(&format!("\tlport={}", l.port()));
+                }
+                if let Some(p) = rport {
+                    line.push_str(&format!("\trport={p}"));
+                }
                 if secured {
                     line.push_str("\tsecured");
                 }

@@ -13,7 +13,11 @@
 //!
 //! The process reports busy to master when it holds
 //! `smtpd_client_session_limit` sessions (and stops accepting), available
-//! when below; it exits after `max_idle` without any session. Timeouts
+//! when below; also when accept() fails for want of descriptors (EMFILE,
+//! ENFILE): the connection waits in the kernel's queue, master gives it
+//! to another smtpd, and this one tries accepting again when a session
+//! ends or a second later, never spinning on the readable listener. It
+//! exits after `max_idle` without any session. Timeouts
 //! (`smtpd_timeout` for the client, `ipc_timeout` for cleanup) are
 //! checked about once a second.
 
@@ -27,6 +31,7 @@ use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest};
+use postern_common::queue::QueueTree;
 use postern_common::service::Status;
 use postern_common::{fatal, info, warning};
 use std::cell::RefCell;
@@ -56,6 +61,8 @@ fn is_listener(t: Token) -> bool {
 const AUTH: Token = Token(usize::MAX);
 /// The DNS helper threads' wake-ups.
 const DNS_WAKE: Token = Token(usize::MAX - 1);
+/// The connection to anvil (below the listeners' tokens).
+const ANVIL: Token = Token(usize::MAX - 2 - MAX_LISTENERS);
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading a client while this much of our output to it is unsent.
 const CLIENT_OUT_HIGH: usize = 256 * 1024;
@@ -199,6 +206,14 @@ pub fn run(cfg: Settings) -> ! {
         }
         listeners.push(listener);
     }
+    let anvil_socket = QueueTree::new(&cfg.queue_directory).socket(true, ipc::ANVIL_SOCKET);
+    let registry = poll.registry().try_clone().ok().map(|r| (r, ANVIL));
+    let anvil = Rc::new(RefCell::new(Anvil::with_server(
+        cfg_anvil,
+        &cfg.service,
+        anvil_socket,
+        registry,
+    )));
     let mut status = Status::new();
     status.available();
     let mut server = Server {
@@ -216,7 +231,8 @@ pub fn run(cfg: Settings) -> ! {
         last_tick: Instant::now(),
         auth: None,
         dns: None,
-        anvil: Rc::new(RefCell::new(Anvil::new(cfg_anvil))),
+        anvil,
+        fd_starved: false,
     };
     if let Some(target) = &server.cfg.sasl {
         server.auth = Some(AuthConn::new(
@@ -253,6 +269,11 @@ struct Server {
     dns: Option<Dns>,
     /// Client limits, shared with the sessions.
     anvil: Rc<RefCell<Anvil>>,
+    /// accept() failed for want of a descriptor (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM): reported busy so that master starts another smtpd for the
+    /// connections waiting; accepting is tried again when a session ends
+    /// and once a second.
+    fd_starved: bool,
 }
 
 impl Server {
@@ -292,6 +313,10 @@ impl Server {
                 let t = ev.token();
                 if is_listener(t) {
                     accept = true;
+                    continue;
+                }
+                if t == ANVIL {
+                    self.anvil.borrow_mut().check();
                     continue;
                 }
                 if t == AUTH || t == DNS_WAKE {
@@ -339,6 +364,11 @@ impl Server {
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 self.check_timeouts(&mut touched);
+                if self.fd_starved {
+                    // Descriptors may have come back without a session
+                    // ending (a cleanup connection closed).
+                    self.accept_all(&mut touched);
+                }
             }
             touched.sort_unstable();
             touched.dedup();
@@ -424,6 +454,24 @@ impl Server {
                             e.kind(),
                             io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                         ) => {}
+                    Err(e) if out_of_descriptors(&e) => {
+                        // The connection stays in the kernel's queue: no
+                        // busy loop (mio is edge-triggered), and master
+                        // gives it to another smtpd once we say busy.
+                        if !self.fd_starved {
+                            warning!(
+                                "accept connection: {e}: not accepting more \
+                                 until descriptors are free ({} sessions)",
+                                self.count
+                            );
+                        }
+                        self.fd_starved = true;
+                        if !self.busy {
+                            self.busy = true;
+                            self.status.busy();
+                        }
+                        return;
+                    }
                     Err(e) => {
                         warning!("accept connection: {e}");
                         break;
@@ -431,6 +479,7 @@ impl Server {
                 }
             }
         }
+        self.fd_starved = false;
         if self.count >= self.cfg.session_limit && !self.busy {
             self.busy = true;
             self.status.busy();
@@ -472,8 +521,11 @@ impl Server {
         } else {
             None
         };
-        let mut session =
-            Session::with_anvil(self.cfg.clone(), Client::new(peer.ip()), self.anvil.clone());
+        let mut session = Session::with_anvil(
+            self.cfg.clone(),
+            Client::connected(peer, sock.local_addr().ok()),
+            self.anvil.clone(),
+        );
         if let Some(m) = self.auth.as_ref().and_then(|a| a.mechs()) {
             session.sasl_mechs(Some(m));
         }
@@ -626,6 +678,15 @@ fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
     let reply = ipc::recv(&mut r)?;
     inbuf.drain(..end);
     Ok(Some(reply))
+}
+
+/// Whether a failed accept() means the process or system is out of
+/// descriptors or socket memory (the connection waits in the kernel).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn connect_cleanup(

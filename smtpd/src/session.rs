@@ -19,7 +19,7 @@ use crate::data::Decoder;
 use crate::dns::{Answer, Query};
 use crate::protocol::{self, Token, Verb};
 use crate::received::Received;
-use crate::restrictions::Request;
+use crate::restrictions::{Request, Stage};
 use crate::sasl::{SaslReply, SaslRequest};
 use crate::settings::{Settings, TlsLevel};
 use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
@@ -28,7 +28,7 @@ use postern_common::tls::Negotiated;
 use postern_common::{info, warning};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -49,6 +49,10 @@ pub struct Client {
     /// The host name; `unknown` when it has none.
     pub name: String,
     pub addr: IpAddr,
+    /// The client's port, when known.
+    pub port: Option<u16>,
+    /// Our end of the connection, when known.
+    pub local: Option<SocketAddr>,
 }
 
 impl Client {
@@ -64,7 +68,17 @@ impl Client {
         Client {
             name: name.to_string(),
             addr,
+            port: None,
+            local: None,
         }
+    }
+
+    /// A client connected from `peer` to our `local` address.
+    pub fn connected(peer: SocketAddr, local: Option<SocketAddr>) -> Client {
+        let mut c = Client::new(peer.ip());
+        c.port = Some(peer.port());
+        c.local = local.map(|l| SocketAddr::new(postern_common::cidr::normalize(l.ip()), l.port()));
+        c
     }
 
     /// `name[addr]`, as logs show a client.
@@ -121,6 +135,9 @@ enum State {
     /// The restrictions need DNS answers; this command line runs again
     /// when they are in.
     WaitDns(Vec<u8>),
+    /// The client restrictions (`smtpd_delay_reject = no`) need DNS
+    /// answers before the greeting.
+    WaitDnsConnect,
 }
 
 /// What a command handler did, for the per-command statistics.
@@ -262,6 +279,16 @@ impl Session {
     }
 
     fn greet(&mut self) {
+        // smtpd_delay_reject = no: the client list decides now, with the
+        // DNS answers it needs (the greeting waits for them).
+        let needed = {
+            let req = self.request(None, "CONNECT");
+            self.cfg.restrictions.dns_needed(Stage::Client, &req)
+        };
+        if self.request_dns(needed) {
+            self.state = State::WaitDnsConnect;
+            return;
+        }
         let refused = {
             let req = self.request(None, "CONNECT");
             self.cfg.restrictions.check_connect(&req)
@@ -331,6 +358,12 @@ impl Session {
     pub fn dns_answer(&mut self, q: Query, a: Answer) {
         self.dns_pending.remove(&q);
         self.dns.insert(q, a);
+        if matches!(self.state, State::WaitDnsConnect) {
+            self.state = State::Command;
+            self.greet();
+            self.process();
+            return;
+        }
         if matches!(self.state, State::WaitDns(_)) {
             let State::WaitDns(line) = std::mem::replace(&mut self.state, State::Command) else {
                 return;
@@ -676,7 +709,8 @@ impl Session {
                 | State::WaitQueued
                 | State::WaitMechs
                 | State::WaitAuth
-                | State::WaitDns(_) => break,
+                | State::WaitDns(_)
+                | State::WaitDnsConnect => break,
             }
         }
         self.input.drain(..pos.min(self.input.len()));
@@ -842,6 +876,15 @@ impl Session {
         }
         let name: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
         let name = protocol::neuter(&name.join(" "));
+        let needed = {
+            let mut req = self.request(None, self.where_);
+            req.helo = Some(&name);
+            self.cfg.restrictions.dns_needed(Stage::Helo, &req)
+        };
+        let verb = if ehlo { Verb::Ehlo } else { Verb::Helo };
+        if self.await_dns(needed, verb) {
+            return Done::Pending;
+        }
         let refused = {
             let mut req = self.request(None, self.where_);
             req.helo = Some(&name);
@@ -935,6 +978,10 @@ impl Session {
     }
 
     fn auth(&mut self, args: &[Token]) -> Done {
+        // smtpd_client_auth_rate_limit comes first, as in Postfix.
+        if self.over_rate_limit(Event::Auth, "AUTH command", "too many AUTH commands") {
+            return Done::Failed;
+        }
         if !self.auth_offered() {
             self.reply("503 5.5.1 Error: authentication not enabled");
             return Done::Failed;
@@ -981,6 +1028,8 @@ impl Session {
             resp,
             secured: self.tls.is_some(),
             rip: self.client.addr,
+            rport: self.client.port,
+            local: self.client.local,
         });
         self.state = State::WaitAuth;
         // Counted when the auth server answers.
@@ -1030,7 +1079,7 @@ impl Session {
 
     /// Counts one `event` against this client's rate limit; over it, logs
     /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
-    /// `452 4.3.2 TEXT from IP`, and returns true.
+    /// `450 4.7.1 Error: TEXT from IP` as Postfix, and returns true.
     fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
         let rate = self.anvil.borrow_mut().event(self.client.addr, event);
         let Err(n) = rate else { return false };
@@ -1040,7 +1089,7 @@ impl Session {
             self.cfg.service
         );
         let ip = self.client.addr;
-        self.reply(&format!("452 4.3.2 {text} from {ip}"));
+        self.reply(&format!("450 4.7.1 Error: {text} from {ip}"));
         true
     }
 
@@ -1125,7 +1174,15 @@ impl Session {
             self.reply(reply);
             return Done::Failed;
         }
-        if self.over_rate_limit(Event::Message, "Message delivery request", "Too much mail") {
+        let needed = {
+            let mut req = self.request(None, self.where_);
+            req.sender = Some(&tx.sender);
+            self.cfg.restrictions.dns_needed(Stage::Sender, &req)
+        };
+        if self.await_dns(needed, Verb::Mail) {
+            return Done::Pending;
+        }
+        if self.over_rate_limit(Event::Message, "Message delivery request", "too much mail") {
             return Done::Failed;
         }
         let refused = {
@@ -1201,24 +1258,12 @@ impl Session {
         }
         let needed = {
             let req = self.request(Some(&address), self.where_);
-            self.cfg.restrictions.dns_needed(&req)
+            self.cfg.restrictions.dns_needed(Stage::Recipient, &req)
         };
-        let missing: Vec<Query> = needed
-            .into_iter()
-            .filter(|q| !self.dns.contains_key(q))
-            .collect();
-        if !missing.is_empty() {
-            for q in missing {
-                if self.dns_pending.insert(q.clone()) {
-                    self.dns_requests.push(q);
-                }
-            }
-            self.state = State::WaitDns(std::mem::take(&mut self.current_line));
-            // Counted when the command runs again.
-            self.counts[verb_index(Verb::Rcpt)].total -= 1;
+        if self.await_dns(needed, Verb::Rcpt) {
             return Done::Pending;
         }
-        if self.over_rate_limit(Event::Recipient, "Recipient address", "Too many recipients") {
+        if self.over_rate_limit(Event::Recipient, "Recipient address", "too many recipients") {
             return Done::Failed;
         }
         if let Some(reply) = self.check_recipient(&address) {
@@ -1368,6 +1413,34 @@ impl Session {
             );
         }
         a
+    }
+
+    /// Asks for the DNS answers in `needed` that the session does not
+    /// have yet (once each); true when there are any.
+    fn request_dns(&mut self, needed: Vec<Query>) -> bool {
+        let missing: Vec<Query> = needed
+            .into_iter()
+            .filter(|q| !self.dns.contains_key(q))
+            .collect();
+        for q in &missing {
+            if self.dns_pending.insert(q.clone()) {
+                self.dns_requests.push(q.clone());
+            }
+        }
+        !missing.is_empty()
+    }
+
+    /// [`Session::request_dns`] for a command: true when answers are
+    /// missing; the command (`verb`) then waits in [`State::WaitDns`] and
+    /// runs again when they are in.
+    fn await_dns(&mut self, needed: Vec<Query>, verb: Verb) -> bool {
+        if !self.request_dns(needed) {
+            return false;
+        }
+        self.state = State::WaitDns(std::mem::take(&mut self.current_line));
+        // Counted when the command runs again.
+        self.counts[verb_index(verb)].total -= 1;
+        true
     }
 
     /// What the restrictions see now.
@@ -2317,6 +2390,55 @@ mod tests {
         );
         assert!(s.take_dns_requests().is_empty());
         assert!(s.stats().contains("rcpt=1/3"), "{}", s.stats());
+    }
+
+    #[test]
+    fn greeting_waits_for_dns_without_delay_reject() {
+        let mut cfg = settings();
+        let split = |s: &str| postern_conf::split_list(s);
+        cfg.restrictions.delay_reject = false;
+        cfg.restrictions.set_list(
+            Stage::Client,
+            crate::restrictions::parse_list(&split("reject_rbl_client rbl.example")),
+        );
+        cfg.restrictions.set_list(
+            Stage::Sender,
+            crate::restrictions::parse_list(&split("reject_unknown_sender_domain")),
+        );
+        let cfg = Arc::new(cfg);
+        // Listed: the greeting is the refusal.
+        let mut s = Session::new(cfg.clone(), Client::new("192.0.2.1".parse().unwrap()));
+        assert!(out(&mut s).is_empty());
+        assert!(!s.wants_input());
+        let q = Query::Rbl("1.2.0.192.rbl.example".into());
+        assert_eq!(s.take_dns_requests(), std::slice::from_ref(&q));
+        s.dns_answer(q, Answer::Found(vec!["127.0.0.2".parse().unwrap()]));
+        assert_eq!(
+            out(&mut s),
+            ["554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using rbl.example"]
+        );
+        assert_eq!(
+            send(&mut s, "HELO c\r\n"),
+            ["503 5.7.0 Error: access denied for unknown[192.0.2.1]"]
+        );
+        // Not listed: greeted; the sender's domain is looked up at MAIL.
+        let mut s = Session::new(cfg, Client::new("192.0.2.2".parse().unwrap()));
+        let q = Query::Rbl("2.2.0.192.rbl.example".into());
+        assert_eq!(s.take_dns_requests(), std::slice::from_ref(&q));
+        s.dns_answer(q, Answer::NotFound);
+        assert_eq!(out(&mut s), ["220 mx.example ESMTP Postern"]);
+        assert_eq!(
+            send(&mut s, "HELO c\r\nMAIL FROM:<a@gone.example>\r\n"),
+            ["250 mx.example"]
+        );
+        let q = Query::Domain("gone.example".into());
+        assert_eq!(s.take_dns_requests(), std::slice::from_ref(&q));
+        s.dns_answer(q, Answer::NotFound);
+        assert_eq!(
+            out(&mut s),
+            ["450 4.1.8 <a@gone.example>: Sender address rejected: Domain not found"]
+        );
+        assert!(s.stats().contains("mail=0/1"), "{}", s.stats());
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl Settings {
                 recipient_rate: cfg
                     .get_u64("smtpd_client_recipient_rate_limit")
                     .map_err(e)? as u32,
+                auth_rate: cfg.get_u64("smtpd_client_auth_rate_limit").map_err(e)? as u32,
                 time_unit: Duration::from_secs(
                     cfg.get_time("anvil_rate_time_unit").map_err(e)?.max(1),
                 ),
