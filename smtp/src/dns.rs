@@ -7,6 +7,10 @@
 //! or `host:port` items) or else from /etc/resolv.conf; each query waits
 //! `dns_resolver_timeout`.
 //!
+//! What an answer means is decided by pure functions of its records
+//! ([`mx_answer`], [`addr_answer`], [`rcode_kind`]), which the fuzz target
+//! `dns_answer` feeds with DNS messages straight from the wire.
+//!
 //! Errors keep Postfix's wording: `Host or domain name not found. Name
 //! service error for name=NAME type=TYPE: TEXT`, where TEXT is `Host not
 //! found` (NXDOMAIN), `Host found but no data record of requested type`
@@ -15,7 +19,7 @@
 
 use hickory_resolver::net::{DnsError as HDnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use postern_common::dns::BlockingResolver;
 use std::net::{IpAddr, SocketAddr};
@@ -32,6 +36,9 @@ pub enum ErrorKind {
     TryAgain,
     /// Not a valid domain name: permanent.
     Invalid,
+    /// Records of the type asked, none of them usable (an MX host that is
+    /// not a valid host name): permanent.
+    Malformed,
 }
 
 /// A failed lookup of one name and type.
@@ -63,6 +70,7 @@ impl DnsError {
             ErrorKind::NotFound => "Host not found",
             ErrorKind::NoData => "Host found but no data record of requested type",
             ErrorKind::TryAgain => "Host not found, try again",
+            ErrorKind::Malformed => "Malformed or unexpected name server reply",
             ErrorKind::Invalid => {
                 return format!(
                     "Name service error for {}: invalid host or domain name",
@@ -119,23 +127,20 @@ impl Resolver {
         Ok(n)
     }
 
+    /// The answer records of `name`'s `rtype` query; a failed lookup as
+    /// [`rcode_kind`] classifies it.
     fn lookup(
         &self,
         name: &str,
         rtype: RecordType,
         tname: &'static str,
-    ) -> Result<Vec<RData>, DnsError> {
+    ) -> Result<Vec<Record>, DnsError> {
         let q = Self::fqdn(name, tname)?;
         let res = self
             .rt
             .block_on(async { self.resolver.lookup(q, rtype).await });
         match res {
-            Ok(l) => Ok(l
-                .answers()
-                .iter()
-                .filter(|r| r.record_type() == rtype)
-                .map(|r| r.data.clone())
-                .collect()),
+            Ok(l) => Ok(l.answers().to_vec()),
             Err(e) => Err(DnsError::new(classify(&e), name, tname)),
         }
     }
@@ -144,36 +149,109 @@ impl Resolver {
 /// Maps hickory's error to Postfix's three outcomes.
 fn classify(e: &NetError) -> ErrorKind {
     match e {
-        NetError::Dns(HDnsError::NoRecordsFound(nr)) => match nr.response_code {
-            ResponseCode::NXDomain => ErrorKind::NotFound,
-            ResponseCode::NoError => ErrorKind::NoData,
-            _ => ErrorKind::TryAgain,
-        },
+        NetError::Dns(HDnsError::NoRecordsFound(nr)) => rcode_kind(nr.response_code),
         _ => ErrorKind::TryAgain,
     }
 }
 
+/// What a response code with no usable record means: NXDOMAIN is "not
+/// found", NOERROR "no data", anything else (SERVFAIL, REFUSED, ...) a
+/// temporary failure.
+pub fn rcode_kind(rc: ResponseCode) -> ErrorKind {
+    match rc {
+        ResponseCode::NXDomain => ErrorKind::NotFound,
+        ResponseCode::NoError => ErrorKind::NoData,
+        _ => ErrorKind::TryAgain,
+    }
+}
+
+/// The MX records among the answer records of an MX query for `name`
+/// (other types, such as the CNAMEs of a chain, are skipped). A root
+/// exchange is kept as "." (a null MX, for [`crate::nexthop`] to judge);
+/// an exchange that is not a valid host name is skipped with a warning, as
+/// Postfix's dns_lookup does; none left is "no data", or "malformed" when
+/// every MX record was skipped.
+pub fn mx_answer(name: &str, answers: &[Record]) -> Result<Vec<Mx>, DnsError> {
+    let mut mx = Vec::new();
+    let mut skipped = false;
+    for r in answers {
+        let RData::MX(m) = &r.data else { continue };
+        let exchange = if m.exchange.is_root() {
+            ".".to_string()
+        } else {
+            m.exchange.to_utf8().trim_end_matches('.').to_string()
+        };
+        if exchange != "." && !valid_hostname(&exchange) {
+            postern_common::warning!(
+                "malformed domain name in resource data of MX record for {}: {:.100}",
+                name.trim_end_matches('.'),
+                exchange
+            );
+            skipped = true;
+            continue;
+        }
+        mx.push(Mx {
+            preference: m.preference,
+            exchange,
+        });
+    }
+    if mx.is_empty() {
+        let kind = if skipped {
+            ErrorKind::Malformed
+        } else {
+            ErrorKind::NoData
+        };
+        return Err(DnsError::new(kind, name, "MX"));
+    }
+    Ok(mx)
+}
+
+/// The addresses among the answer records of an A (`v6` false) or AAAA
+/// query for `name`; none is "no data".
+pub fn addr_answer(name: &str, answers: &[Record], v6: bool) -> Result<Vec<IpAddr>, DnsError> {
+    let v: Vec<IpAddr> = answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) if !v6 => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) if v6 => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    if v.is_empty() {
+        return Err(DnsError::new(
+            ErrorKind::NoData,
+            name,
+            if v6 { "AAAA" } else { "A" },
+        ));
+    }
+    Ok(v)
+}
+
+/// A host name as Postfix's valid_hostname() accepts it: labels of
+/// letters, digits, `-` and `_`, not starting or ending with `-`, at most
+/// 63 characters each and 255 in all. An IPv4 address in name form
+/// (`10.0.0.1`) passes: Postfix uses it as the address.
+pub fn valid_hostname(name: &str) -> bool {
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        // All numeric: only an address will do.
+        return name.parse::<std::net::Ipv4Addr>().is_ok();
+    }
+    name.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 impl Lookup for Resolver {
     fn mx(&self, name: &str) -> Result<Vec<Mx>, DnsError> {
-        let v = self.lookup(name, RecordType::MX, "MX")?;
-        let mx: Vec<Mx> = v
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::MX(mx) => Some(Mx {
-                    preference: mx.preference,
-                    exchange: if mx.exchange.is_root() {
-                        ".".to_string()
-                    } else {
-                        mx.exchange.to_utf8().trim_end_matches('.').to_string()
-                    },
-                }),
-                _ => None,
-            })
-            .collect();
-        if mx.is_empty() {
-            return Err(DnsError::new(ErrorKind::NoData, name, "MX"));
-        }
-        Ok(mx)
+        mx_answer(name, &self.lookup(name, RecordType::MX, "MX")?)
     }
 
     fn addrs(&self, name: &str, v6: bool) -> Result<Vec<IpAddr>, DnsError> {
@@ -182,19 +260,7 @@ impl Lookup for Resolver {
         } else {
             (RecordType::A, "A")
         };
-        let v: Vec<IpAddr> = self
-            .lookup(name, rtype, tname)?
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                _ => None,
-            })
-            .collect();
-        if v.is_empty() {
-            return Err(DnsError::new(ErrorKind::NoData, name, tname));
-        }
-        Ok(v)
+        addr_answer(name, &self.lookup(name, rtype, tname)?, v6)
     }
 }
 
@@ -212,6 +278,73 @@ mod tests {
             DnsError::new(ErrorKind::TryAgain, "x.test", "MX").text(),
             "Host or domain name not found. Name service error for name=x.test type=MX: Host not found, try again"
         );
+    }
+
+    fn rec(name: &str, data: RData) -> Record {
+        Record::from_rdata(Name::from_utf8(name).unwrap(), 300, data)
+    }
+
+    #[test]
+    fn answers_to_mx_and_addresses() {
+        use hickory_resolver::proto::rr::rdata::{A, AAAA, CNAME, MX};
+        let answers = vec![
+            rec(
+                "alias.test.",
+                RData::CNAME(CNAME(Name::from_utf8("real.test.").unwrap())),
+            ),
+            rec(
+                "real.test.",
+                RData::MX(MX::new(20, Name::from_utf8("mx2.real.test.").unwrap())),
+            ),
+            rec(
+                "real.test.",
+                RData::MX(MX::new(10, Name::from_utf8("mx1.real.test.").unwrap())),
+            ),
+            rec(
+                "real.test.",
+                RData::MX(MX::new(
+                    5,
+                    Name::from_labels(vec![b"bad name" as &[u8], b"test"]).unwrap(),
+                )),
+            ),
+        ];
+        let mx = mx_answer("alias.test", &answers).unwrap();
+        assert_eq!(
+            mx.iter()
+                .map(|m| (m.preference, m.exchange.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(20, "mx2.real.test"), (10, "mx1.real.test")]
+        );
+        assert_eq!(
+            mx_answer("alias.test", &answers[3..]).unwrap_err().text(),
+            "Host or domain name not found. Name service error for name=alias.test \
+             type=MX: Malformed or unexpected name server reply"
+        );
+        let null = vec![rec("n.test.", RData::MX(MX::new(0, Name::root())))];
+        assert_eq!(mx_answer("n.test", &null).unwrap()[0].exchange, ".");
+        assert_eq!(
+            mx_answer("x.test", &[]).unwrap_err().kind,
+            ErrorKind::NoData
+        );
+        let addrs = vec![
+            rec("h.test.", RData::A(A::new(127, 0, 0, 9))),
+            rec("h.test.", RData::AAAA(AAAA::new(0, 0, 0, 0, 0, 0, 0, 1))),
+        ];
+        assert_eq!(
+            addr_answer("h.test", &addrs, false).unwrap(),
+            vec!["127.0.0.9".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            addr_answer("h.test", &addrs, true).unwrap(),
+            vec!["::1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(rcode_kind(ResponseCode::NXDomain), ErrorKind::NotFound);
+        assert_eq!(rcode_kind(ResponseCode::ServFail), ErrorKind::TryAgain);
+        assert!(valid_hostname("mx-1.example_x.test"));
+        assert!(valid_hostname("10.0.0.1"));
+        assert!(!valid_hostname("123"));
+        assert!(!valid_hostname("-a.test"));
+        assert!(!valid_hostname("a..test"));
     }
 
     /// Runs dnsmasq on a free loopback port and checks every answer shape

@@ -82,7 +82,13 @@ fn parse_with_port(s: &str, default_port: u16) -> Result<NextHop, String> {
     if let Some(rest) = s.strip_prefix('[') {
         let close = rest.find(']').ok_or_else(bad)?;
         let mut host = &rest[..close];
-        if host.len() > 5 && host[..5].eq_ignore_ascii_case("ipv6:") {
+        // `get`: byte 5 may fall inside a UTF-8 character (found by the
+        // dns_answer fuzz target).
+        if host.len() > 5
+            && host
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("ipv6:"))
+        {
             host = &host[5..];
         }
         let port = match &rest[close + 1..] {
@@ -387,6 +393,18 @@ mod tests {
         assert!(parse("x:bogus").is_err());
         assert!(parse("").is_err());
         assert!(parse("[]").is_err());
+    }
+
+    /// Regression (fuzz/corpus/dns_answer/regress_utf8_bracketed_hop): a
+    /// bracketed host with a multi-byte character across byte 5 panicked.
+    #[test]
+    fn bracketed_utf8_host() {
+        assert_eq!(
+            parse("[ca\u{488}\u{482}.]").unwrap().host,
+            "ca\u{488}\u{482}."
+        );
+        assert_eq!(parse("[ipv6\u{e9}x]").unwrap().host, "ipv6\u{e9}x");
+        assert!(parse_lmtp("inet:[\u{e9}\u{e9}\u{e9}]:24").is_ok());
     }
 
     #[derive(Default)]
