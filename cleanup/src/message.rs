@@ -313,6 +313,14 @@ impl<'a> Message<'a> {
             } else {
                 &["to", "cc", "bcc"]
             };
+            // Duplicates are dropped (case-insensitively) through a set:
+            // a header list of 50,000 addresses must not take quadratic time.
+            let mut seen: std::collections::HashSet<String> = self
+                .new
+                .recipients
+                .iter()
+                .map(|x| x.address.to_ascii_lowercase())
+                .collect();
             for h in self
                 .headers
                 .iter()
@@ -321,12 +329,7 @@ impl<'a> Message<'a> {
                 for a in headers::addresses(&h.value()) {
                     let a = s.local_rewrite(&a);
                     for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
-                        if !self
-                            .new
-                            .recipients
-                            .iter()
-                            .any(|x| x.address.eq_ignore_ascii_case(&r.address))
-                        {
+                        if seen.insert(r.address.to_ascii_lowercase()) {
                             self.new.recipients.push(r);
                         }
                     }

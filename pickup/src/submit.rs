@@ -10,20 +10,26 @@ use std::time::Duration;
 
 pub struct Settings {
     timeout: Duration,
-    /// Most recipients one submission may carry.
-    recipient_limit: usize,
 }
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
-            recipient_limit: cfg
-                .get_u64("smtpd_recipient_limit")
-                .unwrap_or(1000)
-                .max(1000) as usize,
         }
     }
+}
+
+/// Local submission has no recipient count limit (as in Postfix); the
+/// envelope must only fit in one message to cleanup, with room to spare
+/// for the encoding.
+fn envelope_fits(env: &qfile::Envelope) -> bool {
+    let bytes: usize = env
+        .recipients
+        .iter()
+        .map(|r| r.rcpt.address.len() + r.rcpt.orcpt.len() + 16)
+        .sum();
+    bytes < (ipc::MAX_MESSAGE / 2) as usize
 }
 
 pub enum Outcome {
@@ -47,7 +53,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
     if env.recipients.iter().any(|r| r.done) {
         return Outcome::Corrupt("done recipient in maildrop file".into());
     }
-    if env.recipients.len() > s.recipient_limit {
+    if !envelope_fits(&env) {
         return Outcome::Rejected(format!("too many recipients ({})", env.recipients.len()));
     }
     let bad = |v: &str| v.bytes().any(|b| b < 32 || b == 127);
