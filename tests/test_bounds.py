@@ -169,10 +169,6 @@ def test_header_storm_is_bounded(make_postern, sink):
     wait_for(lambda: not any(queued_files(p).values()), 20, what="an empty queue")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cleanup ends the header section when the headers together pass "
-    "header_size_limit (the rest goes into the body); Postfix truncates the "
-    "one header that is too long and keeps the others (cleanup/src/message.rs)"))
 def test_overlong_header_is_truncated_and_the_rest_stay_headers(make_postern, sink):
     p = make_postern(params=relay(sink, header_size_limit=20000))
     tok = new_token()
@@ -284,10 +280,6 @@ def test_sendmail_t_50000_recipients_qmgr_memory_bounded(make_postern, sink):
     assert vm_hwm_kb(qmgr) < 64 * 1024, vm_hwm_kb(qmgr)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cleanup bounds the whole header section by header_size_limit and takes "
-    "the rest as body, so To: headers past 100 kB are not recipients; Postfix "
-    "bounds each header (cleanup/src/message.rs)"))
 def test_sendmail_t_recipients_past_header_size_limit(make_postern, sink):
     """20,000 recipients in 200 To: headers of 100 each (each header far
     below header_size_limit, the section above it), default settings."""
