@@ -481,6 +481,42 @@ local     unix  -       n       n       -       -       local
 """
 
 
+class RawSmtp:
+    """A plain-socket SMTP client that reads whole replies (a list of
+    lines), for tests that need what smtplib hides: pipelined input, a
+    chosen source address, replies before the greeting."""
+
+    def __init__(self, port, source=None):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=20,
+                                          source_address=source)
+        self.f = self.s.makefile("rb")
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self.f.readline()
+            if not line:
+                break
+            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        return lines
+
+    def send(self, data):
+        self.s.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def close(self):
+        for x in (self.f, self.s):
+            try:
+                x.close()
+            except OSError:
+                pass
+
+
 class Postern:
     """One Postern instance in its own temporary directory:
     ``DIR/etc`` (config), ``DIR/queue``, ``DIR/data``, ``DIR/maillog``.

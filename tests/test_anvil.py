@@ -10,7 +10,6 @@ processes. 127.0.0.1 is in mynetworks (exempt from the limits by
 import os
 import re
 import signal
-import socket
 
 import postern_harness as h
 
@@ -20,35 +19,7 @@ REFUSED = ["421 4.7.0 postern.test Error: too many connections from 127.0.0.2"]
 FALLBACK = r"counting client limits in this smtpd process only"
 
 
-class Raw:
-    """A plain socket SMTP client that reads whole replies."""
-
-    def __init__(self, port, source=None):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                          source_address=source)
-        self.f = self.s.makefile("rb")
-
-    def reply(self):
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                break
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if len(line) < 4 or line[3:4] != b"-":
-                break
-        return lines
-
-    def cmd(self, line):
-        self.s.sendall((line + "\r\n").encode())
-        return self.reply()
-
-    def close(self):
-        for x in (self.f, self.s):
-            try:
-                x.close()
-            except OSError:
-                pass
+Raw = h.RawSmtp
 
 
 def greeted(port, source=OUTSIDE):

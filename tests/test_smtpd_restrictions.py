@@ -27,38 +27,7 @@ def rcpt_reply(p, sender, rcpt, helo="client.example", source=None):
         return code, text.decode()
 
 
-class Raw:
-    """A plain socket SMTP client that reads whole replies."""
-
-    def __init__(self, port, source=None):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                          source_address=source)
-        self.f = self.s.makefile("rb")
-
-    def reply(self):
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                break
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if len(line) < 4 or line[3:4] != b"-":
-                break
-        return lines
-
-    def send(self, data):
-        self.s.sendall(data if isinstance(data, bytes) else data.encode())
-
-    def cmd(self, line):
-        self.send(line + "\r\n")
-        return self.reply()
-
-    def close(self):
-        for x in (self.f, self.s):
-            try:
-                x.close()
-            except OSError:
-                pass
+Raw = h.RawSmtp
 
 
 # --------------------------------------------------------------------------

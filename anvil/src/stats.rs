@@ -36,27 +36,7 @@ pub struct Stats {
     cache: Peak,
 }
 
-/// `Nov 22 17:00:01` (what Postfix takes of ctime(3)), local time.
-pub fn ctime15(secs: u64) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    // SAFETY: localtime_r with valid pointers.
-    let tm = unsafe {
-        let t = secs as libc::time_t;
-        let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&t, &mut tm);
-        tm
-    };
-    format!(
-        "{} {:>2} {:02}:{:02}:{:02}",
-        MONTHS[tm.tm_mon.clamp(0, 11) as usize],
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
-}
+use postern_common::time::ctime15;
 
 impl Stats {
     pub fn count(&mut self, value: u32, ident: &str) {

@@ -217,6 +217,20 @@ pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
     r > 0
 }
 
+/// A connection from the shared listener, blocking, or None when another
+/// process of the service took it first (or a signal came).
+fn accept(listener: &UnixListener) -> Option<UnixStream> {
+    match listener.accept() {
+        Ok((c, _)) => {
+            let _ = c.set_nonblocking(false);
+            Some(c)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+        Err(e) => crate::fatal!("accept: {e}"),
+    }
+}
+
 /// Serves a unix-type service one connection at a time, as Postfix's
 /// single-threaded servers do: busy while a connection is handled, exits
 /// after `max_use` connections or `max_idle` seconds without one (master
@@ -239,13 +253,9 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         if !wait_readable(LISTEN_FD, Some(left)) {
             continue;
         }
-        let conn = match listener.accept() {
-            Ok((c, _)) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue, // another process took it
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => crate::fatal!("accept: {e}"),
+        let Some(conn) = accept(&listener) else {
+            continue;
         };
-        let _ = conn.set_nonblocking(false);
         status.busy();
         handle(conn);
         uses += 1;
@@ -357,13 +367,9 @@ where
         if !accepting || fds[0].revents == 0 {
             continue;
         }
-        let conn = match listener.accept() {
-            Ok((c, _)) => c,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue, // another process took it
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => crate::fatal!("accept: {e}"),
+        let Some(conn) = accept(&listener) else {
+            continue;
         };
-        let _ = conn.set_nonblocking(false);
         uses += 1;
         active.fetch_add(1, Ordering::SeqCst);
         status.took_work();

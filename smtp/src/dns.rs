@@ -239,14 +239,8 @@ pub fn valid_hostname(name: &str) -> bool {
         // All numeric: only an address will do.
         return name.parse::<std::net::Ipv4Addr>().is_ok();
     }
-    name.split('.').all(|l| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    })
+    name.split('.')
+        .all(postern_common::addr::valid_hostname_label)
 }
 
 impl Lookup for Resolver {

@@ -927,14 +927,7 @@ fn valid_hostname(h: &str) -> bool {
     let h = h.trim_end_matches('.');
     !h.is_empty()
         && h.len() <= 255
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+        && h.split('.').all(postern_common::addr::valid_hostname_label)
         && !h.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
