@@ -121,10 +121,6 @@ def test_too_many_hops_is_refused_over_smtp(make_postern, sink):
     wait_for(lambda: not any(queued_files(p).values()), 20, what="an empty queue")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pickup drops a submission cleanup refuses (logs 'message rejected: too "
-    "many hops') without a bounce to the sender; Postfix's cleanup bounces it "
-    "(pickup/src/submit.rs, cleanup)"))
 def test_too_many_hops_from_sendmail_bounces(make_postern, sink):
     """Local submission cannot be refused in the conversation: the message
     is bounced to its sender, and the recipient gets nothing."""

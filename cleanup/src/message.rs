@@ -6,9 +6,10 @@
 
 use crate::headers::{self, Header};
 use crate::rewrite::{self, Action, Rewriter};
+use postern_common::delivery::{self, LogEntry};
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
-use postern_common::queue::{self, Queue, QueueTree};
+use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_conf::Config;
 use std::io;
 
@@ -303,18 +304,6 @@ impl<'a> Message<'a> {
 
     fn write_head(&mut self, first_body: Option<Vec<u8>>) -> Result<(), Refusal> {
         let s = self.settings;
-        let hops = self
-            .headers
-            .iter()
-            .filter(|h| h.is("received") || h.is("delivered-to"))
-            .count();
-        if hops > s.hopcount_limit {
-            return Err(Refusal {
-                temporary: false,
-                dsn: "5.4.6",
-                reason: "too many hops".into(),
-            });
-        }
         // Recipients from the headers (sendmail -t): Resent- headers win
         // when there are any, as in Postfix.
         if self.new.flags & cleanup_flags::EXTRACT_RECIPIENTS != 0 {
@@ -356,6 +345,20 @@ impl<'a> Message<'a> {
                     reason: "No recipient addresses found in message header".into(),
                 });
             }
+        }
+        // After the recipients are known, so that a local submission
+        // refused here can be bounced to them (see bounce_all).
+        let hops = self
+            .headers
+            .iter()
+            .filter(|h| h.is("received") || h.is("delivered-to"))
+            .count();
+        if hops > s.hopcount_limit {
+            return Err(Refusal {
+                temporary: false,
+                dsn: "5.4.6",
+                reason: "too many hops".into(),
+            });
         }
         self.rewrite_headers()?;
         let fixup = self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0;
@@ -659,6 +662,15 @@ impl<'a> Message<'a> {
         }
         if let Some(r) = self.refused.take() {
             self.discard();
+            if !r.temporary && self.new.flags & cleanup_flags::BOUNCE_ON_REFUSAL != 0 {
+                match self.bounce_all(&r) {
+                    Ok(id) => return Ok(id),
+                    Err(e) => postern_common::warning!(
+                        "{}: cannot bounce the refused message: {e}",
+                        self.id
+                    ),
+                }
+            }
             return Err(r);
         }
         if self.discard.is_some() {
@@ -698,6 +710,57 @@ impl<'a> Message<'a> {
                 Err(Refusal::write_error(e))
             }
         }
+    }
+
+    /// A local submission refused for good (too many hops, a REJECT of
+    /// header_checks, ...) becomes a bounce, as in Postfix: a new queue
+    /// file with the sender, every recipient already done, and the header
+    /// section; each recipient's reason in its bounce log. qmgr finds
+    /// nothing to deliver and sends the sender the non-delivery notice.
+    /// The file is complete and durable before cleanup answers Queued.
+    fn bounce_all(&self, r: &Refusal) -> io::Result<String> {
+        if self.new.recipients.is_empty() {
+            return Err(io::Error::other("no recipients to bounce"));
+        }
+        let nf = self.tree.create_recycled(Queue::Incoming)?;
+        let id = nf.id.clone();
+        let written = (|| {
+            let mut w = qfile::Writer::new(nf.file.try_clone()?)?;
+            let (secs, usecs) = queue::now();
+            w.arrival(secs, usecs)?;
+            w.sender(&self.new.sender)?;
+            for (n, v) in &self.new.attrs {
+                w.attribute(n, v)?;
+            }
+            let mut entries = Vec::with_capacity(self.new.recipients.len());
+            for rcpt in &self.new.recipients {
+                let at = w.done_recipient(rcpt)?;
+                entries.push(LogEntry::new(at, rcpt, r.dsn, "failed", "none", &r.reason));
+            }
+            w.begin_content()?;
+            for h in &self.headers {
+                w.content(&h.text)?;
+            }
+            w.content(b"\n")?;
+            for e in &entries {
+                delivery::append_log(self.tree, MessageLog::Bounce, &id, e)?;
+            }
+            w.finish()?;
+            queue::sync_dir_grouped(&self.tree.dir(Queue::Incoming))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&nf.path);
+            let _ = std::fs::remove_file(self.tree.log_path(MessageLog::Bounce, &id));
+            return Err(e);
+        }
+        postern_common::info!(
+            "{}: {}: {} {}; bounced as {id}",
+            self.id,
+            self.new.origin,
+            r.dsn,
+            r.reason
+        );
+        Ok(id)
     }
 
     /// Removes the file: the client gave up or the message was refused.

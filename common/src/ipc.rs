@@ -73,6 +73,10 @@ pub mod cleanup_flags {
     pub const NOTIFICATION: u32 = 2;
     /// Do not add missing headers (forwarded mail keeps its form).
     pub const NO_HEADER_FIXUP: u32 = 4;
+    /// A permanent refusal is not answered as a refusal but turned into a
+    /// bounce to the sender (local submission: sendmail has already exited
+    /// 0, nobody is left to hear a refusal).
+    pub const BOUNCE_ON_REFUSAL: u32 = 8;
 }
 
 /// What a client tells cleanup about a new message, before its content.

@@ -196,6 +196,16 @@ impl Writer {
         self.record(REC_RCPT, &r.encode())
     }
 
+    /// Writes a recipient that is already done (its outcome is recorded
+    /// elsewhere, in a bounce log); returns its record's offset, the key
+    /// of that log entry.
+    pub fn done_recipient(&mut self, r: &Recipient) -> io::Result<u64> {
+        self.rcpt_count += 1;
+        let at = self.pos;
+        self.record(REC_DONE, &r.encode())?;
+        Ok(at)
+    }
+
     /// Ends the envelope; content follows.
     pub fn begin_content(&mut self) -> io::Result<()> {
         self.record(REC_MESSAGE, b"")?;

@@ -65,7 +65,9 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
     {
         return Outcome::Corrupt("control characters in an address".into());
     }
-    let mut flags = 0;
+    // sendmail has exited 0 already: a refusal must reach the sender as
+    // a bounce, not just a log line.
+    let mut flags = cleanup_flags::BOUNCE_ON_REFUSAL;
     let mut attrs = Vec::new();
     for (n, v) in &env.attrs {
         match n.as_str() {
