@@ -54,6 +54,39 @@ def test_reload_applies_main_cf_and_keeps_listening(make_postern):
     assert "reload" in p.log_text()
 
 
+def test_reload_lets_a_session_in_progress_finish(make_postern, sink):
+    """A client halfway through DATA when the administrator reloads gets
+    its 250 from the old smtpd, which then exits; the message arrives."""
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    c = h.RawSmtp(p.port)
+    try:
+        assert c.reply()[0].startswith("220")
+        assert c.cmd("EHLO client.example")[-1].startswith("250")
+        assert c.cmd("MAIL FROM:<app@postern.test>")[0].startswith("250")
+        assert c.cmd("RCPT TO:<far@remote.example>")[0].startswith("250")
+        assert c.cmd("DATA")[0].startswith("354")
+        c.send("Subject: across a reload\r\n\r\nfirst half\r\n")
+        old = set(p.child_pids("smtpd"))
+        assert old
+        r = p.postern("reload")
+        assert r.returncode == 0, h.describe(r)
+        p.wait_for_log(r"reload: finishing 1 sessions", what="the old smtpd draining")
+        # New clients are served by new processes meanwhile.
+        assert "ESMTP" in greeting(p)
+        assert set(p.child_pids("smtpd")) - old, "no new smtpd after reload"
+        c.send("second half\r\n.\r\n")
+        reply = c.reply()
+        assert reply and reply[0].startswith("250"), reply
+        assert c.cmd("QUIT")[0].startswith("221")
+    finally:
+        c.close()
+    wait_for(lambda: not any(h.pid_alive(pid) for pid in old), timeout=20,
+             what="the old smtpd to exit after its session")
+    wait_for(lambda: len(sink.messages) == 1, timeout=30, what="the message at the sink")
+    body = sink.messages[0].body.decode()
+    assert "first half" in body and "second half" in body, body
+
+
 def test_maxproc_limits_processes(make_postern, sink):
     p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
     # Replace the smtp service line with maxproc 1.

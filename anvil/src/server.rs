@@ -136,6 +136,9 @@ fn signal_pipe(poll: &Poll) -> io::Result<UnixStream> {
     let (r, w) = std::os::unix::net::UnixStream::pair()?;
     r.set_nonblocking(true)?;
     w.set_nonblocking(true)?;
+    // On reload as on stop: anvil's counts live in its clients' sessions,
+    // which report again to the new process.
+    signal_hook::low_level::pipe::register(postern_common::service::DRAIN_SIGNAL, w.try_clone()?)?;
     signal_hook::low_level::pipe::register(libc::SIGTERM, w)?;
     let mut r = UnixStream::from_std(r);
     poll.registry()

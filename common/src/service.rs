@@ -7,6 +7,12 @@
 //! [`STATUS_FD`]. The daemon reports on the pipe whether it can take more
 //! work ([`Status`]); master starts another process for the service when
 //! every process it has is busy, up to the service's `maxproc`.
+//!
+//! On `postern reload` master sends every process [`DRAIN_SIGNAL`]: the
+//! serving loops here (and smtpd's own) then take no new connection,
+//! finish the ones in hand and exit, while processes started with the new
+//! configuration take over the same listener. SIGTERM (`postern stop`)
+//! still means exit now.
 
 use postern_conf::Config;
 use std::io::{self, Write};
@@ -19,6 +25,68 @@ use std::time::{Duration, Instant};
 pub const LISTEN_FD: RawFd = 3;
 /// The write end of the status pipe back to master.
 pub const STATUS_FD: RawFd = 4;
+
+/// The signal that asks a process to finish its work in hand and exit.
+/// Its default action terminates, so a process that does not catch it
+/// behaves as under SIGTERM.
+pub const DRAIN_SIGNAL: libc::c_int = libc::SIGHUP;
+
+/// A socket that becomes readable once [`DRAIN_SIGNAL`] has come (the
+/// signal handler writes a byte to it). Non-blocking.
+pub fn drain_notifier() -> io::Result<UnixStream> {
+    let (r, w) = UnixStream::pair()?;
+    r.set_nonblocking(true)?;
+    w.set_nonblocking(true)?;
+    signal_hook::low_level::pipe::register(DRAIN_SIGNAL, w)?;
+    Ok(r)
+}
+
+/// Whether `notifier` (from [`drain_notifier`]) says to drain. Once true,
+/// the caller remembers it: the byte is consumed.
+/// `notifier` is `&UnixStream`, std's or mio's.
+pub fn drain_requested(mut notifier: impl io::Read) -> bool {
+    let mut b = [0u8; 16];
+    matches!(notifier.read(&mut b), Ok(n) if n > 0)
+}
+
+/// The notifier, or a fatal error: a daemon that cannot be drained would
+/// drop its clients at every reload.
+fn drain_notifier_or_die() -> UnixStream {
+    drain_notifier().unwrap_or_else(|e| crate::fatal!("drain signal handler: {e}"))
+}
+
+/// Waits until `fd` or the drain notifier is readable, or `timeout`
+/// passes. Returns (fd readable, drain asked).
+fn wait_readable_or_drain(
+    fd: RawFd,
+    drain: &UnixStream,
+    timeout: Option<Duration>,
+) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(drain),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout
+        .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
+        .unwrap_or(-1);
+    // SAFETY: two valid pollfds for the call's duration.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if r <= 0 {
+        return (false, false);
+    }
+    (
+        fds[0].revents != 0,
+        fds[1].revents != 0 && drain_requested(drain),
+    )
+}
 
 /// What a daemon was started with.
 #[derive(Debug, Clone, Default)]
@@ -242,6 +310,7 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
     };
     let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1);
     let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
+    let drain = drain_notifier_or_die();
     let mut status = Status::new();
     let mut uses = 0;
     let mut idle_since = Instant::now();
@@ -250,7 +319,11 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         if left.is_zero() {
             std::process::exit(0);
         }
-        if !wait_readable(LISTEN_FD, Some(left)) {
+        let (readable, drained) = wait_readable_or_drain(LISTEN_FD, &drain, Some(left));
+        if drained {
+            std::process::exit(0);
+        }
+        if !readable {
             continue;
         }
         let Some(conn) = accept(&listener) else {
@@ -259,7 +332,7 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         status.busy();
         handle(conn);
         uses += 1;
-        if uses >= max_use {
+        if uses >= max_use || drain_requested(&drain) {
             std::process::exit(0);
         }
         status.available();
@@ -300,6 +373,8 @@ where
     };
     let done_tx = Arc::new(std::fs::File::from(done_tx));
     let mut done_rx = std::fs::File::from(done_rx);
+    let drain = drain_notifier_or_die();
+    let mut draining = false;
     let mut status = Status::new();
     let mut busy = false;
     let mut uses = 0;
@@ -310,9 +385,9 @@ where
             before_exit();
             std::process::exit(0);
         }
-        if uses >= max_use {
-            // Worn out: take no more (master starts a fresh process) and
-            // leave when the last connection is done.
+        if uses >= max_use || draining {
+            // Worn out or drained: take no more (master starts a fresh
+            // process) and leave when the last connection is done.
             if !busy {
                 status.busy();
                 busy = true;
@@ -322,7 +397,7 @@ where
                 std::process::exit(0);
             }
         }
-        let want_busy = now_active >= slots || uses >= max_use;
+        let want_busy = now_active >= slots || uses >= max_use || draining;
         if want_busy != busy {
             if want_busy {
                 status.busy()
@@ -343,6 +418,11 @@ where
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&drain),
+                events: if draining { 0 } else { libc::POLLIN },
+                revents: 0,
+            },
         ];
         let wait = if now_active == 0 {
             max_idle
@@ -352,9 +432,13 @@ where
         } else {
             -1
         };
-        // SAFETY: two valid pollfds for the call's duration.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
+        // SAFETY: three valid pollfds for the call's duration.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, wait) };
         if n <= 0 {
+            continue;
+        }
+        if fds[2].revents != 0 && drain_requested(&drain) {
+            draining = true;
             continue;
         }
         if fds[1].revents != 0 {
@@ -390,12 +474,14 @@ where
 
 /// Serves a trigger service (qmgr, pickup): calls `on_wakeup` with the
 /// bytes of every wake-up connection, and with nothing when `period`
-/// passes without one. Never exits by itself.
-pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) -> ! {
+/// passes without one. Returns when [`DRAIN_SIGNAL`] comes, between
+/// wake-ups; never exits by itself.
+pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
+    let drain = drain_notifier_or_die();
     let mut status = Status::new();
     // A trigger server is always "busy": there is only ever one.
     status.busy();
@@ -407,7 +493,11 @@ pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) -> ! {
             next = Instant::now() + period;
             continue;
         }
-        if !wait_readable(LISTEN_FD, Some(next - now)) {
+        let (readable, drained) = wait_readable_or_drain(LISTEN_FD, &drain, Some(next - now));
+        if drained {
+            return;
+        }
+        if !readable {
             continue;
         }
         let mut bytes = Vec::new();

@@ -324,6 +324,11 @@ impl Supervisor {
     fn stop_all(&mut self) {
         self.stopping = true;
         self.signal_children(libc::SIGTERM);
+        for p in &self.orphans {
+            // Still draining since a reload: stop means now for them too.
+            // SAFETY: kill with a pid we started.
+            unsafe { libc::kill(*p as i32, libc::SIGTERM) };
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.services.iter().any(|s| !s.children.is_empty()) || !self.orphans.is_empty() {
             if Instant::now() > deadline {
@@ -348,7 +353,8 @@ impl Supervisor {
 
     /// SIGHUP: read the configuration again. Services that stay keep their
     /// listeners, so no client is refused during a reload; their processes
-    /// are told to exit and new ones start with the new configuration.
+    /// are told to drain (finish their clients, take no more, exit) and new
+    /// ones start with the new configuration.
     fn reload(&mut self) {
         let cfg = match Config::load(self.cfg.dir()) {
             Ok(c) => c,
@@ -357,7 +363,7 @@ impl Supervisor {
                 return;
             }
         };
-        self.signal_children(libc::SIGTERM);
+        self.signal_children(postern_common::service::DRAIN_SIGNAL);
         let old = std::mem::take(&mut self.services);
         let mut keep = Vec::new();
         for s in old {

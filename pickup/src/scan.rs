@@ -16,7 +16,9 @@ pub fn run(cfg: &Config) -> ! {
     // Wake-ups come from sendmail and master; scan every minute anyway.
     postern_common::service::serve_triggers(Duration::from_secs(60), |_| {
         scan_once(&tree, &settings);
-    })
+    });
+    // Drained (reload): between scans, so no file is half picked up.
+    std::process::exit(0)
 }
 
 fn scan_once(tree: &QueueTree, settings: &submit::Settings) {

@@ -56,6 +56,9 @@ pub enum Event {
         req: AdminRequest,
         reply: Sender<AdminReply>,
     },
+    /// master's drain signal (reload): exit between two events, and let
+    /// the new qmgr take over the queue as after any restart.
+    Drain,
 }
 
 /// The `action` of the success-log entry that notes a delay warning.
@@ -198,6 +201,7 @@ impl Manager {
             Event::Wakeup(bytes) => self.wakeup(&bytes),
             Event::Delivered(c) => self.delivered(c),
             Event::Notice { id, result } => self.notice_done(&id, result),
+            Event::Drain => std::process::exit(0),
             Event::Admin { req, reply } => {
                 let r = self.admin(req);
                 let _ = reply.send(r);
@@ -994,9 +998,11 @@ pub fn run(cfg: &Config) -> ! {
     std::thread::Builder::new()
         .name("wakeup".into())
         .spawn(move || {
+            let drained = tx.clone();
             postern_common::service::serve_triggers(period, move |bytes| {
                 let _ = tx.send(Event::Wakeup(bytes.to_vec()));
-            })
+            });
+            let _ = drained.send(Event::Drain);
         })
         .unwrap_or_else(|e| postern_common::fatal!("cannot start the wake-up thread: {e}"));
     crate::admin::listen(&m.tree, m.sender());

@@ -63,6 +63,8 @@ const AUTH: Token = Token(usize::MAX);
 const DNS_WAKE: Token = Token(usize::MAX - 1);
 /// The connection to anvil (below the listeners' tokens).
 const ANVIL: Token = Token(usize::MAX - 2 - MAX_LISTENERS);
+/// master's drain signal (reload): finish the sessions, accept no more.
+const DRAIN: Token = Token(usize::MAX - 3 - MAX_LISTENERS);
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading a client while this much of our output to it is unsent.
 const CLIENT_OUT_HIGH: usize = 256 * 1024;
@@ -214,6 +216,19 @@ pub fn run(cfg: Settings) -> ! {
         anvil_socket,
         registry,
     )));
+    // Before the first accept: a reload from now on lets every session
+    // we take finish.
+    let drain = match postern_common::service::drain_notifier() {
+        Ok(d) => d,
+        Err(e) => fatal!("drain signal handler: {e}"),
+    };
+    let mut drain = UnixStream::from_std(drain);
+    if let Err(e) = poll
+        .registry()
+        .register(&mut drain, DRAIN, Interest::READABLE)
+    {
+        fatal!("register drain signal: {e}");
+    }
     let mut status = Status::new();
     status.available();
     let mut server = Server {
@@ -233,6 +248,7 @@ pub fn run(cfg: Settings) -> ! {
         dns: None,
         anvil,
         fd_starved: false,
+        drain,
     };
     if let Some(target) = &server.cfg.sasl {
         server.auth = Some(AuthConn::new(
@@ -274,6 +290,9 @@ struct Server {
     /// connections waiting; accepting is tried again when a session ends
     /// and once a second.
     fd_starved: bool,
+    /// Readable once master asks this process to drain; the listeners
+    /// are then closed and the process exits after its last session.
+    drain: UnixStream,
 }
 
 impl Server {
@@ -321,6 +340,12 @@ impl Server {
                 }
                 if t == AUTH || t == DNS_WAKE {
                     continue; // pumped below, every turn
+                }
+                if t == DRAIN {
+                    if postern_common::service::drain_requested(&self.drain) {
+                        self.stop_accepting();
+                    }
+                    continue;
                 }
                 let idx = (t.0 - 1) / 2;
                 let Some(Some(slot)) = self.slots.get_mut(idx) else {
@@ -386,9 +411,25 @@ impl Server {
                     self.drive(idx);
                 }
             }
-            if self.count == 0 && self.idle_since.elapsed() >= self.cfg.max_idle {
+            if self.count == 0
+                && (self.listeners.is_empty() || self.idle_since.elapsed() >= self.cfg.max_idle)
+            {
                 std::process::exit(0);
             }
+        }
+    }
+
+    /// Drains: the listeners close (master keeps them open for the new
+    /// processes), the sessions in hand go on to their end.
+    fn stop_accepting(&mut self) {
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if self.count > 0 {
+            info!(
+                "reload: finishing {} sessions, accepting no more",
+                self.count
+            );
         }
     }
 
