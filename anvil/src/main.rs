@@ -24,5 +24,6 @@ mod stats;
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("anvil");
+    postern_common::service::enter_jail(&cfg);
     server::run(&cfg)
 }

@@ -370,7 +370,7 @@ fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
 /// once every recipient is recorded; one connection at a time (local and
 /// virtual change their user per delivery, which is per process).
 pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
-    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let tree = QueueTree::new(crate::service::queue_directory(cfg));
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_one_at_a_time(cfg, |conn| {
         handle_request(&tree, timeout, conn, |job| deliver(job))
@@ -387,7 +387,7 @@ pub fn serve_concurrently(
     deliver: impl Fn(&mut Job) + Send + Sync + 'static,
     before_exit: impl FnOnce(),
 ) -> ! {
-    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let tree = QueueTree::new(crate::service::queue_directory(cfg));
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_threaded(
         cfg,

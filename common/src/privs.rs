@@ -37,6 +37,44 @@ pub fn user(name: &str) -> Option<Account> {
         .map(Account::from)
 }
 
+/// Account names read by [`remember_account_names`], for a chrooted
+/// process that can no longer read the password database.
+static ACCOUNT_NAMES: std::sync::OnceLock<std::collections::HashSet<String>> =
+    std::sync::OnceLock::new();
+
+/// Reads every account name of the password database, for a process about
+/// to chroot away from it (smtpd's `unix:passwd.byname` recipient check).
+/// Accounts added later are known to processes started later (smtpd
+/// processes live `max_idle`/`max_use`, or until `postern reload`).
+/// Not thread-safe: call while the process has one thread.
+pub fn remember_account_names() {
+    let mut names = std::collections::HashSet::new();
+    // SAFETY: the getpwent iteration on one thread; each entry's name is
+    // copied before the next call reuses the buffer.
+    unsafe {
+        libc::setpwent();
+        loop {
+            let pw = libc::getpwent();
+            if pw.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*pw).pw_name);
+            names.insert(name.to_string_lossy().into_owned());
+        }
+        libc::endpwent();
+    }
+    let _ = ACCOUNT_NAMES.set(names);
+}
+
+/// Whether account `name` exists: among the names remembered before a
+/// chroot, or else in the password database.
+pub fn account_exists(name: &str) -> bool {
+    match ACCOUNT_NAMES.get() {
+        Some(names) => names.contains(name),
+        None => user(name).is_some(),
+    }
+}
+
 /// Looks up an account by uid.
 pub fn user_by_uid(uid: u32) -> Option<Account> {
     nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))

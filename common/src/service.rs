@@ -13,6 +13,12 @@
 //! finish the ones in hand and exit, while processes started with the new
 //! configuration take over the same listener. SIGTERM (`postern stop`)
 //! still means exit now.
+//!
+//! A service marked for chroot in master.cf is started as root with
+//! [`JAIL_ENV`] set: the daemon reads its configuration, tables and keys
+//! first, then [`enter_jail`] chroots it into the queue directory and drops
+//! it to `mail_owner` before it takes its first connection (Postfix's
+//! order). Inside, the queue is at `/` ([`queue_directory`]).
 
 use postern_conf::Config;
 use std::io::{self, Write};
@@ -25,6 +31,101 @@ use std::time::{Duration, Instant};
 pub const LISTEN_FD: RawFd = 3;
 /// The write end of the status pipe back to master.
 pub const STATUS_FD: RawFd = 4;
+
+/// Set by master for a service to run chrooted: `UID:GID` to drop to after
+/// the chroot.
+pub const JAIL_ENV: &str = "POSTERN_JAIL";
+
+/// What master asked of this process through [`JAIL_ENV`], read once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JailRequest {
+    None,
+    Chroot(u32, u32),
+}
+
+static JAIL: std::sync::OnceLock<JailRequest> = std::sync::OnceLock::new();
+static JAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn jail_request() -> JailRequest {
+    *JAIL.get_or_init(|| match std::env::var(JAIL_ENV) {
+        Ok(v) => match v.split_once(':').map(|(u, g)| (u.parse(), g.parse())) {
+            Some((Ok(u), Ok(g))) => JailRequest::Chroot(u, g),
+            _ => crate::fatal!("{JAIL_ENV}={v}: expected UID:GID"),
+        },
+        Err(_) => JailRequest::None,
+    })
+}
+
+/// Whether this process runs (or is about to run) chrooted into the
+/// queue directory. Daemons prepare what they need from outside the
+/// queue before [`enter_jail`] when this is true.
+pub fn jailed() -> bool {
+    jail_request() != JailRequest::None
+}
+
+/// The queue directory as this process sees it while serving: `/` in a
+/// chroot jail (the jail is the queue directory), `queue_directory`
+/// otherwise.
+pub fn queue_directory(cfg: &Config) -> PathBuf {
+    if jailed() {
+        PathBuf::from("/")
+    } else {
+        PathBuf::from(cfg.get("queue_directory"))
+    }
+}
+
+/// Chroots into `queue_directory` and drops to `mail_owner` when master
+/// asked for it, once; does nothing otherwise. Called by the serving
+/// loops before their first connection, so no outside input is read as
+/// root; must be called while the process has one thread (the privilege
+/// settings it makes are per thread). A failure is fatal: a daemon that
+/// cannot confine itself must not serve.
+pub fn enter_jail(cfg: &Config) {
+    let JailRequest::Chroot(uid, gid) = jail_request() else {
+        return;
+    };
+    if JAILED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1);
+    if threads > 1 {
+        crate::fatal!("chroot: {threads} threads already running; not confining");
+    }
+    let dir = cfg.get("queue_directory");
+    // Read before the chroot, from the real /etc/localtime: the time zone
+    // of log lines and Date: headers.
+    extern "C" {
+        fn tzset();
+    }
+    // SAFETY: tzset has no preconditions; one thread.
+    unsafe { tzset() };
+    if let Err(e) = std::env::set_current_dir(&dir) {
+        crate::fatal!("chdir {dir}: {e}");
+    }
+    if let Err(e) = nix::unistd::chroot(".") {
+        crate::fatal!("chroot {dir}: {e}");
+    }
+    if let Err(e) = std::env::set_current_dir("/") {
+        crate::fatal!("chdir / in {dir}: {e}");
+    }
+    // SAFETY: getppid has no preconditions.
+    let master = unsafe { libc::getppid() };
+    if let Err(e) = crate::privs::drop_to(uid, gid) {
+        crate::fatal!("drop privileges to {uid}:{gid}: {e}");
+    }
+    // The credential change cleared the death signal master's spawn set;
+    // set it again, and leave if master died meanwhile.
+    // SAFETY: plain prctl and getppid.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+            || libc::getppid() != master
+        {
+            std::process::exit(1);
+        }
+    }
+}
 
 /// The signal that asks a process to finish its work in hand and exit.
 /// Its default action terminates, so a process that does not catch it
@@ -304,6 +405,7 @@ fn accept(listener: &UnixListener) -> Option<UnixStream> {
 /// after `max_use` connections or `max_idle` seconds without one (master
 /// starts a fresh process when work comes).
 pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> ! {
+    enter_jail(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
@@ -356,6 +458,7 @@ where
 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    enter_jail(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),

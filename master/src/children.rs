@@ -4,7 +4,9 @@
 //! same service on fd 5 and up, named in `POSTERN_LISTEN_FDS`), the write
 //! end of the service's status pipe on fd 4, and, when master runs as root
 //! and the service is unprivileged, the uid and gid of `mail_owner` with no
-//! capabilities, set before exec so that the daemon never runs as root.
+//! capabilities, set before exec so that the daemon never runs as root
+//! (a chrooted service instead drops itself after reading its files: see
+//! [`crate::jail`]).
 //! Every child gets SIGTERM when master dies (PR_SET_PDEATHSIG), so that a
 //! master killed outright leaves no daemon holding its listeners.
 
@@ -22,6 +24,9 @@ pub struct SpawnSpec<'a> {
     pub status_fd: RawFd,
     /// (uid, gid) to drop to before exec.
     pub drop_to: Option<(u32, u32)>,
+    /// (uid, gid) the daemon drops to itself, after its chroot: it starts
+    /// as root to read what lies outside the queue (see [`crate::jail`]).
+    pub jail: Option<(u32, u32)>,
     pub config_dir: &'a Path,
 }
 
@@ -40,6 +45,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
         })
         .collect();
     cmd.env("POSTERN_LISTEN_FDS", extra.join(" "));
+    match spec.jail {
+        Some((uid, gid)) => cmd.env(postern_common::service::JAIL_ENV, format!("{uid}:{gid}")),
+        None => cmd.env_remove(postern_common::service::JAIL_ENV),
+    };
     cmd.stdin(std::process::Stdio::null());
     let listen = spec.listen_fds.clone();
     let status = spec.status_fd;

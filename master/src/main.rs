@@ -13,9 +13,10 @@
 //!
 //! Modules: [`listeners`] (sockets), [`children`] (spawning, status
 //! pipes), [`supervisor`] (the event loop), [`startup`] (queue tree, lock,
-//! detaching).
+//! detaching), [`jail`] (the chroot column).
 
 mod children;
+mod jail;
 mod listeners;
 mod startup;
 mod supervisor;

@@ -202,6 +202,7 @@ impl Supervisor {
         } else {
             daemon_dir.join(&s.def.command)
         };
+        let confined = crate::jail::confined(&s.def, self.owner);
         let mut args = vec![
             "-c".to_string(),
             dir.display().to_string(),
@@ -225,7 +226,12 @@ impl Supervisor {
             args,
             listen_fds: s.listener.fds.iter().map(|f| f.as_raw_fd()).collect(),
             status_fd: s.status_write.as_raw_fd(),
-            drop_to: if s.def.unpriv { self.owner } else { None },
+            drop_to: if s.def.unpriv && !confined {
+                self.owner
+            } else {
+                None
+            },
+            jail: if confined { self.owner } else { None },
             config_dir: &dir,
         };
         match children::spawn(&spec) {
@@ -395,6 +401,7 @@ fn open_services(
     mut previous: Vec<ServiceState>,
 ) -> Result<Vec<ServiceState>, String> {
     let defs = cfg.master_services().map_err(|e| e.to_string())?;
+    crate::jail::prepare(cfg, &defs, owner);
     let mut out = Vec::new();
     for def in defs {
         let reused = previous

@@ -111,9 +111,15 @@ impl Manager {
         } else {
             max_in_flight
         };
+        let resolver = Resolver::new(cfg);
+        let notice_settings = bounce::Settings::from_config(cfg);
+        // All that qmgr reads from outside the queue is read: confine it
+        // (when master.cf says chroot) before its first thread starts.
+        postern_common::service::enter_jail(cfg);
+        let queue = postern_common::service::queue_directory(cfg);
         Manager {
-            tree: QueueTree::new(cfg.get("queue_directory")),
-            notice_settings: bounce::Settings::from_config(cfg),
+            tree: QueueTree::new(&queue),
+            notice_settings,
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600).max(1)),
             recipient_limit: cfg
                 .get_u64("qmgr_message_recipient_limit")
@@ -124,7 +130,7 @@ impl Manager {
                 .get_u64("qmgr_message_active_limit")
                 .unwrap_or(20000)
                 .max(1) as usize,
-            resolver: Resolver::new(cfg),
+            resolver,
             sched: Scheduler::new(max_in_flight as usize, move |t| {
                 Limits::from_config(&limits_cfg, t)
             }),
@@ -133,7 +139,7 @@ impl Manager {
             incoming: Scan::new(Queue::Incoming),
             deferred: Scan::new(Queue::Deferred),
             incoming_turn: false,
-            retirer: Retirer::new(QueueTree::new(cfg.get("queue_directory"))),
+            retirer: Retirer::new(QueueTree::new(&queue)),
             tx,
             rx,
         }

@@ -168,7 +168,7 @@ impl Agent {
             dns_timeout: time(cfg, "dns_resolver_timeout"),
             resolver: Mutex::new(None),
             lmtp,
-            queue_dir: PathBuf::from(cfg.get("queue_directory")),
+            queue_dir: postern_common::service::queue_directory(cfg),
             myhostname: cfg.get("myhostname"),
             tls_level: {
                 let name = p("smtp_tls_security_level");
@@ -309,6 +309,11 @@ impl Agent {
             roots: tls::roots(&self.ca_file, &self.ca_path),
             loglevel: self.tls_loglevel,
         })
+    }
+
+    /// Reads the CA certificates (kept for the process's life).
+    pub fn load_tls_roots(&self) {
+        let _ = tls::roots(&self.ca_file, &self.ca_path);
     }
 
     fn resolver(&self) -> Result<Arc<Resolver>, String> {

@@ -11,5 +11,12 @@ fn main() {
         Err(e) => postern_common::fatal!("{e}"),
     };
     settings.service = args.service;
+    if postern_common::service::jailed() {
+        // The recipient check by account name must outlive the chroot.
+        postern_common::privs::remember_account_names();
+    }
+    // Certificates, keys (readable by root only, if the administrator
+    // wants) and tables are loaded: confine before the first client.
+    postern_common::service::enter_jail(&cfg);
     postern_smtpd::server::run(settings)
 }

@@ -845,7 +845,7 @@ impl Restrictions {
             if local.eq_ignore_ascii_case("postmaster") || lower == "mailer-daemon" {
                 return Verdict::Dunno;
             }
-            let known = (t.passwd && postern_common::privs::user(local).is_some())
+            let known = (t.passwd && postern_common::privs::account_exists(local))
                 || maps.lookup(local).is_some()
                 || maps.lookup(address).is_some();
             if known {

@@ -136,7 +136,7 @@ impl Settings {
             if kind != "dovecot" {
                 return Err(format!("unsupported SASL server implementation: {kind}"));
             }
-            let queue = PathBuf::from(cfg.get("queue_directory"));
+            let queue = postern_common::service::queue_directory(cfg);
             Some(sasl::parse_path(&cfg.get("smtpd_sasl_path"), &queue)?)
         } else {
             None
@@ -146,7 +146,7 @@ impl Settings {
             mail_name: cfg.get("mail_name"),
             banner: cfg.get("smtpd_banner"),
             message_size_limit: cfg.get_u64("message_size_limit").map_err(e)?,
-            queue_directory: PathBuf::from(cfg.get("queue_directory")),
+            queue_directory: postern_common::service::queue_directory(cfg),
             queue_minfree: cfg.get_u64("queue_minfree").map_err(e)?,
             recipient_limit: cfg.get_u64("smtpd_recipient_limit").map_err(e)? as usize,
             hard_error_limit: cfg.get_u64("smtpd_hard_error_limit").map_err(e)?.max(1) as u32,
@@ -160,7 +160,8 @@ impl Settings {
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").map_err(e)?.max(1)),
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),
             session_limit: cfg.get_u64("smtpd_client_session_limit").map_err(e)?.max(1) as usize,
-            cleanup_socket: QueueTree::new(cfg.get("queue_directory")).cleanup_socket(),
+            cleanup_socket: QueueTree::new(postern_common::service::queue_directory(cfg))
+                .cleanup_socket(),
             tls_auth_only: tls_level == TlsLevel::Encrypt
                 || cfg.get_bool("smtpd_tls_auth_only").map_err(e)?,
             tls_level,
