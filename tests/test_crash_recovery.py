@@ -1,9 +1,14 @@
 """Crash recovery under load, at a size for the normal suite: while mail
 flows from real clients (SMTP and sendmail) through Postern to a real
-receiving server, daemons and master itself are killed with SIGKILL at
-random moments. Every message the client was told 250 for (or sendmail
-exited 0 for) must arrive; the doubles are counted and reported."""
+receiving server and to a local Maildir, daemons and master itself are
+killed with SIGKILL at random moments. Every message the client was told
+250 for (or sendmail exited 0 for) must arrive; the doubles are counted
+and reported.
 
+POSTERN_CRASH_SCALE=N multiplies the load and the kills (`scripts/crashrun`
+runs it at 10: several thousand messages, 200 kills)."""
+
+import os
 import random
 import signal
 import smtplib
@@ -14,14 +19,19 @@ import uuid
 import postern_harness as h
 from postern_harness import wait_for
 
-DAEMONS = ("smtpd", "cleanup", "qmgr", "smtp", "pickup")
+DAEMONS = ("smtpd", "cleanup", "qmgr", "smtp", "local", "pickup")
+SCALE = max(1, int(os.environ.get("POSTERN_CRASH_SCALE", "1")))
 CLIENTS = 4
-MESSAGES_PER_CLIENT = 100
-SENDMAIL_MESSAGES = 30
-KILLS = 20
+MESSAGES_PER_CLIENT = 100 * SCALE
+SENDMAIL_MESSAGES = 30 * SCALE
+KILLS = 20 * SCALE
+# Every this many kills, master itself (then `postern start`).
+MASTER_EVERY = 10
+# Client 0 sends to a local user (local delivers); the others relay.
+LOCAL_RCPT = "ptalice@postern.test"
 
 
-def test_kill_daemons_under_load(make_postern, sink):
+def test_kill_daemons_under_load(make_postern, sink, local_users):
     p = make_postern(params={
         "relayhost": f"[127.0.0.1]:{sink.port}",
         # A daemon killed before it did any work throttles its service;
@@ -39,7 +49,8 @@ def test_kill_daemons_under_load(make_postern, sink):
                 s = smtplib.SMTP("127.0.0.1", p.port, timeout=30)
                 try:
                     s.ehlo("client.example")
-                    s.sendmail("load@postern.test", ["far@remote.example"],
+                    rcpt = LOCAL_RCPT if idx == 0 else "far@remote.example"
+                    s.sendmail("load@postern.test", [rcpt],
                                f"Subject: {token}\r\n\r\nbody {token}\r\n")
                     told_250 = True  # sendmail() returns only after DATA's 250
                     s.quit()
@@ -68,7 +79,7 @@ def test_kill_daemons_under_load(make_postern, sink):
     kills = {}
     for k in range(KILLS):
         time.sleep(0.3)
-        if k == KILLS // 2:
+        if k % MASTER_EVERY == MASTER_EVERY // 2:
             # master itself, then an administrator's `postern start`.
             h.kill_pid(p.master_pid(), signal.SIGKILL)
             kills["master"] = kills.get("master", 0) + 1
@@ -81,22 +92,26 @@ def test_kill_daemons_under_load(make_postern, sink):
             h.kill_pid(rng.choice(pids), signal.SIGKILL)
             kills[name] = kills.get(name, 0) + 1
     for t in threads:
-        t.join(300)
+        t.join(300 * SCALE)
         assert not t.is_alive(), "a client thread hung"
 
     def tokens_at_sink():
         counts = {}
-        for m in sink.messages:
-            text = m.content.decode(errors="replace")
+        contents = [m.content for m in sink.messages]
+        contents += [raw for _, raw in h.maildir_messages("ptalice") if b"crash-0-" in raw]
+        for content in contents:
+            text = content.decode(errors="replace")
             start = text.find("Subject: ")
             if start < 0:
                 continue
             token = text[start + 9:].split("\r\n", 1)[0].split("\n", 1)[0].strip()
+            if not token.startswith("crash-"):
+                continue
             counts[token] = counts.get(token, 0) + 1
         return counts
 
-    wait_for(lambda: accepted <= set(tokens_at_sink()), timeout=180, interval=0.5,
-             what="every accepted message at the sink")
+    wait_for(lambda: accepted <= set(tokens_at_sink()), timeout=180 * SCALE, interval=1,
+             what="every accepted message at the sink or in the Maildir")
     time.sleep(3)  # anything still in flight would show up as a double now
     counts = tokens_at_sink()
     lost = accepted - set(counts)
