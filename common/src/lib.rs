@@ -27,6 +27,7 @@ pub mod dns;
 pub mod ipc;
 pub mod log;
 pub mod maps;
+pub mod pool;
 pub mod privs;
 pub mod qfile;
 pub mod queue;

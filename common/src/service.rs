@@ -443,7 +443,7 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
 }
 
 /// Serves a unix-type service with up to `slots` connections at once,
-/// each on its own thread: one process carries many clients' requests
+/// each on a thread of its own (reused: [`crate::pool`]): one process carries many clients' requests
 /// (cleanup serves every smtpd session's message this way), so a busy
 /// system runs one or two such processes instead of one per client, and
 /// pays for a thread, not a fork and exec, per connection. Busy (master
@@ -467,6 +467,8 @@ where
     let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1) as usize * slots;
     let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
     let handle = Arc::new(handle);
+    // The threads stay for the next connection (see crate::pool).
+    let workers = crate::pool::Pool::new("conn", slots);
     // Connections in progress; a finished thread pokes the main loop
     // through the pipe so that it can say "available" again.
     let active = Arc::new(AtomicUsize::new(0));
@@ -561,14 +563,15 @@ where
         active.fetch_add(1, Ordering::SeqCst);
         status.took_work();
         let (h, a, d) = (handle.clone(), active.clone(), done_tx.clone());
-        let spawned = std::thread::Builder::new().spawn(move || {
+        let submitted = workers.submit(move || {
             h(conn);
             a.fetch_sub(1, Ordering::SeqCst);
             let _ = (&*d).write(&[0]);
         });
-        if let Err(e) = spawned {
-            // The connection was moved into the closure and is dropped:
-            // the client sees it close and tries again.
+        if let Err((e, job)) = submitted {
+            // Dropping the job drops the connection: the client sees it
+            // close and tries again.
+            drop(job);
             active.fetch_sub(1, Ordering::SeqCst);
             crate::warning!("cannot start a thread: {e}");
         }

@@ -12,6 +12,7 @@
 
 use crate::record;
 use postern_common::ipc::{self, DeliveryReply, DeliveryRequest, RecipientResult};
+use postern_common::pool::Pool;
 use postern_common::queue::QueueTree;
 use postern_common::warning;
 use std::io;
@@ -81,9 +82,10 @@ pub fn deliver(tree: &QueueTree, timeout: Duration, req: &DeliveryRequest) -> De
     }
 }
 
-/// Runs the request on its own thread and calls `done` with the outcome.
-/// Fails only when no thread can be started.
+/// Runs the request on a thread of `pool` and calls `done` with the
+/// outcome. Fails only when no thread can be started.
 pub fn start(
+    pool: &Pool,
     tree: QueueTree,
     timeout: Duration,
     destination: String,
@@ -91,18 +93,16 @@ pub fn start(
     req: DeliveryRequest,
     done: impl FnOnce(Completion) + Send + 'static,
 ) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(format!("deliver-{}", req.transport))
-        .spawn(move || {
-            let reply = deliver(&tree, timeout, &req);
-            done(Completion {
-                message: req.queue_id,
-                transport: req.transport,
-                destination,
-                indexes,
-                results: reply.results,
-                destination_failed: reply.destination_failed,
-            });
-        })
-        .map(|_| ())
+    pool.submit(move || {
+        let reply = deliver(&tree, timeout, &req);
+        done(Completion {
+            message: req.queue_id,
+            transport: req.transport,
+            destination,
+            indexes,
+            results: reply.results,
+            destination_failed: reply.destination_failed,
+        });
+    })
+    .map_err(|(e, _)| e)
 }

@@ -28,6 +28,7 @@ use postern_common::delivery::{self, LogEntry};
 use postern_common::ipc::{
     AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
 };
+use postern_common::pool::Pool;
 use postern_common::qfile::{self, QueuedRecipient, ReadError};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_common::time::now_secs;
@@ -91,6 +92,8 @@ pub struct Manager {
     rx: Receiver<Event>,
     /// Removes finished files on its own thread (see [`crate::retire`]).
     retirer: Retirer,
+    /// The threads that carry delivery requests to the agents.
+    workers: Pool,
 }
 
 fn remove_log(tree: &QueueTree, log: MessageLog, id: &str) {
@@ -140,6 +143,8 @@ impl Manager {
             deferred: Scan::new(Queue::Deferred),
             incoming_turn: false,
             retirer: Retirer::new(QueueTree::new(&queue)),
+            // As many as deliveries may be in flight; started on demand.
+            workers: Pool::new("deliver", max_in_flight as usize),
             tx,
             rx,
         }
@@ -505,6 +510,7 @@ impl Manager {
             let req = msg.request(&d.transport, &d.nexthop, &d.entry.recipients);
             let tx = self.tx.clone();
             let started = deliver::start(
+                &self.workers,
                 self.tree.clone(),
                 self.timeout,
                 d.destination.clone(),
