@@ -150,7 +150,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts a queue file on a newly created, empty file.
+    /// Starts a queue file at the start of `file`: a new one, or a spare
+    /// whose old bytes past the end of the new message [`Writer::finish`]
+    /// cuts off.
     pub fn new(file: File) -> io::Result<Writer> {
         let mut w = Writer {
             out: BufWriter::with_capacity(CHUNK + 64, file),
@@ -256,7 +258,13 @@ impl Writer {
         sizes[8..16].copy_from_slice(&self.content_size.to_le_bytes());
         sizes[16..].copy_from_slice(&self.rcpt_count.to_le_bytes());
         file.write_all_at(&sizes, self.sizes_at + 5)?;
-        let mode = file.metadata()?.permissions().mode() & 0o777;
+        let meta = file.metadata()?;
+        if meta.len() > self.pos {
+            // What is left of a spare's previous message (see
+            // QueueTree::create_recycled): cut before the file is complete.
+            file.set_len(self.pos)?;
+        }
+        let mode = meta.permissions().mode() & 0o777;
         file.set_permissions(std::fs::Permissions::from_mode(mode | MODE_COMPLETE_BIT))?;
         file.sync_all()?;
         Ok(file)
@@ -582,6 +590,46 @@ mod tests {
         f.set_permissions(std::fs::Permissions::from_mode(MODE_WRITING))
             .unwrap();
         (p, f)
+    }
+
+    #[test]
+    fn a_shorter_message_over_a_spare_leaves_nothing_of_the_old_one() {
+        let (p, f) = tmpfile("spare");
+        let mut w = Writer::new(f).unwrap();
+        w.sender("old@x.test").unwrap();
+        w.recipient(&Recipient::new("old@y.test")).unwrap();
+        w.begin_content().unwrap();
+        w.content(&[0xEE; 20_000]).unwrap();
+        w.finish().unwrap();
+        let old_len = std::fs::metadata(&p).unwrap().len();
+        // Reused as QueueTree::create_recycled does: not emptied.
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        f.set_permissions(std::fs::Permissions::from_mode(MODE_WRITING))
+            .unwrap();
+        let mut w = Writer::new(f).unwrap();
+        w.sender("new@x.test").unwrap();
+        w.recipient(&Recipient::new("new@y.test")).unwrap();
+        w.begin_content().unwrap();
+        w.content(b"Subject: short\n\nnew\n").unwrap();
+        w.finish().unwrap();
+        let f = File::open(&p).unwrap();
+        assert!(f.metadata().unwrap().len() < old_len);
+        let env = read_envelope(&f).unwrap();
+        assert_eq!(env.sender, "new@x.test");
+        assert_eq!(env.recipients.len(), 1);
+        let mut got = Vec::new();
+        ContentReader::new(&f, env.content_offset)
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, b"Subject: short\n\nnew\n");
+        let mut all = Vec::new();
+        File::open(&p).unwrap().read_to_end(&mut all).unwrap();
+        assert!(
+            !all.windows(8).any(|w| w == [0xEE; 8]),
+            "old content left in the file"
+        );
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

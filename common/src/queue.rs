@@ -205,8 +205,12 @@ impl QueueTree {
 
     /// Creates a new queue file in `q` as [`QueueTree::create`] does, but
     /// takes the inode of a finished message from `spare/` when there is
-    /// one ([`QueueTree::retire`]): renamed in under its new ID, emptied
-    /// and made private again, instead of allocated. Creating and deleting a file per message
+    /// one ([`QueueTree::retire`]): renamed in under its new ID and made
+    /// private again, instead of allocated. Its data blocks stay: the new
+    /// message is written over the old one from the start, and
+    /// [`crate::qfile::Writer::finish`] cuts what is left of the old one
+    /// before it marks the file complete, so a message no longer than the
+    /// last one allocates no block, and frees none (no discard). Creating and deleting a file per message
     /// is the queue's main cost in the kernel; on ext4 without a journal
     /// every new inode is also checked against every recently deleted one
     /// (`recently_deleted()`), which grows with the delivery rate.
@@ -227,14 +231,14 @@ impl QueueTree {
             if path.exists() || fs::rename(&from, &path).is_err() {
                 continue;
             }
-            // Empty and private before anything is written (qmgr emptied
-            // it when it retired it; a crash may have come in between).
+            // Not complete and private before anything is written (qmgr
+            // made it so when it retired it; a crash may have come in
+            // between). The old content stays until overwritten or cut.
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .and_then(|f| {
-                    f.set_len(0)?;
                     f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
                     Ok(f)
                 });
@@ -249,16 +253,20 @@ impl QueueTree {
         self.create(q)
     }
 
-    /// Retires the file of a finished message in `q`: emptied and moved to
-    /// `spare/` for [`QueueTree::create_recycled`], or removed when
-    /// `spare/` holds enough already (or cannot take it). Not fsync'd, as
-    /// a removal is not: after a crash the message may come back and be
-    /// delivered again, never lost.
+    /// Retires the file of a finished message in `q`: moved to `spare/`
+    /// for [`QueueTree::create_recycled`], or removed when `spare/` holds
+    /// enough already (or cannot take it). Its blocks are kept up to
+    /// [`SPARE_KEEP_BYTES`] (the next message is written over them); a
+    /// bigger file is emptied, so `spare/` never holds much disk. Not
+    /// fsync'd, as a removal is not: after a crash the message may come
+    /// back and be delivered again, never lost.
     pub fn retire(&self, q: Queue, id: &str) -> io::Result<()> {
         let path = self.path(q, id);
         if spare_room(&self.dir_named(SPARE)) {
             let emptied = OpenOptions::new().write(true).open(&path).and_then(|f| {
-                f.set_len(0)?;
+                if f.metadata()?.len() > SPARE_KEEP_BYTES {
+                    f.set_len(0)?;
+                }
                 // Not complete (no owner-execute bit), whatever happens.
                 f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
             });
@@ -409,6 +417,9 @@ pub fn is_queue_id(s: &str) -> bool {
 const SPARE: &str = "spare";
 /// How many files `spare/` may hold: enough for a burst of arrivals.
 const SPARE_LIMIT: usize = 2000;
+/// A spare file keeps its data blocks up to this size: at most
+/// [`SPARE_LIMIT`] × this much disk (32 MiB) sits in `spare/`.
+pub const SPARE_KEEP_BYTES: u64 = 16 * 1024;
 
 /// This process's view of `spare/`: names read from it, not yet taken,
 /// and how full it looked.
@@ -638,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn a_retired_file_comes_back_empty_and_private() {
+    fn a_retired_file_comes_back_private_and_not_complete() {
         let root = std::env::temp_dir().join(format!("pqr-{}", std::process::id()));
         let t = QueueTree::new(&root);
         t.create_dirs(None, None).unwrap();
@@ -652,19 +663,26 @@ mod tests {
         t.retire(Queue::Active, &nf.id).unwrap();
         assert_eq!(t.find(&nf.id), None, "no longer in any queue");
         let spare = root.join(SPARE).join(&nf.id);
+        // A small file keeps its blocks (the next message is written over
+        // them and Writer::finish cuts the rest), but is never complete.
         let m = fs::metadata(&spare).unwrap();
-        assert_eq!((m.len(), m.mode() & 0o777), (0, crate::qfile::MODE_WRITING));
+        assert_eq!((m.len(), m.mode() & 0o777), (14, crate::qfile::MODE_WRITING));
 
         let again = t.create_recycled(Queue::Incoming).unwrap();
         let m = again.file.metadata().unwrap();
         assert_eq!(m.ino(), ino, "the same inode, reused");
-        assert_eq!((m.len(), m.mode() & 0o777), (0, crate::qfile::MODE_WRITING));
+        assert_eq!(m.mode() & 0o777, crate::qfile::MODE_WRITING);
         assert_ne!(again.id, nf.id);
         assert_eq!(t.find(&again.id), Some(Queue::Incoming));
         assert!(!spare.exists());
         // With spare/ empty, a new file is made.
-        let fresh = t.create_recycled(Queue::Incoming).unwrap();
+        let mut fresh = t.create_recycled(Queue::Incoming).unwrap();
         assert_ne!(fresh.file.metadata().unwrap().ino(), ino);
+        // A big one is emptied: spare/ never holds much disk.
+        std::io::Write::write_all(&mut fresh.file, &vec![b'x'; 20_000]).unwrap();
+        t.retire(Queue::Incoming, &fresh.id).unwrap();
+        let m = fs::metadata(root.join(SPARE).join(&fresh.id)).unwrap();
+        assert_eq!(m.len(), 0);
         fs::remove_dir_all(root).unwrap();
     }
 }
