@@ -216,19 +216,17 @@ impl QueueTree {
     /// (`recently_deleted()`), which grows with the delivery rate.
     pub fn create_recycled(&self, q: Queue) -> io::Result<NewFile> {
         let dir = self.dir(q);
-        while let Some(name) = spare_name(&self.dir_named(SPARE)) {
-            // The ID needs the inode number, which the spare's name does
-            // not change: read it first, then claim and name the file in
-            // one rename (atomic: of several takers one wins, the others
-            // see ENOENT and try the next name). A spare's name is the ID
-            // it had, never reused, so the file stat'ed is the one renamed.
+        while let Some((name, ino)) = spare_name(&self.dir_named(SPARE)) {
+            // The ID needs the inode number, which the directory listing
+            // gave with the name: no stat. Claim and name the file in one
+            // rename (atomic: of several takers one wins, the others see
+            // ENOENT and try the next name), never over an existing file.
+            // A spare's name is the ID it had, never reused, so the inode
+            // listed is the one renamed.
             let from = self.dir_named(SPARE).join(&name);
-            let Ok(meta) = fs::symlink_metadata(&from) else {
-                continue;
-            };
-            let id = make_id(SystemTime::now(), meta.ino());
+            let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
-            if path.exists() || fs::rename(&from, &path).is_err() {
+            if rename_noreplace(&from, &path).is_err() {
                 continue;
             }
             // Not complete and private before anything is written (qmgr
@@ -424,7 +422,7 @@ pub const SPARE_KEEP_BYTES: u64 = 16 * 1024;
 /// This process's view of `spare/`: names read from it, not yet taken,
 /// and how full it looked.
 struct SparePool {
-    names: Vec<String>,
+    names: Vec<(String, u64)>,
     /// Do not read `spare/` again before this: it was empty.
     empty_until: Option<std::time::Instant>,
     /// Files this process put there since it last counted them.
@@ -440,9 +438,32 @@ static SPARES: std::sync::Mutex<SparePool> = std::sync::Mutex::new(SparePool {
     counted: SPARE_LIMIT,
 });
 
-/// A name in `spare/` to try, reading the directory (256 names at a time)
-/// when this process has none left; None when it is empty.
-fn spare_name(dir: &Path) -> Option<String> {
+/// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: two NUL-terminated paths, relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A name in `spare/` to try, with its inode number, reading the directory
+/// (256 names at a time) when this process has none left; None when it is
+/// empty.
+fn spare_name(dir: &Path) -> Option<(String, u64)> {
     let mut pool = SPARES.lock().ok()?;
     if let Some(name) = pool.names.pop() {
         return Some(name);
@@ -453,8 +474,11 @@ fn spare_name(dir: &Path) -> Option<String> {
     }
     pool.names = fs::read_dir(dir)
         .ok()?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| is_queue_id(n))
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            is_queue_id(&name).then(|| (name, std::os::unix::fs::DirEntryExt::ino(&e)))
+        })
         .take(256)
         .collect();
     if pool.names.is_empty() {
@@ -666,7 +690,10 @@ mod tests {
         // A small file keeps its blocks (the next message is written over
         // them and Writer::finish cuts the rest), but is never complete.
         let m = fs::metadata(&spare).unwrap();
-        assert_eq!((m.len(), m.mode() & 0o777), (14, crate::qfile::MODE_WRITING));
+        assert_eq!(
+            (m.len(), m.mode() & 0o777),
+            (14, crate::qfile::MODE_WRITING)
+        );
 
         let again = t.create_recycled(Queue::Incoming).unwrap();
         let m = again.file.metadata().unwrap();
