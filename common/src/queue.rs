@@ -428,6 +428,11 @@ struct SparePool {
     /// Files this process put there since it last counted them.
     added: usize,
     counted: usize,
+    /// Do not count `spare/` again before this: it was full. Counting
+    /// reads the whole directory; doing so for every retired file while
+    /// nothing takes spares (mail delivered but none arriving) cost
+    /// qmgr's retire thread more than the retiring.
+    full_until: Option<std::time::Instant>,
 }
 
 static SPARES: std::sync::Mutex<SparePool> = std::sync::Mutex::new(SparePool {
@@ -436,6 +441,7 @@ static SPARES: std::sync::Mutex<SparePool> = std::sync::Mutex::new(SparePool {
     added: 0,
     // Counted at the first use.
     counted: SPARE_LIMIT,
+    full_until: None,
 });
 
 /// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE).
@@ -494,12 +500,17 @@ fn spare_room(dir: &Path) -> bool {
         return false;
     };
     if pool.counted + pool.added >= SPARE_LIMIT {
+        let now = std::time::Instant::now();
+        if pool.full_until.is_some_and(|t| now < t) {
+            return false;
+        }
         pool.counted = match fs::read_dir(dir) {
             Ok(d) => d.count(),
             Err(_) => return false,
         };
         pool.added = 0;
         if pool.counted >= SPARE_LIMIT {
+            pool.full_until = Some(now + std::time::Duration::from_secs(1));
             return false;
         }
     }
