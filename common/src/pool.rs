@@ -104,7 +104,9 @@ fn work(shared: &Shared) {
     loop {
         if let Some(job) = s.jobs.pop_front() {
             drop(s);
-            job();
+            // A job that panics (its message is logged by the panic hook)
+            // must not take the worker, and its place in `threads`, along.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             s = shared
                 .state
                 .lock()
@@ -130,6 +132,21 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc::channel;
+
+    #[test]
+    fn a_panicking_job_does_not_take_the_worker_along() {
+        let pool = Pool::new("t", 1);
+        pool.submit(|| panic!("a job that fails"))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let (tx, rx) = channel();
+        pool.submit(move || tx.send(()).unwrap())
+            .map_err(|(e, _)| e)
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the next job ran on the same, only worker");
+        assert_eq!(pool.lock().threads, 1);
+    }
 
     #[test]
     fn reuses_threads_and_grows_for_blocked_jobs() {

@@ -38,16 +38,20 @@ pub fn user(name: &str) -> Option<Account> {
 }
 
 /// Account names read by [`remember_account_names`], for a chrooted
-/// process that can no longer read the password database.
-static ACCOUNT_NAMES: std::sync::OnceLock<std::collections::HashSet<String>> =
+/// process that can no longer read the password database; None when the
+/// name service listed none (it may not enumerate at all).
+static ACCOUNT_NAMES: std::sync::OnceLock<Option<std::collections::HashSet<String>>> =
     std::sync::OnceLock::new();
 
 /// Reads every account name of the password database, for a process about
 /// to chroot away from it (smtpd's `unix:passwd.byname` recipient check).
 /// Accounts added later are known to processes started later (smtpd
 /// processes live `max_idle`/`max_use`, or until `postern reload`).
-/// Not thread-safe: call while the process has one thread.
-pub fn remember_account_names() {
+/// Name services that do not enumerate (LDAP, sssd without `enumerate`)
+/// list only some accounts, or none: with none, [`account_exists`] says
+/// yes to every name rather than refuse them all. Returns how many names
+/// were read. Not thread-safe: call while the process has one thread.
+pub fn remember_account_names() -> usize {
     let mut names = std::collections::HashSet::new();
     // SAFETY: the getpwent iteration on one thread; each entry's name is
     // copied before the next call reuses the buffer.
@@ -63,14 +67,17 @@ pub fn remember_account_names() {
         }
         libc::endpwent();
     }
-    let _ = ACCOUNT_NAMES.set(names);
+    let n = names.len();
+    let _ = ACCOUNT_NAMES.set((n > 0).then_some(names));
+    n
 }
 
 /// Whether account `name` exists: among the names remembered before a
 /// chroot, or else in the password database.
 pub fn account_exists(name: &str) -> bool {
     match ACCOUNT_NAMES.get() {
-        Some(names) => names.contains(name),
+        Some(Some(names)) => names.contains(name),
+        Some(None) => true,
         None => user(name).is_some(),
     }
 }

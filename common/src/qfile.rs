@@ -264,6 +264,11 @@ impl Writer {
             // QueueTree::create_recycled): cut before the file is complete.
             file.set_len(self.pos)?;
         }
+        // The content is on disk before the file says it is complete: a
+        // device may write the inode before the data, and a power cut
+        // between the two must not leave a "complete" file whose blocks
+        // hold nothing, or a spare's previous message.
+        file.sync_data()?;
         let mode = meta.permissions().mode() & 0o777;
         file.set_permissions(std::fs::Permissions::from_mode(mode | MODE_COMPLETE_BIT))?;
         file.sync_all()?;

@@ -226,8 +226,16 @@ impl QueueTree {
             let from = self.dir_named(SPARE).join(&name);
             let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
-            if rename_noreplace(&from, &path).is_err() {
-                continue;
+            match rename_noreplace(&from, &path) {
+                Ok(()) => {}
+                // Another taker won it, or the name is in use: next one.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => {
+                    continue;
+                }
+                // The file system (or a seccomp filter) refuses the flag,
+                // or something else is wrong: make a new file instead of
+                // trying the same names forever.
+                Err(_) => break,
             }
             // Not complete and private before anything is written (qmgr
             // made it so when it retired it; a crash may have come in

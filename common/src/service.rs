@@ -87,9 +87,10 @@ pub fn enter_jail(cfg: &Config) {
     if JAILED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return;
     }
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1);
+    let threads = match std::fs::read_dir("/proc/self/task") {
+        Ok(d) => d.count(),
+        Err(e) => crate::fatal!("chroot: cannot count threads in /proc/self/task: {e}"),
+    };
     if threads > 1 {
         crate::fatal!("chroot: {threads} threads already running; not confining");
     }

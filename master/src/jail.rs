@@ -30,9 +30,11 @@ const ETC_FILES: &[&str] = &[
 ];
 
 /// Whether `def` runs chrooted, given the `mail_owner` ids master drops
-/// to (None when master is not root).
+/// to (None when master is not root). Only Postern's own daemons (named,
+/// not given by an absolute path) confine themselves; another program
+/// would run as root, so master drops it before exec as usual instead.
 pub fn confined(def: &Service, owner: Option<(u32, u32)>) -> bool {
-    def.chroot && def.unpriv && owner.is_some()
+    def.chroot && def.unpriv && owner.is_some() && !def.command.starts_with('/')
 }
 
 /// Warns about chroot settings that cannot be honoured, and refreshes the
@@ -48,6 +50,13 @@ pub fn prepare(cfg: &Config, defs: &[Service], owner: Option<(u32, u32)>) {
             warning!(
                 "service {}: a privileged service cannot run chrooted; running it unconfined",
                 def.name
+            );
+        } else if def.command.starts_with('/') {
+            warning!(
+                "service {}: {} is not a Postern daemon and cannot chroot itself; \
+                 running it unconfined as mail_owner",
+                def.name,
+                def.command
             );
         }
     }

@@ -35,9 +35,14 @@ struct ServiceState {
 }
 
 impl ServiceState {
-    fn needs_process(&self, now: Instant) -> bool {
+    /// Whether to start a process when a client waits. `draining`: the
+    /// service's processes from before a reload that are still finishing;
+    /// they count towards `maxproc`, so a one-process service (qmgr,
+    /// pickup, anvil) never runs twice at once.
+    fn needs_process(&self, now: Instant, draining: usize) -> bool {
         let free = self.children.values().any(|c| !c.busy);
-        let room = self.def.maxproc == 0 || (self.children.len() as u32) < self.def.maxproc;
+        let room =
+            self.def.maxproc == 0 || ((self.children.len() + draining) as u32) < self.def.maxproc;
         let throttled = self.throttled_until.is_some_and(|t| t > now);
         !free && room && !throttled
     }
@@ -47,8 +52,9 @@ impl ServiceState {
 pub struct Supervisor {
     cfg: Config,
     services: Vec<ServiceState>,
-    /// Children of services removed by a reload, still to be reaped.
-    orphans: Vec<u32>,
+    /// Processes from before a reload, still finishing (pid, and the
+    /// service they belonged to: [`service_key`]), until reaped.
+    orphans: Vec<(u32, String)>,
     owner: Option<(u32, u32)>,
     signals: Signals,
     /// Shutting down: the children die of our own SIGTERM, which is
@@ -134,7 +140,9 @@ impl Supervisor {
             for (i, s) in self.services.iter().enumerate() {
                 fds.push(pfd(s.status_read.as_raw_fd()));
                 what.push((i, false));
-                if s.needs_process(now) {
+                let key = service_key(&s.def);
+                let draining = self.orphans.iter().filter(|(_, k)| *k == key).count();
+                if s.needs_process(now, draining) {
                     for l in &s.listener.fds {
                         fds.push(pfd(l.as_raw_fd()));
                         what.push((i, true));
@@ -268,7 +276,7 @@ impl Supervisor {
                 break;
             }
             let pid = pid as u32;
-            self.orphans.retain(|p| *p != pid);
+            self.orphans.retain(|(p, _)| *p != pid);
             let throttle = self.cfg.get_time("service_throttle_time").unwrap_or(60);
             for s in &mut self.services {
                 let Some(child) = s.children.remove(&pid) else {
@@ -330,7 +338,7 @@ impl Supervisor {
     fn stop_all(&mut self) {
         self.stopping = true;
         self.signal_children(libc::SIGTERM);
-        for p in &self.orphans {
+        for (p, _) in &self.orphans {
             // Still draining since a reload: stop means now for them too.
             // SAFETY: kill with a pid we started.
             unsafe { libc::kill(*p as i32, libc::SIGTERM) };
@@ -339,7 +347,7 @@ impl Supervisor {
         while self.services.iter().any(|s| !s.children.is_empty()) || !self.orphans.is_empty() {
             if Instant::now() > deadline {
                 self.signal_children(libc::SIGKILL);
-                for p in &self.orphans {
+                for (p, _) in &self.orphans {
                     // SAFETY: kill with a pid we started.
                     unsafe { libc::kill(*p as i32, libc::SIGKILL) };
                 }
@@ -373,7 +381,9 @@ impl Supervisor {
         let old = std::mem::take(&mut self.services);
         let mut keep = Vec::new();
         for s in old {
-            self.orphans.extend(s.children.keys().copied());
+            let key = service_key(&s.def);
+            self.orphans
+                .extend(s.children.keys().map(|pid| (*pid, key.clone())));
             keep.push(s);
         }
         match open_services(&cfg, self.owner, keep) {
@@ -391,6 +401,11 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// What identifies a service across a reload: its name and type.
+fn service_key(def: &Service) -> String {
+    format!("{}/{:?}", def.name, def.kind)
 }
 
 /// Builds the service table from master.cf, reusing the listeners of

@@ -13,7 +13,13 @@ fn main() {
     settings.service = args.service;
     if postern_common::service::jailed() {
         // The recipient check by account name must outlive the chroot.
-        postern_common::privs::remember_account_names();
+        let n = postern_common::privs::remember_account_names();
+        if n == 0 {
+            postern_common::warning!(
+                "chroot: the name service lists no accounts; unix:passwd.byname \
+                 accepts every local name (run smtpd without chroot to check them)"
+            );
+        }
     }
     // Certificates, keys (readable by root only, if the administrator
     // wants) and tables are loaded: confine before the first client.
