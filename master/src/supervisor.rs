@@ -456,3 +456,43 @@ fn open_services(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(line: &str) -> ServiceState {
+        let def = postern_conf::master_cf::parse(line, std::path::Path::new("master.cf"), 100)
+            .unwrap()
+            .remove(0);
+        let (status_read, status_write) = children::status_pipe().unwrap();
+        ServiceState {
+            def,
+            listener: Listener {
+                fds: Vec::new(),
+                path: None,
+            },
+            status_read,
+            status_write,
+            children: HashMap::new(),
+            throttled_until: None,
+            next_wakeup: None,
+        }
+    }
+
+    #[test]
+    fn a_draining_process_counts_towards_maxproc() {
+        let now = Instant::now();
+        // One pickup at a time, even across a reload.
+        let pickup = state("pickup unix n - n 60 1 pickup\n");
+        assert!(pickup.needs_process(now, 0));
+        assert!(!pickup.needs_process(now, 1));
+        // No limit: draining processes do not hold new ones back.
+        let cleanup = state("cleanup unix n - n - 0 cleanup\n");
+        assert!(cleanup.needs_process(now, 5));
+        // A limit of 3 with 2 draining leaves room for one.
+        let smtp = state("smtp unix - - n - 3 smtp\n");
+        assert!(smtp.needs_process(now, 2));
+        assert!(!smtp.needs_process(now, 3));
+    }
+}
