@@ -87,6 +87,28 @@ def test_reload_lets_a_session_in_progress_finish(make_postern, sink):
     assert "first half" in body and "second half" in body, body
 
 
+def test_reload_with_a_broken_master_cf_keeps_the_old_services(make_postern, sink):
+    """A typo in master.cf, then `postern reload`: master says why and goes
+    on with the services it had; mail still flows."""
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    before = set(p.child_pids("smtpd"))
+    text = p.master_cf.read_text()
+    p.master_cf.write_text(text + "broken    unix  -  -  n\n")
+    r = p.postern("reload")
+    assert r.returncode == 0, h.describe(r)
+    p.wait_for_log(r"warning: reload: .*; keeping the old configuration",
+                   what="the refused reload")
+    # The old processes were not told to go.
+    assert before, "no smtpd running before the reload"
+    time.sleep(0.5)
+    assert all(h.pid_alive(pid) for pid in before), "the old smtpd exited"
+    code, text = p.send("app@postern.test", ["far@remote.example"],
+                        "Subject: after a bad reload\n\nstill here\n")
+    assert code == 250, text
+    wait_for(lambda: len(sink.messages) == 1, timeout=30, what="the message at the sink")
+    assert not p.log_search(r"reload -- version")
+
+
 def test_maxproc_limits_processes(make_postern, sink):
     p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
     # Replace the smtp service line with maxproc 1.

@@ -92,7 +92,7 @@ fn drain(s: &UnixStream) -> bool {
 impl Supervisor {
     /// Opens every service's listener. Fails if a listener cannot be made.
     pub fn new(cfg: Config, owner: Option<(u32, u32)>) -> Result<Supervisor, String> {
-        let services = open_services(&cfg, owner, Vec::new())?;
+        let services = open_services(&cfg, owner, &mut Vec::new())?;
         let signals = Signals {
             term: signal_pipe(libc::SIGTERM).map_err(|e| e.to_string())?,
             hup: signal_pipe(libc::SIGHUP).map_err(|e| e.to_string())?,
@@ -377,29 +377,39 @@ impl Supervisor {
                 return;
             }
         };
-        self.signal_children(postern_common::service::DRAIN_SIGNAL);
-        let old = std::mem::take(&mut self.services);
-        let mut keep = Vec::new();
-        for s in old {
-            let key = service_key(&s.def);
-            self.orphans
-                .extend(s.children.keys().map(|pid| (*pid, key.clone())));
-            keep.push(s);
-        }
-        match open_services(&cfg, self.owner, keep) {
-            Ok(services) => {
-                self.services = services;
-                self.cfg = cfg;
-                info!(
-                    "reload -- version {}, configuration {}",
-                    env!("CARGO_PKG_VERSION"),
-                    self.cfg.dir().display()
-                );
-            }
+        let mut old = std::mem::take(&mut self.services);
+        let services = match open_services(&cfg, self.owner, &mut old) {
+            Ok(s) => s,
             Err(e) => {
-                warning!("reload: {e}");
+                // Nothing was touched: the old services go on as they were.
+                self.services = old;
+                warning!("reload: {e}; keeping the old configuration");
+                return;
+            }
+        };
+        self.services = services;
+        // Every process of the old configuration drains; those of services
+        // that stay count towards the new ones' maxproc until they exit.
+        for s in self.services.iter_mut().chain(old.iter_mut()) {
+            let key = service_key(&s.def);
+            for (pid, _) in s.children.drain() {
+                // SAFETY: kill with a pid we started.
+                unsafe { libc::kill(pid as i32, postern_common::service::DRAIN_SIGNAL) };
+                self.orphans.push((pid, key.clone()));
             }
         }
+        // Services that are gone: their sockets go too.
+        for s in &old {
+            if let Some(path) = &s.listener.path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        self.cfg = cfg;
+        info!(
+            "reload -- version {}, configuration {}",
+            env!("CARGO_PKG_VERSION"),
+            self.cfg.dir().display()
+        );
     }
 }
 
@@ -408,51 +418,56 @@ fn service_key(def: &Service) -> String {
     format!("{}/{:?}", def.name, def.kind)
 }
 
-/// Builds the service table from master.cf, reusing the listeners of
-/// `previous` services with the same name and type.
+/// Builds the service table from master.cf, taking over from `previous`
+/// the services with the same name and type (listener, status pipe and
+/// children: the caller decides what becomes of those). Fails without
+/// touching `previous` when master.cf cannot be read or a new listener
+/// cannot be opened; on success `previous` holds the services that are
+/// gone.
 fn open_services(
     cfg: &Config,
     owner: Option<(u32, u32)>,
-    mut previous: Vec<ServiceState>,
+    previous: &mut Vec<ServiceState>,
 ) -> Result<Vec<ServiceState>, String> {
     let defs = cfg.master_services().map_err(|e| e.to_string())?;
+    let same = |p: &ServiceState, def: &Service| p.def.name == def.name && p.def.kind == def.kind;
+    // First everything that can fail.
+    let mut fresh = Vec::new();
+    for def in &defs {
+        if previous.iter().any(|p| same(p, def)) {
+            fresh.push(None);
+            continue;
+        }
+        let listener =
+            listeners::open(cfg, def, owner).map_err(|e| format!("service {}: {e}", def.name))?;
+        let pipe = children::status_pipe().map_err(|e| e.to_string())?;
+        fresh.push(Some((listener, pipe)));
+    }
     crate::jail::prepare(cfg, &defs, owner);
     let mut out = Vec::new();
-    for def in defs {
-        let reused = previous
-            .iter()
-            .position(|p| p.def.name == def.name && p.def.kind == def.kind)
-            .map(|i| previous.swap_remove(i));
-        let state = match reused {
-            Some(mut p) => {
+    for (def, opened) in defs.into_iter().zip(fresh) {
+        let state = match opened {
+            None => {
+                let i = previous
+                    .iter()
+                    .position(|p| same(p, &def))
+                    .expect("found above");
+                let mut p = previous.swap_remove(i);
                 p.def = def;
-                p.children.clear();
                 p.throttled_until = None;
                 p
             }
-            None => {
-                let listener = listeners::open(cfg, &def, owner)
-                    .map_err(|e| format!("service {}: {e}", def.name))?;
-                let (status_read, status_write) =
-                    children::status_pipe().map_err(|e| e.to_string())?;
-                ServiceState {
-                    def,
-                    listener,
-                    status_read,
-                    status_write,
-                    children: HashMap::new(),
-                    throttled_until: None,
-                    next_wakeup: None,
-                }
-            }
+            Some((listener, (status_read, status_write))) => ServiceState {
+                def,
+                listener,
+                status_read,
+                status_write,
+                children: HashMap::new(),
+                throttled_until: None,
+                next_wakeup: None,
+            },
         };
         out.push(state);
-    }
-    // Services that are gone: remove their sockets.
-    for p in previous {
-        if let Some(path) = &p.listener.path {
-            let _ = std::fs::remove_file(path);
-        }
     }
     Ok(out)
 }
