@@ -153,7 +153,7 @@ pub fn drain_requested(mut notifier: impl io::Read) -> bool {
 
 /// The notifier, or a fatal error: a daemon that cannot be drained would
 /// drop its clients at every reload.
-fn drain_notifier_or_die() -> UnixStream {
+pub fn drain_notifier_or_die() -> UnixStream {
     drain_notifier().unwrap_or_else(|e| crate::fatal!("drain signal handler: {e}"))
 }
 
@@ -369,22 +369,6 @@ pub fn unix_listener() -> io::Result<UnixListener> {
     let l = unsafe { UnixListener::from_raw_fd(LISTEN_FD) };
     l.set_nonblocking(true)?;
     Ok(l)
-}
-
-/// Waits until `fd` is readable or `timeout` passes. Returns whether it is
-/// readable.
-pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout
-        .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
-        .unwrap_or(-1);
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, ms) };
-    r > 0
 }
 
 /// A connection from the shared listener, blocking, or None when another

@@ -218,11 +218,7 @@ pub fn run(cfg: Settings) -> ! {
     )));
     // Before the first accept: a reload from now on lets every session
     // we take finish.
-    let drain = match postern_common::service::drain_notifier() {
-        Ok(d) => d,
-        Err(e) => fatal!("drain signal handler: {e}"),
-    };
-    let mut drain = UnixStream::from_std(drain);
+    let mut drain = UnixStream::from_std(postern_common::service::drain_notifier_or_die());
     if let Err(e) = poll
         .registry()
         .register(&mut drain, DRAIN, Interest::READABLE)
