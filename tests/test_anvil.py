@@ -54,7 +54,7 @@ def start(make_postern, **params):
 def outside_pids(p, n):
     """The smtpd processes that logged the first ``n`` sessions from
     127.0.0.2 (waits for them)."""
-    pattern = r"postern/smtpd\[(\d+)\]: connect from localhost\[127\.0\.0\.2\]"
+    pattern = r"postern/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]"
     h.wait_for(lambda: len(p.log_findall(pattern)) >= n, what=f"{n} sessions logged")
     return set(p.log_findall(pattern)[:n])
 
@@ -71,7 +71,7 @@ def test_connection_count_across_processes(make_postern):
     assert third.f.readline() == b""
     third.close()
     p.wait_for_log(r"warning: Connection concurrency limit exceeded: 3 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {service}")
+                   rf"unknown\[127\.0\.0\.2\] for service {service}")
     # mynetworks is exempt, however many sessions it has.
     insiders = [greeted(p.port, source=("127.0.0.1", 0)) for _ in range(4)]
     for c in insiders:
@@ -103,7 +103,7 @@ def test_rates_across_processes(make_postern):
     assert fourth.reply() == REFUSED
     fourth.close()
     p.wait_for_log(r"warning: Connection rate limit exceeded: 4 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {service}")
+                   rf"unknown\[127\.0\.0\.2\] for service {service}")
     a, b, c = clients
     for x in clients:
         assert x.cmd("EHLO client.example")[0].startswith("250")
@@ -113,21 +113,21 @@ def test_rates_across_processes(make_postern):
     assert c.cmd("MAIL FROM:<s@example.org>") == \
         ["450 4.7.1 Error: too much mail from 127.0.0.2"]
     p.wait_for_log(r"warning: Message delivery request rate limit exceeded: 3 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {service}")
+                   rf"unknown\[127\.0\.0\.2\] for service {service}")
     # Recipients likewise.
     assert a.cmd("RCPT TO:<root@postern.test>")[0].startswith("250")
     assert b.cmd("RCPT TO:<root@postern.test>")[0].startswith("250")
     assert a.cmd("RCPT TO:<root@postern.test>") == \
         ["450 4.7.1 Error: too many recipients from 127.0.0.2"]
     p.wait_for_log(r"warning: Recipient address rate limit exceeded: 3 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {service}")
+                   rf"unknown\[127\.0\.0\.2\] for service {service}")
     # AUTH commands are counted before anything else (SASL is off here,
     # so the first two are refused for that).
     assert b.cmd("AUTH PLAIN")[0].startswith("503")
     assert c.cmd("AUTH PLAIN")[0].startswith("503")
     assert a.cmd("AUTH PLAIN") == ["450 4.7.1 Error: too many AUTH commands from 127.0.0.2"]
     p.wait_for_log(r"warning: AUTH command rate limit exceeded: 3 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {service}")
+                   rf"unknown\[127\.0\.0\.2\] for service {service}")
     # mynetworks is not limited.
     insider = greeted(p.port, source=("127.0.0.1", 0))
     insider.cmd("EHLO client.example")
@@ -224,7 +224,7 @@ def test_sessions_of_a_dead_smtpd_stop_counting(make_postern):
     p = start(make_postern, smtpd_client_connection_count_limit="2")
     first = greeted(p.port)
     serving_first = int(p.wait_for_log(
-        r"postern/smtpd\[(\d+)\]: connect from localhost\[127\.0\.0\.2\]").group(1))
+        r"postern/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]").group(1))
     second = greeted(p.port)
     third = Raw(p.port, source=OUTSIDE)
     assert third.reply() == REFUSED

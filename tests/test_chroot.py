@@ -5,6 +5,7 @@ their keys, tables and the account list read before the chroot, and mail
 flows in and out as without it. Run as root."""
 
 import os
+import re
 import pwd
 import shutil
 import smtplib
@@ -64,6 +65,8 @@ def test_chrooted_daemons_are_confined_and_mail_flows(root_only, root_only_certs
     p = make_postern(start=False, params={
         # MX routing through a resolver, from inside the jail.
         "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        # The client's name from /etc/hosts, as master copied it in.
+        "smtpd_peername_lookup": "yes",
         "transport_maps": f"inline:{{ far.test=smtp:far.test:{sink.port} }}",
         # Counted by anvil, chrooted too.
         "smtpd_client_connection_count_limit": "10",
@@ -91,6 +94,13 @@ def test_chrooted_daemons_are_confined_and_mail_flows(root_only, root_only_certs
         assert s.rcpt("someone@far.test")[0] == 250
         code, text = s.data(h.crlf(f"Subject: {token}\n\nthrough the jail\n"))
         assert code == 250, text
+    # The name /etc/hosts gives 127.0.0.1 (the first, sorted, as smtpd
+    # takes it), read from the copy in the jail.
+    names = sorted(n.lower() for line in open("/etc/hosts")
+                   for n in line.split("#")[0].split()[1:]
+                   if line.split() and line.split()[0] == "127.0.0.1")
+    if names:
+        p.wait_for_log(rf"connect from {re.escape(names[0])}\[127\.0\.0\.1\]")
     # In through sendmail and pickup.
     r = p.sendmail(["ptbob@postern.test"], f"Subject: {token}\n\nby sendmail\n".encode())
     assert r.returncode == 0, h.describe(r)

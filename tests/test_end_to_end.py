@@ -402,8 +402,8 @@ def test_wildcard_listener_serves_ipv4_and_ipv6(make_postern):
         finally:
             s.quit()
     log = p.log_text()
-    assert "connect from localhost[127.0.0.1]" in log, log
-    assert "connect from localhost[::1]" in log, log
+    assert "connect from unknown[127.0.0.1]" in log, log
+    assert "connect from unknown[::1]" in log, log
 
 
 def test_postconf(make_postern):

@@ -9,6 +9,7 @@ hostile clients get.
 
 import re
 import socket
+import uuid
 
 import postern_harness as h
 from dovecot import Dovecot, dovecot  # noqa: F401  (the fixture)
@@ -43,10 +44,10 @@ def test_client_access_cidr_delayed_to_rcpt(make_postern):
     # Delayed: the client gets as far as RCPT, where the reason is logged
     # with the recipient.
     code, text = rcpt_reply(p, "s@example.org", "root@postern.test", source=OUTSIDE)
-    assert (code, text) == (554, "5.7.1 <localhost[127.0.0.2]>: Client host rejected: "
+    assert (code, text) == (554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: "
                                  "no mail from this host")
-    p.wait_for_log(r"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.2\]: 554 5\.7\.1 "
-                   r"<localhost\[127\.0\.0\.2\]>: Client host rejected: no mail from this host; "
+    p.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 "
+                   r"<unknown\[127\.0\.0\.2\]>: Client host rejected: no mail from this host; "
                    r"from=<s@example\.org> to=<root@postern\.test> proto=ESMTP "
                    r"helo=<client\.example>")
     assert rcpt_reply(p, "s@example.org", "root@postern.test")[0] == 250
@@ -56,8 +57,8 @@ def test_client_reject_at_connect_without_delay(make_postern):
     p = make_postern(params={"smtpd_delay_reject": "no",
                              "smtpd_client_restrictions": "permit_mynetworks, reject"})
     c = Raw(p.port, source=OUTSIDE)
-    assert c.reply() == ["554 5.7.1 <localhost[127.0.0.2]>: Client host rejected: Access denied"]
-    assert c.cmd("EHLO c") == ["503 5.7.0 Error: access denied for localhost[127.0.0.2]"]
+    assert c.reply() == ["554 5.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied"]
+    assert c.cmd("EHLO c") == ["503 5.7.0 Error: access denied for unknown[127.0.0.2]"]
     assert c.cmd("MAIL FROM:<a@example.org>")[0].startswith("503 5.7.0")
     assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
     c.close()
@@ -143,7 +144,7 @@ def test_unlisted_recipient(make_postern):
     assert rcpt_reply(p, "s@example.org", "no-such-user-x@postern.test") == \
         (550, "5.1.1 <no-such-user-x@postern.test>: Recipient address rejected: "
               "User unknown in local recipient table")
-    p.wait_for_log(r"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.1\]: 550 5\.1\.1 "
+    p.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 550 5\.1\.1 "
                    r"<no-such-user-x@postern\.test>: Recipient address rejected: User unknown "
                    r"in local recipient table; from=<s@example\.org> to=<no-such-user-x@postern\.test>")
     p.stop()
@@ -164,7 +165,7 @@ def test_unauth_pipelining_and_data_restrictions(make_postern):
     assert c.reply() == ["503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP "
                          "command pipelining"]
     c.close()
-    p.wait_for_log(r"improper command pipelining after DATA from localhost\[127\.0\.0\.1\]")
+    p.wait_for_log(r"improper command pipelining after DATA from unknown\[127\.0\.0\.1\]")
     # smtplib waits for 354: accepted.
     code, _ = p.send("a@example.org", ["root@postern.test"], "Subject: fine\n\nbody\n")
     assert code == 250
@@ -229,7 +230,7 @@ def test_garbage_nul_and_overlong_lines(make_postern):
     assert c.reply() == ["421 4.7.0 postern.test Error: too many errors"]
     assert c.f.readline() == b""  # cut off
     c.close()
-    p.wait_for_log(r"too many errors after UNKNOWN from localhost\[127\.0\.0\.1\]")
+    p.wait_for_log(r"too many errors after UNKNOWN from unknown\[127\.0\.0\.1\]")
 
 
 def test_client_leaving_mid_data_leaves_nothing(make_postern):
@@ -242,8 +243,8 @@ def test_client_leaving_mid_data_leaves_nothing(make_postern):
     assert c.cmd("DATA")[0].startswith("354")
     c.send("Subject: half\r\n\r\n" + "line\r\n" * 1000)
     c.close()
-    p.wait_for_log(r"lost connection after DATA from localhost\[127\.0\.0\.1\]")
-    p.wait_for_log(r"disconnect from localhost\[127\.0\.0\.1\]")
+    p.wait_for_log(r"lost connection after DATA from unknown\[127\.0\.0\.1\]")
+    p.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]")
     for q in ("incoming", "active", "deferred", "maildrop"):
         assert p.queue_files(q) == [], q
 
@@ -279,8 +280,8 @@ def test_tarpit_delays_only_the_erring_client(make_postern):
     assert bad.cmd("QUX") == ["500 5.5.2 Error: command not recognized"]
     assert bad.reply() == ["421 4.7.0 postern.test Error: too many errors"]
     bad.close()
-    order = p.log_findall(r"(disconnect from localhost\[127\.0\.0\.1\] (?:ehlo|unknown)\S*)")
-    assert order[0].startswith("disconnect from localhost[127.0.0.1] ehlo="), order
+    order = p.log_findall(r"(disconnect from unknown\[127\.0\.0\.1\] (?:ehlo|unknown)\S*)")
+    assert order[0].startswith("disconnect from unknown[127.0.0.1] ehlo="), order
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_dns_restrictions(make_postern, dnsmasq):
     assert rcpt_reply(p, "a@good.test", "x@good.test") == (250, "2.1.5 Ok")
     assert rcpt_reply(p, "a@good.test", "root@postern.test", source=OUTSIDE) == \
         (554, "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using rbl.test")
-    p.wait_for_log(r"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.2\]: 554 5\.7\.1 Service "
+    p.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 Service "
                    r"unavailable; Client host \[127\.0\.0\.2\] blocked using rbl\.test;")
     # Pipelined recipients each wait for their answers, in order.
     with p.smtp() as s:
@@ -319,6 +320,89 @@ def test_dns_restrictions(make_postern, dnsmasq):
         s.putcmd("RCPT", "TO:<y@good.test>")
         s.putcmd("RCPT", "TO:<z@also-nowhere.test>")
         assert [s.getreply()[0] for _ in range(3)] == [450, 250, 450]
+
+
+def reload_with(p, **params):
+    """Changes main.cf and reloads; returns once new sessions see it."""
+    banner = "$myhostname ESMTP " + uuid.uuid4().hex
+    p.set_params(smtpd_banner=banner, **params)
+    r = p.postern("reload")
+    assert r.returncode == 0, h.describe(r)
+    word = banner.split()[-1]
+    h.wait_for(lambda: word in greeting(p), 20, what="the reloaded configuration")
+
+
+def greeting(p):
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+        return c.makefile("rb").readline().decode()
+
+
+def test_client_hostname_lookup(make_postern, dnsmasq, sink):
+    """smtpd_peername_lookup: the client's name is its PTR name when that
+    name's addresses include the client's (forward-confirmed); it shows in
+    the log and the Received header, check_client_access matches it, and
+    reject_unknown_client_hostname, reject_unknown_reverse_client_hostname
+    and reject_unknown_helo_hostname answer as Postfix's.
+
+    Tests may only use loopback clients, and the resolver answers for those
+    itself (RFC 6761): every 127.0.0.0/8 address has the PTR name
+    localhost, whose address is 127.0.0.1. So 127.0.0.1 is confirmed and
+    127.0.0.77 is not (what a name that does not resolve back gives);
+    the NXDOMAIN and no-answer cases are unit tests (smtpd/src/dns.rs)."""
+    other = ("127.0.0.77", 0)
+    dns = dnsmasq(["--local=/client.test/", "--address=/good.client.test/127.0.0.77"])
+    p = make_postern(params={
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "dns_resolver_timeout": "2s",
+        "smtpd_peername_lookup": "yes",
+        "relay_domains": "far.test",
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "smtpd_client_restrictions": "reject_unknown_reverse_client_hostname",
+        "smtpd_helo_restrictions": "reject_unknown_helo_hostname",
+    })
+
+    # A confirmed name: in the log and in the Received header.
+    token = "pt-" + uuid.uuid4().hex
+    with p.smtp() as s:
+        s.ehlo("good.client.test")
+        code, text = h.smtp_transaction(s, "a@b.test", ["x@far.test"],
+                                        h.crlf(f"Subject: {token}\n\n{token}\n"))
+        assert code == 250, text
+    p.wait_for_log(r"connect from localhost\[127\.0\.0\.1\]")
+    m = sink.wait_for(token)[0]
+    rcv = [r for r in h.header_values(m.content, "Received") if "by postern.test" in r][0]
+    assert rcv.startswith("from good.client.test (localhost [127.0.0.1])"), rcv
+
+    # A PTR name that does not resolve back: unknown, with Postfix's
+    # warning; the PTR name alone satisfies reject_unknown_reverse_client_hostname.
+    assert rcpt_reply(p, "a@b.test", "x@far.test", helo="good.client.test",
+                      source=other) == (250, "2.1.5 Ok")
+    p.wait_for_log(r"warning: hostname localhost does not resolve to address 127\.0\.0\.77")
+    p.wait_for_log(r"connect from unknown\[127\.0\.0\.77\]")
+
+    # A HELO name without records.
+    assert rcpt_reply(p, "a@b.test", "x@far.test", helo="nosuch.client.test") == \
+        (450, "4.7.1 <nosuch.client.test>: Helo command rejected: Host not found")
+
+    # reject_unknown_client_hostname wants the confirmed name; its code is
+    # unknown_client_hostname_reject_code.
+    reload_with(p, smtpd_client_restrictions="reject_unknown_client_hostname",
+                smtpd_helo_restrictions="", unknown_client_hostname_reject_code="550")
+    assert rcpt_reply(p, "a@b.test", "x@far.test") == (250, "2.1.5 Ok")
+    assert rcpt_reply(p, "a@b.test", "x@far.test", source=other) == \
+        (550, "5.7.25 Client host rejected: cannot find your hostname, [127.0.0.77]")
+
+    # check_client_access matches the confirmed name, never an unconfirmed one.
+    (p.etc / "clients").write_text("localhost REJECT not from localhost\n")
+    reload_with(p, smtpd_client_restrictions=f"check_client_access texthash:{p.etc}/clients")
+    assert rcpt_reply(p, "a@b.test", "x@far.test") == \
+        (554, "5.7.1 <localhost[127.0.0.1]>: Client host rejected: not from localhost")
+    assert rcpt_reply(p, "a@b.test", "x@far.test", source=other) == (250, "2.1.5 Ok")
+
+    # Without the lookup, every client is unknown.
+    reload_with(p, smtpd_peername_lookup="no")
+    assert rcpt_reply(p, "a@b.test", "x@far.test") == (250, "2.1.5 Ok")
+    p.wait_for_log(r"connect from unknown\[127\.0\.0\.1\]")
 
 
 def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
@@ -341,12 +425,12 @@ def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
     assert listed.reply() == ["554 5.7.1 Service unavailable; Client host [127.0.0.2] "
                               "blocked using rbl.test"]
     assert listed.cmd("EHLO client.example") == \
-        ["503 5.7.0 Error: access denied for localhost[127.0.0.2]"]
+        ["503 5.7.0 Error: access denied for unknown[127.0.0.2]"]
     assert listed.cmd("MAIL FROM:<a@good.test>") == \
-        ["503 5.7.0 Error: access denied for localhost[127.0.0.2]"]
+        ["503 5.7.0 Error: access denied for unknown[127.0.0.2]"]
     assert listed.cmd("QUIT") == ["221 2.0.0 Bye"]
     listed.close()
-    p.wait_for_log(r"NOQUEUE: reject: CONNECT from localhost\[127\.0\.0\.2\]: 554 5\.7\.1 "
+    p.wait_for_log(r"NOQUEUE: reject: CONNECT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 "
                    r"Service unavailable; Client host \[127\.0\.0\.2\] blocked using rbl\.test;")
     # Listed at the HELO stage: refused at HELO/EHLO.
     with p.smtp(source_address=("127.0.0.3", 0)) as s:
@@ -361,7 +445,7 @@ def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
             (450, "4.1.8 <a@nxdomain.test>: Sender address rejected: Domain not found")
         assert s.mail("a@good.test")[0] == 250
         assert s.rcpt("root@postern.test")[0] == 250
-    p.wait_for_log(r"NOQUEUE: reject: MAIL from localhost\[127\.0\.0\.1\]: 450 4\.1\.8 "
+    p.wait_for_log(r"NOQUEUE: reject: MAIL from unknown\[127\.0\.0\.1\]: 450 4\.1\.8 "
                    r"<a@nxdomain\.test>: Sender address rejected: Domain not found;")
 
 
@@ -381,7 +465,7 @@ def test_client_connection_and_message_limits(make_postern):
     assert third.f.readline() == b""
     third.close()
     p.wait_for_log(r"warning: Connection concurrency limit exceeded: 3 from "
-                   rf"localhost\[127\.0\.0\.2\] for service {re.escape(service)}")
+                   rf"unknown\[127\.0\.0\.2\] for service {re.escape(service)}")
     # mynetworks (127.0.0.1) is exempt.
     locals_ = [Raw(p.port) for _ in range(5)]
     assert all(c.reply()[0].startswith("220") for c in locals_)
@@ -395,18 +479,18 @@ def test_client_connection_and_message_limits(make_postern):
     first.cmd("RSET")
     assert first.cmd("MAIL FROM:<a@example.org>") == ["450 4.7.1 Error: too much mail from 127.0.0.2"]
     p.wait_for_log(r"warning: Message delivery request rate limit exceeded: 3 from "
-                   r"localhost\[127\.0\.0\.2\]")
+                   r"unknown\[127\.0\.0\.2\]")
     first.close()
     second.close()
     # Connections per time unit: this is the 4th counted (the refused one
     # counts too); the 5th is refused although only one session is open.
-    p.wait_for_log(r"disconnect from localhost\[127\.0\.0\.2\].*\n(?:.*\n)*.*"
-                   r"disconnect from localhost\[127\.0\.0\.2\].*\n(?:.*\n)*.*"
-                   r"disconnect from localhost\[127\.0\.0\.2\]")
+    p.wait_for_log(r"disconnect from unknown\[127\.0\.0\.2\].*\n(?:.*\n)*.*"
+                   r"disconnect from unknown\[127\.0\.0\.2\].*\n(?:.*\n)*.*"
+                   r"disconnect from unknown\[127\.0\.0\.2\]")
     fourth = Raw(p.port, source=OUTSIDE)
     assert fourth.reply()[0].startswith("220")
     fifth = Raw(p.port, source=OUTSIDE)
     assert fifth.reply() == ["421 4.7.0 postern.test Error: too many connections from 127.0.0.2"]
-    p.wait_for_log(r"warning: Connection rate limit exceeded: 5 from localhost\[127\.0\.0\.2\]")
+    p.wait_for_log(r"warning: Connection rate limit exceeded: 5 from unknown\[127\.0\.0\.2\]")
     fourth.close()
     fifth.close()

@@ -132,7 +132,7 @@ def test_starttls_smtplib_received_header_and_log(make_postern, certs, sink):
     assert " with ESMTPS id " in r, r
     assert f"(using {version} with cipher {cipher[0]} " in r, r
     assert re.search(r"\(\d+/\d+ bits\)\)", r), r
-    line = p.wait_for_log(r"Anonymous TLS connection established from localhost\[127\.0\.0\.1\]: "
+    line = p.wait_for_log(r"Anonymous TLS connection established from unknown\[127\.0\.0\.1\]: "
                           r"(TLSv1\.[23]) with cipher (\S+) \((\d+)/(\d+) bits\)")
     assert line.group(1) == version and line.group(2) == cipher[0]
     assert int(line.group(3)) == cipher[2]
@@ -149,7 +149,7 @@ def test_openssl_s_client_starttls_versions(make_postern, certs, version):
     assert f"Protocol  : TLSv{version}" in out or f"New, TLSv{version}" in out, h.describe(r)
     assert "Verify return code: 0 (ok)" in out, h.describe(r)
     assert "250-postern.test" in out and "221 2.0.0 Bye" in out, h.describe(r)
-    p.wait_for_log(rf"Anonymous TLS connection established from localhost\[127\.0\.0\.1\]: "
+    p.wait_for_log(rf"Anonymous TLS connection established from unknown\[127\.0\.0\.1\]: "
                    rf"TLSv{re.escape(version)} with cipher")
 
 
@@ -277,7 +277,7 @@ def test_auth_plain_and_login_relay(make_postern, dc, sink):
         rcv = [r for r in h.header_values(m.content, "Received") if "by postern.test" in r][0]
         assert " with ESMTPA id " in rcv, rcv
         assert f"(Authenticated sender: {USER})" in rcv, rcv
-        p.wait_for_log(rf"client=localhost\[127\.0\.0\.2\], sasl_method={mech}, "
+        p.wait_for_log(rf"client=unknown\[127\.0\.0\.2\], sasl_method={mech}, "
                        rf"sasl_username={re.escape(USER)}")
 
 
@@ -308,7 +308,7 @@ def test_auth_wrong_password(make_postern, dc):
         s.mail("s@example.org")
         assert s.rcpt("r@example.net")[0] == 554
     # fail2ban's postfix-sasl filter matches this line.
-    line = p.wait_for_log(r"postern/smtpd\[\d+\]: warning: localhost\[127\.0\.0\.2\]: "
+    line = p.wait_for_log(r"postern/smtpd\[\d+\]: warning: unknown\[127\.0\.0\.2\]: "
                           r"SASL LOGIN authentication failed: (.*)$")
     assert re.fullmatch(r"[ A-Za-z0-9+/:]*={0,2}", line.group(1)), line.group(0)
 
@@ -396,7 +396,7 @@ def test_submission_service(make_postern, certs, dc, sink, swaks):
                "--from", USER, "--to", "r@example.net"], timeout=60)
     assert r.returncode != 0
     assert "535 5.7.8 Error: authentication failed" in r.stdout, h.describe(r)
-    p.wait_for_log(r"postern/submission/smtpd\[\d+\]: warning: localhost\[127\.0\.0\.1\]: "
+    p.wait_for_log(r"postern/submission/smtpd\[\d+\]: warning: unknown\[127\.0\.0\.1\]: "
                    r"SASL PLAIN authentication failed")
 
 

@@ -2,7 +2,7 @@
 //! mean: a DNS message (any bytes, parsed by hickory-proto as the resolver
 //! parses a reply) is taken as the answer to every query the SMTP client's
 //! next-hop code makes (MX, then A/AAAA of each exchange) and to smtpd's
-//! DNSBL and domain queries.
+//! DNSBL, domain and client-name (PTR, then A/AAAA) queries.
 //!
 //! smtp is a program without a library: its `dns` and `nexthop` modules
 //! are compiled here from their own source files (the same code, not a
@@ -10,7 +10,8 @@
 //!
 //! Invariants checked: a null MX alone fails with 5.1.10; the server list
 //! is never empty on success, respects `smtp_mx_address_limit`, never names
-//! the root exchange and keeps MX preference order.
+//! the root exchange and keeps MX preference order; a client name taken
+//! from a PTR answer is a valid host name.
 #![no_main]
 #![allow(dead_code)]
 use hickory_resolver::proto::op::{Message, ResponseCode};
@@ -76,6 +77,12 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = postern_smtpd::dns::has_records(&msg.answers, RecordType::MX);
     let _ = postern_smtpd::dns::rcode_answer(rcode);
+    if let Some(name) = postern_smtpd::dns::ptr_name(&msg.answers) {
+        assert!(!name.is_empty() && !name.ends_with('.'));
+        assert!(!name.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
+    }
+    let ip: IpAddr = [127, 0, 0, limit].into();
+    let _ = postern_smtpd::dns::confirm(ip, &[Ok(msg.answers.clone())]);
 
     // smtp: next hops.
     let mut all = msg.answers.clone();

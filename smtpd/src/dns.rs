@@ -1,6 +1,7 @@
-//! DNS lookups for the restrictions that need them
-//! (`reject_unknown_sender_domain`, `reject_unknown_recipient_domain`,
-//! `reject_rbl_client`), off the event loop.
+//! DNS lookups off the event loop: the client's host name at connect
+//! (`smtpd_peername_lookup`, [`PeerName`]) and the facts restrictions
+//! need (`reject_unknown_sender_domain`, `reject_unknown_recipient_domain`,
+//! `reject_unknown_helo_hostname`, `reject_rbl_client`).
 //!
 //! hickory-resolver has no synchronous API, and a lookup can take
 //! seconds: a few helper threads, each with its own current-thread tokio
@@ -8,11 +9,13 @@
 //! back [`Answer`]s, waking the mio loop with a [`mio::Waker`]. They are
 //! started at the first query (smtpd never runs as root, so there are no
 //! privileges to drop first). Name servers: `dns_resolver_addresses`
-//! (Postern-only) or /etc/resolv.conf; each query waits
-//! `dns_resolver_timeout`.
+//! (Postern-only) or /etc/resolv.conf, after /etc/hosts (as the C
+//! library's name service would: in a chroot, the copy master keeps in
+//! the queue directory); each query waits `dns_resolver_timeout`.
 //!
 //! What an answer means is decided by pure functions of its records
-//! ([`rbl_answer`], [`has_records`], [`rcode_answer`]), which the fuzz
+//! ([`rbl_answer`], [`has_records`], [`rcode_answer`], [`ptr_name`],
+//! [`confirm`]), which the fuzz
 //! target `dns_answer` feeds with DNS messages straight from the wire.
 //!
 //! A session asks for the facts its restriction lists will need before it
@@ -36,10 +39,13 @@ const WORKERS: usize = 4;
 /// A fact a restriction needs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Query {
-    /// Whether a mail domain exists: an MX, A or AAAA record.
+    /// Whether a mail domain (or a HELO name) exists: an MX, A or AAAA
+    /// record.
     Domain(String),
     /// The A records of a DNS list name (`4.3.2.1.zen.example`).
     Rbl(String),
+    /// The client's names: its PTR, confirmed by the name's addresses.
+    Peer(IpAddr),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +56,48 @@ pub enum Answer {
     NotFound,
     /// The name servers did not answer.
     TryAgain,
+    /// The answer to [`Query::Peer`].
+    Peer(PeerName),
+}
+
+/// How a client name lookup ended, as Postfix's `SMTPD_PEER_CODE_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameStatus {
+    Ok,
+    /// The name servers did not answer: a restriction defers (450).
+    TryAgain,
+    /// No name, or one that does not resolve back to the address.
+    #[default]
+    NotFound,
+}
+
+/// What smtpd knows of a client's host name. `name` is the verified
+/// name (the PTR name whose A/AAAA records include the address), the one
+/// logs, Received headers and `check_client_access` use;
+/// `reverse_name` is the PTR name whether or not it resolves back.
+/// Either is `unknown` when it is not known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerName {
+    pub name: String,
+    pub name_status: NameStatus,
+    pub reverse_name: String,
+    pub reverse_status: NameStatus,
+}
+
+/// Postfix's word for a name it does not know.
+pub const UNKNOWN: &str = "unknown";
+
+impl PeerName {
+    /// No name known, for `status`'s reason (a lookup that is off, or
+    /// that failed).
+    pub fn unknown(status: NameStatus) -> PeerName {
+        PeerName {
+            name: UNKNOWN.into(),
+            name_status: status,
+            reverse_name: UNKNOWN.into(),
+            reverse_status: status,
+        }
+    }
 }
 
 /// The reversed-address name of `ip` in DNS list `domain`.
@@ -67,6 +115,55 @@ pub fn rbl_name(ip: IpAddr, domain: &str) -> String {
             s.push_str(domain);
             s
         }
+    }
+}
+
+/// The reverse-lookup (PTR) name of `ip`: `1.2.0.192.in-addr.arpa`.
+pub fn arpa_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => rbl_name(ip, "in-addr.arpa"),
+        IpAddr::V6(_) => rbl_name(ip, "ip6.arpa"),
+    }
+}
+
+/// The host name a PTR answer gives: of the PTR records' names that are
+/// valid host names (not all-numeric, which would pass for an address),
+/// the first in sorted order, lower case, without the final dot; None
+/// when there is none. (A lookup through /etc/hosts may give several.)
+pub fn ptr_name(answers: &[Record]) -> Option<String> {
+    let mut names: Vec<String> = answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::PTR(p) => Some(p.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
+            _ => None,
+        })
+        .filter(|n| crate::restrictions::valid_hostname(n))
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+/// Whether the forward lookups of a PTR name (its A and AAAA answers,
+/// or why each failed) confirm `ip`: `Ok` when one of the addresses is
+/// `ip`, `TryAgain` when none is but a lookup failed for now, else
+/// `NotFound`.
+pub fn confirm(ip: IpAddr, forward: &[Result<Vec<Record>, Answer>]) -> NameStatus {
+    let mut temp = false;
+    for f in forward {
+        match f {
+            Ok(records) => {
+                if records.iter().any(|r| r.data.ip_addr() == Some(ip)) {
+                    return NameStatus::Ok;
+                }
+            }
+            Err(Answer::TryAgain) => temp = true,
+            Err(_) => {}
+        }
+    }
+    if temp {
+        NameStatus::TryAgain
+    } else {
+        NameStatus::NotFound
     }
 }
 
@@ -182,6 +279,51 @@ impl Worker {
                 Ok(v) => rbl_answer(&v),
                 Err(a) => a,
             },
+            Query::Peer(ip) => Answer::Peer(self.peer_name(*ip)),
+        }
+    }
+
+    /// The client's names, and Postfix's warnings when they do not add
+    /// up.
+    fn peer_name(&self, ip: IpAddr) -> PeerName {
+        let reverse = match self.lookup(&arpa_name(ip), RecordType::PTR) {
+            Ok(v) => ptr_name(&v),
+            Err(Answer::TryAgain) => return PeerName::unknown(NameStatus::TryAgain),
+            Err(_) => None,
+        };
+        let Some(reverse) = reverse else {
+            return PeerName::unknown(NameStatus::NotFound);
+        };
+        let forward: Vec<Result<Vec<Record>, Answer>> = [RecordType::A, RecordType::AAAA]
+            .iter()
+            .map(|&t| self.lookup(&reverse, t))
+            .collect();
+        let status = confirm(ip, &forward);
+        match status {
+            NameStatus::Ok => {}
+            NameStatus::TryAgain => {
+                warning!("{ip}: hostname {reverse} verification failed: Temporary failure in name resolution")
+            }
+            NameStatus::NotFound => {
+                if forward
+                    .iter()
+                    .any(|f| f.as_ref().is_ok_and(|v| !v.is_empty()))
+                {
+                    warning!("hostname {reverse} does not resolve to address {ip}")
+                } else {
+                    warning!("hostname {reverse} does not resolve to address {ip}: Name or service not known")
+                }
+            }
+        }
+        PeerName {
+            name: if status == NameStatus::Ok {
+                reverse.clone()
+            } else {
+                UNKNOWN.into()
+            },
+            name_status: status,
+            reverse_name: reverse,
+            reverse_status: NameStatus::Ok,
         }
     }
 }
@@ -261,6 +403,44 @@ mod tests {
         assert!(!has_records(&chain[..1], RecordType::MX));
         assert_eq!(rcode_answer(ResponseCode::ServFail), Answer::TryAgain);
         assert_eq!(rcode_answer(ResponseCode::NXDomain), Answer::NotFound);
+    }
+
+    #[test]
+    fn peer_names() {
+        use hickory_resolver::proto::rr::rdata::PTR;
+        let n = |s: &str| Name::from_ascii(s).unwrap();
+        let ptr =
+            |s: &str| Record::from_rdata(n("1.0.0.127.in-addr.arpa."), 60, RData::PTR(PTR(n(s))));
+        // Several names (as /etc/hosts gives them): the first sorted;
+        // an all-numeric name is not a host name.
+        let answers = [ptr("vm."), ptr("Localhost."), ptr("192.0.2.1.")];
+        assert_eq!(ptr_name(&answers).as_deref(), Some("localhost"));
+        assert_eq!(ptr_name(&answers[2..]), None);
+        assert_eq!(ptr_name(&[]), None);
+
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let a = |s: &str| {
+            let v4: std::net::Ipv4Addr = s.parse().unwrap();
+            Record::from_rdata(n("localhost."), 60, RData::A(v4.into()))
+        };
+        assert_eq!(
+            confirm(ip, &[Ok(vec![a("127.0.0.2"), a("127.0.0.1")])]),
+            NameStatus::Ok
+        );
+        assert_eq!(
+            confirm(ip, &[Ok(vec![a("127.0.0.2")]), Err(Answer::NotFound)]),
+            NameStatus::NotFound
+        );
+        assert_eq!(
+            confirm(ip, &[Ok(vec![a("127.0.0.2")]), Err(Answer::TryAgain)]),
+            NameStatus::TryAgain
+        );
+        assert_eq!(
+            confirm(ip, &[Err(Answer::TryAgain), Ok(vec![a("127.0.0.1")])]),
+            NameStatus::Ok
+        );
+        assert_eq!(arpa_name(ip), "1.0.0.127.in-addr.arpa");
+        assert!(arpa_name("::1".parse().unwrap()).ends_with(".0.0.0.ip6.arpa"));
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! error: logged, and the request gets `451 4.3.5 Server configuration
 //! error`, as Postfix does.
 
-use crate::dns::{self, Answer, Query};
+use crate::dns::{self, Answer, NameStatus, Query};
 use postern_common::addr;
 use postern_common::cidr::CidrList;
 use postern_common::maps::{DomainList, Table, Tables};
@@ -65,8 +65,12 @@ pub enum Stage {
 #[derive(Debug, Clone, Default)]
 pub struct Request<'a> {
     pub client_addr: Option<IpAddr>,
-    /// The client's host name (`unknown` without one).
+    /// The client's verified host name (`unknown` without one).
     pub client_name: &'a str,
+    /// Its PTR name, verified or not (`unknown` without one).
+    pub client_reverse_name: &'a str,
+    pub name_status: NameStatus,
+    pub reverse_status: NameStatus,
     pub helo: Option<&'a str>,
     /// The envelope sender (None before MAIL; Some("") for `<>`).
     pub sender: Option<&'a str>,
@@ -149,6 +153,11 @@ pub struct Restrictions {
     pub delay_reject: bool,
     /// `smtpd_reject_unlisted_recipient`.
     reject_unlisted: bool,
+    /// `unknown_client_hostname_reject_code`: a client without a
+    /// (verified) name.
+    unknown_client_code: u16,
+    /// `unknown_hostname_reject_code`: a HELO name without records.
+    unknown_hostname_code: u16,
     mynetworks: CidrList,
     mydestination: Vec<String>,
     relay_domains: Vec<String>,
@@ -174,6 +183,22 @@ fn list(cfg: &Config, name: &str) -> Vec<Item> {
     parse_list(&cfg.get_list(name))
 }
 
+/// A `*_reject_code` parameter: a 4xx or 5xx reply code.
+fn reject_code(cfg: &Config, name: &str) -> Result<u16, String> {
+    let v = cfg.get(name);
+    match v.trim().parse::<u16>() {
+        Ok(c) if (400..600).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "{name}: expected a 4xx or 5xx reply code, not \"{v}\""
+        )),
+    }
+}
+
+/// The enhanced status code for reply `code` with detail `.x.y`.
+fn dsn_for(code: u16, detail: &str) -> String {
+    format!("{}{detail}", if code < 500 { '4' } else { '5' })
+}
+
 impl Restrictions {
     /// Reads the `smtpd_*_restrictions` lists and what they consult. An
     /// error is a configuration the server must not run with.
@@ -197,6 +222,8 @@ impl Restrictions {
         r.reject_unlisted = cfg
             .get_bool("smtpd_reject_unlisted_recipient")
             .map_err(|e| e.to_string())?;
+        r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
+        r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
         r.open_tables();
         let logins = cfg.get("smtpd_sender_login_maps");
         if !logins.trim().is_empty() {
@@ -233,6 +260,8 @@ impl Restrictions {
             mydestination,
             relay_domains,
             delay_reject: true,
+            unknown_client_code: 450,
+            unknown_hostname_code: 450,
             ..Default::default()
         })
     }
@@ -367,6 +396,10 @@ impl Restrictions {
                     let domain = a.split_once('=').map(|(d, _)| d).unwrap_or(a);
                     Query::Rbl(dns::rbl_name(req.ip(), domain))
                 }),
+                "reject_unknown_helo_hostname" => req
+                    .helo
+                    .filter(|h| !is_address_literal(h))
+                    .map(|h| Query::Domain(h.trim_end_matches('.').to_ascii_lowercase())),
                 _ => None,
             };
             if let Some(q) = q {
@@ -555,6 +588,25 @@ impl Restrictions {
                 }
                 _ => Verdict::Dunno,
             },
+            "reject_unknown_client_hostname" | "reject_unknown_client" => {
+                self.unknown_client(req, req.name_status, "hostname")
+            }
+            "reject_unknown_reverse_client_hostname" => {
+                self.unknown_client(req, req.reverse_status, "reverse hostname")
+            }
+            "reject_unknown_helo_hostname" => match req.helo {
+                Some(h) if !is_address_literal(h) => {
+                    let q = Query::Domain(h.trim_end_matches('.').to_ascii_lowercase());
+                    let code = match Self::dns_answer(req, &q) {
+                        Some(Answer::NotFound) => self.unknown_hostname_code,
+                        Some(Answer::TryAgain) => 450,
+                        _ => return Verdict::Dunno,
+                    };
+                    let (code, dsn) = (code.to_string(), dsn_for(code, ".7.1"));
+                    Self::reject(Stage::Helo, req, &code, &dsn, "Host not found")
+                }
+                _ => Verdict::Dunno,
+            },
             "reject_rbl_client" => {
                 let Some(arg) = &item.arg else {
                     warning!("restriction reject_rbl_client requires a DNS list domain");
@@ -589,6 +641,22 @@ impl Restrictions {
                 Verdict::Reject("451 4.3.5 Server configuration error".into())
             }
         }
+    }
+
+    /// `reject_unknown_client_hostname` (`what` "hostname") and
+    /// `reject_unknown_reverse_client_hostname` ("reverse hostname"),
+    /// worded as Postfix's: a lookup that failed for now always defers.
+    fn unknown_client(&self, req: &Request<'_>, status: NameStatus, what: &str) -> Verdict {
+        let code = match status {
+            NameStatus::Ok => return Verdict::Dunno,
+            NameStatus::TryAgain => 450,
+            NameStatus::NotFound => self.unknown_client_code,
+        };
+        Verdict::Reject(format!(
+            "{code} {} Client host rejected: cannot find your {what}, [{}]",
+            dsn_for(code, ".7.25"),
+            req.ip()
+        ))
     }
 
     // ------------------------------------------------------------ access maps
@@ -923,7 +991,7 @@ fn is_address_literal(h: &str) -> bool {
 }
 
 /// RFC 1035 host name syntax, as Postfix's valid_hostname.
-fn valid_hostname(h: &str) -> bool {
+pub(crate) fn valid_hostname(h: &str) -> bool {
     let h = h.trim_end_matches('.');
     !h.is_empty()
         && h.len() <= 255

@@ -16,7 +16,7 @@
 
 use crate::anvil::{Anvil, Event};
 use crate::data::Decoder;
-use crate::dns::{Answer, Query};
+use crate::dns::{Answer, NameStatus, PeerName, Query};
 use crate::protocol::{self, Token, Verb};
 use crate::received::Received;
 use crate::restrictions::{Request, Stage};
@@ -46,8 +46,13 @@ const WRITE_ERROR: &str = "451 4.3.0 Error: queue file write error";
 /// Who is on the other end.
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// The host name; `unknown` when it has none.
+    /// The verified host name; `unknown` when it has none (see
+    /// [`PeerName`]).
     pub name: String,
+    /// The host name as the PTR record gives it, verified or not.
+    pub reverse_name: String,
+    pub name_status: NameStatus,
+    pub reverse_status: NameStatus,
     pub addr: IpAddr,
     /// The client's port, when known.
     pub port: Option<u16>,
@@ -56,21 +61,29 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client at `addr`. Reverse DNS is later work: loopback addresses
-    /// are `localhost`, everything else `unknown`.
+    /// A client at `addr` whose name is not known (yet: with
+    /// `smtpd_peername_lookup` the session looks it up before it logs
+    /// the connection).
     pub fn new(addr: IpAddr) -> Client {
         let addr = postern_common::cidr::normalize(addr);
-        let name = if addr.is_loopback() {
-            "localhost"
-        } else {
-            "unknown"
-        };
-        Client {
-            name: name.to_string(),
+        let mut c = Client {
+            name: String::new(),
+            reverse_name: String::new(),
+            name_status: NameStatus::NotFound,
+            reverse_status: NameStatus::NotFound,
             addr,
             port: None,
             local: None,
-        }
+        };
+        c.set_names(PeerName::unknown(NameStatus::NotFound));
+        c
+    }
+
+    pub fn set_names(&mut self, p: PeerName) {
+        self.name = p.name;
+        self.name_status = p.name_status;
+        self.reverse_name = p.reverse_name;
+        self.reverse_status = p.reverse_status;
     }
 
     /// A client connected from `peer` to our `local` address.
@@ -138,6 +151,10 @@ enum State {
     /// The client restrictions (`smtpd_delay_reject = no`) need DNS
     /// answers before the greeting.
     WaitDnsConnect,
+    /// The client's host name is being looked up
+    /// (`smtpd_peername_lookup`); the connection is logged, counted and
+    /// greeted once it is known.
+    WaitPeerName,
 }
 
 /// What a command handler did, for the per-command statistics.
@@ -212,11 +229,11 @@ impl Session {
     }
 
     /// Starts a session counted in the process's client limits
-    /// ([`Anvil`]): logs the connection and queues the greeting (or the
-    /// refusal, over a limit).
+    /// ([`Anvil`]): looks up the client's name (`smtpd_peername_lookup`),
+    /// then logs the connection and queues the greeting (or the refusal,
+    /// over a limit).
     pub fn with_anvil(cfg: Arc<Settings>, client: Client, anvil: Rc<RefCell<Anvil>>) -> Session {
         let namaddr = client.namaddr();
-        info!("connect from {namaddr}");
         let mut s = Session {
             cfg,
             client,
@@ -254,28 +271,41 @@ impl Session {
             sasl_method: None,
             sasl_username: None,
         };
-        let ip = s.client.addr;
-        let limited = s.anvil.borrow_mut().connect(ip);
+        if s.cfg.peername_lookup {
+            s.request_dns(vec![Query::Peer(s.client.addr)]);
+            s.state = State::WaitPeerName;
+        } else {
+            s.connected();
+        }
+        s
+    }
+
+    /// The client's name is known: logs the connection, counts it, and
+    /// greets (with `smtpd_tls_wrappermode`, once the handshake is done).
+    fn connected(&mut self) {
+        self.namaddr = self.client.namaddr();
+        info!("connect from {}", self.namaddr);
+        let ip = self.client.addr;
+        let limited = self.anvil.borrow_mut().connect(ip);
         match limited {
-            Ok(()) => s.anvil_counted = true,
+            Ok(()) => self.anvil_counted = true,
             Err((what, n)) => {
                 warning!(
                     "{what} exceeded: {n} from {} for service {}",
-                    s.namaddr,
-                    s.cfg.service
+                    self.namaddr,
+                    self.cfg.service
                 );
-                let host = s.cfg.myhostname.clone();
-                s.reply(&format!(
+                let host = self.cfg.myhostname.clone();
+                self.reply(&format!(
                     "421 4.7.0 {host} Error: too many connections from {ip}"
                 ));
-                return s;
+                return;
             }
         }
         // With smtpd_tls_wrappermode the greeting waits for the handshake.
-        if !s.cfg.tls_wrappermode {
-            s.greet();
+        if !self.cfg.tls_wrappermode || self.tls.is_some() {
+            self.greet();
         }
-        s
     }
 
     fn greet(&mut self) {
@@ -334,7 +364,7 @@ impl Session {
         self.sasl_username = None;
         self.sasl_method = None;
         self.input.clear();
-        if self.cfg.tls_wrappermode {
+        if self.cfg.tls_wrappermode && !matches!(self.state, State::WaitPeerName) {
             self.greet();
         }
     }
@@ -356,7 +386,23 @@ impl Session {
     /// A DNS answer: when the command that waited has all it needs, it
     /// runs again.
     pub fn dns_answer(&mut self, q: Query, a: Answer) {
-        self.dns_pending.remove(&q);
+        if !self.dns_pending.remove(&q) {
+            // Asked by an earlier session in this slot.
+            return;
+        }
+        if let Query::Peer(_) = q {
+            let names = match a {
+                Answer::Peer(p) => p,
+                _ => PeerName::unknown(NameStatus::TryAgain),
+            };
+            self.client.set_names(names);
+            if matches!(self.state, State::WaitPeerName) {
+                self.state = State::Command;
+                self.connected();
+                self.process();
+            }
+            return;
+        }
         self.dns.insert(q, a);
         if matches!(self.state, State::WaitDnsConnect) {
             self.state = State::Command;
@@ -710,7 +756,8 @@ impl Session {
                 | State::WaitMechs
                 | State::WaitAuth
                 | State::WaitDns(_)
-                | State::WaitDnsConnect => break,
+                | State::WaitDnsConnect
+                | State::WaitPeerName => break,
             }
         }
         self.input.drain(..pos.min(self.input.len()));
@@ -1448,6 +1495,9 @@ impl Session {
         Request {
             client_addr: Some(self.client.addr),
             client_name: &self.client.name,
+            client_reverse_name: &self.client.reverse_name,
+            name_status: self.client.name_status,
+            reverse_status: self.client.reverse_status,
             helo: self.helo.as_deref(),
             sender: self.tx.as_ref().map(|t| t.sender.as_str()),
             recipient: rcpt,
@@ -1646,6 +1696,7 @@ mod tests {
             broken_sasl_auth_clients: false,
             dns_servers: vec![],
             dns_timeout: Duration::from_secs(5),
+            peername_lookup: false,
             anvil: Default::default(),
             service: "smtp".into(),
         }
@@ -1746,7 +1797,7 @@ mod tests {
         assert_eq!(m.origin, "smtpd");
         assert!(m
             .attrs
-            .contains(&("client".into(), "localhost[127.0.0.1]".into())));
+            .contains(&("client".into(), "unknown[127.0.0.1]".into())));
         assert!(m.attrs.contains(&("protocol".into(), "ESMTP".into())));
         assert!(m.attrs.contains(&("helo".into(), "client.example".into())));
         assert!(s.waiting_on_cleanup());
@@ -1763,7 +1814,7 @@ mod tests {
         let content = String::from_utf8(content).unwrap();
         assert!(
             content.starts_with(
-                "Received: from client.example (localhost [127.0.0.1])\n\tby mx.example (Postern) with ESMTP id QID1\n\tfor <u@mx.example>; "
+                "Received: from client.example (unknown [127.0.0.1])\n\tby mx.example (Postern) with ESMTP id QID1\n\tfor <u@mx.example>; "
             ),
             "{content}"
         );
@@ -2393,6 +2444,36 @@ mod tests {
     }
 
     #[test]
+    fn greeting_waits_for_the_client_name() {
+        let mut cfg = settings();
+        cfg.peername_lookup = true;
+        let mut s = Session::new(Arc::new(cfg), Client::new("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            s.take_dns_requests(),
+            [Query::Peer("192.0.2.1".parse().unwrap())]
+        );
+        // Nothing is said, and early input waits.
+        assert!(send(&mut s, "HELO c\r\n").is_empty());
+        // An answer to a question this session did not ask is ignored.
+        s.dns_answer(Query::Peer("192.0.2.9".parse().unwrap()), Answer::TryAgain);
+        assert!(out(&mut s).is_empty());
+        s.dns_answer(
+            Query::Peer("192.0.2.1".parse().unwrap()),
+            Answer::Peer(PeerName {
+                name: "mail.example".into(),
+                name_status: NameStatus::Ok,
+                reverse_name: "mail.example".into(),
+                reverse_status: NameStatus::Ok,
+            }),
+        );
+        assert_eq!(
+            out(&mut s),
+            ["220 mx.example ESMTP Postern", "250 mx.example"]
+        );
+        assert_eq!(s.namaddr(), "mail.example[192.0.2.1]");
+    }
+
+    #[test]
     fn greeting_waits_for_dns_without_delay_reject() {
         let mut cfg = settings();
         let split = |s: &str| postern_conf::split_list(s);
@@ -2450,7 +2531,7 @@ mod tests {
         send(&mut s, ".\r\n");
         let (_, content) = requests(&mut s);
         let content = String::from_utf8(content).unwrap();
-        assert!(content.starts_with("Received: from c (localhost [127.0.0.1])\n\tby mx.example (Postern) with SMTP id QID1;\n\t"), "{content}");
+        assert!(content.starts_with("Received: from c (unknown [127.0.0.1])\n\tby mx.example (Postern) with SMTP id QID1;\n\t"), "{content}");
         assert!(!content.contains("for <"));
     }
 }

@@ -71,6 +71,8 @@ pub struct Settings {
     pub dns_servers: Vec<std::net::SocketAddr>,
     /// `dns_resolver_timeout`.
     pub dns_timeout: Duration,
+    /// `smtpd_peername_lookup`: look up the client's host name at connect.
+    pub peername_lookup: bool,
     /// The client limits (`smtpd_client_*_limit`, `anvil_rate_time_unit`).
     pub anvil: crate::anvil::Limits,
     /// The master.cf service name, for log lines.
@@ -176,6 +178,7 @@ impl Settings {
             broken_sasl_auth_clients: cfg.get_bool("broken_sasl_auth_clients").map_err(e)?,
             dns_servers: postern_common::dns::servers_from_config(cfg),
             dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").map_err(e)?),
+            peername_lookup: cfg.get_bool("smtpd_peername_lookup").map_err(e)?,
             anvil: crate::anvil::Limits {
                 connection_count: cfg
                     .get_u64("smtpd_client_connection_count_limit")
