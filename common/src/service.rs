@@ -237,6 +237,7 @@ pub fn parse_args(program: &str, argv: impl IntoIterator<Item = String>) -> Resu
 /// master.cf's overrides applied, and sets up logging. Exits with a fatal
 /// log line when the configuration cannot be used.
 pub fn start(program: &str) -> (Config, Args) {
+    keep_heap();
     let args = match parse_args(program, std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
@@ -261,6 +262,20 @@ pub fn start(program: &str) -> (Config, Args) {
         args.verbose,
     );
     (cfg, args)
+}
+
+/// Tells the C allocator to keep up to 1 MiB of freed heap instead of
+/// giving it back at every free: a daemon allocates and frees the same
+/// buffers for every request, and each shrink of the heap (brk) costs a
+/// system call and a TLB flush on every CPU (perf put 6% of local's time
+/// there). Growth takes 256 KiB at a time for the same reason.
+fn keep_heap() {
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // thread starts.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 10);
+    }
 }
 
 /// What a status record says (the second half of its 8 bytes).

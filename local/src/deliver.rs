@@ -54,6 +54,11 @@ pub struct Agent {
     cleanup: PathBuf,
     ipc_timeout: Duration,
     hostname: String,
+    /// The password database's answers during one delivery request: an
+    /// account is looked up for its aliases, its .forward and its
+    /// mailbox, and each getpwnam reads the whole file. Emptied at the
+    /// start of every request, so that changes are seen at the next.
+    accounts: std::cell::RefCell<std::collections::HashMap<String, Option<Account>>>,
 }
 
 impl Agent {
@@ -106,12 +111,14 @@ impl Agent {
                 .cleanup_socket(),
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
             hostname,
+            accounts: Default::default(),
             cfg: cfg.clone(),
         })
     }
 
     /// Delivers one request and records every recipient.
     pub fn deliver(&self, job: &mut Job) {
+        self.accounts.borrow_mut().clear();
         let id = job.req.queue_id.clone();
         let (tables, bad) = Tables::open_list(&self.alias_maps);
         let mut unavailable = false;
@@ -167,7 +174,6 @@ impl Agent {
                 format!("mail forwarding loop for {rcpt}"),
             ));
         }
-        let dp = self.default_privs_ids();
         let read_include = |p: &Path| -> io::Result<String> {
             let read = || {
                 let mut s = String::new();
@@ -176,13 +182,13 @@ impl Agent {
                     .read_to_string(&mut s)?;
                 Ok(s)
             };
-            match dp {
+            match self.default_privs_ids() {
                 Some((uid, gid)) if privs::is_root() => privs::as_user(uid, gid, read)?,
                 _ => read(),
             }
         };
         let expand = |s: &str| self.cfg.expand(s);
-        let has_account = |u: &str| privs::user(u).is_some();
+        let has_account = |u: &str| self.user(u).is_some();
         let read_forward = |n: &crate::resolve::LocalName| self.read_forward(n);
         let resolver = Resolver {
             aliases: tables,
@@ -377,7 +383,7 @@ impl Agent {
         if t.class != Class::Direct && seen.contains(&address.to_lowercase()) {
             return Status::bounce("5.4.6", format!("mail forwarding loop for {address}"));
         }
-        let Some(acct) = privs::user(&t.name.user) else {
+        let Some(acct) = self.user(&t.name.user) else {
             return Status::bounce("5.1.1", format!("unknown user: \"{}\"", t.name.user));
         };
         if !self.mailbox_command.is_empty() {
@@ -477,7 +483,7 @@ impl Agent {
     /// root. A path that names `$extension` is skipped for an address
     /// without one (Postfix's rule for undefined attributes).
     fn read_forward(&self, n: &crate::resolve::LocalName) -> Option<String> {
-        let acct = privs::user(&n.user)?;
+        let acct = self.user(&n.user)?;
         let home = acct.home.display().to_string();
         let delim = self
             .delimiter
@@ -540,9 +546,22 @@ impl Agent {
         None
     }
 
+    /// The account `name`, from this request's answers when it was
+    /// looked up before.
+    fn user(&self, name: &str) -> Option<Account> {
+        if let Some(a) = self.accounts.borrow().get(name) {
+            return a.clone();
+        }
+        let a = privs::user(name);
+        self.accounts
+            .borrow_mut()
+            .insert(name.to_string(), a.clone());
+        a
+    }
+
     /// The ids of `default_privs` (None when it does not exist).
     fn default_privs_ids(&self) -> Option<Ids> {
-        privs::user(&self.default_privs).map(|a| (a.uid, a.gid))
+        self.user(&self.default_privs).map(|a| (a.uid, a.gid))
     }
 
     /// The account files and commands of aliases run as: `default_privs`
@@ -550,7 +569,7 @@ impl Agent {
     fn run_as(&self, t: &Target) -> Result<Account, Status> {
         if let Some(owner) = &t.owner {
             // Named in a .forward file: as that user, never as root.
-            return match privs::user(owner) {
+            return match self.user(owner) {
                 Some(a) if a.uid != 0 || !privs::is_root() => Ok(a),
                 Some(_) => self.run_as(&Target {
                     owner: None,
@@ -563,7 +582,7 @@ impl Agent {
             };
         }
         if privs::is_root() {
-            privs::user(&self.default_privs).ok_or_else(|| {
+            self.user(&self.default_privs).ok_or_else(|| {
                 warning!(
                     "default_privs account {} does not exist",
                     self.default_privs
