@@ -286,8 +286,14 @@ impl Worker {
     /// The client's names, and Postfix's warnings when they do not add
     /// up.
     fn peer_name(&self, ip: IpAddr) -> PeerName {
-        let reverse = match self.lookup(&arpa_name(ip), RecordType::PTR) {
-            Ok(v) => ptr_name(&v),
+        // /etc/hosts first, in its own order (the resolver's answer from
+        // it has lost the order of the names).
+        let from_hosts = hosts_name(hosts_text(), ip);
+        let reverse = match from_hosts.map(|n| Ok(Some(n))).unwrap_or_else(|| {
+            self.lookup(&arpa_name(ip), RecordType::PTR)
+                .map(|v| ptr_name(&v))
+        }) {
+            Ok(v) => v,
             Err(Answer::TryAgain) => return PeerName::unknown(NameStatus::TryAgain),
             Err(_) => None,
         };
@@ -298,34 +304,118 @@ impl Worker {
             .iter()
             .map(|&t| self.lookup(&reverse, t))
             .collect();
-        let status = confirm(ip, &forward);
-        match status {
-            NameStatus::Ok => {}
-            NameStatus::TryAgain => {
-                warning!("{ip}: hostname {reverse} verification failed: Temporary failure in name resolution")
-            }
-            NameStatus::NotFound => {
-                if forward
-                    .iter()
-                    .any(|f| f.as_ref().is_ok_and(|v| !v.is_empty()))
-                {
-                    warning!("hostname {reverse} does not resolve to address {ip}")
-                } else {
-                    warning!("hostname {reverse} does not resolve to address {ip}: Name or service not known")
-                }
-            }
+        verified(ip, reverse, &forward)
+    }
+}
+
+/// The client's names once its PTR name is known and looked up forward
+/// (`forward`: the A and AAAA answers), with Postfix's warnings when the
+/// name does not lead back to `ip`.
+fn verified(ip: IpAddr, reverse: String, forward: &[Result<Vec<Record>, Answer>]) -> PeerName {
+    let status = confirm(ip, forward);
+    match status {
+        NameStatus::Ok => {}
+        NameStatus::TryAgain => {
+            warning!("{ip}: hostname {reverse} verification failed: Temporary failure in name resolution")
         }
-        PeerName {
-            name: if status == NameStatus::Ok {
-                reverse.clone()
+        NameStatus::NotFound => {
+            if forward
+                .iter()
+                .any(|f| f.as_ref().is_ok_and(|v| !v.is_empty()))
+            {
+                warning!("hostname {reverse} does not resolve to address {ip}")
             } else {
-                UNKNOWN.into()
-            },
-            name_status: status,
-            reverse_name: reverse,
-            reverse_status: NameStatus::Ok,
+                warning!("hostname {reverse} does not resolve to address {ip}: Name or service not known")
+            }
         }
     }
+    PeerName {
+        name: if status == NameStatus::Ok {
+            reverse.clone()
+        } else {
+            UNKNOWN.into()
+        },
+        name_status: status,
+        reverse_name: reverse,
+        reverse_status: NameStatus::Ok,
+    }
+}
+
+/// /etc/hosts, read once per process (as the resolver reads it; in a
+/// chroot, the copy master keeps in the queue directory).
+fn hosts_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| std::fs::read_to_string("/etc/hosts").unwrap_or_default())
+}
+
+/// The name /etc/hosts (`text`) gives `ip`, as the C library's
+/// getnameinfo takes it: the first name on the first line for that
+/// address, when it is a valid host name.
+pub fn hosts_name(text: &str, ip: IpAddr) -> Option<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            let addr: IpAddr = words.next()?.parse().ok()?;
+            if postern_common::cidr::normalize(addr) != ip {
+                return None;
+            }
+            words.next().map(str::to_ascii_lowercase)
+        })
+        .filter(|n| crate::restrictions::valid_hostname(n))
+}
+
+/// The addresses /etc/hosts (`text`) gives host name `name`.
+pub fn hosts_addrs(text: &str, name: &str) -> Vec<IpAddr> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let addr: IpAddr = words.next()?.parse().ok()?;
+            words
+                .any(|w| w.eq_ignore_ascii_case(name))
+                .then(|| postern_common::cidr::normalize(addr))
+        })
+        .collect()
+}
+
+/// The names of a loopback client, answered on the event loop. The
+/// resolver never asks name servers about loopback addresses or about
+/// `localhost` (RFC 6761): it answers from /etc/hosts, else with
+/// `localhost` and 127.0.0.1/::1. This gives the same answers without a
+/// trip through the helper threads, which would cost more than the rest
+/// of a one-message session from a local web application. None: not a
+/// loopback address, or a name from /etc/hosts that leads back to it only
+/// through the DNS (the helper threads take it then).
+pub fn loopback_peer(ip: IpAddr) -> Option<PeerName> {
+    if !ip.is_loopback() {
+        return None;
+    }
+    let text = hosts_text();
+    let reverse = hosts_name(text, ip).unwrap_or_else(|| "localhost".to_string());
+    let mut addrs = hosts_addrs(text, &reverse);
+    if reverse == "localhost" || reverse.ends_with(".localhost") {
+        if !addrs.iter().any(IpAddr::is_ipv4) {
+            addrs.push(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        if !addrs.iter().any(IpAddr::is_ipv6) {
+            addrs.push(std::net::Ipv6Addr::LOCALHOST.into());
+        }
+    } else if !addrs.contains(&ip) {
+        return None;
+    }
+    let owner = Name::from_ascii(&reverse).ok()?;
+    let records = addrs
+        .into_iter()
+        .map(|a| {
+            let data = match a {
+                IpAddr::V4(v4) => RData::A(v4.into()),
+                IpAddr::V6(v6) => RData::AAAA(v6.into()),
+            };
+            Record::from_rdata(owner.clone(), 0, data)
+        })
+        .collect();
+    Some(verified(ip, reverse, &[Ok(records)]))
 }
 
 /// What a response code with no usable record means: NXDOMAIN and
@@ -441,6 +531,27 @@ mod tests {
         );
         assert_eq!(arpa_name(ip), "1.0.0.127.in-addr.arpa");
         assert!(arpa_name("::1".parse().unwrap()).ends_with(".0.0.0.ip6.arpa"));
+    }
+
+    #[test]
+    fn hosts_file() {
+        let text = "# comment\n127.0.0.1\tlocalhost runsc\n::1 localhost ip6-localhost # v6\n\
+                    127.0.1.1 VM.example vm\n127.0.1.1 second\n10.0.0.1 999\n";
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            hosts_name(text, ip("127.0.0.1")).as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(hosts_name(text, ip("::1")).as_deref(), Some("localhost"));
+        assert_eq!(
+            hosts_name(text, ip("127.0.1.1")).as_deref(),
+            Some("vm.example")
+        );
+        assert_eq!(hosts_name(text, ip("127.0.0.9")), None);
+        assert_eq!(hosts_name(text, ip("10.0.0.1")), None, "numeric");
+        assert_eq!(hosts_addrs(text, "localhost"), [ip("127.0.0.1"), ip("::1")]);
+        assert_eq!(hosts_addrs(text, "vm"), [ip("127.0.1.1")]);
+        assert!(hosts_addrs(text, "v6").is_empty(), "comments are not names");
     }
 
     #[test]

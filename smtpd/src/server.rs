@@ -789,6 +789,12 @@ fn turn(
 
         // DNS lookups (answers come through pump_dns).
         for q in slot.session.take_dns_requests() {
+            if let crate::dns::Query::Peer(ip) = q {
+                if let Some(names) = crate::dns::loopback_peer(ip) {
+                    slot.session.dns_answer(q, crate::dns::Answer::Peer(names));
+                    continue;
+                }
+            }
             if dns.is_none() {
                 let started = mio::Waker::new(registry, DNS_WAKE)
                     .map_err(|e| e.to_string())
