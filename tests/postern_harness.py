@@ -1062,6 +1062,17 @@ def dns_query(port, name, qtype=DNS_A, timeout=1.0):
     return flags & 0xF, an
 
 
+def hosts_name(ip="127.0.0.1"):
+    """The name smtpd gives a loopback client: the first name on the
+    address's first line in /etc/hosts, else localhost (RFC 6761)."""
+    with open("/etc/hosts") as f:
+        for line in f:
+            words = line.split("#")[0].split()
+            if len(words) > 1 and words[0] == ip:
+                return words[1].lower()
+    return "localhost"
+
+
 def dnsmasq_binary():
     return shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 

@@ -94,12 +94,8 @@ def test_chrooted_daemons_are_confined_and_mail_flows(root_only, root_only_certs
         assert s.rcpt("someone@far.test")[0] == 250
         code, text = s.data(h.crlf(f"Subject: {token}\n\nthrough the jail\n"))
         assert code == 250, text
-    # The name /etc/hosts gives 127.0.0.1 (the first on its first line, as
-    # the C library takes it), read from the copy in the jail.
-    names = [line.split("#")[0].split()[1:] for line in open("/etc/hosts")
-             if line.split("#")[0].split()[:1] == ["127.0.0.1"]]
-    name = names[0][0].lower() if names and names[0] else "localhost"
-    p.wait_for_log(rf"connect from {re.escape(name)}\[127\.0\.0\.1\]")
+    # The name /etc/hosts gives 127.0.0.1, read from the copy in the jail.
+    p.wait_for_log(rf"connect from {re.escape(h.hosts_name())}\[127\.0\.0\.1\]")
     # In through sendmail and pickup.
     r = p.sendmail(["ptbob@postern.test"], f"Subject: {token}\n\nby sendmail\n".encode())
     assert r.returncode == 0, h.describe(r)

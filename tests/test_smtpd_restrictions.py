@@ -350,6 +350,7 @@ def test_client_hostname_lookup(make_postern, dnsmasq, sink):
     127.0.0.77 is not (what a name that does not resolve back gives);
     the NXDOMAIN and no-answer cases are unit tests (smtpd/src/dns.rs)."""
     other = ("127.0.0.77", 0)
+    me = h.hosts_name()  # localhost, unless /etc/hosts says otherwise
     dns = dnsmasq(["--local=/client.test/", "--address=/good.client.test/127.0.0.77"])
     p = make_postern(params={
         "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
@@ -368,10 +369,10 @@ def test_client_hostname_lookup(make_postern, dnsmasq, sink):
         code, text = h.smtp_transaction(s, "a@b.test", ["x@far.test"],
                                         h.crlf(f"Subject: {token}\n\n{token}\n"))
         assert code == 250, text
-    p.wait_for_log(r"connect from localhost\[127\.0\.0\.1\]")
+    p.wait_for_log(rf"connect from {re.escape(me)}\[127\.0\.0\.1\]")
     m = sink.wait_for(token)[0]
     rcv = [r for r in h.header_values(m.content, "Received") if "by postern.test" in r][0]
-    assert rcv.startswith("from good.client.test (localhost [127.0.0.1])"), rcv
+    assert rcv.startswith(f"from good.client.test ({me} [127.0.0.1])"), rcv
 
     # A PTR name that does not resolve back: unknown, with Postfix's
     # warning; the PTR name alone satisfies reject_unknown_reverse_client_hostname.
@@ -393,10 +394,10 @@ def test_client_hostname_lookup(make_postern, dnsmasq, sink):
         (550, "5.7.25 Client host rejected: cannot find your hostname, [127.0.0.77]")
 
     # check_client_access matches the confirmed name, never an unconfirmed one.
-    (p.etc / "clients").write_text("localhost REJECT not from localhost\n")
+    (p.etc / "clients").write_text(f"{me} REJECT not from {me}\n")
     reload_with(p, smtpd_client_restrictions=f"check_client_access texthash:{p.etc}/clients")
     assert rcpt_reply(p, "a@b.test", "x@far.test") == \
-        (554, "5.7.1 <localhost[127.0.0.1]>: Client host rejected: not from localhost")
+        (554, f"5.7.1 <{me}[127.0.0.1]>: Client host rejected: not from {me}")
     assert rcpt_reply(p, "a@b.test", "x@far.test", source=other) == (250, "2.1.5 Ok")
 
     # Without the lookup, every client is unknown.
@@ -416,6 +417,9 @@ def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
         "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
         "dns_resolver_timeout": "2s",
         "smtpd_delay_reject": "no",
+        # The client name first (answered in the loop for loopback
+        # clients), then the client restrictions' DNS, before the greeting.
+        "smtpd_peername_lookup": "yes",
         "smtpd_client_restrictions": "reject_rbl_client rbl.test",
         "smtpd_helo_restrictions": "reject_rbl_client helo-rbl.test",
         "smtpd_sender_restrictions": "reject_unknown_sender_domain",
@@ -445,7 +449,8 @@ def test_dns_restrictions_without_delay_reject(make_postern, dnsmasq):
             (450, "4.1.8 <a@nxdomain.test>: Sender address rejected: Domain not found")
         assert s.mail("a@good.test")[0] == 250
         assert s.rcpt("root@postern.test")[0] == 250
-    p.wait_for_log(r"NOQUEUE: reject: MAIL from unknown\[127\.0\.0\.1\]: 450 4\.1\.8 "
+    p.wait_for_log(rf"NOQUEUE: reject: MAIL from {re.escape(h.hosts_name())}\[127\.0\.0\.1\]: "
+                   r"450 4\.1\.8 "
                    r"<a@nxdomain\.test>: Sender address rejected: Domain not found;")
 
 

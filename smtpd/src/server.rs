@@ -788,30 +788,38 @@ fn turn(
         let mut progress = false;
 
         // DNS lookups (answers come through pump_dns).
-        for q in slot.session.take_dns_requests() {
-            if let crate::dns::Query::Peer(ip) = q {
-                if let Some(names) = crate::dns::loopback_peer(ip) {
-                    slot.session.dns_answer(q, crate::dns::Answer::Peer(names));
-                    continue;
-                }
+        // An answer given here can make the session ask again (the client
+        // name, then what the client restrictions need).
+        loop {
+            let requests = slot.session.take_dns_requests();
+            if requests.is_empty() {
+                break;
             }
-            if dns.is_none() {
-                let started = mio::Waker::new(registry, DNS_WAKE)
-                    .map_err(|e| e.to_string())
-                    .and_then(|w| {
-                        Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
-                    });
-                match started {
-                    Ok(d) => *dns = Some(d),
-                    Err(e) => {
-                        warning!("DNS lookups are not available: {e}");
-                        slot.session.dns_answer(q, crate::dns::Answer::TryAgain);
+            for q in requests {
+                if let crate::dns::Query::Peer(ip) = q {
+                    if let Some(names) = crate::dns::loopback_peer(ip) {
+                        slot.session.dns_answer(q, crate::dns::Answer::Peer(names));
                         continue;
                     }
                 }
-            }
-            if let Some(d) = dns {
-                d.submit(idx, q);
+                if dns.is_none() {
+                    let started = mio::Waker::new(registry, DNS_WAKE)
+                        .map_err(|e| e.to_string())
+                        .and_then(|w| {
+                            Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
+                        });
+                    match started {
+                        Ok(d) => *dns = Some(d),
+                        Err(e) => {
+                            warning!("DNS lookups are not available: {e}");
+                            slot.session.dns_answer(q, crate::dns::Answer::TryAgain);
+                            continue;
+                        }
+                    }
+                }
+                if let Some(d) = dns {
+                    d.submit(idx, q);
+                }
             }
         }
 
