@@ -46,13 +46,8 @@ const WRITE_ERROR: &str = "451 4.3.0 Error: queue file write error";
 /// Who is on the other end.
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// The verified host name; `unknown` when it has none (see
-    /// [`PeerName`]).
-    pub name: String,
-    /// The host name as the PTR record gives it, verified or not.
-    pub reverse_name: String,
-    pub name_status: NameStatus,
-    pub reverse_status: NameStatus,
+    /// Its host names, verified and as the PTR record gives them.
+    pub names: PeerName,
     pub addr: IpAddr,
     /// The client's port, when known.
     pub port: Option<u16>,
@@ -66,24 +61,12 @@ impl Client {
     /// the connection).
     pub fn new(addr: IpAddr) -> Client {
         let addr = postern_common::cidr::normalize(addr);
-        let mut c = Client {
-            name: String::new(),
-            reverse_name: String::new(),
-            name_status: NameStatus::NotFound,
-            reverse_status: NameStatus::NotFound,
+        Client {
+            names: PeerName::unknown(NameStatus::NotFound),
             addr,
             port: None,
             local: None,
-        };
-        c.set_names(PeerName::unknown(NameStatus::NotFound));
-        c
-    }
-
-    pub fn set_names(&mut self, p: PeerName) {
-        self.name = p.name;
-        self.name_status = p.name_status;
-        self.reverse_name = p.reverse_name;
-        self.reverse_status = p.reverse_status;
+        }
     }
 
     /// A client connected from `peer` to our `local` address.
@@ -96,7 +79,7 @@ impl Client {
 
     /// `name[addr]`, as logs show a client.
     pub fn namaddr(&self) -> String {
-        format!("{}[{}]", self.name, self.addr)
+        format!("{}[{}]", self.names.name, self.addr)
     }
 }
 
@@ -395,7 +378,7 @@ impl Session {
                 Answer::Peer(p) => p,
                 _ => PeerName::unknown(NameStatus::TryAgain),
             };
-            self.client.set_names(names);
+            self.client.names = names;
             if matches!(self.state, State::WaitPeerName) {
                 self.state = State::Command;
                 self.connected();
@@ -1494,10 +1477,10 @@ impl Session {
     fn request<'a>(&'a self, rcpt: Option<&'a str>, command: &'a str) -> Request<'a> {
         Request {
             client_addr: Some(self.client.addr),
-            client_name: &self.client.name,
-            client_reverse_name: &self.client.reverse_name,
-            name_status: self.client.name_status,
-            reverse_status: self.client.reverse_status,
+            client_name: &self.client.names.name,
+            client_reverse_name: &self.client.names.reverse_name,
+            name_status: self.client.names.name_status,
+            reverse_status: self.client.names.reverse_status,
             helo: self.helo.as_deref(),
             sender: self.tx.as_ref().map(|t| t.sender.as_str()),
             recipient: rcpt,
@@ -1546,7 +1529,7 @@ impl Session {
             .unwrap_or_default();
         Received {
             helo: self.helo.as_deref(),
-            client_name: &self.client.name,
+            client_name: &self.client.names.name,
             client_addr: self.client.addr,
             myhostname: &self.cfg.myhostname,
             mail_name: &self.cfg.mail_name,
