@@ -9,6 +9,7 @@ test CA, names mx.far.test only.
 """
 
 import re
+import smtplib
 import shutil
 import tempfile
 import threading
@@ -104,6 +105,46 @@ def test_tls_may_encrypt_verify_with_a_real_postfix(make_postern, far_dns, postf
     far.wait_for(token)
     r.wait_for_log(rf"Verified TLS connection established to {relay}: TLSv1\.3")
     r.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay={relay}, .*status=sent")
+
+
+def test_a_real_postfix_relays_into_postern_over_starttls(make_postern, postfix_peer, test_ca,
+                                                          sink):
+    """The other direction (issue #3): a real Postfix whose relayhost is
+    Postern hands it mail over STARTTLS, required (encrypt) and checked
+    against the test CA; Postern relays it on, and its Received header
+    says ESMTPS with the cipher."""
+    p = make_postern({
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_cert_file": str(test_ca.cert_file),
+        "smtpd_tls_key_file": str(test_ca.key_file),
+        "smtpd_tls_received_header": "yes",
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+    })
+    far = postfix_peer(params={
+        "relayhost": f"[127.0.0.1]:{p.port}",
+        "smtp_tls_security_level": "encrypt",
+        "smtp_tls_CAfile": str(test_ca.ca_file),
+        "smtp_tls_loglevel": "1",
+    })
+    token = new_token()
+    with smtplib.SMTP("127.0.0.1", far.port, timeout=30) as s:
+        code, text = h.smtp_transaction(s, SENDER, ["someone@elsewhere.example"],
+                                        message(token))
+        assert code == 250, text
+    m = sink.wait_for(token)[0]
+    ours = [r for r in h.header_values(m.content, "Received") if "by postern.test" in r]
+    assert len(ours) == 1, h.header_values(m.content, "Received")
+    assert re.search(r"^from mx\.far\.test \(unknown \[127\.0\.0\.1\]\)", ours[0]), ours[0]
+    assert " with ESMTPS id " in ours[0], ours[0]
+    assert re.search(r"\(using TLSv1\.3 with cipher \S+ \(\d+/\d+ bits\)\)", ours[0]), ours[0]
+    assert m.content.rstrip().endswith(b"Hello over SMTP."), m.content[-200:]
+    h.wait_for(lambda: re.search(rf"Trusted TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]"
+                                 rf":{p.port}: TLSv1\.3", far.log_text()),
+               30, what="Postfix's log of its TLS connection to Postern")
+    h.wait_for(lambda: re.search(rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{p.port}, .*status=sent",
+                                 far.log_text()),
+               30, what="Postfix's status=sent to Postern")
+    p.wait_for_log(r"Anonymous TLS connection established from unknown\[127\.0\.0\.1\]: TLSv1\.3")
 
 
 def test_tls_verify_wrong_name_or_ca_defers(make_postern, far_dns, postfix_peer, test_ca, other_ca):
