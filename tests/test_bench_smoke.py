@@ -5,6 +5,7 @@ uses the debug binaries of ``POSTERN_BIN_DIR``; nothing here is timed).
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,12 @@ def test_quick_bench_counts_every_message_for_both_mtas(bench_result):
     assert doc["meta"]["failure"] is None
     md = (out / "latest.md").read_text()
     assert "## c20-4k, relay" in md and "Postern/Postfix" in md, md
-    # Everything it started is gone: its temporary directories and cgroups.
+    # Everything it started is gone: its temporary directories and cgroups,
+    # and the Maildir runs' messages (set aside between runs, then removed).
     assert os.listdir(work) == [], report
+    home = pwd.getpwnam("ptbench").pw_dir
+    assert not os.path.exists(os.path.join(home, "Maildir.bench-kept")), report
+    for sub in ("new", "cur", "tmp"):
+        d = os.path.join(home, "Maildir", sub)
+        assert not os.path.isdir(d) or os.listdir(d) == [], (d, report)
     assert cgroups_left == set(), report
