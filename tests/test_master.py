@@ -87,6 +87,36 @@ def test_reload_lets_a_session_in_progress_finish(make_postern, sink):
     assert "first half" in body and "second half" in body, body
 
 
+def test_reload_lets_deliveries_in_flight_finish(make_postern, smtp_sink):
+    """A reload while qmgr has one delivery out and one waiting: the old
+    qmgr waits for the first to come back, the new one starts at once and
+    sends the second. Each message arrives once and the queue empties."""
+    sink = smtp_sink(["-w", "2"])  # 2 s before the reply to DATA
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}",
+                             "smtp_destination_concurrency_limit": "1"})
+    for i in range(2):
+        code, text = p.send("app@postern.test", [f"far{i}@remote.example"],
+                            f"Subject: in flight {i}\n\nx\n")
+        assert code == 250, text
+    wait_for(lambda: len(p.log_findall(r"\(queue active\)")) >= 2, 30,
+             what="both messages in the active queue")
+    old = set(p.child_pids("qmgr"))
+    assert old
+    r = p.postern("reload")
+    assert r.returncode == 0, h.describe(r)
+    p.wait_for_log(r"qmgr\[\d+\]: reload: finishing 1 deliveries in flight",
+                   what="the old qmgr waiting for its delivery")
+    wait_for(lambda: not any(h.pid_alive(pid) for pid in old), 30,
+             what="the old qmgr to exit")
+    wait_for(lambda: sink.count() >= 2, 30, what="both messages at the sink")
+    wait_for(lambda: not any(p.queue_files(q) for q in ("incoming", "active", "deferred")),
+             30, what="an empty queue")
+    assert set(p.child_pids("qmgr")) - old, "no new qmgr after the reload"
+    assert sink.count() == 2
+    assert len(p.log_findall(r"status=sent")) == 2, p.log_text()
+    assert not p.log_search(r"read delivery request"), p.log_text()
+
+
 def test_reload_with_a_broken_master_cf_keeps_the_old_services(make_postern, sink):
     """A typo in master.cf, then `postern reload`: master says why and goes
     on with the services it had; mail still flows."""

@@ -276,7 +276,21 @@ impl Supervisor {
                 break;
             }
             let pid = pid as u32;
-            self.orphans.retain(|(p, _)| *p != pid);
+            let now = Instant::now();
+            if let Some(i) = self.orphans.iter().position(|(p, _)| *p == pid) {
+                let (_, key) = self.orphans.swap_remove(i);
+                // A trigger service's process from before a reload is
+                // gone: wake its successor now rather than at the next
+                // timer, so that qmgr takes back what the old one left in
+                // active/ at once.
+                if let Some(s) = self
+                    .services
+                    .iter_mut()
+                    .find(|s| service_key(&s.def) == key)
+                {
+                    wake_soon(s, now);
+                }
+            }
             let throttle = self.cfg.get_time("service_throttle_time").unwrap_or(60);
             for s in &mut self.services {
                 let Some(child) = s.children.remove(&pid) else {
@@ -287,6 +301,9 @@ impl Supervisor {
                     && libc::WIFSIGNALED(status)
                     && libc::WTERMSIG(status) == libc::SIGTERM;
                 if !normal && !told_to_stop {
+                    // Likewise after a crash (the wake-up waits out a
+                    // throttle in the listener).
+                    wake_soon(s, now);
                     let how = if libc::WIFSIGNALED(status) {
                         format!("killed by signal {}", libc::WTERMSIG(status))
                     } else {
@@ -410,6 +427,15 @@ impl Supervisor {
             env!("CARGO_PKG_VERSION"),
             self.cfg.dir().display()
         );
+    }
+}
+
+/// Sends a trigger service (one with a wake-up time in master.cf, not
+/// marked `?`) its next wake-up now: the wake-up starts a process if none
+/// runs.
+fn wake_soon(s: &mut ServiceState, now: Instant) {
+    if s.def.wakeup > 0 && !s.def.wakeup_after_use {
+        s.next_wakeup = Some(now);
     }
 }
 

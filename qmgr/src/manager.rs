@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the main thread waits for.
 #[derive(Debug)]
@@ -57,10 +57,19 @@ pub enum Event {
         req: AdminRequest,
         reply: Sender<AdminReply>,
     },
-    /// master's drain signal (reload): exit between two events, and let
-    /// the new qmgr take over the queue as after any restart.
+    /// master's drain signal (reload): take nothing new in, let the
+    /// requests in flight come back, then exit and let the new qmgr take
+    /// over the queue as after any restart ([`DRAIN_GRACE`]).
     Drain,
 }
+
+/// How long a draining qmgr waits for the deliveries in flight before it
+/// exits anyway. Waiting lets the message of each come to its end here
+/// (sent, deferred or bounced) instead of being left in `active/` while
+/// its agent still holds it, which the next qmgr could only defer; not
+/// waiting longer keeps a reload from holding up the queue behind one
+/// slow destination (the new qmgr starts once this one has exited).
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// The `action` of the success-log entry that notes a delay warning.
 const WARNED: &str = "warned";
@@ -94,6 +103,9 @@ pub struct Manager {
     retirer: Retirer,
     /// The threads that carry delivery requests to the agents.
     workers: Pool,
+    /// Draining since master's signal: exit once nothing is in flight,
+    /// or at this instant.
+    drain_deadline: Option<Instant>,
 }
 
 fn remove_log(tree: &QueueTree, log: MessageLog, id: &str) {
@@ -147,6 +159,7 @@ impl Manager {
             workers: Pool::new("deliver", max_in_flight as usize),
             tx,
             rx,
+            drain_deadline: None,
         }
     }
 
@@ -163,12 +176,28 @@ impl Manager {
         self.deferred.request(false);
     }
 
-    /// Runs forever.
+    /// Runs until drained.
     pub fn run(mut self) -> ! {
         loop {
+            if let Some(deadline) = self.drain_deadline {
+                if self.drained() {
+                    std::process::exit(0);
+                }
+                if Instant::now() >= deadline {
+                    info!(
+                        "reload: exiting with {} deliveries in flight",
+                        self.sched.in_flight()
+                    );
+                    std::process::exit(0);
+                }
+            }
             let more = self.work();
             let first = if more {
                 self.rx.try_recv().ok()
+            } else if let Some(deadline) = self.drain_deadline {
+                self.rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .ok()
             } else if let Some(at) = self.sched.next_wakeup() {
                 // A destination waits out its rate delay.
                 let wait = at.saturating_duration_since(std::time::Instant::now());
@@ -212,12 +241,33 @@ impl Manager {
             Event::Wakeup(bytes) => self.wakeup(&bytes),
             Event::Delivered(c) => self.delivered(c),
             Event::Notice { id, result } => self.notice_done(&id, result),
-            Event::Drain => std::process::exit(0),
+            Event::Drain => self.drain(),
             Event::Admin { req, reply } => {
                 let r = self.admin(req);
                 let _ = reply.send(r);
             }
         }
+    }
+
+    /// master's drain signal: no more messages are taken in and no more
+    /// requests dispatched; [`Manager::run`] exits once those in flight
+    /// and the notices on their way are back, or at [`DRAIN_GRACE`].
+    /// What stays in `active/` is taken back by the next qmgr.
+    fn drain(&mut self) {
+        if self.drain_deadline.is_none() {
+            self.drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+            if !self.drained() {
+                info!(
+                    "reload: finishing {} deliveries in flight",
+                    self.sched.in_flight()
+                );
+            }
+        }
+    }
+
+    /// Whether a draining qmgr may exit: nothing it started is still out.
+    fn drained(&self) -> bool {
+        self.sched.in_flight() == 0 && !self.messages.values().any(|m| m.finishing)
     }
 
     /// postsuper's request for active messages: each is taken out of the
@@ -334,6 +384,9 @@ impl Manager {
     /// Takes messages in and dispatches what may go now. Returns whether
     /// there is more to take in right away.
     pub fn work(&mut self) -> bool {
+        if self.drain_deadline.is_some() {
+            return false;
+        }
         self.resolver.refresh();
         let (mut taken, mut looked) = (0, 0);
         while taken < TAKE_BATCH && looked < LOOK_BATCH && self.room() {

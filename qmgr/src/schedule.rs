@@ -678,7 +678,6 @@ impl Scheduler {
     }
 
     /// Requests in flight over all transports.
-    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
