@@ -569,3 +569,27 @@ def test_full_disk_defers_then_delivers(make_postern, local_users, small_fs):
     wait_for(lambda: mbox.exists() and token.encode() in mbox.read_bytes(), 30,
              what="the message delivered once there is room")
     assert mbox.read_bytes().count(token.encode()) == 1
+
+
+def test_a_backlog_for_one_maildir_arrives_once_each(make_postern, local_users):
+    """Mail piled up for one Maildir while Postern was stopped: at start,
+    qmgr hands local the backlog in batches (local_delivery_batch_limit)
+    and local syncs each batch's new/ once. Every message arrives exactly
+    once, every delivery is logged, and the queue empties."""
+    p = make_postern(start=False)
+    assert p.postern("check").returncode == 0
+    run = f"pt-backlog-{uuid.uuid4().hex}"
+    n = 40
+    for i in range(n):
+        r = p.sendmail(["-i", "ptalice@postern.test"], f"Subject: {run}-{i}.\n\nx\n".encode())
+        assert r.returncode == 0, h.describe(r)
+    p.start()
+    wait_for(lambda: len(h.find_messages("ptalice", run)) >= n, 60,
+             what=f"{n} messages in ~ptalice/Maildir")
+    wait_for(lambda: not any(p.queue_files(q) for q in ("incoming", "active", "deferred")),
+             30, what="an empty queue")
+    got = sorted(re.search(rb"Subject: (\S+)", b).group(1).decode()
+                 for _, b in h.find_messages("ptalice", run))
+    assert got == sorted(f"{run}-{i}." for i in range(n))
+    sent = p.log_findall(r"to=<ptalice@postern\.test>.*status=sent \(delivered to maildir\)")
+    assert len(sent) == n

@@ -366,14 +366,23 @@ fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
     n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
 }
 
-/// Serves a delivery agent's socket: one request per connection, answered
-/// once every recipient is recorded; one connection at a time (local and
-/// virtual change their user per delivery, which is per process).
+/// Serves a delivery agent's socket: one request (or one batch, delivered
+/// in order) per connection, answered once every recipient is recorded;
+/// one connection at a time (local and virtual change their user per
+/// delivery, which is per process).
 pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> ! {
+    serve_batches(cfg, |jobs| jobs.iter_mut().for_each(&mut deliver))
+}
+
+/// As [`serve`], but the agent is handed each batch of requests
+/// ([`DeliveryRequest::MORE`]) whole, to finish them together (local
+/// makes the Maildir deliveries of a batch durable with one directory
+/// sync). Every job must be recorded when `deliver` returns.
+pub fn serve_batches(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut [Job])) -> ! {
     let tree = QueueTree::new(crate::service::queue_directory(cfg));
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_one_at_a_time(cfg, |conn| {
-        handle_request(&tree, timeout, conn, |job| deliver(job))
+        handle_request(&tree, timeout, conn, |jobs| deliver(jobs))
     })
 }
 
@@ -392,61 +401,106 @@ pub fn serve_concurrently(
     crate::service::serve_threaded(
         cfg,
         slots,
-        move |conn| handle_request(&tree, timeout, conn, &deliver),
+        move |conn| {
+            handle_request(&tree, timeout, conn, |jobs| {
+                jobs.iter_mut().for_each(&deliver)
+            })
+        },
         before_exit,
     )
 }
 
-/// One connection from qmgr: its request, the delivery, the reply.
+/// Reads one batch of requests: one, or several while each says
+/// [`DeliveryRequest::MORE`].
+fn read_batch(conn: &mut std::os::unix::net::UnixStream) -> io::Result<Vec<DeliveryRequest>> {
+    let mut batch = Vec::new();
+    loop {
+        let req: DeliveryRequest = crate::ipc::recv(conn)?;
+        let more = req.flags & DeliveryRequest::MORE != 0;
+        batch.push(req);
+        if !more {
+            return Ok(batch);
+        }
+        if batch.len() >= DeliveryRequest::MAX_BATCH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "more than MAX_BATCH requests in one batch",
+            ));
+        }
+    }
+}
+
+/// The reply for a request whose queue file could not be opened.
+fn not_opened(req: &DeliveryRequest, e: &io::Error) -> DeliveryReply {
+    crate::warning!("{}: open queue file: {e}", req.queue_id);
+    DeliveryReply {
+        results: req
+            .recipients
+            .iter()
+            .map(|r| RecipientResult {
+                offset: r.offset,
+                outcome: Outcome::Deferred,
+                dsn: "4.3.0".into(),
+                reason: format!("cannot open queue file: {e}"),
+            })
+            .collect(),
+        destination_failed: false,
+    }
+}
+
+/// One connection from qmgr: its batch of requests, the deliveries, one
+/// reply per request.
 fn handle_request(
     tree: &QueueTree,
     timeout: std::time::Duration,
     mut conn: std::os::unix::net::UnixStream,
-    deliver: impl FnOnce(&mut Job),
+    deliver: impl FnOnce(&mut [Job]),
 ) {
     let _ = conn.set_read_timeout(Some(timeout));
-    let req: DeliveryRequest = match crate::ipc::recv(&mut conn) {
-        Ok(r) => r,
+    let batch = match read_batch(&mut conn) {
+        Ok(b) => b,
         Err(e) => {
             crate::warning!("read delivery request: {e}");
             return;
         }
     };
-    let reply = match Job::open(tree, req.clone()) {
-        Ok(mut job) => {
-            // The queue file is locked now. A qmgr that died after it
-            // sent this request is replaced by one that takes active/
-            // back and hands the message out again (unless it sees
-            // this lock): deliver only if the qmgr that asked is still
-            // there, so that the message is never delivered twice.
-            if peer_gone(&conn) {
-                crate::warning!(
-                    "{}: the queue manager went away; request dropped",
-                    req.queue_id
-                );
-                return;
+    // Each reply in the request's place: opened jobs are delivered
+    // together, the others already have their answer.
+    let mut replies: Vec<Option<DeliveryReply>> = Vec::with_capacity(batch.len());
+    let mut jobs = Vec::with_capacity(batch.len());
+    for req in batch {
+        match Job::open(tree, req.clone()) {
+            Ok(job) => {
+                jobs.push(job);
+                replies.push(None);
             }
-            deliver(&mut job);
-            job.finish()
+            Err(e) => replies.push(Some(not_opened(&req, &e))),
         }
-        Err(e) => {
-            crate::warning!("{}: open queue file: {e}", req.queue_id);
-            DeliveryReply {
-                results: req
-                    .recipients
-                    .iter()
-                    .map(|r| RecipientResult {
-                        offset: r.offset,
-                        outcome: Outcome::Deferred,
-                        dsn: "4.3.0".into(),
-                        reason: format!("cannot open queue file: {e}"),
-                    })
-                    .collect(),
-                destination_failed: false,
-            }
+    }
+    // The queue files are locked now. A qmgr that died after it sent
+    // this batch is replaced by one that takes active/ back and hands the
+    // messages out again (unless it sees these locks): deliver only if
+    // the qmgr that asked is still there, so that no message is ever
+    // delivered twice.
+    if !jobs.is_empty() && peer_gone(&conn) {
+        for job in &jobs {
+            crate::warning!(
+                "{}: the queue manager went away; request dropped",
+                job.req.queue_id
+            );
         }
-    };
-    if let Err(e) = crate::ipc::send(&mut conn, &reply) {
-        crate::warning!("{}: send delivery reply: {e}", req.queue_id);
+        return;
+    }
+    deliver(&mut jobs);
+    let mut done = jobs.into_iter().map(Job::finish);
+    for reply in replies {
+        let reply = match reply {
+            Some(r) => r,
+            None => done.next().expect("one job per unanswered request"),
+        };
+        if let Err(e) = crate::ipc::send(&mut conn, &reply) {
+            crate::warning!("send delivery reply: {e}");
+            return;
+        }
     }
 }

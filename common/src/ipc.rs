@@ -9,7 +9,10 @@
 //!   [`CleanupRequest`] / [`CleanupReply`]; clients are smtpd, pickup, and
 //!   qmgr and local when they send notifications or forward mail.
 //! - delivery agents (`private/smtp`, `private/relay`, `private/local`):
-//!   one [`DeliveryRequest`] answered by one [`DeliveryReply`].
+//!   one [`DeliveryRequest`] answered by one [`DeliveryReply`]; or a batch
+//!   of requests for one destination, each but the last flagged
+//!   [`DeliveryRequest::MORE`], answered by one reply per request, in
+//!   order, once all are done.
 //! - anvil (`private/anvil`): [`AnvilRequest`] / [`AnvilReply`], smtpd's
 //!   client counts and rates, one connection per smtpd process.
 //! - wake-ups (`public/qmgr`, `public/pickup`): a connection that writes
@@ -152,8 +155,19 @@ pub struct DeliveryRequest {
     pub recipients: Vec<DeliveryRecipient>,
     /// Seconds spent before this delivery (queue wait), for `delays=`.
     pub queue_wait: f64,
-    /// Unused today; room for request flags.
+    /// [`DeliveryRequest::MORE`], or 0.
     pub flags: u32,
+}
+
+impl DeliveryRequest {
+    /// Flag: another request of the same batch follows on this
+    /// connection. qmgr batches requests for one destination when more
+    /// wait than its concurrency lets go (`*_delivery_batch_limit`); the
+    /// agent answers them all at the end, which lets it make several
+    /// deliveries durable at once.
+    pub const MORE: u32 = 1;
+    /// The most requests an agent reads as one batch.
+    pub const MAX_BATCH: usize = 1000;
 }
 
 /// What happened to one recipient.

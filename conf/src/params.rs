@@ -120,6 +120,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("qmgr_message_recipient_limit", "20000"),
     ("default_destination_concurrency_limit", "20"),
     ("local_destination_concurrency_limit", "2"),
+    // Postern-only: messages per delivery request to one destination,
+    // taken from a backlog the concurrency window leaves waiting. local
+    // makes the Maildir deliveries of a batch durable together.
+    ("default_delivery_batch_limit", "1"),
+    ("local_delivery_batch_limit", "10"),
     ("initial_destination_concurrency", "5"),
     (
         "default_destination_concurrency_positive_feedback",

@@ -59,6 +59,20 @@ pub struct Agent {
     /// mailbox, and each getpwnam reads the whole file. Emptied at the
     /// start of every request, so that changes are seen at the next.
     accounts: std::cell::RefCell<std::collections::HashMap<String, Option<Account>>>,
+    /// While a batch of several requests is delivered: the Maildir `new/`
+    /// directories written to (with the ids to sync them as), synced
+    /// once at the end of the batch ([`Agent::deliver_batch`]).
+    pending_syncs: std::cell::RefCell<Option<Vec<(PathBuf, Ids)>>>,
+}
+
+/// An outcome held back until the batch's Maildir directories are
+/// synced: the job, the recipient, its status, and the range of
+/// `pending_syncs` its deliveries added.
+struct Held {
+    job: usize,
+    rcpt: DeliveryRecipient,
+    status: Status,
+    syncs: std::ops::Range<usize>,
 }
 
 impl Agent {
@@ -112,14 +126,29 @@ impl Agent {
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
             hostname,
             accounts: Default::default(),
+            pending_syncs: Default::default(),
             cfg: cfg.clone(),
         })
     }
 
     /// Delivers one request and records every recipient.
     pub fn deliver(&self, job: &mut Job) {
+        self.deliver_batch(std::slice::from_mut(job))
+    }
+
+    /// Delivers a batch of requests (qmgr's `local_delivery_batch_limit`)
+    /// and records every recipient. The alias tables and the password
+    /// file are read once for the batch. With several requests, the
+    /// Maildir deliveries leave their `new/` directory unsynced, the
+    /// directories are synced once at the end, and only then is any
+    /// outcome recorded: a recipient is marked done only once its message
+    /// is durable in its Maildir.
+    pub fn deliver_batch(&self, jobs: &mut [Job]) {
+        let Some(first) = jobs.first() else {
+            return;
+        };
+        let id = first.req.queue_id.clone();
         self.accounts.borrow_mut().clear();
-        let id = job.req.queue_id.clone();
         let (tables, bad) = Tables::open_list(&self.alias_maps);
         let mut unavailable = false;
         for e in bad {
@@ -131,14 +160,67 @@ impl Agent {
             }
         }
         if unavailable {
-            job.record_rest(
-                Outcome::Deferred,
-                "4.3.0",
-                "local",
-                "alias database unavailable",
-            );
+            for job in jobs.iter_mut() {
+                job.record_rest(
+                    Outcome::Deferred,
+                    "4.3.0",
+                    "local",
+                    "alias database unavailable",
+                );
+            }
             return;
         }
+        if jobs.len() == 1 {
+            self.deliver_job(&mut jobs[0], &tables, None);
+            return;
+        }
+        *self.pending_syncs.borrow_mut() = Some(Vec::new());
+        let mut held = Vec::new();
+        for (i, job) in jobs.iter_mut().enumerate() {
+            self.deliver_job(job, &tables, Some((i, &mut held)));
+        }
+        let syncs = self.pending_syncs.borrow_mut().take().unwrap_or_default();
+        // Each directory once; a failure defers the recipients whose
+        // deliveries it holds (their files may be in new/ already: a
+        // second delivery later rather than a lost one).
+        let mut failed: Vec<(&PathBuf, Status)> = Vec::new();
+        let mut synced: Vec<&PathBuf> = Vec::new();
+        for (dir, ids) in &syncs {
+            if synced.contains(&dir) || failed.iter().any(|(d, _)| *d == dir) {
+                continue;
+            }
+            match mailbox::sync_new_dir(dir, *ids) {
+                Ok(()) => synced.push(dir),
+                Err(s) => failed.push((dir, s)),
+            }
+        }
+        for h in held {
+            let failure = syncs[h.syncs.clone()]
+                .iter()
+                .find_map(|(dir, _)| failed.iter().find(|(d, _)| *d == dir));
+            let status = match failure {
+                Some((_, s)) if h.status.is_sent() => s.clone(),
+                _ => h.status,
+            };
+            jobs[h.job].record(
+                &h.rcpt,
+                status.outcome,
+                &status.dsn,
+                "local",
+                &status.reason,
+            );
+        }
+    }
+
+    /// Delivers one request of a batch. `held`: (the job's index, where
+    /// to put its outcomes) when recording waits for the batch's end.
+    fn deliver_job(
+        &self,
+        job: &mut Job,
+        tables: &Tables,
+        mut held: Option<(usize, &mut Vec<Held>)>,
+    ) {
+        let id = job.req.queue_id.clone();
         let header = job
             .content()
             .and_then(|mut r| message::read_header_section(&mut r, message::MAX_HEADER_SECTION));
@@ -152,11 +234,41 @@ impl Agent {
             }
         };
         for r in job.req.recipients.clone() {
-            match self.recipient(job, &r, &seen, &tables) {
-                Done::Here(s) => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
+            let before = self.pending_len();
+            match self.recipient(job, &r, &seen, tables) {
+                Done::Here(s) => match held.as_mut() {
+                    Some((i, held)) => held.push(Held {
+                        job: *i,
+                        rcpt: r,
+                        status: s,
+                        syncs: before..self.pending_len(),
+                    }),
+                    None => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
+                },
                 Done::Passed(result) => job.adopt(result),
             }
         }
+    }
+
+    /// How many Maildir directories wait for their sync (0 outside a batch).
+    fn pending_len(&self) -> usize {
+        self.pending_syncs.borrow().as_ref().map_or(0, Vec::len)
+    }
+
+    /// A Maildir delivery; within a batch, `new/` is synced at its end.
+    fn maildir(
+        &self,
+        dir: &Path,
+        ids: Ids,
+        headers: &[u8],
+        content: &mut dyn Read,
+    ) -> Result<PathBuf, Status> {
+        let later = self.pending_syncs.borrow().is_some();
+        let path = mailbox::deliver_maildir(dir, ids, &self.hostname, headers, content, !later)?;
+        if let Some(pending) = self.pending_syncs.borrow_mut().as_mut() {
+            pending.push((dir.join("new"), ids));
+        }
+        Ok(path)
     }
 
     /// Delivers to one recipient: its outcome over all its destinations.
@@ -433,13 +545,7 @@ impl Agent {
             (PathBuf::from(p), maildir, Some(PathBuf::from(dir)))
         };
         if maildir {
-            return match mailbox::deliver_maildir(
-                &path,
-                ids,
-                &self.hostname,
-                &headers,
-                &mut content,
-            ) {
+            return match self.maildir(&path, ids, &headers, &mut content) {
                 Ok(_) => Status::sent("delivered to maildir"),
                 Err(s) => s,
             };
@@ -629,8 +735,7 @@ impl Agent {
         };
         let reason = format!("delivered to file: {}", path.display());
         if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
-            return match mailbox::deliver_maildir(path, ids, &self.hostname, &headers, &mut content)
-            {
+            return match self.maildir(path, ids, &headers, &mut content) {
                 Ok(_) => Status::sent(reason),
                 Err(s) => s,
             };

@@ -66,15 +66,38 @@ pub fn unique_name(host: &str) -> String {
 
 /// Delivers into the Maildir `dir` (created with `tmp`, `new`, `cur` when
 /// missing, mode 0700) as `ids`. Returns the file's path in `new/`.
+///
+/// The file is fsync'd in `tmp/` and renamed into `new/`. With
+/// `sync_new`, `new/` is fsync'd too before this returns; without, the
+/// caller must do it ([`sync_new_dir`]) before it counts the delivery as
+/// done: a batch of deliveries then shares one directory sync.
 pub fn deliver_maildir(
     dir: &Path,
     ids: Ids,
     host: &str,
     headers: &[u8],
     content: &mut dyn Read,
+    sync_new: bool,
 ) -> Result<PathBuf, Status> {
-    privs::as_user(ids.0, ids.1, || maildir_write(dir, host, headers, content))
+    privs::as_user(ids.0, ids.1, || {
+        maildir_write(dir, host, headers, content, sync_new)
+    })
+    .map_err(|e| Status::io(&e, &format!("switch to uid {}", ids.0)))?
+}
+
+/// Makes the renames into the Maildir folder `new` (a `new/` directory)
+/// durable, as `ids`; the second half of a [`deliver_maildir`] without
+/// `sync_new`.
+pub fn sync_new_dir(new: &Path, ids: Ids) -> Result<(), Status> {
+    let fail = |e: &io::Error| {
+        Status::io(
+            e,
+            &format!("maildir delivery failed: sync {}", new.display()),
+        )
+    };
+    privs::as_user(ids.0, ids.1, || postern_common::queue::sync_dir(new))
         .map_err(|e| Status::io(&e, &format!("switch to uid {}", ids.0)))?
+        .map_err(|e| fail(&e))
 }
 
 fn maildir_write(
@@ -82,6 +105,7 @@ fn maildir_write(
     host: &str,
     headers: &[u8],
     content: &mut dyn Read,
+    sync_new: bool,
 ) -> Result<PathBuf, Status> {
     let fail =
         |e: &io::Error, what: &str| Status::io(e, &format!("maildir delivery failed: {what}"));
@@ -115,7 +139,10 @@ fn maildir_write(
         w.flush()?;
         file.sync_all()?;
         std::fs::rename(&tmp, &new)?;
-        postern_common::queue::sync_dir(&dir.join("new"))
+        if sync_new {
+            postern_common::queue::sync_dir(&dir.join("new"))?;
+        }
+        Ok(())
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -617,7 +644,15 @@ mod tests {
         let d = tmpdir("maildir");
         let md = d.join("home/Maildir");
         let mut content = &b"Subject: x\n\nbody"[..];
-        let p = deliver_maildir(&md, me(), "h/o:st", b"Delivered-To: a@b\n", &mut content).unwrap();
+        let p = deliver_maildir(
+            &md,
+            me(),
+            "h/o:st",
+            b"Delivered-To: a@b\n",
+            &mut content,
+            true,
+        )
+        .unwrap();
         assert!(p.starts_with(md.join("new")));
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
         assert!(name.ends_with(".h\\057o\\072st"), "{name}");
@@ -634,7 +669,8 @@ mod tests {
         let mode = std::fs::metadata(md.join("tmp")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
         let mut content = &b"second\n"[..];
-        let q = deliver_maildir(&md, me(), "h", b"", &mut content).unwrap();
+        let q = deliver_maildir(&md, me(), "h", b"", &mut content, false).unwrap();
+        sync_new_dir(&md.join("new"), me()).unwrap();
         assert_ne!(p, q);
         std::fs::remove_dir_all(d).unwrap();
     }

@@ -2,7 +2,9 @@
 //!
 //! master starts it for the `local` service (`local unix - n n - - local`)
 //! and qmgr sends it one delivery request per connection on
-//! `private/local`, for recipients whose domain is in `mydestination`.
+//! `private/local` (or a batch for one recipient with a backlog, whose
+//! Maildir deliveries share one sync of `new/`: `deliver::Agent::deliver_batch`),
+//! for recipients whose domain is in `mydestination`.
 //! It resolves each recipient through `alias_maps`, delivers to
 //! mailboxes (Maildir or mbox), files and commands, forwards remote alias
 //! targets (and `luser_relay`) through cleanup (`public/cleanup`), and
@@ -26,5 +28,5 @@ fn main() {
         Ok(a) => a,
         Err(e) => postern_common::fatal!("{e}"),
     };
-    postern_common::delivery::serve(&cfg, |job| agent.deliver(job))
+    postern_common::delivery::serve_batches(&cfg, |jobs| agent.deliver_batch(jobs))
 }

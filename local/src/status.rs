@@ -61,7 +61,6 @@ impl Status {
         }
     }
 
-    #[cfg(test)]
     pub fn is_sent(&self) -> bool {
         self.outcome == Outcome::Sent
     }

@@ -181,6 +181,7 @@ impl Agent {
                 &self.hostname,
                 &headers,
                 &mut content,
+                true,
             ) {
                 Ok(_) => Status::sent("delivered to maildir"),
                 Err(s) => s,

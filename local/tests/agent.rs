@@ -165,6 +165,28 @@ fn start_local(env: &Env, overrides: &[&str]) -> std::process::Child {
 
 /// Queues a message in `active/` and asks `local` to deliver it.
 fn deliver(env: &Env, sender: &str, rcpts: &[&str], content: &[u8]) -> (String, DeliveryReply) {
+    let (id, req) = queue(env, sender, rcpts, content);
+    let mut replies = deliver_batch(env, vec![req]);
+    (id, replies.remove(0))
+}
+
+/// Sends `local` several requests as one batch (qmgr's
+/// `local_delivery_batch_limit`); one reply per request, in order.
+fn deliver_batch(env: &Env, reqs: Vec<DeliveryRequest>) -> Vec<DeliveryReply> {
+    let mut s = UnixStream::connect(env.tree.socket(true, "local")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let last = reqs.len() - 1;
+    for (i, mut req) in reqs.into_iter().enumerate() {
+        if i < last {
+            req.flags |= DeliveryRequest::MORE;
+        }
+        ipc::send(&mut s, &req).unwrap();
+    }
+    (0..=last).map(|_| ipc::recv(&mut s).unwrap()).collect()
+}
+
+/// Queues a message in `active/`; its ID and the request for `local`.
+fn queue(env: &Env, sender: &str, rcpts: &[&str], content: &[u8]) -> (String, DeliveryRequest) {
     let nf = env.tree.create(Queue::Active).unwrap();
     let mut w = qfile::Writer::new(nf.file).unwrap();
     w.arrival(1_700_000_000, 0).unwrap();
@@ -201,11 +223,7 @@ fn deliver(env: &Env, sender: &str, rcpts: &[&str], content: &[u8]) -> (String, 
         queue_wait: 0.0,
         flags: 0,
     };
-    let mut s = UnixStream::connect(env.tree.socket(true, "local")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    ipc::send(&mut s, &req).unwrap();
-    let reply: DeliveryReply = ipc::recv(&mut s).unwrap();
-    (nf.id, reply)
+    (nf.id, req)
 }
 
 fn result(reply: &DeliveryReply, i: usize) -> (Outcome, String, String) {
@@ -445,4 +463,64 @@ fn local_end_to_end() {
         let _ = child.wait();
     }
     std::fs::remove_dir_all(&env.dir).unwrap();
+}
+
+#[test]
+fn a_batch_is_recorded_after_its_maildirs_are_synced() {
+    let env = setup("batch");
+    let d = env.dir.display().to_string();
+    let u = env.user.clone();
+    let mut child = start_local(&env, &[&format!("mail_spool_directory={d}/maildirs/")]);
+    let me = format!("{u}@host.test");
+    let reqs: Vec<(String, DeliveryRequest)> = [
+        (me.as_str(), "Subject: one\n\n1\n"),
+        ("nosuch@host.test", "Subject: two\n\n2\n"),
+        (me.as_str(), "Subject: three\n\n3\n"),
+    ]
+    .iter()
+    .map(|(to, body)| queue(&env, "a@x.test", &[to], body.as_bytes()))
+    .collect();
+    let ids: Vec<String> = reqs.iter().map(|(id, _)| id.clone()).collect();
+    let replies = deliver_batch(&env, reqs.into_iter().map(|(_, r)| r).collect());
+    let _ = child.kill();
+    let _ = child.wait();
+    // One reply per request, in the order sent.
+    let outcomes: Vec<(Outcome, String)> = replies
+        .iter()
+        .map(|r| (result(r, 0).0, result(r, 0).1))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Outcome::Sent, "2.0.0".to_string()),
+            (Outcome::Bounced, "5.1.1".to_string()),
+            (Outcome::Sent, "2.0.0".to_string()),
+        ]
+    );
+    // Both messages in new/, each once; every recipient marked done.
+    let new = env.dir.join("maildirs").join(&u).join("new");
+    let mut subjects: Vec<String> = std::fs::read_dir(&new)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .map(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Subject:"))
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Subject: one", "Subject: three"]);
+    for id in &ids {
+        let f = std::fs::File::open(env.tree.path(Queue::Active, id)).unwrap();
+        let envl = qfile::read_envelope(&f).unwrap();
+        assert_eq!(envl.recipients.len(), 1);
+        assert!(envl.recipients[0].done, "{id} not marked done");
+    }
+    let log = std::fs::read_to_string(env.dir.join("log")).unwrap();
+    assert_eq!(
+        log.matches("status=sent (delivered to maildir)").count(),
+        2,
+        "{log}"
+    );
 }

@@ -10,7 +10,8 @@
 //! or `A` flush: deferred mail regardless of retry time); it also scans
 //! `deferred/` every `queue_run_delay`. It talks to the delivery agents at
 //! `private/TRANSPORT` (one `DeliveryRequest`, one `DeliveryReply` per
-//! connection) and to cleanup at `public/cleanup` to queue non-delivery
+//! connection, or a batch of them for a destination with a backlog:
+//! `*_delivery_batch_limit`) and to cleanup at `public/cleanup` to queue non-delivery
 //! notices.
 //!
 //! What it may touch: the queue directories `incoming active deferred

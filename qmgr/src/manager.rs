@@ -16,7 +16,7 @@
 //! one takes `active/` back at start-up.
 
 use crate::bounce::{self, Kind, NotQueued, Notice, Returned};
-use crate::deliver::{self, Completion};
+use crate::deliver::{self, Completion, Part};
 use crate::message::{AdminAction, Message, RcptState};
 use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
@@ -550,38 +550,55 @@ impl Manager {
         }
     }
 
-    /// Dispatches every request the scheduler lets go now.
+    /// Dispatches every request the scheduler lets go now (each a batch
+    /// of one or more messages' entries for one destination).
     fn dispatch(&mut self) {
         while let Some(d) = self.sched.pick() {
-            let Some(msg) = self.messages.get_mut(&d.entry.message) else {
+            let mut batch = Vec::with_capacity(1 + d.more.len());
+            for entry in std::iter::once(d.entry).chain(d.more) {
+                let Some(msg) = self.messages.get_mut(&entry.message) else {
+                    continue;
+                };
+                msg.queued = msg.queued.saturating_sub(1);
+                msg.in_flight += 1;
+                msg.set(&entry.recipients, RcptState::InFlight);
+                let req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
+                batch.push((entry.recipients, req));
+            }
+            if batch.is_empty() {
                 self.sched.done(&d.transport, &d.destination, None);
                 continue;
-            };
-            msg.queued = msg.queued.saturating_sub(1);
-            msg.in_flight += 1;
-            msg.set(&d.entry.recipients, RcptState::InFlight);
-            let req = msg.request(&d.transport, &d.nexthop, &d.entry.recipients);
+            }
             let tx = self.tx.clone();
+            let kept = batch.clone();
             let started = deliver::start(
                 &self.workers,
                 self.tree.clone(),
                 self.timeout,
                 d.destination.clone(),
-                d.entry.recipients.clone(),
-                req.clone(),
+                batch,
                 move |c| {
                     let _ = tx.send(Event::Delivered(c));
                 },
             );
             if let Err(e) = started {
-                warning!("{}: cannot start a delivery thread: {e}", req.queue_id);
-                let results = record::agent_failed(&self.tree, &req, "delivery agent unavailable");
+                let parts = kept
+                    .into_iter()
+                    .map(|(indexes, req)| {
+                        warning!("{}: cannot start a delivery thread: {e}", req.queue_id);
+                        let results =
+                            record::agent_failed(&self.tree, &req, "delivery agent unavailable");
+                        Part {
+                            message: req.queue_id,
+                            indexes,
+                            results,
+                        }
+                    })
+                    .collect();
                 self.delivered(Completion {
-                    message: req.queue_id,
                     transport: d.transport,
                     destination: d.destination,
-                    indexes: d.entry.recipients,
-                    results,
+                    parts,
                     destination_failed: false,
                 });
             }
@@ -590,23 +607,26 @@ impl Manager {
 
     fn delivered(&mut self, c: Completion) {
         let failure = c.destination_failed.then(|| {
-            c.results
+            c.parts
                 .iter()
+                .flat_map(|p| &p.results)
                 .find(|r| r.outcome == Outcome::Deferred)
                 .map(|r| (r.dsn.as_str(), r.reason.as_str()))
                 .unwrap_or(("4.4.1", "destination unreachable"))
         });
         self.sched.done(&c.transport, &c.destination, failure);
         self.defer_suspended();
-        let Some(msg) = self.messages.get_mut(&c.message) else {
-            return;
-        };
-        msg.in_flight = msg.in_flight.saturating_sub(1);
-        msg.apply(&c.indexes, &c.results);
-        if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
-            self.apply_admin(&c.message);
-        } else if msg.idle() {
-            self.finish(&c.message);
+        for part in c.parts {
+            let Some(msg) = self.messages.get_mut(&part.message) else {
+                continue;
+            };
+            msg.in_flight = msg.in_flight.saturating_sub(1);
+            msg.apply(&part.indexes, &part.results);
+            if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
+                self.apply_admin(&part.message);
+            } else if msg.idle() {
+                self.finish(&part.message);
+            }
         }
     }
 

@@ -118,6 +118,9 @@ pub struct Limits {
     pub retry_time: Duration,
     /// Pause between deliveries to one destination (0: none).
     pub rate_delay: Duration,
+    /// Entries (messages) per request when more wait than the window
+    /// lets go (`*_delivery_batch_limit`; at least 1).
+    pub batch: usize,
 }
 
 impl Default for Limits {
@@ -131,6 +134,7 @@ impl Default for Limits {
             cohort_limit: 1.0,
             retry_time: Duration::from_secs(60),
             rate_delay: Duration::ZERO,
+            batch: 1,
         }
     }
 }
@@ -171,6 +175,10 @@ impl Limits {
             rate_delay: time("destination_rate_delay", Duration::ZERO),
             concurrency: transport_param(cfg, transport, "destination_concurrency_limit")
                 .unwrap_or(20) as usize,
+            batch: transport_param(cfg, transport, "delivery_batch_limit")
+                .unwrap_or(1)
+                .clamp(1, postern_common::ipc::DeliveryRequest::MAX_BATCH as u64)
+                as usize,
             // 0 = no limit, as in Postfix.
             recipients: match transport_param(cfg, transport, "destination_recipient_limit")
                 .unwrap_or(50)
@@ -210,6 +218,10 @@ pub struct Dispatch {
     pub destination: String,
     pub nexthop: String,
     pub entry: Entry,
+    /// More entries for the same destination, sent in the same request
+    /// (a batch): taken only from a backlog the window could not
+    /// dispatch now anyway.
+    pub more: Vec<Entry>,
 }
 
 /// The entries waiting for one destination, taken message by message in
@@ -403,6 +415,19 @@ impl Transport {
             }
             let entry = d.entries.pop().expect("ready destination has entries");
             d.in_flight += 1;
+            // Batch only what would wait anyway: the entries beyond those
+            // the free places of the window take. A rate delay spaces
+            // deliveries out, which a batch would undo.
+            let mut more = Vec::new();
+            if self.limits.batch > 1 && self.limits.rate_delay.is_zero() {
+                let free = d.allowed().saturating_sub(d.in_flight);
+                let extra = d
+                    .entries
+                    .len
+                    .saturating_sub(free)
+                    .min(self.limits.batch - 1);
+                more.extend((0..extra).map_while(|_| d.entries.pop()));
+            }
             let nexthop = d.nexthop.clone();
             self.in_flight += 1;
             self.make_ready(&key);
@@ -411,6 +436,7 @@ impl Transport {
                 destination: key,
                 nexthop,
                 entry,
+                more,
             });
         }
         None
@@ -790,6 +816,53 @@ mod tests {
         let d = s.pick().unwrap();
         assert_eq!(d.entry.recipients, vec![6]);
         assert!(s.pick().is_none());
+    }
+
+    #[test]
+    fn a_batch_takes_only_what_the_window_leaves_waiting() {
+        let mut s = Scheduler::new(100, |_| Limits {
+            concurrency: 2,
+            initial: 2,
+            recipients: 1,
+            batch: 4,
+            ..Limits::default()
+        });
+        let alice = [target(0, "local", "h", "alice@h")];
+        // Two messages, two free places: one each, no batch.
+        for m in ["M1", "M2"] {
+            s.add_message(m, &alice);
+        }
+        let a = s.pick().unwrap();
+        let b = s.pick().unwrap();
+        assert!(a.more.is_empty() && b.more.is_empty());
+        assert!(s.pick().is_none());
+        // Seven wait while both places are taken: the next request takes
+        // four (the batch limit), the one after the other three.
+        for i in 0..7 {
+            s.add_message(&format!("W{i}"), &alice);
+        }
+        s.done("local", "alice@h", None);
+        let c = s.pick().unwrap();
+        assert_eq!(c.entry.message, "W0");
+        let more: Vec<_> = c.more.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(more, ["W1", "W2", "W3"]);
+        s.done("local", "alice@h", None);
+        let d = s.pick().unwrap();
+        assert_eq!(d.more.len(), 2);
+        assert_eq!(s.queued(), 0);
+        assert_eq!(s.in_flight(), 2, "a batch is one request in flight");
+    }
+
+    #[test]
+    fn per_transport_batch_limits() {
+        let cfg = Config::from_text(
+            Path::new("/nonexistent"),
+            "lmtp_delivery_batch_limit = 5\n",
+            Path::new("main.cf"),
+        )
+        .unwrap();
+        let b = |t: &str| Limits::from_config(&cfg, t).batch;
+        assert_eq!((b("local"), b("lmtp"), b("smtp")), (10, 5, 1));
     }
 
     #[test]
