@@ -501,6 +501,29 @@ def test_mailbox_transport_to_dovecot_lmtp(make_postern, local_users, dovecot): 
     assert h.find_messages("ptalice", token) == []
 
 
+def test_a_backlog_through_mailbox_transport(make_postern, local_users, dovecot):  # noqa: F811
+    """A backlog for one user whose mailbox is Dovecot's (mailbox_transport
+    = lmtp): local takes it in batches and hands each message on to the
+    lmtp agent as a request of its own. Every message arrives once, each
+    recorded once by the lmtp agent."""
+    d = dovecot(users={"ptalice@postern.test": "secret"})
+    p = make_postern(start=False,
+                     params={"mailbox_transport": f"lmtp:unix:{d.lmtp_socket}"})
+    assert p.postern("check").returncode == 0
+    run = f"pt-lmtp-backlog-{uuid.uuid4().hex}"
+    n = 20
+    for i in range(n):
+        r = p.sendmail(["-i", "ptalice@postern.test"], f"Subject: {run}-{i}.\n\nx\n".encode())
+        assert r.returncode == 0, h.describe(r)
+    p.start()
+    got = d.wait_for_messages("ptalice@postern.test", run, count=n, timeout=60)
+    wait_for(lambda: not any(p.queue_files(q) for q in ("incoming", "active", "deferred")),
+             30, what="an empty queue")
+    subjects = sorted(re.search(rb"Subject: (\S+)", raw).group(1).decode() for _, raw in got)
+    assert subjects == sorted(f"{run}-{i}." for i in range(n))
+    assert len(p.log_findall(r"to=<ptalice@postern\.test>.*status=sent")) == n
+
+
 def test_mailbox_size_limit_bounces(make_postern, local_users, scratch):
     spool = scratch / "spool"
     spool.mkdir()

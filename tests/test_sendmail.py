@@ -194,6 +194,24 @@ def test_q_flushes_deferred_mail(make_postern, sink):
     sink.wait_for(token, timeout=30)
 
 
+def test_a_flush_just_before_a_reload_is_not_lost(make_postern, sink):
+    """`postqueue -f` and `postern reload` in a row: the flush reaches the
+    old qmgr, which either acts on it with the old relayhost or not at
+    all before it drains; it passes the flush on to the new qmgr, which
+    sends the deferred mail to the new relayhost."""
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{h.free_port()}",
+                             "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"})
+    token = new_token()
+    r = p.sendmail(["-i", "user@example.org"], f"Subject: {token}\n\nx\n".encode())
+    assert r.returncode == 0, h.describe(r)
+    wait_for(lambda: p.queue_files("deferred"), 30, what="the message deferred")
+    p.set_params(relayhost=f"[127.0.0.1]:{sink.port}")
+    r = h.run([p.cmd("postqueue"), "-c", p.etc, "-f"], env=p.env())
+    assert r.returncode == 0, h.describe(r)
+    assert p.postern("reload").returncode == 0
+    sink.wait_for(token, timeout=30)
+
+
 # --------------------------------------------------------------------------
 # DSN flags: -N, -R, -V
 

@@ -411,12 +411,15 @@ pub fn serve_concurrently(
 }
 
 /// Reads one batch of requests: one, or several while each says
-/// [`DeliveryRequest::MORE`].
-fn read_batch(conn: &mut std::os::unix::net::UnixStream) -> io::Result<Vec<DeliveryRequest>> {
+/// [`DeliveryRequest::MORE`]. The flag is cleared in what is returned: it
+/// describes this connection only, and a request that an agent hands on
+/// (local's `mailbox_transport`) must not carry it.
+fn read_batch(conn: &mut impl io::Read) -> io::Result<Vec<DeliveryRequest>> {
     let mut batch = Vec::new();
     loop {
-        let req: DeliveryRequest = crate::ipc::recv(conn)?;
+        let mut req: DeliveryRequest = crate::ipc::recv(conn)?;
         let more = req.flags & DeliveryRequest::MORE != 0;
+        req.flags &= !DeliveryRequest::MORE;
         batch.push(req);
         if !more {
             return Ok(batch);
@@ -502,5 +505,61 @@ fn handle_request(
             crate::warning!("send delivery reply: {e}");
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str, flags: u32) -> DeliveryRequest {
+        DeliveryRequest {
+            queue: "active".into(),
+            queue_id: id.into(),
+            transport: "local".into(),
+            nexthop: "h".into(),
+            sender: String::new(),
+            arrival_secs: 0,
+            arrival_usecs: 0,
+            content_offset: 0,
+            content_size: 0,
+            recipients: Vec::new(),
+            queue_wait: 0.0,
+            flags,
+        }
+    }
+
+    #[test]
+    fn a_batch_ends_at_the_request_without_more_and_loses_the_flag() {
+        let mut wire = Vec::new();
+        for (id, flags) in [
+            ("A", DeliveryRequest::MORE),
+            ("B", DeliveryRequest::MORE),
+            ("C", 0),
+        ] {
+            crate::ipc::send(&mut wire, &request(id, flags)).unwrap();
+        }
+        crate::ipc::send(&mut wire, &request("NEXT", 0)).unwrap();
+        let mut r = &wire[..];
+        let batch = read_batch(&mut r).unwrap();
+        let got: Vec<(&str, u32)> = batch
+            .iter()
+            .map(|q| (q.queue_id.as_str(), q.flags))
+            .collect();
+        assert_eq!(got, [("A", 0), ("B", 0), ("C", 0)]);
+        // The next request on the wire is not part of it.
+        assert_eq!(read_batch(&mut r).unwrap()[0].queue_id, "NEXT");
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_an_error() {
+        let mut wire = Vec::new();
+        crate::ipc::send(&mut wire, &request("A", DeliveryRequest::MORE)).unwrap();
+        assert!(read_batch(&mut &wire[..]).is_err());
+        let mut wire = Vec::new();
+        for _ in 0..=DeliveryRequest::MAX_BATCH {
+            crate::ipc::send(&mut wire, &request("A", DeliveryRequest::MORE)).unwrap();
+        }
+        assert!(read_batch(&mut &wire[..]).is_err(), "too long a batch");
     }
 }

@@ -166,8 +166,9 @@ impl DeliveryRequest {
     /// agent answers them all at the end, which lets it make several
     /// deliveries durable at once.
     pub const MORE: u32 = 1;
-    /// The most requests an agent reads as one batch.
-    pub const MAX_BATCH: usize = 1000;
+    /// The most requests an agent reads as one batch (each holds its
+    /// queue file open until the batch ends).
+    pub const MAX_BATCH: usize = 100;
 }
 
 /// What happened to one recipient.

@@ -54,10 +54,10 @@ pub struct Agent {
     cleanup: PathBuf,
     ipc_timeout: Duration,
     hostname: String,
-    /// The password database's answers during one delivery request: an
-    /// account is looked up for its aliases, its .forward and its
-    /// mailbox, and each getpwnam reads the whole file. Emptied at the
-    /// start of every request, so that changes are seen at the next.
+    /// The password database's answers during one delivery request (or
+    /// batch): an account is looked up for its aliases, its .forward and
+    /// its mailbox, and each getpwnam reads the whole file. Emptied at
+    /// the start of every request, so that changes are seen at the next.
     accounts: std::cell::RefCell<std::collections::HashMap<String, Option<Account>>>,
     /// While a batch of several requests is delivered: the Maildir `new/`
     /// directories written to (with the ids to sync them as), synced
@@ -198,8 +198,11 @@ impl Agent {
             let failure = syncs[h.syncs.clone()]
                 .iter()
                 .find_map(|(dir, _)| failed.iter().find(|(d, _)| *d == dir));
+            // Whatever else became of the recipient (a bounce for one of
+            // its aliases), it is not done while one of its copies may
+            // still vanish: deferred, as when the sync fails at once.
             let status = match failure {
-                Some((_, s)) if h.status.is_sent() => s.clone(),
+                Some((_, s)) if h.status.outcome != Outcome::Deferred => s.clone(),
                 _ => h.status,
             };
             jobs[h.job].record(

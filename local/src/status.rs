@@ -61,6 +61,7 @@ impl Status {
         }
     }
 
+    #[cfg(test)]
     pub fn is_sent(&self) -> bool {
         self.outcome == Outcome::Sent
     }

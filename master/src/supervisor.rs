@@ -301,9 +301,6 @@ impl Supervisor {
                     && libc::WIFSIGNALED(status)
                     && libc::WTERMSIG(status) == libc::SIGTERM;
                 if !normal && !told_to_stop {
-                    // Likewise after a crash (the wake-up waits out a
-                    // throttle in the listener).
-                    wake_soon(s, now);
                     let how = if libc::WIFSIGNALED(status) {
                         format!("killed by signal {}", libc::WTERMSIG(status))
                     } else {

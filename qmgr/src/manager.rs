@@ -71,6 +71,9 @@ pub enum Event {
 /// slow destination (the new qmgr starts once this one has exited).
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
+/// How recent a flush request must be for a draining qmgr to pass it on.
+const FLUSH_HANDOVER: Duration = Duration::from_secs(60);
+
 /// The `action` of the success-log entry that notes a delay warning.
 const WARNED: &str = "warned";
 
@@ -106,6 +109,8 @@ pub struct Manager {
     /// Draining since master's signal: exit once nothing is in flight,
     /// or at this instant.
     drain_deadline: Option<Instant>,
+    /// When the last flush request (`postqueue -f`) came.
+    last_flush: Option<Instant>,
 }
 
 fn remove_log(tree: &QueueTree, log: MessageLog, id: &str) {
@@ -160,6 +165,7 @@ impl Manager {
             tx,
             rx,
             drain_deadline: None,
+            last_flush: None,
         }
     }
 
@@ -181,14 +187,14 @@ impl Manager {
         loop {
             if let Some(deadline) = self.drain_deadline {
                 if self.drained() {
-                    std::process::exit(0);
+                    self.exit_drained();
                 }
                 if Instant::now() >= deadline {
                     info!(
                         "reload: exiting with {} deliveries in flight",
                         self.sched.in_flight()
                     );
-                    std::process::exit(0);
+                    self.exit_drained();
                 }
             }
             let more = self.work();
@@ -263,6 +269,25 @@ impl Manager {
                 );
             }
         }
+    }
+
+    /// The end of a drain. A flush that came shortly before (`postern
+    /// reload; postqueue -f`) may have reached this qmgr, which scheduled
+    /// it with the old configuration or not at all: it is passed on to
+    /// the next qmgr, whose wake-up socket holds it until it starts.
+    fn exit_drained(&mut self) -> ! {
+        self.retirer.finish();
+        if self
+            .last_flush
+            .is_some_and(|t| t.elapsed() < FLUSH_HANDOVER)
+        {
+            let path = self.tree.socket(false, "qmgr");
+            match postern_common::ipc::wake(&path, &[Wakeup::Flush]) {
+                Ok(()) => info!("reload: flush request passed on to the next queue manager"),
+                Err(e) => warning!("reload: pass the flush request on: {e}"),
+            }
+        }
+        std::process::exit(0)
     }
 
     /// Whether a draining qmgr may exit: nothing it started is still out.
@@ -373,6 +398,7 @@ impl Manager {
                 Some(Wakeup::Wake) | Some(Wakeup::Incoming) => self.incoming.request(false),
                 Some(Wakeup::Deferred) => self.deferred.request(false),
                 Some(Wakeup::Flush) => {
+                    self.last_flush = Some(Instant::now());
                     self.deferred.request(true);
                     self.incoming.request(false);
                 }

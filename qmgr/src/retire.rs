@@ -15,6 +15,7 @@ use std::sync::mpsc::{channel, Sender};
 
 pub struct Retirer {
     tx: Option<Sender<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     tree: QueueTree,
 }
 
@@ -23,7 +24,11 @@ impl Retirer {
         // The manager's unit tests (e2e) look at the queue right after a
         // round: there the file is retired on the spot.
         if cfg!(test) {
-            return Retirer { tx: None, tree };
+            return Retirer {
+                tx: None,
+                thread: None,
+                tree,
+            };
         }
         let (tx, rx) = channel::<String>();
         let t = tree.clone();
@@ -34,9 +39,19 @@ impl Retirer {
                     retire(&t, &id);
                 }
             });
-        Retirer {
-            tx: started.is_ok().then_some(tx),
-            tree,
+        let (tx, thread) = match started {
+            Ok(t) => (Some(tx), Some(t)),
+            Err(_) => (None, None),
+        };
+        Retirer { tx, thread, tree }
+    }
+
+    /// Retires what was handed over and stops the thread (qmgr is about
+    /// to exit): no finished file is left half retired in `active/`.
+    pub fn finish(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 
