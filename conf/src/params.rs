@@ -121,8 +121,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_destination_concurrency_limit", "20"),
     ("local_destination_concurrency_limit", "2"),
     // Postern-only: messages per delivery request to one destination,
-    // taken from a backlog the concurrency window leaves waiting. local
-    // makes the Maildir deliveries of a batch durable together.
+    // taken from a backlog the concurrency window, grown to its limit,
+    // leaves waiting. local makes the Maildir deliveries of a batch
+    // durable together (one sync of new/); the other agents deliver a
+    // batch one message after another, which saves little, so they get
+    // batches only when the administrator asks.
     ("default_delivery_batch_limit", "1"),
     ("local_delivery_batch_limit", "10"),
     ("initial_destination_concurrency", "5"),

@@ -266,6 +266,23 @@ impl Rotation {
         entry
     }
 
+    /// As [`Rotation::pop`], but the entry of a message not in `taken`:
+    /// the others are passed over (to the tail of the rotation). A batch
+    /// takes one entry per message, so that a message with many entries
+    /// for one destination cannot fill a batch and keep a message queued
+    /// after it waiting behind all of them.
+    fn pop_other(&mut self, taken: &[&str]) -> Option<Entry> {
+        for _ in 0..self.turn.len() {
+            let front = self.turn.front()?;
+            if taken.contains(&front.as_str()) {
+                self.turn.rotate_left(1);
+                continue;
+            }
+            return self.pop();
+        }
+        None
+    }
+
     fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -353,6 +370,12 @@ impl Destination {
         }
     }
 
+    /// Whether the window is as wide as it may get: a concurrency limit,
+    /// reached, and no rate delay.
+    fn full_grown(&self) -> bool {
+        !self.one_at_a_time && self.limit > 0 && self.allowed() >= self.limit
+    }
+
     fn ready(&self) -> bool {
         !self.entries.is_empty()
             && self.dead_until.is_none()
@@ -416,17 +439,27 @@ impl Transport {
             let entry = d.entries.pop().expect("ready destination has entries");
             d.in_flight += 1;
             // Batch only what would wait anyway: the entries beyond those
-            // the free places of the window take. A rate delay spaces
-            // deliveries out, which a batch would undo.
+            // the free places of the window take, once the window has
+            // grown to its limit (until then, success widens it, and
+            // parallel requests are the faster way through a backlog). A
+            // rate delay spaces deliveries out, which a batch would undo.
             let mut more = Vec::new();
-            if self.limits.batch > 1 && self.limits.rate_delay.is_zero() {
+            if self.limits.batch > 1 && d.full_grown() {
                 let free = d.allowed().saturating_sub(d.in_flight);
                 let extra = d
                     .entries
                     .len
                     .saturating_sub(free)
                     .min(self.limits.batch - 1);
-                more.extend((0..extra).map_while(|_| d.entries.pop()));
+                while more.len() < extra {
+                    let taken: Vec<&str> = std::iter::once(entry.message.as_str())
+                        .chain(more.iter().map(|e: &Entry| e.message.as_str()))
+                        .collect();
+                    let Some(e) = d.entries.pop_other(&taken) else {
+                        break;
+                    };
+                    more.push(e);
+                }
             }
             let nexthop = d.nexthop.clone();
             self.in_flight += 1;
@@ -851,6 +884,71 @@ mod tests {
         assert_eq!(d.more.len(), 2);
         assert_eq!(s.queued(), 0);
         assert_eq!(s.in_flight(), 2, "a batch is one request in flight");
+    }
+
+    #[test]
+    fn no_batch_while_the_window_may_still_grow() {
+        let mut s = Scheduler::new(100, |_| Limits {
+            concurrency: 20,
+            initial: 2,
+            batch: 10,
+            ..Limits::default()
+        });
+        for i in 0..1000 {
+            s.add_message(
+                &format!("M{i}"),
+                &[target(0, "smtp", "far.test", "x@far.test")],
+            );
+        }
+        // A window of 2 of 20: two requests of one message each.
+        let picked: Vec<Dispatch> = std::iter::from_fn(|| s.pick()).collect();
+        assert_eq!(picked.len(), 2);
+        assert!(picked.iter().all(|d| d.more.is_empty()));
+        // Successes widen the window to its limit, one message per request
+        // all the way; from then on what waits beyond the free places goes
+        // in batches.
+        loop {
+            s.done("smtp", "far.test", None);
+            if s.window("smtp", "far.test") == Some(20) {
+                break;
+            }
+            let d = s.pick().expect("entries left");
+            assert!(d.more.is_empty());
+        }
+        let picked: Vec<Dispatch> = std::iter::from_fn(|| s.pick()).collect();
+        assert!(picked.iter().any(|d| !d.more.is_empty()), "{picked:?}");
+        assert!(picked.iter().all(|d| d.more.len() <= 9));
+        assert_eq!(s.in_flight(), 20);
+    }
+
+    #[test]
+    fn a_batch_takes_one_entry_per_message() {
+        let mut s = Scheduler::new(100, |_| Limits {
+            concurrency: 1,
+            initial: 1,
+            recipients: 1,
+            batch: 10,
+            ..Limits::default()
+        });
+        // One destination (recipient limit 1 keys it by address): a bulk
+        // message with 30 entries for it, then two small messages.
+        let bulk: Vec<Target> = (0..30).map(|i| target(i, "local", "h", "list@h")).collect();
+        s.add_message("BULK", &bulk);
+        let first = s.pick().unwrap();
+        assert!(
+            first.more.is_empty(),
+            "only BULK waits: nothing to batch with"
+        );
+        s.add_message("S1", &[target(0, "local", "h", "list@h")]);
+        s.add_message("S2", &[target(0, "local", "h", "list@h")]);
+        s.done("local", "list@h", None);
+        let d = s.pick().unwrap();
+        let mut ids: Vec<&str> = std::iter::once(&d.entry)
+            .chain(&d.more)
+            .map(|e| e.message.as_str())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["BULK", "S1", "S2"]);
     }
 
     #[test]

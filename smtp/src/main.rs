@@ -11,8 +11,9 @@
 //!
 //! Who talks to it: qmgr connects to `private/smtp` or `private/relay`
 //! (one process serves up to 32 such connections at once, a thread each)
-//! and sends one `ipc::DeliveryRequest` per connection (or a batch, with
-//! `smtp_delivery_batch_limit` above 1, delivered one after another): a message, a next
+//! and sends one `ipc::DeliveryRequest` per connection (or, with
+//! `smtp_delivery_batch_limit` above 1, a batch from a destination's
+//! backlog, delivered one after another): a message, a next
 //! hop (`[host]:port`, `[host]`, `domain:port`, `domain`) and a batch of
 //! recipients; it answers one `ipc::DeliveryReply` after every recipient
 //! is recorded through `postern_common::delivery::Job::record` (delivery
