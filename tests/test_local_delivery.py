@@ -52,6 +52,17 @@ def scratch():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def queue_while_stopped(p, rcpt, run, n):
+    """Queues n messages for rcpt with sendmail while Postern (not yet
+    started) is stopped, subjects RUN-0. to RUN-(n-1)., then starts it:
+    a backlog that qmgr finds all at once."""
+    assert p.postern("check").returncode == 0
+    for i in range(n):
+        r = p.sendmail(["-i", rcpt], f"Subject: {run}-{i}.\n\nx\n".encode())
+        assert r.returncode == 0, h.describe(r)
+    p.start()
+
+
 def send(p, rcpt, token, sender="someone@example.org", extra_headers=""):
     data = h.crlf(f"From: {sender}\nTo: {rcpt}\n{extra_headers}Subject: {token}\n\nbody {token}\n")
     with p.smtp() as s:
@@ -509,13 +520,8 @@ def test_a_backlog_through_mailbox_transport(make_postern, local_users, dovecot)
     d = dovecot(users={"ptalice@postern.test": "secret"})
     p = make_postern(start=False,
                      params={"mailbox_transport": f"lmtp:unix:{d.lmtp_socket}"})
-    assert p.postern("check").returncode == 0
-    run = f"pt-lmtp-backlog-{uuid.uuid4().hex}"
-    n = 20
-    for i in range(n):
-        r = p.sendmail(["-i", "ptalice@postern.test"], f"Subject: {run}-{i}.\n\nx\n".encode())
-        assert r.returncode == 0, h.describe(r)
-    p.start()
+    run, n = f"pt-lmtp-backlog-{uuid.uuid4().hex}", 20
+    queue_while_stopped(p, "ptalice@postern.test", run, n)
     got = d.wait_for_messages("ptalice@postern.test", run, count=n, timeout=60)
     wait_for(lambda: not any(p.queue_files(q) for q in ("incoming", "active", "deferred")),
              30, what="an empty queue")
@@ -600,13 +606,8 @@ def test_a_backlog_for_one_maildir_arrives_once_each(make_postern, local_users):
     and local syncs each batch's new/ once. Every message arrives exactly
     once, every delivery is logged, and the queue empties."""
     p = make_postern(start=False)
-    assert p.postern("check").returncode == 0
-    run = f"pt-backlog-{uuid.uuid4().hex}"
-    n = 40
-    for i in range(n):
-        r = p.sendmail(["-i", "ptalice@postern.test"], f"Subject: {run}-{i}.\n\nx\n".encode())
-        assert r.returncode == 0, h.describe(r)
-    p.start()
+    run, n = f"pt-backlog-{uuid.uuid4().hex}", 40
+    queue_while_stopped(p, "ptalice@postern.test", run, n)
     wait_for(lambda: len(h.find_messages("ptalice", run)) >= n, 60,
              what=f"{n} messages in ~ptalice/Maildir")
     wait_for(lambda: not any(p.queue_files(q) for q in ("incoming", "active", "deferred")),

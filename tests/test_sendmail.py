@@ -180,7 +180,9 @@ def test_bv_reports_without_sending(make_postern, local_users):
     assert maildrop_files(p) == [], "-bv must not queue anything"
 
 
-def test_q_flushes_deferred_mail(make_postern, sink):
+def deferred_for_an_hour(make_postern, sink):
+    """A message deferred (its relayhost refuses) with an hour to wait,
+    and main.cf then pointed at the sink: (postern, the message's token)."""
     p = make_postern(params={"relayhost": f"[127.0.0.1]:{h.free_port()}",
                              "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"})
     token = new_token()
@@ -188,6 +190,11 @@ def test_q_flushes_deferred_mail(make_postern, sink):
     assert r.returncode == 0, h.describe(r)
     wait_for(lambda: p.queue_files("deferred"), 30, what="the message deferred")
     p.set_params(relayhost=f"[127.0.0.1]:{sink.port}")
+    return p, token
+
+
+def test_q_flushes_deferred_mail(make_postern, sink):
+    p, token = deferred_for_an_hour(make_postern, sink)
     assert p.postern("reload").returncode == 0
     r = p.sendmail(["-q"], None)
     assert r.returncode == 0, h.describe(r)
@@ -199,13 +206,7 @@ def test_a_flush_just_before_a_reload_is_not_lost(make_postern, sink):
     old qmgr, which either acts on it with the old relayhost or not at
     all before it drains; it passes the flush on to the new qmgr, which
     sends the deferred mail to the new relayhost."""
-    p = make_postern(params={"relayhost": f"[127.0.0.1]:{h.free_port()}",
-                             "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"})
-    token = new_token()
-    r = p.sendmail(["-i", "user@example.org"], f"Subject: {token}\n\nx\n".encode())
-    assert r.returncode == 0, h.describe(r)
-    wait_for(lambda: p.queue_files("deferred"), 30, what="the message deferred")
-    p.set_params(relayhost=f"[127.0.0.1]:{sink.port}")
+    p, token = deferred_for_an_hour(make_postern, sink)
     r = h.run([p.cmd("postqueue"), "-c", p.etc, "-f"], env=p.env())
     assert r.returncode == 0, h.describe(r)
     assert p.postern("reload").returncode == 0
