@@ -45,12 +45,18 @@ fn valid_transport(name: &str) -> bool {
 }
 
 /// Asks the agent, one reply per request of `batch` (all for the same
-/// transport); never fails: trouble becomes deferred recipients.
+/// transport; each but the last is flagged [`DeliveryRequest::MORE`]
+/// here); never fails: trouble becomes deferred recipients.
 pub fn deliver(
     tree: &QueueTree,
     timeout: Duration,
-    batch: &[DeliveryRequest],
+    batch: &mut [DeliveryRequest],
 ) -> Vec<DeliveryReply> {
+    let last = batch.len().saturating_sub(1);
+    for req in &mut batch[..last] {
+        req.flags |= DeliveryRequest::MORE;
+    }
+    let batch = &*batch;
     let failed = |req: &DeliveryRequest, reason: &str| DeliveryReply {
         results: record::agent_failed(tree, req, reason),
         destination_failed: false,
@@ -74,13 +80,8 @@ pub fn deliver(
             return all_failed("delivery agent unavailable");
         }
     };
-    let last = batch.len() - 1;
-    for (i, req) in batch.iter().enumerate() {
-        let mut req = req.clone();
-        if i < last {
-            req.flags |= DeliveryRequest::MORE;
-        }
-        if let Err(e) = ipc::send(&mut conn, &req) {
+    for req in batch {
+        if let Err(e) = ipc::send(&mut conn, req) {
             warning!(
                 "{}: send request to transport {transport}: {e}",
                 req.queue_id
@@ -128,8 +129,9 @@ pub fn start(
     done: impl FnOnce(Completion) + Send + 'static,
 ) -> io::Result<()> {
     pool.submit(move || {
-        let (indexes, reqs): (Vec<Vec<usize>>, Vec<DeliveryRequest>) = batch.into_iter().unzip();
-        let replies = deliver(&tree, timeout, &reqs);
+        let (indexes, mut reqs): (Vec<Vec<usize>>, Vec<DeliveryRequest>) =
+            batch.into_iter().unzip();
+        let replies = deliver(&tree, timeout, &mut reqs);
         let destination_failed = replies.iter().any(|r| r.destination_failed);
         let transport = reqs
             .first()
