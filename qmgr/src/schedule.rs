@@ -792,7 +792,8 @@ mod tests {
     fn per_transport_parameters() {
         let cfg = Config::from_text(
             Path::new("/nonexistent"),
-            "smtp_destination_recipient_limit = 7\ndefault_destination_concurrency_limit = 9\n",
+            "smtp_destination_recipient_limit = 7\ndefault_destination_concurrency_limit = 9\n\
+             lmtp_delivery_batch_limit = 5\n",
             Path::new("main.cf"),
         )
         .unwrap();
@@ -801,6 +802,8 @@ mod tests {
             (l.concurrency, l.recipients)
         };
         assert_eq!(l("smtp"), (9, 7));
+        let b = |t: &str| Limits::from_config(&cfg, t).batch;
+        assert_eq!((b("local"), b("lmtp"), b("smtp")), (10, 5, 1));
         assert_eq!(l("local"), (2, 1));
         assert_eq!(l("relay"), (9, 50));
         assert_eq!(
@@ -949,18 +952,6 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, ["BULK", "S1", "S2"]);
-    }
-
-    #[test]
-    fn per_transport_batch_limits() {
-        let cfg = Config::from_text(
-            Path::new("/nonexistent"),
-            "lmtp_delivery_batch_limit = 5\n",
-            Path::new("main.cf"),
-        )
-        .unwrap();
-        let b = |t: &str| Limits::from_config(&cfg, t).batch;
-        assert_eq!((b("local"), b("lmtp"), b("smtp")), (10, 5, 1));
     }
 
     #[test]
