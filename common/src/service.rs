@@ -470,7 +470,8 @@ where
     // The threads stay for the next connection (see crate::pool).
     let workers = crate::pool::Pool::new("conn", slots);
     // Connections in progress; a finished thread pokes the main loop
-    // through the pipe so that it can say "available" again.
+    // through the pipe when the count leaves "full" (say "available"
+    // again) or reaches zero (idle time, exit when worn out or drained).
     let active = Arc::new(AtomicUsize::new(0));
     let (done_rx, done_tx) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
@@ -565,8 +566,15 @@ where
         let (h, a, d) = (handle.clone(), active.clone(), done_tx.clone());
         let submitted = workers.submit(move || {
             h(conn);
-            a.fetch_sub(1, Ordering::SeqCst);
-            let _ = (&*d).write(&[0]);
+            // The main loop needs to hear of a finished connection only
+            // when it changes what the loop does: a full process may
+            // accept again, an empty one starts its idle time (and a
+            // worn-out or drained one may exit). Poking it for every
+            // connection cost a wake-up of the main thread per message.
+            let before = a.fetch_sub(1, Ordering::SeqCst);
+            if before == slots || before == 1 {
+                let _ = (&*d).write(&[0]);
+            }
         });
         if let Err((e, job)) = submitted {
             // Dropping the job drops the connection: the client sees it
