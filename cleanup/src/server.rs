@@ -22,10 +22,14 @@ pub fn run(cfg: &Config) -> ! {
     postern_common::service::serve_threaded(
         cfg,
         CONNECTIONS_PER_PROCESS,
-        move |mut conn| {
+        move |conn| {
             let _ = conn.set_read_timeout(Some(timeout));
             let _ = conn.set_write_timeout(Some(timeout));
-            let new = match ipc::recv::<_, CleanupRequest>(&mut conn) {
+            // Requests are read through a buffer: a frame's length and body,
+            // and often the next frame, in one read.
+            let mut requests = std::io::BufReader::with_capacity(16 * 1024, &conn);
+            let mut conn = &conn;
+            let new = match ipc::recv::<_, CleanupRequest>(&mut requests) {
                 Ok(CleanupRequest::Open(n)) => n,
                 Ok(other) => {
                     postern_common::warning!("unexpected request before Open: {other:?}");
@@ -54,7 +58,7 @@ pub fn run(cfg: &Config) -> ! {
                 return;
             }
             loop {
-                match ipc::recv::<_, CleanupRequest>(&mut conn) {
+                match ipc::recv::<_, CleanupRequest>(&mut requests) {
                     Ok(CleanupRequest::Content(data)) => msg.content(&data),
                     Ok(CleanupRequest::Close) => break,
                     Ok(CleanupRequest::Abort) | Err(_) => {

@@ -51,8 +51,13 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<T> {
             format!("IPC message of {len} bytes"),
         ));
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
+    // Read into spare capacity rather than a zeroed buffer: content
+    // frames are up to 64 KiB.
+    let mut body = Vec::with_capacity(len as usize);
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len as usize {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -101,12 +106,41 @@ pub enum CleanupRequest {
     Open(NewMessage),
     /// The next piece of content: header and body lines with LF ends, as
     /// the message will be stored (no SMTP dot-stuffing, no CRs added).
-    Content(Vec<u8>),
+    Content(#[serde(with = "content_bytes")] Vec<u8>),
     /// End of content; answered by `Queued` (the file and its directory
     /// entry are on disk) or `Failed` (nothing was queued).
     Close,
     /// The client gives up: cleanup removes what it wrote. No answer.
     Abort,
+}
+
+/// Content travels as one byte string (postcard: a length, then the
+/// bytes), the same encoding serde gives a `Vec<u8>`, but copied whole
+/// instead of element by element, which cost cleanup a call per byte.
+mod content_bytes {
+    use serde::{de, Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> de::Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -360,5 +394,25 @@ mod tests {
             recv::<_, CleanupRequest>(&mut r).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    #[test]
+    fn content_is_a_byte_string_encoded_as_a_byte_vector() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let mut buf = Vec::new();
+        send(&mut buf, &CleanupRequest::Content(data.clone())).unwrap();
+        // The encoding of an enum variant holding a plain Vec<u8>: what a
+        // client built before this change sends, and still understood.
+        #[derive(Serialize)]
+        enum Plain {
+            _Open,
+            Content(Vec<u8>),
+        }
+        let plain = postcard::to_stdvec(&Plain::Content(data.clone())).unwrap();
+        assert_eq!(&buf[4..], &plain[..]);
+        match recv::<_, CleanupRequest>(&mut &buf[..]).unwrap() {
+            CleanupRequest::Content(got) => assert_eq!(got, data),
+            other => panic!("{other:?}"),
+        }
     }
 }

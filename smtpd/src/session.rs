@@ -750,7 +750,9 @@ impl Session {
             self.input.clear();
         }
         if let State::Data(ds) = &mut self.state {
-            if !ds.content.is_empty() && self.cleanup_open {
+            // Nothing of the message yet: the Received header alone waits
+            // to go with the first content, one request to cleanup less.
+            if ds.size > 0 && !ds.content.is_empty() && self.cleanup_open {
                 let chunk = std::mem::take(&mut ds.content);
                 self.requests.push(CleanupRequest::Content(chunk));
             }
