@@ -545,6 +545,10 @@ struct DirSync {
     /// Every caller with a ticket below this is covered by a finished fsync.
     covered: u64,
     running: bool,
+    /// The directory, kept open: opening it by path for every fsync
+    /// walked the whole path again for each message.
+    /// Only the caller running the fsync holds it meanwhile.
+    handle: Option<File>,
 }
 
 static DIR_SYNCS: std::sync::Mutex<Option<DirSyncs>> = std::sync::Mutex::new(None);
@@ -581,8 +585,13 @@ pub fn sync_dir_grouped(dir: &Path) -> io::Result<()> {
         if !d.running {
             d.running = true;
             let upto = d.arrivals;
+            let handle = d.handle.take();
             drop(g);
-            let result = sync_dir(dir);
+            let handle = match handle {
+                Some(h) => Ok(h),
+                None => File::open(dir),
+            };
+            let result = handle.and_then(|h| h.sync_all().map(|_| h));
             g = DIR_SYNCS
                 .lock()
                 .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
@@ -591,9 +600,15 @@ pub fn sync_dir_grouped(dir: &Path) -> io::Result<()> {
                 .and_then(|s| s.dirs.get_mut(dir))
                 .expect("entry made above");
             d.running = false;
-            if result.is_ok() {
-                d.covered = d.covered.max(upto);
-            }
+            let result = match result {
+                Ok(h) => {
+                    d.covered = d.covered.max(upto);
+                    d.handle = Some(h);
+                    Ok(())
+                }
+                // Opened anew next time.
+                Err(e) => Err(e),
+            };
             DIR_SYNCED.notify_all();
             return result;
         }
