@@ -460,7 +460,8 @@ fn handle_request(
     deliver: impl FnOnce(&mut [Job]),
 ) {
     let _ = conn.set_read_timeout(Some(timeout));
-    let batch = match read_batch(&mut conn) {
+    // Buffered: a request's length and body (a batch's requests) in one read.
+    let batch = match read_batch(&mut io::BufReader::with_capacity(8192, &conn)) {
         Ok(b) => b,
         Err(e) => {
             crate::warning!("read delivery request: {e}");

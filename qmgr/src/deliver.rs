@@ -67,7 +67,7 @@ pub fn deliver(
     };
     let (id, transport) = (&first.queue_id, &first.transport);
     let path = tree.socket(true, transport);
-    if !valid_transport(transport) || !path.exists() {
+    if !valid_transport(transport) {
         return all_failed("mail transport unavailable");
     }
     // The agent answers a batch at its end: the wait is `ipc_timeout`
@@ -75,6 +75,10 @@ pub fn deliver(
     let wait = timeout.saturating_mul(batch.len().try_into().unwrap_or(u32::MAX));
     let mut conn = match ipc::connect(&path, wait) {
         Ok(c) => c,
+        // No socket: the transport is not in master.cf.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return all_failed("mail transport unavailable");
+        }
         Err(e) => {
             warning!("{id}: {e}");
             return all_failed("delivery agent unavailable");
@@ -90,8 +94,9 @@ pub fn deliver(
         }
     }
     let mut replies = Vec::with_capacity(batch.len());
+    let mut answers = io::BufReader::with_capacity(8192, &conn);
     for req in batch {
-        match ipc::recv::<_, DeliveryReply>(&mut conn) {
+        match ipc::recv::<_, DeliveryReply>(&mut answers) {
             Ok(reply) => replies.push(reply),
             Err(e) => {
                 let what = match e.kind() {
