@@ -9,7 +9,9 @@
 //! line ends and dot-stuffing ([`DataEncoder`]), reads the reply to the
 //! end of the data (in LMTP one per accepted recipient), and ends with
 //! QUIT — or, with [`Settings::keep`], hands the session back as [`Idle`]
-//! for [`deliver_again`] (RSET, then the next transaction). With
+//! for [`deliver_again`] (RSET, then the next transaction; with
+//! PIPELINING the RSET goes out with the MAIL, RCPT and DATA commands and
+//! its reply is read first). With
 //! PIPELINING the MAIL, RCPT and DATA commands go out in one write and
 //! their replies are read in order (RFC 2920). When the server offers
 //! CHUNKING (RFC 3030) the content goes as `BDAT n` chunks of at most 64
@@ -461,8 +463,10 @@ pub fn deliver<'a, S: Stream + Send + 'a, T: Transaction>(
 }
 
 /// Another transaction over a kept session: RSET first (which also shows
-/// that the server is still there). `Err` when the session is no longer
-/// usable; nothing was sent then and the caller connects afresh.
+/// that the server is still there; pipelined with the transaction's
+/// commands when the server offers PIPELINING). `Err` when the session is
+/// no longer usable; no content was sent then, no recipient has an
+/// outcome, and the caller connects afresh.
 pub fn deliver_again<'a, 'c, T: Transaction>(
     idle: Idle<'c>,
     peer: impl Into<PeerId>,
@@ -482,14 +486,27 @@ pub fn deliver_again<'a, 'c, T: Transaction>(
         peer: peer.into(),
         settings,
         handshake: true,
+        time_limit: None,
+        rset_queued: false,
+        stale: false,
     };
-    s.timeout(settings.timeouts.helo);
-    match s.command(Some("RSET")) {
-        Ok(r) if r.class() == 2 => {}
-        _ => return Err(()),
+    if idle.ext.pipelining {
+        // Sent with the transaction's commands rather than a round trip
+        // of its own: its reply still comes before any content is sent.
+        s.queue("RSET");
+        s.rset_queued = true;
+    } else {
+        s.timeout(settings.timeouts.helo);
+        match s.command(Some("RSET")) {
+            Ok(r) if r.class() == 2 => {}
+            _ => return Err(()),
+        }
     }
     txn.connected();
     let end = s.transaction(txn, &idle.ext);
+    if s.stale {
+        return Err(());
+    }
     Ok(s.finish(end))
 }
 
@@ -542,6 +559,9 @@ pub fn deliver_with<'a, 'c, S: Stream + Send + 'c, T: Transaction>(
         wbuf: Vec::with_capacity(4096),
         settings,
         handshake: false,
+        time_limit: None,
+        rset_queued: false,
+        stale: false,
     };
     let end = s.run(txn);
     s.finish(end)
@@ -562,12 +582,24 @@ struct Session<'a, 'c> {
     peer: PeerId,
     settings: &'a Settings,
     handshake: bool,
+    /// The limit last set on `conn`: a stage with the same limit as the
+    /// one before costs no system calls.
+    time_limit: Option<Duration>,
+    /// A kept session's RSET waits in `wbuf` to go out with the MAIL,
+    /// RCPT and DATA commands (PIPELINING); its reply comes first.
+    rset_queued: bool,
+    /// That RSET was not answered 2xx (or the session was gone): nothing
+    /// was delivered, and the caller starts a new session.
+    stale: bool,
 }
 
 impl<'a, 'c> Session<'a, 'c> {
     fn timeout(&mut self, t: Duration) {
+        if self.time_limit == Some(t) {
+            return;
+        }
         // A stream that cannot take a time limit still works.
-        let _ = self.conn.set_timeout(t);
+        self.time_limit = self.conn.set_timeout(t).ok().map(|_| t);
     }
 
     fn queue(&mut self, cmd: &str) {
@@ -872,6 +904,8 @@ impl<'a, 'c> Session<'a, 'c> {
         };
         let stream: Box<dyn Stream + Send + 'c> = Box::new(est.stream);
         self.conn = stream;
+        // The handshake set limits of its own.
+        self.time_limit = None;
         self.encrypted = true;
         let level = tls.policy.level;
         let kind = match &est.trust {
@@ -1082,7 +1116,18 @@ impl<'a, 'c> Session<'a, 'c> {
             if !bdat {
                 self.queue("DATA");
             }
-            if let Err(e) = self.flush() {
+            let flushed = self.flush();
+            if std::mem::take(&mut self.rset_queued) {
+                // A kept session that does not answer its RSET well was
+                // not used: no recipient gets an outcome from it, no
+                // content goes out, the caller connects afresh.
+                let answered = flushed.is_ok() && self.read().is_ok_and(|r| r.class() == 2);
+                if !answered {
+                    self.stale = true;
+                    return End::Complete;
+                }
+            }
+            if let Err(e) = flushed {
                 return self.try_next(self.io_failure(&e, stage::MAIL));
             }
         }

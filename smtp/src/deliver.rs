@@ -1069,6 +1069,73 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_session_that_refuses_its_rset_is_replaced() {
+        let dir = tmpdir("stale");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // The first session takes one message, then answers the next
+        // transaction's RSET (pipelined with MAIL, RCPT and DATA) with 421
+        // and closes, as a server that dropped an idle session does. The
+        // second message must come whole over a new session.
+        let srv = std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            let mut r = BufReader::new(c);
+            w.write_all(b"220 sink ESMTP\r\n").unwrap();
+            let mut first = Vec::new();
+            let mut messages = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    break;
+                }
+                let up = line.to_ascii_uppercase();
+                if up.starts_with("EHLO") {
+                    w.write_all(b"250-sink\r\n250 PIPELINING\r\n").unwrap();
+                } else if up.starts_with("RSET") {
+                    w.write_all(b"421 4.4.2 sink Error: timeout exceeded\r\n")
+                        .unwrap();
+                    break;
+                } else if up.starts_with("DATA") {
+                    w.write_all(b"354 go\r\n").unwrap();
+                    loop {
+                        let mut l = Vec::new();
+                        r.read_until(b'\n', &mut l).unwrap();
+                        if l == b".\r\n" {
+                            break;
+                        }
+                        first.extend_from_slice(&l);
+                    }
+                    messages += 1;
+                    w.write_all(b"250 2.0.0 Ok\r\n").unwrap();
+                } else {
+                    w.write_all(b"250 2.1.0 Ok\r\n").unwrap();
+                }
+            }
+            drop((w, r));
+            (messages, first, sink(l, &[]).join().unwrap())
+        });
+        let a = agent();
+        for (i, body) in [&b"first\n"[..], &b"second\n"[..]].iter().enumerate() {
+            let (_tree, mut job) =
+                make_job(&dir.join(i.to_string()), &["a@b.test"], body, "b.test");
+            a.try_servers(&mut job, &[server(port)]);
+            let reply = job.finish();
+            assert_eq!(
+                reply.results[0].outcome,
+                Outcome::Sent,
+                "{:?}",
+                reply.results
+            );
+        }
+        a.close_cached();
+        let (messages, first, second) = srv.join().unwrap();
+        assert_eq!((messages, &first[..]), (1, &b"first\r\n"[..]));
+        assert_eq!(second, b"second\r\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn next_address_after_a_refused_connection() {
         let dir = tmpdir("next");
         let dead = free_port();
