@@ -229,6 +229,45 @@ def test_service_on_several_addresses(make_postern):
             s.quit()
 
 
+def sched_policies(pid):
+    """The scheduling policy of each thread of `pid`, as `chrt -p` names
+    it (SCHED_OTHER, SCHED_BATCH, ...)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        r = h.run(["chrt", "-p", tid], timeout=10)
+        if r.returncode == 0:  # a thread that just ended has no policy
+            out.add(r.stdout.split("scheduling policy:")[1].split()[0])
+    return out
+
+
+def test_daemons_run_under_the_batch_scheduling_policy(make_postern, sink):
+    """Every daemon master starts, and every thread of it, runs under
+    SCHED_BATCH (daemon_sched_batch = yes, the default); master itself
+    and the commands keep the normal policy."""
+    p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
+    code, text = p.send("a@postern.test", ["b@remote.example"], "Subject: s\n\nx\n")
+    assert code == 250, text
+    wait_for(lambda: sink.messages, timeout=30, what="the message at the sink")
+    names = {h.proc_name(c): sched_policies(c) for c in p.child_pids()}
+    for daemon in ("smtpd", "cleanup", "qmgr", "smtp", "pickup"):
+        assert names.get(daemon) == {"SCHED_BATCH"}, names
+    assert sched_policies(p.master_pid()) == {"SCHED_OTHER"}
+
+
+def test_daemon_sched_batch_no_keeps_the_normal_policy(make_postern):
+    p = make_postern(params={"daemon_sched_batch": "no"})
+    assert "ESMTP" in greeting(p)
+    for c in p.child_pids():
+        assert sched_policies(c) == {"SCHED_OTHER"}, h.proc_name(c)
+
+
+def test_check_refuses_a_bad_daemon_sched_batch(make_postern):
+    p = make_postern(start=False, params={"daemon_sched_batch": "sometimes"})
+    r = p.postern("check")
+    assert r.returncode == 1, h.describe(r)
+    assert "daemon_sched_batch" in r.stderr and "yes or no" in r.stderr, h.describe(r)
+
+
 def test_client_waiting_behind_a_full_smtpd_is_served(make_postern):
     """One smtpd process with room for two sessions: a third client waits
     in the listen queue, and is greeted as soon as a session ends."""

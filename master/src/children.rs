@@ -9,6 +9,15 @@
 //! [`crate::jail`]).
 //! Every child gets SIGTERM when master dies (PR_SET_PDEATHSIG), so that a
 //! master killed outright leaves no daemon holding its listeners.
+//!
+//! With `daemon_sched_batch` (the default) a child runs under the kernel's
+//! SCHED_BATCH policy, and its threads with it. Postern's daemons hand
+//! every message from one to the next (smtpd to cleanup and back, qmgr to
+//! smtp and back); under the normal policy each hand-off let the woken
+//! daemon preempt the one that woke it, a context switch before the waker
+//! had finished what it was doing. Batch tasks do not preempt on wake-up:
+//! the woken one runs when a CPU is free or the running task's slice
+//! ends. Nice values and CPU shares are unchanged.
 
 use postern_common::service::{Load, LISTEN_FD, STATUS_FD};
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,6 +37,8 @@ pub struct SpawnSpec<'a> {
     /// as root to read what lies outside the queue (see [`crate::jail`]).
     pub jail: Option<(u32, u32)>,
     pub config_dir: &'a Path,
+    /// Run under SCHED_BATCH (`daemon_sched_batch`).
+    pub sched_batch: bool,
 }
 
 /// Starts one daemon process; returns its pid.
@@ -53,6 +64,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     let listen = spec.listen_fds.clone();
     let status = spec.status_fd;
     let drop = spec.drop_to;
+    let sched_batch = spec.sched_batch;
     // SAFETY: getpid has no preconditions.
     let master = unsafe { libc::getpid() };
     // SAFETY: between fork and exec we only make system calls (dup,
@@ -93,6 +105,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            if sched_batch {
+                // Allowed to any process (it is no real-time policy); a
+                // kernel without it leaves the daemon under the normal
+                // policy, which works the same, only with more context
+                // switches.
+                let normal = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_BATCH, &normal);
+            }
             if let Some((uid, gid)) = drop {
                 postern_common::privs::drop_to(uid, gid)?;
             }

@@ -204,6 +204,8 @@ impl Supervisor {
     fn spawn(&mut self, idx: usize) {
         let dir = self.cfg.dir().to_path_buf();
         let daemon_dir = PathBuf::from(self.cfg.get("daemon_directory"));
+        // A bad value was reported by `postern check` at start.
+        let sched_batch = self.cfg.get_bool("daemon_sched_batch").unwrap_or(true);
         let s = &mut self.services[idx];
         let program = if s.def.command.starts_with('/') {
             PathBuf::from(&s.def.command)
@@ -241,6 +243,7 @@ impl Supervisor {
             },
             jail: if confined { self.owner } else { None },
             config_dir: &dir,
+            sched_batch,
         };
         match children::spawn(&spec) {
             Ok(pid) => {

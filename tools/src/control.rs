@@ -117,6 +117,9 @@ fn check(cfg: &Config) {
             die(NAME, 1, e);
         }
     }
+    if let Err(e) = cfg.get_bool("daemon_sched_batch") {
+        die(NAME, 1, e);
+    }
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
