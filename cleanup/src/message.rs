@@ -137,6 +137,9 @@ pub struct Message<'a> {
     discard: Option<String>,
     /// The unfinished last body line, when body_checks need whole lines.
     body_partial: Vec<u8>,
+    /// The file's name in `incoming/`, whose directory fsync started when
+    /// the message opened.
+    named: queue::DirChange,
 }
 
 impl<'a> Message<'a> {
@@ -172,6 +175,14 @@ impl<'a> Message<'a> {
         let nf = tree
             .create_recycled(Queue::Incoming)
             .map_err(Refusal::write_error)?;
+        // The new name's fsync starts now, while the content comes.
+        let named = match queue::sync_dir_soon(&tree.dir(Queue::Incoming)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
+                return Err(Refusal::write_error(e));
+            }
+        };
         let mut w = qfile::Writer::new(nf.file).map_err(Refusal::write_error)?;
         let (secs, usecs) = queue::now();
         let res = (|| {
@@ -199,6 +210,7 @@ impl<'a> Message<'a> {
             hold: None,
             discard: None,
             body_partial: Vec::new(),
+            named,
         };
         if let Err(e) = res {
             m.discard();
@@ -691,14 +703,13 @@ impl<'a> Message<'a> {
             dir = Queue::Hold;
         }
         let w = self.writer.take().expect("writer present until close");
-        let done = w
-            .finish()
-            // Sessions that end together share one fsync of the directory.
-            .and_then(|_| queue::sync_dir_grouped(&self.tree.dir(dir)))
-            .and_then(|_| match dir {
-                Queue::Hold => queue::sync_dir(&self.tree.dir(Queue::Incoming)),
-                _ => Ok(()),
-            });
+        let done = w.finish().and_then(|_| match dir {
+            // Its name in incoming/, synced since the message opened
+            // (sessions that end together share the fsync).
+            Queue::Incoming => queue::sync_dir_wait(&self.tree.dir(dir), self.named),
+            _ => queue::sync_dir_grouped(&self.tree.dir(dir))
+                .and_then(|_| queue::sync_dir(&self.tree.dir(Queue::Incoming))),
+        });
         match done {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();

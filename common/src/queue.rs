@@ -536,6 +536,10 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[derive(Default)]
 struct DirSyncs {
     dirs: std::collections::HashMap<PathBuf, DirSync>,
+    /// [`sync_dir_soon`] asked the background thread for a sync.
+    kicked: bool,
+    /// The background thread runs (or could not be started).
+    syncer_started: bool,
 }
 
 #[derive(Default)]
@@ -551,8 +555,71 @@ struct DirSync {
     handle: Option<File>,
 }
 
+type DirSyncsGuard = std::sync::MutexGuard<'static, Option<DirSyncs>>;
+
 static DIR_SYNCS: std::sync::Mutex<Option<DirSyncs>> = std::sync::Mutex::new(None);
 static DIR_SYNCED: std::sync::Condvar = std::sync::Condvar::new();
+static DIR_SYNC_KICK: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A name change made in a directory, waiting for an fsync of it
+/// ([`sync_dir_soon`], [`sync_dir_wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirChange(u64);
+
+fn dir_syncs() -> io::Result<DirSyncsGuard> {
+    DIR_SYNCS
+        .lock()
+        .map_err(|_| io::Error::other("directory sync lock poisoned"))
+}
+
+/// Counts a name change just made in `dir`.
+fn arrive(g: &mut DirSyncsGuard, dir: &Path) -> DirChange {
+    let d = g
+        .get_or_insert_with(Default::default)
+        .dirs
+        .entry(dir.to_path_buf())
+        .or_default();
+    d.arrivals += 1;
+    DirChange(d.arrivals - 1)
+}
+
+/// Runs one fsync of `dir` for every change counted so far, without the
+/// lock held during the I/O; wakes the waiters when it ends.
+fn run_dir_sync(mut g: DirSyncsGuard, dir: &Path) -> (DirSyncsGuard, io::Result<()>) {
+    let (upto, handle) = {
+        let d = g
+            .as_mut()
+            .and_then(|s| s.dirs.get_mut(dir))
+            .expect("changes counted before a sync");
+        d.running = true;
+        (d.arrivals, d.handle.take())
+    };
+    drop(g);
+    let handle = match handle {
+        Some(h) => Ok(h),
+        None => File::open(dir),
+    };
+    let result = handle.and_then(|h| h.sync_all().map(|_| h));
+    let mut g = DIR_SYNCS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let d = g
+        .as_mut()
+        .and_then(|s| s.dirs.get_mut(dir))
+        .expect("changes counted before a sync");
+    d.running = false;
+    let result = match result {
+        Ok(h) => {
+            d.covered = d.covered.max(upto);
+            d.handle = Some(h);
+            Ok(())
+        }
+        // Opened anew next time.
+        Err(e) => Err(e),
+    };
+    DIR_SYNCED.notify_all();
+    (g, result)
+}
 
 /// As [`sync_dir`], for threads that finish files in the same directory
 /// at the same time (cleanup's): a caller whose name change happened
@@ -562,59 +629,87 @@ static DIR_SYNCED: std::sync::Condvar = std::sync::Condvar::new();
 /// fsyncs into a few, and each caller still returns only once its entry
 /// is on disk.
 pub fn sync_dir_grouped(dir: &Path) -> io::Result<()> {
-    let mut g = DIR_SYNCS
-        .lock()
-        .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
-    let ticket = {
-        let d = g
-            .get_or_insert_with(Default::default)
-            .dirs
-            .entry(dir.to_path_buf())
-            .or_default();
-        d.arrivals += 1;
-        d.arrivals - 1
-    };
+    let change = arrive(&mut dir_syncs()?, dir);
+    sync_dir_wait(dir, change)
+}
+
+/// Counts a name change just made in `dir` and has a background thread
+/// start an fsync of `dir` now, in the same group commit as
+/// [`sync_dir_grouped`]; [`sync_dir_wait`] later returns once the change
+/// is on disk. cleanup names a message's file in `incoming/` when the
+/// message opens: the directory's fsync then runs while the content
+/// arrives and the file is written, not after, and the end of data waits
+/// only for the file's own syncs (and for this one, if still running).
+pub fn sync_dir_soon(dir: &Path) -> io::Result<DirChange> {
+    let mut g = dir_syncs()?;
+    let change = arrive(&mut g, dir);
+    let s = g.as_mut().expect("made by arrive");
+    if !s.syncer_started {
+        s.syncer_started = true;
+        // Without the thread, sync_dir_wait runs the fsync itself.
+        let _ = std::thread::Builder::new()
+            .name("dirsync".into())
+            .spawn(dir_syncer);
+    }
+    s.kicked = true;
+    DIR_SYNC_KICK.notify_one();
+    Ok(change)
+}
+
+/// Waits until `change` in `dir` is on disk, running the fsync itself
+/// when none that covers it is under way.
+pub fn sync_dir_wait(dir: &Path, change: DirChange) -> io::Result<()> {
+    let mut g = dir_syncs()?;
     loop {
         let d = g
             .as_mut()
             .and_then(|s| s.dirs.get_mut(dir))
-            .expect("entry made above");
-        if d.covered > ticket {
+            .expect("change counted before the wait");
+        if d.covered > change.0 {
             return Ok(());
         }
         if !d.running {
-            d.running = true;
-            let upto = d.arrivals;
-            let handle = d.handle.take();
-            drop(g);
-            let handle = match handle {
-                Some(h) => Ok(h),
-                None => File::open(dir),
-            };
-            let result = handle.and_then(|h| h.sync_all().map(|_| h));
-            g = DIR_SYNCS
-                .lock()
-                .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
-            let d = g
-                .as_mut()
-                .and_then(|s| s.dirs.get_mut(dir))
-                .expect("entry made above");
-            d.running = false;
-            let result = match result {
-                Ok(h) => {
-                    d.covered = d.covered.max(upto);
-                    d.handle = Some(h);
-                    Ok(())
-                }
-                // Opened anew next time.
-                Err(e) => Err(e),
-            };
-            DIR_SYNCED.notify_all();
-            return result;
+            return run_dir_sync(g, dir).1;
         }
         g = DIR_SYNCED
             .wait(g)
             .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
+    }
+}
+
+/// The background thread of [`sync_dir_soon`]: one fsync per directory
+/// with changes not yet covered, each time it is asked. A failed fsync is
+/// not retried here: the waiter runs the next one itself and sees its
+/// error.
+fn dir_syncer() {
+    let mut g = DIR_SYNCS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        while !g.as_ref().is_some_and(|s| s.kicked) {
+            g = DIR_SYNC_KICK
+                .wait(g)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        let s = g.as_mut().expect("kicked");
+        s.kicked = false;
+        let due: Vec<PathBuf> = s
+            .dirs
+            .iter()
+            .filter(|(_, d)| d.arrivals > d.covered && !d.running)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for dir in due {
+            // A waiter may have started one meanwhile (the lock is let go
+            // during each fsync).
+            let still_due = g
+                .as_ref()
+                .and_then(|s| s.dirs.get(&dir))
+                .is_some_and(|d| d.arrivals > d.covered && !d.running);
+            if still_due {
+                g = run_dir_sync(g, &dir).0;
+            }
+        }
     }
 }
 
@@ -702,6 +797,48 @@ mod tests {
         let d = &g.as_ref().unwrap().dirs[&root];
         assert_eq!(d.arrivals, 320);
         assert!(!d.running);
+        drop(g);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_sync_started_early_covers_its_change_and_later_waits_share_it() {
+        let root = std::env::temp_dir().join(format!("pqs-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("first"), b"x").unwrap();
+        let first = sync_dir_soon(&root).unwrap();
+        // The background thread's fsync covers the change without anybody
+        // waiting for it.
+        for _ in 0..500 {
+            let covered = DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered;
+            if covered > first.0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered > first.0);
+        sync_dir_wait(&root, first).unwrap();
+        // Changes from many threads, each waited for later: every wait
+        // returns, and the counts add up.
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    for j in 0..20 {
+                        fs::write(root.join(format!("{i}-{j}")), b"x").unwrap();
+                        let c = sync_dir_soon(&root).unwrap();
+                        sync_dir_wait(&root, c).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let g = DIR_SYNCS.lock().unwrap();
+        let d = &g.as_ref().unwrap().dirs[&root];
+        assert_eq!(d.arrivals, 161);
+        assert!(d.covered == 161 && !d.running);
         drop(g);
         fs::remove_dir_all(root).unwrap();
     }
