@@ -241,16 +241,18 @@ def sched_policies(pid):
 
 
 def test_daemons_run_under_the_batch_scheduling_policy(make_postern, sink):
-    """Every daemon master starts, and every thread of it, runs under
-    SCHED_BATCH (daemon_sched_batch = yes, the default); master itself
-    and the commands keep the normal policy."""
+    """The daemons of unix and fifo services, every thread of them, run
+    under SCHED_BATCH (daemon_sched_batch = yes, the default); smtpd (an
+    inet service, clients wait on it) and master keep the normal
+    policy."""
     p = make_postern(params={"relayhost": f"[127.0.0.1]:{sink.port}"})
     code, text = p.send("a@postern.test", ["b@remote.example"], "Subject: s\n\nx\n")
     assert code == 250, text
     wait_for(lambda: sink.messages, timeout=30, what="the message at the sink")
     names = {h.proc_name(c): sched_policies(c) for c in p.child_pids()}
-    for daemon in ("smtpd", "cleanup", "qmgr", "smtp", "pickup"):
+    for daemon in ("cleanup", "qmgr", "smtp", "pickup"):
         assert names.get(daemon) == {"SCHED_BATCH"}, names
+    assert names.get("smtpd") == {"SCHED_OTHER"}, names
     assert sched_policies(p.master_pid()) == {"SCHED_OTHER"}
 
 

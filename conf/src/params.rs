@@ -53,9 +53,10 @@ pub const PARAMS: &[(&str, &str)] = &[
     // Postern-only: how many sessions one smtpd process serves before
     // master starts another one on the same listener.
     ("smtpd_client_session_limit", "1000"),
-    // Postern-only: master starts its daemons under the kernel's batch
-    // scheduling policy (SCHED_BATCH), so that a daemon woken by another
-    // one does not preempt it halfway through its work.
+    // Postern-only: master starts the daemons of unix and fifo services
+    // under the kernel's batch scheduling policy (SCHED_BATCH), so that a
+    // daemon woken by another one does not preempt it halfway through its
+    // work; inet services (smtpd) keep the normal policy.
     ("daemon_sched_batch", "yes"),
     // smtpd.
     ("smtpd_banner", "$myhostname ESMTP $mail_name"),

@@ -207,6 +207,9 @@ impl Supervisor {
         // A bad value was reported by `postern check` at start.
         let sched_batch = self.cfg.get_bool("daemon_sched_batch").unwrap_or(true);
         let s = &mut self.services[idx];
+        // A service that network clients wait on (smtpd) answers them as
+        // soon as they write: it keeps the normal policy.
+        let sched_batch = sched_batch && s.def.kind != ServiceType::Inet;
         let program = if s.def.command.starts_with('/') {
             PathBuf::from(&s.def.command)
         } else {
