@@ -933,6 +933,19 @@ mod tests {
         Agent::from_config(&cfg, false)
     }
 
+    /// The lines of a DATA section up to the final dot, as sent.
+    fn read_data(r: &mut impl BufRead) -> Vec<u8> {
+        let mut msg = Vec::new();
+        loop {
+            let mut l = Vec::new();
+            r.read_until(b'\n', &mut l).unwrap();
+            if l == b".\r\n" {
+                return msg;
+            }
+            msg.extend_from_slice(&l);
+        }
+    }
+
     /// A server that answers each command in turn; RCPT TO addresses
     /// listed in `reject` get a 550. Returns the message it received.
     fn sink(l: TcpListener, reject: &'static [&'static str]) -> std::thread::JoinHandle<Vec<u8>> {
@@ -958,14 +971,7 @@ mod tests {
                     }
                 } else if up.starts_with("DATA") {
                     w.write_all(b"354 go\r\n").unwrap();
-                    loop {
-                        let mut l = Vec::new();
-                        r.read_until(b'\n', &mut l).unwrap();
-                        if l == b".\r\n" {
-                            break;
-                        }
-                        msg.extend_from_slice(&l);
-                    }
+                    msg.extend(read_data(&mut r));
                     b"250 2.0.0 Ok: queued as SINK1\r\n"
                 } else if up.starts_with("QUIT") {
                     w.write_all(b"221 bye\r\n").unwrap();
@@ -1042,14 +1048,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn second_request_reuses_the_session() {
-        let dir = tmpdir("reuse");
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        // The sink takes one connection only: the second message must
-        // come over it (after RSET), and QUIT when the cache lets go.
-        let srv = sink(l, &[]);
+    /// Delivers "first", then "second" to a@b.test through one agent,
+    /// each expected sent; the agent keeps its cached session.
+    fn deliver_first_and_second(dir: &std::path::Path, port: u16) -> Agent {
         let a = agent();
         for (i, body) in [&b"first\n"[..], &b"second\n"[..]].iter().enumerate() {
             let (_tree, mut job) =
@@ -1063,6 +1064,19 @@ mod tests {
                 reply.results
             );
         }
+        a
+    }
+
+    #[test]
+    fn second_request_reuses_the_session() {
+        let dir = tmpdir("reuse");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // The sink takes one connection only: the second message must
+        // come over it (after RSET), and QUIT when the cache lets go.
+        let srv = sink(l, &[]);
+        // Kept to the end: its cache holds the session.
+        let _agent = deliver_first_and_second(&dir, port);
         // The reaper closes the idle session after smtp_connection_cache_time_limit.
         assert_eq!(srv.join().unwrap(), b"first\r\nsecond\r\n");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -1098,14 +1112,7 @@ mod tests {
                     break;
                 } else if up.starts_with("DATA") {
                     w.write_all(b"354 go\r\n").unwrap();
-                    loop {
-                        let mut l = Vec::new();
-                        r.read_until(b'\n', &mut l).unwrap();
-                        if l == b".\r\n" {
-                            break;
-                        }
-                        first.extend_from_slice(&l);
-                    }
+                    first.extend(read_data(&mut r));
                     messages += 1;
                     w.write_all(b"250 2.0.0 Ok\r\n").unwrap();
                 } else {
@@ -1115,19 +1122,7 @@ mod tests {
             drop((w, r));
             (messages, first, sink(l, &[]).join().unwrap())
         });
-        let a = agent();
-        for (i, body) in [&b"first\n"[..], &b"second\n"[..]].iter().enumerate() {
-            let (_tree, mut job) =
-                make_job(&dir.join(i.to_string()), &["a@b.test"], body, "b.test");
-            a.try_servers(&mut job, &[server(port)]);
-            let reply = job.finish();
-            assert_eq!(
-                reply.results[0].outcome,
-                Outcome::Sent,
-                "{:?}",
-                reply.results
-            );
-        }
+        let a = deliver_first_and_second(&dir, port);
         a.close_cached();
         let (messages, first, second) = srv.join().unwrap();
         assert_eq!((messages, &first[..]), (1, &b"first\r\n"[..]));
