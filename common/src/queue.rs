@@ -549,9 +549,15 @@ struct DirSync {
     /// Every caller with a ticket below this is covered by a finished fsync.
     covered: u64,
     running: bool,
+    /// Every change with a ticket below this was covered by an fsync that
+    /// failed. They stay failed: Linux reports a writeback error to one
+    /// fsync only, so a later fsync that succeeds says nothing of them.
+    failed_below: u64,
     /// The directory, kept open: opening it by path for every fsync
-    /// walked the whole path again for each message.
-    /// Only the caller running the fsync holds it meanwhile.
+    /// walked the whole path again for each message (the queue's
+    /// directories are made by `postern check` and never replaced while
+    /// the system runs). Only the caller running the fsync holds it
+    /// meanwhile.
     handle: Option<File>,
 }
 
@@ -615,7 +621,10 @@ fn run_dir_sync(mut g: DirSyncsGuard, dir: &Path) -> (DirSyncsGuard, io::Result<
             Ok(())
         }
         // Opened anew next time.
-        Err(e) => Err(e),
+        Err(e) => {
+            d.failed_below = d.failed_below.max(upto);
+            Err(e)
+        }
     };
     DIR_SYNCED.notify_all();
     (g, result)
@@ -665,6 +674,12 @@ pub fn sync_dir_wait(dir: &Path, change: DirChange) -> io::Result<()> {
             .as_mut()
             .and_then(|s| s.dirs.get_mut(dir))
             .expect("change counted before the wait");
+        if d.failed_below > change.0 {
+            return Err(io::Error::other(format!(
+                "fsync of {} failed",
+                dir.display()
+            )));
+        }
         if d.covered > change.0 {
             return Ok(());
         }
@@ -678,9 +693,8 @@ pub fn sync_dir_wait(dir: &Path, change: DirChange) -> io::Result<()> {
 }
 
 /// The background thread of [`sync_dir_soon`]: one fsync per directory
-/// with changes not yet covered, each time it is asked. A failed fsync is
-/// not retried here: the waiter runs the next one itself and sees its
-/// error.
+/// with changes not yet covered, each time it is asked. The waiters of
+/// the changes a failed fsync covered see the failure (`failed_below`).
 fn dir_syncer() {
     let mut g = DIR_SYNCS
         .lock()
@@ -840,6 +854,21 @@ mod tests {
         assert_eq!(d.arrivals, 161);
         assert!(d.covered == 161 && !d.running);
         drop(g);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_change_covered_by_a_failed_fsync_stays_failed() {
+        let root = std::env::temp_dir().join(format!("pqf-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let change = arrive(&mut dir_syncs().unwrap(), &root);
+        // The fsync cannot even open the directory.
+        fs::remove_dir(&root).unwrap();
+        assert!(sync_dir_wait(&root, change).is_err());
+        // A later fsync that succeeds covers later changes only.
+        fs::create_dir_all(&root).unwrap();
+        sync_dir_grouped(&root).unwrap();
+        assert!(sync_dir_wait(&root, change).is_err());
         fs::remove_dir_all(root).unwrap();
     }
 
