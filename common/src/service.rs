@@ -563,25 +563,45 @@ where
         uses += 1;
         active.fetch_add(1, Ordering::SeqCst);
         status.took_work();
-        let (h, a, d) = (handle.clone(), active.clone(), done_tx.clone());
+        let h = handle.clone();
+        let finished = Finished {
+            active: active.clone(),
+            done: done_tx.clone(),
+            slots,
+        };
         let submitted = workers.submit(move || {
+            // Counted as finished even if the handler panics.
+            let _finished = finished;
             h(conn);
-            // The main loop needs to hear of a finished connection only
-            // when it changes what the loop does: a full process may
-            // accept again, an empty one starts its idle time (and a
-            // worn-out or drained one may exit). Poking it for every
-            // connection cost a wake-up of the main thread per message.
-            let before = a.fetch_sub(1, Ordering::SeqCst);
-            if before == slots || before == 1 {
-                let _ = (&*d).write(&[0]);
-            }
         });
         if let Err((e, job)) = submitted {
-            // Dropping the job drops the connection: the client sees it
-            // close and tries again.
+            // Dropping the job drops the connection (the client sees it
+            // close and tries again) and counts it as finished.
             drop(job);
-            active.fetch_sub(1, Ordering::SeqCst);
             crate::warning!("cannot start a thread: {e}");
+        }
+    }
+}
+
+/// One connection of [`serve_threaded`] ending (when dropped): the count
+/// of connections goes down, and the main loop hears of it when that
+/// changes what the loop does: a full process may accept again, an empty
+/// one starts its idle time (and a worn-out or drained one may exit).
+/// Poking it for every connection cost a wake-up of the main thread per
+/// message.
+struct Finished {
+    active: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    done: std::sync::Arc<std::fs::File>,
+    slots: usize,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let before = self
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if before == self.slots || before == 1 {
+            let _ = (&*self.done).write(&[0]);
         }
     }
 }
