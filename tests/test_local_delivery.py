@@ -153,7 +153,8 @@ def test_aliases_file_pipe_include(make_postern, local_users, scratch):
     p.write_file("etc/aliases",
                  "postmaster: root\n"
                  f"archive: {archive}\n"
-                 f"pipe: \"|/bin/sh -c 'id -un > {piped}.who; cat > {piped}'\"\n"
+                 f"pipe: \"|/bin/sh -c 'id -un > {piped}.who; chrt -p $$ > {piped}.sched; "
+                 f"cat > {piped}'\"\n"
                  f"team: :include:{members}\n")
     p.newaliases()
     p.start()
@@ -173,6 +174,9 @@ def test_aliases_file_pipe_include(make_postern, local_users, scratch):
     nobody = pwd.getpwnam("nobody").pw_uid
     assert archive.stat().st_uid == nobody
     assert (scratch / "piped.who").read_text().strip() == "nobody"
+    # local runs under SCHED_BATCH (daemon_sched_batch); the command it
+    # starts gets the normal policy back.
+    assert "SCHED_OTHER" in (scratch / "piped.sched").read_text()
 
 
 def test_delivered_to_loop_bounces(make_postern, local_users):

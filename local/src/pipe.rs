@@ -112,6 +112,10 @@ impl Command<'_> {
                 if libc::setsid() == -1 {
                     return Err(io::Error::last_os_error());
                 }
+                // local runs under SCHED_BATCH (master's daemon_sched_batch);
+                // the user's command gets the normal policy.
+                let normal = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal);
                 if let Some((uid, gid)) = run_as {
                     become_user(uid, gid)?;
                 }
