@@ -70,9 +70,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     let sched_batch = spec.sched_batch;
     // SAFETY: getpid has no preconditions.
     let master = unsafe { libc::getpid() };
-    // SAFETY: between fork and exec we only make system calls (dup,
-    // dup2, fcntl, and the ones in privs::drop_to), which are
-    // async-signal-safe, and allocate nothing.
+    // SAFETY: between fork and exec we only make system calls (fcntl,
+    // dup2, sigprocmask, sched_setscheduler, prctl, getppid, and the ones
+    // in privs::drop_to), which are async-signal-safe, and allocate
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
             // Move every descriptor out of the way first, so that putting
