@@ -904,7 +904,7 @@ impl<'a, 'c> Session<'a, 'c> {
         };
         let stream: Box<dyn Stream + Send + 'c> = Box::new(est.stream);
         self.conn = stream;
-        // The handshake set limits of its own.
+        // A new stream over the socket: set its limits anew.
         self.time_limit = None;
         self.encrypted = true;
         let level = tls.policy.level;
