@@ -388,6 +388,72 @@ def test_relay_denied_outside_mynetworks(make_postern, optional_local_users):
             assert code == 250, (code, text)
 
 
+def test_queue_file_opened_at_the_first_accepted_recipient(make_postern, sink):
+    """As Postfix (smtpd_delay_open_until_valid_rcpt = yes): the queue
+    file is made when the first recipient is accepted, not before, not at
+    DATA; a transaction given up leaves nothing behind."""
+    p = make_postern(relay_params(sink))
+
+    def incoming():
+        return [f for f in p.queue_files("incoming") if re.fullmatch(r"[0-9A-F]{14,}", f)]
+
+    def mailq():
+        r = h.run([p.cmd("mailq"), "-c", p.etc], env=p.env(), cwd=p.dir)
+        assert r.returncode == 0, h.describe(r)
+        return r.stdout
+
+    with p.smtp(source_address=("127.0.0.2", 0)) as s:
+        s.ehlo("outside.example")
+        assert s.mail(SENDER)[0] == 250
+        # Refused: no file yet, so the log line says NOQUEUE.
+        assert s.rcpt("x@remote.example")[0] == 554
+        p.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 "
+                       r"<x@remote\.example>")
+        assert incoming() == []
+        # The first accepted recipient: the file exists (not complete, so
+        # the queue listing does not show it) and has an ID.
+        code, text = s.rcpt("postmaster@postern.test")
+        assert code == 250, text
+        qid = p.wait_for_log(r"postern/smtpd\[\d+\]: ([0-9A-F]+): client=unknown\[127\.0\.0\.2\]"
+                             ).group(1)
+        assert incoming() == [qid]
+        assert mailq() == "Mail queue is empty\n"
+        # Refused after it: the log names the file, as Postfix's does.
+        assert s.rcpt("y@remote.example")[0] == 554
+        p.wait_for_log(rf"{qid}: reject: RCPT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 "
+                       r"<y@remote\.example>")
+        # RSET gives the file up.
+        assert s.rset()[0] == 250
+        wait_for(lambda: incoming() == [], timeout=10, what="the given-up file removed")
+
+    # The next transaction of a session makes a file of its own.
+    token = new_token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt("someone@remote.example")[0] == 250
+        assert s.rset()[0] == 250
+        data = message([("From", SENDER), ("Subject", token)], "body\n")
+        s.sendmail(SENDER, ["other@remote.example"], data)
+    sink.wait_for(token, timeout=30)
+    time.sleep(1)
+    m = the_one(sink.find(token), "copy at the sink")
+    assert m.rcpt_tos == ["other@remote.example"]
+    wait_for(lambda: incoming() == [] and mailq() == "Mail queue is empty\n", timeout=30,
+             what="an empty queue")
+
+
+def test_queue_file_opened_at_mail_from_without_the_delay(make_postern):
+    p = make_postern({"smtpd_delay_open_until_valid_rcpt": "no"})
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        assert s.mail(SENDER)[0] == 250
+        p.wait_for_log(r"postern/smtpd\[\d+\]: [0-9A-F]+: client=")
+        assert len(p.queue_files("incoming")) == 1
+    # The client left without a recipient: the file goes.
+    wait_for(lambda: p.queue_files("incoming") == [], timeout=10, what="the file removed")
+
+
 def test_wildcard_listener_serves_ipv4_and_ipv6(make_postern):
     """A master.cf service given as a bare port listens on every
     inet_interfaces address (the default, all): IPv4 and IPv6 clients are

@@ -1,5 +1,6 @@
 //! One message from Open to Queued: the queue file is created at Open,
-//! the header section is buffered (each header bounded by
+//! the envelope's records are written when the envelope comes, the
+//! header section is buffered (each header bounded by
 //! `header_size_limit`, the section by ten times that)
 //! so that recipients from `sendmail -t` can be written before the
 //! content, and the body is streamed straight through.
@@ -143,12 +144,66 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// Creates the queue file and writes the envelope's first records.
-    pub fn open(
-        settings: &'a Settings,
-        tree: &'a QueueTree,
-        mut new: NewMessage,
-    ) -> Result<Message<'a>, Refusal> {
+    /// Creates the queue file (`Open`): a spare renamed in under a new
+    /// ID, or a new file. The envelope follows ([`Message::envelope`]).
+    pub fn create(settings: &'a Settings, tree: &'a QueueTree) -> Result<Message<'a>, Refusal> {
+        let nf = tree
+            .create_recycled(Queue::Incoming)
+            .map_err(Refusal::write_error)?;
+        // The new name's fsync starts now, while the envelope and the
+        // content come.
+        let named = match queue::sync_dir_soon(&tree.dir(Queue::Incoming)) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
+                return Err(Refusal::write_error(e));
+            }
+        };
+        let writer = match qfile::Writer::new(nf.file) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
+                return Err(Refusal::write_error(e));
+            }
+        };
+        Ok(Message {
+            settings,
+            tree,
+            id: nf.id,
+            writer: Some(writer),
+            new: NewMessage::default(),
+            part: Part::Headers {
+                partial: Vec::new(),
+            },
+            headers: Vec::new(),
+            header_bytes: 0,
+            total: 0,
+            refused: None,
+            message_id: None,
+            hold: None,
+            discard: None,
+            body_partial: Vec::new(),
+            named,
+        })
+    }
+
+    /// Takes the envelope: rewrites the sender and the recipients
+    /// (canonical, virtual aliases) and writes the arrival time, the sender
+    /// and the attributes. The recipients are written after the header
+    /// section (`sendmail -t` adds some). A refusal is kept for
+    /// [`Message::close`] to report.
+    pub fn envelope(&mut self, mut new: NewMessage) {
+        if let Err(r) = self.take_envelope(&mut new) {
+            // Reported to the client at Close, never bounced: no recipient
+            // was accepted.
+            new.recipients.clear();
+            self.refused.get_or_insert(r);
+        }
+        self.new = new;
+    }
+
+    fn take_envelope(&mut self, new: &mut NewMessage) -> Result<(), Refusal> {
+        let settings = self.settings;
         if new.recipients.is_empty() && new.flags & cleanup_flags::EXTRACT_RECIPIENTS == 0 {
             return Err(Refusal {
                 temporary: false,
@@ -172,20 +227,11 @@ impl<'a> Message<'a> {
             recipients.extend(rewrite_recipient(rw, r, &given)?);
         }
         new.recipients = recipients;
-        let nf = tree
-            .create_recycled(Queue::Incoming)
-            .map_err(Refusal::write_error)?;
-        // The new name's fsync starts now, while the content comes.
-        let named = match queue::sync_dir_soon(&tree.dir(Queue::Incoming)) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
-                return Err(Refusal::write_error(e));
-            }
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(());
         };
-        let mut w = qfile::Writer::new(nf.file).map_err(Refusal::write_error)?;
         let (secs, usecs) = queue::now();
-        let res = (|| {
+        let written = (|| {
             w.arrival(secs, usecs)?;
             w.sender(&new.sender)?;
             for (n, v) in &new.attrs {
@@ -193,30 +239,12 @@ impl<'a> Message<'a> {
             }
             Ok::<(), io::Error>(())
         })();
-        let mut m = Message {
-            settings,
-            tree,
-            id: nf.id,
-            writer: Some(w),
-            new,
-            part: Part::Headers {
-                partial: Vec::new(),
-            },
-            headers: Vec::new(),
-            header_bytes: 0,
-            total: 0,
-            refused: None,
-            message_id: None,
-            hold: None,
-            discard: None,
-            body_partial: Vec::new(),
-            named,
-        };
-        if let Err(e) = res {
-            m.discard();
-            return Err(Refusal::write_error(e));
-        }
-        Ok(m)
+        written.map_err(Refusal::write_error)
+    }
+
+    /// Who submitted the message ("smtpd", "pickup", ...), for log lines.
+    pub fn origin(&self) -> &str {
+        &self.new.origin
     }
 
     /// Takes the next piece of content.
@@ -882,7 +910,8 @@ mod tests {
             flags: cleanup_flags::EXTRACT_RECIPIENTS,
             ..Default::default()
         };
-        let mut m = Message::open(&s, &t, new).unwrap();
+        let mut m = Message::create(&s, &t).unwrap();
+        m.envelope(new);
         m.content(b"To: a@x.test, \"B\" <b@x.test>\nBcc: c@x.test\nSubj");
         m.content(b"ect: hi\n folded\n\nbody\n.\n");
         let id = m.close().map_err(|r| r.reason).unwrap();
@@ -934,7 +963,8 @@ mod tests {
             flags: cleanup_flags::EXTRACT_RECIPIENTS,
             ..Default::default()
         };
-        let mut m = Message::open(&s, &t, new).unwrap();
+        let mut m = Message::create(&s, &t).unwrap();
+        m.envelope(new);
         m.content(b"Subject: x\n\nbody\n");
         let r = m.close().err().unwrap();
         assert_eq!(r.dsn, "5.1.3");
@@ -950,7 +980,8 @@ mod tests {
             recipients: vec![Recipient::new("b@x.test")],
             ..Default::default()
         };
-        let mut m = Message::open(&s, &t, new).unwrap();
+        let mut m = Message::create(&s, &t).unwrap();
+        m.envelope(new);
         m.content(b"Subject: x\nthis is body\n");
         let id = m.close().map_err(|r| r.reason).unwrap();
         let (_, text) = stored(&t, &id);

@@ -1,5 +1,6 @@
-//! The connections: each client's Open / Content / Close exchange, on a
-//! thread of its own, up to [`CONNECTIONS_PER_PROCESS`] at once.
+//! The connections: each client's Open / Envelope / Content / Close
+//! exchange, on a thread of its own, up to [`CONNECTIONS_PER_PROCESS`] at
+//! once.
 
 use crate::message::{Message, Settings};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest, Wakeup};
@@ -29,19 +30,18 @@ pub fn run(cfg: &Config) -> ! {
             // and often the next frame, in one read.
             let mut requests = std::io::BufReader::with_capacity(16 * 1024, &conn);
             let mut conn = &conn;
-            let new = match ipc::recv::<_, CleanupRequest>(&mut requests) {
-                Ok(CleanupRequest::Open(n)) => n,
+            match ipc::recv::<_, CleanupRequest>(&mut requests) {
+                Ok(CleanupRequest::Open) => {}
                 Ok(other) => {
                     postern_common::warning!("unexpected request before Open: {other:?}");
                     return;
                 }
                 Err(_) => return,
-            };
-            let origin = new.origin.clone();
-            let mut msg = match Message::open(&settings, &tree, new) {
+            }
+            let mut msg = match Message::create(&settings, &tree) {
                 Ok(m) => m,
                 Err(r) => {
-                    postern_common::warning!("{origin}: message not queued: {}", r.reason);
+                    postern_common::warning!("message not queued: {}", r.reason);
                     let _ = ipc::send(&mut conn, &r.reply());
                     return;
                 }
@@ -57,6 +57,21 @@ pub fn run(cfg: &Config) -> ! {
                 msg.discard();
                 return;
             }
+            // smtpd opens at the first RCPT TO: the envelope comes with
+            // DATA, a client round trip or more later.
+            match ipc::recv::<_, CleanupRequest>(&mut requests) {
+                Ok(CleanupRequest::Envelope(new)) => msg.envelope(new),
+                Ok(CleanupRequest::Abort) | Err(_) => {
+                    msg.discard();
+                    return;
+                }
+                Ok(other) => {
+                    postern_common::warning!("{}: expected the envelope, got {other:?}", msg.id);
+                    msg.discard();
+                    return;
+                }
+            }
+            let origin = msg.origin().to_string();
             loop {
                 match ipc::recv::<_, CleanupRequest>(&mut requests) {
                     Ok(CleanupRequest::Content(data)) => msg.content(&data),
@@ -67,8 +82,8 @@ pub fn run(cfg: &Config) -> ! {
                         msg.discard();
                         return;
                     }
-                    Ok(CleanupRequest::Open(_)) => {
-                        postern_common::warning!("{}: Open inside a message", msg.id);
+                    Ok(other @ (CleanupRequest::Open | CleanupRequest::Envelope(_))) => {
+                        postern_common::warning!("{}: unexpected {other:?}", msg.id);
                         msg.discard();
                         return;
                     }

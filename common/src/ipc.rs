@@ -61,6 +61,16 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<T> {
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Starts a message whose envelope is known: `Open` and `Envelope` in one
+/// write. The reply to read next is cleanup's answer to `Open`.
+pub fn send_open<W: Write>(w: &mut W, envelope: NewMessage) -> io::Result<()> {
+    let mut frames = Vec::new();
+    send(&mut frames, &CleanupRequest::Open)?;
+    send(&mut frames, &CleanupRequest::Envelope(envelope))?;
+    w.write_all(&frames)?;
+    w.flush()
+}
+
 /// Connects to a service socket with a time limit on each read and write.
 pub fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     let s = UnixStream::connect(path)
@@ -102,8 +112,18 @@ pub struct NewMessage {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CleanupRequest {
-    /// Opens a message; answered by [`CleanupReply::Opened`] or `Failed`.
-    Open(NewMessage),
+    /// Starts a message: cleanup creates its queue file and answers
+    /// [`CleanupReply::Opened`] with the queue ID, or `Failed`. smtpd sends
+    /// it at the first accepted RCPT TO, as Postfix's smtpd opens its queue
+    /// file (`smtpd_delay_open_until_valid_rcpt`), so the file is made
+    /// while the client is still naming recipients, not after DATA; other
+    /// clients send it together with the envelope ([`send_open`]).
+    Open,
+    /// Who the message is from and for: once, after `Open` and before any
+    /// content. Not answered: an envelope cleanup refuses (an unusable
+    /// address, a table that cannot be read) is reported at `Close`, as a
+    /// refused content is.
+    Envelope(NewMessage),
     /// The next piece of content: header and body lines with LF ends, as
     /// the message will be stored (no SMTP dot-stuffing, no CRs added).
     Content(#[serde(with = "content_bytes")] Vec<u8>),
@@ -374,16 +394,20 @@ mod tests {
     #[test]
     fn framing_round_trip() {
         let mut buf = Vec::new();
-        let m = CleanupRequest::Open(NewMessage {
+        let m = NewMessage {
             sender: "a@b".into(),
             recipients: vec![Recipient::new("c@d")],
             ..Default::default()
-        });
-        send(&mut buf, &m).unwrap();
+        };
+        send_open(&mut buf, m).unwrap();
         send(&mut buf, &CleanupRequest::Close).unwrap();
         let mut r = &buf[..];
+        assert!(matches!(
+            recv::<_, CleanupRequest>(&mut r).unwrap(),
+            CleanupRequest::Open
+        ));
         match recv::<_, CleanupRequest>(&mut r).unwrap() {
-            CleanupRequest::Open(n) => assert_eq!(n.recipients[0].address, "c@d"),
+            CleanupRequest::Envelope(n) => assert_eq!(n.recipients[0].address, "c@d"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
@@ -406,6 +430,7 @@ mod tests {
         #[derive(Serialize)]
         enum Plain {
             _Open,
+            _Envelope,
             Content(Vec<u8>),
         }
         let plain = postcard::to_stdvec(&Plain::Content(data.clone())).unwrap();

@@ -80,6 +80,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_data_restrictions", ""),
     ("smtpd_delay_reject", "yes"),
     ("smtpd_peername_lookup", "yes"),
+    ("smtpd_delay_open_until_valid_rcpt", "yes"),
     ("unknown_client_hostname_reject_code", "450"),
     ("unknown_hostname_reject_code", "450"),
     ("smtpd_reject_unlisted_recipient", "yes"),

@@ -39,14 +39,14 @@ impl Forward<'_> {
             Ok(s) => s,
             Err(e) => return fail(e),
         };
-        let open = CleanupRequest::Open(NewMessage {
+        let envelope = NewMessage {
             sender: self.sender.to_string(),
             recipients: self.recipients.clone(),
             attrs: Vec::new(),
             flags: cleanup_flags::NO_HEADER_FIXUP,
             origin: "local".into(),
-        });
-        if let Err(e) = ipc::send(&mut s, &open) {
+        };
+        if let Err(e) = ipc::send_open(&mut s, envelope) {
             return fail(e);
         }
         match ipc::recv::<_, CleanupReply>(&mut s) {
@@ -129,8 +129,11 @@ mod tests {
         let l = UnixListener::bind(sock).unwrap();
         std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
+            let CleanupRequest::Open = ipc::recv::<_, CleanupRequest>(&mut c).unwrap() else {
+                panic!("no Open");
+            };
             let m = match ipc::recv::<_, CleanupRequest>(&mut c).unwrap() {
-                CleanupRequest::Open(m) => m,
+                CleanupRequest::Envelope(m) => m,
                 other => panic!("{other:?}"),
             };
             ipc::send(

@@ -93,8 +93,11 @@ fn fake_cleanup(sock: &Path) -> Submitted {
     std::thread::spawn(move || {
         for c in l.incoming() {
             let mut c = c.unwrap();
+            let Ok(CleanupRequest::Open) = ipc::recv::<_, CleanupRequest>(&mut c) else {
+                continue;
+            };
             let m = match ipc::recv::<_, CleanupRequest>(&mut c) {
-                Ok(CleanupRequest::Open(m)) => m,
+                Ok(CleanupRequest::Envelope(m)) => m,
                 _ => continue,
             };
             ipc::send(

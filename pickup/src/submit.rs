@@ -121,7 +121,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Err(e) => return Outcome::TryLater(format!("cleanup unavailable: {e}")),
     };
     let io_err = |e: std::io::Error| Outcome::TryLater(format!("cleanup: {e}"));
-    if let Err(e) = ipc::send(&mut conn, &CleanupRequest::Open(new)) {
+    if let Err(e) = ipc::send_open(&mut conn, new) {
         return io_err(e);
     }
     let queue_id = match ipc::recv::<_, CleanupReply>(&mut conn) {

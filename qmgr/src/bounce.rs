@@ -680,15 +680,15 @@ pub fn send(
     if !n.envid.is_empty() && n.postmaster {
         attrs.push((qfile::attr::ENVID.to_string(), n.envid.clone()));
     }
-    ipc::send(
+    ipc::send_open(
         &mut s,
-        &CleanupRequest::Open(NewMessage {
+        NewMessage {
             sender: n.from.clone(),
             recipients: vec![Recipient::new(&n.to)],
             attrs,
             flags: cleanup_flags::NOTIFICATION,
             origin: "qmgr".to_string(),
-        }),
+        },
     )
     .map_err(io)?;
     let new_id = match ipc::recv::<_, CleanupReply>(&mut s).map_err(io)? {

@@ -119,8 +119,11 @@ fn cleanup(tree: &QueueTree, notices: Notices) {
     std::thread::spawn(move || {
         for (n, conn) in l.incoming().enumerate() {
             let mut conn = conn.unwrap();
-            let CleanupRequest::Open(nm) = ipc::recv(&mut conn).unwrap() else {
+            let CleanupRequest::Open = ipc::recv(&mut conn).unwrap() else {
                 panic!("no Open");
+            };
+            let CleanupRequest::Envelope(nm) = ipc::recv(&mut conn).unwrap() else {
+                panic!("no Envelope");
             };
             let id = format!("AAAAAAAAAAAAA{n:X}");
             ipc::send(
@@ -135,7 +138,7 @@ fn cleanup(tree: &QueueTree, notices: Notices) {
                 match ipc::recv(&mut conn).unwrap() {
                     CleanupRequest::Content(c) => body.extend(c),
                     CleanupRequest::Close => break,
-                    CleanupRequest::Abort | CleanupRequest::Open(_) => panic!("unexpected"),
+                    other => panic!("unexpected {other:?}"),
                 }
             }
             ipc::send(&mut conn, &CleanupReply::Queued { queue_id: id }).unwrap();
@@ -420,8 +423,11 @@ fn choosy_cleanup(tree: &QueueTree, notices: Notices, refuse: &'static str) {
         let mut refused = false;
         for (n, conn) in l.incoming().enumerate() {
             let mut conn = conn.unwrap();
-            let CleanupRequest::Open(nm) = ipc::recv(&mut conn).unwrap() else {
+            let CleanupRequest::Open = ipc::recv(&mut conn).unwrap() else {
                 panic!("no Open");
+            };
+            let CleanupRequest::Envelope(nm) = ipc::recv(&mut conn).unwrap() else {
+                panic!("no Envelope");
             };
             if nm.recipients[0].address == refuse && !refused {
                 refused = true;
@@ -443,7 +449,7 @@ fn choosy_cleanup(tree: &QueueTree, notices: Notices, refuse: &'static str) {
                 match ipc::recv(&mut conn).unwrap() {
                     CleanupRequest::Content(c) => body.extend(c),
                     CleanupRequest::Close => break,
-                    CleanupRequest::Abort | CleanupRequest::Open(_) => panic!("unexpected"),
+                    other => panic!("unexpected {other:?}"),
                 }
             }
             ipc::send(&mut conn, &CleanupReply::Queued { queue_id: id }).unwrap();

@@ -2,7 +2,8 @@
 //!
 //! The listeners are the TCP sockets master passed (fd 3, and fd 5 and up
 //! when the service listens on several addresses). Each session
-//! has its client socket and, from DATA until cleanup's answer, a Unix
+//! has its client socket and, from the first accepted RCPT TO (when the
+//! queue file is opened) until cleanup's answer to the final dot, a Unix
 //! socket to `queue_directory/public/cleanup`; both are registered in
 //! the same poll, so nothing ever blocks waiting for cleanup. mio is
 //! edge-triggered: a socket is read until it would block, unless the
@@ -834,7 +835,7 @@ fn turn(
         for req in slot.session.take_requests() {
             progress = true;
             match req {
-                CleanupRequest::Open(_) => {
+                CleanupRequest::Open => {
                     drop_cleanup(slot, registry);
                     slot.pending_open = None;
                     let now = Instant::now();

@@ -116,8 +116,9 @@ struct DataState {
 enum State {
     /// Reading commands.
     Command,
-    /// DATA accepted; waiting for cleanup's Opened.
-    WaitOpened,
+    /// The queue file is being opened: the reply to MAIL, RCPT or DATA
+    /// waits for cleanup's Opened.
+    WaitOpened(Opening),
     /// Reading message content.
     Data(Box<DataState>),
     /// The final dot seen, Close sent; waiting for Queued.
@@ -138,6 +139,18 @@ enum State {
     /// (`smtpd_peername_lookup`); the connection is logged, counted and
     /// greeted once it is known.
     WaitPeerName,
+}
+
+/// The command whose reply waits for cleanup's Opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// `smtpd_delay_open_until_valid_rcpt = no`: opened at MAIL FROM.
+    Mail,
+    /// The first accepted recipient (the default).
+    Rcpt,
+    /// The file went away between RCPT and DATA (cleanup timed out or
+    /// broke): DATA opens another.
+    Data,
 }
 
 /// What a command handler did, for the per-command statistics.
@@ -343,7 +356,7 @@ impl Session {
         self.tls = Some(n);
         self.helo = None;
         self.esmtp = false;
-        self.tx = None;
+        self.end_transaction();
         self.sasl_username = None;
         self.sasl_method = None;
         self.input.clear();
@@ -485,7 +498,7 @@ impl Session {
     /// Whether the session waits for cleanup (the client's timeout does
     /// not run meanwhile; cleanup's does).
     pub fn waiting_on_cleanup(&self) -> bool {
-        matches!(self.state, State::WaitOpened | State::WaitQueued)
+        matches!(self.state, State::WaitOpened(_) | State::WaitQueued)
     }
 
     /// The session is over: close once the output is sent.
@@ -537,7 +550,7 @@ impl Session {
     pub fn cleanup_reply(&mut self, reply: CleanupReply) {
         let state = std::mem::replace(&mut self.state, State::Command);
         match (state, reply) {
-            (State::WaitOpened, CleanupReply::Opened { queue_id }) => {
+            (State::WaitOpened(opening), CleanupReply::Opened { queue_id }) => {
                 match (&self.sasl_method, &self.sasl_username) {
                     (Some(m), Some(u)) => info!(
                         "{queue_id}: client={}, sasl_method={m}, sasl_username={u}",
@@ -545,19 +558,20 @@ impl Session {
                     ),
                     _ => info!("{queue_id}: client={}", self.namaddr),
                 }
-                let header = self.received_header(&queue_id);
                 if let Some(tx) = &mut self.tx {
                     tx.queue_id = Some(queue_id);
                 }
-                self.reply("354 End data with <CR><LF>.<CR><LF>");
-                self.where_ = "DATA";
-                self.state = State::Data(Box::new(DataState {
-                    decoder: Decoder::new(self.cfg.line_limit),
-                    size: 0,
-                    too_big: false,
-                    failure: None,
-                    content: header.into_bytes(),
-                }));
+                match opening {
+                    Opening::Mail => {
+                        self.reply("250 2.1.0 Ok");
+                        self.count_ok(Verb::Mail);
+                    }
+                    Opening::Rcpt => {
+                        self.reply("250 2.1.5 Ok");
+                        self.count_ok(Verb::Rcpt);
+                    }
+                    Opening::Data => self.start_data(),
+                }
             }
             (
                 State::Data(mut ds),
@@ -583,7 +597,19 @@ impl Session {
                 self.tx = None;
             }
             (
-                State::WaitOpened | State::WaitQueued,
+                State::WaitOpened(opening),
+                CleanupReply::Failed {
+                    temporary,
+                    dsn,
+                    reason,
+                },
+            ) => {
+                self.cleanup_open = false;
+                self.reply(&failure_reply(temporary, &dsn, &reason));
+                self.open_failed(opening);
+            }
+            (
+                State::WaitQueued,
                 CleanupReply::Failed {
                     temporary,
                     dsn,
@@ -611,7 +637,14 @@ impl Session {
         }
         self.cleanup_open = false;
         match &mut self.state {
-            State::WaitOpened | State::WaitQueued => {
+            State::WaitOpened(opening) => {
+                let opening = *opening;
+                self.state = State::Command;
+                self.reply(WRITE_ERROR);
+                self.open_failed(opening);
+                self.process();
+            }
+            State::WaitQueued => {
                 self.state = State::Command;
                 self.reply(WRITE_ERROR);
                 self.transaction_failed();
@@ -621,7 +654,13 @@ impl Session {
                 ds.content.clear();
                 ds.failure.get_or_insert_with(|| WRITE_ERROR.to_string());
             }
-            _ => {}
+            _ => {
+                // Opened at RCPT, lost before DATA (cleanup's own time
+                // limit, a crash): DATA opens another file.
+                if let Some(tx) = &mut self.tx {
+                    tx.queue_id = None;
+                }
+            }
         }
     }
 
@@ -734,7 +773,7 @@ impl Session {
                     }
                     self.auth_response(&line);
                 }
-                State::WaitOpened
+                State::WaitOpened(_)
                 | State::WaitQueued
                 | State::WaitMechs
                 | State::WaitAuth
@@ -928,7 +967,7 @@ impl Session {
             return Done::Failed;
         }
         self.helo = Some(name);
-        self.tx = None;
+        self.end_transaction();
         if ehlo {
             self.esmtp = true;
             if self.auth_offered() && self.mechs.is_none() {
@@ -1228,6 +1267,10 @@ impl Session {
             return Done::Failed;
         }
         self.tx = Some(tx);
+        if !self.cfg.delay_open_until_valid_rcpt {
+            self.open_queue_file(Opening::Mail);
+            return Done::Pending;
+        }
         self.reply("250 2.1.0 Ok");
         Done::Ok
     }
@@ -1307,6 +1350,13 @@ impl Session {
         if let Some(tx) = &mut self.tx {
             tx.recipients.push(rcpt);
         }
+        if !self.cleanup_open {
+            // The first recipient accepted: the queue file is made now,
+            // while the client goes on to DATA (Postfix's
+            // smtpd_delay_open_until_valid_rcpt), not after it.
+            self.open_queue_file(Opening::Rcpt);
+            return Done::Pending;
+        }
         self.reply("250 2.1.5 Ok");
         Done::Ok
     }
@@ -1334,8 +1384,29 @@ impl Session {
             self.reply(&reply);
             return Done::Failed;
         }
+        let opened = self.tx.as_ref().is_some_and(|t| t.queue_id.is_some());
+        if self.cleanup_open && opened {
+            self.start_data();
+        } else {
+            self.open_queue_file(Opening::Data);
+        }
+        Done::Pending
+    }
+
+    /// Asks cleanup for a queue file; the reply to `opening` waits for
+    /// its answer.
+    fn open_queue_file(&mut self, opening: Opening) {
+        self.abort_cleanup();
+        self.requests.push(CleanupRequest::Open);
+        self.cleanup_open = true;
+        self.state = State::WaitOpened(opening);
+    }
+
+    /// DATA with the queue file open: sends the envelope, answers 354 and
+    /// starts on the content, which begins with our Received header.
+    fn start_data(&mut self) {
         let Some(tx) = &self.tx else {
-            return Done::Failed;
+            return;
         };
         let mut attrs = vec![
             (attr::CLIENT.to_string(), self.namaddr.clone()),
@@ -1357,11 +1428,39 @@ impl Session {
             flags: 0,
             origin: "smtpd".to_string(),
         };
+        let queue_id = tx.queue_id.clone().unwrap_or_default();
+        self.requests.push(CleanupRequest::Envelope(msg));
         self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
-        self.requests.push(CleanupRequest::Open(msg));
-        self.cleanup_open = true;
-        self.state = State::WaitOpened;
-        Done::Pending
+        let header = self.received_header(&queue_id);
+        self.reply("354 End data with <CR><LF>.<CR><LF>");
+        self.where_ = "DATA";
+        self.state = State::Data(Box::new(DataState {
+            decoder: Decoder::new(self.cfg.line_limit),
+            size: 0,
+            too_big: false,
+            failure: None,
+            content: header.into_bytes(),
+        }));
+    }
+
+    /// cleanup could not open a queue file for `opening`: its reply (sent
+    /// already) is a failure.
+    fn open_failed(&mut self, opening: Opening) {
+        match opening {
+            Opening::Mail => {
+                self.tx = None;
+                self.error_count += 1;
+                self.check_error_limit();
+            }
+            Opening::Rcpt => {
+                if let Some(tx) = &mut self.tx {
+                    tx.recipients.pop();
+                }
+                self.error_count += 1;
+                self.check_error_limit();
+            }
+            Opening::Data => self.transaction_failed(),
+        }
     }
 
     fn rset(&mut self, args: &[Token]) -> Done {
@@ -1369,7 +1468,7 @@ impl Session {
             self.reply("501 5.5.4 Syntax: RSET");
             return Done::Failed;
         }
-        self.tx = None;
+        self.end_transaction();
         self.reply("250 2.0.0 Ok");
         Done::Ok
     }
@@ -1501,9 +1600,15 @@ impl Session {
 
     /// Postfix's reject log line.
     fn log_reject(&self, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
+        // Postfix names the queue file once there is one (a recipient
+        // refused after another was accepted).
+        let queue_id = self.tx.as_ref().and_then(|t| t.queue_id.as_deref());
         let mut line = format!(
-            "NOQUEUE: reject: {} from {}: {};",
-            self.where_, self.namaddr, reply
+            "{}: reject: {} from {}: {};",
+            queue_id.unwrap_or("NOQUEUE"),
+            self.where_,
+            self.namaddr,
+            reply
         );
         if let Some(s) = sender {
             line.push_str(&format!(" from=<{s}>"));
@@ -1556,8 +1661,15 @@ impl Session {
         }
     }
 
-    fn transaction_failed(&mut self) {
+    /// Forgets the transaction (RSET, HELO, STARTTLS, a failure) and the
+    /// queue file opened for it, which cleanup removes.
+    fn end_transaction(&mut self) {
+        self.abort_cleanup();
         self.tx = None;
+    }
+
+    fn transaction_failed(&mut self) {
+        self.end_transaction();
         self.state = State::Command;
         self.error_count += 1;
         self.check_error_limit();
@@ -1682,6 +1794,7 @@ mod tests {
             dns_servers: vec![],
             dns_timeout: Duration::from_secs(5),
             peername_lookup: false,
+            delay_open_until_valid_rcpt: true,
             anvil: Default::default(),
             service: "smtp".into(),
         }
@@ -1708,6 +1821,17 @@ mod tests {
         out(s)
     }
 
+    /// As [`send`], with cleanup answering Open at once: for tests about
+    /// something else than the opening of the queue file.
+    fn send_opening(s: &mut Session, text: &str) -> Vec<String> {
+        s.receive(text.as_bytes());
+        let mut o = out(s);
+        while s.waiting_on_cleanup() && matches!(s.state, State::WaitOpened(_)) {
+            o.extend(opened(s));
+        }
+        o
+    }
+
     /// Content requests sent so far, concatenated; asserts the order of
     /// the other requests.
     fn requests(s: &mut Session) -> (Vec<&'static str>, Vec<u8>) {
@@ -1715,7 +1839,8 @@ mod tests {
         let mut content = Vec::new();
         for r in s.take_requests() {
             match r {
-                CleanupRequest::Open(_) => kinds.push("open"),
+                CleanupRequest::Open => kinds.push("open"),
+                CleanupRequest::Envelope(_) => kinds.push("envelope"),
                 CleanupRequest::Content(c) => {
                     kinds.push("content");
                     content.extend(c);
@@ -1768,11 +1893,20 @@ mod tests {
             &mut s,
             "EHLO client.example\r\nMAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<u@mx.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u+40mx.example\r\nDATA\r\n",
         );
-        assert_eq!(&r[r.len() - 2..], ["250 2.1.0 Ok", "250 2.1.5 Ok"]);
-        // Waiting for cleanup: no 354 yet.
+        // The first recipient opens the queue file: its 250 waits for
+        // cleanup, and the DATA behind it too.
+        assert_eq!(r.last().unwrap(), "250 2.1.0 Ok");
+        assert_eq!(requests(&mut s).0, ["open"]);
+        assert!(s.waiting_on_cleanup());
+        assert!(!s.wants_input());
+        assert_eq!(
+            opened(&mut s),
+            ["250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+        );
+        // DATA sent the envelope.
         let reqs = s.take_requests();
         assert_eq!(reqs.len(), 1);
-        let CleanupRequest::Open(m) = &reqs[0] else {
+        let CleanupRequest::Envelope(m) = &reqs[0] else {
             panic!("{reqs:?}")
         };
         assert_eq!(m.sender, "a@b.example");
@@ -1785,10 +1919,7 @@ mod tests {
             .contains(&("client".into(), "unknown[127.0.0.1]".into())));
         assert!(m.attrs.contains(&("protocol".into(), "ESMTP".into())));
         assert!(m.attrs.contains(&("helo".into(), "client.example".into())));
-        assert!(s.waiting_on_cleanup());
-        assert!(!s.wants_input());
-
-        assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+        assert!(s.wants_input());
         assert_eq!(
             send(&mut s, "Subject: hi\r\n\r\n..dot\r\n"),
             Vec::<String>::new()
@@ -1821,13 +1952,21 @@ mod tests {
             &mut s,
             "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
         );
-        assert_eq!(&r[7..], ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"]);
+        assert_eq!(&r[7..], ["250 2.1.0 Ok"]);
         let (kinds, _) = requests(&mut s);
         assert_eq!(kinds, ["open"]);
-        // The content waited for the 354, the RSET and QUIT for the 250.
-        assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+        // The rest waited for the queue file; the RSET and QUIT then for
+        // the 250.
+        assert_eq!(
+            opened(&mut s),
+            [
+                "250 2.1.5 Ok",
+                "250 2.1.5 Ok",
+                "354 End data with <CR><LF>.<CR><LF>"
+            ]
+        );
         let (kinds, content) = requests(&mut s);
-        assert_eq!(kinds, ["content", "close"]);
+        assert_eq!(kinds, ["envelope", "content", "close"]);
         assert!(content.ends_with(b"\nbody\n"));
         assert_eq!(
             queued(&mut s),
@@ -1879,13 +2018,20 @@ mod tests {
             &r[7..],
             [
                 "250 2.1.0 Ok",
-                "554 5.7.1 <a@far.example>: Relay access denied",
+                "554 5.7.1 <a@far.example>: Relay access denied"
+            ]
+        );
+        assert_eq!(requests(&mut s).0, ["open"]);
+        assert_eq!(
+            opened(&mut s),
+            [
                 "250 2.1.5 Ok",
-                "250 2.1.5 Ok"
+                "250 2.1.5 Ok",
+                "354 End data with <CR><LF>.<CR><LF>"
             ]
         );
         let reqs = s.take_requests();
-        let CleanupRequest::Open(m) = &reqs[0] else {
+        let CleanupRequest::Envelope(m) = &reqs[0] else {
             panic!()
         };
         assert_eq!(m.recipients.len(), 2);
@@ -1903,7 +2049,7 @@ mod tests {
             send(&mut s, "DATA\r\n"),
             ["554 5.5.1 Error: no valid recipients"]
         );
-        send(&mut s, "RCPT TO:<u@mx.example>\r\n");
+        send_opening(&mut s, "RCPT TO:<u@mx.example>\r\n");
         assert_eq!(send(&mut s, "DATA x\r\n"), ["501 5.5.4 Syntax: DATA"]);
     }
 
@@ -1929,7 +2075,7 @@ mod tests {
             assert!(send(&mut s, &line).is_empty());
         }
         let (kinds, _) = requests(&mut s);
-        assert_eq!(kinds, ["content"]);
+        assert_eq!(kinds, ["envelope", "content"]);
         // Over the limit: aborted at once, read to the end, then refused.
         assert!(send(&mut s, &(line.clone() + &line)).is_empty());
         let (kinds, _) = requests(&mut s);
@@ -1951,7 +2097,7 @@ mod tests {
         send(&mut s, "MAIL FROM:<a@b>\r\n");
         for i in 0..3 {
             assert_eq!(
-                send(&mut s, &format!("RCPT TO:<u{i}@mx.example>\r\n")),
+                send_opening(&mut s, &format!("RCPT TO:<u{i}@mx.example>\r\n")),
                 ["250 2.1.5 Ok"]
             );
         }
@@ -2048,7 +2194,10 @@ mod tests {
             send(&mut s, "RCPT TO:<u@mx.example> FOO\r\n"),
             ["555 5.5.4 Unsupported option: FOO"]
         );
-        assert_eq!(send(&mut s, "RCPT TO:u@mx.example\r\n"), ["250 2.1.5 Ok"]);
+        assert_eq!(
+            send_opening(&mut s, "RCPT TO:u@mx.example\r\n"),
+            ["250 2.1.5 Ok"]
+        );
     }
 
     #[test]
@@ -2092,7 +2241,7 @@ mod tests {
         assert!(s.wants_input());
         assert_eq!(send(&mut s, ".\r\n"), Vec::<String>::new());
         let (kinds, content) = requests(&mut s);
-        assert_eq!(kinds, ["content", "close"]);
+        assert_eq!(kinds, ["envelope", "content", "close"]);
         assert!(content.ends_with(b"\nx\nMAIL FROM:<evil@x>\nRCPT TO:<v@mx.example>\nDATA\nevil\n"));
     }
 
@@ -2109,7 +2258,7 @@ mod tests {
             assert!(send(&mut s, piece).is_empty());
         }
         let (kinds, content) = requests(&mut s);
-        assert_eq!(kinds, ["content", "close"]);
+        assert_eq!(kinds, ["envelope", "content", "close"]);
         assert!(content.ends_with(b"\ntext\n"));
         assert_eq!(
             queued(&mut s),
@@ -2119,32 +2268,63 @@ mod tests {
 
     #[test]
     fn cleanup_failures() {
-        // Unreachable at DATA.
+        // Unreachable at the first RCPT: the recipient is refused, and
+        // the pipelined DATA with it.
         let mut s = session();
         send(
             &mut s,
-            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nNOOP\r\n",
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nRSET\r\n",
         );
-        s.take_requests();
+        assert_eq!(requests(&mut s).0, ["open"]);
         s.cleanup_lost();
-        assert_eq!(out(&mut s), [WRITE_ERROR, "250 2.0.0 Ok"]);
-        // Lost during the content: read to the end, then 451.
-        send(
-            &mut s,
-            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+        assert_eq!(
+            out(&mut s),
+            [
+                WRITE_ERROR,
+                "554 5.5.1 Error: no valid recipients",
+                "250 2.0.0 Ok"
+            ]
         );
+        // Refused by cleanup at the first RCPT: the next one tries again.
+        send(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n");
         s.take_requests();
-        opened(&mut s);
+        s.cleanup_reply(CleanupReply::Failed {
+            temporary: true,
+            dsn: "4.3.1".into(),
+            reason: "Insufficient system storage".into(),
+        });
+        assert_eq!(out(&mut s), ["452 4.3.1 Insufficient system storage"]);
+        send(&mut s, "RCPT TO:<v@mx.example>\r\n");
+        assert_eq!(requests(&mut s).0, ["open"]);
+        assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
+        // Lost between RCPT and DATA: DATA opens another file.
+        s.cleanup_lost();
+        assert!(out(&mut s).is_empty());
+        assert!(send(&mut s, "DATA\r\n").is_empty());
+        assert_eq!(requests(&mut s).0, ["open"]);
+        assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+        let reqs = s.take_requests();
+        let CleanupRequest::Envelope(m) = &reqs[0] else {
+            panic!("{reqs:?}")
+        };
+        let rcpts: Vec<_> = m.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(rcpts, ["v@mx.example"]);
+        // Lost during the content: read to the end, then 451.
         send(&mut s, "a\r\n");
         s.cleanup_lost();
         assert!(send(&mut s, "b\r\n").is_empty());
         assert_eq!(send(&mut s, ".\r\n"), [WRITE_ERROR]);
-        // Refused at the end.
+        // Refused at the end (the errors so far forgiven, not to reach the
+        // hard limit).
+        s.error_count = 0;
         send(
             &mut s,
             "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
         );
-        opened(&mut s);
+        assert_eq!(
+            opened(&mut s),
+            ["250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+        );
         send(&mut s, "a\r\n.\r\n");
         s.cleanup_reply(CleanupReply::Failed {
             temporary: false,
@@ -2160,6 +2340,63 @@ mod tests {
             failure_reply(false, "5.3.4", "message file too big"),
             "552 5.3.4 Error: message file too big"
         );
+    }
+
+    #[test]
+    fn queue_file_opened_at_mail_without_delay_and_given_up_by_rset() {
+        let mut cfg = settings();
+        cfg.delay_open_until_valid_rcpt = false;
+        let mut s = session_with(cfg, "192.0.2.7");
+        assert!(send(&mut s, "MAIL FROM:<a@b>\r\n").is_empty());
+        assert_eq!(requests(&mut s).0, ["open"]);
+        assert_eq!(opened(&mut s), ["250 2.1.0 Ok"]);
+        // Recipients, refused or not, no longer wait for cleanup.
+        assert_eq!(
+            send(
+                &mut s,
+                "RCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\n"
+            ),
+            [
+                "554 5.7.1 <x@far.example>: Relay access denied",
+                "250 2.1.5 Ok"
+            ]
+        );
+        assert!(requests(&mut s).0.is_empty());
+        // RSET gives the file up, and so does a new EHLO.
+        assert_eq!(send(&mut s, "RSET\r\n"), ["250 2.0.0 Ok"]);
+        assert_eq!(requests(&mut s).0, ["abort"]);
+        send(&mut s, "MAIL FROM:<a@b>\r\n");
+        opened(&mut s);
+        send(&mut s, "EHLO c\r\n");
+        assert_eq!(requests(&mut s).0, ["open", "abort"]);
+    }
+
+    #[test]
+    fn a_refused_recipient_opens_nothing() {
+        let mut s = session_with(settings(), "192.0.2.7");
+        assert_eq!(
+            send(
+                &mut s,
+                "MAIL FROM:<a@b>\r\nRCPT TO:<x@far.example>\r\nQUIT\r\n"
+            ),
+            [
+                "250 2.1.0 Ok",
+                "554 5.7.1 <x@far.example>: Relay access denied",
+                "221 2.0.0 Bye"
+            ]
+        );
+        s.finish();
+        assert!(requests(&mut s).0.is_empty());
+    }
+
+    #[test]
+    fn a_client_that_leaves_after_rcpt_gives_the_file_up() {
+        let mut s = session();
+        send_opening(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n");
+        s.take_requests();
+        s.client_eof();
+        s.finish();
+        assert_eq!(requests(&mut s).0, ["abort"]);
     }
 
     #[test]
@@ -2251,7 +2488,7 @@ mod tests {
             send(&mut s, "AUTH PLAIN AGFsaWNlAGdvb2Q=\r\n"),
             ["503 5.5.1 Error: already authenticated"]
         );
-        let r = send(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<x@far.example>\r\n");
+        let r = send_opening(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<x@far.example>\r\n");
         assert_eq!(r, ["250 2.1.0 Ok", "250 2.1.5 Ok"]);
         assert_eq!(s.protocol(), "ESMTPA");
     }
@@ -2413,12 +2650,10 @@ mod tests {
         s.dns_answer(Query::Domain("gone.example".into()), Answer::NotFound);
         assert_eq!(
             out(&mut s),
-            [
-                "450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found",
-                "250 2.1.5 Ok",
-                "250 2.0.0 Ok"
-            ]
+            ["450 4.1.2 <x@gone.example>: Recipient address rejected: Domain not found"]
         );
+        // The accepted recipient opens the queue file; then the NOOP.
+        assert_eq!(opened(&mut s), ["250 2.1.5 Ok", "250 2.0.0 Ok"]);
         // The answer is kept: no second lookup.
         assert_eq!(
             send(&mut s, "RCPT TO:<y@gone.example>\r\n")[0],

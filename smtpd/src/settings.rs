@@ -73,6 +73,9 @@ pub struct Settings {
     pub dns_timeout: Duration,
     /// `smtpd_peername_lookup`: look up the client's host name at connect.
     pub peername_lookup: bool,
+    /// `smtpd_delay_open_until_valid_rcpt`: the queue file is opened at
+    /// the first accepted RCPT TO (yes) or at MAIL FROM (no).
+    pub delay_open_until_valid_rcpt: bool,
     /// The client limits (`smtpd_client_*_limit`, `anvil_rate_time_unit`).
     pub anvil: crate::anvil::Limits,
     /// The master.cf service name, for log lines.
@@ -179,6 +182,9 @@ impl Settings {
             dns_servers: postern_common::dns::servers_from_config(cfg),
             dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").map_err(e)?),
             peername_lookup: cfg.get_bool("smtpd_peername_lookup").map_err(e)?,
+            delay_open_until_valid_rcpt: cfg
+                .get_bool("smtpd_delay_open_until_valid_rcpt")
+                .map_err(e)?,
             anvil: crate::anvil::Limits {
                 connection_count: cfg
                     .get_u64("smtpd_client_connection_count_limit")

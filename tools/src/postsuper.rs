@@ -239,7 +239,7 @@ impl Ctx {
     /// Sends a message to cleanup; returns its new queue ID.
     fn submit(&self, file: &File, new: NewMessage, content_offset: u64) -> io::Result<String> {
         let mut s = ipc::connect(&self.tree.cleanup_socket(), self.timeout)?;
-        ipc::send(&mut s, &CleanupRequest::Open(new))?;
+        ipc::send_open(&mut s, new)?;
         let refused = |what: &str, dsn: String, reason: String| {
             io::Error::other(format!("{what}: {dsn} {reason}"))
         };
