@@ -12,6 +12,8 @@ FIGURES = [
     ("peak_pss_mb", "peak PSS (tree)", "MB", "lower"),
     ("latency_p50_ms", "DATA→250 p50", "ms", "lower"),
     ("latency_p99_ms", "DATA→250 p99", "ms", "lower"),
+    ("transaction_p50_ms", "MAIL→250 p50", "ms", "lower"),
+    ("transaction_p99_ms", "MAIL→250 p99", "ms", "lower"),
     ("idle_rss_kb_per_session", "RSS per idle session", "KB", "lower"),
     ("idle_pss_kb_per_session", "PSS per idle session", "KB", "lower"),
 ]
