@@ -6,6 +6,7 @@ the local users' homes are shared between tests and runs.
 """
 
 import email.utils
+import os
 import re
 import signal
 import smtplib
@@ -441,6 +442,48 @@ def test_queue_file_opened_at_the_first_accepted_recipient(make_postern, sink):
     assert m.rcpt_tos == ["other@remote.example"]
     wait_for(lambda: incoming() == [] and mailq() == "Mail queue is empty\n", timeout=30,
              what="an empty queue")
+
+
+def test_a_file_opened_long_ago_is_not_taken_from_its_writer(make_postern, sink):
+    """The file made at RCPT TO may be a reused one (spare/) whose times
+    are old, and the client may take its time before DATA: qmgr, which
+    removes incomplete files older than a day, must not remove it from
+    under cleanup (the message would be acknowledged and lost)."""
+    p = make_postern(relay_params(sink))
+    first = new_token()
+    code, text = p.send(SENDER, ["a@remote.example"],
+                        message([("From", SENDER), ("Subject", first)], "first\n"))
+    assert code == 250, text
+    sink.wait_for(first, timeout=30)
+    wait_for(lambda: p.queue_files("spare"), timeout=30, what="the delivered file kept as a spare")
+    two_days_ago = time.time() - 2 * 86400
+    spares = set()
+    for name in p.queue_files("spare"):
+        os.utime(p.queue / "spare" / name, (two_days_ago, two_days_ago))
+        spares.add(os.stat(p.queue / "spare" / name).st_ino)
+    # cleanup looks into an empty spare/ again only after a second.
+    time.sleep(1.5)
+
+    slow = new_token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt("slow@remote.example")[0] == 250
+        opened = r"postern/smtpd\[\d+\]: ([0-9A-F]+): client="
+        wait_for(lambda: len(p.log_findall(opened)) == 2, timeout=10, what="the file opened")
+        qid = p.log_findall(opened)[-1]
+        st = os.stat(p.queue / "incoming" / qid)
+        assert st.st_ino in spares and st.st_mtime < time.time() - 86400, "an old spare reused"
+        # Meanwhile another message makes qmgr look at incoming/.
+        other = new_token()
+        code, text = p.send(SENDER, ["b@remote.example"],
+                            message([("From", SENDER), ("Subject", other)], "other\n"))
+        assert code == 250, text
+        sink.wait_for(other, timeout=30)
+        code, text = s.data(message([("From", SENDER), ("Subject", slow)], "slow\n"))
+        assert code == 250, text
+    sink.wait_for(slow, timeout=30)
+    assert not p.log_search(r"removing incomplete queue file"), p.log_tail()
 
 
 def test_queue_file_opened_at_mail_from_without_the_delay(make_postern):

@@ -244,8 +244,9 @@ impl Writer {
     }
 
     /// Writes the end record, patches the sizes, marks the file complete
-    /// (owner-execute bit) and fsyncs it. The caller must still fsync the directory
-    /// that holds the file's name before it reports the message as queued.
+    /// (owner-execute bit), fsyncs it and releases the writer's lock. The
+    /// caller must still fsync the directory that holds the file's name
+    /// before it reports the message as queued.
     pub fn finish(mut self) -> io::Result<File> {
         if !self.chunk.is_empty() {
             let c = std::mem::take(&mut self.chunk);
@@ -269,6 +270,12 @@ impl Writer {
         // between the two must not leave a "complete" file whose blocks
         // hold nothing, or a spare's previous message.
         file.sync_data()?;
+        // The writer's lock (see QueueTree::create) says "incomplete, being
+        // written": it goes before the file is marked complete, because
+        // qmgr may take a complete file at once, and takes the lock to be
+        // sure no delivery agent still works on it (a lock it found held
+        // would send the message to deferred/ for a queue run).
+        file.unlock()?;
         let mode = meta.permissions().mode() & 0o777;
         file.set_permissions(std::fs::Permissions::from_mode(mode | MODE_COMPLETE_BIT))?;
         file.sync_all()?;

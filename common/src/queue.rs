@@ -168,7 +168,8 @@ impl QueueTree {
     /// Creates a new queue file in `q` with a fresh queue ID: first under a
     /// temporary name (O_EXCL, mode 0600), then renamed to an ID made of
     /// the arrival time and the file's inode number, which is unique on
-    /// the file system for as long as the file exists.
+    /// the file system for as long as the file exists. The file is locked
+    /// ([`writer_is_gone`]) for as long as the returned handle is open.
     pub fn create(&self, q: Queue) -> io::Result<NewFile> {
         let dir = self.dir(q);
         loop {
@@ -190,6 +191,7 @@ impl QueueTree {
             };
             // The umask may have narrowed the mode; set it exactly.
             file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
+            file.lock()?;
             let ino = file.metadata()?.ino();
             let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
@@ -216,14 +218,31 @@ impl QueueTree {
     /// (`recently_deleted()`), which grows with the delivery rate.
     pub fn create_recycled(&self, q: Queue) -> io::Result<NewFile> {
         let dir = self.dir(q);
-        while let Some((name, ino)) = spare_name(&self.dir_named(SPARE)) {
+        // A bounded number of tries: a spare another taker holds locked
+        // keeps its name until that taker renames it, and may be listed
+        // again meanwhile.
+        for _ in 0..16 {
+            let Some((name, ino)) = spare_name(&self.dir_named(SPARE)) else {
+                break;
+            };
             // The ID needs the inode number, which the directory listing
-            // gave with the name: no stat. Claim and name the file in one
-            // rename (atomic: of several takers one wins, the others see
-            // ENOENT and try the next name), never over an existing file.
+            // gave with the name: no stat. The file is locked before it is
+            // claimed, so that it is never seen unlocked in `q` while
+            // incomplete ([`writer_is_gone`]); of several takers that
+            // opened it, one gets the lock. It is claimed and named in one
+            // rename (atomic: a taker that locked it after the winner had
+            // finished with it sees ENOENT), never over an existing file.
             // A spare's name is the ID it had, never reused, so the inode
             // listed is the one renamed.
             let from = self.dir_named(SPARE).join(&name);
+            let file = match OpenOptions::new().read(true).write(true).open(&from) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => break,
+            };
+            if file.try_lock().is_err() {
+                continue;
+            }
             let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
             match rename_noreplace(&from, &path) {
@@ -240,16 +259,8 @@ impl QueueTree {
             // Not complete and private before anything is written (qmgr
             // made it so when it retired it; a crash may have come in
             // between). The old content stays until overwritten or cut.
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .and_then(|f| {
-                    f.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
-                    Ok(f)
-                });
-            match file {
-                Ok(file) => return Ok(NewFile { id, path, file }),
+            match file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING)) {
+                Ok(()) => return Ok(NewFile { id, path, file }),
                 Err(_) => {
                     let _ = fs::remove_file(&path);
                     continue;
@@ -524,6 +535,15 @@ fn spare_room(dir: &Path) -> bool {
     }
     pool.added += 1;
     true
+}
+
+/// Whether nobody writes the incomplete queue file `file` any more, so
+/// that it may be removed: its writer (cleanup) holds an exclusive lock
+/// on it from before its name appears in `incoming/` until it is complete
+/// or given up, however long the client takes; a writer that died
+/// released it. Takes the lock when it is free.
+pub fn writer_is_gone(file: &File) -> bool {
+    file.try_lock().is_ok()
 }
 
 /// fsyncs a directory, so that names created, renamed or removed in it
@@ -883,10 +903,13 @@ mod tests {
             .set_permissions(fs::Permissions::from_mode(0o700))
             .unwrap();
         let ino = nf.file.metadata().unwrap().ino();
-        t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
-        t.retire(Queue::Active, &nf.id).unwrap();
-        assert_eq!(t.find(&nf.id), None, "no longer in any queue");
-        let spare = root.join(SPARE).join(&nf.id);
+        // Its writer is done with it.
+        let id = nf.id.clone();
+        drop(nf);
+        t.move_to(&id, Queue::Incoming, Queue::Active).unwrap();
+        t.retire(Queue::Active, &id).unwrap();
+        assert_eq!(t.find(&id), None, "no longer in any queue");
+        let spare = root.join(SPARE).join(&id);
         // A small file keeps its blocks (the next message is written over
         // them and Writer::finish cuts the rest), but is never complete.
         let m = fs::metadata(&spare).unwrap();
@@ -899,17 +922,47 @@ mod tests {
         let m = again.file.metadata().unwrap();
         assert_eq!(m.ino(), ino, "the same inode, reused");
         assert_eq!(m.mode() & 0o777, crate::qfile::MODE_WRITING);
-        assert_ne!(again.id, nf.id);
+        assert_ne!(again.id, id);
         assert_eq!(t.find(&again.id), Some(Queue::Incoming));
         assert!(!spare.exists());
         // With spare/ empty, a new file is made.
         let mut fresh = t.create_recycled(Queue::Incoming).unwrap();
         assert_ne!(fresh.file.metadata().unwrap().ino(), ino);
+        // Both are locked while their writer holds them, and only then.
+        for nf in [&again, &fresh] {
+            let other = File::open(&nf.path).unwrap();
+            assert!(!writer_is_gone(&other), "{}", nf.id);
+        }
+        let again_path = again.path.clone();
+        drop(again);
+        assert!(writer_is_gone(&File::open(&again_path).unwrap()));
         // A big one is emptied: spare/ never holds much disk.
         std::io::Write::write_all(&mut fresh.file, &vec![b'x'; 20_000]).unwrap();
         t.retire(Queue::Incoming, &fresh.id).unwrap();
         let m = fs::metadata(root.join(SPARE).join(&fresh.id)).unwrap();
         assert_eq!(m.len(), 0);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_spare_another_taker_holds_is_not_taken() {
+        let root = std::env::temp_dir().join(format!("pqs-{}", std::process::id()));
+        let t = QueueTree::new(&root);
+        t.create_dirs(None, None).unwrap();
+        let nf = t.create(Queue::Incoming).unwrap();
+        let id = nf.id.clone();
+        drop(nf);
+        t.retire(Queue::Incoming, &id).unwrap();
+        // Another taker opened and locked it, and is about to rename it:
+        // this one makes a new file instead of waiting or spinning.
+        let held = File::open(root.join(SPARE).join(&id)).unwrap();
+        held.try_lock().unwrap();
+        let other = t.create_recycled(Queue::Incoming).unwrap();
+        assert_ne!(
+            other.file.metadata().unwrap().ino(),
+            held.metadata().unwrap().ino()
+        );
+        assert!(root.join(SPARE).join(&id).exists(), "the spare stayed");
         fs::remove_dir_all(root).unwrap();
     }
 }

@@ -125,7 +125,10 @@ pub fn take_incoming(tree: &QueueTree, id: &str) -> Option<File> {
                 .ok()
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
                 .is_some_and(|age| age > INCOMPLETE_MAX_AGE);
-            if old {
+            // A client may take its time between RCPT TO (when the file
+            // is made) and the end of its data: the writer's lock, not
+            // the age, says whether anybody still writes the file.
+            if old && postern_common::queue::writer_is_gone(&file) {
                 warning!("{id}: removing incomplete queue file older than one day");
                 if let Err(e) = std::fs::remove_file(tree.path(Queue::Incoming, id)) {
                     warning!("{id}: remove incoming queue file: {e}");

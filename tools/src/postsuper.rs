@@ -575,9 +575,10 @@ fn repair(ctx: &Ctx) -> usize {
             match qfile::read_envelope(&f) {
                 Ok(_) => {}
                 Err(ReadError::Incomplete) if q == Queue::Incoming => {
-                    // cleanup may still be writing it; qmgr removes it
-                    // after a day.
+                    // cleanup may still be writing it (it holds the
+                    // file's lock meanwhile); qmgr removes it after a day.
                     if age(&meta) > Duration::from_secs(86400)
+                        && postern_common::queue::writer_is_gone(&f)
                         && std::fs::remove_file(tree.path(q, &id)).is_ok()
                     {
                         warning!("{id}: removed incomplete queue file older than one day");
