@@ -597,28 +597,15 @@ impl Session {
                 self.tx = None;
             }
             (
-                State::WaitOpened(opening),
+                state @ (State::WaitOpened(_) | State::WaitQueued),
                 CleanupReply::Failed {
                     temporary,
                     dsn,
                     reason,
                 },
             ) => {
-                self.cleanup_open = false;
-                self.reply(&failure_reply(temporary, &dsn, &reason));
-                self.open_failed(opening);
-            }
-            (
-                State::WaitQueued,
-                CleanupReply::Failed {
-                    temporary,
-                    dsn,
-                    reason,
-                },
-            ) => {
-                self.cleanup_open = false;
-                self.reply(&failure_reply(temporary, &dsn, &reason));
-                self.transaction_failed();
+                let reply = failure_reply(temporary, &dsn, &reason);
+                self.waited_in_vain(&state, &reply);
             }
             (state, other) => {
                 warning!("{}: unexpected reply from cleanup: {other:?}", self.namaddr);
@@ -637,17 +624,9 @@ impl Session {
         }
         self.cleanup_open = false;
         match &mut self.state {
-            State::WaitOpened(opening) => {
-                let opening = *opening;
-                self.state = State::Command;
-                self.reply(WRITE_ERROR);
-                self.open_failed(opening);
-                self.process();
-            }
-            State::WaitQueued => {
-                self.state = State::Command;
-                self.reply(WRITE_ERROR);
-                self.transaction_failed();
+            State::WaitOpened(_) | State::WaitQueued => {
+                let state = std::mem::replace(&mut self.state, State::Command);
+                self.waited_in_vain(&state, WRITE_ERROR);
                 self.process();
             }
             State::Data(ds) => {
@@ -1441,6 +1420,18 @@ impl Session {
             failure: None,
             content: header.into_bytes(),
         }));
+    }
+
+    /// cleanup refused, or was lost, while the reply to a command waited
+    /// for it (`state`): that reply is `reply`.
+    fn waited_in_vain(&mut self, state: &State, reply: &str) {
+        self.cleanup_open = false;
+        self.state = State::Command;
+        self.reply(reply);
+        match state {
+            State::WaitOpened(opening) => self.open_failed(*opening),
+            _ => self.transaction_failed(),
+        }
     }
 
     /// cleanup could not open a queue file for `opening`: its reply (sent
