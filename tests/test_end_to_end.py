@@ -423,9 +423,10 @@ def test_queue_file_opened_at_the_first_accepted_recipient(make_postern, sink):
         assert s.rcpt("y@remote.example")[0] == 554
         p.wait_for_log(rf"{qid}: reject: RCPT from unknown\[127\.0\.0\.2\]: 554 5\.7\.1 "
                        r"<y@remote\.example>")
-        # RSET gives the file up.
+        # RSET gives the file up: back to spare/, for the next message.
         assert s.rset()[0] == 250
         wait_for(lambda: incoming() == [], timeout=10, what="the given-up file removed")
+        assert qid in p.queue_files("spare")
 
     # The next transaction of a session makes a file of its own.
     token = new_token()

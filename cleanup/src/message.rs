@@ -702,7 +702,11 @@ impl<'a> Message<'a> {
         }
         if let Some(r) = self.refused.take() {
             self.discard();
-            if !r.temporary && self.new.flags & cleanup_flags::BOUNCE_ON_REFUSAL != 0 {
+            // A refused envelope (no recipient kept) is only reported.
+            if !r.temporary
+                && self.new.flags & cleanup_flags::BOUNCE_ON_REFUSAL != 0
+                && !self.new.recipients.is_empty()
+            {
                 match self.bounce_all(&r) {
                     Ok(id) => return Ok(id),
                     Err(e) => postern_common::warning!(
@@ -802,12 +806,16 @@ impl<'a> Message<'a> {
         Ok(id)
     }
 
-    /// Removes the file: the client gave up or the message was refused.
+    /// Gives the file up: the client gave up or the message was refused.
+    /// It goes back to `spare/` for the next message (a transaction
+    /// abandoned after RCPT TO costs no inode), or is removed.
     pub fn discard(&mut self) {
         self.writer = None;
-        let _ = std::fs::remove_file(self.tree.path(Queue::Incoming, &self.id));
         if self.hold.is_some() {
+            let _ = std::fs::remove_file(self.tree.path(Queue::Incoming, &self.id));
             let _ = std::fs::remove_file(self.tree.path(Queue::Hold, &self.id));
+        } else if self.tree.retire(Queue::Incoming, &self.id).is_err() {
+            let _ = std::fs::remove_file(self.tree.path(Queue::Incoming, &self.id));
         }
     }
 }

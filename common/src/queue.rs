@@ -189,10 +189,20 @@ impl QueueTree {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             };
-            // The umask may have narrowed the mode; set it exactly.
-            file.set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))?;
-            file.lock()?;
-            let ino = file.metadata()?.ino();
+            // The umask may have narrowed the mode; set it exactly. The
+            // writer's lock is taken here (see `abandoned`); on a file
+            // system without locks the file goes without.
+            let _ = file.try_lock();
+            let prepared = file
+                .set_permissions(fs::Permissions::from_mode(crate::qfile::MODE_WRITING))
+                .and_then(|_| file.metadata());
+            let ino = match prepared {
+                Ok(meta) => meta.ino(),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
             let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
             if path.exists() {
@@ -240,8 +250,12 @@ impl QueueTree {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(_) => break,
             };
-            if file.try_lock().is_err() {
-                continue;
+            match file.try_lock() {
+                Ok(()) => {}
+                // Another taker holds it.
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                // No locks on this file system: claimed by the rename alone.
+                Err(std::fs::TryLockError::Error(_)) => {}
             }
             let id = make_id(SystemTime::now(), ino);
             let path = dir.join(&id);
@@ -537,13 +551,42 @@ fn spare_room(dir: &Path) -> bool {
     true
 }
 
-/// Whether nobody writes the incomplete queue file `file` any more, so
-/// that it may be removed: its writer (cleanup) holds an exclusive lock
-/// on it from before its name appears in `incoming/` until it is complete
-/// or given up, however long the client takes; a writer that died
-/// released it. Takes the lock when it is free.
-pub fn writer_is_gone(file: &File) -> bool {
+/// How long an incomplete queue file may stay unchanged before it is
+/// taken for abandoned by its writer.
+pub const INCOMPLETE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(86400);
+
+/// Whether nobody writes the incomplete queue file `file`: its writer
+/// (cleanup) holds an exclusive lock on it from before its name appears
+/// in `incoming/` until it is complete or given up, however long the
+/// client takes; a writer that died released it. Takes the lock when it
+/// is free. A file system without locks says "still written".
+fn writer_is_gone(file: &File) -> bool {
     file.try_lock().is_ok()
+}
+
+/// Whether the incomplete queue file `file` was abandoned and may be
+/// removed (qmgr, `postsuper -s`): nobody holds the writer's lock and,
+/// looked at again once the lock is taken (its writer may have finished
+/// just before), it is still not marked complete and has not changed
+/// for [`INCOMPLETE_MAX_AGE`], counting its status change too: the claim
+/// of a spare renames and chmods it, while its content keeps the times
+/// of its previous message until the first write.
+pub fn abandoned(file: &File) -> bool {
+    if !writer_is_gone(file) {
+        return false;
+    }
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if meta.permissions().mode() & crate::qfile::MODE_COMPLETE_BIT != 0 {
+        return false;
+    }
+    let changed = meta.mtime().max(meta.ctime());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    now - changed > INCOMPLETE_MAX_AGE.as_secs() as i64
 }
 
 /// fsyncs a directory, so that names created, renamed or removed in it
@@ -936,6 +979,15 @@ mod tests {
         let again_path = again.path.clone();
         drop(again);
         assert!(writer_is_gone(&File::open(&again_path).unwrap()));
+        // Unlocked and incomplete, with the times of its last message (two
+        // days old): not abandoned, its status changed when it was taken.
+        let old = SystemTime::now() - std::time::Duration::from_secs(2 * 86400);
+        let f = File::options().write(true).open(&again_path).unwrap();
+        f.set_times(fs::FileTimes::new().set_modified(old).set_accessed(old))
+            .unwrap();
+        assert!(!abandoned(&f));
+        // Held by its writer: never.
+        assert!(!abandoned(&File::open(&fresh.path).unwrap()));
         // A big one is emptied: spare/ never holds much disk.
         std::io::Write::write_all(&mut fresh.file, &vec![b'x'; 20_000]).unwrap();
         t.retire(Queue::Incoming, &fresh.id).unwrap();

@@ -18,10 +18,7 @@ use postern_common::{info, warning};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::time::{Duration, SystemTime};
-
-/// Age after which an incomplete incoming file is removed.
-pub const INCOMPLETE_MAX_AGE: Duration = Duration::from_secs(86400);
+use std::time::SystemTime;
 
 /// One queue directory's scan.
 #[derive(Debug)]
@@ -119,16 +116,10 @@ pub fn take_incoming(tree: &QueueTree, id: &str) -> Option<File> {
     match postern_common::qfile::is_complete(&file) {
         Ok(true) => {}
         Ok(false) => {
-            let old = file
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .is_some_and(|age| age > INCOMPLETE_MAX_AGE);
             // A client may take its time between RCPT TO (when the file
-            // is made) and the end of its data: the writer's lock, not
-            // the age, says whether anybody still writes the file.
-            if old && postern_common::queue::writer_is_gone(&file) {
+            // is made) and the end of its data: the writer's lock says
+            // whether anybody still writes the file.
+            if postern_common::queue::abandoned(&file) {
                 warning!("{id}: removing incomplete queue file older than one day");
                 if let Err(e) = std::fs::remove_file(tree.path(Queue::Incoming, id)) {
                     warning!("{id}: remove incoming queue file: {e}");

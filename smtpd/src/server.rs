@@ -758,8 +758,12 @@ fn connect_cleanup(
                 last_io: Instant::now(),
             });
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && since.elapsed() < cfg.ipc_timeout => {
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock
+                && since.elapsed() < cfg.ipc_timeout.min(cfg.timeout) =>
+        {
             // cleanup's backlog is full: master is starting more of them.
+            // The client waits for its reply at most smtpd_timeout.
             slot.pending_open = Some(PendingOpen {
                 frame,
                 since,
@@ -937,7 +941,10 @@ fn turn(
             if slot.cleanup.is_some() {
                 drop_cleanup(slot, registry);
                 progress = true;
-                if lost && !closing {
+                // A reply just handed over may have let the session go on
+                // (pipelined RSET, MAIL, RCPT): the loss is then of a
+                // connection it has given up, not of the one it asks for.
+                if lost && !closing && !slot.session.gave_up_cleanup() {
                     slot.session.cleanup_lost();
                     slot.last_io = Instant::now();
                 }

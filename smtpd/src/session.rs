@@ -610,11 +610,25 @@ impl Session {
             (state, other) => {
                 warning!("{}: unexpected reply from cleanup: {other:?}", self.namaddr);
                 self.state = state;
-                self.cleanup_lost();
+                if self.cleanup_open {
+                    self.cleanup_lost();
+                } else {
+                    // A connection the session no longer uses: close it,
+                    // and cleanup removes its file.
+                    self.requests.push(CleanupRequest::Abort);
+                }
                 return;
             }
         }
         self.process();
+    }
+
+    /// Whether the session has given up the cleanup connection the loop
+    /// still holds (its next request is Abort): then the loss of that
+    /// connection is no news to it, and must not fail the file it asks
+    /// for next.
+    pub fn gave_up_cleanup(&self) -> bool {
+        matches!(self.requests.first(), Some(CleanupRequest::Abort))
     }
 
     /// The cleanup connection could not be made, broke, or timed out.
@@ -2360,6 +2374,27 @@ mod tests {
         opened(&mut s);
         send(&mut s, "EHLO c\r\n");
         assert_eq!(requests(&mut s).0, ["open", "abort"]);
+    }
+
+    #[test]
+    fn a_session_that_went_on_has_given_its_connection_up() {
+        let mut s = session();
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nRSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<v@mx.example>\r\n",
+        );
+        s.take_requests();
+        assert!(!s.gave_up_cleanup());
+        // Opened, and the pipelined commands run: RSET gives this file up
+        // and the next RCPT asks for another, on a new connection. The old
+        // one closing now must not fail the new request.
+        assert_eq!(
+            opened(&mut s),
+            ["250 2.1.5 Ok", "250 2.0.0 Ok", "250 2.1.0 Ok"]
+        );
+        assert!(s.gave_up_cleanup());
+        assert_eq!(requests(&mut s).0, ["abort", "open"]);
+        assert!(s.waiting_on_cleanup());
     }
 
     #[test]

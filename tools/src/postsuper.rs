@@ -574,11 +574,11 @@ fn repair(ctx: &Ctx) -> usize {
             };
             match qfile::read_envelope(&f) {
                 Ok(_) => {}
-                Err(ReadError::Incomplete) if q == Queue::Incoming => {
-                    // cleanup may still be writing it (it holds the
-                    // file's lock meanwhile); qmgr removes it after a day.
-                    if age(&meta) > Duration::from_secs(86400)
-                        && postern_common::queue::writer_is_gone(&f)
+                // cleanup may still be writing it (it holds the file's
+                // lock meanwhile), in incoming/ or, for a message a check
+                // put on hold, in hold/ before it is complete.
+                Err(ReadError::Incomplete) if matches!(q, Queue::Incoming | Queue::Hold) => {
+                    if postern_common::queue::abandoned(&f)
                         && std::fs::remove_file(tree.path(q, &id)).is_ok()
                     {
                         warning!("{id}: removed incomplete queue file older than one day");
