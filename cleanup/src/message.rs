@@ -152,15 +152,10 @@ impl<'a> Message<'a> {
             .map_err(Refusal::write_error)?;
         // The new name's fsync starts now, while the envelope and the
         // content come.
-        let named = match queue::sync_dir_soon(&tree.dir(Queue::Incoming)) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
-                return Err(Refusal::write_error(e));
-            }
-        };
-        let writer = match qfile::Writer::new(nf.file) {
-            Ok(w) => w,
+        let started = queue::sync_dir_soon(&tree.dir(Queue::Incoming))
+            .and_then(|named| Ok((named, qfile::Writer::new(nf.file)?)));
+        let (named, writer) = match started {
+            Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_file(tree.path(Queue::Incoming, &nf.id));
                 return Err(Refusal::write_error(e));

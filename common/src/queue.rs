@@ -169,7 +169,8 @@ impl QueueTree {
     /// temporary name (O_EXCL, mode 0600), then renamed to an ID made of
     /// the arrival time and the file's inode number, which is unique on
     /// the file system for as long as the file exists. The file is locked
-    /// ([`writer_is_gone`]) for as long as the returned handle is open.
+    /// (the writer's lock, see [`abandoned`]) until
+    /// [`crate::qfile::Writer::finish`] or the handle is closed.
     pub fn create(&self, q: Queue) -> io::Result<NewFile> {
         let dir = self.dir(q);
         loop {
@@ -238,7 +239,7 @@ impl QueueTree {
             // The ID needs the inode number, which the directory listing
             // gave with the name: no stat. The file is locked before it is
             // claimed, so that it is never seen unlocked in `q` while
-            // incomplete ([`writer_is_gone`]); of several takers that
+            // incomplete (see `abandoned`); of several takers that
             // opened it, one gets the lock. It is claimed and named in one
             // rename (atomic: a taker that locked it after the winner had
             // finished with it sees ENOENT), never over an existing file.

@@ -614,7 +614,7 @@ impl Session {
                     self.cleanup_lost();
                 } else {
                     // A connection the session no longer uses: close it,
-                    // and cleanup removes its file.
+                    // and cleanup gives its file up.
                     self.requests.push(CleanupRequest::Abort);
                 }
                 return;
@@ -1452,20 +1452,18 @@ impl Session {
     /// already) is a failure.
     fn open_failed(&mut self, opening: Opening) {
         match opening {
-            Opening::Mail => {
-                self.tx = None;
-                self.error_count += 1;
-                self.check_error_limit();
-            }
+            // The transaction never started.
+            Opening::Mail => self.tx = None,
+            // The recipient was not taken; the next one tries again.
             Opening::Rcpt => {
                 if let Some(tx) = &mut self.tx {
                     tx.recipients.pop();
                 }
-                self.error_count += 1;
-                self.check_error_limit();
             }
-            Opening::Data => self.transaction_failed(),
+            Opening::Data => return self.transaction_failed(),
         }
+        self.error_count += 1;
+        self.check_error_limit();
     }
 
     fn rset(&mut self, args: &[Token]) -> Done {
@@ -1667,7 +1665,7 @@ impl Session {
     }
 
     /// Forgets the transaction (RSET, HELO, STARTTLS, a failure) and the
-    /// queue file opened for it, which cleanup removes.
+    /// queue file opened for it, which cleanup gives back to `spare/`.
     fn end_transaction(&mut self) {
         self.abort_cleanup();
         self.tx = None;
@@ -1831,7 +1829,7 @@ mod tests {
     fn send_opening(s: &mut Session, text: &str) -> Vec<String> {
         s.receive(text.as_bytes());
         let mut o = out(s);
-        while s.waiting_on_cleanup() && matches!(s.state, State::WaitOpened(_)) {
+        while matches!(s.state, State::WaitOpened(_)) {
             o.extend(opened(s));
         }
         o
