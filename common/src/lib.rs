@@ -14,6 +14,8 @@
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
 //! - [`time`]: RFC 5322 dates.
+//! - [`resolve`]: address classes, transports, next hops and recipient
+//!   validation (Postfix's trivial-rewrite and smtpd's unlisted checks).
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
@@ -32,6 +34,7 @@ pub mod privs;
 pub mod qfile;
 pub mod queue;
 pub mod regexp;
+pub mod resolve;
 pub mod service;
 pub mod time;
 pub mod tls;
