@@ -387,15 +387,31 @@ pub fn reject_code(cfg: &Config, name: &str) -> Result<u16, String> {
     }
 }
 
+/// The reply codes of the recipient checks.
+pub const RECIPIENT_CODES: [&str; 4] = [
+    "unknown_local_recipient_reject_code",
+    "unknown_virtual_alias_reject_code",
+    "unknown_virtual_mailbox_reject_code",
+    "unknown_relay_recipient_reject_code",
+];
+
+fn code(cfg: &Config, name: &str) -> u16 {
+    reject_code(cfg, name).unwrap_or_else(|e| {
+        crate::warning!("{e}; using 550");
+        550
+    })
+}
+
 fn yes(cfg: &Config, name: &str) -> bool {
     cfg.get_bool(name).unwrap_or(false)
 }
 
 impl Resolver {
-    /// Reads the configuration and opens the tables. A bad reject code
-    /// is an error; tables that cannot be opened are logged and make the
-    /// affected lookups fail for now.
-    pub fn new(cfg: &Config) -> Result<Resolver, String> {
+    /// Reads the configuration and opens the tables. Tables that cannot
+    /// be opened are logged and make the lookups that need them fail for
+    /// now; a bad reject code is logged and taken as 550 (smtpd refuses
+    /// to start with one: [`RECIPIENT_CODES`]).
+    pub fn new(cfg: &Config) -> Resolver {
         let parents: Vec<String> = cfg
             .get_list("parent_domain_matches_subdomains")
             .into_iter()
@@ -482,10 +498,10 @@ impl Resolver {
             canonical_maps: open("canonical_maps"),
             recipient_canonical_maps: open("recipient_canonical_maps"),
             sender_canonical_maps: open("sender_canonical_maps"),
-            local_code: reject_code(cfg, "unknown_local_recipient_reject_code")?,
-            alias_code: reject_code(cfg, "unknown_virtual_alias_reject_code")?,
-            virtual_code: reject_code(cfg, "unknown_virtual_mailbox_reject_code")?,
-            relay_code: reject_code(cfg, "unknown_relay_recipient_reject_code")?,
+            local_code: code(cfg, "unknown_local_recipient_reject_code"),
+            alias_code: code(cfg, "unknown_virtual_alias_reject_code"),
+            virtual_code: code(cfg, "unknown_virtual_mailbox_reject_code"),
+            relay_code: code(cfg, "unknown_relay_recipient_reject_code"),
             domain_errors,
             cfg_text: ConfigCopy(TABLE_PARAMS.iter().map(|n| (*n, cfg.get(n))).collect()),
             checked: Instant::now(),
@@ -493,7 +509,7 @@ impl Resolver {
         for e in &r.domain_errors {
             crate::warning!("{e}");
         }
-        Ok(r)
+        r
     }
 
     fn all_maps_mut(&mut self) -> [&mut Maps; 11] {
@@ -979,7 +995,7 @@ mod tests {
             Path::new("main.cf"),
         )
         .unwrap();
-        Resolver::new(&cfg).unwrap()
+        Resolver::new(&cfg)
     }
 
     fn tn(r: &Resolver, a: &str) -> (Class, String, String) {
