@@ -359,6 +359,14 @@ pub struct Resolver {
     checked: Instant,
 }
 
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("myhostname", &self.myhostname)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What [`Resolver::refresh`] needs to open the tables again.
 struct ConfigCopy(Vec<(&'static str, String)>);
 
