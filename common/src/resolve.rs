@@ -384,6 +384,15 @@ const TABLE_PARAMS: [&str; 11] = [
     "sender_canonical_maps",
 ];
 
+/// The tables every resolver opens; the others only
+/// [`Resolver::with_recipient_checks`].
+const ROUTING_TABLES: [&str; 4] = [
+    "transport_maps",
+    "sender_dependent_default_transport_maps",
+    "sender_dependent_relayhost_maps",
+    "relocated_maps",
+];
+
 /// A `*_reject_code` parameter: a 4xx or 5xx reply code.
 pub fn reject_code(cfg: &Config, name: &str) -> Result<u16, String> {
     let v = cfg.get(name);
@@ -420,6 +429,18 @@ impl Resolver {
     /// now; a bad reject code is logged and taken as 550 (smtpd refuses
     /// to start with one: [`RECIPIENT_CODES`]).
     pub fn new(cfg: &Config) -> Resolver {
+        Self::build(cfg, false)
+    }
+
+    /// [`Resolver::new`] with the tables of the recipient checks open
+    /// too (`local_recipient_maps`, `virtual_alias_maps`,
+    /// `virtual_mailbox_maps`, `relay_recipient_maps`, the canonical
+    /// maps): for smtpd and `sendmail -bv`.
+    pub fn with_recipient_checks(cfg: &Config) -> Resolver {
+        Self::build(cfg, true)
+    }
+
+    fn build(cfg: &Config, checks: bool) -> Resolver {
         let parents: Vec<String> = cfg
             .get_list("parent_domain_matches_subdomains")
             .into_iter()
@@ -450,7 +471,14 @@ impl Resolver {
                 }
             }
         }
-        let open = |n: &'static str| Maps::open(n, cfg.get(n));
+        let spec = |n: &str| {
+            if checks || ROUTING_TABLES.contains(&n) {
+                cfg.get(n)
+            } else {
+                String::new()
+            }
+        };
+        let open = |n: &'static str| Maps::open(n, spec(n));
         let r = Resolver {
             myhostname: fold(&cfg.get("myhostname")),
             myorigin: fold(&cfg.get("myorigin")),
@@ -511,7 +539,7 @@ impl Resolver {
             virtual_code: code(cfg, "unknown_virtual_mailbox_reject_code"),
             relay_code: code(cfg, "unknown_relay_recipient_reject_code"),
             domain_errors,
-            cfg_text: ConfigCopy(TABLE_PARAMS.iter().map(|n| (*n, cfg.get(n))).collect()),
+            cfg_text: ConfigCopy(TABLE_PARAMS.iter().map(|n| (*n, spec(n))).collect()),
             checked: Instant::now(),
         };
         for e in &r.domain_errors {
@@ -861,6 +889,28 @@ impl Resolver {
         None
     }
 
+    /// `virtual_alias_maps`' answer for `address` (the full address,
+    /// without extension, the local part when the domain is local, then
+    /// `@domain`), as cleanup looks it up.
+    pub fn virtual_alias(&self, address: &str) -> Option<String> {
+        self.addr_find(&self.virtual_alias_maps, address, DEFAULT_STRATEGY)
+    }
+
+    /// `virtual_mailbox_maps`' answer for `address`.
+    pub fn virtual_mailbox(&self, address: &str) -> Option<String> {
+        self.addr_find(&self.virtual_mailbox_maps, address, DEFAULT_STRATEGY)
+    }
+
+    /// The transport name of `local_transport` (`local`).
+    pub fn local_transport(&self) -> &str {
+        self.local_transport.split(':').next().unwrap_or("").trim()
+    }
+
+    /// The transport name of `virtual_transport` (`virtual`).
+    pub fn virtual_transport(&self) -> &str {
+        self.virtual_transport.split(':').next().unwrap_or("").trim()
+    }
+
     /// `smtpd_reject_unlisted_recipient` (`sender` false) or
     /// `reject_unlisted_sender` (`sender` true) for `address` in mail
     /// from `envelope_sender`: Ok when some table knows the address (or
@@ -1003,7 +1053,7 @@ mod tests {
             Path::new("main.cf"),
         )
         .unwrap();
-        Resolver::new(&cfg)
+        Resolver::with_recipient_checks(&cfg)
     }
 
     fn tn(r: &Resolver, a: &str) -> (Class, String, String) {

@@ -169,8 +169,10 @@ impl Expansion {
 /// Everything resolution needs to know about the system.
 pub struct Resolver<'a> {
     pub aliases: &'a Tables,
-    /// `mydestination`: domains that are local.
-    pub mydestination: &'a [String],
+    /// Whether a domain is this machine's (`mydestination`, interface
+    /// address literals): the one resolver's answer
+    /// (`postern_common::resolve::Resolver::is_local_domain`).
+    pub is_local_domain: &'a dyn Fn(&str) -> bool,
     /// `myorigin`: the domain of bare names.
     pub myorigin: &'a str,
     /// `recipient_delimiter`: each character is a delimiter.
@@ -391,7 +393,7 @@ impl Resolver<'_> {
         } else {
             let (local, domain) = addr::split(&t);
             match domain {
-                Some(d) if !addr::domain_in_list(d, self.mydestination) => {
+                Some(d) if !(self.is_local_domain)(d) => {
                     exp.add(Target {
                         dest: Dest::Forward(t.to_string()),
                         name: alias.clone(),
@@ -563,7 +565,7 @@ mod tests {
         let dest = vec!["host.test".to_string(), "localhost".to_string()];
         let r = Resolver {
             aliases: &tables,
-            mydestination: &dest,
+            is_local_domain: &|d| dest.iter().any(|x| x.eq_ignore_ascii_case(d)),
             myorigin: "host.test",
             delimiter: delim,
             luser_relay: relay,

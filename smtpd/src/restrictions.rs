@@ -196,7 +196,7 @@ impl Restrictions {
             list(cfg, "smtpd_relay_restrictions"),
             list(cfg, "smtpd_recipient_restrictions"),
             mynetworks,
-            Resolver::new(cfg),
+            Resolver::with_recipient_checks(cfg),
         )?;
         for name in postern_common::resolve::RECIPIENT_CODES {
             reject_code(cfg, name)?;
