@@ -139,19 +139,20 @@ impl Domains {
         if !self.domain_list {
             return false;
         }
-        // domain_list: each parent, as `.parent`, or as `parent` when
-        // the list is in parent_domain_matches_subdomains.
+        // domain_list (Postfix's match_hostname): with
+        // parent_domain_matches_subdomains a name matches its
+        // subdomains (and `.name` nothing more); without, `.name` does.
         let mut name = d.as_str();
         while let Some((_, parent)) = name.split_once('.') {
             if parent.is_empty() {
                 break;
             }
-            let dotted = format!(".{parent}");
-            if self.names.contains(&dotted) || self.list.contains(&dotted) {
-                return true;
-            }
-            if self.parents && (self.names.iter().any(|n| n == parent) || self.list.contains(parent))
-            {
+            let key = if self.parents {
+                parent.to_string()
+            } else {
+                format!(".{parent}")
+            };
+            if self.names.contains(&key) || self.list.contains(&key) {
                 return true;
             }
             name = parent;

@@ -349,6 +349,12 @@ impl Restrictions {
     /// section 4.5.1).
     pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
         let rcpt = req.recipient.unwrap_or_default();
+        // Postfix's smtpd_check_addr(), before any restriction: an
+        // address the resolver cannot use (a bad domain or address
+        // literal, a local part starting with `-`).
+        if self.resolved(rcpt).is_some_and(|r| r.bad_syntax) {
+            return Some("501 5.1.3 Bad recipient address syntax".into());
+        }
         if rcpt.eq_ignore_ascii_case("postmaster") {
             return None;
         }
