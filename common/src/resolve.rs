@@ -112,7 +112,12 @@ struct Domains {
 }
 
 impl Domains {
-    fn new(items: &[String], parents: Option<bool>, errors: &mut Vec<String>, what: &str) -> Domains {
+    fn new(
+        items: &[String],
+        parents: Option<bool>,
+        errors: &mut Vec<String>,
+        what: &str,
+    ) -> Domains {
         let (list, bad) = DomainList::new(items);
         errors.extend(bad.into_iter().map(|e| format!("{what}: {e}")));
         let names = items
@@ -666,7 +671,7 @@ impl Resolver {
             return Err(e.clone());
         }
         let (recipient, remote) = self.canonical(address);
-        let (local, dom) = addr::split(&recipient);
+        let (_, dom) = addr::split(&recipient);
         let domain = fold(dom.unwrap_or_default());
         let mut out = Resolved {
             class: Class::Default,
@@ -684,7 +689,6 @@ impl Resolver {
         }
         let first_op = recipient.find(['@', '!', '%']).unwrap_or(recipient.len());
         out.routed = recipient.get(first_op + 1..) != Some(dom.unwrap_or_default());
-        let _ = local;
         let sender_key = |empty_key: &str| -> Option<String> {
             sender.map(|s| {
                 if s.is_empty() {
@@ -722,7 +726,9 @@ impl Resolver {
                         return Err(e);
                     }
                     match self.addr_find(&self.sender_transport, &key, DEFAULT_STRATEGY) {
-                        Some(x) if !x.trim().is_empty() && !x.trim().eq_ignore_ascii_case("DUNNO") => {
+                        Some(x)
+                            if !x.trim().is_empty() && !x.trim().eq_ignore_ascii_case("DUNNO") =>
+                        {
                             out.transport = x.trim().to_string()
                         }
                         _ => {}
@@ -790,9 +796,7 @@ impl Resolver {
             if let Some(e) = self.relocated.failed() {
                 return Err(e);
             }
-            let noext = Strategy {
-                ..DEFAULT_STRATEGY
-            };
+            let noext = Strategy { ..DEFAULT_STRATEGY };
             if let Some(v) = self.addr_find(&self.relocated, &recipient, noext) {
                 out.transport = "error".into();
                 out.nexthop = format!("5.1.6 User has moved to {}", v.trim());
@@ -812,7 +816,9 @@ impl Resolver {
             return (local, None);
         }
         let lower = local.to_ascii_lowercase();
-        if self.delimiter.contains('-') && (lower.starts_with("owner-") || lower.ends_with("-request")) {
+        if self.delimiter.contains('-')
+            && (lower.starts_with("owner-") || lower.ends_with("-request"))
+        {
             return (local, None);
         }
         match local.find(|c| self.delimiter.contains(c)) {
@@ -843,12 +849,8 @@ impl Resolver {
                 }
             }
         }
-        let Some(domain) = domain else {
-            return None;
-        };
-        if s.localpart_if_local
-            && (fold(domain) == self.myorigin || self.is_local_domain(domain))
-        {
+        let domain = domain?;
+        if s.localpart_if_local && (fold(domain) == self.myorigin || self.is_local_domain(domain)) {
             if let Some(v) = maps.find(local, false) {
                 return Some(v);
             }
@@ -909,7 +911,11 @@ impl Resolver {
 
     /// The transport name of `virtual_transport` (`virtual`).
     pub fn virtual_transport(&self) -> &str {
-        self.virtual_transport.split(':').next().unwrap_or("").trim()
+        self.virtual_transport
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
     }
 
     /// `smtpd_reject_unlisted_recipient` (`sender` false) or
@@ -1073,17 +1079,35 @@ mod tests {
              virtual_alias_domains = a.test\nrelayhost = [10.0.0.1]\n",
         );
         assert_eq!(tn(&r, "root"), c(Class::Local, "local", "mx.example.test"));
-        assert_eq!(tn(&r, "x@LocalHost."), c(Class::Local, "local", "mx.example.test"));
-        assert_eq!(tn(&r, "x@[127.0.0.1]"), c(Class::Local, "local", "mx.example.test"));
-        assert_eq!(tn(&r, "u@sub.example.com"), c(Class::Relay, "relay", "[10.0.0.1]"));
-        assert_eq!(tn(&r, "u@example.com"), c(Class::Relay, "relay", "[10.0.0.1]"));
+        assert_eq!(
+            tn(&r, "x@LocalHost."),
+            c(Class::Local, "local", "mx.example.test")
+        );
+        assert_eq!(
+            tn(&r, "x@[127.0.0.1]"),
+            c(Class::Local, "local", "mx.example.test")
+        );
+        assert_eq!(
+            tn(&r, "u@sub.example.com"),
+            c(Class::Relay, "relay", "[10.0.0.1]")
+        );
+        assert_eq!(
+            tn(&r, "u@example.com"),
+            c(Class::Relay, "relay", "[10.0.0.1]")
+        );
         assert_eq!(tn(&r, "u@v.test"), c(Class::Virtual, "virtual", "v.test"));
-        assert_eq!(tn(&r, "u@other.test"), c(Class::Default, "smtp", "[10.0.0.1]"));
+        assert_eq!(
+            tn(&r, "u@other.test"),
+            c(Class::Default, "smtp", "[10.0.0.1]")
+        );
         let a = r.resolve(None, "u@a.test").unwrap();
         assert_eq!((a.class, a.transport.as_str()), (Class::Alias, "error"));
         // Routing in the local part.
         let p = r.resolve(None, "u%other.test@localhost").unwrap();
-        assert_eq!((p.class, p.recipient.as_str()), (Class::Default, "u@other.test"));
+        assert_eq!(
+            (p.class, p.recipient.as_str()),
+            (Class::Default, "u@other.test")
+        );
         assert!(r.resolve(None, "u%x.test@other.test").unwrap().routed);
         assert!(r.resolve(None, "x@1.2.3.4").unwrap().bad_syntax);
     }
@@ -1097,7 +1121,10 @@ mod tests {
         );
         assert_eq!(tn(&r, "u+x@d.test"), c(Class::Default, "smtp", "[h1]"));
         assert_eq!(tn(&r, "v@d.test"), c(Class::Default, "smtp", "[wild]"));
-        assert_eq!(tn(&r, "v@a.sub.test"), c(Class::Default, "relay", "a.sub.test"));
+        assert_eq!(
+            tn(&r, "v@a.sub.test"),
+            c(Class::Default, "relay", "a.sub.test")
+        );
         assert_eq!(tn(&r, "v@kept.test"), c(Class::Default, "smtp", "[k]"));
         assert_eq!(
             tn(&r, "v@gone.test"),

@@ -562,7 +562,7 @@ mod tests {
     fn resolve_with(aliases: &str, relay: &str, delim: &str, addr: &str) -> Expansion {
         let (tables, bad) = Tables::open_list(aliases);
         assert!(bad.is_empty(), "{bad:?}");
-        let dest = vec!["host.test".to_string(), "localhost".to_string()];
+        let dest = ["host.test", "localhost"];
         let r = Resolver {
             aliases: &tables,
             is_local_domain: &|d| dest.iter().any(|x| x.eq_ignore_ascii_case(d)),

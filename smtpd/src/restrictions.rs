@@ -236,7 +236,10 @@ impl Restrictions {
     ) -> Result<Restrictions, String> {
         let text = format!(
             "myhostname = {}\nmydestination = {}\nrelay_domains = {}\nlocal_recipient_maps =\n",
-            mydestination.first().map(String::as_str).unwrap_or("localhost"),
+            mydestination
+                .first()
+                .map(String::as_str)
+                .unwrap_or("localhost"),
             mydestination.join(", "),
             relay_domains.join(", ")
         );

@@ -37,7 +37,10 @@ pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, Stri
         }
     };
     if r.bad_syntax {
-        return (false, format!("<{address}>: undeliverable: bad address syntax"));
+        return (
+            false,
+            format!("<{address}>: undeliverable: bad address syntax"),
+        );
     }
     match r.transport.as_str() {
         "error" | "retry" => {
