@@ -1133,6 +1133,42 @@ mod tests {
     }
 
     #[test]
+    fn sender_dependent_and_relocated() {
+        let r = resolver(
+            "relay_domains = r.test\nrelayhost = [10.0.0.1]\n\
+             sender_dependent_default_transport_maps = inline:{ @corp.test=slow, <>=nulls }\n\
+             sender_dependent_relayhost_maps = inline:{ boss@corp.test=[10.0.0.2], x@y.test=DUNNO }\n\
+             relocated_maps = inline:{ gone@mx.example.test=new@else.test }\n",
+        );
+        let from = |s: Option<&str>, a: &str| {
+            let x = r.resolve(s, a).unwrap();
+            (x.transport, x.nexthop)
+        };
+        let tn = |t: &str, n: &str| (t.to_string(), n.to_string());
+        assert_eq!(
+            from(Some("a@corp.test"), "u@o.test"),
+            tn("slow", "[10.0.0.1]")
+        );
+        assert_eq!(from(Some(""), "u@o.test"), tn("nulls", "[10.0.0.1]"));
+        assert_eq!(from(None, "u@o.test"), tn("smtp", "[10.0.0.1]"));
+        // The default transport map does not apply to relay domains; the
+        // relay host map does.
+        assert_eq!(
+            from(Some("boss@corp.test"), "u@r.test"),
+            tn("relay", "[10.0.0.2]")
+        );
+        assert_eq!(from(Some("x@y.test"), "u@o.test"), tn("smtp", "[10.0.0.1]"));
+        assert_eq!(
+            from(None, "gone@mx.example.test"),
+            tn("error", "5.1.6 User has moved to new@else.test")
+        );
+        let e = r
+            .check_listed(None, "gone@mx.example.test", false)
+            .unwrap_err();
+        assert_eq!((e.code, e.dsn.as_str()), (550, "5.1.6"));
+    }
+
+    #[test]
     fn listed_recipients() {
         let r = resolver(
             "virtual_mailbox_domains = v.test\nvirtual_mailbox_maps = inline:{ box@v.test=x }\n\
