@@ -626,12 +626,15 @@ impl Agent {
             prefix.extend_from_slice(from_line(sender, postern_common::queue::now().0).as_bytes());
         }
         let first = rcpts.first().map(|r| &r.rcpt);
+        // Delivered-To is lower-cased, as Postfix writes it (loop checks
+        // compare it so).
+        let delivered = first.map(|r| r.address.to_lowercase());
         let headers = Prefix {
             sender,
             original: first
                 .filter(|_| f.original_to)
                 .map(|r| r.original_or_address()),
-            delivered: first.filter(|_| f.delivered_to).map(|r| r.address.as_str()),
+            delivered: delivered.as_deref().filter(|_| f.delivered_to),
         }
         .headers();
         if f.return_path {
