@@ -439,24 +439,46 @@ uucp      unix  -       n       n       -       -       pipe
                 .unwrap()
                 .clone()
         };
-        assert_eq!(by("postlog", ServiceType::UnixDgram).role(), Role::Elsewhere(
-            "logging: each daemon writes syslog or maillog_file itself"
-        ));
+        assert_eq!(
+            by("postlog", ServiceType::UnixDgram).role(),
+            Role::Elsewhere("logging: each daemon writes syslog or maillog_file itself")
+        );
         assert_eq!(by("smtp", ServiceType::Inet).program(), Some("smtpd"));
         assert_eq!(by("smtpd", ServiceType::Pass).program(), None);
         assert_eq!(by("smtp", ServiceType::Unix).program(), Some("smtp"));
         assert_eq!(by("maildrop", ServiceType::Unix).program(), Some("pipe"));
         assert_eq!(
             by("maildrop", ServiceType::Unix).args,
-            vec!["flags=DRXhu", "user=vmail", "argv=/usr/bin/maildrop", "-d", "${recipient}"]
+            vec![
+                "flags=DRXhu",
+                "user=vmail",
+                "argv=/usr/bin/maildrop",
+                "-d",
+                "${recipient}"
+            ]
         );
-        for name in ["tlsmgr", "rewrite", "bounce", "defer", "trace", "verify", "flush",
-            "proxymap", "proxywrite", "showq", "scache", "dnsblog", "tlsproxy"] {
+        for name in [
+            "tlsmgr",
+            "rewrite",
+            "bounce",
+            "defer",
+            "trace",
+            "verify",
+            "flush",
+            "proxymap",
+            "proxywrite",
+            "showq",
+            "scache",
+            "dnsblog",
+            "tlsproxy",
+        ] {
             let x = by(name, ServiceType::Unix);
             assert!(matches!(x.role(), Role::Elsewhere(_)), "{name}");
             assert!(x.note().unwrap().contains(&format!("service {name}/unix")));
         }
-        for name in ["pickup", "cleanup", "qmgr", "local", "virtual", "lmtp", "anvil", "relay"] {
+        for name in [
+            "pickup", "cleanup", "qmgr", "local", "virtual", "lmtp", "anvil", "relay",
+        ] {
             assert_eq!(by(name, ServiceType::Unix).role(), Role::Run, "{name}");
             assert_eq!(by(name, ServiceType::Unix).note(), None);
         }

@@ -181,19 +181,25 @@ impl Settings {
                         Some((u, g)) => (u, Some(g)),
                         None => (value, None),
                     };
-                    let acct = privs::user(u).ok_or_else(|| format!("user={value}: unknown user {u}"))?;
+                    let acct =
+                        privs::user(u).ok_or_else(|| format!("user={value}: unknown user {u}"))?;
                     let gid = match g {
-                        Some(g) => privs::group_id(g).ok_or_else(|| format!("user={value}: unknown group {g}"))?,
+                        Some(g) => privs::group_id(g)
+                            .ok_or_else(|| format!("user={value}: unknown group {g}"))?,
                         None => acct.gid,
                     };
                     if acct.uid == 0 {
                         return Err(format!("user={value}: user= specifies root privileges"));
                     }
                     if gid == 0 {
-                        return Err(format!("user={value}: user= specifies privileged group id 0"));
+                        return Err(format!(
+                            "user={value}: user= specifies privileged group id 0"
+                        ));
                     }
                     if Some(acct.uid) == mail_owner {
-                        return Err(format!("user={value}: user= specifies the mail system owner (mail_owner)"));
+                        return Err(format!(
+                            "user={value}: user= specifies the mail system owner (mail_owner)"
+                        ));
                     }
                     user = Some((acct.uid, gid));
                 }
@@ -213,7 +219,9 @@ impl Settings {
                 other => return Err(format!("unknown attribute {other}=")),
             }
         }
-        let argv = argv.filter(|v| !v.is_empty()).ok_or("missing argv= attribute")?;
+        let argv = argv
+            .filter(|v| !v.is_empty())
+            .ok_or("missing argv= attribute")?;
         let (uid, gid) = user.ok_or("missing user= attribute")?;
         // Every macro must be known now, not at the first delivery.
         for a in &argv {
@@ -329,9 +337,12 @@ fn uses_recipient(s: &str) -> bool {
 
 /// A local part as RFC 5322 writes it: quoted when it is not a dot-atom.
 pub fn quote_local(local: &str) -> String {
-    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
     let dot_atom = !local.is_empty()
-        && local.split('.').all(|p| !p.is_empty() && p.chars().all(atext));
+        && local
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(atext));
     if dot_atom {
         return local.to_string();
     }
@@ -434,13 +445,17 @@ impl Agent {
                 } else {
                     local.to_string()
                 };
-                let (user, extension) = match crate::resolve::extension_at(&local, &self.delimiter) {
+                let (user, extension) = match crate::resolve::extension_at(&local, &self.delimiter)
+                {
                     Some(i) => (local[..i].to_string(), local[i + 1..].to_string()),
                     None => (local.clone(), String::new()),
                 };
                 vec![
                     ("recipient", self.address(a)),
-                    ("original_recipient", self.address(r.rcpt.original_or_address())),
+                    (
+                        "original_recipient",
+                        self.address(r.rcpt.original_or_address()),
+                    ),
                     ("user", user),
                     ("extension", extension),
                     ("mailbox", local.clone()),
@@ -613,7 +628,9 @@ impl Agent {
         let values = self.values(job, &attrs);
         let argv = match command_argv(&settings.argv, &values) {
             Ok(a) => a,
-            Err(e) => return Status::defer("4.3.5", format!("mail system configuration error: {e}")),
+            Err(e) => {
+                return Status::defer("4.3.5", format!("mail system configuration error: {e}"))
+            }
         };
         // The lines before the message, in Postfix's order.
         let sender = if job.req.sender.is_empty() {
@@ -719,7 +736,10 @@ mod tests {
         assert!(!s.flags.from_line);
         assert_eq!(s.eol, b"\r\n");
         assert_eq!(s.size_limit, Some(100));
-        assert_eq!(s.argv, vec!["/bin/x", "-f", "${sender}", "a b", "$recipient"]);
+        assert_eq!(
+            s.argv,
+            vec!["/bin/x", "-f", "${sender}", "a b", "$recipient"]
+        );
         let e = Settings::parse(&args("user=root argv=/bin/true"), None).unwrap_err();
         assert!(e.contains("root"), "{e}");
         let nobody = privs::user("nobody").unwrap().uid;
@@ -739,7 +759,10 @@ mod tests {
             _ => None,
         };
         assert_eq!(expand("x$a-${a}$(a)$$", &v).unwrap(), "xA-AA$");
-        assert_eq!(expand("${a?yes}${e?no}${e:empty}${a:no}", &v).unwrap(), "yesempty");
+        assert_eq!(
+            expand("${a?yes}${e?no}${e:empty}${a:no}", &v).unwrap(),
+            "yesempty"
+        );
         assert!(expand("$zz", &v).is_err());
         assert!(uses_recipient("-d ${recipient}") && !uses_recipient("${sender}"));
         let vals = Values {

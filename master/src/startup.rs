@@ -78,7 +78,12 @@ pub fn load_config(args: &Args) -> Config {
 /// not run as written (Postfix services whose work Postern does inside
 /// its own daemons: `Service::note`).
 pub fn note_services(cfg: &Config) {
-    for note in cfg.master_services().unwrap_or_default().iter().filter_map(|s| s.note()) {
+    for note in cfg
+        .master_services()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| s.note())
+    {
         postern_common::info!("{}/{note}", cfg.dir().display());
     }
 }

@@ -18,7 +18,11 @@ impl Behaviours {
     /// it) maps nothing.
     pub fn from_config(cfg: &Config) -> Behaviours {
         let services = cfg.master_services().unwrap_or_default();
-        Behaviours(master_cf::transport_behaviours(&services).into_iter().collect())
+        Behaviours(
+            master_cf::transport_behaviours(&services)
+                .into_iter()
+                .collect(),
+        )
     }
 
     /// The resolution with a pseudo-agent transport turned into its
