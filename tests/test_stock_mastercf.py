@@ -124,3 +124,30 @@ def test_check_on_debian_etc_postfix_warns_only(tmp_path, system_accounts):
     for line in r.stderr.splitlines():
         assert line.startswith("postern: warning: ") or ": not run: " in line, line
     assert "service postlog/unix-dgram (postlogd): not run" in r.stderr
+
+
+def test_stock_master_cf_with_postscreen_enabled(make_postern, local_users):
+    """The stock file's postscreen lines uncommented (and the plain smtpd
+    line commented out), as Postfix's POSTSCREEN_README says: smtpd serves
+    the port, the pass, dnsblog and tlsproxy services are noted."""
+    text = stock_text()
+    text = re.sub(r"^smtp(\s+inet\s.*smtpd)$", r"#smtp\1", text, flags=re.M)
+    for name, command in (("smtp", "postscreen"), ("smtpd", "smtpd"), ("dnsblog", "dnsblog"),
+                          ("tlsproxy", "tlsproxy")):
+        text, n = re.subn(rf"^#({name}\s+(inet|pass|unix)\s.*\s{command})$", r"\1", text, flags=re.M)
+        assert n == 1, name
+    p = make_postern(start=False)
+    text, n = re.subn(r"^smtp(\s+inet\s.*postscreen)$", rf"127.0.0.1:{p.port}\1", text, flags=re.M)
+    assert n == 1
+    p.write_file("etc/master.cf", text)
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)
+    assert f"service 127.0.0.1:{p.port}/inet (postscreen): served by smtpd" in r.stderr, r.stderr
+    assert "service smtpd/pass (smtpd): not run" in r.stderr, r.stderr
+    assert "service dnsblog/unix (dnsblog): not run" in r.stderr, r.stderr
+    p.start()
+    token = new_token()
+    code, reply = p.send("sender@remote.example", [f"ptbob@{h.MYHOSTNAME}"], f"Subject: {token}\n\nx\n")
+    assert code == 250, reply
+    assert h.wait_for_messages("ptbob", token)
+    assert p.log_search(r"postern/smtpd\[\d+\]: connect from")
