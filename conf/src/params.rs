@@ -212,6 +212,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("lmtp_sasl_password_maps", ""),
     ("smtp_discard_ehlo_keywords", ""),
     ("lmtp_discard_lhlo_keywords", ""),
+    ("smtp_line_length_limit", "998"),
+    ("lmtp_line_length_limit", "990"),
     ("sender_dependent_relayhost_maps", ""),
     // Postern-only: name servers to ask instead of /etc/resolv.conf, as
     // `host` or `host:port`, separated by commas or spaces (for tests, or
