@@ -241,6 +241,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("command_time_limit", "1000s"),
     ("prepend_delivered_header", "command, file, forward"),
     ("enable_original_recipient", "yes"),
+    ("duplicate_filter_limit", "1000"),
     ("deliver_lock_attempts", "20"),
     ("deliver_lock_delay", "1s"),
     ("stale_lock_time", "500s"),
