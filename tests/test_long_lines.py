@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 import postern_harness as h
+from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 SENDER = "sender@example.org"
 
@@ -88,7 +89,7 @@ def strict():
         r.stop()
 
 
-def long_message(token):
+def long_message(token, leading_dot=True):
     """A header line of 1,500 octets and body lines of 3,000 (with a dot
     at a break point), 998, 999 and 1,995 octets, all distinct."""
     def run(n, seed):
@@ -99,7 +100,7 @@ def long_message(token):
         run(3000, 1),
         run(998, 2),
         run(999, 3),
-        "." + run(1994, 4),
+        ("." if leading_dot else "d") + run(1994, 4),
         run(997, 5) + "." + run(500, 6),
         "last",
     ]
@@ -191,3 +192,31 @@ def test_lmtp_folds_at_lmtp_line_length_limit(make_postern, strict):
     p.wait_for_log(r"postern/lmtp\[\d+\]: [0-9A-F]+: breaking line > 990 bytes "
                    r"with <CR><LF>SPACE$")
     assert len(p.log_findall(r"to=<(rcpt|two)@far\.test>, .*status=sent")) == 2
+
+
+def test_folded_exactly_as_a_real_postfix_folds(make_postern, postfix_peer, strict):  # noqa: F811
+    # The same message through a real Postfix relaying to the same kind of
+    # receiver: the body and the long header arrive broken at the same
+    # places. (A line starting with a dot is left out: Postfix does not
+    # count the doubled dot, Postern does.)
+    r = strict()
+    far = postfix_peer(params={"relayhost": f"[127.0.0.1]:{r.port}"})
+    p = make_postern({"relayhost": f"[127.0.0.1]:{r.port}"})
+    token = new_token()
+    sent = long_message(token, leading_dot=False)
+    for port in (far.port, p.port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            code, text = h.smtp_transaction(s, SENDER, ["rcpt@other.test"], h.crlf(sent))
+            assert code == 250, text
+    h.wait_for(lambda: len(r.find(token)) == 2, 60, what="both copies at the receiver")
+    bodies = []
+    for _, raw in r.find(token):
+        head, _, body = raw.partition(b"\r\n\r\n")
+        long_header = re.search(rb"^X-Long: .*?(?=\r\n[^ \t])", head + b"\r\n.", re.M | re.S)
+        long_header = long_header.group(0)
+        bodies.append((long_header, body))
+    assert bodies[0] == bodies[1]
+    assert b"\r\n " in bodies[0][1]
+    assert re.search(r"postfix/smtp\[\d+\]: [0-9A-F]+: breaking line > 998 bytes "
+                     r"with <CR><LF>SPACE", far.log_text())
