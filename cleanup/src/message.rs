@@ -63,7 +63,10 @@ impl Settings {
                 .get_bool("append_dot_mydomain")
                 .unwrap_or(false)
                 .then(|| cfg.get("mydomain")),
-            duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or(1000) as usize,
+            duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or_else(|e| {
+                postern_common::warning!("{e}; using 1000");
+                1000
+            }) as usize,
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
         }
     }
