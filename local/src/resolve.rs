@@ -767,10 +767,9 @@ mod tests {
     fn duplicate_filter_limit_bounds_what_is_remembered() {
         let (t, dir) = hash_table("dlimit", "l: a@r.test, b@r.test, a@r.test, b@r.test\n");
         let (tables, _) = Tables::open_list(&t);
-        let dest = vec!["host.test".to_string()];
         let resolver = |limit| Resolver {
             aliases: &tables,
-            mydestination: &dest,
+            is_local_domain: &|d| d.eq_ignore_ascii_case("host.test"),
             myorigin: "host.test",
             delimiter: "",
             luser_relay: "",
