@@ -126,7 +126,7 @@ impl Rewriter {
             header_checks,
             body_checks,
             local_domains,
-            domains: postern_common::resolve::Resolver::new(cfg),
+            domains: postern_common::resolve::Resolver::domains_only(cfg),
             errors,
         }
     }

@@ -36,7 +36,7 @@
 //! Postfix 3.7, A-labels and U-labels are not converted into each other.
 
 use crate::addr;
-use crate::maps::{DomainList, Table, Tables};
+use crate::maps::{self, DomainList, Table};
 use postern_conf::Config;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -208,7 +208,7 @@ pub fn dsn_split(text: &str, default: &str) -> (String, String) {
 struct Maps {
     name: &'static str,
     spec: String,
-    tables: Tables,
+    tables: maps::Tables,
     /// `unix:passwd.byname` (through `proxy:` or not): the account database.
     passwd: bool,
     errors: Vec<String>,
@@ -228,7 +228,7 @@ impl Maps {
             }
         }
         let joined = rest.join(" ");
-        let (tables, errors) = Tables::open_list(&joined);
+        let (tables, errors) = maps::Tables::open_list(&joined);
         for e in &errors {
             crate::warning!("{name}: {e}");
         }
@@ -390,6 +390,13 @@ const TABLE_PARAMS: [&str; 11] = [
     "sender_canonical_maps",
 ];
 
+/// Which tables a resolver opens.
+enum Opened {
+    None,
+    Routing,
+    All,
+}
+
 /// The tables every resolver opens; the others only
 /// [`Resolver::with_recipient_checks`].
 const ROUTING_TABLES: [&str; 4] = [
@@ -435,7 +442,13 @@ impl Resolver {
     /// now; a bad reject code is logged and taken as 550 (smtpd refuses
     /// to start with one: [`RECIPIENT_CODES`]).
     pub fn new(cfg: &Config) -> Resolver {
-        Self::build(cfg, false)
+        Self::build(cfg, Opened::Routing)
+    }
+
+    /// A resolver with no table open, for [`Resolver::is_local_domain`]
+    /// alone (local, cleanup).
+    pub fn domains_only(cfg: &Config) -> Resolver {
+        Self::build(cfg, Opened::None)
     }
 
     /// [`Resolver::new`] with the tables of the recipient checks open
@@ -443,10 +456,10 @@ impl Resolver {
     /// `virtual_mailbox_maps`, `relay_recipient_maps`, the canonical
     /// maps): for smtpd and `sendmail -bv`.
     pub fn with_recipient_checks(cfg: &Config) -> Resolver {
-        Self::build(cfg, true)
+        Self::build(cfg, Opened::All)
     }
 
-    fn build(cfg: &Config, checks: bool) -> Resolver {
+    fn build(cfg: &Config, tables: Opened) -> Resolver {
         let parents: Vec<String> = cfg
             .get_list("parent_domain_matches_subdomains")
             .into_iter()
@@ -478,7 +491,12 @@ impl Resolver {
             }
         }
         let spec = |n: &str| {
-            if checks || ROUTING_TABLES.contains(&n) {
+            let open = match tables {
+                Opened::All => true,
+                Opened::Routing => ROUTING_TABLES.contains(&n),
+                Opened::None => false,
+            };
+            if open {
                 cfg.get(n)
             } else {
                 String::new()

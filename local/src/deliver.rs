@@ -93,7 +93,7 @@ impl Agent {
             .unwrap_or_else(|| "localhost".into());
         Ok(Agent {
             alias_maps: cfg.get("alias_maps"),
-            domains: postern_common::resolve::Resolver::new(cfg),
+            domains: postern_common::resolve::Resolver::domains_only(cfg),
             myorigin: cfg.get("myorigin"),
             delimiter: cfg.get("recipient_delimiter"),
             luser_relay: cfg
