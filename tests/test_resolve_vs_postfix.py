@@ -98,7 +98,7 @@ def shared_params(tdir):
         "mynetworks": "192.0.2.0/24",
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "smtpd_recipient_restrictions": "",
-        "relay_domains": "relay.test, .dotrelay.test",
+        "relay_domains": "relay.test, .dotrelay.test, bücher.test",
         "virtual_alias_domains": "alias.test, catchall.test",
         "virtual_alias_maps": t("virtual"),
         "virtual_mailbox_domains": "vbox.test",
@@ -143,6 +143,12 @@ ADDRESSES = [
     "user@direct.test", "user+ext@direct.test", "other@direct.test", "x@1.2.3.4",
     "x@[192.0.2.300]", "x@example.com",
 ]
+
+# Compared only through the resolvers (RCPT of UTF-8 needs SMTPUTF8):
+# UTF-8 domains fold their case; A-labels and U-labels are different
+# names, as in Postfix 3.7.
+RESOLVE_ONLY = ["user@BÜCHER.TEST", "user@bücher.test", "user@xn--bcher-kva.test",
+                "x@[IPv6:::1]", "x@[ipv6:2001:db8::1]"]
 
 
 # -- Postfix's trivial-rewrite, asked directly -------------------------------
