@@ -7,6 +7,7 @@
 //! - [`dns`]: the DNS resolver smtp and smtpd share.
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
+//! - [`cdb`]: the CDB file behind `hash:`, `btree:`, `cdb:` and `lmdb:`.
 //! - [`addr`]: envelope addresses.
 //! - [`base64`]: base64 for SASL.
 //! - [`cidr`]: network blocks (`mynetworks`, `cidr:` tables).
@@ -21,6 +22,7 @@
 pub mod addr;
 pub mod anvil;
 pub mod base64;
+pub mod cdb;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
