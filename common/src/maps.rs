@@ -59,10 +59,13 @@ impl Table {
             "texthash" => {
                 let text =
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
-                let map = parse_source(&text, false)
-                    .map_err(|(line, e)| format!("{name}, line {line}: {e}"))?
-                    .into_iter()
-                    .collect();
+                // As Postfix: a malformed line is skipped with a warning.
+                let map = source_entries(&text, false, |line, e| {
+                    crate::warning!("{name}, line {line}: {e}");
+                    Ok::<(), String>(())
+                })?
+                .into_iter()
+                .collect();
                 Ok(Table::Entries {
                     spec: spec.into(),
                     map,
@@ -320,8 +323,8 @@ fn open_indexed(spec: &str, kind: &str, name: &str) -> Result<Table, String> {
         }),
         Err(e) => Err(fail(&match foreign_format(&head) {
             Some(what) => format!(
-                "a {what} file (Postfix's format), which Postern does not read; \
-                 rebuild it with Postern's postmap: postmap {kind}:{name}"
+                "a {what} file, made by Postfix's postmap; Postern reads CDB \
+                 files: rebuild the table with Postern's postmap {kind}:{name}"
             ),
             None => format!("{e}; rebuild it with postmap {kind}:{name}"),
         })),
@@ -548,16 +551,31 @@ pub fn fold_key(key: &[u8]) -> Vec<u8> {
 /// value`); the lines are read as [`SourceReader`] reads them. Keys are
 /// lower-cased. A later duplicate key replaces an earlier one.
 pub fn parse_source(text: &str, aliases: bool) -> Result<Vec<(String, String)>, (usize, String)> {
+    source_entries(text, aliases, |line, e| Err((line, e)))
+}
+
+/// The entries of a source; `bad` decides what a malformed line does
+/// (Err stops the parse with that error).
+fn source_entries<E>(
+    text: &str,
+    aliases: bool,
+    mut bad: impl FnMut(usize, String) -> Result<(), E>,
+) -> Result<Vec<(String, String)>, E> {
     let mut src = SourceReader::new(text.as_bytes());
     let mut map: Vec<(String, String)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
-    while let Some((lineno, line)) = src.next_line().map_err(|e| (0, e.to_string()))? {
-        let (k, v) = split_entry(&line, aliases).map_err(|e| {
-            (
-                lineno,
-                format!("{e}: \"{}\"", String::from_utf8_lossy(&line)),
-            )
-        })?;
+    // Reading a &[u8] cannot fail.
+    while let Ok(Some((lineno, line))) = src.next_line() {
+        let (k, v) = match split_entry(&line, aliases) {
+            Ok(kv) => kv,
+            Err(e) => {
+                bad(
+                    lineno,
+                    format!("{e}: \"{}\"", String::from_utf8_lossy(&line)),
+                )?;
+                continue;
+            }
+        };
         let k = String::from_utf8_lossy(&fold_key(&k)).into_owned();
         let v = String::from_utf8_lossy(&v).into_owned();
         match index.get(&k) {

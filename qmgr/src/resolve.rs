@@ -105,12 +105,7 @@ pub fn dsn_split(text: &str, default: &str) -> (String, String) {
 }
 
 fn file_of(spec: &str) -> Option<PathBuf> {
-    let (kind, name) = spec.split_once(':')?;
-    match kind {
-        "hash" | "btree" | "lmdb" | "cdb" => Some(maps::db_path(std::path::Path::new(name))),
-        "texthash" => Some(PathBuf::from(name)),
-        _ => None,
-    }
+    maps::table_file(spec)
 }
 
 fn mtime(p: &PathBuf) -> Option<SystemTime> {
