@@ -482,7 +482,12 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     if modes > 1 || (modes == 1 && a.incremental) {
         die(prog, EX_USAGE, "specify only one of -s -q -d or -i");
     }
-    let dtype = default_type(prog, a.config.as_deref());
+    let untyped = a.maps.iter().any(|m| split_map(m, "").0.is_empty());
+    let dtype = if untyped {
+        default_type(prog, a.config.as_deref())
+    } else {
+        String::new()
+    };
     let opts = BuildOptions {
         aliases,
         fold: !a.no_fold,
