@@ -506,7 +506,7 @@ pub fn split_entry(line: &[u8], aliases: bool) -> Result<(Vec<u8>, Vec<u8>), &'s
                 .ok_or("need name:value pair")?;
             let after = trim(&rest[end + 1..]);
             let value = after.strip_prefix(b":").ok_or("need name:value pair")?;
-            return Ok((rest[..end].to_vec(), trim(value).to_vec()));
+            return Ok((rest[..end].to_vec(), address_list(value)));
         }
         let colon = line
             .iter()
@@ -516,7 +516,7 @@ pub fn split_entry(line: &[u8], aliases: bool) -> Result<(Vec<u8>, Vec<u8>), &'s
         if key.is_empty() {
             return Err("need name:value pair");
         }
-        return Ok((key.to_vec(), trim(&line[colon + 1..]).to_vec()));
+        return Ok((key.to_vec(), address_list(&line[colon + 1..])));
     }
     // The key ends at the first white space outside double quotes.
     let mut quoted = false;
@@ -536,6 +536,31 @@ pub fn split_entry(line: &[u8], aliases: bool) -> Result<(Vec<u8>, Vec<u8>), &'s
         return Err("expected format: key whitespace value");
     }
     Ok((line[..i].to_vec(), value.to_vec()))
+}
+
+/// An alias value as postalias stores it: its comma-separated items
+/// trimmed and joined by ", " (commas inside quotes, comments or angle
+/// brackets are not separators).
+fn address_list(value: &[u8]) -> Vec<u8> {
+    let mut items: Vec<&[u8]> = Vec::new();
+    let (mut quoted, mut depth, mut start, mut i) = (false, 0i32, 0, 0);
+    while i < value.len() {
+        match value[i] {
+            b'\\' => i += 1,
+            b'"' => quoted = !quoted,
+            b'(' | b'<' if !quoted => depth += 1,
+            b')' | b'>' if !quoted => depth -= 1,
+            b',' if !quoted && depth <= 0 => {
+                items.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    items.push(&value[start.min(value.len())..]);
+    let items: Vec<&[u8]> = items.into_iter().map(trim).filter(|t| !t.is_empty()).collect();
+    items.join(&b", "[..])
 }
 
 /// A key folded to lower case, as indexed tables store and look keys up.
@@ -639,7 +664,7 @@ mod tests {
         write_hash_db(&src, &e).unwrap();
         let t = Table::open(&format!("hash:{}", src.display())).unwrap();
         assert_eq!(t.lookup("POSTMASTER"), Some("root"));
-        assert_eq!(t.lookup("webmaster"), Some("alice,  bob"));
+        assert_eq!(t.lookup("webmaster"), Some("alice, bob"));
         assert_eq!(t.lookup("x y"), Some("z"));
         assert_eq!(t.lookup("nobody"), None);
         std::fs::remove_dir_all(dir).unwrap();
