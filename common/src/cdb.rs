@@ -22,8 +22,9 @@ pub const HEADER_LEN: u64 = 2048;
 
 /// The CDB hash of a key (djb's "times 33, xor").
 pub fn hash(key: &[u8]) -> u32 {
-    key.iter()
-        .fold(5381u32, |h, &b| h.wrapping_shl(5).wrapping_add(h) ^ b as u32)
+    key.iter().fold(5381u32, |h, &b| {
+        h.wrapping_shl(5).wrapping_add(h) ^ b as u32
+    })
 }
 
 fn invalid(why: impl Into<String>) -> io::Error {
@@ -180,6 +181,9 @@ fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     Ok(got)
 }
 
+/// A record read back: its position, key and value.
+pub type Record = (u64, Vec<u8>, Vec<u8>);
+
 /// The records of a [`Reader`], read sequentially through a 64 KiB buffer.
 pub struct Records<'a> {
     reader: &'a Reader,
@@ -208,7 +212,7 @@ impl Records<'_> {
     }
 
     /// The next record and its position.
-    pub fn next_at(&mut self) -> Option<io::Result<(u64, Vec<u8>, Vec<u8>)>> {
+    pub fn next_at(&mut self) -> Option<io::Result<Record>> {
         if self.pos >= self.reader.records_end {
             return None;
         }
@@ -431,8 +435,7 @@ impl Writer {
     /// Appends the 256 hash tables and writes the header.
     fn write_tables(&mut self) -> io::Result<()> {
         // Group by table, each in record order (as tinycdb does).
-        self.index
-            .sort_unstable_by_key(|&(h, p)| ((h & 255), p));
+        self.index.sort_unstable_by_key(|&(h, p)| ((h & 255), p));
         let mut header = vec![0u8; HEADER_LEN as usize];
         let mut at = 0;
         let mut slots: Vec<(u32, u32)> = Vec::new();
@@ -505,8 +508,11 @@ mod tests {
         let path = d.join("t.cdb");
         let mut w = Writer::create(&path, 0o644).unwrap();
         for i in 0..5000u32 {
-            w.add(format!("key{i}").as_bytes(), format!("value {i}").as_bytes())
-                .unwrap();
+            w.add(
+                format!("key{i}").as_bytes(),
+                format!("value {i}").as_bytes(),
+            )
+            .unwrap();
         }
         let long = vec![b'x'; 10_000];
         w.add(b"long", &long).unwrap();
@@ -545,7 +551,10 @@ mod tests {
         let all: Vec<_> = r.records().map(|r| r.unwrap()).collect();
         assert_eq!(
             all,
-            vec![(b"b".to_vec(), b"2".to_vec()), (b"a".to_vec(), b"3".to_vec())]
+            vec![
+                (b"b".to_vec(), b"2".to_vec()),
+                (b"a".to_vec(), b"3".to_vec())
+            ]
         );
         Writer::create(&path, 0o600)
             .unwrap()

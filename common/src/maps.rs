@@ -559,7 +559,11 @@ fn address_list(value: &[u8]) -> Vec<u8> {
         i += 1;
     }
     items.push(&value[start.min(value.len())..]);
-    let items: Vec<&[u8]> = items.into_iter().map(trim).filter(|t| !t.is_empty()).collect();
+    let items: Vec<&[u8]> = items
+        .into_iter()
+        .map(trim)
+        .filter(|t| !t.is_empty())
+        .collect();
     items.join(&b", "[..])
 }
 

@@ -107,7 +107,7 @@ struct AsOwner {
 
 impl AsOwner {
     fn switch(meta: &std::fs::Metadata) -> Result<Option<AsOwner>, String> {
-        use nix::unistd::{getgroups, geteuid, setegid, seteuid, setgroups, Gid, Uid};
+        use nix::unistd::{geteuid, getgroups, setegid, seteuid, setgroups, Gid, Uid};
         if !geteuid().is_root() || meta.uid() == 0 {
             return Ok(None);
         }
@@ -217,8 +217,12 @@ pub fn build(prog: &str, kind: &str, name: &str, opts: &BuildOptions) -> Result<
         0o644
     };
     let _lock = lock_existing(&path);
-    let mut w = cdb::Writer::create(&path, mode)
-        .map_err(|e| (EX_CANTCREAT, format!("open database {}: {e}", path.display())))?;
+    let mut w = cdb::Writer::create(&path, mode).map_err(|e| {
+        (
+            EX_CANTCREAT,
+            format!("open database {}: {e}", path.display()),
+        )
+    })?;
     add_source(
         prog,
         name,
@@ -258,8 +262,12 @@ fn writer_like(path: &Path) -> Result<cdb::Writer, Failure> {
     let mode = std::fs::metadata(path)
         .map(|m| m.permissions().mode() & 0o7777)
         .unwrap_or(0o644);
-    cdb::Writer::create(path, mode)
-        .map_err(|e| (EX_CANTCREAT, format!("open database {}: {e}", path.display())))
+    cdb::Writer::create(path, mode).map_err(|e| {
+        (
+            EX_CANTCREAT,
+            format!("open database {}: {e}", path.display()),
+        )
+    })
 }
 
 /// `-i`: adds the entries of `input` to `kind:name` (creating it).
@@ -292,7 +300,10 @@ pub fn delete(kind: &str, name: &str, keys: &[Vec<u8>]) -> Result<usize, Failure
     let Some(Table::Indexed { db, .. }) = open_for_update(kind, name)? else {
         return Err((
             EX_NOINPUT,
-            format!("open database {}: No such file or directory", path.display()),
+            format!(
+                "open database {}: No such file or directory",
+                path.display()
+            ),
         ));
     };
     let ioerr = |e: io::Error| (EX_IOERR, format!("read {}: {e}", path.display()));
@@ -307,7 +318,10 @@ pub fn delete(kind: &str, name: &str, keys: &[Vec<u8>]) -> Result<usize, Failure
     let mut removed = 0;
     for r in db.reader().records() {
         let (k, v) = r.map_err(ioerr)?;
-        if keys.iter().any(|d| *d == k.strip_suffix(b"\0").unwrap_or(&k)) {
+        if keys
+            .iter()
+            .any(|d| *d == k.strip_suffix(b"\0").unwrap_or(&k))
+        {
             removed += 1;
             continue;
         }
@@ -478,7 +492,10 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     if a.maps.is_empty() {
         usage(prog);
     }
-    let modes = [a.query.is_some(), a.delete.is_some(), a.dump].iter().filter(|&&m| m).count();
+    let modes = [a.query.is_some(), a.delete.is_some(), a.dump]
+        .iter()
+        .filter(|&&m| m)
+        .count();
     if modes > 1 || (modes == 1 && a.incremental) {
         die(prog, EX_USAGE, "specify only one of -s -q -d or -i");
     }
@@ -515,7 +532,9 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     let code = if let Some(q) = &a.query {
         let tables: Vec<Table> = maps
             .iter()
-            .map(|(k, n)| Table::open(&format!("{k}:{n}")).unwrap_or_else(|e| die(prog, EX_NOINPUT, e)))
+            .map(|(k, n)| {
+                Table::open(&format!("{k}:{n}")).unwrap_or_else(|e| die(prog, EX_NOINPUT, e))
+            })
             .collect();
         let find = |key: &str| -> Option<Vec<u8>> {
             for t in &tables {
@@ -548,7 +567,11 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
             1
         }
     } else if let Some(d) = &a.delete {
-        let keys: Vec<String> = if d == "-" { stdin_keys(prog) } else { vec![d.clone()] };
+        let keys: Vec<String> = if d == "-" {
+            stdin_keys(prog)
+        } else {
+            vec![d.clone()]
+        };
         let keys: Vec<Vec<u8>> = keys
             .iter()
             .map(|k| {
