@@ -548,7 +548,12 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
         };
         let mut found = false;
         if q == "-" {
-            for key in stdin_keys(prog) {
+            // Key by key, so a long list of keys costs no memory.
+            for line in io::stdin().lock().split(b'\n') {
+                let line =
+                    line.unwrap_or_else(|e| die(prog, EX_IOERR, format_args!("read stdin: {e}")));
+                let key =
+                    String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
                 if let Some(v) = find(&key) {
                     found = true;
                     let _ = write!(out, "{key}{sep}");
