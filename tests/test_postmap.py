@@ -446,7 +446,24 @@ def test_running_postern_uses_tables_and_sees_changes(make_postern, local_users)
         if code == 250:
             code, _ = s.rcpt("root@postern.test")
         assert code == 554
-    # A new table, built while Postern runs, is used for the next message.
+    # New tables, built while Postern runs, are used at once: by the same
+    # smtpd process (it notices the new file), and by local.
+    smtpds = set(p.child_pids("smtpd"))
+    assert smtpds
+    p.write_file("etc/senders", "blocked.example 450 4.7.1 try later\n")
+    r = h.run([POSTMAP, f"hash:{p.etc}/senders"])
+    assert r.returncode == 0, h.describe(r)
+    time.sleep(1.2)
+
+    def sender_reply():
+        with p.smtp() as s:
+            s.ehlo("client.example")
+            code, text = s.mail("x@blocked.example")
+            if code == 250:
+                code, text = s.rcpt("root@postern.test")
+            return code, text.decode()
+    assert sender_reply() == (450, "4.7.1 <x@blocked.example>: Sender address rejected: try later")
+    assert set(p.child_pids("smtpd")) == smtpds
     p.write_file("etc/aliases", "postmaster: root\nteam: ptbob\n")
     r = h.run([POSTALIAS, f"hash:{p.etc}/aliases"])
     assert r.returncode == 0, h.describe(r)

@@ -157,13 +157,8 @@ impl Reader {
 
     /// Every record in file order, duplicates included (a file built by
     /// [`Writer`] has none).
-    pub fn records(&self) -> Records<'_> {
-        Records {
-            reader: self,
-            pos: HEADER_LEN,
-            buf: Vec::new(),
-            buf_at: HEADER_LEN,
-        }
+    pub fn records(&self) -> Records<&Reader> {
+        Records::new(self)
     }
 }
 
@@ -184,15 +179,25 @@ fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
 /// A record read back: its position, key and value.
 pub type Record = (u64, Vec<u8>, Vec<u8>);
 
-/// The records of a [`Reader`], read sequentially through a 64 KiB buffer.
-pub struct Records<'a> {
-    reader: &'a Reader,
+/// The records of a [`Reader`] (borrowed, or shared as `Arc<Reader>`),
+/// read sequentially through a 64 KiB buffer.
+pub struct Records<R> {
+    reader: R,
     pos: u64,
     buf: Vec<u8>,
     buf_at: u64,
 }
 
-impl Records<'_> {
+impl<R: std::ops::Deref<Target = Reader>> Records<R> {
+    pub fn new(reader: R) -> Records<R> {
+        Records {
+            reader,
+            pos: HEADER_LEN,
+            buf: Vec::new(),
+            buf_at: HEADER_LEN,
+        }
+    }
+
     /// `n` bytes at `self.pos`, refilling the buffer as needed.
     fn bytes(&mut self, n: usize) -> io::Result<&[u8]> {
         let end = self.reader.records_end;
@@ -231,7 +236,7 @@ impl Records<'_> {
     }
 }
 
-impl Iterator for Records<'_> {
+impl<R: std::ops::Deref<Target = Reader>> Iterator for Records<R> {
     type Item = io::Result<(Vec<u8>, Vec<u8>)>;
     fn next(&mut self) -> Option<Self::Item> {
         self.next_at().map(|r| r.map(|(_, k, v)| (k, v)))

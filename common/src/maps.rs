@@ -294,9 +294,36 @@ pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
 /// Opens the CDB file of `kind:name`.
 fn open_indexed(spec: &str, kind: &str, name: &str) -> Result<Table, String> {
     let path = indexed_file(kind, name).ok_or_else(|| format!("{kind}: not an indexed type"))?;
+    match open_cdb(&path, kind, name, 0)? {
+        Opened::Cdb(file) => Ok(Table::Indexed {
+            spec: spec.into(),
+            db: Arc::new(IndexedTable {
+                path,
+                kind: kind.into(),
+                name: name.into(),
+                file: Mutex::new(Arc::new(file)),
+                checked: Mutex::new((std::time::Instant::now(), None)),
+                found: Mutex::new(Found::default()),
+            }),
+        }),
+        Opened::Legacy(map) => Ok(Table::Entries {
+            spec: spec.into(),
+            map,
+        }),
+    }
+}
+
+enum Opened {
+    Cdb(CdbFile),
+    /// A `postern-hash-1` table, read whole.
+    Legacy(HashMap<String, String>),
+}
+
+fn open_cdb(path: &Path, kind: &str, name: &str, generation: u64) -> Result<Opened, String> {
+    use std::os::unix::fs::MetadataExt;
     let fail = |e: &dyn std::fmt::Display| format!("open database {}: {e}", path.display());
-    let file = std::fs::File::open(&path).map_err(|e| fail(&e))?;
-    let size = file.metadata().map_err(|e| fail(&e))?.len();
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let meta = file.metadata().map_err(|e| fail(&e))?;
     let mut head = Vec::with_capacity(crate::cdb::HEADER_LEN as usize);
     (&file)
         .take(crate::cdb::HEADER_LEN)
@@ -305,22 +332,15 @@ fn open_indexed(spec: &str, kind: &str, name: &str) -> Result<Table, String> {
     if head.starts_with(HASH_MAGIC) {
         let mut data = head;
         (&file).read_to_end(&mut data).map_err(|e| fail(&e))?;
-        let map = read_hash_db(&data).map_err(|e| fail(&e))?;
-        return Ok(Table::Entries {
-            spec: spec.into(),
-            map,
-        });
+        return Ok(Opened::Legacy(read_hash_db(&data).map_err(|e| fail(&e))?));
     }
-    match crate::cdb::Reader::from_header(file, &head, size) {
-        Ok(reader) => Ok(Table::Indexed {
-            spec: spec.into(),
-            db: Arc::new(IndexedTable {
-                path,
-                reader,
-                nul: std::sync::atomic::AtomicU8::new(NUL_UNKNOWN),
-                found: Mutex::new(HashMap::new()),
-            }),
-        }),
+    match crate::cdb::Reader::from_header(file, &head, meta.len()) {
+        Ok(reader) => Ok(Opened::Cdb(CdbFile {
+            reader: Arc::new(reader),
+            id: (meta.dev(), meta.ino()),
+            generation,
+            nul: std::sync::atomic::AtomicU8::new(NUL_UNKNOWN),
+        })),
         Err(e) => Err(fail(&match foreign_format(&head) {
             Some(what) => format!(
                 "a {what} file, made by Postfix's postmap; Postern reads CDB \
@@ -335,17 +355,48 @@ const NUL_UNKNOWN: u8 = 0;
 const NUL_WITHOUT: u8 = 1;
 const NUL_WITH: u8 = 2;
 
-/// An open indexed table: a CDB file looked up by key. Values found are
-/// kept, so [`Table::lookup`] can lend them out as `&str`; a table holds
-/// at most the values asked for, never the file.
-pub struct IndexedTable {
-    path: PathBuf,
-    reader: crate::cdb::Reader,
+/// How often a table's path is compared with the file open.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One CDB file of an indexed table.
+struct CdbFile {
+    reader: Arc<crate::cdb::Reader>,
+    /// (device, inode): a new `postmap` renames a new file into place.
+    id: (u64, u64),
+    /// Counts the files opened for this table.
+    generation: u64,
     /// Whether keys carry a terminating null byte (postmap -N), learnt
     /// from the first key found, as Postfix does.
     nul: std::sync::atomic::AtomicU8,
-    /// Values found, by folded key. Entries are only ever added.
-    found: Mutex<HashMap<String, Box<str>>>,
+}
+
+#[derive(Default)]
+struct Found {
+    /// The file generation the values come from.
+    generation: u64,
+    /// Values found, by folded key.
+    values: HashMap<String, Box<str>>,
+    /// Values of files replaced since, kept because they may still be
+    /// lent out.
+    retired: Vec<Box<str>>,
+}
+
+/// An open indexed table: a CDB file looked up by key. Values found are
+/// kept, so [`Table::lookup`] can lend them out as `&str`; a table holds
+/// at most the values asked for, never the file. When `postmap` replaces
+/// the file, the table opens the new one (checked at most once a second),
+/// as Postfix's daemons restart when a table changes; one that cannot be
+/// opened (a process without the rights it had at start) leaves the old
+/// one in use, with a warning.
+pub struct IndexedTable {
+    path: PathBuf,
+    kind: String,
+    name: String,
+    file: Mutex<Arc<CdbFile>>,
+    /// When the path was last checked, and a replacement that could not
+    /// be opened (warned about once).
+    checked: Mutex<(std::time::Instant, Option<(u64, u64)>)>,
+    found: Mutex<Found>,
 }
 
 impl std::fmt::Debug for IndexedTable {
@@ -354,24 +405,65 @@ impl std::fmt::Debug for IndexedTable {
     }
 }
 
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl IndexedTable {
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn reader(&self) -> &crate::cdb::Reader {
-        &self.reader
+    /// The file in use, after opening a new one if `postmap` replaced it.
+    fn current(&self) -> Arc<CdbFile> {
+        use std::os::unix::fs::MetadataExt;
+        let cur = relock(&self.file).clone();
+        {
+            let mut checked = relock(&self.checked);
+            if checked.0.elapsed() < RECHECK {
+                return cur;
+            }
+            checked.0 = std::time::Instant::now();
+            let id = match std::fs::metadata(&self.path) {
+                Ok(m) => (m.dev(), m.ino()),
+                Err(_) => return cur,
+            };
+            if id == cur.id || checked.1 == Some(id) {
+                return cur;
+            }
+            match open_cdb(&self.path, &self.kind, &self.name, cur.generation + 1) {
+                Ok(Opened::Cdb(new)) => {
+                    checked.1 = None;
+                    let new = Arc::new(new);
+                    *relock(&self.file) = new.clone();
+                    return new;
+                }
+                Ok(Opened::Legacy(_)) => {}
+                Err(e) => crate::warning!("{e}; the table as it was is still used"),
+            }
+            checked.1 = Some(id);
+        }
+        cur
+    }
+
+    /// The reader of the file in use.
+    pub fn reader(&self) -> Arc<crate::cdb::Reader> {
+        self.current().reader.clone()
     }
 
     /// The value of `key` as given (no case folding), tried without and
     /// with a terminating null byte as Postfix does; the value without
     /// its null byte.
     pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        IndexedTable::get_in(&self.current(), key)
+    }
+
+    fn get_in(file: &CdbFile, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
         use std::sync::atomic::Ordering::Relaxed;
-        let mode = self.nul.load(Relaxed);
+        let mode = file.nul.load(Relaxed);
         if mode != NUL_WITH {
-            if let Some(v) = self.reader.get(key)? {
-                self.nul.store(NUL_WITHOUT, Relaxed);
+            if let Some(v) = file.reader.get(key)? {
+                file.nul.store(NUL_WITHOUT, Relaxed);
                 return Ok(Some(strip_nul(v)));
             }
         }
@@ -379,8 +471,8 @@ impl IndexedTable {
             let mut k = Vec::with_capacity(key.len() + 1);
             k.extend_from_slice(key);
             k.push(0);
-            if let Some(v) = self.reader.get(&k)? {
-                self.nul.store(NUL_WITH, Relaxed);
+            if let Some(v) = file.reader.get(&k)? {
+                file.nul.store(NUL_WITH, Relaxed);
                 return Ok(Some(strip_nul(v)));
             }
         }
@@ -388,9 +480,8 @@ impl IndexedTable {
     }
 
     /// Every entry in file order, without terminating null bytes.
-    pub fn entries(&self) -> impl Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.reader
-            .records()
+    pub fn entries(&self) -> impl Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> {
+        crate::cdb::Records::new(self.reader())
             .map(|r| r.map(|(k, v)| (strip_nul(k), strip_nul(v))))
     }
 
@@ -398,27 +489,42 @@ impl IndexedTable {
     /// and answers "not found".
     pub fn lookup(&self, key: &str) -> Option<&str> {
         let key = key.to_lowercase();
-        let lock = || self.found.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = lock().get(&key) {
-            // SAFETY: as below.
-            return Some(unsafe { &*(&**v as *const str) });
+        let file = self.current();
+        {
+            let mut found = relock(&self.found);
+            if found.generation != file.generation {
+                // A new file: what was found in the old one goes out of
+                // use (but stays allocated, as it may still be lent out).
+                let old: Vec<Box<str>> = found.values.drain().map(|(_, v)| v).collect();
+                found.retired.extend(old);
+                found.generation = file.generation;
+            }
+            if let Some(v) = found.values.get(&key) {
+                // SAFETY: as below.
+                return Some(unsafe { &*(&**v as *const str) });
+            }
         }
-        let value = match self.get(key.as_bytes()) {
+        let value = match IndexedTable::get_in(&file, key.as_bytes()) {
             Ok(v) => v?,
             Err(e) => {
                 crate::warning!("table {}: lookup {key}: {e}", self.path.display());
                 return None;
             }
         };
-        let mut found = lock();
-        let kept: *const str = &**found
-            .entry(key)
-            .or_insert_with(|| String::from_utf8_lossy(&value).into());
-        // SAFETY: a value is a Box<str> that is never removed or replaced
-        // (entries are only inserted, for keys not yet present), so its
-        // heap string neither moves (growing the map moves the box, not
-        // the string) nor is freed before `self` is dropped, and the
-        // returned reference cannot outlive `&self`.
+        let mut found = relock(&self.found);
+        let fresh: Box<str> = String::from_utf8_lossy(&value).into();
+        let kept: *const str = if found.generation == file.generation {
+            &**found.values.entry(key).or_insert(fresh)
+        } else {
+            // The file changed meanwhile: answer, without caching.
+            found.retired.push(fresh);
+            &**found.retired.last().unwrap()
+        };
+        // SAFETY: a value is a Box<str> that is never dropped before
+        // `self` (entries are only inserted, for keys not yet present, or
+        // moved into `retired`), so its heap string neither moves (moving
+        // the box does not move the string) nor is freed while `&self`
+        // lives, and the returned reference cannot outlive `&self`.
         Some(unsafe { &*kept })
     }
 }
@@ -671,6 +777,27 @@ mod tests {
         assert_eq!(t.lookup("webmaster"), Some("alice, bob"));
         assert_eq!(t.lookup("x y"), Some("z"));
         assert_eq!(t.lookup("nobody"), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_table_is_reopened() {
+        let dir = std::env::temp_dir().join(format!("pmaps-re-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("access");
+        write_hash_db(&src, &[("a".into(), "old".into())]).unwrap();
+        let t = Table::open(&format!("hash:{}", src.display())).unwrap();
+        let before = t.lookup("A").unwrap();
+        assert_eq!(before, "old");
+        write_hash_db(
+            &src,
+            &[("a".into(), "new".into()), ("b".into(), "2".into())],
+        )
+        .unwrap();
+        std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
+        assert_eq!(t.lookup("a"), Some("new"));
+        assert_eq!(t.lookup("b"), Some("2"));
+        assert_eq!(before, "old"); // still valid
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -283,7 +283,8 @@ pub fn add_entries(
     let old = open_for_update(kind, name)?;
     let mut w = writer_like(&path)?;
     if let Some(Table::Indexed { db, .. }) = &old {
-        for r in db.reader().records() {
+        let reader = db.reader();
+        for r in reader.records() {
             let (k, v) = r.map_err(|e| (EX_IOERR, format!("read {}: {e}", path.display())))?;
             w.add(&k, &v)
                 .map_err(|e| (EX_CANTCREAT, format!("write {}: {e}", path.display())))?;
@@ -316,7 +317,8 @@ pub fn delete(kind: &str, name: &str, keys: &[Vec<u8>]) -> Result<usize, Failure
     }
     let mut w = writer_like(&path)?;
     let mut removed = 0;
-    for r in db.reader().records() {
+    let reader = db.reader();
+    for r in reader.records() {
         let (k, v) = r.map_err(ioerr)?;
         if keys
             .iter()
