@@ -17,6 +17,7 @@
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
 pub mod anvil;
@@ -33,5 +34,6 @@ pub mod qfile;
 pub mod queue;
 pub mod regexp;
 pub mod service;
+pub mod smtputf8;
 pub mod time;
 pub mod tls;

@@ -241,6 +241,10 @@ pub trait Transaction {
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
         (None, None)
     }
+    /// The message's SMTPUTF8 flags (RFC 6531).
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        Default::default()
+    }
     /// RFC 3461 NOTIFY bits and ORCPT (`type;address`, decoded) of
     /// recipient `i`.
     fn dsn_recipient(&self, _i: usize) -> (u8, String) {
@@ -1038,8 +1042,15 @@ impl<'a, 'c> Session<'a, 'c> {
             self.quit();
             return End::Complete;
         }
-        let utf8 = !txn.sender().is_ascii() || txn.recipients().iter().any(|r| !r.is_ascii());
-        if utf8 && !ext.smtputf8 {
+        // RFC 6531, as Postfix: SMTPUTF8 only for a message whose sender
+        // asked for it; to a server without it, such a message goes only
+        // when nothing in this transaction needs it.
+        let flags = txn.smtputf8();
+        let needed = flags.delivery_requires(
+            txn.sender(),
+            txn.recipients().iter().map(String::as_str),
+        );
+        if needed && !ext.smtputf8 {
             let reason = format!(
                 "SMTPUTF8 is required, but was not offered by host {}",
                 self.peer.namaddr
@@ -1072,7 +1083,7 @@ impl<'a, 'c> Session<'a, 'c> {
         if eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
-        if utf8 {
+        if flags.requested && ext.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
         if ext.dsn {
@@ -1534,6 +1545,7 @@ mod tests {
         chunk: usize,
         connected: bool,
         recorded: Vec<(usize, Outcome, String, String)>,
+        smtputf8: postern_common::smtputf8::Flags,
     }
 
     impl TestTxn {
@@ -1545,6 +1557,7 @@ mod tests {
                 chunk: 7,
                 connected: false,
                 recorded: Vec::new(),
+                smtputf8: Default::default(),
             }
         }
 
@@ -1590,6 +1603,9 @@ mod tests {
         fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
             assert!(self.outcome(i).is_none(), "recipient {i} recorded twice");
             self.recorded.push((i, outcome, dsn.into(), reason.into()));
+        }
+        fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+            self.smtputf8
         }
     }
 
@@ -2121,10 +2137,45 @@ mod tests {
                 "message size 5 exceeds size limit 3 of server mx.b.test[127.0.0.1]"
             )
         );
+        // SMTPUTF8 requested and a UTF-8 recipient: refused by a server
+        // without SMTPUTF8.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
         deliver(&mut srv, &peer(), &settings(5), &mut txn);
-        assert_eq!(txn.outcome(0).unwrap().1, "5.6.7");
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Bounced,
+                "5.6.7",
+                "SMTPUTF8 is required, but was not offered by host mx.b.test[127.0.0.1]"
+            )
+        );
+        // Requested, but all ASCII: sent without the parameter.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(said.contains("MAIL FROM:<from@a.test>\r\n"), "{said}");
+        // Not requested: a legacy UTF-8 local part goes as it is.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        // Requested, offered: MAIL FROM carries SMTPUTF8.
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"), "{said}");
         // 8-bit content to a server without 8BITMIME: bounced, not sent.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());
