@@ -2030,7 +2030,7 @@ mod tests {
             &mut s,
             "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
         );
-        assert_eq!(&r[7..], ["250 2.1.0 Ok"]);
+        assert_eq!(&r[8..], ["250 2.1.0 Ok"]);
         let (kinds, _) = requests(&mut s);
         assert_eq!(kinds, ["open"]);
         // The rest waited for the queue file; the RSET and QUIT then for
@@ -2093,7 +2093,7 @@ mod tests {
             "EHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@far.example>\r\nRCPT TO:<u@MX.example>\r\nRCPT TO:<postmaster>\r\nDATA\r\n",
         );
         assert_eq!(
-            &r[7..],
+            &r[8..],
             [
                 "250 2.1.0 Ok",
                 "554 5.7.1 <a@far.example>: Relay access denied"
@@ -2881,7 +2881,7 @@ mod tests {
         assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
         assert_eq!(send(&mut s, "DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"]);
         let reqs = s.take_requests();
-        let CleanupRequest::Envelope(m) = &reqs[0] else {
+        let Some(CleanupRequest::Envelope(m)) = reqs.last() else {
             panic!("{reqs:?}")
         };
         assert_eq!(m.sender, "jörg@bücher.example");
