@@ -98,15 +98,16 @@ pub fn has_utf8_domain(addr: &str) -> bool {
 }
 
 /// Whether a non-ASCII domain is a usable internationalized domain name:
-/// it converts to its A-label form (IDNA, UTS #46 non-transitional, as
-/// Postfix since 3.2 with `enable_idna2003_compatibility = no`) and that
-/// form is a valid host name. Address literals and ASCII domains are left
+/// it converts to its A-label form (IDNA, UTS #46 non-transitional with
+/// the hyphen and STD3 checks, as Postfix through ICU since 3.2 with
+/// `enable_idna2003_compatibility = no`) and that form is a valid host
+/// name. Address literals and ASCII domains are left
 /// to the other checks (true).
 pub fn valid_utf8_domain(domain: &str) -> bool {
     if domain.is_ascii() || domain.starts_with('[') {
         return true;
     }
-    match idna::domain_to_ascii(domain.trim_end_matches('.')) {
+    match idna::domain_to_ascii_strict(domain.trim_end_matches('.')) {
         Ok(ascii) => {
             !ascii.is_empty()
                 && ascii.len() <= 255
@@ -268,6 +269,7 @@ mod tests {
         assert!(valid_utf8_domain("example.test"));
         assert!(!valid_utf8_domain("bü..test"));
         assert!(!valid_utf8_domain("bü cher.test"));
+        assert!(!valid_utf8_domain("bü-.test"));
         assert!(address_syntax_ok("jörg@example.test", false));
         assert!(!address_syntax_ok("a@bücher.test", false));
         assert!(address_syntax_ok("a@bücher.test", true));
