@@ -548,8 +548,8 @@ impl<'a> Message<'a> {
         if !self.settings.smtputf8_enable {
             return given;
         }
-        let header = self.headers.iter().any(|h| !h.text.is_ascii())
-            || added.iter().any(|h| !h.is_ascii());
+        let header =
+            self.headers.iter().any(|h| !h.text.is_ascii()) || added.iter().any(|h| !h.is_ascii());
         let sender = smtputf8::is_utf8_address(&self.new.sender);
         let recipient = self
             .new

@@ -542,7 +542,11 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     };
     m.push_str(&format!("Reporting-MTA: dns; {host}\n"));
     m.push_str(&format!("X-Postern-Queue-ID: {}\n", n.queue_id));
-    m.push_str(&format!("X-Postern-Sender: {}; {}\n", kind(&n.sender), n.sender));
+    m.push_str(&format!(
+        "X-Postern-Sender: {}; {}\n",
+        kind(&n.sender),
+        n.sender
+    ));
     if !n.envid.is_empty() {
         m.push_str(&format!("Original-Envelope-Id: {}\n", n.envid));
     }
@@ -839,7 +843,10 @@ mod tests {
         };
         let text = |n: &Notice| String::from_utf8(compose(n, "N", 1_700_000_100).0).unwrap();
         let t = text(&n(true, Returned::Full(None)));
-        assert!(t.contains("Content-Type: message/global-delivery-status\n"), "{t}");
+        assert!(
+            t.contains("Content-Type: message/global-delivery-status\n"),
+            "{t}"
+        );
         assert!(t.contains("X-Postern-Sender: utf-8; ålice@example.test\n"));
         assert!(t.contains("Final-Recipient: utf-8; jörg@bücher.test\n"));
         assert!(t.contains("Original-Recipient: rfc822; ali@example.test\n"));

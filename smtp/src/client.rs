@@ -1046,10 +1046,8 @@ impl<'a, 'c> Session<'a, 'c> {
         // asked for it; to a server without it, such a message goes only
         // when nothing in this transaction needs it.
         let flags = txn.smtputf8();
-        let needed = flags.delivery_requires(
-            txn.sender(),
-            txn.recipients().iter().map(String::as_str),
-        );
+        let needed =
+            flags.delivery_requires(txn.sender(), txn.recipients().iter().map(String::as_str));
         if needed && !ext.smtputf8 {
             let reason = format!(
                 "SMTPUTF8 is required, but was not offered by host {}",
@@ -2175,7 +2173,10 @@ mod tests {
         deliver(&mut srv, &peer(), &settings(5), &mut txn);
         assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
         let said = String::from_utf8(srv.writes.concat()).unwrap();
-        assert!(said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"), "{said}");
+        assert!(
+            said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"),
+            "{said}"
+        );
         // 8-bit content to a server without 8BITMIME: bounced, not sent.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());

@@ -1560,7 +1560,10 @@ impl Session {
 
     /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.
     fn smtputf8_requested(&self, params: &[Token]) -> bool {
-        self.cfg.smtputf8_enable && params.iter().any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))
+        self.cfg.smtputf8_enable
+            && params
+                .iter()
+                .any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))
     }
 
     /// Postfix's rule for non-ASCII domains (see
@@ -2863,7 +2866,10 @@ mod tests {
             send(&mut s, "MAIL FROM:<a@bücher.example>\r\n"),
             ["501 5.1.7 Bad sender address syntax"]
         );
-        assert_eq!(send(&mut s, "MAIL FROM:<jörg@b.example>\r\n"), ["250 2.1.0 Ok"]);
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<jörg@b.example>\r\n"),
+            ["250 2.1.0 Ok"]
+        );
         assert_eq!(
             send(&mut s, "RCPT TO:<u@bücher.example>\r\n"),
             ["501 5.1.3 Bad recipient address syntax"]
@@ -2877,9 +2883,15 @@ mod tests {
             send(&mut s, "RCPT TO:<ü@bü..example>\r\n"),
             ["501 5.1.3 Bad recipient address syntax"]
         );
-        assert_eq!(send(&mut s, "RCPT TO:<ü@mx.example>\r\n"), Vec::<String>::new());
+        assert_eq!(
+            send(&mut s, "RCPT TO:<ü@mx.example>\r\n"),
+            Vec::<String>::new()
+        );
         assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
-        assert_eq!(send(&mut s, "DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"]);
+        assert_eq!(
+            send(&mut s, "DATA\r\n"),
+            ["354 End data with <CR><LF>.<CR><LF>"]
+        );
         let reqs = s.take_requests();
         let Some(CleanupRequest::Envelope(m)) = reqs.last() else {
             panic!("{reqs:?}")
@@ -2915,7 +2927,10 @@ mod tests {
             send(&mut s, "MAIL FROM:<jörg@b.example>\r\n"),
             ["553 5.6.7 Must declare SMTPUTF8 to send unicode address"]
         );
-        assert_eq!(send(&mut s, "MAIL FROM:<a@b.example>\r\n"), ["250 2.1.0 Ok"]);
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b.example>\r\n"),
+            ["250 2.1.0 Ok"]
+        );
         assert_eq!(
             send(&mut s, "RCPT TO:<ü@mx.example>\r\n"),
             ["553 5.6.7 Must declare SMTPUTF8 to send unicode address"]
