@@ -111,6 +111,8 @@ DIALOGUE = [
     b"RCPT TO:<x@b\xc3\xbc-.test>",
     b"RCPT TO:<x@xn--bcher-kva.test>",                  # the A-label form
     b"RSET",
+    b"VRFY <x@b\xc3\xbccher.test>",
+    b"VRFY <x@b\xc3\xbccher.test> SMTPUTF8",
 ]
 
 

@@ -1510,10 +1510,25 @@ impl Session {
             self.reply("501 5.5.4 Syntax: VRFY address");
             return Done::Failed;
         }
+        // RFC 6531: `VRFY address SMTPUTF8`.
+        let (args, smtputf8) = match args.split_last() {
+            Some((last, rest))
+                if rest.len() > 1 && self.smtputf8_requested(std::slice::from_ref(last)) =>
+            {
+                (rest, true)
+            }
+            _ => (args, false),
+        };
         let words: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
         let given = words.join(" ");
         let address = match protocol::extract_address(&given) {
-            Ok(a) if !a.is_empty() && !args.iter().any(|t| t.unterminated) => a,
+            Ok(a)
+                if !a.is_empty()
+                    && !args.iter().any(|t| t.unterminated)
+                    && self.utf8_syntax_ok(&args[1], &a, smtputf8) =>
+            {
+                a
+            }
             _ => {
                 self.reply("501 5.1.3 Bad recipient address syntax");
                 return Done::Failed;
