@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
 from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 # Local part and domain in UTF-8: what only SMTPUTF8 may carry.
@@ -256,6 +257,23 @@ def test_each_transaction_decides_alone(make_postern, postfix_peer):  # noqa: F8
     assert b"with UTF8SMTP id" in got
     p.wait_for_log(r"to=<jö@legacy\.test>.*dsn=5\.6\.7, status=bounced")
     assert not legacy.find(token)
+
+
+def test_lmtp_to_dovecot_without_smtputf8(make_postern, dovecot):  # noqa: F811
+    # Dovecot 2.3's LMTP does not offer SMTPUTF8: the lmtp agent follows
+    # the smtp agent's rule.
+    d = dovecot(users={"alice@example.test": "pw"})
+    p = make_postern({"transport_maps":
+                      f"inline:{{example.test=lmtp:inet:127.0.0.1:{d.lmtp_port}}}"})
+    token = new_token()
+    assert send_utf8(p, "ptalice@postern.test", ["jörg@example.test"], message(token)) == {}
+    p.wait_for_log(r"to=<jörg@example\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*"
+                   r"dsn=5\.6\.7, status=bounced \(SMTPUTF8 is required, but was not offered")
+    # Asked for, not needed (all ASCII): delivered.
+    token = new_token()
+    plain = f"From: <a@postern.test>\r\nSubject: {token}\r\n\r\nascii\r\n".encode()
+    assert send_utf8(p, "ptalice@postern.test", ["alice@example.test"], plain) == {}
+    d.wait_for_messages("alice@example.test", token)
 
 
 def test_postqueue_shows_utf8_addresses(make_postern):
