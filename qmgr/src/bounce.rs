@@ -426,7 +426,8 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     let ascii = n
         .entries
         .iter()
-        .all(|e| e.reason.is_ascii() && e.recipient.is_ascii());
+        .all(|e| e.reason.is_ascii() && e.recipient.is_ascii() && e.original.is_ascii())
+        && n.sender.is_ascii();
     let charset = if ascii { "us-ascii" } else { "utf-8" };
     let mut m = String::new();
     m.push_str(&format!(

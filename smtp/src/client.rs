@@ -1061,7 +1061,16 @@ impl<'a, 'c> Session<'a, 'c> {
             Ok(b) => b,
             Err(e) => return self.local_error(txn, &all, &e),
         };
-        if eight_bit && !ext.eight_bit_mime {
+        // As Postfix: a server that offers SMTPUTF8 takes 8-bit content,
+        // whether it says 8BITMIME or not.
+        let eight_bit_mime = ext.eight_bit_mime || ext.smtputf8;
+        if eight_bit && !ext.eight_bit_mime && ext.smtputf8 {
+            postern_common::info!(
+                "host {} offers SMTPUTF8 support, but not 8BITMIME",
+                self.peer.namaddr
+            );
+        }
+        if eight_bit && !eight_bit_mime {
             // RFC 6152: 8-bit content only to a server that announced
             // 8BITMIME. Postern does not convert to 7-bit MIME (Postfix
             // can), so the sender learns why rather than the message
