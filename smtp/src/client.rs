@@ -2186,6 +2186,13 @@ mod tests {
             said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"),
             "{said}"
         );
+        // SMTPUTF8 without 8BITMIME: 8-bit content goes (as Postfix).
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], "Subject: ä\n\nö\n".as_bytes());
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
         // 8-bit content to a server without 8BITMIME: bounced, not sent.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());
