@@ -131,6 +131,22 @@ pub fn address_syntax_ok(addr: &str, smtputf8: bool) -> bool {
     }
 }
 
+/// RFC 6533 unitext for `ORCPT=utf-8;...`: printable ASCII but `+`,
+/// `\` and `=` as it is, everything else as `\x{HEX}` of its code
+/// point (what Postfix's uxtext_quote writes; ASCII, so it may go to any
+/// server).
+pub fn uxtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if ('!'..='~').contains(&c) && !matches!(c, '+' | '\\' | '=') {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{{{:X}}}", c as u32));
+        }
+    }
+    out
+}
+
 /// A mail source class of `smtputf8_autodetect_classes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -275,6 +291,13 @@ mod tests {
         assert!(address_syntax_ok("a@bücher.test", true));
         assert!(!address_syntax_ok("a@bü..test", true));
         assert!(address_syntax_ok("", false));
+    }
+
+    #[test]
+    fn unitext() {
+        assert_eq!(uxtext("müller@x.test"), "m\\x{FC}ller@x.test");
+        assert_eq!(uxtext("a+b=c\\d e"), "a\\x{2B}b\\x{3D}c\\x{5C}d\\x{20}e");
+        assert_eq!(uxtext("日@x"), "\\x{65E5}@x");
     }
 
     #[test]

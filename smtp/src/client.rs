@@ -265,6 +265,25 @@ pub fn xtext(s: &str) -> String {
     out
 }
 
+/// The ORCPT= type and value for an original recipient `kind;addr`
+/// (decoded), as Postfix sends it: a UTF-8 address of a message with
+/// SMTPUTF8 flags goes as `utf-8;` in RFC 6533 unitext (ASCII whatever
+/// the server), anything else in xtext.
+fn orcpt_param<'a>(
+    kind: &'a str,
+    addr: &str,
+    flags: &postern_common::smtputf8::Flags,
+) -> (&'a str, String) {
+    use postern_common::smtputf8;
+    let utf8 = kind.eq_ignore_ascii_case("utf-8")
+        || (*flags != smtputf8::Flags::default() && smtputf8::is_utf8_address(addr));
+    if utf8 {
+        ("utf-8", smtputf8::uxtext(addr))
+    } else {
+        (kind, xtext(addr))
+    }
+}
+
 /// The NOTIFY= value of a recipient's bits ("" when not given).
 fn notify_value(bits: u8) -> String {
     use postern_common::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
@@ -1115,7 +1134,8 @@ impl<'a, 'c> Session<'a, 'c> {
                         cmd.push_str(&format!(" NOTIFY={notify}"));
                     }
                     if let Some((kind, addr)) = orcpt.split_once(';') {
-                        cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                        let (kind, coded) = orcpt_param(kind, addr, &flags);
+                        cmd.push_str(&format!(" ORCPT={kind};{coded}"));
                     }
                 }
                 cmd
@@ -2126,6 +2146,31 @@ mod tests {
             .unwrap()
             .2
             .ends_with("(in reply to MAIL FROM command)"));
+    }
+
+    #[test]
+    fn orcpt_of_smtputf8_mail() {
+        let none = postern_common::smtputf8::Flags::default();
+        let req = postern_common::smtputf8::Flags {
+            requested: true,
+            ..none
+        };
+        assert_eq!(
+            orcpt_param("rfc822", "müller@x.test", &req),
+            ("utf-8", "m\\x{FC}ller@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("rfc822", "a+b@x.test", &req),
+            ("rfc822", "a+2Bb@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("rfc822", "müller@x.test", &none),
+            ("rfc822", "m+C3+BCller@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("utf-8", "müller@x.test", &none).1,
+            "m\\x{FC}ller@x.test"
+        );
     }
 
     #[test]
