@@ -22,7 +22,8 @@ from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 SENDER = "ålice@postern.test"          # an alias of ptalice
 LOCAL_RCPT = "jörg@postern.test"       # an alias of ptbob
 REMOTE_RCPT = "müller@far.test"        # delivered by the far-side Postfix
-ALIASES = "postmaster: root\nålice: ptalice\njörg: ptbob\n"
+ALIASES = ("postmaster: root\nålice: ptalice\njörg: ptbob\n"
+           "fwd: ptbob, müller@far.test\n")
 
 
 def new_token():
@@ -190,6 +191,20 @@ def test_utf8_sender_and_recipients_to_maildir_and_a_real_postfix(
     # Postern's own log shows the addresses as they are.
     p.wait_for_log(re.escape(f"to=<{REMOTE_RCPT}>") + r".*status=sent")
     assert p.log_search(re.escape(f"from=<{SENDER}>")), p.log_tail()
+
+
+def test_forwarding_keeps_the_request(make_postern, postfix_peer, local_users):  # noqa: F811
+    # An alias that forwards to a remote address: the copy local sends on
+    # still asks for SMTPUTF8 (Postfix keeps the request through aliases
+    # and .forward), so the far side sees UTF8SMTP, not ESMTP.
+    far = postfix_peer()
+    p = make(make_postern, far.port)
+    token = new_token()
+    assert send_utf8(p, SENDER, ["fwd@postern.test"], message(token)) == {}
+    h.wait_for_messages("ptbob", token)
+    _, got = far.wait_for(token)[0]
+    assert re.search(rb"by mx\.far\.test \(Postfix\) with UTF8SMTP id", got), got
+    assert f"Return-Path: <{SENDER}>".encode() in got, got
 
 
 def test_sendmail_autodetect_sets_smtputf8(make_postern, postfix_peer):  # noqa: F811
