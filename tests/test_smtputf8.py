@@ -207,6 +207,19 @@ def test_forwarding_keeps_the_request(make_postern, postfix_peer, local_users): 
     assert f"Return-Path: <{SENDER}>".encode() in got, got
 
 
+def test_idn_domain_in_mydestination_in_either_form(make_postern, local_users):
+    # Issue #16: an internationalized domain in mydestination matches in
+    # its U-label and A-label forms (Postfix 3.7 wants both listed).
+    p = make(make_postern, h.free_port(),
+             mydestination="$myhostname, localhost, xn--bcher-kva.test, müller.test")
+    token = new_token()
+    rcpts = ["ptbob@bücher.test", "ptbob@xn--mller-kva.test"]
+    assert send_utf8(p, SENDER, rcpts, message(token)) == {}
+    h.wait_for_messages("ptbob", token, count=2)
+    for r in rcpts:
+        p.wait_for_log(re.escape(f"to=<{r}>") + r", relay=local, .*status=sent")
+
+
 def test_sendmail_autodetect_sets_smtputf8(make_postern, postfix_peer):  # noqa: F811
     # smtputf8_autodetect_classes = sendmail, verify (the default): a
     # sendmail submission with UTF-8 in its envelope goes out with SMTPUTF8.

@@ -131,6 +131,24 @@ pub fn address_syntax_ok(addr: &str, smtputf8: bool) -> bool {
     }
 }
 
+/// A domain (or a `.domain` list entry) in the form lists compare: lower
+/// case, and an internationalized name as its A-label (`xn--...`) form,
+/// so that the U-label and A-label forms of one name are equal. A name
+/// IDNA cannot convert is compared as it is (lower-cased).
+pub fn ascii_domain(domain: &str) -> String {
+    if domain.is_ascii() {
+        return domain.to_ascii_lowercase();
+    }
+    let (dot, name) = match domain.strip_prefix('.') {
+        Some(rest) => (".", rest),
+        None => ("", domain),
+    };
+    match idna::domain_to_ascii(name) {
+        Ok(a) => format!("{dot}{a}"),
+        Err(_) => domain.to_lowercase(),
+    }
+}
+
 /// RFC 6533 unitext for `ORCPT=utf-8;...`: printable ASCII but `+`,
 /// `\` and `=` as it is, everything else as `\x{HEX}` of its code
 /// point (what Postfix's uxtext_quote writes; ASCII, so it may go to any
