@@ -5,6 +5,8 @@
 //! - [`queue`]: the queue tree, queue IDs, moves between queues.
 //! - [`ipc`]: every message the programs exchange, and its framing.
 //! - [`dns`]: the DNS resolver smtp and smtpd share.
+//! - [`dupfilter`]: duplicate elimination (cleanup's recipients, local's
+//!   expansions).
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`cdb`]: the CDB file behind `hash:`, `btree:`, `cdb:` and `lmdb:`.
@@ -18,6 +20,7 @@
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
 pub mod anvil;
@@ -26,6 +29,7 @@ pub mod cdb;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
+pub mod dupfilter;
 pub mod ipc;
 pub mod log;
 pub mod maps;
@@ -35,5 +39,6 @@ pub mod qfile;
 pub mod queue;
 pub mod regexp;
 pub mod service;
+pub mod smtputf8;
 pub mod time;
 pub mod tls;
