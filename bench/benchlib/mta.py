@@ -193,7 +193,7 @@ class PostfixInstance(Instance):
         # alternate_config_directories in /etc/postfix/main.cf; the load
         # comes by SMTP, so neither runs and the system's main.cf is left
         # alone.
-        code, out = run(["postalias", "-c", self.etc, f"hash:{self.etc}/aliases"])
+        code, out = run(["/usr/sbin/postalias", "-c", self.etc, f"hash:{self.etc}/aliases"])
         if code != 0:
             raise RuntimeError("postalias failed:\n" + out)
         r = subprocess.run(["postfix", "-c", str(self.etc), "start"],

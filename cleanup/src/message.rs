@@ -12,6 +12,7 @@ use postern_common::dupfilter::DupFilter;
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
+use postern_common::smtputf8;
 use postern_conf::Config;
 use std::io;
 
@@ -27,6 +28,10 @@ pub struct Settings {
     pub rewriter: Rewriter,
     /// `append_dot_mydomain`: `user@host` becomes `user@host.$mydomain`.
     pub append_dot_mydomain: Option<String>,
+    /// `smtputf8_enable`: the SMTPUTF8 flags are kept (see [`smtputf8`]).
+    pub smtputf8_enable: bool,
+    /// `smtputf8_autodetect_classes`.
+    pub smtputf8_autodetect: smtputf8::Autodetect,
     /// `duplicate_filter_limit`: recipients remembered for duplicate
     /// elimination (0 = no limit).
     pub duplicate_filter_limit: usize,
@@ -63,6 +68,14 @@ impl Settings {
                 .get_bool("append_dot_mydomain")
                 .unwrap_or(false)
                 .then(|| cfg.get("mydomain")),
+            smtputf8_enable: cfg.get_bool("smtputf8_enable").unwrap_or(true),
+            smtputf8_autodetect: smtputf8::Autodetect::parse(
+                &cfg.get("smtputf8_autodetect_classes"),
+            )
+            .unwrap_or_else(|w| {
+                postern_common::warning!("smtputf8_autodetect_classes: bad input: {w}");
+                smtputf8::Autodetect::default()
+            }),
             duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or_else(|e| {
                 postern_common::warning!("{e}; using 1000");
                 1000
@@ -248,7 +261,9 @@ impl<'a> Message<'a> {
         let written = (|| {
             w.arrival(secs, usecs)?;
             w.sender(&new.sender)?;
-            for (n, v) in &new.attrs {
+            // The SMTPUTF8 flags are known only with the headers: written
+            // then (write_head).
+            for (n, v) in new.attrs.iter().filter(|(n, _)| n != qfile::attr::SMTPUTF8) {
                 w.attribute(n, v)?;
             }
             Ok::<(), io::Error>(())
@@ -484,11 +499,15 @@ impl<'a> Message<'a> {
             _ => None,
         };
         let drop = &s.drop_headers;
+        let utf8 = self.smtputf8_flags(&added);
         let w = self
             .writer
             .as_mut()
             .ok_or_else(|| Refusal::write_error(io::ErrorKind::Other.into()))?;
         let res = (|| {
+            if utf8 != smtputf8::Flags::default() {
+                w.attribute(qfile::attr::SMTPUTF8, &utf8.value())?;
+            }
             for r in &self.new.recipients {
                 w.recipient(r)?;
             }
@@ -529,6 +548,35 @@ impl<'a> Message<'a> {
             None => {}
         }
         Ok(())
+    }
+
+    /// The message's SMTPUTF8 flags, as Postfix's cleanup sets them: what
+    /// the client said (`requested`), whether a header or the sender is
+    /// not ASCII, and `requested` also when the message's source is one of
+    /// `smtputf8_autodetect_classes` and its envelope or headers hold
+    /// UTF-8. `added`: the headers cleanup adds.
+    fn smtputf8_flags(&self, added: &[String]) -> smtputf8::Flags {
+        let given = smtputf8::Flags::from_attrs(
+            self.new.attrs.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+        if !self.settings.smtputf8_enable {
+            return given;
+        }
+        let header =
+            self.headers.iter().any(|h| !h.text.is_ascii()) || added.iter().any(|h| !h.is_ascii());
+        let sender = smtputf8::is_utf8_address(&self.new.sender);
+        let recipient = self
+            .new
+            .recipients
+            .iter()
+            .any(|r| smtputf8::is_utf8_address(&r.address));
+        let autodetect = smtputf8::Source::of_origin(&self.new.origin)
+            .is_some_and(|src| self.settings.smtputf8_autodetect.covers(src));
+        smtputf8::Flags {
+            requested: given.requested || (autodetect && (header || sender || recipient)),
+            header,
+            sender,
+        }
     }
 
     fn body_checked(&self) -> bool {

@@ -9,6 +9,7 @@
 //!   expansions).
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
+//! - [`cdb`]: the CDB file behind `hash:`, `btree:`, `cdb:` and `lmdb:`.
 //! - [`addr`]: envelope addresses.
 //! - [`base64`]: base64 for SASL.
 //! - [`cidr`]: network blocks (`mynetworks`, `cidr:` tables).
@@ -21,10 +22,12 @@
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
 pub mod anvil;
 pub mod base64;
+pub mod cdb;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
@@ -39,5 +42,6 @@ pub mod queue;
 pub mod regexp;
 pub mod resolve;
 pub mod service;
+pub mod smtputf8;
 pub mod time;
 pub mod tls;

@@ -1,8 +1,12 @@
 //! Lookup tables, named as Postfix names them: `type:name`.
 //!
-//! - `hash:/path`: Postern's own indexed file `/path.db`, compiled from
-//!   `/path` by `postmap` (or by `newaliases` for aliases). It is not
-//!   Berkeley DB; its format is [`write_hash_db`]'s.
+//! - `hash:/path`, `btree:/path` (file `/path.db`), `cdb:/path`
+//!   (`/path.cdb`), `lmdb:/path` (`/path.lmdb`): an indexed file compiled
+//!   from `/path` by `postmap` (or `postalias`, `newaliases`). All four are
+//!   CDB files ([`crate::cdb`]), the format of Postfix's `cdb:` tables,
+//!   looked up by key without reading the file into memory. A Berkeley DB
+//!   or LMDB file left by Postfix is refused with the command that
+//!   rebuilds it ([`foreign_format`]).
 //! - `texthash:/path`: the source file read directly (postmap format).
 //! - `static:value`: every key finds `value`.
 //! - `inline:{ key=value, ... }`: the table written in place.
@@ -11,10 +15,12 @@
 //! for its indexed tables.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-/// Header of a compiled `hash:` file.
+/// Header of the `hash:` files of Postern before CDB, still read so an
+/// existing aliases.db keeps working until the next `newaliases`.
 const HASH_MAGIC: &[u8] = b"postern-hash-1\n";
 
 /// One opened table.
@@ -35,6 +41,11 @@ pub enum Table {
     /// `cidr:/path`: lines `network/bits result`, first match wins; the
     /// key is an IP address (see [`parse_cidr_table`]).
     Cidr(Vec<(crate::cidr::Cidr, String)>),
+    /// `hash:`, `btree:`, `cdb:`, `lmdb:`: a CDB file, read by key.
+    Indexed {
+        spec: String,
+        db: Arc<IndexedTable>,
+    },
 }
 
 impl Table {
@@ -44,24 +55,17 @@ impl Table {
             .split_once(':')
             .ok_or_else(|| format!("table {spec}: expected type:name"))?;
         match kind {
-            "hash" | "btree" | "lmdb" | "cdb" => {
-                let db = db_path(Path::new(name));
-                let data = std::fs::read(&db)
-                    .map_err(|e| format!("open database {}: {e}", db.display()))?;
-                let map =
-                    read_hash_db(&data).map_err(|e| format!("database {}: {e}", db.display()))?;
-                Ok(Table::Entries {
-                    spec: spec.into(),
-                    map,
-                })
-            }
+            "hash" | "btree" | "lmdb" | "cdb" => open_indexed(spec, kind, name),
             "texthash" => {
                 let text =
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
-                let map = parse_source(&text, false)
-                    .map_err(|(line, e)| format!("{name}, line {line}: {e}"))?
-                    .into_iter()
-                    .collect();
+                // As Postfix: a malformed line is skipped with a warning.
+                let map = source_entries(&text, false, |line, e| {
+                    crate::warning!("{name}, line {line}: {e}");
+                    Ok::<(), String>(())
+                })?
+                .into_iter()
+                .collect();
                 Ok(Table::Entries {
                     spec: spec.into(),
                     map,
@@ -115,6 +119,7 @@ impl Table {
                 .find(|r| r.re.is_match(key) != r.negate)
                 .map(|r| r.result.as_str()),
             Table::Entries { map, .. } => map.get(&key.to_lowercase()).map(|s| s.as_str()),
+            Table::Indexed { db, .. } => db.lookup(key),
             Table::Cidr(rules) => {
                 let ip: std::net::IpAddr = key.trim_matches(['[', ']']).parse().ok()?;
                 rules
@@ -230,56 +235,484 @@ pub fn split_specs(value: &str) -> Vec<String> {
     postern_conf::split_braced(value, true)
 }
 
-/// The compiled file of a `hash:` table.
+/// The compiled file of a `hash:` table (`SOURCE.db`).
 pub fn db_path(source: &Path) -> PathBuf {
     let mut s = source.as_os_str().to_owned();
     s.push(".db");
     PathBuf::from(s)
 }
 
-/// Parses a table source. `aliases` selects the aliases(5) form
-/// (`name: value`) over postmap's (`key whitespace value`). Lines starting
-/// with white space continue the previous entry; `#` lines are comments.
-/// Keys are lower-cased. A later duplicate key replaces an earlier one.
-pub fn parse_source(text: &str, aliases: bool) -> Result<Vec<(String, String)>, (usize, String)> {
-    let mut entries: Vec<(String, String, usize)> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            match entries.last_mut() {
-                Some(e) => {
-                    e.1.push(' ');
-                    e.1.push_str(t);
-                    continue;
-                }
-                None => return Err((lineno, "continuation line without an entry".into())),
+/// The file an indexed table `kind:name` lives in, named as Postfix names
+/// it: `name.db` for `hash:` and `btree:`, `name.cdb`, `name.lmdb`; None
+/// for a type that is not an indexed file.
+pub fn indexed_file(kind: &str, name: &str) -> Option<PathBuf> {
+    let ext = match kind {
+        "hash" | "btree" => ".db",
+        "cdb" => ".cdb",
+        "lmdb" => ".lmdb",
+        _ => return None,
+    };
+    let mut s = std::ffi::OsString::from(name);
+    s.push(ext);
+    Some(PathBuf::from(s))
+}
+
+/// The file whose change means a table must be opened again: the indexed
+/// file, or the source of a table read from its text.
+pub fn table_file(spec: &str) -> Option<PathBuf> {
+    let (kind, name) = spec.split_once(':')?;
+    match kind {
+        "texthash" | "regexp" | "pcre" | "cidr" => Some(PathBuf::from(name)),
+        _ => indexed_file(kind, name),
+    }
+}
+
+/// What a file is when it is the Berkeley DB or LMDB file of Postfix's
+/// `hash:`/`btree:`/`lmdb:` tables (from its first bytes), so the error
+/// can say so.
+pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
+    let word = |at: usize| -> Option<[u8; 4]> { head.get(at..at + 4)?.try_into().ok() };
+    // Berkeley DB keeps its magic number at offset 12 of the meta page,
+    // in the byte order of the machine that wrote it.
+    if let Some(w) = word(12) {
+        for magic in [u32::from_le_bytes(w), u32::from_be_bytes(w)] {
+            match magic {
+                0x0006_1561 => return Some("Berkeley DB hash"),
+                0x0005_3162 => return Some("Berkeley DB btree"),
+                0x0004_2253 => return Some("Berkeley DB queue"),
+                _ => {}
             }
         }
-        let (k, v) = if aliases {
-            match split_alias_key(t) {
-                Some(kv) => kv,
-                None => return Err((lineno, format!("missing colon in \"{t}\""))),
+    }
+    // LMDB: the meta page's magic follows its 16-byte page header.
+    match word(16).map(u32::from_le_bytes) {
+        Some(0xBEEF_C0DE) => Some("LMDB"),
+        _ => None,
+    }
+}
+
+/// Opens the CDB file of `kind:name`.
+fn open_indexed(spec: &str, kind: &str, name: &str) -> Result<Table, String> {
+    let path = indexed_file(kind, name).ok_or_else(|| format!("{kind}: not an indexed type"))?;
+    match open_cdb(&path, kind, name, 0)? {
+        Opened::Cdb(file) => Ok(Table::Indexed {
+            spec: spec.into(),
+            db: Arc::new(IndexedTable {
+                path,
+                kind: kind.into(),
+                name: name.into(),
+                file: Mutex::new(Arc::new(file)),
+                checked: Mutex::new((std::time::Instant::now(), None)),
+                found: Mutex::new(Found::default()),
+            }),
+        }),
+        Opened::Legacy(map) => Ok(Table::Entries {
+            spec: spec.into(),
+            map,
+        }),
+    }
+}
+
+enum Opened {
+    Cdb(CdbFile),
+    /// A `postern-hash-1` table, read whole.
+    Legacy(HashMap<String, String>),
+}
+
+fn open_cdb(path: &Path, kind: &str, name: &str, generation: u64) -> Result<Opened, String> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |e: &dyn std::fmt::Display| format!("open database {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let meta = file.metadata().map_err(|e| fail(&e))?;
+    let mut head = Vec::with_capacity(crate::cdb::HEADER_LEN as usize);
+    (&file)
+        .take(crate::cdb::HEADER_LEN)
+        .read_to_end(&mut head)
+        .map_err(|e| fail(&e))?;
+    if head.starts_with(HASH_MAGIC) {
+        let mut data = head;
+        (&file).read_to_end(&mut data).map_err(|e| fail(&e))?;
+        return Ok(Opened::Legacy(read_hash_db(&data).map_err(|e| fail(&e))?));
+    }
+    match crate::cdb::Reader::from_header(file, &head, meta.len()) {
+        Ok(reader) => Ok(Opened::Cdb(CdbFile {
+            reader: Arc::new(reader),
+            id: (meta.dev(), meta.ino()),
+            generation,
+            nul: std::sync::atomic::AtomicU8::new(NUL_UNKNOWN),
+        })),
+        Err(e) => Err(fail(&match foreign_format(&head) {
+            Some(what) => format!(
+                "a {what} file, made by Postfix's postmap; Postern reads CDB \
+                 files: rebuild the table with Postern's postmap {kind}:{name}"
+            ),
+            None => format!("{e}; rebuild it with postmap {kind}:{name}"),
+        })),
+    }
+}
+
+const NUL_UNKNOWN: u8 = 0;
+const NUL_WITHOUT: u8 = 1;
+const NUL_WITH: u8 = 2;
+
+/// How often a table's path is compared with the file open.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One CDB file of an indexed table.
+struct CdbFile {
+    reader: Arc<crate::cdb::Reader>,
+    /// (device, inode): a new `postmap` renames a new file into place.
+    id: (u64, u64),
+    /// Counts the files opened for this table.
+    generation: u64,
+    /// Whether keys carry a terminating null byte (postmap -N), learnt
+    /// from the first key found, as Postfix does.
+    nul: std::sync::atomic::AtomicU8,
+}
+
+#[derive(Default)]
+struct Found {
+    /// The file generation the values come from.
+    generation: u64,
+    /// Values found, by folded key.
+    values: HashMap<String, Box<str>>,
+    /// Values of files replaced since, kept because they may still be
+    /// lent out.
+    retired: Vec<Box<str>>,
+}
+
+/// An open indexed table: a CDB file looked up by key. Values found are
+/// kept, so [`Table::lookup`] can lend them out as `&str`; a table holds
+/// at most the values asked for, never the file. When `postmap` replaces
+/// the file, the table opens the new one (checked at most once a second),
+/// as Postfix's daemons restart when a table changes; one that cannot be
+/// opened (a process without the rights it had at start) leaves the old
+/// one in use, with a warning.
+pub struct IndexedTable {
+    path: PathBuf,
+    kind: String,
+    name: String,
+    file: Mutex<Arc<CdbFile>>,
+    /// When the path was last checked, and a replacement that could not
+    /// be opened (warned about once).
+    checked: Mutex<(std::time::Instant, Option<(u64, u64)>)>,
+    found: Mutex<Found>,
+}
+
+impl std::fmt::Debug for IndexedTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IndexedTable({})", self.path.display())
+    }
+}
+
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl IndexedTable {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file in use, after opening a new one if `postmap` replaced it.
+    fn current(&self) -> Arc<CdbFile> {
+        use std::os::unix::fs::MetadataExt;
+        let cur = relock(&self.file).clone();
+        {
+            let mut checked = relock(&self.checked);
+            if checked.0.elapsed() < RECHECK {
+                return cur;
             }
-        } else {
-            match t.split_once(char::is_whitespace) {
-                Some((k, v)) => (k, v.trim()),
-                None => {
-                    return Err((
-                        lineno,
-                        format!("expected \"key whitespace value\": \"{t}\""),
-                    ))
+            checked.0 = std::time::Instant::now();
+            let id = match std::fs::metadata(&self.path) {
+                Ok(m) => (m.dev(), m.ino()),
+                Err(_) => return cur,
+            };
+            if id == cur.id || checked.1 == Some(id) {
+                return cur;
+            }
+            match open_cdb(&self.path, &self.kind, &self.name, cur.generation + 1) {
+                Ok(Opened::Cdb(new)) => {
+                    checked.1 = None;
+                    let new = Arc::new(new);
+                    *relock(&self.file) = new.clone();
+                    return new;
                 }
+                Ok(Opened::Legacy(_)) => {}
+                Err(e) => crate::warning!("{e}; the table as it was is still used"),
+            }
+            checked.1 = Some(id);
+        }
+        cur
+    }
+
+    /// The reader of the file in use.
+    pub fn reader(&self) -> Arc<crate::cdb::Reader> {
+        self.current().reader.clone()
+    }
+
+    /// The value of `key` as given (no case folding), tried without and
+    /// with a terminating null byte as Postfix does; the value without
+    /// its null byte.
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        IndexedTable::get_in(&self.current(), key)
+    }
+
+    fn get_in(file: &CdbFile, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mode = file.nul.load(Relaxed);
+        if mode != NUL_WITH {
+            if let Some(v) = file.reader.get(key)? {
+                file.nul.store(NUL_WITHOUT, Relaxed);
+                return Ok(Some(strip_nul(v)));
+            }
+        }
+        if mode != NUL_WITHOUT {
+            let mut k = Vec::with_capacity(key.len() + 1);
+            k.extend_from_slice(key);
+            k.push(0);
+            if let Some(v) = file.reader.get(&k)? {
+                file.nul.store(NUL_WITH, Relaxed);
+                return Ok(Some(strip_nul(v)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every entry in file order, without terminating null bytes.
+    pub fn entries(&self) -> impl Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> {
+        crate::cdb::Records::new(self.reader())
+            .map(|r| r.map(|(k, v)| (strip_nul(k), strip_nul(v))))
+    }
+
+    /// The value of `key`, folded to lower case. A read error is logged
+    /// and answers "not found".
+    pub fn lookup(&self, key: &str) -> Option<&str> {
+        let key = key.to_lowercase();
+        let file = self.current();
+        {
+            let mut found = relock(&self.found);
+            if found.generation != file.generation {
+                // A new file: what was found in the old one goes out of
+                // use (but stays allocated, as it may still be lent out).
+                let old: Vec<Box<str>> = found.values.drain().map(|(_, v)| v).collect();
+                found.retired.extend(old);
+                found.generation = file.generation;
+            }
+            if let Some(v) = found.values.get(&key) {
+                // SAFETY: as below.
+                return Some(unsafe { &*(&**v as *const str) });
+            }
+        }
+        let value = match IndexedTable::get_in(&file, key.as_bytes()) {
+            Ok(v) => v?,
+            Err(e) => {
+                crate::warning!("table {}: lookup {key}: {e}", self.path.display());
+                return None;
             }
         };
-        entries.push((k.to_lowercase(), v.to_string(), lineno));
+        let mut found = relock(&self.found);
+        let fresh: Box<str> = String::from_utf8_lossy(&value).into();
+        let kept: *const str = if found.generation == file.generation {
+            &**found.values.entry(key).or_insert(fresh)
+        } else {
+            // The file changed meanwhile: answer, without caching.
+            found.retired.push(fresh);
+            &**found.retired.last().unwrap()
+        };
+        // SAFETY: a value is a Box<str> that is never dropped before
+        // `self` (entries are only inserted, for keys not yet present, or
+        // moved into `retired`), so its heap string neither moves (moving
+        // the box does not move the string) nor is freed while `&self`
+        // lives, and the returned reference cannot outlive `&self`.
+        Some(unsafe { &*kept })
     }
+}
+
+fn strip_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// A table source read as Postfix's postmap reads one: logical lines (a
+/// line that starts with white space continues the one before, appended
+/// as it is), blank lines and lines whose first non-blank character is
+/// `#` skipped. Bytes, not text: a source may hold any encoding.
+pub struct SourceReader<R> {
+    input: R,
+    lineno: usize,
+    pending: Option<(usize, Vec<u8>)>,
+}
+
+impl<R: BufRead> SourceReader<R> {
+    pub fn new(input: R) -> SourceReader<R> {
+        SourceReader {
+            input,
+            lineno: 0,
+            pending: None,
+        }
+    }
+
+    /// The next logical line, trimmed, with the number of its first line.
+    pub fn next_line(&mut self) -> io::Result<Option<(usize, Vec<u8>)>> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if self.input.read_until(b'\n', &mut line)? == 0 {
+                return Ok(self.pending.take().map(|(n, l)| (n, trim(&l).to_vec())));
+            }
+            self.lineno += 1;
+            let body = trim(&line);
+            if body.is_empty() || body[0] == b'#' {
+                continue;
+            }
+            if line[0] == b' ' || line[0] == b'\t' {
+                if let Some((_, p)) = self.pending.as_mut() {
+                    p.extend_from_slice(trim_end(&line));
+                    continue;
+                }
+            }
+            let this = (self.lineno, body.to_vec());
+            if let Some(done) = self.pending.replace(this) {
+                return Ok(Some(done));
+            }
+        }
+    }
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    &b[..end]
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let b = trim_end(b);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    &b[start..]
+}
+
+/// Splits a logical line into key and value: postmap's `key whitespace
+/// value` (a key may be a "quoted string", kept as written) or, for
+/// `aliases`, postalias's `name: value` (the name may be quoted; the
+/// quotes go). Err: the warning Postfix gives for the line.
+pub fn split_entry(line: &[u8], aliases: bool) -> Result<(Vec<u8>, Vec<u8>), &'static str> {
+    if aliases {
+        if let Some(rest) = line.strip_prefix(b"\"") {
+            let end = rest
+                .iter()
+                .position(|&c| c == b'"')
+                .ok_or("need name:value pair")?;
+            let after = trim(&rest[end + 1..]);
+            let value = after.strip_prefix(b":").ok_or("need name:value pair")?;
+            return Ok((rest[..end].to_vec(), address_list(value)));
+        }
+        let colon = line
+            .iter()
+            .position(|&c| c == b':')
+            .ok_or("need name:value pair")?;
+        let key = trim(&line[..colon]);
+        if key.is_empty() {
+            return Err("need name:value pair");
+        }
+        return Ok((key.to_vec(), address_list(&line[colon + 1..])));
+    }
+    // The key ends at the first white space outside double quotes.
+    let mut quoted = false;
+    let mut i = 0;
+    while i < line.len() {
+        match line[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            c if !quoted && c.is_ascii_whitespace() => break,
+            _ => {}
+        }
+        i += 1;
+    }
+    let i = i.min(line.len());
+    let value = trim(&line[i..]);
+    if value.is_empty() {
+        return Err("expected format: key whitespace value");
+    }
+    Ok((line[..i].to_vec(), value.to_vec()))
+}
+
+/// An alias value as postalias stores it: its comma-separated items
+/// trimmed and joined by ", " (commas inside quotes, comments or angle
+/// brackets are not separators).
+fn address_list(value: &[u8]) -> Vec<u8> {
+    let mut items: Vec<&[u8]> = Vec::new();
+    let (mut quoted, mut depth, mut start, mut i) = (false, 0i32, 0, 0);
+    while i < value.len() {
+        match value[i] {
+            b'\\' => i += 1,
+            b'"' => quoted = !quoted,
+            b'(' | b'<' if !quoted => depth += 1,
+            b')' | b'>' if !quoted => depth -= 1,
+            b',' if !quoted && depth <= 0 => {
+                items.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    items.push(&value[start.min(value.len())..]);
+    let items: Vec<&[u8]> = items
+        .into_iter()
+        .map(trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    items.join(&b", "[..])
+}
+
+/// A key folded to lower case, as indexed tables store and look keys up.
+pub fn fold_key(key: &[u8]) -> Vec<u8> {
+    match std::str::from_utf8(key) {
+        Ok(s) => s.to_lowercase().into_bytes(),
+        Err(_) => key.to_ascii_lowercase(),
+    }
+}
+
+/// Parses a table source (for `texthash:` and tests). `aliases` selects
+/// the aliases(5) form (`name: value`) over postmap's (`key whitespace
+/// value`); the lines are read as [`SourceReader`] reads them. Keys are
+/// lower-cased. A later duplicate key replaces an earlier one.
+pub fn parse_source(text: &str, aliases: bool) -> Result<Vec<(String, String)>, (usize, String)> {
+    source_entries(text, aliases, |line, e| Err((line, e)))
+}
+
+/// The entries of a source; `bad` decides what a malformed line does
+/// (Err stops the parse with that error).
+fn source_entries<E>(
+    text: &str,
+    aliases: bool,
+    mut bad: impl FnMut(usize, String) -> Result<(), E>,
+) -> Result<Vec<(String, String)>, E> {
+    let mut src = SourceReader::new(text.as_bytes());
     let mut map: Vec<(String, String)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
-    for (k, v, _) in entries {
+    // Reading a &[u8] cannot fail.
+    while let Ok(Some((lineno, line))) = src.next_line() {
+        let (k, v) = match split_entry(&line, aliases) {
+            Ok(kv) => kv,
+            Err(e) => {
+                bad(
+                    lineno,
+                    format!("{e}: \"{}\"", String::from_utf8_lossy(&line)),
+                )?;
+                continue;
+            }
+        };
+        let k = String::from_utf8_lossy(&fold_key(&k)).into_owned();
+        let v = String::from_utf8_lossy(&v).into_owned();
         match index.get(&k) {
             Some(&i) => map[i].1 = v,
             None => {
@@ -291,42 +724,19 @@ pub fn parse_source(text: &str, aliases: bool) -> Result<Vec<(String, String)>, 
     Ok(map)
 }
 
-/// `name: value`, where name may be quoted ("a b": ...).
-fn split_alias_key(t: &str) -> Option<(&str, &str)> {
-    if let Some(rest) = t.strip_prefix('"') {
-        let end = rest.find('"')?;
-        let after = rest[end + 1..].trim_start().strip_prefix(':')?;
-        return Some((&rest[..end], after.trim()));
-    }
-    let (k, v) = t.split_once(':')?;
-    Some((k.trim(), v.trim()))
-}
-
-/// Writes a compiled table atomically: `DB.tmp` then rename, so a daemon
-/// never reads half a table.
+/// Writes the `hash:` table of `source` (`SOURCE.db`, a CDB file) from
+/// entries, atomically: a daemon never reads half a table.
 pub fn write_hash_db(source: &Path, entries: &[(String, String)]) -> io::Result<PathBuf> {
     let db = db_path(source);
-    let tmp = db.with_extension(format!("db.tmp.{}", std::process::id()));
-    let mut out = Vec::with_capacity(
-        64 + entries
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 8)
-            .sum::<usize>(),
-    );
-    out.extend_from_slice(HASH_MAGIC);
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    let mut w = crate::cdb::Writer::create(&db, 0o644)?;
     for (k, v) in entries {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(v.as_bytes());
+        w.add(k.as_bytes(), v.as_bytes())?;
     }
-    std::fs::write(&tmp, &out)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &db)?;
+    w.commit(crate::cdb::Duplicates::KeepLast)?;
     Ok(db)
 }
 
+/// Reads a `postern-hash-1` file, Postern's format before CDB.
 fn read_hash_db(data: &[u8]) -> Result<HashMap<String, String>, String> {
     let rest = data
         .strip_prefix(HASH_MAGIC)
@@ -367,6 +777,27 @@ mod tests {
         assert_eq!(t.lookup("webmaster"), Some("alice, bob"));
         assert_eq!(t.lookup("x y"), Some("z"));
         assert_eq!(t.lookup("nobody"), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_table_is_reopened() {
+        let dir = std::env::temp_dir().join(format!("pmaps-re-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("access");
+        write_hash_db(&src, &[("a".into(), "old".into())]).unwrap();
+        let t = Table::open(&format!("hash:{}", src.display())).unwrap();
+        let before = t.lookup("A").unwrap();
+        assert_eq!(before, "old");
+        write_hash_db(
+            &src,
+            &[("a".into(), "new".into()), ("b".into(), "2".into())],
+        )
+        .unwrap();
+        std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
+        assert_eq!(t.lookup("a"), Some("new"));
+        assert_eq!(t.lookup("b"), Some("2"));
+        assert_eq!(before, "old"); // still valid
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -86,6 +86,9 @@ pub mod attr {
     pub const EXTRACT_RECIPIENTS: &str = "extract_recipients";
     /// The sender's full name (sendmail -F), for a From header cleanup adds.
     pub const FULL_NAME: &str = "full_name";
+    /// SMTPUTF8 flags (RFC 6531): `requested`, `header`, `sender`,
+    /// comma-separated (see `smtputf8::Flags`).
+    pub const SMTPUTF8: &str = "smtputf8";
 }
 
 /// One envelope recipient.

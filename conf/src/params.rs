@@ -114,6 +114,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("hopcount_limit", "50"),
     ("line_length_limit", "2048"),
     ("smtputf8_enable", "yes"),
+    ("strict_smtputf8", "no"),
+    ("smtputf8_autodetect_classes", "sendmail, verify"),
     // cleanup.
     (
         "message_drop_headers",

@@ -861,6 +861,9 @@ impl Agent {
                 _ => None,
             })
             .collect();
+        // Before the content: reading the envelope moves the file position.
+        let smtputf8 = postern_common::qfile::read_envelope(&job.file)
+            .is_ok_and(|env| postern_common::smtputf8::Flags::of_envelope(&env).requested);
         let mut content = match job.content() {
             Ok(c) => c,
             Err(e) => return Status::io(&e, "cannot read queue file"),
@@ -873,6 +876,7 @@ impl Agent {
             delivered_to: self
                 .wants_delivered("forward")
                 .then_some(r.rcpt.address.as_str()),
+            smtputf8,
         };
         f.submit(&mut content)
     }

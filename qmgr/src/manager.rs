@@ -824,6 +824,7 @@ impl Manager {
             content_offset: env.content_offset,
             problem: None,
             mark: None,
+            smtputf8: postern_common::smtputf8::Flags::of_envelope(env).requested,
         };
         let postmaster = |to: &str, entries: Vec<LogEntry>, kind: Kind| Notice {
             kind,

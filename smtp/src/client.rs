@@ -245,6 +245,10 @@ pub trait Transaction {
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
         (None, None)
     }
+    /// The message's SMTPUTF8 flags (RFC 6531).
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        Default::default()
+    }
     /// RFC 3461 NOTIFY bits and ORCPT (`type;address`, decoded) of
     /// recipient `i`.
     fn dsn_recipient(&self, _i: usize) -> (u8, String) {
@@ -267,6 +271,25 @@ pub fn xtext(s: &str) -> String {
         }
     }
     out
+}
+
+/// The ORCPT= type and value for an original recipient `kind;addr`
+/// (decoded), as Postfix sends it: a UTF-8 address of a message with
+/// SMTPUTF8 flags goes as `utf-8;` in RFC 6533 unitext (ASCII whatever
+/// the server), anything else in xtext.
+fn orcpt_param<'a>(
+    kind: &'a str,
+    addr: &str,
+    flags: &postern_common::smtputf8::Flags,
+) -> (&'a str, String) {
+    use postern_common::smtputf8;
+    let utf8 = kind.eq_ignore_ascii_case("utf-8")
+        || (*flags != smtputf8::Flags::default() && smtputf8::is_utf8_address(addr));
+    if utf8 {
+        ("utf-8", smtputf8::uxtext(addr))
+    } else {
+        (kind, xtext(addr))
+    }
 }
 
 /// The NOTIFY= value of a recipient's bits ("" when not given).
@@ -1103,8 +1126,13 @@ impl<'a, 'c> Session<'a, 'c> {
             self.quit();
             return End::Complete;
         }
-        let utf8 = !txn.sender().is_ascii() || txn.recipients().iter().any(|r| !r.is_ascii());
-        if utf8 && !ext.smtputf8 {
+        // RFC 6531, as Postfix: SMTPUTF8 only for a message whose sender
+        // asked for it; to a server without it, such a message goes only
+        // when nothing in this transaction needs it.
+        let flags = txn.smtputf8();
+        let needed =
+            flags.delivery_requires(txn.sender(), txn.recipients().iter().map(String::as_str));
+        if needed && !ext.smtputf8 {
             let reason = format!(
                 "SMTPUTF8 is required, but was not offered by host {}",
                 self.peer.namaddr
@@ -1117,7 +1145,16 @@ impl<'a, 'c> Session<'a, 'c> {
             Ok(b) => b,
             Err(e) => return self.local_error(txn, &all, &e),
         };
-        if eight_bit && !ext.eight_bit_mime {
+        // As Postfix: a server that offers SMTPUTF8 takes 8-bit content,
+        // whether it says 8BITMIME or not.
+        let eight_bit_mime = ext.eight_bit_mime || ext.smtputf8;
+        if eight_bit && !ext.eight_bit_mime && ext.smtputf8 {
+            postern_common::info!(
+                "host {} offers SMTPUTF8 support, but not 8BITMIME",
+                self.peer.namaddr
+            );
+        }
+        if eight_bit && !eight_bit_mime {
             // RFC 6152: 8-bit content only to a server that announced
             // 8BITMIME. Postern does not convert to 7-bit MIME (Postfix
             // can), so the sender learns why rather than the message
@@ -1137,7 +1174,7 @@ impl<'a, 'c> Session<'a, 'c> {
         if eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
-        if utf8 {
+        if flags.requested && ext.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
         if ext.dsn {
@@ -1162,7 +1199,8 @@ impl<'a, 'c> Session<'a, 'c> {
                         cmd.push_str(&format!(" NOTIFY={notify}"));
                     }
                     if let Some((kind, addr)) = orcpt.split_once(';') {
-                        cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                        let (kind, coded) = orcpt_param(kind, addr, &flags);
+                        cmd.push_str(&format!(" ORCPT={kind};{coded}"));
                     }
                 }
                 cmd
@@ -1704,6 +1742,7 @@ mod tests {
         chunk: usize,
         connected: bool,
         recorded: Vec<(usize, Outcome, String, String)>,
+        smtputf8: postern_common::smtputf8::Flags,
     }
 
     impl TestTxn {
@@ -1715,6 +1754,7 @@ mod tests {
                 chunk: 7,
                 connected: false,
                 recorded: Vec::new(),
+                smtputf8: Default::default(),
             }
         }
 
@@ -1760,6 +1800,9 @@ mod tests {
         fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
             assert!(self.outcome(i).is_none(), "recipient {i} recorded twice");
             self.recorded.push((i, outcome, dsn.into(), reason.into()));
+        }
+        fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+            self.smtputf8
         }
     }
 
@@ -2277,6 +2320,31 @@ mod tests {
     }
 
     #[test]
+    fn orcpt_of_smtputf8_mail() {
+        let none = postern_common::smtputf8::Flags::default();
+        let req = postern_common::smtputf8::Flags {
+            requested: true,
+            ..none
+        };
+        assert_eq!(
+            orcpt_param("rfc822", "müller@x.test", &req),
+            ("utf-8", "m\\x{FC}ller@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("rfc822", "a+b@x.test", &req),
+            ("rfc822", "a+2Bb@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("rfc822", "müller@x.test", &none),
+            ("rfc822", "m+C3+BCller@x.test".to_string())
+        );
+        assert_eq!(
+            orcpt_param("utf-8", "müller@x.test", &none).1,
+            "m\\x{FC}ller@x.test"
+        );
+    }
+
+    #[test]
     fn size_limit_and_smtputf8() {
         let mut srv = Scripted::new("220 x\r\n250-x\r\n250 SIZE 3\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], b"four\n");
@@ -2292,10 +2360,55 @@ mod tests {
                 "message size 5 exceeds size limit 3 of server mx.b.test[127.0.0.1]"
             )
         );
+        // SMTPUTF8 requested and a UTF-8 recipient: refused by a server
+        // without SMTPUTF8.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
         deliver(&mut srv, &peer(), &settings(5), &mut txn);
-        assert_eq!(txn.outcome(0).unwrap().1, "5.6.7");
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Bounced,
+                "5.6.7",
+                "SMTPUTF8 is required, but was not offered by host mx.b.test[127.0.0.1]"
+            )
+        );
+        // Requested, but all ASCII: sent without the parameter.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(said.contains("MAIL FROM:<from@a.test>\r\n"), "{said}");
+        // Not requested: a legacy UTF-8 local part goes as it is.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        // Requested, offered: MAIL FROM carries SMTPUTF8.
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(
+            said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"),
+            "{said}"
+        );
+        // SMTPUTF8 without 8BITMIME: 8-bit content goes (as Postfix).
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], "Subject: ä\n\nö\n".as_bytes());
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
         // 8-bit content to a server without 8BITMIME: bounced, not sent.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());

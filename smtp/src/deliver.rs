@@ -854,6 +854,13 @@ impl Transaction for JobTransaction<'_> {
         }
     }
 
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        match postern_common::qfile::read_envelope(&self.job.file) {
+            Ok(env) => postern_common::smtputf8::Flags::of_envelope(&env),
+            Err(_) => Default::default(),
+        }
+    }
+
     fn dsn_recipient(&self, i: usize) -> (u8, String) {
         // As Postfix: without an ORCPT, the original recipient address.
         let r = &self.rcpts[i].rcpt;

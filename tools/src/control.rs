@@ -127,6 +127,30 @@ fn check(cfg: &Config) {
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
     }
+    check_indexed_tables(cfg);
+}
+
+/// Warns about every indexed table (`hash:`, `btree:`, `cdb:`, `lmdb:`)
+/// named in main.cf that cannot be read, such as a Berkeley DB file left
+/// by Postfix's postmap: the daemons would find it unavailable.
+fn check_indexed_tables(cfg: &Config) {
+    let mut names = cfg.explicit_names();
+    names.push("alias_maps".into());
+    names.sort();
+    names.dedup();
+    for name in names {
+        for item in postern_conf::split_list(&cfg.get(&name)) {
+            let Some((kind, path)) = item.split_once(':') else {
+                continue;
+            };
+            if postern_common::maps::indexed_file(kind, path).is_none() {
+                continue;
+            }
+            if let Err(e) = postern_common::maps::Table::open(&item) {
+                eprintln!("{NAME}: warning: {name}: {e}");
+            }
+        }
+    }
 }
 
 fn pid_file(cfg: &Config) -> PathBuf {

@@ -2,7 +2,8 @@
 //! status, check), `sendmail` (and its other names `newaliases`), and
 //! `postconf`. Each binary in `src/bin/` is a thin `main` over a module
 //! here. The queue commands: [`postqueue`] (also `mailq`, `sendmail
-//! -bp`), [`postsuper`], [`postcat`].
+//! -bp`), [`postsuper`], [`postcat`]. The table commands: [`postmap`]
+//! (also `postalias`, and `newaliases` through [`aliases`]).
 //!
 //! Every command takes the configuration directory as `-c DIR` (`-C DIR`
 //! for sendmail, as Postfix) or from `MAIL_CONFIG`, and reports a failure
@@ -15,6 +16,7 @@ pub mod maildrop;
 pub mod postcat;
 pub mod postconf;
 pub mod postdrop;
+pub mod postmap;
 pub mod postqueue;
 pub mod postsuper;
 pub mod sendmail;
