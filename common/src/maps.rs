@@ -37,9 +37,29 @@ pub enum Table {
     Cidr(Vec<(crate::cidr::Cidr, String)>),
 }
 
+/// The file a table reads, for the types that read one: the compiled
+/// file of an indexed table, the source of the others.
+pub fn table_file(spec: &str) -> Option<PathBuf> {
+    let (kind, name) = spec.split_once(':')?;
+    match kind {
+        "hash" | "btree" | "lmdb" | "cdb" => Some(db_path(Path::new(name))),
+        "texthash" | "cidr" | "regexp" | "pcre" => Some(PathBuf::from(name)),
+        _ => None,
+    }
+}
+
 impl Table {
-    /// Opens `type:name`.
+    /// Opens `type:name`. The file it reads is watched for changes
+    /// ([`crate::table_watch`]): a daemon that read it as root restarts
+    /// when it changes.
     pub fn open(spec: &str) -> Result<Table, String> {
+        if let Some(file) = table_file(spec) {
+            crate::table_watch::watch(&file);
+        }
+        Table::read(spec)
+    }
+
+    fn read(spec: &str) -> Result<Table, String> {
         let (kind, name) = spec
             .split_once(':')
             .ok_or_else(|| format!("table {spec}: expected type:name"))?;

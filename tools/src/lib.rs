@@ -17,6 +17,7 @@ pub mod postconf;
 pub mod postdrop;
 pub mod postqueue;
 pub mod postsuper;
+pub mod secrets;
 pub mod sendmail;
 pub mod stdio_smtp;
 pub mod sysexits;
