@@ -222,3 +222,28 @@ def test_changed_root_only_sasl_passwd_is_read_by_a_fresh_smtp(
     p.wait_for_log(rf"postern/smtp\[\d+\]: table {re.escape(str(sasl_passwd))} has changed "
                    r"-- restarting")
     p.wait_for_log(rf"to=<{re.escape(RCPT)}>, .*status=sent")
+
+
+def test_changed_root_only_transport_map_is_read_by_a_fresh_qmgr(
+        root_only, make_postern, sink, secrets_dir):
+    transport = root_only_file(secrets_dir / "transport", "route.test error:5.7.1 not routed yet\n")
+    p = make_postern(params={"transport_maps": f"texthash:{transport}"})
+    first = "pt-secrets-" + uuid.uuid4().hex
+    code, text = p.send(SENDER, ["x@route.test"], h.crlf(f"Subject: {first}\n\n1\n"))
+    assert code == 250, text
+    p.wait_for_log(r"to=<x@route\.test>, .*status=bounced \(not routed yet\)")
+    qmgr_before = p.qmgr_pid()
+
+    # qmgr read the table as root and cannot open the new one as
+    # mail_owner: a fresh qmgr reads it before anything is routed with
+    # what the old one has left.
+    replace_root_only(transport, f"route.test smtp:[127.0.0.1]:{sink.port}\n")
+    time.sleep(1.2)  # qmgr looks at its files at most once a second
+    second = "pt-secrets-" + uuid.uuid4().hex
+    code, text = p.send(SENDER, ["x@route.test"], h.crlf(f"Subject: {second}\n\n2\n"))
+    assert code == 250, text
+    h.wait_for(lambda: any(second.encode() in m.content for m in sink.messages), timeout=30,
+               what="the second message at the sink, routed by the new table")
+    p.wait_for_log(rf"postern/qmgr\[{qmgr_before}\]: table {re.escape(str(transport))} "
+                   r"has changed -- restarting")
+    assert p.qmgr_pid() != qmgr_before

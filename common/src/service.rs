@@ -176,9 +176,7 @@ pub fn restart_for_table(table: &Path) {
 /// a daemon about to take its listener must not do it as root. Guards
 /// against a serving loop that forgot [`drop_privileges`].
 fn must_have_dropped(what: &str) {
-    if drop_request() != DropRequest::None
-        && !DROPPED.load(std::sync::atomic::Ordering::SeqCst)
-    {
+    if drop_request() != DropRequest::None && !DROPPED.load(std::sync::atomic::Ordering::SeqCst) {
         crate::fatal!("{what} before dropping privileges (internal error)");
     }
 }

@@ -32,32 +32,13 @@ struct Watched {
 /// replaces its entry.
 static WATCHED: Mutex<Option<HashMap<PathBuf, Watched>>> = Mutex::new(None);
 
-/// When [`changed`] and [`stale`] last looked, and what they found: they
-/// look at most once a second.
+/// When [`changed`] last looked, and what it found: it looks at most
+/// once a second.
 type LastLook = Mutex<Option<(Instant, Option<PathBuf>)>>;
 static LAST_CHANGED: LastLook = Mutex::new(None);
-static LAST_STALE: LastLook = Mutex::new(None);
 
-/// How often [`changed`] and [`stale`] look at the files.
+/// How often [`changed`] looks at the files.
 const LOOK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The first watched file for which `test` holds, looking at most once
-/// per [`LOOK_INTERVAL`] (and answering as last time in between).
-fn look(last: &LastLook, test: impl Fn(&Path, &Watched) -> bool) -> Option<PathBuf> {
-    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, answer)) = &*last {
-        if at.elapsed() < LOOK_INTERVAL {
-            return answer.clone();
-        }
-    }
-    let answer = {
-        let w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
-        w.as_ref()
-            .and_then(|m| m.iter().find(|(p, w)| test(p, w)).map(|(p, _)| p.clone()))
-    };
-    *last = Some((Instant::now(), answer.clone()));
-    answer
-}
 
 /// Opens `path` to watch it: called just before the table is read, so a
 /// file replaced between the two is seen as changed (a restart too many,
@@ -91,17 +72,40 @@ fn has_changed(w: &Watched) -> bool {
     }
 }
 
-/// A table file that changed since this process read it, if any.
+/// A table file that changed since this process read it, if any. Looks
+/// at most once a second (and answers as last time in between).
 pub fn changed() -> Option<PathBuf> {
-    look(&LAST_CHANGED, |_, w| has_changed(w))
+    let mut last = LAST_CHANGED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, answer)) = &*last {
+        if at.elapsed() < LOOK_INTERVAL {
+            return answer.clone();
+        }
+    }
+    let answer = {
+        let w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+        w.as_ref().and_then(|m| {
+            m.iter()
+                .find(|(_, w)| has_changed(w))
+                .map(|(p, _)| p.clone())
+        })
+    };
+    *last = Some((Instant::now(), answer.clone()));
+    answer
 }
 
 /// A table file that changed and that this process cannot read again:
 /// it may no longer open it (a file readable by root only, or out of
 /// sight in a chroot). A daemon that reopens changed tables itself
-/// restarts for these.
+/// restarts for these. Looks every time (an fstat per file): a daemon
+/// that has just failed to reopen a table must not go on with what it
+/// has left of it.
 pub fn stale() -> Option<PathBuf> {
-    look(&LAST_STALE, |p, w| has_changed(w) && File::open(p).is_err())
+    let w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    w.as_ref().and_then(|m| {
+        m.iter()
+            .find(|(p, w)| has_changed(w) && File::open(p).is_err())
+            .map(|(p, _)| p.clone())
+    })
 }
 
 #[cfg(test)]
@@ -134,7 +138,6 @@ mod tests {
         std::fs::write(&tmp, "k x\n").unwrap();
         std::fs::rename(&tmp, &b).unwrap();
         *LAST_CHANGED.lock().unwrap() = None;
-        *LAST_STALE.lock().unwrap() = None;
         let changed_b = || {
             let w = WATCHED.lock().unwrap();
             has_changed(&w.as_ref().unwrap()[&b])
@@ -143,9 +146,12 @@ mod tests {
         assert!(changed().is_some());
         assert_ne!(stale(), Some(b.clone()));
         std::fs::remove_file(&b).unwrap();
-        *LAST_STALE.lock().unwrap() = None;
-        let stale_now = look(&LAST_STALE, |p, w| p == b && has_changed(w) && File::open(p).is_err());
-        assert_eq!(stale_now, Some(b.clone()));
+        let stale_now = {
+            let w = WATCHED.lock().unwrap();
+            let w = &w.as_ref().unwrap()[&b];
+            has_changed(w) && File::open(&b).is_err()
+        };
+        assert!(stale_now);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
