@@ -25,11 +25,9 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
         let command = s.command.rsplit('/').next().unwrap_or(&s.command);
         let what = format!("service {} (master.cf line {})", s.name, s.line);
         match command {
-            "smtpd" => {
-                if postern_common::tls::smtpd_tls_wanted(&scfg) {
-                    if let Err(e) = postern_common::tls::smtpd_server_config(&scfg) {
-                        problems.push(format!("{what}: cannot load TLS certificate and key: {e}"));
-                    }
+            "smtpd" if postern_common::tls::smtpd_tls_wanted(&scfg) => {
+                if let Err(e) = postern_common::tls::smtpd_server_config(&scfg) {
+                    problems.push(format!("{what}: cannot load TLS certificate and key: {e}"));
                 }
             }
             "smtp" | "lmtp" => {
