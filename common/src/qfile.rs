@@ -65,6 +65,14 @@ pub mod attr {
     pub const PROTOCOL: &str = "protocol";
     /// The HELO/EHLO name the SMTP client gave.
     pub const HELO: &str = "helo";
+    /// The SMTP client's TCP port (pipe(8)'s `${client_port}`).
+    pub const CLIENT_PORT: &str = "client_port";
+    /// The SASL mechanism the SMTP client authenticated with.
+    pub const SASL_METHOD: &str = "sasl_method";
+    /// The SASL login name the SMTP client authenticated as.
+    pub const SASL_USERNAME: &str = "sasl_username";
+    /// MAIL FROM's AUTH= address, when given by an authenticated client.
+    pub const SASL_SENDER: &str = "sasl_sender";
     /// RFC 3461 ENVID.
     pub const ENVID: &str = "envid";
     /// RFC 3461 RET: "FULL" or "HDRS".

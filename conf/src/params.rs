@@ -315,6 +315,10 @@ pub fn is_known(name: &str) -> bool {
     if default_of(name).is_some() {
         return true;
     }
+    // pipe(8)'s `TRANSPORT_time_limit` (default `$command_time_limit`).
+    if name.ends_with("_time_limit") {
+        return true;
+    }
     if let Some((_, rest)) = name.split_once('_') {
         let generic = format!("default_{rest}");
         return default_of(&generic).is_some();

@@ -832,6 +832,7 @@ impl Agent {
         }
         let c = pipe::Command {
             command: cmd,
+            argv: None,
             env,
             run_as: Some((acct.uid, acct.gid)),
             home: &acct.home,

@@ -50,6 +50,21 @@ pub struct LocalName {
     pub domain: String,
 }
 
+/// Where the extension's delimiter is in a local part: the first of the
+/// `recipient_delimiter` characters, not at the start; `owner-x` and
+/// `x-request` are not split at `-`, as Postfix.
+pub fn extension_at(local: &str, delimiters: &str) -> Option<usize> {
+    if delimiters.is_empty() {
+        return None;
+    }
+    let lower = local.to_ascii_lowercase();
+    let dash_special = lower.starts_with("owner-") || lower.ends_with("-request");
+    local
+        .char_indices()
+        .find(|(i, c)| delimiters.contains(*c) && *i > 0 && !(*c == '-' && dash_special))
+        .map(|(i, _)| i)
+}
+
 impl LocalName {
     /// Splits `local` (any case) at the first of the delimiter characters.
     /// `owner-x` and `x-request` are not split at `-`, as Postfix.
@@ -57,16 +72,9 @@ impl LocalName {
         let lower = local.to_lowercase();
         let mut user = lower.clone();
         let mut extension = None;
-        if !delimiters.is_empty() {
-            let dash_special = lower.starts_with("owner-") || lower.ends_with("-request");
-            let at = lower
-                .char_indices()
-                .find(|(i, c)| delimiters.contains(*c) && *i > 0 && !(*c == '-' && dash_special))
-                .map(|(i, _)| i);
-            if let Some(i) = at {
-                user = lower[..i].to_string();
-                extension = Some(lower[i + 1..].to_string());
-            }
+        if let Some(i) = extension_at(&lower, delimiters) {
+            user = lower[..i].to_string();
+            extension = Some(lower[i + 1..].to_string());
         }
         LocalName {
             address: if domain.is_empty() {

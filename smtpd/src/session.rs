@@ -1414,6 +1414,14 @@ impl Session {
         if let Some(r) = &tx.ret {
             attrs.push((attr::RET.to_string(), r.clone()));
         }
+        // What pipe(8)'s ${client_port} and ${sasl_*} macros show.
+        if let Some(p) = self.client.port {
+            attrs.push((attr::CLIENT_PORT.to_string(), p.to_string()));
+        }
+        if let (Some(m), Some(u)) = (&self.sasl_method, &self.sasl_username) {
+            attrs.push((attr::SASL_METHOD.to_string(), m.clone()));
+            attrs.push((attr::SASL_USERNAME.to_string(), u.clone()));
+        }
         let msg = NewMessage {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
