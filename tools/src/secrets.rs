@@ -19,7 +19,9 @@ use postern_conf::Config;
 /// read; returns how many there were.
 pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
     let mut problems = Vec::new();
-    for s in services {
+    // As master runs them (smtpd for postscreen; none for what Postern
+    // does elsewhere).
+    for s in &postern_conf::master_cf::runnable(services.to_vec()) {
         let mut scfg = cfg.clone();
         scfg.set_overrides(s.overrides.clone());
         let command = s.command.rsplit('/').next().unwrap_or(&s.command);
