@@ -247,3 +247,26 @@ def test_changed_root_only_transport_map_is_read_by_a_fresh_qmgr(
     p.wait_for_log(rf"postern/qmgr\[{qmgr_before}\]: table {re.escape(str(transport))} "
                    r"has changed -- restarting")
     assert p.qmgr_pid() != qmgr_before
+
+
+def test_changed_root_only_access_table_is_read_by_a_fresh_smtpd(
+        root_only, make_postern, secrets_dir, local_users):
+    access = root_only_file(secrets_dir / "sender_access", "other.test REJECT not this one\n")
+    p = make_postern(params={
+        "smtpd_sender_restrictions": f"check_sender_access texthash:{access}"})
+
+    def rcpt_reply():
+        with p.smtp() as s:
+            s.ehlo("client.example")
+            assert s.mail("someone@blocked.test")[0] == 250
+            return s.rcpt(f"ptalice@{h.MYHOSTNAME}")
+
+    assert rcpt_reply()[0] == 250
+    smtpd_before = running_daemons(p)["smtpd"]
+
+    replace_root_only(access, "blocked.test REJECT 5.7.1 blocked now\n")
+    time.sleep(1.2)  # smtpd looks at its files at most once a second
+    code, text = rcpt_reply()
+    assert code == 554 and b"5.7.1 blocked now" in text, (code, text)
+    p.wait_for_log(rf"postern/smtpd\[({'|'.join(map(str, smtpd_before))})\]: table "
+                   rf"{re.escape(str(access))} has changed -- restarting")
