@@ -8,6 +8,7 @@
 use crate::headers::{self, Header};
 use crate::rewrite::{self, Action, Rewriter};
 use postern_common::delivery::{self, LogEntry};
+use postern_common::dupfilter::DupFilter;
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
@@ -26,6 +27,12 @@ pub struct Settings {
     pub rewriter: Rewriter,
     /// `append_dot_mydomain`: `user@host` becomes `user@host.$mydomain`.
     pub append_dot_mydomain: Option<String>,
+    /// `duplicate_filter_limit`: recipients remembered for duplicate
+    /// elimination (0 = no limit).
+    pub duplicate_filter_limit: usize,
+    /// `enable_original_recipient`: recipients with different original
+    /// addresses are not duplicates.
+    pub original_recipient: bool,
 }
 
 impl Settings {
@@ -56,6 +63,11 @@ impl Settings {
                 .get_bool("append_dot_mydomain")
                 .unwrap_or(false)
                 .then(|| cfg.get("mydomain")),
+            duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or_else(|e| {
+                postern_common::warning!("{e}; using 1000");
+                1000
+            }) as usize,
+            original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
         }
     }
 
@@ -141,6 +153,8 @@ pub struct Message<'a> {
     /// The file's name in `incoming/`, whose directory fsync started when
     /// the message opened.
     named: queue::DirChange,
+    /// The recipients kept so far: one copy for a recipient given again.
+    dups: DupFilter,
 }
 
 impl<'a> Message<'a> {
@@ -179,6 +193,7 @@ impl<'a> Message<'a> {
             discard: None,
             body_partial: Vec::new(),
             named,
+            dups: DupFilter::new(settings.duplicate_filter_limit),
         })
     }
 
@@ -219,7 +234,11 @@ impl<'a> Message<'a> {
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
             let given = settings.local_rewrite(&r.address);
-            recipients.extend(rewrite_recipient(rw, r, &given)?);
+            for r in rewrite_recipient(rw, r, &given)? {
+                if !self.dups.recipient(&r, settings.original_recipient) {
+                    recipients.push(r);
+                }
+            }
         }
         new.recipients = recipients;
         let Some(w) = self.writer.as_mut() else {
@@ -351,14 +370,9 @@ impl<'a> Message<'a> {
             } else {
                 &["to", "cc", "bcc"]
             };
-            // Duplicates are dropped (case-insensitively) through a set:
-            // a header list of 50,000 addresses must not take quadratic time.
-            let mut seen: std::collections::HashSet<String> = self
-                .new
-                .recipients
-                .iter()
-                .map(|x| x.address.to_ascii_lowercase())
-                .collect();
+            // Duplicates, of the envelope's recipients too, are dropped
+            // through the message's filter (a set: a header list of
+            // 50,000 addresses must not take quadratic time).
             for h in self
                 .headers
                 .iter()
@@ -367,7 +381,7 @@ impl<'a> Message<'a> {
                 for a in headers::addresses(&h.value()) {
                     let a = s.local_rewrite(&a);
                     for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
-                        if seen.insert(r.address.to_ascii_lowercase()) {
+                        if !self.dups.recipient(&r, s.original_recipient) {
                             self.new.recipients.push(r);
                         }
                     }
@@ -932,6 +946,52 @@ mod tests {
         assert!(text.contains("\nDate: "));
         assert!(text.contains("\nFrom: root@h.test\n"));
         assert!(text.ends_with("\n\nbody\n.\n"));
+        std::fs::remove_dir_all(t.root()).unwrap();
+    }
+
+    #[test]
+    fn duplicate_recipients_are_kept_once() {
+        let (t, s) = setup("d");
+        let r = |a: &str, notify: u8| Recipient {
+            notify,
+            ..Recipient::new(a)
+        };
+        let new = NewMessage {
+            sender: "a@x.test".into(),
+            recipients: vec![
+                r("bob@x.test", 0),
+                r("bob@x.test", 0),
+                r("BOB@X.TEST", 0),
+                r("bob", 0),
+                r("bob@x.test", 2),
+                r("carol@x.test", 0),
+            ],
+            flags: cleanup_flags::EXTRACT_RECIPIENTS,
+            ..Default::default()
+        };
+        let mut m = Message::create(&s, &t).unwrap();
+        m.envelope(new);
+        // Header recipients (sendmail -t) repeating the envelope's too.
+        m.content(b"To: carol@x.test, Dave@x.test\nCc: dave@X.test\n\nbody\n");
+        let id = m.close().map_err(|r| r.reason).unwrap();
+        let (env, _) = stored(&t, &id);
+        let rc: Vec<_> = env
+            .recipients
+            .iter()
+            .map(|r| (r.rcpt.address.as_str(), r.rcpt.notify))
+            .collect();
+        // "bob" is qualified with myorigin (h.test): another address. A
+        // different NOTIFY is another request, as in Postfix.
+        assert_eq!(
+            rc,
+            [
+                ("bob@x.test", 0),
+                ("bob@h.test", 0),
+                ("bob@x.test", 2),
+                ("carol@x.test", 0),
+                ("Dave@x.test", 0)
+            ]
+        );
         std::fs::remove_dir_all(t.root()).unwrap();
     }
 

@@ -5,6 +5,8 @@
 //! - [`queue`]: the queue tree, queue IDs, moves between queues.
 //! - [`ipc`]: every message the programs exchange, and its framing.
 //! - [`dns`]: the DNS resolver smtp and smtpd share.
+//! - [`dupfilter`]: duplicate elimination (cleanup's recipients, local's
+//!   expansions).
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`addr`]: envelope addresses.
@@ -25,6 +27,7 @@ pub mod base64;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
+pub mod dupfilter;
 pub mod ipc;
 pub mod log;
 pub mod maps;

@@ -212,6 +212,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("lmtp_sasl_password_maps", ""),
     ("smtp_discard_ehlo_keywords", ""),
     ("lmtp_discard_lhlo_keywords", ""),
+    ("smtp_line_length_limit", "998"),
+    ("lmtp_line_length_limit", "990"),
     ("sender_dependent_relayhost_maps", ""),
     // Postern-only: name servers to ask instead of /etc/resolv.conf, as
     // `host` or `host:port`, separated by commas or spaces (for tests, or
@@ -239,6 +241,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("command_time_limit", "1000s"),
     ("prepend_delivered_header", "command, file, forward"),
     ("enable_original_recipient", "yes"),
+    ("duplicate_filter_limit", "1000"),
     ("deliver_lock_attempts", "20"),
     ("deliver_lock_delay", "1s"),
     ("stale_lock_time", "500s"),

@@ -143,6 +143,7 @@ impl Agent {
                     .iter()
                     .map(|k| k.to_ascii_lowercase())
                     .collect(),
+                line_limit: number(cfg, &p("smtp_line_length_limit")),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(
@@ -852,6 +853,10 @@ impl Transaction for JobTransaction<'_> {
             String::new()
         };
         (r.notify, orcpt)
+    }
+
+    fn queue_id(&self) -> &str {
+        &self.job.req.queue_id
     }
 }
 
