@@ -144,8 +144,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     Ok(child.id())
 }
 
-/// Whether process `pid` still has root's user or group id, or a
-/// capability, after it should have dropped them: it has reported on its
+/// Whether process `pid` still has root's user id, or a capability,
+/// after it should have dropped them: it has reported on its
 /// status pipe, which a daemon does only once it serves. A process that
 /// is gone is not root.
 pub fn still_root(pid: u32) -> bool {
@@ -158,7 +158,7 @@ pub fn still_root(pid: u32) -> bool {
         };
         let mut fields = value.split_whitespace();
         match name {
-            "Uid" | "Gid" => fields.any(|id| id == "0"),
+            "Uid" => fields.any(|id| id == "0"),
             "CapEff" | "CapPrm" => fields.any(|c| u64::from_str_radix(c, 16) != Ok(0)),
             _ => false,
         }
