@@ -16,6 +16,7 @@
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
+//! - [`table_watch`]: noticing that a table's file changed under a daemon.
 //! - [`time`]: RFC 5322 dates.
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
@@ -40,5 +41,6 @@ pub mod queue;
 pub mod regexp;
 pub mod service;
 pub mod smtputf8;
+pub mod table_watch;
 pub mod time;
 pub mod tls;

@@ -186,7 +186,11 @@ impl Resolver {
                 .map_files
                 .iter()
                 .chain(&self.snd_relay_files)
-                .any(|(p, t)| mtime(p) != *t);
+                // A file qmgr may not even stat (in a directory only
+                // root may search) is not taken for changed: the table
+                // watch says whether it did, and qmgr then restarts
+                // (manager.rs, table_watch::stale).
+                .any(|(p, t)| mtime(p).is_some_and(|now| Some(now) != *t));
         if changed {
             self.open_maps();
         }

@@ -477,6 +477,19 @@ impl Server {
     }
 
     fn accept_all(&mut self, touched: &mut Vec<usize>) {
+        if !self.listeners.is_empty() {
+            if let Some(table) = postern_common::table_watch::changed() {
+                // A fresh smtpd reads the new file (as root, if it must);
+                // this one finishes its sessions with the old one.
+                postern_common::service::restart_for_table(&table);
+                self.stop_accepting();
+                if !self.busy {
+                    self.busy = true;
+                    self.status.busy();
+                }
+                return;
+            }
+        }
         // Edge-triggered: drain every listener, whichever woke us.
         for l in 0..self.listeners.len() {
             while self.count < self.cfg.session_limit {
@@ -627,7 +640,8 @@ impl Server {
         drop(slot);
         self.free.push(idx);
         self.count -= 1;
-        if self.busy && self.count < self.cfg.session_limit {
+        // Without listeners (drained) it stays busy: master starts others.
+        if self.busy && self.count < self.cfg.session_limit && !self.listeners.is_empty() {
             self.busy = false;
             self.status.available();
         }

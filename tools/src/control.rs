@@ -42,6 +42,11 @@ pub fn main() -> ! {
     match command.as_str() {
         "check" => {
             check(&cfg);
+            // Errors about secrets fail the check, but not a start (see
+            // crate::secrets).
+            if check_secrets(&cfg) > 0 {
+                std::process::exit(1)
+            }
             std::process::exit(EX_OK)
         }
         "start" | "start-fg" => start(&cfg, command == "start-fg"),
@@ -153,6 +158,13 @@ fn check_indexed_tables(cfg: &Config) {
     }
 }
 
+/// Reports problems with the keys and secret tables the daemons read
+/// (crate::secrets); returns how many.
+fn check_secrets(cfg: &Config) -> usize {
+    let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
+    crate::secrets::check(NAME, cfg, &services)
+}
+
 fn pid_file(cfg: &Config) -> PathBuf {
     PathBuf::from(cfg.get("queue_directory"))
         .join("pid")
@@ -196,6 +208,7 @@ fn start(cfg: &Config, foreground: bool) -> ! {
         );
     }
     check(cfg);
+    check_secrets(cfg);
     let master = PathBuf::from(cfg.get("daemon_directory")).join("master");
     let mut cmd = std::process::Command::new(&master);
     cmd.arg("-c").arg(cfg.dir());
