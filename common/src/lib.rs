@@ -17,6 +17,9 @@
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
+//! - [`hostname`]: host name, address and HELO name syntax.
+//! - [`smtp_command`]: the SMTP command grammar smtpd and `sendmail -bs` read.
 
 pub mod addr;
 pub mod anvil;
@@ -24,6 +27,8 @@ pub mod base64;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
+pub mod dsn;
+pub mod hostname;
 pub mod ipc;
 pub mod log;
 pub mod maps;
@@ -33,5 +38,6 @@ pub mod qfile;
 pub mod queue;
 pub mod regexp;
 pub mod service;
+pub mod smtp_command;
 pub mod time;
 pub mod tls;

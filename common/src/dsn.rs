@@ -1,0 +1,298 @@
+//! RFC 3461 delivery status notification parameters, defined once for
+//! every program that reads or writes them: smtpd and `sendmail -bs`
+//! (MAIL/RCPT parameters), `sendmail -N/-V/-R`, pickup (what a user put
+//! in `maildrop/`), and the smtp client (passing them on).
+//!
+//! - xtext (RFC 3461 section 4): `+XX` for `+`, `=` and anything outside
+//!   `!`..`~`.
+//! - unitext (RFC 6533, `ORCPT=utf-8;...`): `\x{HEX}` for a code point.
+//! - `NOTIFY=` (`NEVER` alone, or any of `SUCCESS,FAILURE,DELAY`),
+//!   `RET=FULL|HDRS`, `ENVID=` (xtext, printable, at most 100 octets),
+//!   `ORCPT=addr-type;xtext`.
+//!
+//! Decoded values are kept in the queue file: `envid` and `ret`
+//! attributes, a recipient's notify bits and `addr-type;address` ORCPT.
+
+use crate::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
+
+/// Longest ENVID, in octets once decoded (RFC 3461 section 4.4).
+pub const ENVID_MAX: usize = 100;
+
+/// Encodes text as RFC 3461 xtext.
+pub fn xtext_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes RFC 3461 xtext (`+2B` for `+`; the hex digits upper case, as
+/// the RFC writes them). `None` when malformed, when the result is not
+/// UTF-8, or when it holds control characters.
+pub fn xtext_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex = s.get(i + 1..i + 3)?;
+                if !hex
+                    .bytes()
+                    .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
+                {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            c if (b'!'..=b'~').contains(&c) && c != b'=' => {
+                out.push(c);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    s.chars().all(|c| !c.is_control() || c == '\t').then_some(s)
+}
+
+/// Encodes an address as RFC 6533 utf-8-addr-xtext: printable ASCII as
+/// itself except `+`, `=` and `\`, everything else as `\x{HEX}`. The
+/// result is ASCII, so it may go to a server without SMTPUTF8.
+pub fn unitext_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii_graphic() && !matches!(c, '+' | '=' | '\\') {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{{{:X}}}", c as u32));
+        }
+    }
+    out
+}
+
+/// Decodes RFC 6533 utf-8-addr-xtext or utf-8-addr-unitext: `\x{HEX}`
+/// (1 to 6 hex digits, a Unicode scalar value) for a code point, UTF-8
+/// as itself. `None` when malformed or when the result holds control
+/// characters or white space.
+pub fn unitext_decode(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find('\\') {
+        out.push_str(&rest[..p]);
+        let after = rest[p..].strip_prefix("\\x{")?;
+        let end = after.find('}')?;
+        let hex = &after[..end];
+        if hex.is_empty() || hex.len() > 6 || !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+            return None;
+        }
+        out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out.chars()
+        .all(|c| !c.is_control() && !c.is_whitespace())
+        .then_some(out)
+}
+
+/// `NOTIFY=` words as queue-file bits: `NEVER`, or any of `SUCCESS`,
+/// `FAILURE`, `DELAY`, case-insensitive, separated by commas (white
+/// space and empty words are skipped, as Postfix's `dsn_notify_mask`).
+/// `None` for an unknown word, for nothing at all, and for `NEVER` with
+/// anything else.
+pub fn parse_notify(v: &str) -> Option<u8> {
+    let mut mask = 0u8;
+    for word in v.split([',', ' ', '\t', '\r', '\n']).filter(|w| !w.is_empty()) {
+        mask |= match word.to_ascii_uppercase().as_str() {
+            "SUCCESS" => NOTIFY_SUCCESS,
+            "FAILURE" => NOTIFY_FAILURE,
+            "DELAY" => NOTIFY_DELAY,
+            "NEVER" => NOTIFY_NEVER,
+            _ => return None,
+        };
+    }
+    if mask == 0 || (mask & NOTIFY_NEVER != 0 && mask != NOTIFY_NEVER) {
+        return None;
+    }
+    Some(mask)
+}
+
+/// The `NOTIFY=` value for queue-file bits ("" when none were given).
+pub fn format_notify(bits: u8) -> String {
+    if bits & NOTIFY_NEVER != 0 {
+        return "NEVER".into();
+    }
+    [
+        (NOTIFY_SUCCESS, "SUCCESS"),
+        (NOTIFY_FAILURE, "FAILURE"),
+        (NOTIFY_DELAY, "DELAY"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| bits & bit != 0)
+    .map(|(_, name)| name)
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+/// `RET=FULL` or `RET=HDRS`, case-insensitive, as the queue keeps it
+/// (upper case).
+pub fn parse_ret(v: &str) -> Option<&'static str> {
+    if v.eq_ignore_ascii_case("FULL") {
+        Some("FULL")
+    } else if v.eq_ignore_ascii_case("HDRS") {
+        Some("HDRS")
+    } else {
+        None
+    }
+}
+
+/// Whether a decoded envelope ID may be kept: 1 to 100 printable ASCII
+/// characters (the queue file, DSNs and `sendmail -V` take it as is).
+pub fn valid_envid(v: &str) -> bool {
+    !v.is_empty() && v.len() <= ENVID_MAX && v.bytes().all(|b| (33..=126).contains(&b))
+}
+
+/// `ENVID=` as sent in MAIL FROM (xtext), decoded.
+pub fn parse_envid(xtext: &str) -> Option<String> {
+    xtext_decode(xtext).filter(|e| valid_envid(e))
+}
+
+/// `ORCPT=addr-type;xtext` decoded to `addr-type;address`, as the queue
+/// keeps it. The address type is an atom (letters, digits, `-`); for
+/// `utf-8` the address is unitext (RFC 6533), otherwise xtext.
+pub fn parse_orcpt(v: &str) -> Option<String> {
+    let (kind, coded) = v.split_once(';')?;
+    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return None;
+    }
+    let addr = if kind.eq_ignore_ascii_case("utf-8") {
+        unitext_decode(coded)?
+    } else {
+        xtext_decode(coded)?
+    };
+    if addr.is_empty() {
+        return None;
+    }
+    Some(format!("{kind};{addr}"))
+}
+
+/// The `ORCPT=` value for a queue-file `addr-type;address`, or `None`
+/// when it has no address type. A UTF-8 address goes as
+/// `utf-8;` utf-8-addr-xtext (RFC 6533), which any server can read.
+pub fn format_orcpt(stored: &str) -> Option<String> {
+    let (kind, addr) = stored.split_once(';')?;
+    if kind.eq_ignore_ascii_case("utf-8") || !addr.is_ascii() {
+        Some(format!("utf-8;{}", unitext_encode(addr)))
+    } else {
+        Some(format!("{kind};{}", xtext_encode(addr)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xtext_round_trip() {
+        assert_eq!(xtext_encode("id+1 x=y"), "id+2B1+20x+3Dy");
+        assert_eq!(xtext_decode("id+2B1+20x+3Dy").as_deref(), Some("id+1 x=y"));
+        assert_eq!(xtext_decode("abc+3Ddef").as_deref(), Some("abc=def"));
+        for bad in ["a=b", "a+zz", "a+2", "a+2b", "a b", "a+0Ab", "\u{e9}"] {
+            assert_eq!(xtext_decode(bad), None, "{bad}");
+        }
+        for s in ["plain", "a+b=c", "tab\there", "j\u{f6}rg"] {
+            assert_eq!(xtext_decode(&xtext_encode(s)).as_deref(), Some(s));
+        }
+    }
+
+    #[test]
+    fn unitext_round_trip() {
+        assert_eq!(unitext_encode("j\u{f6}rg+x@b"), "j\\x{F6}rg\\x{2B}x@b");
+        assert_eq!(
+            unitext_decode("j\\x{F6}rg@c").as_deref(),
+            Some("j\u{f6}rg@c")
+        );
+        assert_eq!(
+            unitext_decode("j\u{f6}rg@c").as_deref(),
+            Some("j\u{f6}rg@c")
+        );
+        for bad in ["a\\x{}", "a\\x{110000}", "a\\x{D800}", "a\\y", "a\\x{41", "a\\x{0A}b", "a b"] {
+            assert_eq!(unitext_decode(bad), None, "{bad}");
+        }
+        let s = "\u{4f60}\u{597d}+1@\u{4f8b}.test";
+        assert_eq!(unitext_decode(&unitext_encode(s)).as_deref(), Some(s));
+    }
+
+    #[test]
+    fn notify() {
+        assert_eq!(
+            parse_notify("success,FAILURE"),
+            Some(NOTIFY_SUCCESS | NOTIFY_FAILURE)
+        );
+        assert_eq!(parse_notify("NEVER"), Some(NOTIFY_NEVER));
+        assert_eq!(parse_notify("delay, failure"), Some(NOTIFY_DELAY | NOTIFY_FAILURE));
+        assert_eq!(parse_notify("SUCCESS,,DELAY"), Some(NOTIFY_SUCCESS | NOTIFY_DELAY));
+        assert_eq!(parse_notify("NEVER,DELAY"), None);
+        assert_eq!(parse_notify("SUCCESS,NEVER"), None);
+        assert_eq!(parse_notify("SOMETIMES"), None);
+        assert_eq!(parse_notify(""), None);
+        assert_eq!(parse_notify(","), None);
+        assert_eq!(format_notify(NOTIFY_NEVER | NOTIFY_SUCCESS), "NEVER");
+        assert_eq!(format_notify(NOTIFY_SUCCESS | NOTIFY_DELAY), "SUCCESS,DELAY");
+        assert_eq!(format_notify(0), "");
+        for bits in [1, 2, 3, 4, 5, 6, 7, 8] {
+            assert_eq!(parse_notify(&format_notify(bits)), Some(bits));
+        }
+    }
+
+    #[test]
+    fn ret_and_envid() {
+        assert_eq!(parse_ret("hdrs"), Some("HDRS"));
+        assert_eq!(parse_ret("Full"), Some("FULL"));
+        assert_eq!(parse_ret("some"), None);
+        assert_eq!(parse_envid("env+2B1").as_deref(), Some("env+1"));
+        assert_eq!(parse_envid(&"x".repeat(100)).map(|e| e.len()), Some(100));
+        assert_eq!(parse_envid(&"x".repeat(101)), None);
+        assert_eq!(parse_envid("a+20b"), None, "a space is not printable");
+        assert_eq!(parse_envid(""), None);
+        assert_eq!(parse_envid("a+zz"), None);
+        assert!(valid_envid("abc"));
+        assert!(!valid_envid("a\u{e9}"));
+    }
+
+    #[test]
+    fn orcpt() {
+        assert_eq!(
+            parse_orcpt("rfc822;a+2Bb@c").as_deref(),
+            Some("rfc822;a+b@c")
+        );
+        assert_eq!(
+            parse_orcpt("utf-8;j\\x{F6}rg@c").as_deref(),
+            Some("utf-8;j\u{f6}rg@c")
+        );
+        for bad in ["rfc822", "rfc822;", ";a@b", "rfc 822;a@b", "rfc822;a+2", "rfc822;a+0Ab", "rfc822;a=b"] {
+            assert_eq!(parse_orcpt(bad), None, "{bad}");
+        }
+        assert_eq!(
+            format_orcpt("rfc822;Orig=x@b.test").as_deref(),
+            Some("rfc822;Orig+3Dx@b.test")
+        );
+        assert_eq!(
+            format_orcpt("utf-8;j\u{f6}rg@c").as_deref(),
+            Some("utf-8;j\\x{F6}rg@c")
+        );
+        assert_eq!(format_orcpt("no-type"), None);
+        for stored in ["rfc822;a+b=c@d", "utf-8;\u{4f60}@\u{4f8b}.test"] {
+            assert_eq!(
+                parse_orcpt(&format_orcpt(stored).unwrap()).as_deref(),
+                Some(stored)
+            );
+        }
+    }
+}
