@@ -33,6 +33,7 @@
 
 use crate::nexthop::{Failure, Server};
 use crate::reply::{LineReader, Reply};
+use postern_common::dsn;
 use postern_common::ipc::Outcome;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -246,38 +247,6 @@ pub trait Transaction {
     fn dsn_recipient(&self, _i: usize) -> (u8, String) {
         (0, String::new())
     }
-}
-
-/// RFC 3461 xtext: `+XX` for `+`, `=`, and bytes outside `!`..`~`.
-pub fn xtext(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("+{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The NOTIFY= value of a recipient's bits ("" when not given).
-fn notify_value(bits: u8) -> String {
-    use postern_common::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
-    if bits & NOTIFY_NEVER != 0 {
-        return "NEVER".into();
-    }
-    let mut v = Vec::new();
-    for (bit, name) in [
-        (NOTIFY_SUCCESS, "SUCCESS"),
-        (NOTIFY_FAILURE, "FAILURE"),
-        (NOTIFY_DELAY, "DELAY"),
-    ] {
-        if bits & bit != 0 {
-            v.push(name);
-        }
-    }
-    v.join(",")
 }
 
 /// How a session ended.
@@ -1081,7 +1050,7 @@ impl<'a, 'c> Session<'a, 'c> {
                 mail.push_str(&format!(" RET={r}"));
             }
             if let Some(e) = envid.filter(|e| !e.is_empty()) {
-                mail.push_str(&format!(" ENVID={}", xtext(&e)));
+                mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(&e)));
             }
         }
         let rcpts: Vec<String> = txn
@@ -1092,12 +1061,12 @@ impl<'a, 'c> Session<'a, 'c> {
                 let mut cmd = format!("RCPT TO:{}", smtp_address(r));
                 if ext.dsn {
                     let (bits, orcpt) = txn.dsn_recipient(i);
-                    let notify = notify_value(bits);
+                    let notify = dsn::format_notify(bits);
                     if !notify.is_empty() {
                         cmd.push_str(&format!(" NOTIFY={notify}"));
                     }
-                    if let Some((kind, addr)) = orcpt.split_once(';') {
-                        cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                    if let Some(o) = dsn::format_orcpt(&orcpt) {
+                        cmd.push_str(&format!(" ORCPT={o}"));
                     }
                 }
                 cmd
