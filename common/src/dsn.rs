@@ -31,9 +31,11 @@ pub fn xtext_encode(s: &str) -> String {
     out
 }
 
-/// Decodes RFC 3461 xtext (`+2B` for `+`; the hex digits upper case, as
-/// the RFC writes them). `None` when malformed, when the result is not
-/// UTF-8, or when it holds control characters.
+/// Decodes RFC 3461 xtext (`+2B` for `+`). As Postfix, it takes what
+/// strict xtext would not but means no harm: lower-case hex digits and
+/// `=` as itself. `None` when a `+` is not followed by two hex digits,
+/// for anything outside `!`..`~`, when the result is not UTF-8, and when
+/// it holds control characters (a decoded value ends up in DSN headers).
 pub fn xtext_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -42,16 +44,13 @@ pub fn xtext_decode(s: &str) -> Option<String> {
         match b[i] {
             b'+' => {
                 let hex = s.get(i + 1..i + 3)?;
-                if !hex
-                    .bytes()
-                    .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
-                {
+                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
                     return None;
                 }
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             }
-            c if (b'!'..=b'~').contains(&c) && c != b'=' => {
+            c if (b'!'..=b'~').contains(&c) => {
                 out.push(c);
                 i += 1;
             }
@@ -153,9 +152,10 @@ pub fn parse_ret(v: &str) -> Option<&'static str> {
 }
 
 /// Whether a decoded envelope ID may be kept: 1 to 100 printable ASCII
-/// characters (the queue file, DSNs and `sendmail -V` take it as is).
+/// characters, the space included as Postfix includes it (the queue
+/// file, DSNs and `sendmail -V` take it as is).
 pub fn valid_envid(v: &str) -> bool {
-    !v.is_empty() && v.len() <= ENVID_MAX && v.bytes().all(|b| (33..=126).contains(&b))
+    !v.is_empty() && v.len() <= ENVID_MAX && v.bytes().all(|b| (32..=126).contains(&b))
 }
 
 /// `ENVID=` as sent in MAIL FROM (xtext), decoded.
@@ -164,7 +164,7 @@ pub fn parse_envid(xtext: &str) -> Option<String> {
 }
 
 /// `ORCPT=addr-type;xtext` decoded to `addr-type;address`, as the queue
-/// keeps it. The address type is an atom (letters, digits, `-`); for
+/// keeps it (an empty address is taken, as Postfix takes it). The address type is an atom (letters, digits, `-`); for
 /// `utf-8` the address is unitext (RFC 6533), otherwise xtext.
 pub fn parse_orcpt(v: &str) -> Option<String> {
     let (kind, coded) = v.split_once(';')?;
@@ -176,9 +176,6 @@ pub fn parse_orcpt(v: &str) -> Option<String> {
     } else {
         xtext_decode(coded)?
     };
-    if addr.is_empty() {
-        return None;
-    }
     Some(format!("{kind};{addr}"))
 }
 
@@ -203,7 +200,8 @@ mod tests {
         assert_eq!(xtext_encode("id+1 x=y"), "id+2B1+20x+3Dy");
         assert_eq!(xtext_decode("id+2B1+20x+3Dy").as_deref(), Some("id+1 x=y"));
         assert_eq!(xtext_decode("abc+3Ddef").as_deref(), Some("abc=def"));
-        for bad in ["a=b", "a+zz", "a+2", "a+2b", "a b", "a+0Ab", "\u{e9}"] {
+        assert_eq!(xtext_decode("a=b+2b").as_deref(), Some("a=b+"));
+        for bad in ["a+zz", "a+2", "a+", "a b", "a+0Ab", "a+0a", "\u{e9}"] {
             assert_eq!(xtext_decode(bad), None, "{bad}");
         }
         for s in ["plain", "a+b=c", "tab\there", "j\u{f6}rg"] {
@@ -259,7 +257,8 @@ mod tests {
         assert_eq!(parse_envid("env+2B1").as_deref(), Some("env+1"));
         assert_eq!(parse_envid(&"x".repeat(100)).map(|e| e.len()), Some(100));
         assert_eq!(parse_envid(&"x".repeat(101)), None);
-        assert_eq!(parse_envid("a+20b"), None, "a space is not printable");
+        assert_eq!(parse_envid("a+20b").as_deref(), Some("a b"));
+        assert_eq!(parse_envid("a+09b"), None, "a tab is not printable");
         assert_eq!(parse_envid(""), None);
         assert_eq!(parse_envid("a+zz"), None);
         assert!(valid_envid("abc"));
@@ -276,7 +275,8 @@ mod tests {
             parse_orcpt("utf-8;j\\x{F6}rg@c").as_deref(),
             Some("utf-8;j\u{f6}rg@c")
         );
-        for bad in ["rfc822", "rfc822;", ";a@b", "rfc 822;a@b", "rfc822;a+2", "rfc822;a+0Ab", "rfc822;a=b"] {
+        assert_eq!(parse_orcpt("rfc822;").as_deref(), Some("rfc822;"));
+        for bad in ["rfc822", ";a@b", "rfc 822;a@b", "rfc822;a+2", "rfc822;a+0Ab", "utf-8;a\\y"] {
             assert_eq!(parse_orcpt(bad), None, "{bad}");
         }
         assert_eq!(

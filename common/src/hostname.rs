@@ -130,10 +130,13 @@ pub fn strip_root_dot(name: &str) -> &str {
 }
 
 /// What `reject_invalid_helo_hostname` accepts: a host name (a trailing
-/// dot allowed) or an address literal.
+/// dot allowed), an address literal, or, as Postfix, a bare address.
 pub fn valid_helo_name(name: &str) -> bool {
+    if name.starts_with('[') {
+        return valid_address_literal(name);
+    }
     let n = strip_root_dot(name);
-    valid_hostname(n) || valid_address_literal(n)
+    valid_hostname(n) || valid_hostaddr(n)
 }
 
 /// What `reject_non_fqdn_helo_hostname` accepts: an address literal, or
@@ -223,6 +226,9 @@ mod tests {
             "[127.0.0.1]",
             "[IPv6:::1]",
             "[ipv6:2001:db8::1]",
+            "1.2.3.4",
+            "::1",
+            "host.123",
         ] {
             assert!(valid_helo_name(good), "{good}");
         }
@@ -230,7 +236,8 @@ mod tests {
             "client..example",
             "client.example..",
             "-x.example",
-            "1.2.3.4",
+            "123",
+            "999.1.2.3",
             "[1.2.3]",
             "[::1]",
             "[IPv6:1.2.3.4]",
@@ -244,6 +251,7 @@ mod tests {
         assert!(fqdn_helo_name("[10.0.0.1]"));
         assert!(!fqdn_helo_name("localhost"));
         assert!(!fqdn_helo_name("bad..name"));
+        assert!(!fqdn_helo_name("1.2.3.4"));
         assert_eq!(strip_root_dot("a.b."), "a.b");
         assert_eq!(strip_root_dot("a.b.."), "a.b..");
     }

@@ -314,6 +314,8 @@ pub enum ParamError {
     Ret,
     /// `ENVID=` malformed, too long, or given twice.
     Envid,
+    /// `AUTH=` not xtext.
+    Auth,
     /// `NOTIFY=` malformed or given twice.
     Notify,
     /// `ORCPT=` malformed or given twice.
@@ -332,6 +334,7 @@ impl ParamError {
             }
             ParamError::Ret => "501 5.5.4 Bad RET parameter syntax".into(),
             ParamError::Envid => "501 5.5.4 Bad ENVID parameter syntax".into(),
+            ParamError::Auth => "501 5.5.4 Syntax error in AUTH parameter".into(),
             ParamError::Notify => "501 5.5.4 Error: Bad NOTIFY parameter syntax".into(),
             ParamError::Orcpt => "501 5.5.4 Error: Bad ORCPT parameter syntax".into(),
             ParamError::Unsupported(w) => format!("555 5.5.4 Unsupported option: {w}"),
@@ -355,8 +358,15 @@ pub fn mail_params(words: &[&str], offered: Offered) -> Result<MailOptions, Para
                 Some(r) if o.ret.is_none() => o.ret = Some(r),
                 _ => return Err(ParamError::Ret),
             }
-        } else if let (true, Some(v)) = (offered.auth, param(w, "AUTH")) {
-            o.auth = Some(v.to_string());
+        } else if let Some(v) = param(w, "AUTH") {
+            // RFC 4954 AUTH=<mailbox>: kept (not used) where SASL is
+            // offered, ignored elsewhere, as Postfix does.
+            if offered.auth {
+                if dsn::xtext_decode(v).is_none() {
+                    return Err(ParamError::Auth);
+                }
+                o.auth = Some(v.to_string());
+            }
         } else if let Some(v) = param(w, "ENVID") {
             match dsn::parse_envid(v) {
                 Some(e) if o.envid.is_none() => o.envid = Some(e),
@@ -523,7 +533,7 @@ mod tests {
             refused(&format!("ENVID={}", "x".repeat(101)), none),
             "501 5.5.4 Bad ENVID parameter syntax"
         );
-        assert_eq!(refused("AUTH=<>", none), "555 5.5.4 Unsupported option: AUTH=<>");
+        assert_eq!(mail_params(&["AUTH=<>"], none).unwrap().auth, None);
         assert_eq!(refused("SMTPUTF8", none), "555 5.5.4 Unsupported option: SMTPUTF8");
         assert_eq!(refused("BODY=BINARYMIME", none), "555 5.5.4 Unsupported option: BODY=BINARYMIME");
         let all = Offered {
@@ -532,6 +542,7 @@ mod tests {
         };
         let o = mail_params(&["AUTH=<>", "smtputf8"], all).unwrap();
         assert!(o.smtputf8 && o.auth.as_deref() == Some("<>"));
+        assert_eq!(refused("AUTH=a+zz", all), "501 5.5.4 Syntax error in AUTH parameter");
         assert_eq!(
             mail_params(&["RET=FULL", "RET=HDRS"], none).unwrap_err(),
             ParamError::Ret
