@@ -107,7 +107,10 @@ pub fn unitext_decode(s: &str) -> Option<String> {
 /// anything else.
 pub fn parse_notify(v: &str) -> Option<u8> {
     let mut mask = 0u8;
-    for word in v.split([',', ' ', '\t', '\r', '\n']).filter(|w| !w.is_empty()) {
+    for word in v
+        .split([',', ' ', '\t', '\r', '\n'])
+        .filter(|w| !w.is_empty())
+    {
         mask |= match word.to_ascii_uppercase().as_str() {
             "SUCCESS" => NOTIFY_SUCCESS,
             "FAILURE" => NOTIFY_FAILURE,
@@ -220,7 +223,15 @@ mod tests {
             unitext_decode("j\u{f6}rg@c").as_deref(),
             Some("j\u{f6}rg@c")
         );
-        for bad in ["a\\x{}", "a\\x{110000}", "a\\x{D800}", "a\\y", "a\\x{41", "a\\x{0A}b", "a b"] {
+        for bad in [
+            "a\\x{}",
+            "a\\x{110000}",
+            "a\\x{D800}",
+            "a\\y",
+            "a\\x{41",
+            "a\\x{0A}b",
+            "a b",
+        ] {
             assert_eq!(unitext_decode(bad), None, "{bad}");
         }
         let s = "\u{4f60}\u{597d}+1@\u{4f8b}.test";
@@ -234,15 +245,24 @@ mod tests {
             Some(NOTIFY_SUCCESS | NOTIFY_FAILURE)
         );
         assert_eq!(parse_notify("NEVER"), Some(NOTIFY_NEVER));
-        assert_eq!(parse_notify("delay, failure"), Some(NOTIFY_DELAY | NOTIFY_FAILURE));
-        assert_eq!(parse_notify("SUCCESS,,DELAY"), Some(NOTIFY_SUCCESS | NOTIFY_DELAY));
+        assert_eq!(
+            parse_notify("delay, failure"),
+            Some(NOTIFY_DELAY | NOTIFY_FAILURE)
+        );
+        assert_eq!(
+            parse_notify("SUCCESS,,DELAY"),
+            Some(NOTIFY_SUCCESS | NOTIFY_DELAY)
+        );
         assert_eq!(parse_notify("NEVER,DELAY"), None);
         assert_eq!(parse_notify("SUCCESS,NEVER"), None);
         assert_eq!(parse_notify("SOMETIMES"), None);
         assert_eq!(parse_notify(""), None);
         assert_eq!(parse_notify(","), None);
         assert_eq!(format_notify(NOTIFY_NEVER | NOTIFY_SUCCESS), "NEVER");
-        assert_eq!(format_notify(NOTIFY_SUCCESS | NOTIFY_DELAY), "SUCCESS,DELAY");
+        assert_eq!(
+            format_notify(NOTIFY_SUCCESS | NOTIFY_DELAY),
+            "SUCCESS,DELAY"
+        );
         assert_eq!(format_notify(0), "");
         for bits in [1, 2, 3, 4, 5, 6, 7, 8] {
             assert_eq!(parse_notify(&format_notify(bits)), Some(bits));
@@ -276,7 +296,14 @@ mod tests {
             Some("utf-8;j\u{f6}rg@c")
         );
         assert_eq!(parse_orcpt("rfc822;").as_deref(), Some("rfc822;"));
-        for bad in ["rfc822", ";a@b", "rfc 822;a@b", "rfc822;a+2", "rfc822;a+0Ab", "utf-8;a\\y"] {
+        for bad in [
+            "rfc822",
+            ";a@b",
+            "rfc 822;a@b",
+            "rfc822;a+2",
+            "rfc822;a+0Ab",
+            "utf-8;a\\y",
+        ] {
             assert_eq!(parse_orcpt(bad), None, "{bad}");
         }
         assert_eq!(

@@ -266,7 +266,10 @@ pub fn path_command<'a>(args: &'a [Token], keyword: &str) -> Option<(&'a Token, 
     if args.len() < 3 || !args[1].text.eq_ignore_ascii_case(keyword) {
         return None;
     }
-    Some((&args[2], args[3..].iter().map(|t| t.text.as_str()).collect()))
+    Some((
+        &args[2],
+        args[3..].iter().map(|t| t.text.as_str()).collect(),
+    ))
 }
 
 /// The MAIL FROM extensions the server offers this session, which decide
@@ -525,24 +528,42 @@ mod tests {
         assert!(path_command(&tokenize("MAIL FROM:"), "from:").is_none());
         let refused = |w: &str, offered| mail_params(&[w], offered).unwrap_err().reply();
         let none = Offered::default();
-        assert_eq!(refused("SIZE=1x", none), "501 5.5.4 Bad message size syntax");
+        assert_eq!(
+            refused("SIZE=1x", none),
+            "501 5.5.4 Bad message size syntax"
+        );
         assert!(refused("SIZE=99999999999999999999999", none).starts_with("552 5.3.4"));
-        assert_eq!(refused("RET=SOME", none), "501 5.5.4 Bad RET parameter syntax");
-        assert_eq!(refused("ENVID=a+zz", none), "501 5.5.4 Bad ENVID parameter syntax");
+        assert_eq!(
+            refused("RET=SOME", none),
+            "501 5.5.4 Bad RET parameter syntax"
+        );
+        assert_eq!(
+            refused("ENVID=a+zz", none),
+            "501 5.5.4 Bad ENVID parameter syntax"
+        );
         assert_eq!(
             refused(&format!("ENVID={}", "x".repeat(101)), none),
             "501 5.5.4 Bad ENVID parameter syntax"
         );
         assert_eq!(mail_params(&["AUTH=<>"], none).unwrap().auth, None);
-        assert_eq!(refused("SMTPUTF8", none), "555 5.5.4 Unsupported option: SMTPUTF8");
-        assert_eq!(refused("BODY=BINARYMIME", none), "555 5.5.4 Unsupported option: BODY=BINARYMIME");
+        assert_eq!(
+            refused("SMTPUTF8", none),
+            "555 5.5.4 Unsupported option: SMTPUTF8"
+        );
+        assert_eq!(
+            refused("BODY=BINARYMIME", none),
+            "555 5.5.4 Unsupported option: BODY=BINARYMIME"
+        );
         let all = Offered {
             auth: true,
             smtputf8: true,
         };
         let o = mail_params(&["AUTH=<>", "smtputf8"], all).unwrap();
         assert!(o.smtputf8 && o.auth.as_deref() == Some("<>"));
-        assert_eq!(refused("AUTH=a+zz", all), "501 5.5.4 Syntax error in AUTH parameter");
+        assert_eq!(
+            refused("AUTH=a+zz", all),
+            "501 5.5.4 Syntax error in AUTH parameter"
+        );
         assert_eq!(
             mail_params(&["RET=FULL", "RET=HDRS"], none).unwrap_err(),
             ParamError::Ret

@@ -76,7 +76,9 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
             attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
             // DSN from sendmail -R/-V and -bs.
             attr::ENVID if dsn::valid_envid(v) => attrs.push((n.clone(), v.clone())),
-            attr::RET if dsn::parse_ret(v) == Some(v.as_str()) => attrs.push((n.clone(), v.clone())),
+            attr::RET if dsn::parse_ret(v) == Some(v.as_str()) => {
+                attrs.push((n.clone(), v.clone()))
+            }
             _ => {}
         }
     }

@@ -35,8 +35,8 @@
 
 use crate::dns::{self, Answer, NameStatus, Query};
 use postern_common::addr;
-use postern_common::hostname;
 use postern_common::cidr::CidrList;
+use postern_common::hostname;
 use postern_common::maps::{DomainList, Table, Tables};
 use postern_common::{info, warning};
 use postern_conf::Config;

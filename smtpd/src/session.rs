@@ -17,13 +17,13 @@
 use crate::anvil::{Anvil, Event};
 use crate::data::Decoder;
 use crate::dns::{Answer, NameStatus, PeerName, Query};
-use postern_common::smtp_command::{self as protocol, Offered, Token, Verb};
 use crate::received::Received;
 use crate::restrictions::{Request, Stage};
 use crate::sasl::{SaslReply, SaslRequest};
 use crate::settings::{Settings, TlsLevel};
 use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{attr, Recipient};
+use postern_common::smtp_command::{self as protocol, Offered, Token, Verb};
 use postern_common::tls::Negotiated;
 use postern_common::{info, warning};
 use std::cell::RefCell;

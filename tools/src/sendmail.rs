@@ -16,8 +16,8 @@
 use crate::maildrop::{self, Drop, Fail, Submission};
 use crate::sysexits::*;
 use crate::{aliases, die};
-use postern_common::ipc::{self, Wakeup};
 use postern_common::dsn;
+use postern_common::ipc::{self, Wakeup};
 use postern_common::qfile::{attr, Recipient};
 use postern_common::queue::QueueTree;
 use std::io::{BufRead, BufReader, Read};
@@ -315,11 +315,17 @@ mod tests {
             "8BITMIME",
             "a@b",
         ]);
-        assert_eq!(o.notify, postern_common::qfile::NOTIFY_SUCCESS | postern_common::qfile::NOTIFY_DELAY);
+        assert_eq!(
+            o.notify,
+            postern_common::qfile::NOTIFY_SUCCESS | postern_common::qfile::NOTIFY_DELAY
+        );
         assert_eq!(o.ret.as_deref(), Some("HDRS"));
         assert_eq!(o.envid.as_deref(), Some("id-1"));
         assert!(o.error.is_none());
-        assert_eq!(p(&["-N", "never", "a"]).notify, postern_common::qfile::NOTIFY_NEVER);
+        assert_eq!(
+            p(&["-N", "never", "a"]).notify,
+            postern_common::qfile::NOTIFY_NEVER
+        );
         assert!(p(&["-N", "never,success", "a"]).error.is_some());
         assert!(p(&["-R", "some", "a"]).error.is_some());
         assert!(p(&["-V", "a b", "a"]).error.is_some());

@@ -302,7 +302,10 @@ mod tests {
     fn paths() {
         assert_eq!(path("MAIL FROM:<a@b.test>").as_deref(), Some("a@b.test"));
         assert_eq!(path("MAIL FROM: <>").as_deref(), Some(""));
-        assert_eq!(path("MAIL FROM:<@r.test:u@x.test>").as_deref(), Some("u@x.test"));
+        assert_eq!(
+            path("MAIL FROM:<@r.test:u@x.test>").as_deref(),
+            Some("u@x.test")
+        );
         assert_eq!(path("MAIL FROM:<a@b.test"), None);
         assert_eq!(path("MAIL FROM:<a b@c>"), None);
     }
