@@ -15,10 +15,12 @@ import pytest
 import postern_harness as h
 from postfix_peer import postfix_available, PostfixPeer
 
-# Both servers refuse a bad HELO name at EHLO itself.
+# Both servers refuse a bad HELO name at EHLO itself, and a sender
+# domain that is not fully qualified at MAIL.
 HELO_PARAMS = {
     "smtpd_delay_reject": "no",
     "smtpd_helo_restrictions": "reject_invalid_helo_hostname",
+    "smtpd_sender_restrictions": "reject_non_fqdn_sender",
 }
 
 SENDER = "sender@example.org"
@@ -35,6 +37,10 @@ MAIL_CASES = [
     (f"MAIL FROM:<{SENDER}", 501),
     ("MAIL FROM:<a b@example.org>", 501),
     ("MAIL FROM:<a@>", 501),
+    ("MAIL FROM:<a@bad..example>", 501),
+    ("MAIL FROM:<a@-bad.example>", 501),
+    ("MAIL FROM:<a@1.2.3.4>", 501),
+    ("MAIL FROM:<a@[127.0.0.1]>", 250),
     ("MAIL FROM:", 501),
     (f"MAIL TO:<{SENDER}>", 501),
     (f"MAIL FROM:<{SENDER}> ENVID=id+2B1", 250),
@@ -87,6 +93,7 @@ RCPT_CASES = [
     ("RCPT TO:<{rcpt}", 501),
     ("RCPT TO:<>", 501),
     ("RCPT TO:<a b@example.org>", 501),
+    ("RCPT TO:<u@bad..example>", 501),
     ("RCPT FROM:<{rcpt}>", 501),
 ]
 
@@ -121,6 +128,15 @@ HELO_CASES = [
     ("EHLO [IPv6:1.2.3.4]", 501),
     ("EHLO [::1]", 501),
     ("EHLO", 501),
+]
+
+# reject_non_fqdn_sender (common/src/hostname.rs, fqdn_domain).
+FQDN_SENDER_CASES = [
+    ("MAIL FROM:<a@example.org>", 250),
+    ("MAIL FROM:<a@example.org.>", 250),
+    ("MAIL FROM:<a@[127.0.0.1]>", 250),
+    ("MAIL FROM:<a@example>", 504),
+    ("MAIL FROM:<a@bad_.example>", 250),
 ]
 
 # Grammar every reader shares, HELO restrictions aside.
@@ -234,6 +250,13 @@ def test_smtpd_rejects_invalid_helo_names(postern):
                          r"Helo command rejected: Invalid name")
 
 
+def test_smtpd_rejects_non_fqdn_senders(postern):
+    server = SmtpServer(postern.port)
+    got = [one_code(server, cmd, None) for cmd, _ in FQDN_SENDER_CASES]
+    names = [c for c, _ in FQDN_SENDER_CASES]
+    assert not mismatches(got, [code for _, code in FQDN_SENDER_CASES], names)
+
+
 def test_sendmail_bs_applies_no_helo_restrictions(postern):
     # As Postfix's stand-alone smtpd: the grammar, not the access policy.
     assert SendmailBs(postern).dialogue(["EHLO bad..example"]) == [250]
@@ -257,6 +280,10 @@ def test_same_reply_codes_as_postfix(postern, real_postfix):
     assert not mismatches(mail_codes(ours, "ptalice@postern.test"), theirs, names)
     for cmd, _, postfix_code in STRICTER_CASES:
         assert one_code(postfix, cmd, "someone@far.test") == postfix_code, cmd
+    fqdn_names = [c for c, _ in FQDN_SENDER_CASES]
+    theirs = [one_code(postfix, cmd, None) for cmd in fqdn_names]
+    got = [one_code(ours, cmd, None) for cmd in fqdn_names]
+    assert not mismatches(got, theirs, fqdn_names)
     helo_names = [c for c, _ in HELO_CASES]
     theirs = [postfix.dialogue([cmd])[-1] for cmd in helo_names]
     got = [ours.dialogue([cmd])[-1] for cmd in helo_names]

@@ -146,6 +146,30 @@ pub fn fqdn_helo_name(name: &str) -> bool {
     valid_address_literal(n) || (valid_hostname(n) && n.contains('.'))
 }
 
+/// Whether the domain of an envelope address is acceptable at all (as
+/// Postfix's smtpd checks MAIL FROM and RCPT TO addresses): an address
+/// literal (its syntax is the address parser's), or a host name (one
+/// trailing dot allowed). A UTF-8 domain is judged by its dots only: its
+/// labels are for the SMTPUTF8 (IDNA) rules.
+pub fn valid_address_domain(d: &str) -> bool {
+    if d.starts_with('[') && d.ends_with(']') {
+        return true;
+    }
+    let n = strip_root_dot(d);
+    if n.is_ascii() {
+        valid_hostname(n)
+    } else {
+        n.split('.').all(|l| !l.is_empty())
+    }
+}
+
+/// What `reject_non_fqdn_sender` and `reject_non_fqdn_recipient` accept
+/// as an address's domain: an address literal, or a valid domain of two
+/// labels or more.
+pub fn fqdn_domain(d: &str) -> bool {
+    valid_address_domain(d) && (d.starts_with('[') || strip_root_dot(d).contains('.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +285,20 @@ mod tests {
         assert!(!fqdn_helo_name("localhost"));
         assert!(!fqdn_helo_name("bad..name"));
         assert!(!fqdn_helo_name("1.2.3.4"));
+        assert!(fqdn_domain("example.org") && fqdn_domain("example.org."));
+        assert!(fqdn_domain("[192.0.2.1]") && fqdn_domain("b\u{fc}cher.test"));
+        for bad in [
+            "example",
+            "bad..example",
+            "-x.example",
+            "",
+            ".example.org",
+            "1.2.3.4",
+        ] {
+            assert!(!fqdn_domain(bad), "{bad}");
+        }
+        assert!(valid_address_domain("localhost") && valid_address_domain("x_.test"));
+        assert!(!valid_address_domain("a..b") && !valid_address_domain("1.2.3.4"));
         assert_eq!(strip_root_dot("a.b."), "a.b");
         assert_eq!(strip_root_dot("a.b.."), "a.b..");
     }

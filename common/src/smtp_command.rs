@@ -4,7 +4,7 @@
 //! out of a `<path>`, and the ESMTP parameters of MAIL FROM and RCPT TO
 //! (SIZE, BODY, AUTH, SMTPUTF8, and RFC 3461 DSN through [`crate::dsn`]).
 
-use crate::dsn;
+use crate::{dsn, hostname};
 
 /// One word of a command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +252,7 @@ pub fn extract_address(word: &str) -> Result<String, BadAddress> {
         return Err(BadAddress);
     }
     if let Some(at) = out.rfind('@') {
-        if at == 0 || at == out.len() - 1 {
+        if at == 0 || at == out.len() - 1 || !hostname::valid_address_domain(&out[at + 1..]) {
             return Err(BadAddress);
         }
     }
@@ -494,6 +494,8 @@ mod tests {
         assert_eq!(extract_address("<\"a\\\"b\"@d>").unwrap(), "a\"b@d");
         assert_eq!(extract_address("<u@[127.0.0.1]>").unwrap(), "u@[127.0.0.1]");
         assert_eq!(extract_address("<postmaster>").unwrap(), "postmaster");
+        assert_eq!(extract_address("<a@b.example.>").unwrap(), "a@b.example.");
+        assert_eq!(extract_address("<a@x_.example>").unwrap(), "a@x_.example");
         assert_eq!(
             extract_address("<jörg@bücher.test>").unwrap(),
             "jörg@bücher.test"
@@ -509,6 +511,10 @@ mod tests {
             "<\"ab@c>",
             "<a\u{1}@b>",
             "<a@b,c@d>",
+            "<a@bad..example>",
+            "<a@-bad.example>",
+            "<a@1.2.3.4>",
+            "<a@b/c.example>",
         ] {
             assert!(extract_address(bad).is_err(), "{bad}");
         }

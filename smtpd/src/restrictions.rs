@@ -505,17 +505,19 @@ impl Restrictions {
             | "reject_unauth_destination"
             | "defer_unauth_destination" => Verdict::Dunno,
             "reject_non_fqdn_sender" => match req.sender {
-                Some(s) if !s.is_empty() && !fqdn(&addr::domain(s)) => Self::reject(
-                    Stage::Sender,
-                    req,
-                    "504",
-                    "5.5.2",
-                    "need fully-qualified address",
-                ),
+                Some(s) if !s.is_empty() && !hostname::fqdn_domain(&addr::domain(s)) => {
+                    Self::reject(
+                        Stage::Sender,
+                        req,
+                        "504",
+                        "5.5.2",
+                        "need fully-qualified address",
+                    )
+                }
                 _ => Verdict::Dunno,
             },
             "reject_non_fqdn_recipient" => match req.recipient {
-                Some(r) if !fqdn(&addr::domain(r)) => Self::reject(
+                Some(r) if !hostname::fqdn_domain(&addr::domain(r)) => Self::reject(
                     Stage::Recipient,
                     req,
                     "504",
@@ -987,12 +989,6 @@ fn recipient_tables(cfg: &Config) -> RecipientTables {
     }
     t.virtual_maps = maps;
     t
-}
-
-/// A fully-qualified domain name: has a dot, not at either end.
-fn fqdn(d: &str) -> bool {
-    let d = d.trim_end_matches('.');
-    (d.contains('.') && !d.starts_with('.')) || is_address_literal(d)
 }
 
 fn is_address_literal(h: &str) -> bool {
