@@ -328,7 +328,12 @@ mod tests {
         );
         assert!(p(&["-N", "never,success", "a"]).error.is_some());
         assert!(p(&["-R", "some", "a"]).error.is_some());
-        assert!(p(&["-V", "a b", "a"]).error.is_some());
+        assert!(p(&["-V", "a\tb", "a"]).error.is_some());
+        assert!(p(&["-V", &"x".repeat(101), "a"]).error.is_some());
+        assert!(
+            p(&["-V", "a b", "a"]).error.is_none(),
+            "printable, as Postfix"
+        );
         assert!(p(&["-B", "9bit", "a"]).error.is_some());
         // cron's invocation.
         let o = p(&["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "u"]);
