@@ -8,9 +8,11 @@
 use crate::headers::{self, Header};
 use crate::rewrite::{self, Action, Rewriter};
 use postern_common::delivery::{self, LogEntry};
+use postern_common::dupfilter::DupFilter;
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
+use postern_common::smtputf8;
 use postern_conf::Config;
 use std::io;
 
@@ -26,6 +28,16 @@ pub struct Settings {
     pub rewriter: Rewriter,
     /// `append_dot_mydomain`: `user@host` becomes `user@host.$mydomain`.
     pub append_dot_mydomain: Option<String>,
+    /// `smtputf8_enable`: the SMTPUTF8 flags are kept (see [`smtputf8`]).
+    pub smtputf8_enable: bool,
+    /// `smtputf8_autodetect_classes`.
+    pub smtputf8_autodetect: smtputf8::Autodetect,
+    /// `duplicate_filter_limit`: recipients remembered for duplicate
+    /// elimination (0 = no limit).
+    pub duplicate_filter_limit: usize,
+    /// `enable_original_recipient`: recipients with different original
+    /// addresses are not duplicates.
+    pub original_recipient: bool,
 }
 
 impl Settings {
@@ -56,6 +68,19 @@ impl Settings {
                 .get_bool("append_dot_mydomain")
                 .unwrap_or(false)
                 .then(|| cfg.get("mydomain")),
+            smtputf8_enable: cfg.get_bool("smtputf8_enable").unwrap_or(true),
+            smtputf8_autodetect: smtputf8::Autodetect::parse(
+                &cfg.get("smtputf8_autodetect_classes"),
+            )
+            .unwrap_or_else(|w| {
+                postern_common::warning!("smtputf8_autodetect_classes: bad input: {w}");
+                smtputf8::Autodetect::default()
+            }),
+            duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or_else(|e| {
+                postern_common::warning!("{e}; using 1000");
+                1000
+            }) as usize,
+            original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
         }
     }
 
@@ -141,6 +166,8 @@ pub struct Message<'a> {
     /// The file's name in `incoming/`, whose directory fsync started when
     /// the message opened.
     named: queue::DirChange,
+    /// The recipients kept so far: one copy for a recipient given again.
+    dups: DupFilter,
 }
 
 impl<'a> Message<'a> {
@@ -179,6 +206,7 @@ impl<'a> Message<'a> {
             discard: None,
             body_partial: Vec::new(),
             named,
+            dups: DupFilter::new(settings.duplicate_filter_limit),
         })
     }
 
@@ -219,7 +247,11 @@ impl<'a> Message<'a> {
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
             let given = settings.local_rewrite(&r.address);
-            recipients.extend(rewrite_recipient(rw, r, &given)?);
+            for r in rewrite_recipient(rw, r, &given)? {
+                if !self.dups.recipient(&r, settings.original_recipient) {
+                    recipients.push(r);
+                }
+            }
         }
         new.recipients = recipients;
         let Some(w) = self.writer.as_mut() else {
@@ -229,7 +261,9 @@ impl<'a> Message<'a> {
         let written = (|| {
             w.arrival(secs, usecs)?;
             w.sender(&new.sender)?;
-            for (n, v) in &new.attrs {
+            // The SMTPUTF8 flags are known only with the headers: written
+            // then (write_head).
+            for (n, v) in new.attrs.iter().filter(|(n, _)| n != qfile::attr::SMTPUTF8) {
                 w.attribute(n, v)?;
             }
             Ok::<(), io::Error>(())
@@ -351,14 +385,9 @@ impl<'a> Message<'a> {
             } else {
                 &["to", "cc", "bcc"]
             };
-            // Duplicates are dropped (case-insensitively) through a set:
-            // a header list of 50,000 addresses must not take quadratic time.
-            let mut seen: std::collections::HashSet<String> = self
-                .new
-                .recipients
-                .iter()
-                .map(|x| x.address.to_ascii_lowercase())
-                .collect();
+            // Duplicates, of the envelope's recipients too, are dropped
+            // through the message's filter (a set: a header list of
+            // 50,000 addresses must not take quadratic time).
             for h in self
                 .headers
                 .iter()
@@ -367,7 +396,7 @@ impl<'a> Message<'a> {
                 for a in headers::addresses(&h.value()) {
                     let a = s.local_rewrite(&a);
                     for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
-                        if seen.insert(r.address.to_ascii_lowercase()) {
+                        if !self.dups.recipient(&r, s.original_recipient) {
                             self.new.recipients.push(r);
                         }
                     }
@@ -470,11 +499,15 @@ impl<'a> Message<'a> {
             _ => None,
         };
         let drop = &s.drop_headers;
+        let utf8 = self.smtputf8_flags(&added);
         let w = self
             .writer
             .as_mut()
             .ok_or_else(|| Refusal::write_error(io::ErrorKind::Other.into()))?;
         let res = (|| {
+            if utf8 != smtputf8::Flags::default() {
+                w.attribute(qfile::attr::SMTPUTF8, &utf8.value())?;
+            }
             for r in &self.new.recipients {
                 w.recipient(r)?;
             }
@@ -515,6 +548,35 @@ impl<'a> Message<'a> {
             None => {}
         }
         Ok(())
+    }
+
+    /// The message's SMTPUTF8 flags, as Postfix's cleanup sets them: what
+    /// the client said (`requested`), whether a header or the sender is
+    /// not ASCII, and `requested` also when the message's source is one of
+    /// `smtputf8_autodetect_classes` and its envelope or headers hold
+    /// UTF-8. `added`: the headers cleanup adds.
+    fn smtputf8_flags(&self, added: &[String]) -> smtputf8::Flags {
+        let given = smtputf8::Flags::from_attrs(
+            self.new.attrs.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+        if !self.settings.smtputf8_enable {
+            return given;
+        }
+        let header =
+            self.headers.iter().any(|h| !h.text.is_ascii()) || added.iter().any(|h| !h.is_ascii());
+        let sender = smtputf8::is_utf8_address(&self.new.sender);
+        let recipient = self
+            .new
+            .recipients
+            .iter()
+            .any(|r| smtputf8::is_utf8_address(&r.address));
+        let autodetect = smtputf8::Source::of_origin(&self.new.origin)
+            .is_some_and(|src| self.settings.smtputf8_autodetect.covers(src));
+        smtputf8::Flags {
+            requested: given.requested || (autodetect && (header || sender || recipient)),
+            header,
+            sender,
+        }
     }
 
     fn body_checked(&self) -> bool {
@@ -932,6 +994,52 @@ mod tests {
         assert!(text.contains("\nDate: "));
         assert!(text.contains("\nFrom: root@h.test\n"));
         assert!(text.ends_with("\n\nbody\n.\n"));
+        std::fs::remove_dir_all(t.root()).unwrap();
+    }
+
+    #[test]
+    fn duplicate_recipients_are_kept_once() {
+        let (t, s) = setup("d");
+        let r = |a: &str, notify: u8| Recipient {
+            notify,
+            ..Recipient::new(a)
+        };
+        let new = NewMessage {
+            sender: "a@x.test".into(),
+            recipients: vec![
+                r("bob@x.test", 0),
+                r("bob@x.test", 0),
+                r("BOB@X.TEST", 0),
+                r("bob", 0),
+                r("bob@x.test", 2),
+                r("carol@x.test", 0),
+            ],
+            flags: cleanup_flags::EXTRACT_RECIPIENTS,
+            ..Default::default()
+        };
+        let mut m = Message::create(&s, &t).unwrap();
+        m.envelope(new);
+        // Header recipients (sendmail -t) repeating the envelope's too.
+        m.content(b"To: carol@x.test, Dave@x.test\nCc: dave@X.test\n\nbody\n");
+        let id = m.close().map_err(|r| r.reason).unwrap();
+        let (env, _) = stored(&t, &id);
+        let rc: Vec<_> = env
+            .recipients
+            .iter()
+            .map(|r| (r.rcpt.address.as_str(), r.rcpt.notify))
+            .collect();
+        // "bob" is qualified with myorigin (h.test): another address. A
+        // different NOTIFY is another request, as in Postfix.
+        assert_eq!(
+            rc,
+            [
+                ("bob@x.test", 0),
+                ("bob@h.test", 0),
+                ("bob@x.test", 2),
+                ("carol@x.test", 0),
+                ("Dave@x.test", 0)
+            ]
+        );
         std::fs::remove_dir_all(t.root()).unwrap();
     }
 

@@ -183,11 +183,13 @@ pub fn parse_orcpt(v: &str) -> Option<String> {
 }
 
 /// The `ORCPT=` value for a queue-file `addr-type;address`, or `None`
-/// when it has no address type. A UTF-8 address goes as
-/// `utf-8;` utf-8-addr-xtext (RFC 6533), which any server can read.
-pub fn format_orcpt(stored: &str) -> Option<String> {
+/// when it has no address type. As Postfix sends it: a `utf-8` one, and a
+/// UTF-8 address of a message with SMTPUTF8 flags (`utf8_message`), as
+/// `utf-8;` utf-8-addr-xtext (RFC 6533; ASCII, so any server can read
+/// it); anything else as xtext under its own type.
+pub fn format_orcpt(stored: &str, utf8_message: bool) -> Option<String> {
     let (kind, addr) = stored.split_once(';')?;
-    if kind.eq_ignore_ascii_case("utf-8") || !addr.is_ascii() {
+    if kind.eq_ignore_ascii_case("utf-8") || (utf8_message && !addr.is_ascii()) {
         Some(format!("utf-8;{}", unitext_encode(addr)))
     } else {
         Some(format!("{kind};{}", xtext_encode(addr)))
@@ -215,6 +217,11 @@ mod tests {
     #[test]
     fn unitext_round_trip() {
         assert_eq!(unitext_encode("j\u{f6}rg+x@b"), "j\\x{F6}rg\\x{2B}x@b");
+        assert_eq!(
+            unitext_encode("a+b=c\\d e"),
+            "a\\x{2B}b\\x{3D}c\\x{5C}d\\x{20}e"
+        );
+        assert_eq!(unitext_encode("\u{65e5}@x"), "\\x{65E5}@x");
         assert_eq!(
             unitext_decode("j\\x{F6}rg@c").as_deref(),
             Some("j\u{f6}rg@c")
@@ -307,19 +314,42 @@ mod tests {
             assert_eq!(parse_orcpt(bad), None, "{bad}");
         }
         assert_eq!(
-            format_orcpt("rfc822;Orig=x@b.test").as_deref(),
+            format_orcpt("rfc822;Orig=x@b.test", false).as_deref(),
             Some("rfc822;Orig+3Dx@b.test")
         );
         assert_eq!(
-            format_orcpt("utf-8;j\u{f6}rg@c").as_deref(),
+            format_orcpt("utf-8;j\u{f6}rg@c", false).as_deref(),
             Some("utf-8;j\\x{F6}rg@c")
         );
-        assert_eq!(format_orcpt("no-type"), None);
-        for stored in ["rfc822;a+b=c@d", "utf-8;\u{4f60}@\u{4f8b}.test"] {
-            assert_eq!(
-                parse_orcpt(&format_orcpt(stored).unwrap()).as_deref(),
-                Some(stored)
-            );
+        // A UTF-8 address goes as utf-8 only in SMTPUTF8 mail.
+        assert_eq!(
+            format_orcpt("rfc822;m\u{fc}ller@x.test", true).as_deref(),
+            Some("utf-8;m\\x{FC}ller@x.test")
+        );
+        assert_eq!(
+            format_orcpt("rfc822;a+b@x.test", true).as_deref(),
+            Some("rfc822;a+2Bb@x.test")
+        );
+        assert_eq!(
+            format_orcpt("rfc822;m\u{fc}ller@x.test", false).as_deref(),
+            Some("rfc822;m+C3+BCller@x.test")
+        );
+        assert_eq!(format_orcpt("no-type", false), None);
+        for stored in [
+            "rfc822;a+b=c@d",
+            "utf-8;\u{4f60}@\u{4f8b}.test",
+            "rfc822;m\u{fc}@x",
+        ] {
+            for utf8 in [false, true] {
+                assert_eq!(
+                    parse_orcpt(&format_orcpt(stored, utf8).unwrap()).map(|o| o
+                        .split_once(';')
+                        .unwrap()
+                        .1
+                        .to_string()),
+                    Some(stored.split_once(';').unwrap().1.to_string())
+                );
+            }
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`queue`]: the queue tree, queue IDs, moves between queues.
 //! - [`ipc`]: every message the programs exchange, and its framing.
 //! - [`dns`]: the DNS resolver smtp and smtpd share.
+//! - [`dupfilter`]: duplicate elimination (cleanup's recipients, local's
+//!   expansions).
 //! - [`delivery`]: the delivery agents' side of a delivery request.
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`addr`]: envelope addresses.
@@ -20,6 +22,7 @@
 //! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
 //! - [`hostname`]: host name, address and HELO name syntax.
 //! - [`smtp_command`]: the SMTP command grammar smtpd and `sendmail -bs` read.
+//! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
 pub mod anvil;
@@ -28,6 +31,7 @@ pub mod cidr;
 pub mod delivery;
 pub mod dns;
 pub mod dsn;
+pub mod dupfilter;
 pub mod hostname;
 pub mod ipc;
 pub mod log;
@@ -39,5 +43,6 @@ pub mod queue;
 pub mod regexp;
 pub mod service;
 pub mod smtp_command;
+pub mod smtputf8;
 pub mod time;
 pub mod tls;

@@ -65,6 +65,14 @@ pub mod attr {
     pub const PROTOCOL: &str = "protocol";
     /// The HELO/EHLO name the SMTP client gave.
     pub const HELO: &str = "helo";
+    /// The SMTP client's TCP port (pipe(8)'s `${client_port}`).
+    pub const CLIENT_PORT: &str = "client_port";
+    /// The SASL mechanism the SMTP client authenticated with.
+    pub const SASL_METHOD: &str = "sasl_method";
+    /// The SASL login name the SMTP client authenticated as.
+    pub const SASL_USERNAME: &str = "sasl_username";
+    /// MAIL FROM's AUTH= address, when given by an authenticated client.
+    pub const SASL_SENDER: &str = "sasl_sender";
     /// RFC 3461 ENVID.
     pub const ENVID: &str = "envid";
     /// RFC 3461 RET: "FULL" or "HDRS".
@@ -78,6 +86,9 @@ pub mod attr {
     pub const EXTRACT_RECIPIENTS: &str = "extract_recipients";
     /// The sender's full name (sendmail -F), for a From header cleanup adds.
     pub const FULL_NAME: &str = "full_name";
+    /// SMTPUTF8 flags (RFC 6531): `requested`, `header`, `sender`,
+    /// comma-separated (see `smtputf8::Flags`).
+    pub const SMTPUTF8: &str = "smtputf8";
 }
 
 /// One envelope recipient.

@@ -18,6 +18,52 @@ pub enum ServiceType {
     /// A named pipe in `private/` or `public/` (accepted for Postfix
     /// compatibility; served as a Unix socket of the same name).
     Fifo,
+    /// A Unix datagram socket (Postfix's `postlog`): parsed, never run
+    /// (see [`Service::role`]).
+    UnixDgram,
+    /// A socket postscreen passes connections to (`smtpd pass ...`):
+    /// parsed, never run; smtpd listens on the port itself.
+    Pass,
+}
+
+impl ServiceType {
+    /// The word in master.cf's type column.
+    pub fn word(self) -> &'static str {
+        match self {
+            ServiceType::Inet => "inet",
+            ServiceType::Unix => "unix",
+            ServiceType::Fifo => "fifo",
+            ServiceType::UnixDgram => "unix-dgram",
+            ServiceType::Pass => "pass",
+        }
+    }
+}
+
+/// What qmgr does itself for a transport whose master.cf command is one
+/// of Postfix's pseudo delivery agents (error(8), discard(8)): qmgr maps a
+/// transport to its behaviour by that command, not by the service's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportBehaviour {
+    /// error(8): the recipient bounces with the next hop as the reason.
+    Bounce,
+    /// error(8) under the service name `retry`: the recipient is deferred.
+    Defer,
+    /// discard(8): the recipient is dropped as delivered.
+    Discard,
+}
+
+/// What Postern does with one master.cf service line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// master runs the command (a Postern daemon, or another program).
+    Run,
+    /// postscreen on an inet port: master runs smtpd there instead.
+    SmtpdInstead,
+    /// No process: qmgr delivers for this transport itself.
+    Transport(TransportBehaviour),
+    /// No process: the job is done elsewhere in Postern (the text says
+    /// where), or the service is not offered.
+    Elsewhere(&'static str),
 }
 
 /// One master.cf service line.
@@ -58,6 +104,109 @@ impl Service {
     pub fn inet_address(&self) -> (Option<String>, String) {
         split_host_port(&self.name)
     }
+
+    /// What Postern makes of this line: Postfix's services whose work is
+    /// done inside Postern's own daemons are accepted and not run.
+    pub fn role(&self) -> Role {
+        if self.kind == ServiceType::Pass {
+            return Role::Elsewhere("postscreen hand-off socket: smtpd listens on the port itself");
+        }
+        match self.command.as_str() {
+            "error" if self.name == "retry" => Role::Transport(TransportBehaviour::Defer),
+            "error" => Role::Transport(TransportBehaviour::Bounce),
+            "discard" => Role::Transport(TransportBehaviour::Discard),
+            "postscreen" if self.kind == ServiceType::Inet => Role::SmtpdInstead,
+            "postscreen" | "dnsblog" | "tlsproxy" => {
+                Role::Elsewhere("postscreen and its helpers: smtpd serves the SMTP port")
+            }
+            "tlsmgr" => Role::Elsewhere("TLS session cache: kept inside each smtpd and smtp process"),
+            "trivial-rewrite" => Role::Elsewhere(
+                "address rewriting and resolution: cleanup, and the resolver shared by qmgr, smtpd and sendmail -bv",
+            ),
+            "bounce" => Role::Elsewhere(
+                "bounce, defer and trace logs and notices: the delivery agents and qmgr",
+            ),
+            "showq" => Role::Elsewhere("queue listing: postqueue -p and mailq read the queue"),
+            "scache" => Role::Elsewhere("connection cache: kept inside each smtp process"),
+            "proxymap" => Role::Elsewhere("lookup tables: each daemon opens its own"),
+            "postlogd" => Role::Elsewhere(
+                "logging: each daemon writes syslog or maillog_file itself",
+            ),
+            "verify" => Role::Elsewhere(
+                "address verification: sendmail -bv (no verify cache: reject_unverified_* is not offered)",
+            ),
+            "flush" => Role::Elsewhere(
+                "fast flush: postqueue -f and sendmail -q have qmgr retry the deferred queue",
+            ),
+            "qmqpd" => Role::Elsewhere("QMQP is not offered: service ignored"),
+            "spawn" => Role::Elsewhere(
+                "spawn is not offered: service ignored (start policy servers by other means)",
+            ),
+            _ => Role::Run,
+        }
+    }
+
+    /// The program master runs for this service, `None` when it runs
+    /// none (see [`Service::role`]).
+    pub fn program(&self) -> Option<&str> {
+        match self.role() {
+            Role::Run => Some(&self.command),
+            Role::SmtpdInstead => Some("smtpd"),
+            Role::Transport(_) | Role::Elsewhere(_) => None,
+        }
+    }
+
+    /// One line saying what becomes of a service that is not run as
+    /// written (master logs it at start, `postern check` prints it);
+    /// `None` for a service run as written.
+    pub fn note(&self) -> Option<String> {
+        let what = match self.role() {
+            Role::Run => return None,
+            Role::SmtpdInstead => "served by smtpd (postscreen is not needed)".to_string(),
+            Role::Transport(TransportBehaviour::Bounce) => {
+                "not run: qmgr bounces mail for this transport itself (error)".to_string()
+            }
+            Role::Transport(TransportBehaviour::Defer) => {
+                "not run: qmgr defers mail for this transport itself (retry)".to_string()
+            }
+            Role::Transport(TransportBehaviour::Discard) => {
+                "not run: qmgr discards mail for this transport itself".to_string()
+            }
+            Role::Elsewhere(text) => format!("not run: {text}"),
+        };
+        Some(format!(
+            "master.cf, line {}: service {}/{} ({}): {what}",
+            self.line,
+            self.name,
+            self.kind.word(),
+            self.command
+        ))
+    }
+}
+
+/// The services master runs, each with the program it runs as its
+/// command (smtpd for postscreen).
+pub fn runnable(services: Vec<Service>) -> Vec<Service> {
+    services
+        .into_iter()
+        .filter_map(|mut s| {
+            let program = s.program()?.to_string();
+            s.command = program;
+            Some(s)
+        })
+        .collect()
+}
+
+/// The transports qmgr handles itself, by master.cf service name.
+pub fn transport_behaviours(services: &[Service]) -> Vec<(String, TransportBehaviour)> {
+    services
+        .iter()
+        .filter(|s| s.kind == ServiceType::Unix)
+        .filter_map(|s| match s.role() {
+            Role::Transport(b) => Some((s.name.clone(), b)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Splits `host:port`, `[v6addr]:port` or `port`.
@@ -131,6 +280,8 @@ pub fn parse(
             "inet" => ServiceType::Inet,
             "unix" => ServiceType::Unix,
             "fifo" => ServiceType::Fifo,
+            "unix-dgram" => ServiceType::UnixDgram,
+            "pass" => ServiceType::Pass,
             other => return Err(err(format!("unsupported service type \"{other}\""))),
         };
         let private = bool_col(&fields[2], true, file, line)?;
@@ -237,6 +388,116 @@ mod tests {
             vec![
                 ("smtpd_tls_wrappermode".into(), "yes".into()),
                 ("smtpd_banner".into(), "a b".into())
+            ]
+        );
+    }
+
+    /// The service lines of Postfix 3.7's stock master.cf (Debian's
+    /// /usr/share/postfix/master.cf.dist), with postscreen enabled.
+    const STOCK: &str = "\
+smtp      inet  n       -       y       -       1       postscreen
+smtpd     pass  -       -       y       -       -       smtpd
+dnsblog   unix  -       -       y       -       0       dnsblog
+tlsproxy  unix  -       -       y       -       0       tlsproxy
+pickup    unix  n       -       y       60      1       pickup
+cleanup   unix  n       -       y       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+rewrite   unix  -       -       y       -       -       trivial-rewrite
+bounce    unix  -       -       y       -       0       bounce
+defer     unix  -       -       y       -       0       bounce
+trace     unix  -       -       y       -       0       bounce
+verify    unix  -       -       y       -       1       verify
+flush     unix  n       -       y       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       y       -       -       smtp
+relay     unix  -       -       y       -       -       smtp
+        -o syslog_name=postfix/$service_name
+showq     unix  n       -       y       -       -       showq
+error     unix  -       -       y       -       -       error
+retry     unix  -       -       y       -       -       error
+discard   unix  -       -       y       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       y       -       -       lmtp
+anvil     unix  -       -       y       -       1       anvil
+scache    unix  -       -       y       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+maildrop  unix  -       n       n       -       -       pipe
+  flags=DRXhu user=vmail argv=/usr/bin/maildrop -d ${recipient}
+uucp      unix  -       n       n       -       -       pipe
+  flags=Fqhu user=uucp argv=uux -r -n -z -a$sender - $nexthop!rmail ($recipient)
+";
+
+    #[test]
+    fn stock_master_cf_roles() {
+        let s = parse(STOCK, Path::new("master.cf"), 100).unwrap();
+        let by = |name: &str, kind: ServiceType| {
+            s.iter()
+                .find(|x| x.name == name && x.kind == kind)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            by("postlog", ServiceType::UnixDgram).role(),
+            Role::Elsewhere("logging: each daemon writes syslog or maillog_file itself")
+        );
+        assert_eq!(by("smtp", ServiceType::Inet).program(), Some("smtpd"));
+        assert_eq!(by("smtpd", ServiceType::Pass).program(), None);
+        assert_eq!(by("smtp", ServiceType::Unix).program(), Some("smtp"));
+        assert_eq!(by("maildrop", ServiceType::Unix).program(), Some("pipe"));
+        assert_eq!(
+            by("maildrop", ServiceType::Unix).args,
+            vec![
+                "flags=DRXhu",
+                "user=vmail",
+                "argv=/usr/bin/maildrop",
+                "-d",
+                "${recipient}"
+            ]
+        );
+        for name in [
+            "tlsmgr",
+            "rewrite",
+            "bounce",
+            "defer",
+            "trace",
+            "verify",
+            "flush",
+            "proxymap",
+            "proxywrite",
+            "showq",
+            "scache",
+            "dnsblog",
+            "tlsproxy",
+        ] {
+            let x = by(name, ServiceType::Unix);
+            assert!(matches!(x.role(), Role::Elsewhere(_)), "{name}");
+            assert!(x.note().unwrap().contains(&format!("service {name}/unix")));
+        }
+        for name in [
+            "pickup", "cleanup", "qmgr", "local", "virtual", "lmtp", "anvil", "relay",
+        ] {
+            assert_eq!(by(name, ServiceType::Unix).role(), Role::Run, "{name}");
+            assert_eq!(by(name, ServiceType::Unix).note(), None);
+        }
+        assert_eq!(
+            transport_behaviours(&s),
+            vec![
+                ("error".to_string(), TransportBehaviour::Bounce),
+                ("retry".to_string(), TransportBehaviour::Defer),
+                ("discard".to_string(), TransportBehaviour::Discard),
+            ]
+        );
+        // By command, whatever the name.
+        let t = "oops unix - - n - - error\nbin unix - - n - - discard\n";
+        let s = parse(t, Path::new("master.cf"), 100).unwrap();
+        assert_eq!(
+            transport_behaviours(&s),
+            vec![
+                ("oops".to_string(), TransportBehaviour::Bounce),
+                ("bin".to_string(), TransportBehaviour::Discard),
             ]
         );
     }

@@ -114,6 +114,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("hopcount_limit", "50"),
     ("line_length_limit", "2048"),
     ("smtputf8_enable", "yes"),
+    ("strict_smtputf8", "no"),
+    ("smtputf8_autodetect_classes", "sendmail, verify"),
     // cleanup.
     (
         "message_drop_headers",
@@ -212,6 +214,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("lmtp_sasl_password_maps", ""),
     ("smtp_discard_ehlo_keywords", ""),
     ("lmtp_discard_lhlo_keywords", ""),
+    ("smtp_line_length_limit", "998"),
+    ("lmtp_line_length_limit", "990"),
     ("sender_dependent_relayhost_maps", ""),
     // Postern-only: name servers to ask instead of /etc/resolv.conf, as
     // `host` or `host:port`, separated by commas or spaces (for tests, or
@@ -239,6 +243,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("command_time_limit", "1000s"),
     ("prepend_delivered_header", "command, file, forward"),
     ("enable_original_recipient", "yes"),
+    ("duplicate_filter_limit", "1000"),
     ("deliver_lock_attempts", "20"),
     ("deliver_lock_delay", "1s"),
     ("stale_lock_time", "500s"),
@@ -293,6 +298,10 @@ pub fn default_of(name: &str) -> Option<&'static str> {
 /// `default_destination_concurrency_limit`) count as known.
 pub fn is_known(name: &str) -> bool {
     if default_of(name).is_some() {
+        return true;
+    }
+    // pipe(8)'s `TRANSPORT_time_limit` (default `$command_time_limit`).
+    if name.ends_with("_time_limit") {
         return true;
     }
     if let Some((_, rest)) = name.split_once('_') {

@@ -26,8 +26,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = dsn::unitext_decode(&t.text);
         let _ = dsn::parse_notify(&t.text);
         if let Some(o) = dsn::parse_orcpt(&t.text) {
-            let again = dsn::format_orcpt(&o).and_then(|f| dsn::parse_orcpt(&f));
-            assert!(again.is_some(), "{o}");
+            for utf8 in [false, true] {
+                let again = dsn::format_orcpt(&o, utf8).and_then(|f| dsn::parse_orcpt(&f));
+                assert!(again.is_some(), "{o}");
+            }
         }
         let _ = hostname::valid_helo_name(&t.text);
         let _ = hostname::valid_hostaddr(&t.text);

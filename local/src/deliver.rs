@@ -48,6 +48,8 @@ pub struct Agent {
     /// `prepend_delivered_header`: command, file, forward.
     delivered_header: Vec<String>,
     original_recipient: bool,
+    /// `duplicate_filter_limit`, for each recipient's expansion.
+    duplicate_filter_limit: usize,
     default_privs: String,
     strict_owner: bool,
     locks: LockPolicy,
@@ -114,6 +116,7 @@ impl Agent {
             allow_files: lower("allow_mail_to_files"),
             delivered_header: lower("prepend_delivered_header"),
             original_recipient: cfg.get_bool("enable_original_recipient").map_err(e)?,
+            duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").map_err(e)? as usize,
             default_privs: cfg.get("default_privs"),
             strict_owner: cfg.get_bool("strict_mailbox_ownership").map_err(e)?,
             locks: LockPolicy {
@@ -315,6 +318,7 @@ impl Agent {
             has_account: &has_account,
             read_include: &read_include,
             read_forward: &read_forward,
+            duplicate_filter_limit: self.duplicate_filter_limit,
         };
         let exp = resolver.resolve(rcpt);
         if !self.mailbox_transport.is_empty() {
@@ -832,6 +836,7 @@ impl Agent {
         }
         let c = pipe::Command {
             command: cmd,
+            argv: None,
             env,
             run_as: Some((acct.uid, acct.gid)),
             home: &acct.home,
@@ -854,6 +859,9 @@ impl Agent {
                 _ => None,
             })
             .collect();
+        // Before the content: reading the envelope moves the file position.
+        let smtputf8 = postern_common::qfile::read_envelope(&job.file)
+            .is_ok_and(|env| postern_common::smtputf8::Flags::of_envelope(&env).requested);
         let mut content = match job.content() {
             Ok(c) => c,
             Err(e) => return Status::io(&e, "cannot read queue file"),
@@ -866,6 +874,7 @@ impl Agent {
             delivered_to: self
                 .wants_delivered("forward")
                 .then_some(r.rcpt.address.as_str()),
+            smtputf8,
         };
         f.submit(&mut content)
     }

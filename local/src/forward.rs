@@ -20,6 +20,9 @@ pub struct Forward<'a> {
     pub recipients: Vec<Recipient>,
     /// Prepended as `Delivered-To: ...` when set.
     pub delivered_to: Option<&'a str>,
+    /// The original asked for SMTPUTF8: so does the forwarded copy (as
+    /// Postfix keeps the request through aliases and `.forward`).
+    pub smtputf8: bool,
 }
 
 impl Forward<'_> {
@@ -42,7 +45,15 @@ impl Forward<'_> {
         let envelope = NewMessage {
             sender: self.sender.to_string(),
             recipients: self.recipients.clone(),
-            attrs: Vec::new(),
+            attrs: if self.smtputf8 {
+                let flags = postern_common::smtputf8::Flags {
+                    requested: true,
+                    ..Default::default()
+                };
+                vec![(postern_common::qfile::attr::SMTPUTF8.into(), flags.value())]
+            } else {
+                Vec::new()
+            },
             flags: cleanup_flags::NO_HEADER_FIXUP,
             origin: "local".into(),
         };
@@ -174,6 +185,7 @@ mod tests {
             sender: "s@x.test",
             recipients: vec![Recipient::new("a@r.test"), Recipient::new("b@r.test")],
             delivered_to: Some("list@h.test"),
+            smtputf8: false,
         };
         let s = f.submit(&mut &b"Subject: hi\n\nbody\n"[..]);
         assert_eq!(s, Status::sent("forwarded as ABCDEF0123456789"));

@@ -1,6 +1,6 @@
 //! The local delivery agents: `local` (local(8): aliases, .forward,
-//! mailboxes of accounts, files, commands) and `virtual` (virtual(8):
-//! mailboxes of virtual users). See `main.rs` for local and
+//! mailboxes of accounts, files, commands), `virtual` (virtual(8):
+//! mailboxes of virtual users) and `pipe` (pipe(8): external commands). See `main.rs` for local and
 //! [`virtual_agent`] for virtual.
 //!
 //! Modules:
@@ -8,6 +8,7 @@
 //! - [`resolve`]: aliases, .forward, extensions, unknown users (pure).
 //! - [`mailbox`]: Maildir and mbox writers, locks.
 //! - [`pipe`]: delivery to `|command` and `mailbox_command`.
+//! - [`pipe_agent`]: the pipe(8) agent (master.cf `pipe` services).
 //! - [`forward`]: resubmission through cleanup.
 //! - [`message`]: the header section and the lines put before a copy.
 //! - [`status`]: outcomes and how they combine.
@@ -18,6 +19,7 @@ pub mod forward;
 pub mod mailbox;
 pub mod message;
 pub mod pipe;
+pub mod pipe_agent;
 pub mod resolve;
 pub mod status;
 pub mod virtual_agent;

@@ -29,7 +29,10 @@ const OUTPUT_KEPT: usize = 4096;
 
 /// One command to run.
 pub struct Command<'a> {
+    /// The command as shown in reasons; run by `/bin/sh -c` unless `argv`.
     pub command: &'a str,
+    /// Run this argument vector directly instead (pipe(8)'s `argv=`).
+    pub argv: Option<&'a [String]>,
     /// The whole environment of the command.
     pub env: Vec<(String, String)>,
     /// Run as these ids; `None` = as this process.
@@ -98,10 +101,19 @@ impl Command<'_> {
             .unwrap_or_else(|_| CString::new("/").unwrap());
         let root = CString::new("/").unwrap();
         let run_as = self.run_as.filter(|_| postern_common::privs::is_root());
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(self.command)
-            .env_clear()
+        let mut cmd = match self.argv {
+            Some([program, args @ ..]) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args);
+                c
+            }
+            _ => {
+                let mut c = std::process::Command::new("/bin/sh");
+                c.arg("-c").arg(self.command);
+                c
+            }
+        };
+        cmd.env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::from(out_w))
@@ -411,6 +423,7 @@ mod tests {
     fn run(cmd: &str, input: &[u8], limit: u64) -> Status {
         let c = Command {
             command: cmd,
+            argv: None,
             env: vec![
                 ("PATH".into(), "/usr/bin:/bin".into()),
                 ("RECIPIENT".into(), "a@h".into()),

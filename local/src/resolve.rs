@@ -28,6 +28,7 @@
 
 use crate::status::Status;
 use postern_common::addr;
+use postern_common::dupfilter::DupFilter;
 use postern_common::maps::Tables;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,21 @@ pub struct LocalName {
     pub domain: String,
 }
 
+/// Where the extension's delimiter is in a local part: the first of the
+/// `recipient_delimiter` characters, not at the start; `owner-x` and
+/// `x-request` are not split at `-`, as Postfix.
+pub fn extension_at(local: &str, delimiters: &str) -> Option<usize> {
+    if delimiters.is_empty() {
+        return None;
+    }
+    let lower = local.to_ascii_lowercase();
+    let dash_special = lower.starts_with("owner-") || lower.ends_with("-request");
+    local
+        .char_indices()
+        .find(|(i, c)| delimiters.contains(*c) && *i > 0 && !(*c == '-' && dash_special))
+        .map(|(i, _)| i)
+}
+
 impl LocalName {
     /// Splits `local` (any case) at the first of the delimiter characters.
     /// `owner-x` and `x-request` are not split at `-`, as Postfix.
@@ -57,16 +73,9 @@ impl LocalName {
         let lower = local.to_lowercase();
         let mut user = lower.clone();
         let mut extension = None;
-        if !delimiters.is_empty() {
-            let dash_special = lower.starts_with("owner-") || lower.ends_with("-request");
-            let at = lower
-                .char_indices()
-                .find(|(i, c)| delimiters.contains(*c) && *i > 0 && !(*c == '-' && dash_special))
-                .map(|(i, _)| i);
-            if let Some(i) = at {
-                user = lower[..i].to_string();
-                extension = Some(lower[i + 1..].to_string());
-            }
+        if let Some(i) = extension_at(&lower, delimiters) {
+            user = lower[..i].to_string();
+            extension = Some(lower[i + 1..].to_string());
         }
         LocalName {
             address: if domain.is_empty() {
@@ -138,13 +147,15 @@ pub struct Target {
 }
 
 impl Target {
-    /// What makes two targets the same delivery.
+    /// What makes two targets the same delivery, as Postfix's local keys
+    /// its duplicate filter: a mailbox by its account, a forward by its
+    /// address, a file or a command by its name.
     fn key(&self) -> String {
         match &self.dest {
-            Dest::Mailbox => format!("m:{}", self.name.user),
-            Dest::File(p) => format!("f:{}", p.display()),
-            Dest::Command(c) => format!("c:{c}"),
-            Dest::Forward(a) => format!("r:{}", a.to_lowercase()),
+            Dest::Mailbox => format!("mailbox {}", self.name.user),
+            Dest::File(p) => format!("file {}", p.display()),
+            Dest::Command(c) => format!("command {c}"),
+            Dest::Forward(a) => format!("indirect {a}"),
         }
     }
 }
@@ -155,12 +166,14 @@ pub struct Expansion {
     pub targets: Vec<Target>,
     /// (address, outcome) of expanded names that cannot be delivered.
     pub failures: Vec<(String, Status)>,
+    /// The targets met so far: one delivery for a target reached twice
+    /// (two aliases, an alias and a `.forward`, an `:include:` list).
+    dups: DupFilter,
 }
 
 impl Expansion {
     fn add(&mut self, t: Target) {
-        let k = t.key();
-        if !self.targets.iter().any(|x| x.key() == k) {
+        if !self.dups.been_here(&t.key()) {
             self.targets.push(t);
         }
     }
@@ -187,6 +200,9 @@ pub struct Resolver<'a> {
     /// The contents of the user's `.forward` (first of `forward_path`),
     /// `None` when there is none.
     pub read_forward: &'a dyn Fn(&LocalName) -> Option<String>,
+    /// `duplicate_filter_limit`: targets remembered per recipient for
+    /// duplicate elimination (0 = no limit).
+    pub duplicate_filter_limit: usize,
 }
 
 impl Resolver<'_> {
@@ -199,7 +215,10 @@ impl Resolver<'_> {
             _ => self.myorigin.to_string(),
         };
         let name = LocalName::new(local, &domain, self.delimiter);
-        let mut exp = Expansion::default();
+        let mut exp = Expansion {
+            dups: DupFilter::new(self.duplicate_filter_limit),
+            ..Expansion::default()
+        };
         let mut chain = Vec::new();
         self.expand_local(&name, &mut chain, 0, Class::Direct, &mut exp);
         exp
@@ -578,6 +597,7 @@ mod tests {
                     Err(io::Error::from_raw_os_error(libc::ENOENT))
                 }
             },
+            duplicate_filter_limit: 1000,
             read_forward: &|n| match n.user.as_str() {
                 "dave" => {
                     Some("# elsewhere\ndave@remote.test, \\dave\n\"|/bin/vacation\"\n".into())
@@ -711,6 +731,58 @@ mod tests {
         let e = resolve(&t, "local-list@host.test");
         assert_eq!(dests(&e), ["mailbox alice@host.test"]);
         assert_eq!(e.failures.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn duplicates_in_an_expansion_are_delivered_once() {
+        // Two aliases to one account, the account by another name and in
+        // another case, a forward in two cases, a .forward naming it.
+        let (t, dir) = hash_table(
+            "dups",
+            "both: a1, a2, Bob, \\bob, x@Remote.test, x@remote.TEST\n\
+             a1: bob\na2: BOB@localhost\nd2: dave, alice\n",
+        );
+        let e = resolve(&t, "both@host.test");
+        assert_eq!(
+            dests(&e),
+            ["mailbox bob@host.test", "forward x@Remote.test"]
+        );
+        let e = resolve(&t, "d2@host.test");
+        assert_eq!(
+            dests(&e),
+            [
+                "forward dave@remote.test",
+                "mailbox dave@host.test",
+                "command /bin/vacation",
+                "mailbox alice@host.test"
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_filter_limit_bounds_what_is_remembered() {
+        let (t, dir) = hash_table("dlimit", "l: a@r.test, b@r.test, a@r.test, b@r.test\n");
+        let (tables, _) = Tables::open_list(&t);
+        let dest = vec!["host.test".to_string()];
+        let resolver = |limit| Resolver {
+            aliases: &tables,
+            mydestination: &dest,
+            myorigin: "host.test",
+            delimiter: "",
+            luser_relay: "",
+            expand: &|s| s.to_string(),
+            has_account: &|_| false,
+            read_include: &|_| Err(io::Error::from_raw_os_error(libc::ENOENT)),
+            read_forward: &|_| None,
+            duplicate_filter_limit: limit,
+        };
+        // Past the limit a target is let through again: a duplicate at
+        // worst, never a lost copy.
+        assert_eq!(resolver(1).resolve("l").targets.len(), 3);
+        assert_eq!(resolver(0).resolve("l").targets.len(), 2);
+        assert_eq!(resolver(2).resolve("l").targets.len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

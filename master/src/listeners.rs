@@ -152,5 +152,11 @@ pub fn open(cfg: &Config, svc: &Service, owner: Option<(u32, u32)>) -> Result<Li
                 path: Some(path),
             })
         }
+        // Never run (`master_cf::runnable` leaves them out).
+        ServiceType::UnixDgram | ServiceType::Pass => Err(format!(
+            "service {}: type {} is not served",
+            svc.name,
+            svc.kind.word()
+        )),
     }
 }

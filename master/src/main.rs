@@ -33,6 +33,7 @@ fn main() {
         Err(e) => postern_common::fatal!("{e}"),
     };
     startup::detach_unless(args.foreground, &lock);
+    startup::note_services(&cfg);
     postern_common::info!(
         "daemon started -- version {}, configuration {}",
         env!("CARGO_PKG_VERSION"),

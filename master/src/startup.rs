@@ -74,6 +74,20 @@ pub fn load_config(args: &Args) -> Config {
     cfg
 }
 
+/// Says once, at start, what becomes of each master.cf service that is
+/// not run as written (Postfix services whose work Postern does inside
+/// its own daemons: `Service::note`).
+pub fn note_services(cfg: &Config) {
+    for note in cfg
+        .master_services()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| s.note())
+    {
+        postern_common::info!("{}/{note}", cfg.dir().display());
+    }
+}
+
 /// mail_owner's ids when running as root (see `privs::queue_owner`).
 pub fn owner(cfg: &Config) -> Option<privs::QueueOwner> {
     privs::queue_owner(cfg).unwrap_or_else(|e| fatal!("{e}"))

@@ -222,12 +222,7 @@ impl Supervisor {
             "-n".into(),
             s.def.name.clone(),
             "-t".into(),
-            match s.def.kind {
-                ServiceType::Inet => "inet",
-                ServiceType::Unix => "unix",
-                ServiceType::Fifo => "fifo",
-            }
-            .into(),
+            s.def.kind.word().into(),
         ];
         for (n, v) in &s.def.overrides {
             args.push("-o".into());
@@ -459,6 +454,7 @@ fn open_services(
     previous: &mut Vec<ServiceState>,
 ) -> Result<Vec<ServiceState>, String> {
     let defs = cfg.master_services().map_err(|e| e.to_string())?;
+    let defs = postern_conf::master_cf::runnable(defs);
     let same = |p: &ServiceState, def: &Service| p.def.name == def.name && p.def.kind == def.kind;
     // First everything that can fail.
     let mut fresh = Vec::new();

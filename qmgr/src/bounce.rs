@@ -33,6 +33,7 @@ use postern_common::delivery::LogEntry;
 use postern_common::ipc::{self, cleanup_flags, CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{self, ContentReader, Recipient};
 use postern_common::queue::QueueTree;
+use postern_common::smtputf8;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
@@ -144,6 +145,10 @@ pub struct Notice {
     /// queued, so that a round whose later notices fail does not send
     /// this one again (see [`mark`]).
     pub mark: Option<LogEntry>,
+    /// The original message asked for SMTPUTF8: the notice is an RFC 6533
+    /// one (`message/global-delivery-status`, `utf-8` address types, the
+    /// message returned as `message/global`) and asks for SMTPUTF8 itself.
+    pub smtputf8: bool,
 }
 
 impl Notice {
@@ -421,7 +426,8 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     let ascii = n
         .entries
         .iter()
-        .all(|e| e.reason.is_ascii() && e.recipient.is_ascii());
+        .all(|e| e.reason.is_ascii() && e.recipient.is_ascii() && e.original.is_ascii())
+        && n.sender.is_ascii();
     let charset = if ascii { "us-ascii" } else { "utf-8" };
     let mut m = String::new();
     m.push_str(&format!(
@@ -520,10 +526,28 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     // The report for programs (RFC 3464).
     m.push_str(&format!("--{boundary}\n"));
     m.push_str("Content-Description: Delivery report\n");
-    m.push_str("Content-Type: message/delivery-status\n\n");
+    let global = if n.smtputf8 { "global-" } else { "" };
+    m.push_str(&format!("Content-Type: message/{global}delivery-status\n"));
+    if n.smtputf8 {
+        m.push_str("Content-Transfer-Encoding: 8bit\n");
+    }
+    m.push('\n');
+    // RFC 6533: "utf-8" as the address type of a UTF-8 address, only in
+    // a notice about an SMTPUTF8 message (as Postfix).
+    let kind = |a: &str| {
+        if n.smtputf8 && smtputf8::is_utf8_address(a) {
+            "utf-8"
+        } else {
+            "rfc822"
+        }
+    };
     m.push_str(&format!("Reporting-MTA: dns; {host}\n"));
     m.push_str(&format!("X-Postern-Queue-ID: {}\n", n.queue_id));
-    m.push_str(&format!("X-Postern-Sender: rfc822; {}\n", n.sender));
+    m.push_str(&format!(
+        "X-Postern-Sender: {}; {}\n",
+        kind(&n.sender),
+        n.sender
+    ));
     if !n.envid.is_empty() {
         m.push_str(&format!("Original-Envelope-Id: {}\n", n.envid));
     }
@@ -535,7 +559,11 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     }
     for e in &n.entries {
         m.push('\n');
-        m.push_str(&format!("Final-Recipient: rfc822; {}\n", e.recipient));
+        m.push_str(&format!(
+            "Final-Recipient: {}; {}\n",
+            kind(&e.recipient),
+            e.recipient
+        ));
         if !e.orcpt.is_empty() {
             if e.orcpt.contains(';') {
                 m.push_str(&format!("Original-Recipient: {}\n", e.orcpt));
@@ -543,7 +571,11 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
                 m.push_str(&format!("Original-Recipient: rfc822; {}\n", e.orcpt));
             }
         } else if !e.original.is_empty() && e.original != e.recipient {
-            m.push_str(&format!("Original-Recipient: rfc822; {}\n", e.original));
+            m.push_str(&format!(
+                "Original-Recipient: {}; {}\n",
+                kind(&e.original),
+                e.original
+            ));
         }
         let action = match n.kind {
             Kind::Failure => "failed",
@@ -579,11 +611,19 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
                 "Content-Description: {} Message Headers\n",
                 n.what()
             ));
-            m.push_str("Content-Type: text/rfc822-headers\n");
+            m.push_str(if n.smtputf8 {
+                "Content-Type: message/global-headers\n"
+            } else {
+                "Content-Type: text/rfc822-headers\n"
+            });
         }
         Returned::Full(_) => {
             m.push_str(&format!("Content-Description: {} Message\n", n.what()));
-            m.push_str("Content-Type: message/rfc822\n");
+            m.push_str(if n.smtputf8 {
+                "Content-Type: message/global\n"
+            } else {
+                "Content-Type: message/rfc822\n"
+            });
         }
     }
     m.push_str("Content-Transfer-Encoding: 8bit\n\n");
@@ -680,6 +720,14 @@ pub fn send(
     if !n.envid.is_empty() && n.postmaster {
         attrs.push((qfile::attr::ENVID.to_string(), n.envid.clone()));
     }
+    if n.smtputf8 {
+        // Postfix: the request stays with the mail when it is bounced.
+        let flags = smtputf8::Flags {
+            requested: true,
+            ..Default::default()
+        };
+        attrs.push((qfile::attr::SMTPUTF8.to_string(), flags.value()));
+    }
     ipc::send_open(
         &mut s,
         NewMessage {
@@ -773,6 +821,47 @@ mod tests {
     }
 
     #[test]
+    fn smtputf8_notice_is_rfc_6533() {
+        let mut e = entry("jörg@bücher.test", "5.6.7", "none", "SMTPUTF8 is required");
+        e.original = "ali@example.test".into();
+        let n = |smtputf8: bool, returned: Returned| Notice {
+            myhostname: "mx.example.test".into(),
+            kind: Kind::Failure,
+            postmaster: false,
+            queue_id: "ABCDEF0123456789".into(),
+            sender: "ålice@example.test".into(),
+            to: "ålice@example.test".into(),
+            from: String::new(),
+            arrival_secs: 0,
+            envid: String::new(),
+            retry_until: None,
+            entries: vec![e.clone()],
+            returned,
+            content_offset: 0,
+            problem: None,
+            mark: None,
+            smtputf8,
+        };
+        let text = |n: &Notice| String::from_utf8(compose(n, "N", 1_700_000_100).0).unwrap();
+        let t = text(&n(true, Returned::Full(None)));
+        assert!(
+            t.contains("Content-Type: message/global-delivery-status\n"),
+            "{t}"
+        );
+        assert!(t.contains("X-Postern-Sender: utf-8; ålice@example.test\n"));
+        assert!(t.contains("Final-Recipient: utf-8; jörg@bücher.test\n"));
+        assert!(t.contains("Original-Recipient: rfc822; ali@example.test\n"));
+        assert!(t.contains("Content-Type: message/global\n"));
+        let t = text(&n(true, Returned::Headers));
+        assert!(t.contains("Content-Type: message/global-headers\n"));
+        // Without SMTPUTF8, the RFC 3464 forms.
+        let t = text(&n(false, Returned::Full(None)));
+        assert!(t.contains("Content-Type: message/delivery-status\n"));
+        assert!(t.contains("Final-Recipient: rfc822; jörg@bücher.test\n"));
+        assert!(t.contains("Content-Type: message/rfc822\n"));
+    }
+
+    #[test]
     fn notice_parses_back() {
         let mut e1 = entry(
             "gone@remote.test",
@@ -799,6 +888,7 @@ mod tests {
             content_offset: 0,
             problem: None,
             mark: None,
+            smtputf8: false,
         };
         let (head, tail) = compose(&n, "NEWID0123456789", 1_700_000_100);
         let mut raw = head;

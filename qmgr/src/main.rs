@@ -24,6 +24,8 @@
 //! - [`scan`]: start-up recovery and the incoming and deferred scans;
 //! - [`message`]: one active message and its recipients' states;
 //! - [`resolve`]: recipient → (transport, next hop);
+//! - [`transports`]: transports qmgr delivers itself (master.cf `error`,
+//!   `discard` services, whatever their name);
 //! - [`schedule`]: per-transport, per-destination queues and limits,
 //!   concurrency feedback, dead destinations, rate delays;
 //! - [`deliver`]: one thread per request to a delivery agent;
@@ -53,6 +55,7 @@ mod retire;
 mod retry;
 mod scan;
 mod schedule;
+mod transports;
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("qmgr");

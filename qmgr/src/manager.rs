@@ -93,6 +93,8 @@ pub struct Manager {
     /// Recipients of the active messages, in memory.
     recipients_in_memory: usize,
     resolver: Resolver,
+    /// master.cf's `error`/`discard` services, delivered by qmgr itself.
+    behaviours: crate::transports::Behaviours,
     sched: Scheduler,
     retry: retry::Policy,
     messages: HashMap<String, Message>,
@@ -132,6 +134,7 @@ impl Manager {
             max_in_flight
         };
         let resolver = Resolver::new(cfg);
+        let behaviours = crate::transports::Behaviours::from_config(cfg);
         let notice_settings = bounce::Settings::from_config(cfg);
         // All that qmgr reads from outside the queue is read: confine it
         // (when master.cf says chroot) before its first thread starts.
@@ -151,6 +154,7 @@ impl Manager {
                 .unwrap_or(20000)
                 .max(1) as usize,
             resolver,
+            behaviours,
             sched: Scheduler::new(max_in_flight as usize, move |t| {
                 Limits::from_config(&limits_cfg, t)
             }),
@@ -504,7 +508,8 @@ impl Manager {
                 continue;
             }
             let sender = Some(msg.env.sender.as_str());
-            let (outcome, dsn, reason) = match self.resolver.resolve_from(sender, &r.rcpt.address) {
+            let resolution = self.resolver.resolve_from(sender, &r.rcpt.address);
+            let (outcome, dsn, reason) = match self.behaviours.apply(resolution) {
                 Resolution::Deliver { transport, nexthop } => {
                     targets.push(Target {
                         index: i,
@@ -819,6 +824,7 @@ impl Manager {
             content_offset: env.content_offset,
             problem: None,
             mark: None,
+            smtputf8: postern_common::smtputf8::Flags::of_envelope(env).requested,
         };
         let postmaster = |to: &str, entries: Vec<LogEntry>, kind: Kind| Notice {
             kind,

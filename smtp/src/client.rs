@@ -102,6 +102,10 @@ pub struct Settings {
     /// LMTP: `lmtp_discard_lhlo_keywords`). `silent-discard` drops the
     /// log line that names them.
     pub discard: Vec<String>,
+    /// The longest line sent, without its CRLF; longer ones are broken
+    /// with CRLF SPACE (`smtp_line_length_limit`; LMTP:
+    /// `lmtp_line_length_limit`). 0 = no limit.
+    pub line_limit: usize,
 }
 
 /// Who a session talks to, as reasons and the `relay=` field name it.
@@ -242,10 +246,18 @@ pub trait Transaction {
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
         (None, None)
     }
+    /// The message's SMTPUTF8 flags (RFC 6531).
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        Default::default()
+    }
     /// RFC 3461 NOTIFY bits and ORCPT (`type;address`, decoded) of
     /// recipient `i`.
     fn dsn_recipient(&self, _i: usize) -> (u8, String) {
         (0, String::new())
+    }
+    /// The queue ID, for log lines about the content.
+    fn queue_id(&self) -> &str {
+        ""
     }
 }
 
@@ -263,15 +275,28 @@ pub enum End {
 /// Converts queued content (LF line ends) to SMTP DATA: CRLF line ends
 /// (a CR already before the LF is kept as is), a dot doubled at the start
 /// of a line, a final CRLF when the content lacks one, and the `.` line.
+/// Lines longer than the line length limit (`smtp_line_length_limit`,
+/// `lmtp_line_length_limit`; 0 = none) are broken with CRLF SPACE, as
+/// Postfix's smtp does, so that a receiver enforcing RFC 5321's 1,000
+/// octets takes them and no octet is lost (the inserted space makes the
+/// break a header continuation or, in a body, harmless to MIME). Unlike
+/// Postfix, a doubled dot counts against the limit: it is on the wire.
 /// Works chunk by chunk: a line may span any number of chunks. For BDAT
 /// ([`DataEncoder::bdat`]) the same without the dots: BDAT carries the
 /// octets as they are.
 #[derive(Debug, Clone)]
 pub struct DataEncoder {
-    at_line_start: bool,
-    last: Option<u8>,
+    /// Octets on the output line so far, not counting its CRLF.
+    column: usize,
+    /// The last input octet was a CR, not yet written: it belongs to the
+    /// line end when an LF follows, to the line otherwise.
+    pending_cr: bool,
     /// DATA: dot-stuffing and the final `.` line.
     dots: bool,
+    /// The longest output line, without its CRLF; 0 = no limit.
+    limit: usize,
+    /// Some line was broken.
+    folded: bool,
 }
 
 impl Default for DataEncoder {
@@ -283,9 +308,11 @@ impl Default for DataEncoder {
 impl DataEncoder {
     pub fn new() -> DataEncoder {
         DataEncoder {
-            at_line_start: true,
-            last: None,
+            column: 0,
+            pending_cr: false,
             dots: true,
+            limit: 0,
+            folded: false,
         }
     }
 
@@ -297,45 +324,87 @@ impl DataEncoder {
         }
     }
 
+    /// Breaks lines longer than `limit` octets (without the CRLF); 0 = no
+    /// limit. A limit of 1 is taken as 2: a continuation line holds its
+    /// space and at least one octet.
+    pub fn line_limit(mut self, limit: usize) -> DataEncoder {
+        self.limit = if limit == 1 { 2 } else { limit };
+        self
+    }
+
+    /// Whether some line was broken.
+    pub fn folded(&self) -> bool {
+        self.folded
+    }
+
     /// Appends the encoding of `input` to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let mut rest = input;
-        while !rest.is_empty() {
-            if self.dots && self.at_line_start && rest[0] == b'.' {
-                out.push(b'.');
+        if self.pending_cr && !rest.is_empty() {
+            self.pending_cr = false;
+            if rest[0] == b'\n' {
+                out.extend_from_slice(b"\r\n");
+                self.column = 0;
+                rest = &rest[1..];
+            } else {
+                self.text(b"\r", out);
             }
+        }
+        while !rest.is_empty() {
             match rest.iter().position(|&b| b == b'\n') {
                 Some(p) => {
-                    out.extend_from_slice(&rest[..p]);
-                    let before = if p > 0 { Some(rest[p - 1]) } else { self.last };
-                    if before == Some(b'\r') {
-                        out.push(b'\n');
-                    } else {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    self.at_line_start = true;
-                    self.last = Some(b'\n');
+                    // A CR before the LF is part of the line end.
+                    let line = rest[..p].strip_suffix(b"\r").unwrap_or(&rest[..p]);
+                    self.text(line, out);
+                    out.extend_from_slice(b"\r\n");
+                    self.column = 0;
                     rest = &rest[p + 1..];
                 }
                 None => {
-                    out.extend_from_slice(rest);
-                    self.at_line_start = false;
-                    self.last = rest.last().copied();
+                    let (line, cr) = match rest.strip_suffix(b"\r") {
+                        Some(l) => (l, true),
+                        None => (rest, false),
+                    };
+                    self.text(line, out);
+                    self.pending_cr = cr;
                     rest = &[];
                 }
             }
         }
     }
 
+    /// Writes octets of a line (no line end among them), doubling a dot
+    /// that starts it and breaking it at the limit.
+    fn text(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        if self.dots && self.column == 0 && data[0] == b'.' {
+            out.push(b'.');
+            self.column = 1;
+        }
+        if self.limit > 0 {
+            // A line exactly at the limit is left alone: it is broken
+            // only when one more octet comes.
+            while self.column + data.len() > self.limit {
+                let room = self.limit - self.column;
+                out.extend_from_slice(&data[..room]);
+                out.extend_from_slice(b"\r\n ");
+                self.column = 1;
+                self.folded = true;
+                data = &data[room..];
+            }
+        }
+        out.extend_from_slice(data);
+        self.column += data.len();
+    }
+
     /// Appends the end: a CRLF if the last line lacks one, then `.` CRLF.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.at_line_start {
-            if self.last == Some(b'\r') {
-                out.push(b'\n');
-            } else {
-                out.extend_from_slice(b"\r\n");
-            }
-            self.at_line_start = true;
+        if self.pending_cr || self.column > 0 {
+            out.extend_from_slice(b"\r\n");
+            self.pending_cr = false;
+            self.column = 0;
         }
         if self.dots {
             out.extend_from_slice(b".\r\n");
@@ -1007,8 +1076,13 @@ impl<'a, 'c> Session<'a, 'c> {
             self.quit();
             return End::Complete;
         }
-        let utf8 = !txn.sender().is_ascii() || txn.recipients().iter().any(|r| !r.is_ascii());
-        if utf8 && !ext.smtputf8 {
+        // RFC 6531, as Postfix: SMTPUTF8 only for a message whose sender
+        // asked for it; to a server without it, such a message goes only
+        // when nothing in this transaction needs it.
+        let flags = txn.smtputf8();
+        let needed =
+            flags.delivery_requires(txn.sender(), txn.recipients().iter().map(String::as_str));
+        if needed && !ext.smtputf8 {
             let reason = format!(
                 "SMTPUTF8 is required, but was not offered by host {}",
                 self.peer.namaddr
@@ -1021,7 +1095,16 @@ impl<'a, 'c> Session<'a, 'c> {
             Ok(b) => b,
             Err(e) => return self.local_error(txn, &all, &e),
         };
-        if eight_bit && !ext.eight_bit_mime {
+        // As Postfix: a server that offers SMTPUTF8 takes 8-bit content,
+        // whether it says 8BITMIME or not.
+        let eight_bit_mime = ext.eight_bit_mime || ext.smtputf8;
+        if eight_bit && !ext.eight_bit_mime && ext.smtputf8 {
+            postern_common::info!(
+                "host {} offers SMTPUTF8 support, but not 8BITMIME",
+                self.peer.namaddr
+            );
+        }
+        if eight_bit && !eight_bit_mime {
             // RFC 6152: 8-bit content only to a server that announced
             // 8BITMIME. Postern does not convert to 7-bit MIME (Postfix
             // can), so the sender learns why rather than the message
@@ -1041,7 +1124,7 @@ impl<'a, 'c> Session<'a, 'c> {
         if eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
-        if utf8 {
+        if flags.requested && ext.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
         if ext.dsn {
@@ -1065,7 +1148,8 @@ impl<'a, 'c> Session<'a, 'c> {
                     if !notify.is_empty() {
                         cmd.push_str(&format!(" NOTIFY={notify}"));
                     }
-                    if let Some(o) = dsn::format_orcpt(&orcpt) {
+                    let utf8_message = flags != postern_common::smtputf8::Flags::default();
+                    if let Some(o) = dsn::format_orcpt(&orcpt, utf8_message) {
                         cmd.push_str(&format!(" ORCPT={o}"));
                     }
                 }
@@ -1292,7 +1376,7 @@ impl<'a, 'c> Session<'a, 'c> {
     fn bdat_chunks<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
         const CHUNK: usize = 64 * 1024;
         let mut content = txn.content().map_err(Trouble::Local)?;
-        let mut enc = DataEncoder::bdat();
+        let mut enc = DataEncoder::bdat().line_limit(self.settings.line_limit);
         let mut inbuf = vec![0u8; CHUNK];
         let mut pending: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
         let mut next: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
@@ -1326,7 +1410,9 @@ impl<'a, 'c> Session<'a, 'c> {
             std::mem::swap(&mut pending, &mut next);
             started = true;
         }
+        drop(content);
         enc.finish(&mut pending);
+        self.log_folded(txn, &enc);
         self.queue(&format!("BDAT {} LAST", pending.len()));
         self.wbuf.extend_from_slice(&pending);
         self.flush().map_err(Trouble::Io)
@@ -1345,7 +1431,7 @@ impl<'a, 'c> Session<'a, 'c> {
     fn send_content<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
         const CHUNK: usize = 64 * 1024;
         let mut content = txn.content().map_err(Trouble::Local)?;
-        let mut enc = DataEncoder::new();
+        let mut enc = DataEncoder::new().line_limit(self.settings.line_limit);
         let mut inbuf = vec![0u8; CHUNK];
         let mut out = Vec::with_capacity(CHUNK + CHUNK / 2);
         loop {
@@ -1359,10 +1445,24 @@ impl<'a, 'c> Session<'a, 'c> {
             enc.feed(&inbuf[..n], &mut out);
             self.conn.write_all(&out).map_err(Trouble::Io)?;
         }
+        drop(content);
         out.clear();
         enc.finish(&mut out);
+        self.log_folded(txn, &enc);
         self.conn.write_all(&out).map_err(Trouble::Io)?;
         self.conn.flush().map_err(Trouble::Io)
+    }
+
+    /// Says once per transaction that long lines were broken, as
+    /// Postfix's smtp does.
+    fn log_folded<T: Transaction>(&self, txn: &T, enc: &DataEncoder) {
+        if enc.folded() {
+            postern_common::info!(
+                "{}: breaking line > {} bytes with <CR><LF>SPACE",
+                txn.queue_id(),
+                self.settings.line_limit
+            );
+        }
     }
 }
 
@@ -1423,6 +1523,95 @@ mod tests {
         assert_eq!(enc_chunks(&[b"a\r", b"\nb\n"]), b"a\r\nb\r\n.\r\n");
         // A dot after a newline that ended the previous chunk.
         assert_eq!(enc_chunks(&[b"a\n", b".b\n"]), b"a\r\n..b\r\n.\r\n");
+    }
+
+    /// Encodes `chunks` with a line limit.
+    fn enc_limited(limit: usize, dots: bool, chunks: &[&[u8]]) -> (Vec<u8>, bool) {
+        let e = if dots {
+            DataEncoder::new()
+        } else {
+            DataEncoder::bdat()
+        };
+        let mut e = e.line_limit(limit);
+        let mut out = Vec::new();
+        for c in chunks {
+            e.feed(c, &mut out);
+        }
+        e.finish(&mut out);
+        (out, e.folded())
+    }
+
+    #[test]
+    fn long_lines_are_broken_with_crlf_space() {
+        // As Postfix's smtp_text_out: a line of exactly the limit is kept;
+        // one octet more and it is broken, the rest after a space.
+        assert_eq!(
+            enc_limited(4, true, &[b"abcd\n"]),
+            (b"abcd\r\n.\r\n".to_vec(), false)
+        );
+        assert_eq!(
+            enc_limited(4, true, &[b"abcde\n"]),
+            (b"abcd\r\n e\r\n.\r\n".to_vec(), true)
+        );
+        assert_eq!(
+            enc_limited(4, false, &[b"abcdefghij\nxy\n"]),
+            (b"abcd\r\n efg\r\n hij\r\nxy\r\n".to_vec(), true)
+        );
+        // A CR before the LF is the line end, not an octet of the line; a
+        // bare CR is.
+        assert_eq!(enc_limited(4, false, &[b"abcd\r\n"]).0, b"abcd\r\n");
+        assert_eq!(
+            enc_limited(4, false, &[b"abcd\rx\n"]).0,
+            b"abcd\r\n \rx\r\n"
+        );
+        assert_eq!(enc_limited(4, false, &[b"abcd\r"]).0, b"abcd\r\n");
+        // The doubled dot is on the wire and counts; a continuation line
+        // starting with a dot is not stuffed (it starts with the space).
+        assert_eq!(
+            enc_limited(4, true, &[b".abcd\n"]).0,
+            b"..ab\r\n cd\r\n.\r\n"
+        );
+        assert_eq!(
+            enc_limited(4, true, &[b"abcd.x\n"]).0,
+            b"abcd\r\n .x\r\n.\r\n"
+        );
+        // No limit.
+        assert_eq!(enc_limited(0, false, &[&[b'x'; 5000]]).0.len(), 5002);
+    }
+
+    #[test]
+    fn long_lines_keep_every_octet_across_chunks() {
+        // 3,000 octets in one line, lines of 998, 999 and 1,995, a CR at
+        // every possible place: unfolding gives back the CRLF form.
+        let mut text = Vec::new();
+        for (i, n) in [3000usize, 998, 999, 1995, 997, 1].iter().enumerate() {
+            text.extend((0..*n).map(|k| b'a' + ((k + i) % 26) as u8));
+            text.extend_from_slice(if i % 2 == 0 { b"\n" } else { b"\r\n" });
+        }
+        text.extend_from_slice(b"x\ry\n.dotted\n");
+        let crlf = {
+            let (plain, _) = enc_limited(0, false, &[&text]);
+            plain
+        };
+        let (whole, folded) = enc_limited(998, false, &[&text]);
+        assert!(folded);
+        for line in whole.split(|&b| b == b'\n') {
+            assert!(line.len() <= 999, "line of {} octets", line.len());
+        }
+        let unfolded = String::from_utf8_lossy(&whole).replace("\r\n ", "");
+        assert_eq!(unfolded.as_bytes(), &crlf[..]);
+        for cut in [1, 7, 997, 998, 999, 1000, 2999, 3000, 3001, 4000] {
+            let (a, b) = text.split_at(cut.min(text.len()));
+            assert_eq!(enc_limited(998, false, &[a, b]).0, whole, "cut at {cut}");
+        }
+        for size in [1, 2, 3, 10, 999] {
+            let chunks: Vec<&[u8]> = text.chunks(size).collect();
+            assert_eq!(
+                enc_limited(998, false, &chunks).0,
+                whole,
+                "chunks of {size}"
+            );
+        }
     }
 
     #[test]
@@ -1503,6 +1692,7 @@ mod tests {
         chunk: usize,
         connected: bool,
         recorded: Vec<(usize, Outcome, String, String)>,
+        smtputf8: postern_common::smtputf8::Flags,
     }
 
     impl TestTxn {
@@ -1514,6 +1704,7 @@ mod tests {
                 chunk: 7,
                 connected: false,
                 recorded: Vec::new(),
+                smtputf8: Default::default(),
             }
         }
 
@@ -1560,6 +1751,9 @@ mod tests {
             assert!(self.outcome(i).is_none(), "recipient {i} recorded twice");
             self.recorded.push((i, outcome, dsn.into(), reason.into()));
         }
+        fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+            self.smtputf8
+        }
     }
 
     fn peer() -> Server {
@@ -1586,6 +1780,7 @@ mod tests {
             lmtp: false,
             keep: false,
             discard: Vec::new(),
+            line_limit: 998,
         }
     }
 
@@ -2090,10 +2285,55 @@ mod tests {
                 "message size 5 exceeds size limit 3 of server mx.b.test[127.0.0.1]"
             )
         );
+        // SMTPUTF8 requested and a UTF-8 recipient: refused by a server
+        // without SMTPUTF8.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
         deliver(&mut srv, &peer(), &settings(5), &mut txn);
-        assert_eq!(txn.outcome(0).unwrap().1, "5.6.7");
+        assert_eq!(
+            txn.outcome(0).unwrap(),
+            (
+                Outcome::Bounced,
+                "5.6.7",
+                "SMTPUTF8 is required, but was not offered by host mx.b.test[127.0.0.1]"
+            )
+        );
+        // Requested, but all ASCII: sent without the parameter.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["a@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(said.contains("MAIL FROM:<from@a.test>\r\n"), "{said}");
+        // Not requested: a legacy UTF-8 local part goes as it is.
+        let mut srv =
+            Scripted::new("220 x\r\n250 x\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n");
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        // Requested, offered: MAIL FROM carries SMTPUTF8.
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["jö@b.test"], b"x\n");
+        txn.smtputf8.requested = true;
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
+        let said = String::from_utf8(srv.writes.concat()).unwrap();
+        assert!(
+            said.contains("MAIL FROM:<from@a.test> SMTPUTF8\r\n"),
+            "{said}"
+        );
+        // SMTPUTF8 without 8BITMIME: 8-bit content goes (as Postfix).
+        let mut srv = Scripted::new(
+            "220 x\r\n250-x\r\n250 SMTPUTF8\r\n250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n221 bye\r\n",
+        );
+        let mut txn = TestTxn::new(&["a@b.test"], "Subject: ä\n\nö\n".as_bytes());
+        deliver(&mut srv, &peer(), &settings(5), &mut txn);
+        assert_eq!(txn.outcome(0).unwrap().0, Outcome::Sent);
         // 8-bit content to a server without 8BITMIME: bounced, not sent.
         let mut srv = Scripted::new("220 x\r\n250 x\r\n221 bye\r\n");
         let mut txn = TestTxn::new(&["a@b.test"], "Subject: x\n\nsmörgåsbord\n".as_bytes());

@@ -157,6 +157,7 @@ impl Agent {
                     .iter()
                     .map(|k| k.to_ascii_lowercase())
                     .collect(),
+                line_limit: number(cfg, &p("smtp_line_length_limit")),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(
@@ -853,6 +854,13 @@ impl Transaction for JobTransaction<'_> {
         }
     }
 
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        match postern_common::qfile::read_envelope(&self.job.file) {
+            Ok(env) => postern_common::smtputf8::Flags::of_envelope(&env),
+            Err(_) => Default::default(),
+        }
+    }
+
     fn dsn_recipient(&self, i: usize) -> (u8, String) {
         // As Postfix: without an ORCPT, the original recipient address.
         let r = &self.rcpts[i].rcpt;
@@ -864,6 +872,10 @@ impl Transaction for JobTransaction<'_> {
             String::new()
         };
         (r.notify, orcpt)
+    }
+
+    fn queue_id(&self) -> &str {
+        &self.job.req.queue_id
     }
 }
 

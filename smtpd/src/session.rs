@@ -24,6 +24,7 @@ use crate::settings::{Settings, TlsLevel};
 use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{attr, Recipient};
 use postern_common::smtp_command::{self as protocol, Offered, Token, Verb};
+use postern_common::smtputf8;
 use postern_common::tls::Negotiated;
 use postern_common::{info, warning};
 use std::cell::RefCell;
@@ -98,6 +99,8 @@ struct Transaction {
     ret: Option<String>,
     overshoot: u32,
     queue_id: Option<String>,
+    /// MAIL FROM had SMTPUTF8 (RFC 6531).
+    smtputf8: bool,
 }
 
 #[derive(Debug)]
@@ -1012,6 +1015,9 @@ impl Session {
         lines.push("ENHANCEDSTATUSCODES".into());
         lines.push("8BITMIME".into());
         lines.push("DSN".into());
+        if self.cfg.smtputf8_enable {
+            lines.push("SMTPUTF8".into());
+        }
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
@@ -1170,16 +1176,18 @@ impl Session {
             self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
             return Done::Failed;
         };
+        // SMTPUTF8 decides the sender's syntax: taken before it.
+        let smtputf8 = self.smtputf8_requested(&args[3..]);
         let sender = match self.address(path) {
-            Some(a) => a,
-            None => {
+            Some(a) if self.utf8_syntax_ok(path, &a, smtputf8) => a,
+            _ => {
                 self.reply("501 5.1.7 Bad sender address syntax");
                 return Done::Failed;
             }
         };
         let offered = Offered {
             auth: self.cfg.sasl.is_some(),
-            smtputf8: false,
+            smtputf8: self.cfg.smtputf8_enable,
         };
         let options = match protocol::mail_params(&params, offered) {
             Ok(o) => o,
@@ -1191,6 +1199,7 @@ impl Session {
         let size = options.size;
         let tx = Transaction {
             sender,
+            smtputf8,
             envid: options.envid,
             ret: options.ret.map(str::to_string),
             ..Default::default()
@@ -1200,6 +1209,9 @@ impl Session {
             let reply = "552 5.3.4 Message size exceeds fixed limit";
             self.log_reject(reply, Some(&tx.sender), None);
             self.reply(reply);
+            return Done::Failed;
+        }
+        if self.strict_smtputf8_refuses(&tx.sender, smtputf8) {
             return Done::Failed;
         }
         if !self.enough_storage(size) {
@@ -1251,8 +1263,9 @@ impl Session {
             self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
             return Done::Failed;
         };
+        let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
         let address = match self.address(path) {
-            Some(a) if !a.is_empty() => a,
+            Some(a) if !a.is_empty() && self.utf8_syntax_ok(path, &a, smtputf8) => a,
             _ => {
                 self.reply("501 5.1.3 Bad recipient address syntax");
                 return Done::Failed;
@@ -1278,6 +1291,9 @@ impl Session {
                 self.reply("452 4.5.3 Error: too many recipients");
                 return if over { Done::Failed } else { Done::Ok };
             }
+        }
+        if self.strict_smtputf8_refuses(&address, smtputf8) {
+            return Done::Failed;
         }
         let needed = {
             let req = self.request(Some(&address), self.where_);
@@ -1369,6 +1385,21 @@ impl Session {
         if let Some(r) = &tx.ret {
             attrs.push((attr::RET.to_string(), r.clone()));
         }
+        if tx.smtputf8 {
+            let flags = smtputf8::Flags {
+                requested: true,
+                ..Default::default()
+            };
+            attrs.push((attr::SMTPUTF8.to_string(), flags.value()));
+        }
+        // What pipe(8)'s ${client_port} and ${sasl_*} macros show.
+        if let Some(p) = self.client.port {
+            attrs.push((attr::CLIENT_PORT.to_string(), p.to_string()));
+        }
+        if let (Some(m), Some(u)) = (&self.sasl_method, &self.sasl_username) {
+            attrs.push((attr::SASL_METHOD.to_string(), m.clone()));
+            attrs.push((attr::SASL_USERNAME.to_string(), u.clone()));
+        }
         let msg = NewMessage {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
@@ -1440,10 +1471,25 @@ impl Session {
             self.reply("501 5.5.4 Syntax: VRFY address");
             return Done::Failed;
         }
+        // RFC 6531: `VRFY address SMTPUTF8`.
+        let (args, smtputf8) = match args.split_last() {
+            Some((last, rest))
+                if rest.len() > 1 && self.smtputf8_requested(std::slice::from_ref(last)) =>
+            {
+                (rest, true)
+            }
+            _ => (args, false),
+        };
         let words: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
         let given = words.join(" ");
         let address = match protocol::extract_address(&given) {
-            Ok(a) if !a.is_empty() && !args.iter().any(|t| t.unterminated) => a,
+            Ok(a)
+                if !a.is_empty()
+                    && !args.iter().any(|t| t.unterminated)
+                    && self.utf8_syntax_ok(&args[1], &a, smtputf8) =>
+            {
+                a
+            }
             _ => {
                 self.reply("501 5.1.3 Bad recipient address syntax");
                 return Done::Failed;
@@ -1484,6 +1530,56 @@ impl Session {
             p.push('A');
         }
         p
+    }
+
+    // ------------------------------------------------------------ SMTPUTF8
+
+    /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.
+    fn smtputf8_requested(&self, params: &[Token]) -> bool {
+        self.cfg.smtputf8_enable
+            && params
+                .iter()
+                .any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))
+    }
+
+    /// Postfix's rule for non-ASCII domains (see
+    /// [`smtputf8::address_syntax_ok`]); a refusal is logged as bad syntax.
+    fn utf8_syntax_ok(&self, tok: &Token, addr: &str, smtputf8: bool) -> bool {
+        if !self.cfg.smtputf8_enable || smtputf8::address_syntax_ok(addr, smtputf8) {
+            return true;
+        }
+        warning!(
+            "Illegal address syntax from {} in {} command: {}",
+            self.namaddr,
+            self.where_,
+            protocol::printable(tok.text.as_bytes(), 200)
+        );
+        false
+    }
+
+    /// `strict_smtputf8`: a non-ASCII address outside an SMTPUTF8
+    /// transaction is refused (replied here).
+    fn strict_smtputf8_refuses(&mut self, addr: &str, smtputf8: bool) -> bool {
+        let refused = self.cfg.smtputf8_enable
+            && self.cfg.strict_smtputf8
+            && !smtputf8
+            && smtputf8::is_utf8_address(addr);
+        if refused {
+            self.reply("553 5.6.7 Must declare SMTPUTF8 to send unicode address");
+        }
+        refused
+    }
+
+    /// The `with` word of our Received header: `UTF8SMTP` (and its RFC
+    /// 3848 `S`/`A` suffixes) for an SMTPUTF8 transaction, as Postfix.
+    fn received_protocol(&self) -> String {
+        let p = self.protocol();
+        if self.tx.as_ref().is_some_and(|t| t.smtputf8) {
+            let rest = p.strip_prefix('E').unwrap_or(&p);
+            format!("UTF8{rest}")
+        } else {
+            p
+        }
     }
 
     /// The address in a MAIL FROM/RCPT TO word, or None (logged).
@@ -1598,7 +1694,7 @@ impl Session {
             client_addr: self.client.addr,
             myhostname: &self.cfg.myhostname,
             mail_name: &self.cfg.mail_name,
-            protocol: &self.protocol(),
+            protocol: &self.received_protocol(),
             queue_id,
             recipients: &rcpts,
             date: &self.date,
@@ -1755,6 +1851,8 @@ mod tests {
             delay_open_until_valid_rcpt: true,
             anvil: Default::default(),
             service: "smtp".into(),
+            smtputf8_enable: true,
+            strict_smtputf8: false,
         }
     }
 
@@ -1837,7 +1935,8 @@ mod tests {
                 "250-VRFY",
                 "250-ENHANCEDSTATUSCODES",
                 "250-8BITMIME",
-                "250 DSN"
+                "250-DSN",
+                "250 SMTPUTF8"
             ]
         );
         assert_eq!(send(&mut s, "HELO x\r\n"), ["250 mx.example"]);
@@ -1910,7 +2009,7 @@ mod tests {
             &mut s,
             "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
         );
-        assert_eq!(&r[7..], ["250 2.1.0 Ok"]);
+        assert_eq!(&r[8..], ["250 2.1.0 Ok"]);
         let (kinds, _) = requests(&mut s);
         assert_eq!(kinds, ["open"]);
         // The rest waited for the queue file; the RSET and QUIT then for
@@ -1973,7 +2072,7 @@ mod tests {
             "EHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@far.example>\r\nRCPT TO:<u@MX.example>\r\nRCPT TO:<postmaster>\r\nDATA\r\n",
         );
         assert_eq!(
-            &r[7..],
+            &r[8..],
             [
                 "250 2.1.0 Ok",
                 "554 5.7.1 <a@far.example>: Relay access denied"
@@ -2732,5 +2831,85 @@ mod tests {
         let content = String::from_utf8(content).unwrap();
         assert!(content.starts_with("Received: from c (unknown [127.0.0.1])\n\tby mx.example (Postern) with SMTP id QID1;\n\t"), "{content}");
         assert!(!content.contains("for <"));
+    }
+
+    #[test]
+    fn smtputf8_parameter_and_addresses() {
+        let mut s = session();
+        send(&mut s, "EHLO client.example\r\n");
+        // A UTF-8 domain needs SMTPUTF8; a UTF-8 local part never did.
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@bücher.example>\r\n"),
+            ["501 5.1.7 Bad sender address syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<jörg@b.example>\r\n"),
+            ["250 2.1.0 Ok"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<u@bücher.example>\r\n"),
+            ["501 5.1.3 Bad recipient address syntax"]
+        );
+        send(&mut s, "RSET\r\n");
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<jörg@bücher.example> SMTPUTF8\r\n"),
+            ["250 2.1.0 Ok"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<ü@bü..example>\r\n"),
+            ["501 5.1.3 Bad recipient address syntax"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<ü@mx.example>\r\n"),
+            Vec::<String>::new()
+        );
+        assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
+        assert_eq!(
+            send(&mut s, "DATA\r\n"),
+            ["354 End data with <CR><LF>.<CR><LF>"]
+        );
+        let reqs = s.take_requests();
+        let Some(CleanupRequest::Envelope(m)) = reqs.last() else {
+            panic!("{reqs:?}")
+        };
+        assert_eq!(m.sender, "jörg@bücher.example");
+        assert!(m.attrs.contains(&("smtputf8".into(), "requested".into())));
+        send(&mut s, "Subject: x\r\n\r\nbody\r\n.\r\n");
+        let (_, content) = requests(&mut s);
+        let content = String::from_utf8(content).unwrap();
+        assert!(content.contains("with UTF8SMTP id QID1"), "{content}");
+        // Malformed UTF-8 is refused whatever the parameters.
+        let mut s = session();
+        s.receive(b"MAIL FROM:<j\xf6rg@b.example> SMTPUTF8\r\n");
+        assert_eq!(out(&mut s), ["500 5.5.2 Error: bad UTF-8 syntax"]);
+    }
+
+    #[test]
+    fn smtputf8_disabled_and_strict() {
+        let mut cfg = settings();
+        cfg.smtputf8_enable = false;
+        let mut s = session_with(cfg, "127.0.0.1");
+        let ehlo = send(&mut s, "EHLO client.example\r\n");
+        assert!(!ehlo.iter().any(|l| l.contains("SMTPUTF8")), "{ehlo:?}");
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b.example> SMTPUTF8\r\n"),
+            ["555 5.5.4 Unsupported option: SMTPUTF8"]
+        );
+        let mut cfg = settings();
+        cfg.strict_smtputf8 = true;
+        let mut s = session_with(cfg, "127.0.0.1");
+        send(&mut s, "EHLO client.example\r\n");
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<jörg@b.example>\r\n"),
+            ["553 5.6.7 Must declare SMTPUTF8 to send unicode address"]
+        );
+        assert_eq!(
+            send(&mut s, "MAIL FROM:<a@b.example>\r\n"),
+            ["250 2.1.0 Ok"]
+        );
+        assert_eq!(
+            send(&mut s, "RCPT TO:<ü@mx.example>\r\n"),
+            ["553 5.6.7 Must declare SMTPUTF8 to send unicode address"]
+        );
     }
 }

@@ -80,6 +80,11 @@ pub struct Settings {
     pub anvil: crate::anvil::Limits,
     /// The master.cf service name, for log lines.
     pub service: String,
+    /// `smtputf8_enable`: EHLO offers SMTPUTF8 and MAIL FROM takes it.
+    pub smtputf8_enable: bool,
+    /// `strict_smtputf8`: a non-ASCII address only in an SMTPUTF8
+    /// transaction (553 5.6.7 otherwise).
+    pub strict_smtputf8: bool,
 }
 
 /// `smtpd_tls_security_level`.
@@ -206,6 +211,8 @@ impl Settings {
                 .map_err(|e| format!("smtpd_client_event_limit_exceptions: {e}"))?,
             },
             service: "smtpd".into(),
+            smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
+            strict_smtputf8: cfg.get_bool("strict_smtputf8").map_err(e)?,
         })
     }
 }

@@ -78,7 +78,10 @@ fn check(cfg: &Config) {
     }
     let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
     let daemon_dir = PathBuf::from(cfg.get("daemon_directory"));
-    let mut commands: Vec<&str> = services.iter().map(|s| s.command.as_str()).collect();
+    for note in services.iter().filter_map(|s| s.note()) {
+        eprintln!("{NAME}: {}/{note}", cfg.dir().display());
+    }
+    let mut commands: Vec<&str> = services.iter().filter_map(|s| s.program()).collect();
     commands.push("master");
     commands.sort();
     commands.dedup();

@@ -130,10 +130,11 @@ pub fn serve<R: BufRead, W: Write>(
                     s.reply("501 5.1.7 Bad sender address syntax");
                     continue;
                 };
-                // SMTPUTF8 is taken as before: the content goes on as it came.
+                // SMTPUTF8 is taken as smtpd takes it; pickup's
+                // smtputf8_autodetect_classes decides what it means here.
                 let offered = Offered {
                     auth: false,
-                    smtputf8: true,
+                    smtputf8: cfg.get_bool("smtputf8_enable").unwrap_or(true),
                 };
                 let options = match smtp_command::mail_params(&params, offered) {
                     Ok(o) => o,
