@@ -21,6 +21,9 @@
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
+//! - [`hostname`]: host name, address and HELO name syntax.
+//! - [`smtp_command`]: the SMTP command grammar smtpd and `sendmail -bs` read.
 //! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
@@ -30,7 +33,9 @@ pub mod cdb;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
+pub mod dsn;
 pub mod dupfilter;
+pub mod hostname;
 pub mod ipc;
 pub mod log;
 pub mod maps;
@@ -40,6 +45,7 @@ pub mod qfile;
 pub mod queue;
 pub mod regexp;
 pub mod service;
+pub mod smtp_command;
 pub mod smtputf8;
 pub mod table_watch;
 pub mod time;

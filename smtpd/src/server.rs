@@ -712,23 +712,10 @@ fn frame(req: &CleanupRequest) -> Vec<u8> {
 
 /// Takes one whole reply frame off the front of `inbuf`, if there is one.
 fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
-    if inbuf.len() < 4 {
+    let Some((reply, used)) = ipc::take_frame(inbuf, ipc::MAX_MESSAGE)? else {
         return Ok(None);
-    }
-    let len = u32::from_le_bytes([inbuf[0], inbuf[1], inbuf[2], inbuf[3]]);
-    if len > ipc::MAX_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("IPC message of {len} bytes"),
-        ));
-    }
-    let end = 4 + len as usize;
-    if inbuf.len() < end {
-        return Ok(None);
-    }
-    let mut r = &inbuf[..end];
-    let reply = ipc::recv(&mut r)?;
-    inbuf.drain(..end);
+    };
+    inbuf.drain(..used);
     Ok(Some(reply))
 }
 
