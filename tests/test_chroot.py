@@ -18,7 +18,7 @@ import pytest
 
 import postern_harness as h
 from postern_harness import wait_for
-from test_privileges import proc_status
+from test_privileges import assert_unprivileged, running_daemons
 from test_smtpd_tls_sasl import make_certs
 
 CHROOTED = ("smtpd", "pickup", "cleanup", "qmgr", "anvil", "smtp", "relay", "lmtp")
@@ -106,25 +106,16 @@ def test_chrooted_daemons_are_confined_and_mail_flows(root_only, root_only_certs
         h.wait_for_messages(user, token)
 
     owner = pwd.getpwnam("postern")
-    seen = {}
-    for pid in p.child_pids():
-        name = h.proc_name(pid)
-        try:
-            seen[name] = (os.readlink(f"/proc/{pid}/root"), proc_status(pid))
-        except FileNotFoundError:
-            pass  # exited meanwhile
+    seen = running_daemons(p)
     for name in ("smtpd", "pickup", "cleanup", "qmgr", "anvil", "smtp"):
         assert name in seen, f"{name} not running (saw {sorted(seen)})"
-        root, st = seen[name]
-        assert root == queue, (name, root)
-        assert st["Uid"].split() == [str(owner.pw_uid)] * 4, (name, st["Uid"])
-        assert st["Gid"].split() == [str(owner.pw_gid)] * 4, (name, st["Gid"])
-        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(st[cap], 16) == 0, (name, cap, st[cap])
-        assert st["NoNewPrivs"] == "1", (name, st["NoNewPrivs"])
+        for pid in seen[name]:
+            assert os.readlink(f"/proc/{pid}/root") == queue, (name, pid)
+            assert_unprivileged(pid, name, owner)
     # local needs root to become each recipient: it cannot be chrooted,
     # and master says so instead of failing.
-    assert "local" in seen and seen["local"][0] == "/", seen.get("local")
+    assert "local" in seen and all(os.readlink(f"/proc/{pid}/root") == "/"
+                                   for pid in seen["local"]), seen.get("local")
     assert p.log_search(r"service local: a privileged service cannot run chrooted")
     # What a chrooted resolver and clock read, copied in by master.
     for f in ("resolv.conf", "localtime"):

@@ -206,7 +206,7 @@ def test_missing_certificate_is_a_local_problem(make_postern, tmp_path):
     with p.smtp() as s:
         s.ehlo("c")
         assert not s.has_extn("starttls")
-    p.wait_for_log(r"warning: cannot load TLS certificate and key: .*nope\.pem")
+    p.wait_for_log(r"error: cannot load TLS certificate and key: .*nope\.pem")
 
 
 def test_swaks_tls_and_chain_files(make_postern, certs, sink, swaks):

@@ -24,6 +24,6 @@ mod stats;
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("anvil");
-    postern_common::service::enter_jail(&cfg);
+    postern_common::service::drop_privileges(&cfg);
     server::run(&cfg)
 }

@@ -76,21 +76,11 @@ pub fn handle(
 fn serve(table: &mut Table, stats: &mut Stats, c: &mut Conn, now: Instant) -> Result<(), String> {
     let mut pos = 0;
     loop {
-        let rest = &c.inbuf[pos..];
-        if rest.len() < 4 {
+        let taken = ipc::take_frame::<AnvilRequest>(&c.inbuf[pos..], ANVIL_MAX_MESSAGE);
+        let Some((req, used)) = taken.map_err(|e| e.to_string())? else {
             break;
-        }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        if len > ANVIL_MAX_MESSAGE {
-            return Err(format!("request of {len} bytes"));
-        }
-        let end = 4 + len as usize;
-        if rest.len() < end {
-            break;
-        }
-        let mut frame = &rest[..end];
-        let req: AnvilRequest = ipc::recv(&mut frame).map_err(|e| e.to_string())?;
-        pos += end;
+        };
+        pos += used;
         if let Some(reply) = handle(table, stats, c.owner, req, now) {
             // Writing into a Vec cannot fail.
             let _ = ipc::send(&mut c.out, &reply);

@@ -45,18 +45,6 @@ pub fn qualify(addr: &str, origin: &str) -> String {
     }
 }
 
-/// One label of a host name as Postfix's valid_hostname() takes it:
-/// letters, digits, `-` and `_`, 1 to 63 of them, not starting or ending
-/// with `-`.
-pub fn valid_hostname_label(l: &str) -> bool {
-    !l.is_empty()
-        && l.len() <= 63
-        && !l.starts_with('-')
-        && !l.ends_with('-')
-        && l.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,15 +42,45 @@ pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
 
 /// Reads one framed message. A closed connection is `UnexpectedEof`.
 pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<T> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len);
-    if len > MAX_MESSAGE {
+    recv_limited(r, MAX_MESSAGE)
+}
+
+/// The length of a frame whose header is `header`, or an error when it
+/// is over `max` bytes.
+fn frame_length(header: [u8; 4], max: u32) -> io::Result<u32> {
+    let len = u32::from_le_bytes(header);
+    if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("IPC message of {len} bytes"),
         ));
     }
+    Ok(len)
+}
+
+/// Takes one whole framed message off the front of `buf`, the input a
+/// non-blocking reader has gathered so far: `Ok(None)` while the frame is
+/// incomplete, else the message and the number of bytes it took. A frame
+/// over `max` bytes, or one that does not decode, is an error.
+pub fn take_frame<T: DeserializeOwned>(buf: &[u8], max: u32) -> io::Result<Option<(T, usize)>> {
+    let Some(header) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let end = 4 + frame_length(*header, max)? as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let msg = postcard::from_bytes(&buf[4..end])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some((msg, end)))
+}
+
+/// Reads one framed message of at most `max` bytes (`recv` with a
+/// tighter limit, for protocols whose messages are small).
+pub fn recv_limited<R: Read, T: DeserializeOwned>(r: &mut R, max: u32) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = frame_length(len, max)?;
     // Read into spare capacity rather than a zeroed buffer: content
     // frames are up to 64 KiB.
     let mut body = Vec::with_capacity(len as usize);
@@ -390,6 +420,31 @@ pub fn wake(path: &Path, what: &[Wakeup]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_taken_from_a_buffer_in_pieces() {
+        let mut buf = Vec::new();
+        send(&mut buf, &CleanupRequest::Close).unwrap();
+        send(&mut buf, &CleanupRequest::Abort).unwrap();
+        let first_len = buf.len() / 2;
+        for cut in 0..first_len {
+            let got = take_frame::<CleanupRequest>(&buf[..cut], MAX_MESSAGE).unwrap();
+            assert!(got.is_none(), "{cut}");
+        }
+        let (m, used) = take_frame::<CleanupRequest>(&buf, MAX_MESSAGE)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(m, CleanupRequest::Close));
+        let (m, rest) = take_frame::<CleanupRequest>(&buf[used..], MAX_MESSAGE)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(m, CleanupRequest::Abort));
+        assert_eq!(used + rest, buf.len());
+        let big = (MAX_MESSAGE + 1).to_le_bytes();
+        assert!(take_frame::<CleanupRequest>(&big, MAX_MESSAGE).is_err());
+        assert!(take_frame::<CleanupRequest>(&[1, 0, 0, 0, 0xff], MAX_MESSAGE).is_err());
+        assert!(recv_limited::<_, CleanupRequest>(&mut &buf[..], 0).is_err());
+    }
 
     #[test]
     fn framing_round_trip() {

@@ -16,12 +16,16 @@
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
+//! - [`table_watch`]: noticing that a table's file changed under a daemon.
 //! - [`time`]: RFC 5322 dates.
 //! - [`resolve`]: address classes, transports, next hops and recipient
 //!   validation (Postfix's trivial-rewrite and smtpd's unlisted checks).
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
+//! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
+//! - [`hostname`]: host name, address and HELO name syntax.
+//! - [`smtp_command`]: the SMTP command grammar smtpd and `sendmail -bs` read.
 //! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
 pub mod addr;
@@ -31,7 +35,9 @@ pub mod cdb;
 pub mod cidr;
 pub mod delivery;
 pub mod dns;
+pub mod dsn;
 pub mod dupfilter;
+pub mod hostname;
 pub mod ipc;
 pub mod log;
 pub mod maps;
@@ -42,6 +48,8 @@ pub mod queue;
 pub mod regexp;
 pub mod resolve;
 pub mod service;
+pub mod smtp_command;
 pub mod smtputf8;
+pub mod table_watch;
 pub mod time;
 pub mod tls;

@@ -49,8 +49,17 @@ pub enum Table {
 }
 
 impl Table {
-    /// Opens `type:name`.
+    /// Opens `type:name`. The file it reads is watched for changes
+    /// ([`crate::table_watch`]): a daemon that read it as root restarts
+    /// when it changes.
     pub fn open(spec: &str) -> Result<Table, String> {
+        if let Some(file) = table_file(spec) {
+            crate::table_watch::watch(&file);
+        }
+        Table::read(spec)
+    }
+
+    fn read(spec: &str) -> Result<Table, String> {
         let (kind, name) = spec
             .split_once(':')
             .ok_or_else(|| format!("table {spec}: expected type:name"))?;

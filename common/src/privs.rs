@@ -1,9 +1,13 @@
 //! Accounts and privileges: who a program runs as.
 //!
-//! master, started as root, drops every unprivileged daemon to
-//! `mail_owner` between fork and exec with [`drop_to`], so that no code
-//! that parses outside input ever runs as root. `local` keeps root only to
-//! switch its effective ids to each recipient in turn ([`as_user`]).
+//! master, started as root, starts every unprivileged Postern daemon as
+//! root; the daemon reads its keys and tables, then drops itself to
+//! `mail_owner` with [`drop_to`] (through
+//! [`crate::service::drop_privileges`]) before it reads anything from the
+//! network, so that no code that parses outside input ever runs as root.
+//! A program that is not Postern's own master drops with [`drop_to`]
+//! between fork and exec. `local` keeps root only to switch its effective
+//! ids to each recipient in turn ([`as_user`]).
 
 use std::io;
 
@@ -134,11 +138,50 @@ pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
         check(libc::setgroups(1, groups.as_ptr()))?;
         check(libc::setresgid(gid, gid, gid))?;
         check(libc::setresuid(uid, uid, uid))?;
-        // setresuid away from root cleared permitted and effective sets;
+        // setresuid away from root cleared the permitted and effective
+        // sets, but not the inheritable one (which a root process may have
+        // been given): empty all three.
+        clear_capabilities()?;
         // no_new_privs keeps a set-id program from giving them back.
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
     }
     Ok(())
+}
+
+/// Empties this thread's effective, permitted and inheritable
+/// capability sets (capset(2), version 3). A plain system call: safe
+/// between fork and exec.
+fn clear_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a valid header and the two data words version 3
+    // expects.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Runs `f` with the effective uid and gid of `uid`/`gid` (and only that

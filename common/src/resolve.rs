@@ -254,7 +254,13 @@ impl Maps {
     }
 
     fn changed(&self) -> bool {
-        !self.errors.is_empty() || self.files.iter().any(|(p, t)| mtime(p) != *t)
+        // A file this process may not even stat (root-only directory)
+        // is not taken for changed: the table watch restarts the daemon.
+        !self.errors.is_empty()
+            || self
+                .files
+                .iter()
+                .any(|(p, t)| mtime(p).is_some_and(|now| Some(now) != *t))
     }
 
     fn failed(&self) -> Option<String> {
@@ -1046,27 +1052,25 @@ fn fix_dsn(dsn: &str, code: u16) -> String {
     format!("{class}{}", &dsn[1..])
 }
 
-/// A domain Postfix takes: an address literal, or a host name whose
-/// labels are letters, digits, `-`, `_` or UTF-8, not all numeric.
+/// A domain Postfix's resolver takes: an address literal, or a host
+/// name ([`crate::hostname`]); an internationalized name by the same
+/// rules with its non-ASCII letters allowed.
 fn valid_domain(d: &str) -> bool {
-    if let Some(inner) = d.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
-        let inner = inner
-            .strip_prefix("ipv6:")
-            .map(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
-            .unwrap_or_else(|| inner.parse::<std::net::Ipv4Addr>().is_ok());
-        return inner;
+    if d.starts_with('[') {
+        return crate::hostname::valid_address_literal(d);
     }
-    !d.is_empty()
-        && d.len() <= 255
+    if d.is_ascii() {
+        return crate::hostname::valid_hostname(d);
+    }
+    d.len() <= crate::hostname::HOSTNAME_MAX
         && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars()
-                    .all(|c| c.is_alphanumeric() || c == '-' || c == '_' || !c.is_ascii())
+            // Each non-ASCII character stands for a letter.
+            let ascii: String = l
+                .chars()
+                .map(|c| if c.is_ascii() { c } else { 'x' })
+                .collect();
+            crate::hostname::valid_label(&ascii)
         })
-        && !d.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
 #[cfg(test)]

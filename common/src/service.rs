@@ -14,17 +14,22 @@
 //! configuration take over the same listener. SIGTERM (`postern stop`)
 //! still means exit now.
 //!
-//! A service marked for chroot in master.cf is started as root with
-//! [`JAIL_ENV`] set: the daemon reads its configuration, tables and keys
-//! first, then [`enter_jail`] chroots it into the queue directory and drops
-//! it to `mail_owner` before it takes its first connection (Postfix's
-//! order). Inside, the queue is at `/` ([`queue_directory`]).
+//! Every unprivileged Postern daemon is started as root with [`DROP_ENV`]
+//! set: it reads its configuration, tables and keys first (which may then
+//! be readable by root only, as a TLS key or `sasl_passwd` usually is),
+//! then [`drop_privileges`] drops it to `mail_owner` with no capabilities,
+//! chrooting it into the queue directory first when master.cf says so,
+//! before it takes its first connection and before it starts a thread
+//! (Postfix's order). Chrooted, the queue is at `/` ([`queue_directory`]).
+//! A daemon that changed tables it read as root no longer sees the new
+//! files; the serving loops here then let it finish what it has in hand
+//! and exit, and master starts a fresh one ([`crate::maps::changed_table`]).
 
 use postern_conf::Config;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The listening socket master hands every daemon.
@@ -32,35 +37,59 @@ pub const LISTEN_FD: RawFd = 3;
 /// The write end of the status pipe back to master.
 pub const STATUS_FD: RawFd = 4;
 
-/// Set by master for a service to run chrooted: `UID:GID` to drop to after
-/// the chroot.
-pub const JAIL_ENV: &str = "POSTERN_JAIL";
+/// Set by master for an unprivileged daemon it starts as root: `UID:GID`
+/// to drop to once the daemon has read its files, `UID:GID:chroot` to
+/// chroot into the queue directory first ([`drop_request_value`]).
+pub const DROP_ENV: &str = "POSTERN_DROP";
 
-/// What master asked of this process through [`JAIL_ENV`], read once.
+/// What master asked of this process through [`DROP_ENV`], read once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JailRequest {
+enum DropRequest {
     None,
-    Chroot(u32, u32),
+    Drop { uid: u32, gid: u32, chroot: bool },
 }
 
-static JAIL: std::sync::OnceLock<JailRequest> = std::sync::OnceLock::new();
-static JAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static DROP: std::sync::OnceLock<DropRequest> = std::sync::OnceLock::new();
+static DROPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn jail_request() -> JailRequest {
-    *JAIL.get_or_init(|| match std::env::var(JAIL_ENV) {
-        Ok(v) => match v.split_once(':').map(|(u, g)| (u.parse(), g.parse())) {
-            Some((Ok(u), Ok(g))) => JailRequest::Chroot(u, g),
-            _ => crate::fatal!("{JAIL_ENV}={v}: expected UID:GID"),
-        },
-        Err(_) => JailRequest::None,
+/// The value of [`DROP_ENV`] for a daemon that is to drop to `uid`/`gid`,
+/// chrooted into the queue directory or not.
+pub fn drop_request_value(uid: u32, gid: u32, chroot: bool) -> String {
+    if chroot {
+        format!("{uid}:{gid}:chroot")
+    } else {
+        format!("{uid}:{gid}")
+    }
+}
+
+fn parse_drop_request(v: &str) -> Option<DropRequest> {
+    let mut parts = v.split(':');
+    let uid = parts.next()?.parse().ok()?;
+    let gid = parts.next()?.parse().ok()?;
+    let chroot = match parts.next() {
+        None => false,
+        Some("chroot") => true,
+        Some(_) => return None,
+    };
+    parts
+        .next()
+        .is_none()
+        .then_some(DropRequest::Drop { uid, gid, chroot })
+}
+
+fn drop_request() -> DropRequest {
+    *DROP.get_or_init(|| match std::env::var(DROP_ENV) {
+        Ok(v) => parse_drop_request(&v)
+            .unwrap_or_else(|| crate::fatal!("{DROP_ENV}={v}: expected UID:GID or UID:GID:chroot")),
+        Err(_) => DropRequest::None,
     })
 }
 
 /// Whether this process runs (or is about to run) chrooted into the
 /// queue directory. Daemons prepare what they need from outside the
-/// queue before [`enter_jail`] when this is true.
+/// queue before [`drop_privileges`] when this is true.
 pub fn jailed() -> bool {
-    jail_request() != JailRequest::None
+    matches!(drop_request(), DropRequest::Drop { chroot: true, .. })
 }
 
 /// The queue directory as this process sees it while serving: `/` in a
@@ -74,26 +103,50 @@ pub fn queue_directory(cfg: &Config) -> PathBuf {
     }
 }
 
-/// Chroots into `queue_directory` and drops to `mail_owner` when master
-/// asked for it, once; does nothing otherwise. Called by the serving
-/// loops before their first connection, so no outside input is read as
-/// root; must be called while the process has one thread (the privilege
-/// settings it makes are per thread). A failure is fatal: a daemon that
-/// cannot confine itself must not serve.
-pub fn enter_jail(cfg: &Config) {
-    let JailRequest::Chroot(uid, gid) = jail_request() else {
+/// Drops to the `mail_owner` ids master asked for (chrooting into
+/// `queue_directory` first when asked), once; does nothing when master
+/// asked nothing (a privileged daemon, a master that is not root, a daemon
+/// started by hand). Called once the daemon has read its configuration,
+/// tables and keys, and before its first connection, so that no outside
+/// input is read as root; must be called while the process has one thread
+/// (the capability settings it makes are per thread). A failure is fatal:
+/// a daemon that cannot give up root must not serve.
+pub fn drop_privileges(cfg: &Config) {
+    let DropRequest::Drop { uid, gid, chroot } = drop_request() else {
         return;
     };
-    if JAILED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+    if DROPPED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return;
     }
     let threads = match std::fs::read_dir("/proc/self/task") {
         Ok(d) => d.count(),
-        Err(e) => crate::fatal!("chroot: cannot count threads in /proc/self/task: {e}"),
+        Err(e) => crate::fatal!("drop privileges: cannot count threads in /proc/self/task: {e}"),
     };
     if threads > 1 {
-        crate::fatal!("chroot: {threads} threads already running; not confining");
+        crate::fatal!("drop privileges: {threads} threads already running; not serving");
     }
+    if chroot {
+        enter_chroot(cfg);
+    }
+    // SAFETY: getppid has no preconditions.
+    let master = unsafe { libc::getppid() };
+    if let Err(e) = crate::privs::drop_to(uid, gid) {
+        crate::fatal!("drop privileges to {uid}:{gid}: {e}");
+    }
+    // The credential change cleared the death signal master's spawn set;
+    // set it again, and leave if master died meanwhile.
+    // SAFETY: plain prctl and getppid.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+            || libc::getppid() != master
+        {
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Chroots into `queue_directory` (still as root).
+fn enter_chroot(cfg: &Config) {
     let dir = cfg.get("queue_directory");
     // Read before the chroot, from the real /etc/localtime: the time zone
     // of log lines and Date: headers.
@@ -111,20 +164,20 @@ pub fn enter_jail(cfg: &Config) {
     if let Err(e) = std::env::set_current_dir("/") {
         crate::fatal!("chdir / in {dir}: {e}");
     }
-    // SAFETY: getppid has no preconditions.
-    let master = unsafe { libc::getppid() };
-    if let Err(e) = crate::privs::drop_to(uid, gid) {
-        crate::fatal!("drop privileges to {uid}:{gid}: {e}");
-    }
-    // The credential change cleared the death signal master's spawn set;
-    // set it again, and leave if master died meanwhile.
-    // SAFETY: plain prctl and getppid.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
-            || libc::getppid() != master
-        {
-            std::process::exit(1);
-        }
+}
+
+/// Says why a process takes no more work: one of its tables changed
+/// ([`crate::table_watch`]), and it may not be able to read it again.
+pub fn restart_for_table(table: &Path) {
+    crate::info!("table {} has changed -- restarting", table.display());
+}
+
+/// Refuses to go on when master asked for a drop that has not happened:
+/// a daemon about to take its listener must not do it as root. Guards
+/// against a serving loop that forgot [`drop_privileges`].
+fn must_have_dropped(what: &str) {
+    if drop_request() != DropRequest::None && !DROPPED.load(std::sync::atomic::Ordering::SeqCst) {
+        crate::fatal!("{what} before dropping privileges (internal error)");
     }
 }
 
@@ -312,6 +365,7 @@ pub struct Status {
 
 impl Status {
     pub fn new() -> Status {
+        must_have_dropped("status reported");
         // Only a pipe on fd 4 is master's status pipe: a daemon started by
         // hand may have anything there (its log file, say).
         // SAFETY: fstat into a zeroed stat buffer.
@@ -365,6 +419,7 @@ impl Default for Status {
 /// that listens on several addresses also fd 5 and up, as named in
 /// `POSTERN_LISTEN_FDS`.
 pub fn listen_fds() -> Vec<RawFd> {
+    must_have_dropped("listener taken");
     let from_env: Vec<RawFd> = std::env::var("POSTERN_LISTEN_FDS")
         .unwrap_or_default()
         .split_whitespace()
@@ -380,6 +435,7 @@ pub fn listen_fds() -> Vec<RawFd> {
 
 /// The inherited listener of a unix-type service.
 pub fn unix_listener() -> io::Result<UnixListener> {
+    must_have_dropped("listener taken");
     // SAFETY: master put the listening socket on LISTEN_FD for us.
     let l = unsafe { UnixListener::from_raw_fd(LISTEN_FD) };
     l.set_nonblocking(true)?;
@@ -405,7 +461,7 @@ fn accept(listener: &UnixListener) -> Option<UnixStream> {
 /// after `max_use` connections or `max_idle` seconds without one (master
 /// starts a fresh process when work comes).
 pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> ! {
-    enter_jail(cfg);
+    drop_privileges(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
@@ -427,6 +483,12 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         }
         if !readable {
             continue;
+        }
+        if let Some(table) = crate::table_watch::changed() {
+            // A fresh process reads it (as root, if it must): master
+            // starts one for the connection waiting.
+            restart_for_table(&table);
+            std::process::exit(0);
         }
         let Some(conn) = accept(&listener) else {
             continue;
@@ -458,7 +520,7 @@ where
 {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    enter_jail(cfg);
+    drop_privileges(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
@@ -557,6 +619,14 @@ where
         if !accepting || fds[0].revents == 0 {
             continue;
         }
+        if let Some(table) = crate::table_watch::changed() {
+            // Take no more: the connections in hand finish with the old
+            // table, master starts a fresh process (which reads the new
+            // one as root, if it must) for the ones waiting.
+            restart_for_table(&table);
+            draining = true;
+            continue;
+        }
         let Some(conn) = accept(&listener) else {
             continue;
         };
@@ -646,5 +716,23 @@ pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
             }
         }
         on_wakeup(&bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_requests_as_master_writes_them() {
+        for (uid, gid, chroot) in [(108, 114, false), (108, 114, true)] {
+            assert_eq!(
+                parse_drop_request(&drop_request_value(uid, gid, chroot)),
+                Some(DropRequest::Drop { uid, gid, chroot })
+            );
+        }
+        for bad in ["", "108", "108:x", "108:114:jail", "108:114:chroot:1"] {
+            assert_eq!(parse_drop_request(bad), None, "{bad}");
+        }
     }
 }

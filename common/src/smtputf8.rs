@@ -108,11 +108,7 @@ pub fn valid_utf8_domain(domain: &str) -> bool {
         return true;
     }
     match idna::domain_to_ascii_strict(domain.trim_end_matches('.')) {
-        Ok(ascii) => {
-            !ascii.is_empty()
-                && ascii.len() <= 255
-                && ascii.split('.').all(crate::addr::valid_hostname_label)
-        }
+        Ok(ascii) => crate::hostname::valid_hostname(&ascii),
         Err(_) => false,
     }
 }
@@ -147,22 +143,6 @@ pub fn ascii_domain(domain: &str) -> String {
         Ok(a) => format!("{dot}{a}"),
         Err(_) => domain.to_lowercase(),
     }
-}
-
-/// RFC 6533 unitext for `ORCPT=utf-8;...`: printable ASCII but `+`,
-/// `\` and `=` as it is, everything else as `\x{HEX}` of its code
-/// point (what Postfix's uxtext_quote writes; ASCII, so it may go to any
-/// server).
-pub fn uxtext(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if ('!'..='~').contains(&c) && !matches!(c, '+' | '\\' | '=') {
-            out.push(c);
-        } else {
-            out.push_str(&format!("\\x{{{:X}}}", c as u32));
-        }
-    }
-    out
 }
 
 /// A mail source class of `smtputf8_autodetect_classes`.
@@ -309,13 +289,6 @@ mod tests {
         assert!(address_syntax_ok("a@bücher.test", true));
         assert!(!address_syntax_ok("a@bü..test", true));
         assert!(address_syntax_ok("", false));
-    }
-
-    #[test]
-    fn unitext() {
-        assert_eq!(uxtext("müller@x.test"), "m\\x{FC}ller@x.test");
-        assert_eq!(uxtext("a+b=c\\d e"), "a\\x{2B}b\\x{3D}c\\x{5C}d\\x{20}e");
-        assert_eq!(uxtext("日@x"), "\\x{65E5}@x");
     }
 
     #[test]

@@ -92,6 +92,33 @@ pub fn server_config(key: CertifiedKey) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// Whether smtpd (with `cfg`, a service's overrides applied) serves TLS:
+/// a `smtpd_tls_security_level` other than none, or `smtpd_tls_wrappermode`.
+pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
+    let level = cfg.get("smtpd_tls_security_level");
+    !matches!(level.trim().to_ascii_lowercase().as_str(), "" | "none")
+        || cfg.get_bool("smtpd_tls_wrappermode").unwrap_or(false)
+}
+
+/// smtpd's TLS configuration from its certificate and key: from
+/// `smtpd_tls_chain_files`, or `smtpd_tls_cert_file` and
+/// `smtpd_tls_key_file`. smtpd reads them as root, before it drops its
+/// privileges; `postern check` reads them the same way to report a
+/// missing or unusable key before a client finds STARTTLS gone.
+pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfig>, String> {
+    let chain = cfg.get_list("smtpd_tls_chain_files");
+    let key = if !chain.is_empty() {
+        load_chain_files(&chain)?
+    } else {
+        let cert = cfg.get("smtpd_tls_cert_file");
+        if cert.is_empty() {
+            return Err("no certificate: set smtpd_tls_cert_file or smtpd_tls_chain_files".into());
+        }
+        load_cert_and_key(&cert, &cfg.get("smtpd_tls_key_file"))?
+    };
+    server_config(key)
+}
+
 /// What was negotiated, as Postfix names it in its log lines and in the
 /// Received header: `TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

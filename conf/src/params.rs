@@ -312,6 +312,26 @@ pub fn default_of(name: &str) -> Option<&'static str> {
     PARAMS.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
 }
 
+/// The parameter that configures `smtp_NAME` for the smtp client, or in
+/// LMTP mode (`lmtp`) the `lmtp_` form when Postern knows it (as Postfix's
+/// lmtp(8) reads its own `lmtp_*` parameters), else the `smtp_` one.
+pub fn smtp_client_param(lmtp: bool, smtp_name: &str) -> String {
+    if lmtp {
+        let rest = smtp_name.strip_prefix("smtp_").unwrap_or(smtp_name);
+        let rest = match rest {
+            "helo_name" => "lhlo_name",
+            "helo_timeout" => "lhlo_timeout",
+            "discard_ehlo_keywords" => "discard_lhlo_keywords",
+            r => r,
+        };
+        let name = format!("lmtp_{rest}");
+        if default_of(&name).is_some() {
+            return name;
+        }
+    }
+    smtp_name.to_string()
+}
+
 /// Whether `name` is a known parameter. Per-transport forms of a known
 /// `default_*` parameter (`relay_destination_concurrency_limit` for
 /// `default_destination_concurrency_limit`) count as known.

@@ -2,11 +2,15 @@
 //!
 //! A child gets its service's listener on fd 3 (further listeners of the
 //! same service on fd 5 and up, named in `POSTERN_LISTEN_FDS`), the write
-//! end of the service's status pipe on fd 4, and, when master runs as root
-//! and the service is unprivileged, the uid and gid of `mail_owner` with no
-//! capabilities, set before exec so that the daemon never runs as root
-//! (a chrooted service instead drops itself after reading its files: see
-//! [`crate::jail`]).
+//! end of the service's status pipe on fd 4. When master runs as root and
+//! the service is unprivileged, a Postern daemon starts as root with
+//! [`postern_common::service::DROP_ENV`]: it reads its keys and tables,
+//! which may be readable by root only, then drops itself to `mail_owner`
+//! with no capabilities (chrooted when master.cf says so: see
+//! [`crate::jail`]) before it reads from the network; any other program
+//! gets the uid and gid of `mail_owner` with no capabilities before exec.
+//! A daemon still running as root when it first reports on its status
+//! pipe is killed ([`still_root`]).
 //! Every child gets SIGTERM when master dies (PR_SET_PDEATHSIG), so that a
 //! master killed outright leaves no daemon holding its listeners.
 //!
@@ -36,9 +40,10 @@ pub struct SpawnSpec<'a> {
     pub status_fd: RawFd,
     /// (uid, gid) to drop to before exec.
     pub drop_to: Option<(u32, u32)>,
-    /// (uid, gid) the daemon drops to itself, after its chroot: it starts
-    /// as root to read what lies outside the queue (see [`crate::jail`]).
-    pub jail: Option<(u32, u32)>,
+    /// (uid, gid, chroot) the daemon drops to itself once it has read its
+    /// files: it starts as root to read keys and tables that only root
+    /// may read, and chroots first when asked (see [`crate::jail`]).
+    pub drops_itself: Option<(u32, u32, bool)>,
     pub config_dir: &'a Path,
     /// Run under SCHED_BATCH (`daemon_sched_batch`, not for inet services).
     pub sched_batch: bool,
@@ -59,9 +64,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
         })
         .collect();
     cmd.env("POSTERN_LISTEN_FDS", extra.join(" "));
-    match spec.jail {
-        Some((uid, gid)) => cmd.env(postern_common::service::JAIL_ENV, format!("{uid}:{gid}")),
-        None => cmd.env_remove(postern_common::service::JAIL_ENV),
+    match spec.drops_itself {
+        Some((uid, gid, chroot)) => cmd.env(
+            postern_common::service::DROP_ENV,
+            postern_common::service::drop_request_value(uid, gid, chroot),
+        ),
+        None => cmd.env_remove(postern_common::service::DROP_ENV),
     };
     cmd.stdin(std::process::Stdio::null());
     let listen = spec.listen_fds.clone();
@@ -134,6 +142,27 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     }
     let child = cmd.spawn()?;
     Ok(child.id())
+}
+
+/// Whether process `pid` still has root's user id, or a capability,
+/// after it should have dropped them: it has reported on its
+/// status pipe, which a daemon does only once it serves. A process that
+/// is gone is not root.
+pub fn still_root(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        let mut fields = value.split_whitespace();
+        match name {
+            "Uid" => fields.any(|id| id == "0"),
+            "CapEff" | "CapPrm" => fields.any(|c| u64::from_str_radix(c, 16) != Ok(0)),
+            _ => false,
+        }
+    })
 }
 
 /// Reads the status pipe messages waiting in `fd`: (pid, busy).

@@ -2,9 +2,10 @@
 //! queue directory, and the copies of the few /etc files they read there.
 //!
 //! A confined service is started as root with
-//! [`postern_common::service::JAIL_ENV`]; the daemon reads its
+//! [`postern_common::service::DROP_ENV`] saying `chroot`, as every
+//! unprivileged Postern daemon is ([`drops_itself`]); the daemon reads its
 //! configuration, tables and keys, then chroots and drops to `mail_owner`
-//! itself ([`postern_common::service::enter_jail`]). As Postfix documents,
+//! itself ([`postern_common::service::drop_privileges`]). As Postfix documents,
 //! the delivery agents that need root (`local`, `virtual`, `pipe`: the
 //! privileged services) cannot run chrooted; master runs them unconfined
 //! and says so. Without root there is no chroot at all.
@@ -29,12 +30,19 @@ const ETC_FILES: &[&str] = &[
     "nsswitch.conf",
 ];
 
+/// Whether `def`'s program is one of Postern's own daemons (named, not
+/// given by an absolute path), which master starts as root so that it can
+/// read its secrets, and which then drop privileges themselves. Another
+/// program would run as root, so master drops it before exec instead.
+pub fn drops_itself(def: &Service) -> bool {
+    !def.command.starts_with('/')
+}
+
 /// Whether `def` runs chrooted, given the `mail_owner` ids master drops
-/// to (None when master is not root). Only Postern's own daemons (named,
-/// not given by an absolute path) confine themselves; another program
-/// would run as root, so master drops it before exec as usual instead.
+/// to (None when master is not root). Only Postern's own daemons confine
+/// themselves ([`drops_itself`]).
 pub fn confined(def: &Service, owner: Option<(u32, u32)>) -> bool {
-    def.chroot && def.unpriv && owner.is_some() && !def.command.starts_with('/')
+    def.chroot && def.unpriv && owner.is_some() && drops_itself(def)
 }
 
 /// Warns about chroot settings that cannot be honoured, and refreshes the

@@ -22,6 +22,9 @@ struct Child {
     /// The child reported busy at least once: it did work. A child that
     /// dies with an error before that throttles its service.
     worked: bool,
+    /// Started as root to drop its privileges itself: checked at its
+    /// first status report ([`children::still_root`]).
+    unverified: bool,
 }
 
 struct ServiceState {
@@ -192,6 +195,15 @@ impl Supervisor {
                     let s = &mut self.services[*svc];
                     for (pid, load) in children::read_status(&s.status_read) {
                         if let Some(c) = s.children.get_mut(&pid) {
+                            if std::mem::take(&mut c.unverified) && children::still_root(pid) {
+                                postern_common::error!(
+                                    "{}: pid {pid} serves without having dropped root \
+                                     privileges; killing it",
+                                    s.def.command
+                                );
+                                // SAFETY: kill with a pid we started.
+                                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                            }
                             c.busy = load == Load::Busy;
                             c.worked |= load != Load::Available;
                         }
@@ -216,6 +228,7 @@ impl Supervisor {
             daemon_dir.join(&s.def.command)
         };
         let confined = crate::jail::confined(&s.def, self.owner);
+        let drops_itself = crate::jail::drops_itself(&s.def);
         let mut args = vec![
             "-c".to_string(),
             dir.display().to_string(),
@@ -234,12 +247,15 @@ impl Supervisor {
             args,
             listen_fds: s.listener.fds.iter().map(|f| f.as_raw_fd()).collect(),
             status_fd: s.status_write.as_raw_fd(),
-            drop_to: if s.def.unpriv && !confined {
+            drop_to: if s.def.unpriv && !drops_itself {
                 self.owner
             } else {
                 None
             },
-            jail: if confined { self.owner } else { None },
+            drops_itself: match self.owner {
+                Some((uid, gid)) if s.def.unpriv && drops_itself => Some((uid, gid, confined)),
+                _ => None,
+            },
             config_dir: &dir,
             sched_batch,
         };
@@ -250,6 +266,7 @@ impl Supervisor {
                     Child {
                         busy: false,
                         worked: false,
+                        unverified: spec.drop_to.is_some() || spec.drops_itself.is_some(),
                     },
                 );
                 if s.def.wakeup > 0 && s.next_wakeup.is_none() {
@@ -301,6 +318,11 @@ impl Supervisor {
                 let told_to_stop = self.stopping
                     && libc::WIFSIGNALED(status)
                     && libc::WTERMSIG(status) == libc::SIGTERM;
+                if normal && !self.stopping {
+                    // A trigger service's process left by itself (qmgr
+                    // whose table changed): its successor starts now.
+                    wake_soon(s, now);
+                }
                 if !normal && !told_to_stop {
                     let how = if libc::WIFSIGNALED(status) {
                         format!("killed by signal {}", libc::WTERMSIG(status))

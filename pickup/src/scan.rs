@@ -13,7 +13,7 @@ const ABANDONED: Duration = Duration::from_secs(24 * 3600);
 pub fn run(cfg: &Config) -> ! {
     let tree = QueueTree::new(postern_common::service::queue_directory(cfg));
     let settings = submit::Settings::from_config(cfg);
-    postern_common::service::enter_jail(cfg);
+    postern_common::service::drop_privileges(cfg);
     // Wake-ups come from sendmail and master; scan every minute anyway.
     postern_common::service::serve_triggers(Duration::from_secs(60), |_| {
         scan_once(&tree, &settings);

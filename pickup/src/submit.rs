@@ -1,5 +1,6 @@
 //! Handing one maildrop file to cleanup.
 
+use postern_common::dsn;
 use postern_common::ipc::{self, cleanup_flags, CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{self, attr, ContentReader};
 use postern_common::queue::QueueTree;
@@ -74,8 +75,10 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
             attr::EXTRACT_RECIPIENTS => flags |= cleanup_flags::EXTRACT_RECIPIENTS,
             attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
             // DSN from sendmail -R/-V and -bs.
-            attr::ENVID if !bad(v) && v.len() <= 100 => attrs.push((n.clone(), v.clone())),
-            attr::RET if v == "FULL" || v == "HDRS" => attrs.push((n.clone(), v.clone())),
+            attr::ENVID if dsn::valid_envid(v) => attrs.push((n.clone(), v.clone())),
+            attr::RET if dsn::parse_ret(v) == Some(v.as_str()) => {
+                attrs.push((n.clone(), v.clone()))
+            }
             _ => {}
         }
     }

@@ -136,9 +136,10 @@ impl Manager {
         let resolver = Resolver::new(cfg);
         let behaviours = crate::transports::Behaviours::from_config(cfg);
         let notice_settings = bounce::Settings::from_config(cfg);
-        // All that qmgr reads from outside the queue is read: confine it
-        // (when master.cf says chroot) before its first thread starts.
-        postern_common::service::enter_jail(cfg);
+        // All that qmgr reads from outside the queue is read (tables
+        // perhaps readable by root only): drop to mail_owner, chrooted
+        // when master.cf says so, before its first thread starts.
+        postern_common::service::drop_privileges(cfg);
         let queue = postern_common::service::queue_directory(cfg);
         Manager {
             tree: QueueTree::new(&queue),
@@ -418,6 +419,14 @@ impl Manager {
             return false;
         }
         self.resolver.refresh();
+        if let Some(table) = postern_common::table_watch::stale() {
+            // A table qmgr cannot read again (root's only, or out of
+            // sight in a chroot): a fresh qmgr reads it, before this one
+            // routes anything with the old one.
+            postern_common::service::restart_for_table(&table);
+            self.drain();
+            return false;
+        }
         let (mut taken, mut looked) = (0, 0);
         while taken < TAKE_BATCH && looked < LOOK_BATCH && self.room() {
             let Some((q, id, ignore_time)) = self.next_file() else {

@@ -33,6 +33,7 @@
 
 use crate::nexthop::{Failure, Server};
 use crate::reply::{LineReader, Reply};
+use postern_common::dsn;
 use postern_common::ipc::Outcome;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -258,57 +259,6 @@ pub trait Transaction {
     fn queue_id(&self) -> &str {
         ""
     }
-}
-
-/// RFC 3461 xtext: `+XX` for `+`, `=`, and bytes outside `!`..`~`.
-pub fn xtext(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("+{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The ORCPT= type and value for an original recipient `kind;addr`
-/// (decoded), as Postfix sends it: a UTF-8 address of a message with
-/// SMTPUTF8 flags goes as `utf-8;` in RFC 6533 unitext (ASCII whatever
-/// the server), anything else in xtext.
-fn orcpt_param<'a>(
-    kind: &'a str,
-    addr: &str,
-    flags: &postern_common::smtputf8::Flags,
-) -> (&'a str, String) {
-    use postern_common::smtputf8;
-    let utf8 = kind.eq_ignore_ascii_case("utf-8")
-        || (*flags != smtputf8::Flags::default() && smtputf8::is_utf8_address(addr));
-    if utf8 {
-        ("utf-8", smtputf8::uxtext(addr))
-    } else {
-        (kind, xtext(addr))
-    }
-}
-
-/// The NOTIFY= value of a recipient's bits ("" when not given).
-fn notify_value(bits: u8) -> String {
-    use postern_common::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
-    if bits & NOTIFY_NEVER != 0 {
-        return "NEVER".into();
-    }
-    let mut v = Vec::new();
-    for (bit, name) in [
-        (NOTIFY_SUCCESS, "SUCCESS"),
-        (NOTIFY_FAILURE, "FAILURE"),
-        (NOTIFY_DELAY, "DELAY"),
-    ] {
-        if bits & bit != 0 {
-            v.push(name);
-        }
-    }
-    v.join(",")
 }
 
 /// How a session ended.
@@ -1183,7 +1133,7 @@ impl<'a, 'c> Session<'a, 'c> {
                 mail.push_str(&format!(" RET={r}"));
             }
             if let Some(e) = envid.filter(|e| !e.is_empty()) {
-                mail.push_str(&format!(" ENVID={}", xtext(&e)));
+                mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(&e)));
             }
         }
         let rcpts: Vec<String> = txn
@@ -1194,13 +1144,13 @@ impl<'a, 'c> Session<'a, 'c> {
                 let mut cmd = format!("RCPT TO:{}", smtp_address(r));
                 if ext.dsn {
                     let (bits, orcpt) = txn.dsn_recipient(i);
-                    let notify = notify_value(bits);
+                    let notify = dsn::format_notify(bits);
                     if !notify.is_empty() {
                         cmd.push_str(&format!(" NOTIFY={notify}"));
                     }
-                    if let Some((kind, addr)) = orcpt.split_once(';') {
-                        let (kind, coded) = orcpt_param(kind, addr, &flags);
-                        cmd.push_str(&format!(" ORCPT={kind};{coded}"));
+                    let utf8_message = flags != postern_common::smtputf8::Flags::default();
+                    if let Some(o) = dsn::format_orcpt(&orcpt, utf8_message) {
+                        cmd.push_str(&format!(" ORCPT={o}"));
                     }
                 }
                 cmd
@@ -2317,31 +2267,6 @@ mod tests {
             .unwrap()
             .2
             .ends_with("(in reply to MAIL FROM command)"));
-    }
-
-    #[test]
-    fn orcpt_of_smtputf8_mail() {
-        let none = postern_common::smtputf8::Flags::default();
-        let req = postern_common::smtputf8::Flags {
-            requested: true,
-            ..none
-        };
-        assert_eq!(
-            orcpt_param("rfc822", "müller@x.test", &req),
-            ("utf-8", "m\\x{FC}ller@x.test".to_string())
-        );
-        assert_eq!(
-            orcpt_param("rfc822", "a+b@x.test", &req),
-            ("rfc822", "a+2Bb@x.test".to_string())
-        );
-        assert_eq!(
-            orcpt_param("rfc822", "müller@x.test", &none),
-            ("rfc822", "m+C3+BCller@x.test".to_string())
-        );
-        assert_eq!(
-            orcpt_param("utf-8", "müller@x.test", &none).1,
-            "m\\x{FC}ller@x.test"
-        );
     }
 
     #[test]

@@ -74,24 +74,10 @@ pub struct Agent {
     bind: Bind,
 }
 
-/// The parameter that configures `smtp_NAME` in this mode: for LMTP the
-/// `lmtp_` form when Postern knows it (as Postfix's lmtp(8) reads its own
-/// `lmtp_*` parameters), else the `smtp_` one.
+/// The parameter that configures `smtp_NAME` in this mode (see
+/// [`postern_conf::params::smtp_client_param`]).
 pub fn param(lmtp: bool, smtp_name: &str) -> String {
-    if lmtp {
-        let rest = smtp_name.strip_prefix("smtp_").unwrap_or(smtp_name);
-        let rest = match rest {
-            "helo_name" => "lhlo_name",
-            "helo_timeout" => "lhlo_timeout",
-            "discard_ehlo_keywords" => "discard_lhlo_keywords",
-            r => r,
-        };
-        let name = format!("lmtp_{rest}");
-        if postern_conf::params::default_of(&name).is_some() {
-            return name;
-        }
-    }
-    smtp_name.to_string()
+    postern_conf::params::smtp_client_param(lmtp, smtp_name)
 }
 
 /// A time parameter, with its default when the setting is unusable.
@@ -184,7 +170,7 @@ impl Agent {
             tls_policy_maps: {
                 let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_tls_policy_maps")));
                 for e in errors {
-                    postern_common::warning!("{}: {e}", p("smtp_tls_policy_maps"));
+                    postern_common::error!("{}: {e}", p("smtp_tls_policy_maps"));
                 }
                 t
             },
@@ -197,7 +183,9 @@ impl Agent {
             sasl_maps: {
                 let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_sasl_password_maps")));
                 for e in errors {
-                    postern_common::warning!("{}: {e}", p("smtp_sasl_password_maps"));
+                    // Every delivery through an AUTH smarthost fails until
+                    // it is fixed.
+                    postern_common::error!("{}: {e}", p("smtp_sasl_password_maps"));
                 }
                 t
             },

@@ -22,6 +22,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use postern_common::dns::BlockingResolver;
+use postern_common::hostname;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -181,7 +182,7 @@ pub fn mx_answer(name: &str, answers: &[Record]) -> Result<Vec<Mx>, DnsError> {
         } else {
             m.exchange.to_utf8().trim_end_matches('.').to_string()
         };
-        if exchange != "." && !valid_hostname(&exchange) {
+        if exchange != "." && !mx_name_ok(&exchange) {
             postern_common::warning!(
                 "malformed domain name in resource data of MX record for {}: {:.100}",
                 name.trim_end_matches('.'),
@@ -227,20 +228,11 @@ pub fn addr_answer(name: &str, answers: &[Record], v6: bool) -> Result<Vec<IpAdd
     Ok(v)
 }
 
-/// A host name as Postfix's valid_hostname() accepts it: labels of
-/// letters, digits, `-` and `_`, not starting or ending with `-`, at most
-/// 63 characters each and 255 in all. An IPv4 address in name form
-/// (`10.0.0.1`) passes: Postfix uses it as the address.
-pub fn valid_hostname(name: &str) -> bool {
-    if name.is_empty() || name.len() > 255 {
-        return false;
-    }
-    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        // All numeric: only an address will do.
-        return name.parse::<std::net::Ipv4Addr>().is_ok();
-    }
-    name.split('.')
-        .all(postern_common::addr::valid_hostname_label)
+/// An MX host as Postfix takes it from DNS: a valid host name, or an
+/// IPv4 address in name form (`10.0.0.1`), which Postfix uses as the
+/// address.
+fn mx_name_ok(name: &str) -> bool {
+    hostname::valid_hostname(name) || hostname::valid_ipv4_hostaddr(name)
 }
 
 impl Lookup for Resolver {
@@ -334,11 +326,11 @@ mod tests {
         );
         assert_eq!(rcode_kind(ResponseCode::NXDomain), ErrorKind::NotFound);
         assert_eq!(rcode_kind(ResponseCode::ServFail), ErrorKind::TryAgain);
-        assert!(valid_hostname("mx-1.example_x.test"));
-        assert!(valid_hostname("10.0.0.1"));
-        assert!(!valid_hostname("123"));
-        assert!(!valid_hostname("-a.test"));
-        assert!(!valid_hostname("a..test"));
+        assert!(mx_name_ok("mx-1.example_x.test"));
+        assert!(mx_name_ok("10.0.0.1"));
+        assert!(!mx_name_ok("123"));
+        assert!(!mx_name_ok("-a.test"));
+        assert!(!mx_name_ok("a..test"));
     }
 
     /// Runs dnsmasq on a free loopback port and checks every answer shape

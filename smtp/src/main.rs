@@ -52,10 +52,9 @@ pub fn main() {
     let name = if lmtp { "lmtp" } else { "smtp" };
     let (cfg, _args) = postern_common::service::start(name);
     let agent = std::sync::Arc::new(deliver::Agent::from_config(&cfg, lmtp));
-    if postern_common::service::jailed() {
-        // Chrooted, the CA files are out of sight: read them now.
-        agent.load_tls_roots();
-    }
+    // Read before the drop to mail_owner (and the chroot, if any): the CA
+    // files may be out of sight or readable by root only afterwards.
+    agent.load_tls_roots();
     let at_exit = agent.clone();
     postern_common::delivery::serve_concurrently(
         &cfg,

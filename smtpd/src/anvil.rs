@@ -30,7 +30,7 @@ use postern_common::anvil::Table;
 use postern_common::cidr::CidrList;
 use postern_common::ipc::{self, AnvilReply, AnvilRequest, ANVIL_MAX_MESSAGE};
 use postern_common::warning;
-use std::io::{self, Read};
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -175,19 +175,7 @@ impl Remote {
             return Err(io::ErrorKind::NotConnected.into());
         };
         c.set_read_timeout(Some(timeout))?;
-        let mut len = [0u8; 4];
-        c.read_exact(&mut len)?;
-        let n = u32::from_le_bytes(len);
-        if n > ANVIL_MAX_MESSAGE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("reply of {n} bytes"),
-            ));
-        }
-        let mut frame = len.to_vec();
-        frame.resize(4 + n as usize, 0);
-        c.read_exact(&mut frame[4..])?;
-        ipc::recv(&mut &frame[..])
+        ipc::recv_limited(c, ANVIL_MAX_MESSAGE)
     }
 
     /// Asks anvil; None when it cannot answer now (the caller counts

@@ -27,6 +27,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use postern_common::dns::BlockingResolver;
+use postern_common::hostname;
 use postern_common::warning;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -137,7 +138,7 @@ pub fn ptr_name(answers: &[Record]) -> Option<String> {
             RData::PTR(p) => Some(p.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
             _ => None,
         })
-        .filter(|n| crate::restrictions::valid_hostname(n))
+        .filter(|n| hostname::valid_hostname(n))
         .collect();
     names.sort();
     names.into_iter().next()
@@ -362,7 +363,7 @@ pub fn hosts_name(text: &str, ip: IpAddr) -> Option<String> {
             }
             words.next().map(str::to_ascii_lowercase)
         })
-        .filter(|n| crate::restrictions::valid_hostname(n))
+        .filter(|n| hostname::valid_hostname(n))
 }
 
 /// The addresses /etc/hosts (`text`) gives host name `name`.

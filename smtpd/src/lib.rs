@@ -13,7 +13,6 @@
 //! Modules:
 //! - [`server`]: the mio event loop, sockets, timeouts, master status.
 //! - [`session`]: one SMTP session as a state machine without I/O.
-//! - [`protocol`]: command words, `<path>` addresses, ESMTP parameters.
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
 //! - [`restrictions`]: Postfix's restriction language
 //!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).
@@ -32,7 +31,6 @@
 pub mod anvil;
 pub mod data;
 pub mod dns;
-pub mod protocol;
 pub mod received;
 pub mod restrictions;
 pub mod sasl;

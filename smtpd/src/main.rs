@@ -21,8 +21,9 @@ fn main() {
             );
         }
     }
-    // Certificates, keys (readable by root only, if the administrator
-    // wants) and tables are loaded: confine before the first client.
-    postern_common::service::enter_jail(&cfg);
+    // Certificates, keys (readable by root only, as distributions
+    // install them) and tables are loaded: drop to mail_owner (chrooted
+    // when master.cf says so) before the first client.
+    postern_common::service::drop_privileges(&cfg);
     postern_smtpd::server::run(settings)
 }

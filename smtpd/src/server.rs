@@ -477,6 +477,19 @@ impl Server {
     }
 
     fn accept_all(&mut self, touched: &mut Vec<usize>) {
+        if !self.listeners.is_empty() {
+            if let Some(table) = postern_common::table_watch::changed() {
+                // A fresh smtpd reads the new file (as root, if it must);
+                // this one finishes its sessions with the old one.
+                postern_common::service::restart_for_table(&table);
+                self.stop_accepting();
+                if !self.busy {
+                    self.busy = true;
+                    self.status.busy();
+                }
+                return;
+            }
+        }
         // Edge-triggered: drain every listener, whichever woke us.
         for l in 0..self.listeners.len() {
             while self.count < self.cfg.session_limit {
@@ -627,7 +640,8 @@ impl Server {
         drop(slot);
         self.free.push(idx);
         self.count -= 1;
-        if self.busy && self.count < self.cfg.session_limit {
+        // Without listeners (drained) it stays busy: master starts others.
+        if self.busy && self.count < self.cfg.session_limit && !self.listeners.is_empty() {
             self.busy = false;
             self.status.available();
         }
@@ -698,23 +712,10 @@ fn frame(req: &CleanupRequest) -> Vec<u8> {
 
 /// Takes one whole reply frame off the front of `inbuf`, if there is one.
 fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
-    if inbuf.len() < 4 {
+    let Some((reply, used)) = ipc::take_frame(inbuf, ipc::MAX_MESSAGE)? else {
         return Ok(None);
-    }
-    let len = u32::from_le_bytes([inbuf[0], inbuf[1], inbuf[2], inbuf[3]]);
-    if len > ipc::MAX_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("IPC message of {len} bytes"),
-        ));
-    }
-    let end = 4 + len as usize;
-    if inbuf.len() < end {
-        return Ok(None);
-    }
-    let mut r = &inbuf[..end];
-    let reply = ipc::recv(&mut r)?;
-    inbuf.drain(..end);
+    };
+    inbuf.drain(..used);
     Ok(Some(reply))
 }
 

@@ -17,13 +17,13 @@
 use crate::anvil::{Anvil, Event};
 use crate::data::Decoder;
 use crate::dns::{Answer, NameStatus, PeerName, Query};
-use crate::protocol::{self, Token, Verb};
 use crate::received::Received;
 use crate::restrictions::{Request, Stage};
 use crate::sasl::{SaslReply, SaslRequest};
 use crate::settings::{Settings, TlsLevel};
 use postern_common::ipc::{CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{attr, Recipient};
+use postern_common::smtp_command::{self as protocol, Offered, Token, Verb};
 use postern_common::smtputf8;
 use postern_common::tls::Negotiated;
 use postern_common::{info, warning};
@@ -1172,66 +1172,38 @@ impl Session {
             self.reply("503 5.5.1 Error: nested MAIL command");
             return Done::Failed;
         }
-        if args.len() < 3 || !args[1].text.eq_ignore_ascii_case("from:") {
+        let Some((path, params)) = protocol::path_command(args, "from:") else {
             self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
             return Done::Failed;
-        }
+        };
         // SMTPUTF8 decides the sender's syntax: taken before it.
         let smtputf8 = self.smtputf8_requested(&args[3..]);
-        let sender = match self.address(&args[2]) {
-            Some(a) if self.utf8_syntax_ok(&args[2], &a, smtputf8) => a,
+        let sender = match self.address(path) {
+            Some(a) if self.utf8_syntax_ok(path, &a, smtputf8) => a,
             _ => {
                 self.reply("501 5.1.7 Bad sender address syntax");
                 return Done::Failed;
             }
         };
-        let mut tx = Transaction {
-            sender,
-            smtputf8,
-            ..Default::default()
+        let offered = Offered {
+            auth: self.cfg.sasl.is_some(),
+            smtputf8: self.cfg.smtputf8_enable,
         };
-        let mut size: u64 = 0;
-        for a in &args[3..] {
-            let w = a.text.as_str();
-            if w.eq_ignore_ascii_case("BODY=8BITMIME") || w.eq_ignore_ascii_case("BODY=7BIT") {
-                // Content is passed on as it comes, 8-bit or not.
-            } else if let Some(v) = protocol::param(w, "SIZE") {
-                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-                    self.reply("501 5.5.4 Bad message size syntax");
-                    return Done::Failed;
-                }
-                match v.parse() {
-                    Ok(n) => size = n,
-                    Err(_) => {
-                        self.reply("552 5.3.4 Message size exceeds file system imposed limit");
-                        return Done::Failed;
-                    }
-                }
-            } else if let Some(v) = protocol::param(w, "RET") {
-                match protocol::parse_ret(v) {
-                    Some(r) if tx.ret.is_none() => tx.ret = Some(r),
-                    _ => {
-                        self.reply("501 5.5.4 Bad RET parameter syntax");
-                        return Done::Failed;
-                    }
-                }
-            } else if smtputf8 && w.eq_ignore_ascii_case("SMTPUTF8") {
-                // RFC 6531: taken above.
-            } else if self.cfg.sasl.is_some() && protocol::param(w, "AUTH").is_some() {
-                // RFC 4954 AUTH=<mailbox>: accepted, not used.
-            } else if let Some(v) = protocol::param(w, "ENVID") {
-                match protocol::xtext_decode(v) {
-                    Some(e) if tx.envid.is_none() => tx.envid = Some(e),
-                    _ => {
-                        self.reply("501 5.5.4 Bad ENVID parameter syntax");
-                        return Done::Failed;
-                    }
-                }
-            } else {
-                self.reply(&format!("555 5.5.4 Unsupported option: {w}"));
+        let options = match protocol::mail_params(&params, offered) {
+            Ok(o) => o,
+            Err(e) => {
+                self.reply(&e.reply());
                 return Done::Failed;
             }
-        }
+        };
+        let size = options.size;
+        let tx = Transaction {
+            sender,
+            smtputf8,
+            envid: options.envid,
+            ret: options.ret.map(str::to_string),
+            ..Default::default()
+        };
         let limit = self.cfg.message_size_limit;
         if limit > 0 && size > limit {
             let reply = "552 5.3.4 Message size exceeds fixed limit";
@@ -1287,49 +1259,30 @@ impl Session {
             self.reply("503 5.5.1 Error: need MAIL command");
             return Done::Failed;
         }
-        if args.len() < 3 || !args[1].text.eq_ignore_ascii_case("to:") {
+        let Some((path, params)) = protocol::path_command(args, "to:") else {
             self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
             return Done::Failed;
-        }
+        };
         let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
-        let address = match self.address(&args[2]) {
-            Some(a) if !a.is_empty() && self.utf8_syntax_ok(&args[2], &a, smtputf8) => a,
+        let address = match self.address(path) {
+            Some(a) if !a.is_empty() && self.utf8_syntax_ok(path, &a, smtputf8) => a,
             _ => {
                 self.reply("501 5.1.3 Bad recipient address syntax");
                 return Done::Failed;
             }
         };
-        let mut rcpt = Recipient::new(&address);
-        let (mut got_notify, mut got_orcpt) = (false, false);
-        for a in &args[3..] {
-            let w = a.text.as_str();
-            if let Some(v) = protocol::param(w, "NOTIFY") {
-                match protocol::parse_notify(v) {
-                    Some(n) if !got_notify => {
-                        rcpt.notify = n;
-                        got_notify = true;
-                    }
-                    _ => {
-                        self.reply("501 5.5.4 Error: Bad NOTIFY parameter syntax");
-                        return Done::Failed;
-                    }
-                }
-            } else if let Some(v) = protocol::param(w, "ORCPT") {
-                match protocol::parse_orcpt(v) {
-                    Some(o) if !got_orcpt => {
-                        rcpt.orcpt = o;
-                        got_orcpt = true;
-                    }
-                    _ => {
-                        self.reply("501 5.5.4 Error: Bad ORCPT parameter syntax");
-                        return Done::Failed;
-                    }
-                }
-            } else {
-                self.reply(&format!("555 5.5.4 Unsupported option: {w}"));
+        let options = match protocol::rcpt_params(&params) {
+            Ok(o) => o,
+            Err(e) => {
+                self.reply(&e.reply());
                 return Done::Failed;
             }
-        }
+        };
+        let rcpt = Recipient {
+            notify: options.notify,
+            orcpt: options.orcpt,
+            ..Recipient::new(&address)
+        };
         let limit = self.cfg.recipient_limit;
         if let Some(tx) = &mut self.tx {
             if limit > 0 && tx.recipients.len() >= limit {

@@ -108,32 +108,18 @@ impl TlsLevel {
     }
 }
 
-/// Loads the certificate as `smtpd_tls_chain_files`, or
-/// `smtpd_tls_cert_file` + `smtpd_tls_key_file`, say.
-fn load_tls(cfg: &Config) -> Result<Arc<ServerConfig>, String> {
-    let chain = cfg.get_list("smtpd_tls_chain_files");
-    let key = if !chain.is_empty() {
-        tls::load_chain_files(&chain)?
-    } else {
-        let cert = cfg.get("smtpd_tls_cert_file");
-        if cert.is_empty() {
-            return Err("no certificate: set smtpd_tls_cert_file or smtpd_tls_chain_files".into());
-        }
-        tls::load_cert_and_key(&cert, &cfg.get("smtpd_tls_key_file"))?
-    };
-    tls::server_config(key)
-}
-
 impl Settings {
     pub fn from_config(cfg: &Config) -> Result<Settings, String> {
         let e = |e: postern_conf::ConfError| e.to_string();
         let tls_level = TlsLevel::parse(&cfg.get("smtpd_tls_security_level"))?;
         let tls_wrappermode = cfg.get_bool("smtpd_tls_wrappermode").map_err(e)?;
         let tls = if tls_level != TlsLevel::None || tls_wrappermode {
-            match load_tls(cfg) {
+            match tls::smtpd_server_config(cfg) {
                 Ok(c) => Some(c),
                 Err(why) => {
-                    warning!("cannot load TLS certificate and key: {why}");
+                    // An error, not a warning: clients lose STARTTLS
+                    // (and with `encrypt` every mail) until it is fixed.
+                    postern_common::error!("cannot load TLS certificate and key: {why}");
                     warning!("TLS is not available");
                     None
                 }

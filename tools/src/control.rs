@@ -9,6 +9,7 @@
 
 use crate::die;
 use crate::sysexits::*;
+use postern_common::hostname;
 use postern_common::privs;
 use postern_conf::Config;
 use std::io::Read;
@@ -42,6 +43,11 @@ pub fn main() -> ! {
     match command.as_str() {
         "check" => {
             check(&cfg);
+            // Errors about secrets fail the check, but not a start (see
+            // crate::secrets).
+            if check_secrets(&cfg) > 0 {
+                std::process::exit(1)
+            }
             std::process::exit(EX_OK)
         }
         "start" | "start-fg" => start(&cfg, command == "start-fg"),
@@ -123,6 +129,7 @@ fn check(cfg: &Config) {
     if let Err(e) = cfg.get_bool("daemon_sched_batch") {
         die(NAME, 1, e);
     }
+    check_host_names(cfg);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
@@ -149,6 +156,39 @@ fn check_indexed_tables(cfg: &Config) {
             if let Err(e) = postern_common::maps::Table::open(&item) {
                 eprintln!("{NAME}: warning: {name}: {e}");
             }
+        }
+    }
+}
+
+/// Reports problems with the keys and secret tables the daemons read
+/// (crate::secrets); returns how many.
+fn check_secrets(cfg: &Config) -> usize {
+    let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
+    crate::secrets::check(NAME, cfg, &services)
+}
+
+/// The names Postern gives itself must be host names (Postfix refuses
+/// to start with a bad `myhostname`; a bad `smtp_helo_name` makes strict
+/// receivers refuse every delivery).
+fn check_host_names(cfg: &Config) {
+    let myhostname = cfg.get("myhostname");
+    if !hostname::valid_hostname(&myhostname) {
+        die(
+            NAME,
+            1,
+            format_args!(
+                "{}/main.cf: bad parameter value: myhostname = {myhostname}",
+                cfg.dir().display()
+            ),
+        );
+    }
+    for p in ["smtp_helo_name", "lmtp_lhlo_name"] {
+        let v = cfg.get(p);
+        if !hostname::valid_hostname(&v) && !hostname::valid_address_literal(&v) {
+            eprintln!(
+                "{NAME}: warning: {}/main.cf: {p} = {v} is not a valid host name or address literal",
+                cfg.dir().display()
+            );
         }
     }
 }
@@ -196,6 +236,7 @@ fn start(cfg: &Config, foreground: bool) -> ! {
         );
     }
     check(cfg);
+    check_secrets(cfg);
     let master = PathBuf::from(cfg.get("daemon_directory")).join("master");
     let mut cmd = std::process::Command::new(&master);
     cmd.arg("-c").arg(cfg.dir());

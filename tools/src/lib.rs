@@ -19,6 +19,7 @@ pub mod postdrop;
 pub mod postmap;
 pub mod postqueue;
 pub mod postsuper;
+pub mod secrets;
 pub mod sendmail;
 pub mod stdio_smtp;
 pub mod sysexits;

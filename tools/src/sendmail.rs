@@ -16,8 +16,9 @@
 use crate::maildrop::{self, Drop, Fail, Submission};
 use crate::sysexits::*;
 use crate::{aliases, die};
+use postern_common::dsn;
 use postern_common::ipc::{self, Wakeup};
-use postern_common::qfile::{self, attr, Recipient};
+use postern_common::qfile::{attr, Recipient};
 use postern_common::queue::QueueTree;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -41,29 +42,6 @@ struct Opts {
     verbose: bool,
     /// A usage error found while parsing, reported once the mode is known.
     error: Option<(i32, String)>,
-}
-
-/// Parses `-N` (`never` or a list of `success`, `failure`, `delay`).
-pub fn parse_notify(v: &str) -> Result<u8, String> {
-    let mut bits = 0;
-    for w in v.split(',').map(|w| w.trim().to_ascii_lowercase()) {
-        bits |= match w.as_str() {
-            "never" => qfile::NOTIFY_NEVER,
-            "success" => qfile::NOTIFY_SUCCESS,
-            "failure" => qfile::NOTIFY_FAILURE,
-            "delay" => qfile::NOTIFY_DELAY,
-            _ => return Err(format!("bad -N option value: {v}")),
-        };
-    }
-    if bits & qfile::NOTIFY_NEVER != 0 && bits != qfile::NOTIFY_NEVER {
-        return Err(format!("bad -N option value: {v}"));
-    }
-    Ok(bits)
-}
-
-/// Whether `v` is a usable ENVID (printable ASCII, at most 100 bytes).
-pub fn valid_envid(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 100 && v.bytes().all(|b| (33..=126).contains(&b))
 }
 
 /// Options that take a value ("-f sender" or "-fsender").
@@ -112,18 +90,17 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
                     'f' | 'r' => o.sender = Some(value),
                     'F' => o.full_name = Some(value),
                     'o' if value == "i" => o.ignore_dots = true,
-                    'N' => match parse_notify(&value) {
-                        Ok(bits) => o.notify = bits,
-                        Err(e) => o.error = Some((EX_USAGE, e)),
+                    'N' => match dsn::parse_notify(&value) {
+                        Some(bits) => o.notify = bits,
+                        None => o.error = Some((EX_USAGE, format!("bad -N option value: {value}"))),
                     },
-                    'R' => match value.to_ascii_lowercase().as_str() {
-                        "full" => o.ret = Some("FULL".into()),
-                        "hdrs" => o.ret = Some("HDRS".into()),
-                        _ => o.error = Some((EX_USAGE, format!("bad -R option value: {value}"))),
+                    'R' => match dsn::parse_ret(&value) {
+                        Some(r) => o.ret = Some(r.into()),
+                        None => o.error = Some((EX_USAGE, format!("bad -R option value: {value}"))),
                     },
                     'V' => {
                         // Postfix also takes the older form "-V vENVID".
-                        if valid_envid(&value) {
+                        if dsn::valid_envid(&value) {
                             o.envid = Some(value)
                         } else {
                             o.error = Some((EX_USAGE, format!("bad -V option value: {value}")))
@@ -348,14 +325,25 @@ mod tests {
             "8BITMIME",
             "a@b",
         ]);
-        assert_eq!(o.notify, qfile::NOTIFY_SUCCESS | qfile::NOTIFY_DELAY);
+        assert_eq!(
+            o.notify,
+            postern_common::qfile::NOTIFY_SUCCESS | postern_common::qfile::NOTIFY_DELAY
+        );
         assert_eq!(o.ret.as_deref(), Some("HDRS"));
         assert_eq!(o.envid.as_deref(), Some("id-1"));
         assert!(o.error.is_none());
-        assert_eq!(p(&["-N", "never", "a"]).notify, qfile::NOTIFY_NEVER);
+        assert_eq!(
+            p(&["-N", "never", "a"]).notify,
+            postern_common::qfile::NOTIFY_NEVER
+        );
         assert!(p(&["-N", "never,success", "a"]).error.is_some());
         assert!(p(&["-R", "some", "a"]).error.is_some());
-        assert!(p(&["-V", "a b", "a"]).error.is_some());
+        assert!(p(&["-V", "a\tb", "a"]).error.is_some());
+        assert!(p(&["-V", &"x".repeat(101), "a"]).error.is_some());
+        assert!(
+            p(&["-V", "a b", "a"]).error.is_none(),
+            "printable, as Postfix"
+        );
         assert!(p(&["-B", "9bit", "a"]).error.is_some());
         // cron's invocation.
         let o = p(&["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "u"]);

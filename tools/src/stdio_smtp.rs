@@ -2,14 +2,18 @@
 //!
 //! Programs that speak SMTP to a pipe (git send-email with
 //! `--smtp-server=/usr/sbin/sendmail`, some MUAs) get a small ESMTP server
-//! (RFC 5321: HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT; DSN
+//! (RFC 5321: HELO, EHLO, MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT; DSN
 //! parameters RET, ENVID, NOTIFY, ORCPT) whose every message goes into
 //! `maildrop/` exactly as `sendmail` would put it (directly or through
 //! postdrop), answered 250 only once it is on disk.
+//!
+//! Commands are read with smtpd's grammar ([`postern_common::smtp_command`]):
+//! what smtpd refuses as syntax, this refuses with the same reply. As
+//! Postfix's stand-alone smtpd, it applies no access restrictions.
 
 use crate::maildrop::{Drop, Submission};
-use crate::sendmail::{parse_notify, valid_envid};
 use postern_common::qfile::{attr, Recipient};
+use postern_common::smtp_command::{self, Offered, Token, Verb};
 use std::io::{BufRead, Write};
 
 /// Most recipients one transaction takes.
@@ -38,53 +42,12 @@ impl<W: Write> Session<W> {
     }
 }
 
-/// `<addr>` and the parameters after it, from a MAIL FROM:/RCPT TO: argument.
-fn path_and_params(arg: &str) -> Option<(String, Vec<(String, String)>)> {
-    let arg = arg.trim();
-    let (path, rest) = if let Some(r) = arg.strip_prefix('<') {
-        let end = r.find('>')?;
-        (&r[..end], &r[end + 1..])
-    } else {
-        // Tolerate a bare address, as Postfix does by default.
-        match arg.split_once(' ') {
-            Some((p, r)) => (p, r),
-            None => (arg, ""),
-        }
-    };
-    // A source route (@a,@b:user@c) keeps only the mailbox.
-    let path = path.rsplit(':').next().unwrap_or(path).trim();
-    if path
-        .bytes()
-        .any(|b| b < 32 || b == 127 || b == b'<' || b == b'>')
-    {
+/// The address of a MAIL FROM/RCPT TO path word, or None.
+fn path_address(tok: &Token) -> Option<String> {
+    if tok.unterminated {
         return None;
     }
-    let params = rest
-        .split_whitespace()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_ascii_uppercase(), v.to_string()),
-            None => (p.to_ascii_uppercase(), String::new()),
-        })
-        .collect();
-    Some((path.to_string(), params))
-}
-
-/// Decodes RFC 3461 xtext (`+XX` hex escapes).
-fn xtext(v: &str) -> Option<String> {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'+' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    smtp_command::extract_address(&tok.text).ok()
 }
 
 /// Runs the session until QUIT or end of input; exits 0.
@@ -123,21 +86,28 @@ pub fn serve<R: BufRead, W: Write>(
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);
-        let (verb, arg) = match text.split_once(' ') {
-            Some((v, a)) => (v.to_ascii_uppercase(), a.to_string()),
-            None => (text.to_ascii_uppercase(), String::new()),
+        let args = smtp_command::tokenize(text);
+        let Some(first) = args.first() else {
+            s.reply("500 5.5.2 Error: bad syntax");
+            continue;
         };
-        match verb.as_str() {
-            "HELO" | "EHLO" if arg.trim().is_empty() => {
-                s.reply("501 5.5.4 Syntax: HELO/EHLO hostname")
-            }
-            "HELO" => {
+        let Some(verb) = Verb::parse(&first.text) else {
+            s.reply("500 5.5.2 Error: command not recognized");
+            continue;
+        };
+        match verb {
+            Verb::Helo | Verb::Ehlo if args.len() < 2 => s.reply(if verb == Verb::Ehlo {
+                "501 Syntax: EHLO hostname"
+            } else {
+                "501 Syntax: HELO hostname"
+            }),
+            Verb::Helo => {
                 s.reset();
                 s.helo = true;
                 let r = format!("250 {}", s.hostname);
                 s.reply(&r);
             }
-            "EHLO" => {
+            Verb::Ehlo => {
                 s.reset();
                 s.helo = true;
                 let r = format!(
@@ -147,98 +117,80 @@ pub fn serve<R: BufRead, W: Write>(
                 );
                 s.reply(&r);
             }
-            "MAIL" => {
+            Verb::Mail => {
                 if s.sender.is_some() {
                     s.reply("503 5.5.1 Error: nested MAIL command");
                     continue;
                 }
-                let Some(a) = strip_keyword(&arg, "FROM:") else {
+                let Some((path, params)) = smtp_command::path_command(&args, "from:") else {
                     s.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
                     continue;
                 };
-                let Some((path, params)) = path_and_params(a) else {
+                let Some(sender) = path_address(path) else {
                     s.reply("501 5.1.7 Bad sender address syntax");
                     continue;
                 };
-                let mut attrs = Vec::new();
-                let mut bad = None;
-                for (k, v) in params {
-                    match k.as_str() {
-                        "SIZE" => {
-                            if v.parse::<u64>()
-                                .map(|n| limit > 0 && n > limit)
-                                .unwrap_or(false)
-                            {
-                                bad = Some("552 5.3.4 Message size exceeds fixed limit");
-                            }
-                        }
-                        "BODY" | "SMTPUTF8" | "AUTH" => {}
-                        "RET" => match v.to_ascii_uppercase().as_str() {
-                            "FULL" | "HDRS" => {
-                                attrs.push((attr::RET.to_string(), v.to_ascii_uppercase()))
-                            }
-                            _ => bad = Some("501 5.5.4 Bad RET parameter syntax"),
-                        },
-                        "ENVID" => match xtext(&v) {
-                            Some(e) if valid_envid(&e) => attrs.push((attr::ENVID.to_string(), e)),
-                            _ => bad = Some("501 5.5.4 Bad ENVID parameter syntax"),
-                        },
-                        _ => bad = Some("555 5.5.4 Unsupported option"),
+                // SMTPUTF8 is taken as smtpd takes it; pickup's
+                // smtputf8_autodetect_classes decides what it means here.
+                let offered = Offered {
+                    auth: false,
+                    smtputf8: cfg.get_bool("smtputf8_enable").unwrap_or(true),
+                };
+                let options = match smtp_command::mail_params(&params, offered) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        s.reply(&e.reply());
+                        continue;
                     }
-                }
-                if let Some(b) = bad {
-                    s.reply(b);
+                };
+                if limit > 0 && options.size > limit {
+                    s.reply("552 5.3.4 Message size exceeds fixed limit");
                     continue;
                 }
-                s.sender = Some(path);
+                let mut attrs = Vec::new();
+                if let Some(r) = options.ret {
+                    attrs.push((attr::RET.to_string(), r.to_string()));
+                }
+                if let Some(e) = options.envid {
+                    attrs.push((attr::ENVID.to_string(), e));
+                }
+                s.sender = Some(sender);
                 s.attrs = attrs;
                 s.reply("250 2.1.0 Ok");
             }
-            "RCPT" => {
+            Verb::Rcpt => {
                 if s.sender.is_none() {
                     s.reply("503 5.5.1 Error: need MAIL command");
                     continue;
                 }
-                let Some(a) = strip_keyword(&arg, "TO:") else {
+                let Some((path, params)) = smtp_command::path_command(&args, "to:") else {
                     s.reply("501 5.5.4 Syntax: RCPT TO:<address>");
                     continue;
                 };
-                let Some((path, params)) = path_and_params(a) else {
+                let Some(address) = path_address(path).filter(|a| !a.is_empty()) else {
                     s.reply("501 5.1.3 Bad recipient address syntax");
                     continue;
                 };
-                if path.is_empty() {
-                    s.reply("501 5.1.3 Bad recipient address syntax");
-                    continue;
-                }
+                let options = match smtp_command::rcpt_params(&params) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        s.reply(&e.reply());
+                        continue;
+                    }
+                };
                 if s.recipients.len() >= RECIPIENT_LIMIT {
                     s.reply("452 4.5.3 Error: too many recipients");
                     continue;
                 }
-                let mut r = Recipient::new(&path);
-                let mut bad = None;
-                for (k, v) in params {
-                    match k.as_str() {
-                        "NOTIFY" => match parse_notify(&v) {
-                            Ok(n) => r.notify = n,
-                            Err(_) => bad = Some("501 5.5.4 Bad NOTIFY parameter syntax"),
-                        },
-                        "ORCPT" => match xtext(&v) {
-                            Some(o) if o.contains(';') && !o.bytes().any(|b| b < 32) => r.orcpt = o,
-                            _ => bad = Some("501 5.5.4 Bad ORCPT parameter syntax"),
-                        },
-                        _ => bad = Some("555 5.5.4 Unsupported option"),
-                    }
-                }
-                if let Some(b) = bad {
-                    s.reply(b);
-                    continue;
-                }
-                s.recipients.push(r);
+                s.recipients.push(Recipient {
+                    notify: options.notify,
+                    orcpt: options.orcpt,
+                    ..Recipient::new(&address)
+                });
                 s.reply("250 2.1.5 Ok");
             }
-            "DATA" => {
-                if !arg.trim().is_empty() {
+            Verb::Data => {
+                if args.len() > 1 {
                     s.reply("501 5.5.4 Syntax: DATA");
                     continue;
                 }
@@ -316,29 +268,24 @@ pub fn serve<R: BufRead, W: Write>(
                     (None, None) => s.reply("451 4.3.0 Error: internal error"),
                 }
             }
-            "RSET" => {
+            Verb::Rset => {
                 s.reset();
                 s.reply("250 2.0.0 Ok");
             }
-            "NOOP" => s.reply("250 2.0.0 Ok"),
-            "VRFY" => s.reply("252 2.0.0 Send some mail, I'll try my best"),
-            "QUIT" => {
+            Verb::Noop => s.reply("250 2.0.0 Ok"),
+            Verb::Vrfy => s.reply("252 2.0.0 Send some mail, I'll try my best"),
+            Verb::Quit => {
                 s.reply("221 2.0.0 Bye");
                 return;
             }
-            "" => s.reply("500 5.5.2 Error: bad syntax"),
-            _ => s.reply("502 5.5.2 Error: command not recognized"),
+            Verb::Help => {
+                s.reply("214 2.0.0 Commands: DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY")
+            }
+            // Not offered on a pipe: no TLS, no SASL, no BDAT or ETRN.
+            Verb::StartTls | Verb::Auth | Verb::Bdat | Verb::Etrn => {
+                s.reply("502 5.5.1 Error: command not implemented")
+            }
         }
-    }
-}
-
-/// `FROM:<x>` → `<x>`, case-insensitively, allowing a space after the colon.
-fn strip_keyword<'a>(arg: &'a str, kw: &str) -> Option<&'a str> {
-    let a = arg.trim_start();
-    if a.len() >= kw.len() && a[..kw.len()].eq_ignore_ascii_case(kw) {
-        Some(a[kw.len()..].trim_start())
-    } else {
-        None
     }
 }
 
@@ -346,14 +293,21 @@ fn strip_keyword<'a>(arg: &'a str, kw: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
+    fn path(line: &str) -> Option<String> {
+        let args = smtp_command::tokenize(line);
+        let (p, _) = smtp_command::path_command(&args, "from:")?;
+        path_address(p)
+    }
+
     #[test]
-    fn paths_and_xtext() {
-        let (p, params) = path_and_params("<a@b.test> RET=HDRS ENVID=x+2By").unwrap();
-        assert_eq!(p, "a@b.test");
-        assert_eq!(params[0], ("RET".into(), "HDRS".into()));
-        assert_eq!(xtext("x+2By").as_deref(), Some("x+y"));
-        assert_eq!(path_and_params("<>").unwrap().0, "");
-        assert_eq!(path_and_params("<@r.test:u@x.test>").unwrap().0, "u@x.test");
-        assert_eq!(strip_keyword("from: <x>", "FROM:"), Some("<x>"));
+    fn paths() {
+        assert_eq!(path("MAIL FROM:<a@b.test>").as_deref(), Some("a@b.test"));
+        assert_eq!(path("MAIL FROM: <>").as_deref(), Some(""));
+        assert_eq!(
+            path("MAIL FROM:<@r.test:u@x.test>").as_deref(),
+            Some("u@x.test")
+        );
+        assert_eq!(path("MAIL FROM:<a@b.test"), None);
+        assert_eq!(path("MAIL FROM:<a b@c>"), None);
     }
 }

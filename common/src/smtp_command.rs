@@ -1,9 +1,10 @@
-//! The SMTP command language, as pure functions: splitting a command line
-//! into words the way Postfix's `smtpd_token` does, taking the address
-//! out of a `<path>`, and decoding the ESMTP parameters smtpd accepts
-//! (SIZE, BODY, RFC 3461 DSN: NOTIFY, ORCPT, ENVID, RET).
+//! The SMTP command language a server reads, as pure functions, defined
+//! once for smtpd and `sendmail -bs`: splitting a command line into words
+//! the way Postfix's `smtpd_token` does, the verbs, taking the address
+//! out of a `<path>`, and the ESMTP parameters of MAIL FROM and RCPT TO
+//! (SIZE, BODY, AUTH, SMTPUTF8, and RFC 3461 DSN through [`crate::dsn`]).
 
-use postern_common::qfile::{NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
+use crate::{dsn, hostname};
 
 /// One word of a command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,95 +252,164 @@ pub fn extract_address(word: &str) -> Result<String, BadAddress> {
         return Err(BadAddress);
     }
     if let Some(at) = out.rfind('@') {
-        if at == 0 || at == out.len() - 1 {
+        if at == 0 || at == out.len() - 1 || !hostname::valid_address_domain(&out[at + 1..]) {
             return Err(BadAddress);
         }
     }
     Ok(out)
 }
 
-/// Decodes RFC 3461 xtext (`+2B` for `+`). `None` when malformed or when
-/// the result is not printable text.
-pub fn xtext_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => {
-                let hex = s.get(i + 1..i + 3)?;
-                if !hex
-                    .bytes()
-                    .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
-                {
-                    return None;
-                }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
+/// The `<path>` word and the parameter words of `MAIL FROM:<path> ...`
+/// or `RCPT TO:<path> ...` (`keyword` is `from:` or `to:`), or `None`
+/// when the command does not have that shape (a syntax error).
+pub fn path_command<'a>(args: &'a [Token], keyword: &str) -> Option<(&'a Token, Vec<&'a str>)> {
+    if args.len() < 3 || !args[1].text.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    Some((
+        &args[2],
+        args[3..].iter().map(|t| t.text.as_str()).collect(),
+    ))
+}
+
+/// The MAIL FROM extensions the server offers this session, which decide
+/// the parameters it takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offered {
+    /// `AUTH=<mailbox>` (RFC 4954): only where SASL is offered.
+    pub auth: bool,
+    /// `SMTPUTF8` (RFC 6531).
+    pub smtputf8: bool,
+}
+
+/// What the parameters of MAIL FROM said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailOptions {
+    /// `SIZE=`, 0 when not given.
+    pub size: u64,
+    /// `RET=FULL|HDRS`.
+    pub ret: Option<&'static str>,
+    /// `ENVID=`, decoded.
+    pub envid: Option<String>,
+    /// `AUTH=`, as sent (accepted, not used).
+    pub auth: Option<String>,
+    /// `SMTPUTF8`: the envelope or headers may hold UTF-8 (RFC 6531).
+    pub smtputf8: bool,
+}
+
+/// What the parameters of RCPT TO said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptOptions {
+    /// `NOTIFY=` as queue-file bits, 0 when not given.
+    pub notify: u8,
+    /// `ORCPT=` as `addr-type;address`, "" when not given.
+    pub orcpt: String,
+}
+
+/// A MAIL or RCPT parameter refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamError {
+    /// `SIZE=` not a number.
+    SizeSyntax,
+    /// `SIZE=` too large to count.
+    SizeOverflow,
+    /// `RET=` malformed or given twice.
+    Ret,
+    /// `ENVID=` malformed, too long, or given twice.
+    Envid,
+    /// `AUTH=` not xtext.
+    Auth,
+    /// `NOTIFY=` malformed or given twice.
+    Notify,
+    /// `ORCPT=` malformed or given twice.
+    Orcpt,
+    /// A parameter the server does not offer (the word as sent).
+    Unsupported(String),
+}
+
+impl ParamError {
+    /// The SMTP reply, as Postfix's smtpd words it.
+    pub fn reply(&self) -> String {
+        match self {
+            ParamError::SizeSyntax => "501 5.5.4 Bad message size syntax".into(),
+            ParamError::SizeOverflow => {
+                "552 5.3.4 Message size exceeds file system imposed limit".into()
             }
-            c if (b'!'..=b'~').contains(&c) && c != b'=' => {
-                out.push(c);
-                i += 1;
-            }
-            _ => return None,
+            ParamError::Ret => "501 5.5.4 Bad RET parameter syntax".into(),
+            ParamError::Envid => "501 5.5.4 Bad ENVID parameter syntax".into(),
+            ParamError::Auth => "501 5.5.4 Syntax error in AUTH parameter".into(),
+            ParamError::Notify => "501 5.5.4 Error: Bad NOTIFY parameter syntax".into(),
+            ParamError::Orcpt => "501 5.5.4 Error: Bad ORCPT parameter syntax".into(),
+            ParamError::Unsupported(w) => format!("555 5.5.4 Unsupported option: {w}"),
         }
     }
-    let s = String::from_utf8(out).ok()?;
-    s.chars().all(|c| !c.is_control() || c == '\t').then_some(s)
 }
 
-/// Decodes RFC 6533 unitext (`\x{E9}` for `é`) as used in `ORCPT=utf-8;`.
-fn uxtext_decode(s: &str) -> Option<String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(p) = rest.find("\\x{") {
-        out.push_str(&rest[..p]);
-        let after = &rest[p + 3..];
-        let end = after.find('}')?;
-        let code = u32::from_str_radix(&after[..end], 16).ok()?;
-        out.push(char::from_u32(code)?);
-        rest = &after[end + 1..];
+/// Reads the parameters of MAIL FROM, stopping at the first refused.
+pub fn mail_params(words: &[&str], offered: Offered) -> Result<MailOptions, ParamError> {
+    let mut o = MailOptions::default();
+    for &w in words {
+        if w.eq_ignore_ascii_case("BODY=8BITMIME") || w.eq_ignore_ascii_case("BODY=7BIT") {
+            // Content is passed on as it comes, 8-bit or not.
+        } else if let Some(v) = param(w, "SIZE") {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ParamError::SizeSyntax);
+            }
+            o.size = v.parse().map_err(|_| ParamError::SizeOverflow)?;
+        } else if let Some(v) = param(w, "RET") {
+            match dsn::parse_ret(v) {
+                Some(r) if o.ret.is_none() => o.ret = Some(r),
+                _ => return Err(ParamError::Ret),
+            }
+        } else if let Some(v) = param(w, "AUTH") {
+            // RFC 4954 AUTH=<mailbox>: kept (not used) where SASL is
+            // offered, ignored elsewhere, as Postfix does.
+            if offered.auth {
+                if dsn::xtext_decode(v).is_none() {
+                    return Err(ParamError::Auth);
+                }
+                o.auth = Some(v.to_string());
+            }
+        } else if let Some(v) = param(w, "ENVID") {
+            match dsn::parse_envid(v) {
+                Some(e) if o.envid.is_none() => o.envid = Some(e),
+                _ => return Err(ParamError::Envid),
+            }
+        } else if offered.smtputf8 && w.eq_ignore_ascii_case("SMTPUTF8") {
+            o.smtputf8 = true;
+        } else {
+            return Err(ParamError::Unsupported(w.to_string()));
+        }
     }
-    out.push_str(rest);
-    out.chars().all(|c| !c.is_control()).then_some(out)
+    Ok(o)
 }
 
-/// `NOTIFY=SUCCESS,FAILURE,DELAY` or `NOTIFY=NEVER` as queue-file bits.
-pub fn parse_notify(v: &str) -> Option<u8> {
-    let mut mask = 0u8;
-    for word in v.split(',') {
-        mask |= match word.to_ascii_uppercase().as_str() {
-            "SUCCESS" => NOTIFY_SUCCESS,
-            "FAILURE" => NOTIFY_FAILURE,
-            "DELAY" => NOTIFY_DELAY,
-            "NEVER" => NOTIFY_NEVER,
-            _ => return None,
-        };
+/// Reads the parameters of RCPT TO, stopping at the first refused.
+pub fn rcpt_params(words: &[&str]) -> Result<RcptOptions, ParamError> {
+    let mut o = RcptOptions::default();
+    let (mut got_notify, mut got_orcpt) = (false, false);
+    for &w in words {
+        if let Some(v) = param(w, "NOTIFY") {
+            match dsn::parse_notify(v) {
+                Some(n) if !got_notify => {
+                    o.notify = n;
+                    got_notify = true;
+                }
+                _ => return Err(ParamError::Notify),
+            }
+        } else if let Some(v) = param(w, "ORCPT") {
+            match dsn::parse_orcpt(v) {
+                Some(x) if !got_orcpt => {
+                    o.orcpt = x;
+                    got_orcpt = true;
+                }
+                _ => return Err(ParamError::Orcpt),
+            }
+        } else {
+            return Err(ParamError::Unsupported(w.to_string()));
+        }
     }
-    if mask & NOTIFY_NEVER != 0 && mask != NOTIFY_NEVER {
-        return None;
-    }
-    Some(mask)
-}
-
-/// `ORCPT=addr-type;xtext` decoded to `addr-type;address`.
-pub fn parse_orcpt(v: &str) -> Option<String> {
-    let (kind, coded) = v.split_once(';')?;
-    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return None;
-    }
-    let addr = if kind.eq_ignore_ascii_case("utf-8") {
-        uxtext_decode(coded)?
-    } else {
-        xtext_decode(coded)?
-    };
-    Some(format!("{kind};{addr}"))
-}
-
-/// `RET=FULL` or `RET=HDRS`, upper-cased.
-pub fn parse_ret(v: &str) -> Option<String> {
-    let v = v.to_ascii_uppercase();
-    matches!(v.as_str(), "FULL" | "HDRS").then_some(v)
+    Ok(o)
 }
 
 /// The value of `NAME=value` when the word's name is `name`
@@ -424,6 +494,8 @@ mod tests {
         assert_eq!(extract_address("<\"a\\\"b\"@d>").unwrap(), "a\"b@d");
         assert_eq!(extract_address("<u@[127.0.0.1]>").unwrap(), "u@[127.0.0.1]");
         assert_eq!(extract_address("<postmaster>").unwrap(), "postmaster");
+        assert_eq!(extract_address("<a@b.example.>").unwrap(), "a@b.example.");
+        assert_eq!(extract_address("<a@x_.example>").unwrap(), "a@x_.example");
         assert_eq!(
             extract_address("<jörg@bücher.test>").unwrap(),
             "jörg@bücher.test"
@@ -439,37 +511,100 @@ mod tests {
             "<\"ab@c>",
             "<a\u{1}@b>",
             "<a@b,c@d>",
+            "<a@bad..example>",
+            "<a@-bad.example>",
+            "<a@1.2.3.4>",
+            "<a@b/c.example>",
         ] {
             assert!(extract_address(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
-    fn dsn_params() {
+    fn mail_and_rcpt_params() {
+        use crate::qfile::{NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS};
+        let args = tokenize("MAIL FROM:<a@b> SIZE=10 RET=hdrs ENVID=x+2By BODY=8BITMIME");
+        let (path, words) = path_command(&args, "from:").unwrap();
+        assert_eq!(path.text, "<a@b>");
+        let o = mail_params(&words, Offered::default()).unwrap();
+        assert_eq!(o.size, 10);
+        assert_eq!(o.ret, Some("HDRS"));
+        assert_eq!(o.envid.as_deref(), Some("x+y"));
+        assert!(path_command(&tokenize("MAIL TO:<a@b>"), "from:").is_none());
+        assert!(path_command(&tokenize("MAIL FROM:"), "from:").is_none());
+        let refused = |w: &str, offered| mail_params(&[w], offered).unwrap_err().reply();
+        let none = Offered::default();
         assert_eq!(
-            parse_notify("success,FAILURE"),
-            Some(NOTIFY_SUCCESS | NOTIFY_FAILURE)
+            refused("SIZE=1x", none),
+            "501 5.5.4 Bad message size syntax"
         );
-        assert_eq!(parse_notify("NEVER"), Some(NOTIFY_NEVER));
-        assert_eq!(parse_notify("NEVER,DELAY"), None);
-        assert_eq!(parse_notify("SOMETIMES"), None);
-        assert_eq!(parse_notify(""), None);
+        assert!(refused("SIZE=99999999999999999999999", none).starts_with("552 5.3.4"));
         assert_eq!(
-            parse_orcpt("rfc822;a+2Bb@c").as_deref(),
-            Some("rfc822;a+b@c")
+            refused("RET=SOME", none),
+            "501 5.5.4 Bad RET parameter syntax"
         );
         assert_eq!(
-            parse_orcpt("utf-8;j\\x{F6}rg@c").as_deref(),
-            Some("utf-8;jörg@c")
+            refused("ENVID=a+zz", none),
+            "501 5.5.4 Bad ENVID parameter syntax"
         );
-        assert_eq!(parse_orcpt("rfc822"), None);
-        assert_eq!(parse_orcpt("rfc822;a+2"), None);
-        assert_eq!(parse_orcpt("rfc822;a+0Ab"), None);
-        assert_eq!(xtext_decode("abc+3Ddef").as_deref(), Some("abc=def"));
-        assert_eq!(xtext_decode("a=b"), None);
-        assert_eq!(xtext_decode("a+zz"), None);
-        assert_eq!(parse_ret("hdrs").as_deref(), Some("HDRS"));
-        assert_eq!(parse_ret("some"), None);
+        assert_eq!(
+            refused(&format!("ENVID={}", "x".repeat(101)), none),
+            "501 5.5.4 Bad ENVID parameter syntax"
+        );
+        assert_eq!(mail_params(&["AUTH=<>"], none).unwrap().auth, None);
+        assert_eq!(
+            refused("SMTPUTF8", none),
+            "555 5.5.4 Unsupported option: SMTPUTF8"
+        );
+        assert_eq!(
+            refused("BODY=BINARYMIME", none),
+            "555 5.5.4 Unsupported option: BODY=BINARYMIME"
+        );
+        let all = Offered {
+            auth: true,
+            smtputf8: true,
+        };
+        let o = mail_params(&["AUTH=<>", "smtputf8"], all).unwrap();
+        assert!(o.smtputf8 && o.auth.as_deref() == Some("<>"));
+        assert_eq!(
+            refused("AUTH=a+zz", all),
+            "501 5.5.4 Syntax error in AUTH parameter"
+        );
+        assert_eq!(
+            mail_params(&["RET=FULL", "RET=HDRS"], none).unwrap_err(),
+            ParamError::Ret
+        );
+        assert_eq!(
+            mail_params(&["ENVID=a", "ENVID=b"], none).unwrap_err(),
+            ParamError::Envid
+        );
+
+        let o = rcpt_params(&["NOTIFY=success,failure", "ORCPT=rfc822;a+2Bb@c"]).unwrap();
+        assert_eq!(o.notify, NOTIFY_SUCCESS | NOTIFY_FAILURE);
+        assert_eq!(o.orcpt, "rfc822;a+b@c");
+        assert_eq!(rcpt_params(&["NOTIFY=NEVER"]).unwrap().notify, NOTIFY_NEVER);
+        assert_eq!(rcpt_params(&[]).unwrap(), RcptOptions::default());
+        for (w, e) in [
+            ("NOTIFY=NEVER,SUCCESS", ParamError::Notify),
+            ("NOTIFY=", ParamError::Notify),
+            ("ORCPT=rfc822", ParamError::Orcpt),
+            ("ORCPT=rfc822;a+zz", ParamError::Orcpt),
+            ("SIZE=10", ParamError::Unsupported("SIZE=10".into())),
+        ] {
+            assert_eq!(rcpt_params(&[w]).unwrap_err(), e, "{w}");
+        }
+        assert_eq!(
+            rcpt_params(&["NOTIFY=DELAY", "NOTIFY=DELAY"]).unwrap_err(),
+            ParamError::Notify
+        );
+        assert_eq!(
+            ParamError::Notify.reply(),
+            "501 5.5.4 Error: Bad NOTIFY parameter syntax"
+        );
+    }
+
+    #[test]
+    fn params() {
         assert_eq!(param("SIZE=100", "size"), Some("100"));
         assert_eq!(param("SIZE", "size"), None);
         assert_eq!(neuter("a b<c>"), "a?b?c?");
