@@ -999,7 +999,7 @@ mod tests {
 
     #[test]
     fn a_spare_another_taker_holds_is_not_taken() {
-        let root = std::env::temp_dir().join(format!("pqs-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("pqh-{}", std::process::id()));
         let t = QueueTree::new(&root);
         t.create_dirs(None, None).unwrap();
         let nf = t.create(Queue::Incoming).unwrap();
