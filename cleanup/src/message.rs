@@ -86,8 +86,8 @@ impl Settings {
 
     /// Postfix's local address rewriting: a bare name gets `@$myorigin`,
     /// and with `append_dot_mydomain` a domain without a dot gets
-    /// `.$mydomain`. Bang paths (`host!user`) are left alone: Postern does
-    /// not swap them (`swap_bangpath` is `no`).
+    /// `.$mydomain`. Bang paths (`host!user`) are left alone here; the
+    /// resolver (`postern_common::resolve`) routes them.
     pub fn local_rewrite(&self, address: &str) -> String {
         let q = postern_common::addr::qualify(address, &self.myorigin);
         if let (Some(mydomain), (local, Some(domain))) =

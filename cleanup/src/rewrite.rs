@@ -84,6 +84,8 @@ pub struct Rewriter {
     header_checks: Tables,
     body_checks: Tables,
     local_domains: Vec<String>,
+    /// Which domains are this machine's (the one resolver's answer).
+    domains: postern_common::resolve::Resolver,
     /// Tables that could not be opened: messages are deferred (4.3.0)
     /// rather than delivered unrewritten.
     pub errors: Vec<String>,
@@ -124,6 +126,7 @@ impl Rewriter {
             header_checks,
             body_checks,
             local_domains,
+            domains: postern_common::resolve::Resolver::domains_only(cfg),
             errors,
         }
     }
@@ -146,7 +149,15 @@ impl Rewriter {
         if let Some(v) = t.lookup(address) {
             return Some(v.trim().to_string());
         }
-        if !domain.is_empty() && addr::domain_in_list(domain, &self.local_domains) {
+        // Postfix's mail_addr_find: the bare user when the domain is
+        // `myorigin` or local.
+        let local = !domain.is_empty()
+            && (self
+                .local_domains
+                .last()
+                .is_some_and(|o| o.eq_ignore_ascii_case(domain))
+                || self.domains.is_local_domain(domain));
+        if local {
             if let Some(v) = t.lookup(user) {
                 return Some(addr::qualify(v.trim(), domain));
             }

@@ -18,6 +18,8 @@
 //! - [`service`]: the skeleton of a daemon started by master.
 //! - [`table_watch`]: noticing that a table's file changed under a daemon.
 //! - [`time`]: RFC 5322 dates.
+//! - [`resolve`]: address classes, transports, next hops and recipient
+//!   validation (Postfix's trivial-rewrite and smtpd's unlisted checks).
 //! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
@@ -44,6 +46,7 @@ pub mod privs;
 pub mod qfile;
 pub mod queue;
 pub mod regexp;
+pub mod resolve;
 pub mod service;
 pub mod smtp_command;
 pub mod smtputf8;

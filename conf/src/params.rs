@@ -171,9 +171,28 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("transport_maps", ""),
     ("empty_address_recipient", "MAILER-DAEMON"),
     ("recipient_delimiter", ""),
-    // Postfix's default is yes; Postern never rewrites host!user bang
-    // paths, and says so.
-    ("swap_bangpath", "no"),
+    // The resolver (common/src/resolve.rs) swaps host!user bang paths
+    // and takes user%host as user@host, as Postfix.
+    ("swap_bangpath", "yes"),
+    ("allow_percent_hack", "yes"),
+    ("allow_min_user", "no"),
+    ("proxy_interfaces", ""),
+    (
+        "parent_domain_matches_subdomains",
+        "debug_peer_list, fast_flush_domains, mynetworks, permit_mx_backup_networks, \
+         qmqpd_authorized_clients, relay_domains, smtpd_access_maps",
+    ),
+    ("relocated_maps", ""),
+    ("sender_dependent_default_transport_maps", ""),
+    ("empty_address_default_transport_maps_lookup_key", "<>"),
+    ("empty_address_relayhost_maps_lookup_key", "<>"),
+    // Recipient validation (smtpd_reject_unlisted_recipient).
+    ("relay_recipient_maps", ""),
+    ("unknown_local_recipient_reject_code", "550"),
+    ("unknown_virtual_alias_reject_code", "550"),
+    ("unknown_virtual_mailbox_reject_code", "550"),
+    ("unknown_relay_recipient_reject_code", "550"),
+    ("show_user_unknown_table_name", "yes"),
     // smtp client.
     ("smtp_connect_timeout", "30s"),
     ("smtp_helo_timeout", "300s"),

@@ -31,7 +31,8 @@ use std::time::Duration;
 pub struct Agent {
     cfg: Config,
     alias_maps: String,
-    mydestination: Vec<String>,
+    /// Which domains are local, for alias and .forward targets.
+    domains: postern_common::resolve::Resolver,
     myorigin: String,
     delimiter: String,
     luser_relay: String,
@@ -92,7 +93,7 @@ impl Agent {
             .unwrap_or_else(|| "localhost".into());
         Ok(Agent {
             alias_maps: cfg.get("alias_maps"),
-            mydestination: cfg.get_list("mydestination"),
+            domains: postern_common::resolve::Resolver::domains_only(cfg),
             myorigin: cfg.get("myorigin"),
             delimiter: cfg.get("recipient_delimiter"),
             luser_relay: cfg
@@ -308,9 +309,10 @@ impl Agent {
         let expand = |s: &str| self.cfg.expand(s);
         let has_account = |u: &str| self.user(u).is_some();
         let read_forward = |n: &crate::resolve::LocalName| self.read_forward(n);
+        let is_local_domain = |d: &str| self.domains.is_local_domain(d);
         let resolver = Resolver {
             aliases: tables,
-            mydestination: &self.mydestination,
+            is_local_domain: &is_local_domain,
             myorigin: &self.myorigin,
             delimiter: &self.delimiter,
             luser_relay: &self.luser_relay,

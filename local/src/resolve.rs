@@ -182,8 +182,10 @@ impl Expansion {
 /// Everything resolution needs to know about the system.
 pub struct Resolver<'a> {
     pub aliases: &'a Tables,
-    /// `mydestination`: domains that are local.
-    pub mydestination: &'a [String],
+    /// Whether a domain is this machine's (`mydestination`, interface
+    /// address literals): the one resolver's answer
+    /// (`postern_common::resolve::Resolver::is_local_domain`).
+    pub is_local_domain: &'a dyn Fn(&str) -> bool,
     /// `myorigin`: the domain of bare names.
     pub myorigin: &'a str,
     /// `recipient_delimiter`: each character is a delimiter.
@@ -410,7 +412,7 @@ impl Resolver<'_> {
         } else {
             let (local, domain) = addr::split(&t);
             match domain {
-                Some(d) if !addr::domain_in_list(d, self.mydestination) => {
+                Some(d) if !(self.is_local_domain)(d) => {
                     exp.add(Target {
                         dest: Dest::Forward(t.to_string()),
                         name: alias.clone(),
@@ -579,10 +581,10 @@ mod tests {
     fn resolve_with(aliases: &str, relay: &str, delim: &str, addr: &str) -> Expansion {
         let (tables, bad) = Tables::open_list(aliases);
         assert!(bad.is_empty(), "{bad:?}");
-        let dest = vec!["host.test".to_string(), "localhost".to_string()];
+        let dest = ["host.test", "localhost"];
         let r = Resolver {
             aliases: &tables,
-            mydestination: &dest,
+            is_local_domain: &|d| dest.iter().any(|x| x.eq_ignore_ascii_case(d)),
             myorigin: "host.test",
             delimiter: delim,
             luser_relay: relay,
@@ -765,10 +767,9 @@ mod tests {
     fn duplicate_filter_limit_bounds_what_is_remembered() {
         let (t, dir) = hash_table("dlimit", "l: a@r.test, b@r.test, a@r.test, b@r.test\n");
         let (tables, _) = Tables::open_list(&t);
-        let dest = vec!["host.test".to_string()];
         let resolver = |limit| Resolver {
             aliases: &tables,
-            mydestination: &dest,
+            is_local_domain: &|d| d.eq_ignore_ascii_case("host.test"),
             myorigin: "host.test",
             delimiter: "",
             luser_relay: "",

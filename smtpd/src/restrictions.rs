@@ -37,11 +37,13 @@ use crate::dns::{self, Answer, NameStatus, Query};
 use postern_common::addr;
 use postern_common::cidr::CidrList;
 use postern_common::hostname;
-use postern_common::maps::{DomainList, Table, Tables};
+use postern_common::maps::{Table, Tables};
+use postern_common::resolve::{Class, Resolved, Resolver};
 use postern_common::{info, warning};
 use postern_conf::Config;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The outcome of one restriction or of a whole list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,20 +130,6 @@ pub fn parse_list(words: &[String]) -> Vec<Item> {
     out
 }
 
-/// Recipients of local domains that exist: Postfix's
-/// `local_recipient_maps` (`proxy:unix:passwd.byname` is the password
-/// file, looked up with getpwnam) and, for `virtual_mailbox_domains`,
-/// `virtual_mailbox_maps`.
-#[derive(Debug, Clone, Default)]
-pub struct RecipientTables {
-    /// None: local_recipient_maps is empty, every local name is valid.
-    pub local: Option<Tables>,
-    pub passwd: bool,
-    pub virtual_domains: DomainList,
-    pub virtual_maps: Tables,
-    pub recipient_delimiter: String,
-}
-
 /// The restriction lists and the tables they consult, read once at start.
 #[derive(Debug, Clone, Default)]
 pub struct Restrictions {
@@ -160,12 +148,11 @@ pub struct Restrictions {
     /// `unknown_hostname_reject_code`: a HELO name without records.
     unknown_hostname_code: u16,
     mynetworks: CidrList,
-    mydestination: Vec<String>,
-    relay_domains: Vec<String>,
+    /// Address classes and recipient tables: the one resolver.
+    resolver: Option<Arc<Resolver>>,
     /// Access tables named in the lists, opened at start (Err: why not).
     tables: HashMap<String, Result<Table, String>>,
     sender_login_maps: Option<Tables>,
-    recipients: RecipientTables,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -206,13 +193,15 @@ impl Restrictions {
     pub fn from_config(cfg: &Config) -> Result<Restrictions, String> {
         let mynetworks =
             CidrList::parse(&cfg.get_list("mynetworks")).map_err(|e| format!("mynetworks: {e}"))?;
-        let mut r = Restrictions::new(
+        let mut r = Restrictions::with_resolver(
             list(cfg, "smtpd_relay_restrictions"),
             list(cfg, "smtpd_recipient_restrictions"),
             mynetworks,
-            cfg.get_list("mydestination"),
-            cfg.get_list("relay_domains"),
+            Resolver::with_recipient_checks(cfg),
         )?;
+        for name in postern_common::resolve::RECIPIENT_CODES {
+            reject_code(cfg, name)?;
+        }
         r.client = list(cfg, "smtpd_client_restrictions");
         r.helo = list(cfg, "smtpd_helo_restrictions");
         r.sender = list(cfg, "smtpd_sender_restrictions");
@@ -234,16 +223,41 @@ impl Restrictions {
             }
             r.sender_login_maps = Some(t);
         }
-        r.recipients = recipient_tables(cfg);
         Ok(r)
     }
 
+    /// Lists built by hand, with a resolver that knows only these local
+    /// and relay domains (tests).
     pub fn new(
         relay: Vec<Item>,
         recipient: Vec<Item>,
         mynetworks: CidrList,
         mydestination: Vec<String>,
         relay_domains: Vec<String>,
+    ) -> Result<Restrictions, String> {
+        let text = format!(
+            "myhostname = {}\nmydestination = {}\nrelay_domains = {}\nlocal_recipient_maps =\n",
+            mydestination
+                .first()
+                .map(String::as_str)
+                .unwrap_or("localhost"),
+            mydestination.join(", "),
+            relay_domains.join(", ")
+        );
+        let cfg = Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            &text,
+            std::path::Path::new("main.cf"),
+        )
+        .map_err(|e| e.to_string())?;
+        Self::with_resolver(relay, recipient, mynetworks, Resolver::new(&cfg))
+    }
+
+    fn with_resolver(
+        relay: Vec<Item>,
+        recipient: Vec<Item>,
+        mynetworks: CidrList,
+        resolver: Resolver,
     ) -> Result<Restrictions, String> {
         let has_required = |l: &[Item]| l.iter().any(|r| RCPT_REQUIRED.contains(&r.name.as_str()));
         if !has_required(&relay) && !has_required(&recipient) {
@@ -258,8 +272,7 @@ impl Restrictions {
             relay,
             recipient,
             mynetworks,
-            mydestination,
-            relay_domains,
+            resolver: Some(Arc::new(resolver)),
             delay_reject: true,
             unknown_client_code: 450,
             unknown_hostname_code: 450,
@@ -340,6 +353,12 @@ impl Restrictions {
     /// section 4.5.1).
     pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
         let rcpt = req.recipient.unwrap_or_default();
+        // Postfix's smtpd_check_addr(), before any restriction: an
+        // address the resolver cannot use (a bad domain or address
+        // literal, a local part starting with `-`).
+        if self.resolved(rcpt).is_some_and(|r| r.bad_syntax) {
+            return Some("501 5.1.3 Bad recipient address syntax".into());
+        }
         if rcpt.eq_ignore_ascii_case("postmaster") {
             return None;
         }
@@ -356,7 +375,7 @@ impl Restrictions {
             }
         }
         if self.reject_unlisted {
-            if let Verdict::Reject(r) = self.unlisted(rcpt, "RCPT", "Recipient address") {
+            if let Verdict::Reject(r) = self.unlisted(rcpt, req.sender, "Recipient address") {
                 return Some(r);
             }
         }
@@ -412,13 +431,14 @@ impl Restrictions {
         out
     }
 
+    /// Mail for `rcpt` ends here (local, virtual alias or virtual
+    /// mailbox class).
     fn final_destination(&self, rcpt: &str) -> bool {
-        let (_, domain) = addr::split(rcpt);
-        self.is_local_domain(domain)
-            || self
-                .recipients
-                .virtual_domains
-                .contains(&addr::domain(rcpt))
+        self.resolved(rcpt).is_some_and(|r| r.class.is_final())
+    }
+
+    fn resolved(&self, rcpt: &str) -> Option<Resolved> {
+        self.resolver.as_ref()?.resolve(None, rcpt).ok()
     }
 
     fn dns_answer<'b>(req: &'b Request<'_>, q: &Query) -> Option<&'b Answer> {
@@ -570,11 +590,11 @@ impl Restrictions {
                 }
             }
             "reject_unlisted_recipient" => match req.recipient {
-                Some(r) => self.unlisted(r, "RCPT", "Recipient address"),
+                Some(r) => self.unlisted(r, req.sender, "Recipient address"),
                 None => Verdict::Dunno,
             },
             "reject_unlisted_sender" => match req.sender {
-                Some(s) if !s.is_empty() => self.unlisted(s, "MAIL", "Sender address"),
+                Some(s) if !s.is_empty() => self.unlisted(s, req.recipient, "Sender address"),
                 _ => Verdict::Dunno,
             },
             "reject_unknown_sender_domain" => match req.sender {
@@ -856,139 +876,34 @@ impl Restrictions {
         }
     }
 
-    fn is_local_domain(&self, domain: Option<&str>) -> bool {
-        match domain {
-            None => true,
-            Some(d) => addr::domain_in_list(d, &self.mydestination),
-        }
-    }
-
-    /// Whether mail for `rcpt` is ours to take from anyone: its domain is
-    /// local (`mydestination`; no domain at all means local), one we
-    /// relay for (`relay_domains`, subdomains included as Postfix's
-    /// parent_domain_matches_subdomains does), or a virtual mailbox
-    /// domain. An address with sender-specified routing in its local part
-    /// (`a%b@local`, `b!a@local`, `a@b@local`) is not: Postfix's
-    /// allow_untrusted_routing = no.
+    /// Whether mail for `rcpt` is ours to take from anyone, as Postfix's
+    /// permit_auth_destination: the resolver puts it in a final class
+    /// (local, virtual alias, virtual mailbox) or in `relay_domains`
+    /// (subdomains included through parent_domain_matches_subdomains),
+    /// and its local part does not route further (`a%b@local`,
+    /// `b!a@local`, `a@b@local`: allow_untrusted_routing = no).
     pub fn auth_destination(&self, rcpt: &str) -> bool {
-        let (local, domain) = addr::split(rcpt);
-        if local.contains(['@', '%', '!']) {
-            return false;
+        match self.resolved(rcpt) {
+            Some(r) => !r.routed && (r.class.is_final() || r.class == Class::Relay),
+            None => false,
         }
-        let Some(_) = domain else {
-            return true;
-        };
-        let domain = addr::domain(rcpt);
-        if addr::domain_in_list(&domain, &self.mydestination) {
-            return true;
-        }
-        if addr::domain_in_list(&domain, &self.relay_domains) {
-            return true;
-        }
-        if self.recipients.virtual_domains.contains(&domain) {
-            return true;
-        }
-        // A plain `example.com` in relay_domains also covers its subdomains.
-        let mut d = domain.as_str();
-        while let Some((_, parent)) = d.split_once('.') {
-            if self
-                .relay_domains
-                .iter()
-                .any(|r| r.trim_end_matches('.').eq_ignore_ascii_case(parent))
-            {
-                return true;
-            }
-            d = parent;
-        }
-        false
     }
 
-    /// reject_unlisted_recipient / _sender: an address in a local or
-    /// virtual mailbox domain that no table knows.
-    fn unlisted(&self, address: &str, _cmd: &str, what: &str) -> Verdict {
-        let (local, domain) = addr::split(address);
-        let t = &self.recipients;
-        let local = if t.recipient_delimiter.is_empty() {
-            local
-        } else {
-            local
-                .split_once(|x| t.recipient_delimiter.contains(x))
-                .map(|(a, _)| a)
-                .unwrap_or(local)
+    /// reject_unlisted_recipient / _sender: an address that no table of
+    /// its class knows, as Postfix's smtpd checks it (see
+    /// [`Resolver::check_listed`]).
+    fn unlisted(&self, address: &str, sender: Option<&str>, what: &str) -> Verdict {
+        let Some(resolver) = &self.resolver else {
+            return Verdict::Dunno;
         };
-        if self.is_local_domain(domain) {
-            let Some(maps) = &t.local else {
-                return Verdict::Dunno;
-            };
-            let lower = local.to_ascii_lowercase();
-            if local.eq_ignore_ascii_case("postmaster") || lower == "mailer-daemon" {
-                return Verdict::Dunno;
-            }
-            let known = (t.passwd && postern_common::privs::account_exists(local))
-                || maps.lookup(local).is_some()
-                || maps.lookup(address).is_some();
-            if known {
-                return Verdict::Dunno;
-            }
-            return Verdict::Reject(format!(
-                "550 5.1.1 <{address}>: {what} rejected: User unknown in local recipient table"
-            ));
-        }
-        let d = addr::domain(address);
-        if t.virtual_domains.contains(&d) {
-            let known = t.virtual_maps.lookup(address).is_some()
-                || t.virtual_maps.lookup(&format!("@{d}")).is_some();
-            if !known {
-                return Verdict::Reject(format!(
-                    "550 5.1.1 <{address}>: {what} rejected: User unknown in virtual mailbox table"
-                ));
-            }
-        }
-        Verdict::Dunno
-    }
-}
-
-/// The tables behind reject_unlisted_recipient.
-fn recipient_tables(cfg: &Config) -> RecipientTables {
-    let mut t = RecipientTables {
-        recipient_delimiter: cfg.get("recipient_delimiter"),
-        ..Default::default()
-    };
-    let spec = cfg.get("local_recipient_maps");
-    if !spec.trim().is_empty() {
-        let mut rest = Vec::new();
-        for s in postern_common::maps::split_specs(&spec) {
-            if matches!(
-                s.as_str(),
-                "proxy:unix:passwd.byname" | "unix:passwd.byname"
-            ) {
-                t.passwd = true;
-            } else {
-                rest.push(s);
-            }
-        }
-        let (tables, errors) = Tables::open_list(&rest.join(" "));
-        if errors.is_empty() {
-            t.local = Some(tables);
-        } else {
-            // Postfix defers such mail; we cannot tell who exists, so we
-            // do not refuse anyone.
-            for e in errors {
-                warning!("local_recipient_maps: {e}; recipients are not verified");
-            }
+        match resolver.check_listed(sender, address, what.starts_with("Sender")) {
+            Ok(()) => Verdict::Dunno,
+            Err(f) => Verdict::Reject(format!(
+                "{} {} <{address}>: {what} rejected: {}",
+                f.code, f.dsn, f.text
+            )),
         }
     }
-    let (domains, errors) = DomainList::new(&cfg.get_list("virtual_mailbox_domains"));
-    for e in errors {
-        warning!("virtual_mailbox_domains: {e}");
-    }
-    t.virtual_domains = domains;
-    let (maps, errors) = Tables::open_list(&cfg.get("virtual_mailbox_maps"));
-    for e in errors {
-        warning!("virtual_mailbox_maps: {e}");
-    }
-    t.virtual_maps = maps;
-    t
 }
 
 fn is_address_literal(h: &str) -> bool {
@@ -1055,13 +970,12 @@ mod tests {
     }
 
     fn r(relay: &str, rcpt: &str) -> Restrictions {
-        let split = |s: &str| postern_conf::split_list(s);
         Restrictions::new(
             items(relay),
             items(rcpt),
             CidrList::parse(&["127.0.0.0/8", "[::1]/128"]).unwrap(),
-            split("mx.example, localhost"),
-            split("relay.example"),
+            postern_conf::split_list("mx.example, localhost"),
+            postern_conf::split_list("relay.example"),
         )
         .unwrap()
     }

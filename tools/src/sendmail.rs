@@ -38,6 +38,8 @@ struct Opts {
     ret: Option<String>,
     /// -V: ENVID.
     envid: Option<String>,
+    /// -v: with -bv, the resolver's answer for each address too.
+    verbose: bool,
     /// A usage error found while parsing, reported once the mode is known.
     error: Option<(i32, String)>,
 }
@@ -115,6 +117,7 @@ fn parse(name: &str, args: Vec<String>) -> Opts {
             } else if FLAGS.contains(c) {
                 match c {
                     't' => o.extract = true,
+                    'v' => o.verbose = true,
                     'i' => o.ignore_dots = true,
                     'q' => {
                         o.mode = "q".into();
@@ -163,7 +166,14 @@ pub fn main_as(name: &str) -> ! {
             let sender = o.sender.clone().unwrap_or_else(login_name);
             crate::stdio_smtp::run(&cfg, &sender)
         }
-        "v" => crate::verify::run(name, &cfg, &o.recipients, o.extract),
+        "v" => crate::verify::run(
+            name,
+            &cfg,
+            &o.recipients,
+            o.extract,
+            o.sender.as_deref(),
+            o.verbose,
+        ),
         // -bp: mailq, the same listing as postqueue -p.
         "p" => crate::postqueue::show(name, &cfg, false),
         "q" => {

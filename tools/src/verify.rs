@@ -6,40 +6,54 @@
 //! `... via TRANSPORT to NEXTHOP`, or `<addr>: undeliverable: REASON`.
 //! Postfix mails this report to the sender; Postern prints it (and exits
 //! 0 when every recipient is deliverable, 67 (EX_NOUSER) otherwise), so
-//! that a shell user or script sees it at once. `transport_maps` is looked
-//! up by address and domain; `virtual_alias_maps` by address.
+//! that a shell user or script sees it at once. Classes, transports and
+//! next hops come from the one resolver (`postern_common::resolve`), as
+//! qmgr and smtpd see them. With `-v`, a second line per address gives
+//! the resolver's raw answer and smtpd's recipient verdict.
 
 use crate::die;
 use crate::sysexits::*;
 use postern_common::addr;
 use postern_common::maps::Tables;
+use postern_common::resolve::{dsn_split, Class, Resolver};
 use postern_conf::Config;
 
 /// Where one address goes, as a line of the report.
-pub fn describe(cfg: &Config, address: &str) -> (bool, String) {
+pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, String) {
     let address = addr::qualify(address, &cfg.get("myorigin"));
-    let domain = addr::domain(&address);
-    let (local, _) = addr::split(&address);
-    let (valias, _) = Tables::open_list(&cfg.get("virtual_alias_maps"));
-    if let Some(v) = valias.lookup(&address) {
+    if let Some(v) = resolver.virtual_alias(&address) {
         return (
             true,
             format!("<{address}>: deliverable: virtual alias: {v}"),
         );
     }
-    let (transports, _) = Tables::open_list(&cfg.get("transport_maps"));
-    let over = transports
-        .lookup(&address)
-        .or_else(|| transports.lookup(&domain))
-        .map(|s| s.to_string());
-    let is_local = addr::domain_in_list(&domain, &cfg.get_list("mydestination"));
-    if is_local && over.is_none() {
-        let delim = cfg.get("recipient_delimiter");
+    let r = match resolver.resolve(None, &address) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                false,
+                format!("<{address}>: undeliverable: address resolver failure: {e}"),
+            )
+        }
+    };
+    if r.bad_syntax {
+        return (
+            false,
+            format!("<{address}>: undeliverable: bad address syntax"),
+        );
+    }
+    match r.transport.as_str() {
+        "error" | "retry" => {
+            let (_, text) = dsn_split(&r.nexthop, "5.0.0");
+            return (false, format!("<{address}>: undeliverable: {text}"));
+        }
+        "discard" => return (true, format!("<{address}>: deliverable: discarded")),
+        _ => {}
+    }
+    let (local, _) = addr::split(&r.recipient);
+    if r.class == Class::Local && r.transport == resolver.local_transport() {
         let lower = local.to_lowercase();
-        let user = match lower.find(|c| !delim.is_empty() && delim.contains(c)) {
-            Some(i) if i > 0 => lower[..i].to_string(),
-            _ => lower.clone(),
-        };
+        let user = resolver.strip_extension(&lower).0.to_string();
         let (aliases, _) = Tables::open_list(&cfg.get("alias_maps"));
         if let Some(v) = aliases.lookup(&lower).or_else(|| aliases.lookup(&user)) {
             return (true, format!("<{address}>: deliverable: local alias: {v}"));
@@ -62,14 +76,13 @@ pub fn describe(cfg: &Config, address: &str) -> (bool, String) {
             format!("<{address}>: undeliverable: unknown user: \"{user}\""),
         );
     }
-    if addr::domain_in_list(&domain, &cfg.get_list("virtual_mailbox_domains")) && over.is_none() {
-        let (maps, _) = Tables::open_list(&cfg.get("virtual_mailbox_maps"));
-        return match maps.lookup(&address) {
+    if r.class == Class::Virtual && r.transport == resolver.virtual_transport() {
+        return match resolver.virtual_mailbox(&r.recipient) {
             Some(m) => (
                 true,
                 format!(
                     "<{address}>: deliverable: via {} to {}/{m}",
-                    cfg.get("virtual_transport"),
+                    r.transport,
                     cfg.get("virtual_mailbox_base")
                 ),
             ),
@@ -79,34 +92,46 @@ pub fn describe(cfg: &Config, address: &str) -> (bool, String) {
             ),
         };
     }
-    let (transport, nexthop) = match over {
-        Some(v) => match v.split_once(':') {
-            Some((t, n)) => (t.to_string(), n.to_string()),
-            None => (v, String::new()),
-        },
-        None if addr::domain_in_list(&domain, &cfg.get_list("relay_domains")) => {
-            (cfg.get("relay_transport"), String::new())
-        }
-        None => (cfg.get("default_transport"), String::new()),
-    };
-    let (transport, nh) = match transport.split_once(':') {
-        Some((t, n)) => (t.to_string(), n.to_string()),
-        None => (transport, String::new()),
-    };
-    let nexthop = [nexthop, nh, cfg.get("relayhost"), domain]
-        .into_iter()
-        .find(|s| !s.is_empty())
-        .unwrap_or_default();
-    if transport == "error" {
-        return (false, format!("<{address}>: undeliverable: {nexthop}"));
-    }
     (
         true,
-        format!("<{address}>: deliverable: via {transport} to {nexthop}"),
+        format!(
+            "<{address}>: deliverable: via {} to {}",
+            r.transport, r.nexthop
+        ),
     )
 }
 
-pub fn run(name: &str, cfg: &Config, recipients: &[String], extract: bool) -> ! {
+/// The resolver's answer and the SMTP server's verdict for one address,
+/// for `-bv -v`: `<addr>: class=C transport=T nexthop=N recipient=R
+/// verdict=ok` (or `verdict=CODE DSN TEXT`).
+pub fn resolution_line(resolver: &Resolver, sender: Option<&str>, address: &str) -> String {
+    let verdict = match resolver.check_listed(sender, address, false) {
+        Ok(()) => "ok".to_string(),
+        Err(f) => format!("{} {} {}", f.code, f.dsn, f.text),
+    };
+    match resolver.resolve(sender, address) {
+        Ok(r) => format!(
+            "<{address}>: class={} transport={} nexthop={} recipient={}{} verdict={verdict}",
+            r.class.name(),
+            r.transport,
+            r.nexthop,
+            r.recipient,
+            if r.bad_syntax { " bad_syntax" } else { "" }
+        ),
+        Err(e) => format!("<{address}>: failure={e} verdict={verdict}"),
+    }
+}
+
+/// Prints the report; with `verbose` (`-v`) a [`resolution_line`] after
+/// each address.
+pub fn run(
+    name: &str,
+    cfg: &Config,
+    recipients: &[String],
+    extract: bool,
+    sender: Option<&str>,
+    verbose: bool,
+) -> ! {
     if recipients.is_empty() {
         let why = if extract {
             "-bv -t: give the addresses on the command line"
@@ -115,11 +140,15 @@ pub fn run(name: &str, cfg: &Config, recipients: &[String], extract: bool) -> ! 
         };
         die(name, EX_USAGE, why);
     }
+    let resolver = Resolver::with_recipient_checks(cfg);
     let mut all = true;
     for r in recipients {
-        let (ok, line) = describe(cfg, r);
+        let (ok, line) = describe(cfg, &resolver, r);
         all &= ok;
         println!("{line}");
+        if verbose {
+            println!("{}", resolution_line(&resolver, sender, r));
+        }
     }
     std::process::exit(if all { EX_OK } else { EX_NOUSER })
 }
