@@ -87,7 +87,20 @@ def smarthost(postfix_peer, dovecot, secrets_dir):  # noqa: F811
     return postfix_peer(tls=ca, sasl_auth_port=d.auth_port, auth_only_tls=True)
 
 
+def postmap_root_only(source):
+    """Builds `hash:source` with Postern's postmap as an administrator does
+    (`postmap /etc/postfix/sasl_passwd`; `chmod 600 sasl_passwd.db`), and
+    returns the table's name."""
+    r = h.run([h.BIN_DIR / "postmap", f"hash:{source}"])
+    assert r.returncode == 0, h.describe(r)
+    db = source.with_name(source.name + ".db")
+    os.chown(db, 0, 0)
+    os.chmod(db, 0o600)
+    return f"hash:{source}"
+
+
 def postern_with_secrets(make_postern, root_certs, far, sasl_passwd, chroot, **extra):
+    table = sasl_passwd if ":" in str(sasl_passwd) else f"texthash:{sasl_passwd}"
     params = {
         "relayhost": f"[127.0.0.1]:{far.port}",
         "smtpd_tls_security_level": "may",
@@ -95,7 +108,7 @@ def postern_with_secrets(make_postern, root_certs, far, sasl_passwd, chroot, **e
         "smtpd_tls_key_file": str(root_certs["key"]),
         "smtp_tls_security_level": "encrypt",
         "smtp_sasl_auth_enable": "yes",
-        "smtp_sasl_password_maps": f"texthash:{sasl_passwd}",
+        "smtp_sasl_password_maps": table,
         "smtp_sasl_tls_security_options": "noanonymous",
         **ANVIL_PARAMS,
         **extra,
@@ -130,8 +143,8 @@ def test_root_only_key_and_sasl_passwd_are_read_then_privileges_dropped(
                                  f"[127.0.0.1]:{far.port} relayuser@example.test:right-pw\n")
     # The TLS policy table is a secret as well, read the same way.
     policy = root_only_file(secrets_dir / "tls_policy", f"[127.0.0.1]:{far.port} encrypt\n")
-    p = postern_with_secrets(make_postern, root_certs, far, sasl_passwd, chroot,
-                             smtp_tls_policy_maps=f"texthash:{policy}")
+    p = postern_with_secrets(make_postern, root_certs, far, postmap_root_only(sasl_passwd), chroot,
+                             smtp_tls_policy_maps=postmap_root_only(policy))
     token = "pt-secrets-" + uuid.uuid4().hex
 
     # In over STARTTLS with the root-only key; out to the smarthost with
