@@ -372,106 +372,18 @@ impl<'a> Message<'a> {
     }
 
     fn write_head(&mut self, first_body: Option<Vec<u8>>) -> Result<(), Refusal> {
-        let s = self.settings;
-        // Recipients from the headers (sendmail -t): Resent- headers win
-        // when there are any, as in Postfix.
         if self.new.flags & cleanup_flags::EXTRACT_RECIPIENTS != 0 {
-            let resent = self
-                .headers
-                .iter()
-                .any(|h| h.is("resent-to") || h.is("resent-cc") || h.is("resent-bcc"));
-            let names: &[&str] = if resent {
-                &["resent-to", "resent-cc", "resent-bcc"]
-            } else {
-                &["to", "cc", "bcc"]
-            };
-            // Duplicates, of the envelope's recipients too, are dropped
-            // through the message's filter (a set: a header list of
-            // 50,000 addresses must not take quadratic time).
-            for h in self
-                .headers
-                .iter()
-                .filter(|h| names.iter().any(|n| h.is(n)))
-            {
-                for a in headers::addresses(&h.value()) {
-                    let a = s.local_rewrite(&a);
-                    for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
-                        if !self.dups.recipient(&r, s.original_recipient) {
-                            self.new.recipients.push(r);
-                        }
-                    }
-                }
-            }
-            if self.new.recipients.is_empty() {
-                return Err(Refusal {
-                    temporary: false,
-                    dsn: "5.1.3",
-                    reason: "No recipient addresses found in message header".into(),
-                });
-            }
+            self.extract_recipients()?;
         }
         // After the recipients are known, so that a local submission
         // refused here can be bounced to them (see bounce_all).
-        let hops = self
-            .headers
-            .iter()
-            .filter(|h| h.is("received") || h.is("delivered-to"))
-            .count();
-        if hops > s.hopcount_limit {
-            return Err(Refusal {
-                temporary: false,
-                dsn: "5.4.6",
-                reason: "too many hops".into(),
-            });
-        }
+        self.check_hops()?;
         self.rewrite_headers()?;
-        let fixup = self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0;
-        let mut added: Vec<String> = Vec::new();
-        if fixup {
-            let now = postern_common::time::now_secs();
-            if !self
-                .headers
-                .iter()
-                .any(|h| h.is("message-id") || h.is("resent-message-id"))
-            {
-                let mid = format!("<{}.{}@{}>", date_stamp(now), self.id, s.myhostname);
-                added.push(format!("Message-Id: {mid}\n"));
-                self.message_id = Some(mid);
-            }
-            if !self
-                .headers
-                .iter()
-                .any(|h| h.is("date") || h.is("resent-date"))
-            {
-                added.push(format!(
-                    "Date: {}\n",
-                    postern_common::time::rfc5322_date(now)
-                ));
-            }
-            if !self
-                .headers
-                .iter()
-                .any(|h| h.is("from") || h.is("resent-from"))
-            {
-                let from = if self.new.sender.is_empty() {
-                    format!("MAILER-DAEMON@{}", s.myhostname)
-                } else {
-                    self.new.sender.clone()
-                };
-                let full = self
-                    .new
-                    .attrs
-                    .iter()
-                    .find(|(n, _)| n == qfile::attr::FULL_NAME)
-                    .map(|(_, v)| v.clone());
-                added.push(match full {
-                    Some(name) if !name.is_empty() => {
-                        format!("From: \"{}\" <{from}>\n", name.replace('"', ""))
-                    }
-                    _ => format!("From: {from}\n"),
-                });
-            }
-        }
+        let added = if self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0 {
+            self.missing_headers()
+        } else {
+            Vec::new()
+        };
         if self.message_id.is_none() {
             self.message_id = self
                 .headers
@@ -479,66 +391,11 @@ impl<'a> Message<'a> {
                 .find(|h| h.is("message-id"))
                 .map(|h| h.value());
         }
-        // Mail from sendmail (through pickup) gets Postfix's trace header:
-        // Received: by HOST (Postern, from userid N) id ID; DATE.
-        let attr = |name: &str| {
-            self.new
-                .attrs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let received = match (attr(qfile::attr::PROTOCOL), attr(qfile::attr::SUBMITTER)) {
-            (Some("sendmail"), Some(sub)) => Some(format!(
-                "Received: by {} (Postern, from userid {})\n\tid {}; {}\n",
-                s.myhostname,
-                sub.trim_start_matches("uid="),
-                self.id,
-                postern_common::time::rfc5322_date(postern_common::time::now_secs())
-            )),
-            _ => None,
-        };
-        let drop = &s.drop_headers;
-        let utf8 = self.smtputf8_flags(&added);
-        let w = self
-            .writer
-            .as_mut()
-            .ok_or_else(|| Refusal::write_error(io::ErrorKind::Other.into()))?;
-        let res = (|| {
-            if utf8 != smtputf8::Flags::default() {
-                w.attribute(qfile::attr::SMTPUTF8, &utf8.value())?;
-            }
-            for r in &self.new.recipients {
-                w.recipient(r)?;
-            }
-            w.begin_content()?;
-            if let Some(r) = &received {
-                w.content(r.as_bytes())?;
-            }
-            for h in &self.headers {
-                if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
-                    w.content(&h.text)?;
-                }
-            }
-            for a in &added {
-                w.content(a.as_bytes())?;
-            }
-            if let Some(line) = first_body {
-                if line != b"\n" && line != b"\r\n" {
-                    // The body started without a blank line: add one so the
-                    // stored message has a well-formed header section.
-                    w.content(b"\n")?;
-                    Ok::<Option<Vec<u8>>, io::Error>(Some(line))
-                } else {
-                    w.content(&line)?;
-                    Ok(None)
-                }
-            } else {
-                w.content(b"\n")?;
-                Ok(None)
-            }
-        })();
-        match res.map_err(Refusal::write_error)? {
+        let received = self.received_header();
+        let first = self
+            .write_head_records(received, &added, first_body)
+            .map_err(Refusal::write_error)?;
+        match first {
             Some(first) if self.body_checked() => self.body_lines(&first),
             Some(first) => {
                 if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&first)) {
@@ -548,6 +405,189 @@ impl<'a> Message<'a> {
             None => {}
         }
         Ok(())
+    }
+
+    /// Recipients from the headers (sendmail -t): Resent- headers win
+    /// when there are any, as in Postfix.
+    fn extract_recipients(&mut self) -> Result<(), Refusal> {
+        let s = self.settings;
+        let resent = self
+            .headers
+            .iter()
+            .any(|h| h.is("resent-to") || h.is("resent-cc") || h.is("resent-bcc"));
+        let names: &[&str] = if resent {
+            &["resent-to", "resent-cc", "resent-bcc"]
+        } else {
+            &["to", "cc", "bcc"]
+        };
+        // Duplicates, of the envelope's recipients too, are dropped
+        // through the message's filter (a set: a header list of
+        // 50,000 addresses must not take quadratic time).
+        for h in self
+            .headers
+            .iter()
+            .filter(|h| names.iter().any(|n| h.is(n)))
+        {
+            for a in headers::addresses(&h.value()) {
+                let a = s.local_rewrite(&a);
+                for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
+                    if !self.dups.recipient(&r, s.original_recipient) {
+                        self.new.recipients.push(r);
+                    }
+                }
+            }
+        }
+        if self.new.recipients.is_empty() {
+            return Err(Refusal {
+                temporary: false,
+                dsn: "5.1.3",
+                reason: "No recipient addresses found in message header".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// More Received: and Delivered-To: headers than `hopcount_limit`:
+    /// a mail loop.
+    fn check_hops(&self) -> Result<(), Refusal> {
+        let hops = self
+            .headers
+            .iter()
+            .filter(|h| h.is("received") || h.is("delivered-to"))
+            .count();
+        if hops > self.settings.hopcount_limit {
+            return Err(Refusal {
+                temporary: false,
+                dsn: "5.4.6",
+                reason: "too many hops".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The Message-Id:, Date: and From: headers the message lacks (each
+    /// counting its Resent- form), as lines to append; a new Message-Id
+    /// is kept for the log.
+    fn missing_headers(&mut self) -> Vec<String> {
+        let s = self.settings;
+        let mut added: Vec<String> = Vec::new();
+        let now = postern_common::time::now_secs();
+        if !self
+            .headers
+            .iter()
+            .any(|h| h.is("message-id") || h.is("resent-message-id"))
+        {
+            let mid = format!("<{}.{}@{}>", date_stamp(now), self.id, s.myhostname);
+            added.push(format!("Message-Id: {mid}\n"));
+            self.message_id = Some(mid);
+        }
+        if !self
+            .headers
+            .iter()
+            .any(|h| h.is("date") || h.is("resent-date"))
+        {
+            added.push(format!(
+                "Date: {}\n",
+                postern_common::time::rfc5322_date(now)
+            ));
+        }
+        if !self
+            .headers
+            .iter()
+            .any(|h| h.is("from") || h.is("resent-from"))
+        {
+            let from = if self.new.sender.is_empty() {
+                format!("MAILER-DAEMON@{}", s.myhostname)
+            } else {
+                self.new.sender.clone()
+            };
+            let full = self
+                .new
+                .attrs
+                .iter()
+                .find(|(n, _)| n == qfile::attr::FULL_NAME)
+                .map(|(_, v)| v.clone());
+            added.push(match full {
+                Some(name) if !name.is_empty() => {
+                    format!("From: \"{}\" <{from}>\n", name.replace('"', ""))
+                }
+                _ => format!("From: {from}\n"),
+            });
+        }
+        added
+    }
+
+    /// Mail from sendmail (through pickup) gets Postfix's trace header:
+    /// Received: by HOST (Postern, from userid N) id ID; DATE.
+    fn received_header(&self) -> Option<String> {
+        let attr = |name: &str| {
+            self.new
+                .attrs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        };
+        match (attr(qfile::attr::PROTOCOL), attr(qfile::attr::SUBMITTER)) {
+            (Some("sendmail"), Some(sub)) => Some(format!(
+                "Received: by {} (Postern, from userid {})\n\tid {}; {}\n",
+                self.settings.myhostname,
+                sub.trim_start_matches("uid="),
+                self.id,
+                postern_common::time::rfc5322_date(postern_common::time::now_secs())
+            )),
+            _ => None,
+        }
+    }
+
+    /// Writes the SMTPUTF8 flags, the recipients, and the header section:
+    /// `received`, the kept headers (less `message_drop_headers`), the
+    /// `added` ones, and the line that ended the section. Returns the
+    /// first body line when the body started without a blank line (one is
+    /// written before it), for the caller to write as body.
+    fn write_head_records(
+        &mut self,
+        received: Option<String>,
+        added: &[String],
+        first_body: Option<Vec<u8>>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let drop = &self.settings.drop_headers;
+        let utf8 = self.smtputf8_flags(added);
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+        if utf8 != smtputf8::Flags::default() {
+            w.attribute(qfile::attr::SMTPUTF8, &utf8.value())?;
+        }
+        for r in &self.new.recipients {
+            w.recipient(r)?;
+        }
+        w.begin_content()?;
+        if let Some(r) = &received {
+            w.content(r.as_bytes())?;
+        }
+        for h in &self.headers {
+            if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
+                w.content(&h.text)?;
+            }
+        }
+        for a in added {
+            w.content(a.as_bytes())?;
+        }
+        if let Some(line) = first_body {
+            if line != b"\n" && line != b"\r\n" {
+                // The body started without a blank line: add one so the
+                // stored message has a well-formed header section.
+                w.content(b"\n")?;
+                Ok(Some(line))
+            } else {
+                w.content(&line)?;
+                Ok(None)
+            }
+        } else {
+            w.content(b"\n")?;
+            Ok(None)
+        }
     }
 
     /// The message's SMTPUTF8 flags, as Postfix's cleanup sets them: what

@@ -241,7 +241,29 @@ pub fn parse(
     file: &Path,
     default_process_limit: u32,
 ) -> Result<Vec<Service>, ConfError> {
-    // Join continuation lines into logical lines first.
+    let mut out = Vec::new();
+    for (line, l) in logical_lines(text, file)? {
+        out.push(parse_service(&l, file, line, default_process_limit)?);
+    }
+    // Two services of one type with one name would fight over one socket.
+    for (i, a) in out.iter().enumerate() {
+        if out[..i]
+            .iter()
+            .any(|b| b.name == a.name && b.kind == a.kind)
+        {
+            return Err(ConfError::Syntax {
+                file: file.display().to_string(),
+                line: a.line,
+                reason: format!("duplicate service {}/{:?}", a.name, a.kind),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The logical lines of master.cf, each with the number of its first
+/// line: continuation lines joined, blank lines and comments left out.
+fn logical_lines(text: &str, file: &Path) -> Result<Vec<(usize, String)>, ConfError> {
     let mut logical: Vec<(usize, String)> = Vec::new();
     for (idx, raw) in text.lines().enumerate() {
         let t = raw.trim();
@@ -262,106 +284,108 @@ pub fn parse(
         }
         logical.push((idx + 1, t.to_string()));
     }
-    let mut out = Vec::new();
-    for (line, l) in logical {
-        let err = |reason: String| ConfError::Syntax {
-            file: file.display().to_string(),
-            line,
-            reason,
-        };
-        let fields = crate::split_braced(&l, false);
-        if fields.len() < 8 {
-            return Err(err(format!(
-                "expected 8 or more fields, found {}",
-                fields.len()
-            )));
-        }
-        let kind = match fields[1].as_str() {
-            "inet" => ServiceType::Inet,
-            "unix" => ServiceType::Unix,
-            "fifo" => ServiceType::Fifo,
-            "unix-dgram" => ServiceType::UnixDgram,
-            "pass" => ServiceType::Pass,
-            other => return Err(err(format!("unsupported service type \"{other}\""))),
-        };
-        let private = bool_col(&fields[2], true, file, line)?;
-        let unpriv = bool_col(&fields[3], true, file, line)?;
-        let chroot = bool_col(&fields[4], false, file, line)?;
-        let (wakeup, wakeup_after_use) = match fields[5].as_str() {
-            "-" => (0, false),
-            w => {
-                let (num, q) = match w.strip_suffix('?') {
-                    Some(n) => (n, true),
-                    None => (w, false),
-                };
-                let n: u64 = num
-                    .parse()
-                    .map_err(|_| err(format!("bad wakeup time \"{w}\"")))?;
-                (n, q)
-            }
-        };
-        let maxproc = match fields[6].as_str() {
-            "-" => default_process_limit,
-            m => m
+    Ok(logical)
+}
+
+/// One service from its logical line `l`, which starts at line `line`.
+fn parse_service(
+    l: &str,
+    file: &Path,
+    line: usize,
+    default_process_limit: u32,
+) -> Result<Service, ConfError> {
+    let err = |reason: String| ConfError::Syntax {
+        file: file.display().to_string(),
+        line,
+        reason,
+    };
+    let fields = crate::split_braced(l, false);
+    if fields.len() < 8 {
+        return Err(err(format!(
+            "expected 8 or more fields, found {}",
+            fields.len()
+        )));
+    }
+    let kind = match fields[1].as_str() {
+        "inet" => ServiceType::Inet,
+        "unix" => ServiceType::Unix,
+        "fifo" => ServiceType::Fifo,
+        "unix-dgram" => ServiceType::UnixDgram,
+        "pass" => ServiceType::Pass,
+        other => return Err(err(format!("unsupported service type \"{other}\""))),
+    };
+    let private = bool_col(&fields[2], true, file, line)?;
+    let unpriv = bool_col(&fields[3], true, file, line)?;
+    let chroot = bool_col(&fields[4], false, file, line)?;
+    let (wakeup, wakeup_after_use) = match fields[5].as_str() {
+        "-" => (0, false),
+        w => {
+            let (num, q) = match w.strip_suffix('?') {
+                Some(n) => (n, true),
+                None => (w, false),
+            };
+            let n: u64 = num
                 .parse()
-                .map_err(|_| err(format!("bad process limit \"{m}\"")))?,
-        };
-        let command = fields[7].clone();
-        let mut args = Vec::new();
-        let mut overrides = Vec::new();
-        let mut i = 8;
-        while i < fields.len() {
-            let a = &fields[i];
-            if a == "-o" {
-                let Some(v) = fields.get(i + 1) else {
-                    return Err(err("-o without name=value".into()));
-                };
-                let v = v.trim_start_matches('{').trim_end_matches('}').trim();
-                let Some((n, val)) = v.split_once('=') else {
-                    return Err(err(format!("-o \"{v}\": expected name=value")));
-                };
-                overrides.push((n.trim().to_string(), val.trim().to_string()));
-                i += 2;
-            } else if let Some(v) = a.strip_prefix("-o") {
-                let Some((n, val)) = v.split_once('=') else {
-                    return Err(err(format!("-o \"{v}\": expected name=value")));
-                };
-                overrides.push((n.trim().to_string(), val.trim().to_string()));
-                i += 1;
-            } else {
-                args.push(a.clone());
-                i += 1;
-            }
+                .map_err(|_| err(format!("bad wakeup time \"{w}\"")))?;
+            (n, q)
         }
-        out.push(Service {
-            name: fields[0].clone(),
-            kind,
-            private,
-            unpriv,
-            chroot,
-            wakeup,
-            wakeup_after_use,
-            maxproc,
-            command,
-            args,
-            overrides,
-            line,
-        });
-    }
-    // Two services of one type with one name would fight over one socket.
-    for (i, a) in out.iter().enumerate() {
-        if out[..i]
-            .iter()
-            .any(|b| b.name == a.name && b.kind == a.kind)
-        {
-            return Err(ConfError::Syntax {
-                file: file.display().to_string(),
-                line: a.line,
-                reason: format!("duplicate service {}/{:?}", a.name, a.kind),
-            });
+    };
+    let maxproc = match fields[6].as_str() {
+        "-" => default_process_limit,
+        m => m
+            .parse()
+            .map_err(|_| err(format!("bad process limit \"{m}\"")))?,
+    };
+    let (args, overrides) = command_arguments(&fields[8..]).map_err(err)?;
+    Ok(Service {
+        name: fields[0].clone(),
+        kind,
+        private,
+        unpriv,
+        chroot,
+        wakeup,
+        wakeup_after_use,
+        maxproc,
+        command: fields[7].clone(),
+        args,
+        overrides,
+        line,
+    })
+}
+
+/// A command's plain arguments, and its `-o` overrides.
+type Arguments = (Vec<String>, Vec<(String, String)>);
+
+/// The command's arguments after its name: the plain ones, and the
+/// `-o name=value` (`-oname=value`, `-o { name = value }`) overrides.
+fn command_arguments(fields: &[String]) -> Result<Arguments, String> {
+    let mut args = Vec::new();
+    let mut overrides = Vec::new();
+    let mut i = 0;
+    while i < fields.len() {
+        let a = &fields[i];
+        if a == "-o" {
+            let Some(v) = fields.get(i + 1) else {
+                return Err("-o without name=value".into());
+            };
+            let v = v.trim_start_matches('{').trim_end_matches('}').trim();
+            let Some((n, val)) = v.split_once('=') else {
+                return Err(format!("-o \"{v}\": expected name=value"));
+            };
+            overrides.push((n.trim().to_string(), val.trim().to_string()));
+            i += 2;
+        } else if let Some(v) = a.strip_prefix("-o") {
+            let Some((n, val)) = v.split_once('=') else {
+                return Err(format!("-o \"{v}\": expected name=value"));
+            };
+            overrides.push((n.trim().to_string(), val.trim().to_string()));
+            i += 1;
+        } else {
+            args.push(a.clone());
+            i += 1;
         }
     }
-    Ok(out)
+    Ok((args, overrides))
 }
 
 #[cfg(test)]

@@ -1,9 +1,30 @@
-//! The commands people and programs run: `postern` (start, stop, reload,
-//! status, check), `sendmail` (and its other names `newaliases`), and
-//! `postconf`. Each binary in `src/bin/` is a thin `main` over a module
-//! here. The queue commands: [`postqueue`] (also `mailq`, `sendmail
-//! -bp`), [`postsuper`], [`postcat`]. The table commands: [`postmap`]
-//! (also `postalias`, and `newaliases` through [`aliases`]).
+//! The commands people and programs run. Each binary in `src/bin/` is a
+//! thin `main` over a module here:
+//!
+//! - [`control`]: `postern` (start, start-fg, stop, reload, status, check).
+//! - [`secrets`]: `postern check`'s test of the TLS keys and password
+//!   tables the daemons read as root.
+//! - [`postconf`]: `postconf`, prints and edits main.cf parameters.
+//! - [`sendmail`]: `sendmail`, the Sendmail-compatible submission command
+//!   (and `sendmail -bp`, `-bi`, `-bs`, `-bv`, `-q` through the modules
+//!   below).
+//! - [`stdio_smtp`]: `sendmail -bs`, an SMTP session on standard input
+//!   and output.
+//! - [`verify`]: `sendmail -bv`, what would become of each recipient.
+//! - [`maildrop`]: writes a message into `maildrop/`, directly or through
+//!   `postdrop` (used by `sendmail` and `sendmail -bs`).
+//! - [`postdrop`]: `postdrop`, the set-gid program that writes a local
+//!   user's message into `maildrop/`.
+//! - [`postqueue`]: `postqueue` (and `mailq`, `sendmail -bp`), lists the
+//!   queue and has qmgr retry deferred mail.
+//! - [`postsuper`]: `postsuper`, deletes, holds, releases, requeues and
+//!   repairs queued mail.
+//! - [`postcat`]: `postcat`, prints a queue file.
+//! - [`postmap`]: `postmap` and `postalias`, build, query, list and
+//!   update lookup tables.
+//! - [`aliases`]: `newaliases` (`sendmail -bi`), rebuilds every table of
+//!   `alias_database`.
+//! - [`sysexits`]: the exit codes of `sysexits.h`.
 //!
 //! Every command takes the configuration directory as `-c DIR` (`-C DIR`
 //! for sendmail, as Postfix) or from `MAIL_CONFIG`, and reports a failure

@@ -507,19 +507,7 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     } else {
         String::new()
     };
-    let opts = BuildOptions {
-        aliases,
-        fold: !a.no_fold,
-        nul: a.nul.unwrap_or(false),
-        dups: if a.replace {
-            Duplicates::KeepLast
-        } else {
-            Duplicates::KeepFirst
-        },
-        warn_dups: !(a.replace || a.ignore_dups),
-        inherit_mode: !a.no_inherit,
-        keep_root: a.keep_root,
-    };
+    let opts = build_options(&a, aliases);
     let maps: Vec<(String, String)> = a
         .maps
         .iter()
@@ -532,91 +520,11 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let code = if let Some(q) = &a.query {
-        let tables: Vec<Table> = maps
-            .iter()
-            .map(|(k, n)| {
-                Table::open(&format!("{k}:{n}")).unwrap_or_else(|e| die(prog, EX_NOINPUT, e))
-            })
-            .collect();
-        let find = |key: &str| -> Option<Vec<u8>> {
-            for t in &tables {
-                match query(t, key, opts.fold) {
-                    Ok(Some(v)) => return Some(v),
-                    Ok(None) => {}
-                    Err((code, why)) => die(prog, code, why),
-                }
-            }
-            None
-        };
-        let mut found = false;
-        if q == "-" {
-            // Key by key, so a long list of keys costs no memory.
-            for line in io::stdin().lock().split(b'\n') {
-                let line =
-                    line.unwrap_or_else(|e| die(prog, EX_IOERR, format_args!("read stdin: {e}")));
-                let key =
-                    String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
-                if let Some(v) = find(&key) {
-                    found = true;
-                    let _ = write!(out, "{key}{sep}");
-                    let _ = out.write_all(&v);
-                    let _ = out.write_all(b"\n");
-                }
-            }
-        } else if let Some(v) = find(q) {
-            found = true;
-            let _ = out.write_all(&v);
-            let _ = out.write_all(b"\n");
-        }
-        if found {
-            EX_OK
-        } else {
-            1
-        }
+        query_maps(prog, &maps, q, opts.fold, sep, &mut out)
     } else if let Some(d) = &a.delete {
-        let keys: Vec<String> = if d == "-" {
-            stdin_keys(prog)
-        } else {
-            vec![d.clone()]
-        };
-        let keys: Vec<Vec<u8>> = keys
-            .iter()
-            .map(|k| {
-                if opts.fold {
-                    maps::fold_key(k.as_bytes())
-                } else {
-                    k.as_bytes().to_vec()
-                }
-            })
-            .collect();
-        let mut found = false;
-        for (k, n) in &maps {
-            match delete(k, n, &keys) {
-                Ok(removed) => found |= removed > 0,
-                Err((code, why)) => die(prog, code, why),
-            }
-        }
-        if found {
-            EX_OK
-        } else {
-            1
-        }
+        delete_keys(prog, &maps, d, opts.fold)
     } else if a.dump {
-        for (k, n) in &maps {
-            let spec = format!("{k}:{n}");
-            let t = Table::open(&spec).unwrap_or_else(|e| die(prog, EX_NOINPUT, e));
-            let mut emit = |key: &[u8], value: &[u8]| {
-                let _ = out.write_all(key);
-                let _ = out.write_all(sep.as_bytes());
-                let _ = out.write_all(value);
-                let _ = out.write_all(b"\n");
-            };
-            if let Err((code, why)) = dump(&t, &spec, &mut emit) {
-                let _ = out.flush();
-                die(prog, code, why);
-            }
-        }
-        EX_OK
+        dump_maps(prog, &maps, sep, &mut out)
     } else if a.incremental {
         let mut input = Vec::new();
         if let Err(e) = io::Read::read_to_end(&mut io::stdin().lock(), &mut input) {
@@ -638,4 +546,124 @@ pub fn main_as(prog: &str, aliases: bool) -> ! {
     };
     let _ = out.flush();
     std::process::exit(code)
+}
+
+/// How the command line says tables are built.
+fn build_options(a: &Args, aliases: bool) -> BuildOptions {
+    BuildOptions {
+        aliases,
+        fold: !a.no_fold,
+        nul: a.nul.unwrap_or(false),
+        dups: if a.replace {
+            Duplicates::KeepLast
+        } else {
+            Duplicates::KeepFirst
+        },
+        warn_dups: !(a.replace || a.ignore_dups),
+        inherit_mode: !a.no_inherit,
+        keep_root: a.keep_root,
+    }
+}
+
+/// `-q key` (`-q -`: keys on standard input, printed with their values):
+/// the value from the first table that has the key. The exit code: 0 when
+/// a key was found, 1 when none was.
+fn query_maps(
+    prog: &str,
+    maps: &[(String, String)],
+    q: &str,
+    fold: bool,
+    sep: &str,
+    out: &mut impl Write,
+) -> i32 {
+    let tables: Vec<Table> = maps
+        .iter()
+        .map(|(k, n)| Table::open(&format!("{k}:{n}")).unwrap_or_else(|e| die(prog, EX_NOINPUT, e)))
+        .collect();
+    let find = |key: &str| -> Option<Vec<u8>> {
+        for t in &tables {
+            match query(t, key, fold) {
+                Ok(Some(v)) => return Some(v),
+                Ok(None) => {}
+                Err((code, why)) => die(prog, code, why),
+            }
+        }
+        None
+    };
+    let mut found = false;
+    if q == "-" {
+        // Key by key, so a long list of keys costs no memory.
+        for line in io::stdin().lock().split(b'\n') {
+            let line =
+                line.unwrap_or_else(|e| die(prog, EX_IOERR, format_args!("read stdin: {e}")));
+            let key =
+                String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line)).into_owned();
+            if let Some(v) = find(&key) {
+                found = true;
+                let _ = write!(out, "{key}{sep}");
+                let _ = out.write_all(&v);
+                let _ = out.write_all(b"\n");
+            }
+        }
+    } else if let Some(v) = find(q) {
+        found = true;
+        let _ = out.write_all(&v);
+        let _ = out.write_all(b"\n");
+    }
+    if found {
+        EX_OK
+    } else {
+        1
+    }
+}
+
+/// `-d key` (`-d -`: keys on standard input): removes the keys from every
+/// table. The exit code: 0 when one was there, 1 when none was.
+fn delete_keys(prog: &str, maps: &[(String, String)], d: &str, fold: bool) -> i32 {
+    let keys: Vec<String> = if d == "-" {
+        stdin_keys(prog)
+    } else {
+        vec![d.to_string()]
+    };
+    let keys: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| {
+            if fold {
+                maps::fold_key(k.as_bytes())
+            } else {
+                k.as_bytes().to_vec()
+            }
+        })
+        .collect();
+    let mut found = false;
+    for (k, n) in maps {
+        match delete(k, n, &keys) {
+            Ok(removed) => found |= removed > 0,
+            Err((code, why)) => die(prog, code, why),
+        }
+    }
+    if found {
+        EX_OK
+    } else {
+        1
+    }
+}
+
+/// `-s`: every entry of every table, `key<sep>value` a line.
+fn dump_maps(prog: &str, maps: &[(String, String)], sep: &str, out: &mut impl Write) -> i32 {
+    for (k, n) in maps {
+        let spec = format!("{k}:{n}");
+        let t = Table::open(&spec).unwrap_or_else(|e| die(prog, EX_NOINPUT, e));
+        let mut emit = |key: &[u8], value: &[u8]| {
+            let _ = out.write_all(key);
+            let _ = out.write_all(sep.as_bytes());
+            let _ = out.write_all(value);
+            let _ = out.write_all(b"\n");
+        };
+        if let Err((code, why)) = dump(&t, &spec, &mut emit) {
+            let _ = out.flush();
+            die(prog, code, why);
+        }
+    }
+    EX_OK
 }

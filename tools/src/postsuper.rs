@@ -636,18 +636,26 @@ fn ids_from_stdin() -> Vec<String> {
         .collect()
 }
 
-/// The entry point of `postsuper`.
-pub fn main() -> ! {
-    let name = "postsuper";
+/// What the command line asks.
+#[derive(Default)]
+struct Command {
+    config: Option<PathBuf>,
+    /// Each operation with its argument (a queue ID, `ALL` or `-`), in
+    /// command-line order.
+    ops: Vec<(Op, String)>,
+    repair: bool,
+    purge: bool,
+    /// The queues named on the command line (none: each operation's own).
+    queues: Vec<Queue>,
+}
+
+fn parse_args(name: &str) -> Command {
     let mut args = std::env::args().skip(1).peekable();
-    let mut config: Option<PathBuf> = None;
-    let mut ops: Vec<(Op, String)> = Vec::new();
-    let (mut do_repair, mut do_purge) = (false, false);
-    let mut queues: Vec<Queue> = Vec::new();
+    let mut cmd = Command::default();
     while let Some(a) = args.next() {
         let Some(flags) = a.strip_prefix('-').filter(|f| !f.is_empty()) else {
             match Queue::from_name(&a) {
-                Some(q) => queues.push(q),
+                Some(q) => cmd.queues.push(q),
                 None => die(name, EX_USAGE, format_args!("invalid directory name: {a}")),
             }
             continue;
@@ -662,25 +670,32 @@ pub fn main() -> ! {
                         rest.to_string()
                     };
                     match c {
-                        'c' => config = Some(PathBuf::from(v)),
-                        'd' => ops.push((Op::Delete, v)),
-                        'h' => ops.push((Op::Hold, v)),
-                        'H' => ops.push((Op::Release, v)),
-                        _ => ops.push((Op::Requeue, v)),
+                        'c' => cmd.config = Some(PathBuf::from(v)),
+                        'd' => cmd.ops.push((Op::Delete, v)),
+                        'h' => cmd.ops.push((Op::Hold, v)),
+                        'H' => cmd.ops.push((Op::Release, v)),
+                        _ => cmd.ops.push((Op::Requeue, v)),
                     }
                     break;
                 }
-                's' => do_repair = true,
-                'p' => do_purge = true,
+                's' => cmd.repair = true,
+                'p' => cmd.purge = true,
                 'v' => {}
                 _ => usage(name),
             }
         }
     }
-    if ops.is_empty() && !do_repair && !do_purge {
+    if cmd.ops.is_empty() && !cmd.repair && !cmd.purge {
         usage(name);
     }
-    let cfg = crate::load_config(name, config.as_deref());
+    cmd
+}
+
+/// The entry point of `postsuper`.
+pub fn main() -> ! {
+    let name = "postsuper";
+    let cmd = parse_args(name);
+    let cfg = crate::load_config(name, cmd.config.as_deref());
     postern_common::log::init(
         "postsuper",
         &cfg.get("syslog_name"),
@@ -700,18 +715,29 @@ pub fn main() -> ! {
             format_args!("{}: no queue directory", ctx.tree.root().display()),
         );
     }
-    if do_purge {
+    if cmd.purge {
         let n = purge(&ctx);
         if n > 0 {
             eprintln!("{name}: Deleted: {n} temporary file{}", plural(n));
         }
     }
-    if do_repair {
+    if cmd.repair {
         let n = repair(&ctx);
         if n > 0 {
             eprintln!("{name}: Repaired: {n} file{}", plural(n));
         }
     }
+    if run_ops(&ctx, &cmd.ops, &cmd.queues) {
+        let _ = ipc::wake(&ctx.tree.qmgr_socket(), &[Wakeup::Deferred]);
+    }
+    std::process::exit(EX_OK)
+}
+
+/// Runs the operations, in the order delete, hold, release, requeue, each
+/// on its own default queues (those of `queues` when some are named).
+/// Returns whether a message was released from hold.
+fn run_ops(ctx: &Ctx, ops: &[(Op, String)], queues: &[Queue]) -> bool {
+    let name = ctx.name;
     let mut stdin_ids: Option<Vec<String>> = None;
     let mut released = false;
     for op in [Op::Delete, Op::Hold, Op::Release, Op::Requeue] {
@@ -755,8 +781,5 @@ pub fn main() -> ! {
             released |= op == Op::Release;
         }
     }
-    if released {
-        let _ = ipc::wake(&ctx.tree.qmgr_socket(), &[Wakeup::Deferred]);
-    }
-    std::process::exit(EX_OK)
+    released
 }
