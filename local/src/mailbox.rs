@@ -173,6 +173,29 @@ pub struct Mbox<'a> {
 }
 
 impl Mbox<'_> {
+    /// Delivers one message from `sender`, the one mbox delivery of every
+    /// caller (mailbox, file, virtual mailbox): its `From ` line, dated
+    /// now, then [`Mbox::append`]. Sent with `delivered` as the reason, or
+    /// the failure's reason put after `failed` (which names the file).
+    pub fn deliver(
+        &self,
+        sender: &str,
+        headers: &[u8],
+        content: &mut dyn Read,
+        size_hint: u64,
+        delivered: impl Into<String>,
+        failed: &str,
+    ) -> Status {
+        let from = crate::message::from_line(sender, postern_common::queue::now().0);
+        match self.append(from.as_bytes(), headers, content, size_hint) {
+            Ok(()) => Status::sent(delivered),
+            Err(mut s) => {
+                s.reason = format!("{failed}{}", s.reason);
+                s
+            }
+        }
+    }
+
     /// Appends `from_line`, `headers` and the content (`>From ` quoted,
     /// followed by an empty line). `size_hint` is the content size, to
     /// refuse a message that cannot fit before writing any of it.
