@@ -26,7 +26,7 @@
 //! C=100 a batch smtpd made those waits longer (DATA→250 p50 ~12 ms ->
 //! ~17 ms). Nice values and CPU shares are unchanged.
 
-use postern_common::service::{Load, LISTEN_FD, STATUS_FD};
+use postern_common::service::{StatusRecord, LISTEN_FD, STATUS_FD};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -165,21 +165,17 @@ pub fn still_root(pid: u32) -> bool {
     })
 }
 
-/// Reads the status pipe messages waiting in `fd`: (pid, busy).
-pub fn read_status(fd: &std::fs::File) -> Vec<(u32, Load)> {
+/// Reads the status records waiting in `fd`.
+pub fn read_status(fd: &std::fs::File) -> Vec<StatusRecord> {
     use std::io::Read;
     let mut out = Vec::new();
-    let mut buf = [0u8; 8 * 64];
+    let mut buf = [0u8; StatusRecord::LEN * 64];
     let mut f = fd;
     loop {
         match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                for m in buf[..n - n % 8].chunks_exact(8) {
-                    let pid = u32::from_le_bytes(m[..4].try_into().unwrap());
-                    let load = Load::from_wire(u32::from_le_bytes(m[4..].try_into().unwrap()));
-                    out.push((pid, load));
-                }
+                out.extend(StatusRecord::decode_all(&buf[..n]));
                 if n < buf.len() {
                     break;
                 }

@@ -6,7 +6,7 @@
 use crate::children::{self, SpawnSpec};
 use crate::listeners::{self, Listener};
 use postern_common::ipc::{self, Wakeup};
-use postern_common::service::Load;
+use postern_common::service::{Load, StatusRecord};
 use postern_common::{info, warning};
 use postern_conf::master_cf::{Service, ServiceType};
 use postern_conf::Config;
@@ -193,7 +193,7 @@ impl Supervisor {
                     }
                 } else {
                     let s = &mut self.services[*svc];
-                    for (pid, load) in children::read_status(&s.status_read) {
+                    for StatusRecord { pid, load } in children::read_status(&s.status_read) {
                         if let Some(c) = s.children.get_mut(&pid) {
                             if std::mem::take(&mut c.unverified) && children::still_root(pid) {
                                 postern_common::error!(
