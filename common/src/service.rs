@@ -128,20 +128,16 @@ pub fn drop_privileges(cfg: &Config) {
     if chroot {
         enter_chroot(cfg);
     }
-    // SAFETY: getppid has no preconditions.
-    let master = unsafe { libc::getppid() };
+    let master = nix::unistd::getppid();
     if let Err(e) = crate::privs::drop_to(uid, gid) {
         crate::fatal!("drop privileges to {uid}:{gid}: {e}");
     }
     // The credential change cleared the death signal master's spawn set;
     // set it again, and leave if master died meanwhile.
-    // SAFETY: plain prctl and getppid.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
-            || libc::getppid() != master
-        {
-            std::process::exit(1);
-        }
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).is_err()
+        || nix::unistd::getppid() != master
+    {
+        std::process::exit(1);
     }
 }
 

@@ -703,13 +703,11 @@ impl Agent {
                 )
             })
         } else {
-            // SAFETY: plain getter.
-            let uid = unsafe { libc::geteuid() };
+            let uid = nix::unistd::geteuid().as_raw();
             Ok(privs::user_by_uid(uid).unwrap_or_else(|| Account {
                 name: uid.to_string(),
                 uid,
-                // SAFETY: plain getter.
-                gid: unsafe { libc::getegid() },
+                gid: nix::unistd::getegid().as_raw(),
                 home: PathBuf::from("/"),
                 shell: PathBuf::from("/bin/sh"),
             }))

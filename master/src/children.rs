@@ -27,7 +27,7 @@
 //! ~17 ms). Nice values and CPU shares are unchanged.
 
 use postern_common::service::{StatusRecord, LISTEN_FD, STATUS_FD};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -76,8 +76,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     let status = spec.status_fd;
     let drop = spec.drop_to;
     let sched_batch = spec.sched_batch;
-    // SAFETY: getpid has no preconditions.
-    let master = unsafe { libc::getpid() };
+    let master = nix::unistd::getpid().as_raw();
     // SAFETY: between fork and exec we only make system calls (fcntl,
     // dup2, sigprocmask, sched_setscheduler, prctl, getppid, and the ones
     // in privs::drop_to), which are async-signal-safe, and allocate
@@ -192,10 +191,12 @@ pub fn status_pipe() -> std::io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     // The write end must block in children: a status write never fails
     // with EAGAIN for 8 bytes unless master is gone.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let fl = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(fl) = fcntl(&w, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            &w,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(fl) & !OFlag::O_NONBLOCK),
+        );
     }
     Ok((std::fs::File::from(r), w))
 }
