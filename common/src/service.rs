@@ -213,23 +213,39 @@ fn wait_readable_or_drain(
     drain: &UnixStream,
     timeout: Option<Duration>,
 ) -> (bool, bool) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags};
     use std::os::fd::AsFd;
     let mut fds = [
         PollFd::new(fd, PollFlags::POLLIN),
         PollFd::new(drain.as_fd(), PollFlags::POLLIN),
     ];
+    match poll_events(&mut fds, timeout) {
+        Some([readable, drain_signal]) => (readable, drain_signal && drain_requested(drain)),
+        None => (false, false),
+    }
+}
+
+/// Polls `fds` for at most `timeout` (None: no limit). Which of them had
+/// an event (any `revents`, POLLHUP and POLLERR too); None when none did
+/// or a signal interrupted the wait.
+fn poll_events<const N: usize>(
+    fds: &mut [nix::poll::PollFd<'_>; N],
+    timeout: Option<Duration>,
+) -> Option<[bool; N]> {
+    use nix::poll::{PollFlags, PollTimeout};
     let timeout = match timeout {
         Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
         None => PollTimeout::NONE,
     };
-    match nix::poll::poll(&mut fds, timeout) {
+    match nix::poll::poll(fds, timeout) {
         Ok(n) if n > 0 => {}
-        _ => return (false, false),
+        _ => return None,
     }
-    // Any event, as a raw `revents != 0` (None: bits nix does not name).
-    let woke = |fd: &PollFd| fd.revents() != Some(PollFlags::empty());
-    (woke(&fds[0]), woke(&fds[1]) && drain_requested(drain))
+    // None from revents(): bits nix does not name, still an event.
+    Some(
+        fds.each_ref()
+            .map(|fd| fd.revents() != Some(PollFlags::empty())),
+    )
 }
 
 /// What a daemon was started with.
@@ -669,7 +685,7 @@ fn wait_threaded(
     draining: bool,
     timeout: Option<Duration>,
 ) -> Option<Woken> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use nix::poll::{PollFd, PollFlags};
     use std::os::fd::AsFd;
     let when = |on: bool| {
         if on {
@@ -683,20 +699,11 @@ fn wait_threaded(
         PollFd::new(done_rx.as_fd(), PollFlags::POLLIN),
         PollFd::new(drain.as_fd(), when(!draining)),
     ];
-    let timeout = match timeout {
-        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-        None => PollTimeout::NONE,
-    };
-    match nix::poll::poll(&mut fds, timeout) {
-        Ok(n) if n > 0 => {}
-        _ => return None,
-    }
-    // Any event, as a raw `revents != 0` (None: bits nix does not name).
-    let woke = |fd: &PollFd| fd.revents() != Some(PollFlags::empty());
+    let [listener, done, drain] = poll_events(&mut fds, timeout)?;
     Some(Woken {
-        listener: woke(&fds[0]),
-        done: woke(&fds[1]),
-        drain: woke(&fds[2]),
+        listener,
+        done,
+        drain,
     })
 }
 
