@@ -306,6 +306,9 @@ impl Supervisor {
     fn reap(&mut self) {
         loop {
             let mut status: libc::c_int = 0;
+            // Not nix's waitpid: it fails on a child killed by a signal
+            // nix does not name (a real-time one), and that child would
+            // stay unreaped.
             // SAFETY: waitpid with a valid pointer.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
