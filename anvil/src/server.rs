@@ -136,6 +136,73 @@ fn signal_pipe(poll: &Poll) -> io::Result<UnixStream> {
     Ok(r)
 }
 
+/// The listener master passed, registered with `poll`.
+fn listen(poll: &Poll) -> UnixListener {
+    let std_listener = match postern_common::service::unix_listener() {
+        Ok(l) => l,
+        Err(e) => fatal!("no listener from master: {e}"),
+    };
+    let mut listener = UnixListener::from_std(std_listener);
+    if let Err(e) = poll
+        .registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+    {
+        fatal!("register listener: {e}");
+    }
+    listener
+}
+
+/// The connected clients, by their poll token.
+struct Clients {
+    conns: HashMap<Token, Conn>,
+    next_token: usize,
+    /// Each connection is a separate owner of the sessions it reports.
+    next_owner: u64,
+}
+
+impl Clients {
+    /// Accepts every waiting connection, and puts its token on `touched`.
+    fn accept_all(&mut self, listener: &UnixListener, poll: &Poll, touched: &mut Vec<Token>) {
+        loop {
+            match listener.accept() {
+                Ok((mut sock, _)) => {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    if let Err(e) = poll.registry().register(
+                        &mut sock,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warning!("register connection: {e}");
+                        continue;
+                    }
+                    self.conns.insert(
+                        token,
+                        Conn {
+                            sock,
+                            owner: self.next_owner,
+                            inbuf: Vec::new(),
+                            out: Vec::new(),
+                        },
+                    );
+                    self.next_owner += 1;
+                    touched.push(token);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    warning!("accept: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Serves until idle for `max_idle` or SIGTERM. Never returns.
 pub fn run(cfg: &Config) -> ! {
     let get = |name: &str, default: u64| match cfg.get_time(name) {
@@ -148,21 +215,11 @@ pub fn run(cfg: &Config) -> ! {
     let unit = get("anvil_rate_time_unit", 60);
     let stat_time = Duration::from_secs(get("anvil_status_update_time", 600));
     let max_idle = Duration::from_secs(get("max_idle", 100));
-    let std_listener = match postern_common::service::unix_listener() {
-        Ok(l) => l,
-        Err(e) => fatal!("no listener from master: {e}"),
-    };
     let mut poll = match Poll::new() {
         Ok(p) => p,
         Err(e) => fatal!("poll: {e}"),
     };
-    let mut listener = UnixListener::from_std(std_listener);
-    if let Err(e) = poll
-        .registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
-    {
-        fatal!("register listener: {e}");
-    }
+    let listener = listen(&poll);
     let _signals = match signal_pipe(&poll) {
         Ok(s) => s,
         Err(e) => fatal!("signal handler: {e}"),
@@ -173,9 +230,11 @@ pub fn run(cfg: &Config) -> ! {
 
     let mut table = Table::new(Duration::from_secs(unit));
     let mut stats = Stats::default();
-    let mut conns: HashMap<Token, Conn> = HashMap::new();
-    let mut next_token = 2usize;
-    let mut next_owner = 1u64;
+    let mut clients = Clients {
+        conns: HashMap::new(),
+        next_token: 2,
+        next_owner: 1,
+    };
     let mut idle_since = Instant::now();
     let mut next_stat = Instant::now() + stat_time;
     let mut events = Events::with_capacity(256);
@@ -183,7 +242,7 @@ pub fn run(cfg: &Config) -> ! {
     loop {
         let now = Instant::now();
         let mut timeout = next_stat.saturating_duration_since(now);
-        if conns.is_empty() {
+        if clients.conns.is_empty() {
             timeout = timeout.min(max_idle.saturating_sub(idle_since.elapsed()));
         }
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
@@ -200,48 +259,14 @@ pub fn run(cfg: &Config) -> ! {
                     stats.log(unit);
                     std::process::exit(0);
                 }
-                LISTENER => loop {
-                    match listener.accept() {
-                        Ok((mut sock, _)) => {
-                            let token = Token(next_token);
-                            next_token += 1;
-                            if let Err(e) = poll.registry().register(
-                                &mut sock,
-                                token,
-                                Interest::READABLE | Interest::WRITABLE,
-                            ) {
-                                warning!("register connection: {e}");
-                                continue;
-                            }
-                            conns.insert(
-                                token,
-                                Conn {
-                                    sock,
-                                    owner: next_owner,
-                                    inbuf: Vec::new(),
-                                    out: Vec::new(),
-                                },
-                            );
-                            next_owner += 1;
-                            touched.push(token);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                            ) => {}
-                        Err(e) => {
-                            warning!("accept: {e}");
-                            break;
-                        }
-                    }
-                },
+                LISTENER => clients.accept_all(&listener, &poll, &mut touched),
                 t => touched.push(t),
             }
         }
         for t in touched {
-            let Some(c) = conns.get_mut(&t) else { continue };
+            let Some(c) = clients.conns.get_mut(&t) else {
+                continue;
+            };
             let outcome = fill(c, &mut buf)
                 .map_err(|e| Some(e.to_string()))
                 .and_then(|open| {
@@ -257,11 +282,11 @@ pub fn run(cfg: &Config) -> ! {
                 if let Some(why) = why {
                     warning!("closing a client connection: {why}");
                 }
-                if let Some(mut c) = conns.remove(&t) {
+                if let Some(mut c) = clients.conns.remove(&t) {
                     let _ = poll.registry().deregister(&mut c.sock);
                     table.drop_owner(c.owner);
                 }
-                if conns.is_empty() {
+                if clients.conns.is_empty() {
                     idle_since = Instant::now();
                 }
             }
@@ -270,7 +295,7 @@ pub fn run(cfg: &Config) -> ! {
             stats.log(unit);
             next_stat = Instant::now() + stat_time;
         }
-        if conns.is_empty() && idle_since.elapsed() >= max_idle {
+        if clients.conns.is_empty() && idle_since.elapsed() >= max_idle {
             stats.log(unit);
             std::process::exit(0);
         }

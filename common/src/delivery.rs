@@ -352,18 +352,18 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
 
 /// Whether the other end of a connection has closed it.
 fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
+    use nix::sys::socket::MsgFlags;
     use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
-    // SAFETY: a non-blocking peek into a valid one-byte buffer.
-    let n = unsafe {
-        libc::recv(
-            conn.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
+    let peeked = nix::sys::socket::recv(
+        conn.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    );
+    match peeked {
+        Ok(n) => n == 0,
+        Err(e) => e == nix::errno::Errno::ECONNRESET,
+    }
 }
 
 /// Serves a delivery agent's socket: one request (or one batch, delivered

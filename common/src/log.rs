@@ -44,18 +44,17 @@ pub fn init(
     verbose: bool,
 ) {
     let inherited = match maillog_file {
-        "/dev/stdout" => Some(1),
-        "/dev/stderr" => Some(2),
+        "/dev/stdout" => Some(nix::unistd::dup(std::io::stdout())),
+        "/dev/stderr" => Some(nix::unistd::dup(std::io::stderr())),
         _ => None,
     };
-    let sink = if let Some(fd) = inherited {
+    let sink = if let Some(copy) = inherited {
         // Write to the descriptor we inherited: reopening /dev/stdout
         // checks the permissions of whatever it is (a terminal or pipe of
         // root's), which a daemon running as mail_owner may not pass.
-        // SAFETY: dup of a standard descriptor; the copy is ours alone.
-        match unsafe { libc::dup(fd) } {
-            -1 => Sink::Stderr,
-            copy => Sink::File(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) }),
+        match copy {
+            Ok(fd) => Sink::File(fd.into()),
+            Err(_) => Sink::Stderr,
         }
     } else if !maillog_file.is_empty() {
         match OpenOptions::new()

@@ -111,14 +111,9 @@ pub fn is_root() -> bool {
 /// Made of plain system calls only, so that it is safe to call between
 /// fork and exec.
 pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
-    fn check(r: libc::c_int) -> io::Result<()> {
-        if r == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-    // SAFETY: plain system calls with valid arguments.
+    use nix::unistd::{Gid, Uid};
+    // SAFETY: prctl with integer arguments only; it changes this thread's
+    // capability sets and reads no memory of ours.
     unsafe {
         // Clear ambient capabilities and empty the bounding set while we
         // still have CAP_SETPCAP; EINVAL marks the end of known caps.
@@ -134,17 +129,17 @@ pub fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
                 break;
             }
         }
-        let groups = [gid as libc::gid_t];
-        check(libc::setgroups(1, groups.as_ptr()))?;
-        check(libc::setresgid(gid, gid, gid))?;
-        check(libc::setresuid(uid, uid, uid))?;
-        // setresuid away from root cleared the permitted and effective
-        // sets, but not the inheritable one (which a root process may have
-        // been given): empty all three.
-        clear_capabilities()?;
-        // no_new_privs keeps a set-id program from giving them back.
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
     }
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[gid])?;
+    nix::unistd::setresgid(gid, gid, gid)?;
+    nix::unistd::setresuid(uid, uid, uid)?;
+    // setresuid away from root cleared the permitted and effective
+    // sets, but not the inheritable one (which a root process may have
+    // been given): empty all three.
+    clear_capabilities()?;
+    // no_new_privs keeps a set-id program from giving them back.
+    nix::sys::prctl::set_no_new_privs()?;
     Ok(())
 }
 
@@ -191,29 +186,25 @@ pub fn as_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> io::Result<T> {
     if !is_root() {
         return Ok(f());
     }
-    // SAFETY: plain system calls; the process is single-threaded.
-    unsafe {
-        let groups = [gid as libc::gid_t];
-        if libc::setgroups(1, groups.as_ptr()) == -1
-            || libc::setegid(gid) == -1
-            || libc::seteuid(uid) == -1
-        {
-            let e = io::Error::last_os_error();
-            libc::seteuid(0);
-            libc::setegid(0);
-            return Err(e);
-        }
+    use nix::unistd::{setegid, seteuid, setgroups, Gid, Uid};
+    // The process is single-threaded: the ids are the whole process's.
+    let switched = setgroups(&[Gid::from_raw(gid)])
+        .and_then(|()| setegid(Gid::from_raw(gid)))
+        .and_then(|()| seteuid(Uid::from_raw(uid)));
+    if let Err(e) = switched {
+        let _ = seteuid(Uid::from_raw(0));
+        let _ = setegid(Gid::from_raw(0));
+        return Err(e.into());
     }
     let out = f();
-    // SAFETY: back to root; the saved set-user-id is still 0.
-    unsafe {
-        if libc::seteuid(0) == -1 || libc::setegid(0) == -1 {
-            // Cannot become root again: better to die than to go on as
-            // the wrong user.
-            libc::_exit(1);
-        }
-        libc::setgroups(0, std::ptr::null());
+    // Back to root; the saved set-user-id is still 0.
+    if seteuid(Uid::from_raw(0)).is_err() || setegid(Gid::from_raw(0)).is_err() {
+        // Cannot become root again: better to die than to go on as
+        // the wrong user.
+        // SAFETY: _exit ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(1) };
     }
+    let _ = setgroups(&[]);
     Ok(out)
 }
 

@@ -128,20 +128,16 @@ pub fn drop_privileges(cfg: &Config) {
     if chroot {
         enter_chroot(cfg);
     }
-    // SAFETY: getppid has no preconditions.
-    let master = unsafe { libc::getppid() };
+    let master = nix::unistd::getppid();
     if let Err(e) = crate::privs::drop_to(uid, gid) {
         crate::fatal!("drop privileges to {uid}:{gid}: {e}");
     }
     // The credential change cleared the death signal master's spawn set;
     // set it again, and leave if master died meanwhile.
-    // SAFETY: plain prctl and getppid.
-    unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
-            || libc::getppid() != master
-        {
-            std::process::exit(1);
-        }
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).is_err()
+        || nix::unistd::getppid() != master
+    {
+        std::process::exit(1);
     }
 }
 
@@ -213,33 +209,42 @@ pub fn drain_notifier_or_die() -> UnixStream {
 /// Waits until `fd` or the drain notifier is readable, or `timeout`
 /// passes. Returns (fd readable, drain asked).
 fn wait_readable_or_drain(
-    fd: RawFd,
+    fd: std::os::fd::BorrowedFd<'_>,
     drain: &UnixStream,
     timeout: Option<Duration>,
 ) -> (bool, bool) {
+    use nix::poll::{PollFd, PollFlags};
+    use std::os::fd::AsFd;
     let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(drain),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(drain.as_fd(), PollFlags::POLLIN),
     ];
-    let ms = timeout
-        .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
-        .unwrap_or(-1);
-    // SAFETY: two valid pollfds for the call's duration.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    if r <= 0 {
-        return (false, false);
+    match poll_events(&mut fds, timeout) {
+        Some([readable, drain_signal]) => (readable, drain_signal && drain_requested(drain)),
+        None => (false, false),
     }
-    (
-        fds[0].revents != 0,
-        fds[1].revents != 0 && drain_requested(drain),
+}
+
+/// Polls `fds` for at most `timeout` (None: no limit). Which of them had
+/// an event (any `revents`, POLLHUP and POLLERR too); None when none did
+/// or a signal interrupted the wait.
+fn poll_events<const N: usize>(
+    fds: &mut [nix::poll::PollFd<'_>; N],
+    timeout: Option<Duration>,
+) -> Option<[bool; N]> {
+    use nix::poll::{PollFlags, PollTimeout};
+    let timeout = match timeout {
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
+    };
+    match nix::poll::poll(fds, timeout) {
+        Ok(n) if n > 0 => {}
+        _ => return None,
+    }
+    // None from revents(): bits nix does not name, still an event.
+    Some(
+        fds.each_ref()
+            .map(|fd| fd.revents() != Some(PollFlags::empty())),
     )
 }
 
@@ -355,6 +360,44 @@ impl Load {
     }
 }
 
+/// One record on a service's status pipe: which process says what.
+/// Written by [`Status`] in every daemon, read by master. On the wire, 8
+/// bytes: the pid, then the [`Load`], each a little-endian u32. 8 bytes <
+/// PIPE_BUF, so a record is written atomically even though every process
+/// of the service shares the pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRecord {
+    pub pid: u32,
+    pub load: Load,
+}
+
+impl StatusRecord {
+    /// The size of a record on the wire.
+    pub const LEN: usize = 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut m = [0u8; Self::LEN];
+        m[..4].copy_from_slice(&self.pid.to_le_bytes());
+        m[4..].copy_from_slice(&(self.load as u32).to_le_bytes());
+        m
+    }
+
+    pub fn decode(m: &[u8; Self::LEN]) -> StatusRecord {
+        let [p0, p1, p2, p3, l0, l1, l2, l3] = *m;
+        StatusRecord {
+            pid: u32::from_le_bytes([p0, p1, p2, p3]),
+            load: Load::from_wire(u32::from_le_bytes([l0, l1, l2, l3])),
+        }
+    }
+
+    /// Every whole record in `bytes` (a trailing partial one is ignored).
+    pub fn decode_all(bytes: &[u8]) -> impl Iterator<Item = StatusRecord> + '_ {
+        bytes
+            .chunks_exact(Self::LEN)
+            .filter_map(|m| m.try_into().ok().map(StatusRecord::decode))
+    }
+}
+
 /// Reports this process's state to master. Silent when there is no
 /// status pipe (a daemon started by hand).
 pub struct Status {
@@ -382,11 +425,12 @@ impl Status {
 
     fn send(&mut self, load: Load) {
         if let Some(f) = &mut self.fd {
-            let mut m = [0u8; 8];
-            m[..4].copy_from_slice(&std::process::id().to_le_bytes());
-            m[4..].copy_from_slice(&(load as u32).to_le_bytes());
-            // 8 bytes < PIPE_BUF: atomic among all processes of the service.
-            let _ = f.write_all(&m);
+            let record = StatusRecord {
+                pid: std::process::id(),
+                load,
+            };
+            // One write: atomic among all processes of the service.
+            let _ = f.write_all(&record.encode());
         }
     }
 
@@ -477,7 +521,8 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         if left.is_zero() {
             std::process::exit(0);
         }
-        let (readable, drained) = wait_readable_or_drain(LISTEN_FD, &drain, Some(left));
+        let (readable, drained) =
+            wait_readable_or_drain(std::os::fd::AsFd::as_fd(&listener), &drain, Some(left));
         if drained {
             std::process::exit(0);
         }
@@ -575,48 +620,27 @@ where
             busy = want_busy;
         }
         let accepting = !want_busy;
-        let mut fds = [
-            libc::pollfd {
-                fd: LISTEN_FD,
-                events: if accepting { libc::POLLIN } else { 0 },
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&done_rx),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&drain),
-                events: if draining { 0 } else { libc::POLLIN },
-                revents: 0,
-            },
-        ];
         let wait = if now_active == 0 {
-            max_idle
-                .saturating_sub(idle_since.elapsed())
-                .as_millis()
-                .min(i32::MAX as u128) as i32
+            Some(max_idle.saturating_sub(idle_since.elapsed()))
         } else {
-            -1
+            None
         };
-        // SAFETY: three valid pollfds for the call's duration.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, wait) };
-        if n <= 0 {
+        let Some(woken) = wait_threaded(&listener, accepting, &done_rx, &drain, draining, wait)
+        else {
             continue;
-        }
-        if fds[2].revents != 0 && drain_requested(&drain) {
+        };
+        if woken.drain && drain_requested(&drain) {
             draining = true;
             continue;
         }
-        if fds[1].revents != 0 {
+        if woken.done {
             let mut b = [0u8; 64];
             let _ = std::io::Read::read(&mut done_rx, &mut b);
             if active.load(Ordering::SeqCst) == 0 {
                 idle_since = Instant::now();
             }
         }
-        if !accepting || fds[0].revents == 0 {
+        if !accepting || !woken.listener {
             continue;
         }
         if let Some(table) = crate::table_watch::changed() {
@@ -633,23 +657,78 @@ where
         uses += 1;
         active.fetch_add(1, Ordering::SeqCst);
         status.took_work();
-        let h = handle.clone();
         let finished = Finished {
             active: active.clone(),
             done: done_tx.clone(),
             slots,
         };
-        let submitted = workers.submit(move || {
-            // Counted as finished even if the handler panics.
-            let _finished = finished;
-            h(conn);
-        });
-        if let Err((e, job)) = submitted {
-            // Dropping the job drops the connection (the client sees it
-            // close and tries again) and counts it as finished.
-            drop(job);
-            crate::warning!("cannot start a thread: {e}");
+        hand_to_worker(&workers, &handle, conn, finished);
+    }
+}
+
+/// Which descriptors of [`serve_threaded`]'s loop are readable.
+struct Woken {
+    listener: bool,
+    /// A connection finished ([`Finished`]).
+    done: bool,
+    drain: bool,
+}
+
+/// Waits for [`serve_threaded`]'s loop: the listener when `accepting`,
+/// the end of a connection, the drain signal unless `draining` already;
+/// at most `timeout` (None: no limit). None when nothing came.
+fn wait_threaded(
+    listener: &UnixListener,
+    accepting: bool,
+    done_rx: &std::fs::File,
+    drain: &UnixStream,
+    draining: bool,
+    timeout: Option<Duration>,
+) -> Option<Woken> {
+    use nix::poll::{PollFd, PollFlags};
+    use std::os::fd::AsFd;
+    let when = |on: bool| {
+        if on {
+            PollFlags::POLLIN
+        } else {
+            PollFlags::empty()
         }
+    };
+    let mut fds = [
+        PollFd::new(listener.as_fd(), when(accepting)),
+        PollFd::new(done_rx.as_fd(), PollFlags::POLLIN),
+        PollFd::new(drain.as_fd(), when(!draining)),
+    ];
+    let [listener, done, drain] = poll_events(&mut fds, timeout)?;
+    Some(Woken {
+        listener,
+        done,
+        drain,
+    })
+}
+
+/// Runs `handle` on `conn` on a thread of `workers`; `finished` counts it
+/// done when the thread is through with it, or at once when no thread
+/// could take it.
+fn hand_to_worker<F>(
+    workers: &crate::pool::Pool,
+    handle: &std::sync::Arc<F>,
+    conn: UnixStream,
+    finished: Finished,
+) where
+    F: Fn(UnixStream) + Send + Sync + 'static,
+{
+    let h = handle.clone();
+    let submitted = workers.submit(move || {
+        // Counted as finished even if the handler panics.
+        let _finished = finished;
+        h(conn);
+    });
+    if let Err((e, job)) = submitted {
+        // Dropping the job drops the connection (the client sees it
+        // close and tries again) and counts it as finished.
+        drop(job);
+        crate::warning!("cannot start a thread: {e}");
     }
 }
 
@@ -697,7 +776,11 @@ pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
             next = Instant::now() + period;
             continue;
         }
-        let (readable, drained) = wait_readable_or_drain(LISTEN_FD, &drain, Some(next - now));
+        let (readable, drained) = wait_readable_or_drain(
+            std::os::fd::AsFd::as_fd(&listener),
+            &drain,
+            Some(next - now),
+        );
         if drained {
             return;
         }
@@ -734,5 +817,29 @@ mod tests {
         for bad in ["", "108", "108:x", "108:114:jail", "108:114:chroot:1"] {
             assert_eq!(parse_drop_request(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn status_records_read_back_as_written() {
+        let sent = [
+            StatusRecord {
+                pid: 1,
+                load: Load::Available,
+            },
+            StatusRecord {
+                pid: 0x0102_0304,
+                load: Load::Busy,
+            },
+            StatusRecord {
+                pid: u32::MAX,
+                load: Load::Working,
+            },
+        ];
+        let mut wire: Vec<u8> = sent.iter().flat_map(|r| r.encode()).collect();
+        // A partial record at the end is not one.
+        wire.extend_from_slice(&[9, 9, 9]);
+        let read: Vec<StatusRecord> = StatusRecord::decode_all(&wire).collect();
+        assert_eq!(read, sent);
+        assert_eq!(&sent[1].encode(), &[4, 3, 2, 1, 1, 0, 0, 0]);
     }
 }

@@ -573,24 +573,18 @@ impl Agent {
             size_limit: self.size_limit,
             locks: &self.locks,
         };
-        let from = message::from_line(sender, postern_common::queue::now().0);
-        match mbox.append(
-            from.as_bytes(),
+        mbox.deliver(
+            sender,
             &headers,
             &mut content,
             job.req.content_size,
-        ) {
-            Ok(()) => Status::sent("delivered to mailbox"),
-            Err(mut s) => {
-                s.reason = format!(
-                    "cannot update mailbox {} for user {}. {}",
-                    path.display(),
-                    acct.name,
-                    s.reason
-                );
-                s
-            }
-        }
+            "delivered to mailbox",
+            &format!(
+                "cannot update mailbox {} for user {}. ",
+                path.display(),
+                acct.name
+            ),
+        )
     }
 
     /// The user's `.forward`: the first file of `forward_path` that
@@ -711,13 +705,11 @@ impl Agent {
                 )
             })
         } else {
-            // SAFETY: plain getter.
-            let uid = unsafe { libc::geteuid() };
+            let uid = nix::unistd::geteuid().as_raw();
             Ok(privs::user_by_uid(uid).unwrap_or_else(|| Account {
                 name: uid.to_string(),
                 uid,
-                // SAFETY: plain getter.
-                gid: unsafe { libc::getegid() },
+                gid: nix::unistd::getegid().as_raw(),
                 home: PathBuf::from("/"),
                 shell: PathBuf::from("/bin/sh"),
             }))
@@ -759,23 +751,14 @@ impl Agent {
             size_limit: self.size_limit,
             locks: &self.locks,
         };
-        let from = message::from_line(sender, postern_common::queue::now().0);
-        match mbox.append(
-            from.as_bytes(),
+        mbox.deliver(
+            sender,
             &headers,
             &mut content,
             job.req.content_size,
-        ) {
-            Ok(()) => Status::sent(reason),
-            Err(mut s) => {
-                s.reason = format!(
-                    "cannot append message to file {}: {}",
-                    path.display(),
-                    s.reason
-                );
-                s
-            }
-        }
+            reason,
+            &format!("cannot append message to file {}: ", path.display()),
+        )
     }
 
     fn command(&self, job: &Job, r: &DeliveryRecipient, t: &Target, cmd: &str) -> Status {

@@ -12,10 +12,10 @@
 //! recipient. The caller never holds switched ids across these calls.
 
 use crate::status::Status;
+use nix::unistd::{Gid, Uid};
 use postern_common::privs;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,6 +173,29 @@ pub struct Mbox<'a> {
 }
 
 impl Mbox<'_> {
+    /// Delivers one message from `sender`, the one mbox delivery of every
+    /// caller (mailbox, file, virtual mailbox): its `From ` line, dated
+    /// now, then [`Mbox::append`]. Sent with `delivered` as the reason, or
+    /// the failure's reason put after `failed` (which names the file).
+    pub fn deliver(
+        &self,
+        sender: &str,
+        headers: &[u8],
+        content: &mut dyn Read,
+        size_hint: u64,
+        delivered: impl Into<String>,
+        failed: &str,
+    ) -> Status {
+        let from = crate::message::from_line(sender, postern_common::queue::now().0);
+        match self.append(from.as_bytes(), headers, content, size_hint) {
+            Ok(()) => Status::sent(delivered),
+            Err(mut s) => {
+                s.reason = format!("{failed}{}", s.reason);
+                s
+            }
+        }
+    }
+
     /// Appends `from_line`, `headers` and the content (`>From ` quoted,
     /// followed by an empty line). `size_hint` is the content size, to
     /// refuse a message that cannot fit before writing any of it.
@@ -247,10 +270,9 @@ impl Mbox<'_> {
         }
         if created && privs::is_root() {
             if let Some((uid, gid)) = self.chown {
-                // SAFETY: fchown on an open descriptor.
-                if unsafe { libc::fchown(file.as_raw_fd(), uid, gid) } == -1 {
-                    let e = io::Error::last_os_error();
-                    return Err(Status::io(&e, &format!("chown {}", path.display())));
+                let owner = (Uid::from_raw(uid), Gid::from_raw(gid));
+                if let Err(e) = nix::unistd::fchown(&file, Some(owner.0), Some(owner.1)) {
+                    return Err(Status::io(&e.into(), &format!("chown {}", path.display())));
                 }
             }
         }
@@ -355,12 +377,12 @@ fn open_append(path: &Path, flags: i32) -> io::Result<(File, bool)> {
 }
 
 fn set_blocking(f: &File) {
-    // SAFETY: fcntl on an open descriptor.
-    unsafe {
-        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-        if fl != -1 {
-            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(fl) = fcntl(f, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            f,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(fl) & !OFlag::O_NONBLOCK),
+        );
     }
 }
 
@@ -371,17 +393,18 @@ fn lock_fcntl(f: &File, p: &LockPolicy) -> io::Result<()> {
         if i > 0 {
             std::thread::sleep(p.delay);
         }
-        // SAFETY: a zeroed flock is valid; fcntl on an open descriptor.
-        let r = unsafe {
-            let mut fl: libc::flock = std::mem::zeroed();
-            fl.l_type = libc::F_WRLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
-            libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl)
+        // The whole file (length 0: to its end, however it grows).
+        let whole = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
         };
-        if r == 0 {
-            return Ok(());
+        match nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&whole)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.into(),
         }
-        last = io::Error::last_os_error();
         match last.raw_os_error() {
             Some(libc::EAGAIN) | Some(libc::EACCES) | Some(libc::EINTR) => continue,
             _ => return Err(last),
@@ -615,8 +638,10 @@ mod tests {
     }
 
     fn me() -> Ids {
-        // SAFETY: plain getters.
-        unsafe { (libc::geteuid(), libc::getegid()) }
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
     }
 
     fn quote(s: &[u8], piece: usize) -> Vec<u8> {

@@ -14,10 +14,12 @@
 
 use crate::mailbox::Ids;
 use crate::status::Status;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -155,9 +157,9 @@ fn feed(
 ) -> io::Result<(Vec<u8>, bool)> {
     let mut stdin = child.stdin.take();
     if let Some(s) = &stdin {
-        set_nonblocking(s.as_raw_fd())?;
+        set_nonblocking(s)?;
     }
-    set_nonblocking(output.as_raw_fd())?;
+    set_nonblocking(&output)?;
     let mut output = Some(output);
     let mut kept = Vec::new();
     let mut pending: Vec<u8> = prefix.to_vec();
@@ -205,31 +207,19 @@ fn feed(
         }
         let mut fds = Vec::with_capacity(2);
         if let Some(s) = &stdin {
-            fds.push(libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            });
+            fds.push(PollFd::new(s.as_fd(), PollFlags::POLLOUT));
         }
         if let Some(o) = &output {
-            fds.push(libc::pollfd {
-                fd: o.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
         }
         let wait = deadline
             .saturating_duration_since(now)
             .min(Duration::from_millis(50));
-        let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: valid pollfd array.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if r == -1 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
         if let Some(s) = stdin.as_mut() {
             match s.write(&pending[sent..]) {
@@ -268,48 +258,33 @@ fn feed(
 /// `privs::drop_to`, this leaves no_new_privs off: a command may run
 /// set-gid programs such as `sendmail`'s postdrop, as under Postfix.
 fn become_user(uid: u32, gid: u32) -> io::Result<()> {
-    let groups = [gid as libc::gid_t];
-    // SAFETY: plain system calls with valid arguments.
-    unsafe {
-        if libc::setgroups(1, groups.as_ptr()) == -1
-            || libc::setresgid(gid, gid, gid) == -1
-            || libc::setresuid(uid, uid, uid) == -1
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::unistd::{Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[gid])?;
+    nix::unistd::setresgid(gid, gid, gid)?;
+    nix::unistd::setresuid(uid, uid, uid)?;
     Ok(())
 }
 
 /// Kills the command and everything in its session, and reaps it.
 fn kill(child: &mut Child) {
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: signals to the process group this child leads (setsid).
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    // The process group this child leads (setsid).
+    let group = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.kill();
     let _ = child.wait();
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors that we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors from pipe2.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
 
-fn set_nonblocking(fd: i32) -> io::Result<()> {
-    // SAFETY: fcntl on an open descriptor.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl == -1 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+fn set_nonblocking(fd: impl AsFd) -> io::Result<()> {
+    let fl = fcntl(&fd, FcntlArg::F_GETFL)?;
+    fcntl(
+        &fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK),
+    )?;
     Ok(())
 }
 

@@ -197,18 +197,13 @@ impl Agent {
             size_limit: self.size_limit,
             locks: &self.locks,
         };
-        let from = message::from_line(sender, postern_common::queue::now().0);
-        match m.append(
-            from.as_bytes(),
+        m.deliver(
+            sender,
             &headers,
             &mut content,
             job.req.content_size,
-        ) {
-            Ok(()) => Status::sent("delivered to mailbox"),
-            Err(mut s) => {
-                s.reason = format!("cannot update mailbox {}. {}", path.display(), s.reason);
-                s
-            }
-        }
+            "delivered to mailbox",
+            &format!("cannot update mailbox {}. ", path.display()),
+        )
     }
 }

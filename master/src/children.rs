@@ -26,8 +26,8 @@
 //! C=100 a batch smtpd made those waits longer (DATA→250 p50 ~12 ms ->
 //! ~17 ms). Nice values and CPU shares are unchanged.
 
-use postern_common::service::{Load, LISTEN_FD, STATUS_FD};
-use std::os::fd::{AsRawFd, RawFd};
+use postern_common::service::{StatusRecord, LISTEN_FD, STATUS_FD};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -76,8 +76,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<u32> {
     let status = spec.status_fd;
     let drop = spec.drop_to;
     let sched_batch = spec.sched_batch;
-    // SAFETY: getpid has no preconditions.
-    let master = unsafe { libc::getpid() };
+    let master = nix::unistd::getpid().as_raw();
     // SAFETY: between fork and exec we only make system calls (fcntl,
     // dup2, sigprocmask, sched_setscheduler, prctl, getppid, and the ones
     // in privs::drop_to), which are async-signal-safe, and allocate
@@ -165,21 +164,17 @@ pub fn still_root(pid: u32) -> bool {
     })
 }
 
-/// Reads the status pipe messages waiting in `fd`: (pid, busy).
-pub fn read_status(fd: &std::fs::File) -> Vec<(u32, Load)> {
+/// Reads the status records waiting in `fd`.
+pub fn read_status(fd: &std::fs::File) -> Vec<StatusRecord> {
     use std::io::Read;
     let mut out = Vec::new();
-    let mut buf = [0u8; 8 * 64];
+    let mut buf = [0u8; StatusRecord::LEN * 64];
     let mut f = fd;
     loop {
         match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                for m in buf[..n - n % 8].chunks_exact(8) {
-                    let pid = u32::from_le_bytes(m[..4].try_into().unwrap());
-                    let load = Load::from_wire(u32::from_le_bytes(m[4..].try_into().unwrap()));
-                    out.push((pid, load));
-                }
+                out.extend(StatusRecord::decode_all(&buf[..n]));
                 if n < buf.len() {
                     break;
                 }
@@ -196,10 +191,12 @@ pub fn status_pipe() -> std::io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     // The write end must block in children: a status write never fails
     // with EAGAIN for 8 bytes unless master is gone.
-    // SAFETY: fcntl on a descriptor we own.
-    unsafe {
-        let fl = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(fl) = fcntl(&w, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            &w,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(fl) & !OFlag::O_NONBLOCK),
+        );
     }
     Ok((std::fs::File::from(r), w))
 }

@@ -1,25 +1,7 @@
-//! master: the supervisor of every Postern daemon.
-//!
-//! Started by `postern start` (detaches once its listeners are open) or
-//! `postern start-fg` (`master -d`, stays in the foreground). It reads
-//! main.cf and master.cf, creates what is missing of the queue tree,
-//! takes the lock `queue_directory/pid/master.pid` (one master per queue),
-//! binds every service's listener, and starts daemons on demand with the
-//! listener on fd 3 and a status pipe on fd 4. Run as root, it drops
-//! unprivileged services (`unpriv` = y in master.cf) to `mail_owner`
-//! before exec; run as a plain user, everything runs as that user.
-//! Signals: SIGHUP reloads the configuration, SIGTERM stops every child
-//! and then master.
-//!
-//! Modules: [`listeners`] (sockets), [`children`] (spawning, status
-//! pipes), [`supervisor`] (the event loop), [`startup`] (queue tree, lock,
-//! detaching), [`jail`] (the chroot column).
+//! `master`: the supervisor `postern start` runs. The logic is in the
+//! crate's library (`postern_master`, see its `lib.rs`).
 
-mod children;
-mod jail;
-mod listeners;
-mod startup;
-mod supervisor;
+use postern_master::{startup, supervisor};
 
 fn main() {
     startup::close_inherited_descriptors();

@@ -6,7 +6,6 @@ use postern_common::privs;
 use postern_common::queue::QueueTree;
 use postern_conf::Config;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 pub struct Args {
@@ -108,7 +107,7 @@ fn pid_path(cfg: &Config) -> PathBuf {
 }
 
 /// Takes the one-master-per-queue lock; the file also holds master's pid.
-pub fn lock(cfg: &Config) -> std::fs::File {
+pub fn lock(cfg: &Config) -> nix::fcntl::Flock<std::fs::File> {
     let p = pid_path(cfg);
     let f = match std::fs::OpenOptions::new()
         .read(true)
@@ -120,16 +119,17 @@ pub fn lock(cfg: &Config) -> std::fs::File {
         Ok(f) => f,
         Err(e) => fatal!("open lock file {}: {e}", p.display()),
     };
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut s = String::new();
-        let _ = (&f).read_to_string(&mut s);
-        fatal!(
-            "the Postern mail system is already running (pid {})",
-            s.trim()
-        );
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((f, _)) => {
+            let mut s = String::new();
+            let _ = (&f).read_to_string(&mut s);
+            fatal!(
+                "the Postern mail system is already running (pid {})",
+                s.trim()
+            );
+        }
     }
-    f
 }
 
 fn write_pid(mut f: &std::fs::File) {
@@ -174,12 +174,9 @@ pub fn detach_unless(foreground: bool, lock: &std::fs::File) {
                 .write(true)
                 .open("/dev/null")
             {
-                // SAFETY: dup2 onto the standard descriptors.
-                unsafe {
-                    libc::dup2(null.as_raw_fd(), 0);
-                    libc::dup2(null.as_raw_fd(), 1);
-                    libc::dup2(null.as_raw_fd(), 2);
-                }
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+                let _ = nix::unistd::dup2_stderr(&null);
             }
             let _ = std::fs::File::from(w).write_all(b"1");
         }

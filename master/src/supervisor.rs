@@ -6,13 +6,13 @@
 use crate::children::{self, SpawnSpec};
 use crate::listeners::{self, Listener};
 use postern_common::ipc::{self, Wakeup};
-use postern_common::service::Load;
+use postern_common::service::{Load, StatusRecord};
 use postern_common::{info, warning};
 use postern_conf::master_cf::{Service, ServiceType};
 use postern_conf::Config;
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -63,6 +63,16 @@ pub struct Supervisor {
     /// Shutting down: the children die of our own SIGTERM, which is
     /// neither a warning nor a reason to throttle.
     stopping: bool,
+}
+
+/// What [`Supervisor::wait`] found readable.
+struct Ready {
+    /// The SIGTERM, SIGHUP and SIGCHLD pipes.
+    term: bool,
+    hup: bool,
+    chld: bool,
+    /// The readable descriptors of services: (service, is_listener).
+    services: Vec<(usize, bool)>,
 }
 
 struct Signals {
@@ -117,6 +127,54 @@ impl Supervisor {
         })
     }
 
+    /// Waits until a signal comes, a child reports on a status pipe, or a
+    /// client waits on the listener of a service that needs a process;
+    /// at most until the next timer. None when a signal interrupted the
+    /// wait.
+    fn wait(&self, now: Instant) -> Option<Ready> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        const IN: PollFlags = PollFlags::POLLIN;
+        let mut fds: Vec<PollFd<'_>> = vec![
+            PollFd::new(self.signals.term.as_fd(), IN),
+            PollFd::new(self.signals.hup.as_fd(), IN),
+            PollFd::new(self.signals.chld.as_fd(), IN),
+        ];
+        let mut what: Vec<(usize, bool)> = Vec::new(); // (service, is_listener)
+        for (i, s) in self.services.iter().enumerate() {
+            fds.push(PollFd::new(s.status_read.as_fd(), IN));
+            what.push((i, false));
+            let key = service_key(&s.def);
+            let draining = self.orphans.iter().filter(|(_, k)| *k == key).count();
+            if s.needs_process(now, draining) {
+                for l in &s.listener.fds {
+                    fds.push(PollFd::new(l.as_fd(), IN));
+                    what.push((i, true));
+                }
+            }
+        }
+        let mut timeout = Duration::from_secs(60);
+        for s in &self.services {
+            for t in [s.next_wakeup, s.throttled_until].into_iter().flatten() {
+                timeout = timeout.min(t.saturating_duration_since(now));
+            }
+        }
+        // A millisecond more: a timer is due when the wait ends, not just before.
+        let ms = timeout.as_millis().min(60_000) as u16 + 1;
+        nix::poll::poll(&mut fds, PollTimeout::from(ms)).ok()?;
+        // Any event, as a raw `revents != 0` (None: bits nix does not name).
+        let woke = |f: &PollFd<'_>| f.revents() != Some(PollFlags::empty());
+        Some(Ready {
+            term: woke(&fds[0]),
+            hup: woke(&fds[1]),
+            chld: woke(&fds[2]),
+            services: (fds[3..].iter().zip(what))
+                .filter(|(f, _)| woke(f))
+                .map(|(_, w)| w)
+                .collect(),
+        })
+    }
+
     /// Runs until SIGTERM; then stops every child and returns.
     pub fn run(&mut self) {
         // Wake every trigger service once at start: qmgr takes back what a
@@ -130,70 +188,31 @@ impl Supervisor {
         loop {
             let now = Instant::now();
             self.send_wakeups(now);
-            let mut fds: Vec<libc::pollfd> = Vec::new();
-            let mut what: Vec<(usize, bool)> = Vec::new(); // (service, is_listener)
-            let pfd = |fd: RawFd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            fds.push(pfd(self.signals.term.as_raw_fd()));
-            fds.push(pfd(self.signals.hup.as_raw_fd()));
-            fds.push(pfd(self.signals.chld.as_raw_fd()));
-            for (i, s) in self.services.iter().enumerate() {
-                fds.push(pfd(s.status_read.as_raw_fd()));
-                what.push((i, false));
-                let key = service_key(&s.def);
-                let draining = self.orphans.iter().filter(|(_, k)| *k == key).count();
-                if s.needs_process(now, draining) {
-                    for l in &s.listener.fds {
-                        fds.push(pfd(l.as_raw_fd()));
-                        what.push((i, true));
-                    }
-                }
-            }
-            let mut timeout = Duration::from_secs(60);
-            for s in &self.services {
-                for t in [s.next_wakeup, s.throttled_until].into_iter().flatten() {
-                    timeout = timeout.min(t.saturating_duration_since(now));
-                }
-            }
-            // SAFETY: fds is a valid array of pollfd.
-            let n = unsafe {
-                libc::poll(
-                    fds.as_mut_ptr(),
-                    fds.len() as libc::nfds_t,
-                    timeout.as_millis().min(60_000) as i32 + 1,
-                )
-            };
-            if n < 0 {
+            let Some(ready) = self.wait(now) else {
                 continue; // EINTR
-            }
-            if fds[2].revents != 0 && drain(&self.signals.chld) {
+            };
+            if ready.chld && drain(&self.signals.chld) {
                 self.reap();
             }
-            if fds[0].revents != 0 && drain(&self.signals.term) {
+            if ready.term && drain(&self.signals.term) {
                 info!("terminating on signal");
                 self.stop_all();
                 return;
             }
-            if fds[1].revents != 0 && drain(&self.signals.hup) {
+            if ready.hup && drain(&self.signals.hup) {
                 self.reload();
                 continue;
             }
             let mut spawned = vec![false; self.services.len()];
-            for (k, (svc, is_listener)) in what.iter().enumerate() {
-                if fds[3 + k].revents == 0 {
-                    continue;
-                }
-                if *is_listener {
-                    if !spawned[*svc] {
-                        spawned[*svc] = true;
-                        self.spawn(*svc);
+            for (svc, is_listener) in ready.services {
+                if is_listener {
+                    if !spawned[svc] {
+                        spawned[svc] = true;
+                        self.spawn(svc);
                     }
                 } else {
-                    let s = &mut self.services[*svc];
-                    for (pid, load) in children::read_status(&s.status_read) {
+                    let s = &mut self.services[svc];
+                    for StatusRecord { pid, load } in children::read_status(&s.status_read) {
                         if let Some(c) = s.children.get_mut(&pid) {
                             if std::mem::take(&mut c.unverified) && children::still_root(pid) {
                                 postern_common::error!(
@@ -201,8 +220,7 @@ impl Supervisor {
                                      privileges; killing it",
                                     s.def.command
                                 );
-                                // SAFETY: kill with a pid we started.
-                                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                                signal(pid, libc::SIGKILL);
                             }
                             c.busy = load == Load::Busy;
                             c.worked |= load != Load::Available;
@@ -288,6 +306,9 @@ impl Supervisor {
     fn reap(&mut self) {
         loop {
             let mut status: libc::c_int = 0;
+            // Not nix's waitpid: it fails on a child killed by a signal
+            // nix does not name (a real-time one), and that child would
+            // stay unreaped.
             // SAFETY: waitpid with a valid pointer.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
@@ -366,8 +387,7 @@ impl Supervisor {
     fn signal_children(&self, sig: i32) {
         for s in &self.services {
             for pid in s.children.keys() {
-                // SAFETY: kill with a pid we started.
-                unsafe { libc::kill(*pid as i32, sig) };
+                signal(*pid, sig);
             }
         }
     }
@@ -377,16 +397,14 @@ impl Supervisor {
         self.signal_children(libc::SIGTERM);
         for (p, _) in &self.orphans {
             // Still draining since a reload: stop means now for them too.
-            // SAFETY: kill with a pid we started.
-            unsafe { libc::kill(*p as i32, libc::SIGTERM) };
+            signal(*p, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.services.iter().any(|s| !s.children.is_empty()) || !self.orphans.is_empty() {
             if Instant::now() > deadline {
                 self.signal_children(libc::SIGKILL);
                 for (p, _) in &self.orphans {
-                    // SAFETY: kill with a pid we started.
-                    unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+                    signal(*p, libc::SIGKILL);
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -430,8 +448,7 @@ impl Supervisor {
         for s in self.services.iter_mut().chain(old.iter_mut()) {
             let key = service_key(&s.def);
             for (pid, _) in s.children.drain() {
-                // SAFETY: kill with a pid we started.
-                unsafe { libc::kill(pid as i32, postern_common::service::DRAIN_SIGNAL) };
+                signal(pid, postern_common::service::DRAIN_SIGNAL);
                 self.orphans.push((pid, key.clone()));
             }
         }
@@ -453,6 +470,14 @@ impl Supervisor {
 /// Sends a trigger service (one with a wake-up time in master.cf, not
 /// marked `?`) its next wake-up now: the wake-up starts a process if none
 /// runs.
+/// Sends `sig` to `pid`, a child master started. A child that is gone
+/// already needs no signal.
+fn signal(pid: u32, sig: libc::c_int) {
+    if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
 fn wake_soon(s: &mut ServiceState, now: Instant) {
     if s.def.wakeup > 0 && !s.def.wakeup_after_use {
         s.next_wakeup = Some(now);

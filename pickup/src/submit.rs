@@ -48,75 +48,9 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Err(qfile::ReadError::Incomplete) => return Outcome::TryLater("incomplete".into()),
         Err(e) => return Outcome::Corrupt(e.to_string()),
     };
-    // A maildrop file comes from an unprivileged user: take only what
-    // sendmail writes, and nothing that would pass as a done recipient or
-    // a notification.
-    if env.recipients.iter().any(|r| r.done) {
-        return Outcome::Corrupt("done recipient in maildrop file".into());
-    }
-    if !envelope_fits(&env) {
-        return Outcome::Rejected(format!("too many recipients ({})", env.recipients.len()));
-    }
-    let bad = |v: &str| v.bytes().any(|b| b < 32 || b == 127);
-    if bad(&env.sender)
-        || env
-            .recipients
-            .iter()
-            .any(|r| bad(&r.rcpt.address) || r.rcpt.address.is_empty())
-    {
-        return Outcome::Corrupt("control characters in an address".into());
-    }
-    // sendmail has exited 0 already: a refusal must reach the sender as
-    // a bounce, not just a log line.
-    let mut flags = cleanup_flags::BOUNCE_ON_REFUSAL;
-    let mut attrs = Vec::new();
-    for (n, v) in &env.attrs {
-        match n.as_str() {
-            attr::EXTRACT_RECIPIENTS => flags |= cleanup_flags::EXTRACT_RECIPIENTS,
-            attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
-            // DSN from sendmail -R/-V and -bs.
-            attr::ENVID if dsn::valid_envid(v) => attrs.push((n.clone(), v.clone())),
-            attr::RET if dsn::parse_ret(v) == Some(v.as_str()) => {
-                attrs.push((n.clone(), v.clone()))
-            }
-            _ => {}
-        }
-    }
-    // The file's owner is who wrote it, unless it is mail_owner (us): a
-    // sendmail run by root hands its file to mail_owner, and then the uid
-    // it recorded is the one to believe.
-    let owner = file.metadata().map(|m| m.uid()).unwrap_or(u32::MAX);
-    let recorded = env
-        .attr(attr::SUBMITTER)
-        .and_then(|v| v.parse::<u32>().ok());
-    let uid = match recorded {
-        Some(u) if owner == nix::unistd::geteuid().as_raw() => u,
-        _ => owner,
-    };
-    attrs.push((attr::CLIENT.to_string(), "local".to_string()));
-    attrs.push((attr::PROTOCOL.to_string(), "sendmail".to_string()));
-    attrs.push((attr::SUBMITTER.to_string(), format!("uid={uid}")));
-    let recipients = env
-        .recipients
-        .iter()
-        .map(|r| qfile::Recipient {
-            // DSN NOTIFY (sendmail -N) and ORCPT (-bs) are the user's to
-            // set; the original address is not.
-            notify: r.rcpt.notify & 0x0f,
-            orcpt: if bad(&r.rcpt.orcpt) {
-                String::new()
-            } else {
-                r.rcpt.orcpt.clone()
-            },
-            ..qfile::Recipient::new(&r.rcpt.address)
-        })
-        .collect();
-    let new = NewMessage {
-        sender: env.sender.clone(),
-        recipients,
-        attrs,
-        flags,
-        origin: "pickup".into(),
+    let (new, uid) = match new_message(&env, file) {
+        Ok(m) => m,
+        Err(refused) => return refused,
     };
     let path = tree.cleanup_socket();
     let mut conn = match ipc::connect(&path, s.timeout) {
@@ -170,4 +104,83 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Ok(other) => Outcome::TryLater(format!("cleanup: unexpected {other:?}")),
         Err(e) => io_err(e),
     }
+}
+
+/// The message to open at cleanup for the maildrop file `file`, whose
+/// envelope is `env`, and the uid of its submitter; or why not.
+fn new_message(env: &qfile::Envelope, file: &std::fs::File) -> Result<(NewMessage, u32), Outcome> {
+    // A maildrop file comes from an unprivileged user: take only what
+    // sendmail writes, and nothing that would pass as a done recipient or
+    // a notification.
+    if env.recipients.iter().any(|r| r.done) {
+        return Err(Outcome::Corrupt("done recipient in maildrop file".into()));
+    }
+    if !envelope_fits(env) {
+        return Err(Outcome::Rejected(format!(
+            "too many recipients ({})",
+            env.recipients.len()
+        )));
+    }
+    let bad = |v: &str| v.bytes().any(|b| b < 32 || b == 127);
+    if bad(&env.sender)
+        || env
+            .recipients
+            .iter()
+            .any(|r| bad(&r.rcpt.address) || r.rcpt.address.is_empty())
+    {
+        return Err(Outcome::Corrupt("control characters in an address".into()));
+    }
+    // sendmail has exited 0 already: a refusal must reach the sender as
+    // a bounce, not just a log line.
+    let mut flags = cleanup_flags::BOUNCE_ON_REFUSAL;
+    let mut attrs = Vec::new();
+    for (n, v) in &env.attrs {
+        match n.as_str() {
+            attr::EXTRACT_RECIPIENTS => flags |= cleanup_flags::EXTRACT_RECIPIENTS,
+            attr::FULL_NAME if !bad(v) => attrs.push((n.clone(), v.clone())),
+            // DSN from sendmail -R/-V and -bs.
+            attr::ENVID if dsn::valid_envid(v) => attrs.push((n.clone(), v.clone())),
+            attr::RET if dsn::parse_ret(v) == Some(v.as_str()) => {
+                attrs.push((n.clone(), v.clone()))
+            }
+            _ => {}
+        }
+    }
+    // The file's owner is who wrote it, unless it is mail_owner (us): a
+    // sendmail run by root hands its file to mail_owner, and then the uid
+    // it recorded is the one to believe.
+    let owner = file.metadata().map(|m| m.uid()).unwrap_or(u32::MAX);
+    let recorded = env
+        .attr(attr::SUBMITTER)
+        .and_then(|v| v.parse::<u32>().ok());
+    let uid = match recorded {
+        Some(u) if owner == nix::unistd::geteuid().as_raw() => u,
+        _ => owner,
+    };
+    attrs.push((attr::CLIENT.to_string(), "local".to_string()));
+    attrs.push((attr::PROTOCOL.to_string(), "sendmail".to_string()));
+    attrs.push((attr::SUBMITTER.to_string(), format!("uid={uid}")));
+    let recipients = env
+        .recipients
+        .iter()
+        .map(|r| qfile::Recipient {
+            // DSN NOTIFY (sendmail -N) and ORCPT (-bs) are the user's to
+            // set; the original address is not.
+            notify: r.rcpt.notify & 0x0f,
+            orcpt: if bad(&r.rcpt.orcpt) {
+                String::new()
+            } else {
+                r.rcpt.orcpt.clone()
+            },
+            ..qfile::Recipient::new(&r.rcpt.address)
+        })
+        .collect();
+    let new = NewMessage {
+        sender: env.sender.clone(),
+        recipients,
+        attrs,
+        flags,
+        origin: "pickup".into(),
+    };
+    Ok((new, uid))
 }

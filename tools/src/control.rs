@@ -13,7 +13,6 @@ use postern_common::hostname;
 use postern_common::privs;
 use postern_conf::Config;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -56,7 +55,7 @@ pub fn main() -> ! {
             let pid = running(&cfg)
                 .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
             eprintln!("{NAME}: refreshing the Postern mail system");
-            signal(pid, libc::SIGHUP);
+            signal(pid, nix::sys::signal::Signal::SIGHUP);
             std::process::exit(EX_OK)
         }
         "status" => match running(&cfg) {
@@ -204,25 +203,22 @@ fn running(cfg: &Config) -> Option<i32> {
     let mut f = std::fs::File::open(pid_file(cfg)).ok()?;
     let mut s = String::new();
     f.read_to_string(&mut s).ok()?;
-    // SAFETY: flock on a descriptor we own; a shared lock conflicts with
-    // master's exclusive one and is released when `f` closes.
-    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    if free {
+    // A shared lock conflicts with master's exclusive one; ours goes
+    // when it is dropped.
+    use nix::fcntl::{Flock, FlockArg};
+    if Flock::lock(f, FlockArg::LockSharedNonblock).is_ok() {
         return None;
     }
     s.trim().parse().ok()
 }
 
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill with a pid read from master's locked pid file.
-    if unsafe { libc::kill(pid, sig) } != 0 {
+/// Sends `sig` to master, whose pid was read from its locked pid file.
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
         die(
             NAME,
             1,
-            format_args!(
-                "signal master (pid {pid}): {}",
-                std::io::Error::last_os_error()
-            ),
+            format_args!("signal master (pid {pid}): {}", std::io::Error::from(e)),
         );
     }
 }
@@ -265,7 +261,7 @@ fn stop(cfg: &Config) -> ! {
     let pid =
         running(cfg).unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
     eprintln!("{NAME}: stopping the Postern mail system");
-    signal(pid, libc::SIGTERM);
+    signal(pid, nix::sys::signal::Signal::SIGTERM);
     // master stops its children first; wait until its lock is free.
     let deadline = Instant::now() + Duration::from_secs(60);
     while running(cfg).is_some() {

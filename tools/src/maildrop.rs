@@ -387,11 +387,8 @@ impl std::ops::Drop for Drop {
 fn sync_maildrop(tree: &QueueTree, file: &std::fs::File) -> std::io::Result<()> {
     match queue::sync_dir(&tree.dir(Queue::Maildrop)) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            // SAFETY: syncfs on a descriptor we own.
-            match unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(file)) } {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
+            nix::unistd::syncfs(file)?;
+            Ok(())
         }
         other => other,
     }

@@ -22,8 +22,7 @@ const NAME: &str = "postdrop";
 pub fn main() -> ! {
     // Files we create must not inherit a hostile umask's openness or
     // narrowness beyond what queue files want.
-    // SAFETY: plain system call.
-    unsafe { libc::umask(0o022) };
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let mut config: Option<PathBuf> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {

@@ -455,9 +455,9 @@ fn age(meta: &std::fs::Metadata) -> Duration {
 }
 
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for the process.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    // No signal: only checks for the process.
+    let r = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+    r != Err(nix::errno::Errno::ESRCH)
 }
 
 /// `-p`: removes temporary files (`.tmp.PID.N`) whose writer is gone.
