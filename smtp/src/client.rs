@@ -502,7 +502,7 @@ pub fn deliver<'a, S: Stream + Send + 'a, T: Transaction>(
 
 /// Another transaction over a kept session: RSET first (which also shows
 /// that the server is still there; pipelined with the transaction's
-/// commands when the server offers PIPELINING). `Err` when the session is
+/// commands when the server offers PIPELINING). `None` when the session is
 /// no longer usable; no content was sent then, no recipient has an
 /// outcome, and the caller connects afresh.
 pub fn deliver_again<'a, 'c, T: Transaction>(
@@ -511,7 +511,7 @@ pub fn deliver_again<'a, 'c, T: Transaction>(
     settings: &'a Settings,
     sec: Security<'a>,
     txn: &mut T,
-) -> Result<(End, Option<Idle<'c>>), ()> {
+) -> Option<(End, Option<Idle<'c>>)> {
     let mut s = Session {
         conn: idle.conn,
         tls: sec.tls,
@@ -537,15 +537,15 @@ pub fn deliver_again<'a, 'c, T: Transaction>(
         s.timeout(settings.timeouts.helo);
         match s.command(Some("RSET")) {
             Ok(r) if r.class() == 2 => {}
-            _ => return Err(()),
+            _ => return None,
         }
     }
     txn.connected();
     let end = s.transaction(txn, &idle.ext);
     if s.stale {
-        return Err(());
+        return None;
     }
-    Ok(s.finish(end))
+    Some(s.finish(end))
 }
 
 /// STARTTLS and AUTH for one session.

@@ -501,7 +501,7 @@ impl Agent {
             eight_bit,
             job,
         };
-        let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn).ok()?;
+        let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
             self.cache.put(key.to_string(), idle, created);
         }
