@@ -708,7 +708,7 @@ fn connect_from(
         bind, connect, getsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
         SockaddrStorage,
     };
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
     let family = if to.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -727,22 +727,15 @@ fn connect_from(
     match connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
         Ok(()) => {}
         Err(nix::errno::Errno::EINPROGRESS) => {
-            let limit = (!timeout.is_zero()).then_some(timeout);
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            let limit = if timeout.is_zero() {
+                PollTimeout::NONE
+            } else {
+                PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)
             };
-            let ms = limit
-                .map(|t| t.as_millis().min(i32::MAX as u128) as i32)
-                .unwrap_or(-1);
-            // SAFETY: one valid pollfd for the call's duration.
-            let n = unsafe { libc::poll(&mut p, 1, ms) };
-            if n == 0 {
+            let mut writable = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+            if poll(&mut writable, limit)? == 0 {
                 return Err(io::Error::from(io::ErrorKind::TimedOut));
-            }
-            if n < 0 {
-                return Err(io::Error::last_os_error());
             }
             let err = getsockopt(&fd, sockopt::SocketError)?;
             if err != 0 {
