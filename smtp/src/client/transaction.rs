@@ -7,6 +7,7 @@ use super::{stage, End, Extensions, Transaction};
 use crate::nexthop::Failure;
 use postern_common::dsn;
 use postern_common::ipc::Outcome;
+use postern_common::smtputf8::Flags;
 
 /// `<address>` for MAIL FROM / RCPT TO, with the local part quoted when
 /// it is not a dot-atom (RFC 5321 section 4.1.2).
@@ -41,16 +42,105 @@ pub fn smtp_address(addr: &str) -> String {
     format!("<{}{}>", local, domain.unwrap_or(""))
 }
 
+/// MAIL FROM with SIZE, BODY=8BITMIME, SMTPUTF8, and with DSN the
+/// message's RET and ENVID, as far as the server offers them.
+fn mail_command<T: Transaction>(
+    txn: &mut T,
+    ext: &Extensions,
+    size: u64,
+    eight_bit: bool,
+    flags: Flags,
+) -> String {
+    let mut mail = format!("MAIL FROM:{}", smtp_address(txn.sender()));
+    if ext.size.is_some() {
+        mail.push_str(&format!(" SIZE={size}"));
+    }
+    if eight_bit {
+        mail.push_str(" BODY=8BITMIME");
+    }
+    if flags.requested && ext.smtputf8 {
+        mail.push_str(" SMTPUTF8");
+    }
+    if ext.dsn {
+        let (ret, envid) = txn.dsn_envelope();
+        if let Some(r) = ret.filter(|r| !r.is_empty()) {
+            mail.push_str(&format!(" RET={r}"));
+        }
+        if let Some(e) = envid.filter(|e| !e.is_empty()) {
+            mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(&e)));
+        }
+    }
+    mail
+}
+
+/// RCPT TO for each recipient, with DSN its NOTIFY and ORCPT.
+fn rcpt_commands<T: Transaction>(txn: &T, ext: &Extensions, flags: Flags) -> Vec<String> {
+    txn.recipients()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut cmd = format!("RCPT TO:{}", smtp_address(r));
+            if ext.dsn {
+                let (bits, orcpt) = txn.dsn_recipient(i);
+                let notify = dsn::format_notify(bits);
+                if !notify.is_empty() {
+                    cmd.push_str(&format!(" NOTIFY={notify}"));
+                }
+                let utf8_message = flags != Flags::default();
+                if let Some(o) = dsn::format_orcpt(&orcpt, utf8_message) {
+                    cmd.push_str(&format!(" ORCPT={o}"));
+                }
+            }
+            cmd
+        })
+        .collect()
+}
+
 impl Session<'_, '_> {
     /// MAIL, RCPT, DATA, content, end of data. Sends QUIT when the server
     /// is still talking.
     pub(super) fn transaction<T: Transaction>(&mut self, txn: &mut T, ext: &Extensions) -> End {
-        let t = self.settings.timeouts.clone();
-        let n = txn.recipients().len();
-        let all: Vec<usize> = (0..n).collect();
-
-        // Refuse what the server cannot take before saying MAIL FROM.
         let size = txn.content_size();
+        let (flags, eight_bit) = match self.check_server_takes(txn, ext, size) {
+            Ok(fit) => fit,
+            Err(end) => return end,
+        };
+        let mail = mail_command(txn, ext, size, eight_bit, flags);
+        let rcpts = rcpt_commands(txn, ext, flags);
+
+        let pipelined = ext.pipelining;
+        // CHUNKING (RFC 3030): BDAT instead of DATA.
+        let bdat = ext.chunking;
+        if pipelined {
+            if let Err(end) = self.send_pipelined(&mail, &rcpts, bdat) {
+                return end;
+            }
+        }
+        let accepted = match self.mail_and_rcpt_replies(txn, &mail, &rcpts, pipelined) {
+            Ok(accepted) => accepted,
+            Err(end) => return end,
+        };
+        if accepted.is_empty() && (!pipelined || bdat) {
+            self.done();
+            return End::Complete;
+        }
+        if bdat {
+            return self.send_bdat(txn, &accepted);
+        }
+        self.data(txn, &accepted, pipelined)
+    }
+
+    /// Refuses what the server cannot take before saying MAIL FROM: too
+    /// large, SMTPUTF8 needed but not offered, 8-bit content without
+    /// 8BITMIME (every recipient bounced, QUIT). Returns the message's
+    /// SMTPUTF8 flags and whether its content is 8-bit.
+    fn check_server_takes<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        ext: &Extensions,
+        size: u64,
+    ) -> Result<(Flags, bool), End> {
+        let all: Vec<usize> = (0..txn.recipients().len()).collect();
         if let Some(limit) = ext.size.filter(|&l| l > 0 && size > l) {
             let reason = format!(
                 "message size {size} exceeds size limit {limit} of server {}",
@@ -58,7 +148,7 @@ impl Session<'_, '_> {
             );
             Self::record_all(txn, &all, Outcome::Bounced, "5.3.4", &reason);
             self.quit();
-            return End::Complete;
+            return Err(End::Complete);
         }
         // RFC 6531, as Postfix: SMTPUTF8 only for a message whose sender
         // asked for it; to a server without it, such a message goes only
@@ -73,11 +163,11 @@ impl Session<'_, '_> {
             );
             Self::record_all(txn, &all, Outcome::Bounced, "5.6.7", &reason);
             self.quit();
-            return End::Complete;
+            return Err(End::Complete);
         }
         let eight_bit = match txn.eight_bit() {
             Ok(b) => b,
-            Err(e) => return self.local_error(txn, &all, &e),
+            Err(e) => return Err(self.local_error(txn, &all, &e)),
         };
         // As Postfix: a server that offers SMTPUTF8 takes 8-bit content,
         // whether it says 8BITMIME or not.
@@ -99,103 +189,80 @@ impl Session<'_, '_> {
             );
             Self::record_all(txn, &all, Outcome::Bounced, "5.6.3", &reason);
             self.quit();
-            return End::Complete;
+            return Err(End::Complete);
         }
-        let mut mail = format!("MAIL FROM:{}", smtp_address(txn.sender()));
-        if ext.size.is_some() {
-            mail.push_str(&format!(" SIZE={size}"));
-        }
-        if eight_bit {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        if flags.requested && ext.smtputf8 {
-            mail.push_str(" SMTPUTF8");
-        }
-        if ext.dsn {
-            let (ret, envid) = txn.dsn_envelope();
-            if let Some(r) = ret.filter(|r| !r.is_empty()) {
-                mail.push_str(&format!(" RET={r}"));
-            }
-            if let Some(e) = envid.filter(|e| !e.is_empty()) {
-                mail.push_str(&format!(" ENVID={}", dsn::xtext_encode(&e)));
-            }
-        }
-        let rcpts: Vec<String> = txn
-            .recipients()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let mut cmd = format!("RCPT TO:{}", smtp_address(r));
-                if ext.dsn {
-                    let (bits, orcpt) = txn.dsn_recipient(i);
-                    let notify = dsn::format_notify(bits);
-                    if !notify.is_empty() {
-                        cmd.push_str(&format!(" NOTIFY={notify}"));
-                    }
-                    let utf8_message = flags != postern_common::smtputf8::Flags::default();
-                    if let Some(o) = dsn::format_orcpt(&orcpt, utf8_message) {
-                        cmd.push_str(&format!(" ORCPT={o}"));
-                    }
-                }
-                cmd
-            })
-            .collect();
+        Ok((flags, eight_bit))
+    }
 
-        let pipelined = ext.pipelining;
-        // CHUNKING (RFC 3030): BDAT instead of DATA.
-        let bdat = ext.chunking;
-        if pipelined {
-            self.timeout(t.mail);
-            self.queue(&mail);
-            for r in &rcpts {
-                self.queue(r);
-            }
-            if !bdat {
-                self.queue("DATA");
-            }
-            let flushed = self.flush();
-            if std::mem::take(&mut self.rset_queued) {
-                // A kept session that does not answer its RSET well was
-                // not used: no recipient gets an outcome from it, no
-                // content goes out, the caller connects afresh.
-                let answered = flushed.is_ok() && self.read().is_ok_and(|r| r.class() == 2);
-                if !answered {
-                    self.stale = true;
-                    return End::Complete;
-                }
-            }
-            if let Err(e) = flushed {
-                return self.try_next(self.io_failure(&e, stage::MAIL));
+    /// With PIPELINING: MAIL, every RCPT and (without CHUNKING) DATA in
+    /// one write, after a kept session's queued RSET, whose reply is read
+    /// here.
+    fn send_pipelined(&mut self, mail: &str, rcpts: &[String], bdat: bool) -> Result<(), End> {
+        self.timeout(self.settings.timeouts.mail);
+        self.queue(mail);
+        for r in rcpts {
+            self.queue(r);
+        }
+        if !bdat {
+            self.queue("DATA");
+        }
+        let flushed = self.flush();
+        if std::mem::take(&mut self.rset_queued) {
+            // A kept session that does not answer its RSET well was
+            // not used: no recipient gets an outcome from it, no
+            // content goes out, the caller connects afresh.
+            let answered = flushed.is_ok() && self.read().is_ok_and(|r| r.class() == 2);
+            if !answered {
+                self.stale = true;
+                return Err(End::Complete);
             }
         }
+        if let Err(e) = flushed {
+            return Err(self.try_next(self.io_failure(&e, stage::MAIL)));
+        }
+        Ok(())
+    }
+
+    /// The replies to MAIL FROM and to each RCPT TO (the commands sent
+    /// here one at a time unless `pipelined`); each refused recipient's
+    /// outcome is recorded. Returns the accepted recipients.
+    fn mail_and_rcpt_replies<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        mail: &str,
+        rcpts: &[String],
+        pipelined: bool,
+    ) -> Result<Vec<usize>, End> {
+        let t = self.settings.timeouts.clone();
         let unsent = |c: &str| (!pipelined).then(|| c.to_string());
 
         // MAIL FROM.
         self.timeout(t.mail);
-        let r = match self.command(unsent(&mail).as_deref()) {
+        let r = match self.command(unsent(mail).as_deref()) {
             Ok(r) => r,
-            Err(e) => return self.try_next(self.io_failure(&e, stage::MAIL)),
+            Err(e) => return Err(self.try_next(self.io_failure(&e, stage::MAIL))),
         };
         if r.class() != 2 {
             let (outcome, dsn, reason) = self.said(&r, "MAIL FROM command");
             if r.code == 421 {
-                return self.try_next(Failure { dsn, reason });
+                return Err(self.try_next(Failure { dsn, reason }));
             }
             self.quit();
             if outcome == Outcome::Bounced {
+                let all: Vec<usize> = (0..txn.recipients().len()).collect();
                 Self::record_all(txn, &all, outcome, &dsn, &reason);
-                return End::Complete;
+                return Err(End::Complete);
             }
-            return self.try_next(Failure { dsn, reason });
+            return Err(self.try_next(Failure { dsn, reason }));
         }
 
         // RCPT TO, one reply each.
-        let mut accepted = Vec::with_capacity(n);
+        let mut accepted = Vec::with_capacity(rcpts.len());
         self.timeout(t.rcpt);
         for (i, cmd) in rcpts.iter().enumerate() {
             let r = match self.command(unsent(cmd).as_deref()) {
                 Ok(r) => r,
-                Err(e) => return self.try_next(self.io_failure(&e, stage::RCPT)),
+                Err(e) => return Err(self.try_next(self.io_failure(&e, stage::RCPT))),
             };
             if r.class() == 2 {
                 accepted.push(i);
@@ -203,19 +270,18 @@ impl Session<'_, '_> {
             }
             let (outcome, dsn, reason) = self.said(&r, "RCPT TO command");
             if r.code == 421 {
-                return self.try_next(Failure { dsn, reason });
+                return Err(self.try_next(Failure { dsn, reason }));
             }
             txn.record(i, outcome, &dsn, &reason);
         }
-        if accepted.is_empty() && (!pipelined || bdat) {
-            self.done();
-            return End::Complete;
-        }
-        if bdat {
-            return self.send_bdat(txn, &accepted);
-        }
+        Ok(accepted)
+    }
 
-        // DATA.
+    /// DATA (already sent when `pipelined`), the content and the reply to
+    /// its end, for the `accepted` recipients.
+    fn data<T: Transaction>(&mut self, txn: &mut T, accepted: &[usize], pipelined: bool) -> End {
+        let t = self.settings.timeouts.clone();
+        let unsent = |c: &str| (!pipelined).then(|| c.to_string());
         self.timeout(t.data_init);
         let r = match self.command(unsent("DATA").as_deref()) {
             Ok(r) => r,
@@ -232,7 +298,7 @@ impl Session<'_, '_> {
             if r.code == 421 {
                 return self.try_next(Failure { dsn, reason });
             }
-            Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+            Self::record_all(txn, accepted, outcome, &dsn, &reason);
             self.done();
             return End::Complete;
         }
@@ -255,22 +321,22 @@ impl Session<'_, '_> {
             Err(Trouble::Local(e)) => {
                 // Do not send the final dot: drop the connection so that
                 // the server discards the partial message.
-                return self.local_error(txn, &accepted, &e);
+                return self.local_error(txn, accepted, &e);
             }
             Err(Trouble::Io(e)) => {
                 let f = self.io_failure(&e, stage::BODY);
-                Self::record_all(txn, &accepted, Outcome::Deferred, &f.dsn, &f.reason);
+                Self::record_all(txn, accepted, Outcome::Deferred, &f.dsn, &f.reason);
                 return End::Complete;
             }
             Err(Trouble::Refused(r)) => {
                 // DATA content has no reply before its end; kept for
                 // completeness.
                 let (outcome, dsn, reason) = self.said(&r, "end of DATA command");
-                Self::record_all(txn, &accepted, outcome, &dsn, &reason);
+                Self::record_all(txn, accepted, outcome, &dsn, &reason);
                 return End::Complete;
             }
         }
-        self.end_of_data(txn, &accepted)
+        self.end_of_data(txn, accepted)
     }
 
     /// Reads the reply (LMTP: the replies) to the end of the content and
