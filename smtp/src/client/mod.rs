@@ -30,6 +30,14 @@
 //!
 //! The stream is anything [`Stream`]: a TCP connection, a Unix-domain
 //! socket (LMTP), or either wrapped in TLS ([`crate::tls::TlsStream`]).
+//!
+//! Here: the interface (the stream, settings, [`Transaction`], how a
+//! session ends, [`deliver_with`] and [`deliver_again`]). The stages, in
+//! the order a session meets them: `session` (the session's I/O and
+//! failures; greeting, EHLO/LHLO or HELO), [`Extensions`] (what EHLO
+//! offers), `starttls`, `auth`, `transaction` (MAIL, RCPT, DATA, the
+//! replies to the end of the content), `content` (the content after
+//! DATA, or as BDAT chunks), [`DataEncoder`] (the content's wire form).
 
 mod auth;
 mod content;
