@@ -29,13 +29,21 @@
 //! The programs `smtp` and `lmtp` (`src/main.rs`, `src/bin/lmtp.rs`) are
 //! thin shells around [`run`]; everything else is in this library.
 //!
-//! Modules: [`nexthop`] (next-hop syntax, MX ordering, the server list),
-//! [`dns`] (MX and address lookups with hickory-resolver), [`client`] (the
-//! SMTP conversation over any stream, DATA encoding), [`reply`] (server
-//! replies), [`tls`] (STARTTLS: levels, policy, certificate checks),
-//! [`sasl`] (AUTH: credentials, mechanisms, security options),
-//! [`cache`] (sessions kept open between requests),
-//! [`deliver`] (one request: servers in turn, outcomes recorded).
+//! Modules:
+//! - [`deliver`]: one request: next hop, servers in turn, outcomes
+//!   recorded; the agent's parameters, TLS policy and SASL credentials
+//!   per destination (`deliver/config.rs`), TCP connect
+//!   (`deliver/connect.rs`).
+//! - [`nexthop`]: next-hop syntax, MX ordering, the server list.
+//! - [`dns`]: MX and address lookups with hickory-resolver.
+//! - [`client`]: the SMTP/LMTP conversation over any stream, by stage:
+//!   greeting and EHLO (`client/session.rs`), STARTTLS, AUTH, the mail
+//!   transaction, the content after DATA or as BDAT chunks, and its wire
+//!   form ([`client::DataEncoder`]).
+//! - [`reply`]: server replies.
+//! - [`tls`]: STARTTLS: levels, policy, certificate checks.
+//! - [`sasl`]: AUTH: credentials, mechanisms, security options.
+//! - [`cache`]: sessions kept open between requests.
 
 pub mod cache;
 pub mod client;

@@ -131,7 +131,7 @@ impl Agent {
     }
 
     /// Delivers one request: every recipient gets an outcome. Called from
-    /// several threads at once (see `main`).
+    /// several threads at once (see [`crate::run`]).
     pub fn deliver(&self, job: &mut Job) {
         if job.unfinished().is_empty() {
             return;
@@ -353,18 +353,9 @@ impl Agent {
                 }
                 continue;
             }
-            let stream = match connect(srv, self.connect_timeout, &self.bind) {
-                Ok(s) => s,
-                Err(e) => {
-                    let f = Failure {
-                        dsn: "4.4.1".into(),
-                        reason: format!(
-                            "connect to {}:{}: {}",
-                            srv.namaddr(),
-                            srv.port,
-                            strerror(&e)
-                        ),
-                    };
+            let end = match self.new_session(job, srv, key, policy, sec, &mut eight_bit) {
+                Ok(end) => end,
+                Err(f) => {
                     if more {
                         postern_common::info!("{}: {}", job.req.queue_id, f.reason);
                     }
@@ -372,32 +363,6 @@ impl Agent {
                     continue;
                 }
             };
-            let created = std::time::Instant::now();
-            let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, &mut eight_bit);
-            if let Some(idle) = idle {
-                self.cache.put(key, idle, created);
-            }
-            // Never in plaintext with credentials to send.
-            if auth.is_none() && self.plaintext_fallback(job, policy, &end) {
-                postern_common::info!(
-                    "{}: TLS handshake with {} failed; trying again without TLS",
-                    job.req.queue_id,
-                    srv.relay()
-                );
-                if let Ok(s) = connect(srv, self.connect_timeout, &self.bind) {
-                    let (e, idle) = self.session(
-                        job,
-                        s,
-                        PeerId::from(srv),
-                        client::Security::default(),
-                        &mut eight_bit,
-                    );
-                    if let Some(idle) = idle {
-                        idle.quit(self.settings.timeouts.quit);
-                    }
-                    end = e;
-                }
-            }
             match end {
                 End::Complete => {
                     sessions += 1;
@@ -414,6 +379,64 @@ impl Agent {
                 }
             }
         }
+        Self::defer_rest(job, last, sessions);
+    }
+
+    /// A new connection to `srv` and a session over it, kept under `key`
+    /// when it ends well; after a failed TLS handshake, perhaps once more
+    /// in plaintext ([`Agent::plaintext_fallback`]). `Err` when the
+    /// connection failed.
+    fn new_session(
+        &self,
+        job: &mut Job,
+        srv: &Server,
+        key: String,
+        policy: &tls::Policy,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Result<End, Failure> {
+        let stream = connect(srv, self.connect_timeout, &self.bind).map_err(|e| Failure {
+            dsn: "4.4.1".into(),
+            reason: format!(
+                "connect to {}:{}: {}",
+                srv.namaddr(),
+                srv.port,
+                strerror(&e)
+            ),
+        })?;
+        let created = std::time::Instant::now();
+        let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, eight_bit);
+        if let Some(idle) = idle {
+            self.cache.put(key, idle, created);
+        }
+        // Never in plaintext with credentials to send.
+        if sec.sasl.is_none() && self.plaintext_fallback(job, policy, &end) {
+            postern_common::info!(
+                "{}: TLS handshake with {} failed; trying again without TLS",
+                job.req.queue_id,
+                srv.relay()
+            );
+            if let Ok(s) = connect(srv, self.connect_timeout, &self.bind) {
+                let (e, idle) = self.session(
+                    job,
+                    s,
+                    PeerId::from(srv),
+                    client::Security::default(),
+                    eight_bit,
+                );
+                if let Some(idle) = idle {
+                    idle.quit(self.settings.timeouts.quit);
+                }
+                end = e;
+            }
+        }
+        Ok(end)
+    }
+
+    /// Defers the recipients still without an outcome once no server is
+    /// left, with the `last` failure and the relay it came from; with no
+    /// session at all, the destination failed.
+    fn defer_rest(job: &mut Job, last: Option<(Failure, String)>, sessions: usize) {
         if job.unfinished().is_empty() {
             return;
         }
