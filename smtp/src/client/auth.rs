@@ -2,7 +2,7 @@
 
 use super::session::Session;
 use super::{End, Extensions};
-use crate::nexthop::Failure;
+use crate::nexthop::{temporary_dsn, Failure};
 
 impl Session<'_, '_> {
     /// AUTH with the first allowed mechanism the server offers.
@@ -47,12 +47,8 @@ impl Session<'_, '_> {
             return Ok(());
         }
         // As Postfix with smtp_sasl_auth_soft_bounce = yes: never a bounce.
-        let mut dsn = r.dsn();
-        if !dsn.starts_with('4') {
-            dsn.replace_range(0..1, "4");
-        }
         let f = Failure {
-            dsn,
+            dsn: temporary_dsn(r.dsn()),
             reason: format!(
                 "SASL authentication failed; server {} said: {}",
                 self.peer.namaddr,

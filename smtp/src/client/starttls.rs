@@ -3,7 +3,7 @@
 
 use super::session::Session;
 use super::{stage, End, Extensions, Stream};
-use crate::nexthop::Failure;
+use crate::nexthop::{temporary_dsn, Failure};
 use crate::reply::LineReader;
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -144,12 +144,8 @@ impl<'c> Session<'_, 'c> {
                 // Opportunistic: carry on in plaintext.
                 return Ok(ext);
             }
-            let mut dsn = r.dsn();
-            if !dsn.starts_with('4') {
-                dsn.replace_range(0..1, "4");
-            }
             let f = Failure {
-                dsn,
+                dsn: temporary_dsn(r.dsn()),
                 reason: format!(
                     "TLS is required, but host {} refused to start TLS: {}",
                     self.peer.namaddr,

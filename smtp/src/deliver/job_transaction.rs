@@ -10,12 +10,31 @@ use std::io::{self, Read};
 /// A delivery request as one session sees it: the recipients still
 /// without an outcome when the session started.
 pub(super) struct JobTransaction<'a> {
-    pub(super) job: &'a mut Job,
-    pub(super) rcpts: Vec<DeliveryRecipient>,
-    pub(super) addrs: Vec<String>,
-    pub(super) relay: String,
+    job: &'a mut Job,
+    rcpts: Vec<DeliveryRecipient>,
+    addrs: Vec<String>,
+    relay: String,
     /// Whether the content has 8-bit bytes, once looked at.
-    pub(super) eight_bit: &'a mut Option<bool>,
+    eight_bit: &'a mut Option<bool>,
+}
+
+impl<'a> JobTransaction<'a> {
+    /// The recipients of `job` still without an outcome, for a session
+    /// with `relay`; `eight_bit` is shared by the request's sessions.
+    pub(super) fn new(
+        job: &'a mut Job,
+        relay: String,
+        eight_bit: &'a mut Option<bool>,
+    ) -> JobTransaction<'a> {
+        let rcpts = job.unfinished();
+        JobTransaction {
+            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
+            rcpts,
+            relay,
+            eight_bit,
+            job,
+        }
+    }
 }
 
 impl Drop for JobTransaction<'_> {

@@ -207,10 +207,7 @@ impl Agent {
             if !handshake {
                 job.destination_failed();
             }
-            let mut dsn = failure.dsn;
-            if !dsn.starts_with('4') {
-                dsn.replace_range(0..1, "4");
-            }
+            let dsn = nexthop::temporary_dsn(failure.dsn);
             job.record_rest(Outcome::Deferred, &dsn, &peer.relay, &failure.reason);
         }
     }
@@ -256,14 +253,7 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> (End, Option<client::Idle<'static>>) {
-        let rcpts = job.unfinished();
-        let mut txn = JobTransaction {
-            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
-            rcpts,
-            relay: peer.relay.clone(),
-            eight_bit,
-            job,
-        };
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
 
@@ -278,14 +268,7 @@ impl Agent {
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
         let (idle, created) = self.cache.take(key)?;
-        let rcpts = job.unfinished();
-        let mut txn = JobTransaction {
-            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
-            rcpts,
-            relay: peer.relay.clone(),
-            eight_bit,
-            job,
-        };
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
             self.cache.put(key.to_string(), idle, created);
@@ -453,10 +436,7 @@ impl Agent {
             job.destination_failed();
         }
         // What is left may succeed later: never a bounce.
-        let mut dsn = f.dsn;
-        if !dsn.starts_with('4') {
-            dsn.replace_range(0..1, "4");
-        }
+        let dsn = nexthop::temporary_dsn(f.dsn);
         job.record_rest(Outcome::Deferred, &dsn, &relay, &f.reason);
     }
 
