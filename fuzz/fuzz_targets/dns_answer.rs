@@ -4,25 +4,19 @@
 //! next-hop code makes (MX, then A/AAAA of each exchange) and to smtpd's
 //! DNSBL, domain and client-name (PTR, then A/AAAA) queries.
 //!
-//! smtp is a program without a library: its `dns` and `nexthop` modules
-//! are compiled here from their own source files (the same code, not a
-//! copy), with a [`dns::Lookup`] that serves the message's records.
+//! The smtp client's `dns` and `nexthop` modules come from its library,
+//! with a [`dns::Lookup`] that serves the message's records.
 //!
 //! Invariants checked: a null MX alone fails with 5.1.10; the server list
 //! is never empty on success, respects `smtp_mx_address_limit`, never names
 //! the root exchange and keeps MX preference order; a client name taken
 //! from a PTR answer is a valid host name.
 #![no_main]
-#![allow(dead_code)]
 use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::{Record, RecordType};
 use libfuzzer_sys::fuzz_target;
+use postern_smtp::{dns, nexthop};
 use std::net::IpAddr;
-
-#[path = "../../smtp/src/dns.rs"]
-mod dns;
-#[path = "../../smtp/src/nexthop.rs"]
-mod nexthop;
 
 /// Serves every query from one message.
 struct Wire<'a> {

@@ -164,6 +164,15 @@ impl Failure {
     }
 }
 
+/// `dsn` with class 4 (temporary) whatever its class, for a failure that
+/// must never bounce.
+pub fn temporary_dsn(mut dsn: String) -> String {
+    if !dsn.starts_with('4') {
+        dsn.replace_range(0..1, "4");
+    }
+    dsn
+}
+
 /// How to build the list.
 #[derive(Debug, Clone)]
 pub struct Options {

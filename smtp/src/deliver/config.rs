@@ -1,0 +1,252 @@
+//! What the agent reads from main.cf (the `smtp_*` parameters, for LMTP
+//! the `lmtp_*` forms), and what it looks up per destination: the TLS
+//! policy (`smtp_tls_policy_maps`) and the SASL credentials
+//! (`smtp_sasl_password_maps`).
+
+use super::{Agent, Bind};
+use crate::cache::Cache;
+use crate::client::{Settings, Timeouts};
+use crate::nexthop;
+use crate::sasl;
+use crate::tls;
+use postern_common::maps::Tables;
+use postern_conf::Config;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The parameter that configures `smtp_NAME` in this mode (see
+/// [`postern_conf::params::smtp_client_param`]).
+pub fn param(lmtp: bool, smtp_name: &str) -> String {
+    postern_conf::params::smtp_client_param(lmtp, smtp_name)
+}
+
+/// A time parameter, with its default when the setting is unusable.
+fn time(cfg: &Config, name: &str) -> Duration {
+    let secs = cfg.get_time(name).unwrap_or_else(|e| {
+        postern_common::warning!("{e}; using the default");
+        postern_conf::params::default_of(name)
+            .and_then(postern_conf::parse_time)
+            .unwrap_or(300)
+    });
+    Duration::from_secs(secs)
+}
+
+/// An address parameter; None when empty (or unusable, with a warning).
+fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
+    let v = cfg.get(name);
+    let v = v.trim().trim_start_matches('[').trim_end_matches(']');
+    if v.is_empty() {
+        return None;
+    }
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            postern_common::warning!("{name}: \"{v}\" is not an IP address; ignored");
+            None
+        }
+    }
+}
+
+fn number(cfg: &Config, name: &str) -> usize {
+    cfg.get_u64(name).unwrap_or_else(|e| {
+        postern_common::warning!("{e}; using the default");
+        postern_conf::params::default_of(name)
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0)
+    }) as usize
+}
+
+impl Agent {
+    /// Reads the `smtp_*` (for LMTP, `lmtp_*` where Postern has them),
+    /// `inet_protocols` and `dns_resolver_*` parameters.
+    pub fn from_config(cfg: &Config, lmtp: bool) -> Agent {
+        let p = |n: &str| param(lmtp, n);
+        let dns_servers = postern_common::dns::servers_from_config(cfg);
+        Agent {
+            settings: Settings {
+                helo_name: cfg.get(&p("smtp_helo_name")),
+                timeouts: Timeouts {
+                    helo: time(cfg, &p("smtp_helo_timeout")),
+                    mail: time(cfg, &p("smtp_mail_timeout")),
+                    rcpt: time(cfg, &p("smtp_rcpt_timeout")),
+                    data_init: time(cfg, &p("smtp_data_init_timeout")),
+                    data_xfer: time(cfg, &p("smtp_data_xfer_timeout")),
+                    data_done: time(cfg, &p("smtp_data_done_timeout")),
+                    quit: time(cfg, &p("smtp_quit_timeout")),
+                },
+                lmtp,
+                keep: cfg
+                    .get_bool(&p("smtp_connection_cache_on_demand"))
+                    .unwrap_or(true),
+                discard: cfg
+                    .get_list(&p("smtp_discard_ehlo_keywords"))
+                    .iter()
+                    .map(|k| k.to_ascii_lowercase())
+                    .collect(),
+                line_limit: number(cfg, &p("smtp_line_length_limit")),
+            },
+            connect_timeout: time(cfg, &p("smtp_connect_timeout")),
+            options: nexthop::Options::protocols(
+                &cfg.get_list("inet_protocols"),
+                number(cfg, &p("smtp_mx_address_limit")),
+            ),
+            session_limit: number(cfg, &p("smtp_mx_session_limit")),
+            dns_servers,
+            dns_timeout: time(cfg, "dns_resolver_timeout"),
+            resolver: Mutex::new(None),
+            lmtp,
+            queue_dir: postern_common::service::queue_directory(cfg),
+            myhostname: cfg.get("myhostname"),
+            tls_level: {
+                let name = p("smtp_tls_security_level");
+                let v = cfg.get(&name);
+                tls::Level::parse(&v).unwrap_or_else(|| {
+                    postern_common::warning!(
+                        "{name}: invalid TLS security level \"{v}\"; using \"may\""
+                    );
+                    tls::Level::May
+                })
+            },
+            tls_policy_maps: {
+                let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_tls_policy_maps")));
+                for e in errors {
+                    postern_common::error!("{}: {e}", p("smtp_tls_policy_maps"));
+                }
+                t
+            },
+            ca_file: cfg.get(&p("smtp_tls_CAfile")),
+            ca_path: cfg.get(&p("smtp_tls_CApath")),
+            tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
+            tls_wrapper: cfg.get_bool(&p("smtp_tls_wrappermode")).unwrap_or(false),
+            min_backoff: time(cfg, "minimal_backoff_time"),
+            sasl_enable: cfg.get_bool(&p("smtp_sasl_auth_enable")).unwrap_or(false),
+            sasl_maps: {
+                let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_sasl_password_maps")));
+                for e in errors {
+                    // Every delivery through an AUTH smarthost fails until
+                    // it is fixed.
+                    postern_common::error!("{}: {e}", p("smtp_sasl_password_maps"));
+                }
+                t
+            },
+            sasl_plain_opts: sasl::SecurityOptions::parse(
+                &cfg.get_list(&p("smtp_sasl_security_options")),
+            ),
+            sasl_tls_opts: sasl::SecurityOptions::parse(
+                &cfg.get_list(&p("smtp_sasl_tls_security_options")),
+            ),
+            sasl_filter: cfg
+                .get_list(&p("smtp_sasl_mechanism_filter"))
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            sender_dependent: cfg
+                .get_bool(&p("smtp_sender_dependent_authentication"))
+                .unwrap_or(false),
+            bind: Bind {
+                v4: bind_address(cfg, &p("smtp_bind_address")),
+                v6: bind_address(cfg, &p("smtp_bind_address6")),
+            },
+            cache: Cache::new(
+                time(cfg, &p("smtp_connection_cache_time_limit")),
+                time(cfg, &p("smtp_connection_reuse_time_limit")),
+                time(cfg, &p("smtp_quit_timeout")),
+            ),
+        }
+    }
+
+    /// The credentials for a session, if AUTH is enabled and the table
+    /// has an entry (see [`crate::sasl`] for the lookup order).
+    pub(super) fn sasl_auth(&self, sender: &str, dest: &str, host: &str) -> Option<sasl::Auth> {
+        if !self.sasl_enable || self.sasl_maps.is_empty() {
+            return None;
+        }
+        let mut keys: Vec<String> = Vec::new();
+        if self.sender_dependent && !sender.is_empty() {
+            keys.push(sender.to_ascii_lowercase());
+            if let Some(at) = sender.rfind('@') {
+                keys.push(sender[at..].to_ascii_lowercase());
+            }
+        }
+        keys.push(dest.trim().to_ascii_lowercase());
+        keys.push(host.to_ascii_lowercase());
+        let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
+        let Some(creds) = sasl::Credentials::parse(value) else {
+            postern_common::warning!(
+                "smtp_sasl_password_maps: entry for {host} is not in username:password form"
+            );
+            return None;
+        };
+        Some(sasl::Auth {
+            creds,
+            plain_opts: self.sasl_plain_opts,
+            tls_opts: self.sasl_tls_opts,
+            filter: self.sasl_filter.clone(),
+        })
+    }
+
+    /// The TLS policy of a destination: `smtp_tls_policy_maps` by the
+    /// next hop as given, then by its host or domain, then by each parent
+    /// domain as `.parent`; else the level.
+    pub(super) fn tls_policy(&self, dest: &str, host: &str) -> tls::Policy {
+        let mut keys = vec![dest.trim().to_ascii_lowercase(), host.to_ascii_lowercase()];
+        // As Postfix: ".example.com" matches the subdomains of example.com.
+        let mut rest = host.to_ascii_lowercase();
+        while let Some(i) = rest.find('.') {
+            rest = rest[i + 1..].to_string();
+            if rest.is_empty() {
+                break;
+            }
+            keys.push(format!(".{rest}"));
+        }
+        for k in &keys {
+            if let Some(v) = self.tls_policy_maps.lookup(k) {
+                match tls::Policy::parse(v) {
+                    Ok(p) => return p,
+                    Err(e) => {
+                        postern_common::warning!(
+                            "smtp_tls_policy_maps: {k}: {e}; using \"encrypt\""
+                        );
+                        return tls::Policy {
+                            level: tls::Level::Encrypt,
+                            matches: Vec::new(),
+                        };
+                    }
+                }
+            }
+        }
+        tls::Policy {
+            level: self.tls_level,
+            matches: Vec::new(),
+        }
+    }
+
+    /// What a session with `server` (named `name`) needs for TLS.
+    pub(super) fn tls_client(
+        &self,
+        policy: &tls::Policy,
+        name: &str,
+        nexthop: &str,
+    ) -> Option<tls::Client> {
+        let mut policy = policy.clone();
+        if self.tls_wrapper && policy.level < tls::Level::Encrypt {
+            // Wrapper mode is TLS or nothing.
+            policy.level = tls::Level::Encrypt;
+        }
+        if policy.level == tls::Level::None {
+            return None;
+        }
+        Some(tls::Client {
+            wrapper: self.tls_wrapper,
+            policy: policy.clone(),
+            names: policy.names(name, nexthop),
+            roots: tls::roots(&self.ca_file, &self.ca_path),
+            loglevel: self.tls_loglevel,
+        })
+    }
+
+    /// Reads the CA certificates (kept for the process's life).
+    pub fn load_tls_roots(&self) {
+        let _ = tls::roots(&self.ca_file, &self.ca_path);
+    }
+}

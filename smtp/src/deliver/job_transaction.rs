@@ -1,0 +1,129 @@
+//! A delivery request as the client conversation sees it
+//! ([`crate::client::Transaction`]): envelope and content from the queue
+//! file, outcomes recorded through the job.
+
+use crate::client::Transaction;
+use postern_common::delivery::Job;
+use postern_common::ipc::{DeliveryRecipient, Outcome};
+use std::io::{self, Read};
+
+/// A delivery request as one session sees it: the recipients still
+/// without an outcome when the session started.
+pub(super) struct JobTransaction<'a> {
+    job: &'a mut Job,
+    rcpts: Vec<DeliveryRecipient>,
+    addrs: Vec<String>,
+    relay: String,
+    /// Whether the content has 8-bit bytes, once looked at.
+    eight_bit: &'a mut Option<bool>,
+}
+
+impl<'a> JobTransaction<'a> {
+    /// The recipients of `job` still without an outcome, for a session
+    /// with `relay`; `eight_bit` is shared by the request's sessions.
+    pub(super) fn new(
+        job: &'a mut Job,
+        relay: String,
+        eight_bit: &'a mut Option<bool>,
+    ) -> JobTransaction<'a> {
+        let rcpts = job.unfinished();
+        JobTransaction {
+            addrs: rcpts.iter().map(|r| r.rcpt.address.clone()).collect(),
+            rcpts,
+            relay,
+            eight_bit,
+            job,
+        }
+    }
+}
+
+impl Drop for JobTransaction<'_> {
+    fn drop(&mut self) {
+        // The next session (another server) may not announce DSN.
+        self.job.dsn_passed_on = false;
+    }
+}
+
+impl Transaction for JobTransaction<'_> {
+    fn sender(&self) -> &str {
+        &self.job.req.sender
+    }
+
+    fn recipients(&self) -> &[String] {
+        &self.addrs
+    }
+
+    fn content_size(&self) -> u64 {
+        self.job.req.content_size
+    }
+
+    fn eight_bit(&mut self) -> io::Result<bool> {
+        if let Some(b) = *self.eight_bit {
+            return Ok(b);
+        }
+        let mut r = self.job.content()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let found = loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break false;
+            }
+            if buf[..n].iter().any(|&b| b >= 0x80) {
+                break true;
+            }
+        };
+        *self.eight_bit = Some(found);
+        Ok(found)
+    }
+
+    fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(self.job.content()?))
+    }
+
+    fn connected(&mut self) {
+        self.job.connected();
+    }
+
+    fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
+        self.job
+            .record(&self.rcpts[i], outcome, dsn, &self.relay, reason);
+    }
+
+    fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
+        use postern_common::qfile::{self, attr};
+        // Asked only of a server that announced DSN: the recipients'
+        // NOTIFY goes with them, and that server reports success itself.
+        self.job.dsn_passed_on = true;
+        match qfile::read_envelope(&self.job.file) {
+            Ok(env) => (
+                env.attr(attr::RET).map(str::to_string),
+                env.attr(attr::ENVID).map(str::to_string),
+            ),
+            Err(_) => (None, None),
+        }
+    }
+
+    fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
+        match postern_common::qfile::read_envelope(&self.job.file) {
+            Ok(env) => postern_common::smtputf8::Flags::of_envelope(&env),
+            Err(_) => Default::default(),
+        }
+    }
+
+    fn dsn_recipient(&self, i: usize) -> (u8, String) {
+        // As Postfix: without an ORCPT, the original recipient address.
+        let r = &self.rcpts[i].rcpt;
+        let orcpt = if !r.orcpt.is_empty() {
+            r.orcpt.clone()
+        } else if !r.original.is_empty() {
+            format!("rfc822;{}", r.original)
+        } else {
+            String::new()
+        };
+        (r.notify, orcpt)
+    }
+
+    fn queue_id(&self) -> &str {
+        &self.job.req.queue_id
+    }
+}

@@ -1,0 +1,454 @@
+//! One delivery request, from next hop to recorded outcomes.
+//!
+//! [`Agent::deliver`] parses the request's next hop, finds the servers to
+//! try ([`crate::nexthop`], with DNS from [`crate::dns`]), connects to
+//! each address in turn within `smtp_connect_timeout`, and runs the SMTP
+//! conversation ([`crate::client`]) until every recipient has an outcome.
+//! A server that cannot be reached, or that ends the session before any
+//! content was sent, passes the recipients still without an outcome on to
+//! the next address; at most `smtp_mx_session_limit` servers that got as
+//! far as EHLO are tried. What is left when no address remains is
+//! deferred with the last reason, and when no server even completed the
+//! handshake the destination is reported as failed.
+//!
+//! Here: [`Agent`] and the request's course (next hop, servers, sessions
+//! in turn, what is left deferred). `config` reads the agent's
+//! parameters and looks up a destination's TLS policy and SASL
+//! credentials, `connect` opens the TCP connections, and
+//! `job_transaction` is the request as the client conversation sees it.
+
+mod config;
+mod connect;
+mod job_transaction;
+#[cfg(test)]
+mod tests;
+
+pub use config::param;
+pub use connect::Bind;
+
+use crate::cache::Cache;
+use crate::client::{self, End, PeerId, Settings};
+use crate::dns::Resolver;
+use crate::nexthop::{self, Failure, LmtpHop, NextHop, Server};
+use crate::sasl;
+use crate::tls;
+use connect::{connect, strerror};
+use job_transaction::JobTransaction;
+use postern_common::delivery::Job;
+use postern_common::ipc::Outcome;
+use postern_common::maps::Tables;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The agent's settings and its DNS resolver, made once per process.
+pub struct Agent {
+    settings: Settings,
+    connect_timeout: Duration,
+    options: nexthop::Options,
+    /// Most sessions per request that got past EHLO; 0 = no limit.
+    session_limit: usize,
+    dns_servers: Vec<SocketAddr>,
+    dns_timeout: Duration,
+    /// Started on first use: a delivery to `[address]` needs no DNS.
+    /// Shared by the process's delivery threads.
+    resolver: Mutex<Option<Arc<Resolver>>>,
+    /// LMTP mode (the `lmtp` program): next hops `unix:PATH` and
+    /// `inet:host:port`, LHLO, a reply per recipient.
+    lmtp: bool,
+    /// Where relative `unix:` paths start (`queue_directory`).
+    queue_dir: PathBuf,
+    /// The name a Unix-socket peer is given in logs (`myhostname`).
+    myhostname: String,
+    /// `smtp_tls_security_level` (for LMTP `lmtp_tls_security_level`).
+    tls_level: tls::Level,
+    /// `smtp_tls_policy_maps`.
+    tls_policy_maps: Tables,
+    ca_file: String,
+    ca_path: String,
+    tls_loglevel: u32,
+    /// `smtp_tls_wrappermode`.
+    tls_wrapper: bool,
+    /// `minimal_backoff_time`: after a failed handshake at level `may`, a
+    /// message that waited this long is sent in plaintext.
+    min_backoff: Duration,
+    /// `smtp_sasl_auth_enable`.
+    sasl_enable: bool,
+    /// `smtp_sasl_password_maps`.
+    sasl_maps: Tables,
+    sasl_plain_opts: sasl::SecurityOptions,
+    sasl_tls_opts: sasl::SecurityOptions,
+    sasl_filter: Vec<String>,
+    /// `smtp_sender_dependent_authentication`.
+    sender_dependent: bool,
+    /// Sessions kept between requests (`smtp_connection_cache_on_demand`).
+    cache: Cache,
+    /// `smtp_bind_address`, `smtp_bind_address6`.
+    bind: Bind,
+}
+
+impl Agent {
+    fn resolver(&self) -> Result<Arc<Resolver>, String> {
+        let mut r = self.resolver.lock().map_err(|_| "resolver lock poisoned")?;
+        if r.is_none() {
+            *r = Some(Arc::new(Resolver::new(
+                &self.dns_servers,
+                self.dns_timeout,
+            )?));
+        }
+        Ok(r.as_ref().expect("just set").clone())
+    }
+
+    /// The servers for a next hop.
+    fn servers(&self, hop: &NextHop) -> Result<Vec<Server>, Failure> {
+        let options = self.options.clone();
+        if !hop.mx {
+            if let Ok(addr) = hop.host.parse() {
+                return Ok(vec![Server {
+                    name: hop.host.clone(),
+                    addr,
+                    port: hop.port,
+                }]);
+            }
+        }
+        match self.resolver() {
+            Ok(r) => nexthop::servers(hop, &*r, &options),
+            Err(e) => {
+                postern_common::warning!("{e}");
+                Err(Failure {
+                    dsn: "4.3.0".into(),
+                    reason: format!("DNS resolver unavailable: {e}"),
+                })
+            }
+        }
+    }
+
+    /// Before the process ends: QUIT to every kept session.
+    pub fn close_cached(&self) {
+        self.cache.close_all();
+    }
+
+    /// Delivers one request: every recipient gets an outcome. Called from
+    /// several threads at once (see [`crate::run`]).
+    pub fn deliver(&self, job: &mut Job) {
+        if job.unfinished().is_empty() {
+            return;
+        }
+        let dest = if job.req.nexthop.trim().is_empty() {
+            postern_common::addr::domain(&job.req.recipients[0].rcpt.address)
+        } else {
+            job.req.nexthop.clone()
+        };
+        let parsed = if self.lmtp {
+            nexthop::parse_lmtp(&dest)
+        } else {
+            nexthop::parse(&dest).map(LmtpHop::Inet)
+        };
+        let hop = match parsed {
+            Ok(LmtpHop::Inet(h)) => h,
+            Ok(LmtpHop::Unix(path)) => {
+                let policy = self.tls_policy(&dest, &path);
+                let auth = self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname);
+                return self.deliver_unix(job, &path, &policy, auth.as_ref());
+            }
+            Err(reason) => {
+                postern_common::warning!("{}: {reason}", job.req.queue_id);
+                job.record_rest(Outcome::Deferred, "4.3.5", "none", &reason);
+                return;
+            }
+        };
+        let policy = self.tls_policy(&dest, &hop.host);
+        match self.servers(&hop) {
+            Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
+            Err(f) => {
+                if f.is_permanent() {
+                    job.record_rest(Outcome::Bounced, &f.dsn, "none", &f.reason);
+                } else {
+                    job.destination_failed();
+                    job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
+                }
+            }
+        }
+    }
+
+    /// Delivers over the Unix-domain socket `path` (LMTP).
+    fn deliver_unix(
+        &self,
+        job: &mut Job,
+        path: &str,
+        policy: &tls::Policy,
+        auth: Option<&sasl::Auth>,
+    ) {
+        let full = self.queue_dir.join(path);
+        let peer = PeerId::unix(&self.myhostname, path);
+        let mut eight_bit = None;
+        let tls = self.tls_client(policy, &self.myhostname, &self.myhostname);
+        let sec = client::Security {
+            tls: tls.as_ref(),
+            sasl: auth,
+        };
+        let key = format!(
+            "unix:{path} {} {:?}",
+            auth.map(|a| a.creds.user.as_str()).unwrap_or(""),
+            policy.level
+        );
+        let end = match self.cached_session(&key, job, peer.clone(), sec, &mut eight_bit) {
+            Some(end) => end,
+            None => {
+                match self.unix_session(job, &full, path, &key, peer.clone(), sec, &mut eight_bit) {
+                    Some(end) => end,
+                    None => return,
+                }
+            }
+        };
+        if let End::TryNext { failure, handshake } = end {
+            if !handshake {
+                job.destination_failed();
+            }
+            let dsn = nexthop::temporary_dsn(failure.dsn);
+            job.record_rest(Outcome::Deferred, &dsn, &peer.relay, &failure.reason);
+        }
+    }
+
+    /// A new connection to the socket `full` and a session over it; the
+    /// session is kept under `key` when it ends well. None when the
+    /// connection failed (the recipients are deferred then).
+    #[allow(clippy::too_many_arguments)]
+    fn unix_session(
+        &self,
+        job: &mut Job,
+        full: &std::path::Path,
+        path: &str,
+        key: &str,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Option<End> {
+        let stream = match UnixStream::connect(full) {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("connect to {path}: {}", strerror(&e));
+                job.destination_failed();
+                job.record_rest(Outcome::Deferred, "4.4.1", "none", &reason);
+                return None;
+            }
+        };
+        let created = std::time::Instant::now();
+        let (end, idle) = self.session(job, stream, peer, sec, eight_bit);
+        if let Some(idle) = idle {
+            self.cache.put(key.to_string(), idle, created);
+        }
+        Some(end)
+    }
+
+    /// One session over a connected stream, for the recipients still
+    /// without an outcome.
+    fn session<S: client::Stream + Send + 'static>(
+        &self,
+        job: &mut Job,
+        stream: S,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> (End, Option<client::Idle<'static>>) {
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
+    }
+
+    /// A transaction over a cached session for `key`, if there is one
+    /// that still answers.
+    fn cached_session(
+        &self,
+        key: &str,
+        job: &mut Job,
+        peer: PeerId,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Option<End> {
+        let (idle, created) = self.cache.take(key)?;
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
+        if let Some(idle) = idle {
+            self.cache.put(key.to_string(), idle, created);
+        }
+        Some(end)
+    }
+
+    /// Tries each server in turn until every recipient has an outcome
+    /// (TLS as `smtp_tls_security_level` says).
+    #[cfg(test)]
+    pub fn try_servers(&self, job: &mut Job, servers: &[Server]) {
+        let policy = tls::Policy {
+            level: self.tls_level,
+            matches: Vec::new(),
+        };
+        self.try_servers_with(job, servers, &policy, "", "")
+    }
+
+    /// Tries each server in turn until every recipient has an outcome;
+    /// `dest` is the next hop as written, `nexthop` its host or domain
+    /// (for TLS names and SASL credentials).
+    pub fn try_servers_with(
+        &self,
+        job: &mut Job,
+        servers: &[Server],
+        policy: &tls::Policy,
+        dest: &str,
+        nexthop: &str,
+    ) {
+        let mut last: Option<(Failure, String)> = None;
+        let mut sessions = 0;
+        let mut eight_bit = None;
+        for (k, srv) in servers.iter().enumerate() {
+            if job.unfinished().is_empty() {
+                break;
+            }
+            if self.session_limit > 0 && sessions >= self.session_limit {
+                break;
+            }
+            let more = k + 1 < servers.len();
+            let tls = self.tls_client(policy, &srv.name, nexthop);
+            let auth = self.sasl_auth(&job.req.sender.clone(), dest, &srv.name);
+            let sec = client::Security {
+                tls: tls.as_ref(),
+                sasl: auth.as_ref(),
+            };
+            let key = format!(
+                "{dest} {} {} {:?}",
+                srv.relay(),
+                auth.as_ref().map(|a| a.creds.user.as_str()).unwrap_or(""),
+                policy.level
+            );
+            if let Some(end) =
+                self.cached_session(&key, job, PeerId::from(srv), sec, &mut eight_bit)
+            {
+                match end {
+                    End::Complete => {
+                        sessions += 1;
+                        last = None;
+                    }
+                    End::TryNext { failure, .. } => {
+                        sessions += 1;
+                        last = Some((failure, srv.relay()));
+                    }
+                }
+                continue;
+            }
+            let end = match self.new_session(job, srv, key, policy, sec, &mut eight_bit) {
+                Ok(end) => end,
+                Err(f) => {
+                    if more {
+                        postern_common::info!("{}: {}", job.req.queue_id, f.reason);
+                    }
+                    last = Some((f, "none".into()));
+                    continue;
+                }
+            };
+            match end {
+                End::Complete => {
+                    sessions += 1;
+                    last = None;
+                }
+                End::TryNext { failure, handshake } => {
+                    if handshake {
+                        sessions += 1;
+                    }
+                    if more {
+                        postern_common::info!("{}: {}", job.req.queue_id, failure.reason);
+                    }
+                    last = Some((failure, srv.relay()));
+                }
+            }
+        }
+        Self::defer_rest(job, last, sessions);
+    }
+
+    /// A new connection to `srv` and a session over it, kept under `key`
+    /// when it ends well; after a failed TLS handshake, perhaps once more
+    /// in plaintext ([`Agent::plaintext_fallback`]). `Err` when the
+    /// connection failed.
+    fn new_session(
+        &self,
+        job: &mut Job,
+        srv: &Server,
+        key: String,
+        policy: &tls::Policy,
+        sec: client::Security<'_>,
+        eight_bit: &mut Option<bool>,
+    ) -> Result<End, Failure> {
+        let stream = connect(srv, self.connect_timeout, &self.bind).map_err(|e| Failure {
+            dsn: "4.4.1".into(),
+            reason: format!(
+                "connect to {}:{}: {}",
+                srv.namaddr(),
+                srv.port,
+                strerror(&e)
+            ),
+        })?;
+        let created = std::time::Instant::now();
+        let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, eight_bit);
+        if let Some(idle) = idle {
+            self.cache.put(key, idle, created);
+        }
+        // Never in plaintext with credentials to send.
+        if sec.sasl.is_none() && self.plaintext_fallback(job, policy, &end) {
+            postern_common::info!(
+                "{}: TLS handshake with {} failed; trying again without TLS",
+                job.req.queue_id,
+                srv.relay()
+            );
+            if let Ok(s) = connect(srv, self.connect_timeout, &self.bind) {
+                let (e, idle) = self.session(
+                    job,
+                    s,
+                    PeerId::from(srv),
+                    client::Security::default(),
+                    eight_bit,
+                );
+                if let Some(idle) = idle {
+                    idle.quit(self.settings.timeouts.quit);
+                }
+                end = e;
+            }
+        }
+        Ok(end)
+    }
+
+    /// Defers the recipients still without an outcome once no server is
+    /// left, with the `last` failure and the relay it came from; with no
+    /// session at all, the destination failed.
+    fn defer_rest(job: &mut Job, last: Option<(Failure, String)>, sessions: usize) {
+        if job.unfinished().is_empty() {
+            return;
+        }
+        let (f, relay) = last.unwrap_or_else(|| {
+            (
+                Failure {
+                    dsn: "4.4.0".into(),
+                    reason: "no server to deliver to".into(),
+                },
+                "none".into(),
+            )
+        });
+        if sessions == 0 {
+            job.destination_failed();
+        }
+        // What is left may succeed later: never a bounce.
+        let dsn = nexthop::temporary_dsn(f.dsn);
+        job.record_rest(Outcome::Deferred, &dsn, &relay, &f.reason);
+    }
+
+    /// Postfix's rule for opportunistic TLS: after a failed handshake at
+    /// level `may`, a message that has already waited at least
+    /// `minimal_backoff_time` is sent in plaintext over a new connection
+    /// (a fresh message is deferred, so that a passing problem does not
+    /// downgrade it at once).
+    fn plaintext_fallback(&self, job: &Job, policy: &tls::Policy, end: &End) -> bool {
+        matches!(end, End::TryNext { failure, .. } if failure.reason == client::TLS_HANDSHAKE_FAILURE)
+            && policy.level == tls::Level::May
+            && !self.tls_wrapper
+            && job.req.queue_wait >= self.min_backoff.as_secs_f64()
+    }
+}
