@@ -3,13 +3,14 @@
 //!
 //! The main thread waits on one channel of [`Event`]s, fed by the
 //! wake-up thread (`public/qmgr`, and the `queue_run_delay` timer), by the
-//! delivery threads ([`deliver`]) and by the notice threads ([`bounce`]).
+//! delivery threads ([`deliver`]) and by the notice threads ([`notices`]).
 //! Between events it takes messages in from the scans ([`scan`]),
-//! resolves and queues their recipients ([`resolve`], [`schedule`]),
-//! dispatches what the scheduler allows, and finishes each message whose
-//! round is over: it sends a non-delivery notice for bounced recipients,
-//! bounces expired ones, and removes the file or puts it in `deferred/`
-//! with its retry time ([`retry`]).
+//! resolves and queues their recipients ([`crate::resolve`],
+//! [`crate::schedule`]), dispatches what the scheduler allows, and
+//! finishes each message whose round is over: it bounces expired
+//! recipients, sends the notices the round calls for (non-delivery,
+//! delay, success: [`notices`]), and removes the file or puts it in
+//! `deferred/` with its retry time ([`retry`]).
 //!
 //! Everything on disk changes by a rename, an append to a message log, or
 //! a done mark: a qmgr killed at any instant loses nothing, and the next
