@@ -9,7 +9,7 @@
 //! active queue, so a request never races a delivery: a message with a
 //! request in flight is acted on when that request returns.
 
-use crate::manager::Event;
+use crate::event::Event;
 use postern_common::ipc::{self, AdminRequest};
 use postern_common::queue::QueueTree;
 use postern_common::warning;

@@ -428,7 +428,6 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
         .iter()
         .all(|e| e.reason.is_ascii() && e.recipient.is_ascii() && e.original.is_ascii())
         && n.sender.is_ascii();
-    let charset = if ascii { "us-ascii" } else { "utf-8" };
     let mut m = String::new();
     m.push_str(&format!(
         "Date: {}\n",
@@ -448,8 +447,16 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     m.push_str("Content-Transfer-Encoding: 8bit\n");
     m.push('\n');
     m.push_str("This is a MIME-encapsulated message.\n\n");
+    human_part(&mut m, n, &boundary, ascii, now);
+    report_part(&mut m, n, &boundary);
+    returned_part(&mut m, n, &boundary);
+    (m.into_bytes(), format!("\n--{boundary}--\n").into_bytes())
+}
 
-    // The part for people.
+/// The part for people: who writes, why, and each recipient's reason.
+fn human_part(m: &mut String, n: &Notice, boundary: &str, ascii: bool, now: u64) {
+    let host = &n.myhostname;
+    let charset = if ascii { "us-ascii" } else { "utf-8" };
     m.push_str(&format!("--{boundary}\n"));
     m.push_str("Content-Description: Notification\n");
     m.push_str(&format!("Content-Type: text/plain; charset={charset}\n"));
@@ -458,6 +465,23 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
     }
     m.push('\n');
     m.push_str(&format!("This is the mail system at host {host}.\n\n"));
+    explanation(m, n, now);
+    m.push_str("                   The mail system\n\n");
+    for e in &n.entries {
+        if !e.original.is_empty() && e.original != e.recipient {
+            m.push_str(&format!(
+                "<{}> (expanded from <{}>): {}\n",
+                e.recipient, e.original, e.reason
+            ));
+        } else {
+            m.push_str(&format!("<{}>: {}\n", e.recipient, e.reason));
+        }
+    }
+    m.push('\n');
+}
+
+/// The paragraph of the part for people that says what happened.
+fn explanation(m: &mut String, n: &Notice, now: u64) {
     if let Some(p) = n.problem {
         m.push_str(&format!(
             "Mail from <{}> could not be delivered because of a {} problem\n\
@@ -510,20 +534,12 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
             ),
         }
     }
-    m.push_str("                   The mail system\n\n");
-    for e in &n.entries {
-        if !e.original.is_empty() && e.original != e.recipient {
-            m.push_str(&format!(
-                "<{}> (expanded from <{}>): {}\n",
-                e.recipient, e.original, e.reason
-            ));
-        } else {
-            m.push_str(&format!("<{}>: {}\n", e.recipient, e.reason));
-        }
-    }
-    m.push('\n');
+}
 
-    // The report for programs (RFC 3464).
+/// The report for programs (RFC 3464): the message's fields, then each
+/// recipient's.
+fn report_part(m: &mut String, n: &Notice, boundary: &str) {
+    let host = &n.myhostname;
     m.push_str(&format!("--{boundary}\n"));
     m.push_str("Content-Description: Delivery report\n");
     let global = if n.smtputf8 { "global-" } else { "" };
@@ -602,8 +618,10 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
         }
     }
     m.push('\n');
+}
 
-    // The returned message or its headers.
+/// The header of the last part: the returned message or its headers.
+fn returned_part(m: &mut String, n: &Notice, boundary: &str) {
     m.push_str(&format!("--{boundary}\n"));
     match n.returned {
         Returned::Headers => {
@@ -627,7 +645,6 @@ pub fn compose(n: &Notice, new_id: &str, now: u64) -> (Vec<u8>, Vec<u8>) {
         }
     }
     m.push_str("Content-Transfer-Encoding: 8bit\n\n");
-    (m.into_bytes(), format!("\n--{boundary}--\n").into_bytes())
 }
 
 /// Streams what a notice returns of the original message to `out`, in

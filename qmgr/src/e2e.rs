@@ -1,7 +1,8 @@
 //! Tests of the whole queue manager on a real queue directory, with fake
 //! delivery agents and a fake cleanup on Unix sockets.
 
-use crate::manager::{Event, Manager};
+use crate::event::Event;
+use crate::manager::Manager;
 use postern_common::delivery::{self, Job};
 use postern_common::ipc::{
     self, CleanupReply, CleanupRequest, DeliveryReply, DeliveryRequest, NewMessage, Outcome,

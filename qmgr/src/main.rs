@@ -1,63 +1,10 @@
-//! `qmgr`: the queue manager. One long-running process (master.cf
-//! `qmgr unix n - n 300 1 qmgr`) that moves mail from `incoming/` and
-//! `deferred/` into `active/`, decides where each recipient goes, hands
-//! deliveries to the agents, and removes, defers, expires or bounces each
-//! message when its round is over.
+//! qmgr: Postern's queue manager, started by master (master.cf
+//! `qmgr unix n - n 300 1 qmgr`).
 //!
-//! Who talks to it: master starts it with the `public/qmgr` listener on
-//! fd 3, on which cleanup, `postqueue -f`/`sendmail -q` and master itself
-//! write one-byte wake-ups (`W`/`I` scan incoming, `D` scan deferred, `F`
-//! or `A` flush: deferred mail regardless of retry time); it also scans
-//! `deferred/` every `queue_run_delay`. It talks to the delivery agents at
-//! `private/TRANSPORT` (one `DeliveryRequest`, one `DeliveryReply` per
-//! connection, or a batch of them for a destination with a backlog:
-//! `*_delivery_batch_limit`) and to cleanup at `public/cleanup` to queue non-delivery
-//! notices.
-//!
-//! What it may touch: the queue directories `incoming active deferred
-//! hold corrupt` (renames, removal of finished files, retry times as mtimes),
-//! the message logs in `defer/` and `bounce/`, and the in-place done marks
-//! of recipients it fails or expires itself.
-//!
-//! Modules:
-//! - [`manager`]: the state of the active queue and the main loop;
-//! - [`scan`]: start-up recovery and the incoming and deferred scans;
-//! - [`message`]: one active message and its recipients' states;
-//! - [`resolve`]: recipient → (transport, next hop);
-//! - [`transports`]: transports qmgr delivers itself (master.cf `error`,
-//!   `discard` services, whatever their name);
-//! - [`schedule`]: per-transport, per-destination queues and limits,
-//!   concurrency feedback, dead destinations, rate delays;
-//! - [`deliver`]: one thread per request to a delivery agent;
-//! - [`record`]: outcomes qmgr records itself (error/retry transports,
-//!   unreachable agents, expiry);
-//! - [`bounce`]: delivery status notices (failure, delay, success,
-//!   postmaster copies, double bounces), composed and queued via cleanup;
-//! - [`retry`]: backoff and queue lifetime;
-//! - [`retire`]: finished files emptied into `spare/` (or removed) on a
-//!   thread of their own;
-//! - [`admin`]: `private/qmgr-admin`, postsuper's requests for active
-//!   messages (delete, hold, release), applied when none is in flight.
-//!
-//! `e2e` (tests only) runs the whole manager on a real queue directory
-//! with fake agents and a fake cleanup.
-
-mod admin;
-mod bounce;
-mod deliver;
-#[cfg(test)]
-mod e2e;
-mod manager;
-mod message;
-mod record;
-mod resolve;
-mod retire;
-mod retry;
-mod scan;
-mod schedule;
-mod transports;
+//! The program is a thin shell: everything is in the library
+//! (`src/lib.rs`), where the crate documentation lists the modules.
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("qmgr");
-    manager::run(&cfg)
+    postern_qmgr::manager::run(&cfg)
 }

@@ -3,28 +3,30 @@
 //!
 //! The main thread waits on one channel of [`Event`]s, fed by the
 //! wake-up thread (`public/qmgr`, and the `queue_run_delay` timer), by the
-//! delivery threads ([`deliver`]) and by the notice threads ([`bounce`]).
+//! delivery threads ([`deliver`]) and by the notice threads ([`notices`]).
 //! Between events it takes messages in from the scans ([`scan`]),
-//! resolves and queues their recipients ([`resolve`], [`schedule`]),
-//! dispatches what the scheduler allows, and finishes each message whose
-//! round is over: it sends a non-delivery notice for bounced recipients,
-//! bounces expired ones, and removes the file or puts it in `deferred/`
-//! with its retry time ([`retry`]).
+//! resolves and queues their recipients ([`crate::resolve`],
+//! [`crate::schedule`]), dispatches what the scheduler allows, and
+//! finishes each message whose round is over: it bounces expired
+//! recipients, sends the notices the round calls for (non-delivery,
+//! delay, success: [`notices`]), and removes the file or puts it in
+//! `deferred/` with its retry time ([`retry`]).
 //!
 //! Everything on disk changes by a rename, an append to a message log, or
 //! a done mark: a qmgr killed at any instant loses nothing, and the next
 //! one takes `active/` back at start-up.
 
-use crate::bounce::{self, Kind, NotQueued, Notice, Returned};
+use crate::bounce::{self, NotQueued};
 use crate::deliver::{self, Completion, Part};
+use crate::event::Event;
 use crate::message::{AdminAction, Message, RcptState};
+use crate::notices::{self, remove_log};
 use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
 use crate::retire::Retirer;
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};
-use postern_common::delivery::{self, LogEntry};
 use postern_common::ipc::{
     AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
 };
@@ -36,32 +38,8 @@ use postern_common::{debug, info, warning};
 use postern_conf::Config;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
-
-/// What the main thread waits for.
-#[derive(Debug)]
-pub enum Event {
-    /// Wake-up bytes from `public/qmgr` ([`Wakeup`]); empty: the timer.
-    Wakeup(Vec<u8>),
-    /// A delivery request is finished.
-    Delivered(Completion),
-    /// A notice was queued (its queue ID) or not (why).
-    Notice {
-        id: String,
-        result: Result<String, NotQueued>,
-    },
-    /// An administrator's request from `private/qmgr-admin` ([`crate::admin`]).
-    Admin {
-        req: AdminRequest,
-        reply: Sender<AdminReply>,
-    },
-    /// master's drain signal (reload): take nothing new in, let the
-    /// requests in flight come back, then exit and let the new qmgr take
-    /// over the queue as after any restart ([`DRAIN_GRACE`]).
-    Drain,
-}
 
 /// How long a draining qmgr waits for the deliveries in flight before it
 /// exits anyway. Waiting lets the message of each come to its end here
@@ -69,13 +47,10 @@ pub enum Event {
 /// its agent still holds it, which the next qmgr could only defer; not
 /// waiting longer keeps a reload from holding up the queue behind one
 /// slow destination (the new qmgr starts once this one has exited).
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
+pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// How recent a flush request must be for a draining qmgr to pass it on.
 const FLUSH_HANDOVER: Duration = Duration::from_secs(60);
-
-/// The `action` of the success-log entry that notes a delay warning.
-const WARNED: &str = "warned";
 
 /// Messages taken in per round of work, before events are looked at again.
 const TAKE_BATCH: usize = 100;
@@ -113,14 +88,6 @@ pub struct Manager {
     drain_deadline: Option<Instant>,
     /// When the last flush request (`postqueue -f`) came.
     last_flush: Option<Instant>,
-}
-
-fn remove_log(tree: &QueueTree, log: MessageLog, id: &str) {
-    if let Err(e) = std::fs::remove_file(tree.log_path(log, id)) {
-        if e.kind() != io::ErrorKind::NotFound {
-            warning!("{id}: remove {} log: {e}", log.name());
-        }
-    }
 }
 
 impl Manager {
@@ -766,291 +733,32 @@ impl Manager {
         if let Some(msg) = self.messages.get_mut(id) {
             msg.all_done = all_done;
         }
-        let notices = match self.plan_notices(id, &env, all_done) {
-            Ok(n) => n,
+        let plan = match notices::plan(&self.tree, &self.notice_settings, id, &env, all_done) {
+            Ok(p) => p,
             Err(e) => {
                 warning!("{id}: read message logs: {e}");
                 self.complete(id, false);
                 return;
             }
         };
-        if notices.is_empty() {
+        if let Some(m) = self.messages.get_mut(id) {
+            m.warned_now = plan.warned_now;
+        }
+        if plan.notices.is_empty() {
             self.notices_done(id);
             self.complete(id, all_done);
             return;
         }
-        if !self.start_notices(id, notices) {
+        if !notices::start(&self.tree, self.timeout, self.tx.clone(), id, plan.notices) {
             self.complete(id, false);
         }
     }
 
-    /// The notices a message's round calls for, from its bounce, success
-    /// and defer logs (see [`bounce`]). Notes in the message whether a
-    /// delay warning is among them. A notice that an earlier, unfinished
-    /// attempt at this round already queued (its mark is in the success
-    /// log) reports only what was added to its log since.
-    fn plan_notices(
-        &mut self,
-        id: &str,
-        env: &qfile::Envelope,
-        all_done: bool,
-    ) -> io::Result<Vec<Notice>> {
-        let st = &self.notice_settings;
-        let failed_log = delivery::read_log(&self.tree, MessageLog::Bounce, id)?;
-        let defer_log = delivery::read_log(&self.tree, MessageLog::Defer, id)?;
-        let trace = delivery::read_log(&self.tree, MessageLog::Success, id)?;
-        let marks = bounce::marks(&trace);
-        let warned = trace.iter().any(|e| e.action == WARNED);
-        // What the agents wrote: successes (not the marks qmgr adds).
-        let success_log: Vec<LogEntry> = trace
-            .into_iter()
-            .filter(|e| e.action != WARNED && e.action != bounce::NOTIFIED)
-            .collect();
-        let unreported = |key: &str, log: &[LogEntry]| {
-            bounce::last_per_recipient(log[bounce::reported(&marks, key, log)..].to_vec())
-        };
-        let marked = |mut n: Notice, key: &str, log: &[LogEntry]| {
-            n.mark = Some(bounce::mark(key, log));
-            n
-        };
-        let notification = env.attr(qfile::attr::NOTIFICATION);
-        let from_postern = env.sender.is_empty() || notification.is_some();
-        let double = notification == Some("2bounce") || st.is_double_bounce(&env.sender);
-        let ret = env.attr(qfile::attr::RET).unwrap_or("");
-        let base = Notice {
-            myhostname: st.myhostname.clone(),
-            kind: Kind::Failure,
-            postmaster: false,
-            queue_id: id.to_string(),
-            sender: env.sender.clone(),
-            to: env.sender.clone(),
-            from: String::new(),
-            arrival_secs: env.arrival_secs,
-            envid: env.attr(qfile::attr::ENVID).unwrap_or("").to_string(),
-            retry_until: None,
-            entries: Vec::new(),
-            returned: Returned::Headers,
-            content_offset: env.content_offset,
-            problem: None,
-            mark: None,
-            smtputf8: postern_common::smtputf8::Flags::of_envelope(env).requested,
-        };
-        let postmaster = |to: &str, entries: Vec<LogEntry>, kind: Kind| Notice {
-            kind,
-            postmaster: true,
-            to: to.to_string(),
-            from: st.double_bounce_sender.clone(),
-            entries,
-            returned: Returned::Headers,
-            ..base.clone()
-        };
-        let mut out = Vec::new();
-        if !failed_log.is_empty() {
-            if double {
-                warning!("{id}: undeliverable postmaster notification discarded");
-            } else if from_postern {
-                // A notice (or mail from the null sender) that failed: a
-                // double bounce to the postmaster, if notify_classes says so.
-                if st.class("2bounce") || st.class("bounce") {
-                    let failed = unreported("2bounce", &failed_log);
-                    if !failed.is_empty() {
-                        let mut n = postmaster(&st.twobounce_rcpt, failed, Kind::Failure);
-                        n.returned = Returned::Full(Some(st.size_limit));
-                        out.push(marked(n, "2bounce", &failed_log));
-                    }
-                } else {
-                    info!("{id}: undeliverable notification discarded");
-                }
-            } else {
-                let report: Vec<LogEntry> = unreported("bounce", &failed_log)
-                    .into_iter()
-                    .filter(|e| bounce::wanted(Kind::Failure, e.notify))
-                    .collect();
-                if !report.is_empty() {
-                    let n = Notice {
-                        entries: report,
-                        returned: match ret {
-                            "HDRS" => Returned::Headers,
-                            "FULL" => Returned::Full(None),
-                            _ => Returned::Full(Some(st.size_limit)),
-                        },
-                        ..base.clone()
-                    };
-                    out.push(marked(n, "bounce", &failed_log));
-                }
-                if st.class("bounce") {
-                    let failed = unreported("bounce-copy", &failed_log);
-                    if !failed.is_empty() {
-                        let n = postmaster(&st.bounce_rcpt, failed, Kind::Failure);
-                        out.push(marked(n, "bounce-copy", &failed_log));
-                    }
-                }
-            }
-        }
-        let returned = if ret == "FULL" {
-            Returned::Full(None)
-        } else {
-            Returned::Headers
-        };
-        let delivered: Vec<LogEntry> = unreported("success", &success_log)
-            .into_iter()
-            .filter(|e| matches!(e.action.as_str(), "delivered" | "relayed" | "expanded"))
-            .filter(|e| bounce::wanted(Kind::Success, e.notify))
-            .collect();
-        if !delivered.is_empty() && !from_postern {
-            let n = Notice {
-                kind: Kind::Success,
-                entries: delivered,
-                returned,
-                ..base.clone()
-            };
-            out.push(marked(n, "success", &success_log));
-        }
-        let mut warn_now = false;
-        let age = now_secs().saturating_sub(env.arrival_secs);
-        if !all_done && st.delay_warning > 0 && !warned && !from_postern && age >= st.delay_warning
-        {
-            warn_now = true;
-            // This round's deferrals: recipients still pending.
-            let deferred: Vec<LogEntry> = bounce::last_per_recipient(defer_log.clone());
-            let wanted: Vec<LogEntry> = deferred
-                .iter()
-                .filter(|e| bounce::wanted(Kind::Delay, e.notify))
-                .cloned()
-                .collect();
-            let retry_until = Some(env.arrival_secs + st.max_lifetime);
-            // A delay warning goes once: a mark says it already went.
-            if !wanted.is_empty() && !marks.contains_key("delay") {
-                let n = Notice {
-                    kind: Kind::Delay,
-                    entries: wanted,
-                    retry_until,
-                    returned,
-                    ..base.clone()
-                };
-                out.push(marked(n, "delay", &[]));
-            }
-            if st.class("delay") && !deferred.is_empty() && !marks.contains_key("delay-copy") {
-                let mut n = postmaster(&st.delay_rcpt, deferred, Kind::Delay);
-                n.retry_until = retry_until;
-                out.push(marked(n, "delay-copy", &[]));
-            }
-        }
-        // notify_classes resource, software: the postmaster hears of
-        // recipients deferred or bounced for a mail system problem (never
-        // for a notice's own trouble: no notices about notices).
-        if !from_postern {
-            let log: Vec<LogEntry> = defer_log.iter().chain(failed_log.iter()).cloned().collect();
-            for p in [bounce::Problem::Resource, bounce::Problem::Software] {
-                if !st.class(p.class()) {
-                    continue;
-                }
-                let entries: Vec<LogEntry> = unreported(p.class(), &log)
-                    .into_iter()
-                    .filter(|e| bounce::problem_of(e) == Some(p))
-                    .collect();
-                if !entries.is_empty() {
-                    let mut n = postmaster(&st.error_rcpt, entries, Kind::Delay);
-                    n.problem = Some(p);
-                    out.push(marked(n, p.class(), &log));
-                }
-            }
-        }
-        if let Some(m) = self.messages.get_mut(id) {
-            m.warned_now = warn_now;
-        }
-        Ok(out)
-    }
-
-    /// The notices of a round are queued (or need not be): the success
-    /// log keeps only the note that a delay warning was sent (the marks
-    /// of the notices queued go with the rest), then the bounce log goes.
-    /// In that order: a crash in between sends a notice twice, never not
-    /// at all.
+    /// The notices of the round are queued, or need not be (see
+    /// [`notices::done`]).
     fn notices_done(&mut self, id: &str) {
         let warned_now = self.messages.get(id).is_some_and(|m| m.warned_now);
-        let trace = delivery::read_log(&self.tree, MessageLog::Success, id).unwrap_or_default();
-        let warned = warned_now || trace.iter().any(|e| e.action == WARNED);
-        let other = trace.iter().any(|e| e.action != WARNED);
-        if other || (warned && trace.is_empty()) {
-            remove_log(&self.tree, MessageLog::Success, id);
-            if warned {
-                let mark = LogEntry {
-                    action: WARNED.into(),
-                    ..Default::default()
-                };
-                if let Err(e) = delivery::append_log(&self.tree, MessageLog::Success, id, &mark) {
-                    warning!("{id}: note the delay warning: {e}");
-                }
-            }
-        }
-        remove_log(&self.tree, MessageLog::Bounce, id);
-    }
-
-    /// Sends notices on their own thread. Returns whether it started.
-    /// Each notice queued (or refused for good) has its mark appended to
-    /// the success log at once, before the next is tried.
-    fn start_notices(&self, id: &str, notices: Vec<Notice>) -> bool {
-        let tree = self.tree.clone();
-        let timeout = self.timeout;
-        let tx = self.tx.clone();
-        let id = id.to_string();
-        let started = std::thread::Builder::new()
-            .name("notice".into())
-            .spawn(move || {
-                let note = |n: &Notice| {
-                    if let Some(m) = &n.mark {
-                        if let Err(e) = delivery::append_log(&tree, MessageLog::Success, &id, m) {
-                            warning!("{id}: note the notification: {e}");
-                        }
-                    }
-                };
-                let result = match File::open(tree.path(Queue::Active, &id)) {
-                    Ok(file) => {
-                        let mut ids = Vec::new();
-                        let mut result = Ok(());
-                        for n in &notices {
-                            match bounce::send(&tree, timeout, n, &file) {
-                                Ok(new_id) => {
-                                    info!(
-                                        "{id}: {} notification: {new_id}",
-                                        match (n.kind, n.postmaster) {
-                                            (_, true) => "postmaster",
-                                            (Kind::Failure, _) => "sender non-delivery",
-                                            (Kind::Delay, _) => "sender delay",
-                                            (Kind::Success, _) => "sender delivery status",
-                                        }
-                                    );
-                                    note(n);
-                                    ids.push(new_id);
-                                }
-                                Err(e) if e.permanent => {
-                                    // Asking again would be refused again.
-                                    warning!("{id}: notification discarded: {}", e.reason);
-                                    note(n);
-                                }
-                                Err(e) => {
-                                    result = Err(e);
-                                    break;
-                                }
-                            }
-                        }
-                        result.map(|()| ids.join(" "))
-                    }
-                    Err(e) => Err(NotQueued {
-                        permanent: false,
-                        reason: format!("open queue file: {e}"),
-                    }),
-                };
-                let _ = tx.send(Event::Notice { id, result });
-            });
-        match started {
-            Ok(_) => true,
-            Err(e) => {
-                warning!("cannot start a notice thread: {e}");
-                false
-            }
-        }
+        notices::done(&self.tree, id, warned_now);
     }
 
     fn notice_done(&mut self, id: &str, result: Result<String, NotQueued>) {

@@ -8,7 +8,7 @@
 //! entries round-robin, first across transports, then across the
 //! destinations of a transport, so that one busy destination does not
 //! starve the others, then across the messages waiting for that
-//! destination (one entry of each in turn, see [`Rotation`]), so that a
+//! destination (one entry of each in turn, see `Rotation`), so that a
 //! small message queued after a bulk one with thousands of recipients is
 //! not kept behind all of the bulk message's entries; and never more than
 //! `TRANSPORT_destination_concurrency_limit` requests in flight per
