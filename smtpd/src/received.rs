@@ -43,38 +43,6 @@ pub fn rfc_addr(ip: IpAddr) -> String {
     }
 }
 
-/// Quotes the local part of an address when RFC 5322 requires it
-/// (`a b@x` → `"a b"@x`), as Postfix's quote_822_local.
-pub fn quote_local(addr: &str) -> String {
-    let (local, domain) = match addr.rfind('@') {
-        Some(i) => (&addr[..i], Some(&addr[i..])),
-        None => (addr, None),
-    };
-    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    let dot_atom = !local.is_empty()
-        && !local.starts_with('.')
-        && !local.ends_with('.')
-        && !local.contains("..")
-        && local.chars().all(|c| atext(c) || c == '.');
-    let mut out = String::with_capacity(addr.len() + 2);
-    if dot_atom || local.is_empty() {
-        out.push_str(local);
-    } else {
-        out.push('"');
-        for c in local.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-    }
-    if let Some(d) = domain {
-        out.push_str(d);
-    }
-    out
-}
-
 impl Received<'_> {
     /// The header lines, LF-terminated, as stored in the queue file.
     pub fn render(&self) -> String {
@@ -97,7 +65,11 @@ impl Received<'_> {
             self.myhostname, self.mail_name, self.protocol, self.queue_id
         ));
         if let [one] = self.recipients {
-            s.push_str(&format!("\n\tfor <{}>; {}\n", quote_local(one), self.date));
+            s.push_str(&format!(
+                "\n\tfor <{}>; {}\n",
+                postern_common::addr::quote_address(one),
+                self.date
+            ));
         } else {
             s.push_str(&format!(";\n\t{}\n", self.date));
         }
@@ -167,14 +139,5 @@ mod tests {
              \tby mx.example (Postern) with ESMTP id 4ABCDEF;\n\
              \tSun, 22 Nov 2026 14:11:42 +0000 (UTC)\n"
         );
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_local("a.b@x"), "a.b@x");
-        assert_eq!(quote_local("a b@x"), "\"a b\"@x");
-        assert_eq!(quote_local("a\"b@x"), "\"a\\\"b\"@x");
-        assert_eq!(quote_local(".a@x"), "\".a\"@x");
-        assert_eq!(quote_local("postmaster"), "postmaster");
     }
 }

@@ -15,31 +15,7 @@ pub fn smtp_address(addr: &str) -> String {
     if addr.is_empty() {
         return "<>".into();
     }
-    let (local, domain) = match addr.rfind('@') {
-        Some(i) => (&addr[..i], Some(&addr[i..])),
-        None => (addr, None),
-    };
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
-    let dot_atom = !local.is_empty()
-        && local
-            .split('.')
-            .all(|w| !w.is_empty() && w.chars().all(atext));
-    let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
-    let local = if dot_atom || quoted {
-        local.to_string()
-    } else {
-        let mut q = String::from("\"");
-        for c in local.chars() {
-            if c == '"' || c == '\\' {
-                q.push('\\');
-            }
-            q.push(c);
-        }
-        q.push('"');
-        q
-    };
-    format!("<{}{}>", local, domain.unwrap_or(""))
+    format!("<{}>", postern_common::addr::quote_address(addr))
 }
 
 /// MAIL FROM with SIZE, BODY=8BITMIME, SMTPUTF8, and with DSN the
