@@ -44,18 +44,14 @@ impl Session {
             SaslReply::Fail(why) => {
                 warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
                 self.sasl_method = None;
-                self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
-                self.error_count += 1;
-                self.check_error_limit();
+                self.error_reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
             }
             SaslReply::Temp(why) => {
                 warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
                 self.sasl_method = None;
-                self.reply(&format!(
+                self.error_reply(&format!(
                     "454 4.7.0 Temporary authentication failure: {why}"
                 ));
-                self.error_count += 1;
-                self.check_error_limit();
             }
         }
         self.process();
@@ -73,32 +69,26 @@ impl Session {
             return Done::Failed;
         }
         if !self.auth_offered() {
-            self.reply("503 5.5.1 Error: authentication not enabled");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: authentication not enabled");
         }
         if self.helo.is_none() || !self.esmtp {
-            self.reply("503 5.5.1 Error: send HELO/EHLO first");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: send HELO/EHLO first");
         }
         if self.sasl_username.is_some() {
-            self.reply("503 5.5.1 Error: already authenticated");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: already authenticated");
         }
         if self.tx.is_some() {
-            self.reply("503 5.5.1 Error: MAIL transaction in progress");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: MAIL transaction in progress");
         }
         if args.len() < 2 || args.len() > 3 {
-            self.reply("501 5.5.4 Syntax: AUTH mechanism");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: AUTH mechanism");
         }
         let mech = args[1].text.to_ascii_uppercase();
         let known = self.mechs.as_ref().is_some_and(|m| m.contains(&mech));
         if !known {
             let why = "Invalid authentication mechanism";
             warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
-            self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
-            return Done::Failed;
+            return self.fail(&format!("535 5.7.8 Error: authentication failed: {why}"));
         }
         let resp = match args.get(2).map(|t| t.text.as_str()) {
             None => None,
@@ -106,8 +96,7 @@ impl Session {
             Some("=") => Some(String::new()),
             Some(r) => {
                 if postern_common::base64::decode(r).is_none() {
-                    self.reply("501 5.5.2 Error: invalid base64 in initial response");
-                    return Done::Failed;
+                    return self.fail("501 5.5.2 Error: invalid base64 in initial response");
                 }
                 Some(r.to_string())
             }
@@ -133,9 +122,7 @@ impl Session {
         if text == "*" {
             self.sasl_requests.push(SaslRequest::Abort);
             self.sasl_method = None;
-            self.reply("501 5.7.0 Authentication aborted");
-            self.error_count += 1;
-            self.check_error_limit();
+            self.error_reply("501 5.7.0 Authentication aborted");
             return;
         }
         if postern_common::base64::decode(&text).is_none() {
@@ -143,9 +130,7 @@ impl Session {
             let mech = self.sasl_method.take().unwrap_or_default();
             let why = "Invalid base64 data in continued response";
             warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
-            self.reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
-            self.error_count += 1;
-            self.check_error_limit();
+            self.error_reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
             return;
         }
         self.sasl_requests.push(SaslRequest::Continue(text));
@@ -161,9 +146,7 @@ impl Session {
                 pos = self.input.len();
                 self.state = State::Command;
                 self.sasl_requests.push(SaslRequest::Abort);
-                self.reply("500 5.5.6 Authentication exchange line is too long");
-                self.error_count += 1;
-                self.check_error_limit();
+                self.error_reply("500 5.5.6 Authentication exchange line is too long");
             }
             return ControlFlow::Break(pos);
         };

@@ -65,12 +65,11 @@ impl Session {
 
     pub(super) fn helo(&mut self, ehlo: bool, args: &[Token]) -> Done {
         if args.len() < 2 {
-            self.reply(if ehlo {
+            return self.fail(if ehlo {
                 "501 Syntax: EHLO hostname"
             } else {
                 "501 Syntax: HELO hostname"
             });
-            return Done::Failed;
         }
         let name: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
         let name = protocol::neuter(&name.join(" "));
@@ -89,9 +88,7 @@ impl Session {
             self.cfg.restrictions.check_helo(&req)
         };
         if let Some(reply) = refused {
-            self.log_reject(&reply, None, None);
-            self.reply(&reply);
-            return Done::Failed;
+            return self.reject(&reply, None, None);
         }
         self.helo = Some(name);
         self.end_transaction();

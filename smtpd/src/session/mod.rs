@@ -488,12 +488,10 @@ impl Session {
         self.where_ = verb.name();
         self.counts[verb_index(verb)].total += 1;
         let done = if !verb.implemented() {
-            self.reply("502 5.5.1 Error: command not implemented");
-            Done::Failed
+            self.fail("502 5.5.1 Error: command not implemented")
         } else if self.access_denied && verb != Verb::Quit {
             let n = self.namaddr.clone();
-            self.reply(&format!("503 5.7.0 Error: access denied for {n}"));
-            Done::Failed
+            self.fail(&format!("503 5.7.0 Error: access denied for {n}"))
         } else if self.cfg.tls_level == TlsLevel::Encrypt
             && self.tls.is_none()
             && !matches!(
@@ -501,8 +499,7 @@ impl Session {
                 Verb::Helo | Verb::Ehlo | Verb::StartTls | Verb::Rset | Verb::Noop | Verb::Quit
             )
         {
-            self.reply("530 5.7.0 Must issue a STARTTLS command first");
-            Done::Failed
+            self.fail("530 5.7.0 Must issue a STARTTLS command first")
         } else {
             match verb {
                 Verb::Helo | Verb::Ehlo => self.helo(verb == Verb::Ehlo, &args),
@@ -562,6 +559,21 @@ impl Session {
         if text.starts_with("421") {
             self.hangup = true;
         }
+    }
+
+    /// Answers a command that failed with `reply`: the dispatcher
+    /// ([`Session::command`]) counts the error.
+    fn fail(&mut self, reply: &str) -> Done {
+        self.reply(reply);
+        Done::Failed
+    }
+
+    /// Answers `reply` to a line outside the dispatcher of commands (the
+    /// AUTH exchange, the auth server's verdict) and counts the error.
+    fn error_reply(&mut self, reply: &str) {
+        self.reply(reply);
+        self.error_count += 1;
+        self.check_error_limit();
     }
 
     /// `SMTP`, `ESMTP`, with `S` for TLS and `A` for SASL (RFC 3848).

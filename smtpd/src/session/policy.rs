@@ -2,7 +2,7 @@
 //! restrictions see, the DNS answers they wait for, the rate limits, and
 //! Postfix's reject log line.
 
-use super::{verb_index, Session, State};
+use super::{verb_index, Done, Session, State};
 use crate::anvil::Event;
 use crate::dns::{Answer, NameStatus, PeerName, Query};
 use crate::restrictions::Request;
@@ -118,6 +118,13 @@ impl Session {
     pub(super) fn check_recipient(&self, rcpt: &str) -> Option<String> {
         let req = self.request(Some(rcpt), self.where_);
         self.cfg.restrictions.check_recipient(&req)
+    }
+
+    /// A refusal by the restrictions (or a limit): logged as Postfix
+    /// does, and answered; the command failed.
+    pub(super) fn reject(&mut self, reply: &str, sender: Option<&str>, rcpt: Option<&str>) -> Done {
+        self.log_reject(reply, sender, rcpt);
+        self.fail(reply)
     }
 
     /// Postfix's reject log line.

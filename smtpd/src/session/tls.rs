@@ -59,20 +59,16 @@ impl Session {
 
     pub(super) fn starttls(&mut self, args: &[Token]) -> Done {
         if args.len() != 1 {
-            self.reply("501 5.5.4 Syntax: STARTTLS");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: STARTTLS");
         }
         if self.tls.is_some() {
-            self.reply("554 5.5.1 Error: TLS already active");
-            return Done::Failed;
+            return self.fail("554 5.5.1 Error: TLS already active");
         }
         if !self.starttls_offered() {
-            self.reply("502 5.5.1 Error: command not implemented");
-            return Done::Failed;
+            return self.fail("502 5.5.1 Error: command not implemented");
         }
         if self.cfg.tls.is_none() {
-            self.reply("454 4.7.0 TLS not available due to local problem");
-            return Done::Failed;
+            return self.fail("454 4.7.0 TLS not available due to local problem");
         }
         self.reply("220 2.0.0 Ready to start TLS");
         self.starttls_pending = true;

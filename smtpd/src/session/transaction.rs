@@ -35,25 +35,19 @@ impl Session {
 
     pub(super) fn mail(&mut self, args: &[Token]) -> Done {
         if self.cfg.helo_required && self.helo.is_none() {
-            self.reply("503 5.5.1 Error: send HELO/EHLO first");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: send HELO/EHLO first");
         }
         if self.tx.is_some() {
-            self.reply("503 5.5.1 Error: nested MAIL command");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: nested MAIL command");
         }
         let Some((path, params)) = protocol::path_command(args, "from:") else {
-            self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: MAIL FROM:<address>");
         };
         // SMTPUTF8 decides the sender's syntax: taken before it.
         let smtputf8 = self.smtputf8_requested(&args[3..]);
         let sender = match self.address(path) {
             Some(a) if self.utf8_syntax_ok(path, &a, smtputf8) => a,
-            _ => {
-                self.reply("501 5.1.7 Bad sender address syntax");
-                return Done::Failed;
-            }
+            _ => return self.fail("501 5.1.7 Bad sender address syntax"),
         };
         let offered = Offered {
             auth: self.cfg.sasl.is_some(),
@@ -61,10 +55,7 @@ impl Session {
         };
         let options = match protocol::mail_params(&params, offered) {
             Ok(o) => o,
-            Err(e) => {
-                self.reply(&e.reply());
-                return Done::Failed;
-            }
+            Err(e) => return self.fail(&e.reply()),
         };
         let size = options.size;
         let tx = Transaction {
@@ -77,9 +68,7 @@ impl Session {
         let limit = self.cfg.message_size_limit;
         if limit > 0 && size > limit {
             let reply = "552 5.3.4 Message size exceeds fixed limit";
-            self.log_reject(reply, Some(&tx.sender), None);
-            self.reply(reply);
-            return Done::Failed;
+            return self.reject(reply, Some(&tx.sender), None);
         }
         if self.strict_smtputf8_refuses(&tx.sender, smtputf8) {
             return Done::Failed;
@@ -90,9 +79,7 @@ impl Session {
                 "not enough free space in the queue file system for {}",
                 self.namaddr
             );
-            self.log_reject(reply, Some(&tx.sender), None);
-            self.reply(reply);
-            return Done::Failed;
+            return self.reject(reply, Some(&tx.sender), None);
         }
         let needed = {
             let mut req = self.request(None, self.where_);
@@ -111,9 +98,7 @@ impl Session {
             self.cfg.restrictions.check_sender(&req)
         };
         if let Some(reply) = refused {
-            self.log_reject(&reply, Some(&tx.sender), None);
-            self.reply(&reply);
-            return Done::Failed;
+            return self.reject(&reply, Some(&tx.sender), None);
         }
         self.tx = Some(tx);
         if !self.cfg.delay_open_until_valid_rcpt {
@@ -126,27 +111,19 @@ impl Session {
 
     pub(super) fn rcpt(&mut self, args: &[Token]) -> Done {
         if self.tx.is_none() {
-            self.reply("503 5.5.1 Error: need MAIL command");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: need MAIL command");
         }
         let Some((path, params)) = protocol::path_command(args, "to:") else {
-            self.reply("501 5.5.4 Syntax: RCPT TO:<address>");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: RCPT TO:<address>");
         };
         let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
         let address = match self.address(path) {
             Some(a) if !a.is_empty() && self.utf8_syntax_ok(path, &a, smtputf8) => a,
-            _ => {
-                self.reply("501 5.1.3 Bad recipient address syntax");
-                return Done::Failed;
-            }
+            _ => return self.fail("501 5.1.3 Bad recipient address syntax"),
         };
         let options = match protocol::rcpt_params(&params) {
             Ok(o) => o,
-            Err(e) => {
-                self.reply(&e.reply());
-                return Done::Failed;
-            }
+            Err(e) => return self.fail(&e.reply()),
         };
         let rcpt = Recipient {
             notify: options.notify,
@@ -177,9 +154,7 @@ impl Session {
         }
         if let Some(reply) = self.check_recipient(&address) {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
-            self.log_reject(&reply, sender.as_deref(), Some(&address));
-            self.reply(&reply);
-            return Done::Failed;
+            return self.reject(&reply, sender.as_deref(), Some(&address));
         }
         if let Some(tx) = &mut self.tx {
             tx.recipients.push(rcpt);
@@ -197,16 +172,13 @@ impl Session {
 
     pub(super) fn data(&mut self, args: &[Token]) -> Done {
         let Some(tx) = &self.tx else {
-            self.reply("503 5.5.1 Error: need RCPT command");
-            return Done::Failed;
+            return self.fail("503 5.5.1 Error: need RCPT command");
         };
         if tx.recipients.is_empty() {
-            self.reply("554 5.5.1 Error: no valid recipients");
-            return Done::Failed;
+            return self.fail("554 5.5.1 Error: no valid recipients");
         }
         if args.len() != 1 {
-            self.reply("501 5.5.4 Syntax: DATA");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: DATA");
         }
         let refused = self
             .cfg
@@ -214,9 +186,7 @@ impl Session {
             .check_data(&self.request(None, "DATA"));
         if let Some(reply) = refused {
             let sender = tx.sender.clone();
-            self.log_reject(&reply, Some(&sender), None);
-            self.reply(&reply);
-            return Done::Failed;
+            return self.reject(&reply, Some(&sender), None);
         }
         let opened = self.tx.as_ref().is_some_and(|t| t.queue_id.is_some());
         if self.cleanup_open && opened {
@@ -229,8 +199,7 @@ impl Session {
 
     pub(super) fn rset(&mut self, args: &[Token]) -> Done {
         if args.len() != 1 {
-            self.reply("501 5.5.4 Syntax: RSET");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: RSET");
         }
         self.end_transaction();
         self.reply("250 2.0.0 Ok");

@@ -7,12 +7,10 @@ use postern_common::smtp_command::{self as protocol, Token};
 impl Session {
     pub(super) fn vrfy(&mut self, args: &[Token]) -> Done {
         if self.cfg.disable_vrfy {
-            self.reply("502 5.5.1 VRFY command is disabled");
-            return Done::Failed;
+            return self.fail("502 5.5.1 VRFY command is disabled");
         }
         if args.len() < 2 {
-            self.reply("501 5.5.4 Syntax: VRFY address");
-            return Done::Failed;
+            return self.fail("501 5.5.4 Syntax: VRFY address");
         }
         // RFC 6531: `VRFY address SMTPUTF8`.
         let (args, smtputf8) = match args.split_last() {
@@ -33,16 +31,11 @@ impl Session {
             {
                 a
             }
-            _ => {
-                self.reply("501 5.1.3 Bad recipient address syntax");
-                return Done::Failed;
-            }
+            _ => return self.fail("501 5.1.3 Bad recipient address syntax"),
         };
         if let Some(reply) = self.check_recipient(&address) {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
-            self.log_reject(&reply, sender.as_deref(), Some(&address));
-            self.reply(&reply);
-            return Done::Failed;
+            return self.reject(&reply, sender.as_deref(), Some(&address));
         }
         self.reply(&format!("252 2.0.0 {given}"));
         Done::Ok
