@@ -13,6 +13,25 @@
 //! sends when the input is used up. While the session waits for cleanup
 //! (after DATA, and after the final dot) it takes no input: what the
 //! client pipelined stays buffered until the answer comes.
+//!
+//! Where things are:
+//! - this file: the [`Session`] type and its state, the loop's side (input,
+//!   output, timeout, end), reading command lines and dispatching them
+//!   (`command`), the replies (`reply`, and `fail` for a
+//!   command that failed) and the per-command statistics.
+//! - `greeting`: the connection's start (logging, anvil, the greeting or
+//!   the `smtpd_delay_reject = no` refusal), HELO and EHLO.
+//! - `transaction`: MAIL, RCPT, DATA and RSET; address syntax and
+//!   SMTPUTF8; the end of a transaction.
+//! - `cleanup`: the queue file through cleanup: opening it, the envelope,
+//!   the content and the Received header, the end of DATA, and the
+//!   replies made of cleanup's answers.
+//! - `auth`: AUTH and the exchange with the auth server.
+//! - `tls`: STARTTLS and what the session forgets when TLS starts.
+//! - `vrfy`: VRFY.
+//! - `policy`: what the restrictions see and decide, the DNS answers they
+//!   wait for, the anvil rate limits, the reject log line (`reject`).
+//! - `tests/`: the unit tests, one file per concern above.
 
 mod auth;
 mod cleanup;
