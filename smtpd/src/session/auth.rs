@@ -116,7 +116,7 @@ impl Session {
     }
 
     /// The client's line after a 334 challenge.
-    pub(super) fn auth_response(&mut self, line: &[u8]) {
+    fn auth_response(&mut self, line: &[u8]) {
         self.state = State::Command;
         let text = String::from_utf8_lossy(line).trim().to_string();
         if text == "*" {

@@ -135,7 +135,44 @@ impl Session {
         }
     }
 
-    pub(super) fn end_of_data(&mut self) {
+    /// Feeds the input from `pos` to the DATA decoder, and the content to
+    /// cleanup in chunks (nothing more once over the size limit or failed);
+    /// breaks when the input is used up before the final dot.
+    pub(super) fn feed_content(&mut self, mut pos: usize) -> ControlFlow<usize, usize> {
+        let State::Data(ds) = &mut self.state else {
+            return ControlFlow::Break(pos);
+        };
+        let fed = ds.decoder.feed(&self.input[pos..], &mut ds.content);
+        pos += fed.consumed;
+        ds.size += fed.size;
+        let limit = self.cfg.message_size_limit;
+        if limit > 0 && ds.size > limit && !ds.too_big {
+            ds.too_big = true;
+            let qid = self
+                .tx
+                .as_ref()
+                .and_then(|t| t.queue_id.clone())
+                .unwrap_or_else(|| "NOQUEUE".into());
+            warning!("{qid}: queue file size limit exceeded");
+        }
+        if ds.too_big || ds.failure.is_some() {
+            ds.content.clear();
+            if ds.too_big {
+                self.abort_cleanup();
+            }
+        } else if ds.content.len() >= CONTENT_CHUNK {
+            let chunk = std::mem::take(&mut ds.content);
+            self.requests.push(CleanupRequest::Content(chunk));
+        }
+        if !fed.end {
+            return ControlFlow::Break(pos);
+        }
+        self.end_of_data();
+        self.check_error_limit();
+        ControlFlow::Continue(pos)
+    }
+
+    fn end_of_data(&mut self) {
         let State::Data(mut ds) = std::mem::replace(&mut self.state, State::Command) else {
             return;
         };
@@ -309,43 +346,6 @@ impl Session {
             self.cleanup_open = false;
             self.requests.push(CleanupRequest::Abort);
         }
-    }
-
-    /// Feeds the input from `pos` to the DATA decoder, and the content to
-    /// cleanup in chunks (nothing more once over the size limit or failed);
-    /// breaks when the input is used up before the final dot.
-    pub(super) fn feed_content(&mut self, mut pos: usize) -> ControlFlow<usize, usize> {
-        let State::Data(ds) = &mut self.state else {
-            return ControlFlow::Break(pos);
-        };
-        let fed = ds.decoder.feed(&self.input[pos..], &mut ds.content);
-        pos += fed.consumed;
-        ds.size += fed.size;
-        let limit = self.cfg.message_size_limit;
-        if limit > 0 && ds.size > limit && !ds.too_big {
-            ds.too_big = true;
-            let qid = self
-                .tx
-                .as_ref()
-                .and_then(|t| t.queue_id.clone())
-                .unwrap_or_else(|| "NOQUEUE".into());
-            warning!("{qid}: queue file size limit exceeded");
-        }
-        if ds.too_big || ds.failure.is_some() {
-            ds.content.clear();
-            if ds.too_big {
-                self.abort_cleanup();
-            }
-        } else if ds.content.len() >= CONTENT_CHUNK {
-            let chunk = std::mem::take(&mut ds.content);
-            self.requests.push(CleanupRequest::Content(chunk));
-        }
-        if !fed.end {
-            return ControlFlow::Break(pos);
-        }
-        self.end_of_data();
-        self.check_error_limit();
-        ControlFlow::Continue(pos)
     }
 }
 

@@ -387,6 +387,10 @@ impl Session {
         info!("disconnect from {}{}", self.namaddr, self.stats());
     }
 
+    /// Takes from the input what the state allows: command lines, DATA
+    /// content, AUTH responses; nothing while waiting on cleanup, DNS or the
+    /// auth server. Each step says where the input it used up ends, and
+    /// whether to go on.
     fn process(&mut self) {
         let mut pos = 0;
         while !self.hangup {
