@@ -12,7 +12,11 @@
 //!
 //! Modules:
 //! - [`server`]: the mio event loop, sockets, timeouts, master status.
-//! - [`session`]: one SMTP session as a state machine without I/O.
+//! - [`session`]: one SMTP session as a state machine without I/O, split
+//!   by concern: `session/mod.rs` (the state, command dispatch),
+//!   `greeting` (connect, HELO/EHLO), `transaction` (MAIL/RCPT/DATA/RSET),
+//!   `cleanup` (the queue file, content, cleanup's replies), `auth`,
+//!   `tls` (STARTTLS), `vrfy`, `policy` (restrictions, DNS, rate limits).
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
 //! - [`restrictions`]: Postfix's restriction language
 //!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).

@@ -1,0 +1,145 @@
+//! The connection's start and HELO/EHLO: logging and counting the
+//! client, the greeting (or the refusal of `smtpd_delay_reject = no`),
+//! and the EHLO reply that lists what is on offer.
+
+use super::{Done, Session, State};
+use crate::restrictions::Stage;
+use crate::sasl::SaslRequest;
+use postern_common::smtp_command::{self as protocol, Token, Verb};
+use postern_common::{info, warning};
+
+impl Session {
+    /// The client's name is known: logs the connection, counts it, and
+    /// greets (with `smtpd_tls_wrappermode`, once the handshake is done).
+    pub(super) fn connected(&mut self) {
+        self.namaddr = self.client.namaddr();
+        info!("connect from {}", self.namaddr);
+        let ip = self.client.addr;
+        let limited = self.anvil.borrow_mut().connect(ip);
+        match limited {
+            Ok(()) => self.anvil_counted = true,
+            Err((what, n)) => {
+                warning!(
+                    "{what} exceeded: {n} from {} for service {}",
+                    self.namaddr,
+                    self.cfg.service
+                );
+                let host = self.cfg.myhostname.clone();
+                self.reply(&format!(
+                    "421 4.7.0 {host} Error: too many connections from {ip}"
+                ));
+                return;
+            }
+        }
+        // With smtpd_tls_wrappermode the greeting waits for the handshake.
+        if !self.cfg.tls_wrappermode || self.tls.is_some() {
+            self.greet();
+        }
+    }
+
+    pub(super) fn greet(&mut self) {
+        // smtpd_delay_reject = no: the client list decides now, with the
+        // DNS answers it needs (the greeting waits for them).
+        let needed = {
+            let req = self.request(None, "CONNECT");
+            self.cfg.restrictions.dns_needed(Stage::Client, &req)
+        };
+        if self.request_dns(needed) {
+            self.state = State::WaitDnsConnect;
+            return;
+        }
+        let refused = {
+            let req = self.request(None, "CONNECT");
+            self.cfg.restrictions.check_connect(&req)
+        };
+        if let Some(reply) = refused {
+            self.log_reject(&reply, None, None);
+            self.reply(&reply);
+            self.access_denied = true;
+            self.error_count += 1;
+            return;
+        }
+        let banner = self.cfg.banner.clone();
+        self.reply(&format!("220 {banner}"));
+    }
+
+    pub(super) fn helo(&mut self, ehlo: bool, args: &[Token]) -> Done {
+        if args.len() < 2 {
+            return self.fail(if ehlo {
+                "501 Syntax: EHLO hostname"
+            } else {
+                "501 Syntax: HELO hostname"
+            });
+        }
+        let name: Vec<&str> = args[1..].iter().map(|t| t.text.as_str()).collect();
+        let name = protocol::neuter(&name.join(" "));
+        let needed = {
+            let mut req = self.request(None, self.where_);
+            req.helo = Some(&name);
+            self.cfg.restrictions.dns_needed(Stage::Helo, &req)
+        };
+        let verb = if ehlo { Verb::Ehlo } else { Verb::Helo };
+        if self.await_dns(needed, verb) {
+            return Done::Pending;
+        }
+        let refused = {
+            let mut req = self.request(None, self.where_);
+            req.helo = Some(&name);
+            self.cfg.restrictions.check_helo(&req)
+        };
+        if let Some(reply) = refused {
+            return self.reject(&reply, None, None);
+        }
+        self.helo = Some(name);
+        self.end_transaction();
+        if ehlo {
+            self.esmtp = true;
+            if self.auth_offered() && self.mechs.is_none() {
+                // The reply waits for the auth server's mechanism list.
+                self.sasl_requests.push(SaslRequest::Mechs);
+                self.state = State::WaitMechs;
+                return Done::Ok;
+            }
+            self.ehlo_reply();
+        } else {
+            let host = self.cfg.myhostname.clone();
+            self.reply(&format!("250 {host}"));
+        }
+        Done::Ok
+    }
+
+    pub(super) fn ehlo_reply(&mut self) {
+        let mut lines = vec![self.cfg.myhostname.clone(), "PIPELINING".to_string()];
+        lines.push(match self.cfg.message_size_limit {
+            0 => "SIZE".to_string(),
+            n => format!("SIZE {n}"),
+        });
+        if !self.cfg.disable_vrfy {
+            lines.push("VRFY".into());
+        }
+        if self.starttls_offered() && self.cfg.tls.is_some() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            let mechs = self.mechs.clone().unwrap_or_default();
+            if !mechs.is_empty() {
+                let list = mechs.join(" ");
+                lines.push(format!("AUTH {list}"));
+                if self.cfg.broken_sasl_auth_clients {
+                    lines.push(format!("AUTH={list}"));
+                }
+            }
+        }
+        lines.push("ENHANCEDSTATUSCODES".into());
+        lines.push("8BITMIME".into());
+        lines.push("DSN".into());
+        if self.cfg.smtputf8_enable {
+            lines.push("SMTPUTF8".into());
+        }
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.reply(&format!("250{sep}{l}"));
+        }
+    }
+}

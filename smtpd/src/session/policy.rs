@@ -1,0 +1,154 @@
+//! What the restrictions, DNS and anvil decide: the [`Request`] the
+//! restrictions see, the DNS answers they wait for, the rate limits, and
+//! Postfix's reject log line.
+
+use super::{verb_index, Done, Session, State};
+use crate::anvil::Event;
+use crate::dns::{Answer, NameStatus, PeerName, Query};
+use crate::restrictions::Request;
+use postern_common::smtp_command::Verb;
+use postern_common::{info, warning};
+
+impl Session {
+    /// DNS lookups the restrictions need.
+    pub fn take_dns_requests(&mut self) -> Vec<Query> {
+        std::mem::take(&mut self.dns_requests)
+    }
+
+    /// A DNS answer: when the command that waited has all it needs, it
+    /// runs again.
+    pub fn dns_answer(&mut self, q: Query, a: Answer) {
+        if !self.dns_pending.remove(&q) {
+            // Asked by an earlier session in this slot.
+            return;
+        }
+        if let Query::Peer(_) = q {
+            let names = match a {
+                Answer::Peer(p) => p,
+                _ => PeerName::unknown(NameStatus::TryAgain),
+            };
+            self.client.names = names;
+            if matches!(self.state, State::WaitPeerName) {
+                self.state = State::Command;
+                self.connected();
+                self.process();
+            }
+            return;
+        }
+        self.dns.insert(q, a);
+        if matches!(self.state, State::WaitDnsConnect) {
+            self.state = State::Command;
+            self.greet();
+            self.process();
+            return;
+        }
+        if matches!(self.state, State::WaitDns(_)) {
+            let State::WaitDns(line) = std::mem::replace(&mut self.state, State::Command) else {
+                return;
+            };
+            self.command(&line);
+            self.check_error_limit();
+            self.process();
+        }
+    }
+
+    /// Counts one `event` against this client's rate limit; over it, logs
+    /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
+    /// `450 4.7.1 Error: TEXT from IP` as Postfix, and returns true.
+    pub(super) fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
+        let rate = self.anvil.borrow_mut().event(self.client.addr, event);
+        let Err(n) = rate else { return false };
+        warning!(
+            "{what} rate limit exceeded: {n} from {} for service {}",
+            self.namaddr,
+            self.cfg.service
+        );
+        let ip = self.client.addr;
+        self.reply(&format!("450 4.7.1 Error: {text} from {ip}"));
+        true
+    }
+
+    /// Asks for the DNS answers in `needed` that the session does not
+    /// have yet (once each); true when there are any.
+    pub(super) fn request_dns(&mut self, needed: Vec<Query>) -> bool {
+        let missing: Vec<Query> = needed
+            .into_iter()
+            .filter(|q| !self.dns.contains_key(q))
+            .collect();
+        for q in &missing {
+            if self.dns_pending.insert(q.clone()) {
+                self.dns_requests.push(q.clone());
+            }
+        }
+        !missing.is_empty()
+    }
+
+    /// [`Session::request_dns`] for a command: true when answers are
+    /// missing; the command (`verb`) then waits in [`State::WaitDns`] and
+    /// runs again when they are in.
+    pub(super) fn await_dns(&mut self, needed: Vec<Query>, verb: Verb) -> bool {
+        if !self.request_dns(needed) {
+            return false;
+        }
+        self.state = State::WaitDns(std::mem::take(&mut self.current_line));
+        // Counted when the command runs again.
+        self.counts[verb_index(verb)].total -= 1;
+        true
+    }
+
+    /// What the restrictions see now.
+    pub(super) fn request<'a>(&'a self, rcpt: Option<&'a str>, command: &'a str) -> Request<'a> {
+        Request {
+            client_addr: Some(self.client.addr),
+            client_name: &self.client.names.name,
+            client_reverse_name: &self.client.names.reverse_name,
+            name_status: self.client.names.name_status,
+            reverse_status: self.client.names.reverse_status,
+            helo: self.helo.as_deref(),
+            sender: self.tx.as_ref().map(|t| t.sender.as_str()),
+            recipient: rcpt,
+            sasl_username: self.sasl_username.as_deref(),
+            esmtp: self.esmtp,
+            pipelined: self.pipelined,
+            command,
+            dns: Some(&self.dns),
+        }
+    }
+
+    pub(super) fn check_recipient(&self, rcpt: &str) -> Option<String> {
+        let req = self.request(Some(rcpt), self.where_);
+        self.cfg.restrictions.check_recipient(&req)
+    }
+
+    /// A refusal by the restrictions (or a limit): logged as Postfix
+    /// does, and answered; the command failed.
+    pub(super) fn reject(&mut self, reply: &str, sender: Option<&str>, rcpt: Option<&str>) -> Done {
+        self.log_reject(reply, sender, rcpt);
+        self.fail(reply)
+    }
+
+    /// Postfix's reject log line.
+    pub(super) fn log_reject(&self, reply: &str, sender: Option<&str>, rcpt: Option<&str>) {
+        // Postfix names the queue file once there is one (a recipient
+        // refused after another was accepted).
+        let queue_id = self.tx.as_ref().and_then(|t| t.queue_id.as_deref());
+        let mut line = format!(
+            "{}: reject: {} from {}: {};",
+            queue_id.unwrap_or("NOQUEUE"),
+            self.where_,
+            self.namaddr,
+            reply
+        );
+        if let Some(s) = sender {
+            line.push_str(&format!(" from=<{s}>"));
+        }
+        if let Some(r) = rcpt {
+            line.push_str(&format!(" to=<{r}>"));
+        }
+        line.push_str(&format!(" proto={}", self.protocol()));
+        if let Some(h) = &self.helo {
+            line.push_str(&format!(" helo=<{h}>"));
+        }
+        info!("{line}");
+    }
+}

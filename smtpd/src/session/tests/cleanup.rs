@@ -1,0 +1,236 @@
+//! The queue file through cleanup: when it is opened and given up,
+//! the content, and the replies to cleanup's failures.
+
+use super::*;
+
+#[test]
+fn data_errors() {
+    let mut s = session();
+    assert_eq!(
+        send(&mut s, "DATA\r\n"),
+        ["503 5.5.1 Error: need RCPT command"]
+    );
+    send(&mut s, "MAIL FROM:<a@b>\r\n");
+    assert_eq!(
+        send(&mut s, "DATA\r\n"),
+        ["554 5.5.1 Error: no valid recipients"]
+    );
+    send_opening(&mut s, "RCPT TO:<u@mx.example>\r\n");
+    assert_eq!(send(&mut s, "DATA x\r\n"), ["501 5.5.4 Syntax: DATA"]);
+}
+
+#[test]
+fn smuggled_dot_does_not_end_data() {
+    let mut s = session();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+    );
+    s.take_requests();
+    opened(&mut s);
+    let r = send(
+        &mut s,
+        "x\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@mx.example>\r\nDATA\r\nevil\r\n",
+    );
+    assert!(r.is_empty(), "{r:?}");
+    assert!(s.wants_input());
+    assert_eq!(send(&mut s, ".\r\n"), Vec::<String>::new());
+    let (kinds, content) = requests(&mut s);
+    assert_eq!(kinds, ["envelope", "content", "close"]);
+    assert!(content.ends_with(b"\nx\nMAIL FROM:<evil@x>\nRCPT TO:<v@mx.example>\nDATA\nevil\n"));
+}
+
+#[test]
+fn end_of_data_split_across_reads() {
+    let mut s = session();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+    );
+    s.take_requests();
+    opened(&mut s);
+    for piece in ["text\r", "\n", ".", "\r", "\nNO", "OP\r\n"] {
+        assert!(send(&mut s, piece).is_empty());
+    }
+    let (kinds, content) = requests(&mut s);
+    assert_eq!(kinds, ["envelope", "content", "close"]);
+    assert!(content.ends_with(b"\ntext\n"));
+    assert_eq!(
+        queued(&mut s),
+        ["250 2.0.0 Ok: queued as QID1", "250 2.0.0 Ok"]
+    );
+}
+
+#[test]
+fn cleanup_failures() {
+    // Unreachable at the first RCPT: the recipient is refused, and
+    // the pipelined DATA with it.
+    let mut s = session();
+    send(
+        &mut s,
+        "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nRSET\r\n",
+    );
+    assert_eq!(requests(&mut s).0, ["open"]);
+    s.cleanup_lost();
+    assert_eq!(
+        out(&mut s),
+        [
+            WRITE_ERROR,
+            "554 5.5.1 Error: no valid recipients",
+            "250 2.0.0 Ok"
+        ]
+    );
+    // Refused by cleanup at the first RCPT: the next one tries again.
+    send(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n");
+    s.take_requests();
+    s.cleanup_reply(CleanupReply::Failed {
+        temporary: true,
+        dsn: "4.3.1".into(),
+        reason: "Insufficient system storage".into(),
+    });
+    assert_eq!(out(&mut s), ["452 4.3.1 Insufficient system storage"]);
+    send(&mut s, "RCPT TO:<v@mx.example>\r\n");
+    assert_eq!(requests(&mut s).0, ["open"]);
+    assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
+    // Lost between RCPT and DATA: DATA opens another file.
+    s.cleanup_lost();
+    assert!(out(&mut s).is_empty());
+    assert!(send(&mut s, "DATA\r\n").is_empty());
+    assert_eq!(requests(&mut s).0, ["open"]);
+    assert_eq!(opened(&mut s), ["354 End data with <CR><LF>.<CR><LF>"]);
+    let reqs = s.take_requests();
+    let CleanupRequest::Envelope(m) = &reqs[0] else {
+        panic!("{reqs:?}")
+    };
+    let rcpts: Vec<_> = m.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, ["v@mx.example"]);
+    // Lost during the content: read to the end, then 451.
+    send(&mut s, "a\r\n");
+    s.cleanup_lost();
+    assert!(send(&mut s, "b\r\n").is_empty());
+    assert_eq!(send(&mut s, ".\r\n"), [WRITE_ERROR]);
+    // Refused at the end (the errors so far forgiven, not to reach the
+    // hard limit).
+    s.error_count = 0;
+    send(
+        &mut s,
+        "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+    );
+    assert_eq!(
+        opened(&mut s),
+        ["250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
+    );
+    send(&mut s, "a\r\n.\r\n");
+    s.cleanup_reply(CleanupReply::Failed {
+        temporary: false,
+        dsn: "5.4.6".into(),
+        reason: "too many hops".into(),
+    });
+    assert_eq!(out(&mut s), ["554 5.4.6 Error: too many hops"]);
+    assert_eq!(
+        failure_reply(true, "", ""),
+        "451 4.3.0 Error: queue file write error"
+    );
+    assert_eq!(
+        failure_reply(false, "5.3.4", "message file too big"),
+        "552 5.3.4 Error: message file too big"
+    );
+}
+
+#[test]
+fn queue_file_opened_at_mail_without_delay_and_given_up_by_rset() {
+    let mut cfg = settings();
+    cfg.delay_open_until_valid_rcpt = false;
+    let mut s = session_with(cfg, "192.0.2.7");
+    assert!(send(&mut s, "MAIL FROM:<a@b>\r\n").is_empty());
+    assert_eq!(requests(&mut s).0, ["open"]);
+    assert_eq!(opened(&mut s), ["250 2.1.0 Ok"]);
+    // Recipients, refused or not, no longer wait for cleanup.
+    assert_eq!(
+        send(
+            &mut s,
+            "RCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\n"
+        ),
+        [
+            "554 5.7.1 <x@far.example>: Relay access denied",
+            "250 2.1.5 Ok"
+        ]
+    );
+    assert!(requests(&mut s).0.is_empty());
+    // RSET gives the file up, and so does a new EHLO.
+    assert_eq!(send(&mut s, "RSET\r\n"), ["250 2.0.0 Ok"]);
+    assert_eq!(requests(&mut s).0, ["abort"]);
+    send(&mut s, "MAIL FROM:<a@b>\r\n");
+    opened(&mut s);
+    send(&mut s, "EHLO c\r\n");
+    assert_eq!(requests(&mut s).0, ["open", "abort"]);
+}
+
+#[test]
+fn a_session_that_went_on_has_given_its_connection_up() {
+    let mut s = session();
+    send(
+        &mut s,
+        "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nRSET\r\nMAIL FROM:<a@b>\r\nRCPT TO:<v@mx.example>\r\n",
+    );
+    s.take_requests();
+    assert!(!s.gave_up_cleanup());
+    // Opened, and the pipelined commands run: RSET gives this file up
+    // and the next RCPT asks for another, on a new connection. The old
+    // one closing now must not fail the new request.
+    assert_eq!(
+        opened(&mut s),
+        ["250 2.1.5 Ok", "250 2.0.0 Ok", "250 2.1.0 Ok"]
+    );
+    assert!(s.gave_up_cleanup());
+    assert_eq!(requests(&mut s).0, ["abort", "open"]);
+    assert!(s.waiting_on_cleanup());
+}
+
+#[test]
+fn a_refused_recipient_opens_nothing() {
+    let mut s = session_with(settings(), "192.0.2.7");
+    assert_eq!(
+        send(
+            &mut s,
+            "MAIL FROM:<a@b>\r\nRCPT TO:<x@far.example>\r\nQUIT\r\n"
+        ),
+        [
+            "250 2.1.0 Ok",
+            "554 5.7.1 <x@far.example>: Relay access denied",
+            "221 2.0.0 Bye"
+        ]
+    );
+    s.finish();
+    assert!(requests(&mut s).0.is_empty());
+}
+
+#[test]
+fn a_client_that_leaves_after_rcpt_gives_the_file_up() {
+    let mut s = session();
+    send_opening(&mut s, "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n");
+    s.take_requests();
+    s.client_eof();
+    s.finish();
+    assert_eq!(requests(&mut s).0, ["abort"]);
+}
+
+#[test]
+fn client_leaves_mid_data() {
+    let mut s = session();
+    send(
+        &mut s,
+        "MAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\n",
+    );
+    s.take_requests();
+    opened(&mut s);
+    send(&mut s, "partial\r\n");
+    s.take_requests();
+    s.client_eof();
+    let (kinds, _) = requests(&mut s);
+    assert_eq!(kinds, ["abort"]);
+    assert!(s.is_done());
+    assert_eq!(s.where_, "DATA");
+    assert_eq!(s.reason, Some("lost connection"));
+    s.finish();
+}

@@ -1,0 +1,77 @@
+//! STARTTLS (RFC 3207) and `smtpd_tls_wrappermode`: the session asks
+//! the loop to start TLS, and forgets what it learned in plaintext once
+//! the handshake is done.
+
+use super::{Done, Session, State};
+use crate::settings::TlsLevel;
+use postern_common::info;
+use postern_common::smtp_command::Token;
+use postern_common::tls::Negotiated;
+
+impl Session {
+    /// Whether the client's STARTTLS was accepted: once the `220` is
+    /// sent, the loop starts TLS and calls [`Session::tls_started`].
+    pub fn starttls_requested(&self) -> bool {
+        self.starttls_pending
+    }
+
+    /// The loop switched the connection to TLS (handshake under way).
+    pub fn tls_started(&mut self) {
+        self.starttls_pending = false;
+    }
+
+    /// The TLS handshake is complete. As RFC 3207 demands, the session
+    /// forgets everything it learned before (HELO, transaction, SASL).
+    pub fn tls_established(&mut self, n: Negotiated) {
+        let mut line = format!(
+            "Anonymous TLS connection established from {}: {}",
+            self.namaddr,
+            n.summary()
+        );
+        if let Some(kx) = &n.kx {
+            line.push_str(&format!(" key-exchange {kx}"));
+        }
+        info!("{line}");
+        self.tls = Some(n);
+        self.helo = None;
+        self.esmtp = false;
+        self.end_transaction();
+        self.sasl_username = None;
+        self.sasl_method = None;
+        self.input.clear();
+        if self.cfg.tls_wrappermode && !matches!(self.state, State::WaitPeerName) {
+            self.greet();
+        }
+    }
+
+    /// The TLS layer failed (handshake or record error): the session ends.
+    pub fn tls_failed(&mut self) {
+        if !self.hangup {
+            self.reason = Some("lost connection");
+            self.hangup = true;
+        }
+        self.abort_cleanup();
+    }
+
+    pub(super) fn starttls_offered(&self) -> bool {
+        self.cfg.tls_level != TlsLevel::None && self.tls.is_none() && !self.cfg.tls_wrappermode
+    }
+
+    pub(super) fn starttls(&mut self, args: &[Token]) -> Done {
+        if args.len() != 1 {
+            return self.fail("501 5.5.4 Syntax: STARTTLS");
+        }
+        if self.tls.is_some() {
+            return self.fail("554 5.5.1 Error: TLS already active");
+        }
+        if !self.starttls_offered() {
+            return self.fail("502 5.5.1 Error: command not implemented");
+        }
+        if self.cfg.tls.is_none() {
+            return self.fail("454 4.7.0 TLS not available due to local problem");
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        self.starttls_pending = true;
+        Done::Ok
+    }
+}

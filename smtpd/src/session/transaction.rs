@@ -1,0 +1,276 @@
+//! The mail transaction's commands: MAIL, RCPT, DATA and RSET, the
+//! address syntax (SMTPUTF8 included), and the end of a transaction.
+
+use super::{Done, Opening, Session, State, Transaction};
+use crate::anvil::Event;
+use crate::restrictions::Stage;
+use postern_common::qfile::Recipient;
+use postern_common::smtp_command::{self as protocol, Offered, Token, Verb};
+use postern_common::smtputf8;
+use postern_common::warning;
+
+/// Postfix's smtpd_recipient_overshoot_limit default: RCPTs refused with
+/// 452 for being over smtpd_recipient_limit before they count as errors.
+const RECIPIENT_OVERSHOOT_LIMIT: u32 = 1000;
+
+/// Below this much free space in the queue file system no new message is
+/// started: a queue file needs a few blocks even for a short message.
+const MIN_FREE: u64 = 64 * 1024;
+
+impl Session {
+    /// Whether the queue file system can take a message of `size` bytes
+    /// (the MAIL FROM SIZE, 0 if not given), as Postfix checks it: at least
+    /// `queue_minfree` free, and 1.5 times the announced size; and never a
+    /// file system that is full.
+    fn enough_storage(&self, size: u64) -> bool {
+        match postern_common::queue::free_space(&self.cfg.queue_directory) {
+            Ok(free) => {
+                free >= self.cfg.queue_minfree
+                    && free >= size.saturating_mul(3) / 2
+                    && free >= MIN_FREE
+            }
+            Err(_) => true, // cannot tell: cleanup will say if it fails
+        }
+    }
+
+    pub(super) fn mail(&mut self, args: &[Token]) -> Done {
+        if self.cfg.helo_required && self.helo.is_none() {
+            return self.fail("503 5.5.1 Error: send HELO/EHLO first");
+        }
+        if self.tx.is_some() {
+            return self.fail("503 5.5.1 Error: nested MAIL command");
+        }
+        let Some((path, params)) = protocol::path_command(args, "from:") else {
+            return self.fail("501 5.5.4 Syntax: MAIL FROM:<address>");
+        };
+        // SMTPUTF8 decides the sender's syntax: taken before it.
+        let smtputf8 = self.smtputf8_requested(&args[3..]);
+        let sender = match self.address(path) {
+            Some(a) if self.utf8_syntax_ok(path, &a, smtputf8) => a,
+            _ => return self.fail("501 5.1.7 Bad sender address syntax"),
+        };
+        let offered = Offered {
+            auth: self.cfg.sasl.is_some(),
+            smtputf8: self.cfg.smtputf8_enable,
+        };
+        let options = match protocol::mail_params(&params, offered) {
+            Ok(o) => o,
+            Err(e) => return self.fail(&e.reply()),
+        };
+        let size = options.size;
+        let tx = Transaction {
+            sender,
+            smtputf8,
+            envid: options.envid,
+            ret: options.ret.map(str::to_string),
+            ..Default::default()
+        };
+        let limit = self.cfg.message_size_limit;
+        if limit > 0 && size > limit {
+            let reply = "552 5.3.4 Message size exceeds fixed limit";
+            return self.reject(reply, Some(&tx.sender), None);
+        }
+        if self.strict_smtputf8_refuses(&tx.sender, smtputf8) {
+            return Done::Failed;
+        }
+        if !self.enough_storage(size) {
+            let reply = "452 4.3.1 Insufficient system storage";
+            warning!(
+                "not enough free space in the queue file system for {}",
+                self.namaddr
+            );
+            return self.reject(reply, Some(&tx.sender), None);
+        }
+        let needed = {
+            let mut req = self.request(None, self.where_);
+            req.sender = Some(&tx.sender);
+            self.cfg.restrictions.dns_needed(Stage::Sender, &req)
+        };
+        if self.await_dns(needed, Verb::Mail) {
+            return Done::Pending;
+        }
+        if self.over_rate_limit(Event::Message, "Message delivery request", "too much mail") {
+            return Done::Failed;
+        }
+        let refused = {
+            let mut req = self.request(None, self.where_);
+            req.sender = Some(&tx.sender);
+            self.cfg.restrictions.check_sender(&req)
+        };
+        if let Some(reply) = refused {
+            return self.reject(&reply, Some(&tx.sender), None);
+        }
+        self.tx = Some(tx);
+        if !self.cfg.delay_open_until_valid_rcpt {
+            self.open_queue_file(Opening::Mail);
+            return Done::Pending;
+        }
+        self.reply("250 2.1.0 Ok");
+        Done::Ok
+    }
+
+    pub(super) fn rcpt(&mut self, args: &[Token]) -> Done {
+        if self.tx.is_none() {
+            return self.fail("503 5.5.1 Error: need MAIL command");
+        }
+        let Some((path, params)) = protocol::path_command(args, "to:") else {
+            return self.fail("501 5.5.4 Syntax: RCPT TO:<address>");
+        };
+        let smtputf8 = self.tx.as_ref().is_some_and(|t| t.smtputf8);
+        let address = match self.address(path) {
+            Some(a) if !a.is_empty() && self.utf8_syntax_ok(path, &a, smtputf8) => a,
+            _ => return self.fail("501 5.1.3 Bad recipient address syntax"),
+        };
+        let options = match protocol::rcpt_params(&params) {
+            Ok(o) => o,
+            Err(e) => return self.fail(&e.reply()),
+        };
+        let rcpt = Recipient {
+            notify: options.notify,
+            orcpt: options.orcpt,
+            ..Recipient::new(&address)
+        };
+        let limit = self.cfg.recipient_limit;
+        if let Some(tx) = &mut self.tx {
+            if limit > 0 && tx.recipients.len() >= limit {
+                tx.overshoot += 1;
+                let over = tx.overshoot > RECIPIENT_OVERSHOOT_LIMIT;
+                self.reply("452 4.5.3 Error: too many recipients");
+                return if over { Done::Failed } else { Done::Ok };
+            }
+        }
+        if self.strict_smtputf8_refuses(&address, smtputf8) {
+            return Done::Failed;
+        }
+        let needed = {
+            let req = self.request(Some(&address), self.where_);
+            self.cfg.restrictions.dns_needed(Stage::Recipient, &req)
+        };
+        if self.await_dns(needed, Verb::Rcpt) {
+            return Done::Pending;
+        }
+        if self.over_rate_limit(Event::Recipient, "Recipient address", "too many recipients") {
+            return Done::Failed;
+        }
+        if let Some(reply) = self.check_recipient(&address) {
+            let sender = self.tx.as_ref().map(|t| t.sender.clone());
+            return self.reject(&reply, sender.as_deref(), Some(&address));
+        }
+        if let Some(tx) = &mut self.tx {
+            tx.recipients.push(rcpt);
+        }
+        if !self.cleanup_open {
+            // The first recipient accepted: the queue file is made now,
+            // while the client goes on to DATA (Postfix's
+            // smtpd_delay_open_until_valid_rcpt), not after it.
+            self.open_queue_file(Opening::Rcpt);
+            return Done::Pending;
+        }
+        self.reply("250 2.1.5 Ok");
+        Done::Ok
+    }
+
+    pub(super) fn data(&mut self, args: &[Token]) -> Done {
+        let Some(tx) = &self.tx else {
+            return self.fail("503 5.5.1 Error: need RCPT command");
+        };
+        if tx.recipients.is_empty() {
+            return self.fail("554 5.5.1 Error: no valid recipients");
+        }
+        if args.len() != 1 {
+            return self.fail("501 5.5.4 Syntax: DATA");
+        }
+        let refused = self
+            .cfg
+            .restrictions
+            .check_data(&self.request(None, "DATA"));
+        if let Some(reply) = refused {
+            let sender = tx.sender.clone();
+            return self.reject(&reply, Some(&sender), None);
+        }
+        let opened = self.tx.as_ref().is_some_and(|t| t.queue_id.is_some());
+        if self.cleanup_open && opened {
+            self.start_data();
+        } else {
+            self.open_queue_file(Opening::Data);
+        }
+        Done::Pending
+    }
+
+    pub(super) fn rset(&mut self, args: &[Token]) -> Done {
+        if args.len() != 1 {
+            return self.fail("501 5.5.4 Syntax: RSET");
+        }
+        self.end_transaction();
+        self.reply("250 2.0.0 Ok");
+        Done::Ok
+    }
+
+    /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.
+    pub(super) fn smtputf8_requested(&self, params: &[Token]) -> bool {
+        self.cfg.smtputf8_enable
+            && params
+                .iter()
+                .any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))
+    }
+
+    /// Postfix's rule for non-ASCII domains (see
+    /// [`smtputf8::address_syntax_ok`]); a refusal is logged as bad syntax.
+    pub(super) fn utf8_syntax_ok(&self, tok: &Token, addr: &str, smtputf8: bool) -> bool {
+        if !self.cfg.smtputf8_enable || smtputf8::address_syntax_ok(addr, smtputf8) {
+            return true;
+        }
+        warning!(
+            "Illegal address syntax from {} in {} command: {}",
+            self.namaddr,
+            self.where_,
+            protocol::printable(tok.text.as_bytes(), 200)
+        );
+        false
+    }
+
+    /// `strict_smtputf8`: a non-ASCII address outside an SMTPUTF8
+    /// transaction is refused (replied here).
+    fn strict_smtputf8_refuses(&mut self, addr: &str, smtputf8: bool) -> bool {
+        let refused = self.cfg.smtputf8_enable
+            && self.cfg.strict_smtputf8
+            && !smtputf8
+            && smtputf8::is_utf8_address(addr);
+        if refused {
+            self.reply("553 5.6.7 Must declare SMTPUTF8 to send unicode address");
+        }
+        refused
+    }
+
+    /// The address in a MAIL FROM/RCPT TO word, or None (logged).
+    fn address(&self, tok: &Token) -> Option<String> {
+        let a = if tok.unterminated {
+            None
+        } else {
+            protocol::extract_address(&tok.text).ok()
+        };
+        if a.is_none() {
+            warning!(
+                "Illegal address syntax from {} in {} command: {}",
+                self.namaddr,
+                self.where_,
+                protocol::printable(tok.text.as_bytes(), 200)
+            );
+        }
+        a
+    }
+
+    /// Forgets the transaction (RSET, HELO, STARTTLS, a failure) and the
+    /// queue file opened for it, which cleanup gives back to `spare/`.
+    pub(super) fn end_transaction(&mut self) {
+        self.abort_cleanup();
+        self.tx = None;
+    }
+
+    pub(super) fn transaction_failed(&mut self) {
+        self.end_transaction();
+        self.state = State::Command;
+        self.error_count += 1;
+        self.check_error_limit();
+    }
+}
