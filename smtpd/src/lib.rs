@@ -11,7 +11,12 @@
 //! the queue file is cleanup's.
 //!
 //! Modules:
-//! - [`server`]: the mio event loop, sockets, timeouts, master status.
+//! - [`server`]: the mio event loop, sockets, timeouts, master status;
+//!   each session's turn, one function per phase (DNS, auth, cleanup,
+//!   output, STARTTLS, input, end).
+//! - [`cleanup_conn`]: the connection to cleanup for one message
+//!   (connect, retry on a full backlog, requests out, replies in).
+//! - [`outbuf`]: bytes waiting for a non-blocking socket.
 //! - [`session`]: one SMTP session as a state machine without I/O.
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
 //! - [`restrictions`]: Postfix's restriction language
@@ -29,8 +34,10 @@
 //! - [`settings`]: the parameters smtpd reads.
 
 pub mod anvil;
+pub mod cleanup_conn;
 pub mod data;
 pub mod dns;
+pub mod outbuf;
 pub mod received;
 pub mod restrictions;
 pub mod sasl;
