@@ -20,7 +20,12 @@
 //! - [`session`]: one SMTP session as a state machine without I/O.
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
 //! - [`restrictions`]: Postfix's restriction language
-//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).
+//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`):
+//!   the lists and per-stage checks in `restrictions/mod.rs`, list
+//!   evaluation in `eval.rs`, the checks without lookups (FQDN, HELO
+//!   syntax, pipelining, relay control, unlisted, sender login maps) in
+//!   `checks.rs`, the DNS and RBL checks in `dns_checks.rs`, access
+//!   tables in `access.rs`.
 //! - [`received`]: the Received: header.
 //! - [`tls`]: STARTTLS and `smtpd_tls_wrappermode` on the event loop
 //!   (rustls), and what the session learns of the handshake.
