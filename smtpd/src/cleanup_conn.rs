@@ -6,8 +6,8 @@
 //! accepted RCPT TO); the envelope and content follow as requests, framed
 //! as `common/src/ipc.rs` frames, and cleanup answers `Opened`, then
 //! `Queued` or `Failed` after the final dot. When cleanup's backlog is
-//! full the Open waits ([`PendingOpen`]) and is tried again every
-//! [`CONNECT_RETRY`], up to the smaller of `ipc_timeout` and
+//! full the Open waits (`PendingOpen`) and is tried again every
+//! `CONNECT_RETRY`, up to the smaller of `ipc_timeout` and
 //! `smtpd_timeout`.
 
 use crate::outbuf::OutBuf;

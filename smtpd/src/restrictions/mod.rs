@@ -35,15 +35,15 @@
 //!
 //! Here: the types, the lists read from the configuration and the
 //! checks the session calls at each stage. Beside it:
-//! - [`eval`]: evaluating a list, one restriction after the other, and
+//! - `eval`: evaluating a list, one restriction after the other, and
 //!   the wording of replies;
-//! - [`checks`]: the client, HELO, sender and recipient checks that need
+//! - `checks`: the client, HELO, sender and recipient checks that need
 //!   no lookup (FQDN and syntax, pipelining, relay control, unlisted
 //!   addresses, sender login maps);
-//! - [`dns_checks`]: the checks that read DNS answers (unknown client,
+//! - `dns_checks`: the checks that read DNS answers (unknown client,
 //!   HELO, sender and recipient domains, RBLs), and which answers they
 //!   need;
-//! - [`access`]: `check_*_access` tables and their access(5) actions.
+//! - `access`: `check_*_access` tables and their access(5) actions.
 
 mod access;
 mod checks;
