@@ -14,6 +14,7 @@
 //! Keys are matched case-insensitively (stored lower-case), as Postfix does
 //! for its indexed tables.
 
+use crate::warning;
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ impl Table {
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
                 // As Postfix: a malformed line is skipped with a warning.
                 let map = source_entries(&text, false, |line, e| {
-                    crate::warning!("{name}, line {line}: {e}");
+                    warning!("{name}, line {line}: {e}");
                     Ok::<(), String>(())
                 })?
                 .into_iter()
@@ -448,7 +449,7 @@ impl IndexedTable {
                     return new;
                 }
                 Ok(Opened::Legacy(_)) => {}
-                Err(e) => crate::warning!("{e}; the table as it was is still used"),
+                Err(e) => warning!("{e}; the table as it was is still used"),
             }
             checked.1 = Some(id);
         }
@@ -516,7 +517,7 @@ impl IndexedTable {
         let value = match IndexedTable::get_in(&file, key.as_bytes()) {
             Ok(v) => v?,
             Err(e) => {
-                crate::warning!("table {}: lookup {key}: {e}", self.path.display());
+                warning!("table {}: lookup {key}: {e}", self.path.display());
                 return None;
             }
         };

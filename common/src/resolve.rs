@@ -40,6 +40,7 @@
 
 use crate::addr;
 use crate::maps::{self, DomainList, Table};
+use crate::warning;
 use postern_conf::Config;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -237,7 +238,7 @@ impl Maps {
         let joined = rest.join(" ");
         let (tables, errors) = maps::Tables::open_list(&joined);
         for e in &errors {
-            crate::warning!("{name}: {e}");
+            warning!("{name}: {e}");
         }
         Maps {
             name,
@@ -438,7 +439,7 @@ pub const RECIPIENT_CODES: [&str; 4] = [
 
 fn code(cfg: &Config, name: &str) -> u16 {
     reject_code(cfg, name).unwrap_or_else(|e| {
-        crate::warning!("{e}; using 550");
+        warning!("{e}; using 550");
         550
     })
 }
@@ -578,7 +579,7 @@ impl Resolver {
             checked: Instant::now(),
         };
         for e in &r.domain_errors {
-            crate::warning!("{e}");
+            warning!("{e}");
         }
         r
     }
@@ -960,7 +961,7 @@ impl Resolver {
         let r = match self.resolve(envelope_sender, address) {
             Ok(r) => r,
             Err(e) => {
-                crate::warning!("{e}");
+                warning!("{e}");
                 return Err(Refusal {
                     code: 451,
                     dsn: "4.3.0".into(),
