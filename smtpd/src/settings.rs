@@ -59,6 +59,8 @@ pub struct Settings {
     pub tls_auth_only: bool,
     /// `smtpd_tls_received_header`.
     pub tls_received_header: bool,
+    /// `smtpd_tls_loglevel`: 1 and up log each established TLS session.
+    pub tls_loglevel: u64,
     /// `smtpd_sasl_auth_enable` with `smtpd_sasl_type = dovecot`: where
     /// the auth server is.
     pub sasl: Option<AuthTarget>,
@@ -165,6 +167,7 @@ impl Settings {
             tls,
             tls_wrappermode,
             tls_received_header: cfg.get_bool("smtpd_tls_received_header").map_err(e)?,
+            tls_loglevel: cfg.get_u64("smtpd_tls_loglevel").map_err(e)?,
             sasl,
             sasl_service: cfg.get("smtpd_sasl_service"),
             sasl_authenticated_header: cfg

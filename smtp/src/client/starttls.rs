@@ -71,13 +71,7 @@ impl<'c> Session<'_, 'c> {
             let what = est
                 .negotiated
                 .as_ref()
-                .map(|n| {
-                    let mut t = n.summary();
-                    if let Some(kx) = &n.kx {
-                        t.push_str(&format!(" key-exchange {kx}"));
-                    }
-                    t
-                })
+                .map(|n| n.log_summary())
                 .unwrap_or_default();
             info!(
                 "{kind} TLS connection established to {}: {what}",
