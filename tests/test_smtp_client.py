@@ -118,6 +118,7 @@ def test_a_real_postfix_relays_into_postern_over_starttls(make_postern, postfix_
         "smtpd_tls_cert_file": str(test_ca.cert_file),
         "smtpd_tls_key_file": str(test_ca.key_file),
         "smtpd_tls_received_header": "yes",
+        "smtpd_tls_loglevel": "1",
         "relayhost": f"[127.0.0.1]:{sink.port}",
     })
     far = postfix_peer(params={

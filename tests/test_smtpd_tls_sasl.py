@@ -81,6 +81,7 @@ def tls_params(certs, level="may", **more):
         "smtpd_tls_cert_file": str(certs["cert"]),
         "smtpd_tls_key_file": str(certs["key"]),
         "smtpd_tls_received_header": "yes",
+        "smtpd_tls_loglevel": "1",
     }
     p.update(more)
     return p

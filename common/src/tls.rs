@@ -667,4 +667,57 @@ mod tests {
         assert!(e.contains("/nonexistent/cert.pem"), "{e}");
         assert!(load_chain_keys(&[]).is_err());
     }
+
+    #[test]
+    fn protocol_lists() {
+        let names = |l: &str| -> Vec<String> {
+            parse_protocols(l)
+                .unwrap()
+                .iter()
+                .map(|v| protocol_name(v.version))
+                .collect()
+        };
+        assert_eq!(names(">=TLSv1"), ["TLSv1.3", "TLSv1.2"]);
+        assert_eq!(names(">=TLSv1.3"), ["TLSv1.3"]);
+        assert_eq!(names("!SSLv2, !SSLv3, !TLSv1, !TLSv1.1"), ["TLSv1.3", "TLSv1.2"]);
+        assert_eq!(names("!SSLv2:!TLSv1.3"), ["TLSv1.2"]);
+        assert_eq!(names("TLSv1.2"), ["TLSv1.2"]);
+        assert_eq!(names("<=TLSv1.2"), ["TLSv1.2"]);
+        assert!(parse_protocols("<=TLSv1.1").is_err());
+        assert!(parse_protocols("TLSv9").unwrap_err().contains("TLSv9"));
+    }
+
+    #[test]
+    fn grades_and_exclusions() {
+        let all = cipher_suites("medium", &[]).unwrap();
+        assert_eq!(all.len(), ring::default_provider().cipher_suites.len());
+        assert!(cipher_suites("null", &[]).is_err());
+        assert!(cipher_suites("bogus", &[]).is_err());
+        let names = |x: &[&str]| -> Vec<&str> {
+            let x: Vec<String> = x.iter().map(|s| s.to_string()).collect();
+            cipher_suites("high", &x).unwrap().into_iter().map(cipher_name).collect()
+        };
+        let n = names(&["AES256", "CHACHA20"]);
+        assert!(n.contains(&"TLS_AES_256_GCM_SHA384"), "{n:?}");
+        assert!(n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
+        assert!(!n.iter().any(|c| c.contains("AES256") || c.contains("CHACHA20-POLY")));
+        let n = names(&["TLS_CHACHA20_POLY1305_SHA256", "ECDHE-RSA-AES128-GCM-SHA256"]);
+        assert!(!n.contains(&"TLS_CHACHA20_POLY1305_SHA256"));
+        assert!(!n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
+    }
+
+    #[test]
+    fn rsa_bits() {
+        // A 16-bit toy modulus 0xC001, exponent 3, in an SPKI.
+        let spki = [
+            0x30, 0x17, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
+            0x01, 0x05, 0x00, 0x03, 0x06, 0x00, 0x30, 0x03, 0x02, 0x01, 0x03,
+        ];
+        assert_eq!(rsa_modulus_bits(&spki), Some(2));
+        let spki2 = [
+            0x30, 0x19, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
+            0x01, 0x05, 0x00, 0x03, 0x08, 0x00, 0x30, 0x05, 0x02, 0x03, 0x00, 0xc0, 0x01,
+        ];
+        assert_eq!(rsa_modulus_bits(&spki2), Some(16));
+    }
 }
