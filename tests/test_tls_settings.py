@@ -213,13 +213,13 @@ def test_loglevel_and_received_header(make_postern, certs, sink):
     m = re.search(r"Received: from client\.example \(\S+ \[127\.0\.0\.1\]\)\r?\n"
                   r"\t\(using TLSv1\.3 with cipher (\S+) \((\d+)/(\d+) bits\)\r?\n"
                   r"\t key-exchange X25519 server-signature RSA-PSS \(2048 bits\)"
-                  r" server-digest SHA(256|384|512)\)\r?\n"
+                  r" server-digest SHA256\)\r?\n"
                   r"\t\(No client certificate requested\)\r?\n"
                   r"\tby postern\.test \(\S+\) with ESMTPS id ", text)
     assert m, text[:800]
     p.wait_for_log(r"post(fix|ern)/smtpd\[\d+\]: Anonymous TLS connection established from "
                    r"\S+\[127\.0\.0\.1\]: TLSv1\.3 with cipher TLS_\S+ \(\d+/\d+ bits\) "
-                   r"key-exchange X25519 server-signature RSA-PSS \(2048 bits\) server-digest SHA\d+$")
+                   r"key-exchange X25519 server-signature RSA-PSS \(2048 bits\) server-digest SHA256$")
 
 
 def test_loglevel_0_logs_no_session(make_postern, certs):
@@ -260,8 +260,8 @@ def test_log_line_and_received_header_as_postfix_writes_them(make_postern, certs
                                                              postfix_peer, tmp_path):
     """The same STARTTLS session (TLS 1.3, RSA certificate) into a private
     Postfix 3.7 and into Postern: the TLS part of the Received header and
-    of the log line are the same but for the digest, which the TLS
-    libraries choose differently."""
+    of the log line are the same (the cipher may differ: it is the
+    client's choice among equals)."""
     ca = TestCA(tmp_path / "ca", names=["localhost"])
     far = postfix_peer(tls=ca)
     p = make_postern(params={"smtpd_tls_security_level": "may",
@@ -290,7 +290,7 @@ def test_log_line_and_received_header_as_postfix_writes_them(make_postern, certs
         m = re.search(r"\t\(using .*?\)\r?\n\t\(No client certificate requested\)",
                       received, re.S)
         assert m, received
-        return re.sub(r"server-digest SHA\d+", "server-digest SHA", m.group(0).replace("\r", ""))
+        return m.group(0).replace("\r", "")
 
     t1 = send(far.port, "u@far.test")
     postfix_raw = far.wait_for(t1)[0][1]
@@ -307,6 +307,5 @@ def test_log_line_and_received_header_as_postfix_writes_them(make_postern, certs
     ours = p.wait_for_log(r"post(fix|ern)/smtpd\[\d+\]: Anonymous " + pat)
     assert theirs, far.log_text()[-2000:]
     assert re.search(r"post(fix|ern)/smtpd\[\d+\]: Anonymous " + pat, far.log_text(), re.M)
-    clean = lambda t: norm(re.sub(r"server-digest SHA\d+", "server-digest SHA", t))  # noqa: E731
-    assert clean(ours.group(ours.lastindex)) == clean(theirs.group(1)), \
+    assert norm(ours.group(ours.lastindex)) == norm(theirs.group(1)), \
         (ours.group(0), theirs.group(0))

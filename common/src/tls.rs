@@ -183,13 +183,33 @@ fn certified(k: CertifiedKey, what: &str) -> Result<Arc<sign::CertifiedKey>, Str
         .key_provider
         .load_private_key(k.key)
         .map_err(|e| format!("unusable private key in {what}: {e}"))?;
-    let ck = sign::CertifiedKey::new(k.chain, signing);
+    let ck = sign::CertifiedKey::new(k.chain, Arc::new(ClientOrder(signing)));
     match ck.keys_match() {
         Ok(()) => Ok(Arc::new(ck)),
         Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
             "private key does not match public key in certificate ({what})"
         )),
         Err(e) => Err(format!("certificate or key not usable ({what}): {e}")),
+    }
+}
+
+/// A key that signs with the first scheme of the client's list it can
+/// use, as OpenSSL does for Postfix (rustls's own keys prefer their own
+/// order: SHA-512 before SHA-256), so that `server-digest` is Postfix's.
+#[derive(Debug)]
+struct ClientOrder(Arc<dyn sign::SigningKey>);
+
+impl sign::SigningKey for ClientOrder {
+    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn sign::Signer>> {
+        offered
+            .iter()
+            .find_map(|s| self.0.choose_scheme(std::slice::from_ref(s)))
+    }
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.0.public_key()
+    }
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.0.algorithm()
     }
 }
 
@@ -679,7 +699,10 @@ mod tests {
         };
         assert_eq!(names(">=TLSv1"), ["TLSv1.3", "TLSv1.2"]);
         assert_eq!(names(">=TLSv1.3"), ["TLSv1.3"]);
-        assert_eq!(names("!SSLv2, !SSLv3, !TLSv1, !TLSv1.1"), ["TLSv1.3", "TLSv1.2"]);
+        assert_eq!(
+            names("!SSLv2, !SSLv3, !TLSv1, !TLSv1.1"),
+            ["TLSv1.3", "TLSv1.2"]
+        );
         assert_eq!(names("!SSLv2:!TLSv1.3"), ["TLSv1.2"]);
         assert_eq!(names("TLSv1.2"), ["TLSv1.2"]);
         assert_eq!(names("<=TLSv1.2"), ["TLSv1.2"]);
@@ -695,13 +718,22 @@ mod tests {
         assert!(cipher_suites("bogus", &[]).is_err());
         let names = |x: &[&str]| -> Vec<&str> {
             let x: Vec<String> = x.iter().map(|s| s.to_string()).collect();
-            cipher_suites("high", &x).unwrap().into_iter().map(cipher_name).collect()
+            cipher_suites("high", &x)
+                .unwrap()
+                .into_iter()
+                .map(cipher_name)
+                .collect()
         };
         let n = names(&["AES256", "CHACHA20"]);
         assert!(n.contains(&"TLS_AES_256_GCM_SHA384"), "{n:?}");
         assert!(n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
-        assert!(!n.iter().any(|c| c.contains("AES256") || c.contains("CHACHA20-POLY")));
-        let n = names(&["TLS_CHACHA20_POLY1305_SHA256", "ECDHE-RSA-AES128-GCM-SHA256"]);
+        assert!(!n
+            .iter()
+            .any(|c| c.contains("AES256") || c.contains("CHACHA20-POLY")));
+        let n = names(&[
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+        ]);
         assert!(!n.contains(&"TLS_CHACHA20_POLY1305_SHA256"));
         assert!(!n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
     }
