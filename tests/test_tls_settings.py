@@ -309,3 +309,25 @@ def test_log_line_and_received_header_as_postfix_writes_them(make_postern, certs
     assert re.search(r"post(fix|ern)/smtpd\[\d+\]: Anonymous " + pat, far.log_text(), re.M)
     assert norm(ours.group(ours.lastindex)) == norm(theirs.group(1)), \
         (ours.group(0), theirs.group(0))
+
+
+def test_smtp_client_mandatory_protocols_and_ciphers(make_postern, postfix_peer, tmp_path):
+    """Postern's smtp at level encrypt speaks what smtp_tls_mandatory_*
+    allow (the opportunistic smtp_tls_protocols do not apply), to a
+    private Postfix that offers TLS 1.2 and 1.3."""
+    ca = TestCA(tmp_path / "ca", names=["localhost"])
+    far = postfix_peer(tls=ca)
+    p = make_postern({"relayhost": f"[127.0.0.1]:{far.port}",
+                      "smtp_tls_security_level": "encrypt", "smtp_tls_loglevel": "1",
+                      "smtp_tls_protocols": "TLSv1.3",
+                      "smtp_tls_mandatory_protocols": "!SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.3",
+                      "smtp_tls_mandatory_exclude_ciphers": "AES256, CHACHA20"})
+    token = "pt-" + uuid.uuid4().hex
+    code, text = p.send("s@example.org", ["u@far.test"],
+                        h.crlf(f"From: <s@example.org>\nSubject: {token}\n\nbody\n"))
+    assert code == 250, text
+    (_path, raw), = far.wait_for(token, timeout=40)
+    assert b"(using TLSv1.2 with cipher ECDHE-RSA-AES128-GCM-SHA256 (128/128 bits))" in raw, raw[:600]
+    p.wait_for_log(r"post(fix|ern)/smtp\[\d+\]: Untrusted TLS connection established to "
+                   rf"127\.0\.0\.1\[127\.0\.0\.1\]:{far.port}: TLSv1\.2 with cipher "
+                   r"ECDHE-RSA-AES128-GCM-SHA256 \(128/128 bits\)$")

@@ -98,29 +98,10 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         .get("smtpd_tls_security_level")
         .trim()
         .eq_ignore_ascii_case("encrypt");
-    let (proto_param, grade_param) = if mandatory {
-        (
-            "smtpd_tls_mandatory_protocols",
-            "smtpd_tls_mandatory_ciphers",
-        )
-    } else {
-        ("smtpd_tls_protocols", "smtpd_tls_ciphers")
-    };
-    let versions =
-        parse_protocols(&cfg.get(proto_param)).map_err(|e| format!("{proto_param}: {e}"))?;
-    let mut exclude = cfg.get_list("smtpd_tls_exclude_ciphers");
-    if mandatory {
-        exclude.extend(cfg.get_list("smtpd_tls_mandatory_exclude_ciphers"));
-    }
-    let suites = cipher_suites(&cfg.get(grade_param), &exclude)
-        .map_err(|e| format!("{grade_param}: {e}"))?;
-    let provider = Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: suites,
-        ..ring::default_provider()
-    });
+    let Profile { versions, provider } = profile(cfg, "smtpd", mandatory)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS configuration ({proto_param}, {grade_param}): {e}"))?
+        .map_err(|e| format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}"))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(KeysBySignature { keys }));
     config.ignore_client_order = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
@@ -142,6 +123,70 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         });
     }
     Ok(Arc::new(config))
+}
+
+/// The protocol versions and cipher suites one side offers.
+pub struct Profile {
+    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Postfix's protocol and cipher settings of `side` (`smtpd`, `smtp`,
+/// `lmtp`): `SIDE_tls_mandatory_protocols`, `SIDE_tls_mandatory_ciphers`
+/// and `SIDE_tls_mandatory_exclude_ciphers` where TLS is `mandatory`,
+/// `SIDE_tls_protocols` and `SIDE_tls_ciphers` otherwise, and
+/// `SIDE_tls_exclude_ciphers` always. A parameter missing from the table
+/// (`lmtp_`) is read under its `smtp_` name.
+pub fn profile(cfg: &postern_conf::Config, side: &str, mandatory: bool) -> Result<Profile, String> {
+    let name = |rest: &str| {
+        let n = format!("{side}_{rest}");
+        if side == "smtpd" {
+            n
+        } else {
+            postern_conf::params::smtp_client_param(side == "lmtp", &format!("smtp_{rest}"))
+        }
+    };
+    let (proto_param, grade_param) = if mandatory {
+        (
+            name("tls_mandatory_protocols"),
+            name("tls_mandatory_ciphers"),
+        )
+    } else {
+        (name("tls_protocols"), name("tls_ciphers"))
+    };
+    let versions =
+        parse_protocols(&cfg.get(&proto_param)).map_err(|e| format!("{proto_param}: {e}"))?;
+    let mut exclude = cfg.get_list(&name("tls_exclude_ciphers"));
+    if mandatory {
+        exclude.extend(cfg.get_list(&name("tls_mandatory_exclude_ciphers")));
+    }
+    let suites = cipher_suites(&cfg.get(&grade_param), &exclude)
+        .map_err(|e| format!("{grade_param}: {e}"))?;
+    let tls13 = suites
+        .iter()
+        .any(|s| matches!(s, SupportedCipherSuite::Tls13(_)));
+    let tls12 = suites
+        .iter()
+        .any(|s| matches!(s, SupportedCipherSuite::Tls12(_)));
+    let versions: Vec<_> = versions
+        .into_iter()
+        .filter(|v| match v.version {
+            ProtocolVersion::TLSv1_3 => tls13,
+            _ => tls12,
+        })
+        .collect();
+    if versions.is_empty() {
+        return Err(format!(
+            "{proto_param} and the cipher exclusions leave no usable protocol"
+        ));
+    }
+    Ok(Profile {
+        versions,
+        provider: Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..ring::default_provider()
+        }),
+    })
 }
 
 /// smtpd's certificates and keys, each checked against its certificate.

@@ -336,6 +336,9 @@ pub struct Client {
     /// `smtp_tls_wrappermode`: TLS from the first byte (SMTPS, port 465),
     /// no STARTTLS.
     pub wrapper: bool,
+    /// Protocols and cipher suites (`smtp_tls_protocols`, `smtp_tls_ciphers`
+    /// or their `mandatory` forms, by the level).
+    pub profile: Arc<postern_common::tls::Profile>,
 }
 
 impl std::fmt::Debug for Client {
@@ -393,8 +396,8 @@ impl Client {
             names: self.names.clone(),
             result: Mutex::new(None),
         });
-        let mut config = ClientConfig::builder_with_provider(self.roots.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        let mut config = ClientConfig::builder_with_provider(self.profile.provider.clone())
+            .with_protocol_versions(&self.profile.versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(recorder.clone())

@@ -117,6 +117,20 @@ impl Agent {
             ca_path: cfg.get(&p("smtp_tls_CApath")),
             tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
             tls_wrapper: cfg.get_bool(&p("smtp_tls_wrappermode")).unwrap_or(false),
+            tls_profiles: [false, true].map(|mandatory| {
+                let side = if lmtp { "lmtp" } else { "smtp" };
+                let prof = postern_common::tls::profile(cfg, side, mandatory).unwrap_or_else(|e| {
+                    error!("{e}; using every protocol and cipher");
+                    postern_common::tls::Profile {
+                        versions: vec![
+                            &postern_common::tls::rustls::version::TLS13,
+                            &postern_common::tls::rustls::version::TLS12,
+                        ],
+                        provider: postern_common::tls::provider(),
+                    }
+                });
+                std::sync::Arc::new(prof)
+            }),
             min_backoff: time(cfg, "minimal_backoff_time"),
             sasl_enable: cfg.get_bool(&p("smtp_sasl_auth_enable")).unwrap_or(false),
             sasl_maps: {
@@ -237,6 +251,7 @@ impl Agent {
             names: policy.names(name, nexthop),
             roots: tls::roots(&self.ca_file, &self.ca_path),
             loglevel: self.tls_loglevel,
+            profile: self.tls_profiles[usize::from(policy.level.required())].clone(),
         })
     }
 

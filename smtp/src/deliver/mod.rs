@@ -72,6 +72,10 @@ pub struct Agent {
     tls_loglevel: u32,
     /// `smtp_tls_wrappermode`.
     tls_wrapper: bool,
+    /// Protocols and ciphers for opportunistic TLS (`smtp_tls_protocols`,
+    /// `smtp_tls_ciphers`) and for mandatory TLS, levels `encrypt` and up
+    /// (`smtp_tls_mandatory_*`).
+    tls_profiles: [Arc<postern_common::tls::Profile>; 2],
     /// `minimal_backoff_time`: after a failed handshake at level `may`, a
     /// message that waited this long is sent in plaintext.
     min_backoff: Duration,
