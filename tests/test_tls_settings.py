@@ -331,3 +331,11 @@ def test_smtp_client_mandatory_protocols_and_ciphers(make_postern, postfix_peer,
     p.wait_for_log(r"post(fix|ern)/smtp\[\d+\]: Untrusted TLS connection established to "
                    rf"127\.0\.0\.1\[127\.0\.0\.1\]:{far.port}: TLSv1\.2 with cipher "
                    r"ECDHE-RSA-AES128-GCM-SHA256 \(128/128 bits\)$")
+
+
+def test_smtp_client_protocol_list_that_leaves_nothing_fails_check(make_postern):
+    p = make_postern({"smtp_tls_mandatory_protocols": "TLSv1.1"}, start=False)
+    r = p.postern("check")
+    assert r.returncode == 1, h.describe(r)
+    assert re.search(r"postern: error: service \S+ .*smtp_tls_mandatory_protocols: "
+                     r"\"TLSv1\.1\" leaves neither TLSv1\.2 nor TLSv1\.3", r.stderr), h.describe(r)
