@@ -76,18 +76,6 @@ def s_client(port, *args, data=b"EHLO client.example\r\nQUIT\r\n"):
                   "-ign_eof", *args], input=data, timeout=30)
 
 
-def served(r):
-    """(protocol, cipher, server key type) from s_client's output."""
-    out = r.stdout
-    proto = re.search(r"^\s*Protocol\s*: (\S+)", out, re.M)
-    cipher = re.search(r"^\s*Cipher\s*: (\S+)", out, re.M)
-    key = re.search(r"Server public key is (\d+) bit", out)
-    peer = re.search(r"Peer signature type: (\S+)", out)
-    tmp = re.search(r"^subject=.*$", out, re.M)
-    return (proto and proto.group(1), cipher and cipher.group(1),
-            peer and peer.group(1), key and key.group(1), tmp)
-
-
 # --------------------------------------------------------------------------
 # Dual certificates
 
@@ -128,9 +116,8 @@ def test_mandatory_protocols_refuse_tls12(make_postern, certs):
                                  # Opportunistic settings do not apply at encrypt.
                                  smtpd_tls_protocols="TLSv1.2"))
     r = s_client(p.port, "-tls1_2")
-    assert "Cipher is (NONE)" in r.stdout or "Protocol  : TLSv1.2" not in r.stdout, h.describe(r)
-    assert "250-" not in r.stdout.split("STARTTLS")[-1] or "handshake failure" in r.stderr \
-        or "alert" in r.stderr, h.describe(r)
+    assert "Cipher is (NONE)" in r.stdout, h.describe(r)
+    assert "New, TLSv1.2" not in r.stdout, h.describe(r)
     r = s_client(p.port, "-tls1_3")
     assert "Protocol  : TLSv1.3" in r.stdout, h.describe(r)
 
@@ -139,9 +126,9 @@ def test_opportunistic_protocols_and_excluded_ciphers(make_postern, certs):
     p = make_postern(params=dual(certs, smtpd_tls_protocols="!SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.3",
                                  smtpd_tls_exclude_ciphers="AES256, CHACHA20"))
     r = s_client(p.port, "-tls1_3")
-    assert "Protocol  : TLSv1.3" not in r.stdout, h.describe(r)
+    assert "Cipher is (NONE)" in r.stdout, h.describe(r)
     r = s_client(p.port, "-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384")
-    assert "Cipher is ECDHE-RSA-AES256-GCM-SHA384" not in r.stdout, h.describe(r)
+    assert "Cipher is (NONE)" in r.stdout, h.describe(r)
     r = s_client(p.port, "-tls1_2")
     assert re.search(r"Cipher is ECDHE-(RSA|ECDSA)-AES128-GCM-SHA256", r.stdout), h.describe(r)
 
@@ -234,7 +221,10 @@ def test_session_cache_timeout_zero_no_resumption(make_postern, certs, tmp_path)
     sess = tmp_path / "sess.pem"
     for timeout, resumed in (("3600s", True), ("0", False)):
         p = make_postern(params=dual(certs, smtpd_tls_session_cache_timeout=timeout,
-                                     smtpd_tls_session_cache_database="btree:${data_directory}/smtpd_scache"))
+                                     smtpd_tls_session_cache_database="btree:${data_directory}/smtpd_scache",
+                                     smtp_tls_session_cache_database="btree:${data_directory}/smtp_scache"))
+        r = p.postern("check")  # Postfix's btree: value is accepted, not opened
+        assert r.returncode == 0 and "smtpd_scache" not in r.stderr, h.describe(r)
         r1 = s_client(p.port, "-tls1_2", "-sess_out", str(sess))
         assert "Protocol  : TLSv1.2" in r1.stdout, h.describe(r1)
         r2 = s_client(p.port, "-tls1_2", "-sess_in", str(sess))
