@@ -238,7 +238,11 @@ def test_session_cache_timeout_zero_no_resumption(make_postern, certs, tmp_path)
 
 def test_mismatched_key_fails_check_and_start(make_postern, certs):
     p = make_postern(params=dual(certs, smtpd_tls_key_file=str(certs / "ec.key"),
-                                 smtpd_tls_eccert_file=None, smtpd_tls_eckey_file=None))
+                                 smtpd_tls_eccert_file=None, smtpd_tls_eckey_file=None),
+                     start=False)
+    r = p.start()
+    assert "postern: error: " in r.stderr and "private key does not match" in r.stderr, \
+        h.describe(r)
     r = p.postern("check")
     assert r.returncode == 1, h.describe(r)
     assert re.search(r"postern: error: service \S+ .*cannot load TLS certificate and key: "
