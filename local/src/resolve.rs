@@ -265,7 +265,7 @@ impl Resolver<'_> {
         match found {
             Some((key, value)) if !chain.contains(&key) => {
                 chain.push(key);
-                for t in split_targets(value) {
+                for t in split_targets(&value) {
                     self.expand_target(&t, name, chain, depth + 1, Class::Alias, exp);
                 }
                 chain.pop();

@@ -184,7 +184,7 @@ impl Agent {
         keys.push(dest.trim().to_ascii_lowercase());
         keys.push(host.to_ascii_lowercase());
         let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
-        let Some(creds) = sasl::Credentials::parse(value) else {
+        let Some(creds) = sasl::Credentials::parse(&value) else {
             warning!("smtp_sasl_password_maps: entry for {host} is not in username:password form");
             return None;
         };
@@ -212,7 +212,7 @@ impl Agent {
         }
         for k in &keys {
             if let Some(v) = self.tls_policy_maps.lookup(k) {
-                match tls::Policy::parse(v) {
+                match tls::Policy::parse(&v) {
                     Ok(p) => return p,
                     Err(e) => {
                         warning!("smtp_tls_policy_maps: {k}: {e}; using \"encrypt\"");
