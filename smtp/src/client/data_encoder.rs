@@ -214,17 +214,15 @@ mod tests {
             (b"before\r.\r\nafter\n", b"before .\r\nafter\r\n.\r\n"),
             (b"before\r.\rafter\n", b"before . after\r\n.\r\n"),
             (b"before\n\rafter\n", b"before\r\n after\r\n.\r\n"),
-            (b"before\n\x00.\nafter\n", b"before\r\n\x00.\r\nafter\r\n.\r\n"),
+            (
+                b"before\n\x00.\nafter\n",
+                b"before\r\n\x00.\r\nafter\r\n.\r\n",
+            ),
             (b"before\n.\r\r\r", b"before\r\n..\r\n.\r\n"),
         ];
         for (stored, wire) in cases {
             let whole = enc_chunks(&[stored]);
-            assert_eq!(
-                whole,
-                wire,
-                "{:?}",
-                String::from_utf8_lossy(stored)
-            );
+            assert_eq!(whole, wire, "{:?}", String::from_utf8_lossy(stored));
             assert!(crlf_only(&whole));
             for i in 0..=stored.len() {
                 for j in i..=stored.len() {
@@ -297,12 +295,9 @@ mod tests {
             (b"abcd\r\n efg\r\n hij\r\nxy\r\n".to_vec(), true)
         );
         // A CR before the LF is the line end, not an octet of the line; a
-        // bare CR is.
+        // bare CR is (sent as a space).
         assert_eq!(enc_limited(4, false, &[b"abcd\r\n"]).0, b"abcd\r\n");
-        assert_eq!(
-            enc_limited(4, false, &[b"abcd\rx\n"]).0,
-            b"abcd\r\n  x\r\n"
-        );
+        assert_eq!(enc_limited(4, false, &[b"abcd\rx\n"]).0, b"abcd\r\n  x\r\n");
         assert_eq!(enc_limited(4, false, &[b"abcd\r"]).0, b"abcd\r\n");
         // The doubled dot is on the wire and counts; a continuation line
         // starting with a dot is not stuffed (it starts with the space).
