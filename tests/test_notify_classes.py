@@ -20,18 +20,20 @@ SENDER = "sender@example.org"
 
 class RefusingSink(h.Sink):
     """A Sink that answers ``refusal`` at the end of DATA to the first
-    ``times`` copies of a message containing ``token`` (other messages,
-    notices among them, are taken)."""
+    ``times`` copies of a message for ``rcpt`` containing ``token`` (other
+    messages, notices among them, are taken)."""
 
-    def __init__(self, token, refusal, times):
+    def __init__(self, rcpt, token, refusal, times):
         super().__init__()
+        self.rcpt = rcpt
         self.token = token.encode()
         self.refusal = refusal
         self.left = times
 
     async def handle_DATA(self, server, session, envelope):
         content = envelope.original_content or b""
-        if self.token in content and self.left > 0:
+        mine = self.rcpt in envelope.rcpt_tos and self.token in content
+        if mine and self.left > 0:
             self.left -= 1
             with self._lock:
                 self._rejected_data.append(h.SinkMessage(
@@ -47,7 +49,7 @@ def queue_empty(p):
 
 def test_remote_4_3_0_is_retried_without_a_postmaster_notice(make_postern):
     token = "pt-" + uuid.uuid4().hex
-    sink = RefusingSink(token, "451 4.3.0 try again later", 2).start()
+    sink = RefusingSink("rcpt@remote.test", token, "451 4.3.0 try again later", 2).start()
     try:
         # notify_classes is left at its default, "resource, software";
         # the postmaster's address is at the sink too, where any notice
@@ -66,9 +68,11 @@ def test_remote_4_3_0_is_retried_without_a_postmaster_notice(make_postern):
         qid = re.search(r"queued as ([0-9A-F]+)", resp).group(1)
 
         # Refused twice with 4.3.0, then delivered.
-        delivered = sink.wait_for(token, 1, timeout=60)
+        delivered = wait_for(
+            lambda: [m for m in sink.find(token) if m.rcpt_tos == ["rcpt@remote.test"]],
+            60, what="the message delivered")
+        assert len(delivered) == 1
         assert len(sink.rejected_data) == 2
-        assert delivered[0].rcpt_tos == ["rcpt@remote.test"]
         deferrals = p.log_findall(
             rf"{qid}: to=<rcpt@remote\.test>.*dsn=4\.3\.0, status=deferred "
             r"\(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.3\.0 try again later")
