@@ -184,6 +184,13 @@ def bare_cr_or_lf(data):
             or (b == 10 and (i == 0 or data[i - 1] != 13))]
 
 
+def one(r, token, name):
+    """The one message ``r`` got whose Subject is ``token name``."""
+    found = r.find(f"Subject: {token} {name}\r\n".encode())
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
 def body(data):
     return data.partition(b"\r\n\r\n")[2]
 
@@ -232,7 +239,7 @@ def test_inbound_never_ends_early_and_outbound_is_crlf_only(make_postern, receiv
                what="every message at the receiver")
     check_clean(r)
     for name in VARIANTS:
-        (data,) = r.find(f"{token} {name}".encode())
+        data = one(r, token, name)
         # The smuggled commands are message text at the next hop, all of
         # them, and "after" too: the data did not end early anywhere.
         assert b"MAIL FROM:<smuggled@evil.test>" in data, (name, data)
@@ -272,13 +279,13 @@ def test_stray_cr_goes_as_postfix_sends_it(make_postern, receiver):
         check_clean(theirs)
         check_clean(ours)
         for name in cases:
-            (want,) = theirs.find(f"{token} {name}".encode())
-            (got,) = ours.find(f"{token} {name}".encode())
+            want = one(theirs, token, name)
+            got = one(ours, token, name)
             assert body(got) == body(want), (name, body(got), body(want))
         # What that is, spelled out for two of them.
-        (got,) = ours.find(f"{token} CR.CR".encode())
+        got = one(ours, token, "CR.CR")
         assert body(got) == b"before . after\r\n.\r\n"
-        (got,) = ours.find(f"{token} CR.LF".encode())
+        got = one(ours, token, "CR.LF")
         assert body(got) == b"before .\r\nafter\r\n.\r\n"
     finally:
         far.stop()
@@ -300,11 +307,11 @@ def test_sendmail_submissions_leave_crlf_only(make_postern, receiver):
                what="every message at the receiver")
     check_clean(r)
     for name in VARIANTS:
-        (data,) = r.find(f"{token} {name}".encode())
+        data = one(r, token, name)
         assert body(data).endswith(b"after\r\n.\r\n"), (name, data)
-    (got,) = r.find(f"{token} CR.CR".encode())
+    got = one(r, token, "CR.CR")
     assert body(got) == b"before . after\r\n.\r\n"
-    (got,) = r.find(f"{token} LF.LF".encode())
+    got = one(r, token, "LF.LF")
     assert body(got) == b"before\r\n..\r\nafter\r\n.\r\n"
     if not postfix_available() or not h.is_root():
         return
@@ -319,8 +326,8 @@ def test_sendmail_submissions_leave_crlf_only(make_postern, receiver):
         h.wait_for(lambda: len(theirs.find(token.encode())) == len(VARIANTS), 60,
                    what="every message at Postfix's receiver")
         for name in VARIANTS:
-            (want,) = theirs.find(f"{token} {name}".encode())
-            (got,) = r.find(f"{token} {name}".encode())
+            want = one(theirs, token, name)
+            got = one(r, token, name)
             assert body(got) == body(want), (name, body(got), body(want))
     finally:
         far.stop()
