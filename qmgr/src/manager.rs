@@ -372,6 +372,12 @@ impl Manager {
                 Some(Wakeup::Deferred) => self.deferred.request(false),
                 Some(Wakeup::Flush) => {
                     self.last_flush = Some(Instant::now());
+                    // Postfix's F: dead destinations are tried again now,
+                    // not after transport_retry_time.
+                    let revived = self.sched.revive_dead();
+                    if revived > 0 {
+                        info!("flush: {revived} dead destination(s) revived");
+                    }
                     self.deferred.request(true);
                     self.incoming.request(false);
                 }
