@@ -358,7 +358,13 @@ def postfix_postlog(tmp_path, *args, input=None):
     conf.mkdir(exist_ok=True)
     (conf / "main.cf").write_text("compatibility_level = 3.6\nmaillog_file = /dev/stdout\n")
     (conf / "master.cf").write_text("")
-    r = h.run(["/usr/sbin/postlog", "-c", conf, *args], input=input, timeout=30)
+    # A pipe: Postfix's postlog opens /dev/stdout again, which fails for
+    # the deleted temporary file h.run would give it.
+    r = subprocess.run(["/usr/sbin/postlog", "-c", str(conf), *args], input=input,
+                       stdin=None if input is not None else subprocess.DEVNULL,
+                       capture_output=True, timeout=30)
+    r.stdout = r.stdout.decode(errors="replace")
+    r.stderr = r.stderr.decode(errors="replace")
     return r, [LINE.match(l).group(2, 4) for l in r.stdout.splitlines() if LINE.match(l)]
 
 

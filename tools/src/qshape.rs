@@ -459,8 +459,8 @@ pub fn main() -> ! {
     };
     let tty = std::io::stdout().is_terminal();
     if tty {
-        shape.batch_msg_count = batch_n.unwrap_or(1000).max(0.0) as u64;
-        shape.batch_top_domains = batch_top.unwrap_or(20).max(0.0) as u64;
+        shape.batch_msg_count = batch_n.unwrap_or(1000.0).max(0.0) as u64;
+        shape.batch_top_domains = batch_top.unwrap_or(20.0).max(0.0) as u64;
         if shape.batch_msg_count > 0 {
             shape.clear = "\x1b[H\x1b[2J\x1b[3J";
         }
