@@ -743,11 +743,9 @@ impl Manager {
             let mut left = rcpts.len();
             if left > 0
                 && (force_expire
-                    || self.retry.expired(
-                        now,
-                        slice.env.arrival_secs,
-                        slice.env.sender.is_empty(),
-                    ))
+                    || self
+                        .retry
+                        .expired(now, slice.env.arrival_secs, slice.env.sender.is_empty()))
             {
                 if !expired_logged {
                     info!(

@@ -31,18 +31,24 @@ pub fn main() -> ! {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "-c" => config = Some(it.next().unwrap_or_else(|| die(NAME, EX_USAGE, "-c requires a directory")).into()),
+            "-c" => {
+                config = Some(
+                    it.next()
+                        .unwrap_or_else(|| die(NAME, EX_USAGE, "-c requires a directory"))
+                        .into(),
+                )
+            }
             "-v" | "-D" => {}
             c if command.is_none() && !c.starts_with('-') => command = Some(c.to_string()),
-            other => die(NAME, EX_USAGE, format_args!("unexpected argument \"{other}\"; {USAGE}")),
+            other => die(
+                NAME,
+                EX_USAGE,
+                format_args!("unexpected argument \"{other}\"; {USAGE}"),
+            ),
         }
     }
     let Some(command) = command else {
-        die(
-            NAME,
-            EX_USAGE,
-            USAGE,
-        );
+        die(NAME, EX_USAGE, USAGE);
     };
     let cfg = crate::load_config(NAME, config.as_deref());
     match command.as_str() {
@@ -324,7 +330,9 @@ fn abort(cfg: &Config) -> ! {
     let master = nix::unistd::Pid::from_raw(pid);
     // master leads its own process group (it detaches with setsid, and
     // start-fg runs it as a session leader too); its children are in it.
-    let group = nix::unistd::getpgid(Some(master)).ok().filter(|g| *g == master);
+    let group = nix::unistd::getpgid(Some(master))
+        .ok()
+        .filter(|g| *g == master);
     let kill = |sig: Signal| match group {
         Some(g) => nix::sys::signal::killpg(g, sig),
         None => nix::sys::signal::kill(master, sig),

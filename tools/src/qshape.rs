@@ -106,7 +106,10 @@ fn perl_format(v: f64) -> String {
     }
     let fixed = format!("{:.*}", (14 - exp).max(0) as usize, v);
     if fixed.contains('.') {
-        fixed.trim_end_matches('0').trim_end_matches('.').to_string()
+        fixed
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     } else {
         fixed
     }
@@ -234,10 +237,7 @@ impl Counts {
 
     fn bump(&mut self, key: &[u8], bucket: usize) -> bool {
         let n = self.shape.buckets + 1;
-        let row = self
-            .rows
-            .entry(key.to_vec())
-            .or_insert_with(|| vec![0; n]);
+        let row = self.rows.entry(key.to_vec()).or_insert_with(|| vec![0; n]);
         row[0] += 1;
         row[bucket] += 1;
         row[0] > 1
@@ -270,7 +270,7 @@ impl Counts {
 
     /// Whether a batch report is due after the message just added.
     pub fn batch_due(&self) -> bool {
-        self.shape.batch_msg_count > 0 && self.messages % self.shape.batch_msg_count == 0
+        self.shape.batch_msg_count > 0 && self.messages.is_multiple_of(self.shape.batch_msg_count)
     }
 
     /// The report.
@@ -287,8 +287,8 @@ impl Counts {
         let mut dw = s.width as i64;
         let mut t: f64 = 0.0;
         let mut t_label: Option<String> = None;
-        for i in 0..n {
-            let count_len = total[i].to_string().len();
+        for (i, count) in total.iter().enumerate() {
+            let count_len = count.to_string().len();
             let h = if i == 0 {
                 "T".to_string()
             } else {

@@ -202,7 +202,9 @@ pub fn upgrade_configuration(cfg: &Config) -> ! {
             new.push_str(l);
             new.push('\n');
         }
-        let tmp = cfg.dir().join(format!("master.cf.tmp.{}", std::process::id()));
+        let tmp = cfg
+            .dir()
+            .join(format!("master.cf.tmp.{}", std::process::id()));
         let res = std::fs::write(&tmp, new)
             .and_then(|()| {
                 let m = std::fs::metadata(&path)?;
@@ -263,7 +265,8 @@ pub fn logrotate(cfg: &Config, master: Option<i32>) -> ! {
             format_args!("logfile '{file}' rotation failed: {why}"),
         )
     };
-    let suffix = strftime_now(suffix).unwrap_or_else(|| failed("bad maillog_file_rotate_suffix".into()));
+    let suffix =
+        strftime_now(suffix).unwrap_or_else(|| failed("bad maillog_file_rotate_suffix".into()));
     let old = format!("{file}.{suffix}");
     let meta = std::fs::metadata(file).unwrap_or_else(|e| failed(format!("{file}: {e}")));
     if let Err(e) = std::fs::rename(file, &old) {
