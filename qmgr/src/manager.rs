@@ -27,6 +27,7 @@ use crate::retire::Retirer;
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};
+use postern_common::fatal;
 use postern_common::ipc::{
     AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
 };
@@ -874,7 +875,7 @@ pub fn run(cfg: &Config) -> ! {
             });
             let _ = drained.send(Event::Drain);
         })
-        .unwrap_or_else(|e| postern_common::fatal!("cannot start the wake-up thread: {e}"));
+        .unwrap_or_else(|e| fatal!("cannot start the wake-up thread: {e}"));
     crate::admin::listen(&m.tree, m.sender());
     m.start();
     m.run()

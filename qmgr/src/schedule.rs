@@ -39,6 +39,7 @@
 //! request in flight at a time per destination, the next no sooner than
 //! that delay after the last one ended ([`Scheduler::next_wakeup`]).
 
+use postern_common::{info, warning};
 use postern_conf::Config;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -57,7 +58,7 @@ pub fn transport_param(cfg: &Config, transport: &str, suffix: &str) -> Option<u6
     match cfg.get_u64(&name) {
         Ok(v) => Some(v),
         Err(e) => {
-            postern_common::warning!("{e}");
+            warning!("{e}");
             None
         }
     }
@@ -145,7 +146,7 @@ impl Limits {
         let feedback = |suffix: &str, dflt: Feedback| {
             let text = transport_text(cfg, transport, suffix);
             Feedback::parse(&text).unwrap_or_else(|| {
-                postern_common::warning!("bad {suffix} value \"{text}\"; using 1/concurrency");
+                warning!("bad {suffix} value \"{text}\"; using 1/concurrency");
                 dflt
             })
         };
@@ -685,7 +686,7 @@ impl Scheduler {
                     && limits.cohort_limit > 0.0
                     && d.fail_cohorts >= limits.cohort_limit
                 {
-                    postern_common::info!(
+                    info!(
                         "{transport} destination {destination}: dead for {}s after failed connections ({reason})",
                         limits.retry_time.as_secs()
                     );

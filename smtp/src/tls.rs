@@ -30,6 +30,7 @@
 //! cipher ...`) when `smtp_tls_loglevel` is 1 or more.
 
 use postern_common::tls::{provider, rustls, Negotiated};
+use postern_common::warning;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -177,7 +178,7 @@ impl Roots {
                         let _ = store.add(c);
                     }
                 }
-                Err(e) => postern_common::warning!("cannot load CA certificates from {f}: {e}"),
+                Err(e) => warning!("cannot load CA certificates from {f}: {e}"),
             }
         }
         let verifier = if store.is_empty() {

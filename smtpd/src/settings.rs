@@ -2,6 +2,7 @@
 
 use crate::restrictions::Restrictions;
 use crate::sasl::{self, AuthTarget};
+use postern_common::error;
 use postern_common::queue::QueueTree;
 use postern_common::tls::{self, rustls::ServerConfig};
 use postern_common::warning;
@@ -119,7 +120,7 @@ impl Settings {
                 Err(why) => {
                     // An error, not a warning: clients lose STARTTLS
                     // (and with `encrypt` every mail) until it is fixed.
-                    postern_common::error!("cannot load TLS certificate and key: {why}");
+                    error!("cannot load TLS certificate and key: {why}");
                     warning!("TLS is not available");
                     None
                 }

@@ -10,6 +10,7 @@ use crate::nexthop;
 use crate::sasl;
 use crate::tls;
 use postern_common::maps::Tables;
+use postern_common::{error, warning};
 use postern_conf::Config;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub fn param(lmtp: bool, smtp_name: &str) -> String {
 /// A time parameter, with its default when the setting is unusable.
 fn time(cfg: &Config, name: &str) -> Duration {
     let secs = cfg.get_time(name).unwrap_or_else(|e| {
-        postern_common::warning!("{e}; using the default");
+        warning!("{e}; using the default");
         postern_conf::params::default_of(name)
             .and_then(postern_conf::parse_time)
             .unwrap_or(300)
@@ -41,7 +42,7 @@ fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
     match v.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            postern_common::warning!("{name}: \"{v}\" is not an IP address; ignored");
+            warning!("{name}: \"{v}\" is not an IP address; ignored");
             None
         }
     }
@@ -49,7 +50,7 @@ fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
 
 fn number(cfg: &Config, name: &str) -> usize {
     cfg.get_u64(name).unwrap_or_else(|e| {
-        postern_common::warning!("{e}; using the default");
+        warning!("{e}; using the default");
         postern_conf::params::default_of(name)
             .and_then(|d| d.parse().ok())
             .unwrap_or(0)
@@ -101,16 +102,14 @@ impl Agent {
                 let name = p("smtp_tls_security_level");
                 let v = cfg.get(&name);
                 tls::Level::parse(&v).unwrap_or_else(|| {
-                    postern_common::warning!(
-                        "{name}: invalid TLS security level \"{v}\"; using \"may\""
-                    );
+                    warning!("{name}: invalid TLS security level \"{v}\"; using \"may\"");
                     tls::Level::May
                 })
             },
             tls_policy_maps: {
                 let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_tls_policy_maps")));
                 for e in errors {
-                    postern_common::error!("{}: {e}", p("smtp_tls_policy_maps"));
+                    error!("{}: {e}", p("smtp_tls_policy_maps"));
                 }
                 t
             },
@@ -125,7 +124,7 @@ impl Agent {
                 for e in errors {
                     // Every delivery through an AUTH smarthost fails until
                     // it is fixed.
-                    postern_common::error!("{}: {e}", p("smtp_sasl_password_maps"));
+                    error!("{}: {e}", p("smtp_sasl_password_maps"));
                 }
                 t
             },
@@ -171,10 +170,8 @@ impl Agent {
         keys.push(dest.trim().to_ascii_lowercase());
         keys.push(host.to_ascii_lowercase());
         let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
-        let Some(creds) = sasl::Credentials::parse(value) else {
-            postern_common::warning!(
-                "smtp_sasl_password_maps: entry for {host} is not in username:password form"
-            );
+        let Some(creds) = sasl::Credentials::parse(&value) else {
+            warning!("smtp_sasl_password_maps: entry for {host} is not in username:password form");
             return None;
         };
         Some(sasl::Auth {
@@ -201,12 +198,10 @@ impl Agent {
         }
         for k in &keys {
             if let Some(v) = self.tls_policy_maps.lookup(k) {
-                match tls::Policy::parse(v) {
+                match tls::Policy::parse(&v) {
                     Ok(p) => return p,
                     Err(e) => {
-                        postern_common::warning!(
-                            "smtp_tls_policy_maps: {k}: {e}; using \"encrypt\""
-                        );
+                        warning!("smtp_tls_policy_maps: {k}: {e}; using \"encrypt\"");
                         return tls::Policy {
                             level: tls::Level::Encrypt,
                             matches: Vec::new(),
