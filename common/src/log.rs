@@ -23,6 +23,9 @@ enum Sink {
 struct Logger {
     /// "postern/smtpd"
     ident: String,
+    /// `maillog_file` when it is a file Postern opened by name: what
+    /// [`reopen`] opens again after `postern logrotate`.
+    path: Option<String>,
     /// The command name printed on stderr ("sendmail"), when interactive.
     stderr_name: Option<String>,
     host: String,
@@ -39,6 +42,23 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 pub fn init(
     program: &str,
     syslog_name: &str,
+    maillog_file: &str,
+    interactive: bool,
+    verbose: bool,
+) {
+    init_ident(
+        program,
+        &format!("{syslog_name}/{program}"),
+        maillog_file,
+        interactive,
+        verbose,
+    )
+}
+
+/// As [`init`], with the whole tag of each line given (`postlog -t TAG`).
+pub fn init_ident(
+    program: &str,
+    ident: &str,
     maillog_file: &str,
     interactive: bool,
     verbose: bool,
@@ -79,8 +99,11 @@ pub fn init(
         .and_then(|h| h.into_string().ok())
         .map(|h| h.split('.').next().unwrap_or("localhost").to_string())
         .unwrap_or_else(|| "localhost".into());
+    let path = (!maillog_file.is_empty() && !maillog_file.starts_with("/dev/"))
+        .then(|| maillog_file.to_string());
     let _ = LOGGER.set(Logger {
-        ident: format!("{syslog_name}/{program}"),
+        ident: ident.to_string(),
+        path,
         stderr_name: interactive.then(|| program.to_string()),
         host,
         sink: Mutex::new(sink),
@@ -96,6 +119,8 @@ pub enum Level {
     Error,
     Fatal,
     Debug,
+    /// `postlog -p panic`.
+    Panic,
 }
 
 impl Level {
@@ -105,6 +130,7 @@ impl Level {
             Level::Warning => "warning: ",
             Level::Error => "error: ",
             Level::Fatal => "fatal: ",
+            Level::Panic => "panic: ",
         }
     }
 
@@ -114,8 +140,20 @@ impl Level {
             Level::Debug => 7,
             Level::Warning => 4,
             Level::Error => 3,
-            Level::Fatal => 2,
+            Level::Fatal | Level::Panic => 2,
         }
+    }
+}
+
+/// Opens `maillog_file` again, so that lines go to the file now under
+/// that name (after `postern logrotate` renamed the old one). The new
+/// file is created when missing. Without a file of our own, does nothing.
+pub fn reopen() {
+    let Some(l) = LOGGER.get() else { return };
+    let Some(path) = &l.path else { return };
+    match OpenOptions::new().append(true).create(true).open(path) {
+        Ok(f) => *l.sink.lock().unwrap_or_else(|e| e.into_inner()) = Sink::File(f),
+        Err(e) => eprintln!("{}: warning: open {path}: {e}", l.ident),
     }
 }
 

@@ -50,6 +50,11 @@ pub const MODE_WRITING: u32 = 0o600;
 /// The owner-execute bit marks a complete file (Postfix's rule), whatever
 /// the other bits are.
 pub const MODE_COMPLETE_BIT: u32 = 0o100;
+/// The group-execute bit marks a message the administrator expired
+/// (`postsuper -e`/`-f`, Postfix's rule): qmgr returns it to the sender at
+/// its next delivery attempt. A recycled file loses it (its mode is set
+/// to [`MODE_WRITING`]).
+pub const MODE_EXPIRE_BIT: u32 = 0o010;
 
 /// DSN NOTIFY bits (RFC 3461). 0 means "not given": the default applies.
 pub const NOTIFY_SUCCESS: u8 = 1;

@@ -327,6 +327,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("masquerade_exceptions", ""),
     ("header_checks", ""),
     ("body_checks", ""),
+    // postern logrotate (Postfix 3.4's `postfix logrotate`).
+    ("maillog_file_compressor", "gzip"),
+    ("maillog_file_rotate_suffix", "%Y%m%d-%H%M%S"),
+    // postkick.
+    ("application_event_drain_time", "100s"),
 ];
 
 /// The default of a known parameter, or `None` for a name Postern does not know.

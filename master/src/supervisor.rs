@@ -426,6 +426,8 @@ impl Supervisor {
     /// are told to drain (finish their clients, take no more, exit) and new
     /// ones start with the new configuration.
     fn reload(&mut self) {
+        // After `postern logrotate`, our lines go to the new file too.
+        postern_common::log::reopen();
         let cfg = match Config::load(self.cfg.dir()) {
             Ok(c) => c,
             Err(e) => {

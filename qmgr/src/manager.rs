@@ -468,15 +468,22 @@ impl Manager {
                 return;
             }
         };
+        let force_expire = file.metadata().is_ok_and(|m| {
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & qfile::MODE_EXPIRE_BIT != 0
+        });
         drop(file);
-        // A new round: the defer log is for the reasons of this one.
-        remove_log(&self.tree, MessageLog::Defer, id);
+        // A new round: the defer log is for the reasons of this one. An
+        // expired message keeps it: its return says why it was delayed.
+        if !force_expire {
+            remove_log(&self.tree, MessageLog::Defer, id);
+        }
         info!(
             "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
             slice.env.sender, slice.env.content_size, slice.total
         );
         let mut msg = Message::new(id, slice.env);
         msg.more = slice.next;
+        msg.force_expire = force_expire;
         self.schedule_recipients(id, msg);
     }
 
@@ -486,8 +493,34 @@ impl Manager {
         let mut targets = Vec::new();
         let mut items = Vec::new();
         let mut item_indexes = Vec::new();
+        let deferred_before: Vec<u64> = if msg.force_expire {
+            postern_common::delivery::read_log(&self.tree, MessageLog::Defer, id)
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e.offset)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (i, r) in msg.env.recipients.iter().enumerate() {
             if r.done {
+                continue;
+            }
+            if msg.force_expire {
+                // No delivery: finish() returns it. A recipient never
+                // deferred gets Postfix's reason for its return.
+                if !deferred_before.contains(&r.offset) {
+                    item_indexes.push(i);
+                    items.push(Item {
+                        rcpt: DeliveryRecipient {
+                            offset: r.offset,
+                            rcpt: r.rcpt.clone(),
+                        },
+                        outcome: Outcome::Deferred,
+                        dsn: "4.7.0".into(),
+                        reason: "message is administratively expired".into(),
+                    });
+                }
                 continue;
             }
             let sender = Some(msg.env.sender.as_str());
@@ -662,6 +695,7 @@ impl Manager {
                     let mut msg = Message::new(id, slice.env);
                     msg.more = slice.next;
                     msg.admin = old.admin;
+                    msg.force_expire = old.force_expire;
                     self.schedule_recipients(id, msg);
                     return;
                 }
@@ -676,6 +710,7 @@ impl Manager {
             return;
         };
         msg.finishing = true;
+        let force_expire = msg.force_expire;
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -714,9 +749,10 @@ impl Manager {
             let rcpts: Vec<QueuedRecipient> = std::mem::take(&mut slice.env.recipients);
             let mut left = rcpts.len();
             if left > 0
-                && self
-                    .retry
-                    .expired(now, slice.env.arrival_secs, slice.env.sender.is_empty())
+                && (force_expire
+                    || self
+                        .retry
+                        .expired(now, slice.env.arrival_secs, slice.env.sender.is_empty()))
             {
                 if !expired_logged {
                     info!(

@@ -44,6 +44,9 @@ pub struct Message {
     /// Where the next slice of recipients starts in the queue file, when
     /// `env.recipients` holds only some (`qmgr_message_recipient_limit`).
     pub more: Option<u64>,
+    /// Expired by the administrator (`postsuper -e`/`-f`): returned to
+    /// the sender in this round instead of being delivered.
+    pub force_expire: bool,
 }
 
 /// An administrator's request for an active message.
@@ -78,6 +81,7 @@ impl Message {
             admin: None,
             warned_now: false,
             more: None,
+            force_expire: false,
         }
     }
 

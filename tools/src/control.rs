@@ -6,6 +6,11 @@
 //! it is ready; `start-fg` replaces itself with master in the foreground;
 //! `stop` sends master SIGTERM and waits until it has stopped its children
 //! and exited; `reload` sends SIGHUP; `status` exits 0 when master runs.
+//! As Postfix's postfix(1): `flush` runs `postqueue -f`; `abort` stops
+//! master and every process of the mail system at once (SIGTERM to
+//! master's process group, SIGKILL to what is left after 5 s), without
+//! waiting for deliveries or sessions in progress; `set-permissions`,
+//! `upgrade-configuration` and `logrotate` are in [`crate::upkeep`].
 
 use crate::die;
 use crate::sysexits::*;
@@ -18,6 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "postern";
+const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate";
 
 pub fn main() -> ! {
     let mut config: Option<PathBuf> = None;
@@ -25,18 +31,24 @@ pub fn main() -> ! {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "-c" => config = Some(it.next().unwrap_or_else(|| die(NAME, EX_USAGE, "-c requires a directory")).into()),
+            "-c" => {
+                config = Some(
+                    it.next()
+                        .unwrap_or_else(|| die(NAME, EX_USAGE, "-c requires a directory"))
+                        .into(),
+                )
+            }
             "-v" | "-D" => {}
             c if command.is_none() && !c.starts_with('-') => command = Some(c.to_string()),
-            other => die(NAME, EX_USAGE, format_args!("unexpected argument \"{other}\"; usage: postern [-c config_dir] start|start-fg|stop|reload|status|check")),
+            other => die(
+                NAME,
+                EX_USAGE,
+                format_args!("unexpected argument \"{other}\"; {USAGE}"),
+            ),
         }
     }
     let Some(command) = command else {
-        die(
-            NAME,
-            EX_USAGE,
-            "usage: postern [-c config_dir] start|start-fg|stop|reload|status|check",
-        );
+        die(NAME, EX_USAGE, USAGE);
     };
     let cfg = crate::load_config(NAME, config.as_deref());
     match command.as_str() {
@@ -68,7 +80,16 @@ pub fn main() -> ! {
                 std::process::exit(1)
             }
         },
-        other => die(NAME, EX_USAGE, format_args!("unknown command \"{other}\"")),
+        "abort" => abort(&cfg),
+        "flush" => flush(&cfg),
+        "set-permissions" => crate::upkeep::set_permissions(&cfg),
+        "upgrade-configuration" => crate::upkeep::upgrade_configuration(&cfg),
+        "logrotate" => crate::upkeep::logrotate(&cfg, running(&cfg)),
+        other => die(
+            NAME,
+            EX_USAGE,
+            format_args!("unknown command: '{other}'. {USAGE}"),
+        ),
     }
 }
 
@@ -276,6 +297,64 @@ fn stop(cfg: &Config) -> ! {
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    std::process::exit(EX_OK)
+}
+
+/// `postern flush`: as `postqueue -f` (Postfix's postfix-script runs it).
+fn flush(cfg: &Config) -> ! {
+    let queue = PathBuf::from(cfg.get("queue_directory"));
+    if !queue.is_dir() {
+        die(
+            NAME,
+            1,
+            format_args!("no Postern queue directory {}!", queue.display()),
+        );
+    }
+    let postqueue = PathBuf::from(cfg.get("command_directory")).join("postqueue");
+    let e = std::process::Command::new(&postqueue)
+        .arg("-c")
+        .arg(cfg.dir())
+        .arg("-f")
+        .exec();
+    die(
+        NAME,
+        EX_OSERR,
+        format_args!("exec {}: {e}", postqueue.display()),
+    )
+}
+
+/// `postern abort`: stops everything now (see the module doc).
+fn abort(cfg: &Config) -> ! {
+    use nix::sys::signal::Signal;
+    let pid =
+        running(cfg).unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
+    eprintln!("{NAME}: aborting the Postern mail system");
+    let master = nix::unistd::Pid::from_raw(pid);
+    // master leads its own process group (it detaches with setsid, and
+    // start-fg runs it as a session leader too); its children are in it.
+    let group = nix::unistd::getpgid(Some(master))
+        .ok()
+        .filter(|g| *g == master);
+    let kill = |sig: Signal| match group {
+        Some(g) => nix::sys::signal::killpg(g, sig),
+        None => nix::sys::signal::kill(master, sig),
+    };
+    if let Err(e) = kill(Signal::SIGTERM) {
+        die(
+            NAME,
+            1,
+            format_args!("signal master (pid {pid}): {}", std::io::Error::from(e)),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(cfg).is_some() {
+        if Instant::now() > deadline {
+            eprintln!("{NAME}: warning: stopping the Postern mail system with force");
+            let _ = kill(Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     std::process::exit(EX_OK)
 }

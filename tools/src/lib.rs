@@ -1,7 +1,13 @@
 //! The commands people and programs run. Each binary in `src/bin/` is a
 //! thin `main` over a module here:
 //!
-//! - [`control`]: `postern` (start, start-fg, stop, reload, status, check).
+//! - [`control`]: `postern` (start, start-fg, stop, abort, reload, status,
+//!   check, flush).
+//! - [`upkeep`]: `postern set-permissions`, `upgrade-configuration`,
+//!   `logrotate`.
+//! - [`postlog`]: `postlog`, logs a script's lines as Postern's.
+//! - [`postkick`]: `postkick`, sends a request to a trigger service.
+//! - [`qshape`]: `qshape`, the queue's shape by domain and age.
 //! - [`secrets`]: `postern check`'s test of the TLS keys and password
 //!   tables the daemons read as root.
 //! - [`postconf`]: `postconf`, prints and edits main.cf parameters.
@@ -37,13 +43,17 @@ pub mod maildrop;
 pub mod postcat;
 pub mod postconf;
 pub mod postdrop;
+pub mod postkick;
+pub mod postlog;
 pub mod postmap;
 pub mod postqueue;
 pub mod postsuper;
+pub mod qshape;
 pub mod secrets;
 pub mod sendmail;
 pub mod stdio_smtp;
 pub mod sysexits;
+pub mod upkeep;
 pub mod verify;
 
 use postern_conf::Config;

@@ -200,13 +200,7 @@ impl Drop {
             });
         }
         if !via_postdrop {
-            return Err(Fail::new(
-                EX_NOPERM,
-                format!(
-                    "queue file write error: {}: permission denied",
-                    tree.dir(Queue::Maildrop).display()
-                ),
-            ));
+            return Err(not_writable(cfg, &tree));
         }
         let program = PathBuf::from(cfg.get("command_directory")).join("postdrop");
         let mut child = Command::new(&program)
@@ -380,6 +374,42 @@ impl std::ops::Drop for Drop {
     fn drop(&mut self) {
         self.abort();
     }
+}
+
+/// Why postdrop may not create a file in `maildrop/`: most often it was
+/// installed without its set-gid bit (a copy, a package that lost it).
+fn not_writable(cfg: &Config, tree: &QueueTree) -> Fail {
+    let dir = tree.dir(Queue::Maildrop);
+    let group = cfg.get("setgid_group");
+    let fix = "as root, run \"postern set-permissions\"";
+    let Some(gid) = postern_common::privs::group_id(&group) else {
+        return Fail::new(
+            EX_CONFIG,
+            format!("setgid_group {group}: no such group; {fix} once it exists"),
+        );
+    };
+    let program = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "postdrop".into());
+    if nix::unistd::getegid().as_raw() != gid {
+        return Fail::new(
+            EX_NOPERM,
+            format!(
+                "{program} is not set-gid {group}: it cannot create a file in {}; {fix}",
+                dir.display()
+            ),
+        );
+    }
+    let (mode, dir_gid) = std::fs::metadata(&dir)
+        .map(|m| (m.mode() & 0o7777, m.gid()))
+        .unwrap_or((0, 0));
+    Fail::new(
+        EX_NOPERM,
+        format!(
+            "{}: mode {mode:04o}, group id {dir_gid}: not writable by group {group}; {fix}",
+            dir.display()
+        ),
+    )
 }
 
 /// Makes a new name in `maildrop/` durable. A caller that may write into

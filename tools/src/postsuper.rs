@@ -7,6 +7,13 @@
 //! hold`, `released from hold`, `requeued`), and a summary goes to stderr
 //! (`postsuper: Deleted: 3 messages`). It runs as root or `mail_owner`.
 //!
+//! **Expire** (`-e`, `-f`, Postfix 3.5's): the queue file gets the
+//! group-execute bit ([`qfile::MODE_EXPIRE_BIT`]) where it is, in any
+//! queue, `active/` included (a mode bit races with nothing); qmgr
+//! returns such a message to the sender at its next delivery attempt,
+//! with the reason it was last deferred for, or "message is
+//! administratively expired". `-f` also releases it from hold.
+//!
 //! **No race with a delivery.** postsuper changes a file in `incoming/`,
 //! `deferred/` or `hold/` only by one `rename(2)` or `unlink(2)` of its
 //! name: qmgr takes a file by renaming it into `active/`, so exactly one
@@ -65,13 +72,17 @@ enum Op {
     Hold,
     Release,
     Requeue,
+    /// `-e`: expire.
+    Expire,
+    /// `-f`: expire, and release from hold.
+    ExpireRelease,
 }
 
 impl Op {
     /// The queues an operation looks at when none are named (Postfix's).
     fn default_queues(self) -> &'static [Queue] {
         match self {
-            Op::Delete | Op::Requeue => {
+            Op::Delete | Op::Requeue | Op::Expire | Op::ExpireRelease => {
                 &[Queue::Hold, Queue::Incoming, Queue::Active, Queue::Deferred]
             }
             Op::Hold => &[Queue::Incoming, Queue::Active, Queue::Deferred],
@@ -86,6 +97,7 @@ impl Op {
             Op::Hold => "Placed on hold",
             Op::Release => "Released from hold",
             Op::Requeue => "Requeued",
+            Op::Expire | Op::ExpireRelease => "Force-expired",
         }
     }
 }
@@ -104,6 +116,8 @@ struct Ctx {
     name: &'static str,
     tree: QueueTree,
     timeout: Duration,
+    /// Messages `-f` released from hold.
+    released: std::cell::Cell<usize>,
 }
 
 fn plural(n: usize) -> &'static str {
@@ -129,6 +143,16 @@ impl Ctx {
     /// that holds it.
     fn direct(&self, op: Op, id: &str, queues: &[Queue]) -> Step {
         for &q in queues {
+            if matches!(op, Op::Expire | Op::ExpireRelease) {
+                match self.expire(op, q, id) {
+                    Ok(()) => return Step::Done,
+                    Err(e) if is_enoent(&e) => continue,
+                    Err(e) => {
+                        warning!("expire file {}/{id}: {e}", q.name());
+                        return Step::Failed;
+                    }
+                }
+            }
             if q == Queue::Active {
                 continue;
             }
@@ -157,6 +181,7 @@ impl Ctx {
                         .map(|()| info!("{id}: released from hold"))
                 }
                 Op::Requeue => self.requeue(q, id),
+                Op::Expire | Op::ExpireRelease => unreachable!("handled above"),
             };
             match res {
                 Ok(()) => return Step::Done,
@@ -168,6 +193,30 @@ impl Ctx {
             }
         }
         Step::NotFound
+    }
+
+    /// Marks `q/id` expired; with `-f`, a held message is also released.
+    fn expire(&self, op: Op, q: Queue, id: &str) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.tree.path(q, id);
+        let mode = std::fs::metadata(&path)?.permissions().mode() & 0o7777;
+        if mode & qfile::MODE_COMPLETE_BIT == 0 {
+            // Still being written: it cannot be expired yet, as Postfix.
+            return Err(io::Error::other("the queue file is incomplete"));
+        }
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(mode | qfile::MODE_EXPIRE_BIT),
+        )?;
+        info!("{id}: expired");
+        if op == Op::ExpireRelease && q == Queue::Hold {
+            // Due now: the next deferred scan takes it, and bounces it.
+            queue::set_mtime(&path, postern_common::time::now_secs())?;
+            self.tree.move_to(id, Queue::Hold, Queue::Deferred)?;
+            info!("{id}: released from hold");
+            self.released.set(self.released.get() + 1);
+        }
+        Ok(())
     }
 
     /// Requeues `q/id` through cleanup (see the module doc). ENOENT: not
@@ -291,6 +340,8 @@ impl Ctx {
             Op::Hold => AdminRequest::Hold(v),
             Op::Release => AdminRequest::Unhold(v),
             Op::Requeue => AdminRequest::Release(v),
+            // Done on the file itself (Ctx::expire).
+            Op::Expire | Op::ExpireRelease => return None,
         };
         let reply = ipc::send(&mut s, &req).and_then(|()| ipc::recv::<_, AdminReply>(&mut s));
         match reply {
@@ -330,6 +381,7 @@ impl Ctx {
             // Without qmgr no hold can be pending: nothing to release.
             Op::Release => return Step::NotFound,
             Op::Requeue => self.tree.move_to(id, Queue::Active, Queue::Deferred),
+            Op::Expire | Op::ExpireRelease => return Step::NotFound,
         };
         match res {
             Ok(()) if op == Op::Requeue => Step::NotFound, // requeued from deferred next
@@ -623,7 +675,7 @@ fn usage(name: &str) -> ! {
     die(
         name,
         EX_USAGE,
-        "usage: postsuper [-c config_dir] [-d queue_id] [-h queue_id] [-H queue_id] [-p] [-r queue_id] [-s] [-v] [queue...]",
+        "usage: postsuper [-c config_dir] [-d queue_id (delete)] [-e queue_id (expire)] [-f queue_id (expire and/or un-hold)] [-h queue_id (hold)] [-H queue_id (un-hold)] [-p (purge temporary files)] [-r queue_id (requeue)] [-s (structure fix)] [-v (verbose)] [queue...]",
     )
 }
 
@@ -663,7 +715,7 @@ fn parse_args(name: &str) -> Command {
         };
         for (i, c) in flags.char_indices() {
             match c {
-                'c' | 'd' | 'h' | 'H' | 'r' => {
+                'c' | 'd' | 'e' | 'f' | 'h' | 'H' | 'r' => {
                     let rest = &flags[i + 1..];
                     let v = if rest.is_empty() {
                         args.next().unwrap_or_else(|| usage(name))
@@ -673,6 +725,8 @@ fn parse_args(name: &str) -> Command {
                     match c {
                         'c' => cmd.config = Some(PathBuf::from(v)),
                         'd' => cmd.ops.push((Op::Delete, v)),
+                        'e' => cmd.ops.push((Op::Expire, v)),
+                        'f' => cmd.ops.push((Op::ExpireRelease, v)),
                         'h' => cmd.ops.push((Op::Hold, v)),
                         'H' => cmd.ops.push((Op::Release, v)),
                         _ => cmd.ops.push((Op::Requeue, v)),
@@ -708,6 +762,7 @@ pub fn main() -> ! {
         name,
         tree: QueueTree::new(cfg.get("queue_directory")),
         timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600).clamp(1, 60)),
+        released: std::cell::Cell::new(0),
     };
     if !ctx.tree.root().is_dir() {
         die(
@@ -734,14 +789,21 @@ pub fn main() -> ! {
     std::process::exit(EX_OK)
 }
 
-/// Runs the operations, in the order delete, hold, release, requeue, each
+/// Runs the operations, in the order delete, expire, hold, release, requeue, each
 /// on its own default queues (those of `queues` when some are named).
 /// Returns whether a message was released from hold.
 fn run_ops(ctx: &Ctx, ops: &[(Op, String)], queues: &[Queue]) -> bool {
     let name = ctx.name;
     let mut stdin_ids: Option<Vec<String>> = None;
     let mut released = false;
-    for op in [Op::Delete, Op::Hold, Op::Release, Op::Requeue] {
+    for op in [
+        Op::Delete,
+        Op::Expire,
+        Op::ExpireRelease,
+        Op::Hold,
+        Op::Release,
+        Op::Requeue,
+    ] {
         let args: Vec<&String> = ops
             .iter()
             .filter(|(o, _)| *o == op)
@@ -780,6 +842,12 @@ fn run_ops(ctx: &Ctx, ops: &[(Op, String)], queues: &[Queue]) -> bool {
             info!("{}: {n} message{}", op.summary(), plural(n));
             eprintln!("{name}: {}: {n} message{}", op.summary(), plural(n));
             released |= op == Op::Release;
+        }
+        if op == Op::ExpireRelease && ctx.released.get() > 0 {
+            let r = ctx.released.get();
+            info!("Released from hold: {r} message{}", plural(r));
+            eprintln!("{name}: Released from hold: {r} message{}", plural(r));
+            released = true;
         }
     }
     released
