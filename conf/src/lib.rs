@@ -10,7 +10,9 @@
 
 pub mod main_cf;
 pub mod master_cf;
+pub mod master_cf_edit;
 pub mod params;
+pub mod postfix_params;
 
 use std::collections::HashMap;
 use std::fmt;
