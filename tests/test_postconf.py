@@ -30,7 +30,7 @@ smtp      inet  n       -       y       -       -       smtpd
 submission inet n       -       y       -       -       smtpd
   -o syslog_name=postfix/submission
   -o { smtpd_banner = a b c }
-  -osmtpd_tls_auth_only=yes
+  -osmtpd_x=1
 pickup    unix  n       -       y       60      1       pickup
 
 relay     unix  -       -       y       -       -       smtp

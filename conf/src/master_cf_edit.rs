@@ -192,7 +192,11 @@ impl MasterText {
                         e.raw
                     };
                     out.extend(lines.into_iter().map(|l| {
-                        Chunk::Text(if l.starts_with('#') { l } else { format!("#{l}") })
+                        Chunk::Text(if l.starts_with('#') {
+                            l
+                        } else {
+                            format!("#{l}")
+                        })
                     }));
                 }
                 c => out.push(c),
@@ -420,11 +424,11 @@ impl Entry {
                 line.push(' ');
                 line.push_str(&word);
             } else if matches!(a, Arg::Param(..)) {
-                out.push_str(&line);
-                out.push('\n');
-                line = format!("    {word}");
-                out.push_str(&line);
-                out.push('\n');
+                if !line.is_empty() {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+                out.push_str(&format!("    {word}\n"));
                 line.clear();
             } else if line.is_empty() {
                 line = format!("    {word}");
@@ -490,7 +494,10 @@ pickup    unix  n       -       y       60      1       pickup
         let e = m.find_mut("submission", "inet").unwrap();
         e.set_param("smtpd_banner", "xyz");
         assert!(e.remove_param("smtpd_x"));
-        m.find_mut("pickup", "unix").unwrap().set_field(5, "30").unwrap();
+        m.find_mut("pickup", "unix")
+            .unwrap()
+            .set_field(5, "30")
+            .unwrap();
         assert!(m
             .find_mut("pickup", "unix")
             .unwrap()
@@ -506,8 +513,8 @@ pickup    unix  n       -       y       60      1       pickup
         );
         m.remove(|e| e.name() == "pickup");
         m.set_entry("new unix - - n - - smtp").unwrap();
-        assert!(m.text().ends_with(
-            "xyz\nnew        unix  -       -       n       -       -       smtp\n"
-        ));
+        assert!(m
+            .text()
+            .ends_with("xyz\nnew        unix  -       -       n       -       -       smtp\n"));
     }
 }

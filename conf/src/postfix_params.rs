@@ -125,7 +125,11 @@ const SCHEDULER: &str = "qmgr's scheduler: per-destination concurrency windows a
 /// The suffixes Postfix 3.7 adds per delivery service, in its order.
 pub const TRANSPORT_SUFFIXES: &[TransportSuffix] = &[
     ts("delivery_slot_cost", "$default_delivery_slot_cost", false),
-    ts("delivery_slot_discount", "$default_delivery_slot_discount", false),
+    ts(
+        "delivery_slot_discount",
+        "$default_delivery_slot_discount",
+        false,
+    ),
     ts("delivery_slot_loan", "$default_delivery_slot_loan", false),
     ts(
         "destination_concurrency_failed_cohort_limit",
@@ -157,17 +161,37 @@ pub const TRANSPORT_SUFFIXES: &[TransportSuffix] = &[
         "$default_destination_recipient_limit",
         true,
     ),
-    ts("extra_recipient_limit", "$default_extra_recipient_limit", false),
+    ts(
+        "extra_recipient_limit",
+        "$default_extra_recipient_limit",
+        false,
+    ),
     ts(
         "initial_destination_concurrency",
         "$initial_destination_concurrency",
         true,
     ),
-    ts("minimum_delivery_slots", "$default_minimum_delivery_slots", false),
+    ts(
+        "minimum_delivery_slots",
+        "$default_minimum_delivery_slots",
+        false,
+    ),
     ts("recipient_limit", "$default_recipient_limit", false),
-    ts("recipient_refill_delay", "$default_recipient_refill_delay", false),
-    ts("recipient_refill_limit", "$default_recipient_refill_limit", false),
-    ts("transport_rate_delay", "$default_transport_rate_delay", false),
+    ts(
+        "recipient_refill_delay",
+        "$default_recipient_refill_delay",
+        false,
+    ),
+    ts(
+        "recipient_refill_limit",
+        "$default_recipient_refill_limit",
+        false,
+    ),
+    ts(
+        "transport_rate_delay",
+        "$default_transport_rate_delay",
+        false,
+    ),
 ];
 
 const fn ts(suffix: &'static str, default: &'static str, honoured: bool) -> TransportSuffix {

@@ -174,7 +174,8 @@ pub fn main() -> ! {
 
 /// `-l`, `-m`, `-a`, `-A`, `-T`: what this build offers.
 fn build_information(o: &Opts) -> Option<Vec<String>> {
-    let list = |v: &[&str]| -> Option<Vec<String>> { Some(v.iter().map(|s| s.to_string()).collect()) };
+    let list =
+        |v: &[&str]| -> Option<Vec<String>> { Some(v.iter().map(|s| s.to_string()).collect()) };
     if o.lock_types {
         // local takes both on every mailbox (mailbox_delivery_lock).
         return list(&["fcntl", "dotlock"]);
@@ -257,8 +258,7 @@ fn default_value(cfg: &Config, name: &str) -> Option<String> {
 
 fn show_main_cf(o: &Opts, dir: &Path) -> ! {
     let mut cfg = if o.defaults {
-        Config::from_text(dir, "", &dir.join("main.cf"))
-            .unwrap_or_else(|e| die(PROG, EX_CONFIG, e))
+        Config::from_text(dir, "", &dir.join("main.cf")).unwrap_or_else(|e| die(PROG, EX_CONFIG, e))
     } else {
         crate::load_config(PROG, Some(dir))
     };
@@ -304,11 +304,7 @@ fn show_main_cf(o: &Opts, dir: &Path) -> ! {
             eprintln!("{PROG}: warning: {n}: unknown parameter");
             continue;
         };
-        let value = if o.expand {
-            cfg.expand(&value)
-        } else {
-            value
-        };
+        let value = if o.expand { cfg.expand(&value) } else { value };
         let line = if o.name_only {
             n.clone()
         } else if o.value_only {

@@ -118,9 +118,8 @@ pub fn page() -> String {
         // Config computes these from the machine.
         let computed = ["myhostname", "mydomain", "mynetworks"].contains(&name);
         match (params::default_of(name), postfix) {
-            _ if computed => out.push_str(
-                "Default: computed from the machine (\\fBpostconf \\-d\\fR shows it).\n",
-            ),
+            _ if computed => out
+                .push_str("Default: computed from the machine (\\fBpostconf \\-d\\fR shows it).\n"),
             (Some(ours), Some(pf)) => {
                 out.push_str(&default_line("Default", ours));
                 if pf.postfix_default != ours && !pf.postfix_default.is_empty() {
@@ -166,7 +165,11 @@ fn breakable(value: &str) -> String {
             let chars: Vec<char> = word.chars().collect();
             chars
                 .chunks(40)
-                .map(|c| roff(&c.iter().collect::<String>()).trim_start_matches("\\&").to_string())
+                .map(|c| {
+                    roff(&c.iter().collect::<String>())
+                        .trim_start_matches("\\&")
+                        .to_string()
+                })
                 .collect::<Vec<_>>()
                 .join("\\:")
         })

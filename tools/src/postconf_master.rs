@@ -32,18 +32,9 @@ impl Pattern {
         let parts: Vec<&str> = text.split('/').collect();
         let max = if mode == Mode::Entries { 2 } else { 3 };
         if parts.len() > max || parts.iter().any(|p| p.is_empty()) {
-            die(
-                PROG,
-                EX_USAGE,
-                format_args!("invalid request: \"{text}\""),
-            );
+            die(PROG, EX_USAGE, format_args!("invalid request: \"{text}\""));
         }
-        let part = |i: usize| {
-            parts
-                .get(i)
-                .filter(|p| **p != "*")
-                .map(|p| p.to_string())
-        };
+        let part = |i: usize| parts.get(i).filter(|p| **p != "*").map(|p| p.to_string());
         let p = Pattern {
             text: text.to_string(),
             name: part(0),
@@ -151,7 +142,14 @@ pub(super) fn run(o: &Opts, dir: &Path) -> ! {
                     die(
                         PROG,
                         EX_USAGE,
-                        format_args!("expected service/type/{} in \"{key}\"", if mode == Mode::Fields { "field" } else { "parameter" }),
+                        format_args!(
+                            "expected service/type/{} in \"{key}\"",
+                            if mode == Mode::Fields {
+                                "field"
+                            } else {
+                                "parameter"
+                            }
+                        ),
                     );
                 };
                 let mut found = false;
@@ -186,10 +184,7 @@ pub(super) fn run(o: &Opts, dir: &Path) -> ! {
 /// `-M name/type='entry'`: replaces or adds a whole service.
 fn edit_entry(master: &mut MasterText, p: &Pattern, line: &str) -> Result<(), String> {
     let (Some(name), Some(kind)) = (&p.name, &p.kind) else {
-        return Err(format!(
-            "-M edit requires service/type, not \"{}\"",
-            p.text
-        ));
+        return Err(format!("-M edit requires service/type, not \"{}\"", p.text));
     };
     let fields = postern_conf::split_braced(line, false);
     if fields.len() >= 2 && (&fields[0] != name || &fields[1] != kind) {
