@@ -237,6 +237,23 @@ fn service_params(cfg: &Config) -> Vec<(String, &'static str)> {
     }
 }
 
+/// `cfg` with the defaults of the Postfix parameters Postern does not read
+/// filled in, so that `-x` expands references to them as Postfix does
+/// (the daemons' Config leaves them unset).
+fn with_postfix_defaults(cfg: &Config) -> Config {
+    let services = service_params(cfg);
+    let fill: Vec<(String, String)> = postfix_params::all()
+        .iter()
+        .map(|r| (r.name.to_string(), r.postfix_default))
+        .chain(services.into_iter())
+        .filter(|(n, _)| cfg.raw(n).is_none())
+        .map(|(n, v)| (n, v.to_string()))
+        .collect();
+    let mut c = cfg.clone();
+    c.set_overrides(fill);
+    c
+}
+
 /// The default of `name` as `postconf -d` shows it.
 fn default_value(cfg: &Config, name: &str) -> Option<String> {
     match name {
@@ -290,6 +307,7 @@ fn show_main_cf(o: &Opts, dir: &Path) -> ! {
     } else {
         all_names(&cfg)
     };
+    let mut expander: Option<Config> = None;
     let mut out = String::new();
     for n in &names {
         let value = if o.defaults {
@@ -304,7 +322,13 @@ fn show_main_cf(o: &Opts, dir: &Path) -> ! {
             eprintln!("{PROG}: warning: {n}: unknown parameter");
             continue;
         };
-        let value = if o.expand { cfg.expand(&value) } else { value };
+        let value = if o.expand {
+            expander
+                .get_or_insert_with(|| with_postfix_defaults(&cfg))
+                .expand(&value)
+        } else {
+            value
+        };
         let line = if o.name_only {
             n.clone()
         } else if o.value_only {
