@@ -245,7 +245,7 @@ fn with_postfix_defaults(cfg: &Config) -> Config {
     let fill: Vec<(String, String)> = postfix_params::all()
         .iter()
         .map(|r| (r.name.to_string(), r.postfix_default))
-        .chain(services.into_iter())
+        .chain(services)
         .filter(|(n, _)| cfg.raw(n).is_none())
         .map(|(n, v)| (n, v.to_string()))
         .collect();
