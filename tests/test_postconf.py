@@ -242,7 +242,7 @@ def test_non_default_and_postfix_only_values_as_postfix(confdir):
                 "postscreen_greet_wait", "relay_destination_concurrency_limit")
     same_stdout(confdir, "compatibility_level", "smtp_tls_session_cache_database")
     same_stdout(confdir, "-x", "smtp_tls_CApath", "mydestination", "uucp_delivery_slot_cost",
-                "smtpd_tls_ciphers")
+                "postscreen_greet_wait", "smtpd_tls_ciphers")
     same_stdout(confdir, "-p", "recipient_delimiter")
     same_stdout(confdir, "-o", "relayhost=[x]", "relayhost")
 
