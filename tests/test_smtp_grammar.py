@@ -289,3 +289,11 @@ def test_same_reply_codes_as_postfix(postern, real_postfix):
     theirs = [postfix.dialogue([cmd])[-1] for cmd in helo_names]
     got = [ours.dialogue([cmd])[-1] for cmd in helo_names]
     assert not mismatches(got, theirs, helo_names)
+
+
+def test_an_overlong_command_line_is_one_error_for_both(postern):
+    # A 5,000-octet command: one "500 5.5.2 ... command too long", and the
+    # command after it is read as the next command (not the line's tail).
+    long_line = "NOOP " + "a" * 5000
+    for server in (SmtpServer(postern.port), SendmailBs(postern)):
+        assert server.dialogue(["EHLO client.example", long_line, "NOOP"]) == [250, 500, 250]

@@ -81,6 +81,7 @@ def tls_params(certs, level="may", **more):
         "smtpd_tls_cert_file": str(certs["cert"]),
         "smtpd_tls_key_file": str(certs["key"]),
         "smtpd_tls_received_header": "yes",
+        "smtpd_tls_loglevel": "1",
     }
     p.update(more)
     return p
@@ -131,7 +132,7 @@ def test_starttls_smtplib_received_header_and_log(make_postern, certs, sink):
     r = ours[0]
     assert " with ESMTPS id " in r, r
     assert f"(using {version} with cipher {cipher[0]} " in r, r
-    assert re.search(r"\(\d+/\d+ bits\)\)", r), r
+    assert re.search(r"\(\d+/\d+ bits\)[ )]", r), r
     line = p.wait_for_log(r"Anonymous TLS connection established from unknown\[127\.0\.0\.1\]: "
                           r"(TLSv1\.[23]) with cipher (\S+) \((\d+)/(\d+) bits\)")
     assert line.group(1) == version and line.group(2) == cipher[0]

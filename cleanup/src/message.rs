@@ -13,6 +13,7 @@ use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_common::smtputf8;
+use postern_common::{info, warning};
 use postern_conf::Config;
 use std::io;
 
@@ -73,11 +74,11 @@ impl Settings {
                 &cfg.get("smtputf8_autodetect_classes"),
             )
             .unwrap_or_else(|w| {
-                postern_common::warning!("smtputf8_autodetect_classes: bad input: {w}");
+                warning!("smtputf8_autodetect_classes: bad input: {w}");
                 smtputf8::Autodetect::default()
             }),
             duplicate_filter_limit: cfg.get_u64("duplicate_filter_limit").unwrap_or_else(|e| {
-                postern_common::warning!("{e}; using 1000");
+                warning!("{e}; using 1000");
                 1000
             }) as usize,
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
@@ -670,7 +671,7 @@ impl<'a> Message<'a> {
             .map(|r| r.address.clone())
             .unwrap_or_default();
         let log = |word: &str, reason: &str| {
-            postern_common::info!(
+            info!(
                 "{}: {word}: {what} {shown} from {}; from=<{}> to=<{to}>{}",
                 self.id,
                 self.new.origin,
@@ -806,10 +807,7 @@ impl<'a> Message<'a> {
             {
                 match self.bounce_all(&r) {
                     Ok(id) => return Ok(id),
-                    Err(e) => postern_common::warning!(
-                        "{}: cannot bounce the refused message: {e}",
-                        self.id
-                    ),
+                    Err(e) => warning!("{}: cannot bounce the refused message: {e}", self.id),
                 }
             }
             return Err(r);
@@ -842,7 +840,7 @@ impl<'a> Message<'a> {
         match done {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();
-                postern_common::info!("{}: message-id={}", self.id, mid);
+                info!("{}: message-id={}", self.id, mid);
                 Ok(self.id.clone())
             }
             Err(e) => {
@@ -893,12 +891,9 @@ impl<'a> Message<'a> {
             let _ = std::fs::remove_file(self.tree.log_path(MessageLog::Bounce, &id));
             return Err(e);
         }
-        postern_common::info!(
+        info!(
             "{}: {}: {} {}; bounced as {id}",
-            self.id,
-            self.new.origin,
-            r.dsn,
-            r.reason
+            self.id, self.new.origin, r.dsn, r.reason
         );
         Ok(id)
     }

@@ -24,6 +24,7 @@
 
 use postern_common::addr;
 use postern_common::maps::Tables;
+use postern_common::warning;
 use postern_conf::Config;
 
 /// How deep virtual aliases nest (Postfix's virtual_alias_recursion_limit).
@@ -64,7 +65,7 @@ impl Action {
             "PREPEND" if !text.is_empty() => Action::Prepend(text),
             "DUNNO" | "OK" => Action::Keep,
             other => {
-                postern_common::warning!("unknown header/body check action: {other}");
+                warning!("unknown header/body check action: {other}");
                 Action::Keep
             }
         }

@@ -5,6 +5,7 @@
 use crate::message::{Message, Settings};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest, Wakeup};
 use postern_common::queue::QueueTree;
+use postern_common::warning;
 use postern_conf::Config;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ pub fn run(cfg: &Config) -> ! {
             match ipc::recv::<_, CleanupRequest>(&mut requests) {
                 Ok(CleanupRequest::Open) => {}
                 Ok(other) => {
-                    postern_common::warning!("unexpected request before Open: {other:?}");
+                    warning!("unexpected request before Open: {other:?}");
                     return;
                 }
                 Err(_) => return,
@@ -41,7 +42,7 @@ pub fn run(cfg: &Config) -> ! {
             let mut msg = match Message::create(&settings, &tree) {
                 Ok(m) => m,
                 Err(r) => {
-                    postern_common::warning!("message not queued: {}", r.reason);
+                    warning!("message not queued: {}", r.reason);
                     let _ = ipc::send(&mut conn, &r.reply());
                     return;
                 }
@@ -66,7 +67,7 @@ pub fn run(cfg: &Config) -> ! {
                     return;
                 }
                 Ok(other) => {
-                    postern_common::warning!("{}: expected the envelope, got {other:?}", msg.id);
+                    warning!("{}: expected the envelope, got {other:?}", msg.id);
                     msg.discard();
                     return;
                 }
@@ -83,7 +84,7 @@ pub fn run(cfg: &Config) -> ! {
                         return;
                     }
                     Ok(other @ (CleanupRequest::Open | CleanupRequest::Envelope(_))) => {
-                        postern_common::warning!("{}: unexpected {other:?}", msg.id);
+                        warning!("{}: unexpected {other:?}", msg.id);
                         msg.discard();
                         return;
                     }
@@ -93,7 +94,7 @@ pub fn run(cfg: &Config) -> ! {
             let reply = match msg.close() {
                 Ok(id) => CleanupReply::Queued { queue_id: id },
                 Err(r) => {
-                    postern_common::warning!("{id}: {}: message not queued: {}", origin, r.reason);
+                    warning!("{id}: {}: message not queued: {}", origin, r.reason);
                     r.reply()
                 }
             };
@@ -106,9 +107,7 @@ pub fn run(cfg: &Config) -> ! {
                 // it is delivered (a duplicate at worst, never a loss).
                 let path = tree.path(postern_common::queue::Queue::Incoming, &id);
                 if std::fs::remove_file(&path).is_ok() {
-                    postern_common::warning!(
-                        "{id}: client went away before the reply; message withdrawn"
-                    );
+                    warning!("{id}: client went away before the reply; message withdrawn");
                     return;
                 }
             }

@@ -12,6 +12,7 @@
 use crate::ipc::{DeliveryRecipient, DeliveryReply, DeliveryRequest, Outcome, RecipientResult};
 use crate::qfile::{self, ContentReader, Recipient};
 use crate::queue::{MessageLog, Queue, QueueTree};
+use crate::{info, warning};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -121,7 +122,7 @@ impl Job {
         } else {
             format!(" orig_to=<{}>,", r.rcpt.original)
         };
-        crate::info!(
+        info!(
             "{}: to=<{}>,{} relay={}, delay={}, delays={}/{}/{}/{}, dsn={}, status={} ({})",
             self.req.queue_id,
             r.rcpt.address,
@@ -150,7 +151,7 @@ impl Job {
             };
             let entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
             if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
-                crate::warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
+                warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
                 ok = false;
             }
         }
@@ -164,7 +165,7 @@ impl Job {
             match qfile::mark_done(&self.file, r.offset) {
                 Ok(()) => outcome,
                 Err(e) => {
-                    crate::warning!("{}: mark recipient done: {e}", self.req.queue_id);
+                    warning!("{}: mark recipient done: {e}", self.req.queue_id);
                     // Not recorded as done: qmgr will offer it again, which
                     // may deliver twice but never loses it.
                     outcome
@@ -224,7 +225,7 @@ fn record_success(
 ) {
     let entry = LogEntry::new(r.offset, &r.rcpt, dsn, "delivered", relay, reason);
     if let Err(e) = append_log(tree, MessageLog::Success, id, &entry) {
-        crate::warning!("{id}: append {} log: {e}", MessageLog::Success.name());
+        warning!("{id}: append {} log: {e}", MessageLog::Success.name());
     }
 }
 
@@ -435,7 +436,7 @@ fn read_batch(conn: &mut impl io::Read) -> io::Result<Vec<DeliveryRequest>> {
 
 /// The reply for a request whose queue file could not be opened.
 fn not_opened(req: &DeliveryRequest, e: &io::Error) -> DeliveryReply {
-    crate::warning!("{}: open queue file: {e}", req.queue_id);
+    warning!("{}: open queue file: {e}", req.queue_id);
     DeliveryReply {
         results: req
             .recipients
@@ -464,7 +465,7 @@ fn handle_request(
     let batch = match read_batch(&mut io::BufReader::with_capacity(8192, &conn)) {
         Ok(b) => b,
         Err(e) => {
-            crate::warning!("read delivery request: {e}");
+            warning!("read delivery request: {e}");
             return;
         }
     };
@@ -488,7 +489,7 @@ fn handle_request(
     // delivered twice.
     if !jobs.is_empty() && peer_gone(&conn) {
         for job in &jobs {
-            crate::warning!(
+            warning!(
                 "{}: the queue manager went away; request dropped",
                 job.req.queue_id
             );
@@ -503,7 +504,7 @@ fn handle_request(
             None => done.next().expect("one job per unanswered request"),
         };
         if let Err(e) = crate::ipc::send(&mut conn, &reply) {
-            crate::warning!("send delivery reply: {e}");
+            warning!("send delivery reply: {e}");
             return;
         }
     }

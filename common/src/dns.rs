@@ -6,6 +6,7 @@
 //! answer means, stays with each daemon (MX routing in smtp, DNS
 //! restrictions in smtpd).
 
+use crate::warning;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
@@ -31,7 +32,7 @@ pub fn servers_from_config(cfg: &postern_conf::Config) -> Vec<SocketAddr> {
         .filter_map(|item| {
             let sa = parse_server(item);
             if sa.is_none() {
-                crate::warning!(
+                warning!(
                     "dns_resolver_addresses: ignoring \"{item}\": expected address or address:port"
                 );
             }

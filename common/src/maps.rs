@@ -14,6 +14,8 @@
 //! Keys are matched case-insensitively (stored lower-case), as Postfix does
 //! for its indexed tables.
 
+use crate::warning;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -70,7 +72,7 @@ impl Table {
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
                 // As Postfix: a malformed line is skipped with a warning.
                 let map = source_entries(&text, false, |line, e| {
-                    crate::warning!("{name}, line {line}: {e}");
+                    warning!("{name}, line {line}: {e}");
                     Ok::<(), String>(())
                 })?
                 .into_iter()
@@ -120,21 +122,25 @@ impl Table {
         }
     }
 
-    pub fn lookup(&self, key: &str) -> Option<&str> {
+    /// The value of `key`: borrowed from a table held in memory, owned
+    /// when read from an indexed table's file.
+    pub fn lookup(&self, key: &str) -> Option<Cow<'_, str>> {
         match self {
-            Table::Static(v) => Some(v),
+            Table::Static(v) => Some(Cow::Borrowed(v)),
             Table::Regexp { rules, .. } => rules
                 .iter()
                 .find(|r| r.re.is_match(key) != r.negate)
-                .map(|r| r.result.as_str()),
-            Table::Entries { map, .. } => map.get(&key.to_lowercase()).map(|s| s.as_str()),
-            Table::Indexed { db, .. } => db.lookup(key),
+                .map(|r| Cow::Borrowed(r.result.as_str())),
+            Table::Entries { map, .. } => map
+                .get(&key.to_lowercase())
+                .map(|s| Cow::Borrowed(s.as_str())),
+            Table::Indexed { db, .. } => db.lookup(key).map(Cow::Owned),
             Table::Cidr(rules) => {
                 let ip: std::net::IpAddr = key.trim_matches(['[', ']']).parse().ok()?;
                 rules
                     .iter()
                     .find(|(net, _)| net.contains(ip))
-                    .map(|(_, v)| v.as_str())
+                    .map(|(_, v)| Cow::Borrowed(v.as_str()))
             }
         }
     }
@@ -164,7 +170,7 @@ impl Table {
     pub fn lookup_expanded(&self, key: &str) -> Option<String> {
         match self {
             Table::Regexp { rules, .. } => crate::regexp::lookup(rules, key),
-            other => other.lookup(key).map(str::to_string),
+            other => other.lookup(key).map(Cow::into_owned),
         }
     }
 }
@@ -189,7 +195,7 @@ impl Tables {
         (Tables(ok), bad)
     }
 
-    pub fn lookup(&self, key: &str) -> Option<&str> {
+    pub fn lookup(&self, key: &str) -> Option<Cow<'_, str>> {
         self.0.iter().find_map(|t| t.lookup(key))
     }
 
@@ -312,7 +318,6 @@ fn open_indexed(spec: &str, kind: &str, name: &str) -> Result<Table, String> {
                 name: name.into(),
                 file: Mutex::new(Arc::new(file)),
                 checked: Mutex::new((std::time::Instant::now(), None)),
-                found: Mutex::new(Found::default()),
             }),
         }),
         Opened::Legacy(map) => Ok(Table::Entries {
@@ -379,20 +384,8 @@ struct CdbFile {
     nul: std::sync::atomic::AtomicU8,
 }
 
-#[derive(Default)]
-struct Found {
-    /// The file generation the values come from.
-    generation: u64,
-    /// Values found, by folded key.
-    values: HashMap<String, Box<str>>,
-    /// Values of files replaced since, kept because they may still be
-    /// lent out.
-    retired: Vec<Box<str>>,
-}
-
-/// An open indexed table: a CDB file looked up by key. Values found are
-/// kept, so [`Table::lookup`] can lend them out as `&str`; a table holds
-/// at most the values asked for, never the file. When `postmap` replaces
+/// An open indexed table: a CDB file looked up by key, two `pread`s a
+/// lookup; nothing of the file is held in memory. When `postmap` replaces
 /// the file, the table opens the new one (checked at most once a second),
 /// as Postfix's daemons restart when a table changes; one that cannot be
 /// opened (a process without the rights it had at start) leaves the old
@@ -405,7 +398,6 @@ pub struct IndexedTable {
     /// When the path was last checked, and a replacement that could not
     /// be opened (warned about once).
     checked: Mutex<(std::time::Instant, Option<(u64, u64)>)>,
-    found: Mutex<Found>,
 }
 
 impl std::fmt::Debug for IndexedTable {
@@ -448,7 +440,7 @@ impl IndexedTable {
                     return new;
                 }
                 Ok(Opened::Legacy(_)) => {}
-                Err(e) => crate::warning!("{e}; the table as it was is still used"),
+                Err(e) => warning!("{e}; the table as it was is still used"),
             }
             checked.1 = Some(id);
         }
@@ -496,45 +488,15 @@ impl IndexedTable {
 
     /// The value of `key`, folded to lower case. A read error is logged
     /// and answers "not found".
-    pub fn lookup(&self, key: &str) -> Option<&str> {
+    pub fn lookup(&self, key: &str) -> Option<String> {
         let key = key.to_lowercase();
-        let file = self.current();
-        {
-            let mut found = relock(&self.found);
-            if found.generation != file.generation {
-                // A new file: what was found in the old one goes out of
-                // use (but stays allocated, as it may still be lent out).
-                let old: Vec<Box<str>> = found.values.drain().map(|(_, v)| v).collect();
-                found.retired.extend(old);
-                found.generation = file.generation;
-            }
-            if let Some(v) = found.values.get(&key) {
-                // SAFETY: as below.
-                return Some(unsafe { &*(&**v as *const str) });
+        match IndexedTable::get_in(&self.current(), key.as_bytes()) {
+            Ok(v) => v.map(|v| String::from_utf8_lossy(&v).into_owned()),
+            Err(e) => {
+                warning!("table {}: lookup {key}: {e}", self.path.display());
+                None
             }
         }
-        let value = match IndexedTable::get_in(&file, key.as_bytes()) {
-            Ok(v) => v?,
-            Err(e) => {
-                crate::warning!("table {}: lookup {key}: {e}", self.path.display());
-                return None;
-            }
-        };
-        let mut found = relock(&self.found);
-        let fresh: Box<str> = String::from_utf8_lossy(&value).into();
-        let kept: *const str = if found.generation == file.generation {
-            &**found.values.entry(key).or_insert(fresh)
-        } else {
-            // The file changed meanwhile: answer, without caching.
-            found.retired.push(fresh);
-            &**found.retired.last().unwrap()
-        };
-        // SAFETY: a value is a Box<str> that is never dropped before
-        // `self` (entries are only inserted, for keys not yet present, or
-        // moved into `retired`), so its heap string neither moves (moving
-        // the box does not move the string) nor is freed while `&self`
-        // lives, and the returned reference cannot outlive `&self`.
-        Some(unsafe { &*kept })
     }
 }
 
@@ -782,10 +744,10 @@ mod tests {
         let e = parse_source(text, true).unwrap();
         write_hash_db(&src, &e).unwrap();
         let t = Table::open(&format!("hash:{}", src.display())).unwrap();
-        assert_eq!(t.lookup("POSTMASTER"), Some("root"));
-        assert_eq!(t.lookup("webmaster"), Some("alice, bob"));
-        assert_eq!(t.lookup("x y"), Some("z"));
-        assert_eq!(t.lookup("nobody"), None);
+        assert_eq!(t.lookup("POSTMASTER").as_deref(), Some("root"));
+        assert_eq!(t.lookup("webmaster").as_deref(), Some("alice, bob"));
+        assert_eq!(t.lookup("x y").as_deref(), Some("z"));
+        assert_eq!(t.lookup("nobody").as_deref(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -804,8 +766,8 @@ mod tests {
         )
         .unwrap();
         std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
-        assert_eq!(t.lookup("a"), Some("new"));
-        assert_eq!(t.lookup("b"), Some("2"));
+        assert_eq!(t.lookup("a").as_deref(), Some("new"));
+        assert_eq!(t.lookup("b").as_deref(), Some("2"));
         assert_eq!(before, "old"); // still valid
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -817,7 +779,10 @@ mod tests {
             vec!["hash:/a", "texthash:/b", "inline:{a=b, c=d}"]
         );
         let t = Table::open("inline:{a=b, c=d}").unwrap();
-        assert_eq!(t.lookup("C"), Some("d"));
-        assert_eq!(Table::open("static:x").unwrap().lookup("q"), Some("x"));
+        assert_eq!(t.lookup("C").as_deref(), Some("d"));
+        assert_eq!(
+            Table::open("static:x").unwrap().lookup("q").as_deref(),
+            Some("x")
+        );
     }
 }

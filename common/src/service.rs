@@ -25,6 +25,7 @@
 //! files; the serving loops here then let it finish what it has in hand
 //! and exit, and master starts a fresh one ([`crate::maps::changed_table`]).
 
+use crate::{fatal, info, warning};
 use postern_conf::Config;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
@@ -80,7 +81,7 @@ fn parse_drop_request(v: &str) -> Option<DropRequest> {
 fn drop_request() -> DropRequest {
     *DROP.get_or_init(|| match std::env::var(DROP_ENV) {
         Ok(v) => parse_drop_request(&v)
-            .unwrap_or_else(|| crate::fatal!("{DROP_ENV}={v}: expected UID:GID or UID:GID:chroot")),
+            .unwrap_or_else(|| fatal!("{DROP_ENV}={v}: expected UID:GID or UID:GID:chroot")),
         Err(_) => DropRequest::None,
     })
 }
@@ -120,17 +121,17 @@ pub fn drop_privileges(cfg: &Config) {
     }
     let threads = match std::fs::read_dir("/proc/self/task") {
         Ok(d) => d.count(),
-        Err(e) => crate::fatal!("drop privileges: cannot count threads in /proc/self/task: {e}"),
+        Err(e) => fatal!("drop privileges: cannot count threads in /proc/self/task: {e}"),
     };
     if threads > 1 {
-        crate::fatal!("drop privileges: {threads} threads already running; not serving");
+        fatal!("drop privileges: {threads} threads already running; not serving");
     }
     if chroot {
         enter_chroot(cfg);
     }
     let master = nix::unistd::getppid();
     if let Err(e) = crate::privs::drop_to(uid, gid) {
-        crate::fatal!("drop privileges to {uid}:{gid}: {e}");
+        fatal!("drop privileges to {uid}:{gid}: {e}");
     }
     // The credential change cleared the death signal master's spawn set;
     // set it again, and leave if master died meanwhile.
@@ -152,20 +153,20 @@ fn enter_chroot(cfg: &Config) {
     // SAFETY: tzset has no preconditions; one thread.
     unsafe { tzset() };
     if let Err(e) = std::env::set_current_dir(&dir) {
-        crate::fatal!("chdir {dir}: {e}");
+        fatal!("chdir {dir}: {e}");
     }
     if let Err(e) = nix::unistd::chroot(".") {
-        crate::fatal!("chroot {dir}: {e}");
+        fatal!("chroot {dir}: {e}");
     }
     if let Err(e) = std::env::set_current_dir("/") {
-        crate::fatal!("chdir / in {dir}: {e}");
+        fatal!("chdir / in {dir}: {e}");
     }
 }
 
 /// Says why a process takes no more work: one of its tables changed
 /// ([`crate::table_watch`]), and it may not be able to read it again.
 pub fn restart_for_table(table: &Path) {
-    crate::info!("table {} has changed -- restarting", table.display());
+    info!("table {} has changed -- restarting", table.display());
 }
 
 /// Refuses to go on when master asked for a drop that has not happened:
@@ -173,7 +174,7 @@ pub fn restart_for_table(table: &Path) {
 /// against a serving loop that forgot [`drop_privileges`].
 fn must_have_dropped(what: &str) {
     if drop_request() != DropRequest::None && !DROPPED.load(std::sync::atomic::Ordering::SeqCst) {
-        crate::fatal!("{what} before dropping privileges (internal error)");
+        fatal!("{what} before dropping privileges (internal error)");
     }
 }
 
@@ -203,7 +204,7 @@ pub fn drain_requested(mut notifier: impl io::Read) -> bool {
 /// The notifier, or a fatal error: a daemon that cannot be drained would
 /// drop its clients at every reload.
 pub fn drain_notifier_or_die() -> UnixStream {
-    drain_notifier().unwrap_or_else(|e| crate::fatal!("drain signal handler: {e}"))
+    drain_notifier().unwrap_or_else(|e| fatal!("drain signal handler: {e}"))
 }
 
 /// Waits until `fd` or the drain notifier is readable, or `timeout`
@@ -496,7 +497,7 @@ fn accept(listener: &UnixListener) -> Option<UnixStream> {
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
         Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
-        Err(e) => crate::fatal!("accept: {e}"),
+        Err(e) => fatal!("accept: {e}"),
     }
 }
 
@@ -508,7 +509,7 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
     drop_privileges(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
-        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+        Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
     let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1);
     let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
@@ -568,7 +569,7 @@ where
     drop_privileges(cfg);
     let listener = match unix_listener() {
         Ok(l) => l,
-        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+        Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
     let slots = slots.max(1);
     let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1) as usize * slots;
@@ -582,7 +583,7 @@ where
     let active = Arc::new(AtomicUsize::new(0));
     let (done_rx, done_tx) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
-        Err(e) => crate::fatal!("pipe: {e}"),
+        Err(e) => fatal!("pipe: {e}"),
     };
     let done_tx = Arc::new(std::fs::File::from(done_tx));
     let mut done_rx = std::fs::File::from(done_rx);
@@ -728,7 +729,7 @@ fn hand_to_worker<F>(
         // Dropping the job drops the connection (the client sees it
         // close and tries again) and counts it as finished.
         drop(job);
-        crate::warning!("cannot start a thread: {e}");
+        warning!("cannot start a thread: {e}");
     }
 }
 
@@ -762,7 +763,7 @@ impl Drop for Finished {
 pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
     let listener = match unix_listener() {
         Ok(l) => l,
-        Err(e) => crate::fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
+        Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
     let drain = drain_notifier_or_die();
     let mut status = Status::new();

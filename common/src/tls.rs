@@ -10,6 +10,7 @@
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign;
 use rustls::{ProtocolVersion, ServerConfig, SupportedCipherSuite};
 use std::sync::Arc;
 
@@ -42,32 +43,6 @@ pub fn load_cert_and_key(cert_file: &str, key_file: &str) -> Result<CertifiedKey
     Ok(CertifiedKey { chain, key })
 }
 
-/// Postfix's `*_tls_chain_files`: each file holds a private key and its
-/// certificate chain (server certificate first), in any order of PEM
-/// blocks; the first file that yields a key and a chain is used (rustls
-/// serves one certificate per configuration).
-pub fn load_chain_files(files: &[String]) -> Result<CertifiedKey, String> {
-    let mut errors = Vec::new();
-    for f in files {
-        let certs = match load_certs(f) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
-        match PrivateKeyDer::from_pem_file(f) {
-            Ok(key) => return Ok(CertifiedKey { chain: certs, key }),
-            Err(e) => errors.push(format!("cannot load private key from {f}: {e}")),
-        }
-    }
-    if errors.is_empty() {
-        Err("no files in the chain file list".into())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
 fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let iter = CertificateDer::pem_file_iter(file)
         .map_err(|e| format!("cannot load certificate from {file}: {e}"))?;
@@ -81,7 +56,7 @@ fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// A server configuration offering TLS 1.2 and 1.3 with `key`, asking
-/// for no client certificate.
+/// for no client certificate (tests and simple callers).
 pub fn server_config(key: CertifiedKey) -> Result<Arc<ServerConfig>, String> {
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -100,27 +75,516 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
         || cfg.get_bool("smtpd_tls_wrappermode").unwrap_or(false)
 }
 
-/// smtpd's TLS configuration from its certificate and key: from
-/// `smtpd_tls_chain_files`, or `smtpd_tls_cert_file` and
-/// `smtpd_tls_key_file`. smtpd reads them as root, before it drops its
-/// privileges; `postern check` reads them the same way to report a
-/// missing or unusable key before a client finds STARTTLS gone.
+/// smtpd's TLS configuration, as Postfix's smtpd builds it from
+/// postconf(5)'s parameters:
+/// - keys: `smtpd_tls_chain_files`, else `smtpd_tls_cert_file`/`key_file`
+///   and `smtpd_tls_eccert_file`/`eckey_file` (an RSA and an ECDSA
+///   certificate side by side, each client served the one it can check);
+///   a key that does not match its certificate is an error;
+/// - `smtpd_tls_mandatory_protocols` and `smtpd_tls_mandatory_ciphers`
+///   (with `smtpd_tls_mandatory_exclude_ciphers`) at level `encrypt`,
+///   else `smtpd_tls_protocols` and `smtpd_tls_ciphers`; with
+///   `smtpd_tls_exclude_ciphers` always;
+/// - `tls_preempt_cipherlist`: the server's cipher order wins;
+/// - `smtpd_tls_session_cache_timeout`: 0 turns off session resumption
+///   (session IDs and tickets), else both are on.
+///
+/// smtpd reads the files as root, before it drops its privileges;
+/// `postern check` reads them the same way to report a missing, unusable
+/// or mismatched key before a client finds STARTTLS gone.
 pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfig>, String> {
+    let keys = smtpd_keys(cfg)?;
+    let mandatory = cfg
+        .get("smtpd_tls_security_level")
+        .trim()
+        .eq_ignore_ascii_case("encrypt");
+    let Profile { versions, provider } = profile(cfg, "smtpd", mandatory)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(KeysBySignature { keys }));
+    config.ignore_client_order = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
+    let timeout = cfg
+        .get_time("smtpd_tls_session_cache_timeout")
+        .map_err(|e| e.to_string())?;
+    if timeout == 0 {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    } else {
+        // One smtpd process serves many sessions: an in-memory cache
+        // (and tickets sealed with the process's own keys) resumes the
+        // sessions of clients that come back to it, which is what
+        // Postfix's shared smtpd_tls_session_cache_database is for.
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        config.ticketer = Arc::new(TicketLifetime {
+            inner: ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?,
+            lifetime: timeout.min(100 * 86400) as u32,
+        });
+    }
+    Ok(Arc::new(config))
+}
+
+/// The protocol versions and cipher suites one side offers.
+pub struct Profile {
+    pub versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Postfix's protocol and cipher settings of `side` (`smtpd`, `smtp`,
+/// `lmtp`): `SIDE_tls_mandatory_protocols`, `SIDE_tls_mandatory_ciphers`
+/// and `SIDE_tls_mandatory_exclude_ciphers` where TLS is `mandatory`,
+/// `SIDE_tls_protocols` and `SIDE_tls_ciphers` otherwise, and
+/// `SIDE_tls_exclude_ciphers` always. A parameter missing from the table
+/// (`lmtp_`) is read under its `smtp_` name.
+pub fn profile(cfg: &postern_conf::Config, side: &str, mandatory: bool) -> Result<Profile, String> {
+    let name = |rest: &str| {
+        let n = format!("{side}_{rest}");
+        if side == "smtpd" {
+            n
+        } else {
+            postern_conf::params::smtp_client_param(side == "lmtp", &format!("smtp_{rest}"))
+        }
+    };
+    let (proto_param, grade_param) = if mandatory {
+        (
+            name("tls_mandatory_protocols"),
+            name("tls_mandatory_ciphers"),
+        )
+    } else {
+        (name("tls_protocols"), name("tls_ciphers"))
+    };
+    let versions =
+        parse_protocols(&cfg.get(&proto_param)).map_err(|e| format!("{proto_param}: {e}"))?;
+    let mut exclude = cfg.get_list(&name("tls_exclude_ciphers"));
+    if mandatory {
+        exclude.extend(cfg.get_list(&name("tls_mandatory_exclude_ciphers")));
+    }
+    let suites = cipher_suites(&cfg.get(&grade_param), &exclude)
+        .map_err(|e| format!("{grade_param}: {e}"))?;
+    let tls13 = suites
+        .iter()
+        .any(|s| matches!(s, SupportedCipherSuite::Tls13(_)));
+    let tls12 = suites
+        .iter()
+        .any(|s| matches!(s, SupportedCipherSuite::Tls12(_)));
+    let versions: Vec<_> = versions
+        .into_iter()
+        .filter(|v| match v.version {
+            ProtocolVersion::TLSv1_3 => tls13,
+            _ => tls12,
+        })
+        .collect();
+    if versions.is_empty() {
+        return Err(format!(
+            "{proto_param} and the cipher exclusions leave no usable protocol"
+        ));
+    }
+    Ok(Profile {
+        versions,
+        provider: Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..ring::default_provider()
+        }),
+    })
+}
+
+/// smtpd's certificates and keys, each checked against its certificate.
+fn smtpd_keys(cfg: &postern_conf::Config) -> Result<Vec<Arc<sign::CertifiedKey>>, String> {
     let chain = cfg.get_list("smtpd_tls_chain_files");
-    let key = if !chain.is_empty() {
-        load_chain_files(&chain)?
+    let mut keys = Vec::new();
+    if !chain.is_empty() {
+        for (what, k) in load_chain_keys(&chain)? {
+            keys.push(certified(k, &what)?);
+        }
     } else {
         let cert = cfg.get("smtpd_tls_cert_file");
-        if cert.is_empty() {
+        let eccert = cfg.get("smtpd_tls_eccert_file");
+        if cert.is_empty() && eccert.is_empty() {
             return Err("no certificate: set smtpd_tls_cert_file or smtpd_tls_chain_files".into());
         }
-        load_cert_and_key(&cert, &cfg.get("smtpd_tls_key_file"))?
+        for (c, k) in [
+            (cert, cfg.get("smtpd_tls_key_file")),
+            (eccert, cfg.get("smtpd_tls_eckey_file")),
+        ] {
+            if c.is_empty() {
+                continue;
+            }
+            let what = if k.is_empty() || k == c {
+                c.clone()
+            } else {
+                format!("{k} and {c}")
+            };
+            keys.push(certified(load_cert_and_key(&c, &k)?, &what)?);
+        }
+    }
+    Ok(keys)
+}
+
+/// A chain and key as rustls signs with them; an error when the key is
+/// not the certificate's.
+fn certified(k: CertifiedKey, what: &str) -> Result<Arc<sign::CertifiedKey>, String> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(k.key)
+        .map_err(|e| format!("unusable private key in {what}: {e}"))?;
+    let ck = sign::CertifiedKey::new(k.chain, Arc::new(ClientOrder(signing)));
+    match ck.keys_match() {
+        Ok(()) => Ok(Arc::new(ck)),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
+            "private key does not match public key in certificate ({what})"
+        )),
+        Err(e) => Err(format!("certificate or key not usable ({what}): {e}")),
+    }
+}
+
+/// A key that signs with the first scheme of the client's list it can
+/// use, as OpenSSL does for Postfix (rustls's own keys prefer their own
+/// order: SHA-512 before SHA-256), so that `server-digest` is Postfix's.
+#[derive(Debug)]
+struct ClientOrder(Arc<dyn sign::SigningKey>);
+
+impl sign::SigningKey for ClientOrder {
+    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn sign::Signer>> {
+        offered
+            .iter()
+            .find_map(|s| self.0.choose_scheme(std::slice::from_ref(s)))
+    }
+    fn public_key(&self) -> Option<rustls::pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.0.public_key()
+    }
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+/// Every key of `files` with the certificates that follow it (Postfix's
+/// `*_tls_chain_files`: "one or more private keys directly followed by a
+/// corresponding certificate chain"); a file with the certificates
+/// before its only key is taken too.
+pub fn load_chain_keys(files: &[String]) -> Result<Vec<(String, CertifiedKey)>, String> {
+    use rustls::pki_types::pem::SectionKind;
+    let mut out = Vec::new();
+    for f in files {
+        let data = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
+        let mut groups: Vec<(Option<PrivateKeyDer<'static>>, Vec<CertificateDer<'static>>)> =
+            Vec::new();
+        let mut leading: Vec<CertificateDer<'static>> = Vec::new();
+        for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(&data) {
+            let (kind, der) = item.map_err(|e| format!("cannot parse {f}: {e}"))?;
+            match kind {
+                SectionKind::Certificate => match groups.last_mut() {
+                    Some((_, certs)) => certs.push(CertificateDer::from(der)),
+                    None => leading.push(CertificateDer::from(der)),
+                },
+                SectionKind::PrivateKey => {
+                    groups.push((Some(PrivateKeyDer::Pkcs8(der.into())), Vec::new()))
+                }
+                SectionKind::RsaPrivateKey => {
+                    groups.push((Some(PrivateKeyDer::Pkcs1(der.into())), Vec::new()))
+                }
+                SectionKind::EcPrivateKey => {
+                    groups.push((Some(PrivateKeyDer::Sec1(der.into())), Vec::new()))
+                }
+                _ => {}
+            }
+        }
+        if groups.len() == 1 && groups[0].1.is_empty() && !leading.is_empty() {
+            groups[0].1 = std::mem::take(&mut leading);
+        }
+        if groups.is_empty() {
+            return Err(format!("no private key in {f}"));
+        }
+        for (n, (key, chain)) in groups.into_iter().enumerate() {
+            if chain.is_empty() {
+                return Err(format!("no certificate after private key {} in {f}", n + 1));
+            }
+            let key = key.expect("a group starts with its key");
+            out.push((f.clone(), CertifiedKey { chain, key }));
+        }
+    }
+    if out.is_empty() {
+        return Err("no files in the chain file list".into());
+    }
+    Ok(out)
+}
+
+/// Chooses among smtpd's certificates (RSA, ECDSA) the one the client can
+/// verify: the first whose key can sign with a signature scheme the client
+/// offered and, for TLS 1.2, that an offered cipher suite can use.
+/// ECDSA comes first, as OpenSSL chooses for Postfix.
+#[derive(Debug)]
+struct KeysBySignature {
+    keys: Vec<Arc<sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for KeysBySignature {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<sign::CertifiedKey>> {
+        let offered = hello.signature_schemes();
+        let suites = hello.cipher_suites();
+        let tls13 = suites
+            .iter()
+            .any(|s| format!("{s:?}").starts_with("TLS13_"));
+        let mut order: Vec<&Arc<sign::CertifiedKey>> = self.keys.iter().collect();
+        order.sort_by_key(|k| k.key.algorithm() != rustls::SignatureAlgorithm::ECDSA);
+        let chosen = order.into_iter().find(|k| {
+            let Some(signer) = k.key.choose_scheme(offered) else {
+                return false;
+            };
+            drop(signer);
+            let auth = match k.key.algorithm() {
+                rustls::SignatureAlgorithm::ECDSA => "-ECDSA-",
+                _ => "-RSA-",
+            };
+            tls13
+                || provider()
+                    .cipher_suites
+                    .iter()
+                    .any(|s| cipher_name(*s).contains(auth) && suites.contains(&s.suite()))
+        })?;
+        let signature = chosen
+            .key
+            .choose_scheme(offered)
+            .map(|s| server_signature(chosen, s.scheme()));
+        CHOSEN_SIGNATURE.with(|c| *c.borrow_mut() = signature);
+        Some(chosen.clone())
+    }
+}
+
+thread_local! {
+    /// What the last certificate choice on this thread will sign with.
+    /// smtpd's loop drives one handshake at a time on its thread: right
+    /// after rustls processed a ClientHello it takes the value for that
+    /// connection ([`take_server_signature`]); rustls says nothing of
+    /// the key it used.
+    static CHOSEN_SIGNATURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Postfix's ` server-signature RSA-PSS (2048 bits) server-digest SHA256`
+/// words for the certificate chosen last on this thread, once.
+pub fn take_server_signature() -> Option<String> {
+    CHOSEN_SIGNATURE.with(|c| c.borrow_mut().take())
+}
+
+/// `RSA-PSS (2048 bits) server-digest SHA512`, `ECDSA (prime256v1) server-digest SHA256`.
+fn server_signature(key: &sign::CertifiedKey, scheme: rustls::SignatureScheme) -> String {
+    use rustls::SignatureScheme as S;
+    let digest = match scheme {
+        S::RSA_PSS_SHA256 | S::RSA_PKCS1_SHA256 | S::ECDSA_NISTP256_SHA256 => "SHA256",
+        S::RSA_PSS_SHA384 | S::RSA_PKCS1_SHA384 | S::ECDSA_NISTP384_SHA384 => "SHA384",
+        S::RSA_PSS_SHA512 | S::RSA_PKCS1_SHA512 | S::ECDSA_NISTP521_SHA512 => "SHA512",
+        _ => "",
     };
-    server_config(key)
+    let what = match key.key.algorithm() {
+        rustls::SignatureAlgorithm::RSA => {
+            let bits = key
+                .key
+                .public_key()
+                .and_then(|spki| rsa_modulus_bits(spki.as_ref()));
+            match bits {
+                Some(b) => format!("RSA-PSS ({b} bits)"),
+                None => "RSA-PSS".into(),
+            }
+        }
+        rustls::SignatureAlgorithm::ECDSA => match scheme {
+            S::ECDSA_NISTP256_SHA256 => "ECDSA (prime256v1)".into(),
+            S::ECDSA_NISTP384_SHA384 => "ECDSA (secp384r1)".into(),
+            S::ECDSA_NISTP521_SHA512 => "ECDSA (secp521r1)".into(),
+            _ => "ECDSA".into(),
+        },
+        rustls::SignatureAlgorithm::ED25519 => "ED25519".into(),
+        other => format!("{other:?}"),
+    };
+    if digest.is_empty() {
+        what
+    } else {
+        format!("{what} server-digest {digest}")
+    }
+}
+
+/// One DER element: (tag, contents, the rest).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&l0, mut b) = b.split_first()?;
+    let len = if l0 < 0x80 {
+        l0 as usize
+    } else {
+        let n = (l0 & 0x7f) as usize;
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
+        b = &b[n..];
+        len
+    };
+    if b.len() < len {
+        return None;
+    }
+    Some((tag, &b[..len], &b[len..]))
+}
+
+/// The size of an RSA SubjectPublicKeyInfo's modulus.
+fn rsa_modulus_bits(spki: &[u8]) -> Option<usize> {
+    let (_, spki, _) = der(spki)?; // SEQUENCE
+    let (_, _, rest) = der(spki)?; // AlgorithmIdentifier
+    let (_, bits, _) = der(rest)?; // BIT STRING
+    let (_, rsa, _) = der(bits.get(1..)?)?; // RSAPublicKey
+    let (_, n, _) = der(rsa)?;
+    let n: &[u8] = {
+        let mut n = n;
+        while let [0, rest @ ..] = n {
+            n = rest;
+        }
+        n
+    };
+    let first = *n.first()?;
+    Some((n.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+}
+
+/// rustls's ticketer, telling clients the lifetime Postfix's
+/// `smtpd_tls_session_cache_timeout` sets.
+#[derive(Debug)]
+struct TicketLifetime {
+    inner: Arc<dyn rustls::server::ProducesTickets>,
+    lifetime: u32,
+}
+
+impl rustls::server::ProducesTickets for TicketLifetime {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+    fn lifetime(&self) -> u32 {
+        self.lifetime.min(self.inner.lifetime())
+    }
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.inner.encrypt(plain)
+    }
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.inner.decrypt(cipher)
+    }
+}
+
+/// The protocol versions a Postfix protocol list allows (postconf(5),
+/// `smtpd_tls_protocols`): names to include (`TLSv1.2, TLSv1.3`), names
+/// to exclude (`!SSLv2, !SSLv3, !TLSv1, !TLSv1.1`), or bounds
+/// (`>=TLSv1.2`, `<=TLSv1.3`), separated by commas, colons or spaces.
+/// rustls speaks TLS 1.2 and 1.3 only: older names are accepted and have
+/// nothing to turn off; an empty result is an error.
+pub fn parse_protocols(
+    list: &str,
+) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, String> {
+    const NAMES: [&str; 6] = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"];
+    let index = |name: &str| {
+        NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("unknown TLS protocol \"{name}\""))
+    };
+    let mut include: Option<Vec<bool>> = None;
+    let mut allowed = [true; 6];
+    for word in list
+        .split(|c: char| c == ',' || c == ':' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+    {
+        if let Some(n) = word.strip_prefix(">=") {
+            let i = index(n)?;
+            allowed.iter_mut().take(i).for_each(|a| *a = false);
+        } else if let Some(n) = word.strip_prefix("<=") {
+            let i = index(n)?;
+            allowed.iter_mut().skip(i + 1).for_each(|a| *a = false);
+        } else if let Some(n) = word.strip_prefix('!') {
+            allowed[index(n)?] = false;
+        } else {
+            let i = index(word)?;
+            include.get_or_insert_with(|| vec![false; 6])[i] = true;
+        }
+    }
+    if let Some(inc) = include {
+        for (a, i) in allowed.iter_mut().zip(inc) {
+            *a &= i;
+        }
+    }
+    let mut v = Vec::new();
+    if allowed[5] {
+        v.push(&rustls::version::TLS13);
+    }
+    if allowed[4] {
+        v.push(&rustls::version::TLS12);
+    }
+    if v.is_empty() {
+        return Err(format!(
+            "\"{}\" leaves neither TLSv1.2 nor TLSv1.3 (the only protocols Postern speaks)",
+            list.trim()
+        ));
+    }
+    Ok(v)
+}
+
+/// The cipher suites of a Postfix cipher grade (`smtpd_tls_ciphers`:
+/// `export`, `low`, `medium`, `high`, `null`) less the exclusions
+/// (`smtpd_tls_exclude_ciphers`: OpenSSL cipher names or the aliases
+/// `AES`, `AES128`, `AES256`, `AESGCM`, `CHACHA20`, `ECDSA`/`aECDSA`,
+/// `RSA`/`aRSA`, `ECDHE`/`kECDHE`/`EECDH`, `SHA256`, `SHA384`), in the
+/// server's order. Every suite rustls has is an AEAD cipher of OpenSSL's
+/// HIGH class, so `export` to `high` give them all; `null` (no
+/// encryption) none. As OpenSSL's cipher list for Postfix, aliases leave
+/// the TLS 1.3 suites alone; a TLS 1.3 suite's own name excludes it.
+pub fn cipher_suites(grade: &str, exclude: &[String]) -> Result<Vec<SupportedCipherSuite>, String> {
+    match grade.trim().to_ascii_lowercase().as_str() {
+        "export" | "low" | "medium" | "high" => {}
+        "null" => {
+            return Err(
+                "grade \"null\" asks for ciphers without encryption, which Postern does not have"
+                    .into(),
+            )
+        }
+        other => return Err(format!("invalid cipher grade \"{other}\"")),
+    }
+    let suites: Vec<SupportedCipherSuite> = ring::default_provider()
+        .cipher_suites
+        .into_iter()
+        .filter(|s| !exclude.iter().any(|x| cipher_matches(*s, x)))
+        .collect();
+    if suites.is_empty() {
+        return Err("every cipher is excluded".into());
+    }
+    Ok(suites)
+}
+
+/// Whether OpenSSL's cipher name or alias `x` names suite `s`.
+fn cipher_matches(s: SupportedCipherSuite, x: &str) -> bool {
+    let name = cipher_name(s);
+    let x = x.trim().trim_start_matches('!');
+    if x.eq_ignore_ascii_case(name)
+        || s.suite()
+            .as_str()
+            .is_some_and(|n| n.eq_ignore_ascii_case(x))
+    {
+        return true;
+    }
+    if matches!(s, SupportedCipherSuite::Tls13(_)) {
+        return false;
+    }
+    match x.to_ascii_uppercase().as_str() {
+        "AES" => name.contains("AES"),
+        "AES128" => name.contains("AES128"),
+        "AES256" => name.contains("AES256"),
+        "AESGCM" => name.contains("GCM"),
+        "CHACHA20" => name.contains("CHACHA20"),
+        "ECDSA" | "AECDSA" => name.contains("-ECDSA-"),
+        "RSA" | "ARSA" => name.contains("-RSA-"),
+        "ECDHE" | "KECDHE" | "EECDH" | "ECDH" | "KEECDH" | "AECDH" => name.starts_with("ECDHE-"),
+        "SHA256" => name.ends_with("SHA256") || name.ends_with("POLY1305"),
+        "SHA384" => name.ends_with("SHA384"),
+        "SHA2" => true,
+        _ => false,
+    }
 }
 
 /// What was negotiated, as Postfix names it in its log lines and in the
-/// Received header: `TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`.
+/// Received header: `TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`,
+/// and for TLS 1.3 `key-exchange X25519 server-signature RSA-PSS (2048 bits)
+/// server-digest SHA256`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
     /// `TLSv1.2`, `TLSv1.3`.
@@ -129,8 +593,12 @@ pub struct Negotiated {
     pub cipher: String,
     /// Secret bits of the cipher.
     pub bits: u32,
-    /// Key exchange group (`X25519`), when known.
+    /// Key exchange as Postfix names it (`X25519`, `ECDHE (prime256v1)`),
+    /// TLS 1.3 only (Postfix reports it for TLS 1.3 only).
     pub kx: Option<String>,
+    /// The server's signature (`RSA-PSS (2048 bits) server-digest SHA256`),
+    /// TLS 1.3 only, when known (smtpd: [`take_server_signature`]).
+    pub server_signature: Option<String>,
 }
 
 impl Negotiated {
@@ -140,12 +608,14 @@ impl Negotiated {
         let suite = conn.negotiated_cipher_suite()?;
         let kx = conn
             .negotiated_key_exchange_group()
-            .map(|g| format!("{:?}", g.name()));
+            .filter(|_| version == ProtocolVersion::TLSv1_3)
+            .map(|g| kx_name(g.name()));
         Some(Negotiated {
             protocol: protocol_name(version),
             cipher: cipher_name(suite).to_string(),
             bits: cipher_bits(suite),
             kx,
+            server_signature: None,
         })
     }
 
@@ -155,6 +625,43 @@ impl Negotiated {
             "{} with cipher {} ({}/{} bits)",
             self.protocol, self.cipher, self.bits, self.bits
         )
+    }
+
+    /// What Postfix adds after the summary (TLS 1.3):
+    /// `key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256`;
+    /// empty when nothing is known.
+    pub fn details(&self) -> String {
+        let mut words = Vec::new();
+        if let Some(k) = &self.kx {
+            words.push(format!("key-exchange {k}"));
+        }
+        if let Some(s) = &self.server_signature {
+            words.push(format!("server-signature {s}"));
+        }
+        words.join(" ")
+    }
+
+    /// The summary and the details, as Postfix's log line has them.
+    pub fn log_summary(&self) -> String {
+        let d = self.details();
+        if d.is_empty() {
+            self.summary()
+        } else {
+            format!("{} {d}", self.summary())
+        }
+    }
+}
+
+/// A key exchange group as Postfix 3.7 with OpenSSL 3 names it.
+fn kx_name(g: rustls::NamedGroup) -> String {
+    use rustls::NamedGroup as G;
+    match g {
+        G::X25519 => "X25519".into(),
+        G::X448 => "X448".into(),
+        G::secp256r1 => "ECDHE (prime256v1)".into(),
+        G::secp384r1 => "ECDHE (secp384r1)".into(),
+        G::secp521r1 => "ECDHE (secp521r1)".into(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -223,6 +730,71 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("/nonexistent/cert.pem"), "{e}");
-        assert!(load_chain_files(&[]).is_err());
+        assert!(load_chain_keys(&[]).is_err());
+    }
+
+    #[test]
+    fn protocol_lists() {
+        let names = |l: &str| -> Vec<String> {
+            parse_protocols(l)
+                .unwrap()
+                .iter()
+                .map(|v| protocol_name(v.version))
+                .collect()
+        };
+        assert_eq!(names(">=TLSv1"), ["TLSv1.3", "TLSv1.2"]);
+        assert_eq!(names(">=TLSv1.3"), ["TLSv1.3"]);
+        assert_eq!(
+            names("!SSLv2, !SSLv3, !TLSv1, !TLSv1.1"),
+            ["TLSv1.3", "TLSv1.2"]
+        );
+        assert_eq!(names("!SSLv2:!TLSv1.3"), ["TLSv1.2"]);
+        assert_eq!(names("TLSv1.2"), ["TLSv1.2"]);
+        assert_eq!(names("<=TLSv1.2"), ["TLSv1.2"]);
+        assert!(parse_protocols("<=TLSv1.1").is_err());
+        assert!(parse_protocols("TLSv9").unwrap_err().contains("TLSv9"));
+    }
+
+    #[test]
+    fn grades_and_exclusions() {
+        let all = cipher_suites("medium", &[]).unwrap();
+        assert_eq!(all.len(), ring::default_provider().cipher_suites.len());
+        assert!(cipher_suites("null", &[]).is_err());
+        assert!(cipher_suites("bogus", &[]).is_err());
+        let names = |x: &[&str]| -> Vec<&str> {
+            let x: Vec<String> = x.iter().map(|s| s.to_string()).collect();
+            cipher_suites("high", &x)
+                .unwrap()
+                .into_iter()
+                .map(cipher_name)
+                .collect()
+        };
+        let n = names(&["AES256", "CHACHA20"]);
+        assert!(n.contains(&"TLS_AES_256_GCM_SHA384"), "{n:?}");
+        assert!(n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
+        assert!(!n
+            .iter()
+            .any(|c| c.contains("AES256") || c.contains("CHACHA20-POLY")));
+        let n = names(&[
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+        ]);
+        assert!(!n.contains(&"TLS_CHACHA20_POLY1305_SHA256"));
+        assert!(!n.contains(&"ECDHE-RSA-AES128-GCM-SHA256"));
+    }
+
+    #[test]
+    fn rsa_bits() {
+        // A 16-bit toy modulus 0xC001, exponent 3, in an SPKI.
+        let spki = [
+            0x30, 0x17, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
+            0x01, 0x05, 0x00, 0x03, 0x06, 0x00, 0x30, 0x03, 0x02, 0x01, 0x03,
+        ];
+        assert_eq!(rsa_modulus_bits(&spki), Some(2));
+        let spki2 = [
+            0x30, 0x19, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01,
+            0x01, 0x05, 0x00, 0x03, 0x08, 0x00, 0x30, 0x05, 0x02, 0x03, 0x00, 0xc0, 0x01,
+        ];
+        assert_eq!(rsa_modulus_bits(&spki2), Some(16));
     }
 }

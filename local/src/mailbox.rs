@@ -14,6 +14,7 @@
 use crate::status::Status;
 use nix::unistd::{Gid, Uid};
 use postern_common::privs;
+use postern_common::warning;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
@@ -256,7 +257,7 @@ impl Mbox<'_> {
             }
             if let Some(uid) = self.owner {
                 if !created && meta.uid() != uid && privs::is_root() {
-                    postern_common::warning!(
+                    warning!(
                         "mailbox {} is owned by uid {}, not by its recipient (uid {uid})",
                         path.display(),
                         meta.uid()
@@ -325,7 +326,7 @@ impl Mbox<'_> {
             if o.regular {
                 // Leave no partial message behind.
                 if let Err(t) = o.file.set_len(o.start) {
-                    postern_common::warning!(
+                    warning!(
                         "cannot truncate {} back to {} bytes: {t}",
                         self.path.display(),
                         o.start
@@ -453,7 +454,7 @@ impl DotLock {
                         .and_then(|t| t.elapsed().ok())
                         .is_some_and(|age| age > p.stale);
                     if stale {
-                        postern_common::warning!("removing stale lock file {}", path.display());
+                        warning!("removing stale lock file {}", path.display());
                         let _ = std::fs::remove_file(&path);
                     }
                 }

@@ -20,13 +20,14 @@
 //! The modules are in the crate's library (`postern_local`, see its
 //! `lib.rs`), shared with the `virtual` agent (`src/bin/virtual.rs`).
 
+use postern_common::fatal;
 use postern_local::deliver;
 
 fn main() {
     let (cfg, _args) = postern_common::service::start("local");
     let agent = match deliver::Agent::new(&cfg) {
         Ok(a) => a,
-        Err(e) => postern_common::fatal!("{e}"),
+        Err(e) => fatal!("{e}"),
     };
     postern_common::delivery::serve_batches(&cfg, |jobs| agent.deliver_batch(jobs))
 }

@@ -30,6 +30,7 @@ use crate::status::Status;
 use postern_common::addr;
 use postern_common::dupfilter::DupFilter;
 use postern_common::maps::Tables;
+use postern_common::warning;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -238,7 +239,7 @@ impl Resolver<'_> {
         exp: &mut Expansion,
     ) {
         if depth > MAX_DEPTH {
-            postern_common::warning!("alias database loop for {}", name.local);
+            warning!("alias database loop for {}", name.local);
             exp.failures.push((
                 name.address.clone(),
                 Status::bounce(
@@ -264,7 +265,7 @@ impl Resolver<'_> {
         match found {
             Some((key, value)) if !chain.contains(&key) => {
                 chain.push(key);
-                for t in split_targets(value) {
+                for t in split_targets(&value) {
                     self.expand_target(&t, name, chain, depth + 1, Class::Alias, exp);
                 }
                 chain.pop();
@@ -454,7 +455,7 @@ impl Resolver<'_> {
         let text = match (self.read_include)(Path::new(path)) {
             Ok(t) => t,
             Err(e) => {
-                postern_common::warning!(
+                warning!(
                     "cannot open include file {path}: {}",
                     crate::status::strip_os_error(&e)
                 );

@@ -39,7 +39,7 @@ pub struct Agent {
 }
 
 /// Looks an address up by itself, then by `@domain`.
-fn lookup<'t>(t: &'t Tables, address: &str) -> Option<&'t str> {
+fn lookup<'t>(t: &'t Tables, address: &str) -> Option<std::borrow::Cow<'t, str>> {
     let a = address.to_lowercase();
     t.lookup(&a)
         .or_else(|| a.rfind('@').and_then(|i| t.lookup(&a[i..])))

@@ -1,6 +1,7 @@
 //! `master`: the supervisor `postern start` runs. The logic is in the
 //! crate's library (`postern_master`, see its `lib.rs`).
 
+use postern_common::{fatal, info};
 use postern_master::{startup, supervisor};
 
 fn main() {
@@ -12,16 +13,16 @@ fn main() {
     let lock = startup::lock(&cfg);
     let mut sup = match supervisor::Supervisor::new(cfg.clone(), owner.map(|o| (o.uid, o.gid))) {
         Ok(s) => s,
-        Err(e) => postern_common::fatal!("{e}"),
+        Err(e) => fatal!("{e}"),
     };
     startup::detach_unless(args.foreground, &lock);
     startup::note_services(&cfg);
-    postern_common::info!(
+    info!(
         "daemon started -- version {}, configuration {}",
         env!("CARGO_PKG_VERSION"),
         cfg.dir().display()
     );
     sup.run();
     startup::remove_pid(&cfg);
-    postern_common::info!("stopped");
+    info!("stopped");
 }

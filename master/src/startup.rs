@@ -4,6 +4,7 @@
 use postern_common::fatal;
 use postern_common::privs;
 use postern_common::queue::QueueTree;
+use postern_common::{info, warning};
 use postern_conf::Config;
 use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
@@ -65,7 +66,7 @@ pub fn load_config(args: &Args) -> Config {
         false,
     );
     for (name, line) in cfg.unknown_parameters() {
-        postern_common::warning!(
+        warning!(
             "{}/main.cf, line {line}: unused parameter: {name}",
             dir.display()
         );
@@ -83,7 +84,7 @@ pub fn note_services(cfg: &Config) {
         .iter()
         .filter_map(|s| s.note())
     {
-        postern_common::info!("{}/{note}", cfg.dir().display());
+        info!("{}/{note}", cfg.dir().display());
     }
 }
 

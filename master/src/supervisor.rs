@@ -5,6 +5,7 @@
 
 use crate::children::{self, SpawnSpec};
 use crate::listeners::{self, Listener};
+use postern_common::error;
 use postern_common::ipc::{self, Wakeup};
 use postern_common::service::{Load, StatusRecord};
 use postern_common::{info, warning};
@@ -215,7 +216,7 @@ impl Supervisor {
                     for StatusRecord { pid, load } in children::read_status(&s.status_read) {
                         if let Some(c) = s.children.get_mut(&pid) {
                             if std::mem::take(&mut c.unverified) && children::still_root(pid) {
-                                postern_common::error!(
+                                error!(
                                     "{}: pid {pid} serves without having dropped root \
                                      privileges; killing it",
                                     s.def.command

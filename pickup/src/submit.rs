@@ -1,6 +1,7 @@
 //! Handing one maildrop file to cleanup.
 
 use postern_common::dsn;
+use postern_common::info;
 use postern_common::ipc::{self, cleanup_flags, CleanupReply, CleanupRequest, NewMessage};
 use postern_common::qfile::{self, attr, ContentReader};
 use postern_common::queue::QueueTree;
@@ -71,7 +72,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Ok(other) => return Outcome::TryLater(format!("cleanup: {other:?}")),
         Err(e) => return io_err(e),
     };
-    postern_common::info!("{queue_id}: uid={uid} from=<{}>", env.sender);
+    info!("{queue_id}: uid={uid} from=<{}>", env.sender);
     let mut content = match ContentReader::new(file, env.content_offset) {
         Ok(c) => c,
         Err(e) => return Outcome::Corrupt(e.to_string()),

@@ -75,11 +75,18 @@ impl Problem {
     }
 }
 
-/// What mail system problem, if any, a logged deferral or bounce reports:
-/// only `X.3.Y` statuses (RFC 3463 "mail system status") count;
-/// `X.3.1` (mail system full) and reasons that name a shortage are
-/// resource problems, the rest software problems.
+/// What problem of this mail system, if any, a logged deferral or bounce
+/// reports: only `X.3.Y` statuses (RFC 3463 "mail system status") that
+/// Postern itself wrote count; `X.3.1` (mail system full) and reasons
+/// that name a shortage are resource problems, the rest software
+/// problems. A status that another server replied ("host H[A] said: 451
+/// 4.3.0 ...", its `Diagnostic-Code: smtp`) is that server's trouble, not
+/// ours: the postmaster is not paged on every retry of a busy next hop
+/// (Postfix's delivery agents never report `resource` or `software`).
 pub fn problem_of(e: &LogEntry) -> Option<Problem> {
+    if remote_reply(&e.reason).is_some() {
+        return None;
+    }
     let mut parts = e.status.split('.');
     let (class, subject) = (parts.next()?, parts.next()?);
     if !matches!(class, "4" | "5") || subject != "3" {
@@ -359,6 +366,13 @@ fn remote_host(relay: &str) -> Option<&str> {
     let i = relay.find('[')?;
     let host = &relay[..i];
     (!host.is_empty()).then_some(host)
+}
+
+/// The reply of another server inside a reason: the SMTP and LMTP
+/// clients write "host H[A] said: 451 4.3.0 text (in reply to end of DATA
+/// command)" (and "SASL authentication failed; server H said: ...").
+fn remote_reply(reason: &str) -> Option<&str> {
+    reason.find(" said: ").and_then(|_| smtp_reply(reason))
 }
 
 /// The SMTP reply inside a reason, when there is one: agents write
@@ -1011,6 +1025,16 @@ mod tests {
             Some(Problem::Software)
         );
         assert_eq!(problem_of(&e("5.3.5", "config")), Some(Problem::Software));
+        // Another server's X.3.Y reply is not our problem.
+        let remote = "host mx.test[192.0.2.1] said: 451 4.3.0 try again later \
+                      (in reply to end of DATA command)";
+        assert_eq!(problem_of(&e("4.3.0", remote)), None);
+        let full = "host mx.test[192.0.2.1] said: 452 4.3.1 Insufficient system storage \
+                    (in reply to MAIL FROM command)";
+        assert_eq!(problem_of(&e("4.3.1", full)), None);
+        let lmtp = "host me.test[private/lmtp] said: 451 4.3.0 Internal error \
+                    (in reply to end of DATA command)";
+        assert_eq!(problem_of(&e("4.3.0", lmtp)), None);
         assert_eq!(problem_of(&e("4.4.1", "connect: refused")), None);
         assert_eq!(problem_of(&e("5.1.1", "no such user")), None);
 

@@ -27,6 +27,7 @@ use crate::retire::Retirer;
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};
+use postern_common::fatal;
 use postern_common::ipc::{
     AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
 };
@@ -371,6 +372,12 @@ impl Manager {
                 Some(Wakeup::Deferred) => self.deferred.request(false),
                 Some(Wakeup::Flush) => {
                     self.last_flush = Some(Instant::now());
+                    // Postfix's F: dead destinations are tried again now,
+                    // not after transport_retry_time.
+                    let revived = self.sched.revive_dead();
+                    if revived > 0 {
+                        info!("flush: {revived} dead destination(s) revived");
+                    }
                     self.deferred.request(true);
                     self.incoming.request(false);
                 }
@@ -838,7 +845,7 @@ pub fn run(cfg: &Config) -> ! {
             });
             let _ = drained.send(Event::Drain);
         })
-        .unwrap_or_else(|e| postern_common::fatal!("cannot start the wake-up thread: {e}"));
+        .unwrap_or_else(|e| fatal!("cannot start the wake-up thread: {e}"));
     crate::admin::listen(&m.tree, m.sender());
     m.start();
     m.run()

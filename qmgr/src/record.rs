@@ -10,6 +10,7 @@ use postern_common::delivery::{self, Job, LogEntry};
 use postern_common::ipc::{DeliveryRecipient, DeliveryRequest, Outcome, RecipientResult};
 use postern_common::qfile::{self, QueuedRecipient};
 use postern_common::queue::{MessageLog, Queue, QueueTree};
+use postern_common::warning;
 use std::collections::HashSet;
 use std::fs::File;
 
@@ -39,7 +40,7 @@ pub fn record(
             job.finish().results
         }
         Err(e) => {
-            postern_common::warning!("{id}: open queue file: {e}");
+            warning!("{id}: open queue file: {e}");
             items
                 .into_iter()
                 .map(|i| RecipientResult {
@@ -106,7 +107,7 @@ pub fn expire(
     pending: &[QueuedRecipient],
 ) -> HashSet<u64> {
     let deferrals = delivery::read_log(tree, MessageLog::Defer, id).unwrap_or_else(|e| {
-        postern_common::warning!("{id}: read defer log: {e}");
+        warning!("{id}: read defer log: {e}");
         Vec::new()
     });
     let mut done = HashSet::new();
@@ -137,14 +138,14 @@ pub fn expire(
         };
         let entry = LogEntry::new(r.offset, &r.rcpt, &status, "failed", &relay, &reason);
         if let Err(e) = delivery::append_log(tree, MessageLog::Bounce, id, &entry) {
-            postern_common::warning!("{id}: append bounce log: {e}");
+            warning!("{id}: append bounce log: {e}");
             continue;
         }
         match qfile::mark_done(file, r.offset) {
             Ok(()) => {
                 done.insert(r.offset);
             }
-            Err(e) => postern_common::warning!("{id}: mark recipient done: {e}"),
+            Err(e) => warning!("{id}: mark recipient done: {e}"),
         }
     }
     done

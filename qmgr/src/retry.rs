@@ -7,6 +7,7 @@
 //! reaches `maximal_queue_lifetime` (`bounce_queue_lifetime` for the null
 //! sender) is returned to its sender.
 
+use postern_common::warning;
 use postern_conf::Config;
 
 /// The retry parameters, read once.
@@ -20,7 +21,7 @@ pub struct Policy {
 
 fn time_param(cfg: &Config, name: &str, fallback: u64) -> u64 {
     cfg.get_time(name).unwrap_or_else(|e| {
-        postern_common::warning!("{e}; using {fallback}s");
+        warning!("{e}; using {fallback}s");
         fallback
     })
 }

@@ -39,6 +39,7 @@
 //! request in flight at a time per destination, the next no sooner than
 //! that delay after the last one ended ([`Scheduler::next_wakeup`]).
 
+use postern_common::{info, warning};
 use postern_conf::Config;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -57,7 +58,7 @@ pub fn transport_param(cfg: &Config, transport: &str, suffix: &str) -> Option<u6
     match cfg.get_u64(&name) {
         Ok(v) => Some(v),
         Err(e) => {
-            postern_common::warning!("{e}");
+            warning!("{e}");
             None
         }
     }
@@ -145,7 +146,7 @@ impl Limits {
         let feedback = |suffix: &str, dflt: Feedback| {
             let text = transport_text(cfg, transport, suffix);
             Feedback::parse(&text).unwrap_or_else(|| {
-                postern_common::warning!("bad {suffix} value \"{text}\"; using 1/concurrency");
+                warning!("bad {suffix} value \"{text}\"; using 1/concurrency");
                 dflt
             })
         };
@@ -685,7 +686,7 @@ impl Scheduler {
                     && limits.cohort_limit > 0.0
                     && d.fail_cohorts >= limits.cohort_limit
                 {
-                    postern_common::info!(
+                    info!(
                         "{transport} destination {destination}: dead for {}s after failed connections ({reason})",
                         limits.retry_time.as_secs()
                     );
@@ -714,6 +715,42 @@ impl Scheduler {
         } else {
             t.make_ready(destination);
         }
+    }
+
+    /// Forgets every dead destination (Postfix's `F` trigger, "purge all
+    /// information about dead transports and destinations", which
+    /// `postqueue -f` sends): each is tried again at once, with the
+    /// initial window, as if `transport_retry_time` had passed. Returns
+    /// how many were dead.
+    pub fn revive_dead(&mut self) -> usize {
+        let mut revived = 0;
+        for t in &mut self.transports {
+            let limits = t.limits;
+            let mut idle = Vec::new();
+            let mut ready = Vec::new();
+            for (key, d) in t.destinations.iter_mut() {
+                if d.dead_until.take().is_none() {
+                    continue;
+                }
+                revived += 1;
+                d.fail_cohorts = 0.0;
+                d.success = 0.0;
+                d.failure = 0.0;
+                d.window = initial_window(&limits);
+                if d.entries.is_empty() && d.in_flight == 0 && d.next_at.is_none() {
+                    idle.push(key.clone());
+                } else {
+                    ready.push(key.clone());
+                }
+            }
+            for key in idle {
+                t.destinations.remove(&key);
+            }
+            for key in ready {
+                t.make_ready(&key);
+            }
+        }
+        revived
     }
 
     /// Takes every entry of `message` out of the queues (an administrator
@@ -1095,5 +1132,33 @@ mod tests {
         }
         s.add_message("O", &[target(0, "smtp", "live.test", "y")]);
         assert_eq!(s.pick().unwrap().destination, "live.test");
+    }
+
+    #[test]
+    fn a_flush_revives_a_dead_destination() {
+        let mut s = Scheduler::new(1000, feedback_limits);
+        // Five requests (the initial window), all failed: one cohort.
+        let t: Vec<Target> = (0..10)
+            .map(|i| target(i, "smtp", "dead.test", "x"))
+            .collect();
+        s.add_message("M", &t);
+        let mut picked = 0;
+        while s.pick().is_some() {
+            picked += 1;
+        }
+        assert_eq!(picked, 5);
+        for _ in 0..5 {
+            s.done("smtp", "dead.test", Some(("4.4.1", "connect: refused")));
+        }
+        s.add_message("N", &[target(0, "smtp", "dead.test", "x")]);
+        assert_eq!(s.take_suspended().len(), 1, "dead: suspended");
+        assert_eq!(s.revive_dead(), 1);
+        assert_eq!(s.revive_dead(), 0, "nothing dead any more");
+        // Mail for it goes at once, with the initial window.
+        s.add_message("O", &[target(0, "smtp", "dead.test", "x")]);
+        assert!(s.take_suspended().is_empty());
+        let d = s.pick().expect("dispatched after the flush");
+        assert_eq!(d.destination, "dead.test");
+        assert_eq!(d.entry.message, "O");
     }
 }

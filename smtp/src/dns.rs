@@ -23,6 +23,7 @@ use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use postern_common::dns::BlockingResolver;
 use postern_common::hostname;
+use postern_common::warning;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -183,7 +184,7 @@ pub fn mx_answer(name: &str, answers: &[Record]) -> Result<Vec<Mx>, DnsError> {
             m.exchange.to_utf8().trim_end_matches('.').to_string()
         };
         if exchange != "." && !mx_name_ok(&exchange) {
-            postern_common::warning!(
+            warning!(
                 "malformed domain name in resource data of MX record for {}: {:.100}",
                 name.trim_end_matches('.'),
                 exchange

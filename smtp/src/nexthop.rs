@@ -16,6 +16,7 @@
 //! to a DNS library or to SMTP.
 
 use crate::dns::{DnsError, ErrorKind, Lookup};
+use postern_common::warning;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
@@ -330,7 +331,7 @@ pub fn servers(hop: &NextHop, dns: &dyn Lookup, opt: &Options) -> Result<Vec<Ser
         }
     }
     if out.is_empty() {
-        postern_common::warning!("no MX host for {} has a valid address record", hop.host);
+        warning!("no MX host for {} has a valid address record", hop.host);
         let e = err.unwrap_or_else(|| DnsError::new(ErrorKind::NoData, &hop.host, "MX"));
         return Err(dns_failure(&e));
     }

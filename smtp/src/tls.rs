@@ -30,6 +30,7 @@
 //! cipher ...`) when `smtp_tls_loglevel` is 1 or more.
 
 use postern_common::tls::{provider, rustls, Negotiated};
+use postern_common::warning;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -177,7 +178,7 @@ impl Roots {
                         let _ = store.add(c);
                     }
                 }
-                Err(e) => postern_common::warning!("cannot load CA certificates from {f}: {e}"),
+                Err(e) => warning!("cannot load CA certificates from {f}: {e}"),
             }
         }
         let verifier = if store.is_empty() {
@@ -335,6 +336,9 @@ pub struct Client {
     /// `smtp_tls_wrappermode`: TLS from the first byte (SMTPS, port 465),
     /// no STARTTLS.
     pub wrapper: bool,
+    /// Protocols and cipher suites (`smtp_tls_protocols`, `smtp_tls_ciphers`
+    /// or their `mandatory` forms, by the level).
+    pub profile: Arc<postern_common::tls::Profile>,
 }
 
 impl std::fmt::Debug for Client {
@@ -392,8 +396,8 @@ impl Client {
             names: self.names.clone(),
             result: Mutex::new(None),
         });
-        let mut config = ClientConfig::builder_with_provider(self.roots.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        let mut config = ClientConfig::builder_with_provider(self.profile.provider.clone())
+            .with_protocol_versions(&self.profile.versions)
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(recorder.clone())

@@ -25,6 +25,8 @@
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 pub use postern_common::anvil::Event;
 use postern_common::anvil::Table;
 use postern_common::cidr::CidrList;
@@ -366,23 +368,18 @@ impl Anvil {
         let Some(r) = &mut self.remote else { return };
         let Some(c) = &r.conn else { return };
         let mut b = [0u8; 1];
-        // SAFETY: a peek into a one-byte buffer on our own socket.
-        let n = unsafe {
-            libc::recv(
-                c.as_raw_fd(),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
-            // A stray answer (one that came after its time limit).
-            r.trouble("unexpected data", false);
-            return;
-        }
-        let err = io::Error::last_os_error();
-        if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
-            return;
+        match recv(
+            c.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) if n > 0 => {
+                // A stray answer (one that came after its time limit).
+                r.trouble("unexpected data", false);
+                return;
+            }
+            Err(Errno::EAGAIN) => return,
+            _ => {}
         }
         // Closed: anvil went away. One that never answered is not asked
         // again at once (no loop with an anvil that dies at start).

@@ -11,7 +11,12 @@
 //! the queue file is cleanup's.
 //!
 //! Modules:
-//! - [`server`]: the mio event loop, sockets, timeouts, master status.
+//! - [`server`]: the mio event loop, sockets, timeouts, master status;
+//!   each session's turn, one function per phase (DNS, auth, cleanup,
+//!   output, STARTTLS, input, end).
+//! - [`cleanup_conn`]: the connection to cleanup for one message
+//!   (connect, retry on a full backlog, requests out, replies in).
+//! - [`outbuf`]: bytes waiting for a non-blocking socket.
 //! - [`session`]: one SMTP session as a state machine without I/O, split
 //!   by concern: `session/mod.rs` (the state, command dispatch),
 //!   `greeting` (connect, HELO/EHLO), `transaction` (MAIL/RCPT/DATA/RSET),
@@ -19,7 +24,12 @@
 //!   `tls` (STARTTLS), `vrfy`, `policy` (restrictions, DNS, rate limits).
 //! - [`data`]: the DATA content: end detection, dot-unstuffing, CRLF.
 //! - [`restrictions`]: Postfix's restriction language
-//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`).
+//!   (`smtpd_{client,helo,sender,relay,recipient,data}_restrictions`):
+//!   the lists and per-stage checks in `restrictions/mod.rs`, list
+//!   evaluation in `eval.rs`, the checks without lookups (FQDN, HELO
+//!   syntax, pipelining, relay control, unlisted, sender login maps) in
+//!   `checks.rs`, the DNS and RBL checks in `dns_checks.rs`, access
+//!   tables in `access.rs`.
 //! - [`received`]: the Received: header.
 //! - [`tls`]: STARTTLS and `smtpd_tls_wrappermode` on the event loop
 //!   (rustls), and what the session learns of the handshake.
@@ -33,8 +43,10 @@
 //! - [`settings`]: the parameters smtpd reads.
 
 pub mod anvil;
+pub mod cleanup_conn;
 pub mod data;
 pub mod dns;
+pub mod outbuf;
 pub mod received;
 pub mod restrictions;
 pub mod sasl;

@@ -4,18 +4,20 @@
 //! The program is a thin shell: everything is in the library
 //! (`src/lib.rs`), where the crate documentation lists the modules.
 
+use postern_common::{fatal, warning};
+
 fn main() {
     let (cfg, args) = postern_common::service::start("smtpd");
     let mut settings = match postern_smtpd::settings::Settings::from_config(&cfg) {
         Ok(s) => s,
-        Err(e) => postern_common::fatal!("{e}"),
+        Err(e) => fatal!("{e}"),
     };
     settings.service = args.service;
     if postern_common::service::jailed() {
         // The recipient check by account name must outlive the chroot.
         let n = postern_common::privs::remember_account_names();
         if n == 0 {
-            postern_common::warning!(
+            warning!(
                 "chroot: the name service lists no accounts; unix:passwd.byname \
                  accepts every local name (run smtpd without chroot to check them)"
             );

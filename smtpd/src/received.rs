@@ -31,6 +31,9 @@ pub struct Received<'a> {
     /// `TLSv1.3 with cipher ... (256/256 bits)` when the session is
     /// encrypted and `smtpd_tls_received_header` is on.
     pub tls: Option<&'a str>,
+    /// What Postfix puts on the next line for TLS 1.3: `key-exchange
+    /// X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256`.
+    pub tls_details: &'a str,
     /// The SASL login, when `smtpd_sasl_authenticated_header` is on.
     pub auth_sender: Option<&'a str>,
 }
@@ -53,9 +56,12 @@ impl Received<'_> {
             rfc_addr(self.client_addr),
         );
         if let Some(t) = self.tls {
-            s.push_str(&format!(
-                "\t(using {t})\n\t(No client certificate requested)\n"
-            ));
+            if self.tls_details.is_empty() {
+                s.push_str(&format!("\t(using {t})\n"));
+            } else {
+                s.push_str(&format!("\t(using {t}\n\t {})\n", self.tls_details));
+            }
+            s.push_str("\t(No client certificate requested)\n");
         }
         if let Some(a) = self.auth_sender {
             s.push_str(&format!("\t(Authenticated sender: {a})\n"));
@@ -93,6 +99,7 @@ mod tests {
             recipients: rcpts,
             date: "Sun, 22 Nov 2026 14:11:42 +0000 (UTC)",
             tls: None,
+            tls_details: "",
             auth_sender: None,
         }
         .render()
@@ -111,13 +118,16 @@ mod tests {
             recipients: &["u@x"],
             date: "D",
             tls: Some("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
+            tls_details:
+                "key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256",
             auth_sender: Some("alice@example.test"),
         }
         .render();
         assert_eq!(
             h,
             "Received: from c (localhost [127.0.0.1])\n\
-             \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\n\
+             \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\n\
+             \t key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256)\n\
              \t(No client certificate requested)\n\
              \t(Authenticated sender: alice@example.test)\n\
              \tby mx.example (Postern) with ESMTPSA id Q\n\

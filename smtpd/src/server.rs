@@ -5,7 +5,7 @@
 //! has its client socket and, from the first accepted RCPT TO (when the
 //! queue file is opened) until cleanup's answer to the final dot, a Unix
 //! socket to `queue_directory/public/cleanup`; both are registered in
-//! the same poll, so nothing ever blocks waiting for cleanup. mio is
+//! the same poll ([`crate::cleanup_conn`]), so nothing ever blocks waiting for cleanup. mio is
 //! edge-triggered: a socket is read until it would block, unless the
 //! session does not want input (it waits for cleanup) or the output
 //! side is backed up (back-pressure: a slow cleanup slows the client
@@ -23,20 +23,22 @@
 //! checked about once a second.
 
 use crate::anvil::Anvil;
+use crate::cleanup_conn::{CleanupLink, CONNECT_RETRY};
 use crate::dns::Dns;
+use crate::outbuf::OutBuf;
 use crate::sasl::{AuthConn, Delivery};
 use crate::session::{Client, Session};
 use crate::settings::Settings;
 use crate::tls::{ReadOutcome, TlsConn};
-use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
-use postern_common::ipc::{self, CleanupReply, CleanupRequest};
+use postern_common::ipc;
 use postern_common::queue::QueueTree;
 use postern_common::service::Status;
 use postern_common::{fatal, info, warning};
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
+use std::ops::ControlFlow;
 use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -75,8 +77,6 @@ const CLEANUP_OUT_HIGH: usize = 1024 * 1024;
 const READS_PER_TURN: usize = 16;
 /// How often timeouts are checked.
 const TICK: Duration = Duration::from_secs(1);
-/// Wait before trying again to connect to a cleanup whose backlog is full.
-const CONNECT_RETRY: Duration = Duration::from_millis(100);
 
 fn client_token(idx: usize) -> Token {
     Token(1 + 2 * idx)
@@ -84,71 +84,6 @@ fn client_token(idx: usize) -> Token {
 
 fn cleanup_token(idx: usize) -> Token {
     Token(2 + 2 * idx)
-}
-
-/// Bytes waiting to be written.
-#[derive(Default)]
-struct OutBuf {
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl OutBuf {
-    fn pending(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn push(&mut self, b: &[u8]) {
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        } else if self.pos >= 64 * 1024 {
-            // Never fully drained: drop what was sent before growing.
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        self.buf.extend_from_slice(b);
-    }
-
-    /// Writes until done or the socket is full; Ok(bytes written).
-    fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
-        let mut n = 0;
-        while self.pos < self.buf.len() {
-            match w.write(&self.buf[self.pos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(k) => {
-                    self.pos += k;
-                    n += k;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        }
-        Ok(n)
-    }
-}
-
-/// The connection to cleanup for the message being received.
-struct CleanupConn {
-    sock: UnixStream,
-    out: OutBuf,
-    inbuf: Vec<u8>,
-    readable: bool,
-    /// Abort sent: flush it and close; cleanup's answers no longer matter.
-    closing: bool,
-    last_io: Instant,
-}
-
-/// An Open that could not connect yet (cleanup's backlog was full).
-struct PendingOpen {
-    frame: Vec<u8>,
-    since: Instant,
-    next_try: Instant,
 }
 
 struct Slot {
@@ -163,8 +98,8 @@ struct Slot {
     /// Close after one last attempt to send (timeout).
     kill: bool,
     last_io: Instant,
-    cleanup: Option<CleanupConn>,
-    pending_open: Option<PendingOpen>,
+    /// The connection to cleanup, or an Open waiting to connect.
+    cleanup: CleanupLink,
     /// The TLS layer, after STARTTLS (or from the start in wrapper mode).
     tls: Option<Box<TlsConn>>,
     /// Tarpit (smtpd_error_sleep_time): neither write nor read until then.
@@ -297,26 +232,7 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         let mut touched: Vec<usize> = Vec::new();
         loop {
-            let timeout = if !self.again.is_empty() {
-                Duration::ZERO
-            } else if self
-                .slots
-                .iter()
-                .flatten()
-                .any(|s| s.pending_open.is_some())
-            {
-                CONNECT_RETRY
-            } else {
-                let tick = TICK.saturating_sub(self.last_tick.elapsed());
-                let now = Instant::now();
-                self.slots
-                    .iter()
-                    .flatten()
-                    .filter_map(|s| s.hold_until)
-                    .map(|t| t.saturating_duration_since(now))
-                    .fold(tick, Duration::min)
-            };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            if let Err(e) = self.poll.poll(&mut events, Some(self.poll_timeout())) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     fatal!("poll: {e}");
                 }
@@ -324,65 +240,10 @@ impl Server {
             }
             touched.clear();
             touched.append(&mut self.again);
-            let mut accept = false;
-            for ev in events.iter() {
-                let t = ev.token();
-                if is_listener(t) {
-                    accept = true;
-                    continue;
-                }
-                if t == ANVIL {
-                    self.anvil.borrow_mut().check();
-                    continue;
-                }
-                if t == AUTH || t == DNS_WAKE {
-                    continue; // pumped below, every turn
-                }
-                if t == DRAIN {
-                    if postern_common::service::drain_requested(&self.drain) {
-                        self.stop_accepting();
-                    }
-                    continue;
-                }
-                let idx = (t.0 - 1) / 2;
-                let Some(Some(slot)) = self.slots.get_mut(idx) else {
-                    continue;
-                };
-                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                if (t.0 - 1) % 2 == 1 {
-                    if let Some(c) = &mut slot.cleanup {
-                        c.readable |= readable;
-                    }
-                } else {
-                    slot.readable |= readable;
-                }
-                touched.push(idx);
-            }
-            if accept {
+            if self.dispatch(&events, &mut touched) {
                 self.accept_all(&mut touched);
             }
-            if self
-                .slots
-                .iter()
-                .flatten()
-                .any(|s| s.pending_open.is_some())
-            {
-                for (i, s) in self.slots.iter().enumerate() {
-                    if s.as_ref().is_some_and(|s| s.pending_open.is_some()) {
-                        touched.push(i);
-                    }
-                }
-            }
-            let now = Instant::now();
-            for (i, s) in self.slots.iter_mut().enumerate() {
-                if let Some(s) = s {
-                    if s.hold_until.is_some_and(|t| t <= now) {
-                        s.hold_until = None;
-                        s.last_io = now;
-                        touched.push(i);
-                    }
-                }
-            }
+            self.due(&mut touched);
             if self.last_tick.elapsed() >= TICK {
                 self.last_tick = Instant::now();
                 self.check_timeouts(&mut touched);
@@ -412,6 +273,99 @@ impl Server {
                 && (self.listeners.is_empty() || self.idle_since.elapsed() >= self.cfg.max_idle)
             {
                 std::process::exit(0);
+            }
+        }
+    }
+
+    /// How long the next poll may wait: not at all when sessions are to
+    /// be driven again, CONNECT_RETRY while an Open waits for cleanup,
+    /// else until the next tick or the end of a tarpit delay.
+    fn poll_timeout(&self) -> Duration {
+        if !self.again.is_empty() {
+            Duration::ZERO
+        } else if self
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| s.cleanup.pending_open.is_some())
+        {
+            CONNECT_RETRY
+        } else {
+            let tick = TICK.saturating_sub(self.last_tick.elapsed());
+            let now = Instant::now();
+            self.slots
+                .iter()
+                .flatten()
+                .filter_map(|s| s.hold_until)
+                .map(|t| t.saturating_duration_since(now))
+                .fold(tick, Duration::min)
+        }
+    }
+
+    /// Handles the poll's events: marks the sockets readable and adds
+    /// their sessions to `touched`, checks anvil, drains on master's
+    /// signal; true if a listener is ready.
+    fn dispatch(&mut self, events: &Events, touched: &mut Vec<usize>) -> bool {
+        let mut accept = false;
+        for ev in events.iter() {
+            let t = ev.token();
+            if is_listener(t) {
+                accept = true;
+                continue;
+            }
+            if t == ANVIL {
+                self.anvil.borrow_mut().check();
+                continue;
+            }
+            if t == AUTH || t == DNS_WAKE {
+                continue; // pumped below, every turn
+            }
+            if t == DRAIN {
+                if postern_common::service::drain_requested(&self.drain) {
+                    self.stop_accepting();
+                }
+                continue;
+            }
+            let idx = (t.0 - 1) / 2;
+            let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+            if (t.0 - 1) % 2 == 1 {
+                if let Some(c) = &mut slot.cleanup.conn {
+                    c.readable |= readable;
+                }
+            } else {
+                slot.readable |= readable;
+            }
+            touched.push(idx);
+        }
+        accept
+    }
+
+    /// Adds to `touched` the sessions whose time has come without an
+    /// event: an Open to retry, a tarpit delay over.
+    fn due(&mut self, touched: &mut Vec<usize>) {
+        if self
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| s.cleanup.pending_open.is_some())
+        {
+            for (i, s) in self.slots.iter().enumerate() {
+                if s.as_ref().is_some_and(|s| s.cleanup.pending_open.is_some()) {
+                    touched.push(i);
+                }
+            }
+        }
+        let now = Instant::now();
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(s) = s {
+                if s.hold_until.is_some_and(|t| t <= now) {
+                    s.hold_until = None;
+                    s.last_io = now;
+                    touched.push(i);
+                }
             }
         }
     }
@@ -589,8 +543,7 @@ impl Server {
             broken: false,
             kill: false,
             last_io: Instant::now(),
-            cleanup: None,
-            pending_open: None,
+            cleanup: CleanupLink::default(),
             tls,
             hold_until: None,
         });
@@ -634,9 +587,7 @@ impl Server {
         }
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut slot.sock);
-        if let Some(mut c) = slot.cleanup.take() {
-            let _ = registry.deregister(&mut c.sock);
-        }
+        slot.cleanup.drop_conn(registry);
         drop(slot);
         self.free.push(idx);
         self.count -= 1;
@@ -654,25 +605,23 @@ impl Server {
         let now = Instant::now();
         for (idx, slot) in self.slots.iter_mut().enumerate() {
             let Some(slot) = slot else { continue };
-            let cleanup_busy = slot.cleanup.as_ref().is_some_and(|c| {
+            let cleanup_busy = slot.cleanup.conn.as_ref().is_some_and(|c| {
                 !c.closing && (c.out.pending() > 0 || slot.session.waiting_on_cleanup())
             });
             if cleanup_busy {
-                let c = slot.cleanup.as_ref().map(|c| c.last_io).unwrap_or(now);
+                let c = slot.cleanup.conn.as_ref().map(|c| c.last_io).unwrap_or(now);
                 if now.duration_since(c) > self.cfg.ipc_timeout {
                     warning!(
                         "{}: timeout talking to {}",
                         slot.session.namaddr(),
                         self.cfg.cleanup_socket.display()
                     );
-                    if let Some(mut c) = slot.cleanup.take() {
-                        let _ = self.poll.registry().deregister(&mut c.sock);
-                    }
+                    slot.cleanup.drop_conn(self.poll.registry());
                     slot.session.cleanup_lost();
                     slot.last_io = now;
                     touched.push(idx);
                 }
-            } else if slot.pending_open.is_none()
+            } else if slot.cleanup.pending_open.is_none()
                 && now.duration_since(slot.last_io) > self.cfg.timeout
             {
                 slot.session.timeout();
@@ -695,30 +644,6 @@ impl Write for PlainWriter<'_> {
     }
 }
 
-/// Drops the cleanup connection of a slot.
-fn drop_cleanup(slot: &mut Slot, registry: &Registry) {
-    if let Some(mut c) = slot.cleanup.take() {
-        let _ = c.sock.deregister(registry);
-    }
-}
-
-/// Encodes one request as a frame.
-fn frame(req: &CleanupRequest) -> Vec<u8> {
-    let mut v = Vec::new();
-    // Writing into a Vec cannot fail, and our messages always encode.
-    let _ = ipc::send(&mut v, req);
-    v
-}
-
-/// Takes one whole reply frame off the front of `inbuf`, if there is one.
-fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
-    let Some((reply, used)) = ipc::take_frame(inbuf, ipc::MAX_MESSAGE)? else {
-        return Ok(None);
-    };
-    inbuf.drain(..used);
-    Ok(Some(reply))
-}
-
 /// Whether a failed accept() means the process or system is out of
 /// descriptors or socket memory (the connection waits in the kernel).
 fn out_of_descriptors(e: &io::Error) -> bool {
@@ -728,58 +653,10 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     )
 }
 
-fn connect_cleanup(
-    slot: &mut Slot,
-    idx: usize,
-    registry: &Registry,
-    cfg: &Settings,
-    frame: Vec<u8>,
-    since: Instant,
-) {
-    let path = &cfg.cleanup_socket;
-    match UnixStream::connect(path) {
-        Ok(mut sock) => {
-            if let Err(e) = registry.register(
-                &mut sock,
-                cleanup_token(idx),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                warning!("register connection to {}: {e}", path.display());
-                slot.session.cleanup_lost();
-                return;
-            }
-            let mut out = OutBuf::default();
-            out.push(&frame);
-            slot.cleanup = Some(CleanupConn {
-                sock,
-                out,
-                inbuf: Vec::new(),
-                readable: true,
-                closing: false,
-                last_io: Instant::now(),
-            });
-        }
-        Err(e)
-            if e.kind() == io::ErrorKind::WouldBlock
-                && since.elapsed() < cfg.ipc_timeout.min(cfg.timeout) =>
-        {
-            // cleanup's backlog is full: master is starting more of them.
-            // The client waits for its reply at most smtpd_timeout.
-            slot.pending_open = Some(PendingOpen {
-                frame,
-                since,
-                next_try: Instant::now() + CONNECT_RETRY,
-            });
-        }
-        Err(e) => {
-            warning!("connect to {}: {e}", path.display());
-            slot.session.cleanup_lost();
-        }
-    }
-}
-
 /// One turn of a session: moves bytes between the client, the session
-/// and cleanup until nothing moves.
+/// and cleanup until nothing moves. Each pass runs the phases in order:
+/// DNS and auth requests, cleanup, output to the client, STARTTLS,
+/// input from the client, the end of the session.
 fn turn(
     slot: &mut Slot,
     idx: usize,
@@ -791,405 +668,259 @@ fn turn(
 ) -> Turn {
     let mut reads = 0;
     loop {
-        let mut progress = false;
-
-        // DNS lookups (answers come through pump_dns).
-        // An answer given here can make the session ask again (the client
-        // name, then what the client restrictions need).
-        loop {
-            let requests = slot.session.take_dns_requests();
-            if requests.is_empty() {
-                break;
-            }
-            for q in requests {
-                if let crate::dns::Query::Peer(ip) = q {
-                    if let Some(names) = crate::dns::loopback_peer(ip) {
-                        slot.session.dns_answer(q, crate::dns::Answer::Peer(names));
-                        continue;
-                    }
-                }
-                if dns.is_none() {
-                    let started = mio::Waker::new(registry, DNS_WAKE)
-                        .map_err(|e| e.to_string())
-                        .and_then(|w| {
-                            Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
-                        });
-                    match started {
-                        Ok(d) => *dns = Some(d),
-                        Err(e) => {
-                            warning!("DNS lookups are not available: {e}");
-                            slot.session.dns_answer(q, crate::dns::Answer::TryAgain);
-                            continue;
-                        }
-                    }
-                }
-                if let Some(d) = dns {
-                    d.submit(idx, q);
-                }
-            }
-        }
-
-        // Requests for the auth server (answers come through pump_auth).
-        for req in slot.session.take_sasl_requests() {
-            if let Some(a) = auth.as_deref_mut() {
-                a.submit(idx, req, registry);
-            }
-        }
-
-        // Requests for cleanup.
-        for req in slot.session.take_requests() {
-            progress = true;
-            match req {
-                CleanupRequest::Open => {
-                    drop_cleanup(slot, registry);
-                    slot.pending_open = None;
-                    let now = Instant::now();
-                    connect_cleanup(slot, idx, registry, cfg, frame(&req), now);
-                }
-                CleanupRequest::Abort => {
-                    slot.pending_open = None;
-                    if let Some(c) = &mut slot.cleanup {
-                        c.out.push(&frame(&req));
-                        c.closing = true;
-                    }
-                }
-                _ => {
-                    if let Some(c) = &mut slot.cleanup {
-                        if !c.closing {
-                            c.out.push(&frame(&req));
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(p) = slot.pending_open.take() {
-            if Instant::now() >= p.next_try {
-                progress = true;
-                connect_cleanup(slot, idx, registry, cfg, p.frame, p.since);
-            } else {
-                slot.pending_open = Some(p);
-            }
-        }
-
-        // Talk to cleanup.
-        let mut lost = false;
-        let mut finished = false;
-        if let Some(c) = &mut slot.cleanup {
-            match c.out.write_to(&mut c.sock) {
-                Ok(n) if n > 0 => c.last_io = Instant::now(),
-                Ok(_) => {}
-                Err(e) => {
-                    if !c.closing {
-                        warning!("write to {}: {e}", cfg.cleanup_socket.display());
-                    }
-                    lost = true;
-                }
-            }
-            if !lost && c.closing && c.out.pending() == 0 {
-                finished = true;
-            } else if !lost && c.readable {
-                loop {
-                    match c.sock.read(buf) {
-                        Ok(0) => {
-                            lost = true;
-                            break;
-                        }
-                        Ok(n) => {
-                            c.last_io = Instant::now();
-                            if !c.closing {
-                                c.inbuf.extend_from_slice(&buf[..n]);
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            c.readable = false;
-                            break;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => {
-                            lost = true;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        // Deliver whole replies, even when the connection closed after them.
-        while let Some(c) = &mut slot.cleanup {
-            match next_reply(&mut c.inbuf) {
-                Ok(Some(reply)) => {
-                    progress = true;
-                    let last = matches!(
-                        reply,
-                        CleanupReply::Queued { .. } | CleanupReply::Failed { .. }
-                    );
-                    if last {
-                        drop_cleanup(slot, registry);
-                        lost = false;
-                    }
-                    slot.session.cleanup_reply(reply);
-                    slot.last_io = Instant::now();
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    warning!("read from {}: {e}", cfg.cleanup_socket.display());
-                    lost = true;
-                    break;
-                }
-            }
-        }
-        if finished || lost {
-            let closing = slot.cleanup.as_ref().is_none_or(|c| c.closing);
-            if slot.cleanup.is_some() {
-                drop_cleanup(slot, registry);
-                progress = true;
-                // A reply just handed over may have let the session go on
-                // (pipelined RSET, MAIL, RCPT): the loss is then of a
-                // connection it has given up, not of the one it asks for.
-                if lost && !closing && !slot.session.gave_up_cleanup() {
-                    slot.session.cleanup_lost();
-                    slot.last_io = Instant::now();
-                }
-            }
-        }
-
-        // Replies to the client, after any tarpit delay.
-        let delay = slot.session.take_delay();
-        if !delay.is_zero() {
-            let base = slot.hold_until.unwrap_or_else(Instant::now);
-            slot.hold_until = Some(base + delay);
-        }
-        if slot.hold_until.is_some() && !slot.kill {
-            return Turn::Idle;
-        }
-        if slot.session.has_output() {
-            let o = slot.session.take_output();
-            if !slot.broken {
-                slot.out.push(&o);
-            }
-        }
-        if !slot.broken {
-            let written = match &mut slot.tls {
-                None if slot.out.pending() > 0 => slot.out.write_to(&mut slot.sock),
-                None => Ok(0),
-                Some(t) => {
-                    // Plaintext goes to rustls only when it has sent what
-                    // it had (handshake, tickets, earlier replies): slot.out
-                    // stays the measure of the backlog.
-                    t.flush(&mut slot.sock).and_then(|n| {
-                        if slot.out.pending() > 0 && !t.wants_write() {
-                            let mut w = PlainWriter(t);
-                            let _ = slot.out.write_to(&mut w);
-                            Ok(n + t.flush(&mut slot.sock)?)
-                        } else {
-                            Ok(n)
-                        }
-                    })
-                }
-            };
-            match written {
-                Ok(n) if n > 0 => slot.last_io = Instant::now(),
-                Ok(_) => {}
-                Err(_) => {
-                    slot.broken = true;
-                    slot.out = OutBuf::default();
-                    slot.session.client_eof();
-                    progress = true;
-                }
-            }
-        }
-
-        // STARTTLS: the 220 is on the wire; what follows is TLS.
-        if slot.session.starttls_requested() && slot.out.pending() == 0 && !slot.broken {
-            progress = true;
-            slot.session.tls_started();
-            let made = match cfg.tls.clone() {
-                Some(c) => TlsConn::new(c),
-                None => Err("no certificate loaded".to_string()),
-            };
-            match made {
-                Ok(t) => slot.tls = Some(Box::new(t)),
-                Err(e) => {
-                    warning!("cannot start TLS for {}: {e}", slot.session.namaddr());
-                    slot.session.tls_failed();
-                }
-            }
-        }
-
-        // Input from the client.
-        let cleanup_backed_up = slot
+        submit_dns(slot, idx, registry, cfg, dns);
+        submit_auth(slot, idx, registry, auth.as_deref_mut());
+        let mut progress =
+            slot.cleanup
+                .send_requests(&mut slot.session, cleanup_token(idx), registry, cfg);
+        progress |= slot
             .cleanup
-            .as_ref()
-            .is_some_and(|c| c.out.pending() >= CLEANUP_OUT_HIGH);
-        let tls_plain = slot.tls.as_ref().is_some_and(|t| t.has_plaintext());
-        let tls_backed_up = slot.tls.as_ref().is_some_and(|t| t.wants_write());
-        let handshaking = slot.tls.as_ref().is_some_and(|t| t.is_handshaking());
-        if (slot.readable || tls_plain)
-            && !slot.eof
-            && !slot.broken
-            && (slot.session.wants_input() || handshaking)
-            && slot.out.pending() < CLIENT_OUT_HIGH
-            && !cleanup_backed_up
-            && (!tls_backed_up || handshaking)
-        {
-            if reads >= READS_PER_TURN {
-                return Turn::Again;
-            }
-            if let Some(t) = &mut slot.tls {
-                let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
-                if let Some(n) = t.take_established() {
-                    slot.session.tls_established(n);
-                }
-                match outcome {
-                    ReadOutcome::Data(n) => {
-                        reads += 1;
-                        slot.last_io = Instant::now();
-                        slot.session.receive(&buf[..n]);
-                    }
-                    ReadOutcome::WouldBlock => slot.last_io = Instant::now(),
-                    ReadOutcome::Eof => {
-                        slot.eof = true;
-                        slot.session.client_eof();
-                    }
-                    ReadOutcome::Error(e) => {
-                        if t.is_handshaking() {
-                            info!("SSL_accept error from {}: {e}", slot.session.namaddr());
-                        } else {
-                            warning!("TLS read error from {}: {e}", slot.session.namaddr());
-                        }
-                        // Send the alert rustls queued, once.
-                        let _ = t.flush(&mut slot.sock);
-                        slot.eof = true;
-                        slot.session.tls_failed();
-                    }
-                }
-                progress = true;
-            } else {
-                match slot.sock.read(buf) {
-                    Ok(0) => {
-                        slot.eof = true;
-                        slot.session.client_eof();
-                    }
-                    Ok(n) => {
-                        reads += 1;
-                        slot.last_io = Instant::now();
-                        slot.session.receive(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        slot.eof = true;
-                        slot.session.client_eof();
-                    }
-                }
-                progress = true;
-            }
-        }
-
-        // Requests left at the end can only be an Abort; closing the
-        // cleanup connection with the session says the same.
-        let session_over = slot.session.is_done() && !slot.session.has_output();
-        if session_over && slot.out.pending() == 0 && !slot.broken && !slot.kill && !slot.eof {
-            if let Some(t) = &mut slot.tls {
-                if t.close() {
-                    continue;
-                }
-                if t.wants_write() {
-                    return Turn::Idle;
-                }
-            }
-        }
-        if slot.broken || slot.kill || (session_over && slot.out.pending() == 0) {
-            return Turn::Close;
-        }
-        if !progress {
+            .exchange(&mut slot.session, registry, cfg, buf, &mut slot.last_io);
+        if tarpit(slot) {
             return Turn::Idle;
+        }
+        progress |= write_output(slot);
+        progress |= start_tls(slot, cfg);
+        match read_input(slot, buf, &mut reads) {
+            ControlFlow::Break(t) => return t,
+            ControlFlow::Continue(p) => progress |= p,
+        }
+        match session_end(slot) {
+            ControlFlow::Break(t) => return t,
+            ControlFlow::Continue(true) => continue,
+            ControlFlow::Continue(false) if !progress => return Turn::Idle,
+            ControlFlow::Continue(false) => {}
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_round_trip_in_pieces() {
-        let mut bytes = Vec::new();
-        for r in [
-            CleanupReply::Opened {
-                queue_id: "ABC".into(),
-            },
-            CleanupReply::Queued {
-                queue_id: "ABC".into(),
-            },
-        ] {
-            ipc::send(&mut bytes, &r).unwrap();
+/// DNS lookups (answers come through pump_dns). An answer given here can
+/// make the session ask again (the client name, then what the client
+/// restrictions need).
+fn submit_dns(
+    slot: &mut Slot,
+    idx: usize,
+    registry: &Registry,
+    cfg: &Settings,
+    dns: &mut Option<Dns>,
+) {
+    loop {
+        let requests = slot.session.take_dns_requests();
+        if requests.is_empty() {
+            break;
         }
-        let mut inbuf = Vec::new();
-        let mut got = Vec::new();
-        for b in bytes {
-            inbuf.push(b);
-            while let Some(r) = next_reply(&mut inbuf).unwrap() {
-                got.push(r);
-            }
-        }
-        assert_eq!(
-            got,
-            [
-                CleanupReply::Opened {
-                    queue_id: "ABC".into()
-                },
-                CleanupReply::Queued {
-                    queue_id: "ABC".into()
+        for q in requests {
+            if let crate::dns::Query::Peer(ip) = q {
+                if let Some(names) = crate::dns::loopback_peer(ip) {
+                    slot.session.dns_answer(q, crate::dns::Answer::Peer(names));
+                    continue;
                 }
-            ]
-        );
-        assert!(inbuf.is_empty());
-        let mut huge = (ipc::MAX_MESSAGE + 1).to_le_bytes().to_vec();
-        assert!(next_reply(&mut huge).is_err());
-        // Requests encode as ipc frames.
-        let f = frame(&CleanupRequest::Close);
-        let mut r = &f[..];
-        assert!(matches!(
-            ipc::recv::<_, CleanupRequest>(&mut r).unwrap(),
-            CleanupRequest::Close
-        ));
-    }
-
-    /// A writer that takes at most `n` bytes per call.
-    struct Trickle(Vec<u8>, usize);
-
-    impl Write for Trickle {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            if self.1 == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
             }
-            let n = b.len().min(self.1);
-            self.0.extend_from_slice(&b[..n]);
-            self.1 -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
+            if dns.is_none() {
+                let started = mio::Waker::new(registry, DNS_WAKE)
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| {
+                        Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
+                    });
+                match started {
+                    Ok(d) => *dns = Some(d),
+                    Err(e) => {
+                        warning!("DNS lookups are not available: {e}");
+                        slot.session.dns_answer(q, crate::dns::Answer::TryAgain);
+                        continue;
+                    }
+                }
+            }
+            if let Some(d) = dns {
+                d.submit(idx, q);
+            }
         }
     }
+}
 
-    #[test]
-    fn outbuf_partial_writes_and_compaction() {
-        let mut o = OutBuf::default();
-        let mut w = Trickle(Vec::new(), 0);
-        let mut want = Vec::new();
-        for i in 0..100u8 {
-            let chunk = vec![i; 10_000];
-            o.push(&chunk);
-            want.extend_from_slice(&chunk);
-            w.1 = 7_000;
-            o.write_to(&mut w).unwrap();
-            // What was sent is dropped before the buffer grows much.
-            assert!(o.buf.len() <= o.pending() + 64 * 1024 + 10_000);
+/// Requests for the auth server (answers come through pump_auth).
+fn submit_auth(slot: &mut Slot, idx: usize, registry: &Registry, auth: Option<&mut AuthConn>) {
+    let requests = slot.session.take_sasl_requests();
+    if let Some(a) = auth {
+        for req in requests {
+            a.submit(idx, req, registry);
         }
-        w.1 = usize::MAX;
-        o.write_to(&mut w).unwrap();
-        assert_eq!(o.pending(), 0);
-        assert_eq!(w.0, want);
     }
+}
+
+/// Starts the tarpit delay the session asked for (smtpd_error_sleep_time);
+/// true while the session is held (and not being killed).
+fn tarpit(slot: &mut Slot) -> bool {
+    let delay = slot.session.take_delay();
+    if !delay.is_zero() {
+        let base = slot.hold_until.unwrap_or_else(Instant::now);
+        slot.hold_until = Some(base + delay);
+    }
+    slot.hold_until.is_some() && !slot.kill
+}
+
+/// Replies to the client, through TLS once it is on; true if the client
+/// turned out gone.
+fn write_output(slot: &mut Slot) -> bool {
+    if slot.session.has_output() {
+        let o = slot.session.take_output();
+        if !slot.broken {
+            slot.out.push(&o);
+        }
+    }
+    if slot.broken {
+        return false;
+    }
+    let written = match &mut slot.tls {
+        None if slot.out.pending() > 0 => slot.out.write_to(&mut slot.sock),
+        None => Ok(0),
+        Some(t) => {
+            // Plaintext goes to rustls only when it has sent what
+            // it had (handshake, tickets, earlier replies): slot.out
+            // stays the measure of the backlog.
+            t.flush(&mut slot.sock).and_then(|n| {
+                if slot.out.pending() > 0 && !t.wants_write() {
+                    let mut w = PlainWriter(t);
+                    let _ = slot.out.write_to(&mut w);
+                    Ok(n + t.flush(&mut slot.sock)?)
+                } else {
+                    Ok(n)
+                }
+            })
+        }
+    };
+    match written {
+        Ok(n) if n > 0 => slot.last_io = Instant::now(),
+        Ok(_) => {}
+        Err(_) => {
+            slot.broken = true;
+            slot.out = OutBuf::default();
+            slot.session.client_eof();
+            return true;
+        }
+    }
+    false
+}
+
+/// STARTTLS: the 220 is on the wire; what follows is TLS. True if started
+/// (or failed to).
+fn start_tls(slot: &mut Slot, cfg: &Settings) -> bool {
+    if !(slot.session.starttls_requested() && slot.out.pending() == 0 && !slot.broken) {
+        return false;
+    }
+    slot.session.tls_started();
+    let made = match cfg.tls.clone() {
+        Some(c) => TlsConn::new(c),
+        None => Err("no certificate loaded".to_string()),
+    };
+    match made {
+        Ok(t) => slot.tls = Some(Box::new(t)),
+        Err(e) => {
+            warning!("cannot start TLS for {}: {e}", slot.session.namaddr());
+            slot.session.tls_failed();
+        }
+    }
+    true
+}
+
+/// Input from the client, unless the session does not want it or the
+/// output side is backed up; Break(Again) after READS_PER_TURN reads,
+/// else Continue(whether anything was read).
+fn read_input(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) -> ControlFlow<Turn, bool> {
+    let cleanup_backed_up = slot.cleanup.backed_up(CLEANUP_OUT_HIGH);
+    let tls_plain = slot.tls.as_ref().is_some_and(|t| t.has_plaintext());
+    let tls_backed_up = slot.tls.as_ref().is_some_and(|t| t.wants_write());
+    let handshaking = slot.tls.as_ref().is_some_and(|t| t.is_handshaking());
+    if !((slot.readable || tls_plain)
+        && !slot.eof
+        && !slot.broken
+        && (slot.session.wants_input() || handshaking)
+        && slot.out.pending() < CLIENT_OUT_HIGH
+        && !cleanup_backed_up
+        && (!tls_backed_up || handshaking))
+    {
+        return ControlFlow::Continue(false);
+    }
+    if *reads >= READS_PER_TURN {
+        return ControlFlow::Break(Turn::Again);
+    }
+    if slot.tls.is_some() {
+        read_tls(slot, buf, reads);
+    } else {
+        match slot.sock.read(buf) {
+            Ok(0) => {
+                slot.eof = true;
+                slot.session.client_eof();
+            }
+            Ok(n) => {
+                *reads += 1;
+                slot.last_io = Instant::now();
+                slot.session.receive(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => slot.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                slot.eof = true;
+                slot.session.client_eof();
+            }
+        }
+    }
+    ControlFlow::Continue(true)
+}
+
+/// One read through the TLS layer (handshake records included).
+fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
+    let Some(t) = &mut slot.tls else {
+        return;
+    };
+    let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
+    if let Some(n) = t.take_established() {
+        slot.session.tls_established(n);
+    }
+    match outcome {
+        ReadOutcome::Data(n) => {
+            *reads += 1;
+            slot.last_io = Instant::now();
+            slot.session.receive(&buf[..n]);
+        }
+        ReadOutcome::WouldBlock => slot.last_io = Instant::now(),
+        ReadOutcome::Eof => {
+            slot.eof = true;
+            slot.session.client_eof();
+        }
+        ReadOutcome::Error(e) => {
+            if t.is_handshaking() {
+                info!("SSL_accept error from {}: {e}", slot.session.namaddr());
+            } else {
+                warning!("TLS read error from {}: {e}", slot.session.namaddr());
+            }
+            // Send the alert rustls queued, once.
+            let _ = t.flush(&mut slot.sock);
+            slot.eof = true;
+            slot.session.tls_failed();
+        }
+    }
+}
+
+/// The end of the session: its TLS close_notify, then Break(Close) when
+/// all is said (or the client is gone); Continue(true) to go round again
+/// at once, Continue(false) if the session goes on.
+fn session_end(slot: &mut Slot) -> ControlFlow<Turn, bool> {
+    // Requests left at the end can only be an Abort; closing the
+    // cleanup connection with the session says the same.
+    let session_over = slot.session.is_done() && !slot.session.has_output();
+    if session_over && slot.out.pending() == 0 && !slot.broken && !slot.kill && !slot.eof {
+        if let Some(t) = &mut slot.tls {
+            if t.close() {
+                return ControlFlow::Continue(true);
+            }
+            if t.wants_write() {
+                return ControlFlow::Break(Turn::Idle);
+            }
+        }
+    }
+    if slot.broken || slot.kill || (session_over && slot.out.pending() == 0) {
+        return ControlFlow::Break(Turn::Close);
+    }
+    ControlFlow::Continue(false)
 }

@@ -2,6 +2,7 @@
 
 use crate::restrictions::Restrictions;
 use crate::sasl::{self, AuthTarget};
+use postern_common::error;
 use postern_common::queue::QueueTree;
 use postern_common::tls::{self, rustls::ServerConfig};
 use postern_common::warning;
@@ -58,6 +59,8 @@ pub struct Settings {
     pub tls_auth_only: bool,
     /// `smtpd_tls_received_header`.
     pub tls_received_header: bool,
+    /// `smtpd_tls_loglevel`: 1 and up log each established TLS session.
+    pub tls_loglevel: u64,
     /// `smtpd_sasl_auth_enable` with `smtpd_sasl_type = dovecot`: where
     /// the auth server is.
     pub sasl: Option<AuthTarget>,
@@ -119,7 +122,7 @@ impl Settings {
                 Err(why) => {
                     // An error, not a warning: clients lose STARTTLS
                     // (and with `encrypt` every mail) until it is fixed.
-                    postern_common::error!("cannot load TLS certificate and key: {why}");
+                    error!("cannot load TLS certificate and key: {why}");
                     warning!("TLS is not available");
                     None
                 }
@@ -164,6 +167,7 @@ impl Settings {
             tls,
             tls_wrappermode,
             tls_received_header: cfg.get_bool("smtpd_tls_received_header").map_err(e)?,
+            tls_loglevel: cfg.get_u64("smtpd_tls_loglevel").map_err(e)?,
             sasl,
             sasl_service: cfg.get("smtpd_sasl_service"),
             sasl_authenticated_header: cfg

@@ -29,6 +29,9 @@ pub struct TlsConn {
     reported: bool,
     /// close_notify queued.
     closing: bool,
+    /// What the certificate chosen for this client signs with (for the
+    /// log line and Received header).
+    server_signature: Option<String>,
 }
 
 /// What a read produced.
@@ -54,6 +57,7 @@ impl TlsConn {
             plain_pending: false,
             reported: false,
             closing: false,
+            server_signature: None,
         })
     }
 
@@ -88,7 +92,7 @@ impl TlsConn {
             }
             match self.conn.read_tls(sock) {
                 Ok(0) => return ReadOutcome::Eof,
-                Ok(_) => match self.conn.process_new_packets() {
+                Ok(_) => match self.process_packets() {
                     Ok(st) => {
                         self.plain_pending = st.plaintext_bytes_to_read() > 0;
                         if st.peer_has_closed() && !self.plain_pending {
@@ -110,6 +114,20 @@ impl TlsConn {
                 Err(_) => return ReadOutcome::Eof,
             }
         }
+    }
+
+    /// rustls's `process_new_packets`, keeping the certificate choice
+    /// that a ClientHello among the packets led to (taken here, on the
+    /// loop's thread, before another connection's handshake can run).
+    fn process_packets(
+        &mut self,
+    ) -> Result<postern_common::tls::rustls::IoState, postern_common::tls::rustls::Error> {
+        let processed = self.conn.process_new_packets();
+        let chosen = postern_common::tls::take_server_signature();
+        if self.server_signature.is_none() {
+            self.server_signature = chosen;
+        }
+        processed
     }
 
     /// Hands plaintext to rustls (all of it: no buffer limit).
@@ -143,7 +161,12 @@ impl TlsConn {
             return None;
         }
         self.reported = true;
-        Negotiated::of(&self.conn)
+        let mut n = Negotiated::of(&self.conn)?;
+        if n.kx.is_some() {
+            // Postfix reports the signature for TLS 1.3 only.
+            n.server_signature = self.server_signature.take();
+        }
+        Some(n)
     }
 
     /// Queues close_notify (once); true if it was queued now.

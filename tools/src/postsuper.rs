@@ -34,6 +34,7 @@
 
 use crate::die;
 use crate::sysexits::*;
+use postern_common::debug;
 use postern_common::ipc::{
     self, cleanup_flags, AdminReply, AdminRequest, AdminStatus, CleanupReply, CleanupRequest,
     NewMessage, Wakeup,
@@ -229,7 +230,7 @@ impl Ctx {
                 let _ = queue::sync_dir(&self.tree.dir(q));
                 remove_logs(&self.tree, id);
                 info!("{id}: requeued");
-                postern_common::debug!("{id}: requeued as {new_id}");
+                debug!("{id}: requeued as {new_id}");
                 Ok(())
             }
             Err(e) => Err(put_back(format!("cannot requeue: {e}"))),

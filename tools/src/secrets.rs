@@ -1,7 +1,10 @@
 //! `postern check`'s look at the secrets the daemons read as root before
-//! they drop to `mail_owner`: smtpd's TLS certificate and key (for every
-//! smtpd service of master.cf, with its `-o` overrides), and smtp's and
-//! lmtp's `*_sasl_password_maps` and `*_tls_policy_maps`. Read as the
+//! they drop to `mail_owner`: smtpd's TLS certificates and keys (for
+//! every smtpd service of master.cf, with its `-o` overrides; a key that
+//! does not match its certificate, or protocol and cipher settings that
+//! leave nothing, are problems too), and smtp's and lmtp's
+//! `*_sasl_password_maps`, `*_tls_policy_maps` and TLS protocol and
+//! cipher settings. Read as the
 //! daemons read them, so that a missing, unreadable or unusable file is
 //! reported before a client finds STARTTLS gone or a smarthost refuses
 //! every delivery.
@@ -34,6 +37,11 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
             }
             "smtp" | "lmtp" => {
                 let p = |n: &str| postern_conf::params::smtp_client_param(command == "lmtp", n);
+                for mandatory in [false, true] {
+                    if let Err(e) = postern_common::tls::profile(&scfg, command, mandatory) {
+                        problems.push(format!("{what}: {e}"));
+                    }
+                }
                 let mut tables = vec![p("smtp_tls_policy_maps")];
                 if scfg.get_bool(&p("smtp_sasl_auth_enable")).unwrap_or(false) {
                     tables.push(p("smtp_sasl_password_maps"));

@@ -60,6 +60,30 @@ pub fn run(cfg: &postern_conf::Config, default_sender: &str) -> ! {
 }
 
 /// One session on any reader and writer.
+/// The longest command line read (smtpd's `line_length_limit` default,
+/// 2048, with room for CRLF and more).
+const COMMAND_LIMIT: u64 = 4096;
+
+/// Reads and drops the rest of a line.
+fn skip_line<R: BufRead>(input: &mut R) -> std::io::Result<()> {
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                input.consume(n);
+            }
+        }
+    }
+}
+
 pub fn serve<R: BufRead, W: Write>(
     cfg: &postern_conf::Config,
     _default_sender: &str,
@@ -80,9 +104,18 @@ pub fn serve<R: BufRead, W: Write>(
     let mut line = Vec::new();
     loop {
         line.clear();
-        match std::io::Read::take(&mut input, 4096).read_until(b'\n', &mut line) {
+        match std::io::Read::take(&mut input, COMMAND_LIMIT).read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+        if !line.ends_with(b"\n") && line.len() as u64 == COMMAND_LIMIT {
+            // As smtpd: the whole over-long line is one error, not the
+            // start of a second command.
+            if skip_line(&mut input).is_err() {
+                return;
+            }
+            s.reply(&format!("500 5.5.2 {} Error: command too long", s.hostname));
+            continue;
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end_matches(['\r', '\n']);

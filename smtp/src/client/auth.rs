@@ -3,6 +3,7 @@
 use super::session::Session;
 use super::{End, Extensions};
 use crate::nexthop::{temporary_dsn, Failure};
+use postern_common::warning;
 
 impl Session<'_, '_> {
     /// AUTH with the first allowed mechanism the server offers.
@@ -21,7 +22,7 @@ impl Session<'_, '_> {
                     self.peer.namaddr
                 ),
             };
-            postern_common::warning!("{}", f.reason);
+            warning!("{}", f.reason);
             self.quit();
             return Err(self.try_next(f));
         };
@@ -55,7 +56,7 @@ impl Session<'_, '_> {
                 r.text()
             ),
         };
-        postern_common::warning!("{}", f.reason);
+        warning!("{}", f.reason);
         if r.code != 421 {
             self.quit();
         }

@@ -5,6 +5,7 @@ use super::session::Session;
 use super::{stage, DataEncoder, End, Transaction};
 use crate::reply::Reply;
 use postern_common::ipc::Outcome;
+use postern_common::{info, warning};
 use std::io::{self, Read, Write};
 
 impl Session<'_, '_> {
@@ -92,7 +93,7 @@ impl Session<'_, '_> {
         which: &[usize],
         e: &io::Error,
     ) -> End {
-        postern_common::warning!("read message content: {e}");
+        warning!("read message content: {e}");
         let reason = format!("local data error while talking to {}", self.peer.namaddr);
         Self::record_all(txn, which, Outcome::Deferred, "4.3.0", &reason);
         End::Complete
@@ -128,7 +129,7 @@ impl Session<'_, '_> {
     /// Postfix's smtp does.
     pub(super) fn log_folded<T: Transaction>(&self, txn: &T, enc: &DataEncoder) {
         if enc.folded() {
-            postern_common::info!(
+            info!(
                 "{}: breaking line > {} bytes with <CR><LF>SPACE",
                 txn.queue_id(),
                 self.settings.line_limit

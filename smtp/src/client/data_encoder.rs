@@ -1,8 +1,15 @@
 //! The message content as it goes on the wire: [`DataEncoder`].
 
-/// Converts queued content (LF line ends) to SMTP DATA: CRLF line ends
-/// (a CR already before the LF is kept as is), a dot doubled at the start
-/// of a line, a final CRLF when the content lacks one, and the `.` line.
+/// Converts queued content (LF line ends) to SMTP DATA: CRLF line ends,
+/// a dot doubled at the start of a line, a final CRLF when the content
+/// lacks one, and the `.` line. No bare CR and no bare LF ever leaves
+/// (SMTP smuggling, CVE-2023-51764: a receiver that takes a lone CR or
+/// LF for a line end would see `<CR>.<CR>` or `<LF>.<LF>` as the end of
+/// the data and what follows as commands): every LF is sent as CRLF; the
+/// CRs just before an LF are part of that line end (Postfix's smtpd and
+/// sendmail strip them); any other CR is sent as a space, as Postfix
+/// 3.7's cleanup does (`cleanup_replace_stray_cr_lf = yes`), so
+/// `before<CR>.<CR>after` leaves as `before . after`.
 /// Lines longer than the line length limit (`smtp_line_length_limit`,
 /// `lmtp_line_length_limit`; 0 = none) are broken with CRLF SPACE, as
 /// Postfix's smtp does, so that a receiver enforcing RFC 5321's 1,000
@@ -16,9 +23,10 @@
 pub struct DataEncoder {
     /// Octets on the output line so far, not counting its CRLF.
     column: usize,
-    /// The last input octet was a CR, not yet written: it belongs to the
-    /// line end when an LF follows, to the line otherwise.
-    pending_cr: bool,
+    /// The last input octets were this many CRs, not yet written: they
+    /// belong to the line end when an LF follows, to the line (as
+    /// spaces) otherwise.
+    pending_crs: usize,
     /// DATA: dot-stuffing and the final `.` line.
     dots: bool,
     /// The longest output line, without its CRLF; 0 = no limit.
@@ -33,11 +41,17 @@ impl Default for DataEncoder {
     }
 }
 
+/// `data` without the CRs at its end, and how many there were.
+fn trailing_crs(data: &[u8]) -> (&[u8], usize) {
+    let kept = data.iter().rposition(|&b| b != b'\r').map_or(0, |i| i + 1);
+    (&data[..kept], data.len() - kept)
+}
+
 impl DataEncoder {
     pub fn new() -> DataEncoder {
         DataEncoder {
             column: 0,
-            pending_cr: false,
+            pending_crs: 0,
             dots: true,
             limit: 0,
             folded: false,
@@ -68,36 +82,35 @@ impl DataEncoder {
     /// Appends the encoding of `input` to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let mut rest = input;
-        if self.pending_cr && !rest.is_empty() {
-            self.pending_cr = false;
-            if rest[0] == b'\n' {
+        while !rest.is_empty() {
+            let (segment, line_end) = match rest.iter().position(|&b| b == b'\n') {
+                Some(p) => (&rest[..p], true),
+                None => (rest, false),
+            };
+            rest = &rest[segment.len() + usize::from(line_end)..];
+            let (text, crs) = trailing_crs(segment);
+            if !text.is_empty() {
+                // CRs held back from the last chunk were stray after all.
+                self.stray_crs(out);
+                self.text(text, out);
+            }
+            if line_end {
+                // The CRs before the LF, here and held back, end the line.
+                self.pending_crs = 0;
                 out.extend_from_slice(b"\r\n");
                 self.column = 0;
-                rest = &rest[1..];
             } else {
-                self.text(b"\r", out);
+                self.pending_crs += crs;
             }
         }
-        while !rest.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(p) => {
-                    // A CR before the LF is part of the line end.
-                    let line = rest[..p].strip_suffix(b"\r").unwrap_or(&rest[..p]);
-                    self.text(line, out);
-                    out.extend_from_slice(b"\r\n");
-                    self.column = 0;
-                    rest = &rest[p + 1..];
-                }
-                None => {
-                    let (line, cr) = match rest.strip_suffix(b"\r") {
-                        Some(l) => (l, true),
-                        None => (rest, false),
-                    };
-                    self.text(line, out);
-                    self.pending_cr = cr;
-                    rest = &[];
-                }
-            }
+    }
+
+    /// Writes the CRs held back as spaces: they were not before an LF.
+    fn stray_crs(&mut self, out: &mut Vec<u8>) {
+        while self.pending_crs > 0 {
+            let n = self.pending_crs.min(64);
+            self.text(&[b' '; 64][..n], out);
+            self.pending_crs -= n;
         }
     }
 
@@ -116,26 +129,38 @@ impl DataEncoder {
             // only when one more octet comes.
             while self.column + data.len() > self.limit {
                 let room = self.limit - self.column;
-                out.extend_from_slice(&data[..room]);
+                push_masked(out, &data[..room]);
                 out.extend_from_slice(b"\r\n ");
                 self.column = 1;
                 self.folded = true;
                 data = &data[room..];
             }
         }
-        out.extend_from_slice(data);
+        push_masked(out, data);
         self.column += data.len();
     }
 
-    /// Appends the end: a CRLF if the last line lacks one, then `.` CRLF.
+    /// Appends the end: a CRLF if the last line lacks one (CRs held back
+    /// are that line end), then `.` CRLF.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.pending_cr || self.column > 0 {
+        if self.pending_crs > 0 || self.column > 0 {
             out.extend_from_slice(b"\r\n");
-            self.pending_cr = false;
+            self.pending_crs = 0;
             self.column = 0;
         }
         if self.dots {
             out.extend_from_slice(b".\r\n");
+        }
+    }
+}
+
+/// Appends octets of a line, each stray CR among them as a space.
+fn push_masked(out: &mut Vec<u8>, data: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(data);
+    for b in &mut out[start..] {
+        if *b == b'\r' {
+            *b = b' ';
         }
     }
 }
@@ -162,8 +187,58 @@ mod tests {
         assert_eq!(enc_chunks(&[b".\n..x\n.y"]), b"..\r\n...x\r\n..y\r\n.\r\n");
         assert_eq!(enc_chunks(&[b"a.b\n x.\n"]), b"a.b\r\n x.\r\n.\r\n");
         assert_eq!(enc_chunks(&[b"\n\n"]), b"\r\n\r\n.\r\n");
-        assert_eq!(enc_chunks(&[b"bare\rcr\n"]), b"bare\rcr\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"bare\rcr\n"]), b"bare cr\r\n.\r\n");
         assert_eq!(enc_chunks(&[b"end\r"]), b"end\r\n.\r\n");
+        // Every CR before the LF ends the line, as Postfix strips them.
+        assert_eq!(enc_chunks(&[b"x\r\r\r\ny\n"]), b"x\r\ny\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"\r\r\n"]), b"\r\n.\r\n");
+    }
+
+    /// No octet string of `out` is a CR without an LF after it, or an LF
+    /// without a CR before it.
+    fn crlf_only(out: &[u8]) -> bool {
+        out.iter().enumerate().all(|(i, &b)| match b {
+            b'\r' => out.get(i + 1) == Some(&b'\n'),
+            b'\n' => i > 0 && out[i - 1] == b'\r',
+            _ => true,
+        })
+    }
+
+    #[test]
+    fn smuggling_variants_leave_with_crlf_only() {
+        // What smtpd stores for SEC Consult's CVE-2023-51764 variants (LF
+        // line ends; a CR before an LF stripped once), and what Postfix
+        // 3.7 relays for them: stray CRs as spaces.
+        let cases: [(&[u8], &[u8]); 6] = [
+            (b"before\r.\nafter\n", b"before .\r\nafter\r\n.\r\n"),
+            (b"before\r.\r\nafter\n", b"before .\r\nafter\r\n.\r\n"),
+            (b"before\r.\rafter\n", b"before . after\r\n.\r\n"),
+            (b"before\n\rafter\n", b"before\r\n after\r\n.\r\n"),
+            (
+                b"before\n\x00.\nafter\n",
+                b"before\r\n\x00.\r\nafter\r\n.\r\n",
+            ),
+            (b"before\n.\r\r\r", b"before\r\n..\r\n.\r\n"),
+        ];
+        for (stored, wire) in cases {
+            let whole = enc_chunks(&[stored]);
+            assert_eq!(whole, wire, "{:?}", String::from_utf8_lossy(stored));
+            assert!(crlf_only(&whole));
+            for i in 0..=stored.len() {
+                for j in i..=stored.len() {
+                    let got = enc_chunks(&[&stored[..i], &stored[i..j], &stored[j..]]);
+                    assert_eq!(got, whole, "cut at {i},{j}");
+                }
+            }
+            let mut bdat = DataEncoder::bdat();
+            let mut out = Vec::new();
+            bdat.feed(stored, &mut out);
+            bdat.finish(&mut out);
+            assert!(crlf_only(&out));
+        }
+        // CRs held over a chunk boundary that turn out stray.
+        assert_eq!(enc_chunks(&[b"a\r\r", b"\r", b"b\n"]), b"a   b\r\n.\r\n");
+        assert_eq!(enc_chunks(&[b"a\r\r", b"\r", b"\nb"]), b"a\r\nb\r\n.\r\n");
     }
 
     #[test]
@@ -220,12 +295,9 @@ mod tests {
             (b"abcd\r\n efg\r\n hij\r\nxy\r\n".to_vec(), true)
         );
         // A CR before the LF is the line end, not an octet of the line; a
-        // bare CR is.
+        // bare CR is (sent as a space).
         assert_eq!(enc_limited(4, false, &[b"abcd\r\n"]).0, b"abcd\r\n");
-        assert_eq!(
-            enc_limited(4, false, &[b"abcd\rx\n"]).0,
-            b"abcd\r\n \rx\r\n"
-        );
+        assert_eq!(enc_limited(4, false, &[b"abcd\rx\n"]).0, b"abcd\r\n  x\r\n");
         assert_eq!(enc_limited(4, false, &[b"abcd\r"]).0, b"abcd\r\n");
         // The doubled dot is on the wire and counts; a continuation line
         // starting with a dot is not stuffed (it starts with the space).

@@ -6,6 +6,7 @@ use super::{stage, End, Extensions, Idle, PeerId, Settings, Stream, Transaction}
 use crate::nexthop::Failure;
 use crate::reply::{LineReader, Reply};
 use postern_common::ipc::Outcome;
+use postern_common::{debug, info};
 use std::io;
 use std::time::Duration;
 
@@ -49,7 +50,7 @@ impl<'a, 'c> Session<'a, 'c> {
 
     pub(super) fn queue(&mut self, cmd: &str) {
         if postern_common::log::verbose() {
-            postern_common::debug!("> {}: {}", self.peer.namaddr, cmd);
+            debug!("> {}: {}", self.peer.namaddr, cmd);
         }
         self.wbuf.extend_from_slice(cmd.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
@@ -67,7 +68,7 @@ impl<'a, 'c> Session<'a, 'c> {
     pub(super) fn read(&mut self) -> io::Result<Reply> {
         let r = self.rd.read_reply(&mut self.conn)?;
         if postern_common::log::verbose() {
-            postern_common::debug!("< {}: {}", self.peer.namaddr, r.text());
+            debug!("< {}: {}", self.peer.namaddr, r.text());
         }
         Ok(r)
     }
@@ -252,7 +253,7 @@ impl<'a, 'c> Session<'a, 'c> {
         let mut ext = Extensions::parse(r);
         let gone = ext.discard(&self.settings.discard);
         if !gone.is_empty() && !self.settings.discard.iter().any(|k| k == "silent-discard") {
-            postern_common::info!("discarding EHLO keywords: {}", gone.join(" "));
+            info!("discarding EHLO keywords: {}", gone.join(" "));
         }
         ext
     }

@@ -5,6 +5,7 @@ use super::session::Session;
 use super::{stage, End, Extensions, Stream};
 use crate::nexthop::{temporary_dsn, Failure};
 use crate::reply::LineReader;
+use postern_common::info;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ impl<'c> Session<'_, 'c> {
         let est = match tls.handshake(sock, &self.peer.name) {
             Ok(est) => est,
             Err(e) => {
-                postern_common::info!("SSL_connect error to {}: {e}", self.peer.relay);
+                info!("SSL_connect error to {}: {e}", self.peer.relay);
                 return Err(self.try_next(Failure {
                     dsn: "4.7.5".into(),
                     reason: TLS_HANDSHAKE_FAILURE.into(),
@@ -70,15 +71,9 @@ impl<'c> Session<'_, 'c> {
             let what = est
                 .negotiated
                 .as_ref()
-                .map(|n| {
-                    let mut t = n.summary();
-                    if let Some(kx) = &n.kx {
-                        t.push_str(&format!(" key-exchange {kx}"));
-                    }
-                    t
-                })
+                .map(|n| n.log_summary())
                 .unwrap_or_default();
-            postern_common::info!(
+            info!(
                 "{kind} TLS connection established to {}: {what}",
                 self.peer.relay
             );
@@ -91,7 +86,7 @@ impl<'c> Session<'_, 'c> {
                     "Server certificate not verified",
                 ),
             };
-            postern_common::info!(
+            info!(
                 "server certificate verification failed for {}: {detail}",
                 self.peer.relay
             );

@@ -6,6 +6,7 @@ use super::session::Session;
 use super::{stage, End, Extensions, Transaction};
 use crate::nexthop::Failure;
 use postern_common::dsn;
+use postern_common::info;
 use postern_common::ipc::Outcome;
 use postern_common::smtputf8::Flags;
 
@@ -149,7 +150,7 @@ impl Session<'_, '_> {
         // whether it says 8BITMIME or not.
         let eight_bit_mime = ext.eight_bit_mime || ext.smtputf8;
         if eight_bit && !ext.eight_bit_mime && ext.smtputf8 {
-            postern_common::info!(
+            info!(
                 "host {} offers SMTPUTF8 support, but not 8BITMIME",
                 self.peer.namaddr
             );

@@ -10,6 +10,7 @@ use crate::nexthop;
 use crate::sasl;
 use crate::tls;
 use postern_common::maps::Tables;
+use postern_common::{error, warning};
 use postern_conf::Config;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub fn param(lmtp: bool, smtp_name: &str) -> String {
 /// A time parameter, with its default when the setting is unusable.
 fn time(cfg: &Config, name: &str) -> Duration {
     let secs = cfg.get_time(name).unwrap_or_else(|e| {
-        postern_common::warning!("{e}; using the default");
+        warning!("{e}; using the default");
         postern_conf::params::default_of(name)
             .and_then(postern_conf::parse_time)
             .unwrap_or(300)
@@ -41,7 +42,7 @@ fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
     match v.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            postern_common::warning!("{name}: \"{v}\" is not an IP address; ignored");
+            warning!("{name}: \"{v}\" is not an IP address; ignored");
             None
         }
     }
@@ -49,7 +50,7 @@ fn bind_address(cfg: &Config, name: &str) -> Option<std::net::IpAddr> {
 
 fn number(cfg: &Config, name: &str) -> usize {
     cfg.get_u64(name).unwrap_or_else(|e| {
-        postern_common::warning!("{e}; using the default");
+        warning!("{e}; using the default");
         postern_conf::params::default_of(name)
             .and_then(|d| d.parse().ok())
             .unwrap_or(0)
@@ -101,16 +102,14 @@ impl Agent {
                 let name = p("smtp_tls_security_level");
                 let v = cfg.get(&name);
                 tls::Level::parse(&v).unwrap_or_else(|| {
-                    postern_common::warning!(
-                        "{name}: invalid TLS security level \"{v}\"; using \"may\""
-                    );
+                    warning!("{name}: invalid TLS security level \"{v}\"; using \"may\"");
                     tls::Level::May
                 })
             },
             tls_policy_maps: {
                 let (t, errors) = Tables::open_list(&cfg.get(&p("smtp_tls_policy_maps")));
                 for e in errors {
-                    postern_common::error!("{}: {e}", p("smtp_tls_policy_maps"));
+                    error!("{}: {e}", p("smtp_tls_policy_maps"));
                 }
                 t
             },
@@ -118,6 +117,20 @@ impl Agent {
             ca_path: cfg.get(&p("smtp_tls_CApath")),
             tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
             tls_wrapper: cfg.get_bool(&p("smtp_tls_wrappermode")).unwrap_or(false),
+            tls_profiles: [false, true].map(|mandatory| {
+                let side = if lmtp { "lmtp" } else { "smtp" };
+                let prof = postern_common::tls::profile(cfg, side, mandatory).unwrap_or_else(|e| {
+                    error!("{e}; using every protocol and cipher");
+                    postern_common::tls::Profile {
+                        versions: vec![
+                            &postern_common::tls::rustls::version::TLS13,
+                            &postern_common::tls::rustls::version::TLS12,
+                        ],
+                        provider: postern_common::tls::provider(),
+                    }
+                });
+                std::sync::Arc::new(prof)
+            }),
             min_backoff: time(cfg, "minimal_backoff_time"),
             sasl_enable: cfg.get_bool(&p("smtp_sasl_auth_enable")).unwrap_or(false),
             sasl_maps: {
@@ -125,7 +138,7 @@ impl Agent {
                 for e in errors {
                     // Every delivery through an AUTH smarthost fails until
                     // it is fixed.
-                    postern_common::error!("{}: {e}", p("smtp_sasl_password_maps"));
+                    error!("{}: {e}", p("smtp_sasl_password_maps"));
                 }
                 t
             },
@@ -171,10 +184,8 @@ impl Agent {
         keys.push(dest.trim().to_ascii_lowercase());
         keys.push(host.to_ascii_lowercase());
         let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
-        let Some(creds) = sasl::Credentials::parse(value) else {
-            postern_common::warning!(
-                "smtp_sasl_password_maps: entry for {host} is not in username:password form"
-            );
+        let Some(creds) = sasl::Credentials::parse(&value) else {
+            warning!("smtp_sasl_password_maps: entry for {host} is not in username:password form");
             return None;
         };
         Some(sasl::Auth {
@@ -201,12 +212,10 @@ impl Agent {
         }
         for k in &keys {
             if let Some(v) = self.tls_policy_maps.lookup(k) {
-                match tls::Policy::parse(v) {
+                match tls::Policy::parse(&v) {
                     Ok(p) => return p,
                     Err(e) => {
-                        postern_common::warning!(
-                            "smtp_tls_policy_maps: {k}: {e}; using \"encrypt\""
-                        );
+                        warning!("smtp_tls_policy_maps: {k}: {e}; using \"encrypt\"");
                         return tls::Policy {
                             level: tls::Level::Encrypt,
                             matches: Vec::new(),
@@ -242,6 +251,7 @@ impl Agent {
             names: policy.names(name, nexthop),
             roots: tls::roots(&self.ca_file, &self.ca_path),
             loglevel: self.tls_loglevel,
+            profile: self.tls_profiles[usize::from(policy.level.required())].clone(),
         })
     }
 

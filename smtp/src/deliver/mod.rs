@@ -37,6 +37,7 @@ use job_transaction::JobTransaction;
 use postern_common::delivery::Job;
 use postern_common::ipc::Outcome;
 use postern_common::maps::Tables;
+use postern_common::{info, warning};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -71,6 +72,10 @@ pub struct Agent {
     tls_loglevel: u32,
     /// `smtp_tls_wrappermode`.
     tls_wrapper: bool,
+    /// Protocols and ciphers for opportunistic TLS (`smtp_tls_protocols`,
+    /// `smtp_tls_ciphers`) and for mandatory TLS, levels `encrypt` and up
+    /// (`smtp_tls_mandatory_*`).
+    tls_profiles: [Arc<postern_common::tls::Profile>; 2],
     /// `minimal_backoff_time`: after a failed handshake at level `may`, a
     /// message that waited this long is sent in plaintext.
     min_backoff: Duration,
@@ -116,7 +121,7 @@ impl Agent {
         match self.resolver() {
             Ok(r) => nexthop::servers(hop, &*r, &options),
             Err(e) => {
-                postern_common::warning!("{e}");
+                warning!("{e}");
                 Err(Failure {
                     dsn: "4.3.0".into(),
                     reason: format!("DNS resolver unavailable: {e}"),
@@ -154,7 +159,7 @@ impl Agent {
                 return self.deliver_unix(job, &path, &policy, auth.as_ref());
             }
             Err(reason) => {
-                postern_common::warning!("{}: {reason}", job.req.queue_id);
+                warning!("{}: {reason}", job.req.queue_id);
                 job.record_rest(Outcome::Deferred, "4.3.5", "none", &reason);
                 return;
             }
@@ -340,7 +345,7 @@ impl Agent {
                 Ok(end) => end,
                 Err(f) => {
                     if more {
-                        postern_common::info!("{}: {}", job.req.queue_id, f.reason);
+                        info!("{}: {}", job.req.queue_id, f.reason);
                     }
                     last = Some((f, "none".into()));
                     continue;
@@ -356,7 +361,7 @@ impl Agent {
                         sessions += 1;
                     }
                     if more {
-                        postern_common::info!("{}: {}", job.req.queue_id, failure.reason);
+                        info!("{}: {}", job.req.queue_id, failure.reason);
                     }
                     last = Some((failure, srv.relay()));
                 }
@@ -394,7 +399,7 @@ impl Agent {
         }
         // Never in plaintext with credentials to send.
         if sec.sasl.is_none() && self.plaintext_fallback(job, policy, &end) {
-            postern_common::info!(
+            info!(
                 "{}: TLS handshake with {} failed; trying again without TLS",
                 job.req.queue_id,
                 srv.relay()

@@ -315,7 +315,7 @@ impl Session {
             .tls
             .as_ref()
             .filter(|_| self.cfg.tls_received_header)
-            .map(|n| n.summary());
+            .map(|n| (n.summary(), n.details()));
         let rcpts: Vec<&str> = self
             .tx
             .as_ref()
@@ -331,7 +331,8 @@ impl Session {
             queue_id,
             recipients: &rcpts,
             date: &self.date,
-            tls: tls.as_deref(),
+            tls: tls.as_ref().map(|(s, _)| s.as_str()),
+            tls_details: tls.as_ref().map(|(_, d)| d.as_str()).unwrap_or(""),
             auth_sender: if self.cfg.sasl_authenticated_header {
                 self.sasl_username.as_deref()
             } else {

@@ -23,15 +23,13 @@ impl Session {
     /// The TLS handshake is complete. As RFC 3207 demands, the session
     /// forgets everything it learned before (HELO, transaction, SASL).
     pub fn tls_established(&mut self, n: Negotiated) {
-        let mut line = format!(
-            "Anonymous TLS connection established from {}: {}",
-            self.namaddr,
-            n.summary()
-        );
-        if let Some(kx) = &n.kx {
-            line.push_str(&format!(" key-exchange {kx}"));
+        if self.cfg.tls_loglevel >= 1 {
+            info!(
+                "Anonymous TLS connection established from {}: {}",
+                self.namaddr,
+                n.log_summary()
+            );
         }
-        info!("{line}");
         self.tls = Some(n);
         self.helo = None;
         self.esmtp = false;

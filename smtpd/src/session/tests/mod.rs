@@ -54,6 +54,7 @@ fn settings() -> Settings {
         tls_wrappermode: false,
         tls_auth_only: false,
         tls_received_header: false,
+        tls_loglevel: 1,
         sasl: None,
         sasl_service: "smtp".into(),
         sasl_authenticated_header: false,

@@ -44,6 +44,7 @@ fn starttls_discards_pipelined_input_and_resets() {
         cipher: "TLS_AES_256_GCM_SHA384".into(),
         bits: 256,
         kx: None,
+        server_signature: None,
     });
     // The transaction and the pipelined RCPT are gone.
     assert_eq!(

@@ -40,6 +40,7 @@
 
 use crate::addr;
 use crate::maps::{self, DomainList, Table};
+use crate::warning;
 use postern_conf::Config;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -237,7 +238,7 @@ impl Maps {
         let joined = rest.join(" ");
         let (tables, errors) = maps::Tables::open_list(&joined);
         for e in &errors {
-            crate::warning!("{name}: {e}");
+            warning!("{name}: {e}");
         }
         Maps {
             name,
@@ -438,7 +439,7 @@ pub const RECIPIENT_CODES: [&str; 4] = [
 
 fn code(cfg: &Config, name: &str) -> u16 {
     reject_code(cfg, name).unwrap_or_else(|e| {
-        crate::warning!("{e}; using 550");
+        warning!("{e}; using 550");
         550
     })
 }
@@ -578,7 +579,7 @@ impl Resolver {
             checked: Instant::now(),
         };
         for e in &r.domain_errors {
-            crate::warning!("{e}");
+            warning!("{e}");
         }
         r
     }
@@ -718,6 +719,34 @@ impl Resolver {
         }
         let first_op = recipient.find(['@', '!', '%']).unwrap_or(recipient.len());
         out.routed = recipient.get(first_op + 1..) != Some(dom.unwrap_or_default());
+        self.classify(&mut out, sender, &domain, remote)?;
+        // A main.cf `transport:nexthop` setting's next hop wins.
+        let (t, n) = split_transport(&out.transport);
+        out.transport = t;
+        if !n.is_empty() {
+            out.nexthop = n;
+        }
+        if out.transport.is_empty() {
+            return Err(format!(
+                "null transport is not allowed (the {} class's transport parameter)",
+                out.class.name()
+            ));
+        }
+        self.apply_transport_maps(&mut out, &recipient, &domain)?;
+        self.apply_relocated(&mut out, &recipient)?;
+        Ok(out)
+    }
+
+    /// The address class of `domain` and the transport and next hop its
+    /// class parameters give (with the sender-dependent tables for the
+    /// default class), as trivial-rewrite's resolve_addr.
+    fn classify(
+        &self,
+        out: &mut Resolved,
+        sender: Option<&str>,
+        domain: &str,
+        remote: bool,
+    ) -> Result<(), String> {
         let sender_key = |empty_key: &str| -> Option<String> {
             sender.map(|s| {
                 if s.is_empty() {
@@ -730,7 +759,7 @@ impl Resolver {
         if !remote {
             out.class = Class::Local;
             out.transport = self.local_transport.clone();
-        } else if self.virtual_alias_domains.contains(&domain) {
+        } else if self.virtual_alias_domains.contains(domain) {
             out.class = Class::Alias;
             out.transport = "error".into();
             out.nexthop = format!(
@@ -741,11 +770,11 @@ impl Resolver {
                     ""
                 }
             );
-        } else if self.virtual_mailbox_domains.contains(&domain) {
+        } else if self.virtual_mailbox_domains.contains(domain) {
             out.class = Class::Virtual;
             out.transport = self.virtual_transport.clone();
         } else {
-            if self.relay_domains.contains(&domain) {
+            if self.relay_domains.contains(domain) {
                 out.class = Class::Relay;
                 out.transport = self.relay_transport.clone();
             } else {
@@ -780,18 +809,18 @@ impl Resolver {
                 out.nexthop = self.relayhost.clone();
             }
         }
-        // A main.cf `transport:nexthop` setting's next hop wins.
-        let (t, n) = split_transport(&out.transport);
-        out.transport = t;
-        if !n.is_empty() {
-            out.nexthop = n;
-        }
-        if out.transport.is_empty() {
-            return Err(format!(
-                "null transport is not allowed (the {} class's transport parameter)",
-                out.class.name()
-            ));
-        }
+        Ok(())
+    }
+
+    /// `transport_maps`: the entry for the recipient (full address, then
+    /// its domain and parents, then `*`) overrides the class's transport
+    /// and next hop; an empty next hop means the recipient's domain.
+    fn apply_transport_maps(
+        &self,
+        out: &mut Resolved,
+        recipient: &str,
+        domain: &str,
+    ) -> Result<(), String> {
         if out.class != Class::Alias && !self.transport_maps.is_empty() {
             if let Some(e) = self.transport_maps.failed() {
                 return Err(e);
@@ -803,7 +832,7 @@ impl Resolver {
                 domain: Some(self.transport_parents),
             };
             let found = self
-                .addr_find(&self.transport_maps, &recipient, strategy)
+                .addr_find(&self.transport_maps, recipient, strategy)
                 .or_else(|| self.transport_maps.find("*", true));
             if let Some(v) = found {
                 let (t, n) = split_transport(&v);
@@ -814,24 +843,29 @@ impl Resolver {
                     } else if out.transport == "error" || out.transport == "retry" {
                         "Address is undeliverable".into()
                     } else {
-                        domain.clone()
+                        domain.to_string()
                     };
                 } else if !n.is_empty() {
                     out.nexthop = n;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `relocated_maps`: a moved user's mail bounces with the new address.
+    fn apply_relocated(&self, out: &mut Resolved, recipient: &str) -> Result<(), String> {
         if !self.relocated.is_empty() {
             if let Some(e) = self.relocated.failed() {
                 return Err(e);
             }
             let noext = Strategy { ..DEFAULT_STRATEGY };
-            if let Some(v) = self.addr_find(&self.relocated, &recipient, noext) {
+            if let Some(v) = self.addr_find(&self.relocated, recipient, noext) {
                 out.transport = "error".into();
                 out.nexthop = format!("5.1.6 User has moved to {}", v.trim());
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// `user+ext` → (`user`, Some(`ext`)), as Postfix's split_addr:
@@ -960,7 +994,7 @@ impl Resolver {
         let r = match self.resolve(envelope_sender, address) {
             Ok(r) => r,
             Err(e) => {
-                crate::warning!("{e}");
+                warning!("{e}");
                 return Err(Refusal {
                     code: 451,
                     dsn: "4.3.0".into(),
@@ -1074,142 +1108,4 @@ fn valid_domain(d: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn resolver(text: &str) -> Resolver {
-        let base = "myhostname = mx.example.test\nmydestination = $myhostname, localhost\n\
-                    inet_interfaces = 127.0.0.1\nlocal_recipient_maps =\n";
-        let cfg = Config::from_text(
-            Path::new("/nonexistent"),
-            &format!("{base}{text}"),
-            Path::new("main.cf"),
-        )
-        .unwrap();
-        Resolver::with_recipient_checks(&cfg)
-    }
-
-    fn tn(r: &Resolver, a: &str) -> (Class, String, String) {
-        let x = r.resolve(None, a).unwrap();
-        (x.class, x.transport, x.nexthop)
-    }
-
-    fn c(class: Class, t: &str, n: &str) -> (Class, String, String) {
-        (class, t.into(), n.into())
-    }
-
-    #[test]
-    fn classes_and_next_hops() {
-        let r = resolver(
-            "relay_domains = example.com\nvirtual_mailbox_domains = v.test\n\
-             virtual_alias_domains = a.test\nrelayhost = [10.0.0.1]\n",
-        );
-        assert_eq!(tn(&r, "root"), c(Class::Local, "local", "mx.example.test"));
-        assert_eq!(
-            tn(&r, "x@LocalHost."),
-            c(Class::Local, "local", "mx.example.test")
-        );
-        assert_eq!(
-            tn(&r, "x@[127.0.0.1]"),
-            c(Class::Local, "local", "mx.example.test")
-        );
-        assert_eq!(
-            tn(&r, "u@sub.example.com"),
-            c(Class::Relay, "relay", "[10.0.0.1]")
-        );
-        assert_eq!(
-            tn(&r, "u@example.com"),
-            c(Class::Relay, "relay", "[10.0.0.1]")
-        );
-        assert_eq!(tn(&r, "u@v.test"), c(Class::Virtual, "virtual", "v.test"));
-        assert_eq!(
-            tn(&r, "u@other.test"),
-            c(Class::Default, "smtp", "[10.0.0.1]")
-        );
-        let a = r.resolve(None, "u@a.test").unwrap();
-        assert_eq!((a.class, a.transport.as_str()), (Class::Alias, "error"));
-        // Routing in the local part.
-        let p = r.resolve(None, "u%other.test@localhost").unwrap();
-        assert_eq!(
-            (p.class, p.recipient.as_str()),
-            (Class::Default, "u@other.test")
-        );
-        assert!(r.resolve(None, "u%x.test@other.test").unwrap().routed);
-        assert!(r.resolve(None, "x@1.2.3.4").unwrap().bad_syntax);
-    }
-
-    #[test]
-    fn transport_maps_semantics() {
-        let r = resolver(
-            "relayhost = [10.0.0.1]\nrecipient_delimiter = +\n\
-             transport_maps = inline:{ u@d.test=smtp:[h1], .sub.test=relay:, \
-             kept.test=:[k], gone.test=error:, *=smtp:[wild] }\n",
-        );
-        assert_eq!(tn(&r, "u+x@d.test"), c(Class::Default, "smtp", "[h1]"));
-        assert_eq!(tn(&r, "v@d.test"), c(Class::Default, "smtp", "[wild]"));
-        assert_eq!(
-            tn(&r, "v@a.sub.test"),
-            c(Class::Default, "relay", "a.sub.test")
-        );
-        assert_eq!(tn(&r, "v@kept.test"), c(Class::Default, "smtp", "[k]"));
-        assert_eq!(
-            tn(&r, "v@gone.test"),
-            c(Class::Default, "error", "Address is undeliverable")
-        );
-    }
-
-    #[test]
-    fn sender_dependent_and_relocated() {
-        let r = resolver(
-            "relay_domains = r.test\nrelayhost = [10.0.0.1]\n\
-             sender_dependent_default_transport_maps = inline:{ @corp.test=slow, <>=nulls }\n\
-             sender_dependent_relayhost_maps = inline:{ boss@corp.test=[10.0.0.2], x@y.test=DUNNO }\n\
-             relocated_maps = inline:{ gone@mx.example.test=new@else.test }\n",
-        );
-        let from = |s: Option<&str>, a: &str| {
-            let x = r.resolve(s, a).unwrap();
-            (x.transport, x.nexthop)
-        };
-        let tn = |t: &str, n: &str| (t.to_string(), n.to_string());
-        assert_eq!(
-            from(Some("a@corp.test"), "u@o.test"),
-            tn("slow", "[10.0.0.1]")
-        );
-        assert_eq!(from(Some(""), "u@o.test"), tn("nulls", "[10.0.0.1]"));
-        assert_eq!(from(None, "u@o.test"), tn("smtp", "[10.0.0.1]"));
-        // The default transport map does not apply to relay domains; the
-        // relay host map does.
-        assert_eq!(
-            from(Some("boss@corp.test"), "u@r.test"),
-            tn("relay", "[10.0.0.2]")
-        );
-        assert_eq!(from(Some("x@y.test"), "u@o.test"), tn("smtp", "[10.0.0.1]"));
-        assert_eq!(
-            from(None, "gone@mx.example.test"),
-            tn("error", "5.1.6 User has moved to new@else.test")
-        );
-        let e = r
-            .check_listed(None, "gone@mx.example.test", false)
-            .unwrap_err();
-        assert_eq!((e.code, e.dsn.as_str()), (550, "5.1.6"));
-    }
-
-    #[test]
-    fn listed_recipients() {
-        let r = resolver(
-            "virtual_mailbox_domains = v.test\nvirtual_mailbox_maps = inline:{ box@v.test=x }\n\
-             virtual_alias_maps = inline:{ postmaster@v.test=box@v.test, @c.test=box@v.test }\n\
-             virtual_alias_domains = c.test\nrecipient_delimiter = +\n\
-             relay_domains = r.test\nrelay_recipient_maps = inline:{ ok@r.test=x }\n",
-        );
-        assert!(r.check_listed(None, "postmaster@v.test", false).is_ok());
-        assert!(r.check_listed(None, "box+tag@v.test", false).is_ok());
-        assert!(r.check_listed(None, "anyone@c.test", false).is_ok());
-        let e = r.check_listed(None, "nobody@v.test", false).unwrap_err();
-        assert_eq!((e.code, e.dsn.as_str()), (550, "5.1.1"));
-        assert_eq!(e.text, "User unknown in virtual mailbox table");
-        assert!(r.check_listed(None, "ok@r.test", false).is_ok());
-        assert!(r.check_listed(None, "no@r.test", false).is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,327 @@
+//! The client side of smtpd → cleanup: one Unix connection to
+//! `queue_directory/public/cleanup` per message, non-blocking on the
+//! event loop of [`crate::server`].
+//!
+//! The session asks for it with [`CleanupRequest::Open`] (at the first
+//! accepted RCPT TO); the envelope and content follow as requests, framed
+//! as `common/src/ipc.rs` frames, and cleanup answers `Opened`, then
+//! `Queued` or `Failed` after the final dot. When cleanup's backlog is
+//! full the Open waits (`PendingOpen`) and is tried again every
+//! `CONNECT_RETRY`, up to the smaller of `ipc_timeout` and
+//! `smtpd_timeout`.
+
+use crate::outbuf::OutBuf;
+use crate::session::Session;
+use crate::settings::Settings;
+use mio::event::Source;
+use mio::net::UnixStream;
+use mio::{Interest, Registry, Token};
+use postern_common::ipc::{self, CleanupReply, CleanupRequest};
+use postern_common::warning;
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+
+/// Wait before trying again to connect to a cleanup whose backlog is full.
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// The connection to cleanup for the message being received.
+pub(crate) struct CleanupConn {
+    pub(crate) sock: UnixStream,
+    pub(crate) out: OutBuf,
+    inbuf: Vec<u8>,
+    pub(crate) readable: bool,
+    /// Abort sent: flush it and close; cleanup's answers no longer matter.
+    pub(crate) closing: bool,
+    pub(crate) last_io: Instant,
+}
+
+/// An Open that could not connect yet (cleanup's backlog was full).
+pub(crate) struct PendingOpen {
+    frame: Vec<u8>,
+    since: Instant,
+    next_try: Instant,
+}
+
+/// One session's side of cleanup: the connection, or the Open waiting
+/// to connect.
+#[derive(Default)]
+pub(crate) struct CleanupLink {
+    pub(crate) conn: Option<CleanupConn>,
+    pub(crate) pending_open: Option<PendingOpen>,
+}
+
+impl CleanupLink {
+    /// Drops the connection (deregistering it).
+    pub(crate) fn drop_conn(&mut self, registry: &Registry) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = c.sock.deregister(registry);
+        }
+    }
+
+    /// Our content waiting for cleanup is at least `high` bytes.
+    pub(crate) fn backed_up(&self, high: usize) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.out.pending() >= high)
+    }
+
+    /// Queues the session's requests for cleanup (connecting at Open),
+    /// and retries a pending Open when its time has come; true if
+    /// anything moved.
+    pub(crate) fn send_requests(
+        &mut self,
+        session: &mut Session,
+        token: Token,
+        registry: &Registry,
+        cfg: &Settings,
+    ) -> bool {
+        let mut progress = false;
+        for req in session.take_requests() {
+            progress = true;
+            match req {
+                CleanupRequest::Open => {
+                    self.drop_conn(registry);
+                    self.pending_open = None;
+                    let now = Instant::now();
+                    self.connect(session, token, registry, cfg, frame(&req), now);
+                }
+                CleanupRequest::Abort => {
+                    self.pending_open = None;
+                    if let Some(c) = &mut self.conn {
+                        c.out.push(&frame(&req));
+                        c.closing = true;
+                    }
+                }
+                _ => {
+                    if let Some(c) = &mut self.conn {
+                        if !c.closing {
+                            c.out.push(&frame(&req));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(p) = self.pending_open.take() {
+            if Instant::now() >= p.next_try {
+                progress = true;
+                self.connect(session, token, registry, cfg, p.frame, p.since);
+            } else {
+                self.pending_open = Some(p);
+            }
+        }
+        progress
+    }
+
+    /// Writes what is queued, reads what cleanup sent, hands whole
+    /// replies to the session and tells it of a lost connection;
+    /// `last_io` is the session's, renewed when cleanup answers. True if
+    /// anything moved.
+    pub(crate) fn exchange(
+        &mut self,
+        session: &mut Session,
+        registry: &Registry,
+        cfg: &Settings,
+        buf: &mut [u8],
+        last_io: &mut Instant,
+    ) -> bool {
+        let mut progress = false;
+        let (finished, mut lost) = match &mut self.conn {
+            Some(c) => c.transfer(cfg, buf),
+            None => (false, false),
+        };
+        // Deliver whole replies, even when the connection closed after them.
+        while let Some(c) = &mut self.conn {
+            match next_reply(&mut c.inbuf) {
+                Ok(Some(reply)) => {
+                    progress = true;
+                    let last = matches!(
+                        reply,
+                        CleanupReply::Queued { .. } | CleanupReply::Failed { .. }
+                    );
+                    if last {
+                        self.drop_conn(registry);
+                        lost = false;
+                    }
+                    session.cleanup_reply(reply);
+                    *last_io = Instant::now();
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warning!("read from {}: {e}", cfg.cleanup_socket.display());
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if finished || lost {
+            let closing = self.conn.as_ref().is_none_or(|c| c.closing);
+            if self.conn.is_some() {
+                self.drop_conn(registry);
+                progress = true;
+                // A reply just handed over may have let the session go on
+                // (pipelined RSET, MAIL, RCPT): the loss is then of a
+                // connection it has given up, not of the one it asks for.
+                if lost && !closing && !session.gave_up_cleanup() {
+                    session.cleanup_lost();
+                    *last_io = Instant::now();
+                }
+            }
+        }
+        progress
+    }
+
+    fn connect(
+        &mut self,
+        session: &mut Session,
+        token: Token,
+        registry: &Registry,
+        cfg: &Settings,
+        frame: Vec<u8>,
+        since: Instant,
+    ) {
+        let path = &cfg.cleanup_socket;
+        match UnixStream::connect(path) {
+            Ok(mut sock) => {
+                if let Err(e) =
+                    registry.register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+                {
+                    warning!("register connection to {}: {e}", path.display());
+                    session.cleanup_lost();
+                    return;
+                }
+                let mut out = OutBuf::default();
+                out.push(&frame);
+                self.conn = Some(CleanupConn {
+                    sock,
+                    out,
+                    inbuf: Vec::new(),
+                    readable: true,
+                    closing: false,
+                    last_io: Instant::now(),
+                });
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && since.elapsed() < cfg.ipc_timeout.min(cfg.timeout) =>
+            {
+                // cleanup's backlog is full: master is starting more of them.
+                // The client waits for its reply at most smtpd_timeout.
+                self.pending_open = Some(PendingOpen {
+                    frame,
+                    since,
+                    next_try: Instant::now() + CONNECT_RETRY,
+                });
+            }
+            Err(e) => {
+                warning!("connect to {}: {e}", path.display());
+                session.cleanup_lost();
+            }
+        }
+    }
+}
+
+impl CleanupConn {
+    /// Writes until done or the socket is full, then (unless closing
+    /// with nothing left to send) reads until it would block; returns
+    /// (finished: an Abort went out in full, lost: the connection failed
+    /// or closed).
+    fn transfer(&mut self, cfg: &Settings, buf: &mut [u8]) -> (bool, bool) {
+        match self.out.write_to(&mut self.sock) {
+            Ok(n) if n > 0 => self.last_io = Instant::now(),
+            Ok(_) => {}
+            Err(e) => {
+                if !self.closing {
+                    warning!("write to {}: {e}", cfg.cleanup_socket.display());
+                }
+                return (false, true);
+            }
+        }
+        if self.closing && self.out.pending() == 0 {
+            return (true, false);
+        }
+        if !self.readable {
+            return (false, false);
+        }
+        loop {
+            match self.sock.read(buf) {
+                Ok(0) => return (false, true),
+                Ok(n) => {
+                    self.last_io = Instant::now();
+                    if !self.closing {
+                        self.inbuf.extend_from_slice(&buf[..n]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return (false, false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return (false, true),
+            }
+        }
+    }
+}
+
+/// Encodes one request as a frame.
+fn frame(req: &CleanupRequest) -> Vec<u8> {
+    let mut v = Vec::new();
+    // Writing into a Vec cannot fail, and our messages always encode.
+    let _ = ipc::send(&mut v, req);
+    v
+}
+
+/// Takes one whole reply frame off the front of `inbuf`, if there is one.
+fn next_reply(inbuf: &mut Vec<u8>) -> io::Result<Option<CleanupReply>> {
+    let Some((reply, used)) = ipc::take_frame(inbuf, ipc::MAX_MESSAGE)? else {
+        return Ok(None);
+    };
+    inbuf.drain(..used);
+    Ok(Some(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let mut bytes = Vec::new();
+        for r in [
+            CleanupReply::Opened {
+                queue_id: "ABC".into(),
+            },
+            CleanupReply::Queued {
+                queue_id: "ABC".into(),
+            },
+        ] {
+            ipc::send(&mut bytes, &r).unwrap();
+        }
+        let mut inbuf = Vec::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            inbuf.push(b);
+            while let Some(r) = next_reply(&mut inbuf).unwrap() {
+                got.push(r);
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                CleanupReply::Opened {
+                    queue_id: "ABC".into()
+                },
+                CleanupReply::Queued {
+                    queue_id: "ABC".into()
+                }
+            ]
+        );
+        assert!(inbuf.is_empty());
+        let mut huge = (ipc::MAX_MESSAGE + 1).to_le_bytes().to_vec();
+        assert!(next_reply(&mut huge).is_err());
+        // Requests encode as ipc frames.
+        let f = frame(&CleanupRequest::Close);
+        let mut r = &f[..];
+        assert!(matches!(
+            ipc::recv::<_, CleanupRequest>(&mut r).unwrap(),
+            CleanupRequest::Close
+        ));
+    }
+}

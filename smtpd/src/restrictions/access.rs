@@ -1,0 +1,187 @@
+//! `check_client_access`, `check_helo_access`, `check_sender_access`,
+//! `check_recipient_access`: the lookup keys Postfix's access(5) tries,
+//! in order, and the actions a table may answer.
+
+use super::{Item, Request, Restrictions, Stage, Verdict};
+use postern_common::{addr, info, warning};
+use std::net::IpAddr;
+
+impl Restrictions {
+    pub(super) fn check_access(&self, item: &Item, stage: Stage, req: &Request<'_>) -> Verdict {
+        let Some(spec) = &item.arg else {
+            warning!("restriction {} requires a table argument", item.name);
+            return Verdict::Reject("451 4.3.5 Server configuration error".into());
+        };
+        let table = match self.tables.get(spec) {
+            Some(Ok(t)) => t,
+            _ => {
+                warning!("{}: table {spec} is not available", item.name);
+                return Verdict::Reject("451 4.3.5 Server configuration error".into());
+            }
+        };
+        // The stage whose words a reject uses: the thing looked up.
+        let (kind, keys) = match item.name.as_str() {
+            "check_client_access" => (Stage::Client, client_keys(req.client_name, req.ip())),
+            "check_helo_access" => match req.helo {
+                Some(h) => (Stage::Helo, domain_keys(h)),
+                None => return Verdict::Dunno,
+            },
+            "check_sender_access" => match req.sender {
+                Some(s) => (Stage::Sender, address_keys(s)),
+                None => return Verdict::Dunno,
+            },
+            _ => match req.recipient {
+                Some(r) => (Stage::Recipient, address_keys(r)),
+                None => return Verdict::Dunno,
+            },
+        };
+        let _ = stage;
+        for key in keys {
+            if let Some(action) = table.lookup_expanded(&key) {
+                return self.action(&action, kind, req, spec);
+            }
+        }
+        Verdict::Dunno
+    }
+
+    /// An access(5) result.
+    fn action(&self, action: &str, stage: Stage, req: &Request<'_>, spec: &str) -> Verdict {
+        let action = action.trim();
+        let (word, text) = match action.split_once(char::is_whitespace) {
+            Some((w, t)) => (w, t.trim()),
+            None => (action, ""),
+        };
+        let upper = word.to_ascii_uppercase();
+        match upper.as_str() {
+            "OK" => Verdict::Permit,
+            "DUNNO" => Verdict::Dunno,
+            "REJECT" => Self::reject(
+                stage,
+                req,
+                "554",
+                "5.7.1",
+                if text.is_empty() {
+                    "Access denied"
+                } else {
+                    text
+                },
+            ),
+            "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => Self::reject(
+                stage,
+                req,
+                "450",
+                "4.7.1",
+                if text.is_empty() {
+                    "Try again later"
+                } else {
+                    text
+                },
+            ),
+            "WARN" | "INFO" => {
+                let (key, what) = Self::subject(stage, req);
+                info!(
+                    "NOQUEUE: {}: {} from {}[{}]: <{key}>: {what} triggers {}: {text}",
+                    upper.to_ascii_lowercase(),
+                    req.command,
+                    req.client_name,
+                    req.ip(),
+                    upper
+                );
+                Verdict::Dunno
+            }
+            _ if word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit()) => {
+                match word.as_bytes()[0] {
+                    b'4' | b'5' => {
+                        let class = word.as_bytes()[0] as char;
+                        // An enhanced status code at the start of the text
+                        // is used; else X.7.1.
+                        let (dsn, rest) = match text.split_once(' ') {
+                            Some((d, r)) if is_dsn(d, class) => (d.to_string(), r),
+                            _ if is_dsn(text, class) => (text.to_string(), ""),
+                            _ => (format!("{class}.7.1"), text),
+                        };
+                        let rest = if rest.is_empty() {
+                            "Access denied"
+                        } else {
+                            rest
+                        };
+                        Self::reject(stage, req, word, &dsn, rest)
+                    }
+                    // All-numerical results are OK (Postfix's rule).
+                    _ => Verdict::Permit,
+                }
+            }
+            _ if !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit()) => Verdict::Permit,
+            _ => {
+                let name = word.to_ascii_lowercase();
+                if matches!(
+                    name.as_str(),
+                    "discard" | "hold" | "redirect" | "filter" | "prepend" | "bcc"
+                ) {
+                    warning!("access table {spec}: action {word} is not supported; ignored");
+                    return Verdict::Dunno;
+                }
+                // A restriction name (permit_mynetworks, reject_..., ...).
+                self.eval_one(
+                    &Item {
+                        name,
+                        arg: (!text.is_empty()).then(|| text.to_string()),
+                    },
+                    stage,
+                    req,
+                )
+            }
+        }
+    }
+}
+
+pub(super) fn is_dsn(d: &str, class: char) -> bool {
+    d.starts_with(class)
+        && d.split('.').count() == 3
+        && d.split('.')
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Keys for a host name: itself and its parent domains.
+pub(super) fn domain_keys(name: &str) -> Vec<String> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let mut out = vec![name.clone()];
+    let mut d = name.as_str();
+    while let Some((_, parent)) = d.split_once('.') {
+        out.push(parent.to_string());
+        d = parent;
+    }
+    out
+}
+
+/// Keys for an address, in access(5) order: the address, its domain and
+/// parent domains, `user@`; `<>` for the null address.
+pub(super) fn address_keys(a: &str) -> Vec<String> {
+    if a.is_empty() {
+        return vec!["<>".into()];
+    }
+    let mut out = vec![a.to_ascii_lowercase()];
+    let (local, domain) = addr::split(a);
+    if let Some(d) = domain {
+        out.extend(domain_keys(d));
+    }
+    out.push(format!("{}@", local.to_ascii_lowercase()));
+    out
+}
+
+/// Keys for a client: host name and parents (if known), the address,
+/// and for IPv4 its shorter prefixes (`1.2.3`, `1.2`, `1`).
+pub(super) fn client_keys(name: &str, ip: IpAddr) -> Vec<String> {
+    let mut out = Vec::new();
+    if name != "unknown" {
+        out.extend(domain_keys(name));
+    }
+    out.push(ip.to_string());
+    if let IpAddr::V4(v4) = ip {
+        let o = v4.octets();
+        out.push(format!("{}.{}.{}", o[0], o[1], o[2]));
+        out.push(format!("{}.{}", o[0], o[1]));
+        out.push(format!("{}", o[0]));
+    }
+    out
+}

@@ -1,0 +1,184 @@
+//! The client, HELO, sender and recipient checks that need no lookup
+//! of their own: fully-qualified names and HELO syntax, pipelining,
+//! relay control (`permit_auth_destination`,
+//! `reject_unauth_destination`), unlisted addresses and the SASL owners
+//! of sender addresses (`smtpd_sender_login_maps`).
+
+use super::{Request, Restrictions, Stage, Verdict};
+use postern_common::resolve::Class;
+use postern_common::{addr, hostname, info};
+
+impl Restrictions {
+    /// reject_non_fqdn_sender.
+    pub(super) fn non_fqdn_sender(req: &Request<'_>) -> Verdict {
+        match req.sender {
+            Some(s) if !s.is_empty() && !hostname::fqdn_domain(&addr::domain(s)) => Self::reject(
+                Stage::Sender,
+                req,
+                "504",
+                "5.5.2",
+                "need fully-qualified address",
+            ),
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// reject_non_fqdn_recipient.
+    pub(super) fn non_fqdn_recipient(req: &Request<'_>) -> Verdict {
+        match req.recipient {
+            Some(r) if !hostname::fqdn_domain(&addr::domain(r)) => Self::reject(
+                Stage::Recipient,
+                req,
+                "504",
+                "5.5.2",
+                "need fully-qualified address",
+            ),
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// reject_non_fqdn_helo_hostname.
+    pub(super) fn non_fqdn_helo(req: &Request<'_>) -> Verdict {
+        match req.helo {
+            Some(h) if h.starts_with('[') && !hostname::valid_helo_name(h) => {
+                Self::reject(Stage::Helo, req, "501", "5.5.2", "Invalid ip address")
+            }
+            Some(h) if !h.starts_with('[') && !hostname::fqdn_helo_name(h) => Self::reject(
+                Stage::Helo,
+                req,
+                "504",
+                "5.5.2",
+                "need fully-qualified hostname",
+            ),
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// reject_invalid_helo_hostname.
+    pub(super) fn invalid_helo(req: &Request<'_>) -> Verdict {
+        match req.helo {
+            Some(h) if !hostname::valid_helo_name(h) => {
+                let text = if h.starts_with('[') {
+                    "Invalid ip address"
+                } else {
+                    "Invalid name"
+                };
+                Self::reject(Stage::Helo, req, "501", "5.5.2", text)
+            }
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// reject_unauth_pipelining: input waiting behind a command, from a
+    /// client that did not say EHLO, or behind DATA.
+    pub(super) fn unauth_pipelining(stage: Stage, req: &Request<'_>) -> Verdict {
+        if req.pipelined && (!req.esmtp || req.command == "DATA") {
+            info!(
+                "improper command pipelining after {} from {}[{}]",
+                req.command,
+                req.client_name,
+                req.ip()
+            );
+            let (key, what) = match stage {
+                Stage::Data => (req.command.to_string(), "Data command"),
+                _ => Self::subject(stage, req),
+            };
+            Verdict::Reject(format!(
+                "503 5.5.0 <{key}>: {what} rejected: Improper use of SMTP command pipelining"
+            ))
+        } else {
+            Verdict::Dunno
+        }
+    }
+
+    // ------------------------------------------------------------ SASL owners
+
+    pub(super) fn login_mismatch(
+        &self,
+        req: &Request<'_>,
+        authed: bool,
+        unauthed: bool,
+    ) -> Verdict {
+        let Some(sender) = req.sender.filter(|s| !s.is_empty()) else {
+            return Verdict::Dunno;
+        };
+        let Some(maps) = &self.sender_login_maps else {
+            return Verdict::Dunno;
+        };
+        // Postfix looks up the address, then `@domain`.
+        let keys = [
+            sender.to_ascii_lowercase(),
+            format!("@{}", addr::domain(sender)),
+        ];
+        let owners: Option<Vec<String>> = keys
+            .iter()
+            .find_map(|k| maps.lookup(k).map(|v| v.to_string()))
+            .map(|v| {
+                v.split([',', ' ', '\t'])
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.to_string())
+                    .collect()
+            });
+        match (req.sasl_username, owners) {
+            (Some(login), owners) if authed => {
+                let owned = owners
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|x| x.eq_ignore_ascii_case(login)));
+                if owned {
+                    Verdict::Dunno
+                } else {
+                    Self::reject(
+                        Stage::Sender,
+                        req,
+                        "553",
+                        "5.7.1",
+                        &format!("not owned by user {login}"),
+                    )
+                }
+            }
+            (None, Some(_)) if unauthed => {
+                Self::reject(Stage::Sender, req, "553", "5.7.1", "not logged in")
+            }
+            _ => Verdict::Dunno,
+        }
+    }
+
+    // ------------------------------------------------------------ destinations
+
+    pub(super) fn unauth_destination(&self, rcpt: &str, code: &str) -> Verdict {
+        if self.auth_destination(rcpt) {
+            Verdict::Dunno
+        } else {
+            Verdict::Reject(format!("{code} <{rcpt}>: Relay access denied"))
+        }
+    }
+
+    /// Whether mail for `rcpt` is ours to take from anyone, as Postfix's
+    /// permit_auth_destination: the resolver puts it in a final class
+    /// (local, virtual alias, virtual mailbox) or in `relay_domains`
+    /// (subdomains included through parent_domain_matches_subdomains),
+    /// and its local part does not route further (`a%b@local`,
+    /// `b!a@local`, `a@b@local`: allow_untrusted_routing = no).
+    pub fn auth_destination(&self, rcpt: &str) -> bool {
+        match self.resolved(rcpt) {
+            Some(r) => !r.routed && (r.class.is_final() || r.class == Class::Relay),
+            None => false,
+        }
+    }
+
+    /// reject_unlisted_recipient / _sender: an address that no table of
+    /// its class knows, as Postfix's smtpd checks it (see
+    /// [`postern_common::resolve::Resolver::check_listed`]).
+    pub(super) fn unlisted(&self, address: &str, sender: Option<&str>, what: &str) -> Verdict {
+        let Some(resolver) = &self.resolver else {
+            return Verdict::Dunno;
+        };
+        match resolver.check_listed(sender, address, what.starts_with("Sender")) {
+            Ok(()) => Verdict::Dunno,
+            Err(f) => Verdict::Reject(format!(
+                "{} {} <{address}>: {what} rejected: {}",
+                f.code, f.dsn, f.text
+            )),
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! Access restrictions: Postfix's `smtpd_*_restrictions` language.
+//!
+//! A restriction list is a sequence of names, some followed by an
+//! argument (`check_sender_access hash:/etc/postern/access`), evaluated in
+//! order; each one answers [`Verdict::Permit`] (stop: this list accepts),
+//! [`Verdict::Reject`] (stop: refuse with an SMTP reply) or
+//! [`Verdict::Dunno`] (no opinion: go on). A list that runs out accepts.
+//!
+//! There is one list per stage ([`Stage`]): client, HELO, sender,
+//! recipient (`smtpd_relay_restrictions` then
+//! `smtpd_recipient_restrictions`) and DATA. A permit ends only its own
+//! list; a reject anywhere refuses. With `smtpd_delay_reject = yes` (the
+//! default) the client, HELO and sender lists are evaluated at each RCPT
+//! TO, before the recipient lists, so that the log shows whom the mail
+//! was for; with `no` each at its own command (the client's at connect).
+//!
+//! Restrictions: `permit`, `reject`, `defer`, `permit_mynetworks`,
+//! `permit_sasl_authenticated`, `permit_auth_destination`,
+//! `reject_unauth_destination`, `defer_unauth_destination`,
+//! `reject_non_fqdn_sender`, `reject_non_fqdn_recipient`,
+//! `reject_non_fqdn_helo_hostname`, `reject_invalid_helo_hostname`,
+//! `reject_unauth_pipelining`, `reject_unlisted_recipient`,
+//! `reject_unlisted_sender`, `reject_sender_login_mismatch` and its
+//! `authenticated`/`unauthenticated` halves (with
+//! `smtpd_sender_login_maps`), and `check_client_access`,
+//! `check_helo_access`, `check_sender_access`, `check_recipient_access`
+//! with a lookup table whose results are Postfix's access(5) actions
+//! (`OK`, `REJECT [text]`, `DEFER [text]`, `DUNNO`, `4NN text`,
+//! `5NN text`, or a restriction name), and the DNS ones
+//! `reject_unknown_sender_domain`, `reject_unknown_recipient_domain` and
+//! `reject_rbl_client`, which read answers the session fetched first
+//! ([`Restrictions::dns_needed`], [`crate::dns`]). Any other name is a configuration
+//! error: logged, and the request gets `451 4.3.5 Server configuration
+//! error`, as Postfix does.
+//!
+//! Here: the types, the lists read from the configuration and the
+//! checks the session calls at each stage. Beside it:
+//! - `eval`: evaluating a list, one restriction after the other, and
+//!   the wording of replies;
+//! - `checks`: the client, HELO, sender and recipient checks that need
+//!   no lookup (FQDN and syntax, pipelining, relay control, unlisted
+//!   addresses, sender login maps);
+//! - `dns_checks`: the checks that read DNS answers (unknown client,
+//!   HELO, sender and recipient domains, RBLs), and which answers they
+//!   need;
+//! - `access`: `check_*_access` tables and their access(5) actions.
+
+mod access;
+mod checks;
+mod dns_checks;
+mod eval;
+#[cfg(test)]
+mod tests;
+
+use crate::dns::{Answer, NameStatus, Query};
+use postern_common::cidr::CidrList;
+use postern_common::maps::{Table, Tables};
+use postern_common::resolve::{Resolved, Resolver};
+use postern_common::warning;
+use postern_conf::Config;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The outcome of one restriction or of a whole list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Permit,
+    Dunno,
+    /// The complete SMTP reply, e.g. `554 5.7.1 <a@b>: Relay access denied`.
+    Reject(String),
+}
+
+/// Where in the dialogue a list applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Client,
+    Helo,
+    Sender,
+    Recipient,
+    Data,
+}
+
+/// What the restrictions look at.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    pub client_addr: Option<IpAddr>,
+    /// The client's verified host name (`unknown` without one).
+    pub client_name: &'a str,
+    /// Its PTR name, verified or not (`unknown` without one).
+    pub client_reverse_name: &'a str,
+    pub name_status: NameStatus,
+    pub reverse_status: NameStatus,
+    pub helo: Option<&'a str>,
+    /// The envelope sender (None before MAIL; Some("") for `<>`).
+    pub sender: Option<&'a str>,
+    /// The envelope recipient in internal form (at RCPT TO).
+    pub recipient: Option<&'a str>,
+    /// The SASL login, when the client has authenticated.
+    pub sasl_username: Option<&'a str>,
+    /// The client said EHLO.
+    pub esmtp: bool,
+    /// More input was waiting behind the current command.
+    pub pipelined: bool,
+    /// The command being checked (`RCPT`, `DATA`, ...), for replies.
+    pub command: &'a str,
+    /// DNS answers the session has (see [`Restrictions::dns_needed`]).
+    pub dns: Option<&'a HashMap<Query, Answer>>,
+}
+
+impl Request<'_> {
+    fn ip(&self) -> IpAddr {
+        self.client_addr
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+/// One item of a list: a name and, for those that take one, its argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub name: String,
+    pub arg: Option<String>,
+}
+
+/// Restrictions whose next list element is their argument.
+const TAKES_ARG: [&str; 5] = [
+    "reject_rbl_client",
+    "check_client_access",
+    "check_helo_access",
+    "check_sender_access",
+    "check_recipient_access",
+];
+
+/// Parses a list value into items.
+pub fn parse_list(words: &[String]) -> Vec<Item> {
+    let mut out = Vec::new();
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        let name = w.to_ascii_lowercase();
+        let arg = if TAKES_ARG.contains(&name.as_str()) {
+            it.next().cloned()
+        } else {
+            None
+        };
+        out.push(Item { name, arg });
+    }
+    out
+}
+
+/// The restriction lists and the tables they consult, read once at start.
+#[derive(Debug, Clone, Default)]
+pub struct Restrictions {
+    client: Vec<Item>,
+    helo: Vec<Item>,
+    sender: Vec<Item>,
+    relay: Vec<Item>,
+    recipient: Vec<Item>,
+    data: Vec<Item>,
+    pub delay_reject: bool,
+    /// `smtpd_reject_unlisted_recipient`.
+    reject_unlisted: bool,
+    /// `unknown_client_hostname_reject_code`: a client without a
+    /// (verified) name.
+    unknown_client_code: u16,
+    /// `unknown_hostname_reject_code`: a HELO name without records.
+    unknown_hostname_code: u16,
+    mynetworks: CidrList,
+    /// Address classes and recipient tables: the one resolver.
+    resolver: Option<Arc<Resolver>>,
+    /// Access tables named in the lists, opened at start (Err: why not).
+    tables: HashMap<String, Result<Table, String>>,
+    sender_login_maps: Option<Tables>,
+}
+
+/// Restrictions that refuse mail by default; one of them must appear in
+/// the relay or recipient restrictions, or Postfix refuses to start (an
+/// open relay is too easy to build by mistake).
+const RCPT_REQUIRED: [&str; 6] = [
+    "reject_unauth_destination",
+    "defer_unauth_destination",
+    "reject",
+    "defer",
+    "defer_if_permit",
+    "check_relay_domains",
+];
+
+fn list(cfg: &Config, name: &str) -> Vec<Item> {
+    parse_list(&cfg.get_list(name))
+}
+
+/// A `*_reject_code` parameter: a 4xx or 5xx reply code.
+fn reject_code(cfg: &Config, name: &str) -> Result<u16, String> {
+    let v = cfg.get(name);
+    match v.trim().parse::<u16>() {
+        Ok(c) if (400..600).contains(&c) => Ok(c),
+        _ => Err(format!(
+            "{name}: expected a 4xx or 5xx reply code, not \"{v}\""
+        )),
+    }
+}
+
+/// The enhanced status code for reply `code` with detail `.x.y`.
+fn dsn_for(code: u16, detail: &str) -> String {
+    format!("{}{detail}", if code < 500 { '4' } else { '5' })
+}
+
+impl Restrictions {
+    /// Reads the `smtpd_*_restrictions` lists and what they consult. An
+    /// error is a configuration the server must not run with.
+    pub fn from_config(cfg: &Config) -> Result<Restrictions, String> {
+        let mynetworks =
+            CidrList::parse(&cfg.get_list("mynetworks")).map_err(|e| format!("mynetworks: {e}"))?;
+        let mut r = Restrictions::with_resolver(
+            list(cfg, "smtpd_relay_restrictions"),
+            list(cfg, "smtpd_recipient_restrictions"),
+            mynetworks,
+            Resolver::with_recipient_checks(cfg),
+        )?;
+        for name in postern_common::resolve::RECIPIENT_CODES {
+            reject_code(cfg, name)?;
+        }
+        r.client = list(cfg, "smtpd_client_restrictions");
+        r.helo = list(cfg, "smtpd_helo_restrictions");
+        r.sender = list(cfg, "smtpd_sender_restrictions");
+        r.data = list(cfg, "smtpd_data_restrictions");
+        r.delay_reject = cfg
+            .get_bool("smtpd_delay_reject")
+            .map_err(|e| e.to_string())?;
+        r.reject_unlisted = cfg
+            .get_bool("smtpd_reject_unlisted_recipient")
+            .map_err(|e| e.to_string())?;
+        r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
+        r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
+        r.open_tables();
+        let logins = cfg.get("smtpd_sender_login_maps");
+        if !logins.trim().is_empty() {
+            let (t, errors) = Tables::open_list(&logins);
+            for e in &errors {
+                warning!("smtpd_sender_login_maps: {e}");
+            }
+            r.sender_login_maps = Some(t);
+        }
+        Ok(r)
+    }
+
+    /// Lists built by hand, with a resolver that knows only these local
+    /// and relay domains (tests).
+    pub fn new(
+        relay: Vec<Item>,
+        recipient: Vec<Item>,
+        mynetworks: CidrList,
+        mydestination: Vec<String>,
+        relay_domains: Vec<String>,
+    ) -> Result<Restrictions, String> {
+        let text = format!(
+            "myhostname = {}\nmydestination = {}\nrelay_domains = {}\nlocal_recipient_maps =\n",
+            mydestination
+                .first()
+                .map(String::as_str)
+                .unwrap_or("localhost"),
+            mydestination.join(", "),
+            relay_domains.join(", ")
+        );
+        let cfg = Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            &text,
+            std::path::Path::new("main.cf"),
+        )
+        .map_err(|e| e.to_string())?;
+        Self::with_resolver(relay, recipient, mynetworks, Resolver::new(&cfg))
+    }
+
+    fn with_resolver(
+        relay: Vec<Item>,
+        recipient: Vec<Item>,
+        mynetworks: CidrList,
+        resolver: Resolver,
+    ) -> Result<Restrictions, String> {
+        let has_required = |l: &[Item]| l.iter().any(|r| RCPT_REQUIRED.contains(&r.name.as_str()));
+        if !has_required(&relay) && !has_required(&recipient) {
+            return Err(format!(
+                "in parameter smtpd_relay_restrictions or smtpd_recipient_restrictions, \
+                 specify at least one working instance of: {}",
+                "reject_unauth_destination, defer_unauth_destination, reject, defer, \
+                 defer_if_permit or check_relay_domains"
+            ));
+        }
+        Ok(Restrictions {
+            relay,
+            recipient,
+            mynetworks,
+            resolver: Some(Arc::new(resolver)),
+            delay_reject: true,
+            unknown_client_code: 450,
+            unknown_hostname_code: 450,
+            ..Default::default()
+        })
+    }
+
+    /// Sets a stage's list (tests, and lists built by hand).
+    #[cfg(test)]
+    pub fn set_list(&mut self, stage: Stage, items: Vec<Item>) {
+        match stage {
+            Stage::Client => self.client = items,
+            Stage::Helo => self.helo = items,
+            Stage::Sender => self.sender = items,
+            Stage::Recipient => self.recipient = items,
+            Stage::Data => self.data = items,
+        }
+        self.open_tables();
+    }
+
+    fn open_tables(&mut self) {
+        let all = [
+            &self.client,
+            &self.helo,
+            &self.sender,
+            &self.relay,
+            &self.recipient,
+            &self.data,
+        ];
+        let specs: Vec<String> = all
+            .iter()
+            .flat_map(|l| l.iter())
+            .filter_map(|i| i.arg.clone())
+            .collect();
+        for spec in specs {
+            if self.tables.contains_key(&spec) {
+                continue;
+            }
+            let t = Table::open(&spec);
+            if let Err(e) = &t {
+                warning!("{e}");
+            }
+            self.tables.insert(spec, t);
+        }
+    }
+
+    /// Whether the client is in `mynetworks`.
+    pub fn in_mynetworks(&self, ip: IpAddr) -> bool {
+        self.mynetworks.matches(ip)
+    }
+
+    /// The checks at connect (only with smtpd_delay_reject = no).
+    pub fn check_connect(&self, req: &Request<'_>) -> Option<String> {
+        if self.delay_reject {
+            return None;
+        }
+        self.reject_of(Stage::Client, req)
+    }
+
+    /// The checks of HELO/EHLO (only with smtpd_delay_reject = no).
+    pub fn check_helo(&self, req: &Request<'_>) -> Option<String> {
+        if self.delay_reject {
+            return None;
+        }
+        self.reject_of(Stage::Helo, req)
+    }
+
+    /// The checks of MAIL FROM (only with smtpd_delay_reject = no).
+    pub fn check_sender(&self, req: &Request<'_>) -> Option<String> {
+        if self.delay_reject {
+            return None;
+        }
+        self.reject_of(Stage::Sender, req)
+    }
+
+    /// The checks of RCPT TO (and VRFY): `None` accepts, `Some(reply)`
+    /// refuses. The bare name `postmaster` is always accepted (RFC 5321
+    /// section 4.5.1).
+    pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
+        let rcpt = req.recipient.unwrap_or_default();
+        // Postfix's smtpd_check_addr(), before any restriction: an
+        // address the resolver cannot use (a bad domain or address
+        // literal, a local part starting with `-`).
+        if self.resolved(rcpt).is_some_and(|r| r.bad_syntax) {
+            return Some("501 5.1.3 Bad recipient address syntax".into());
+        }
+        if rcpt.eq_ignore_ascii_case("postmaster") {
+            return None;
+        }
+        if self.delay_reject {
+            for stage in [Stage::Client, Stage::Helo, Stage::Sender] {
+                if let Some(r) = self.reject_of(stage, req) {
+                    return Some(r);
+                }
+            }
+        }
+        for l in [&self.relay, &self.recipient] {
+            if let Verdict::Reject(reply) = self.eval_list(l, Stage::Recipient, req) {
+                return Some(reply);
+            }
+        }
+        if self.reject_unlisted {
+            if let Verdict::Reject(r) = self.unlisted(rcpt, req.sender, "Recipient address") {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Mail for `rcpt` ends here (local, virtual alias or virtual
+    /// mailbox class).
+    fn final_destination(&self, rcpt: &str) -> bool {
+        self.resolved(rcpt).is_some_and(|r| r.class.is_final())
+    }
+
+    fn resolved(&self, rcpt: &str) -> Option<Resolved> {
+        self.resolver.as_ref()?.resolve(None, rcpt).ok()
+    }
+
+    /// The checks of DATA.
+    pub fn check_data(&self, req: &Request<'_>) -> Option<String> {
+        self.reject_of(Stage::Data, req)
+    }
+
+    fn reject_of(&self, stage: Stage, req: &Request<'_>) -> Option<String> {
+        let l = match stage {
+            Stage::Client => &self.client,
+            Stage::Helo => &self.helo,
+            Stage::Sender => &self.sender,
+            Stage::Recipient => &self.recipient,
+            Stage::Data => &self.data,
+        };
+        match self.eval_list(l, stage, req) {
+            Verdict::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+}

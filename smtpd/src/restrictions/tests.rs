@@ -1,0 +1,313 @@
+use super::access::{address_keys, client_keys, is_dsn};
+use super::*;
+
+fn items(s: &str) -> Vec<Item> {
+    parse_list(&postern_conf::split_list(s))
+}
+
+fn r(relay: &str, rcpt: &str) -> Restrictions {
+    Restrictions::new(
+        items(relay),
+        items(rcpt),
+        CidrList::parse(&["127.0.0.0/8", "[::1]/128"]).unwrap(),
+        postern_conf::split_list("mx.example, localhost"),
+        postern_conf::split_list("relay.example"),
+    )
+    .unwrap()
+}
+
+fn req(ip: &str, rcpt: &'static str) -> Request<'static> {
+    Request {
+        client_addr: Some(ip.parse().unwrap()),
+        client_name: "unknown",
+        recipient: Some(rcpt),
+        sender: Some("s@sender.example"),
+        helo: Some("client.example"),
+        esmtp: true,
+        command: "RCPT",
+        ..Default::default()
+    }
+}
+
+const DEFAULT: &str = "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination";
+
+#[test]
+fn relay_control() {
+    let p = r(DEFAULT, "");
+    assert_eq!(p.check_recipient(&req("127.0.0.1", "a@far.example")), None);
+    assert_eq!(
+        p.check_recipient(&req("::ffff:127.0.0.1", "a@far.example")),
+        None
+    );
+    assert_eq!(
+        p.check_recipient(&req("192.0.2.1", "a@far.example"))
+            .as_deref(),
+        Some("554 5.7.1 <a@far.example>: Relay access denied")
+    );
+    assert_eq!(p.check_recipient(&req("192.0.2.1", "a@MX.example.")), None);
+    assert_eq!(
+        p.check_recipient(&req("192.0.2.1", "a@relay.example")),
+        None
+    );
+    assert_eq!(
+        p.check_recipient(&req("192.0.2.1", "a@sub.relay.example")),
+        None
+    );
+    assert_eq!(p.check_recipient(&req("192.0.2.1", "user")), None);
+    assert_eq!(p.check_recipient(&req("192.0.2.1", "Postmaster")), None);
+    assert!(p
+        .check_recipient(&req("192.0.2.1", "a%far.example@mx.example"))
+        .is_some());
+    assert!(p
+        .check_recipient(&req("192.0.2.1", "far!a@mx.example"))
+        .is_some());
+    assert!(p
+        .check_recipient(&req("192.0.2.1", "a@notrelay.example"))
+        .is_some());
+    let mut authed = req("192.0.2.1", "a@far.example");
+    authed.sasl_username = Some("alice");
+    assert_eq!(p.check_recipient(&authed), None);
+}
+
+#[test]
+fn other_restrictions() {
+    let p = r("permit_mynetworks defer_unauth_destination", "");
+    assert_eq!(
+        p.check_recipient(&req("192.0.2.1", "a@far.example"))
+            .as_deref(),
+        Some("454 4.7.1 <a@far.example>: Relay access denied")
+    );
+    // Relay restrictions permit; recipient restrictions still apply.
+    let p = r(DEFAULT, "reject");
+    assert_eq!(
+        p.check_recipient(&req("127.0.0.1", "a@mx.example"))
+            .as_deref(),
+        Some("554 5.7.1 <a@mx.example>: Recipient address rejected: Access denied")
+    );
+    let p = r(DEFAULT, "permit_auth_destination, defer");
+    assert_eq!(p.check_recipient(&req("127.0.0.1", "a@mx.example")), None);
+    assert_eq!(
+        p.check_recipient(&req("127.0.0.1", "a@far.example"))
+            .as_deref(),
+        Some("450 4.7.1 <a@far.example>: Recipient address rejected: Try again later")
+    );
+    let p = r(DEFAULT, "no_such_thing");
+    assert_eq!(
+        p.check_recipient(&req("127.0.0.1", "a@mx.example"))
+            .as_deref(),
+        Some("451 4.3.5 Server configuration error")
+    );
+    let p = r("permit_sasl_authenticated reject_unauth_destination", "");
+    assert!(p
+        .check_recipient(&req("127.0.0.1", "a@far.example"))
+        .is_some());
+}
+
+#[test]
+fn stages_and_delay() {
+    let mut p = r(DEFAULT, "");
+    p.set_list(Stage::Client, items("permit_mynetworks, reject"));
+    p.set_list(Stage::Sender, items("reject_non_fqdn_sender"));
+    // Delayed: the client list refuses at RCPT, with the client words.
+    assert_eq!(
+        p.check_recipient(&req("192.0.2.1", "a@mx.example"))
+            .as_deref(),
+        Some("554 5.7.1 <unknown[192.0.2.1]>: Client host rejected: Access denied")
+    );
+    assert_eq!(p.check_connect(&req("192.0.2.1", "a@mx.example")), None);
+    // A permit in the client list does not skip the sender list.
+    let mut q = req("127.0.0.1", "a@mx.example");
+    q.sender = Some("joe@localhost");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("504 5.5.2 <joe@localhost>: Sender address rejected: need fully-qualified address")
+    );
+    q.sender = Some("");
+    assert_eq!(p.check_recipient(&q), None);
+    p.delay_reject = false;
+    assert!(p.check_connect(&req("192.0.2.1", "x")).is_some());
+    assert!(p.check_sender(&q).is_none());
+}
+
+#[test]
+fn helo_and_fqdn_checks() {
+    let mut p = r(DEFAULT, "reject_non_fqdn_recipient");
+    p.set_list(
+        Stage::Helo,
+        items("reject_invalid_helo_hostname, reject_non_fqdn_helo_hostname"),
+    );
+    let mut q = req("127.0.0.1", "a@mx.example");
+    assert_eq!(p.check_recipient(&q), None);
+    q.helo = Some("bad..name");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("501 5.5.2 <bad..name>: Helo command rejected: Invalid name")
+    );
+    q.helo = Some("localhost");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname")
+    );
+    q.helo = Some("[127.0.0.1]");
+    assert_eq!(p.check_recipient(&q), None);
+    q.recipient = Some("user");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("504 5.5.2 <user>: Recipient address rejected: need fully-qualified address")
+    );
+}
+
+#[test]
+fn pipelining() {
+    let mut p = r(DEFAULT, "");
+    p.set_list(Stage::Data, items("reject_unauth_pipelining"));
+    let mut q = req("127.0.0.1", "a@mx.example");
+    q.command = "DATA";
+    q.recipient = None;
+    assert_eq!(p.check_data(&q), None);
+    q.pipelined = true;
+    assert_eq!(
+        p.check_data(&q).as_deref(),
+        Some("503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP command pipelining")
+    );
+}
+
+#[test]
+fn access_actions() {
+    let dir = std::env::temp_dir().join(format!("postern-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cidr = dir.join("clients.cidr");
+    std::fs::write(
+        &cidr,
+        "# comment\n192.0.2.0/24 REJECT go away\n198.51.100.7 OK\n203.0.113.0/24 450 4.7.25 later\n",
+    )
+    .unwrap();
+    let senders = dir.join("senders");
+    std::fs::write(
+        &senders,
+        "spam.example REJECT\nfriend@spam.example OK\n<> 550 5.7.1 no bounces here\nwarn.example DUNNO\nrestr.example reject_non_fqdn_recipient\nbad@ 553 bad local part\n",
+    )
+    .unwrap();
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Client,
+        items(&format!("check_client_access cidr:{}", cidr.display())),
+    );
+    p.set_list(
+        Stage::Sender,
+        items(&format!(
+            "check_sender_access texthash:{}",
+            senders.display()
+        )),
+    );
+    let q = req("192.0.2.9", "a@mx.example");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("554 5.7.1 <unknown[192.0.2.9]>: Client host rejected: go away")
+    );
+    let q = req("203.0.113.1", "a@mx.example");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("450 4.7.25 <unknown[203.0.113.1]>: Client host rejected: later")
+    );
+    // OK in the client list; the sender list still runs.
+    let mut q = req("198.51.100.7", "a@far.example");
+    q.sender = Some("x@sub.spam.example");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("554 5.7.1 <x@sub.spam.example>: Sender address rejected: Access denied")
+    );
+    q.sender = Some("friend@spam.example");
+    // OK in the sender list does not open the relay.
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("554 5.7.1 <a@far.example>: Relay access denied")
+    );
+    q.sender = Some("");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("550 5.7.1 <>: Sender address rejected: no bounces here")
+    );
+    q.sender = Some("bad@anything.example");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("553 5.7.1 <bad@anything.example>: Sender address rejected: bad local part")
+    );
+    q.sender = Some("a@restr.example");
+    q.recipient = Some("user");
+    assert!(p
+        .check_recipient(&q)
+        .unwrap()
+        .starts_with("504 5.5.2 <user>: Recipient address rejected"));
+    // A table that cannot be opened is a configuration error.
+    p.set_list(Stage::Helo, items("check_helo_access hash:/nonexistent/x"));
+    assert_eq!(
+        p.check_recipient(&req("127.0.0.1", "a@mx.example"))
+            .as_deref(),
+        Some("451 4.3.5 Server configuration error")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sender_login_mismatch() {
+    let mut p = r(DEFAULT, "");
+    p.sender_login_maps = Some(Tables(vec![Table::open(
+        "inline:{ alice@example.test=alice@example.test, @shared.example=alice@example.test bob@example.test }",
+    )
+    .unwrap()]));
+    p.set_list(Stage::Sender, items("reject_sender_login_mismatch"));
+    let mut q = req("127.0.0.1", "a@mx.example");
+    q.sender = Some("alice@example.test");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("553 5.7.1 <alice@example.test>: Sender address rejected: not logged in")
+    );
+    q.sasl_username = Some("alice@example.test");
+    assert_eq!(p.check_recipient(&q), None);
+    q.sasl_username = Some("bob@example.test");
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("553 5.7.1 <alice@example.test>: Sender address rejected: not owned by user bob@example.test")
+    );
+    q.sender = Some("anyone@shared.example");
+    assert_eq!(p.check_recipient(&q), None);
+    q.sender = Some("someone@else.example");
+    assert!(p.check_recipient(&q).is_some());
+    q.sasl_username = None;
+    assert_eq!(p.check_recipient(&q), None);
+}
+
+#[test]
+fn keys() {
+    assert_eq!(
+        address_keys("U@Sub.Example.COM"),
+        [
+            "u@sub.example.com",
+            "sub.example.com",
+            "example.com",
+            "com",
+            "u@"
+        ]
+    );
+    assert_eq!(address_keys(""), ["<>"]);
+    assert_eq!(
+        client_keys("unknown", "192.0.2.1".parse().unwrap()),
+        ["192.0.2.1", "192.0.2", "192.0", "192"]
+    );
+    assert!(is_dsn("5.7.25", '5'));
+    assert!(!is_dsn("4.7.1", '5'));
+}
+
+#[test]
+fn open_relay_refused() {
+    let e = Restrictions::new(
+        items("permit_mynetworks"),
+        items("permit_auth_destination"),
+        CidrList::default(),
+        vec![],
+        vec![],
+    )
+    .unwrap_err();
+    assert!(e.contains("specify at least one working instance"), "{e}");
+}

@@ -1,0 +1,109 @@
+"""notify_classes (issue 17, point 3): only Postern's own resource and
+software problems page the postmaster. A next hop that answers ``451
+4.3.0 try again later`` is that server's trouble: the message is retried
+and delivered, and error_notice_recipient hears nothing, as with
+Postfix, whose delivery agents never report ``resource`` or
+``software``.
+
+Real peers only: an aiosmtpd receiver that refuses the message twice at
+the end of DATA, then takes it.
+"""
+
+import re
+import uuid
+
+import postern_harness as h
+from postern_harness import wait_for
+
+SENDER = "sender@example.org"
+
+
+class RefusingSink(h.Sink):
+    """A Sink that answers ``refusal`` at the end of DATA to the first
+    ``times`` copies of a message for ``rcpt`` containing ``token`` (other
+    messages, notices among them, are taken)."""
+
+    def __init__(self, rcpt, token, refusal, times):
+        super().__init__()
+        self.rcpt = rcpt
+        self.token = token.encode()
+        self.refusal = refusal
+        self.left = times
+
+    async def handle_DATA(self, server, session, envelope):
+        content = envelope.original_content or b""
+        mine = self.rcpt in envelope.rcpt_tos and self.token in content
+        if mine and self.left > 0:
+            self.left -= 1
+            with self._lock:
+                self._rejected_data.append(h.SinkMessage(
+                    envelope.mail_from, envelope.rcpt_tos, bytes(content),
+                    session.peer, envelope.mail_options))
+            return self.refusal
+        return await super().handle_DATA(server, session, envelope)
+
+
+def queue_empty(p):
+    return not any(p.queue_files(q) for q in ("incoming", "active", "deferred"))
+
+
+def test_remote_4_3_0_is_retried_without_a_postmaster_notice(make_postern):
+    token = "pt-" + uuid.uuid4().hex
+    sink = RefusingSink("rcpt@remote.test", token, "451 4.3.0 try again later", 2).start()
+    try:
+        # notify_classes is left at its default, "resource, software";
+        # the postmaster's address is at the sink too, where any notice
+        # about the message would arrive (it carries the message's
+        # headers, token included).
+        p = make_postern(params={
+            "relayhost": f"[127.0.0.1]:{sink.port}",
+            "error_notice_recipient": "pm@remote.test",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+        })
+        data = (f"From: {SENDER}\nTo: rcpt@remote.test\nSubject: {token}\n"
+                f"Message-ID: <{token}@example.org>\n\nThe body.\n")
+        code, resp = p.send(SENDER, ["rcpt@remote.test"], data)
+        assert code == 250, resp
+        qid = re.search(r"queued as ([0-9A-F]+)", resp).group(1)
+
+        # Refused twice with 4.3.0, then delivered.
+        delivered = wait_for(
+            lambda: [m for m in sink.find(token) if m.rcpt_tos == ["rcpt@remote.test"]],
+            60, what="the message delivered")
+        assert len(delivered) == 1
+        assert len(sink.rejected_data) == 2
+        deferrals = p.log_findall(
+            rf"{qid}: to=<rcpt@remote\.test>.*dsn=4\.3\.0, status=deferred "
+            r"\(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.3\.0 try again later")
+        assert len(deferrals) == 2, p.log_tail()
+        p.wait_for_log(rf"{qid}: to=<rcpt@remote\.test>.*status=sent")
+        wait_for(lambda: queue_empty(p), 30, what="an empty queue")
+
+        # No postmaster notice, neither queued nor delivered.
+        notices = [m for m in sink.find(token) if "pm@remote.test" in m.rcpt_tos]
+        assert notices == [], [m.content[:300] for m in notices]
+        assert not p.log_search(rf"{qid}: postmaster .*notification")
+        assert not p.log_search(r"from=<double-bounce@"), p.log_tail()
+        # Only the message itself reached the sink (no notice to the
+        # sender either: the message was only delayed).
+        assert [m.rcpt_tos for m in sink.messages] == [["rcpt@remote.test"]]
+    finally:
+        sink.stop()
+
+
+def test_own_software_problem_still_pages_the_postmaster(make_postern, sink):
+    """The other side of the rule: a problem of Postern's own (a transport
+    missing from master.cf) is still reported to error_notice_recipient."""
+    p = make_postern(params={
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "transport_maps": "inline:{nowhere.test=nosuch:}",
+        "error_notice_recipient": "pm@remote.test",
+    })
+    token = "pt-" + uuid.uuid4().hex
+    data = f"From: {SENDER}\nTo: x@nowhere.test\nSubject: {token}\n\nThe body.\n"
+    code, resp = p.send(SENDER, ["x@nowhere.test"], data)
+    assert code == 250, resp
+    pm = wait_for(lambda: [m for m in sink.find(token) if "pm@remote.test" in m.rcpt_tos],
+                  30, what="the software notice")
+    assert b"Postmaster Warning: Mail Not Delivered (software problem)" in pm[0].content
