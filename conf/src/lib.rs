@@ -10,7 +10,9 @@
 
 pub mod main_cf;
 pub mod master_cf;
+pub mod master_cf_edit;
 pub mod params;
+pub mod postfix_params;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -242,8 +244,14 @@ impl Config {
                 out.push('$');
                 i += 2;
             } else if c == b'{' || c == b'(' {
-                let close = if c == b'{' { '}' } else { ')' };
-                let Some(end) = text[i + 2..].find(close).map(|p| i + 2 + p) else {
+                // `${...}` may hold Postfix 3's `{text}` groups: match
+                // the braces; `$(...)` ends at the first `)`.
+                let end = if c == b'{' {
+                    matching_brace(text, i + 1)
+                } else {
+                    text[i + 2..].find(')').map(|p| i + 2 + p)
+                };
+                let Some(end) = end else {
                     out.push_str(&text[i..]);
                     break;
                 };
@@ -252,11 +260,20 @@ impl Config {
                     Some(p) => (&inner[..p], Some((inner.as_bytes()[p], &inner[p + 1..]))),
                     None => (inner, None),
                 };
-                let val = self.get_in(name, stack);
+                let val = self.get_in(name.trim(), stack);
                 match op {
                     None => out.push_str(&val),
-                    Some((b'?', t)) if !val.is_empty() => out.push_str(&self.expand_in(t, stack)),
-                    Some((b':', t)) if val.is_empty() => out.push_str(&self.expand_in(t, stack)),
+                    Some((b'?', t)) => {
+                        let (then, otherwise) = conditional_texts(t);
+                        if !val.is_empty() {
+                            out.push_str(&self.expand_in(then, stack));
+                        } else if let Some(e) = otherwise {
+                            out.push_str(&self.expand_in(e, stack));
+                        }
+                    }
+                    Some((b':', t)) if val.is_empty() => {
+                        out.push_str(&self.expand_in(conditional_texts(t).0, stack))
+                    }
                     _ => {}
                 }
                 i = end + 1;
@@ -356,6 +373,45 @@ impl Config {
     }
 }
 
+/// The index of the `}` that closes the `{` at `open`.
+fn matching_brace(text: &str, open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (k, ch) in text.bytes().enumerate().skip(open) {
+        match ch {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The texts of `${name?TEXT}`/`${name:TEXT}` after the operator: plain
+/// text (Postfix 2), or Postfix 3's `{then}` and `{then}:{else}`.
+fn conditional_texts(t: &str) -> (&str, Option<&str>) {
+    let t = t.trim();
+    if !t.starts_with('{') {
+        return (t, None);
+    }
+    let Some(close) = matching_brace(t, 0) else {
+        return (t, None);
+    };
+    let then = &t[1..close];
+    let rest = t[close + 1..].trim_start();
+    if let Some(e) = rest.strip_prefix(':') {
+        let e = e.trim();
+        if e.starts_with('{') && matching_brace(e, 0) == Some(e.len() - 1) {
+            return (then, Some(&e[1..e.len() - 1]));
+        }
+    }
+    (then, None)
+}
+
 /// Seconds from a Postfix time value (`300`, `300s`, `5m`, `1h`, `2d`, `1w`).
 pub fn parse_time(v: &str) -> Option<u64> {
     let v = v.trim();
@@ -424,6 +480,18 @@ mod tests {
         assert_eq!(c.get("smtpd_banner"), "mx.example.com ESMTP Postern");
         assert_eq!(c.expand("${myhostname?yes}${relayhost:none}$$"), "yesnone$");
         assert_eq!(c.unknown_parameters(), &[("foo_x".to_string(), 2)]);
+    }
+
+    #[test]
+    fn postfix3_conditional_groups() {
+        let c = cfg("a_x = yes\nb_x = 2\n");
+        assert_eq!(c.expand("${a_x?{on}:{off}}s"), "ons");
+        assert_eq!(c.expand("${no_x?{on}:{off}}s"), "offs");
+        assert_eq!(
+            c.expand("${no_x?{on}}|${no_x:{unset}}|${a_x?{$b_x}}"),
+            "|unset|2"
+        );
+        assert_eq!(c.expand("${a_x?plain}${no_x:old}"), "plainold");
     }
 
     #[test]

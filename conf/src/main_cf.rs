@@ -64,50 +64,80 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Setting>, ConfError> {
     Ok(out)
 }
 
-/// Rewrites main.cf text so that `name = value` is set: the last existing
-/// line for `name` (with its continuation lines) is replaced, or a line is
-/// appended. Comments and the rest of the file stay as they were.
+/// Rewrites main.cf text so that `name = value` is set: every existing
+/// setting of `name` (with its continuation lines) is replaced, as
+/// Postfix's `postconf -e` does, or a line is appended. Comments and the
+/// rest of the file stay as they were.
 pub fn edit(text: &str, name: &str, value: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    // Find the last logical line that sets `name`.
-    let mut found: Option<(usize, usize)> = None;
+    let spans = setting_spans(&lines, name);
+    let new_line = format!("{name} = {value}");
+    let mut out = String::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(&(_, end)) = spans.iter().find(|&&(s, _)| s == i) {
+            out.push_str(&new_line);
+            out.push('\n');
+            i = end;
+            continue;
+        }
+        out.push_str(lines[i]);
+        out.push('\n');
+        i += 1;
+    }
+    if spans.is_empty() {
+        out.push_str(&new_line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The line ranges (start, end exclusive) of every setting of `name`,
+/// with its continuation lines.
+fn setting_spans(lines: &[&str], name: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
     let mut i = 0;
     while i < lines.len() {
         let l = lines[i];
         let t = l.trim();
-        let is_setting = !t.is_empty() && !t.starts_with('#') && !l.starts_with([' ', '\t']);
-        if is_setting {
-            let mut end = i + 1;
-            while end < lines.len()
-                && lines[end].starts_with([' ', '\t'])
-                && !lines[end].trim().is_empty()
-            {
-                end += 1;
-            }
-            if t.split_once('=').map(|(n, _)| n.trim()) == Some(name) {
-                found = Some((i, end));
-            }
-            i = end;
-        } else {
+        if t.is_empty() || t.starts_with('#') || l.starts_with([' ', '\t']) {
             i += 1;
+            continue;
         }
+        let mut end = i + 1;
+        while end < lines.len()
+            && lines[end].starts_with([' ', '\t'])
+            && !lines[end].trim().is_empty()
+        {
+            end += 1;
+        }
+        if t.split_once('=').map(|(n, _)| n.trim()) == Some(name) {
+            spans.push((i, end));
+        }
+        i = end;
     }
-    let new_line = format!("{name} = {value}");
-    let mut out: Vec<String> = Vec::new();
-    match found {
-        Some((start, end)) => {
-            out.extend(lines[..start].iter().map(|s| s.to_string()));
-            out.push(new_line);
-            out.extend(lines[end..].iter().map(|s| s.to_string()));
+    spans
+}
+
+/// Rewrites main.cf text without any setting of `name` (`postconf -X`),
+/// or with its settings turned into comments (`postconf -#`).
+pub fn remove(text: &str, name: &str, comment_out: bool) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let spans = setting_spans(&lines, name);
+    let mut out = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        if spans.iter().any(|&(s, e)| (s..e).contains(&i)) {
+            if comment_out {
+                out.push('#');
+                out.push_str(l);
+                out.push('\n');
+            }
+            continue;
         }
-        None => {
-            out.extend(lines.iter().map(|s| s.to_string()));
-            out.push(new_line);
-        }
+        out.push_str(l);
+        out.push('\n');
     }
-    let mut s = out.join("\n");
-    s.push('\n');
-    s
+    out
 }
 
 #[cfg(test)]
@@ -130,9 +160,20 @@ mod tests {
     }
 
     #[test]
-    fn edit_replaces_last_and_appends() {
+    fn edit_replaces_every_setting_and_appends() {
         let t = "a = 1\nb = 2\n  more\nc = 3\n";
         assert_eq!(edit(t, "b", "9"), "a = 1\nb = 9\nc = 3\n");
         assert_eq!(edit(t, "d", "4"), "a = 1\nb = 2\n  more\nc = 3\nd = 4\n");
+        assert_eq!(edit("b = 1\n#x\nb = 2\n", "b", "3"), "b = 3\n#x\nb = 3\n");
+    }
+
+    #[test]
+    fn remove_and_comment_out() {
+        let t = "a = 1\nb = 2\n  more\n# b = 0\nb = 3\nc = 3\n";
+        assert_eq!(remove(t, "b", false), "a = 1\n# b = 0\nc = 3\n");
+        assert_eq!(
+            remove(t, "b", true),
+            "a = 1\n#b = 2\n#  more\n# b = 0\n#b = 3\nc = 3\n"
+        );
     }
 }

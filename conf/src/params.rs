@@ -359,11 +359,16 @@ pub fn smtp_client_param(lmtp: bool, smtp_name: &str) -> String {
     smtp_name.to_string()
 }
 
-/// Whether `name` is a known parameter. Per-transport forms of a known
+/// Whether `name` is a known parameter: Postern's, or Postfix's. Per-transport forms of a known
 /// `default_*` parameter (`relay_destination_concurrency_limit` for
 /// `default_destination_concurrency_limit`) count as known.
 pub fn is_known(name: &str) -> bool {
     if default_of(name).is_some() {
+        return true;
+    }
+    // Every Postfix 3.7 parameter is accepted without a warning; what
+    // Postern does with each is in the table of crate::postfix_params.
+    if crate::postfix_params::status_of(name).is_some() {
         return true;
     }
     // pipe(8)'s `TRANSPORT_time_limit` (default `$command_time_limit`).
