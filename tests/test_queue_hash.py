@@ -127,7 +127,7 @@ def test_a_new_depth_is_applied_by_postsuper_and_postern_start(make_postern, dea
 
     # Back to Postfix's default: `postern start` puts them in place
     # before anything runs, and they are delivered from there.
-    p.set_params(hash_queue_names=None)
+    p.set_params(hash_queue_names=None, hash_queue_depth=None)
     p.start()
     for qid in ids:
         assert where(p, "deferred", qid) == [at_depth("deferred", qid, 1)]
