@@ -832,9 +832,7 @@ impl<'a> Message<'a> {
         let done = w.finish().and_then(|_| match dir {
             // Its name in incoming/, synced since the message opened
             // (sessions that end together share the fsync).
-            Queue::Incoming => {
-                queue::sync_dir_wait(&self.tree.parent(dir, &self.id), self.named)
-            }
+            Queue::Incoming => queue::sync_dir_wait(&self.tree.parent(dir, &self.id), self.named),
             _ => queue::sync_dir_grouped(&self.tree.parent(dir, &self.id))
                 .and_then(|_| queue::sync_dir(&self.tree.parent(Queue::Incoming, &self.id))),
         });

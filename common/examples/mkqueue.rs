@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 fn usage() -> ! {
-    eprintln!("usage: mkqueue -c CONFIG_DIR (-n N [-j THREADS] [-l SIZE] [-r RETRY_SECS] | --list)");
+    eprintln!(
+        "usage: mkqueue -c CONFIG_DIR (-n N [-j THREADS] [-l SIZE] [-r RETRY_SECS] | --list)"
+    );
     std::process::exit(64)
 }
 
@@ -51,7 +53,11 @@ fn main() {
             eprintln!("mkqueue: deferred: {e}");
             std::process::exit(1)
         });
-        println!("listed {} in {:.3} s", ids.len(), t0.elapsed().as_secs_f64());
+        println!(
+            "listed {} in {:.3} s",
+            ids.len(),
+            t0.elapsed().as_secs_f64()
+        );
         return;
     }
     let owner = postern_common::privs::queue_owner(&cfg).unwrap_or_else(|e| {
@@ -84,7 +90,12 @@ fn main() {
 }
 
 /// Writes one message as cleanup does and defers it.
-fn one(tree: &QueueTree, body: &[u8], retry: u64, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+fn one(
+    tree: &QueueTree,
+    body: &[u8],
+    retry: u64,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let nf = tree.create(Queue::Deferred)?;
     let mut w = Writer::new(nf.file)?;
     let (secs, usecs) = queue::now();

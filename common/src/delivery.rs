@@ -332,12 +332,10 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
     let text = match std::fs::read_to_string(tree.log_path(log, id)) {
         Ok(t) => t,
         // Perhaps where an earlier hashing put it (postsuper -s moves it).
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            match tree.misplaced(log.name(), id) {
-                Some(p) => std::fs::read_to_string(p)?,
-                None => return Ok(Vec::new()),
-            }
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match tree.misplaced(log.name(), id) {
+            Some(p) => std::fs::read_to_string(p)?,
+            None => return Ok(Vec::new()),
+        },
         Err(e) => return Err(e),
     };
     let mut out = Vec::new();

@@ -458,8 +458,7 @@ impl QueueTree {
             for e in rd.flatten() {
                 let fname = e.file_name();
                 let b = std::os::unix::ffi::OsStrExt::as_bytes(fname.as_os_str());
-                if b.len() == 1 && is_hash_char(b[0]) && e.file_type().is_ok_and(|t| t.is_dir())
-                {
+                if b.len() == 1 && is_hash_char(b[0]) && e.file_type().is_ok_and(|t| t.is_dir()) {
                     let sub = dir.join(&fname);
                     n += prune(&sub, level + 1, want);
                     if level + 1 > want && fs::remove_dir(&sub).is_ok() {
@@ -705,13 +704,15 @@ impl QueueTree {
         let dst = self.path(to, id);
         match self.rename_into(&src, to.name(), &dst, false) {
             Ok(()) => Ok((src, dst)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.misplaced(from.name(), id) {
-                Some(other) => {
-                    self.rename_into(&other, to.name(), &dst, false)?;
-                    Ok((other, dst))
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match self.misplaced(from.name(), id) {
+                    Some(other) => {
+                        self.rename_into(&other, to.name(), &dst, false)?;
+                        Ok((other, dst))
+                    }
+                    None => Err(e),
                 }
-                None => Err(e),
-            },
+            }
             Err(e) => Err(e),
         }
     }
@@ -1264,15 +1265,33 @@ mod tests {
         let t = QueueTree::new("/q");
         // Depth 1 (the default) for deferred and defer; the others flat.
         let id = "692E1A3B4F2C1A9";
-        assert_eq!(t.path(Queue::Deferred, id), Path::new("/q/deferred/4").join(id));
-        assert_eq!(t.log_path(MessageLog::Defer, id), Path::new("/q/defer/4").join(id));
-        assert_eq!(t.path(Queue::Incoming, id), Path::new("/q/incoming").join(id));
-        assert_eq!(t.log_path(MessageLog::Bounce, id), Path::new("/q/bounce").join(id));
+        assert_eq!(
+            t.path(Queue::Deferred, id),
+            Path::new("/q/deferred/4").join(id)
+        );
+        assert_eq!(
+            t.log_path(MessageLog::Defer, id),
+            Path::new("/q/defer/4").join(id)
+        );
+        assert_eq!(
+            t.path(Queue::Incoming, id),
+            Path::new("/q/incoming").join(id)
+        );
+        assert_eq!(
+            t.log_path(MessageLog::Bounce, id),
+            Path::new("/q/bounce").join(id)
+        );
         let deep = QueueTree::new("/q").with_hashing(
             Hashing::new(&["incoming", "deferred", "maildrop-not", "flush"], 2).unwrap(),
         );
-        assert_eq!(deep.path(Queue::Incoming, id), Path::new("/q/incoming/4/F").join(id));
-        assert_eq!(deep.parent(Queue::Deferred, id), Path::new("/q/deferred/4/F"));
+        assert_eq!(
+            deep.path(Queue::Incoming, id),
+            Path::new("/q/incoming/4/F").join(id)
+        );
+        assert_eq!(
+            deep.parent(Queue::Deferred, id),
+            Path::new("/q/deferred/4/F")
+        );
         assert_eq!(deep.path(Queue::Hold, id), Path::new("/q/hold").join(id));
         // Past the end of the ID: underscores, as Postfix's dir_forest.
         let eight = QueueTree::new("/q").with_hashing(Hashing::new(&["deferred"], 8).unwrap());
@@ -1283,10 +1302,13 @@ mod tests {
         assert!(Hashing::new(&["maildrop"], 1).is_err());
         assert!(Hashing::new(&["deferred"], 0).is_err());
         assert!(Hashing::new(&["deferred"], MAX_HASH_DEPTH + 1).is_err());
-        assert_eq!(Hashing::new(&["DEFERRED"], 1).unwrap(), Hashing {
-            names: vec!["deferred"],
-            depth: 1
-        });
+        assert_eq!(
+            Hashing::new(&["DEFERRED"], 1).unwrap(),
+            Hashing {
+                names: vec!["deferred"],
+                depth: 1
+            }
+        );
     }
 
     #[test]

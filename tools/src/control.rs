@@ -134,7 +134,11 @@ fn check(cfg: &Config) {
         die(NAME, 1, e);
     }
     if let Err(e) = postern_common::queue::Hashing::from_config(cfg) {
-        die(NAME, 1, format_args!("{}/main.cf: {e}", cfg.dir().display()));
+        die(
+            NAME,
+            1,
+            format_args!("{}/main.cf: {e}", cfg.dir().display()),
+        );
     }
     check_host_names(cfg);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
