@@ -371,12 +371,15 @@ impl QueueTree {
             }
         };
         match go() {
+            // A subdirectory missing, or the source gone. Made whether or
+            // not it was already there: another process (or thread) may
+            // have made it since the rename failed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => match to.parent() {
-                Some(dir) if !dir.exists() => {
+                Some(dir) => {
                     self.make_subdirs(name, dir)?;
                     go()
                 }
-                _ => Err(e),
+                None => Err(e),
             },
             r => r,
         }
