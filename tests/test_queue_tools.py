@@ -53,7 +53,16 @@ def tool(p, name, *args, input=None, timeout=60):
 
 
 def queue_ids(p, queue):
-    return [f for f in p.queue_files(queue) if re.fullmatch(r"[0-9A-F]{14,}", f)]
+    """The queue IDs in a queue, whatever its hash subdirectories."""
+    names = (os.path.basename(f) for f in p.queue_files(queue))
+    return sorted(f for f in names if re.fullmatch(r"[0-9A-F]{14,}", f))
+
+
+def hashed(queue, qid):
+    """Where a file of ``queue`` is under the default hashing
+    (hash_queue_names = deferred, defer; depth 1): ``deferred/X/ID``, X
+    being the ID's first character after its 8 digits of seconds."""
+    return f"{queue}/{qid[8]}/{qid}" if queue in ("deferred", "defer") else f"{queue}/{qid}"
 
 
 def send_deferred(p, rcpts, token=None, body="Hello.\n"):
@@ -191,7 +200,7 @@ def test_hold_release_delete(make_postern, dead_port):
     r = tool(p, "postsuper", "-d", "-", input=f"{id2}\n".encode())
     assert "postsuper: Deleted: 1 message" in r.stderr, h.describe(r)
     assert re.search(rf"postsuper\[\d+\]: {id2}: removed", p.log_text())
-    assert not (p.queue / "defer" / id2).exists()
+    assert not (p.queue / hashed("defer", id2)).exists()
     tool(p, "postsuper", "-h", id3)
     r = tool(p, "postsuper", "-d", "ALL", "deferred")
     assert "postsuper: Deleted: 1 message" in r.stderr, h.describe(r)
@@ -249,11 +258,12 @@ def test_postcat(make_postern, dead_port):
     r = tool(p, "postcat", "-q", qid)
     assert r.returncode == 0, h.describe(r)
     out = r.stdout
-    assert f"*** ENVELOPE RECORDS deferred/{qid} ***" in out
+    at = hashed("deferred", qid)
+    assert f"*** ENVELOPE RECORDS {at} ***" in out
     assert f"sender: {SENDER}\n" in out and "recipient: a@remote.test\n" in out
-    assert f"*** MESSAGE CONTENTS deferred/{qid} ***\n" in out
+    assert f"*** MESSAGE CONTENTS {at} ***\n" in out
     assert f"Subject: {tok}\n" in out and "Body line 3\n" in out
-    assert out.endswith(f"*** MESSAGE FILE END deferred/{qid} ***\n")
+    assert out.endswith(f"*** MESSAGE FILE END {at} ***\n")
 
     r = tool(p, "postcat", "-hq", qid)
     assert f"Subject: {tok}\n" in r.stdout and "Body line" not in r.stdout
@@ -263,7 +273,7 @@ def test_postcat(make_postern, dead_port):
     r = tool(p, "postcat", "-e", "-q", qid)
     assert "recipient: a@remote.test" in r.stdout and "Subject:" not in r.stdout
     # A file name instead of a queue ID.
-    path = p.queue / "deferred" / qid
+    path = p.queue / hashed("deferred", qid)
     r = tool(p, "postcat", str(path))
     assert f"*** ENVELOPE RECORDS {path} ***" in r.stdout and "Body line 1" in r.stdout
     r = tool(p, "postcat", "-q", "0123456789ABCDEF")
@@ -277,8 +287,8 @@ def test_repair_and_purge(make_postern, dead_port):
     # A name that does not match the inode, a stray file, a stray log, an
     # old temporary file of a dead writer.
     wrong = qid[:13] + "FFFFFFF"
-    os.rename(d / qid, d / wrong)
-    os.rename(p.queue / "defer" / qid, p.queue / "defer" / wrong)
+    os.rename(p.queue / hashed("deferred", qid), p.queue / hashed("deferred", wrong))
+    os.rename(p.queue / hashed("defer", qid), p.queue / hashed("defer", wrong))
     (d / "junk").write_text("not a queue file")
     (p.queue / "defer" / "0000000100000ABC").write_text("recipient=x\n")
     tmp = p.queue / "incoming" / ".tmp.999999.1"
@@ -288,7 +298,7 @@ def test_repair_and_purge(make_postern, dead_port):
     assert r.returncode == 0, h.describe(r)
     assert not tmp.exists()
     assert queue_ids(p, "deferred") == [qid], h.describe(r)
-    assert (p.queue / "defer" / qid).exists()
+    assert (p.queue / hashed("defer", qid)).exists()
     assert not (d / "junk").exists() and (p.queue / "corrupt" / "junk").exists()
     assert not (p.queue / "defer" / "0000000100000ABC").exists()
     assert f"{wrong}: renamed to {qid}" in r.stderr
@@ -464,7 +474,7 @@ def test_ten_thousand_messages_to_a_dead_destination(make_postern, dead_port):
           f"{time.time() - t_list:.1f}s")
     assert f"postsuper: Deleted: {n} messages" in r.stderr, h.describe(r)
     assert tool(p, "postqueue", "-p").stdout == "Mail queue is empty\n"
-    assert list((p.queue / "defer").iterdir()) == []
+    assert [f for _r, _d, files in os.walk(p.queue / "defer") for f in files] == []
 
 
 def test_who_may_run_them(make_postern, dead_port):

@@ -180,7 +180,7 @@ impl<'a> Message<'a> {
             .map_err(Refusal::write_error)?;
         // The new name's fsync starts now, while the envelope and the
         // content come.
-        let started = queue::sync_dir_soon(&tree.dir(Queue::Incoming))
+        let started = queue::sync_dir_soon(&tree.parent(Queue::Incoming, &nf.id))
             .and_then(|named| Ok((named, qfile::Writer::new(nf.file)?)));
         let (named, writer) = match started {
             Ok(s) => s,
@@ -820,10 +820,7 @@ impl<'a> Message<'a> {
         let mut dir = Queue::Incoming;
         if self.hold.is_some() {
             // Renamed before it is complete, so qmgr never sees it.
-            if let Err(e) = std::fs::rename(
-                self.tree.path(Queue::Incoming, &self.id),
-                self.tree.path(Queue::Hold, &self.id),
-            ) {
+            if let Err(e) = self.tree.rename(&self.id, Queue::Incoming, Queue::Hold) {
                 self.discard();
                 return Err(Refusal::write_error(e));
             }
@@ -833,9 +830,9 @@ impl<'a> Message<'a> {
         let done = w.finish().and_then(|_| match dir {
             // Its name in incoming/, synced since the message opened
             // (sessions that end together share the fsync).
-            Queue::Incoming => queue::sync_dir_wait(&self.tree.dir(dir), self.named),
-            _ => queue::sync_dir_grouped(&self.tree.dir(dir))
-                .and_then(|_| queue::sync_dir(&self.tree.dir(Queue::Incoming))),
+            Queue::Incoming => queue::sync_dir_wait(&self.tree.parent(dir, &self.id), self.named),
+            _ => queue::sync_dir_grouped(&self.tree.parent(dir, &self.id))
+                .and_then(|_| queue::sync_dir(&self.tree.parent(Queue::Incoming, &self.id))),
         });
         match done {
             Ok(()) => {
@@ -884,7 +881,7 @@ impl<'a> Message<'a> {
                 delivery::append_log(self.tree, MessageLog::Bounce, &id, e)?;
             }
             w.finish()?;
-            queue::sync_dir_grouped(&self.tree.dir(Queue::Incoming))
+            queue::sync_dir_grouped(&self.tree.parent(Queue::Incoming, &id))
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&nf.path);

@@ -18,7 +18,7 @@ pub const CONNECTIONS_PER_PROCESS: usize = 64;
 
 pub fn run(cfg: &Config) -> ! {
     let settings = Settings::from_config(cfg);
-    let tree = QueueTree::new(postern_common::service::queue_directory(cfg));
+    let tree = QueueTree::configured(postern_common::service::queue_directory(cfg), cfg);
     let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     let qmgr = tree.qmgr_socket();
     postern_common::service::serve_threaded(

@@ -298,11 +298,24 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
         clean(&e.relay),
         clean(&e.reason)
     );
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(tree.log_path(log, id))?;
+    let path = tree.log_path(log, id);
+    let open = || {
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+    };
+    let mut f = match open() {
+        // The first log in its hash subdirectory: make it.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                tree.make_subdirs(log.name(), dir)?;
+            }
+            open()?
+        }
+        r => r?,
+    };
     if crate::privs::is_root() {
         // An agent running as root (local) writes logs that qmgr, running
         // as mail_owner, must read: give the file to the directory's owner.
@@ -319,7 +332,11 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
 pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<LogEntry>> {
     let text = match std::fs::read_to_string(tree.log_path(log, id)) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        // Perhaps where an earlier hashing put it (postsuper -s moves it).
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match tree.misplaced(log.name(), id) {
+            Some(p) => std::fs::read_to_string(p)?,
+            None => return Ok(Vec::new()),
+        },
         Err(e) => return Err(e),
     };
     let mut out = Vec::new();
@@ -380,7 +397,7 @@ pub fn serve(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut Job)) -> !
 /// makes the Maildir deliveries of a batch durable with one directory
 /// sync). Every job must be recorded when `deliver` returns.
 pub fn serve_batches(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut [Job])) -> ! {
-    let tree = QueueTree::new(crate::service::queue_directory(cfg));
+    let tree = QueueTree::configured(crate::service::queue_directory(cfg), cfg);
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_one_at_a_time(cfg, |conn| {
         handle_request(&tree, timeout, conn, |jobs| deliver(jobs))
@@ -397,7 +414,7 @@ pub fn serve_concurrently(
     deliver: impl Fn(&mut Job) + Send + Sync + 'static,
     before_exit: impl FnOnce(),
 ) -> ! {
-    let tree = QueueTree::new(crate::service::queue_directory(cfg));
+    let tree = QueueTree::configured(crate::service::queue_directory(cfg), cfg);
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_threaded(
         cfg,

@@ -8,6 +8,21 @@
 //! ([`QueueTree::shift`]) need not, and save two fsyncs per message. Per-message logs of
 //! deferral and bounce reasons live in `defer/` and `bounce/` under the
 //! message's queue ID.
+//!
+//! **Hashing.** The directories named in `hash_queue_names` (Postfix's
+//! default: `deferred`, `defer`) are split into `hash_queue_depth` levels
+//! of one-character subdirectories, as Postfix splits them: the characters
+//! are those of the queue ID from its microseconds on (upper-case hex),
+//! so `deferred/6/00000000635A1F2B6C1` at depth 1 — see [`Hashing`]. A
+//! directory of a million names is slow to create in and to look up in;
+//! sixteen (or 256) of 65,000 (4,000) are not. Subdirectories are made
+//! when first needed ([`QueueTree::place`]), owned as their queue
+//! directory, and their creation is fsync'd at once. Every reader walks
+//! the whole tree whatever its depth ([`QueueTree::walk`]), so that after
+//! a change of the two parameters nothing is lost: [`QueueTree::list`]
+//! puts a misplaced file where it belongs, a move finds it where it is,
+//! and `postsuper -s` (run by `postern start` and `reload`) moves the
+//! rest and removes the subdirectories no longer needed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -101,10 +116,108 @@ pub const TREE: &[(&str, u32)] = &[
     ("pid", 0o755),
 ];
 
+/// Directories that may be hashed: Postfix's list (less `flush`, which
+/// Postern does not have). `maildrop` must not be (postdrop writes it as
+/// the submitting user), nor `corrupt`, `spare` and the socket
+/// directories.
+pub const HASHABLE: [&str; 7] = [
+    "incoming", "active", "deferred", "hold", "defer", "bounce", "trace",
+];
+
+/// The deepest hashing accepted (`hash_queue_depth`), and the deepest a
+/// walk looks for files.
+pub const MAX_HASH_DEPTH: usize = 8;
+
+/// Which queue and log directories are split into subdirectories, and
+/// how deep (`hash_queue_names`, `hash_queue_depth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashing {
+    names: Vec<&'static str>,
+    depth: usize,
+}
+
+impl Default for Hashing {
+    /// Postfix's defaults: `deferred, defer` at depth 1.
+    fn default() -> Hashing {
+        Hashing {
+            names: vec!["deferred", "defer"],
+            depth: 1,
+        }
+    }
+}
+
+impl Hashing {
+    /// No directory hashed (`hash_queue_names =`).
+    pub fn flat() -> Hashing {
+        Hashing {
+            names: Vec::new(),
+            depth: 1,
+        }
+    }
+
+    /// Hashing of `names` at `depth`. Names Postern has no directory for
+    /// (`flush`) are ignored, as Postfix ignores names it does not hash.
+    pub fn new<S: AsRef<str>>(names: &[S], depth: usize) -> Result<Hashing, String> {
+        if !(1..=MAX_HASH_DEPTH).contains(&depth) {
+            return Err(format!(
+                "bad parameter value: hash_queue_depth = {depth} (1 to {MAX_HASH_DEPTH})"
+            ));
+        }
+        let mut v = Vec::new();
+        for n in names {
+            let n = n.as_ref().to_ascii_lowercase();
+            if let Some(h) = HASHABLE.iter().find(|h| **h == n) {
+                v.push(*h);
+            } else if matches!(n.as_str(), "maildrop" | "corrupt") {
+                return Err(format!("hash_queue_names: {n} queue must not be hashed"));
+            }
+        }
+        Ok(Hashing { names: v, depth })
+    }
+
+    /// `hash_queue_names` and `hash_queue_depth` of `cfg`.
+    pub fn from_config(cfg: &postern_conf::Config) -> Result<Hashing, String> {
+        let raw = cfg.get("hash_queue_depth");
+        let depth = raw.trim().parse::<usize>().map_err(|_| {
+            format!("bad parameter value: hash_queue_depth = {raw} (1 to {MAX_HASH_DEPTH})")
+        })?;
+        Hashing::new(&cfg.get_list("hash_queue_names"), depth)
+    }
+
+    /// How many subdirectory levels directory `name` has (0: flat).
+    pub fn depth_of(&self, name: &str) -> usize {
+        if self.names.contains(&name) {
+            self.depth
+        } else {
+            0
+        }
+    }
+}
+
+/// The subdirectory names of `id` in a directory hashed `depth` deep:
+/// its characters from the microseconds on (Postfix's short queue IDs
+/// begin with them), `_` past its end, as Postfix's `dir_forest`.
+fn hash_chars(id: &str, depth: usize) -> impl Iterator<Item = u8> + '_ {
+    let tail = id.as_bytes().get(8..).unwrap_or_default();
+    (0..depth).map(move |i| tail.get(i).copied().unwrap_or(b'_'))
+}
+
+/// Whether the queue file at `path` has the owner-execute bit of a
+/// complete file (its writer is done with it).
+fn is_marked_complete(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.mode() & crate::qfile::MODE_COMPLETE_BIT != 0)
+}
+
+/// Whether a one-character name can be a hash subdirectory.
+fn is_hash_char(b: u8) -> bool {
+    b.is_ascii_digit() || (b'A'..=b'F').contains(&b) || b == b'_'
+}
+
 /// A handle on the queue directory.
 #[derive(Debug, Clone)]
 pub struct QueueTree {
     root: PathBuf,
+    hashing: Hashing,
 }
 
 /// A newly created, still incomplete queue file and its ID.
@@ -117,8 +230,32 @@ pub struct NewFile {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl QueueTree {
+    /// The tree at `root`, hashed as Postfix's defaults say
+    /// ([`Hashing::default`]); programs use [`QueueTree::configured`].
     pub fn new(root: impl Into<PathBuf>) -> QueueTree {
-        QueueTree { root: root.into() }
+        QueueTree {
+            root: root.into(),
+            hashing: Hashing::default(),
+        }
+    }
+
+    /// The tree at `root` hashed as `cfg` says. A bad setting (which
+    /// `postern check` refuses) is warned about and Postfix's default used.
+    pub fn configured(root: impl Into<PathBuf>, cfg: &postern_conf::Config) -> QueueTree {
+        let hashing = Hashing::from_config(cfg).unwrap_or_else(|e| {
+            crate::warning!("{e}: using hash_queue_names = deferred, defer and depth 1");
+            Hashing::default()
+        });
+        QueueTree::new(root).with_hashing(hashing)
+    }
+
+    pub fn with_hashing(mut self, hashing: Hashing) -> QueueTree {
+        self.hashing = hashing;
+        self
+    }
+
+    pub fn hashing(&self) -> &Hashing {
+        &self.hashing
     }
 
     pub fn root(&self) -> &Path {
@@ -133,12 +270,255 @@ impl QueueTree {
         self.root.join(name)
     }
 
+    /// The directory of `id` in directory `name` (queue or log): the
+    /// hash subdirectory when `name` is hashed.
+    fn dir_for(&self, name: &str, id: &str) -> PathBuf {
+        let mut p = self.root.join(name);
+        for c in hash_chars(id, self.hashing.depth_of(name)) {
+            p.push(std::str::from_utf8(&[c]).unwrap_or("_"));
+        }
+        p
+    }
+
+    /// The directory that holds (or will hold) message `id` of queue `q`:
+    /// the one to fsync after a name change.
+    pub fn parent(&self, q: Queue, id: &str) -> PathBuf {
+        self.dir_for(q.name(), id)
+    }
+
     pub fn path(&self, q: Queue, id: &str) -> PathBuf {
-        self.root.join(q.name()).join(id)
+        self.dir_for(q.name(), id).join(id)
     }
 
     pub fn log_path(&self, log: MessageLog, id: &str) -> PathBuf {
-        self.root.join(log.name()).join(id)
+        self.dir_for(log.name(), id).join(id)
+    }
+
+    /// Where `id` is in directory `name` when not where it belongs (the
+    /// hashing was changed since it was put there): flat, or at another
+    /// depth.
+    pub fn misplaced(&self, name: &str, id: &str) -> Option<PathBuf> {
+        let want = self.hashing.depth_of(name);
+        (0..=MAX_HASH_DEPTH)
+            .filter(|d| *d != want)
+            .map(|d| {
+                let mut p = self.root.join(name);
+                for c in hash_chars(id, d) {
+                    p.push(std::str::from_utf8(&[c]).unwrap_or("_"));
+                }
+                p.join(id)
+            })
+            .find(|p| p.symlink_metadata().is_ok())
+    }
+
+    /// Where message `id` of queue `q` is: where it belongs, or where it
+    /// was misplaced; None when it is in neither.
+    pub fn locate(&self, q: Queue, id: &str) -> Option<PathBuf> {
+        let p = self.path(q, id);
+        if p.symlink_metadata().is_ok() {
+            return Some(p);
+        }
+        self.misplaced(q.name(), id)
+    }
+
+    /// Where the log `log` of message `id` is, as [`QueueTree::locate`].
+    pub fn locate_log(&self, log: MessageLog, id: &str) -> Option<PathBuf> {
+        let p = self.log_path(log, id);
+        if p.symlink_metadata().is_ok() {
+            return Some(p);
+        }
+        self.misplaced(log.name(), id)
+    }
+
+    /// Makes the missing hash subdirectories of `dir`, below the queue or
+    /// log directory `name`: mode and (when running as root) owner of
+    /// `name` itself, so that `mail_owner` can use one made by root; each
+    /// creation is fsync'd in its parent before the first file goes in.
+    pub fn make_subdirs(&self, name: &str, dir: &Path) -> io::Result<()> {
+        let top = self.root.join(name);
+        let Ok(rel) = dir.strip_prefix(&top) else {
+            return Ok(());
+        };
+        let meta = fs::metadata(&top)?;
+        let mut cur = top;
+        for comp in rel.components() {
+            let parent = cur.clone();
+            cur.push(comp);
+            match fs::create_dir(&cur) {
+                Ok(()) => {
+                    fs::set_permissions(&cur, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+                    if crate::privs::is_root() {
+                        std::os::unix::fs::chown(&cur, Some(meta.uid()), Some(meta.gid()))?;
+                    }
+                    sync_dir(&parent)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Renames `from` to `to`, a name in directory `name` (queue or log),
+    /// making the missing hash subdirectories of `to` when the rename
+    /// says there are some. `noreplace`: never over an existing file.
+    fn rename_into(&self, from: &Path, name: &str, to: &Path, noreplace: bool) -> io::Result<()> {
+        let go = || {
+            if noreplace {
+                rename_noreplace(from, to)
+            } else {
+                fs::rename(from, to)
+            }
+        };
+        match go() {
+            // A subdirectory missing, or the source gone. Made whether or
+            // not it was already there: another process (or thread) may
+            // have made it since the rename failed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match to.parent() {
+                Some(dir) => {
+                    self.make_subdirs(name, dir)?;
+                    go()
+                }
+                None => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// Puts file `id`, found at `from` in directory `name` (queue or
+    /// log), where it belongs under the current hashing; never over
+    /// another file. Not fsync'd: the rename is atomic, and the file is
+    /// found in either place. Returns its new path.
+    pub fn place(&self, name: &str, from: &Path, id: &str) -> io::Result<PathBuf> {
+        let to = self.dir_for(name, id).join(id);
+        if to != from {
+            self.rename_into(from, name, &to, true)?;
+        }
+        Ok(to)
+    }
+
+    /// Walks directory `name` (queue or log) and its hash subdirectories,
+    /// whatever depth they were made with, calling `each(dir, chain,
+    /// entry)` for every entry that is not a hash subdirectory; `chain`
+    /// is the subdirectory names from `name` down to `dir` ("" at the
+    /// top). An entry may be renamed or removed by `each`. Only the top
+    /// directory's failure to open is an error.
+    pub fn walk(
+        &self,
+        name: &str,
+        mut each: impl FnMut(&Path, &str, &fs::DirEntry),
+    ) -> io::Result<()> {
+        let top = self.root.join(name);
+        // Only a directory that may be hashed has subdirectories to look
+        // in (`maildrop/` is written by every local user's postdrop).
+        let recurse = HASHABLE.contains(&name);
+        let mut stack = vec![(top, String::new())];
+        let mut first = true;
+        while let Some((dir, chain)) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if first => return Err(e),
+                Err(_) => continue,
+            };
+            first = false;
+            for e in rd.flatten() {
+                let fname = e.file_name();
+                let b = std::os::unix::ffi::OsStrExt::as_bytes(fname.as_os_str());
+                if recurse
+                    && b.len() == 1
+                    && is_hash_char(b[0])
+                    && chain.len() < MAX_HASH_DEPTH
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+                {
+                    let mut c = chain.clone();
+                    c.push(b[0] as char);
+                    stack.push((dir.join(&fname), c));
+                } else {
+                    each(&dir, &chain, &e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `id`, found under the subdirectories `chain` of directory
+    /// `name`, is where it belongs.
+    pub fn in_place(&self, name: &str, chain: &str, id: &str) -> bool {
+        chain
+            .bytes()
+            .eq(hash_chars(id, self.hashing.depth_of(name)))
+    }
+
+    /// Removes the empty subdirectories of directory `name` that are
+    /// deeper than its hashing wants (all of them when it is no longer
+    /// hashed), as Postfix's postsuper does. Returns how many.
+    pub fn prune_subdirs(&self, name: &str) -> usize {
+        fn prune(dir: &Path, level: usize, want: usize) -> usize {
+            let Ok(rd) = fs::read_dir(dir) else {
+                return 0;
+            };
+            let mut n = 0;
+            for e in rd.flatten() {
+                let fname = e.file_name();
+                let b = std::os::unix::ffi::OsStrExt::as_bytes(fname.as_os_str());
+                if b.len() == 1 && is_hash_char(b[0]) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let sub = dir.join(&fname);
+                    n += prune(&sub, level + 1, want);
+                    if level + 1 > want && fs::remove_dir(&sub).is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }
+        let top = self.root.join(name);
+        let n = prune(&top, 0, self.hashing.depth_of(name));
+        if n > 0 {
+            let _ = sync_dir(&top);
+        }
+        n
+    }
+
+    /// Puts every misplaced file of every hashable directory where it
+    /// belongs and removes the subdirectories no longer needed (after a
+    /// change of `hash_queue_names` or `hash_queue_depth`). `active/`
+    /// only when `with_active` (nobody delivers from it). Returns how
+    /// many files moved.
+    pub fn rehash(&self, with_active: bool) -> usize {
+        let mut moved = 0;
+        // The logs first, as Postfix: a later fix of a message's name
+        // renames its logs where they belong.
+        let mut names: Vec<&str> = HASHABLE.iter().rev().copied().collect();
+        if !with_active {
+            names.retain(|n| *n != "active");
+        }
+        for name in names {
+            let mut wrong = Vec::new();
+            let _ = self.walk(name, |dir, chain, e| {
+                if let Ok(id) = e.file_name().into_string() {
+                    if is_queue_id(&id) && !self.in_place(name, chain, &id) {
+                        wrong.push(dir.join(&id));
+                    }
+                }
+            });
+            for from in wrong {
+                let id = from
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                // While the system runs, cleanup may still be writing an
+                // incoming file under its old name: complete ones only.
+                if name == "incoming" && !with_active && !is_marked_complete(&from) {
+                    continue;
+                }
+                if self.place(name, &from, &id).is_ok() {
+                    moved += 1;
+                }
+            }
+            self.prune_subdirs(name);
+        }
+        moved
     }
 
     /// A service socket: `private/NAME` or `public/NAME`.
@@ -205,13 +585,16 @@ impl QueueTree {
                 }
             };
             let id = make_id(SystemTime::now(), ino);
-            let path = dir.join(&id);
+            let path = self.path(q, &id);
             if path.exists() {
                 // Same microsecond and a reused inode: try again.
                 fs::remove_file(&tmp)?;
                 continue;
             }
-            fs::rename(&tmp, &path)?;
+            if let Err(e) = self.rename_into(&tmp, q.name(), &path, false) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
             return Ok(NewFile { id, path, file });
         }
     }
@@ -228,7 +611,6 @@ impl QueueTree {
     /// every new inode is also checked against every recently deleted one
     /// (`recently_deleted()`), which grows with the delivery rate.
     pub fn create_recycled(&self, q: Queue) -> io::Result<NewFile> {
-        let dir = self.dir(q);
         // A bounded number of tries: a spare another taker holds locked
         // keeps its name until that taker renames it, and may be listed
         // again meanwhile.
@@ -259,8 +641,8 @@ impl QueueTree {
                 Err(std::fs::TryLockError::Error(_)) => {}
             }
             let id = make_id(SystemTime::now(), ino);
-            let path = dir.join(&id);
-            match rename_noreplace(&from, &path) {
+            let path = self.path(q, &id);
+            match self.rename_into(&from, q.name(), &path, true) {
                 Ok(()) => {}
                 // Another taker won it, or the name is in use: next one.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => {
@@ -312,9 +694,37 @@ impl QueueTree {
     /// Moves message `id` from one queue to another and makes the move
     /// durable (both directories fsync'd).
     pub fn move_to(&self, id: &str, from: Queue, to: Queue) -> io::Result<()> {
-        fs::rename(self.path(from, id), self.path(to, id))?;
-        sync_dir(&self.dir(to))?;
-        sync_dir(&self.dir(from))
+        let (was, is) = self.relocate(id, from, to)?;
+        sync_dir(is.parent().unwrap_or(&self.root))?;
+        sync_dir(was.parent().unwrap_or(&self.root))
+    }
+
+    /// Renames message `id` from queue `from` to queue `to`, from where
+    /// it belongs or, failing that, from where it was misplaced; returns
+    /// (old path, new path). Not fsync'd.
+    fn relocate(&self, id: &str, from: Queue, to: Queue) -> io::Result<(PathBuf, PathBuf)> {
+        let src = self.path(from, id);
+        let dst = self.path(to, id);
+        match self.rename_into(&src, to.name(), &dst, false) {
+            Ok(()) => Ok((src, dst)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match self.misplaced(from.name(), id) {
+                    Some(other) => {
+                        self.rename_into(&other, to.name(), &dst, false)?;
+                        Ok((other, dst))
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves message `id` between any two queues without fsyncing the
+    /// directories: for a caller that fsyncs them itself (cleanup puts a
+    /// message on hold before it is complete).
+    pub fn rename(&self, id: &str, from: Queue, to: Queue) -> io::Result<()> {
+        self.relocate(id, from, to).map(|_| ())
     }
 
     /// Moves message `id` between `incoming`, `active` and `deferred`
@@ -328,26 +738,50 @@ impl QueueTree {
         debug_assert!([from, to]
             .iter()
             .all(|q| matches!(q, Queue::Incoming | Queue::Active | Queue::Deferred)));
-        fs::rename(self.path(from, id), self.path(to, id))
+        self.relocate(id, from, to).map(|_| ())
     }
 
-    /// Queue IDs in `q`, sorted (= by arrival). Temporary names are skipped.
+    /// Queue IDs in `q` (all its hash subdirectories), sorted (= by
+    /// arrival). Temporary names are skipped. A file found where it does
+    /// not belong (the hashing changed) is put where it belongs, so that
+    /// [`QueueTree::path`] finds it; in `incoming/` only a complete one
+    /// (cleanup may still be writing the other under its old name).
     pub fn list(&self, q: Queue) -> io::Result<Vec<String>> {
-        let mut v: Vec<String> = fs::read_dir(self.dir(q))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| is_queue_id(n))
-            .collect();
+        let name = q.name();
+        let mut v = Vec::new();
+        let mut wrong = Vec::new();
+        self.walk(name, |dir, chain, e| {
+            let Ok(id) = e.file_name().into_string() else {
+                return;
+            };
+            if !is_queue_id(&id) {
+                return;
+            }
+            if !self.in_place(name, chain, &id) {
+                wrong.push(dir.join(&id));
+            }
+            v.push(id);
+        })?;
+        for from in wrong {
+            if q != Queue::Incoming || is_marked_complete(&from) {
+                if let Some(id) = from.file_name().and_then(|n| n.to_str()) {
+                    let _ = self.place(name, &from, id);
+                }
+            }
+        }
         v.sort();
+        v.dedup();
         Ok(v)
     }
 
-    /// Which queue holds `id`, if any.
+    /// Which queue holds `id`, if any (where it belongs or misplaced).
     pub fn find(&self, id: &str) -> Option<Queue> {
         if !is_queue_id(id) {
             return None;
         }
-        Queue::ALL.into_iter().find(|q| self.path(*q, id).exists())
+        Queue::ALL
+            .into_iter()
+            .find(|q| self.locate(*q, id).is_some())
     }
 
     /// Creates every directory of the tree that is missing, with its mode,
@@ -826,6 +1260,105 @@ mod tests {
         assert_eq!(t.find(&nf.id), Some(Queue::Incoming));
         t.move_to(&nf.id, Queue::Incoming, Queue::Active).unwrap();
         assert_eq!(t.list(Queue::Active).unwrap(), vec![nf.id.clone()]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn hashed_places_follow_postfix_dir_forest() {
+        let t = QueueTree::new("/q");
+        // Depth 1 (the default) for deferred and defer; the others flat.
+        let id = "692E1A3B4F2C1A9";
+        assert_eq!(
+            t.path(Queue::Deferred, id),
+            Path::new("/q/deferred/4").join(id)
+        );
+        assert_eq!(
+            t.log_path(MessageLog::Defer, id),
+            Path::new("/q/defer/4").join(id)
+        );
+        assert_eq!(
+            t.path(Queue::Incoming, id),
+            Path::new("/q/incoming").join(id)
+        );
+        assert_eq!(
+            t.log_path(MessageLog::Bounce, id),
+            Path::new("/q/bounce").join(id)
+        );
+        let deep = QueueTree::new("/q").with_hashing(
+            Hashing::new(&["incoming", "deferred", "maildrop-not", "flush"], 2).unwrap(),
+        );
+        assert_eq!(
+            deep.path(Queue::Incoming, id),
+            Path::new("/q/incoming/4/F").join(id)
+        );
+        assert_eq!(
+            deep.parent(Queue::Deferred, id),
+            Path::new("/q/deferred/4/F")
+        );
+        assert_eq!(deep.path(Queue::Hold, id), Path::new("/q/hold").join(id));
+        // Past the end of the ID: underscores, as Postfix's dir_forest.
+        let eight = QueueTree::new("/q").with_hashing(Hashing::new(&["deferred"], 8).unwrap());
+        assert_eq!(
+            eight.parent(Queue::Deferred, "692E1A3B4F2C1A9"),
+            Path::new("/q/deferred/4/F/2/C/1/A/9/_")
+        );
+        assert!(Hashing::new(&["maildrop"], 1).is_err());
+        assert!(Hashing::new(&["deferred"], 0).is_err());
+        assert!(Hashing::new(&["deferred"], MAX_HASH_DEPTH + 1).is_err());
+        assert_eq!(
+            Hashing::new(&["DEFERRED"], 1).unwrap(),
+            Hashing {
+                names: vec!["deferred"],
+                depth: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_hashing_is_applied_by_list_moves_and_rehash() {
+        let root = std::env::temp_dir().join(format!("pqhash-{}", std::process::id()));
+        let flat = QueueTree::new(&root).with_hashing(Hashing::flat());
+        flat.create_dirs(None, None).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let mut nf = flat.create(Queue::Deferred).unwrap();
+            std::io::Write::write_all(&mut nf.file, b"x").unwrap();
+            nf.file
+                .set_permissions(fs::Permissions::from_mode(0o700))
+                .unwrap();
+            fs::write(flat.log_path(MessageLog::Defer, &nf.id), b"reason").unwrap();
+            assert_eq!(nf.path, root.join("deferred").join(&nf.id));
+            ids.push(nf.id);
+        }
+        ids.sort();
+        // Depth 2 now: found where they are, by a move too.
+        let deep = QueueTree::new(&root)
+            .with_hashing(Hashing::new(&["deferred", "defer", "hold"], 2).unwrap());
+        assert_eq!(deep.find(&ids[0]), Some(Queue::Deferred));
+        assert!(deep.locate(Queue::Deferred, &ids[0]).is_some());
+        deep.move_to(&ids[0], Queue::Deferred, Queue::Hold).unwrap();
+        assert!(deep.path(Queue::Hold, &ids[0]).exists());
+        assert!(deep.locate_log(MessageLog::Defer, &ids[0]).is_some());
+        // The listing finds every one and puts it in place.
+        assert_eq!(deep.list(Queue::Deferred).unwrap(), ids[1..].to_vec());
+        for id in &ids[1..] {
+            assert!(deep.path(Queue::Deferred, id).exists(), "{id}");
+        }
+        // rehash moves the logs; back to flat, it removes the subdirectories.
+        assert_eq!(deep.rehash(true), 5);
+        for id in &ids {
+            assert!(deep.log_path(MessageLog::Defer, id).exists(), "{id}");
+        }
+        assert!(flat.rehash(true) >= 9);
+        assert_eq!(flat.list(Queue::Deferred).unwrap(), ids[1..].to_vec());
+        for name in ["deferred", "defer", "hold"] {
+            let dirs = fs::read_dir(root.join(name))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_type().unwrap().is_dir())
+                .count();
+            assert_eq!(dirs, 0, "{name}");
+        }
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -36,6 +36,10 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("mailq_path", "/usr/bin/mailq"),
     ("manpage_directory", "/usr/share/man"),
     ("process_id_directory", "pid"),
+    // The queue directories split into one-character subdirectories
+    // (common::queue::Hashing), as Postfix's.
+    ("hash_queue_names", "deferred, defer"),
+    ("hash_queue_depth", "1"),
     // Accounts.
     ("mail_owner", "postern"),
     ("setgid_group", "postdrop"),

@@ -110,7 +110,7 @@ impl Manager {
         postern_common::service::drop_privileges(cfg);
         let queue = postern_common::service::queue_directory(cfg);
         Manager {
-            tree: QueueTree::new(&queue),
+            tree: QueueTree::configured(&queue, cfg),
             notice_settings,
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600).max(1)),
             recipient_limit: cfg
@@ -132,7 +132,7 @@ impl Manager {
             incoming: Scan::new(Queue::Incoming),
             deferred: Scan::new(Queue::Deferred),
             incoming_turn: false,
-            retirer: Retirer::new(QueueTree::new(&queue)),
+            retirer: Retirer::new(QueueTree::configured(&queue, cfg)),
             // As many as deliveries may be in flight; started on demand.
             workers: Pool::new("deliver", max_in_flight as usize),
             tx,
@@ -316,7 +316,7 @@ impl Manager {
                     Ok(()) => info!("{id}: removed"),
                     Err(e) => warning!("{id}: remove active queue file: {e}"),
                 }
-                let _ = queue::sync_dir(&self.tree.dir(Queue::Active));
+                let _ = queue::sync_dir(&self.tree.parent(Queue::Active, id));
                 remove_log(&self.tree, MessageLog::Defer, id);
                 remove_log(&self.tree, MessageLog::Bounce, id);
                 remove_log(&self.tree, MessageLog::Success, id);

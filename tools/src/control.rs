@@ -68,6 +68,11 @@ pub fn main() -> ! {
                 .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
             eprintln!("{NAME}: refreshing the Postern mail system");
             signal(pid, nix::sys::signal::Signal::SIGHUP);
+            // A changed hash_queue_names or hash_queue_depth: files to
+            // their new places, as Postfix's reload runs postsuper
+            // (active/ is the running qmgr's; the new one's start-up scan
+            // places what is there).
+            crate::postsuper::rehash_queue(&cfg, false);
             std::process::exit(EX_OK)
         }
         "status" => match running(&cfg) {
@@ -148,6 +153,13 @@ fn check(cfg: &Config) {
     }
     if let Err(e) = cfg.get_bool("daemon_sched_batch") {
         die(NAME, 1, e);
+    }
+    if let Err(e) = postern_common::queue::Hashing::from_config(cfg) {
+        die(
+            NAME,
+            1,
+            format_args!("{}/main.cf: {e}", cfg.dir().display()),
+        );
     }
     check_host_names(cfg);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
@@ -257,6 +269,9 @@ fn start(cfg: &Config, foreground: bool) -> ! {
     }
     check(cfg);
     check_secrets(cfg);
+    // As Postfix's start runs postsuper: every queue file where the
+    // hashing wants it before anything reads the queue.
+    crate::postsuper::rehash_queue(cfg, true);
     let master = PathBuf::from(cfg.get("daemon_directory")).join("master");
     let mut cmd = std::process::Command::new(&master);
     cmd.arg("-c").arg(cfg.dir());

@@ -151,7 +151,7 @@ pub fn main() -> ! {
     }
     let tree = if by_id {
         let cfg = crate::load_config(name, config.as_deref());
-        Some(QueueTree::new(cfg.get("queue_directory")))
+        Some(QueueTree::configured(cfg.get("queue_directory"), &cfg))
     } else {
         None
     };
@@ -167,9 +167,16 @@ pub fn main() -> ! {
                     Queue::ALL
                         .into_iter()
                         .find_map(|q| {
-                            File::open(tree.path(q, &n))
-                                .ok()
-                                .map(|f| (f, format!("{}/{n}", q.name())))
+                            // Labelled as Postfix's postcat: the path
+                            // below queue_directory, hash subdirectories
+                            // included (deferred/6/ID).
+                            let path = tree.locate(q, &n)?;
+                            let label = path
+                                .strip_prefix(tree.root())
+                                .unwrap_or(&path)
+                                .display()
+                                .to_string();
+                            File::open(&path).ok().map(|f| (f, label))
                         })
                         .ok_or_else(|| {
                             io::Error::other(format!(

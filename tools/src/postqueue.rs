@@ -224,7 +224,7 @@ pub fn format_json(l: &Listed) -> String {
 /// Prints the queue as `postqueue -p` does (also `mailq`, `sendmail -bp`)
 /// and exits.
 pub fn show(name: &str, cfg: &postern_conf::Config, json: bool) -> ! {
-    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let tree = QueueTree::configured(cfg.get("queue_directory"), cfg);
     let out = io::stdout();
     let mut out = io::BufWriter::new(out.lock());
     let mut count = 0u64;
@@ -298,10 +298,10 @@ fn wake(name: &str, tree: &QueueTree, what: Wakeup) -> ! {
 /// Makes a deferred message due now. Returns false when it is not in
 /// `deferred/` (any more).
 fn make_due(tree: &QueueTree, id: &str) -> bool {
-    let f = match File::options()
-        .write(true)
-        .open(tree.path(Queue::Deferred, id))
-    {
+    let Some(path) = tree.locate(Queue::Deferred, id) else {
+        return false;
+    };
+    let f = match File::options().write(true).open(path) {
         Ok(f) => f,
         Err(_) => return false,
     };
@@ -410,7 +410,7 @@ pub fn main_as(name: &str) -> ! {
         true,
         false,
     );
-    let tree = QueueTree::new(cfg.get("queue_directory"));
+    let tree = QueueTree::configured(cfg.get("queue_directory"), &cfg);
     match mode {
         'p' => show(name, &cfg, false),
         'j' => show(name, &cfg, true),

@@ -52,7 +52,7 @@ use postern_common::{info, warning};
 use std::fs::{File, TryLockError};
 use std::io::{self, BufRead, Read};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Prefix of a file being requeued (see the module doc).
@@ -118,6 +118,8 @@ struct Ctx {
     timeout: Duration,
     /// Messages `-f` released from hold.
     released: std::cell::Cell<usize>,
+    /// Directories where files were removed, fsync'd once at the end.
+    emptied: std::cell::RefCell<std::collections::BTreeSet<PathBuf>>,
 }
 
 fn plural(n: usize) -> &'static str {
@@ -158,8 +160,8 @@ impl Ctx {
             }
             let path = self.tree.path(q, id);
             let res = match op {
-                // The directories are fsync'd once at the end (main).
-                Op::Delete => std::fs::remove_file(&path).map(|()| {
+                // The directories are fsync'd once at the end (run_ops).
+                Op::Delete => self.remove(q, id).map(|()| {
                     remove_logs(&self.tree, id);
                     info!("{id}: removed");
                 }),
@@ -172,6 +174,7 @@ impl Ctx {
                         continue;
                     }
                     // Due now: the next deferred scan takes it.
+                    let path = self.tree.locate(q, id).unwrap_or(path);
                     match queue::set_mtime(&path, postern_common::time::now_secs()) {
                         Err(e) if is_enoent(&e) => continue,
                         _ => {}
@@ -219,11 +222,36 @@ impl Ctx {
         Ok(())
     }
 
+    /// Removes `q/id`, where it belongs or where it was misplaced; notes
+    /// its directory for the final fsync.
+    fn remove(&self, q: Queue, id: &str) -> io::Result<()> {
+        let path = self.tree.path(q, id);
+        let path = match std::fs::remove_file(&path) {
+            Err(e) if is_enoent(&e) => {
+                let Some(other) = self.tree.misplaced(q.name(), id) else {
+                    return Err(e);
+                };
+                std::fs::remove_file(&other)?;
+                other
+            }
+            r => r.map(|()| path)?,
+        };
+        if let Some(dir) = path.parent() {
+            self.emptied.borrow_mut().insert(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
     /// Requeues `q/id` through cleanup (see the module doc). ENOENT: not
     /// there; `Interrupted`: there, but taken away meanwhile.
     fn requeue(&self, q: Queue, id: &str) -> io::Result<()> {
-        let path = self.tree.path(q, id);
-        let claim = self.tree.dir(q).join(format!("{REQUEUE_PREFIX}{id}"));
+        let path = self
+            .tree
+            .locate(q, id)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        // Beside the file, in its (hash sub)directory.
+        let dir = path.parent().unwrap_or(self.tree.root()).to_path_buf();
+        let claim = dir.join(format!("{REQUEUE_PREFIX}{id}"));
         std::fs::rename(&path, &claim)?;
         let put_back = |why: String| -> io::Error {
             if let Err(e) = std::fs::rename(&claim, &path) {
@@ -276,7 +304,7 @@ impl Ctx {
         match self.submit(&file, new, env.content_offset) {
             Ok(new_id) => {
                 std::fs::remove_file(&claim)?;
-                let _ = queue::sync_dir(&self.tree.dir(q));
+                let _ = queue::sync_dir(&dir);
                 remove_logs(&self.tree, id);
                 info!("{id}: requeued");
                 debug!("{id}: requeued as {new_id}");
@@ -517,28 +545,25 @@ fn pid_alive(pid: i32) -> bool {
 fn purge(ctx: &Ctx) -> usize {
     let mut n = 0;
     for q in Queue::ALL {
-        let Ok(rd) = std::fs::read_dir(ctx.tree.dir(q)) else {
-            continue;
-        };
-        for e in rd.flatten() {
+        let _ = ctx.tree.walk(q.name(), |dir, _, e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = name.strip_prefix(".tmp.") else {
-                continue;
+                return;
             };
             let pid: i32 = rest
                 .split('.')
                 .next()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
-            let Ok(meta) = e.metadata() else { continue };
+            let Ok(meta) = e.metadata() else { return };
             if (pid > 0 && pid_alive(pid)) || age(&meta) < Duration::from_secs(10) {
-                continue;
+                return;
             }
-            if std::fs::remove_file(e.path()).is_ok() {
+            if std::fs::remove_file(dir.join(&name)).is_ok() {
                 info!("removed temporary file {}/{name}", q.name());
                 n += 1;
             }
-        }
+        });
     }
     n
 }
@@ -552,78 +577,90 @@ fn exists_anywhere(tree: &QueueTree, id: &str) -> bool {
     }
 }
 
-/// Moves a file that is not a usable queue file to `corrupt/`.
-fn to_corrupt(tree: &QueueTree, q: Queue, name: &str, why: &str) -> bool {
+/// Moves a file of `dir` (in queue `q`) that is not a usable queue file
+/// to `corrupt/`.
+fn to_corrupt(tree: &QueueTree, q: Queue, dir: &Path, name: &str, why: &str) -> bool {
     warning!(
         "saving corrupt file \"{name}\" from queue \"{}\" to queue \"corrupt\": {why}",
         q.name()
     );
-    std::fs::rename(tree.dir(q).join(name), tree.dir(Queue::Corrupt).join(name)).is_ok()
+    std::fs::rename(dir.join(name), tree.dir(Queue::Corrupt).join(name)).is_ok()
 }
 
 /// `-s`: structure check and repair of `incoming deferred hold` (and of
-/// `active` when qmgr is not running). Returns the number of repairs.
+/// `active` when qmgr is not running): files put where the hashing
+/// (`hash_queue_names`, `hash_queue_depth`) wants them and subdirectories
+/// no longer needed removed, names matched to inode numbers, unreadable
+/// files to `corrupt/`, interrupted requeues to `hold/`, logs of messages
+/// that are no more removed. Returns the number of repairs.
 fn repair(ctx: &Ctx) -> usize {
     let tree = &ctx.tree;
     let qmgr_up =
         std::os::unix::net::UnixStream::connect(tree.socket(true, ipc::QMGR_ADMIN_SOCKET)).is_ok();
+    let mut fixed = tree.rehash(!qmgr_up);
     let mut queues = vec![Queue::Incoming, Queue::Deferred, Queue::Hold];
     if !qmgr_up {
         queues.push(Queue::Active);
     }
-    let mut fixed = 0;
     for q in queues {
-        let Ok(rd) = std::fs::read_dir(tree.dir(q)) else {
-            continue;
-        };
-        for e in rd.flatten() {
+        let _ = tree.walk(q.name(), |dir, chain, e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(meta) = e.metadata() else { continue };
+            let Ok(meta) = e.metadata() else { return };
             if !meta.is_file() || name.starts_with(".tmp.") {
-                continue;
+                return;
             }
             if let Some(orig) = name.strip_prefix(REQUEUE_PREFIX) {
-                if is_queue_id(orig) && age(&meta) > Duration::from_secs(60) {
-                    let to = tree.path(Queue::Hold, orig);
-                    if !to.exists() && std::fs::rename(e.path(), &to).is_ok() {
-                        warning!(
-                            "{orig}: an interrupted requeue left it in {}: moved to hold; \
-                             it may have been queued again: check before releasing it",
-                            q.name()
-                        );
-                        fixed += 1;
-                    }
-                }
-                continue;
-            }
-            if !is_queue_id(&name) {
-                if to_corrupt(tree, q, &name, "not a queue file name") {
+                if is_queue_id(orig)
+                    && age(&meta) > Duration::from_secs(60)
+                    && tree.place(Queue::Hold.name(), &dir.join(&name), orig).is_ok()
+                {
+                    warning!(
+                        "{orig}: an interrupted requeue left it in {}: moved to hold; \
+                         it may have been queued again: check before releasing it",
+                        q.name()
+                    );
                     fixed += 1;
                 }
-                continue;
+                return;
+            }
+            if !is_queue_id(&name) {
+                if to_corrupt(tree, q, dir, &name, "not a queue file name") {
+                    fixed += 1;
+                }
+                return;
+            }
+            // Where it belongs (rehash moved it, unless it came meanwhile).
+            let mut path = dir.join(&name);
+            if !tree.in_place(q.name(), chain, &name) {
+                match tree.place(q.name(), &path, &name) {
+                    Ok(p) => {
+                        fixed += 1;
+                        path = p;
+                    }
+                    Err(_) => return,
+                }
             }
             // The name must end in the file's inode number.
             let ino = format!("{:X}", meta.ino());
             let mut id = name.clone();
             if name.len() <= 13 || name[13..] != ino {
                 let new = format!("{}{ino}", &name[..13.min(name.len())]);
-                if is_queue_id(&new)
-                    && tree.find(&new).is_none()
-                    && std::fs::rename(e.path(), tree.path(q, &new)).is_ok()
-                {
-                    for log in [MessageLog::Defer, MessageLog::Bounce, MessageLog::Success] {
-                        let _ =
-                            std::fs::rename(tree.log_path(log, &name), tree.log_path(log, &new));
+                if is_queue_id(&new) && tree.find(&new).is_none() {
+                    if let Ok(p) = tree.place(q.name(), &path, &new) {
+                        for log in [MessageLog::Defer, MessageLog::Bounce, MessageLog::Success] {
+                            let _ = tree.place(log.name(), &tree.log_path(log, &name), &new);
+                        }
+                        warning!(
+                            "{name}: renamed to {new}: the name did not match the file's inode number"
+                        );
+                        fixed += 1;
+                        id = new;
+                        path = p;
                     }
-                    warning!(
-                        "{name}: renamed to {new}: the name did not match the file's inode number"
-                    );
-                    fixed += 1;
-                    id = new;
                 }
             }
-            let Ok(f) = File::open(tree.path(q, &id)) else {
-                continue;
+            let Ok(f) = File::open(&path) else {
+                return;
             };
             match qfile::read_envelope(&f) {
                 Ok(_) => {}
@@ -631,8 +668,7 @@ fn repair(ctx: &Ctx) -> usize {
                 // lock meanwhile), in incoming/ or, for a message a check
                 // put on hold, in hold/ before it is complete.
                 Err(ReadError::Incomplete) if matches!(q, Queue::Incoming | Queue::Hold) => {
-                    if postern_common::queue::abandoned(&f)
-                        && std::fs::remove_file(tree.path(q, &id)).is_ok()
+                    if postern_common::queue::abandoned(&f) && std::fs::remove_file(&path).is_ok()
                     {
                         warning!("{id}: removed incomplete queue file older than one day");
                         fixed += 1;
@@ -640,23 +676,21 @@ fn repair(ctx: &Ctx) -> usize {
                 }
                 Err(ReadError::Io(_)) => {}
                 Err(e) => {
-                    if to_corrupt(tree, q, &id, &e.to_string()) {
+                    let at = path.parent().unwrap_or(tree.root()).to_path_buf();
+                    if to_corrupt(tree, q, &at, &id, &e.to_string()) {
                         fixed += 1;
                     }
                 }
             }
-        }
+        });
     }
     // Logs of messages that are no more.
     for log in [MessageLog::Defer, MessageLog::Bounce, MessageLog::Success] {
-        let Ok(rd) = std::fs::read_dir(tree.root().join(log.name())) else {
-            continue;
-        };
-        for e in rd.flatten() {
+        let _ = tree.walk(log.name(), |dir, _, e| {
             let name = e.file_name().to_string_lossy().into_owned();
             if is_queue_id(&name)
                 && !exists_anywhere(tree, &name)
-                && std::fs::remove_file(e.path()).is_ok()
+                && std::fs::remove_file(dir.join(&name)).is_ok()
             {
                 warning!(
                     "{name}: removed {} log of a message that is no more",
@@ -664,9 +698,22 @@ fn repair(ctx: &Ctx) -> usize {
                 );
                 fixed += 1;
             }
-        }
+        });
     }
     fixed
+}
+
+/// What `postern start` and `reload` run before the system (re)starts,
+/// as Postfix's start runs `postsuper`: files put where the hashing wants
+/// them (`active/` too when `with_active`: nothing runs yet) and
+/// subdirectories no longer needed removed. Returns how many files moved.
+pub fn rehash_queue(cfg: &postern_conf::Config, with_active: bool) -> usize {
+    let tree = QueueTree::configured(cfg.get("queue_directory"), cfg);
+    let moved = tree.rehash(with_active);
+    if moved > 0 {
+        eprintln!("postsuper: moved {moved} queue file(s) to where hash_queue_names and hash_queue_depth want them");
+    }
+    moved
 }
 
 // ------------------------------------------------------------ main
@@ -741,7 +788,10 @@ fn parse_args(name: &str) -> Command {
         }
     }
     if cmd.ops.is_empty() && !cmd.repair && !cmd.purge {
-        usage(name);
+        // Postfix's default: the structure check and the purge of
+        // temporary files (what its start-up runs).
+        cmd.repair = true;
+        cmd.purge = true;
     }
     cmd
 }
@@ -760,9 +810,10 @@ pub fn main() -> ! {
     );
     let ctx = Ctx {
         name,
-        tree: QueueTree::new(cfg.get("queue_directory")),
+        tree: QueueTree::configured(cfg.get("queue_directory"), &cfg),
         timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600).clamp(1, 60)),
         released: std::cell::Cell::new(0),
+        emptied: Default::default(),
     };
     if !ctx.tree.root().is_dir() {
         die(
@@ -834,8 +885,8 @@ fn run_ops(ctx: &Ctx, ops: &[(Op, String)], queues: &[Queue]) -> bool {
         ids.dedup();
         let n = ctx.run(op, ids, &qs);
         if op == Op::Delete {
-            for q in &qs {
-                let _ = queue::sync_dir(&ctx.tree.dir(*q));
+            for dir in std::mem::take(&mut *ctx.emptied.borrow_mut()) {
+                let _ = queue::sync_dir(&dir);
             }
         }
         if n > 0 {
