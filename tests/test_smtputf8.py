@@ -220,6 +220,23 @@ def test_idn_domain_in_mydestination_in_either_form(make_postern, local_users):
         p.wait_for_log(re.escape(f"to=<{r}>") + r", relay=local, .*status=sent")
 
 
+def test_idn_domain_in_tables_in_either_form(make_postern, local_users):
+    # Issue #16 point 5, tables: virtual_alias_domains and virtual_alias_maps
+    # list the U-label form, the client writes the A-label form (and the
+    # other way round); both reach the user. Without the second lookup,
+    # smtpd refuses them as unknown in the virtual alias table.
+    p = make_postern(start=False, params={
+        "virtual_alias_domains": "bücher.test, xn--mller-kva.test",
+    })
+    p.set_params(virtual_alias_maps=f"texthash:{p.etc}/virtual")
+    p.write_file("etc/virtual", "info@bücher.test ptbob\n@xn--mller-kva.test ptbob\n")
+    p.start()
+    token = new_token()
+    rcpts = ["info@xn--bcher-kva.test", "anyone@müller.test"]
+    assert send_utf8(p, SENDER, rcpts, message(token)) == {}
+    h.wait_for_messages("ptbob", token, count=2)
+
+
 def test_sendmail_autodetect_sets_smtputf8(make_postern, postfix_peer):  # noqa: F811
     # smtputf8_autodetect_classes = sendmail, verify (the default): a
     # sendmail submission with UTF-8 in its envelope goes out with SMTPUTF8.

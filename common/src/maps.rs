@@ -123,8 +123,19 @@ impl Table {
     }
 
     /// The value of `key`: borrowed from a table held in memory, owned
-    /// when read from an indexed table's file.
+    /// when read from an indexed table's file. A key whose domain is
+    /// internationalized is tried in its other IDNA form too (A-label or
+    /// U-label), so a table may list the name either way.
     pub fn lookup(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.lookup_as_given(key).or_else(|| {
+            if key.is_ascii() && !key.contains("xn--") && !key.contains("XN--") {
+                return None;
+            }
+            self.lookup_as_given(&crate::smtputf8::other_idna_form(key)?)
+        })
+    }
+
+    fn lookup_as_given(&self, key: &str) -> Option<Cow<'_, str>> {
         match self {
             Table::Static(v) => Some(Cow::Borrowed(v)),
             Table::Regexp { rules, .. } => rules

@@ -127,6 +127,33 @@ pub fn address_syntax_ok(addr: &str, smtputf8: bool) -> bool {
     }
 }
 
+/// The other IDNA form of a table key's domain, for a lookup that missed
+/// in the form it was asked in: `user@bücher.example` ↔
+/// `user@xn--bcher-kva.example` (also a bare domain, a `.domain` and an
+/// `@domain` key), so that a table lists an internationalized name in
+/// either form (issue #16 point 5; Postfix 3.7 wants both forms listed).
+/// None when the key has no internationalized domain or IDNA cannot
+/// convert it.
+pub fn other_idna_form(key: &str) -> Option<String> {
+    let (head, domain) = match key.rfind('@') {
+        Some(i) => key.split_at(i + 1),
+        None => key.split_at(usize::from(key.starts_with('.'))),
+    };
+    let other = if !domain.is_ascii() {
+        idna::domain_to_ascii(domain).ok()?
+    } else if domain
+        .split('.')
+        .any(|l| l.len() > 4 && l[..4].eq_ignore_ascii_case("xn--"))
+    {
+        let (unicode, r) = idna::domain_to_unicode(domain);
+        r.ok()?;
+        unicode
+    } else {
+        return None;
+    };
+    (other != domain).then(|| format!("{head}{other}"))
+}
+
 /// A domain (or a `.domain` list entry) in the form lists compare: lower
 /// case, and an internationalized name as its A-label (`xn--...`) form,
 /// so that the U-label and A-label forms of one name are equal. A name
@@ -302,5 +329,23 @@ mod tests {
         assert_eq!(Autodetect::parse("sendmail bogus"), Err("bogus".into()));
         assert_eq!(Source::of_origin("pickup"), Some(Source::Sendmail));
         assert_eq!(Source::of_origin("postsuper"), None);
+    }
+
+    #[test]
+    fn table_keys_in_the_other_idna_form() {
+        assert_eq!(
+            other_idna_form("u@b\u{fc}cher.example").as_deref(),
+            Some("u@xn--bcher-kva.example")
+        );
+        assert_eq!(
+            other_idna_form("@xn--bcher-kva.example").as_deref(),
+            Some("@b\u{fc}cher.example")
+        );
+        assert_eq!(
+            other_idna_form(".b\u{fc}cher.example").as_deref(),
+            Some(".xn--bcher-kva.example")
+        );
+        assert_eq!(other_idna_form("u@example.com"), None);
+        assert_eq!(other_idna_form("alias"), None);
     }
 }
