@@ -308,9 +308,10 @@ def test_auth_wrong_password(make_postern, dc):
         s.mail("s@example.org")
         assert s.rcpt("r@example.net")[0] == 554
     # fail2ban's postfix-sasl filter matches this line.
-    line = p.wait_for_log(r"postern/smtpd\[\d+\]: warning: unknown\[127\.0\.0\.2\]: "
-                          r"SASL LOGIN authentication failed: (.*)$")
+    line = p.wait_for_log(r"postfix/smtpd\[\d+\]: warning: unknown\[127\.0\.0\.2\]: "
+                          r"SASL LOGIN authentication failed: (.*), sasl_username=(.*)$")
     assert re.fullmatch(r"[ A-Za-z0-9+/:]*={0,2}", line.group(1)), line.group(0)
+    assert line.group(2) == USER, line.group(0)
 
 
 def test_auth_swaks_plain_and_inet_path(make_postern, dc, sink, swaks):

@@ -42,7 +42,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_privs", "nobody"),
     // Logging.
     ("syslog_facility", "mail"),
-    ("syslog_name", "postern"),
+    ("syslog_name", "postfix"),
     ("maillog_file", ""),
     // master.
     ("default_process_limit", "100"),
