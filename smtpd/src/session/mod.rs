@@ -74,6 +74,9 @@ pub struct Client {
     pub port: Option<u16>,
     /// Our end of the connection, when known.
     pub local: Option<SocketAddr>,
+    /// The connection's socket, to see whether the client talked before
+    /// the greeting (None in tests without one).
+    pub socket: Option<std::os::fd::RawFd>,
 }
 
 impl Client {
@@ -87,6 +90,7 @@ impl Client {
             addr,
             port: None,
             local: None,
+            socket: None,
         }
     }
 
