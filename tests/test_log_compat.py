@@ -76,7 +76,7 @@ def read_reply(f):
             return lines
 
 
-def traffic(port, token):
+def traffic(port, token, log_text):
     """The scripted sessions; returns what each server answered, which
     must be the same."""
     answers = []
@@ -99,15 +99,15 @@ def traffic(port, token):
     with h.smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.ehlo("client.example")
         s.mail("spam@example.org")
-        answers.append(s.rcpt("nosuch@" + DOMAIN)[0])
-        answers.append(s.rcpt("victim@elsewhere.example")[0])
+        answers.append(s.rcpt("nosuch@" + DOMAIN))
+        answers.append(s.rcpt("victim@elsewhere.example"))
         s.rset()
     # A DATA-stage reject with one recipient.
     with h.smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.ehlo("client.example")
         s.mail("spammer@example.org")
         answers.append(s.rcpt("ptalice@" + DOMAIN)[0])
-        answers.append(s.docmd("DATA")[0])
+        answers.append(s.docmd("DATA"))
     # Failed AUTH (LOGIN, then PLAIN).
     for mech in ("LOGIN", "PLAIN"):
         with h.smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
@@ -118,22 +118,29 @@ def traffic(port, token):
                 s.auth(mech, auth, initial_response_ok=(mech == "PLAIN"))
                 answers.append(235)
             except h.smtplib.SMTPAuthenticationError as e:
-                answers.append(e.smtp_code)
+                answers.append((e.smtp_code, e.smtp_error))
     # A lost connection after EHLO.
     with raw(port) as c:
         f = c.makefile("rb")
         answers.append(read_reply(f)[0][:3])
         c.sendall(b"EHLO client.example\r\n")
         answers.append(read_reply(f)[0][:3])
-    # Talk before the greeting (sent as soon as connected).
-    with raw(port) as c:
-        c.sendall(b"EHLO early.example\r\n")
-        f = c.makefile("rb")
-        time.sleep(0.5)
-        answers.append(read_reply(f)[0][:3])
-        c.sendall(b"QUIT\r\n")
-        read_reply(f)
-        read_reply(f)
+    # Talk before the greeting, sent as soon as connected. Whether it
+    # arrives before the server looks is a race on loopback (no round
+    # trip, unlike a remote client's), for Postfix as for Postern: tried
+    # until the server saw it once.
+    for _ in range(20):
+        with raw(port) as c:
+            c.sendall(b"EHLO early.example\r\n")
+            f = c.makefile("rb")
+            answers_early = read_reply(f)[0][:3]
+            read_reply(f)
+            c.sendall(b"QUIT\r\n")
+            read_reply(f)
+        time.sleep(0.3)
+        if "improper command pipelining after CONNECT" in log_text():
+            break
+    answers.append(answers_early)
     return answers
 
 
@@ -213,8 +220,8 @@ def test_stock_log_tools_count_the_same(make_postern, postfix_peer, dovecot, loc
     far._postfix("reload")
     time.sleep(1)
 
-    ours = traffic(p.port, token)
-    theirs = traffic(far.port, token)
+    ours = traffic(p.port, token, p.log_text)
+    theirs = traffic(far.port, token, far.log_text)
     assert ours == theirs, (ours, theirs)
     settle(p.log_text, token)
     settle(far.log_text, token)
@@ -222,7 +229,7 @@ def test_stock_log_tools_count_the_same(make_postern, postfix_peer, dovecot, loc
     for mode in MODES:
         a, b = fail2ban(p.maillog, mode), fail2ban(far.maillog, mode)
         assert sorted(a) == sorted(b), f"mode {mode}:\nPostern:\n" + "\n".join(a) + \
-            "\nPostfix:\n" + "\n".join(b)
+            "\nPostfix:\n" + "\n".join(b) + "\nPostfix's log:\n" + far.log_text()
         if mode in ("more", "auth", "ddos", "aggressive"):
             assert a, f"fail2ban matched nothing in mode {mode}"
 

@@ -213,9 +213,21 @@ impl Agent {
             };
             let job = &mut jobs[h.job];
             if logged {
-                job.record_logged(&h.rcpt, status.outcome, &status.dsn, "local", &status.reason);
+                job.record_logged(
+                    &h.rcpt,
+                    status.outcome,
+                    &status.dsn,
+                    "local",
+                    &status.reason,
+                );
             } else {
-                job.record(&h.rcpt, status.outcome, &status.dsn, "local", &status.reason);
+                job.record(
+                    &h.rcpt,
+                    status.outcome,
+                    &status.dsn,
+                    "local",
+                    &status.reason,
+                );
             }
         }
     }
@@ -252,9 +264,7 @@ impl Agent {
                         logged,
                         syncs: before..self.pending_len(),
                     }),
-                    None if logged => {
-                        job.record_logged(&r, s.outcome, &s.dsn, "local", &s.reason)
-                    }
+                    None if logged => job.record_logged(&r, s.outcome, &s.dsn, "local", &s.reason),
                     None => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
                 },
                 Done::Passed(result) => job.adopt(result),
@@ -888,4 +898,3 @@ fn spool_ids(dir: &Path, acct: &Account) -> (Ids, Option<Ids>) {
         _ => (user, None),
     }
 }
-

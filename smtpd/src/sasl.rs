@@ -254,13 +254,9 @@ enum ConnState {
     Ready,
 }
 
-/// One request in flight: whose it is, and what to say if it fails
-/// without a reason.
+/// One request in flight: whose it is.
 struct Pending {
     slot: usize,
-    /// The last challenge sent to the client: Postfix reports it as the
-    /// failure reason when Dovecot gives none.
-    last_challenge: String,
 }
 
 /// The process's connection to the auth server.
@@ -426,13 +422,7 @@ impl AuthConn {
                 }
                 line.push('\n');
                 self.out.extend_from_slice(line.as_bytes());
-                self.pending.insert(
-                    id,
-                    Pending {
-                        slot,
-                        last_challenge: String::new(),
-                    },
-                );
+                self.pending.insert(id, Pending { slot });
                 self.by_slot.insert(slot, id);
             }
             SaslRequest::Continue(data) => {
@@ -545,7 +535,6 @@ impl AuthConn {
             }
             Line::Cont { id, data } => {
                 if let Some(p) = self.pending.get_mut(&id) {
-                    p.last_challenge = data.clone();
                     self.ready_deliveries
                         .push((p.slot, Delivery::Reply(SaslReply::Cont(data))));
                 }
@@ -558,7 +547,9 @@ impl AuthConn {
             } => {
                 if let Some(p) = self.pending.remove(&id) {
                     self.by_slot.remove(&p.slot);
-                    let why = reason.unwrap_or(p.last_challenge);
+                    // No reason from Dovecot (a wrong password): Postfix
+                    // 3.7 says so in the reply and the log.
+                    let why = reason.unwrap_or_else(|| "(reason unavailable)".into());
                     let reply = if temp {
                         SaslReply::Temp(why)
                     } else {

@@ -203,9 +203,7 @@ impl Settings {
             service: "smtpd".into(),
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
             strict_smtputf8: cfg.get_bool("strict_smtputf8").map_err(e)?,
-            forbid_unauth_pipelining: cfg
-                .get_bool("smtpd_forbid_unauth_pipelining")
-                .map_err(e)?,
+            forbid_unauth_pipelining: cfg.get_bool("smtpd_forbid_unauth_pipelining").map_err(e)?,
         })
     }
 }
