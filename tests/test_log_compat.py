@@ -27,6 +27,7 @@ from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 # An alias of two users; one whose member does not exist (a bounce).
 ALIASES = "team: ptalice, ptbob\nbroken: nosuchuser\n"
+HARD_ERRORS = 4
 FILTER = "/etc/fail2ban/filter.d/postfix.conf"
 MODES = ("more", "normal", "aggressive", "auth", "ddos", "errors", "extra")
 DOMAIN = h.MYHOSTNAME  # postern.test for both servers
@@ -54,6 +55,7 @@ def common_params(dead_port):
         "smtpd_sasl_type": "dovecot",
         "home_mailbox": "Maildir/",
         "smtpd_peername_lookup": "yes",
+        "smtpd_hard_error_limit": str(HARD_ERRORS),
         # One delivery attempt within the test, as Postfix's defaults give.
         "queue_run_delay": "300s",
         "minimal_backoff_time": "300s",
@@ -119,6 +121,16 @@ def traffic(port, token, log_text):
                 answers.append(235)
             except h.smtplib.SMTPAuthenticationError as e:
                 answers.append((e.smtp_code, e.smtp_error))
+    # Too many errors: unknown commands up to smtpd_hard_error_limit.
+    with raw(port) as c:
+        f = c.makefile("rb")
+        read_reply(f)
+        c.sendall(b"EHLO client.example\r\n")
+        read_reply(f)
+        for _ in range(HARD_ERRORS):
+            c.sendall(b"FOO bar\r\n")
+            answers.append(read_reply(f)[-1][:3])
+        answers.append(read_reply(f) or None)
     # A lost connection after EHLO.
     with raw(port) as c:
         f = c.makefile("rb")
@@ -229,7 +241,7 @@ def test_stock_log_tools_count_the_same(make_postern, postfix_peer, dovecot, loc
         a, b = fail2ban(p.maillog, mode), fail2ban(far.maillog, mode)
         assert sorted(a) == sorted(b), f"mode {mode}:\nPostern:\n" + "\n".join(a) + \
             "\nPostfix:\n" + "\n".join(b) + "\nPostfix's log:\n" + far.log_text()
-        if mode in ("more", "auth", "ddos", "aggressive"):
+        if mode in ("more", "auth", "ddos", "aggressive", "errors"):
             assert a, f"fail2ban matched nothing in mode {mode}"
 
     ra, rb = pflogsumm(p.maillog), pflogsumm(far.maillog)
