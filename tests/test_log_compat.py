@@ -25,8 +25,9 @@ import postern_harness as h
 from dovecot import dovecot  # noqa: F401  (the fixture)
 from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
-# An alias of two users; one whose member does not exist (a bounce).
-ALIASES = "team: ptalice, ptbob\nbroken: nosuchuser\n"
+# An alias of two users; one whose member does not exist (a bounce); one
+# with a local and a remote member (forwarded, then deferred).
+ALIASES = "team: ptalice, ptbob\nbroken: nosuchuser\nfwd: ptbob, far@defer.test\n"
 HARD_ERRORS = 4
 FILTER = "/etc/fail2ban/filter.d/postfix.conf"
 MODES = ("more", "normal", "aggressive", "auth", "ddos", "errors", "extra")
@@ -97,6 +98,7 @@ def traffic(port, token, log_text):
     transaction("ptbob@" + DOMAIN, ["team@" + DOMAIN], "alias")
     transaction("ptbob@" + DOMAIN, ["someone@defer.test"], "defer")
     transaction("ptbob@" + DOMAIN, ["broken@" + DOMAIN], "bounce")
+    transaction("ptbob@" + DOMAIN, ["fwd@" + DOMAIN], "forward")
     # Unknown user, relay denied (then RSET, QUIT).
     with h.smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.ehlo("client.example")
@@ -161,7 +163,7 @@ def settle(log_text, token, timeout=60):
     message, both alias members, the deferral, the bounce and its notice."""
     want = [rf"to=<ptalice@{re.escape(DOMAIN)}>, orig_to=<team@", rf"to=<ptbob@{re.escape(DOMAIN)}>, orig_to=<team@",
             r"to=<someone@defer\.test>.*status=deferred", r"to=<nosuchuser@.*status=bounced",
-            r"sender non-delivery notification"]
+            r"sender non-delivery notification", r"to=<far@defer\.test>.*status=deferred"]
     h.wait_for(lambda: all(re.search(w, log_text()) for w in want), timeout,
                what="the deliveries in the log")
     time.sleep(2)  # the notice's own delivery, the removals
@@ -250,5 +252,7 @@ def test_stock_log_tools_count_the_same(make_postern, postfix_peer, dovecot, loc
     assert ta["delivered"] and ta["rejected"], ta
     for title in ("Recipients by message count", "Senders by message count"):
         assert section(ra, title) == section(rb, title), (title, ra, rb)
+    # Each alias member counts (ptbob: team, fwd and the bounce notice).
     assert section(ra, "Recipients by message count") == [
-        f"2 ptalice@{DOMAIN}", f"2 ptbob@{DOMAIN}"], ra
+        f"2 ptalice@{DOMAIN}", f"3 ptbob@{DOMAIN}"], ra
+    assert ta["forwarded"] == 1 and ta["bounced"] == 1 and ta["deferred"] == 2, ta
