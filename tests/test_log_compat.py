@@ -133,6 +133,15 @@ def traffic(port, token, log_text):
             c.sendall(b"FOO bar\r\n")
             answers.append(read_reply(f)[-1][:3])
         answers.append(read_reply(f) or None)
+    # Commands sent behind EHLO without waiting for its reply.
+    with raw(port) as c:
+        f = c.makefile("rb")
+        read_reply(f)
+        c.sendall(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\n")
+        answers.append(read_reply(f)[0][:3])
+        answers.append(read_reply(f))
+        c.sendall(b"QUIT\r\n")
+        read_reply(f)
     # A lost connection after EHLO.
     with raw(port) as c:
         f = c.makefile("rb")

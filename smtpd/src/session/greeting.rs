@@ -64,7 +64,40 @@ impl Session {
             self.namaddr,
             escape(&buf[..n])
         );
+        self.ill_pipelining = true;
         true
+    }
+
+    /// Input behind a command after which a client must wait for the
+    /// reply (HELO, EHLO, DATA, NOOP, VRFY; any command before EHLO):
+    /// logged once as Postfix does; true when
+    /// `smtpd_forbid_unauth_pipelining` then ends the session.
+    pub(super) fn pipelined_too_early(&mut self, verb: Verb) -> bool {
+        let last = matches!(
+            verb,
+            Verb::Helo | Verb::Ehlo | Verb::Data | Verb::Noop | Verb::Vrfy
+        );
+        if self.ill_pipelining || !(last || !self.esmtp) {
+            return false;
+        }
+        let Some(pending) = self.pending_at.and_then(|at| self.input.get(at..)) else {
+            return false;
+        };
+        if pending.is_empty() {
+            return false;
+        }
+        let shown = escape(&pending[..pending.len().min(100)]);
+        info!(
+            "improper command pipelining after {} from {}: {shown}",
+            self.where_, self.namaddr
+        );
+        self.ill_pipelining = true;
+        if self.cfg.forbid_unauth_pipelining {
+            self.reply("554 5.5.0 Error: SMTP protocol synchronization");
+            self.hangup = true;
+            return true;
+        }
+        false
     }
 
     pub(super) fn greet(&mut self) {
