@@ -77,7 +77,7 @@ impl Session {
             verb,
             Verb::Helo | Verb::Ehlo | Verb::Data | Verb::Noop | Verb::Vrfy
         );
-        if self.ill_pipelining || !(last || !self.esmtp) {
+        if self.ill_pipelining || (!last && self.esmtp) {
             return false;
         }
         let Some(pending) = self.pending_at.and_then(|at| self.input.get(at..)) else {
