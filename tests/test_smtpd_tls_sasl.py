@@ -494,8 +494,8 @@ def test_shipped_master_cf_submission_and_smtps(make_postern, certs, dc, sink):
         code, text = h.smtp_transaction(s, USER, ["r@example.net"], message(token))
         assert code == 250, text
     sink.wait_for(token)
-    p.wait_for_log(r"postern/smtps/smtpd\[\d+\]: Anonymous TLS connection established")
-    p.wait_for_log(r"postern/submission/smtpd\[\d+\]: Anonymous TLS connection established")
+    p.wait_for_log(r"postfix/smtps/smtpd\[\d+\]: Anonymous TLS connection established")
+    p.wait_for_log(r"postfix/submission/smtpd\[\d+\]: Anonymous TLS connection established")
 
 
 def test_fail2ban_filters_match_the_log(make_postern, dc, swaks):
