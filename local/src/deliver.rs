@@ -389,12 +389,10 @@ impl Agent {
             results.push(s);
         }
         if !forwards.is_empty() {
+            // Postfix logs the forwarding once, under the address that
+            // expanded (the new message names it as each member's orig_to).
             let s = self.forward(job, r, &forwards);
-            for t in &forwards {
-                if let Dest::Forward(a) = &t.dest {
-                    log(a, &s);
-                }
-            }
+            log(rcpt, &s);
             results.push(s);
         }
         Done::Here(status::combine(&results), expanded)
@@ -848,7 +846,13 @@ impl Agent {
             .filter_map(|t| match &t.dest {
                 Dest::Forward(a) => Some(Recipient {
                     address: a.clone(),
-                    original: String::new(),
+                    // The address that expanded: its orig_to in the new
+                    // message's delivery lines, as with Postfix.
+                    original: if r.rcpt.original.is_empty() {
+                        r.rcpt.address.clone()
+                    } else {
+                        r.rcpt.original.clone()
+                    },
                     notify: r.rcpt.notify,
                     orcpt: r.rcpt.orcpt.clone(),
                 }),
