@@ -54,7 +54,7 @@ def start(make_postern, **params):
 def outside_pids(p, n):
     """The smtpd processes that logged the first ``n`` sessions from
     127.0.0.2 (waits for them)."""
-    pattern = r"postern/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]"
+    pattern = r"postfix/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]"
     h.wait_for(lambda: len(p.log_findall(pattern)) >= n, what=f"{n} sessions logged")
     return set(p.log_findall(pattern)[:n])
 
@@ -224,7 +224,7 @@ def test_sessions_of_a_dead_smtpd_stop_counting(make_postern):
     p = start(make_postern, smtpd_client_connection_count_limit="2")
     first = greeted(p.port)
     serving_first = int(p.wait_for_log(
-        r"postern/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]").group(1))
+        r"postfix/smtpd\[(\d+)\]: connect from unknown\[127\.0\.0\.2\]").group(1))
     second = greeted(p.port)
     third = Raw(p.port, source=OUTSIDE)
     assert third.reply() == REFUSED

@@ -96,7 +96,7 @@ def test_local_delivery_maildir(make_postern, local_users):
     assert re.search(rf"^Message-ID: <{token}@example\.org>$", head, re.M | re.I), head
 
     m = p.wait_for_log(
-        r"postern/local\[\d+\]: ([0-9A-F]+): to=<ptalice@postern\.test>, .*status=sent")
+        r"postfix/local\[\d+\]: ([0-9A-F]+): to=<ptalice@postern\.test>, .*status=sent")
     assert m.group(1) == queue_id, "the log and the SMTP reply name different queue IDs"
 
 
@@ -111,7 +111,7 @@ def test_swaks_local_delivery(make_postern, local_users, swaks):
     assert h.header_values(raw, "Subject") == [token]
     assert h.header_values(raw, "Delivered-To") == ["ptbob@postern.test"]
     assert f"Sent by swaks, {token}.".encode() in raw
-    p.wait_for_log(r"postern/local\[\d+\]: [0-9A-F]+: to=<ptbob@postern\.test>, .*status=sent")
+    p.wait_for_log(r"postfix/local\[\d+\]: [0-9A-F]+: to=<ptbob@postern\.test>, .*status=sent")
 
 
 @pytest.mark.parametrize("via", ["smtp", "sendmail"])
@@ -172,7 +172,7 @@ def test_relayhost_delivery(make_postern, sink):
     assert m.body == body.encode("utf-8")
     assert re.search(r"^Received: .*\bby postern\.test\b", h.unfold(m.headers), re.M), m.headers
     p.wait_for_log(
-        r"postern/[\w/-]+\[\d+\]: [0-9A-F]+: to=<someone@remote\.example>, "
+        r"postfix/[\w/-]+\[\d+\]: [0-9A-F]+: to=<someone@remote\.example>, "
         rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port}, .*status=sent")
 
 
@@ -415,7 +415,7 @@ def test_queue_file_opened_at_the_first_accepted_recipient(make_postern, sink):
         # the queue listing does not show it) and has an ID.
         code, text = s.rcpt("postmaster@postern.test")
         assert code == 250, text
-        qid = p.wait_for_log(r"postern/smtpd\[\d+\]: ([0-9A-F]+): client=unknown\[127\.0\.0\.2\]"
+        qid = p.wait_for_log(r"postfix/smtpd\[\d+\]: ([0-9A-F]+): client=unknown\[127\.0\.0\.2\]"
                              ).group(1)
         assert incoming() == [qid]
         assert mailq() == "Mail queue is empty\n"
@@ -470,7 +470,7 @@ def test_a_file_opened_long_ago_is_not_taken_from_its_writer(make_postern, sink)
         s.ehlo("client.example")
         assert s.mail(SENDER)[0] == 250
         assert s.rcpt("slow@remote.example")[0] == 250
-        opened = r"postern/smtpd\[\d+\]: ([0-9A-F]+): client="
+        opened = r"postfix/smtpd\[\d+\]: ([0-9A-F]+): client="
         wait_for(lambda: len(p.log_findall(opened)) == 2, timeout=10, what="the file opened")
         qid = p.log_findall(opened)[-1]
         st = os.stat(p.queue / "incoming" / qid)
@@ -492,7 +492,7 @@ def test_queue_file_opened_at_mail_from_without_the_delay(make_postern):
     with p.smtp() as s:
         s.ehlo("client.example")
         assert s.mail(SENDER)[0] == 250
-        p.wait_for_log(r"postern/smtpd\[\d+\]: [0-9A-F]+: client=")
+        p.wait_for_log(r"postfix/smtpd\[\d+\]: [0-9A-F]+: client=")
         assert len(p.queue_files("incoming")) == 1
     # The client left without a recipient: the file goes.
     wait_for(lambda: p.queue_files("incoming") == [], timeout=10, what="the file removed")

@@ -95,6 +95,10 @@ def test_forward_ext_file_chain_and_pipe_as_the_user(make_postern, local_users, 
         piped = out.read_bytes()
         assert piped.startswith(b"From someone@example.org "), piped[:80]
         p.wait_for_log(rf"to=<ptbob\+{ext}@postern\.test>.*status=sent")
+        # One line per .forward member, as Postfix's local logs them.
+        p.wait_for_log(rf"to=<ptalice@postern\.test>, orig_to=<ptbob\+{ext}@postern\.test>, "
+                       r"relay=local, .*status=sent \(delivered to maildir\)")
+        assert not p.log_search(r": <ptbob\+"), p.log_tail()
     finally:
         fwd.unlink()
 

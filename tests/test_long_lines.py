@@ -160,7 +160,7 @@ def test_long_lines_are_folded_for_a_receiver_enforcing_the_limit(make_postern, 
     check_folded(raw, sent, 998)
     p.wait_for_log(r"status=sent \(250 2\.0\.0 Ok\)")
     # Logged once for the message, in Postfix's words.
-    m = p.wait_for_log(r"postern/smtp\[\d+\]: ([0-9A-F]+): breaking line > 998 bytes "
+    m = p.wait_for_log(r"postfix/smtp\[\d+\]: ([0-9A-F]+): breaking line > 998 bytes "
                        r"with <CR><LF>SPACE$")
     assert len(p.log_findall(rf"{m.group(1)}: breaking line")) == 1
 
@@ -189,7 +189,7 @@ def test_lmtp_folds_at_lmtp_line_length_limit(make_postern, strict):
     (rcpts, raw), = r.find(token)
     assert sorted(rcpts) == ["rcpt@far.test", "two@far.test"]
     check_folded(raw, sent, 990)
-    p.wait_for_log(r"postern/lmtp\[\d+\]: [0-9A-F]+: breaking line > 990 bytes "
+    p.wait_for_log(r"postfix/lmtp\[\d+\]: [0-9A-F]+: breaking line > 990 bytes "
                    r"with <CR><LF>SPACE$")
     assert len(p.log_findall(r"to=<(rcpt|two)@far\.test>, .*status=sent")) == 2
 

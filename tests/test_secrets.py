@@ -199,7 +199,7 @@ def test_missing_or_unusable_key_is_an_error_at_start_and_in_check(
     with p.smtp() as s:
         s.ehlo("client.example")
         assert not s.has_extn("starttls")
-    p.wait_for_log(r"postern/smtpd\[\d+\]: error: cannot load TLS certificate and key: "
+    p.wait_for_log(r"postfix/smtpd\[\d+\]: error: cannot load TLS certificate and key: "
                    r".*missing\.key")
 
     # The same key, readable by root only, is no error.
@@ -232,7 +232,7 @@ def test_changed_root_only_sasl_passwd_is_read_by_a_fresh_smtp(
     r = h.run([p.cmd("postqueue"), "-c", p.etc, "-f"], env=p.env(), timeout=30)
     assert r.returncode == 0, h.describe(r)
     far.wait_for(token)
-    p.wait_for_log(rf"postern/smtp\[\d+\]: table {re.escape(str(sasl_passwd))} has changed "
+    p.wait_for_log(rf"postfix/smtp\[\d+\]: table {re.escape(str(sasl_passwd))} has changed "
                    r"-- restarting")
     p.wait_for_log(rf"to=<{re.escape(RCPT)}>, .*status=sent")
 
@@ -259,7 +259,7 @@ def test_changed_root_only_transport_map_is_read_by_a_fresh_qmgr(
     assert code == 250, text
     h.wait_for(lambda: any(second.encode() in m.content for m in sink.messages), timeout=30,
                what="the second message at the sink, routed by the new table")
-    p.wait_for_log(rf"postern/qmgr\[{qmgr_before}\]: table {re.escape(str(transport))} "
+    p.wait_for_log(rf"postfix/qmgr\[{qmgr_before}\]: table {re.escape(str(transport))} "
                    r"has changed -- restarting")
     assert p.qmgr_pid() != qmgr_before
 
@@ -283,5 +283,5 @@ def test_changed_root_only_access_table_is_read_by_a_fresh_smtpd(
     time.sleep(1.2)  # smtpd looks at its files at most once a second
     code, text = rcpt_reply()
     assert code == 554 and b"5.7.1 blocked now" in text, (code, text)
-    p.wait_for_log(rf"postern/smtpd\[({'|'.join(map(str, smtpd_before))})\]: table "
+    p.wait_for_log(rf"postfix/smtpd\[({'|'.join(map(str, smtpd_before))})\]: table "
                    rf"{re.escape(str(access))} has changed -- restarting")

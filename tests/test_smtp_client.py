@@ -436,7 +436,7 @@ def test_lmtp_chunking_to_dovecot_one_reply_per_recipient(make_postern, dovecot)
         (_, raw), = d.wait_for_messages(user, token, timeout=30)
         assert raw.replace(b"\r\n", b"\n").partition(b"\n\n")[2] == body.encode()
         p.wait_for_log(rf"to=<{re.escape(user)}>, relay=.*status=sent \(250 2\.0\.0 <{re.escape(user)}>")
-    p.wait_for_log(r"postern/lmtpv?\[\d+\]: > \S+: BDAT \d+ LAST")
+    p.wait_for_log(r"postfix/lmtpv?\[\d+\]: > \S+: BDAT \d+ LAST")
     assert not re.search(r"> \S+: DATA$", p.log_text(), re.M)
 
 

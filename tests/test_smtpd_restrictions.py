@@ -341,11 +341,10 @@ def test_client_hostname_lookup(make_postern, dnsmasq, sink):
     reject_unknown_client_hostname, reject_unknown_reverse_client_hostname
     and reject_unknown_helo_hostname answer as Postfix's.
 
-    Tests may only use loopback clients, and the resolver answers for those
-    itself (RFC 6761): every 127.0.0.0/8 address has the PTR name
-    localhost, whose address is 127.0.0.1. So 127.0.0.1 is confirmed and
-    127.0.0.77 is not (what a name that does not resolve back gives);
-    the NXDOMAIN and no-answer cases are unit tests (smtpd/src/dns.rs)."""
+    Tests may only use loopback clients: 127.0.0.1 has its name from
+    /etc/hosts; 127.0.0.77, which /etc/hosts does not name, has none (name
+    servers answer NXDOMAIN in 127.in-addr.arpa), as with Postfix; the
+    not-resolving-back and no-answer cases are unit tests (smtpd/src/dns.rs)."""
     other = ("127.0.0.77", 0)
     me = h.hosts_name()  # localhost, unless /etc/hosts says otherwise
     dns = dnsmasq(["--local=/client.test/", "--address=/good.client.test/127.0.0.77"])
@@ -371,12 +370,13 @@ def test_client_hostname_lookup(make_postern, dnsmasq, sink):
     rcv = [r for r in h.header_values(m.content, "Received") if "by postern.test" in r][0]
     assert rcv.startswith(f"from good.client.test ({me} [127.0.0.1])"), rcv
 
-    # A PTR name that does not resolve back: unknown, with Postfix's
-    # warning; the PTR name alone satisfies reject_unknown_reverse_client_hostname.
+    # No PTR name: unknown, with nothing logged about it (no name is
+    # invented), and reject_unknown_reverse_client_hostname refuses.
     assert rcpt_reply(p, "a@b.test", "x@far.test", helo="good.client.test",
-                      source=other) == (250, "2.1.5 Ok")
-    p.wait_for_log(r"warning: hostname localhost does not resolve to address 127\.0\.0\.77")
+                      source=other) == \
+        (450, "4.7.25 Client host rejected: cannot find your reverse hostname, [127.0.0.77]")
     p.wait_for_log(r"connect from unknown\[127\.0\.0\.77\]")
+    assert not p.log_search(r"does not resolve to address 127\.0\.0\.77"), p.log_tail()
 
     # A HELO name without records.
     assert rcpt_reply(p, "a@b.test", "x@far.test", helo="nosuch.client.test") == \

@@ -150,4 +150,4 @@ def test_stock_master_cf_with_postscreen_enabled(make_postern, local_users):
     code, reply = p.send("sender@remote.example", [f"ptbob@{h.MYHOSTNAME}"], f"Subject: {token}\n\nx\n")
     assert code == 250, reply
     assert h.wait_for_messages("ptbob", token)
-    assert p.log_search(r"postern/smtpd\[\d+\]: connect from")
+    assert p.log_search(r"postfix/smtpd\[\d+\]: connect from")

@@ -107,6 +107,27 @@ impl Job {
         if self.results.iter().any(|x| x.offset == r.offset) {
             return;
         }
+        let orig = if r.rcpt.original.is_empty() {
+            &r.rcpt.address
+        } else {
+            &r.rcpt.original
+        };
+        self.log_delivery(&r.rcpt.address, orig, outcome, dsn, relay, reason);
+        self.record_logged(r, outcome, dsn, relay, reason);
+    }
+
+    /// The delivery line of one address, as Postfix's: `to=<address>`,
+    /// and `orig_to=<orig>` when the address came from another (an
+    /// alias or `.forward` member names the alias it expanded).
+    pub fn log_delivery(
+        &self,
+        address: &str,
+        orig: &str,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+    ) {
         let now = Instant::now();
         let arrival = std::time::UNIX_EPOCH
             + std::time::Duration::new(self.req.arrival_secs, self.req.arrival_usecs * 1000);
@@ -117,15 +138,15 @@ impl Job {
         let conn = self.connected.unwrap_or(now);
         let c = conn.duration_since(self.started).as_secs_f64();
         let d = now.duration_since(conn).as_secs_f64();
-        let orig = if r.rcpt.original.is_empty() || r.rcpt.original == r.rcpt.address {
+        let orig = if orig.is_empty() || orig == address {
             String::new()
         } else {
-            format!(" orig_to=<{}>,", r.rcpt.original)
+            format!(" orig_to=<{orig}>,")
         };
         info!(
             "{}: to=<{}>,{} relay={}, delay={}, delays={}/{}/{}/{}, dsn={}, status={} ({})",
             self.req.queue_id,
-            r.rcpt.address,
+            address,
             orig,
             relay,
             fmt_delay(delay),
@@ -137,6 +158,23 @@ impl Job {
             outcome.word(),
             reason
         );
+    }
+
+    /// Records one recipient's outcome whose delivery lines were logged
+    /// already (one per alias member, by [`Job::log_delivery`]): the
+    /// message logs, the done mark and the reply, without a line of its
+    /// own, as Postfix's local does for an expanded alias.
+    pub fn record_logged(
+        &mut self,
+        r: &DeliveryRecipient,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+    ) {
+        if self.results.iter().any(|x| x.offset == r.offset) {
+            return;
+        }
         let log = match outcome {
             Outcome::Sent => None,
             Outcome::Deferred => Some(MessageLog::Defer),

@@ -1,6 +1,6 @@
 //! Logging in Postfix's line format.
 //!
-//! Lines look like `Nov 22 14:11:42 HOST postern/smtpd[1234]: ID: text`
+//! Lines look like `Nov 22 14:11:42 HOST postfix/smtpd[1234]: ID: text`
 //! in `maillog_file` (when set; `/dev/stdout` works), or go to syslog
 //! (facility mail) through `/dev/log`, or to stderr when neither is
 //! available. Commands run by people (sendmail, postconf, ...) also print
@@ -21,7 +21,7 @@ enum Sink {
 }
 
 struct Logger {
-    /// "postern/smtpd"
+    /// "postfix/smtpd" (`syslog_name/program`)
     ident: String,
     /// `maillog_file` when it is a file Postern opened by name: what
     /// [`reopen`] opens again after `postern logrotate`.
@@ -36,7 +36,7 @@ struct Logger {
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 /// Sets up logging for this process. `program` is the short name
-/// ("smtpd"); `syslog_name` the prefix ("postern"); `maillog_file` the file
+/// ("smtpd"); `syslog_name` the prefix ("postfix" by default, as Postfix, so that log tools find the lines); `maillog_file` the file
 /// to append to, or "" for syslog. `interactive` also copies warnings
 /// and errors to stderr. Only the first call has an effect.
 pub fn init(

@@ -46,7 +46,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_privs", "nobody"),
     // Logging.
     ("syslog_facility", "mail"),
-    ("syslog_name", "postern"),
+    ("syslog_name", "postfix"),
     ("maillog_file", ""),
     // master.
     ("default_process_limit", "100"),
@@ -124,6 +124,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_client_auth_rate_limit", "0"),
     ("anvil_status_update_time", "600s"),
     ("smtpd_forbid_bare_newline", "normalize"),
+    ("smtpd_forbid_unauth_pipelining", "no"),
     ("disable_vrfy_command", "no"),
     ("message_size_limit", "10240000"),
     ("queue_minfree", "0"),

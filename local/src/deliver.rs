@@ -19,7 +19,7 @@ use postern_common::ipc::{DeliveryRecipient, Outcome, RecipientResult};
 use postern_common::maps::Tables;
 use postern_common::privs::{self, Account};
 use postern_common::qfile::Recipient;
-use postern_common::{info, warning};
+use postern_common::warning;
 use postern_conf::Config;
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -75,6 +75,8 @@ struct Held {
     job: usize,
     rcpt: DeliveryRecipient,
     status: Status,
+    /// The members' delivery lines are logged (an expanded alias).
+    logged: bool,
     syncs: std::ops::Range<usize>,
 }
 
@@ -205,17 +207,28 @@ impl Agent {
             // Whatever else became of the recipient (a bounce for one of
             // its aliases), it is not done while one of its copies may
             // still vanish: deferred, as when the sync fails at once.
-            let status = match failure {
-                Some((_, s)) if h.status.outcome != Outcome::Deferred => s.clone(),
-                _ => h.status,
+            let (status, logged) = match failure {
+                Some((_, s)) if h.status.outcome != Outcome::Deferred => (s.clone(), false),
+                _ => (h.status, h.logged),
             };
-            jobs[h.job].record(
-                &h.rcpt,
-                status.outcome,
-                &status.dsn,
-                "local",
-                &status.reason,
-            );
+            let job = &mut jobs[h.job];
+            if logged {
+                job.record_logged(
+                    &h.rcpt,
+                    status.outcome,
+                    &status.dsn,
+                    "local",
+                    &status.reason,
+                );
+            } else {
+                job.record(
+                    &h.rcpt,
+                    status.outcome,
+                    &status.dsn,
+                    "local",
+                    &status.reason,
+                );
+            }
         }
     }
 
@@ -243,13 +256,15 @@ impl Agent {
         for r in job.req.recipients.clone() {
             let before = self.pending_len();
             match self.recipient(job, &r, &seen, tables) {
-                Done::Here(s) => match held.as_mut() {
+                Done::Here(s, logged) => match held.as_mut() {
                     Some((i, held)) => held.push(Held {
                         job: *i,
                         rcpt: r,
                         status: s,
+                        logged,
                         syncs: before..self.pending_len(),
                     }),
+                    None if logged => job.record_logged(&r, s.outcome, &s.dsn, "local", &s.reason),
                     None => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
                 },
                 Done::Passed(result) => job.adopt(result),
@@ -288,10 +303,10 @@ impl Agent {
     ) -> Done {
         let rcpt = &r.rcpt.address;
         if seen.contains(&rcpt.to_lowercase()) {
-            return Done::Here(Status::bounce(
-                "5.4.6",
-                format!("mail forwarding loop for {rcpt}"),
-            ));
+            return Done::Here(
+                Status::bounce("5.4.6", format!("mail forwarding loop for {rcpt}")),
+                false,
+            );
         }
         let read_include = |p: &Path| -> io::Result<String> {
             let read = || {
@@ -328,7 +343,7 @@ impl Agent {
                 if t.dest == Dest::Mailbox && exp.failures.is_empty() {
                     return match self.pass(job, r, t) {
                         Ok(result) => Done::Passed(result),
-                        Err(s) => Done::Here(s),
+                        Err(s) => Done::Here(s, false),
                     };
                 }
             }
@@ -343,17 +358,24 @@ impl Agent {
                 );
             }
         }
-        let several = exp.targets.len() + exp.failures.len() > 1;
-        let id = &job.req.queue_id;
+        // An alias or .forward expanded: one line per member, `to=<member>,
+        // orig_to=<alias>`, as Postfix's local logs them (pflogsumm counts
+        // deliveries by these), and none for the alias itself.
+        let expanded = exp.targets.iter().any(|t| t.class != Class::Direct)
+            || exp.failures.iter().any(|(addr, _)| addr != rcpt);
+        let orig = if r.rcpt.original.is_empty() {
+            rcpt.as_str()
+        } else {
+            r.rcpt.original.as_str()
+        };
+        let log = |member: &str, s: &Status| {
+            if expanded {
+                job.log_delivery(member, orig, s.outcome, &s.dsn, "local", &s.reason);
+            }
+        };
         let mut results = Vec::new();
         for (addr, s) in exp.failures {
-            if several || addr != *rcpt {
-                info!(
-                    "{id}: <{rcpt}>: {addr}: {} ({})",
-                    s.outcome.word(),
-                    s.reason
-                );
-            }
+            log(&addr, &s);
             results.push(s);
         }
         let mut forwards: Vec<&Target> = Vec::new();
@@ -363,30 +385,17 @@ impl Agent {
                 continue;
             }
             let s = self.target(job, r, t, seen);
-            if several {
-                info!(
-                    "{id}: <{rcpt}>: {}: {} ({})",
-                    describe(t),
-                    s.outcome.word(),
-                    s.reason
-                );
-            }
+            log(&t.name.address, &s);
             results.push(s);
         }
         if !forwards.is_empty() {
+            // Postfix logs the forwarding once, under the address that
+            // expanded (the new message names it as each member's orig_to).
             let s = self.forward(job, r, &forwards);
-            if several {
-                let to: Vec<String> = forwards.iter().map(|t| describe(t)).collect();
-                info!(
-                    "{id}: <{rcpt}>: {}: {} ({})",
-                    to.join(", "),
-                    s.outcome.word(),
-                    s.reason
-                );
-            }
+            log(rcpt, &s);
             results.push(s);
         }
-        Done::Here(status::combine(&results))
+        Done::Here(status::combine(&results), expanded)
     }
 
     /// Hands one recipient whose mail goes to a mailbox to the agent of
@@ -837,7 +846,13 @@ impl Agent {
             .filter_map(|t| match &t.dest {
                 Dest::Forward(a) => Some(Recipient {
                     address: a.clone(),
-                    original: String::new(),
+                    // The address that expanded: its orig_to in the new
+                    // message's delivery lines, as with Postfix.
+                    original: if r.rcpt.original.is_empty() {
+                        r.rcpt.address.clone()
+                    } else {
+                        r.rcpt.original.clone()
+                    },
                     notify: r.rcpt.notify,
                     orcpt: r.rcpt.orcpt.clone(),
                 }),
@@ -867,8 +882,9 @@ impl Agent {
 
 /// Where a recipient's outcome was recorded.
 enum Done {
-    /// Here: local records it.
-    Here(Status),
+    /// Here: local records it; true when the delivery lines of the
+    /// alias members are logged already.
+    Here(Status, bool),
     /// By the `mailbox_transport` agent, which already recorded it.
     Passed(RecipientResult),
 }
@@ -884,15 +900,5 @@ fn spool_ids(dir: &Path, acct: &Account) -> (Ids, Option<Ids>) {
         Ok(m) if m.mode() & 0o020 != 0 => ((acct.uid, m.gid()), None),
         _ if privs::is_root() => ((0, 0), Some(user)),
         _ => (user, None),
-    }
-}
-
-/// A target for log lines.
-fn describe(t: &Target) -> String {
-    match &t.dest {
-        Dest::Mailbox => format!("mailbox of {}", t.name.user),
-        Dest::File(p) => format!("file {}", p.display()),
-        Dest::Command(c) => format!("command \"{c}\""),
-        Dest::Forward(a) => format!("forward to {a}"),
     }
 }

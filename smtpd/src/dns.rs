@@ -380,20 +380,25 @@ pub fn hosts_addrs(text: &str, name: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// The names of a loopback client, answered on the event loop. The
-/// resolver never asks name servers about loopback addresses or about
-/// `localhost` (RFC 6761): it answers from /etc/hosts, else with
-/// `localhost` and 127.0.0.1/::1. This gives the same answers without a
-/// trip through the helper threads, which would cost more than the rest
-/// of a one-message session from a local web application. None: not a
-/// loopback address, or a name from /etc/hosts that leads back to it only
-/// through the DNS (the helper threads take it then).
+/// The names of a loopback client, answered on the event loop. The C
+/// library's resolver, which Postfix asks, answers loopback addresses
+/// from /etc/hosts, and a name server answers "no such name" for the rest
+/// of 127.in-addr.arpa (a locally served zone, RFC 6303): such a client
+/// is `unknown`, with nothing logged, as with Postfix. (The DNS library
+/// of the helper threads would invent `localhost` for every 127.0.0.0/8
+/// address instead.) This also spares a trip through the helper threads,
+/// which would cost more than the rest of a one-message session from a
+/// local web application. None: not a loopback address, or a name from
+/// /etc/hosts that leads back to it only through the DNS (the helper
+/// threads take it then).
 pub fn loopback_peer(ip: IpAddr) -> Option<PeerName> {
     if !ip.is_loopback() {
         return None;
     }
     let text = hosts_text();
-    let reverse = hosts_name(text, ip).unwrap_or_else(|| "localhost".to_string());
+    let Some(reverse) = hosts_name(text, ip) else {
+        return Some(PeerName::unknown(NameStatus::NotFound));
+    };
     let mut addrs = hosts_addrs(text, &reverse);
     if reverse == "localhost" || reverse.ends_with(".localhost") {
         if !addrs.iter().any(IpAddr::is_ipv4) {

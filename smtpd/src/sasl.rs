@@ -94,6 +94,7 @@ pub enum Line {
     },
     Fail {
         id: u32,
+        user: Option<String>,
         reason: Option<String>,
         temp: bool,
     },
@@ -157,6 +158,7 @@ pub fn parse_line(line: &str) -> Line {
         "FAIL" => match id() {
             Some(id) => Line::Fail {
                 id,
+                user: param("user"),
                 reason: param("reason"),
                 temp: f.iter().skip(2).any(|p| *p == "temp"),
             },
@@ -195,8 +197,10 @@ pub enum SaslReply {
     Cont(String),
     /// Authenticated as this user.
     Ok(String),
-    /// Refused (535); the reason as Postfix reports it.
-    Fail(String),
+    /// Refused (535); the reason as Postfix reports it, and the login
+    /// name the auth server saw (`user=` of its FAIL line), which the
+    /// warning names as Postfix's does.
+    Fail(String, Option<String>),
     /// The server could not decide (454).
     Temp(String),
 }
@@ -250,13 +254,9 @@ enum ConnState {
     Ready,
 }
 
-/// One request in flight: whose it is, and what to say if it fails
-/// without a reason.
+/// One request in flight: whose it is.
 struct Pending {
     slot: usize,
-    /// The last challenge sent to the client: Postfix reports it as the
-    /// failure reason when Dovecot gives none.
-    last_challenge: String,
 }
 
 /// The process's connection to the auth server.
@@ -422,13 +422,7 @@ impl AuthConn {
                 }
                 line.push('\n');
                 self.out.extend_from_slice(line.as_bytes());
-                self.pending.insert(
-                    id,
-                    Pending {
-                        slot,
-                        last_challenge: String::new(),
-                    },
-                );
+                self.pending.insert(id, Pending { slot });
                 self.by_slot.insert(slot, id);
             }
             SaslRequest::Continue(data) => {
@@ -541,19 +535,25 @@ impl AuthConn {
             }
             Line::Cont { id, data } => {
                 if let Some(p) = self.pending.get_mut(&id) {
-                    p.last_challenge = data.clone();
                     self.ready_deliveries
                         .push((p.slot, Delivery::Reply(SaslReply::Cont(data))));
                 }
             }
-            Line::Fail { id, reason, temp } => {
+            Line::Fail {
+                id,
+                user,
+                reason,
+                temp,
+            } => {
                 if let Some(p) = self.pending.remove(&id) {
                     self.by_slot.remove(&p.slot);
-                    let why = reason.unwrap_or(p.last_challenge);
+                    // No reason from Dovecot (a wrong password): Postfix
+                    // 3.7 says so in the reply and the log.
+                    let why = reason.unwrap_or_else(|| "(reason unavailable)".into());
                     let reply = if temp {
                         SaslReply::Temp(why)
                     } else {
-                        SaslReply::Fail(why)
+                        SaslReply::Fail(why, user)
                     };
                     self.ready_deliveries.push((p.slot, Delivery::Reply(reply)));
                 }
@@ -620,6 +620,7 @@ mod tests {
             parse_line("FAIL\t2\tuser=a\treason=bad\x01tthing\ttemp"),
             Line::Fail {
                 id: 2,
+                user: Some("a".into()),
                 reason: Some("bad\tthing".into()),
                 temp: true
             }
@@ -628,6 +629,7 @@ mod tests {
             parse_line("FAIL\t2\tuser=a"),
             Line::Fail {
                 id: 2,
+                user: Some("a".into()),
                 reason: None,
                 temp: false
             }

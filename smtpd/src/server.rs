@@ -526,11 +526,9 @@ impl Server {
         } else {
             None
         };
-        let mut session = Session::with_anvil(
-            self.cfg.clone(),
-            Client::connected(peer, sock.local_addr().ok()),
-            self.anvil.clone(),
-        );
+        let mut client = Client::connected(peer, sock.local_addr().ok());
+        client.socket = Some(std::os::fd::AsRawFd::as_raw_fd(&sock));
+        let mut session = Session::with_anvil(self.cfg.clone(), client, self.anvil.clone());
         if let Some(m) = self.auth.as_ref().and_then(|a| a.mechs()) {
             session.sasl_mechs(Some(m));
         }

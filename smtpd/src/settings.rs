@@ -88,6 +88,9 @@ pub struct Settings {
     /// `strict_smtputf8`: a non-ASCII address only in an SMTPUTF8
     /// transaction (553 5.6.7 otherwise).
     pub strict_smtputf8: bool,
+    /// `smtpd_forbid_unauth_pipelining`: hang up on a client that talks
+    /// before the greeting (RFC 5321 4.3.1), instead of only logging it.
+    pub forbid_unauth_pipelining: bool,
 }
 
 /// `smtpd_tls_security_level`.
@@ -203,6 +206,7 @@ impl Settings {
             service: "smtpd".into(),
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
             strict_smtputf8: cfg.get_bool("strict_smtputf8").map_err(e)?,
+            forbid_unauth_pipelining: cfg.get_bool("smtpd_forbid_unauth_pipelining").map_err(e)?,
         })
     }
 }

@@ -41,13 +41,13 @@ impl Session {
                 self.reply("235 2.7.0 Authentication successful");
                 self.count_ok(Verb::Auth);
             }
-            SaslReply::Fail(why) => {
-                warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+            SaslReply::Fail(why, user) => {
+                self.log_auth_failed(&mech, &why, user.as_deref());
                 self.sasl_method = None;
                 self.error_reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
             }
             SaslReply::Temp(why) => {
-                warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+                self.log_auth_failed(&mech, &why, None);
                 self.sasl_method = None;
                 self.error_reply(&format!(
                     "454 4.7.0 Temporary authentication failure: {why}"
@@ -55,6 +55,22 @@ impl Session {
             }
         }
         self.process();
+    }
+
+    /// The warning of a failed AUTH, worded as Postfix's (fail2ban's
+    /// postfix filter in mode `auth` matches it): an empty reason and an
+    /// unknown login name are spelled out.
+    fn log_auth_failed(&self, mech: &str, why: &str, user: Option<&str>) {
+        let why = if why.is_empty() {
+            "(reason unavailable)"
+        } else {
+            why
+        };
+        let user = user.unwrap_or("(unavailable)");
+        warning!(
+            "{}: SASL {mech} authentication failed: {why}, sasl_username={user}",
+            self.namaddr
+        );
     }
 
     /// Whether AUTH is on offer now (SASL enabled, and TLS active when
@@ -87,7 +103,7 @@ impl Session {
         let known = self.mechs.as_ref().is_some_and(|m| m.contains(&mech));
         if !known {
             let why = "Invalid authentication mechanism";
-            warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+            self.log_auth_failed(&mech, why, None);
             return self.fail(&format!("535 5.7.8 Error: authentication failed: {why}"));
         }
         let resp = match args.get(2).map(|t| t.text.as_str()) {
@@ -121,7 +137,8 @@ impl Session {
         let text = String::from_utf8_lossy(line).trim().to_string();
         if text == "*" {
             self.sasl_requests.push(SaslRequest::Abort);
-            self.sasl_method = None;
+            let mech = self.sasl_method.take().unwrap_or_default();
+            warning!("{}: SASL {mech} authentication aborted", self.namaddr);
             self.error_reply("501 5.7.0 Authentication aborted");
             return;
         }
@@ -129,7 +146,7 @@ impl Session {
             self.sasl_requests.push(SaslRequest::Abort);
             let mech = self.sasl_method.take().unwrap_or_default();
             let why = "Invalid base64 data in continued response";
-            warning!("{}: SASL {mech} authentication failed: {why}", self.namaddr);
+            self.log_auth_failed(&mech, why, None);
             self.error_reply(&format!("535 5.7.8 Error: authentication failed: {why}"));
             return;
         }

@@ -14,6 +14,11 @@ impl Session {
     pub(super) fn connected(&mut self) {
         self.namaddr = self.client.namaddr();
         info!("connect from {}", self.namaddr);
+        if self.talked_first() && self.cfg.forbid_unauth_pipelining {
+            self.reply("554 5.5.0 Error: SMTP protocol synchronization");
+            self.hangup = true;
+            return;
+        }
         let ip = self.client.addr;
         let limited = self.anvil.borrow_mut().connect(ip);
         match limited {
@@ -35,6 +40,64 @@ impl Session {
         if !self.cfg.tls_wrappermode || self.tls.is_some() {
             self.greet();
         }
+    }
+
+    /// Whether the client sent something before the greeting (not with
+    /// `smtpd_tls_wrappermode`, where the client speaks first): logged
+    /// as Postfix does, with what it sent (fail2ban's postfix filter
+    /// matches the line).
+    fn talked_first(&mut self) -> bool {
+        let Some(fd) = self.client.socket else {
+            return false;
+        };
+        if self.cfg.tls_wrappermode {
+            return false;
+        }
+        let mut buf = [0u8; 100];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        let n = match nix::sys::socket::recv(fd, &mut buf, flags) {
+            Ok(n) if n > 0 => n,
+            _ => return false,
+        };
+        info!(
+            "improper command pipelining after CONNECT from {}: {}",
+            self.namaddr,
+            escape(&buf[..n])
+        );
+        self.ill_pipelining = true;
+        true
+    }
+
+    /// Input behind a command after which a client must wait for the
+    /// reply (HELO, EHLO, DATA, NOOP, VRFY; any command before EHLO):
+    /// logged once as Postfix does; true when
+    /// `smtpd_forbid_unauth_pipelining` then ends the session.
+    pub(super) fn pipelined_too_early(&mut self, verb: Verb) -> bool {
+        let last = matches!(
+            verb,
+            Verb::Helo | Verb::Ehlo | Verb::Data | Verb::Noop | Verb::Vrfy
+        );
+        if self.ill_pipelining || (!last && self.esmtp) {
+            return false;
+        }
+        let Some(pending) = self.pending_at.and_then(|at| self.input.get(at..)) else {
+            return false;
+        };
+        if pending.is_empty() {
+            return false;
+        }
+        let shown = escape(&pending[..pending.len().min(100)]);
+        info!(
+            "improper command pipelining after {} from {}: {shown}",
+            self.where_, self.namaddr
+        );
+        self.ill_pipelining = true;
+        if self.cfg.forbid_unauth_pipelining {
+            self.reply("554 5.5.0 Error: SMTP protocol synchronization");
+            self.hangup = true;
+            return true;
+        }
+        false
     }
 
     pub(super) fn greet(&mut self) {
@@ -142,4 +205,21 @@ impl Session {
             self.reply(&format!("250{sep}{l}"));
         }
     }
+}
+
+/// Bytes as Postfix's escape() shows them in a log line: C escapes for
+/// the usual control characters, octal for the others.
+fn escape(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in bytes {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\r' => out.push_str("\\r"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\{b:03o}")),
+        }
+    }
+    out
 }

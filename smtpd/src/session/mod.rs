@@ -74,6 +74,9 @@ pub struct Client {
     pub port: Option<u16>,
     /// Our end of the connection, when known.
     pub local: Option<SocketAddr>,
+    /// The connection's socket, to see whether the client talked before
+    /// the greeting (None in tests without one).
+    pub socket: Option<std::os::fd::RawFd>,
 }
 
 impl Client {
@@ -87,6 +90,7 @@ impl Client {
             addr,
             port: None,
             local: None,
+            socket: None,
         }
     }
 
@@ -220,6 +224,12 @@ pub struct Session {
     mechs: Option<Vec<String>>,
     /// More input was waiting behind the command being handled.
     pipelined: bool,
+    /// Where the input behind the command being handled starts (None
+    /// when the command runs again after a wait).
+    pending_at: Option<usize>,
+    /// "improper command pipelining" was logged (once per session, as
+    /// Postfix's SMTPD_FLAG_ILL_PIPELINING).
+    ill_pipelining: bool,
     /// How long the loop must wait before sending the output.
     delay: std::time::Duration,
     /// DNS answers for the restrictions, kept for the session.
@@ -277,6 +287,8 @@ impl Session {
             starttls_pending: false,
             mechs: None,
             pipelined: false,
+            pending_at: None,
+            ill_pipelining: false,
             delay: std::time::Duration::ZERO,
             dns: HashMap::new(),
             dns_pending: HashSet::new(),
@@ -460,7 +472,9 @@ impl Session {
             self.error_count += 1;
         } else {
             self.pipelined = pos < self.input.len();
+            self.pending_at = Some(pos);
             self.command(&line);
+            self.pending_at = None;
         }
         self.check_error_limit();
         if self.starttls_pending {
@@ -509,6 +523,9 @@ impl Session {
             return;
         };
         self.where_ = verb.name();
+        if self.pipelined_too_early(verb) {
+            return;
+        }
         self.counts[verb_index(verb)].total += 1;
         let done = if !verb.implemented() {
             self.fail("502 5.5.1 Error: command not implemented")

@@ -186,7 +186,13 @@ impl Session {
             .check_data(&self.request(None, "DATA"));
         if let Some(reply) = refused {
             let sender = tx.sender.clone();
-            return self.reject(&reply, Some(&sender), None);
+            // Postfix names the recipient when there is only one: the
+            // refusal concerns all of them alike.
+            let only = match &tx.recipients[..] {
+                [one] => Some(one.address.clone()),
+                _ => None,
+            };
+            return self.reject(&reply, Some(&sender), only.as_deref());
         }
         let opened = self.tx.as_ref().is_some_and(|t| t.queue_id.is_some());
         if self.cleanup_open && opened {

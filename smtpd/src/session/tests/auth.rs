@@ -45,7 +45,7 @@ fn auth_exchange_and_relay() {
     // Failure, then success; relaying only after.
     send(&mut s, "AUTH PLAIN AGFsaWNlAGJhZA==\r\n");
     s.take_sasl_requests();
-    s.sasl_reply(SaslReply::Fail(String::new()));
+    s.sasl_reply(SaslReply::Fail(String::new(), None));
     assert_eq!(out(&mut s), ["535 5.7.8 Error: authentication failed: "]);
     let r = send(
         &mut s,

@@ -124,3 +124,29 @@ fn greeting_waits_for_dns_without_delay_reject() {
     );
     assert!(s.stats().contains("mail=0/1"), "{}", s.stats());
 }
+
+#[test]
+fn input_behind_ehlo_ends_the_session_with_forbid_unauth_pipelining() {
+    let mut s = session_with(
+        Settings {
+            forbid_unauth_pipelining: true,
+            ..settings()
+        },
+        "127.0.0.1",
+    );
+    let r = send(&mut s, "EHLO client.example\r\nMAIL FROM:<a@b>\r\n");
+    assert_eq!(r, ["554 5.5.0 Error: SMTP protocol synchronization"]);
+    assert!(s.is_done());
+    // A client that waits for each reply where it must is served.
+    let mut s = session_with(
+        Settings {
+            forbid_unauth_pipelining: true,
+            ..settings()
+        },
+        "127.0.0.1",
+    );
+    assert_eq!(send(&mut s, "EHLO client.example\r\n")[0], "250-mx.example");
+    let r = send(&mut s, "MAIL FROM:<a@b>\r\nRSET\r\nNOOP\r\n");
+    assert_eq!(r, ["250 2.1.0 Ok", "250 2.0.0 Ok", "250 2.0.0 Ok"]);
+    assert!(!s.is_done());
+}

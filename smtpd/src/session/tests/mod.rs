@@ -67,6 +67,7 @@ fn settings() -> Settings {
         service: "smtp".into(),
         smtputf8_enable: true,
         strict_smtputf8: false,
+        forbid_unauth_pipelining: false,
     }
 }
 
