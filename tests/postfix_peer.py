@@ -103,6 +103,20 @@ def _set_alternate_dirs(value):
     h.run([POSTCONF, "-e", f"alternate_config_directories = {value}"], timeout=30)
 
 
+def _edit_alternate_dirs(edit):
+    """Read-modify-write of alternate_config_directories under a lock, so
+    that peers started and stopped at once (tests run side by side) do not
+    lose each other's entries or leave stale ones."""
+    import fcntl
+    with open("/run/lock/postern-tests-postfix-alternate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = _postconf_default("alternate_config_directories")
+        dirs = current.replace(",", " ").split()
+        new = edit(dirs)
+        if new != dirs:
+            _set_alternate_dirs(" ".join(new))
+
+
 class PostfixPeer:
     """One private Postfix (see the module doc).
 
@@ -236,10 +250,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         return h.run([POSTFIX, "-c", self.etc, *args], timeout=timeout)
 
     def start(self, timeout=30):
-        current = _postconf_default("alternate_config_directories")
-        if str(self.etc) not in current.replace(",", " ").split():
-            _set_alternate_dirs(f"{current} {self.etc}".strip())
-            self.added_alternate = True
+        _edit_alternate_dirs(lambda dirs: dirs if str(self.etc) in dirs else [*dirs, str(self.etc)])
+        self.added_alternate = True
         r = self._postfix("start")
         if r.returncode != 0:
             raise AssertionError("postfix start failed\n" + h.describe(r) + self.log_text())
@@ -266,9 +278,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                     h.kill_pid(pid, signal.SIGKILL)
             self.started = False
         if self.added_alternate:
-            current = _postconf_default("alternate_config_directories")
-            rest = [d for d in current.replace(",", " ").split() if d != str(self.etc)]
-            _set_alternate_dirs(" ".join(rest))
+            _edit_alternate_dirs(lambda dirs: [d for d in dirs if d != str(self.etc)])
             self.added_alternate = False
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
