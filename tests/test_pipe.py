@@ -192,6 +192,31 @@ def test_flags_macros_and_client_attributes(make_postern, vmail, scratch):
     assert msg.endswith(b"\r\nx\r\n\r\n") and b"\n" not in msg.replace(b"\r\n", b""), msg
 
 
+def test_sasl_macros_of_an_authenticated_client(make_postern, dovecot, vmail, scratch):  # noqa: F811
+    # ${sasl_method}, ${sasl_username} from AUTH through Dovecot, and
+    # ${sasl_sender} from MAIL FROM's AUTH= (xtext-decoded), as Postfix's
+    # smtpd records them for an authenticated client.
+    d = dovecot(users={"alice@auth.test": "pw"})
+    capture = script(scratch, "capture", CAPTURE.format(dir=scratch))
+    p = pipe_postern(make_postern, [
+        "capture unix - n n - - pipe",
+        f"  user={VMAIL} argv={capture} ${{sasl_method}} ${{sasl_username}} ${{sasl_sender}}",
+    ], {"sasl.test": "capture:"}, params={
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": str(d.auth_socket),
+    })
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.login("alice@auth.test", "pw")
+        assert s.mail("alice@auth.test", ["AUTH=owner+2Bx@auth.test"])[0] == 250
+        assert s.rcpt("bob@sasl.test")[0] == 250
+        assert s.data(b"Subject: sasl\r\n\r\nx\r\n")[0] == 250
+    got = wait_for(lambda: captures(scratch), 30, what="the capture script's run")
+    (args, _, _), = got
+    assert args == ["PLAIN", "alice@auth.test", "owner+x@auth.test"], args
+
+
 def test_several_recipients_per_command(make_postern, vmail, scratch):
     capture = script(scratch, "capture", CAPTURE.format(dir=scratch))
     p = pipe_postern(make_postern, [

@@ -246,6 +246,9 @@ impl Session {
             attrs.push((attr::SASL_METHOD.to_string(), m.clone()));
             attrs.push((attr::SASL_USERNAME.to_string(), u.clone()));
         }
+        if let Some(s) = &tx.sasl_sender {
+            attrs.push((attr::SASL_SENDER.to_string(), s.clone()));
+        }
         let msg = NewMessage {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),

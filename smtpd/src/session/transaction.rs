@@ -58,11 +58,18 @@ impl Session {
             Err(e) => return self.fail(&e.reply()),
         };
         let size = options.size;
+        let sasl_sender = match &options.auth {
+            Some(a) if self.sasl_username.is_some() && a != "<>" => {
+                postern_common::dsn::xtext_decode(a)
+            }
+            _ => None,
+        };
         let tx = Transaction {
             sender,
             smtputf8,
             envid: options.envid,
             ret: options.ret.map(str::to_string),
+            sasl_sender,
             ..Default::default()
         };
         let limit = self.cfg.message_size_limit;
