@@ -155,6 +155,25 @@ def run(cmd, input=None, timeout=60, env=None, user=None, cwd=None):
         )
 
 
+
+def dead_relay_params(port):
+    """main.cf settings for a relayhost where nothing listens, tried once,
+    then an hour's wait: the queue stays still while a test looks at it,
+    until the test itself flushes or releases."""
+    return {
+        "relayhost": f"[127.0.0.1]:{port}",
+        "minimal_backoff_time": "1h",
+        "maximal_backoff_time": "1h",
+        "queue_run_delay": "1h",
+    }
+
+
+def run_tool(p, name, *args, input=None, timeout=60):
+    """One of Postern's commands (`postsuper`, `postqueue`, ...) on
+    instance `p`, with its configuration directory."""
+    return run([p.cmd(name), "-c", p.etc, *args], input=input, env=p.env(),
+               timeout=timeout, cwd=p.dir)
+
 def describe(result):
     """A CompletedProcess as text, for assertion messages."""
     return (

@@ -26,6 +26,7 @@ import uuid
 import pytest
 
 import postern_harness as h
+from postern_harness import dead_relay_params, run_tool as tool
 from postern_harness import wait_for
 from postfix_peer import postfix_peer  # noqa: F401 (fixture)
 
@@ -39,21 +40,6 @@ def new_token():
 def message(token, to="someone@remote.test"):
     return (f"From: {SENDER}\nTo: {to}\nSubject: {token}\n"
             f"Message-ID: <{token}@example.org>\n\nHello.\n")
-
-
-def dead_relay_params(port):
-    # One attempt, then an hour's wait: nothing moves unless told to.
-    return {
-        "relayhost": f"[127.0.0.1]:{port}",
-        "minimal_backoff_time": "1h",
-        "maximal_backoff_time": "1h",
-        "queue_run_delay": "1h",
-    }
-
-
-def tool(p, name, *args, input=None, timeout=60):
-    return h.run([p.cmd(name), "-c", p.etc, *args], input=input, env=p.env(),
-                 timeout=timeout, cwd=p.dir)
 
 
 def ids_in(p, queue):

@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 import postern_harness as h
+from postern_harness import dead_relay_params, run_tool as tool
 from postern_harness import wait_for
 
 SENDER = "sender@example.org"
@@ -34,22 +35,6 @@ def new_token():
 def message(token, body="Hello.\n"):
     return (f"From: {SENDER}\nTo: someone@remote.test\nSubject: {token}\n"
             f"Message-ID: <{token}@example.org>\n\n{body}")
-
-
-def dead_relay_params(port):
-    # One attempt, then an hour's wait: the queue stays still while the
-    # test looks at it, until the test itself flushes or releases.
-    return {
-        "relayhost": f"[127.0.0.1]:{port}",
-        "minimal_backoff_time": "1h",
-        "maximal_backoff_time": "1h",
-        "queue_run_delay": "1h",
-    }
-
-
-def tool(p, name, *args, input=None, timeout=60):
-    return h.run([p.cmd(name), "-c", p.etc, *args], input=input, env=p.env(),
-                 timeout=timeout, cwd=p.dir)
 
 
 def queue_ids(p, queue):
