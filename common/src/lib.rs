@@ -34,6 +34,7 @@ pub mod base64;
 pub mod cdb;
 pub mod cidr;
 pub mod delivery;
+pub mod dict;
 pub mod dns;
 pub mod dsn;
 pub mod dupfilter;

@@ -1,0 +1,48 @@
+//! Tables answered by a server or a program rather than a file: the
+//! interface every such table type implements (`mysql:`, `pgsql:`,
+//! `sqlite:`, `ldap:`, `socketmap:`, `tcp:`, `pipemap:`, `unionmap:`,
+//! `proxy:`), as Postfix's `dict_*` modules share one interface.
+//!
+//! The one rule that matters for mail: a table that cannot answer is a
+//! *temporary* failure ([`LookupError`]), never "not found". A caller that
+//! gets an error defers (SMTP 451 4.3.0 at RCPT, a deferred delivery in
+//! cleanup, qmgr and the delivery agents) so that an unreachable database
+//! never turns into a bounce or "Relay access denied".
+
+use std::fmt;
+
+/// Why a table could not answer: the server is down, a query failed or
+/// timed out, a file could not be read. `table` is the table's
+/// `type:name` for the log; `reason` says what went wrong. Neither is
+/// shown to an SMTP client (Postfix's generic "Temporary lookup failure"
+/// is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupError {
+    pub table: String,
+    pub reason: String,
+}
+
+impl LookupError {
+    pub fn new(table: impl Into<String>, reason: impl Into<String>) -> LookupError {
+        LookupError {
+            table: table.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for LookupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} lookup error: {}", self.table, self.reason)
+    }
+}
+
+impl std::error::Error for LookupError {}
+
+/// A table whose lookups can fail. Implementations keep their connection
+/// (or child process) between lookups and re-open it after a failure.
+pub trait Dict: Send + Sync + fmt::Debug {
+    /// `Ok(Some(value))`: found; `Ok(None)`: not found; `Err`: could not
+    /// look, the caller must defer.
+    fn lookup(&self, key: &str) -> Result<Option<String>, LookupError>;
+}
