@@ -41,9 +41,9 @@ pub enum Table {
         map: HashMap<String, String>,
     },
     Static(String),
-    /// `regexp:/path` or `pcre:/path`: ordered patterns (see
-    /// [`crate::regexp`]). [`Table::lookup`] gives the first matching
-    /// rule's result as written; [`Table::lookup_expanded`] fills in `$N`.
+    /// `regexp:/path`: ordered patterns (see [`crate::regexp`]); the
+    /// first matching rule's result with `$N` filled in. (`pcre:` is a
+    /// [`Table::Dict`], [`crate::dict::pcre`].)
     Regexp {
         spec: String,
         rules: Vec<crate::regexp::Rule>,
@@ -154,7 +154,11 @@ impl Table {
                     .map(Table::Cidr)
                     .map_err(|(line, e)| format!("{name}, line {line}: {e}"))
             }
-            "regexp" | "pcre" => {
+            "pcre" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pcre::Pcre::open(name)?),
+            }),
+            "regexp" => {
                 let text =
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
                 let rules = crate::regexp::parse(&text).map_err(|e| format!("{name}, {e}"))?;
@@ -181,6 +185,22 @@ impl Table {
                     map,
                 })
             }
+            "socketmap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::socketmap::Socketmap::open(spec, name)?),
+            }),
+            "tcp" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::tcp::Tcp::open(spec, name)?),
+            }),
+            "unionmap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::unionmap::Unionmap::open(spec, name)?),
+            }),
+            "pipemap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pipemap::Pipemap::open(spec, name)?),
+            }),
             "unix" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::unix::Unix::open(name)?),
@@ -233,10 +253,8 @@ impl Table {
     fn lookup_as_given(&self, key: &str) -> Result<Option<Cow<'_, str>>, LookupError> {
         Ok(match self {
             Table::Static(v) => Some(Cow::Borrowed(v)),
-            Table::Regexp { rules, .. } => rules
-                .iter()
-                .find(|r| r.re.is_match(key) != r.negate)
-                .map(|r| Cow::Borrowed(r.result.as_str())),
+            // `$N` filled in, as every caller wants.
+            Table::Regexp { rules, .. } => crate::regexp::lookup(rules, key).map(Cow::Owned),
             Table::Entries { map, .. } => map
                 .get(&key.to_lowercase())
                 .map(|s| Cow::Borrowed(s.as_str())),
@@ -244,6 +262,9 @@ impl Table {
                 .lookup(key)
                 .map_err(|e| LookupError::new(spec.clone(), e))?
                 .map(Cow::Owned),
+            // Keys of fixed-key tables are folded (Postfix's
+            // DICT_FLAG_FOLD_FIX); patterns see the key as it is.
+            Table::Dict { dict, .. } if dict.is_pattern() => dict.lookup(key)?.map(Cow::Owned),
             Table::Dict { dict, .. } => dict.lookup(&key.to_lowercase())?.map(Cow::Owned),
             Table::Cidr(rules) => {
                 let Ok(ip) = key.trim_matches(['[', ']']).parse::<std::net::IpAddr>() else {

@@ -60,5 +60,10 @@ pub trait Dict: Send + Sync + fmt::Debug {
     }
 }
 
+pub mod pcre;
+pub mod pipemap;
+pub mod socketmap;
+pub mod tcp;
 pub mod unavailable;
+pub mod unionmap;
 pub mod unix;
