@@ -320,3 +320,23 @@ def test_replies_are_postfix_replies(root_only, make_postern, postfix_peer):  # 
             == (451, "4.3.0 Error: queue file write error")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- local
+
+
+@pytest.mark.parametrize("how", ["missing", "directory"])
+def test_alias_maps_unusable_defers_local_delivery(root_only, make_postern, local_users, how):
+    p = make_postern()
+    db = db_of(p.etc / "aliases")
+    db.unlink()
+    if how == "directory":
+        db.mkdir()
+    token = f"alias-{uuid.uuid4().hex}"
+    submit(p, "ptalice@postern.test", token)
+    p.wait_for_log(r"to=<ptalice@postern\.test>.*status=deferred \(alias database unavailable\)")
+    assert not h.find_messages("ptalice", token)
+    if db.is_dir():
+        db.rmdir()
+    p.newaliases()
+    h.wait_for_messages("ptalice", token, timeout=60)

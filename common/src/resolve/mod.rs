@@ -244,7 +244,10 @@ struct Maps {
 }
 
 impl Maps {
-    fn open(name: &'static str, spec: String) -> Maps {
+    /// Opens the tables of `name`; the errors of tables that cannot be
+    /// opened are logged unless they are those of `before` (a table
+    /// tried again each second while it stays broken is logged once).
+    fn open(name: &'static str, spec: String, before: &[String]) -> Maps {
         let mut rest = Vec::new();
         let mut passwd = false;
         for s in crate::maps::split_specs(&spec) {
@@ -257,8 +260,10 @@ impl Maps {
         }
         let joined = rest.join(" ");
         let (tables, errors) = maps::Tables::open_list(&joined);
-        for e in &errors {
-            warning!("{name}: {e}");
+        if errors != before {
+            for e in &errors {
+                warning!("{name}: {e}");
+            }
         }
         Maps {
             files: files_of(&joined),
@@ -527,7 +532,7 @@ impl Resolver {
                 String::new()
             }
         };
-        let open = |n: &'static str| Maps::open(n, spec(n));
+        let open = |n: &'static str| Maps::open(n, spec(n), &[]);
         let r = Resolver {
             myhostname: fold(&cfg.get("myhostname")),
             myorigin: fold(&cfg.get("myorigin")),
@@ -624,7 +629,7 @@ impl Resolver {
         let specs: Vec<(&'static str, String)> = self.cfg_text.0.clone();
         for (m, (name, spec)) in self.all_maps_mut().into_iter().zip(specs) {
             if m.changed() {
-                *m = Maps::open(name, spec);
+                *m = Maps::open(name, spec, &m.errors);
             }
         }
     }
