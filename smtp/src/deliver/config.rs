@@ -85,6 +85,10 @@ impl Agent {
                     .map(|k| k.to_ascii_lowercase())
                     .collect(),
                 line_limit: number(cfg, &p("smtp_line_length_limit")),
+                send_xforward: cfg
+                    .get_bool(&p("smtp_send_xforward_command"))
+                    .unwrap_or(false),
+                xforward_timeout: time(cfg, &p("smtp_xforward_timeout")),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(

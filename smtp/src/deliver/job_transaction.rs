@@ -126,4 +126,38 @@ impl Transaction for JobTransaction<'_> {
     fn queue_id(&self) -> &str {
         &self.job.req.queue_id
     }
+
+    fn xforward(&mut self) -> Vec<(&'static str, String)> {
+        use postern_common::qfile::{self, attr};
+        let Ok(env) = qfile::read_envelope(&self.job.file) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        // "name[addr]"; "local" for local submission (no address).
+        if let Some((name, addr)) = env
+            .attr(attr::CLIENT)
+            .and_then(|c| c.strip_suffix(']'))
+            .and_then(|c| c.split_once('['))
+        {
+            out.push(("NAME", name.to_string()));
+            let addr = match addr.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(a)) => format!("IPv6:{a}"),
+                _ => addr.to_string(),
+            };
+            out.push(("ADDR", addr));
+        }
+        let named = [
+            ("PORT", attr::CLIENT_PORT),
+            ("PROTO", attr::PROTOCOL),
+            ("HELO", attr::HELO),
+            ("SOURCE", attr::SOURCE),
+        ];
+        for (n, a) in named {
+            if let Some(v) = env.attr(a).filter(|v| !v.is_empty()) {
+                out.push((n, v.to_string()));
+            }
+        }
+        out.push(("IDENT", self.job.req.queue_id.clone()));
+        out
+    }
 }

@@ -173,6 +173,9 @@ impl Restrictions {
         let Some(resolver) = &self.resolver else {
             return Verdict::Dunno;
         };
+        if self.no_unknown_recipient_checks && !what.starts_with("Sender") {
+            return Verdict::Dunno;
+        }
         match resolver.check_listed(sender, address, what.starts_with("Sender")) {
             Ok(()) => Verdict::Dunno,
             Err(f) => Verdict::Reject(format!(
