@@ -284,3 +284,15 @@ def test_content_filter_postfix(filter_ports):
         flt.stop()
         if far is not None:
             far.stop()
+
+
+def test_check_refuses_bad_filter_settings(make_postern):
+    """A misspelt receive_override_options or a content_filter without a
+    transport stops `postern check` (and start), naming it."""
+    p = make_postern(start=False, params={"receive_override_options": "no_header_checks"})
+    r = p.postern("check")
+    assert r.returncode == 1 and "no_header_checks" in r.stderr, h.describe(r)
+    p = make_postern(start=False, master_cf_extra=[
+        "127.0.0.1:10999 inet n - n - - smtpd", "  -o content_filter=:[127.0.0.1]:10024"])
+    r = p.postern("check")
+    assert r.returncode == 1 and "content_filter" in r.stderr, h.describe(r)

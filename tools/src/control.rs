@@ -162,11 +162,59 @@ fn check(cfg: &Config) {
         );
     }
     check_host_names(cfg);
+    check_content_filters(cfg, &services);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
     }
     check_indexed_tables(cfg);
+}
+
+/// `receive_override_options` (main.cf and each service's `-o`) must name
+/// only options Postern knows, and `content_filter` must be
+/// `transport:nexthop`: a typo would change which checks mail gets or
+/// send it past its filter, so it stops `check` and `start`.
+fn check_content_filters(cfg: &Config, services: &[postern_conf::master_cf::Service]) {
+    let main = [(
+        "main.cf".to_string(),
+        cfg.get("receive_override_options"),
+        cfg.get("content_filter"),
+    )];
+    let per_service = services.iter().map(|s| {
+        let o = |n: &str| {
+            s.overrides
+                .iter()
+                .rev()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        (
+            format!("master.cf, line {} ({})", s.line, s.name),
+            o("receive_override_options").unwrap_or_default(),
+            o("content_filter").unwrap_or_default(),
+        )
+    });
+    for (place, options, filter) in main.into_iter().chain(per_service) {
+        if let Err(e) = postern_common::receive_override::ReceiveOverride::parse(&options) {
+            die(
+                NAME,
+                1,
+                format_args!("{}/{place}: {e}", cfg.dir().display()),
+            );
+        }
+        let filter = filter.trim();
+        let transport = filter.split(':').next().unwrap_or("");
+        if !filter.is_empty() && transport.trim().is_empty() {
+            die(
+                NAME,
+                1,
+                format_args!(
+                    "{}/{place}: content_filter = {filter}: no transport (expected transport:nexthop)",
+                    cfg.dir().display()
+                ),
+            );
+        }
+    }
 }
 
 /// Warns about every indexed table (`hash:`, `btree:`, `cdb:`, `lmdb:`)

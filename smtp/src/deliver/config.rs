@@ -164,6 +164,17 @@ impl Agent {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
             },
+            content_checks: {
+                let (checks, errors) =
+                    postern_common::header_checks::CheckTables::open(|n| cfg.get(&p(n)), "smtp_");
+                for e in &errors {
+                    error!("{e}; deliveries are deferred until it is fixed");
+                }
+                match errors.into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(checks),
+                }
+            },
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),
                 time(cfg, &p("smtp_connection_reuse_time_limit")),

@@ -3,7 +3,9 @@
 //! file, outcomes recorded through the job.
 
 use crate::client::Transaction;
+use crate::content_checks::Checked;
 use postern_common::delivery::Job;
+use postern_common::header_checks::CheckTables;
 use postern_common::ipc::{DeliveryRecipient, Outcome};
 use std::io::{self, Read};
 
@@ -16,6 +18,8 @@ pub(super) struct JobTransaction<'a> {
     relay: String,
     /// Whether the content has 8-bit bytes, once looked at.
     eight_bit: &'a mut Option<bool>,
+    /// The smtp client's header and body checks.
+    checks: &'a Result<CheckTables, String>,
 }
 
 impl<'a> JobTransaction<'a> {
@@ -25,6 +29,7 @@ impl<'a> JobTransaction<'a> {
         job: &'a mut Job,
         relay: String,
         eight_bit: &'a mut Option<bool>,
+        checks: &'a Result<CheckTables, String>,
     ) -> JobTransaction<'a> {
         let rcpts = job.unfinished();
         JobTransaction {
@@ -32,6 +37,7 @@ impl<'a> JobTransaction<'a> {
             rcpts,
             relay,
             eight_bit,
+            checks,
             job,
         }
     }
@@ -77,7 +83,14 @@ impl Transaction for JobTransaction<'_> {
     }
 
     fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
-        Ok(Box::new(self.job.content()?))
+        match self.checks {
+            Err(e) => Err(io::Error::other(format!("smtp content checks: {e}"))),
+            Ok(c) if c.has_header_checks() || c.inspects_body() => {
+                let id = self.job.req.queue_id.clone();
+                Ok(Box::new(Checked::new(self.job.content()?, c, &id)))
+            }
+            Ok(_) => Ok(Box::new(self.job.content()?)),
+        }
     }
 
     fn connected(&mut self) {
