@@ -359,32 +359,15 @@ impl Session {
             .as_ref()
             .map(|t| t.recipients.iter().map(|r| r.address.as_str()).collect())
             .unwrap_or_default();
-        let xf = &self.xforward;
-        let forwarded = xf.addr.is_some();
-        let (helo, client_name, client_addr) = if forwarded {
-            (
-                xf.helo.as_deref(),
-                xf.name.as_deref().unwrap_or("unknown"),
-                xf.addr.unwrap_or(self.client.addr),
-            )
-        } else {
-            (
-                self.helo.as_deref(),
-                self.client.names.name.as_str(),
-                self.client.addr,
-            )
-        };
-        let protocol = match (&xf.proto, forwarded) {
-            (Some(p), true) => p.clone(),
-            _ => self.received_protocol(),
-        };
+        // The client that connected, XFORWARD or not, as Postfix: the
+        // trace shows each hop as it was.
         Received {
-            helo,
-            client_name,
-            client_addr,
+            helo: self.helo.as_deref(),
+            client_name: &self.client.names.name,
+            client_addr: self.client.addr,
             myhostname: &self.cfg.myhostname,
             mail_name: &self.cfg.mail_name,
-            protocol: &protocol,
+            protocol: &self.received_protocol(),
             queue_id,
             recipients: &rcpts,
             date: &self.date,

@@ -1,7 +1,9 @@
 //! XFORWARD (Postfix's XFORWARD_README): an after-queue content filter
 //! that reinjects mail tells smtpd who the original client was, so that
-//! the reinjected message's `client=` log line (as `orig_client=`), its
-//! Received header and its queue file name that client, not the filter.
+//! the reinjected message's `client=` log line (as `orig_client=`) and its
+//! queue file (what later log lines, pipe's macros and the next XFORWARD
+//! use) name that client. The Received header shows the filter, the
+//! client that connected, as Postfix's does.
 //! Only clients in `smtpd_authorized_xforward_hosts` are offered it; the
 //! attributes hold for the next transaction and are forgotten when it
 //! ends (end of DATA, RSET). Access control keeps using the real client.
