@@ -452,8 +452,9 @@ def test_content_filter_postfix(filter_ports, content_filter):
 
 
 def test_check_refuses_bad_filter_settings(make_postern):
-    """A misspelt receive_override_options or a content_filter without a
-    transport stops `postern check` (and start), naming it."""
+    """A misspelt receive_override_options, a content_filter without a
+    transport, or a before-queue smtpd_proxy_filter stops `postern check`
+    (and start), naming it."""
     p = make_postern(start=False, params={"receive_override_options": "no_header_checks"})
     r = p.postern("check")
     assert r.returncode == 1 and "no_header_checks" in r.stderr, h.describe(r)
@@ -461,3 +462,7 @@ def test_check_refuses_bad_filter_settings(make_postern):
         "127.0.0.1:10999 inet n - n - - smtpd", "  -o content_filter=:[127.0.0.1]:10024"])
     r = p.postern("check")
     assert r.returncode == 1 and "content_filter" in r.stderr, h.describe(r)
+    # A before-queue filter is not offered: refused, never ignored.
+    p = make_postern(start=False, params={"smtpd_proxy_filter": "127.0.0.1:10024"})
+    r = p.postern("check")
+    assert r.returncode == 1 and "smtpd_proxy_filter" in r.stderr, h.describe(r)

@@ -352,6 +352,13 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtp_mime_header_checks", ""),
     ("smtp_nested_header_checks", ""),
     ("smtp_body_checks", ""),
+    // lmtp's own forms, as Postfix's lmtp reads them.
+    ("lmtp_header_checks", ""),
+    ("lmtp_mime_header_checks", ""),
+    ("lmtp_nested_header_checks", ""),
+    ("lmtp_body_checks", ""),
+    ("lmtp_send_xforward_command", "no"),
+    ("lmtp_xforward_timeout", "300s"),
     // postern logrotate (Postfix 3.4's `postfix logrotate`).
     ("maillog_file_compressor", "gzip"),
     ("maillog_file_rotate_suffix", "%Y%m%d-%H%M%S"),
