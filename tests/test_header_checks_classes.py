@@ -12,6 +12,7 @@ bcc copies (issue 25, points 6 and 7):
   sends its copy, and a copy address named by several rules gets one.
 """
 
+import os
 import re
 import smtplib
 import time
@@ -265,3 +266,54 @@ def test_always_bcc_one_copy_per_message(make_postern, local_users):
     h.wait_for_messages(bob, f"Subject: abcc {token}")
     time.sleep(1.5)
     assert len(h.find_messages(bob, f"Subject: abcc {token}")) == 1
+
+
+# The same files against a private Postfix 3.7.
+
+import postfix_peer as pp  # noqa: E402
+
+
+@pytest.mark.skipif(not pp.postfix_available(), reason="Postfix is not installed")
+def test_same_checks_in_postfix(tmp_path, sink):
+    if not h.is_root():
+        pytest.skip("a private Postfix needs root")
+    token = f"t{time.time_ns()}"
+    checks = tmp_path / "header_checks"
+    checks.write_text(HEADER_CHECKS.format(token=token, sink=sink.port))
+    smtp_checks = tmp_path / "smtp_header_checks"
+    smtp_checks.write_text("/^X-Internal:/ IGNORE\n")
+    os.chmod(tmp_path, 0o755)
+    far = pp.PostfixPeer(params={
+        "header_checks": f"regexp:{checks}",
+        "smtp_header_checks": f"regexp:{smtp_checks}",
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+    })
+    try:
+        far.start()
+        to = f"x@{pp.DOMAIN}"
+
+        class Far:
+            port = far.port
+
+        code, text = send(Far, [to], f"exe {token}", mime=multipart(token, "setup.exe"))
+        assert code // 100 == 5 and "attachment type not allowed" in text, (code, text)
+        code, _ = send(Far, [to], f"pdf {token}", mime=multipart(token, "paper.pdf"))
+        assert code == 250
+        far.wait_for(f"Subject: pdf {token}")
+        inner = f"Subject: act-reject inner {token}\nFrom: x@y.test\n\ninner body\n"
+        code, text = send(Far, [to], f"nested {token}",
+                          mime=multipart(token, "paper.pdf", inner=inner))
+        assert code // 100 == 5 and "no thanks" in text, (code, text)
+        # DEFER: Postfix 3.7's cleanup logs "unknown command in
+        # header_checks map: DEFER" and accepts; issue 25 names DEFER, and
+        # Postern refuses for now (451 4.7.1).
+        code, text = send(Far, [to], f"act-defer {token}")
+        assert code == 250, (code, text)
+        # smtp_header_checks on the way out.
+        code, _ = send(Far, ["y@remote.test"], f"out {token}",
+                       headers="X-Internal: 10.1.2.3 build-host\n", body=f"first {token}\n")
+        assert code == 250
+        m = sink.wait_for(f"first {token}")[0]
+        assert b"X-Internal" not in m.headers, m.headers
+    finally:
+        far.stop()
