@@ -466,3 +466,26 @@ def test_check_refuses_bad_filter_settings(make_postern):
     p = make_postern(start=False, params={"smtpd_proxy_filter": "127.0.0.1:10024"})
     r = p.postern("check")
     assert r.returncode == 1 and "smtpd_proxy_filter" in r.stderr, h.describe(r)
+
+
+def test_content_filter_for_local_submission(make_postern, local_users, filter_ports):
+    """pickup records content_filter too: sendmail's mail goes through the
+    filter (the aiosmtpd one) and is delivered once."""
+    back = filter_ports
+    flt = XForwardFilter(back).start()
+    try:
+        p = make_postern(
+            params={"content_filter": f"scan:[127.0.0.1]:{flt.port}",
+                    "mynetworks": "127.0.0.0/8"},
+            master_cf_extra=filter_master_cf(back))
+        h.wait_for(lambda: h.smtp_banner_ok(back), 20, what="the reinjection smtpd")
+        user = local_users[0]
+        token = f"local-{time.time_ns()}"
+        r = p.sendmail(["-i", f"{user}@{h.MYHOSTNAME}"], f"Subject: {token}\n\nx\n".encode())
+        assert r.returncode == 0, h.describe(r)
+        h.wait_for_messages(user, token)
+        time.sleep(1.5)
+        check_filtered_once([b for _, b in h.find_messages(user, token)], flt, token)
+        assert flt.xforward_seen[-1].get("SOURCE") == "LOCAL", flt.xforward_seen
+    finally:
+        flt.stop()

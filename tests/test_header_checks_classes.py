@@ -317,3 +317,20 @@ def test_same_checks_in_postfix(tmp_path, sink):
         assert b"X-Internal" not in m.headers, m.headers
     finally:
         far.stop()
+
+
+def test_always_bcc_not_for_bounces(make_postern, local_users):
+    """A notice Postern sends (a bounce) gets no automatic copy: bob gets
+    the copy of alice's message, not of the bounce that returns it."""
+    alice, bob = local_users
+    token = f"t{time.time_ns()}"
+    p = make_postern(params={"always_bcc": rcpt(bob)})
+    r = p.sendmail(["-i", "-f", rcpt(alice), f"nosuchuser@{h.MYHOSTNAME}"],
+                   f"Subject: bounce-me {token}\n\nx\n".encode())
+    assert r.returncode == 0, h.describe(r)
+    h.wait_for_messages(bob, f"Subject: bounce-me {token}")
+    # The bounce reaches alice (it quotes the subject)...
+    h.wait_for_messages(alice, token)
+    time.sleep(2)
+    # ... and bob has the one copy of the original only.
+    assert len(h.find_messages(bob, token)) == 1, [m[1][:300] for m in h.find_messages(bob, token)]
