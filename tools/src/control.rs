@@ -54,8 +54,6 @@ pub fn main() -> ! {
     match command.as_str() {
         "check" => {
             check(&cfg);
-            // Errors about secrets fail the check, but not a start (see
-            // crate::secrets).
             if check_secrets(&cfg) > 0 {
                 std::process::exit(1)
             }
@@ -66,6 +64,15 @@ pub fn main() -> ! {
         "reload" => {
             let pid = running(&cfg)
                 .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
+            // New daemons would start without the key they cannot read:
+            // the running ones keep serving with the one they have.
+            if check_secrets(&cfg) > 0 {
+                die(
+                    NAME,
+                    1,
+                    "not reloading: the mail system keeps its running configuration",
+                );
+            }
             eprintln!("{NAME}: refreshing the Postern mail system");
             signal(pid, nix::sys::signal::Signal::SIGHUP);
             // A changed hash_queue_names or hash_queue_depth: files to
@@ -268,7 +275,17 @@ fn start(cfg: &Config, foreground: bool) -> ! {
         );
     }
     check(cfg);
-    check_secrets(cfg);
+    // A key smtpd cannot use would mean a mail system without STARTTLS
+    // (and with `encrypt`, without mail): not started.
+    if check_secrets(cfg) > 0 {
+        std::process::exit(1);
+    }
+    // A new TLS session ticket secret for this run of the mail system,
+    // as Postfix's tlsmgr makes new ticket keys when it starts.
+    let tickets = postern_common::tls_tickets::secret_path(cfg);
+    if let Err(e) = postern_common::tls_tickets::renew_secret(&tickets) {
+        eprintln!("{NAME}: warning: TLS session ticket key {e}");
+    }
     // As Postfix's start runs postsuper: every queue file where the
     // hashing wants it before anything reads the queue.
     crate::postsuper::rehash_queue(cfg, true);

@@ -9,10 +9,13 @@
 //! reported before a client finds STARTTLS gone or a smarthost refuses
 //! every delivery.
 //!
-//! Each problem is one `postern: error: ...` line. `postern check` then
-//! exits 1; `postern start` goes on (as Postfix does, the daemons run
-//! without what they cannot read, and log the same error when they
-//! start): a bad key must not stop the mail system.
+//! Each problem is one `postern: error: ...` line naming the service,
+//! the parameter, its file and the cause. `postern check`, `start` and
+//! `start-fg` then exit 1 (nothing started: a silently missing STARTTLS
+//! is worse than a refusal the administrator sees at once), and `postern
+//! reload` refuses, leaving the running daemons with what they read. A
+//! key that goes bad while the system runs is logged by the smtpd that
+//! cannot read it, which then runs without STARTTLS.
 
 use postern_common::maps::Table;
 use postern_conf::master_cf::Service;
