@@ -46,7 +46,7 @@ impl<'c> Session<'_, 'c> {
         // Nothing the server sent before the handshake may count after it.
         self.rd = LineReader::new();
         let sock = std::mem::replace(&mut self.conn, Box::new(Closed));
-        let est = match tls.handshake(sock, &self.peer.name) {
+        let est = match tls.handshake(sock, &self.peer.name, &self.peer.relay) {
             Ok(est) => est,
             Err(e) => {
                 info!("SSL_connect error to {}: {e}", self.peer.relay);
