@@ -32,6 +32,8 @@ pub struct TlsConn {
     /// What the certificate chosen for this client signs with (for the
     /// log line and Received header).
     server_signature: Option<String>,
+    /// The session was resumed from a session ticket.
+    ticketed: bool,
 }
 
 /// What a read produced.
@@ -58,6 +60,7 @@ impl TlsConn {
             reported: false,
             closing: false,
             server_signature: None,
+            ticketed: false,
         })
     }
 
@@ -127,6 +130,7 @@ impl TlsConn {
         if self.server_signature.is_none() {
             self.server_signature = chosen;
         }
+        self.ticketed |= postern_common::tls_tickets::take_ticket_used();
         processed
     }
 
@@ -167,6 +171,14 @@ impl TlsConn {
             n.server_signature = self.server_signature.take();
         }
         Some(n)
+    }
+
+    /// How the completed handshake resumed a session: `None` (a full
+    /// handshake), `Some(true)` from a session ticket, `Some(false)` from
+    /// the session cache.
+    pub fn resumed(&self) -> Option<bool> {
+        use postern_common::tls::rustls::HandshakeKind;
+        (self.conn.handshake_kind() == Some(HandshakeKind::Resumed)).then_some(self.ticketed)
     }
 
     /// Queues close_notify (once); true if it was queued now.
