@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -136,3 +137,84 @@ def test_loglevel_2_setting_up_and_cipher_list(make_postern, far, sink):
                    rf"127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}$", timeout=40)
     p.wait_for_log(rf"post(fix|ern)/smtp\[\d+\]: 127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}: "
                    r"TLS cipher list \"[^\"]+\"$")
+
+
+class StarttlsThenBreak:
+    """A raw SMTP receiver on 127.0.0.1 that offers STARTTLS, answers it
+    220, then either hangs up ("hangup") or answers in plaintext
+    ("garbage"), as a broken or hostile next hop does."""
+
+    def __init__(self, how):
+        self.how = how
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.stopped = False
+        self.thread.start()
+
+    def serve(self):
+        self.sock.settimeout(0.5)
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            with c:
+                c.settimeout(10)
+                f = c.makefile("rb")
+                try:
+                    c.sendall(b"220 broken.test ESMTP\r\n")
+                    while True:
+                        line = f.readline()
+                        if not line:
+                            break
+                        verb = line[:4].upper()
+                        if verb in (b"EHLO", b"HELO"):
+                            c.sendall(b"250-broken.test\r\n250 STARTTLS\r\n")
+                        elif verb == b"STAR":
+                            c.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                            if self.how == "garbage":
+                                f.read(5)
+                                c.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                                time.sleep(0.5)
+                            # Closed now, whatever refers to the socket.
+                            c.shutdown(socket.SHUT_RDWR)
+                            break
+                        elif verb == b"QUIT":
+                            c.sendall(b"221 bye\r\n")
+                            break
+                        else:
+                            c.sendall(b"250 ok\r\n")
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.stopped = True
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("how", ["hangup", "garbage"])
+def test_smtp_client_failed_handshake(make_postern, how):
+    """Postfix's smtp (tls_client.c) logs `SSL_connect error to
+    HOST[ADDR]:PORT: lost connection` when the server hangs up during the
+    handshake, `SSL_connect error to ...: -1` and `warning: TLS library
+    problem: ...` when TLS fails; the message is deferred."""
+    far = StarttlsThenBreak(how)
+    try:
+        p = make_postern({"relayhost": f"[127.0.0.1]:{far.port}",
+                          "smtp_tls_security_level": "encrypt"})
+        code, text = p.send("s@example.org", ["u@far.test"], "Subject: x\n\nbody\n")
+        assert code == 250, text
+        relay = rf"127\.0\.0\.1\[127\.0\.0\.1\]:{far.port}"
+        if how == "hangup":
+            p.wait_for_log(rf"post(fix|ern)/smtp\[\d+\]: SSL_connect error to {relay}: "
+                           r"lost connection$")
+        else:
+            m = p.wait_for_log(rf"post(fix|ern)/smtp\[(\d+)\]: SSL_connect error to {relay}: -1$")
+            p.wait_for_log(rf"post(fix|ern)/smtp\[{m.group(2)}\]: warning: TLS library problem: ")
+        p.wait_for_log(r"to=<u@far\.test>.*status=deferred")
+    finally:
+        far.stop()

@@ -387,6 +387,27 @@ impl<S: crate::client::Stream> crate::client::Stream for TlsStream<S> {
     }
 }
 
+/// Why a handshake failed, as Postfix tells the cases apart in its
+/// `SSL_connect error to ...` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// TLS said no (logged with `TLS library problem: REASON`).
+    Tls(String),
+    /// The server closed the connection.
+    Lost,
+    /// A system error (a timeout).
+    System(String),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Tls(e) | HandshakeError::System(e) => f.write_str(e),
+            HandshakeError::Lost => f.write_str("lost connection"),
+        }
+    }
+}
+
 /// A finished handshake.
 pub struct Established<S: crate::client::Stream> {
     pub stream: TlsStream<S>,
@@ -405,28 +426,41 @@ impl Client {
         mut sock: S,
         host: &str,
         relay: &str,
-    ) -> Result<Established<S>, String> {
+    ) -> Result<Established<S>, HandshakeError> {
         // One configuration (verifier included) per server and policy:
         // rustls resumes a session only under the configuration's
         // verifier and client-certificate resolver that made it.
-        let (config, recorder, resumable) = match self.resumable(relay)? {
-            Some(r) => (r.config.clone(), r.recorder.clone(), Some(r)),
-            None => {
-                let recorder = self.recorder();
-                let config = self.config(recorder.clone(), None)?;
-                (config, recorder, None)
-            }
-        };
+        let (config, recorder, resumable) =
+            match self.resumable(relay).map_err(HandshakeError::Tls)? {
+                Some(r) => (r.config.clone(), r.recorder.clone(), Some(r)),
+                None => {
+                    let recorder = self.recorder();
+                    let config = self
+                        .config(recorder.clone(), None)
+                        .map_err(HandshakeError::Tls)?;
+                    (config, recorder, None)
+                }
+            };
         let name = ServerName::try_from(host.to_string())
             .or_else(|_| ServerName::try_from("localhost"))
-            .map_err(|e| e.to_string())?;
-        let mut conn = ClientConnection::new(config, name.to_owned()).map_err(|e| e.to_string())?;
+            .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+        let mut conn = ClientConnection::new(config, name.to_owned())
+            .map_err(|e| HandshakeError::Tls(e.to_string()))?;
         while conn.is_handshaking() {
             if let Err(e) = conn.complete_io(&mut sock) {
                 return Err(
                     match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
-                        Some(t) => t.to_string(),
-                        None => e.to_string(),
+                        Some(t) => HandshakeError::Tls(t.to_string()),
+                        None if matches!(
+                            e.kind(),
+                            io::ErrorKind::UnexpectedEof
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::BrokenPipe
+                        ) =>
+                        {
+                            HandshakeError::Lost
+                        }
+                        None => HandshakeError::System(e.to_string()),
                     },
                 );
             }

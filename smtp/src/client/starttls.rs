@@ -66,10 +66,15 @@ impl<'c> Session<'_, 'c> {
         let est = match tls.handshake(sock, &self.peer.name, &self.peer.relay) {
             Ok(est) => est,
             Err(e) => {
-                // Postfix's two lines: OpenSSL's return code, then the
-                // library's reason.
-                info!("SSL_connect error to {}: -1", self.peer.relay);
-                postern_common::warning!("TLS library problem: {e}");
+                match &e {
+                    // Postfix's two lines: OpenSSL's return code, then
+                    // the library's reason.
+                    crate::tls::HandshakeError::Tls(why) => {
+                        info!("SSL_connect error to {}: -1", self.peer.relay);
+                        postern_common::warning!("TLS library problem: {why}");
+                    }
+                    other => info!("SSL_connect error to {}: {other}", self.peer.relay),
+                }
                 return Err(self.try_next(Failure {
                     dsn: "4.7.5".into(),
                     reason: TLS_HANDSHAKE_FAILURE.into(),
