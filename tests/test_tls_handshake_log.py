@@ -12,6 +12,7 @@ Postfix 3.7 logs them, side by side with a private Postfix on loopback:
   rustls's, in the server's order), on both sides.
 """
 
+import hashlib
 import re
 import shutil
 import socket
@@ -137,6 +138,19 @@ def test_loglevel_2_setting_up_and_cipher_list(make_postern, far, sink):
                    rf"127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}$", timeout=40)
     p.wait_for_log(rf"post(fix|ern)/smtp\[\d+\]: 127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}: "
                    r"TLS cipher list \"[^\"]+\"$")
+    # The server's certificate, as Postfix 3.7's smtp logs it at level 2.
+    cert_fp = h.run(["openssl", "x509", "-in", str(ca.cert_file), "-noout", "-fingerprint",
+                     "-sha256"], timeout=30).stdout.strip().split("=", 1)[1]
+    spki = subprocess.run(["openssl", "x509", "-in", str(ca.cert_file), "-noout", "-pubkey"],
+                          capture_output=True, check=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=spki,
+                         capture_output=True, check=True).stdout
+    pkey_fp = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    issuer = re.search(r"CN\s*=\s*(.+)$", h.run(
+        ["openssl", "x509", "-in", str(ca.ca_file), "-noout", "-subject"], timeout=30).stdout.strip())
+    p.wait_for_log(rf"post(fix|ern)/smtp\[\d+\]: 127\.0\.0\.1\[127\.0\.0\.1\]:{peer.port}: "
+                   rf"subject_CN=localhost, issuer_CN={re.escape(issuer.group(1))}, "
+                   rf"fingerprint={cert_fp}, pkey_fingerprint={pkey_fp}$")
 
 
 class StarttlsThenBreak:

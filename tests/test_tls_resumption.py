@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def test_another_smtpd_process_resumes_the_session(make_postern, certs, tmp_path
     assert second and not set(first) & set(second), (first, second)
     p.wait_for_log(r"post(fix|ern)/smtpd\[\d+\]: \S+\[127\.0\.0\.1\]: Reusing old session "
                    r"\(RFC 5077 session ticket\)$")
+    # Postfix's ticket lines at level 2: issued at the first session,
+    # decrypted (and a new one issued) at the second.
+    text = p.log_text()
+    issued = re.findall(r"smtpd\[\d+\]: \S+\[127\.0\.0\.1\]: Issuing session ticket, "
+                        r"key expiration: (\d+)$", text, re.M)
+    decrypted = re.findall(r"smtpd\[\d+\]: \S+\[127\.0\.0\.1\]: Decrypting session ticket, "
+                           r"key expiration: (\d+)$", text, re.M)
+    assert issued and len(decrypted) == 1, text[-3000:]
+    assert time.time() < int(decrypted[0]) <= time.time() + 2 * 3600, decrypted
 
     key = data_directory(p) / "smtpd_ticket.key"
     st = key.stat()

@@ -455,6 +455,69 @@ fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &b[..len], &b[len..]))
 }
 
+/// What Postfix logs of a peer certificate at `*_tls_loglevel` 2:
+/// `subject_CN=mx.example.com, issuer_CN=R3, fingerprint=AB:..,
+/// pkey_fingerprint=CD:..` (SHA-256 of the certificate and of its public
+/// key, as `*_tls_fingerprint_digest` is by default in Postfix 3.7).
+pub fn certificate_summary(cert: &[u8]) -> Option<String> {
+    let (_, c, _) = der(cert)?; // Certificate
+    let (_, tbs, _) = der(c)?; // TBSCertificate
+    let (tag, _, mut rest) = der(tbs)?;
+    if tag == 0xa0 {
+        (_, _, rest) = der(rest)?; // version, then the serial number
+    }
+    let (_, _, rest) = der(rest)?; // signature algorithm
+    let (_, issuer, rest) = der(rest)?;
+    let (_, _, rest) = der(rest)?; // validity
+    let (_, subject, rest) = der(rest)?;
+    let spki_len = rest.len() - der(rest)?.2.len();
+    let spki = &rest[..spki_len];
+    Some(format!(
+        "subject_CN={}, issuer_CN={}, fingerprint={}, pkey_fingerprint={}",
+        common_name(subject).unwrap_or_default(),
+        common_name(issuer).unwrap_or_default(),
+        fingerprint(cert),
+        fingerprint(spki)
+    ))
+}
+
+/// The (first) commonName of an X.501 Name's contents.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    while !name.is_empty() {
+        let (_, set, rest) = der(name)?;
+        name = rest;
+        let mut set = set;
+        while !set.is_empty() {
+            let (_, atv, more) = der(set)?;
+            set = more;
+            let (_, oid, value) = der(atv)?;
+            if oid == [0x55, 0x04, 0x03] {
+                let (tag, v, _) = der(value)?;
+                return Some(match tag {
+                    // BMPString: UTF-16BE.
+                    0x1e => String::from_utf16_lossy(
+                        &v.chunks(2)
+                            .map(|p| u16::from_be_bytes([p[0], *p.get(1).unwrap_or(&0)]))
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => String::from_utf8_lossy(v).into_owned(),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// SHA-256 in Postfix's form: upper-case hex pairs separated by colons.
+fn fingerprint(data: &[u8]) -> String {
+    let d = ::ring::digest::digest(&::ring::digest::SHA256, data);
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The size of an RSA SubjectPublicKeyInfo's modulus.
 fn rsa_modulus_bits(spki: &[u8]) -> Option<usize> {
     let (_, spki, _) = der(spki)?; // SEQUENCE

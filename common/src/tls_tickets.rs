@@ -129,10 +129,20 @@ impl SharedTicketer {
         }
     }
 
-    /// The key of the period `issued` falls in (a new one every half
-    /// lifetime, as tlsmgr rotates).
+    /// Seconds a key encrypts: half the lifetime, as tlsmgr rotates.
+    fn period(&self) -> u64 {
+        (self.lifetime / 2).max(1)
+    }
+
+    /// When the key of the period `issued` falls in stops opening
+    /// tickets: a lifetime after its last ticket.
+    fn key_expiration(&self, issued: u64) -> u64 {
+        (issued / self.period() + 1) * self.period() + self.lifetime
+    }
+
+    /// The key of the period `issued` falls in.
     fn key(&self, issued: u64) -> Option<LessSafeKey> {
-        let period = issued / (self.lifetime / 2).max(1);
+        let period = issued / self.period();
         let prk = Salt::new(HKDF_SHA256, b"postern smtpd ticket key").extract(&self.secret);
         let info = period.to_be_bytes();
         let info = [&info[..]];
@@ -175,6 +185,7 @@ impl rustls::server::ProducesTickets for SharedTicketer {
         .ok()?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
+        note(TicketEvent::Issued(self.key_expiration(issued)));
         Some(out)
     }
 
@@ -195,22 +206,35 @@ impl rustls::server::ProducesTickets for SharedTicketer {
         let plain = key
             .open_in_place(nonce, Aad::from(&cipher[..HEADER_LEN]), &mut sealed)
             .ok()?;
-        TICKET_TAKEN.with(|t| t.set(true));
+        note(TicketEvent::Decrypted(self.key_expiration(issued)));
         Some(plain.to_vec())
     }
 }
 
-thread_local! {
-    /// A ticket was decrypted on this thread since the last
-    /// [`take_ticket_used`] (smtpd drives one handshake at a time on its
-    /// thread; rustls says nothing of how a session was resumed).
-    static TICKET_TAKEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// What the ticketer did, for Postfix's `smtpd_tls_loglevel` 2 lines
+/// ("Issuing session ticket, key expiration: T", "Decrypting ...").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketEvent {
+    /// A ticket was sealed with the key that expires at this time.
+    Issued(u64),
+    /// A ticket was opened (the session resumes from it).
+    Decrypted(u64),
 }
 
-/// Whether the last handshake step on this thread resumed a session from
-/// a ticket (once: the flag is cleared).
-pub fn take_ticket_used() -> bool {
-    TICKET_TAKEN.with(|t| t.replace(false))
+thread_local! {
+    /// The ticketer's work on this thread since the last
+    /// [`take_ticket_events`] (smtpd drives one handshake at a time on its
+    /// thread; rustls says nothing of how a session was resumed).
+    static TICKET_EVENTS: std::cell::RefCell<Vec<TicketEvent>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn note(e: TicketEvent) {
+    TICKET_EVENTS.with(|t| t.borrow_mut().push(e));
+}
+
+/// What the ticketer did on this thread since the last call.
+pub fn take_ticket_events() -> Vec<TicketEvent> {
+    TICKET_EVENTS.with(|t| std::mem::take(&mut *t.borrow_mut()))
 }
 
 #[cfg(test)]

@@ -202,7 +202,16 @@ pub struct Recorder {
     verifier: Option<Arc<WebPkiServerVerifier>>,
     provider: Arc<CryptoProvider>,
     names: Vec<String>,
-    result: Mutex<HashMap<std::thread::ThreadId, Trust>>,
+    result: Mutex<HashMap<std::thread::ThreadId, Checked>>,
+}
+
+/// What the check of a server certificate found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub trust: Trust,
+    /// The certificate as Postfix logs it at level 2
+    /// (`postern_common::tls::certificate_summary`).
+    pub summary: Option<String>,
 }
 
 impl Recorder {
@@ -258,8 +267,8 @@ impl Recorder {
         trust
     }
 
-    /// The trust this thread's last handshake found (once).
-    pub fn trust(&self) -> Option<Trust> {
+    /// What this thread's last handshake found (once).
+    pub fn checked(&self) -> Option<Checked> {
         self.result
             .lock()
             .ok()
@@ -290,9 +299,12 @@ impl ServerCertVerifier for Recorder {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let t = self.check(ee, inter, now);
+        let checked = Checked {
+            trust: self.check(ee, inter, now),
+            summary: postern_common::tls::certificate_summary(ee.as_ref()),
+        };
         if let Ok(mut g) = self.result.lock() {
-            g.insert(std::thread::current().id(), t);
+            g.insert(std::thread::current().id(), checked);
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -412,6 +424,8 @@ impl std::fmt::Display for HandshakeError {
 pub struct Established<S: crate::client::Stream> {
     pub stream: TlsStream<S>,
     pub trust: Trust,
+    /// The server certificate as Postfix logs it at level 2.
+    pub summary: Option<String>,
     pub negotiated: Option<Negotiated>,
     /// The session was resumed (no certificate was sent).
     pub resumed: bool,
@@ -467,23 +481,27 @@ impl Client {
         }
         let negotiated = Negotiated::of(&conn);
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let trust = match (&resumable, recorder.trust()) {
+        let checked = match (&resumable, recorder.checked()) {
             // No certificate in a resumed session: it is the one the
             // session was made with, checked then under the same policy.
-            (Some(r), None) if resumed => r.trust.lock().ok().and_then(|t| t.clone()),
+            (Some(r), None) if resumed => r.checked.lock().ok().and_then(|t| t.clone()),
             (_, t) => t,
         }
-        .unwrap_or(Trust::Untrusted("no certificate".into()));
+        .unwrap_or(Checked {
+            trust: Trust::Untrusted("no certificate".into()),
+            summary: None,
+        });
         if let (Some(r), false) = (&resumable, resumed) {
-            if let Ok(mut t) = r.trust.lock() {
-                *t = Some(trust.clone());
+            if let Ok(mut t) = r.checked.lock() {
+                *t = Some(checked.clone());
             }
         }
         Ok(Established {
             stream: TlsStream {
                 inner: rustls::StreamOwned::new(conn, sock),
             },
-            trust,
+            trust: checked.trust,
+            summary: checked.summary,
             negotiated,
             resumed,
         })
@@ -559,7 +577,7 @@ impl Client {
             config: self.config(recorder.clone(), Some(store))?,
             recorder,
             made: Instant::now(),
-            trust: Mutex::new(None),
+            checked: Mutex::new(None),
         });
         all.insert(key, r.clone());
         Ok(Some(r))
@@ -573,8 +591,8 @@ struct Resumable {
     /// The configuration's verifier.
     recorder: Arc<Recorder>,
     made: Instant,
-    /// How far the certificate of the full handshake was trusted.
-    trust: Mutex<Option<Trust>>,
+    /// What the check of the full handshake's certificate found.
+    checked: Mutex<Option<Checked>>,
 }
 
 /// Trust anchors shared by every session of the process.

@@ -873,6 +873,9 @@ fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
     };
     let handshaking = t.is_handshaking();
     let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
+    for e in t.take_ticket_events() {
+        slot.session.tls_ticket(e);
+    }
     if let Some(n) = t.take_established() {
         slot.session.tls_resumed(t.resumed());
         slot.session.tls_established(n);

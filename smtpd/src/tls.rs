@@ -34,6 +34,8 @@ pub struct TlsConn {
     server_signature: Option<String>,
     /// The session was resumed from a session ticket.
     ticketed: bool,
+    /// What the ticketer did for this connection, not yet logged.
+    ticket_events: Vec<postern_common::tls_tickets::TicketEvent>,
 }
 
 /// What a read produced.
@@ -61,6 +63,7 @@ impl TlsConn {
             closing: false,
             server_signature: None,
             ticketed: false,
+            ticket_events: Vec::new(),
         })
     }
 
@@ -130,7 +133,12 @@ impl TlsConn {
         if self.server_signature.is_none() {
             self.server_signature = chosen;
         }
-        self.ticketed |= postern_common::tls_tickets::take_ticket_used();
+        use postern_common::tls_tickets::{take_ticket_events, TicketEvent};
+        let events = take_ticket_events();
+        self.ticketed |= events
+            .iter()
+            .any(|e| matches!(e, TicketEvent::Decrypted(_)));
+        self.ticket_events.extend(events);
         processed
     }
 
@@ -171,6 +179,11 @@ impl TlsConn {
             n.server_signature = self.server_signature.take();
         }
         Some(n)
+    }
+
+    /// What the ticketer did for this connection since the last call.
+    pub fn take_ticket_events(&mut self) -> Vec<postern_common::tls_tickets::TicketEvent> {
+        std::mem::take(&mut self.ticket_events)
     }
 
     /// How the completed handshake resumed a session: `None` (a full

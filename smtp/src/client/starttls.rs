@@ -87,8 +87,13 @@ impl<'c> Session<'_, 'c> {
         self.time_limit = None;
         self.encrypted = true;
         let level = tls.policy.level;
-        if est.resumed && tls.loglevel >= 2 {
-            info!("{}: Reusing old session", self.peer.relay);
+        if tls.loglevel >= 2 {
+            if est.resumed {
+                info!("{}: Reusing old session", self.peer.relay);
+            }
+            if let Some(summary) = &est.summary {
+                info!("{}: {summary}", self.peer.relay);
+            }
         }
         let kind = match &est.trust {
             Trust::Verified if level.checks_certificate() => "Verified",

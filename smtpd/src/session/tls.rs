@@ -40,6 +40,23 @@ impl Session {
         }
     }
 
+    /// At `smtpd_tls_loglevel` 2, Postfix's line for a session ticket
+    /// issued or decrypted.
+    pub fn tls_ticket(&self, e: postern_common::tls_tickets::TicketEvent) {
+        use postern_common::tls_tickets::TicketEvent;
+        if self.cfg.tls_loglevel < 2 {
+            return;
+        }
+        let (what, expiration) = match e {
+            TicketEvent::Issued(t) => ("Issuing", t),
+            TicketEvent::Decrypted(t) => ("Decrypting", t),
+        };
+        info!(
+            "{}: {what} session ticket, key expiration: {expiration}",
+            self.namaddr
+        );
+    }
+
     /// How the handshake that just completed began: at
     /// `smtpd_tls_loglevel` 2, Postfix's line for a resumed session.
     pub fn tls_resumed(&self, resumed: Option<bool>) {
