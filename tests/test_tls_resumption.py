@@ -155,3 +155,21 @@ def test_smtp_client_resumes_with_the_same_next_hop(make_postern, postfix_peer, 
                        r"Reusing old session$")
         # The resumed session is logged as the first one was.
         assert len(p.log_findall(r"Untrusted TLS connection established to")) == 2
+
+
+def test_empty_ticket_cipher_turns_tickets_off(make_postern, certs, tmp_path):  # noqa: F811
+    """Postfix: an empty tls_session_ticket_cipher disables session
+    tickets; TLS 1.2 sessions then resume by session ID, with the smtpd
+    process that made them only."""
+    p = make_postern(params=dual(certs, tls_session_ticket_cipher="", smtpd_tls_loglevel="2"))
+    sess = tmp_path / "sess.pem"
+    r1 = s_client(p.port, "-tls1_2", "-sess_out", str(sess))
+    assert "New, TLSv1.2" in r1.stdout, h.describe(r1)
+    assert "TLS session ticket:" not in r1.stdout, h.describe(r1)
+    r2 = s_client(p.port, "-tls1_2", "-sess_in", str(sess))
+    assert "Reused, TLSv1.2" in r2.stdout, h.describe(r2)
+    p.wait_for_log(r"smtpd\[\d+\]: \S+\[127\.0\.0\.1\]: Reusing old session$")
+    assert not p.log_search(r"Issuing session ticket")
+    drain_smtpds(p)
+    r3 = s_client(p.port, "-tls1_2", "-sess_in", str(sess))
+    assert "New, TLSv1.2" in r3.stdout, h.describe(r3)

@@ -96,7 +96,8 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
 /// - `tls_preempt_cipherlist`: the server's cipher order wins;
 /// - `smtpd_tls_session_cache_timeout`: 0 turns off session resumption
 ///   (session IDs and tickets), else both are on, with tickets every smtpd
-///   process can decrypt (crate::tls_tickets).
+///   process can decrypt (crate::tls_tickets), unless
+///   `tls_session_ticket_cipher` is empty.
 ///
 /// smtpd reads the files as root, before it drops its privileges;
 /// `postern check` reads them the same way to report a missing, unusable
@@ -127,6 +128,11 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         // A TLS 1.2 client without tickets resumes by session ID with
         // the process that served it (no shared cache database).
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        if cfg.get("tls_session_ticket_cipher").trim().is_empty() {
+            // Postfix: an empty tls_session_ticket_cipher turns tickets
+            // off (rustls's default ticketer issues none).
+            return Ok(Arc::new(config));
+        }
         let path = crate::tls_tickets::secret_path(cfg);
         config.ticketer = match crate::tls_tickets::load_or_create_secret(&path) {
             Ok(secret) => Arc::new(crate::tls_tickets::SharedTicketer::new(secret, timeout)),

@@ -109,6 +109,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("tls_preempt_cipherlist", "no"),
     ("smtpd_tls_loglevel", "0"),
     ("smtpd_tls_session_cache_timeout", "3600s"),
+    // Empty: no session tickets (common::tls::smtpd_server_config).
+    ("tls_session_ticket_cipher", "aes-256-cbc"),
     ("smtpd_sasl_authenticated_header", "no"),
     ("smtpd_sasl_service", "smtp"),
     ("broken_sasl_auth_clients", "no"),
