@@ -232,3 +232,43 @@ def test_smtp_client_failed_handshake(make_postern, how):
         p.wait_for_log(r"to=<u@far\.test>.*status=deferred")
     finally:
         far.stop()
+
+
+def test_loglevel_2_session_lines_as_postfix(make_postern, postfix_peer, tmp_path):  # noqa: F811
+    """A TLS 1.3 session and its resumption from the ticket, into a
+    private Postfix 3.7 and into Postern, both at smtpd_tls_loglevel 2:
+    the same sequence of Postfix's session lines (setting up, cipher
+    list, tickets issued and decrypted, session reused, established)."""
+    ca = TestCA(tmp_path / "ca", names=["localhost"])
+    peer = postfix_peer(tls=ca, params={"smtpd_tls_loglevel": "2"})
+    p = make_postern(params={"smtpd_tls_security_level": "may",
+                             "smtpd_tls_cert_file": str(ca.cert_file),
+                             "smtpd_tls_key_file": str(ca.key_file),
+                             "smtpd_tls_loglevel": "2"})
+    wanted = re.compile(r"(setting up TLS connection from|TLS cipher list|Issuing session ticket|"
+                        r"Decrypting session ticket|Reusing old session|"
+                        r"Anonymous TLS connection established)")
+
+    def lines(text):
+        out = []
+        for line in text.splitlines():
+            m = re.search(r"post(?:fix|ern)/smtpd\[\d+\]: (.*)$", line)
+            if m and wanted.search(m.group(1)):
+                msg = re.sub(r"\S+\[127\.0\.0\.1\]", "HOST[127.0.0.1]", m.group(1))
+                msg = re.sub(r"cipher list \".*\"", "cipher list \"...\"", msg)
+                msg = re.sub(r"key expiration: \d+", "key expiration: T", msg)
+                msg = re.sub(r": TLSv1\.3 with cipher .*", ": TLSv1.3 ...", msg)
+                out.append(msg)
+        return out
+
+    for server in (peer, p):
+        sess = tmp_path / f"sess-{server.port}.pem"
+        for arg in ("-sess_out", "-sess_in"):
+            r = h.run(["openssl", "s_client", "-starttls", "smtp", "-connect",
+                       f"127.0.0.1:{server.port}", "-tls1_3", arg, str(sess), "-ign_eof"],
+                      input=b"EHLO c\r\nQUIT\r\n", timeout=30)
+            assert "TLSv1.3" in r.stdout, h.describe(r)
+        assert "Reused, TLSv1.3" in r.stdout, h.describe(r)
+    time.sleep(1)
+    theirs, ours = lines(peer.log_text()), lines(p.log_text())
+    assert ours == theirs, "\n".join(["ours:", *ours, "theirs:", *theirs])

@@ -133,6 +133,8 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
             // off (rustls's default ticketer issues none).
             return Ok(Arc::new(config));
         }
+        // One ticket per full handshake, as Postfix's smtpd sends.
+        config.send_tls13_tickets = 1;
         let path = crate::tls_tickets::secret_path(cfg);
         config.ticketer = match crate::tls_tickets::load_or_create_secret(&path) {
             Ok(secret) => Arc::new(crate::tls_tickets::SharedTicketer::new(secret, timeout)),

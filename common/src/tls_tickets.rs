@@ -169,6 +169,9 @@ impl rustls::server::ProducesTickets for SharedTicketer {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        if !ISSUING.with(|i| i.get()) {
+            return None;
+        }
         let issued = now();
         let key = self.key(issued)?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -226,6 +229,19 @@ thread_local! {
     /// [`take_ticket_events`] (smtpd drives one handshake at a time on its
     /// thread; rustls says nothing of how a session was resumed).
     static TICKET_EVENTS: std::cell::RefCell<Vec<TicketEvent>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// Whether the connection being processed on this thread may get new
+    /// tickets ([`allow_issuing`]).
+    static ISSUING: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Says whether the connection whose packets this thread processes next
+/// may get new tickets: a session resumed from a ticket gets none, as
+/// Postfix's smtpd (OpenSSL) issues none then; the client keeps its ticket.
+pub fn allow_issuing(yes: bool) {
+    ISSUING.with(|i| i.set(yes));
 }
 
 fn note(e: TicketEvent) {

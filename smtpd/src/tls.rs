@@ -128,6 +128,7 @@ impl TlsConn {
     fn process_packets(
         &mut self,
     ) -> Result<postern_common::tls::rustls::IoState, postern_common::tls::rustls::Error> {
+        postern_common::tls_tickets::allow_issuing(!self.ticketed);
         let processed = self.conn.process_new_packets();
         let chosen = postern_common::tls::take_server_signature();
         if self.server_signature.is_none() {
