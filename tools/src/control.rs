@@ -65,8 +65,14 @@ pub fn main() -> ! {
             let pid = running(&cfg)
                 .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
             // New daemons would start without the key they cannot read:
-            // the running ones keep serving with the one they have.
-            if check_secrets(&cfg) > 0 {
+            // the running ones keep serving with the one they have. (A
+            // master.cf that does not parse is master's to refuse: it
+            // keeps its old services.)
+            let problems = match cfg.master_services() {
+                Ok(services) => crate::secrets::check(NAME, &cfg, &services),
+                Err(_) => 0,
+            };
+            if problems > 0 {
                 die(
                     NAME,
                     1,
