@@ -14,6 +14,7 @@ import uuid
 
 import postern_harness as h
 from postern_harness import wait_for
+from test_pipe import VMAIL, new_token, pipe_postern, queue_id, script, scratch, vmail  # noqa: F401
 
 SENDER = "sender@example.org"
 
@@ -107,3 +108,59 @@ def test_own_software_problem_still_pages_the_postmaster(make_postern, sink):
     pm = wait_for(lambda: [m for m in sink.find(token) if "pm@remote.test" in m.rcpt_tos],
                   30, what="the software notice")
     assert b"Postmaster Warning: Mail Not Delivered (software problem)" in pm[0].content
+
+
+def test_command_exit_statuses_are_not_software_problems(make_postern, sink, local_users,
+                                                          scratch):  # noqa: F811
+    """A pipe(8) command or mailbox_command that exits EX_TEMPFAIL (75)
+    defers that message, and one that exits EX_SOFTWARE (70) bounces it:
+    the message's delivery problems, reported to its sender as Postfix's
+    pipe and local report them, and never a "software problem" notice to
+    error_notice_recipient (notify_classes keeps its default, resource
+    and software)."""
+    once = ('m={dir}/$(basename "$0").tried\n'
+            'if [ -e "$m" ]; then cat >/dev/null; exit 0; fi\n'
+            ': > "$m"; echo "busy, try later"; exit 75\n').format(dir=scratch)
+    tempfail = script(scratch, "tempfail-once", once)
+    mboxcmd = script(scratch, "mboxcmd-once", once)
+    software = script(scratch, "software", 'echo "internal trouble"\nexit 70\n')
+    p = pipe_postern(make_postern, [
+        "tf unix - n n - - pipe",
+        f"  user={VMAIL} argv={tempfail}",
+        "sw unix - n n - - pipe",
+        f"  user={VMAIL} argv={software}",
+    ], {"tempfail.test": "tf:", "software.test": "sw:"}, params={
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "mailbox_command": str(mboxcmd),
+        "error_notice_recipient": "pm@remote.test",
+        "minimal_backoff_time": "1s",
+        "maximal_backoff_time": "2s",
+        "queue_run_delay": "1s",
+    })
+    token = new_token()
+    qids = {}
+    for rcpt in ("x@tempfail.test", "y@software.test", f"ptalice@{h.MYHOSTNAME}"):
+        code, text = p.send(SENDER, [rcpt],
+                            f"From: {SENDER}\nTo: {rcpt}\nSubject: {token}\n\nbody {token}\n")
+        assert code == 250, text
+        qids[rcpt] = queue_id(text)
+    p.wait_for_log(rf"{qids['x@tempfail.test']}: to=<x@tempfail\.test>.*relay=tf.*dsn=4\.3\.0, "
+                   r"status=deferred \(temporary failure\. Command output: busy")
+    p.wait_for_log(rf"{qids['x@tempfail.test']}: to=<x@tempfail\.test>.*relay=tf.*status=sent",
+                   timeout=60)
+    p.wait_for_log(rf"{qids['y@software.test']}: to=<y@software\.test>.*relay=sw.*dsn=5\.3\.0, "
+                   r"status=bounced \(internal software error\. Command output: internal trouble")
+    alice = rf"{qids[f'ptalice@{h.MYHOSTNAME}']}: to=<ptalice@{re.escape(h.MYHOSTNAME)}>"
+    p.wait_for_log(alice + r".*dsn=4\.3\.0, status=deferred \(temporary failure")
+    p.wait_for_log(alice + r".*status=sent", timeout=60)
+    wait_for(lambda: queue_empty(p), 60, what="an empty queue")
+
+    # The sender hears of the bounce, with the command's diagnostic.
+    bounce = wait_for(lambda: [m for m in sink.messages if SENDER in m.rcpt_tos], 30,
+                      what="the bounce notice to the sender")
+    assert b"Diagnostic-Code: x-unix; internal software error" in bounce[0].content, \
+        bounce[0].content[:2000]
+    # The postmaster hears nothing.
+    notices = [m for m in sink.messages if "pm@remote.test" in m.rcpt_tos]
+    assert notices == [], [m.content[:300] for m in notices]
+    assert not p.log_search(r"postmaster .*notification"), p.log_tail()

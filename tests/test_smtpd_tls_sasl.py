@@ -6,7 +6,9 @@ Certificates are made here with openssl: a test CA and a leaf signed by it
 """
 
 import base64
+import os
 import re
+import signal
 import shutil
 import smtplib
 import socket
@@ -202,12 +204,29 @@ def test_security_level_none_offers_no_starttls(make_postern):
 
 
 def test_missing_certificate_is_a_local_problem(make_postern, tmp_path):
+    """`postern start` refuses a certificate it cannot read
+    (test_tls_start.py); one that goes missing while the system runs is
+    logged by the next smtpd, which serves without STARTTLS."""
+    mine = make_certs(tmp_path / "certs")
+    cert = tmp_path / "certs" / "moving.pem"
+    cert.write_bytes(mine["cert"].read_bytes())
+    cert.chmod(0o644)
     p = make_postern(params={"smtpd_tls_security_level": "may",
-                             "smtpd_tls_cert_file": str(tmp_path / "nope.pem")})
+                             "smtpd_tls_cert_file": str(cert),
+                             "smtpd_tls_key_file": str(mine["key"])})
+    with p.smtp() as s:
+        s.ehlo("c")
+        assert s.has_extn("starttls")
+    cert.unlink()
+    for pid in h.descendants_of(p.master_pid()):
+        if h.proc_name(pid) == "smtpd":
+            os.kill(pid, signal.SIGHUP)  # drain: the next client gets a fresh smtpd
+    h.wait_for(lambda: not any(h.proc_name(c) == "smtpd"
+                               for c in h.descendants_of(p.master_pid())), 20)
     with p.smtp() as s:
         s.ehlo("c")
         assert not s.has_extn("starttls")
-    p.wait_for_log(r"error: cannot load TLS certificate and key: .*nope\.pem")
+    p.wait_for_log(r"error: cannot load TLS certificate and key: .*moving\.pem")
 
 
 def test_swaks_tls_and_chain_files(make_postern, certs, sink, swaks):

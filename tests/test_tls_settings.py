@@ -240,14 +240,16 @@ def test_mismatched_key_fails_check_and_start(make_postern, certs):
     p = make_postern(params=dual(certs, smtpd_tls_key_file=str(certs / "ec.key"),
                                  smtpd_tls_eccert_file=None, smtpd_tls_eckey_file=None),
                      start=False)
-    r = p.start()
+    p._prepare()
+    r = p.postern("start")
+    assert r.returncode == 1, h.describe(r)
     assert "postern: error: " in r.stderr and "private key does not match" in r.stderr, \
         h.describe(r)
     r = p.postern("check")
     assert r.returncode == 1, h.describe(r)
     assert re.search(r"postern: error: service \S+ .*cannot load TLS certificate and key: "
+                     r"smtpd_tls_key_file = \S+ec\.key, smtpd_tls_cert_file = \S+rsa\.pem: "
                      r"private key does not match public key in certificate", r.stderr), h.describe(r)
-    p.wait_for_log(r"error: cannot load TLS certificate and key: private key does not match")
 
 
 def test_log_line_and_received_header_as_postfix_writes_them(make_postern, certs, sink,

@@ -104,6 +104,20 @@ impl Job {
         relay: &str,
         reason: &str,
     ) {
+        self.record_diagnosed(r, outcome, dsn, relay, reason, "");
+    }
+
+    /// [`Job::record`], with the kind of diagnostic the reason is
+    /// ([`LogEntry::diag_type`]: `x-unix` for a command's exit status).
+    pub fn record_diagnosed(
+        &mut self,
+        r: &DeliveryRecipient,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+        diag_type: &str,
+    ) {
         if self.results.iter().any(|x| x.offset == r.offset) {
             return;
         }
@@ -113,7 +127,7 @@ impl Job {
             &r.rcpt.original
         };
         self.log_delivery(&r.rcpt.address, orig, outcome, dsn, relay, reason);
-        self.record_logged(r, outcome, dsn, relay, reason);
+        self.record_logged_diagnosed(r, outcome, dsn, relay, reason, diag_type);
     }
 
     /// The delivery line of one address, as Postfix's: `to=<address>`,
@@ -172,6 +186,19 @@ impl Job {
         relay: &str,
         reason: &str,
     ) {
+        self.record_logged_diagnosed(r, outcome, dsn, relay, reason, "");
+    }
+
+    /// [`Job::record_logged`], with the kind of diagnostic the reason is.
+    pub fn record_logged_diagnosed(
+        &mut self,
+        r: &DeliveryRecipient,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+        diag_type: &str,
+    ) {
         if self.results.iter().any(|x| x.offset == r.offset) {
             return;
         }
@@ -187,7 +214,8 @@ impl Job {
             } else {
                 "delayed"
             };
-            let entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
+            let mut entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
+            entry.diag_type = diag_type.to_string();
             if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
                 warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
                 ok = false;
@@ -292,6 +320,12 @@ pub struct LogEntry {
     pub action: String,
     pub relay: String,
     pub reason: String,
+    /// What kind of diagnostic the reason is, as the DSN's
+    /// `Diagnostic-Code` type: `x-unix` for the exit status of a command
+    /// (pipe(8), `mailbox_command`, a `|command` alias), which is that
+    /// message's delivery problem and never a problem of the mail system
+    /// (`notify_classes`); "" for Postern's own text or a server's reply.
+    pub diag_type: String,
 }
 
 impl LogEntry {
@@ -314,6 +348,7 @@ impl LogEntry {
             action: action.to_string(),
             relay: relay.to_string(),
             reason: reason.to_string(),
+            diag_type: String::new(),
         }
     }
 }
@@ -324,8 +359,13 @@ fn clean(s: &str) -> String {
 
 /// Appends an entry to a message log and fsyncs it.
 pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> io::Result<()> {
+    let diag_type = if e.diag_type.is_empty() {
+        String::new()
+    } else {
+        format!("diag_type={}\n", clean(&e.diag_type))
+    };
     let text = format!(
-        "recipient={}\noriginal_recipient={}\ndsn_orig_rcpt={}\nnotify_flags={}\noffset={}\nstatus={}\naction={}\nrelay={}\nreason={}\n\n",
+        "recipient={}\noriginal_recipient={}\ndsn_orig_rcpt={}\nnotify_flags={}\noffset={}\nstatus={}\naction={}\nrelay={}\n{diag_type}reason={}\n\n",
         clean(&e.recipient),
         clean(&e.original),
         clean(&e.orcpt),
@@ -396,6 +436,7 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
                 "action" => e.action = v.into(),
                 "relay" => e.relay = v.into(),
                 "reason" => e.reason = v.into(),
+                "diag_type" => e.diag_type = v.into(),
                 _ => {}
             }
         }

@@ -58,3 +58,4 @@ pub mod smtputf8;
 pub mod table_watch;
 pub mod time;
 pub mod tls;
+pub mod tls_tickets;

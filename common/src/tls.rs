@@ -30,29 +30,37 @@ pub struct CertifiedKey {
 /// Certificates and the private key read from PEM files the way Postfix
 /// reads `*_tls_cert_file` and `*_tls_key_file`: `cert_file` holds the
 /// server certificate first, then any intermediates; `key_file` (when
-/// empty, `cert_file`) holds the key.
+/// empty, `cert_file`) holds the key. Errors name the file and the cause.
 pub fn load_cert_and_key(cert_file: &str, key_file: &str) -> Result<CertifiedKey, String> {
     let key_file = if key_file.is_empty() {
         cert_file
     } else {
         key_file
     };
-    let chain = load_certs(cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("cannot load private key from {key_file}: {e}"))?;
+    let chain = load_certs(cert_file).map_err(|e| format!("{cert_file}: {e}"))?;
+    let key = load_key(key_file).map_err(|e| format!("{key_file}: {e}"))?;
     Ok(CertifiedKey { chain, key })
 }
 
+/// The certificates of a PEM file; the error is the cause alone.
 fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let iter = CertificateDer::pem_file_iter(file)
-        .map_err(|e| format!("cannot load certificate from {file}: {e}"))?;
-    let certs: Vec<_> = iter
+    let data = std::fs::read(file).map_err(|e| format!("cannot read certificate: {e}"))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot load certificate from {file}: {e}"))?;
+        .map_err(|e| format!("cannot parse certificate: {e}"))?;
     if certs.is_empty() {
-        return Err(format!("no certificate in {file}"));
+        return Err("no certificate in the file".into());
     }
     Ok(certs)
+}
+
+/// The (first) private key of a PEM file; the error is the cause alone.
+fn load_key(file: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let data = std::fs::read(file).map_err(|e| format!("cannot read private key: {e}"))?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => "no private key in the file".to_string(),
+        e => format!("cannot parse private key: {e}"),
+    })
 }
 
 /// A server configuration offering TLS 1.2 and 1.3 with `key`, asking
@@ -87,7 +95,9 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
 ///   `smtpd_tls_exclude_ciphers` always;
 /// - `tls_preempt_cipherlist`: the server's cipher order wins;
 /// - `smtpd_tls_session_cache_timeout`: 0 turns off session resumption
-///   (session IDs and tickets), else both are on.
+///   (session IDs and tickets), else both are on, with tickets every smtpd
+///   process can decrypt (crate::tls_tickets), unless
+///   `tls_session_ticket_cipher` is empty.
 ///
 /// smtpd reads the files as root, before it drops its privileges;
 /// `postern check` reads them the same way to report a missing, unusable
@@ -112,15 +122,31 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     } else {
-        // One smtpd process serves many sessions: an in-memory cache
-        // (and tickets sealed with the process's own keys) resumes the
-        // sessions of clients that come back to it, which is what
-        // Postfix's shared smtpd_tls_session_cache_database is for.
+        // Clients come back to whichever smtpd process master gives
+        // them: tickets sealed with keys every smtpd shares
+        // (crate::tls_tickets) resume there, as Postfix's tlsmgr keys do.
+        // A TLS 1.2 client without tickets resumes by session ID with
+        // the process that served it (no shared cache database).
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-        config.ticketer = Arc::new(TicketLifetime {
-            inner: ring::Ticketer::new().map_err(|e| format!("TLS session tickets: {e}"))?,
-            lifetime: timeout.min(100 * 86400) as u32,
-        });
+        if cfg.get("tls_session_ticket_cipher").trim().is_empty() {
+            // Postfix: an empty tls_session_ticket_cipher turns tickets
+            // off (rustls's default ticketer issues none).
+            return Ok(Arc::new(config));
+        }
+        // One ticket per full handshake, as Postfix's smtpd sends.
+        config.send_tls13_tickets = 1;
+        let path = crate::tls_tickets::secret_path(cfg);
+        config.ticketer = match crate::tls_tickets::load_or_create_secret(&path) {
+            Ok(secret) => Arc::new(crate::tls_tickets::SharedTicketer::new(secret, timeout)),
+            Err(e) => {
+                crate::warning!("TLS session ticket key {e}: tickets of this process only");
+                Arc::new(TicketLifetime {
+                    inner: ring::Ticketer::new()
+                        .map_err(|e| format!("TLS session tickets: {e}"))?,
+                    lifetime: timeout.min(7 * 86400) as u32,
+                })
+            }
+        };
     }
     Ok(Arc::new(config))
 }
@@ -190,12 +216,16 @@ pub fn profile(cfg: &postern_conf::Config, side: &str, mandatory: bool) -> Resul
 }
 
 /// smtpd's certificates and keys, each checked against its certificate.
+/// An error names the parameter, its file and the cause
+/// (`smtpd_tls_key_file = /etc/ssl/k.pem: cannot read private key: ...`).
 fn smtpd_keys(cfg: &postern_conf::Config) -> Result<Vec<Arc<sign::CertifiedKey>>, String> {
     let chain = cfg.get_list("smtpd_tls_chain_files");
     let mut keys = Vec::new();
     if !chain.is_empty() {
-        for (what, k) in load_chain_keys(&chain)? {
-            keys.push(certified(k, &what)?);
+        for (file, k) in
+            load_chain_keys(&chain).map_err(|e| format!("smtpd_tls_chain_files: {e}"))?
+        {
+            keys.push(certified(k, &format!("smtpd_tls_chain_files = {file}"))?);
         }
     } else {
         let cert = cfg.get("smtpd_tls_cert_file");
@@ -203,38 +233,48 @@ fn smtpd_keys(cfg: &postern_conf::Config) -> Result<Vec<Arc<sign::CertifiedKey>>
         if cert.is_empty() && eccert.is_empty() {
             return Err("no certificate: set smtpd_tls_cert_file or smtpd_tls_chain_files".into());
         }
-        for (c, k) in [
-            (cert, cfg.get("smtpd_tls_key_file")),
-            (eccert, cfg.get("smtpd_tls_eckey_file")),
+        for (cert_param, key_param) in [
+            ("smtpd_tls_cert_file", "smtpd_tls_key_file"),
+            ("smtpd_tls_eccert_file", "smtpd_tls_eckey_file"),
         ] {
+            let c = cfg.get(cert_param);
             if c.is_empty() {
                 continue;
             }
-            let what = if k.is_empty() || k == c {
-                c.clone()
+            let k = cfg.get(key_param);
+            // An empty key file: the key is in the certificate file.
+            let (key_param, k) = if k.is_empty() {
+                (cert_param, c.clone())
             } else {
-                format!("{k} and {c}")
+                (key_param, k)
             };
-            keys.push(certified(load_cert_and_key(&c, &k)?, &what)?);
+            let chain = load_certs(&c).map_err(|e| format!("{cert_param} = {c}: {e}"))?;
+            let key = load_key(&k).map_err(|e| format!("{key_param} = {k}: {e}"))?;
+            let what = if k == c {
+                format!("{cert_param} = {c}")
+            } else {
+                format!("{key_param} = {k}, {cert_param} = {c}")
+            };
+            keys.push(certified(CertifiedKey { chain, key }, &what)?);
         }
     }
     Ok(keys)
 }
 
 /// A chain and key as rustls signs with them; an error when the key is
-/// not the certificate's.
+/// not the certificate's (`what` names the parameters and files).
 fn certified(k: CertifiedKey, what: &str) -> Result<Arc<sign::CertifiedKey>, String> {
     let signing = provider()
         .key_provider
         .load_private_key(k.key)
-        .map_err(|e| format!("unusable private key in {what}: {e}"))?;
+        .map_err(|e| format!("{what}: unusable private key: {e}"))?;
     let ck = sign::CertifiedKey::new(k.chain, Arc::new(ClientOrder(signing)));
     match ck.keys_match() {
         Ok(()) => Ok(Arc::new(ck)),
         Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
-            "private key does not match public key in certificate ({what})"
+            "{what}: private key does not match public key in certificate"
         )),
-        Err(e) => Err(format!("certificate or key not usable ({what}): {e}")),
+        Err(e) => Err(format!("{what}: certificate or key not usable: {e}")),
     }
 }
 
@@ -266,12 +306,12 @@ pub fn load_chain_keys(files: &[String]) -> Result<Vec<(String, CertifiedKey)>, 
     use rustls::pki_types::pem::SectionKind;
     let mut out = Vec::new();
     for f in files {
-        let data = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
+        let data = std::fs::read(f).map_err(|e| format!("{f}: cannot read: {e}"))?;
         let mut groups: Vec<(Option<PrivateKeyDer<'static>>, Vec<CertificateDer<'static>>)> =
             Vec::new();
         let mut leading: Vec<CertificateDer<'static>> = Vec::new();
         for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(&data) {
-            let (kind, der) = item.map_err(|e| format!("cannot parse {f}: {e}"))?;
+            let (kind, der) = item.map_err(|e| format!("{f}: cannot parse: {e}"))?;
             match kind {
                 SectionKind::Certificate => match groups.last_mut() {
                     Some((_, certs)) => certs.push(CertificateDer::from(der)),
@@ -293,11 +333,11 @@ pub fn load_chain_keys(files: &[String]) -> Result<Vec<(String, CertifiedKey)>, 
             groups[0].1 = std::mem::take(&mut leading);
         }
         if groups.is_empty() {
-            return Err(format!("no private key in {f}"));
+            return Err(format!("{f}: no private key in the file"));
         }
         for (n, (key, chain)) in groups.into_iter().enumerate() {
             if chain.is_empty() {
-                return Err(format!("no certificate after private key {} in {f}", n + 1));
+                return Err(format!("{f}: no certificate after private key {}", n + 1));
             }
             let key = key.expect("a group starts with its key");
             out.push((f.clone(), CertifiedKey { chain, key }));
@@ -421,6 +461,69 @@ fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         return None;
     }
     Some((tag, &b[..len], &b[len..]))
+}
+
+/// What Postfix logs of a peer certificate at `*_tls_loglevel` 2:
+/// `subject_CN=mx.example.com, issuer_CN=R3, fingerprint=AB:..,
+/// pkey_fingerprint=CD:..` (SHA-256 of the certificate and of its public
+/// key, as `*_tls_fingerprint_digest` is by default in Postfix 3.7).
+pub fn certificate_summary(cert: &[u8]) -> Option<String> {
+    let (_, c, _) = der(cert)?; // Certificate
+    let (_, tbs, _) = der(c)?; // TBSCertificate
+    let (tag, _, mut rest) = der(tbs)?;
+    if tag == 0xa0 {
+        (_, _, rest) = der(rest)?; // version, then the serial number
+    }
+    let (_, _, rest) = der(rest)?; // signature algorithm
+    let (_, issuer, rest) = der(rest)?;
+    let (_, _, rest) = der(rest)?; // validity
+    let (_, subject, rest) = der(rest)?;
+    let spki_len = rest.len() - der(rest)?.2.len();
+    let spki = &rest[..spki_len];
+    Some(format!(
+        "subject_CN={}, issuer_CN={}, fingerprint={}, pkey_fingerprint={}",
+        common_name(subject).unwrap_or_default(),
+        common_name(issuer).unwrap_or_default(),
+        fingerprint(cert),
+        fingerprint(spki)
+    ))
+}
+
+/// The (first) commonName of an X.501 Name's contents.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    while !name.is_empty() {
+        let (_, set, rest) = der(name)?;
+        name = rest;
+        let mut set = set;
+        while !set.is_empty() {
+            let (_, atv, more) = der(set)?;
+            set = more;
+            let (_, oid, value) = der(atv)?;
+            if oid == [0x55, 0x04, 0x03] {
+                let (tag, v, _) = der(value)?;
+                return Some(match tag {
+                    // BMPString: UTF-16BE.
+                    0x1e => String::from_utf16_lossy(
+                        &v.chunks(2)
+                            .map(|p| u16::from_be_bytes([p[0], *p.get(1).unwrap_or(&0)]))
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => String::from_utf8_lossy(v).into_owned(),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// SHA-256 in Postfix's form: upper-case hex pairs separated by colons.
+fn fingerprint(data: &[u8]) -> String {
+    let d = ::ring::digest::digest(&::ring::digest::SHA256, data);
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The size of an RSA SubjectPublicKeyInfo's modulus.

@@ -108,9 +108,9 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_tls_mandatory_exclude_ciphers", ""),
     ("tls_preempt_cipherlist", "no"),
     ("smtpd_tls_loglevel", "0"),
-    // Accepted for Postfix's main.cf: smtpd keeps sessions in memory.
-    ("smtpd_tls_session_cache_database", ""),
     ("smtpd_tls_session_cache_timeout", "3600s"),
+    // Empty: no session tickets (common::tls::smtpd_server_config).
+    ("tls_session_ticket_cipher", "aes-256-cbc"),
     ("smtpd_sasl_authenticated_header", "no"),
     ("smtpd_sasl_service", "smtp"),
     ("broken_sasl_auth_clients", "no"),
@@ -237,8 +237,6 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtp_tls_mandatory_ciphers", "medium"),
     ("smtp_tls_exclude_ciphers", ""),
     ("smtp_tls_mandatory_exclude_ciphers", ""),
-    // Accepted for Postfix's main.cf: smtp keeps no sessions.
-    ("smtp_tls_session_cache_database", ""),
     ("smtp_tls_session_cache_timeout", "3600s"),
     ("smtp_tls_wrappermode", "no"),
     ("smtp_sasl_auth_enable", "no"),

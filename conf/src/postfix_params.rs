@@ -101,7 +101,11 @@ pub fn find(name: &str) -> Option<&'static PostfixParam> {
 /// neither Postern's nor Postfix's.
 pub fn status_of(name: &str) -> Option<(Status, &'static str)> {
     if params::default_of(name).is_some() {
-        return Some((Status::Honoured, ""));
+        // A note on how, when the table has one.
+        let how = find(name)
+            .filter(|r| r.status == Status::Honoured)
+            .map_or("", |r| r.why);
+        return Some((Status::Honoured, how));
     }
     if let Some(r) = find(name) {
         return Some((r.status, r.why));

@@ -199,20 +199,22 @@ impl Agent {
             };
             let job = &mut jobs[h.job];
             if logged {
-                job.record_logged(
+                job.record_logged_diagnosed(
                     &h.rcpt,
                     status.outcome,
                     &status.dsn,
                     "local",
                     &status.reason,
+                    status.diag_type,
                 );
             } else {
-                job.record(
+                job.record_diagnosed(
                     &h.rcpt,
                     status.outcome,
                     &status.dsn,
                     "local",
                     &status.reason,
+                    status.diag_type,
                 );
             }
         }
@@ -250,8 +252,17 @@ impl Agent {
                         logged,
                         syncs: before..self.pending_len(),
                     }),
-                    None if logged => job.record_logged(&r, s.outcome, &s.dsn, "local", &s.reason),
-                    None => job.record(&r, s.outcome, &s.dsn, "local", &s.reason),
+                    None if logged => job.record_logged_diagnosed(
+                        &r,
+                        s.outcome,
+                        &s.dsn,
+                        "local",
+                        &s.reason,
+                        s.diag_type,
+                    ),
+                    None => {
+                        job.record_diagnosed(&r, s.outcome, &s.dsn, "local", &s.reason, s.diag_type)
+                    }
                 },
                 Done::Passed(result) => job.adopt(result),
             }

@@ -86,13 +86,17 @@ impl Command<'_> {
                     self.command,
                     with_output(&text)
                 ),
-            );
+            )
+            .from_command();
         }
         let status = match child.0.wait() {
             Ok(s) => s,
             Err(e) => return Status::io(&e, "wait for command"),
         };
-        outcome(self.command, status, &text)
+        // The command's verdict on this message: a deferral or bounce,
+        // never a mail system problem for the postmaster (notify_classes),
+        // as Postfix's pipe(8) and local(8) report it.
+        outcome(self.command, status, &text).from_command()
     }
 
     /// Starts the command; returns it with the read end of its output.

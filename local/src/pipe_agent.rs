@@ -572,7 +572,7 @@ impl Agent {
     pub fn deliver(&self, job: &mut Job) {
         let s = self.status(job);
         for r in job.req.recipients.clone() {
-            job.record(&r, s.outcome, &s.dsn, &self.service, &s.reason);
+            job.record_diagnosed(&r, s.outcome, &s.dsn, &self.service, &s.reason, s.diag_type);
         }
     }
 

@@ -11,6 +11,9 @@ pub struct Status {
     /// Enhanced status code ("2.0.0", "4.2.0", "5.1.1").
     pub dsn: String,
     pub reason: String,
+    /// `x-unix` when the reason is a command's exit status (see
+    /// `postern_common::delivery::LogEntry::diag_type`), else "".
+    pub diag_type: &'static str,
 }
 
 impl Status {
@@ -19,6 +22,7 @@ impl Status {
             outcome: Outcome::Sent,
             dsn: "2.0.0".into(),
             reason: reason.into(),
+            diag_type: "",
         }
     }
 
@@ -27,6 +31,7 @@ impl Status {
             outcome: Outcome::Deferred,
             dsn: dsn.into(),
             reason: reason.into(),
+            diag_type: "",
         }
     }
 
@@ -35,6 +40,7 @@ impl Status {
             outcome: Outcome::Bounced,
             dsn: dsn.into(),
             reason: reason.into(),
+            diag_type: "",
         }
     }
 
@@ -59,6 +65,15 @@ impl Status {
             ) => Status::defer("4.2.0", text),
             _ => Status::defer("4.3.0", text),
         }
+    }
+
+    /// This status is what a command's exit said (a deferral or bounce of
+    /// the message, not a problem of the mail system).
+    pub fn from_command(mut self) -> Status {
+        if self.outcome != Outcome::Sent {
+            self.diag_type = "x-unix";
+        }
+        self
     }
 
     #[cfg(test)]

@@ -84,7 +84,9 @@ impl Problem {
 /// ours: the postmaster is not paged on every retry of a busy next hop
 /// (Postfix's delivery agents never report `resource` or `software`).
 pub fn problem_of(e: &LogEntry) -> Option<Problem> {
-    if remote_reply(&e.reason).is_some() {
+    // A command's exit status (pipe(8), mailbox_command: `x-unix`) is
+    // that message's delivery problem, as Postfix's pipe reports it.
+    if remote_reply(&e.reason).is_some() || e.diag_type == "x-unix" {
         return None;
     }
     let mut parts = e.status.split('.');
@@ -620,6 +622,9 @@ fn report_part(m: &mut String, n: &Notice, boundary: &str) {
         }
         match smtp_reply(&e.reason) {
             Some(reply) => m.push_str(&format!("Diagnostic-Code: smtp; {reply}\n")),
+            None if e.diag_type == "x-unix" => {
+                m.push_str(&format!("Diagnostic-Code: x-unix; {}\n", e.reason))
+            }
             None => m.push_str(&format!("Diagnostic-Code: X-Postern; {}\n", e.reason)),
         }
         if n.kind == Kind::Delay {
@@ -1036,6 +1041,12 @@ mod tests {
                     (in reply to end of DATA command)";
         assert_eq!(problem_of(&e("4.3.0", lmtp)), None);
         assert_eq!(problem_of(&e("4.4.1", "connect: refused")), None);
+        // A command that exited EX_TEMPFAIL or EX_SOFTWARE.
+        let mut cmd = e("4.3.0", "temporary failure. Command output: busy");
+        cmd.diag_type = "x-unix".into();
+        assert_eq!(problem_of(&cmd), None);
+        cmd.status = "5.3.0".into();
+        assert_eq!(problem_of(&cmd), None);
         assert_eq!(problem_of(&e("5.1.1", "no such user")), None);
 
         let mut s = entry("x@y", "2.0.0", "mx.test[192.0.2.1]:25", "250 ok");

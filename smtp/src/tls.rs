@@ -40,9 +40,10 @@ use rustls::{
     CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
     SignatureScheme,
 };
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `smtp_tls_security_level` values Postern implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -192,13 +193,25 @@ impl Roots {
     }
 }
 
-/// The verifier of one session: accepts the handshake, records [`Trust`].
+/// The verifier of a server's sessions: accepts the handshake, records
+/// [`Trust`] for the thread whose handshake it checked (one verifier
+/// serves every session with the server that may resume another: rustls
+/// resumes only under the verifier that made the session).
 #[derive(Debug)]
 pub struct Recorder {
     verifier: Option<Arc<WebPkiServerVerifier>>,
     provider: Arc<CryptoProvider>,
     names: Vec<String>,
-    result: Mutex<Option<Trust>>,
+    result: Mutex<HashMap<std::thread::ThreadId, Checked>>,
+}
+
+/// What the check of a server certificate found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub trust: Trust,
+    /// The certificate as Postfix logs it at level 2
+    /// (`postern_common::tls::certificate_summary`).
+    pub summary: Option<String>,
 }
 
 impl Recorder {
@@ -254,8 +267,12 @@ impl Recorder {
         trust
     }
 
-    pub fn trust(&self) -> Option<Trust> {
-        self.result.lock().ok().and_then(|g| g.clone())
+    /// What this thread's last handshake found (once).
+    pub fn checked(&self) -> Option<Checked> {
+        self.result
+            .lock()
+            .ok()
+            .and_then(|mut g| g.remove(&std::thread::current().id()))
     }
 }
 
@@ -282,9 +299,12 @@ impl ServerCertVerifier for Recorder {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let t = self.check(ee, inter, now);
+        let checked = Checked {
+            trust: self.check(ee, inter, now),
+            summary: postern_common::tls::certificate_summary(ee.as_ref()),
+        };
         if let Ok(mut g) = self.result.lock() {
-            *g = Some(t);
+            g.insert(std::thread::current().id(), checked);
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -333,6 +353,9 @@ pub struct Client {
     pub roots: Arc<Roots>,
     /// `smtp_tls_loglevel`.
     pub loglevel: u32,
+    /// `smtp_tls_session_cache_timeout` in seconds: how long a session is
+    /// resumed with the same server; 0: never.
+    pub session_cache_timeout: u64,
     /// `smtp_tls_wrappermode`: TLS from the first byte (SMTPS, port 465),
     /// no STARTTLS.
     pub wrapper: bool,
@@ -376,61 +399,200 @@ impl<S: crate::client::Stream> crate::client::Stream for TlsStream<S> {
     }
 }
 
+/// Why a handshake failed, as Postfix tells the cases apart in its
+/// `SSL_connect error to ...` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// TLS said no (logged with `TLS library problem: REASON`).
+    Tls(String),
+    /// The server closed the connection.
+    Lost,
+    /// A system error (a timeout).
+    System(String),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Tls(e) | HandshakeError::System(e) => f.write_str(e),
+            HandshakeError::Lost => f.write_str("lost connection"),
+        }
+    }
+}
+
 /// A finished handshake.
 pub struct Established<S: crate::client::Stream> {
     pub stream: TlsStream<S>,
     pub trust: Trust,
+    /// The server certificate as Postfix logs it at level 2.
+    pub summary: Option<String>,
     pub negotiated: Option<Negotiated>,
+    /// The session was resumed (no certificate was sent).
+    pub resumed: bool,
 }
 
 impl Client {
-    /// Runs the handshake over `sock` (the server said 220 to STARTTLS).
+    /// Runs the handshake over `sock` (the server said 220 to STARTTLS)
+    /// with `host`, reached as `relay` (`HOST[ADDR]:PORT`), resuming the
+    /// last session with it when there is one ([`Resumable`]).
     pub fn handshake<S: crate::client::Stream>(
         &self,
         mut sock: S,
         host: &str,
-    ) -> Result<Established<S>, String> {
-        let recorder = Arc::new(Recorder {
-            verifier: self.roots.verifier.clone(),
-            provider: self.roots.provider.clone(),
-            names: self.names.clone(),
-            result: Mutex::new(None),
-        });
-        let mut config = ClientConfig::builder_with_provider(self.profile.provider.clone())
-            .with_protocol_versions(&self.profile.versions)
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(recorder.clone())
-            .with_no_client_auth();
-        // As Postfix with smtp_tls_servername empty: no SNI.
-        config.enable_sni = false;
+        relay: &str,
+    ) -> Result<Established<S>, HandshakeError> {
+        // One configuration (verifier included) per server and policy:
+        // rustls resumes a session only under the configuration's
+        // verifier and client-certificate resolver that made it.
+        let (config, recorder, resumable) =
+            match self.resumable(relay).map_err(HandshakeError::Tls)? {
+                Some(r) => (r.config.clone(), r.recorder.clone(), Some(r)),
+                None => {
+                    let recorder = self.recorder();
+                    let config = self
+                        .config(recorder.clone(), None)
+                        .map_err(HandshakeError::Tls)?;
+                    (config, recorder, None)
+                }
+            };
         let name = ServerName::try_from(host.to_string())
             .or_else(|_| ServerName::try_from("localhost"))
-            .map_err(|e| e.to_string())?;
-        let mut conn =
-            ClientConnection::new(Arc::new(config), name.to_owned()).map_err(|e| e.to_string())?;
+            .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+        let mut conn = ClientConnection::new(config, name.to_owned())
+            .map_err(|e| HandshakeError::Tls(e.to_string()))?;
         while conn.is_handshaking() {
             if let Err(e) = conn.complete_io(&mut sock) {
                 return Err(
                     match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
-                        Some(t) => t.to_string(),
-                        None => e.to_string(),
+                        Some(t) => HandshakeError::Tls(t.to_string()),
+                        None if matches!(
+                            e.kind(),
+                            io::ErrorKind::UnexpectedEof
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::BrokenPipe
+                        ) =>
+                        {
+                            HandshakeError::Lost
+                        }
+                        None => HandshakeError::System(e.to_string()),
                     },
                 );
             }
         }
         let negotiated = Negotiated::of(&conn);
-        let trust = recorder
-            .trust()
-            .unwrap_or(Trust::Untrusted("no certificate".into()));
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let checked = match (&resumable, recorder.checked()) {
+            // No certificate in a resumed session: it is the one the
+            // session was made with, checked then under the same policy.
+            (Some(r), None) if resumed => r.checked.lock().ok().and_then(|t| t.clone()),
+            (_, t) => t,
+        }
+        .unwrap_or(Checked {
+            trust: Trust::Untrusted("no certificate".into()),
+            summary: None,
+        });
+        if let (Some(r), false) = (&resumable, resumed) {
+            if let Ok(mut t) = r.checked.lock() {
+                *t = Some(checked.clone());
+            }
+        }
         Ok(Established {
             stream: TlsStream {
                 inner: rustls::StreamOwned::new(conn, sock),
             },
-            trust,
+            trust: checked.trust,
+            summary: checked.summary,
             negotiated,
+            resumed,
         })
     }
+
+    /// The configuration of a session: this policy's protocols and
+    /// ciphers, `recorder` to check the certificate, no SNI (as Postfix
+    /// with smtp_tls_servername empty), and sessions kept in `store`
+    /// (none: no resumption).
+    fn config(
+        &self,
+        recorder: Arc<Recorder>,
+        store: Option<Arc<rustls::client::ClientSessionMemoryCache>>,
+    ) -> Result<Arc<ClientConfig>, String> {
+        let mut config = ClientConfig::builder_with_provider(self.profile.provider.clone())
+            .with_protocol_versions(&self.profile.versions)
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(recorder)
+            .with_no_client_auth();
+        config.enable_sni = false;
+        config.resumption = match store {
+            Some(s) => rustls::client::Resumption::store(s),
+            None => rustls::client::Resumption::disabled(),
+        };
+        Ok(Arc::new(config))
+    }
+
+    /// A verifier for this policy's names and trust anchors.
+    fn recorder(&self) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            verifier: self.roots.verifier.clone(),
+            provider: self.roots.provider.clone(),
+            names: self.names.clone(),
+            result: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The sessions to resume with `relay` under this policy, or none
+    /// when `smtp_tls_session_cache_timeout` is 0. Kept in the process's
+    /// memory, per server, port, level, names to match and protocols (as
+    /// Postfix keys its smtp session cache), and forgotten once the
+    /// timeout has passed since the first of them was stored.
+    fn resumable(&self, relay: &str) -> Result<Option<Arc<Resumable>>, String> {
+        static SESSIONS: OnceLock<Mutex<HashMap<String, Arc<Resumable>>>> = OnceLock::new();
+        if self.session_cache_timeout == 0 {
+            return Ok(None);
+        }
+        let key = format!(
+            "{relay} {:?} {:?} {:?} {:?}",
+            self.policy.level,
+            self.names,
+            self.profile.versions,
+            self.profile
+                .provider
+                .cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect::<Vec<_>>()
+        );
+        let timeout = Duration::from_secs(self.session_cache_timeout);
+        let mut all = SESSIONS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.retain(|_, r| r.made.elapsed() < timeout);
+        if let Some(r) = all.get(&key) {
+            return Ok(Some(r.clone()));
+        }
+        let recorder = self.recorder();
+        let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(4));
+        let r = Arc::new(Resumable {
+            config: self.config(recorder.clone(), Some(store))?,
+            recorder,
+            made: Instant::now(),
+            checked: Mutex::new(None),
+        });
+        all.insert(key, r.clone());
+        Ok(Some(r))
+    }
+}
+
+/// The TLS sessions of one server (see [`Client::resumable`]).
+struct Resumable {
+    /// The configuration its sessions are made and resumed with.
+    config: Arc<ClientConfig>,
+    /// The configuration's verifier.
+    recorder: Arc<Recorder>,
+    made: Instant,
+    /// What the check of the full handshake's certificate found.
+    checked: Mutex<Option<Checked>>,
 }
 
 /// Trust anchors shared by every session of the process.

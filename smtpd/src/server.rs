@@ -871,8 +871,13 @@ fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
     let Some(t) = &mut slot.tls else {
         return;
     };
+    let handshaking = t.is_handshaking();
     let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
+    for e in t.take_ticket_events() {
+        slot.session.tls_ticket(e);
+    }
     if let Some(n) = t.take_established() {
+        slot.session.tls_resumed(t.resumed());
         slot.session.tls_established(n);
     }
     match outcome {
@@ -883,12 +888,23 @@ fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
         }
         ReadOutcome::WouldBlock => slot.last_io = Instant::now(),
         ReadOutcome::Eof => {
+            if handshaking && t.is_handshaking() {
+                // As Postfix: the handshake's end, then the session's
+                // ("lost connection after STARTTLS from ...").
+                info!(
+                    "SSL_accept error from {}: lost connection",
+                    slot.session.namaddr()
+                );
+            }
             slot.eof = true;
             slot.session.client_eof();
         }
         ReadOutcome::Error(e) => {
             if t.is_handshaking() {
-                info!("SSL_accept error from {}: {e}", slot.session.namaddr());
+                // Postfix's two lines: OpenSSL's return code, then the
+                // library's reason.
+                info!("SSL_accept error from {}: -1", slot.session.namaddr());
+                warning!("TLS library problem: {e}");
             } else {
                 warning!("TLS read error from {}: {e}", slot.session.namaddr());
             }

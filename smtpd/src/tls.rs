@@ -32,6 +32,10 @@ pub struct TlsConn {
     /// What the certificate chosen for this client signs with (for the
     /// log line and Received header).
     server_signature: Option<String>,
+    /// The session was resumed from a session ticket.
+    ticketed: bool,
+    /// What the ticketer did for this connection, not yet logged.
+    ticket_events: Vec<postern_common::tls_tickets::TicketEvent>,
 }
 
 /// What a read produced.
@@ -58,6 +62,8 @@ impl TlsConn {
             reported: false,
             closing: false,
             server_signature: None,
+            ticketed: false,
+            ticket_events: Vec::new(),
         })
     }
 
@@ -122,11 +128,18 @@ impl TlsConn {
     fn process_packets(
         &mut self,
     ) -> Result<postern_common::tls::rustls::IoState, postern_common::tls::rustls::Error> {
+        postern_common::tls_tickets::allow_issuing(!self.ticketed);
         let processed = self.conn.process_new_packets();
         let chosen = postern_common::tls::take_server_signature();
         if self.server_signature.is_none() {
             self.server_signature = chosen;
         }
+        use postern_common::tls_tickets::{take_ticket_events, TicketEvent};
+        let events = take_ticket_events();
+        self.ticketed |= events
+            .iter()
+            .any(|e| matches!(e, TicketEvent::Decrypted(_)));
+        self.ticket_events.extend(events);
         processed
     }
 
@@ -167,6 +180,19 @@ impl TlsConn {
             n.server_signature = self.server_signature.take();
         }
         Some(n)
+    }
+
+    /// What the ticketer did for this connection since the last call.
+    pub fn take_ticket_events(&mut self) -> Vec<postern_common::tls_tickets::TicketEvent> {
+        std::mem::take(&mut self.ticket_events)
+    }
+
+    /// How the completed handshake resumed a session: `None` (a full
+    /// handshake), `Some(true)` from a session ticket, `Some(false)` from
+    /// the session cache.
+    pub fn resumed(&self) -> Option<bool> {
+        use postern_common::tls::rustls::HandshakeKind;
+        (self.conn.handshake_kind() == Some(HandshakeKind::Resumed)).then_some(self.ticketed)
     }
 
     /// Queues close_notify (once); true if it was queued now.

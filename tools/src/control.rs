@@ -54,11 +54,11 @@ pub fn main() -> ! {
     match command.as_str() {
         "check" => {
             check(&cfg);
-            // Errors about secrets and tables fail the check, but not a
-            // start (see crate::secrets; a table the daemons cannot use
+            // Errors about secrets and tables fail the check; a start
+            // refuses only the secrets (a table the daemons cannot use
             // defers the mail that needs it).
             let tables = check_tables(&cfg);
-            if check_secrets(&cfg) + tables > 0 {
+            if check_secrets(&cfg).total() + tables > 0 {
                 std::process::exit(1)
             }
             std::process::exit(EX_OK)
@@ -68,6 +68,21 @@ pub fn main() -> ! {
         "reload" => {
             let pid = running(&cfg)
                 .unwrap_or_else(|| die(NAME, 1, "the Postern mail system is not running"));
+            // New daemons would start without the key they cannot read:
+            // the running ones keep serving with the one they have. (A
+            // master.cf that does not parse is master's to refuse: it
+            // keeps its old services.)
+            let problems = match cfg.master_services() {
+                Ok(services) => crate::secrets::check(NAME, &cfg, &services).keys,
+                Err(_) => 0,
+            };
+            if problems > 0 {
+                die(
+                    NAME,
+                    1,
+                    "not reloading: the mail system keeps its running configuration",
+                );
+            }
             eprintln!("{NAME}: refreshing the Postern mail system");
             signal(pid, nix::sys::signal::Signal::SIGHUP);
             // A changed hash_queue_names or hash_queue_depth: files to
@@ -306,7 +321,7 @@ fn table_specs(name: &str, value: &str) -> Vec<String> {
 
 /// Reports problems with the keys and secret tables the daemons read
 /// (crate::secrets); returns how many.
-fn check_secrets(cfg: &Config) -> usize {
+fn check_secrets(cfg: &Config) -> crate::secrets::Problems {
     let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
     crate::secrets::check(NAME, cfg, &services)
 }
@@ -378,7 +393,17 @@ fn start(cfg: &Config, foreground: bool) -> ! {
     }
     check(cfg);
     check_tables(cfg);
-    check_secrets(cfg);
+    // A key smtpd cannot use would mean a mail system without STARTTLS
+    // (and with `encrypt`, without mail): not started.
+    if check_secrets(cfg).keys > 0 {
+        std::process::exit(1);
+    }
+    // A new TLS session ticket secret for this run of the mail system,
+    // as Postfix's tlsmgr makes new ticket keys when it starts.
+    let tickets = postern_common::tls_tickets::secret_path(cfg);
+    if let Err(e) = postern_common::tls_tickets::renew_secret(&tickets) {
+        eprintln!("{NAME}: warning: TLS session ticket key {e}");
+    }
     // As Postfix's start runs postsuper: every queue file where the
     // hashing wants it before anything reads the queue.
     crate::postsuper::rehash_queue(cfg, true);

@@ -9,19 +9,40 @@
 //! reported before a client finds STARTTLS gone or a smarthost refuses
 //! every delivery.
 //!
-//! Each problem is one `postern: error: ...` line. `postern check` then
-//! exits 1; `postern start` goes on (as Postfix does, the daemons run
-//! without what they cannot read, and log the same error when they
-//! start): a bad key must not stop the mail system.
+//! Each problem is one `postern: error: ...` line naming the service,
+//! the parameter, its file and the cause. `postern check`, `start` and
+//! `start-fg` then exit 1 (nothing started: a silently missing STARTTLS
+//! is worse than a refusal the administrator sees at once), and `postern
+//! reload` refuses, leaving the running daemons with what they read. A
+//! key that goes bad while the system runs is logged by the smtpd that
+//! cannot read it, which then runs without STARTTLS.
 
 use postern_common::maps::Table;
 use postern_conf::master_cf::Service;
 use postern_conf::Config;
 
+/// How many problems [`check`] found, by kind: a key or certificate
+/// smtpd or smtp cannot use stops a start or reload (the mail system
+/// would run without TLS); a root-only table that cannot be opened fails
+/// `postern check` only, as every other table (the mail that needs it is
+/// deferred until it is fixed).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Problems {
+    pub keys: usize,
+    pub tables: usize,
+}
+
+impl Problems {
+    pub fn total(&self) -> usize {
+        self.keys + self.tables
+    }
+}
+
 /// Reports every problem with the secrets the services of `services`
-/// read; returns how many there were.
-pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
+/// read.
+pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
     let mut problems = Vec::new();
+    let mut table_problems = Vec::new();
     // As master runs them (smtpd for postscreen; none for what Postern
     // does elsewhere).
     for s in &postern_conf::master_cf::runnable(services.to_vec()) {
@@ -49,7 +70,7 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
                 for t in tables {
                     for spec in postern_common::maps::split_specs(&scfg.get(&t)) {
                         if let Err(e) = Table::open(&spec) {
-                            problems.push(format!("{what}: {t}: {e}"));
+                            table_problems.push(format!("{what}: {t}: {e}"));
                         }
                     }
                 }
@@ -57,10 +78,15 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> usize {
             _ => {}
         }
     }
-    problems.sort();
-    problems.dedup();
-    for p in &problems {
-        eprintln!("{name}: error: {p}");
+    for list in [&mut problems, &mut table_problems] {
+        list.sort();
+        list.dedup();
+        for p in list.iter() {
+            eprintln!("{name}: error: {p}");
+        }
     }
-    problems.len()
+    Problems {
+        keys: problems.len(),
+        tables: table_problems.len(),
+    }
 }

@@ -46,10 +46,35 @@ impl<'c> Session<'_, 'c> {
         // Nothing the server sent before the handshake may count after it.
         self.rd = LineReader::new();
         let sock = std::mem::replace(&mut self.conn, Box::new(Closed));
-        let est = match tls.handshake(sock, &self.peer.name) {
+        if tls.loglevel >= 2 {
+            // What Postfix logs before the handshake at level 2 (as far
+            // as rustls has it).
+            info!("setting up TLS connection to {}", self.peer.relay);
+            let list: Vec<&str> = tls
+                .profile
+                .provider
+                .cipher_suites
+                .iter()
+                .map(|s| postern_common::tls::cipher_name(*s))
+                .collect();
+            info!(
+                "{}: TLS cipher list \"{}\"",
+                self.peer.relay,
+                list.join(":")
+            );
+        }
+        let est = match tls.handshake(sock, &self.peer.name, &self.peer.relay) {
             Ok(est) => est,
             Err(e) => {
-                info!("SSL_connect error to {}: {e}", self.peer.relay);
+                match &e {
+                    // Postfix's two lines: OpenSSL's return code, then
+                    // the library's reason.
+                    crate::tls::HandshakeError::Tls(why) => {
+                        info!("SSL_connect error to {}: -1", self.peer.relay);
+                        postern_common::warning!("TLS library problem: {why}");
+                    }
+                    other => info!("SSL_connect error to {}: {other}", self.peer.relay),
+                }
                 return Err(self.try_next(Failure {
                     dsn: "4.7.5".into(),
                     reason: TLS_HANDSHAKE_FAILURE.into(),
@@ -62,6 +87,14 @@ impl<'c> Session<'_, 'c> {
         self.time_limit = None;
         self.encrypted = true;
         let level = tls.policy.level;
+        if tls.loglevel >= 2 {
+            if est.resumed {
+                info!("{}: Reusing old session", self.peer.relay);
+            }
+            if let Some(summary) = &est.summary {
+                info!("{}: {summary}", self.peer.relay);
+            }
+        }
         let kind = match &est.trust {
             Trust::Verified if level.checks_certificate() => "Verified",
             Trust::Verified | Trust::Trusted => "Trusted",

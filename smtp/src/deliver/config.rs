@@ -120,6 +120,9 @@ impl Agent {
             ca_file: cfg.get(&p("smtp_tls_CAfile")),
             ca_path: cfg.get(&p("smtp_tls_CApath")),
             tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
+            tls_session_cache_timeout: cfg
+                .get_time(&p("smtp_tls_session_cache_timeout"))
+                .unwrap_or(3600),
             tls_wrapper: cfg.get_bool(&p("smtp_tls_wrappermode")).unwrap_or(false),
             tls_profiles: [false, true].map(|mandatory| {
                 let side = if lmtp { "lmtp" } else { "smtp" };
@@ -283,6 +286,7 @@ impl Agent {
             names: policy.names(name, nexthop),
             roots: tls::roots(&self.ca_file, &self.ca_path),
             loglevel: self.tls_loglevel,
+            session_cache_timeout: self.tls_session_cache_timeout,
             profile: self.tls_profiles[usize::from(policy.level.required())].clone(),
         })
     }

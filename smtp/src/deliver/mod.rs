@@ -87,6 +87,8 @@ pub struct Agent {
     ca_file: String,
     ca_path: String,
     tls_loglevel: u32,
+    /// `smtp_tls_session_cache_timeout`, seconds.
+    tls_session_cache_timeout: u64,
     /// `smtp_tls_wrappermode`.
     tls_wrapper: bool,
     /// Protocols and ciphers for opportunistic TLS (`smtp_tls_protocols`,

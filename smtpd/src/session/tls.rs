@@ -18,6 +18,59 @@ impl Session {
     /// The loop switched the connection to TLS (handshake under way).
     pub fn tls_started(&mut self) {
         self.starttls_pending = false;
+        self.tls_setting_up();
+    }
+
+    /// At `smtpd_tls_loglevel` 2, the lines Postfix logs before a
+    /// handshake (what rustls has of them): the connection and the
+    /// cipher list on offer, in the server's order.
+    pub fn tls_setting_up(&self) {
+        if self.cfg.tls_loglevel < 2 {
+            return;
+        }
+        info!("setting up TLS connection from {}", self.namaddr);
+        if let Some(c) = &self.cfg.tls {
+            let list: Vec<&str> = c
+                .crypto_provider()
+                .cipher_suites
+                .iter()
+                .map(|s| postern_common::tls::cipher_name(*s))
+                .collect();
+            info!("{}: TLS cipher list \"{}\"", self.namaddr, list.join(":"));
+        }
+    }
+
+    /// At `smtpd_tls_loglevel` 2, Postfix's line for a session ticket
+    /// issued or decrypted.
+    pub fn tls_ticket(&self, e: postern_common::tls_tickets::TicketEvent) {
+        use postern_common::tls_tickets::TicketEvent;
+        if self.cfg.tls_loglevel < 2 {
+            return;
+        }
+        let (what, expiration) = match e {
+            TicketEvent::Issued(t) => ("Issuing", t),
+            TicketEvent::Decrypted(t) => ("Decrypting", t),
+        };
+        info!(
+            "{}: {what} session ticket, key expiration: {expiration}",
+            self.namaddr
+        );
+    }
+
+    /// How the handshake that just completed began: at
+    /// `smtpd_tls_loglevel` 2, Postfix's line for a resumed session.
+    pub fn tls_resumed(&self, resumed: Option<bool>) {
+        if self.cfg.tls_loglevel < 2 {
+            return;
+        }
+        match resumed {
+            Some(true) => info!(
+                "{}: Reusing old session (RFC 5077 session ticket)",
+                self.namaddr
+            ),
+            Some(false) => info!("{}: Reusing old session", self.namaddr),
+            None => {}
+        }
     }
 
     /// The TLS handshake is complete. As RFC 3207 demands, the session
