@@ -344,3 +344,23 @@ def test_alias_maps_unusable_defers_local_delivery(root_only, make_postern, loca
         db.rmdir()
     p.newaliases()
     h.wait_for_messages("ptalice", token, timeout=60)
+
+
+@pytest.mark.skipif(not postfix_available(), reason="Postfix is not installed")
+def test_access_table_unusable_reply_is_postfix_reply(root_only, make_postern,
+                                                      postfix_peer):  # noqa: F811
+    """check_recipient_access with a table never built: Postfix answers as
+    if the table had said `451 4.3.5 Server configuration error`."""
+    work = Path(h.tempfile.mkdtemp(prefix="pt-tables-"))
+    try:
+        (work / "access").write_text("user@any.test REJECT\n")
+        common = {"smtpd_recipient_restrictions":
+                  f"check_recipient_access hash:{work}/access, permit"}
+        far = postfix_peer(params=common)
+        p = make_postern(params=common)
+        ours = rcpt_reply(p.port, "user@any.test", source=None)
+        theirs = rcpt_reply(far.port, "user@any.test", source=None)
+        assert (ours[0], ours[1].decode()) == (theirs[0], theirs[1].decode()) == (
+            451, "4.3.5 <user@any.test>: Recipient address rejected: Server configuration error")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
