@@ -258,6 +258,7 @@ def test_check_names_an_unusable_table_and_the_command_that_fixes_it(make_poster
 def test_check_reports_unknown_types_and_stale_indexes(make_postern):
     p = make_postern(params={
         "transport_maps": "nosuchtype:/etc/whatever",
+        "virtual_mailbox_maps": "/etc/postern-test/vmailbox",
         "sender_canonical_maps": lambda p: f"hash:{p.etc}/canonical",
         "smtpd_recipient_restrictions": lambda p:
             f"check_recipient_access cdb:{p.etc}/nothere, reject_unauth_destination",
@@ -274,6 +275,8 @@ def test_check_reports_unknown_types_and_stale_indexes(make_postern):
     assert r.returncode == 1, h.describe(r)
     err = r.stderr
     assert re.search(r"error: .*transport_maps: .*unsupported dictionary type: nosuchtype", err), err
+    assert re.search(r"error: .*virtual_mailbox_maps: table /etc/postern-test/vmailbox: "
+                     r"expected type:name", err), err
     assert re.search(rf"error: .*sender_canonical_maps: database {re.escape(str(p.etc))}"
                      rf"/canonical\.db is older than source file .*canonical; "
                      rf"run: postmap hash:", err), err

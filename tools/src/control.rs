@@ -217,13 +217,23 @@ fn table_specs(name: &str, value: &str) -> Vec<String> {
     if name.ends_with("_sasl_password_maps") || name.ends_with("_tls_policy_maps") {
         return Vec::new();
     }
+    // proxymap's lists name tables that their own parameters use.
+    if name == "proxy_read_maps" || name == "proxy_write_maps" {
+        return Vec::new();
+    }
     let items = postern_common::maps::split_specs(value);
     let is_table = |i: &str| {
         matches!(i.split_once(':'), Some((kind, _))
             if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
     };
     if name.ends_with("_maps") || name.ends_with("_checks") {
+        // `$other_maps` expanded may bring names along (a list that
+        // also holds domains): tables are opened, and a file name without
+        // its type is reported (Postfix wants type:name).
         items
+            .into_iter()
+            .filter(|i| is_table(i) || i.starts_with('/'))
+            .collect()
     } else if name.ends_with("_domains") || name == "mydestination" {
         items.into_iter().filter(|i| is_table(i)).collect()
     } else if name.ends_with("_restrictions") || name.ends_with("_restriction_classes") {
