@@ -262,6 +262,8 @@ def test_check_reports_unknown_types_and_stale_indexes(make_postern):
         "sender_canonical_maps": lambda p: f"hash:{p.etc}/canonical",
         "smtpd_recipient_restrictions": lambda p:
             f"check_recipient_access cdb:{p.etc}/nothere, reject_unauth_destination",
+        "smtpd_restriction_classes": "friends",
+        "friends": lambda p: f"check_sender_access hash:{p.etc}/friends",
     }, files={"etc/canonical": "a@b.test c@d.test\n"}, start=False)
     p.newaliases()
     r = h.run_tool(p, "postmap", f"hash:{p.etc}/canonical")
@@ -282,6 +284,8 @@ def test_check_reports_unknown_types_and_stale_indexes(make_postern):
                      rf"run: postmap hash:", err), err
     assert re.search(rf"error: .*smtpd_recipient_restrictions: .*{re.escape(str(p.etc))}"
                      rf"/nothere\.cdb.*run: postmap cdb:", err), err
+    assert re.search(rf"error: .*friends: .*{re.escape(str(p.etc))}/friends\.db.*"
+                     rf"run: postmap hash:", err), err
 
 
 # ------------------------------------------------- the same as Postfix

@@ -180,10 +180,18 @@ fn check_tables(cfg: &Config) -> usize {
     names.push("alias_maps".into());
     names.sort();
     names.dedup();
+    // The restriction classes are lists of restrictions too.
+    let classes = cfg.get_list("smtpd_restriction_classes");
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for name in names {
-        for spec in table_specs(&name, &cfg.get(&name)) {
+        let value = cfg.get(&name);
+        let specs = if classes.contains(&name) {
+            table_specs("smtpd_class_restrictions", &value)
+        } else {
+            table_specs(&name, &value)
+        };
+        for spec in specs {
             if !seen.insert(spec.clone()) {
                 continue;
             }
