@@ -371,3 +371,25 @@ def test_access_table_unusable_reply_is_postfix_reply(root_only, make_postern,
             451, "4.3.5 <user@any.test>: Recipient address rejected: Server configuration error")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_sendmail_mail_waits_in_maildrop_while_cleanup_cannot_read_a_table(
+        root_only, make_postern, sink):
+    """Local submission: pickup leaves the message in maildrop/ while
+    cleanup defers it (virtual_alias_maps unreadable), and hands it over
+    once the table is rebuilt."""
+    p = make_postern(params={
+        "virtual_alias_domains": "virt.test",
+        "virtual_alias_maps": lambda p: f"hash:{p.etc}/virtual",
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+    }, files={"etc/virtual": "info@virt.test dest@far.test\n"}, start=False)
+    break_table(p.etc / "virtual", "missing")
+    p.start()
+    token = f"maildrop-{uuid.uuid4().hex}"
+    submit(p, "info@virt.test", token)
+    p.wait_for_log(r"map lookup problem for info@virt\.test -- message not accepted")
+    assert len(list((p.queue / "maildrop").iterdir())) == 1
+    fix_table(p, p.etc / "virtual")
+    assert p.postern("flush").returncode == 0
+    msg = sink.wait_for(token, timeout=120)[0]
+    assert msg.rcpt_tos == ["dest@far.test"]
