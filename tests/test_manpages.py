@@ -34,6 +34,8 @@ NOT_PARAMETERS = {
     "orig_to", "mua_client_restrictions",
     # Names of the table pages themselves.
     "pcre_table", "socketmap_table", "tcp_table",
+    # A value of receive_override_options.
+    "no_header_body_checks",
 }
 
 

@@ -17,10 +17,12 @@
 //!   the comma-separated result, recursively (an address that maps to
 //!   itself stays), at most [`VIRTUAL_DEPTH`] deep and
 //!   [`VIRTUAL_EXPANSION`] addresses wide.
-//! - `header_checks` (one logical header at a time, unfolded) and
-//!   `body_checks` (one body line at a time): the first matching rule's
-//!   action: REJECT, DISCARD, HOLD, IGNORE, WARN, REPLACE, PREPEND, DUNNO,
-//!   OK.
+//! - `header_checks`, `mime_header_checks`, `nested_header_checks` (one
+//!   logical header at a time, unfolded, by its class) and `body_checks`
+//!   (one body line at a time): the first matching rule's action
+//!   (`postern_common::header_checks`).
+//! - automatic bcc: `sender_bcc_maps` by the sender, `recipient_bcc_maps`
+//!   by each recipient, in Postfix's address forms.
 //!
 //! A table that cannot answer ([`LookupError`]) stops the message: cleanup
 //! defers it (4.3.0) rather than queue it unrewritten or unchecked.
@@ -35,45 +37,7 @@ pub const VIRTUAL_DEPTH: usize = 1000;
 /// How many addresses one recipient may become (virtual_alias_expansion_limit).
 pub const VIRTUAL_EXPANSION: usize = 1000;
 
-/// What a header or body rule says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// No rule matched, or DUNNO/OK.
-    Keep,
-    Reject(String),
-    Discard(String),
-    Hold(String),
-    /// Remove this header or line.
-    Ignore,
-    Warn(String),
-    Replace(String),
-    Prepend(String),
-}
-
-impl Action {
-    /// Parses a table result (`REJECT text`, ...).
-    pub fn parse(result: &str) -> Action {
-        let result = result.trim();
-        let (word, text) = match result.split_once(char::is_whitespace) {
-            Some((w, t)) => (w, t.trim().to_string()),
-            None => (result, String::new()),
-        };
-        match word.to_ascii_uppercase().as_str() {
-            "REJECT" => Action::Reject(text),
-            "DISCARD" => Action::Discard(text),
-            "HOLD" => Action::Hold(text),
-            "IGNORE" => Action::Ignore,
-            "WARN" => Action::Warn(text),
-            "REPLACE" if !text.is_empty() => Action::Replace(text),
-            "PREPEND" if !text.is_empty() => Action::Prepend(text),
-            "DUNNO" | "OK" => Action::Keep,
-            other => {
-                warning!("unknown header/body check action: {other}");
-                Action::Keep
-            }
-        }
-    }
-}
+pub use postern_common::header_checks::{Action, CheckTables, HeaderClass};
 
 /// What cleanup rewrites, opened once per process.
 pub struct Rewriter {
@@ -85,8 +49,10 @@ pub struct Rewriter {
     masquerade_classes: Vec<String>,
     masquerade_exceptions: Vec<String>,
     virtual_alias: Tables,
-    header_checks: Tables,
-    body_checks: Tables,
+    /// The header and body tables of every class.
+    pub checks: CheckTables,
+    sender_bcc: Tables,
+    recipient_bcc: Tables,
     local_domains: Vec<String>,
     /// Which domains are this machine's (the one resolver's answer).
     domains: postern_common::resolve::Resolver,
@@ -129,8 +95,12 @@ impl Rewriter {
         let sender_canonical = open("sender_canonical_maps");
         let recipient_canonical = open("recipient_canonical_maps");
         let virtual_alias = open("virtual_alias_maps");
-        let header_checks = open("header_checks");
-        let body_checks = open("body_checks");
+        let sender_bcc = open("sender_bcc_maps");
+        let recipient_bcc = open("recipient_bcc_maps");
+        let (checks, bad) = CheckTables::open(|n| cfg.get(n), "");
+        for e in bad {
+            warning!("{e}");
+        }
         let mut local_domains = lower_list(cfg, "mydestination");
         local_domains.push(cfg.get("myorigin").to_ascii_lowercase());
         Rewriter {
@@ -142,19 +112,22 @@ impl Rewriter {
             masquerade_classes: lower_list(cfg, "masquerade_classes"),
             masquerade_exceptions: lower_list(cfg, "masquerade_exceptions"),
             virtual_alias,
-            header_checks,
-            body_checks,
+            checks,
+            sender_bcc,
+            recipient_bcc,
             local_domains,
             domains: postern_common::resolve::Resolver::domains_only(cfg),
         }
     }
 
-    pub fn has_body_checks(&self) -> bool {
-        !self.body_checks.is_empty()
+    /// `sender_bcc_maps`' copy address for `sender`.
+    pub fn sender_bcc(&self, sender: &str) -> Result<Option<String>, LookupError> {
+        self.map_one(&self.sender_bcc, sender)
     }
 
-    pub fn has_header_checks(&self) -> bool {
-        !self.header_checks.is_empty()
+    /// `recipient_bcc_maps`' copy address for `recipient`.
+    pub fn recipient_bcc(&self, recipient: &str) -> Result<Option<String>, LookupError> {
+        self.map_one(&self.recipient_bcc, recipient)
     }
 
     /// One table lookup of Postfix's address forms; `None`: not found.
@@ -307,28 +280,6 @@ impl Rewriter {
             }
         }
     }
-
-    fn check(t: &Tables, text: &str) -> Result<Action, LookupError> {
-        for table in &t.0 {
-            if let Some(r) = table.lookup_expanded(text)? {
-                return Ok(Action::parse(&r));
-            }
-        }
-        Ok(Action::Keep)
-    }
-
-    /// `header_checks` on one logical header (folded lines joined).
-    pub fn check_header(&self, header_text: &[u8]) -> Result<Action, LookupError> {
-        let s = String::from_utf8_lossy(header_text);
-        let unfolded = s.trim_end_matches(['\r', '\n']).replace(['\r', '\n'], "");
-        Self::check(&self.header_checks, &unfolded)
-    }
-
-    /// `body_checks` on one body line (without its newline).
-    pub fn check_body_line(&self, line: &[u8]) -> Result<Action, LookupError> {
-        let s = String::from_utf8_lossy(line);
-        Self::check(&self.body_checks, s.trim_end_matches(['\r', '\n']))
-    }
 }
 
 /// Headers whose addresses are senders (`header_sender`) or recipients
@@ -423,17 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn actions() {
-        assert_eq!(
-            Action::parse("REJECT go away"),
-            Action::Reject("go away".into())
-        );
-        assert_eq!(Action::parse("ignore"), Action::Ignore);
-        assert_eq!(
-            Action::parse("PREPEND X-A: b"),
-            Action::Prepend("X-A: b".into())
-        );
-        assert_eq!(Action::parse("DUNNO"), Action::Keep);
+    fn header_classes() {
         assert_eq!(header_class("Reply-To"), Some("header_sender"));
         assert_eq!(header_class("Subject"), None);
     }

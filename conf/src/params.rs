@@ -332,6 +332,33 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("masquerade_exceptions", ""),
     ("header_checks", ""),
     ("body_checks", ""),
+    ("mime_header_checks", "$header_checks"),
+    ("nested_header_checks", "$header_checks"),
+    // Automatic bcc recipients, added by cleanup.
+    ("always_bcc", ""),
+    ("sender_bcc_maps", ""),
+    ("recipient_bcc_maps", ""),
+    // After-queue content filters (FILTER_README): smtpd and pickup send
+    // content_filter and receive_override_options to cleanup; qmgr sends
+    // filtered mail to the filter's transport; XFORWARD keeps the client.
+    ("content_filter", ""),
+    ("default_filter_nexthop", ""),
+    ("receive_override_options", ""),
+    ("smtpd_authorized_xforward_hosts", ""),
+    ("smtp_send_xforward_command", "no"),
+    ("smtp_xforward_timeout", "300s"),
+    // The smtp client's header and body checks (lmtp reads these too).
+    ("smtp_header_checks", ""),
+    ("smtp_mime_header_checks", ""),
+    ("smtp_nested_header_checks", ""),
+    ("smtp_body_checks", ""),
+    // lmtp's own forms, as Postfix's lmtp reads them.
+    ("lmtp_header_checks", ""),
+    ("lmtp_mime_header_checks", ""),
+    ("lmtp_nested_header_checks", ""),
+    ("lmtp_body_checks", ""),
+    ("lmtp_send_xforward_command", "no"),
+    ("lmtp_xforward_timeout", "300s"),
     // postern logrotate (Postfix 3.4's `postfix logrotate`).
     ("maillog_file_compressor", "gzip"),
     ("maillog_file_rotate_suffix", "%Y%m%d-%H%M%S"),

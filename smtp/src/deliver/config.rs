@@ -85,6 +85,10 @@ impl Agent {
                     .map(|k| k.to_ascii_lowercase())
                     .collect(),
                 line_limit: number(cfg, &p("smtp_line_length_limit")),
+                send_xforward: cfg
+                    .get_bool(&p("smtp_send_xforward_command"))
+                    .unwrap_or(false),
+                xforward_timeout: time(cfg, &p("smtp_xforward_timeout")),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(
@@ -159,6 +163,17 @@ impl Agent {
             bind: Bind {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
+            },
+            content_checks: {
+                let (checks, errors) =
+                    postern_common::header_checks::CheckTables::open(|n| cfg.get(&p(n)), "smtp_");
+                for e in &errors {
+                    error!("{e}; deliveries are deferred until it is fixed");
+                }
+                match errors.into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(checks),
+                }
             },
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),

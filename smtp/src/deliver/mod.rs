@@ -51,6 +51,7 @@ use crate::tls;
 use connect::{connect, strerror};
 use job_transaction::JobTransaction;
 use postern_common::delivery::Job;
+use postern_common::header_checks::CheckTables;
 use postern_common::ipc::Outcome;
 use postern_common::maps::Tables;
 use postern_common::{info, warning};
@@ -108,6 +109,11 @@ pub struct Agent {
     cache: Cache,
     /// `smtp_bind_address`, `smtp_bind_address6`.
     bind: Bind,
+    /// `smtp_header_checks`, `smtp_mime_header_checks`,
+    /// `smtp_nested_header_checks`, `smtp_body_checks`; Err: a table
+    /// that could not be opened (deliveries are deferred, never sent
+    /// unchecked).
+    content_checks: Result<CheckTables, String>,
 }
 
 impl Agent {
@@ -304,7 +310,7 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> (End, Option<client::Idle<'static>>) {
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
 
@@ -319,7 +325,7 @@ impl Agent {
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
         let (idle, created) = self.cache.take(key)?;
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
             self.cache.put(key.to_string(), idle, created);

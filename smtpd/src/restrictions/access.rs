@@ -83,6 +83,26 @@ impl Restrictions {
                     text
                 },
             ),
+            // FILTER transport:nexthop: the message goes through that
+            // content filter after it is queued (as Postfix, the last
+            // FILTER wins, and the restriction goes on as DUNNO).
+            "FILTER" if text.contains(':') => {
+                let (key, what) = Self::subject(stage, req);
+                info!(
+                    "NOQUEUE: filter: {} from {}[{}]: <{key}>: {what} triggers FILTER {text}",
+                    req.command,
+                    req.client_name,
+                    req.ip(),
+                );
+                if let Some(f) = req.filter {
+                    *f.borrow_mut() = Some(text.to_string());
+                }
+                Verdict::Dunno
+            }
+            "FILTER" => {
+                warning!("access table {spec}: FILTER without transport:nexthop; ignored");
+                Verdict::Dunno
+            }
             "WARN" | "INFO" => {
                 let (key, what) = Self::subject(stage, req);
                 info!(

@@ -183,6 +183,9 @@ impl Restrictions {
         let Some(resolver) = &self.resolver else {
             return Verdict::Dunno;
         };
+        if self.no_unknown_recipient_checks && !what.starts_with("Sender") {
+            return Verdict::Dunno;
+        }
         match resolver.check_listed(sender, address, what.starts_with("Sender")) {
             Ok(()) => Verdict::Dunno,
             Err(f) if f.lookup_failure => {

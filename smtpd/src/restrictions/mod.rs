@@ -106,6 +106,9 @@ pub struct Request<'a> {
     pub command: &'a str,
     /// DNS answers the session has (see [`Restrictions::dns_needed`]).
     pub dns: Option<&'a HashMap<Query, Answer>>,
+    /// Where an access table's FILTER action puts its `transport:nexthop`
+    /// (the message's content filter; the last one wins).
+    pub filter: Option<&'a std::cell::RefCell<Option<String>>>,
 }
 
 impl Request<'_> {
@@ -170,6 +173,9 @@ pub struct Restrictions {
     /// Access tables named in the lists, opened at start (Err: why not).
     tables: HashMap<String, Result<Table, String>>,
     sender_login_maps: Option<Tables>,
+    /// `receive_override_options = no_unknown_recipient_checks`: no
+    /// recipient is refused as unlisted (mail back from a content filter).
+    no_unknown_recipient_checks: bool,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -229,6 +235,10 @@ impl Restrictions {
         r.reject_unlisted = cfg
             .get_bool("smtpd_reject_unlisted_recipient")
             .map_err(|e| e.to_string())?;
+        r.no_unknown_recipient_checks = postern_common::receive_override::ReceiveOverride::parse(
+            &cfg.get("receive_override_options"),
+        )?
+        .no_unknown_recipient_checks;
         r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
         r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
         r.open_tables();
