@@ -9,6 +9,9 @@
 //! reads the new file as root. A daemon that reopens its tables itself
 //! (qmgr's `transport_maps`) asks only whether that failed ([`stale`]).
 //!
+//! A file that did not exist (a table never built) is remembered by name:
+//! its appearance is a change too.
+//!
 //! Each file [`crate::maps::Table::open`] reads is remembered with an open
 //! descriptor: `fstat` on it tells that the file was rewritten in place
 //! (mtime or size) or replaced by a rename (no link left), in a chroot and
@@ -32,6 +35,11 @@ struct Watched {
 /// replaces its entry.
 static WATCHED: Mutex<Option<HashMap<PathBuf, Watched>>> = Mutex::new(None);
 
+/// Table files that did not exist when this process wanted them (a
+/// `hash:` table never built): the table stands in as one whose lookups
+/// fail, and the file appearing (`postmap`) is a change.
+static MISSING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 /// When [`changed`] last looked, and what it found: it looks at most
 /// once a second.
 type LastLook = Mutex<Option<(Instant, Option<PathBuf>)>>;
@@ -46,6 +54,12 @@ const LOOK_INTERVAL: Duration = Duration::from_secs(1);
 /// (the table's own open fails and says why).
 pub fn watch(path: &Path) {
     let Some(entry) = Watched::open(path) else {
+        if !path.exists() {
+            let mut m = MISSING.lock().unwrap_or_else(|e| e.into_inner());
+            if !m.iter().any(|p| p == path) {
+                m.push(path.to_path_buf());
+            }
+        }
         return;
     };
     let mut w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,14 +97,22 @@ pub fn changed() -> Option<PathBuf> {
     }
     let answer = {
         let w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
-        w.as_ref().and_then(|m| {
-            m.iter()
-                .find(|(_, w)| has_changed(w))
-                .map(|(p, _)| p.clone())
-        })
+        w.as_ref()
+            .and_then(|m| {
+                m.iter()
+                    .find(|(_, w)| has_changed(w))
+                    .map(|(p, _)| p.clone())
+            })
+            .or_else(appeared)
     };
     *last = Some((Instant::now(), answer.clone()));
     answer
+}
+
+/// A table file that was missing and now exists.
+fn appeared() -> Option<PathBuf> {
+    let m = MISSING.lock().unwrap_or_else(|e| e.into_inner());
+    m.iter().find(|p| p.exists()).cloned()
 }
 
 /// A table file that changed and that this process cannot read again:
@@ -99,18 +121,39 @@ pub fn changed() -> Option<PathBuf> {
 /// restarts for these. Looks every time (an fstat per file): a daemon
 /// that has just failed to reopen a table must not go on with what it
 /// has left of it.
+///
+/// A file that was missing and has appeared counts too: what a process
+/// opened without it (a domain list, a surrogate table) is opened again
+/// by a fresh process.
 pub fn stale() -> Option<PathBuf> {
     let w = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
-    w.as_ref().and_then(|m| {
-        m.iter()
-            .find(|(p, w)| has_changed(w) && File::open(p).is_err())
-            .map(|(p, _)| p.clone())
-    })
+    w.as_ref()
+        .and_then(|m| {
+            m.iter()
+                .find(|(p, w)| has_changed(w) && File::open(p).is_err())
+                .map(|(p, _)| p.clone())
+        })
+        .or_else(appeared)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_file_that_appears_is_a_change() {
+        let dir = std::env::temp_dir().join(format!("ptwatch-m-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("later.db");
+        watch(&f);
+        // (Other tests' files may have appeared: this one's is asked for.)
+        let seen = || MISSING.lock().unwrap().contains(&f) && f.exists();
+        assert!(!seen() && appeared() != Some(f.clone()));
+        std::fs::write(&f, "x").unwrap();
+        assert!(seen() && appeared().is_some());
+        assert!(stale().is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_rewrite_or_a_replacement_is_a_change() {

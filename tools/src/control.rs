@@ -259,10 +259,18 @@ fn check_tables(cfg: &Config) -> usize {
     names.push("alias_maps".into());
     names.sort();
     names.dedup();
+    // The restriction classes are lists of restrictions too.
+    let classes = cfg.get_list("smtpd_restriction_classes");
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for name in names {
-        for spec in table_specs(&name, &cfg.get(&name)) {
+        let value = cfg.get(&name);
+        let specs = if classes.contains(&name) {
+            table_specs("smtpd_class_restrictions", &value)
+        } else {
+            table_specs(&name, &value)
+        };
+        for spec in specs {
             if !seen.insert(spec.clone()) {
                 continue;
             }
@@ -296,13 +304,23 @@ fn table_specs(name: &str, value: &str) -> Vec<String> {
     if name.ends_with("_sasl_password_maps") || name.ends_with("_tls_policy_maps") {
         return Vec::new();
     }
+    // proxymap's lists name tables that their own parameters use.
+    if name == "proxy_read_maps" || name == "proxy_write_maps" {
+        return Vec::new();
+    }
     let items = postern_common::maps::split_specs(value);
     let is_table = |i: &str| {
         matches!(i.split_once(':'), Some((kind, _))
             if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
     };
     if name.ends_with("_maps") || name.ends_with("_checks") {
+        // `$other_maps` expanded may bring names along (a list that
+        // also holds domains): tables are opened, and a file name without
+        // its type is reported (Postfix wants type:name).
         items
+            .into_iter()
+            .filter(|i| is_table(i) || i.starts_with('/'))
+            .collect()
     } else if name.ends_with("_domains") || name == "mydestination" {
         items.into_iter().filter(|i| is_table(i)).collect()
     } else if name.ends_with("_restrictions") || name.ends_with("_restriction_classes") {
