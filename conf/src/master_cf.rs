@@ -146,6 +146,20 @@ impl Service {
         }
     }
 
+    /// Why Postern cannot honour this service as Postfix would run it
+    /// (`postern check` and `postern start` refuse the configuration);
+    /// `None` when it can (run, or done elsewhere without a difference).
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match self.command.as_str() {
+            "qmqpd" => Some("QMQP is not offered"),
+            "spawn" => Some(
+                "spawn(8) is not offered (a policy server it would start is not consulted either)",
+            ),
+            "oqmgr" => Some("the old queue manager is not offered: qmgr schedules"),
+            _ => None,
+        }
+    }
+
     /// The program master runs for this service, `None` when it runs
     /// none (see [`Service::role`]).
     pub fn program(&self) -> Option<&str> {

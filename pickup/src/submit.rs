@@ -12,12 +12,15 @@ use std::time::Duration;
 
 pub struct Settings {
     timeout: Duration,
+    /// `cleanup_service_name`: the cleanup service's socket in `public/`.
+    cleanup_service: String,
 }
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
         Settings {
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
+            cleanup_service: cfg.get("cleanup_service_name").trim().to_string(),
         }
     }
 }
@@ -53,7 +56,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Ok(m) => m,
         Err(refused) => return refused,
     };
-    let path = tree.cleanup_socket();
+    let path = tree.socket(false, &s.cleanup_service);
     let mut conn = match ipc::connect(&path, s.timeout) {
         Ok(c) => c,
         Err(e) => return Outcome::TryLater(format!("cleanup unavailable: {e}")),

@@ -162,8 +162,10 @@ impl Settings {
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").map_err(e)?.max(1)),
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),
             session_limit: cfg.get_u64("smtpd_client_session_limit").map_err(e)?.max(1) as usize,
+            // `cleanup_service_name` (a master.cf `-o` gives submission
+            // its own, header-scrubbing cleanup): public/NAME, as Postfix.
             cleanup_socket: QueueTree::new(postern_common::service::queue_directory(cfg))
-                .cleanup_socket(),
+                .socket(false, cfg.get("cleanup_service_name").trim()),
             tls_auth_only: tls_level == TlsLevel::Encrypt
                 || cfg.get_bool("smtpd_tls_auth_only").map_err(e)?,
             tls_level,
@@ -198,10 +200,11 @@ impl Settings {
                 time_unit: Duration::from_secs(
                     cfg.get_time("anvil_rate_time_unit").map_err(e)?.max(1),
                 ),
-                exceptions: postern_common::cidr::CidrList::parse(
-                    &cfg.get_list("smtpd_client_event_limit_exceptions"),
-                )
-                .map_err(|e| format!("smtpd_client_event_limit_exceptions: {e}"))?,
+                exceptions: postern_common::match_list::MatchList::from_config(
+                    cfg,
+                    "smtpd_client_event_limit_exceptions",
+                    postern_common::match_list::Kind::NameAddress,
+                )?,
             },
             service: "smtpd".into(),
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,

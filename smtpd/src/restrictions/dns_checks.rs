@@ -40,10 +40,13 @@ impl Restrictions {
                     .recipient
                     .filter(|r| !self.final_destination(r))
                     .map(|r| Query::Domain(addr::domain(r))),
-                "reject_rbl_client" => item.arg.as_ref().map(|a| {
+                "reject_rbl_client" | "permit_dnswl_client" => item.arg.as_ref().map(|a| {
                     let domain = a.split_once('=').map(|(d, _)| d).unwrap_or(a);
                     Query::Rbl(dns::rbl_name(req.ip(), domain))
                 }),
+                n if n.starts_with("reject_rhsbl_") || n == "permit_rhswl_client" => {
+                    Self::rhs_query(item, req)
+                }
                 "reject_unknown_helo_hostname" => req
                     .helo
                     .filter(|h| !is_address_literal(h))
@@ -128,6 +131,87 @@ impl Restrictions {
                     req.ip()
                 ))
             }
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// `permit_dnswl_client domain[=address]` (the client's address in
+    /// the list) and `permit_rhswl_client` (its name): listed permits.
+    pub(super) fn dns_whitelist(item: &Item, req: &Request<'_>) -> Verdict {
+        let q = if item.name == "permit_dnswl_client" {
+            let Some(arg) = &item.arg else {
+                return Verdict::Dunno;
+            };
+            let domain = arg.split_once('=').map(|(d, _)| d).unwrap_or(arg);
+            Query::Rbl(dns::rbl_name(req.ip(), domain))
+        } else {
+            match Self::rhs_query(item, req) {
+                Some(q) => q,
+                None => return Verdict::Dunno,
+            }
+        };
+        match Self::dns_answer(req, &q) {
+            Some(Answer::Found(ips)) if Self::listed(item, ips) => Verdict::Permit,
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// The domain a `reject_rhsbl_*`/`permit_rhswl_client` restriction
+    /// looks up, with what Postfix's reply calls it.
+    fn rhs_domain(item: &Item, req: &Request<'_>) -> Option<(String, &'static str)> {
+        let known = |n: &str| (n != "unknown" && !n.is_empty()).then(|| n.to_ascii_lowercase());
+        let (d, what) = match item.name.as_str() {
+            "reject_rhsbl_client" | "permit_rhswl_client" => {
+                (known(req.client_name)?, "Client host")
+            }
+            "reject_rhsbl_reverse_client" => {
+                (known(req.client_reverse_name)?, "Unverified Client host")
+            }
+            "reject_rhsbl_helo" => (
+                req.helo
+                    .filter(|h| !is_address_literal(h))?
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase(),
+                "Helo command",
+            ),
+            "reject_rhsbl_sender" => (addr::domain(req.sender?), "Sender address"),
+            "reject_rhsbl_recipient" => (addr::domain(req.recipient?), "Recipient address"),
+            _ => return None,
+        };
+        (!d.is_empty()).then_some((d, what))
+    }
+
+    fn rhs_query(item: &Item, req: &Request<'_>) -> Option<Query> {
+        let list = item.arg.as_ref()?;
+        let list = list.split_once('=').map(|(d, _)| d).unwrap_or(list);
+        let (d, _) = Self::rhs_domain(item, req)?;
+        Some(Query::Rbl(format!("{d}.{list}")))
+    }
+
+    /// The answer lists the name (with the `=address` the argument asks
+    /// for, if any).
+    fn listed(item: &Item, ips: &[IpAddr]) -> bool {
+        let filter = item
+            .arg
+            .as_ref()
+            .and_then(|a| a.split_once('='))
+            .and_then(|(_, f)| f.parse::<IpAddr>().ok());
+        filter.is_none_or(|f| ips.contains(&f))
+    }
+
+    /// `reject_rhsbl_client`, `_reverse_client`, `_helo`, `_sender`,
+    /// `_recipient` `domain[=address]`: that name is in the list.
+    pub(super) fn rhsbl(item: &Item, req: &Request<'_>) -> Verdict {
+        let (Some(q), Some((d, what))) = (Self::rhs_query(item, req), Self::rhs_domain(item, req))
+        else {
+            return Verdict::Dunno;
+        };
+        let list = item.arg.as_deref().unwrap_or_default();
+        let list = list.split_once('=').map(|(l, _)| l).unwrap_or(list);
+        match Self::dns_answer(req, &q) {
+            Some(Answer::Found(ips)) if Self::listed(item, ips) => Verdict::Reject(format!(
+                "554 5.7.1 Service unavailable; {what} [{d}] blocked using {list}"
+            )),
             _ => Verdict::Dunno,
         }
     }
