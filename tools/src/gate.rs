@@ -177,6 +177,9 @@ fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)>
     if norm(value) == norm(dflt) {
         return None;
     }
-    let tls = why.starts_with("this TLS setting");
-    Some((!tls, format!("not honoured by Postern: {why}")))
+    // TLS settings rustls does not take, and the milter settings that
+    // only tune milters (an error comes from smtpd_milters or
+    // non_smtpd_milters naming one), change nothing that is asked for.
+    let tuning = why.starts_with("this TLS setting") || name.starts_with("milter_");
+    Some((!tuning, format!("not honoured by Postern: {why}")))
 }
