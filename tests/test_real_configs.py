@@ -412,3 +412,23 @@ def test_cleanup_service_name_override_is_applied(make_postern, local_users):
     log = p.maillog.read_text()
     # syslog_name = postfix/$service_name: the service's own name.
     assert re.search(rf"postfix/127\.0\.0\.1:{sub_port}/smtpd\[\d+\]", log), log[-2000:]
+
+
+def test_receive_override_options_reach_cleanup(make_postern, local_users):
+    """`-o receive_override_options=no_header_body_checks` on pickup (as
+    docker-mailserver's master.cf has it): locally submitted mail skips
+    header_checks; mail by SMTP still meets them."""
+    p = make_postern(
+        start=False,
+        files={"etc/hc": "/^X-Bad:/ REJECT bad header\n"},
+        params={"header_checks": lambda p: f"regexp:{p.etc}/hc"},
+        master_cf_extra=("pickup unix n - n 60 1 pickup "
+                         "-o receive_override_options=no_header_body_checks",))
+    p.start()
+    user = h.LOCAL_USERS[0]
+    r = p.sendmail(["-f", "s@client.test", f"{user}@{h.MYHOSTNAME}"],
+                   b"Subject: via-pickup\nX-Bad: 1\n\nbody\n")
+    assert r.returncode == 0, h.describe(r)
+    assert b"X-Bad: 1" in h.wait_for_messages(user, "Subject: via-pickup")[0][1]
+    code, text = send(p.port, f"{user}@{h.MYHOSTNAME}", "Subject: via-smtp\nX-Bad: 1\n\nbody\n")
+    assert code == 554 and "bad header" in text, (code, text)

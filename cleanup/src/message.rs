@@ -243,12 +243,25 @@ impl<'a> Message<'a> {
             });
         }
         let rw = &settings.rewriter;
+        // receive_override_options = no_address_mappings (a content
+        // filter's re-injection: the mapping was done before).
+        let map = new.flags & cleanup_flags::NO_ADDRESS_MAPPINGS == 0;
         new.sender = settings.local_rewrite(&new.sender);
-        new.sender = rw.address(&new.sender, "envelope_sender");
+        if map {
+            new.sender = rw.address(&new.sender, "envelope_sender");
+        }
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
             let given = settings.local_rewrite(&r.address);
-            for r in rewrite_recipient(rw, r, &given)? {
+            let mapped = if map {
+                rewrite_recipient(rw, r, &given)?
+            } else {
+                vec![Recipient {
+                    address: given.clone(),
+                    ..r
+                }]
+            };
+            for r in mapped {
                 if !self.dups.recipient(&r, settings.original_recipient) {
                     recipients.push(r);
                 }
@@ -622,7 +635,8 @@ impl<'a> Message<'a> {
 
     fn body_checked(&self) -> bool {
         self.settings.rewriter.has_body_checks()
-            && self.new.flags & cleanup_flags::NOTIFICATION == 0
+            && self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_HEADER_BODY_CHECKS)
+                == 0
     }
 
     /// Body content, line by line through `body_checks`.
@@ -725,7 +739,11 @@ impl<'a> Message<'a> {
     /// addresses in sender and recipient headers.
     fn rewrite_headers(&mut self) -> Result<(), Refusal> {
         let rw = &self.settings.rewriter;
-        let check = rw.has_header_checks() && self.new.flags & cleanup_flags::NOTIFICATION == 0;
+        let check = rw.has_header_checks()
+            && self.new.flags
+                & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_HEADER_BODY_CHECKS)
+                == 0;
+        let map = self.new.flags & cleanup_flags::NO_ADDRESS_MAPPINGS == 0;
         let old = std::mem::take(&mut self.headers);
         let mut out = Vec::with_capacity(old.len());
         for mut h in old {
@@ -756,7 +774,7 @@ impl<'a> Message<'a> {
                     }
                 }
             }
-            if let Some(class) = rewrite::header_class(&h.name) {
+            if let Some(class) = rewrite::header_class(&h.name).filter(|_| map) {
                 let mut text = String::from_utf8_lossy(&h.text).into_owned();
                 let mut changed = false;
                 for a in headers::addresses(&h.value()) {

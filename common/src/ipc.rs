@@ -125,6 +125,35 @@ pub mod cleanup_flags {
     /// bounce to the sender (local submission: sendmail has already exited
     /// 0, nobody is left to hear a refusal).
     pub const BOUNCE_ON_REFUSAL: u32 = 8;
+    /// `receive_override_options = no_unknown_recipient_checks` (smtpd's
+    /// own: it skips `smtpd_reject_unlisted_recipient`).
+    pub const NO_UNKNOWN_RCPT_CHECKS: u32 = 16;
+    /// `no_address_mappings`: no canonical, masquerade or virtual alias
+    /// mapping.
+    pub const NO_ADDRESS_MAPPINGS: u32 = 32;
+    /// `no_header_body_checks`: no header_checks or body_checks.
+    pub const NO_HEADER_BODY_CHECKS: u32 = 64;
+    /// `no_milters`: no milter (Postern calls none anyway).
+    pub const NO_MILTERS: u32 = 128;
+
+    /// The bits of a `receive_override_options` value (Postfix's
+    /// names, separated by commas or white space); Err names an unknown one.
+    pub fn receive_overrides(value: &str) -> Result<u32, String> {
+        let mut bits = 0;
+        for w in value
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+        {
+            bits |= match w.to_ascii_lowercase().as_str() {
+                "no_unknown_recipient_checks" => NO_UNKNOWN_RCPT_CHECKS,
+                "no_address_mappings" => NO_ADDRESS_MAPPINGS,
+                "no_header_body_checks" => NO_HEADER_BODY_CHECKS,
+                "no_milters" => NO_MILTERS,
+                _ => return Err(format!("receive_override_options: unknown option: {w}")),
+            };
+        }
+        Ok(bits)
+    }
 }
 
 /// What a client tells cleanup about a new message, before its content.

@@ -14,6 +14,8 @@ pub struct Settings {
     timeout: Duration,
     /// `cleanup_service_name`: the cleanup service's socket in `public/`.
     cleanup_service: String,
+    /// `receive_override_options`, as `cleanup_flags` bits.
+    receive_overrides: u32,
 }
 
 impl Settings {
@@ -21,6 +23,11 @@ impl Settings {
         Settings {
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
             cleanup_service: cfg.get("cleanup_service_name").trim().to_string(),
+            // An unknown option fails `postern check`; here it is dropped.
+            receive_overrides: postern_common::ipc::cleanup_flags::receive_overrides(
+                &cfg.get("receive_override_options"),
+            )
+            .unwrap_or(0),
         }
     }
 }
@@ -53,7 +60,10 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Err(e) => return Outcome::Corrupt(e.to_string()),
     };
     let (new, uid) = match new_message(&env, file) {
-        Ok(m) => m,
+        Ok((mut m, uid)) => {
+            m.flags |= s.receive_overrides;
+            (m, uid)
+        }
         Err(refused) => return refused,
     };
     let path = tree.socket(false, &s.cleanup_service);

@@ -14,6 +14,9 @@ use std::time::Duration;
 /// Everything the sessions and the event loop need from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `receive_override_options` as `cleanup_flags` bits, passed to
+    /// cleanup with each message.
+    pub receive_overrides: u32,
     pub myhostname: String,
     pub mail_name: String,
     /// The text after `220 ` in the greeting.
@@ -143,7 +146,15 @@ impl Settings {
         } else {
             None
         };
+        let receive_overrides = postern_common::ipc::cleanup_flags::receive_overrides(
+            &cfg.get("receive_override_options"),
+        )?;
+        let mut restrictions = Restrictions::from_config(cfg)?;
+        if receive_overrides & postern_common::ipc::cleanup_flags::NO_UNKNOWN_RCPT_CHECKS != 0 {
+            restrictions.skip_unlisted_recipient_checks();
+        }
         Ok(Settings {
+            receive_overrides,
             myhostname: cfg.get("myhostname"),
             mail_name: cfg.get("mail_name"),
             banner: cfg.get("smtpd_banner"),
@@ -157,7 +168,7 @@ impl Settings {
             helo_required: cfg.get_bool("smtpd_helo_required").map_err(e)?,
             disable_vrfy: cfg.get_bool("disable_vrfy_command").map_err(e)?,
             line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize).max(512),
-            restrictions: Restrictions::from_config(cfg)?,
+            restrictions,
             timeout: Duration::from_secs(cfg.get_time("smtpd_timeout").map_err(e)?.max(1)),
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").map_err(e)?.max(1)),
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),

@@ -46,14 +46,6 @@ pub const MATCH_LISTS: &[(&str, Kind)] = &[
     ("debug_peer_list", Kind::NameAddress),
 ];
 
-/// `receive_override_options` values.
-const RECEIVE_OVERRIDES: &[&str] = &[
-    "no_unknown_recipient_checks",
-    "no_address_mappings",
-    "no_header_body_checks",
-    "no_milters",
-];
-
 /// Everything the gate finds in `cfg` and its master.cf `services`.
 pub fn check(cfg: &Config, services: &[Service]) -> Findings {
     let mut f = Findings::default();
@@ -155,16 +147,9 @@ pub fn check(cfg: &Config, services: &[Service]) -> Findings {
 /// is Postfix's default (nothing asked of Postern).
 fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)> {
     if name == "receive_override_options" {
-        let bad: Vec<String> = split_braced(&cfg.expand(value), true)
-            .into_iter()
-            .filter(|o| !RECEIVE_OVERRIDES.contains(&o.as_str()))
-            .collect();
-        return (!bad.is_empty()).then(|| {
-            (
-                true,
-                format!("unknown receive override option: {}", bad.join(", ")),
-            )
-        });
+        return postern_common::ipc::cleanup_flags::receive_overrides(&cfg.expand(value))
+            .err()
+            .map(|e| (true, e));
     }
     let (status, why) = postfix_params::status_of(name)?;
     if status != Status::Unsupported {

@@ -341,6 +341,13 @@ impl Restrictions {
         }
     }
 
+    /// `receive_override_options = no_unknown_recipient_checks`: no
+    /// `smtpd_reject_unlisted_recipient` (a content filter's re-injection
+    /// port).
+    pub fn skip_unlisted_recipient_checks(&mut self) {
+        self.reject_unlisted = false;
+    }
+
     /// Whether the client is in `mynetworks`.
     pub fn in_mynetworks(&self, ip: IpAddr) -> bool {
         self.mynetworks.matches_addr(ip)

@@ -253,7 +253,7 @@ impl Session {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
             attrs,
-            flags: 0,
+            flags: self.cfg.receive_overrides,
             origin: "smtpd".to_string(),
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();

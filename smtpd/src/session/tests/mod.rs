@@ -21,6 +21,7 @@ use std::time::Duration;
 fn settings() -> Settings {
     let split = |s: &str| postern_conf::split_list(s);
     Settings {
+        receive_overrides: 0,
         myhostname: "mx.example".into(),
         mail_name: "Postern".into(),
         banner: "mx.example ESMTP Postern".into(),
