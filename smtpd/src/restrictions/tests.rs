@@ -2,7 +2,7 @@ use super::access::{address_keys, client_keys, is_dsn};
 use super::*;
 
 fn items(s: &str) -> Vec<Item> {
-    parse_list(&postern_conf::split_list(s))
+    parse_list(&postern_common::restriction::words(s))
 }
 
 fn r(relay: &str, rcpt: &str) -> Restrictions {
@@ -310,4 +310,90 @@ fn open_relay_refused() {
     )
     .unwrap_err();
     assert!(e.contains("specify at least one working instance"), "{e}");
+}
+
+/// The restrictions added with the shared grammar: DNS white and
+/// right-hand-side lists, check_sasl_access, warn_if_reject and classes.
+#[test]
+fn dns_lists_sasl_access_warn_and_classes() {
+    use crate::dns::{Answer, Query};
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Sender,
+        items("permit_dnswl_client wl.example, reject_rhsbl_sender dbl.example=127.0.1.2"),
+    );
+    let mut q = req("192.0.2.7", "a@mx.example");
+    q.sender = Some("s@spam.example");
+    let needed = p.dns_needed(Stage::Recipient, &q);
+    let wl = Query::Rbl("7.2.0.192.wl.example".into());
+    let dbl = Query::Rbl("spam.example.dbl.example".into());
+    assert!(needed.contains(&wl) && needed.contains(&dbl), "{needed:?}");
+    let mut answers = std::collections::HashMap::new();
+    answers.insert(
+        dbl.clone(),
+        Answer::Found(vec!["127.0.1.2".parse().unwrap()]),
+    );
+    q.dns = Some(&answers);
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("554 5.7.1 Service unavailable; Sender address [spam.example] blocked using dbl.example")
+    );
+    // Another answer than the one asked for does not list.
+    let mut other = std::collections::HashMap::new();
+    other.insert(
+        dbl.clone(),
+        Answer::Found(vec!["127.0.1.9".parse().unwrap()]),
+    );
+    q.dns = Some(&other);
+    assert_eq!(p.check_recipient(&q), None);
+    // Whitelisted first: permitted before the RHSBL is read.
+    let mut both = answers.clone();
+    both.insert(wl, Answer::Found(vec!["127.0.0.2".parse().unwrap()]));
+    q.dns = Some(&both);
+    assert_eq!(p.check_recipient(&q), None);
+
+    // check_sasl_access by login name; warn_if_reject only logs.
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Client,
+        items("check_sasl_access inline:{ mallory=REJECT blocked login }"),
+    );
+    let mut q = req("127.0.0.1", "a@mx.example");
+    q.sasl_username = Some("mallory");
+    assert!(p
+        .check_recipient(&q)
+        .unwrap()
+        .contains("Client host rejected: blocked login"));
+    p.set_list(
+        Stage::Client,
+        items("warn_if_reject check_sasl_access inline:{ mallory=REJECT blocked login }"),
+    );
+    assert_eq!(p.check_recipient(&q), None);
+
+    // A restriction class, by name.
+    let cfg = Config::from_text(
+        std::path::Path::new("/nonexistent"),
+        "smtpd_restriction_classes = strict\nstrict = reject\n\
+         smtpd_recipient_restrictions = check_recipient_access inline:{ a@mx.example=strict }, \
+         reject_unauth_destination\nmynetworks = 127.0.0.1/32\nmydestination = mx.example\n",
+        std::path::Path::new("main.cf"),
+    )
+    .unwrap();
+    let p = Restrictions::from_config(&cfg).unwrap();
+    assert!(p
+        .check_recipient(&req("192.0.2.1", "a@mx.example"))
+        .unwrap()
+        .starts_with("554 5.7.1 <a@mx.example>: Recipient address rejected"));
+    assert_eq!(p.check_recipient(&req("192.0.2.1", "b@mx.example")), None);
+    // An unknown restriction in a class stops smtpd at start.
+    let cfg = Config::from_text(
+        std::path::Path::new("/nonexistent"),
+        "smtpd_restriction_classes = strict\nstrict = reject_bogus\n",
+        std::path::Path::new("main.cf"),
+    )
+    .unwrap();
+    assert_eq!(
+        Restrictions::from_config(&cfg).unwrap_err(),
+        "strict: reject_bogus: unknown restriction"
+    );
 }
