@@ -318,6 +318,9 @@ mod tests {
         let idn = MatchList::parse("bücher.test", Kind::String, false).unwrap();
         assert!(idn.matches_name("xn--bcher-kva.test"));
         assert!(idn.matches_name("BÜCHER.test"));
+        assert!(!idn.matches_name("buecher.test"));
+        let sub = MatchList::parse(".xn--mller-kva.test", Kind::Domain, false).unwrap();
+        assert!(sub.matches_name("a.müller.test"));
     }
 
     #[test]

@@ -35,7 +35,7 @@
 //! Domain names are compared with their case folded (UTF-8 too); in the
 //! domain lists (`mydestination`, `relay_domains`, `virtual_*_domains`)
 //! an internationalized name matches in its U-label and A-label forms
-//! alike, as `addr::domain_in_list` does (Postfix 3.7 wants both listed;
+//! alike, as `match_list::MatchList` compares them (Postfix 3.7 wants both listed;
 //! issue #16 asks for either). Table keys are not converted.
 
 use crate::addr;
