@@ -46,6 +46,17 @@ pub const MATCH_LISTS: &[(&str, Kind)] = &[
     ("debug_peer_list", Kind::NameAddress),
 ];
 
+/// Settings that only tune a feature another parameter turns on (an
+/// error comes from that one): warnings.
+const TUNING: &[&str] = &[
+    "smtpd_proxy_timeout",
+    "smtpd_proxy_ehlo",
+    "smtpd_proxy_options",
+    "smtpd_upstream_proxy_timeout",
+    "default_filter_nexthop",
+    "internal_mail_filter_classes",
+];
+
 /// Everything the gate finds in `cfg` and its master.cf `services`.
 pub fn check(cfg: &Config, services: &[Service]) -> Findings {
     let mut f = Findings::default();
@@ -165,6 +176,8 @@ fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)>
     // TLS settings rustls does not take, and the milter settings that
     // only tune milters (an error comes from smtpd_milters or
     // non_smtpd_milters naming one), change nothing that is asked for.
-    let tuning = why.starts_with("this TLS setting") || name.starts_with("milter_");
+    let tuning = why.starts_with("this TLS setting")
+        || name.starts_with("milter_")
+        || TUNING.contains(&name);
     Some((!tuning, format!("not honoured by Postern: {why}")))
 }
