@@ -432,3 +432,23 @@ def test_receive_override_options_reach_cleanup(make_postern, local_users):
     assert b"X-Bad: 1" in h.wait_for_messages(user, "Subject: via-pickup")[0][1]
     code, text = send(p.port, f"{user}@{h.MYHOSTNAME}", "Subject: via-smtp\nX-Bad: 1\n\nbody\n")
     assert code == 554 and "bad header" in text, (code, text)
+
+
+def test_postscreen_pass_service_overrides_reach_smtpd(make_postern):
+    """With postscreen on port 25 (docker-mailserver's and mailcow's
+    master.cf), the SMTP server's settings are the `smtpd pass` service's
+    `-o` overrides: smtpd, which serves the port in postscreen's place,
+    takes them."""
+    p = make_postern(start=False)
+    p.master_cf_extra = [
+        f"127.0.0.1:{p.port} inet n - n - 1 postscreen -o postscreen_greet_action=enforce",
+        "smtpd pass - - n - - smtpd -o { smtpd_banner = $myhostname ESMTP passed-on }",
+    ]
+    p.write_master_cf()
+    p.start()
+    c = h.RawSmtp(p.port)
+    try:
+        banner = c.reply()[0]
+    finally:
+        c.close()
+    assert "passed-on" in banner, banner

@@ -19,7 +19,7 @@
 
 use postern_common::match_list::{Kind, MatchList};
 use postern_common::restriction;
-use postern_conf::master_cf::Service;
+use postern_conf::master_cf::{Service, ServiceType};
 use postern_conf::postfix_params::{self, Status};
 use postern_conf::{split_braced, Config};
 use std::path::Path;
@@ -128,7 +128,8 @@ pub fn check(cfg: &Config, services: &[Service]) -> Findings {
         };
         let mut scfg = cfg.clone();
         scfg.set_overrides(s.overrides.clone());
-        if s.program() == Some("smtpd") {
+        // A `pass` service's overrides are smtpd's (see master_cf::runnable).
+        if s.program() == Some("smtpd") || s.kind == ServiceType::Pass {
             for (name, e) in restriction::check_config(&scfg) {
                 if !main_errors.iter().any(|(n, m)| *n == name && *m == e) {
                     f.errors.push(format!("{}: {e}", at(&name)));
