@@ -32,6 +32,8 @@ NOT_PARAMETERS = {
     "reject_unknown_sender_domain",
     "envelope_sender", "envelope_recipient", "header_sender", "header_recipient",
     "orig_to", "mua_client_restrictions",
+    # Names of the table pages themselves.
+    "pcre_table", "socketmap_table", "tcp_table",
 }
 
 

@@ -6,10 +6,11 @@
 //! content, and the body is streamed straight through.
 
 use crate::headers::{self, Header};
-use crate::rewrite::{self, Action, Rewriter};
+use crate::rewrite::{self, Action, AliasError, Rewriter};
 use postern_common::delivery::{self, LogEntry};
 use postern_common::dupfilter::DupFilter;
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
+use postern_common::maps::LookupError;
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_common::smtputf8;
@@ -116,6 +117,21 @@ impl Refusal {
             temporary: self.temporary,
             dsn: self.dsn.into(),
             reason: self.reason.clone(),
+        }
+    }
+
+    /// A table could not answer: the message is deferred with Postfix's
+    /// generic reply (`451 4.3.0 Error: queue file write error`), the
+    /// table and the cause in the log only, never shown to the client.
+    fn lookup_failure(id: &str, e: &LookupError, key: &str) -> Refusal {
+        warning!(
+            "{id}: {} map lookup problem for {key} -- message not accepted, try again later",
+            e.table
+        );
+        Refusal {
+            temporary: true,
+            dsn: "4.3.0",
+            reason: "queue file write error".into(),
         }
     }
 
@@ -235,26 +251,21 @@ impl<'a> Message<'a> {
                 reason: "no recipients specified".into(),
             });
         }
-        if let Some(e) = settings.rewriter.errors.first() {
-            return Err(Refusal {
-                temporary: true,
-                dsn: "4.3.0",
-                reason: format!("table lookup failure: {e}"),
-            });
-        }
         let rw = &settings.rewriter;
         // receive_override_options = no_address_mappings (a content
         // filter's re-injection: the mapping was done before).
         let map = new.flags & cleanup_flags::NO_ADDRESS_MAPPINGS == 0;
         new.sender = settings.local_rewrite(&new.sender);
         if map {
-            new.sender = rw.address(&new.sender, "envelope_sender");
+            new.sender = rw
+                .address(&new.sender, "envelope_sender")
+                .map_err(|e| Refusal::lookup_failure(&self.id, &e, &new.sender))?;
         }
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
             let given = settings.local_rewrite(&r.address);
             let mapped = if map {
-                rewrite_recipient(rw, r, &given)?
+                rewrite_recipient(&self.id, rw, r, &given)?
             } else {
                 vec![Recipient {
                     address: given.clone(),
@@ -444,7 +455,7 @@ impl<'a> Message<'a> {
         {
             for a in headers::addresses(&h.value()) {
                 let a = s.local_rewrite(&a);
-                for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
+                for r in rewrite_recipient(&self.id, &s.rewriter, Recipient::new(&a), &a)? {
                     if !self.dups.recipient(&r, s.original_recipient) {
                         self.new.recipients.push(r);
                     }
@@ -658,8 +669,15 @@ impl<'a> Message<'a> {
     }
 
     fn body_line(&mut self, line: Vec<u8>) {
-        let action = self.settings.rewriter.check_body_line(&line);
         let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
+        let action = match self.settings.rewriter.check_body_line(&line) {
+            Ok(a) => a,
+            Err(e) => {
+                self.refused
+                    .get_or_insert(Refusal::lookup_failure(&self.id, &e, &text));
+                Action::Keep
+            }
+        };
         let out: Vec<Vec<u8>> = match self.apply("body", &text, action) {
             Applied::Keep => vec![line],
             Applied::Drop => vec![],
@@ -748,10 +766,17 @@ impl<'a> Message<'a> {
         let mut out = Vec::with_capacity(old.len());
         for mut h in old {
             if check {
-                let action = self.settings.rewriter.check_header(&h.text);
                 let text = String::from_utf8_lossy(&h.text)
                     .replace(['\r', '\n'], "")
                     .to_string();
+                let action = match self.settings.rewriter.check_header(&h.text) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.refused
+                            .get_or_insert(Refusal::lookup_failure(&self.id, &e, &text));
+                        Action::Keep
+                    }
+                };
                 match self.apply("header", &text, action) {
                     Applied::Keep => {}
                     Applied::Drop => continue,
@@ -779,7 +804,14 @@ impl<'a> Message<'a> {
                 let mut changed = false;
                 for a in headers::addresses(&h.value()) {
                     let q = self.settings.local_rewrite(&a);
-                    let n = self.settings.rewriter.address(&q, class);
+                    let n = match self.settings.rewriter.address(&q, class) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.refused
+                                .get_or_insert(Refusal::lookup_failure(&self.id, &e, &q));
+                            q.clone()
+                        }
+                    };
                     if n != q && !a.is_empty() {
                         text = text.replace(&a, &n);
                         changed = true;
@@ -937,12 +969,22 @@ enum Applied {
 
 /// Canonical mapping, then virtual aliasing of one envelope recipient;
 /// `given` is its address as given (qualified), kept as the original.
-fn rewrite_recipient(rw: &Rewriter, r: Recipient, given: &str) -> Result<Vec<Recipient>, Refusal> {
-    let canonical = rw.address(given, "envelope_recipient");
-    let expanded = rw.virtual_alias(&canonical).map_err(|e| Refusal {
-        temporary: false,
-        dsn: "5.4.6",
-        reason: e,
+fn rewrite_recipient(
+    id: &str,
+    rw: &Rewriter,
+    r: Recipient,
+    given: &str,
+) -> Result<Vec<Recipient>, Refusal> {
+    let canonical = rw
+        .address(given, "envelope_recipient")
+        .map_err(|e| Refusal::lookup_failure(id, &e, given))?;
+    let expanded = rw.virtual_alias(&canonical).map_err(|e| match e {
+        AliasError::Limit(reason) => Refusal {
+            temporary: false,
+            dsn: "5.4.6",
+            reason,
+        },
+        AliasError::Lookup(e) => Refusal::lookup_failure(id, &e, &canonical),
     })?;
     let original = if r.original.is_empty() {
         given.to_string()

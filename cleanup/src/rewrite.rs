@@ -21,9 +21,12 @@
 //!   `body_checks` (one body line at a time): the first matching rule's
 //!   action: REJECT, DISCARD, HOLD, IGNORE, WARN, REPLACE, PREPEND, DUNNO,
 //!   OK.
+//!
+//! A table that cannot answer ([`LookupError`]) stops the message: cleanup
+//! defers it (4.3.0) rather than queue it unrewritten or unchecked.
 
 use postern_common::addr;
-use postern_common::maps::Tables;
+use postern_common::maps::{LookupError, Tables};
 use postern_common::warning;
 use postern_conf::Config;
 
@@ -87,9 +90,21 @@ pub struct Rewriter {
     local_domains: Vec<String>,
     /// Which domains are this machine's (the one resolver's answer).
     domains: postern_common::resolve::Resolver,
-    /// Tables that could not be opened: messages are deferred (4.3.0)
-    /// rather than delivered unrewritten.
-    pub errors: Vec<String>,
+}
+
+/// Why virtual alias expansion of a recipient stopped.
+#[derive(Debug)]
+pub enum AliasError {
+    /// Too deep or too wide: the message is refused (5.4.6).
+    Limit(String),
+    /// A table could not answer: the message is deferred.
+    Lookup(LookupError),
+}
+
+impl From<LookupError> for AliasError {
+    fn from(e: LookupError) -> AliasError {
+        AliasError::Lookup(e)
+    }
 }
 
 fn lower_list(cfg: &Config, name: &str) -> Vec<String> {
@@ -101,10 +116,13 @@ fn lower_list(cfg: &Config, name: &str) -> Vec<String> {
 
 impl Rewriter {
     pub fn from_config(cfg: &Config) -> Rewriter {
-        let mut errors = Vec::new();
-        let mut open = |name: &str| {
+        // A table that cannot be opened stays, failing every lookup:
+        // the messages that need it are deferred.
+        let open = |name: &str| {
             let (t, bad) = Tables::open_list(&cfg.get(name));
-            errors.extend(bad.into_iter().map(|e| format!("{name}: {e}")));
+            for e in bad {
+                warning!("{name}: {e}");
+            }
             t
         };
         let canonical = open("canonical_maps");
@@ -128,7 +146,6 @@ impl Rewriter {
             body_checks,
             local_domains,
             domains: postern_common::resolve::Resolver::domains_only(cfg),
-            errors,
         }
     }
 
@@ -141,14 +158,14 @@ impl Rewriter {
     }
 
     /// One table lookup of Postfix's address forms; `None`: not found.
-    fn map_one(&self, t: &Tables, address: &str) -> Option<String> {
+    fn map_one(&self, t: &Tables, address: &str) -> Result<Option<String>, LookupError> {
         if t.is_empty() || address.is_empty() {
-            return None;
+            return Ok(None);
         }
         let (user, domain) = addr::split(address);
         let domain = domain.unwrap_or("");
-        if let Some(v) = t.lookup(address) {
-            return Some(v.trim().to_string());
+        if let Some(v) = t.lookup(address)? {
+            return Ok(Some(v.trim().to_string()));
         }
         // Postfix's mail_addr_find: the bare user when the domain is
         // `myorigin` or local.
@@ -159,32 +176,32 @@ impl Rewriter {
                 .is_some_and(|o| o.eq_ignore_ascii_case(domain))
                 || self.domains.is_local_domain(domain));
         if local {
-            if let Some(v) = t.lookup(user) {
-                return Some(addr::qualify(v.trim(), domain));
+            if let Some(v) = t.lookup(user)? {
+                return Ok(Some(addr::qualify(v.trim(), domain)));
             }
         }
         if !domain.is_empty() {
-            if let Some(v) = t.lookup(&format!("@{domain}")) {
+            if let Some(v) = t.lookup(&format!("@{domain}"))? {
                 let v = v.trim();
-                return Some(match v.strip_prefix('@') {
+                return Ok(Some(match v.strip_prefix('@') {
                     Some(d) => format!("{user}@{d}"),
                     None => v.to_string(),
-                });
+                }));
             }
         }
-        None
+        Ok(None)
     }
 
-    fn canonical(&self, address: &str, sender: bool) -> String {
+    fn canonical(&self, address: &str, sender: bool) -> Result<String, LookupError> {
         let first = if sender {
             &self.sender_canonical
         } else {
             &self.recipient_canonical
         };
         let a = self
-            .map_one(first, address)
+            .map_one(first, address)?
             .unwrap_or_else(|| address.to_string());
-        self.map_one(&self.canonical, &a).unwrap_or(a)
+        Ok(self.map_one(&self.canonical, &a)?.unwrap_or(a))
     }
 
     fn masquerade(&self, address: &str) -> String {
@@ -219,20 +236,21 @@ impl Rewriter {
 
     /// Rewrites an address of the given class (`envelope_sender`,
     /// `envelope_recipient`, `header_sender`, `header_recipient`).
-    pub fn address(&self, address: &str, class: &str) -> String {
+    /// Err: a canonical table could not answer.
+    pub fn address(&self, address: &str, class: &str) -> Result<String, LookupError> {
         let sender = class.ends_with("sender");
         let mut a = address.to_string();
         if self.class(&self.canonical_classes, class) {
-            a = self.canonical(&a, sender);
+            a = self.canonical(&a, sender)?;
         }
         if !self.masquerade_domains.is_empty() && self.class(&self.masquerade_classes, class) {
             a = self.masquerade(&a);
         }
-        a
+        Ok(a)
     }
 
     /// The recipients `address` becomes through `virtual_alias_maps`.
-    pub fn virtual_alias(&self, address: &str) -> Result<Vec<String>, String> {
+    pub fn virtual_alias(&self, address: &str) -> Result<Vec<String>, AliasError> {
         if self.virtual_alias.is_empty() {
             return Ok(vec![address.to_string()]);
         }
@@ -247,25 +265,25 @@ impl Rewriter {
         depth: usize,
         chain: &mut Vec<String>,
         out: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), AliasError> {
         if depth > VIRTUAL_DEPTH {
-            return Err(format!(
+            return Err(AliasError::Limit(format!(
                 "virtual alias recursion limit exceeded for {address}"
-            ));
+            )));
         }
         let key = address.to_ascii_lowercase();
         let found = if chain.contains(&key) {
             None
         } else {
-            self.map_one(&self.virtual_alias, address)
+            self.map_one(&self.virtual_alias, address)?
         };
         match found {
             None => {
                 if !out.iter().any(|o: &String| o.eq_ignore_ascii_case(address)) {
                     if out.len() >= VIRTUAL_EXPANSION {
-                        return Err(format!(
+                        return Err(AliasError::Limit(format!(
                             "virtual alias expansion limit exceeded for {address}"
-                        ));
+                        )));
                     }
                     out.push(address.to_string());
                 }
@@ -290,24 +308,24 @@ impl Rewriter {
         }
     }
 
-    fn check(t: &Tables, text: &str) -> Action {
+    fn check(t: &Tables, text: &str) -> Result<Action, LookupError> {
         for table in &t.0 {
-            if let Some(r) = table.lookup_expanded(text) {
-                return Action::parse(&r);
+            if let Some(r) = table.lookup_expanded(text)? {
+                return Ok(Action::parse(&r));
             }
         }
-        Action::Keep
+        Ok(Action::Keep)
     }
 
     /// `header_checks` on one logical header (folded lines joined).
-    pub fn check_header(&self, header_text: &[u8]) -> Action {
+    pub fn check_header(&self, header_text: &[u8]) -> Result<Action, LookupError> {
         let s = String::from_utf8_lossy(header_text);
         let unfolded = s.trim_end_matches(['\r', '\n']).replace(['\r', '\n'], "");
         Self::check(&self.header_checks, &unfolded)
     }
 
     /// `body_checks` on one body line (without its newline).
-    pub fn check_body_line(&self, line: &[u8]) -> Action {
+    pub fn check_body_line(&self, line: &[u8]) -> Result<Action, LookupError> {
         let s = String::from_utf8_lossy(line);
         Self::check(&self.body_checks, s.trim_end_matches(['\r', '\n']))
     }
@@ -348,9 +366,7 @@ mod tests {
             std::path::Path::new("main.cf"),
         )
         .unwrap();
-        let r = Rewriter::from_config(&cfg);
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        r
+        Rewriter::from_config(&cfg)
     }
 
     #[test]
@@ -360,28 +376,32 @@ mod tests {
                     masquerade_domains = !keep.example.test, example.test\n\
                     masquerade_exceptions = root\n");
         assert_eq!(
-            r.address("root@h.test", "envelope_sender"),
+            r.address("root@h.test", "envelope_sender").unwrap(),
             "Admin@Example.test"
         );
         assert_eq!(
-            r.address("root@h.test", "envelope_recipient"),
+            r.address("root@h.test", "envelope_recipient").unwrap(),
             "root@h.test"
         );
-        assert_eq!(r.address("u@old.test", "header_recipient"), "u@new.test");
         assert_eq!(
-            r.address("u@a.b.example.test", "envelope_sender"),
+            r.address("u@old.test", "header_recipient").unwrap(),
+            "u@new.test"
+        );
+        assert_eq!(
+            r.address("u@a.b.example.test", "envelope_sender").unwrap(),
             "u@example.test"
         );
         assert_eq!(
-            r.address("u@a.b.example.test", "envelope_recipient"),
+            r.address("u@a.b.example.test", "envelope_recipient")
+                .unwrap(),
             "u@a.b.example.test"
         );
         assert_eq!(
-            r.address("u@x.keep.example.test", "header_sender"),
+            r.address("u@x.keep.example.test", "header_sender").unwrap(),
             "u@x.keep.example.test"
         );
         assert_eq!(
-            r.address("root@a.example.test", "header_sender"),
+            r.address("root@a.example.test", "header_sender").unwrap(),
             "root@a.example.test"
         );
     }

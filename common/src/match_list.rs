@@ -21,9 +21,12 @@
 //!
 //! Lists are read once, when the daemon starts; a table or file that
 //! cannot be read is an error the caller reports with the parameter name.
+//! A table that cannot answer a lookup makes the match an error
+//! ([`LookupError`]): the caller defers, as Postfix does, and never takes
+//! it for "not in the list".
 
 use crate::cidr::Cidr;
-use crate::maps::Table;
+use crate::maps::{LookupError, Table};
 use postern_conf::Config;
 use std::net::IpAddr;
 
@@ -185,10 +188,10 @@ impl MatchList {
 
     /// Whether a domain or name is in a [`Kind::String`] or
     /// [`Kind::Domain`] list (a trailing dot ignored).
-    pub fn matches_name(&self, name: &str) -> bool {
+    pub fn matches_name(&self, name: &str) -> Result<bool, LookupError> {
         let bare = name.trim_end_matches('.');
         if bare.is_empty() {
-            return false;
+            return Ok(false);
         }
         let folded = bare.to_lowercase();
         let ascii = crate::smtputf8::ascii_domain(&folded);
@@ -197,58 +200,63 @@ impl MatchList {
 
     /// Whether a client address is in a [`Kind::Address`] list (or a
     /// [`Kind::NameAddress`] list, by address alone).
-    pub fn matches_addr(&self, ip: IpAddr) -> bool {
+    pub fn matches_addr(&self, ip: IpAddr) -> Result<bool, LookupError> {
         let ip = crate::cidr::normalize(ip);
         self.decide(|p| Self::addr_matches(p, ip))
     }
 
     /// Whether a client, by its name (`unknown` without one) or address,
     /// is in a [`Kind::NameAddress`] list.
-    pub fn matches_client(&self, name: &str, ip: IpAddr) -> bool {
+    pub fn matches_client(&self, name: &str, ip: IpAddr) -> Result<bool, LookupError> {
         let ip = crate::cidr::normalize(ip);
         let folded = name.trim_end_matches('.').to_lowercase();
         let ascii = crate::smtputf8::ascii_domain(&folded);
         let named = !folded.is_empty() && folded != "unknown";
         self.decide(|p| {
-            (named && self.name_matches(p, &folded, &ascii)) || Self::addr_matches(p, ip)
+            Ok((named && self.name_matches(p, &folded, &ascii)?) || Self::addr_matches(p, ip)?)
         })
     }
 
     /// The first entry that matches decides; none: no match.
-    fn decide(&self, mut hit: impl FnMut(&Pattern) -> bool) -> bool {
-        self.entries
-            .iter()
-            .find(|e| hit(&e.pattern))
-            .is_some_and(|e| !e.negate)
+    fn decide(
+        &self,
+        mut hit: impl FnMut(&Pattern) -> Result<bool, LookupError>,
+    ) -> Result<bool, LookupError> {
+        for e in &self.entries {
+            if hit(&e.pattern)? {
+                return Ok(!e.negate);
+            }
+        }
+        Ok(false)
     }
 
-    fn name_matches(&self, p: &Pattern, folded: &str, ascii: &str) -> bool {
+    fn name_matches(&self, p: &Pattern, folded: &str, ascii: &str) -> Result<bool, LookupError> {
         let domain_rules = self.kind != Kind::String;
         match p {
             Pattern::Name(pat) => {
                 if pat == ascii {
-                    return true;
+                    return Ok(true);
                 }
                 if !domain_rules {
-                    return false;
+                    return Ok(false);
                 }
-                if self.parent {
+                Ok(if self.parent {
                     // `example.com` matches `a.example.com`.
                     ascii.len() > pat.len()
                         && ascii.ends_with(pat.as_str())
                         && ascii.as_bytes()[ascii.len() - pat.len() - 1] == b'.'
                 } else {
                     pat.starts_with('.') && ascii.len() > pat.len() && ascii.ends_with(pat.as_str())
-                }
+                })
             }
             Pattern::Table { table, fixed } => {
-                if table.lookup(folded).is_some()
-                    || (ascii != folded && table.lookup(ascii).is_some())
+                if table.lookup(folded)?.is_some()
+                    || (ascii != folded && table.lookup(ascii)?.is_some())
                 {
-                    return true;
+                    return Ok(true);
                 }
                 if !domain_rules || !fixed {
-                    return false;
+                    return Ok(false);
                 }
                 let mut rest = ascii;
                 while let Some(dot) = rest[1..].find('.').map(|i| i + 1) {
@@ -260,22 +268,22 @@ impl MatchList {
                     if key.is_empty() || key == "." {
                         break;
                     }
-                    if table.lookup(key).is_some() {
-                        return true;
+                    if table.lookup(key)?.is_some() {
+                        return Ok(true);
                     }
                     rest = &rest[dot..];
                 }
-                false
+                Ok(false)
             }
-            Pattern::Net(_) => false,
+            Pattern::Net(_) => Ok(false),
         }
     }
 
-    fn addr_matches(p: &Pattern, ip: IpAddr) -> bool {
+    fn addr_matches(p: &Pattern, ip: IpAddr) -> Result<bool, LookupError> {
         match p {
-            Pattern::Net(net) => net.contains(ip),
-            Pattern::Table { table, .. } => table.lookup(&ip.to_string()).is_some(),
-            Pattern::Name(_) => false,
+            Pattern::Net(net) => Ok(net.contains(ip)),
+            Pattern::Table { table, .. } => Ok(table.lookup(&ip.to_string())?.is_some()),
+            Pattern::Name(_) => Ok(false),
         }
     }
 }
@@ -304,23 +312,23 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(l.matches_name("Example.COM."));
-        assert!(!l.matches_name("bad.example.com"));
-        assert!(!l.matches_name("a.example.com"));
-        assert!(l.matches_name("a.sub.test"));
-        assert!(!l.matches_name("sub.test"));
+        assert!(l.matches_name("Example.COM.").unwrap());
+        assert!(!l.matches_name("bad.example.com").unwrap());
+        assert!(!l.matches_name("a.example.com").unwrap());
+        assert!(l.matches_name("a.sub.test").unwrap());
+        assert!(!l.matches_name("sub.test").unwrap());
         let p = MatchList::parse("example.com", Kind::Domain, true).unwrap();
-        assert!(p.matches_name("a.b.example.com"));
-        assert!(!p.matches_name("xexample.com"));
+        assert!(p.matches_name("a.b.example.com").unwrap());
+        assert!(!p.matches_name("xexample.com").unwrap());
         let s = MatchList::parse(".sub.test example.com", Kind::String, true).unwrap();
-        assert!(!s.matches_name("a.sub.test"));
-        assert!(!s.matches_name("a.example.com"));
+        assert!(!s.matches_name("a.sub.test").unwrap());
+        assert!(!s.matches_name("a.example.com").unwrap());
         let idn = MatchList::parse("bücher.test", Kind::String, false).unwrap();
-        assert!(idn.matches_name("xn--bcher-kva.test"));
-        assert!(idn.matches_name("BÜCHER.test"));
-        assert!(!idn.matches_name("buecher.test"));
+        assert!(idn.matches_name("xn--bcher-kva.test").unwrap());
+        assert!(idn.matches_name("BÜCHER.test").unwrap());
+        assert!(!idn.matches_name("buecher.test").unwrap());
         let sub = MatchList::parse(".xn--mller-kva.test", Kind::Domain, false).unwrap();
-        assert!(sub.matches_name("a.müller.test"));
+        assert!(sub.matches_name("a.müller.test").unwrap());
     }
 
     #[test]
@@ -346,10 +354,10 @@ mod tests {
             "five.test",
             "a.six.test",
         ] {
-            assert!(l.matches_name(d), "{d}");
+            assert!(l.matches_name(d).unwrap(), "{d}");
         }
-        assert!(!l.matches_name("four.test"));
-        assert!(!l.matches_name("six.test"));
+        assert!(!l.matches_name("four.test").unwrap());
+        assert!(!l.matches_name("six.test").unwrap());
         assert_eq!(
             l.tables(),
             &["inline:{ five.test=x, .six.test=y }".to_string()]
@@ -368,11 +376,11 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(l.matches_addr(ip("127.0.0.1")));
-        assert!(l.matches_addr(ip("::ffff:127.0.0.1")));
-        assert!(!l.matches_addr(ip("127.0.0.2")));
-        assert!(l.matches_addr(ip("2001:db8::5")));
-        assert!(!l.matches_addr(ip("10.0.0.1")));
+        assert!(l.matches_addr(ip("127.0.0.1")).unwrap());
+        assert!(l.matches_addr(ip("::ffff:127.0.0.1")).unwrap());
+        assert!(!l.matches_addr(ip("127.0.0.2")).unwrap());
+        assert!(l.matches_addr(ip("2001:db8::5")).unwrap());
+        assert!(!l.matches_addr(ip("10.0.0.1")).unwrap());
         assert!(MatchList::parse("10.0.0.1/8", Kind::Address, false).is_err());
         let c = MatchList::parse(
             "10.0.0.0/8, .trusted.test, inline:{ 192.0.2.1=ok }",
@@ -380,9 +388,11 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(c.matches_client("unknown", ip("10.1.2.3")));
-        assert!(c.matches_client("mx.trusted.test", ip("192.0.2.9")));
-        assert!(c.matches_client("unknown", ip("192.0.2.1")));
-        assert!(!c.matches_client("unknown", ip("192.0.2.9")));
+        assert!(c.matches_client("unknown", ip("10.1.2.3")).unwrap());
+        assert!(c
+            .matches_client("mx.trusted.test", ip("192.0.2.9"))
+            .unwrap());
+        assert!(c.matches_client("unknown", ip("192.0.2.1")).unwrap());
+        assert!(!c.matches_client("unknown", ip("192.0.2.9")).unwrap());
     }
 }

@@ -9,6 +9,7 @@
 //! TEXT may start with an enhanced status code (`error:5.1.1 no such user`).
 
 use postern_common::resolve;
+use postern_common::warning;
 use postern_conf::Config;
 
 pub use postern_common::resolve::dsn_split;
@@ -57,10 +58,13 @@ impl Resolver {
         let r = match self.inner.resolve(sender, address) {
             Ok(r) => r,
             Err(e) => {
+                // The table and the cause go to the log, not into the
+                // notices the sender may get (Postfix's words).
+                warning!("{address}: {e}");
                 return Resolution::Defer {
                     dsn: "4.3.0".into(),
-                    text: format!("address resolver failure: {e}"),
-                }
+                    text: "address resolver failure".into(),
+                };
             }
         };
         if r.bad_syntax {

@@ -270,7 +270,8 @@ impl Anvil {
     }
 
     fn counted(&self, ip: IpAddr) -> bool {
-        self.limits.any() && !self.limits.exceptions.matches_addr(ip)
+        // An exception list that cannot answer: the limits apply.
+        self.limits.any() && !self.limits.exceptions.matches_addr(ip).unwrap_or(false)
     }
 
     fn ident(&self, ip: IpAddr) -> String {

@@ -20,6 +20,22 @@
 mod config;
 mod connect;
 mod job_transaction;
+/// `smtp_sasl_password_maps` could not answer: the recipients are
+/// deferred, never sent without the credentials they may need.
+fn defer_for_credentials(job: &mut Job, e: &postern_common::maps::LookupError) {
+    warning!(
+        "{}: smtp_sasl_password_maps: {} lookup error",
+        job.req.queue_id,
+        e.table
+    );
+    job.record_rest(
+        Outcome::Deferred,
+        "4.3.0",
+        "none",
+        "Temporary lookup failure",
+    );
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -154,8 +170,13 @@ impl Agent {
         let hop = match parsed {
             Ok(LmtpHop::Inet(h)) => h,
             Ok(LmtpHop::Unix(path)) => {
-                let policy = self.tls_policy(&dest, &path);
-                let auth = self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname);
+                let Some(policy) = self.policy_or_defer(job, &dest, &path) else {
+                    return;
+                };
+                let auth = match self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname) {
+                    Ok(a) => a,
+                    Err(e) => return defer_for_credentials(job, &e),
+                };
                 return self.deliver_unix(job, &path, &policy, auth.as_ref());
             }
             Err(reason) => {
@@ -164,7 +185,9 @@ impl Agent {
                 return;
             }
         };
-        let policy = self.tls_policy(&dest, &hop.host);
+        let Some(policy) = self.policy_or_defer(job, &dest, &hop.host) else {
+            return;
+        };
         match self.servers(&hop) {
             Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
             Err(f) => {
@@ -174,6 +197,29 @@ impl Agent {
                     job.destination_failed();
                     job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
                 }
+            }
+        }
+    }
+
+    /// The TLS policy of the destination; None when `smtp_tls_policy_maps`
+    /// could not answer: the recipients are deferred (Postfix's "client
+    /// TLS configuration problem"), never sent without their policy.
+    fn policy_or_defer(&self, job: &mut Job, dest: &str, host: &str) -> Option<tls::Policy> {
+        match self.tls_policy(dest, host) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warning!(
+                    "{}: smtp_tls_policy_maps: {} lookup error for \"{dest}\": policy table lookup error",
+                    job.req.queue_id,
+                    e.table
+                );
+                job.record_rest(
+                    Outcome::Deferred,
+                    "4.7.5",
+                    "none",
+                    "client TLS configuration problem",
+                );
+                None
             }
         }
     }
@@ -315,7 +361,10 @@ impl Agent {
             }
             let more = k + 1 < servers.len();
             let tls = self.tls_client(policy, &srv.name, nexthop);
-            let auth = self.sasl_auth(&job.req.sender.clone(), dest, &srv.name);
+            let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
+                Ok(a) => a,
+                Err(e) => return defer_for_credentials(job, &e),
+            };
             let sec = client::Security {
                 tls: tls.as_ref(),
                 sasl: auth.as_ref(),

@@ -37,8 +37,14 @@ impl Restrictions {
         };
         let _ = stage;
         for key in keys {
-            if let Some(action) = table.lookup_expanded(&key) {
-                return self.action(&action, kind, req, spec);
+            match table.lookup_expanded(&key) {
+                Ok(Some(action)) => return self.action(&action, kind, req, spec),
+                Ok(None) => {}
+                // Postfix: the table's error is logged, and the request
+                // gets this result as if the table had answered it.
+                Err(_) => {
+                    return self.action("451 4.3.5 Server configuration error", kind, req, spec)
+                }
             }
         }
         Verdict::Dunno
@@ -59,8 +65,15 @@ impl Restrictions {
             }
         };
         match table.lookup_expanded(login) {
-            Some(action) => self.action(&action, Stage::Client, req, spec),
-            None => Verdict::Dunno,
+            Ok(Some(action)) => self.action(&action, Stage::Client, req, spec),
+            Ok(None) => Verdict::Dunno,
+            // As check_access: the table's error answers for it.
+            Err(_) => self.action(
+                "451 4.3.5 Server configuration error",
+                Stage::Client,
+                req,
+                spec,
+            ),
         }
     }
 

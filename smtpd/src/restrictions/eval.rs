@@ -81,10 +81,17 @@ impl Restrictions {
             "permit" => Verdict::Permit,
             "reject" => Self::reject(stage, req, "554", "5.7.1", "Access denied"),
             "defer" => Self::reject(stage, req, "450", "4.7.1", "Try again later"),
-            "permit_mynetworks" => flag(self.in_mynetworks(req.ip())),
+            "permit_mynetworks" => match self.in_mynetworks(req.ip()) {
+                Ok(b) => flag(b),
+                // Postfix defers when mynetworks cannot answer.
+                Err(_) => Verdict::Reject("451 4.3.0 Temporary lookup failure".into()),
+            },
             "permit_sasl_authenticated" => flag(req.sasl_username.is_some()),
             "permit_auth_destination" if req.recipient.is_some() => {
-                flag(self.auth_destination(rcpt))
+                match self.auth_destination(rcpt) {
+                    Ok(b) => flag(b),
+                    Err(_) => Self::lookup_failure(rcpt),
+                }
             }
             "reject_unauth_destination" if req.recipient.is_some() => {
                 self.unauth_destination(rcpt, "554 5.7.1")

@@ -333,11 +333,13 @@ impl Restrictions {
             if self.tables.contains_key(&spec) {
                 continue;
             }
-            let t = Table::open(&spec);
-            if let Err(e) = &t {
+            // One that cannot be opened answers every lookup with an
+            // error (451 4.3.5), as Postfix's surrogate table.
+            let (t, e) = Table::open_or_unavailable(&spec);
+            if let Some(e) = e {
                 warning!("{e}");
             }
-            self.tables.insert(spec, t);
+            self.tables.insert(spec, Ok(t));
         }
     }
 
@@ -349,7 +351,8 @@ impl Restrictions {
     }
 
     /// Whether the client is in `mynetworks`.
-    pub fn in_mynetworks(&self, ip: IpAddr) -> bool {
+    /// Err: a table of the list could not answer.
+    pub fn in_mynetworks(&self, ip: IpAddr) -> Result<bool, postern_common::maps::LookupError> {
         self.mynetworks.matches_addr(ip)
     }
 
@@ -385,7 +388,7 @@ impl Restrictions {
         // Postfix's smtpd_check_addr(), before any restriction: an
         // address the resolver cannot use (a bad domain or address
         // literal, a local part starting with `-`).
-        if self.resolved(rcpt).is_some_and(|r| r.bad_syntax) {
+        if matches!(self.resolved(rcpt), Ok(Some(r)) if r.bad_syntax) {
             return Some("501 5.1.3 Bad recipient address syntax".into());
         }
         if rcpt.eq_ignore_ascii_case("postmaster") {
@@ -414,11 +417,22 @@ impl Restrictions {
     /// Mail for `rcpt` ends here (local, virtual alias or virtual
     /// mailbox class).
     fn final_destination(&self, rcpt: &str) -> bool {
-        self.resolved(rcpt).is_some_and(|r| r.class.is_final())
+        matches!(self.resolved(rcpt), Ok(Some(r)) if r.class.is_final())
     }
 
-    fn resolved(&self, rcpt: &str) -> Option<Resolved> {
-        self.resolver.as_ref()?.resolve(None, rcpt).ok()
+    /// The resolver's answer (None: no resolver); Err: a table could not
+    /// answer, the caller answers 451 4.3.0.
+    fn resolved(&self, rcpt: &str) -> Result<Option<Resolved>, String> {
+        match &self.resolver {
+            // A table's error is logged by the table.
+            Some(r) => r.resolve(None, rcpt).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Postfix's reject_dict_retry: a table could not answer.
+    pub(super) fn lookup_failure(address: &str) -> Verdict {
+        Verdict::Reject(format!("451 4.3.0 <{address}>: Temporary lookup failure"))
     }
 
     /// The checks of DATA.

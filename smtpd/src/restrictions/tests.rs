@@ -239,12 +239,14 @@ fn access_actions() {
         .check_recipient(&q)
         .unwrap()
         .starts_with("504 5.5.2 <user>: Recipient address rejected"));
-    // A table that cannot be opened is a configuration error.
+    // A table that cannot be opened answers every lookup with an error:
+    // Postfix's answer, as if the table had said "451 4.3.5 Server
+    // configuration error".
     p.set_list(Stage::Helo, items("check_helo_access hash:/nonexistent/x"));
     assert_eq!(
         p.check_recipient(&req("127.0.0.1", "a@mx.example"))
             .as_deref(),
-        Some("451 4.3.5 Server configuration error")
+        Some("451 4.3.5 <client.example>: Helo command rejected: Server configuration error")
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -375,7 +377,8 @@ fn dns_lists_sasl_access_warn_and_classes() {
         std::path::Path::new("/nonexistent"),
         "smtpd_restriction_classes = strict\nstrict = reject\n\
          smtpd_recipient_restrictions = check_recipient_access inline:{ a@mx.example=strict }, \
-         reject_unauth_destination\nmynetworks = 127.0.0.1/32\nmydestination = mx.example\n",
+         reject_unauth_destination\nmynetworks = 127.0.0.1/32\nmydestination = mx.example\n\
+         local_recipient_maps =\nalias_maps =\n",
         std::path::Path::new("main.cf"),
     )
     .unwrap();

@@ -370,6 +370,11 @@ pub(super) fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String 
         (451, dsn, "queue file write error")
     } else {
         let dsn = if valid(dsn, '5') { dsn } else { "5.3.0" };
+        if dsn.starts_with("5.7.") && !reason.trim().is_empty() {
+            // Content rejected (header_checks, body_checks): Postfix
+            // answers with the rule's text alone (CLEANUP_STAT_CONT).
+            return format!("550 {dsn} {}", protocol::printable(reason.as_bytes(), 400));
+        }
         let code = if dsn == "5.3.4" { 552 } else { 554 };
         (code, dsn, "message not accepted")
     };
