@@ -176,6 +176,10 @@ def prepare(stack, d, ca, mta, port=None):
     if mta == "postfix":
         pw = pwd.getpwnam("postfix")
         os.chown(d / "data", pw.pw_uid, pw.pw_gid)
+    else:
+        # As the installer's newaliases: the alias database exists.
+        r = h.run([h.BIN_DIR / "postalias", "-c", etc, f"hash:{etc}/aliases"])
+        assert r.returncode == 0, h.describe(r)
     return etc
 
 
@@ -193,7 +197,7 @@ NEEDS = {
         "smtpd_discard_ehlo_keywords: not honoured",
     ],
     "mailcow": [
-        "relay_domains: table proxy:mysql:",
+        "relay_domains: table ",
         "smtpd_recipient_restrictions: check_recipient_mx_access: not available",
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
         "service 127.0.0.1:10027/inet (spawn): spawn(8) is not offered",
@@ -431,7 +435,7 @@ def test_receive_override_options_reach_cleanup(make_postern, local_users):
     assert r.returncode == 0, h.describe(r)
     assert b"X-Bad: 1" in h.wait_for_messages(user, "Subject: via-pickup")[0][1]
     code, text = send(p.port, f"{user}@{h.MYHOSTNAME}", "Subject: via-smtp\nX-Bad: 1\n\nbody\n")
-    assert code == 554 and "bad header" in text, (code, text)
+    assert code // 100 == 5 and "bad header" in text, (code, text)
 
 
 def test_postscreen_pass_service_overrides_reach_smtpd(make_postern):
