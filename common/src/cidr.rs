@@ -1,7 +1,7 @@
 //! Network blocks as Postfix writes them in `mynetworks` and `cidr:`
 //! tables: `192.168.1.0/24`, `[2001:db8::]/32`, a bare address
-//! (`10.0.0.1`, `[::1]`, `::1`) for a single host, and in lists a leading
-//! `!` to exclude a block.
+//! (`10.0.0.1`, `[::1]`, `::1`) for a single host. Lists of them
+//! (`!` exclusions, files, tables) are [`crate::match_list`]'s.
 //!
 //! An IPv4 address that reaches us as an IPv4-mapped IPv6 address
 //! (`::ffff:127.0.0.1`, from a dual-stack listener) is matched as the IPv4
@@ -142,42 +142,6 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// A list of blocks such as `mynetworks`: the first block that contains
-/// the address decides; a block written `!block` excludes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList {
-    entries: Vec<(bool, Cidr)>,
-}
-
-impl CidrList {
-    /// Parses list items (already split on commas and white space).
-    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<CidrList, String> {
-        let mut entries = Vec::with_capacity(items.len());
-        for item in items {
-            let item = item.as_ref();
-            let (negate, rest) = match item.strip_prefix('!') {
-                Some(r) => (true, r),
-                None => (false, item),
-            };
-            entries.push((negate, Cidr::parse(rest)?));
-        }
-        Ok(CidrList { entries })
-    }
-
-    /// Whether the list admits `ip`.
-    pub fn matches(&self, ip: IpAddr) -> bool {
-        self.entries
-            .iter()
-            .find(|(_, c)| c.contains(ip))
-            .map(|(negate, _)| !negate)
-            .unwrap_or(false)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,15 +187,5 @@ mod tests {
         assert!(Cidr::parse("[::1/128").is_err());
         assert!(Cidr::parse("example.com").is_err());
         assert!(Cidr::parse("10.0.0.0/x").is_err());
-    }
-
-    #[test]
-    fn lists() {
-        let l = CidrList::parse(&["!192.168.1.5", "192.168.1.0/24", "[::1]/128"]).unwrap();
-        assert!(l.matches(ip("192.168.1.4")));
-        assert!(!l.matches(ip("192.168.1.5")));
-        assert!(l.matches(ip("::1")));
-        assert!(!l.matches(ip("10.0.0.1")));
-        assert!(!CidrList::default().matches(ip("127.0.0.1")));
     }
 }

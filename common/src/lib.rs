@@ -13,6 +13,9 @@
 //! - [`addr`]: envelope addresses.
 //! - [`base64`]: base64 for SASL.
 //! - [`cidr`]: network blocks (`mynetworks`, `cidr:` tables).
+//! - [`match_list`]: Postfix's match lists (`mydestination`,
+//!   `relay_domains`, `mynetworks`, ...): names, networks, files, tables,
+//!   negation.
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
@@ -45,6 +48,7 @@ pub mod hostname;
 pub mod ipc;
 pub mod log;
 pub mod maps;
+pub mod match_list;
 pub mod pool;
 pub mod privs;
 pub mod qfile;
@@ -52,6 +56,7 @@ pub mod queue;
 pub mod receive_override;
 pub mod regexp;
 pub mod resolve;
+pub mod restriction;
 pub mod service;
 pub mod smtp_command;
 pub mod smtputf8;

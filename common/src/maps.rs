@@ -345,50 +345,6 @@ impl Tables {
     }
 }
 
-/// A list parameter of domains whose items may also be tables, as
-/// `virtual_mailbox_domains = example.com, hash:/etc/postern/vdomains`:
-/// a domain is in the list when it is one of the names (case-insensitive)
-/// or a key of one of the tables.
-#[derive(Debug, Clone, Default)]
-pub struct DomainList {
-    names: Vec<String>,
-    tables: Tables,
-}
-
-impl DomainList {
-    /// From the items of a list parameter. Tables that cannot be opened
-    /// are reported in the second value.
-    pub fn new(items: &[String]) -> (DomainList, Vec<String>) {
-        let mut names = Vec::new();
-        let mut specs = Vec::new();
-        for i in items {
-            match i.split_once(':') {
-                Some((kind, _))
-                    if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-                {
-                    specs.push(i.clone())
-                }
-                _ => names.push(i.trim_end_matches('.').to_ascii_lowercase()),
-            }
-        }
-        let (tables, errors) = Tables::open_list(&specs.join(" "));
-        (DomainList { names, tables }, errors)
-    }
-
-    /// Err: a table of the list could not answer.
-    pub fn contains(&self, domain: &str) -> Result<bool, LookupError> {
-        let d = domain.trim_end_matches('.').to_ascii_lowercase();
-        if d.is_empty() {
-            return Ok(false);
-        }
-        Ok(self.names.contains(&d) || self.tables.lookup(&d)?.is_some())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty() && self.tables.is_empty()
-    }
-}
-
 /// Splits a list of table specs on commas and white space, keeping
 /// `{ ... }` groups whole.
 pub fn split_specs(value: &str) -> Vec<String> {

@@ -312,6 +312,10 @@ pub fn start(program: &str) -> (Config, Args) {
             std::process::exit(1);
         }
     };
+    // `$service_name` (master.cf's `-o syslog_name=postfix/$service_name`)
+    // is the service's name; `-o` overrides are applied after it, as
+    // Postfix's daemons apply them.
+    cfg.set_overrides([("service_name".to_string(), args.service.clone())]);
     cfg.set_overrides(args.overrides.clone());
     crate::log::init(
         program,

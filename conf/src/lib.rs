@@ -5,8 +5,12 @@
 //! `/etc/postern`), then the `-o name=value` overrides master passes from
 //! master.cf, then the defaults of the one parameter table in [`params`].
 //! Values are expanded (`$name`, `${name}`, `$(name)`, `${name?text}`,
-//! `${name:text}`) when read, so a change to `myhostname` reaches every
-//! parameter that refers to it.
+//! `${name:text}`, Postfix 3's `${name?{text}:{text}}` and
+//! `${{text} OP {text} ? {text} : {text}}` with `==`, `!=`, `<`, `<=`,
+//! `>=`, `>` and their `level` forms for `compatibility_level`) when read,
+//! so a change to `myhostname` reaches every parameter that refers to it.
+//! Parameter names are Postfix's: letters, digits, `_` and `-` (a
+//! master.cf service `smtp-amavis` has `smtp-amavis_destination_recipient_limit`).
 
 pub mod main_cf;
 pub mod master_cf;
@@ -85,6 +89,8 @@ pub struct Config {
     computed: HashMap<&'static str, String>,
     /// main.cf settings of names Postern does not know (warned about).
     unknown: Vec<(String, usize)>,
+    /// The main.cf line of each setting (its last).
+    lines: HashMap<String, usize>,
 }
 
 impl Config {
@@ -105,11 +111,18 @@ impl Config {
         let settings = main_cf::parse(text, file)?;
         let mut main = HashMap::new();
         let mut unknown = Vec::new();
+        let mut lines = HashMap::new();
         for s in settings {
+            lines.insert(s.name.clone(), s.line);
             if !params::is_known(&s.name) {
+                unknown.retain(|(n, _)| *n != s.name);
                 unknown.push((s.name.clone(), s.line));
             }
             main.insert(s.name, s.value);
+        }
+        if !unknown.is_empty() {
+            let used = user_parameters_in_use(&main, &dir.join("master.cf"));
+            unknown.retain(|(n, _)| !used.contains(n));
         }
         let mut cfg = Config {
             dir: dir.to_path_buf(),
@@ -117,6 +130,7 @@ impl Config {
             overrides: HashMap::new(),
             computed: HashMap::new(),
             unknown,
+            lines,
         };
         cfg.compute_defaults();
         Ok(cfg)
@@ -139,8 +153,9 @@ impl Config {
             _ => "localdomain".to_string(),
         };
         self.computed.insert("mydomain", domain);
+        let style = self.get("mynetworks_style");
         self.computed
-            .insert("mynetworks", "127.0.0.0/8 [::1]/128".to_string());
+            .insert("mynetworks", mynetworks_of_style(style.trim()));
         self.computed
             .insert("config_directory", self.dir.display().to_string());
     }
@@ -154,6 +169,11 @@ impl Config {
     /// the warning each program logs at start.
     pub fn unknown_parameters(&self) -> &[(String, usize)] {
         &self.unknown
+    }
+
+    /// The main.cf line that sets `name` (the last setting), if any.
+    pub fn main_cf_line(&self, name: &str) -> Option<usize> {
+        self.lines.get(name).copied()
     }
 
     /// Applies `-o name=value` overrides (from master.cf or the command line).
@@ -256,11 +276,22 @@ impl Config {
                     break;
                 };
                 let inner = &text[i + 2..end];
-                let (name, op) = match inner.find(['?', ':']) {
-                    Some(p) => (&inner[..p], Some((inner.as_bytes()[p], &inner[p + 1..]))),
-                    None => (inner, None),
+                let relational = c == b'{' && inner.trim_start().starts_with('{');
+                let (val, op) = if relational {
+                    // `${{left} OP {right} ? {then} : {else}}`: the
+                    // comparison stands for a value, non-empty when true.
+                    match self.relational(inner.trim_start(), stack) {
+                        Some((true, rest)) => ("true".to_string(), rest),
+                        Some((false, rest)) => (String::new(), rest),
+                        None => (String::new(), None),
+                    }
+                } else {
+                    let (name, op) = match inner.find(['?', ':']) {
+                        Some(p) => (&inner[..p], Some((inner.as_bytes()[p], &inner[p + 1..]))),
+                        None => (inner, None),
+                    };
+                    (self.get_in(name.trim(), stack), op)
                 };
-                let val = self.get_in(name.trim(), stack);
                 match op {
                     None => out.push_str(&val),
                     Some((b'?', t)) => {
@@ -297,6 +328,61 @@ impl Config {
             out.truncate(cut);
         }
         out
+    }
+
+    /// `{left} OP {right}` at the start of `t`: whether it holds, and the
+    /// `?`/`:` operator with its text after it. `None` for a malformed
+    /// expression (Postfix warns and expands it to nothing).
+    fn relational<'t>(
+        &self,
+        t: &'t str,
+        stack: &mut Vec<String>,
+    ) -> Option<(bool, Option<(u8, &'t str)>)> {
+        let close = matching_brace(t, 0)?;
+        let left = self.expand_in(&t[1..close], stack);
+        let rest = t[close + 1..].trim_start();
+        let op_len = rest.bytes().take_while(|b| b"<>!=".contains(b)).count();
+        let op = &rest[..op_len];
+        let rest = &rest[op_len..];
+        let suffix_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric())
+            .count();
+        let suffix = &rest[..suffix_len];
+        let rest = rest[suffix_len..].trim_start();
+        if !rest.starts_with('{') {
+            return None;
+        }
+        let rclose = matching_brace(rest, 0)?;
+        let right = self.expand_in(&rest[1..rclose], stack);
+        let after = rest[rclose + 1..].trim_start();
+        let ord = match suffix {
+            "" => {
+                let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                if digits(&left) && digits(&right) {
+                    left.parse::<u128>().ok()?.cmp(&right.parse::<u128>().ok()?)
+                } else {
+                    left.as_str().cmp(right.as_str())
+                }
+            }
+            "level" => compat_level(&left)?.cmp(&compat_level(&right)?),
+            _ => return None,
+        };
+        use std::cmp::Ordering::*;
+        let holds = match op {
+            "==" => ord == Equal,
+            "!=" => ord != Equal,
+            "<" => ord == Less,
+            "<=" => ord != Greater,
+            ">=" => ord != Less,
+            ">" => ord == Greater,
+            _ => return None,
+        };
+        let op = match after.as_bytes().first() {
+            Some(&o @ (b'?' | b':')) => Some((o, &after[1..])),
+            _ => None,
+        };
+        Some((holds, op))
     }
 
     /// A yes/no parameter.
@@ -373,6 +459,133 @@ impl Config {
     }
 }
 
+/// A `compatibility_level` value (`0`, `2`, `3.6`, `3.6.1`) as numbers to
+/// compare, as Postfix's `<level` operators do.
+pub fn compat_level(v: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = v.trim().split('.');
+    let mut num = |required: bool| -> Option<u64> {
+        match parts.next() {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok(),
+            None if !required => Some(0),
+            _ => None,
+        }
+    };
+    let level = (num(true)?, num(false)?, num(false)?);
+    parts.next().is_none().then_some(level)
+}
+
+/// The names a value refers to with `$name`, `${name...}` or `$(name...)`,
+/// nested ones included.
+pub fn referenced_names(value: &str) -> Vec<String> {
+    let b = value.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        if j < b.len() && b[j] == b'$' {
+            i = j + 1;
+            continue;
+        }
+        if j < b.len() && (b[j] == b'{' || b[j] == b'(') {
+            j += 1;
+        }
+        let start = j;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        if j > start {
+            out.push(value[start..j].to_string());
+        }
+        i = j.max(i + 1);
+    }
+    out
+}
+
+/// The main.cf names outside Postern's and Postfix's tables that are in
+/// use all the same, as Postfix's postconf counts them: referred to with
+/// `$name` by a main.cf value, a default, or a master.cf `-o` value, or
+/// named in `smtpd_restriction_classes`.
+fn user_parameters_in_use(main: &HashMap<String, String>, master_cf: &Path) -> Vec<String> {
+    let mut used = Vec::new();
+    for v in main.values() {
+        used.extend(referenced_names(v));
+    }
+    for (_, d) in params::PARAMS {
+        used.extend(referenced_names(d));
+    }
+    for r in postfix_params::all() {
+        used.extend(referenced_names(r.postfix_default));
+    }
+    if let Ok(text) = std::fs::read_to_string(master_cf) {
+        if let Ok(services) = master_cf::parse(&text, master_cf, 100) {
+            for s in &services {
+                for (_, v) in &s.overrides {
+                    used.extend(referenced_names(v));
+                }
+            }
+        }
+    }
+    if let Some(classes) = main.get("smtpd_restriction_classes") {
+        used.extend(split_list(classes));
+        used.extend(referenced_names(classes));
+    }
+    used.sort();
+    used.dedup();
+    used
+}
+
+/// The default of `mynetworks` for a `mynetworks_style`: `host` (and
+/// anything else) the loopback networks, `subnet` and `class` also the
+/// networks of this machine's interfaces (their subnets, or the class A,
+/// B or C networks around their IPv4 addresses), as Postfix computes it.
+fn mynetworks_of_style(style: &str) -> String {
+    let mut nets = vec!["127.0.0.0/8".to_string(), "[::1]/128".to_string()];
+    let style = style.to_ascii_lowercase();
+    if style != "subnet" && style != "class" {
+        return nets.join(" ");
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return nets.join(" ");
+    };
+    for a in addrs {
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let net = if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            let ip = u32::from(ip.ip());
+            let m = if style == "class" {
+                match ip >> 24 {
+                    0..=127 => 0xff00_0000,
+                    128..=191 => 0xffff_0000,
+                    192..=223 => 0xffff_ff00,
+                    _ => continue,
+                }
+            } else {
+                u32::from(m.ip())
+            };
+            format!("{}/{}", std::net::Ipv4Addr::from(ip & m), m.count_ones())
+        } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            let (ip, m) = (u128::from(ip.ip()), u128::from(m.ip()));
+            let net = std::net::Ipv6Addr::from(ip & m);
+            if net.segments()[0] & 0xffc0 == 0xfe80 {
+                // Link-local: Postfix leaves these out too.
+                continue;
+            }
+            format!("[{net}]/{}", m.count_ones())
+        } else {
+            continue;
+        };
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    nets.join(" ")
+}
+
 /// The index of the `}` that closes the `{` at `open`.
 fn matching_brace(text: &str, open: usize) -> Option<usize> {
     let mut depth = 0usize;
@@ -401,12 +614,13 @@ fn conditional_texts(t: &str) -> (&str, Option<&str>) {
     let Some(close) = matching_brace(t, 0) else {
         return (t, None);
     };
-    let then = &t[1..close];
+    // Postfix strips the white space inside the braces.
+    let then = t[1..close].trim();
     let rest = t[close + 1..].trim_start();
     if let Some(e) = rest.strip_prefix(':') {
         let e = e.trim();
         if e.starts_with('{') && matching_brace(e, 0) == Some(e.len() - 1) {
-            return (then, Some(&e[1..e.len() - 1]));
+            return (then, Some(e[1..e.len() - 1].trim()));
         }
     }
     (then, None)

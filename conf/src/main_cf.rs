@@ -48,7 +48,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Setting>, ConfError> {
             });
         };
         let name = name.trim();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        // Postfix's names: letters, digits, `_` and `-` (per-service
+        // parameters take the master.cf service name, `smtp-amavis_...`).
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(ConfError::Syntax {
                 file: file.display().to_string(),
                 line: lineno,

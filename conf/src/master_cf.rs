@@ -146,6 +146,20 @@ impl Service {
         }
     }
 
+    /// Why Postern cannot honour this service as Postfix would run it
+    /// (`postern check` and `postern start` refuse the configuration);
+    /// `None` when it can (run, or done elsewhere without a difference).
+    pub fn unsupported(&self) -> Option<&'static str> {
+        match self.command.as_str() {
+            "qmqpd" => Some("QMQP is not offered"),
+            "spawn" => Some(
+                "spawn(8) is not offered (a policy server it would start is not consulted either)",
+            ),
+            "oqmgr" => Some("the old queue manager is not offered: qmgr schedules"),
+            _ => None,
+        }
+    }
+
     /// The program master runs for this service, `None` when it runs
     /// none (see [`Service::role`]).
     pub fn program(&self) -> Option<&str> {
@@ -185,16 +199,42 @@ impl Service {
 }
 
 /// The services master runs, each with the program it runs as its
-/// command (smtpd for postscreen).
+/// command (smtpd for postscreen). smtpd in postscreen's place takes the
+/// `-o` overrides of the `pass` service postscreen would hand the
+/// connection to (`smtpd pass ... smtpd -o ...`: in Postfix those are the
+/// SMTP server's settings), after the inet line's own, which are
+/// postscreen's (its `postscreen_*` ones are left out).
 pub fn runnable(services: Vec<Service>) -> Vec<Service> {
+    let pass = smtpd_pass_service(&services).map(|p| p.overrides.clone());
     services
         .into_iter()
         .filter_map(|mut s| {
+            let role = s.role();
             let program = s.program()?.to_string();
             s.command = program;
+            if role == Role::SmtpdInstead {
+                if let Some(pass) = &pass {
+                    s.overrides.retain(|(n, _)| !n.starts_with("postscreen_"));
+                    s.overrides.extend(pass.iter().cloned());
+                }
+            }
             Some(s)
         })
         .collect()
+}
+
+/// The `pass` service postscreen hands its clients to: the one named
+/// `smtpd` (Postfix's `smtpd_service_name`), else the only one.
+pub fn smtpd_pass_service(services: &[Service]) -> Option<&Service> {
+    let passes: Vec<&Service> = services
+        .iter()
+        .filter(|s| s.kind == ServiceType::Pass)
+        .collect();
+    passes
+        .iter()
+        .find(|s| s.name == "smtpd")
+        .or_else(|| (passes.len() == 1).then(|| &passes[0]))
+        .copied()
 }
 
 /// The transports qmgr handles itself, by master.cf service name.
@@ -522,6 +562,22 @@ uucp      unix  -       n       n       -       -       pipe
             vec![
                 ("oops".to_string(), TransportBehaviour::Bounce),
                 ("bin".to_string(), TransportBehaviour::Discard),
+            ]
+        );
+    }
+
+    #[test]
+    fn smtpd_in_postscreens_place_takes_the_pass_services_overrides() {
+        let t = "smtp inet n - n - 1 postscreen -o postscreen_x=1 -o syslog_name=ps\n\
+                 smtpd pass - - n - - smtpd -o smtpd_sasl_auth_enable=no\n";
+        let s = runnable(parse(t, Path::new("master.cf"), 100).unwrap());
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].command, "smtpd");
+        assert_eq!(
+            s[0].overrides,
+            vec![
+                ("syslog_name".to_string(), "ps".to_string()),
+                ("smtpd_sasl_auth_enable".to_string(), "no".to_string())
             ]
         );
     }

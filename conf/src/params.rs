@@ -20,11 +20,26 @@ pub const PARAMS: &[(&str, &str)] = &[
         "$myhostname, localhost.$mydomain, localhost",
     ),
     ("mynetworks", ""),
-    ("mynetworks_style", "host"),
-    ("relay_domains", ""),
+    (
+        "mynetworks_style",
+        "${{$compatibility_level} <level {2} ? {subnet} : {host}}",
+    ),
+    (
+        "relay_domains",
+        "${{$compatibility_level} <level {2} ? {$mydestination} : {}}",
+    ),
     ("inet_interfaces", "all"),
     ("inet_protocols", "all"),
-    ("append_dot_mydomain", "no"),
+    (
+        "append_dot_mydomain",
+        "${{$compatibility_level} <level {1} ? {yes} : {no}}",
+    ),
+    // The defaults above (and smtputf8_enable) change with it as in
+    // Postfix 3.7. Postern-only default: Postfix 3.7's is 0, with which
+    // Postfix uses the pre-2.x defaults and logs a warning each time;
+    // Postern's defaults are those of level 3.6 unless main.cf asks for
+    // an older level.
+    ("compatibility_level", "3.6"),
     // Where things are.
     ("config_directory", "/etc/postern"),
     ("queue_directory", "/var/spool/postern"),
@@ -131,10 +146,30 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("header_size_limit", "102400"),
     ("hopcount_limit", "50"),
     ("line_length_limit", "2048"),
-    ("smtputf8_enable", "yes"),
+    (
+        "smtputf8_enable",
+        "${{$compatibility_level} <level {1} ? {no} : {yes}}",
+    ),
     ("strict_smtputf8", "no"),
     ("smtputf8_autodetect_classes", "sendmail, verify"),
-    // cleanup.
+    // cleanup. `cleanup_service_name`: the cleanup service smtpd, pickup
+    // and local's forwarding submit to (a master.cf `-o` may name a second
+    // one, such as submission's header-scrubbing cleanup).
+    ("cleanup_service_name", "cleanup"),
+    // The master.cf service name of the running daemon (set from its
+    // `-n`; `syslog_name = postfix/$service_name`).
+    ("service_name", ""),
+    // Restriction classes (smtpd): names of lists usable as restrictions.
+    ("smtpd_restriction_classes", ""),
+    // Parsed at start; Postern's smtpd has no end-of-data or ETRN stage:
+    // a list set here fails `postern check`.
+    ("smtpd_end_of_data_restrictions", ""),
+    ("smtpd_etrn_restrictions", ""),
+    // What cleanup skips for mail from this service (`-o` of a content
+    // filter's re-injection service): no_unknown_recipient_checks,
+    // no_address_mappings, no_header_body_checks, no_milters. Parsed and
+    // passed on; see man/cleanup.8.
+    ("receive_override_options", ""),
     (
         "message_drop_headers",
         "bcc, content-length, resent-bcc, return-path",

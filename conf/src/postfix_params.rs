@@ -9,7 +9,7 @@
 //! `postconf -d`, the "unused parameter" warnings and postconf(5) all come
 //! from here.
 
-use crate::master_cf::{Service, ServiceType};
+use crate::master_cf::Service;
 use crate::params;
 use std::sync::OnceLock;
 
@@ -235,17 +235,22 @@ fn transport_suffix(name: &str) -> Option<(&str, &'static TransportSuffix)> {
 /// `postconf -d` adds for master.cf.
 pub fn service_params(services: &[Service]) -> Vec<(String, &'static str)> {
     let mut out = Vec::new();
+    // Any service type, as Postfix's postconf (an inet spawn service has
+    // its time limit too).
     for s in services {
-        if s.kind != ServiceType::Unix {
-            continue;
-        }
         let pipe = s.command == "pipe";
-        if !pipe && !["smtp", "lmtp", "local", "virtual", "error"].contains(&s.command.as_str()) {
+        // spawn(8) services have only their time limit, as in Postfix.
+        let spawn = s.command == "spawn";
+        if !pipe
+            && !spawn
+            && !["smtp", "lmtp", "local", "virtual", "error"].contains(&s.command.as_str())
+        {
             continue;
         }
-        let suffixes = TRANSPORT_SUFFIXES
+        let transport = if spawn { &[][..] } else { TRANSPORT_SUFFIXES };
+        let suffixes = transport
             .iter()
-            .chain(pipe.then_some(&PIPE_TIME_LIMIT));
+            .chain((pipe || spawn).then_some(&PIPE_TIME_LIMIT));
         for x in suffixes {
             let name = format!("{}_{}", s.name, x.suffix);
             if params::default_of(&name).is_none() && find(&name).is_none() {

@@ -128,7 +128,7 @@ impl Agent {
                 stale: Duration::from_secs(cfg.get_time("stale_lock_time").map_err(e)?),
             },
             cleanup: postern_common::queue::QueueTree::new(cfg.get("queue_directory"))
-                .cleanup_socket(),
+                .socket(false, cfg.get("cleanup_service_name").trim()),
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
             hostname,
             accounts: Default::default(),

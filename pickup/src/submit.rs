@@ -16,6 +16,8 @@ pub struct Settings {
     content_filter: String,
     /// `receive_override_options`: the cleanup flags it sets.
     override_flags: u32,
+    /// `cleanup_service_name`: the cleanup service's socket in `public/`.
+    cleanup_service: String,
 }
 
 impl Settings {
@@ -31,6 +33,7 @@ impl Settings {
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
             content_filter: cfg.get("content_filter").trim().to_string(),
             override_flags: overrides.cleanup_flags,
+            cleanup_service: cfg.get("cleanup_service_name").trim().to_string(),
         }
     }
 }
@@ -71,7 +74,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         new.attrs
             .push((attr::FILTER.to_string(), s.content_filter.clone()));
     }
-    let path = tree.cleanup_socket();
+    let path = tree.socket(false, &s.cleanup_service);
     let mut conn = match ipc::connect(&path, s.timeout) {
         Ok(c) => c,
         Err(e) => return Outcome::TryLater(format!("cleanup unavailable: {e}")),

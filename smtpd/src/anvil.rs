@@ -29,8 +29,8 @@ use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
 pub use postern_common::anvil::Event;
 use postern_common::anvil::Table;
-use postern_common::cidr::CidrList;
 use postern_common::ipc::{self, AnvilReply, AnvilRequest, ANVIL_MAX_MESSAGE};
+use postern_common::match_list::MatchList;
 use postern_common::warning;
 use std::io;
 use std::net::IpAddr;
@@ -60,7 +60,7 @@ pub struct Limits {
     pub recipient_rate: u32,
     pub auth_rate: u32,
     pub time_unit: Duration,
-    pub exceptions: CidrList,
+    pub exceptions: MatchList,
 }
 
 impl Limits {
@@ -270,7 +270,8 @@ impl Anvil {
     }
 
     fn counted(&self, ip: IpAddr) -> bool {
-        self.limits.any() && !self.limits.exceptions.matches(ip)
+        // An exception list that cannot answer: the limits apply.
+        self.limits.any() && !self.limits.exceptions.matches_addr(ip).unwrap_or(false)
     }
 
     fn ident(&self, ip: IpAddr) -> String {
@@ -404,7 +405,12 @@ mod tests {
             recipient_rate: 0,
             auth_rate: 1,
             time_unit: Duration::from_secs(60),
-            exceptions: CidrList::parse(&["127.0.0.1"]).unwrap(),
+            exceptions: MatchList::parse(
+                "127.0.0.1",
+                postern_common::match_list::Kind::NameAddress,
+                false,
+            )
+            .unwrap(),
         }
     }
 

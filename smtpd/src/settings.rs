@@ -97,7 +97,7 @@ pub struct Settings {
     /// `receive_override_options`.
     pub receive_override: postern_common::receive_override::ReceiveOverride,
     /// `smtpd_authorized_xforward_hosts`.
-    pub xforward_hosts: postern_common::cidr::CidrList,
+    pub xforward_hosts: postern_common::match_list::MatchList,
 }
 
 /// `smtpd_tls_security_level`.
@@ -150,6 +150,7 @@ impl Settings {
         } else {
             None
         };
+        let restrictions = Restrictions::from_config(cfg)?;
         Ok(Settings {
             myhostname: cfg.get("myhostname"),
             mail_name: cfg.get("mail_name"),
@@ -164,13 +165,15 @@ impl Settings {
             helo_required: cfg.get_bool("smtpd_helo_required").map_err(e)?,
             disable_vrfy: cfg.get_bool("disable_vrfy_command").map_err(e)?,
             line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize).max(512),
-            restrictions: Restrictions::from_config(cfg)?,
+            restrictions,
             timeout: Duration::from_secs(cfg.get_time("smtpd_timeout").map_err(e)?.max(1)),
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").map_err(e)?.max(1)),
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),
             session_limit: cfg.get_u64("smtpd_client_session_limit").map_err(e)?.max(1) as usize,
+            // `cleanup_service_name` (a master.cf `-o` gives submission
+            // its own, header-scrubbing cleanup): public/NAME, as Postfix.
             cleanup_socket: QueueTree::new(postern_common::service::queue_directory(cfg))
-                .cleanup_socket(),
+                .socket(false, cfg.get("cleanup_service_name").trim()),
             tls_auth_only: tls_level == TlsLevel::Encrypt
                 || cfg.get_bool("smtpd_tls_auth_only").map_err(e)?,
             tls_level,
@@ -205,10 +208,11 @@ impl Settings {
                 time_unit: Duration::from_secs(
                     cfg.get_time("anvil_rate_time_unit").map_err(e)?.max(1),
                 ),
-                exceptions: postern_common::cidr::CidrList::parse(
-                    &cfg.get_list("smtpd_client_event_limit_exceptions"),
-                )
-                .map_err(|e| format!("smtpd_client_event_limit_exceptions: {e}"))?,
+                exceptions: postern_common::match_list::MatchList::from_config(
+                    cfg,
+                    "smtpd_client_event_limit_exceptions",
+                    postern_common::match_list::Kind::NameAddress,
+                )?,
             },
             service: "smtpd".into(),
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
@@ -218,10 +222,11 @@ impl Settings {
             receive_override: postern_common::receive_override::ReceiveOverride::parse(
                 &cfg.get("receive_override_options"),
             )?,
-            xforward_hosts: postern_common::cidr::CidrList::parse(
-                &cfg.get_list("smtpd_authorized_xforward_hosts"),
-            )
-            .map_err(|e| format!("smtpd_authorized_xforward_hosts: {e}"))?,
+            xforward_hosts: postern_common::match_list::MatchList::from_config(
+                cfg,
+                "smtpd_authorized_xforward_hosts",
+                postern_common::match_list::Kind::NameAddress,
+            )?,
         })
     }
 }

@@ -124,6 +124,25 @@ fn check(cfg: &Config) {
         );
     }
     let services = cfg.master_services().unwrap_or_else(|e| die(NAME, 1, e));
+    // What would fail or mean something else at run time (crate::gate).
+    let found = crate::gate::check(cfg, &services);
+    for w in &found.warnings {
+        eprintln!("{NAME}: warning: {w}");
+    }
+    for e in &found.errors {
+        eprintln!("{NAME}: error: {e}");
+    }
+    if !found.errors.is_empty() {
+        die(
+            NAME,
+            1,
+            format_args!(
+                "{} problem(s) in {}: Postern would not do what this configuration asks",
+                found.errors.len(),
+                cfg.dir().display()
+            ),
+        );
+    }
     let daemon_dir = PathBuf::from(cfg.get("daemon_directory"));
     for note in services.iter().filter_map(|s| s.note()) {
         eprintln!("{NAME}: {}/{note}", cfg.dir().display());

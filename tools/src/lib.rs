@@ -8,6 +8,9 @@
 //! - [`postlog`]: `postlog`, logs a script's lines as Postern's.
 //! - [`postkick`]: `postkick`, sends a request to a trigger service.
 //! - [`qshape`]: `qshape`, the queue's shape by domain and age.
+//! - [`gate`]: what `postern check` and `postern start` refuse (unknown
+//!   restrictions, services and settings Postern cannot honour, Postfix's
+//!   daemon directory), with file, line and name.
 //! - [`secrets`]: `postern check`'s test of the TLS keys and password
 //!   tables the daemons read as root.
 //! - [`postconf`]: `postconf`, prints and edits main.cf parameters.
@@ -39,6 +42,7 @@
 
 pub mod aliases;
 pub mod control;
+pub mod gate;
 pub mod maildrop;
 pub mod postcat;
 pub mod postconf;

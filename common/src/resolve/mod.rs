@@ -35,11 +35,12 @@
 //! Domain names are compared with their case folded (UTF-8 too); in the
 //! domain lists (`mydestination`, `relay_domains`, `virtual_*_domains`)
 //! an internationalized name matches in its U-label and A-label forms
-//! alike, as `addr::domain_in_list` does (Postfix 3.7 wants both listed;
+//! alike, as `match_list::MatchList` compares them (Postfix 3.7 wants both listed;
 //! issue #16 asks for either). Table keys are not converted.
 
 use crate::addr;
-use crate::maps::{self, DomainList, LookupError};
+use crate::maps::{self, LookupError};
+use crate::match_list::{Kind, MatchList};
 use crate::warning;
 use postern_conf::Config;
 use std::net::IpAddr;
@@ -119,84 +120,15 @@ impl Refusal {
     }
 }
 
-/// A list of domains: names, `.parent` names, tables.
-#[derive(Debug, Clone, Default)]
-struct Domains {
-    list: DomainList,
-    names: Vec<String>,
-    /// A domain list (relay_domains), not a string list (mydestination,
-    /// virtual_*_domains): `.parent` matches subdomains.
-    domain_list: bool,
-    /// A name matches its subdomains too (parent_domain_matches_subdomains).
-    parents: bool,
-}
-
-impl Domains {
-    fn new(
-        items: &[String],
-        parents: Option<bool>,
-        errors: &mut Vec<String>,
-        what: &str,
-    ) -> Domains {
-        let (list, bad) = DomainList::new(items);
-        errors.extend(bad.into_iter().map(|e| format!("{what}: {e}")));
-        let names = items
-            .iter()
-            .filter(|i| !is_table(i))
-            .map(|i| crate::smtputf8::ascii_domain(i.trim_end_matches('.')))
-            .collect();
-        Domains {
-            list,
-            names,
-            domain_list: parents.is_some(),
-            parents: parents.unwrap_or(false),
-        }
-    }
-
-    /// Err: a table of the list could not answer.
-    fn contains(&self, domain: &str) -> Result<bool, LookupError> {
-        let bare = domain.trim_end_matches('.');
-        if bare.is_empty() {
-            return Ok(false);
-        }
-        // Names compare in their A-label form, so that the U-label and
-        // A-label forms of an internationalized name match alike (issue
-        // #16 point 5; Postfix 3.7 itself wants both forms listed).
-        let d = crate::smtputf8::ascii_domain(bare);
-        let folded = fold(bare);
-        if self.names.contains(&d)
-            || self.list.contains(&d)?
-            || (folded != d && self.list.contains(&folded)?)
-        {
-            return Ok(true);
-        }
-        if !self.domain_list {
-            return Ok(false);
-        }
-        // domain_list (Postfix's match_hostname): with
-        // parent_domain_matches_subdomains a name matches its
-        // subdomains (and `.name` nothing more); without, `.name` does.
-        let mut name = d.as_str();
-        while let Some((_, parent)) = name.split_once('.') {
-            if parent.is_empty() {
-                break;
-            }
-            let key = if self.parents {
-                parent.to_string()
-            } else {
-                format!(".{parent}")
-            };
-            if self.names.contains(&key) || self.list.contains(&key)? {
-                return Ok(true);
-            }
-            name = parent;
-        }
-        Ok(false)
-    }
-}
-
-fn is_table(item: &str) -> bool {
-    matches!(item.split_once(':'), Some((kind, _)) if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
+/// A domain list of the resolver: a [`MatchList`] (string list for
+/// `mydestination` and `virtual_*_domains`, domain list for
+/// `relay_domains`), empty when it could not be read (the error is kept
+/// in `domain_errors`, and every resolution defers).
+fn domains(cfg: &Config, name: &str, kind: Kind, errors: &mut Vec<String>) -> MatchList {
+    MatchList::from_config(cfg, name, kind).unwrap_or_else(|e| {
+        errors.push(e);
+        MatchList::default()
+    })
 }
 
 /// Case folding of names: UTF-8 aware, as Postfix's casefold.
@@ -351,12 +283,12 @@ const DEFAULT_STRATEGY: Strategy = Strategy {
 pub struct Resolver {
     myhostname: String,
     myorigin: String,
-    mydestination: Domains,
+    mydestination: MatchList,
     interfaces: Vec<IpAddr>,
     all_interfaces: bool,
-    virtual_alias_domains: Domains,
-    virtual_mailbox_domains: Domains,
-    relay_domains: Domains,
+    virtual_alias_domains: MatchList,
+    virtual_mailbox_domains: MatchList,
+    relay_domains: MatchList,
     local_transport: String,
     virtual_transport: String,
     relay_transport: String,
@@ -536,32 +468,22 @@ impl Resolver {
         let r = Resolver {
             myhostname: fold(&cfg.get("myhostname")),
             myorigin: fold(&cfg.get("myorigin")),
-            mydestination: Domains::new(
-                &cfg.get_list("mydestination"),
-                None,
-                &mut domain_errors,
-                "mydestination",
-            ),
+            mydestination: domains(cfg, "mydestination", Kind::String, &mut domain_errors),
             interfaces,
             all_interfaces,
-            virtual_alias_domains: Domains::new(
-                &cfg.get_list("virtual_alias_domains"),
-                None,
-                &mut domain_errors,
+            virtual_alias_domains: domains(
+                cfg,
                 "virtual_alias_domains",
-            ),
-            virtual_mailbox_domains: Domains::new(
-                &cfg.get_list("virtual_mailbox_domains"),
-                None,
+                Kind::String,
                 &mut domain_errors,
+            ),
+            virtual_mailbox_domains: domains(
+                cfg,
                 "virtual_mailbox_domains",
-            ),
-            relay_domains: Domains::new(
-                &cfg.get_list("relay_domains"),
-                Some(pdms("relay_domains")),
+                Kind::String,
                 &mut domain_errors,
-                "relay_domains",
             ),
+            relay_domains: domains(cfg, "relay_domains", Kind::Domain, &mut domain_errors),
             local_transport: cfg.get("local_transport").trim().to_string(),
             virtual_transport: cfg.get("virtual_transport").trim().to_string(),
             relay_transport: cfg.get("relay_transport").trim().to_string(),
@@ -650,7 +572,7 @@ impl Resolver {
         if d.is_empty() || d.ends_with('.') {
             return Ok(false);
         }
-        if self.mydestination.contains(d)? {
+        if self.mydestination.matches_name(d)? {
             return Ok(true);
         }
         Ok(self.literal_is_local(d))
@@ -790,7 +712,7 @@ impl Resolver {
         if !remote {
             out.class = Class::Local;
             out.transport = self.local_transport.clone();
-        } else if self.virtual_alias_domains.contains(domain)? {
+        } else if self.virtual_alias_domains.matches_name(domain)? {
             out.class = Class::Alias;
             out.transport = "error".into();
             out.nexthop = format!(
@@ -801,11 +723,11 @@ impl Resolver {
                     ""
                 }
             );
-        } else if self.virtual_mailbox_domains.contains(domain)? {
+        } else if self.virtual_mailbox_domains.matches_name(domain)? {
             out.class = Class::Virtual;
             out.transport = self.virtual_transport.clone();
         } else {
-            if self.relay_domains.contains(domain)? {
+            if self.relay_domains.matches_name(domain)? {
                 out.class = Class::Relay;
                 out.transport = self.relay_transport.clone();
             } else {

@@ -50,6 +50,33 @@ impl Restrictions {
         Verdict::Dunno
     }
 
+    /// `check_sasl_access type:table`: the SASL login name of an
+    /// authenticated client is looked up; the result is an access(5)
+    /// action, worded as a client restriction.
+    pub(super) fn check_sasl_access(&self, item: &Item, req: &Request<'_>) -> Verdict {
+        let (Some(spec), Some(login)) = (&item.arg, req.sasl_username) else {
+            return Verdict::Dunno;
+        };
+        let table = match self.tables.get(spec) {
+            Some(Ok(t)) => t,
+            _ => {
+                warning!("{}: table {spec} is not available", item.name);
+                return Verdict::Reject("451 4.3.5 Server configuration error".into());
+            }
+        };
+        match table.lookup_expanded(login) {
+            Ok(Some(action)) => self.action(&action, Stage::Client, req, spec),
+            Ok(None) => Verdict::Dunno,
+            // As check_access: the table's error answers for it.
+            Err(_) => self.action(
+                "451 4.3.5 Server configuration error",
+                Stage::Client,
+                req,
+                spec,
+            ),
+        }
+    }
+
     /// An access(5) result.
     fn action(&self, action: &str, stage: Stage, req: &Request<'_>, spec: &str) -> Verdict {
         let action = action.trim();

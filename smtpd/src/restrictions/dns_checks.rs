@@ -40,10 +40,13 @@ impl Restrictions {
                     .recipient
                     .filter(|r| !self.final_destination(r))
                     .map(|r| Query::Domain(addr::domain(r))),
-                "reject_rbl_client" => item.arg.as_ref().map(|a| {
+                "reject_rbl_client" | "permit_dnswl_client" => item.arg.as_ref().map(|a| {
                     let domain = a.split_once('=').map(|(d, _)| d).unwrap_or(a);
                     Query::Rbl(dns::rbl_name(req.ip(), domain))
                 }),
+                n if n.starts_with("reject_rhsbl_") || n == "permit_rhswl_client" => {
+                    Self::rhs_query(item, req)
+                }
                 "reject_unknown_helo_hostname" => req
                     .helo
                     .filter(|h| !is_address_literal(h))
@@ -116,18 +119,92 @@ impl Restrictions {
             warning!("restriction reject_rbl_client requires a DNS list domain");
             return Verdict::Reject("451 4.3.5 Server configuration error".into());
         };
-        let (domain, filter) = match arg.split_once('=') {
-            Some((d, f)) => (d, f.parse::<IpAddr>().ok()),
-            None => (arg.as_str(), None),
-        };
+        let domain = arg.split_once('=').map(|(d, _)| d).unwrap_or(arg);
         let q = Query::Rbl(dns::rbl_name(req.ip(), domain));
         match Self::dns_answer(req, &q) {
-            Some(Answer::Found(ips)) if filter.is_none_or(|f| ips.contains(&f)) => {
-                Verdict::Reject(format!(
-                    "554 5.7.1 Service unavailable; Client host [{}] blocked using {domain}",
-                    req.ip()
-                ))
+            Some(Answer::Found(ips)) if Self::listed(item, ips) => Verdict::Reject(format!(
+                "554 5.7.1 Service unavailable; Client host [{}] blocked using {domain}",
+                req.ip()
+            )),
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// `permit_dnswl_client domain[=address]` (the client's address in
+    /// the list) and `permit_rhswl_client` (its name): listed permits.
+    pub(super) fn dns_whitelist(item: &Item, req: &Request<'_>) -> Verdict {
+        let q = if item.name == "permit_dnswl_client" {
+            let Some(arg) = &item.arg else {
+                return Verdict::Dunno;
+            };
+            let domain = arg.split_once('=').map(|(d, _)| d).unwrap_or(arg);
+            Query::Rbl(dns::rbl_name(req.ip(), domain))
+        } else {
+            match Self::rhs_query(item, req) {
+                Some(q) => q,
+                None => return Verdict::Dunno,
             }
+        };
+        match Self::dns_answer(req, &q) {
+            Some(Answer::Found(ips)) if Self::listed(item, ips) => Verdict::Permit,
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// The domain a `reject_rhsbl_*`/`permit_rhswl_client` restriction
+    /// looks up, with what Postfix's reply calls it.
+    fn rhs_domain(item: &Item, req: &Request<'_>) -> Option<(String, &'static str)> {
+        let known = |n: &str| (n != "unknown" && !n.is_empty()).then(|| n.to_ascii_lowercase());
+        let (d, what) = match item.name.as_str() {
+            "reject_rhsbl_client" | "permit_rhswl_client" => {
+                (known(req.client_name)?, "Client host")
+            }
+            "reject_rhsbl_reverse_client" => {
+                (known(req.client_reverse_name)?, "Unverified Client host")
+            }
+            "reject_rhsbl_helo" => (
+                req.helo
+                    .filter(|h| !is_address_literal(h))?
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase(),
+                "Helo command",
+            ),
+            "reject_rhsbl_sender" => (addr::domain(req.sender?), "Sender address"),
+            "reject_rhsbl_recipient" => (addr::domain(req.recipient?), "Recipient address"),
+            _ => return None,
+        };
+        (!d.is_empty()).then_some((d, what))
+    }
+
+    fn rhs_query(item: &Item, req: &Request<'_>) -> Option<Query> {
+        let list = item.arg.as_ref()?;
+        let list = list.split_once('=').map(|(d, _)| d).unwrap_or(list);
+        let (d, _) = Self::rhs_domain(item, req)?;
+        Some(Query::Rbl(format!("{d}.{list}")))
+    }
+
+    /// The answer lists the name (with the `=address` the argument asks
+    /// for, if any).
+    fn listed(item: &Item, ips: &[IpAddr]) -> bool {
+        match item.arg.as_ref().and_then(|a| a.split_once('=')) {
+            Some((_, pattern)) => ips.iter().any(|ip| answer_matches(pattern, *ip)),
+            None => true,
+        }
+    }
+
+    /// `reject_rhsbl_client`, `_reverse_client`, `_helo`, `_sender`,
+    /// `_recipient` `domain[=address]`: that name is in the list.
+    pub(super) fn rhsbl(item: &Item, req: &Request<'_>) -> Verdict {
+        let (Some(q), Some((d, what))) = (Self::rhs_query(item, req), Self::rhs_domain(item, req))
+        else {
+            return Verdict::Dunno;
+        };
+        let list = item.arg.as_deref().unwrap_or_default();
+        let list = list.split_once('=').map(|(l, _)| l).unwrap_or(list);
+        match Self::dns_answer(req, &q) {
+            Some(Answer::Found(ips)) if Self::listed(item, ips) => Verdict::Reject(format!(
+                "554 5.7.1 Service unavailable; {what} [{d}] blocked using {list}"
+            )),
             _ => Verdict::Dunno,
         }
     }
@@ -156,4 +233,58 @@ impl Restrictions {
 
 pub(super) fn is_address_literal(h: &str) -> bool {
     h.starts_with('[') && h.ends_with(']')
+}
+
+/// Whether a DNS list answer matches the `=d.d.d.d` of a restriction's
+/// argument, where an octet may be Postfix's `[a..b;c]` (ranges and single
+/// values), as in `zen.spamhaus.org=127.0.0.[2..11]`.
+fn answer_matches(pattern: &str, ip: IpAddr) -> bool {
+    let IpAddr::V4(v4) = ip else {
+        return pattern.parse::<IpAddr>().is_ok_and(|p| p == ip);
+    };
+    // Octets are separated by dots outside brackets (`[2..11]` has its own).
+    let mut parts: Vec<&str> = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in pattern.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            '.' if depth == 0 => {
+                parts.push(&pattern[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&pattern[start..]);
+    if parts.len() != 4 {
+        return false;
+    }
+    parts.iter().zip(v4.octets()).all(|(p, o)| {
+        let o = u32::from(o);
+        match p.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
+            Some(set) => set.split(';').any(|r| match r.split_once("..") {
+                Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                    (Ok(a), Ok(b)) => (a..=b).contains(&o),
+                    _ => false,
+                },
+                None => r.trim().parse::<u32>() == Ok(o),
+            }),
+            None => p.parse::<u32>() == Ok(o),
+        }
+    })
+}
+
+#[cfg(test)]
+mod answer_tests {
+    #[test]
+    fn answer_patterns() {
+        let m = |p: &str, ip: &str| super::answer_matches(p, ip.parse().unwrap());
+        assert!(m("127.0.0.2", "127.0.0.2"));
+        assert!(!m("127.0.0.2", "127.0.0.3"));
+        assert!(m("127.0.0.[2..11]", "127.0.0.11"));
+        assert!(!m("127.0.0.[2..11]", "127.255.255.254"));
+        assert!(m("127.0.0.[2;14;13]", "127.0.0.14"));
+        assert!(m("127.0.[0..255].[2..3]", "127.0.9.3"));
+    }
 }

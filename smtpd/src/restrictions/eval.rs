@@ -3,13 +3,31 @@
 
 use super::dns_checks::is_address_literal;
 use super::{Item, Request, Restrictions, Stage, Verdict};
-use postern_common::warning;
+use postern_common::{info, warning};
 
 impl Restrictions {
     /// Evaluates one list: the first Permit or Reject decides.
     pub fn eval_list(&self, list: &[Item], stage: Stage, req: &Request<'_>) -> Verdict {
+        let mut warn_only = false;
         for (i, item) in list.iter().enumerate() {
-            let v = self.eval_one(item, stage, req);
+            if item.name == "warn_if_reject" {
+                warn_only = true;
+                continue;
+            }
+            let mut v = self.eval_one(item, stage, req);
+            if std::mem::take(&mut warn_only) {
+                // warn_if_reject: the next restriction's reject is logged,
+                // not answered (Postfix's "reject_warning").
+                if let Verdict::Reject(reply) = &v {
+                    info!(
+                        "NOQUEUE: reject_warning: {} from {}[{}]: {reply}",
+                        req.command,
+                        req.client_name,
+                        req.ip()
+                    );
+                    v = Verdict::Dunno;
+                }
+            }
             if v != Verdict::Dunno {
                 if let Some(next) = list.get(i + 1) {
                     if matches!(item.name.as_str(), "permit" | "reject" | "defer") {
@@ -51,8 +69,11 @@ impl Restrictions {
         Verdict::Reject(format!("{code} {dsn} <{key}>: {what} rejected: {text}"))
     }
 
-    /// One restriction, by name; an unknown name is a configuration
-    /// error (`451 4.3.5`).
+    /// One restriction, by name. Lists were parsed at start
+    /// (`postern_common::restriction::parse_list`), so every name here is
+    /// one smtpd carries out or a restriction class; a name an access
+    /// table answers with is not checked before, and an unknown one there
+    /// is a configuration error (`451 4.3.5`), as in Postfix.
     pub(super) fn eval_one(&self, item: &Item, stage: Stage, req: &Request<'_>) -> Verdict {
         let rcpt = req.recipient.unwrap_or_default();
         let flag = |b: bool| if b { Verdict::Permit } else { Verdict::Dunno };
@@ -60,7 +81,11 @@ impl Restrictions {
             "permit" => Verdict::Permit,
             "reject" => Self::reject(stage, req, "554", "5.7.1", "Access denied"),
             "defer" => Self::reject(stage, req, "450", "4.7.1", "Try again later"),
-            "permit_mynetworks" => flag(self.in_mynetworks(req.ip())),
+            "permit_mynetworks" => match self.in_mynetworks(req.ip()) {
+                Ok(b) => flag(b),
+                // Postfix defers when mynetworks cannot answer.
+                Err(_) => Verdict::Reject("451 4.3.0 Temporary lookup failure".into()),
+            },
             "permit_sasl_authenticated" => flag(req.sasl_username.is_some()),
             "permit_auth_destination" if req.recipient.is_some() => {
                 match self.auth_destination(rcpt) {
@@ -79,10 +104,12 @@ impl Restrictions {
             | "defer_unauth_destination" => Verdict::Dunno,
             "reject_non_fqdn_sender" => Self::non_fqdn_sender(req),
             "reject_non_fqdn_recipient" => Self::non_fqdn_recipient(req),
-            "reject_non_fqdn_helo_hostname" => Self::non_fqdn_helo(req),
-            "reject_invalid_helo_hostname" => Self::invalid_helo(req),
+            "reject_non_fqdn_helo_hostname" | "reject_non_fqdn_hostname" => {
+                Self::non_fqdn_helo(req)
+            }
+            "reject_invalid_helo_hostname" | "reject_invalid_hostname" => Self::invalid_helo(req),
             "reject_unauth_pipelining" => Self::unauth_pipelining(stage, req),
-            "reject_unlisted_recipient" => match req.recipient {
+            "reject_unlisted_recipient" | "check_recipient_maps" => match req.recipient {
                 Some(r) => self.unlisted(r, req.sender, "Recipient address"),
                 None => Verdict::Dunno,
             },
@@ -98,11 +125,18 @@ impl Restrictions {
             "reject_unknown_reverse_client_hostname" => {
                 self.unknown_client(req, req.reverse_status, "reverse hostname")
             }
-            "reject_unknown_helo_hostname" => match req.helo {
+            "reject_unknown_helo_hostname" | "reject_unknown_hostname" => match req.helo {
                 Some(h) if !is_address_literal(h) => self.unknown_helo_hostname(req, h),
                 _ => Verdict::Dunno,
             },
             "reject_rbl_client" => Self::rbl_client(item, req),
+            "permit_dnswl_client" | "permit_rhswl_client" => Self::dns_whitelist(item, req),
+            "reject_rhsbl_client"
+            | "reject_rhsbl_reverse_client"
+            | "reject_rhsbl_sender"
+            | "reject_rhsbl_helo"
+            | "reject_rhsbl_recipient" => Self::rhsbl(item, req),
+            "check_sasl_access" => self.check_sasl_access(item, req),
             "reject_sender_login_mismatch" => self.login_mismatch(req, true, true),
             "reject_authenticated_sender_login_mismatch" => self.login_mismatch(req, true, false),
             "reject_unauthenticated_sender_login_mismatch" => self.login_mismatch(req, false, true),
@@ -110,6 +144,9 @@ impl Restrictions {
             | "check_helo_access"
             | "check_sender_access"
             | "check_recipient_access" => self.check_access(item, stage, req),
+            name if self.classes.contains_key(name) => {
+                self.eval_list(&self.classes[name], stage, req)
+            }
             name => {
                 warning!("unknown smtpd restriction: \"{name}\"");
                 Verdict::Reject("451 4.3.5 Server configuration error".into())

@@ -28,10 +28,16 @@
 //! (`OK`, `REJECT [text]`, `DEFER [text]`, `DUNNO`, `4NN text`,
 //! `5NN text`, or a restriction name), and the DNS ones
 //! `reject_unknown_sender_domain`, `reject_unknown_recipient_domain` and
-//! `reject_rbl_client`, which read answers the session fetched first
-//! ([`Restrictions::dns_needed`], [`crate::dns`]). Any other name is a configuration
-//! error: logged, and the request gets `451 4.3.5 Server configuration
-//! error`, as Postfix does.
+//! `reject_rbl_client`, `permit_dnswl_client`, `reject_rhsbl_*` and
+//! `permit_rhswl_client`, which read answers the session fetched first
+//! ([`Restrictions::dns_needed`], [`crate::dns`]); `check_sasl_access`,
+//! `warn_if_reject`, and the lists of `smtpd_restriction_classes` by
+//! name. Every list is parsed at start by `postern_common::restriction`
+//! (the grammar `postern check` uses too): an unknown name, a missing
+//! argument or a restriction Postern does not carry out stops smtpd at
+//! start, never a run-time reply. Only a restriction named by an access
+//! table's answer is met at run time; an unknown one there answers `451
+//! 4.3.5 Server configuration error`, as Postfix does.
 //!
 //! Here: the types, the lists read from the configuration and the
 //! checks the session calls at each stage. Beside it:
@@ -53,9 +59,10 @@ mod eval;
 mod tests;
 
 use crate::dns::{Answer, NameStatus, Query};
-use postern_common::cidr::CidrList;
 use postern_common::maps::{Table, Tables};
+use postern_common::match_list::{Kind, MatchList};
 use postern_common::resolve::{Resolved, Resolver};
+use postern_common::restriction;
 use postern_common::warning;
 use postern_conf::Config;
 use std::collections::HashMap;
@@ -118,36 +125,15 @@ impl Request<'_> {
     }
 }
 
-/// One item of a list: a name and, for those that take one, its argument.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Item {
-    pub name: String,
-    pub arg: Option<String>,
-}
+/// One item of a list: a name and, for those that take one, its argument
+/// (the grammar is `postern_common::restriction`, shared with `postern check`).
+pub use postern_common::restriction::Item;
 
-/// Restrictions whose next list element is their argument.
-const TAKES_ARG: [&str; 5] = [
-    "reject_rbl_client",
-    "check_client_access",
-    "check_helo_access",
-    "check_sender_access",
-    "check_recipient_access",
-];
-
-/// Parses a list value into items.
+/// Parses list words as smtpd does at start (tests); panics on a list
+/// that `postern check` refuses.
+#[cfg(test)]
 pub fn parse_list(words: &[String]) -> Vec<Item> {
-    let mut out = Vec::new();
-    let mut it = words.iter();
-    while let Some(w) = it.next() {
-        let name = w.to_ascii_lowercase();
-        let arg = if TAKES_ARG.contains(&name.as_str()) {
-            it.next().cloned()
-        } else {
-            None
-        };
-        out.push(Item { name, arg });
-    }
-    out
+    restriction::parse_list(words, &[]).unwrap()
 }
 
 /// The restriction lists and the tables they consult, read once at start.
@@ -167,7 +153,7 @@ pub struct Restrictions {
     unknown_client_code: u16,
     /// `unknown_hostname_reject_code`: a HELO name without records.
     unknown_hostname_code: u16,
-    mynetworks: CidrList,
+    mynetworks: MatchList,
     /// Address classes and recipient tables: the one resolver.
     resolver: Option<Arc<Resolver>>,
     /// Access tables named in the lists, opened at start (Err: why not).
@@ -176,6 +162,8 @@ pub struct Restrictions {
     /// `receive_override_options = no_unknown_recipient_checks`: no
     /// recipient is refused as unlisted (mail back from a content filter).
     no_unknown_recipient_checks: bool,
+    /// `smtpd_restriction_classes`: each class's list, by name.
+    classes: HashMap<String, Vec<Item>>,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -190,8 +178,12 @@ const RCPT_REQUIRED: [&str; 6] = [
     "check_relay_domains",
 ];
 
-fn list(cfg: &Config, name: &str) -> Vec<Item> {
-    parse_list(&cfg.get_list(name))
+/// The list parameter `name`, parsed; Err names the parameter and the
+/// restriction that fails (`postern check` reports the same, with the
+/// file and line).
+fn list(cfg: &Config, name: &str, classes: &[String]) -> Result<Vec<Item>, String> {
+    restriction::parse_list(&restriction::words(&cfg.get(name)), classes)
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// A `*_reject_code` parameter: a 4xx or 5xx reply code.
@@ -214,21 +206,32 @@ impl Restrictions {
     /// Reads the `smtpd_*_restrictions` lists and what they consult. An
     /// error is a configuration the server must not run with.
     pub fn from_config(cfg: &Config) -> Result<Restrictions, String> {
-        let mynetworks =
-            CidrList::parse(&cfg.get_list("mynetworks")).map_err(|e| format!("mynetworks: {e}"))?;
+        let mynetworks = MatchList::from_config(cfg, "mynetworks", Kind::Address)?;
+        let class_names = restriction::classes(cfg);
         let mut r = Restrictions::with_resolver(
-            list(cfg, "smtpd_relay_restrictions"),
-            list(cfg, "smtpd_recipient_restrictions"),
+            list(cfg, "smtpd_relay_restrictions", &class_names)?,
+            list(cfg, "smtpd_recipient_restrictions", &class_names)?,
             mynetworks,
             Resolver::with_recipient_checks(cfg),
         )?;
         for name in postern_common::resolve::RECIPIENT_CODES {
             reject_code(cfg, name)?;
         }
-        r.client = list(cfg, "smtpd_client_restrictions");
-        r.helo = list(cfg, "smtpd_helo_restrictions");
-        r.sender = list(cfg, "smtpd_sender_restrictions");
-        r.data = list(cfg, "smtpd_data_restrictions");
+        r.client = list(cfg, "smtpd_client_restrictions", &class_names)?;
+        r.helo = list(cfg, "smtpd_helo_restrictions", &class_names)?;
+        r.sender = list(cfg, "smtpd_sender_restrictions", &class_names)?;
+        r.data = list(cfg, "smtpd_data_restrictions", &class_names)?;
+        // Parsed so that a bad list stops smtpd at start; Postern's smtpd
+        // has no end-of-data or ETRN stage to apply them at.
+        list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
+        list(cfg, "smtpd_etrn_restrictions", &class_names)?;
+        if let Some(c) = restriction::class_loop(cfg) {
+            return Err(format!("{c}: the restriction class refers to itself"));
+        }
+        for c in &class_names {
+            let l = list(cfg, c, &class_names)?;
+            r.classes.insert(c.clone(), l);
+        }
         r.delay_reject = cfg
             .get_bool("smtpd_delay_reject")
             .map_err(|e| e.to_string())?;
@@ -258,7 +261,7 @@ impl Restrictions {
     pub fn new(
         relay: Vec<Item>,
         recipient: Vec<Item>,
-        mynetworks: CidrList,
+        mynetworks: MatchList,
         mydestination: Vec<String>,
         relay_domains: Vec<String>,
     ) -> Result<Restrictions, String> {
@@ -283,7 +286,7 @@ impl Restrictions {
     fn with_resolver(
         relay: Vec<Item>,
         recipient: Vec<Item>,
-        mynetworks: CidrList,
+        mynetworks: MatchList,
         resolver: Resolver,
     ) -> Result<Restrictions, String> {
         let has_required = |l: &[Item]| l.iter().any(|r| RCPT_REQUIRED.contains(&r.name.as_str()));
@@ -330,9 +333,11 @@ impl Restrictions {
             &self.data,
         ];
         let specs: Vec<String> = all
-            .iter()
+            .into_iter()
+            .chain(self.classes.values())
             .flat_map(|l| l.iter())
             .filter_map(|i| i.arg.clone())
+            .filter(|a| postern_common::match_list::is_table(a))
             .collect();
         for spec in specs {
             if self.tables.contains_key(&spec) {
@@ -348,9 +353,17 @@ impl Restrictions {
         }
     }
 
+    /// `receive_override_options = no_unknown_recipient_checks`: no
+    /// `smtpd_reject_unlisted_recipient` (a content filter's re-injection
+    /// port).
+    pub fn skip_unlisted_recipient_checks(&mut self) {
+        self.reject_unlisted = false;
+    }
+
     /// Whether the client is in `mynetworks`.
-    pub fn in_mynetworks(&self, ip: IpAddr) -> bool {
-        self.mynetworks.matches(ip)
+    /// Err: a table of the list could not answer.
+    pub fn in_mynetworks(&self, ip: IpAddr) -> Result<bool, postern_common::maps::LookupError> {
+        self.mynetworks.matches_addr(ip)
     }
 
     /// The checks at connect (only with smtpd_delay_reject = no).

@@ -2,14 +2,14 @@ use super::access::{address_keys, client_keys, is_dsn};
 use super::*;
 
 fn items(s: &str) -> Vec<Item> {
-    parse_list(&postern_conf::split_list(s))
+    parse_list(&postern_common::restriction::words(s))
 }
 
 fn r(relay: &str, rcpt: &str) -> Restrictions {
     Restrictions::new(
         items(relay),
         items(rcpt),
-        CidrList::parse(&["127.0.0.0/8", "[::1]/128"]).unwrap(),
+        MatchList::parse("127.0.0.0/8 [::1]/128", Kind::Address, false).unwrap(),
         postern_conf::split_list("mx.example, localhost"),
         postern_conf::split_list("relay.example"),
     )
@@ -91,12 +91,12 @@ fn other_restrictions() {
             .as_deref(),
         Some("450 4.7.1 <a@far.example>: Recipient address rejected: Try again later")
     );
-    let p = r(DEFAULT, "no_such_thing");
-    assert_eq!(
-        p.check_recipient(&req("127.0.0.1", "a@mx.example"))
-            .as_deref(),
-        Some("451 4.3.5 Server configuration error")
-    );
+    // An unknown restriction never reaches run time: the list is refused.
+    assert!(postern_common::restriction::parse_list(
+        &postern_conf::split_list("no_such_thing"),
+        &[]
+    )
+    .is_err());
     let p = r("permit_sasl_authenticated reject_unauth_destination", "");
     assert!(p
         .check_recipient(&req("127.0.0.1", "a@far.example"))
@@ -306,10 +306,97 @@ fn open_relay_refused() {
     let e = Restrictions::new(
         items("permit_mynetworks"),
         items("permit_auth_destination"),
-        CidrList::default(),
+        MatchList::default(),
         vec![],
         vec![],
     )
     .unwrap_err();
     assert!(e.contains("specify at least one working instance"), "{e}");
+}
+
+/// The restrictions added with the shared grammar: DNS white and
+/// right-hand-side lists, check_sasl_access, warn_if_reject and classes.
+#[test]
+fn dns_lists_sasl_access_warn_and_classes() {
+    use crate::dns::{Answer, Query};
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Sender,
+        items("permit_dnswl_client wl.example, reject_rhsbl_sender dbl.example=127.0.1.2"),
+    );
+    let mut q = req("192.0.2.7", "a@mx.example");
+    q.sender = Some("s@spam.example");
+    let needed = p.dns_needed(Stage::Recipient, &q);
+    let wl = Query::Rbl("7.2.0.192.wl.example".into());
+    let dbl = Query::Rbl("spam.example.dbl.example".into());
+    assert!(needed.contains(&wl) && needed.contains(&dbl), "{needed:?}");
+    let mut answers = std::collections::HashMap::new();
+    answers.insert(
+        dbl.clone(),
+        Answer::Found(vec!["127.0.1.2".parse().unwrap()]),
+    );
+    q.dns = Some(&answers);
+    assert_eq!(
+        p.check_recipient(&q).as_deref(),
+        Some("554 5.7.1 Service unavailable; Sender address [spam.example] blocked using dbl.example")
+    );
+    // Another answer than the one asked for does not list.
+    let mut other = std::collections::HashMap::new();
+    other.insert(
+        dbl.clone(),
+        Answer::Found(vec!["127.0.1.9".parse().unwrap()]),
+    );
+    q.dns = Some(&other);
+    assert_eq!(p.check_recipient(&q), None);
+    // Whitelisted first: permitted before the RHSBL is read.
+    let mut both = answers.clone();
+    both.insert(wl, Answer::Found(vec!["127.0.0.2".parse().unwrap()]));
+    q.dns = Some(&both);
+    assert_eq!(p.check_recipient(&q), None);
+
+    // check_sasl_access by login name; warn_if_reject only logs.
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Client,
+        items("check_sasl_access inline:{ mallory=REJECT blocked login }"),
+    );
+    let mut q = req("127.0.0.1", "a@mx.example");
+    q.sasl_username = Some("mallory");
+    assert!(p
+        .check_recipient(&q)
+        .unwrap()
+        .contains("Client host rejected: blocked login"));
+    p.set_list(
+        Stage::Client,
+        items("warn_if_reject check_sasl_access inline:{ mallory=REJECT blocked login }"),
+    );
+    assert_eq!(p.check_recipient(&q), None);
+
+    // A restriction class, by name.
+    let cfg = Config::from_text(
+        std::path::Path::new("/nonexistent"),
+        "smtpd_restriction_classes = strict\nstrict = reject\n\
+         smtpd_recipient_restrictions = check_recipient_access inline:{ a@mx.example=strict }, \
+         reject_unauth_destination\nmynetworks = 127.0.0.1/32\nmydestination = mx.example\n\
+         local_recipient_maps =\nalias_maps =\n",
+        std::path::Path::new("main.cf"),
+    )
+    .unwrap();
+    let p = Restrictions::from_config(&cfg).unwrap();
+    assert!(p
+        .check_recipient(&req("192.0.2.1", "a@mx.example"))
+        .unwrap()
+        .starts_with("554 5.7.1 <a@mx.example>: Recipient address rejected"));
+    assert_eq!(p.check_recipient(&req("192.0.2.1", "b@mx.example")), None);
+    // An unknown restriction in a class stops smtpd at start.
+    let cfg = Config::from_text(
+        std::path::Path::new("/nonexistent"),
+        "smtpd_restriction_classes = strict\nstrict = reject_bogus\n",
+        std::path::Path::new("main.cf"),
+    )
+    .unwrap();
+    assert_eq!(
+        Restrictions::from_config(&cfg).unwrap_err(),
+        "strict: reject_bogus: unknown restriction"
+    );
 }

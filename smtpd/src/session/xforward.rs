@@ -44,7 +44,12 @@ pub const KEYWORD: &str = "XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT";
 impl Session {
     /// Whether this client may send XFORWARD.
     pub(super) fn xforward_allowed(&self) -> bool {
-        self.cfg.xforward_hosts.matches(self.client.addr)
+        // A list table that cannot answer: not authorized (the
+        // attributes would otherwise be taken from anyone).
+        self.cfg
+            .xforward_hosts
+            .matches_client(&self.client.names.name, self.client.addr)
+            .unwrap_or(false)
     }
 
     /// `XFORWARD attr=value ...`.

@@ -13,8 +13,8 @@ use super::*;
 use crate::restrictions::Restrictions;
 use crate::restrictions::Stage;
 use crate::sasl::SaslReply;
-use postern_common::cidr::CidrList;
 use postern_common::ipc::CleanupReply;
+use postern_common::match_list::{Kind, MatchList};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ fn settings() -> Settings {
                 "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination",
             )),
             vec![],
-            CidrList::parse(&["127.0.0.0/8"]).unwrap(),
+            MatchList::parse("127.0.0.0/8", Kind::Address, false).unwrap(),
             split("mx.example, localhost"),
             vec![],
         )
@@ -70,7 +70,7 @@ fn settings() -> Settings {
         forbid_unauth_pipelining: false,
         content_filter: String::new(),
         receive_override: Default::default(),
-        xforward_hosts: CidrList::parse(&["127.0.0.2"]).unwrap(),
+        xforward_hosts: MatchList::parse("127.0.0.2", Kind::NameAddress, true).unwrap(),
     }
 }
 

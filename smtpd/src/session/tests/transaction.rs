@@ -194,7 +194,7 @@ fn rcpt_waits_for_dns_and_keeps_order() {
     cfg.restrictions = Restrictions::new(
         crate::restrictions::parse_list(&split("permit_mynetworks, reject_unauth_destination")),
         crate::restrictions::parse_list(&split("reject_unknown_recipient_domain")),
-        CidrList::parse(&["127.0.0.0/8"]).unwrap(),
+        MatchList::parse("127.0.0.0/8", Kind::Address, false).unwrap(),
         split("mx.example"),
         vec![],
     )

@@ -1,0 +1,184 @@
+//! The configuration gate of `postern check` and `postern start`: what
+//! would fail, or quietly mean something else than in Postfix, at run
+//! time is refused here, each problem one line with its file, line and
+//! name:
+//! - a `daemon_directory` that holds Postfix's programs (Postern always
+//!   runs its own daemons: it never starts Postfix's);
+//! - master.cf services Postern cannot honour (`Service::unsupported`);
+//! - restriction lists, in main.cf and in every smtpd service's `-o`
+//!   overrides, that name an unknown restriction, lack an argument, or
+//!   use one Postern's smtpd does not carry out
+//!   (`postern_common::restriction`);
+//! - match lists (`mynetworks`, `relay_domains`, ...) whose file, table or
+//!   network cannot be read (`postern_common::match_list`);
+//! - a parameter Postern does not offer, set (in main.cf or by `-o`) to
+//!   something else than Postfix's default: a milter, a content filter,
+//!   a policy service, ... (the TLS settings rustls does not take are
+//!   warnings);
+//! - `receive_override_options` values Postfix does not know.
+
+use postern_common::match_list::{Kind, MatchList};
+use postern_common::restriction;
+use postern_conf::master_cf::{Service, ServiceType};
+use postern_conf::postfix_params::{self, Status};
+use postern_conf::{split_braced, Config};
+use std::path::Path;
+
+/// Errors (which fail the check) and warnings.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Files that only Postfix's daemon directory has.
+const POSTFIX_ONLY: &[&str] = &["trivial-rewrite", "postfix-script", "showq", "tlsmgr"];
+
+/// The match lists of main.cf, and what each holds.
+pub const MATCH_LISTS: &[(&str, Kind)] = &[
+    ("mydestination", Kind::String),
+    ("virtual_alias_domains", Kind::String),
+    ("virtual_mailbox_domains", Kind::String),
+    ("relay_domains", Kind::Domain),
+    ("mynetworks", Kind::Address),
+    ("smtpd_client_event_limit_exceptions", Kind::NameAddress),
+    ("permit_mx_backup_networks", Kind::NameAddress),
+    ("debug_peer_list", Kind::NameAddress),
+];
+
+/// Settings that only tune a feature another parameter turns on (an
+/// error comes from that one): warnings.
+const TUNING: &[&str] = &[
+    "smtpd_proxy_timeout",
+    "smtpd_proxy_ehlo",
+    "smtpd_proxy_options",
+    "smtpd_upstream_proxy_timeout",
+    "default_filter_nexthop",
+    "internal_mail_filter_classes",
+];
+
+/// Everything the gate finds in `cfg` and its master.cf `services`.
+pub fn check(cfg: &Config, services: &[Service]) -> Findings {
+    let mut f = Findings::default();
+    let dir = cfg.dir().display().to_string();
+    let main_at = |name: &str| match cfg.main_cf_line(name) {
+        Some(l) => format!("{dir}/main.cf, line {l}: {name}"),
+        None => format!("{dir}/main.cf: {name}"),
+    };
+    // Postfix's programs in daemon_directory.
+    let daemon_dir = cfg.get("daemon_directory");
+    if let Some(marker) = POSTFIX_ONLY
+        .iter()
+        .find(|m| Path::new(&daemon_dir).join(m).exists())
+    {
+        f.errors.push(format!(
+            "{} = {daemon_dir}: holds Postfix's programs ({marker}), not Postern's: \
+             Postern always runs its own daemons (remove the setting to use Postern's default)",
+            main_at("daemon_directory")
+        ));
+    }
+    // Services.
+    for s in services {
+        if let Some(why) = s.unsupported() {
+            f.errors.push(format!(
+                "{dir}/master.cf, line {}: service {}/{} ({}): {why}",
+                s.line,
+                s.name,
+                s.kind.word(),
+                s.command
+            ));
+        }
+    }
+    // main.cf.
+    for (name, e) in restriction::check_config(cfg) {
+        f.errors.push(format!("{}: {e}", main_at(&name)));
+    }
+    for (name, kind) in MATCH_LISTS {
+        if let Err(e) = MatchList::parse(
+            &cfg.get(name),
+            *kind,
+            postern_common::match_list::parent_style(cfg, name),
+        ) {
+            f.errors.push(format!("{}: {e}", main_at(name)));
+        }
+    }
+    for name in cfg.explicit_names() {
+        let Some(v) = cfg.raw(&name).map(|(v, _)| v.to_string()) else {
+            continue;
+        };
+        if let Some((bad, why)) = not_honoured(cfg, &name, &v) {
+            let line = format!("{}: {why}", main_at(&name));
+            if bad {
+                f.errors.push(line);
+            } else {
+                f.warnings.push(line);
+            }
+        }
+    }
+    // master.cf `-o` overrides, with the service's view of main.cf.
+    let main_errors = restriction::check_config(cfg);
+    for s in services.iter().filter(|s| !s.overrides.is_empty()) {
+        let at = |n: &str| {
+            format!(
+                "{dir}/master.cf, line {}: service {}/{}: -o {n}",
+                s.line,
+                s.name,
+                s.kind.word()
+            )
+        };
+        let mut scfg = cfg.clone();
+        scfg.set_overrides(s.overrides.clone());
+        // A `pass` service's overrides are smtpd's (see master_cf::runnable).
+        if s.program() == Some("smtpd") || s.kind == ServiceType::Pass {
+            for (name, e) in restriction::check_config(&scfg) {
+                if !main_errors.iter().any(|(n, m)| *n == name && *m == e) {
+                    f.errors.push(format!("{}: {e}", at(&name)));
+                }
+            }
+        }
+        for (n, v) in &s.overrides {
+            if !postern_conf::params::is_known(n) && postfix_params::status_of(n).is_none() {
+                f.warnings.push(format!("{}: unused parameter", at(n)));
+                continue;
+            }
+            if let Some((bad, why)) = not_honoured(&scfg, n, v) {
+                let line = format!("{}: {why}", at(n));
+                if bad {
+                    f.errors.push(line);
+                } else {
+                    f.warnings.push(line);
+                }
+            }
+        }
+    }
+    f
+}
+
+/// For a setting `name = value`: (true: an error, false: a warning; why)
+/// when Postern does not honour it, `None` when it does or when the value
+/// is Postfix's default (nothing asked of Postern).
+fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)> {
+    if name == "receive_override_options" {
+        return postern_common::receive_override::ReceiveOverride::parse(&cfg.expand(value))
+            .err()
+            .map(|e| (true, e));
+    }
+    let (status, why) = postfix_params::status_of(name)?;
+    if status != Status::Unsupported {
+        return None;
+    }
+    let norm = |v: &str| split_braced(&cfg.expand(v), true).join(" ");
+    let dflt = postfix_params::find(name)
+        .map(|r| r.postfix_default)
+        .unwrap_or("");
+    if norm(value) == norm(dflt) {
+        return None;
+    }
+    // TLS settings rustls does not take, and the milter settings that
+    // only tune milters (an error comes from smtpd_milters or
+    // non_smtpd_milters naming one), change nothing that is asked for.
+    let tuning = why.starts_with("this TLS setting")
+        || name.starts_with("milter_")
+        || TUNING.contains(&name);
+    Some((!tuning, format!("not honoured by Postern: {why}")))
+}
