@@ -193,7 +193,6 @@ def ca(work):
 NEEDS = {
     "debian": [],
     "docker-mailserver": [
-        "smtp_header_checks: not honoured",
         "smtpd_discard_ehlo_keywords: not honoured",
     ],
     "mailcow": [
@@ -204,7 +203,6 @@ NEEDS = {
     ],
     "iredmail": [
         "smtpd_recipient_restrictions: check_policy_service: not available",
-        "-o content_filter: not honoured by Postern: after-queue content filters are not offered",
         "smtpd_command_filter: not honoured",
     ],
 }
@@ -317,8 +315,8 @@ BROKEN = [
     ({}, ("submission inet n - n - - smtpd -o smtpd_client_restrictions=check_policy_service,"
           "unix:private/policy",),
      "-o smtpd_client_restrictions: check_policy_service: not available"),
-    ({}, ("submission inet n - n - - smtpd -o content_filter=smtp-amavis:[127.0.0.1]:10024",),
-     "-o content_filter: not honoured by Postern"),
+    ({}, ("submission inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10024",),
+     "-o smtpd_proxy_filter: not honoured by Postern"),
     ({}, ("policy unix - n n - 0 spawn user=nobody argv=/bin/true",),
      "service policy/unix (spawn): spawn(8) is not offered"),
     ({"smtpd_restriction_classes": "a_class", "a_class": "a_class"}, (),
