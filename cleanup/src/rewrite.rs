@@ -45,6 +45,8 @@ pub struct Rewriter {
     sender_canonical: Tables,
     recipient_canonical: Tables,
     canonical_classes: Vec<String>,
+    sender_canonical_classes: Vec<String>,
+    recipient_canonical_classes: Vec<String>,
     masquerade_domains: Vec<String>,
     masquerade_classes: Vec<String>,
     masquerade_exceptions: Vec<String>,
@@ -108,6 +110,8 @@ impl Rewriter {
             sender_canonical,
             recipient_canonical,
             canonical_classes: lower_list(cfg, "canonical_classes"),
+            sender_canonical_classes: lower_list(cfg, "sender_canonical_classes"),
+            recipient_canonical_classes: lower_list(cfg, "recipient_canonical_classes"),
             masquerade_domains: lower_list(cfg, "masquerade_domains"),
             masquerade_classes: lower_list(cfg, "masquerade_classes"),
             masquerade_exceptions: lower_list(cfg, "masquerade_exceptions"),
@@ -165,18 +169,6 @@ impl Rewriter {
         Ok(None)
     }
 
-    fn canonical(&self, address: &str, sender: bool) -> Result<String, LookupError> {
-        let first = if sender {
-            &self.sender_canonical
-        } else {
-            &self.recipient_canonical
-        };
-        let a = self
-            .map_one(first, address)?
-            .unwrap_or_else(|| address.to_string());
-        Ok(self.map_one(&self.canonical, &a)?.unwrap_or(a))
-    }
-
     fn masquerade(&self, address: &str) -> String {
         let (user, Some(domain)) = addr::split(address) else {
             return address.to_string();
@@ -213,8 +205,18 @@ impl Rewriter {
     pub fn address(&self, address: &str, class: &str) -> Result<String, LookupError> {
         let sender = class.ends_with("sender");
         let mut a = address.to_string();
+        // As Postfix's cleanup: the sender or recipient table first, each
+        // for the classes its own parameter names, then canonical_maps.
+        let (own, own_classes) = if sender {
+            (&self.sender_canonical, &self.sender_canonical_classes)
+        } else {
+            (&self.recipient_canonical, &self.recipient_canonical_classes)
+        };
+        if self.class(own_classes, class) {
+            a = self.map_one(own, &a)?.unwrap_or(a);
+        }
         if self.class(&self.canonical_classes, class) {
-            a = self.canonical(&a, sender)?;
+            a = self.map_one(&self.canonical, &a)?.unwrap_or(a);
         }
         if !self.masquerade_domains.is_empty() && self.class(&self.masquerade_classes, class) {
             a = self.masquerade(&a);

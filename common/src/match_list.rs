@@ -153,7 +153,13 @@ impl MatchList {
                 continue;
             }
             let pattern = if is_table(item) {
-                let table = Table::open(item)?;
+                // A table that cannot be opened stays, failing every
+                // lookup: the mail that needs the list is deferred (and
+                // `postern check` names the table and its fix).
+                let (table, error) = Table::open_or_unavailable(item);
+                if let Some(e) = error {
+                    crate::warning!("{e}");
+                }
                 let kind = item.split_once(':').map(|(k, _)| k).unwrap_or("");
                 self.specs.push(item.to_string());
                 Pattern::Table {

@@ -357,6 +357,11 @@ pub const PARAMS: &[(&str, &str)] = &[
         "canonical_classes",
         "envelope_sender, envelope_recipient, header_sender, header_recipient",
     ),
+    ("sender_canonical_classes", "envelope_sender, header_sender"),
+    (
+        "recipient_canonical_classes",
+        "envelope_recipient, header_recipient",
+    ),
     ("masquerade_domains", ""),
     (
         "masquerade_classes",

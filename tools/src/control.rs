@@ -53,11 +53,12 @@ pub fn main() -> ! {
     let cfg = crate::load_config(NAME, config.as_deref());
     match command.as_str() {
         "check" => {
-            check(&cfg);
             // Errors about secrets and tables fail the check; a start
             // refuses only the secrets (a table the daemons cannot use
-            // defers the mail that needs it).
+            // defers the mail that needs it). Tables first, so that every
+            // one is named even when the gate stops the check.
             let tables = check_tables(&cfg);
+            check(&cfg);
             if check_secrets(&cfg).total() + tables > 0 {
                 std::process::exit(1)
             }
