@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+pub mod db_config;
+
 /// Why a table could not answer: the server is down, a query failed or
 /// timed out, a file could not be read. `table` is the table's
 /// `type:name` for the log; `reason` says what went wrong. Neither is
