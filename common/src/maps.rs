@@ -48,6 +48,12 @@ pub enum Table {
         spec: String,
         db: Arc<IndexedTable>,
     },
+    /// A table answered by a server or a library (`mysql:`, `pgsql:`,
+    /// `sqlite:`, ...): see [`crate::dict`].
+    Dict {
+        spec: String,
+        dict: Arc<dyn crate::dict::Dict>,
+    },
 }
 
 impl Table {
@@ -116,6 +122,18 @@ impl Table {
                     map,
                 })
             }
+            "mysql" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::mysql::MysqlDict::open(name)?),
+            }),
+            "pgsql" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pgsql::PgsqlDict::open(name)?),
+            }),
+            "sqlite" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::sqlite::SqliteDict::open(name)?),
+            }),
             other => Err(format!(
                 "table {spec}: unsupported dictionary type: {other}"
             )),
@@ -146,6 +164,14 @@ impl Table {
                 .get(&key.to_lowercase())
                 .map(|s| Cow::Borrowed(s.as_str())),
             Table::Indexed { db, .. } => db.lookup(key).map(Cow::Owned),
+            // Until callers tell a failed lookup from "not found".
+            Table::Dict { dict, .. } => match dict.lookup(key) {
+                Ok(v) => v.map(Cow::Owned),
+                Err(e) => {
+                    warning!("{e}");
+                    None
+                }
+            },
             Table::Cidr(rules) => {
                 let ip: std::net::IpAddr = key.trim_matches(['[', ']']).parse().ok()?;
                 rules
@@ -289,6 +315,8 @@ pub fn table_file(spec: &str) -> Option<PathBuf> {
     let (kind, name) = spec.split_once(':')?;
     match kind {
         "texthash" | "regexp" | "pcre" | "cidr" => Some(PathBuf::from(name)),
+        // The .cf file of a database table.
+        "mysql" | "pgsql" | "sqlite" => Some(PathBuf::from(name)),
         _ => indexed_file(kind, name),
     }
 }

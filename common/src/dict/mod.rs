@@ -12,6 +12,10 @@
 use std::fmt;
 
 pub mod db_config;
+pub mod dynlib;
+pub mod mysql;
+pub mod pgsql;
+pub mod sqlite;
 
 /// Why a table could not answer: the server is down, a query failed or
 /// timed out, a file could not be read. `table` is the table's

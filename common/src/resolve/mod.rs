@@ -275,7 +275,10 @@ impl Maps {
         for t in &self.tables.0 {
             let fixed = matches!(
                 t,
-                Table::Entries { .. } | Table::Static(_) | Table::Indexed { .. }
+                Table::Entries { .. }
+                    | Table::Static(_)
+                    | Table::Indexed { .. }
+                    | Table::Dict { .. }
             );
             if !full && !fixed {
                 continue;

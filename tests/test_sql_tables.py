@@ -1,0 +1,233 @@
+"""The web host's mail users where its control panel keeps them: `mysql:`
+(MariaDB), `pgsql:` (PostgreSQL 15) and `sqlite:` tables configured by
+Postfix's own `.cf` files, against real servers started here with
+PostfixAdmin's schema (domain, mailbox, alias).
+
+For each database: `virtual_mailbox_domains`, `virtual_mailbox_maps` and
+`virtual_alias_maps` as the PostfixAdmin and ISPConfig guides write them;
+a mailbox address, an alias and a list alias (two rows, joined with a
+comma) are delivered to the virtual mailboxes, an unknown address of the
+domain gets 550 at RCPT. The `.cf` files hold the database password and
+are mode 0640 root:mail, which mail_owner cannot read: the daemons read
+them as root before dropping privileges. The first server listed is a
+dead port: the next one is tried. A server restarted under a running
+Postern is connected again at the next lookup. `postmap -q` answers from
+the same files. Run as root.
+"""
+
+import os
+import pwd
+import sqlite3
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+import postern_harness as h
+from postern_harness import wait_for
+from sql_servers import (MariaDB, Postgres, mariadb_available, postfixadmin_rows,
+                         postfixadmin_schema, postgres_available, secret_file)
+
+DOMAIN = "sql.test"
+MAILBOXES = {"alice@sql.test": "apw", "bob@sql.test": "bpw"}
+ALIASES = [("info@sql.test", "alice@sql.test"),
+           ("team@sql.test", "alice@sql.test"),
+           ("team@sql.test", "bob@sql.test")]
+DB_PASSWORD = "s3cret-'pw"
+VIRTUAL_MASTER_CF = ("virtual   unix  -       n       n       -       -       virtual",)
+
+# The queries of PostfixAdmin's Postfix guide (DOCUMENTS/POSTFIX_CONF.txt).
+QUERIES = {
+    "virtual_mailbox_domains": "SELECT domain FROM domain WHERE domain='%s' AND active = '1'",
+    "virtual_mailbox_maps": "SELECT maildir FROM mailbox WHERE username='%s' AND active = '1'",
+    "virtual_alias_maps": "SELECT goto FROM alias WHERE address='%s' AND active = '1'",
+}
+
+
+@pytest.fixture(scope="module")
+def root():
+    if not h.is_root():
+        pytest.skip("database servers and root-only .cf files need root")
+
+
+@pytest.fixture(scope="module")
+def mariadb(root):
+    if not mariadb_available():
+        pytest.fail("mariadb-server is not installed (scripts/test installs it)")
+    m = MariaDB().start()
+    m.sql("CREATE DATABASE mail")
+    m.sql(*postfixadmin_schema(), *postfixadmin_rows(DOMAIN, MAILBOXES, ALIASES), database="mail")
+    pw = DB_PASSWORD.replace("'", "''")
+    m.sql(f"CREATE USER 'mailuser'@'127.0.0.1' IDENTIFIED BY '{pw}'",
+          "GRANT SELECT ON mail.* TO 'mailuser'@'127.0.0.1'")
+    yield m
+    m.remove()
+
+
+@pytest.fixture(scope="module")
+def postgres(root):
+    if not postgres_available():
+        pytest.fail("PostgreSQL 15 is not installed (scripts/test installs it)")
+    pg = Postgres().start()
+    pw = DB_PASSWORD.replace("'", "''")
+    pg.sql(f"CREATE ROLE mailuser LOGIN PASSWORD '{pw}'", "CREATE DATABASE mail OWNER postgres")
+    pg.sql(*postfixadmin_schema(), *postfixadmin_rows(DOMAIN, MAILBOXES, ALIASES),
+           "GRANT SELECT ON domain, mailbox, alias TO mailuser", database="mail")
+    yield pg
+    pg.remove()
+
+
+@pytest.fixture(scope="module")
+def sqlite_db(root):
+    d = Path(tempfile.mkdtemp(prefix="pt-sqlite-"))
+    os.chmod(d, 0o755)
+    path = d / "postfixadmin.sqlite"
+    con = sqlite3.connect(path)
+    for stmt in postfixadmin_schema() + postfixadmin_rows(DOMAIN, MAILBOXES, ALIASES):
+        con.execute(stmt)
+    con.commit()
+    con.close()
+    os.chmod(path, 0o644)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def etc_dir():
+    d = Path(tempfile.mkdtemp(prefix="pt-sqlcf-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cf_files(kind, etc, server):
+    """Postfix's .cf files for the three parameters; {param: "kind:path"}."""
+    out = {}
+    for param, query in QUERIES.items():
+        if kind == "sqlite":
+            text = f"dbpath = {server}\nquery = {query}\n"
+        else:
+            dead = h.free_port()
+            text = (f"# {param} for Postfix\n"
+                    f"user = mailuser\npassword = {DB_PASSWORD}\n"
+                    f"hosts = inet:127.0.0.1:{dead}, inet:127.0.0.1:{server.port}\n"
+                    f"dbname = mail\nquery = {query}\n")
+        path = secret_file(etc / f"{kind}-{param.replace('_', '-')}.cf", text)
+        out[param] = f"{kind}:{path}"
+    return out
+
+
+def start_postern(make_postern, tables, base):
+    nobody = pwd.getpwnam("nobody")
+    return make_postern(params={
+        **tables,
+        "virtual_mailbox_base": str(base),
+        "virtual_uid_maps": f"static:{nobody.pw_uid}",
+        "virtual_gid_maps": f"static:{nobody.pw_gid}",
+    }, master_cf_extra=VIRTUAL_MASTER_CF)
+
+
+def mail_base():
+    base = Path(tempfile.mkdtemp(prefix="pt-vmail-"))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(base, 0o700)
+    return base
+
+
+def send(p, rcpts, token):
+    data = h.crlf(f"From: someone@example.org\nTo: {rcpts[0]}\nSubject: {token}\n\nbody {token}\n")
+    with p.smtp() as s:
+        s.ehlo("client.test")
+        code, text = h.smtp_transaction(s, "someone@example.org", rcpts, data)
+    assert code == 250, text
+
+
+def messages_with(base, user, token):
+    new = base / DOMAIN / user / "new"
+    if not new.is_dir():
+        return []
+    return [f for f in new.iterdir() if token.encode() in f.read_bytes()]
+
+
+def server_for(kind, request):
+    return request.getfixturevalue({"mysql": "mariadb", "pgsql": "postgres",
+                                    "sqlite": "sqlite_db"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql", "sqlite"])
+def test_postfixadmin_tables_deliver_and_refuse(kind, request, make_postern, etc_dir):
+    server = server_for(kind, request)
+    tables = cf_files(kind, etc_dir, server)
+    for spec in tables.values():
+        st = Path(spec.split(":", 1)[1]).stat()
+        assert (st.st_mode & 0o777, st.st_uid) == (0o640, 0)
+    base = mail_base()
+    try:
+        p = start_postern(make_postern, tables, base)
+        token = "pt-" + uuid.uuid4().hex
+        # A mailbox, an alias to it, and a list alias of two rows.
+        send(p, ["alice@sql.test"], token + "-a")
+        send(p, ["info@sql.test"], token + "-i")
+        send(p, ["team@sql.test"], token + "-t")
+        for user, suffix in (("alice", "-a"), ("alice", "-i"), ("alice", "-t"), ("bob", "-t")):
+            wait_for(lambda: len(messages_with(base, user, token + suffix)) == 1, 30,
+                     what=f"{token}{suffix} in {user}'s Maildir")
+        p.wait_for_log(r"to=<alice@sql\.test>, orig_to=<info@sql\.test>, relay=virtual, "
+                       r".*status=sent")
+        # Unknown in the domain: 550 at RCPT; a domain not in the table:
+        # relay denied.
+        with p.smtp(source_address=("127.0.0.2", 0)) as s:
+            s.ehlo("client.test")
+            s.mail("someone@example.org")
+            code, text = s.rcpt("carol@sql.test")
+            assert code == 550, text
+            assert b"5.1.1" in text, text
+            code, text = s.rcpt("x@nosuch.test")
+            assert code == 554 or code == 454 or code == 550, text
+            code, text = s.rcpt("Alice@SQL.test")
+            assert code == 250, text
+        # postmap -q answers from the same files, rows joined by commas.
+        r = h.run_tool(p, "postmap", "-q", "team@sql.test", tables["virtual_alias_maps"])
+        assert r.returncode == 0, h.describe(r)
+        assert sorted(r.stdout.strip().split(",")) == ["alice@sql.test", "bob@sql.test"]
+        r = h.run_tool(p, "postmap", "-q", "carol@sql.test", tables["virtual_mailbox_maps"])
+        assert r.returncode == 1, h.describe(r)
+        # mail_owner could not have read the .cf files itself.
+        assert not p.log_search(r"Permission denied"), p.log_tail()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql"])
+def test_server_restart_is_reconnected(kind, request, make_postern, etc_dir):
+    server = server_for(kind, request)
+    tables = cf_files(kind, etc_dir, server)
+    base = mail_base()
+    try:
+        p = start_postern(make_postern, tables, base)
+        token = "pt-" + uuid.uuid4().hex
+        send(p, ["alice@sql.test"], token + "-1")
+        wait_for(lambda: len(messages_with(base, "alice", token + "-1")) == 1, 30,
+                 what="the first message")
+        server.restart()
+        # The same smtpd and virtual processes' connections were closed by
+        # the restart: the next lookup connects again.
+        send(p, ["info@sql.test"], token + "-2")
+        wait_for(lambda: len(messages_with(base, "alice", token + "-2")) == 1, 30,
+                 what="the message after the restart")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sqlite_key_quoting(make_postern, etc_dir, sqlite_db):
+    """A key with a quote is a value, not SQL: no match, no error."""
+    path = secret_file(etc_dir / "q.cf", f"dbpath = {sqlite_db}\n"
+                       "query = SELECT goto FROM alias WHERE address='%s'\n")
+    p = make_postern(start=False)
+    r = h.run_tool(p, "postmap", "-q", "x' OR '1'='1", f"sqlite:{path}")
+    assert r.returncode == 1, h.describe(r)
+    r = h.run_tool(p, "postmap", "-q", "INFO@sql.test", f"sqlite:{path}")
+    assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), h.describe(r)
