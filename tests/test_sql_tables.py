@@ -19,6 +19,7 @@ import os
 import pwd
 import sqlite3
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -231,3 +232,85 @@ def test_sqlite_key_quoting(make_postern, etc_dir, sqlite_db):
     assert r.returncode == 1, h.describe(r)
     r = h.run_tool(p, "postmap", "-q", "INFO@sql.test", f"sqlite:{path}")
     assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), h.describe(r)
+
+
+def mysql_connections(m):
+    """The connections of the table's database user, counted by MariaDB."""
+    out = m.sql("SELECT COUNT(*) FROM information_schema.processlist WHERE user = 'mailuser'")
+    return int(out.strip())
+
+
+PROXYMAP_MASTER_CF = ("proxymap  unix  -       -       n       -       1       proxymap",)
+
+
+def test_proxy_mysql_bounds_database_connections(make_postern, etc_dir, mariadb):
+    """500 SMTP sessions at once validate recipients against MariaDB
+    through proxy:mysql: the database sees at most one connection per
+    table (proxymap's process limit is 1), counted on the server."""
+    import threading
+    import smtplib
+    tables = {k: "proxy:" + v for k, v in cf_files("mysql", etc_dir, mariadb).items()}
+    base = mail_base()
+    try:
+        nobody = pwd.getpwnam("nobody")
+        p = make_postern(params={
+            **tables,
+            "virtual_mailbox_base": str(base),
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+        }, master_cf_extra=VIRTUAL_MASTER_CF + PROXYMAP_MASTER_CF)
+        sessions = 500
+        before = mysql_connections(mariadb)
+        peak = [0]
+        stop = threading.Event()
+
+        seen = []
+
+        def watch():
+            while not stop.is_set():
+                n = mysql_connections(mariadb) - before
+                if n > peak[0]:
+                    peak[0] = n
+                    seen.append(subprocess.run(["ss", "-tnp", "dst", f"127.0.0.1:{mariadb.port}"],
+                                               capture_output=True, text=True).stdout)
+                stop.wait(0.05)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        ready = threading.Barrier(sessions, timeout=120)
+        results, errors = {}, []
+
+        def session(i):
+            rcpt = ["alice@sql.test", "info@sql.test", "team@sql.test", "nobody@sql.test"][i % 4]
+            try:
+                with smtplib.SMTP("127.0.0.1", p.port, timeout=120) as s:
+                    s.ehlo("client.test")
+                    s.mail("someone@example.org")
+                    ready.wait()
+                    results[i] = (rcpt, s.rcpt(rcpt)[0])
+                    s.rset()
+            except Exception as e:  # reported below
+                errors.append(f"{i}: {e!r}")
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        # One message through proxy: cleanup, qmgr and virtual look up too.
+        token = "pt-" + uuid.uuid4().hex
+        send(p, ["team@sql.test"], token)
+        wait_for(lambda: len(messages_with(base, "bob", token)) == 1, 30, what="the message to bob")
+        stop.set()
+        watcher.join()
+        assert not errors, errors[:5]
+        wrong = {i: r for i, r in results.items()
+                 if r[1] != (550 if r[0].startswith("nobody@") else 250)}
+        assert len(results) == sessions and not wrong, list(wrong.items())[:5]
+        assert 1 <= peak[0] <= 3, f"{peak[0]} database connections at the peak: {seen[-1:]}"
+        assert not p.log_search(r"lookup error"), p.log_tail()
+        # A table proxy_read_maps does not name is refused by proxymap.
+        other = secret_file(etc_dir / "other.cf", f"dbpath = {base}/x\nquery = SELECT 1\n")
+        r = h.run_tool(p, "postmap", "-q", "alice@sql.test", f"proxy:sqlite:{other}")
+        assert r.returncode != 0 and r.stdout.strip() == "", h.describe(r)
+        p.wait_for_log(r"proxymap\[\d+\]: warning: request for unapproved table: \"sqlite:")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -130,6 +130,10 @@ impl Table {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::pgsql::PgsqlDict::open(name)?),
             }),
+            "proxy" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::proxy::ProxyDict::open(name)?),
+            }),
             "sqlite" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::sqlite::SqliteDict::open(name)?),

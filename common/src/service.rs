@@ -313,6 +313,7 @@ pub fn start(program: &str) -> (Config, Args) {
         }
     };
     cfg.set_overrides(args.overrides.clone());
+    crate::dict::proxy::set_queue_directory(cfg.get("queue_directory"));
     crate::log::init(
         program,
         &cfg.get("syslog_name"),

@@ -15,6 +15,7 @@ pub mod db_config;
 pub mod dynlib;
 pub mod mysql;
 pub mod pgsql;
+pub mod proxy;
 pub mod sqlite;
 
 /// Why a table could not answer: the server is down, a query failed or
