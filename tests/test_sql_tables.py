@@ -1,7 +1,8 @@
 """The web host's mail users where its control panel keeps them: `mysql:`
 (MariaDB), `pgsql:` (PostgreSQL 15) and `sqlite:` tables configured by
 Postfix's own `.cf` files, against real servers started here with
-PostfixAdmin's schema (domain, mailbox, alias).
+PostfixAdmin's schema (domain, mailbox, alias); and `ldap:` against
+OpenLDAP's slapd, as a company directory keeps the same users.
 
 For each database: `virtual_mailbox_domains`, `virtual_mailbox_maps` and
 `virtual_alias_maps` as the PostfixAdmin and ISPConfig guides write them;
@@ -28,8 +29,9 @@ import pytest
 
 import postern_harness as h
 from postern_harness import wait_for
-from sql_servers import (MariaDB, Postgres, mariadb_available, postfixadmin_rows,
-                         postfixadmin_schema, postgres_available, secret_file)
+from table_servers import (MariaDB, Postgres, Slapd, mariadb_available, postfixadmin_rows,
+                          postfixadmin_schema, postgres_available, secret_file,
+                          slapd_available)
 
 DOMAIN = "sql.test"
 MAILBOXES = {"alice@sql.test": "apw", "bob@sql.test": "bpw"}
@@ -312,5 +314,140 @@ def test_proxy_mysql_bounds_database_connections(make_postern, etc_dir, mariadb)
         r = h.run_tool(p, "postmap", "-q", "alice@sql.test", f"proxy:sqlite:{other}")
         assert r.returncode != 0 and r.stdout.strip() == "", h.describe(r)
         p.wait_for_log(r"proxymap\[\d+\]: warning: request for unapproved table: \"sqlite:")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+LDAP_DOMAIN = "ldap.test"
+LDIF = """\
+dn: dc=ldap,dc=test
+objectClass: dcObject
+objectClass: organization
+o: Postern test
+dc: ldap
+
+dn: ou=people,dc=ldap,dc=test
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=groups,dc=ldap,dc=test
+objectClass: organizationalUnit
+ou: groups
+
+dn: ou=domains,dc=ldap,dc=test
+objectClass: organizationalUnit
+ou: domains
+
+dn: cn=ldap.test,ou=domains,dc=ldap,dc=test
+objectClass: organizationalRole
+objectClass: domainRelatedObject
+cn: ldap.test
+associatedDomain: ldap.test
+
+dn: cn=postfix,dc=ldap,dc=test
+objectClass: organizationalRole
+objectClass: simpleSecurityObject
+cn: postfix
+userPassword: {pw}
+
+dn: uid=alice,ou=people,dc=ldap,dc=test
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: alice
+cn: Alice
+sn: A
+mail: alice@ldap.test
+mailLocalAddress: alice@ldap.test
+mailLocalAddress: info@ldap.test
+
+dn: uid=bob,ou=people,dc=ldap,dc=test
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: bob
+cn: Bob
+sn: B
+mail: bob@ldap.test
+mailLocalAddress: bob@ldap.test
+
+dn: cn=team,ou=groups,dc=ldap,dc=test
+objectClass: groupOfNames
+objectClass: inetLocalMailRecipient
+cn: team
+mailLocalAddress: team@ldap.test
+member: uid=alice,ou=people,dc=ldap,dc=test
+member: uid=bob,ou=people,dc=ldap,dc=test
+"""
+
+
+@pytest.fixture(scope="module")
+def slapd(root):
+    if not slapd_available():
+        pytest.fail("slapd is not installed (scripts/test installs it)")
+    d = Slapd(LDIF.format(pw=DB_PASSWORD)).start()
+    yield d
+    d.remove()
+
+
+def ldap_cf_files(etc, d):
+    """ldap_table(5) files as a company's Postfix has them: simple bind as
+    cn=postfix with its password (0640 root:mail), version 3, a dead server
+    first; the list alias through special_result_attribute = member."""
+    common = (f"server_host = ldap://127.0.0.1:{h.free_port()}/ ldap://127.0.0.1:{d.port}/\n"
+              "version = 3\nbind = yes\n"
+              f"bind_dn = cn=postfix,{Slapd.SUFFIX}\nbind_pw = {DB_PASSWORD}\n"
+              "timeout = 5\n")
+    files = {
+        "virtual_mailbox_domains": f"search_base = ou=domains,{Slapd.SUFFIX}\n"
+                                   "query_filter = (associatedDomain=%s)\n"
+                                   "result_attribute = associatedDomain\n",
+        "virtual_mailbox_maps": f"search_base = ou=people,{Slapd.SUFFIX}\n"
+                                "query_filter = (mail=%s)\nresult_attribute = mail\n"
+                                "result_format = %d/%u/\n",
+        "virtual_alias_maps": f"search_base = {Slapd.SUFFIX}\nscope = sub\n"
+                              "query_filter = (mailLocalAddress=%s)\n"
+                              "result_attribute = mail\nspecial_result_attribute = member\n"
+                              "domain = ldap.test\n",
+    }
+    out = {}
+    for param, text in files.items():
+        path = secret_file(etc / f"ldap-{param.replace('_', '-')}.cf", common + text)
+        out[param] = f"ldap:{path}"
+    return out
+
+
+def test_ldap_directory_delivers_and_refuses(make_postern, etc_dir, slapd):
+    tables = ldap_cf_files(etc_dir, slapd)
+    base = mail_base()
+    try:
+        p = start_postern(make_postern, tables, base)
+        token = "pt-" + uuid.uuid4().hex
+        send(p, ["alice@ldap.test"], token + "-a")
+        send(p, ["info@ldap.test"], token + "-i")
+        send(p, ["team@ldap.test"], token + "-t")
+
+        def in_box(user, t):
+            new = base / LDAP_DOMAIN / user / "new"
+            return new.is_dir() and [f for f in new.iterdir() if t.encode() in f.read_bytes()]
+        for user, suffix in (("alice", "-a"), ("alice", "-i"), ("alice", "-t"), ("bob", "-t")):
+            wait_for(lambda: in_box(user, token + suffix), 30,
+                     what=f"{token}{suffix} in {user}'s Maildir")
+        with p.smtp(source_address=("127.0.0.2", 0)) as s:
+            s.ehlo("client.test")
+            s.mail("someone@example.org")
+            code, text = s.rcpt("carol@ldap.test")
+            assert code == 550 and b"5.1.1" in text, text
+            # A filter metacharacter in the key is a value, not a wildcard.
+            code, text = s.rcpt("*@ldap.test")
+            assert code in (501, 550), text
+        r = h.run_tool(p, "postmap", "-q", "team@ldap.test", tables["virtual_alias_maps"])
+        assert r.returncode == 0, h.describe(r)
+        assert sorted(r.stdout.strip().split(",")) == ["alice@ldap.test", "bob@ldap.test"]
+        # domain = ldap.test: other domains are not searched.
+        r = h.run_tool(p, "postmap", "-q", "alice@other.test", tables["virtual_alias_maps"])
+        assert r.returncode == 1, h.describe(r)
+        # The directory restarted under Postern: connected again.
+        slapd.restart()
+        send(p, ["info@ldap.test"], token + "-r")
+        wait_for(lambda: in_box("alice", token + "-r"), 30, what="the message after the restart")
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -122,6 +122,10 @@ impl Table {
                     map,
                 })
             }
+            "ldap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::ldap::LdapDict::open(name)?),
+            }),
             "mysql" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::mysql::MysqlDict::open(name)?),
@@ -320,7 +324,7 @@ pub fn table_file(spec: &str) -> Option<PathBuf> {
     match kind {
         "texthash" | "regexp" | "pcre" | "cidr" => Some(PathBuf::from(name)),
         // The .cf file of a database table.
-        "mysql" | "pgsql" | "sqlite" => Some(PathBuf::from(name)),
+        "mysql" | "pgsql" | "sqlite" | "ldap" => Some(PathBuf::from(name)),
         _ => indexed_file(kind, name),
     }
 }

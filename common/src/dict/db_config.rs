@@ -183,6 +183,13 @@ impl Templates {
         Ok(t)
     }
 
+    /// Another template expanded with the lookup key (LDAP's
+    /// `search_base`): what it uses decides which keys are looked up too.
+    pub fn add_key_template(&mut self, template: &str) -> Result<(), String> {
+        self.scan(template, true)
+            .map_err(|e| format!("{}: invalid template {template}: {e}", self.table))
+    }
+
     /// Notes what a template uses (db_common_parse).
     fn scan(&mut self, template: &str, is_query: bool) -> Result<(), String> {
         let mut chars = template.chars();
@@ -230,12 +237,23 @@ impl Templates {
         key: &str,
         quote: &mut dyn FnMut(&str, &mut String),
     ) -> Option<String> {
+        self.expand_key_template(&self.query, key, quote)
+    }
+
+    /// Like [`Templates::expand_query`] for another template of the key
+    /// (one given to [`Templates::add_key_template`]).
+    pub fn expand_key_template(
+        &self,
+        template: &str,
+        key: &str,
+        quote: &mut dyn FnMut(&str, &mut String),
+    ) -> Option<String> {
         if key.is_empty() {
             crate::warning!("table \"{}\": empty query string -- ignored", self.table);
             return None;
         }
         let mut out = String::new();
-        self.expand(&self.query, key, None, quote, &mut out)
+        self.expand(template, key, None, quote, &mut out)
             .then_some(out)
     }
 

@@ -13,6 +13,7 @@ use std::fmt;
 
 pub mod db_config;
 pub mod dynlib;
+pub mod ldap;
 pub mod mysql;
 pub mod pgsql;
 pub mod proxy;

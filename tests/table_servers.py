@@ -1,4 +1,4 @@
-"""Private database servers for Postern's table tests, each in its own
+"""Private database and directory servers for Postern's table tests, each in its own
 temporary directory on a free loopback port, started by the test and
 stopped by PID (recipes: /work/shared/design/peers.md):
 
@@ -9,6 +9,8 @@ stopped by PID (recipes: /work/shared/design/peers.md):
     pg = Postgres().start()    # PostgreSQL 15 as user postgres
     pg.sql("CREATE ROLE ...")              # psql as postgres
     pg.restart(); pg.stop()
+    d = Slapd(ldif).start()    # OpenLDAP's slapd, suffix dc=ldap,dc=test
+    d.restart(); d.stop()
 
 and the schema of PostfixAdmin (tables domain, mailbox, alias) that web
 hosts keep their mail users in: ``postfixadmin_schema()`` (SQL usable by
@@ -202,3 +204,70 @@ def secret_file(path, text, group="mail"):
     os.chown(path, 0, grp.getgrnam(group).gr_gid)
     os.chmod(path, 0o640)
     return path
+
+
+class Slapd:
+    """OpenLDAP's slapd with the mdb backend, suffix ``dc=ldap,dc=test``,
+    root ``cn=admin,dc=ldap,dc=test`` / ``ROOTPW``, loaded with ``ldif``
+    (anonymous reads allowed: no access lines)."""
+
+    SUFFIX = "dc=ldap,dc=test"
+    ROOTDN = "cn=admin,dc=ldap,dc=test"
+    ROOTPW = "root-secret"
+
+    def __init__(self, ldif):
+        self.dir = Path(tempfile.mkdtemp(prefix="pt-slapd-"))
+        os.chmod(self.dir, 0o755)
+        (self.dir / "db").mkdir()
+        self.port = h.free_port()
+        self.ldif = ldif
+        self.conf = self.dir / "slapd.conf"
+        self.conf.write_text(
+            "include /etc/ldap/schema/core.schema\n"
+            "include /etc/ldap/schema/cosine.schema\n"
+            "include /etc/ldap/schema/inetorgperson.schema\n"
+            "include /etc/ldap/schema/nis.schema\n"
+            "include /etc/ldap/schema/misc.schema\n"
+            "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+            f"pidfile {self.dir}/slapd.pid\n"
+            "database mdb\n"
+            f'suffix "{self.SUFFIX}"\nrootdn "{self.ROOTDN}"\nrootpw {self.ROOTPW}\n'
+            f"directory {self.dir}/db\n")
+        self.loaded = False
+
+    def start(self):
+        r = subprocess.run(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/"],
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        _wait_port(self.port, "slapd listening")
+        if not self.loaded:
+            r = subprocess.run(["ldapadd", "-x", "-H", f"ldap://127.0.0.1:{self.port}/",
+                                "-D", self.ROOTDN, "-w", self.ROOTPW],
+                               input=self.ldif.encode(), capture_output=True, timeout=60)
+            assert r.returncode == 0, r.stderr.decode() + r.stdout.decode()
+            self.loaded = True
+        return self
+
+    def pid(self):
+        try:
+            return int((self.dir / "slapd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self):
+        pid = self.pid()
+        if pid and h.pid_alive(pid):
+            os.kill(pid, 15)
+            h.wait_for(lambda: not h.pid_alive(pid), 30, what="slapd to stop")
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def slapd_available():
+    return shutil.which("slapd") is not None or os.path.exists("/usr/sbin/slapd")
