@@ -22,6 +22,7 @@ import sqlite3
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def etc_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def cf_files(kind, etc, server):
+def cf_files(kind, etc, server, extra=""):
     """Postfix's .cf files for the three parameters; {param: "kind:path"}."""
     out = {}
     for param, query in QUERIES.items():
@@ -116,7 +117,7 @@ def cf_files(kind, etc, server):
             text = (f"# {param} for Postfix\n"
                     f"user = mailuser\npassword = {DB_PASSWORD}\n"
                     f"hosts = inet:127.0.0.1:{dead}, inet:127.0.0.1:{server.port}\n"
-                    f"dbname = mail\nquery = {query}\n")
+                    f"dbname = mail\nquery = {query}\n{extra}")
         path = secret_file(etc / f"{kind}-{param.replace('_', '-')}.cf", text)
         out[param] = f"{kind}:{path}"
     return out
@@ -449,5 +450,68 @@ def test_ldap_directory_delivers_and_refuses(make_postern, etc_dir, slapd):
         slapd.restart()
         send(p, ["info@ldap.test"], token + "-r")
         wait_for(lambda: in_box("alice", token + "-r"), 30, what="the message after the restart")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_database_killed_under_load(make_postern, etc_dir, mariadb):
+    """MariaDB killed (SIGKILL) while clients keep sending: every RCPT
+    meanwhile gets 4xx, never 5xx; every message accepted (before, during,
+    after) is delivered once the server is back; RCPT gets 250 again."""
+    import threading
+    tables = cf_files("mysql", etc_dir, mariadb, extra="retry_interval = 2\n")
+    base = mail_base()
+    try:
+        p = start_postern(make_postern, tables, base)
+        phase = ["up"]
+        codes = {"up": [], "down": [], "back": []}
+        accepted = []
+        stop = threading.Event()
+
+        def sender():
+            while not stop.is_set():
+                token = "pt-" + uuid.uuid4().hex
+                now = phase[0]
+                try:
+                    with p.smtp() as s:
+                        s.ehlo("client.test")
+                        s.mail("someone@example.org")
+                        code, text = s.rcpt("info@sql.test")
+                        codes[now].append((code, text))
+                        if code == 250:
+                            data = h.crlf(f"Subject: {token}\n\nbody {token}\n")
+                            c, t = s.data(data.encode() if isinstance(data, str) else data)
+                            if c == 250:
+                                accepted.append(token)
+                            else:
+                                codes[now].append((c, t))
+                except Exception as e:  # a refused connection would show here
+                    codes[now].append((0, repr(e).encode()))
+                time.sleep(0.05)
+        threads = [threading.Thread(target=sender) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        mariadb.kill()
+        phase[0] = "down"
+        time.sleep(4)
+        mariadb.start()
+        phase[0] = "back"
+        wait_for(lambda: any(c == 250 for c, _ in codes["back"]), 60, what="RCPT accepted again")
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        every = [c for cs in codes.values() for c, _ in cs]
+        assert not [c for c in every if c >= 500 or c == 0], codes
+        assert codes["down"] and all(400 <= c < 500 for c, _ in codes["down"][1:]), codes["down"]
+        assert any(b"4.3.0" in t for c, t in codes["down"]), codes["down"]
+        assert accepted
+
+        def delivered():
+            new = base / DOMAIN / "alice" / "new"
+            got = [f.read_bytes() for f in new.iterdir()] if new.is_dir() else []
+            return all(sum(tok.encode() in g for g in got) == 1 for tok in accepted)
+        wait_for(delivered, 90, what=f"all {len(accepted)} accepted messages delivered once")
     finally:
         shutil.rmtree(base, ignore_errors=True)
