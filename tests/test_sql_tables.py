@@ -20,6 +20,7 @@ import os
 import pwd
 import sqlite3
 import shutil
+import smtplib
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
 from postern_harness import wait_for
 from table_servers import (MariaDB, Postgres, Slapd, mariadb_available, postfixadmin_rows,
                           postfixadmin_schema, postgres_available, secret_file,
@@ -251,7 +253,6 @@ def test_proxy_mysql_bounds_database_connections(make_postern, etc_dir, mariadb)
     through proxy:mysql: the database sees at most one connection per
     table (proxymap's process limit is 1), counted on the server."""
     import threading
-    import smtplib
     tables = {k: "proxy:" + v for k, v in cf_files("mysql", etc_dir, mariadb).items()}
     base = mail_base()
     try:
@@ -513,5 +514,67 @@ def test_database_killed_under_load(make_postern, etc_dir, mariadb):
             got = [f.read_bytes() for f in new.iterdir()] if new.is_dir() else []
             return all(sum(tok.encode() in g for g in got) == 1 for tok in accepted)
         wait_for(delivered, 90, what=f"all {len(accepted)} accepted messages delivered once")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_dovecot_and_postern_share_the_database(make_postern, etc_dir, mariadb, dovecot):
+    """Dovecot's SQL passdb reads PostfixAdmin's mailbox table in the same
+    MariaDB: the mailbox user authenticates for submission (port 587
+    service, smtpd_sasl_type = dovecot) and relays; a wrong password is
+    535; mail to the user's alias is delivered through the mysql: tables."""
+    mariadb.sql("CREATE USER IF NOT EXISTS 'dovecot'@'127.0.0.1' IDENTIFIED BY 'dovecotpw'",
+                "GRANT SELECT ON mail.mailbox TO 'dovecot'@'127.0.0.1'")
+    sql_conf = etc_dir / "dovecot-sql.conf.ext"
+    sql_conf.write_text(
+        "driver = mysql\n"
+        f"connect = host=127.0.0.1 port={mariadb.port} dbname=mail user=dovecot password=dovecotpw\n"
+        "default_pass_scheme = PLAIN\n"
+        "password_query = SELECT username AS user, password FROM mailbox "
+        "WHERE username = '%u' AND active = '1'\n")
+    os.chmod(sql_conf, 0o644)
+    dc = dovecot(users={}, auth_failure_delay="0 secs",
+                 extra_conf=f"passdb {{\n  driver = sql\n  args = {sql_conf}\n}}\n")
+    tables = cf_files("mysql", etc_dir, mariadb)
+    base = mail_base()
+    sub = h.free_port()
+    try:
+        nobody = pwd.getpwnam("nobody")
+        p = make_postern(params={
+            **tables,
+            "virtual_mailbox_base": str(base),
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": str(dc.auth_socket),
+        }, master_cf_extra=VIRTUAL_MASTER_CF + (
+            f"127.0.0.1:{sub} inet n - n - - smtpd",
+            "  -o syslog_name=postern/submission",
+            "  -o smtpd_sasl_auth_enable=yes",
+            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
+        ))
+        h.wait_for(lambda: h.smtp_banner_ok(sub), 20, what="the submission port")
+        with smtplib.SMTP("127.0.0.1", sub, timeout=30, source_address=("127.0.0.2", 0)) as s:
+            s.ehlo("client.test")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+                s.login("alice@sql.test", "wrong")
+            assert e.value.smtp_code == 535
+            code, _ = s.login("alice@sql.test", MAILBOXES["alice@sql.test"])
+            assert code == 235
+            s.mail("alice@sql.test")
+            code, text = s.rcpt("someone@far.test")
+            assert code == 250, text
+            s.rset()
+            token = "pt-" + uuid.uuid4().hex
+            msg = h.crlf(f"From: alice@sql.test\nTo: info@sql.test\nSubject: {token}\n\nx\n")
+            assert s.sendmail("alice@sql.test", ["info@sql.test"], msg) == {}
+        wait_for(lambda: len(messages_with(base, "alice", token)) == 1, 30,
+                 what="the submitted message in alice's Maildir")
+        # Not authenticated: no relaying on the submission port.
+        with smtplib.SMTP("127.0.0.1", sub, timeout=30, source_address=("127.0.0.2", 0)) as s:
+            s.ehlo("client.test")
+            s.mail("alice@sql.test")
+            code, text = s.rcpt("someone@far.test")
+            assert code == 554, text
     finally:
         shutil.rmtree(base, ignore_errors=True)
