@@ -578,3 +578,42 @@ def test_dovecot_and_postern_share_the_database(make_postern, etc_dir, mariadb, 
             assert code == 554, text
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql", "sqlite", "ldap"])
+def test_chrooted_daemons_use_the_tables(kind, request, make_postern, etc_dir):
+    """Debian's master.cf runs smtpd, cleanup and qmgr chrooted in the
+    queue directory: the tables were opened (and their client libraries
+    loaded) before the chroot, the servers are reached from inside."""
+    from test_chroot import chroot_everything
+    if kind == "ldap":
+        tables = ldap_cf_files(etc_dir, request.getfixturevalue("slapd"))
+        domain = LDAP_DOMAIN
+    else:
+        tables = cf_files(kind, etc_dir, server_for(kind, request))
+        domain = DOMAIN
+    base = mail_base()
+    try:
+        nobody = pwd.getpwnam("nobody")
+        p = make_postern(start=False, params={
+            **tables,
+            "virtual_mailbox_base": str(base),
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+        }, master_cf_extra=VIRTUAL_MASTER_CF)
+        chroot_everything(p, services=("cleanup", "qmgr", "smtpd"))
+        p.start()
+        token = "pt-" + uuid.uuid4().hex
+        send(p, [f"info@{domain}"], token)
+        new = base / domain / "alice" / "new"
+        wait_for(lambda: new.is_dir() and any(token.encode() in f.read_bytes()
+                                              for f in new.iterdir()),
+                 30, what="the message in alice's Maildir")
+        with p.smtp() as s:
+            s.ehlo("client.test")
+            s.mail("someone@example.org")
+            code, text = s.rcpt(f"carol@{domain}")
+            assert code == 550, text
+        assert not p.log_search(r"lookup error|cannot load"), p.log_tail()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
