@@ -617,3 +617,27 @@ def test_chrooted_daemons_use_the_tables(kind, request, make_postern, etc_dir):
         assert not p.log_search(r"lookup error|cannot load"), p.log_tail()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_server_address_forms(make_postern, etc_dir, mariadb, postgres):
+    """hosts as Postfix takes them: MySQL over its Unix socket; PostgreSQL
+    by connection URIs, over TCP and to its socket directory."""
+    from urllib.parse import quote
+    mariadb.sql("CREATE USER IF NOT EXISTS 'mailuser'@'localhost' IDENTIFIED BY 'sockpw'",
+                "GRANT SELECT ON mail.* TO 'mailuser'@'localhost'")
+    query = QUERIES["virtual_alias_maps"]
+    forms = {
+        "mysql-unix": ("mysql", f"hosts = unix:{mariadb.socket}\nuser = mailuser\n"
+                                f"password = sockpw\ndbname = mail\n"),
+        "pgsql-uri": ("pgsql", "hosts = postgresql://mailuser:"
+                               f"{quote(DB_PASSWORD, safe='')}@127.0.0.1:{postgres.port}/mail\n"),
+        # unix:/dir means the default port, as in Postfix: the test's
+        # server listens on another, named in a URI to the socket directory.
+        "pgsql-uri-socket": ("pgsql", f"hosts = postgresql:///mail?host={postgres.dir}"
+                                      f"&port={postgres.port}&user=mailuser\n"),
+    }
+    p = make_postern(start=False)
+    for name, (kind, text) in forms.items():
+        path = secret_file(etc_dir / f"{name}.cf", text + f"query = {query}\n")
+        r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"{kind}:{path}")
+        assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), (name, h.describe(r))
