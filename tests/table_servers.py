@@ -215,7 +215,9 @@ class Slapd:
     ROOTDN = "cn=admin,dc=ldap,dc=test"
     ROOTPW = "root-secret"
 
-    def __init__(self, ldif):
+    def __init__(self, ldif, tls=None):
+        """``tls``: {ca, cert, key} files: StartTLS offered, and required
+        for every operation (``security tls=1``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="pt-slapd-"))
         os.chmod(self.dir, 0o755)
         (self.dir / "db").mkdir()
@@ -230,10 +232,13 @@ class Slapd:
             "include /etc/ldap/schema/misc.schema\n"
             "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
             f"pidfile {self.dir}/slapd.pid\n"
+            + (f"TLSCACertificateFile {tls['ca']}\nTLSCertificateFile {tls['cert']}\n"
+               f"TLSCertificateKeyFile {tls['key']}\nsecurity tls=1\n" if tls else "") +
             "database mdb\n"
             f'suffix "{self.SUFFIX}"\nrootdn "{self.ROOTDN}"\nrootpw {self.ROOTPW}\n'
             f"directory {self.dir}/db\n")
         self.loaded = False
+        self.tls = tls
 
     def start(self):
         r = subprocess.run(["slapd", "-f", str(self.conf), "-h", f"ldap://127.0.0.1:{self.port}/"],
@@ -241,9 +246,14 @@ class Slapd:
         assert r.returncode == 0, r.stderr.decode()
         _wait_port(self.port, "slapd listening")
         if not self.loaded:
-            r = subprocess.run(["ldapadd", "-x", "-H", f"ldap://127.0.0.1:{self.port}/",
+            env = dict(os.environ)
+            tls_args = []
+            if self.tls:
+                env["LDAPTLS_CACERT"] = str(self.tls["ca"])
+                tls_args = ["-ZZ"]
+            r = subprocess.run(["ldapadd", "-x", *tls_args, "-H", f"ldap://127.0.0.1:{self.port}/",
                                 "-D", self.ROOTDN, "-w", self.ROOTPW],
-                               input=self.ldif.encode(), capture_output=True, timeout=60)
+                               input=self.ldif.encode(), capture_output=True, timeout=60, env=env)
             assert r.returncode == 0, r.stderr.decode() + r.stdout.decode()
             self.loaded = True
         return self

@@ -641,3 +641,30 @@ def test_server_address_forms(make_postern, etc_dir, mariadb, postgres):
         path = secret_file(etc_dir / f"{name}.cf", text + f"query = {query}\n")
         r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"{kind}:{path}")
         assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), (name, h.describe(r))
+
+
+def test_ldap_start_tls(make_postern, etc_dir, root, tmp_path):
+    """A directory that requires TLS: with start_tls = yes and the CA
+    (tls_ca_cert_file, tls_require_cert = yes) the lookup answers; without
+    STARTTLS the bind is refused, and the lookup fails (not "not found")."""
+    from test_smtpd_tls_sasl import make_certs
+    if not slapd_available():
+        pytest.fail("slapd is not installed (scripts/test installs it)")
+    certs = make_certs(tmp_path / "certs")
+    d = Slapd(LDIF.format(pw=DB_PASSWORD), tls=certs).start()
+    try:
+        base = (f"server_host = ldap://127.0.0.1:{d.port}/\nversion = 3\n"
+                f"bind_dn = cn=postfix,{Slapd.SUFFIX}\nbind_pw = {DB_PASSWORD}\n"
+                f"search_base = {Slapd.SUFFIX}\nquery_filter = (mailLocalAddress=%s)\n"
+                "result_attribute = mail\n")
+        tls = secret_file(etc_dir / "tls.cf", base + "start_tls = yes\ntls_require_cert = yes\n"
+                          f"tls_ca_cert_file = {certs['ca']}\n")
+        plain = secret_file(etc_dir / "plain.cf", base)
+        p = make_postern(start=False)
+        r = h.run_tool(p, "postmap", "-q", "info@ldap.test", f"ldap:{tls}")
+        assert (r.returncode, r.stdout.strip()) == (0, "alice@ldap.test"), h.describe(r)
+        r = h.run_tool(p, "postmap", "-q", "info@ldap.test", f"ldap:{plain}")
+        assert r.stdout.strip() == "" and "onfidentiality required" in r.stderr + p.log_text(), \
+            h.describe(r)
+    finally:
+        d.remove()
