@@ -82,7 +82,10 @@ def _wait_port(port, what, timeout=60, proc=None):
 
 
 class MariaDB:
-    def __init__(self):
+    def __init__(self, tls=None):
+        """``tls``: {ca, cert, key} files (readable by user mysql): the
+        server offers TLS."""
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="pt-mariadb-"))
         os.chmod(self.dir, 0o755)
         mysql = pwd.getpwnam("mysql")
@@ -105,7 +108,9 @@ class MariaDB:
         self.proc = subprocess.Popen(
             ["mariadbd", "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", "--user=mysql",
-             "--skip-log-bin", "--max-connections=1000", f"--pid-file={self.dir}/pid"],
+             "--skip-log-bin", "--max-connections=1000", f"--pid-file={self.dir}/pid",
+             *([f"--ssl-ca={self.tls['ca']}", f"--ssl-cert={self.tls['cert']}",
+                f"--ssl-key={self.tls['key']}"] if self.tls else [])],
             stdout=self.log, stderr=subprocess.STDOUT)
         try:
             _wait_port(self.port, "mariadbd listening", proc=self.proc)

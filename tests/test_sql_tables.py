@@ -62,7 +62,10 @@ def root():
 def mariadb(root):
     if not mariadb_available():
         pytest.fail("mariadb-server is not installed (scripts/test installs it)")
-    m = MariaDB().start()
+    from test_smtpd_tls_sasl import make_certs
+    certs_dir = Path(tempfile.mkdtemp(prefix="pt-mariadb-certs-"))
+    os.chmod(certs_dir, 0o755)
+    m = MariaDB(tls=make_certs(certs_dir / "c")).start()
     m.sql("CREATE DATABASE mail")
     m.sql(*postfixadmin_schema(), *postfixadmin_rows(DOMAIN, MAILBOXES, ALIASES), database="mail")
     pw = DB_PASSWORD.replace("'", "''")
@@ -70,6 +73,7 @@ def mariadb(root):
           "GRANT SELECT ON mail.* TO 'mailuser'@'127.0.0.1'")
     yield m
     m.remove()
+    shutil.rmtree(certs_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -668,3 +672,21 @@ def test_ldap_start_tls(make_postern, etc_dir, root, tmp_path):
             h.describe(r)
     finally:
         d.remove()
+
+
+def test_mysql_tls(make_postern, etc_dir, mariadb):
+    """tls_CAfile and tls_verify_cert = yes: the lookup goes over TLS with
+    the server's certificate verified; an account that requires TLS is
+    refused without them (a failure, not "not found")."""
+    mariadb.sql("CREATE USER IF NOT EXISTS 'tlsuser'@'127.0.0.1' IDENTIFIED BY 'tlspw' REQUIRE SSL",
+                "GRANT SELECT ON mail.* TO 'tlsuser'@'127.0.0.1'")
+    base = (f"hosts = inet:127.0.0.1:{mariadb.port}\nuser = tlsuser\npassword = tlspw\n"
+            f"dbname = mail\nquery = {QUERIES['virtual_alias_maps']}\n")
+    tls = secret_file(etc_dir / "tls.cf", base + f"tls_CAfile = {mariadb.tls['ca']}\n"
+                      "tls_verify_cert = yes\n")
+    plain = secret_file(etc_dir / "plain.cf", base)
+    p = make_postern(start=False)
+    r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"mysql:{tls}")
+    assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), h.describe(r)
+    r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"mysql:{plain}")
+    assert r.stdout.strip() == "" and "Access denied" in r.stderr + p.log_text(), h.describe(r)
