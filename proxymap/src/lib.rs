@@ -22,6 +22,7 @@
 //! make proxymap read a file it chooses.
 
 use postern_common::dict::proxy::{self, ProxyReply, ProxyRequest};
+use postern_common::dict::LookupError;
 use postern_common::maps::Table;
 use postern_common::{info, ipc, warning};
 use postern_conf::Config;
@@ -65,7 +66,7 @@ pub fn answer(served: &Served, req: &ProxyRequest) -> ProxyReply {
             ProxyReply::Failed(format!("{}: not approved in proxy_read_maps", req.table))
         }
         Some(Err(e)) => ProxyReply::Failed(e.clone()),
-        Some(Ok(Table::Dict { dict, .. })) => match dict.lookup(&req.key) {
+        Some(Ok(t)) => match lookup(t, &req.key) {
             Ok(Some(v)) => ProxyReply::Found(v),
             Ok(None) => ProxyReply::NotFound,
             Err(e) => {
@@ -73,10 +74,15 @@ pub fn answer(served: &Served, req: &ProxyRequest) -> ProxyReply {
                 ProxyReply::Failed(e.to_string())
             }
         },
-        Some(Ok(t)) => match t.lookup_expanded(&req.key) {
-            Some(v) => ProxyReply::Found(v),
-            None => ProxyReply::NotFound,
-        },
+    }
+}
+
+/// A lookup that tells a failure from "not found" (`$N` expanded for
+/// `regexp:`/`pcre:`, as the daemons look them up).
+fn lookup(t: &Table, key: &str) -> Result<Option<String>, LookupError> {
+    match t {
+        Table::Dict { dict, .. } => dict.lookup(key),
+        other => Ok(other.lookup_expanded(key)),
     }
 }
 
