@@ -690,3 +690,94 @@ def test_mysql_tls(make_postern, etc_dir, mariadb):
     assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), h.describe(r)
     r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"mysql:{plain}")
     assert r.stdout.strip() == "" and "Access denied" in r.stderr + p.log_text(), h.describe(r)
+
+
+def server_settings(kind, server):
+    if kind == "sqlite":
+        return f"dbpath = {server}\n"
+    if kind == "ldap":
+        return (f"server_host = ldap://127.0.0.1:{server.port}/\nversion = 3\n"
+                f"bind_dn = cn=postfix,{Slapd.SUFFIX}\nbind_pw = {DB_PASSWORD}\n")
+    return (f"hosts = inet:127.0.0.1:{server.port}\nuser = mailuser\n"
+            f"password = {DB_PASSWORD}\ndbname = mail\n")
+
+
+# (name, settings by kind, keys): the same .cf file given to Postfix's and
+# Postern's postmap -q. `||` is SQL's concatenation in PostgreSQL and
+# SQLite; MariaDB's CONCAT.
+def concat(kind, *parts):
+    if kind == "mysql":
+        return "CONCAT(" + ", ".join(parts) + ")"
+    return " || ".join(parts)
+
+
+def comparison_cases(kind):
+    if kind == "ldap":
+        d = LDAP_DOMAIN
+        return [
+            ("filter", f"search_base = {Slapd.SUFFIX}\nquery_filter = (mailLocalAddress=%s)\n"
+                       "result_attribute = mail\n",
+             [f"info@{d}", f"ALICE@{d}", f"carol@{d}", d, "a*@ldap.test"]),
+            ("special", f"search_base = {Slapd.SUFFIX}\nquery_filter = (mailLocalAddress=%s)\n"
+                        "result_attribute = mail\nspecial_result_attribute = member\n"
+                        "result_format = <%s> for %U at %D\n",
+             [f"team@{d}", f"info@{d}"]),
+            ("parts", f"search_base = ou=people,{Slapd.SUFFIX}\nquery_filter = (&(uid=%u)(mail=*@%d))\n"
+                      "result_attribute = uid mail\ndomain = ldap.test\n",
+             [f"alice@{d}", "alice@other.test", "alice", f"@{d}"]),
+            ("base", "search_base = ou=people,dc=%2,dc=%1\nquery_filter = (uid=%u)\n"
+                     "result_attribute = mail\nscope = one\n",
+             [f"bob@{d}", "bob@nowhere.test", "bob@test"]),
+        ]
+    d = DOMAIN
+    return [
+        ("alias", f"query = {QUERIES['virtual_alias_maps']}\n",
+         [f"info@{d}", f"team@{d}", f"Alice@SQL.test", f"carol@{d}", d, f"o'brien@{d}",
+          "x%s@sql.test"]),
+        ("parts", "query = SELECT goto FROM alias WHERE address = "
+                  + concat(kind, "'%u'", "'@'", "'%d'") + "\nresult_format = %u@relay.%D\n",
+         [f"team@{d}", "team", f"@{d}", f"info@{d}"]),
+        ("labels", "query = SELECT domain FROM domain WHERE domain = '%2.%1'\n"
+                   "result_format = smtp:[%s]\n",
+         [f"u@{d}", f"u@mx.{d}", "u@localhost", "sql.test", "u@.test"]),
+        ("domain", f"query = {QUERIES['virtual_mailbox_maps']}\ndomain = sql.test\n",
+         [f"alice@{d}", "alice@other.test", d]),
+        ("legacy", "table = mailbox\nselect_field = maildir\nwhere_field = username\n"
+                   "additional_conditions = AND active = '1'\n",
+         [f"bob@{d}", f"carol@{d}"]),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql", "sqlite", "ldap"])
+def test_same_answers_as_postfix(kind, request, make_postern, etc_dir):
+    """Postfix 3.7's postmap -q (postfix-mysql, -pgsql, -sqlite, -ldap) and
+    Postern's on the same .cf files and servers: the same value, or both
+    not found, for every key."""
+    if not os.path.exists("/usr/lib/postfix/postfix-mysql.so"):
+        pytest.fail("postfix-mysql and its siblings are not installed (scripts/test installs them)")
+    server = request.getfixturevalue({"mysql": "mariadb", "pgsql": "postgres",
+                                      "sqlite": "sqlite_db", "ldap": "slapd"}[kind])
+    from concurrent.futures import ThreadPoolExecutor
+    p = make_postern(start=False)
+    differ, found = [], []
+    cases = []
+    for name, settings, keys in comparison_cases(kind):
+        cf = secret_file(etc_dir / f"{kind}-{name}.cf", server_settings(kind, server) + settings)
+        # postmap -q - reads the keys from stdin, prints "key<TAB>value"
+        # for each one found.
+        cases.append((name, cf, "".join(k + "\n" for k in keys).encode()))
+    # Postfix's postmap takes seconds to exit: all of them at once.
+    with ThreadPoolExecutor(len(cases)) as pool:
+        postfix = list(pool.map(lambda c: h.run(["/usr/sbin/postmap", "-q", "-", f"{kind}:{c[1]}"],
+                                                input=c[2]), cases))
+    for (name, cf, keys_in), theirs in zip(cases, postfix):
+        ours = h.run_tool(p, "postmap", "-q", "-", f"{kind}:{cf}", input=keys_in)
+        t = (theirs.returncode, theirs.stdout.splitlines())
+        o = (ours.returncode, ours.stdout.splitlines())
+        if t != o:
+            differ.append((name, "postfix", t, theirs.stderr.strip()[-300:],
+                           "postern", o, ours.stderr.strip()[-300:]))
+        found.append((name, o[1]))
+    assert not differ, "\n".join(map(str, differ))
+    # Every case found something (the comparison is not of two failures).
+    assert all(lines for _, lines in found), found
