@@ -781,3 +781,34 @@ def test_same_answers_as_postfix(kind, request, make_postern, etc_dir):
     assert not differ, "\n".join(map(str, differ))
     # Every case found something (the comparison is not of two failures).
     assert all(lines for _, lines in found), found
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql"])
+def test_hung_server_is_a_failure_not_a_hang(kind, request, make_postern, etc_dir):
+    """A server that accepts connections and never answers (stopped with
+    SIGSTOP): the lookup fails within the timeouts (10 s to connect, to
+    each server of the list), it does not hang and is not "not found"."""
+    import signal
+    server = server_for(kind, request)
+    if kind == "mysql":
+        pid = server.proc.pid
+    else:
+        pid = int((server.data / "postmaster.pid").read_text().split()[0])
+    cf = secret_file(etc_dir / f"{kind}-hung.cf",
+                     f"hosts = inet:127.0.0.1:{server.port}\nuser = mailuser\n"
+                     f"password = {DB_PASSWORD}\ndbname = mail\n"
+                     f"query = {QUERIES['virtual_alias_maps']}\n")
+    p = make_postern(start=False)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"{kind}:{cf}", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.stdout.strip() == "" and r.returncode != 0, h.describe(r)
+    assert "lookup error" in r.stderr, h.describe(r)
+    # The server is listed once, so tried twice (as Postfix does).
+    assert took < 2 * 10 + 10, took
+    r = h.run_tool(p, "postmap", "-q", "info@sql.test", f"{kind}:{cf}")
+    assert (r.returncode, r.stdout.strip()) == (0, "alice@sql.test"), h.describe(r)
