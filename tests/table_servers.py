@@ -235,6 +235,7 @@ class Slapd:
             "include /etc/ldap/schema/inetorgperson.schema\n"
             "include /etc/ldap/schema/nis.schema\n"
             "include /etc/ldap/schema/misc.schema\n"
+            "include /etc/ldap/schema/dyngroup.schema\n"
             "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
             f"pidfile {self.dir}/slapd.pid\n"
             + (f"TLSCACertificateFile {tls['ca']}\nTLSCertificateFile {tls['cert']}\n"

@@ -382,6 +382,13 @@ cn: team
 mailLocalAddress: team@ldap.test
 member: uid=alice,ou=people,dc=ldap,dc=test
 member: uid=bob,ou=people,dc=ldap,dc=test
+
+dn: cn=everyone,ou=groups,dc=ldap,dc=test
+objectClass: groupOfURLs
+objectClass: inetLocalMailRecipient
+cn: everyone
+mailLocalAddress: everyone@ldap.test
+memberURL: ldap:///ou=people,dc=ldap,dc=test??one?(objectClass=inetOrgPerson)
 """
 
 
@@ -719,9 +726,12 @@ def comparison_cases(kind):
                        "result_attribute = mail\n",
              [f"info@{d}", f"ALICE@{d}", f"carol@{d}", d, "a*@ldap.test"]),
             ("special", f"search_base = {Slapd.SUFFIX}\nquery_filter = (mailLocalAddress=%s)\n"
-                        "result_attribute = mail\nspecial_result_attribute = member\n"
+                        "result_attribute = mail\nspecial_result_attribute = member memberURL\n"
                         "result_format = <%s> for %U at %D\n",
-             [f"team@{d}", f"info@{d}"]),
+             [f"team@{d}", f"info@{d}", f"everyone@{d}"]),
+            ("url-attrs", f"search_base = {Slapd.SUFFIX}\nquery_filter = (mailLocalAddress=%s)\n"
+                          "result_attribute = mail uid\nspecial_result_attribute = memberURL\n",
+             [f"everyone@{d}"]),
             ("parts", f"search_base = ou=people,{Slapd.SUFFIX}\nquery_filter = (&(uid=%u)(mail=*@%d))\n"
                       "result_attribute = uid mail\ndomain = ldap.test\n",
              [f"alice@{d}", "alice@other.test", "alice", f"@{d}"]),

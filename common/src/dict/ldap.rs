@@ -25,6 +25,21 @@ type Ldap = c_void;
 type Message = c_void;
 type Ber = c_void;
 
+/// LDAPURLDesc of ldap.h.
+#[repr(C)]
+struct UrlDesc {
+    next: *mut UrlDesc,
+    scheme: *mut c_char,
+    host: *mut c_char,
+    port: c_int,
+    dn: *mut c_char,
+    attrs: *mut *mut c_char,
+    scope: c_int,
+    filter: *mut c_char,
+    exts: *mut *mut c_char,
+    crit_exts: c_int,
+}
+
 #[repr(C)]
 struct Berval {
     len: c_ulong,
@@ -92,6 +107,9 @@ struct Api {
     msgfree: unsafe extern "C" fn(*mut Message) -> c_int,
     unbind_ext_s: unsafe extern "C" fn(*mut Ldap, *mut c_void, *mut c_void) -> c_int,
     err2string: unsafe extern "C" fn(c_int) -> *const c_char,
+    is_ldap_url: unsafe extern "C" fn(*const c_char) -> c_int,
+    url_parse: unsafe extern "C" fn(*const c_char, *mut *mut UrlDesc) -> c_int,
+    free_urldesc: unsafe extern "C" fn(*mut UrlDesc),
 }
 
 fn api() -> Result<&'static Api, String> {
@@ -120,6 +138,9 @@ fn api() -> Result<&'static Api, String> {
                 msgfree: lib.function("ldap_msgfree")?,
                 unbind_ext_s: lib.function("ldap_unbind_ext_s")?,
                 err2string: lib.function("ldap_err2string")?,
+                is_ldap_url: lib.function("ldap_is_ldap_url")?,
+                url_parse: lib.function("ldap_url_parse")?,
+                free_urldesc: lib.function("ldap_free_urldesc")?,
             })
         }
     })
@@ -630,11 +651,12 @@ impl LdapDict {
             return Ok(());
         }
         for dn in values {
-            if dn.to_ascii_lowercase().starts_with("ldap") && dn.contains("://") {
-                crate::warning!(
-                    "{}: LDAP URL {dn} in a special result attribute is not followed",
-                    self.table
-                );
+            let Ok(c) = CString::new(dn.as_str()) else {
+                continue;
+            };
+            // SAFETY: a C string.
+            if unsafe { (self.api.is_ldap_url)(c.as_ptr()) } != 0 {
+                self.follow_url(conn, &c, results, depth, entries)?;
                 continue;
             }
             match conn.search(dn, 0, "objectclass=*", &s.attributes, s) {
@@ -646,6 +668,72 @@ impl LdapDict {
             }
         }
         Ok(())
+    }
+
+    /// A special attribute's LDAP URL (a dynamic group's `memberURL`): its
+    /// search, on this connection, for the result attributes (those of
+    /// the URL's list that are result attributes, when it has one).
+    fn follow_url(
+        &self,
+        conn: &Conn,
+        url: &CString,
+        results: &mut super::db_config::Results,
+        depth: usize,
+        entries: &mut usize,
+    ) -> Result<(), String> {
+        let api = self.api;
+        let s = &self.settings;
+        let shown = url.to_string_lossy();
+        let mut desc: *mut UrlDesc = std::ptr::null_mut();
+        // SAFETY: a C string; desc receives the parsed URL, freed below.
+        let rc = unsafe { (api.url_parse)(url.as_ptr(), &mut desc) };
+        if rc != 0 || desc.is_null() {
+            return Err(format!("malformed URL {shown}: error {rc}"));
+        }
+        // SAFETY: a parsed URL: NULL or NUL-terminated strings, a
+        // NULL-terminated attribute array; freed once.
+        let (base, scope, filter, url_attrs) = unsafe {
+            let d = &*desc;
+            let mut attrs = Vec::new();
+            if !d.attrs.is_null() {
+                let mut i = 0;
+                while !(*d.attrs.add(i)).is_null() {
+                    attrs.push(text(*d.attrs.add(i)).unwrap_or_default());
+                    i += 1;
+                }
+            }
+            let r = (
+                text(d.dn).unwrap_or_default(),
+                d.scope,
+                text(d.filter).unwrap_or_else(|| "(objectclass=*)".into()),
+                attrs,
+            );
+            (api.free_urldesc)(desc);
+            r
+        };
+        let attrs: Vec<CString> = if url_attrs.is_empty() {
+            s.attributes.clone()
+        } else {
+            s.attributes
+                .iter()
+                .filter(|a| {
+                    let a = a.to_string_lossy();
+                    url_attrs.iter().any(|u| u.eq_ignore_ascii_case(&a))
+                })
+                .cloned()
+                .collect()
+        };
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        match conn.search(&base, scope, &filter, &attrs, s) {
+            Ok(res) => self.collect(conn, &res, results, depth + 1, entries),
+            Err(LDAP_NO_SUCH_OBJECT) => {
+                crate::warning!("{}: DN {base} not found, skipping", self.table);
+                Ok(())
+            }
+            Err(rc) => Err(format!("search {shown}: {}", err_text(api, rc))),
+        }
     }
 
     /// One attempt on a connection; Err((rc, why)): rc tells whether the
