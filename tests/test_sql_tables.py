@@ -249,6 +249,44 @@ def mysql_connections(m):
     return int(out.strip())
 
 
+def proxymap_ask(sock, table, key):
+    """One request on proxymap's socket, in its framing (a u32 length, then
+    postcard: strings as a varint length and the bytes; the reply's enum as
+    a varint index): (variant, text) with 0 found, 1 not found, 2 failed."""
+    import socket as sk
+
+    def string(v):
+        b = v.encode()
+        n, out = len(b), b""
+        while True:
+            out += bytes([(n & 0x7f) | (0x80 if n > 0x7f else 0)])
+            n >>= 7
+            if not n:
+                return out + b
+    body = string(table) + string(key)
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as c:
+        c.settimeout(30)
+        c.connect(str(sock))
+        c.sendall(len(body).to_bytes(4, "little") + body)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "little"):
+            chunk = c.recv(65536)
+            assert chunk, data
+            data += chunk
+    reply = data[4:]
+    variant, rest = reply[0], reply[1:]
+    if variant == 1:
+        return (1, None)
+    n, shift, i = 0, 0, 0
+    while True:
+        n |= (rest[i] & 0x7f) << shift
+        shift += 7
+        i += 1
+        if rest[i - 1] < 0x80:
+            break
+    return (variant, rest[i:i + n].decode())
+
+
 PROXYMAP_MASTER_CF = ("proxymap  unix  -       -       n       -       1       proxymap",)
 
 
@@ -315,11 +353,16 @@ def test_proxy_mysql_bounds_database_connections(make_postern, etc_dir, mariadb)
         assert len(results) == sessions and not wrong, list(wrong.items())[:5]
         assert 1 <= peak[0] <= 3, f"{peak[0]} database connections at the peak: {seen[-1:]}"
         assert not p.log_search(r"lookup error"), p.log_tail()
-        # A table proxy_read_maps does not name is refused by proxymap.
-        other = secret_file(etc_dir / "other.cf", f"dbpath = {base}/x\nquery = SELECT 1\n")
-        r = h.run_tool(p, "postmap", "-q", "alice@sql.test", f"proxy:sqlite:{other}")
-        assert r.returncode != 0 and r.stdout.strip() == "", h.describe(r)
-        p.wait_for_log(r"proxymap\[\d+\]: warning: request for unapproved table: \"sqlite:")
+        # proxymap answers a request for an approved table, and refuses a
+        # table proxy_read_maps does not name (a client cannot make it
+        # read a file of its choice as root).
+        sock = p.dir / "queue" / "private" / "proxymap"
+        mailbox_table = tables["virtual_mailbox_maps"].removeprefix("proxy:")
+        assert proxymap_ask(sock, mailbox_table, "bob@sql.test") == (0, "sql.test/bob/")
+        assert proxymap_ask(sock, mailbox_table, "nobody@sql.test") == (1, None)
+        variant, why = proxymap_ask(sock, "sqlite:/etc/shadow.cf", "root")
+        assert variant == 2 and "proxy_read_maps" in why, why
+        p.wait_for_log(r"proxymap\[\d+\]: warning: request for unapproved table: \"sqlite:/etc/shadow")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -634,11 +677,13 @@ def test_server_address_forms(make_postern, etc_dir, mariadb, postgres):
     """hosts as Postfix takes them: MySQL over its Unix socket; PostgreSQL
     by connection URIs, over TCP and to its socket directory."""
     from urllib.parse import quote
-    mariadb.sql("CREATE USER IF NOT EXISTS 'mailuser'@'localhost' IDENTIFIED BY 'sockpw'",
-                "GRANT SELECT ON mail.* TO 'mailuser'@'localhost'")
+    # Over the socket the client is 'localhost' (a user of its own: a
+    # 'mailuser'@'localhost' would also match TCP clients from 127.0.0.1).
+    mariadb.sql("CREATE USER IF NOT EXISTS 'sockuser'@'localhost' IDENTIFIED BY 'sockpw'",
+                "GRANT SELECT ON mail.* TO 'sockuser'@'localhost'")
     query = QUERIES["virtual_alias_maps"]
     forms = {
-        "mysql-unix": ("mysql", f"hosts = unix:{mariadb.socket}\nuser = mailuser\n"
+        "mysql-unix": ("mysql", f"hosts = unix:{mariadb.socket}\nuser = sockuser\n"
                                 f"password = sockpw\ndbname = mail\n"),
         "pgsql-uri": ("pgsql", "hosts = postgresql://mailuser:"
                                f"{quote(DB_PASSWORD, safe='')}@127.0.0.1:{postgres.port}/mail\n"),

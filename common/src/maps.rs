@@ -134,10 +134,12 @@ impl Table {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::pgsql::PgsqlDict::open(name)?),
             }),
-            "proxy" => Ok(Table::Dict {
+            "proxy" if crate::dict::proxy::through_proxymap() => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::proxy::ProxyDict::open(name)?),
             }),
+            // A command: the table itself (dict::proxy::through_proxymap).
+            "proxy" => Table::read(name),
             "sqlite" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::sqlite::SqliteDict::open(name)?),

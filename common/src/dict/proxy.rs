@@ -8,6 +8,9 @@
 //! limit (master.cf) times the number of tables, and proxymap opens the
 //! root-only `.cf` files itself.
 //!
+//! A command (not a daemon) opens a `proxy:` table itself
+//! ([`through_proxymap`]).
+//!
 //! One request per connection: [`ProxyRequest`] → [`ProxyReply`], framed
 //! as every IPC message ([`crate::ipc::send`]). proxymap answers only for
 //! tables named with `proxy:` in `proxy_read_maps` (Postfix's rule: a
@@ -56,20 +59,25 @@ pub fn set_queue_directory(dir: impl Into<PathBuf>) {
     let _ = QUEUE_DIRECTORY.set(dir.into());
 }
 
+/// Whether `proxy:` tables are asked of proxymap: in the daemons. A
+/// command (`postmap -q`, `postern check`, `sendmail -bv`), run by the
+/// administrator and short-lived, opens the table itself, so that it
+/// answers whether or not Postern is running.
+pub fn through_proxymap() -> bool {
+    QUEUE_DIRECTORY.get().is_some()
+}
+
 /// The socket path as this process sees it now (`/private/proxymap`
 /// inside a chroot jail).
 fn socket_path() -> PathBuf {
     if crate::service::jailed() {
         return PathBuf::from("/").join(SOCKET);
     }
-    let queue = QUEUE_DIRECTORY.get().cloned().unwrap_or_else(|| {
-        // A command (postmap -q): the configuration it would read.
-        let dir = postern_conf::config_dir(None);
-        postern_conf::Config::load(&dir)
-            .map(|c| PathBuf::from(c.get("queue_directory")))
-            .unwrap_or_else(|_| PathBuf::from("/var/spool/postern"))
-    });
-    queue.join(SOCKET)
+    QUEUE_DIRECTORY
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("/var/spool/postern"))
+        .join(SOCKET)
 }
 
 /// The tables `proxy_read_maps` (its value expanded) lets proxymap open:
