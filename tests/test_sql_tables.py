@@ -509,15 +509,25 @@ def test_ldap_directory_delivers_and_refuses(make_postern, etc_dir, slapd):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_database_killed_under_load(make_postern, etc_dir, mariadb):
+@pytest.mark.parametrize("through", ["direct", "proxymap"])
+def test_database_killed_under_load(through, make_postern, etc_dir, mariadb):
     """MariaDB killed (SIGKILL) while clients keep sending: every RCPT
     meanwhile gets 4xx, never 5xx; every message accepted (before, during,
-    after) is delivered once the server is back; RCPT gets 250 again."""
+    after) is delivered once the server is back; RCPT gets 250 again. The
+    tables opened by each daemon, or proxy: tables through proxymap."""
     import threading
     tables = cf_files("mysql", etc_dir, mariadb, extra="retry_interval = 2\n")
+    if through == "proxymap":
+        tables = {k: "proxy:" + v for k, v in tables.items()}
     base = mail_base()
     try:
-        p = start_postern(make_postern, tables, base)
+        nobody = pwd.getpwnam("nobody")
+        p = make_postern(params={
+            **tables,
+            "virtual_mailbox_base": str(base),
+            "virtual_uid_maps": f"static:{nobody.pw_uid}",
+            "virtual_gid_maps": f"static:{nobody.pw_gid}",
+        }, master_cf_extra=VIRTUAL_MASTER_CF + PROXYMAP_MASTER_CF)
         phase = ["up"]
         codes = {"up": [], "down": [], "back": []}
         accepted = []
