@@ -239,7 +239,10 @@ impl Conn {
     }
 
     /// The server's escaping of `value` for this connection's charset.
-    fn quote(&self, value: &str, out: &mut String) {
+    /// A failure (the server's SQL mode leaves no way to quote, (unsigned
+    /// long)-1) goes to `failed`: the query is not sent with a value
+    /// missing.
+    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
         let mut buf = vec![0u8; 2 * value.len() + 1];
         // SAFETY: buf holds 2*len+1 bytes as the function requires.
         let n = unsafe {
@@ -252,6 +255,8 @@ impl Conn {
         };
         if n as usize <= buf.len() {
             out.push_str(&String::from_utf8_lossy(&buf[..n as usize]));
+        } else {
+            failed.get_or_insert(format!("cannot escape input string: {}", self.error()));
         }
     }
 
@@ -428,10 +433,14 @@ impl Dict for MysqlDict {
         let found = hosts.run(
             &mut |host| Conn::connect(self.api, host, &self.settings),
             &mut |conn: &mut Conn| {
+                let mut failed = None;
                 let sql = self
                     .templates
-                    .expand_query(&key, &mut |v, out| conn.quote(v, out))
+                    .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
                     .unwrap_or_default();
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 let mut results = self.templates.results(&key);
                 match conn.query(&sql, self.settings.require_result_set, &mut |v| {
                     results.add(v)
