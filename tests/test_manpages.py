@@ -32,6 +32,10 @@ NOT_PARAMETERS = {
     "reject_unknown_sender_domain",
     "envelope_sender", "envelope_recipient", "header_sender", "header_recipient",
     "orig_to", "mua_client_restrictions",
+    # Names of the table pages themselves.
+    "pcre_table", "socketmap_table", "tcp_table",
+    # A value of receive_override_options.
+    "no_header_body_checks",
 }
 # The settings of the .cf files of database tables (mysql_table(5), ...).
 NOT_PARAMETERS |= {

@@ -283,8 +283,11 @@ def test_errors_are_one_line(tmp_path):
     (tmp_path / "junk.cdb").write_bytes(b"not a table")
     r = postmap("-q", "x", f"cdb:{tmp_path}/junk")
     assert r.returncode > 1 and "not a CDB file" in r.stderr
-    r = postmap("-q", "x", "nis:mail.aliases")
+    r = postmap("-q", "x", "nosuch:mail.aliases")
     assert r.returncode > 1 and "unsupported dictionary type" in r.stderr
+    # As Postfix on a host without NIS: nothing is found.
+    r = postmap("-q", "x", "nis:mail.aliases")
+    assert r.returncode == 1 and "NIS lookups disabled" in r.stderr
     assert postmap().returncode == 64
     assert postmap("-s", "-q", "x", f"hash:{tmp_path}/t").returncode == 64
 

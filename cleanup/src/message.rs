@@ -6,10 +6,12 @@
 //! content, and the body is streamed straight through.
 
 use crate::headers::{self, Header};
-use crate::rewrite::{self, Action, Rewriter};
+use crate::rewrite::{self, Action, AliasError, HeaderClass, Rewriter};
 use postern_common::delivery::{self, LogEntry};
 use postern_common::dupfilter::DupFilter;
+use postern_common::header_checks::{MimeWalk, Piece};
 use postern_common::ipc::{cleanup_flags, CleanupReply, NewMessage};
+use postern_common::maps::LookupError;
 use postern_common::qfile::{self, Recipient};
 use postern_common::queue::{self, MessageLog, Queue, QueueTree};
 use postern_common::smtputf8;
@@ -39,6 +41,8 @@ pub struct Settings {
     /// `enable_original_recipient`: recipients with different original
     /// addresses are not duplicates.
     pub original_recipient: bool,
+    /// `always_bcc`: a copy of every message goes there ("": none).
+    pub always_bcc: String,
 }
 
 impl Settings {
@@ -82,6 +86,7 @@ impl Settings {
                 1000
             }) as usize,
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
+            always_bcc: cfg.get("always_bcc").trim().to_string(),
         }
     }
 
@@ -116,6 +121,21 @@ impl Refusal {
             temporary: self.temporary,
             dsn: self.dsn.into(),
             reason: self.reason.clone(),
+        }
+    }
+
+    /// A table could not answer: the message is deferred with Postfix's
+    /// generic reply (`451 4.3.0 Error: queue file write error`), the
+    /// table and the cause in the log only, never shown to the client.
+    fn lookup_failure(id: &str, e: &LookupError, key: &str) -> Refusal {
+        warning!(
+            "{id}: {} map lookup problem for {key} -- message not accepted, try again later",
+            e.table
+        );
+        Refusal {
+            temporary: true,
+            dsn: "4.3.0",
+            reason: "queue file write error".into(),
         }
     }
 
@@ -162,8 +182,20 @@ pub struct Message<'a> {
     hold: Option<String>,
     /// A header or body check said DISCARD: answered as queued, removed.
     discard: Option<String>,
+    /// The after-queue content filter (`transport:nexthop`): the
+    /// client's `content_filter`, or a header check's FILTER.
+    filter: Option<String>,
+    /// A header check's REDIRECT: the one recipient instead of all.
+    redirect: Option<String>,
+    /// A header check's BCC addresses.
+    bcc: Vec<String>,
     /// The unfinished last body line, when body_checks need whole lines.
     body_partial: Vec<u8>,
+    /// Where the body is in its MIME structure (for the checks of body
+    /// part headers), from the end of the primary headers on.
+    mime: Option<MimeWalk>,
+    /// The recipients and primary headers are in the file.
+    head_written: bool,
     /// The file's name in `incoming/`, whose directory fsync started when
     /// the message opened.
     named: queue::DirChange,
@@ -205,6 +237,11 @@ impl<'a> Message<'a> {
             message_id: None,
             hold: None,
             discard: None,
+            filter: None,
+            redirect: None,
+            bcc: Vec::new(),
+            mime: None,
+            head_written: false,
             body_partial: Vec::new(),
             named,
             dups: DupFilter::new(settings.duplicate_filter_limit),
@@ -235,20 +272,29 @@ impl<'a> Message<'a> {
                 reason: "no recipients specified".into(),
             });
         }
-        if let Some(e) = settings.rewriter.errors.first() {
-            return Err(Refusal {
-                temporary: true,
-                dsn: "4.3.0",
-                reason: format!("table lookup failure: {e}"),
-            });
-        }
         let rw = &settings.rewriter;
+        let mappings = new.flags & cleanup_flags::NO_ADDRESS_MAPPINGS == 0;
         new.sender = settings.local_rewrite(&new.sender);
-        new.sender = rw.address(&new.sender, "envelope_sender");
+        if mappings {
+            new.sender = rw
+                .address(&new.sender, "envelope_sender")
+                .map_err(|e| Refusal::lookup_failure(&self.id, &e, &new.sender))?;
+        }
+        // The client's content filter: written with the recipients, after
+        // the header checks, whose FILTER overrides it.
+        if let Some(i) = new
+            .attrs
+            .iter()
+            .rposition(|(n, _)| n == qfile::attr::FILTER)
+        {
+            let f = new.attrs[i].1.trim().to_string();
+            new.attrs.retain(|(n, _)| n != qfile::attr::FILTER);
+            self.filter = (!f.is_empty()).then_some(f);
+        }
         let mut recipients = Vec::with_capacity(new.recipients.len());
         for r in std::mem::take(&mut new.recipients) {
             let given = settings.local_rewrite(&r.address);
-            for r in rewrite_recipient(rw, r, &given)? {
+            for r in rewrite_recipient(&self.id, rw, r, &given, mappings)? {
                 if !self.dups.recipient(&r, settings.original_recipient) {
                     recipients.push(r);
                 }
@@ -380,6 +426,15 @@ impl<'a> Message<'a> {
         // refused here can be bounced to them (see bounce_all).
         self.check_hops()?;
         self.rewrite_headers()?;
+        self.final_recipients()?;
+        if self.body_checked() {
+            let ct = self
+                .headers
+                .iter()
+                .find(|h| h.is("content-type"))
+                .map(|h| h.value());
+            self.mime = Some(MimeWalk::new(ct.as_deref()));
+        }
         let added = if self.new.flags & cleanup_flags::NO_HEADER_FIXUP == 0 {
             self.missing_headers()
         } else {
@@ -396,6 +451,7 @@ impl<'a> Message<'a> {
         let first = self
             .write_head_records(received, &added, first_body)
             .map_err(Refusal::write_error)?;
+        self.head_written = true;
         match first {
             Some(first) if self.body_checked() => self.body_lines(&first),
             Some(first) => {
@@ -404,6 +460,86 @@ impl<'a> Message<'a> {
                 }
             }
             None => {}
+        }
+        Ok(())
+    }
+
+    /// Whether address mappings apply (not with `no_address_mappings`).
+    fn mappings(&self) -> bool {
+        self.new.flags & cleanup_flags::NO_ADDRESS_MAPPINGS == 0
+    }
+
+    /// Whether header and body checks apply: not to notifications, not
+    /// with `no_header_body_checks`.
+    fn checks_on(&self) -> bool {
+        self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_HEADER_BODY_CHECKS) == 0
+    }
+
+    /// A header check's REDIRECT, and the automatic bcc recipients
+    /// (`always_bcc`, `sender_bcc_maps`, `recipient_bcc_maps`, a header
+    /// check's BCC), as Postfix's cleanup: the maps and `always_bcc` not
+    /// for notifications or forwarded copies, nor with
+    /// `no_address_mappings`. Each copy is a recipient with NOTIFY=NEVER
+    /// (no notice about it reaches the sender), rewritten like any other,
+    /// and kept once however many rules name it.
+    fn final_recipients(&mut self) -> Result<(), Refusal> {
+        let s = self.settings;
+        if let Some(to) = self.redirect.clone() {
+            let to = s.local_rewrite(&to);
+            let first = self.new.recipients.first().cloned().unwrap_or_default();
+            let original = if first.original.is_empty() {
+                first.address
+            } else {
+                first.original
+            };
+            self.new.recipients = rewrite_recipient(
+                &self.id,
+                &s.rewriter,
+                Recipient::new(&to),
+                &to,
+                self.mappings(),
+            )?
+            .into_iter()
+            .map(|r| Recipient {
+                original: original.clone(),
+                ..r
+            })
+            .collect();
+            // REDIRECT overrides FILTER, as in Postfix.
+            self.filter = None;
+        }
+        let mut copies = std::mem::take(&mut self.bcc);
+        let automatic = self.mappings()
+            && self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_HEADER_FIXUP) == 0;
+        if automatic {
+            if !s.always_bcc.is_empty() {
+                copies.push(s.always_bcc.clone());
+            }
+            let sender = &self.new.sender;
+            let bcc = s.rewriter.sender_bcc(sender);
+            if let Some(b) = bcc.map_err(|e| Refusal::lookup_failure(&self.id, &e, sender))? {
+                copies.push(b);
+            }
+            for r in &self.new.recipients {
+                let bcc = s.rewriter.recipient_bcc(&r.address);
+                if let Some(b) =
+                    bcc.map_err(|e| Refusal::lookup_failure(&self.id, &e, &r.address))?
+                {
+                    copies.push(b);
+                }
+            }
+        }
+        for c in copies {
+            let a = s.local_rewrite(c.trim());
+            let copy = Recipient {
+                notify: qfile::NOTIFY_NEVER,
+                ..Recipient::new(&a)
+            };
+            for r in rewrite_recipient(&self.id, &s.rewriter, copy, &a, self.mappings())? {
+                if !self.dups.recipient(&r, s.original_recipient) {
+                    self.new.recipients.push(r);
+                }
+            }
         }
         Ok(())
     }
@@ -431,7 +567,13 @@ impl<'a> Message<'a> {
         {
             for a in headers::addresses(&h.value()) {
                 let a = s.local_rewrite(&a);
-                for r in rewrite_recipient(&s.rewriter, Recipient::new(&a), &a)? {
+                for r in rewrite_recipient(
+                    &self.id,
+                    &s.rewriter,
+                    Recipient::new(&a),
+                    &a,
+                    self.mappings(),
+                )? {
                     if !self.dups.recipient(&r, s.original_recipient) {
                         self.new.recipients.push(r);
                     }
@@ -560,6 +702,9 @@ impl<'a> Message<'a> {
         if utf8 != smtputf8::Flags::default() {
             w.attribute(qfile::attr::SMTPUTF8, &utf8.value())?;
         }
+        if let Some(f) = &self.filter {
+            w.attribute(qfile::attr::FILTER, f)?;
+        }
         for r in &self.new.recipients {
             w.recipient(r)?;
         }
@@ -621,8 +766,7 @@ impl<'a> Message<'a> {
     }
 
     fn body_checked(&self) -> bool {
-        self.settings.rewriter.has_body_checks()
-            && self.new.flags & cleanup_flags::NOTIFICATION == 0
+        self.checks_on() && self.settings.rewriter.checks.inspects_body()
     }
 
     /// Body content, line by line through `body_checks`.
@@ -643,25 +787,68 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// One body line: through the MIME walk, so that body part headers
+    /// meet `mime_header_checks`/`nested_header_checks` and the rest
+    /// `body_checks`.
     fn body_line(&mut self, line: Vec<u8>) {
-        let action = self.settings.rewriter.check_body_line(&line);
-        let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
-        let out: Vec<Vec<u8>> = match self.apply("body", &text, action) {
-            Applied::Keep => vec![line],
-            Applied::Drop => vec![],
-            Applied::Replace(t) => vec![format!("{t}\n").into_bytes()],
-            Applied::Prepend(t) => vec![format!("{t}\n").into_bytes(), line],
+        let pieces = match &mut self.mime {
+            Some(m) => m.feed(line),
+            None => vec![Piece::Body(line)],
         };
-        for l in out {
-            if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&l)) {
-                self.refused = Some(Refusal::write_error(e));
-                return;
+        self.body_pieces(pieces);
+    }
+
+    fn body_pieces(&mut self, pieces: Vec<Piece>) {
+        for p in pieces {
+            let out: Vec<Vec<u8>> = match p {
+                Piece::Body(line) => {
+                    let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
+                    let action = self.settings.rewriter.checks.check_body_line(&line);
+                    let action = self.or_lookup_failure(action, &text);
+                    match self.apply("body", &text, action) {
+                        Applied::Keep => vec![line],
+                        Applied::Drop => vec![],
+                        Applied::Replace(t) => vec![format!("{t}\n").into_bytes()],
+                        Applied::Prepend(t) => vec![format!("{t}\n").into_bytes(), line],
+                    }
+                }
+                Piece::Header { class, text } => {
+                    let shown = String::from_utf8_lossy(&text).replace(['\r', '\n'], "");
+                    let action = self.settings.rewriter.checks.check_header(class, &text);
+                    let action = self.or_lookup_failure(action, &shown);
+                    match self.apply("header", &shown, action) {
+                        Applied::Keep => vec![text],
+                        Applied::Drop => vec![],
+                        Applied::Replace(t) => vec![format!("{t}\n").into_bytes()],
+                        Applied::Prepend(t) => vec![format!("{t}\n").into_bytes(), text],
+                    }
+                }
+            };
+            for l in out {
+                if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&l)) {
+                    self.refused = Some(Refusal::write_error(e));
+                    return;
+                }
             }
         }
     }
 
+    /// A check whose table could not answer refuses the message (4.3.0,
+    /// deferred by the client) instead of letting it pass unchecked.
+    fn or_lookup_failure(&mut self, action: Result<Action, LookupError>, text: &str) -> Action {
+        action.unwrap_or_else(|e| {
+            self.refused
+                .get_or_insert(Refusal::lookup_failure(&self.id, &e, text));
+            Action::Keep
+        })
+    }
+
     /// Carries out a header or body check action; logs it as Postfix
     /// does (`ID: reject: header Subject: ...; from=<...> to=<...>: text`).
+    /// REDIRECT, BCC and FILTER change the envelope, which is written
+    /// when the primary headers end: from a body line or a body part's
+    /// header they come too late, and the message is held instead (never
+    /// delivered without the filter it asked for), with an error logged.
     fn apply(&mut self, what: &str, text: &str, action: Action) -> Applied {
         let shown: String = text.chars().take(200).collect();
         let to = self
@@ -683,24 +870,41 @@ impl<'a> Message<'a> {
                 }
             );
         };
+        let envelope_written = self.head_written;
+        let temporary = matches!(action, Action::Defer(_));
         match action {
+            Action::Redirect(_) | Action::Bcc(_) | Action::Filter(_) if envelope_written => {
+                postern_common::error!(
+                    "{}: {what} check action {action:?} comes after the envelope is written \
+                     (use header_checks); message held",
+                    self.id
+                );
+                log("hold", "envelope action in the message body");
+                self.hold.get_or_insert_with(String::new);
+                Applied::Keep
+            }
             Action::Keep => Applied::Keep,
             Action::Ignore => Applied::Drop,
             Action::Warn(t) => {
                 log("warning", &t);
                 Applied::Keep
             }
-            Action::Reject(t) => {
-                let t = if t.is_empty() {
-                    "message content rejected".to_string()
+            Action::Info(t) => {
+                log("info", &t);
+                Applied::Keep
+            }
+            Action::Reject(t) | Action::Defer(t) => {
+                let (word, dsn, default) = if temporary {
+                    ("defer", "4.7.1", "message content deferred")
                 } else {
-                    t
+                    ("reject", "5.7.1", "message content rejected")
                 };
-                log("reject", &format!("5.7.1 {t}"));
+                let t = if t.is_empty() { default.to_string() } else { t };
+                log(word, &format!("{dsn} {t}"));
                 if self.refused.is_none() {
                     self.refused = Some(Refusal {
-                        temporary: false,
-                        dsn: "5.7.1",
+                        temporary,
+                        dsn,
                         reason: t,
                     });
                 }
@@ -716,24 +920,48 @@ impl<'a> Message<'a> {
                 self.hold.get_or_insert(t);
                 Applied::Keep
             }
+            Action::Redirect(a) => {
+                log("redirect", &a);
+                self.redirect = Some(a);
+                Applied::Keep
+            }
+            Action::Bcc(a) => {
+                log("bcc", &a);
+                self.bcc.push(a);
+                Applied::Keep
+            }
+            Action::Filter(f) => {
+                log("filter", &f);
+                self.filter = Some(f);
+                Applied::Keep
+            }
             Action::Replace(t) => Applied::Replace(t),
             Action::Prepend(t) => Applied::Prepend(t),
         }
     }
 
-    /// header_checks, then canonical/masquerade rewriting of the
-    /// addresses in sender and recipient headers.
+    /// header_checks (mime_header_checks for the MIME headers), then
+    /// canonical/masquerade rewriting of the addresses in sender and
+    /// recipient headers.
     fn rewrite_headers(&mut self) -> Result<(), Refusal> {
-        let rw = &self.settings.rewriter;
-        let check = rw.has_header_checks() && self.new.flags & cleanup_flags::NOTIFICATION == 0;
+        let check = self.checks_on() && self.settings.rewriter.checks.has_header_checks();
+        let mappings = self.mappings();
         let old = std::mem::take(&mut self.headers);
         let mut out = Vec::with_capacity(old.len());
         for mut h in old {
             if check {
-                let action = self.settings.rewriter.check_header(&h.text);
+                let class = HeaderClass::of(&h.name, true);
                 let text = String::from_utf8_lossy(&h.text)
                     .replace(['\r', '\n'], "")
                     .to_string();
+                let action = match self.settings.rewriter.checks.check_header(class, &h.text) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.refused
+                            .get_or_insert(Refusal::lookup_failure(&self.id, &e, &text));
+                        Action::Keep
+                    }
+                };
                 match self.apply("header", &text, action) {
                     Applied::Keep => {}
                     Applied::Drop => continue,
@@ -756,12 +984,19 @@ impl<'a> Message<'a> {
                     }
                 }
             }
-            if let Some(class) = rewrite::header_class(&h.name) {
+            if let Some(class) = rewrite::header_class(&h.name).filter(|_| mappings) {
                 let mut text = String::from_utf8_lossy(&h.text).into_owned();
                 let mut changed = false;
                 for a in headers::addresses(&h.value()) {
                     let q = self.settings.local_rewrite(&a);
-                    let n = self.settings.rewriter.address(&q, class);
+                    let n = match self.settings.rewriter.address(&q, class) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.refused
+                                .get_or_insert(Refusal::lookup_failure(&self.id, &e, &q));
+                            q.clone()
+                        }
+                    };
                     if n != q && !a.is_empty() {
                         text = text.replace(&a, &n);
                         changed = true;
@@ -797,6 +1032,11 @@ impl<'a> Message<'a> {
         if self.refused.is_none() && !self.body_partial.is_empty() {
             let line = std::mem::take(&mut self.body_partial);
             self.body_line(line);
+        }
+        if let Some(rest) = self.mime.as_mut().map(MimeWalk::finish) {
+            if self.refused.is_none() {
+                self.body_pieces(rest);
+            }
         }
         if let Some(r) = self.refused.take() {
             self.discard();
@@ -919,13 +1159,28 @@ enum Applied {
 
 /// Canonical mapping, then virtual aliasing of one envelope recipient;
 /// `given` is its address as given (qualified), kept as the original.
-fn rewrite_recipient(rw: &Rewriter, r: Recipient, given: &str) -> Result<Vec<Recipient>, Refusal> {
-    let canonical = rw.address(given, "envelope_recipient");
-    let expanded = rw.virtual_alias(&canonical).map_err(|e| Refusal {
-        temporary: false,
-        dsn: "5.4.6",
-        reason: e,
-    })?;
+fn rewrite_recipient(
+    id: &str,
+    rw: &Rewriter,
+    r: Recipient,
+    given: &str,
+    mappings: bool,
+) -> Result<Vec<Recipient>, Refusal> {
+    let expanded = if mappings {
+        let canonical = rw
+            .address(given, "envelope_recipient")
+            .map_err(|e| Refusal::lookup_failure(id, &e, given))?;
+        rw.virtual_alias(&canonical).map_err(|e| match e {
+            AliasError::Limit(reason) => Refusal {
+                temporary: false,
+                dsn: "5.4.6",
+                reason,
+            },
+            AliasError::Lookup(e) => Refusal::lookup_failure(id, &e, &canonical),
+        })?
+    } else {
+        vec![given.to_string()]
+    };
     let original = if r.original.is_empty() {
         given.to_string()
     } else {

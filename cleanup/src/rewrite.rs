@@ -17,13 +17,18 @@
 //!   the comma-separated result, recursively (an address that maps to
 //!   itself stays), at most [`VIRTUAL_DEPTH`] deep and
 //!   [`VIRTUAL_EXPANSION`] addresses wide.
-//! - `header_checks` (one logical header at a time, unfolded) and
-//!   `body_checks` (one body line at a time): the first matching rule's
-//!   action: REJECT, DISCARD, HOLD, IGNORE, WARN, REPLACE, PREPEND, DUNNO,
-//!   OK.
+//! - `header_checks`, `mime_header_checks`, `nested_header_checks` (one
+//!   logical header at a time, unfolded, by its class) and `body_checks`
+//!   (one body line at a time): the first matching rule's action
+//!   (`postern_common::header_checks`).
+//! - automatic bcc: `sender_bcc_maps` by the sender, `recipient_bcc_maps`
+//!   by each recipient, in Postfix's address forms.
+//!
+//! A table that cannot answer ([`LookupError`]) stops the message: cleanup
+//! defers it (4.3.0) rather than queue it unrewritten or unchecked.
 
 use postern_common::addr;
-use postern_common::maps::Tables;
+use postern_common::maps::{LookupError, Tables};
 use postern_common::warning;
 use postern_conf::Config;
 
@@ -32,45 +37,7 @@ pub const VIRTUAL_DEPTH: usize = 1000;
 /// How many addresses one recipient may become (virtual_alias_expansion_limit).
 pub const VIRTUAL_EXPANSION: usize = 1000;
 
-/// What a header or body rule says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// No rule matched, or DUNNO/OK.
-    Keep,
-    Reject(String),
-    Discard(String),
-    Hold(String),
-    /// Remove this header or line.
-    Ignore,
-    Warn(String),
-    Replace(String),
-    Prepend(String),
-}
-
-impl Action {
-    /// Parses a table result (`REJECT text`, ...).
-    pub fn parse(result: &str) -> Action {
-        let result = result.trim();
-        let (word, text) = match result.split_once(char::is_whitespace) {
-            Some((w, t)) => (w, t.trim().to_string()),
-            None => (result, String::new()),
-        };
-        match word.to_ascii_uppercase().as_str() {
-            "REJECT" => Action::Reject(text),
-            "DISCARD" => Action::Discard(text),
-            "HOLD" => Action::Hold(text),
-            "IGNORE" => Action::Ignore,
-            "WARN" => Action::Warn(text),
-            "REPLACE" if !text.is_empty() => Action::Replace(text),
-            "PREPEND" if !text.is_empty() => Action::Prepend(text),
-            "DUNNO" | "OK" => Action::Keep,
-            other => {
-                warning!("unknown header/body check action: {other}");
-                Action::Keep
-            }
-        }
-    }
-}
+pub use postern_common::header_checks::{Action, CheckTables, HeaderClass};
 
 /// What cleanup rewrites, opened once per process.
 pub struct Rewriter {
@@ -82,14 +49,28 @@ pub struct Rewriter {
     masquerade_classes: Vec<String>,
     masquerade_exceptions: Vec<String>,
     virtual_alias: Tables,
-    header_checks: Tables,
-    body_checks: Tables,
+    /// The header and body tables of every class.
+    pub checks: CheckTables,
+    sender_bcc: Tables,
+    recipient_bcc: Tables,
     local_domains: Vec<String>,
     /// Which domains are this machine's (the one resolver's answer).
     domains: postern_common::resolve::Resolver,
-    /// Tables that could not be opened: messages are deferred (4.3.0)
-    /// rather than delivered unrewritten.
-    pub errors: Vec<String>,
+}
+
+/// Why virtual alias expansion of a recipient stopped.
+#[derive(Debug)]
+pub enum AliasError {
+    /// Too deep or too wide: the message is refused (5.4.6).
+    Limit(String),
+    /// A table could not answer: the message is deferred.
+    Lookup(LookupError),
+}
+
+impl From<LookupError> for AliasError {
+    fn from(e: LookupError) -> AliasError {
+        AliasError::Lookup(e)
+    }
 }
 
 fn lower_list(cfg: &Config, name: &str) -> Vec<String> {
@@ -101,18 +82,25 @@ fn lower_list(cfg: &Config, name: &str) -> Vec<String> {
 
 impl Rewriter {
     pub fn from_config(cfg: &Config) -> Rewriter {
-        let mut errors = Vec::new();
-        let mut open = |name: &str| {
+        // A table that cannot be opened stays, failing every lookup:
+        // the messages that need it are deferred.
+        let open = |name: &str| {
             let (t, bad) = Tables::open_list(&cfg.get(name));
-            errors.extend(bad.into_iter().map(|e| format!("{name}: {e}")));
+            for e in bad {
+                warning!("{name}: {e}");
+            }
             t
         };
         let canonical = open("canonical_maps");
         let sender_canonical = open("sender_canonical_maps");
         let recipient_canonical = open("recipient_canonical_maps");
         let virtual_alias = open("virtual_alias_maps");
-        let header_checks = open("header_checks");
-        let body_checks = open("body_checks");
+        let sender_bcc = open("sender_bcc_maps");
+        let recipient_bcc = open("recipient_bcc_maps");
+        let (checks, bad) = CheckTables::open(|n| cfg.get(n), "");
+        for e in bad {
+            warning!("{e}");
+        }
         let mut local_domains = lower_list(cfg, "mydestination");
         local_domains.push(cfg.get("myorigin").to_ascii_lowercase());
         Rewriter {
@@ -124,31 +112,33 @@ impl Rewriter {
             masquerade_classes: lower_list(cfg, "masquerade_classes"),
             masquerade_exceptions: lower_list(cfg, "masquerade_exceptions"),
             virtual_alias,
-            header_checks,
-            body_checks,
+            checks,
+            sender_bcc,
+            recipient_bcc,
             local_domains,
             domains: postern_common::resolve::Resolver::domains_only(cfg),
-            errors,
         }
     }
 
-    pub fn has_body_checks(&self) -> bool {
-        !self.body_checks.is_empty()
+    /// `sender_bcc_maps`' copy address for `sender`.
+    pub fn sender_bcc(&self, sender: &str) -> Result<Option<String>, LookupError> {
+        self.map_one(&self.sender_bcc, sender)
     }
 
-    pub fn has_header_checks(&self) -> bool {
-        !self.header_checks.is_empty()
+    /// `recipient_bcc_maps`' copy address for `recipient`.
+    pub fn recipient_bcc(&self, recipient: &str) -> Result<Option<String>, LookupError> {
+        self.map_one(&self.recipient_bcc, recipient)
     }
 
     /// One table lookup of Postfix's address forms; `None`: not found.
-    fn map_one(&self, t: &Tables, address: &str) -> Option<String> {
+    fn map_one(&self, t: &Tables, address: &str) -> Result<Option<String>, LookupError> {
         if t.is_empty() || address.is_empty() {
-            return None;
+            return Ok(None);
         }
         let (user, domain) = addr::split(address);
         let domain = domain.unwrap_or("");
-        if let Some(v) = t.lookup(address) {
-            return Some(v.trim().to_string());
+        if let Some(v) = t.lookup(address)? {
+            return Ok(Some(v.trim().to_string()));
         }
         // Postfix's mail_addr_find: the bare user when the domain is
         // `myorigin` or local.
@@ -159,32 +149,32 @@ impl Rewriter {
                 .is_some_and(|o| o.eq_ignore_ascii_case(domain))
                 || self.domains.is_local_domain(domain));
         if local {
-            if let Some(v) = t.lookup(user) {
-                return Some(addr::qualify(v.trim(), domain));
+            if let Some(v) = t.lookup(user)? {
+                return Ok(Some(addr::qualify(v.trim(), domain)));
             }
         }
         if !domain.is_empty() {
-            if let Some(v) = t.lookup(&format!("@{domain}")) {
+            if let Some(v) = t.lookup(&format!("@{domain}"))? {
                 let v = v.trim();
-                return Some(match v.strip_prefix('@') {
+                return Ok(Some(match v.strip_prefix('@') {
                     Some(d) => format!("{user}@{d}"),
                     None => v.to_string(),
-                });
+                }));
             }
         }
-        None
+        Ok(None)
     }
 
-    fn canonical(&self, address: &str, sender: bool) -> String {
+    fn canonical(&self, address: &str, sender: bool) -> Result<String, LookupError> {
         let first = if sender {
             &self.sender_canonical
         } else {
             &self.recipient_canonical
         };
         let a = self
-            .map_one(first, address)
+            .map_one(first, address)?
             .unwrap_or_else(|| address.to_string());
-        self.map_one(&self.canonical, &a).unwrap_or(a)
+        Ok(self.map_one(&self.canonical, &a)?.unwrap_or(a))
     }
 
     fn masquerade(&self, address: &str) -> String {
@@ -219,20 +209,21 @@ impl Rewriter {
 
     /// Rewrites an address of the given class (`envelope_sender`,
     /// `envelope_recipient`, `header_sender`, `header_recipient`).
-    pub fn address(&self, address: &str, class: &str) -> String {
+    /// Err: a canonical table could not answer.
+    pub fn address(&self, address: &str, class: &str) -> Result<String, LookupError> {
         let sender = class.ends_with("sender");
         let mut a = address.to_string();
         if self.class(&self.canonical_classes, class) {
-            a = self.canonical(&a, sender);
+            a = self.canonical(&a, sender)?;
         }
         if !self.masquerade_domains.is_empty() && self.class(&self.masquerade_classes, class) {
             a = self.masquerade(&a);
         }
-        a
+        Ok(a)
     }
 
     /// The recipients `address` becomes through `virtual_alias_maps`.
-    pub fn virtual_alias(&self, address: &str) -> Result<Vec<String>, String> {
+    pub fn virtual_alias(&self, address: &str) -> Result<Vec<String>, AliasError> {
         if self.virtual_alias.is_empty() {
             return Ok(vec![address.to_string()]);
         }
@@ -247,25 +238,25 @@ impl Rewriter {
         depth: usize,
         chain: &mut Vec<String>,
         out: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), AliasError> {
         if depth > VIRTUAL_DEPTH {
-            return Err(format!(
+            return Err(AliasError::Limit(format!(
                 "virtual alias recursion limit exceeded for {address}"
-            ));
+            )));
         }
         let key = address.to_ascii_lowercase();
         let found = if chain.contains(&key) {
             None
         } else {
-            self.map_one(&self.virtual_alias, address)
+            self.map_one(&self.virtual_alias, address)?
         };
         match found {
             None => {
                 if !out.iter().any(|o: &String| o.eq_ignore_ascii_case(address)) {
                     if out.len() >= VIRTUAL_EXPANSION {
-                        return Err(format!(
+                        return Err(AliasError::Limit(format!(
                             "virtual alias expansion limit exceeded for {address}"
-                        ));
+                        )));
                     }
                     out.push(address.to_string());
                 }
@@ -288,28 +279,6 @@ impl Rewriter {
                 Ok(())
             }
         }
-    }
-
-    fn check(t: &Tables, text: &str) -> Action {
-        for table in &t.0 {
-            if let Some(r) = table.lookup_expanded(text) {
-                return Action::parse(&r);
-            }
-        }
-        Action::Keep
-    }
-
-    /// `header_checks` on one logical header (folded lines joined).
-    pub fn check_header(&self, header_text: &[u8]) -> Action {
-        let s = String::from_utf8_lossy(header_text);
-        let unfolded = s.trim_end_matches(['\r', '\n']).replace(['\r', '\n'], "");
-        Self::check(&self.header_checks, &unfolded)
-    }
-
-    /// `body_checks` on one body line (without its newline).
-    pub fn check_body_line(&self, line: &[u8]) -> Action {
-        let s = String::from_utf8_lossy(line);
-        Self::check(&self.body_checks, s.trim_end_matches(['\r', '\n']))
     }
 }
 
@@ -348,9 +317,7 @@ mod tests {
             std::path::Path::new("main.cf"),
         )
         .unwrap();
-        let r = Rewriter::from_config(&cfg);
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        r
+        Rewriter::from_config(&cfg)
     }
 
     #[test]
@@ -360,28 +327,32 @@ mod tests {
                     masquerade_domains = !keep.example.test, example.test\n\
                     masquerade_exceptions = root\n");
         assert_eq!(
-            r.address("root@h.test", "envelope_sender"),
+            r.address("root@h.test", "envelope_sender").unwrap(),
             "Admin@Example.test"
         );
         assert_eq!(
-            r.address("root@h.test", "envelope_recipient"),
+            r.address("root@h.test", "envelope_recipient").unwrap(),
             "root@h.test"
         );
-        assert_eq!(r.address("u@old.test", "header_recipient"), "u@new.test");
         assert_eq!(
-            r.address("u@a.b.example.test", "envelope_sender"),
+            r.address("u@old.test", "header_recipient").unwrap(),
+            "u@new.test"
+        );
+        assert_eq!(
+            r.address("u@a.b.example.test", "envelope_sender").unwrap(),
             "u@example.test"
         );
         assert_eq!(
-            r.address("u@a.b.example.test", "envelope_recipient"),
+            r.address("u@a.b.example.test", "envelope_recipient")
+                .unwrap(),
             "u@a.b.example.test"
         );
         assert_eq!(
-            r.address("u@x.keep.example.test", "header_sender"),
+            r.address("u@x.keep.example.test", "header_sender").unwrap(),
             "u@x.keep.example.test"
         );
         assert_eq!(
-            r.address("root@a.example.test", "header_sender"),
+            r.address("root@a.example.test", "header_sender").unwrap(),
             "root@a.example.test"
         );
     }
@@ -403,17 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn actions() {
-        assert_eq!(
-            Action::parse("REJECT go away"),
-            Action::Reject("go away".into())
-        );
-        assert_eq!(Action::parse("ignore"), Action::Ignore);
-        assert_eq!(
-            Action::parse("PREPEND X-A: b"),
-            Action::Prepend("X-A: b".into())
-        );
-        assert_eq!(Action::parse("DUNNO"), Action::Keep);
+    fn header_classes() {
         assert_eq!(header_class("Reply-To"), Some("header_sender"));
         assert_eq!(header_class("Subject"), None);
     }

@@ -125,6 +125,12 @@ pub mod cleanup_flags {
     /// bounce to the sender (local submission: sendmail has already exited
     /// 0, nobody is left to hear a refusal).
     pub const BOUNCE_ON_REFUSAL: u32 = 8;
+    /// `receive_override_options = no_header_body_checks`: no header or
+    /// body check of any class.
+    pub const NO_HEADER_BODY_CHECKS: u32 = 16;
+    /// `receive_override_options = no_address_mappings`: no canonical
+    /// mapping, masquerading, virtual aliasing or automatic bcc.
+    pub const NO_ADDRESS_MAPPINGS: u32 = 32;
 }
 
 /// What a client tells cleanup about a new message, before its content.

@@ -20,7 +20,9 @@
 //! - [`time`]: RFC 5322 dates.
 //! - [`resolve`]: address classes, transports, next hops and recipient
 //!   validation (Postfix's trivial-rewrite and smtpd's unlisted checks).
-//! - [`regexp`]: `regexp:` and `pcre:` tables (used by [`maps`]).
+//! - [`regexp`]: `regexp:` tables (used by [`maps`]).
+//! - [`dict`]: tables answered by a server or a program, `pcre:`, and the
+//!   stand-in of a table that could not be opened.
 //! - [`tls`]: server TLS configuration (rustls, ring provider, PEM files).
 //! - [`anvil`]: client session counts and event rates (anvil and smtpd).
 //! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
@@ -38,6 +40,7 @@ pub mod dict;
 pub mod dns;
 pub mod dsn;
 pub mod dupfilter;
+pub mod header_checks;
 pub mod hostname;
 pub mod ipc;
 pub mod log;
@@ -46,6 +49,7 @@ pub mod pool;
 pub mod privs;
 pub mod qfile;
 pub mod queue;
+pub mod receive_override;
 pub mod regexp;
 pub mod resolve;
 pub mod service;

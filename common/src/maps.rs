@@ -10,10 +10,18 @@
 //! - `texthash:/path`: the source file read directly (postmap format).
 //! - `static:value`: every key finds `value`.
 //! - `inline:{ key=value, ... }`: the table written in place.
+//! - tables answered by a server or a program ([`crate::dict`]).
+//!
+//! A lookup can fail (a file that cannot be read, a server that does not
+//! answer): [`Table::lookup`] says so ([`LookupError`]) and the caller
+//! defers, as Postfix does; it never takes the failure for "not found".
+//! A table that cannot be opened is kept as one whose every lookup fails
+//! ([`Table::open_or_unavailable`], Postfix's surrogate table).
 //!
 //! Keys are matched case-insensitively (stored lower-case), as Postfix does
 //! for its indexed tables.
 
+pub use crate::dict::LookupError;
 use crate::warning;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -33,9 +41,9 @@ pub enum Table {
         map: HashMap<String, String>,
     },
     Static(String),
-    /// `regexp:/path` or `pcre:/path`: ordered patterns (see
-    /// [`crate::regexp`]). [`Table::lookup`] gives the first matching
-    /// rule's result as written; [`Table::lookup_expanded`] fills in `$N`.
+    /// `regexp:/path`: ordered patterns (see [`crate::regexp`]); the
+    /// first matching rule's result with `$N` filled in. (`pcre:` is a
+    /// [`Table::Dict`], [`crate::dict::pcre`].)
     Regexp {
         spec: String,
         rules: Vec<crate::regexp::Rule>,
@@ -48,8 +56,9 @@ pub enum Table {
         spec: String,
         db: Arc<IndexedTable>,
     },
-    /// A table answered by a server or a library (`mysql:`, `pgsql:`,
-    /// `sqlite:`, ...): see [`crate::dict`].
+    /// A table answered by a server or a program (`socketmap:`, `tcp:`,
+    /// `mysql:`, ...), or one that could not be opened
+    /// ([`crate::dict::unavailable::Unavailable`]).
     Dict {
         spec: String,
         dict: Arc<dyn crate::dict::Dict>,
@@ -65,6 +74,56 @@ impl Table {
             crate::table_watch::watch(&file);
         }
         Table::read(spec)
+    }
+
+    /// Opens `type:name`; a table that cannot be opened is kept as one
+    /// whose every lookup fails, so that the mail needing it is deferred
+    /// (Postfix's surrogate table). The second value is the open error,
+    /// for the log.
+    pub fn open_or_unavailable(spec: &str) -> (Table, Option<String>) {
+        match Table::open(spec) {
+            Ok(t) => (t, None),
+            Err(e) => (Table::unavailable(spec, &e), Some(e)),
+        }
+    }
+
+    /// The table that stands for `spec` when it could not be opened.
+    pub fn unavailable(spec: &str, reason: &str) -> Table {
+        Table::Dict {
+            spec: spec.into(),
+            dict: Arc::new(crate::dict::unavailable::Unavailable::new(spec, reason)),
+        }
+    }
+
+    /// Why this table could not be opened, when it stands for one that
+    /// could not be.
+    pub fn unavailable_reason(&self) -> Option<&str> {
+        match self {
+            Table::Dict { dict, .. } => dict.unavailable(),
+            _ => None,
+        }
+    }
+
+    /// A table of patterns (`regexp:`, `pcre:`, `cidr:`): asked only for
+    /// whole keys, not for the partial forms of an address.
+    pub fn is_pattern(&self) -> bool {
+        match self {
+            Table::Regexp { .. } | Table::Cidr(_) => true,
+            Table::Dict { dict, .. } => dict.is_pattern(),
+            Table::Entries { .. } | Table::Static(_) | Table::Indexed { .. } => false,
+        }
+    }
+
+    /// `type:name` as configured (None for `static:` and `cidr:`, which
+    /// cannot fail).
+    pub fn spec(&self) -> Option<&str> {
+        match self {
+            Table::Entries { spec, .. }
+            | Table::Regexp { spec, .. }
+            | Table::Indexed { spec, .. }
+            | Table::Dict { spec, .. } => Some(spec),
+            Table::Static(_) | Table::Cidr(_) => None,
+        }
     }
 
     fn read(spec: &str) -> Result<Table, String> {
@@ -95,7 +154,11 @@ impl Table {
                     .map(Table::Cidr)
                     .map_err(|(line, e)| format!("{name}, line {line}: {e}"))
             }
-            "regexp" | "pcre" => {
+            "pcre" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pcre::Pcre::open(name)?),
+            }),
+            "regexp" => {
                 let text =
                     std::fs::read_to_string(name).map_err(|e| format!("open {name}: {e}"))?;
                 let rules = crate::regexp::parse(&text).map_err(|e| format!("{name}, {e}"))?;
@@ -144,6 +207,36 @@ impl Table {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::sqlite::SqliteDict::open(name)?),
             }),
+            "socketmap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::socketmap::Socketmap::open(spec, name)?),
+            }),
+            "tcp" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::tcp::Tcp::open(spec, name)?),
+            }),
+            "unionmap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::unionmap::Unionmap::open(spec, name)?),
+            }),
+            "pipemap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pipemap::Pipemap::open(spec, name)?),
+            }),
+            "unix" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::unix::Unix::open(name)?),
+            }),
+            // Postfix's NIS tables on a host without a NIS domain: every
+            // key is not found (`alias_maps = hash:/etc/aliases,
+            // nis:mail.aliases`, Postfix's default where NIS is built in).
+            "nis" => {
+                warning!("dict_nis_init: NIS domain name not set - NIS lookups disabled");
+                Ok(Table::Dict {
+                    spec: spec.into(),
+                    dict: Arc::new(crate::dict::unavailable::NoNis),
+                })
+            }
             other => Err(format!(
                 "table {spec}: unsupported dictionary type: {other}"
             )),
@@ -151,45 +244,57 @@ impl Table {
     }
 
     /// The value of `key`: borrowed from a table held in memory, owned
-    /// when read from an indexed table's file. A key whose domain is
-    /// internationalized is tried in its other IDNA form too (A-label or
-    /// U-label), so a table may list the name either way.
-    pub fn lookup(&self, key: &str) -> Option<Cow<'_, str>> {
-        self.lookup_as_given(key).or_else(|| {
-            if key.is_ascii() && !key.contains("xn--") && !key.contains("XN--") {
-                return None;
+    /// when read from an indexed table's file or a server. A key whose
+    /// domain is internationalized is tried in its other IDNA form too
+    /// (A-label or U-label), so a table may list the name either way.
+    /// Err: the table could not answer (logged here, with the table and
+    /// the cause, as Postfix's maps_find); the caller must defer.
+    pub fn lookup(&self, key: &str) -> Result<Option<Cow<'_, str>>, LookupError> {
+        let found = self.lookup_as_given(key).and_then(|v| match v {
+            Some(v) => Ok(Some(v)),
+            None => {
+                if key.is_ascii() && !key.contains("xn--") && !key.contains("XN--") {
+                    return Ok(None);
+                }
+                match crate::smtputf8::other_idna_form(key) {
+                    Some(other) => self.lookup_as_given(&other),
+                    None => Ok(None),
+                }
             }
-            self.lookup_as_given(&crate::smtputf8::other_idna_form(key)?)
-        })
+        });
+        if let Err(e) = &found {
+            warning!("{}: {}", e.table, e.reason);
+            warning!("{} lookup error for \"{key}\"", e.table);
+        }
+        found
     }
 
-    fn lookup_as_given(&self, key: &str) -> Option<Cow<'_, str>> {
-        match self {
+    fn lookup_as_given(&self, key: &str) -> Result<Option<Cow<'_, str>>, LookupError> {
+        Ok(match self {
             Table::Static(v) => Some(Cow::Borrowed(v)),
-            Table::Regexp { rules, .. } => rules
-                .iter()
-                .find(|r| r.re.is_match(key) != r.negate)
-                .map(|r| Cow::Borrowed(r.result.as_str())),
+            // `$N` filled in, as every caller wants.
+            Table::Regexp { rules, .. } => crate::regexp::lookup(rules, key).map(Cow::Owned),
             Table::Entries { map, .. } => map
                 .get(&key.to_lowercase())
                 .map(|s| Cow::Borrowed(s.as_str())),
-            Table::Indexed { db, .. } => db.lookup(key).map(Cow::Owned),
-            // Until callers tell a failed lookup from "not found".
-            Table::Dict { dict, .. } => match dict.lookup(key) {
-                Ok(v) => v.map(Cow::Owned),
-                Err(e) => {
-                    warning!("{e}");
-                    None
-                }
-            },
+            Table::Indexed { spec, db } => db
+                .lookup(key)
+                .map_err(|e| LookupError::new(spec.clone(), e))?
+                .map(Cow::Owned),
+            // Keys of fixed-key tables are folded (Postfix's
+            // DICT_FLAG_FOLD_FIX); patterns see the key as it is.
+            Table::Dict { dict, .. } if dict.is_pattern() => dict.lookup(key)?.map(Cow::Owned),
+            Table::Dict { dict, .. } => dict.lookup(&key.to_lowercase())?.map(Cow::Owned),
             Table::Cidr(rules) => {
-                let ip: std::net::IpAddr = key.trim_matches(['[', ']']).parse().ok()?;
+                let Ok(ip) = key.trim_matches(['[', ']']).parse::<std::net::IpAddr>() else {
+                    return Ok(None);
+                };
                 rules
                     .iter()
                     .find(|(net, _)| net.contains(ip))
                     .map(|(_, v)| Cow::Borrowed(v.as_str()))
             }
-        }
+        })
     }
 }
 
@@ -214,10 +319,10 @@ pub fn parse_cidr_table(text: &str) -> Result<Vec<(crate::cidr::Cidr, String)>, 
 impl Table {
     /// Like [`Table::lookup`], with `$N` in a `regexp:`/`pcre:` result
     /// replaced by the match's groups.
-    pub fn lookup_expanded(&self, key: &str) -> Option<String> {
+    pub fn lookup_expanded(&self, key: &str) -> Result<Option<String>, LookupError> {
         match self {
-            Table::Regexp { rules, .. } => crate::regexp::lookup(rules, key),
-            other => other.lookup(key).map(Cow::into_owned),
+            Table::Regexp { rules, .. } => Ok(crate::regexp::lookup(rules, key)),
+            other => Ok(other.lookup(key)?.map(Cow::into_owned)),
         }
     }
 }
@@ -227,23 +332,31 @@ impl Table {
 pub struct Tables(pub Vec<Table>);
 
 impl Tables {
-    /// Opens every `type:name` in a list value. Names Postern does not
-    /// serve (such as `nis:mail.aliases` or `proxy:unix:passwd.byname`)
-    /// are returned in the second list so the caller can decide.
+    /// Opens every `type:name` in a list value. A table that cannot be
+    /// opened (an unknown type, a missing or unreadable file) stays in
+    /// the list as one whose lookups fail
+    /// ([`Table::open_or_unavailable`]); its error is returned in the
+    /// second list, for the log.
     pub fn open_list(value: &str) -> (Tables, Vec<String>) {
-        let mut ok = Vec::new();
+        let mut tables = Vec::new();
         let mut bad = Vec::new();
         for spec in split_specs(value) {
-            match Table::open(&spec) {
-                Ok(t) => ok.push(t),
-                Err(e) => bad.push(e),
-            }
+            let (t, e) = Table::open_or_unavailable(&spec);
+            tables.push(t);
+            bad.extend(e);
         }
-        (Tables(ok), bad)
+        (Tables(tables), bad)
     }
 
-    pub fn lookup(&self, key: &str) -> Option<Cow<'_, str>> {
-        self.0.iter().find_map(|t| t.lookup(key))
+    /// The first table's answer, in order; Err at the first table that
+    /// cannot answer (as Postfix's maps_find: a later table is not asked).
+    pub fn lookup(&self, key: &str) -> Result<Option<Cow<'_, str>>, LookupError> {
+        for t in &self.0 {
+            if let Some(v) = t.lookup(key)? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -281,9 +394,13 @@ impl DomainList {
         (DomainList { names, tables }, errors)
     }
 
-    pub fn contains(&self, domain: &str) -> bool {
+    /// Err: a table of the list could not answer.
+    pub fn contains(&self, domain: &str) -> Result<bool, LookupError> {
         let d = domain.trim_end_matches('.').to_ascii_lowercase();
-        !d.is_empty() && (self.names.contains(&d) || self.tables.lookup(&d).is_some())
+        if d.is_empty() {
+            return Ok(false);
+        }
+        Ok(self.names.contains(&d) || self.tables.lookup(&d)?.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,6 +446,36 @@ pub fn table_file(spec: &str) -> Option<PathBuf> {
         "mysql" | "pgsql" | "sqlite" | "ldap" => Some(PathBuf::from(name)),
         _ => indexed_file(kind, name),
     }
+}
+
+/// What `postern check` finds wrong with the table `spec`: it cannot be
+/// opened (an unknown type, a missing or unreadable file, a file in a
+/// foreign format), or its indexed file is older than its source. The
+/// message names the file and, for an indexed table, the command that
+/// fixes it (`builder` is `postmap`, or `postalias` for aliases).
+pub fn check_spec(spec: &str, builder: &str) -> Result<(), String> {
+    let (kind, name) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("table {spec}: expected type:name"))?;
+    let indexed = indexed_file(kind, name);
+    if let Err(e) = Table::read(spec) {
+        return Err(match &indexed {
+            Some(_) if !e.contains("postmap") => format!("{e}; run: {builder} {kind}:{name}"),
+            _ => e,
+        });
+    }
+    if let Some(db) = indexed {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let (Some(source), Some(index)) = (mtime(Path::new(name)), mtime(&db)) {
+            if source > index {
+                return Err(format!(
+                    "database {} is older than source file {name}; run: {builder} {kind}:{name}",
+                    db.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a file is when it is the Berkeley DB or LMDB file of Postfix's
@@ -535,16 +682,13 @@ impl IndexedTable {
             .map(|r| r.map(|(k, v)| (strip_nul(k), strip_nul(v))))
     }
 
-    /// The value of `key`, folded to lower case. A read error is logged
-    /// and answers "not found".
-    pub fn lookup(&self, key: &str) -> Option<String> {
+    /// The value of `key`, folded to lower case. Err: the file could not
+    /// be read (the caller defers).
+    pub fn lookup(&self, key: &str) -> Result<Option<String>, String> {
         let key = key.to_lowercase();
         match IndexedTable::get_in(&self.current(), key.as_bytes()) {
-            Ok(v) => v.map(|v| String::from_utf8_lossy(&v).into_owned()),
-            Err(e) => {
-                warning!("table {}: lookup {key}: {e}", self.path.display());
-                None
-            }
+            Ok(v) => Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned())),
+            Err(e) => Err(format!("read {}: {e}", self.path.display())),
         }
     }
 }
@@ -793,10 +937,13 @@ mod tests {
         let e = parse_source(text, true).unwrap();
         write_hash_db(&src, &e).unwrap();
         let t = Table::open(&format!("hash:{}", src.display())).unwrap();
-        assert_eq!(t.lookup("POSTMASTER").as_deref(), Some("root"));
-        assert_eq!(t.lookup("webmaster").as_deref(), Some("alice, bob"));
-        assert_eq!(t.lookup("x y").as_deref(), Some("z"));
-        assert_eq!(t.lookup("nobody").as_deref(), None);
+        assert_eq!(t.lookup("POSTMASTER").unwrap().as_deref(), Some("root"));
+        assert_eq!(
+            t.lookup("webmaster").unwrap().as_deref(),
+            Some("alice, bob")
+        );
+        assert_eq!(t.lookup("x y").unwrap().as_deref(), Some("z"));
+        assert_eq!(t.lookup("nobody").unwrap().as_deref(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -807,7 +954,7 @@ mod tests {
         let src = dir.join("access");
         write_hash_db(&src, &[("a".into(), "old".into())]).unwrap();
         let t = Table::open(&format!("hash:{}", src.display())).unwrap();
-        let before = t.lookup("A").unwrap();
+        let before = t.lookup("A").unwrap().unwrap();
         assert_eq!(before, "old");
         write_hash_db(
             &src,
@@ -815,8 +962,8 @@ mod tests {
         )
         .unwrap();
         std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
-        assert_eq!(t.lookup("a").as_deref(), Some("new"));
-        assert_eq!(t.lookup("b").as_deref(), Some("2"));
+        assert_eq!(t.lookup("a").unwrap().as_deref(), Some("new"));
+        assert_eq!(t.lookup("b").unwrap().as_deref(), Some("2"));
         assert_eq!(before, "old"); // still valid
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -828,9 +975,13 @@ mod tests {
             vec!["hash:/a", "texthash:/b", "inline:{a=b, c=d}"]
         );
         let t = Table::open("inline:{a=b, c=d}").unwrap();
-        assert_eq!(t.lookup("C").as_deref(), Some("d"));
+        assert_eq!(t.lookup("C").unwrap().as_deref(), Some("d"));
         assert_eq!(
-            Table::open("static:x").unwrap().lookup("q").as_deref(),
+            Table::open("static:x")
+                .unwrap()
+                .lookup("q")
+                .unwrap()
+                .as_deref(),
             Some("x")
         );
     }

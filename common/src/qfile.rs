@@ -94,6 +94,14 @@ pub mod attr {
     /// SMTPUTF8 flags (RFC 6531): `requested`, `header`, `sender`,
     /// comma-separated (see `smtputf8::Flags`).
     pub const SMTPUTF8: &str = "smtputf8";
+    /// The after-queue content filter, `transport:nexthop` (Postfix's
+    /// `content_filter` record): qmgr sends every recipient there instead
+    /// of where the resolver says. Set by cleanup from `content_filter`
+    /// (smtpd, pickup) or a FILTER action; kept across restarts.
+    pub const FILTER: &str = "content_filter";
+    /// `LOCAL` or `REMOTE`: where the message came from, for XFORWARD's
+    /// SOURCE (Postfix's rewrite context).
+    pub const SOURCE: &str = "source";
 }
 
 /// One envelope recipient.

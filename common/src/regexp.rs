@@ -1,12 +1,12 @@
-//! `regexp:` and `pcre:` lookup tables (Postfix's regexp_table(5) and
-//! pcre_table(5)): a file of `/pattern/flags result` lines, tried in
-//! order; the first pattern that matches the key gives the result.
-//! `!/pattern/ result` matches when the pattern does not. Patterns are
-//! case-insensitive unless the `i` flag turns that off (Postfix's
-//! default); `x` allows white space and comments; `m` is multi-line.
-//! Both types use the Rust `regex` syntax, which covers POSIX extended
-//! and the common PCRE forms (not look-around or back-references). `$1`,
-//! `${1}` in a result are replaced by the match's groups.
+//! `regexp:` lookup tables (Postfix's regexp_table(5)): a file of
+//! `/pattern/flags result` lines, tried in order; the first pattern that
+//! matches the key gives the result. `!/pattern/ result` matches when the
+//! pattern does not. Patterns are case-insensitive unless the `i` flag
+//! turns that off (Postfix's default); `x` allows white space and
+//! comments; `m` is multi-line. The Rust `regex` syntax, which covers
+//! POSIX extended regular expressions. `$1`, `${1}` in a result are
+//! replaced by the match's groups. (`pcre:` tables are
+//! [`crate::dict::pcre`], through PCRE2.)
 
 use regex::{Regex, RegexBuilder};
 

@@ -332,6 +332,33 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("masquerade_exceptions", ""),
     ("header_checks", ""),
     ("body_checks", ""),
+    ("mime_header_checks", "$header_checks"),
+    ("nested_header_checks", "$header_checks"),
+    // Automatic bcc recipients, added by cleanup.
+    ("always_bcc", ""),
+    ("sender_bcc_maps", ""),
+    ("recipient_bcc_maps", ""),
+    // After-queue content filters (FILTER_README): smtpd and pickup send
+    // content_filter and receive_override_options to cleanup; qmgr sends
+    // filtered mail to the filter's transport; XFORWARD keeps the client.
+    ("content_filter", ""),
+    ("default_filter_nexthop", ""),
+    ("receive_override_options", ""),
+    ("smtpd_authorized_xforward_hosts", ""),
+    ("smtp_send_xforward_command", "no"),
+    ("smtp_xforward_timeout", "300s"),
+    // The smtp client's header and body checks (lmtp reads these too).
+    ("smtp_header_checks", ""),
+    ("smtp_mime_header_checks", ""),
+    ("smtp_nested_header_checks", ""),
+    ("smtp_body_checks", ""),
+    // lmtp's own forms, as Postfix's lmtp reads them.
+    ("lmtp_header_checks", ""),
+    ("lmtp_mime_header_checks", ""),
+    ("lmtp_nested_header_checks", ""),
+    ("lmtp_body_checks", ""),
+    ("lmtp_send_xforward_command", "no"),
+    ("lmtp_xforward_timeout", "300s"),
     // postern logrotate (Postfix 3.4's `postfix logrotate`).
     ("maillog_file_compressor", "gzip"),
     ("maillog_file_rotate_suffix", "%Y%m%d-%H%M%S"),
@@ -345,12 +372,15 @@ pub const PARAMS: &[(&str, &str)] = &[
          $virtual_alias_domains $virtual_mailbox_maps $virtual_mailbox_domains \
          $relay_recipient_maps $relay_domains $canonical_maps $sender_canonical_maps \
          $recipient_canonical_maps $relocated_maps $transport_maps $mynetworks \
-         $smtpd_sender_login_maps $alias_maps $smtpd_client_restrictions \
-         $smtpd_helo_restrictions $smtpd_sender_restrictions $smtpd_relay_restrictions \
-         $smtpd_recipient_restrictions $lmtp_sasl_password_maps \
+         $smtpd_sender_login_maps $sender_bcc_maps $recipient_bcc_maps $alias_maps \
+         $smtpd_client_restrictions $smtpd_helo_restrictions $smtpd_sender_restrictions \
+         $smtpd_relay_restrictions $smtpd_recipient_restrictions $lmtp_sasl_password_maps \
          $sender_dependent_default_transport_maps $sender_dependent_relayhost_maps \
          $smtp_sasl_password_maps $smtp_tls_policy_maps $virtual_gid_maps \
-         $virtual_uid_maps $body_checks $header_checks",
+         $virtual_uid_maps $body_checks $header_checks $lmtp_body_checks \
+         $lmtp_header_checks $lmtp_mime_header_checks $lmtp_nested_header_checks \
+         $mime_header_checks $nested_header_checks $smtp_body_checks \
+         $smtp_header_checks $smtp_mime_header_checks $smtp_nested_header_checks",
     ),
     ("proxy_write_maps", "$smtp_sasl_auth_cache_name $lmtp_sasl_auth_cache_name $address_verify_map $postscreen_cache_map"),
 ];

@@ -155,26 +155,12 @@ impl Agent {
         };
         let id = first.req.queue_id.clone();
         self.accounts.borrow_mut().clear();
+        // A table that cannot be opened stays, failing every lookup: the
+        // recipients whose lookup reaches it are deferred ("alias database
+        // unavailable"), the others delivered.
         let (tables, bad) = Tables::open_list(&self.alias_maps);
-        let mut unavailable = false;
         for e in bad {
-            if e.contains("unsupported dictionary type") {
-                warning!("{id}: alias_maps: {e}; skipped");
-            } else {
-                warning!("{id}: alias_maps: {e}");
-                unavailable = true;
-            }
-        }
-        if unavailable {
-            for job in jobs.iter_mut() {
-                job.record_rest(
-                    Outcome::Deferred,
-                    "4.3.0",
-                    "local",
-                    "alias database unavailable",
-                );
-            }
-            return;
+            warning!("{id}: alias_maps: {e}");
         }
         if jobs.len() == 1 {
             self.deliver_job(&mut jobs[0], &tables, None);

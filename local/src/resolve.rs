@@ -208,7 +208,7 @@ pub struct Resolver<'a> {
     pub duplicate_filter_limit: usize,
 }
 
-impl Resolver<'_> {
+impl<'a> Resolver<'a> {
     /// Resolves one recipient address (local part and an optional domain,
     /// which is one of `mydestination`).
     pub fn resolve(&self, address: &str) -> Expansion {
@@ -249,19 +249,17 @@ impl Resolver<'_> {
             ));
             return;
         }
-        let found = self
-            .aliases
-            .lookup(&name.local)
-            .map(|v| (name.local.clone(), v))
-            .or_else(|| {
-                if name.extension.is_some() {
-                    self.aliases
-                        .lookup(&name.user)
-                        .map(|v| (name.user.clone(), v))
-                } else {
-                    None
-                }
-            });
+        let found = match self.alias(name) {
+            Ok(found) => found,
+            Err(_) => {
+                // Logged by the table; deferred, as Postfix's local does.
+                exp.failures.push((
+                    name.address.clone(),
+                    Status::defer("4.3.0", "alias database unavailable"),
+                ));
+                return;
+            }
+        };
         match found {
             Some((key, value)) if !chain.contains(&key) => {
                 chain.push(key);
@@ -288,6 +286,25 @@ impl Resolver<'_> {
             // the account's .forward).
             _ => self.account(name, class, chain, depth, true, exp),
         }
+    }
+
+    /// The alias entry of `name` (by its local part, then without its
+    /// extension) and the key that found it; Err: a table could not
+    /// answer.
+    fn alias(
+        &self,
+        name: &LocalName,
+    ) -> Result<Option<(String, std::borrow::Cow<'a, str>)>, postern_common::maps::LookupError>
+    {
+        if let Some(v) = self.aliases.lookup(&name.local)? {
+            return Ok(Some((name.local.clone(), v)));
+        }
+        if name.extension.is_some() {
+            if let Some(v) = self.aliases.lookup(&name.user)? {
+                return Ok(Some((name.user.clone(), v)));
+            }
+        }
+        Ok(None)
     }
 
     fn mailbox(&self, name: &LocalName, class: Class) -> Target {

@@ -38,11 +38,18 @@ pub struct Agent {
     original_recipient: bool,
 }
 
-/// Looks an address up by itself, then by `@domain`.
-fn lookup<'t>(t: &'t Tables, address: &str) -> Option<std::borrow::Cow<'t, str>> {
+/// Looks an address up by itself, then by `@domain`. Err: a table
+/// could not answer (logged): the recipient is deferred.
+fn lookup(t: &Tables, address: &str, what: &str) -> Result<Option<String>, Status> {
     let a = address.to_lowercase();
-    t.lookup(&a)
-        .or_else(|| a.rfind('@').and_then(|i| t.lookup(&a[i..])))
+    let failed = |_| Status::defer("4.3.0", format!("{what} lookup failure"));
+    if let Some(v) = t.lookup(&a).map_err(failed)? {
+        return Ok(Some(v.into_owned()));
+    }
+    match a.rfind('@') {
+        Some(i) => Ok(t.lookup(&a[i..]).map_err(failed)?.map(|v| v.into_owned())),
+        None => Ok(None),
+    }
 }
 
 impl Agent {
@@ -76,16 +83,11 @@ impl Agent {
             ("virtual_uid_maps", &self.uid_maps),
             ("virtual_gid_maps", &self.gid_maps),
         ] {
+            // One that cannot be opened stays, failing every lookup: the
+            // recipients that need it are deferred.
             let (t, bad) = Tables::open_list(spec);
-            if let Some(e) = bad.first() {
+            for e in bad {
                 warning!("{id}: {name}: {e}");
-                job.record_rest(
-                    Outcome::Deferred,
-                    "4.3.0",
-                    "virtual",
-                    &format!("{name} lookup failure"),
-                );
-                return;
             }
             tables.push(t);
         }
@@ -117,11 +119,13 @@ impl Agent {
         if seen.contains(&rcpt) {
             return Status::bounce("5.4.6", format!("mail forwarding loop for {rcpt}"));
         }
-        let Some(mbox) = lookup(&t[0], &rcpt) else {
-            return Status::bounce("5.1.1", format!("unknown user: \"{rcpt}\""));
+        let mbox = match lookup(&t[0], &rcpt, "virtual_mailbox_maps") {
+            Ok(Some(m)) => m,
+            Ok(None) => return Status::bounce("5.1.1", format!("unknown user: \"{rcpt}\"")),
+            Err(s) => return s,
         };
         let id_of = |table: &Tables, what: &str| -> Result<u32, Status> {
-            let v = lookup(table, &rcpt).ok_or_else(|| {
+            let v = lookup(table, &rcpt, &format!("virtual_{what}_maps"))?.ok_or_else(|| {
                 Status::defer(
                     "4.3.5",
                     format!("mail system configuration error: no {what} for {rcpt}"),

@@ -12,12 +12,25 @@ use std::time::Duration;
 
 pub struct Settings {
     timeout: Duration,
+    /// `content_filter`, recorded for each message (as Postfix's pickup).
+    content_filter: String,
+    /// `receive_override_options`: the cleanup flags it sets.
+    override_flags: u32,
 }
 
 impl Settings {
     pub fn from_config(cfg: &Config) -> Settings {
+        let overrides = postern_common::receive_override::ReceiveOverride::parse(
+            &cfg.get("receive_override_options"),
+        )
+        .unwrap_or_else(|e| {
+            postern_common::warning!("{e}");
+            Default::default()
+        });
         Settings {
             timeout: Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600)),
+            content_filter: cfg.get("content_filter").trim().to_string(),
+            override_flags: overrides.cleanup_flags,
         }
     }
 }
@@ -49,10 +62,15 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
         Err(qfile::ReadError::Incomplete) => return Outcome::TryLater("incomplete".into()),
         Err(e) => return Outcome::Corrupt(e.to_string()),
     };
-    let (new, uid) = match new_message(&env, file) {
+    let (mut new, uid) = match new_message(&env, file) {
         Ok(m) => m,
         Err(refused) => return refused,
     };
+    new.flags |= s.override_flags;
+    if !s.content_filter.is_empty() {
+        new.attrs
+            .push((attr::FILTER.to_string(), s.content_filter.clone()));
+    }
     let path = tree.cleanup_socket();
     let mut conn = match ipc::connect(&path, s.timeout) {
         Ok(c) => c,
@@ -160,6 +178,7 @@ fn new_message(env: &qfile::Envelope, file: &std::fs::File) -> Result<(NewMessag
     };
     attrs.push((attr::CLIENT.to_string(), "local".to_string()));
     attrs.push((attr::PROTOCOL.to_string(), "sendmail".to_string()));
+    attrs.push((attr::SOURCE.to_string(), "LOCAL".to_string()));
     attrs.push((attr::SUBMITTER.to_string(), format!("uid={uid}")));
     let recipients = env
         .recipients

@@ -80,10 +80,7 @@ pub fn answer(served: &Served, req: &ProxyRequest) -> ProxyReply {
 /// A lookup that tells a failure from "not found" (`$N` expanded for
 /// `regexp:`/`pcre:`, as the daemons look them up).
 fn lookup(t: &Table, key: &str) -> Result<Option<String>, LookupError> {
-    match t {
-        Table::Dict { dict, .. } => dict.lookup(key),
-        other => Ok(other.lookup_expanded(key)),
-    }
+    t.lookup_expanded(key)
 }
 
 pub fn run(cfg: &Config, args: &[String]) -> ! {

@@ -524,7 +524,10 @@ impl Manager {
                 continue;
             }
             let sender = Some(msg.env.sender.as_str());
-            let resolution = self.resolver.resolve_from(sender, &r.rcpt.address);
+            let filter = msg.env.attr(postern_common::qfile::attr::FILTER);
+            let resolution = self
+                .resolver
+                .resolve_filtered(sender, &r.rcpt.address, filter);
             let (outcome, dsn, reason) = match self.behaviours.apply(resolution) {
                 Resolution::Deliver { transport, nexthop } => {
                     targets.push(Target {

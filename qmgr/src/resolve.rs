@@ -9,6 +9,7 @@
 //! TEXT may start with an enhanced status code (`error:5.1.1 no such user`).
 
 use postern_common::resolve;
+use postern_common::warning;
 use postern_conf::Config;
 
 pub use postern_common::resolve::dsn_split;
@@ -30,12 +31,16 @@ pub enum Resolution {
 /// answers mean for a queued recipient.
 pub struct Resolver {
     inner: resolve::Resolver,
+    /// `default_filter_nexthop`: the next hop of a content filter that
+    /// names none (empty: the recipient's domain).
+    default_filter_nexthop: String,
 }
 
 impl Resolver {
     pub fn new(cfg: &Config) -> Resolver {
         Resolver {
             inner: resolve::Resolver::new(cfg),
+            default_filter_nexthop: cfg.get("default_filter_nexthop"),
         }
     }
 
@@ -54,19 +59,54 @@ impl Resolver {
     /// Resolves one recipient address of mail from `sender` (None: not
     /// known, no sender-dependent transport or relay host).
     pub fn resolve_from(&self, sender: Option<&str>, address: &str) -> Resolution {
+        self.resolve_filtered(sender, address, None)
+    }
+
+    /// [`Resolver::resolve_from`] for a message with an after-queue
+    /// content filter (`transport:nexthop`, the queue file's
+    /// `content_filter` attribute), as Postfix's qmgr: the filter
+    /// overrides the resolver's transport and next hop (a failure or bad
+    /// syntax still counts); a filter without a next hop uses
+    /// `default_filter_nexthop`, else the recipient's domain.
+    pub fn resolve_filtered(
+        &self,
+        sender: Option<&str>,
+        address: &str,
+        filter: Option<&str>,
+    ) -> Resolution {
         let r = match self.inner.resolve(sender, address) {
             Ok(r) => r,
             Err(e) => {
+                // The table and the cause go to the log, not into the
+                // notices the sender may get (Postfix's words).
+                warning!("{address}: {e}");
                 return Resolution::Defer {
                     dsn: "4.3.0".into(),
-                    text: format!("address resolver failure: {e}"),
-                }
+                    text: "address resolver failure".into(),
+                };
             }
         };
         if r.bad_syntax {
             return Resolution::Bounce {
                 dsn: "5.1.3".into(),
                 text: "bad address syntax".into(),
+            };
+        }
+        if let Some(f) = filter.map(str::trim).filter(|f| !f.is_empty()) {
+            let (transport, nexthop) = f.split_once(':').unwrap_or((f, ""));
+            let nexthop = if !nexthop.is_empty() {
+                nexthop.to_string()
+            } else if !self.default_filter_nexthop.is_empty() {
+                self.default_filter_nexthop.clone()
+            } else {
+                postern_common::addr::split(address)
+                    .1
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            return Resolution::Deliver {
+                transport: transport.to_string(),
+                nexthop,
             };
         }
         let or = |text: String, default: &str| {
@@ -123,6 +163,24 @@ mod tests {
             transport: t.into(),
             nexthop: n.into(),
         }
+    }
+
+    #[test]
+    fn content_filter_overrides() {
+        let r = resolver("relay_domains = relayed.test\n");
+        let f = |a: &str, f: &str| r.resolve_filtered(None, a, Some(f));
+        assert_eq!(
+            f("root", "amavis:[127.0.0.1]:10024"),
+            deliver("amavis", "[127.0.0.1]:10024")
+        );
+        assert_eq!(f("x@remote.test", "scan:"), deliver("scan", "remote.test"));
+        assert_eq!(f("x@remote.test", "scan"), deliver("scan", "remote.test"));
+        assert_eq!(f("x@remote.test", ""), deliver("smtp", "remote.test"));
+        let r = resolver("default_filter_nexthop = [10.0.0.1]\n");
+        assert_eq!(
+            r.resolve_filtered(None, "x@remote.test", Some("scan:")),
+            deliver("scan", "[10.0.0.1]")
+        );
     }
 
     #[test]

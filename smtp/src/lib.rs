@@ -47,6 +47,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod content_checks;
 pub mod deliver;
 pub mod dns;
 pub mod nexthop;

@@ -91,6 +91,13 @@ pub struct Settings {
     /// `smtpd_forbid_unauth_pipelining`: hang up on a client that talks
     /// before the greeting (RFC 5321 4.3.1), instead of only logging it.
     pub forbid_unauth_pipelining: bool,
+    /// `content_filter`: the after-queue filter (`transport:nexthop`)
+    /// recorded for each message ("" on a reinjection service).
+    pub content_filter: String,
+    /// `receive_override_options`.
+    pub receive_override: postern_common::receive_override::ReceiveOverride,
+    /// `smtpd_authorized_xforward_hosts`.
+    pub xforward_hosts: postern_common::cidr::CidrList,
 }
 
 /// `smtpd_tls_security_level`.
@@ -207,6 +214,14 @@ impl Settings {
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
             strict_smtputf8: cfg.get_bool("strict_smtputf8").map_err(e)?,
             forbid_unauth_pipelining: cfg.get_bool("smtpd_forbid_unauth_pipelining").map_err(e)?,
+            content_filter: cfg.get("content_filter").trim().to_string(),
+            receive_override: postern_common::receive_override::ReceiveOverride::parse(
+                &cfg.get("receive_override_options"),
+            )?,
+            xforward_hosts: postern_common::cidr::CidrList::parse(
+                &cfg.get_list("smtpd_authorized_xforward_hosts"),
+            )
+            .map_err(|e| format!("smtpd_authorized_xforward_hosts: {e}"))?,
         })
     }
 }

@@ -54,9 +54,11 @@ pub fn main() -> ! {
     match command.as_str() {
         "check" => {
             check(&cfg);
-            // Errors about secrets fail the check, but not a start (see
-            // crate::secrets).
-            if check_secrets(&cfg) > 0 {
+            // Errors about secrets and tables fail the check, but not a
+            // start (see crate::secrets; a table the daemons cannot use
+            // defers the mail that needs it).
+            let tables = check_tables(&cfg);
+            if check_secrets(&cfg) + tables > 0 {
                 std::process::exit(1)
             }
             std::process::exit(EX_OK)
@@ -162,36 +164,143 @@ fn check(cfg: &Config) {
         );
     }
     check_host_names(cfg);
+    check_content_filters(cfg, &services);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
     }
-    check_indexed_tables(cfg);
 }
 
-/// Warns about every indexed table (`hash:`, `btree:`, `cdb:`, `lmdb:`)
-/// named in main.cf that cannot be read, such as a Berkeley DB file left
-/// by Postfix's postmap: the daemons would find it unavailable.
-fn check_indexed_tables(cfg: &Config) {
+/// `receive_override_options` (main.cf and each service's `-o`) must name
+/// only options Postern knows, and `content_filter` must be
+/// `transport:nexthop`: a typo would change which checks mail gets or
+/// send it past its filter, so it stops `check` and `start`. So does a
+/// before-queue filter (`smtpd_proxy_filter`), which Postern does not
+/// offer: mail would reach the queue unfiltered.
+fn check_content_filters(cfg: &Config, services: &[postern_conf::master_cf::Service]) {
+    let main = [(
+        "main.cf".to_string(),
+        cfg.get("receive_override_options"),
+        cfg.get("content_filter"),
+        cfg.get("smtpd_proxy_filter"),
+    )];
+    let per_service = services.iter().map(|s| {
+        let o = |n: &str| {
+            s.overrides
+                .iter()
+                .rev()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        (
+            format!("master.cf, line {} ({})", s.line, s.name),
+            o("receive_override_options").unwrap_or_default(),
+            o("content_filter").unwrap_or_default(),
+            o("smtpd_proxy_filter").unwrap_or_default(),
+        )
+    });
+    for (place, options, filter, proxy) in main.into_iter().chain(per_service) {
+        if !proxy.trim().is_empty() {
+            die(
+                NAME,
+                1,
+                format_args!(
+                    "{}/{place}: smtpd_proxy_filter = {}: before-queue content filters are not \
+                     supported; use content_filter (after-queue, FILTER_README)",
+                    cfg.dir().display(),
+                    proxy.trim()
+                ),
+            );
+        }
+        if let Err(e) = postern_common::receive_override::ReceiveOverride::parse(&options) {
+            die(
+                NAME,
+                1,
+                format_args!("{}/{place}: {e}", cfg.dir().display()),
+            );
+        }
+        let filter = filter.trim();
+        let transport = filter.split(':').next().unwrap_or("");
+        if !filter.is_empty() && transport.trim().is_empty() {
+            die(
+                NAME,
+                1,
+                format_args!(
+                    "{}/{place}: content_filter = {filter}: no transport (expected transport:nexthop)",
+                    cfg.dir().display()
+                ),
+            );
+        }
+    }
+}
+
+/// Reports every lookup table main.cf names that the daemons could not
+/// use: an unknown type, a missing or unreadable file, a Berkeley DB or
+/// LMDB file left by Postfix, an index older than its source (each with
+/// the command that fixes it). The daemons keep such a table as one whose
+/// lookups fail, so the mail that needs it is deferred; returns how many.
+fn check_tables(cfg: &Config) -> usize {
     let mut names = cfg.explicit_names();
     names.push("alias_maps".into());
     names.sort();
     names.dedup();
-    // Postfix's TLS session caches (`btree:${data_directory}/smtpd_scache`)
-    // are tlsmgr's, which Postern does not have: never opened.
-    names.retain(|n| !n.ends_with("_tls_session_cache_database"));
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for name in names {
-        for item in postern_conf::split_list(&cfg.get(&name)) {
-            let Some((kind, path)) = item.split_once(':') else {
-                continue;
-            };
-            if postern_common::maps::indexed_file(kind, path).is_none() {
+        for spec in table_specs(&name, &cfg.get(&name)) {
+            if !seen.insert(spec.clone()) {
                 continue;
             }
-            if let Err(e) = postern_common::maps::Table::open(&item) {
-                eprintln!("{NAME}: warning: {name}: {e}");
+            let builder = if name.starts_with("alias_") {
+                "postalias"
+            } else {
+                "postmap"
+            };
+            if let Err(e) = postern_common::maps::check_spec(&spec, builder) {
+                problems.push(format!("{name}: {e}"));
             }
         }
+    }
+    for p in &problems {
+        eprintln!("{NAME}: error: {}/main.cf: {p}", cfg.dir().display());
+    }
+    problems.len()
+}
+
+/// The `type:name` tables in the value of parameter `name`: every item
+/// of a table parameter (`*_maps`, `*_checks`), the table items of a
+/// domain list, the arguments of `check_*_access` in a restriction list.
+fn table_specs(name: &str, value: &str) -> Vec<String> {
+    // Postfix's TLS session caches (`btree:${data_directory}/smtpd_scache`)
+    // are tlsmgr's, which Postern does not have: never opened.
+    if name.ends_with("_tls_session_cache_database") {
+        return Vec::new();
+    }
+    // The smtp client's secret tables are checked per service, with its
+    // `-o` overrides, and only where they are used (crate::secrets).
+    if name.ends_with("_sasl_password_maps") || name.ends_with("_tls_policy_maps") {
+        return Vec::new();
+    }
+    let items = postern_common::maps::split_specs(value);
+    let is_table = |i: &str| {
+        matches!(i.split_once(':'), Some((kind, _))
+            if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
+    };
+    if name.ends_with("_maps") || name.ends_with("_checks") {
+        items
+    } else if name.ends_with("_domains") || name == "mydestination" {
+        items.into_iter().filter(|i| is_table(i)).collect()
+    } else if name.ends_with("_restrictions") || name.ends_with("_restriction_classes") {
+        items
+            .windows(2)
+            .filter(|w| {
+                let r = w[0].to_ascii_lowercase();
+                r.starts_with("check_") && r.ends_with("_access") && is_table(&w[1])
+            })
+            .map(|w| w[1].clone())
+            .collect()
+    } else {
+        Vec::new()
     }
 }
 
@@ -268,6 +377,7 @@ fn start(cfg: &Config, foreground: bool) -> ! {
         );
     }
     check(cfg);
+    check_tables(cfg);
     check_secrets(cfg);
     // As Postfix's start runs postsuper: every queue file where the
     // hashing wants it before anything reads the queue.

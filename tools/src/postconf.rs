@@ -184,8 +184,23 @@ fn build_information(o: &Opts) -> Option<Vec<String>> {
         // The types common::maps::Table opens (tests/test_postconf.py
         // opens each with postmap -q).
         return list(&[
-            "btree", "cdb", "cidr", "hash", "inline", "lmdb", "pcre", "regexp", "static",
+            "btree",
+            "cdb",
+            "cidr",
+            "hash",
+            "inline",
+            "lmdb",
+            "nis",
+            "pcre",
+            "pipemap",
+            "proxy",
+            "regexp",
+            "socketmap",
+            "static",
+            "tcp",
             "texthash",
+            "unionmap",
+            "unix",
         ]);
     }
     if o.server_sasl {

@@ -349,7 +349,15 @@ fn query(table: &Table, key: &str, fold: bool) -> Result<Option<Vec<u8>>, Failur
             db.get(&k)
                 .map_err(|e| (EX_IOERR, format!("read {}: {e}", db.path().display())))
         }
-        other => Ok(other.lookup_expanded(key).map(String::into_bytes)),
+        other => other
+            .lookup_expanded(key)
+            .map(|v| v.map(String::into_bytes))
+            .map_err(|e| {
+                (
+                    EX_TEMPFAIL,
+                    format!("table {}: query error: {}", e.table, e.reason),
+                )
+            }),
     }
 }
 

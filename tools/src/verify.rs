@@ -21,11 +21,20 @@ use postern_conf::Config;
 /// Where one address goes, as a line of the report.
 pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, String) {
     let address = addr::qualify(address, &cfg.get("myorigin"));
-    if let Some(v) = resolver.virtual_alias(&address) {
-        return (
-            true,
-            format!("<{address}>: deliverable: virtual alias: {v}"),
-        );
+    match resolver.virtual_alias(&address) {
+        Ok(Some(v)) => {
+            return (
+                true,
+                format!("<{address}>: deliverable: virtual alias: {v}"),
+            )
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return (
+                false,
+                format!("<{address}>: undeliverable: address resolver failure: {e}"),
+            )
+        }
     }
     let r = match resolver.resolve(None, &address) {
         Ok(r) => r,
@@ -55,8 +64,21 @@ pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, Stri
         let lower = local.to_lowercase();
         let user = resolver.strip_extension(&lower).0.to_string();
         let (aliases, _) = Tables::open_list(&cfg.get("alias_maps"));
-        if let Some(v) = aliases.lookup(&lower).or_else(|| aliases.lookup(&user)) {
-            return (true, format!("<{address}>: deliverable: local alias: {v}"));
+        let alias = match aliases.lookup(&lower) {
+            Ok(None) => aliases.lookup(&user),
+            found => found,
+        };
+        match alias {
+            Ok(Some(v)) => {
+                return (true, format!("<{address}>: deliverable: local alias: {v}"));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return (
+                    false,
+                    format!("<{address}>: undeliverable: alias database unavailable: {e}"),
+                )
+            }
         }
         if postern_common::privs::user(&user).is_some() {
             return (
@@ -78,7 +100,7 @@ pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, Stri
     }
     if r.class == Class::Virtual && r.transport == resolver.virtual_transport() {
         return match resolver.virtual_mailbox(&r.recipient) {
-            Some(m) => (
+            Ok(Some(m)) => (
                 true,
                 format!(
                     "<{address}>: deliverable: via {} to {}/{m}",
@@ -86,9 +108,13 @@ pub fn describe(cfg: &Config, resolver: &Resolver, address: &str) -> (bool, Stri
                     cfg.get("virtual_mailbox_base")
                 ),
             ),
-            None => (
+            Ok(None) => (
                 false,
                 format!("<{address}>: undeliverable: unknown user: \"{address}\""),
+            ),
+            Err(e) => (
+                false,
+                format!("<{address}>: undeliverable: address resolver failure: {e}"),
             ),
         };
     }

@@ -451,7 +451,7 @@ impl DomainFilter {
         for (negated, item) in &self.items {
             let hit = match item {
                 DomainItem::Name(n) => *n == domain,
-                DomainItem::Table(t) => t.lookup(&domain).is_some(),
+                DomainItem::Table(t) => matches!(t.lookup(&domain), Ok(Some(_))),
             };
             if hit {
                 return !negated;

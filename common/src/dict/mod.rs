@@ -53,4 +53,25 @@ pub trait Dict: Send + Sync + fmt::Debug {
     /// `Ok(Some(value))`: found; `Ok(None)`: not found; `Err`: could not
     /// look, the caller must defer.
     fn lookup(&self, key: &str) -> Result<Option<String>, LookupError>;
+
+    /// Why the table could not be opened, for a stand-in whose every
+    /// lookup fails ([`unavailable::Unavailable`]); None for a real table.
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+
+    /// A table of patterns (`pcre:`), asked only for whole addresses, not
+    /// for the partial keys (`user`, `@domain`, parent domains) that
+    /// fixed-key tables are asked for (Postfix's DICT_FLAG_PATTERN).
+    fn is_pattern(&self) -> bool {
+        false
+    }
 }
+
+pub mod pcre;
+pub mod pipemap;
+pub mod socketmap;
+pub mod tcp;
+pub mod unavailable;
+pub mod unionmap;
+pub mod unix;

@@ -39,7 +39,7 @@
 //! issue #16 asks for either). Table keys are not converted.
 
 use crate::addr;
-use crate::maps::{self, DomainList, Table};
+use crate::maps::{self, DomainList, LookupError};
 use crate::warning;
 use postern_conf::Config;
 use std::net::IpAddr;
@@ -101,6 +101,22 @@ pub struct Refusal {
     pub dsn: String,
     /// Without the `<address>: Recipient address rejected: ` prefix.
     pub text: String,
+    /// A table could not answer: the text follows `<address>: ` directly
+    /// (`451 4.3.0 <a@b>: Temporary lookup failure`, Postfix's
+    /// reject_dict_retry), without `Recipient address rejected:`.
+    pub lookup_failure: bool,
+}
+
+impl Refusal {
+    /// `451 4.3.0 <address>: Temporary lookup failure`.
+    pub fn temporary_lookup_failure() -> Refusal {
+        Refusal {
+            code: 451,
+            dsn: "4.3.0".into(),
+            text: "Temporary lookup failure".into(),
+            lookup_failure: true,
+        }
+    }
 }
 
 /// A list of domains: names, `.parent` names, tables.
@@ -137,20 +153,25 @@ impl Domains {
         }
     }
 
-    fn contains(&self, domain: &str) -> bool {
+    /// Err: a table of the list could not answer.
+    fn contains(&self, domain: &str) -> Result<bool, LookupError> {
         let bare = domain.trim_end_matches('.');
         if bare.is_empty() {
-            return false;
+            return Ok(false);
         }
         // Names compare in their A-label form, so that the U-label and
         // A-label forms of an internationalized name match alike (issue
         // #16 point 5; Postfix 3.7 itself wants both forms listed).
         let d = crate::smtputf8::ascii_domain(bare);
-        if self.names.contains(&d) || self.list.contains(&d) || self.list.contains(&fold(bare)) {
-            return true;
+        let folded = fold(bare);
+        if self.names.contains(&d)
+            || self.list.contains(&d)?
+            || (folded != d && self.list.contains(&folded)?)
+        {
+            return Ok(true);
         }
         if !self.domain_list {
-            return false;
+            return Ok(false);
         }
         // domain_list (Postfix's match_hostname): with
         // parent_domain_matches_subdomains a name matches its
@@ -165,12 +186,12 @@ impl Domains {
             } else {
                 format!(".{parent}")
             };
-            if self.names.contains(&key) || self.list.contains(&key) {
-                return true;
+            if self.names.contains(&key) || self.list.contains(&key)? {
+                return Ok(true);
             }
             name = parent;
         }
-        false
+        Ok(false)
     }
 }
 
@@ -214,7 +235,6 @@ pub fn dsn_split(text: &str, default: &str) -> (String, String) {
 /// Tables behind one parameter, and the files to watch for changes.
 #[derive(Debug, Clone, Default)]
 struct Maps {
-    name: &'static str,
     spec: String,
     tables: maps::Tables,
     /// `unix:passwd.byname` (through `proxy:` or not): the account database.
@@ -224,7 +244,10 @@ struct Maps {
 }
 
 impl Maps {
-    fn open(name: &'static str, spec: String) -> Maps {
+    /// Opens the tables of `name`; the errors of tables that cannot be
+    /// opened are logged unless they are those of `before` (a table
+    /// tried again each second while it stays broken is logged once).
+    fn open(name: &'static str, spec: String, before: &[String]) -> Maps {
         let mut rest = Vec::new();
         let mut passwd = false;
         for s in crate::maps::split_specs(&spec) {
@@ -237,11 +260,12 @@ impl Maps {
         }
         let joined = rest.join(" ");
         let (tables, errors) = maps::Tables::open_list(&joined);
-        for e in &errors {
-            warning!("{name}: {e}");
+        if errors != before {
+            for e in &errors {
+                warning!("{name}: {e}");
+            }
         }
         Maps {
-            name,
             files: files_of(&joined),
             spec,
             tables,
@@ -264,33 +288,23 @@ impl Maps {
                 .any(|(p, t)| mtime(p).is_some_and(|now| Some(now) != *t))
     }
 
-    fn failed(&self) -> Option<String> {
-        self.errors.first().map(|e| format!("{}: {e}", self.name))
-    }
-
     /// One key: `full` keys are seen by every table, the others only by
     /// tables of fixed keys (not regexp/pcre/cidr), as Postfix's
     /// maps_find(..., PARTIAL).
-    fn find(&self, key: &str, full: bool) -> Option<String> {
+    /// Err: a table could not answer (the caller defers).
+    fn find(&self, key: &str, full: bool) -> Result<Option<String>, LookupError> {
         for t in &self.tables.0 {
-            let fixed = matches!(
-                t,
-                Table::Entries { .. }
-                    | Table::Static(_)
-                    | Table::Indexed { .. }
-                    | Table::Dict { .. }
-            );
-            if !full && !fixed {
+            if !full && t.is_pattern() {
                 continue;
             }
-            if let Some(v) = t.lookup_expanded(key) {
-                return Some(v);
+            if let Some(v) = t.lookup_expanded(key)? {
+                return Ok(Some(v));
             }
         }
         if self.passwd && !key.contains('@') && crate::privs::account_exists(&fold(key)) {
-            return Some(key.to_string());
+            return Ok(Some(key.to_string()));
         }
-        None
+        Ok(None)
     }
 }
 
@@ -374,7 +388,8 @@ pub struct Resolver {
     alias_code: u16,
     virtual_code: u16,
     relay_code: u16,
-    /// Domain lists that could not be opened: resolution fails (defers).
+    /// Tables of domain lists that could not be opened (logged at start;
+    /// a lookup that reaches one fails, and resolution defers).
     domain_errors: Vec<String>,
     cfg_text: ConfigCopy,
     checked: Instant,
@@ -517,7 +532,7 @@ impl Resolver {
                 String::new()
             }
         };
-        let open = |n: &'static str| Maps::open(n, spec(n));
+        let open = |n: &'static str| Maps::open(n, spec(n), &[]);
         let r = Resolver {
             myhostname: fold(&cfg.get("myhostname")),
             myorigin: fold(&cfg.get("myorigin")),
@@ -614,7 +629,7 @@ impl Resolver {
         let specs: Vec<(&'static str, String)> = self.cfg_text.0.clone();
         for (m, (name, spec)) in self.all_maps_mut().into_iter().zip(specs) {
             if m.changed() {
-                *m = Maps::open(name, spec);
+                *m = Maps::open(name, spec, &m.errors);
             }
         }
     }
@@ -622,14 +637,27 @@ impl Resolver {
     /// Whether `domain` is this machine's: `mydestination`, or an address
     /// literal of `inet_interfaces`/`proxy_interfaces` (Postfix's
     /// resolve_local()).
+    /// A table of `mydestination` that cannot answer counts as "not
+    /// local" here; resolution ([`Resolver::resolve`]) defers instead.
     pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.local_domain(domain).unwrap_or(false)
+    }
+
+    /// [`Resolver::is_local_domain`]; Err: a table of `mydestination`
+    /// could not answer.
+    fn local_domain(&self, domain: &str) -> Result<bool, LookupError> {
         let d = domain.strip_suffix('.').unwrap_or(domain);
         if d.is_empty() || d.ends_with('.') {
-            return false;
+            return Ok(false);
         }
-        if self.mydestination.contains(d) {
-            return true;
+        if self.mydestination.contains(d)? {
+            return Ok(true);
         }
+        Ok(self.literal_is_local(d))
+    }
+
+    /// An address literal of `inet_interfaces`/`proxy_interfaces`.
+    fn literal_is_local(&self, d: &str) -> bool {
         let Some(inner) = d.strip_prefix('[').and_then(|x| x.strip_suffix(']')) else {
             return false;
         };
@@ -649,7 +677,7 @@ impl Resolver {
 
     /// Step 1: the address as trivial-rewrite leaves it, and whether its
     /// domain is a remote one (None: local).
-    fn canonical(&self, address: &str) -> (String, bool) {
+    fn canonical(&self, address: &str) -> Result<(String, bool), LookupError> {
         let mut a = address.to_string();
         let mut saved: Option<String> = None;
         let mut remote = false;
@@ -660,7 +688,7 @@ impl Resolver {
             }
             if let Some(at) = a.rfind('@') {
                 let dom = &a[at + 1..];
-                if !dom.is_empty() && !self.is_local_domain(dom) {
+                if !dom.is_empty() && !self.local_domain(dom)? {
                     remote = true;
                     break;
                 }
@@ -694,16 +722,13 @@ impl Resolver {
             let d = saved.unwrap_or_else(|| self.myhostname.clone());
             a = format!("{a}@{d}");
         }
-        (a, remote)
+        Ok((a, remote))
     }
 
     /// Resolves `address` for mail from `sender` (None: no sender is
     /// known). Err: a table or domain list could not be read (defer).
     pub fn resolve(&self, sender: Option<&str>, address: &str) -> Result<Resolved, String> {
-        if let Some(e) = self.domain_errors.first() {
-            return Err(e.clone());
-        }
-        let (recipient, remote) = self.canonical(address);
+        let (recipient, remote) = self.canonical(address).map_err(|e| e.to_string())?;
         let (_, dom) = addr::split(&recipient);
         let domain = fold(dom.unwrap_or_default());
         let mut out = Resolved {
@@ -722,7 +747,8 @@ impl Resolver {
         }
         let first_op = recipient.find(['@', '!', '%']).unwrap_or(recipient.len());
         out.routed = recipient.get(first_op + 1..) != Some(dom.unwrap_or_default());
-        self.classify(&mut out, sender, &domain, remote)?;
+        self.classify(&mut out, sender, &domain, remote)
+            .map_err(|e| e.to_string())?;
         // A main.cf `transport:nexthop` setting's next hop wins.
         let (t, n) = split_transport(&out.transport);
         out.transport = t;
@@ -735,8 +761,10 @@ impl Resolver {
                 out.class.name()
             ));
         }
-        self.apply_transport_maps(&mut out, &recipient, &domain)?;
-        self.apply_relocated(&mut out, &recipient)?;
+        self.apply_transport_maps(&mut out, &recipient, &domain)
+            .map_err(|e| e.to_string())?;
+        self.apply_relocated(&mut out, &recipient)
+            .map_err(|e| e.to_string())?;
         Ok(out)
     }
 
@@ -749,7 +777,7 @@ impl Resolver {
         sender: Option<&str>,
         domain: &str,
         remote: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), LookupError> {
         let sender_key = |empty_key: &str| -> Option<String> {
             sender.map(|s| {
                 if s.is_empty() {
@@ -762,7 +790,7 @@ impl Resolver {
         if !remote {
             out.class = Class::Local;
             out.transport = self.local_transport.clone();
-        } else if self.virtual_alias_domains.contains(domain) {
+        } else if self.virtual_alias_domains.contains(domain)? {
             out.class = Class::Alias;
             out.transport = "error".into();
             out.nexthop = format!(
@@ -773,20 +801,17 @@ impl Resolver {
                     ""
                 }
             );
-        } else if self.virtual_mailbox_domains.contains(domain) {
+        } else if self.virtual_mailbox_domains.contains(domain)? {
             out.class = Class::Virtual;
             out.transport = self.virtual_transport.clone();
         } else {
-            if self.relay_domains.contains(domain) {
+            if self.relay_domains.contains(domain)? {
                 out.class = Class::Relay;
                 out.transport = self.relay_transport.clone();
             } else {
                 out.class = Class::Default;
                 if let Some(key) = sender_key(&self.null_sender_xport_key) {
-                    if let Some(e) = self.sender_transport.failed() {
-                        return Err(e);
-                    }
-                    match self.addr_find(&self.sender_transport, &key, DEFAULT_STRATEGY) {
+                    match self.addr_find(&self.sender_transport, &key, DEFAULT_STRATEGY)? {
                         Some(x)
                             if !x.trim().is_empty() && !x.trim().eq_ignore_ascii_case("DUNNO") =>
                         {
@@ -798,11 +823,8 @@ impl Resolver {
             }
             let mut relay = None;
             if let Some(key) = sender_key(&self.null_sender_relay_key) {
-                if let Some(e) = self.sender_relay.failed() {
-                    return Err(e);
-                }
                 relay = self
-                    .addr_find(&self.sender_relay, &key, DEFAULT_STRATEGY)
+                    .addr_find(&self.sender_relay, &key, DEFAULT_STRATEGY)?
                     .map(|v| v.trim().to_string())
                     .filter(|v| !v.is_empty() && !v.eq_ignore_ascii_case("DUNNO"));
             }
@@ -823,20 +845,18 @@ impl Resolver {
         out: &mut Resolved,
         recipient: &str,
         domain: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), LookupError> {
         if out.class != Class::Alias && !self.transport_maps.is_empty() {
-            if let Some(e) = self.transport_maps.failed() {
-                return Err(e);
-            }
             let strategy = Strategy {
                 full: true,
                 localpart_if_local: false,
                 at_domain: false,
                 domain: Some(self.transport_parents),
             };
-            let found = self
-                .addr_find(&self.transport_maps, recipient, strategy)
-                .or_else(|| self.transport_maps.find("*", true));
+            let found = match self.addr_find(&self.transport_maps, recipient, strategy)? {
+                Some(v) => Some(v),
+                None => self.transport_maps.find("*", true)?,
+            };
             if let Some(v) = found {
                 let (t, n) = split_transport(&v);
                 if !t.is_empty() {
@@ -857,13 +877,10 @@ impl Resolver {
     }
 
     /// `relocated_maps`: a moved user's mail bounces with the new address.
-    fn apply_relocated(&self, out: &mut Resolved, recipient: &str) -> Result<(), String> {
+    fn apply_relocated(&self, out: &mut Resolved, recipient: &str) -> Result<(), LookupError> {
         if !self.relocated.is_empty() {
-            if let Some(e) = self.relocated.failed() {
-                return Err(e);
-            }
             let noext = Strategy { ..DEFAULT_STRATEGY };
-            if let Some(v) = self.addr_find(&self.relocated, recipient, noext) {
+            if let Some(v) = self.addr_find(&self.relocated, recipient, noext)? {
                 out.transport = "error".into();
                 out.nexthop = format!("5.1.6 User has moved to {}", v.trim());
             }
@@ -895,9 +912,14 @@ impl Resolver {
 
     /// Postfix's mail_addr_find(): the first lookup form that a table
     /// knows, in the order of the strategy.
-    fn addr_find(&self, maps: &Maps, address: &str, s: Strategy) -> Option<String> {
+    fn addr_find(
+        &self,
+        maps: &Maps,
+        address: &str,
+        s: Strategy,
+    ) -> Result<Option<String>, LookupError> {
         if maps.is_empty() {
-            return None;
+            return Ok(None);
         }
         let (local, domain) = addr::split(address);
         let (bare, ext) = self.strip_extension(local);
@@ -906,36 +928,38 @@ impl Resolver {
             None => l.to_string(),
         };
         if s.full {
-            if let Some(v) = maps.find(&with(local), true) {
-                return Some(v);
+            if let Some(v) = maps.find(&with(local), true)? {
+                return Ok(Some(v));
             }
             if ext.is_some() {
-                if let Some(v) = maps.find(&with(bare), false) {
-                    return Some(v);
+                if let Some(v) = maps.find(&with(bare), false)? {
+                    return Ok(Some(v));
                 }
             }
         }
-        let domain = domain?;
-        if s.localpart_if_local && (fold(domain) == self.myorigin || self.is_local_domain(domain)) {
-            if let Some(v) = maps.find(local, false) {
-                return Some(v);
+        let Some(domain) = domain else {
+            return Ok(None);
+        };
+        if s.localpart_if_local && (fold(domain) == self.myorigin || self.local_domain(domain)?) {
+            if let Some(v) = maps.find(local, false)? {
+                return Ok(Some(v));
             }
             if ext.is_some() {
-                if let Some(v) = maps.find(bare, false) {
-                    return Some(v);
+                if let Some(v) = maps.find(bare, false)? {
+                    return Ok(Some(v));
                 }
             }
         }
         if s.at_domain {
-            if let Some(v) = maps.find(&format!("@{domain}"), false) {
-                return Some(v);
+            if let Some(v) = maps.find(&format!("@{domain}"), false)? {
+                return Ok(Some(v));
             }
         }
         if let Some(parents) = s.domain {
             let mut name = domain.to_string();
             loop {
-                if let Some(v) = maps.find(&name, false) {
-                    return Some(v);
+                if let Some(v) = maps.find(&name, false)? {
+                    return Ok(Some(v));
                 }
                 // Next: "b.c" from "a.b.c" (parent style) or ".b.c".
                 let from = usize::from(name.starts_with('.'));
@@ -955,18 +979,18 @@ impl Resolver {
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     /// `virtual_alias_maps`' answer for `address` (the full address,
     /// without extension, the local part when the domain is local, then
     /// `@domain`), as cleanup looks it up.
-    pub fn virtual_alias(&self, address: &str) -> Option<String> {
+    pub fn virtual_alias(&self, address: &str) -> Result<Option<String>, LookupError> {
         self.addr_find(&self.virtual_alias_maps, address, DEFAULT_STRATEGY)
     }
 
     /// `virtual_mailbox_maps`' answer for `address`.
-    pub fn virtual_mailbox(&self, address: &str) -> Option<String> {
+    pub fn virtual_mailbox(&self, address: &str) -> Result<Option<String>, LookupError> {
         self.addr_find(&self.virtual_mailbox_maps, address, DEFAULT_STRATEGY)
     }
 
@@ -998,20 +1022,19 @@ impl Resolver {
             Ok(r) => r,
             Err(e) => {
                 warning!("{e}");
-                return Err(Refusal {
-                    code: 451,
-                    dsn: "4.3.0".into(),
-                    text: "Temporary lookup failure".into(),
-                });
+                return Err(Refusal::temporary_lookup_failure());
             }
         };
         let rcpt = r.recipient.as_str();
-        let known = |m: &Maps| self.addr_find(m, rcpt, DEFAULT_STRATEGY).is_some();
+        let known = |m: &Maps| match self.addr_find(m, rcpt, DEFAULT_STRATEGY) {
+            Ok(v) => Ok(v.is_some()),
+            Err(_) => Err(Refusal::temporary_lookup_failure()),
+        };
         // cleanup will rewrite these: they are someone.
-        if known(&self.recipient_canonical_maps)
-            || (sender && known(&self.sender_canonical_maps))
-            || known(&self.canonical_maps)
-            || known(&self.virtual_alias_maps)
+        if known(&self.recipient_canonical_maps)?
+            || (sender && known(&self.sender_canonical_maps)?)
+            || known(&self.canonical_maps)?
+            || known(&self.virtual_alias_maps)?
         {
             return Ok(());
         }
@@ -1041,6 +1064,7 @@ impl Resolver {
                 code,
                 dsn: fix_dsn(&dsn, code),
                 text,
+                lookup_failure: false,
             });
         }
         let local_name = addr::split(rcpt).0;
@@ -1048,11 +1072,10 @@ impl Resolver {
             Class::Local => {
                 let m = &self.local_recipient_maps;
                 if m.is_empty()
-                    || !m.errors.is_empty()
                     || local_name.eq_ignore_ascii_case(&self.double_bounce)
                     || local_name.eq_ignore_ascii_case("postmaster")
                     || local_name.eq_ignore_ascii_case("MAILER-DAEMON")
-                    || known(m)
+                    || known(m)?
                 {
                     return Ok(());
                 }
@@ -1060,14 +1083,14 @@ impl Resolver {
             }
             Class::Virtual => {
                 let m = &self.virtual_mailbox_maps;
-                if m.is_empty() || !m.errors.is_empty() || known(m) {
+                if m.is_empty() || known(m)? {
                     return Ok(());
                 }
                 (self.virtual_code, "virtual mailbox")
             }
             Class::Relay => {
                 let m = &self.relay_recipient_maps;
-                if m.is_empty() || !m.errors.is_empty() || known(m) {
+                if m.is_empty() || known(m)? {
                     return Ok(());
                 }
                 (self.relay_code, "relay recipient")
@@ -1078,6 +1101,7 @@ impl Resolver {
             code,
             dsn: fix_dsn(unknown_dsn, code),
             text: table(name),
+            lookup_failure: false,
         })
     }
 }

@@ -17,6 +17,8 @@ pub struct Extensions {
     pub chunking: bool,
     /// AUTH mechanisms, upper-case.
     pub auth: Vec<String>,
+    /// XFORWARD attribute names, upper-case (empty: not offered).
+    pub xforward: Vec<String>,
 }
 
 impl Extensions {
@@ -43,6 +45,7 @@ impl Extensions {
                 "DSN" => e.dsn = true,
                 "STARTTLS" => e.starttls = true,
                 "CHUNKING" => e.chunking = true,
+                "XFORWARD" => e.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "AUTH" => {
                     for m in first.into_iter().chain(words.map(str::to_string)) {
                         let m = m.to_ascii_uppercase();
@@ -78,6 +81,10 @@ impl Extensions {
             self.size = None;
             gone.push("SIZE");
         }
+        if !self.xforward.is_empty() && has("xforward") {
+            self.xforward.clear();
+            gone.push("XFORWARD");
+        }
         if !self.auth.is_empty() && has("auth") {
             self.auth.clear();
             gone.push("AUTH");
@@ -95,7 +102,7 @@ mod tests {
     fn extensions() {
         let r = LineReader::new()
             .read_reply(
-                &mut &b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-AUTH PLAIN login\r\n250-AUTH=LOGIN\r\n250 STARTTLS\r\n"[..],
+                &mut &b"250-mx.test Hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-AUTH PLAIN login\r\n250-AUTH=LOGIN\r\n250-XFORWARD NAME addr\r\n250 STARTTLS\r\n"[..],
             )
             .unwrap();
         let e = Extensions::parse(&r);
@@ -103,6 +110,7 @@ mod tests {
         assert!(!e.smtputf8 && !e.dsn);
         assert_eq!(e.size, Some(1000));
         assert_eq!(e.auth, vec!["PLAIN", "LOGIN"]);
+        assert_eq!(e.xforward, vec!["NAME", "ADDR"]);
         let r = LineReader::new()
             .read_reply(&mut &b"250-x\r\n250 size\r\n"[..])
             .unwrap();

@@ -129,6 +129,12 @@ pub struct Settings {
     /// with CRLF SPACE (`smtp_line_length_limit`; LMTP:
     /// `lmtp_line_length_limit`). 0 = no limit.
     pub line_limit: usize,
+    /// `smtp_send_xforward_command`: tell a server that offers XFORWARD
+    /// who the message's original client was (to a content filter's
+    /// reinjection smtpd, through the filter).
+    pub send_xforward: bool,
+    /// `smtp_xforward_timeout`.
+    pub xforward_timeout: Duration,
 }
 
 /// Who a session talks to, as reasons and the `relay=` field name it.
@@ -198,6 +204,11 @@ pub trait Transaction {
     fn queue_id(&self) -> &str {
         ""
     }
+    /// XFORWARD's attributes of the message's original client (`NAME`,
+    /// `ADDR`, `PORT`, `PROTO`, `HELO`, `IDENT`, `SOURCE`), as known.
+    fn xforward(&mut self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
 }
 
 /// How a session ended.
@@ -225,6 +236,7 @@ mod stage {
     pub const BODY: &str = "sending message body";
     pub const DOT: &str = "sending end of data -- message may be sent more than once";
     pub const BDAT: &str = "sending BDAT command";
+    pub const XFORWARD: &str = "sending XFORWARD command";
 }
 
 /// Runs one mail transaction with `peer` over `stream`. See the module doc.

@@ -145,6 +145,8 @@ fn settings(t: u64) -> Settings {
         keep: false,
         discard: Vec::new(),
         line_limit: 998,
+        send_xforward: false,
+        xforward_timeout: d,
     }
 }
 

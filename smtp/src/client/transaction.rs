@@ -82,6 +82,9 @@ impl Session<'_, '_> {
             Ok(fit) => fit,
             Err(end) => return end,
         };
+        if let Err(end) = self.xforward(txn, ext) {
+            return end;
+        }
         let mail = mail_command(txn, ext, size, eight_bit, flags);
         let rcpts = rcpt_commands(txn, ext, flags);
 
@@ -105,6 +108,63 @@ impl Session<'_, '_> {
             return self.send_bdat(txn, &accepted);
         }
         self.data(txn, &accepted, pipelined)
+    }
+
+    /// XFORWARD (`smtp_send_xforward_command`, to a server that offers
+    /// it): the original client's attributes the server asked for, in two
+    /// commands as Postfix sends them (the client's identity, then the
+    /// queue ID and source), each answered before MAIL FROM. A refusal
+    /// gives every recipient the server's answer.
+    fn xforward<T: Transaction>(&mut self, txn: &mut T, ext: &Extensions) -> Result<(), End> {
+        if !self.settings.send_xforward || ext.xforward.is_empty() {
+            return Ok(());
+        }
+        let attrs = txn.xforward();
+        let value = |name: &str| {
+            attrs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| dsn::xtext_encode(v))
+                .unwrap_or_else(|| "[UNAVAILABLE]".into())
+        };
+        let offered = |names: &[&str]| -> Vec<String> {
+            names
+                .iter()
+                .filter(|n| ext.xforward.iter().any(|o| o == *n))
+                .map(|n| format!("{n}={}", value(n)))
+                .collect()
+        };
+        if std::mem::take(&mut self.rset_queued) {
+            // A kept session's RSET, queued for the pipelined batch:
+            // answered before anything else is said.
+            let answered = self.flush().is_ok() && self.read().is_ok_and(|r| r.class() == 2);
+            if !answered {
+                self.stale = true;
+                return Err(End::Complete);
+            }
+        }
+        self.timeout(self.settings.xforward_timeout);
+        for group in [
+            offered(&["NAME", "ADDR", "PORT", "PROTO", "HELO"]),
+            offered(&["IDENT", "SOURCE"]),
+        ] {
+            if group.is_empty() {
+                continue;
+            }
+            let cmd = format!("XFORWARD {}", group.join(" "));
+            let r = match self.command(Some(&cmd)) {
+                Ok(r) => r,
+                Err(e) => return Err(self.try_next(self.io_failure(&e, stage::XFORWARD))),
+            };
+            if r.class() != 2 {
+                let (outcome, dsn, reason) = self.said(&r, "initial XFORWARD command");
+                let all: Vec<usize> = (0..txn.recipients().len()).collect();
+                Self::record_all(txn, &all, outcome, &dsn, &reason);
+                self.quit();
+                return Err(End::Complete);
+            }
+        }
+        Ok(())
     }
 
     /// Refuses what the server cannot take before saying MAIL FROM: too

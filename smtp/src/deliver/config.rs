@@ -9,7 +9,7 @@ use crate::client::{Settings, Timeouts};
 use crate::nexthop;
 use crate::sasl;
 use crate::tls;
-use postern_common::maps::Tables;
+use postern_common::maps::{LookupError, Tables};
 use postern_common::{error, warning};
 use postern_conf::Config;
 use std::sync::Mutex;
@@ -85,6 +85,10 @@ impl Agent {
                     .map(|k| k.to_ascii_lowercase())
                     .collect(),
                 line_limit: number(cfg, &p("smtp_line_length_limit")),
+                send_xforward: cfg
+                    .get_bool(&p("smtp_send_xforward_command"))
+                    .unwrap_or(false),
+                xforward_timeout: time(cfg, &p("smtp_xforward_timeout")),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(
@@ -160,6 +164,17 @@ impl Agent {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
             },
+            content_checks: {
+                let (checks, errors) =
+                    postern_common::header_checks::CheckTables::open(|n| cfg.get(&p(n)), "smtp_");
+                for e in &errors {
+                    error!("{e}; deliveries are deferred until it is fixed");
+                }
+                match errors.into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(checks),
+                }
+            },
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),
                 time(cfg, &p("smtp_connection_reuse_time_limit")),
@@ -169,10 +184,17 @@ impl Agent {
     }
 
     /// The credentials for a session, if AUTH is enabled and the table
-    /// has an entry (see [`crate::sasl`] for the lookup order).
-    pub(super) fn sasl_auth(&self, sender: &str, dest: &str, host: &str) -> Option<sasl::Auth> {
+    /// has an entry (see [`crate::sasl`] for the lookup order). Err: the
+    /// table could not answer; the mail is deferred, never sent without
+    /// the credentials it may need.
+    pub(super) fn sasl_auth(
+        &self,
+        sender: &str,
+        dest: &str,
+        host: &str,
+    ) -> Result<Option<sasl::Auth>, LookupError> {
         if !self.sasl_enable || self.sasl_maps.is_empty() {
-            return None;
+            return Ok(None);
         }
         let mut keys: Vec<String> = Vec::new();
         if self.sender_dependent && !sender.is_empty() {
@@ -183,23 +205,33 @@ impl Agent {
         }
         keys.push(dest.trim().to_ascii_lowercase());
         keys.push(host.to_ascii_lowercase());
-        let value = keys.iter().find_map(|k| self.sasl_maps.lookup(k))?;
+        let mut value = None;
+        for k in &keys {
+            if let Some(v) = self.sasl_maps.lookup(k)? {
+                value = Some(v);
+                break;
+            }
+        }
+        let Some(value) = value else {
+            return Ok(None);
+        };
         let Some(creds) = sasl::Credentials::parse(&value) else {
             warning!("smtp_sasl_password_maps: entry for {host} is not in username:password form");
-            return None;
+            return Ok(None);
         };
-        Some(sasl::Auth {
+        Ok(Some(sasl::Auth {
             creds,
             plain_opts: self.sasl_plain_opts,
             tls_opts: self.sasl_tls_opts,
             filter: self.sasl_filter.clone(),
-        })
+        }))
     }
 
     /// The TLS policy of a destination: `smtp_tls_policy_maps` by the
     /// next hop as given, then by its host or domain, then by each parent
-    /// domain as `.parent`; else the level.
-    pub(super) fn tls_policy(&self, dest: &str, host: &str) -> tls::Policy {
+    /// domain as `.parent`; else the level. Err: the table could not
+    /// answer; the mail is deferred, never sent without its policy.
+    pub(super) fn tls_policy(&self, dest: &str, host: &str) -> Result<tls::Policy, LookupError> {
         let mut keys = vec![dest.trim().to_ascii_lowercase(), host.to_ascii_lowercase()];
         // As Postfix: ".example.com" matches the subdomains of example.com.
         let mut rest = host.to_ascii_lowercase();
@@ -211,23 +243,23 @@ impl Agent {
             keys.push(format!(".{rest}"));
         }
         for k in &keys {
-            if let Some(v) = self.tls_policy_maps.lookup(k) {
+            if let Some(v) = self.tls_policy_maps.lookup(k)? {
                 match tls::Policy::parse(&v) {
-                    Ok(p) => return p,
+                    Ok(p) => return Ok(p),
                     Err(e) => {
                         warning!("smtp_tls_policy_maps: {k}: {e}; using \"encrypt\"");
-                        return tls::Policy {
+                        return Ok(tls::Policy {
                             level: tls::Level::Encrypt,
                             matches: Vec::new(),
-                        };
+                        });
                     }
                 }
             }
         }
-        tls::Policy {
+        Ok(tls::Policy {
             level: self.tls_level,
             matches: Vec::new(),
-        }
+        })
     }
 
     /// What a session with `server` (named `name`) needs for TLS.

@@ -3,7 +3,9 @@
 //! file, outcomes recorded through the job.
 
 use crate::client::Transaction;
+use crate::content_checks::Checked;
 use postern_common::delivery::Job;
+use postern_common::header_checks::CheckTables;
 use postern_common::ipc::{DeliveryRecipient, Outcome};
 use std::io::{self, Read};
 
@@ -16,6 +18,8 @@ pub(super) struct JobTransaction<'a> {
     relay: String,
     /// Whether the content has 8-bit bytes, once looked at.
     eight_bit: &'a mut Option<bool>,
+    /// The smtp client's header and body checks.
+    checks: &'a Result<CheckTables, String>,
 }
 
 impl<'a> JobTransaction<'a> {
@@ -25,6 +29,7 @@ impl<'a> JobTransaction<'a> {
         job: &'a mut Job,
         relay: String,
         eight_bit: &'a mut Option<bool>,
+        checks: &'a Result<CheckTables, String>,
     ) -> JobTransaction<'a> {
         let rcpts = job.unfinished();
         JobTransaction {
@@ -32,6 +37,7 @@ impl<'a> JobTransaction<'a> {
             rcpts,
             relay,
             eight_bit,
+            checks,
             job,
         }
     }
@@ -77,7 +83,14 @@ impl Transaction for JobTransaction<'_> {
     }
 
     fn content(&mut self) -> io::Result<Box<dyn Read + '_>> {
-        Ok(Box::new(self.job.content()?))
+        match self.checks {
+            Err(e) => Err(io::Error::other(format!("smtp content checks: {e}"))),
+            Ok(c) if c.has_header_checks() || c.inspects_body() => {
+                let id = self.job.req.queue_id.clone();
+                Ok(Box::new(Checked::new(self.job.content()?, c, &id)))
+            }
+            Ok(_) => Ok(Box::new(self.job.content()?)),
+        }
     }
 
     fn connected(&mut self) {
@@ -125,5 +138,39 @@ impl Transaction for JobTransaction<'_> {
 
     fn queue_id(&self) -> &str {
         &self.job.req.queue_id
+    }
+
+    fn xforward(&mut self) -> Vec<(&'static str, String)> {
+        use postern_common::qfile::{self, attr};
+        let Ok(env) = qfile::read_envelope(&self.job.file) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        // "name[addr]"; "local" for local submission (no address).
+        if let Some((name, addr)) = env
+            .attr(attr::CLIENT)
+            .and_then(|c| c.strip_suffix(']'))
+            .and_then(|c| c.split_once('['))
+        {
+            out.push(("NAME", name.to_string()));
+            let addr = match addr.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(a)) => format!("IPv6:{a}"),
+                _ => addr.to_string(),
+            };
+            out.push(("ADDR", addr));
+        }
+        let named = [
+            ("PORT", attr::CLIENT_PORT),
+            ("PROTO", attr::PROTOCOL),
+            ("HELO", attr::HELO),
+            ("SOURCE", attr::SOURCE),
+        ];
+        for (n, a) in named {
+            if let Some(v) = env.attr(a).filter(|v| !v.is_empty()) {
+                out.push((n, v.to_string()));
+            }
+        }
+        out.push(("IDENT", self.job.req.queue_id.clone()));
+        out
     }
 }

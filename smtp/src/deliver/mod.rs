@@ -20,6 +20,22 @@
 mod config;
 mod connect;
 mod job_transaction;
+/// `smtp_sasl_password_maps` could not answer: the recipients are
+/// deferred, never sent without the credentials they may need.
+fn defer_for_credentials(job: &mut Job, e: &postern_common::maps::LookupError) {
+    warning!(
+        "{}: smtp_sasl_password_maps: {} lookup error",
+        job.req.queue_id,
+        e.table
+    );
+    job.record_rest(
+        Outcome::Deferred,
+        "4.3.0",
+        "none",
+        "Temporary lookup failure",
+    );
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -35,6 +51,7 @@ use crate::tls;
 use connect::{connect, strerror};
 use job_transaction::JobTransaction;
 use postern_common::delivery::Job;
+use postern_common::header_checks::CheckTables;
 use postern_common::ipc::Outcome;
 use postern_common::maps::Tables;
 use postern_common::{info, warning};
@@ -92,6 +109,11 @@ pub struct Agent {
     cache: Cache,
     /// `smtp_bind_address`, `smtp_bind_address6`.
     bind: Bind,
+    /// `smtp_header_checks`, `smtp_mime_header_checks`,
+    /// `smtp_nested_header_checks`, `smtp_body_checks`; Err: a table
+    /// that could not be opened (deliveries are deferred, never sent
+    /// unchecked).
+    content_checks: Result<CheckTables, String>,
 }
 
 impl Agent {
@@ -154,8 +176,13 @@ impl Agent {
         let hop = match parsed {
             Ok(LmtpHop::Inet(h)) => h,
             Ok(LmtpHop::Unix(path)) => {
-                let policy = self.tls_policy(&dest, &path);
-                let auth = self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname);
+                let Some(policy) = self.policy_or_defer(job, &dest, &path) else {
+                    return;
+                };
+                let auth = match self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname) {
+                    Ok(a) => a,
+                    Err(e) => return defer_for_credentials(job, &e),
+                };
                 return self.deliver_unix(job, &path, &policy, auth.as_ref());
             }
             Err(reason) => {
@@ -164,7 +191,9 @@ impl Agent {
                 return;
             }
         };
-        let policy = self.tls_policy(&dest, &hop.host);
+        let Some(policy) = self.policy_or_defer(job, &dest, &hop.host) else {
+            return;
+        };
         match self.servers(&hop) {
             Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
             Err(f) => {
@@ -174,6 +203,29 @@ impl Agent {
                     job.destination_failed();
                     job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
                 }
+            }
+        }
+    }
+
+    /// The TLS policy of the destination; None when `smtp_tls_policy_maps`
+    /// could not answer: the recipients are deferred (Postfix's "client
+    /// TLS configuration problem"), never sent without their policy.
+    fn policy_or_defer(&self, job: &mut Job, dest: &str, host: &str) -> Option<tls::Policy> {
+        match self.tls_policy(dest, host) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warning!(
+                    "{}: smtp_tls_policy_maps: {} lookup error for \"{dest}\": policy table lookup error",
+                    job.req.queue_id,
+                    e.table
+                );
+                job.record_rest(
+                    Outcome::Deferred,
+                    "4.7.5",
+                    "none",
+                    "client TLS configuration problem",
+                );
+                None
             }
         }
     }
@@ -258,7 +310,7 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> (End, Option<client::Idle<'static>>) {
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
 
@@ -273,7 +325,7 @@ impl Agent {
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
         let (idle, created) = self.cache.take(key)?;
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit);
+        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
             self.cache.put(key.to_string(), idle, created);
@@ -315,7 +367,10 @@ impl Agent {
             }
             let more = k + 1 < servers.len();
             let tls = self.tls_client(policy, &srv.name, nexthop);
-            let auth = self.sasl_auth(&job.req.sender.clone(), dest, &srv.name);
+            let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
+                Ok(a) => a,
+                Err(e) => return defer_for_credentials(job, &e),
+            };
             let sec = client::Security {
                 tls: tls.as_ref(),
                 sasl: auth.as_ref(),

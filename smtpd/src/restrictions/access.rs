@@ -37,8 +37,14 @@ impl Restrictions {
         };
         let _ = stage;
         for key in keys {
-            if let Some(action) = table.lookup_expanded(&key) {
-                return self.action(&action, kind, req, spec);
+            match table.lookup_expanded(&key) {
+                Ok(Some(action)) => return self.action(&action, kind, req, spec),
+                Ok(None) => {}
+                // Postfix: the table's error is logged, and the request
+                // gets this result as if the table had answered it.
+                Err(_) => {
+                    return self.action("451 4.3.5 Server configuration error", kind, req, spec)
+                }
             }
         }
         Verdict::Dunno
@@ -77,6 +83,26 @@ impl Restrictions {
                     text
                 },
             ),
+            // FILTER transport:nexthop: the message goes through that
+            // content filter after it is queued (as Postfix, the last
+            // FILTER wins, and the restriction goes on as DUNNO).
+            "FILTER" if text.contains(':') => {
+                let (key, what) = Self::subject(stage, req);
+                info!(
+                    "NOQUEUE: filter: {} from {}[{}]: <{key}>: {what} triggers FILTER {text}",
+                    req.command,
+                    req.client_name,
+                    req.ip(),
+                );
+                if let Some(f) = req.filter {
+                    *f.borrow_mut() = Some(text.to_string());
+                }
+                Verdict::Dunno
+            }
+            "FILTER" => {
+                warning!("access table {spec}: FILTER without transport:nexthop; ignored");
+                Verdict::Dunno
+            }
             "WARN" | "INFO" => {
                 let (key, what) = Self::subject(stage, req);
                 info!(

@@ -110,15 +110,23 @@ impl Restrictions {
             sender.to_ascii_lowercase(),
             format!("@{}", addr::domain(sender)),
         ];
-        let owners: Option<Vec<String>> = keys
-            .iter()
-            .find_map(|k| maps.lookup(k).map(|v| v.to_string()))
-            .map(|v| {
-                v.split([',', ' ', '\t'])
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.to_string())
-                    .collect()
-            });
+        let mut found = None;
+        for k in &keys {
+            match maps.lookup(k) {
+                Ok(Some(v)) => {
+                    found = Some(v.to_string());
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => return Self::lookup_failure(sender),
+            }
+        }
+        let owners: Option<Vec<String>> = found.map(|v| {
+            v.split([',', ' ', '\t'])
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_string())
+                .collect()
+        });
         match (req.sasl_username, owners) {
             (Some(login), owners) if authed => {
                 let owned = owners
@@ -146,10 +154,11 @@ impl Restrictions {
     // ------------------------------------------------------------ destinations
 
     pub(super) fn unauth_destination(&self, rcpt: &str, code: &str) -> Verdict {
-        if self.auth_destination(rcpt) {
-            Verdict::Dunno
-        } else {
-            Verdict::Reject(format!("{code} <{rcpt}>: Relay access denied"))
+        match self.auth_destination(rcpt) {
+            Ok(true) => Verdict::Dunno,
+            Ok(false) => Verdict::Reject(format!("{code} <{rcpt}>: Relay access denied")),
+            // Never "Relay access denied" because a table was unreadable.
+            Err(_) => Self::lookup_failure(rcpt),
         }
     }
 
@@ -159,10 +168,11 @@ impl Restrictions {
     /// (subdomains included through parent_domain_matches_subdomains),
     /// and its local part does not route further (`a%b@local`,
     /// `b!a@local`, `a@b@local`: allow_untrusted_routing = no).
-    pub fn auth_destination(&self, rcpt: &str) -> bool {
-        match self.resolved(rcpt) {
-            Some(r) => !r.routed && (r.class.is_final() || r.class == Class::Relay),
-            None => false,
+    /// Err: a table could not answer (logged by the table).
+    pub fn auth_destination(&self, rcpt: &str) -> Result<bool, String> {
+        match self.resolved(rcpt)? {
+            Some(r) => Ok(!r.routed && (r.class.is_final() || r.class == Class::Relay)),
+            None => Ok(false),
         }
     }
 
@@ -173,8 +183,14 @@ impl Restrictions {
         let Some(resolver) = &self.resolver else {
             return Verdict::Dunno;
         };
+        if self.no_unknown_recipient_checks && !what.starts_with("Sender") {
+            return Verdict::Dunno;
+        }
         match resolver.check_listed(sender, address, what.starts_with("Sender")) {
             Ok(()) => Verdict::Dunno,
+            Err(f) if f.lookup_failure => {
+                Verdict::Reject(format!("{} {} <{address}>: {}", f.code, f.dsn, f.text))
+            }
             Err(f) => Verdict::Reject(format!(
                 "{} {} <{address}>: {what} rejected: {}",
                 f.code, f.dsn, f.text

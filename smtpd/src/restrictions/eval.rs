@@ -63,7 +63,10 @@ impl Restrictions {
             "permit_mynetworks" => flag(self.in_mynetworks(req.ip())),
             "permit_sasl_authenticated" => flag(req.sasl_username.is_some()),
             "permit_auth_destination" if req.recipient.is_some() => {
-                flag(self.auth_destination(rcpt))
+                match self.auth_destination(rcpt) {
+                    Ok(b) => flag(b),
+                    Err(_) => Self::lookup_failure(rcpt),
+                }
             }
             "reject_unauth_destination" if req.recipient.is_some() => {
                 self.unauth_destination(rcpt, "554 5.7.1")

@@ -106,6 +106,9 @@ pub struct Request<'a> {
     pub command: &'a str,
     /// DNS answers the session has (see [`Restrictions::dns_needed`]).
     pub dns: Option<&'a HashMap<Query, Answer>>,
+    /// Where an access table's FILTER action puts its `transport:nexthop`
+    /// (the message's content filter; the last one wins).
+    pub filter: Option<&'a std::cell::RefCell<Option<String>>>,
 }
 
 impl Request<'_> {
@@ -170,6 +173,9 @@ pub struct Restrictions {
     /// Access tables named in the lists, opened at start (Err: why not).
     tables: HashMap<String, Result<Table, String>>,
     sender_login_maps: Option<Tables>,
+    /// `receive_override_options = no_unknown_recipient_checks`: no
+    /// recipient is refused as unlisted (mail back from a content filter).
+    no_unknown_recipient_checks: bool,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -229,6 +235,10 @@ impl Restrictions {
         r.reject_unlisted = cfg
             .get_bool("smtpd_reject_unlisted_recipient")
             .map_err(|e| e.to_string())?;
+        r.no_unknown_recipient_checks = postern_common::receive_override::ReceiveOverride::parse(
+            &cfg.get("receive_override_options"),
+        )?
+        .no_unknown_recipient_checks;
         r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
         r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
         r.open_tables();
@@ -328,11 +338,13 @@ impl Restrictions {
             if self.tables.contains_key(&spec) {
                 continue;
             }
-            let t = Table::open(&spec);
-            if let Err(e) = &t {
+            // One that cannot be opened answers every lookup with an
+            // error (451 4.3.5), as Postfix's surrogate table.
+            let (t, e) = Table::open_or_unavailable(&spec);
+            if let Some(e) = e {
                 warning!("{e}");
             }
-            self.tables.insert(spec, t);
+            self.tables.insert(spec, Ok(t));
         }
     }
 
@@ -373,7 +385,7 @@ impl Restrictions {
         // Postfix's smtpd_check_addr(), before any restriction: an
         // address the resolver cannot use (a bad domain or address
         // literal, a local part starting with `-`).
-        if self.resolved(rcpt).is_some_and(|r| r.bad_syntax) {
+        if matches!(self.resolved(rcpt), Ok(Some(r)) if r.bad_syntax) {
             return Some("501 5.1.3 Bad recipient address syntax".into());
         }
         if rcpt.eq_ignore_ascii_case("postmaster") {
@@ -402,11 +414,22 @@ impl Restrictions {
     /// Mail for `rcpt` ends here (local, virtual alias or virtual
     /// mailbox class).
     fn final_destination(&self, rcpt: &str) -> bool {
-        self.resolved(rcpt).is_some_and(|r| r.class.is_final())
+        matches!(self.resolved(rcpt), Ok(Some(r)) if r.class.is_final())
     }
 
-    fn resolved(&self, rcpt: &str) -> Option<Resolved> {
-        self.resolver.as_ref()?.resolve(None, rcpt).ok()
+    /// The resolver's answer (None: no resolver); Err: a table could not
+    /// answer, the caller answers 451 4.3.0.
+    fn resolved(&self, rcpt: &str) -> Result<Option<Resolved>, String> {
+        match &self.resolver {
+            // A table's error is logged by the table.
+            Some(r) => r.resolve(None, rcpt).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Postfix's reject_dict_retry: a table could not answer.
+    pub(super) fn lookup_failure(address: &str) -> Verdict {
+        Verdict::Reject(format!("451 4.3.0 <{address}>: Temporary lookup failure"))
     }
 
     /// The checks of DATA.

@@ -239,12 +239,14 @@ fn access_actions() {
         .check_recipient(&q)
         .unwrap()
         .starts_with("504 5.5.2 <user>: Recipient address rejected"));
-    // A table that cannot be opened is a configuration error.
+    // A table that cannot be opened answers every lookup with an error:
+    // Postfix's answer, as if the table had said "451 4.3.5 Server
+    // configuration error".
     p.set_list(Stage::Helo, items("check_helo_access hash:/nonexistent/x"));
     assert_eq!(
         p.check_recipient(&req("127.0.0.1", "a@mx.example"))
             .as_deref(),
-        Some("451 4.3.5 Server configuration error")
+        Some("451 4.3.5 <client.example>: Helo command rejected: Server configuration error")
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -34,7 +34,18 @@ impl Session {
                         "{queue_id}: client={}, sasl_method={m}, sasl_username={u}",
                         self.namaddr
                     ),
-                    _ => info!("{queue_id}: client={}", self.namaddr),
+                    _ => match (&self.xforward.ident, self.xforward.namaddr()) {
+                        // Mail back from a content filter (XFORWARD).
+                        (ident, Some(orig)) => info!(
+                            "{queue_id}: client={}{}, orig_client={orig}",
+                            self.namaddr,
+                            ident
+                                .as_ref()
+                                .map(|i| format!(", orig_queue_id={i}"))
+                                .unwrap_or_default()
+                        ),
+                        _ => info!("{queue_id}: client={}", self.namaddr),
+                    },
                 }
                 if let Some(tx) = &mut self.tx {
                     tx.queue_id = Some(queue_id);
@@ -73,6 +84,8 @@ impl Session {
                 self.error_count = 0;
                 self.junk = 0;
                 self.tx = None;
+                self.xforward = Default::default();
+                self.access_filter.take();
             }
             (
                 state @ (State::WaitOpened(_) | State::WaitQueued),
@@ -218,12 +231,34 @@ impl Session {
         let Some(tx) = &self.tx else {
             return;
         };
+        // The original client of mail back from a content filter.
+        let xf = &self.xforward;
         let mut attrs = vec![
-            (attr::CLIENT.to_string(), self.namaddr.clone()),
-            (attr::PROTOCOL.to_string(), self.protocol()),
+            (
+                attr::CLIENT.to_string(),
+                xf.namaddr().unwrap_or_else(|| self.namaddr.clone()),
+            ),
+            (
+                attr::PROTOCOL.to_string(),
+                xf.proto.clone().unwrap_or_else(|| self.protocol()),
+            ),
+            (
+                attr::SOURCE.to_string(),
+                xf.source.clone().unwrap_or_else(|| "REMOTE".into()),
+            ),
         ];
-        if let Some(h) = &self.helo {
+        if let Some(h) = xf.helo.as_ref().or(self.helo.as_ref()) {
             attrs.push((attr::HELO.to_string(), h.clone()));
+        }
+        // An access table's FILTER wins over content_filter (an empty
+        // content_filter, as on a reinjection service, is none).
+        let filter = self
+            .access_filter
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| self.cfg.content_filter.clone());
+        if !filter.is_empty() {
+            attrs.push((attr::FILTER.to_string(), filter));
         }
         if let Some(e) = &tx.envid {
             attrs.push((attr::ENVID.to_string(), e.clone()));
@@ -239,7 +274,7 @@ impl Session {
             attrs.push((attr::SMTPUTF8.to_string(), flags.value()));
         }
         // What pipe(8)'s ${client_port} and ${sasl_*} macros show.
-        if let Some(p) = self.client.port {
+        if let Some(p) = self.xforward.port.or(self.client.port) {
             attrs.push((attr::CLIENT_PORT.to_string(), p.to_string()));
         }
         if let (Some(m), Some(u)) = (&self.sasl_method, &self.sasl_username) {
@@ -253,7 +288,7 @@ impl Session {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
             attrs,
-            flags: 0,
+            flags: self.cfg.receive_override.cleanup_flags,
             origin: "smtpd".to_string(),
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();
@@ -324,6 +359,8 @@ impl Session {
             .as_ref()
             .map(|t| t.recipients.iter().map(|r| r.address.as_str()).collect())
             .unwrap_or_default();
+        // The client that connected, XFORWARD or not, as Postfix: the
+        // trace shows each hop as it was.
         Received {
             helo: self.helo.as_deref(),
             client_name: &self.client.names.name,
@@ -370,6 +407,11 @@ pub(super) fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String 
         (451, dsn, "queue file write error")
     } else {
         let dsn = if valid(dsn, '5') { dsn } else { "5.3.0" };
+        if dsn.starts_with("5.7.") && !reason.trim().is_empty() {
+            // Content rejected (header_checks, body_checks): Postfix
+            // answers with the rule's text alone (CLEANUP_STAT_CONT).
+            return format!("550 {dsn} {}", protocol::printable(reason.as_bytes(), 400));
+        }
         let code = if dsn == "5.3.4" { 552 } else { 554 };
         (code, dsn, "message not accepted")
     };

@@ -193,6 +193,9 @@ impl Session {
                 }
             }
         }
+        if self.xforward_allowed() {
+            lines.push(super::xforward::KEYWORD.into());
+        }
         lines.push("ENHANCEDSTATUSCODES".into());
         lines.push("8BITMIME".into());
         lines.push("DSN".into());

@@ -42,6 +42,7 @@ mod tests;
 mod tls;
 mod transaction;
 mod vrfy;
+mod xforward;
 
 use crate::anvil::Anvil;
 use crate::data::Decoder;
@@ -252,6 +253,12 @@ pub struct Session {
     /// The mechanism of the AUTH in progress, or of the successful one.
     sasl_method: Option<String>,
     sasl_username: Option<String>,
+    /// What an authorized content filter forwarded with XFORWARD, for
+    /// the next transaction.
+    xforward: xforward::Forwarded,
+    /// The last FILTER action of an access table in this transaction
+    /// (overrides `content_filter`).
+    access_filter: std::cell::RefCell<Option<String>>,
 }
 impl Session {
     /// A session with a table of its own (tests).
@@ -304,6 +311,8 @@ impl Session {
             sasl_requests: Vec::new(),
             sasl_method: None,
             sasl_username: None,
+            xforward: Default::default(),
+            access_filter: Default::default(),
         };
         if s.cfg.peername_lookup {
             s.request_dns(vec![Query::Peer(s.client.addr)]);
@@ -510,6 +519,15 @@ impl Session {
             self.unknown_command("500 5.5.2 Error: bad syntax");
             return;
         };
+        if first.text.eq_ignore_ascii_case("XFORWARD") {
+            // Not in Verb: a server-side extension of smtpd alone
+            // (sendmail -bs does not offer it).
+            self.where_ = "XFORWARD";
+            if let Done::Failed = self.xforward(&args) {
+                self.error_count += 1;
+            }
+            return;
+        }
         let Some(verb) = Verb::parse(&first.text) else {
             if protocol::is_header(&first.text) {
                 self.where_ = "UNKNOWN";

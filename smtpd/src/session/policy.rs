@@ -112,6 +112,7 @@ impl Session {
             pipelined: self.pipelined,
             command,
             dns: Some(&self.dns),
+            filter: Some(&self.access_filter),
         }
     }
 

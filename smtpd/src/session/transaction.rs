@@ -278,6 +278,8 @@ impl Session {
     pub(super) fn end_transaction(&mut self) {
         self.abort_cleanup();
         self.tx = None;
+        self.xforward = Default::default();
+        self.access_filter.take();
     }
 
     pub(super) fn transaction_failed(&mut self) {

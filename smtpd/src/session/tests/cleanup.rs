@@ -234,3 +234,63 @@ fn client_leaves_mid_data() {
     assert_eq!(s.reason, Some("lost connection"));
     s.finish();
 }
+
+#[test]
+fn xforward_names_the_original_client() {
+    // Not an authorized host: not offered, refused.
+    let mut s = session();
+    let ehlo = send(&mut s, "EHLO filter.test\r\n");
+    assert!(!ehlo.iter().any(|l| l.contains("XFORWARD")), "{ehlo:?}");
+    assert_eq!(
+        send(&mut s, "XFORWARD ADDR=192.0.2.7\r\n"),
+        ["550 5.7.0 Error: insufficient authorization"]
+    );
+    // An authorized one (127.0.0.2 in the test settings).
+    let mut s = session_with(settings(), "127.0.0.2");
+    let ehlo = send(&mut s, "EHLO filter.test\r\n");
+    assert!(ehlo.contains(&"250-XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT".to_string()));
+    assert_eq!(
+        send(
+            &mut s,
+            "XFORWARD NAME=mail.example ADDR=IPv6:2001:db8::7 PORT=4321 PROTO=ESMTP\r\n"
+        ),
+        ["250 2.0.0 Ok"]
+    );
+    assert_eq!(
+        send(
+            &mut s,
+            "XFORWARD HELO=client.example IDENT=ABC123 SOURCE=REMOTE\r\n"
+        ),
+        ["250 2.0.0 Ok"]
+    );
+    assert_eq!(
+        send(&mut s, "XFORWARD ADDR=not-an-address\r\n"),
+        ["501 5.5.4 Bad ADDR syntax: not-an-address"]
+    );
+    send_opening(
+        &mut s,
+        "MAIL FROM:<a@b.example>\r\nRCPT TO:<v@mx.example>\r\n",
+    );
+    assert_eq!(
+        send(&mut s, "XFORWARD NAME=x\r\n"),
+        ["503 5.5.1 Error: MAIL transaction in progress"]
+    );
+    send(&mut s, "DATA\r\n");
+    let reqs = s.take_requests();
+    let Some(CleanupRequest::Envelope(m)) = reqs
+        .iter()
+        .find(|r| matches!(r, CleanupRequest::Envelope(_)))
+    else {
+        panic!("{reqs:?}")
+    };
+    let attr = |n: &str| {
+        m.attrs
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(attr("client"), Some("mail.example[2001:db8::7]"));
+    assert_eq!(attr("helo"), Some("client.example"));
+    assert_eq!(attr("client_port"), Some("4321"));
+    assert_eq!(attr("source"), Some("REMOTE"));
+}

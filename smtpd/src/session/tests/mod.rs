@@ -68,6 +68,9 @@ fn settings() -> Settings {
         smtputf8_enable: true,
         strict_smtputf8: false,
         forbid_unauth_pipelining: false,
+        content_filter: String::new(),
+        receive_override: Default::default(),
+        xforward_hosts: CidrList::parse(&["127.0.0.2"]).unwrap(),
     }
 }
 
