@@ -37,6 +37,18 @@ NOT_PARAMETERS = {
     # A value of receive_override_options.
     "no_header_body_checks",
 }
+# The settings of the .cf files of database tables (mysql_table(5), ...).
+NOT_PARAMETERS |= {
+    "select_field", "where_field", "additional_conditions", "result_format",
+    "expansion_limit", "option_file", "option_group", "tls_cert_file", "tls_key_file",
+    "tls_verify_cert", "tls_ciphers", "require_result_set", "retry_interval",
+    "select_function", "server_host", "server_port", "search_base", "query_filter",
+    "result_attribute", "special_result_attribute", "terminal_result_attribute",
+    "leaf_result_attribute", "recursion_limit", "bind_dn", "bind_pw", "start_tls",
+    "tls_ca_cert_file", "tls_ca_cert_dir", "tls_cert", "tls_key", "tls_cipher_suite",
+    "tls_require_cert", "size_limit", "chase_referrals", "mysql_real_escape_string",
+    "sqlite_table", "pgsql_table", "mysql_table", "ldap_table",
+}
 
 
 def test_every_page_is_found():

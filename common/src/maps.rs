@@ -185,6 +185,28 @@ impl Table {
                     map,
                 })
             }
+            "ldap" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::ldap::LdapDict::open(name)?),
+            }),
+            "mysql" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::mysql::MysqlDict::open(name)?),
+            }),
+            "pgsql" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::pgsql::PgsqlDict::open(name)?),
+            }),
+            "proxy" if crate::dict::proxy::through_proxymap() => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::proxy::ProxyDict::open(name)?),
+            }),
+            // A command: the table itself (dict::proxy::through_proxymap).
+            "proxy" => Table::read(name),
+            "sqlite" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::sqlite::SqliteDict::open(name)?),
+            }),
             "socketmap" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::socketmap::Socketmap::open(spec, name)?),
@@ -205,9 +227,6 @@ impl Table {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::unix::Unix::open(name)?),
             }),
-            // `proxy:` is Postfix's way to share a table's connections;
-            // the table itself answers the same.
-            "proxy" => Table::read(name),
             // Postfix's NIS tables on a host without a NIS domain: every
             // key is not found (`alias_maps = hash:/etc/aliases,
             // nis:mail.aliases`, Postfix's default where NIS is built in).
@@ -379,6 +398,8 @@ pub fn table_file(spec: &str) -> Option<PathBuf> {
     let (kind, name) = spec.split_once(':')?;
     match kind {
         "texthash" | "regexp" | "pcre" | "cidr" => Some(PathBuf::from(name)),
+        // The .cf file of a database table.
+        "mysql" | "pgsql" | "sqlite" | "ldap" => Some(PathBuf::from(name)),
         _ => indexed_file(kind, name),
     }
 }

@@ -317,6 +317,7 @@ pub fn start(program: &str) -> (Config, Args) {
     // Postfix's daemons apply them.
     cfg.set_overrides([("service_name".to_string(), args.service.clone())]);
     cfg.set_overrides(args.overrides.clone());
+    crate::dict::proxy::set_queue_directory(cfg.get("queue_directory"));
     crate::log::init(
         program,
         &cfg.get("syslog_name"),

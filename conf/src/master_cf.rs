@@ -128,7 +128,6 @@ impl Service {
             ),
             "showq" => Role::Elsewhere("queue listing: postqueue -p and mailq read the queue"),
             "scache" => Role::Elsewhere("connection cache: kept inside each smtp process"),
-            "proxymap" => Role::Elsewhere("lookup tables: each daemon opens its own"),
             "postlogd" => Role::Elsewhere(
                 "logging: each daemon writes syslog or maillog_file itself",
             ),
@@ -522,19 +521,8 @@ uucp      unix  -       n       n       -       -       pipe
             ]
         );
         for name in [
-            "tlsmgr",
-            "rewrite",
-            "bounce",
-            "defer",
-            "trace",
-            "verify",
-            "flush",
-            "proxymap",
-            "proxywrite",
-            "showq",
-            "scache",
-            "dnsblog",
-            "tlsproxy",
+            "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify", "flush", "showq", "scache",
+            "dnsblog", "tlsproxy",
         ] {
             let x = by(name, ServiceType::Unix);
             assert!(matches!(x.role(), Role::Elsewhere(_)), "{name}");

@@ -402,6 +402,25 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("maillog_file_rotate_suffix", "%Y%m%d-%H%M%S"),
     // postkick.
     ("application_event_drain_time", "100s"),
+    // proxymap(8): the tables it serves, the `proxy:` items of these
+    // lists (Postfix's default, less the parameters Postern does not have).
+    (
+        "proxy_read_maps",
+        "$local_recipient_maps $mydestination $virtual_alias_maps \
+         $virtual_alias_domains $virtual_mailbox_maps $virtual_mailbox_domains \
+         $relay_recipient_maps $relay_domains $canonical_maps $sender_canonical_maps \
+         $recipient_canonical_maps $relocated_maps $transport_maps $mynetworks \
+         $smtpd_sender_login_maps $sender_bcc_maps $recipient_bcc_maps $alias_maps \
+         $smtpd_client_restrictions $smtpd_helo_restrictions $smtpd_sender_restrictions \
+         $smtpd_relay_restrictions $smtpd_recipient_restrictions $lmtp_sasl_password_maps \
+         $sender_dependent_default_transport_maps $sender_dependent_relayhost_maps \
+         $smtp_sasl_password_maps $smtp_tls_policy_maps $virtual_gid_maps \
+         $virtual_uid_maps $body_checks $header_checks $lmtp_body_checks \
+         $lmtp_header_checks $lmtp_mime_header_checks $lmtp_nested_header_checks \
+         $mime_header_checks $nested_header_checks $smtp_body_checks \
+         $smtp_header_checks $smtp_mime_header_checks $smtp_nested_header_checks",
+    ),
+    ("proxy_write_maps", "$smtp_sasl_auth_cache_name $lmtp_sasl_auth_cache_name $address_verify_map $postscreen_cache_map"),
 ];
 
 /// The default of a known parameter, or `None` for a name Postern does not know.

@@ -11,6 +11,14 @@
 
 use std::fmt;
 
+pub mod db_config;
+pub mod dynlib;
+pub mod ldap;
+pub mod mysql;
+pub mod pgsql;
+pub mod proxy;
+pub mod sqlite;
+
 /// Why a table could not answer: the server is down, a query failed or
 /// timed out, a file could not be read. `table` is the table's
 /// `type:name` for the log; `reason` says what went wrong. Neither is

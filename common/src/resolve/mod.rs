@@ -183,8 +183,8 @@ impl Maps {
         let mut rest = Vec::new();
         let mut passwd = false;
         for s in crate::maps::split_specs(&spec) {
-            let s = s.strip_prefix("proxy:").unwrap_or(&s).to_string();
-            if s == "unix:passwd.byname" {
+            // Other proxy: tables are asked of proxymap (maps::Table).
+            if s.strip_prefix("proxy:").unwrap_or(&s) == "unix:passwd.byname" {
                 passwd = true;
             } else {
                 rest.push(s);
