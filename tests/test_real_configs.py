@@ -202,7 +202,6 @@ NEEDS = {
         "service 127.0.0.1:10027/inet (spawn): spawn(8) is not offered",
     ],
     "iredmail": [
-        "smtpd_recipient_restrictions: check_policy_service: not available",
         "smtpd_command_filter: not honoured",
     ],
 }
@@ -313,8 +312,8 @@ BROKEN = [
      "daemon_directory = /usr/lib/postfix/sbin: holds Postfix's programs"),
     ({"smtpd_milters": "inet:127.0.0.1:8891"}, (), "smtpd_milters: not honoured by Postern"),
     ({}, ("submission inet n - n - - smtpd -o smtpd_client_restrictions=check_policy_service,"
-          "unix:private/policy",),
-     "-o smtpd_client_restrictions: check_policy_service: not available"),
+          "private/policy",),
+     "-o smtpd_client_restrictions: check_policy_service: expected a policy server"),
     ({}, ("submission inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10024",),
      "-o smtpd_proxy_filter: not honoured by Postern"),
     ({}, ("policy unix - n n - 0 spawn user=nobody argv=/bin/true",),

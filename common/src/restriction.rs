@@ -47,7 +47,7 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("defer_if_permit", Arg::None, NOT_YET),
     ("defer_if_reject", Arg::None, NOT_YET),
     ("sleep", Arg::Seconds, "would stall smtpd's event loop; use smtpd_client_restrictions with reject_unauth_pipelining instead"),
-    ("check_policy_service", Arg::Server, "policy delegation (SMTPD_POLICY_README) is not offered"),
+    ("check_policy_service", Arg::Server, ""),
     // Client.
     ("permit_mynetworks", Arg::None, ""),
     ("permit_sasl_authenticated", Arg::None, ""),
@@ -189,7 +189,12 @@ pub fn parse_list(words: &[String], classes: &[String]) -> Result<Vec<Item>, Str
                 let ok = match arg {
                     Arg::Table => crate::match_list::is_table(a),
                     Arg::Seconds => a.parse::<u64>().is_ok(),
-                    Arg::Server => a.contains(':'),
+                    Arg::Server => {
+                        a.strip_prefix("inet:")
+                            .and_then(|hp| hp.rsplit_once(':'))
+                            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                            || a.strip_prefix("unix:").is_some_and(|p| !p.is_empty())
+                    }
                     Arg::DnsList => !a.contains(':') && lookup(&a.to_ascii_lowercase()).is_none(),
                     Arg::None => true,
                 };
@@ -313,11 +318,21 @@ mod tests {
         assert!(parse_list(&w("reject_unverified_recipient"), &[])
             .unwrap_err()
             .contains("verify"));
-        assert!(
-            parse_list(&w("check_policy_service unix:private/policy"), &[])
-                .unwrap_err()
-                .contains("not available")
+        assert_eq!(
+            parse_list(&w("check_policy_service unix:private/policy"), &[]).unwrap()[0]
+                .arg
+                .as_deref(),
+            Some("unix:private/policy")
         );
+        assert!(parse_list(&w("check_policy_service inet:127.0.0.1:10023"), &[]).is_ok());
+        // Postfix 3.7's `{ endpoint, name=value }` form is not read yet.
+        assert!(parse_list(
+            &w("check_policy_service { inet:127.0.0.1:1, timeout=10s }"),
+            &[]
+        )
+        .unwrap_err()
+        .contains("expected a policy server"));
+        assert!(parse_list(&w("check_policy_service private/policy"), &[]).is_err());
         let c = vec!["internal_only".to_string()];
         assert_eq!(
             parse_list(&w("internal_only"), &c).unwrap()[0].name,

@@ -130,6 +130,11 @@ struct Transaction {
     /// from an authenticated client and not `<>`, as Postfix's smtpd
     /// (pipe(8)'s `${sasl_sender}`).
     sasl_sender: Option<String>,
+    /// MAIL FROM's SIZE= (0 without one), for a policy server.
+    size: u64,
+    /// This transaction's name for policy servers (`instance`), unique
+    /// in the process's life.
+    instance: String,
 }
 
 #[derive(Debug)]

@@ -70,6 +70,8 @@ impl Session {
             envid: options.envid,
             ret: options.ret.map(str::to_string),
             sasl_sender,
+            size,
+            instance: super::policy::next_instance(),
             ..Default::default()
         };
         let limit = self.cfg.message_size_limit;
