@@ -11,6 +11,9 @@ with real policy servers.
   connection reused within a session, access(5) actions in replies at
   each stage, and ``smtpd_policy_service_default_action`` when the server
   is down.
+- spawn(8): a policy program written here, started by master for each
+  connection to ``private/policy`` (``spawn user=nobody argv=...``),
+  rejects the sender it lists.
 """
 
 import os
@@ -298,3 +301,86 @@ def test_bad_endpoint_stops_check(make_postern):
     r = p.postern("check")
     assert r.returncode != 0
     assert "check_policy_service: expected a policy server" in (r.stderr + r.stdout)
+
+
+# --------------------------------------------------------------------------
+# spawn(8)
+
+SPAWNED_POLICY = """\
+import os, sys
+listed = set(sys.argv[1:])
+while True:
+    attrs = {}
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            sys.exit(0)
+        line = line.rstrip("\\n")
+        if not line:
+            break
+        k, _, v = line.partition("=")
+        attrs[k] = v
+    if attrs.get("sender") in listed:
+        action = f"REJECT listed by uid {os.getuid()}"
+    else:
+        action = "DUNNO"
+    sys.stdout.write(f"action={action}\\n\\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.fixture
+def script_dir():
+    d = Path(tempfile.mkdtemp(prefix="postern-spawn-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_spawned_policy_program_rejects_listed_sender(make_postern, script_dir):
+    script = script_dir / "policy.py"
+    script.write_text(SPAWNED_POLICY)
+    os.chmod(script, 0o644)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    p = make_postern(
+        params={"smtpd_recipient_restrictions":
+                "reject_unauth_destination, check_policy_service unix:private/policy",
+                "policy_time_limit": "3600s"},
+        master_cf_extra=(f"policy unix - n n - 0 spawn user=nobody "
+                         f"argv=/usr/bin/python3 {script} bad@listed.example",))
+    assert rcpt_reply(p.port, "bad@listed.example", "root@postern.test", source=OUTSIDE) == \
+        (554, f"5.7.1 <root@postern.test>: Recipient address rejected: listed by uid {nobody}")
+    assert rcpt_reply(p.port, "good@ok.example", "root@postern.test", source=OUTSIDE)[0] == 250
+    r = p.postern("check")
+    assert r.returncode == 0, r.stderr
+
+
+def test_spawn_time_limit_kills_the_program(make_postern, script_dir):
+    script = script_dir / "sleep.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    os.chmod(script, 0o644)
+    p = make_postern(
+        params={"smtpd_recipient_restrictions":
+                "reject_unauth_destination, check_policy_service unix:private/policy",
+                "smtpd_policy_service_timeout": "30s",
+                "policy_time_limit": "2s"},
+        master_cf_extra=(f"policy unix - n n - 0 spawn user=nobody "
+                         f"argv=/usr/bin/python3 {script}",))
+    start = time.monotonic()
+    code, text = rcpt_reply(p.port, "a@ok.example", "root@postern.test", source=OUTSIDE)
+    assert code == 451, (code, text)
+    assert time.monotonic() - start < 25
+    p.wait_for_log(r"command /usr/bin/python3 time limit exceeded \(2s\): killed")
+
+
+def test_spawn_refuses_root(make_postern):
+    p = make_postern(master_cf_extra=("policy unix - n n - 0 spawn user=root argv=/bin/cat",))
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(p.queue / "private" / "policy"))
+    c.settimeout(20)
+    try:
+        # The daemon refuses to start (master throttles the service);
+        # nothing runs the command.
+        p.wait_for_log(r"service policy: user=root: user= specifies root privileges")
+    finally:
+        c.close()

@@ -139,8 +139,9 @@ impl Service {
                 "fast flush: postqueue -f and sendmail -q have qmgr retry the deferred queue",
             ),
             "qmqpd" => Role::Elsewhere("QMQP is not offered: service ignored"),
-            "spawn" => Role::Elsewhere(
-                "spawn is not offered: service ignored (start policy servers by other means)",
+            // spawn(8) on an inet port is refused (`unsupported`).
+            "spawn" if self.kind != ServiceType::Unix => Role::Elsewhere(
+                "spawn is offered on unix services only: service ignored",
             ),
             _ => Role::Run,
         }
@@ -152,8 +153,8 @@ impl Service {
     pub fn unsupported(&self) -> Option<&'static str> {
         match self.command.as_str() {
             "qmqpd" => Some("QMQP is not offered"),
-            "spawn" => Some(
-                "spawn(8) is not offered (a policy server it would start is not consulted either)",
+            "spawn" if self.kind != ServiceType::Unix => Some(
+                "spawn(8) is offered on unix services only (run the program as a server of its own on this port)",
             ),
             "oqmgr" => Some("the old queue manager is not offered: qmgr schedules"),
             _ => None,
