@@ -384,3 +384,18 @@ def test_spawn_refuses_root(make_postern):
         p.wait_for_log(r"service policy: user=root: user= specifies root privileges")
     finally:
         c.close()
+
+
+def test_braced_form_overrides_settings_per_server(make_postern, policy_servers):
+    # Postfix 3.7: check_policy_service { endpoint, name=value, ... }.
+    down = h.free_port()
+    srv = policy_servers(lambda a: "DUNNO")
+    p = make_postern(params={
+        "smtpd_recipient_restrictions":
+            f"reject_unauth_destination, "
+            f"check_policy_service {{ inet:127.0.0.1:{down}, retry_delay=0s, "
+            f"{{ default_action = DUNNO }} }}, "
+            f"check_policy_service {{ inet:127.0.0.1:{srv.port}, policy_context=per-server }}",
+        "smtpd_policy_service_policy_context": "global"})
+    assert rcpt_reply(p.port, "a@ok.example", "root@postern.test", source=OUTSIDE)[0] == 250
+    assert srv.requests[-1]["policy_context"] == "per-server"

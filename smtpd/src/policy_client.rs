@@ -5,7 +5,8 @@
 //! answers `action=...` lines ended by an empty line, on the same
 //! connection, which stays open for the next request. The endpoint is
 //! `inet:host:port` or `unix:path` (a relative path is under the queue
-//! directory, as `private/policy`).
+//! directory, as `private/policy`); Postfix 3.7's `{ endpoint,
+//! name=value, ... }` form overrides the settings below for that server.
 //!
 //! One connection per endpoint is kept by the process and reused by its
 //! sessions, until it has been idle `smtpd_policy_service_max_idle`, is
@@ -143,10 +144,15 @@ struct Conn {
     requests: u64,
 }
 
-/// The process's policy connections, one per endpoint.
+/// The process's policy connections, one per server (as named in the
+/// restriction, so that a `{ endpoint, name=value }` form has its own).
 #[derive(Default)]
 pub struct PolicyClient {
+    /// The `smtpd_policy_service_*` parameters.
     pub settings: PolicySettings,
+    /// Per server named in a list: its endpoint and its settings (the
+    /// parameters with the `{ }` form's overrides).
+    servers: HashMap<String, (String, PolicySettings)>,
     conns: Mutex<HashMap<String, Conn>>,
 }
 
@@ -163,17 +169,52 @@ impl Clone for PolicyClient {
     fn clone(&self) -> Self {
         PolicyClient {
             settings: self.settings.clone(),
+            servers: self.servers.clone(),
             conns: Mutex::default(),
         }
     }
 }
 
 impl PolicyClient {
-    pub fn new(settings: PolicySettings) -> PolicyClient {
-        PolicyClient {
-            settings,
-            conns: Mutex::default(),
+    /// The client for the servers `specs` (the arguments of the lists'
+    /// `check_policy_service`); Err: one that cannot be used.
+    pub fn from_config<'a>(
+        cfg: &Config,
+        specs: impl Iterator<Item = &'a str>,
+    ) -> Result<PolicyClient, String> {
+        let settings = PolicySettings::from_config(cfg)?;
+        let mut servers = HashMap::new();
+        for spec in specs {
+            let (endpoint, overrides) = postern_common::restriction::policy_server(spec)
+                .map_err(|e| format!("check_policy_service: {e}"))?;
+            Endpoint::parse(&endpoint, &settings.queue_directory)
+                .map_err(|e| format!("check_policy_service: {e}"))?;
+            let own = if overrides.is_empty() {
+                settings.clone()
+            } else {
+                let mut c = cfg.clone();
+                c.set_overrides(
+                    overrides
+                        .into_iter()
+                        .map(|(n, v)| (format!("smtpd_policy_service_{n}"), v)),
+                );
+                PolicySettings::from_config(&c).map_err(|e| format!("{spec}: {e}"))?
+            };
+            servers.insert(spec.to_string(), (endpoint, own));
         }
+        Ok(PolicyClient {
+            settings,
+            servers,
+            conns: Mutex::default(),
+        })
+    }
+
+    /// The settings that apply to server `spec`.
+    pub fn settings_of(&self, spec: &str) -> &PolicySettings {
+        self.servers
+            .get(spec)
+            .map(|(_, s)| s)
+            .unwrap_or(&self.settings)
     }
 
     /// Sends `attrs` to the server `spec` and returns its action (the
@@ -187,7 +228,7 @@ impl PolicyClient {
             request.push_str(&format!("{k}={v}\n"));
         }
         request.push('\n');
-        let s = &self.settings;
+        let s = self.settings_of(spec);
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..s.try_limit {
             if attempt > 0 {
@@ -248,9 +289,14 @@ impl PolicyClient {
     }
 
     fn connect(&self, spec: &str) -> std::io::Result<Box<dyn Stream>> {
-        let t = self.settings.timeout;
-        let endpoint =
-            Endpoint::parse(spec, &self.settings.queue_directory).map_err(std::io::Error::other)?;
+        let s = self.settings_of(spec);
+        let t = s.timeout;
+        let name = self
+            .servers
+            .get(spec)
+            .map(|(e, _)| e.as_str())
+            .unwrap_or(spec);
+        let endpoint = Endpoint::parse(name, &s.queue_directory).map_err(std::io::Error::other)?;
         Ok(match endpoint {
             Endpoint::Inet(hp) => {
                 let addrs: Vec<std::net::SocketAddr> =
@@ -355,5 +401,25 @@ mod tests {
             Some("dunno")
         );
         assert_eq!(action_of("\n"), None);
+    }
+}
+
+#[cfg(test)]
+mod braced_tests {
+    use super::*;
+
+    #[test]
+    fn a_braced_server_has_its_own_settings() {
+        let cfg = Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            "smtpd_policy_service_policy_context = global\n",
+            std::path::Path::new("main.cf"),
+        )
+        .unwrap();
+        let spec = "{ inet:127.0.0.1:1, retry_delay=0s, { default_action = DUNNO } }";
+        let c = PolicyClient::from_config(&cfg, [spec].into_iter()).unwrap();
+        assert_eq!(c.settings_of(spec).default_action, "DUNNO");
+        assert_eq!(c.settings_of(spec).retry_delay, Duration::ZERO);
+        assert_eq!(c.settings_of(spec).policy_context, "global");
     }
 }

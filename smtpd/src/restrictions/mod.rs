@@ -253,10 +253,7 @@ impl Restrictions {
         r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
         r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
         r.open_tables();
-        r.policy = crate::policy_client::PolicyClient::new(
-            crate::policy_client::PolicySettings::from_config(cfg)?,
-        );
-        r.check_policy_endpoints()?;
+        r.policy = r.policy_client(cfg)?;
         let logins = cfg.get("smtpd_sender_login_maps");
         if !logins.trim().is_empty() {
             let (t, errors) = Tables::open_list(&logins);

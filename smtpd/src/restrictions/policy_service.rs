@@ -5,22 +5,21 @@
 //! `smtpd_policy_service_default_action` (`451 4.3.5`).
 
 use super::{Item, Request, Restrictions, Stage, Verdict};
-use crate::policy_client::Endpoint;
+use crate::policy_client::PolicyClient;
 use postern_common::warning;
+use postern_conf::Config;
 
 impl Restrictions {
-    /// Every `check_policy_service` endpoint of the lists names a server
-    /// the client can reach (checked at start, so that a typo stops smtpd
-    /// rather than answering every RCPT 451).
-    pub(super) fn check_policy_endpoints(&self) -> Result<(), String> {
-        for item in self.all_items() {
-            if item.name == "check_policy_service" {
-                let spec = item.arg.as_deref().unwrap_or_default();
-                Endpoint::parse(spec, &self.policy.settings.queue_directory)
-                    .map_err(|e| format!("check_policy_service: {e}"))?;
-            }
-        }
-        Ok(())
+    /// The client for every `check_policy_service` server of the lists:
+    /// a server that cannot be used stops smtpd at start rather than
+    /// answering every RCPT 451.
+    pub(super) fn policy_client(&self, cfg: &Config) -> Result<PolicyClient, String> {
+        PolicyClient::from_config(
+            cfg,
+            self.all_items()
+                .filter(|i| i.name == "check_policy_service")
+                .filter_map(|i| i.arg.as_deref()),
+        )
     }
 
     /// Whether any list (or class) asks a policy server: the session then
@@ -50,10 +49,10 @@ impl Restrictions {
         req: &Request<'_>,
     ) -> Verdict {
         let spec = item.arg.as_deref().unwrap_or_default();
-        let attrs = self.policy_attributes(req);
+        let attrs = self.policy_attributes(spec, req);
         let action = match self.policy.query(spec, &attrs) {
             Some(a) => a,
-            None => self.policy.settings.default_action.clone(),
+            None => self.policy.settings_of(spec).default_action.clone(),
         };
         if action.is_empty() {
             warning!("{spec}: empty policy action");
@@ -65,7 +64,7 @@ impl Restrictions {
     /// The request, in SMTPD_POLICY_README's order; what the restriction
     /// request does not carry comes from the session
     /// ([`Request::session_attrs`]).
-    fn policy_attributes(&self, req: &Request<'_>) -> Vec<(&'static str, String)> {
+    fn policy_attributes(&self, spec: &str, req: &Request<'_>) -> Vec<(&'static str, String)> {
         let from_session = |name: &str| {
             req.session_attrs
                 .iter()
@@ -120,7 +119,7 @@ impl Restrictions {
         ];
         a.push((
             "policy_context",
-            self.policy.settings.policy_context.clone(),
+            self.policy.settings_of(spec).policy_context.clone(),
         ));
         a
     }
