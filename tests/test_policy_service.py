@@ -399,3 +399,24 @@ def test_braced_form_overrides_settings_per_server(make_postern, policy_servers)
         "smtpd_policy_service_policy_context": "global"})
     assert rcpt_reply(p.port, "a@ok.example", "root@postern.test", source=OUTSIDE)[0] == 250
     assert srv.requests[-1]["policy_context"] == "per-server"
+
+
+def test_prepend_action_adds_header_above_received(make_postern, policy_servers, sink):
+    # postgrey answers PREPEND X-Greylist: ... to a retry it lets through.
+    srv = policy_servers(lambda a: "PREPEND X-Policy-Test: checked by test"
+                         if a["protocol_state"] == "RCPT" else "DUNNO")
+    p = make_postern(params={
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "smtpd_recipient_restrictions":
+            f"check_policy_service inet:127.0.0.1:{srv.port}, permit_mynetworks, "
+            "reject_unauth_destination"})
+    token = f"t{time.time_ns()}"
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", p.port, timeout=60) as s:
+        s.sendmail("a@ok.example", ["x@remote.test"],
+                   f"Subject: prepend {token}\r\n\r\nbody {token}\r\n")
+    m = sink.wait_for(f"body {token}")[0]
+    text = h.lf(m.headers).decode()
+    assert "X-Policy-Test: checked by test" in text, text
+    assert text.index("X-Policy-Test:") < text.index("Received:"), text
+    assert "not supported" not in p.log_text()

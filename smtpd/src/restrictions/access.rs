@@ -142,6 +142,15 @@ impl Restrictions {
                 warning!("access table {spec}: FILTER without transport:nexthop; ignored");
                 Verdict::Dunno
             }
+            // PREPEND name: value: the header goes above the Received
+            // header (postgrey's X-Greylist), and the restriction goes on
+            // as DUNNO.
+            "PREPEND" if is_header(text) => {
+                if let Some(p) = req.prepend {
+                    p.borrow_mut().push(text.to_string());
+                }
+                Verdict::Dunno
+            }
             "WARN" | "INFO" => {
                 let (key, what) = Self::subject(stage, req);
                 info!(
@@ -210,6 +219,12 @@ fn leading_dsn(text: &str, class: char) -> (String, &str) {
     } else {
         (format!("{class}.7.1"), text)
     }
+}
+
+/// `name: value` with a header name of printable characters.
+fn is_header(text: &str) -> bool {
+    text.split_once(':')
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
 }
 
 pub(super) fn is_dsn(d: &str, class: char) -> bool {

@@ -117,6 +117,9 @@ pub struct Request<'a> {
     /// Where an access table's FILTER action puts its `transport:nexthop`
     /// (the message's content filter; the last one wins).
     pub filter: Option<&'a std::cell::RefCell<Option<String>>>,
+    /// Where an access table's or policy server's PREPEND action puts its
+    /// header (`name: value`), added above the Received header.
+    pub prepend: Option<&'a std::cell::RefCell<Vec<String>>>,
     /// What a policy server is told beyond the fields above, as the
     /// session knows it (`queue_id`, `instance`, `size`, `encryption_*`,
     /// ...; see `policy_service`); empty unless a list has

@@ -113,6 +113,7 @@ impl Session {
             command,
             dns: Some(&self.dns),
             filter: Some(&self.access_filter),
+            prepend: Some(&self.access_prepend),
             session_attrs: if self.cfg.restrictions.uses_policy() {
                 self.policy_attrs()
             } else {

@@ -282,6 +282,7 @@ impl Session {
         self.tx = None;
         self.xforward = Default::default();
         self.access_filter.take();
+        self.access_prepend.take();
     }
 
     pub(super) fn transaction_failed(&mut self) {
