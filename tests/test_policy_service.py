@@ -337,22 +337,42 @@ def script_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def spawn_line(script):
+    return (f"policy unix - n n - 0 spawn user=nobody "
+            f"argv=/usr/bin/python3 {script} bad@listed.example")
+
+
+def spawned_policy(port, rcpt):
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert rcpt_reply(port, "bad@listed.example", rcpt, source=OUTSIDE) == \
+        (554, f"5.7.1 <{rcpt}>: Recipient address rejected: listed by uid {nobody}")
+    assert rcpt_reply(port, "good@ok.example", rcpt, source=OUTSIDE)[0] == 250
+
+
 def test_spawned_policy_program_rejects_listed_sender(make_postern, script_dir):
     script = script_dir / "policy.py"
     script.write_text(SPAWNED_POLICY)
     os.chmod(script, 0o644)
-    nobody = pwd.getpwnam("nobody").pw_uid
     p = make_postern(
         params={"smtpd_recipient_restrictions":
                 "reject_unauth_destination, check_policy_service unix:private/policy",
                 "policy_time_limit": "3600s"},
-        master_cf_extra=(f"policy unix - n n - 0 spawn user=nobody "
-                         f"argv=/usr/bin/python3 {script} bad@listed.example",))
-    assert rcpt_reply(p.port, "bad@listed.example", "root@postern.test", source=OUTSIDE) == \
-        (554, f"5.7.1 <root@postern.test>: Recipient address rejected: listed by uid {nobody}")
-    assert rcpt_reply(p.port, "good@ok.example", "root@postern.test", source=OUTSIDE)[0] == 250
+        master_cf_extra=(spawn_line(script),))
+    spawned_policy(p.port, "root@postern.test")
     r = p.postern("check")
     assert r.returncode == 0, r.stderr
+
+
+def test_spawned_policy_program_against_postfix(postfix_peer, script_dir):
+    script = script_dir / "policy.py"
+    script.write_text(SPAWNED_POLICY)
+    os.chmod(script, 0o644)
+    peer = postfix_peer(
+        params={"smtpd_recipient_restrictions":
+                "reject_unauth_destination, check_policy_service unix:private/policy",
+                "policy_time_limit": "3600s"},
+        master_extra=(spawn_line(script),))
+    spawned_policy(peer.port, f"user@{pp.DOMAIN}")
 
 
 def test_spawn_time_limit_kills_the_program(make_postern, script_dir):
