@@ -375,6 +375,20 @@ def test_spawned_policy_program_against_postfix(postfix_peer, script_dir):
     spawned_policy(peer.port, f"user@{pp.DOMAIN}")
 
 
+def test_spawned_policy_program_on_an_inet_port(make_postern, script_dir):
+    # mailcow's style: 127.0.0.1:PORT inet ... spawn, check_policy_service inet:.
+    script = script_dir / "policy.py"
+    script.write_text(SPAWNED_POLICY)
+    os.chmod(script, 0o644)
+    port = h.free_port()
+    p = make_postern(
+        params={"smtpd_recipient_restrictions":
+                f"reject_unauth_destination, check_policy_service inet:127.0.0.1:{port}"},
+        master_cf_extra=(f"127.0.0.1:{port} inet n n n - 0 spawn user=nobody "
+                         f"argv=/usr/bin/python3 {script} bad@listed.example",))
+    spawned_policy(p.port, "root@postern.test")
+
+
 def test_spawn_time_limit_kills_the_program(make_postern, script_dir):
     script = script_dir / "sleep.py"
     script.write_text("import time\ntime.sleep(60)\n")

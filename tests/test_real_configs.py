@@ -199,7 +199,6 @@ NEEDS = {
         "relay_domains: table ",
         "smtpd_recipient_restrictions: check_recipient_mx_access: not available",
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
-        "service 127.0.0.1:10027/inet (spawn): spawn(8) is offered on unix services only",
     ],
     "iredmail": [
         "smtpd_command_filter: not honoured",
@@ -316,8 +315,6 @@ BROKEN = [
      "-o smtpd_client_restrictions: check_policy_service: expected a policy server"),
     ({}, ("submission inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10024",),
      "-o smtpd_proxy_filter: not honoured by Postern"),
-    ({}, ("127.0.0.1:10027 inet n n n - 0 spawn user=nobody argv=/bin/true",),
-     "service 127.0.0.1:10027/inet (spawn): spawn(8) is offered on unix services only"),
     ({"smtpd_restriction_classes": "a_class", "a_class": "a_class"}, (),
      "a_class: the restriction class refers to itself"),
 ]

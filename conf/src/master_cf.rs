@@ -139,10 +139,6 @@ impl Service {
                 "fast flush: postqueue -f and sendmail -q have qmgr retry the deferred queue",
             ),
             "qmqpd" => Role::Elsewhere("QMQP is not offered: service ignored"),
-            // spawn(8) on an inet port is refused (`unsupported`).
-            "spawn" if self.kind != ServiceType::Unix => Role::Elsewhere(
-                "spawn is offered on unix services only: service ignored",
-            ),
             _ => Role::Run,
         }
     }
@@ -153,9 +149,6 @@ impl Service {
     pub fn unsupported(&self) -> Option<&'static str> {
         match self.command.as_str() {
             "qmqpd" => Some("QMQP is not offered"),
-            "spawn" if self.kind != ServiceType::Unix => Some(
-                "spawn(8) is offered on unix services only (run the program as a server of its own on this port)",
-            ),
             "oqmgr" => Some("the old queue manager is not offered: qmgr schedules"),
             _ => None,
         }

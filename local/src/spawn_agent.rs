@@ -1,5 +1,5 @@
 //! spawn(8): runs a program that is not Postern's for each connection to
-//! a master.cf `unix` service, with the connection on its standard input,
+//! a master.cf `unix` or `inet` service, with the connection on its standard input,
 //! output and error, as Postfix's `spawn` daemon. The usual use is a
 //! policy server that Postfix's master starts on demand:
 //!
