@@ -124,11 +124,12 @@ class PostfixPeer:
     no STARTTLS). ``sasl_auth_port``: Dovecot's auth service on
     127.0.0.1:PORT; when given, AUTH is offered (only after STARTTLS when
     ``auth_only_tls``) and a recipient is accepted only from an
-    authenticated client. ``params``: more main.cf settings.
+    authenticated client. ``params``: more main.cf settings;
+    ``master_extra``: more master.cf lines.
     """
 
     def __init__(self, tls=None, sasl_auth_port=None, auth_only_tls=False, params=None,
-                 tmp_base=None):
+                 tmp_base=None, master_extra=()):
         if not h.is_root():
             raise RuntimeError("a private Postfix needs root")
         self.dir = Path(tempfile.mkdtemp(prefix="pt-postfix-", dir=tmp_base))
@@ -201,6 +202,8 @@ class PostfixPeer:
                 "smtpd_recipient_restrictions": "permit_sasl_authenticated, reject",
             })
         self.params.update(params or {})
+        # More master.cf lines (a spawn service, ...).
+        self.master_extra = list(master_extra)
         self.added_alternate = False
         self.started = False
         self._write_config()
@@ -240,6 +243,7 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+        master += "".join(line + "\n" for line in self.master_extra)
         (self.etc / "master.cf").write_text(master)
         for f in ("main.cf", "master.cf"):
             os.chmod(self.etc / f, 0o644)

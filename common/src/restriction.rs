@@ -47,7 +47,7 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("defer_if_permit", Arg::None, NOT_YET),
     ("defer_if_reject", Arg::None, NOT_YET),
     ("sleep", Arg::Seconds, "would stall smtpd's event loop; use smtpd_client_restrictions with reject_unauth_pipelining instead"),
-    ("check_policy_service", Arg::Server, "policy delegation (SMTPD_POLICY_README) is not offered"),
+    ("check_policy_service", Arg::Server, ""),
     // Client.
     ("permit_mynetworks", Arg::None, ""),
     ("permit_sasl_authenticated", Arg::None, ""),
@@ -189,7 +189,13 @@ pub fn parse_list(words: &[String], classes: &[String]) -> Result<Vec<Item>, Str
                 let ok = match arg {
                     Arg::Table => crate::match_list::is_table(a),
                     Arg::Seconds => a.parse::<u64>().is_ok(),
-                    Arg::Server => a.contains(':'),
+                    Arg::Server => match policy_server(a) {
+                        Ok(_) => true,
+                        Err(e) if a.starts_with('{') => {
+                            return Err(format!("{name}: {e}"));
+                        }
+                        Err(_) => false,
+                    },
                     Arg::DnsList => !a.contains(':') && lookup(&a.to_ascii_lowercase()).is_none(),
                     Arg::None => true,
                 };
@@ -210,6 +216,73 @@ pub fn parse_list(words: &[String], classes: &[String]) -> Result<Vec<Item>, Str
         }
     }
     Ok(out)
+}
+
+/// The settings a `check_policy_service { endpoint, name=value, ... }`
+/// may override (Postfix 3.7), without their `smtpd_policy_service_`.
+pub const POLICY_OVERRIDES: &[&str] = &[
+    "timeout",
+    "max_idle",
+    "max_ttl",
+    "request_limit",
+    "try_limit",
+    "retry_delay",
+    "default_action",
+    "policy_context",
+];
+
+/// A `check_policy_service` argument: `inet:host:port`, `unix:path`, or
+/// Postfix 3.7's `{ endpoint, name=value, ... }` (a value with spaces in
+/// its own braces: `{ default_action = 451 4.3.5 text }`). Returns the
+/// endpoint and the overrides (names of [`POLICY_OVERRIDES`]).
+pub fn policy_server(arg: &str) -> Result<(String, Vec<(String, String)>), String> {
+    let endpoint_ok = |a: &str| {
+        a.strip_prefix("inet:")
+            .and_then(|hp| hp.rsplit_once(':'))
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            || a.strip_prefix("unix:").is_some_and(|p| !p.is_empty())
+    };
+    let Some(inner) = arg
+        .trim()
+        .strip_prefix('{')
+        .and_then(|r| r.strip_suffix('}'))
+    else {
+        return if endpoint_ok(arg) {
+            Ok((arg.to_string(), Vec::new()))
+        } else {
+            Err(format!(
+                "\"{arg}\": expected inet:host:port or unix:pathname"
+            ))
+        };
+    };
+    let parts = postern_conf::split_braced(inner, true);
+    let Some((endpoint, rest)) = parts.split_first() else {
+        return Err("{ }: no policy server named".into());
+    };
+    if !endpoint_ok(endpoint) {
+        return Err(format!(
+            "\"{endpoint}\": expected inet:host:port or unix:pathname first in {{ }}"
+        ));
+    }
+    let mut overrides = Vec::new();
+    for p in rest {
+        let p = p
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .unwrap_or(p);
+        let Some((n, v)) = p.split_once('=') else {
+            return Err(format!("\"{p}\": expected name=value"));
+        };
+        let n = n.trim();
+        if !POLICY_OVERRIDES.contains(&n) {
+            return Err(format!(
+                "\"{n}\": unknown policy service setting (expected one of {})",
+                POLICY_OVERRIDES.join(", ")
+            ));
+        }
+        overrides.push((n.to_string(), v.trim().to_string()));
+    }
+    Ok((endpoint.clone(), overrides))
 }
 
 fn arg_word(a: Arg) -> &'static str {
@@ -313,11 +386,37 @@ mod tests {
         assert!(parse_list(&w("reject_unverified_recipient"), &[])
             .unwrap_err()
             .contains("verify"));
-        assert!(
-            parse_list(&w("check_policy_service unix:private/policy"), &[])
-                .unwrap_err()
-                .contains("not available")
+        assert_eq!(
+            parse_list(&w("check_policy_service unix:private/policy"), &[]).unwrap()[0]
+                .arg
+                .as_deref(),
+            Some("unix:private/policy")
         );
+        assert!(parse_list(&w("check_policy_service inet:127.0.0.1:10023"), &[]).is_ok());
+        // Postfix 3.7's `{ endpoint, name=value }` form.
+        assert!(parse_list(
+            &w("check_policy_service { inet:127.0.0.1:1, timeout=10s, { default_action = 451 4.3.5 x } }"),
+            &[]
+        )
+        .is_ok());
+        assert_eq!(
+            policy_server("{ inet:127.0.0.1:1, timeout=10s, { default_action = DEFER no } }")
+                .unwrap(),
+            (
+                "inet:127.0.0.1:1".to_string(),
+                vec![
+                    ("timeout".to_string(), "10s".to_string()),
+                    ("default_action".to_string(), "DEFER no".to_string())
+                ]
+            )
+        );
+        assert!(parse_list(
+            &w("check_policy_service { inet:127.0.0.1:1, bogus=1 }"),
+            &[]
+        )
+        .unwrap_err()
+        .contains("unknown policy service setting"));
+        assert!(parse_list(&w("check_policy_service private/policy"), &[]).is_err());
         let c = vec!["internal_only".to_string()];
         assert_eq!(
             parse_list(&w("internal_only"), &c).unwrap()[0].name,

@@ -493,15 +493,25 @@ pub fn unix_listener() -> io::Result<UnixListener> {
 }
 
 /// A connection from the shared listener, blocking, or None when another
-/// process of the service took it first (or a signal came).
+/// process of the service took it first (or a signal came). The listener
+/// may be a TCP one (spawn(8) on an inet service): the connection is
+/// taken whatever its address family (std's `accept` refuses a non-Unix
+/// peer address), and read and written as any socket.
 fn accept(listener: &UnixListener) -> Option<UnixStream> {
-    match listener.accept() {
-        Ok((c, _)) => {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let accepted = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    );
+    match accepted {
+        Ok(fd) => {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            let c = unsafe { UnixStream::from_raw_fd(fd) };
             let _ = c.set_nonblocking(false);
             Some(c)
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => None,
+        Err(nix::errno::Errno::ECONNABORTED) => None,
         Err(e) => fatal!("accept: {e}"),
     }
 }

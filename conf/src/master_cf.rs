@@ -138,9 +138,6 @@ impl Service {
                 "fast flush: postqueue -f and sendmail -q have qmgr retry the deferred queue",
             ),
             "qmqpd" => Role::Elsewhere("QMQP is not offered: service ignored"),
-            "spawn" => Role::Elsewhere(
-                "spawn is not offered: service ignored (start policy servers by other means)",
-            ),
             _ => Role::Run,
         }
     }
@@ -151,9 +148,6 @@ impl Service {
     pub fn unsupported(&self) -> Option<&'static str> {
         match self.command.as_str() {
             "qmqpd" => Some("QMQP is not offered"),
-            "spawn" => Some(
-                "spawn(8) is not offered (a policy server it would start is not consulted either)",
-            ),
             "oqmgr" => Some("the old queue manager is not offered: qmgr schedules"),
             _ => None,
         }

@@ -80,6 +80,18 @@ pub const PARAMS: &[(&str, &str)] = &[
     // smtpd.
     ("smtpd_banner", "$myhostname ESMTP $mail_name"),
     ("smtpd_timeout", "300s"),
+    // smtpd's policy delegation (check_policy_service, SMTPD_POLICY_README).
+    ("smtpd_policy_service_timeout", "100s"),
+    ("smtpd_policy_service_max_idle", "300s"),
+    ("smtpd_policy_service_max_ttl", "1000s"),
+    ("smtpd_policy_service_request_limit", "0"),
+    ("smtpd_policy_service_try_limit", "2"),
+    ("smtpd_policy_service_retry_delay", "1s"),
+    (
+        "smtpd_policy_service_default_action",
+        "451 4.3.5 Server configuration problem",
+    ),
+    ("smtpd_policy_service_policy_context", ""),
     ("smtpd_helo_required", "no"),
     ("smtpd_recipient_limit", "1000"),
     ("smtpd_soft_error_limit", "10"),

@@ -21,5 +21,6 @@ pub mod message;
 pub mod pipe;
 pub mod pipe_agent;
 pub mod resolve;
+pub mod spawn_agent;
 pub mod status;
 pub mod virtual_agent;

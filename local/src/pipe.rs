@@ -261,7 +261,7 @@ fn feed(
 /// Becomes `uid`/`gid` for good, between fork and exec. Unlike
 /// `privs::drop_to`, this leaves no_new_privs off: a command may run
 /// set-gid programs such as `sendmail`'s postdrop, as under Postfix.
-fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     use nix::unistd::{Gid, Uid};
     let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
     nix::unistd::setgroups(&[gid])?;

@@ -47,6 +47,7 @@ pub mod cleanup_conn;
 pub mod data;
 pub mod dns;
 pub mod outbuf;
+pub mod policy_client;
 pub mod received;
 pub mod restrictions;
 pub mod sasl;

@@ -12,8 +12,8 @@
 //! - match lists (`mynetworks`, `relay_domains`, ...) whose file, table or
 //!   network cannot be read (`postern_common::match_list`);
 //! - a parameter Postern does not offer, set (in main.cf or by `-o`) to
-//!   something else than Postfix's default: a milter, a content filter,
-//!   a policy service, ... (the TLS settings rustls does not take are
+//!   something else than Postfix's default: a milter, a before-queue
+//!   proxy filter, ... (the TLS settings rustls does not take are
 //!   warnings);
 //! - `receive_override_options` values Postfix does not know.
 

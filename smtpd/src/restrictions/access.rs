@@ -78,7 +78,13 @@ impl Restrictions {
     }
 
     /// An access(5) result.
-    fn action(&self, action: &str, stage: Stage, req: &Request<'_>, spec: &str) -> Verdict {
+    pub(super) fn action(
+        &self,
+        action: &str,
+        stage: Stage,
+        req: &Request<'_>,
+        spec: &str,
+    ) -> Verdict {
         let action = action.trim();
         let (word, text) = match action.split_once(char::is_whitespace) {
             Some((w, t)) => (w, t.trim()),
@@ -88,28 +94,34 @@ impl Restrictions {
         match upper.as_str() {
             "OK" => Verdict::Permit,
             "DUNNO" => Verdict::Dunno,
-            "REJECT" => Self::reject(
-                stage,
-                req,
-                "554",
-                "5.7.1",
-                if text.is_empty() {
-                    "Access denied"
-                } else {
-                    text
-                },
-            ),
-            "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => Self::reject(
-                stage,
-                req,
-                "450",
-                "4.7.1",
-                if text.is_empty() {
-                    "Try again later"
-                } else {
-                    text
-                },
-            ),
+            "REJECT" => {
+                let (dsn, text) = leading_dsn(text, '5');
+                Self::reject(
+                    stage,
+                    req,
+                    "554",
+                    &dsn,
+                    if text.is_empty() {
+                        "Access denied"
+                    } else {
+                        text
+                    },
+                )
+            }
+            "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => {
+                let (dsn, text) = leading_dsn(text, '4');
+                Self::reject(
+                    stage,
+                    req,
+                    "450",
+                    &dsn,
+                    if text.is_empty() {
+                        "Try again later"
+                    } else {
+                        text
+                    },
+                )
+            }
             // FILTER transport:nexthop: the message goes through that
             // content filter after it is queued (as Postfix, the last
             // FILTER wins, and the restriction goes on as DUNNO).
@@ -128,6 +140,15 @@ impl Restrictions {
             }
             "FILTER" => {
                 warning!("access table {spec}: FILTER without transport:nexthop; ignored");
+                Verdict::Dunno
+            }
+            // PREPEND name: value: the header goes above the Received
+            // header (postgrey's X-Greylist), and the restriction goes on
+            // as DUNNO.
+            "PREPEND" if is_header(text) => {
+                if let Some(p) = req.prepend {
+                    p.borrow_mut().push(text.to_string());
+                }
                 Verdict::Dunno
             }
             "WARN" | "INFO" => {
@@ -186,6 +207,24 @@ impl Restrictions {
             }
         }
     }
+}
+
+/// An enhanced status code at the start of a REJECT or DEFER text is
+/// used (its class made the reply's, as Postfix's smtpd_dsn_fix); else
+/// X.7.1. Returns (code, the rest of the text).
+fn leading_dsn(text: &str, class: char) -> (String, &str) {
+    let (first, rest) = text.split_once(' ').unwrap_or((text, ""));
+    if is_dsn(first, '4') || is_dsn(first, '5') {
+        (format!("{class}{}", &first[1..]), rest.trim_start())
+    } else {
+        (format!("{class}.7.1"), text)
+    }
+}
+
+/// `name: value` with a header name of printable characters.
+fn is_header(text: &str) -> bool {
+    text.split_once(':')
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b':'))
 }
 
 pub(super) fn is_dsn(d: &str, class: char) -> bool {

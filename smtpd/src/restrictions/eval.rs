@@ -144,6 +144,7 @@ impl Restrictions {
             | "check_helo_access"
             | "check_sender_access"
             | "check_recipient_access" => self.check_access(item, stage, req),
+            "check_policy_service" => self.check_policy_service(item, stage, req),
             name if self.classes.contains_key(name) => {
                 self.eval_list(&self.classes[name], stage, req)
             }

@@ -55,6 +55,7 @@ mod access;
 mod checks;
 mod dns_checks;
 mod eval;
+mod policy_service;
 #[cfg(test)]
 mod tests;
 
@@ -116,6 +117,14 @@ pub struct Request<'a> {
     /// Where an access table's FILTER action puts its `transport:nexthop`
     /// (the message's content filter; the last one wins).
     pub filter: Option<&'a std::cell::RefCell<Option<String>>>,
+    /// Where an access table's or policy server's PREPEND action puts its
+    /// header (`name: value`), added above the Received header.
+    pub prepend: Option<&'a std::cell::RefCell<Vec<String>>>,
+    /// What a policy server is told beyond the fields above, as the
+    /// session knows it (`queue_id`, `instance`, `size`, `encryption_*`,
+    /// ...; see `policy_service`); empty unless a list has
+    /// `check_policy_service`.
+    pub session_attrs: Vec<(&'static str, String)>,
 }
 
 impl Request<'_> {
@@ -164,6 +173,8 @@ pub struct Restrictions {
     no_unknown_recipient_checks: bool,
     /// `smtpd_restriction_classes`: each class's list, by name.
     classes: HashMap<String, Vec<Item>>,
+    /// `check_policy_service`: the connections and their settings.
+    policy: crate::policy_client::PolicyClient,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -245,6 +256,7 @@ impl Restrictions {
         r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
         r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
         r.open_tables();
+        r.policy = r.policy_client(cfg)?;
         let logins = cfg.get("smtpd_sender_login_maps");
         if !logins.trim().is_empty() {
             let (t, errors) = Tables::open_list(&logins);
@@ -336,6 +348,8 @@ impl Restrictions {
             .into_iter()
             .chain(self.classes.values())
             .flat_map(|l| l.iter())
+            // A policy server's `inet:host:port` is not a table.
+            .filter(|i| i.name != "check_policy_service")
             .filter_map(|i| i.arg.clone())
             .filter(|a| postern_common::match_list::is_table(a))
             .collect();

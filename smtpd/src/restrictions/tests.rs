@@ -400,3 +400,18 @@ fn dns_lists_sasl_access_warn_and_classes() {
         "strict: reject_bogus: unknown restriction"
     );
 }
+
+#[test]
+fn braced_policy_server_settings_reach_the_client() {
+    let spec = "{ inet:127.0.0.1:1, retry_delay=0s, { default_action = DUNNO } }";
+    let cfg = postern_conf::Config::from_text(
+        std::path::Path::new("/nonexistent"),
+        &format!(
+            "smtpd_recipient_restrictions = reject_unauth_destination, check_policy_service {spec}\n"
+        ),
+        std::path::Path::new("main.cf"),
+    )
+    .unwrap();
+    let r = Restrictions::from_config(&cfg).unwrap();
+    assert_eq!(r.policy.settings_of(spec).default_action, "DUNNO");
+}

@@ -86,6 +86,7 @@ impl Session {
                 self.tx = None;
                 self.xforward = Default::default();
                 self.access_filter.take();
+                self.access_prepend.take();
             }
             (
                 state @ (State::WaitOpened(_) | State::WaitQueued),
@@ -294,7 +295,13 @@ impl Session {
         let queue_id = tx.queue_id.clone().unwrap_or_default();
         self.requests.push(CleanupRequest::Envelope(msg));
         self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
-        let header = self.received_header(&queue_id);
+        let mut header: String = self
+            .access_prepend
+            .borrow()
+            .iter()
+            .map(|h| format!("{h}\n"))
+            .collect();
+        header.push_str(&self.received_header(&queue_id));
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.where_ = "DATA";
         self.state = State::Data(Box::new(DataState {

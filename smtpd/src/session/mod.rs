@@ -130,6 +130,11 @@ struct Transaction {
     /// from an authenticated client and not `<>`, as Postfix's smtpd
     /// (pipe(8)'s `${sasl_sender}`).
     sasl_sender: Option<String>,
+    /// MAIL FROM's SIZE= (0 without one), for a policy server.
+    size: u64,
+    /// This transaction's name for policy servers (`instance`), unique
+    /// in the process's life.
+    instance: String,
 }
 
 #[derive(Debug)]
@@ -259,6 +264,9 @@ pub struct Session {
     /// The last FILTER action of an access table in this transaction
     /// (overrides `content_filter`).
     access_filter: std::cell::RefCell<Option<String>>,
+    /// Headers of PREPEND actions in this transaction (access tables,
+    /// policy servers), added above the Received header.
+    access_prepend: std::cell::RefCell<Vec<String>>,
 }
 impl Session {
     /// A session with a table of its own (tests).
@@ -313,6 +321,7 @@ impl Session {
             sasl_username: None,
             xforward: Default::default(),
             access_filter: Default::default(),
+            access_prepend: Default::default(),
         };
         if s.cfg.peername_lookup {
             s.request_dns(vec![Query::Peer(s.client.addr)]);

@@ -113,7 +113,68 @@ impl Session {
             command,
             dns: Some(&self.dns),
             filter: Some(&self.access_filter),
+            prepend: Some(&self.access_prepend),
+            session_attrs: if self.cfg.restrictions.uses_policy() {
+                self.policy_attrs()
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// What a policy server is told that [`Request`] does not carry
+    /// (`check_policy_service`, SMTPD_POLICY_README).
+    fn policy_attrs(&self) -> Vec<(&'static str, String)> {
+        let tx = self.tx.as_ref();
+        let mut a = vec![
+            (
+                "queue_id",
+                tx.and_then(|t| t.queue_id.clone()).unwrap_or_default(),
+            ),
+            (
+                "recipient_count",
+                tx.map(|t| t.recipients.len()).unwrap_or(0).to_string(),
+            ),
+            (
+                "client_port",
+                self.client.port.map(|p| p.to_string()).unwrap_or_default(),
+            ),
+            (
+                "server_address",
+                self.client
+                    .local
+                    .map(|l| l.ip().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "server_port",
+                self.client
+                    .local
+                    .map(|l| l.port().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "instance",
+                tx.map(|t| t.instance.clone()).unwrap_or_default(),
+            ),
+            ("sasl_method", self.sasl_method.clone().unwrap_or_default()),
+            (
+                "sasl_sender",
+                tx.and_then(|t| t.sasl_sender.clone()).unwrap_or_default(),
+            ),
+            ("size", tx.map(|t| t.size).unwrap_or(0).to_string()),
+        ];
+        if let Some(t) = &self.tls {
+            a.push(("encryption_protocol", t.protocol.clone()));
+            a.push(("encryption_cipher", t.cipher.clone()));
+            a.push(("encryption_keysize", t.bits.to_string()));
+        }
+        if self.sasl_username.is_none() {
+            // Only after a successful AUTH (an AUTH in progress has a
+            // method but no login yet).
+            a.retain(|(k, _)| *k != "sasl_method");
+        }
+        a
     }
 
     pub(super) fn check_recipient(&self, rcpt: &str) -> Option<String> {
@@ -152,4 +213,17 @@ impl Session {
         }
         info!("{line}");
     }
+}
+
+/// A new transaction's `instance` for policy servers: the process, the
+/// time and a counter, as Postfix's (unique while the process lives).
+pub(super) fn next_instance() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{:x}.{t:x}.{n:x}", std::process::id())
 }

@@ -70,6 +70,8 @@ impl Session {
             envid: options.envid,
             ret: options.ret.map(str::to_string),
             sasl_sender,
+            size,
+            instance: super::policy::next_instance(),
             ..Default::default()
         };
         let limit = self.cfg.message_size_limit;
@@ -280,6 +282,7 @@ impl Session {
         self.tx = None;
         self.xforward = Default::default();
         self.access_filter.take();
+        self.access_prepend.take();
     }
 
     pub(super) fn transaction_failed(&mut self) {
