@@ -44,27 +44,27 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("defer", Arg::None, ""),
     ("warn_if_reject", Arg::None, ""),
     ("reject_unauth_pipelining", Arg::None, ""),
-    ("defer_if_permit", Arg::None, NOT_YET),
-    ("defer_if_reject", Arg::None, NOT_YET),
+    ("defer_if_permit", Arg::None, ""),
+    ("defer_if_reject", Arg::None, ""),
     ("sleep", Arg::Seconds, "would stall smtpd's event loop; use smtpd_client_restrictions with reject_unauth_pipelining instead"),
     ("check_policy_service", Arg::Server, "policy delegation (SMTPD_POLICY_README) is not offered"),
     // Client.
     ("permit_mynetworks", Arg::None, ""),
     ("permit_sasl_authenticated", Arg::None, ""),
     ("check_client_access", Arg::Table, ""),
-    ("check_reverse_client_hostname_access", Arg::Table, NOT_YET),
-    ("check_client_a_access", Arg::Table, NOT_YET),
-    ("check_client_mx_access", Arg::Table, NOT_YET),
-    ("check_client_ns_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_a_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_mx_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_ns_access", Arg::Table, NOT_YET),
+    ("check_reverse_client_hostname_access", Arg::Table, ""),
+    ("check_client_a_access", Arg::Table, ""),
+    ("check_client_mx_access", Arg::Table, ""),
+    ("check_client_ns_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_a_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_mx_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_ns_access", Arg::Table, ""),
     ("check_ccert_access", Arg::Table, "client certificates are not asked for"),
     ("check_sasl_access", Arg::Table, ""),
-    ("permit_inet_interfaces", Arg::None, NOT_YET),
+    ("permit_inet_interfaces", Arg::None, ""),
     ("permit_tls_clientcerts", Arg::None, "client certificates are not asked for"),
     ("permit_tls_all_clientcerts", Arg::None, "client certificates are not asked for"),
-    ("reject_plaintext_session", Arg::None, NOT_YET),
+    ("reject_plaintext_session", Arg::None, ""),
     ("reject_rbl_client", Arg::DnsList, ""),
     ("permit_dnswl_client", Arg::DnsList, ""),
     ("reject_rhsbl_client", Arg::DnsList, ""),
@@ -73,12 +73,12 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unknown_client_hostname", Arg::None, ""),
     ("reject_unknown_client", Arg::None, ""),
     ("reject_unknown_reverse_client_hostname", Arg::None, ""),
-    ("reject_unknown_forward_client_hostname", Arg::None, NOT_YET),
+    ("reject_unknown_forward_client_hostname", Arg::None, "not a restriction of Postfix 3.7 (postconf(5) has no such entry; its smtpd answers every client 451 4.3.5 Server configuration error): use reject_unknown_client_hostname"),
     // HELO.
     ("check_helo_access", Arg::Table, ""),
-    ("check_helo_a_access", Arg::Table, NOT_YET),
-    ("check_helo_mx_access", Arg::Table, NOT_YET),
-    ("check_helo_ns_access", Arg::Table, NOT_YET),
+    ("check_helo_a_access", Arg::Table, ""),
+    ("check_helo_mx_access", Arg::Table, ""),
+    ("check_helo_ns_access", Arg::Table, ""),
     ("reject_invalid_helo_hostname", Arg::None, ""),
     ("reject_invalid_hostname", Arg::None, ""),
     ("reject_non_fqdn_helo_hostname", Arg::None, ""),
@@ -88,11 +88,11 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_rhsbl_helo", Arg::DnsList, ""),
     // Sender.
     ("check_sender_access", Arg::Table, ""),
-    ("check_sender_a_access", Arg::Table, NOT_YET),
-    ("check_sender_mx_access", Arg::Table, NOT_YET),
-    ("check_sender_ns_access", Arg::Table, NOT_YET),
+    ("check_sender_a_access", Arg::Table, ""),
+    ("check_sender_mx_access", Arg::Table, ""),
+    ("check_sender_ns_access", Arg::Table, ""),
     ("reject_authenticated_sender_login_mismatch", Arg::None, ""),
-    ("reject_known_sender_login_mismatch", Arg::None, NOT_YET),
+    ("reject_known_sender_login_mismatch", Arg::None, ""),
     ("reject_sender_login_mismatch", Arg::None, ""),
     ("reject_unauthenticated_sender_login_mismatch", Arg::None, ""),
     ("reject_non_fqdn_sender", Arg::None, ""),
@@ -102,14 +102,14 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unverified_sender", Arg::None, VERIFY),
     // Recipient.
     ("check_recipient_access", Arg::Table, ""),
-    ("check_recipient_a_access", Arg::Table, NOT_YET),
-    ("check_recipient_mx_access", Arg::Table, NOT_YET),
-    ("check_recipient_ns_access", Arg::Table, NOT_YET),
+    ("check_recipient_a_access", Arg::Table, ""),
+    ("check_recipient_mx_access", Arg::Table, ""),
+    ("check_recipient_ns_access", Arg::Table, ""),
     ("permit_auth_destination", Arg::None, ""),
     ("reject_unauth_destination", Arg::None, ""),
     ("defer_unauth_destination", Arg::None, ""),
-    ("check_relay_domains", Arg::None, "obsolete since Postfix 2.2: use permit_auth_destination"),
-    ("permit_mx_backup", Arg::None, NOT_YET),
+    ("check_relay_domains", Arg::None, ""),
+    ("permit_mx_backup", Arg::None, ""),
     ("reject_non_fqdn_recipient", Arg::None, ""),
     ("reject_rhsbl_recipient", Arg::DnsList, ""),
     ("reject_unknown_recipient_domain", Arg::None, ""),
@@ -117,12 +117,11 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("check_recipient_maps", Arg::None, ""),
     ("reject_unverified_recipient", Arg::None, VERIFY),
     // DATA, end of data.
-    ("reject_multi_recipient_bounce", Arg::None, NOT_YET),
+    ("reject_multi_recipient_bounce", Arg::None, ""),
     // ETRN.
     ("check_etrn_access", Arg::Table, "ETRN is not offered"),
 ];
 
-const NOT_YET: &str = "not implemented by Postern's smtpd";
 const VERIFY: &str = "address verification (verify(8)) is not offered";
 
 /// The restriction lists smtpd reads.
@@ -268,12 +267,6 @@ pub fn check_config(cfg: &Config) -> Vec<(String, String)> {
         if let Err(e) = parse_list(&words(&cfg.get(&name)), &classes) {
             out.push((name, e));
         }
-    }
-    if !words(&cfg.get("smtpd_end_of_data_restrictions")).is_empty() {
-        out.push((
-            "smtpd_end_of_data_restrictions".into(),
-            "not applied: Postern's smtpd has no end-of-data restriction stage".into(),
-        ));
     }
     if let Some(c) = class_loop(cfg) {
         out.push((c, "the restriction class refers to itself".into()));

@@ -78,7 +78,13 @@ impl Restrictions {
     }
 
     /// An access(5) result.
-    fn action(&self, action: &str, stage: Stage, req: &Request<'_>, spec: &str) -> Verdict {
+    pub(super) fn action(
+        &self,
+        action: &str,
+        stage: Stage,
+        req: &Request<'_>,
+        spec: &str,
+    ) -> Verdict {
         let action = action.trim();
         let (word, text) = match action.split_once(char::is_whitespace) {
             Some((w, t)) => (w, t.trim()),
@@ -99,7 +105,22 @@ impl Restrictions {
                     text
                 },
             ),
-            "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => Self::reject(
+            // DEFER_IF_PERMIT / DEFER_IF_REJECT [text]: the flag, with
+            // this reply (an enhanced status code may start the text).
+            "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => {
+                let (dsn, rest) = match text.split_once(' ') {
+                    Some((d, r)) if is_dsn(d, '4') => (d.to_string(), r),
+                    _ if is_dsn(text, '4') => (text.to_string(), ""),
+                    _ => ("4.7.1".to_string(), text),
+                };
+                let rest = if rest.is_empty() {
+                    "Service unavailable"
+                } else {
+                    rest
+                };
+                Self::raise_defer(&upper, stage, req, "450", &dsn, rest)
+            }
+            "DEFER" => Self::reject(
                 stage,
                 req,
                 "450",

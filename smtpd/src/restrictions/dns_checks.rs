@@ -51,7 +51,7 @@ impl Restrictions {
                     .helo
                     .filter(|h| !is_address_literal(h))
                     .map(|h| Query::Domain(h.trim_end_matches('.').to_ascii_lowercase())),
-                _ => None,
+                _ => self.server_query(item, req),
             };
             if let Some(q) = q {
                 if !matches!(&q, Query::Domain(d) if d.is_empty()) && !out.contains(&q) {

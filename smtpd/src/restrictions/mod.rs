@@ -53,8 +53,10 @@
 
 mod access;
 mod checks;
+mod defer_flags;
 mod dns_checks;
 mod eval;
+mod server_access;
 #[cfg(test)]
 mod tests;
 
@@ -116,6 +118,16 @@ pub struct Request<'a> {
     /// Where an access table's FILTER action puts its `transport:nexthop`
     /// (the message's content filter; the last one wins).
     pub filter: Option<&'a std::cell::RefCell<Option<String>>>,
+    /// The session is encrypted (STARTTLS or wrapper mode).
+    pub tls: bool,
+    /// Recipients accepted so far in this transaction.
+    pub rcpt_count: usize,
+    /// defer_if_permit and defer_if_reject raised by the lists evaluated
+    /// so far (set by the check that evaluates them).
+    pub defers: Option<&'a defer_flags::Defers>,
+    /// Who a reply names instead of the stage's subject (Postfix's
+    /// "Unverified Client host" for the reverse client name checks).
+    pub reply_subject: Option<(&'a str, &'static str)>,
 }
 
 impl Request<'_> {
@@ -164,6 +176,19 @@ pub struct Restrictions {
     no_unknown_recipient_checks: bool,
     /// `smtpd_restriction_classes`: each class's list, by name.
     classes: HashMap<String, Vec<Item>>,
+    /// `smtpd_end_of_data_restrictions`: after the final dot.
+    end_of_data: Vec<Item>,
+    /// `plaintext_reject_code` (reject_plaintext_session).
+    plaintext_code: u16,
+    /// `multi_recipient_bounce_reject_code`.
+    multi_bounce_code: u16,
+    /// `relay_domains_reject_code` (check_relay_domains).
+    relay_domains_code: u16,
+    /// `relay_domains`, matched against the client's name
+    /// (check_relay_domains).
+    relay_domains: Option<MatchList>,
+    /// `permit_mx_backup_networks` (empty: any primary MX).
+    mx_backup_networks: Option<MatchList>,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -221,10 +246,16 @@ impl Restrictions {
         r.helo = list(cfg, "smtpd_helo_restrictions", &class_names)?;
         r.sender = list(cfg, "smtpd_sender_restrictions", &class_names)?;
         r.data = list(cfg, "smtpd_data_restrictions", &class_names)?;
+        r.end_of_data = list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
         // Parsed so that a bad list stops smtpd at start; Postern's smtpd
-        // has no end-of-data or ETRN stage to apply them at.
-        list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
+        // does not offer ETRN, so there is no stage to apply it at.
         list(cfg, "smtpd_etrn_restrictions", &class_names)?;
+        r.plaintext_code = reject_code(cfg, "plaintext_reject_code")?;
+        r.multi_bounce_code = reject_code(cfg, "multi_recipient_bounce_reject_code")?;
+        r.relay_domains_code = reject_code(cfg, "relay_domains_reject_code")?;
+        r.relay_domains = Some(MatchList::from_config(cfg, "relay_domains", Kind::Domain)?);
+        let backup = MatchList::from_config(cfg, "permit_mx_backup_networks", Kind::NameAddress)?;
+        r.mx_backup_networks = (!backup.is_empty()).then_some(backup);
         if let Some(c) = restriction::class_loop(cfg) {
             return Err(format!("{c}: the restriction class refers to itself"));
         }
@@ -306,6 +337,9 @@ impl Restrictions {
             delay_reject: true,
             unknown_client_code: 450,
             unknown_hostname_code: 450,
+            plaintext_code: 450,
+            multi_bounce_code: 550,
+            relay_domains_code: 554,
             ..Default::default()
         })
     }
@@ -331,6 +365,7 @@ impl Restrictions {
             &self.relay,
             &self.recipient,
             &self.data,
+            &self.end_of_data,
         ];
         let specs: Vec<String> = all
             .into_iter()
@@ -394,6 +429,11 @@ impl Restrictions {
     /// refuses. The bare name `postmaster` is always accepted (RFC 5321
     /// section 4.5.1).
     pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
+        let defers = defer_flags::Defers::default();
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
         let rcpt = req.recipient.unwrap_or_default();
         // Postfix's smtpd_check_addr(), before any restriction: an
         // address the resolver cannot use (a bad domain or address
@@ -411,10 +451,14 @@ impl Restrictions {
                 }
             }
         }
+        defers.new_stage();
         for l in [&self.relay, &self.recipient] {
             if let Verdict::Reject(reply) = self.eval_list(l, Stage::Recipient, req) {
                 return Some(reply);
             }
+        }
+        if let Some(reply) = defers.finish(None) {
+            return Some(reply);
         }
         if self.reject_unlisted {
             if let Verdict::Reject(r) = self.unlisted(rcpt, req.sender, "Recipient address") {
@@ -447,10 +491,42 @@ impl Restrictions {
 
     /// The checks of DATA.
     pub fn check_data(&self, req: &Request<'_>) -> Option<String> {
-        self.reject_of(Stage::Data, req)
+        let defers = defer_flags::Defers::default();
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
+        defers.finish(self.reject_of(Stage::Data, req))
+    }
+
+    /// The checks after the final dot of DATA, before the message is
+    /// accepted (`smtpd_end_of_data_restrictions`), worded as the DATA
+    /// checks with the command `END-OF-MESSAGE`.
+    pub fn check_end_of_data(&self, req: &Request<'_>) -> Option<String> {
+        if self.end_of_data.is_empty() {
+            return None;
+        }
+        let defers = defer_flags::Defers::default();
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
+        let outcome = match self.eval_list(&self.end_of_data, Stage::Data, req) {
+            Verdict::Reject(r) => Some(r),
+            _ => None,
+        };
+        defers.finish(outcome)
+    }
+
+    /// Whether there is an end-of-data list to apply.
+    pub fn has_end_of_data(&self) -> bool {
+        !self.end_of_data.is_empty()
     }
 
     fn reject_of(&self, stage: Stage, req: &Request<'_>) -> Option<String> {
+        if let Some(d) = req.defers {
+            d.new_stage();
+        }
         let l = match stage {
             Stage::Client => &self.client,
             Stage::Helo => &self.helo,

@@ -113,6 +113,10 @@ impl Session {
             command,
             dns: Some(&self.dns),
             filter: Some(&self.access_filter),
+            tls: self.tls.is_some(),
+            rcpt_count: self.tx.as_ref().map_or(0, |t| t.recipients.len()),
+            defers: None,
+            reply_subject: None,
         }
     }
 
