@@ -174,11 +174,25 @@ impl Table {
                     .into(),
             )),
             "inline" => {
-                let inner = name.trim().trim_start_matches('{').trim_end_matches('}');
-                let map = inner
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                // As Postfix's dict_inline: items separated by commas or
+                // white space; `{ key = text with spaces }` keeps one whole.
+                let name = name.trim();
+                let inner = name
+                    .strip_prefix('{')
+                    .and_then(|n| n.strip_suffix('}'))
+                    .unwrap_or(name);
+                let map = postern_conf::split_braced(inner, true)
+                    .iter()
+                    .map(|item| {
+                        item.strip_prefix('{')
+                            .and_then(|i| i.strip_suffix('}'))
+                            .unwrap_or(item)
+                            .to_string()
+                    })
+                    .filter_map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                    })
                     .collect();
                 Ok(Table::Entries {
                     spec: spec.into(),

@@ -64,6 +64,9 @@ impl Restrictions {
                 req.recipient.unwrap_or_default().to_string(),
                 "Recipient address",
             ),
+            Stage::Data if req.command == "END-OF-MESSAGE" => {
+                (req.command.to_string(), "End-of-data")
+            }
             Stage::Data => (req.command.to_string(), "Data command"),
         }
     }

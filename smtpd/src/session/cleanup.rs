@@ -403,10 +403,7 @@ impl Session {
     /// `smtpd_end_of_data_restrictions`, after the final dot: the reply
     /// that refuses the message, if any.
     fn end_of_data_refusal(&self) -> Option<String> {
-        let req = crate::restrictions::Request {
-            reply_subject: Some(("END-OF-MESSAGE", "End-of-data")),
-            ..self.request(None, "END-OF-MESSAGE")
-        };
+        let req = self.request(None, "END-OF-MESSAGE");
         self.cfg.restrictions.check_end_of_data(&req)
     }
 
