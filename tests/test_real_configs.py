@@ -197,7 +197,6 @@ NEEDS = {
     ],
     "mailcow": [
         "relay_domains: table ",
-        "smtpd_recipient_restrictions: check_recipient_mx_access: not available",
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
         "service 127.0.0.1:10027/inet (spawn): spawn(8) is not offered",
     ],
