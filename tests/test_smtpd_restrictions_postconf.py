@@ -276,3 +276,48 @@ def test_permit_mx_backup(make_postern, dnsmasq):
     p.set_params(permit_mx_backup_networks="127.0.0.0/26")
     p.start()
     assert rcpt_reply(p.port, "a@x.test", "u@backup.test", source=OUTSIDE)[0] == 250
+
+
+# --------------------------------------------------------------------------
+# smtpd_discard_ehlo_keywords / smtpd_discard_ehlo_keyword_address_maps
+
+
+def ehlo_and_dsn(port, source=None):
+    """(EHLO keywords, MAIL with RET=, RCPT with NOTIFY=, STARTTLS)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=source) as s:
+        code, text = s.ehlo("client.example")
+        words = sorted(l.split()[0].upper() for l in text.decode().splitlines()[1:])
+        mail = s.docmd("MAIL", "FROM:<a@x.test> RET=HDRS")
+        if mail[0] != 250:
+            s.docmd("MAIL", "FROM:<a@x.test>")
+        rcpt = s.docmd("RCPT", "TO:<u@x.test> NOTIFY=NEVER")
+        s.docmd("RSET")
+        return words, mail, rcpt, s.docmd("STARTTLS")
+
+
+def test_discard_ehlo_keywords_as_postfix(make_postern, postfix_peer):
+    params = {"smtpd_discard_ehlo_keywords": "silent-discard, dsn, starttls, pipelining, "
+                                             "chunking"}
+    p = make_postern(params=dict(params, smtpd_tls_security_level="none"))
+    words, mail, rcpt, starttls = ehlo_and_dsn(p.port)
+    assert "DSN" not in words and "PIPELINING" not in words and "SIZE" in words
+    assert mail == (501, b"5.7.1 DSN support is disabled")
+    assert rcpt == (501, b"5.7.1 DSN support is disabled")
+    assert starttls == (502, b"5.5.1 Error: command not implemented")
+    far = postfix_peer(params=params)
+    theirs = ehlo_and_dsn(far.port)
+    assert theirs[1:] == (mail, rcpt, starttls)
+    # Postfix offers what Postern does not (ETRN, CHUNKING: discarded here).
+    assert set(words) <= set(theirs[0]), (words, theirs[0])
+    assert "discarding EHLO keywords" not in p.log_text()  # silent-discard
+    # The map, by client address, wins over the list.
+    p.stop()
+    p.set_params(smtpd_discard_ehlo_keywords="dsn",
+                 smtpd_discard_ehlo_keyword_address_maps=f"texthash:{p.etc}/ehlo")
+    p.write_file("etc/ehlo", "127.0.0.2 size\n")
+    p.start()
+    words, mail, _, _ = ehlo_and_dsn(p.port, source=OUTSIDE)
+    assert "SIZE" not in words and "DSN" in words and mail[0] == 250
+    words, mail, _, _ = ehlo_and_dsn(p.port)
+    assert "DSN" not in words and mail[0] == 501
+    p.wait_for_log(r"discarding EHLO keywords: DSN")

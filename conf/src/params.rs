@@ -106,6 +106,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("multi_recipient_bounce_reject_code", "550"),
     ("relay_domains_reject_code", "554"),
     ("permit_mx_backup_networks", ""),
+    ("smtpd_discard_ehlo_keywords", ""),
+    ("smtpd_discard_ehlo_keyword_address_maps", ""),
     ("smtpd_reject_unlisted_recipient", "yes"),
     ("smtpd_sasl_auth_enable", "no"),
     ("smtpd_sasl_type", "dovecot"),

@@ -98,6 +98,10 @@ pub struct Settings {
     pub receive_override: postern_common::receive_override::ReceiveOverride,
     /// `smtpd_authorized_xforward_hosts`.
     pub xforward_hosts: postern_common::match_list::MatchList,
+    /// `smtpd_discard_ehlo_keywords`.
+    pub ehlo_discard: String,
+    /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
+    pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
 }
 
 /// `smtpd_tls_security_level`.
@@ -227,6 +231,17 @@ impl Settings {
                 "smtpd_authorized_xforward_hosts",
                 postern_common::match_list::Kind::NameAddress,
             )?,
+            ehlo_discard: cfg.get("smtpd_discard_ehlo_keywords"),
+            ehlo_discard_maps: {
+                let spec = cfg.get("smtpd_discard_ehlo_keyword_address_maps");
+                (!spec.trim().is_empty()).then(|| {
+                    let (t, errors) = postern_common::maps::Tables::open_list(&spec);
+                    for e in &errors {
+                        postern_common::warning!("smtpd_discard_ehlo_keyword_address_maps: {e}");
+                    }
+                    t
+                })
+            },
         })
     }
 }

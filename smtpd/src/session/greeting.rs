@@ -14,6 +14,7 @@ impl Session {
     pub(super) fn connected(&mut self) {
         self.namaddr = self.client.namaddr();
         info!("connect from {}", self.namaddr);
+        self.choose_ehlo_discard();
         if self.talked_first() && self.cfg.forbid_unauth_pipelining {
             self.reply("554 5.5.0 Error: SMTP protocol synchronization");
             self.hangup = true;
@@ -202,6 +203,7 @@ impl Session {
         if self.cfg.smtputf8_enable {
             lines.push("SMTPUTF8".into());
         }
+        let lines = self.discard_ehlo_lines(lines);
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };

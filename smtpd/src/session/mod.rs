@@ -35,6 +35,7 @@
 
 mod auth;
 mod cleanup;
+mod ehlo_discard;
 mod greeting;
 mod policy;
 #[cfg(test)]
@@ -237,6 +238,8 @@ pub struct Session {
     ill_pipelining: bool,
     /// How long the loop must wait before sending the output.
     delay: std::time::Duration,
+    /// EHLO keywords not announced to this client (lower case).
+    ehlo_discard: Vec<String>,
     /// DNS answers for the restrictions, kept for the session.
     dns: HashMap<Query, Answer>,
     dns_pending: HashSet<Query>,
@@ -296,6 +299,7 @@ impl Session {
             finished: false,
             tls: None,
             starttls_pending: false,
+            ehlo_discard: Vec::new(),
             mechs: None,
             pipelined: false,
             pending_at: None,

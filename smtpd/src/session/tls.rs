@@ -105,7 +105,10 @@ impl Session {
     }
 
     pub(super) fn starttls_offered(&self) -> bool {
-        self.cfg.tls_level != TlsLevel::None && self.tls.is_none() && !self.cfg.tls_wrappermode
+        self.cfg.tls_level != TlsLevel::None
+            && self.tls.is_none()
+            && !self.cfg.tls_wrappermode
+            && !self.discarded("starttls")
     }
 
     pub(super) fn starttls(&mut self, args: &[Token]) -> Done {

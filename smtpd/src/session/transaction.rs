@@ -51,12 +51,15 @@ impl Session {
         };
         let offered = Offered {
             auth: self.cfg.sasl.is_some(),
-            smtputf8: self.cfg.smtputf8_enable,
+            smtputf8: self.cfg.smtputf8_enable && !self.discarded("smtputf8"),
         };
         let options = match protocol::mail_params(&params, offered) {
             Ok(o) => o,
             Err(e) => return self.fail(&e.reply()),
         };
+        if self.discarded("dsn") && (options.envid.is_some() || options.ret.is_some()) {
+            return self.fail("501 5.7.1 DSN support is disabled");
+        }
         let size = options.size;
         let sasl_sender = match &options.auth {
             Some(a) if self.sasl_username.is_some() && a != "<>" => {
@@ -132,6 +135,9 @@ impl Session {
             Ok(o) => o,
             Err(e) => return self.fail(&e.reply()),
         };
+        if self.discarded("dsn") && (options.notify != 0 || !options.orcpt.is_empty()) {
+            return self.fail("501 5.7.1 DSN support is disabled");
+        }
         let rcpt = Recipient {
             notify: options.notify,
             orcpt: options.orcpt,
@@ -222,6 +228,7 @@ impl Session {
     /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.
     pub(super) fn smtputf8_requested(&self, params: &[Token]) -> bool {
         self.cfg.smtputf8_enable
+            && !self.discarded("smtputf8")
             && params
                 .iter()
                 .any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))
