@@ -200,7 +200,6 @@ NEEDS = {
     ],
     "iredmail": [
         "smtpd_recipient_restrictions: check_policy_service: not available",
-        "smtpd_command_filter: not honoured",
     ],
 }
 

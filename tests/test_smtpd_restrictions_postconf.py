@@ -321,3 +321,33 @@ def test_discard_ehlo_keywords_as_postfix(make_postern, postfix_peer):
     words, mail, _, _ = ehlo_and_dsn(p.port)
     assert "DSN" not in words and mail[0] == 501
     p.wait_for_log(r"discarding EHLO keywords: DSN")
+
+
+# --------------------------------------------------------------------------
+# smtpd_command_filter
+
+
+def filtered_dialogue(port):
+    c = h.RawSmtp(port)
+    c.reply()
+    out = [c.cmd("HELLO client.example")[0].split()[0],
+           c.cmd("  MAIL FROM:<a@x.test> BODY=8BITMIME8"),
+           c.cmd("NOOP")]
+    c.cmd("QUIT")
+    c.close()
+    return out
+
+
+def test_command_filter_as_postfix(make_postern, postfix_peer, tmp_path):
+    rules = ("/^HELLO (.*)/ EHLO $1\n"
+             "/^(MAIL FROM:<[^>]*>) BODY=8BITMIME8$/ $1 BODY=8BITMIME\n")
+    p = make_postern(params={"smtpd_command_filter": lambda p: f"regexp:{p.etc}/filter"},
+                     files={"etc/filter": rules})
+    mine = filtered_dialogue(p.port)
+    assert mine == ["250-postern.test", ["250 2.1.0 Ok"], ["250 2.0.0 Ok"]]
+    p.wait_for_log(r'unknown\[127\.0\.0\.1\]: replacing command "HELLO client\.example" with '
+                   r'"EHLO client\.example"')
+    (tmp_path / "filter").write_text(rules)
+    far = postfix_peer(params={"smtpd_command_filter": f"regexp:{tmp_path}/filter"})
+    theirs = filtered_dialogue(far.port)
+    assert theirs[1:] == mine[1:] and theirs[0].startswith("250-")

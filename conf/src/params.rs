@@ -107,6 +107,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("relay_domains_reject_code", "554"),
     ("permit_mx_backup_networks", ""),
     ("smtpd_discard_ehlo_keywords", ""),
+    ("smtpd_command_filter", ""),
     ("smtpd_discard_ehlo_keyword_address_maps", ""),
     ("smtpd_reject_unlisted_recipient", "yes"),
     ("smtpd_sasl_auth_enable", "no"),

@@ -98,6 +98,8 @@ pub struct Settings {
     pub receive_override: postern_common::receive_override::ReceiveOverride,
     /// `smtpd_authorized_xforward_hosts`.
     pub xforward_hosts: postern_common::match_list::MatchList,
+    /// `smtpd_command_filter`.
+    pub command_filter: Option<postern_common::maps::Table>,
     /// `smtpd_discard_ehlo_keywords`.
     pub ehlo_discard: String,
     /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
@@ -231,6 +233,17 @@ impl Settings {
                 "smtpd_authorized_xforward_hosts",
                 postern_common::match_list::Kind::NameAddress,
             )?,
+            command_filter: {
+                let spec = cfg.get("smtpd_command_filter");
+                let spec = spec.trim();
+                (!spec.is_empty()).then(|| {
+                    let (t, e) = postern_common::maps::Table::open_or_unavailable(spec);
+                    if let Some(e) = e {
+                        postern_common::warning!("smtpd_command_filter: {e}");
+                    }
+                    t
+                })
+            },
             ehlo_discard: cfg.get("smtpd_discard_ehlo_keywords"),
             ehlo_discard_maps: {
                 let spec = cfg.get("smtpd_discard_ehlo_keyword_address_maps");

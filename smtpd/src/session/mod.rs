@@ -35,6 +35,7 @@
 
 mod auth;
 mod cleanup;
+mod command_filter;
 mod ehlo_discard;
 mod greeting;
 mod policy;
@@ -490,7 +491,9 @@ impl Session {
         } else {
             self.pipelined = pos < self.input.len();
             self.pending_at = Some(pos);
-            self.command(&line);
+            if let command_filter::Filtered::Line(line) = self.filter_command(line) {
+                self.command(&line);
+            }
             self.pending_at = None;
         }
         self.check_error_limit();

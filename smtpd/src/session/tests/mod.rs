@@ -72,6 +72,7 @@ fn settings() -> Settings {
         receive_override: Default::default(),
         xforward_hosts: MatchList::parse("127.0.0.2", Kind::NameAddress, true).unwrap(),
         ehlo_discard: String::new(),
+        command_filter: None,
         ehlo_discard_maps: None,
     }
 }
