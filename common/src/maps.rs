@@ -174,16 +174,31 @@ impl Table {
                     .into(),
             )),
             "inline" => {
-                // As Postfix's dict_inline: items separated by commas or
-                // white space; `{ key = text with spaces }` keeps one whole.
+                // Items are separated by commas; as Postfix's dict_inline,
+                // `{ key = text, with commas }` keeps one whole.
                 let name = name.trim();
                 let inner = name
                     .strip_prefix('{')
                     .and_then(|n| n.strip_suffix('}'))
                     .unwrap_or(name);
-                let map = postern_conf::split_braced(inner, true)
+                let mut items = vec![String::new()];
+                let mut depth = 0i32;
+                for c in inner.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            items.push(String::new());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    items.last_mut().expect("never empty").push(c);
+                }
+                let map = items
                     .iter()
                     .map(|item| {
+                        let item = item.trim();
                         item.strip_prefix('{')
                             .and_then(|i| i.strip_suffix('}'))
                             .unwrap_or(item)
@@ -924,6 +939,9 @@ mod tests {
             vec!["hash:/a", "texthash:/b", "inline:{a=b, c=d}"]
         );
         let t = Table::open("inline:{a=b, c=d}").unwrap();
+        let braced = Table::open("inline:{ { k = v, with comma }, x=y z }").unwrap();
+        assert_eq!(braced.lookup("k").unwrap().as_deref(), Some("v, with comma"));
+        assert_eq!(braced.lookup("x").unwrap().as_deref(), Some("y z"));
         assert_eq!(t.lookup("C").unwrap().as_deref(), Some("d"));
         assert_eq!(
             Table::open("static:x")

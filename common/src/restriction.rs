@@ -46,7 +46,7 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unauth_pipelining", Arg::None, ""),
     ("defer_if_permit", Arg::None, ""),
     ("defer_if_reject", Arg::None, ""),
-    ("sleep", Arg::Seconds, "would stall smtpd's event loop; use smtpd_client_restrictions with reject_unauth_pipelining instead"),
+    ("sleep", Arg::Seconds, ""),
     ("check_policy_service", Arg::Server, "policy delegation (SMTPD_POLICY_README) is not offered"),
     // Client.
     ("permit_mynetworks", Arg::None, ""),

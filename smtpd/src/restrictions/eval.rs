@@ -44,7 +44,7 @@ impl Restrictions {
                 }
                 return v;
             }
-            if req.defers.is_some_and(|d| d.both_raised()) {
+            if req.defers.is_some_and(|d| d.both_raised()) || req.paused() {
                 break;
             }
         }
@@ -162,6 +162,14 @@ impl Restrictions {
                 Self::raise_defer(&item.name, stage, req, "450", "4.7.0", &text)
             }
             "reject_plaintext_session" => self.plaintext_session(req),
+            "sleep" => {
+                // The session pauses (without holding up the others) and
+                // runs the command again; then sleep has been done.
+                if let (false, Some(p)) = (req.slept, req.pause) {
+                    p.set(item.arg.as_deref().and_then(|a| a.parse().ok()).unwrap_or(0));
+                }
+                Verdict::Dunno
+            }
             "permit_inet_interfaces" => flag(self.own_address(req.ip())),
             "check_relay_domains" => self.relay_domains_check(req),
             "reject_multi_recipient_bounce" => self.multi_recipient_bounce(stage, req),

@@ -128,6 +128,19 @@ pub struct Request<'a> {
     /// Who a reply names instead of the stage's subject (Postfix's
     /// "Unverified Client host" for the reverse client name checks).
     pub reply_subject: Option<(&'a str, &'static str)>,
+    /// Where `sleep SECONDS` asks the session to pause: the list stops
+    /// there, and the session runs the command again after the pause,
+    /// with `slept` (None: sleep is a no-op).
+    pub pause: Option<&'a std::cell::Cell<u64>>,
+    /// The pause is over: `sleep` goes on to the next restriction.
+    pub slept: bool,
+}
+
+impl Request<'_> {
+    /// A `sleep` stopped the lists: their outcome does not count yet.
+    pub fn paused(&self) -> bool {
+        self.pause.is_some_and(|p| p.get() > 0)
+    }
 }
 
 impl Request<'_> {
@@ -449,12 +462,18 @@ impl Restrictions {
                 if let Some(r) = self.reject_of(stage, req) {
                     return Some(r);
                 }
+                if req.paused() {
+                    return None;
+                }
             }
         }
         defers.new_stage();
         for l in [&self.relay, &self.recipient] {
             if let Verdict::Reject(reply) = self.eval_list(l, Stage::Recipient, req) {
                 return Some(reply);
+            }
+            if req.paused() {
+                return None;
             }
         }
         if let Some(reply) = defers.finish(None) {
@@ -507,8 +526,10 @@ impl Restrictions {
             return None;
         }
         let defers = defer_flags::Defers::default();
+        // No pause after the final dot: sleep is a no-op there.
         let req = &Request {
             defers: Some(&defers),
+            pause: None,
             ..req.clone()
         };
         let outcome = match self.eval_list(&self.end_of_data, Stage::Data, req) {

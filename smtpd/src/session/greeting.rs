@@ -116,6 +116,9 @@ impl Session {
             let req = self.request(None, "CONNECT");
             self.cfg.restrictions.check_connect(&req)
         };
+        if self.await_sleep(None) {
+            return;
+        }
         if let Some(reply) = refused {
             self.log_reject(&reply, None, None);
             self.reply(&reply);
@@ -151,6 +154,9 @@ impl Session {
             req.helo = Some(&name);
             self.cfg.restrictions.check_helo(&req)
         };
+        if self.await_sleep(Some(verb)) {
+            return Done::Pending;
+        }
         if let Some(reply) = refused {
             return self.reject(&reply, None, None);
         }

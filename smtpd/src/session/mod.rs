@@ -239,6 +239,12 @@ pub struct Session {
     ill_pipelining: bool,
     /// How long the loop must wait before sending the output.
     delay: std::time::Duration,
+    /// `sleep SECONDS` asks for a pause here (see [`Session::await_sleep`]).
+    sleep_pause: std::cell::Cell<u64>,
+    /// The pause of the command being run again is over.
+    slept: bool,
+    /// Held by a `sleep`: the loop resumes the session after the hold.
+    sleeping: bool,
     /// EHLO keywords not announced to this client (lower case).
     ehlo_discard: Vec<String>,
     /// DNS answers for the restrictions, kept for the session.
@@ -301,6 +307,9 @@ impl Session {
             tls: None,
             starttls_pending: false,
             ehlo_discard: Vec::new(),
+            sleep_pause: Default::default(),
+            slept: false,
+            sleeping: false,
             mechs: None,
             pipelined: false,
             pending_at: None,
@@ -347,10 +356,11 @@ impl Session {
     pub fn wants_input(&self) -> bool {
         !self.hangup
             && !self.starttls_pending
-            && matches!(
-                self.state,
-                State::Command | State::Data(_) | State::AuthResponse
-            )
+            && (self.sleeping
+                || matches!(
+                    self.state,
+                    State::Command | State::Data(_) | State::AuthResponse
+                ))
     }
 
     /// The session is over: close once the output is sent.

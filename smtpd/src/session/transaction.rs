@@ -107,6 +107,9 @@ impl Session {
             req.sender = Some(&tx.sender);
             self.cfg.restrictions.check_sender(&req)
         };
+        if self.await_sleep(Some(Verb::Mail)) {
+            return Done::Pending;
+        }
         if let Some(reply) = refused {
             return self.reject(&reply, Some(&tx.sender), None);
         }
@@ -165,7 +168,11 @@ impl Session {
         if self.over_rate_limit(Event::Recipient, "Recipient address", "too many recipients") {
             return Done::Failed;
         }
-        if let Some(reply) = self.check_recipient(&address) {
+        let refused = self.check_recipient(&address);
+        if self.await_sleep(Some(Verb::Rcpt)) {
+            return Done::Pending;
+        }
+        if let Some(reply) = refused {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }
@@ -197,6 +204,12 @@ impl Session {
             .cfg
             .restrictions
             .check_data(&self.request(None, "DATA"));
+        if self.await_sleep(Some(Verb::Data)) {
+            return Done::Pending;
+        }
+        let Some(tx) = &self.tx else {
+            return self.fail("503 5.5.1 Error: need RCPT command");
+        };
         if let Some(reply) = refused {
             let sender = tx.sender.clone();
             // Postfix names the recipient when there is only one: the
