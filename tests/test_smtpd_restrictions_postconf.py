@@ -351,3 +351,38 @@ def test_command_filter_as_postfix(make_postern, postfix_peer, tmp_path):
     far = postfix_peer(params={"smtpd_command_filter": f"regexp:{tmp_path}/filter"})
     theirs = filtered_dialogue(far.port)
     assert theirs[1:] == mine[1:] and theirs[0].startswith("250-")
+
+
+# --------------------------------------------------------------------------
+# sleep SECONDS
+
+
+def test_sleep_catches_a_client_that_talks_first_and_holds_up_no_one_else(make_postern):
+    import time
+    p = make_postern(params={
+        "smtpd_delay_reject": "no",
+        "smtpd_restriction_classes": "slow",
+        "slow": "sleep 2",
+        "smtpd_client_restrictions": lambda p: (
+            f"check_client_access cidr:{p.etc}/slow.cidr, sleep 1, reject_unauth_pipelining")},
+        files={"etc/slow.cidr": "127.0.0.2/32 slow\n"})
+    # A client that talks before the greeting (a zombie's shortcut).
+    c = h.RawSmtp(p.port)
+    c.send("EHLO client.example\r\n")
+    assert c.reply() == ["503 5.5.0 <unknown[127.0.0.1]>: Client host rejected: "
+                         "Improper use of SMTP command pipelining"]
+    c.close()
+    # One that waits gets the greeting after the pause.
+    t = time.monotonic()
+    with p.smtp() as s:
+        assert s.ehlo("c")[0] == 250
+    assert time.monotonic() - t >= 1
+    # 127.0.0.2 sleeps 2 + 1 seconds; meanwhile 127.0.0.1 is served.
+    slow = h.RawSmtp(p.port, source=OUTSIDE)
+    t = time.monotonic()
+    with p.smtp() as s:
+        assert s.ehlo("c")[0] == 250
+    assert time.monotonic() - t < 2.5
+    assert slow.reply()[0].startswith("220 ")
+    assert time.monotonic() - t >= 2.9
+    slow.close()

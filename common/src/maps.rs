@@ -940,7 +940,10 @@ mod tests {
         );
         let t = Table::open("inline:{a=b, c=d}").unwrap();
         let braced = Table::open("inline:{ { k = v, with comma }, x=y z }").unwrap();
-        assert_eq!(braced.lookup("k").unwrap().as_deref(), Some("v, with comma"));
+        assert_eq!(
+            braced.lookup("k").unwrap().as_deref(),
+            Some("v, with comma")
+        );
         assert_eq!(braced.lookup("x").unwrap().as_deref(), Some("y z"));
         assert_eq!(t.lookup("C").unwrap().as_deref(), Some("d"));
         assert_eq!(

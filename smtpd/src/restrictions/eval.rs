@@ -165,8 +165,17 @@ impl Restrictions {
             "sleep" => {
                 // The session pauses (without holding up the others) and
                 // runs the command again; then sleep has been done.
-                if let (false, Some(p)) = (req.slept, req.pause) {
-                    p.set(item.arg.as_deref().and_then(|a| a.parse().ok()).unwrap_or(0));
+                if let Some(p) = req.pause {
+                    let n = p.seen.get();
+                    p.seen.set(n + 1);
+                    if n >= p.done.get() {
+                        p.secs.set(
+                            item.arg
+                                .as_deref()
+                                .and_then(|a| a.parse().ok())
+                                .unwrap_or(0),
+                        );
+                    }
                 }
                 Verdict::Dunno
             }

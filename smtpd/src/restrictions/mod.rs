@@ -128,19 +128,29 @@ pub struct Request<'a> {
     /// Who a reply names instead of the stage's subject (Postfix's
     /// "Unverified Client host" for the reverse client name checks).
     pub reply_subject: Option<(&'a str, &'static str)>,
-    /// Where `sleep SECONDS` asks the session to pause: the list stops
-    /// there, and the session runs the command again after the pause,
-    /// with `slept` (None: sleep is a no-op).
-    pub pause: Option<&'a std::cell::Cell<u64>>,
-    /// The pause is over: `sleep` goes on to the next restriction.
-    pub slept: bool,
+    /// Where `sleep SECONDS` asks the session to pause (None: sleep is a
+    /// no-op).
+    pub pause: Option<&'a Pause>,
 }
 
 impl Request<'_> {
     /// A `sleep` stopped the lists: their outcome does not count yet.
     pub fn paused(&self) -> bool {
-        self.pause.is_some_and(|p| p.get() > 0)
+        self.pause.is_some_and(|p| p.secs.get() > 0)
     }
+}
+
+/// `sleep SECONDS` in a session: a sleep not done yet stops the lists and
+/// asks for its pause; the session then runs the command again, and the
+/// sleeps done so far go by.
+#[derive(Debug, Default)]
+pub struct Pause {
+    /// The pause asked for (0: none).
+    pub secs: std::cell::Cell<u64>,
+    /// Sleeps met in this evaluation.
+    pub seen: std::cell::Cell<usize>,
+    /// Sleeps already done for the command being run again.
+    pub done: std::cell::Cell<usize>,
 }
 
 impl Request<'_> {

@@ -239,10 +239,9 @@ pub struct Session {
     ill_pipelining: bool,
     /// How long the loop must wait before sending the output.
     delay: std::time::Duration,
-    /// `sleep SECONDS` asks for a pause here (see [`Session::await_sleep`]).
-    sleep_pause: std::cell::Cell<u64>,
-    /// The pause of the command being run again is over.
-    slept: bool,
+    /// `sleep SECONDS`: the pause asked for, and the sleeps done (see
+    /// [`Session::await_sleep`]).
+    sleep: crate::restrictions::Pause,
     /// Held by a `sleep`: the loop resumes the session after the hold.
     sleeping: bool,
     /// EHLO keywords not announced to this client (lower case).
@@ -307,8 +306,7 @@ impl Session {
             tls: None,
             starttls_pending: false,
             ehlo_discard: Vec::new(),
-            sleep_pause: Default::default(),
-            slept: false,
+            sleep: Default::default(),
             sleeping: false,
             mechs: None,
             pipelined: false,

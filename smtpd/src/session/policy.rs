@@ -56,7 +56,7 @@ impl Session {
     /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
     /// `450 4.7.1 Error: TEXT from IP` as Postfix, and returns true.
     pub(super) fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
-        if self.slept {
+        if self.sleep.done.get() > 0 {
             // Run again after a sleep: counted the first time.
             return false;
         }
@@ -105,13 +105,14 @@ impl Session {
     /// output that long, then runs the command again
     /// ([`Session::resume_after_sleep`]), the sleep done. False: no pause.
     pub(super) fn await_sleep(&mut self, verb: Option<Verb>) -> bool {
-        let secs = self.sleep_pause.take();
+        let secs = self.sleep.secs.take();
+        let seen = self.sleep.seen.take();
         if secs == 0 || self.hangup {
-            self.slept = false;
+            self.sleep.done.set(0);
             return false;
         }
         self.delay += std::time::Duration::from_secs(secs);
-        self.slept = true;
+        self.sleep.done.set(seen);
         self.sleeping = true;
         match verb {
             Some(v) => {
@@ -164,8 +165,7 @@ impl Session {
             rcpt_count: self.tx.as_ref().map_or(0, |t| t.recipients.len()),
             defers: None,
             reply_subject: None,
-            pause: Some(&self.sleep_pause),
-            slept: self.slept,
+            pause: Some(&self.sleep),
         }
     }
 
