@@ -49,7 +49,15 @@
 //! - `dns_checks`: the checks that read DNS answers (unknown client,
 //!   HELO, sender and recipient domains, RBLs), and which answers they
 //!   need;
-//! - `access`: `check_*_access` tables and their access(5) actions.
+//! - `access`: `check_*_access` tables and their access(5) actions;
+//! - `server_access`: `check_*_{a,mx,ns}_access`,
+//!   `check_reverse_client_hostname_access` and `permit_mx_backup`;
+//! - `defer_flags`: `defer_if_permit` and `defer_if_reject`.
+//!
+//! Also carried out: `reject_plaintext_session`, `permit_inet_interfaces`,
+//! `check_relay_domains`, `reject_multi_recipient_bounce`,
+//! `reject_known_sender_login_mismatch` (in `checks`), `sleep` (a
+//! [`Pause`] the session takes) and `smtpd_end_of_data_restrictions`.
 
 mod access;
 mod checks;
