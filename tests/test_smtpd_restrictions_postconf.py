@@ -386,3 +386,116 @@ def test_sleep_catches_a_client_that_talks_first_and_holds_up_no_one_else(make_p
     assert slow.reply()[0].startswith("220 ")
     assert time.monotonic() - t >= 2.9
     slow.close()
+
+
+# --------------------------------------------------------------------------
+# Client certificates: permit_tls_clientcerts, permit_tls_all_clientcerts,
+# check_ccert_access
+
+
+def cert_fingerprints(cert_file):
+    """(certificate, public key) SHA-256 fingerprints as Postfix prints
+    them, made by openssl."""
+    import subprocess
+
+    def colons(hexdigest):
+        return ":".join(hexdigest[i:i + 2] for i in range(0, len(hexdigest), 2)).upper()
+
+    der = subprocess.run(["openssl", "x509", "-in", str(cert_file), "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    pub = subprocess.run(["openssl", "x509", "-in", str(cert_file), "-noout", "-pubkey"],
+                         capture_output=True, check=True).stdout
+    spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub,
+                          capture_output=True, check=True).stdout
+    import hashlib
+    return colons(hashlib.sha256(der).hexdigest()), colons(hashlib.sha256(spki).hexdigest())
+
+
+def tls_rcpt(port, rcpt, cert=None):
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert.cert_file, cert.key_file)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=OUTSIDE) as s:
+        s.ehlo("client.example")
+        s.starttls(context=ctx)
+        s.ehlo("client.example")
+        s.mail("a@x.test")
+        code, text = s.rcpt(rcpt)
+        return code, text.decode()
+
+
+class ClientCA:
+    """A CA and a client certificate (extendedKeyUsage clientAuth) it
+    signed, made with openssl: ``ca_file``, ``cert_file``, ``key_file``."""
+
+    def __init__(self, d):
+        import subprocess
+        d.mkdir()
+        self.ca_file, ca_key = d / "ca.pem", d / "ca.key"
+        self.cert_file, self.key_file, csr, ext = (d / "leaf.pem", d / "leaf.key",
+                                                   d / "leaf.csr", d / "ext")
+
+        def ossl(*args):
+            subprocess.run(["openssl", *map(str, args)], capture_output=True, check=True)
+
+        ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
+             "-out", self.ca_file, "-days", "2", "-subj", "/CN=Client CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key_file,
+             "-out", csr, "-subj", "/CN=client.example")
+        ext.write_text("basicConstraints=critical,CA:FALSE\n"
+                       "keyUsage=critical,digitalSignature\n"
+                       "extendedKeyUsage=clientAuth\n")
+        ossl("x509", "-req", "-in", csr, "-CA", self.ca_file, "-CAkey", ca_key,
+             "-CAcreateserial", "-out", self.cert_file, "-days", "2", "-extfile", ext)
+
+
+def test_client_certificates(make_postern, tmp_path):
+    from postfix_peer import TestCA
+    server = TestCA(tmp_path / "server", names=["postern.test"])
+    client = ClientCA(tmp_path / "client")
+    cert_fp, pkey_fp = cert_fingerprints(client.cert_file)
+    p = make_postern(
+        params={
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_cert_file": str(server.cert_file),
+            "smtpd_tls_key_file": str(server.key_file),
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_ask_ccert": "yes",
+            "relay_clientcerts": lambda p: f"texthash:{p.etc}/relay_ccerts",
+            "smtpd_relay_restrictions": "permit_tls_clientcerts, reject_unauth_destination",
+        },
+        files={"etc/relay_ccerts": f"{pkey_fp} client.example\n"})
+    assert tls_rcpt(p.port, "u@elsewhere.test", client) == (250, "2.1.5 Ok")
+    p.wait_for_log(r"Untrusted TLS connection established from unknown\[127\.0\.0\.2\]")
+    assert tls_rcpt(p.port, "u@elsewhere.test") == \
+        (554, "5.7.1 <u@elsewhere.test>: Relay access denied")
+    # The certificate's fingerprint counts too; a certificate not listed
+    # does not.
+    p.stop()
+    p.write_file("etc/relay_ccerts", f"{cert_fp} client.example\n")
+    p.start()
+    assert tls_rcpt(p.port, "u@elsewhere.test", client)[0] == 250
+    assert tls_rcpt(p.port, "u@elsewhere.test", server)[0] == 554
+    # permit_tls_all_clientcerts: any certificate of smtpd_tls_CAfile's CAs.
+    p.stop()
+    p.set_params(smtpd_tls_CAfile=str(client.ca_file),
+                 smtpd_relay_restrictions="permit_tls_all_clientcerts, reject_unauth_destination")
+    p.start()
+    assert tls_rcpt(p.port, "u@elsewhere.test", client)[0] == 250
+    p.wait_for_log(r"Trusted TLS connection established from unknown\[127\.0\.0\.2\]")
+    assert tls_rcpt(p.port, "u@elsewhere.test", server)[0] == 554
+    # check_ccert_access: fingerprints as access(5) keys.
+    p.stop()
+    p.set_params(smtpd_client_restrictions=f"check_ccert_access texthash:{p.etc}/ccert_access",
+                 smtpd_relay_restrictions="permit_mynetworks, reject_unauth_destination")
+    p.write_file("etc/ccert_access", f"{cert_fp} REJECT certificate withdrawn\n")
+    p.start()
+    assert tls_rcpt(p.port, "root@postern.test", client) == \
+        (554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: certificate withdrawn")
+    assert tls_rcpt(p.port, "root@postern.test", server)[0] == 250
+    assert tls_rcpt(p.port, "root@postern.test")[0] == 250

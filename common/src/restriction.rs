@@ -59,11 +59,11 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("check_reverse_client_hostname_a_access", Arg::Table, ""),
     ("check_reverse_client_hostname_mx_access", Arg::Table, ""),
     ("check_reverse_client_hostname_ns_access", Arg::Table, ""),
-    ("check_ccert_access", Arg::Table, "client certificates are not asked for"),
+    ("check_ccert_access", Arg::Table, ""),
     ("check_sasl_access", Arg::Table, ""),
     ("permit_inet_interfaces", Arg::None, ""),
-    ("permit_tls_clientcerts", Arg::None, "client certificates are not asked for"),
-    ("permit_tls_all_clientcerts", Arg::None, "client certificates are not asked for"),
+    ("permit_tls_clientcerts", Arg::None, ""),
+    ("permit_tls_all_clientcerts", Arg::None, ""),
     ("reject_plaintext_session", Arg::None, ""),
     ("reject_rbl_client", Arg::DnsList, ""),
     ("permit_dnswl_client", Arg::DnsList, ""),
@@ -270,6 +270,12 @@ pub fn check_config(cfg: &Config) -> Vec<(String, String)> {
     }
     if let Some(c) = class_loop(cfg) {
         out.push((c, "the restriction class refers to itself".into()));
+    }
+    // Client certificate fingerprints are made with a digest Postern has.
+    if cfg.get_bool("smtpd_tls_ask_ccert").unwrap_or(false) {
+        if let Err(e) = crate::tls_ccert::digest_of(&cfg.get("smtpd_tls_fingerprint_digest")) {
+            out.push(("smtpd_tls_fingerprint_digest".into(), e));
+        }
     }
     out
 }

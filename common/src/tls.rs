@@ -43,7 +43,7 @@ pub fn load_cert_and_key(cert_file: &str, key_file: &str) -> Result<CertifiedKey
 }
 
 /// The certificates of a PEM file; the error is the cause alone.
-fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let data = std::fs::read(file).map_err(|e| format!("cannot read certificate: {e}"))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
@@ -109,11 +109,22 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         .trim()
         .eq_ignore_ascii_case("encrypt");
     let Profile { versions, provider } = profile(cfg, "smtpd", mandatory)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let ask_ccert = cfg
+        .get_bool("smtpd_tls_ask_ccert")
+        .map_err(|e| e.to_string())?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(KeysBySignature { keys }));
+        .map_err(|e| {
+            format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}")
+        })?;
+    // smtpd_tls_ask_ccert: any certificate (or none) is taken; whether it
+    // is trusted, and its fingerprints, are for the restrictions.
+    let builder = if ask_ccert {
+        builder.with_client_cert_verifier(Arc::new(crate::tls_ccert::AnyClientCert { provider }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(KeysBySignature { keys }));
     config.ignore_client_order = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
     let timeout = cfg
         .get_time("smtpd_tls_session_cache_timeout")
@@ -702,6 +713,8 @@ pub struct Negotiated {
     /// The server's signature (`RSA-PSS (2048 bits) server-digest SHA256`),
     /// TLS 1.3 only, when known (smtpd: [`take_server_signature`]).
     pub server_signature: Option<String>,
+    /// The certificate chain the client sent (smtpd_tls_ask_ccert).
+    pub peer_certs: Vec<CertificateDer<'static>>,
 }
 
 impl Negotiated {
@@ -719,6 +732,10 @@ impl Negotiated {
             bits: cipher_bits(suite),
             kx,
             server_signature: None,
+            peer_certs: conn
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default(),
         })
     }
 

@@ -108,6 +108,12 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("permit_mx_backup_networks", ""),
     ("smtpd_discard_ehlo_keywords", ""),
     ("smtpd_command_filter", ""),
+    ("smtpd_tls_ask_ccert", "no"),
+    ("relay_clientcerts", ""),
+    (
+        "smtpd_tls_fingerprint_digest",
+        "${{$compatibility_level} <level {3.6} ? {md5} : {sha256}}",
+    ),
     ("smtpd_discard_ehlo_keyword_address_maps", ""),
     ("smtpd_reject_unlisted_recipient", "yes"),
     ("smtpd_sasl_auth_enable", "no"),

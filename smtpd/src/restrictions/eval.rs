@@ -185,6 +185,9 @@ impl Restrictions {
             "reject_known_sender_login_mismatch" => self.known_login_mismatch(req),
             "check_reverse_client_hostname_access" => self.reverse_client_access(item, req),
             "permit_mx_backup" => self.mx_backup(req),
+            "permit_tls_clientcerts" | "permit_tls_all_clientcerts" | "check_ccert_access" => {
+                self.client_cert_check(item, req)
+            }
             name if super::server_access::is_server_access(name) => {
                 self.check_server_access(item, req)
             }

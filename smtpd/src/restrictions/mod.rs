@@ -139,6 +139,9 @@ pub struct Request<'a> {
     /// Where `sleep SECONDS` asks the session to pause (None: sleep is a
     /// no-op).
     pub pause: Option<&'a Pause>,
+    /// The client's TLS certificate, when it showed one
+    /// (`smtpd_tls_ask_ccert`).
+    pub client_cert: Option<&'a postern_common::tls_ccert::ClientCert>,
 }
 
 impl Request<'_> {
@@ -220,6 +223,11 @@ pub struct Restrictions {
     relay_domains: Option<MatchList>,
     /// `permit_mx_backup_networks` (empty: any primary MX).
     mx_backup_networks: Option<MatchList>,
+    /// `relay_clientcerts` (permit_tls_clientcerts).
+    relay_clientcerts: Option<Tables>,
+    /// `smtpd_tls_ask_ccert` (a warning when a certificate restriction
+    /// runs without it).
+    ask_ccert: bool,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -287,6 +295,17 @@ impl Restrictions {
         r.relay_domains = Some(MatchList::from_config(cfg, "relay_domains", Kind::Domain)?);
         let backup = MatchList::from_config(cfg, "permit_mx_backup_networks", Kind::NameAddress)?;
         r.mx_backup_networks = (!backup.is_empty()).then_some(backup);
+        let ccerts = cfg.get("relay_clientcerts");
+        if !ccerts.trim().is_empty() {
+            let (t, errors) = Tables::open_list(&ccerts);
+            for e in &errors {
+                warning!("relay_clientcerts: {e}");
+            }
+            r.relay_clientcerts = Some(t);
+        }
+        r.ask_ccert = cfg
+            .get_bool("smtpd_tls_ask_ccert")
+            .map_err(|e| e.to_string())?;
         if let Some(c) = restriction::class_loop(cfg) {
             return Err(format!("{c}: the restriction class refers to itself"));
         }

@@ -244,6 +244,8 @@ pub struct Session {
     sleep: crate::restrictions::Pause,
     /// Held by a `sleep`: the loop resumes the session after the hold.
     sleeping: bool,
+    /// The client's TLS certificate (smtpd_tls_ask_ccert).
+    client_cert: Option<postern_common::tls_ccert::ClientCert>,
     /// EHLO keywords not announced to this client (lower case).
     ehlo_discard: Vec<String>,
     /// DNS answers for the restrictions, kept for the session.
@@ -306,6 +308,7 @@ impl Session {
             tls: None,
             starttls_pending: false,
             ehlo_discard: Vec::new(),
+            client_cert: None,
             sleep: Default::default(),
             sleeping: false,
             mechs: None,

@@ -166,6 +166,7 @@ impl Session {
             defers: None,
             reply_subject: None,
             pause: Some(&self.sleep),
+            client_cert: self.client_cert.as_ref(),
         }
     }
 

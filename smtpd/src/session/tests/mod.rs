@@ -73,6 +73,7 @@ fn settings() -> Settings {
         xforward_hosts: MatchList::parse("127.0.0.2", Kind::NameAddress, true).unwrap(),
         ehlo_discard: String::new(),
         command_filter: None,
+        ccert: None,
         ehlo_discard_maps: None,
     }
 }
