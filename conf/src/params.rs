@@ -109,6 +109,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_discard_ehlo_keywords", ""),
     ("smtpd_command_filter", ""),
     ("smtpd_tls_ask_ccert", "no"),
+    ("smtpd_tls_CAfile", ""),
     ("relay_clientcerts", ""),
     (
         "smtpd_tls_fingerprint_digest",
