@@ -499,3 +499,15 @@ def test_client_certificates(make_postern, tmp_path):
         (554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: certificate withdrawn")
     assert tls_rcpt(p.port, "root@postern.test", server)[0] == 250
     assert tls_rcpt(p.port, "root@postern.test")[0] == 250
+
+
+def test_defer_if_permit_at_connect_without_delay_reject(make_postern):
+    """With smtpd_delay_reject = no the client list runs at connect; its
+    defer_if_permit still defers the recipients it would let through."""
+    p = make_postern(params={"smtpd_delay_reject": "no",
+                             "local_recipient_maps": "",
+                             "smtpd_client_restrictions": "defer_if_permit"})
+    assert rcpt_reply(p.port, "a@x.test", "u@postern.test") == \
+        (450, "4.7.0 <unknown[127.0.0.1]>: Client host rejected: defer_if_permit requested")
+    # A reject still wins.
+    assert rcpt_reply(p.port, "a@x.test", "u@elsewhere.test", source=OUTSIDE)[0] == 554

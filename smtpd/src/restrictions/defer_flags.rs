@@ -12,7 +12,9 @@
 //!   without the earlier temporary trouble).
 //!
 //! Once both are raised a list stops, as Postfix's: nothing can change the
-//! outcome any more.
+//! outcome any more. With `smtpd_delay_reject = no` the session keeps the
+//! flags its connect, HELO and MAIL checks raised ([`Defers`] in the
+//! session), and the recipient check starts from its defer_if_permit.
 
 use super::{Request, Restrictions, Stage, Verdict};
 use std::cell::RefCell;
@@ -35,6 +37,15 @@ impl Defers {
         let mut s = slot.borrow_mut();
         if s.is_none() {
             *s = Some(reply);
+        }
+    }
+
+    /// defer_if_permit raised earlier in the session (the client, HELO
+    /// and sender lists with `smtpd_delay_reject = no`), for the
+    /// recipient check.
+    pub(super) fn carry_permit_from(&self, earlier: &Defers) {
+        if let Some(r) = earlier.if_permit.borrow().clone() {
+            Defers::raise(&self.if_permit, r);
         }
     }
 

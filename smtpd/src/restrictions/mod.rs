@@ -62,6 +62,7 @@
 mod access;
 mod checks;
 mod defer_flags;
+pub use defer_flags::Defers;
 mod dns_checks;
 mod eval;
 mod server_access;
@@ -480,6 +481,9 @@ impl Restrictions {
     /// section 4.5.1).
     pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
         let defers = defer_flags::Defers::default();
+        if let (false, Some(earlier)) = (self.delay_reject, req.defers) {
+            defers.carry_permit_from(earlier);
+        }
         let req = &Request {
             defers: Some(&defers),
             ..req.clone()

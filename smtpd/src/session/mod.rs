@@ -244,6 +244,9 @@ pub struct Session {
     sleep: crate::restrictions::Pause,
     /// Held by a `sleep`: the loop resumes the session after the hold.
     sleeping: bool,
+    /// defer_if_permit / defer_if_reject raised by the connect, HELO and
+    /// MAIL checks (`smtpd_delay_reject = no`).
+    defers: crate::restrictions::Defers,
     /// The client's TLS certificate (smtpd_tls_ask_ccert).
     client_cert: Option<postern_common::tls_ccert::ClientCert>,
     /// EHLO keywords not announced to this client (lower case).
@@ -309,6 +312,7 @@ impl Session {
             starttls_pending: false,
             ehlo_discard: Vec::new(),
             client_cert: None,
+            defers: Default::default(),
             sleep: Default::default(),
             sleeping: false,
             mechs: None,

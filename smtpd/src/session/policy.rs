@@ -163,7 +163,7 @@ impl Session {
             filter: Some(&self.access_filter),
             tls: self.tls.is_some(),
             rcpt_count: self.tx.as_ref().map_or(0, |t| t.recipients.len()),
-            defers: None,
+            defers: Some(&self.defers),
             reply_subject: None,
             pause: Some(&self.sleep),
             client_cert: self.client_cert.as_ref(),
