@@ -325,6 +325,46 @@ mod tests {
     }
 
     #[test]
+    fn postconf_restrictions_postern_now_carries_out() {
+        let l = parse_list(
+            &w(
+                "sleep 1, defer_if_permit, defer_if_reject, permit_inet_interfaces, \
+                check_client_mx_access hash:/a, check_reverse_client_hostname_ns_access hash:/b, \
+                check_ccert_access hash:/c, permit_tls_clientcerts, permit_mx_backup, \
+                reject_multi_recipient_bounce, reject_plaintext_session, check_relay_domains",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(l[0].arg.as_deref(), Some("1"));
+        assert_eq!(l.len(), 12);
+        assert!(parse_list(&w("sleep soon"), &[])
+            .unwrap_err()
+            .contains("a number of seconds"));
+        // Not a restriction of Postfix 3.7 (its smtpd answers 451 4.3.5).
+        assert!(
+            parse_list(&w("reject_unknown_forward_client_hostname"), &[])
+                .unwrap_err()
+                .contains("not a restriction of Postfix 3.7")
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_digest_postern_lacks_fails_the_check() {
+        let cfg = |digest: &str| {
+            Config::from_text(
+                std::path::Path::new("/nonexistent"),
+                &format!("smtpd_tls_ask_ccert = yes\nsmtpd_tls_fingerprint_digest = {digest}\n"),
+                std::path::Path::new("main.cf"),
+            )
+            .unwrap()
+        };
+        assert!(check_config(&cfg("sha256")).is_empty());
+        let errs = check_config(&cfg("md5"));
+        assert_eq!(errs[0].0, "smtpd_tls_fingerprint_digest");
+    }
+
+    #[test]
     fn every_list_and_class_of_a_configuration() {
         let cfg = Config::from_text(
             std::path::Path::new("/nonexistent"),

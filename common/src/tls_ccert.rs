@@ -198,3 +198,40 @@ pub fn client_cert(
         trusted,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_as_postfix_prints_them() {
+        assert_eq!(
+            fingerprint(digest_of("SHA1").unwrap(), b"abc"),
+            "A9:99:3E:36:47:06:81:6A:BA:3E:25:71:78:50:C2:6C:9C:D0:D8:9D"
+        );
+        assert!(digest_of("md5").is_err());
+    }
+
+    #[test]
+    fn der_walk_finds_the_key_or_nothing() {
+        assert_eq!(spki(b""), None);
+        assert_eq!(spki(&[0x30, 0x03, 0x30, 0x01, 0x02]), None);
+        // tbsCertificate with version, serial, sigalg, issuer, validity,
+        // subject, then the key.
+        let tbs_items: Vec<u8> = [
+            &[0xa0, 0x00][..],
+            &[0x02, 0x01, 0x01],
+            &[0x30, 0x00],
+            &[0x30, 0x00],
+            &[0x30, 0x00],
+            &[0x30, 0x00],
+            &[0x30, 0x02, 0x05, 0x00],
+        ]
+        .concat();
+        let mut tbs = vec![0x30, tbs_items.len() as u8];
+        tbs.extend(&tbs_items);
+        let mut cert = vec![0x30, tbs.len() as u8];
+        cert.extend(&tbs);
+        assert_eq!(spki(&cert), Some(&[0x30, 0x02, 0x05, 0x00][..]));
+    }
+}
