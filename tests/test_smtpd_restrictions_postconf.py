@@ -511,3 +511,24 @@ def test_defer_if_permit_at_connect_without_delay_reject(make_postern):
         (450, "4.7.0 <unknown[127.0.0.1]>: Client host rejected: defer_if_permit requested")
     # A reject still wins.
     assert rcpt_reply(p.port, "a@x.test", "u@elsewhere.test", source=OUTSIDE)[0] == 554
+
+
+def test_relay_domains_and_plaintext_as_postfix(make_postern, postfix_peer):
+    params = {"relay_domains": "relay.test", "smtpd_relay_restrictions": "",
+              "smtpd_recipient_restrictions": "check_relay_domains",
+              "smtpd_sender_restrictions": "check_sender_access inline:{ p@x.test=plain_class }",
+              "smtpd_restriction_classes": "plain_class",
+              "plain_class": "reject_plaintext_session"}
+    p = make_postern(params=params)
+    far = postfix_peer(params=params)
+
+    def replies(port):
+        return [rcpt_reply(port, "a@x.test", "u@relay.test"),
+                rcpt_reply(port, "a@x.test", "u@else.test"),
+                rcpt_reply(port, "p@x.test", "u@relay.test")]
+
+    mine = replies(p.port)
+    assert mine == [(250, "2.1.5 Ok"),
+                    (554, "5.7.1 <u@else.test>: Recipient address rejected: Relay access denied"),
+                    (450, "4.7.1 Session encryption is required")]
+    assert replies(far.port) == mine
