@@ -208,8 +208,10 @@ def test_server_access_checks(make_postern, dnsmasq):
                 f"check_sender_mx_access cidr:{p.etc}/bad.cidr, "
                 f"check_sender_ns_access texthash:{p.etc}/bad.names, "
                 f"check_sender_a_access cidr:{p.etc}/bad.cidr"),
-            "smtpd_recipient_restrictions": lambda p: (
-                f"check_recipient_mx_access cidr:{p.etc}/bad.cidr, reject_unauth_destination"),
+            # Through a restriction class: its DNS answers are fetched too.
+            "smtpd_restriction_classes": "rcpt_mx",
+            "rcpt_mx": lambda p: f"check_recipient_mx_access cidr:{p.etc}/bad.cidr",
+            "smtpd_recipient_restrictions": "rcpt_mx, reject_unauth_destination",
         },
         files={"etc/bad.cidr": "127.0.0.66/32 REJECT bad host\n"
                                "127.0.0.68/32 OK\n",
