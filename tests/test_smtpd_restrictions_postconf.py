@@ -534,3 +534,17 @@ def test_relay_domains_and_plaintext_as_postfix(make_postern, postfix_peer):
                     (554, "5.7.1 <u@else.test>: Recipient address rejected: Relay access denied"),
                     (450, "4.7.1 Session encryption is required")]
     assert replies(far.port) == mine
+
+
+def test_defer_if_permit_of_a_sender_ends_with_its_transaction(make_postern):
+    p = make_postern(params={
+        "smtpd_delay_reject": "no", "local_recipient_maps": "",
+        "smtpd_sender_restrictions": "check_sender_access inline:{ d@x.test=defer_if_permit }"})
+    with p.smtp() as s:
+        s.ehlo("c")
+        s.mail("d@x.test")
+        assert s.rcpt("u@postern.test") == \
+            (450, b"4.7.1 <d@x.test>: Sender address rejected: Service unavailable")
+        s.rset()
+        s.mail("a@x.test")
+        assert s.rcpt("u@postern.test") == (250, b"2.1.5 Ok")

@@ -49,6 +49,18 @@ impl Defers {
         }
     }
 
+    /// defer_if_permit's reply, if raised.
+    pub fn permit_reply(&self) -> Option<String> {
+        self.if_permit.borrow().clone()
+    }
+
+    /// Puts defer_if_permit back as an earlier stage left it (Postfix:
+    /// HELO starts from what the client list raised, MAIL from what the
+    /// client and HELO lists raised).
+    pub fn set_permit(&self, reply: Option<String>) {
+        self.if_permit.replace(reply);
+    }
+
     pub(super) fn both_raised(&self) -> bool {
         self.if_permit.borrow().is_some() && self.if_reject.borrow().is_some()
     }

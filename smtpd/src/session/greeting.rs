@@ -112,10 +112,12 @@ impl Session {
             self.state = State::WaitDnsConnect;
             return;
         }
+        self.defers.set_permit(None);
         let refused = {
             let req = self.request(None, "CONNECT");
             self.cfg.restrictions.check_connect(&req)
         };
+        self.defer_permit_client = self.defers.permit_reply();
         if self.await_sleep(None) {
             return;
         }
@@ -149,11 +151,13 @@ impl Session {
         if self.await_dns(needed, verb) {
             return Done::Pending;
         }
+        self.defers.set_permit(self.defer_permit_client.clone());
         let refused = {
             let mut req = self.request(None, self.where_);
             req.helo = Some(&name);
             self.cfg.restrictions.check_helo(&req)
         };
+        self.defer_permit_helo = self.defers.permit_reply();
         if self.await_sleep(Some(verb)) {
             return Done::Pending;
         }

@@ -247,6 +247,9 @@ pub struct Session {
     /// defer_if_permit / defer_if_reject raised by the connect, HELO and
     /// MAIL checks (`smtpd_delay_reject = no`).
     defers: crate::restrictions::Defers,
+    /// defer_if_permit as the connect and HELO checks left it.
+    defer_permit_client: Option<String>,
+    defer_permit_helo: Option<String>,
     /// The client's TLS certificate (smtpd_tls_ask_ccert).
     client_cert: Option<postern_common::tls_ccert::ClientCert>,
     /// EHLO keywords not announced to this client (lower case).
@@ -313,6 +316,8 @@ impl Session {
             ehlo_discard: Vec::new(),
             client_cert: None,
             defers: Default::default(),
+            defer_permit_client: None,
+            defer_permit_helo: None,
             sleep: Default::default(),
             sleeping: false,
             mechs: None,

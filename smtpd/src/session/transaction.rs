@@ -102,6 +102,9 @@ impl Session {
         if self.over_rate_limit(Event::Message, "Message delivery request", "too much mail") {
             return Done::Failed;
         }
+        let earlier = self.defer_permit_helo.clone();
+        self.defers
+            .set_permit(earlier.or_else(|| self.defer_permit_client.clone()));
         let refused = {
             let mut req = self.request(None, self.where_);
             req.sender = Some(&tx.sender);
