@@ -192,16 +192,12 @@ def ca(work):
 # (parameter or restriction or service, as it appears in its error line).
 NEEDS = {
     "debian": [],
-    "docker-mailserver": [
-        "smtpd_discard_ehlo_keywords: not honoured",
-    ],
+    "docker-mailserver": [],
     "mailcow": [
         "relay_domains: table ",
-        "smtpd_recipient_restrictions: check_recipient_mx_access: not available",
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
     ],
     "iredmail": [
-        "smtpd_command_filter: not honoured",
     ],
 }
 

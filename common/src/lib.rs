@@ -63,4 +63,5 @@ pub mod smtputf8;
 pub mod table_watch;
 pub mod time;
 pub mod tls;
+pub mod tls_ccert;
 pub mod tls_tickets;

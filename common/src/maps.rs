@@ -174,11 +174,40 @@ impl Table {
                     .into(),
             )),
             "inline" => {
-                let inner = name.trim().trim_start_matches('{').trim_end_matches('}');
-                let map = inner
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                // Items are separated by commas; as Postfix's dict_inline,
+                // `{ key = text, with commas }` keeps one whole.
+                let name = name.trim();
+                let inner = name
+                    .strip_prefix('{')
+                    .and_then(|n| n.strip_suffix('}'))
+                    .unwrap_or(name);
+                let mut items = vec![String::new()];
+                let mut depth = 0i32;
+                for c in inner.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            items.push(String::new());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    items.last_mut().expect("never empty").push(c);
+                }
+                let map = items
+                    .iter()
+                    .map(|item| {
+                        let item = item.trim();
+                        item.strip_prefix('{')
+                            .and_then(|i| i.strip_suffix('}'))
+                            .unwrap_or(item)
+                            .to_string()
+                    })
+                    .filter_map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+                    })
                     .collect();
                 Ok(Table::Entries {
                     spec: spec.into(),
@@ -931,6 +960,12 @@ mod tests {
             vec!["hash:/a", "texthash:/b", "inline:{a=b, c=d}"]
         );
         let t = Table::open("inline:{a=b, c=d}").unwrap();
+        let braced = Table::open("inline:{ { k = v, with comma }, x=y z }").unwrap();
+        assert_eq!(
+            braced.lookup("k").unwrap().as_deref(),
+            Some("v, with comma")
+        );
+        assert_eq!(braced.lookup("x").unwrap().as_deref(), Some("y z"));
         assert_eq!(t.lookup("C").unwrap().as_deref(), Some("d"));
         assert_eq!(
             Table::open("static:x")

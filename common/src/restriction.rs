@@ -44,27 +44,27 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("defer", Arg::None, ""),
     ("warn_if_reject", Arg::None, ""),
     ("reject_unauth_pipelining", Arg::None, ""),
-    ("defer_if_permit", Arg::None, NOT_YET),
-    ("defer_if_reject", Arg::None, NOT_YET),
-    ("sleep", Arg::Seconds, "would stall smtpd's event loop; use smtpd_client_restrictions with reject_unauth_pipelining instead"),
+    ("defer_if_permit", Arg::None, ""),
+    ("defer_if_reject", Arg::None, ""),
+    ("sleep", Arg::Seconds, ""),
     ("check_policy_service", Arg::Server, ""),
     // Client.
     ("permit_mynetworks", Arg::None, ""),
     ("permit_sasl_authenticated", Arg::None, ""),
     ("check_client_access", Arg::Table, ""),
-    ("check_reverse_client_hostname_access", Arg::Table, NOT_YET),
-    ("check_client_a_access", Arg::Table, NOT_YET),
-    ("check_client_mx_access", Arg::Table, NOT_YET),
-    ("check_client_ns_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_a_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_mx_access", Arg::Table, NOT_YET),
-    ("check_reverse_client_hostname_ns_access", Arg::Table, NOT_YET),
-    ("check_ccert_access", Arg::Table, "client certificates are not asked for"),
+    ("check_reverse_client_hostname_access", Arg::Table, ""),
+    ("check_client_a_access", Arg::Table, ""),
+    ("check_client_mx_access", Arg::Table, ""),
+    ("check_client_ns_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_a_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_mx_access", Arg::Table, ""),
+    ("check_reverse_client_hostname_ns_access", Arg::Table, ""),
+    ("check_ccert_access", Arg::Table, ""),
     ("check_sasl_access", Arg::Table, ""),
-    ("permit_inet_interfaces", Arg::None, NOT_YET),
-    ("permit_tls_clientcerts", Arg::None, "client certificates are not asked for"),
-    ("permit_tls_all_clientcerts", Arg::None, "client certificates are not asked for"),
-    ("reject_plaintext_session", Arg::None, NOT_YET),
+    ("permit_inet_interfaces", Arg::None, ""),
+    ("permit_tls_clientcerts", Arg::None, ""),
+    ("permit_tls_all_clientcerts", Arg::None, ""),
+    ("reject_plaintext_session", Arg::None, ""),
     ("reject_rbl_client", Arg::DnsList, ""),
     ("permit_dnswl_client", Arg::DnsList, ""),
     ("reject_rhsbl_client", Arg::DnsList, ""),
@@ -73,12 +73,12 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unknown_client_hostname", Arg::None, ""),
     ("reject_unknown_client", Arg::None, ""),
     ("reject_unknown_reverse_client_hostname", Arg::None, ""),
-    ("reject_unknown_forward_client_hostname", Arg::None, NOT_YET),
+    ("reject_unknown_forward_client_hostname", Arg::None, "not a restriction of Postfix 3.7 (postconf(5) has no such entry; its smtpd answers every client 451 4.3.5 Server configuration error): use reject_unknown_client_hostname"),
     // HELO.
     ("check_helo_access", Arg::Table, ""),
-    ("check_helo_a_access", Arg::Table, NOT_YET),
-    ("check_helo_mx_access", Arg::Table, NOT_YET),
-    ("check_helo_ns_access", Arg::Table, NOT_YET),
+    ("check_helo_a_access", Arg::Table, ""),
+    ("check_helo_mx_access", Arg::Table, ""),
+    ("check_helo_ns_access", Arg::Table, ""),
     ("reject_invalid_helo_hostname", Arg::None, ""),
     ("reject_invalid_hostname", Arg::None, ""),
     ("reject_non_fqdn_helo_hostname", Arg::None, ""),
@@ -88,11 +88,11 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_rhsbl_helo", Arg::DnsList, ""),
     // Sender.
     ("check_sender_access", Arg::Table, ""),
-    ("check_sender_a_access", Arg::Table, NOT_YET),
-    ("check_sender_mx_access", Arg::Table, NOT_YET),
-    ("check_sender_ns_access", Arg::Table, NOT_YET),
+    ("check_sender_a_access", Arg::Table, ""),
+    ("check_sender_mx_access", Arg::Table, ""),
+    ("check_sender_ns_access", Arg::Table, ""),
     ("reject_authenticated_sender_login_mismatch", Arg::None, ""),
-    ("reject_known_sender_login_mismatch", Arg::None, NOT_YET),
+    ("reject_known_sender_login_mismatch", Arg::None, ""),
     ("reject_sender_login_mismatch", Arg::None, ""),
     ("reject_unauthenticated_sender_login_mismatch", Arg::None, ""),
     ("reject_non_fqdn_sender", Arg::None, ""),
@@ -102,14 +102,14 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unverified_sender", Arg::None, VERIFY),
     // Recipient.
     ("check_recipient_access", Arg::Table, ""),
-    ("check_recipient_a_access", Arg::Table, NOT_YET),
-    ("check_recipient_mx_access", Arg::Table, NOT_YET),
-    ("check_recipient_ns_access", Arg::Table, NOT_YET),
+    ("check_recipient_a_access", Arg::Table, ""),
+    ("check_recipient_mx_access", Arg::Table, ""),
+    ("check_recipient_ns_access", Arg::Table, ""),
     ("permit_auth_destination", Arg::None, ""),
     ("reject_unauth_destination", Arg::None, ""),
     ("defer_unauth_destination", Arg::None, ""),
-    ("check_relay_domains", Arg::None, "obsolete since Postfix 2.2: use permit_auth_destination"),
-    ("permit_mx_backup", Arg::None, NOT_YET),
+    ("check_relay_domains", Arg::None, ""),
+    ("permit_mx_backup", Arg::None, ""),
     ("reject_non_fqdn_recipient", Arg::None, ""),
     ("reject_rhsbl_recipient", Arg::DnsList, ""),
     ("reject_unknown_recipient_domain", Arg::None, ""),
@@ -117,12 +117,11 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("check_recipient_maps", Arg::None, ""),
     ("reject_unverified_recipient", Arg::None, VERIFY),
     // DATA, end of data.
-    ("reject_multi_recipient_bounce", Arg::None, NOT_YET),
+    ("reject_multi_recipient_bounce", Arg::None, ""),
     // ETRN.
     ("check_etrn_access", Arg::Table, "ETRN is not offered"),
 ];
 
-const NOT_YET: &str = "not implemented by Postern's smtpd";
 const VERIFY: &str = "address verification (verify(8)) is not offered";
 
 /// The restriction lists smtpd reads.
@@ -342,14 +341,14 @@ pub fn check_config(cfg: &Config) -> Vec<(String, String)> {
             out.push((name, e));
         }
     }
-    if !words(&cfg.get("smtpd_end_of_data_restrictions")).is_empty() {
-        out.push((
-            "smtpd_end_of_data_restrictions".into(),
-            "not applied: Postern's smtpd has no end-of-data restriction stage".into(),
-        ));
-    }
     if let Some(c) = class_loop(cfg) {
         out.push((c, "the restriction class refers to itself".into()));
+    }
+    // Client certificate fingerprints are made with a digest Postern has.
+    if cfg.get_bool("smtpd_tls_ask_ccert").unwrap_or(false) {
+        if let Err(e) = crate::tls_ccert::digest_of(&cfg.get("smtpd_tls_fingerprint_digest")) {
+            out.push(("smtpd_tls_fingerprint_digest".into(), e));
+        }
     }
     out
 }
@@ -422,6 +421,46 @@ mod tests {
             parse_list(&w("internal_only"), &c).unwrap()[0].name,
             "internal_only"
         );
+    }
+
+    #[test]
+    fn postconf_restrictions_postern_now_carries_out() {
+        let l = parse_list(
+            &w(
+                "sleep 1, defer_if_permit, defer_if_reject, permit_inet_interfaces, \
+                check_client_mx_access hash:/a, check_reverse_client_hostname_ns_access hash:/b, \
+                check_ccert_access hash:/c, permit_tls_clientcerts, permit_mx_backup, \
+                reject_multi_recipient_bounce, reject_plaintext_session, check_relay_domains",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(l[0].arg.as_deref(), Some("1"));
+        assert_eq!(l.len(), 12);
+        assert!(parse_list(&w("sleep soon"), &[])
+            .unwrap_err()
+            .contains("a number of seconds"));
+        // Not a restriction of Postfix 3.7 (its smtpd answers 451 4.3.5).
+        assert!(
+            parse_list(&w("reject_unknown_forward_client_hostname"), &[])
+                .unwrap_err()
+                .contains("not a restriction of Postfix 3.7")
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_digest_postern_lacks_fails_the_check() {
+        let cfg = |digest: &str| {
+            Config::from_text(
+                std::path::Path::new("/nonexistent"),
+                &format!("smtpd_tls_ask_ccert = yes\nsmtpd_tls_fingerprint_digest = {digest}\n"),
+                std::path::Path::new("main.cf"),
+            )
+            .unwrap()
+        };
+        assert!(check_config(&cfg("sha256")).is_empty());
+        let errs = check_config(&cfg("md5"));
+        assert_eq!(errs[0].0, "smtpd_tls_fingerprint_digest");
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub fn load_cert_and_key(cert_file: &str, key_file: &str) -> Result<CertifiedKey
 }
 
 /// The certificates of a PEM file; the error is the cause alone.
-fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn load_certs(file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let data = std::fs::read(file).map_err(|e| format!("cannot read certificate: {e}"))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
@@ -109,11 +109,22 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         .trim()
         .eq_ignore_ascii_case("encrypt");
     let Profile { versions, provider } = profile(cfg, "smtpd", mandatory)?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let ask_ccert = cfg
+        .get_bool("smtpd_tls_ask_ccert")
+        .map_err(|e| e.to_string())?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(KeysBySignature { keys }));
+        .map_err(|e| {
+            format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}")
+        })?;
+    // smtpd_tls_ask_ccert: any certificate (or none) is taken; whether it
+    // is trusted, and its fingerprints, are for the restrictions.
+    let builder = if ask_ccert {
+        builder.with_client_cert_verifier(Arc::new(crate::tls_ccert::AnyClientCert { provider }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(KeysBySignature { keys }));
     config.ignore_client_order = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
     let timeout = cfg
         .get_time("smtpd_tls_session_cache_timeout")
@@ -300,51 +311,51 @@ impl sign::SigningKey for ClientOrder {
 
 /// Every key of `files` with the certificates that follow it (Postfix's
 /// `*_tls_chain_files`: "one or more private keys directly followed by a
-/// corresponding certificate chain"); a file with the certificates
-/// before its only key is taken too.
+/// corresponding certificate chain"). The files are read as one sequence,
+/// as Postfix does: a key in one file and its chain in the next
+/// (`key.pem cert.pem`) is one pair. Certificates before the only key are
+/// taken too.
 pub fn load_chain_keys(files: &[String]) -> Result<Vec<(String, CertifiedKey)>, String> {
     use rustls::pki_types::pem::SectionKind;
-    let mut out = Vec::new();
+    // (file of the key, key, chain)
+    let mut groups: Vec<(String, PrivateKeyDer<'static>, Vec<CertificateDer<'static>>)> =
+        Vec::new();
+    let mut leading: Vec<CertificateDer<'static>> = Vec::new();
     for f in files {
         let data = std::fs::read(f).map_err(|e| format!("{f}: cannot read: {e}"))?;
-        let mut groups: Vec<(Option<PrivateKeyDer<'static>>, Vec<CertificateDer<'static>>)> =
-            Vec::new();
-        let mut leading: Vec<CertificateDer<'static>> = Vec::new();
         for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(&data) {
             let (kind, der) = item.map_err(|e| format!("{f}: cannot parse: {e}"))?;
-            match kind {
-                SectionKind::Certificate => match groups.last_mut() {
-                    Some((_, certs)) => certs.push(CertificateDer::from(der)),
-                    None => leading.push(CertificateDer::from(der)),
-                },
-                SectionKind::PrivateKey => {
-                    groups.push((Some(PrivateKeyDer::Pkcs8(der.into())), Vec::new()))
+            let key = match kind {
+                SectionKind::Certificate => {
+                    match groups.last_mut() {
+                        Some((_, _, certs)) => certs.push(CertificateDer::from(der)),
+                        None => leading.push(CertificateDer::from(der)),
+                    }
+                    continue;
                 }
-                SectionKind::RsaPrivateKey => {
-                    groups.push((Some(PrivateKeyDer::Pkcs1(der.into())), Vec::new()))
-                }
-                SectionKind::EcPrivateKey => {
-                    groups.push((Some(PrivateKeyDer::Sec1(der.into())), Vec::new()))
-                }
-                _ => {}
-            }
-        }
-        if groups.len() == 1 && groups[0].1.is_empty() && !leading.is_empty() {
-            groups[0].1 = std::mem::take(&mut leading);
-        }
-        if groups.is_empty() {
-            return Err(format!("{f}: no private key in the file"));
-        }
-        for (n, (key, chain)) in groups.into_iter().enumerate() {
-            if chain.is_empty() {
-                return Err(format!("{f}: no certificate after private key {}", n + 1));
-            }
-            let key = key.expect("a group starts with its key");
-            out.push((f.clone(), CertifiedKey { chain, key }));
+                SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(der.into()),
+                SectionKind::RsaPrivateKey => PrivateKeyDer::Pkcs1(der.into()),
+                SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(der.into()),
+                _ => continue,
+            };
+            groups.push((f.clone(), key, Vec::new()));
         }
     }
-    if out.is_empty() {
-        return Err("no files in the chain file list".into());
+    if groups.len() == 1 && groups[0].2.is_empty() && !leading.is_empty() {
+        groups[0].2 = std::mem::take(&mut leading);
+    }
+    if groups.is_empty() {
+        return Err(match files {
+            [] => "no files in the chain file list".into(),
+            _ => format!("{}: no private key in the file", files.join(", ")),
+        });
+    }
+    let mut out = Vec::new();
+    for (n, (f, key, chain)) in groups.into_iter().enumerate() {
+        if chain.is_empty() {
+            return Err(format!("{f}: no certificate after private key {}", n + 1));
+        }
+        out.push((f, CertifiedKey { chain, key }));
     }
     Ok(out)
 }
@@ -702,6 +713,8 @@ pub struct Negotiated {
     /// The server's signature (`RSA-PSS (2048 bits) server-digest SHA256`),
     /// TLS 1.3 only, when known (smtpd: [`take_server_signature`]).
     pub server_signature: Option<String>,
+    /// The certificate chain the client sent (smtpd_tls_ask_ccert).
+    pub peer_certs: Vec<CertificateDer<'static>>,
 }
 
 impl Negotiated {
@@ -719,6 +732,10 @@ impl Negotiated {
             bits: cipher_bits(suite),
             kx,
             server_signature: None,
+            peer_certs: conn
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default(),
         })
     }
 

@@ -37,6 +37,10 @@ use std::time::Duration;
 /// Helper threads (lookups in flight at once).
 const WORKERS: usize = 4;
 
+/// The most hosts of a [`Query::Servers`] answer looked at (Postfix's
+/// `dns_rr_list_limit` is about records; this bounds the lookups).
+const SERVER_LIMIT: usize = 100;
+
 /// A fact a restriction needs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Query {
@@ -47,6 +51,35 @@ pub enum Query {
     Rbl(String),
     /// The client's names: its PTR, confirmed by the name's addresses.
     Peer(IpAddr),
+    /// The hosts that serve a domain, with their addresses
+    /// (`check_*_{a,mx,ns}_access`, `permit_mx_backup`).
+    Servers(ServerKind, String),
+}
+
+/// Which hosts [`Query::Servers`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerKind {
+    /// The domain itself, as a host (`check_*_a_access`).
+    A,
+    /// Its MX hosts; a domain without MX records is its own
+    /// (`check_*_mx_access`, as the SMTP client would).
+    Mx,
+    /// Its MX hosts only: NotFound without MX records (`permit_mx_backup`).
+    MxOnly,
+    /// Its name servers, or its closest parent's (`check_*_ns_access`).
+    Ns,
+}
+
+/// One host of a [`Query::Servers`] answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// MX preference (0 for the others).
+    pub pref: u16,
+    /// Lower case, without the final dot.
+    pub name: String,
+    pub addrs: Vec<IpAddr>,
+    /// Its addresses could not be looked up for now.
+    pub addrs_failed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +92,8 @@ pub enum Answer {
     TryAgain,
     /// The answer to [`Query::Peer`].
     Peer(PeerName),
+    /// The answer to [`Query::Servers`] (empty: a null MX).
+    Servers(Vec<Server>),
 }
 
 /// How a client name lookup ended, as Postfix's `SMTPD_PEER_CODE_*`.
@@ -281,7 +316,90 @@ impl Worker {
                 Err(a) => a,
             },
             Query::Peer(ip) => Answer::Peer(self.peer_name(*ip)),
+            Query::Servers(kind, domain) => self.servers(*kind, domain),
         }
+    }
+
+    /// The hosts of a [`Query::Servers`], each with its A and AAAA
+    /// addresses (at most [`SERVER_LIMIT`] hosts).
+    fn servers(&self, kind: ServerKind, domain: &str) -> Answer {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || domain.starts_with('.') || domain.contains("..") {
+            return Answer::NotFound;
+        }
+        let mut names: Vec<(u16, String)> = Vec::new();
+        match kind {
+            ServerKind::A => names.push((0, domain.clone())),
+            ServerKind::Mx | ServerKind::MxOnly => match self.lookup(&domain, RecordType::MX) {
+                Ok(v) => names.extend(v.iter().filter_map(|r| {
+                    match &r.data {
+                        RData::MX(mx) => Some((
+                            mx.preference,
+                            mx.exchange
+                                .to_ascii()
+                                .trim_end_matches('.')
+                                .to_ascii_lowercase(),
+                        )),
+                        _ => None,
+                    }
+                })),
+                Err(Answer::NotFound) if kind == ServerKind::Mx => names.push((0, domain.clone())),
+                Err(a) => return a,
+            },
+            ServerKind::Ns => {
+                let mut d = domain.as_str();
+                loop {
+                    match self.lookup(d, RecordType::NS) {
+                        Ok(v) if has_records(&v, RecordType::NS) => {
+                            names.extend(v.iter().filter_map(|r| match &r.data {
+                                RData::NS(ns) => Some((
+                                    0,
+                                    ns.0.to_ascii().trim_end_matches('.').to_ascii_lowercase(),
+                                )),
+                                _ => None,
+                            }));
+                            break;
+                        }
+                        Ok(_) | Err(Answer::NotFound) => match d.split_once('.') {
+                            Some((_, parent)) if !parent.is_empty() => d = parent,
+                            _ => return Answer::NotFound,
+                        },
+                        Err(a) => return a,
+                    }
+                }
+            }
+        }
+        // A null MX (RFC 7505): one record, for the root.
+        if names.len() == 1 && names[0].1.is_empty() {
+            return Answer::Servers(Vec::new());
+        }
+        names.sort();
+        names.truncate(SERVER_LIMIT);
+        let servers = names
+            .into_iter()
+            .map(|(pref, name)| {
+                let mut addrs = Vec::new();
+                let mut addrs_failed = false;
+                if let Ok(ip) = name.parse::<IpAddr>() {
+                    addrs.push(ip);
+                } else {
+                    for t in [RecordType::A, RecordType::AAAA] {
+                        match self.lookup(&name, t) {
+                            Ok(v) => addrs.extend(v.iter().filter_map(|r| r.data.ip_addr())),
+                            Err(Answer::TryAgain) => addrs_failed = true,
+                            Err(_) => {}
+                        }
+                    }
+                }
+                Server {
+                    pref,
+                    name,
+                    addrs,
+                    addrs_failed,
+                }
+            })
+            .collect();
+        Answer::Servers(servers)
     }
 
     /// The client's names, and Postfix's warnings when they do not add

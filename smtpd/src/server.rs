@@ -683,6 +683,9 @@ fn turn(
             ControlFlow::Break(t) => return t,
             ControlFlow::Continue(p) => progress |= p,
         }
+        // A `sleep` restriction's pause is over (and what the client sent
+        // meanwhile is read): its command runs again.
+        progress |= slot.session.resume_after_sleep();
         match session_end(slot) {
             ControlFlow::Break(t) => return t,
             ControlFlow::Continue(true) => continue,

@@ -98,6 +98,31 @@ pub struct Settings {
     pub receive_override: postern_common::receive_override::ReceiveOverride,
     /// `smtpd_authorized_xforward_hosts`.
     pub xforward_hosts: postern_common::match_list::MatchList,
+    /// `smtpd_tls_ask_ccert`: the digest of `smtpd_tls_fingerprint_digest`
+    /// and the verifier of `smtpd_tls_CAfile` for client certificates.
+    pub ccert: Option<Ccert>,
+    /// `smtpd_command_filter`.
+    pub command_filter: Option<postern_common::maps::Table>,
+    /// `smtpd_discard_ehlo_keywords`.
+    pub ehlo_discard: String,
+    /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
+    pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
+}
+
+/// How smtpd reads client certificates.
+#[derive(Clone)]
+pub struct Ccert {
+    pub digest: &'static postern_common::tls_ccert::DigestAlgorithm,
+    pub trust:
+        Option<std::sync::Arc<dyn postern_common::tls::rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for Ccert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ccert")
+            .field("trust", &self.trust.is_some())
+            .finish()
+    }
 }
 
 /// `smtpd_tls_security_level`.
@@ -227,6 +252,42 @@ impl Settings {
                 "smtpd_authorized_xforward_hosts",
                 postern_common::match_list::Kind::NameAddress,
             )?,
+            ccert: if tls_level != TlsLevel::None || tls_wrappermode {
+                if cfg.get_bool("smtpd_tls_ask_ccert").map_err(e)? {
+                    Some(Ccert {
+                        digest: postern_common::tls_ccert::digest_of(
+                            &cfg.get("smtpd_tls_fingerprint_digest"),
+                        )?,
+                        trust: postern_common::tls_ccert::trust_verifier(cfg)?,
+                    })
+                } else {
+                    None
+                }
+            } else {
+                None
+            },
+            command_filter: {
+                let spec = cfg.get("smtpd_command_filter");
+                let spec = spec.trim();
+                (!spec.is_empty()).then(|| {
+                    let (t, e) = postern_common::maps::Table::open_or_unavailable(spec);
+                    if let Some(e) = e {
+                        postern_common::warning!("smtpd_command_filter: {e}");
+                    }
+                    t
+                })
+            },
+            ehlo_discard: cfg.get("smtpd_discard_ehlo_keywords"),
+            ehlo_discard_maps: {
+                let spec = cfg.get("smtpd_discard_ehlo_keyword_address_maps");
+                (!spec.trim().is_empty()).then(|| {
+                    let (t, errors) = postern_common::maps::Tables::open_list(&spec);
+                    for e in &errors {
+                        postern_common::warning!("smtpd_discard_ehlo_keyword_address_maps: {e}");
+                    }
+                    t
+                })
+            },
         })
     }
 }

@@ -578,6 +578,16 @@ impl Resolver {
         Ok(self.literal_is_local(d))
     }
 
+    /// Whether `ip` is one of this machine's: an address of
+    /// `inet_interfaces`/`proxy_interfaces`, or with `all` any address of
+    /// its interfaces (Postfix's own_inet_addr() and proxy_inet_addr()).
+    pub fn is_own_address(&self, ip: IpAddr) -> bool {
+        let ip = crate::cidr::normalize(ip);
+        // `all`: any address of this host, which is one we can bind.
+        self.interfaces.contains(&ip)
+            || (self.all_interfaces && std::net::UdpSocket::bind((ip, 0)).is_ok())
+    }
+
     /// An address literal of `inet_interfaces`/`proxy_interfaces`.
     fn literal_is_local(&self, d: &str) -> bool {
         let Some(inner) = d.strip_prefix('[').and_then(|x| x.strip_suffix(']')) else {

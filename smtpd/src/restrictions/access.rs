@@ -77,6 +77,78 @@ impl Restrictions {
         }
     }
 
+    /// `permit_tls_clientcerts` (the client certificate's public key or
+    /// certificate fingerprint in `relay_clientcerts`),
+    /// `permit_tls_all_clientcerts` (any certificate that chains to
+    /// `smtpd_tls_CAfile`) and `check_ccert_access type:table` (the
+    /// certificate's fingerprint, then its public key's, as access(5)
+    /// keys, worded as a client restriction).
+    pub(super) fn client_cert_check(&self, item: &Item, req: &Request<'_>) -> Verdict {
+        let Some(cert) = req.client_cert else {
+            if !self.ask_ccert && req.tls {
+                warning!(
+                    "{} is requested, but \"smtpd_tls_ask_ccert = no\"",
+                    item.name
+                );
+            }
+            return Verdict::Dunno;
+        };
+        let prints = |pkey_first: bool| {
+            let mut p = vec![&cert.cert_fingerprint, &cert.pkey_fingerprint];
+            if pkey_first {
+                p.reverse();
+            }
+            p.into_iter()
+                .filter(|f| !f.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        match item.name.as_str() {
+            "permit_tls_all_clientcerts" if cert.trusted => Verdict::Permit,
+            "permit_tls_all_clientcerts" => Verdict::Dunno,
+            "permit_tls_clientcerts" => {
+                let Some(t) = &self.relay_clientcerts else {
+                    return Verdict::Dunno;
+                };
+                for f in prints(true) {
+                    match t.lookup(&f) {
+                        Ok(Some(_)) => return Verdict::Permit,
+                        Ok(None) => {}
+                        Err(_) => {
+                            warning!("relay_clientcerts: lookup error for fingerprint '{f}'");
+                            return Verdict::Reject("451 4.3.5 Server configuration error".into());
+                        }
+                    }
+                }
+                Verdict::Dunno
+            }
+            _ => {
+                let Some(spec) = &item.arg else {
+                    return Verdict::Dunno;
+                };
+                let Some(Ok(table)) = self.tables.get(spec) else {
+                    warning!("{}: table {spec} is not available", item.name);
+                    return Verdict::Reject("451 4.3.5 Server configuration error".into());
+                };
+                for f in prints(false) {
+                    match table.lookup_expanded(&f) {
+                        Ok(Some(action)) => return self.action(&action, Stage::Client, req, spec),
+                        Ok(None) => {}
+                        Err(_) => {
+                            return self.action(
+                                "451 4.3.5 Server configuration error",
+                                Stage::Client,
+                                req,
+                                spec,
+                            )
+                        }
+                    }
+                }
+                Verdict::Dunno
+            }
+        }
+    }
+
     /// An access(5) result.
     pub(super) fn action(
         &self,
@@ -108,7 +180,22 @@ impl Restrictions {
                     },
                 )
             }
-            "DEFER" | "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => {
+            // DEFER_IF_PERMIT / DEFER_IF_REJECT [text]: the flag, with
+            // this reply (an enhanced status code may start the text).
+            "DEFER_IF_PERMIT" | "DEFER_IF_REJECT" => {
+                let (dsn, rest) = match text.split_once(' ') {
+                    Some((d, r)) if is_dsn(d, '4') => (d.to_string(), r),
+                    _ if is_dsn(text, '4') => (text.to_string(), ""),
+                    _ => ("4.7.1".to_string(), text),
+                };
+                let rest = if rest.is_empty() {
+                    "Service unavailable"
+                } else {
+                    rest
+                };
+                Self::raise_defer(&upper, stage, req, "450", &dsn, rest)
+            }
+            "DEFER" => {
                 let (dsn, text) = leading_dsn(text, '4');
                 Self::reject(
                     stage,

@@ -4,9 +4,10 @@
 //! `reject_unauth_destination`), unlisted addresses and the SASL owners
 //! of sender addresses (`smtpd_sender_login_maps`).
 
-use super::{Request, Restrictions, Stage, Verdict};
+use super::{dsn_for, Request, Restrictions, Stage, Verdict};
 use postern_common::resolve::Class;
 use postern_common::{addr, hostname, info};
+use std::net::IpAddr;
 
 impl Restrictions {
     /// reject_non_fqdn_sender.
@@ -102,31 +103,13 @@ impl Restrictions {
         let Some(sender) = req.sender.filter(|s| !s.is_empty()) else {
             return Verdict::Dunno;
         };
-        let Some(maps) = &self.sender_login_maps else {
+        if self.sender_login_maps.is_none() {
             return Verdict::Dunno;
-        };
-        // Postfix looks up the address, then `@domain`.
-        let keys = [
-            sender.to_ascii_lowercase(),
-            format!("@{}", addr::domain(sender)),
-        ];
-        let mut found = None;
-        for k in &keys {
-            match maps.lookup(k) {
-                Ok(Some(v)) => {
-                    found = Some(v.to_string());
-                    break;
-                }
-                Ok(None) => {}
-                Err(_) => return Self::lookup_failure(sender),
-            }
         }
-        let owners: Option<Vec<String>> = found.map(|v| {
-            v.split([',', ' ', '\t'])
-                .filter(|s| !s.is_empty())
-                .map(|s| s.to_string())
-                .collect()
-        });
+        let owners = match self.sender_owners(sender) {
+            Ok(o) => o,
+            Err(v) => return v,
+        };
         match (req.sasl_username, owners) {
             (Some(login), owners) if authed => {
                 let owned = owners
@@ -149,6 +132,124 @@ impl Restrictions {
             }
             _ => Verdict::Dunno,
         }
+    }
+
+    /// The owners `smtpd_sender_login_maps` gives `sender` (None: not
+    /// listed); Err: the verdict for a table that could not answer.
+    fn sender_owners(&self, sender: &str) -> Result<Option<Vec<String>>, Verdict> {
+        let Some(maps) = &self.sender_login_maps else {
+            return Ok(None);
+        };
+        // Postfix looks up the address, then `@domain`.
+        let keys = [
+            sender.to_ascii_lowercase(),
+            format!("@{}", addr::domain(sender)),
+        ];
+        for k in &keys {
+            match maps.lookup(k) {
+                Ok(Some(v)) => {
+                    return Ok(Some(
+                        v.split([',', ' ', '\t'])
+                            .filter(|s| !s.is_empty())
+                            .map(|s| s.to_string())
+                            .collect(),
+                    ))
+                }
+                Ok(None) => {}
+                Err(_) => return Err(Self::lookup_failure(sender)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// reject_known_sender_login_mismatch: an authenticated client may
+    /// not use a sender address `smtpd_sender_login_maps` gives to others
+    /// (an address it does not list is anyone's); an unauthenticated one
+    /// may not use a listed address.
+    pub(super) fn known_login_mismatch(&self, req: &Request<'_>) -> Verdict {
+        if req.sasl_username.is_none() {
+            return self.login_mismatch(req, false, true);
+        }
+        match req
+            .sender
+            .filter(|s| !s.is_empty())
+            .map(|s| self.sender_owners(s))
+        {
+            Some(Ok(Some(_))) => self.login_mismatch(req, true, false),
+            Some(Err(v)) => v,
+            _ => Verdict::Dunno,
+        }
+    }
+
+    /// reject_plaintext_session: the session is not encrypted.
+    pub(super) fn plaintext_session(&self, req: &Request<'_>) -> Verdict {
+        if req.tls {
+            return Verdict::Dunno;
+        }
+        let code = self.plaintext_code;
+        Verdict::Reject(format!(
+            "{code} {} Session encryption is required",
+            dsn_for(code, ".7.1")
+        ))
+    }
+
+    /// permit_inet_interfaces: the client is this machine (an address of
+    /// `inet_interfaces`, or of any interface with `all`).
+    pub(super) fn own_address(&self, ip: IpAddr) -> bool {
+        self.resolver.as_ref().is_some_and(|r| r.is_own_address(ip))
+    }
+
+    /// check_relay_domains (deprecated by Postfix since 2.2, still in
+    /// 3.7): permits a client whose name matches `relay_domains` and mail
+    /// for our own and relay domains; refuses the rest with
+    /// `relay_domains_reject_code`.
+    pub(super) fn relay_domains_check(&self, req: &Request<'_>) -> Verdict {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            postern_common::warning!(
+                "support for restriction \"check_relay_domains\" will be removed; \
+                 use \"reject_unauth_destination\" instead"
+            )
+        });
+        let Some(rcpt) = req.recipient else {
+            return Verdict::Dunno;
+        };
+        if let Some(l) = &self.relay_domains {
+            if l.matches_name(req.client_name).unwrap_or(false) {
+                return Verdict::Permit;
+            }
+        }
+        match self.auth_destination(rcpt) {
+            Ok(true) => Verdict::Permit,
+            Ok(false) => {
+                let code = self.relay_domains_code;
+                Self::reject(
+                    Stage::Recipient,
+                    req,
+                    &code.to_string(),
+                    &dsn_for(code, ".7.1"),
+                    "Relay access denied",
+                )
+            }
+            Err(_) => Self::lookup_failure(rcpt),
+        }
+    }
+
+    /// reject_multi_recipient_bounce: a null sender with more than one
+    /// recipient (at RCPT TO: one accepted before this one).
+    pub(super) fn multi_recipient_bounce(&self, stage: Stage, req: &Request<'_>) -> Verdict {
+        let before = usize::from(req.command != "RCPT");
+        if req.sender == Some("") && req.rcpt_count > before {
+            let code = self.multi_bounce_code;
+            return Self::reject(
+                stage,
+                req,
+                &code.to_string(),
+                &dsn_for(code, ".5.3"),
+                "Multi-recipient bounce",
+            );
+        }
+        Verdict::Dunno
     }
 
     // ------------------------------------------------------------ destinations

@@ -29,8 +29,18 @@ impl Restrictions {
             Stage::Sender if !self.delay_reject => lists.push(&self.sender),
             _ => {}
         }
+        // The lists of restriction classes they name count too (a class
+        // never reaches itself: refused at start).
+        let mut items: Vec<&Item> = lists.into_iter().flatten().collect();
+        let mut i = 0;
+        while i < items.len() {
+            if let Some(class) = self.classes.get(&items[i].name) {
+                items.extend(class.iter());
+            }
+            i += 1;
+        }
         let mut out = Vec::new();
-        for item in lists.into_iter().flatten() {
+        for item in items {
             let q = match item.name.as_str() {
                 "reject_unknown_sender_domain" => req
                     .sender
@@ -51,7 +61,7 @@ impl Restrictions {
                     .helo
                     .filter(|h| !is_address_literal(h))
                     .map(|h| Query::Domain(h.trim_end_matches('.').to_ascii_lowercase())),
-                _ => None,
+                _ => self.server_query(item, req),
             };
             if let Some(q) = q {
                 if !matches!(&q, Query::Domain(d) if d.is_empty()) && !out.contains(&q) {

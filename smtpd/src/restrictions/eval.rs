@@ -15,6 +15,10 @@ impl Restrictions {
                 continue;
             }
             let mut v = self.eval_one(item, stage, req);
+            let warned = warn_only;
+            if let (false, Some(d)) = (warned, req.defers) {
+                v = d.soften(v);
+            }
             if std::mem::take(&mut warn_only) {
                 // warn_if_reject: the next restriction's reject is logged,
                 // not answered (Postfix's "reject_warning").
@@ -40,12 +44,18 @@ impl Restrictions {
                 }
                 return v;
             }
+            if req.defers.is_some_and(|d| d.both_raised()) || req.paused() {
+                break;
+            }
         }
         Verdict::Dunno
     }
 
     /// `<key>: What rejected` for a stage, as Postfix words its replies.
     pub(super) fn subject(stage: Stage, req: &Request<'_>) -> (String, &'static str) {
+        if let Some((key, what)) = req.reply_subject {
+            return (key.to_string(), what);
+        }
         match stage {
             Stage::Client => (format!("{}[{}]", req.client_name, req.ip()), "Client host"),
             Stage::Helo => (req.helo.unwrap_or_default().to_string(), "Helo command"),
@@ -54,6 +64,9 @@ impl Restrictions {
                 req.recipient.unwrap_or_default().to_string(),
                 "Recipient address",
             ),
+            Stage::Data if req.command == "END-OF-MESSAGE" => {
+                (req.command.to_string(), "End-of-data")
+            }
             Stage::Data => (req.command.to_string(), "Data command"),
         }
     }
@@ -145,6 +158,40 @@ impl Restrictions {
             | "check_sender_access"
             | "check_recipient_access" => self.check_access(item, stage, req),
             "check_policy_service" => self.check_policy_service(item, stage, req),
+            "defer_if_permit" | "defer_if_reject" => {
+                let text = format!("{} requested", item.name);
+                Self::raise_defer(&item.name, stage, req, "450", "4.7.0", &text)
+            }
+            "reject_plaintext_session" => self.plaintext_session(req),
+            "sleep" => {
+                // The session pauses (without holding up the others) and
+                // runs the command again; then sleep has been done.
+                if let Some(p) = req.pause {
+                    let n = p.seen.get();
+                    p.seen.set(n + 1);
+                    if n >= p.done.get() {
+                        p.secs.set(
+                            item.arg
+                                .as_deref()
+                                .and_then(|a| a.parse().ok())
+                                .unwrap_or(0),
+                        );
+                    }
+                }
+                Verdict::Dunno
+            }
+            "permit_inet_interfaces" => flag(self.own_address(req.ip())),
+            "check_relay_domains" => self.relay_domains_check(req),
+            "reject_multi_recipient_bounce" => self.multi_recipient_bounce(stage, req),
+            "reject_known_sender_login_mismatch" => self.known_login_mismatch(req),
+            "check_reverse_client_hostname_access" => self.reverse_client_access(item, req),
+            "permit_mx_backup" => self.mx_backup(req),
+            "permit_tls_clientcerts" | "permit_tls_all_clientcerts" | "check_ccert_access" => {
+                self.client_cert_check(item, req)
+            }
+            name if super::server_access::is_server_access(name) => {
+                self.check_server_access(item, req)
+            }
             name if self.classes.contains_key(name) => {
                 self.eval_list(&self.classes[name], stage, req)
             }

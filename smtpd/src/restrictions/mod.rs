@@ -49,13 +49,24 @@
 //! - `dns_checks`: the checks that read DNS answers (unknown client,
 //!   HELO, sender and recipient domains, RBLs), and which answers they
 //!   need;
-//! - `access`: `check_*_access` tables and their access(5) actions.
+//! - `access`: `check_*_access` tables and their access(5) actions;
+//! - `server_access`: `check_*_{a,mx,ns}_access`,
+//!   `check_reverse_client_hostname_access` and `permit_mx_backup`;
+//! - `defer_flags`: `defer_if_permit` and `defer_if_reject`.
+//!
+//! Also carried out: `reject_plaintext_session`, `permit_inet_interfaces`,
+//! `check_relay_domains`, `reject_multi_recipient_bounce`,
+//! `reject_known_sender_login_mismatch` (in `checks`), `sleep` (a
+//! [`Pause`] the session takes) and `smtpd_end_of_data_restrictions`.
 
 mod access;
 mod checks;
+mod defer_flags;
+pub use defer_flags::Defers;
 mod dns_checks;
 mod eval;
 mod policy_service;
+mod server_access;
 #[cfg(test)]
 mod tests;
 
@@ -125,6 +136,42 @@ pub struct Request<'a> {
     /// ...; see `policy_service`); empty unless a list has
     /// `check_policy_service`.
     pub session_attrs: Vec<(&'static str, String)>,
+    /// The session is encrypted (STARTTLS or wrapper mode).
+    pub tls: bool,
+    /// Recipients accepted so far in this transaction.
+    pub rcpt_count: usize,
+    /// defer_if_permit and defer_if_reject raised by the lists evaluated
+    /// so far (set by the check that evaluates them).
+    pub defers: Option<&'a defer_flags::Defers>,
+    /// Who a reply names instead of the stage's subject (Postfix's
+    /// "Unverified Client host" for the reverse client name checks).
+    pub reply_subject: Option<(&'a str, &'static str)>,
+    /// Where `sleep SECONDS` asks the session to pause (None: sleep is a
+    /// no-op).
+    pub pause: Option<&'a Pause>,
+    /// The client's TLS certificate, when it showed one
+    /// (`smtpd_tls_ask_ccert`).
+    pub client_cert: Option<&'a postern_common::tls_ccert::ClientCert>,
+}
+
+impl Request<'_> {
+    /// A `sleep` stopped the lists: their outcome does not count yet.
+    pub fn paused(&self) -> bool {
+        self.pause.is_some_and(|p| p.secs.get() > 0)
+    }
+}
+
+/// `sleep SECONDS` in a session: a sleep not done yet stops the lists and
+/// asks for its pause; the session then runs the command again, and the
+/// sleeps done so far go by.
+#[derive(Debug, Default)]
+pub struct Pause {
+    /// The pause asked for (0: none).
+    pub secs: std::cell::Cell<u64>,
+    /// Sleeps met in this evaluation.
+    pub seen: std::cell::Cell<usize>,
+    /// Sleeps already done for the command being run again.
+    pub done: std::cell::Cell<usize>,
 }
 
 impl Request<'_> {
@@ -175,6 +222,24 @@ pub struct Restrictions {
     classes: HashMap<String, Vec<Item>>,
     /// `check_policy_service`: the connections and their settings.
     policy: crate::policy_client::PolicyClient,
+    /// `smtpd_end_of_data_restrictions`: after the final dot.
+    end_of_data: Vec<Item>,
+    /// `plaintext_reject_code` (reject_plaintext_session).
+    plaintext_code: u16,
+    /// `multi_recipient_bounce_reject_code`.
+    multi_bounce_code: u16,
+    /// `relay_domains_reject_code` (check_relay_domains).
+    relay_domains_code: u16,
+    /// `relay_domains`, matched against the client's name
+    /// (check_relay_domains).
+    relay_domains: Option<MatchList>,
+    /// `permit_mx_backup_networks` (empty: any primary MX).
+    mx_backup_networks: Option<MatchList>,
+    /// `relay_clientcerts` (permit_tls_clientcerts).
+    relay_clientcerts: Option<Tables>,
+    /// `smtpd_tls_ask_ccert` (a warning when a certificate restriction
+    /// runs without it).
+    ask_ccert: bool,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -232,10 +297,27 @@ impl Restrictions {
         r.helo = list(cfg, "smtpd_helo_restrictions", &class_names)?;
         r.sender = list(cfg, "smtpd_sender_restrictions", &class_names)?;
         r.data = list(cfg, "smtpd_data_restrictions", &class_names)?;
+        r.end_of_data = list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
         // Parsed so that a bad list stops smtpd at start; Postern's smtpd
-        // has no end-of-data or ETRN stage to apply them at.
-        list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
+        // does not offer ETRN, so there is no stage to apply it at.
         list(cfg, "smtpd_etrn_restrictions", &class_names)?;
+        r.plaintext_code = reject_code(cfg, "plaintext_reject_code")?;
+        r.multi_bounce_code = reject_code(cfg, "multi_recipient_bounce_reject_code")?;
+        r.relay_domains_code = reject_code(cfg, "relay_domains_reject_code")?;
+        r.relay_domains = Some(MatchList::from_config(cfg, "relay_domains", Kind::Domain)?);
+        let backup = MatchList::from_config(cfg, "permit_mx_backup_networks", Kind::NameAddress)?;
+        r.mx_backup_networks = (!backup.is_empty()).then_some(backup);
+        let ccerts = cfg.get("relay_clientcerts");
+        if !ccerts.trim().is_empty() {
+            let (t, errors) = Tables::open_list(&ccerts);
+            for e in &errors {
+                warning!("relay_clientcerts: {e}");
+            }
+            r.relay_clientcerts = Some(t);
+        }
+        r.ask_ccert = cfg
+            .get_bool("smtpd_tls_ask_ccert")
+            .map_err(|e| e.to_string())?;
         if let Some(c) = restriction::class_loop(cfg) {
             return Err(format!("{c}: the restriction class refers to itself"));
         }
@@ -318,6 +400,9 @@ impl Restrictions {
             delay_reject: true,
             unknown_client_code: 450,
             unknown_hostname_code: 450,
+            plaintext_code: 450,
+            multi_bounce_code: 550,
+            relay_domains_code: 554,
             ..Default::default()
         })
     }
@@ -343,6 +428,7 @@ impl Restrictions {
             &self.relay,
             &self.recipient,
             &self.data,
+            &self.end_of_data,
         ];
         let specs: Vec<String> = all
             .into_iter()
@@ -408,6 +494,14 @@ impl Restrictions {
     /// refuses. The bare name `postmaster` is always accepted (RFC 5321
     /// section 4.5.1).
     pub fn check_recipient(&self, req: &Request<'_>) -> Option<String> {
+        let defers = defer_flags::Defers::default();
+        if let (false, Some(earlier)) = (self.delay_reject, req.defers) {
+            defers.carry_permit_from(earlier);
+        }
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
         let rcpt = req.recipient.unwrap_or_default();
         // Postfix's smtpd_check_addr(), before any restriction: an
         // address the resolver cannot use (a bad domain or address
@@ -423,12 +517,22 @@ impl Restrictions {
                 if let Some(r) = self.reject_of(stage, req) {
                     return Some(r);
                 }
+                if req.paused() {
+                    return None;
+                }
             }
         }
+        defers.new_stage();
         for l in [&self.relay, &self.recipient] {
             if let Verdict::Reject(reply) = self.eval_list(l, Stage::Recipient, req) {
                 return Some(reply);
             }
+            if req.paused() {
+                return None;
+            }
+        }
+        if let Some(reply) = defers.finish(None) {
+            return Some(reply);
         }
         if self.reject_unlisted {
             if let Verdict::Reject(r) = self.unlisted(rcpt, req.sender, "Recipient address") {
@@ -461,10 +565,44 @@ impl Restrictions {
 
     /// The checks of DATA.
     pub fn check_data(&self, req: &Request<'_>) -> Option<String> {
-        self.reject_of(Stage::Data, req)
+        let defers = defer_flags::Defers::default();
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
+        defers.finish(self.reject_of(Stage::Data, req))
+    }
+
+    /// The checks after the final dot of DATA, before the message is
+    /// accepted (`smtpd_end_of_data_restrictions`), worded as the DATA
+    /// checks with the command `END-OF-MESSAGE`.
+    pub fn check_end_of_data(&self, req: &Request<'_>) -> Option<String> {
+        if self.end_of_data.is_empty() {
+            return None;
+        }
+        let defers = defer_flags::Defers::default();
+        // No pause after the final dot: sleep is a no-op there.
+        let req = &Request {
+            defers: Some(&defers),
+            pause: None,
+            ..req.clone()
+        };
+        let outcome = match self.eval_list(&self.end_of_data, Stage::Data, req) {
+            Verdict::Reject(r) => Some(r),
+            _ => None,
+        };
+        defers.finish(outcome)
+    }
+
+    /// Whether there is an end-of-data list to apply.
+    pub fn has_end_of_data(&self) -> bool {
+        !self.end_of_data.is_empty()
     }
 
     fn reject_of(&self, stage: Stage, req: &Request<'_>) -> Option<String> {
+        if let Some(d) = req.defers {
+            d.new_stage();
+        }
         let l = match stage {
             Stage::Client => &self.client,
             Stage::Helo => &self.helo,

@@ -200,6 +200,24 @@ impl Session {
         } else {
             None
         };
+        let refused = match failure {
+            None if self.cfg.restrictions.has_end_of_data() => self.end_of_data_refusal(),
+            _ => None,
+        };
+        if let Some(reply) = refused {
+            // smtpd_end_of_data_restrictions refused the whole message: it
+            // is never queued.
+            let sender = self.tx.as_ref().map(|t| t.sender.clone());
+            let only = match self.tx.as_ref().map(|t| &t.recipients[..]) {
+                Some([one]) => Some(one.address.clone()),
+                _ => None,
+            };
+            self.abort_cleanup();
+            self.log_reject(&reply, sender.as_deref(), only.as_deref());
+            self.reply(&reply);
+            self.transaction_failed();
+            return;
+        }
         match failure {
             Some(reply) => {
                 self.abort_cleanup();
@@ -387,6 +405,13 @@ impl Session {
             },
         }
         .render()
+    }
+
+    /// `smtpd_end_of_data_restrictions`, after the final dot: the reply
+    /// that refuses the message, if any.
+    fn end_of_data_refusal(&self) -> Option<String> {
+        let req = self.request(None, "END-OF-MESSAGE");
+        self.cfg.restrictions.check_end_of_data(&req)
     }
 
     pub(super) fn abort_cleanup(&mut self) {

@@ -14,6 +14,7 @@ impl Session {
     pub(super) fn connected(&mut self) {
         self.namaddr = self.client.namaddr();
         info!("connect from {}", self.namaddr);
+        self.choose_ehlo_discard();
         if self.talked_first() && self.cfg.forbid_unauth_pipelining {
             self.reply("554 5.5.0 Error: SMTP protocol synchronization");
             self.hangup = true;
@@ -111,10 +112,15 @@ impl Session {
             self.state = State::WaitDnsConnect;
             return;
         }
+        self.defers.set_permit(None);
         let refused = {
             let req = self.request(None, "CONNECT");
             self.cfg.restrictions.check_connect(&req)
         };
+        self.defer_permit_client = self.defers.permit_reply();
+        if self.await_sleep(None) {
+            return;
+        }
         if let Some(reply) = refused {
             self.log_reject(&reply, None, None);
             self.reply(&reply);
@@ -145,11 +151,16 @@ impl Session {
         if self.await_dns(needed, verb) {
             return Done::Pending;
         }
+        self.defers.set_permit(self.defer_permit_client.clone());
         let refused = {
             let mut req = self.request(None, self.where_);
             req.helo = Some(&name);
             self.cfg.restrictions.check_helo(&req)
         };
+        self.defer_permit_helo = self.defers.permit_reply();
+        if self.await_sleep(Some(verb)) {
+            return Done::Pending;
+        }
         if let Some(reply) = refused {
             return self.reject(&reply, None, None);
         }
@@ -202,6 +213,7 @@ impl Session {
         if self.cfg.smtputf8_enable {
             lines.push("SMTPUTF8".into());
         }
+        let lines = self.discard_ehlo_lines(lines);
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };

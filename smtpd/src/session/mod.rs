@@ -35,6 +35,8 @@
 
 mod auth;
 mod cleanup;
+mod command_filter;
+mod ehlo_discard;
 mod greeting;
 mod policy;
 #[cfg(test)]
@@ -242,6 +244,21 @@ pub struct Session {
     ill_pipelining: bool,
     /// How long the loop must wait before sending the output.
     delay: std::time::Duration,
+    /// `sleep SECONDS`: the pause asked for, and the sleeps done (see
+    /// [`Session::await_sleep`]).
+    sleep: crate::restrictions::Pause,
+    /// Held by a `sleep`: the loop resumes the session after the hold.
+    sleeping: bool,
+    /// defer_if_permit / defer_if_reject raised by the connect, HELO and
+    /// MAIL checks (`smtpd_delay_reject = no`).
+    defers: crate::restrictions::Defers,
+    /// defer_if_permit as the connect and HELO checks left it.
+    defer_permit_client: Option<String>,
+    defer_permit_helo: Option<String>,
+    /// The client's TLS certificate (smtpd_tls_ask_ccert).
+    client_cert: Option<postern_common::tls_ccert::ClientCert>,
+    /// EHLO keywords not announced to this client (lower case).
+    ehlo_discard: Vec<String>,
     /// DNS answers for the restrictions, kept for the session.
     dns: HashMap<Query, Answer>,
     dns_pending: HashSet<Query>,
@@ -304,6 +321,13 @@ impl Session {
             finished: false,
             tls: None,
             starttls_pending: false,
+            ehlo_discard: Vec::new(),
+            client_cert: None,
+            defers: Default::default(),
+            defer_permit_client: None,
+            defer_permit_helo: None,
+            sleep: Default::default(),
+            sleeping: false,
             mechs: None,
             pipelined: false,
             pending_at: None,
@@ -351,10 +375,11 @@ impl Session {
     pub fn wants_input(&self) -> bool {
         !self.hangup
             && !self.starttls_pending
-            && matches!(
-                self.state,
-                State::Command | State::Data(_) | State::AuthResponse
-            )
+            && (self.sleeping
+                || matches!(
+                    self.state,
+                    State::Command | State::Data(_) | State::AuthResponse
+                ))
     }
 
     /// The session is over: close once the output is sent.
@@ -495,7 +520,9 @@ impl Session {
         } else {
             self.pipelined = pos < self.input.len();
             self.pending_at = Some(pos);
-            self.command(&line);
+            if let command_filter::Filtered::Line(line) = self.filter_command(line) {
+                self.command(&line);
+            }
             self.pending_at = None;
         }
         self.check_error_limit();

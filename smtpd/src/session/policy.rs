@@ -56,6 +56,10 @@ impl Session {
     /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
     /// `450 4.7.1 Error: TEXT from IP` as Postfix, and returns true.
     pub(super) fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
+        if self.sleep.done.get() > 0 {
+            // Run again after a sleep: counted the first time.
+            return false;
+        }
         let rate = self.anvil.borrow_mut().event(self.client.addr, event);
         let Err(n) = rate else { return false };
         warning!(
@@ -96,6 +100,50 @@ impl Session {
         true
     }
 
+    /// `sleep SECONDS` stopped the restrictions of the command (`verb`;
+    /// None: the client list at connect): the session holds its input and
+    /// output that long, then runs the command again
+    /// ([`Session::resume_after_sleep`]), the sleep done. False: no pause.
+    pub(super) fn await_sleep(&mut self, verb: Option<Verb>) -> bool {
+        let secs = self.sleep.secs.take();
+        let seen = self.sleep.seen.take();
+        if secs == 0 || self.hangup {
+            self.sleep.done.set(0);
+            return false;
+        }
+        self.delay += std::time::Duration::from_secs(secs);
+        self.sleep.done.set(seen);
+        self.sleeping = true;
+        match verb {
+            Some(v) => {
+                self.state = State::WaitDns(std::mem::take(&mut self.current_line));
+                self.counts[verb_index(v)].total -= 1;
+            }
+            None => self.state = State::WaitDnsConnect,
+        }
+        true
+    }
+
+    /// The pause of a `sleep` is over (the loop calls this once the held
+    /// output may go, after reading what the client sent meanwhile): the
+    /// command runs again; what came meanwhile counts as pipelined.
+    pub fn resume_after_sleep(&mut self) -> bool {
+        if !std::mem::take(&mut self.sleeping) {
+            return false;
+        }
+        self.pipelined = !self.input.is_empty();
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::WaitDnsConnect => self.greet(),
+            State::WaitDns(line) => {
+                self.command(&line);
+                self.check_error_limit();
+            }
+            other => self.state = other,
+        }
+        self.process();
+        true
+    }
+
     /// What the restrictions see now.
     pub(super) fn request<'a>(&'a self, rcpt: Option<&'a str>, command: &'a str) -> Request<'a> {
         Request {
@@ -119,6 +167,12 @@ impl Session {
             } else {
                 Vec::new()
             },
+            tls: self.tls.is_some(),
+            rcpt_count: self.tx.as_ref().map_or(0, |t| t.recipients.len()),
+            defers: Some(&self.defers),
+            reply_subject: None,
+            pause: Some(&self.sleep),
+            client_cert: self.client_cert.as_ref(),
         }
     }
 

@@ -76,9 +76,19 @@ impl Session {
     /// The TLS handshake is complete. As RFC 3207 demands, the session
     /// forgets everything it learned before (HELO, transaction, SASL).
     pub fn tls_established(&mut self, n: Negotiated) {
+        self.client_cert = self.cfg.ccert.as_ref().and_then(|c| {
+            postern_common::tls_ccert::client_cert(&n.peer_certs, c.digest, c.trust.as_ref())
+        });
         if self.cfg.tls_loglevel >= 1 {
+            // As Postfix: whether the client showed a certificate, and
+            // whether it chains to smtpd_tls_CAfile.
+            let how = match &self.client_cert {
+                None => "Anonymous",
+                Some(c) if c.trusted => "Trusted",
+                Some(_) => "Untrusted",
+            };
             info!(
-                "Anonymous TLS connection established from {}: {}",
+                "{how} TLS connection established from {}: {}",
                 self.namaddr,
                 n.log_summary()
             );
@@ -105,7 +115,10 @@ impl Session {
     }
 
     pub(super) fn starttls_offered(&self) -> bool {
-        self.cfg.tls_level != TlsLevel::None && self.tls.is_none() && !self.cfg.tls_wrappermode
+        self.cfg.tls_level != TlsLevel::None
+            && self.tls.is_none()
+            && !self.cfg.tls_wrappermode
+            && !self.discarded("starttls")
     }
 
     pub(super) fn starttls(&mut self, args: &[Token]) -> Done {

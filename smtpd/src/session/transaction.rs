@@ -51,12 +51,15 @@ impl Session {
         };
         let offered = Offered {
             auth: self.cfg.sasl.is_some(),
-            smtputf8: self.cfg.smtputf8_enable,
+            smtputf8: self.cfg.smtputf8_enable && !self.discarded("smtputf8"),
         };
         let options = match protocol::mail_params(&params, offered) {
             Ok(o) => o,
             Err(e) => return self.fail(&e.reply()),
         };
+        if self.discarded("dsn") && (options.envid.is_some() || options.ret.is_some()) {
+            return self.fail("501 5.7.1 DSN support is disabled");
+        }
         let size = options.size;
         let sasl_sender = match &options.auth {
             Some(a) if self.sasl_username.is_some() && a != "<>" => {
@@ -101,11 +104,17 @@ impl Session {
         if self.over_rate_limit(Event::Message, "Message delivery request", "too much mail") {
             return Done::Failed;
         }
+        let earlier = self.defer_permit_helo.clone();
+        self.defers
+            .set_permit(earlier.or_else(|| self.defer_permit_client.clone()));
         let refused = {
             let mut req = self.request(None, self.where_);
             req.sender = Some(&tx.sender);
             self.cfg.restrictions.check_sender(&req)
         };
+        if self.await_sleep(Some(Verb::Mail)) {
+            return Done::Pending;
+        }
         if let Some(reply) = refused {
             return self.reject(&reply, Some(&tx.sender), None);
         }
@@ -134,6 +143,9 @@ impl Session {
             Ok(o) => o,
             Err(e) => return self.fail(&e.reply()),
         };
+        if self.discarded("dsn") && (options.notify != 0 || !options.orcpt.is_empty()) {
+            return self.fail("501 5.7.1 DSN support is disabled");
+        }
         let rcpt = Recipient {
             notify: options.notify,
             orcpt: options.orcpt,
@@ -161,7 +173,11 @@ impl Session {
         if self.over_rate_limit(Event::Recipient, "Recipient address", "too many recipients") {
             return Done::Failed;
         }
-        if let Some(reply) = self.check_recipient(&address) {
+        let refused = self.check_recipient(&address);
+        if self.await_sleep(Some(Verb::Rcpt)) {
+            return Done::Pending;
+        }
+        if let Some(reply) = refused {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }
@@ -193,6 +209,12 @@ impl Session {
             .cfg
             .restrictions
             .check_data(&self.request(None, "DATA"));
+        if self.await_sleep(Some(Verb::Data)) {
+            return Done::Pending;
+        }
+        let Some(tx) = &self.tx else {
+            return self.fail("503 5.5.1 Error: need RCPT command");
+        };
         if let Some(reply) = refused {
             let sender = tx.sender.clone();
             // Postfix names the recipient when there is only one: the
@@ -224,6 +246,7 @@ impl Session {
     /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.
     pub(super) fn smtputf8_requested(&self, params: &[Token]) -> bool {
         self.cfg.smtputf8_enable
+            && !self.discarded("smtputf8")
             && params
                 .iter()
                 .any(|t| t.text.eq_ignore_ascii_case("SMTPUTF8"))

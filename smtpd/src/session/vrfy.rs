@@ -33,7 +33,11 @@ impl Session {
             }
             _ => return self.fail("501 5.1.3 Bad recipient address syntax"),
         };
-        if let Some(reply) = self.check_recipient(&address) {
+        let refused = self.check_recipient(&address);
+        if self.await_sleep(Some(postern_common::smtp_command::Verb::Vrfy)) {
+            return Done::Pending;
+        }
+        if let Some(reply) = refused {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }

@@ -71,6 +71,10 @@ fn settings() -> Settings {
         content_filter: String::new(),
         receive_override: Default::default(),
         xforward_hosts: MatchList::parse("127.0.0.2", Kind::NameAddress, true).unwrap(),
+        ehlo_discard: String::new(),
+        command_filter: None,
+        ccert: None,
+        ehlo_discard_maps: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn starttls_discards_pipelined_input_and_resets() {
         bits: 256,
         kx: None,
         server_signature: None,
+        peer_certs: Vec::new(),
     });
     // The transaction and the pipelined RCPT are gone.
     assert_eq!(
