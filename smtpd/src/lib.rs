@@ -16,6 +16,8 @@
 //!   output, STARTTLS, input, end).
 //! - [`cleanup_conn`]: the connection to cleanup for one message
 //!   (connect, retry on a full backlog, requests out, replies in).
+//! - [`listener`]: the TCP listener, or a `pass` service's socket where
+//!   postscreen hands over the clients it lets through.
 //! - [`outbuf`]: bytes waiting for a non-blocking socket.
 //! - [`session`]: one SMTP session as a state machine without I/O, split
 //!   by concern: `session/mod.rs` (the state, command dispatch),
@@ -45,6 +47,7 @@
 pub mod anvil;
 pub mod cleanup_conn;
 pub mod data;
+pub mod listener;
 pub mod dns;
 pub mod outbuf;
 pub mod received;

@@ -1,0 +1,140 @@
+//! The parameters postscreen reads (see man/postscreen.8), read once at
+//! start, as root, before privileges are dropped.
+
+use postern_common::maps::Table;
+use postern_common::match_list::{Kind, MatchList};
+use postern_conf::Config;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What to do with a client that fails a test (Postfix's
+/// `postscreen_*_action` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Let the client through this time (the test is not recorded as
+    /// passed).
+    Ignore,
+    /// Keep the client in a dummy SMTP dialogue that rejects every
+    /// recipient with the test's 550 reply.
+    Enforce,
+    /// Send the test's 521 reply and hang up.
+    Drop,
+}
+
+impl Action {
+    fn parse(cfg: &Config, name: &str) -> Result<Action, String> {
+        let v = cfg.get(name);
+        match v.trim().to_ascii_lowercase().as_str() {
+            "ignore" => Ok(Action::Ignore),
+            "enforce" => Ok(Action::Enforce),
+            "drop" => Ok(Action::Drop),
+            other => Err(format!(
+                "{name} = {other}: expected ignore, enforce or drop"
+            )),
+        }
+    }
+}
+
+/// One `postscreen_access_list` item.
+#[derive(Debug, Clone)]
+pub enum AccessItem {
+    PermitMynetworks,
+    /// A table (cidr: as Postfix recommends) looked up by client address;
+    /// `permit`, `reject` or `dunno`.
+    Table(Table),
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub queue_directory: PathBuf,
+    /// The `pass` service clients are handed to (`private/NAME`).
+    pub smtpd_service_name: String,
+    pub myhostname: String,
+    pub smtpd_banner: String,
+    pub mynetworks: MatchList,
+    pub access_list: Vec<AccessItem>,
+    pub denylist_action: Action,
+    /// "" = no `220-` teaser (the pregreet test still runs).
+    pub greet_banner: String,
+    pub greet_wait: Duration,
+    pub greet_action: Action,
+    pub greet_ttl: u64,
+    /// The cache file; `None` when `postscreen_cache_map` is empty.
+    pub cache_file: Option<PathBuf>,
+    pub cache_retention: u64,
+    pub command_count_limit: u64,
+    pub command_time_limit: Duration,
+    pub dnsbl: crate::dnsbl::Sites,
+    pub dnsbl_threshold: i64,
+    pub dnsbl_allowlist_threshold: i64,
+    pub dnsbl_action: Action,
+    pub dnsbl_reply_map: Option<Table>,
+    pub dnsbl_min_ttl: u64,
+    pub dnsbl_max_ttl: u64,
+    pub dnsbl_timeout: Duration,
+    pub dns_servers: Vec<std::net::SocketAddr>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Result<Settings, String> {
+        let time = |n: &str| cfg.get_time(n).map_err(|e| e.to_string());
+        let mut access_list = Vec::new();
+        for item in postern_common::maps::split_specs(&cfg.get("postscreen_access_list")) {
+            if item.eq_ignore_ascii_case("permit_mynetworks") {
+                access_list.push(AccessItem::PermitMynetworks);
+            } else if item.contains(':') {
+                let t = Table::open(&item).map_err(|e| format!("postscreen_access_list: {e}"))?;
+                access_list.push(AccessItem::Table(t));
+            } else {
+                return Err(format!(
+                    "postscreen_access_list: \"{item}\": expected permit_mynetworks or type:table"
+                ));
+            }
+        }
+        let cache_map = cfg.get("postscreen_cache_map");
+        let cache_file = match cache_map.trim() {
+            "" => None,
+            m => Some(PathBuf::from(m.split_once(':').map_or(m, |(_, p)| p))),
+        };
+        let reply_map = cfg.get("postscreen_dnsbl_reply_map");
+        let dnsbl_reply_map = match reply_map.trim() {
+            "" => None,
+            m => Some(Table::open(m).map_err(|e| format!("postscreen_dnsbl_reply_map: {e}"))?),
+        };
+        let int = |n: &str| -> Result<i64, String> {
+            let v = cfg.get(n);
+            v.trim()
+                .parse()
+                .map_err(|_| format!("{n} = {v}: expected a whole number"))
+        };
+        Ok(Settings {
+            // `/` in the chroot jail.
+            queue_directory: postern_common::service::queue_directory(cfg),
+            smtpd_service_name: cfg.get("smtpd_service_name"),
+            myhostname: cfg.get("myhostname"),
+            smtpd_banner: cfg.get("smtpd_banner"),
+            mynetworks: MatchList::from_config(cfg, "mynetworks", Kind::Address)?,
+            access_list,
+            denylist_action: Action::parse(cfg, "postscreen_denylist_action")?,
+            greet_banner: cfg.get("postscreen_greet_banner"),
+            greet_wait: Duration::from_secs(time("postscreen_greet_wait")?),
+            greet_action: Action::parse(cfg, "postscreen_greet_action")?,
+            greet_ttl: time("postscreen_greet_ttl")?,
+            cache_file,
+            cache_retention: time("postscreen_cache_retention_time")?,
+            command_count_limit: cfg
+                .get_u64("postscreen_command_count_limit")
+                .map_err(|e| e.to_string())?,
+            command_time_limit: Duration::from_secs(time("postscreen_command_time_limit")?),
+            dnsbl: crate::dnsbl::Sites::parse(&cfg.get("postscreen_dnsbl_sites"))?,
+            dnsbl_threshold: int("postscreen_dnsbl_threshold")?,
+            dnsbl_allowlist_threshold: int("postscreen_dnsbl_allowlist_threshold")?,
+            dnsbl_action: Action::parse(cfg, "postscreen_dnsbl_action")?,
+            dnsbl_reply_map,
+            dnsbl_min_ttl: time("postscreen_dnsbl_min_ttl")?,
+            dnsbl_max_ttl: time("postscreen_dnsbl_max_ttl")?,
+            dnsbl_timeout: Duration::from_secs(time("postscreen_dnsbl_timeout")?),
+            dns_servers: postern_common::dns::servers_from_config(cfg),
+        })
+    }
+}
