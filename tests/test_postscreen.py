@@ -1,0 +1,198 @@
+"""postscreen(8) in front of the `smtpd pass` service (issue #25, point 4).
+
+master runs Postern's postscreen on the stock master.cf line
+``smtp inet n - y - 1 postscreen``; a client that passes is handed to
+``smtpd pass - - y - - smtpd`` by descriptor passing. A client that talks
+before the greeting is refused, a polite one is delivered through smtpd,
+the allowlist cache lets it straight through the next time, the access
+list allow- and denylists, a DNSBL zone served by dnsmasq scores the
+client, and fail2ban's stock filter reads the PREGREET line.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import postern_harness as h
+
+FILTER = "/etc/fail2ban/filter.d/postfix.conf"
+WAIT = 1  # postscreen_greet_wait, seconds
+
+
+def postscreen_instance(make_postern, files=None, **params):
+    base = {
+        "postscreen_greet_wait": f"{WAIT}s",
+        # Loopback is in mynetworks: the default access list would let
+        # every test client through untested.
+        "postscreen_access_list": "",
+        "home_mailbox": "Maildir/",
+    }
+    base.update(params)
+    p = make_postern(params=base, files=files, start=False)
+    p.master_cf_extra = [
+        f"127.0.0.1:{p.port} inet n - n - 1 postscreen",
+        "smtpd pass - - n - - smtpd",
+    ]
+    p.write_master_cf()
+    p.start()
+    return p
+
+
+def read_reply(s):
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) >= 2 and any(len(l) >= 4 and l[3:4] == b" " for l in lines[:-1]):
+            return data.decode(errors="replace")
+
+
+def impolite(port, line=b"EHLO spammer.example\r\n"):
+    """Talks at once; returns everything the server says until it hangs up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(line)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out.decode(errors="replace")
+
+
+def polite_delivery(p, token):
+    """Waits for the whole greeting (postscreen's 220- then smtpd's 220)
+    and sends one message to ptalice; returns (greeting, DATA's code)."""
+    with socket.create_connection(("127.0.0.1", p.port), timeout=WAIT + 20) as s:
+        greeting = read_reply(s)
+        f = s.makefile("rwb")
+
+        def cmd(line):
+            f.write(line.encode() + b"\r\n")
+            f.flush()
+            reply = b""
+            while True:
+                l = f.readline()
+                reply += l
+                if len(l) < 4 or l[3:4] == b" ":
+                    return reply.decode()
+
+        assert cmd("EHLO polite.example").startswith("250"), greeting
+        assert cmd("MAIL FROM:<sender@example.org>").startswith("250")
+        assert cmd(f"RCPT TO:<ptalice@{h.MYHOSTNAME}>").startswith("250")
+        assert cmd("DATA").startswith("354")
+        code = cmd(f"Subject: {token}\r\n\r\nhello\r\n.")
+        cmd("QUIT")
+        return greeting, code
+
+
+def test_pregreet_is_refused_and_a_polite_client_is_delivered(make_postern):
+    h.ensure_local_users()
+    p = postscreen_instance(make_postern, postscreen_greet_action="drop",
+                            postscreen_greet_banner="$smtpd_banner")
+    out = impolite(p.port)
+    assert "521 5.5.1 Protocol error" in out, out
+    p.wait_for_log(r"postscreen\[\d+\]: PREGREET 22 after [\d.]+ from \[127\.0\.0\.1\]:\d+: "
+                   r"EHLO spammer\.example\\r\\n$")
+    p.wait_for_log(r"postscreen\[\d+\]: CONNECT from \[127\.0\.0\.1\]:\d+ to \[127\.0\.0\.1\]:\d+")
+    p.wait_for_log(r"postscreen\[\d+\]: DISCONNECT \[127\.0\.0\.1\]:\d+")
+    token = uuid.uuid4().hex
+    greeting, code = polite_delivery(p, token)
+    # postscreen's teaser, then smtpd's own greeting on the same connection.
+    assert greeting.startswith("220-"), greeting
+    assert "\r\n220 " in greeting, greeting
+    assert code.startswith("250"), code
+    h.wait_for_messages("ptalice", token)
+    p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.1\]:\d+")
+    # smtpd served the session postscreen handed over.
+    p.wait_for_log(r"smtpd\[\d+\]: connect from \S+\[127\.0\.0\.1\]")
+    # The cache: the next connection is let through at once.
+    token2 = uuid.uuid4().hex
+    start = time.monotonic()
+    greeting, code = polite_delivery(p, token2)
+    assert code.startswith("250"), code
+    assert not greeting.startswith("220-"), greeting
+    assert time.monotonic() - start < WAIT + 5
+    p.wait_for_log(r"postscreen\[\d+\]: PASS OLD \[127\.0\.0\.1\]:\d+")
+    h.wait_for_messages("ptalice", token2)
+
+
+def test_pregreet_enforce_rejects_every_recipient(make_postern):
+    p = postscreen_instance(make_postern, postscreen_greet_action="enforce")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"EHLO early.example\r\n")
+        f = s.makefile("rwb")
+        lines = []
+        while True:
+            l = f.readline().decode()
+            lines.append(l)
+            if l.startswith("250 ") or not l:
+                break
+        assert any(l.startswith("220 ") for l in lines), lines
+        f.write(b"MAIL FROM:<a@example.org>\r\n")
+        f.flush()
+        assert f.readline().startswith(b"250")
+        f.write(b"RCPT TO:<ptalice@" + h.MYHOSTNAME.encode() + b">\r\n")
+        f.flush()
+        assert f.readline().startswith(b"550 5.5.1 Protocol error")
+        f.write(b"QUIT\r\n")
+        f.flush()
+        assert f.readline().startswith(b"221")
+    p.wait_for_log(r"postscreen\[\d+\]: NOQUEUE: reject: RCPT from \[127\.0\.0\.1\]:\d+: "
+                   r"550 5\.5\.1 Protocol error; from=<a@example\.org>, to=<ptalice@\S+>, "
+                   r"proto=ESMTP, helo=<early\.example>")
+
+
+def test_access_list_allows_and_denies(make_postern):
+    cidr = "127.0.0.2 reject\n127.0.0.0/8 permit\n"
+    p = postscreen_instance(
+        make_postern,
+        files={"etc/ps_access.cidr": cidr},
+        postscreen_access_list=lambda p: f"cidr:{p.etc}/ps_access.cidr",
+        # The old name still works.
+        postscreen_blacklist_action="drop",
+    )
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as s:
+        assert read_reply(s).startswith("521 5.3.2 Service currently unavailable")
+    p.wait_for_log(r"postscreen\[\d+\]: DENYLISTED \[127\.0\.0\.2\]:\d+")
+    # Allowlisted: smtpd greets at once, no teaser, no wait.
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.3", 0)) as s:
+        start = time.monotonic()
+        g = read_reply(s)
+        assert g.startswith("220 "), g
+        assert time.monotonic() - start < WAIT
+    p.wait_for_log(r"postscreen\[\d+\]: ALLOWLISTED \[127\.0\.0\.3\]:\d+")
+
+
+def test_fail2ban_aggressive_matches_pregreet(make_postern):
+    if not shutil.which("fail2ban-regex") or not h.os.path.exists(FILTER):
+        pytest.skip("needs fail2ban (scripts/test installs it)")
+    p = postscreen_instance(make_postern, postscreen_greet_action="drop")
+    impolite(p.port)
+    p.wait_for_log(r"PREGREET")
+    r = subprocess.run(["fail2ban-regex", "-o", "msg", str(p.maillog),
+                        "postfix[mode=aggressive]"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any("PREGREET" in l for l in r.stdout.splitlines()), r.stdout
+
+
+def test_postern_check_refuses_postscreen_tests_not_offered(make_postern):
+    p = make_postern(params={"postscreen_pipelining_enable": "yes",
+                             "postscreen_greet_action": "enforce"}, start=False)
+    r = p.postern("check")
+    assert r.returncode != 0
+    assert "postscreen_pipelining_enable: not honoured by Postern" in r.stderr + r.stdout
+    assert "postscreen_greet_action" not in r.stderr + r.stdout
