@@ -196,3 +196,38 @@ def test_postern_check_refuses_postscreen_tests_not_offered(make_postern):
     assert r.returncode != 0
     assert "postscreen_pipelining_enable: not honoured by Postern" in r.stderr + r.stdout
     assert "postscreen_greet_action" not in r.stderr + r.stdout
+
+
+def test_dnsbl_score_refuses_a_listed_client_at_the_threshold(make_postern, dnsmasq):
+    dns = dnsmasq([
+        # 127.0.0.2 is in bl.test (answer 127.0.0.2) and in other.test
+        # with an answer the filter leaves out; 127.0.0.3 is in no list.
+        "--address=/2.0.0.127.bl.test/127.0.0.2",
+        "--address=/2.0.0.127.other.test/127.0.0.99",
+    ])
+    p = postscreen_instance(
+        make_postern,
+        dns_resolver_addresses=f"127.0.0.1:{dns.port}",
+        postscreen_dnsbl_sites="bl.test=127.0.0.[2..3]*2, other.test=127.0.0.2*5",
+        postscreen_dnsbl_threshold="2",
+        postscreen_dnsbl_action="drop",
+        postscreen_dnsbl_reply_map=lambda p: f"texthash:{p.etc}/dnsbl_reply",
+        files={"etc/dnsbl_reply": "bl.test=127.0.0.[2..3] our-blocklist\n"},
+    )
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as s:
+        out = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+    out = out.decode()
+    assert "521 5.7.1 Service unavailable; client [127.0.0.2] blocked using our-blocklist" in out, out
+    p.wait_for_log(r"postscreen\[\d+\]: DNSBL rank 2 for \[127\.0\.0\.2\]:\d+")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.3", 0)) as s:
+        g = read_reply(s)
+        assert "\r\n220 " in g, g
+    p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.3\]:\d+")
+    assert not p.log_search(r"DNSBL rank \d+ for \[127\.0\.0\.3\]")

@@ -82,22 +82,34 @@ pub const PARAMS: &[(&str, &str)] = &[
     // `pass` service it hands clients to. The deep protocol tests and
     // STARTTLS in postscreen are not offered (postfix-params.tsv says so).
     ("postscreen_access_list", "permit_mynetworks"),
-    ("postscreen_denylist_action", "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}"),
+    (
+        "postscreen_denylist_action",
+        "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}",
+    ),
     ("postscreen_greet_action", "ignore"),
     ("postscreen_greet_banner", "$smtpd_banner"),
     ("postscreen_greet_ttl", "1d"),
     ("postscreen_greet_wait", "${stress?{2}:{6}}s"),
-    ("postscreen_cache_map", "btree:$data_directory/postscreen_cache"),
+    (
+        "postscreen_cache_map",
+        "btree:$data_directory/postscreen_cache",
+    ),
     ("postscreen_cache_retention_time", "7d"),
     ("postscreen_command_count_limit", "20"),
     ("postscreen_command_time_limit", "${stress?{10}:{300}}s"),
     ("postscreen_dnsbl_sites", ""),
     ("postscreen_dnsbl_threshold", "1"),
-    ("postscreen_dnsbl_allowlist_threshold", "${postscreen_dnsbl_whitelist_threshold?{$postscreen_dnsbl_whitelist_threshold}:{0}}"),
+    (
+        "postscreen_dnsbl_allowlist_threshold",
+        "${postscreen_dnsbl_whitelist_threshold?{$postscreen_dnsbl_whitelist_threshold}:{0}}",
+    ),
     ("postscreen_dnsbl_action", "ignore"),
     ("postscreen_dnsbl_reply_map", ""),
     ("postscreen_dnsbl_min_ttl", "60s"),
-    ("postscreen_dnsbl_max_ttl", "${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h"),
+    (
+        "postscreen_dnsbl_max_ttl",
+        "${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h",
+    ),
     ("postscreen_dnsbl_timeout", "10s"),
     ("smtpd_service_name", "smtpd"),
     // smtpd.

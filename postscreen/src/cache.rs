@@ -49,9 +49,7 @@ impl Cache {
                 .create(true)
                 .truncate(false)
                 .open(p)
-                .map_err(|e| {
-                    postern_common::warning!("postscreen_cache_map {}: {e}", p.display())
-                })
+                .map_err(|e| postern_common::warning!("postscreen_cache_map {}: {e}", p.display()))
                 .ok()
         });
         let mut text = String::new();
@@ -61,7 +59,9 @@ impl Cache {
                 let Some((addr, times)) = line.split_once('\t') else {
                     continue;
                 };
-                let mut t = times.split(';').map(|x| x.trim().parse::<u64>().unwrap_or(0));
+                let mut t = times
+                    .split(';')
+                    .map(|x| x.trim().parse::<u64>().unwrap_or(0));
                 if let Ok(ip) = addr.parse() {
                     entries.insert(
                         ip,
@@ -90,7 +90,10 @@ impl Cache {
         if let Err(err) = self.save() {
             postern_common::warning!(
                 "postscreen_cache_map {}: {err}",
-                self.path.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+                self.path
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default()
             );
         }
     }
@@ -100,7 +103,8 @@ impl Cache {
             return Ok(());
         };
         let horizon = now().saturating_sub(self.retention);
-        self.entries.retain(|_, e| e.pregreet.max(e.dnsbl) >= horizon);
+        self.entries
+            .retain(|_, e| e.pregreet.max(e.dnsbl) >= horizon);
         let mut text = String::new();
         for (ip, e) in &self.entries {
             text.push_str(&format!("{ip}\t{};{}\n", e.pregreet, e.dnsbl));

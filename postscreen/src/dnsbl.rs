@@ -94,7 +94,11 @@ impl Sites {
             let found = &answers.iter().find(|(d, _)| *d == site.domain).unwrap().1;
             let hits: Vec<u64> = found
                 .iter()
-                .filter(|(a, _)| site.filter.as_deref().is_none_or(|f| dnsbl_answer_matches(f, *a)))
+                .filter(|(a, _)| {
+                    site.filter
+                        .as_deref()
+                        .is_none_or(|f| dnsbl_answer_matches(f, *a))
+                })
                 .map(|(_, ttl)| *ttl)
                 .collect();
             if hits.is_empty() {
@@ -143,7 +147,10 @@ mod tests {
 
     #[test]
     fn sites_with_filters_and_weights() {
-        let s = Sites::parse("zen.example=127.0.0.[2..11]*3, list.dnswl.example=127.0.[0..255].[1..3]*-2 bl.example").unwrap();
+        let s = Sites::parse(
+            "zen.example=127.0.0.[2..11]*3, list.dnswl.example=127.0.[0..255].[1..3]*-2 bl.example",
+        )
+        .unwrap();
         assert_eq!(s.0[0].domain, "zen.example");
         assert_eq!(s.0[0].filter.as_deref(), Some("127.0.0.[2..11]"));
         assert_eq!(s.0[0].weight, 3);

@@ -27,7 +27,10 @@ pub fn run(s: &Settings, sock: TcpStream, client: &Client, reject: &str) {
     while let Some(line) = next_line(&mut reader) {
         count += 1;
         if count > s.command_count_limit {
-            say(&format!("421 4.7.0 {} Error: too many commands", s.myhostname));
+            say(&format!(
+                "421 4.7.0 {} Error: too many commands",
+                s.myhostname
+            ));
             info!("COMMAND COUNT LIMIT from {client}");
             return;
         }

@@ -87,9 +87,7 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
                 Action::Drop => {
                     return drop_client(sock, &client, "521 5.3.2 Service currently unavailable")
                 }
-                Action::Enforce => {
-                    enforce = Some("550 5.3.2 Service currently unavailable".into())
-                }
+                Action::Enforce => enforce = Some("550 5.3.2 Service currently unavailable".into()),
                 Action::Ignore => {}
             }
         }
@@ -225,8 +223,7 @@ fn hand_off(s: &Settings, mut sock: TcpStream, client: &Client) {
         .queue_directory
         .join("private")
         .join(&s.smtpd_service_name);
-    let sent = UnixStream::connect(&path)
-        .and_then(|c| postern_common::pass_fd::send_fd(&c, &sock));
+    let sent = UnixStream::connect(&path).and_then(|c| postern_common::pass_fd::send_fd(&c, &sock));
     if let Err(e) = sent {
         warning!(
             "cannot hand {client} to the {} service ({}): {e}",

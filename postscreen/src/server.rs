@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub fn run(s: Settings) -> ! {
-    let cache = Arc::new(Mutex::new(Cache::open(s.cache_file.clone(), s.cache_retention)));
+    let cache = Arc::new(Mutex::new(Cache::open(
+        s.cache_file.clone(),
+        s.cache_retention,
+    )));
     let s = Arc::new(s);
     let listeners: Vec<TcpListener> = postern_common::service::listen_fds()
         .into_iter()

@@ -47,8 +47,8 @@
 pub mod anvil;
 pub mod cleanup_conn;
 pub mod data;
-pub mod listener;
 pub mod dns;
+pub mod listener;
 pub mod outbuf;
 pub mod received;
 pub mod restrictions;

@@ -51,7 +51,8 @@ impl Listener {
                 let (conn, _) = l.accept()?;
                 // SAFETY: the descriptor mio gives up is the accepted
                 // connection, owned by the std stream from here on.
-                let conn = unsafe { std::os::unix::net::UnixStream::from_raw_fd(conn.into_raw_fd()) };
+                let conn =
+                    unsafe { std::os::unix::net::UnixStream::from_raw_fd(conn.into_raw_fd()) };
                 let aborted =
                     |e: io::Error| io::Error::new(io::ErrorKind::ConnectionAborted, e.to_string());
                 conn.set_nonblocking(false).map_err(aborted)?;

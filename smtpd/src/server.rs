@@ -27,12 +27,12 @@
 use crate::anvil::Anvil;
 use crate::cleanup_conn::{CleanupLink, CONNECT_RETRY};
 use crate::dns::Dns;
+use crate::listener::Listener;
 use crate::outbuf::OutBuf;
 use crate::sasl::{AuthConn, Delivery};
 use crate::session::{Client, Session};
 use crate::settings::Settings;
 use crate::tls::{ReadOutcome, TlsConn};
-use crate::listener::Listener;
 use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use postern_common::ipc;
