@@ -2,7 +2,8 @@
 //! addresses) and one thread per client. postscreen is one process
 //! (maxproc 1 in master.cf) that never says busy: screening is cheap and
 //! the clients it lets through are smtpd's load. On master's drain signal
-//! (reload) it stops accepting and exits when its clients are done.
+//! (reload), or when a table it read changed, it stops accepting and exits
+//! when its clients are done; master starts a fresh one.
 
 use crate::cache::Cache;
 use crate::settings::Settings;
@@ -50,6 +51,13 @@ pub fn run(s: Settings) -> ! {
             .and_then(|f| f.revents())
             .is_some_and(|r| !r.is_empty());
         if drained {
+            break;
+        }
+        if let Some(table) = postern_common::table_watch::changed() {
+            // A fresh postscreen reads the new file (as root, if it must);
+            // this one lets its clients in hand finish.
+            postern_common::service::restart_for_table(&table);
+            status.busy();
             break;
         }
         for l in &listeners {
