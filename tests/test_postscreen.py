@@ -138,7 +138,9 @@ def test_pregreet_enforce_rejects_every_recipient(make_postern):
             lines.append(l)
             if l.startswith("250 ") or not l:
                 break
-        assert any(l.startswith("220 ") for l in lines), lines
+        # Postfix greets no client that talked first: the teaser only.
+        assert lines[0].startswith("220-"), lines
+        assert not any(l.startswith("220 ") for l in lines), lines
         f.write(b"MAIL FROM:<a@example.org>\r\n")
         f.flush()
         assert f.readline().startswith(b"250")
@@ -189,12 +191,12 @@ def test_fail2ban_aggressive_matches_pregreet(make_postern):
     assert any("PREGREET" in l for l in r.stdout.splitlines()), r.stdout
 
 
-def test_postern_check_refuses_postscreen_tests_not_offered(make_postern):
-    p = make_postern(params={"postscreen_pipelining_enable": "yes",
+def test_postern_check_refuses_postscreen_settings_not_offered(make_postern):
+    p = make_postern(params={"postscreen_tls_security_level": "may",
                              "postscreen_greet_action": "enforce"}, start=False)
     r = p.postern("check")
     assert r.returncode != 0
-    assert "postscreen_pipelining_enable: not honoured by Postern" in r.stderr + r.stdout
+    assert "postscreen_tls_security_level: not honoured by Postern" in r.stderr + r.stdout
     assert "postscreen_greet_action" not in r.stderr + r.stdout
 
 
@@ -231,3 +233,74 @@ def test_dnsbl_score_refuses_a_listed_client_at_the_threshold(make_postern, dnsm
         assert "\r\n220 " in g, g
     p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.3\]:\d+")
     assert not p.log_search(r"DNSBL rank \d+ for \[127\.0\.0\.3\]")
+
+
+def dialogue(port, source, first, timeout=10):
+    """Connects from `source`, reads the whole greeting, sends `first`
+    (bytes) and returns a file for the rest."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                 source_address=(source, 0))
+    greeting = read_reply(s)
+    assert "\r\n220 " in greeting or greeting.startswith("220 "), greeting
+    s.sendall(first)
+    return s, s.makefile("rwb")
+
+
+def reply_of(f):
+    lines = []
+    while True:
+        l = f.readline().decode()
+        lines.append(l)
+        if len(l) < 4 or l[3] == " ":
+            return "".join(lines)
+
+
+def test_deep_protocol_tests(make_postern):
+    h.ensure_local_users()
+    p = postscreen_instance(
+        make_postern,
+        postscreen_pipelining_enable="yes",
+        postscreen_pipelining_action="enforce",
+        postscreen_non_smtp_command_enable="yes",
+        postscreen_non_smtp_command_action="drop",
+        postscreen_bare_newline_enable="yes",
+        postscreen_bare_newline_action="drop",
+    )
+    # A clean client passes, is told to come back, and then goes through.
+    s, f = dialogue(p.port, "127.0.0.4", b"EHLO good.example\r\n")
+    assert reply_of(f).startswith("250")
+    f.write(b"MAIL FROM:<a@example.org>\r\n"); f.flush()
+    assert reply_of(f).startswith("250")
+    f.write(b"RCPT TO:<ptalice@" + h.MYHOSTNAME.encode() + b">\r\n"); f.flush()
+    assert reply_of(f).startswith("450 4.3.2 Service currently unavailable")
+    f.write(b"QUIT\r\n"); f.flush()
+    assert reply_of(f).startswith("221")
+    s.close()
+    p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.4\]:\d+")
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.4", 0)) as c:
+        g = read_reply(c)
+        assert g.startswith("220 ") and "Postern" in g, g
+    p.wait_for_log(r"postscreen\[\d+\]: PASS OLD \[127\.0\.0\.4\]:\d+")
+    # Pipelining where none was offered: enforce rejects its recipients.
+    s, f = dialogue(p.port, "127.0.0.5",
+                    b"EHLO pipe.example\r\nMAIL FROM:<a@example.org>\r\n")
+    assert reply_of(f).startswith("250")
+    assert reply_of(f).startswith("250")
+    f.write(b"RCPT TO:<ptalice@" + h.MYHOSTNAME.encode() + b">\r\n"); f.flush()
+    assert reply_of(f).startswith("550 5.5.1 Protocol error")
+    s.close()
+    p.wait_for_log(r"postscreen\[\d+\]: COMMAND PIPELINING from \[127\.0\.0\.5\]:\d+ "
+                   r"after EHLO: MAIL FROM:<a@example\.org>\\r\\n")
+    # An HTTP request: dropped.
+    s, f = dialogue(p.port, "127.0.0.6", b"GET / HTTP/1.0\r\n")
+    assert reply_of(f).startswith("521 5.7.0 Error: I can break rules, too. Goodbye.")
+    s.close()
+    p.wait_for_log(r"postscreen\[\d+\]: NON-SMTP COMMAND from \[127\.0\.0\.6\]:\d+ "
+                   r"after CONNECT: GET / HTTP/1\.0")
+    # A bare newline: dropped.
+    s, f = dialogue(p.port, "127.0.0.7", b"EHLO lf.example\n")
+    assert reply_of(f).startswith("521 5.5.1 Protocol error")
+    s.close()
+    p.wait_for_log(r"postscreen\[\d+\]: BARE NEWLINE from \[127\.0\.0\.7\]:\d+ "
+                   r"after EHLO lf\.example")

@@ -79,8 +79,8 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("daemon_sched_batch", "yes"),
     // postscreen (postscreen/): the access list, the pregreet test, the
     // DNSBL score, the cache, the dummy SMTP dialogue of `enforce`; the
-    // `pass` service it hands clients to. The deep protocol tests and
-    // STARTTLS in postscreen are not offered (postfix-params.tsv says so).
+    // `pass` service it hands clients to; the deep protocol tests. STARTTLS
+    // in postscreen is not offered (postfix-params.tsv says so).
     ("postscreen_access_list", "permit_mynetworks"),
     (
         "postscreen_denylist_action",
@@ -112,6 +112,16 @@ pub const PARAMS: &[(&str, &str)] = &[
     ),
     ("postscreen_dnsbl_timeout", "10s"),
     ("smtpd_service_name", "smtpd"),
+    ("postscreen_pipelining_enable", "no"),
+    ("postscreen_pipelining_action", "enforce"),
+    ("postscreen_pipelining_ttl", "30d"),
+    ("postscreen_non_smtp_command_enable", "no"),
+    ("postscreen_non_smtp_command_action", "drop"),
+    ("postscreen_non_smtp_command_ttl", "30d"),
+    ("postscreen_bare_newline_enable", "no"),
+    ("postscreen_bare_newline_action", "ignore"),
+    ("postscreen_bare_newline_ttl", "30d"),
+    ("postscreen_forbidden_commands", "$smtpd_forbidden_commands"),
     // smtpd.
     ("smtpd_banner", "$myhostname ESMTP $mail_name"),
     ("smtpd_timeout", "300s"),

@@ -4,8 +4,8 @@
 //!
 //! Postern keeps it as a text file at the map's path (the `btree:` or
 //! `lmdb:` type is not used): one line per client, `address TAB
-//! pregreet;dnsbl` (expiry times, seconds since the epoch; 0 = not
-//! passed). It is opened at start, as root and before the chroot (it is
+//! pregreet;dnsbl;pipelining;non_smtp_command;bare_newline` (expiry
+//! times, seconds since the epoch, in Postfix's order; 0 = not passed). It is opened at start, as root and before the chroot (it is
 //! in `data_directory`), and rewritten through that descriptor after
 //! each change; entries expired longer than
 //! `postscreen_cache_retention_time` are dropped then.
@@ -21,6 +21,24 @@ use std::path::PathBuf;
 pub struct Expiry {
     pub pregreet: u64,
     pub dnsbl: u64,
+    pub pipelining: u64,
+    pub non_smtp_command: u64,
+    pub bare_newline: u64,
+}
+
+impl Expiry {
+    fn latest(&self) -> u64 {
+        [
+            self.pregreet,
+            self.dnsbl,
+            self.pipelining,
+            self.non_smtp_command,
+            self.bare_newline,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
 }
 
 pub struct Cache {
@@ -68,6 +86,9 @@ impl Cache {
                         Expiry {
                             pregreet: t.next().unwrap_or(0),
                             dnsbl: t.next().unwrap_or(0),
+                            pipelining: t.next().unwrap_or(0),
+                            non_smtp_command: t.next().unwrap_or(0),
+                            bare_newline: t.next().unwrap_or(0),
                         },
                     );
                 }
@@ -103,11 +124,13 @@ impl Cache {
             return Ok(());
         };
         let horizon = now().saturating_sub(self.retention);
-        self.entries
-            .retain(|_, e| e.pregreet.max(e.dnsbl) >= horizon);
+        self.entries.retain(|_, e| e.latest() >= horizon);
         let mut text = String::new();
         for (ip, e) in &self.entries {
-            text.push_str(&format!("{ip}\t{};{}\n", e.pregreet, e.dnsbl));
+            text.push_str(&format!(
+                "{ip}\t{};{};{};{};{}\n",
+                e.pregreet, e.dnsbl, e.pipelining, e.non_smtp_command, e.bare_newline
+            ));
         }
         f.rewind()?;
         f.write_all(text.as_bytes())?;

@@ -7,6 +7,7 @@
 
 use crate::cache::{now, Cache, Expiry};
 use crate::dnsbl::Score;
+use crate::dummy_smtp::Deep;
 use crate::settings::{AccessItem, Action, Settings};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use postern_common::delivery::fmt_delay;
@@ -98,7 +99,10 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
     if enforce.is_none() {
         let cached = cache.lock().unwrap().get(ip);
         if let Some(e) = cached {
-            if e.pregreet > t && (!dnsbl_on || e.dnsbl > t) {
+            if e.pregreet > t
+                && (!dnsbl_on || e.dnsbl > t)
+                && deep_todo(s, &e, t) == Deep::default()
+            {
                 info!("PASS OLD {client}");
                 return hand_off(s, sock, &client);
             }
@@ -189,7 +193,14 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
         }
     }
     if let Some(reply) = enforce {
-        crate::dummy_smtp::run(s, sock, &client, &reply);
+        // A client that failed gets every deep test, as in Postfix; one
+        // that talked first gets no greeting.
+        let all = Deep {
+            pipelining: true,
+            non_smtp_command: true,
+            bare_newline: true,
+        };
+        crate::dummy_smtp::run(s, sock, &client, !pregreet_failed, &reply, all);
         info!("DISCONNECT {client}");
         return;
     }
@@ -207,13 +218,69 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
             .clamp(s.dnsbl_min_ttl, s.dnsbl_max_ttl.max(s.dnsbl_min_ttl));
         e.dnsbl = t + ttl;
     }
-    if !pregreet_failed && !dnsbl_failed && (!dnsbl_on || score.is_some()) {
+    // The deep tests still to pass keep the client in postscreen's own
+    // dialogue: it is told to come back (450), and is let through then.
+    let todo = deep_todo(s, &e, t);
+    let mut deep_failed = false;
+    if todo != Deep::default() {
+        let Ok(dialogue) = sock.try_clone() else {
+            return;
+        };
+        let o = crate::dummy_smtp::run(
+            s,
+            dialogue,
+            &client,
+            true,
+            "450 4.3.2 Service currently unavailable",
+            todo,
+        );
+        let t = now();
+        for (asked, failed, test, expiry) in [
+            (
+                todo.pipelining,
+                o.failed.pipelining,
+                &s.pipelining,
+                &mut e.pipelining,
+            ),
+            (
+                todo.non_smtp_command,
+                o.failed.non_smtp_command,
+                &s.non_smtp_command,
+                &mut e.non_smtp_command,
+            ),
+            (
+                todo.bare_newline,
+                o.failed.bare_newline,
+                &s.bare_newline,
+                &mut e.bare_newline,
+            ),
+        ] {
+            if asked && !failed && !o.dropped {
+                *expiry = t + test.ttl;
+            }
+            deep_failed |= failed;
+        }
+    }
+    if !pregreet_failed && !dnsbl_failed && !deep_failed && (!dnsbl_on || score.is_some()) {
         info!("PASS NEW {client}");
     }
     if e != Expiry::default() {
         cache.lock().unwrap().put(ip, e);
     }
+    if todo != Deep::default() {
+        info!("DISCONNECT {client}");
+        return;
+    }
     hand_off(s, sock, &client)
+}
+
+/// The enabled deep tests whose pass has expired (or never was).
+fn deep_todo(s: &Settings, e: &Expiry, t: u64) -> Deep {
+    Deep {
+        pipelining: s.pipelining.enabled && e.pipelining <= t,
+        non_smtp_command: s.non_smtp_command.enabled && e.non_smtp_command <= t,
+        bare_newline: s.bare_newline.enabled && e.bare_newline <= t,
+    }
 }
 
 /// Passes the client's descriptor to the `smtpd pass` service, which

@@ -73,6 +73,57 @@ pub struct Settings {
     pub dnsbl_max_ttl: u64,
     pub dnsbl_timeout: Duration,
     pub dns_servers: Vec<std::net::SocketAddr>,
+    /// The deep protocol tests (after the 220 greeting), each
+    /// (enabled, action, ttl).
+    pub pipelining: DeepTest,
+    pub non_smtp_command: DeepTest,
+    pub bare_newline: DeepTest,
+    /// `postscreen_forbidden_commands`: names, and tables the command is
+    /// looked up in.
+    pub forbidden_commands: Vec<String>,
+    pub forbidden_tables: Vec<Table>,
+    /// Inline `regexp:{{/re/ result}, ...}` items (Postfix's default has
+    /// one: `regexp:{{/^[^A-Z]/ Bogus}}`).
+    pub forbidden_patterns: Vec<Vec<postern_common::regexp::Rule>>,
+}
+
+/// The rules of an inline pattern table `regexp:{{rule}, {rule}}` (or
+/// `pcre:`), one per line, as a regexp file would hold them.
+fn inline_patterns(item: &str) -> Option<String> {
+    let body = item
+        .strip_prefix("regexp:")
+        .or_else(|| item.strip_prefix("pcre:"))?
+        .trim()
+        .strip_prefix('{')?
+        .strip_suffix('}')?;
+    let mut rules = String::new();
+    let mut rest = body.trim();
+    while let Some(r) = rest.strip_prefix('{') {
+        let end = r.find('}')?;
+        rules.push_str(r[..end].trim());
+        rules.push('\n');
+        rest = r[end + 1..].trim_start_matches([',', ' ', '\t']);
+    }
+    rest.is_empty().then_some(rules)
+}
+
+/// One deep protocol test's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct DeepTest {
+    pub enabled: bool,
+    pub action: Action,
+    pub ttl: u64,
+}
+
+impl DeepTest {
+    fn from_config(cfg: &Config, test: &str) -> Result<DeepTest, String> {
+        let n = |what: &str| format!("postscreen_{test}_{what}");
+        Ok(DeepTest {
+            enabled: cfg.get_bool(&n("enable")).map_err(|e| e.to_string())?,
+            action: Action::parse(cfg, &n("action"))?,
+            ttl: cfg.get_time(&n("ttl")).map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 impl Settings {
@@ -101,6 +152,34 @@ impl Settings {
             "" => None,
             m => Some(Table::open(m).map_err(|e| format!("postscreen_dnsbl_reply_map: {e}"))?),
         };
+        let (mut forbidden_commands, mut forbidden_tables) = (Vec::new(), Vec::new());
+        let mut forbidden_patterns = Vec::new();
+        // Its default is `$smtpd_forbidden_commands`, a parameter of
+        // Postfix's smtpd that Postern's does not read (so has no default
+        // of its own): Postfix's default stands in for it.
+        let mut with_smtpd = cfg.clone();
+        if cfg.raw("smtpd_forbidden_commands").is_none() {
+            if let Some(r) = postern_conf::postfix_params::find("smtpd_forbidden_commands") {
+                with_smtpd.set_overrides([(
+                    "smtpd_forbidden_commands".to_string(),
+                    r.postfix_default.to_string(),
+                )]);
+            }
+        }
+        let forbidden = with_smtpd.get("postscreen_forbidden_commands");
+        for item in postern_common::maps::split_specs(&forbidden) {
+            if let Some(rules) = inline_patterns(&item) {
+                let rules = postern_common::regexp::parse(&rules)
+                    .map_err(|e| format!("postscreen_forbidden_commands: {item}: {e}"))?;
+                forbidden_patterns.push(rules);
+            } else if item.contains(':') {
+                let t = Table::open(&item)
+                    .map_err(|e| format!("postscreen_forbidden_commands: {e}"))?;
+                forbidden_tables.push(t);
+            } else {
+                forbidden_commands.push(item.to_ascii_uppercase());
+            }
+        }
         let int = |n: &str| -> Result<i64, String> {
             let v = cfg.get(n);
             v.trim()
@@ -135,6 +214,12 @@ impl Settings {
             dnsbl_max_ttl: time("postscreen_dnsbl_max_ttl")?,
             dnsbl_timeout: Duration::from_secs(time("postscreen_dnsbl_timeout")?),
             dns_servers: postern_common::dns::servers_from_config(cfg),
+            pipelining: DeepTest::from_config(cfg, "pipelining")?,
+            non_smtp_command: DeepTest::from_config(cfg, "non_smtp_command")?,
+            bare_newline: DeepTest::from_config(cfg, "bare_newline")?,
+            forbidden_commands,
+            forbidden_tables,
+            forbidden_patterns,
         })
     }
 }
