@@ -6,9 +6,12 @@ master runs Postern's postscreen on the stock master.cf line
 before the greeting is refused, a polite one is delivered through smtpd,
 the allowlist cache lets it straight through the next time, the access
 list allow- and denylists, a DNSBL zone served by dnsmasq scores the
-client, and fail2ban's stock filter reads the PREGREET line.
+client, the deep protocol tests catch pipelining, non-SMTP commands and
+bare newlines, fail2ban's stock filter reads the PREGREET line, and a
+private Postfix's postscreen logs the same lines for the same clients.
 """
 
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +21,7 @@ import uuid
 import pytest
 
 import postern_harness as h
+from postfix_peer import PostfixPeer, postfix_available
 
 FILTER = "/etc/fail2ban/filter.d/postfix.conf"
 WAIT = 1  # postscreen_greet_wait, seconds
@@ -304,3 +308,65 @@ def test_deep_protocol_tests(make_postern):
     s.close()
     p.wait_for_log(r"postscreen\[\d+\]: BARE NEWLINE from \[127\.0\.0\.7\]:\d+ "
                    r"after EHLO lf\.example")
+
+
+def postscreen_events(log_text):
+    """postscreen's lines, without time, process ID, ports and timings."""
+    out = []
+    for line in log_text.splitlines():
+        m = re.search(r"postscreen\[\d+\]: (.*)$", line)
+        if not m or m.group(1).startswith(("warning:", "statistics:")):
+            continue
+        text = re.sub(r"\]:\d+", "]:P", m.group(1))
+        out.append(re.sub(r" after [\d.]+ ", " after T ", text))
+    return out
+
+
+def scripted_clients(port):
+    """The same traffic for both servers: a client that talks first, then
+    a polite one that waits for the whole greeting and quits."""
+    assert "521 5.5.1 Protocol error" in impolite(port)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT + 20) as s:
+        g = read_reply(s)
+        assert g.startswith("220-") and "\r\n220 " in g, g
+        s.sendall(b"QUIT\r\n")
+        assert s.recv(1024).startswith(b"221")
+
+
+def test_same_log_as_postfix_postscreen(make_postern):
+    if not postfix_available() or not h.is_root():
+        pytest.skip("needs Postfix (scripts/test installs it) and root")
+    params = {"postscreen_greet_wait": f"{WAIT}s", "postscreen_greet_action": "drop",
+              "postscreen_access_list": ""}
+    far = PostfixPeer(params=params)
+    master = (far.etc / "master.cf").read_text()
+    master = master.replace(
+        f"127.0.0.1:{far.port} inet n - n - - smtpd\n",
+        f"127.0.0.1:{far.port} inet n - n - 1 postscreen\n"
+        "smtpd     pass  -       -       n       -       -       smtpd\n"
+        "dnsblog   unix  -       -       n       -       0       dnsblog\n")
+    (far.etc / "master.cf").write_text(master)
+    try:
+        far.start()
+        p = postscreen_instance(make_postern, **params)
+        scripted_clients(far.port)
+        scripted_clients(p.port)
+        want = ["CONNECT from [127.0.0.1]:P to [127.0.0.1]:P",
+                "PREGREET 22 after T from [127.0.0.1]:P: EHLO spammer.example\\r\\n",
+                "DISCONNECT [127.0.0.1]:P",
+                "CONNECT from [127.0.0.1]:P to [127.0.0.1]:P",
+                "PASS NEW [127.0.0.1]:P"]
+
+        def scripted_part(log_text):
+            """From the scripted client's CONNECT on (the start-up probe
+            talked to postscreen too)."""
+            ev = postscreen_events(log_text)
+            at = next((i for i, e in enumerate(ev) if e.startswith("PREGREET 22 ")), None)
+            return [] if at is None else ev[at - 1:]
+
+        for what, text in (("Postfix", far.log_text), ("Postern", p.log_text)):
+            h.wait_for(lambda: len(scripted_part(text())) >= len(want), 10,
+                       what=f"{what}'s postscreen lines")
+            assert scripted_part(text())[:len(want)] == want, (what, scripted_part(text()))
+    finally:
+        far.stop()

@@ -20,8 +20,8 @@
 //! - [`cache`]: the allowlist cache (`postscreen_cache_map`): per client,
 //!   until when each passed test stays passed.
 //! - [`dnsbl`]: `postscreen_dnsbl_sites` lookups and their score.
-//! - [`dummy_smtp`]: the SMTP dialogue with a client that failed under
-//!   `enforce`.
+//! - [`dummy_smtp`]: postscreen's own SMTP dialogue: with a client that
+//!   failed under `enforce`, and the deep protocol tests.
 
 pub mod cache;
 pub mod dnsbl;
