@@ -370,3 +370,23 @@ def test_same_log_as_postfix_postscreen(make_postern):
             assert scripted_part(text())[:len(want)] == want, (what, scripted_part(text()))
     finally:
         far.stop()
+
+
+def test_dnswl_below_the_allowlist_threshold_skips_the_wait(make_postern, dnsmasq):
+    dns = dnsmasq(["--address=/8.0.0.127.wl.test/127.0.10.2"])
+    p = postscreen_instance(
+        make_postern,
+        dns_resolver_addresses=f"127.0.0.1:{dns.port}",
+        postscreen_greet_wait="8s",
+        postscreen_dnsbl_sites="wl.test=127.0.[0..255].[1..3]*-2, bl.test",
+        # The old name still works.
+        postscreen_dnsbl_whitelist_threshold="-1",
+    )
+    with socket.create_connection(("127.0.0.1", p.port), timeout=20,
+                                  source_address=("127.0.0.8", 0)) as s:
+        start = time.monotonic()
+        g = read_reply(s)
+        took = time.monotonic() - start
+    assert "\r\n220 " in g, g
+    assert took < 5, took
+    p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.8\]:\d+")

@@ -137,3 +137,33 @@ impl Cache {
         f.set_len(text.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_a_restart_and_forgets_what_is_long_expired() {
+        let dir = std::env::temp_dir().join(format!("ps-cache-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let t = now();
+        {
+            let mut c = Cache::open(Some(dir.clone()), 3600);
+            let fresh = Expiry {
+                pregreet: t + 100,
+                dnsbl: t + 50,
+                ..Default::default()
+            };
+            c.put("192.0.2.1".parse().unwrap(), fresh);
+            let stale = Expiry {
+                pregreet: t - 7200,
+                ..Default::default()
+            };
+            c.put("192.0.2.2".parse().unwrap(), stale);
+        }
+        let c = Cache::open(Some(dir.clone()), 3600);
+        assert_eq!(c.get("192.0.2.1".parse().unwrap()).unwrap().dnsbl, t + 50);
+        assert_eq!(c.get("192.0.2.2".parse().unwrap()), None);
+        let _ = std::fs::remove_file(&dir);
+    }
+}

@@ -223,3 +223,20 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inline_pattern_tables() {
+        assert_eq!(
+            super::inline_patterns("regexp:{{/^[^A-Z]/ Bogus}}").as_deref(),
+            Some("/^[^A-Z]/ Bogus\n")
+        );
+        assert_eq!(
+            super::inline_patterns("pcre:{{/^GET/ x}, {/^POST/ y}}").as_deref(),
+            Some("/^GET/ x\n/^POST/ y\n")
+        );
+        assert_eq!(super::inline_patterns("regexp:/etc/x"), None);
+        assert_eq!(super::inline_patterns("CONNECT"), None);
+    }
+}
