@@ -390,3 +390,32 @@ def test_dnswl_below_the_allowlist_threshold_skips_the_wait(make_postern, dnsmas
     assert "\r\n220 " in g, g
     assert took < 5, took
     p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.8\]:\d+")
+
+
+def test_connection_limits(make_postern):
+    p = postscreen_instance(make_postern, postscreen_greet_wait="5s",
+                            postscreen_client_connection_count_limit="2",
+                            postscreen_pre_queue_limit="3")
+    held = []
+    try:
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                                 source_address=("127.0.0.9", 0)))
+        # A third from the same client: too many connections.
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                      source_address=("127.0.0.9", 0)) as s:
+            assert "421 4.7.0 Error: too many connections" in read_reply(s)
+        p.wait_for_log(r"postscreen\[\d+\]: NOQUEUE: reject: CONNECT from "
+                       r"\[127\.0\.0\.9\]:\d+: too many connections")
+        held.append(socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                             source_address=("127.0.0.10", 0)))
+        time.sleep(0.3)
+        # A fourth client in the tests at once: all screening ports busy.
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                      source_address=("127.0.0.11", 0)) as s:
+            assert "421 4.3.2 All screening ports are busy" in read_reply(s)
+        p.wait_for_log(r"postscreen\[\d+\]: reject: connect from \[127\.0\.0\.11\]:\d+: "
+                       r"all screening ports busy")
+    finally:
+        for s in held:
+            s.close()

@@ -112,6 +112,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ),
     ("postscreen_dnsbl_timeout", "10s"),
     ("smtpd_service_name", "smtpd"),
+    (
+        "postscreen_client_connection_count_limit",
+        "$smtpd_client_connection_count_limit",
+    ),
+    ("postscreen_pre_queue_limit", "$default_process_limit"),
     ("postscreen_pipelining_enable", "no"),
     ("postscreen_pipelining_action", "enforce"),
     ("postscreen_pipelining_ttl", "30d"),

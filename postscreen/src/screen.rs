@@ -12,12 +12,14 @@ use crate::settings::{AccessItem, Action, Settings};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use postern_common::delivery::fmt_delay;
 use postern_common::{info, warning};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// `[addr]:port` as Postfix's postscreen writes a client.
@@ -65,8 +67,66 @@ fn access(s: &Settings, ip: IpAddr) -> Listed {
     Listed::Neither
 }
 
+/// What the client threads share.
+#[derive(Default)]
+pub struct Shared {
+    pub cache: Mutex<Option<Cache>>,
+    /// Connections in postscreen, per client address.
+    per_client: Mutex<HashMap<IpAddr, u64>>,
+    /// Clients in the tests (not those let through at once).
+    screening: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(cache: Cache) -> Shared {
+        Shared {
+            cache: Mutex::new(Some(cache)),
+            ..Default::default()
+        }
+    }
+
+    fn cached(&self, ip: IpAddr) -> Option<Expiry> {
+        self.cache.lock().unwrap().as_ref().and_then(|c| c.get(ip))
+    }
+
+    fn record(&self, ip: IpAddr, e: Expiry) {
+        if let Some(c) = self.cache.lock().unwrap().as_mut() {
+            c.put(ip, e);
+        }
+    }
+}
+
+/// Gives a count back when the client leaves, however it leaves.
+struct OnDrop<F: Fn()>(F);
+
+impl<F: Fn()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// Screens one client and hands it over or ends its connection.
-pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer: SocketAddr) {
+pub fn screen(s: &Settings, shared: &Shared, sock: TcpStream, peer: SocketAddr) {
+    let ip = postern_common::cidr::normalize(peer.ip());
+    let n = {
+        let mut m = shared.per_client.lock().unwrap();
+        let n = m.entry(ip).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let _held = OnDrop(|| {
+        let mut m = shared.per_client.lock().unwrap();
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    });
+    screen_held(s, shared, sock, peer, n)
+}
+
+fn screen_held(s: &Settings, shared: &Shared, mut sock: TcpStream, peer: SocketAddr, n: u64) {
     let start = Instant::now();
     let client = Client(peer);
     let ip = postern_common::cidr::normalize(peer.ip());
@@ -75,6 +135,10 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
         .map(|a| Client(a).to_string())
         .unwrap_or_else(|_| "[unknown]:0".into());
     info!("CONNECT from {client} to {local}");
+    if s.client_connection_count_limit > 0 && n > s.client_connection_count_limit {
+        info!("NOQUEUE: reject: CONNECT from {client}: too many connections");
+        return drop_client(sock, &client, "421 4.7.0 Error: too many connections");
+    }
     // The reply a client that fails under `enforce` gets at RCPT TO.
     let mut enforce: Option<String> = None;
     match access(s, ip) {
@@ -97,7 +161,7 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
     let t = now();
     let dnsbl_on = !s.dnsbl.is_empty();
     if enforce.is_none() {
-        let cached = cache.lock().unwrap().get(ip);
+        let cached = shared.cached(ip);
         if let Some(e) = cached {
             if e.pregreet > t
                 && (!dnsbl_on || e.dnsbl > t)
@@ -108,6 +172,14 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
             }
         }
     }
+    if s.pre_queue_limit > 0 && shared.screening.load(Ordering::SeqCst) >= s.pre_queue_limit {
+        info!("reject: connect from {client}: all screening ports busy");
+        return drop_client(sock, &client, "421 4.3.2 All screening ports are busy");
+    }
+    shared.screening.fetch_add(1, Ordering::SeqCst);
+    let _screening = OnDrop(|| {
+        shared.screening.fetch_sub(1, Ordering::SeqCst);
+    });
     // The DNS lists are asked while the client is made to wait.
     let dnsbl_rx = dnsbl_on.then(|| {
         let (tx, rx) = mpsc::channel();
@@ -207,7 +279,7 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
     // Record what passed; a test failed under `ignore` is run again next
     // time.
     let t = now();
-    let mut e = cache.lock().unwrap().get(ip).unwrap_or_default();
+    let mut e = shared.cached(ip).unwrap_or_default();
     if !pregreet_failed {
         e.pregreet = t + s.greet_ttl;
     }
@@ -265,7 +337,7 @@ pub fn screen(s: &Settings, cache: &Arc<Mutex<Cache>>, mut sock: TcpStream, peer
         info!("PASS NEW {client}");
     }
     if e != Expiry::default() {
-        cache.lock().unwrap().put(ip, e);
+        shared.record(ip, e);
     }
     if todo != Deep::default() {
         info!("DISCONNECT {client}");

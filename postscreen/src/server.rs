@@ -6,6 +6,7 @@
 //! when its clients are done; master starts a fresh one.
 
 use crate::cache::Cache;
+use crate::screen::Shared;
 use crate::settings::Settings;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use postern_common::service::Status;
@@ -13,10 +14,10 @@ use postern_common::{fatal, warning};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub fn run(s: Settings) -> ! {
-    let cache = Arc::new(Mutex::new(Cache::open(
+    let shared = Arc::new(Shared::new(Cache::open(
         s.cache_file.clone(),
         s.cache_retention,
     )));
@@ -67,10 +68,10 @@ pub fn run(s: Settings) -> ! {
                         status.took_work();
                         let _ = sock.set_nonblocking(false);
                         let _ = sock.set_nodelay(true);
-                        let (s, cache, active) = (s.clone(), cache.clone(), active.clone());
+                        let (s, shared, active) = (s.clone(), shared.clone(), active.clone());
                         active.fetch_add(1, Ordering::SeqCst);
                         std::thread::spawn(move || {
-                            crate::screen::screen(&s, &cache, sock, peer);
+                            crate::screen::screen(&s, &shared, sock, peer);
                             active.fetch_sub(1, Ordering::SeqCst);
                         });
                     }

@@ -63,6 +63,11 @@ pub struct Settings {
     pub cache_file: Option<PathBuf>,
     pub cache_retention: u64,
     pub command_count_limit: u64,
+    /// Connections one client may have in postscreen at once (0: no
+    /// limit).
+    pub client_connection_count_limit: u64,
+    /// Clients in the tests at once (0: no limit).
+    pub pre_queue_limit: u64,
     pub command_time_limit: Duration,
     pub dnsbl: crate::dnsbl::Sites,
     pub dnsbl_threshold: i64,
@@ -203,6 +208,12 @@ impl Settings {
             cache_retention: time("postscreen_cache_retention_time")?,
             command_count_limit: cfg
                 .get_u64("postscreen_command_count_limit")
+                .map_err(|e| e.to_string())?,
+            client_connection_count_limit: cfg
+                .get_u64("postscreen_client_connection_count_limit")
+                .map_err(|e| e.to_string())?,
+            pre_queue_limit: cfg
+                .get_u64("postscreen_pre_queue_limit")
                 .map_err(|e| e.to_string())?,
             command_time_limit: Duration::from_secs(time("postscreen_command_time_limit")?),
             dnsbl: crate::dnsbl::Sites::parse(&cfg.get("postscreen_dnsbl_sites"))?,
