@@ -7,7 +7,7 @@ before the greeting is refused, a polite one is delivered through smtpd,
 the allowlist cache lets it straight through the next time, the access
 list allow- and denylists, a DNSBL zone served by dnsmasq scores the
 client, the deep protocol tests catch pipelining, non-SMTP commands and
-bare newlines, fail2ban's stock filter reads the PREGREET line, and a
+bare newlines (with STARTTLS offered by postscreen itself), fail2ban's stock filter reads the PREGREET line, and a
 private Postfix's postscreen logs the same lines for the same clients.
 """
 
@@ -196,11 +196,11 @@ def test_fail2ban_aggressive_matches_pregreet(make_postern):
 
 
 def test_postern_check_refuses_postscreen_settings_not_offered(make_postern):
-    p = make_postern(params={"postscreen_tls_security_level": "may",
+    p = make_postern(params={"postscreen_upstream_proxy_protocol": "haproxy",
                              "postscreen_greet_action": "enforce"}, start=False)
     r = p.postern("check")
     assert r.returncode != 0
-    assert "postscreen_tls_security_level: not honoured by Postern" in r.stderr + r.stdout
+    assert "postscreen_upstream_proxy_protocol: not honoured by Postern" in r.stderr + r.stdout
     assert "postscreen_greet_action" not in r.stderr + r.stdout
 
 
@@ -419,3 +419,44 @@ def test_connection_limits(make_postern):
     finally:
         for s in held:
             s.close()
+
+
+def test_starttls_in_the_deep_tests(make_postern, tmp_path):
+    import ssl
+    from postfix_peer import TestCA
+    ca = TestCA(tmp_path / "ca", names=["postern.test"])
+    p = postscreen_instance(
+        make_postern,
+        smtpd_tls_cert_file=str(ca.cert_file),
+        smtpd_tls_key_file=str(ca.key_file),
+        smtpd_tls_security_level="may",
+        postscreen_tls_security_level="encrypt",
+        postscreen_pipelining_enable="yes",
+    )
+    s, f = dialogue(p.port, "127.0.0.12", b"EHLO tls.example\r\n")
+    ehlo = reply_of(f)
+    assert "250-STARTTLS" in ehlo, ehlo
+    f.write(b"MAIL FROM:<a@example.org>\r\n"); f.flush()
+    assert reply_of(f).startswith("530 5.7.0 Must issue a STARTTLS command first")
+    f.write(b"STARTTLS\r\n"); f.flush()
+    assert reply_of(f).startswith("220 2.0.0")
+    ctx = ssl.create_default_context(cafile=str(ca.ca_file))
+    t = ctx.wrap_socket(s, server_hostname="postern.test")
+    tf = t.makefile("rwb")
+    tf.write(b"EHLO tls.example\r\n"); tf.flush()
+    assert "STARTTLS" not in reply_of(tf)
+    tf.write(b"MAIL FROM:<a@example.org>\r\n"); tf.flush()
+    assert reply_of(tf).startswith("250")
+    tf.write(b"RCPT TO:<ptalice@" + h.MYHOSTNAME.encode() + b">\r\n"); tf.flush()
+    assert reply_of(tf).startswith("450 4.3.2")
+    tf.write(b"QUIT\r\n"); tf.flush()
+    assert reply_of(tf).startswith("221")
+    t.close()
+    p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.12\]:\d+")
+    # Back again: smtpd, which offers STARTTLS itself.
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10,
+                                  source_address=("127.0.0.12", 0)) as c:
+        assert read_reply(c).startswith("220 ")
+        c.sendall(b"EHLO tls.example\r\n")
+        assert "STARTTLS" in read_reply(c)
+    p.wait_for_log(r"postscreen\[\d+\]: PASS OLD \[127\.0\.0\.12\]:\d+")

@@ -115,7 +115,7 @@ impl Service {
             "postscreen" => Role::Elsewhere("postscreen serves inet services only"),
             "dnsblog" => Role::Elsewhere("DNSBL lookups: postscreen makes them itself"),
             "tlsproxy" => Role::Elsewhere(
-                "TLS proxy: postscreen hands TLS clients to smtpd, which does STARTTLS itself",
+                "TLS proxy: postscreen and smtpd do STARTTLS themselves (rustls)",
             ),
             "tlsmgr" => Role::Elsewhere("TLS session cache: kept inside each smtpd and smtp process"),
             "trivial-rewrite" => Role::Elsewhere(

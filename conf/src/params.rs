@@ -112,6 +112,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ),
     ("postscreen_dnsbl_timeout", "10s"),
     ("smtpd_service_name", "smtpd"),
+    ("postscreen_tls_security_level", "$smtpd_tls_security_level"),
     (
         "postscreen_client_connection_count_limit",
         "$smtpd_client_connection_count_limit",

@@ -8,13 +8,26 @@
 //! `postscreen_command_time_limit` without one. Meanwhile it runs the
 //! deep tests asked for: command pipelining (the dialogue offers no
 //! PIPELINING), non-SMTP commands (`postscreen_forbidden_commands`, mail
-//! header lines) and bare newlines.
+//! header lines) and bare newlines. With `postscreen_tls_security_level`
+//! `may` or `encrypt` it offers STARTTLS itself (rustls, smtpd's keys and
+//! settings) where Postfix's postscreen calls on tlsproxy(8).
 
 use crate::screen::{escape, Client};
 use crate::settings::{Action, DeepTest, Settings};
 use postern_common::info;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+
+/// The client connection, plain or under TLS after STARTTLS.
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Writes one reply (its lines joined by CRLF); false when the client is
+/// gone.
+fn say(r: &mut BufReader<Box<dyn Stream>>, text: &str) -> bool {
+    let w = r.get_mut();
+    w.write_all(format!("{text}\r\n").as_bytes()).is_ok() && w.flush().is_ok()
+}
 
 /// The deep tests, each a flag.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,25 +66,26 @@ pub fn run(
     let mut reject = reject.to_string();
     let mut todo = tests;
     let _ = sock.set_read_timeout(Some(s.command_time_limit));
-    let Ok(reader) = sock.try_clone() else {
+    let _ = sock.set_write_timeout(Some(s.command_time_limit));
+    let Ok(plain) = sock.try_clone() else {
         return outcome;
     };
-    let mut reader = BufReader::new(reader);
-    let mut out = sock;
-    let mut say = |text: &str| out.write_all(format!("{text}\r\n").as_bytes()).is_ok();
-    if greet && !say(&format!("220 {}", s.smtpd_banner)) {
+    let mut reader: BufReader<Box<dyn Stream>> = BufReader::new(Box::new(sock));
+    if greet && !say(&mut reader, &format!("220 {}", s.smtpd_banner)) {
         return outcome;
     }
+    let mut plain = Some(plain);
+    let mut in_tls = false;
     let (mut helo, mut sender, mut proto) = (String::new(), String::new(), "SMTP");
     let mut after = "CONNECT".to_string();
     let mut count = 0;
     while let Some(raw) = next_line(&mut reader) {
         count += 1;
         if count > s.command_count_limit {
-            say(&format!(
-                "421 4.7.0 {} Error: too many commands",
-                s.myhostname
-            ));
+            say(
+                &mut reader,
+                &format!("421 4.7.0 {} Error: too many commands", s.myhostname),
+            );
             info!("COMMAND COUNT LIMIT from {client} after {after}");
             return outcome;
         }
@@ -97,7 +111,7 @@ pub fn run(
                 escape(line.as_bytes(), 100)
             );
             if fail(&mut outcome.failed.bare_newline, &s.bare_newline) {
-                say("521 5.5.1 Protocol error");
+                say(&mut reader, "521 5.5.1 Protocol error");
                 outcome.dropped = true;
                 return outcome;
             }
@@ -118,7 +132,10 @@ pub fn run(
                 escape(arg.as_bytes(), 100)
             );
             if fail(&mut outcome.failed.non_smtp_command, &s.non_smtp_command) {
-                say("521 5.7.0 Error: I can break rules, too. Goodbye.");
+                say(
+                    &mut reader,
+                    "521 5.7.0 Error: I can break rules, too. Goodbye.",
+                );
                 outcome.dropped = true;
                 return outcome;
             }
@@ -130,7 +147,7 @@ pub fn run(
                 escape(reader.buffer(), 100)
             );
             if fail(&mut outcome.failed.pipelining, &s.pipelining) {
-                say("521 5.5.1 Protocol error");
+                say(&mut reader, "521 5.5.1 Protocol error");
                 outcome.dropped = true;
                 return outcome;
             }
@@ -140,37 +157,61 @@ pub fn run(
         } else {
             "UNKNOWN".into()
         };
+        let tls_offered = s.tls.is_some() && !in_tls;
         let ok = match verb_uc.as_str() {
             "EHLO" => {
                 helo = arg.trim().to_string();
                 proto = "ESMTP";
-                say(&format!(
-                    "250-{}\r\n250-SIZE\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 DSN",
+                let starttls = if tls_offered { "250-STARTTLS\r\n" } else { "" };
+                say(&mut reader, &format!(
+                    "250-{}\r\n250-SIZE\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 DSN",
                     s.myhostname
                 ))
             }
+            "STARTTLS" if tls_offered => {
+                // What the client sent ahead stays unencrypted: dropped,
+                // as smtpd does.
+                let (Some(cfg), Some(tcp)) = (s.tls.clone(), plain.take()) else {
+                    return outcome;
+                };
+                if !say(&mut reader, "220 2.0.0 Ready to start TLS") {
+                    return outcome;
+                }
+                let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                    return outcome;
+                };
+                reader = BufReader::new(Box::new(rustls::StreamOwned::new(conn, tcp)));
+                in_tls = true;
+                // RFC 3207: the session starts again.
+                helo.clear();
+                sender.clear();
+                true
+            }
+            "MAIL" if s.tls_required && !in_tls => {
+                say(&mut reader, "530 5.7.0 Must issue a STARTTLS command first")
+            }
             "HELO" => {
                 helo = arg.trim().to_string();
-                say(&format!("250 {}", s.myhostname))
+                say(&mut reader, &format!("250 {}", s.myhostname))
             }
             "MAIL" => {
                 sender = address(arg, "FROM:");
-                say("250 2.1.0 Ok")
+                say(&mut reader, "250 2.1.0 Ok")
             }
             "RCPT" => {
                 info!(
                     "NOQUEUE: reject: RCPT from {client}: {reject}; from=<{sender}>, to=<{}>, proto={proto}, helo=<{helo}>",
                     address(arg, "TO:")
                 );
-                say(&reject)
+                say(&mut reader, &reject)
             }
-            "DATA" | "BDAT" => say("554 5.5.1 Error: no valid recipients"),
-            "RSET" | "NOOP" => say("250 2.0.0 Ok"),
+            "DATA" | "BDAT" => say(&mut reader, "554 5.5.1 Error: no valid recipients"),
+            "RSET" | "NOOP" => say(&mut reader, "250 2.0.0 Ok"),
             "QUIT" => {
-                say("221 2.0.0 Bye");
+                say(&mut reader, "221 2.0.0 Bye");
                 return outcome;
             }
-            _ => say("502 5.5.2 Error: command not recognized"),
+            _ => say(&mut reader, "502 5.5.2 Error: command not recognized"),
         };
         if !ok {
             return outcome;

@@ -105,24 +105,33 @@ impl<F: Fn()> Drop for OnDrop<F> {
     }
 }
 
-/// Screens one client and hands it over or ends its connection.
-pub fn screen(s: &Settings, shared: &Shared, sock: TcpStream, peer: SocketAddr) {
-    let ip = postern_common::cidr::normalize(peer.ip());
-    let n = {
-        let mut m = shared.per_client.lock().unwrap();
-        let n = m.entry(ip).or_insert(0);
+impl Shared {
+    /// Counts a new connection of `ip` (in the accepting thread, before
+    /// the client's own starts, so that a burst is counted whole); the
+    /// count with it.
+    pub fn enter(&self, ip: IpAddr) -> u64 {
+        let mut m = self.per_client.lock().unwrap();
+        let n = m.entry(postern_common::cidr::normalize(ip)).or_insert(0);
         *n += 1;
         *n
-    };
-    let _held = OnDrop(|| {
-        let mut m = shared.per_client.lock().unwrap();
+    }
+
+    fn leave(&self, ip: IpAddr) {
+        let mut m = self.per_client.lock().unwrap();
         if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
                 m.remove(&ip);
             }
         }
-    });
+    }
+}
+
+/// Screens one client (the `n`th connection of its address, counted by
+/// [`Shared::enter`]) and hands it over or ends its connection.
+pub fn screen(s: &Settings, shared: &Shared, sock: TcpStream, peer: SocketAddr, n: u64) {
+    let ip = postern_common::cidr::normalize(peer.ip());
+    let _held = OnDrop(|| shared.leave(ip));
     screen_held(s, shared, sock, peer, n)
 }
 

@@ -70,8 +70,9 @@ pub fn run(s: Settings) -> ! {
                         let _ = sock.set_nodelay(true);
                         let (s, shared, active) = (s.clone(), shared.clone(), active.clone());
                         active.fetch_add(1, Ordering::SeqCst);
+                        let n = shared.enter(peer.ip());
                         std::thread::spawn(move || {
-                            crate::screen::screen(&s, &shared, sock, peer);
+                            crate::screen::screen(&s, &shared, sock, peer, n);
                             active.fetch_sub(1, Ordering::SeqCst);
                         });
                     }

@@ -90,6 +90,12 @@ pub struct Settings {
     /// Inline `regexp:{{/re/ result}, ...}` items (Postfix's default has
     /// one: `regexp:{{/^[^A-Z]/ Bogus}}`).
     pub forbidden_patterns: Vec<Vec<postern_common::regexp::Rule>>,
+    /// STARTTLS in postscreen's own dialogue
+    /// (`postscreen_tls_security_level` may or encrypt), with smtpd's
+    /// keys and settings.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// `encrypt`: no MAIL before STARTTLS.
+    pub tls_required: bool,
 }
 
 /// The rules of an inline pattern table `regexp:{{rule}, {rule}}` (or
@@ -185,6 +191,22 @@ impl Settings {
                 forbidden_commands.push(item.to_ascii_uppercase());
             }
         }
+        let level = cfg
+            .get("postscreen_tls_security_level")
+            .trim()
+            .to_ascii_lowercase();
+        let tls = match level.as_str() {
+            "" | "none" => None,
+            "may" | "encrypt" => Some(
+                postern_common::tls::smtpd_server_config(cfg)
+                    .map_err(|e| format!("postscreen_tls_security_level = {level}: {e}"))?,
+            ),
+            other => {
+                return Err(format!(
+                    "postscreen_tls_security_level = {other}: expected none, may or encrypt"
+                ))
+            }
+        };
         let int = |n: &str| -> Result<i64, String> {
             let v = cfg.get(n);
             v.trim()
@@ -231,6 +253,8 @@ impl Settings {
             forbidden_commands,
             forbidden_tables,
             forbidden_patterns,
+            tls,
+            tls_required: level == "encrypt",
         })
     }
 }
