@@ -381,14 +381,20 @@ def test_dnswl_below_the_allowlist_threshold_skips_the_wait(make_postern, dnsmas
         postscreen_dnsbl_sites="wl.test=127.0.[0..255].[1..3]*-2, bl.test",
         # The old name still works.
         postscreen_dnsbl_whitelist_threshold="-1",
+        # Skipped too for an allowlisted client.
+        postscreen_pipelining_enable="yes",
     )
     with socket.create_connection(("127.0.0.1", p.port), timeout=20,
                                   source_address=("127.0.0.8", 0)) as s:
         start = time.monotonic()
         g = read_reply(s)
         took = time.monotonic() - start
+        s.sendall(b"EHLO wl.example\r\n")
+        ehlo = read_reply(s)
     assert "\r\n220 " in g, g
     assert took < 5, took
+    # smtpd's EHLO (postscreen's own dialogue offers no PIPELINING).
+    assert "PIPELINING" in ehlo, ehlo
     p.wait_for_log(r"postscreen\[\d+\]: PASS NEW \[127\.0\.0\.8\]:\d+")
 
 

@@ -298,6 +298,17 @@ fn screen_held(s: &Settings, shared: &Shared, mut sock: TcpStream, peer: SocketA
             .unwrap_or(s.dnsbl_min_ttl)
             .clamp(s.dnsbl_min_ttl, s.dnsbl_max_ttl.max(s.dnsbl_min_ttl));
         e.dnsbl = t + ttl;
+        // A client the allowlists vouch for skips the other tests, which
+        // count as passed for as long as its DNSBL result.
+        if s.dnsbl_allowlist_threshold < 0 && sc.score <= s.dnsbl_allowlist_threshold {
+            for test in [
+                &mut e.pipelining,
+                &mut e.non_smtp_command,
+                &mut e.bare_newline,
+            ] {
+                *test = (*test).max(t + ttl);
+            }
+        }
     }
     // The deep tests still to pass keep the client in postscreen's own
     // dialogue: it is told to come back (450), and is let through then.
@@ -342,7 +353,7 @@ fn screen_held(s: &Settings, shared: &Shared, mut sock: TcpStream, peer: SocketA
             deep_failed |= failed;
         }
     }
-    if !pregreet_failed && !dnsbl_failed && !deep_failed && (!dnsbl_on || score.is_some()) {
+    if !pregreet_failed && !dnsbl_failed && !deep_failed {
         info!("PASS NEW {client}");
     }
     if e != Expiry::default() {
