@@ -431,7 +431,8 @@ def test_receive_override_options_reach_cleanup(make_postern, local_users):
 def test_postscreen_pass_service_overrides_reach_smtpd(make_postern):
     """With postscreen on port 25 (docker-mailserver's and mailcow's
     master.cf), the SMTP server's settings are the `smtpd pass` service's
-    `-o` overrides: smtpd, which serves the port in postscreen's place,
+    `-o` overrides: smtpd, which serves the pass service postscreen hands
+    the client to (loopback is allowlisted by the default access list),
     takes them."""
     p = make_postern(start=False)
     p.master_cf_extra = [

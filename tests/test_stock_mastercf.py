@@ -136,8 +136,9 @@ def test_check_on_debian_etc_postfix_warns_only(tmp_path, system_accounts):
 
 def test_stock_master_cf_with_postscreen_enabled(make_postern, local_users):
     """The stock file's postscreen lines uncommented (and the plain smtpd
-    line commented out), as Postfix's POSTSCREEN_README says: smtpd serves
-    the port, the pass, dnsblog and tlsproxy services are noted."""
+    line commented out), as Postfix's POSTSCREEN_README says: postscreen
+    serves the port and hands the client to the smtpd pass service; the
+    dnsblog and tlsproxy services are noted."""
     text = stock_text()
     text = re.sub(r"^smtp(\s+inet\s.*smtpd)$", r"#smtp\1", text, flags=re.M)
     for name, command in (("smtp", "postscreen"), ("smtpd", "smtpd"), ("dnsblog", "dnsblog"),
@@ -150,8 +151,8 @@ def test_stock_master_cf_with_postscreen_enabled(make_postern, local_users):
     p.write_file("etc/master.cf", text)
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
-    assert f"service 127.0.0.1:{p.port}/inet (postscreen): served by smtpd" in r.stderr, r.stderr
-    assert "service smtpd/pass (smtpd): not run" in r.stderr, r.stderr
+    assert f"service 127.0.0.1:{p.port}/inet (postscreen)" not in r.stderr, r.stderr
+    assert "service smtpd/pass (smtpd)" not in r.stderr, r.stderr
     assert "service dnsblog/unix (dnsblog): not run" in r.stderr, r.stderr
     p.start()
     token = new_token()
@@ -159,3 +160,5 @@ def test_stock_master_cf_with_postscreen_enabled(make_postern, local_users):
     assert code == 250, reply
     assert h.wait_for_messages("ptbob", token)
     assert p.log_search(r"postfix/smtpd\[\d+\]: connect from")
+    # Loopback is in mynetworks: the default postscreen_access_list.
+    assert p.log_search(r"postfix/postscreen\[\d+\]: ALLOWLISTED \[127\.0\.0\.1\]:\d+")

@@ -4,6 +4,8 @@
 //!   reader, in-place "done" marks).
 //! - [`queue`]: the queue tree, queue IDs, moves between queues.
 //! - [`ipc`]: every message the programs exchange, and its framing.
+//! - [`pass_fd`]: handing a client connection to another process
+//!   (SCM_RIGHTS): postscreen to smtpd.
 //! - [`dns`]: the DNS resolver smtp and smtpd share.
 //! - [`dupfilter`]: duplicate elimination (cleanup's recipients, local's
 //!   expansions).
@@ -49,6 +51,7 @@ pub mod ipc;
 pub mod log;
 pub mod maps;
 pub mod match_list;
+pub mod pass_fd;
 pub mod pool;
 pub mod privs;
 pub mod qfile;

@@ -21,8 +21,9 @@ pub enum ServiceType {
     /// A Unix datagram socket (Postfix's `postlog`): parsed, never run
     /// (see [`Service::role`]).
     UnixDgram,
-    /// A socket postscreen passes connections to (`smtpd pass ...`):
-    /// parsed, never run; smtpd listens on the port itself.
+    /// A Unix socket in `private/` or `public/` to which postscreen
+    /// passes the client connections it lets through (`smtpd pass ...`):
+    /// the program receives each connection's descriptor (SCM_RIGHTS).
     Pass,
 }
 
@@ -57,8 +58,6 @@ pub enum TransportBehaviour {
 pub enum Role {
     /// master runs the command (a Postern daemon, or another program).
     Run,
-    /// postscreen on an inet port: master runs smtpd there instead.
-    SmtpdInstead,
     /// No process: qmgr delivers for this transport itself.
     Transport(TransportBehaviour),
     /// No process: the job is done elsewhere in Postern (the text says
@@ -108,17 +107,16 @@ impl Service {
     /// What Postern makes of this line: Postfix's services whose work is
     /// done inside Postern's own daemons are accepted and not run.
     pub fn role(&self) -> Role {
-        if self.kind == ServiceType::Pass {
-            return Role::Elsewhere("postscreen hand-off socket: smtpd listens on the port itself");
-        }
         match self.command.as_str() {
             "error" if self.name == "retry" => Role::Transport(TransportBehaviour::Defer),
             "error" => Role::Transport(TransportBehaviour::Bounce),
             "discard" => Role::Transport(TransportBehaviour::Discard),
-            "postscreen" if self.kind == ServiceType::Inet => Role::SmtpdInstead,
-            "postscreen" | "dnsblog" | "tlsproxy" => {
-                Role::Elsewhere("postscreen and its helpers: smtpd serves the SMTP port")
-            }
+            "postscreen" if self.kind == ServiceType::Inet => Role::Run,
+            "postscreen" => Role::Elsewhere("postscreen serves inet services only"),
+            "dnsblog" => Role::Elsewhere("DNSBL lookups: postscreen makes them itself"),
+            "tlsproxy" => Role::Elsewhere(
+                "TLS proxy: postscreen and smtpd do STARTTLS themselves (rustls)",
+            ),
             "tlsmgr" => Role::Elsewhere("TLS session cache: kept inside each smtpd and smtp process"),
             "trivial-rewrite" => Role::Elsewhere(
                 "address rewriting and resolution: cleanup, and the resolver shared by qmgr, smtpd and sendmail -bv",
@@ -158,7 +156,6 @@ impl Service {
     pub fn program(&self) -> Option<&str> {
         match self.role() {
             Role::Run => Some(&self.command),
-            Role::SmtpdInstead => Some("smtpd"),
             Role::Transport(_) | Role::Elsewhere(_) => None,
         }
     }
@@ -169,7 +166,6 @@ impl Service {
     pub fn note(&self) -> Option<String> {
         let what = match self.role() {
             Role::Run => return None,
-            Role::SmtpdInstead => "served by smtpd (postscreen is not needed)".to_string(),
             Role::Transport(TransportBehaviour::Bounce) => {
                 "not run: qmgr bounces mail for this transport itself (error)".to_string()
             }
@@ -192,25 +188,13 @@ impl Service {
 }
 
 /// The services master runs, each with the program it runs as its
-/// command (smtpd for postscreen). smtpd in postscreen's place takes the
-/// `-o` overrides of the `pass` service postscreen would hand the
-/// connection to (`smtpd pass ... smtpd -o ...`: in Postfix those are the
-/// SMTP server's settings), after the inet line's own, which are
-/// postscreen's (its `postscreen_*` ones are left out).
+/// command.
 pub fn runnable(services: Vec<Service>) -> Vec<Service> {
-    let pass = smtpd_pass_service(&services).map(|p| p.overrides.clone());
     services
         .into_iter()
         .filter_map(|mut s| {
-            let role = s.role();
             let program = s.program()?.to_string();
             s.command = program;
-            if role == Role::SmtpdInstead {
-                if let Some(pass) = &pass {
-                    s.overrides.retain(|(n, _)| !n.starts_with("postscreen_"));
-                    s.overrides.extend(pass.iter().cloned());
-                }
-            }
             Some(s)
         })
         .collect()
@@ -500,8 +484,8 @@ uucp      unix  -       n       n       -       -       pipe
             by("postlog", ServiceType::UnixDgram).role(),
             Role::Elsewhere("logging: each daemon writes syslog or maillog_file itself")
         );
-        assert_eq!(by("smtp", ServiceType::Inet).program(), Some("smtpd"));
-        assert_eq!(by("smtpd", ServiceType::Pass).program(), None);
+        assert_eq!(by("smtp", ServiceType::Inet).program(), Some("postscreen"));
+        assert_eq!(by("smtpd", ServiceType::Pass).program(), Some("smtpd"));
         assert_eq!(by("smtp", ServiceType::Unix).program(), Some("smtp"));
         assert_eq!(by("maildrop", ServiceType::Unix).program(), Some("pipe"));
         assert_eq!(
@@ -544,22 +528,6 @@ uucp      unix  -       n       n       -       -       pipe
             vec![
                 ("oops".to_string(), TransportBehaviour::Bounce),
                 ("bin".to_string(), TransportBehaviour::Discard),
-            ]
-        );
-    }
-
-    #[test]
-    fn smtpd_in_postscreens_place_takes_the_pass_services_overrides() {
-        let t = "smtp inet n - n - 1 postscreen -o postscreen_x=1 -o syslog_name=ps\n\
-                 smtpd pass - - n - - smtpd -o smtpd_sasl_auth_enable=no\n";
-        let s = runnable(parse(t, Path::new("master.cf"), 100).unwrap());
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].command, "smtpd");
-        assert_eq!(
-            s[0].overrides,
-            vec![
-                ("syslog_name".to_string(), "ps".to_string()),
-                ("smtpd_sasl_auth_enable".to_string(), "no".to_string())
             ]
         );
     }

@@ -77,6 +77,57 @@ pub const PARAMS: &[(&str, &str)] = &[
     // daemon woken by another one does not preempt it halfway through its
     // work; inet services (smtpd) keep the normal policy.
     ("daemon_sched_batch", "yes"),
+    // postscreen (postscreen/): the access list, the pregreet test, the
+    // DNSBL score, the cache, the dummy SMTP dialogue of `enforce`; the
+    // `pass` service it hands clients to; the deep protocol tests. STARTTLS
+    // in postscreen is not offered (postfix-params.tsv says so).
+    ("postscreen_access_list", "permit_mynetworks"),
+    (
+        "postscreen_denylist_action",
+        "${postscreen_blacklist_action?{$postscreen_blacklist_action}:{ignore}}",
+    ),
+    ("postscreen_greet_action", "ignore"),
+    ("postscreen_greet_banner", "$smtpd_banner"),
+    ("postscreen_greet_ttl", "1d"),
+    ("postscreen_greet_wait", "${stress?{2}:{6}}s"),
+    (
+        "postscreen_cache_map",
+        "btree:$data_directory/postscreen_cache",
+    ),
+    ("postscreen_cache_retention_time", "7d"),
+    ("postscreen_command_count_limit", "20"),
+    ("postscreen_command_time_limit", "${stress?{10}:{300}}s"),
+    ("postscreen_dnsbl_sites", ""),
+    ("postscreen_dnsbl_threshold", "1"),
+    (
+        "postscreen_dnsbl_allowlist_threshold",
+        "${postscreen_dnsbl_whitelist_threshold?{$postscreen_dnsbl_whitelist_threshold}:{0}}",
+    ),
+    ("postscreen_dnsbl_action", "ignore"),
+    ("postscreen_dnsbl_reply_map", ""),
+    ("postscreen_dnsbl_min_ttl", "60s"),
+    (
+        "postscreen_dnsbl_max_ttl",
+        "${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h",
+    ),
+    ("postscreen_dnsbl_timeout", "10s"),
+    ("smtpd_service_name", "smtpd"),
+    ("postscreen_tls_security_level", "$smtpd_tls_security_level"),
+    (
+        "postscreen_client_connection_count_limit",
+        "$smtpd_client_connection_count_limit",
+    ),
+    ("postscreen_pre_queue_limit", "$default_process_limit"),
+    ("postscreen_pipelining_enable", "no"),
+    ("postscreen_pipelining_action", "enforce"),
+    ("postscreen_pipelining_ttl", "30d"),
+    ("postscreen_non_smtp_command_enable", "no"),
+    ("postscreen_non_smtp_command_action", "drop"),
+    ("postscreen_non_smtp_command_ttl", "30d"),
+    ("postscreen_bare_newline_enable", "no"),
+    ("postscreen_bare_newline_action", "ignore"),
+    ("postscreen_bare_newline_ttl", "30d"),
+    ("postscreen_forbidden_commands", "$smtpd_forbidden_commands"),
     // smtpd.
     ("smtpd_banner", "$myhostname ESMTP $mail_name"),
     ("smtpd_timeout", "300s"),

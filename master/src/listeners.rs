@@ -135,7 +135,9 @@ pub fn open(cfg: &Config, svc: &Service, owner: Option<(u32, u32)>) -> Result<Li
             }
             Ok(Listener { fds, path: None })
         }
-        ServiceType::Unix | ServiceType::Fifo => {
+        // A pass service (postscreen's hand-off to smtpd) is a Unix
+        // socket too: what comes over it is descriptors.
+        ServiceType::Unix | ServiceType::Fifo | ServiceType::Pass => {
             let tree = postern_common::queue::QueueTree::new(cfg.get("queue_directory"));
             let path = tree.socket(svc.private, &svc.name);
             let _ = std::fs::remove_file(&path);
@@ -153,7 +155,7 @@ pub fn open(cfg: &Config, svc: &Service, owner: Option<(u32, u32)>) -> Result<Li
             })
         }
         // Never run (`master_cf::runnable` leaves them out).
-        ServiceType::UnixDgram | ServiceType::Pass => Err(format!(
+        ServiceType::UnixDgram => Err(format!(
             "service {}: type {} is not served",
             svc.name,
             svc.kind.word()

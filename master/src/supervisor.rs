@@ -240,7 +240,8 @@ impl Supervisor {
         let s = &mut self.services[idx];
         // A service that network clients wait on (smtpd) answers them as
         // soon as they write: it keeps the normal policy.
-        let sched_batch = sched_batch && s.def.kind != ServiceType::Inet;
+        let sched_batch =
+            sched_batch && !matches!(s.def.kind, ServiceType::Inet | ServiceType::Pass);
         let program = if s.def.command.starts_with('/') {
             PathBuf::from(&s.def.command)
         } else {

@@ -136,23 +136,7 @@ impl PeerName {
     }
 }
 
-/// The reversed-address name of `ip` in DNS list `domain`.
-pub fn rbl_name(ip: IpAddr, domain: &str) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}.{}.{domain}", o[3], o[2], o[1], o[0])
-        }
-        IpAddr::V6(v6) => {
-            let mut s = String::new();
-            for b in v6.octets().iter().rev() {
-                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
-            }
-            s.push_str(domain);
-            s
-        }
-    }
-}
+pub use postern_common::dns::rbl_name;
 
 /// The reverse-lookup (PTR) name of `ip`: `1.2.0.192.in-addr.arpa`.
 pub fn arpa_name(ip: IpAddr) -> String {

@@ -16,6 +16,8 @@
 //!   output, STARTTLS, input, end).
 //! - [`cleanup_conn`]: the connection to cleanup for one message
 //!   (connect, retry on a full backlog, requests out, replies in).
+//! - [`listener`]: the TCP listener, or a `pass` service's socket where
+//!   postscreen hands over the clients it lets through.
 //! - [`outbuf`]: bytes waiting for a non-blocking socket.
 //! - [`session`]: one SMTP session as a state machine without I/O, split
 //!   by concern: `session/mod.rs` (the state, command dispatch),
@@ -46,6 +48,7 @@ pub mod anvil;
 pub mod cleanup_conn;
 pub mod data;
 pub mod dns;
+pub mod listener;
 pub mod outbuf;
 pub mod policy_client;
 pub mod received;

@@ -1,7 +1,9 @@
 //! The event loop: one process serves many SMTP sessions on mio.
 //!
 //! The listeners are the TCP sockets master passed (fd 3, and fd 5 and up
-//! when the service listens on several addresses). Each session
+//! when the service listens on several addresses), or the Unix socket of
+//! a `pass` service, where postscreen hands over its clients
+//! ([`crate::listener`]). Each session
 //! has its client socket and, from the first accepted RCPT TO (when the
 //! queue file is opened) until cleanup's answer to the final dot, a Unix
 //! socket to `queue_directory/public/cleanup`; both are registered in
@@ -25,12 +27,13 @@
 use crate::anvil::Anvil;
 use crate::cleanup_conn::{CleanupLink, CONNECT_RETRY};
 use crate::dns::Dns;
+use crate::listener::Listener;
 use crate::outbuf::OutBuf;
 use crate::sasl::{AuthConn, Delivery};
 use crate::session::{Client, Session};
 use crate::settings::Settings;
 use crate::tls::{ReadOutcome, TlsConn};
-use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use postern_common::ipc;
 use postern_common::queue::QueueTree;
@@ -39,7 +42,6 @@ use postern_common::{fatal, info, warning};
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow;
-use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,11 +133,10 @@ pub fn run(cfg: Settings) -> ! {
     {
         // SAFETY: master put the listening sockets on these descriptors for
         // us, and nothing else in this process owns them.
-        let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-        if let Err(e) = std_listener.set_nonblocking(true) {
-            fatal!("no listener from master on fd {fd}: {e}");
-        }
-        let mut listener = TcpListener::from_std(std_listener);
+        let mut listener = match unsafe { Listener::from_fd(fd) } {
+            Ok(l) => l,
+            Err(e) => fatal!("no listener from master on fd {fd}: {e}"),
+        };
         if let Err(e) =
             poll.registry()
                 .register(&mut listener, listener_token(i), Interest::READABLE)
@@ -201,7 +202,7 @@ pub fn run(cfg: Settings) -> ! {
 struct Server {
     cfg: Arc<Settings>,
     poll: Poll,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     count: usize,

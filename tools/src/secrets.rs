@@ -43,7 +43,7 @@ impl Problems {
 pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
     let mut problems = Vec::new();
     let mut table_problems = Vec::new();
-    // As master runs them (smtpd for postscreen; none for what Postern
+    // As master runs them (none for what Postern
     // does elsewhere).
     for s in &postern_conf::master_cf::runnable(services.to_vec()) {
         let mut scfg = cfg.clone();
@@ -52,6 +52,17 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
         let what = format!("service {} (master.cf line {})", s.name, s.line);
         match command {
             "smtpd" if postern_common::tls::smtpd_tls_wanted(&scfg) => {
+                if let Err(e) = postern_common::tls::smtpd_server_config(&scfg) {
+                    problems.push(format!("{what}: cannot load TLS certificate and key: {e}"));
+                }
+            }
+            // postscreen's STARTTLS uses smtpd's keys.
+            "postscreen"
+                if !matches!(
+                    scfg.get("postscreen_tls_security_level").trim(),
+                    "" | "none"
+                ) =>
+            {
                 if let Err(e) = postern_common::tls::smtpd_server_config(&scfg) {
                     problems.push(format!("{what}: cannot load TLS certificate and key: {e}"));
                 }

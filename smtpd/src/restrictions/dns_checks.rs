@@ -245,45 +245,8 @@ pub(super) fn is_address_literal(h: &str) -> bool {
     h.starts_with('[') && h.ends_with(']')
 }
 
-/// Whether a DNS list answer matches the `=d.d.d.d` of a restriction's
-/// argument, where an octet may be Postfix's `[a..b;c]` (ranges and single
-/// values), as in `zen.spamhaus.org=127.0.0.[2..11]`.
-fn answer_matches(pattern: &str, ip: IpAddr) -> bool {
-    let IpAddr::V4(v4) = ip else {
-        return pattern.parse::<IpAddr>().is_ok_and(|p| p == ip);
-    };
-    // Octets are separated by dots outside brackets (`[2..11]` has its own).
-    let mut parts: Vec<&str> = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    for (i, c) in pattern.char_indices() {
-        match c {
-            '[' => depth += 1,
-            ']' => depth -= 1,
-            '.' if depth == 0 => {
-                parts.push(&pattern[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&pattern[start..]);
-    if parts.len() != 4 {
-        return false;
-    }
-    parts.iter().zip(v4.octets()).all(|(p, o)| {
-        let o = u32::from(o);
-        match p.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
-            Some(set) => set.split(';').any(|r| match r.split_once("..") {
-                Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
-                    (Ok(a), Ok(b)) => (a..=b).contains(&o),
-                    _ => false,
-                },
-                None => r.trim().parse::<u32>() == Ok(o),
-            }),
-            None => p.parse::<u32>() == Ok(o),
-        }
-    })
-}
+// Shared with postscreen (postscreen_dnsbl_sites filters).
+use postern_common::dns::dnsbl_answer_matches as answer_matches;
 
 #[cfg(test)]
 mod answer_tests {
