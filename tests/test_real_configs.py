@@ -194,8 +194,8 @@ NEEDS = {
     "debian": [],
     "docker-mailserver": [],
     "mailcow": [
-        "relay_domains: table ",
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
+        "-o smtpd_upstream_proxy_protocol: not honoured by Postern",
     ],
     "iredmail": [
     ],
@@ -324,8 +324,14 @@ def test_each_broken_piece_fails_check_with_one_line(params, master, want, make_
     lines = [l for l in r.stderr.splitlines() if want in l]
     assert len(lines) == 1, f"want one line with {want!r}\n{r.stderr}"
     assert re.search(r"/(main|master)\.cf(, line \d+)?: ", lines[0]), lines[0]
-    # Nor does it start.
     r = p.postern("start")
+    if "open database" in want:
+        # A table that cannot be opened is named at start, which goes on:
+        # the mail that needs it is deferred (451 4.3.0) until postmap
+        # fixes it (tests/test_table_failures.py), as #24 asks.
+        assert want in r.stderr, h.describe(r)
+        return
+    # Nor does it start.
     assert r.returncode != 0 and want in r.stderr, h.describe(r)
 
 

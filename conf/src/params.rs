@@ -180,6 +180,7 @@ pub const PARAMS: &[(&str, &str)] = &[
     ),
     ("smtpd_discard_ehlo_keyword_address_maps", ""),
     ("smtpd_reject_unlisted_recipient", "yes"),
+    ("smtpd_reject_unlisted_sender", "no"),
     ("smtpd_sasl_auth_enable", "no"),
     ("smtpd_sasl_type", "dovecot"),
     ("smtpd_sasl_path", "private/auth"),

@@ -26,6 +26,37 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+/// The `user=name[:group]` of a master.cf pipe or spawn service: the
+/// ids its commands run as. Never root, group 0 or `mail_owner` (uid):
+/// the command would then run with the mail system's privileges.
+pub fn command_user(value: &str, mail_owner: Option<u32>) -> Result<(u32, u32), String> {
+    let (u, g) = match value.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (value, None),
+    };
+    let acct =
+        postern_common::privs::user(u).ok_or_else(|| format!("user={value}: unknown user {u}"))?;
+    let gid = match g {
+        Some(g) => postern_common::privs::group_id(g)
+            .ok_or_else(|| format!("user={value}: unknown group {g}"))?,
+        None => acct.gid,
+    };
+    if acct.uid == 0 {
+        return Err(format!("user={value}: user= specifies root privileges"));
+    }
+    if gid == 0 {
+        return Err(format!(
+            "user={value}: user= specifies privileged group id 0"
+        ));
+    }
+    if Some(acct.uid) == mail_owner {
+        return Err(format!(
+            "user={value}: user= specifies the mail system owner (mail_owner)"
+        ));
+    }
+    Ok((acct.uid, gid))
+}
+
 /// How much command output is kept for the reason.
 const OUTPUT_KEPT: usize = 4096;
 

@@ -177,31 +177,7 @@ impl Settings {
             match name {
                 "flags" => flags = Flags::parse(value)?,
                 "user" => {
-                    let (u, g) = match value.split_once(':') {
-                        Some((u, g)) => (u, Some(g)),
-                        None => (value, None),
-                    };
-                    let acct =
-                        privs::user(u).ok_or_else(|| format!("user={value}: unknown user {u}"))?;
-                    let gid = match g {
-                        Some(g) => privs::group_id(g)
-                            .ok_or_else(|| format!("user={value}: unknown group {g}"))?,
-                        None => acct.gid,
-                    };
-                    if acct.uid == 0 {
-                        return Err(format!("user={value}: user= specifies root privileges"));
-                    }
-                    if gid == 0 {
-                        return Err(format!(
-                            "user={value}: user= specifies privileged group id 0"
-                        ));
-                    }
-                    if Some(acct.uid) == mail_owner {
-                        return Err(format!(
-                            "user={value}: user= specifies the mail system owner (mail_owner)"
-                        ));
-                    }
-                    user = Some((acct.uid, gid));
+                    user = Some(crate::pipe::command_user(value, mail_owner)?);
                 }
                 "size" => {
                     size_limit = Some(value.parse().map_err(|_| format!("bad size={value}"))?);

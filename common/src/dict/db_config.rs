@@ -675,6 +675,74 @@ impl<C> HostPool<C> {
     }
 }
 
+/// Why a query gave no answer: the server's failure (try the next
+/// server) or the result's (expansion limit: the same on every server).
+pub enum QueryError {
+    Server(String),
+    Result(String),
+}
+
+/// What a SQL connection does for a lookup (`mysql:`, `pgsql:`).
+pub trait SqlConnection {
+    /// The server's escaping of `value`; a failure goes to `failed` so
+    /// that no query is sent with a value missing.
+    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>);
+    /// Runs `sql`; every column of every row goes to `value`.
+    fn run_query(
+        &mut self,
+        sql: &str,
+        value: &mut dyn FnMut(Option<&str>) -> Result<(), String>,
+    ) -> Result<(), QueryError>;
+}
+
+/// One lookup of a SQL table, as Postfix's dict_mysql/dict_pgsql make
+/// it: the domain filter, the query expanded and quoted by the server's
+/// own function, the servers tried in turn, the rows joined by
+/// `result_format`. An error is the table's (temporary) lookup error.
+pub fn sql_lookup<C: SqlConnection>(
+    table: &str,
+    templates: &Templates,
+    hosts: &std::sync::Mutex<HostPool<C>>,
+    connect: &mut dyn FnMut(&DbHost) -> Result<C, String>,
+    key: &str,
+) -> Result<Option<String>, super::LookupError> {
+    let key = key.to_lowercase();
+    if !templates.domain_allows(&key) {
+        return Ok(None);
+    }
+    // Whether the key is looked up at all (quoting needs a connection).
+    if templates
+        .expand_query(&key, &mut |v, out| out.push_str(v))
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let mut hosts = hosts.lock().unwrap_or_else(|p| p.into_inner());
+    let mut result_error = None;
+    let found = hosts.run(connect, &mut |conn: &mut C| {
+        let mut failed = None;
+        let sql = templates
+            .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
+            .unwrap_or_default();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut results = templates.results(&key);
+        match conn.run_query(&sql, &mut |v| results.add(v)) {
+            Ok(()) => Ok(results.finish()),
+            Err(QueryError::Server(e)) => Err(e),
+            Err(QueryError::Result(e)) => {
+                result_error = Some(e);
+                Ok(None)
+            }
+        }
+    });
+    match (found, result_error) {
+        (_, Some(e)) | (Err(e), None) => Err(super::LookupError::new(table, e)),
+        (Ok(v), None) => Ok(v),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,9 @@
 //! is connected at once. A server down, a query error or a timeout is a
 //! [`LookupError`]: the caller defers.
 
-use super::db_config::{CfFile, DbHost, HostPool, Templates};
+use super::db_config::{
+    sql_lookup, CfFile, DbHost, HostPool, QueryError, SqlConnection, Templates,
+};
 use super::dynlib::{cstring, text, Library};
 use super::{Dict, LookupError};
 use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void, CString};
@@ -127,6 +129,8 @@ struct Settings {
 struct Conn {
     api: &'static Api,
     db: *mut Mysql,
+    /// `require_result_set`: a statement without a result set is an error.
+    require_result_set: bool,
 }
 
 // SAFETY: a connection is used by one thread at a time (behind a Mutex).
@@ -163,7 +167,11 @@ impl Conn {
         if db.is_null() {
             return Err("mysql_init: out of memory".into());
         }
-        let conn = Conn { api, db };
+        let conn = Conn {
+            api,
+            db,
+            require_result_set: s.require_result_set,
+        };
         let opt_str = |opt, v: &Option<CString>| {
             if let Some(v) = v {
                 // SAFETY: a string option.
@@ -242,7 +250,7 @@ impl Conn {
     /// A failure (the server's SQL mode leaves no way to quote, (unsigned
     /// long)-1) goes to `failed`: the query is not sent with a value
     /// missing.
-    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
+    fn escape(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
         let mut buf = vec![0u8; 2 * value.len() + 1];
         // SAFETY: buf holds 2*len+1 bytes as the function requires.
         let n = unsafe {
@@ -337,13 +345,6 @@ impl Conn {
     }
 }
 
-/// Why a query gave no answer: the server's failure (try the next
-/// server) or the result's (expansion limit: the same on every server).
-enum QueryError {
-    Server(String),
-    Result(String),
-}
-
 /// A `mysql:` table.
 pub struct MysqlDict {
     table: String,
@@ -414,49 +415,27 @@ impl MysqlDict {
     }
 }
 
+impl SqlConnection for Conn {
+    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
+        self.escape(value, out, failed)
+    }
+    fn run_query(
+        &mut self,
+        sql: &str,
+        value: &mut dyn FnMut(Option<&str>) -> Result<(), String>,
+    ) -> Result<(), QueryError> {
+        self.query(sql, self.require_result_set, value)
+    }
+}
+
 impl Dict for MysqlDict {
     fn lookup(&self, key: &str) -> Result<Option<String>, LookupError> {
-        let key = key.to_lowercase();
-        if !self.templates.domain_allows(&key) {
-            return Ok(None);
-        }
-        // Whether the key is looked up at all (quoting needs a connection).
-        if self
-            .templates
-            .expand_query(&key, &mut |v, out| out.push_str(v))
-            .is_none()
-        {
-            return Ok(None);
-        }
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut result_error = None;
-        let found = hosts.run(
+        sql_lookup(
+            &self.table,
+            &self.templates,
+            &self.hosts,
             &mut |host| Conn::connect(self.api, host, &self.settings),
-            &mut |conn: &mut Conn| {
-                let mut failed = None;
-                let sql = self
-                    .templates
-                    .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
-                    .unwrap_or_default();
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                let mut results = self.templates.results(&key);
-                match conn.query(&sql, self.settings.require_result_set, &mut |v| {
-                    results.add(v)
-                }) {
-                    Ok(()) => Ok(results.finish()),
-                    Err(QueryError::Server(e)) => Err(e),
-                    Err(QueryError::Result(e)) => {
-                        result_error = Some(e);
-                        Ok(None)
-                    }
-                }
-            },
-        );
-        match (found, result_error) {
-            (_, Some(e)) | (Err(e), None) => Err(LookupError::new(&self.table, e)),
-            (Ok(v), None) => Ok(v),
-        }
+            key,
+        )
     }
 }

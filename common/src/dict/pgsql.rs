@@ -16,7 +16,9 @@
 //! the server closed (a restart) fails and the next server of the list
 //! (the same one again when only one is listed) is connected at once.
 
-use super::db_config::{CfFile, DbHost, HostPool, Templates};
+use super::db_config::{
+    sql_lookup, CfFile, DbHost, HostPool, QueryError, SqlConnection, Templates,
+};
 use super::dynlib::{cstring, text, Library};
 use super::{Dict, LookupError};
 use std::ffi::{c_char, c_int, c_void, CString};
@@ -198,7 +200,7 @@ impl Conn {
     }
 
     /// PQescapeStringConn: the value as it goes inside '...'.
-    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
+    fn escape(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
         let mut buf = vec![0u8; 2 * value.len() + 1];
         let mut err: c_int = 0;
         // SAFETY: buf holds 2*len+1 bytes as the function requires.
@@ -310,13 +312,6 @@ impl Conn {
     }
 }
 
-/// Why a query gave no answer: the server's failure (try the next
-/// server) or the result's (expansion limit: the same on every server).
-enum QueryError {
-    Server(String),
-    Result(String),
-}
-
 /// A `pgsql:` table.
 pub struct PgsqlDict {
     table: String,
@@ -364,47 +359,27 @@ impl PgsqlDict {
     }
 }
 
+impl SqlConnection for Conn {
+    fn quote(&self, value: &str, out: &mut String, failed: &mut Option<String>) {
+        self.escape(value, out, failed)
+    }
+    fn run_query(
+        &mut self,
+        sql: &str,
+        value: &mut dyn FnMut(Option<&str>) -> Result<(), String>,
+    ) -> Result<(), QueryError> {
+        self.query(sql, value)
+    }
+}
+
 impl Dict for PgsqlDict {
     fn lookup(&self, key: &str) -> Result<Option<String>, LookupError> {
-        let key = key.to_lowercase();
-        if !self.templates.domain_allows(&key) {
-            return Ok(None);
-        }
-        // Whether the key is looked up at all (quoting needs a connection).
-        if self
-            .templates
-            .expand_query(&key, &mut |v, out| out.push_str(v))
-            .is_none()
-        {
-            return Ok(None);
-        }
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut result_error = None;
-        let found = hosts.run(
+        sql_lookup(
+            &self.table,
+            &self.templates,
+            &self.hosts,
             &mut |host| Conn::connect(self.api, host, &self.settings),
-            &mut |conn: &mut Conn| {
-                let mut failed = None;
-                let sql = self
-                    .templates
-                    .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
-                    .unwrap_or_default();
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                let mut results = self.templates.results(&key);
-                match conn.query(&sql, &mut |v| results.add(v)) {
-                    Ok(()) => Ok(results.finish()),
-                    Err(QueryError::Server(e)) => Err(e),
-                    Err(QueryError::Result(e)) => {
-                        result_error = Some(e);
-                        Ok(None)
-                    }
-                }
-            },
-        );
-        match (found, result_error) {
-            (_, Some(e)) | (Err(e), None) => Err(LookupError::new(&self.table, e)),
-            (Ok(v), None) => Ok(v),
-        }
+            key,
+        )
     }
 }

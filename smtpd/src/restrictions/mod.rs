@@ -204,6 +204,9 @@ pub struct Restrictions {
     pub delay_reject: bool,
     /// `smtpd_reject_unlisted_recipient`.
     reject_unlisted: bool,
+    /// `smtpd_reject_unlisted_sender`: checked with each recipient, where
+    /// Postfix (smtpd_delay_reject) answers it.
+    reject_unlisted_sender: bool,
     /// `unknown_client_hostname_reject_code`: a client without a
     /// (verified) name.
     unknown_client_code: u16,
@@ -330,6 +333,9 @@ impl Restrictions {
             .map_err(|e| e.to_string())?;
         r.reject_unlisted = cfg
             .get_bool("smtpd_reject_unlisted_recipient")
+            .map_err(|e| e.to_string())?;
+        r.reject_unlisted_sender = cfg
+            .get_bool("smtpd_reject_unlisted_sender")
             .map_err(|e| e.to_string())?;
         r.no_unknown_recipient_checks = postern_common::receive_override::ReceiveOverride::parse(
             &cfg.get("receive_override_options"),
@@ -533,6 +539,13 @@ impl Restrictions {
         }
         if let Some(reply) = defers.finish(None) {
             return Some(reply);
+        }
+        if self.reject_unlisted_sender {
+            if let Some(sender) = req.sender.filter(|s| !s.is_empty()) {
+                if let Verdict::Reject(r) = self.unlisted(sender, Some(rcpt), "Sender address") {
+                    return Some(r);
+                }
+            }
         }
         if self.reject_unlisted {
             if let Verdict::Reject(r) = self.unlisted(rcpt, req.sender, "Recipient address") {
