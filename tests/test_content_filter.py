@@ -458,14 +458,20 @@ def test_check_refuses_bad_filter_settings(make_postern):
     p = make_postern(start=False, params={"receive_override_options": "no_header_checks"})
     r = p.postern("check")
     assert r.returncode == 1 and "no_header_checks" in r.stderr, h.describe(r)
+    r = p.postern("start")
+    assert r.returncode != 0 and "no_header_checks" in r.stderr, h.describe(r)
     p = make_postern(start=False, master_cf_extra=[
         "127.0.0.1:10999 inet n - n - - smtpd", "  -o content_filter=:[127.0.0.1]:10024"])
     r = p.postern("check")
     assert r.returncode == 1 and "content_filter" in r.stderr, h.describe(r)
+    r = p.postern("start")
+    assert r.returncode != 0 and "content_filter" in r.stderr, h.describe(r)
     # A before-queue filter is not offered: refused, never ignored.
     p = make_postern(start=False, params={"smtpd_proxy_filter": "127.0.0.1:10024"})
     r = p.postern("check")
     assert r.returncode == 1 and "smtpd_proxy_filter" in r.stderr, h.describe(r)
+    r = p.postern("start")
+    assert r.returncode != 0 and "smtpd_proxy_filter" in r.stderr, h.describe(r)
 
 
 def test_content_filter_for_local_submission(make_postern, local_users, filter_ports):

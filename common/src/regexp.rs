@@ -18,25 +18,32 @@ pub struct Rule {
     pub result: String,
 }
 
-/// Parses a table file. Errors name the line.
-pub fn parse(text: &str) -> Result<Vec<Rule>, String> {
-    let mut logical: Vec<(usize, String)> = Vec::new();
+/// The lines of a pattern table (`regexp:`, `pcre:`): `#` comments and
+/// blank lines skipped, a line starting with white space joined to the
+/// one before; each with the number of its first line.
+pub fn logical_lines(text: &str) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
         if line.starts_with([' ', '\t']) {
-            if let Some(last) = logical.last_mut() {
+            if let Some(last) = out.last_mut() {
                 last.1.push(' ');
                 last.1.push_str(t);
                 continue;
             }
         }
-        logical.push((i + 1, t.to_string()));
+        out.push((i + 1, t.to_string()));
     }
+    out
+}
+
+/// Parses a table file. Errors name the line.
+pub fn parse(text: &str) -> Result<Vec<Rule>, String> {
     let mut rules = Vec::new();
-    for (lineno, line) in logical {
+    for (lineno, line) in logical_lines(text) {
         let (negate, rest) = match line.strip_prefix('!') {
             Some(r) => (true, r),
             None => (false, line.as_str()),

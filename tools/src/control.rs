@@ -199,73 +199,9 @@ fn check(cfg: &Config) {
         );
     }
     check_host_names(cfg);
-    check_content_filters(cfg, &services);
     let owner = privs::queue_owner(cfg).unwrap_or_else(|e| die(NAME, 1, e));
     if let Err(e) = privs::prepare_tree(cfg, owner) {
         die(NAME, 1, e);
-    }
-}
-
-/// `receive_override_options` (main.cf and each service's `-o`) must name
-/// only options Postern knows, and `content_filter` must be
-/// `transport:nexthop`: a typo would change which checks mail gets or
-/// send it past its filter, so it stops `check` and `start`. So does a
-/// before-queue filter (`smtpd_proxy_filter`), which Postern does not
-/// offer: mail would reach the queue unfiltered.
-fn check_content_filters(cfg: &Config, services: &[postern_conf::master_cf::Service]) {
-    let main = [(
-        "main.cf".to_string(),
-        cfg.get("receive_override_options"),
-        cfg.get("content_filter"),
-        cfg.get("smtpd_proxy_filter"),
-    )];
-    let per_service = services.iter().map(|s| {
-        let o = |n: &str| {
-            s.overrides
-                .iter()
-                .rev()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v.clone())
-        };
-        (
-            format!("master.cf, line {} ({})", s.line, s.name),
-            o("receive_override_options").unwrap_or_default(),
-            o("content_filter").unwrap_or_default(),
-            o("smtpd_proxy_filter").unwrap_or_default(),
-        )
-    });
-    for (place, options, filter, proxy) in main.into_iter().chain(per_service) {
-        if !proxy.trim().is_empty() {
-            die(
-                NAME,
-                1,
-                format_args!(
-                    "{}/{place}: smtpd_proxy_filter = {}: before-queue content filters are not \
-                     supported; use content_filter (after-queue, FILTER_README)",
-                    cfg.dir().display(),
-                    proxy.trim()
-                ),
-            );
-        }
-        if let Err(e) = postern_common::receive_override::ReceiveOverride::parse(&options) {
-            die(
-                NAME,
-                1,
-                format_args!("{}/{place}: {e}", cfg.dir().display()),
-            );
-        }
-        let filter = filter.trim();
-        let transport = filter.split(':').next().unwrap_or("");
-        if !filter.is_empty() && transport.trim().is_empty() {
-            die(
-                NAME,
-                1,
-                format_args!(
-                    "{}/{place}: content_filter = {filter}: no transport (expected transport:nexthop)",
-                    cfg.dir().display()
-                ),
-            );
-        }
     }
 }
 

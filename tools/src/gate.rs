@@ -163,6 +163,19 @@ fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)>
             .err()
             .map(|e| (true, e));
     }
+    // A content filter without a transport would send mail nowhere, or
+    // past its filter: refused like an unknown setting.
+    if name == "content_filter" {
+        let filter = cfg.expand(value);
+        let filter = filter.trim();
+        let transport = filter.split(':').next().unwrap_or("");
+        return (!filter.is_empty() && transport.trim().is_empty()).then(|| {
+            (
+                true,
+                format!("content_filter = {filter}: no transport (expected transport:nexthop)"),
+            )
+        });
+    }
     let (status, why) = postfix_params::status_of(name)?;
     if status != Status::Unsupported {
         return None;

@@ -70,7 +70,7 @@ impl Pcre {
     pub fn parse(name: &str, text: &str) -> Result<Pcre, String> {
         let mut ops: Vec<(usize, Op)> = Vec::new();
         let mut open_ifs: Vec<(usize, usize)> = Vec::new();
-        for (lineno, line) in logical_lines(text) {
+        for (lineno, line) in crate::regexp::logical_lines(text) {
             // `if` and `endif` in any case, not followed by a letter or
             // digit (`if/a/` is an if).
             let keyword = |k: &str| {
@@ -266,28 +266,6 @@ fn parse_result(text: &str) -> Result<Vec<Part>, String> {
         parts.push(Part::Text(literal));
     }
     Ok(parts)
-}
-
-/// The lines of a table: `#` comments and blank lines skipped, a line
-/// starting with white space joined to the one before; each with the
-/// number of its first line.
-fn logical_lines(text: &str) -> Vec<(usize, String)> {
-    let mut out: Vec<(usize, String)> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut() {
-                last.1.push(' ');
-                last.1.push_str(t);
-                continue;
-            }
-        }
-        out.push((i + 1, t.to_string()));
-    }
-    out
 }
 
 /// `[!...]/pattern/flags` at the start of `line`: the compiled pattern,
