@@ -324,11 +324,7 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<SocketAddr>, bool) {
                     servers.push(SocketAddr::new(ip, 53));
                 }
             }
-            Some("options") => {
-                if w.any(|o| o == "trust-ad") {
-                    trust_ad = true;
-                }
-            }
+            Some("options") if w.any(|o| o == "trust-ad") => trust_ad = true,
             _ => {}
         }
     }
