@@ -43,9 +43,9 @@ def spki_sha256(cert_file):
 class SignedDns:
     """far.test, signed, served by unbound on 127.0.0.x:port."""
 
-    def __init__(self, d, records):
+    def __init__(self, d, records, port=None):
         self.dir = Path(d)
-        self.port = h.free_port(udp=True)
+        self.port = port or h.free_port(udp=True)
         zone = self.dir / "far.test.zone"
         zone.write_text(
             f"$ORIGIN {ZONE}.\n$TTL 300\n"
@@ -108,20 +108,24 @@ def cas():
     shutil.rmtree(d2, ignore_errors=True)
 
 
-def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # noqa: F811
+def receivers(postfix_peer, cas):  # noqa: F811
     ca, other = cas
     good = postfix_peer(tls=ca)
     bad = postfix_peer(tls=other)
     plain = postfix_peer(tls=None)
     notlsa = postfix_peer(tls=ca)
     digest = spki_sha256(ca.cert_file)
-    records = [
+    return good, bad, plain, notlsa, [
         "good IN A 127.0.0.1", "bad IN A 127.0.0.1", "plain IN A 127.0.0.1",
         "notlsa IN A 127.0.0.1",
         f"_{good.port}._tcp.good IN TLSA 3 1 1 {digest}",
         f"_{bad.port}._tcp.bad IN TLSA 3 1 1 {digest}",
         f"_{plain.port}._tcp.plain IN TLSA 3 1 1 {digest}",
     ]
+
+
+def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # noqa: F811
+    good, bad, plain, notlsa, records = receivers(postfix_peer, cas)
     d = tempfile.mkdtemp(prefix="pt-unbound-")
     dns = SignedDns(d, records)
     try:
@@ -174,5 +178,62 @@ def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # 
         p.wait_for_log(r"dsn=4\.7\.5, status=deferred \(no TLSA records found\)")
         assert not notlsa.find(token)
     finally:
+        dns.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
+    """The same zone and receivers, a private Postfix as the sender: it
+    reads /etc/resolv.conf (no port, no resolver parameter), so unbound
+    listens on 127.0.0.1:53 and resolv.conf is replaced for the test and
+    put back after it."""
+    import smtplib
+    import socket
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", 53))
+    except OSError:
+        pytest.skip("127.0.0.1:53 is taken")
+    finally:
+        probe.close()
+    good, bad, plain, notlsa, records = receivers(postfix_peer, cas)
+    d = tempfile.mkdtemp(prefix="pt-unbound-")
+    dns = SignedDns(d, records, port=53)
+    resolv = Path("/etc/resolv.conf")
+    saved = resolv.read_bytes() if resolv.exists() else None
+    try:
+        resolv.write_text("nameserver 127.0.0.1\noptions trust-ad\n")
+
+        def outcome(host, port, level="dane"):
+            pf = postfix_peer(params={
+                "relayhost": f"[{host}.far.test]:{port}",
+                "smtp_dns_support_level": "dnssec",
+                "smtp_tls_security_level": level,
+                "smtp_tls_loglevel": "1",
+                "smtp_host_lookup": "dns",
+                # The sender relays far.test instead of keeping it.
+                "virtual_mailbox_domains": "sender.invalid",
+            })
+            token = "pt-dane-pf-" + uuid.uuid4().hex
+            with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as c:
+                c.sendmail(SENDER, [RCPT], message(token))
+            h.wait_for(lambda: re.search(r"status=(sent|deferred|bounced)", pf.log_text()),
+                       timeout=30, what="Postfix's delivery")
+            return re.search(r"status=(\w+)", pf.log_text()).group(1), pf.log_text()
+
+        status, log = outcome("good", good.port)
+        assert status == "sent", log
+        assert "Verified TLS connection established to good.far.test" in log
+        status, log = outcome("bad", bad.port)
+        assert status == "deferred" and "Server certificate not verified" in log, log
+        status, log = outcome("plain", plain.port)
+        assert status == "deferred" and "TLS is required, but was not offered" in log, log
+        status, log = outcome("notlsa", notlsa.port)
+        assert status == "sent", log
+        status, log = outcome("notlsa", notlsa.port, level="dane-only")
+        assert status == "deferred" and "no TLSA records found" in log, log
+    finally:
+        if saved is not None:
+            resolv.write_bytes(saved)
         dns.stop()
         shutil.rmtree(d, ignore_errors=True)
