@@ -22,11 +22,12 @@
 //! the X.509 verifier).
 //!
 //! **The decision** ([`decide`]) for one server, from the security of the
-//! MX and address answers and the TLSA lookup: usable TLSA records mean
-//! mandatory TLS authenticated by them; a secure answer with no TLSA
-//! record, an insecure one, or only unusable records mean `may` (or no
-//! delivery at `dane-only`); a failed TLSA lookup defers ("TLSA lookup
-//! error for HOST:PORT").
+//! MX and address answers and the TLSA lookup, as Postfix's
+//! smtp_tls_policy.c: usable TLSA records mean mandatory TLS
+//! authenticated by them; an insecure answer or no TLSA record means
+//! `may`, only unusable records `encrypt` (at `dane-only` each of these
+//! defers); a failed TLSA lookup defers ("TLSA lookup error for
+//! HOST:PORT").
 
 use hickory_resolver::proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
