@@ -40,6 +40,7 @@ pub mod anvil;
 pub mod base64;
 pub mod cdb;
 pub mod cidr;
+pub mod dane;
 pub mod delivery;
 pub mod dict;
 pub mod dns;

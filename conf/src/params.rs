@@ -339,6 +339,12 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtp_bind_address", ""),
     ("smtp_bind_address6", ""),
     ("smtp_tls_security_level", "may"),
+    ("smtp_dns_support_level", ""),
+    (
+        "smtp_tls_dane_insecure_mx_policy",
+        "${{$smtp_tls_security_level} == {dane} ? {dane} : {may}}",
+    ),
+    ("tls_dane_digests", "sha512 sha256"),
     ("lmtp_connect_timeout", "0s"),
     ("smtp_tls_CAfile", ""),
     ("smtp_tls_CApath", ""),

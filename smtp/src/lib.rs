@@ -48,12 +48,14 @@
 pub mod cache;
 pub mod client;
 pub mod content_checks;
+pub mod dane;
 pub mod deliver;
 pub mod dns;
 pub mod nexthop;
 pub mod reply;
 pub mod sasl;
 pub mod tls;
+pub mod tls_dane;
 
 /// Runs the delivery agent, started by master: SMTP, or LMTP when the
 /// program's name is `lmtp` (see the crate doc).

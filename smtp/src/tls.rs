@@ -22,6 +22,11 @@
 //! With `smtp_tls_wrappermode = yes` the handshake comes first, before the
 //! server's greeting (SMTPS, port 465), at level `encrypt` or above.
 //!
+//! - `dane`, `dane-only`: decided per server from DNSSEC-validated DNS
+//!   answers ([`crate::dane`]); a server with usable TLSA records gets
+//!   mandatory TLS and its certificate must match them
+//!   ([`crate::tls_dane`]); otherwise `may` (`dane-only`: no delivery).
+//!
 //! The certificate is checked by [`Recorder`], a rustls verifier that
 //! accepts every certificate during the handshake (signatures are still
 //! verified) but records how far it could be trusted; the level then
@@ -51,20 +56,28 @@ pub enum Level {
     None,
     May,
     Encrypt,
+    /// `dane`: per server, as its DNSSEC-validated TLSA records say
+    /// (`crate::dane`); a session at this level has usable records to
+    /// authenticate the server with ([`Client::dane`]).
+    Dane,
+    /// `dane-only`: as `dane`, but a server without usable TLSA records
+    /// gets no mail.
+    DaneOnly,
     Verify,
     Secure,
 }
 
 impl Level {
-    /// Parses a level name; `dane` is taken as `may` and `dane-only` as
-    /// `secure` (Postern does no DANE lookups); "" is `none`.
+    /// Parses a level name; "" is `none`.
     pub fn parse(s: &str) -> Option<Level> {
         Some(match s.trim().to_ascii_lowercase().as_str() {
             "" | "none" => Level::None,
-            "may" | "dane" => Level::May,
+            "may" => Level::May,
             "encrypt" => Level::Encrypt,
+            "dane" => Level::Dane,
+            "dane-only" => Level::DaneOnly,
             "verify" => Level::Verify,
-            "secure" | "dane-only" => Level::Secure,
+            "secure" => Level::Secure,
             _ => return None,
         })
     }
@@ -74,7 +87,25 @@ impl Level {
     }
 
     pub fn checks_certificate(self) -> bool {
-        self >= Level::Verify
+        self >= Level::Dane
+    }
+
+    /// `dane` or `dane-only`: decided per server from DNSSEC answers.
+    pub fn is_dane(self) -> bool {
+        matches!(self, Level::Dane | Level::DaneOnly)
+    }
+
+    /// The level's name in main.cf.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::None => "none",
+            Level::May => "may",
+            Level::Encrypt => "encrypt",
+            Level::Dane => "dane",
+            Level::DaneOnly => "dane-only",
+            Level::Verify => "verify",
+            Level::Secure => "secure",
+        }
     }
 }
 
@@ -113,6 +144,9 @@ impl Policy {
         let words: Vec<String> = if self.matches.is_empty() {
             match self.level {
                 Level::Secure => vec!["nexthop".into(), "dot-nexthop".into()],
+                // RFC 7672 section 3.2.3: the TLSA base domain (the
+                // server's name) and the next-hop domain, for DANE-TA.
+                Level::Dane | Level::DaneOnly => vec!["hostname".into(), "nexthop".into()],
                 _ => vec!["hostname".into()],
             }
         } else {
@@ -200,6 +234,9 @@ impl Roots {
 #[derive(Debug)]
 pub struct Recorder {
     verifier: Option<Arc<WebPkiServerVerifier>>,
+    /// DANE: the usable TLSA records that authenticate the server
+    /// instead of the trust anchors (`crate::tls_dane`).
+    dane: Option<Arc<Vec<postern_common::dane::Tlsa>>>,
     provider: Arc<CryptoProvider>,
     names: Vec<String>,
     result: Mutex<HashMap<std::thread::ThreadId, Checked>>,
@@ -216,6 +253,9 @@ pub struct Checked {
 
 impl Recorder {
     fn check(&self, ee: &CertificateDer<'_>, inter: &[CertificateDer<'_>], now: UnixTime) -> Trust {
+        if let Some(records) = &self.dane {
+            return crate::tls_dane::check(records, &self.names, &self.provider, ee, inter, now);
+        }
         let Some(v) = &self.verifier else {
             return Trust::Untrusted("no trust anchors".into());
         };
@@ -362,6 +402,9 @@ pub struct Client {
     /// Protocols and cipher suites (`smtp_tls_protocols`, `smtp_tls_ciphers`
     /// or their `mandatory` forms, by the level).
     pub profile: Arc<postern_common::tls::Profile>,
+    /// At level `dane`/`dane-only`: the server's usable TLSA records,
+    /// which alone decide whether its certificate is verified.
+    pub dane: Option<Arc<Vec<postern_common::dane::Tlsa>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -369,6 +412,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("policy", &self.policy)
             .field("names", &self.names)
+            .field("dane", &self.dane)
             .finish()
     }
 }
@@ -534,6 +578,7 @@ impl Client {
     fn recorder(&self) -> Arc<Recorder> {
         Arc::new(Recorder {
             verifier: self.roots.verifier.clone(),
+            dane: self.dane.clone(),
             provider: self.roots.provider.clone(),
             names: self.names.clone(),
             result: Mutex::new(HashMap::new()),
@@ -551,9 +596,12 @@ impl Client {
             return Ok(None);
         }
         let key = format!(
-            "{relay} {:?} {:?} {:?} {:?}",
+            "{relay} {:?} {:?} {:?} {:?} {:?}",
             self.policy.level,
             self.names,
+            self.dane
+                .as_ref()
+                .map(|d| d.iter().map(|t| t.text()).collect::<Vec<_>>()),
             self.profile.versions,
             self.profile
                 .provider

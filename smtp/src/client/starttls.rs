@@ -113,6 +113,11 @@ impl<'c> Session<'_, 'c> {
         }
         if level.checks_certificate() && est.trust != Trust::Verified {
             let (detail, reason) = match &est.trust {
+                // DANE matches the records or nothing: Postfix's
+                // TLS_MUST_MATCH text.
+                Trust::Untrusted(d) if level.is_dane() => {
+                    (d.clone(), "Server certificate not verified")
+                }
                 Trust::Untrusted(d) => (d.clone(), "Server certificate not trusted"),
                 _ => (
                     format!("certificate does not match {}", tls.names.join(", ")),

@@ -117,6 +117,36 @@ impl Agent {
                 }
                 t
             },
+            dnssec: {
+                let v = cfg.get(&p("smtp_dns_support_level"));
+                match v.trim() {
+                    "dnssec" => true,
+                    "" | "enabled" | "disabled" => false,
+                    other => {
+                        warning!(
+                            "{}: unknown value \"{other}\"; using \"enabled\"",
+                            p("smtp_dns_support_level")
+                        );
+                        false
+                    }
+                }
+            },
+            dane_insecure_mx: {
+                let name = p("smtp_tls_dane_insecure_mx_policy");
+                let v = cfg.get(&name);
+                postern_common::dane::InsecureMx::parse(&v).unwrap_or_else(|| {
+                    warning!("{name}: invalid value \"{v}\"; using \"may\"");
+                    postern_common::dane::InsecureMx::May
+                })
+            },
+            dane_digests: {
+                let (d, bad) =
+                    postern_common::dane::Digests::parse(&cfg.get_list("tls_dane_digests"));
+                for w in bad {
+                    warning!("tls_dane_digests: unsupported digest \"{w}\"; ignored");
+                }
+                d
+            },
             ca_file: cfg.get(&p("smtp_tls_CAfile")),
             ca_path: cfg.get(&p("smtp_tls_CApath")),
             tls_loglevel: number(cfg, &p("smtp_tls_loglevel")) as u32,
@@ -271,6 +301,7 @@ impl Agent {
         policy: &tls::Policy,
         name: &str,
         nexthop: &str,
+        dane: Option<std::sync::Arc<Vec<postern_common::dane::Tlsa>>>,
     ) -> Option<tls::Client> {
         let mut policy = policy.clone();
         if self.tls_wrapper && policy.level < tls::Level::Encrypt {
@@ -288,6 +319,7 @@ impl Agent {
             loglevel: self.tls_loglevel,
             session_cache_timeout: self.tls_session_cache_timeout,
             profile: self.tls_profiles[usize::from(policy.level.required())].clone(),
+            dane,
         })
     }
 

@@ -61,6 +61,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A server's TLS policy and, at the `dane` levels, its usable TLSA
+/// records.
+pub type Plan = (tls::Policy, Option<Arc<Vec<postern_common::dane::Tlsa>>>);
+
 /// The agent's settings and its DNS resolver, made once per process.
 pub struct Agent {
     settings: Settings,
@@ -84,6 +88,13 @@ pub struct Agent {
     tls_level: tls::Level,
     /// `smtp_tls_policy_maps`.
     tls_policy_maps: Tables,
+    /// `smtp_dns_support_level = dnssec`: DNSSEC lookups, which the
+    /// `dane` levels need.
+    dnssec: bool,
+    /// `smtp_tls_dane_insecure_mx_policy`.
+    dane_insecure_mx: postern_common::dane::InsecureMx,
+    /// `tls_dane_digests`.
+    dane_digests: postern_common::dane::Digests,
     ca_file: String,
     ca_path: String,
     tls_loglevel: u32,
@@ -193,9 +204,19 @@ impl Agent {
                 return;
             }
         };
-        let Some(policy) = self.policy_or_defer(job, &dest, &hop.host) else {
+        let Some(mut policy) = self.policy_or_defer(job, &dest, &hop.host) else {
             return;
         };
+        if policy.level.is_dane() {
+            match self.dane_usable(&dest, &hop, &policy) {
+                Ok(true) => return self.deliver_dane(job, &hop, &policy, &dest),
+                Ok(false) => policy.level = tls::Level::May,
+                Err(f) => {
+                    job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
+                    return;
+                }
+            }
+        }
         match self.servers(&hop) {
             Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
             Err(f) => {
@@ -207,6 +228,89 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Whether DANE can apply to `hop` at all (Postfix's dane_init):
+    /// not with DNSSEC lookups disabled (a warning; `dane` is then `may`,
+    /// `dane-only` defers) nor to an IP address (no TLSA base domain).
+    fn dane_usable(
+        &self,
+        dest: &str,
+        hop: &NextHop,
+        policy: &tls::Policy,
+    ) -> Result<bool, Failure> {
+        let only = policy.level == tls::Level::DaneOnly;
+        let why = if !self.dnssec {
+            warning!(
+                "{dest}: {} configured with dnssec lookups disabled",
+                policy.level.name()
+            );
+            "client TLS configuration problem"
+        } else if hop.host.parse::<std::net::IpAddr>().is_ok() {
+            "no TLSA records found"
+        } else {
+            return Ok(true);
+        };
+        if only {
+            Err(Failure {
+                dsn: "4.7.5".into(),
+                reason: why.into(),
+            })
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Delivery at level `dane`/`dane-only`: the servers and their TLS
+    /// from DNSSEC-validated answers (`crate::dane::route`).
+    fn deliver_dane(&self, job: &mut Job, hop: &NextHop, policy: &tls::Policy, dest: &str) {
+        let dns = postern_common::dane::SecureDns::new(
+            &self.dns_servers,
+            "/etc/resolv.conf",
+            self.dns_timeout,
+        );
+        let settings = crate::dane::Settings {
+            dns: &dns,
+            options: &self.options,
+            insecure_mx: self.dane_insecure_mx,
+            digests: self.dane_digests,
+        };
+        let only = policy.level == tls::Level::DaneOnly;
+        let route = match crate::dane::route(hop, only, &settings) {
+            Ok(r) => r,
+            Err(f) => {
+                if f.is_permanent() {
+                    job.record_rest(Outcome::Bounced, &f.dsn, "none", &f.reason);
+                } else {
+                    job.destination_failed();
+                    job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
+                }
+                return;
+            }
+        };
+        let servers: Vec<Server> = route.iter().map(|(s, _)| s.clone()).collect();
+        let plan = |srv: &Server| -> Result<Plan, Failure> {
+            use postern_common::dane::Decision;
+            let d = route
+                .iter()
+                .find(|(s, _)| s == srv)
+                .map(|(_, d)| d.clone())
+                .unwrap_or(Decision::May);
+            let with = |level| tls::Policy {
+                level,
+                matches: policy.matches.clone(),
+            };
+            match d {
+                Decision::Dane(records) => Ok((with(policy.level), Some(Arc::new(records)))),
+                Decision::Encrypt => Ok((with(tls::Level::Encrypt), None)),
+                Decision::May => Ok((with(tls::Level::May), None)),
+                Decision::Defer(reason) => Err(Failure {
+                    dsn: "4.7.5".into(),
+                    reason,
+                }),
+            }
+        };
+        self.try_servers_planned(job, &servers, &plan, dest, &hop.host);
     }
 
     /// The TLS policy of the destination; None when `smtp_tls_policy_maps`
@@ -243,7 +347,7 @@ impl Agent {
         let full = self.queue_dir.join(path);
         let peer = PeerId::unix(&self.myhostname, path);
         let mut eight_bit = None;
-        let tls = self.tls_client(policy, &self.myhostname, &self.myhostname);
+        let tls = self.tls_client(policy, &self.myhostname, &self.myhostname, None);
         let sec = client::Security {
             tls: tls.as_ref(),
             sasl: auth,
@@ -357,6 +461,20 @@ impl Agent {
         dest: &str,
         nexthop: &str,
     ) {
+        self.try_servers_planned(job, servers, &|_| Ok((policy.clone(), None)), dest, nexthop)
+    }
+
+    /// As [`Agent::try_servers_with`], with the TLS policy (and DANE
+    /// records) of each server from `plan`; a server whose plan is a
+    /// failure is skipped with it as the reason.
+    pub fn try_servers_planned(
+        &self,
+        job: &mut Job,
+        servers: &[Server],
+        plan: &dyn Fn(&Server) -> Result<Plan, Failure>,
+        dest: &str,
+        nexthop: &str,
+    ) {
         let mut last: Option<(Failure, String)> = None;
         let mut sessions = 0;
         let mut eight_bit = None;
@@ -368,7 +486,18 @@ impl Agent {
                 break;
             }
             let more = k + 1 < servers.len();
-            let tls = self.tls_client(policy, &srv.name, nexthop);
+            let (policy, dane) = match plan(srv) {
+                Ok(p) => p,
+                Err(f) => {
+                    if more {
+                        info!("{}: {}", job.req.queue_id, f.reason);
+                    }
+                    last = Some((f, srv.relay()));
+                    continue;
+                }
+            };
+            let policy = &policy;
+            let tls = self.tls_client(policy, &srv.name, nexthop, dane);
             let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
                 Ok(a) => a,
                 Err(e) => return defer_for_credentials(job, &e),
