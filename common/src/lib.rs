@@ -40,6 +40,7 @@ pub mod anvil;
 pub mod base64;
 pub mod cdb;
 pub mod cidr;
+pub mod debug_peer;
 pub mod delivery;
 pub mod dict;
 pub mod dns;

@@ -167,6 +167,12 @@ impl Agent {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
             },
+            debug_peer: postern_common::debug_peer::DebugPeer::from_config(cfg).unwrap_or_else(
+                |e| {
+                    warning!("{e}");
+                    Default::default()
+                },
+            ),
             content_checks: {
                 let (checks, errors) =
                     postern_common::header_checks::CheckTables::open(|n| cfg.get(&p(n)), "smtp_");

@@ -116,6 +116,9 @@ pub struct Agent {
     /// that could not be opened (deliveries are deferred, never sent
     /// unchecked).
     content_checks: Result<CheckTables, String>,
+    /// `debug_peer_list`, `debug_peer_level`: the next hops and servers
+    /// whose sessions log verbosely.
+    debug_peer: postern_common::debug_peer::DebugPeer,
 }
 
 impl Agent {
@@ -170,6 +173,9 @@ impl Agent {
         } else {
             job.req.nexthop.clone()
         };
+        // As Postfix's smtp: the next hop listed in debug_peer_list makes
+        // the whole delivery verbose (each server is tried too, below).
+        let _verbose = self.debug_peer.check(&dest, None);
         let parsed = if self.lmtp {
             nexthop::parse_lmtp(&dest)
         } else {
@@ -368,6 +374,8 @@ impl Agent {
                 break;
             }
             let more = k + 1 < servers.len();
+            // A server listed in debug_peer_list: its session is verbose.
+            let _verbose = self.debug_peer.check(&srv.name, Some(srv.addr));
             let tls = self.tls_client(policy, &srv.name, nexthop);
             let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
                 Ok(a) => a,
