@@ -28,7 +28,11 @@ impl DebugPeer {
         let level = cfg.get("debug_peer_level");
         let level = match level.trim().parse::<u32>() {
             Ok(n) if n > 0 => n,
-            _ => return Err(format!("debug_peer_level = {level}: expected a number above 0")),
+            _ => {
+                return Err(format!(
+                    "debug_peer_level = {level}: expected a number above 0"
+                ))
+            }
         };
         Ok(DebugPeer { list, level })
     }

@@ -104,7 +104,8 @@ pub struct Agent {
     sasl_maps: Tables,
     sasl_plain_opts: sasl::SecurityOptions,
     sasl_tls_opts: sasl::SecurityOptions,
-    sasl_filter: Vec<String>,
+    /// `smtp_sasl_mechanism_filter`.
+    sasl_filter: postern_common::match_list::MatchList,
     /// `smtp_sender_dependent_authentication`.
     sender_dependent: bool,
     /// Sessions kept between requests (`smtp_connection_cache_on_demand`).
