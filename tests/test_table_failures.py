@@ -13,6 +13,7 @@ check` names each broken table with the command that fixes it. The RCPT
 and DATA replies are compared with a private Postfix's on the same broken
 tables. Run as root."""
 
+import os
 import re
 import shutil
 import smtplib
@@ -55,6 +56,20 @@ def break_table(source, how):
         r = h.run([POSTFIX_POSTMAP, f"hash:{source}"])
         assert r.returncode == 0, h.describe(r)
         assert db.exists()
+
+
+def start_then_break(p, source, how):
+    """Builds the `hash:` table of `source` with Postern's postmap, starts
+    Postern (a table that cannot be opened stops `postern start`: see
+    test_start_refuses_an_unusable_table), then breaks the table as `how`
+    says and reloads: the run-time path, a table that goes bad under a
+    running mail system."""
+    r = h.run_tool(p, "postmap", f"hash:{source}")
+    assert r.returncode == 0, h.describe(r)
+    p.start()
+    break_table(source, how)
+    r = p.postern("reload")
+    assert r.returncode == 0, h.describe(r)
 
 
 def fix_table(p, source, reload=True):
@@ -106,9 +121,10 @@ def test_relay_domains_table_unusable_gives_451_then_relays_once_fixed(
         "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
         "relayhost": f"[127.0.0.1]:{sink.port}",
     }, files={"etc/relay_domains": "relayed.test OK\n"}, start=False)
-    break_table(p.etc / "relay_domains", how)
-    p.start()
-    code, text = rcpt_reply(p.port, "user@relayed.test")
+    start_then_break(p, p.etc / "relay_domains", how)
+    code, text = h.wait_for(
+        lambda: (lambda r: r if r[0] != 250 else None)(rcpt_reply(p.port, "user@relayed.test")),
+        20, what="RCPT no longer accepted once the table is broken")
     assert (code, text.decode()) == (451, "4.3.0 <user@relayed.test>: Temporary lookup failure")
     # A domain no table knows is still refused for relaying... only once
     # the table answers: while it cannot, nothing is refused for good.
@@ -137,10 +153,11 @@ def test_virtual_alias_maps_unusable_defers_at_rcpt_and_in_cleanup(
         "virtual_alias_maps": lambda p: f"hash:{p.etc}/virtual",
         "relayhost": f"[127.0.0.1]:{sink.port}",
     }, files={"etc/virtual": "info@virt.test dest@far.test\n"}, start=False)
-    break_table(p.etc / "virtual", how)
-    p.start()
+    start_then_break(p, p.etc / "virtual", how)
     # smtpd's recipient validation asks the table.
-    code, text = rcpt_reply(p.port, "info@virt.test")
+    code, text = h.wait_for(
+        lambda: (lambda r: r if r[0] != 250 else None)(rcpt_reply(p.port, "info@virt.test")),
+        20, what="RCPT no longer accepted once the table is broken")
     assert (code, text.decode()) == (451, "4.3.0 <info@virt.test>: Temporary lookup failure")
     # Without it, cleanup asks, and defers the whole message, saying no
     # more than Postfix does.
@@ -182,8 +199,7 @@ def test_transport_maps_unusable_defers_in_qmgr_then_delivers(
     p = make_postern(params={
         "transport_maps": lambda p: f"hash:{p.etc}/transport",
     }, files={"etc/transport": f"far.test smtp:[127.0.0.1]:{sink.port}\n"}, start=False)
-    break_table(p.etc / "transport", how)
-    p.start()
+    start_then_break(p, p.etc / "transport", how)
     token = f"transport-{uuid.uuid4().hex}"
     submit(p, "user@far.test", token)
     p.wait_for_log(r"to=<user@far\.test>.*status=deferred \(address resolver failure\)")
@@ -201,8 +217,7 @@ def test_smtp_sasl_password_maps_unusable_defers_never_sends(
         "smtp_sasl_auth_enable": "yes",
         "smtp_sasl_password_maps": lambda p: f"hash:{p.etc}/sasl_passwd",
     }, files={"etc/sasl_passwd": "[other.test]:587 user:secret\n"}, start=False)
-    break_table(p.etc / "sasl_passwd", how)
-    p.start()
+    start_then_break(p, p.etc / "sasl_passwd", how)
     token = f"sasl-{uuid.uuid4().hex}"
     submit(p, "user@far.test", token)
     p.wait_for_log(r"to=<user@far\.test>.*status=deferred \(Temporary lookup failure\)")
@@ -218,8 +233,7 @@ def test_smtp_tls_policy_maps_unusable_defers_never_sends(
         "relayhost": f"[127.0.0.1]:{sink.port}",
         "smtp_tls_policy_maps": lambda p: f"hash:{p.etc}/tls_policy",
     }, files={"etc/tls_policy": f"[127.0.0.1]:{sink.port} none\n"}, start=False)
-    break_table(p.etc / "tls_policy", how)
-    p.start()
+    start_then_break(p, p.etc / "tls_policy", how)
     token = f"policy-{uuid.uuid4().hex}"
     submit(p, "user@far.test", token)
     p.wait_for_log(r"to=<user@far\.test>.*status=deferred \(client TLS configuration problem\)")
@@ -269,7 +283,6 @@ def test_check_reports_unknown_types_and_stale_indexes(make_postern):
     r = h.run_tool(p, "postmap", f"hash:{p.etc}/canonical")
     assert r.returncode == 0, h.describe(r)
     # The source edited after the last postmap.
-    import os
     import time
     later = time.time() + 10
     os.utime(p.etc / "canonical", (later, later))
@@ -286,6 +299,76 @@ def test_check_reports_unknown_types_and_stale_indexes(make_postern):
                      rf"/nothere\.cdb.*run: postmap cdb:", err), err
     assert re.search(rf"error: .*friends: .*{re.escape(str(p.etc))}/friends\.db.*"
                      rf"run: postmap hash:", err), err
+
+
+@pytest.mark.parametrize("how", BROKEN + ["stale"])
+def test_start_refuses_an_unusable_table(make_postern, how):
+    """A file table that cannot be opened, in a foreign format, or whose
+    index is older than its source stops `postern start` (nothing runs)
+    with the file, the parameter and the command that fixes it; the same
+    table in a master.cf `-o` override too. Once rebuilt, it starts."""
+    p = make_postern(params={
+        "virtual_alias_maps": lambda p: f"hash:{p.etc}/virtual",
+    }, files={"etc/virtual": "a@b.test c@d.test\n", "etc/access": "x@y.test REJECT\n"},
+        master_cf_extra=("submission inet n - n - - smtpd -o smtpd_recipient_restrictions="
+                         "check_recipient_access,hash:{etc}/access,permit_mynetworks,reject",),
+        start=False)
+    p.master_cf.write_text(p.master_cf.read_text().replace("{etc}", str(p.etc)))
+    p.newaliases()
+    source = p.etc / "virtual"
+    assert h.run_tool(p, "postmap", f"hash:{p.etc}/access").returncode == 0
+    if how == "stale":
+        import time
+        assert h.run_tool(p, "postmap", f"hash:{source}").returncode == 0
+        later = time.time() + 10
+        os.utime(source, (later, later))
+    else:
+        break_table(source, how)
+    db_of(p.etc / "access").unlink()
+    r = p.postern("start")
+    assert r.returncode == 1, h.describe(r)
+    assert p.postern("status").returncode != 0, "master runs"
+    line = [ln for ln in r.stderr.splitlines() if "virtual_alias_maps" in ln]
+    assert len(line) == 1 and "error:" in line[0], h.describe(r)
+    assert re.search(r"/main\.cf, line \d+: virtual_alias_maps: ", line[0]), line[0]
+    assert f"postmap hash:{source}" in line[0] and str(db_of(source)) in line[0], line[0]
+    line = [ln for ln in r.stderr.splitlines() if "access.db" in ln]
+    assert len(line) == 1 and re.search(
+        r"/master\.cf, line \d+: service submission/inet: -o smtpd_recipient_restrictions: "
+        r".*run: postmap hash:", line[0]), h.describe(r)
+    assert "not starting" in r.stderr, r.stderr
+    for t in (source, p.etc / "access"):
+        db = db_of(t)
+        shutil.rmtree(db) if db.is_dir() else db.unlink() if db.exists() else None
+        os.utime(t)  # (the stale case's source: edited in the future)
+        assert h.run_tool(p, "postmap", f"hash:{t}").returncode == 0
+    p.start()
+
+
+def test_server_tables_stop_start_only_for_their_configuration(make_postern):
+    """A server table (mysql:) whose server does not answer does not stop
+    `postern start`: its lookups defer at run time (issue #24 point 7).
+    One whose configuration file is missing, or does not parse, does."""
+    port = h.free_port()  # nothing listens there
+    good = f"hosts = 127.0.0.1:{port}\nuser = u\npassword = p\ndbname = d\n" \
+        "query = SELECT goto FROM alias WHERE address = '%s'\n"
+    p = make_postern(params={
+        "virtual_alias_domains": "virt.test",
+        "virtual_alias_maps": lambda p: f"mysql:{p.etc}/virtual.cf",
+    }, files={"etc/virtual.cf": "hosts = 127.0.0.1\nuser = u\n"}, start=False)
+    p.newaliases()
+    # No query: does not parse.
+    r = p.postern("start")
+    assert r.returncode == 1 and "virtual_alias_maps" in r.stderr \
+        and "virtual.cf" in r.stderr, h.describe(r)
+    (p.etc / "virtual.cf").unlink()
+    r = p.postern("start")
+    assert r.returncode == 1 and "virtual_alias_maps" in r.stderr \
+        and "virtual.cf" in r.stderr, h.describe(r)
+    (p.etc / "virtual.cf").write_text(good)
+    p.start()
+    code, text = rcpt_reply(p.port, "info@virt.test")
+    assert (code, text.decode()) == (451, "4.3.0 <info@virt.test>: Temporary lookup failure")
 
 
 # ------------------------------------------------- the same as Postfix
@@ -306,13 +389,23 @@ def test_replies_are_postfix_replies(root_only, make_postern, postfix_peer):  # 
             "smtpd_relay_restrictions": "reject_unauth_destination",
         }
         far = postfix_peer(params=dict(common, virtual_mailbox_domains=""))
-        p = make_postern(params=common)
+        # Postern does not start with them missing: built, started, then
+        # removed (the run-time path).
+        p = make_postern(params=common, start=False)
+        for t in ("relay", "virtual"):
+            assert h.run_tool(p, "postmap", f"hash:{work}/{t}").returncode == 0
+        p.start()
+        for t in ("relay", "virtual"):
+            db_of(work / t).unlink()
+        assert p.postern("reload").returncode == 0
 
         def replies(port):
             out = [rcpt_reply(port, "user@relayed.test", source=None),
                    rcpt_reply(port, "info@virt.test", source=None)]
             return [(c, t.decode()) for c, t in out]
-        assert replies(p.port) == replies(far.port)
+        theirs = replies(far.port)
+        assert h.wait_for(lambda: replies(p.port) == theirs, 20,
+                          what="Postern's replies as Postfix's"), (replies(p.port), theirs)
         for inst in (p,):
             inst.set_params(smtpd_reject_unlisted_recipient="no")
             assert inst.postern("reload").returncode == 0
@@ -364,8 +457,15 @@ def test_access_table_unusable_reply_is_postfix_reply(root_only, make_postern,
         common = {"smtpd_recipient_restrictions":
                   f"check_recipient_access hash:{work}/access, permit"}
         far = postfix_peer(params=common)
-        p = make_postern(params=common)
-        ours = rcpt_reply(p.port, "user@any.test", source=None)
+        p = make_postern(params=common, start=False)
+        assert h.run_tool(p, "postmap", f"hash:{work}/access").returncode == 0
+        p.start()
+        db_of(work / "access").unlink()
+        assert p.postern("reload").returncode == 0
+        ours = h.wait_for(
+            lambda: (lambda r: r if r[0] != 554 else None)(
+                rcpt_reply(p.port, "user@any.test", source=None)),
+            20, what="the table's failure seen by smtpd")
         theirs = rcpt_reply(far.port, "user@any.test", source=None)
         assert (ours[0], ours[1].decode()) == (theirs[0], theirs[1].decode()) == (
             451, "4.3.5 <user@any.test>: Recipient address rejected: Server configuration error")
@@ -383,8 +483,7 @@ def test_sendmail_mail_waits_in_maildrop_while_cleanup_cannot_read_a_table(
         "virtual_alias_maps": lambda p: f"hash:{p.etc}/virtual",
         "relayhost": f"[127.0.0.1]:{sink.port}",
     }, files={"etc/virtual": "info@virt.test dest@far.test\n"}, start=False)
-    break_table(p.etc / "virtual", "missing")
-    p.start()
+    start_then_break(p, p.etc / "virtual", "missing")
     token = f"maildrop-{uuid.uuid4().hex}"
     submit(p, "info@virt.test", token)
     p.wait_for_log(r"map lookup problem for info@virt\.test -- message not accepted")

@@ -49,7 +49,10 @@ pub struct Rewriter {
     recipient_canonical_classes: Vec<String>,
     masquerade_domains: Vec<String>,
     masquerade_classes: Vec<String>,
-    masquerade_exceptions: Vec<String>,
+    /// `masquerade_exceptions`: a match list (Postfix's string_list) of
+    /// user names; None: the list could not be read, no address is
+    /// masqueraded.
+    masquerade_exceptions: Option<postern_common::match_list::MatchList>,
     virtual_alias: Tables,
     /// The header and body tables of every class.
     pub checks: CheckTables,
@@ -114,7 +117,16 @@ impl Rewriter {
             recipient_canonical_classes: lower_list(cfg, "recipient_canonical_classes"),
             masquerade_domains: lower_list(cfg, "masquerade_domains"),
             masquerade_classes: lower_list(cfg, "masquerade_classes"),
-            masquerade_exceptions: lower_list(cfg, "masquerade_exceptions"),
+            masquerade_exceptions: postern_common::match_list::MatchList::from_config(
+                cfg,
+                "masquerade_exceptions",
+                postern_common::match_list::Kind::String,
+            )
+            .map_err(|e| {
+                // Nothing is masqueraded rather than a listed user.
+                warning!("{e}; no address is masqueraded");
+            })
+            .ok(),
             virtual_alias,
             checks,
             sender_bcc,
@@ -173,11 +185,14 @@ impl Rewriter {
         let (user, Some(domain)) = addr::split(address) else {
             return address.to_string();
         };
-        if self
-            .masquerade_exceptions
-            .iter()
-            .any(|e| e.eq_ignore_ascii_case(user))
-        {
+        let excepted = match &self.masquerade_exceptions {
+            None => true,
+            Some(l) => {
+                // A table that cannot answer: the address is left alone.
+                !l.is_empty() && l.matches_name(user).unwrap_or(true)
+            }
+        };
+        if excepted {
             return address.to_string();
         }
         let d = domain.to_ascii_lowercase();

@@ -41,6 +41,7 @@ pub mod base64;
 pub mod cdb;
 pub mod cidr;
 pub mod dane;
+pub mod debug_peer;
 pub mod delivery;
 pub mod dict;
 pub mod dns;

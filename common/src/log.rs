@@ -157,9 +157,53 @@ pub fn reopen() {
     }
 }
 
-/// Whether verbose (`-v`) logging is on.
+thread_local! {
+    /// The verbosity a `debug_peer_list` match added for the session this
+    /// thread serves ([`crate::debug_peer`]); 0 when none.
+    static PEER_LEVEL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether verbose logging is on: `-v` on the master.cf line, or a peer
+/// of `debug_peer_list` in the session this thread serves.
 pub fn verbose() -> bool {
-    LOGGER.get().map(|l| l.verbose).unwrap_or(false)
+    PEER_LEVEL.with(|l| l.get()) > 0 || LOGGER.get().map(|l| l.verbose).unwrap_or(false)
+}
+
+/// Raises this thread's verbosity by `level` until the guard is dropped
+/// (Postfix's debug_peer_check and debug_peer_restore: a second raise
+/// while one is in force does nothing).
+pub fn raise_verbosity(level: u32) -> VerbosityGuard {
+    let raised = PEER_LEVEL.with(|l| {
+        if l.get() == 0 && level > 0 {
+            l.set(level);
+            true
+        } else {
+            false
+        }
+    });
+    VerbosityGuard { raised }
+}
+
+/// Restores the verbosity [`raise_verbosity`] raised, when dropped.
+#[derive(Debug)]
+#[must_use = "the verbosity is restored when the guard is dropped"]
+pub struct VerbosityGuard {
+    raised: bool,
+}
+
+impl VerbosityGuard {
+    /// Whether this guard raised the verbosity.
+    pub fn raised(&self) -> bool {
+        self.raised
+    }
+}
+
+impl Drop for VerbosityGuard {
+    fn drop(&mut self) {
+        if self.raised {
+            PEER_LEVEL.with(|l| l.set(0));
+        }
+    }
 }
 
 fn timestamp() -> String {
@@ -188,7 +232,7 @@ pub fn write(level: Level, text: std::fmt::Arguments<'_>) {
         eprintln!("{}{}", level.prefix(), text);
         return;
     };
-    if level == Level::Debug && !l.verbose {
+    if level == Level::Debug && !verbose() {
         return;
     }
     let pid = std::process::id();

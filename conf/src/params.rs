@@ -314,6 +314,10 @@ pub const PARAMS: &[(&str, &str)] = &[
          qmqpd_authorized_clients, relay_domains, smtpd_access_maps",
     ),
     ("relocated_maps", ""),
+    // Verbose logging for the sessions with these peers
+    // (common/src/debug_peer.rs).
+    ("debug_peer_list", ""),
+    ("debug_peer_level", "2"),
     ("sender_dependent_default_transport_maps", ""),
     ("empty_address_default_transport_maps_lookup_key", "<>"),
     ("empty_address_relayhost_maps_lookup_key", "<>"),

@@ -12,6 +12,7 @@
 //! limits the server's list to the names in it.
 
 use postern_common::base64;
+use postern_common::match_list::MatchList;
 
 /// `username:password` from the password table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +57,10 @@ pub struct Auth {
     pub plain_opts: SecurityOptions,
     /// For sessions with TLS.
     pub tls_opts: SecurityOptions,
-    /// `smtp_sasl_mechanism_filter`, upper case; empty: no filter.
-    pub filter: Vec<String>,
+    /// `smtp_sasl_mechanism_filter` (a match list, as Postfix's
+    /// string_list: names, `/file/name`, `type:table`, `!`); empty: no
+    /// filter.
+    pub filter: MatchList,
 }
 
 /// A mechanism Postern can speak.
@@ -82,7 +85,10 @@ impl Auth {
         }
         let usable = |m: &str| {
             offered.iter().any(|o| o == m)
-                && (self.filter.is_empty() || self.filter.iter().any(|f| f == m))
+                && (self.filter.is_empty()
+                    // A table that cannot answer allows nothing (the
+                    // delivery defers for want of a mechanism).
+                    || self.filter.matches_name(m).unwrap_or(false))
         };
         if usable("PLAIN") {
             Some(Mechanism::Plain)
@@ -107,6 +113,7 @@ pub fn plain_response(c: &Credentials) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use postern_common::match_list::Kind;
 
     fn auth(plain: &str, tls: &str) -> Auth {
         let l = |s: &str| postern_conf::split_list(s);
@@ -114,7 +121,7 @@ mod tests {
             creds: Credentials::parse("u@x.test:p:w").unwrap(),
             plain_opts: SecurityOptions::parse(&l(plain)),
             tls_opts: SecurityOptions::parse(&l(tls)),
-            filter: Vec::new(),
+            filter: MatchList::default(),
         }
     }
 
@@ -129,7 +136,7 @@ mod tests {
         assert_eq!(a.choose(&["LOGIN".into()], true), Some(Mechanism::Login));
         assert_eq!(a.choose(&["CRAM-MD5".into()], true), None);
         let mut f = auth("", "");
-        f.filter = vec!["LOGIN".into()];
+        f.filter = MatchList::parse("login", Kind::String, false).unwrap();
         assert_eq!(f.choose(&both, false), Some(Mechanism::Login));
         assert_eq!(
             plain_response(&Credentials::parse("a:b").unwrap()),

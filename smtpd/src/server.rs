@@ -666,7 +666,12 @@ fn turn(
     dns: &mut Option<Dns>,
 ) -> Turn {
     let mut reads = 0;
+    // The session's own verbosity (debug_peer_list) while its work is done.
+    let mut _verbose = postern_common::log::raise_verbosity(slot.session.debug_level());
     loop {
+        if !_verbose.raised() && slot.session.debug_level() > 0 {
+            _verbose = postern_common::log::raise_verbosity(slot.session.debug_level());
+        }
         submit_dns(slot, idx, registry, cfg, dns);
         submit_auth(slot, idx, registry, auth.as_deref_mut());
         let mut progress =

@@ -98,6 +98,9 @@ pub struct Settings {
     pub receive_override: postern_common::receive_override::ReceiveOverride,
     /// `smtpd_authorized_xforward_hosts`.
     pub xforward_hosts: postern_common::match_list::MatchList,
+    /// `debug_peer_list`, `debug_peer_level`: the clients whose sessions
+    /// log verbosely.
+    pub debug_peer: postern_common::debug_peer::DebugPeer,
     /// `smtpd_tls_ask_ccert`: the digest of `smtpd_tls_fingerprint_digest`
     /// and the verifier of `smtpd_tls_CAfile` for client certificates.
     pub ccert: Option<Ccert>,
@@ -252,6 +255,7 @@ impl Settings {
                 "smtpd_authorized_xforward_hosts",
                 postern_common::match_list::Kind::NameAddress,
             )?,
+            debug_peer: postern_common::debug_peer::DebugPeer::from_config(cfg)?,
             ccert: if tls_level != TlsLevel::None || tls_wrappermode {
                 if cfg.get_bool("smtpd_tls_ask_ccert").map_err(e)? {
                     Some(Ccert {

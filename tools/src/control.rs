@@ -53,10 +53,9 @@ pub fn main() -> ! {
     let cfg = crate::load_config(NAME, config.as_deref());
     match command.as_str() {
         "check" => {
-            // Errors about secrets and tables fail the check; a start
-            // refuses only the secrets (a table the daemons cannot use
-            // defers the mail that needs it). Tables first, so that every
-            // one is named even when the gate stops the check.
+            // Errors about secrets and tables fail the check (and a
+            // start). Tables first, so that every one is named even when
+            // the gate stops the check.
             let tables = check_tables(&cfg);
             check(&cfg);
             if check_secrets(&cfg).total() + tables > 0 {
@@ -205,26 +204,30 @@ fn check(cfg: &Config) {
     }
 }
 
-/// Reports every lookup table main.cf names that the daemons could not
-/// use: an unknown type, a missing or unreadable file, a Berkeley DB or
-/// LMDB file left by Postfix, an index older than its source (each with
-/// the command that fixes it). The daemons keep such a table as one whose
-/// lookups fail, so the mail that needs it is deferred; returns how many.
+/// Reports every lookup table main.cf and the `-o` overrides of master.cf
+/// name that the daemons could not use: an unknown type, a missing or
+/// unreadable file, a Berkeley DB or LMDB file left by Postfix, an index
+/// older than its source (each with the command that fixes it), a
+/// server table (`mysql:`, `ldap:`, ...) whose configuration file is
+/// missing or does not parse. The server itself is not asked (one that
+/// is down defers lookups at run time). Returns how many; `check` and
+/// `start` stop on any.
 fn check_tables(cfg: &Config) -> usize {
+    let dir = cfg.dir().display().to_string();
     let mut names = cfg.explicit_names();
     names.push("alias_maps".into());
     names.sort();
     names.dedup();
-    // The restriction classes are lists of restrictions too.
-    let classes = cfg.get_list("smtpd_restriction_classes");
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for name in names {
-        let value = cfg.get(&name);
-        let specs = if classes.contains(&name) {
+    let mut look = |scfg: &Config, name: &str, at: String, problems: &mut Vec<String>| {
+        // The restriction classes are lists of restrictions too.
+        let classes = scfg.get_list("smtpd_restriction_classes");
+        let value = scfg.get(name);
+        let specs = if classes.iter().any(|c| c == name) {
             table_specs("smtpd_class_restrictions", &value)
         } else {
-            table_specs(&name, &value)
+            table_specs(name, &value)
         };
         for spec in specs {
             if !seen.insert(spec.clone()) {
@@ -236,12 +239,35 @@ fn check_tables(cfg: &Config) -> usize {
                 "postmap"
             };
             if let Err(e) = postern_common::maps::check_spec(&spec, builder) {
-                problems.push(format!("{name}: {e}"));
+                problems.push(format!("{at}{name}: {e}"));
+            }
+        }
+    };
+    for name in names {
+        let at = match cfg.main_cf_line(&name) {
+            Some(l) => format!("{dir}/main.cf, line {l}: "),
+            None => format!("{dir}/main.cf: "),
+        };
+        look(cfg, &name, at, &mut problems);
+    }
+    // Each service's `-o` overrides, with that service's view of main.cf.
+    if let Ok(services) = cfg.master_services() {
+        for s in services.iter().filter(|s| !s.overrides.is_empty()) {
+            let mut scfg = cfg.clone();
+            scfg.set_overrides(s.overrides.clone());
+            for (name, _) in &s.overrides {
+                let at = format!(
+                    "{dir}/master.cf, line {}: service {}/{}: -o ",
+                    s.line,
+                    s.name,
+                    s.kind.word()
+                );
+                look(&scfg, name, at, &mut problems);
             }
         }
     }
     for p in &problems {
-        eprintln!("{NAME}: error: {}/main.cf: {p}", cfg.dir().display());
+        eprintln!("{NAME}: error: {p}");
     }
     problems.len()
 }
@@ -365,12 +391,27 @@ fn start(cfg: &Config, foreground: bool) -> ! {
             format_args!("the Postern mail system is already running (pid {pid})"),
         );
     }
+    // Tables first, so that every one is named even when the gate stops.
+    let tables = check_tables(cfg);
     check(cfg);
-    check_tables(cfg);
     // A key smtpd cannot use would mean a mail system without STARTTLS
-    // (and with `encrypt`, without mail): not started.
-    if check_secrets(cfg).keys > 0 {
-        std::process::exit(1);
+    // (and with `encrypt`, without mail); a file table that cannot be
+    // opened (or a server table whose configuration file cannot be read)
+    // would defer, or refuse, the mail that needs it from the first
+    // message on: not started (the rule is in ARCHITECTURE.md, "Tables
+    // that cannot be opened"). A server that does not answer is no
+    // reason: its table is opened without connecting, and its lookups
+    // defer until it answers.
+    let secrets = check_secrets(cfg);
+    if secrets.total() + tables > 0 {
+        die(
+            NAME,
+            1,
+            format_args!(
+                "{} table(s) or key(s) above cannot be used: not starting the Postern mail system",
+                secrets.total() + tables
+            ),
+        );
     }
     // A new TLS session ticket secret for this run of the mail system,
     // as Postfix's tlsmgr makes new ticket keys when it starts.

@@ -44,6 +44,10 @@ pub const MATCH_LISTS: &[(&str, Kind)] = &[
     ("smtpd_client_event_limit_exceptions", Kind::NameAddress),
     ("permit_mx_backup_networks", Kind::NameAddress),
     ("debug_peer_list", Kind::NameAddress),
+    ("smtpd_authorized_xforward_hosts", Kind::NameAddress),
+    ("masquerade_exceptions", Kind::String),
+    ("smtp_sasl_mechanism_filter", Kind::String),
+    ("lmtp_sasl_mechanism_filter", Kind::String),
 ];
 
 /// Settings that only tune a feature another parameter turns on (an

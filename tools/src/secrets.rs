@@ -13,19 +13,19 @@
 //! the parameter, its file and the cause. `postern check`, `start` and
 //! `start-fg` then exit 1 (nothing started: a silently missing STARTTLS
 //! is worse than a refusal the administrator sees at once), and `postern
-//! reload` refuses, leaving the running daemons with what they read. A
+//! reload` refuses a key problem, leaving the running daemons with what
+//! they read. A
 //! key that goes bad while the system runs is logged by the smtpd that
 //! cannot read it, which then runs without STARTTLS.
 
-use postern_common::maps::Table;
 use postern_conf::master_cf::Service;
 use postern_conf::Config;
 
 /// How many problems [`check`] found, by kind: a key or certificate
 /// smtpd or smtp cannot use stops a start or reload (the mail system
-/// would run without TLS); a root-only table that cannot be opened fails
-/// `postern check` only, as every other table (the mail that needs it is
-/// deferred until it is fixed).
+/// would run without TLS); a root-only table that cannot be opened stops
+/// `postern check` and `start`, as every other table, but not a reload
+/// (the running daemons already defer the mail that needs it).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Problems {
     pub keys: usize,
@@ -80,7 +80,7 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
                 }
                 for t in tables {
                     for spec in postern_common::maps::split_specs(&scfg.get(&t)) {
-                        if let Err(e) = Table::open(&spec) {
+                        if let Err(e) = postern_common::maps::check_spec(&spec, "postmap") {
                             table_problems.push(format!("{what}: {t}: {e}"));
                         }
                     }

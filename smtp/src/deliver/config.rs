@@ -185,11 +185,22 @@ impl Agent {
             sasl_tls_opts: sasl::SecurityOptions::parse(
                 &cfg.get_list(&p("smtp_sasl_tls_security_options")),
             ),
-            sasl_filter: cfg
-                .get_list(&p("smtp_sasl_mechanism_filter"))
-                .iter()
-                .map(|m| m.to_ascii_uppercase())
-                .collect(),
+            sasl_filter: postern_common::match_list::MatchList::from_config(
+                cfg,
+                &p("smtp_sasl_mechanism_filter"),
+                postern_common::match_list::Kind::String,
+            )
+            .unwrap_or_else(|e| {
+                // A list that cannot be read allows no mechanism (never
+                // one the administrator filtered out).
+                error!("{e}");
+                postern_common::match_list::MatchList::parse(
+                    "!*",
+                    postern_common::match_list::Kind::String,
+                    false,
+                )
+                .unwrap_or_default()
+            }),
             sender_dependent: cfg
                 .get_bool(&p("smtp_sender_dependent_authentication"))
                 .unwrap_or(false),
@@ -197,6 +208,12 @@ impl Agent {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
             },
+            debug_peer: postern_common::debug_peer::DebugPeer::from_config(cfg).unwrap_or_else(
+                |e| {
+                    warning!("{e}");
+                    Default::default()
+                },
+            ),
             content_checks: {
                 let (checks, errors) =
                     postern_common::header_checks::CheckTables::open(|n| cfg.get(&p(n)), "smtp_");

@@ -115,7 +115,8 @@ pub struct Agent {
     sasl_maps: Tables,
     sasl_plain_opts: sasl::SecurityOptions,
     sasl_tls_opts: sasl::SecurityOptions,
-    sasl_filter: Vec<String>,
+    /// `smtp_sasl_mechanism_filter`.
+    sasl_filter: postern_common::match_list::MatchList,
     /// `smtp_sender_dependent_authentication`.
     sender_dependent: bool,
     /// Sessions kept between requests (`smtp_connection_cache_on_demand`).
@@ -127,6 +128,9 @@ pub struct Agent {
     /// that could not be opened (deliveries are deferred, never sent
     /// unchecked).
     content_checks: Result<CheckTables, String>,
+    /// `debug_peer_list`, `debug_peer_level`: the next hops and servers
+    /// whose sessions log verbosely.
+    debug_peer: postern_common::debug_peer::DebugPeer,
 }
 
 impl Agent {
@@ -181,6 +185,9 @@ impl Agent {
         } else {
             job.req.nexthop.clone()
         };
+        // As Postfix's smtp: the next hop listed in debug_peer_list makes
+        // the whole delivery verbose (each server is tried too, below).
+        let _verbose = self.debug_peer.check(&dest, None);
         let parsed = if self.lmtp {
             nexthop::parse_lmtp(&dest)
         } else {
@@ -497,6 +504,8 @@ impl Agent {
                 }
             };
             let policy = &policy;
+            // A server listed in debug_peer_list: its session is verbose.
+            let _verbose = self.debug_peer.check(&srv.name, Some(srv.addr));
             let tls = self.tls_client(policy, &srv.name, nexthop, dane);
             let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
                 Ok(a) => a,

@@ -13,6 +13,13 @@ impl Session {
     /// greets (with `smtpd_tls_wrappermode`, once the handshake is done).
     pub(super) fn connected(&mut self) {
         self.namaddr = self.client.namaddr();
+        // As Postfix's debug_peer_check, once the name is known; from
+        // here this session's work logs verbosely (crate::server::turn).
+        self.debug_level = self
+            .cfg
+            .debug_peer
+            .level_for(&self.client.names.name, Some(self.client.addr));
+        let _verbose = postern_common::log::raise_verbosity(self.debug_level);
         info!("connect from {}", self.namaddr);
         self.choose_ehlo_discard();
         if self.talked_first() && self.cfg.forbid_unauth_pipelining {

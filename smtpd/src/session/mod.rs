@@ -204,6 +204,9 @@ pub struct Session {
     cfg: Arc<Settings>,
     client: Client,
     namaddr: String,
+    /// The verbosity `debug_peer_list` adds to this session (0: none),
+    /// decided once the client's name is known.
+    debug_level: u32,
     input: Vec<u8>,
     output: Vec<u8>,
     requests: Vec<CleanupRequest>,
@@ -302,6 +305,7 @@ impl Session {
             cfg,
             client,
             namaddr,
+            debug_level: 0,
             input: Vec::new(),
             output: Vec::new(),
             requests: Vec::new(),
@@ -358,6 +362,12 @@ impl Session {
 
     pub fn namaddr(&self) -> &str {
         &self.namaddr
+    }
+
+    /// The verbosity `debug_peer_list` adds while this session's work is
+    /// done ([`postern_common::log::raise_verbosity`]).
+    pub fn debug_level(&self) -> u32 {
+        self.debug_level
     }
 
     /// Bytes from the client.
@@ -513,6 +523,9 @@ impl Session {
         if line.last() == Some(&b'\r') {
             line.pop();
         }
+        if postern_common::log::verbose() {
+            postern_common::debug!("< {}: {}", self.namaddr, String::from_utf8_lossy(&line));
+        }
         if std::mem::take(&mut self.skip_long) || line.len() > self.cfg.line_limit {
             let host = self.cfg.myhostname.clone();
             self.reply(&format!("500 5.5.2 {host} Error: command too long"));
@@ -651,6 +664,11 @@ impl Session {
         // before any reply once the soft limit is reached).
         if self.error_count >= self.cfg.soft_error_limit && self.error_count > 0 {
             self.delay += self.cfg.error_sleep;
+        }
+        if postern_common::log::verbose() {
+            for l in text.split("\r\n") {
+                postern_common::debug!("> {}: {l}", self.namaddr);
+            }
         }
         self.output.extend_from_slice(text.as_bytes());
         self.output.extend_from_slice(b"\r\n");

@@ -22,6 +22,7 @@ fn settings() -> Settings {
     let split = |s: &str| postern_conf::split_list(s);
     Settings {
         myhostname: "mx.example".into(),
+        debug_peer: Default::default(),
         mail_name: "Postern".into(),
         banner: "mx.example ESMTP Postern".into(),
         message_size_limit: 1000,
