@@ -169,9 +169,63 @@ impl Job {
             fmt_delay(c),
             fmt_delay(d),
             dsn,
-            outcome.word(),
+            if self.is_probe() {
+                probe_word(outcome)
+            } else {
+                outcome.word()
+            },
             reason
         );
+    }
+
+    /// The request is an address verification probe
+    /// ([`DeliveryRequest::VERIFY`]).
+    pub fn is_probe(&self) -> bool {
+        self.req.flags & DeliveryRequest::VERIFY != 0
+    }
+
+    /// A probe's outcome goes to the verify service (the original address
+    /// and, when aliasing changed it, the address too, as Postfix's
+    /// `verify_append`), never to a defer or bounce log; the recipient is
+    /// then done whatever the outcome, so the probe leaves the queue. When
+    /// the service cannot take it the recipient is deferred (not done).
+    fn record_probe(&mut self, r: &DeliveryRecipient, outcome: Outcome, dsn: &str, reason: &str) {
+        let status = match outcome {
+            Outcome::Sent => crate::verify::Status::Ok,
+            Outcome::Deferred => crate::verify::Status::Defer,
+            Outcome::Bounced => crate::verify::Status::Bounce,
+        };
+        let socket = self.tree.socket(true, crate::verify::SOCKET);
+        let timeout = std::time::Duration::from_secs(30);
+        let mut addrs = vec![r.rcpt.original_or_address().to_string()];
+        if !r.rcpt.address.eq_ignore_ascii_case(&addrs[0]) {
+            addrs.push(r.rcpt.address.clone());
+        }
+        let mut ok = true;
+        for a in &addrs {
+            if let Err(e) = crate::verify::update(&socket, a, status, reason, timeout) {
+                warning!("{}: verify service failure: {e}", self.req.queue_id);
+                ok = false;
+                break;
+            }
+        }
+        let outcome = if ok {
+            match qfile::mark_done(&self.file, r.offset) {
+                Ok(()) => Outcome::Sent,
+                Err(e) => {
+                    warning!("{}: mark recipient done: {e}", self.req.queue_id);
+                    Outcome::Deferred
+                }
+            }
+        } else {
+            Outcome::Deferred
+        };
+        self.results.push(RecipientResult {
+            offset: r.offset,
+            outcome,
+            dsn: dsn.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     /// Records one recipient's outcome whose delivery lines were logged
@@ -200,6 +254,10 @@ impl Job {
         diag_type: &str,
     ) {
         if self.results.iter().any(|x| x.offset == r.offset) {
+            return;
+        }
+        if self.is_probe() {
+            self.record_probe(r, outcome, dsn, reason);
             return;
         }
         let log = match outcome {
@@ -274,6 +332,15 @@ impl Job {
             results: self.results,
             destination_failed: self.destination_failed,
         }
+    }
+}
+
+/// The `status=` word of a probe's delivery line (Postfix's
+/// `verify_append`: "deliverable", else "undeliverable").
+pub fn probe_word(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Sent => "deliverable",
+        _ => "undeliverable",
     }
 }
 
