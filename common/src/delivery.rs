@@ -694,6 +694,94 @@ mod tests {
         }
     }
 
+    /// A probe's outcomes go to the verify service (both addresses of an
+    /// aliased recipient), are marked done whatever they are, and leave
+    /// no defer or bounce log.
+    #[test]
+    fn a_probe_reports_to_the_verify_service_and_logs_nothing_else() {
+        use std::os::unix::net::UnixListener;
+        let root = std::env::temp_dir().join(format!("postern-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let tree = QueueTree::new(&root);
+        tree.create_dirs(None, None).unwrap();
+        let id = "6A1B2C3D1234500ABC";
+        let path = tree.path(Queue::Active, id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut w = qfile::Writer::new(f).unwrap();
+        w.sender("double-bounce@h.test").unwrap();
+        w.recipient(&Recipient::new("good@b.test")).unwrap();
+        let mut aliased = Recipient::new("target@b.test");
+        aliased.original = "alias@b.test".into();
+        w.recipient(&aliased).unwrap();
+        w.begin_content().unwrap();
+        w.finish().unwrap();
+        let env = qfile::read_envelope(&File::open(&path).unwrap()).unwrap();
+
+        let listener = UnixListener::bind(tree.socket(true, crate::verify::SOCKET)).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let (mut c, _) = listener.accept().unwrap();
+                let req: crate::verify::VerifyRequest = crate::ipc::recv(&mut c).unwrap();
+                crate::ipc::send(&mut c, &crate::verify::VerifyReply::Updated).unwrap();
+                got.push(req);
+            }
+            got
+        });
+        let mut req = request(id, DeliveryRequest::VERIFY);
+        req.recipients = env
+            .recipients
+            .iter()
+            .map(|r| DeliveryRecipient {
+                offset: r.offset,
+                rcpt: r.rcpt.clone(),
+            })
+            .collect();
+        let rcpts = req.recipients.clone();
+        let mut job = Job::open(&tree, req).unwrap();
+        assert!(job.is_probe());
+        job.record(&rcpts[0], Outcome::Sent, "2.1.5", "h", "250 2.1.5 Ok");
+        job.record(
+            &rcpts[1],
+            Outcome::Bounced,
+            "5.1.1",
+            "h",
+            "550 5.1.1 unknown",
+        );
+        let reply = job.finish();
+        assert!(reply.results.iter().all(|r| r.outcome == Outcome::Sent));
+        use crate::verify::{Status, VerifyRequest::Update};
+        let got = server.join().unwrap();
+        let update = |a: &str, s, r: &str| Update {
+            address: a.into(),
+            status: s,
+            reason: r.into(),
+        };
+        assert_eq!(
+            got,
+            vec![
+                update("good@b.test", Status::Ok, "250 2.1.5 Ok"),
+                update("alias@b.test", Status::Bounce, "550 5.1.1 unknown"),
+                update("target@b.test", Status::Bounce, "550 5.1.1 unknown"),
+            ]
+        );
+        let env = qfile::read_envelope(&File::open(&path).unwrap()).unwrap();
+        assert!(env.recipients.iter().all(|r| r.done));
+        assert!(read_log(&tree, MessageLog::Bounce, id)
+            .unwrap_or_default()
+            .is_empty());
+        assert!(read_log(&tree, MessageLog::Defer, id)
+            .unwrap_or_default()
+            .is_empty());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn a_batch_ends_at_the_request_without_more_and_loses_the_flag() {
         let mut wire = Vec::new();
