@@ -169,9 +169,63 @@ impl Job {
             fmt_delay(c),
             fmt_delay(d),
             dsn,
-            outcome.word(),
+            if self.is_probe() {
+                probe_word(outcome)
+            } else {
+                outcome.word()
+            },
             reason
         );
+    }
+
+    /// The request is an address verification probe
+    /// ([`DeliveryRequest::VERIFY`]).
+    pub fn is_probe(&self) -> bool {
+        self.req.flags & DeliveryRequest::VERIFY != 0
+    }
+
+    /// A probe's outcome goes to the verify service (the original address
+    /// and, when aliasing changed it, the address too, as Postfix's
+    /// `verify_append`), never to a defer or bounce log; the recipient is
+    /// then done whatever the outcome, so the probe leaves the queue. When
+    /// the service cannot take it the recipient is deferred (not done).
+    fn record_probe(&mut self, r: &DeliveryRecipient, outcome: Outcome, dsn: &str, reason: &str) {
+        let status = match outcome {
+            Outcome::Sent => crate::verify::Status::Ok,
+            Outcome::Deferred => crate::verify::Status::Defer,
+            Outcome::Bounced => crate::verify::Status::Bounce,
+        };
+        let socket = self.tree.socket(true, crate::verify::SOCKET);
+        let timeout = std::time::Duration::from_secs(30);
+        let mut addrs = vec![r.rcpt.original_or_address().to_string()];
+        if !r.rcpt.address.eq_ignore_ascii_case(&addrs[0]) {
+            addrs.push(r.rcpt.address.clone());
+        }
+        let mut ok = true;
+        for a in &addrs {
+            if let Err(e) = crate::verify::update(&socket, a, status, reason, timeout) {
+                warning!("{}: verify service failure: {e}", self.req.queue_id);
+                ok = false;
+                break;
+            }
+        }
+        let outcome = if ok {
+            match qfile::mark_done(&self.file, r.offset) {
+                Ok(()) => Outcome::Sent,
+                Err(e) => {
+                    warning!("{}: mark recipient done: {e}", self.req.queue_id);
+                    Outcome::Deferred
+                }
+            }
+        } else {
+            Outcome::Deferred
+        };
+        self.results.push(RecipientResult {
+            offset: r.offset,
+            outcome,
+            dsn: dsn.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     /// Records one recipient's outcome whose delivery lines were logged
@@ -200,6 +254,10 @@ impl Job {
         diag_type: &str,
     ) {
         if self.results.iter().any(|x| x.offset == r.offset) {
+            return;
+        }
+        if self.is_probe() {
+            self.record_probe(r, outcome, dsn, reason);
             return;
         }
         let log = match outcome {
@@ -274,6 +332,15 @@ impl Job {
             results: self.results,
             destination_failed: self.destination_failed,
         }
+    }
+}
+
+/// The `status=` word of a probe's delivery line (Postfix's
+/// `verify_append`: "deliverable", else "undeliverable").
+pub fn probe_word(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Sent => "deliverable",
+        _ => "undeliverable",
     }
 }
 
@@ -625,6 +692,94 @@ mod tests {
             queue_wait: 0.0,
             flags,
         }
+    }
+
+    /// A probe's outcomes go to the verify service (both addresses of an
+    /// aliased recipient), are marked done whatever they are, and leave
+    /// no defer or bounce log.
+    #[test]
+    fn a_probe_reports_to_the_verify_service_and_logs_nothing_else() {
+        use std::os::unix::net::UnixListener;
+        let root = std::env::temp_dir().join(format!("postern-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let tree = QueueTree::new(&root);
+        tree.create_dirs(None, None).unwrap();
+        let id = "6A1B2C3D1234500ABC";
+        let path = tree.path(Queue::Active, id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut w = qfile::Writer::new(f).unwrap();
+        w.sender("double-bounce@h.test").unwrap();
+        w.recipient(&Recipient::new("good@b.test")).unwrap();
+        let mut aliased = Recipient::new("target@b.test");
+        aliased.original = "alias@b.test".into();
+        w.recipient(&aliased).unwrap();
+        w.begin_content().unwrap();
+        w.finish().unwrap();
+        let env = qfile::read_envelope(&File::open(&path).unwrap()).unwrap();
+
+        let listener = UnixListener::bind(tree.socket(true, crate::verify::SOCKET)).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let (mut c, _) = listener.accept().unwrap();
+                let req: crate::verify::VerifyRequest = crate::ipc::recv(&mut c).unwrap();
+                crate::ipc::send(&mut c, &crate::verify::VerifyReply::Updated).unwrap();
+                got.push(req);
+            }
+            got
+        });
+        let mut req = request(id, DeliveryRequest::VERIFY);
+        req.recipients = env
+            .recipients
+            .iter()
+            .map(|r| DeliveryRecipient {
+                offset: r.offset,
+                rcpt: r.rcpt.clone(),
+            })
+            .collect();
+        let rcpts = req.recipients.clone();
+        let mut job = Job::open(&tree, req).unwrap();
+        assert!(job.is_probe());
+        job.record(&rcpts[0], Outcome::Sent, "2.1.5", "h", "250 2.1.5 Ok");
+        job.record(
+            &rcpts[1],
+            Outcome::Bounced,
+            "5.1.1",
+            "h",
+            "550 5.1.1 unknown",
+        );
+        let reply = job.finish();
+        assert!(reply.results.iter().all(|r| r.outcome == Outcome::Sent));
+        use crate::verify::{Status, VerifyRequest::Update};
+        let got = server.join().unwrap();
+        let update = |a: &str, s, r: &str| Update {
+            address: a.into(),
+            status: s,
+            reason: r.into(),
+        };
+        assert_eq!(
+            got,
+            vec![
+                update("good@b.test", Status::Ok, "250 2.1.5 Ok"),
+                update("alias@b.test", Status::Bounce, "550 5.1.1 unknown"),
+                update("target@b.test", Status::Bounce, "550 5.1.1 unknown"),
+            ]
+        );
+        let env = qfile::read_envelope(&File::open(&path).unwrap()).unwrap();
+        assert!(env.recipients.iter().all(|r| r.done));
+        assert!(read_log(&tree, MessageLog::Bounce, id)
+            .unwrap_or_default()
+            .is_empty());
+        assert!(read_log(&tree, MessageLog::Defer, id)
+            .unwrap_or_default()
+            .is_empty());
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

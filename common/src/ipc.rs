@@ -256,6 +256,11 @@ impl DeliveryRequest {
     /// agent answers them all at the end, which lets it make several
     /// deliveries durable at once.
     pub const MORE: u32 = 1;
+    /// Flag: the message is an address verification probe
+    /// ([`crate::verify`]): find out whether the recipient is deliverable,
+    /// deliver nothing, and report to the verify service
+    /// ([`crate::delivery::Job::record`] does).
+    pub const VERIFY: u32 = 2;
     /// The most requests an agent reads as one batch (each holds its
     /// queue file open until the batch ends).
     pub const MAX_BATCH: usize = 100;

@@ -70,3 +70,4 @@ pub mod time;
 pub mod tls;
 pub mod tls_ccert;
 pub mod tls_tickets;
+pub mod verify;

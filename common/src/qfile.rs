@@ -102,6 +102,10 @@ pub mod attr {
     /// `LOCAL` or `REMOTE`: where the message came from, for XFORWARD's
     /// SOURCE (Postfix's rewrite context).
     pub const SOURCE: &str = "source";
+    /// `verify`: the message is an address verification probe (Postfix's
+    /// `trace_flags` record with `DEL_REQ_FLAG_MTA_VRFY`), see
+    /// [`crate::verify`].
+    pub const TRACE_FLAGS: &str = "trace_flags";
 }
 
 /// One envelope recipient.

@@ -129,9 +129,6 @@ impl Service {
             "postlogd" => Role::Elsewhere(
                 "logging: each daemon writes syslog or maillog_file itself",
             ),
-            "verify" => Role::Elsewhere(
-                "address verification: sendmail -bv (no verify cache: reject_unverified_* is not offered)",
-            ),
             "flush" => Role::Elsewhere(
                 "fast flush: postqueue -f and sendmail -q have qmgr retry the deferred queue",
             ),
@@ -499,15 +496,15 @@ uucp      unix  -       n       n       -       -       pipe
             ]
         );
         for name in [
-            "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify", "flush", "showq", "scache",
-            "dnsblog", "tlsproxy",
+            "tlsmgr", "rewrite", "bounce", "defer", "trace", "flush", "showq", "scache", "dnsblog",
+            "tlsproxy",
         ] {
             let x = by(name, ServiceType::Unix);
             assert!(matches!(x.role(), Role::Elsewhere(_)), "{name}");
             assert!(x.note().unwrap().contains(&format!("service {name}/unix")));
         }
         for name in [
-            "pickup", "cleanup", "qmgr", "local", "virtual", "lmtp", "anvil", "relay",
+            "pickup", "cleanup", "qmgr", "local", "virtual", "lmtp", "anvil", "relay", "verify",
         ] {
             assert_eq!(by(name, ServiceType::Unix).role(), Role::Run, "{name}");
             assert_eq!(by(name, ServiceType::Unix).note(), None);

@@ -335,6 +335,9 @@ impl Agent {
             duplicate_filter_limit: self.duplicate_filter_limit,
         };
         let exp = resolver.resolve(rcpt);
+        if job.is_probe() {
+            return Done::Here(probe_status(&exp), false);
+        }
         if !self.mailbox_transport.is_empty() {
             if let [t] = exp.targets.as_slice() {
                 if t.dest == Dest::Mailbox && exp.failures.is_empty() {
@@ -878,6 +881,29 @@ impl Agent {
 }
 
 /// Where a recipient's outcome was recorded.
+/// An address verification probe (`DeliveryRequest::VERIFY`): nothing is
+/// delivered; the address is resolved (aliases, `.forward`, the account)
+/// and its outcome is what a delivery would meet first: a failure (an
+/// unknown user: undeliverable), else Postfix's words for where the mail
+/// would go.
+fn probe_status(exp: &crate::resolve::Expansion) -> Status {
+    let failures: Vec<Status> = exp.failures.iter().map(|(_, s)| s.clone()).collect();
+    if exp.targets.is_empty() {
+        return if failures.is_empty() {
+            Status::sent("discarded")
+        } else {
+            status::combine(&failures)
+        };
+    }
+    let t = &exp.targets[0];
+    Status::sent(match &t.dest {
+        Dest::Mailbox => "delivers to mailbox".to_string(),
+        Dest::File(p) => format!("delivers to file: {}", p.display()),
+        Dest::Command(c) => format!("delivers to command: {c}"),
+        Dest::Forward(a) => format!("forwards to {a}"),
+    })
+}
+
 enum Done {
     /// Here: local records it; true when the delivery lines of the
     /// alias members are logged already.
@@ -897,5 +923,25 @@ fn spool_ids(dir: &Path, acct: &Account) -> (Ids, Option<Ids>) {
         Ok(m) if m.mode() & 0o020 != 0 => ((acct.uid, m.gid()), None),
         _ if privs::is_root() => ((0, 0), Some(user)),
         _ => (user, None),
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use crate::resolve::Expansion;
+
+    #[test]
+    fn a_probe_for_an_unknown_user_is_undeliverable_and_nothing_else_is_done() {
+        let mut exp = Expansion::default();
+        exp.failures.push((
+            "nobody@h.test".into(),
+            Status::bounce("5.1.1", "unknown user: \"nobody\""),
+        ));
+        let s = probe_status(&exp);
+        assert_eq!(s.outcome, Outcome::Bounced);
+        assert_eq!(s.dsn, "5.1.1");
+        let s = probe_status(&Expansion::default());
+        assert_eq!(s.outcome, Outcome::Sent);
     }
 }

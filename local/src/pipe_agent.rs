@@ -546,7 +546,19 @@ impl Agent {
     }
 
     pub fn deliver(&self, job: &mut Job) {
-        let s = self.status(job);
+        let s = if job.is_probe() {
+            // An address verification probe: the command is not run
+            // (Postfix's pipe: "delivers to command: ARGV0").
+            match &self.settings {
+                Ok(st) => Status::sent(format!(
+                    "delivers to command: {}",
+                    st.argv.first().map(String::as_str).unwrap_or("")
+                )),
+                Err(e) => Status::defer("4.3.5", format!("mail system configuration error: {e}")),
+            }
+        } else {
+            self.status(job)
+        };
         for r in job.req.recipients.clone() {
             job.record_diagnosed(&r, s.outcome, &s.dsn, &self.service, &s.reason, s.diag_type);
         }

@@ -165,6 +165,14 @@ impl Agent {
             self.base.trim_end_matches('/'),
             mbox.trim_start_matches('/')
         ));
+        if job.is_probe() {
+            // An address verification probe: found, nothing delivered.
+            return Status::sent(if mbox.ends_with('/') {
+                "delivers to maildir"
+            } else {
+                "delivers to mailbox"
+            });
+        }
         let sender = job.req.sender.as_str();
         let headers = Prefix {
             sender,

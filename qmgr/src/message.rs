@@ -120,7 +120,13 @@ impl Message {
                 })
                 .collect(),
             queue_wait: self.age(),
-            flags: 0,
+            flags: if self.env.attr(postern_common::qfile::attr::TRACE_FLAGS)
+                == Some(postern_common::verify::PROBE)
+            {
+                DeliveryRequest::VERIFY
+            } else {
+                0
+            },
         }
     }
 

@@ -209,6 +209,12 @@ pub trait Transaction {
     fn xforward(&mut self) -> Vec<(&'static str, String)> {
         Vec::new()
     }
+    /// An address verification probe: the transaction ends after the
+    /// RCPT TO replies (each recipient's outcome is its RCPT reply), no
+    /// DATA, as Postfix's `smtp_address_verify_target = rcpt`.
+    fn verify_only(&self) -> bool {
+        false
+    }
 }
 
 /// How a session ended.

@@ -57,6 +57,8 @@ struct TestTxn {
     connected: bool,
     recorded: Vec<(usize, Outcome, String, String)>,
     smtputf8: postern_common::smtputf8::Flags,
+    /// An address verification probe.
+    probe: bool,
 }
 
 impl TestTxn {
@@ -69,6 +71,7 @@ impl TestTxn {
             connected: false,
             recorded: Vec::new(),
             smtputf8: Default::default(),
+            probe: false,
         }
     }
 
@@ -114,6 +117,9 @@ impl Transaction for TestTxn {
     fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
         assert!(self.outcome(i).is_none(), "recipient {i} recorded twice");
         self.recorded.push((i, outcome, dsn.into(), reason.into()));
+    }
+    fn verify_only(&self) -> bool {
+        self.probe
     }
     fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
         self.smtputf8
@@ -208,6 +214,30 @@ fn pipelined_per_recipient_results() {
     // Rejections are recorded before the content is sent.
     assert_eq!(txn.recorded[0].0, 1);
     assert_eq!(txn.recorded[1].0, 2);
+}
+
+#[test]
+fn a_probe_ends_at_rcpt_to() {
+    let mut srv = Scripted::new(
+        "220 mx.b.test ESMTP\r\n\
+         250-mx.b.test\r\n250 PIPELINING\r\n\
+         250 2.1.0 Ok\r\n\
+         250 2.1.5 Ok\r\n\
+         550 5.1.1 <c@b.test>: Recipient address rejected: User unknown\r\n\
+         221 2.0.0 Bye\r\n",
+    );
+    let mut txn = TestTxn::new(&["a@b.test", "c@b.test"], b"");
+    txn.probe = true;
+    let end = deliver(&mut srv, &peer(), &settings(5), &mut txn);
+    assert_eq!(end, End::Complete);
+    let all = sent_text(&srv);
+    assert!(!all.contains("DATA"), "{all}");
+    assert!(all.ends_with("RCPT TO:<c@b.test>\r\nQUIT\r\n"), "{all}");
+    assert_eq!(
+        txn.outcome(0),
+        Some((Outcome::Sent, "2.1.5", "250 2.1.5 Ok"))
+    );
+    assert_eq!(txn.outcome(1).unwrap().0, Outcome::Bounced);
 }
 
 #[test]

@@ -91,8 +91,9 @@ impl Session<'_, '_> {
         let pipelined = ext.pipelining;
         // CHUNKING (RFC 3030): BDAT instead of DATA.
         let bdat = ext.chunking;
+        let probe = txn.verify_only();
         if pipelined {
-            if let Err(end) = self.send_pipelined(&mail, &rcpts, bdat) {
+            if let Err(end) = self.send_pipelined(&mail, &rcpts, bdat || probe) {
                 return end;
             }
         }
@@ -100,6 +101,11 @@ impl Session<'_, '_> {
             Ok(accepted) => accepted,
             Err(end) => return end,
         };
+        if probe {
+            // Outcomes recorded from the RCPT replies: no content goes.
+            self.done();
+            return End::Complete;
+        }
         if accepted.is_empty() && (!pipelined || bdat) {
             self.done();
             return End::Complete;
@@ -302,6 +308,9 @@ impl Session<'_, '_> {
                 Err(e) => return Err(self.try_next(self.io_failure(&e, stage::RCPT))),
             };
             if r.class() == 2 {
+                if txn.verify_only() {
+                    txn.record(i, Outcome::Sent, &r.dsn(), &r.text());
+                }
                 accepted.push(i);
                 continue;
             }

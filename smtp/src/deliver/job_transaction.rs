@@ -140,6 +140,10 @@ impl Transaction for JobTransaction<'_> {
         &self.job.req.queue_id
     }
 
+    fn verify_only(&self) -> bool {
+        self.job.is_probe()
+    }
+
     fn xforward(&mut self) -> Vec<(&'static str, String)> {
         use postern_common::qfile::{self, attr};
         let Ok(env) = qfile::read_envelope(&self.job.file) else {
