@@ -69,4 +69,5 @@ pub mod table_watch;
 pub mod time;
 pub mod tls;
 pub mod tls_ccert;
+pub mod tls_rpt;
 pub mod tls_tickets;
