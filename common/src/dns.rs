@@ -86,6 +86,86 @@ impl BlockingResolver {
     }
 }
 
+/// Why a TXT or address lookup of [`BlockingResolver`] gave nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxtError {
+    /// NXDOMAIN or no record of the type: an answer, "none".
+    NotFound,
+    /// The name server failed or did not answer (the text, for logs).
+    TryAgain(String),
+}
+
+impl BlockingResolver {
+    fn answers(
+        &self,
+        name: &str,
+        rtype: hickory_resolver::proto::rr::RecordType,
+    ) -> Result<Vec<hickory_resolver::proto::rr::Record>, TxtError> {
+        use hickory_resolver::net::{DnsError as HDnsError, NetError};
+        use hickory_resolver::proto::op::ResponseCode;
+        let mut n = hickory_resolver::proto::rr::Name::from_utf8(name)
+            .map_err(|e| TxtError::TryAgain(format!("invalid name {name}: {e}")))?;
+        n.set_fqdn(true);
+        match self.rt.block_on(self.resolver.lookup(n, rtype)) {
+            Ok(l) => Ok(l.answers().to_vec()),
+            Err(NetError::Dns(HDnsError::NoRecordsFound(nr)))
+                if matches!(
+                    nr.response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ) =>
+            {
+                Err(TxtError::NotFound)
+            }
+            Err(e) => Err(TxtError::TryAgain(format!("{name} {rtype}: {e}"))),
+        }
+    }
+
+    /// The TXT records of `name`, each its character-strings joined (as
+    /// RFC 8461 and 8460 read them); none is [`TxtError::NotFound`].
+    pub fn txt(&self, name: &str) -> Result<Vec<String>, TxtError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let v: Vec<String> = self
+            .answers(name, RecordType::TXT)?
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(
+                    t.txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect();
+        if v.is_empty() {
+            return Err(TxtError::NotFound);
+        }
+        Ok(v)
+    }
+
+    /// The IPv4 then IPv6 addresses of `name`.
+    pub fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, TxtError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let mut out = Vec::new();
+        let mut last = TxtError::NotFound;
+        for rtype in [RecordType::A, RecordType::AAAA] {
+            match self.answers(name, rtype) {
+                Ok(rs) => out.extend(rs.iter().filter_map(|r| match &r.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })),
+                Err(e @ TxtError::TryAgain(_)) => last = e,
+                Err(TxtError::NotFound) => {}
+            }
+        }
+        if out.is_empty() {
+            return Err(last);
+        }
+        Ok(out)
+    }
+}
+
 /// The reversed-address name of `ip` in DNS list `domain`.
 pub fn rbl_name(ip: IpAddr, domain: &str) -> String {
     match ip {
