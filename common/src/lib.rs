@@ -38,6 +38,7 @@
 pub mod addr;
 pub mod anvil;
 pub mod base64;
+pub mod cache_file;
 pub mod cdb;
 pub mod cidr;
 pub mod dane;
