@@ -176,7 +176,7 @@ impl Session {
             }
         } else if ds.content.len() >= CONTENT_CHUNK {
             let chunk = std::mem::take(&mut ds.content);
-            self.requests.push(CleanupRequest::Content(chunk));
+            self.push_content(chunk);
         }
         if !fed.end {
             return ControlFlow::Break(pos);
@@ -195,7 +195,9 @@ impl Session {
             Some("552 5.3.4 Error: message file too big".to_string())
         } else if ds.failure.is_some() {
             ds.failure.take()
-        } else if !self.cleanup_open {
+        } else if self.proxy_data && !self.proxy_open && !self.proxy_speed_adjust() {
+            Some(crate::proxy::PROXY_ERROR.to_string())
+        } else if !self.proxy_data && !self.cleanup_open {
             Some(WRITE_ERROR.to_string())
         } else {
             None
@@ -224,6 +226,7 @@ impl Session {
                 self.reply(&reply);
                 self.transaction_failed();
             }
+            None if self.proxy_data => self.proxy_end(std::mem::take(&mut ds.content)),
             None => {
                 if !ds.content.is_empty() {
                     self.requests
@@ -232,6 +235,15 @@ impl Session {
                 self.requests.push(CleanupRequest::Close);
                 self.state = State::WaitQueued;
             }
+        }
+    }
+
+    /// A piece of content for cleanup, or for the before-queue filter.
+    pub(super) fn push_content(&mut self, chunk: Vec<u8>) {
+        if self.proxy_data {
+            self.proxy_content(chunk);
+        } else {
+            self.requests.push(CleanupRequest::Content(chunk));
         }
     }
 
@@ -373,7 +385,7 @@ impl Session {
         }
     }
 
-    fn received_header(&self, queue_id: &str) -> String {
+    pub(super) fn received_header(&self, queue_id: &str) -> String {
         let tls = self
             .tls
             .as_ref()
