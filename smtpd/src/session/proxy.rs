@@ -131,6 +131,12 @@ impl Session {
             return super::Done::Ok;
         }
         if !self.proxy_open {
+            // The filter took recipients on a connection since broken:
+            // Postfix's answer to every command that follows (a new
+            // connection would lose them).
+            if self.tx.as_ref().is_some_and(|t| !t.recipients.is_empty()) {
+                return self.fail(PROXY_ERROR);
+            }
             self.proxy_start(false);
         }
         self.proxy_requests.push(Request::Step(Step::Command {
@@ -172,7 +178,12 @@ impl Session {
             .iter()
             .map(|h| format!("{h}\n"))
             .collect();
-        header.push_str(&self.received_header(""));
+        // Our Received header, unless a client told us the original
+        // client (XFORWARD): then we are an intermediate proxy, and
+        // Postfix leaves the header out.
+        if self.xforward == Default::default() {
+            header.push_str(&self.received_header(""));
+        }
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.where_ = "DATA";
         self.proxy_data = true;
