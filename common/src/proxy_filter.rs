@@ -126,8 +126,14 @@ mod tests {
     fn endpoints() {
         let q = Path::new("/q");
         let inet = |h: &str, p| Endpoint::Inet(h.into(), p);
-        assert_eq!(Endpoint::parse("127.0.0.1:10024", q), Ok(inet("127.0.0.1", 10024)));
-        assert_eq!(Endpoint::parse("inet:localhost:10024", q), Ok(inet("localhost", 10024)));
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:10024", q),
+            Ok(inet("127.0.0.1", 10024))
+        );
+        assert_eq!(
+            Endpoint::parse("inet:localhost:10024", q),
+            Ok(inet("localhost", 10024))
+        );
         assert_eq!(Endpoint::parse("[::1]:10024", q), Ok(inet("::1", 10024)));
         assert_eq!(Endpoint::parse("inet:[::1]:25", q), Ok(inet("::1", 25)));
         assert_eq!(Endpoint::parse("10024", q), Ok(inet("localhost", 10024)));
@@ -139,7 +145,15 @@ mod tests {
             Endpoint::parse("unix:/run/f.sock", q),
             Ok(Endpoint::Unix("/run/f.sock".into()))
         );
-        for bad in ["unix:", "host:", ":25", "host:99999", "::1:25", "[::1]25", "a b:25"] {
+        for bad in [
+            "unix:",
+            "host:",
+            ":25",
+            "host:99999",
+            "::1:25",
+            "[::1]25",
+            "a b:25",
+        ] {
             assert!(Endpoint::parse(bad, q).is_err(), "{bad}");
         }
     }

@@ -250,7 +250,11 @@ impl Worker {
                 let (ok, text) = match self.failure.take() {
                     Some(f) => (false, f),
                     None => {
-                        let end: &[u8] = if self.line_start { b".\r\n" } else { b"\r\n.\r\n" };
+                        let end: &[u8] = if self.line_start {
+                            b".\r\n"
+                        } else {
+                            b"\r\n.\r\n"
+                        };
                         match self.write(end).and_then(|_| self.reply()) {
                             Ok(r) => (r.starts_with('2'), r),
                             Err(b) => {
@@ -306,7 +310,11 @@ impl Worker {
     }
 
     /// Connects and opens the transaction (smtpd_proxy_connect).
-    fn open(&mut self, xforward: &[(&'static str, Option<String>)], mail: &str) -> Result<(), String> {
+    fn open(
+        &mut self,
+        xforward: &[(&'static str, Option<String>)],
+        mail: &str,
+    ) -> Result<(), String> {
         match self.connect() {
             Ok(s) => self.conn = Some((s, Vec::new())),
             Err(e) => {
@@ -527,7 +535,10 @@ fn strerror(e: &io::Error) -> String {
 }
 
 fn broke_of(e: io::Error) -> Broke {
-    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
         Broke::Timeout
     } else {
         Broke::Lost
@@ -584,6 +595,9 @@ mod tests {
 
     #[test]
     fn printable_replies() {
-        assert_eq!(printable(b"550 5.7.1 bad\x01thing\xff"), "550 5.7.1 bad?thing?");
+        assert_eq!(
+            printable(b"550 5.7.1 bad\x01thing\xff"),
+            "550 5.7.1 bad?thing?"
+        );
     }
 }

@@ -610,9 +610,11 @@ impl Server {
             self.poll.registry(),
             &self.cfg,
             &mut self.buf,
-            self.auth.as_mut(),
-            &mut self.dns,
-            &mut self.proxies,
+            Helpers {
+                auth: self.auth.as_mut(),
+                dns: &mut self.dns,
+                proxies: &mut self.proxies,
+            },
         ) {
             Turn::Idle => false,
             Turn::Again => {
@@ -703,9 +705,16 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     )
 }
 
+/// The process's helpers a session's requests go to.
+struct Helpers<'a> {
+    auth: Option<&'a mut AuthConn>,
+    dns: &'a mut Option<Dns>,
+    proxies: &'a mut ProxyHub,
+}
+
 /// One turn of a session: moves bytes between the client, the session
 /// and cleanup until nothing moves. Each pass runs the phases in order:
-/// DNS and auth requests, cleanup, output to the client, STARTTLS,
+/// DNS, auth and before-queue filter requests, cleanup, output to the client, STARTTLS,
 /// input from the client, the end of the session.
 fn turn(
     slot: &mut Slot,
@@ -713,10 +722,13 @@ fn turn(
     registry: &Registry,
     cfg: &Settings,
     buf: &mut [u8],
-    mut auth: Option<&mut AuthConn>,
-    dns: &mut Option<Dns>,
-    proxies: &mut ProxyHub,
+    helpers: Helpers,
 ) -> Turn {
+    let Helpers {
+        mut auth,
+        dns,
+        proxies,
+    } = helpers;
     let mut reads = 0;
     // The session's own verbosity (debug_peer_list) while its work is done.
     let mut _verbose = postern_common::log::raise_verbosity(slot.session.debug_level());
@@ -727,9 +739,9 @@ fn turn(
         submit_dns(slot, idx, registry, cfg, dns);
         submit_auth(slot, idx, registry, auth.as_deref_mut());
         let mut progress = submit_proxy(slot, idx, registry, cfg, proxies);
-        progress |= slot
-            .cleanup
-            .send_requests(&mut slot.session, cleanup_token(idx), registry, cfg);
+        progress |=
+            slot.cleanup
+                .send_requests(&mut slot.session, cleanup_token(idx), registry, cfg);
         progress |= slot
             .cleanup
             .exchange(&mut slot.session, registry, cfg, buf, &mut slot.last_io);

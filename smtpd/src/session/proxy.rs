@@ -75,7 +75,10 @@ impl Session {
             ("PORT", port),
             ("HELO", xf.helo.clone().or_else(|| self.helo.clone())),
             ("IDENT", xf.ident.clone()),
-            ("PROTO", Some(xf.proto.clone().unwrap_or_else(|| self.protocol()))),
+            (
+                "PROTO",
+                Some(xf.proto.clone().unwrap_or_else(|| self.protocol())),
+            ),
             (
                 "SOURCE",
                 Some(xf.source.clone().unwrap_or_else(|| "REMOTE".into())),
@@ -204,7 +207,8 @@ impl Session {
                 tx.proxy_content.extend_from_slice(&chunk);
             }
         } else if self.proxy_open {
-            self.proxy_requests.push(Request::Step(Step::Content(chunk)));
+            self.proxy_requests
+                .push(Request::Step(Step::Content(chunk)));
         }
     }
 
@@ -230,7 +234,8 @@ impl Session {
                 expect: b'3',
                 report: false,
             }));
-            self.proxy_requests.push(Request::Step(Step::Content(content)));
+            self.proxy_requests
+                .push(Request::Step(Step::Content(content)));
         } else {
             if !rest.is_empty() {
                 self.proxy_requests.push(Request::Step(Step::Content(rest)));
