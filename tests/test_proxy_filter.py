@@ -141,12 +141,13 @@ class ProxyFilter:
         return f.start()
 
 
-def proxy_master_cf(port, filter_port, back_port, maxproc="-"):
+def proxy_master_cf(port, filter_port, back_port, maxproc="-", options=""):
     """SMTPD_PROXY_README's master.cf lines (Postfix's syntax, for both)."""
     return [
         f"127.0.0.1:{port} inet n - n - {maxproc} smtpd",
         f"  -o smtpd_proxy_filter=127.0.0.1:{filter_port}",
         f"  -o smtpd_proxy_timeout={PROXY_TIMEOUT}s",
+        *([f"  -o smtpd_proxy_options={options}"] if options else []),
         f"127.0.0.1:{back_port} inet n - n - - smtpd",
         "  -o smtpd_proxy_filter=",
         "  -o smtpd_authorized_xforward_hosts=127.0.0.0/8",
@@ -303,9 +304,9 @@ def proxy_ports():
     return h.free_port(), h.free_port()
 
 
-def postern_side(make_postern, users, filter_port, back_port, maxproc="-"):
+def postern_side(make_postern, users, filter_port, back_port, maxproc="-", options=""):
     p = make_postern(start=False, params={"mynetworks": "127.0.0.0/8"})
-    p.master_cf_extra = proxy_master_cf(p.port, filter_port, back_port, maxproc)
+    p.master_cf_extra = proxy_master_cf(p.port, filter_port, back_port, maxproc, options)
     p.write_master_cf()
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
@@ -318,13 +319,14 @@ def postern_side(make_postern, users, filter_port, back_port, maxproc="-"):
     return p, side
 
 
-def postfix_side(filter_port, back_port):
+def postfix_side(filter_port, back_port, options=""):
     far = pp.PostfixPeer()
     master = (far.etc / "master.cf").read_text()
     line = f"127.0.0.1:{far.port} inet n - n - - smtpd\n"
     assert line in master
     master = master.replace(line, "")
-    master += "".join(x + "\n" for x in proxy_master_cf(far.port, filter_port, back_port))
+    master += "".join(x + "\n" for x in proxy_master_cf(far.port, filter_port, back_port,
+                                                          options=options))
     (far.etc / "master.cf").write_text(master)
     far.start()
     h.wait_for(lambda: h.smtp_banner_ok(back_port), 20, what="Postfix's after-filter smtpd")
@@ -427,3 +429,71 @@ def test_proxy_filter_same_replies_as_postfix(make_postern, local_users, proxy_p
         flt.stop()
     assert postern_replies == postfix_replies
 
+
+
+def speed_adjust_cases(side, flt):
+    """smtpd_proxy_options = speed_adjust: smtpd answers the envelope
+    itself and talks to the filter only after the final dot, so every
+    answer of the filter comes back at the end of DATA."""
+    replies = {}
+    token = f"speed-{time.time_ns()}"
+    n = len(flt.seen)
+    r, text = transaction(side.port, [side.rcpt], token)
+    replies["pass"] = r
+    assert r == {"MAIL": (250, "2.1.0"), "RCPT0": (250, "2.1.5"), "DATA": (250, "2.0.0")}, r
+    assert "filtered" in text, text
+    side.wait_delivered(token)
+    time.sleep(1)
+    got = side.find(token)
+    assert len(got) == 1 and got[0].count(FILTER_HEADER) == 1
+    assert len(flt.seen) == n + 1
+
+    # The filter refuses a recipient: smtpd took it, the filter's refusal
+    # is the reply to the final dot, and nothing is delivered.
+    flt.refuse.add(side.refused.lower())
+    token = f"speed-rcpt-{time.time_ns()}"
+    r, text = transaction(side.port, [side.refused, side.rcpt], token)
+    replies["rcpt"] = r
+    assert r["RCPT0"] == (250, "2.1.5") and r["DATA"] == (550, "5.1.1"), (r, text)
+    assert "refused by the filter" in text, text
+
+    token = f"speed-reject-{time.time_ns()}"
+    r, text = transaction(side.port, [side.rcpt], token, extra=REJECT_MARK + "\n")
+    replies["reject"] = r
+    assert r["DATA"] == (550, "5.7.1"), (r, text)
+
+    # The filter down: the envelope is accepted, the final dot gets
+    # 451 4.3.0, nothing is queued.
+    flt.stop()
+    token2 = f"speed-down-{time.time_ns()}"
+    r, text = transaction(side.port, [side.rcpt], token2)
+    replies["down"] = r
+    assert r["RCPT0"] == (250, "2.1.5") and r["DATA"] == (451, "4.3.0"), (r, text)
+    time.sleep(1.5)
+    for t in (token, token2):
+        assert not side.find(t), f"{side.name} delivered {t}"
+    assert not side.queued(), side.queued()
+    return replies
+
+
+@pytest.mark.skipif(not pp.postfix_available(), reason="Postfix is not installed")
+def test_speed_adjust_same_as_postfix(make_postern, local_users, proxy_ports):
+    filter_port, back_port = proxy_ports
+    flt = ProxyFilter(back_port, filter_port).start()
+    try:
+        _, side = postern_side(make_postern, local_users, filter_port, back_port,
+                               options="speed_adjust")
+        postern_replies = speed_adjust_cases(side, flt)
+    finally:
+        flt.stop()
+    filter_port, back_port = h.free_port(), h.free_port()
+    flt = ProxyFilter(back_port, filter_port).start()
+    far = None
+    try:
+        far, side = postfix_side(filter_port, back_port, options="speed_adjust")
+        postfix_replies = speed_adjust_cases(side, flt)
+    finally:
+        flt.stop()
+        if far is not None:
+            far.stop()
+    assert postern_replies == postfix_replies

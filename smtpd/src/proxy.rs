@@ -136,6 +136,7 @@ impl ProxyLink {
                     conn: None,
                     failure: None,
                     broken: false,
+                    in_data: false,
                     line_start: true,
                     pending: p,
                     notify: Box::new(move |ev| {
@@ -180,6 +181,9 @@ struct Worker {
     failure: Option<String>,
     /// The connection is unusable.
     broken: bool,
+    /// DATA was accepted and the final dot not sent: a QUIT now would be
+    /// content.
+    in_data: bool,
     /// The content sent so far ends with a line end.
     line_start: bool,
     pending: Arc<AtomicUsize>,
@@ -191,8 +195,10 @@ impl Worker {
         while let Ok(step) = rx.recv() {
             self.step(step);
         }
-        // Dropped: the transaction is over.
-        if !self.broken {
+        // Dropped: the transaction is over. In the middle of the content
+        // (the client left) the connection just closes, and the filter
+        // sees no final dot.
+        if !self.broken && !self.in_data {
             if let Some((s, _)) = &mut self.conn {
                 let _ = s.write_all(b"QUIT\r\n");
                 let _ = s.flush();
@@ -244,6 +250,7 @@ impl Worker {
                     Some(f) => Err(f.clone()),
                     None => self.command(&line, expect),
                 };
+                self.in_data = expect == b'3' && outcome.is_ok();
                 self.finish(outcome, report);
             }
             Step::End => {
@@ -264,7 +271,8 @@ impl Worker {
                         }
                     }
                 };
-                self.broken = true; // nothing follows the end
+                // Nothing follows but QUIT (the session drops the link).
+                self.in_data = false;
                 (self.notify)(Event::Reply {
                     ok,
                     usable: false,
