@@ -45,9 +45,10 @@ class ProxyFilter:
     ``xforward``: the XFORWARD attributes of each session; ``ehlo``: the
     EHLO names it was greeted with."""
 
-    def __init__(self, back_port, port=None):
+    def __init__(self, back_port, port=None, unix_path=None):
         self.back_port = back_port
         self.port = port or h.free_port()
+        self.unix_path = unix_path
         self.seen = []
         self.xforward = []
         self.ehlo = []
@@ -107,7 +108,7 @@ class ProxyFilter:
             return text.decode("utf-8", "replace")
 
     def start(self):
-        from aiosmtpd.controller import Controller
+        from aiosmtpd.controller import Controller, UnixSocketController
         from aiosmtpd.smtp import SMTP, syntax
 
         class FilterSMTP(SMTP):
@@ -125,6 +126,16 @@ class ProxyFilter:
             def factory(self):
                 return FilterSMTP(self.handler, **self.SMTP_kwargs)
 
+        if self.unix_path:
+            class UnixFilterController(UnixSocketController):
+                def factory(self):
+                    return FilterSMTP(self.handler, **self.SMTP_kwargs)
+
+            self.controller = UnixFilterController(self, unix_socket=str(self.unix_path),
+                                                   ready_timeout=10)
+            self.controller.start()
+            os.chmod(self.unix_path, 0o666)  # smtpd runs as mail_owner
+            return self
         self.controller = FilterController(self, hostname="127.0.0.1", port=self.port,
                                            ready_timeout=10)
         self.controller.start()
@@ -429,6 +440,29 @@ def test_proxy_filter_same_replies_as_postfix(make_postern, local_users, proxy_p
         flt.stop()
     assert postern_replies == postfix_replies
 
+
+
+def test_proxy_filter_on_a_unix_socket(make_postern, local_users, proxy_ports):
+    """``smtpd_proxy_filter = unix:private/NAME``: a path relative to the
+    queue directory, as Postfix's smtpd (which runs there) reads it."""
+    _, back_port = proxy_ports
+    p = make_postern(start=False, params={"mynetworks": "127.0.0.0/8"})
+    p.master_cf_extra = proxy_master_cf(p.port, 1, back_port)
+    p.master_cf_extra[1] = "  -o smtpd_proxy_filter=unix:private/proxyfilter"
+    p.write_master_cf()
+    p.start()
+    h.wait_for(lambda: h.smtp_banner_ok(back_port), 20, what="the after-filter smtpd")
+    path = p.queue / "private" / "proxyfilter"
+    flt = ProxyFilter(back_port, unix_path=path).start()
+    try:
+        user = local_users[0]
+        token = f"unix-{time.time_ns()}"
+        r, text = transaction(p.port, [f"{user}@{h.MYHOSTNAME}"], token)
+        assert r["DATA"] == (250, "2.0.0") and "filtered" in text, (r, text)
+        got = h.wait_for_messages(user, token)
+        assert len(got) == 1 and got[0][1].count(FILTER_HEADER) == 1
+    finally:
+        flt.stop()
 
 
 def speed_adjust_cases(side, flt):
