@@ -601,6 +601,54 @@ mod tests {
         assert!(xforward_offered("250 filter.test").is_empty());
     }
 
+    /// Content as the session gives it (LF ends, dots undone, a long
+    /// line in pieces) goes out dot-stuffed with CRLF ends, then the dot;
+    /// the filter's reply to it is reported.
+    #[test]
+    fn content_is_dot_stuffed() {
+        let (ours, mut filter) = UnixStream::pair().unwrap();
+        filter.write_all(b"250 2.0.0 Ok: filtered\r\n").unwrap();
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let mut w = Worker {
+            settings: Arc::new(ProxySettings {
+                service: "test".into(),
+                endpoint: Endpoint::Unix("/nonexistent".into()),
+                timeout: Duration::from_secs(5),
+                ehlo: "postern.test".into(),
+                options: Options::default(),
+                line_limit: 2048,
+            }),
+            conn: Some((Box::new(ours), Vec::new())),
+            failure: None,
+            broken: false,
+            in_data: true,
+            line_start: true,
+            pending: Arc::new(AtomicUsize::new(0)),
+            notify: Box::new(move |ev| seen.lock().unwrap().push(ev)),
+        };
+        let (tx, rx) = channel();
+        for piece in [&b".a\nb"[..], b".c\n", b".\n", b"end"] {
+            w.pending.fetch_add(piece.len(), Ordering::SeqCst);
+            tx.send(Step::Content(piece.to_vec())).unwrap();
+        }
+        tx.send(Step::End).unwrap();
+        drop(tx); // the session dropped the link: QUIT
+        w.run(rx);
+        drop(w);
+        let mut sent = Vec::new();
+        filter.read_to_end(&mut sent).unwrap();
+        assert_eq!(sent, b"..a\r\nb.c\r\n..\r\nend\r\n.\r\nQUIT\r\n");
+        assert_eq!(
+            *events.lock().unwrap(),
+            [Event::Reply {
+                ok: true,
+                usable: false,
+                text: "250 2.0.0 Ok: filtered".into()
+            }]
+        );
+    }
+
     #[test]
     fn printable_replies() {
         assert_eq!(
