@@ -264,6 +264,26 @@ def cases(side, flt):
     assert r["DATA"] == (250, "2.0.0"), r
     side.wait_delivered(token)
 
+    # The same, pipelined (PIPELINING): each reply in order, the filter's
+    # among smtpd's own.
+    token = f"pipelined-{time.time_ns()}"
+    c = h.RawSmtp(side.port, source=(CLIENT_ADDR, 0))
+    try:
+        assert c.reply()[0].startswith("220")
+        assert any("PIPELINING" in x for x in c.cmd("EHLO client.example"))
+        c.send(f"MAIL FROM:<sender@client.test>\r\nRCPT TO:<{side.refused}>\r\n"
+               f"RCPT TO:<{side.rcpt}>\r\nDATA\r\n")
+        got = [c.reply() for _ in range(4)]
+        c.send(message(token) + b".\r\nQUIT\r\n")
+        got += [c.reply(), c.reply()]
+    finally:
+        c.close()
+    codes = [status(int(x[-1][:3]), x[-1][4:]) for x in got]
+    replies["pipelined"] = codes
+    assert codes == [(250, "2.1.0"), (550, "5.1.1"), (250, "2.1.5"), (354, None),
+                     (250, "2.0.0"), (221, "2.0.0")], got
+    side.wait_delivered(token)
+
     # The filter refuses the content: 550 5.7.1 at the end of DATA, and
     # nothing is queued or delivered.
     token = f"reject-{time.time_ns()}"
