@@ -324,6 +324,13 @@ impl Session {
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();
         self.requests.push(CleanupRequest::Envelope(msg));
+        self.begin_content(Some(&queue_id));
+    }
+
+    /// The date, 354, and the content begins: PREPEND headers, then our
+    /// Received header (`queue_id` None: no queue file here, a
+    /// before-queue filter gets the message).
+    pub(super) fn begin_content(&mut self, queue_id: Option<&str>) {
         self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
         let mut header: String = self
             .access_prepend
@@ -331,7 +338,12 @@ impl Session {
             .iter()
             .map(|h| format!("{h}\n"))
             .collect();
-        header.push_str(&self.received_header(&queue_id));
+        // Before a filter, a client that told us the original client
+        // (XFORWARD) makes us an intermediate proxy: Postfix adds no
+        // Received header then.
+        if queue_id.is_some() || self.xforward == Default::default() {
+            header.push_str(&self.received_header(queue_id.unwrap_or("")));
+        }
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.where_ = "DATA";
         self.state = State::Data(Box::new(DataState {
@@ -385,7 +397,7 @@ impl Session {
         }
     }
 
-    pub(super) fn received_header(&self, queue_id: &str) -> String {
+    fn received_header(&self, queue_id: &str) -> String {
         let tls = self
             .tls
             .as_ref()

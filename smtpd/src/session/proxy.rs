@@ -11,8 +11,7 @@
 //! and waits, taking no input, for the replies it needs
 //! ([`Session::proxy_event`]).
 
-use super::{DataState, Session, State};
-use crate::data::Decoder;
+use super::{Session, State};
 use crate::proxy::{Event, Request, Step, PROXY_ERROR};
 use postern_common::qfile::Recipient;
 use postern_common::smtp_command::Verb;
@@ -171,32 +170,10 @@ impl Session {
         super::Done::Pending
     }
 
-    /// 354, and the content begins with our Received header (no queue
-    /// ID: there is no queue file).
+    /// 354, and the content begins, for the filter.
     fn proxy_start_data(&mut self) {
-        self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
-        let mut header: String = self
-            .access_prepend
-            .borrow()
-            .iter()
-            .map(|h| format!("{h}\n"))
-            .collect();
-        // Our Received header, unless a client told us the original
-        // client (XFORWARD): then we are an intermediate proxy, and
-        // Postfix leaves the header out.
-        if self.xforward == Default::default() {
-            header.push_str(&self.received_header(""));
-        }
-        self.reply("354 End data with <CR><LF>.<CR><LF>");
-        self.where_ = "DATA";
         self.proxy_data = true;
-        self.state = State::Data(Box::new(DataState {
-            decoder: Decoder::new(self.cfg.line_limit),
-            size: 0,
-            too_big: false,
-            failure: None,
-            content: header.into_bytes(),
-        }));
+        self.begin_content(None);
     }
 
     /// Message content for the filter (kept until the end with
