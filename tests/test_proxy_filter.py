@@ -335,8 +335,9 @@ def proxy_ports():
     return h.free_port(), h.free_port()
 
 
-def postern_side(make_postern, users, filter_port, back_port, maxproc="-", options=""):
-    p = make_postern(start=False, params={"mynetworks": "127.0.0.0/8"})
+def postern_side(make_postern, users, filter_port, back_port, maxproc="-", options="",
+                 params=None):
+    p = make_postern(start=False, params={"mynetworks": "127.0.0.0/8", **(params or {})})
     p.master_cf_extra = proxy_master_cf(p.port, filter_port, back_port, maxproc, options)
     p.write_master_cf()
     r = p.postern("check")
@@ -350,8 +351,8 @@ def postern_side(make_postern, users, filter_port, back_port, maxproc="-", optio
     return p, side
 
 
-def postfix_side(filter_port, back_port, options=""):
-    far = pp.PostfixPeer()
+def postfix_side(filter_port, back_port, options="", params=None):
+    far = pp.PostfixPeer(params=params)
     master = (far.etc / "master.cf").read_text()
     line = f"127.0.0.1:{far.port} inet n - n - - smtpd\n"
     assert line in master
@@ -546,6 +547,54 @@ def test_speed_adjust_same_as_postfix(make_postern, local_users, proxy_ports):
     try:
         far, side = postfix_side(filter_port, back_port, options="speed_adjust")
         postfix_replies = speed_adjust_cases(side, flt)
+    finally:
+        flt.stop()
+        if far is not None:
+            far.stop()
+    assert postern_replies == postfix_replies
+
+
+def open_at_mail_cases(side, flt):
+    """smtpd_delay_open_until_valid_rcpt = no: smtpd connects to the filter
+    at MAIL FROM, so a filter that is down refuses MAIL FROM."""
+    replies = {}
+    flt.stop()
+    token = f"at-mail-{time.time_ns()}"
+    with smtplib.SMTP("127.0.0.1", side.port, timeout=60,
+                      source_address=(CLIENT_ADDR, 0)) as s:
+        s.ehlo("client.example")
+        replies["down"] = status(*s.mail("sender@client.test"))
+    assert replies["down"] == (451, "4.3.0"), replies
+    flt = flt.restarted()
+    try:
+        r, _ = transaction(side.port, [side.rcpt], token)
+        replies["back"] = r
+        assert r == {"MAIL": (250, "2.1.0"), "RCPT0": (250, "2.1.5"), "DATA": (250, "2.0.0")}, r
+        got = side.wait_delivered(token)
+        assert got[0].count(FILTER_HEADER) == 1
+    finally:
+        flt.stop()
+    time.sleep(0.5)
+    assert not side.queued()
+    return replies
+
+
+@pytest.mark.skipif(not pp.postfix_available(), reason="Postfix is not installed")
+def test_open_at_mail_same_as_postfix(make_postern, local_users, proxy_ports):
+    params = {"smtpd_delay_open_until_valid_rcpt": "no"}
+    filter_port, back_port = proxy_ports
+    flt = ProxyFilter(back_port, filter_port).start()
+    try:
+        _, side = postern_side(make_postern, local_users, filter_port, back_port, params=params)
+        postern_replies = open_at_mail_cases(side, flt)
+    finally:
+        flt.stop()
+    filter_port, back_port = h.free_port(), h.free_port()
+    flt = ProxyFilter(back_port, filter_port).start()
+    far = None
+    try:
+        far, side = postfix_side(filter_port, back_port, params=params)
+        postfix_replies = open_at_mail_cases(side, flt)
     finally:
         flt.stop()
         if far is not None:
