@@ -59,6 +59,7 @@ pub mod mta_sts;
 pub mod pass_fd;
 pub mod pool;
 pub mod privs;
+pub mod proxy_filter;
 pub mod qfile;
 pub mod queue;
 pub mod receive_override;
