@@ -106,9 +106,21 @@ def placeholders(stack, d, ca):
 
 # Data files the stacks' installers or start-up scripts create (contents
 # made up for the test; they are not part of the shipped configuration).
+# docker-mailserver's start-up scripts write /etc/postfix/vhost (the
+# domains of its accounts and of postfix-virtual.cf, sorted),
+# /etc/postfix/virtual (a copy of postfix-virtual.cf: aliases, forwards,
+# catch-alls) and /etc/postfix/vmailbox ("LOGIN DOMAIN/USER/" per
+# account): scripts/helpers/{postfix,aliases,accounts}.sh.
 DATA_FILES = {
-    "docker-mailserver": {"vhost": "hosted.test\n", "virtual": "alias@hosted.test user@hosted.test\n",
-                          "maps/header_checks.pcre": "", "maps/sender_header_filter.pcre": ""},
+    "docker-mailserver": {
+        "vhost": "catchall.test\nhosted.test\n",
+        "virtual": "alias@hosted.test user@hosted.test\n"
+                   "forward@hosted.test someone@elsewhere.test\n"
+                   "@catchall.test user@hosted.test\n",
+        "vmailbox": "# WARNING: this file is auto-generated. Modify "
+                    "/tmp/docker-mailserver/postfix-accounts.cf to edit the user list.\n"
+                    "user@hosted.test hosted.test/user/\n",
+        "maps/header_checks.pcre": "", "maps/sender_header_filter.pcre": ""},
     "mailcow": {"sni.map": "", "custom_postscreen_whitelist.cidr": "", "postscreen_access.cidr": "",
                 "anonymize_headers.pcre": "", "custom_transport.pcre": "", "local_transport": "",
                 "allow_mailcow_local.regexp": "", "smtp_dsn_filter": ""},
@@ -117,28 +129,55 @@ DATA_FILES = {
 }
 
 
-def prepare(stack, d, ca, mta, port=None):
+def stack_texts(stack, subs):
+    """The stack's main.cf and master.cf as its installer composes them,
+    placeholders filled. iRedMail's installer appends its master.cf to the
+    distribution's (functions/postfix.sh: `cat .../master.cf >>
+    ${POSTFIX_FILE_MASTER_CF}`): Debian's stock master.cf comes first."""
+    texts = {}
+    for name in ("main.cf", "master.cf"):
+        t = (STACKS / stack / name).read_text()
+        if stack == "iredmail" and name == "master.cf":
+            t = (STACKS / "debian" / "master.cf").read_text() + t
+        for old, new in subs:
+            t = t.replace(old, new)
+        texts[name] = t
+    return texts
+
+
+def set_param(main, name, value):
+    """main.cf text with `name = value`: in place when the file has the
+    name (its continuation lines replaced too), else appended."""
+    new, n = re.subn(rf"(?m)^{re.escape(name)}\s*=.*(\n[ \t]+\S.*)*$",
+                     lambda _: f"{name} = {value}", main)
+    return new if n else main + f"{name} = {value}\n"
+
+
+def prepare(stack, d, ca, mta, ports=None, settings=None, files=None, links=None, subs=()):
     """DIR/etc with the stack's files filled for `mta` ("postfix" or
     "postern"): its own queue, data directory and log, and, for Postern,
-    Postern's daemons and mail_owner (appended: the last setting wins).
-    With `port`, the SMTP service listens on 127.0.0.1:PORT."""
+    Postern's daemons and mail_owner.
+
+    ``ports``: a dict; every inet service of master.cf then listens on
+    127.0.0.1:PORT, PORT from ports[service name] or a free port recorded
+    there (no test binds the real 25, 587 or 465). ``settings``: main.cf
+    parameters the stack's installer sets (postconf -e), same for both
+    MTAs. ``files``: more data files {path under DIR/etc: text}.
+    ``links``: {name under DIR: target} symbolic links (a socket the
+    stack expects at a fixed path). ``subs``: more (old, new) text
+    replacements after the placeholders."""
     etc = d / "etc"
     etc.mkdir(parents=True, exist_ok=True)
     for sub in ("queue", "data"):
         (d / sub).mkdir(exist_ok=True)
-    subs = placeholders(stack, d, ca)
-    texts = {}
-    for name in ("main.cf", "master.cf"):
-        t = (STACKS / stack / name).read_text()
-        for old, new in subs:
-            t = t.replace(old, new)
-        texts[name] = t
-    local = {
+    texts = stack_texts(stack, placeholders(stack, d, ca) + list(subs))
+    local = dict(settings or {})
+    local.update({
         "queue_directory": f"{d}/queue",
         "data_directory": f"{d}/data",
         "inet_interfaces": "127.0.0.1",
         "inet_protocols": "ipv4",
-    }
+    })
     if mta == "postern":
         local.update({"daemon_directory": str(h.BIN_DIR), "command_directory": str(h.BIN_DIR),
                       "mail_owner": h.MAIL_OWNER_WHEN_ROOT, "maillog_file": f"{d}/maillog"})
@@ -146,31 +185,34 @@ def prepare(stack, d, ca, mta, port=None):
         # Postfix logs to syslog: its maillog_file needs a postlog service,
         # which not every stack's master.cf has.
         local.update({"mail_owner": "postfix", "daemon_directory": "/usr/lib/postfix/sbin"})
-    main = texts["main.cf"]
-    added = ""
+    main = texts["main.cf"] + "\n# Filled in by tests/test_real_configs.py\n"
     for k, v in local.items():
-        # A setting the stack has is filled in place; others are added.
-        main, n = re.subn(rf"(?m)^{k}\s*=.*$", f"{k} = {v}", main)
-        if n == 0:
-            added += f"{k} = {v}\n"
-    texts["main.cf"] = main + "\n# Filled in by tests/test_real_configs.py\n" + added
-    if port is not None:
-        texts["master.cf"] = re.sub(r"(?m)^smtp(\s+)inet", f"127.0.0.1:{port}\\1inet",
-                                    texts["master.cf"])
+        main = set_param(main, k, v)
+    texts["main.cf"] = main
+    if ports is not None:
+        def listen(m):
+            name = m.group(1)
+            if name not in ports:
+                ports[name] = h.free_port()
+            return f"127.0.0.1:{ports[name]}{m.group(2)}inet"
+        texts["master.cf"] = re.sub(r"(?m)^([^#\s]\S*)(\s+)inet(?=\s)", listen, texts["master.cf"])
     for name, t in texts.items():
         (etc / name).write_text(t)
     (etc / "aliases").write_text("postmaster: root\nabuse: root\nwebmaster: root\n")
     # The SQL client files an installer writes (their connection details
-    # are made up: the tables are never queried here).
+    # are made up unless the test gives them in `files`).
     for path in set(re.findall(r"mysql:(/\S+?\.cf)", texts["main.cf"] + texts["master.cf"])):
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("hosts = 127.0.0.1\nuser = mail\npassword = secret\ndbname = mail\n"
                      "query = SELECT 1 WHERE '%s' = ''\n")
-    for rel, text in DATA_FILES.get(stack, {}).items():
+    for rel, text in {**DATA_FILES.get(stack, {}), **(files or {})}.items():
         p = etc / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
+    for name, target in (links or {}).items():
+        (d / name).unlink(missing_ok=True)
+        (d / name).symlink_to(target)
     for p in [d, etc, *etc.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     if mta == "postfix":
@@ -244,9 +286,98 @@ def test_postconf_warns_about_nothing_postfix_knows(stack, work, ca):
         sorted(names - pf_names)
 
 
-ADDRESSES = ["root@mx.debian.test", "postmaster@mx.debian.test", "abuse@mx.debian.test",
-             "nobody-here@mx.debian.test", "root@localhost", "user+ext@mx.debian.test",
-             "someone@elsewhere.test", "user@sub.mx.debian.test"]
+# -- the same stack under Postfix and under Postern ----------------------------
+
+class Running:
+    """One MTA (``mta``: "postfix" or "postern") started on a stack's
+    files in DIR ``d``: ``ports`` {master.cf service: port},
+    ``resolve(addresses)`` -> {address: {class, transport, nexthop,
+    recipient}} from its own resolver (Postfix's trivial-rewrite asked
+    directly; Postern's through ``sendmail -bv -v``)."""
+
+    def __init__(self, mta, d, ports, postern=None):
+        self.mta, self.d, self.ports, self.postern = mta, d, ports, postern
+
+    def resolve(self, addresses):
+        from test_resolve_vs_postfix import TrivialRewrite, postern_resolutions
+        if self.mta == "postern":
+            return postern_resolutions(self.postern, addresses)
+        tr = TrivialRewrite(self.d / "queue")
+        try:
+            return {a: tr.resolve("", a) for a in addresses}
+        finally:
+            tr.close()
+
+    def log_text(self):
+        if self.mta == "postern":
+            return self.postern.log_text()
+        r = h.run(["journalctl", "-q", "--no-pager", "-n", "200", "-t", "postfix"], timeout=30)
+        return r.stdout
+
+
+def smtpd_port(ports, etc):
+    """The port of an inet service run by smtpd itself (not postscreen,
+    whose greeting a probe would fail as a pregreet)."""
+    for line in (etc / "master.cf").read_text().splitlines():
+        m = re.match(r"127\.0\.0\.1:(\d+)\s+inet\s+\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+smtpd\b",
+                     line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("no inet smtpd service in master.cf")
+
+
+def run_on_stack(mta, stack, d, ca, make_postern, probe, **prep):
+    """Starts `mta` on the stack's files (prepare(**prep)), returns
+    probe(Running), and stops Postfix again (Postern: at teardown)."""
+    ports = {}
+    if mta == "postern":
+        p = make_postern(start=False)
+        etc = prepare(stack, p.dir, ca, "postern", ports=ports, **prep)
+        p.port = smtpd_port(ports, etc)
+        p.start()
+        return probe(Running("postern", p.dir, ports, postern=p))
+    etc = prepare(stack, d, ca, "postfix", ports=ports, **prep)
+    r = h.run([PF_POSTCONF.replace("postconf", "postalias"), "-c", etc, f"hash:{etc}/aliases"])
+    assert r.returncode == 0, h.describe(r)
+    # Postfix starts from a configuration directory only when its default
+    # main.cf lists it (as tests/postfix_peer.py does).
+    _edit_alternate_dirs(lambda dirs: [*dirs, str(etc)])
+    try:
+        r = h.run([POSTFIX, "-c", etc, "start"], timeout=120)
+        assert r.returncode == 0, h.describe(r)
+        port = smtpd_port(ports, etc)
+        h.wait_for(lambda: h.smtp_banner_ok(port), 20, what="Postfix's greeting")
+        return probe(Running("postfix", d, ports))
+    finally:
+        h.run([POSTFIX, "-c", etc, "stop"], timeout=60)
+        _edit_alternate_dirs(lambda dirs: [x for x in dirs if x != str(etc)])
+
+
+def compare(stack, work, ca, make_postern, probe, **prep):
+    """Runs probe on a private Postfix and on Postern, both on the stack's
+    files; returns (what Postfix showed, what Postern showed, the list of
+    differences). An observation is a dict {what: {key: value}}; resolutions
+    are compared on class, transport, next hop and recipient."""
+    seen = {mta: run_on_stack(mta, stack, work / mta, ca, make_postern, probe, **prep)
+            for mta in ("postfix", "postern")}
+    pf, pt = seen["postfix"], seen["postern"]
+    differences = []
+    for what in pf:
+        for key in pf[what]:
+            a, b = pf[what][key], pt[what].get(key)
+            if isinstance(a, dict) and "class" in a:
+                for k in ("class", "transport", "nexthop", "recipient"):
+                    if a[k].lower() != str((b or {}).get(k, "")).lower():
+                        differences.append(f"{what} {key}: {k}: Postfix {a[k]!r}, "
+                                           f"Postern {(b or {}).get(k)!r}")
+            elif a != b:
+                differences.append(f"{what} {key}: Postfix {a!r}, Postern {b!r}")
+    return pf, pt, differences
+
+
+DEBIAN_ADDRESSES = ["root@mx.debian.test", "postmaster@mx.debian.test", "abuse@mx.debian.test",
+                    "nobody-here@mx.debian.test", "root@localhost", "user+ext@mx.debian.test",
+                    "someone@elsewhere.test", "user@sub.mx.debian.test"]
 
 
 def test_debian_default_resolves_and_answers_as_postfix(work, ca, make_postern):
@@ -254,42 +385,14 @@ def test_debian_default_resolves_and_answers_as_postfix(work, ca, make_postern):
     Postern: the same class, transport and next hop for each address
     (Postfix's trivial-rewrite asked directly), and the same RCPT TO reply
     (the client, 127.0.0.1, is in Debian's mynetworks)."""
-    from test_resolve_vs_postfix import TrivialRewrite, postern_resolutions, rcpt_replies
-    pf_port, pt_port = h.free_port(), h.free_port()
-    pf = prepare("debian", work / "postfix", ca, "postfix", port=pf_port)
-    r = h.run([PF_POSTCONF.replace("postconf", "postalias"), "-c", pf, f"hash:{pf}/aliases"])
-    assert r.returncode == 0, h.describe(r)
-    # Postfix starts from a configuration directory only when its default
-    # main.cf lists it (as tests/postfix_peer.py does).
-    _edit_alternate_dirs(lambda dirs: [*dirs, str(pf)])
-    try:
-        r = h.run([POSTFIX, "-c", pf, "start"], timeout=120)
-        assert r.returncode == 0, h.describe(r)
-        h.wait_for(lambda: h.smtp_banner_ok(pf_port), 20, what="Postfix's greeting")
-        tr = TrivialRewrite(work / "postfix" / "queue")
-        try:
-            postfix = {a: tr.resolve("", a) for a in ADDRESSES}
-        finally:
-            tr.close()
-        pf_rcpt = rcpt_replies(pf_port, ADDRESSES)
-    finally:
-        h.run([POSTFIX, "-c", pf, "stop"], timeout=60)
-        _edit_alternate_dirs(lambda dirs: [x for x in dirs if x != str(pf)])
-    p = make_postern(start=False)
-    prepare("debian", p.dir, ca, "postern", port=pt_port)
-    p.port = pt_port
-    p.start()
-    postern = postern_resolutions(p, ADDRESSES)
-    pt_rcpt = rcpt_replies(pt_port, ADDRESSES)
-    differences = []
-    for a in ADDRESSES:
-        for k in ("class", "transport", "nexthop", "recipient"):
-            if postfix[a][k].lower() != str(postern[a].get(k, "")).lower():
-                differences.append(f"{a}: {k}: Postfix {postfix[a][k]!r}, "
-                                   f"Postern {postern[a].get(k)!r}")
-        if pf_rcpt[a] != pt_rcpt[a]:
-            differences.append(f"{a}: RCPT: Postfix {pf_rcpt[a]!r}, Postern {pt_rcpt[a]!r}")
+    from test_resolve_vs_postfix import rcpt_replies
+
+    def probe(run):
+        return {"resolve": run.resolve(DEBIAN_ADDRESSES),
+                "rcpt": rcpt_replies(run.ports["smtp"], DEBIAN_ADDRESSES)}
+    _, pt, differences = compare("debian", work, ca, make_postern, probe)
     assert not differences, "\n".join(differences)
+    assert pt["rcpt"]["root@mx.debian.test"].startswith("250"), pt
 
 
 # -- each broken piece of the issue -------------------------------------------
