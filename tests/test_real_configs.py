@@ -29,6 +29,7 @@ import pytest
 import postern_harness as h
 from postfix_peer import POSTCONF as PF_POSTCONF
 from postfix_peer import POSTFIX, TestCA, _edit_alternate_dirs, postfix_available
+from dovecot import dovecot  # noqa: F401  (the fixture)
 
 STACKS = Path(__file__).parent / "data" / "stacks"
 
@@ -171,7 +172,9 @@ def prepare(stack, d, ca, mta, ports=None, settings=None, files=None, links=None
     for sub in ("queue", "data"):
         (d / sub).mkdir(exist_ok=True)
     texts = stack_texts(stack, placeholders(stack, d, ca) + list(subs))
-    local = dict(settings or {})
+    # {etc} and {dir} in a setting: this MTA's directories.
+    local = {k: v.replace("{etc}", str(etc)).replace("{dir}", str(d))
+             for k, v in (settings or {}).items()}
     local.update({
         "queue_directory": f"{d}/queue",
         "data_directory": f"{d}/data",
@@ -182,9 +185,11 @@ def prepare(stack, d, ca, mta, ports=None, settings=None, files=None, links=None
         local.update({"daemon_directory": str(h.BIN_DIR), "command_directory": str(h.BIN_DIR),
                       "mail_owner": h.MAIL_OWNER_WHEN_ROOT, "maillog_file": f"{d}/maillog"})
     else:
-        # Postfix logs to syslog: its maillog_file needs a postlog service,
-        # which not every stack's master.cf has.
         local.update({"mail_owner": "postfix", "daemon_directory": "/usr/lib/postfix/sbin"})
+        # Postfix's maillog_file needs a postlog service, which not every
+        # stack's master.cf has (else it logs to syslog).
+        if re.search(r"(?m)^postlog\s", texts["master.cf"]):
+            local.update({"maillog_file": f"{d}/maillog", "maillog_file_prefixes": str(d)})
     main = texts["main.cf"] + "\n# Filled in by tests/test_real_configs.py\n"
     for k, v in local.items():
         main = set_param(main, k, v)
@@ -311,8 +316,10 @@ class Running:
     def log_text(self):
         if self.mta == "postern":
             return self.postern.log_text()
-        r = h.run(["journalctl", "-q", "--no-pager", "-n", "200", "-t", "postfix"], timeout=30)
-        return r.stdout
+        try:
+            return (self.d / "maillog").read_text(errors="replace")
+        except OSError:
+            return ""
 
 
 def smtpd_port(ports, etc):
@@ -326,6 +333,14 @@ def smtpd_port(ports, etc):
     raise AssertionError("no inet smtpd service in master.cf")
 
 
+def probe_with_log(probe, run):
+    try:
+        return probe(run)
+    except (AssertionError, OSError, smtplib.SMTPException) as e:
+        raise AssertionError(f"{run.mta}: {e!r}\n--- its log ---\n{run.log_text()[-4000:]}") \
+            from e
+
+
 def run_on_stack(mta, stack, d, ca, make_postern, probe, **prep):
     """Starts `mta` on the stack's files (prepare(**prep)), returns
     probe(Running), and stops Postfix again (Postern: at teardown)."""
@@ -335,7 +350,7 @@ def run_on_stack(mta, stack, d, ca, make_postern, probe, **prep):
         etc = prepare(stack, p.dir, ca, "postern", ports=ports, **prep)
         p.port = smtpd_port(ports, etc)
         p.start()
-        return probe(Running("postern", p.dir, ports, postern=p))
+        return probe_with_log(probe, Running("postern", p.dir, ports, postern=p))
     etc = prepare(stack, d, ca, "postfix", ports=ports, **prep)
     r = h.run([PF_POSTCONF.replace("postconf", "postalias"), "-c", etc, f"hash:{etc}/aliases"])
     assert r.returncode == 0, h.describe(r)
@@ -347,7 +362,7 @@ def run_on_stack(mta, stack, d, ca, make_postern, probe, **prep):
         assert r.returncode == 0, h.describe(r)
         port = smtpd_port(ports, etc)
         h.wait_for(lambda: h.smtp_banner_ok(port), 20, what="Postfix's greeting")
-        return probe(Running("postfix", d, ports))
+        return probe_with_log(probe, Running("postfix", d, ports))
     finally:
         h.run([POSTFIX, "-c", etc, "stop"], timeout=60)
         _edit_alternate_dirs(lambda dirs: [x for x in dirs if x != str(etc)])
@@ -393,6 +408,142 @@ def test_debian_default_resolves_and_answers_as_postfix(work, ca, make_postern):
     _, pt, differences = compare("debian", work, ca, make_postern, probe)
     assert not differences, "\n".join(differences)
     assert pt["rcpt"]["root@mx.debian.test"].startswith("250"), pt
+
+
+def submission(port, login=None, sender="user@hosted.test", rcpt="someone@elsewhere.test"):
+    """The RCPT TO reply on a submission port after STARTTLS (and AUTH
+    PLAIN as `login` (user, password) if given); nothing is queued."""
+    import ssl
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.test")
+        c.starttls(context=ssl._create_unverified_context())
+        c.ehlo("client.test")
+        if login:
+            c.login(*login)
+        code, text = c.mail(sender)
+        if code != 250:
+            return f"MAIL {code} {text.decode()}"
+        code, text = c.rcpt(rcpt)
+        c.rset()
+        return f"{code} {text.decode()}"
+
+
+def submission_login_fails(port, login=("user@hosted.test", "wrong")):
+    """The reply to AUTH PLAIN with a wrong password after STARTTLS."""
+    import ssl
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.test")
+        c.starttls(context=ssl._create_unverified_context())
+        c.ehlo("client.test")
+        try:
+            c.login(*login)
+        except smtplib.SMTPAuthenticationError as e:
+            return f"{e.smtp_code} {e.smtp_error.decode()}"
+        return "accepted"
+
+
+def deliver(port, rcpt, token, sender=""):
+    """One message by SMTP; the reply to DATA (or to RCPT if refused)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+        c.ehlo("client.test")
+        code, text = c.mail(sender)
+        assert code == 250, (code, text)
+        code, text = c.rcpt(rcpt)
+        if code != 250:
+            return f"RCPT {code} {text.decode()}"
+        code, text = c.data(h.crlf(f"From: someone@client.test\nSubject: {token}\n\n{token}\n"))
+        return f"{code}"
+
+
+def delivered_to(maildir_root, token, timeout=60):
+    """Where (relative to maildir_root) the message with `token` landed,
+    and the Delivered-To header the delivery agent wrote."""
+    def find():
+        for f in Path(maildir_root).rglob("*"):
+            if f.is_file() and f.parent.name in ("new", "cur"):
+                data = f.read_bytes()
+                if token.encode() in data:
+                    return f, data
+        return None
+    f, data = h.wait_for(find, timeout, interval=0.2, what=f"a message with {token}")
+    return {"path": str(f.parent.relative_to(maildir_root)),
+            "delivered-to": h.header_values(data, "Delivered-To")}
+
+
+DMS_RESOLVE = ["user@hosted.test", "alias@hosted.test", "forward@hosted.test",
+               "nobody@hosted.test", "any@catchall.test", "user+tag@hosted.test",
+               "root@mail.hosted.test", "someone@elsewhere.test"]
+
+
+def test_docker_mailserver_hosted_domain_as_postfix(work, ca, make_postern, dovecot):
+    """docker-mailserver's main.cf and master.cf with what its start-up
+    scripts add for one account (user@hosted.test) and its
+    postfix-virtual.cf (an alias, a forward, a catch-all domain):
+    virtual_mailbox_maps = texthash:/etc/postfix/vmailbox and
+    virtual_transport = lmtp:unix:/var/run/dovecot/lmtp
+    (setup.d/postfix.sh), mynetworks emptied (PERMIT_DOCKER=none, the
+    default: setup.d/networking.sh), mua_sender_restrictions without the
+    login-mismatch check (SPOOF_PROTECTION=0, security/spoofing.sh),
+    myhostname/mydomain. Dovecot (tests/dovecot.py) is the stack's SASL
+    server (its socket at the stack's smtpd_sasl_path) and LMTP server.
+
+    A private Postfix and Postern on the same files: the same resolution
+    of each address, the same RCPT TO replies on port 25 (postscreen,
+    then smtpd; 127.0.0.1 is outside mynetworks), the same Maildir and
+    Delivered-To for a message to the alias (through Dovecot LMTP), and on
+    the submission port (STARTTLS required) the same reply to an
+    authenticated relay (accepted) and to an unauthenticated one
+    (refused)."""
+    from test_resolve_vs_postfix import rcpt_replies
+    dc = dovecot(users={"user@hosted.test": "secret"})
+    settings = {
+        "myhostname": "mail.hosted.test", "mydomain": "hosted.test",
+        "message_size_limit": "10240000", "mailbox_size_limit": "0",
+        "virtual_mailbox_limit": "0",
+        "virtual_mailbox_maps": "texthash:{etc}/vmailbox",
+        "virtual_transport": f"lmtp:unix:{dc.lmtp_socket}",
+        "mynetworks": "",
+        "mua_sender_restrictions": "$dms_smtpd_sender_restrictions",
+    }
+
+    def probe(run):
+        smtp, sub = run.ports["smtp"], run.ports["submission"]
+        token = f"dms-alias-{run.mta}"
+        return {
+            "resolve": run.resolve(DMS_RESOLVE),
+            # Null sender: reject_unknown_sender_domain needs DNS for any
+            # outside sender domain (tried once below).
+            "rcpt": rcpt_replies(smtp, ["user@hosted.test", "alias@hosted.test",
+                                        "forward@hosted.test", "any@catchall.test",
+                                        "nobody@hosted.test", "someone@elsewhere.test"],
+                                 sender=""),
+            "rcpt from a sender domain without DNS": rcpt_replies(
+                smtp, ["user@hosted.test"], sender="sender@nodns.test"),
+            "delivery": {"reply": deliver(smtp, "alias@hosted.test", token),
+                         **delivered_to(dc.home, token)},
+            "submission": {
+                "authenticated": submission(sub, login=("user@hosted.test", "secret")),
+                "unauthenticated": submission(sub),
+                "wrong password": submission_login_fails(sub),
+            },
+        }
+
+    pf, pt, differences = compare("docker-mailserver", work, ca, make_postern, probe,
+                                  settings=settings, links={"sasl-auth.sock": dc.auth_socket})
+    assert not differences, "\n".join(differences)
+    # And what both did is what the stack means (a build that refused or
+    # lost everything alike would not pass).
+    assert pt["resolve"]["user@hosted.test"]["class"] == "virtual", pt["resolve"]
+    rcpt = pt["rcpt"]
+    assert rcpt["user@hosted.test"].startswith("250") and rcpt["alias@hosted.test"].startswith("250")
+    assert rcpt["any@catchall.test"].startswith("250"), rcpt
+    assert rcpt["nobody@hosted.test"].startswith("550 5.1.1"), rcpt
+    # (smtpd_recipient_restrictions' reject_unauth_destination answers
+    # before the relay restrictions' defer_unauth_destination, in Postfix)
+    assert "Relay access denied" in rcpt["someone@elsewhere.test"], rcpt
+    assert pt["delivery"]["path"] == "user@hosted.test/Maildir/new", pt["delivery"]
+    assert pt["submission"]["authenticated"].startswith("250"), pt["submission"]
+    assert pt["submission"]["unauthenticated"].startswith("554 5.7.1"), pt["submission"]
 
 
 # -- each broken piece of the issue -------------------------------------------
