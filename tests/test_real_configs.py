@@ -47,6 +47,10 @@ def work():
     shutil.rmtree(d, ignore_errors=True)
 
 
+# iRedMail's AMAVISD_CONTENT_FILTER_ORIGINATING (conf/amavisd).
+IREDMAIL_ORIGINATING = "smtp-amavis:[127.0.0.1]:10026"
+
+
 def placeholders(stack, d, ca):
     """(old, new) text replacements for `stack`: paths into `d`, the test
     certificate, and the installer's template placeholders."""
@@ -91,7 +95,7 @@ def placeholders(stack, d, ca):
             "PH_STORAGE_BASE_DIR": f"{d}/vmail", "PH_HOSTNAME": "mx.iredmail.test",
             "PH_POSTFIX_DEFAULT_DB_TYPE": "hash", "PH_POSTFIX_FILE_ALIASES": f"{etc}/aliases",
             "PH_MESSAGE_SIZE_LIMIT_BYTES": "15728640",
-            "PH_AMAVISD_CONTENT_FILTER_ORIGINATING": "smtp-amavis:[127.0.0.1]:10026",
+            "PH_AMAVISD_CONTENT_FILTER_ORIGINATING": IREDMAIL_ORIGINATING,
             "PH_SYS_USER_VMAIL": "vmail", "PH_SYS_GROUP_VMAIL": "vmail",
             "PH_DOVECOT_DELIVER_BIN": "/usr/lib/dovecot/deliver",
             "PH_SYS_USER_MLMMJ": "mlmmj", "PH_SYS_GROUP_MLMMJ": "mlmmj",
@@ -99,6 +103,15 @@ def placeholders(stack, d, ca):
             "PH_MLMMJ_SPOOL_DIR": f"{d}/mlmmj", "PH_AMAVISD_MAX_SERVERS": "2",
             "PH_LOCAL_ADDRESS": "127.0.0.1", "PH_POSTFIX_MAIL_REINJECT_PORT": "10025",
             "PH_POSTFIX_MLMMJ_REINJECT_PORT": "10028", "PH_AMAVISD_MYNETWORKS": "127.0.0.0/8",
+            # The files its installer appends (main.cf.mysql, .postscreen,
+            # .dovecot, .amavisd) and the SQL client files it copies.
+            "PH_POSTFIX_LOOKUP_DIR": f"{etc}/mysql", "PH_SQL_SERVER_ADDRESS": "127.0.0.1",
+            "PH_SQL_SERVER_PORT": "3306", "PH_VMAIL_DB_BIND_USER": "vmail",
+            "PH_VMAIL_DB_BIND_PASSWD": "vmail-secret", "PH_VMAIL_DB_NAME": "vmail",
+            "PH_POSTSCREEN_FILE_DNSBL_REPLY": f"{etc}/postscreen_dnsbl_reply",
+            "PH_POSTSCREEN_FILE_ACCESS_CIDR": f"{etc}/postscreen_access.cidr",
+            "PH_DOVECOT_SASL_AUTH_SOCKET": "private/dovecot-auth", "PH_TRANSPORT": "dovecot",
+            "PH_SMTP_SERVER": "127.0.0.1", "PH_AMAVISD_ORIGINATING_PORT": "10026",
         }
         # Longest first: PH_SSL_CERT_DIR must not eat PH_SSL_CERT_FILE.
         return common + sorted(ph.items(), key=lambda kv: -len(kv[0]))
@@ -125,25 +138,64 @@ DATA_FILES = {
     "mailcow": {"sni.map": "", "custom_postscreen_whitelist.cidr": "", "postscreen_access.cidr": "",
                 "anonymize_headers.pcre": "", "custom_transport.pcre": "", "local_transport": "",
                 "allow_mailcow_local.regexp": "", "smtp_dsn_filter": ""},
-    "iredmail": {"header_checks.pcre": "", "body_checks.pcre": "", "command_filter.pcre": "",
-                 "helo_access.pcre": "", "sender_access.pcre": ""},
+    # iRedMail's installer copies its helo_access.pcre, command_filter.pcre
+    # and postscreen_access.cidr, creates the others empty, and adds
+    # aliases for nobody, vmail, root and amavis.
+    "iredmail": {"header_checks.pcre": "", "body_checks.pcre": "",
+                 "command_filter.pcre": STACKS / "iredmail" / "command_filter.pcre",
+                 "helo_access.pcre": STACKS / "iredmail" / "helo_access.pcre",
+                 "sender_access.pcre": "", "postscreen_dnsbl_reply": "",
+                 "postscreen_access.cidr": STACKS / "iredmail" / "postscreen_access.cidr",
+                 "aliases": "postmaster: root\nabuse: root\nnobody: root\nvmail: root\n"
+                            "root: postmaster@ired.test\namavis: root\n"},
 }
+
+
+# What iRedMail's installer appends to its main.cf, in its order
+# (functions/postfix.sh, dovecot.sh, amavisd.sh, mlmmj.sh).
+IREDMAIL_MAIN_PARTS = ("main.cf.mysql", "main.cf.postscreen", "main.cf.dovecot",
+                       "main.cf.amavisd", "main.cf.mlmmj")
+# What the installers set with `postconf -e` (both MTAs alike).
+INSTALLER_SETTINGS = {"iredmail": {"compatibility_level": "3.6"}}
 
 
 def stack_texts(stack, subs):
     """The stack's main.cf and master.cf as its installer composes them,
-    placeholders filled. iRedMail's installer appends its master.cf to the
-    distribution's (functions/postfix.sh: `cat .../master.cf >>
-    ${POSTFIX_FILE_MASTER_CF}`): Debian's stock master.cf comes first."""
+    placeholders filled (`subs` first, then the stack's placeholders).
+
+    iRedMail's installer (functions/postfix.sh) starts from the
+    distribution's master.cf (Debian's stock one here) and appends its own;
+    appends main.cf.mysql, .postscreen, .dovecot, .amavisd and .mlmmj to its
+    main.cf; switches port 25 to postscreen (comments `smtp inet ... smtpd`
+    out, uncomments the postscreen, `smtpd pass`, dnsblog and tlsproxy
+    lines); sets every service's chroot column to n; and gives pickup
+    `-o content_filter=` the originating amavis port."""
     texts = {}
     for name in ("main.cf", "master.cf"):
         t = (STACKS / stack / name).read_text()
+        if stack == "iredmail" and name == "main.cf":
+            t += "".join((STACKS / stack / part).read_text() for part in IREDMAIL_MAIN_PARTS)
         if stack == "iredmail" and name == "master.cf":
-            t = (STACKS / "debian" / "master.cf").read_text() + t
+            t = iredmail_master_cf((STACKS / "debian" / "master.cf").read_text()) + t
         for old, new in subs:
             t = t.replace(old, new)
         texts[name] = t
+    if stack == "iredmail":
+        m = texts["master.cf"]
+        m = re.sub(r"(?m)^([0-9a-zA-Z]\S*\s+\S+\s+\S+\s+\S+\s+)\S+(?=\s)", r"\1n", m)
+        m = re.sub(r"(?m)^(pickup\s.*)$", rf"\1\n  -o content_filter={IREDMAIL_ORIGINATING}",
+                   m, count=1)
+        texts["master.cf"] = m
     return texts
+
+
+def iredmail_master_cf(text):
+    """Debian's master.cf as iRedMail's postfix_config_postscreen leaves it."""
+    text = re.sub(r"(?m)^(smtp .*inet.*smtpd)$", r"#\1", text)
+    for rx in (r"smtpd.*pass.*smtpd", r"smtp *.*inet.*postscreen", r"tlsproxy.*unix.*tlsproxy",
+               r"dnsblog.*unix.*dnsblog"):
+        text = re.sub(rf"(?m)^#({rx})$", r"\1", text)
+    return text
 
 
 def set_param(main, name, value):
@@ -171,10 +223,10 @@ def prepare(stack, d, ca, mta, ports=None, settings=None, files=None, links=None
     etc.mkdir(parents=True, exist_ok=True)
     for sub in ("queue", "data"):
         (d / sub).mkdir(exist_ok=True)
-    texts = stack_texts(stack, placeholders(stack, d, ca) + list(subs))
+    texts = stack_texts(stack, list(subs) + placeholders(stack, d, ca))
     # {etc} and {dir} in a setting: this MTA's directories.
     local = {k: v.replace("{etc}", str(etc)).replace("{dir}", str(d))
-             for k, v in (settings or {}).items()}
+             for k, v in {**INSTALLER_SETTINGS.get(stack, {}), **(settings or {})}.items()}
     local.update({
         "queue_directory": f"{d}/queue",
         "data_directory": f"{d}/data",
@@ -211,7 +263,19 @@ def prepare(stack, d, ca, mta, ports=None, settings=None, files=None, links=None
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("hosts = 127.0.0.1\nuser = mail\npassword = secret\ndbname = mail\n"
                      "query = SELECT 1 WHERE '%s' = ''\n")
+    # The SQL client files the installer copies (iRedMail: samples/postfix/
+    # mysql/*.cf into /etc/postfix/mysql), placeholders filled.
+    if (STACKS / stack / "mysql").is_dir():
+        allsubs = list(subs) + placeholders(stack, d, ca)
+        for src in sorted((STACKS / stack / "mysql").glob("*.cf")):
+            text = src.read_text()
+            for old, new in allsubs:
+                text = text.replace(old, new)
+            (etc / "mysql").mkdir(exist_ok=True)
+            (etc / "mysql" / src.name).write_text(text)
     for rel, text in {**DATA_FILES.get(stack, {}), **(files or {})}.items():
+        if isinstance(text, Path):
+            text = text.read_text()
         p = etc / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
