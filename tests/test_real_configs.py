@@ -1,15 +1,24 @@
 """Real Postfix configurations (issue #27): the main.cf and master.cf of
 public mail stacks, as their projects ship them (tests/data/stacks/NAME/,
-see each README), with only paths and template placeholders filled in.
+see each README), with only paths, ports and template placeholders filled
+in, composed as each stack's installer composes them (stack_texts) and
+with the settings its installer or start-up scripts add.
 
 - ``postern check`` passes where Postfix's ``postfix check`` passes, and
-  where the stack needs what Postern lacks (milters, content filters,
-  policy services, SQL tables, ...) it fails, naming each with its file
-  and line;
+  where the stack needs what Postern lacks it fails (and ``postern start``
+  with it), naming each with its file and line: mailcow needs milters
+  (issue #21, not built), so Postern refuses to start it and it is not
+  compared any further;
 - Postern's ``postconf -n`` warns about no parameter Postfix's own
   postconf knows;
-- with Debian's default files, Postern and a private Postfix resolve and
-  answer RCPT TO alike for its hosted names and aliases;
+- Debian's default, docker-mailserver and iRedMail are each given to a
+  private Postfix and to Postern (compare(): the same probe on each):
+  the same resolution of each address (Postfix's trivial-rewrite asked
+  directly), the same RCPT TO replies; for docker-mailserver and iRedMail
+  also the same delivery of a message to an alias (to the same Maildir,
+  through Dovecot LMTP; iRedMail's through amavisd-new and its SQL
+  tables in MariaDB) and the same submission replies (Dovecot SASL) with
+  and without authentication;
 - each broken piece of the issue fails ``postern check`` with a one-line
   reason, and the pieces that used to be misread now mean what they mean
   in Postfix (a hyphenated per-service name, a ``/file/name`` or
@@ -304,6 +313,9 @@ def ca(work):
 NEEDS = {
     "debian": [],
     "docker-mailserver": [],
+    # mailcow's rspamd and its own milters are smtpd_milters (issue #21:
+    # the Milter protocol is not built), and it sends postscreen's clients
+    # through HAProxy's PROXY protocol.
     "mailcow": [
         "smtpd_milters: not honoured by Postern: Milter protocol is not offered",
         "-o smtpd_upstream_proxy_protocol: not honoured by Postern",
@@ -332,6 +344,10 @@ def test_postern_check_passes_where_postfix_check_passes(stack, work, ca):
     for l in errors:
         # One line each, with its file and line.
         assert re.search(r"/(main|master)\.cf(, line \d+)?: ", l), l
+    # Nor does it start (mailcow: its milters, issue #21).
+    r = h.run([h.BIN_DIR / "postern", "-c", pt, "start"], timeout=120)
+    assert r.returncode != 0, h.describe(r)
+    assert all(want in r.stderr for want in NEEDS[stack]), h.describe(r)
 
 
 @pytest.mark.parametrize("stack", sorted(NEEDS))
