@@ -132,6 +132,9 @@ impl Restrictions {
             },
             "reject_unknown_sender_domain" => Self::unknown_sender_domain(req),
             "reject_unknown_recipient_domain" => self.unknown_recipient_domain(req),
+            "reject_unverified_recipient" | "reject_unverified_sender" => {
+                self.unverified(item, req)
+            }
             "reject_unknown_client_hostname" | "reject_unknown_client" => {
                 self.unknown_client(req, req.name_status, "hostname")
             }

@@ -252,6 +252,12 @@ pub struct Session {
     sleep: crate::restrictions::Pause,
     /// Held by a `sleep`: the loop resumes the session after the hold.
     sleeping: bool,
+    /// The address `reject_unverified_*` wants the verify service's
+    /// answer for (see [`Session::await_verify`]).
+    verify_wanted: std::cell::RefCell<Option<String>>,
+    /// The command runs again with a verify answer: rate limits were
+    /// counted the first time.
+    verify_rerun: bool,
     /// defer_if_permit / defer_if_reject raised by the connect, HELO and
     /// MAIL checks (`smtpd_delay_reject = no`).
     defers: crate::restrictions::Defers,
@@ -327,6 +333,8 @@ impl Session {
             starttls_pending: false,
             ehlo_discard: Vec::new(),
             client_cert: None,
+            verify_wanted: Default::default(),
+            verify_rerun: false,
             defers: Default::default(),
             defer_permit_client: None,
             defer_permit_helo: None,
@@ -643,6 +651,9 @@ impl Session {
             Done::Ok => self.count_ok(verb),
             Done::Failed => self.error_count += 1,
             Done::Pending => {}
+        }
+        if !matches!(self.state, State::WaitDns(_)) {
+            self.forget_verify_answers();
         }
         if verb.is_junk() {
             if self.junk > JUNK_COMMAND_LIMIT {
