@@ -255,3 +255,28 @@ def test_same_replies_as_postfix(make_postern, far, name):
         pf.stop()
     assert ours == theirs, f"Postern: {ours}\nPostfix: {theirs}\n{log[-3000:]}"
     assert far.messages() == []
+
+
+def test_policy_asked_once_and_prepend_added_once(make_postern, far):
+    """A policy server before reject_unverified_recipient is asked once per
+    RCPT, as in Postfix (Postern's smtpd runs the command again once the
+    verify answer is in), and its PREPEND header is added once."""
+    from test_policy_service import PolicyServer
+    policy = PolicyServer(lambda attrs: "PREPEND X-Policy: seen"
+                          if attrs.get("protocol_state") == "RCPT" else "DUNNO")
+    try:
+        p = postern_front(make_postern, far, smtpd_recipient_restrictions=(
+            f"permit_mynetworks, check_policy_service inet:127.0.0.1:{policy.port}, "
+            "reject_unverified_recipient, reject_unauth_destination"))
+        token = f"policy-once-{time.time_ns()}"
+        with smtplib.SMTP("127.0.0.1", p.port, timeout=60, source_address=CLIENT) as s:
+            s.ehlo("client.example")
+            code, _ = h.smtp_transaction(s, "sender@client.test", [KNOWN],
+                                         h.crlf(f"Subject: {token}\n\nhello\n"))
+        assert code == 250, p.log_tail()
+        [(_, raw)] = far.wait_for(token)
+        assert raw.count(b"X-Policy: seen") == 1, raw[:600]
+        rcpt_requests = [r for r in policy.requests if r.get("protocol_state") == "RCPT"]
+        assert len(rcpt_requests) == 1, policy.requests
+    finally:
+        policy.stop()

@@ -161,6 +161,10 @@ pub struct Request<'a> {
     /// and runs the command again (None: no asking; such a check has no
     /// opinion).
     pub verify: Option<&'a std::cell::RefCell<Option<String>>>,
+    /// Policy servers' answers in this command, by request: a command
+    /// run again (after a verify answer or a `sleep`) does not ask the
+    /// same question twice, as Postfix, which runs the lists once.
+    pub policy_memo: Option<&'a std::cell::RefCell<Vec<(String, String)>>>,
 }
 
 impl Request<'_> {

@@ -258,6 +258,12 @@ pub struct Session {
     /// The command runs again with a verify answer: rate limits were
     /// counted the first time.
     verify_rerun: bool,
+    /// How many PREPEND headers there were before the command: those its
+    /// first run added are added again when it runs again.
+    prepend_mark: usize,
+    /// Policy servers' answers within the command being run (see
+    /// [`crate::restrictions::Request::policy_memo`]).
+    policy_memo: std::cell::RefCell<Vec<(String, String)>>,
     /// defer_if_permit / defer_if_reject raised by the connect, HELO and
     /// MAIL checks (`smtpd_delay_reject = no`).
     defers: crate::restrictions::Defers,
@@ -335,6 +341,8 @@ impl Session {
             client_cert: None,
             verify_wanted: Default::default(),
             verify_rerun: false,
+            prepend_mark: 0,
+            policy_memo: Default::default(),
             defers: Default::default(),
             defer_permit_client: None,
             defer_permit_helo: None,
@@ -563,6 +571,9 @@ impl Session {
 
     fn command(&mut self, line: &[u8]) {
         self.current_line = line.to_vec();
+        if !self.verify_rerun {
+            self.prepend_mark = self.access_prepend.borrow().len();
+        }
         if line.contains(&0) {
             self.unknown_command("500 5.5.2 Error: bad syntax");
             return;
@@ -653,7 +664,7 @@ impl Session {
             Done::Pending => {}
         }
         if !matches!(self.state, State::WaitDns(_)) {
-            self.forget_verify_answers();
+            self.command_done();
         }
         if verb.is_junk() {
             if self.junk > JUNK_COMMAND_LIMIT {

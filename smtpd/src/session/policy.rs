@@ -113,6 +113,9 @@ impl Session {
         self.sleep.seen.set(0);
         self.sleep.secs.set(0);
         self.verify_rerun = true;
+        // Its first run's PREPEND headers come again.
+        let mark = self.prepend_mark;
+        self.access_prepend.borrow_mut().truncate(mark);
         let asked = self.await_dns(vec![Query::Verify(address)], verb);
         if !asked {
             // An answer is in already (cannot happen: the check asks only
@@ -123,9 +126,11 @@ impl Session {
     }
 
     /// The command is done: a later command asks the verify service
-    /// again (its answer may have changed: a probe came back).
-    pub(super) fn forget_verify_answers(&mut self) {
+    /// again (its answer may have changed: a probe came back), and policy
+    /// servers again.
+    pub(super) fn command_done(&mut self) {
         self.verify_rerun = false;
+        self.policy_memo.borrow_mut().clear();
         self.verify_wanted.replace(None);
         self.dns.retain(|q, _| !matches!(q, Query::Verify(_)));
     }
@@ -204,6 +209,7 @@ impl Session {
             pause: Some(&self.sleep),
             client_cert: self.client_cert.as_ref(),
             verify: Some(&self.verify_wanted),
+            policy_memo: Some(&self.policy_memo),
         }
     }
 
