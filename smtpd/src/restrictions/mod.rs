@@ -30,7 +30,9 @@
 //! `reject_unknown_sender_domain`, `reject_unknown_recipient_domain` and
 //! `reject_rbl_client`, `permit_dnswl_client`, `reject_rhsbl_*` and
 //! `permit_rhswl_client`, which read answers the session fetched first
-//! ([`Restrictions::dns_needed`], [`crate::dns`]); `check_sasl_access`,
+//! ([`Restrictions::dns_needed`], [`crate::dns`]);
+//! `reject_unverified_recipient` and `reject_unverified_sender`, with the
+//! verify service's answer (`unverified`); `check_sasl_access`,
 //! `warn_if_reject`, and the lists of `smtpd_restriction_classes` by
 //! name. Every list is parsed at start by `postern_common::restriction`
 //! (the grammar `postern check` uses too): an unknown name, a missing
