@@ -224,6 +224,13 @@ def test_postern_check_accepts_it(make_postern, far):
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
     assert "unverified" not in r.stdout + r.stderr, h.describe(r)
+    # Without a verify service in master.cf: a warning naming the list.
+    p = make_postern(start=False, params=front_params(far))
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)
+    assert re.search(r"warning: .*main\.cf, line \d+: smtpd_recipient_restrictions: "
+                     r"reject_unverified_\*: no verify service in master\.cf", r.stderr), \
+        h.describe(r)
 
 
 # -- the same scenarios against a private Postfix as the front -------------
