@@ -14,7 +14,18 @@ impl Restrictions {
                 warn_only = true;
                 continue;
             }
-            let mut v = self.eval_one(item, stage, req);
+            let mut v = if warn_only && item.name.starts_with("reject_unverified_") {
+                // Postfix's DEFER_IF_PERMIT under warn_if_reject: the
+                // reply is logged as a reject_warning, never raised as
+                // defer_if_permit.
+                let plain = Request {
+                    defers: None,
+                    ..req.clone()
+                };
+                self.eval_one(item, stage, &plain)
+            } else {
+                self.eval_one(item, stage, req)
+            };
             let warned = warn_only;
             if let (false, Some(d)) = (warned, req.defers) {
                 v = d.soften(v);

@@ -505,6 +505,15 @@ fn reject_unverified_recipient_asks_then_answers_as_postfix() {
              host x said: 550 5.1.1 no such user"
         )
     );
+    // warn_if_reject: only logged, never a defer_if_permit.
+    let warn = r(
+        DEFAULT,
+        "warn_if_reject, reject_unverified_recipient, reject_unauth_destination",
+    );
+    assert_eq!(
+        answer(&warn, Answer::Verify(Ok((Status::Bounce, why.into())))),
+        None
+    );
     // A client permit_mynetworks lets through is never asked about.
     let wanted = std::cell::RefCell::new(None);
     let trusted = Request {
