@@ -246,6 +246,27 @@ SCENARIOS = {
                     [KNOWN, KNOWN], 3),
     "sender": ({"smtpd_sender_restrictions": "reject_unverified_sender"},
                f"nosender@{pp.DOMAIN}", [KNOWN], 0),
+    # Checked at MAIL FROM itself.
+    "sender-no-delay-reject": ({"smtpd_sender_restrictions": "reject_unverified_sender",
+                                "smtpd_delay_reject": "no",
+                                "unverified_sender_reject_code": "550"},
+                               f"nosender@{pp.DOMAIN}", [KNOWN], 0),
+    # warn_if_reject: logged, and the recipient accepted.
+    "warn-if-reject": ({"smtpd_recipient_restrictions":
+                        "warn_if_reject, reject_unverified_recipient, reject_unauth_destination"},
+                       "sender@client.test", [f"nobody@{pp.DOMAIN}"], 0),
+}
+
+
+# The reply codes each scenario gives (MAIL FROM's when it is refused).
+CODES = {
+    "default": [250, 450],
+    "reject-code-550": [550, 250],
+    "reject-reason": [550],
+    "in-progress": [450, 250],
+    "sender": [450],
+    "sender-no-delay-reject": [550],
+    "warn-if-reject": [250],
 }
 
 
@@ -261,6 +282,7 @@ def test_same_replies_as_postfix(make_postern, far, name):
         log = pf.log_text()
         pf.stop()
     assert ours == theirs, f"Postern: {ours}\nPostfix: {theirs}\n{log[-3000:]}"
+    assert [c for c, _ in ours] == CODES[name], ours
     assert far.messages() == []
 
 
