@@ -217,13 +217,23 @@ def test_verify_service_unavailable(make_postern, far):
                                  "address verification problem"), p3.log_tail()
 
 
-def test_postern_check_accepts_it(make_postern, far):
+def test_postern_check_accepts_it_but_not_after_the_final_dot(make_postern, far):
     p = make_postern(start=False, params=front_params(
         far, smtpd_sender_restrictions="reject_unverified_sender"),
         master_cf_extra=(VERIFY_LINE,))
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
     assert "unverified" not in r.stdout + r.stderr, h.describe(r)
+    # After the final dot there is no command to wait at: refused, never
+    # passed over.
+    p = make_postern(start=False, params=front_params(
+        far, smtpd_end_of_data_restrictions="reject_unverified_sender"),
+        master_cf_extra=(VERIFY_LINE,))
+    for cmd in ("check", "start"):
+        r = p.postern(cmd)
+        assert r.returncode != 0, h.describe(r)
+        assert re.search(r"smtpd_end_of_data_restrictions: reject_unverified_sender: "
+                         r"not carried out after the final dot", r.stderr), h.describe(r)
     # Without a verify service in master.cf: a warning naming the list.
     p = make_postern(start=False, params=front_params(far))
     r = p.postern("check")

@@ -324,6 +324,40 @@ pub fn class_loop(cfg: &Config) -> Option<String> {
     None
 }
 
+/// Restrictions smtpd carries out everywhere but after the final dot:
+/// the verify service's answer is waited for at a command, and there is
+/// none to wait at then.
+const NOT_AT_END_OF_DATA: &[&str] = &["reject_unverified_sender", "reject_unverified_recipient"];
+
+/// `smtpd_end_of_data_restrictions` (or a restriction class it names)
+/// with a restriction smtpd does not carry out there; refused rather
+/// than quietly passed over. Call only when there is no class loop.
+pub fn end_of_data_problem(cfg: &Config) -> Option<String> {
+    let classes = classes(cfg);
+    let mut todo = vec!["smtpd_end_of_data_restrictions".to_string()];
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(list) = todo.pop() {
+        if seen.contains(&list) {
+            continue;
+        }
+        for w in words(&cfg.get(&list)) {
+            let name = w.to_ascii_lowercase();
+            if NOT_AT_END_OF_DATA.contains(&name.as_str()) {
+                return Some(format!(
+                    "{name}: not carried out after the final dot (use it in \
+                     smtpd_sender_restrictions, smtpd_recipient_restrictions or \
+                     smtpd_data_restrictions)"
+                ));
+            }
+            if classes.contains(&w) {
+                todo.push(w);
+            }
+        }
+        seen.push(list);
+    }
+    None
+}
+
 /// Every restriction list of `cfg` (its main.cf with any `-o` overrides
 /// applied) and of its restriction classes, parsed; Err((parameter,
 /// reason)) for each list that fails.
@@ -341,6 +375,8 @@ pub fn check_config(cfg: &Config) -> Vec<(String, String)> {
     }
     if let Some(c) = class_loop(cfg) {
         out.push((c, "the restriction class refers to itself".into()));
+    } else if let Some(e) = end_of_data_problem(cfg) {
+        out.push(("smtpd_end_of_data_restrictions".into(), e));
     }
     // Client certificate fingerprints are made with a digest Postern has.
     if cfg.get_bool("smtpd_tls_ask_ccert").unwrap_or(false) {
@@ -380,7 +416,30 @@ mod tests {
             parse_list(&w("permit_mynetworks reject_bogus"), &[]).unwrap_err(),
             "reject_bogus: unknown restriction"
         );
-        // Carried out by smtpd with the verify(8) service.
+        // Carried out by smtpd with the verify(8) service, but not after
+        // the final dot.
+        let cfg = |text: &str| {
+            Config::from_text(
+                std::path::Path::new("/nonexistent"),
+                text,
+                std::path::Path::new("main.cf"),
+            )
+            .unwrap()
+        };
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_end_of_data_restrictions = reject_unverified_sender\n"
+        ))
+        .unwrap()
+        .contains("not carried out after the final dot"));
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_restriction_classes = c\nc = reject_unverified_recipient\n\
+             smtpd_end_of_data_restrictions = c\n"
+        ))
+        .is_some());
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_sender_restrictions = reject_unverified_sender\n"
+        ))
+        .is_none());
         assert!(parse_list(
             &w("reject_unverified_recipient reject_unverified_sender"),
             &[]

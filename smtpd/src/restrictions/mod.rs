@@ -344,6 +344,9 @@ impl Restrictions {
         if let Some(c) = restriction::class_loop(cfg) {
             return Err(format!("{c}: the restriction class refers to itself"));
         }
+        if let Some(e) = restriction::end_of_data_problem(cfg) {
+            return Err(format!("smtpd_end_of_data_restrictions: {e}"));
+        }
         for c in &class_names {
             let l = list(cfg, c, &class_names)?;
             r.classes.insert(c.clone(), l);
@@ -617,7 +620,8 @@ impl Restrictions {
         }
         let defers = defer_flags::Defers::default();
         // No pause after the final dot: sleep is a no-op there, and
-        // reject_unverified_* has no answer to wait for (no opinion).
+        // reject_unverified_* (refused in this list at start) has no
+        // answer to wait for.
         let req = &Request {
             defers: Some(&defers),
             pause: None,
