@@ -313,3 +313,35 @@ def test_tls_required_no_relaxes_a_failing_policy(
     assert "named_attribute: requiretls=yes" in text and "tls_required" not in text, text
     time.sleep(1)
     assert all(ignored not in postcat(far, q) for q in queued_ids(far))
+
+
+def test_forwarding_by_alias_keeps_requiretls(make_postern, test_ca, far_dns, local_users):
+    # local forwards the message to a remote alias target: the copy keeps
+    # REQUIRETLS, so at level may it does not leave (5.7.10), and at level
+    # secure the next hop gets it tagged.
+    far = receiver(make_postern, test_ca)
+    for level in ("may", "secure"):
+        p = make_postern({**tls_server(test_ca), "mynetworks": "127.0.0.0/8",
+                          "dns_resolver_addresses": f"127.0.0.1:{far_dns.port}",
+                          "relayhost": f"[mx.far.test]:{far.port}",
+                          "smtp_tls_security_level": level,
+                          "smtp_tls_CAfile": str(test_ca.ca_file)}, start=False)
+        p.write_file("etc/aliases", "postmaster: root\nrtlsfwd: user@far.test\n")
+        p.start()
+        token = new_token()
+        with p.smtp() as s:
+            s.ehlo("client.example")
+            s.starttls(context=no_verify())
+            s.ehlo("client.example")
+            assert s.sendmail(SENDER, ["rtlsfwd@postern.test"], message(token),
+                              mail_options=["REQUIRETLS"]) == {}
+        p.wait_for_log(r"to=<rtlsfwd@postern\.test>, .*status=sent \(forwarded as ")
+        if level == "may":
+            p.wait_for_log(r"to=<user@far\.test>, orig_to=<rtlsfwd@postern\.test>, .*dsn=5\.7\.10, "
+                           r"status=bounced|to=<user@far\.test>, .*dsn=5\.7\.10, status=bounced")
+        else:
+            p.wait_for_log(r"to=<user@far\.test>, .*status=sent")
+            h.wait_for(lambda: queued_ids(far), timeout=30, what="the copy at the next hop")
+            (qid,) = queued_ids(far)
+            text = postcat(far, qid)
+            assert token in text and "named_attribute: requiretls=yes" in text, text

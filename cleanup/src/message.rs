@@ -312,7 +312,11 @@ impl<'a> Message<'a> {
             // then (write_head).
             // TLS-Required is cleanup's own reading of the header.
             let later = [qfile::attr::SMTPUTF8, qfile::attr::TLS_REQUIRED];
-            for (n, v) in new.attrs.iter().filter(|(n, _)| !later.contains(&n.as_str())) {
+            for (n, v) in new
+                .attrs
+                .iter()
+                .filter(|(n, _)| !later.contains(&n.as_str()))
+            {
                 w.attribute(n, v)?;
             }
             Ok::<(), io::Error>(())
