@@ -119,5 +119,13 @@ mod tests {
             .read_reply(&mut &b"250-x\r\n250 size\r\n"[..])
             .unwrap();
         assert_eq!(Extensions::parse(&r).size, Some(0));
+        assert!(!Extensions::parse(&r).requiretls);
+        let r = LineReader::new()
+            .read_reply(&mut &b"250-x\r\n250 RequireTLS\r\n"[..])
+            .unwrap();
+        let mut e = Extensions::parse(&r);
+        assert!(e.requiretls);
+        assert_eq!(e.discard(&["requiretls".into()]), vec!["REQUIRETLS"]);
+        assert!(!e.requiretls);
     }
 }
