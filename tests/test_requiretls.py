@@ -147,12 +147,16 @@ def _listening(port):
 # Postern as the receiver
 
 
-def test_requiretls_offered_and_taken_only_over_tls(make_postern, test_ca):
+def test_requiretls_offered_and_taken_only_over_tls(make_postern, test_ca,
+                                                    postfix_peer):  # noqa: F811
     p = make_postern(tls_server(test_ca))
     features, code, text = raw_ehlo_and_mail(p.port)
     assert "requiretls" not in features and "starttls" in features, features
-    # In clear text the parameter is unknown, as any other not offered.
+    # In clear text the parameter is unknown, as any other not offered:
+    # the reply Postfix 3.7 (no REQUIRETLS at all) gives.
     assert (code, text) == (555, "5.5.4 Unsupported option: REQUIRETLS"), (code, text)
+    pf = postfix_peer(tls=test_ca)
+    assert raw_ehlo_and_mail(pf.port)[1:] == (code, text)
 
     features, code, text = raw_ehlo_and_mail(p.port, starttls=True)
     assert "requiretls" in features, features
