@@ -310,7 +310,13 @@ impl<'a> Message<'a> {
             w.sender(&new.sender)?;
             // The SMTPUTF8 flags are known only with the headers: written
             // then (write_head).
-            for (n, v) in new.attrs.iter().filter(|(n, _)| n != qfile::attr::SMTPUTF8) {
+            // TLS-Required is cleanup's own reading of the header.
+            let later = [qfile::attr::SMTPUTF8, qfile::attr::TLS_REQUIRED];
+            for (n, v) in new
+                .attrs
+                .iter()
+                .filter(|(n, _)| !later.contains(&n.as_str()))
+            {
                 w.attribute(n, v)?;
             }
             Ok::<(), io::Error>(())
@@ -660,6 +666,23 @@ impl<'a> Message<'a> {
         added
     }
 
+    /// RFC 8689 section 5: `TLS-Required: No` in the header section of a
+    /// message without REQUIRETLS asks that the recipient's TLS policy
+    /// (DANE, MTA-STS, a `secure` level) not stop its delivery; with
+    /// REQUIRETLS the header is ignored.
+    fn tls_optional(&self) -> bool {
+        let requiretls = self
+            .new
+            .attrs
+            .iter()
+            .any(|(n, _)| n == qfile::attr::REQUIRETLS);
+        !requiretls
+            && self
+                .headers
+                .iter()
+                .any(|h| h.is("tls-required") && h.value().eq_ignore_ascii_case("no"))
+    }
+
     /// Mail from sendmail (through pickup) gets Postfix's trace header:
     /// Received: by HOST (Postern, from userid N) id ID; DATE.
     fn received_header(&self) -> Option<String> {
@@ -695,6 +718,7 @@ impl<'a> Message<'a> {
     ) -> io::Result<Option<Vec<u8>>> {
         let drop = &self.settings.drop_headers;
         let utf8 = self.smtputf8_flags(added);
+        let tls_optional = self.tls_optional();
         let w = self
             .writer
             .as_mut()
@@ -704,6 +728,9 @@ impl<'a> Message<'a> {
         }
         if let Some(f) = &self.filter {
             w.attribute(qfile::attr::FILTER, f)?;
+        }
+        if tls_optional {
+            w.attribute(qfile::attr::TLS_REQUIRED, "no")?;
         }
         for r in &self.new.recipients {
             w.recipient(r)?;

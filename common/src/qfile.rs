@@ -106,6 +106,16 @@ pub mod attr {
     /// `trace_flags` record with `DEL_REQ_FLAG_MTA_VRFY`), see
     /// [`crate::verify`].
     pub const TRACE_FLAGS: &str = "trace_flags";
+    /// `yes`: the message came with MAIL FROM's REQUIRETLS (RFC 8689):
+    /// it goes on only over authenticated TLS to a server that offers
+    /// REQUIRETLS, and its non-delivery notices return headers only.
+    /// Recorded by smtpd (over TLS only); never from sendmail/pickup.
+    pub const REQUIRETLS: &str = "requiretls";
+    /// `no`: the message has a `TLS-Required: No` header and no
+    /// REQUIRETLS (RFC 8689 section 5): its delivery ignores the TLS
+    /// policy that would refuse it (level `may` instead). Recorded by
+    /// cleanup from the header.
+    pub const TLS_REQUIRED: &str = "tls_required";
 }
 
 /// One envelope recipient.

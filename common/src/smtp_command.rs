@@ -280,6 +280,8 @@ pub struct Offered {
     pub auth: bool,
     /// `SMTPUTF8` (RFC 6531).
     pub smtputf8: bool,
+    /// `REQUIRETLS` (RFC 8689): only over TLS, where EHLO announced it.
+    pub requiretls: bool,
 }
 
 /// What the parameters of MAIL FROM said.
@@ -295,6 +297,9 @@ pub struct MailOptions {
     pub auth: Option<String>,
     /// `SMTPUTF8`: the envelope or headers may hold UTF-8 (RFC 6531).
     pub smtputf8: bool,
+    /// `REQUIRETLS`: the message goes on only over authenticated TLS
+    /// (RFC 8689).
+    pub requiretls: bool,
 }
 
 /// What the parameters of RCPT TO said.
@@ -377,6 +382,8 @@ pub fn mail_params(words: &[&str], offered: Offered) -> Result<MailOptions, Para
             }
         } else if offered.smtputf8 && w.eq_ignore_ascii_case("SMTPUTF8") {
             o.smtputf8 = true;
+        } else if offered.requiretls && w.eq_ignore_ascii_case("REQUIRETLS") {
+            o.requiretls = true;
         } else {
             return Err(ParamError::Unsupported(w.to_string()));
         }
@@ -560,12 +567,17 @@ mod tests {
             refused("BODY=BINARYMIME", none),
             "555 5.5.4 Unsupported option: BODY=BINARYMIME"
         );
+        assert_eq!(
+            refused("REQUIRETLS", none),
+            "555 5.5.4 Unsupported option: REQUIRETLS"
+        );
         let all = Offered {
             auth: true,
             smtputf8: true,
+            requiretls: true,
         };
-        let o = mail_params(&["AUTH=<>", "smtputf8"], all).unwrap();
-        assert!(o.smtputf8 && o.auth.as_deref() == Some("<>"));
+        let o = mail_params(&["AUTH=<>", "smtputf8", "requiretls"], all).unwrap();
+        assert!(o.smtputf8 && o.auth.as_deref() == Some("<>") && o.requiretls);
         assert_eq!(
             refused("AUTH=a+zz", all),
             "501 5.5.4 Syntax error in AUTH parameter"

@@ -230,6 +230,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ),
     ("strict_smtputf8", "no"),
     ("smtputf8_autodetect_classes", "sendmail, verify"),
+    // Postern-only (Postfix has no REQUIRETLS): smtpd offers RFC 8689's
+    // REQUIRETLS in EHLO over TLS and takes MAIL FROM's REQUIRETLS there;
+    // the smtp client then delivers such a message only over
+    // authenticated TLS to a server that offers REQUIRETLS.
+    ("smtpd_requiretls_enable", "yes"),
     // cleanup. `cleanup_service_name`: the cleanup service smtpd, pickup
     // and local's forwarding submit to (a master.cf `-o` may name a second
     // one, such as submission's header-scrubbing cleanup).

@@ -860,8 +860,13 @@ impl Agent {
             })
             .collect();
         // Before the content: reading the envelope moves the file position.
-        let smtputf8 = postern_common::qfile::read_envelope(&job.file)
-            .is_ok_and(|env| postern_common::smtputf8::Flags::of_envelope(&env).requested);
+        let env = postern_common::qfile::read_envelope(&job.file).ok();
+        let smtputf8 = env
+            .as_ref()
+            .is_some_and(|env| postern_common::smtputf8::Flags::of_envelope(env).requested);
+        let requiretls = env
+            .as_ref()
+            .is_some_and(|env| env.attr(postern_common::qfile::attr::REQUIRETLS).is_some());
         let mut content = match job.content() {
             Ok(c) => c,
             Err(e) => return Status::io(&e, "cannot read queue file"),
@@ -875,6 +880,7 @@ impl Agent {
                 .wants_delivered("forward")
                 .then_some(r.rcpt.address.as_str()),
             smtputf8,
+            requiretls,
         };
         f.submit(&mut content)
     }

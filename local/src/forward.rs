@@ -23,6 +23,9 @@ pub struct Forward<'a> {
     /// The original asked for SMTPUTF8: so does the forwarded copy (as
     /// Postfix keeps the request through aliases and `.forward`).
     pub smtputf8: bool,
+    /// The original came with REQUIRETLS (RFC 8689): the forwarded copy
+    /// keeps it, so that it too leaves only over authenticated TLS.
+    pub requiretls: bool,
 }
 
 impl Forward<'_> {
@@ -45,14 +48,19 @@ impl Forward<'_> {
         let envelope = NewMessage {
             sender: self.sender.to_string(),
             recipients: self.recipients.clone(),
-            attrs: if self.smtputf8 {
-                let flags = postern_common::smtputf8::Flags {
-                    requested: true,
-                    ..Default::default()
-                };
-                vec![(postern_common::qfile::attr::SMTPUTF8.into(), flags.value())]
-            } else {
-                Vec::new()
+            attrs: {
+                let mut attrs = Vec::new();
+                if self.smtputf8 {
+                    let flags = postern_common::smtputf8::Flags {
+                        requested: true,
+                        ..Default::default()
+                    };
+                    attrs.push((postern_common::qfile::attr::SMTPUTF8.into(), flags.value()));
+                }
+                if self.requiretls {
+                    attrs.push((postern_common::qfile::attr::REQUIRETLS.into(), "yes".into()));
+                }
+                attrs
             },
             flags: cleanup_flags::NO_HEADER_FIXUP,
             origin: "local".into(),
@@ -186,6 +194,7 @@ mod tests {
             recipients: vec![Recipient::new("a@r.test"), Recipient::new("b@r.test")],
             delivered_to: Some("list@h.test"),
             smtputf8: false,
+            requiretls: false,
         };
         let s = f.submit(&mut &b"Subject: hi\n\nbody\n"[..]);
         assert_eq!(s, Status::sent("forwarded as ABCDEF0123456789"));

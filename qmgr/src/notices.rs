@@ -104,6 +104,8 @@ struct Round<'a> {
     double: bool,
     /// The envelope's `RET`.
     ret: &'a str,
+    /// The message came with REQUIRETLS (RFC 8689).
+    requiretls: bool,
 }
 
 impl<'a> Round<'a> {
@@ -120,7 +122,14 @@ impl<'a> Round<'a> {
             marks,
             from_postern: env.sender.is_empty() || notification.is_some(),
             double: notification == Some("2bounce") || st.is_double_bounce(&env.sender),
-            ret: env.attr(qfile::attr::RET).unwrap_or(""),
+            requiretls: env.attr(qfile::attr::REQUIRETLS).is_some(),
+            // RFC 8689 section 4.2.2 (non-delivery of a REQUIRETLS
+            // message): as if RET=HDRS, whatever RET said; such a notice
+            // carries no content and goes without REQUIRETLS.
+            ret: match env.attr(qfile::attr::REQUIRETLS) {
+                Some(_) => "HDRS",
+                None => env.attr(qfile::attr::RET).unwrap_or(""),
+            },
             base: Notice {
                 myhostname: st.myhostname.clone(),
                 kind: Kind::Failure,
@@ -189,7 +198,9 @@ impl<'a> Round<'a> {
                 let failed = self.unreported("2bounce", failed_log);
                 if !failed.is_empty() {
                     let mut n = self.postmaster(&st.twobounce_rcpt, failed, Kind::Failure);
-                    n.returned = Returned::Full(Some(st.size_limit));
+                    if !self.requiretls {
+                        n.returned = Returned::Full(Some(st.size_limit));
+                    }
                     out.push(Self::marked(n, "2bounce", failed_log));
                 }
             } else {

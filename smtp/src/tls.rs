@@ -137,6 +137,18 @@ impl Policy {
         Ok(Policy { level, matches })
     }
 
+    /// Whether a session under this policy has authenticated TLS or none
+    /// at all (RFC 8689's condition for a REQUIRETLS message): the
+    /// server's certificate is checked against its TLSA records (`dane`,
+    /// `dane-only`, a level a server keeps only with usable records) or
+    /// against trusted roots and the expected names (`verify`, `secure`).
+    /// A session at such a level that did not verify the server never
+    /// gets as far as MAIL FROM. A policy that MTA-STS `enforce` sets
+    /// counts here too once that policy is one of these levels.
+    pub fn authenticated(&self) -> bool {
+        self.level.checks_certificate()
+    }
+
     /// The names a certificate must match for this session: `host` is the
     /// server's name, `nexthop` the destination's host or domain. Names
     /// that start with a dot stand for any subdomain.

@@ -87,6 +87,9 @@ pub struct Settings {
     pub service: String,
     /// `smtputf8_enable`: EHLO offers SMTPUTF8 and MAIL FROM takes it.
     pub smtputf8_enable: bool,
+    /// `smtpd_requiretls_enable` (Postern): EHLO over TLS offers
+    /// REQUIRETLS (RFC 8689) and MAIL FROM takes it there.
+    pub requiretls_enable: bool,
     /// `strict_smtputf8`: a non-ASCII address only in an SMTPUTF8
     /// transaction (553 5.6.7 otherwise).
     pub strict_smtputf8: bool,
@@ -250,6 +253,7 @@ impl Settings {
             service: "smtpd".into(),
             smtputf8_enable: cfg.get_bool("smtputf8_enable").map_err(e)?,
             strict_smtputf8: cfg.get_bool("strict_smtputf8").map_err(e)?,
+            requiretls_enable: cfg.get_bool("smtpd_requiretls_enable").map_err(e)?,
             forbid_unauth_pipelining: cfg.get_bool("smtpd_forbid_unauth_pipelining").map_err(e)?,
             content_filter: cfg.get("content_filter").trim().to_string(),
             receive_override: postern_common::receive_override::ReceiveOverride::parse(

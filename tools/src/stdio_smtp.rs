@@ -213,6 +213,8 @@ impl<W: Write> Session<W> {
         let offered = Offered {
             auth: false,
             smtputf8: cfg.get_bool("smtputf8_enable").unwrap_or(true),
+            // RFC 8689: REQUIRETLS only over TLS, never on standard input.
+            requiretls: false,
         };
         let options = match smtp_command::mail_params(&params, offered) {
             Ok(o) => o,

@@ -15,6 +15,8 @@ pub struct Extensions {
     pub dsn: bool,
     pub starttls: bool,
     pub chunking: bool,
+    /// REQUIRETLS (RFC 8689), as announced after STARTTLS.
+    pub requiretls: bool,
     /// AUTH mechanisms, upper-case.
     pub auth: Vec<String>,
     /// XFORWARD attribute names, upper-case (empty: not offered).
@@ -45,6 +47,7 @@ impl Extensions {
                 "DSN" => e.dsn = true,
                 "STARTTLS" => e.starttls = true,
                 "CHUNKING" => e.chunking = true,
+                "REQUIRETLS" => e.requiretls = true,
                 "XFORWARD" => e.xforward = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "AUTH" => {
                     for m in first.into_iter().chain(words.map(str::to_string)) {
@@ -77,6 +80,7 @@ impl Extensions {
         off(&mut self.dsn, "DSN");
         off(&mut self.starttls, "STARTTLS");
         off(&mut self.chunking, "CHUNKING");
+        off(&mut self.requiretls, "REQUIRETLS");
         if self.size.is_some() && has("size") {
             self.size = None;
             gone.push("SIZE");
@@ -115,5 +119,13 @@ mod tests {
             .read_reply(&mut &b"250-x\r\n250 size\r\n"[..])
             .unwrap();
         assert_eq!(Extensions::parse(&r).size, Some(0));
+        assert!(!Extensions::parse(&r).requiretls);
+        let r = LineReader::new()
+            .read_reply(&mut &b"250-x\r\n250 RequireTLS\r\n"[..])
+            .unwrap();
+        let mut e = Extensions::parse(&r);
+        assert!(e.requiretls);
+        assert_eq!(e.discard(&["requiretls".into()]), vec!["REQUIRETLS"]);
+        assert!(!e.requiretls);
     }
 }

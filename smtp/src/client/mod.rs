@@ -195,6 +195,13 @@ pub trait Transaction {
     fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
         Default::default()
     }
+    /// The message came with REQUIRETLS (RFC 8689) and this delivery
+    /// relays it: only over authenticated TLS to a server that offers
+    /// REQUIRETLS, with MAIL FROM's REQUIRETLS. Never for final delivery
+    /// (LMTP).
+    fn requiretls(&mut self) -> bool {
+        false
+    }
     /// RFC 3461 NOTIFY bits and ORCPT (`type;address`, decoded) of
     /// recipient `i`.
     fn dsn_recipient(&self, _i: usize) -> (u8, String) {
@@ -216,6 +223,13 @@ pub trait Transaction {
         false
     }
 }
+
+/// RFC 8689's status for a REQUIRETLS message that would go over TLS
+/// that does not authenticate the server (or none).
+pub const REQUIRETLS_UNAUTHENTICATED: &str = "5.7.10";
+/// RFC 8689's status for a REQUIRETLS message whose next hop does not
+/// offer REQUIRETLS ("REQUIRETLS support required").
+pub const REQUIRETLS_UNSUPPORTED: &str = "5.7.30";
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

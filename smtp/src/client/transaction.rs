@@ -20,7 +20,8 @@ pub fn smtp_address(addr: &str) -> String {
 }
 
 /// MAIL FROM with SIZE, BODY=8BITMIME, SMTPUTF8, and with DSN the
-/// message's RET and ENVID, as far as the server offers them.
+/// message's RET and ENVID, as far as the server offers them; REQUIRETLS
+/// for a message that has it (checked offered before).
 fn mail_command<T: Transaction>(
     txn: &mut T,
     ext: &Extensions,
@@ -37,6 +38,9 @@ fn mail_command<T: Transaction>(
     }
     if flags.requested && ext.smtputf8 {
         mail.push_str(" SMTPUTF8");
+    }
+    if ext.requiretls && txn.requiretls() {
+        mail.push_str(" REQUIRETLS");
     }
     if ext.dsn {
         let (ret, envid) = txn.dsn_envelope();
@@ -183,6 +187,7 @@ impl Session<'_, '_> {
         ext: &Extensions,
         size: u64,
     ) -> Result<(Flags, bool), End> {
+        self.check_requiretls(txn, ext)?;
         let all: Vec<usize> = (0..txn.recipients().len()).collect();
         if let Some(limit) = ext.size.filter(|&l| l > 0 && size > l) {
             let reason = format!(
@@ -235,6 +240,43 @@ impl Session<'_, '_> {
             return Err(End::Complete);
         }
         Ok((flags, eight_bit))
+    }
+
+    /// RFC 8689: a REQUIRETLS message goes only over TLS that
+    /// authenticated the server (5.7.10 otherwise) and only to a server
+    /// that announced REQUIRETLS after STARTTLS (5.7.30 otherwise). Nothing
+    /// of the message is said; QUIT, and the next server may be tried
+    /// (the caller bounces when none is left).
+    fn check_requiretls<T: Transaction>(
+        &mut self,
+        txn: &mut T,
+        ext: &Extensions,
+    ) -> Result<(), End> {
+        if !txn.requiretls() {
+            return Ok(());
+        }
+        let authenticated = self.encrypted && self.tls.is_some_and(|t| t.policy.authenticated());
+        let failure = if !authenticated {
+            Failure {
+                dsn: super::REQUIRETLS_UNAUTHENTICATED.into(),
+                reason: format!(
+                    "REQUIRETLS needs authenticated TLS, but the TLS session with host {} is not authenticated",
+                    self.peer.namaddr
+                ),
+            }
+        } else if !ext.requiretls {
+            Failure {
+                dsn: super::REQUIRETLS_UNSUPPORTED.into(),
+                reason: format!(
+                    "REQUIRETLS support required, but was not offered by host {}",
+                    self.peer.namaddr
+                ),
+            }
+        } else {
+            return Ok(());
+        };
+        self.quit();
+        Err(self.try_next(failure))
     }
 
     /// With PIPELINING: MAIL, every RCPT and (without CHUNKING) DATA in

@@ -20,16 +20,20 @@ pub(super) struct JobTransaction<'a> {
     eight_bit: &'a mut Option<bool>,
     /// The smtp client's header and body checks.
     checks: &'a Result<CheckTables, String>,
+    /// The message is relayed under REQUIRETLS (RFC 8689).
+    requiretls: bool,
 }
 
 impl<'a> JobTransaction<'a> {
     /// The recipients of `job` still without an outcome, for a session
-    /// with `relay`; `eight_bit` is shared by the request's sessions.
+    /// with `relay`; `eight_bit` is shared by the request's sessions;
+    /// `requiretls`: relayed under REQUIRETLS.
     pub(super) fn new(
         job: &'a mut Job,
         relay: String,
         eight_bit: &'a mut Option<bool>,
         checks: &'a Result<CheckTables, String>,
+        requiretls: bool,
     ) -> JobTransaction<'a> {
         let rcpts = job.unfinished();
         JobTransaction {
@@ -38,6 +42,7 @@ impl<'a> JobTransaction<'a> {
             relay,
             eight_bit,
             checks,
+            requiretls,
             job,
         }
     }
@@ -91,6 +96,10 @@ impl Transaction for JobTransaction<'_> {
             }
             Ok(_) => Ok(Box::new(self.job.content()?)),
         }
+    }
+
+    fn requiretls(&mut self) -> bool {
+        self.requiretls
     }
 
     fn connected(&mut self) {

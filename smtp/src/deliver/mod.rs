@@ -61,6 +61,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// What the message itself asks of TLS (RFC 8689), from its queue file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageTls {
+    /// Nothing: the destination's policy decides.
+    Default,
+    /// REQUIRETLS: authenticated TLS to a server that offers REQUIRETLS.
+    Required,
+    /// `TLS-Required: No`: no policy stops the delivery (level `may`).
+    Optional,
+}
+
 /// A server's TLS policy and, at the `dane` levels, its usable TLSA
 /// records.
 pub type Plan = (tls::Policy, Option<Arc<Vec<postern_common::dane::Tlsa>>>);
@@ -169,6 +180,22 @@ impl Agent {
         }
     }
 
+    /// What the message asks of TLS (the queue file's `requiretls` and
+    /// `tls_required` attributes); in LMTP mode (final delivery) nothing.
+    pub fn message_tls(&self, job: &Job) -> MessageTls {
+        use postern_common::qfile::{self, attr};
+        if self.lmtp {
+            return MessageTls::Default;
+        }
+        match qfile::read_envelope(&job.file) {
+            Ok(env) if env.attr(attr::REQUIRETLS).is_some() => MessageTls::Required,
+            Ok(env) if env.attr(attr::TLS_REQUIRED) == Some("no") => MessageTls::Optional,
+            // Unreadable (qmgr read it to make the request): the content
+            // cannot be read either, and the delivery fails on that.
+            Ok(_) | Err(_) => MessageTls::Default,
+        }
+    }
+
     /// Before the process ends: QUIT to every kept session.
     pub fn close_cached(&self) {
         self.cache.close_all();
@@ -214,6 +241,16 @@ impl Agent {
         let Some(mut policy) = self.policy_or_defer(job, &dest, &hop.host) else {
             return;
         };
+        if self.message_tls(job) == MessageTls::Optional && policy.level > tls::Level::May {
+            // RFC 8689 section 5: TLS-Required: No. TLS when the server
+            // offers it, its certificate unchecked, else plaintext.
+            info!(
+                "{}: TLS-Required: No: TLS security level {} for {dest} lowered to may",
+                job.req.queue_id,
+                policy.level.name()
+            );
+            policy.level = tls::Level::May;
+        }
         if policy.level.is_dane() {
             match self.dane_usable(&dest, &hop, &policy) {
                 Ok(true) => return self.deliver_dane(job, &hop, &policy, &dest),
@@ -423,7 +460,14 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> (End, Option<client::Idle<'static>>) {
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
+        let requiretls = self.message_tls(job) == MessageTls::Required;
+        let mut txn = JobTransaction::new(
+            job,
+            peer.relay.clone(),
+            eight_bit,
+            &self.content_checks,
+            requiretls,
+        );
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
 
@@ -438,7 +482,14 @@ impl Agent {
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
         let (idle, created) = self.cache.take(key)?;
-        let mut txn = JobTransaction::new(job, peer.relay.clone(), eight_bit, &self.content_checks);
+        let requiretls = self.message_tls(job) == MessageTls::Required;
+        let mut txn = JobTransaction::new(
+            job,
+            peer.relay.clone(),
+            eight_bit,
+            &self.content_checks,
+            requiretls,
+        );
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
             self.cache.put(key.to_string(), idle, created);
@@ -485,6 +536,7 @@ impl Agent {
         let mut last: Option<(Failure, String)> = None;
         let mut sessions = 0;
         let mut eight_bit = None;
+        let requiretls = self.message_tls(job) == MessageTls::Required;
         for (k, srv) in servers.iter().enumerate() {
             if job.unfinished().is_empty() {
                 break;
@@ -503,6 +555,23 @@ impl Agent {
                     continue;
                 }
             };
+            if requiretls && !policy.authenticated() {
+                // RFC 8689: not even a connection where TLS would not
+                // authenticate the server.
+                let f = Failure {
+                    dsn: client::REQUIRETLS_UNAUTHENTICATED.into(),
+                    reason: format!(
+                        "REQUIRETLS needs authenticated TLS, but the TLS security level for {} is {}",
+                        srv.namaddr(),
+                        policy.level.name()
+                    ),
+                };
+                if more {
+                    info!("{}: {}", job.req.queue_id, f.reason);
+                }
+                last = Some((f, srv.relay()));
+                continue;
+            }
             let policy = &policy;
             // A server listed in debug_peer_list: its session is verbose.
             let _verbose = self.debug_peer.check(&srv.name, Some(srv.addr));
@@ -562,7 +631,7 @@ impl Agent {
                 }
             }
         }
-        Self::defer_rest(job, last, sessions);
+        Self::defer_rest(job, last, sessions, requiretls);
     }
 
     /// A new connection to `srv` and a session over it, kept under `key`
@@ -618,10 +687,27 @@ impl Agent {
 
     /// Defers the recipients still without an outcome once no server is
     /// left, with the `last` failure and the relay it came from; with no
-    /// session at all, the destination failed.
-    fn defer_rest(job: &mut Job, last: Option<(Failure, String)>, sessions: usize) {
+    /// session at all, the destination failed. A REQUIRETLS message that
+    /// no server could take for want of authenticated TLS or of
+    /// REQUIRETLS support bounces (RFC 8689): waiting changes neither.
+    fn defer_rest(
+        job: &mut Job,
+        last: Option<(Failure, String)>,
+        sessions: usize,
+        requiretls: bool,
+    ) {
         if job.unfinished().is_empty() {
             return;
+        }
+        if let Some((f, relay)) = &last {
+            let refused = [
+                client::REQUIRETLS_UNAUTHENTICATED,
+                client::REQUIRETLS_UNSUPPORTED,
+            ];
+            if requiretls && refused.contains(&f.dsn.as_str()) {
+                job.record_rest(Outcome::Bounced, &f.dsn, relay, &f.reason);
+                return;
+            }
         }
         let (f, relay) = last.unwrap_or_else(|| {
             (

@@ -297,6 +297,9 @@ impl Session {
         if let Some(r) = &tx.ret {
             attrs.push((attr::RET.to_string(), r.clone()));
         }
+        if tx.requiretls {
+            attrs.push((attr::REQUIRETLS.to_string(), "yes".to_string()));
+        }
         if tx.smtputf8 {
             let flags = smtputf8::Flags {
                 requested: true,

@@ -27,6 +27,7 @@ const KEYWORDS: &[&str] = &[
     "dsn",
     "smtputf8",
     "chunking",
+    "requiretls",
 ];
 
 impl Session {

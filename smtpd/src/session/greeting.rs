@@ -220,6 +220,9 @@ impl Session {
         if self.cfg.smtputf8_enable {
             lines.push("SMTPUTF8".into());
         }
+        if self.requiretls_offered() {
+            lines.push("REQUIRETLS".into());
+        }
         let lines = self.discard_ehlo_lines(lines);
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {

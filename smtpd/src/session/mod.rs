@@ -129,6 +129,8 @@ struct Transaction {
     queue_id: Option<String>,
     /// MAIL FROM had SMTPUTF8 (RFC 6531).
     smtputf8: bool,
+    /// MAIL FROM had REQUIRETLS (RFC 8689), over TLS.
+    requiretls: bool,
     /// MAIL FROM's AUTH= mailbox (RFC 4954), xtext-decoded, kept only
     /// from an authenticated client and not `<>`, as Postfix's smtpd
     /// (pipe(8)'s `${sasl_sender}`).

@@ -52,6 +52,7 @@ impl Session {
         let offered = Offered {
             auth: self.cfg.sasl.is_some(),
             smtputf8: self.cfg.smtputf8_enable && !self.discarded("smtputf8"),
+            requiretls: self.requiretls_offered(),
         };
         let options = match protocol::mail_params(&params, offered) {
             Ok(o) => o,
@@ -70,6 +71,7 @@ impl Session {
         let tx = Transaction {
             sender,
             smtputf8,
+            requiretls: options.requiretls,
             envid: options.envid,
             ret: options.ret.map(str::to_string),
             sasl_sender,
@@ -259,6 +261,13 @@ impl Session {
         self.end_transaction();
         self.reply("250 2.0.0 Ok");
         Done::Ok
+    }
+
+    /// Whether REQUIRETLS (RFC 8689) is on offer: only over TLS (after
+    /// STARTTLS, or in wrapper mode), never in clear text, where the
+    /// parameter is unknown (555 5.5.4).
+    pub(super) fn requiretls_offered(&self) -> bool {
+        self.cfg.requiretls_enable && self.tls.is_some() && !self.discarded("requiretls")
     }
 
     /// Whether MAIL FROM's parameters ask for SMTPUTF8 and it is on offer.

@@ -73,6 +73,7 @@ fn settings() -> Settings {
         anvil: Default::default(),
         service: "smtp".into(),
         smtputf8_enable: true,
+        requiretls_enable: true,
         strict_smtputf8: false,
         forbid_unauth_pipelining: false,
         content_filter: String::new(),

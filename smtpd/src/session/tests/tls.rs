@@ -31,6 +31,8 @@ fn starttls_discards_pipelined_input_and_resets() {
         "EHLO c\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\nRCPT TO:<u@mx.example>\r\n",
     );
     assert!(r.contains(&"250-STARTTLS".to_string()));
+    // RFC 8689: REQUIRETLS only over TLS.
+    assert!(!r.iter().any(|l| l.contains("REQUIRETLS")), "{r:?}");
     assert_eq!(
         &r[r.len() - 2..],
         ["250 2.1.0 Ok", "220 2.0.0 Ready to start TLS"]
@@ -54,6 +56,12 @@ fn starttls_discards_pipelined_input_and_resets() {
     );
     let r = send(&mut s, "EHLO c\r\n");
     assert!(!r.iter().any(|l| l.contains("STARTTLS")), "{r:?}");
+    assert!(r.iter().any(|l| &l[4..] == "REQUIRETLS"), "{r:?}");
+    assert_eq!(
+        send(&mut s, "MAIL FROM:<a@b> REQUIRETLS\r\n"),
+        ["250 2.1.0 Ok"]
+    );
+    send(&mut s, "RSET\r\n");
     assert_eq!(
         send(&mut s, "STARTTLS\r\n"),
         ["554 5.5.1 Error: TLS already active"]
