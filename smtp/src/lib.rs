@@ -54,6 +54,7 @@ pub mod dns;
 pub mod nexthop;
 pub mod reply;
 pub mod sasl;
+pub mod sts;
 pub mod tls;
 pub mod tls_dane;
 

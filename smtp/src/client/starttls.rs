@@ -66,6 +66,7 @@ impl<'c> Session<'_, 'c> {
         let est = match tls.handshake(sock, &self.peer.name, &self.peer.relay) {
             Ok(est) => est,
             Err(e) => {
+                tls.observed(crate::tls::Observed::HandshakeFailed(e.to_string()));
                 match &e {
                     // Postfix's two lines: OpenSSL's return code, then
                     // the library's reason.
@@ -95,6 +96,7 @@ impl<'c> Session<'_, 'c> {
                 info!("{}: {summary}", self.peer.relay);
             }
         }
+        tls.observed(crate::tls::Observed::Established(est.trust.clone()));
         let kind = match &est.trust {
             Trust::Verified if level.checks_certificate() => "Verified",
             Trust::Verified | Trust::Trusted => "Trusted",
@@ -155,6 +157,7 @@ impl<'c> Session<'_, 'c> {
         }
         let level = tls.policy.level;
         if !ext.starttls {
+            tls.observed(crate::tls::Observed::NoStarttls);
             if level.required() {
                 let f = Failure {
                     dsn: "4.7.4".into(),
@@ -173,6 +176,7 @@ impl<'c> Session<'_, 'c> {
             Err(e) => return Err(self.try_next(self.io_failure(&e, stage::STARTTLS))),
         };
         if r.class() != 2 {
+            tls.observed(crate::tls::Observed::NoStarttls);
             if !level.required() {
                 // Opportunistic: carry on in plaintext.
                 return Ok(ext);

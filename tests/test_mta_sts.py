@@ -1,0 +1,274 @@
+"""MTA-STS (RFC 8461) in Postern's SMTP client, with real programs:
+dnsmasq serves the MX, A and `_mta-sts` TXT records of a few test
+domains; a Python HTTPS server (http.server in ssl, certificate from a
+test CA made with openssl) on 127.x.y.z:443 serves each domain's policy
+at https://mta-sts.DOMAIN/.well-known/mta-sts.txt; the receivers are
+private Postfix instances (tests/postfix_peer.py) with STARTTLS: A with a
+certificate from the test CA, B with a self-signed one. The smtp client
+trusts the test CA through smtp_tls_CAfile, as an administrator would.
+Each domain reaches its receiver through transport_maps `smtp:DOMAIN:PORT`
+(an MX lookup, on the receiver's port).
+
+- good.test (enforce, mx.good.test listed, receiver A): delivered,
+  "Verified TLS connection established";
+- unlisted.test (enforce, policy lists another host): deferred, the MX
+  host is never contacted;
+- selfsigned.test (enforce, receiver B): deferred, "Server certificate
+  not trusted";
+- testing.test (testing, receiver B): delivered, the failure logged;
+- none.test (none, receiver B): delivered as without a policy.
+Then the cache: the policy of good.test changed on the web server with the
+same TXT id is not fetched again; a new id makes it fetched and obeyed.
+"""
+
+import os
+import random
+import re
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import types
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import postern_harness as h
+from postfix_peer import TestCA, postfix_peer  # noqa: F401  (the fixture)
+
+SENDER = "sender@example.org"
+DOMAINS = ["good.test", "unlisted.test", "selfsigned.test", "testing.test", "none.test"]
+
+
+def policy(mode, *mx, max_age=86400):
+    return "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (
+        mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
+
+
+class PolicyServer:
+    """HTTPS on ip:443; ``policies``: {host: text}; ``fetches``: {host: n}."""
+
+    def __init__(self, cert, key):
+        self.policies = {}
+        self.fetches = {}
+        self.lock = threading.Lock()
+        self.ip = self._free_ip()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                host = (self.headers.get("Host") or "").split(":")[0].lower()
+                with outer.lock:
+                    outer.fetches[host] = outer.fetches.get(host, 0) + 1
+                    text = outer.policies.get(host)
+                if self.path != "/.well-known/mta-sts.txt" or text is None:
+                    self.send_error(404)
+                    return
+                body = text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((self.ip, 443), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _free_ip():
+        for _ in range(50):
+            ip = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+            s = socket.socket()
+            try:
+                s.bind((ip, 443))
+                return ip
+            except OSError:
+                continue
+            finally:
+                s.close()
+        raise AssertionError("no free 127.x.y.z:443")
+
+    def count(self, host):
+        with self.lock:
+            return self.fetches.get(host, 0)
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def self_signed(d, names):
+    d = Path(d)
+    key, cert = d / "self.key", d / "self.pem"
+    san = ",".join(f"DNS:{n}" for n in names)
+    r = h.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+               "-out", cert, "-days", "2", "-subj", f"/CN={names[0]}",
+               "-addext", f"subjectAltName={san}",
+               "-addext", "basicConstraints=critical,CA:FALSE"], timeout=60)
+    assert r.returncode == 0, h.describe(r)
+    os.chmod(key, 0o644)
+    os.chmod(cert, 0o644)
+    return types.SimpleNamespace(cert_file=cert, key_file=key)
+
+
+def dns_args(web_ip, ids):
+    args = ["--local=/test/"]
+    for dom in DOMAINS:
+        args += [f"--mx-host={dom},mx.{dom},10", f"--host-record=mx.{dom},127.0.0.1",
+                 f"--host-record=mta-sts.{dom},{web_ip}",
+                 f"--txt-record=_mta-sts.{dom},v=STSv1; id={ids.get(dom, '1')}"]
+    return args
+
+
+def message(rcpt, token):
+    return h.crlf(f"From: {SENDER}\nTo: {rcpt}\nSubject: {token}\n\n{token}\n")
+
+
+@pytest.fixture
+def world(postfix_peer):  # noqa: F811
+    """The CA, the receivers, the policy server and DNS (see the module doc)."""
+    if not h.dnsmasq_binary():
+        pytest.skip("dnsmasq is not installed (scripts/test installs dnsmasq-base)")
+    d = tempfile.mkdtemp(prefix="pt-sts-")
+    ca = TestCA(d, names=["mx.good.test", "mx.unlisted.test"]
+                + [f"mta-sts.{x}" for x in DOMAINS])
+    d2 = tempfile.mkdtemp(prefix="pt-sts-self-")
+    os.chmod(d2, 0o755)
+    ss = self_signed(d2, ["mx.selfsigned.test", "mx.testing.test", "mx.none.test"])
+    accept = {"virtual_mailbox_domains": " ".join(DOMAINS)}
+    a = postfix_peer(tls=ca, params=accept)
+    b = postfix_peer(tls=ss, params=accept)
+    web = PolicyServer(ca.cert_file, ca.key_file)
+    web.policies.update({
+        "mta-sts.good.test": policy("enforce", "mx.good.test"),
+        "mta-sts.unlisted.test": policy("enforce", "mx.elsewhere.test"),
+        "mta-sts.selfsigned.test": policy("enforce", "*.selfsigned.test"),
+        "mta-sts.testing.test": policy("testing", "mx.testing.test"),
+        "mta-sts.none.test": policy("none"),
+    })
+    dns = h.Dnsmasq(dns_args(web.ip, {})).start()
+    w = types.SimpleNamespace(ca=ca, a=a, b=b, web=web, dns=dns)
+    yield w
+    w.dns.stop()
+    web.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(d2, ignore_errors=True)
+
+
+def postern_for(make_postern, w, **extra):
+    ports = {"good.test": w.a.port, "unlisted.test": w.a.port}
+    ports.update({x: w.b.port for x in ("selfsigned.test", "testing.test", "none.test")})
+    transport = ", ".join(f"{dom}=smtp:{dom}:{port}" for dom, port in ports.items())
+    params = {
+        "dns_resolver_addresses": f"127.0.0.1:{w.dns.port}",
+        "transport_maps": f"inline:{{ {transport} }}",
+        "smtp_tls_CAfile": str(w.ca.ca_file),
+        "smtp_tls_loglevel": "1",
+    }
+    params.update(extra)
+    return make_postern(params)
+
+
+def send(p, domain):
+    token = "pt-sts-" + uuid.uuid4().hex
+    rcpt = f"user@{domain}"
+    code, text = p.send(SENDER, [rcpt], message(rcpt, token))
+    assert code == 250, text
+    qid = re.search(r"queued as ([0-9A-F]+)", text).group(1)
+    return token, qid
+
+
+def outcome(p, qid, status):
+    return p.wait_for_log(rf"{qid}: to=<[^>]+>, relay=[^\n]*status={status} \(([^\n]*)\)")
+
+
+def test_policies_decide_delivery(make_postern, world):
+    w = world
+    p = postern_for(make_postern, w)
+
+    # enforce, listed MX, certificate from the trusted CA: delivered.
+    token, qid = send(p, "good.test")
+    w.a.wait_for(token)
+    outcome(p, qid, "sent")
+    p.wait_for_log(rf"Verified TLS connection established to mx\.good\.test\[127\.0\.0\.1\]:{w.a.port}")
+    assert w.web.count("mta-sts.good.test") == 1
+
+    # enforce, MX host not in the policy: deferred, never contacted.
+    before = w.a.connections()
+    token, qid = send(p, "unlisted.test")
+    m = outcome(p, qid, "deferred")
+    assert m.group(1) == "MX host mx.unlisted.test does not match the MTA-STS policy of unlisted.test"
+    assert re.search(rf"{qid}: .*dsn=4\.7\.5, status=deferred", p.log_text())
+    assert not w.a.find(token) and w.a.connections() == before
+
+    # enforce, self-signed certificate: deferred over TLS, no clear text.
+    token, qid = send(p, "selfsigned.test")
+    m = outcome(p, qid, "deferred")
+    assert m.group(1) == "Server certificate not trusted"
+    p.wait_for_log(rf"Untrusted TLS connection established to mx\.selfsigned\.test\[127\.0\.0\.1\]:{w.b.port}")
+    p.wait_for_log(rf"server certificate verification failed for mx\.selfsigned\.test\[127\.0\.0\.1\]:{w.b.port}: untrusted issuer")
+    assert not w.b.find(token)
+
+    # testing: delivered to the self-signed one, the failure logged.
+    token, qid = send(p, "testing.test")
+    w.b.wait_for(token)
+    outcome(p, qid, "sent")
+    p.wait_for_log(rf"{qid}: MTA-STS policy of testing\.test \(testing mode\): "
+                   rf"mx\.testing\.test\[127\.0\.0\.1\]:{w.b.port} would fail: certificate-not-trusted")
+
+    # none: as without a policy (may: the self-signed receiver gets it).
+    token, qid = send(p, "none.test")
+    w.b.wait_for(token)
+    outcome(p, qid, "sent")
+    assert w.web.count("mta-sts.none.test") == 1
+    assert not re.search(r"MTA-STS policy of none\.test", p.log_text())
+
+    # The policies are cached under data_directory/mta-sts.
+    cached = Path(p.dir) / "data" / "mta-sts" / "good.test"
+    assert cached.read_text().startswith("1 ")
+
+
+def test_disabled_means_no_policy(make_postern, world):
+    w = world
+    p = postern_for(make_postern, w, smtp_mta_sts_enable="no")
+    token, qid = send(p, "selfsigned.test")
+    w.b.wait_for(token)
+    outcome(p, qid, "sent")
+    assert w.web.count("mta-sts.selfsigned.test") == 0
+
+
+def test_cache_until_the_id_changes(make_postern, world):
+    w = world
+    p = postern_for(make_postern, w)
+    token, qid = send(p, "good.test")
+    w.a.wait_for(token)
+    assert w.web.count("mta-sts.good.test") == 1
+
+    # Another policy on the web server, same TXT id: the cached one holds.
+    w.web.policies["mta-sts.good.test"] = policy("enforce", "mx.elsewhere.test")
+    token, qid = send(p, "good.test")
+    w.a.wait_for(token)
+    outcome(p, qid, "sent")
+    assert w.web.count("mta-sts.good.test") == 1
+
+    # A new id: fetched again, and the new policy refuses mx.good.test.
+    port = w.dns.port
+    w.dns.stop()
+    w.dns = h.Dnsmasq(dns_args(w.web.ip, {"good.test": "2"})).start(port=port)
+    token, qid = send(p, "good.test")
+    m = outcome(p, qid, "deferred")
+    assert m.group(1) == "MX host mx.good.test does not match the MTA-STS policy of good.test"
+    assert w.web.count("mta-sts.good.test") == 2
+    assert not w.a.find(token)
+    assert (Path(p.dir) / "data" / "mta-sts" / "good.test").read_text().startswith("2 ")
