@@ -21,6 +21,8 @@ Then the cache: the policy of good.test changed on the web server with the
 same TXT id is not fetched again; a new id makes it fetched and obeyed.
 """
 
+import gzip
+import json
 import os
 import random
 import re
@@ -30,7 +32,10 @@ import ssl
 import tempfile
 import threading
 import types
+import time
 import uuid
+from email import message_from_bytes
+from email.policy import default as email_default
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -124,6 +129,8 @@ def self_signed(d, names):
 
 def dns_args(web_ip, ids):
     args = ["--local=/test/"]
+    for dom in ("good.test", "testing.test"):
+        args.append(f"--txt-record=_smtp._tls.{dom},v=TLSRPTv1; rua=mailto:tlsrpt@rpt.test")
     for dom in DOMAINS:
         args += [f"--mx-host={dom},mx.{dom},10", f"--host-record=mx.{dom},127.0.0.1",
                  f"--host-record=mta-sts.{dom},{web_ip}",
@@ -146,7 +153,7 @@ def world(postfix_peer):  # noqa: F811
     d2 = tempfile.mkdtemp(prefix="pt-sts-self-")
     os.chmod(d2, 0o755)
     ss = self_signed(d2, ["mx.selfsigned.test", "mx.testing.test", "mx.none.test"])
-    accept = {"virtual_mailbox_domains": " ".join(DOMAINS)}
+    accept = {"virtual_mailbox_domains": " ".join(DOMAINS + ["rpt.test"])}
     a = postfix_peer(tls=ca, params=accept)
     b = postfix_peer(tls=ss, params=accept)
     web = PolicyServer(ca.cert_file, ca.key_file)
@@ -170,6 +177,8 @@ def postern_for(make_postern, w, **extra):
     ports = {"good.test": w.a.port, "unlisted.test": w.a.port}
     ports.update({x: w.b.port for x in ("selfsigned.test", "testing.test", "none.test")})
     transport = ", ".join(f"{dom}=smtp:{dom}:{port}" for dom, port in ports.items())
+    # TLS-RPT reports go to receiver A, no MX lookup.
+    transport += f", rpt.test=smtp:[127.0.0.1]:{w.a.port}"
     params = {
         "dns_resolver_addresses": f"127.0.0.1:{w.dns.port}",
         "transport_maps": f"inline:{{ {transport} }}",
@@ -272,3 +281,69 @@ def test_cache_until_the_id_changes(make_postern, world):
     assert w.web.count("mta-sts.good.test") == 2
     assert not w.a.find(token)
     assert (Path(p.dir) / "data" / "mta-sts" / "good.test").read_text().startswith("2 ")
+
+
+def test_tls_report_counts_the_sessions(make_postern, world):
+    """TLS-RPT: testing-mode failures and enforce successes recorded by
+    smtp; `postern tls-report send` mails each domain's RFC 8460 report
+    (gzip attachment) to its `_smtp._tls` rua; parsed back, the counts
+    are the sessions the log shows."""
+    w = world
+    p = postern_for(make_postern, w, smtp_tls_report_enable="yes",
+                    smtp_tls_report_organization="Postern Test Org",
+                    smtp_tls_report_contact="tlsrpt-contact@sender.test")
+    for dom, peer in (("testing.test", w.b), ("testing.test", w.b), ("good.test", w.a)):
+        token, qid = send(p, dom)
+        peer.wait_for(token)
+        outcome(p, qid, "sent")
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    store = Path(p.dir) / "data" / "tls-rpt" / day
+    assert (store / "testing.test").exists() and (store / "good.test").exists()
+
+    log = p.log_text()
+    testing_sessions = len(re.findall(r"TLS connection established to mx\.testing\.test\[", log))
+    good_sessions = len(re.findall(r"Verified TLS connection established to mx\.good\.test\[", log))
+    assert testing_sessions >= 1 and good_sessions == 1
+
+    r = p.postern("tls-report", "send", "-d", day)
+    assert r.returncode == 0, h.describe(r)
+
+    def report(domain):
+        (_path, raw), = w.a.wait_for(f"TLS-Report-Domain: {domain}")
+        msg = message_from_bytes(raw, policy=email_default)
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "tlsrpt"
+        assert msg["TLS-Report-Submitter"]
+        part, = [x for x in msg.iter_attachments()
+                 if x.get_content_type() == "application/tlsrpt+gzip"]
+        assert re.fullmatch(rf"[^!]+!{re.escape(domain)}!\d+!\d+\.json\.gz", part.get_filename())
+        return json.loads(gzip.decompress(part.get_content()))
+
+    rep = report("testing.test")
+    assert rep["organization-name"] == "Postern Test Org"
+    assert rep["contact-info"] == "tlsrpt-contact@sender.test"
+    assert rep["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
+    pol, = rep["policies"]
+    assert pol["policy"]["policy-type"] == "sts"
+    assert pol["policy"]["policy-domain"] == "testing.test"
+    assert "mode: testing" in pol["policy"]["policy-string"]
+    assert pol["policy"]["mx-host"] == ["mx.testing.test"]
+    assert pol["summary"] == {"total-successful-session-count": 0,
+                              "total-failure-session-count": testing_sessions}
+    detail, = pol["failure-details"]
+    assert detail["result-type"] == "certificate-not-trusted"
+    assert detail["receiving-mx-hostname"] == "mx.testing.test"
+    assert detail["receiving-ip"] == "127.0.0.1"
+    assert detail["failed-session-count"] == testing_sessions
+
+    rep = report("good.test")
+    pol, = rep["policies"]
+    assert pol["summary"] == {"total-successful-session-count": 1,
+                              "total-failure-session-count": 0}
+    assert pol["failure-details"] == []
+
+    # A day is reported once.
+    r = p.postern("tls-report", "send", "-d", day)
+    assert r.returncode == 0, h.describe(r)
+    time.sleep(2)
+    assert len(w.a.find("TLS-Report-Domain: testing.test")) == 1
