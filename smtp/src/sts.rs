@@ -22,8 +22,8 @@
 //! - `none` (or no policy): nothing changes.
 //!
 //! Each TLS attempt under a policy (and each policy that could not be
-//! fetched) is one line in the TLS-RPT store when `smtp_tls_report_enable`
-//! is on ([`StsClient::report`]).
+//! fetched), and each DANE session ([`dane_attempt`]), is one line in the
+//! TLS-RPT store when `smtp_tls_report_enable` is on.
 
 use crate::deliver::Plan;
 use crate::nexthop::{Failure, Server};
@@ -64,12 +64,7 @@ impl StsClient {
             &cfg.get("smtp_tls_CAfile"),
             &cfg.get("smtp_tls_CApath"),
         );
-        let report = cfg
-            .get_bool("smtp_tls_report_enable")
-            .unwrap_or(false)
-            .then(|| Store {
-                dir: data.join("tls-rpt"),
-            });
+        let report = report_store(cfg);
         Some(StsClient {
             policies: mta_sts::Sts::new(Some(data.join("mta-sts")), roots),
             dns_servers: postern_common::dns::servers_from_config(cfg),
@@ -187,14 +182,54 @@ impl StsClient {
     }
 
     fn record(&self, a: &Attempt) {
-        let Some(store) = &self.report else { return };
-        if let Err(e) = store.record(a, now()) {
-            warning!(
-                "TLS-RPT: cannot record a result under {}: {e}",
-                store.dir.display()
-            );
-        }
+        record(self.report.as_ref(), a);
     }
+}
+
+/// The TLS-RPT store when `smtp_tls_report_enable` is on.
+pub fn report_store(cfg: &postern_conf::Config) -> Option<Store> {
+    cfg.get_bool("smtp_tls_report_enable")
+        .unwrap_or(false)
+        .then(|| Store {
+            dir: PathBuf::from(cfg.get("data_directory")).join("tls-rpt"),
+        })
+}
+
+/// Appends `a` to the TLS-RPT store, if there is one.
+pub fn record(store: Option<&Store>, a: &Attempt) {
+    let Some(store) = store else { return };
+    if let Err(e) = store.record(a, now()) {
+        warning!(
+            "TLS-RPT: cannot record a result under {}: {e}",
+            store.dir.display()
+        );
+    }
+}
+
+/// The TLS-RPT attempt of a DANE session with `srv` of `domain` under
+/// `records` (policy type `tlsa`, the records as the policy string);
+/// None when no TLS was tried.
+pub fn dane_attempt(
+    domain: &str,
+    records: &[postern_common::dane::Tlsa],
+    srv: &Server,
+    observed: Option<Observed>,
+) -> Option<Attempt> {
+    let o = observed?;
+    let (result, reason) = match result_type(&o) {
+        None => (None, String::new()),
+        Some((r, d)) => (Some(r.to_string()), d),
+    };
+    Some(Attempt {
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        policy_type: "tlsa".into(),
+        policy_string: records.iter().map(|t| t.text()).collect(),
+        mx_host: Vec::new(),
+        result,
+        receiving_mx_hostname: srv.name.trim_end_matches('.').to_ascii_lowercase(),
+        receiving_ip: srv.addr.to_string(),
+        reason,
+    })
 }
 
 fn attempt(policy: &Policy, srv: &Server, result: Option<&str>, reason: &str) -> Attempt {

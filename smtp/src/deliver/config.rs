@@ -226,6 +226,7 @@ impl Agent {
                 }
             },
             sts: crate::sts::StsClient::from_config(cfg, lmtp),
+            tls_rpt: crate::sts::report_store(cfg),
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),
                 time(cfg, &p("smtp_connection_reuse_time_limit")),

@@ -151,6 +151,8 @@ pub struct Agent {
     debug_peer: postern_common::debug_peer::DebugPeer,
     /// MTA-STS (`smtp_mta_sts_enable`); None when off or for LMTP.
     sts: Option<crate::sts::StsClient>,
+    /// The TLS-RPT store (`smtp_tls_report_enable`), for DANE sessions.
+    tls_rpt: Option<postern_common::tls_rpt::Store>,
 }
 
 impl Agent {
@@ -582,7 +584,9 @@ impl Agent {
             let policy = &planned.policy;
             // A server listed in debug_peer_list: its session is verbose.
             let _verbose = self.debug_peer.check(&srv.name, Some(srv.addr));
-            let observe = planned.sts.as_ref().map(|_| Arc::new(Mutex::new(None)));
+            let observe = (planned.sts.is_some()
+                || (planned.dane.is_some() && self.tls_rpt.is_some()))
+            .then(|| Arc::new(Mutex::new(None)));
             let tls = self.tls_client(&planned, &srv.name, nexthop, observe.clone());
             let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
                 Ok(a) => a,
@@ -615,9 +619,15 @@ impl Agent {
                 continue;
             }
             let end = self.new_session(job, srv, key, policy, sec, &mut eight_bit);
-            if let (Some(p), Some(c), Some(o)) = (&planned.sts, &self.sts, &observe) {
-                let seen = o.lock().ok().and_then(|mut g| g.take());
+            let seen = observe
+                .as_ref()
+                .and_then(|o| o.lock().ok().and_then(|mut g| g.take()));
+            if let (Some(p), Some(c)) = (&planned.sts, &self.sts) {
                 c.outcome(&job.req.queue_id, p, srv, seen);
+            } else if let Some(records) = &planned.dane {
+                if let Some(a) = crate::sts::dane_attempt(nexthop, records, srv, seen) {
+                    crate::sts::record(self.tls_rpt.as_ref(), &a);
+                }
             }
             let end = match end {
                 Ok(end) => end,
