@@ -14,7 +14,7 @@ Each domain reaches its receiver through transport_maps `smtp:DOMAIN:PORT`
 - unlisted.test (enforce, policy lists another host): deferred, the MX
   host is never contacted;
 - selfsigned.test (enforce, receiver B): deferred, "Server certificate
-  not trusted";
+  not verified" (Postfix's words at level secure);
 - testing.test (testing, receiver B): delivered, the failure logged;
 - none.test (none, receiver B): delivered as without a policy.
 Then the cache: the policy of good.test changed on the web server with the
@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 import threading
 import types
@@ -224,7 +225,7 @@ def test_policies_decide_delivery(make_postern, world):
     # enforce, self-signed certificate: deferred over TLS, no clear text.
     token, qid = send(p, "selfsigned.test")
     m = outcome(p, qid, "deferred")
-    assert m.group(1) == "Server certificate not trusted"
+    assert m.group(1) == "Server certificate not verified"
     p.wait_for_log(rf"Untrusted TLS connection established to mx\.selfsigned\.test\[127\.0\.0\.1\]:{w.b.port}")
     p.wait_for_log(rf"server certificate verification failed for mx\.selfsigned\.test\[127\.0\.0\.1\]:{w.b.port}: untrusted issuer")
     assert not w.b.find(token)
@@ -347,3 +348,100 @@ def test_tls_report_counts_the_sessions(make_postern, world):
     assert r.returncode == 0, h.describe(r)
     time.sleep(2)
     assert len(w.a.find("TLS-Report-Domain: testing.test")) == 1
+
+
+def mta_sts_daemon():
+    """postfix-mta-sts-resolver's daemon (PyPI; scripts/test installs it
+    in /opt/postern-test-venv)."""
+    return shutil.which("mta-sts-daemon") or next(
+        (p for p in ["/opt/postern-test-venv/bin/mta-sts-daemon"] if os.access(p, os.X_OK)), None)
+
+
+def test_postfix_with_mta_sts_resolver_gives_the_same_outcomes(postfix_peer, world):  # noqa: F811
+    """The same domains, policies and receivers, a private Postfix 3.7 as
+    the sender with postfix-mta-sts-resolver answering its
+    smtp_tls_policy_maps (socketmap): what Postern builds in. Postfix and
+    the resolver read /etc/resolv.conf, so dnsmasq serves the same
+    records on 127.0.0.1:53 and resolv.conf is replaced for the test and
+    put back after it; the resolver trusts the test CA through
+    SSL_CERT_FILE. Same outcomes: good, testing and none delivered,
+    unlisted and selfsigned deferred (Postfix connects to the unlisted
+    MX and refuses its certificate name; Postern does not connect)."""
+    import smtplib
+    daemon = mta_sts_daemon()
+    if not daemon:
+        pytest.skip("postfix-mta-sts-resolver is not installed (scripts/test installs it)")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", 53))
+    except OSError:
+        pytest.skip("127.0.0.1:53 is taken")
+    finally:
+        probe.close()
+    w = world
+    d = Path(tempfile.mkdtemp(prefix="pt-sts-pf-"))
+    dns53 = h.Dnsmasq(dns_args(w.web.ip, {})).start(port=53)
+    bundle = d / "bundle.pem"
+    bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+                       + Path(w.ca.ca_file).read_bytes())
+    sport = h.free_port()
+    (d / "mta-sts.yml").write_text(
+        f"host: 127.0.0.1\nport: {sport}\nreuse_port: true\ncache:\n  type: internal\n"
+        "default_zone:\n  strict_testing: false\n  timeout: 4\n")
+    resolv = Path("/etc/resolv.conf")
+    saved = resolv.read_bytes() if resolv.exists() else None
+    proc = None
+    try:
+        resolv.write_text("nameserver 127.0.0.1\n")
+        env = dict(os.environ, SSL_CERT_FILE=str(bundle))
+        proc = subprocess.Popen([daemon, "-c", str(d / "mta-sts.yml"), "-v", "debug",
+                                 "-l", str(d / "daemon.log"), "--disable-uvloop"],
+                                env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        h.wait_for(lambda: _connects(sport), timeout=20, what="mta-sts-daemon")
+        ports = {"good.test": w.a.port, "unlisted.test": w.a.port}
+        ports.update({x: w.b.port for x in ("selfsigned.test", "testing.test", "none.test")})
+        pf = postfix_peer(params={
+            "transport_maps": "inline:{ " + ", ".join(
+                f"{dom}=smtp:{dom}:{port}" for dom, port in ports.items()) + " }",
+            "smtp_tls_policy_maps": f"socketmap:inet:127.0.0.1:{sport}:postfix",
+            "smtp_tls_CAfile": str(w.ca.ca_file),
+            "smtp_tls_security_level": "may",
+            "smtp_tls_loglevel": "1",
+            "smtp_host_lookup": "dns",
+            "virtual_mailbox_domains": "sender.invalid",
+        })
+        for dom in DOMAINS:
+            token = "pt-sts-pf-" + uuid.uuid4().hex
+            with smtplib.SMTP("127.0.0.1", pf.port, timeout=30) as c:
+                c.sendmail(SENDER, [f"user@{dom}"], message(f"user@{dom}", token))
+
+        def status(dom):
+            m = re.search(rf"to=<user@{re.escape(dom)}>,[^\n]*status=(\w+) \(([^\n]*)\)",
+                          pf.log_text())
+            return m and (m.group(1), m.group(2))
+
+        got = {dom: h.wait_for(lambda dom=dom: status(dom), timeout=60,
+                               what=f"Postfix's delivery to {dom}") for dom in DOMAINS}
+        log = pf.log_text()
+        assert got["good.test"][0] == "sent", log
+        assert re.search(r"Verified TLS connection established to mx\.good\.test\[", log), log
+        assert got["unlisted.test"] == ("deferred", "Server certificate not verified"), log
+        assert got["selfsigned.test"] == ("deferred", "Server certificate not verified"), log
+        assert got["testing.test"][0] == "sent", log
+        assert got["none.test"][0] == "sent", log
+    finally:
+        if saved is not None:
+            resolv.write_bytes(saved)
+        if proc is not None:
+            h.stop_process(proc)
+        dns53.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _connects(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -114,18 +114,14 @@ impl<'c> Session<'_, 'c> {
             );
         }
         if level.checks_certificate() && est.trust != Trust::Verified {
-            let (detail, reason) = match &est.trust {
-                // DANE matches the records or nothing: Postfix's
-                // TLS_MUST_MATCH text.
-                Trust::Untrusted(d) if level.is_dane() => {
-                    (d.clone(), "Server certificate not verified")
-                }
-                Trust::Untrusted(d) => (d.clone(), "Server certificate not trusted"),
-                _ => (
-                    format!("certificate does not match {}", tls.names.join(", ")),
-                    "Server certificate not verified",
-                ),
+            // Every level that checks the certificate is one of Postfix's
+            // TLS_MUST_MATCH levels (above `encrypt`): an untrusted chain
+            // and a name that does not match both defer with its text.
+            let detail = match &est.trust {
+                Trust::Untrusted(d) => d.clone(),
+                _ => format!("certificate does not match {}", tls.names.join(", ")),
             };
+            let reason = "Server certificate not verified";
             info!(
                 "server certificate verification failed for {}: {detail}",
                 self.peer.relay
