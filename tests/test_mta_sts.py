@@ -60,6 +60,7 @@ class PolicyServer:
     def __init__(self, cert, key):
         self.policies = {}
         self.fetches = {}
+        self.posts = []  # (host, path, content type, body)
         self.lock = threading.Lock()
         self.ip = self._free_ip()
         outer = self
@@ -79,6 +80,16 @@ class PolicyServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n)
+                with outer.lock:
+                    outer.posts.append(((self.headers.get("Host") or "").split(":")[0].lower(),
+                                        self.path, self.headers.get("Content-Type"), body))
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -128,10 +139,15 @@ def self_signed(d, names):
     return types.SimpleNamespace(cert_file=cert, key_file=key)
 
 
-def dns_args(web_ip, ids):
+def dns_args(web_ip, ids, conf_dir):
     args = ["--local=/test/"]
-    for dom in ("good.test", "testing.test"):
-        args.append(f"--txt-record=_smtp._tls.{dom},v=TLSRPTv1; rua=mailto:tlsrpt@rpt.test")
+    args.append("--txt-record=_smtp._tls.good.test,v=TLSRPTv1; rua=mailto:tlsrpt@rpt.test")
+    # A comma inside one TXT string: quoted, which dnsmasq honours in a
+    # configuration file only (on its command line a comma splits strings).
+    conf = Path(conf_dir) / "tlsrpt-dnsmasq.conf"
+    conf.write_text('txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
+                    'rua=mailto:tlsrpt@rpt.test,https://mta-sts.testing.test/tlsrpt"\n')
+    args.append(f"--conf-file={conf}")
     for dom in DOMAINS:
         args += [f"--mx-host={dom},mx.{dom},10", f"--host-record=mx.{dom},127.0.0.1",
                  f"--host-record=mta-sts.{dom},{web_ip}",
@@ -165,8 +181,8 @@ def world(postfix_peer):  # noqa: F811
         "mta-sts.testing.test": policy("testing", "mx.testing.test"),
         "mta-sts.none.test": policy("none"),
     })
-    dns = h.Dnsmasq(dns_args(web.ip, {})).start()
-    w = types.SimpleNamespace(ca=ca, a=a, b=b, web=web, dns=dns)
+    dns = h.Dnsmasq(dns_args(web.ip, {}, d)).start()
+    w = types.SimpleNamespace(ca=ca, a=a, b=b, web=web, dns=dns, dir=d)
     yield w
     w.dns.stop()
     web.stop()
@@ -275,7 +291,7 @@ def test_cache_until_the_id_changes(make_postern, world):
     # A new id: fetched again, and the new policy refuses mx.good.test.
     port = w.dns.port
     w.dns.stop()
-    w.dns = h.Dnsmasq(dns_args(w.web.ip, {"good.test": "2"})).start(port=port)
+    w.dns = h.Dnsmasq(dns_args(w.web.ip, {"good.test": "2"}, w.dir)).start(port=port)
     token, qid = send(p, "good.test")
     m = outcome(p, qid, "deferred")
     assert m.group(1) == "MX host mx.good.test does not match the MTA-STS policy of good.test"
@@ -321,6 +337,10 @@ def test_tls_report_counts_the_sessions(make_postern, world):
         return json.loads(gzip.decompress(part.get_content()))
 
     rep = report("testing.test")
+    # The same report POSTed to the https: address (RFC 8460 section 5.4).
+    (host, path, ctype, body), = [x for x in w.web.posts if x[0] == "mta-sts.testing.test"]
+    assert (path, ctype) == ("/tlsrpt", "application/tlsrpt+gzip")
+    assert json.loads(gzip.decompress(body)) == rep
     assert rep["organization-name"] == "Postern Test Org"
     assert rep["contact-info"] == "tlsrpt-contact@sender.test"
     assert rep["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
@@ -380,7 +400,7 @@ def test_postfix_with_mta_sts_resolver_gives_the_same_outcomes(postfix_peer, wor
         probe.close()
     w = world
     d = Path(tempfile.mkdtemp(prefix="pt-sts-pf-"))
-    dns53 = h.Dnsmasq(dns_args(w.web.ip, {})).start(port=53)
+    dns53 = h.Dnsmasq(dns_args(w.web.ip, {}, d)).start(port=53)
     bundle = d / "bundle.pem"
     bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
                        + Path(w.ca.ca_file).read_bytes())
