@@ -293,3 +293,52 @@ def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, postfix_peer, cas)
     finally:
         dns.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dane_wins_over_mta_sts(make_postern, postfix_peer, cas):  # noqa: F811
+    """At level dane, delivery by MX: far.test (MX good.far.test, usable
+    TLSA) and sub.far.test (MX notlsa.far.test, no TLSA) both publish an
+    MTA-STS policy in enforce mode that lists neither MX host. DANE wins
+    where it applies (RFC 8461 section 2): good.far.test gets the mail,
+    Verified by its TLSA record; notlsa.far.test comes under the policy
+    and is refused."""
+    from test_mta_sts import PolicyServer, policy
+    good, _bad, _plain, notlsa, records = receivers(postfix_peer, cas)
+    d = tempfile.mkdtemp(prefix="pt-unbound-")
+    web_ca = TestCA(Path(d) / "web", names=["mta-sts.far.test", "mta-sts.sub.far.test"])
+    web = PolicyServer(web_ca.cert_file, web_ca.key_file)
+    web.policies.update({
+        "mta-sts.far.test": policy("enforce", "other.far.test"),
+        "mta-sts.sub.far.test": policy("enforce", "other.far.test"),
+    })
+    dns = SignedDns(d, records + [
+        "@ IN MX 10 good", "sub IN MX 10 notlsa",
+        '_mta-sts IN TXT "v=STSv1; id=1"', f"mta-sts IN A {web.ip}",
+        '_mta-sts.sub IN TXT "v=STSv1; id=1"', f"mta-sts.sub IN A {web.ip}",
+    ])
+    try:
+        p = make_postern({
+            "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+            "smtp_dns_support_level": "dnssec",
+            "smtp_tls_security_level": "dane",
+            "transport_maps": f"inline:{{ far.test=smtp:far.test:{good.port}, "
+                              f"sub.far.test=smtp:sub.far.test:{notlsa.port} }}",
+            "smtp_tls_CAfile": str(web_ca.ca_file),
+            "smtp_tls_loglevel": "1",
+        })
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, [RCPT], message(token))[0] == 250
+        good.wait_for(token)
+        p.wait_for_log(rf"Verified TLS connection established to good\.far\.test\[127\.0\.0\.1\]:{good.port}")
+        p.wait_for_log(r"to=<user@far\.test>, relay=good\.far\.test.*status=sent")
+        assert web.count("mta-sts.far.test") == 1, "the policy was looked up"
+
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, ["user@sub.far.test"], message(token))[0] == 250
+        p.wait_for_log(r"to=<user@sub\.far\.test>, .*dsn=4\.7\.5, status=deferred \(MX host "
+                       r"notlsa\.far\.test does not match the MTA-STS policy of sub\.far\.test\)")
+        assert not notlsa.find(token)
+    finally:
+        web.stop()
+        dns.stop()
+        shutil.rmtree(d, ignore_errors=True)
