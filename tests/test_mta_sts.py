@@ -47,6 +47,9 @@ from postfix_peer import TestCA, postfix_peer  # noqa: F401  (the fixture)
 
 SENDER = "sender@example.org"
 DOMAINS = ["good.test", "unlisted.test", "selfsigned.test", "testing.test", "none.test"]
+# A TXT record but no policy on the web server (404): no policy, a
+# TLS-RPT sts-policy-fetch-error.
+BROKEN = "broken.test"
 
 
 def policy(mode, *mx, max_age=86400):
@@ -141,14 +144,15 @@ def self_signed(d, names):
 
 def dns_args(web_ip, ids, conf_dir):
     args = ["--local=/test/"]
-    args.append("--txt-record=_smtp._tls.good.test,v=TLSRPTv1; rua=mailto:tlsrpt@rpt.test")
+    for dom in ("good.test", BROKEN):
+        args.append(f"--txt-record=_smtp._tls.{dom},v=TLSRPTv1; rua=mailto:tlsrpt@rpt.test")
     # A comma inside one TXT string: quoted, which dnsmasq honours in a
     # configuration file only (on its command line a comma splits strings).
     conf = Path(conf_dir) / "tlsrpt-dnsmasq.conf"
     conf.write_text('txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
                     'rua=mailto:tlsrpt@rpt.test,https://mta-sts.testing.test/tlsrpt"\n')
     args.append(f"--conf-file={conf}")
-    for dom in DOMAINS:
+    for dom in DOMAINS + [BROKEN]:
         args += [f"--mx-host={dom},mx.{dom},10", f"--host-record=mx.{dom},127.0.0.1",
                  f"--host-record=mta-sts.{dom},{web_ip}",
                  f"--txt-record=_mta-sts.{dom},v=STSv1; id={ids.get(dom, '1')}"]
@@ -166,11 +170,12 @@ def world(postfix_peer):  # noqa: F811
         pytest.skip("dnsmasq is not installed (scripts/test installs dnsmasq-base)")
     d = tempfile.mkdtemp(prefix="pt-sts-")
     ca = TestCA(d, names=["mx.good.test", "mx.unlisted.test"]
-                + [f"mta-sts.{x}" for x in DOMAINS])
+                + [f"mta-sts.{x}" for x in DOMAINS + [BROKEN]])
     d2 = tempfile.mkdtemp(prefix="pt-sts-self-")
     os.chmod(d2, 0o755)
-    ss = self_signed(d2, ["mx.selfsigned.test", "mx.testing.test", "mx.none.test"])
-    accept = {"virtual_mailbox_domains": " ".join(DOMAINS + ["rpt.test"])}
+    ss = self_signed(d2, ["mx.selfsigned.test", "mx.testing.test", "mx.none.test",
+                          f"mx.{BROKEN}"])
+    accept = {"virtual_mailbox_domains": " ".join(DOMAINS + [BROKEN, "rpt.test"])}
     a = postfix_peer(tls=ca, params=accept)
     b = postfix_peer(tls=ss, params=accept)
     web = PolicyServer(ca.cert_file, ca.key_file)
@@ -192,7 +197,7 @@ def world(postfix_peer):  # noqa: F811
 
 def postern_for(make_postern, w, **extra):
     ports = {"good.test": w.a.port, "unlisted.test": w.a.port}
-    ports.update({x: w.b.port for x in ("selfsigned.test", "testing.test", "none.test")})
+    ports.update({x: w.b.port for x in ("selfsigned.test", "testing.test", "none.test", BROKEN)})
     transport = ", ".join(f"{dom}=smtp:{dom}:{port}" for dom, port in ports.items())
     # TLS-RPT reports go to receiver A, no MX lookup.
     transport += f", rpt.test=smtp:[127.0.0.1]:{w.a.port}"
@@ -309,7 +314,8 @@ def test_tls_report_counts_the_sessions(make_postern, world):
     p = postern_for(make_postern, w, smtp_tls_report_enable="yes",
                     smtp_tls_report_organization="Postern Test Org",
                     smtp_tls_report_contact="tlsrpt-contact@sender.test")
-    for dom, peer in (("testing.test", w.b), ("testing.test", w.b), ("good.test", w.a)):
+    for dom, peer in (("testing.test", w.b), ("testing.test", w.b), ("good.test", w.a),
+                      (BROKEN, w.b)):
         token, qid = send(p, dom)
         peer.wait_for(token)
         outcome(p, qid, "sent")
@@ -362,6 +368,18 @@ def test_tls_report_counts_the_sessions(make_postern, world):
     assert pol["summary"] == {"total-successful-session-count": 1,
                               "total-failure-session-count": 0}
     assert pol["failure-details"] == []
+
+    # The policy that could not be fetched: delivered as without one,
+    # reported as an sts-policy-fetch-error per attempt.
+    p.wait_for_log(r"warning: MTA-STS: cannot fetch the policy of broken\.test: "
+                   r"mta-sts\.broken\.test: HTTP status 404")
+    rep = report(BROKEN)
+    pol, = rep["policies"]
+    fetches = w.web.count(f"mta-sts.{BROKEN}")
+    assert fetches >= 1
+    assert pol["summary"] == {"total-successful-session-count": 0,
+                              "total-failure-session-count": fetches}
+    assert [d["result-type"] for d in pol["failure-details"]] == ["sts-policy-fetch-error"]
 
     # A day is reported once.
     r = p.postern("tls-report", "send", "-d", day)
