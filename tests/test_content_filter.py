@@ -453,7 +453,7 @@ def test_content_filter_postfix(filter_ports, content_filter):
 
 def test_check_refuses_bad_filter_settings(make_postern):
     """A misspelt receive_override_options, a content_filter without a
-    transport, or a before-queue smtpd_proxy_filter stops `postern check`
+    transport, or a before-queue smtpd_proxy_filter smtpd cannot use stops `postern check`
     (and start), naming it."""
     p = make_postern(start=False, params={"receive_override_options": "no_header_checks"})
     r = p.postern("check")
@@ -466,12 +466,17 @@ def test_check_refuses_bad_filter_settings(make_postern):
     assert r.returncode == 1 and "content_filter" in r.stderr, h.describe(r)
     r = p.postern("start")
     assert r.returncode != 0 and "content_filter" in r.stderr, h.describe(r)
-    # A before-queue filter is not offered: refused, never ignored.
-    p = make_postern(start=False, params={"smtpd_proxy_filter": "127.0.0.1:10024"})
-    r = p.postern("check")
-    assert r.returncode == 1 and "smtpd_proxy_filter" in r.stderr, h.describe(r)
-    r = p.postern("start")
-    assert r.returncode != 0 and "smtpd_proxy_filter" in r.stderr, h.describe(r)
+    # A before-queue filter smtpd could not use (tests/test_proxy_filter.py
+    # has one that works): refused, never ignored.
+    for params in ({"smtpd_proxy_filter": "127.0.0.1:99999"},
+                   {"smtpd_proxy_filter": "127.0.0.1:10024",
+                    "smtpd_proxy_options": "speed_adjust, forward_ehlo"}):
+        p = make_postern(start=False, params=params)
+        r = p.postern("check")
+        name = "smtpd_proxy_options" if len(params) > 1 else "smtpd_proxy_filter"
+        assert r.returncode == 1 and name in r.stderr, h.describe(r)
+        r = p.postern("start")
+        assert r.returncode != 0 and name in r.stderr, h.describe(r)
 
 
 def test_content_filter_for_local_submission(make_postern, local_users, filter_ports):

@@ -164,3 +164,38 @@ def test_command_exit_statuses_are_not_software_problems(make_postern, sink, loc
     notices = [m for m in sink.messages if "pm@remote.test" in m.rcpt_tos]
     assert notices == [], [m.content[:300] for m in notices]
     assert not p.log_search(r"postmaster .*notification"), p.log_tail()
+
+
+def test_command_that_cannot_start_defers_without_a_notice(make_postern, sink, scratch):  # noqa: F811
+    """A pipe(8) command that does not exist: as with Postfix 3.7 (whose
+    child logs ``execvp ...: No such file or directory`` and dies with a
+    temporary failure), the message is deferred with dsn 4.3.0 and waits
+    for the administrator to fix the command; it is the message's
+    deferral, retried without a "software problem" notice to
+    error_notice_recipient at each try."""
+    missing = f"{scratch}/no-such-command"
+    p = pipe_postern(make_postern, [
+        "nocmd unix - n n - - pipe",
+        f"  user={VMAIL} argv={missing} ${{recipient}}",
+    ], {"nocmd.test": "nocmd:"}, params={
+        "relayhost": f"[127.0.0.1]:{sink.port}",
+        "error_notice_recipient": "pm@remote.test",
+        "minimal_backoff_time": "1s",
+        "maximal_backoff_time": "2s",
+        "queue_run_delay": "1s",
+    })
+    token = new_token()
+    code, text = p.send(SENDER, ["x@nocmd.test"],
+                        f"From: {SENDER}\nTo: x@nocmd.test\nSubject: {token}\n\nbody\n")
+    assert code == 250, text
+    qid = queue_id(text)
+    line = (rf"{qid}: to=<x@nocmd\.test>.*relay=nocmd.*dsn=4\.3\.0, status=deferred "
+            rf"\(temporary failure\. Command output: execvp {re.escape(missing)}: "
+            r"No such file or directory")
+    p.wait_for_log(line)
+    # Retried (two more tries at least), still nobody paged.
+    wait_for(lambda: len(p.log_findall(line)) >= 3, 60, what="three tries")
+    notices = [m for m in sink.messages if "pm@remote.test" in m.rcpt_tos]
+    assert notices == [], [m.content[:300] for m in notices]
+    assert not p.log_search(r"postmaster .*notification"), p.log_tail()
+    assert p.queue_files("deferred") or p.queue_files("active"), "the message must wait"

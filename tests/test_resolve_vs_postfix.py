@@ -235,14 +235,16 @@ def postern_resolutions(p, addresses):
     return out
 
 
-def rcpt_replies(port, addresses):
+def rcpt_replies(port, addresses, sender="sender@client.test", helo="client.test", source=None):
+    """The last reply line to RCPT TO for each address, one session (from
+    the `source` address, EHLO `helo`), MAIL FROM:<sender> before each."""
     out = {}
-    c = h.RawSmtp(port)
+    c = h.RawSmtp(port, source=source)
     try:
         assert c.reply()[0].startswith("220")
-        assert c.cmd("EHLO client.test")[-1].startswith("250")
+        assert c.cmd(f"EHLO {helo}")[-1].startswith("250")
         for a in addresses:
-            assert c.cmd("MAIL FROM:<sender@client.test>")[-1].startswith("250")
+            assert c.cmd(f"MAIL FROM:<{sender}>")[-1].startswith("250")
             out[a] = c.cmd(f"RCPT TO:<{a}>")[-1]
             c.cmd("RSET")
         c.cmd("QUIT")

@@ -29,6 +29,7 @@
 //! defers); a failed TLSA lookup defers ("TLSA lookup error for
 //! HOST:PORT").
 
+use crate::tls_ccert::spki;
 use hickory_resolver::proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use std::io::{Read, Write};
@@ -119,60 +120,6 @@ impl Tlsa {
         let hex: String = self.data.iter().map(|b| format!("{b:02x}")).collect();
         format!("{} {} {} {hex}", self.usage, self.selector, self.mtype)
     }
-}
-
-/// One DER element at the start of `b`: (tag, content, rest).
-fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *b.first()?;
-    let first = *b.get(1)? as usize;
-    let (len, head) = if first < 0x80 {
-        (first, 2)
-    } else {
-        let n = first & 0x7f;
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let mut len = 0usize;
-        for i in 0..n {
-            len = (len << 8) | *b.get(2 + i)? as usize;
-        }
-        (len, 2 + n)
-    };
-    let end = head.checked_add(len)?;
-    if end > b.len() {
-        return None;
-    }
-    Some((tag, &b[head..end], &b[end..]))
-}
-
-/// The whole DER element at the start of `b` (tag and length included).
-fn der_whole(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (_, _, rest) = der(b)?;
-    Some((&b[..b.len() - rest.len()], rest))
-}
-
-/// The SubjectPublicKeyInfo of a DER certificate, tag and length
-/// included (what selector 1 digests).
-pub fn spki(cert: &[u8]) -> Option<&[u8]> {
-    let (tag, body, _) = der(cert)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, tbs, _) = der(body)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let mut rest = tbs;
-    // [0] version, optional.
-    if rest.first() == Some(&0xa0) {
-        rest = der(rest)?.2;
-    }
-    // serialNumber, signature, issuer, validity, subject.
-    for _ in 0..5 {
-        rest = der(rest)?.2;
-    }
-    let (whole, _) = der_whole(rest)?;
-    (whole.first() == Some(&0x30)).then_some(whole)
 }
 
 /// What a query found.

@@ -38,6 +38,7 @@
 pub mod addr;
 pub mod anvil;
 pub mod base64;
+pub mod cache_file;
 pub mod cdb;
 pub mod cidr;
 pub mod dane;
@@ -58,6 +59,7 @@ pub mod mta_sts;
 pub mod pass_fd;
 pub mod pool;
 pub mod privs;
+pub mod proxy_filter;
 pub mod qfile;
 pub mod queue;
 pub mod receive_override;

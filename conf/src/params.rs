@@ -492,6 +492,12 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_filter_nexthop", ""),
     ("receive_override_options", ""),
     ("smtpd_authorized_xforward_hosts", ""),
+    // The before-queue content filter (SMTPD_PROXY_README): smtpd
+    // passes each transaction through it (smtpd/src/proxy.rs).
+    ("smtpd_proxy_filter", ""),
+    ("smtpd_proxy_timeout", "100s"),
+    ("smtpd_proxy_ehlo", "$myhostname"),
+    ("smtpd_proxy_options", ""),
     ("smtp_send_xforward_command", "no"),
     ("smtp_xforward_timeout", "300s"),
     // The smtp client's header and body checks (lmtp reads these too).

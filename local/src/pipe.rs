@@ -80,7 +80,14 @@ impl Command<'_> {
     pub fn run(&self, prefix: &[u8], content: &mut dyn Read) -> Status {
         let mut child = match self.spawn() {
             Ok(c) => c,
-            Err((e, output)) => {
+            // No process at all (fork, pipe): a resource problem of the
+            // mail system, for the postmaster.
+            Err((e, output))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE)
+                ) =>
+            {
                 return Status::defer(
                     "4.3.0",
                     format!(
@@ -89,6 +96,25 @@ impl Command<'_> {
                         crate::status::strip_os_error(&e)
                     ) + &output,
                 )
+            }
+            // The command could not become itself (no such program, not
+            // executable, user or directory refused): Postfix's child
+            // dies with a temporary failure and that is the message's
+            // deferral, like any exit status — not a software problem
+            // that pages the postmaster at each retry.
+            Err((e, _)) => {
+                let program = match self.argv {
+                    Some([program, ..]) => program.as_str(),
+                    _ => "/bin/sh",
+                };
+                return Status::defer(
+                    "4.3.0",
+                    format!(
+                        "temporary failure. Command output: execvp {program}: {}",
+                        crate::status::strip_os_error(&e)
+                    ),
+                )
+                .from_command();
             }
         };
         let deadline = Instant::now() + self.time_limit;

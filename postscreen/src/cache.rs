@@ -10,9 +10,8 @@
 //! each change; entries expired longer than
 //! `postscreen_cache_retention_time` are dropped then.
 
+use postern_common::cache_file::CacheFile;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Seek, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -42,8 +41,7 @@ impl Expiry {
 }
 
 pub struct Cache {
-    path: Option<PathBuf>,
-    file: Option<File>,
+    file: Option<CacheFile>,
     retention: u64,
     entries: HashMap<IpAddr, Expiry>,
 }
@@ -60,42 +58,28 @@ impl Cache {
     /// cannot be opened: logged) nothing is remembered.
     pub fn open(path: Option<PathBuf>, retention: u64) -> Cache {
         let mut entries = HashMap::new();
-        let mut file = path.as_ref().and_then(|p| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-                .map_err(|e| postern_common::warning!("postscreen_cache_map {}: {e}", p.display()))
-                .ok()
-        });
-        let mut text = String::new();
-        if let Some(f) = file.as_mut() {
-            let _ = f.read_to_string(&mut text);
-            for line in text.lines() {
-                let Some((addr, times)) = line.split_once('\t') else {
-                    continue;
-                };
-                let mut t = times
-                    .split(';')
-                    .map(|x| x.trim().parse::<u64>().unwrap_or(0));
-                if let Ok(ip) = addr.parse() {
-                    entries.insert(
-                        ip,
-                        Expiry {
-                            pregreet: t.next().unwrap_or(0),
-                            dnsbl: t.next().unwrap_or(0),
-                            pipelining: t.next().unwrap_or(0),
-                            non_smtp_command: t.next().unwrap_or(0),
-                            bare_newline: t.next().unwrap_or(0),
-                        },
-                    );
-                }
+        let (file, text) = CacheFile::open(path.as_deref(), "postscreen_cache_map");
+        for line in text.lines() {
+            let Some((addr, times)) = line.split_once('\t') else {
+                continue;
+            };
+            let mut t = times
+                .split(';')
+                .map(|x| x.trim().parse::<u64>().unwrap_or(0));
+            if let Ok(ip) = addr.parse() {
+                entries.insert(
+                    ip,
+                    Expiry {
+                        pregreet: t.next().unwrap_or(0),
+                        dnsbl: t.next().unwrap_or(0),
+                        pipelining: t.next().unwrap_or(0),
+                        non_smtp_command: t.next().unwrap_or(0),
+                        bare_newline: t.next().unwrap_or(0),
+                    },
+                );
             }
         }
         Cache {
-            path,
             file,
             retention,
             entries,
@@ -108,20 +92,12 @@ impl Cache {
 
     pub fn put(&mut self, ip: IpAddr, e: Expiry) {
         self.entries.insert(ip, e);
-        if let Err(err) = self.save() {
-            postern_common::warning!(
-                "postscreen_cache_map {}: {err}",
-                self.path
-                    .as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_default()
-            );
-        }
+        self.save();
     }
 
-    fn save(&mut self) -> std::io::Result<()> {
+    fn save(&mut self) {
         let Some(f) = self.file.as_mut() else {
-            return Ok(());
+            return;
         };
         let horizon = now().saturating_sub(self.retention);
         self.entries.retain(|_, e| e.latest() >= horizon);
@@ -132,9 +108,7 @@ impl Cache {
                 e.pregreet, e.dnsbl, e.pipelining, e.non_smtp_command, e.bare_newline
             ));
         }
-        f.rewind()?;
-        f.write_all(text.as_bytes())?;
-        f.set_len(text.len() as u64)
+        f.rewrite(&text);
     }
 }
 

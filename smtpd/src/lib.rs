@@ -42,6 +42,8 @@
 //!   helper threads.
 //! - [`sasl`]: SASL AUTH through Dovecot's auth server, one shared
 //!   non-blocking connection per process.
+//! - [`proxy`]: the before-queue content filter (`smtpd_proxy_filter`):
+//!   the SMTP conversation with it, on a helper thread per connection.
 //! - [`settings`]: the parameters smtpd reads.
 
 pub mod anvil;
@@ -51,6 +53,7 @@ pub mod dns;
 pub mod listener;
 pub mod outbuf;
 pub mod policy_client;
+pub mod proxy;
 pub mod received;
 pub mod restrictions;
 pub mod sasl;

@@ -67,9 +67,14 @@ impl Received<'_> {
             s.push_str(&format!("\t(Authenticated sender: {a})\n"));
         }
         s.push_str(&format!(
-            "\tby {} ({}) with {} id {}",
-            self.myhostname, self.mail_name, self.protocol, self.queue_id
+            "\tby {} ({}) with {}",
+            self.myhostname, self.mail_name, self.protocol
         ));
+        // No queue file (a before-queue filter gets the message): no id,
+        // as Postfix.
+        if !self.queue_id.is_empty() {
+            s.push_str(&format!(" id {}", self.queue_id));
+        }
         if let [one] = self.recipients {
             s.push_str(&format!(
                 "\n\tfor <{}>; {}\n",

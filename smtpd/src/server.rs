@@ -29,6 +29,7 @@ use crate::cleanup_conn::{CleanupLink, CONNECT_RETRY};
 use crate::dns::Dns;
 use crate::listener::Listener;
 use crate::outbuf::OutBuf;
+use crate::proxy::{Event as ProxyEvent, ProxyLink, Request as ProxyRequest};
 use crate::sasl::{AuthConn, Delivery};
 use crate::session::{Client, Session};
 use crate::settings::Settings;
@@ -70,6 +71,8 @@ const DNS_WAKE: Token = Token(usize::MAX - 1);
 const ANVIL: Token = Token(usize::MAX - 2 - MAX_LISTENERS);
 /// master's drain signal (reload): finish the sessions, accept no more.
 const DRAIN: Token = Token(usize::MAX - 3 - MAX_LISTENERS);
+/// The before-queue filter helpers' wake-ups.
+const PROXY_WAKE: Token = Token(usize::MAX - 4 - MAX_LISTENERS);
 const READ_CHUNK: usize = 64 * 1024;
 /// Stop reading a client while this much of our output to it is unsent.
 const CLIENT_OUT_HIGH: usize = 256 * 1024;
@@ -106,6 +109,29 @@ struct Slot {
     tls: Option<Box<TlsConn>>,
     /// Tarpit (smtpd_error_sleep_time): neither write nor read until then.
     hold_until: Option<Instant>,
+    /// The connection to the before-queue filter (`smtpd_proxy_filter`).
+    proxy: Option<ProxyLink>,
+}
+
+/// The before-queue filter connections' helpers: how they report back.
+struct ProxyHub {
+    events_tx: std::sync::mpsc::Sender<(usize, u64, ProxyEvent)>,
+    events: std::sync::mpsc::Receiver<(usize, u64, ProxyEvent)>,
+    /// Made at the first connection.
+    waker: Option<Arc<mio::Waker>>,
+    next_id: u64,
+}
+
+impl ProxyHub {
+    fn new() -> ProxyHub {
+        let (events_tx, events) = std::sync::mpsc::channel();
+        ProxyHub {
+            events_tx,
+            events,
+            waker: None,
+            next_id: 0,
+        }
+    }
 }
 
 enum Turn {
@@ -182,6 +208,7 @@ pub fn run(cfg: Settings) -> ! {
         anvil,
         fd_starved: false,
         drain,
+        proxies: ProxyHub::new(),
     };
     if let Some(target) = &server.cfg.sasl {
         server.auth = Some(AuthConn::new(
@@ -226,6 +253,7 @@ struct Server {
     /// Readable once master asks this process to drain; the listeners
     /// are then closed and the process exits after its last session.
     drain: UnixStream,
+    proxies: ProxyHub,
 }
 
 impl Server {
@@ -262,6 +290,7 @@ impl Server {
             }
             closed |= self.pump_auth();
             closed |= self.pump_dns();
+            closed |= self.pump_proxy();
             if closed && !self.busy {
                 // Connections may have waited while we were full.
                 let mut more = Vec::new();
@@ -318,7 +347,7 @@ impl Server {
                 self.anvil.borrow_mut().check();
                 continue;
             }
-            if t == AUTH || t == DNS_WAKE {
+            if t == AUTH || t == DNS_WAKE || t == PROXY_WAKE {
                 continue; // pumped below, every turn
             }
             if t == DRAIN {
@@ -425,6 +454,25 @@ impl Server {
                 continue;
             };
             slot.session.dns_answer(q, a);
+            slot.last_io = Instant::now();
+            closed |= self.drive(idx);
+        }
+        closed
+    }
+
+    /// Hands the before-queue filter's answers to the sessions that
+    /// asked (an answer for a connection since dropped is ignored).
+    fn pump_proxy(&mut self) -> bool {
+        let mut closed = false;
+        let events: Vec<_> = self.proxies.events.try_iter().collect();
+        for (idx, id, ev) in events {
+            let Some(Some(slot)) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            if slot.proxy.as_ref().map(|p| p.id) != Some(id) {
+                continue;
+            }
+            slot.session.proxy_event(ev);
             slot.last_io = Instant::now();
             closed |= self.drive(idx);
         }
@@ -545,6 +593,7 @@ impl Server {
             cleanup: CleanupLink::default(),
             tls,
             hold_until: None,
+            proxy: None,
         });
         self.count += 1;
         Some(idx)
@@ -561,8 +610,11 @@ impl Server {
             self.poll.registry(),
             &self.cfg,
             &mut self.buf,
-            self.auth.as_mut(),
-            &mut self.dns,
+            Helpers {
+                auth: self.auth.as_mut(),
+                dns: &mut self.dns,
+                proxies: &mut self.proxies,
+            },
         ) {
             Turn::Idle => false,
             Turn::Again => {
@@ -621,6 +673,7 @@ impl Server {
                     touched.push(idx);
                 }
             } else if slot.cleanup.pending_open.is_none()
+                && !slot.session.waiting_on_proxy()
                 && now.duration_since(slot.last_io) > self.cfg.timeout
             {
                 slot.session.timeout();
@@ -652,9 +705,16 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     )
 }
 
+/// The process's helpers a session's requests go to.
+struct Helpers<'a> {
+    auth: Option<&'a mut AuthConn>,
+    dns: &'a mut Option<Dns>,
+    proxies: &'a mut ProxyHub,
+}
+
 /// One turn of a session: moves bytes between the client, the session
 /// and cleanup until nothing moves. Each pass runs the phases in order:
-/// DNS and auth requests, cleanup, output to the client, STARTTLS,
+/// DNS, auth and before-queue filter requests, cleanup, output to the client, STARTTLS,
 /// input from the client, the end of the session.
 fn turn(
     slot: &mut Slot,
@@ -662,9 +722,13 @@ fn turn(
     registry: &Registry,
     cfg: &Settings,
     buf: &mut [u8],
-    mut auth: Option<&mut AuthConn>,
-    dns: &mut Option<Dns>,
+    helpers: Helpers,
 ) -> Turn {
+    let Helpers {
+        mut auth,
+        dns,
+        proxies,
+    } = helpers;
     let mut reads = 0;
     // The session's own verbosity (debug_peer_list) while its work is done.
     let mut _verbose = postern_common::log::raise_verbosity(slot.session.debug_level());
@@ -674,7 +738,8 @@ fn turn(
         }
         submit_dns(slot, idx, registry, cfg, dns);
         submit_auth(slot, idx, registry, auth.as_deref_mut());
-        let mut progress =
+        let mut progress = submit_proxy(slot, idx, registry, cfg, proxies);
+        progress |=
             slot.cleanup
                 .send_requests(&mut slot.session, cleanup_token(idx), registry, cfg);
         progress |= slot
@@ -743,6 +808,63 @@ fn submit_dns(
             }
         }
     }
+}
+
+/// The session's requests for its before-queue filter connection: a new
+/// helper at Start, the steps to it, dropped at Close (answers come
+/// through pump_proxy); true if there were any.
+fn submit_proxy(
+    slot: &mut Slot,
+    idx: usize,
+    registry: &Registry,
+    cfg: &Settings,
+    proxies: &mut ProxyHub,
+) -> bool {
+    let requests = slot.session.take_proxy_requests();
+    if requests.is_empty() {
+        return false;
+    }
+    for req in requests {
+        match req {
+            ProxyRequest::Start => {
+                slot.proxy = None;
+                let Some(settings) = cfg.proxy.clone() else {
+                    continue;
+                };
+                if proxies.waker.is_none() {
+                    match mio::Waker::new(registry, PROXY_WAKE) {
+                        Ok(w) => proxies.waker = Some(Arc::new(w)),
+                        Err(e) => warning!("proxy filter wake-ups: {e}"),
+                    }
+                }
+                proxies.next_id += 1;
+                let started = match &proxies.waker {
+                    Some(w) => ProxyLink::start(
+                        settings,
+                        idx,
+                        proxies.next_id,
+                        proxies.events_tx.clone(),
+                        w.clone(),
+                    )
+                    .map_err(|e| e.to_string()),
+                    None => Err("no wake-up".to_string()),
+                };
+                match started {
+                    Ok(link) => slot.proxy = Some(link),
+                    Err(e) => warning!("cannot start proxy filter connection: {e}"),
+                }
+            }
+            ProxyRequest::Step(step) => {
+                if let Some(link) = &slot.proxy {
+                    link.send(step);
+                } else if slot.session.waiting_on_proxy() {
+                    slot.session.proxy_lost();
+                }
+            }
+            ProxyRequest::Close => slot.proxy = None,
+        }
+    }
+    true
 }
 
 /// Requests for the auth server (answers come through pump_auth).
@@ -834,7 +956,8 @@ fn start_tls(slot: &mut Slot, cfg: &Settings) -> bool {
 /// output side is backed up; Break(Again) after READS_PER_TURN reads,
 /// else Continue(whether anything was read).
 fn read_input(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) -> ControlFlow<Turn, bool> {
-    let cleanup_backed_up = slot.cleanup.backed_up(CLEANUP_OUT_HIGH);
+    let cleanup_backed_up = slot.cleanup.backed_up(CLEANUP_OUT_HIGH)
+        || slot.proxy.as_ref().is_some_and(|p| p.backed_up());
     let tls_plain = slot.tls.as_ref().is_some_and(|t| t.has_plaintext());
     let tls_backed_up = slot.tls.as_ref().is_some_and(|t| t.wants_write());
     let handshaking = slot.tls.as_ref().is_some_and(|t| t.is_handshaking());

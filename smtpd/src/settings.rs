@@ -110,6 +110,8 @@ pub struct Settings {
     pub ehlo_discard: String,
     /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
     pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
+    /// `smtpd_proxy_filter` and its settings, when one is set.
+    pub proxy: Option<Arc<crate::proxy::ProxySettings>>,
 }
 
 /// How smtpd reads client certificates.
@@ -280,6 +282,28 @@ impl Settings {
                     }
                     t
                 })
+            },
+            proxy: {
+                let spec = cfg.get("smtpd_proxy_filter");
+                let spec = spec.trim();
+                if spec.is_empty() {
+                    None
+                } else {
+                    let queue = postern_common::service::queue_directory(cfg);
+                    Some(Arc::new(crate::proxy::ProxySettings {
+                        service: spec.to_string(),
+                        endpoint: postern_common::proxy_filter::Endpoint::parse(spec, &queue)?,
+                        timeout: Duration::from_secs(
+                            cfg.get_time("smtpd_proxy_timeout").map_err(e)?.max(1),
+                        ),
+                        ehlo: cfg.get("smtpd_proxy_ehlo").trim().to_string(),
+                        options: postern_common::proxy_filter::Options::parse(
+                            &cfg.get("smtpd_proxy_options"),
+                        )?,
+                        line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize)
+                            .max(512),
+                    }))
+                }
             },
             ehlo_discard: cfg.get("smtpd_discard_ehlo_keywords"),
             ehlo_discard_maps: {

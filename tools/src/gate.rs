@@ -15,7 +15,10 @@
 //!   something else than Postfix's default: a milter, a before-queue
 //!   proxy filter, ... (the TLS settings rustls does not take are
 //!   warnings);
-//! - `receive_override_options` values Postfix does not know.
+//! - `receive_override_options` values Postfix does not know;
+//! - a before-queue filter (`smtpd_proxy_filter`) smtpd could not reach
+//!   for its form, or `smtpd_proxy_options` it does not know: smtpd
+//!   would refuse every message.
 
 use postern_common::match_list::{Kind, MatchList};
 use postern_common::restriction;
@@ -53,9 +56,6 @@ pub const MATCH_LISTS: &[(&str, Kind)] = &[
 /// Settings that only tune a feature another parameter turns on (an
 /// error comes from that one): warnings.
 const TUNING: &[&str] = &[
-    "smtpd_proxy_timeout",
-    "smtpd_proxy_ehlo",
-    "smtpd_proxy_options",
     "smtpd_upstream_proxy_timeout",
     "default_filter_nexthop",
     "internal_mail_filter_classes",
@@ -179,6 +179,21 @@ fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)>
                 format!("content_filter = {filter}: no transport (expected transport:nexthop)"),
             )
         });
+    }
+    if name == "smtpd_proxy_filter" {
+        let spec = cfg.expand(value);
+        if spec.trim().is_empty() {
+            return None;
+        }
+        let queue = postern_common::service::queue_directory(cfg);
+        return postern_common::proxy_filter::Endpoint::parse(&spec, &queue)
+            .err()
+            .map(|e| (true, e));
+    }
+    if name == "smtpd_proxy_options" {
+        return postern_common::proxy_filter::Options::parse(&cfg.expand(value))
+            .err()
+            .map(|e| (true, e));
     }
     let (status, why) = postfix_params::status_of(name)?;
     if status != Status::Unsupported {

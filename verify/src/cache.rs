@@ -9,10 +9,9 @@
 //! updated TAB text`, rewritten whole after each change through the
 //! descriptor opened at start.
 
+use postern_common::cache_file::CacheFile;
 use postern_common::verify::Status;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 
 /// Seconds after which an outstanding probe is taken as lost.
@@ -45,8 +44,7 @@ pub struct Answer {
 }
 
 pub struct Cache {
-    path: Option<PathBuf>,
-    file: Option<File>,
+    file: Option<CacheFile>,
     policy: Policy,
     entries: HashMap<String, Entry>,
 }
@@ -61,44 +59,30 @@ impl Cache {
     /// be opened: logged) the cache lives in memory only.
     pub fn open(path: Option<PathBuf>, policy: Policy) -> Cache {
         let mut entries = HashMap::new();
-        let mut file = path.as_ref().and_then(|p| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-                .map_err(|e| postern_common::warning!("address_verify_map {}: {e}", p.display()))
-                .ok()
-        });
-        let mut text = String::new();
-        if let Some(f) = file.as_mut() {
-            let _ = f.read_to_string(&mut text);
-            for line in text.lines() {
-                let mut p = line.splitn(5, '\t');
-                let (Some(a), Some(s), Some(pr), Some(up), Some(t)) =
-                    (p.next(), p.next(), p.next(), p.next(), p.next())
-                else {
-                    continue;
-                };
-                let (Some(status), Ok(probed), Ok(updated)) =
-                    (Status::from_name(s), pr.parse(), up.parse())
-                else {
-                    continue;
-                };
-                entries.insert(
-                    key(a),
-                    Entry {
-                        status,
-                        probed,
-                        updated,
-                        text: t.to_string(),
-                    },
-                );
-            }
+        let (file, text) = CacheFile::open(path.as_deref(), "address_verify_map");
+        for line in text.lines() {
+            let mut p = line.splitn(5, '\t');
+            let (Some(a), Some(s), Some(pr), Some(up), Some(t)) =
+                (p.next(), p.next(), p.next(), p.next(), p.next())
+            else {
+                continue;
+            };
+            let (Some(status), Ok(probed), Ok(updated)) =
+                (Status::from_name(s), pr.parse(), up.parse())
+            else {
+                continue;
+            };
+            entries.insert(
+                key(a),
+                Entry {
+                    status,
+                    probed,
+                    updated,
+                    text: t.to_string(),
+                },
+            );
         }
         Cache {
-            path,
             file,
             policy,
             entries,
@@ -246,19 +230,7 @@ impl Cache {
                 e.text.replace(['\t', '\n'], " ")
             ));
         }
-        let r = f
-            .rewind()
-            .and_then(|_| f.write_all(text.as_bytes()))
-            .and_then(|_| f.set_len(text.len() as u64));
-        if let Err(e) = r {
-            postern_common::warning!(
-                "address_verify_map {}: {e}",
-                self.path
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            );
-        }
+        f.rewrite(&text);
     }
 }
 

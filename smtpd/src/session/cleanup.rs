@@ -176,7 +176,7 @@ impl Session {
             }
         } else if ds.content.len() >= CONTENT_CHUNK {
             let chunk = std::mem::take(&mut ds.content);
-            self.requests.push(CleanupRequest::Content(chunk));
+            self.push_content(chunk);
         }
         if !fed.end {
             return ControlFlow::Break(pos);
@@ -195,7 +195,9 @@ impl Session {
             Some("552 5.3.4 Error: message file too big".to_string())
         } else if ds.failure.is_some() {
             ds.failure.take()
-        } else if !self.cleanup_open {
+        } else if self.proxy_data && !self.proxy_open && !self.proxy_speed_adjust() {
+            Some(crate::proxy::PROXY_ERROR.to_string())
+        } else if !self.proxy_data && !self.cleanup_open {
             Some(WRITE_ERROR.to_string())
         } else {
             None
@@ -224,6 +226,7 @@ impl Session {
                 self.reply(&reply);
                 self.transaction_failed();
             }
+            None if self.proxy_data => self.proxy_end(std::mem::take(&mut ds.content)),
             None => {
                 if !ds.content.is_empty() {
                     self.requests
@@ -232,6 +235,15 @@ impl Session {
                 self.requests.push(CleanupRequest::Close);
                 self.state = State::WaitQueued;
             }
+        }
+    }
+
+    /// A piece of content for cleanup, or for the before-queue filter.
+    pub(super) fn push_content(&mut self, chunk: Vec<u8>) {
+        if self.proxy_data {
+            self.proxy_content(chunk);
+        } else {
+            self.requests.push(CleanupRequest::Content(chunk));
         }
     }
 
@@ -312,6 +324,13 @@ impl Session {
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();
         self.requests.push(CleanupRequest::Envelope(msg));
+        self.begin_content(Some(&queue_id));
+    }
+
+    /// The date, 354, and the content begins: PREPEND headers, then our
+    /// Received header (`queue_id` None: no queue file here, a
+    /// before-queue filter gets the message).
+    pub(super) fn begin_content(&mut self, queue_id: Option<&str>) {
         self.date = postern_common::time::rfc5322_date(postern_common::time::now_secs());
         let mut header: String = self
             .access_prepend
@@ -319,7 +338,12 @@ impl Session {
             .iter()
             .map(|h| format!("{h}\n"))
             .collect();
-        header.push_str(&self.received_header(&queue_id));
+        // Before a filter, a client that told us the original client
+        // (XFORWARD) makes us an intermediate proxy: Postfix adds no
+        // Received header then.
+        if queue_id.is_some() || self.xforward == Default::default() {
+            header.push_str(&self.received_header(queue_id.unwrap_or("")));
+        }
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.where_ = "DATA";
         self.state = State::Data(Box::new(DataState {

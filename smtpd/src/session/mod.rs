@@ -39,6 +39,7 @@ mod command_filter;
 mod ehlo_discard;
 mod greeting;
 mod policy;
+mod proxy;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -134,6 +135,12 @@ struct Transaction {
     sasl_sender: Option<String>,
     /// MAIL FROM's SIZE= (0 without one), for a policy server.
     size: u64,
+    /// The client's MAIL FROM line, for a before-queue filter.
+    proxy_mail: String,
+    /// speed_adjust: the accepted RCPT TO lines and the content, sent
+    /// to the filter after the final dot.
+    proxy_rcpts: Vec<String>,
+    proxy_content: Vec<u8>,
     /// This transaction's name for policy servers (`instance`), unique
     /// in the process's life.
     instance: String,
@@ -174,6 +181,8 @@ enum State {
     /// The client restrictions (`smtpd_delay_reject = no`) need DNS
     /// answers before the greeting.
     WaitDnsConnect,
+    /// The before-queue filter's reply is awaited.
+    WaitProxy(proxy::ProxyWait),
     /// The client's host name is being looked up
     /// (`smtpd_peername_lookup`); the connection is logged, counted and
     /// greeted once it is known.
@@ -287,6 +296,12 @@ pub struct Session {
     /// Headers of PREPEND actions in this transaction (access tables,
     /// policy servers), added above the Received header.
     access_prepend: std::cell::RefCell<Vec<String>>,
+    /// What the loop is to do with the before-queue filter connection.
+    proxy_requests: Vec<crate::proxy::Request>,
+    /// A filter connection is in use for this transaction.
+    proxy_open: bool,
+    /// The content being received goes to the filter.
+    proxy_data: bool,
 }
 impl Session {
     /// A session with a table of its own (tests).
@@ -350,6 +365,9 @@ impl Session {
             xforward: Default::default(),
             access_filter: Default::default(),
             access_prepend: Default::default(),
+            proxy_requests: Vec::new(),
+            proxy_open: false,
+            proxy_data: false,
         };
         if s.cfg.peername_lookup {
             s.request_dns(vec![Query::Peer(s.client.addr)]);
@@ -421,6 +439,7 @@ impl Session {
             self.hangup = true;
         }
         self.abort_cleanup();
+        self.proxy_close();
         if matches!(self.state, State::WaitAuth | State::AuthResponse) {
             self.sasl_requests.push(SaslRequest::Abort);
         }
@@ -447,6 +466,7 @@ impl Session {
             self.anvil.borrow_mut().disconnect(self.client.addr);
         }
         self.abort_cleanup();
+        self.proxy_close();
         if let Some(reason) = self.reason {
             // A client that leaves right after the final dot is normal.
             if !(self.where_ == "END-OF-MESSAGE" && reason == "lost connection") {
@@ -473,6 +493,7 @@ impl Session {
                 | State::WaitAuth
                 | State::WaitDns(_)
                 | State::WaitDnsConnect
+                | State::WaitProxy(_)
                 | State::WaitPeerName => ControlFlow::Break(pos),
             };
             match step {
@@ -492,9 +513,9 @@ impl Session {
         if let State::Data(ds) = &mut self.state {
             // Nothing of the message yet: the Received header alone waits
             // to go with the first content, one request to cleanup less.
-            if ds.size > 0 && !ds.content.is_empty() && self.cleanup_open {
+            if ds.size > 0 && !ds.content.is_empty() && (self.cleanup_open || self.proxy_data) {
                 let chunk = std::mem::take(&mut ds.content);
-                self.requests.push(CleanupRequest::Content(chunk));
+                self.push_content(chunk);
             }
         }
     }

@@ -85,7 +85,10 @@ impl Session {
         if self.strict_smtputf8_refuses(&tx.sender, smtputf8) {
             return Done::Failed;
         }
-        if !self.enough_storage(size) {
+        // A before-queue filter without speed_adjust uses no queue space
+        // here (as Postfix, which then skips the check).
+        let storage_matters = !self.proxied() || self.proxy_speed_adjust();
+        if storage_matters && !self.enough_storage(size) {
             let reply = "452 4.3.1 Insufficient system storage";
             warning!(
                 "not enough free space in the queue file system for {}",
@@ -119,6 +122,15 @@ impl Session {
             return self.reject(&reply, Some(&tx.sender), None);
         }
         self.tx = Some(tx);
+        if self.proxied() {
+            let line = String::from_utf8_lossy(&self.current_line).into_owned();
+            if let Some(tx) = &mut self.tx {
+                tx.proxy_mail = line;
+            }
+            if !self.cfg.delay_open_until_valid_rcpt {
+                return self.proxy_mail();
+            }
+        }
         if !self.cfg.delay_open_until_valid_rcpt {
             self.open_queue_file(Opening::Mail);
             return Done::Pending;
@@ -181,6 +193,9 @@ impl Session {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }
+        if self.proxied() {
+            return self.proxy_rcpt(rcpt);
+        }
         if let Some(tx) = &mut self.tx {
             tx.recipients.push(rcpt);
         }
@@ -224,6 +239,9 @@ impl Session {
                 _ => None,
             };
             return self.reject(&reply, Some(&sender), only.as_deref());
+        }
+        if self.proxied() {
+            return self.proxy_data_cmd();
         }
         let opened = self.tx.as_ref().is_some_and(|t| t.queue_id.is_some());
         if self.cleanup_open && opened {
@@ -302,6 +320,7 @@ impl Session {
     /// queue file opened for it, which cleanup gives back to `spare/`.
     pub(super) fn end_transaction(&mut self) {
         self.abort_cleanup();
+        self.proxy_close();
         self.tx = None;
         self.xforward = Default::default();
         self.access_filter.take();

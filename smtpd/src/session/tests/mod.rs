@@ -76,6 +76,7 @@ fn settings() -> Settings {
         command_filter: None,
         ccert: None,
         ehlo_discard_maps: None,
+        proxy: None,
     }
 }
 
