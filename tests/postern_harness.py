@@ -1113,11 +1113,13 @@ class Dnsmasq:
         self.log_path = self.log_dir / "dnsmasq.log"
         self._log = None
 
-    def start(self, timeout=10):
+    def start(self, timeout=10, port=None):
+        """``port``: a given one (to serve other records where a stopped
+        dnsmasq was); by default a free one."""
         binary = dnsmasq_binary()
         if not binary:
             raise RuntimeError("dnsmasq is not installed (apt-get install dnsmasq-base)")
-        self.port = free_port(udp=True)
+        self.port = port or free_port(udp=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [binary, "--no-daemon", f"--port={self.port}", "--listen-address=127.0.0.1",

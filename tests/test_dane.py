@@ -237,3 +237,108 @@ def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
             resolv.write_bytes(saved)
         dns.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, postfix_peer, cas):  # noqa: F811
+    """With smtp_tls_report_enable, each DANE session is one TLS-RPT
+    line (policy type tlsa, the TLSA records as the policy string): a
+    success for the matching key, certificate-not-trusted for the other."""
+    import time
+
+    def read_store(path):
+        """The lines smtp appended (common/src/tls_rpt.rs: version, policy
+        type, policy string, mx patterns, result, MX host, IP, reason;
+        tab-separated, percent-escaped)."""
+        def dec(x):
+            return x.replace("%0D", "\r").replace("%0A", "\n").replace("%09", "\t") \
+                    .replace("%25", "%")
+        out = []
+        for line in path.read_text().splitlines():
+            f = [dec(x) for x in line.split("\t")]
+            assert f[0] == "1" and len(f) == 8, line
+            out.append({"type": f[1], "policy": f[2].split("\n"), "result": f[4],
+                        "mx": f[5], "ip": f[6]})
+        return out
+    good, bad, _plain, _notlsa, records = receivers(postfix_peer, cas)
+    d = tempfile.mkdtemp(prefix="pt-unbound-")
+    dns = SignedDns(d, records)
+    try:
+        def postern(host, port):
+            return make_postern({
+                "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+                "smtp_dns_support_level": "dnssec",
+                "smtp_tls_security_level": "dane",
+                "relayhost": f"[{host}.far.test]:{port}",
+                "smtp_tls_loglevel": "1",
+                "smtp_tls_report_enable": "yes",
+            })
+
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        p = postern("good", good.port)
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, [RCPT], message(token))[0] == 250
+        good.wait_for(token)
+        p.wait_for_log(r"status=sent")
+        lines = read_store(Path(p.dir) / "data" / "tls-rpt" / day / "good.far.test")
+        assert lines and all(x["type"] == "tlsa" and x["result"] == "success" for x in lines)
+        assert any(r.startswith("3 1 1 ") for r in lines[0]["policy"])
+
+        p = postern("bad", bad.port)
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, [RCPT], message(token))[0] == 250
+        p.wait_for_log(r"status=deferred \(Server certificate not verified\)")
+        lines = read_store(Path(p.dir) / "data" / "tls-rpt" / day / "bad.far.test")
+        assert lines and lines[0]["result"] == "certificate-not-trusted"
+        assert lines[0]["mx"] == "bad.far.test"
+    finally:
+        dns.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dane_wins_over_mta_sts(make_postern, postfix_peer, cas):  # noqa: F811
+    """At level dane, delivery by MX: far.test (MX good.far.test, usable
+    TLSA) and sub.far.test (MX notlsa.far.test, no TLSA) both publish an
+    MTA-STS policy in enforce mode that lists neither MX host. DANE wins
+    where it applies (RFC 8461 section 2): good.far.test gets the mail,
+    Verified by its TLSA record; notlsa.far.test comes under the policy
+    and is refused."""
+    from test_mta_sts import PolicyServer, policy
+    good, _bad, _plain, notlsa, records = receivers(postfix_peer, cas)
+    d = tempfile.mkdtemp(prefix="pt-unbound-")
+    web_ca = TestCA(Path(d) / "web", names=["mta-sts.far.test", "mta-sts.sub.far.test"])
+    web = PolicyServer(web_ca.cert_file, web_ca.key_file)
+    web.policies.update({
+        "mta-sts.far.test": policy("enforce", "other.far.test"),
+        "mta-sts.sub.far.test": policy("enforce", "other.far.test"),
+    })
+    dns = SignedDns(d, records + [
+        "@ IN MX 10 good", "sub IN MX 10 notlsa",
+        '_mta-sts IN TXT "v=STSv1; id=1"', f"mta-sts IN A {web.ip}",
+        '_mta-sts.sub IN TXT "v=STSv1; id=1"', f"mta-sts.sub IN A {web.ip}",
+    ])
+    try:
+        p = make_postern({
+            "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+            "smtp_dns_support_level": "dnssec",
+            "smtp_tls_security_level": "dane",
+            "transport_maps": f"inline:{{ far.test=smtp:far.test:{good.port}, "
+                              f"sub.far.test=smtp:sub.far.test:{notlsa.port} }}",
+            "smtp_tls_CAfile": str(web_ca.ca_file),
+            "smtp_tls_loglevel": "1",
+        })
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, [RCPT], message(token))[0] == 250
+        good.wait_for(token)
+        p.wait_for_log(rf"Verified TLS connection established to good\.far\.test\[127\.0\.0\.1\]:{good.port}")
+        p.wait_for_log(r"to=<user@far\.test>, relay=good\.far\.test.*status=sent")
+        assert web.count("mta-sts.far.test") == 1, "the policy was looked up"
+
+        token = "pt-dane-" + uuid.uuid4().hex
+        assert p.send(SENDER, ["user@sub.far.test"], message(token))[0] == 250
+        p.wait_for_log(r"to=<user@sub\.far\.test>, .*dsn=4\.7\.5, status=deferred \(MX host "
+                       r"notlsa\.far\.test does not match the MTA-STS policy of sub\.far\.test\)")
+        assert not notlsa.find(token)
+    finally:
+        web.stop()
+        dns.stop()
+        shutil.rmtree(d, ignore_errors=True)

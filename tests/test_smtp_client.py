@@ -167,7 +167,7 @@ def test_tls_verify_wrong_name_or_ca_defers(make_postern, far_dns, postfix_peer,
     token2 = new_token()
     send(q, token2)
     q.wait_for_log(rf"to=<{re.escape(RCPT)}>, relay=mx\.far\.test\[127\.0\.0\.1\]:{far.port}, "
-                   r".*dsn=4\.7\.5, status=deferred \(Server certificate not trusted\)")
+                   r".*dsn=4\.7\.5, status=deferred \(Server certificate not verified\)")
     q.wait_for_log(r"server certificate verification failed for mx\.far\.test\[127\.0\.0\.1\]:"
                    rf"{far.port}: untrusted issuer")
     time.sleep(1)

@@ -416,6 +416,18 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("dns_resolver_addresses", ""),
     // Postern-only: seconds to wait for one DNS answer.
     ("dns_resolver_timeout", "5s"),
+    // Postern-only: MTA-STS (RFC 8461) in the smtp client, built in
+    // (Postfix needs postfix-mta-sts-resolver through
+    // smtp_tls_policy_maps); policies cached in $data_directory/mta-sts.
+    ("smtp_mta_sts_enable", "yes"),
+    // Postern-only: TLS-RPT (RFC 8460): smtp records each TLS attempt
+    // under an MTA-STS policy in $data_directory/tls-rpt, and `postern
+    // tls-report send` mails the daily aggregate reports.
+    ("smtp_tls_report_enable", "no"),
+    // Postern-only: the reporting organization and its contact in the
+    // TLS-RPT reports (RFC 8460 `organization-name`, `contact-info`).
+    ("smtp_tls_report_organization", "$myhostname"),
+    ("smtp_tls_report_contact", "postmaster@$mydomain"),
     // local.
     ("alias_maps", "hash:/etc/aliases"),
     ("alias_database", "hash:/etc/aliases"),

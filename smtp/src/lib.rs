@@ -23,7 +23,10 @@
 //! SIZE, 8BITMIME) to hand the message over, recording each recipient as
 //! sent, deferred or bounced with the server's reply, as Postfix's smtp(8).
 //! What it may touch: the queue file of the request (read, and done marks)
-//! and the message's `defer/` and `bounce/` logs; outbound TCP and DNS.
+//! and the message's `defer/` and `bounce/` logs; outbound TCP and DNS;
+//! HTTPS to `mta-sts.DOMAIN` for MTA-STS policies, cached under
+//! `data_directory/mta-sts`, and TLS-RPT results under
+//! `data_directory/tls-rpt`.
 //! It runs as `mail_owner`.
 //!
 //! The programs `smtp` and `lmtp` (`src/main.rs`, `src/bin/lmtp.rs`) are
@@ -42,6 +45,9 @@
 //!   form ([`client::DataEncoder`]).
 //! - [`reply`]: server replies.
 //! - [`tls`]: STARTTLS: levels, policy, certificate checks.
+//! - [`dane`], [`tls_dane`]: DANE routes and TLSA certificate checks.
+//! - [`sts`]: MTA-STS policies applied per MX host, and what each TLS
+//!   session tells TLS-RPT.
 //! - [`sasl`]: AUTH: credentials, mechanisms, security options.
 //! - [`cache`]: sessions kept open between requests.
 
@@ -54,6 +60,7 @@ pub mod dns;
 pub mod nexthop;
 pub mod reply;
 pub mod sasl;
+pub mod sts;
 pub mod tls;
 pub mod tls_dane;
 

@@ -200,6 +200,20 @@ pub struct Roots {
 }
 
 impl Roots {
+    /// Anchors from a store made elsewhere (MTA-STS's WebPKI roots:
+    /// `postern_common::https::web_roots`).
+    pub fn from_store(store: RootCertStore) -> Roots {
+        let provider = provider();
+        let verifier = if store.is_empty() {
+            None
+        } else {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                .build()
+                .ok()
+        };
+        Roots { verifier, provider }
+    }
+
     /// From `smtp_tls_CAfile`/`smtp_tls_CApath`, else the system bundle.
     pub fn load(ca_file: &str, ca_path: &str) -> Roots {
         let provider = provider();
@@ -417,6 +431,31 @@ pub struct Client {
     /// At level `dane`/`dane-only`: the server's usable TLSA records,
     /// which alone decide whether its certificate is verified.
     pub dane: Option<Arc<Vec<postern_common::dane::Tlsa>>>,
+    /// Where the session says how its TLS went (for MTA-STS `testing`
+    /// and TLS-RPT); None: nobody asks.
+    pub observe: Option<Arc<Mutex<Option<Observed>>>>,
+}
+
+/// How a session's TLS went, as TLS-RPT (RFC 8460) tells results apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// The server did not offer STARTTLS, or refused it.
+    NoStarttls,
+    /// The handshake failed (the reason).
+    HandshakeFailed(String),
+    /// A handshake, and how far the certificate was trusted.
+    Established(Trust),
+}
+
+impl Client {
+    /// Tells [`Client::observe`] what happened.
+    pub fn observed(&self, what: Observed) {
+        if let Some(o) = &self.observe {
+            if let Ok(mut g) = o.lock() {
+                *g = Some(what);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -608,7 +647,8 @@ impl Client {
             return Ok(None);
         }
         let key = format!(
-            "{relay} {:?} {:?} {:?} {:?} {:?}",
+            "{relay} {:p} {:?} {:?} {:?} {:?} {:?}",
+            Arc::as_ptr(&self.roots),
             self.policy.level,
             self.names,
             self.dane
@@ -653,6 +693,19 @@ struct Resumable {
     made: Instant,
     /// What the check of the full handshake's certificate found.
     checked: Mutex<Option<Checked>>,
+}
+
+/// MTA-STS's trust anchors (WebPKI: the system bundle and
+/// `smtp_tls_CAfile`/`smtp_tls_CApath`), shared by the process.
+pub fn web_roots(ca_file: &str, ca_path: &str) -> Arc<Roots> {
+    static ROOTS: OnceLock<Arc<Roots>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            Arc::new(Roots::from_store(postern_common::https::web_roots(
+                ca_file, ca_path,
+            )))
+        })
+        .clone()
 }
 
 /// Trust anchors shared by every session of the process.

@@ -10,7 +10,8 @@
 //! master and every process of the mail system at once (SIGTERM to
 //! master's process group, SIGKILL to what is left after 5 s), without
 //! waiting for deliveries or sessions in progress; `set-permissions`,
-//! `upgrade-configuration` and `logrotate` are in [`crate::upkeep`].
+//! `upgrade-configuration` and `logrotate` are in [`crate::upkeep`];
+//! `tls-report send` (the TLS-RPT reports) in [`crate::tls_report`].
 
 use crate::die;
 use crate::sysexits::*;
@@ -23,13 +24,19 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "postern";
-const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate";
+const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]";
 
 pub fn main() -> ! {
     let mut config: Option<PathBuf> = None;
     let mut command: Option<String> = None;
+    // `tls-report` takes arguments of its own.
+    let mut extra: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        if command.as_deref() == Some("tls-report") {
+            extra.push(a);
+            continue;
+        }
         match a.as_str() {
             "-c" => {
                 config = Some(
@@ -107,6 +114,7 @@ pub fn main() -> ! {
         "set-permissions" => crate::upkeep::set_permissions(&cfg),
         "upgrade-configuration" => crate::upkeep::upgrade_configuration(&cfg),
         "logrotate" => crate::upkeep::logrotate(&cfg, running(&cfg)),
+        "tls-report" => crate::tls_report::main(&cfg, &extra),
         other => die(
             NAME,
             EX_USAGE,

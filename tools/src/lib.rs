@@ -57,6 +57,7 @@ pub mod secrets;
 pub mod sendmail;
 pub mod stdio_smtp;
 pub mod sysexits;
+pub mod tls_report;
 pub mod upkeep;
 pub mod verify;
 

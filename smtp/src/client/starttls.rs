@@ -66,6 +66,7 @@ impl<'c> Session<'_, 'c> {
         let est = match tls.handshake(sock, &self.peer.name, &self.peer.relay) {
             Ok(est) => est,
             Err(e) => {
+                tls.observed(crate::tls::Observed::HandshakeFailed(e.to_string()));
                 match &e {
                     // Postfix's two lines: OpenSSL's return code, then
                     // the library's reason.
@@ -95,6 +96,7 @@ impl<'c> Session<'_, 'c> {
                 info!("{}: {summary}", self.peer.relay);
             }
         }
+        tls.observed(crate::tls::Observed::Established(est.trust.clone()));
         let kind = match &est.trust {
             Trust::Verified if level.checks_certificate() => "Verified",
             Trust::Verified | Trust::Trusted => "Trusted",
@@ -112,18 +114,14 @@ impl<'c> Session<'_, 'c> {
             );
         }
         if level.checks_certificate() && est.trust != Trust::Verified {
-            let (detail, reason) = match &est.trust {
-                // DANE matches the records or nothing: Postfix's
-                // TLS_MUST_MATCH text.
-                Trust::Untrusted(d) if level.is_dane() => {
-                    (d.clone(), "Server certificate not verified")
-                }
-                Trust::Untrusted(d) => (d.clone(), "Server certificate not trusted"),
-                _ => (
-                    format!("certificate does not match {}", tls.names.join(", ")),
-                    "Server certificate not verified",
-                ),
+            // Every level that checks the certificate is one of Postfix's
+            // TLS_MUST_MATCH levels (above `encrypt`): an untrusted chain
+            // and a name that does not match both defer with its text.
+            let detail = match &est.trust {
+                Trust::Untrusted(d) => d.clone(),
+                _ => format!("certificate does not match {}", tls.names.join(", ")),
             };
+            let reason = "Server certificate not verified";
             info!(
                 "server certificate verification failed for {}: {detail}",
                 self.peer.relay
@@ -155,6 +153,7 @@ impl<'c> Session<'_, 'c> {
         }
         let level = tls.policy.level;
         if !ext.starttls {
+            tls.observed(crate::tls::Observed::NoStarttls);
             if level.required() {
                 let f = Failure {
                     dsn: "4.7.4".into(),
@@ -173,6 +172,7 @@ impl<'c> Session<'_, 'c> {
             Err(e) => return Err(self.try_next(self.io_failure(&e, stage::STARTTLS))),
         };
         if r.class() != 2 {
+            tls.observed(crate::tls::Observed::NoStarttls);
             if !level.required() {
                 // Opportunistic: carry on in plaintext.
                 return Ok(ext);

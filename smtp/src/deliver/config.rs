@@ -225,6 +225,8 @@ impl Agent {
                     None => Ok(checks),
                 }
             },
+            sts: crate::sts::StsClient::from_config(cfg, lmtp),
+            tls_rpt: crate::sts::report_store(cfg),
             cache: Cache::new(
                 time(cfg, &p("smtp_connection_cache_time_limit")),
                 time(cfg, &p("smtp_connection_reuse_time_limit")),
@@ -277,11 +279,16 @@ impl Agent {
         }))
     }
 
-    /// The TLS policy of a destination: `smtp_tls_policy_maps` by the
-    /// next hop as given, then by its host or domain, then by each parent
-    /// domain as `.parent`; else the level. Err: the table could not
-    /// answer; the mail is deferred, never sent without its policy.
-    pub(super) fn tls_policy(&self, dest: &str, host: &str) -> Result<tls::Policy, LookupError> {
+    /// The `smtp_tls_policy_maps` entry of a destination: by the next hop
+    /// as given, then by its host or domain, then by each parent domain
+    /// as `.parent`; None: no entry (the level applies). Err: the table
+    /// could not answer; the mail is deferred, never sent without its
+    /// policy.
+    pub(super) fn tls_policy_entry(
+        &self,
+        dest: &str,
+        host: &str,
+    ) -> Result<Option<tls::Policy>, LookupError> {
         let mut keys = vec![dest.trim().to_ascii_lowercase(), host.to_ascii_lowercase()];
         // As Postfix: ".example.com" matches the subdomains of example.com.
         let mut rest = host.to_ascii_lowercase();
@@ -295,32 +302,39 @@ impl Agent {
         for k in &keys {
             if let Some(v) = self.tls_policy_maps.lookup(k)? {
                 match tls::Policy::parse(&v) {
-                    Ok(p) => return Ok(p),
+                    Ok(p) => return Ok(Some(p)),
                     Err(e) => {
                         warning!("smtp_tls_policy_maps: {k}: {e}; using \"encrypt\"");
-                        return Ok(tls::Policy {
+                        return Ok(Some(tls::Policy {
                             level: tls::Level::Encrypt,
                             matches: Vec::new(),
-                        });
+                        }));
                     }
                 }
             }
         }
-        Ok(tls::Policy {
-            level: self.tls_level,
-            matches: Vec::new(),
-        })
+        Ok(None)
     }
 
-    /// What a session with `server` (named `name`) needs for TLS.
+    /// The policy of a destination without a policy table entry:
+    /// `smtp_tls_security_level`.
+    pub(super) fn default_tls_policy(&self) -> tls::Policy {
+        tls::Policy {
+            level: self.tls_level,
+            matches: Vec::new(),
+        }
+    }
+
+    /// What a session with `server` (named `name`) needs for TLS, as
+    /// `plan` says; `observe` is told how the TLS went.
     pub(super) fn tls_client(
         &self,
-        policy: &tls::Policy,
+        plan: &super::Plan,
         name: &str,
         nexthop: &str,
-        dane: Option<std::sync::Arc<Vec<postern_common::dane::Tlsa>>>,
+        observe: Option<std::sync::Arc<Mutex<Option<tls::Observed>>>>,
     ) -> Option<tls::Client> {
-        let mut policy = policy.clone();
+        let mut policy = plan.policy.clone();
         if self.tls_wrapper && policy.level < tls::Level::Encrypt {
             // Wrapper mode is TLS or nothing.
             policy.level = tls::Level::Encrypt;
@@ -332,16 +346,25 @@ impl Agent {
             wrapper: self.tls_wrapper,
             policy: policy.clone(),
             names: policy.names(name, nexthop),
-            roots: tls::roots(&self.ca_file, &self.ca_path),
+            // MTA-STS: WebPKI, the system's roots with the configured ones.
+            roots: if plan.sts.is_some() {
+                tls::web_roots(&self.ca_file, &self.ca_path)
+            } else {
+                tls::roots(&self.ca_file, &self.ca_path)
+            },
             loglevel: self.tls_loglevel,
             session_cache_timeout: self.tls_session_cache_timeout,
             profile: self.tls_profiles[usize::from(policy.level.required())].clone(),
-            dane,
+            dane: plan.dane.clone(),
+            observe,
         })
     }
 
     /// Reads the CA certificates (kept for the process's life).
     pub fn load_tls_roots(&self) {
         let _ = tls::roots(&self.ca_file, &self.ca_path);
+        if self.sts.is_some() {
+            let _ = tls::web_roots(&self.ca_file, &self.ca_path);
+        }
     }
 }

@@ -72,9 +72,27 @@ pub enum MessageTls {
     Optional,
 }
 
-/// A server's TLS policy and, at the `dane` levels, its usable TLSA
-/// records.
-pub type Plan = (tls::Policy, Option<Arc<Vec<postern_common::dane::Tlsa>>>);
+/// What a server gets for TLS: its policy and, at the `dane` levels,
+/// its usable TLSA records, or the MTA-STS policy it is under.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub policy: tls::Policy,
+    pub dane: Option<Arc<Vec<postern_common::dane::Tlsa>>>,
+    /// The MTA-STS policy (`enforce` or `testing`) the session is under
+    /// ([`crate::sts`]): WebPKI roots, the outcome told to TLS-RPT.
+    pub sts: Option<Arc<postern_common::mta_sts::Policy>>,
+}
+
+impl Plan {
+    /// Only `policy`.
+    pub fn of(policy: tls::Policy) -> Plan {
+        Plan {
+            policy,
+            dane: None,
+            sts: None,
+        }
+    }
+}
 
 /// The agent's settings and its DNS resolver, made once per process.
 pub struct Agent {
@@ -142,6 +160,10 @@ pub struct Agent {
     /// `debug_peer_list`, `debug_peer_level`: the next hops and servers
     /// whose sessions log verbosely.
     debug_peer: postern_common::debug_peer::DebugPeer,
+    /// MTA-STS (`smtp_mta_sts_enable`); None when off or for LMTP.
+    sts: Option<crate::sts::StsClient>,
+    /// The TLS-RPT store (`smtp_tls_report_enable`), for DANE sessions.
+    tls_rpt: Option<postern_common::tls_rpt::Store>,
 }
 
 impl Agent {
@@ -223,7 +245,7 @@ impl Agent {
         let hop = match parsed {
             Ok(LmtpHop::Inet(h)) => h,
             Ok(LmtpHop::Unix(path)) => {
-                let Some(policy) = self.policy_or_defer(job, &dest, &path) else {
+                let Some((policy, _)) = self.policy_or_defer(job, &dest, &path) else {
                     return;
                 };
                 let auth = match self.sasl_auth(&job.req.sender.clone(), &dest, &self.myhostname) {
@@ -238,10 +260,11 @@ impl Agent {
                 return;
             }
         };
-        let Some(mut policy) = self.policy_or_defer(job, &dest, &hop.host) else {
+        let Some((mut policy, explicit)) = self.policy_or_defer(job, &dest, &hop.host) else {
             return;
         };
-        if self.message_tls(job) == MessageTls::Optional && policy.level > tls::Level::May {
+        let tls_optional = self.message_tls(job) == MessageTls::Optional;
+        if tls_optional && policy.level > tls::Level::May {
             // RFC 8689 section 5: TLS-Required: No. TLS when the server
             // offers it, its certificate unchecked, else plaintext.
             info!(
@@ -251,9 +274,24 @@ impl Agent {
             );
             policy.level = tls::Level::May;
         }
+        // MTA-STS: a destination by MX lookup, with no policy entry of
+        // its own, at a level that does not authenticate by itself; not
+        // for a message with `TLS-Required: No` (RFC 8689 section 5).
+        let sts = match &self.sts {
+            Some(c)
+                if !explicit
+                    && !tls_optional
+                    && hop.mx
+                    && hop.host.parse::<std::net::IpAddr>().is_err()
+                    && policy.level < tls::Level::Verify =>
+            {
+                c.policy(&hop.host)
+            }
+            _ => None,
+        };
         if policy.level.is_dane() {
             match self.dane_usable(&dest, &hop, &policy) {
-                Ok(true) => return self.deliver_dane(job, &hop, &policy, &dest),
+                Ok(true) => return self.deliver_dane(job, &hop, &policy, &dest, sts),
                 Ok(false) => policy.level = tls::Level::May,
                 Err(f) => {
                     job.record_rest(Outcome::Deferred, &f.dsn, "none", &f.reason);
@@ -262,7 +300,14 @@ impl Agent {
             }
         }
         match self.servers(&hop) {
-            Ok(list) => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
+            Ok(list) => match (&sts, &self.sts) {
+                (Some(p), Some(c)) => {
+                    let qid = job.req.queue_id.clone();
+                    let plan = |srv: &Server| c.plan(&qid, p, srv, Plan::of(policy.clone()));
+                    self.try_servers_planned(job, &list, &plan, &dest, &hop.host)
+                }
+                _ => self.try_servers_with(job, &list, &policy, &dest, &hop.host),
+            },
             Err(f) => {
                 if f.is_permanent() {
                     job.record_rest(Outcome::Bounced, &f.dsn, "none", &f.reason);
@@ -306,8 +351,17 @@ impl Agent {
     }
 
     /// Delivery at level `dane`/`dane-only`: the servers and their TLS
-    /// from DNSSEC-validated answers (`crate::dane::route`).
-    fn deliver_dane(&self, job: &mut Job, hop: &NextHop, policy: &tls::Policy, dest: &str) {
+    /// from DNSSEC-validated answers (`crate::dane::route`); a server
+    /// without usable TLSA records is under the MTA-STS policy `sts`, if
+    /// there is one (DANE wins where both apply).
+    fn deliver_dane(
+        &self,
+        job: &mut Job,
+        hop: &NextHop,
+        policy: &tls::Policy,
+        dest: &str,
+        sts: Option<Arc<postern_common::mta_sts::Policy>>,
+    ) {
         let dns = postern_common::dane::SecureDns::new(
             &self.dns_servers,
             "/etc/resolv.conf",
@@ -333,6 +387,7 @@ impl Agent {
             }
         };
         let servers: Vec<Server> = route.iter().map(|(s, _)| s.clone()).collect();
+        let qid = job.req.queue_id.clone();
         let plan = |srv: &Server| -> Result<Plan, Failure> {
             use postern_common::dane::Decision;
             let d = route
@@ -344,10 +399,18 @@ impl Agent {
                 level,
                 matches: policy.matches.clone(),
             };
+            let other = |level| match (&sts, &self.sts) {
+                (Some(p), Some(c)) => c.plan(&qid, p, srv, Plan::of(with(level))),
+                _ => Ok(Plan::of(with(level))),
+            };
             match d {
-                Decision::Dane(records) => Ok((with(policy.level), Some(Arc::new(records)))),
-                Decision::Encrypt => Ok((with(tls::Level::Encrypt), None)),
-                Decision::May => Ok((with(tls::Level::May), None)),
+                Decision::Dane(records) => Ok(Plan {
+                    policy: with(policy.level),
+                    dane: Some(Arc::new(records)),
+                    sts: None,
+                }),
+                Decision::Encrypt => other(tls::Level::Encrypt),
+                Decision::May => other(tls::Level::May),
                 Decision::Defer(reason) => Err(Failure {
                     dsn: "4.7.5".into(),
                     reason,
@@ -357,12 +420,19 @@ impl Agent {
         self.try_servers_planned(job, &servers, &plan, dest, &hop.host);
     }
 
-    /// The TLS policy of the destination; None when `smtp_tls_policy_maps`
-    /// could not answer: the recipients are deferred (Postfix's "client
-    /// TLS configuration problem"), never sent without their policy.
-    fn policy_or_defer(&self, job: &mut Job, dest: &str, host: &str) -> Option<tls::Policy> {
-        match self.tls_policy(dest, host) {
-            Ok(p) => Some(p),
+    /// The TLS policy of the destination, and whether an
+    /// `smtp_tls_policy_maps` entry gave it; None when the table could
+    /// not answer: the recipients are deferred (Postfix's "client TLS
+    /// configuration problem"), never sent without their policy.
+    fn policy_or_defer(
+        &self,
+        job: &mut Job,
+        dest: &str,
+        host: &str,
+    ) -> Option<(tls::Policy, bool)> {
+        match self.tls_policy_entry(dest, host) {
+            Ok(Some(p)) => Some((p, true)),
+            Ok(None) => Some((self.default_tls_policy(), false)),
             Err(e) => {
                 warning!(
                     "{}: smtp_tls_policy_maps: {} lookup error for \"{dest}\": policy table lookup error",
@@ -391,7 +461,12 @@ impl Agent {
         let full = self.queue_dir.join(path);
         let peer = PeerId::unix(&self.myhostname, path);
         let mut eight_bit = None;
-        let tls = self.tls_client(policy, &self.myhostname, &self.myhostname, None);
+        let tls = self.tls_client(
+            &Plan::of(policy.clone()),
+            &self.myhostname,
+            &self.myhostname,
+            None,
+        );
         let sec = client::Security {
             tls: tls.as_ref(),
             sasl: auth,
@@ -519,7 +594,13 @@ impl Agent {
         dest: &str,
         nexthop: &str,
     ) {
-        self.try_servers_planned(job, servers, &|_| Ok((policy.clone(), None)), dest, nexthop)
+        self.try_servers_planned(
+            job,
+            servers,
+            &|_| Ok(Plan::of(policy.clone())),
+            dest,
+            nexthop,
+        )
     }
 
     /// As [`Agent::try_servers_with`], with the TLS policy (and DANE
@@ -545,7 +626,7 @@ impl Agent {
                 break;
             }
             let more = k + 1 < servers.len();
-            let (policy, dane) = match plan(srv) {
+            let planned = match plan(srv) {
                 Ok(p) => p,
                 Err(f) => {
                     if more {
@@ -555,7 +636,7 @@ impl Agent {
                     continue;
                 }
             };
-            if requiretls && !policy.authenticated() {
+            if requiretls && !planned.policy.authenticated() {
                 // RFC 8689: not even a connection where TLS would not
                 // authenticate the server.
                 let f = Failure {
@@ -563,7 +644,7 @@ impl Agent {
                     reason: format!(
                         "REQUIRETLS needs authenticated TLS, but the TLS security level for {} is {}",
                         srv.namaddr(),
-                        policy.level.name()
+                        planned.policy.level.name()
                     ),
                 };
                 if more {
@@ -572,10 +653,13 @@ impl Agent {
                 last = Some((f, srv.relay()));
                 continue;
             }
-            let policy = &policy;
+            let policy = &planned.policy;
             // A server listed in debug_peer_list: its session is verbose.
             let _verbose = self.debug_peer.check(&srv.name, Some(srv.addr));
-            let tls = self.tls_client(policy, &srv.name, nexthop, dane);
+            let observe = (planned.sts.is_some()
+                || (planned.dane.is_some() && self.tls_rpt.is_some()))
+            .then(|| Arc::new(Mutex::new(None)));
+            let tls = self.tls_client(&planned, &srv.name, nexthop, observe.clone());
             let auth = match self.sasl_auth(&job.req.sender.clone(), dest, &srv.name) {
                 Ok(a) => a,
                 Err(e) => return defer_for_credentials(job, &e),
@@ -585,10 +669,11 @@ impl Agent {
                 sasl: auth.as_ref(),
             };
             let key = format!(
-                "{dest} {} {} {:?}",
+                "{dest} {} {} {:?}{}",
                 srv.relay(),
                 auth.as_ref().map(|a| a.creds.user.as_str()).unwrap_or(""),
-                policy.level
+                policy.level,
+                if planned.sts.is_some() { " sts" } else { "" }
             );
             if let Some(end) =
                 self.cached_session(&key, job, PeerId::from(srv), sec, &mut eight_bit)
@@ -605,7 +690,18 @@ impl Agent {
                 }
                 continue;
             }
-            let end = match self.new_session(job, srv, key, policy, sec, &mut eight_bit) {
+            let end = self.new_session(job, srv, key, policy, sec, &mut eight_bit);
+            let seen = observe
+                .as_ref()
+                .and_then(|o| o.lock().ok().and_then(|mut g| g.take()));
+            if let (Some(p), Some(c)) = (&planned.sts, &self.sts) {
+                c.outcome(&job.req.queue_id, p, srv, seen);
+            } else if let Some(records) = &planned.dane {
+                if let Some(a) = crate::sts::dane_attempt(nexthop, records, srv, seen) {
+                    crate::sts::record(self.tls_rpt.as_ref(), &a);
+                }
+            }
+            let end = match end {
                 Ok(end) => end,
                 Err(f) => {
                     if more {
