@@ -44,7 +44,7 @@ impl Expiry {
 
 pub struct Cache {
     file: Option<CacheFile>,
-    /// The map's name for the log (`postscreen_cache_map`'s path).
+    /// The map's name for the log (`postscreen_cache_map`).
     name: String,
     retention: u64,
     cleanup_interval: u64,
@@ -63,10 +63,8 @@ pub fn now() -> u64 {
 impl Cache {
     /// Opens (creating) the cache file; without one (no map, or it
     /// cannot be opened: logged) nothing is remembered.
-    pub fn open(path: Option<PathBuf>, retention: u64, cleanup_interval: u64) -> Cache {
-        let name = path
-            .as_deref()
-            .map_or(String::new(), |p| p.display().to_string());
+    pub fn open(path: Option<PathBuf>, name: &str, retention: u64, cleanup_interval: u64) -> Cache {
+        let name = name.to_string();
         let mut entries = HashMap::new();
         let (file, text) = CacheFile::open(path.as_deref(), "postscreen_cache_map");
         for line in text.lines() {
@@ -149,7 +147,7 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         let t = now();
         {
-            let mut c = Cache::open(Some(dir.clone()), 3600, 600);
+            let mut c = Cache::open(Some(dir.clone()), "btree:x", 3600, 600);
             let fresh = Expiry {
                 pregreet: t + 100,
                 dnsbl: t + 50,
@@ -165,11 +163,11 @@ mod tests {
             assert_eq!(c.get("192.0.2.2".parse().unwrap()), Some(stale));
             c.save(t + 600);
         }
-        let c = Cache::open(Some(dir.clone()), 3600, 600);
+        let c = Cache::open(Some(dir.clone()), "btree:x", 3600, 600);
         assert_eq!(c.get("192.0.2.1".parse().unwrap()).unwrap().dnsbl, t + 50);
         assert_eq!(c.get("192.0.2.2".parse().unwrap()), None);
         // postscreen_cache_cleanup_interval = 0: never cleaned.
-        let mut c = Cache::open(Some(dir.clone()), 3600, 0);
+        let mut c = Cache::open(Some(dir.clone()), "btree:x", 3600, 0);
         let stale = Expiry {
             pregreet: t - 7200,
             ..Default::default()

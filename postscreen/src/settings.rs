@@ -61,6 +61,8 @@ pub struct Settings {
     pub greet_ttl: u64,
     /// The cache file; `None` when `postscreen_cache_map` is empty.
     pub cache_file: Option<PathBuf>,
+    /// `postscreen_cache_map` as written, the cache's name in the log.
+    pub cache_map: String,
     pub cache_retention: u64,
     /// `postscreen_cache_cleanup_interval`: how often expired entries are
     /// dropped from the cache (0: never).
@@ -233,6 +235,7 @@ impl Settings {
             greet_action: Action::parse(cfg, "postscreen_greet_action")?,
             greet_ttl: time("postscreen_greet_ttl")?,
             cache_file,
+            cache_map: cache_map.trim().to_string(),
             cache_retention: time("postscreen_cache_retention_time")?,
             cache_cleanup_interval: time("postscreen_cache_cleanup_interval")?,
             ehlo_discard: cfg
