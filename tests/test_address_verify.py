@@ -4,8 +4,8 @@ its protocol (common/src/verify.rs: a 4-byte little-endian length, then a
 postcard-encoded VerifyRequest / VerifyReply), against an aiosmtpd next
 hop that answers 250 for one recipient and 550 for another.
 
-smtpd's reject_unverified_* is not built yet (postern check still refuses
-it); these tests show the service, the probe path and the cache."""
+These tests show the service, the probe path and the cache; smtpd's
+reject_unverified_* through them is tests/test_reject_unverified.py."""
 
 import socket
 import struct

@@ -18,6 +18,7 @@ the same files. Run as root.
 
 import os
 import pwd
+import re
 import sqlite3
 import shutil
 import smtplib
@@ -408,6 +409,7 @@ sn: A
 mail: alice@ldap.test
 mailLocalAddress: alice@ldap.test
 mailLocalAddress: info@ldap.test
+userPassword: {alice_pw}
 
 dn: uid=bob,ou=people,dc=ldap,dc=test
 objectClass: inetOrgPerson
@@ -417,6 +419,7 @@ cn: Bob
 sn: B
 mail: bob@ldap.test
 mailLocalAddress: bob@ldap.test
+userPassword: {bob_pw}
 
 dn: cn=team,ou=groups,dc=ldap,dc=test
 objectClass: groupOfNames
@@ -433,13 +436,20 @@ cn: everyone
 mailLocalAddress: everyone@ldap.test
 memberURL: ldap:///ou=people,dc=ldap,dc=test??one?(objectClass=inetOrgPerson)
 """
+# The people's own passwords (simple bind as their entry: Dovecot's auth_bind).
+LDAP_USERS = {"alice@ldap.test": "alice-ldap-pw", "bob@ldap.test": "bob-ldap-pw"}
+
+
+def ldif():
+    return LDIF.format(pw=DB_PASSWORD, alice_pw=LDAP_USERS["alice@ldap.test"],
+                       bob_pw=LDAP_USERS["bob@ldap.test"])
 
 
 @pytest.fixture(scope="module")
 def slapd(root):
     if not slapd_available():
         pytest.fail("slapd is not installed (scripts/test installs it)")
-    d = Slapd(LDIF.format(pw=DB_PASSWORD)).start()
+    d = Slapd(ldif()).start()
     yield d
     d.remove()
 
@@ -585,24 +595,66 @@ def test_database_killed_under_load(through, make_postern, etc_dir, mariadb):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_dovecot_and_postern_share_the_database(make_postern, etc_dir, mariadb, dovecot):
-    """Dovecot's SQL passdb reads PostfixAdmin's mailbox table in the same
-    MariaDB: the mailbox user authenticates for submission (port 587
-    service, smtpd_sasl_type = dovecot) and relays; a wrong password is
-    535; mail to the user's alias is delivered through the mysql: tables."""
-    mariadb.sql("CREATE USER IF NOT EXISTS 'dovecot'@'127.0.0.1' IDENTIFIED BY 'dovecotpw'",
-                "GRANT SELECT ON mail.mailbox TO 'dovecot'@'127.0.0.1'")
-    sql_conf = etc_dir / "dovecot-sql.conf.ext"
-    sql_conf.write_text(
-        "driver = mysql\n"
-        f"connect = host=127.0.0.1 port={mariadb.port} dbname=mail user=dovecot password=dovecotpw\n"
-        "default_pass_scheme = PLAIN\n"
-        "password_query = SELECT username AS user, password FROM mailbox "
-        "WHERE username = '%u' AND active = '1'\n")
-    os.chmod(sql_conf, 0o644)
+def dovecot_passdb(kind, server, etc):
+    """Dovecot's passdb on the same database as Postern's tables, as the
+    hosting guides write it: the SQL drivers read PostfixAdmin's mailbox
+    table (a read-only account of Dovecot's own for MariaDB and
+    PostgreSQL, the file itself for SQLite); LDAP binds as the user's
+    entry (auth_bind), found by its mail attribute with Postfix's
+    cn=postfix account. Returns the passdb block for dovecot.conf."""
+    query = ("password_query = SELECT username AS user, password FROM mailbox "
+             "WHERE username = '%u' AND active = '1'\n")
+    if kind == "mysql":
+        server.sql("CREATE USER IF NOT EXISTS 'dovecot'@'127.0.0.1' IDENTIFIED BY 'dovecotpw'",
+                   "GRANT SELECT ON mail.mailbox TO 'dovecot'@'127.0.0.1'")
+        text = ("driver = mysql\n"
+                f"connect = host=127.0.0.1 port={server.port} dbname=mail user=dovecot "
+                "password=dovecotpw\ndefault_pass_scheme = PLAIN\n" + query)
+        driver = "sql"
+    elif kind == "pgsql":
+        server.sql("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dovecot') "
+                   "THEN CREATE ROLE dovecot LOGIN PASSWORD 'dovecotpw'; END IF; END $$")
+        server.sql("GRANT SELECT ON mailbox TO dovecot", database="mail")
+        text = ("driver = pgsql\n"
+                f"connect = host=127.0.0.1 port={server.port} dbname=mail user=dovecot "
+                "password=dovecotpw\ndefault_pass_scheme = PLAIN\n" + query)
+        driver = "sql"
+    elif kind == "sqlite":
+        text = f"driver = sqlite\nconnect = {server}\ndefault_pass_scheme = PLAIN\n" + query
+        driver = "sql"
+    else:
+        text = (f"uris = ldap://127.0.0.1:{server.port}/\nldap_version = 3\n"
+                f"dn = cn=postfix,{Slapd.SUFFIX}\ndnpass = {DB_PASSWORD}\n"
+                f"auth_bind = yes\nbase = ou=people,{Slapd.SUFFIX}\nscope = subtree\n"
+                "pass_filter = (&(objectClass=inetOrgPerson)(mail=%u))\n"
+                # The login stays the address (Dovecot's default maps uid
+                # to the user name).
+                "pass_attrs = mail=user\n")
+        driver = "ldap"
+    conf = etc / f"dovecot-{kind}.conf.ext"
+    conf.write_text(text)
+    # Dovecot's auth worker reads it as user dovecot.
+    os.chmod(conf, 0o644)
+    return f"passdb {{\n  driver = {driver}\n  args = {conf}\n}}\n"
+
+
+@pytest.mark.parametrize("kind", ["mysql", "pgsql", "sqlite", "ldap"])
+def test_dovecot_and_postern_share_the_database(kind, request, make_postern, etc_dir, dovecot):
+    """Dovecot's passdb reads the same database as Postern's tables
+    (MariaDB, PostgreSQL, SQLite: PostfixAdmin's mailbox table; OpenLDAP:
+    the user's entry): the mailbox user authenticates for submission
+    (port 587 service, smtpd_sasl_type = dovecot) and relays; a wrong
+    password is 535; mail to the user's alias is delivered through the
+    same database's tables; unauthenticated, no relaying."""
+    if kind == "ldap":
+        server = request.getfixturevalue("slapd")
+        tables, domain, users = ldap_cf_files(etc_dir, server), LDAP_DOMAIN, LDAP_USERS
+    else:
+        server = server_for(kind, request)
+        tables, domain, users = cf_files(kind, etc_dir, server), DOMAIN, MAILBOXES
+    user, password = f"alice@{domain}", users[f"alice@{domain}"]
     dc = dovecot(users={}, auth_failure_delay="0 secs",
-                 extra_conf=f"passdb {{\n  driver = sql\n  args = {sql_conf}\n}}\n")
-    tables = cf_files("mysql", etc_dir, mariadb)
+                 extra_conf=dovecot_passdb(kind, server, etc_dir))
     base = mail_base()
     sub = h.free_port()
     try:
@@ -624,23 +676,33 @@ def test_dovecot_and_postern_share_the_database(make_postern, etc_dir, mariadb, 
         with smtplib.SMTP("127.0.0.1", sub, timeout=30, source_address=("127.0.0.2", 0)) as s:
             s.ehlo("client.test")
             with pytest.raises(smtplib.SMTPAuthenticationError) as e:
-                s.login("alice@sql.test", "wrong")
+                s.login(user, "wrong")
             assert e.value.smtp_code == 535
-            code, _ = s.login("alice@sql.test", MAILBOXES["alice@sql.test"])
+            # Another mailbox's password is not this one's.
+            with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+                s.login(user, users[f"bob@{domain}"])
+            assert e.value.smtp_code == 535
+            code, _ = s.login(user, password)
             assert code == 235
-            s.mail("alice@sql.test")
+            s.mail(user)
             code, text = s.rcpt("someone@far.test")
             assert code == 250, text
             s.rset()
             token = "pt-" + uuid.uuid4().hex
-            msg = h.crlf(f"From: alice@sql.test\nTo: info@sql.test\nSubject: {token}\n\nx\n")
-            assert s.sendmail("alice@sql.test", ["info@sql.test"], msg) == {}
-        wait_for(lambda: len(messages_with(base, "alice", token)) == 1, 30,
-                 what="the submitted message in alice's Maildir")
+            msg = h.crlf(f"From: {user}\nTo: info@{domain}\nSubject: {token}\n\nx\n")
+            assert s.sendmail(user, [f"info@{domain}"], msg) == {}
+        new = base / domain / "alice" / "new"
+        wait_for(lambda: new.is_dir() and len([f for f in new.iterdir()
+                                               if token.encode() in f.read_bytes()]) == 1,
+                 30, what="the submitted message in alice's Maildir")
+        # The passdb of the database answered (not the empty passwd-file).
+        log = dc.log_text()
+        assert f"{'ldap' if kind == 'ldap' else 'sql'}({user}," in log, log[-3000:]
+        p.wait_for_log(rf"sasl_method=PLAIN, sasl_username={re.escape(user)}$")
         # Not authenticated: no relaying on the submission port.
         with smtplib.SMTP("127.0.0.1", sub, timeout=30, source_address=("127.0.0.2", 0)) as s:
             s.ehlo("client.test")
-            s.mail("alice@sql.test")
+            s.mail(user)
             code, text = s.rcpt("someone@far.test")
             assert code == 554, text
     finally:
@@ -720,7 +782,7 @@ def test_ldap_start_tls(make_postern, etc_dir, root, tmp_path):
     if not slapd_available():
         pytest.fail("slapd is not installed (scripts/test installs it)")
     certs = make_certs(tmp_path / "certs")
-    d = Slapd(LDIF.format(pw=DB_PASSWORD), tls=certs).start()
+    d = Slapd(ldif(), tls=certs).start()
     try:
         base = (f"server_host = ldap://127.0.0.1:{d.port}/\nversion = 3\n"
                 f"bind_dn = cn=postfix,{Slapd.SUFFIX}\nbind_pw = {DB_PASSWORD}\n"

@@ -99,7 +99,7 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_rhsbl_sender", Arg::DnsList, ""),
     ("reject_unknown_sender_domain", Arg::None, ""),
     ("reject_unlisted_sender", Arg::None, ""),
-    ("reject_unverified_sender", Arg::None, VERIFY),
+    ("reject_unverified_sender", Arg::None, ""),
     // Recipient.
     ("check_recipient_access", Arg::Table, ""),
     ("check_recipient_a_access", Arg::Table, ""),
@@ -115,14 +115,12 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     ("reject_unknown_recipient_domain", Arg::None, ""),
     ("reject_unlisted_recipient", Arg::None, ""),
     ("check_recipient_maps", Arg::None, ""),
-    ("reject_unverified_recipient", Arg::None, VERIFY),
+    ("reject_unverified_recipient", Arg::None, ""),
     // DATA, end of data.
     ("reject_multi_recipient_bounce", Arg::None, ""),
     // ETRN.
     ("check_etrn_access", Arg::Table, "ETRN is not offered"),
 ];
-
-const VERIFY: &str = "address verification (verify(8)) is not offered";
 
 /// The restriction lists smtpd reads.
 pub const LIST_PARAMETERS: &[&str] = &[
@@ -326,6 +324,40 @@ pub fn class_loop(cfg: &Config) -> Option<String> {
     None
 }
 
+/// Restrictions smtpd carries out everywhere but after the final dot:
+/// the verify service's answer is waited for at a command, and there is
+/// none to wait at then.
+const NOT_AT_END_OF_DATA: &[&str] = &["reject_unverified_sender", "reject_unverified_recipient"];
+
+/// `smtpd_end_of_data_restrictions` (or a restriction class it names)
+/// with a restriction smtpd does not carry out there; refused rather
+/// than quietly passed over. Call only when there is no class loop.
+pub fn end_of_data_problem(cfg: &Config) -> Option<String> {
+    let classes = classes(cfg);
+    let mut todo = vec!["smtpd_end_of_data_restrictions".to_string()];
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(list) = todo.pop() {
+        if seen.contains(&list) {
+            continue;
+        }
+        for w in words(&cfg.get(&list)) {
+            let name = w.to_ascii_lowercase();
+            if NOT_AT_END_OF_DATA.contains(&name.as_str()) {
+                return Some(format!(
+                    "{name}: not carried out after the final dot (use it in \
+                     smtpd_sender_restrictions, smtpd_recipient_restrictions or \
+                     smtpd_data_restrictions)"
+                ));
+            }
+            if classes.contains(&w) {
+                todo.push(w);
+            }
+        }
+        seen.push(list);
+    }
+    None
+}
+
 /// Every restriction list of `cfg` (its main.cf with any `-o` overrides
 /// applied) and of its restriction classes, parsed; Err((parameter,
 /// reason)) for each list that fails.
@@ -343,6 +375,8 @@ pub fn check_config(cfg: &Config) -> Vec<(String, String)> {
     }
     if let Some(c) = class_loop(cfg) {
         out.push((c, "the restriction class refers to itself".into()));
+    } else if let Some(e) = end_of_data_problem(cfg) {
+        out.push(("smtpd_end_of_data_restrictions".into(), e));
     }
     // Client certificate fingerprints are made with a digest Postern has.
     if cfg.get_bool("smtpd_tls_ask_ccert").unwrap_or(false) {
@@ -382,9 +416,35 @@ mod tests {
             parse_list(&w("permit_mynetworks reject_bogus"), &[]).unwrap_err(),
             "reject_bogus: unknown restriction"
         );
-        assert!(parse_list(&w("reject_unverified_recipient"), &[])
-            .unwrap_err()
-            .contains("verify"));
+        // Carried out by smtpd with the verify(8) service, but not after
+        // the final dot.
+        let cfg = |text: &str| {
+            Config::from_text(
+                std::path::Path::new("/nonexistent"),
+                text,
+                std::path::Path::new("main.cf"),
+            )
+            .unwrap()
+        };
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_end_of_data_restrictions = reject_unverified_sender\n"
+        ))
+        .unwrap()
+        .contains("not carried out after the final dot"));
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_restriction_classes = c\nc = reject_unverified_recipient\n\
+             smtpd_end_of_data_restrictions = c\n"
+        ))
+        .is_some());
+        assert!(end_of_data_problem(&cfg(
+            "smtpd_sender_restrictions = reject_unverified_sender\n"
+        ))
+        .is_none());
+        assert!(parse_list(
+            &w("reject_unverified_recipient reject_unverified_sender"),
+            &[]
+        )
+        .is_ok());
         assert_eq!(
             parse_list(&w("check_policy_service unix:private/policy"), &[]).unwrap()[0]
                 .arg

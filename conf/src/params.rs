@@ -301,6 +301,18 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("address_verify_negative_expire_time", "3d"),
     ("address_verify_negative_refresh_time", "3h"),
     ("address_verify_cache_cleanup_interval", "12h"),
+    // smtpd's reject_unverified_recipient / reject_unverified_sender:
+    // how long to wait for a probe, and how to answer.
+    ("address_verify_poll_count", "${stress?{1}:{3}}"),
+    ("address_verify_poll_delay", "3s"),
+    ("unverified_recipient_reject_code", "450"),
+    ("unverified_sender_reject_code", "450"),
+    ("unverified_recipient_defer_code", "450"),
+    ("unverified_sender_defer_code", "450"),
+    ("unverified_recipient_reject_reason", ""),
+    ("unverified_sender_reject_reason", ""),
+    ("unverified_recipient_tempfail_action", "$reject_tempfail_action"),
+    ("unverified_sender_tempfail_action", "$reject_tempfail_action"),
     ("delay_notice_recipient", "postmaster"),
     ("error_notice_recipient", "postmaster"),
     ("bounce_size_limit", "50000"),

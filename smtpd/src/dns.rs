@@ -54,6 +54,10 @@ pub enum Query {
     /// The hosts that serve a domain, with their addresses
     /// (`check_*_{a,mx,ns}_access`, `permit_mx_backup`).
     Servers(ServerKind, String),
+    /// What the verify service knows of an address
+    /// (`reject_unverified_recipient`, `reject_unverified_sender`): not
+    /// DNS, but asked and waited for the same way ([`crate::verify_lookup`]).
+    Verify(String),
 }
 
 /// Which hosts [`Query::Servers`] asks for.
@@ -94,6 +98,9 @@ pub enum Answer {
     Peer(PeerName),
     /// The answer to [`Query::Servers`] (empty: a null MX).
     Servers(Vec<Server>),
+    /// The answer to [`Query::Verify`]: the status and its text, or why
+    /// the verify service could not answer.
+    Verify(Result<(postern_common::verify::Status, String), String>),
 }
 
 /// How a client name lookup ended, as Postfix's `SMTPD_PEER_CODE_*`.
@@ -191,6 +198,10 @@ pub fn confirm(ip: IpAddr, forward: &[Result<Vec<Record>, Answer>]) -> NameStatu
 pub struct Dns {
     tx: Sender<(usize, Query)>,
     rx: Receiver<(usize, Query, Answer)>,
+    /// Where [`Query::Verify`] answers go, and how they are asked.
+    done_tx: Sender<(usize, Query, Answer)>,
+    waker: Arc<mio::Waker>,
+    verify: crate::verify_lookup::VerifyLookup,
 }
 
 impl Dns {
@@ -199,6 +210,7 @@ impl Dns {
         servers: Vec<SocketAddr>,
         timeout: Duration,
         waker: Arc<mio::Waker>,
+        verify: crate::verify_lookup::VerifyLookup,
     ) -> Result<Dns, String> {
         let (tx, work_rx) = channel::<(usize, Query)>();
         let (done_tx, rx) = channel();
@@ -236,10 +248,27 @@ impl Dns {
                 })
                 .map_err(|e| format!("cannot start DNS thread: {e}"))?;
         }
-        Ok(Dns { tx, rx })
+        Ok(Dns {
+            tx,
+            rx,
+            done_tx,
+            waker,
+            verify,
+        })
     }
 
     pub fn submit(&self, slot: usize, q: Query) {
+        if let Query::Verify(address) = &q {
+            // Its own thread: a poll may wait address_verify_poll_delay
+            // several times, and must not hold up DNS lookups.
+            self.verify.submit(
+                slot,
+                address.clone(),
+                self.done_tx.clone(),
+                self.waker.clone(),
+            );
+            return;
+        }
         let _ = self.tx.send((slot, q));
     }
 
@@ -301,6 +330,8 @@ impl Worker {
             },
             Query::Peer(ip) => Answer::Peer(self.peer_name(*ip)),
             Query::Servers(kind, domain) => self.servers(*kind, domain),
+            // Answered by the verify service (Dns::submit), never here.
+            Query::Verify(_) => Answer::Verify(Err("not a DNS query".into())),
         }
     }
 

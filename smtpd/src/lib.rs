@@ -40,6 +40,8 @@
 //!   processes, or in this process when it cannot answer.
 //! - [`dns`]: DNS lookups for the restrictions that need them, on
 //!   helper threads.
+//! - [`verify_lookup`]: `reject_unverified_*`'s questions to the verify
+//!   service (with Postfix's poll), on a thread each, answered like DNS.
 //! - [`sasl`]: SASL AUTH through Dovecot's auth server, one shared
 //!   non-blocking connection per process.
 //! - [`proxy`]: the before-queue content filter (`smtpd_proxy_filter`):
@@ -61,3 +63,4 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod tls;
+pub mod verify_lookup;

@@ -792,7 +792,12 @@ fn submit_dns(
                 let started = mio::Waker::new(registry, DNS_WAKE)
                     .map_err(|e| e.to_string())
                     .and_then(|w| {
-                        Dns::start(cfg.dns_servers.clone(), cfg.dns_timeout, Arc::new(w))
+                        Dns::start(
+                            cfg.dns_servers.clone(),
+                            cfg.dns_timeout,
+                            Arc::new(w),
+                            cfg.verify.clone(),
+                        )
                     });
                 match started {
                     Ok(d) => *dns = Some(d),

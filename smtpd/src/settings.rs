@@ -74,6 +74,8 @@ pub struct Settings {
     pub dns_servers: Vec<std::net::SocketAddr>,
     /// `dns_resolver_timeout`.
     pub dns_timeout: Duration,
+    /// The verify service, for `reject_unverified_*`.
+    pub verify: crate::verify_lookup::VerifyLookup,
     /// `smtpd_peername_lookup`: look up the client's host name at connect.
     pub peername_lookup: bool,
     /// `smtpd_delay_open_until_valid_rcpt`: the queue file is opened at
@@ -196,6 +198,7 @@ impl Settings {
             disable_vrfy: cfg.get_bool("disable_vrfy_command").map_err(e)?,
             line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize).max(512),
             restrictions,
+            verify: crate::verify_lookup::VerifyLookup::from_config(cfg)?,
             timeout: Duration::from_secs(cfg.get_time("smtpd_timeout").map_err(e)?.max(1)),
             ipc_timeout: Duration::from_secs(cfg.get_time("ipc_timeout").map_err(e)?.max(1)),
             max_idle: Duration::from_secs(cfg.get_time("max_idle").map_err(e)?.max(1)),

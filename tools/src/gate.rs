@@ -19,6 +19,8 @@
 //! - a before-queue filter (`smtpd_proxy_filter`) smtpd could not reach
 //!   for its form, or `smtpd_proxy_options` it does not know: smtpd
 //!   would refuse every message.
+//! - (a warning) `reject_unverified_*` without a `verify` service in
+//!   master.cf: every address would get "address verification problem".
 
 use postern_common::match_list::{Kind, MatchList};
 use postern_common::restriction;
@@ -97,6 +99,16 @@ pub fn check(cfg: &Config, services: &[Service]) -> Findings {
     for (name, e) in restriction::check_config(cfg) {
         f.errors.push(format!("{}: {e}", main_at(&name)));
     }
+    if !services.iter().any(|s| s.program() == Some("verify")) {
+        for name in uses_verify(cfg) {
+            f.warnings.push(format!(
+                "{}: reject_unverified_*: no verify service in master.cf \
+                 (verify unix - - y - 1 verify): every address would get \
+                 450 address verification problem",
+                main_at(&name)
+            ));
+        }
+    }
     for (name, kind) in MATCH_LISTS {
         if let Err(e) = MatchList::parse(
             &cfg.get(name),
@@ -156,6 +168,23 @@ pub fn check(cfg: &Config, services: &[Service]) -> Findings {
         }
     }
     f
+}
+
+/// The restriction lists (and classes) of main.cf that name
+/// `reject_unverified_recipient` or `reject_unverified_sender`.
+fn uses_verify(cfg: &Config) -> Vec<String> {
+    let classes = restriction::classes(cfg);
+    restriction::LIST_PARAMETERS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(classes)
+        .filter(|name| {
+            restriction::words(&cfg.get(name)).iter().any(|w| {
+                w.eq_ignore_ascii_case("reject_unverified_recipient")
+                    || w.eq_ignore_ascii_case("reject_unverified_sender")
+            })
+        })
+        .collect()
 }
 
 /// For a setting `name = value`: (true: an error, false: a warning; why)

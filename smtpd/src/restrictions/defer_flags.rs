@@ -49,6 +49,11 @@ impl Defers {
         }
     }
 
+    /// Raises defer_if_permit with `reply` (a check's tempfail action).
+    pub(super) fn raise_permit(&self, reply: String) {
+        Defers::raise(&self.if_permit, reply);
+    }
+
     /// defer_if_permit's reply, if raised.
     pub fn permit_reply(&self) -> Option<String> {
         self.if_permit.borrow().clone()

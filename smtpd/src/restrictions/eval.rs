@@ -14,7 +14,18 @@ impl Restrictions {
                 warn_only = true;
                 continue;
             }
-            let mut v = self.eval_one(item, stage, req);
+            let mut v = if warn_only && item.name.starts_with("reject_unverified_") {
+                // Postfix's DEFER_IF_PERMIT under warn_if_reject: the
+                // reply is logged as a reject_warning, never raised as
+                // defer_if_permit.
+                let plain = Request {
+                    defers: None,
+                    ..req.clone()
+                };
+                self.eval_one(item, stage, &plain)
+            } else {
+                self.eval_one(item, stage, req)
+            };
             let warned = warn_only;
             if let (false, Some(d)) = (warned, req.defers) {
                 v = d.soften(v);
@@ -132,6 +143,9 @@ impl Restrictions {
             },
             "reject_unknown_sender_domain" => Self::unknown_sender_domain(req),
             "reject_unknown_recipient_domain" => self.unknown_recipient_domain(req),
+            "reject_unverified_recipient" | "reject_unverified_sender" => {
+                self.unverified(item, req)
+            }
             "reject_unknown_client_hostname" | "reject_unknown_client" => {
                 self.unknown_client(req, req.name_status, "hostname")
             }

@@ -30,7 +30,9 @@
 //! `reject_unknown_sender_domain`, `reject_unknown_recipient_domain` and
 //! `reject_rbl_client`, `permit_dnswl_client`, `reject_rhsbl_*` and
 //! `permit_rhswl_client`, which read answers the session fetched first
-//! ([`Restrictions::dns_needed`], [`crate::dns`]); `check_sasl_access`,
+//! ([`Restrictions::dns_needed`], [`crate::dns`]);
+//! `reject_unverified_recipient` and `reject_unverified_sender`, with the
+//! verify service's answer (`unverified`); `check_sasl_access`,
 //! `warn_if_reject`, and the lists of `smtpd_restriction_classes` by
 //! name. Every list is parsed at start by `postern_common::restriction`
 //! (the grammar `postern check` uses too): an unknown name, a missing
@@ -52,7 +54,10 @@
 //! - `access`: `check_*_access` tables and their access(5) actions;
 //! - `server_access`: `check_*_{a,mx,ns}_access`,
 //!   `check_reverse_client_hostname_access` and `permit_mx_backup`;
-//! - `defer_flags`: `defer_if_permit` and `defer_if_reject`.
+//! - `defer_flags`: `defer_if_permit` and `defer_if_reject`;
+//! - `unverified`: `reject_unverified_recipient` and
+//!   `reject_unverified_sender`, with the verify(8) service's answer
+//!   (asked when a list gets to them: [`Request::verify`]).
 //!
 //! Also carried out: `reject_plaintext_session`, `permit_inet_interfaces`,
 //! `check_relay_domains`, `reject_multi_recipient_bounce`,
@@ -69,6 +74,7 @@ mod policy_service;
 mod server_access;
 #[cfg(test)]
 mod tests;
+mod unverified;
 
 use crate::dns::{Answer, NameStatus, Query};
 use postern_common::maps::{Table, Tables};
@@ -152,12 +158,22 @@ pub struct Request<'a> {
     /// The client's TLS certificate, when it showed one
     /// (`smtpd_tls_ask_ccert`).
     pub client_cert: Option<&'a postern_common::tls_ccert::ClientCert>,
+    /// Where `reject_unverified_*` names the address whose verify answer
+    /// it needs and does not have yet: the lists stop, the session asks
+    /// and runs the command again (None: no asking; such a check has no
+    /// opinion).
+    pub verify: Option<&'a std::cell::RefCell<Option<String>>>,
+    /// Policy servers' answers in this command, by request: a command
+    /// run again (after a verify answer or a `sleep`) does not ask the
+    /// same question twice, as Postfix, which runs the lists once.
+    pub policy_memo: Option<&'a std::cell::RefCell<Vec<(String, String)>>>,
 }
 
 impl Request<'_> {
     /// A `sleep` stopped the lists: their outcome does not count yet.
     pub fn paused(&self) -> bool {
         self.pause.is_some_and(|p| p.secs.get() > 0)
+            || self.verify.is_some_and(|v| v.borrow().is_some())
     }
 }
 
@@ -243,6 +259,10 @@ pub struct Restrictions {
     /// `smtpd_tls_ask_ccert` (a warning when a certificate restriction
     /// runs without it).
     ask_ccert: bool,
+    /// `unverified_recipient_*` (reject_unverified_recipient).
+    unverified_recipient: unverified::Unverified,
+    /// `unverified_sender_*` (reject_unverified_sender).
+    unverified_sender: unverified::Unverified,
 }
 
 /// Restrictions that refuse mail by default; one of them must appear in
@@ -324,6 +344,9 @@ impl Restrictions {
         if let Some(c) = restriction::class_loop(cfg) {
             return Err(format!("{c}: the restriction class refers to itself"));
         }
+        if let Some(e) = restriction::end_of_data_problem(cfg) {
+            return Err(format!("smtpd_end_of_data_restrictions: {e}"));
+        }
         for c in &class_names {
             let l = list(cfg, c, &class_names)?;
             r.classes.insert(c.clone(), l);
@@ -343,6 +366,8 @@ impl Restrictions {
         .no_unknown_recipient_checks;
         r.unknown_client_code = reject_code(cfg, "unknown_client_hostname_reject_code")?;
         r.unknown_hostname_code = reject_code(cfg, "unknown_hostname_reject_code")?;
+        r.unverified_recipient = unverified::Unverified::from_config(cfg, "recipient")?;
+        r.unverified_sender = unverified::Unverified::from_config(cfg, "sender")?;
         r.open_tables();
         r.policy = r.policy_client(cfg)?;
         let logins = cfg.get("smtpd_sender_login_maps");
@@ -594,10 +619,13 @@ impl Restrictions {
             return None;
         }
         let defers = defer_flags::Defers::default();
-        // No pause after the final dot: sleep is a no-op there.
+        // No pause after the final dot: sleep is a no-op there, and
+        // reject_unverified_* (refused in this list at start) has no
+        // answer to wait for.
         let req = &Request {
             defers: Some(&defers),
             pause: None,
+            verify: None,
             ..req.clone()
         };
         let outcome = match self.eval_list(&self.end_of_data, Stage::Data, req) {

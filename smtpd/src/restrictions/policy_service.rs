@@ -50,9 +50,27 @@ impl Restrictions {
     ) -> Verdict {
         let spec = item.arg.as_deref().unwrap_or_default();
         let attrs = self.policy_attributes(spec, req);
-        let action = match self.policy.query(spec, &attrs) {
+        let key: String = std::iter::once(format!("{spec}\n"))
+            .chain(attrs.iter().map(|(k, v)| format!("{k}={v}\n")))
+            .collect();
+        let memo = req.policy_memo.and_then(|m| {
+            m.borrow()
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, a)| a.clone())
+        });
+        let action = match memo {
             Some(a) => a,
-            None => self.policy.settings_of(spec).default_action.clone(),
+            None => {
+                let a = match self.policy.query(spec, &attrs) {
+                    Some(a) => a,
+                    None => self.policy.settings_of(spec).default_action.clone(),
+                };
+                if let Some(m) = req.policy_memo {
+                    m.borrow_mut().push((key, a.clone()));
+                }
+                a
+            }
         };
         if action.is_empty() {
             warning!("{spec}: empty policy action");

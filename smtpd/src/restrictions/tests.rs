@@ -415,3 +415,115 @@ fn braced_policy_server_settings_reach_the_client() {
     let r = Restrictions::from_config(&cfg).unwrap();
     assert_eq!(r.policy.settings_of(spec).default_action, "DUNNO");
 }
+
+#[test]
+fn reject_unverified_recipient_asks_then_answers_as_postfix() {
+    use crate::dns::{Answer, Query};
+    use postern_common::verify::Status;
+    let p = r(
+        DEFAULT,
+        "reject_unverified_recipient, reject_unauth_destination",
+    );
+    let rcpt = "u@relay.example";
+    // No answer yet: the address is asked for and the lists stop.
+    let wanted = std::cell::RefCell::new(None);
+    let ask = Request {
+        verify: Some(&wanted),
+        ..req("192.0.2.1", rcpt)
+    };
+    assert_eq!(p.check_recipient(&ask), None);
+    assert_eq!(wanted.borrow().as_deref(), Some(rcpt));
+    let with = |a: Answer| {
+        let mut m = std::collections::HashMap::new();
+        m.insert(Query::Verify(rcpt.into()), a);
+        m
+    };
+    let answer = |p: &Restrictions, a: Answer| {
+        let m = with(a);
+        let rq = Request {
+            dns: Some(&m),
+            ..req("192.0.2.1", rcpt)
+        };
+        p.check_recipient(&rq)
+    };
+    assert_eq!(
+        answer(&p, Answer::Verify(Ok((Status::Ok, "250 Ok".into())))),
+        None
+    );
+    // Undeliverable, with the default code 450: "unverified address",
+    // as defer_if_permit (the list went on and accepted).
+    let why = "host x said: 550 5.1.1 no such user";
+    assert_eq!(
+        answer(&p, Answer::Verify(Ok((Status::Bounce, why.into())))).as_deref(),
+        Some(
+            "450 4.1.1 <u@relay.example>: Recipient address rejected: unverified address: \
+             host x said: 550 5.1.1 no such user"
+        )
+    );
+    assert_eq!(
+        answer(
+            &p,
+            Answer::Verify(Ok((
+                Status::Todo,
+                "Address verification in progress".into()
+            )))
+        )
+        .as_deref(),
+        Some(
+            "450 4.1.1 <u@relay.example>: Recipient address rejected: unverified address: \
+             Address verification in progress"
+        )
+    );
+    assert_eq!(
+        answer(&p, Answer::Verify(Err("no service".into()))).as_deref(),
+        Some(
+            "450 4.1.1 <u@relay.example>: Recipient address rejected: address verification problem"
+        )
+    );
+    // A later reject wins over defer_if_permit.
+    let strict = r(DEFAULT, "reject_unverified_recipient, reject");
+    assert_eq!(
+        answer(&strict, Answer::Verify(Ok((Status::Bounce, why.into())))).as_deref(),
+        Some("554 5.7.1 <u@relay.example>: Recipient address rejected: Access denied")
+    );
+    // A 5xx reject code: "undeliverable address", at once.
+    let mut hard = r(DEFAULT, "reject_unverified_recipient, reject");
+    hard.unverified_recipient = unverified::Unverified::from_config(
+        &postern_conf::Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            "unverified_recipient_reject_code = 550\n",
+            std::path::Path::new("main.cf"),
+        )
+        .unwrap(),
+        "recipient",
+    )
+    .unwrap();
+    assert_eq!(
+        answer(&hard, Answer::Verify(Ok((Status::Bounce, why.into())))).as_deref(),
+        Some(
+            "550 5.1.1 <u@relay.example>: Recipient address rejected: undeliverable address: \
+             host x said: 550 5.1.1 no such user"
+        )
+    );
+    // warn_if_reject: only logged, never a defer_if_permit.
+    let warn = r(
+        DEFAULT,
+        "warn_if_reject, reject_unverified_recipient, reject_unauth_destination",
+    );
+    assert_eq!(
+        answer(&warn, Answer::Verify(Ok((Status::Bounce, why.into())))),
+        None
+    );
+    // A client permit_mynetworks lets through is never asked about.
+    let wanted = std::cell::RefCell::new(None);
+    let trusted = Request {
+        verify: Some(&wanted),
+        ..req("127.0.0.1", rcpt)
+    };
+    let p = r(
+        DEFAULT,
+        "permit_mynetworks, reject_unverified_recipient, reject_unauth_destination",
+    );
+    assert_eq!(p.check_recipient(&trusted), None);
+    assert_eq!(*wanted.borrow(), None);
+}

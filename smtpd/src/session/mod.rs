@@ -261,6 +261,18 @@ pub struct Session {
     sleep: crate::restrictions::Pause,
     /// Held by a `sleep`: the loop resumes the session after the hold.
     sleeping: bool,
+    /// The address `reject_unverified_*` wants the verify service's
+    /// answer for (see [`Session::await_verify`]).
+    verify_wanted: std::cell::RefCell<Option<String>>,
+    /// The command runs again with a verify answer: rate limits were
+    /// counted the first time.
+    verify_rerun: bool,
+    /// How many PREPEND headers there were before the command: those its
+    /// first run added are added again when it runs again.
+    prepend_mark: usize,
+    /// Policy servers' answers within the command being run (see
+    /// [`crate::restrictions::Request::policy_memo`]).
+    policy_memo: std::cell::RefCell<Vec<(String, String)>>,
     /// defer_if_permit / defer_if_reject raised by the connect, HELO and
     /// MAIL checks (`smtpd_delay_reject = no`).
     defers: crate::restrictions::Defers,
@@ -342,6 +354,10 @@ impl Session {
             starttls_pending: false,
             ehlo_discard: Vec::new(),
             client_cert: None,
+            verify_wanted: Default::default(),
+            verify_rerun: false,
+            prepend_mark: 0,
+            policy_memo: Default::default(),
             defers: Default::default(),
             defer_permit_client: None,
             defer_permit_helo: None,
@@ -576,6 +592,9 @@ impl Session {
 
     fn command(&mut self, line: &[u8]) {
         self.current_line = line.to_vec();
+        if !self.verify_rerun {
+            self.prepend_mark = self.access_prepend.borrow().len();
+        }
         if line.contains(&0) {
             self.unknown_command("500 5.5.2 Error: bad syntax");
             return;
@@ -664,6 +683,9 @@ impl Session {
             Done::Ok => self.count_ok(verb),
             Done::Failed => self.error_count += 1,
             Done::Pending => {}
+        }
+        if !matches!(self.state, State::WaitDns(_)) {
+            self.command_done();
         }
         if verb.is_junk() {
             if self.junk > JUNK_COMMAND_LIMIT {

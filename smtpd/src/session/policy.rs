@@ -56,7 +56,7 @@ impl Session {
     /// Postfix's warning (`WHAT rate limit exceeded: ...`), answers
     /// `450 4.7.1 Error: TEXT from IP` as Postfix, and returns true.
     pub(super) fn over_rate_limit(&mut self, event: Event, what: &str, text: &str) -> bool {
-        if self.sleep.done.get() > 0 {
+        if self.sleep.done.get() > 0 || self.verify_rerun {
             // Run again after a sleep: counted the first time.
             return false;
         }
@@ -98,6 +98,41 @@ impl Session {
         // Counted when the command runs again.
         self.counts[verb_index(verb)].total -= 1;
         true
+    }
+
+    /// `reject_unverified_*` stopped the restrictions of the command
+    /// (`verb`) to ask the verify service about an address: the command
+    /// waits in [`State::WaitDns`] (taking no input) and runs again with
+    /// the answer. False: nothing asked. Called before
+    /// [`Session::await_sleep`], which would forget the sleeps done.
+    pub(super) fn await_verify(&mut self, verb: Verb) -> bool {
+        let Some(address) = self.verify_wanted.take() else {
+            return false;
+        };
+        // The sleeps met are counted again when the command runs again.
+        self.sleep.seen.set(0);
+        self.sleep.secs.set(0);
+        self.verify_rerun = true;
+        // Its first run's PREPEND headers come again.
+        let mark = self.prepend_mark;
+        self.access_prepend.borrow_mut().truncate(mark);
+        let asked = self.await_dns(vec![Query::Verify(address)], verb);
+        if !asked {
+            // An answer is in already (cannot happen: the check asks only
+            // for a missing one); run on without it rather than loop.
+            warning!("verify answer present but not used");
+        }
+        asked
+    }
+
+    /// The command is done: a later command asks the verify service
+    /// again (its answer may have changed: a probe came back), and policy
+    /// servers again.
+    pub(super) fn command_done(&mut self) {
+        self.verify_rerun = false;
+        self.policy_memo.borrow_mut().clear();
+        self.verify_wanted.replace(None);
+        self.dns.retain(|q, _| !matches!(q, Query::Verify(_)));
     }
 
     /// `sleep SECONDS` stopped the restrictions of the command (`verb`;
@@ -173,6 +208,8 @@ impl Session {
             reply_subject: None,
             pause: Some(&self.sleep),
             client_cert: self.client_cert.as_ref(),
+            verify: Some(&self.verify_wanted),
+            policy_memo: Some(&self.policy_memo),
         }
     }
 

@@ -115,7 +115,7 @@ impl Session {
             req.sender = Some(&tx.sender);
             self.cfg.restrictions.check_sender(&req)
         };
-        if self.await_sleep(Some(Verb::Mail)) {
+        if self.await_verify(Verb::Mail) || self.await_sleep(Some(Verb::Mail)) {
             return Done::Pending;
         }
         if let Some(reply) = refused {
@@ -186,7 +186,7 @@ impl Session {
             return Done::Failed;
         }
         let refused = self.check_recipient(&address);
-        if self.await_sleep(Some(Verb::Rcpt)) {
+        if self.await_verify(Verb::Rcpt) || self.await_sleep(Some(Verb::Rcpt)) {
             return Done::Pending;
         }
         if let Some(reply) = refused {
@@ -224,7 +224,7 @@ impl Session {
             .cfg
             .restrictions
             .check_data(&self.request(None, "DATA"));
-        if self.await_sleep(Some(Verb::Data)) {
+        if self.await_verify(Verb::Data) || self.await_sleep(Some(Verb::Data)) {
             return Done::Pending;
         }
         let Some(tx) = &self.tx else {

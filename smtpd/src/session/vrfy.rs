@@ -34,7 +34,8 @@ impl Session {
             _ => return self.fail("501 5.1.3 Bad recipient address syntax"),
         };
         let refused = self.check_recipient(&address);
-        if self.await_sleep(Some(postern_common::smtp_command::Verb::Vrfy)) {
+        let verb = postern_common::smtp_command::Verb::Vrfy;
+        if self.await_verify(verb) || self.await_sleep(Some(verb)) {
             return Done::Pending;
         }
         if let Some(reply) = refused {

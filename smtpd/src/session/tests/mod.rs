@@ -62,6 +62,12 @@ fn settings() -> Settings {
         broken_sasl_auth_clients: false,
         dns_servers: vec![],
         dns_timeout: Duration::from_secs(5),
+        verify: crate::verify_lookup::VerifyLookup {
+            socket: std::env::temp_dir().join("no-verify-service"),
+            poll_count: 1,
+            poll_delay: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+        },
         peername_lookup: false,
         delay_open_until_valid_rcpt: true,
         anvil: Default::default(),
