@@ -195,6 +195,55 @@ def test_fail2ban_aggressive_matches_pregreet(make_postern):
     assert any("PREGREET" in l for l in r.stdout.splitlines()), r.stdout
 
 
+def postscreen_ehlo_keywords(port):
+    """The EHLO keywords of postscreen's own dialogue, to a client that
+    talked first (pregreet under `enforce`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"EHLO early.example\r\n")
+        f = s.makefile("rwb")
+        lines = []
+        while True:
+            l = f.readline().decode()
+            lines.append(l)
+            if l.startswith("250 ") or not l:
+                break
+        f.write(b"QUIT\r\n")
+        f.flush()
+    return [l[4:].strip().split()[0] for l in lines if l.startswith("250")][1:]
+
+
+def test_discard_ehlo_keywords_in_the_dialogue(make_postern):
+    """postscreen_discard_ehlo_keywords (default
+    $smtpd_discard_ehlo_keywords, mailcow sets it) takes keywords out of
+    postscreen's EHLO reply, case-insensitively; the others stay."""
+    p = postscreen_instance(make_postern, postscreen_greet_action="enforce",
+                            postscreen_discard_ehlo_keywords="dsn, 8bitmime, silent-discard")
+    words = postscreen_ehlo_keywords(p.port)
+    assert "ENHANCEDSTATUSCODES" in words and "SIZE" in words, words
+    assert "DSN" not in words and "8BITMIME" not in words, words
+    p.stop()
+    p = postscreen_instance(make_postern, postscreen_greet_action="enforce",
+                            smtpd_discard_ehlo_keywords="enhancedstatuscodes")
+    words = postscreen_ehlo_keywords(p.port)
+    assert "ENHANCEDSTATUSCODES" not in words and "DSN" in words, words
+
+
+def test_cache_cleanup_interval(make_postern):
+    """postscreen_cache_cleanup_interval: once it has passed, the next
+    change to the cache drops what expired longer than
+    postscreen_cache_retention_time ago and logs it as Postfix does."""
+    p = postscreen_instance(make_postern, postscreen_cache_cleanup_interval="2s",
+                            postscreen_cache_retention_time="1s", postscreen_greet_ttl="1s")
+    s, f = dialogue(p.port, "127.0.0.21", b"QUIT\r\n")
+    s.close()
+    p.wait_for_log(r"PASS NEW \[127\.0\.0\.21\]")
+    time.sleep(3.5)
+    s, f = dialogue(p.port, "127.0.0.22", b"QUIT\r\n")
+    s.close()
+    p.wait_for_log(r"postscreen\[\d+\]: cache btree:\S+postscreen_cache full cleanup: "
+                   r"retained=1 dropped=1 entries")
+
+
 def test_postern_check_refuses_postscreen_settings_not_offered(make_postern):
     p = make_postern(params={"postscreen_upstream_proxy_protocol": "haproxy",
                              "postscreen_greet_action": "enforce"}, start=False)

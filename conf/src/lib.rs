@@ -626,18 +626,25 @@ fn conditional_texts(t: &str) -> (&str, Option<&str>) {
     (then, None)
 }
 
-/// Seconds from a Postfix time value (`300`, `300s`, `5m`, `1h`, `2d`, `1w`).
+/// Seconds from a Postfix time value (`300`, `300s`, `5m`, `1h`, `2d`,
+/// `1w`), read as Postfix's conv_time() reads it: the number, then the
+/// unit letter (none: seconds); what follows the unit letter is ignored.
+/// Postfix's own defaults rely on that: `postscreen_dnsbl_max_ttl =
+/// ${postscreen_dnsbl_ttl?{$postscreen_dnsbl_ttl}:{1}}h` is `5mh`, five
+/// minutes, when a main.cf sets `postscreen_dnsbl_ttl = 5m`.
 pub fn parse_time(v: &str) -> Option<u64> {
     let v = v.trim();
-    let (num, mult) = match v.chars().last()? {
-        's' => (&v[..v.len() - 1], 1),
-        'm' => (&v[..v.len() - 1], 60),
-        'h' => (&v[..v.len() - 1], 3600),
-        'd' => (&v[..v.len() - 1], 86400),
-        'w' => (&v[..v.len() - 1], 604800),
-        _ => (v, 1),
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let n: u64 = v[..digits].parse().ok()?;
+    let mult = match v[digits..].chars().next() {
+        None | Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        Some('d') => 86400,
+        Some('w') => 604800,
+        Some(_) => return None,
     };
-    num.trim().parse::<u64>().ok().map(|n| n * mult)
+    n.checked_mul(mult)
 }
 
 /// Splits on white space (and on commas when `commas`), keeping `{ ... }`
@@ -677,6 +684,25 @@ pub fn split_list(v: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn times_as_postfix_conv_time_reads_them() {
+        use super::parse_time;
+        assert_eq!(parse_time("300"), Some(300));
+        assert_eq!(parse_time("300s"), Some(300));
+        assert_eq!(parse_time("5m"), Some(300));
+        assert_eq!(parse_time("1h"), Some(3600));
+        assert_eq!(parse_time("2d"), Some(172800));
+        assert_eq!(parse_time("1w"), Some(604800));
+        // After the unit letter, nothing counts (postscreen_dnsbl_max_ttl
+        // made from postscreen_dnsbl_ttl = 5m).
+        assert_eq!(parse_time("5mh"), Some(300));
+        assert_eq!(parse_time("1h"), Some(3600));
+        assert_eq!(parse_time("5x"), None);
+        assert_eq!(parse_time("m"), None);
+        assert_eq!(parse_time(""), None);
+        assert_eq!(parse_time("-5s"), None);
+    }
     use super::*;
 
     fn cfg(text: &str) -> Config {

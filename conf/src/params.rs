@@ -95,6 +95,8 @@ pub const PARAMS: &[(&str, &str)] = &[
         "btree:$data_directory/postscreen_cache",
     ),
     ("postscreen_cache_retention_time", "7d"),
+    ("postscreen_cache_cleanup_interval", "12h"),
+    ("postscreen_discard_ehlo_keywords", "$smtpd_discard_ehlo_keywords"),
     ("postscreen_command_count_limit", "20"),
     ("postscreen_command_time_limit", "${stress?{10}:{300}}s"),
     ("postscreen_dnsbl_sites", ""),

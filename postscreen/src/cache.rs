@@ -7,8 +7,10 @@
 //! pregreet;dnsbl;pipelining;non_smtp_command;bare_newline` (expiry
 //! times, seconds since the epoch, in Postfix's order; 0 = not passed). It is opened at start, as root and before the chroot (it is
 //! in `data_directory`), and rewritten through that descriptor after
-//! each change; entries expired longer than
-//! `postscreen_cache_retention_time` are dropped then.
+//! each change. Every `postscreen_cache_cleanup_interval` (0: never), at
+//! the first change after it has passed, the entries expired longer than
+//! `postscreen_cache_retention_time` are dropped and the count logged as
+//! Postfix logs its cleanup.
 
 use postern_common::cache_file::CacheFile;
 use std::collections::HashMap;
@@ -42,7 +44,12 @@ impl Expiry {
 
 pub struct Cache {
     file: Option<CacheFile>,
+    /// The map's name for the log (`postscreen_cache_map`).
+    name: String,
     retention: u64,
+    cleanup_interval: u64,
+    /// When the next cleanup is due (0 with no cleanup).
+    next_cleanup: u64,
     entries: HashMap<IpAddr, Expiry>,
 }
 
@@ -56,7 +63,8 @@ pub fn now() -> u64 {
 impl Cache {
     /// Opens (creating) the cache file; without one (no map, or it
     /// cannot be opened: logged) nothing is remembered.
-    pub fn open(path: Option<PathBuf>, retention: u64) -> Cache {
+    pub fn open(path: Option<PathBuf>, name: &str, retention: u64, cleanup_interval: u64) -> Cache {
+        let name = name.to_string();
         let mut entries = HashMap::new();
         let (file, text) = CacheFile::open(path.as_deref(), "postscreen_cache_map");
         for line in text.lines() {
@@ -81,7 +89,14 @@ impl Cache {
         }
         Cache {
             file,
+            name,
             retention,
+            cleanup_interval,
+            next_cleanup: if cleanup_interval > 0 {
+                now() + cleanup_interval
+            } else {
+                0
+            },
             entries,
         }
     }
@@ -92,15 +107,25 @@ impl Cache {
 
     pub fn put(&mut self, ip: IpAddr, e: Expiry) {
         self.entries.insert(ip, e);
-        self.save();
+        self.save(now());
     }
 
-    fn save(&mut self) {
+    fn save(&mut self, now: u64) {
         let Some(f) = self.file.as_mut() else {
             return;
         };
-        let horizon = now().saturating_sub(self.retention);
-        self.entries.retain(|_, e| e.latest() >= horizon);
+        if self.next_cleanup > 0 && now >= self.next_cleanup {
+            let horizon = now.saturating_sub(self.retention);
+            let before = self.entries.len();
+            self.entries.retain(|_, e| e.latest() >= horizon);
+            postern_common::info!(
+                "cache {} full cleanup: retained={} dropped={} entries",
+                self.name,
+                self.entries.len(),
+                before - self.entries.len()
+            );
+            self.next_cleanup = now + self.cleanup_interval;
+        }
         let mut text = String::new();
         for (ip, e) in &self.entries {
             text.push_str(&format!(
@@ -122,7 +147,7 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         let t = now();
         {
-            let mut c = Cache::open(Some(dir.clone()), 3600);
+            let mut c = Cache::open(Some(dir.clone()), "btree:x", 3600, 600);
             let fresh = Expiry {
                 pregreet: t + 100,
                 dnsbl: t + 50,
@@ -134,10 +159,22 @@ mod tests {
                 ..Default::default()
             };
             c.put("192.0.2.2".parse().unwrap(), stale);
+            // Not yet: the cleanup interval has not passed.
+            assert_eq!(c.get("192.0.2.2".parse().unwrap()), Some(stale));
+            c.save(t + 600);
         }
-        let c = Cache::open(Some(dir.clone()), 3600);
+        let c = Cache::open(Some(dir.clone()), "btree:x", 3600, 600);
         assert_eq!(c.get("192.0.2.1".parse().unwrap()).unwrap().dnsbl, t + 50);
         assert_eq!(c.get("192.0.2.2".parse().unwrap()), None);
+        // postscreen_cache_cleanup_interval = 0: never cleaned.
+        let mut c = Cache::open(Some(dir.clone()), "btree:x", 3600, 0);
+        let stale = Expiry {
+            pregreet: t - 7200,
+            ..Default::default()
+        };
+        c.put("192.0.2.3".parse().unwrap(), stale);
+        c.save(t + 100_000);
+        assert_eq!(c.get("192.0.2.3".parse().unwrap()), Some(stale));
         let _ = std::fs::remove_file(&dir);
     }
 }

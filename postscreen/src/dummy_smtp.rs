@@ -29,6 +29,27 @@ fn say(r: &mut BufReader<Box<dyn Stream>>, text: &str) -> bool {
     w.write_all(format!("{text}\r\n").as_bytes()).is_ok() && w.flush().is_ok()
 }
 
+/// The EHLO reply: the host name, then the keywords offered, less those
+/// in `postscreen_discard_ehlo_keywords` (as Postfix's postscreen, which
+/// logs nothing for that list).
+fn ehlo_reply(s: &Settings, tls_offered: bool) -> String {
+    let keywords = ["SIZE", "STARTTLS", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN"];
+    let mut lines = vec![s.myhostname.clone()];
+    lines.extend(
+        keywords
+            .into_iter()
+            .filter(|k| (*k != "STARTTLS" || tls_offered) && !s.ehlo_discard.iter().any(|d| d == k))
+            .map(String::from),
+    );
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
 /// The deep tests, each a flag.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deep {
@@ -162,11 +183,7 @@ pub fn run(
             "EHLO" => {
                 helo = arg.trim().to_string();
                 proto = "ESMTP";
-                let starttls = if tls_offered { "250-STARTTLS\r\n" } else { "" };
-                say(&mut reader, &format!(
-                    "250-{}\r\n250-SIZE\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 DSN",
-                    s.myhostname
-                ))
+                say(&mut reader, &ehlo_reply(s, tls_offered))
             }
             "STARTTLS" if tls_offered => {
                 // What the client sent ahead stays unencrypted: dropped,

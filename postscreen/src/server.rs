@@ -19,7 +19,9 @@ use std::sync::Arc;
 pub fn run(s: Settings) -> ! {
     let shared = Arc::new(Shared::new(Cache::open(
         s.cache_file.clone(),
+        &s.cache_map,
         s.cache_retention,
+        s.cache_cleanup_interval,
     )));
     let s = Arc::new(s);
     let listeners: Vec<TcpListener> = postern_common::service::listen_fds()

@@ -61,7 +61,15 @@ pub struct Settings {
     pub greet_ttl: u64,
     /// The cache file; `None` when `postscreen_cache_map` is empty.
     pub cache_file: Option<PathBuf>,
+    /// `postscreen_cache_map` as written, the cache's name in the log.
+    pub cache_map: String,
     pub cache_retention: u64,
+    /// `postscreen_cache_cleanup_interval`: how often expired entries are
+    /// dropped from the cache (0: never).
+    pub cache_cleanup_interval: u64,
+    /// `postscreen_discard_ehlo_keywords`: EHLO keywords the dialogue
+    /// does not offer (upper case).
+    pub ehlo_discard: Vec<String>,
     pub command_count_limit: u64,
     /// Connections one client may have in postscreen at once (0: no
     /// limit).
@@ -227,7 +235,15 @@ impl Settings {
             greet_action: Action::parse(cfg, "postscreen_greet_action")?,
             greet_ttl: time("postscreen_greet_ttl")?,
             cache_file,
+            cache_map: cache_map.trim().to_string(),
             cache_retention: time("postscreen_cache_retention_time")?,
+            cache_cleanup_interval: time("postscreen_cache_cleanup_interval")?,
+            ehlo_discard: cfg
+                .get("postscreen_discard_ehlo_keywords")
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+                .map(|w| w.to_ascii_uppercase())
+                .collect(),
             command_count_limit: cfg
                 .get_u64("postscreen_command_count_limit")
                 .map_err(|e| e.to_string())?,
