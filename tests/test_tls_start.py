@@ -49,8 +49,12 @@ def test_mismatched_root_only_key_stops_start_and_start_fg(
     p._prepare()
     r = p.postern("start")
     assert r.returncode == 1, h.describe(r)
-    errors = [line for line in r.stderr.splitlines() if "error" in line or "fatal" in line]
+    # One line names the key and its cause; the last says nothing started.
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1, h.describe(r)
+    assert r.stderr.splitlines()[-1] == ("postern: fatal: 1 table(s) or key(s) above cannot "
+                                         "be used: not starting the Postern mail system"), \
+        h.describe(r)
     assert re.fullmatch(
         r"postern: error: service \S+ \(master\.cf line \d+\): cannot load TLS certificate "
         rf"and key: smtpd_tls_key_file = {re.escape(str(other_key))}, smtpd_tls_cert_file = "
