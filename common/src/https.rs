@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 /// The system's CA bundle.
 pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The WebPKI trust anchors of MTA-STS: the system bundle and the
-/// administrator's `smtp_tls_CAfile` and `smtp_tls_CApath` (each may be
-/// empty), as a store. Unreadable files are skipped.
-pub fn web_roots(ca_file: &str, ca_path: &str) -> RootCertStore {
-    let mut files: Vec<String> = vec![SYSTEM_BUNDLE.to_string()];
+/// The files of `smtp_tls_CAfile` and of the directory `smtp_tls_CApath`
+/// (each may be empty), in that order.
+pub fn ca_files(ca_file: &str, ca_path: &str) -> Vec<String> {
+    let mut files = Vec::new();
     if !ca_file.is_empty() {
         files.push(ca_file.to_string());
     }
@@ -38,15 +37,33 @@ pub fn web_roots(ca_file: &str, ca_path: &str) -> RootCertStore {
             }
         }
     }
+    files
+}
+
+/// The certificates of `files` as a store; `unreadable` is told each
+/// file that cannot be read.
+pub fn root_store(files: &[String], unreadable: &mut dyn FnMut(&str, String)) -> RootCertStore {
     let mut store = RootCertStore::empty();
-    for f in &files {
-        if let Ok(it) = CertificateDer::pem_file_iter(f) {
-            for c in it.flatten() {
-                let _ = store.add(c);
+    for f in files {
+        match CertificateDer::pem_file_iter(f) {
+            Ok(it) => {
+                for c in it.flatten() {
+                    let _ = store.add(c);
+                }
             }
+            Err(e) => unreadable(f, e.to_string()),
         }
     }
     store
+}
+
+/// The WebPKI trust anchors of MTA-STS: the system bundle and the
+/// administrator's `smtp_tls_CAfile` and `smtp_tls_CApath` (each may be
+/// empty), as a store. Unreadable files are skipped.
+pub fn web_roots(ca_file: &str, ca_path: &str) -> RootCertStore {
+    let mut files = vec![SYSTEM_BUNDLE.to_string()];
+    files.extend(ca_files(ca_file, ca_path));
+    root_store(&files, &mut |_, _| {})
 }
 
 /// One request.

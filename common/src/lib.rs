@@ -70,6 +70,7 @@ pub mod service;
 pub mod smtp_command;
 pub mod smtputf8;
 pub mod table_watch;
+pub mod tcp;
 pub mod time;
 pub mod tls;
 pub mod tls_ccert;

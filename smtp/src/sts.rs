@@ -30,6 +30,7 @@ use crate::nexthop::{Failure, Server};
 use crate::tls::{self, Observed, Trust};
 use postern_common::dns::BlockingResolver;
 use postern_common::mta_sts::{self, Mode, Policy};
+use postern_common::time::now_secs;
 use postern_common::tls_rpt::{Attempt, Store};
 use postern_common::{info, warning};
 use std::net::SocketAddr;
@@ -95,7 +96,7 @@ impl StsClient {
                 return None;
             }
         };
-        let found = self.policies.lookup(domain, &*dns, now());
+        let found = self.policies.lookup(domain, &*dns, now_secs());
         if let Some((kind, why)) = &found.failure {
             self.record(&Attempt {
                 domain: domain.to_ascii_lowercase(),
@@ -198,7 +199,7 @@ pub fn report_store(cfg: &postern_conf::Config) -> Option<Store> {
 /// Appends `a` to the TLS-RPT store, if there is one.
 pub fn record(store: Option<&Store>, a: &Attempt) {
     let Some(store) = store else { return };
-    if let Err(e) = store.record(a, now()) {
+    if let Err(e) = store.record(a, now_secs()) {
         warning!(
             "TLS-RPT: cannot record a result under {}: {e}",
             store.dir.display()
@@ -267,13 +268,6 @@ pub fn result_type(o: &Observed) -> Option<(&'static str, String)> {
             Some(("certificate-not-trusted", why.clone()))
         }
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -39,7 +39,6 @@ use postern_common::warning;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
@@ -216,40 +215,14 @@ impl Roots {
 
     /// From `smtp_tls_CAfile`/`smtp_tls_CApath`, else the system bundle.
     pub fn load(ca_file: &str, ca_path: &str) -> Roots {
-        let provider = provider();
-        let mut store = RootCertStore::empty();
-        let mut files: Vec<String> = Vec::new();
-        if !ca_file.is_empty() {
-            files.push(ca_file.to_string());
-        }
-        if !ca_path.is_empty() {
-            if let Ok(rd) = std::fs::read_dir(ca_path) {
-                for e in rd.flatten() {
-                    files.push(e.path().to_string_lossy().into_owned());
-                }
-            }
-        }
+        use postern_common::https;
+        let mut files = https::ca_files(ca_file, ca_path);
         if files.is_empty() {
-            files.push("/etc/ssl/certs/ca-certificates.crt".into());
+            files.push(https::SYSTEM_BUNDLE.into());
         }
-        for f in &files {
-            match CertificateDer::pem_file_iter(f) {
-                Ok(it) => {
-                    for c in it.flatten() {
-                        let _ = store.add(c);
-                    }
-                }
-                Err(e) => warning!("cannot load CA certificates from {f}: {e}"),
-            }
-        }
-        let verifier = if store.is_empty() {
-            None
-        } else {
-            WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
-                .build()
-                .ok()
-        };
-        Roots { verifier, provider }
+        Roots::from_store(https::root_store(&files, &mut |f, e| {
+            warning!("cannot load CA certificates from {f}: {e}")
+        }))
     }
 }
 

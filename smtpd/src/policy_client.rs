@@ -26,7 +26,6 @@ use postern_common::warning;
 use postern_conf::Config;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -298,25 +297,7 @@ impl PolicyClient {
             .unwrap_or(spec);
         let endpoint = Endpoint::parse(name, &s.queue_directory).map_err(std::io::Error::other)?;
         Ok(match endpoint {
-            Endpoint::Inet(hp) => {
-                let addrs: Vec<std::net::SocketAddr> =
-                    std::net::ToSocketAddrs::to_socket_addrs(&hp)?.collect();
-                let mut last = std::io::Error::other("no address");
-                let mut found = None;
-                for a in addrs {
-                    match TcpStream::connect_timeout(&a, t) {
-                        Ok(s) => {
-                            found = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = found.ok_or(last)?;
-                s.set_read_timeout(Some(t))?;
-                s.set_write_timeout(Some(t))?;
-                Box::new(s)
-            }
+            Endpoint::Inet(hp) => Box::new(postern_common::tcp::connect(hp.as_str(), t)?),
             Endpoint::Unix(p) => {
                 let s = UnixStream::connect(&p)
                     .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;

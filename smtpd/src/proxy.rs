@@ -30,7 +30,7 @@ use mio::Waker;
 use postern_common::proxy_filter::{Endpoint, Options};
 use postern_common::{info, warning};
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -393,22 +393,7 @@ impl Worker {
         let t = self.settings.timeout;
         Ok(match &self.settings.endpoint {
             Endpoint::Inet(host, port) => {
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "host not found");
-                let mut found = None;
-                for a in (host.as_str(), *port).to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&a, t) {
-                        Ok(s) => {
-                            found = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = found.ok_or(last)?;
-                let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(t))?;
-                s.set_write_timeout(Some(t))?;
-                Box::new(s)
+                Box::new(postern_common::tcp::connect((host.as_str(), *port), t)?)
             }
             Endpoint::Unix(p) => {
                 let s = UnixStream::connect(p)?;

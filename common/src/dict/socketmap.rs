@@ -35,22 +35,7 @@ impl Endpoint {
     /// Connects, with [`TIMEOUT`] on every read and write.
     pub fn connect(&self, timeout: Duration) -> std::io::Result<Stream> {
         match self {
-            Endpoint::Inet(addr) => {
-                use std::net::ToSocketAddrs;
-                let mut last = std::io::Error::other(format!("{addr}: no address"));
-                for a in addr.to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&a, timeout) {
-                        Ok(s) => {
-                            s.set_read_timeout(Some(timeout))?;
-                            s.set_write_timeout(Some(timeout))?;
-                            let _ = s.set_nodelay(true);
-                            return Ok(Stream::Tcp(s));
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                Err(last)
-            }
+            Endpoint::Inet(addr) => crate::tcp::connect(addr.as_str(), timeout).map(Stream::Tcp),
             Endpoint::Unix(path) => {
                 let s = UnixStream::connect(path)?;
                 s.set_read_timeout(Some(timeout))?;
