@@ -16,7 +16,7 @@
 //! [`LookupError`]: the caller defers.
 
 use super::db_config::{
-    sql_lookup, CfFile, DbHost, HostPool, QueryError, SqlConnection, Templates,
+    sql_lookup, CfFile, DbHost, HostPools, QueryError, SqlConnection, Templates,
 };
 use super::dynlib::{cstring, text, Library};
 use super::{Dict, LookupError};
@@ -351,7 +351,7 @@ pub struct MysqlDict {
     templates: Templates,
     settings: Settings,
     api: &'static Api,
-    hosts: Mutex<HostPool<Conn>>,
+    hosts: HostPools<Conn>,
 }
 
 impl std::fmt::Debug for MysqlDict {
@@ -410,7 +410,7 @@ impl MysqlDict {
             templates,
             settings,
             api,
-            hosts: Mutex::new(HostPool::new(hosts, Duration::from_secs(retry))),
+            hosts: HostPools::new(hosts, Duration::from_secs(retry)),
         })
     }
 }
