@@ -105,7 +105,8 @@ struct Conn {
     pg: *mut PgConn,
 }
 
-// SAFETY: a connection is used by one thread at a time (behind a Mutex).
+// SAFETY: a connection is used by one lookup at a time (HostPools hands
+// each HostPool to one lookup).
 unsafe impl Send for Conn {}
 
 impl Drop for Conn {
