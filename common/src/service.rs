@@ -165,6 +165,23 @@ fn enter_chroot(cfg: &Config) {
 
 /// Says why a process takes no more work: one of its tables changed
 /// ([`crate::table_watch`]), and it may not be able to read it again.
+/// Set when a [`serve_threaded`] process takes no more connections
+/// (worn out, drained, a table changed): a handler that keeps a client's
+/// connection for many requests (proxymap) closes it after the request in
+/// hand, and the client connects to a fresh process.
+static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is leaving ([`LEAVING`]).
+pub fn leaving() -> bool {
+    LEAVING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A handler found a reason to leave (a changed table): the process takes
+/// no more connections and exits when those in hand are done.
+pub fn leave() {
+    LEAVING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 pub fn restart_for_table(table: &Path) {
     info!("table {} has changed -- restarting", table.display());
 }
@@ -610,6 +627,12 @@ where
     let mut idle_since = Instant::now();
     loop {
         let now_active = active.load(Ordering::SeqCst);
+        if leaving() {
+            draining = true;
+        }
+        if uses >= max_use || draining {
+            leave();
+        }
         if now_active == 0 && idle_since.elapsed() >= max_idle {
             before_exit();
             std::process::exit(0);
@@ -659,12 +682,15 @@ where
         if !accepting || !woken.listener {
             continue;
         }
+        if leaving() {
+            continue;
+        }
         if let Some(table) = crate::table_watch::changed() {
             // Take no more: the connections in hand finish with the old
             // table, master starts a fresh process (which reads the new
             // one as root, if it must) for the ones waiting.
             restart_for_table(&table);
-            draining = true;
+            leave();
             continue;
         }
         let Some(conn) = accept(&listener) else {

@@ -555,6 +555,10 @@ pub const PARAMS: &[(&str, &str)] = &[
          $smtp_header_checks $smtp_mime_header_checks $smtp_nested_header_checks",
     ),
     ("proxy_write_maps", "$smtp_sasl_auth_cache_name $lmtp_sasl_auth_cache_name $address_verify_map $postscreen_cache_map"),
+    // Postern-only: database connections one proxymap process opens to
+    // each server of a table at most (one more only while lookups
+    // overlap); the database sees at most maxproc times this per table.
+    ("proxymap_connection_limit", "4"),
 ];
 
 /// The default of a known parameter, or `None` for a name Postern does not know.

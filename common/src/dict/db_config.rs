@@ -675,6 +675,107 @@ impl<C> HostPool<C> {
     }
 }
 
+/// How many connections (to each server) a table opens in this process
+/// at most: 1 unless the process serves many clients at once (proxymap
+/// sets `proxymap_connection_limit`), before the tables are opened.
+static CONNECTION_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// Sets [`CONNECTION_LIMIT`] for the tables opened after this (at least 1).
+pub fn set_connection_limit(n: usize) {
+    CONNECTION_LIMIT.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A table's [`HostPool`]s: one per lookup in progress, at most
+/// [`CONNECTION_LIMIT`] (read when the table is opened); a lookup beyond
+/// that waits for one to be free. The pool used last is taken first, so
+/// that a second connection is opened only when lookups overlap.
+#[derive(Debug)]
+pub struct HostPools<C> {
+    hosts: Vec<DbHost>,
+    retry_interval: Duration,
+    limit: usize,
+    state: std::sync::Mutex<PoolsState<C>>,
+    freed: std::sync::Condvar,
+}
+
+#[derive(Debug)]
+struct PoolsState<C> {
+    idle: Vec<HostPool<C>>,
+    /// Pools in use by a lookup.
+    busy: usize,
+}
+
+impl<C> HostPools<C> {
+    pub fn new(hosts: Vec<DbHost>, retry_interval: Duration) -> HostPools<C> {
+        Self::with_limit(
+            hosts,
+            retry_interval,
+            CONNECTION_LIMIT.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    pub fn with_limit(hosts: Vec<DbHost>, retry_interval: Duration, limit: usize) -> HostPools<C> {
+        HostPools {
+            hosts,
+            retry_interval,
+            limit: limit.max(1),
+            state: std::sync::Mutex::new(PoolsState {
+                idle: Vec::new(),
+                busy: 0,
+            }),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Runs `f` with a pool of its own (waiting for one if `limit` are
+    /// in use).
+    pub fn with<T>(&self, f: impl FnOnce(&mut HostPool<C>) -> T) -> T {
+        let mut pool = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(p) = st.idle.pop() {
+                    st.busy += 1;
+                    break p;
+                }
+                if st.busy < self.limit {
+                    st.busy += 1;
+                    break HostPool::new(self.hosts.clone(), self.retry_interval);
+                }
+                st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        // Given back even if `f` panics (a worker thread's panic must not
+        // shrink the pool).
+        struct Back<'a, C> {
+            pools: &'a HostPools<C>,
+            pool: Option<HostPool<C>>,
+        }
+        impl<C> Drop for Back<'_, C> {
+            fn drop(&mut self) {
+                let mut st = self.pools.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.busy -= 1;
+                if let Some(p) = self.pool.take() {
+                    st.idle.push(p);
+                }
+                self.pools.freed.notify_one();
+            }
+        }
+        let mut back = Back {
+            pools: self,
+            pool: None,
+        };
+        let out = f(&mut pool);
+        back.pool = Some(pool);
+        out
+    }
+
+    /// (pools idle, pools in use by a lookup now).
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.idle.len(), st.busy)
+    }
+}
+
 /// Why a query gave no answer: the server's failure (try the next
 /// server) or the result's (expansion limit: the same on every server).
 pub enum QueryError {
@@ -702,7 +803,7 @@ pub trait SqlConnection {
 pub fn sql_lookup<C: SqlConnection>(
     table: &str,
     templates: &Templates,
-    hosts: &std::sync::Mutex<HostPool<C>>,
+    hosts: &HostPools<C>,
     connect: &mut dyn FnMut(&DbHost) -> Result<C, String>,
     key: &str,
 ) -> Result<Option<String>, super::LookupError> {
@@ -717,25 +818,26 @@ pub fn sql_lookup<C: SqlConnection>(
     {
         return Ok(None);
     }
-    let mut hosts = hosts.lock().unwrap_or_else(|p| p.into_inner());
     let mut result_error = None;
-    let found = hosts.run(connect, &mut |conn: &mut C| {
-        let mut failed = None;
-        let sql = templates
-            .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
-            .unwrap_or_default();
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let mut results = templates.results(&key);
-        match conn.run_query(&sql, &mut |v| results.add(v)) {
-            Ok(()) => Ok(results.finish()),
-            Err(QueryError::Server(e)) => Err(e),
-            Err(QueryError::Result(e)) => {
-                result_error = Some(e);
-                Ok(None)
+    let found = hosts.with(|hosts| {
+        hosts.run(connect, &mut |conn: &mut C| {
+            let mut failed = None;
+            let sql = templates
+                .expand_query(&key, &mut |v, out| conn.quote(v, out, &mut failed))
+                .unwrap_or_default();
+            if let Some(e) = failed {
+                return Err(e);
             }
-        }
+            let mut results = templates.results(&key);
+            match conn.run_query(&sql, &mut |v| results.add(v)) {
+                Ok(()) => Ok(results.finish()),
+                Err(QueryError::Server(e)) => Err(e),
+                Err(QueryError::Result(e)) => {
+                    result_error = Some(e);
+                    Ok(None)
+                }
+            }
+        })
     });
     match (found, result_error) {
         (_, Some(e)) | (Err(e), None) => Err(super::LookupError::new(table, e)),
@@ -990,5 +1092,46 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.contains("inet:b:2: gone"), "{e}");
+    }
+
+    #[test]
+    fn host_pools_cap_overlapping_lookups_and_reuse_the_last() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hosts = DbHost::parse_list(Some("inet:a:1"), false).unwrap();
+        let pools: HostPools<usize> = HostPools::with_limit(hosts, Duration::from_secs(60), 2);
+        let connects = AtomicUsize::new(0);
+        let (now, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let lookup = || {
+            pools.with(|p| {
+                p.run(
+                    &mut |_| Ok(connects.fetch_add(1, Ordering::SeqCst)),
+                    &mut |_| {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(n, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(5));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    },
+                )
+            })
+        };
+        // One at a time: one connection, used again.
+        for _ in 0..5 {
+            lookup().unwrap();
+        }
+        assert_eq!(connects.load(Ordering::SeqCst), 1);
+        // Eight threads at once: a second connection, never a third.
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        lookup().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        assert_eq!(pools.counts(), (2, 0));
     }
 }

@@ -10,13 +10,14 @@
 //! postfix-mysql links), loaded at first use: it speaks every
 //! authentication method and TLS of the servers in use, and quotes the
 //! key for the connection's character set. A connection is kept between
-//! lookups; one the server closed (a restart) fails its query and the
+//! lookups (in proxymap, up to `proxymap_connection_limit` of them while
+//! lookups overlap: [`HostPools`]); one the server closed (a restart) fails its query and the
 //! next server of the list (the same one again when only one is listed)
 //! is connected at once. A server down, a query error or a timeout is a
 //! [`LookupError`]: the caller defers.
 
 use super::db_config::{
-    sql_lookup, CfFile, DbHost, HostPool, QueryError, SqlConnection, Templates,
+    sql_lookup, CfFile, DbHost, HostPools, QueryError, SqlConnection, Templates,
 };
 use super::dynlib::{cstring, text, Library};
 use super::{Dict, LookupError};
@@ -133,7 +134,8 @@ struct Conn {
     require_result_set: bool,
 }
 
-// SAFETY: a connection is used by one thread at a time (behind a Mutex).
+// SAFETY: a connection is used by one lookup at a time (HostPools hands
+// each HostPool to one lookup).
 unsafe impl Send for Conn {}
 
 impl Drop for Conn {
@@ -351,7 +353,7 @@ pub struct MysqlDict {
     templates: Templates,
     settings: Settings,
     api: &'static Api,
-    hosts: Mutex<HostPool<Conn>>,
+    hosts: HostPools<Conn>,
 }
 
 impl std::fmt::Debug for MysqlDict {
@@ -410,7 +412,7 @@ impl MysqlDict {
             templates,
             settings,
             api,
-            hosts: Mutex::new(HostPool::new(hosts, Duration::from_secs(retry))),
+            hosts: HostPools::new(hosts, Duration::from_secs(retry)),
         })
     }
 }

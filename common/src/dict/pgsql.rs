@@ -17,12 +17,12 @@
 //! (the same one again when only one is listed) is connected at once.
 
 use super::db_config::{
-    sql_lookup, CfFile, DbHost, HostPool, QueryError, SqlConnection, Templates,
+    sql_lookup, CfFile, DbHost, HostPools, QueryError, SqlConnection, Templates,
 };
 use super::dynlib::{cstring, text, Library};
 use super::{Dict, LookupError};
 use std::ffi::{c_char, c_int, c_void, CString};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 type PgConn = c_void;
@@ -105,7 +105,8 @@ struct Conn {
     pg: *mut PgConn,
 }
 
-// SAFETY: a connection is used by one thread at a time (behind a Mutex).
+// SAFETY: a connection is used by one lookup at a time (HostPools hands
+// each HostPool to one lookup).
 unsafe impl Send for Conn {}
 
 impl Drop for Conn {
@@ -318,7 +319,7 @@ pub struct PgsqlDict {
     templates: Templates,
     settings: Settings,
     api: &'static Api,
-    hosts: Mutex<HostPool<Conn>>,
+    hosts: HostPools<Conn>,
 }
 
 impl std::fmt::Debug for PgsqlDict {
@@ -354,7 +355,7 @@ impl PgsqlDict {
             templates,
             settings,
             api,
-            hosts: Mutex::new(HostPool::new(hosts, Duration::from_secs(retry))),
+            hosts: HostPools::new(hosts, Duration::from_secs(retry)),
         })
     }
 }

@@ -325,7 +325,25 @@ pub struct Resolver {
     domain_errors: Vec<String>,
     cfg_text: ConfigCopy,
     checked: Instant,
+    /// The last answer, as Postfix's resolve_clnt keeps it: smtpd asks
+    /// for the same address several times in one RCPT (the syntax check,
+    /// relay control, the unlisted-recipient check), and each answer may
+    /// cost database queries (`proxy:mysql:` domain lists).
+    last: std::sync::Mutex<Option<LastAnswer>>,
 }
+
+/// [`Resolver::resolve`]'s last answer, for [`LAST_ANSWER_TTL`].
+struct LastAnswer {
+    sender: Option<String>,
+    address: String,
+    at: Instant,
+    answer: Resolved,
+}
+
+/// How long the last answer is given again without asking the tables: a
+/// changed table is seen at most this late (one RCPT's checks take far
+/// less).
+const LAST_ANSWER_TTL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -517,6 +535,7 @@ impl Resolver {
             domain_errors,
             cfg_text: ConfigCopy(TABLE_PARAMS.iter().map(|n| (*n, spec(n))).collect()),
             checked: Instant::now(),
+            last: std::sync::Mutex::new(None),
         };
         for e in &r.domain_errors {
             warning!("{e}");
@@ -548,6 +567,7 @@ impl Resolver {
             return;
         }
         self.checked = Instant::now();
+        *self.last.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         let specs: Vec<(&'static str, String)> = self.cfg_text.0.clone();
         for (m, (name, spec)) in self.all_maps_mut().into_iter().zip(specs) {
             if m.changed() {
@@ -659,7 +679,34 @@ impl Resolver {
 
     /// Resolves `address` for mail from `sender` (None: no sender is
     /// known). Err: a table or domain list could not be read (defer).
+    /// The same question asked again within [`LAST_ANSWER_TTL`] gets the
+    /// last answer (an error is not kept).
     pub fn resolve(&self, sender: Option<&str>, address: &str) -> Result<Resolved, String> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = last.as_ref() {
+            // The sender counts only outside the final classes (the
+            // sender_dependent_* tables): smtpd asks once without it.
+            if l.address == address
+                && (l.answer.class.is_final() || l.sender.as_deref() == sender)
+                && l.at.elapsed() < LAST_ANSWER_TTL
+            {
+                return Ok(l.answer.clone());
+            }
+        }
+        // Not held while the tables answer: threads sharing a resolver
+        // (qmgr's) ask at the same time.
+        drop(last);
+        let answer = self.resolve_uncached(sender, address)?;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastAnswer {
+            sender: sender.map(str::to_string),
+            address: address.to_string(),
+            at: Instant::now(),
+            answer: answer.clone(),
+        });
+        Ok(answer)
+    }
+
+    fn resolve_uncached(&self, sender: Option<&str>, address: &str) -> Result<Resolved, String> {
         let (recipient, remote) = self.canonical(address).map_err(|e| e.to_string())?;
         let (_, dom) = addr::split(&recipient);
         let domain = fold(dom.unwrap_or_default());
