@@ -298,7 +298,10 @@ fn wake(name: &str, tree: &QueueTree, what: Wakeup) -> ! {
 
 fn flush_site(name: &str, tree: &QueueTree, site: &str) -> ! {
     let Some(site) = flush::normalize_site(site) else {
-        let shown = site.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let shown = site
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         die(
             name,
             EX_USAGE,

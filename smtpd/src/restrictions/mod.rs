@@ -8,7 +8,9 @@
 //!
 //! There is one list per stage ([`Stage`]): client, HELO, sender,
 //! recipient (`smtpd_relay_restrictions` then
-//! `smtpd_recipient_restrictions`) and DATA. A permit ends only its own
+//! `smtpd_recipient_restrictions`), DATA and ETRN
+//! (`smtpd_etrn_restrictions`, the ETRN domain their subject, looked up
+//! by `check_etrn_access`). A permit ends only its own
 //! list; a reject anywhere refuses. With `smtpd_delay_reject = yes` (the
 //! default) the client, HELO and sender lists are evaluated at each RCPT
 //! TO, before the recipient lists, so that the log shows whom the mail
