@@ -11,7 +11,7 @@ fn pipelining_in_order_and_paused_while_waiting() {
         &mut s,
         "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
     );
-    assert_eq!(&r[8..], ["250 2.1.0 Ok"]);
+    assert_eq!(&r[9..], ["250 2.1.0 Ok"]);
     let (kinds, _) = requests(&mut s);
     assert_eq!(kinds, ["open"]);
     // The rest waited for the queue file; the RSET and QUIT then for
