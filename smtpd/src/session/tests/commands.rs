@@ -127,3 +127,26 @@ fn timeout_reply() {
     );
     assert!(s.is_done());
 }
+
+#[test]
+fn etrn_syntax_state_and_eligibility() {
+    // The test settings' hard error limit is 5: four errors here.
+    let mut s = session();
+    send(&mut s, "EHLO c\r\n");
+    send(&mut s, "MAIL FROM:<>\r\n");
+    assert_eq!(
+        send(&mut s, "ETRN relay.example\r\n"),
+        ["503 Error: MAIL transaction in progress"]
+    );
+    send(&mut s, "RSET\r\n");
+    assert_eq!(send(&mut s, "ETRN\r\n"), ["500 Syntax: ETRN domain"]);
+    assert_eq!(
+        send(&mut s, "ETRN bad..example\r\n"),
+        ["501 Error: invalid parameter syntax"]
+    );
+    // fast_flush_domains is relay.example in these settings.
+    assert_eq!(
+        send(&mut s, "ETRN far.example\r\n"),
+        ["459 <far.example>: service unavailable"]
+    );
+}
