@@ -192,3 +192,23 @@ def test_etrn_keyword_discarded(make_postern):
         s.ehlo("client.example")
         assert "etrn" not in s.esmtp_features
         assert "vrfy" in s.esmtp_features
+
+
+def test_etrn_policy_service_sees_the_domain(make_postern):
+    from test_policy_service import PolicyServer
+    srv = PolicyServer(lambda a: "REJECT no flush for you" if a.get("etrn_domain") == "blocked.test"
+                       else "DUNNO")
+    try:
+        p = make_postern(params=dict(
+            PARAMS, smtpd_etrn_restrictions=f"check_policy_service inet:127.0.0.1:{srv.port}"))
+        with p.smtp() as s:
+            s.ehlo("client.example")
+            assert s.docmd("ETRN blocked.test") == (
+                554, b"5.7.1 <blocked.test>: Etrn command rejected: no flush for you")
+            assert s.docmd("ETRN etrn.test") == (250, b"Queuing started")
+    finally:
+        srv.stop()
+    first, second = srv.requests
+    assert first["protocol_state"] == "ETRN" and first["etrn_domain"] == "blocked.test"
+    assert first["recipient"] == "" and first["sender"] == ""
+    assert second["etrn_domain"] == "etrn.test"
