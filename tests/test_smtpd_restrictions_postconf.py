@@ -309,7 +309,7 @@ def test_discard_ehlo_keywords_as_postfix(make_postern, postfix_peer):
     far = postfix_peer(params=params)
     theirs = ehlo_and_dsn(far.port)
     assert theirs[1:] == (mail, rcpt, starttls)
-    # Postfix offers what Postern does not (ETRN, CHUNKING: discarded here).
+    # Postfix offers what Postern does not (CHUNKING: discarded here).
     assert set(words) <= set(theirs[0]), (words, theirs[0])
     assert "discarding EHLO keywords" not in p.log_text()  # silent-discard
     # The map, by client address, wins over the list.

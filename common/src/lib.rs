@@ -10,6 +10,7 @@
 //! - [`dupfilter`]: duplicate elimination (cleanup's recipients, local's
 //!   expansions).
 //! - [`delivery`]: the delivery agents' side of a delivery request.
+//! - [`flush`]: one site's deferred mail made due now (`postqueue -s`, ETRN).
 //! - [`maps`]: lookup tables (`hash:`, `texthash:`, `static:`, `inline:`).
 //! - [`cdb`]: the CDB file behind `hash:`, `btree:`, `cdb:` and `lmdb:`.
 //! - [`addr`]: envelope addresses.
@@ -48,6 +49,7 @@ pub mod dict;
 pub mod dns;
 pub mod dsn;
 pub mod dupfilter;
+pub mod flush;
 pub mod header_checks;
 pub mod hostname;
 pub mod https;

@@ -119,7 +119,7 @@ const RESTRICTIONS: &[(&str, Arg, &str)] = &[
     // DATA, end of data.
     ("reject_multi_recipient_bounce", Arg::None, ""),
     // ETRN.
-    ("check_etrn_access", Arg::Table, "ETRN is not offered"),
+    ("check_etrn_access", Arg::Table, ""),
 ];
 
 /// The restriction lists smtpd reads.

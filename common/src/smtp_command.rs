@@ -165,7 +165,7 @@ impl Verb {
 
     /// Commands this version recognizes but does not implement.
     pub fn implemented(self) -> bool {
-        !matches!(self, Verb::Bdat | Verb::Etrn)
+        !matches!(self, Verb::Bdat)
     }
 
     /// Commands a client may repeat without end (HELO, NOOP, ...): past

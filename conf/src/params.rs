@@ -246,10 +246,11 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("service_name", ""),
     // Restriction classes (smtpd): names of lists usable as restrictions.
     ("smtpd_restriction_classes", ""),
-    // Parsed at start; Postern's smtpd has no end-of-data or ETRN stage:
-    // a list set here fails `postern check`.
+    // After the final dot of DATA, and at ETRN (RFC 1985).
     ("smtpd_end_of_data_restrictions", ""),
     ("smtpd_etrn_restrictions", ""),
+    // The domains ETRN may flush (a match list; 459 for the others).
+    ("fast_flush_domains", "$relay_domains"),
     // What cleanup skips for mail from this service (`-o` of a content
     // filter's re-injection service): no_unknown_recipient_checks,
     // no_address_mappings, no_header_body_checks, no_milters. Parsed and

@@ -33,6 +33,11 @@ pub struct Settings {
     pub error_sleep: Duration,
     pub helo_required: bool,
     pub disable_vrfy: bool,
+    /// `fast_flush_domains`: the domains ETRN may flush (459 otherwise).
+    pub fast_flush_domains: postern_common::match_list::MatchList,
+    /// The queue, as this process sees it (`/` in a chroot jail): ETRN
+    /// makes deferred files due and wakes qmgr here.
+    pub queue: QueueTree,
     /// Longest command line; content lines longer than this are passed on
     /// in pieces.
     pub line_limit: usize,
@@ -199,6 +204,12 @@ impl Settings {
             error_sleep: Duration::from_secs(cfg.get_time("smtpd_error_sleep_time").map_err(e)?),
             helo_required: cfg.get_bool("smtpd_helo_required").map_err(e)?,
             disable_vrfy: cfg.get_bool("disable_vrfy_command").map_err(e)?,
+            fast_flush_domains: postern_common::match_list::MatchList::from_config(
+                cfg,
+                "fast_flush_domains",
+                postern_common::match_list::Kind::Domain,
+            )?,
+            queue: QueueTree::configured(postern_common::service::queue_directory(cfg), cfg),
             line_limit: (cfg.get_u64("line_length_limit").map_err(e)? as usize).max(512),
             restrictions,
             verify: crate::verify_lookup::VerifyLookup::from_config(cfg)?,

@@ -49,6 +49,7 @@ pub const MATCH_LISTS: &[(&str, Kind)] = &[
     ("smtpd_client_event_limit_exceptions", Kind::NameAddress),
     ("permit_mx_backup_networks", Kind::NameAddress),
     ("debug_peer_list", Kind::NameAddress),
+    ("fast_flush_domains", Kind::Domain),
     ("smtpd_authorized_xforward_hosts", Kind::NameAddress),
     ("masquerade_exceptions", Kind::String),
     ("smtp_sasl_mechanism_filter", Kind::String),

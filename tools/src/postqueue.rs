@@ -24,6 +24,7 @@
 use crate::die;
 use crate::sysexits::*;
 use postern_common::delivery;
+use postern_common::flush;
 use postern_common::ipc::{self, Wakeup};
 use postern_common::qfile::{self, Envelope};
 use postern_common::queue::{MessageLog, Queue, QueueTree};
@@ -295,50 +296,20 @@ fn wake(name: &str, tree: &QueueTree, what: Wakeup) -> ! {
     }
 }
 
-/// Makes a deferred message due now. Returns false when it is not in
-/// `deferred/` (any more).
-fn make_due(tree: &QueueTree, id: &str) -> bool {
-    let Some(path) = tree.locate(Queue::Deferred, id) else {
-        return false;
-    };
-    let f = match File::options().write(true).open(path) {
-        Ok(f) => f,
-        Err(_) => return false,
-    };
-    f.set_modified(std::time::SystemTime::now()).is_ok()
-}
-
-/// The domain of an address, lower case.
-fn domain_of(addr: &str) -> Option<String> {
-    addr.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase())
-}
-
 fn flush_site(name: &str, tree: &QueueTree, site: &str) -> ! {
-    let site = site
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    if site.is_empty() || site.contains(['/', ' ']) {
+    let Some(site) = flush::normalize_site(site) else {
+        let shown = site
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
         die(
             name,
             EX_USAGE,
-            format_args!("Cannot flush mail queue - invalid destination: \"{site}\""),
+            format_args!("Cannot flush mail queue - invalid destination: \"{shown}\""),
         );
-    }
-    let ids = tree
-        .list(Queue::Deferred)
+    };
+    flush::flush_site(tree, &site)
         .unwrap_or_else(|e| die(name, EX_NOPERM, format_args!("deferred queue: {e}")));
-    for id in ids {
-        let Some(l) = read_listed(tree, Queue::Deferred, &id) else {
-            continue;
-        };
-        if l.recipients
-            .iter()
-            .any(|(a, _)| domain_of(a).as_deref() == Some(site.as_str()))
-        {
-            make_due(tree, &id);
-        }
-    }
     wake(name, tree, Wakeup::Deferred)
 }
 
@@ -350,7 +321,7 @@ fn flush_id(name: &str, tree: &QueueTree, id: &str) -> ! {
             format_args!("Cannot flush queue ID - invalid name: \"{id}\""),
         );
     }
-    if !make_due(tree, id) {
+    if !flush::make_due(tree, id) {
         eprintln!("{name}: warning: {id}: no such message in the deferred queue");
     }
     wake(name, tree, Wakeup::Deferred)

@@ -1,5 +1,5 @@
 //! `check_client_access`, `check_helo_access`, `check_sender_access`,
-//! `check_recipient_access`: the lookup keys Postfix's access(5) tries,
+//! `check_recipient_access`, `check_etrn_access`: the lookup keys Postfix's access(5) tries,
 //! in order, and the actions a table may answer.
 
 use super::{Item, Request, Restrictions, Stage, Verdict};
@@ -28,6 +28,10 @@ impl Restrictions {
             },
             "check_sender_access" => match req.sender {
                 Some(s) => (Stage::Sender, address_keys(s)),
+                None => return Verdict::Dunno,
+            },
+            "check_etrn_access" => match req.etrn_domain {
+                Some(d) => (Stage::Etrn, domain_keys(d)),
                 None => return Verdict::Dunno,
             },
             _ => match req.recipient {

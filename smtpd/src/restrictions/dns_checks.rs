@@ -24,6 +24,12 @@ impl Restrictions {
                     lists.extend([&self.client, &self.helo, &self.sender]);
                 }
             }
+            Stage::Etrn => {
+                lists.push(&self.etrn);
+                if self.delay_reject {
+                    lists.extend([&self.client, &self.helo]);
+                }
+            }
             Stage::Client if !self.delay_reject => lists.push(&self.client),
             Stage::Helo if !self.delay_reject => lists.push(&self.helo),
             Stage::Sender if !self.delay_reject => lists.push(&self.sender),

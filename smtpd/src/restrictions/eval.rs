@@ -79,6 +79,10 @@ impl Restrictions {
                 (req.command.to_string(), "End-of-data")
             }
             Stage::Data => (req.command.to_string(), "Data command"),
+            Stage::Etrn => (
+                req.etrn_domain.unwrap_or_default().to_string(),
+                "Etrn command",
+            ),
         }
     }
 
@@ -170,7 +174,8 @@ impl Restrictions {
             "check_client_access"
             | "check_helo_access"
             | "check_sender_access"
-            | "check_recipient_access" => self.check_access(item, stage, req),
+            | "check_recipient_access"
+            | "check_etrn_access" => self.check_access(item, stage, req),
             "check_policy_service" => self.check_policy_service(item, stage, req),
             "defer_if_permit" | "defer_if_reject" => {
                 let text = format!("{} requested", item.name);

@@ -8,7 +8,9 @@
 //!
 //! There is one list per stage ([`Stage`]): client, HELO, sender,
 //! recipient (`smtpd_relay_restrictions` then
-//! `smtpd_recipient_restrictions`) and DATA. A permit ends only its own
+//! `smtpd_recipient_restrictions`), DATA and ETRN
+//! (`smtpd_etrn_restrictions`, the ETRN domain their subject, looked up
+//! by `check_etrn_access`). A permit ends only its own
 //! list; a reject anywhere refuses. With `smtpd_delay_reject = yes` (the
 //! default) the client, HELO and sender lists are evaluated at each RCPT
 //! TO, before the recipient lists, so that the log shows whom the mail
@@ -104,6 +106,8 @@ pub enum Stage {
     Sender,
     Recipient,
     Data,
+    /// ETRN (`smtpd_etrn_restrictions`): the subject is the ETRN domain.
+    Etrn,
 }
 
 /// What the restrictions look at.
@@ -121,6 +125,8 @@ pub struct Request<'a> {
     pub sender: Option<&'a str>,
     /// The envelope recipient in internal form (at RCPT TO).
     pub recipient: Option<&'a str>,
+    /// The domain of an ETRN command (at ETRN only).
+    pub etrn_domain: Option<&'a str>,
     /// The SASL login, when the client has authenticated.
     pub sasl_username: Option<&'a str>,
     /// The client said EHLO.
@@ -217,6 +223,8 @@ pub struct Restrictions {
     relay: Vec<Item>,
     recipient: Vec<Item>,
     data: Vec<Item>,
+    /// `smtpd_etrn_restrictions`.
+    etrn: Vec<Item>,
     pub delay_reject: bool,
     /// `smtpd_reject_unlisted_recipient`.
     reject_unlisted: bool,
@@ -321,9 +329,7 @@ impl Restrictions {
         r.sender = list(cfg, "smtpd_sender_restrictions", &class_names)?;
         r.data = list(cfg, "smtpd_data_restrictions", &class_names)?;
         r.end_of_data = list(cfg, "smtpd_end_of_data_restrictions", &class_names)?;
-        // Parsed so that a bad list stops smtpd at start; Postern's smtpd
-        // does not offer ETRN, so there is no stage to apply it at.
-        list(cfg, "smtpd_etrn_restrictions", &class_names)?;
+        r.etrn = list(cfg, "smtpd_etrn_restrictions", &class_names)?;
         r.plaintext_code = reject_code(cfg, "plaintext_reject_code")?;
         r.multi_bounce_code = reject_code(cfg, "multi_recipient_bounce_reject_code")?;
         r.relay_domains_code = reject_code(cfg, "relay_domains_reject_code")?;
@@ -447,6 +453,7 @@ impl Restrictions {
             Stage::Sender => self.sender = items,
             Stage::Recipient => self.recipient = items,
             Stage::Data => self.data = items,
+            Stage::Etrn => self.etrn = items,
         }
         self.open_tables();
     }
@@ -460,6 +467,7 @@ impl Restrictions {
             &self.recipient,
             &self.data,
             &self.end_of_data,
+            &self.etrn,
         ];
         let specs: Vec<String> = all
             .into_iter()
@@ -635,6 +643,37 @@ impl Restrictions {
         defers.finish(outcome)
     }
 
+    /// The checks of `ETRN domain` (Postfix's smtpd_check_etrn): with
+    /// `smtpd_delay_reject = yes` the client and HELO lists first, then
+    /// `smtpd_etrn_restrictions` with the domain as subject. `None`
+    /// accepts (the domain may still not be eligible for a flush:
+    /// `fast_flush_domains`), `Some(reply)` refuses.
+    pub fn check_etrn(&self, req: &Request<'_>) -> Option<String> {
+        let defers = defer_flags::Defers::default();
+        if let Some(earlier) = req.defers {
+            defers.carry_permit_from(earlier);
+        }
+        let req = &Request {
+            defers: Some(&defers),
+            ..req.clone()
+        };
+        if self.delay_reject {
+            for stage in [Stage::Client, Stage::Helo] {
+                if let Some(r) = self.reject_of(stage, req) {
+                    return Some(r);
+                }
+                if req.paused() {
+                    return None;
+                }
+            }
+        }
+        let outcome = self.reject_of(Stage::Etrn, req);
+        if req.paused() {
+            return None;
+        }
+        defers.finish(outcome)
+    }
+
     /// Whether there is an end-of-data list to apply.
     pub fn has_end_of_data(&self) -> bool {
         !self.end_of_data.is_empty()
@@ -650,6 +689,7 @@ impl Restrictions {
             Stage::Sender => &self.sender,
             Stage::Recipient => &self.recipient,
             Stage::Data => &self.data,
+            Stage::Etrn => &self.etrn,
         };
         match self.eval_list(l, stage, req) {
             Verdict::Reject(r) => Some(r),

@@ -127,7 +127,7 @@ impl Restrictions {
             ("encryption_protocol", from_session("encryption_protocol")),
             ("encryption_cipher", from_session("encryption_cipher")),
             ("encryption_keysize", from_session("encryption_keysize")),
-            ("etrn_domain", String::new()),
+            ("etrn_domain", req.etrn_domain.unwrap_or_default().into()),
             ("stress", String::new()),
             (
                 "compatibility_level",

@@ -527,3 +527,35 @@ fn reject_unverified_recipient_asks_then_answers_as_postfix() {
     assert_eq!(p.check_recipient(&trusted), None);
     assert_eq!(*wanted.borrow(), None);
 }
+
+#[test]
+fn etrn_restrictions_see_the_domain() {
+    let mut p = r(DEFAULT, "");
+    p.set_list(
+        Stage::Etrn,
+        items("check_etrn_access inline:{ blocked.example=REJECT, ok.example=OK }, reject"),
+    );
+    let etrn = |d: &'static str| Request {
+        recipient: None,
+        sender: None,
+        etrn_domain: Some(d),
+        command: "ETRN",
+        ..req("192.0.2.1", "")
+    };
+    // The table is looked up with the parent domains (access(5)).
+    assert_eq!(
+        p.check_etrn(&etrn("sub.blocked.example")).as_deref(),
+        Some("554 5.7.1 <sub.blocked.example>: Etrn command rejected: Access denied")
+    );
+    assert_eq!(p.check_etrn(&etrn("ok.example")), None);
+    assert_eq!(
+        p.check_etrn(&etrn("other.example")).as_deref(),
+        Some("554 5.7.1 <other.example>: Etrn command rejected: Access denied")
+    );
+    // With smtpd_delay_reject the client list comes first.
+    p.set_list(Stage::Client, items("reject"));
+    assert_eq!(
+        p.check_etrn(&etrn("ok.example")).as_deref(),
+        Some("554 5.7.1 <unknown[192.0.2.1]>: Client host rejected: Access denied")
+    );
+}

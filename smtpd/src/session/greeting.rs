@@ -198,6 +198,7 @@ impl Session {
         if !self.cfg.disable_vrfy {
             lines.push("VRFY".into());
         }
+        lines.push("ETRN".into());
         if self.starttls_offered() && self.cfg.tls.is_some() {
             lines.push("STARTTLS".into());
         }

@@ -29,6 +29,7 @@
 //! - `auth`: AUTH and the exchange with the auth server.
 //! - `tls`: STARTTLS and what the session forgets when TLS starts.
 //! - `vrfy`: VRFY.
+//! - `etrn`: ETRN (RFC 1985), `fast_flush_domains` and the flush.
 //! - `policy`: what the restrictions see and decide, the DNS answers they
 //!   wait for, the anvil rate limits, the reject log line (`reject`).
 //! - `tests/`: the unit tests, one file per concern above.
@@ -37,6 +38,7 @@ mod auth;
 mod cleanup;
 mod command_filter;
 mod ehlo_discard;
+mod etrn;
 mod greeting;
 mod policy;
 mod proxy;
@@ -665,6 +667,7 @@ impl Session {
                     Done::Ok
                 }
                 Verb::Vrfy => self.vrfy(&args),
+                Verb::Etrn => self.etrn(&args),
                 Verb::Quit => {
                     self.reply("221 2.0.0 Bye");
                     self.hangup = true;
@@ -678,7 +681,7 @@ impl Session {
                 }
                 Verb::StartTls => self.starttls(&args),
                 Verb::Auth => self.auth(&args),
-                Verb::Bdat | Verb::Etrn => unreachable!(),
+                Verb::Bdat => unreachable!(),
             }
         };
         match done {

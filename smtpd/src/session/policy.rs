@@ -190,6 +190,7 @@ impl Session {
             helo: self.helo.as_deref(),
             sender: self.tx.as_ref().map(|t| t.sender.as_str()),
             recipient: rcpt,
+            etrn_domain: None,
             sasl_username: self.sasl_username.as_deref(),
             esmtp: self.esmtp,
             pipelined: self.pipelined,

@@ -11,7 +11,7 @@ fn pipelining_in_order_and_paused_while_waiting() {
         &mut s,
         "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@far.example>\r\nRCPT TO:<u@mx.example>\r\nDATA\r\nbody\r\n.\r\nRSET\r\nQUIT\r\n",
     );
-    assert_eq!(&r[8..], ["250 2.1.0 Ok"]);
+    assert_eq!(&r[9..], ["250 2.1.0 Ok"]);
     let (kinds, _) = requests(&mut s);
     assert_eq!(kinds, ["open"]);
     // The rest waited for the queue file; the RSET and QUIT then for
@@ -126,4 +126,27 @@ fn timeout_reply() {
         ["421 4.4.2 mx.example Error: timeout exceeded"]
     );
     assert!(s.is_done());
+}
+
+#[test]
+fn etrn_syntax_state_and_eligibility() {
+    // The test settings' hard error limit is 5: four errors here.
+    let mut s = session();
+    send(&mut s, "EHLO c\r\n");
+    send(&mut s, "MAIL FROM:<>\r\n");
+    assert_eq!(
+        send(&mut s, "ETRN relay.example\r\n"),
+        ["503 Error: MAIL transaction in progress"]
+    );
+    send(&mut s, "RSET\r\n");
+    assert_eq!(send(&mut s, "ETRN\r\n"), ["500 Syntax: ETRN domain"]);
+    assert_eq!(
+        send(&mut s, "ETRN bad..example\r\n"),
+        ["501 Error: invalid parameter syntax"]
+    );
+    // fast_flush_domains is relay.example in these settings.
+    assert_eq!(
+        send(&mut s, "ETRN far.example\r\n"),
+        ["459 <far.example>: service unavailable"]
+    );
 }

@@ -12,6 +12,7 @@ fn ehlo_offers_what_is_implemented() {
             "250-PIPELINING",
             "250-SIZE 1000",
             "250-VRFY",
+            "250-ETRN",
             "250-ENHANCEDSTATUSCODES",
             "250-8BITMIME",
             "250-DSN",

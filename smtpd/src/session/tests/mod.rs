@@ -34,6 +34,8 @@ fn settings() -> Settings {
         error_sleep: Duration::ZERO,
         helo_required: false,
         disable_vrfy: false,
+        fast_flush_domains: MatchList::parse("relay.example", Kind::Domain, true).unwrap(),
+        queue: postern_common::queue::QueueTree::new("/nonexistent"),
         line_limit: 2048,
         restrictions: Restrictions::new(
             crate::restrictions::parse_list(&split(

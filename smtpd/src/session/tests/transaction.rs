@@ -70,7 +70,7 @@ fn relay_denied_and_logged_shape() {
         "EHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@far.example>\r\nRCPT TO:<u@MX.example>\r\nRCPT TO:<postmaster>\r\nDATA\r\n",
     );
     assert_eq!(
-        &r[8..],
+        &r[9..],
         [
             "250 2.1.0 Ok",
             "554 5.7.1 <a@far.example>: Relay access denied"
