@@ -1,0 +1,70 @@
+"""bench/tls on a tiny load: Postfix and Postern each through every case
+(clear, STARTTLS with the P-256 and the RSA-2048 leaf, STARTTLS with
+resumption, outbound TLS to a private Postfix receiver), and the
+benchmark's own checks (every message answered 250, logged sent once,
+counted by smtp-sink or by the receiver on one TLS connection each; TLS
+where asked; resumption only where offered) passing for both. Checks the
+machinery, not speed: debug binaries of ``POSTERN_BIN_DIR``, nothing timed.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import postern_harness as h
+
+BENCH = h.REPO / "bench" / "tls"
+CASES = ["clear", "in-p256", "in-rsa", "in-p256-resume", "out-p256"]
+M = 12
+
+
+def test_tls_bench_checks_both_mtas(tmp_path, system_accounts):
+    if not h.is_root():
+        pytest.skip("bench/tls needs root (cgroups, Postfix's daemons)")
+    missing = h.missing_binaries()
+    assert not missing, f"Postern binaries missing in {h.BIN_DIR}: {missing}"
+    out = tmp_path / "tls.md"
+    # Short: Postfix's socket paths under queue/ stay below 108 bytes.
+    work = Path(tempfile.mkdtemp(prefix="ptt-"))
+    os.chmod(work, 0o755)
+    try:
+        cmd = [sys.executable, str(BENCH), "-m", str(M), "-s", "2", "--no-build",
+               "--postern-bin", str(h.BIN_DIR), "--out", str(out), "--tmp", str(work),
+               "--settle", "0.2", "--speed-seconds", "1"]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=600)
+        report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
+                  f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+        assert p.returncode == 0, report
+        md = out.read_text()
+        assert "Checks passed" in md and "RUN FAILED" not in md, report
+        # Every case measured for both MTAs, with the far side's count.
+        for mta in ("Postfix", "Postern"):
+            for case in CASES:
+                row = re.search(rf"^\| {mta} \| `{case}` \|([^\n]*)$", md, re.M)
+                assert row, f"no row for {mta} {case}:\n{md}"
+                cells = [c.strip() for c in row.group(1).split("|")]
+                tls, resumed, far = int(cells[3]), int(cells[4]), cells[5]
+                if case.startswith("in-"):
+                    assert tls == M, (mta, case, md)
+                    assert far == str(M), (mta, case, md)
+                else:
+                    assert tls == 0, (mta, case, md)
+                if case == "in-p256-resume":
+                    assert resumed > 0, (mta, case, md)
+                elif case.startswith("in-"):
+                    assert resumed == 0, (mta, case, md)
+                if case == "out-p256":
+                    assert far == f"{M} msgs, {M} TLS", (mta, case, md)
+                if case == "clear":
+                    assert far == str(M), (mta, case, md)
+        # The crypto floor was read from openssl speed.
+        assert re.search(r"ECDSA P-256 sign \d+\.\d+ ms", md), md
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
