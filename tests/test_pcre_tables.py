@@ -91,10 +91,22 @@ def test_a_bad_pattern_is_an_error_with_file_and_line(make_postern, sink, tmp_pa
     assert r.returncode == 1, h.describe(r)
     assert f"header_checks: {table}, line 2: error in regex /(unclosed/" in r.stderr, \
         h.describe(r)
-    # Started anyway, the table is not used without its rule: the mail
-    # waits, it is not let through unchecked.
+    # `postern start` refuses it with the same line: nothing runs.
+    r = p.postern("start")
+    assert r.returncode == 1, h.describe(r)
+    assert f"header_checks: {table}, line 2: error in regex /(unclosed/" in r.stderr, \
+        h.describe(r)
+    assert not h.smtp_banner_ok(p.port), "a refused start left a listener"
+    # Broken after start (the run-time path): the table is not used
+    # without its rule, so the mail waits; it is not let through unchecked.
+    table.write_text("/ok/ DUNNO\n")
     p.start()
-    code, text = send(p.port, "user@far.test", "Subject: x")
+    table.write_text("/ok/ DUNNO\n/(unclosed/ REJECT x\n")
+    assert p.postern("reload").returncode == 0
+    code, text = h.wait_for(
+        lambda: (lambda r: r if r[0] != 250 else None)(send(p.port, "user@far.test",
+                                                            "Subject: x")),
+        20, what="the broken table to take effect")
     assert (code, text) == (451, "4.3.0 Error: queue file write error"), (code, text)
     p.wait_for_log(rf"{table}, line 2: error in regex")
     table.write_text("/ok/ DUNNO\n")
