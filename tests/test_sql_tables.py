@@ -431,6 +431,10 @@ def test_proxymap_clients_keep_their_connection(make_postern, etc_dir, mariadb):
             "virtual_uid_maps": f"static:{nobody.pw_uid}",
             "virtual_gid_maps": f"static:{nobody.pw_gid}",
             "max_use": "1",
+            # The unknown users are errors: no error sleep (not what is
+            # measured here).
+            "smtpd_soft_error_limit": "100",
+            "smtpd_hard_error_limit": "200",
         }, master_cf_extra=VIRTUAL_MASTER_CF + (
             "proxymap  unix  -       -       n       -       -       proxymap",))
         reset_user_stats(mariadb)
