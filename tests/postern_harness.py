@@ -182,6 +182,26 @@ def describe(result):
     )
 
 
+def xforward_smtp_class():
+    """aiosmtpd's SMTP server class that also takes XFORWARD (as a content
+    filter does), keeping the attributes in ``session.xforward``: the
+    filter of tests/test_content_filter.py and tests/test_proxy_filter.py."""
+    from aiosmtpd.smtp import SMTP, syntax
+
+    class XForwardSMTP(SMTP):
+        @syntax("XFORWARD attribute=value ...")
+        async def smtp_XFORWARD(self, arg):
+            attrs = getattr(self.session, "xforward", None)
+            if attrs is None:
+                attrs = self.session.xforward = {}
+            for pair in (arg or "").split():
+                k, _, v = pair.partition("=")
+                attrs[k.upper()] = v
+            await self.push("250 2.0.0 Ok")
+
+    return XForwardSMTP
+
+
 def smtp_banner_ok(port, host="127.0.0.1", timeout=2.0):
     """True if something on host:port answers with a 220 greeting."""
     try:

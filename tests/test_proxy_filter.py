@@ -109,18 +109,8 @@ class ProxyFilter:
 
     def start(self):
         from aiosmtpd.controller import Controller, UnixSocketController
-        from aiosmtpd.smtp import SMTP, syntax
 
-        class FilterSMTP(SMTP):
-            @syntax("XFORWARD attribute=value ...")
-            async def smtp_XFORWARD(self, arg):
-                attrs = getattr(self.session, "xforward", None)
-                if attrs is None:
-                    attrs = self.session.xforward = {}
-                for pair in (arg or "").split():
-                    k, _, v = pair.partition("=")
-                    attrs[k.upper()] = v
-                await self.push("250 2.0.0 Ok")
+        FilterSMTP = h.xforward_smtp_class()
 
         class FilterController(Controller):
             def factory(self):
