@@ -248,7 +248,7 @@ def test_set_permissions_repairs_modes_and_owners(make_postern):
     assert re.search(r"set-permissions: \d+ files changed", r.stderr), r.stderr
     st = os.stat(p.queue / "maildrop")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (
-        0o730, owner.pw_uid, postdrop_gid)
+        0o1730, owner.pw_uid, postdrop_gid)
     st = os.stat(p.queue / "deferred")
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, owner.pw_uid)
     assert os.stat(stray).st_uid == owner.pw_uid

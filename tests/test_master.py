@@ -192,7 +192,7 @@ def test_check_creates_queue_tree(make_postern):
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
     for d, mode in (("incoming", 0o700), ("active", 0o700), ("deferred", 0o700),
-                    ("maildrop", 0o730), ("public", 0o710), ("private", 0o700)):
+                    ("maildrop", 0o1730), ("public", 0o710), ("private", 0o700)):
         st = os.stat(p.queue / d)
         assert stat.S_IMODE(st.st_mode) == mode, (d, oct(st.st_mode))
 

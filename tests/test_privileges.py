@@ -126,4 +126,4 @@ def test_queue_files_unreadable_to_others(root_only, make_postern, sink):
         assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (d, oct(st.st_mode))
     # maildrop: the set-gid group may write, nobody may list or read.
     st = os.stat(p.queue / "maildrop")
-    assert stat.S_IMODE(st.st_mode) == 0o730, oct(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o1730, oct(st.st_mode)

@@ -188,7 +188,7 @@ def test_install_into_destdir(tmp_path):
         assert (root / rel).is_file(), rel
     assert os.readlink(root / "usr/lib/sendmail") == "../sbin/sendmail"
     assert os.readlink(root / "usr/bin/newaliases") == "../sbin/sendmail"
-    modes = {"maildrop": 0o730, "public": 0o710, "incoming": 0o700, "active": 0o700,
+    modes = {"maildrop": 0o1730, "public": 0o710, "incoming": 0o700, "active": 0o700,
              "deferred": 0o700, "pid": 0o755}
     for d, mode in modes.items():
         st = os.stat(root / "var/spool/postern" / d)

@@ -101,7 +101,7 @@ impl MessageLog {
 /// `public` are group-accessible so that the set-gid submission programs
 /// (group `setgid_group`) can use them, as in Postfix.
 pub const TREE: &[(&str, u32)] = &[
-    ("maildrop", 0o730),
+    ("maildrop", 0o1730),
     ("incoming", 0o700),
     ("active", 0o700),
     ("deferred", 0o700),
@@ -834,7 +834,9 @@ impl QueueTree {
                     ));
                 }
                 match want_mode {
-                    Some(w) if mode != w => problems.push(format!(
+                    // The sticky bit of maildrop/ (Postfix's 1730) is
+                    // not required: a tree made before it was set is safe.
+                    Some(w) if mode & !0o1000 != w & !0o1000 => problems.push(format!(
                         "{}: mode {mode:04o}, expected {w:04o}",
                         p.display()
                     )),

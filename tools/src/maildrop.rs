@@ -1,6 +1,6 @@
 //! Writing a message into `maildrop/`, directly or through `postdrop`.
 //!
-//! `maildrop/` is mode 0730, group `setgid_group`: root, `mail_owner` and
+//! `maildrop/` is mode 1730, group `setgid_group`: root, `mail_owner` and
 //! programs running with that group (the set-gid `postdrop`) may create
 //! files in it; nobody else may even look inside. So, as in Postfix, a
 //! [`Drop`] first tries to create the file itself and, when the directory
@@ -152,7 +152,7 @@ fn create_file(
     };
     let path = nf.path.clone();
     // pickup runs as mail_owner and must read what a local user wrote;
-    // maildrop/ (mode 0730) keeps other users out, as in Postfix.
+    // maildrop/ (mode 1730) keeps other users out, as in Postfix.
     let _ = nf
         .file
         .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
@@ -413,7 +413,7 @@ fn not_writable(cfg: &Config, tree: &QueueTree) -> Fail {
 }
 
 /// Makes a new name in `maildrop/` durable. A caller that may write into
-/// maildrop (mode 0730) but not open it syncs the whole file system.
+/// maildrop (mode 1730) but not open it syncs the whole file system.
 fn sync_maildrop(tree: &QueueTree, file: &std::fs::File) -> std::io::Result<()> {
     match queue::sync_dir(&tree.dir(Queue::Maildrop)) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
