@@ -16,6 +16,23 @@ import pytest
 import postern_harness as h
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "serial_last: runs alone and after every other test (it changes the "
+        "machine: tests/test_package.py removes Postfix for a while)")
+    config.addinivalue_line(
+        "markers", "xdist_group(name): tests of one group run on one worker")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``serial_last`` go after all the others, in their
+    order (a parallel runner must also run them alone, after the rest)."""
+    last = [i for i in items if i.get_closest_marker("serial_last")]
+    if last:
+        items[:] = [i for i in items if not i.get_closest_marker("serial_last")] + last
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
