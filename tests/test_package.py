@@ -1,7 +1,9 @@
 """The Debian package (issue #22): `scripts/build-deb` builds
-postern_VERSION_amd64.deb; lintian finds no error in it; and, as root on
-a machine where Debian's postfix (and its map packages) is installed,
-`apt-get install ./postern_*.deb` swaps Postfix out in one transaction
+postern_VERSION_amd64.deb (and postern-sendmail, the submission commands
+and /etc/postern, unpacked before the other MTA goes); lintian finds no
+error in them; and, as root on a machine where Debian's postfix (and its
+map packages) is installed, `apt-get install ./postern*_amd64.deb` swaps
+Postfix out in one transaction
 with /usr/sbin/sendmail present throughout, Postern runs (under systemd,
 or started by `postern start` where there is none, as in CI's container),
 takes mail by /usr/sbin/sendmail and by SMTP on a loopback port and
@@ -36,8 +38,9 @@ PKG_USER = "ptpkg"
 
 
 @pytest.fixture(scope="module")
-def deb():
-    """The package, built once by the documented command."""
+def debs():
+    """The packages, built once by the documented command:
+    {"postern": path, "postern-sendmail": path}."""
     if not shutil.which("dpkg-deb"):
         pytest.skip("needs dpkg-deb")
     out = Path(tempfile.mkdtemp(prefix="postern-deb-"))
@@ -45,11 +48,18 @@ def deb():
     env["PATH"] = os.path.expanduser("~/.cargo/bin") + os.pathsep + env.get("PATH", "")
     r = h.run([h.REPO / "scripts" / "build-deb", "--out", out], env=env, timeout=3600)
     assert r.returncode == 0, h.describe(r)
-    debs = sorted(out.glob("postern_*_amd64.deb"))
-    assert len(debs) == 1, list(out.iterdir())
-    assert r.stdout.strip().splitlines()[-1] == str(debs[0])
-    yield debs[0]
+    found = {p.name.split("_")[0]: p for p in out.glob("postern*_amd64.deb")}
+    assert set(found) == {"postern", "postern-sendmail"}, list(out.iterdir())
+    assert r.stdout.strip().splitlines()[-2:] == [str(found["postern"]),
+                                                  str(found["postern-sendmail"])]
+    assert found["postern"].name.startswith("postern_")
+    yield found
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deb(debs):
+    return debs["postern"]
 
 
 def deb_field(deb, name):
@@ -73,44 +83,64 @@ def deb_listing(deb):
     return out
 
 
-def test_package_contents_and_fields(deb):
+def relations(deb, field):
+    v = deb_field(deb, field)
+    return [x.strip().split()[0] for x in v.split(",")] if v else []
+
+
+def test_package_contents_and_fields(debs):
+    deb, sub = debs["postern"], debs["postern-sendmail"]
     assert deb.name.startswith("postern_") and deb.name.endswith("_amd64.deb")
     assert deb_field(deb, "Package") == "postern"
+    assert deb_field(sub, "Package") == "postern-sendmail"
     assert deb_field(deb, "Architecture") == "amd64"
-    provides = deb_field(deb, "Provides")
-    conflicts = deb_field(deb, "Conflicts")
-    replaces = deb_field(deb, "Replaces")
-    for field in (provides, conflicts, replaces):
-        assert "mail-transport-agent" in [x.strip().split()[0] for x in field.split(",")], field
+    # As Debian's MTAs: Provides, Conflicts, Replaces mail-transport-agent.
+    for field in ("Provides", "Conflicts", "Replaces"):
+        assert "mail-transport-agent" in relations(deb, field), field
+    # The submission package conflicts with nothing (so apt unpacks it
+    # before it removes the other MTA) and takes Postfix's files over.
+    assert not deb_field(sub, "Conflicts") and not deb_field(sub, "Breaks")
+    assert not deb_field(sub, "Provides")
+    assert "postfix" in relations(sub, "Replaces")
+    assert "postern" in relations(sub, "Depends")
+    assert "postern-sendmail" in relations(deb, "Depends")
     files = deb_listing(deb)
-    for path in ("/usr/sbin/postern", "/usr/sbin/sendmail", "/usr/sbin/postdrop",
-                 "/usr/sbin/postqueue", "/usr/sbin/postconf", "/usr/sbin/postmap",
+    subfiles = deb_listing(sub)
+    for path in ("/usr/sbin/postern", "/usr/sbin/postqueue", "/usr/sbin/postconf",
+                 "/usr/sbin/postmap", "/usr/sbin/postsuper",
                  "/usr/libexec/postern/master", "/usr/libexec/postern/smtpd",
                  "/usr/libexec/postern/local", "/usr/libexec/postern/qmgr",
-                 "/etc/postern/main.cf", "/etc/postern/master.cf",
                  "/lib/systemd/system/postern.service", "/etc/logrotate.d/postern",
-                 "/usr/share/man/man1/sendmail.1.gz", "/usr/share/man/man5/postconf.5.gz",
+                 "/usr/share/man/man5/postconf.5.gz",
                  "/usr/share/man/man8/master.8.gz", "/usr/share/doc/postern/copyright"):
         assert path in files, path
-    assert files["/usr/lib/sendmail"][2] == "../sbin/sendmail"
-    assert files["/usr/bin/newaliases"][2] == "../sbin/sendmail"
-    # Everything root's in the archive; postinst gives the queue its owners.
-    assert all(v[1] == "root/root" for v in files.values()), \
-        [k for k, v in files.items() if v[1] != "root/root"]
-    assert not any(k.startswith("/var/spool/postern/") for k in files)
+    for path in ("/usr/sbin/sendmail", "/usr/sbin/postdrop", "/etc/postern/main.cf",
+                 "/etc/postern/master.cf", "/usr/share/man/man1/sendmail.1.gz",
+                 "/usr/share/doc/postern-sendmail/copyright"):
+        assert path in subfiles, path
+    assert not set(files) & {k for k, v in subfiles.items() if not v[0].startswith("d")}
+    assert subfiles["/usr/lib/sendmail"][2] == "../sbin/sendmail"
+    assert subfiles["/usr/bin/newaliases"][2] == "../sbin/sendmail"
+    # Everything root's in the archives; the maintainer scripts give the
+    # queue its owners.
+    for listing in (files, subfiles):
+        assert all(v[1] == "root/root" for v in listing.values()), \
+            [k for k, v in listing.items() if v[1] != "root/root"]
+        assert not any(k.startswith("/var/spool/postern/") for k in listing)
+        # No uncompressed manual page (lintian wants them compressed).
+        assert not [k for k in listing if k.startswith("/usr/share/man/")
+                    and k[-2:-1] == "." and k[-1].isdigit()]
+    r = h.run(["dpkg-deb", "-I", sub, "conffiles"])
+    assert {"/etc/postern/main.cf", "/etc/postern/master.cf"} <= set(r.stdout.split())
     r = h.run(["dpkg-deb", "-I", deb, "conffiles"])
-    conffiles = set(r.stdout.split())
-    assert {"/etc/postern/main.cf", "/etc/postern/master.cf",
-            "/etc/logrotate.d/postern"} <= conffiles, conffiles
-    # No uncompressed manual page (lintian wants them compressed).
-    assert not [k for k in files if k.startswith("/usr/share/man/") and k[-2:-1] == "."
-                and k[-1].isdigit()]
+    assert "/etc/logrotate.d/postern" in r.stdout.split()
 
 
-def test_lintian_reports_no_errors(deb):
+def test_lintian_reports_no_errors(debs):
     if not shutil.which("lintian"):
         pytest.fail("lintian is not installed (scripts/test installs it)")
-    r = h.run(["lintian", "--allow-root", "--tag-display-limit", "0", deb], timeout=900)
+    r = h.run(["lintian", "--allow-root", "--tag-display-limit", "0",
+               debs["postern"], debs["postern-sendmail"]], timeout=900)
     errors = [l for l in r.stdout.splitlines() if l.startswith("E:")]
     assert not errors, r.stdout + r.stderr
     # lintian exits 2 on a run error (not on tags).
@@ -173,7 +203,7 @@ def mbox_has(user, token):
         return False
 
 
-def test_apt_install_swaps_postfix_for_postern_and_back(deb):
+def test_apt_install_swaps_postfix_for_postern_and_back(debs):
     if not h.is_root():
         pytest.skip("installing a package needs root")
     if not shutil.which("apt-get"):
@@ -204,7 +234,8 @@ def test_apt_install_swaps_postfix_for_postern_and_back(deb):
     try:
         # --- install: Postfix goes, Postern comes, sendmail stays --------
         watch = SendmailWatch()
-        r = apt("install", f"./{deb.name}", cwd=deb.parent)
+        r = apt("install", *[f"./{p.name}" for p in debs.values()],
+                cwd=debs["postern"].parent)
         watch.stop()
         assert r.returncode == 0, h.describe(r)
         assert watch.checks > 100, watch.checks
@@ -212,7 +243,7 @@ def test_apt_install_swaps_postfix_for_postern_and_back(deb):
             f"/usr/sbin/sendmail was missing {watch.missing} times of {watch.checks} "
             "during the switch\n" + r.stdout[-4000:])
         after = installed_packages()
-        assert "postern" in after
+        assert {"postern", "postern-sendmail"} <= after
         assert not [p for p in after if p.startswith("postfix")], after
         assert not os.path.exists("/usr/sbin/postfix")
         # The note for the administrator who had Postfix.
@@ -280,12 +311,14 @@ def test_apt_install_swaps_postfix_for_postern_and_back(deb):
             pass  # prerm stops it
         r = apt("remove", "postern")
         assert r.returncode == 0, h.describe(r)
+        # postern-sendmail goes with it (it depends on postern).
+        assert not {"postern", "postern-sendmail"} & installed_packages()
         started_by_hand = False
         assert not os.path.exists("/usr/sbin/postern")
         assert os.path.isdir("/var/spool/postern/maildrop")
         assert os.path.exists("/etc/postern/main.cf")
         assert not h.smtp_banner_ok(port), "Postern still runs after apt-get remove"
-        r = apt("purge", "postern")
+        r = apt("purge", "postern", "postern-sendmail")
         assert r.returncode == 0, h.describe(r)
         assert not os.path.exists("/var/spool/postern")
         assert not os.path.exists("/etc/postern")
@@ -295,13 +328,19 @@ def test_apt_install_swaps_postfix_for_postern_and_back(deb):
             h.run(["/usr/sbin/postern", "stop"], timeout=60)
         # --- the machine as it was -----------------------------------------
         now = installed_packages()
-        if "postern" in now or os.path.exists("/var/lib/dpkg/info/postern.list"):
-            apt("purge", "postern")
+        left = [p for p in ("postern", "postern-sendmail")
+                if p in now or os.path.exists(f"/var/lib/dpkg/info/{p}.list")]
+        if left:
+            apt("purge", *left)
         r = apt("install", *postfix_pkgs)
         restored = r.returncode == 0
         missing = sorted(before - installed_packages())
         if missing:
             apt("install", *missing)
+        # What came with Postern (logrotate, recommended) goes again.
+        extra = sorted(installed_packages() - before)
+        if extra:
+            apt("purge", *extra)
         # /etc/postfix as it was.
         if Path("/etc/postfix").exists():
             shutil.rmtree("/etc/postfix")
@@ -320,7 +359,7 @@ def test_apt_install_swaps_postfix_for_postern_and_back(deb):
         if not had_aliases_cdb:
             Path("/etc/aliases.cdb").unlink(missing_ok=True)
     assert restored, h.describe(r)
-    assert sorted(before - installed_packages()) == [], "packages not put back"
+    assert installed_packages() == before, "the installed packages differ"
     assert statoverrides() == overrides_before
     assert os.access("/usr/sbin/sendmail", os.X_OK)
     r = h.run(["/usr/sbin/postfix", "check"])

@@ -82,11 +82,14 @@ struct Signals {
     chld: UnixStream,
 }
 
-fn signal_pipe(sig: i32) -> std::io::Result<UnixStream> {
+/// The read end of a socket pair that each of `sigs` writes a byte into.
+fn signal_pipe(sigs: &[i32]) -> std::io::Result<UnixStream> {
     let (r, w) = UnixStream::pair()?;
     r.set_nonblocking(true)?;
     w.set_nonblocking(true)?;
-    signal_hook::low_level::pipe::register(sig, w)?;
+    for sig in sigs {
+        signal_hook::low_level::pipe::register(*sig, w.try_clone()?)?;
+    }
     Ok(r)
 }
 
@@ -108,16 +111,12 @@ impl Supervisor {
     pub fn new(cfg: Config, owner: Option<(u32, u32)>) -> Result<Supervisor, String> {
         let services = open_services(&cfg, owner, &mut Vec::new())?;
         let signals = Signals {
-            term: signal_pipe(libc::SIGTERM).map_err(|e| e.to_string())?,
-            hup: signal_pipe(libc::SIGHUP).map_err(|e| e.to_string())?,
-            chld: signal_pipe(libc::SIGCHLD).map_err(|e| e.to_string())?,
+            // SIGINT (a terminal's ^C in start-fg) stops master like
+            // SIGTERM: both write into the write end of the same pair.
+            term: signal_pipe(&[libc::SIGTERM, libc::SIGINT]).map_err(|e| e.to_string())?,
+            hup: signal_pipe(&[libc::SIGHUP]).map_err(|e| e.to_string())?,
+            chld: signal_pipe(&[libc::SIGCHLD]).map_err(|e| e.to_string())?,
         };
-        // SIGINT (a terminal's ^C in start-fg) stops master like SIGTERM.
-        signal_hook::low_level::pipe::register(
-            libc::SIGINT,
-            signals.term.try_clone().map_err(|e| e.to_string())?,
-        )
-        .ok();
         Ok(Supervisor {
             cfg,
             services,
