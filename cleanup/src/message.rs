@@ -1105,12 +1105,33 @@ impl<'a> Message<'a> {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();
                 info!("{}: message-id={}", self.id, mid);
+                if postern_common::accounting::enabled() {
+                    self.account_reception(dir);
+                }
                 Ok(self.id.clone())
             }
             Err(e) => {
                 self.discard();
                 Err(Refusal::write_error(e))
             }
+        }
+    }
+
+    /// The accounting log's `Reception` records, one per recipient, from
+    /// the durable file (its final recipients, size and attributes).
+    fn account_reception(&self, dir: Queue) {
+        let env = std::fs::File::open(self.tree.path(dir, &self.id))
+            .map_err(qfile::ReadError::Io)
+            .and_then(|f| qfile::read_envelope(&f));
+        match env {
+            Ok(env) => postern_common::accounting::message_event(
+                postern_common::accounting::Kind::Reception,
+                &self.id,
+                &env,
+                None,
+                "",
+            ),
+            Err(e) => warning!("{}: accounting: read queue file: {e}", self.id),
         }
     }
 
