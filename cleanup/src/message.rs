@@ -175,6 +175,8 @@ pub struct Message<'a> {
     part: Part,
     headers: Vec<Header>,
     header_bytes: usize,
+    /// The arrival time written into the file (seconds).
+    arrival_secs: u64,
     total: u64,
     refused: Option<Refusal>,
     message_id: Option<String>,
@@ -232,6 +234,7 @@ impl<'a> Message<'a> {
             },
             headers: Vec::new(),
             header_bytes: 0,
+            arrival_secs: 0,
             total: 0,
             refused: None,
             message_id: None,
@@ -305,6 +308,7 @@ impl<'a> Message<'a> {
             return Ok(());
         };
         let (secs, usecs) = queue::now();
+        self.arrival_secs = secs;
         let written = (|| {
             w.arrival(secs, usecs)?;
             w.sender(&new.sender)?;
@@ -1094,6 +1098,25 @@ impl<'a> Message<'a> {
             dir = Queue::Hold;
         }
         let w = self.writer.take().expect("writer present until close");
+        // The accounting log's Reception records, from what was written
+        // (the file itself may be in qmgr's hands once it is complete).
+        let reception = postern_common::accounting::enabled().then(|| qfile::Envelope {
+            arrival_secs: self.arrival_secs,
+            sender: self.new.sender.clone(),
+            attrs: self.new.attrs.clone(),
+            recipients: self
+                .new
+                .recipients
+                .iter()
+                .map(|r| qfile::QueuedRecipient {
+                    offset: 0,
+                    done: false,
+                    rcpt: r.clone(),
+                })
+                .collect(),
+            content_size: w.content_size(),
+            ..Default::default()
+        });
         let done = w.finish().and_then(|_| match dir {
             // Its name in incoming/, synced since the message opened
             // (sessions that end together share the fsync).
@@ -1105,8 +1128,14 @@ impl<'a> Message<'a> {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();
                 info!("{}: message-id={}", self.id, mid);
-                if postern_common::accounting::enabled() {
-                    self.account_reception(dir);
+                if let Some(env) = reception {
+                    postern_common::accounting::message_event(
+                        postern_common::accounting::Kind::Reception,
+                        &self.id,
+                        &env,
+                        None,
+                        "",
+                    );
                 }
                 Ok(self.id.clone())
             }
@@ -1114,24 +1143,6 @@ impl<'a> Message<'a> {
                 self.discard();
                 Err(Refusal::write_error(e))
             }
-        }
-    }
-
-    /// The accounting log's `Reception` records, one per recipient, from
-    /// the durable file (its final recipients, size and attributes).
-    fn account_reception(&self, dir: Queue) {
-        let env = std::fs::File::open(self.tree.path(dir, &self.id))
-            .map_err(qfile::ReadError::Io)
-            .and_then(|f| qfile::read_envelope(&f));
-        match env {
-            Ok(env) => postern_common::accounting::message_event(
-                postern_common::accounting::Kind::Reception,
-                &self.id,
-                &env,
-                None,
-                "",
-            ),
-            Err(e) => warning!("{}: accounting: read queue file: {e}", self.id),
         }
     }
 

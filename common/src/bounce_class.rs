@@ -113,8 +113,15 @@ impl Reply {
 /// Splits Postern's reason (as in the defer/bounce log and the delivery
 /// line) into the reply it reports. `dsn` is the recipient's status.
 pub fn parse_reason(dsn: &str, reason: &str) -> Reply {
-    if let Some(at) = reason.find(" said: ") {
-        let mut rest = reason[at + 7..].trim();
+    // A remote reply: "host H[A] said: REPLY (in reply to C command)" for
+    // a failure, the bare reply for a delivery ("250 2.0.0 Ok: queued").
+    let said = reason.find(" said: ").map(|at| at + 7).or_else(|| {
+        let b = reason.as_bytes();
+        (b.len() >= 4 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b[3], b' ' | b'-'))
+            .then_some(0)
+    });
+    if let Some(at) = said {
+        let mut rest = reason[at..].trim();
         let mut command = String::new();
         if let Some(open) = rest.rfind(" (in reply to ") {
             if rest.ends_with(" command)") {
@@ -266,6 +273,9 @@ mod tests {
             class("5.5.3", "host h[1.2.3.4] said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)"),
             "too-many-recipients"
         );
+        let r = parse_reason("2.0.0", "250 2.0.0 Ok: queued as X");
+        assert_eq!((r.code, r.enhanced.as_str(), r.content.as_str()), (250, "2.0.0", "Ok: queued as X"));
+        assert!(r.remote);
         // No enhanced code in the reply: the recipient's status stands in.
         let r = parse_reason("5.0.0", "host h[1.2.3.4] said: 550 no (in reply to RCPT TO command)");
         assert_eq!((r.code, r.enhanced.as_str(), r.content.as_str()), (550, "5.0.0", "no"));

@@ -358,8 +358,10 @@ impl Job {
             peer_name,
             peer_addr,
             created: self.req.arrival_secs,
-            // This attempt and those before it that were deferred (a
-            // deferral of this attempt is in the log already).
+            // This attempt and the deferrals before it in this delivery
+            // round (qmgr starts a new defer log each round, and keeps no
+            // count across rounds: a lifetime count is not kept). A
+            // deferral of this attempt is in the log already.
             num_attempts: if outcome == Outcome::Deferred {
                 attempts.max(1)
             } else {
