@@ -721,6 +721,48 @@ mod tests {
         assert_eq!(CSV_FIELDS.len(), 19);
     }
 
+    /// 20 writers, each with its own open file description (as 20
+    /// processes have), append 100 lines of 48 KiB each at once: every
+    /// line comes out whole, none cut by another.
+    #[test]
+    fn twenty_writers_never_tear_a_line() {
+        let dir = std::env::temp_dir().join(format!("postern-acct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acct.log");
+        let _ = std::fs::remove_file(&path);
+        let (writers, lines, len) = (20usize, 100usize, 48 * 1024);
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let f = create(path.to_str().unwrap(), Format::Json, None).unwrap();
+                    let c = b'a' + w as u8;
+                    for i in 0..lines {
+                        let mut line = format!("{w:02} {i:04} ").into_bytes();
+                        line.resize(len - 1, c);
+                        line.push(b'\n');
+                        write_once(&f, &line).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let got: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        assert_eq!(got.len(), writers * lines);
+        let mut seen = std::collections::HashSet::new();
+        for l in got {
+            assert_eq!(l.len(), len - 1);
+            let w: usize = std::str::from_utf8(&l[..2]).unwrap().parse().unwrap();
+            let c = b'a' + w as u8;
+            assert!(l[8..].iter().all(|b| *b == c), "a torn line from writer {w}");
+            assert!(seen.insert(l[..7].to_vec()), "a line twice");
+        }
+    }
+
     #[test]
     fn sites_and_relays() {
         assert_eq!(site_of_nexthop("[127.0.0.1]:2525"), "127.0.0.1");
