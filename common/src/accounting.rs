@@ -476,7 +476,11 @@ fn json_opt(s: &str) -> String {
 fn enhanced_json(e: &str) -> String {
     let p: Vec<&str> = e.split('.').collect();
     if p.len() == 3 {
-        if let (Ok(a), Ok(b), Ok(c)) = (p[0].parse::<u16>(), p[1].parse::<u16>(), p[2].parse::<u16>()) {
+        if let (Ok(a), Ok(b), Ok(c)) = (
+            p[0].parse::<u16>(),
+            p[1].parse::<u16>(),
+            p[2].parse::<u16>(),
+        ) {
             return format!("{{\"class\":{a},\"subject\":{b},\"detail\":{c}}}");
         }
     }
@@ -529,7 +533,10 @@ pub fn json_line(r: &Record) -> String {
         json_opt(&r.tls_protocol_version),
     );
     if !r.source.is_empty() {
-        s.push_str(&format!(",\"reception_protocol\":\"ESMTP\",\"source\":{}", json_str(&r.source)));
+        s.push_str(&format!(
+            ",\"reception_protocol\":\"ESMTP\",\"source\":{}",
+            json_str(&r.source)
+        ));
     }
     if !r.orcpt.is_empty() {
         s.push_str(&format!(",\"orcpt\":{}", json_str(&r.orcpt)));
@@ -627,7 +634,11 @@ pub fn csv_line(r: &Record) -> String {
         r.egress_source.clone(),
         r.peer_addr.clone(),
         r.esmtp.clone(),
-        if r.size > 0 { r.size.to_string() } else { String::new() },
+        if r.size > 0 {
+            r.size.to_string()
+        } else {
+            String::new()
+        },
         r.egress_pool.clone(),
         r.site.clone(),
         r.env_id.clone(),
@@ -663,13 +674,20 @@ pub fn domain_of(addr: &str) -> String {
 /// The site model (MX sets) refines this.
 pub fn site_of_nexthop(nexthop: &str) -> String {
     let h = nexthop.trim();
-    let h = h.strip_prefix('[').map(|r| r.split(']').next().unwrap_or(r)).unwrap_or_else(|| {
-        // "host:port" (a port after the only colon; IPv6 is bracketed)
-        match h.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') => host,
-            _ => h,
-        }
-    });
+    let h = h
+        .strip_prefix('[')
+        .map(|r| r.split(']').next().unwrap_or(r))
+        .unwrap_or_else(|| {
+            // "host:port" (a port after the only colon; IPv6 is bracketed)
+            match h.rsplit_once(':') {
+                Some((host, port))
+                    if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') =>
+                {
+                    host
+                }
+                _ => h,
+            }
+        });
     h.to_ascii_lowercase()
 }
 
@@ -751,14 +769,20 @@ mod tests {
         }
         let text = std::fs::read(&path).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        let got: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let got: Vec<&[u8]> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         assert_eq!(got.len(), writers * lines);
         let mut seen = std::collections::HashSet::new();
         for l in got {
             assert_eq!(l.len(), len - 1);
             let w: usize = std::str::from_utf8(&l[..2]).unwrap().parse().unwrap();
             let c = b'a' + w as u8;
-            assert!(l[8..].iter().all(|b| *b == c), "a torn line from writer {w}");
+            assert!(
+                l[8..].iter().all(|b| *b == c),
+                "a torn line from writer {w}"
+            );
             assert!(seen.insert(l[..7].to_vec()), "a line twice");
         }
     }

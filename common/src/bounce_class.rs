@@ -154,7 +154,11 @@ pub fn parse_reason(dsn: &str, reason: &str) -> Reply {
     };
     Reply {
         code,
-        enhanced: if dsn.is_empty() { "4.0.0".into() } else { dsn.to_string() },
+        enhanced: if dsn.is_empty() {
+            "4.0.0".into()
+        } else {
+            dsn.to_string()
+        },
         content: reason.to_string(),
         command: String::new(),
         remote: false,
@@ -227,10 +231,7 @@ mod tests {
             assert!(CLASSES.contains(&r.result.as_str()), "{}", r.result);
         }
         for c in CLASSES {
-            assert!(
-                rules.iter().any(|r| r.result == *c),
-                "no rule gives {c}"
-            );
+            assert!(rules.iter().any(|r| r.result == *c), "no rule gives {c}");
         }
     }
 
@@ -253,11 +254,17 @@ mod tests {
             "bad-mailbox"
         );
         assert_eq!(
-            class("5.2.2", "host h[1.2.3.4] said: 552 5.2.2 mailbox full (in reply to RCPT TO command)"),
+            class(
+                "5.2.2",
+                "host h[1.2.3.4] said: 552 5.2.2 mailbox full (in reply to RCPT TO command)"
+            ),
             "quota-issues"
         );
         assert_eq!(
-            class("4.7.1", "host h[1.2.3.4] said: 451 4.7.1 rate limited (in reply to MAIL FROM command)"),
+            class(
+                "4.7.1",
+                "host h[1.2.3.4] said: 451 4.7.1 rate limited (in reply to MAIL FROM command)"
+            ),
             "policy-related"
         );
         // Text before codes: "blocked" in a 5.1.1 reply is spam-related.
@@ -270,21 +277,36 @@ mod tests {
             "authentication-failed"
         );
         assert_eq!(
-            class("5.5.3", "host h[1.2.3.4] said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)"),
+            class(
+                "5.5.3",
+                "host h[1.2.3.4] said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)"
+            ),
             "too-many-recipients"
         );
         let r = parse_reason("2.0.0", "250 2.0.0 Ok: queued as X");
-        assert_eq!((r.code, r.enhanced.as_str(), r.content.as_str()), (250, "2.0.0", "Ok: queued as X"));
+        assert_eq!(
+            (r.code, r.enhanced.as_str(), r.content.as_str()),
+            (250, "2.0.0", "Ok: queued as X")
+        );
         assert!(r.remote);
         // No enhanced code in the reply: the recipient's status stands in.
-        let r = parse_reason("5.0.0", "host h[1.2.3.4] said: 550 no (in reply to RCPT TO command)");
-        assert_eq!((r.code, r.enhanced.as_str(), r.content.as_str()), (550, "5.0.0", "no"));
+        let r = parse_reason(
+            "5.0.0",
+            "host h[1.2.3.4] said: 550 no (in reply to RCPT TO command)",
+        );
+        assert_eq!(
+            (r.code, r.enhanced.as_str(), r.content.as_str()),
+            (550, "5.0.0", "no")
+        );
     }
 
     #[test]
     fn own_failures() {
         assert_eq!(
-            class("4.4.1", "connect to 127.0.0.1[127.0.0.1]:25: Connection refused"),
+            class(
+                "4.4.1",
+                "connect to 127.0.0.1[127.0.0.1]:25: Connection refused"
+            ),
             "bad-connection"
         );
         assert_eq!(
@@ -301,7 +323,11 @@ mod tests {
         );
         let rules = builtin();
         assert_eq!(
-            regexp::lookup(&rules, "550 4.4.7 Message expired: connect to h[1.2.3.4]:25: Connection refused").unwrap(),
+            regexp::lookup(
+                &rules,
+                "550 4.4.7 Message expired: connect to h[1.2.3.4]:25: Connection refused"
+            )
+            .unwrap(),
             "message-expired"
         );
         assert_eq!(class("5.1.1", "unknown user: \"nobody\""), "bad-mailbox");

@@ -204,7 +204,12 @@ pub fn format_json(l: &Listed) -> String {
     let rcpts: Vec<String> = l
         .recipients
         .iter()
-        .zip(l.classes.iter().map(String::as_str).chain(std::iter::repeat("")))
+        .zip(
+            l.classes
+                .iter()
+                .map(String::as_str)
+                .chain(std::iter::repeat("")),
+        )
         .map(|((a, r), class)| {
             // Postfix's fields, then Postern's bounce class of the
             // deferral (bounce_classifier_maps).

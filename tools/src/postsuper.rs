@@ -227,7 +227,10 @@ impl Ctx {
     fn remove_accounted(&self, q: Queue, id: &str) -> io::Result<()> {
         let file = postern_common::accounting::enabled()
             .then(|| {
-                let path = self.tree.locate(q, id).unwrap_or_else(|| self.tree.path(q, id));
+                let path = self
+                    .tree
+                    .locate(q, id)
+                    .unwrap_or_else(|| self.tree.path(q, id));
                 File::open(path).ok()
             })
             .flatten();
