@@ -643,8 +643,8 @@ pub fn csv_line(r: &Record) -> String {
         r.site.clone(),
         r.env_id.clone(),
     ];
-    let mut line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-    let mut s = line.drain(..).collect::<Vec<_>>().join(",");
+    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+    let mut s = line.join(",");
     s.push('\n');
     s
 }
