@@ -409,3 +409,33 @@ def test_reload_reopens_the_file(make_postern, sink):
     assert {x["rcpt"] for x in new} == {"two@far.test"}, new
     old = read_csv(rotated)
     assert {x["rcpt"] for x in old} == {"one@far.test"}, old
+
+
+def test_a_refused_local_submission_is_a_bounce_record(make_postern, sink):
+    """sendmail's message refused by header_checks becomes a bounce made by
+    cleanup (as Postfix): its Bounce record comes from cleanup, with the
+    class of the refusal (5.7.1: policy-related)."""
+    p = make_postern({"transport_maps": f"inline:{{ sender.test=smtp:[127.0.0.1]:{sink.port} }}",
+                      "header_checks": lambda p: f"regexp:{p.etc}/header_checks",
+                      "accounting_log_file": lambda p: str(acct_path(p))},
+                     files={"etc/header_checks": "/^Subject: refuse-me/ REJECT no thanks\n"})
+    r = p.sendmail(["-f", SENDER, "victim@far.test"],
+                   b"Subject: refuse-me\n\nx\n")
+    assert r.returncode == 0, h.describe(r)
+
+    def bounced():
+        recs = read_json(acct_path(p)) if acct_path(p).exists() else []
+        return [x for x in recs if x["type"] == "Bounce" and x["recipient"] == "victim@far.test"]
+    (rec,) = h.wait_for(bounced, 30, what="the Bounce record")
+    assert rec["bounce_classification"] == "policy-related", rec
+    assert rec["egress_pool"] == "cleanup" and rec["sender"] == SENDER, rec
+    assert rec["response"]["enhanced_code"] == {"class": 5, "subject": 7, "detail": 1}, rec
+    assert "no thanks" in rec["response"]["content"], rec
+
+
+def test_postern_check_refuses_an_unknown_format(make_postern):
+    p = make_postern({"accounting_log_file": lambda p: str(acct_path(p)),
+                      "accounting_log_format": "xml"}, start=False)
+    r = p.postern("check")
+    assert r.returncode == 1, h.describe(r)
+    assert 'accounting_log_format: unknown format "xml"' in r.stderr, h.describe(r)

@@ -1191,7 +1191,36 @@ impl<'a> Message<'a> {
             "{}: {}: {} {}; bounced as {id}",
             self.id, self.new.origin, r.dsn, r.reason
         );
+        if postern_common::accounting::enabled() {
+            self.account_refusal(&id, r);
+        }
         Ok(id)
+    }
+
+    /// The accounting log's Bounce records of a refused local submission
+    /// ([`Message::bounce_all`]), one per recipient.
+    fn account_refusal(&self, id: &str, r: &Refusal) {
+        use postern_common::{accounting, bounce_class};
+        let env = qfile::Envelope {
+            arrival_secs: queue::now().0,
+            sender: self.new.sender.clone(),
+            attrs: self.new.attrs.clone(),
+            ..Default::default()
+        };
+        let reply = bounce_class::parse_reason(r.dsn, &r.reason);
+        let class = bounce_class::classify(r.dsn, &r.reason);
+        for rcpt in &self.new.recipients {
+            let mut rec = accounting::message_record(
+                accounting::Kind::Bounce,
+                id,
+                &env,
+                rcpt,
+                Some(&reply),
+                &class,
+            );
+            rec.egress_pool = "cleanup".into();
+            accounting::write(&rec);
+        }
     }
 
     /// Gives the file up: the client gave up or the message was refused.

@@ -11,6 +11,7 @@
 //! | bounced | `Bounce` | `b` | the delivery agent, cleanup or qmgr |
 //! | expired (`maximal_queue_lifetime`) | `Expiration` | `b` | qmgr |
 //! | deleted by the administrator (`postsuper -d`) | `AdminBounce` | `b` | postsuper, or qmgr for an active message |
+//! | held back without an attempt (a site's limits) | `Delayed` | `tq` | qmgr (the site model), through [`write`] |
 //! | a site's mode changed (backoff, suspended, ...) | `SiteModeChange` | `m` | qmgr, through [`site_mode_change`] |
 //!
 //! JSON records are KumoMTA's log records, one object per line, with its
@@ -73,6 +74,9 @@ pub enum Kind {
     Bounce,
     Expiration,
     AdminBounce,
+    /// Held back without an attempt (a site's rate or connection limit,
+    /// a suspension): for the site model in qmgr.
+    Delayed,
     SiteModeChange,
 }
 
@@ -86,6 +90,7 @@ impl Kind {
             Kind::Bounce => "Bounce",
             Kind::Expiration => "Expiration",
             Kind::AdminBounce => "AdminBounce",
+            Kind::Delayed => "Delayed",
             Kind::SiteModeChange => "SiteModeChange",
         }
     }
@@ -97,6 +102,7 @@ impl Kind {
             Kind::Delivery => "d",
             Kind::TransientFailure => "t",
             Kind::Bounce | Kind::Expiration | Kind::AdminBounce => "b",
+            Kind::Delayed => "tq",
             Kind::SiteModeChange => "m",
         }
     }
@@ -106,7 +112,7 @@ impl Kind {
         match self {
             Kind::Reception => "",
             Kind::Delivery => "relayed",
-            Kind::TransientFailure => "delayed",
+            Kind::TransientFailure | Kind::Delayed => "delayed",
             Kind::Bounce | Kind::Expiration | Kind::AdminBounce => "failed",
             Kind::SiteModeChange => "",
         }
