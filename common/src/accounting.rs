@@ -794,6 +794,36 @@ mod tests {
     }
 
     #[test]
+    fn site_mode_changes() {
+        let r = Record {
+            kind: Kind::SiteModeChange,
+            site: "gmail.com".into(),
+            queue: "gmail.com".into(),
+            mode: "suspended".into(),
+            rule: "/TS04/ suspend=2h".into(),
+            until: 1_800_007_200,
+            timestamp: 1_800_000_000,
+            response: Some(crate::bounce_class::parse_reason(
+                "",
+                "host gmail.com said: 421 4.7.0 [TS04] Messages temporarily deferred",
+            )),
+            ..Default::default()
+        };
+        let j = json_line(&r);
+        assert!(j.contains("\"type\":\"SiteModeChange\""), "{j}");
+        assert!(
+            j.contains(
+                "\"mode\":\"suspended\",\"rule\":\"/TS04/ suspend=2h\",\"until\":1800007200"
+            ),
+            "{j}"
+        );
+        assert!(j.contains("\"code\":421"), "{j}");
+        let c = csv_line(&r);
+        assert!(c.starts_with("m,2027-01-15 08:00:00+0000,,,,,suspended,4.7.0,smtp;421 4.7.0 [TS04] Messages temporarily deferred,gmail.com,,/TS04/ suspend=2h,"), "{c}");
+        assert_eq!(Kind::Delayed.csv_type(), "tq");
+    }
+
+    #[test]
     fn sites_and_relays() {
         assert_eq!(site_of_nexthop("[127.0.0.1]:2525"), "127.0.0.1");
         assert_eq!(site_of_nexthop("Example.COM"), "example.com");
