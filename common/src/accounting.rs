@@ -408,7 +408,7 @@ pub fn message_record(
         id: id.to_string(),
         sender: env.sender.clone(),
         recipient: rcpt.address.clone(),
-        orcpt: rcpt.original_or_address().to_string(),
+        orcpt: orcpt_of(rcpt),
         queue: domain_of(&rcpt.address),
         site: if kind == Kind::Reception {
             String::new()
@@ -666,6 +666,17 @@ pub fn split_relay(relay: &str) -> (String, String) {
             (name, addr)
         }
         None => (relay.to_string(), String::new()),
+    }
+}
+
+/// The original recipient of a record: the DSN ORCPT as given
+/// ("rfc822;user@example"), else the address before rewriting and
+/// aliasing.
+pub fn orcpt_of(rcpt: &crate::qfile::Recipient) -> String {
+    if rcpt.orcpt.is_empty() {
+        rcpt.original_or_address().to_string()
+    } else {
+        rcpt.orcpt.clone()
     }
 }
 

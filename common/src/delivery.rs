@@ -350,7 +350,7 @@ impl Job {
             id: self.req.queue_id.clone(),
             sender: self.req.sender.clone(),
             recipient: r.rcpt.address.clone(),
-            orcpt: r.rcpt.original_or_address().to_string(),
+            orcpt: accounting::orcpt_of(&r.rcpt),
             queue: accounting::domain_of(&r.rcpt.address),
             site: accounting::site_of_nexthop(&self.req.nexthop),
             size: self.req.content_size,
