@@ -356,10 +356,8 @@ pub fn write(rec: &Record) {
 /// `reply` (the reply that matched, "" for none); `until` is when a
 /// suspension ends (seconds since the epoch, 0 for none).
 pub fn site_mode_change(site: &str, mode: &str, rule: &str, reply: &str, until: u64) {
-    let response = (!reply.is_empty()).then(|| {
-        let r = crate::bounce_class::parse_reason("", &format!("host {site} said: {reply}"));
-        r
-    });
+    let response = (!reply.is_empty())
+        .then(|| crate::bounce_class::parse_reason("", &format!("host {site} said: {reply}")));
     write(&Record {
         kind: Kind::SiteModeChange,
         site: site.to_string(),
