@@ -348,7 +348,11 @@ def test_log_tools_count_the_same_with_the_accounting_log_on(make_postern, dovec
         lc.traffic(p.port, tok, p.log_text)
         lc.settle(p.log_text, tok)
         report = lc.pflogsumm(p.maillog)
-        f2b = {mode: sorted(lc.fail2ban(p.maillog, mode)) for mode in lc.MODES}
+        # The talk-before-greeting part of the traffic retries until the
+        # server saw the talk (a race on loopback): its extra attempts are
+        # "lost connection after CONNECT" lines, left out of the comparison.
+        f2b = {mode: sorted(x for x in lc.fail2ban(p.maillog, mode)
+                            if "lost connection after CONNECT" not in x) for mode in lc.MODES}
         results.append((lc.grand_totals(report), f2b,
                         lc.section(report, "Recipients by message count"),
                         lc.section(report, "Senders by message count"), p))
@@ -371,7 +375,7 @@ def test_log_tools_count_the_same_with_the_accounting_log_on(make_postern, dovec
                                 if ": bounce_class=" not in line))
     assert lc.grand_totals(lc.pflogsumm(stripped)) == t1
     for mode in lc.MODES:
-        assert sorted(lc.fail2ban(stripped, mode)) == f1[mode], mode
+        assert sorted(lc.fail2ban(stripped, mode)) == sorted(lc.fail2ban(p1.maillog, mode)), mode
 
 
 # --------------------------------------------------------------------------
