@@ -36,6 +36,11 @@ NOT_PARAMETERS = {
     "pcre_table", "socketmap_table", "tcp_table",
     # A value of receive_override_options.
     "no_header_body_checks",
+    # Fields of the accounting log's records and of the class log line
+    # (accounting(5), bounce_classes(5)), the page names, a log reader.
+    "bounce_class", "bounce_classification", "egress_pool", "egress_source",
+    "enhanced_code", "num_attempts", "peer_address", "tls_cipher", "tls_protocol_version",
+    "bounce_classes", "regexp_table", "postfix_exporter",
 }
 # The settings of the .cf files of database tables (mysql_table(5), ...).
 NOT_PARAMETERS |= {

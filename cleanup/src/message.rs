@@ -175,6 +175,8 @@ pub struct Message<'a> {
     part: Part,
     headers: Vec<Header>,
     header_bytes: usize,
+    /// The arrival time written into the file (seconds).
+    arrival_secs: u64,
     total: u64,
     refused: Option<Refusal>,
     message_id: Option<String>,
@@ -232,6 +234,7 @@ impl<'a> Message<'a> {
             },
             headers: Vec::new(),
             header_bytes: 0,
+            arrival_secs: 0,
             total: 0,
             refused: None,
             message_id: None,
@@ -305,6 +308,7 @@ impl<'a> Message<'a> {
             return Ok(());
         };
         let (secs, usecs) = queue::now();
+        self.arrival_secs = secs;
         let written = (|| {
             w.arrival(secs, usecs)?;
             w.sender(&new.sender)?;
@@ -1094,6 +1098,25 @@ impl<'a> Message<'a> {
             dir = Queue::Hold;
         }
         let w = self.writer.take().expect("writer present until close");
+        // The accounting log's Reception records, from what was written
+        // (the file itself may be in qmgr's hands once it is complete).
+        let reception = postern_common::accounting::enabled().then(|| qfile::Envelope {
+            arrival_secs: self.arrival_secs,
+            sender: self.new.sender.clone(),
+            attrs: self.new.attrs.clone(),
+            recipients: self
+                .new
+                .recipients
+                .iter()
+                .map(|r| qfile::QueuedRecipient {
+                    offset: 0,
+                    done: false,
+                    rcpt: r.clone(),
+                })
+                .collect(),
+            content_size: w.content_size(),
+            ..Default::default()
+        });
         let done = w.finish().and_then(|_| match dir {
             // Its name in incoming/, synced since the message opened
             // (sessions that end together share the fsync).
@@ -1105,6 +1128,15 @@ impl<'a> Message<'a> {
             Ok(()) => {
                 let mid = self.message_id.clone().unwrap_or_default();
                 info!("{}: message-id={}", self.id, mid);
+                if let Some(env) = reception {
+                    postern_common::accounting::message_event(
+                        postern_common::accounting::Kind::Reception,
+                        &self.id,
+                        &env,
+                        None,
+                        "",
+                    );
+                }
                 Ok(self.id.clone())
             }
             Err(e) => {
@@ -1159,7 +1191,36 @@ impl<'a> Message<'a> {
             "{}: {}: {} {}; bounced as {id}",
             self.id, self.new.origin, r.dsn, r.reason
         );
+        if postern_common::accounting::enabled() {
+            self.account_refusal(&id, r);
+        }
         Ok(id)
+    }
+
+    /// The accounting log's Bounce records of a refused local submission
+    /// ([`Message::bounce_all`]), one per recipient.
+    fn account_refusal(&self, id: &str, r: &Refusal) {
+        use postern_common::{accounting, bounce_class};
+        let env = qfile::Envelope {
+            arrival_secs: queue::now().0,
+            sender: self.new.sender.clone(),
+            attrs: self.new.attrs.clone(),
+            ..Default::default()
+        };
+        let reply = bounce_class::parse_reason(r.dsn, &r.reason);
+        let class = bounce_class::classify(r.dsn, &r.reason);
+        for rcpt in &self.new.recipients {
+            let mut rec = accounting::message_record(
+                accounting::Kind::Bounce,
+                id,
+                &env,
+                rcpt,
+                Some(&reply),
+                &class,
+            );
+            rec.egress_pool = "cleanup".into();
+            accounting::write(&rec);
+        }
     }
 
     /// Gives the file up: the client gave up or the message was refused.

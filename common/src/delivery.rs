@@ -32,6 +32,11 @@ pub struct Job {
     /// the success log for a "relayed" notice (Postfix's smtp_rcpt_done).
     /// Set by the SMTP/LMTP client for the transaction under way.
     pub dsn_passed_on: bool,
+    /// For the accounting log: the local address the delivery came from,
+    /// and the TLS cipher and protocol of the session (set by the agent).
+    pub egress_source: String,
+    pub tls_cipher: String,
+    pub tls_protocol_version: String,
 }
 
 impl Job {
@@ -66,6 +71,9 @@ impl Job {
             results: Vec::new(),
             destination_failed: false,
             dsn_passed_on: false,
+            egress_source: String::new(),
+            tls_cipher: String::new(),
+            tls_protocol_version: String::new(),
         })
     }
 
@@ -266,6 +274,7 @@ impl Job {
             Outcome::Bounced => Some(MessageLog::Bounce),
         };
         let mut ok = true;
+        let mut class = String::new();
         if let Some(log) = log {
             let action = if outcome == Outcome::Bounced {
                 "failed"
@@ -274,10 +283,15 @@ impl Job {
             };
             let mut entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
             entry.diag_type = diag_type.to_string();
+            class = entry.class.clone();
+            log_class(&self.req.queue_id, &r.rcpt.address, dsn, &class);
             if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
                 warning!("{}: append {} log: {e}", self.req.queue_id, log.name());
                 ok = false;
             }
+        }
+        if crate::accounting::enabled() {
+            self.account(r, outcome, dsn, relay, reason, &class);
         }
         if outcome == Outcome::Sent
             && r.rcpt.notify & qfile::NOTIFY_SUCCESS != 0
@@ -306,6 +320,59 @@ impl Job {
             outcome,
             dsn: dsn.to_string(),
             reason: reason.to_string(),
+        });
+    }
+
+    /// Writes the accounting record of one recipient's outcome
+    /// ([`crate::accounting`]): `Delivery`, `TransientFailure` or `Bounce`.
+    fn account(
+        &self,
+        r: &DeliveryRecipient,
+        outcome: Outcome,
+        dsn: &str,
+        relay: &str,
+        reason: &str,
+        class: &str,
+    ) {
+        use crate::accounting::{self, Kind, Record};
+        let (peer_name, peer_addr) = accounting::split_relay(relay);
+        let attempts = read_log(&self.tree, MessageLog::Defer, &self.req.queue_id)
+            .map(|l| l.iter().filter(|e| e.offset == r.offset).count())
+            .unwrap_or(0) as u32;
+        let kind = match outcome {
+            Outcome::Sent => Kind::Delivery,
+            Outcome::Deferred => Kind::TransientFailure,
+            Outcome::Bounced => Kind::Bounce,
+        };
+        let response = crate::bounce_class::parse_reason(dsn, reason);
+        accounting::write(&Record {
+            kind,
+            id: self.req.queue_id.clone(),
+            sender: self.req.sender.clone(),
+            recipient: r.rcpt.address.clone(),
+            orcpt: accounting::orcpt_of(&r.rcpt),
+            queue: accounting::domain_of(&r.rcpt.address),
+            site: accounting::site_of_nexthop(&self.req.nexthop),
+            size: self.req.content_size,
+            response: Some(response),
+            peer_name,
+            peer_addr,
+            created: self.req.arrival_secs,
+            // This attempt and the deferrals before it in this delivery
+            // round (qmgr starts a new defer log each round, and keeps no
+            // count across rounds: a lifetime count is not kept). A
+            // deferral of this attempt is in the log already.
+            num_attempts: if outcome == Outcome::Deferred {
+                attempts.max(1)
+            } else {
+                attempts + 1
+            },
+            bounce_classification: class.to_string(),
+            egress_pool: self.req.transport.clone(),
+            egress_source: self.egress_source.clone(),
+            tls_cipher: self.tls_cipher.clone(),
+            tls_protocol_version: self.tls_protocol_version.clone(),
+            ..Default::default()
         });
     }
 
@@ -393,6 +460,9 @@ pub struct LogEntry {
     /// message's delivery problem and never a problem of the mail system
     /// (`notify_classes`); "" for Postern's own text or a server's reply.
     pub diag_type: String,
+    /// The failure's bounce class ([`crate::bounce_class`]) for a
+    /// "failed" or "delayed" entry; "" otherwise.
+    pub class: String,
 }
 
 impl LogEntry {
@@ -416,6 +486,11 @@ impl LogEntry {
             relay: relay.to_string(),
             reason: reason.to_string(),
             diag_type: String::new(),
+            class: if action == "failed" || action == "delayed" {
+                crate::bounce_class::classify(status, reason)
+            } else {
+                String::new()
+            },
         }
     }
 }
@@ -431,8 +506,13 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
     } else {
         format!("diag_type={}\n", clean(&e.diag_type))
     };
+    let class = if e.class.is_empty() {
+        String::new()
+    } else {
+        format!("bounce_class={}\n", clean(&e.class))
+    };
     let text = format!(
-        "recipient={}\noriginal_recipient={}\ndsn_orig_rcpt={}\nnotify_flags={}\noffset={}\nstatus={}\naction={}\nrelay={}\n{diag_type}reason={}\n\n",
+        "recipient={}\noriginal_recipient={}\ndsn_orig_rcpt={}\nnotify_flags={}\noffset={}\nstatus={}\naction={}\nrelay={}\n{diag_type}{class}reason={}\n\n",
         clean(&e.recipient),
         clean(&e.original),
         clean(&e.orcpt),
@@ -473,6 +553,17 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
     f.sync_data()
 }
 
+/// Logs a failed or deferred recipient's bounce class, on a line of its
+/// own after the delivery line (`ID: bounce_class=CLASS, recipient=<ADDR>,
+/// dsn=X.Y.Z`): Postfix's delivery line stays byte for byte what log
+/// tools (pflogsumm, fail2ban, postfix_exporter) parse, and this line
+/// matches none of their patterns (it has no `to=<`, `status=` or `reject:`).
+pub fn log_class(id: &str, address: &str, dsn: &str, class: &str) {
+    if !class.is_empty() {
+        info!("{id}: bounce_class={class}, recipient=<{address}>, dsn={dsn}");
+    }
+}
+
 /// Reads a message log; a missing log is empty.
 pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<LogEntry>> {
     let text = match std::fs::read_to_string(tree.log_path(log, id)) {
@@ -504,6 +595,7 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
                 "relay" => e.relay = v.into(),
                 "reason" => e.reason = v.into(),
                 "diag_type" => e.diag_type = v.into(),
+                "bounce_class" => e.class = v.into(),
                 _ => {}
             }
         }

@@ -34,11 +34,15 @@
 //! - [`dsn`]: RFC 3461 DSN parameters (xtext, unitext, NOTIFY, RET, ENVID, ORCPT).
 //! - [`hostname`]: host name, address and HELO name syntax.
 //! - [`smtp_command`]: the SMTP command grammar smtpd and `sendmail -bs` read.
+//! - [`bounce_class`]: bounce classes of failures (`bounce_classifier_maps`).
+//! - [`accounting`]: the accounting log (`accounting_log_file`, JSON or CSV).
 //! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
 
+pub mod accounting;
 pub mod addr;
 pub mod anvil;
 pub mod base64;
+pub mod bounce_class;
 pub mod cache_file;
 pub mod cdb;
 pub mod cidr;

@@ -271,6 +271,8 @@ pub fn prepare_tree(cfg: &postern_conf::Config, owner: Option<QueueOwner>) -> Re
         let _ = f.set_permissions(std::fs::Permissions::from_mode(0o640));
         let _ = std::os::unix::fs::chown(&maillog, Some(o.uid), Some(o.gid));
     }
+    // And to accounting_log_file.
+    crate::accounting::prepare(cfg, owner.map(|o| (o.uid, o.gid)))?;
     let data = std::path::PathBuf::from(cfg.get("data_directory"));
     std::fs::create_dir_all(&data)
         .map_err(|e| format!("data directory {}: {e}", data.display()))?;

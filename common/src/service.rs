@@ -342,6 +342,9 @@ pub fn start(program: &str) -> (Config, Args) {
         false,
         args.verbose,
     );
+    // As root, before the drop: the classifier table may be root's only.
+    crate::bounce_class::init(&cfg);
+    crate::accounting::init(&cfg);
     (cfg, args)
 }
 

@@ -63,6 +63,19 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("syslog_facility", "mail"),
     ("syslog_name", "postfix"),
     ("maillog_file", ""),
+    // Postern-only: the accounting log (one record per received,
+    // delivered, deferred, bounced, expired or deleted recipient, and per
+    // site mode change), written by the daemon that saw the event
+    // (common/src/accounting.rs); empty: none.
+    ("accounting_log_file", ""),
+    // Postern-only: `json` (KumoMTA's log record) or `csv` (PowerMTA's
+    // accounting file, a header line first).
+    ("accounting_log_format", "json"),
+    // Postern-only: tables mapping a failure's one-line reply
+    // "<code> <enhanced> <text>" to its bounce class
+    // (common/src/bounce_class.rs); empty: the rules shipped in
+    // conf/etc/bounce_classes, compiled in.
+    ("bounce_classifier_maps", ""),
     // master.
     ("default_process_limit", "100"),
     ("max_idle", "100s"),

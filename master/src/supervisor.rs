@@ -446,6 +446,11 @@ impl Supervisor {
             }
         };
         self.services = services;
+        // A new accounting_log_file (renamed away by logrotate, or newly
+        // set), made for mail_owner before the new daemons write to it.
+        if let Err(e) = postern_common::accounting::prepare(&cfg, self.owner) {
+            warning!("reload: {e}");
+        }
         // Every process of the old configuration drains; those of services
         // that stay count towards the new ones' maxproc until they exit.
         for s in self.services.iter_mut().chain(old.iter_mut()) {

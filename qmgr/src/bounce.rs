@@ -17,7 +17,8 @@
 //! report (per message: `Reporting-MTA`, `Original-Envelope-Id`,
 //! `Arrival-Date`; per recipient: `Final-Recipient`,
 //! `Original-Recipient` from ORCPT, `Action`, `Status`, `Remote-MTA`,
-//! `Diagnostic-Code`, `Will-Retry-Until`), and the original message:
+//! `Diagnostic-Code`, `X-Postern-Bounce-Class` (the failure's bounce class),
+//! `Will-Retry-Until`), and the original message:
 //! whole as `message/rfc822` (RET=FULL; for failures without RET, up to
 //! `bounce_size_limit` bytes), or its headers as `text/rfc822-headers`
 //! — streamed from the queue file, never held whole in memory.
@@ -626,6 +627,11 @@ fn report_part(m: &mut String, n: &Notice, boundary: &str) {
                 m.push_str(&format!("Diagnostic-Code: x-unix; {}\n", e.reason))
             }
             None => m.push_str(&format!("Diagnostic-Code: X-Postern; {}\n", e.reason)),
+        }
+        // The failure's bounce class (bounce_classifier_maps): an
+        // extension field (RFC 3464 section 2.4: X- names are free).
+        if !e.class.is_empty() && n.kind != Kind::Success {
+            m.push_str(&format!("X-Postern-Bounce-Class: {}\n", e.class));
         }
         if n.kind == Kind::Delay {
             if let Some(until) = n.retry_until {

@@ -27,6 +27,7 @@ use crate::retire::Retirer;
 use crate::retry;
 use crate::scan::{self, Scan};
 use crate::schedule::{Limits, Scheduler, Target};
+use postern_common::accounting;
 use postern_common::fatal;
 use postern_common::ipc::{
     AdminReply, AdminRequest, AdminStatus, DeliveryRecipient, Outcome, Wakeup,
@@ -312,6 +313,15 @@ impl Manager {
         };
         match msg.admin {
             Some(AdminAction::Delete) => {
+                if accounting::enabled() {
+                    accounting::message_event(
+                        accounting::Kind::AdminBounce,
+                        id,
+                        &msg.env,
+                        Some(&accounting::admin_delete_reply()),
+                        "",
+                    );
+                }
                 match std::fs::remove_file(self.tree.path(Queue::Active, id)) {
                     Ok(()) => info!("{id}: removed"),
                     Err(e) => warning!("{id}: remove active queue file: {e}"),
@@ -764,7 +774,7 @@ impl Manager {
                     );
                     expired_logged = true;
                 }
-                left -= record::expire(&self.tree, id, &file, &rcpts).len();
+                left -= record::expire(&self.tree, id, &file, &slice.env, &rcpts).len();
             }
             pending += left;
             env.get_or_insert(slice.env);

@@ -6,6 +6,7 @@
 //! ([`delivery::Job::record`]), so that the log line, the defer or bounce
 //! log entry and the in-place done mark are exactly the agents'.
 
+use postern_common::accounting;
 use postern_common::delivery::{self, Job, LogEntry};
 use postern_common::ipc::{DeliveryRecipient, DeliveryRequest, Outcome, RecipientResult};
 use postern_common::qfile::{self, QueuedRecipient};
@@ -104,6 +105,7 @@ pub fn expire(
     tree: &QueueTree,
     id: &str,
     file: &File,
+    env: &qfile::Envelope,
     pending: &[QueuedRecipient],
 ) -> HashSet<u64> {
     let deferrals = delivery::read_log(tree, MessageLog::Defer, id).unwrap_or_else(|e| {
@@ -136,7 +138,26 @@ pub fn expire(
                 "delivery temporarily suspended".to_string(),
             ),
         };
-        let entry = LogEntry::new(r.offset, &r.rcpt, &status, "failed", &relay, &reason);
+        let mut entry = LogEntry::new(r.offset, &r.rcpt, &status, "failed", &relay, &reason);
+        entry.class = postern_common::bounce_class::classify_expired(&reason);
+        delivery::log_class(id, &r.rcpt.address, &status, &entry.class);
+        if accounting::enabled() {
+            let reply = postern_common::bounce_class::parse_reason(&status, &reason);
+            let mut rec = accounting::message_record(
+                accounting::Kind::Expiration,
+                id,
+                env,
+                &r.rcpt,
+                Some(&reply),
+                &entry.class,
+            );
+            let (name, addr) = accounting::split_relay(&relay);
+            if !addr.is_empty() {
+                (rec.peer_name, rec.peer_addr) = (name, addr);
+            }
+            rec.num_attempts = deferrals.iter().filter(|e| e.offset == r.offset).count() as u32;
+            accounting::write(&rec);
+        }
         if let Err(e) = delivery::append_log(tree, MessageLog::Bounce, id, &entry) {
             warning!("{id}: append bounce log: {e}");
             continue;

@@ -198,6 +198,13 @@ fn check(cfg: &Config) {
     if let Err(e) = cfg.get_bool("daemon_sched_batch") {
         die(NAME, 1, e);
     }
+    if let Err(e) = postern_common::accounting::Format::parse(&cfg.get("accounting_log_format")) {
+        die(
+            NAME,
+            1,
+            format_args!("{}/main.cf: {e}", cfg.dir().display()),
+        );
+    }
     if let Err(e) = postern_common::queue::Hashing::from_config(cfg) {
         die(
             NAME,

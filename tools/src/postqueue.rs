@@ -11,7 +11,8 @@
 //!   `Mail queue is empty`.
 //! - `-j`: one JSON object per message, as Postfix 3.1+ (`queue_name`,
 //!   `queue_id`, `arrival_time`, `message_size`, `forced_expire`,
-//!   `sender`, `recipients` with `address` and `delay_reason`).
+//!   `sender`, `recipients` with `address` and `delay_reason`, and
+//!   Postern's `bounce_class` of the deferral).
 //! - `-f`: wakes qmgr with `F` (deliver all deferred mail now);
 //!   `-s site`: makes deferred messages with a recipient in `site` due now
 //!   and wakes qmgr; `-i ID`: the same for one message.
@@ -52,6 +53,9 @@ pub struct Listed {
     pub sender: String,
     /// Pending recipients and their deferral reasons ("" = none).
     pub recipients: Vec<(String, String)>,
+    /// The bounce class of each recipient's last deferral, in the order
+    /// of `recipients` ("" = none).
+    pub classes: Vec<String>,
 }
 
 /// Reads one queue file for listing. `None`: gone, incomplete or
@@ -63,20 +67,20 @@ pub fn read_listed(tree: &QueueTree, q: Queue, id: &str) -> Option<Listed> {
 }
 
 fn listed_from(tree: &QueueTree, q: Queue, id: &str, env: &Envelope) -> Listed {
-    let mut reasons: HashMap<(u64, String), String> = HashMap::new();
+    let mut reasons: HashMap<(u64, String), (String, String)> = HashMap::new();
     for e in delivery::read_log(tree, MessageLog::Defer, id).unwrap_or_default() {
-        reasons.insert((e.offset, e.recipient.clone()), e.reason);
+        reasons.insert((e.offset, e.recipient.clone()), (e.reason, e.class));
     }
-    let recipients = env
+    let (recipients, classes) = env
         .pending()
         .map(|r| {
-            let reason = reasons
+            let (reason, class) = reasons
                 .get(&(r.offset, r.rcpt.address.clone()))
                 .cloned()
                 .unwrap_or_default();
-            (r.rcpt.address.clone(), reason)
+            ((r.rcpt.address.clone(), reason), class)
         })
-        .collect();
+        .unzip();
     Listed {
         queue: q,
         id: id.to_string(),
@@ -84,6 +88,7 @@ fn listed_from(tree: &QueueTree, q: Queue, id: &str, env: &Envelope) -> Listed {
         size: env.content_size,
         sender: env.sender.clone(),
         recipients,
+        classes,
     }
 }
 
@@ -199,12 +204,25 @@ pub fn format_json(l: &Listed) -> String {
     let rcpts: Vec<String> = l
         .recipients
         .iter()
-        .map(|(a, r)| {
+        .zip(
+            l.classes
+                .iter()
+                .map(String::as_str)
+                .chain(std::iter::repeat("")),
+        )
+        .map(|((a, r), class)| {
+            // Postfix's fields, then Postern's bounce class of the
+            // deferral (bounce_classifier_maps).
+            let class = if class.is_empty() {
+                String::new()
+            } else {
+                format!(", \"bounce_class\": {}", json_str(class))
+            };
             if r.is_empty() {
-                format!("{{\"address\": {}}}", json_str(a))
+                format!("{{\"address\": {}{class}}}", json_str(a))
             } else {
                 format!(
-                    "{{\"address\": {}, \"delay_reason\": {}}}",
+                    "{{\"address\": {}, \"delay_reason\": {}{class}}}",
                     json_str(a),
                     json_str(r)
                 )
@@ -407,6 +425,7 @@ mod tests {
                 .iter()
                 .map(|(a, r)| (a.to_string(), r.to_string()))
                 .collect(),
+            classes: Vec::new(),
         }
     }
 

@@ -161,7 +161,7 @@ impl Ctx {
             let path = self.tree.path(q, id);
             let res = match op {
                 // The directories are fsync'd once at the end (run_ops).
-                Op::Delete => self.remove(q, id).map(|()| {
+                Op::Delete => self.remove_accounted(q, id).map(|()| {
                     remove_logs(&self.tree, id);
                     info!("{id}: removed");
                 }),
@@ -218,6 +218,25 @@ impl Ctx {
             self.tree.move_to(id, Queue::Hold, Queue::Deferred)?;
             info!("{id}: released from hold");
             self.released.set(self.released.get() + 1);
+        }
+        Ok(())
+    }
+
+    /// [`Ctx::remove`], with the accounting log's `AdminBounce` records
+    /// of the message's pending recipients (read before it goes).
+    fn remove_accounted(&self, q: Queue, id: &str) -> io::Result<()> {
+        let file = postern_common::accounting::enabled()
+            .then(|| {
+                let path = self
+                    .tree
+                    .locate(q, id)
+                    .unwrap_or_else(|| self.tree.path(q, id));
+                File::open(path).ok()
+            })
+            .flatten();
+        self.remove(q, id)?;
+        if let Some(f) = file {
+            account_delete(&f, id);
         }
         Ok(())
     }
@@ -399,6 +418,7 @@ impl Ctx {
         }
         let res = match op {
             Op::Delete => std::fs::remove_file(&path).map(|()| {
+                account_delete(&file, id);
                 remove_logs(&self.tree, id);
                 info!("{id}: removed");
             }),
@@ -797,6 +817,24 @@ fn parse_args(name: &str) -> Command {
 }
 
 /// The entry point of `postsuper`.
+/// The accounting log's `AdminBounce` records of a deleted message (its
+/// pending recipients), from its file (still open after the unlink).
+fn account_delete(file: &File, id: &str) {
+    use postern_common::accounting;
+    if !accounting::enabled() {
+        return;
+    }
+    if let Ok(env) = qfile::read_envelope(file) {
+        accounting::message_event(
+            accounting::Kind::AdminBounce,
+            id,
+            &env,
+            Some(&accounting::admin_delete_reply()),
+            "",
+        );
+    }
+}
+
 pub fn main() -> ! {
     let name = "postsuper";
     let cmd = parse_args(name);
@@ -808,6 +846,7 @@ pub fn main() -> ! {
         true,
         false,
     );
+    postern_common::accounting::init(&cfg);
     let ctx = Ctx {
         name,
         tree: QueueTree::configured(cfg.get("queue_directory"), &cfg),

@@ -185,6 +185,9 @@ pub trait Transaction {
     fn content(&mut self) -> io::Result<Box<dyn Read + '_>>;
     /// The connection is up and the server greeted and answered EHLO/HELO.
     fn connected(&mut self);
+    /// The session is encrypted with this cipher and protocol version
+    /// (told before the transaction's outcomes are recorded).
+    fn tls_used(&mut self, _cipher: &str, _protocol: &str) {}
     /// Records recipient `i`'s outcome. Called at most once per recipient.
     fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str);
     /// RFC 3461 RET (`FULL`/`HDRS`) and ENVID (decoded) of the message.
@@ -287,6 +290,7 @@ pub fn deliver_again<'a, 'c, T: Transaction>(
         tls: sec.tls,
         sasl: sec.sasl,
         encrypted: idle.encrypted,
+        tls_used: idle.tls_used,
         reusable: false,
         ext: Some(idle.ext.clone()),
         rd: LineReader::new(),
@@ -333,6 +337,7 @@ pub struct Idle<'c> {
     conn: Box<dyn Stream + Send + 'c>,
     ext: Extensions,
     encrypted: bool,
+    tls_used: Option<(String, String)>,
 }
 
 impl Idle<'_> {
@@ -359,6 +364,7 @@ pub fn deliver_with<'a, 'c, S: Stream + Send + 'c, T: Transaction>(
         tls: sec.tls,
         sasl: sec.sasl,
         encrypted: false,
+        tls_used: None,
         reusable: false,
         ext: None,
         conn: Box::new(stream),

@@ -23,6 +23,9 @@ pub(super) struct Session<'a, 'c> {
     pub(super) sasl: Option<&'a crate::sasl::Auth>,
     /// STARTTLS succeeded.
     pub(super) encrypted: bool,
+    /// The TLS cipher and protocol version STARTTLS negotiated (for the
+    /// accounting log, [`super::Transaction::tls_used`]).
+    pub(super) tls_used: Option<(String, String)>,
     pub(super) rd: LineReader,
     pub(super) wbuf: Vec<u8>,
     pub(super) peer: PeerId,
@@ -267,6 +270,7 @@ impl<'a, 'c> Session<'a, 'c> {
                     conn: self.conn,
                     ext,
                     encrypted: self.encrypted,
+                    tls_used: self.tls_used,
                 }),
             ),
             _ => (end, None),

@@ -87,6 +87,10 @@ impl<'c> Session<'_, 'c> {
         // A new stream over the socket: set its limits anew.
         self.time_limit = None;
         self.encrypted = true;
+        self.tls_used = est
+            .negotiated
+            .as_ref()
+            .map(|n| (n.cipher.clone(), n.protocol.clone()));
         let level = tls.policy.level;
         if tls.loglevel >= 2 {
             if est.resumed {

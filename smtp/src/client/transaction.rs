@@ -81,6 +81,9 @@ impl Session<'_, '_> {
     /// MAIL, RCPT, DATA, content, end of data. Sends QUIT when the server
     /// is still talking.
     pub(super) fn transaction<T: Transaction>(&mut self, txn: &mut T, ext: &Extensions) -> End {
+        if let Some((cipher, protocol)) = &self.tls_used {
+            txn.tls_used(cipher, protocol);
+        }
         let size = txn.content_size();
         let (flags, eight_bit) = match self.check_server_takes(txn, ext, size) {
             Ok(fit) => fit,

@@ -106,6 +106,11 @@ impl Transaction for JobTransaction<'_> {
         self.job.connected();
     }
 
+    fn tls_used(&mut self, cipher: &str, protocol: &str) {
+        self.job.tls_cipher = cipher.to_string();
+        self.job.tls_protocol_version = protocol.to_string();
+    }
+
     fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
         self.job
             .record(&self.rcpts[i], outcome, dsn, &self.relay, reason);

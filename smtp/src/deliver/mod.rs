@@ -229,6 +229,10 @@ impl Agent {
         if job.unfinished().is_empty() {
             return;
         }
+        // The accounting log's egress_source: the local address asked for.
+        if let Some(a) = self.bind.v4.or(self.bind.v6) {
+            job.egress_source = a.to_string();
+        }
         let dest = if job.req.nexthop.trim().is_empty() {
             postern_common::addr::domain(&job.req.recipients[0].rcpt.address)
         } else {
