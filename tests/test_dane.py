@@ -182,6 +182,7 @@ def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # 
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.exclusive  # /etc/resolv.conf and 127.0.0.1:53 for the whole machine
 def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
     """The same zone and receivers, a private Postfix as the sender: it
     reads /etc/resolv.conf (no port, no resolver parameter), so unbound
