@@ -9,11 +9,9 @@ error/discard transports under names of their own.
 """
 
 import os
-import pwd
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 import uuid

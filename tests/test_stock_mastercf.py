@@ -6,10 +6,8 @@ master.cf) exits 0 with warnings only.
 """
 
 import os
-import pwd
 import re
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
