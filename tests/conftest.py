@@ -5,10 +5,27 @@ python3-aiosmtpd). Environment:
 - ``POSTERN_BIN_DIR``: where the binaries are (default ``<repo>/target/debug``);
 - ``POSTERN_KEEP_TMP=1``: keep every instance's directory (they are always
   kept, and named in the report, when a test fails).
+
+Tests run side by side (pytest-xdist, ``-n 2``; scripts/test does that).
+What keeps them apart:
+- ports: each worker has its own range (postern_harness.free_port);
+- directories: every instance makes its own (tempfile.mkdtemp);
+- machine-wide state: a test that changes what every other test sees
+  (``/etc/resolv.conf``, port 53) is marked ``@pytest.mark.exclusive`` and
+  runs alone: every test holds a shared lock while it runs, an exclusive
+  test holds it exclusively (and a gate lock first, so that it is not
+  starved by the other workers' stream of shared holders);
+- a resource that only some tests share (the bench/ scripts' cgroups and
+  the local user ptbench) is named with ``@pytest.mark.shares("name")``:
+  tests with the same name never run at the same time.
+The locks are files under /run/lock (or $TMPDIR), so they also keep apart
+two pytest runs on one machine.
 """
 
+import fcntl
 import os
 import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -23,6 +40,12 @@ def pytest_configure(config):
         "machine: tests/test_package.py removes Postfix for a while)")
     config.addinivalue_line(
         "markers", "xdist_group(name): tests of one group run on one worker")
+    config.addinivalue_line(
+        "markers", "exclusive: runs with no other test running at the same time "
+        "(it changes machine-wide state, e.g. /etc/resolv.conf)")
+    config.addinivalue_line(
+        "markers", "shares(name): never runs at the same time as another test "
+        "marked with the same name (a machine-wide resource they both use)")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -31,6 +54,54 @@ def pytest_collection_modifyitems(session, config, items):
     last = [i for i in items if i.get_closest_marker("serial_last")]
     if last:
         items[:] = [i for i in items if not i.get_closest_marker("serial_last")] + last
+
+
+def _lock_dir():
+    for d in ("/run/lock", tempfile.gettempdir()):
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return tempfile.gettempdir()
+
+
+def _lock_file(name):
+    """An open file to flock (read-only is enough for flock; the file may
+    belong to another user who ran the tests before)."""
+    path = os.path.join(_lock_dir(), f"postern-tests-{name}.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    return os.fdopen(fd, "rb")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Holds the locks described in the module doc around the whole of one
+    test: setup (fixtures included), call and teardown."""
+    held = []
+    try:
+        if item.get_closest_marker("exclusive"):
+            gate = _lock_file("gate")
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            held.append(gate)
+            main = _lock_file("main")
+            fcntl.flock(main, fcntl.LOCK_EX)
+            held.append(main)
+        else:
+            gate = _lock_file("gate")
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            main = _lock_file("main")
+            fcntl.flock(main, fcntl.LOCK_SH)
+            held.append(main)
+            gate.close()
+        for name in sorted({m.args[0] for m in item.iter_markers("shares")}):
+            f = _lock_file("shares-" + name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held.append(f)
+        yield
+    finally:
+        for f in reversed(held):
+            f.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -95,31 +95,68 @@ def poll_until(fn, timeout=20.0, interval=0.1):
         time.sleep(interval)
 
 
+# Ports are handed out from 20000-31999, below the kernel's ephemeral range
+# (32768-60999 by default), so that neither a server binding port 0 nor
+# the local end of an outgoing connection takes a port between the moment
+# a test chooses it and the moment its daemon binds it. Under pytest-xdist
+# each worker (PYTEST_XDIST_WORKER=gwN of PYTEST_XDIST_WORKER_COUNT) has its
+# own slice of that range, so two workers never choose the same port.
+PORT_RANGE = (20000, 32000)
+
+
+def _port_slice():
+    lo, hi = PORT_RANGE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    size = (hi - lo) // max(count, 1)
+    start = lo + (index % max(count, 1)) * size
+    return start, start + size
+
+
 _ports_given = set()
+_port_next = None
+
+
+def _port_free(port, udp):
+    kinds = [socket.SOCK_STREAM] + ([socket.SOCK_DGRAM] if udp else [])
+    for kind in kinds:
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
 
 
 def free_port(udp=False):
-    """A loopback port nobody listens on now (TCP, and UDP too if asked).
-    Never hands out the same port twice in one test session."""
-    for _ in range(200):
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            if port in _ports_given:
-                continue
-            if udp:
-                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                finally:
-                    u.close()
-        finally:
-            t.close()
-        _ports_given.add(port)
-        return port
+    """A loopback port nobody listens on now (TCP, and UDP too if asked),
+    from this process's slice of PORT_RANGE. Never hands out the same port
+    twice in one test session, unless the whole slice has been handed out
+    (then it starts again from the bottom, skipping ports in use)."""
+    global _port_next
+    lo, hi = _port_slice()
+    if _port_next is None:
+        # A different starting point for each run, so that two runs on one
+        # machine do not walk the same ports in step.
+        _port_next = lo + (os.getpid() * 7919) % (hi - lo)
+    for _ in range(hi - lo):
+        port = _port_next
+        _port_next = lo if _port_next + 1 >= hi else _port_next + 1
+        if port in _ports_given:
+            continue
+        if _port_free(port, udp):
+            _ports_given.add(port)
+            return port
+    _ports_given.clear()
+    for _ in range(hi - lo):
+        port = _port_next
+        _port_next = lo if _port_next + 1 >= hi else _port_next + 1
+        if _port_free(port, udp):
+            _ports_given.add(port)
+            return port
     raise RuntimeError("no free loopback port found")
 
 
@@ -354,11 +391,32 @@ def _group_exists(name):
 
 
 def _create(check, cmd):
+    """Runs cmd (useradd, groupadd) unless check() says it is done. Tests
+    running side by side take turns (a lock file), and another program's
+    hold on /etc/passwd is waited out (a few bounded retries)."""
     if check():
         return
-    r = run(cmd, timeout=60)
-    if r.returncode != 0 and not check():  # another run may have raced us
-        raise RuntimeError("could not create an account:\n" + describe(r))
+    import fcntl
+    with open("/run/lock/postern-tests-accounts.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(5):
+            if check():
+                return
+            r = run(cmd, timeout=60)
+            if r.returncode == 0 or check():  # another run may have raced us
+                return
+            time.sleep(1)
+    raise RuntimeError("could not create an account:\n" + describe(r))
+
+
+def ensure_system_user(name):
+    """As root: a system user (and its group) with no home and no login,
+    e.g. ``vmail`` for pipe services."""
+    nologin = "/usr/sbin/nologin" if os.path.exists("/usr/sbin/nologin") else "/bin/false"
+    _create(lambda: _user_exists(name),
+            ["useradd", "--system", "--user-group", "--no-create-home",
+             "--home-dir", "/nonexistent", "--shell", nologin, name])
+    return pwd.getpwnam(name)
 
 
 def ensure_system_accounts():

@@ -16,6 +16,10 @@ import pytest
 
 import postern_harness as h
 
+# The bench/ scripts share the cgroups named ptbench-* and the local user
+# ptbench (tests/conftest.py).
+pytestmark = pytest.mark.shares("bench")
+
 BENCH_RUN = h.REPO / "bench" / "run"
 N = 100
 

@@ -19,6 +19,10 @@ import pytest
 import postern_harness as h
 from table_servers import mariadb_available
 
+# The bench/ scripts share the cgroups named ptbench-* and the local user
+# ptbench (tests/conftest.py).
+pytestmark = pytest.mark.shares("bench")
+
 BENCH = h.REPO / "bench" / "sqltables"
 
 

@@ -19,6 +19,10 @@ import pytest
 
 import postern_harness as h
 
+# The bench/ scripts share the cgroups named ptbench-* and the local user
+# ptbench (tests/conftest.py).
+pytestmark = pytest.mark.shares("bench")
+
 BENCH = h.REPO / "bench" / "tls"
 CASES = ["clear", "in-p256", "in-rsa", "in-p256-resume", "out-p256"]
 M = 12

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
-from postfix_peer import TestCA, postfix_peer  # noqa: F401  (the fixture)
+from postfix_peer import PostfixPeer, TestCA, postfix_available, postfix_peer  # noqa: F401  (the fixture)
 
 SENDER = "sender@example.org"
 RCPT = "user@far.test"
@@ -98,7 +98,7 @@ def message(token):
     return h.crlf(f"From: {SENDER}\nTo: {RCPT}\nSubject: {token}\n\n{token}\n")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cas():
     d1, d2 = tempfile.mkdtemp(prefix="pt-dane-"), tempfile.mkdtemp(prefix="pt-dane2-")
     yield (TestCA(d1, names=["good.far.test", "bad.far.test", "plain.far.test",
@@ -108,13 +108,32 @@ def cas():
     shutil.rmtree(d2, ignore_errors=True)
 
 
-def receivers(postfix_peer, cas):  # noqa: F811
+@pytest.fixture(scope="module")
+def far_side(cas):
+    """The four Postfix receivers, shared by the tests of this module (each
+    test looks only for its own tokens in them): started once, not per
+    test, since starting four Postfix instances is most of each test's time."""
+    if not postfix_available():
+        pytest.skip("Postfix is not installed (scripts/test installs postfix)")
+    if not h.is_root():
+        pytest.skip("a private Postfix needs root")
     ca, other = cas
-    good = postfix_peer(tls=ca)
-    bad = postfix_peer(tls=other)
-    plain = postfix_peer(tls=None)
-    notlsa = postfix_peer(tls=ca)
-    digest = spki_sha256(ca.cert_file)
+    started = []
+    try:
+        for tls in (ca, other, None, ca):
+            started.append(PostfixPeer(tls=tls))
+            started[-1].start()
+        yield tuple(started)
+    finally:
+        for p in started:
+            p.stop()
+
+
+@pytest.fixture
+def receivers(far_side, cas):
+    """(good, bad, plain, notlsa, the zone's records for them)."""
+    good, bad, plain, notlsa = far_side
+    digest = spki_sha256(cas[0].cert_file)
     return good, bad, plain, notlsa, [
         "good IN A 127.0.0.1", "bad IN A 127.0.0.1", "plain IN A 127.0.0.1",
         "notlsa IN A 127.0.0.1",
@@ -124,8 +143,8 @@ def receivers(postfix_peer, cas):  # noqa: F811
     ]
 
 
-def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # noqa: F811
-    good, bad, plain, notlsa, records = receivers(postfix_peer, cas)
+def test_dane_levels_against_a_signed_zone(make_postern, receivers):
+    good, bad, plain, notlsa, records = receivers
     d = tempfile.mkdtemp(prefix="pt-unbound-")
     dns = SignedDns(d, records)
     try:
@@ -182,7 +201,8 @@ def test_dane_levels_against_a_signed_zone(make_postern, postfix_peer, cas):  # 
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
+@pytest.mark.exclusive  # /etc/resolv.conf and 127.0.0.1:53 for the whole machine
+def test_postfix_gives_the_same_outcomes(postfix_peer, receivers):  # noqa: F811
     """The same zone and receivers, a private Postfix as the sender: it
     reads /etc/resolv.conf (no port, no resolver parameter), so unbound
     listens on 127.0.0.1:53 and resolv.conf is replaced for the test and
@@ -196,7 +216,7 @@ def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
         pytest.skip("127.0.0.1:53 is taken")
     finally:
         probe.close()
-    good, bad, plain, notlsa, records = receivers(postfix_peer, cas)
+    good, bad, plain, notlsa, records = receivers
     d = tempfile.mkdtemp(prefix="pt-unbound-")
     dns = SignedDns(d, records, port=53)
     resolv = Path("/etc/resolv.conf")
@@ -239,7 +259,7 @@ def test_postfix_gives_the_same_outcomes(postfix_peer, cas):  # noqa: F811
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, postfix_peer, cas):  # noqa: F811
+def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, receivers):
     """With smtp_tls_report_enable, each DANE session is one TLS-RPT
     line (policy type tlsa, the TLSA records as the policy string): a
     success for the matching key, certificate-not-trusted for the other."""
@@ -259,7 +279,7 @@ def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, postfix_peer, cas)
             out.append({"type": f[1], "policy": f[2].split("\n"), "result": f[4],
                         "mx": f[5], "ip": f[6]})
         return out
-    good, bad, _plain, _notlsa, records = receivers(postfix_peer, cas)
+    good, bad, _plain, _notlsa, records = receivers
     d = tempfile.mkdtemp(prefix="pt-unbound-")
     dns = SignedDns(d, records)
     try:
@@ -295,7 +315,7 @@ def test_dane_sessions_are_recorded_for_tls_rpt(make_postern, postfix_peer, cas)
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_dane_wins_over_mta_sts(make_postern, postfix_peer, cas):  # noqa: F811
+def test_dane_wins_over_mta_sts(make_postern, receivers):
     """At level dane, delivery by MX: far.test (MX good.far.test, usable
     TLSA) and sub.far.test (MX notlsa.far.test, no TLSA) both publish an
     MTA-STS policy in enforce mode that lists neither MX host. DANE wins
@@ -303,7 +323,7 @@ def test_dane_wins_over_mta_sts(make_postern, postfix_peer, cas):  # noqa: F811
     Verified by its TLSA record; notlsa.far.test comes under the policy
     and is refused."""
     from test_mta_sts import PolicyServer, policy
-    good, _bad, _plain, notlsa, records = receivers(postfix_peer, cas)
+    good, _bad, _plain, notlsa, records = receivers
     d = tempfile.mkdtemp(prefix="pt-unbound-")
     web_ca = TestCA(Path(d) / "web", names=["mta-sts.far.test", "mta-sts.sub.far.test"])
     web = PolicyServer(web_ca.cert_file, web_ca.key_file)

@@ -395,6 +395,7 @@ def mta_sts_daemon():
         (p for p in ["/opt/postern-test-venv/bin/mta-sts-daemon"] if os.access(p, os.X_OK)), None)
 
 
+@pytest.mark.exclusive  # /etc/resolv.conf and 127.0.0.1:53 for the whole machine
 def test_postfix_with_mta_sts_resolver_gives_the_same_outcomes(postfix_peer, world):  # noqa: F811
     """The same domains, policies and receivers, a private Postfix 3.7 as
     the sender with postfix-mta-sts-resolver answering its

@@ -9,11 +9,9 @@ error/discard transports under names of their own.
 """
 
 import os
-import pwd
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 import uuid
@@ -39,13 +37,7 @@ def vmail():
     """The vmail account a pipe service runs commands as."""
     if not h.is_root():
         pytest.skip("needs root (pipe switches to user=)")
-    try:
-        pwd.getpwnam(VMAIL)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", VMAIL],
-                       check=True)
-    return pwd.getpwnam(VMAIL)
+    return h.ensure_system_user(VMAIL)
 
 
 @pytest.fixture

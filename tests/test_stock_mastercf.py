@@ -6,10 +6,8 @@ master.cf) exits 0 with warnings only.
 """
 
 import os
-import pwd
 import re
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -38,13 +36,7 @@ def stock_text():
 def vmail():
     if not h.is_root():
         pytest.skip("needs root")
-    try:
-        pwd.getpwnam("vmail")
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "vmail"],
-                       check=True)
-    return pwd.getpwnam("vmail")
+    return h.ensure_system_user("vmail")
 
 
 @pytest.fixture
