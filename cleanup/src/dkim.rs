@@ -35,12 +35,13 @@ use postern_conf::Config;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::dkim::{Canonicalization, DkimError, DkimSigner, Done};
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DmarcResult, MessageAuthenticator,
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcResult,
+    MessageAuthenticator,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
@@ -363,7 +364,22 @@ impl Dkim {
             Vec::new()
         };
         if self.dkim {
-            ar = ar.with_dkim_results(&dkim_out, msg.from());
+            // A body that does not match its signature's hash is a failed
+            // signature (RFC 6376 section 6.1.3, RFC 8601 "fail");
+            // mail-auth calls it neutral.
+            let shown: Vec<DkimOutput> = dkim_out
+                .iter()
+                .map(|o| match (o.result(), o.signature()) {
+                    (
+                        DkimResult::Neutral(
+                            e @ mail_auth::Error::Dkim(DkimError::FailedBodyHashMatch),
+                        ),
+                        Some(sig),
+                    ) => DkimOutput::fail(e.clone()).with_signature(sig),
+                    _ => o.clone(),
+                })
+                .collect();
+            ar = ar.with_dkim_results(&shown, msg.from());
         }
         let spf_out = match ip {
             Some(ip) if self.spf || self.dmarc => {
