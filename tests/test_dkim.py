@@ -190,22 +190,42 @@ def test_signature_covers_rewritten_headers(make_postern, sink):
     assert verify(m, {"sel._domainkey.example.test": value}), m.content
 
 
-def test_unreadable_key_defers_not_unsigned(make_postern, sink):
-    """A key cleanup cannot use: the message is refused for now (4.7.0),
-    never sent unsigned."""
+def test_key_readable_by_others_is_refused(make_postern, sink):
+    """A key other users can read is refused, as OpenDKIM's RequireSafeKeys
+    does: ``postern check`` (and so ``start``) reports it; a key that goes
+    bad while the system runs makes cleanup refuse the message for now
+    (451 4.7.0): it is never sent unsigned."""
     p = make_postern(start=False)
     key, _ = keygen(p, "example.test", "sel")
-    os.chmod(key, 0o644)  # readable by others: refused, as OpenDKIM does
     tbl = Path(p.dir) / "signing_table"
     tbl.write_text(f"example.test example.test:sel:{key}\n")
     p.set_params(relayhost=f"[127.0.0.1]:{sink.port}", dkim_signing_table=f"texthash:{tbl}")
+    os.chmod(key, 0o644)
+    r = p.postern("check")
+    assert r.returncode == 1 and "accessible to other users" in r.stderr, h.describe(r)
+    os.chmod(key, 0o600)
     p.start()
-    t = token()
-    code, text = p.send("alice@example.test", ["bob@remote.example"],
-                        message("alice@example.test", "bob@remote.example", t))
-    assert code == 451, text
+    os.chmod(key, 0o644)
+    # The table changes: cleanup restarts and reads the key again.
+    tbl.write_text(f"example.test example.test:sel:{key}\n# changed\n")
+    seen = []
+
+    def refused():
+        t = token()
+        code, text = p.send("alice@example.test", ["bob@remote.example"],
+                            message("alice@example.test", "bob@remote.example", t))
+        seen.append((t, code, text))
+        return code == 451 or None
+    h.wait_for(refused, timeout=30, interval=0.5, what="a 451 for the unusable key")
+    assert "4.7.0" in seen[-1][2], seen[-1]
     p.wait_for_log(r"accessible to other users")
-    assert sink.find(t) == []
+    import time
+    time.sleep(2)
+    assert sink.find(seen[-1][0]) == []
+    # What was accepted before the change is signed.
+    for t, code, _ in seen[:-1]:
+        assert code == 250
+        assert h.header_values(sink.wait_for(t)[0].content, "DKIM-Signature")
 
 
 # --------------------------------------------------------------------------

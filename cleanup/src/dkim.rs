@@ -411,12 +411,9 @@ impl Dkim {
                     spf,
                 )));
                 ar = ar.with_dmarc_result(&dmarc);
-                let fails = |r: &DmarcResult| matches!(r, DmarcResult::Fail(_));
-                let passes = |r: &DmarcResult| matches!(r, DmarcResult::Pass);
-                let failed = !passes(dmarc.spf_result())
-                    && !passes(dmarc.dkim_result())
-                    && (fails(dmarc.spf_result()) || fails(dmarc.dkim_result()));
-                if failed {
+                // The domain has a policy and neither SPF nor DKIM gave
+                // an aligned pass (a DNS failure is no DMARC failure).
+                if matches!(dmarc.result(), DmarcResult::Fail(_)) {
                     let why = format!(
                         "DMARC policy of {} not met (p={})",
                         dmarc.domain(),
