@@ -166,6 +166,23 @@ def test_sendmail_mail_is_signed(make_postern, sink):
     assert verify(m, records), m.content
 
 
+def test_sign_classes(make_postern, sink):
+    """dkim_sign_classes = local: sendmail's mail is signed, mail from a
+    client in mynetworks is not."""
+    p, records = signing_postern(make_postern, sink, extra={"dkim_sign_classes": "local"})
+    t1, t2 = token(), token()
+    code, text = p.send("alice@example.test", ["bob@remote.example"],
+                        message("alice@example.test", "bob@remote.example", t1))
+    assert code == 250, text
+    r = p.sendmail(["-f", "alice@example.test", "bob@remote.example"],
+                   message("alice@example.test", "bob@remote.example", t2).encode())
+    assert r.returncode == 0, h.describe(r)
+    assert h.header_values(sink.wait_for(t1)[0].content, "DKIM-Signature") == []
+    m = sink.wait_for(t2, timeout=40)[0]
+    assert len(h.header_values(m.content, "DKIM-Signature")) == 1
+    assert verify(m, records)
+
+
 def test_signature_covers_rewritten_headers(make_postern, sink):
     """Signing comes after canonical mapping and header_checks: the
     signature is over the headers as sent."""
