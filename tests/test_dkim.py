@@ -183,6 +183,43 @@ def test_sign_classes(make_postern, sink):
     assert verify(m, records)
 
 
+def test_signed_once_after_the_content_filter(make_postern, sink):
+    """With an after-queue content filter (FILTER_README's setup, the test
+    filter of test_content_filter.py adding a header), mail is signed once,
+    when it comes back: the signature covers the filter's header too.
+    sendmail's mail (XFORWARD SOURCE=LOCAL) as well."""
+    from test_content_filter import XForwardFilter, filter_master_cf, FILTER_HEADER
+    back = h.free_port()
+    flt = XForwardFilter(back).start()
+    try:
+        p, records = None, None
+        p = make_postern(start=False, master_cf_extra=filter_master_cf(back))
+        key, value = keygen(p, "example.test", "sel")
+        records = {"sel._domainkey.example.test": value}
+        tbl = Path(p.dir) / "signing_table"
+        tbl.write_text(f"example.test example.test:sel:{key}\n")
+        p.set_params(relayhost=f"[127.0.0.1]:{sink.port}", dkim_signing_table=f"texthash:{tbl}",
+                     content_filter=f"scan:[127.0.0.1]:{flt.port}")
+        p.start()
+        h.wait_for(lambda: h.smtp_banner_ok(back), 20, what="the reinjection smtpd")
+        t1, t2 = token(), token()
+        code, text = p.send("alice@example.test", ["bob@remote.example"],
+                            message("alice@example.test", "bob@remote.example", t1))
+        assert code == 250, text
+        r = p.sendmail(["-f", "alice@example.test", "bob@remote.example"],
+                       message("alice@example.test", "bob@remote.example", t2).encode())
+        assert r.returncode == 0, h.describe(r)
+        for t in (t1, t2):
+            m = sink.wait_for(t, timeout=40)[0]
+            assert FILTER_HEADER.encode() in m.content
+            assert len(h.header_values(m.content, "DKIM-Signature")) == 1, m.content
+            assert verify(m, records), m.content
+            assert flt.count(t) == 1
+            assert b"DKIM-Signature" not in [x for x in flt.passed if t.encode() in x][0]
+    finally:
+        flt.stop()
+
+
 def test_signature_covers_rewritten_headers(make_postern, sink):
     """Signing comes after canonical mapping and header_checks: the
     signature is over the headers as sent."""

@@ -14,7 +14,10 @@
 //! (mynetworks, authenticated, local) are signed; mail from an SMTP
 //! client that is none of them is checked (`authentication_checks`).
 //! Mail cleanup makes itself (bounces, forwarded copies, probes) is
-//! neither.
+//! neither. Back from a content filter, the class is the original
+//! client's (XFORWARD ADDR, SOURCE=LOCAL for sendmail's mail); XFORWARD
+//! carries no SASL login, so an authenticated client's mail that passes
+//! a content filter is signed only if its address is in `mynetworks`.
 //!
 //! Keys: every key file `dkim_signing_table` names is read while cleanup
 //! is still root (0600 files, like smtpd's TLS keys); RSA (PKCS#1 or
@@ -215,6 +218,11 @@ impl Dkim {
             "pickup" | "sendmail" => return Class::Local,
             "smtpd" => {}
             _ => return Class::Internal,
+        }
+        // sendmail's mail back from an after-queue content filter
+        // (XFORWARD SOURCE=LOCAL, which pickup's attribute becomes).
+        if attr(qfile::attr::SOURCE) == Some("LOCAL") {
+            return Class::Local;
         }
         if attr(qfile::attr::SASL_USERNAME).is_some_and(|u| !u.is_empty()) {
             return Class::Authenticated;
