@@ -449,7 +449,7 @@ impl Dkim {
         let summary: Vec<&str> = header
             .lines()
             .skip(1)
-            .filter_map(|l| l.trim().split_whitespace().next())
+            .filter_map(|l| l.split_whitespace().next())
             .collect();
         info!("{id}: authentication results: {}", summary.join(" "));
         out.prepend.push(header);
