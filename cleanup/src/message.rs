@@ -813,10 +813,7 @@ impl<'a> Message<'a> {
             put(r.as_bytes())?;
         }
         for h in &self.headers {
-            if strip_results
-                && h.is("authentication-results")
-                && dkim.is_our_results(&h.value())
-            {
+            if strip_results && h.is("authentication-results") && dkim.is_our_results(&h.value()) {
                 info!(
                     "{}: removed a forged Authentication-Results header for {}",
                     self.id, self.settings.myhostname

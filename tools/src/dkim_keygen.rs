@@ -19,7 +19,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 const NAME: &str = "postern";
-const USAGE: &str = "usage: postern dkim-keygen [-D directory] [-b bits] DOMAIN SELECTOR [rsa|ed25519]";
+const USAGE: &str =
+    "usage: postern dkim-keygen [-D directory] [-b bits] DOMAIN SELECTOR [rsa|ed25519]";
 
 pub fn main(args: &[String]) -> ! {
     let mut dir = PathBuf::from(".");
@@ -57,9 +58,8 @@ pub fn main(args: &[String]) -> ! {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let valid = |s: &str| {
         !s.is_empty()
-            && s.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            })
+            && s.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     };
     if !valid(&domain) || !valid(selector) {
         die(

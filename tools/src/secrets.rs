@@ -89,9 +89,8 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
             }
             // DKIM keys, read by cleanup as root at start.
             "cleanup" => {
-                let (table, bad) = postern_common::dkim_table::SigningTable::open(
-                    &scfg.get("dkim_signing_table"),
-                );
+                let (table, bad) =
+                    postern_common::dkim_table::SigningTable::open(&scfg.get("dkim_signing_table"));
                 for e in bad {
                     table_problems.push(format!("{what}: dkim_signing_table: {e}"));
                 }
