@@ -201,6 +201,11 @@ impl Dkim {
         }
     }
 
+    /// Whether signing or any check is configured at all.
+    pub fn enabled(&self) -> bool {
+        !self.table.is_empty() || self.checks_on()
+    }
+
     /// Whether any check of mail from outside is on.
     pub fn checks_on(&self) -> bool {
         self.spf || self.dkim || self.dmarc

@@ -497,7 +497,7 @@ impl<'a> Message<'a> {
     /// filter: when it comes back.
     fn plan_auth(&mut self, added: &[String]) -> Result<(), Refusal> {
         let dkim = &self.settings.dkim;
-        if self.filter.is_some() {
+        if self.filter.is_some() || !dkim.enabled() {
             return Ok(());
         }
         let class = dkim.class(&self.new);
