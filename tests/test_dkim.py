@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
 
 dkim = pytest.importorskip("dkim", reason="python3-dkim is not installed")
 
@@ -218,6 +219,35 @@ def test_signed_once_after_the_content_filter(make_postern, sink):
             assert b"DKIM-Signature" not in [x for x in flt.passed if t.encode() in x][0]
     finally:
         flt.stop()
+
+
+def test_authenticated_client_is_signed(make_postern, sink, dovecot):
+    """A client outside mynetworks that authenticated (SASL through
+    Dovecot's auth socket) is signed; the same client without AUTH, to a
+    relay domain, is not."""
+    from dovecot import dovecot_available
+    if not dovecot_available():
+        pytest.skip("dovecot is not installed (scripts/test installs dovecot-core)")
+    dc = dovecot(users={"alice@example.test": "alicepw"})
+    p, records = signing_postern(make_postern, sink, extra={
+        "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": str(dc.auth_socket)})
+    t1, t2 = token(), token()
+    with p.smtp(source_address=OUTSIDE) as s:
+        s.ehlo("client.example")
+        s.login("alice@example.test", "alicepw")
+        code, text = h.smtp_transaction(
+            s, "alice@example.test", ["bob@remote.example"],
+            h.crlf(message("alice@example.test", "bob@remote.example", t1)))
+        assert code == 250, text
+    code, text = p.send("alice@example.test", ["user@in.test"],
+                        message("alice@example.test", "user@in.test", t2),
+                        source_address=OUTSIDE)
+    assert code == 250, text
+    m = sink.wait_for(t1)[0]
+    assert len(h.header_values(m.content, "DKIM-Signature")) == 1, m.content
+    assert verify(m, records)
+    assert h.header_values(sink.wait_for(t2)[0].content, "DKIM-Signature") == []
 
 
 def test_signature_covers_rewritten_headers(make_postern, sink):
