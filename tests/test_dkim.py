@@ -193,7 +193,6 @@ def test_signed_once_after_the_content_filter(make_postern, sink):
     back = h.free_port()
     flt = XForwardFilter(back).start()
     try:
-        p, records = None, None
         p = make_postern(start=False, master_cf_extra=filter_master_cf(back))
         key, value = keygen(p, "example.test", "sel")
         records = {"sel._domainkey.example.test": value}
