@@ -21,12 +21,22 @@ class Sink:
     """``smtp-sink -c -u nobody 127.0.0.1:PORT 1000``; its running counter
     (``mesg=N`` after each message) goes to a file we read back."""
 
-    def __init__(self, base, name):
+    def __init__(self, base, name, dump=False):
         self.port = H.free_port()
         self.out_path = os.path.join(base, f"sink-{name}-{self.port}.out")
         self._out = open(self.out_path, "wb")
+        # dump: every message appended to one file (``-D``), for checks of
+        # the content (bench/run --dkim counts the signatures).
+        self.dump_path = None
+        extra = []
+        if dump:
+            d = os.path.join(base, f"sink-{name}-{self.port}-dump")
+            os.mkdir(d)
+            os.chmod(d, 0o777)
+            self.dump_path = os.path.join(d, "messages")
+            extra = ["-D", self.dump_path]
         self.proc = subprocess.Popen(
-            ["smtp-sink", "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
+            ["smtp-sink", "-c", "-u", "nobody", *extra, f"127.0.0.1:{self.port}", "1000"],
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
         H.wait_for(lambda: H.smtp_banner_ok(self.port), 20, what=f"smtp-sink on {self.port}")
         self.base_count = self.count()  # the readiness probe is a session, not a message
@@ -42,6 +52,26 @@ class Sink:
             return 0
         found = re.findall(rb"mesg=(\d+)", tail)
         return int(found[-1]) if found else 0
+
+    def dump_count(self, needle):
+        """How many times ``needle`` (bytes) occurs in the dump file."""
+        if not self.dump_path:
+            return 0
+        n = 0
+        try:
+            with open(self.dump_path, "rb") as f:
+                carry = b""
+                while True:
+                    block = f.read(1 << 20)
+                    if not block:
+                        break
+                    data = carry + block
+                    n += data.count(needle)
+                    carry = data[-(len(needle) - 1):] if len(needle) > 1 else b""
+                    n -= carry.count(needle)
+        except OSError:
+            return 0
+        return n
 
     def stop(self):
         if self.proc.poll() is None:

@@ -80,6 +80,12 @@ def _cell(s):
 
 def markdown(summary, meta, runs=()):
     lines = [f"# Postern vs Postfix — {meta['started']}", ""]
+    if meta.get("args", {}).get("dkim"):
+        lines += ["**DKIM signing on** (`--dkim`): every message signed with one RSA-2048 "
+                  "key, relaxed/relaxed, From oversigned: Postern in cleanup "
+                  "(`dkim_signing_table`), Postfix through OpenDKIM as its milter "
+                  "(`smtpd_milters`, OpenDKIM in Postfix's cgroup); smtp-sink counts one "
+                  "DKIM-Signature per message.", ""]
     lines.append(f"Host: {meta['host']}, {meta['cpus']} CPUs, kernel {meta['kernel']}; "
                  f"Postfix {meta['postfix_version']}; Postern binaries {meta['postern_bin']}; "
                  f"{meta['runs']} measured run(s) per MTA per case after {meta['warmup']} warm-up(s), "

@@ -22,6 +22,7 @@
 //! section parsing and address extraction), [`rewrite`] (address mapping
 //! and content checks), [`server`] (the connection).
 
+pub mod dkim;
 pub mod headers;
 pub mod message;
 pub mod rewrite;

@@ -43,6 +43,9 @@ pub struct Settings {
     pub original_recipient: bool,
     /// `always_bcc`: a copy of every message goes there ("": none).
     pub always_bcc: String,
+    /// DKIM signing and the authentication checks (`dkim_*`,
+    /// `authentication_checks`), with the keys read at start.
+    pub dkim: crate::dkim::Dkim,
 }
 
 impl Settings {
@@ -87,6 +90,7 @@ impl Settings {
             }) as usize,
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
             always_bcc: cfg.get("always_bcc").trim().to_string(),
+            dkim: crate::dkim::Dkim::from_config(cfg),
         }
     }
 
@@ -203,6 +207,12 @@ pub struct Message<'a> {
     named: queue::DirChange,
     /// The recipients kept so far: one copy for a recipient given again.
     dups: DupFilter,
+    /// DKIM signing and authentication checks for this message
+    /// ([`crate::dkim`]), decided at the end of the header section.
+    auth: crate::dkim::Plan,
+    /// The content from the header section on, held until Close when
+    /// `auth` needs the whole message.
+    held: Option<Vec<u8>>,
 }
 
 impl<'a> Message<'a> {
@@ -248,6 +258,8 @@ impl<'a> Message<'a> {
             body_partial: Vec::new(),
             named,
             dups: DupFilter::new(settings.duplicate_filter_limit),
+            auth: crate::dkim::Plan::default(),
+            held: None,
         })
     }
 
@@ -355,8 +367,7 @@ impl<'a> Message<'a> {
                     return;
                 }
                 Part::Body => {
-                    let r = self.writer.as_mut().map(|w| w.content(data));
-                    if let Some(Err(e)) = r {
+                    if let Err(e) = self.put(data) {
                         self.refused = Some(Refusal::write_error(e));
                     }
                     return;
@@ -458,19 +469,67 @@ impl<'a> Message<'a> {
                 .map(|h| h.value());
         }
         let received = self.received_header();
+        self.plan_auth(&added)?;
         let first = self
             .write_head_records(received, &added, first_body)
             .map_err(Refusal::write_error)?;
         self.head_written = true;
         match first {
             Some(first) if self.body_checked() => self.body_lines(&first),
-            Some(first) => {
-                if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&first)) {
-                    return Err(Refusal::write_error(e));
-                }
-            }
+            Some(first) => self.put(&first).map_err(Refusal::write_error)?,
             None => {}
         }
+        Ok(())
+    }
+
+    /// Content from the header section on: into the file, or held for
+    /// signing and checking at Close.
+    fn put(&mut self, data: &[u8]) -> io::Result<()> {
+        match (&mut self.held, self.writer.as_mut()) {
+            (Some(held), _) => {
+                held.extend_from_slice(data);
+                Ok(())
+            }
+            (None, Some(w)) => w.content(data),
+            (None, None) => Err(io::Error::other("no queue file")),
+        }
+    }
+
+    /// Decides whether the message is signed or checked
+    /// ([`crate::dkim`]) once its headers are final; if so, its content
+    /// is held until Close. Not on the way to an after-queue content
+    /// filter: when it comes back.
+    fn plan_auth(&mut self, added: &[String]) -> Result<(), Refusal> {
+        let dkim = &self.settings.dkim;
+        if self.filter.is_some() || !dkim.enabled() {
+            return Ok(());
+        }
+        let class = dkim.class(&self.new);
+        let from = self
+            .headers
+            .iter()
+            .find(|h| h.is("from"))
+            .map(|h| h.value())
+            .or_else(|| {
+                added
+                    .iter()
+                    .find_map(|a| a.strip_prefix("From: ").map(|v| v.trim_end().to_string()))
+            })
+            .and_then(|v| headers::addresses(&v).into_iter().next())
+            .unwrap_or_else(|| self.new.sender.clone());
+        let domain = from.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        let plan = dkim.plan(class, domain).map_err(|e| {
+            warning!("{}: {e}", self.id);
+            Refusal {
+                temporary: true,
+                dsn: "4.3.0",
+                reason: "queue file write error".into(),
+            }
+        })?;
+        if plan.any() {
+            self.held = Some(Vec::new());
+        }
+        self.auth = plan;
         Ok(())
     }
 
@@ -723,6 +782,10 @@ impl<'a> Message<'a> {
         let drop = &self.settings.drop_headers;
         let utf8 = self.smtputf8_flags(added);
         let tls_optional = self.tls_optional();
+        // RFC 8601 section 5: results claiming to be ours, in mail from
+        // outside, are forgeries.
+        let strip_results = self.auth.check;
+        let dkim = &self.settings.dkim;
         let w = self
             .writer
             .as_mut()
@@ -740,29 +803,46 @@ impl<'a> Message<'a> {
             w.recipient(r)?;
         }
         w.begin_content()?;
+        let held = &mut self.held;
+        let mut put = |data: &[u8]| -> io::Result<()> {
+            match held {
+                Some(b) => {
+                    b.extend_from_slice(data);
+                    Ok(())
+                }
+                None => w.content(data),
+            }
+        };
         if let Some(r) = &received {
-            w.content(r.as_bytes())?;
+            put(r.as_bytes())?;
         }
         for h in &self.headers {
+            if strip_results && h.is("authentication-results") && dkim.is_our_results(&h.value()) {
+                info!(
+                    "{}: removed a forged Authentication-Results header for {}",
+                    self.id, self.settings.myhostname
+                );
+                continue;
+            }
             if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
-                w.content(&h.text)?;
+                put(&h.text)?;
             }
         }
         for a in added {
-            w.content(a.as_bytes())?;
+            put(a.as_bytes())?;
         }
         if let Some(line) = first_body {
             if line != b"\n" && line != b"\r\n" {
                 // The body started without a blank line: add one so the
                 // stored message has a well-formed header section.
-                w.content(b"\n")?;
+                put(b"\n")?;
                 Ok(Some(line))
             } else {
-                w.content(&line)?;
+                put(&line)?;
                 Ok(None)
             }
         } else {
-            w.content(b"\n")?;
+            put(b"\n")?;
             Ok(None)
         }
     }
@@ -856,7 +936,7 @@ impl<'a> Message<'a> {
                 }
             };
             for l in out {
-                if let Some(Err(e)) = self.writer.as_mut().map(|w| w.content(&l)) {
+                if let Err(e) = self.put(&l) {
                     self.refused = Some(Refusal::write_error(e));
                     return;
                 }
@@ -1069,6 +1149,9 @@ impl<'a> Message<'a> {
                 self.body_pieces(rest);
             }
         }
+        if self.refused.is_none() {
+            self.sign_and_check();
+        }
         if let Some(r) = self.refused.take() {
             self.discard();
             // A refused envelope (no recipient kept) is only reported.
@@ -1143,6 +1226,53 @@ impl<'a> Message<'a> {
                 self.discard();
                 Err(Refusal::write_error(e))
             }
+        }
+    }
+
+    /// The held content, signed or checked ([`crate::dkim`]), with the
+    /// new headers on top, into the file.
+    fn sign_and_check(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        match self
+            .settings
+            .dkim
+            .finish(&self.id, &self.auth, &self.new, &held)
+        {
+            Ok(out) => {
+                if let Some(why) = out.reject {
+                    info!("{}: reject: {why}", self.id);
+                    self.refused = Some(Refusal {
+                        temporary: false,
+                        dsn: "5.7.1",
+                        reason: format!("rejected by DMARC policy: {why}"),
+                    });
+                    return;
+                }
+                if let Some(why) = out.hold {
+                    info!("{}: hold: {why}", self.id);
+                    self.hold.get_or_insert(why);
+                }
+                for h in &out.prepend {
+                    if let Err(e) = self.put(h.as_bytes()) {
+                        self.refused = Some(Refusal::write_error(e));
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                warning!("{}: {e}", self.id);
+                self.refused = Some(Refusal {
+                    temporary: true,
+                    dsn: "4.7.0",
+                    reason: "DKIM signing failed; try again later".into(),
+                });
+                return;
+            }
+        }
+        if let Err(e) = self.put(&held) {
+            self.refused = Some(Refusal::write_error(e));
         }
     }
 

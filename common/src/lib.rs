@@ -50,6 +50,7 @@ pub mod dane;
 pub mod debug_peer;
 pub mod delivery;
 pub mod dict;
+pub mod dkim_table;
 pub mod dns;
 pub mod dsn;
 pub mod dupfilter;

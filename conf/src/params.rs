@@ -444,6 +444,31 @@ pub const PARAMS: &[(&str, &str)] = &[
     // TLS-RPT reports (RFC 8460 `organization-name`, `contact-info`).
     ("smtp_tls_report_organization", "$myhostname"),
     ("smtp_tls_report_contact", "postmaster@$mydomain"),
+    // Postern-only: DKIM signing in cleanup (Postfix needs a milter).
+    // dkim_signing_table: sender domain (From:) -> DOMAIN:SELECTOR:KEYFILE
+    // (OpenDKIM's KeyTable form), `.parent` and `*` keys; empty: no
+    // signing.
+    ("dkim_signing_table", ""),
+    // Postern-only: the headers signed, in h= order; a name given twice
+    // is oversigned (a second such header added later breaks the
+    // signature); a listed header the message lacks is signed as absent.
+    (
+        "dkim_sign_headers",
+        "From, From, Reply-To, Subject, Date, To, Cc, Message-Id, In-Reply-To, References, MIME-Version, Content-Type, Content-Transfer-Encoding",
+    ),
+    // Postern-only: which mail is signed: mynetworks (an SMTP client in
+    // $mynetworks), authenticated (a SASL-authenticated SMTP client),
+    // local (sendmail/pickup).
+    ("dkim_sign_classes", "mynetworks, authenticated, local"),
+    // Postern-only: checks of mail from outside (not mynetworks, not
+    // authenticated, not local) whose results cleanup records in an
+    // RFC 8601 Authentication-Results header: spf, dkim, dmarc.
+    ("authentication_checks", ""),
+    // Postern-only: what to do with mail failing DMARC whose domain's
+    // policy asks for it: no (only record), quarantine (hold it for
+    // p=quarantine and p=reject), reject (refuse p=reject with 550 5.7.1,
+    // hold p=quarantine).
+    ("smtpd_reject_dmarc_failures", "no"),
     // local.
     ("alias_maps", "hash:/etc/aliases"),
     ("alias_database", "hash:/etc/aliases"),

@@ -11,7 +11,9 @@
 //! master's process group, SIGKILL to what is left after 5 s), without
 //! waiting for deliveries or sessions in progress; `set-permissions`,
 //! `upgrade-configuration` and `logrotate` are in [`crate::upkeep`];
-//! `tls-report send` (the TLS-RPT reports) in [`crate::tls_report`].
+//! `tls-report send` (the TLS-RPT reports) in [`crate::tls_report`];
+//! `dkim-keygen` (a DKIM key pair and its DNS record) in
+//! [`crate::dkim_keygen`].
 
 use crate::die;
 use crate::sysexits::*;
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "postern";
-const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]";
+const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]|dkim-keygen DOMAIN SELECTOR [rsa|ed25519]";
 
 pub fn main() -> ! {
     let mut config: Option<PathBuf> = None;
@@ -33,7 +35,7 @@ pub fn main() -> ! {
     let mut extra: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        if command.as_deref() == Some("tls-report") {
+        if matches!(command.as_deref(), Some("tls-report" | "dkim-keygen")) {
             extra.push(a);
             continue;
         }
@@ -57,6 +59,10 @@ pub fn main() -> ! {
     let Some(command) = command else {
         die(NAME, EX_USAGE, USAGE);
     };
+    if command == "dkim-keygen" {
+        // Needs no configuration.
+        crate::dkim_keygen::main(&extra);
+    }
     let cfg = crate::load_config(NAME, config.as_deref());
     match command.as_str() {
         "check" => {

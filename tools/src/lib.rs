@@ -3,6 +3,8 @@
 //!
 //! - [`control`]: `postern` (start, start-fg, stop, abort, reload, status,
 //!   check, flush).
+//! - [`dkim_keygen`]: `postern dkim-keygen`, a DKIM key pair and the DNS
+//!   record that publishes it.
 //! - [`upkeep`]: `postern set-permissions`, `upgrade-configuration`,
 //!   `logrotate`.
 //! - [`postlog`]: `postlog`, logs a script's lines as Postern's.
@@ -42,6 +44,7 @@
 
 pub mod aliases;
 pub mod control;
+pub mod dkim_keygen;
 pub mod gate;
 pub mod maildrop;
 pub mod postcat;

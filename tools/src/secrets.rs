@@ -4,7 +4,8 @@
 //! does not match its certificate, or protocol and cipher settings that
 //! leave nothing, are problems too), and smtp's and lmtp's
 //! `*_sasl_password_maps`, `*_tls_policy_maps` and TLS protocol and
-//! cipher settings. Read as the
+//! cipher settings, and cleanup's DKIM keys (`dkim_signing_table`: each
+//! key file readable and private). Read as the
 //! daemons read them, so that a missing, unreadable or unusable file is
 //! reported before a client finds STARTTLS gone or a smarthost refuses
 //! every delivery.
@@ -83,6 +84,21 @@ pub fn check(name: &str, cfg: &Config, services: &[Service]) -> Problems {
                         if let Err(e) = postern_common::maps::check_spec(&spec, "postmap") {
                             table_problems.push(format!("{what}: {t}: {e}"));
                         }
+                    }
+                }
+            }
+            // DKIM keys, read by cleanup as root at start.
+            "cleanup" => {
+                let (table, bad) =
+                    postern_common::dkim_table::SigningTable::open(&scfg.get("dkim_signing_table"));
+                for e in bad {
+                    table_problems.push(format!("{what}: dkim_signing_table: {e}"));
+                }
+                for f in table.key_files() {
+                    if let Err(e) = postern_common::dkim_table::read_key_file(&f) {
+                        problems.push(format!(
+                            "{what}: dkim_signing_table: cannot use DKIM key: {e}"
+                        ));
                     }
                 }
             }
