@@ -691,6 +691,7 @@ mod tests {
             recipients: Vec::new(),
             queue_wait: 0.0,
             flags,
+            site: None,
         }
     }
 

@@ -45,6 +45,7 @@ pub mod cidr;
 pub mod dane;
 pub mod debug_peer;
 pub mod delivery;
+pub mod delivery_policy;
 pub mod dict;
 pub mod dns;
 pub mod dsn;

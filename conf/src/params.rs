@@ -287,6 +287,13 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_destination_concurrency_failed_cohort_limit", "1"),
     ("default_destination_rate_delay", "0s"),
     ("transport_retry_time", "60s"),
+    // Postern-only: per-site traffic shaping (qmgr). Tables looked up
+    // by recipient domain, `.parent`, `mx:HOST`/`mx:.parent`, `*`; the
+    // value is a list of name=value settings (max_connections,
+    // max_message_rate=N/s,burst=N, ...: common/src/delivery_policy.rs).
+    // Per transport with -o in master.cf. Empty: no sites, Postfix's
+    // per-destination limits only.
+    ("delivery_policy_maps", ""),
     ("default_destination_recipient_limit", "50"),
     ("local_destination_recipient_limit", "1"),
     ("queue_run_delay", "300s"),

@@ -104,6 +104,8 @@ impl Manager {
         let resolver = Resolver::new(cfg);
         let behaviours = crate::transports::Behaviours::from_config(cfg);
         let notice_settings = bounce::Settings::from_config(cfg);
+        // delivery_policy_maps may be readable by root only: opened here.
+        let sites = crate::sites::Sites::from_config(cfg);
         // All that qmgr reads from outside the queue is read (tables
         // perhaps readable by root only): drop to mail_owner, chrooted
         // when master.cf says so, before its first thread starts.
@@ -124,9 +126,13 @@ impl Manager {
                 .max(1) as usize,
             resolver,
             behaviours,
-            sched: Scheduler::new(max_in_flight as usize, move |t| {
-                Limits::from_config(&limits_cfg, t)
-            }),
+            sched: {
+                let mut s = Scheduler::new(max_in_flight as usize, move |t| {
+                    Limits::from_config(&limits_cfg, t)
+                });
+                s.sites = sites;
+                s
+            },
             retry: retry::Policy::from_config(cfg),
             messages: HashMap::new(),
             incoming: Scan::new(Queue::Incoming),
@@ -250,6 +256,8 @@ impl Manager {
     /// the next qmgr, whose wake-up socket holds it until it starts.
     fn exit_drained(&mut self) -> ! {
         self.retirer.finish();
+        // Site state for the next qmgr (a reload keeps it).
+        self.sched.sites.save();
         if self
             .last_flush
             .is_some_and(|t| t.elapsed() < FLUSH_HANDOVER)
@@ -277,6 +285,16 @@ impl Manager {
             AdminRequest::Delete(v) => (AdminAction::Delete, v),
             AdminRequest::Hold(v) => (AdminAction::Hold, v),
             AdminRequest::Release(v) | AdminRequest::Unhold(v) => (AdminAction::Release, v),
+            other => {
+                let (ok, text) = self.site_admin(other);
+                // What was bounced or deferred now is recorded now.
+                self.defer_suspended();
+                return AdminReply {
+                    results: Vec::new(),
+                    text,
+                    ok,
+                };
+            }
         };
         let mut results = Vec::with_capacity(ids.len());
         for id in ids {
@@ -301,7 +319,58 @@ impl Manager {
                 results.push(AdminStatus::Pending);
             }
         }
-        AdminReply { results }
+        AdminReply {
+            results,
+            text: String::new(),
+            ok: true,
+        }
+    }
+
+    /// `postern queues`, `suspend`, `resume`, `bounce`: (ok, text).
+    fn site_admin(&mut self, req: AdminRequest) -> (bool, String) {
+        match req {
+            AdminRequest::Sites { json } => (true, crate::sites::report(&self.sched, json)),
+            AdminRequest::Suspend {
+                site,
+                seconds,
+                reason,
+            } => match self.sched.sites.find(&site) {
+                Some(s) => {
+                    let name = s.borrow().name.clone();
+                    info!("admin: suspend site {name} for {seconds}s: {reason}");
+                    // TODO(acct merge): accounting admin-action record.
+                    self.sched
+                        .suspend_site(&s, Duration::from_secs(seconds), &reason);
+                    (true, format!("site {name} suspended for {seconds}s"))
+                }
+                None => (false, format!("no site known for \"{site}\"")),
+            },
+            AdminRequest::Resume { site } => match self.sched.sites.find(&site) {
+                Some(s) => {
+                    let name = s.borrow().name.clone();
+                    info!("admin: resume site {name}");
+                    // TODO(acct merge): accounting admin-action record.
+                    self.sched.resume_site(&s);
+                    (true, format!("site {name} resumed"))
+                }
+                None => (false, format!("no site known for \"{site}\"")),
+            },
+            AdminRequest::Bounce {
+                domain,
+                seconds,
+                reason,
+            } => {
+                let until = std::time::SystemTime::now() + Duration::from_secs(seconds);
+                let n = self.sched.bounce_domain(&domain, until, &reason);
+                info!("admin: bounce mail for {domain} for {seconds}s ({n} queued now): {reason}");
+                // TODO(acct merge): accounting AdminBounce records.
+                (
+                    true,
+                    format!("{n} queued deliveries for {domain} bounced; new mail for {seconds}s"),
+                )
+            }
+            _ => (false, "unexpected request".into()),
+        }
     }
 
     /// Carries out the administrator's request for a message that has no
@@ -585,7 +654,11 @@ impl Manager {
                         offset: msg.env.recipients[i].offset,
                         rcpt: msg.env.recipients[i].rcpt.clone(),
                     },
-                    outcome: Outcome::Deferred,
+                    outcome: if s.bounce {
+                        Outcome::Bounced
+                    } else {
+                        Outcome::Deferred
+                    },
                     dsn: s.dsn.clone(),
                     reason: s.reason.clone(),
                 })
@@ -612,7 +685,8 @@ impl Manager {
                 msg.queued = msg.queued.saturating_sub(1);
                 msg.in_flight += 1;
                 msg.set(&entry.recipients, RcptState::InFlight);
-                let req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
+                let mut req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
+                req.site = d.site.clone();
                 batch.push((entry.recipients, req));
             }
             if batch.is_empty() {

@@ -127,6 +127,7 @@ impl Message {
             } else {
                 0
             },
+            site: None,
         }
     }
 

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "postern";
-const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]";
+const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]|queues [-j]|suspend SITE|DOMAIN [DURATION]|resume SITE|DOMAIN|bounce DOMAIN [REASON]";
 
 pub fn main() -> ! {
     let mut config: Option<PathBuf> = None;
@@ -33,7 +33,10 @@ pub fn main() -> ! {
     let mut extra: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        if command.as_deref() == Some("tls-report") {
+        if matches!(
+            command.as_deref(),
+            Some("tls-report" | "queues" | "suspend" | "resume" | "bounce")
+        ) {
             extra.push(a);
             continue;
         }
@@ -115,6 +118,9 @@ pub fn main() -> ! {
         "upgrade-configuration" => crate::upkeep::upgrade_configuration(&cfg),
         "logrotate" => crate::upkeep::logrotate(&cfg, running(&cfg)),
         "tls-report" => crate::tls_report::main(&cfg, &extra),
+        "queues" | "suspend" | "resume" | "bounce" => {
+            crate::sites::main(&cfg, command.as_str(), &extra)
+        }
         other => die(
             NAME,
             EX_USAGE,
@@ -248,6 +254,14 @@ fn check_tables(cfg: &Config) -> usize {
             };
             if let Err(e) = postern_common::maps::check_spec(&spec, builder) {
                 problems.push(format!("{at}{name}: {e}"));
+            }
+            // Every value must be a policy qmgr understands.
+            if name == "delivery_policy_maps" {
+                for (place, value) in postern_common::delivery_policy::table_values(&spec) {
+                    if let Err(e) = postern_common::delivery_policy::Policy::parse(&value) {
+                        problems.push(format!("{at}{name}: {place}: {e}"));
+                    }
+                }
             }
         }
     };

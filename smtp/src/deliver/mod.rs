@@ -520,7 +520,9 @@ impl Agent {
         let created = std::time::Instant::now();
         let (end, idle) = self.session(job, stream, peer, sec, eight_bit);
         if let Some(idle) = idle {
-            self.cache.put(key.to_string(), idle, created);
+            let site = job.req.site.clone();
+            self.cache
+                .put(key.to_string(), idle, created, 1, site.as_ref());
         }
         Some(end)
     }
@@ -556,7 +558,8 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
-        let (idle, created) = self.cache.take(key)?;
+        let (idle, created, uses) = self.cache.take(key)?;
+        let site = job.req.site.clone();
         let requiretls = self.message_tls(job) == MessageTls::Required;
         let mut txn = JobTransaction::new(
             job,
@@ -567,7 +570,8 @@ impl Agent {
         );
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
-            self.cache.put(key.to_string(), idle, created);
+            self.cache
+                .put(key.to_string(), idle, created, uses + 1, site.as_ref());
         }
         Some(end)
     }
@@ -668,8 +672,13 @@ impl Agent {
                 tls: tls.as_ref(),
                 sasl: auth.as_ref(),
             };
+            // A site's domains share its connections.
+            let owner = match &job.req.site {
+                Some(s) => format!("site:{}", s.name),
+                None => dest.to_string(),
+            };
             let key = format!(
-                "{dest} {} {} {:?}{}",
+                "{owner} {} {} {:?}{}",
                 srv.relay(),
                 auth.as_ref().map(|a| a.creds.user.as_str()).unwrap_or(""),
                 policy.level,
@@ -755,7 +764,8 @@ impl Agent {
         let created = std::time::Instant::now();
         let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, eight_bit);
         if let Some(idle) = idle {
-            self.cache.put(key, idle, created);
+            let site = job.req.site.clone();
+            self.cache.put(key, idle, created, 1, site.as_ref());
         }
         // Never in plaintext with credentials to send.
         if sec.sasl.is_none() && self.plaintext_fallback(job, policy, &end) {
