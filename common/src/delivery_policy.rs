@@ -292,8 +292,16 @@ impl Gcra {
         if at > now {
             return Err(at);
         }
-        let tat = self.tat.unwrap_or(now).max(now);
-        self.tat = Some(tat + self.interval());
+        // Late by less than one interval (the scheduler woke a little
+        // after the instant it was told): keep to the schedule, so that
+        // wake-up latency does not lower the rate. Later than that, the
+        // time was idle and is not made up (no burst beyond `burst`).
+        let interval = self.interval();
+        let tat = match self.tat {
+            Some(t) if t + interval > now => t,
+            _ => now,
+        };
+        self.tat = Some(tat + interval);
         Ok(())
     }
 
