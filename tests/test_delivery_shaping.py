@@ -7,6 +7,7 @@ qmgr looks up itself to find each domain's site.
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,119 @@ def test_unknown_policy_setting_is_an_error_at_check(make_postern, dnsmasq):
     r = p.postern("check")
     assert r.returncode == 1, r
     assert "max_conections" in (r.stdout + r.stderr), r
+
+
+def rules_postern(make_postern, dns, rx, domain, policy, rules, **params):
+    base = {
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "transport_maps": lambda p: f"texthash:{p.etc}/transport",
+        "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+        "delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules",
+        "minimal_backoff_time": "2s",
+        "maximal_backoff_time": "4s",
+        "queue_run_delay": "1s",
+    }
+    base.update(params)
+    return make_postern(base, files={"etc/transport": f"{domain} smtp:{domain}:{rx.port}\n",
+                                     "etc/delivery_policy": f"{domain} {policy}\n",
+                                     "etc/reply_rules": rules})
+
+
+def test_reputation_mode_and_a_suspend_rule(make_postern, dnsmasq, receivers):
+    """The receiver answers [TS04] for a while; the suspend= rule stops
+    every attempt (at most one more per connection already open),
+    `postern queues` shows the site suspended with the rule and the
+    reply, and delivery resumes by itself when the suspension is over."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=rep.test,mx.rep.test,10",
+                   "--host-record=mx.rep.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "rep.test",
+                      "max_connections=2 max_message_rate=20/s",
+                      "/\\[TS0[1-4]\\]/ suspend=8s class=throttled\n")
+    inject(p, [f"warm{i}@rep.test" for i in range(5)], "pt-rep-warm")
+    wait_count(rx, 5, 30)
+    rx.reputation(3)
+    started = time.time()
+    inject(p, [f"u{i}@rep.test" for i in range(20)], "pt-rep")
+    h.wait_for(lambda: p.log_search(r"site .*rep.*: suspended for 8s"), 20,
+               what="the site suspended")
+    out = p.postern("queues")
+    assert out.returncode == 0, out
+    assert "mode=suspended" in out.stdout, out.stdout
+    assert "[TS04]" in out.stdout and "suspend=8s" in out.stdout, out.stdout
+    js = [json.loads(line) for line in p.postern("queues", "-j").stdout.splitlines()]
+    site = next(s for s in js if "rep.test" in s["domains"])
+    assert site["mode"] == "suspended" and "[TS04]" in site["reason"], site
+    # Everything arrives once the suspension is over, without more tries
+    # in between.
+    wait_count(rx, 25, 60)
+    ts04 = [r for r in rx.replies if "[TS04]" in r[1]]
+    assert 1 <= len(ts04) <= 2, ts04  # at most one per open connection
+    after = [a.time for a in rx.accepted if a.rcpts[0].startswith("u")]
+    assert min(after) >= started + 7.0, (min(after) - started)
+    assert p.log_search(r"site .*rep.*: resumed"), p.log_tail()
+
+
+def svg_plot(path, series, title, t0):
+    """A small SVG line chart: series = {label: [(x, y), ...]}."""
+    width, height, pad = 720, 320, 40
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    ys = [y for pts in series.values() for _, y in pts] or [0, 1]
+    xmax, ymax = max(xs) or 1, max(ys) * 1.1 or 1
+    colors = ["#1f77b4", "#d62728", "#2ca02c"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+           f'<text x="{pad}" y="20" font-family="sans-serif" font-size="14">{title}</text>',
+           f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="30" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+           f'<text x="{width // 2}" y="{height - 8}" font-size="12">seconds</text>',
+           f'<text x="2" y="40" font-size="12">{ymax:.0f}/s</text>']
+    for i, (label, pts) in enumerate(series.items()):
+        coords = " ".join(f"{pad + (x / xmax) * (width - pad - 10):.1f},"
+                          f"{height - pad - (y / ymax) * (height - pad - 30):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{colors[i % 3]}" stroke-width="2" points="{coords}"/>')
+        out.append(f'<text x="{width - 200}" y="{40 + 16 * i}" font-size="12" fill="{colors[i % 3]}">{label}</text>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
+def test_backoff_rule_rate_falls_and_climbs_back(make_postern, dnsmasq, receivers):
+    """A struggling receiver (5 messages/s, `451 4.7.1 rate limited` over
+    that) and a `backoff` rule: the rate it sees falls from 20/s to what it
+    takes; when it recovers, the rate climbs back step by step. Plotted
+    into bench/results/backoff-rate.svg from the receiver's timestamps."""
+    rx = receivers(max_rate=5)
+    dns = dnsmasq(["--local=/test/", "--mx-host=bo.test,mx.bo.test,10",
+                   "--host-record=mx.bo.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bo.test",
+                      "max_connections=2 max_message_rate=20/s backoff_recover_after=10",
+                      "/rate limited/ backoff class=throttled\n")
+    n = 700
+    t0 = time.time()
+    inject(p, [f"u{i}@bo.test" for i in range(n)], "pt-bo")
+    time.sleep(max(0.0, t0 + 15 - time.time()))
+    rx.max_rate = 0  # the receiver has recovered
+    recovered = time.time()
+    wait_count(rx, n, 180)
+    ts = sorted(rx.times())
+    def rate_between(a, b):
+        return sum(1 for t in ts if a <= t < b) / (b - a)
+    struggling = rate_between(t0 + 8, t0 + 15)
+    end = ts[-1]
+    # The last seconds before the backlog ran out: back near 20/s.
+    final = rate_between(end - 5, end)
+    assert struggling <= 7.0, struggling
+    assert final >= 15.0, final
+    assert p.log_search(r"site .*bo.*: backoff: rate"), p.log_tail()
+    assert p.log_search(r"backoff over: back to normal") or final >= 18.0
+    bins = {}
+    for t in ts:
+        bins[int(t - t0)] = bins.get(int(t - t0), 0) + 1
+    points = [(s, bins.get(s, 0)) for s in range(0, int(end - t0) + 1)]
+    here = Path(__file__).resolve().parent.parent / "bench" / "results"
+    svg_plot(here / "backoff-rate.svg",
+             {"messages/s at the receiver": points,
+              "receiver limit (5/s until recovered)": [(0, 5), (recovered - t0, 5),
+                                                       (recovered - t0, 0)]},
+             "Adaptive backoff: a rule on '451 4.7.1 rate limited', 20/s configured", t0)
+    print(f"struggling={struggling:.1f}/s final={final:.1f}/s; {rx.summary()}")

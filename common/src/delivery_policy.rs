@@ -320,6 +320,108 @@ impl Gcra {
     }
 }
 
+/// What a `delivery_reply_rules` entry says to do when a reply matches.
+/// The value is a list of items (white space or commas):
+/// `backoff`, `suspend=DURATION`, `suspend_source=DURATION`, `defer`,
+/// `bounce` or `bounce=DURATION`, `class=NAME`, `after=N/PERIOD`, and
+/// `site=SUFFIX` (only for sites whose name or an MX host ends so).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplyRule {
+    pub backoff: bool,
+    pub suspend: Option<Duration>,
+    pub suspend_source: Option<Duration>,
+    pub defer: bool,
+    /// `bounce`: Some(ZERO) = this reply only; a duration: the site's
+    /// queue too, for that long.
+    pub bounce: Option<Duration>,
+    pub class: Option<String>,
+    /// Act on the Nth match within the period.
+    pub after: Option<(u32, Duration)>,
+    pub site: Option<String>,
+}
+
+impl ReplyRule {
+    pub fn parse(value: &str) -> Result<ReplyRule, String> {
+        let mut r = ReplyRule::default();
+        let mut any = false;
+        for item in value
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|s| !s.is_empty())
+        {
+            let (name, v) = match item.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (item.trim(), None),
+            };
+            fn need<'a>(name: &str, v: Option<&'a str>) -> Result<&'a str, String> {
+                v.ok_or_else(|| format!("{name}: needs a value"))
+            }
+            match name {
+                "action" => {
+                    // `action=backoff` is accepted for `backoff`.
+                    let sub = ReplyRule::parse(need(name, v)?)?;
+                    r.backoff |= sub.backoff;
+                    r.defer |= sub.defer;
+                    r.bounce = r.bounce.or(sub.bounce);
+                }
+                "backoff" => r.backoff = true,
+                "defer" => r.defer = true,
+                "suspend" => r.suspend = Some(time(name, need(name, v)?)?),
+                "suspend_source" => r.suspend_source = Some(time(name, need(name, v)?)?),
+                "bounce" => {
+                    r.bounce = Some(match v {
+                        Some(v) => time(name, v)?,
+                        None => Duration::ZERO,
+                    })
+                }
+                "class" => r.class = Some(need(name, v)?.to_string()),
+                "site" => r.site = Some(need(name, v)?.to_ascii_lowercase()),
+                "after" => {
+                    let rate = Rate::parse(need(name, v)?)?;
+                    r.after = Some((rate.count.max(1.0) as u32, rate.period));
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown reply rule item \"{name}\" (known: backoff, suspend=, \
+                         suspend_source=, defer, bounce, class=, after=N/PERIOD, site=)"
+                    ))
+                }
+            }
+            any = true;
+        }
+        if !any {
+            return Err("empty reply rule".into());
+        }
+        Ok(r)
+    }
+}
+
+/// The one-line form rules are matched against, `"<code> <enhanced>
+/// <text>"`, of a remote server's reply as the smtp client reports it
+/// (`host H[A] said: 421 4.7.0 text (in reply to MAIL FROM command)`);
+/// None for a reason Postern wrote itself (a connection that failed, a
+/// timeout, a DNS answer), which never triggers a rule.
+pub fn remote_reply(reason: &str, dsn: &str) -> Option<String> {
+    let (_, said) = reason.split_once(" said: ")?;
+    let text = match said.rfind(" (in reply to ") {
+        Some(i) => &said[..i],
+        None => said,
+    };
+    let text = text.trim();
+    let code = text.get(..3)?;
+    if !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rest = text[3..].trim_start_matches(['-', ' ']);
+    let first = rest.split_whitespace().next().unwrap_or("");
+    let enhanced = first.split('.').count() == 3
+        && first.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    Some(if enhanced {
+        format!("{code} {rest}")
+    } else {
+        format!("{code} {dsn} {rest}")
+    })
+}
+
 /// The values of the table `spec` that `postern check` can read without
 /// a server (inline, texthash, and the sources of hash/btree/cdb/lmdb,
 /// regexp and pcre tables), each with where it was found; database tables
@@ -414,6 +516,29 @@ mod tests {
             1000.0 / 3600.0
         );
         assert!(Policy::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn reply_rules_and_remote_replies() {
+        let r = ReplyRule::parse("suspend=2h class=throttled after=3/10m").unwrap();
+        assert_eq!(r.suspend, Some(Duration::from_secs(7200)));
+        assert_eq!(r.after, Some((3, Duration::from_secs(600))));
+        assert!(ReplyRule::parse("action=backoff").unwrap().backoff);
+        assert!(ReplyRule::parse("slow_down").is_err());
+        assert_eq!(
+            remote_reply(
+                "host mx.y.test[127.0.0.1] said: 421 4.7.0 [TS04] Messages temporarily deferred (in reply to MAIL FROM command)",
+                "4.7.0"
+            )
+            .as_deref(),
+            Some("421 4.7.0 [TS04] Messages temporarily deferred")
+        );
+        assert_eq!(
+            remote_reply("host h[1.2.3.4] said: 451 slow down (in reply to end of DATA command)", "4.0.0")
+                .as_deref(),
+            Some("451 4.0.0 slow down")
+        );
+        assert_eq!(remote_reply("connect to h[1.2.3.4]:25: Connection refused", "4.4.1"), None);
     }
 
     #[test]

@@ -738,6 +738,9 @@ impl Manager {
                 .map(|r| (r.dsn.as_str(), r.reason.as_str()))
                 .unwrap_or(("4.4.1", "destination unreachable"))
         });
+        if let Some(site) = self.sched.site_of(&c.transport, &c.destination) {
+            self.site_replies(&site, &c);
+        }
         self.sched.done(&c.transport, &c.destination, failure);
         self.defer_suspended();
         for part in c.parts {
@@ -750,6 +753,72 @@ impl Manager {
                 self.apply_admin(&part.message);
             } else if msg.idle() {
                 self.finish(&part.message);
+            }
+        }
+    }
+
+    /// What a site's replies mean: successes let a site in backoff
+    /// recover; a remote reply (never one Postern wrote itself) that
+    /// matches `delivery_reply_rules` acts on the site.
+    fn site_replies(&mut self, site: &crate::sites::SiteRef, c: &Completion) {
+        use postern_common::delivery_policy::remote_reply;
+        let mut seen = std::collections::HashSet::new();
+        for part in &c.parts {
+            if part.results.iter().any(|r| r.outcome == Outcome::Sent) {
+                site.borrow_mut().success();
+            }
+            for r in part.results.iter().filter(|r| r.outcome != Outcome::Sent) {
+                let Some(reply) = remote_reply(&r.reason, &r.dsn) else {
+                    continue;
+                };
+                site.borrow_mut().last_reply = reply.clone();
+                if !seen.insert(reply.clone()) {
+                    continue;
+                }
+                let found = {
+                    let s = site.borrow();
+                    self.sched.sites.reply_rule(&c.transport, &s, &reply)
+                };
+                let Some((text, rule)) = found else { continue };
+                if !site.borrow_mut().trigger(&text, rule.after) {
+                    continue;
+                }
+                let name = site.borrow().name.clone();
+                info!(
+                    "{}: site {name}: reply \"{reply}\" matched rule \"{text}\"",
+                    part.message
+                );
+                // TODO(acct merge): rule.class goes into the accounting
+                // record of this delivery (class=NAME is recorded only).
+                if rule.backoff {
+                    site.borrow_mut().enter_backoff(&text, &reply);
+                }
+                if let Some(d) = rule.suspend {
+                    if !site.borrow_mut().is_suspended() {
+                        self.sched.suspend_site(
+                            site,
+                            d,
+                            &format!("rule \"{text}\" matched \"{reply}\""),
+                        );
+                    }
+                }
+                if let Some(d) = rule.bounce.filter(|d| !d.is_zero()) {
+                    let until = std::time::SystemTime::now() + d;
+                    let domains: Vec<String> = site.borrow().domains.iter().cloned().collect();
+                    for dom in domains {
+                        self.sched.bounce_domain(
+                            &dom,
+                            until,
+                            &format!("rule \"{text}\" matched \"{reply}\""),
+                        );
+                    }
+                }
+                if let Some(d) = rule.suspend_source {
+                    info!(
+                        "site {name}: suspend_source={}s: no sending identities yet; ignored",
+                        d.as_secs()
+                    );
+                }
             }
         }
     }

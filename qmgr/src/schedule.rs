@@ -992,6 +992,16 @@ impl Scheduler {
         self.sites.save();
     }
 
+    /// The site of a destination, if it has one.
+    pub fn site_of(&self, transport: &str, destination: &str) -> Option<SiteRef> {
+        let ti = *self.index.get(transport)?;
+        self.transports[ti]
+            .destinations
+            .get(destination)?
+            .site
+            .clone()
+    }
+
     /// Entries waiting for each site (for `postern queues`).
     pub fn site_queued(&self, site: &SiteRef) -> usize {
         site.borrow()

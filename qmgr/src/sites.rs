@@ -25,7 +25,7 @@
 //! process): the new qmgr takes them all back when master is the same
 //! process (a reload), and only the suspensions after a restart.
 
-use postern_common::delivery_policy::{lookup_keys, Gcra, Policy, Rate};
+use postern_common::delivery_policy::{lookup_keys, Gcra, Policy, Rate, ReplyRule};
 use postern_common::dns::{BlockingResolver, TxtError};
 use postern_common::maps::Tables;
 use postern_common::{info, warning};
@@ -70,6 +70,13 @@ pub struct Site {
     pub last_reply: String,
     /// (transport index, destination key) of the queues that feed it.
     pub members: HashSet<(usize, String)>,
+    /// In backoff: how it got there and how far it has recovered.
+    pub backoff: Option<Backoff>,
+    /// Connections allowed now (the configured limit, or less in
+    /// backoff); None: no limit of the site's.
+    pub cur_connections: Option<usize>,
+    /// `after=N/PERIOD` rules: recent matches per rule.
+    pub hits: HashMap<String, std::collections::VecDeque<Instant>>,
 }
 
 pub type SiteRef = Rc<RefCell<Site>>;
@@ -89,6 +96,157 @@ impl Site {
             suspended: None,
             last_reply: String::new(),
             members: HashSet::new(),
+            backoff: None,
+            cur_connections: None,
+            hits: HashMap::new(),
+        }
+    }
+
+    /// The configured message rate (per second), if any.
+    pub fn configured_rate(&self) -> Option<f64> {
+        self.policy.max_message_rate.as_ref().map(|r| r.per_sec())
+    }
+
+    /// A throttling signal (a reply matched by a `backoff` rule): the
+    /// allowed rate and connections are cut by `backoff_factor` (default
+    /// 0.5), down to `backoff_min_rate` / `backoff_min_connections`, or
+    /// set to PowerMTA's fixed `backoff_message_rate` /
+    /// `backoff_max_connections`. Signals less than a second apart are
+    /// one signal (the replies of one burst).
+    pub fn enter_backoff(&mut self, rule: &str, reply: &str) {
+        let now = Instant::now();
+        if let Some(b) = &mut self.backoff {
+            if now.duration_since(b.last_signal) < Duration::from_secs(1) {
+                return;
+            }
+            b.last_signal = now;
+            b.successes = 0;
+            b.rule = rule.to_string();
+            b.reply = reply.to_string();
+        } else {
+            self.backoff = Some(Backoff {
+                rule: rule.to_string(),
+                reply: reply.to_string(),
+                since: now,
+                last_signal: now,
+                successes: 0,
+            });
+        }
+        let factor = self.policy.backoff_factor.unwrap_or(0.5);
+        let before_rate = self.msg_rate.as_ref().map(|g| g.per_sec);
+        if let Some(fixed) = &self.policy.backoff_message_rate {
+            match self.msg_rate.as_mut() {
+                Some(g) => g.per_sec = fixed.per_sec(),
+                None => self.msg_rate = Some(Gcra::new(fixed)),
+            }
+        } else if let Some(g) = self.msg_rate.as_mut() {
+            let min = self
+                .policy
+                .backoff_min_rate
+                .as_ref()
+                .map_or(1.0 / 60.0, |r| r.per_sec());
+            g.per_sec = (g.per_sec * factor).max(min);
+        }
+        let cur = self
+            .cur_connections
+            .or(self.policy.max_connections)
+            .unwrap_or(self.in_flight.max(1));
+        let conns = match self.policy.backoff_max_connections {
+            Some(n) => n.max(1),
+            None => {
+                let min = self.policy.backoff_min_connections.unwrap_or(1).max(1);
+                ((cur as f64 * factor).floor() as usize).max(min)
+            }
+        };
+        self.cur_connections = Some(conns);
+        info!(
+            "site {}: backoff: rate {} -> {}, connections {cur} -> {conns} (rule \"{rule}\", reply \"{reply}\")",
+            self.name,
+            before_rate.map_or("-".into(), Rate::display),
+            self.msg_rate.as_ref().map_or("-".into(), |g| Rate::display(g.per_sec)),
+        );
+        // TODO(acct merge): accounting "site mode change" record
+        // (backoff entered, with the rule and the reply).
+    }
+
+    /// A delivery went well: in backoff, every `backoff_recover_after`
+    /// (default 10) successes give back a step (additive: a tenth of the
+    /// configured rate, one connection) until the configured limits are
+    /// reached; `backoff_to_normal_after` after the last signal, all at
+    /// once.
+    pub fn success(&mut self) {
+        let Some(b) = &mut self.backoff else { return };
+        b.successes += 1;
+        let to_normal = self
+            .policy
+            .backoff_to_normal_after
+            .is_some_and(|t| b.last_signal.elapsed() >= t);
+        let every = self.policy.backoff_recover_after.unwrap_or(10).max(1);
+        if !to_normal && b.successes < every {
+            return;
+        }
+        b.successes = 0;
+        let conf_rate = self.configured_rate();
+        let conf_conns = self.policy.max_connections;
+        let mut done = true;
+        if let Some(g) = self.msg_rate.as_mut() {
+            match conf_rate {
+                Some(c) if !to_normal => {
+                    g.per_sec = (g.per_sec + c / 10.0).min(c);
+                    done &= g.per_sec >= c - 1e-9;
+                }
+                Some(c) => g.per_sec = c,
+                None => {
+                    // Only backoff_message_rate limited it.
+                    if to_normal {
+                        self.msg_rate = None;
+                    } else {
+                        done = false;
+                    }
+                }
+            }
+        }
+        if let Some(cur) = self.cur_connections {
+            match conf_conns {
+                Some(target) => {
+                    let next = if to_normal {
+                        target
+                    } else {
+                        (cur + 1).min(target)
+                    };
+                    done &= next >= target;
+                    self.cur_connections = Some(next);
+                }
+                // No configured limit: one more per step until the rate
+                // is back, then none.
+                None => self.cur_connections = Some(cur + 1),
+            }
+        }
+        if done {
+            info!("site {}: backoff over: back to normal", self.name);
+            // TODO(acct merge): accounting "site mode change" (backoff left).
+            self.backoff = None;
+            self.cur_connections = None;
+        }
+    }
+
+    /// Counts a match of `rule` for `after=N/PERIOD`: whether this is
+    /// the Nth within the period (then the count starts again).
+    pub fn trigger(&mut self, rule: &str, after: Option<(u32, Duration)>) -> bool {
+        let Some((n, period)) = after else {
+            return true;
+        };
+        let now = Instant::now();
+        let q = self.hits.entry(rule.to_string()).or_default();
+        q.push_back(now);
+        while q.front().is_some_and(|t| now.duration_since(*t) > period) {
+            q.pop_front();
+        }
+        if q.len() as u32 >= n {
+            q.clear();
+            true
+        } else {
+            false
         }
     }
 
@@ -108,7 +266,10 @@ impl Site {
 
     /// Connections (requests in flight) allowed now.
     pub fn max_connections(&self) -> usize {
-        self.policy.max_connections.unwrap_or(usize::MAX).max(1)
+        self.cur_connections
+            .or(self.policy.max_connections)
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 
     /// Whether one more request may start now (connections and
@@ -125,12 +286,77 @@ impl Site {
     }
 }
 
+/// A table-list parameter that master.cf may override per transport:
+/// opened once per distinct value.
+#[derive(Default)]
+struct PerTransport {
+    param: &'static str,
+    main: String,
+    overrides: HashMap<String, String>,
+    opened: HashMap<String, Rc<Tables>>,
+}
+
+impl PerTransport {
+    fn new(cfg: &Config, services: &[postern_conf::master_cf::Service], param: &'static str) -> Self {
+        let overrides = services
+            .iter()
+            .filter_map(|s| {
+                let v = s.overrides.iter().rev().find(|(n, _)| n == param)?.1.clone();
+                Some((s.name.clone(), v))
+            })
+            .collect();
+        let mut p = PerTransport {
+            param,
+            main: cfg.get(param),
+            overrides,
+            opened: HashMap::new(),
+        };
+        // Opened now, before qmgr drops its privileges (a table may be
+        // readable by root only).
+        let transports: Vec<String> = p.overrides.keys().cloned().collect();
+        for t in transports {
+            p.get(&t);
+        }
+        p.get("");
+        p
+    }
+
+    fn get(&mut self, transport: &str) -> Rc<Tables> {
+        let spec = self
+            .overrides
+            .get(transport)
+            .cloned()
+            .unwrap_or_else(|| self.main.clone());
+        if let Some(t) = self.opened.get(&spec) {
+            return t.clone();
+        }
+        let (tables, bad) = Tables::open_list(&spec);
+        for e in bad {
+            warning!("{}: {e}", self.param);
+        }
+        let t = Rc::new(tables);
+        self.opened.insert(spec, t.clone());
+        t
+    }
+}
+
+/// Backoff state of a site (adaptive: AIMD).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    /// The rule (its reply pattern's value) and the reply that set it.
+    pub rule: String,
+    pub reply: String,
+    pub since: Instant,
+    /// The last throttling signal.
+    pub last_signal: Instant,
+    /// Successes since the last step.
+    pub successes: u32,
+}
+
 /// Every site, and what qmgr needs to find a destination's site.
 pub struct Sites {
-    /// Per transport: its tables (empty: no sites for it).
-    tables: HashMap<String, Rc<Tables>>,
-    main_tables: String,
-    overrides: HashMap<String, String>,
+    policies: PerTransport,
+    rules: PerTransport,
     resolver: Option<BlockingResolver>,
     dns_servers: Vec<std::net::SocketAddr>,
     dns_timeout: Duration,
@@ -150,26 +376,11 @@ impl Sites {
     /// From main.cf and master.cf (the `-o delivery_policy_maps` of each
     /// transport). Reads the saved state.
     pub fn from_config(cfg: &Config) -> Sites {
-        let overrides = cfg
-            .master_services()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|s| {
-                let v = s
-                    .overrides
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| n == "delivery_policy_maps")?
-                    .1
-                    .clone();
-                Some((s.name.clone(), v))
-            })
-            .collect();
+        let services = cfg.master_services().unwrap_or_default();
         let data = cfg.get("data_directory");
         let mut s = Sites {
-            tables: HashMap::new(),
-            main_tables: cfg.get("delivery_policy_maps"),
-            overrides,
+            policies: PerTransport::new(cfg, &services, "delivery_policy_maps"),
+            rules: PerTransport::new(cfg, &services, "delivery_reply_rules"),
             resolver: None,
             dns_servers: postern_common::dns::servers_from_config(cfg),
             dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").unwrap_or(5)),
@@ -181,13 +392,6 @@ impl Sites {
             #[cfg(test)]
             test_routes: HashMap::new(),
         };
-        // Opened now, before qmgr drops its privileges (a table may be
-        // readable by root only).
-        let transports: Vec<String> = s.overrides.keys().cloned().collect();
-        for t in transports {
-            s.tables_for(&t);
-        }
-        s.tables_for("");
         s.load();
         s
     }
@@ -195,9 +399,8 @@ impl Sites {
     /// Without tables (tests of the scheduler).
     pub fn none() -> Sites {
         Sites {
-            tables: HashMap::new(),
-            main_tables: String::new(),
-            overrides: HashMap::new(),
+            policies: PerTransport::default(),
+            rules: PerTransport::default(),
             resolver: None,
             dns_servers: Vec::new(),
             dns_timeout: Duration::from_secs(5),
@@ -224,30 +427,6 @@ impl Sites {
 
     pub fn retry_after(&self, site: &Site) -> Duration {
         site.policy.retry_after.unwrap_or(self.default_retry)
-    }
-
-    fn tables_for(&mut self, transport: &str) -> Rc<Tables> {
-        if let Some(t) = self.tables.get(transport) {
-            return t.clone();
-        }
-        if !self.overrides.contains_key(transport) {
-            // main.cf's tables, opened once for every such transport.
-            if let Some(t) = self.tables.get("") {
-                return t.clone();
-            }
-        }
-        let spec = self
-            .overrides
-            .get(transport)
-            .cloned()
-            .unwrap_or_else(|| self.main_tables.clone());
-        let (tables, bad) = Tables::open_list(&spec);
-        for e in bad {
-            warning!("delivery_policy_maps: {e}");
-        }
-        let t = Rc::new(tables);
-        self.tables.insert(transport.to_string(), t.clone());
-        t
     }
 
     /// The MX hosts of `domain`, from the cache or DNS.
@@ -286,7 +465,7 @@ impl Sites {
         if let Some(name) = self.test_routes.get(nexthop) {
             return self.sites.get(name).cloned();
         }
-        let tables = self.tables_for(transport);
+        let tables = self.policies.get(transport);
         if tables.is_empty() {
             return None;
         }
@@ -355,6 +534,43 @@ impl Sites {
         };
         site.borrow_mut().domains.insert(domain);
         Some(site)
+    }
+
+    /// The `delivery_reply_rules` entry a remote reply matches, for a
+    /// site's transport: (the rule's text, the rule).
+    pub fn reply_rule(
+        &mut self,
+        transport: &str,
+        site: &Site,
+        reply: &str,
+    ) -> Option<(String, ReplyRule)> {
+        let tables = self.rules.get(transport);
+        if tables.is_empty() {
+            return None;
+        }
+        let value = match tables.lookup(reply) {
+            Ok(Some(v)) => v.into_owned(),
+            Ok(None) => return None,
+            Err(e) => {
+                warning!("delivery_reply_rules: {e:?}");
+                return None;
+            }
+        };
+        let rule = match ReplyRule::parse(&value) {
+            Ok(r) => r,
+            Err(e) => {
+                warning!("delivery_reply_rules: \"{value}\": {e}");
+                return None;
+            }
+        };
+        if let Some(suffix) = &rule.site {
+            let hit = site.name.ends_with(suffix.as_str())
+                || site.mx.iter().any(|h| h.ends_with(suffix.as_str()));
+            if !hit {
+                return None;
+            }
+        }
+        Some((value, rule))
     }
 
     /// The site a name or domain denotes (`postern suspend SITE|DOMAIN`).
@@ -474,10 +690,17 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
                     .map_or(0, |d| d.as_secs()),
                 x.reason.clone(),
             ),
-            _ => ("normal", 0, String::new()),
+            _ => match &s.backoff {
+                Some(b) => (
+                    "backoff",
+                    0,
+                    format!("rule \"{}\", reply \"{}\"", b.rule, b.reply),
+                ),
+                None => ("normal", 0, String::new()),
+            },
         };
         let domains: Vec<String> = s.domains.iter().cloned().collect();
-        let max_conn = s.policy.max_connections;
+        let max_conn = s.cur_connections.or(s.policy.max_connections);
         if json {
             out.push_str(&format!(
                 "{{\"site\":{},\"key\":{},\"domains\":[{}],\"queued\":{queued},\"active_connections\":{},\"max_connections\":{},\"rate\":{},\"configured_rate\":{},\"mode\":\"{mode}\",\"suspended_until\":{},\"reason\":{},\"last_reply\":{}}}\n",
@@ -510,6 +733,8 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
                     " until={} reason=\"{why}\"",
                     postern_common::time::rfc5322_date(until)
                 ));
+            } else if !why.is_empty() {
+                line.push_str(&format!(" {why}"));
             }
             if !s.last_reply.is_empty() {
                 line.push_str(&format!(" last_reply=\"{}\"", s.last_reply));

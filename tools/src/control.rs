@@ -256,9 +256,14 @@ fn check_tables(cfg: &Config) -> usize {
                 problems.push(format!("{at}{name}: {e}"));
             }
             // Every value must be a policy qmgr understands.
-            if name == "delivery_policy_maps" {
+            if name == "delivery_policy_maps" || name == "delivery_reply_rules" {
                 for (place, value) in postern_common::delivery_policy::table_values(&spec) {
-                    if let Err(e) = postern_common::delivery_policy::Policy::parse(&value) {
+                    let parsed = if name == "delivery_policy_maps" {
+                        postern_common::delivery_policy::Policy::parse(&value).map(|_| ())
+                    } else {
+                        postern_common::delivery_policy::ReplyRule::parse(&value).map(|_| ())
+                    };
+                    if let Err(e) = parsed {
                         problems.push(format!("{at}{name}: {place}: {e}"));
                     }
                 }
