@@ -238,3 +238,31 @@ def test_backoff_rule_rate_falls_and_climbs_back(make_postern, dnsmasq, receiver
                                                        (recovered - t0, 0)]},
              "Adaptive backoff: a rule on '451 4.7.1 rate limited', 20/s configured", t0)
     print(f"struggling={struggling:.1f}/s final={final:.1f}/s; {rx.summary()}")
+
+
+def test_shipped_policy_and_rules_pass_check(make_postern):
+    """conf/etc/delivery_policy and conf/etc/reply_rules, as shipped, are
+    what `postern check` accepts; the shipped rules catch the receiver's
+    throttling replies."""
+    conf = Path(__file__).resolve().parent.parent / "conf" / "etc"
+    policy = (conf / "delivery_policy").read_text()
+    rules = (conf / "reply_rules").read_text()
+    p = make_postern({"delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+                      "delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules"},
+                     files={"etc/delivery_policy": policy, "etc/reply_rules": rules},
+                     start=False)
+    r = p.postern("check")
+    assert r.returncode == 0, r.stderr
+    for reply, action in [
+        ("421 4.7.0 [TS04] Messages temporarily deferred", "suspend=2h"),
+        ("451 4.7.1 rate limited", "backoff"),
+        ("421 4.7.0 Too many connections", "backoff"),
+    ]:
+        q = p.postmap("-q", reply, f"regexp:{p.etc}/reply_rules") if hasattr(p, "postmap") \
+            else h.run([p.cmd("postmap"), "-c", p.etc, "-q", reply, f"regexp:{p.etc}/reply_rules"],
+                       env=p.env())
+        assert action in q.stdout, (reply, q.stdout, q.stderr)
+    bad = make_postern({"delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules"},
+                       files={"etc/reply_rules": "/x/ slow_down\n"}, start=False)
+    r = bad.postern("check")
+    assert r.returncode == 1 and "slow_down" in r.stderr, r

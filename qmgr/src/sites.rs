@@ -469,6 +469,10 @@ impl Sites {
         if tables.is_empty() {
             return None;
         }
+        // LMTP and other local sockets are no site.
+        if nexthop.starts_with("unix:") || nexthop.contains('/') {
+            return None;
+        }
         // "[host]:port" is its own host; "domain:port" is a domain.
         let literal = nexthop.trim().starts_with('[');
         let domain = crate::schedule::nexthop_domain(nexthop);

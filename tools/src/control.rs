@@ -322,7 +322,7 @@ fn table_specs(name: &str, value: &str) -> Vec<String> {
         matches!(i.split_once(':'), Some((kind, _))
             if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
     };
-    if name.ends_with("_maps") || name.ends_with("_checks") {
+    if name.ends_with("_maps") || name.ends_with("_checks") || name == "delivery_reply_rules" {
         // `$other_maps` expanded may bring names along (a list that
         // also holds domains): tables are opened, and a file name without
         // its type is reported (Postfix wants type:name).
