@@ -266,3 +266,63 @@ def test_shipped_policy_and_rules_pass_check(make_postern):
                        files={"etc/reply_rules": "/x/ slow_down\n"}, start=False)
     r = bad.postern("check")
     assert r.returncode == 1 and "slow_down" in r.stderr, r
+
+
+def test_operator_commands_and_suspensions_survive_reload_and_restart(make_postern, dnsmasq,
+                                                                     receivers):
+    """`postern suspend`/`resume`/`bounce`/`queues`: each logged; a
+    suspension holds across `postern reload` (a new qmgr process) and
+    across a restart (kept in data_directory)."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=op.test,mx.op.test,10",
+                   "--host-record=mx.op.test,127.0.0.1",
+                   "--mx-host=gone.test,mx.op.test,10"])
+    table = f"op.test smtp:op.test:{rx.port}\ngone.test smtp:gone.test:{rx.port}\n"
+    p = make_postern({
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "transport_maps": lambda p: f"texthash:{p.etc}/transport",
+        "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+        "minimal_backoff_time": "2s", "maximal_backoff_time": "2s", "queue_run_delay": "1s",
+    }, files={"etc/transport": table, "etc/delivery_policy": "* max_connections=2\n"})
+    inject(p, ["first@op.test"], "pt-op")
+    wait_count(rx, 1, 30)
+    r = p.postern("suspend", "op.test", "10m", "maintenance window")
+    assert r.returncode == 0, r
+    assert p.log_search(r"admin: suspend site mx\.op\.test for 600s: maintenance window")
+    q = p.postern("queues")
+    assert "mode=suspended" in q.stdout and "maintenance window" in q.stdout, q.stdout
+    inject(p, ["held1@op.test"], "pt-op")
+    h.wait_for(lambda: p.log_search(r"held1@op\.test.*status=deferred.*suspended"), 20,
+               what="held1 deferred, site suspended")
+
+    old = p.qmgr_pid()
+    assert p.postern("reload").returncode == 0
+    h.wait_for(lambda: p.qmgr_pid() not in (None, old), 30, what="a new qmgr")
+    q = p.postern("queues")
+    assert "mx.op.test" in q.stdout and "mode=suspended" in q.stdout, q.stdout
+    time.sleep(4)  # held1's retries come and go: no attempt
+    assert rx.count() == 1, "delivered to a suspended site after a reload"
+
+    p.stop()
+    p.start()
+    inject(p, ["held2@op.test"], "pt-op")
+    time.sleep(4)
+    assert rx.count() == 1, "delivered to a suspended site after a restart"
+    q = p.postern("queues", "-j")
+    site = next(json.loads(x) for x in q.stdout.splitlines() if "mx.op.test" in x)
+    assert site["mode"] == "suspended", site
+
+    r = p.postern("resume", "op.test")
+    assert r.returncode == 0, r
+    assert p.log_search(r"admin: resume site mx\.op\.test")
+    wait_count(rx, 3, 30)
+
+    # bounce: what waits for the domain, and new mail for a while.
+    r = p.postern("bounce", "gone.test", "domain retired")
+    assert r.returncode == 0, r
+    inject(p, ["x@gone.test"], "pt-op")
+    h.wait_for(lambda: p.log_search(r"x@gone\.test.*status=bounced.*domain retired"), 20,
+               what="x@gone.test bounced")
+    assert p.log_search(r"admin: bounce mail for gone\.test")
+    assert rx.count() == 3
+    assert p.postern("suspend", "nosuch.test").returncode == 1

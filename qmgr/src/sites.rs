@@ -747,6 +747,31 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
             out.push('\n');
         }
     }
+    // Suspensions saved by an earlier qmgr for sites not seen since.
+    let mut pending: Vec<(&String, &Suspension)> = sched
+        .sites
+        .pending
+        .iter()
+        .filter_map(|(n, (s, _, _))| Some((n, s.as_ref()?)))
+        .filter(|(_, s)| s.until > std::time::SystemTime::now())
+        .collect();
+    pending.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, s) in pending {
+        let until = s.until.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if json {
+            out.push_str(&format!(
+                "{{\"site\":{},\"domains\":[],\"queued\":0,\"active_connections\":0,\"mode\":\"suspended\",\"suspended_until\":{until},\"reason\":{}}}\n",
+                json_str(name),
+                json_str(&s.reason)
+            ));
+        } else {
+            out.push_str(&format!(
+                "{name} domains= queued=0 connections=0/- rate=- mode=suspended until={} reason=\"{}\"\n",
+                postern_common::time::rfc5322_date(until),
+                s.reason
+            ));
+        }
+    }
     out
 }
 
