@@ -414,7 +414,9 @@ pub fn remote_reply(reason: &str, dsn: &str) -> Option<String> {
     let rest = text[3..].trim_start_matches(['-', ' ']);
     let first = rest.split_whitespace().next().unwrap_or("");
     let enhanced = first.split('.').count() == 3
-        && first.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        && first
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     Some(if enhanced {
         format!("{code} {rest}")
     } else {
@@ -455,8 +457,7 @@ pub fn table_values(spec: &str) -> Vec<(String, String)> {
             if let Ok(text) = std::fs::read_to_string(name) {
                 for (i, line) in text.lines().enumerate() {
                     let t = line.trim_start();
-                    if t.is_empty() || t.starts_with('#') || line.starts_with(char::is_whitespace)
-                    {
+                    if t.is_empty() || t.starts_with('#') || line.starts_with(char::is_whitespace) {
                         continue;
                     }
                     let lower = t.to_ascii_lowercase();
@@ -497,7 +498,10 @@ mod tests {
         .unwrap();
         assert_eq!(p.max_connections, Some(3));
         let r = p.max_message_rate.unwrap();
-        assert_eq!((r.count, r.period, r.burst), (20.0, Duration::from_secs(1), 5));
+        assert_eq!(
+            (r.count, r.period, r.burst),
+            (20.0, Duration::from_secs(1), 5)
+        );
         assert_eq!(
             p.max_connection_rate.unwrap().period,
             Duration::from_secs(300)
@@ -534,19 +538,22 @@ mod tests {
             Some("421 4.7.0 [TS04] Messages temporarily deferred")
         );
         assert_eq!(
-            remote_reply("host h[1.2.3.4] said: 451 slow down (in reply to end of DATA command)", "4.0.0")
-                .as_deref(),
+            remote_reply(
+                "host h[1.2.3.4] said: 451 slow down (in reply to end of DATA command)",
+                "4.0.0"
+            )
+            .as_deref(),
             Some("451 4.0.0 slow down")
         );
-        assert_eq!(remote_reply("connect to h[1.2.3.4]:25: Connection refused", "4.4.1"), None);
+        assert_eq!(
+            remote_reply("connect to h[1.2.3.4]:25: Connection refused", "4.4.1"),
+            None
+        );
     }
 
     #[test]
     fn keys_in_order() {
-        let k = lookup_keys(
-            "Mail.Example.com",
-            &["gmail-smtp-in.l.google.com.".into()],
-        );
+        let k = lookup_keys("Mail.Example.com", &["gmail-smtp-in.l.google.com.".into()]);
         assert_eq!(
             k,
             [

@@ -394,8 +394,7 @@ impl Destination {
             && self.site.as_ref().is_none_or(|s| {
                 let s = s.borrow();
                 s.in_flight < s.max_connections()
-                    && s
-                        .suspended
+                    && s.suspended
                         .as_ref()
                         .is_none_or(|x| x.until <= std::time::SystemTime::now())
             })
@@ -471,13 +470,15 @@ impl Transport {
                 if let Some(g) = s.msg_rate.as_mut() {
                     let _ = g.take(now);
                 }
+                // Every request may open a connection: counted per
+                // request, an upper bound of the connections made.
+                if let Some(g) = s.conn_rate.as_mut() {
+                    let _ = g.take(now);
+                }
                 s.in_flight += 1;
                 hint = Some(SiteHint {
                     name: s.name.clone(),
-                    max_messages_per_connection: s
-                        .policy
-                        .max_messages_per_connection
-                        .unwrap_or(0),
+                    max_messages_per_connection: s.policy.max_messages_per_connection.unwrap_or(0),
                     idle_timeout_secs: s
                         .policy
                         .idle_timeout
@@ -1482,10 +1483,16 @@ mod tests {
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         std::thread::sleep(wait + Duration::from_millis(5));
         let second = s.pick().expect("after 100 ms");
-        assert_ne!(first.destination, second.destination, "both domains, one site");
+        assert_ne!(
+            first.destination, second.destination,
+            "both domains, one site"
+        );
         // Two connections in flight: the cap, whatever the rate allows.
         std::thread::sleep(Duration::from_millis(150));
-        assert!(s.pick().is_none(), "max_connections=2 across a.test and b.test");
+        assert!(
+            s.pick().is_none(),
+            "max_connections=2 across a.test and b.test"
+        );
         s.done(&first.transport, &first.destination, None);
         std::thread::sleep(Duration::from_millis(5));
         assert!(s.pick().is_some(), "a connection is free again");
@@ -1501,15 +1508,27 @@ mod tests {
         s.add_message("M", &t);
         let a = s.pick().unwrap();
         let b = s.pick().unwrap();
-        s.done(&a.transport, &a.destination, Some(("4.4.1", "connect: refused")));
-        s.done(&b.transport, &b.destination, Some(("4.4.1", "connect: refused")));
+        s.done(
+            &a.transport,
+            &a.destination,
+            Some(("4.4.1", "connect: refused")),
+        );
+        s.done(
+            &b.transport,
+            &b.destination,
+            Some(("4.4.1", "connect: refused")),
+        );
         let site = s.sites.find("down").unwrap();
         assert!(site.borrow_mut().is_suspended());
         assert!(!s.take_suspended().is_empty(), "what waited is deferred");
         s.add_message("N", &[target(0, "smtp", "a.test", "x")]);
         let sus = s.take_suspended();
         assert_eq!(sus.len(), 1);
-        assert!(sus[0].reason.contains("site down suspended"), "{}", sus[0].reason);
+        assert!(
+            sus[0].reason.contains("site down suspended"),
+            "{}",
+            sus[0].reason
+        );
         s.resume_site(&site);
         s.add_message("O", &[target(0, "smtp", "a.test", "x")]);
         assert!(s.take_suspended().is_empty());

@@ -297,11 +297,21 @@ struct PerTransport {
 }
 
 impl PerTransport {
-    fn new(cfg: &Config, services: &[postern_conf::master_cf::Service], param: &'static str) -> Self {
+    fn new(
+        cfg: &Config,
+        services: &[postern_conf::master_cf::Service],
+        param: &'static str,
+    ) -> Self {
         let overrides = services
             .iter()
             .filter_map(|s| {
-                let v = s.overrides.iter().rev().find(|(n, _)| n == param)?.1.clone();
+                let v = s
+                    .overrides
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == param)?
+                    .1
+                    .clone();
                 Some((s.name.clone(), v))
             })
             .collect();
@@ -757,7 +767,10 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
         .collect();
     pending.sort_by(|a, b| a.0.cmp(b.0));
     for (name, s) in pending {
-        let until = s.until.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let until = s
+            .until
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         if json {
             out.push_str(&format!(
                 "{{\"site\":{},\"domains\":[],\"queued\":0,\"active_connections\":0,\"mode\":\"suspended\",\"suspended_until\":{until},\"reason\":{}}}\n",
