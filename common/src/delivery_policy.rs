@@ -424,6 +424,56 @@ pub fn remote_reply(reason: &str, dsn: &str) -> Option<String> {
     })
 }
 
+/// The smtp agent's part of `delivery_reply_rules`: `defer` makes a
+/// remote 5xx for a recipient temporary, `bounce` makes a 4xx final,
+/// before the outcome is recorded. `relay` is the server's name, for a
+/// rule's `site=`; a rule with `after=` is qmgr's only (it counts).
+/// Returns the outcome and status to record.
+pub fn adjust_outcome(
+    tables: &crate::maps::Tables,
+    outcome: crate::ipc::Outcome,
+    dsn: &str,
+    reason: &str,
+    site: &str,
+    relay: &str,
+) -> (crate::ipc::Outcome, String) {
+    use crate::ipc::Outcome;
+    let same = (outcome, dsn.to_string());
+    if outcome == Outcome::Sent || tables.is_empty() {
+        return same;
+    }
+    let Some(reply) = remote_reply(reason, dsn) else {
+        return same;
+    };
+    let Ok(Some(value)) = tables.lookup(&reply) else {
+        return same;
+    };
+    let Ok(rule) = ReplyRule::parse(&value) else {
+        return same;
+    };
+    if rule.after.is_some() {
+        return same;
+    }
+    if let Some(suffix) = &rule.site {
+        let host = relay.split('[').next().unwrap_or("").to_ascii_lowercase();
+        if !site.ends_with(suffix.as_str()) && !host.ends_with(suffix.as_str()) {
+            return same;
+        }
+    }
+    let with_class = |c: char| -> String {
+        let mut d = dsn.to_string();
+        if d.len() > 1 {
+            d.replace_range(..1, &c.to_string());
+        }
+        d
+    };
+    match outcome {
+        Outcome::Bounced if rule.defer => (Outcome::Deferred, with_class('4')),
+        Outcome::Deferred if rule.bounce.is_some() => (Outcome::Bounced, with_class('5')),
+        _ => same,
+    }
+}
+
 /// The values of the table `spec` that `postern check` can read without
 /// a server (inline, texthash, and the sources of hash/btree/cdb/lmdb,
 /// regexp and pcre tables), each with where it was found; database tables

@@ -157,6 +157,8 @@ pub struct Agent {
     /// that could not be opened (deliveries are deferred, never sent
     /// unchecked).
     content_checks: Result<CheckTables, String>,
+    /// `delivery_reply_rules`: the `defer` and `bounce` actions.
+    pub(crate) reply_rules: postern_common::maps::Tables,
     /// `debug_peer_list`, `debug_peer_level`: the next hops and servers
     /// whose sessions log verbosely.
     debug_peer: postern_common::debug_peer::DebugPeer,
@@ -544,6 +546,7 @@ impl Agent {
             eight_bit,
             &self.content_checks,
             requiretls,
+            &self.reply_rules,
         );
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
@@ -567,6 +570,7 @@ impl Agent {
             eight_bit,
             &self.content_checks,
             requiretls,
+            &self.reply_rules,
         );
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
