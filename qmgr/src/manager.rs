@@ -351,6 +351,16 @@ impl Manager {
                     info!("admin: resume site {name}");
                     // TODO(acct merge): accounting admin-action record.
                     self.sched.resume_site(&s);
+                    // Its deferred mail waits for the suspension's end:
+                    // due now (a scan of deferred/, as ETRN's).
+                    let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
+                    for d in domains {
+                        let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
+                        if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
+                            warning!("resume {name}: {e}");
+                        }
+                    }
+                    self.deferred.request(false);
                     (true, format!("site {name} resumed"))
                 }
                 None => (false, format!("no site known for \"{site}\"")),
@@ -518,7 +528,7 @@ impl Manager {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 info!("{id}: still being delivered by an earlier request; will retry");
-                self.to_deferred(id, 0);
+                self.to_deferred(id, 0, 0);
                 return;
             }
             Err(TryLockError::Error(e)) => warning!("{id}: lock queue file: {e}"),
@@ -528,7 +538,7 @@ impl Manager {
             Err(ReadError::Io(e)) => {
                 warning!("{id}: read queue file: {e}");
                 drop(file);
-                self.to_deferred(id, 0);
+                self.to_deferred(id, 0, 0);
                 return;
             }
             Err(e) => {
@@ -645,6 +655,11 @@ impl Manager {
                 continue;
             };
             msg.queued = msg.queued.saturating_sub(1);
+            match s.site_until {
+                Some(t) => msg.site_wait = Some(msg.site_wait.map_or(t, |w| w.min(t))),
+                None if !s.bounce => msg.other_defer = true,
+                None => {}
+            }
             let items: Vec<Item> = s
                 .entry
                 .recipients
@@ -748,6 +763,9 @@ impl Manager {
                 continue;
             };
             msg.in_flight = msg.in_flight.saturating_sub(1);
+            if part.results.iter().any(|r| r.outcome == Outcome::Deferred) {
+                msg.other_defer = true;
+            }
             msg.apply(&part.indexes, &part.results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
                 self.apply_admin(&part.message);
@@ -990,16 +1008,19 @@ impl Manager {
             remove_log(&self.tree, MessageLog::Success, id);
             self.retirer.retire(id);
         } else {
-            self.to_deferred(id, msg.env.arrival_secs);
+            // Deferred only for suspended sites: not back before the
+            // first suspension ends (a suspended site costs no retries).
+            let not_before = msg.site_wait.filter(|_| !msg.other_defer).unwrap_or(0);
+            self.to_deferred(id, msg.env.arrival_secs, not_before);
         }
     }
 
     /// Moves a message from `active/` to `deferred/`, its mtime set first
     /// to the time of the next attempt (so a deferred scan never sees it
     /// with an old time).
-    fn to_deferred(&self, id: &str, arrival: u64) {
+    fn to_deferred(&self, id: &str, arrival: u64, not_before: u64) {
         let now = now_secs();
-        let at = now + self.retry.backoff(now, arrival);
+        let at = (now + self.retry.backoff(now, arrival)).max(not_before);
         let path = self.tree.path(Queue::Active, id);
         if let Err(e) = queue::set_mtime(&path, at) {
             warning!("{id}: set retry time: {e}");

@@ -424,6 +424,8 @@ pub struct Suspended {
     pub reason: String,
     /// Bounce rather than defer (`postern bounce DOMAIN`).
     pub bounce: bool,
+    /// The site's suspension ends then (unix seconds): no retry sooner.
+    pub site_until: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -577,6 +579,7 @@ fn site_suspended(entry: Entry, site: &str, s: &Suspension) -> Suspended {
             s.reason
         ),
         bounce: false,
+        site_until: Some(until),
     }
 }
 
@@ -591,6 +594,7 @@ fn suspend(entry: Entry, failure: &(String, String)) -> Suspended {
         },
         reason: format!("delivery temporarily suspended: {reason}"),
         bounce: false,
+        site_until: None,
     }
 }
 
@@ -716,6 +720,7 @@ impl Scheduler {
                         dsn: "5.0.0".into(),
                         reason: reason.clone(),
                         bounce: true,
+                        site_until: None,
                     });
                 } else if let Some((name, susp)) = &site_suspension {
                     self.suspended.push(site_suspended(entry, name, susp));
@@ -890,6 +895,7 @@ impl Scheduler {
                         dsn: "5.0.0".into(),
                         reason: text.clone(),
                         bounce: true,
+                        site_until: None,
                     });
                 }
             }
