@@ -801,3 +801,53 @@ fn json_str(s: &str) -> String {
     o.push('"');
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_cuts_by_the_factor_and_recovers_additively() {
+        let policy = Policy::parse(
+            "max_connections=8 max_message_rate=20/s backoff_recover_after=5 backoff_min_rate=2/s",
+        )
+        .unwrap();
+        let mut s = Site::new("s", "*", policy, Vec::new());
+        s.enter_backoff("/rate/ backoff", "451 4.7.1 rate limited");
+        assert_eq!(s.max_connections(), 4);
+        assert!((s.msg_rate.as_ref().unwrap().per_sec - 10.0).abs() < 1e-9);
+        // A second signal within a second is the same burst.
+        s.enter_backoff("/rate/ backoff", "451 4.7.1 rate limited");
+        assert_eq!(s.max_connections(), 4);
+        // Recovery: +2/s (a tenth of 20/s) and +1 connection per 5
+        // successes, until the configured limits are back.
+        for _ in 0..5 {
+            s.success();
+        }
+        assert_eq!(s.max_connections(), 5);
+        assert!((s.msg_rate.as_ref().unwrap().per_sec - 12.0).abs() < 1e-9);
+        for _ in 0..100 {
+            s.success();
+        }
+        assert!(s.backoff.is_none(), "back to normal");
+        assert_eq!(s.max_connections(), 8);
+        assert!((s.msg_rate.as_ref().unwrap().per_sec - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn powermta_fixed_backoff_and_after_n() {
+        let policy = Policy::parse(
+            "max_connections=10 backoff_max_connections=2 backoff_message_rate=1/s \
+             backoff_to_normal_after=1h",
+        )
+        .unwrap();
+        let mut s = Site::new("s", "*", policy, Vec::new());
+        s.enter_backoff("r", "421 x");
+        assert_eq!(s.max_connections(), 2);
+        assert!((s.msg_rate.as_ref().unwrap().per_sec - 1.0).abs() < 1e-9);
+        let period = Some((3, Duration::from_secs(60)));
+        assert!(!s.trigger("r", period) && !s.trigger("r", period));
+        assert!(s.trigger("r", period), "the third match within the period");
+        assert!(!s.trigger("r", period), "counting starts again");
+    }
+}
