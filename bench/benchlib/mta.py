@@ -276,17 +276,28 @@ class PostfixInstance(Instance):
 class PosternInstance(Instance):
     name = "postern"
 
-    def __init__(self, base, relay_port, bin_dir, process_limit=None, extra_params=None):
+    def __init__(self, base, relay_port, bin_dir, process_limit=None, extra_params=None,
+                 policy_entries=0):
         super().__init__(base, relay_port, process_limit, extra_params)
         H.ensure_system_accounts()
         params = self.common_params()
+        files = {}
+        if policy_entries:
+            # issue #19: the cost of sites. N entries for other domains,
+            # and the relay's own (a bracketed next hop is its own site)
+            # with limits that do not bind.
+            lines = [f"d{i}.example.net max_connections=10 max_message_rate=100/s"
+                     for i in range(policy_entries - 1)]
+            lines.append("127.0.0.1 max_connections=10000 max_messages_per_connection=100000")
+            files["etc/delivery_policy"] = "\n".join(lines) + "\n"
+            params["delivery_policy_maps"] = lambda p: f"texthash:{p.etc}/delivery_policy"
         # The harness shortens the retry timers and turns the client name
         # lookup off for tests; a benchmark keeps the defaults, as the
         # Postfix side does.
         params.update({"queue_run_delay": None, "minimal_backoff_time": None,
                        "maximal_backoff_time": None, "smtpd_peername_lookup": None,
                        "inet_interfaces": "127.0.0.1"})
-        self.p = H.Postern(params=params, bin_dir=bin_dir, tmp_base=str(base))
+        self.p = H.Postern(params=params, bin_dir=bin_dir, tmp_base=str(base), files=files)
         self.p.port = self.port
         self.p.write_master_cf()
         self.dir = self.p.dir

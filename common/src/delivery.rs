@@ -783,6 +783,7 @@ mod tests {
             recipients: Vec::new(),
             queue_wait: 0.0,
             flags,
+            site: None,
         }
     }
 

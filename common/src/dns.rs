@@ -143,6 +143,33 @@ impl BlockingResolver {
         Ok(v)
     }
 
+    /// The MX host names of `name` (without the trailing dot), lowest
+    /// preference first; a null MX gives an empty list. qmgr asks this to
+    /// learn a domain's site (`delivery_policy_maps`); the smtp client
+    /// routes with its own lookup.
+    pub fn mx_hosts(&self, name: &str) -> Result<Vec<String>, TxtError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let mut v: Vec<(u16, String)> = self
+            .answers(name, RecordType::MX)?
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::MX(m) => Some((
+                    m.preference,
+                    m.exchange
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                )),
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        Ok(v.into_iter()
+            .map(|(_, h)| h)
+            .filter(|h| !h.is_empty())
+            .collect())
+    }
+
     /// The IPv4 then IPv6 addresses of `name`.
     pub fn addrs(&self, name: &str) -> Result<Vec<IpAddr>, TxtError> {
         use hickory_resolver::proto::rr::{RData, RecordType};

@@ -247,6 +247,21 @@ pub struct DeliveryRequest {
     pub queue_wait: f64,
     /// [`DeliveryRequest::MORE`], or 0.
     pub flags: u32,
+    /// The site the next hop belongs to (`delivery_policy_maps`), when
+    /// it has one: the agent keeps connections under the site's name, so
+    /// that the site's domains share them, and honours its limits.
+    pub site: Option<SiteHint>,
+}
+
+/// What an agent needs to know of a site ([`DeliveryRequest::site`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteHint {
+    pub name: String,
+    /// Messages per connection; 0 = no limit of the site's.
+    pub max_messages_per_connection: u32,
+    /// Seconds an idle connection is kept; 0 = the transport's
+    /// `smtp_connection_cache_time_limit`.
+    pub idle_timeout_secs: u32,
 }
 
 impl DeliveryRequest {
@@ -329,12 +344,34 @@ pub enum AdminRequest {
     /// Cancel a hold asked for earlier and not yet done (`postsuper -H`):
     /// the message goes to `deferred/`, due now, instead.
     Unhold(Vec<String>),
+    /// `postern queues [-j]`: one line (or JSON object) per site.
+    Sites { json: bool },
+    /// `postern suspend SITE|DOMAIN [DURATION]`: no deliveries to the
+    /// site for `seconds`.
+    Suspend {
+        site: String,
+        seconds: u64,
+        reason: String,
+    },
+    /// `postern resume SITE|DOMAIN`.
+    Resume { site: String },
+    /// `postern bounce DOMAIN [REASON]`: bounce what qmgr holds for the
+    /// domain, and new mail for it for `seconds`.
+    Bounce {
+        domain: String,
+        seconds: u64,
+        reason: String,
+    },
 }
 
-/// qmgr's answer: one status per requested ID, in order.
+/// qmgr's answer: one status per requested ID, in order; for the site
+/// commands, `text` (the listing, or what was done or why not) and
+/// `ok`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AdminReply {
     pub results: Vec<AdminStatus>,
+    pub text: String,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

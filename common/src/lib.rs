@@ -49,6 +49,7 @@ pub mod cidr;
 pub mod dane;
 pub mod debug_peer;
 pub mod delivery;
+pub mod delivery_policy;
 pub mod dict;
 pub mod dkim_table;
 pub mod dns;

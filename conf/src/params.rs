@@ -300,6 +300,19 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("default_destination_concurrency_failed_cohort_limit", "1"),
     ("default_destination_rate_delay", "0s"),
     ("transport_retry_time", "60s"),
+    // Postern-only: per-site traffic shaping (qmgr). Tables looked up
+    // by recipient domain, `.parent`, `mx:HOST`/`mx:.parent`, `*`; the
+    // value is a list of name=value settings (max_connections,
+    // max_message_rate=N/s,burst=N, ...: common/src/delivery_policy.rs).
+    // Per transport with -o in master.cf. Empty: no sites, Postfix's
+    // per-destination limits only.
+    ("delivery_policy_maps", ""),
+    // Postern-only: regexp:/pcre: tables matched against a remote reply
+    // "<code> <enhanced> <text>"; the value is a list of actions (backoff,
+    // suspend=DURATION, bounce=DURATION, class=NAME, after=N/PERIOD,
+    // site=SUFFIX; defer and bounce are the smtp agent's). Per transport
+    // with -o. Replies Postern writes itself never match.
+    ("delivery_reply_rules", ""),
     ("default_destination_recipient_limit", "50"),
     ("local_destination_recipient_limit", "1"),
     ("queue_run_delay", "300s"),

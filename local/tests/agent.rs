@@ -225,6 +225,7 @@ fn queue(env: &Env, sender: &str, rcpts: &[&str], content: &[u8]) -> (String, De
             .collect(),
         queue_wait: 0.0,
         flags: 0,
+        site: None,
     };
     (nf.id, req)
 }

@@ -34,6 +34,8 @@
 //! - [`schedule`]: per-transport, per-destination queues and limits,
 //!   concurrency feedback, dead destinations, rate delays
 //!   (`qmgr_transport.c`, `qmgr_queue.c`, `qmgr_entry.c`, `qmgr_feedback.c`);
+//! - [`sites`]: sites (the MX host sets receivers throttle) and their
+//!   `delivery_policy_maps` state: connections, rates, suspensions;
 //! - [`deliver`]: one thread per request to a delivery agent
 //!   (`qmgr_deliver.c`);
 //! - [`record`]: outcomes qmgr records itself (error/retry transports,
@@ -69,4 +71,5 @@ pub mod retire;
 pub mod retry;
 pub mod scan;
 pub mod schedule;
+pub mod sites;
 pub mod transports;

@@ -105,6 +105,8 @@ impl Manager {
         let resolver = Resolver::new(cfg);
         let behaviours = crate::transports::Behaviours::from_config(cfg);
         let notice_settings = bounce::Settings::from_config(cfg);
+        // delivery_policy_maps may be readable by root only: opened here.
+        let sites = crate::sites::Sites::from_config(cfg);
         // All that qmgr reads from outside the queue is read (tables
         // perhaps readable by root only): drop to mail_owner, chrooted
         // when master.cf says so, before its first thread starts.
@@ -125,9 +127,13 @@ impl Manager {
                 .max(1) as usize,
             resolver,
             behaviours,
-            sched: Scheduler::new(max_in_flight as usize, move |t| {
-                Limits::from_config(&limits_cfg, t)
-            }),
+            sched: {
+                let mut s = Scheduler::new(max_in_flight as usize, move |t| {
+                    Limits::from_config(&limits_cfg, t)
+                });
+                s.sites = sites;
+                s
+            },
             retry: retry::Policy::from_config(cfg),
             messages: HashMap::new(),
             incoming: Scan::new(Queue::Incoming),
@@ -251,6 +257,8 @@ impl Manager {
     /// the next qmgr, whose wake-up socket holds it until it starts.
     fn exit_drained(&mut self) -> ! {
         self.retirer.finish();
+        // Site state for the next qmgr (a reload keeps it).
+        self.sched.sites.save();
         if self
             .last_flush
             .is_some_and(|t| t.elapsed() < FLUSH_HANDOVER)
@@ -278,6 +286,16 @@ impl Manager {
             AdminRequest::Delete(v) => (AdminAction::Delete, v),
             AdminRequest::Hold(v) => (AdminAction::Hold, v),
             AdminRequest::Release(v) | AdminRequest::Unhold(v) => (AdminAction::Release, v),
+            other => {
+                let (ok, text) = self.site_admin(other);
+                // What was bounced or deferred now is recorded now.
+                self.defer_suspended();
+                return AdminReply {
+                    results: Vec::new(),
+                    text,
+                    ok,
+                };
+            }
         };
         let mut results = Vec::with_capacity(ids.len());
         for id in ids {
@@ -302,7 +320,68 @@ impl Manager {
                 results.push(AdminStatus::Pending);
             }
         }
-        AdminReply { results }
+        AdminReply {
+            results,
+            text: String::new(),
+            ok: true,
+        }
+    }
+
+    /// `postern queues`, `suspend`, `resume`, `bounce`: (ok, text).
+    fn site_admin(&mut self, req: AdminRequest) -> (bool, String) {
+        match req {
+            AdminRequest::Sites { json } => (true, crate::sites::report(&self.sched, json)),
+            AdminRequest::Suspend {
+                site,
+                seconds,
+                reason,
+            } => match self.sched.sites.find(&site) {
+                Some(s) => {
+                    let name = s.borrow().name.clone();
+                    info!("admin: suspend site {name} for {seconds}s: {reason}");
+                    // TODO(acct merge): accounting admin-action record.
+                    self.sched
+                        .suspend_site(&s, Duration::from_secs(seconds), &reason);
+                    (true, format!("site {name} suspended for {seconds}s"))
+                }
+                None => (false, format!("no site known for \"{site}\"")),
+            },
+            AdminRequest::Resume { site } => match self.sched.sites.find(&site) {
+                Some(s) => {
+                    let name = s.borrow().name.clone();
+                    info!("admin: resume site {name}");
+                    // TODO(acct merge): accounting admin-action record.
+                    self.sched.resume_site(&s);
+                    // Its deferred mail waits for the suspension's end:
+                    // due now (a scan of deferred/, as ETRN's).
+                    let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
+                    for d in domains {
+                        let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
+                        if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
+                            warning!("resume {name}: {e}");
+                        }
+                    }
+                    self.deferred.request(false);
+                    (true, format!("site {name} resumed"))
+                }
+                None => (false, format!("no site known for \"{site}\"")),
+            },
+            AdminRequest::Bounce {
+                domain,
+                seconds,
+                reason,
+            } => {
+                let until = std::time::SystemTime::now() + Duration::from_secs(seconds);
+                let n = self.sched.bounce_domain(&domain, until, &reason);
+                info!("admin: bounce mail for {domain} for {seconds}s ({n} queued now): {reason}");
+                // TODO(acct merge): accounting AdminBounce records.
+                (
+                    true,
+                    format!("{n} queued deliveries for {domain} bounced; new mail for {seconds}s"),
+                )
+            }
+            _ => (false, "unexpected request".into()),
+        }
     }
 
     /// Carries out the administrator's request for a message that has no
@@ -459,7 +538,7 @@ impl Manager {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 info!("{id}: still being delivered by an earlier request; will retry");
-                self.to_deferred(id, 0);
+                self.to_deferred(id, 0, 0);
                 return;
             }
             Err(TryLockError::Error(e)) => warning!("{id}: lock queue file: {e}"),
@@ -469,7 +548,7 @@ impl Manager {
             Err(ReadError::Io(e)) => {
                 warning!("{id}: read queue file: {e}");
                 drop(file);
-                self.to_deferred(id, 0);
+                self.to_deferred(id, 0, 0);
                 return;
             }
             Err(e) => {
@@ -586,6 +665,11 @@ impl Manager {
                 continue;
             };
             msg.queued = msg.queued.saturating_sub(1);
+            match s.site_until {
+                Some(t) => msg.site_wait = Some(msg.site_wait.map_or(t, |w| w.min(t))),
+                None if !s.bounce => msg.other_defer = true,
+                None => {}
+            }
             let items: Vec<Item> = s
                 .entry
                 .recipients
@@ -595,7 +679,11 @@ impl Manager {
                         offset: msg.env.recipients[i].offset,
                         rcpt: msg.env.recipients[i].rcpt.clone(),
                     },
-                    outcome: Outcome::Deferred,
+                    outcome: if s.bounce {
+                        Outcome::Bounced
+                    } else {
+                        Outcome::Deferred
+                    },
                     dsn: s.dsn.clone(),
                     reason: s.reason.clone(),
                 })
@@ -622,7 +710,8 @@ impl Manager {
                 msg.queued = msg.queued.saturating_sub(1);
                 msg.in_flight += 1;
                 msg.set(&entry.recipients, RcptState::InFlight);
-                let req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
+                let mut req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
+                req.site = d.site.clone();
                 batch.push((entry.recipients, req));
             }
             if batch.is_empty() {
@@ -674,6 +763,9 @@ impl Manager {
                 .map(|r| (r.dsn.as_str(), r.reason.as_str()))
                 .unwrap_or(("4.4.1", "destination unreachable"))
         });
+        if let Some(site) = self.sched.site_of(&c.transport, &c.destination) {
+            self.site_replies(&site, &c);
+        }
         self.sched.done(&c.transport, &c.destination, failure);
         self.defer_suspended();
         for part in c.parts {
@@ -681,11 +773,80 @@ impl Manager {
                 continue;
             };
             msg.in_flight = msg.in_flight.saturating_sub(1);
+            if part.results.iter().any(|r| r.outcome == Outcome::Deferred) {
+                msg.other_defer = true;
+            }
             msg.apply(&part.indexes, &part.results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
                 self.apply_admin(&part.message);
             } else if msg.idle() {
                 self.finish(&part.message);
+            }
+        }
+    }
+
+    /// What a site's replies mean: successes let a site in backoff
+    /// recover; a remote reply (never one Postern wrote itself) that
+    /// matches `delivery_reply_rules` acts on the site.
+    fn site_replies(&mut self, site: &crate::sites::SiteRef, c: &Completion) {
+        use postern_common::delivery_policy::remote_reply;
+        let mut seen = std::collections::HashSet::new();
+        for part in &c.parts {
+            if part.results.iter().any(|r| r.outcome == Outcome::Sent) {
+                site.borrow_mut().success();
+            }
+            for r in part.results.iter().filter(|r| r.outcome != Outcome::Sent) {
+                let Some(reply) = remote_reply(&r.reason, &r.dsn) else {
+                    continue;
+                };
+                site.borrow_mut().last_reply = reply.clone();
+                if !seen.insert(reply.clone()) {
+                    continue;
+                }
+                let found = {
+                    let s = site.borrow();
+                    self.sched.sites.reply_rule(&c.transport, &s, &reply)
+                };
+                let Some((text, rule)) = found else { continue };
+                if !site.borrow_mut().trigger(&text, rule.after) {
+                    continue;
+                }
+                let name = site.borrow().name.clone();
+                info!(
+                    "{}: site {name}: reply \"{reply}\" matched rule \"{text}\"",
+                    part.message
+                );
+                // TODO(acct merge): rule.class goes into the accounting
+                // record of this delivery (class=NAME is recorded only).
+                if rule.backoff {
+                    site.borrow_mut().enter_backoff(&text, &reply);
+                }
+                if let Some(d) = rule.suspend {
+                    if !site.borrow_mut().is_suspended() {
+                        self.sched.suspend_site(
+                            site,
+                            d,
+                            &format!("rule \"{text}\" matched \"{reply}\""),
+                        );
+                    }
+                }
+                if let Some(d) = rule.bounce.filter(|d| !d.is_zero()) {
+                    let until = std::time::SystemTime::now() + d;
+                    let domains: Vec<String> = site.borrow().domains.iter().cloned().collect();
+                    for dom in domains {
+                        self.sched.bounce_domain(
+                            &dom,
+                            until,
+                            &format!("rule \"{text}\" matched \"{reply}\""),
+                        );
+                    }
+                }
+                if let Some(d) = rule.suspend_source {
+                    info!(
+                        "site {name}: suspend_source={}s: no sending identities yet; ignored",
+                        d.as_secs()
+                    );
+                }
             }
         }
     }
@@ -857,16 +1018,19 @@ impl Manager {
             remove_log(&self.tree, MessageLog::Success, id);
             self.retirer.retire(id);
         } else {
-            self.to_deferred(id, msg.env.arrival_secs);
+            // Deferred only for suspended sites: not back before the
+            // first suspension ends (a suspended site costs no retries).
+            let not_before = msg.site_wait.filter(|_| !msg.other_defer).unwrap_or(0);
+            self.to_deferred(id, msg.env.arrival_secs, not_before);
         }
     }
 
     /// Moves a message from `active/` to `deferred/`, its mtime set first
     /// to the time of the next attempt (so a deferred scan never sees it
     /// with an old time).
-    fn to_deferred(&self, id: &str, arrival: u64) {
+    fn to_deferred(&self, id: &str, arrival: u64, not_before: u64) {
         let now = now_secs();
-        let at = now + self.retry.backoff(now, arrival);
+        let at = (now + self.retry.backoff(now, arrival)).max(not_before);
         let path = self.tree.path(Queue::Active, id);
         if let Err(e) = queue::set_mtime(&path, at) {
             warning!("{id}: set retry time: {e}");

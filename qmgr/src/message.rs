@@ -47,6 +47,12 @@ pub struct Message {
     /// Expired by the administrator (`postsuper -e`/`-f`): returned to
     /// the sender in this round instead of being delivered.
     pub force_expire: bool,
+    /// This round deferred recipients only because their site is
+    /// suspended, the earliest suspension ending then (unix seconds): the
+    /// retry waits for it. None once a recipient was deferred otherwise.
+    pub site_wait: Option<u64>,
+    /// A recipient was deferred for another reason this round.
+    pub other_defer: bool,
 }
 
 /// An administrator's request for an active message.
@@ -82,6 +88,8 @@ impl Message {
             warned_now: false,
             more: None,
             force_expire: false,
+            site_wait: None,
+            other_defer: false,
         }
     }
 
@@ -127,6 +135,7 @@ impl Message {
             } else {
                 0
             },
+            site: None,
         }
     }
 

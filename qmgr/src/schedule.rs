@@ -39,6 +39,8 @@
 //! request in flight at a time per destination, the next no sooner than
 //! that delay after the last one ended ([`Scheduler::next_wakeup`]).
 
+use crate::sites::{SiteRef, Sites, Suspension};
+use postern_common::ipc::SiteHint;
 use postern_common::{info, warning};
 use postern_conf::Config;
 use std::collections::{HashMap, VecDeque};
@@ -223,6 +225,9 @@ pub struct Dispatch {
     /// (a batch): taken only from a backlog the window could not
     /// dispatch now anyway.
     pub more: Vec<Entry>,
+    /// The site's name and connection limits, for the agent's
+    /// connection cache (`delivery_policy_maps`).
+    pub site: Option<SiteHint>,
 }
 
 /// The entries waiting for one destination, taken message by message in
@@ -339,6 +344,9 @@ struct Destination {
     one_at_a_time: bool,
     /// Whether the key is in the transport's ready ring.
     in_ring: bool,
+    /// The site it feeds (`delivery_policy_maps`), whose connection and
+    /// rate limits hold across all its destinations.
+    site: Option<SiteRef>,
 }
 
 impl Destination {
@@ -357,6 +365,7 @@ impl Destination {
             next_at: None,
             one_at_a_time: !limits.rate_delay.is_zero(),
             in_ring: false,
+            site: None,
         }
     }
 
@@ -382,6 +391,13 @@ impl Destination {
             && self.dead_until.is_none()
             && self.next_at.is_none_or(|t| t <= Instant::now())
             && self.in_flight < self.allowed()
+            && self.site.as_ref().is_none_or(|s| {
+                let s = s.borrow();
+                s.in_flight < s.max_connections()
+                    && s.suspended
+                        .as_ref()
+                        .is_none_or(|x| x.until <= std::time::SystemTime::now())
+            })
     }
 
     /// The window, in whole requests (for tests and logs).
@@ -406,6 +422,10 @@ pub struct Suspended {
     pub entry: Entry,
     pub dsn: String,
     pub reason: String,
+    /// Bounce rather than defer (`postern bounce DOMAIN`).
+    pub bounce: bool,
+    /// The site's suspension ends then (unix seconds): no retry sooner.
+    pub site_until: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -428,7 +448,9 @@ impl Transport {
         }
     }
 
-    fn pick(&mut self) -> Option<Dispatch> {
+    /// `waits`: destinations held back by their site's rate, and when
+    /// they may go.
+    fn pick(&mut self, waits: &mut Vec<(Instant, String)>) -> Option<Dispatch> {
         while let Some(key) = self.ring.pop_front() {
             let Some(d) = self.destinations.get_mut(&key) else {
                 continue;
@@ -436,6 +458,34 @@ impl Transport {
             d.in_ring = false;
             if !d.ready() {
                 continue;
+            }
+            let mut hint = None;
+            if let Some(site) = &d.site {
+                let mut s = site.borrow_mut();
+                let now = Instant::now();
+                let at = s.rate_ready_at(now);
+                if at > now {
+                    d.next_at = Some(at);
+                    waits.push((at, key));
+                    continue;
+                }
+                if let Some(g) = s.msg_rate.as_mut() {
+                    let _ = g.take(now);
+                }
+                // Every request may open a connection: counted per
+                // request, an upper bound of the connections made.
+                if let Some(g) = s.conn_rate.as_mut() {
+                    let _ = g.take(now);
+                }
+                s.in_flight += 1;
+                hint = Some(SiteHint {
+                    name: s.name.clone(),
+                    max_messages_per_connection: s.policy.max_messages_per_connection.unwrap_or(0),
+                    idle_timeout_secs: s
+                        .policy
+                        .idle_timeout
+                        .map_or(0, |t| t.as_secs().max(1) as u32),
+                });
             }
             let entry = d.entries.pop().expect("ready destination has entries");
             d.in_flight += 1;
@@ -445,7 +495,12 @@ impl Transport {
             // parallel requests are the faster way through a backlog). A
             // rate delay spaces deliveries out, which a batch would undo.
             let mut more = Vec::new();
-            if self.limits.batch > 1 && d.full_grown() {
+            // A site with a message rate counts one message per request.
+            let rated = d
+                .site
+                .as_ref()
+                .is_some_and(|s| s.borrow().msg_rate.is_some());
+            if self.limits.batch > 1 && d.full_grown() && !rated {
                 let free = d.allowed().saturating_sub(d.in_flight);
                 let extra = d
                     .entries
@@ -471,9 +526,60 @@ impl Transport {
                 nexthop,
                 entry,
                 more,
+                site: hint,
             });
         }
         None
+    }
+}
+
+/// The reason to bounce mail for a next hop's domain, while an
+/// administrator's bounce for it lasts.
+fn bounce_reason(
+    bounced: &mut HashMap<String, (std::time::SystemTime, String)>,
+    nexthop: &str,
+) -> Option<String> {
+    if bounced.is_empty() {
+        return None;
+    }
+    let domain = nexthop_domain(nexthop);
+    let now = std::time::SystemTime::now();
+    bounced.retain(|_, (until, _)| *until > now);
+    bounced
+        .get(&domain)
+        .map(|(_, r)| format!("delivery canceled by the administrator: {r}"))
+}
+
+/// The domain of a next hop: `[host]:port` → host, `domain:port` →
+/// domain, lower case.
+pub fn nexthop_domain(nexthop: &str) -> String {
+    let n = nexthop.trim().to_ascii_lowercase();
+    let d = if let Some(rest) = n.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("").to_string()
+    } else {
+        match n.rsplit_once(':') {
+            Some((d, p)) if p.chars().all(|c| c.is_ascii_digit()) => d.to_string(),
+            _ => n.clone(),
+        }
+    };
+    d.trim_end_matches('.').to_string()
+}
+
+fn site_suspended(entry: Entry, site: &str, s: &Suspension) -> Suspended {
+    let until = s
+        .until
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Suspended {
+        entry,
+        dsn: "4.4.5".into(),
+        reason: format!(
+            "delivery temporarily suspended: site {site} suspended until {}: {}",
+            postern_common::time::rfc5322_date(until),
+            s.reason
+        ),
+        bounce: false,
+        site_until: Some(until),
     }
 }
 
@@ -487,6 +593,8 @@ fn suspend(entry: Entry, failure: &(String, String)) -> Suspended {
             dsn.clone()
         },
         reason: format!("delivery temporarily suspended: {reason}"),
+        bounce: false,
+        site_until: None,
     }
 }
 
@@ -503,6 +611,10 @@ pub struct Scheduler {
     suspended: Vec<Suspended>,
     /// Destinations waiting out a rate delay: (when, transport, key).
     waiting: Vec<(Instant, usize, String)>,
+    /// The sites of `delivery_policy_maps`.
+    pub sites: Sites,
+    /// `postern bounce DOMAIN`: domain → (until, reason).
+    bounced: HashMap<String, (std::time::SystemTime, String)>,
 }
 
 impl Scheduler {
@@ -518,6 +630,8 @@ impl Scheduler {
             limits_of: Box::new(limits_of),
             suspended: Vec::new(),
             waiting: Vec::new(),
+            sites: Sites::none(),
+            bounced: HashMap::new(),
         }
     }
 
@@ -565,22 +679,52 @@ impl Scheduler {
         for (ti, key, nexthop, rcpts) in groups {
             let t = &mut self.transports[ti];
             let limits = t.limits;
-            let d = t
-                .destinations
-                .entry(key.clone())
-                .or_insert_with(|| Destination::new(nexthop, &limits));
+            if !t.destinations.contains_key(&key) {
+                let mut d = Destination::new(nexthop.clone(), &limits);
+                // Sites group next hops; a transport that delivers per
+                // recipient (local) has none.
+                if limits.recipients != 1 {
+                    d.site = self.sites.site_for(&t.name, &nexthop);
+                    if let Some(s) = &d.site {
+                        s.borrow_mut().members.insert((ti, key.clone()));
+                    }
+                }
+                t.destinations.insert(key.clone(), d);
+            }
+            let d = t.destinations.get_mut(&key).expect("just inserted");
+            let site_suspension = d.site.as_ref().and_then(|s| {
+                let mut s = s.borrow_mut();
+                s.is_suspended()
+                    .then(|| (s.name.clone(), s.suspended.clone().expect("suspended")))
+            });
+            let bounce_reason = bounce_reason(&mut self.bounced, &d.nexthop);
+            let chunk_size = d
+                .site
+                .as_ref()
+                .and_then(|s| s.borrow().policy.max_recipients_per_message)
+                .map_or(limits.recipients, |m| m.clamp(1, limits.recipients));
             if d.dead_until.is_some_and(|until| until <= now) {
                 // transport_retry_time has passed: try it again.
                 d.dead_until = None;
                 d.fail_cohorts = 0.0;
                 d.window = initial_window(&limits);
             }
-            for chunk in rcpts.chunks(limits.recipients) {
+            for chunk in rcpts.chunks(chunk_size) {
                 let entry = Entry {
                     message: message.to_string(),
                     recipients: chunk.to_vec(),
                 };
-                if d.dead_until.is_some() {
+                if let Some(reason) = &bounce_reason {
+                    self.suspended.push(Suspended {
+                        entry,
+                        dsn: "5.0.0".into(),
+                        reason: reason.clone(),
+                        bounce: true,
+                        site_until: None,
+                    });
+                } else if let Some((name, susp)) = &site_suspension {
+                    self.suspended.push(site_suspended(entry, name, susp));
+                } else if d.dead_until.is_some() {
                     self.suspended.push(suspend(entry, &d.last_failure));
                 } else {
                     d.entries.push(entry);
@@ -634,15 +778,21 @@ impl Scheduler {
         }
         self.promote_waiting();
         let n = self.transports.len();
+        let mut waits = Vec::new();
+        let mut found = None;
         for k in 0..n {
             let ti = (self.next + k) % n;
-            if let Some(d) = self.transports[ti].pick() {
+            let picked = self.transports[ti].pick(&mut waits);
+            self.waiting
+                .extend(waits.drain(..).map(|(at, key)| (at, ti, key)));
+            if let Some(d) = picked {
                 self.next = (ti + 1) % n;
                 self.in_flight += 1;
-                return Some(d);
+                found = Some(d);
+                break;
             }
         }
-        None
+        found
     }
 
     /// A dispatched request has finished. `failure`: the destination
@@ -664,6 +814,7 @@ impl Scheduler {
         t.in_flight -= 1;
         self.in_flight -= 1;
         let now = Instant::now();
+        let site = d.site.clone();
         match failure {
             None => {
                 d.fail_cohorts = 0.0;
@@ -708,13 +859,164 @@ impl Scheduler {
             d.next_at = Some(now + limits.rate_delay);
             self.waiting
                 .push((now + limits.rate_delay, ti, destination.to_string()));
-            return;
-        }
-        if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
+        } else if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
             t.destinations.remove(destination);
         } else {
             t.make_ready(destination);
         }
+        if let Some(site) = site {
+            self.site_done(&site, failure);
+        }
+    }
+
+    /// `postern bounce DOMAIN`: what waits for the domain is bounced now
+    /// (handed back by [`Scheduler::take_suspended`]), and new mail for
+    /// it until `until`. Returns how many entries were bounced now.
+    pub fn bounce_domain(
+        &mut self,
+        domain: &str,
+        until: std::time::SystemTime,
+        reason: &str,
+    ) -> usize {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.bounced
+            .insert(domain.clone(), (until, reason.to_string()));
+        let text = format!("delivery canceled by the administrator: {reason}");
+        let mut n = 0;
+        for t in &mut self.transports {
+            for d in t.destinations.values_mut() {
+                if nexthop_domain(&d.nexthop) != domain {
+                    continue;
+                }
+                for entry in d.entries.drain() {
+                    n += 1;
+                    self.suspended.push(Suspended {
+                        entry,
+                        dsn: "5.0.0".into(),
+                        reason: text.clone(),
+                        bounce: true,
+                        site_until: None,
+                    });
+                }
+            }
+        }
+        n
+    }
+
+    /// A request of a site has ended: its connection is free, and the
+    /// site's other queues may go; `max_connect_failures` failures in a
+    /// row suspend the site for `retry_after`.
+    fn site_done(&mut self, site: &SiteRef, failure: Option<(&str, &str)>) {
+        let members: Vec<(usize, String)> = {
+            let mut s = site.borrow_mut();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            match failure {
+                None => s.connect_failures = 0,
+                Some((dsn, reason)) => {
+                    s.connect_failures += 1;
+                    s.last_reply = format!("{dsn} {reason}");
+                }
+            }
+            s.members.iter().cloned().collect()
+        };
+        let limit = site.borrow().policy.max_connect_failures;
+        let failed = site.borrow().connect_failures;
+        if let (Some(limit), Some((_, reason))) = (limit, failure) {
+            if limit > 0 && failed >= limit && !site.borrow_mut().is_suspended() {
+                let retry = self.sites.retry_after(&site.borrow());
+                self.suspend_site(
+                    site,
+                    retry,
+                    &format!("{failed} consecutive connection failures ({reason})"),
+                );
+                return;
+            }
+        }
+        for (ti, key) in members {
+            if let Some(t) = self.transports.get_mut(ti) {
+                t.make_ready(&key);
+            }
+        }
+    }
+
+    /// Suspends a site for `duration`: what waits for it is deferred
+    /// without a connection attempt (the caller takes it with
+    /// [`Scheduler::take_suspended`]), and so is new mail for it until
+    /// then. Saved in `data_directory`.
+    pub fn suspend_site(&mut self, site: &SiteRef, duration: Duration, reason: &str) {
+        let members: Vec<(usize, String)> = {
+            let mut s = site.borrow_mut();
+            let until = std::time::SystemTime::now() + duration;
+            s.suspended = Some(Suspension {
+                until,
+                reason: reason.to_string(),
+            });
+            info!(
+                "site {}: suspended for {}s: {reason}",
+                s.name,
+                duration.as_secs()
+            );
+            // TODO(acct merge): write an accounting "site mode change"
+            // record (suspended, with the reason) here.
+            s.members.iter().cloned().collect()
+        };
+        let (name, susp) = {
+            let s = site.borrow();
+            (s.name.clone(), s.suspended.clone().expect("just set"))
+        };
+        for (ti, key) in members {
+            if let Some(d) = self
+                .transports
+                .get_mut(ti)
+                .and_then(|t| t.destinations.get_mut(&key))
+            {
+                self.suspended.extend(
+                    d.entries
+                        .drain()
+                        .into_iter()
+                        .map(|e| site_suspended(e, &name, &susp)),
+                );
+            }
+        }
+        self.sites.save();
+    }
+
+    /// Lifts a site's suspension; its queues may go at once.
+    pub fn resume_site(&mut self, site: &SiteRef) {
+        let members: Vec<(usize, String)> = {
+            let mut s = site.borrow_mut();
+            s.suspended = None;
+            s.connect_failures = 0;
+            info!("site {}: resumed", s.name);
+            // TODO(acct merge): accounting "site mode change" (resumed).
+            s.members.iter().cloned().collect()
+        };
+        for (ti, key) in members {
+            if let Some(t) = self.transports.get_mut(ti) {
+                t.make_ready(&key);
+            }
+        }
+        self.sites.save();
+    }
+
+    /// The site of a destination, if it has one.
+    pub fn site_of(&self, transport: &str, destination: &str) -> Option<SiteRef> {
+        let ti = *self.index.get(transport)?;
+        self.transports[ti]
+            .destinations
+            .get(destination)?
+            .site
+            .clone()
+    }
+
+    /// Entries waiting for each site (for `postern queues`).
+    pub fn site_queued(&self, site: &SiteRef) -> usize {
+        site.borrow()
+            .members
+            .iter()
+            .filter_map(|(ti, key)| self.transports.get(*ti)?.destinations.get(key))
+            .map(|d| d.entries.len)
+            .sum()
     }
 
     /// Forgets every dead destination (Postfix's `F` trigger, "purge all
@@ -1160,5 +1462,81 @@ mod tests {
         let d = s.pick().expect("dispatched after the flush");
         assert_eq!(d.destination, "dead.test");
         assert_eq!(d.entry.message, "O");
+    }
+
+    #[test]
+    fn a_site_caps_connections_across_its_destinations_and_paces_its_rate() {
+        use postern_common::delivery_policy::Policy;
+        let mut s = Scheduler::new(1000, |_| Limits {
+            concurrency: 20,
+            initial: 20,
+            recipients: 1000,
+            ..Limits::default()
+        });
+        let policy = Policy::parse("max_connections=2 max_message_rate=10/s").unwrap();
+        s.sites.test_route("a.test", "shared", policy.clone());
+        s.sites.test_route("b.test", "shared", policy);
+        for i in 0..5 {
+            s.add_message(&format!("A{i}"), &[target(0, "smtp", "a.test", "x@a.test")]);
+            s.add_message(&format!("B{i}"), &[target(0, "smtp", "b.test", "x@b.test")]);
+        }
+        // The first goes; the second is held by the rate (10/s: 100 ms).
+        let first = s.pick().expect("one may go");
+        assert_eq!(first.site.as_ref().unwrap().name, "shared");
+        assert!(s.pick().is_none(), "the rate holds the next one back");
+        let wake = s.next_wakeup().expect("a wake-up for the rate");
+        let wait = wake.saturating_duration_since(Instant::now());
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        std::thread::sleep(wait + Duration::from_millis(5));
+        let second = s.pick().expect("after 100 ms");
+        assert_ne!(
+            first.destination, second.destination,
+            "both domains, one site"
+        );
+        // Two connections in flight: the cap, whatever the rate allows.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            s.pick().is_none(),
+            "max_connections=2 across a.test and b.test"
+        );
+        s.done(&first.transport, &first.destination, None);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.pick().is_some(), "a connection is free again");
+    }
+
+    #[test]
+    fn connect_failures_suspend_a_site_and_its_mail_waits() {
+        use postern_common::delivery_policy::Policy;
+        let mut s = Scheduler::new(1000, feedback_limits);
+        let policy = Policy::parse("max_connect_failures=2 retry_after=10m").unwrap();
+        s.sites.test_route("a.test", "down", policy);
+        let t: Vec<Target> = (0..6).map(|i| target(i, "smtp", "a.test", "x")).collect();
+        s.add_message("M", &t);
+        let a = s.pick().unwrap();
+        let b = s.pick().unwrap();
+        s.done(
+            &a.transport,
+            &a.destination,
+            Some(("4.4.1", "connect: refused")),
+        );
+        s.done(
+            &b.transport,
+            &b.destination,
+            Some(("4.4.1", "connect: refused")),
+        );
+        let site = s.sites.find("down").unwrap();
+        assert!(site.borrow_mut().is_suspended());
+        assert!(!s.take_suspended().is_empty(), "what waited is deferred");
+        s.add_message("N", &[target(0, "smtp", "a.test", "x")]);
+        let sus = s.take_suspended();
+        assert_eq!(sus.len(), 1);
+        assert!(
+            sus[0].reason.contains("site down suspended"),
+            "{}",
+            sus[0].reason
+        );
+        s.resume_site(&site);
+        s.add_message("O", &[target(0, "smtp", "a.test", "x")]);
+        assert!(s.take_suspended().is_empty());
     }
 }

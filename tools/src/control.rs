@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "postern";
-const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]|dkim-keygen DOMAIN SELECTOR [rsa|ed25519]";
+const USAGE: &str = "usage: postern [-c config_dir] start|start-fg|stop|abort|reload|status|check|flush|set-permissions|upgrade-configuration|logrotate|tls-report send [-d YYYY-MM-DD]|dkim-keygen DOMAIN SELECTOR [rsa|ed25519]|queues [-j]|suspend SITE|DOMAIN [DURATION]|resume SITE|DOMAIN|bounce DOMAIN [REASON]";
 
 pub fn main() -> ! {
     let mut config: Option<PathBuf> = None;
@@ -35,7 +35,10 @@ pub fn main() -> ! {
     let mut extra: Vec<String> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        if matches!(command.as_deref(), Some("tls-report" | "dkim-keygen")) {
+        if matches!(
+            command.as_deref(),
+            Some("tls-report" | "dkim-keygen" | "queues" | "suspend" | "resume" | "bounce")
+        ) {
             extra.push(a);
             continue;
         }
@@ -121,6 +124,9 @@ pub fn main() -> ! {
         "upgrade-configuration" => crate::upkeep::upgrade_configuration(&cfg),
         "logrotate" => crate::upkeep::logrotate(&cfg, running(&cfg)),
         "tls-report" => crate::tls_report::main(&cfg, &extra),
+        "queues" | "suspend" | "resume" | "bounce" => {
+            crate::sites::main(&cfg, command.as_str(), &extra)
+        }
         other => die(
             NAME,
             EX_USAGE,
@@ -262,6 +268,19 @@ fn check_tables(cfg: &Config) -> usize {
             if let Err(e) = postern_common::maps::check_spec(&spec, builder) {
                 problems.push(format!("{at}{name}: {e}"));
             }
+            // Every value must be a policy qmgr understands.
+            if name == "delivery_policy_maps" || name == "delivery_reply_rules" {
+                for (place, value) in postern_common::delivery_policy::table_values(&spec) {
+                    let parsed = if name == "delivery_policy_maps" {
+                        postern_common::delivery_policy::Policy::parse(&value).map(|_| ())
+                    } else {
+                        postern_common::delivery_policy::ReplyRule::parse(&value).map(|_| ())
+                    };
+                    if let Err(e) = parsed {
+                        problems.push(format!("{at}{name}: {place}: {e}"));
+                    }
+                }
+            }
         }
     };
     for name in names {
@@ -316,7 +335,7 @@ fn table_specs(name: &str, value: &str) -> Vec<String> {
         matches!(i.split_once(':'), Some((kind, _))
             if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()))
     };
-    if name.ends_with("_maps") || name.ends_with("_checks") {
+    if name.ends_with("_maps") || name.ends_with("_checks") || name == "delivery_reply_rules" {
         // `$other_maps` expanded may bring names along (a list that
         // also holds domains): tables are opened, and a file name without
         // its type is reported (Postfix wants type:name).

@@ -58,6 +58,7 @@ pub mod postsuper;
 pub mod qshape;
 pub mod secrets;
 pub mod sendmail;
+pub mod sites;
 pub mod stdio_smtp;
 pub mod sysexits;
 pub mod tls_report;

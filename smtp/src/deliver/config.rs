@@ -225,6 +225,14 @@ impl Agent {
                     None => Ok(checks),
                 }
             },
+            reply_rules: {
+                let (t, bad) =
+                    postern_common::maps::Tables::open_list(&cfg.get("delivery_reply_rules"));
+                for e in bad {
+                    warning!("delivery_reply_rules: {e}");
+                }
+                t
+            },
             sts: crate::sts::StsClient::from_config(cfg, lmtp),
             tls_rpt: crate::sts::report_store(cfg),
             cache: Cache::new(

@@ -22,6 +22,8 @@ pub(super) struct JobTransaction<'a> {
     checks: &'a Result<CheckTables, String>,
     /// The message is relayed under REQUIRETLS (RFC 8689).
     requiretls: bool,
+    /// `delivery_reply_rules` (`defer`, `bounce`).
+    reply_rules: &'a postern_common::maps::Tables,
 }
 
 impl<'a> JobTransaction<'a> {
@@ -34,6 +36,7 @@ impl<'a> JobTransaction<'a> {
         eight_bit: &'a mut Option<bool>,
         checks: &'a Result<CheckTables, String>,
         requiretls: bool,
+        reply_rules: &'a postern_common::maps::Tables,
     ) -> JobTransaction<'a> {
         let rcpts = job.unfinished();
         JobTransaction {
@@ -43,6 +46,7 @@ impl<'a> JobTransaction<'a> {
             eight_bit,
             checks,
             requiretls,
+            reply_rules,
             job,
         }
     }
@@ -112,8 +116,23 @@ impl Transaction for JobTransaction<'_> {
     }
 
     fn record(&mut self, i: usize, outcome: Outcome, dsn: &str, reason: &str) {
+        let site = self
+            .job
+            .req
+            .site
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let (outcome, dsn) = postern_common::delivery_policy::adjust_outcome(
+            self.reply_rules,
+            outcome,
+            dsn,
+            reason,
+            &site,
+            &self.relay,
+        );
         self.job
-            .record(&self.rcpts[i], outcome, dsn, &self.relay, reason);
+            .record(&self.rcpts[i], outcome, &dsn, &self.relay, reason);
     }
 
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {

@@ -157,6 +157,8 @@ pub struct Agent {
     /// that could not be opened (deliveries are deferred, never sent
     /// unchecked).
     content_checks: Result<CheckTables, String>,
+    /// `delivery_reply_rules`: the `defer` and `bounce` actions.
+    pub(crate) reply_rules: postern_common::maps::Tables,
     /// `debug_peer_list`, `debug_peer_level`: the next hops and servers
     /// whose sessions log verbosely.
     debug_peer: postern_common::debug_peer::DebugPeer,
@@ -524,7 +526,9 @@ impl Agent {
         let created = std::time::Instant::now();
         let (end, idle) = self.session(job, stream, peer, sec, eight_bit);
         if let Some(idle) = idle {
-            self.cache.put(key.to_string(), idle, created);
+            let site = job.req.site.clone();
+            self.cache
+                .put(key.to_string(), idle, created, 1, site.as_ref());
         }
         Some(end)
     }
@@ -546,6 +550,7 @@ impl Agent {
             eight_bit,
             &self.content_checks,
             requiretls,
+            &self.reply_rules,
         );
         client::deliver_with(stream, peer, &self.settings, sec, &mut txn)
     }
@@ -560,7 +565,8 @@ impl Agent {
         sec: client::Security<'_>,
         eight_bit: &mut Option<bool>,
     ) -> Option<End> {
-        let (idle, created) = self.cache.take(key)?;
+        let (idle, created, uses) = self.cache.take(key)?;
+        let site = job.req.site.clone();
         let requiretls = self.message_tls(job) == MessageTls::Required;
         let mut txn = JobTransaction::new(
             job,
@@ -568,10 +574,12 @@ impl Agent {
             eight_bit,
             &self.content_checks,
             requiretls,
+            &self.reply_rules,
         );
         let (end, idle) = client::deliver_again(idle, peer, &self.settings, sec, &mut txn)?;
         if let Some(idle) = idle {
-            self.cache.put(key.to_string(), idle, created);
+            self.cache
+                .put(key.to_string(), idle, created, uses + 1, site.as_ref());
         }
         Some(end)
     }
@@ -672,8 +680,13 @@ impl Agent {
                 tls: tls.as_ref(),
                 sasl: auth.as_ref(),
             };
+            // A site's domains share its connections.
+            let owner = match &job.req.site {
+                Some(s) => format!("site:{}", s.name),
+                None => dest.to_string(),
+            };
             let key = format!(
-                "{dest} {} {} {:?}{}",
+                "{owner} {} {} {:?}{}",
                 srv.relay(),
                 auth.as_ref().map(|a| a.creds.user.as_str()).unwrap_or(""),
                 policy.level,
@@ -759,7 +772,8 @@ impl Agent {
         let created = std::time::Instant::now();
         let (mut end, idle) = self.session(job, stream, PeerId::from(srv), sec, eight_bit);
         if let Some(idle) = idle {
-            self.cache.put(key, idle, created);
+            let site = job.req.site.clone();
+            self.cache.put(key, idle, created, 1, site.as_ref());
         }
         // Never in plaintext with credentials to send.
         if sec.sasl.is_none() && self.plaintext_fallback(job, policy, &end) {

@@ -50,6 +50,7 @@ fn make_job(dir: &PathBuf, rcpts: &[&str], body: &[u8], nexthop: &str) -> (Queue
             .collect(),
         queue_wait: 0.0,
         flags: 0,
+        site: None,
     };
     let job = Job::open(&tree, req).unwrap();
     (tree, job)

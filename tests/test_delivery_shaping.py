@@ -1,0 +1,354 @@
+"""Issue #19: sites and traffic shaping in qmgr (`delivery_policy_maps`).
+
+A scripted throttling receiver (tests/throttle_receiver.py) stands for a
+big mailbox provider; dnsmasq gives the test domains their MX hosts, which
+qmgr looks up itself to find each domain's site.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import postern_harness as h
+from throttle_receiver import ThrottleReceiver
+
+SENDER = "sender@example.org"
+
+
+@pytest.fixture
+def receivers():
+    started = []
+
+    def make(**kw):
+        r = ThrottleReceiver(**kw).start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+def inject(p, rcpts, token):
+    """One SMTP session into Postern, one message per recipient in `rcpts`."""
+    with p.smtp(timeout=60) as s:
+        s.ehlo("client.example")
+        for i, rcpt in enumerate(rcpts):
+            msg = h.crlf(f"From: {SENDER}\nTo: {rcpt}\nSubject: {token} {i}\n\nbody {i}\n")
+            s.sendmail(SENDER, [rcpt], msg)
+
+
+def wait_count(rx, n, timeout):
+    h.wait_for(lambda: rx.count() >= n, timeout, interval=0.2,
+               what=f"{n} messages at the receiver (have {rx.count()})")
+
+
+def policy_postern(make_postern, dns, transport_table, policy_text, **params):
+    base = {
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "transport_maps": lambda p: f"texthash:{p.etc}/transport",
+        "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+    }
+    base.update(params)
+    return make_postern(base, files={"etc/transport": transport_table,
+                                     "etc/delivery_policy": policy_text})
+
+
+def test_connection_cap_and_message_rate_hold(make_postern, dnsmasq, receivers):
+    """max_connections=3 max_message_rate=20/s: 2,000 messages arrive over
+    never more than 3 connections at once, at 20/s within 10%, and the
+    receiver (which refuses a 4th connection, and more than 46 messages in
+    any 2 seconds: 20/s with room for the arrival jitter of loopback
+    sessions, but not for a burst) never has to answer 4xx."""
+    rx = receivers(max_connections=3, max_rate=46, rate_window=2.0)
+    dns = dnsmasq(["--local=/test/", "--mx-host=shaped.test,mx.shaped.test,10",
+                   "--host-record=mx.shaped.test,127.0.0.1"])
+    p = policy_postern(make_postern, dns, f"shaped.test smtp:shaped.test:{rx.port}\n",
+                       "shaped.test max_connections=3 max_message_rate=20/s\n")
+    n = 2000
+    token = "pt-shape-" + str(time.time())
+    inject(p, [f"u{i}@shaped.test" for i in range(n)], token)
+    wait_count(rx, n, timeout=n / 20 + 90)
+    assert rx.temp_failures() == [], rx.temp_failures()[:5]
+    assert rx.max_concurrent <= 3, rx.summary()
+    rate = rx.rate()
+    assert abs(rate - 20.0) <= 2.0, rx.summary()
+    assert rx.max_in_window(2.0) <= 46, rx.summary()
+    assert rx.max_in_window(1.0) <= 26, rx.summary()
+    print("receiver:", rx.summary())
+    assert not p.log_search(r"status=deferred"), p.log_tail()
+
+
+def test_domains_with_the_same_mx_hosts_share_one_site(make_postern, dnsmasq, receivers):
+    """a.test and b.test have the same MX host: one site, one limit of 2
+    connections between them; c.test has another MX host: a site of its
+    own, with its own 2 connections at the same time."""
+    shared = receivers(data_delay=0.4)
+    other = receivers(data_delay=0.4)
+    dns = dnsmasq(["--local=/test/",
+                   "--mx-host=a.test,mx.shared.test,10",
+                   "--mx-host=b.test,mx.shared.test,10",
+                   "--mx-host=c.test,mx.other.test,10",
+                   "--host-record=mx.shared.test,127.0.0.1",
+                   "--host-record=mx.other.test,127.0.0.1"])
+    table = (f"a.test smtp:a.test:{shared.port}\n"
+             f"b.test smtp:b.test:{shared.port}\n"
+             f"c.test smtp:c.test:{other.port}\n")
+    p = policy_postern(make_postern, dns, table, "* max_connections=2\n")
+    rcpts = [f"u{i}@{d}" for i in range(12) for d in ("a.test", "b.test", "c.test")]
+    inject(p, rcpts, "pt-site")
+    wait_count(shared, 24, 120)
+    wait_count(other, 12, 120)
+    # a.test and b.test: 2 at once between them (not 2 each).
+    assert shared.max_concurrent == 2, shared.summary()
+    # c.test: its own 2, while the shared site had its 2.
+    assert other.max_concurrent == 2, other.summary()
+    together = max(shared.concurrency_at(t) + other.concurrency_at(t)
+                   for t, _, _ in shared.connections + other.connections)
+    assert together >= 3, (shared.summary(), other.summary())
+    # Both domains of the shared site went over the same connections.
+    peers_a = {m.peer for m in shared.accepted if m.rcpts[0].endswith("@a.test")}
+    peers_b = {m.peer for m in shared.accepted if m.rcpts[0].endswith("@b.test")}
+    assert peers_a & peers_b, "a.test and b.test never shared a connection"
+
+
+def test_unknown_policy_setting_is_an_error_at_check(make_postern, dnsmasq):
+    dns = dnsmasq(["--local=/test/"])
+    p = make_postern({"dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+                      "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy"},
+                     files={"etc/delivery_policy": "example.com max_conections=2\n"},
+                     start=False)
+    r = p.postern("check")
+    assert r.returncode == 1, r
+    assert "max_conections" in (r.stdout + r.stderr), r
+
+
+def rules_postern(make_postern, dns, rx, domain, policy, rules, **params):
+    base = {
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "transport_maps": lambda p: f"texthash:{p.etc}/transport",
+        "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+        "delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules",
+        "minimal_backoff_time": "2s",
+        "maximal_backoff_time": "4s",
+        "queue_run_delay": "1s",
+    }
+    base.update(params)
+    return make_postern(base, files={"etc/transport": f"{domain} smtp:{domain}:{rx.port}\n",
+                                     "etc/delivery_policy": f"{domain} {policy}\n",
+                                     "etc/reply_rules": rules})
+
+
+def test_reputation_mode_and_a_suspend_rule(make_postern, dnsmasq, receivers):
+    """The receiver answers [TS04] for a while; the suspend= rule stops
+    every attempt (at most one more per connection already open),
+    `postern queues` shows the site suspended with the rule and the
+    reply, and delivery resumes by itself when the suspension is over."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=rep.test,mx.rep.test,10",
+                   "--host-record=mx.rep.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "rep.test",
+                      "max_connections=2 max_message_rate=20/s",
+                      "/\\[TS0[1-4]\\]/ suspend=8s class=throttled\n")
+    inject(p, [f"warm{i}@rep.test" for i in range(5)], "pt-rep-warm")
+    wait_count(rx, 5, 30)
+    rx.reputation(3)
+    started = time.time()
+    inject(p, [f"u{i}@rep.test" for i in range(20)], "pt-rep")
+    h.wait_for(lambda: p.log_search(r"site .*rep.*: suspended for 8s"), 20,
+               what="the site suspended")
+    out = p.postern("queues")
+    assert out.returncode == 0, out
+    assert "mode=suspended" in out.stdout, out.stdout
+    assert "[TS04]" in out.stdout and "suspend=8s" in out.stdout, out.stdout
+    js = [json.loads(line) for line in p.postern("queues", "-j").stdout.splitlines()]
+    site = next(s for s in js if "rep.test" in s["domains"])
+    assert site["mode"] == "suspended" and "[TS04]" in site["reason"], site
+    # Everything arrives once the suspension is over, without more tries
+    # in between.
+    wait_count(rx, 25, 60)
+    ts04 = [r for r in rx.replies if "[TS04]" in r[1]]
+    assert 1 <= len(ts04) <= 2, ts04  # at most one per open connection
+    after = [a.time for a in rx.accepted if a.rcpts[0].startswith("u")]
+    assert min(after) >= started + 7.0, (min(after) - started)
+    assert p.log_search(r"site .*rep.*: resumed"), p.log_tail()
+
+
+def svg_plot(path, series, title, t0):
+    """A small SVG line chart: series = {label: [(x, y), ...]}."""
+    width, height, pad = 720, 320, 40
+    xs = [x for pts in series.values() for x, _ in pts] or [0, 1]
+    ys = [y for pts in series.values() for _, y in pts] or [0, 1]
+    xmax, ymax = max(xs) or 1, max(ys) * 1.1 or 1
+    colors = ["#1f77b4", "#d62728", "#2ca02c"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+           f'<text x="{pad}" y="20" font-family="sans-serif" font-size="14">{title}</text>',
+           f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="30" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+           f'<text x="{width // 2}" y="{height - 8}" font-size="12">seconds</text>',
+           f'<text x="2" y="40" font-size="12">{ymax:.0f}/s</text>']
+    for i, (label, pts) in enumerate(series.items()):
+        coords = " ".join(f"{pad + (x / xmax) * (width - pad - 10):.1f},"
+                          f"{height - pad - (y / ymax) * (height - pad - 30):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{colors[i % 3]}" stroke-width="2" points="{coords}"/>')
+        out.append(f'<text x="{width - 200}" y="{40 + 16 * i}" font-size="12" fill="{colors[i % 3]}">{label}</text>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
+def test_backoff_rule_rate_falls_and_climbs_back(make_postern, dnsmasq, receivers):
+    """A struggling receiver (5 messages/s, `451 4.7.1 rate limited` over
+    that) and a `backoff` rule: the rate it sees falls from 20/s to what it
+    takes; when it recovers, the rate climbs back step by step. Plotted
+    into bench/results/backoff-rate.svg from the receiver's timestamps."""
+    rx = receivers(max_rate=5)
+    dns = dnsmasq(["--local=/test/", "--mx-host=bo.test,mx.bo.test,10",
+                   "--host-record=mx.bo.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bo.test",
+                      "max_connections=2 max_message_rate=20/s backoff_recover_after=10",
+                      "/rate limited/ backoff class=throttled\n")
+    n = 700
+    t0 = time.time()
+    inject(p, [f"u{i}@bo.test" for i in range(n)], "pt-bo")
+    time.sleep(max(0.0, t0 + 15 - time.time()))
+    rx.max_rate = 0  # the receiver has recovered
+    recovered = time.time()
+    wait_count(rx, n, 180)
+    ts = sorted(rx.times())
+    def rate_between(a, b):
+        return sum(1 for t in ts if a <= t < b) / (b - a)
+    struggling = rate_between(t0 + 8, t0 + 15)
+    end = ts[-1]
+    # The last seconds before the backlog ran out: back near 20/s.
+    final = rate_between(end - 5, end)
+    assert struggling <= 7.0, struggling
+    assert final >= 15.0, final
+    assert p.log_search(r"site .*bo.*: backoff: rate"), p.log_tail()
+    assert p.log_search(r"backoff over: back to normal") or final >= 18.0
+    bins = {}
+    for t in ts:
+        bins[int(t - t0)] = bins.get(int(t - t0), 0) + 1
+    points = [(s, bins.get(s, 0)) for s in range(0, int(end - t0) + 1)]
+    here = Path(__file__).resolve().parent.parent / "bench" / "results"
+    svg_plot(here / "backoff-rate.svg",
+             {"messages/s at the receiver": points,
+              "receiver limit (5/s until recovered)": [(0, 5), (recovered - t0, 5),
+                                                       (recovered - t0, 0)]},
+             "Adaptive backoff: a rule on '451 4.7.1 rate limited', 20/s configured", t0)
+    print(f"struggling={struggling:.1f}/s final={final:.1f}/s; {rx.summary()}")
+
+
+def test_shipped_policy_and_rules_pass_check(make_postern):
+    """conf/etc/delivery_policy and conf/etc/reply_rules, as shipped, are
+    what `postern check` accepts; the shipped rules catch the receiver's
+    throttling replies."""
+    conf = Path(__file__).resolve().parent.parent / "conf" / "etc"
+    policy = (conf / "delivery_policy").read_text()
+    rules = (conf / "reply_rules").read_text()
+    p = make_postern({"delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+                      "delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules"},
+                     files={"etc/delivery_policy": policy, "etc/reply_rules": rules},
+                     start=False)
+    r = p.postern("check")
+    assert r.returncode == 0, r.stderr
+    for reply, action in [
+        ("421 4.7.0 [TS04] Messages temporarily deferred", "suspend=2h"),
+        ("451 4.7.1 rate limited", "backoff"),
+        ("421 4.7.0 Too many connections", "backoff"),
+    ]:
+        q = p.postmap("-q", reply, f"regexp:{p.etc}/reply_rules") if hasattr(p, "postmap") \
+            else h.run([p.cmd("postmap"), "-c", p.etc, "-q", reply, f"regexp:{p.etc}/reply_rules"],
+                       env=p.env())
+        assert action in q.stdout, (reply, q.stdout, q.stderr)
+    bad = make_postern({"delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules"},
+                       files={"etc/reply_rules": "/x/ slow_down\n"}, start=False)
+    r = bad.postern("check")
+    assert r.returncode == 1 and "slow_down" in r.stderr, r
+
+
+def test_operator_commands_and_suspensions_survive_reload_and_restart(make_postern, dnsmasq,
+                                                                     receivers):
+    """`postern suspend`/`resume`/`bounce`/`queues`: each logged; a
+    suspension holds across `postern reload` (a new qmgr process) and
+    across a restart (kept in data_directory)."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=op.test,mx.op.test,10",
+                   "--host-record=mx.op.test,127.0.0.1",
+                   "--mx-host=gone.test,mx.op.test,10"])
+    table = f"op.test smtp:op.test:{rx.port}\ngone.test smtp:gone.test:{rx.port}\n"
+    p = make_postern({
+        "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
+        "transport_maps": lambda p: f"texthash:{p.etc}/transport",
+        "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+        "minimal_backoff_time": "2s", "maximal_backoff_time": "2s", "queue_run_delay": "1s",
+    }, files={"etc/transport": table, "etc/delivery_policy": "* max_connections=2\n"})
+    inject(p, ["first@op.test"], "pt-op")
+    wait_count(rx, 1, 30)
+    r = p.postern("suspend", "op.test", "10m", "maintenance window")
+    assert r.returncode == 0, r
+    assert p.log_search(r"admin: suspend site mx\.op\.test for 600s: maintenance window")
+    q = p.postern("queues")
+    assert "mode=suspended" in q.stdout and "maintenance window" in q.stdout, q.stdout
+    inject(p, ["held1@op.test"], "pt-op")
+    h.wait_for(lambda: p.log_search(r"held1@op\.test.*status=deferred.*suspended"), 20,
+               what="held1 deferred, site suspended")
+
+    old = p.qmgr_pid()
+    assert p.postern("reload").returncode == 0
+    h.wait_for(lambda: p.qmgr_pid() not in (None, old), 30, what="a new qmgr")
+    q = p.postern("queues")
+    assert "mx.op.test" in q.stdout and "mode=suspended" in q.stdout, q.stdout
+    time.sleep(4)  # held1's retries come and go: no attempt
+    assert rx.count() == 1, "delivered to a suspended site after a reload"
+
+    p.stop()
+    p.start()
+    inject(p, ["held2@op.test"], "pt-op")
+    time.sleep(4)
+    assert rx.count() == 1, "delivered to a suspended site after a restart"
+    q = p.postern("queues", "-j")
+    site = next(json.loads(x) for x in q.stdout.splitlines() if "mx.op.test" in x)
+    assert site["mode"] == "suspended", site
+
+    r = p.postern("resume", "op.test")
+    assert r.returncode == 0, r
+    assert p.log_search(r"admin: resume site mx\.op\.test")
+    wait_count(rx, 3, 30)
+
+    # bounce: what waits for the domain, and new mail for a while.
+    r = p.postern("bounce", "gone.test", "domain retired")
+    assert r.returncode == 0, r
+    inject(p, ["x@gone.test"], "pt-op")
+    h.wait_for(lambda: p.log_search(r"x@gone\.test.*status=bounced.*domain retired"), 20,
+               what="x@gone.test bounced")
+    assert p.log_search(r"admin: bounce mail for gone\.test")
+    assert rx.count() == 3
+    assert p.postern("suspend", "nosuch.test").returncode == 1
+
+
+def test_defer_and_bounce_rules_change_a_recipients_outcome(make_postern, dnsmasq, receivers):
+    """`defer` makes a remote 5xx temporary, `bounce` a 4xx final; the
+    receiver's per-recipient 550 5.1.1 and 552 5.2.2 without a rule stay
+    as they are."""
+    rx = receivers()
+    rx.set_rcpt("tempo@rr.test", "550 5.2.1 mailbox temporarily disabled")
+    rx.set_rcpt("full@rr.test", "452 4.2.2 mailbox full")
+    rx.set_rcpt("nouser@rr.test", "550 5.1.1 no such user")
+    rx.set_rcpt("over@rr.test", "552 5.2.2 mailbox full")
+    dns = dnsmasq(["--local=/test/", "--mx-host=rr.test,mx.rr.test,10",
+                   "--host-record=mx.rr.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "rr.test", "max_connections=2",
+                      "/temporarily disabled/ defer class=inactive\n"
+                      "/^452 4\\.2\\.2 / bounce class=quota\n")
+    for r in ["tempo", "full", "nouser", "over", "ok"]:
+        inject(p, [f"{r}@rr.test"], "pt-rr")
+    wait_count(rx, 1, 30)
+    for rcpt, status in [("tempo", "deferred"), ("full", "bounced"),
+                         ("nouser", "bounced"), ("over", "bounced"), ("ok", "sent")]:
+        h.wait_for(lambda: p.log_search(rf"to=<{rcpt}@rr\.test>.*status={status}"), 20,
+                   what=f"{rcpt}: {status}")
+    assert p.log_search(r"to=<tempo@rr\.test>.*dsn=4\.2\.1, status=deferred"), p.log_tail()
+    assert p.log_search(r"to=<full@rr\.test>.*dsn=5\.2\.2, status=bounced"), p.log_tail()
