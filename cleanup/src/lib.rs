@@ -24,5 +24,6 @@
 
 pub mod headers;
 pub mod message;
+pub mod milter;
 pub mod rewrite;
 pub mod server;

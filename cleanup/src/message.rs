@@ -43,6 +43,8 @@ pub struct Settings {
     pub original_recipient: bool,
     /// `always_bcc`: a copy of every message goes there ("": none).
     pub always_bcc: String,
+    /// `smtpd_milters`, `non_smtpd_milters` (see [`crate::milter`]).
+    pub milters: crate::milter::Settings,
 }
 
 impl Settings {
@@ -87,6 +89,7 @@ impl Settings {
             }) as usize,
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
             always_bcc: cfg.get("always_bcc").trim().to_string(),
+            milters: crate::milter::Settings::from_config(cfg),
         }
     }
 
@@ -115,8 +118,26 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// The `dsn` of a refusal whose `reason` is a milter's SMTP reply.
+pub const MILTER_DSN: &str = postern_common::ipc::MILTER_REPLY_DSN;
+
 impl Refusal {
+    /// The enhanced status code, also of a milter's reply.
+    pub fn dsn_text(&self) -> String {
+        if self.dsn != MILTER_DSN {
+            return self.dsn.to_string();
+        }
+        let class = if self.temporary { '4' } else { '5' };
+        self.reason
+            .split([' ', '-'])
+            .nth(1)
+            .filter(|d| d.starts_with(class) && d.split('.').count() == 3)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{class}.7.1"))
+    }
+
     pub fn reply(&self) -> CleanupReply {
+
         CleanupReply::Failed {
             temporary: self.temporary,
             dsn: self.dsn.into(),
@@ -201,6 +222,9 @@ pub struct Message<'a> {
     named: queue::DirChange,
     /// The recipients kept so far: one copy for a recipient given again.
     dups: DupFilter,
+    /// Where the sender record starts: milters' changes rewrite the file
+    /// from there.
+    envelope_at: u64,
 }
 
 impl<'a> Message<'a> {
@@ -245,6 +269,7 @@ impl<'a> Message<'a> {
             body_partial: Vec::new(),
             named,
             dups: DupFilter::new(settings.duplicate_filter_limit),
+            envelope_at: 0,
         })
     }
 
@@ -307,6 +332,7 @@ impl<'a> Message<'a> {
         let (secs, usecs) = queue::now();
         let written = (|| {
             w.arrival(secs, usecs)?;
+            let at = w.position();
             w.sender(&new.sender)?;
             // The SMTPUTF8 flags are known only with the headers: written
             // then (write_head).
@@ -319,9 +345,10 @@ impl<'a> Message<'a> {
             {
                 w.attribute(n, v)?;
             }
-            Ok::<(), io::Error>(())
+            Ok::<u64, io::Error>(at)
         })();
-        written.map_err(Refusal::write_error)
+        self.envelope_at = written.map_err(Refusal::write_error)?;
+        Ok(())
     }
 
     /// Who submitted the message ("smtpd", "pickup", ...), for log lines.
@@ -1079,6 +1106,12 @@ impl<'a> Message<'a> {
             }
             return Err(r);
         }
+        if self.discard.is_none() {
+            if let Err(r) = self.milters() {
+                self.discard();
+                return Err(r);
+            }
+        }
         if self.discard.is_some() {
             // Answered as queued, as Postfix does; nothing is delivered.
             self.discard();
@@ -1114,6 +1147,73 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The milters of the message's origin (none for notifications):
+    /// their verdict, and their changes written into the file.
+    fn milters(&mut self) -> Result<(), Refusal> {
+        let list = if self.new.flags & cleanup_flags::NOTIFICATION != 0 {
+            None
+        } else if self.new.origin == "smtpd" {
+            self.settings.milters.smtpd.as_ref()
+        } else {
+            self.settings.milters.non_smtpd.as_ref()
+        };
+        let Some(list) = list else {
+            return Ok(());
+        };
+        let from_smtpd = self.new.origin == "smtpd";
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| Refusal::write_error(io::Error::other("no queue file")))?;
+        let records = w
+            .read_back(self.envelope_at)
+            .map_err(Refusal::write_error)?;
+        let mut parts = crate::milter::Parts::read(records);
+        match crate::milter::inspect(list, &self.id, &mut parts, from_smtpd) {
+            crate::milter::Verdict::Refuse { temporary, reply } => {
+                info!(
+                    "{}: milter-{}: END-OF-MESSAGE from {}: {}",
+                    self.id,
+                    if temporary { "tempfail" } else { "reject" },
+                    self.new.origin,
+                    reply
+                );
+                Err(Refusal {
+                    temporary,
+                    dsn: MILTER_DSN,
+                    reason: reply,
+                })
+            }
+            crate::milter::Verdict::Discard(why) => {
+                info!("{}: milter-discard: END-OF-MESSAGE: {why}", self.id);
+                self.discard = Some(why);
+                Ok(())
+            }
+            crate::milter::Verdict::Accept => {
+                if let Some(q) = parts.quarantine.take() {
+                    info!("{}: milter-hold: END-OF-MESSAGE: {q}", self.id);
+                    self.hold = Some(q);
+                }
+                if parts.changed {
+                    let w = self.writer.as_mut().expect("writer present");
+                    w.rewind(self.envelope_at)
+                        .and_then(|_| parts.write(w))
+                        .map_err(Refusal::write_error)?;
+                    self.new.sender = parts.sender.clone();
+                    self.new.recipients = parts.recipients.clone();
+                }
+                if parts.recipients.is_empty() {
+                    return Err(Refusal {
+                        temporary: false,
+                        dsn: "5.1.3",
+                        reason: "no recipients left after the milters".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// A local submission refused for good (too many hops, a REJECT of
     /// header_checks, ...) becomes a bounce, as in Postfix: a new queue
     /// file with the sender, every recipient already done, and the header
@@ -1137,7 +1237,7 @@ impl<'a> Message<'a> {
             let mut entries = Vec::with_capacity(self.new.recipients.len());
             for rcpt in &self.new.recipients {
                 let at = w.done_recipient(rcpt)?;
-                entries.push(LogEntry::new(at, rcpt, r.dsn, "failed", "none", &r.reason));
+                entries.push(LogEntry::new(at, rcpt, &r.dsn_text(), "failed", "none", &r.reason));
             }
             w.begin_content()?;
             for h in &self.headers {

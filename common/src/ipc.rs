@@ -199,6 +199,10 @@ mod content_bytes {
     }
 }
 
+/// The `dsn` of a [`CleanupReply::Failed`] whose reason is a milter's
+/// SMTP reply.
+pub const MILTER_REPLY_DSN: &str = "milter";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum CleanupReply {
     Opened {
@@ -207,7 +211,10 @@ pub enum CleanupReply {
     Queued {
         queue_id: String,
     },
-    /// Not queued. `temporary` selects 4xx/EX_TEMPFAIL over 5xx.
+    /// Not queued. `temporary` selects 4xx/EX_TEMPFAIL over 5xx. With
+    /// `dsn` [`MILTER_REPLY_DSN`], `reason` is a milter's whole SMTP reply
+    /// (code, enhanced code, text; a multi-line reply's lines joined by
+    /// CRLF), which smtpd gives the client as it is.
     Failed {
         temporary: bool,
         dsn: String,
