@@ -1,12 +1,13 @@
 """A scriptable test milter on Debian's python3-milter (pymilter, on
 Sendmail's libmilter itself), run as its own process:
 
-    python3 milter_peer.py PORT PLAN_FILE EVENTS_FILE
+    python3 milter_peer.py PORT|unix:PATH PLAN_FILE EVENTS_FILE
 
 PLAN_FILE (JSON, read again at every callback, so a test changes it
 between sessions): ``{"replies": {STAGE: REPLY}, "edits": [[ACTION, ARGS...]]}``
 with STAGE one of connect helo mail rcpt data header eoh body eom, REPLY
-one of continue accept reject tempfail discard skip, or
+one of continue accept reject tempfail discard skip crash (the milter
+process exits), or
 ``"custom:CODE:XCODE:TEXT"`` (setreply, then reject or tempfail by the
 code). ``edits`` are done at the end of the message: addheader NAME VALUE,
 insheader IDX NAME VALUE, chgheader NAME IDX VALUE (empty deletes),
@@ -21,11 +22,12 @@ SMFIP_NR_HELO and the MTA must not wait for an answer there.
 """
 
 import json
+import os
 import sys
 
 import Milter
 
-PORT, PLAN, EVENTS = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+SOCKET, PLAN, EVENTS = sys.argv[1], sys.argv[2], sys.argv[3]
 
 MACROS = ["i", "j", "_", "{daemon_name}", "v", "{auth_type}", "{auth_authen}",
           "{mail_addr}", "{rcpt_addr}", "{client_addr}"]
@@ -56,6 +58,8 @@ class TestMilter(Milter.Base):
 
     def answer(self, stage):
         r = plan().get("replies", {}).get(stage, "continue")
+        if r == "crash":
+            os._exit(1)
         if r.startswith("custom:"):
             _, code, xcode, text = r.split(":", 3)
             self.setreply(code, xcode, text)
@@ -132,4 +136,6 @@ if __name__ == "__main__":
                      | Milter.DELRCPT | Milter.CHGFROM | Milter.CHGBODY | Milter.QUARANTINE)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    Milter.runmilter("postern-test", f"inet:{PORT}@127.0.0.1", 60)
+    os.umask(0)  # a unix: socket the MTA's unprivileged daemons can use
+    where = SOCKET if SOCKET.startswith("unix:") else f"inet:{SOCKET}@127.0.0.1"
+    Milter.runmilter("postern-test", where, 60)

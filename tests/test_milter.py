@@ -71,23 +71,28 @@ def relay(sink, **more):
 class PyMilterPeer:
     """tests/milter_peer.py in its own process."""
 
-    def __init__(self):
+    def __init__(self, unix=False):
         self.dir = Path(tempfile.mkdtemp(prefix="milter-"))
         os.chmod(self.dir, 0o755)
         self.port = h.free_port()
+        self.unix = self.dir / "milter.sock" if unix else None
         self.plan_file = self.dir / "plan.json"
         self.events_file = self.dir / "events.jsonl"
         self.events_file.touch()
         self.plan()
         self.proc = subprocess.Popen(
-            [PY, str(HERE / "milter_peer.py"), str(self.port), str(self.plan_file),
+            [PY, str(HERE / "milter_peer.py"),
+             f"unix:{self.unix}" if self.unix else str(self.port), str(self.plan_file),
              str(self.events_file)],
             stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"))
-        wait_port(self.port)
+        if self.unix:
+            h.wait_for(self.unix.exists, 20, what="the milter's socket")
+        else:
+            wait_port(self.port)
 
     @property
     def name(self):
-        return f"inet:127.0.0.1:{self.port}"
+        return f"unix:{self.unix}" if self.unix else f"inet:127.0.0.1:{self.port}"
 
     def plan(self, replies=None, edits=None):
         self.plan_file.write_text(json.dumps({"replies": replies or {}, "edits": edits or []}))
@@ -327,4 +332,178 @@ def test_rspamd_gtube_and_clean(make_postern, sink, rspamd):
     m = sink.wait_for(tok2, timeout=60)[0]
     assert re.search(rb"^X-Spamd-Result: ", m.content, re.M), m.content[:1500]
     time.sleep(1)
+    assert sink.find(tok) == []
+
+
+# --------------------------------------------------------------------------
+# replies at every stage
+
+
+def dialogue(p, data, rcpts=(RCPT,)):
+    """One session step by step. Returns (command, code, text) of the first
+    reply that is not a success (command "END" for the final dot), or
+    ("END", 250, text) when the message was taken."""
+    import smtplib
+    with p.smtp() as s:
+        code, text = s.ehlo("client.example")
+        if code != 250:
+            return "EHLO", code, text.decode()
+        code, text = s.docmd("MAIL", f"FROM:<{SENDER}>")
+        if code != 250:
+            return "MAIL", code, text.decode()
+        for r in rcpts:
+            code, text = s.docmd("RCPT", f"TO:<{r}>")
+            if code != 250:
+                return "RCPT", code, text.decode()
+        code, text = s.docmd("DATA")
+        if code != 354:
+            return "DATA", code, text.decode()
+        body = data.replace(b"\r\n.", b"\r\n..")
+        s.send(body + b".\r\n")
+        code, text = s.getreply()
+        return "END", code, text.decode()
+
+
+@pytest.mark.parametrize("stage,reply,where,code,text", [
+    ("connect", "reject", "MAIL", 550, "5.7.1 Command rejected"),
+    ("connect", "tempfail", "MAIL", 451, "4.7.1 Service unavailable - try again later"),
+    ("mail", "reject", "MAIL", 550, "5.7.1 Command rejected"),
+    ("mail", "tempfail", "MAIL", 451, "4.7.1 Service unavailable - try again later"),
+    ("mail", "custom:553:5.7.1:No mail from you", "MAIL", 553, "5.7.1 No mail from you"),
+    ("rcpt", "reject", "RCPT", 550, "5.7.1 Command rejected"),
+    ("rcpt", "custom:452:4.2.2:Mailbox full here", "RCPT", 452, "4.2.2 Mailbox full here"),
+    ("data", "reject", "DATA", 550, "5.7.1 Command rejected"),
+    ("data", "tempfail", "DATA", 451, "4.7.1 Service unavailable - try again later"),
+    ("header", "reject", "END", 550, "5.7.1 Command rejected"),
+    ("eoh", "tempfail", "END", 451, "4.7.1 Service unavailable - try again later"),
+    ("body", "custom:554:5.7.1:Body refused", "END", 554, "5.7.1 Body refused"),
+    ("eom", "reject", "END", 550, "5.7.1 Command rejected"),
+    ("eom", "custom:554:5.7.0:Spam, go away", "END", 554, "5.7.0 Spam, go away"),
+    ("eom", "custom:451:4.7.1:Greylisted, try later", "END", 451, "4.7.1 Greylisted, try later"),
+])
+def test_refusal_at_each_stage(make_postern, sink, test_milter, stage, reply, where, code, text):
+    test_milter.plan(replies={stage: reply})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == (where, code), got
+    assert got[2] == text, got
+    time.sleep(1)
+    assert sink.find(tok) == []
+    for q in ("incoming", "active", "deferred", "hold"):
+        assert p.queue_files(q) == [], q
+
+
+@pytest.mark.parametrize("stage", ["connect", "mail", "rcpt", "data", "eom"])
+def test_discard_at_each_stage(make_postern, sink, test_milter, stage):
+    test_milter.plan(replies={stage: "discard"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    time.sleep(2)
+    assert sink.find(tok) == []
+
+
+@pytest.mark.parametrize("stage", ["connect", "mail", "eoh"])
+def test_accept_ends_the_milters_part(make_postern, sink, test_milter, stage):
+    test_milter.plan(replies={stage: "accept"}, edits=[["addheader", "X-Not", "added"]])
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    m = sink.wait_for(tok)[0]
+    assert b"X-Not" not in m.content
+    # After the accept the milter is not asked about this message again
+    # (cleanup's own connection shows the message anew, and gets the same
+    # accept there).
+    stages = test_milter.stages()
+    assert "eom" not in stages, stages
+
+
+def test_skip_and_large_body(make_postern, sink, test_milter):
+    """A body over 65,535 bytes goes in chunks no larger; after SKIP no
+    more chunks are sent, and the message is taken."""
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    tok = token()
+    body = ("x" * 70 + "\n") * 3000  # ~213 kB
+    got = dialogue(p, message(tok, body=body))
+    assert got[:2] == ("END", 250), got
+    sink.wait_for(tok)
+    sizes = [int(e["args"][0]) for e in test_milter.events() if e["stage"] == "body"]
+    assert len(sizes) >= 4 and max(sizes) <= 65535, sizes
+    test_milter.plan(replies={"body": "skip"}, edits=[["addheader", "X-After-Skip", "yes"]])
+    tok = token()
+    got = dialogue(p, message(tok, body=body))
+    assert got[:2] == ("END", 250), got
+    m = sink.wait_for(tok)[0]
+    assert b"X-After-Skip: yes" in m.content
+    ev = test_milter.events()
+    assert [e["stage"] for e in ev].count("body") == 1, [e["stage"] for e in ev]
+    assert [e for e in ev if e["stage"] == "eom"][-1]["args"] == ["1"]
+
+
+def test_unix_socket_milter(make_postern, sink):
+    m = PyMilterPeer(unix=True)
+    try:
+        m.plan(edits=[["addheader", "X-Unix-Milter", "seen"]])
+        p = make_postern(relay(sink, smtpd_milters=m.name))
+        tok = token()
+        got = dialogue(p, message(tok))
+        assert got[:2] == ("END", 250), got
+        msg = sink.wait_for(tok)[0]
+        assert b"X-Unix-Milter: seen" in msg.content
+    finally:
+        m.stop()
+
+
+# --------------------------------------------------------------------------
+# milter_default_action
+
+
+def dead_milter():
+    return f"inet:127.0.0.1:{h.free_port()}"
+
+
+def test_milter_down_tempfail(make_postern, sink):
+    p = make_postern(relay(sink, smtpd_milters=dead_milter()))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got == ("MAIL", 451, "4.7.1 Service unavailable - try again later"), got
+    for q in ("incoming", "active", "deferred", "hold"):
+        assert p.queue_files(q) == [], q
+
+
+def test_milter_down_accept(make_postern, sink):
+    p = make_postern(relay(sink, smtpd_milters=dead_milter(), milter_default_action="accept"))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    sink.wait_for(tok)
+
+
+def test_per_milter_default_action(make_postern, sink, test_milter):
+    """The braced form: the dead milter's own default_action=accept wins
+    over milter_default_action = tempfail, and the live milter works."""
+    test_milter.plan(edits=[["addheader", "X-Live", "yes"]])
+    milters = f"{{ {dead_milter()}, default_action=accept, connect_timeout=5s }}, {test_milter.name}"
+    p = make_postern(relay(sink, smtpd_milters=milters))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    m = sink.wait_for(tok)[0]
+    assert b"X-Live: yes" in m.content
+
+
+def test_milter_dies_mid_message(make_postern, sink, test_milter):
+    """The milter goes away at the end of the message: tempfail (the
+    default) answers 451 at the final dot and nothing is queued."""
+    test_milter.plan(replies={"eom": "crash"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got == ("END", 451, "4.7.1 Service unavailable - try again later"), got
+    time.sleep(1)
+    for q in ("incoming", "active", "deferred", "hold"):
+        assert p.queue_files(q) == [], q
     assert sink.find(tok) == []

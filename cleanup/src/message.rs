@@ -279,6 +279,9 @@ impl<'a> Message<'a> {
     /// section (`sendmail -t` adds some). A refusal is kept for
     /// [`Message::close`] to report.
     pub fn envelope(&mut self, mut new: NewMessage) {
+        if new.flags & cleanup_flags::MILTER_DISCARD != 0 {
+            self.discard = Some("milter".into());
+        }
         if let Err(r) = self.take_envelope(&mut new) {
             // Reported to the client at Close, never bounced: no recipient
             // was accepted.

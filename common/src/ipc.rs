@@ -131,6 +131,9 @@ pub mod cleanup_flags {
     /// `receive_override_options = no_address_mappings`: no canonical
     /// mapping, masquerading, virtual aliasing or automatic bcc.
     pub const NO_ADDRESS_MAPPINGS: u32 = 32;
+    /// A milter said DISCARD at an SMTP stage (smtpd): the message is
+    /// answered as queued and thrown away.
+    pub const MILTER_DISCARD: u32 = 64;
 }
 
 /// What a client tells cleanup about a new message, before its content.

@@ -120,6 +120,8 @@ pub struct Settings {
     pub ehlo_discard: String,
     /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
     pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
+    /// `smtpd_milters` and the `milter_*` settings, when milters are set.
+    pub milters: Option<Arc<postern_common::milter::Settings>>,
     /// `smtpd_proxy_filter` and its settings, when one is set.
     pub proxy: Option<Arc<crate::proxy::ProxySettings>>,
 }
@@ -300,6 +302,11 @@ impl Settings {
                     }
                     t
                 })
+            },
+            milters: match postern_common::milter::Settings::from_config(cfg, "smtpd_milters") {
+                Ok(s) if s.milters.is_empty() => None,
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => return Err(e),
             },
             proxy: {
                 let spec = cfg.get("smtpd_proxy_filter");

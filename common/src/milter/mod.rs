@@ -962,6 +962,12 @@ impl Chain {
                     break;
                 }
                 Ok(Reply::Discard) => {
+                    // libmilter expects nothing more of this message (of
+                    // the session, at connect or HELO).
+                    match scope {
+                        Scope::Session => m.done_session = true,
+                        Scope::Message => m.done_message = true,
+                    }
                     out = Outcome::Discard;
                     break;
                 }

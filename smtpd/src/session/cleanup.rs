@@ -322,7 +322,12 @@ impl Session {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
             attrs,
-            flags: self.cfg.receive_override.cleanup_flags,
+            flags: self.cfg.receive_override.cleanup_flags
+                | if self.milter_discard {
+                    postern_common::ipc::cleanup_flags::MILTER_DISCARD
+                } else {
+                    0
+                },
             origin: "smtpd".to_string(),
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();
