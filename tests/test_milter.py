@@ -196,7 +196,7 @@ class Rspamd:
             f'type = "file";\nfilename = "{self.dir}/rspamd.log";\nlevel = "info";\n')
         (local / "options.inc").write_text(
             f'dns {{ nameserver = ["127.0.0.1:{dead}"]; timeout = 0.2s; retransmits = 1; }}\n'
-            'local_addrs = [];\n')
+            'local_addrs = [];\ndisable_hyperscan = true;\n')
         (local / "milter_headers.conf").write_text(
             'use = ["x-spamd-result"];\nskip_local = false;\nskip_authenticated = false;\n')
         for off in ("fuzzy_check", "rspamd_update", "phishing", "rbl", "surbl", "asn"):
@@ -206,7 +206,11 @@ class Rspamd:
              "--var", f"LOCAL_CONFDIR={self.dir}", "--var", f"DBDIR={self.dir}/db",
              "--var", f"RUNDIR={self.dir}", "--var", f"LOGDIR={self.dir}"],
             stdout=open(self.dir / "stdout", "wb"), stderr=subprocess.STDOUT)
-        wait_port(self.port, timeout=60)
+        try:
+            wait_port(self.port, timeout=180)
+        except AssertionError:
+            self.stop()
+            raise
 
     @property
     def name(self):
@@ -507,3 +511,17 @@ def test_milter_dies_mid_message(make_postern, sink, test_milter):
     for q in ("incoming", "active", "deferred", "hold"):
         assert p.queue_files(q) == [], q
     assert sink.find(tok) == []
+
+
+def test_no_milters_override(make_postern, sink, test_milter):
+    """receive_override_options = no_milters (a content filter's
+    reinjection smtpd): neither smtpd nor cleanup asks the milters."""
+    test_milter.plan(edits=[["addheader", "X-Should-Not", "be here"]])
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           receive_override_options="no_milters"))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    m = sink.wait_for(tok)[0]
+    assert b"X-Should-Not" not in m.content
+    assert test_milter.events() == []

@@ -1153,7 +1153,7 @@ impl<'a> Message<'a> {
     /// The milters of the message's origin (none for notifications):
     /// their verdict, and their changes written into the file.
     fn milters(&mut self) -> Result<(), Refusal> {
-        let list = if self.new.flags & cleanup_flags::NOTIFICATION != 0 {
+        let list = if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
             None
         } else if self.new.origin == "smtpd" {
             self.settings.milters.smtpd.as_ref()

@@ -134,6 +134,9 @@ pub mod cleanup_flags {
     /// A milter said DISCARD at an SMTP stage (smtpd): the message is
     /// answered as queued and thrown away.
     pub const MILTER_DISCARD: u32 = 64;
+    /// `receive_override_options = no_milters`: no milter sees the
+    /// message.
+    pub const NO_MILTERS: u32 = 128;
 }
 
 /// What a client tells cleanup about a new message, before its content.
