@@ -1,7 +1,7 @@
 """A scriptable test milter on Debian's python3-milter (pymilter, on
 Sendmail's libmilter itself), run as its own process:
 
-    python3 milter_peer.py PORT|unix:PATH PLAN_FILE EVENTS_FILE
+    python3 milter_peer.py PORT|unix:PATH PLAN_FILE EVENTS_FILE [helo-replies]
 
 PLAN_FILE (JSON, read again at every callback, so a test changes it
 between sessions): ``{"replies": {STAGE: REPLY}, "edits": [[ACTION, ARGS...]]}``
@@ -17,8 +17,9 @@ quarantine REASON.
 EVENTS_FILE gets one JSON line per callback: the stage, its arguments and
 the macros the MTA sent for it.
 
-HELO is declared no-reply (``@Milter.noreply``), so libmilter negotiates
-SMFIP_NR_HELO and the MTA must not wait for an answer there.
+HELO is declared no-reply (``Milter.noreply``), so libmilter negotiates
+SMFIP_NR_HELO and the MTA must not wait for an answer there, unless a
+fourth argument ``helo-replies`` makes it an answered stage.
 """
 
 import json
@@ -39,6 +40,11 @@ def plan():
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+# "helo-replies" as a fourth argument: HELO is answered (and scripted)
+# like the other stages; without it HELO is a no-reply stage.
+HELO_REPLIES = sys.argv[4:5] == ["helo-replies"]
 
 
 class TestMilter(Milter.Base):
@@ -72,10 +78,9 @@ class TestMilter(Milter.Base):
         self.log("connect", hostname, hostaddr)
         return self.answer("connect")
 
-    @Milter.noreply
     def hello(self, heloname):
         self.log("helo", heloname)
-        return Milter.CONTINUE
+        return self.answer("helo") if HELO_REPLIES else Milter.CONTINUE
 
     def envfrom(self, mailfrom, *params):
         self.body_chunks = 0
@@ -131,6 +136,8 @@ class TestMilter(Milter.Base):
 
 
 if __name__ == "__main__":
+    if not HELO_REPLIES:
+        TestMilter.hello = Milter.noreply(TestMilter.hello)
     Milter.factory = TestMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
                      | Milter.DELRCPT | Milter.CHGFROM | Milter.CHGBODY | Milter.QUARANTINE)

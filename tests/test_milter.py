@@ -71,7 +71,7 @@ def relay(sink, **more):
 class PyMilterPeer:
     """tests/milter_peer.py in its own process."""
 
-    def __init__(self, unix=False):
+    def __init__(self, unix=False, helo_replies=False):
         self.dir = Path(tempfile.mkdtemp(prefix="milter-"))
         os.chmod(self.dir, 0o755)
         self.port = h.free_port()
@@ -83,7 +83,7 @@ class PyMilterPeer:
         self.proc = subprocess.Popen(
             [PY, str(HERE / "milter_peer.py"),
              f"unix:{self.unix}" if self.unix else str(self.port), str(self.plan_file),
-             str(self.events_file)],
+             str(self.events_file)] + (["helo-replies"] if helo_replies else []),
             stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"))
         if self.unix:
             h.wait_for(self.unix.exists, 20, what="the milter's socket")
@@ -525,3 +525,30 @@ def test_no_milters_override(make_postern, sink, test_milter):
     m = sink.wait_for(tok)[0]
     assert b"X-Should-Not" not in m.content
     assert test_milter.events() == []
+
+
+@pytest.mark.parametrize("reply,code,text", [
+    ("reject", 550, "5.7.1 Command rejected"),
+    ("custom:554:5.7.1:No such HELO", 554, "5.7.1 No such HELO"),
+])
+def test_refusal_at_helo(make_postern, sink, reply, code, text):
+    m = PyMilterPeer(helo_replies=True)
+    try:
+        m.plan(replies={"helo": reply})
+        p = make_postern(relay(sink, smtpd_milters=m.name))
+        got = dialogue(p, message(token()))
+        assert got == ("EHLO", code, text), got
+    finally:
+        m.stop()
+
+
+def test_no_reply_helo_is_not_waited_for(make_postern, sink, test_milter):
+    """The default test milter negotiates SMFIP_NR_HELO: the EHLO reply
+    must not wait for an answer that never comes (milter_command_timeout
+    is 30s; the whole session takes far less)."""
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    start = time.monotonic()
+    got = dialogue(p, message(token()))
+    assert got[:2] == ("END", 250), got
+    assert time.monotonic() - start < 10
+    assert "helo" in test_milter.stages()

@@ -137,7 +137,6 @@ impl Refusal {
     }
 
     pub fn reply(&self) -> CleanupReply {
-
         CleanupReply::Failed {
             temporary: self.temporary,
             dsn: self.dsn.into(),
@@ -1153,13 +1152,14 @@ impl<'a> Message<'a> {
     /// The milters of the message's origin (none for notifications):
     /// their verdict, and their changes written into the file.
     fn milters(&mut self) -> Result<(), Refusal> {
-        let list = if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
-            None
-        } else if self.new.origin == "smtpd" {
-            self.settings.milters.smtpd.as_ref()
-        } else {
-            self.settings.milters.non_smtpd.as_ref()
-        };
+        let list =
+            if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
+                None
+            } else if self.new.origin == "smtpd" {
+                self.settings.milters.smtpd.as_ref()
+            } else {
+                self.settings.milters.non_smtpd.as_ref()
+            };
         let Some(list) = list else {
             return Ok(());
         };
@@ -1240,7 +1240,14 @@ impl<'a> Message<'a> {
             let mut entries = Vec::with_capacity(self.new.recipients.len());
             for rcpt in &self.new.recipients {
                 let at = w.done_recipient(rcpt)?;
-                entries.push(LogEntry::new(at, rcpt, &r.dsn_text(), "failed", "none", &r.reason));
+                entries.push(LogEntry::new(
+                    at,
+                    rcpt,
+                    &r.dsn_text(),
+                    "failed",
+                    "none",
+                    &r.reason,
+                ));
             }
             w.begin_content()?;
             for h in &self.headers {

@@ -307,12 +307,13 @@ impl Settings {
                 Ok(s) if s.milters.is_empty() => None,
                 // receive_override_options = no_milters (a content
                 // filter's reinjection smtpd).
-                Ok(_) if postern_common::receive_override::ReceiveOverride::parse(
-                    &cfg.get("receive_override_options"),
-                )
-                .is_ok_and(|r| {
-                    r.cleanup_flags & postern_common::ipc::cleanup_flags::NO_MILTERS != 0
-                }) =>
+                Ok(_)
+                    if postern_common::receive_override::ReceiveOverride::parse(
+                        &cfg.get("receive_override_options"),
+                    )
+                    .is_ok_and(|r| {
+                        r.cleanup_flags & postern_common::ipc::cleanup_flags::NO_MILTERS != 0
+                    }) =>
                 {
                     None
                 }

@@ -117,8 +117,8 @@ impl Settings {
         let command_timeout = t("milter_command_timeout")?;
         let content_timeout = t("milter_content_timeout")?;
         let da = cfg.get("milter_default_action");
-        let default_action = DefaultAction::parse(&da)
-            .ok_or_else(|| format!("bad milter_default_action: {da}"))?;
+        let default_action =
+            DefaultAction::parse(&da).ok_or_else(|| format!("bad milter_default_action: {da}"))?;
         let p = cfg.get("milter_protocol");
         let protocol: u32 = p
             .trim()
@@ -325,7 +325,9 @@ impl Milter {
         let ep = Endpoint::parse(&spec.name)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad milter address"))?;
         let stream = match ep {
-            Endpoint::Inet(h, p) => Stream::Tcp(crate::tcp::connect((h.as_str(), p), spec.connect_timeout)?),
+            Endpoint::Inet(h, p) => {
+                Stream::Tcp(crate::tcp::connect((h.as_str(), p), spec.connect_timeout)?)
+            }
             Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
         };
         stream.set_timeout(spec.connect_timeout);
@@ -432,9 +434,9 @@ impl Milter {
                 rep::TEMPFAIL => Reply::Tempfail(TEMPFAIL_TEXT.into()),
                 rep::DISCARD => Reply::Discard,
                 rep::SKIP => Reply::Skip,
-                rep::CONN_FAIL | rep::SHUTDOWN => Reply::Shutdown(
-                    "421 4.7.0 Server closing connection".into(),
-                ),
+                rep::CONN_FAIL | rep::SHUTDOWN => {
+                    Reply::Shutdown("421 4.7.0 Server closing connection".into())
+                }
                 rep::REPLYCODE => {
                     let text = custom_reply(&data);
                     match text.as_bytes().first() {
@@ -536,8 +538,7 @@ impl Milter {
         &mut self,
         command: u8,
         data: &[u8],
-        no_bit: u32,
-        nr_bit: u32,
+        (no_bit, nr_bit): (u32, u32),
         macros: Option<(u32, &[String])>,
         value: &dyn Fn(&str) -> Option<String>,
         timeout: Duration,
@@ -578,8 +579,7 @@ impl Milter {
         self.stage(
             cmd::CONNECT,
             &d,
-            pb::NOCONNECT,
-            pb::NR_CONN,
+            (pb::NOCONNECT, pb::NR_CONN),
             Some((stage::CONNECT, &sets.connect)),
             value,
             t,
@@ -596,8 +596,7 @@ impl Milter {
         self.stage(
             cmd::HELO,
             &proto::nul_strings(&[name]),
-            pb::NOHELO,
-            pb::NR_HELO,
+            (pb::NOHELO, pb::NR_HELO),
             Some((stage::HELO, &sets.helo)),
             value,
             t,
@@ -620,8 +619,7 @@ impl Milter {
         self.stage(
             cmd::MAIL,
             &proto::nul_strings(&args),
-            pb::NOMAIL,
-            pb::NR_MAIL,
+            (pb::NOMAIL, pb::NR_MAIL),
             Some((stage::ENVFROM, &sets.mail)),
             value,
             t,
@@ -641,15 +639,18 @@ impl Milter {
         self.stage(
             cmd::RCPT,
             &proto::nul_strings(&args),
-            pb::NORCPT,
-            pb::NR_RCPT,
+            (pb::NORCPT, pb::NR_RCPT),
             Some((stage::ENVRCPT, &sets.rcpt)),
             value,
             t,
         )
     }
 
-    pub fn data(&mut self, sets: &MacroSets, value: &dyn Fn(&str) -> Option<String>) -> io::Result<Reply> {
+    pub fn data(
+        &mut self,
+        sets: &MacroSets,
+        value: &dyn Fn(&str) -> Option<String>,
+    ) -> io::Result<Reply> {
         if self.spec.protocol < 4 {
             return Ok(Reply::Continue);
         }
@@ -657,8 +658,7 @@ impl Milter {
         self.stage(
             cmd::DATA,
             b"",
-            pb::NODATA,
-            pb::NR_DATA,
+            (pb::NODATA, pb::NR_DATA),
             Some((stage::DATA, &sets.data)),
             value,
             t,
@@ -699,8 +699,7 @@ impl Milter {
         self.stage(
             cmd::HEADER,
             &proto::nul_strings(&[name, value]),
-            pb::NOHDRS,
-            pb::NR_HDR,
+            (pb::NOHDRS, pb::NR_HDR),
             None,
             &|_| None,
             t,
@@ -716,8 +715,7 @@ impl Milter {
         self.stage(
             cmd::EOH,
             b"",
-            pb::NOEOH,
-            pb::NR_EOH,
+            (pb::NOEOH, pb::NR_EOH),
             Some((stage::EOH, &sets.eoh)),
             value,
             t,
@@ -739,7 +737,7 @@ impl Milter {
         }
         let t = self.spec.content_timeout;
         for chunk in crlf.chunks(proto::MAX_BODY_CHUNK) {
-            match self.stage(cmd::BODY, chunk, 0, pb::NR_BODY, None, &|_| None, t)? {
+            match self.stage(cmd::BODY, chunk, (0, pb::NR_BODY), None, &|_| None, t)? {
                 Reply::Continue => {}
                 Reply::Skip => {
                     self.skip_body = true;
@@ -990,7 +988,10 @@ impl Chain {
 
     /// The end of the message: the outcome and every milter's
     /// modifications, in milter order.
-    pub fn end_of_message(&mut self, value: &dyn Fn(&str) -> Option<String>) -> (Outcome, Vec<Edit>) {
+    pub fn end_of_message(
+        &mut self,
+        value: &dyn Fn(&str) -> Option<String>,
+    ) -> (Outcome, Vec<Edit>) {
         let sets = self.settings.macros.clone();
         let mut all = Vec::new();
         let out = self.stage(Scope::Message, |m| {

@@ -13,7 +13,11 @@ impl Session {
     /// The session's milter connections (made at the first question).
     pub fn milter_link(&mut self) -> Option<Link> {
         let settings = self.cfg.milters.clone()?;
-        Some(self.milter.get_or_insert_with(|| Link::new(settings)).clone())
+        Some(
+            self.milter
+                .get_or_insert_with(|| Link::new(settings))
+                .clone(),
+        )
     }
 
     /// The macro values the session knows now (Postfix's names; which
@@ -94,7 +98,10 @@ impl Session {
         match o {
             Outcome::Continue => None,
             Outcome::Discard => {
-                info!("milter-discard: {what} from {}: milter triggers DISCARD action", self.namaddr);
+                info!(
+                    "milter-discard: {what} from {}: milter triggers DISCARD action",
+                    self.namaddr
+                );
                 self.milter_discard = true;
                 None
             }
