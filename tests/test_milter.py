@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
+from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 HERE = Path(__file__).resolve().parent
 PY = "/usr/bin/python3"
@@ -343,12 +344,17 @@ def test_rspamd_gtube_and_clean(make_postern, sink, rspamd):
 # replies at every stage
 
 
-def dialogue(p, data, rcpts=(RCPT,)):
-    """One session step by step. Returns (command, code, text) of the first
+def dialogue(p, data, rcpts=(RCPT,), port=None):
+    """One session step by step (with Postern ``p``, or the server on
+    127.0.0.1:``port``). Returns (command, code, text) of the first
     reply that is not a success (command "END" for the final dot), or
     ("END", 250, text) when the message was taken."""
     import smtplib
-    with p.smtp() as s:
+    try:
+        conn = smtplib.SMTP("127.0.0.1", port, timeout=60) if port else p.smtp()
+    except smtplib.SMTPConnectError as e:
+        return "CONNECT", e.smtp_code, e.smtp_error.decode()
+    with conn as s:
         code, text = s.ehlo("client.example")
         if code != 250:
             return "EHLO", code, text.decode()
@@ -369,7 +375,9 @@ def dialogue(p, data, rcpts=(RCPT,)):
 
 
 @pytest.mark.parametrize("stage,reply,where,code,text", [
-    ("connect", "reject", "MAIL", 550, "5.7.1 Command rejected"),
+    ("connect", "reject", "CONNECT", 554, "postern.test ESMTP not accepting connections"),
+    ("connect", "custom:421:4.7.0:Go away now", "CONNECT", 421,
+     "postern.test Service unavailable - try again later"),
     ("connect", "tempfail", "MAIL", 451, "4.7.1 Service unavailable - try again later"),
     ("mail", "reject", "MAIL", 550, "5.7.1 Command rejected"),
     ("mail", "tempfail", "MAIL", 451, "4.7.1 Service unavailable - try again later"),
@@ -386,8 +394,10 @@ def dialogue(p, data, rcpts=(RCPT,)):
     ("eom", "custom:451:4.7.1:Greylisted, try later", "END", 451, "4.7.1 Greylisted, try later"),
 ])
 def test_refusal_at_each_stage(make_postern, sink, test_milter, stage, reply, where, code, text):
-    test_milter.plan(replies={stage: reply})
     p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    # After the start: a refusal at connect would fail the start's
+    # greeting check.
+    test_milter.plan(replies={stage: reply})
     tok = token()
     got = dialogue(p, message(tok))
     assert got[:2] == (where, code), got
@@ -400,8 +410,8 @@ def test_refusal_at_each_stage(make_postern, sink, test_milter, stage, reply, wh
 
 @pytest.mark.parametrize("stage", ["connect", "mail", "rcpt", "data", "eom"])
 def test_discard_at_each_stage(make_postern, sink, test_milter, stage):
-    test_milter.plan(replies={stage: "discard"})
     p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    test_milter.plan(replies={stage: "discard"})
     tok = token()
     got = dialogue(p, message(tok))
     assert got[:2] == ("END", 250), got
@@ -552,3 +562,71 @@ def test_no_reply_helo_is_not_waited_for(make_postern, sink, test_milter):
     assert got[:2] == ("END", 250), got
     assert time.monotonic() - start < 10
     assert "helo" in test_milter.stages()
+
+
+# --------------------------------------------------------------------------
+# the same replies as Postfix with the same milter
+
+
+COMPARED = [
+    {"connect": "reject"},
+    {"connect": "custom:421:4.7.0:Go away now"},
+    {"connect": "tempfail"},
+    {"mail": "reject"},
+    {"mail": "custom:553:5.7.1:No mail from you"},
+    {"rcpt": "reject"},
+    {"rcpt": "custom:452:4.2.2:Mailbox full here"},
+    {"data": "tempfail"},
+    {"header": "reject"},
+    {"eom": "custom:554:5.7.0:Spam, go away"},
+    {"eom": "tempfail"},
+    {"eom": "discard"},
+    {},
+]
+
+
+def test_replies_as_postfix(make_postern, sink, test_milter, postfix_peer):
+    """Each scripted reply, through a private Postfix with smtpd_milters
+    set to the same test milter and through Postern: the same command gets
+    the same reply."""
+    import postfix_peer as pp
+    far = postfix_peer(params={"smtpd_milters": test_milter.name,
+                               "smtpd_error_sleep_time": "0"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    rcpt = f"user@{pp.DOMAIN}"
+    for replies in COMPARED:
+        test_milter.plan(replies=replies)
+        theirs = dialogue(None, message(token()), rcpts=[rcpt], port=far.port)
+        ours = dialogue(p, message(token()), rcpts=[rcpt])
+        # Each names its own host.
+        theirs = theirs[:2] + (theirs[2].replace("mx.far.test", "HOST"),)
+        ours = ours[:2] + (ours[2].replace("postern.test", "HOST"),)
+        if theirs[:2] == ("END", 250):
+            assert ours[:2] == theirs[:2], (replies, ours, theirs)
+        else:
+            assert ours == theirs, (replies, ours, theirs)
+
+
+def test_milter_down_as_postfix(make_postern, sink, postfix_peer):
+    dead = dead_milter()
+    far = postfix_peer(params={"smtpd_milters": dead, "smtpd_error_sleep_time": "0"})
+    p = make_postern(relay(sink, smtpd_milters=dead))
+    import postfix_peer as pp
+    rcpt = f"user@{pp.DOMAIN}"
+    theirs = dialogue(None, message(token()), rcpts=[rcpt], port=far.port)
+    ours = dialogue(p, message(token()), rcpts=[rcpt])
+    assert ours == theirs, (ours, theirs)
+
+
+def test_connect_reject_answers_mail(make_postern, sink, test_milter):
+    """After a milter's reject at connect (greeting 554), MAIL gets the
+    milter's reply, as in Postfix."""
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    test_milter.plan(replies={"connect": "reject"})
+    c = h.RawSmtp(p.port)
+    try:
+        assert c.reply() == ["554 postern.test ESMTP not accepting connections"]
+        assert c.cmd("EHLO client.example")[-1].startswith("250 ")
+        assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["550 5.7.1 Command rejected"]
+    finally:
+        c.close()

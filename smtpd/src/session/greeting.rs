@@ -146,16 +146,35 @@ impl Session {
                 Some(crate::dns::Answer::Milter(o)) => match o {
                     postern_common::milter::Outcome::Continue => {}
                     postern_common::milter::Outcome::Discard => self.milter_discard = true,
+                    // As Postfix: a 421 (or a milter shutting down)
+                    // ends the session at the greeting; another refusal
+                    // answers MAIL, RCPT and DATA, and a 5xx one also
+                    // changes the greeting.
+                    postern_common::milter::Outcome::Shutdown(r) => {
+                        info!("milter-reject: CONNECT from {}: {r}", self.namaddr);
+                        let host = self.cfg.myhostname.clone();
+                        self.reply(&format!("421 {host} Service unavailable - try again later"));
+                        self.hangup = true;
+                        return;
+                    }
                     postern_common::milter::Outcome::Reject(r)
                     | postern_common::milter::Outcome::Tempfail(r) => {
                         info!("milter-reject: CONNECT from {}: {r}", self.namaddr);
+                        if r.starts_with("421") {
+                            let host = self.cfg.myhostname.clone();
+                            self.reply(&format!(
+                                "421 {host} Service unavailable - try again later"
+                            ));
+                            self.hangup = true;
+                            return;
+                        }
+                        let reject = r.starts_with('5');
                         self.milter_denied = Some(r);
-                    }
-                    postern_common::milter::Outcome::Shutdown(r) => {
-                        info!("milter-reject: CONNECT from {}: {r}", self.namaddr);
-                        self.reply(&r);
-                        self.hangup = true;
-                        return;
+                        if reject {
+                            let host = self.cfg.myhostname.clone();
+                            self.reply(&format!("554 {host} ESMTP not accepting connections"));
+                            return;
+                        }
                     }
                 },
                 _ => {
