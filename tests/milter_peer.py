@@ -108,6 +108,10 @@ class TestMilter(Milter.Base):
         self.log("body", str(len(chunk)))
         return self.answer("body")
 
+    def unknown(self, cmd):
+        self.log("unknown", cmd)
+        return self.answer("unknown")
+
     def eom(self):
         self.log("eom", str(self.body_chunks))
         for e in plan().get("edits", []):

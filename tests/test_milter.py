@@ -607,6 +607,31 @@ def test_replies_as_postfix(make_postern, sink, test_milter, postfix_peer):
             assert ours == theirs, (replies, ours, theirs)
 
 
+def unknown_command(port, line="XYZZY hello"):
+    c = h.RawSmtp(port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.example")
+        return c.cmd(line)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("reply", ["continue", "reject", "custom:550:5.7.0:Not that, please"])
+def test_unknown_command_as_postfix(make_postern, sink, test_milter, postfix_peer, reply):
+    """An unknown command is shown to the milter; its reply, when it
+    refuses, replaces smtpd's own, as in Postfix."""
+    far = postfix_peer(params={"smtpd_milters": test_milter.name,
+                               "smtpd_error_sleep_time": "0"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name))
+    test_milter.plan(replies={"unknown": reply})
+    theirs = unknown_command(far.port)
+    test_milter.plan(replies={"unknown": reply})
+    ours = unknown_command(p.port)
+    assert "unknown" in test_milter.stages()
+    assert ours == theirs, (ours, theirs)
+
+
 def test_milter_down_as_postfix(make_postern, sink, postfix_peer):
     dead = dead_milter()
     far = postfix_peer(params={"smtpd_milters": dead, "smtpd_error_sleep_time": "0"})

@@ -31,6 +31,8 @@ pub enum Stage {
     Mail(String, Vec<String>),
     Rcpt(String, Vec<String>),
     Data,
+    /// An unknown command line.
+    Unknown(String),
 }
 
 /// A session's milter connections: opened at the first question, shared
@@ -83,6 +85,7 @@ impl Link {
                 chain.stage(Scope::Message, |m| m.rcpt(rcpt, params, &sets, &value))
             }
             Stage::Data => chain.stage(Scope::Message, |m| m.data(&sets, &value)),
+            Stage::Unknown(line) => chain.stage(Scope::Session, |m| m.unknown(line, &sets, &value)),
         }
     }
 }

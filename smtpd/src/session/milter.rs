@@ -92,6 +92,33 @@ impl Session {
         None
     }
 
+    /// An unknown command shown to the milters (`milter_unknown_command_macros`):
+    /// `None` while their answer is asked for (the line runs again with
+    /// it), else the reply a milter gave instead of smtpd's own (`Some(None)`:
+    /// smtpd's own).
+    pub(super) fn milter_unknown(&mut self, line: &[u8]) -> Option<Option<String>> {
+        if self.cfg.milters.is_none() || self.milter_denied.is_some() {
+            return Some(None);
+        }
+        let text = String::from_utf8_lossy(line).into_owned();
+        let q = Query::Milter(Ask {
+            stage: Stage::Unknown(text),
+            macros: self.milter_macros(),
+        });
+        match self.dns.remove(&q) {
+            Some(Answer::Milter(Outcome::Reject(r) | Outcome::Tempfail(r))) => Some(Some(r)),
+            Some(_) => Some(None),
+            None => {
+                if self.request_dns(vec![q]) {
+                    self.state = super::State::WaitDns(std::mem::take(&mut self.current_line));
+                    None
+                } else {
+                    Some(None)
+                }
+            }
+        }
+    }
+
     /// What the milters' answer does to a command: `None` to go on;
     /// a refusal is answered here as the milter gave it.
     pub(super) fn milter_verdict(&mut self, o: Outcome, what: &str) -> Option<Done> {

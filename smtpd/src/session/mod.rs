@@ -645,7 +645,12 @@ impl Session {
                 self.hangup = true;
                 return;
             }
-            self.unknown_command("500 5.5.2 Error: command not recognized");
+            if let Some(reply) = self.milter_unknown(line) {
+                match reply {
+                    Some(r) => self.unknown_command(&r),
+                    None => self.unknown_command("500 5.5.2 Error: command not recognized"),
+                }
+            }
             return;
         };
         self.where_ = verb.name();
