@@ -655,3 +655,15 @@ def test_connect_reject_answers_mail(make_postern, sink, test_milter):
         assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["550 5.7.1 Command rejected"]
     finally:
         c.close()
+
+
+def test_milter_down_quarantine(make_postern, sink):
+    """milter_default_action = quarantine: the message is taken and held."""
+    p = make_postern(relay(sink, smtpd_milters=dead_milter(),
+                           milter_default_action="quarantine"))
+    tok = token()
+    got = dialogue(p, message(tok))
+    assert got[:2] == ("END", 250), got
+    h.wait_for(lambda: p.queue_files("hold"), 20, what="a file in hold/")
+    time.sleep(1)
+    assert sink.find(tok) == []
