@@ -667,3 +667,20 @@ def test_milter_down_quarantine(make_postern, sink):
     h.wait_for(lambda: p.queue_files("hold"), 20, what="a file in hold/")
     time.sleep(1)
     assert sink.find(tok) == []
+
+
+def test_postern_check_names_a_bad_milter_list(make_postern):
+    p = make_postern({"smtpd_milters": "inet:127.0.0.1:8891, tcp:127.0.0.1:8892",
+                      "non_smtpd_milters": "{ inet:127.0.0.1:8891, default_action=maybe }"},
+                     start=False)
+    r = p.postern("check")
+    assert r.returncode != 0, h.describe(r)
+    assert re.search(r"main\.cf.*smtpd_milters.*bad milter address 'tcp:127\.0\.0\.1:8892'",
+                     r.stderr), r.stderr
+    assert re.search(r"main\.cf.*non_smtpd_milters.*bad value 'default_action=maybe'",
+                     r.stderr), r.stderr
+    good = make_postern({"smtpd_milters": "inet:127.0.0.1:8891, { unix:/run/m.sock, "
+                                          "default_action=accept, command_timeout=10s }"},
+                        start=False)
+    r = good.postern("check")
+    assert r.returncode == 0, h.describe(r)

@@ -1154,12 +1154,21 @@ impl<'a> Message<'a> {
     fn milters(&mut self) -> Result<(), Refusal> {
         let list =
             if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
-                None
+                Ok(None)
             } else if self.new.origin == "smtpd" {
-                self.settings.milters.smtpd.as_ref()
+                self.settings.milters.smtpd.as_ref().map(Option::as_ref)
             } else {
-                self.settings.milters.non_smtpd.as_ref()
+                self.settings.milters.non_smtpd.as_ref().map(Option::as_ref)
             };
+        // A milter list that cannot be used: refused for now, as Postfix.
+        let list = list.map_err(|e| {
+            warning!("{}: {e}", self.id);
+            Refusal {
+                temporary: true,
+                dsn: "4.3.5",
+                reason: "Server configuration error".into(),
+            }
+        })?;
         let Some(list) = list else {
             return Ok(());
         };

@@ -17,20 +17,22 @@ use postern_common::qfile::{self, attr, Recipient};
 use std::cell::RefCell;
 use std::io;
 
-/// Both milter lists, read once per process.
+/// Both milter lists, read once per process. `Err`: the list (or a
+/// milter setting) cannot be used: every message it applies to is
+/// refused for now (`postern check` names the problem).
 pub struct Settings {
-    pub smtpd: Option<milter::Settings>,
-    pub non_smtpd: Option<milter::Settings>,
+    pub smtpd: Result<Option<milter::Settings>, String>,
+    pub non_smtpd: Result<Option<milter::Settings>, String>,
 }
 
 impl Settings {
     pub fn from_config(cfg: &postern_conf::Config) -> Settings {
         let read = |name: &str| match milter::Settings::from_config(cfg, name) {
-            Ok(s) if s.milters.is_empty() => None,
-            Ok(s) => Some(s),
+            Ok(s) if s.milters.is_empty() => Ok(None),
+            Ok(s) => Ok(Some(s)),
             Err(e) => {
-                postern_common::warning!("{e}: milters of {name} not used");
-                None
+                postern_common::warning!("{e}: mail for the milters of {name} is refused");
+                Err(e)
             }
         };
         Settings {
