@@ -12,9 +12,8 @@
 //! - match lists (`mynetworks`, `relay_domains`, ...) whose file, table or
 //!   network cannot be read (`postern_common::match_list`);
 //! - a parameter Postern does not offer, set (in main.cf or by `-o`) to
-//!   something else than Postfix's default: a milter, a before-queue
-//!   proxy filter, ... (the TLS settings rustls does not take are
-//!   warnings);
+//!   something else than Postfix's default (the TLS settings rustls does
+//!   not take are warnings);
 //! - `receive_override_options` values Postfix does not know;
 //! - a before-queue filter (`smtpd_proxy_filter`) smtpd could not reach
 //!   for its form, or `smtpd_proxy_options` it does not know: smtpd
