@@ -31,7 +31,8 @@ import Milter
 SOCKET, PLAN, EVENTS = sys.argv[1], sys.argv[2], sys.argv[3]
 
 MACROS = ["i", "j", "_", "{daemon_name}", "v", "{auth_type}", "{auth_authen}",
-          "{mail_addr}", "{rcpt_addr}", "{client_addr}"]
+          "{mail_addr}", "{rcpt_addr}", "{client_addr}", "{tls_version}", "{cipher}",
+          "{cipher_bits}"]
 
 
 def plan():

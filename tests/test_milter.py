@@ -85,7 +85,7 @@ class PyMilterPeer:
             [PY, str(HERE / "milter_peer.py"),
              f"unix:{self.unix}" if self.unix else str(self.port), str(self.plan_file),
              str(self.events_file)] + (["helo-replies"] if helo_replies else []),
-            stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"))
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.unix:
             h.wait_for(self.unix.exists, 20, what="the milter's socket")
         else:
@@ -142,7 +142,7 @@ class OpenDkim:
             f"PidFile {self.dir}/opendkim.pid\n")
         self.proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)],
                                      stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "stderr", "wb"))
+                                     stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
     @property
@@ -206,7 +206,7 @@ class Rspamd:
             ["rspamd", "-f", "-u", "_rspamd", "-g", "_rspamd", "-c", "/etc/rspamd/rspamd.conf",
              "--var", f"LOCAL_CONFDIR={self.dir}", "--var", f"DBDIR={self.dir}/db",
              "--var", f"RUNDIR={self.dir}", "--var", f"LOGDIR={self.dir}"],
-            stdout=open(self.dir / "stdout", "wb"), stderr=subprocess.STDOUT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_port(self.port, timeout=180)
         except AssertionError:
@@ -684,3 +684,34 @@ def test_postern_check_names_a_bad_milter_list(make_postern):
                         start=False)
     r = good.postern("check")
     assert r.returncode == 0, h.describe(r)
+
+
+def test_tls_macros_at_helo(make_postern, sink, test_milter, tmp_path):
+    """After STARTTLS the EHLO stage carries {tls_version}, {cipher} and
+    {cipher_bits} (milter_helo_macros)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    r = h.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+               "-out", str(cert), "-days", "2", "-subj", "/CN=postern.test"], timeout=60)
+    assert r.returncode == 0, h.describe(r)
+    os.chmod(key, 0o600)
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           smtpd_tls_security_level="may", smtpd_tls_cert_file=str(cert),
+                           smtpd_tls_key_file=str(key)))
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tok = token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.starttls(context=ctx)
+        s.ehlo("client.example")
+        code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok))
+        assert code == 250, text
+    sink.wait_for(tok)
+    helos = [e for e in test_milter.events() if e["stage"] == "helo"]
+    assert helos and helos[0]["macros"].get("{tls_version}") is None, helos
+    tls = [e for e in helos if "{tls_version}" in e["macros"]]
+    assert tls, helos
+    assert tls[-1]["macros"]["{tls_version}"].startswith("TLSv1."), tls
+    assert tls[-1]["macros"].get("{cipher}") and tls[-1]["macros"].get("{cipher_bits}"), tls

@@ -47,6 +47,11 @@ impl Session {
         if let Some(l) = self.client.local {
             m.push(("daemon_addr".into(), l.ip().to_string()));
         }
+        if let Some(t) = &self.tls {
+            m.push(("tls_version".into(), t.protocol.clone()));
+            m.push(("cipher".into(), t.cipher.clone()));
+            m.push(("cipher_bits".into(), t.bits.to_string()));
+        }
         if let Some(a) = &self.sasl_method {
             m.push(("auth_type".into(), a.clone()));
         }
