@@ -25,5 +25,6 @@
 pub mod dkim;
 pub mod headers;
 pub mod message;
+pub mod milter;
 pub mod rewrite;
 pub mod server;

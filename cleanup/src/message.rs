@@ -46,6 +46,8 @@ pub struct Settings {
     /// DKIM signing and the authentication checks (`dkim_*`,
     /// `authentication_checks`), with the keys read at start.
     pub dkim: crate::dkim::Dkim,
+    /// `smtpd_milters`, `non_smtpd_milters` (see [`crate::milter`]).
+    pub milters: crate::milter::Settings,
 }
 
 impl Settings {
@@ -91,6 +93,7 @@ impl Settings {
             original_recipient: cfg.get_bool("enable_original_recipient").unwrap_or(true),
             always_bcc: cfg.get("always_bcc").trim().to_string(),
             dkim: crate::dkim::Dkim::from_config(cfg),
+            milters: crate::milter::Settings::from_config(cfg),
         }
     }
 
@@ -119,7 +122,24 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// The `dsn` of a refusal whose `reason` is a milter's SMTP reply.
+pub const MILTER_DSN: &str = postern_common::ipc::MILTER_REPLY_DSN;
+
 impl Refusal {
+    /// The enhanced status code, also of a milter's reply.
+    pub fn dsn_text(&self) -> String {
+        if self.dsn != MILTER_DSN {
+            return self.dsn.to_string();
+        }
+        let class = if self.temporary { '4' } else { '5' };
+        self.reason
+            .split([' ', '-'])
+            .nth(1)
+            .filter(|d| d.starts_with(class) && d.split('.').count() == 3)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{class}.7.1"))
+    }
+
     pub fn reply(&self) -> CleanupReply {
         CleanupReply::Failed {
             temporary: self.temporary,
@@ -213,6 +233,9 @@ pub struct Message<'a> {
     /// The content from the header section on, held until Close when
     /// `auth` needs the whole message.
     held: Option<Vec<u8>>,
+    /// Where the sender record starts: milters' changes rewrite the file
+    /// from there.
+    envelope_at: u64,
 }
 
 impl<'a> Message<'a> {
@@ -260,6 +283,7 @@ impl<'a> Message<'a> {
             dups: DupFilter::new(settings.duplicate_filter_limit),
             auth: crate::dkim::Plan::default(),
             held: None,
+            envelope_at: 0,
         })
     }
 
@@ -269,6 +293,9 @@ impl<'a> Message<'a> {
     /// section (`sendmail -t` adds some). A refusal is kept for
     /// [`Message::close`] to report.
     pub fn envelope(&mut self, mut new: NewMessage) {
+        if new.flags & cleanup_flags::MILTER_DISCARD != 0 {
+            self.discard = Some("milter".into());
+        }
         if let Err(r) = self.take_envelope(&mut new) {
             // Reported to the client at Close, never bounced: no recipient
             // was accepted.
@@ -323,6 +350,7 @@ impl<'a> Message<'a> {
         self.arrival_secs = secs;
         let written = (|| {
             w.arrival(secs, usecs)?;
+            let at = w.position();
             w.sender(&new.sender)?;
             // The SMTPUTF8 flags are known only with the headers: written
             // then (write_head).
@@ -335,9 +363,10 @@ impl<'a> Message<'a> {
             {
                 w.attribute(n, v)?;
             }
-            Ok::<(), io::Error>(())
+            Ok::<u64, io::Error>(at)
         })();
-        written.map_err(Refusal::write_error)
+        self.envelope_at = written.map_err(Refusal::write_error)?;
+        Ok(())
     }
 
     /// Who submitted the message ("smtpd", "pickup", ...), for log lines.
@@ -1166,6 +1195,12 @@ impl<'a> Message<'a> {
             }
             return Err(r);
         }
+        if self.discard.is_none() {
+            if let Err(r) = self.milters() {
+                self.discard();
+                return Err(r);
+            }
+        }
         if self.discard.is_some() {
             // Answered as queued, as Postfix does; nothing is delivered.
             self.discard();
@@ -1276,6 +1311,83 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The milters of the message's origin (none for notifications):
+    /// their verdict, and their changes written into the file.
+    fn milters(&mut self) -> Result<(), Refusal> {
+        let list =
+            if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
+                Ok(None)
+            } else if self.new.origin == "smtpd" {
+                self.settings.milters.smtpd.as_ref().map(Option::as_ref)
+            } else {
+                self.settings.milters.non_smtpd.as_ref().map(Option::as_ref)
+            };
+        // A milter list that cannot be used: refused for now, as Postfix.
+        let list = list.map_err(|e| {
+            warning!("{}: {e}", self.id);
+            Refusal {
+                temporary: true,
+                dsn: "4.3.5",
+                reason: "Server configuration error".into(),
+            }
+        })?;
+        let Some(list) = list else {
+            return Ok(());
+        };
+        let from_smtpd = self.new.origin == "smtpd";
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| Refusal::write_error(io::Error::other("no queue file")))?;
+        let records = w
+            .read_back(self.envelope_at)
+            .map_err(Refusal::write_error)?;
+        let mut parts = crate::milter::Parts::read(records);
+        match crate::milter::inspect(list, &self.id, &mut parts, from_smtpd) {
+            crate::milter::Verdict::Refuse { temporary, reply } => {
+                info!(
+                    "{}: milter-{}: END-OF-MESSAGE from {}: {}",
+                    self.id,
+                    if temporary { "tempfail" } else { "reject" },
+                    self.new.origin,
+                    reply
+                );
+                Err(Refusal {
+                    temporary,
+                    dsn: MILTER_DSN,
+                    reason: reply,
+                })
+            }
+            crate::milter::Verdict::Discard(why) => {
+                info!("{}: milter-discard: END-OF-MESSAGE: {why}", self.id);
+                self.discard = Some(why);
+                Ok(())
+            }
+            crate::milter::Verdict::Accept => {
+                if let Some(q) = parts.quarantine.take() {
+                    info!("{}: milter-hold: END-OF-MESSAGE: {q}", self.id);
+                    self.hold = Some(q);
+                }
+                if parts.changed {
+                    let w = self.writer.as_mut().expect("writer present");
+                    w.rewind(self.envelope_at)
+                        .and_then(|_| parts.write(w))
+                        .map_err(Refusal::write_error)?;
+                    self.new.sender = parts.sender.clone();
+                    self.new.recipients = parts.recipients.clone();
+                }
+                if parts.recipients.is_empty() {
+                    return Err(Refusal {
+                        temporary: false,
+                        dsn: "5.1.3",
+                        reason: "no recipients left after the milters".into(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// A local submission refused for good (too many hops, a REJECT of
     /// header_checks, ...) becomes a bounce, as in Postfix: a new queue
     /// file with the sender, every recipient already done, and the header
@@ -1299,7 +1411,14 @@ impl<'a> Message<'a> {
             let mut entries = Vec::with_capacity(self.new.recipients.len());
             for rcpt in &self.new.recipients {
                 let at = w.done_recipient(rcpt)?;
-                entries.push(LogEntry::new(at, rcpt, r.dsn, "failed", "none", &r.reason));
+                entries.push(LogEntry::new(
+                    at,
+                    rcpt,
+                    &r.dsn_text(),
+                    "failed",
+                    "none",
+                    &r.reason,
+                ));
             }
             w.begin_content()?;
             for h in &self.headers {

@@ -131,6 +131,12 @@ pub mod cleanup_flags {
     /// `receive_override_options = no_address_mappings`: no canonical
     /// mapping, masquerading, virtual aliasing or automatic bcc.
     pub const NO_ADDRESS_MAPPINGS: u32 = 32;
+    /// A milter said DISCARD at an SMTP stage (smtpd): the message is
+    /// answered as queued and thrown away.
+    pub const MILTER_DISCARD: u32 = 64;
+    /// `receive_override_options = no_milters`: no milter sees the
+    /// message.
+    pub const NO_MILTERS: u32 = 128;
 }
 
 /// What a client tells cleanup about a new message, before its content.
@@ -199,6 +205,10 @@ mod content_bytes {
     }
 }
 
+/// The `dsn` of a [`CleanupReply::Failed`] whose reason is a milter's
+/// SMTP reply.
+pub const MILTER_REPLY_DSN: &str = "milter";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum CleanupReply {
     Opened {
@@ -207,7 +217,10 @@ pub enum CleanupReply {
     Queued {
         queue_id: String,
     },
-    /// Not queued. `temporary` selects 4xx/EX_TEMPFAIL over 5xx.
+    /// Not queued. `temporary` selects 4xx/EX_TEMPFAIL over 5xx. With
+    /// `dsn` [`MILTER_REPLY_DSN`], `reason` is a milter's whole SMTP reply
+    /// (code, enhanced code, text; a multi-line reply's lines joined by
+    /// CRLF), which smtpd gives the client as it is.
     Failed {
         temporary: bool,
         dsn: String,

@@ -63,6 +63,7 @@ pub mod ipc;
 pub mod log;
 pub mod maps;
 pub mod match_list;
+pub mod milter;
 pub mod mta_sts;
 pub mod pass_fd;
 pub mod pool;

@@ -148,7 +148,7 @@ impl Recipient {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.address.len() + self.original.len() + 8);
         v.extend_from_slice(self.address.as_bytes());
         v.push(0);
@@ -160,7 +160,7 @@ impl Recipient {
         v
     }
 
-    fn decode(data: &[u8]) -> Option<Recipient> {
+    pub fn decode(data: &[u8]) -> Option<Recipient> {
         let s = std::str::from_utf8(data).ok()?;
         let mut it = s.split('\0');
         let address = it.next()?.to_string();
@@ -274,6 +274,59 @@ impl Writer {
             data = &data[take..];
         }
         Ok(())
+    }
+
+    /// Where the next record goes.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Flushes what is buffered and reads back the records written from
+    /// `from` on (the partial content chunk becomes a record first): how
+    /// cleanup shows milters the message it wrote.
+    pub fn read_back(&mut self, from: u64) -> io::Result<Vec<(u8, Vec<u8>)>> {
+        if !self.chunk.is_empty() {
+            let c = std::mem::take(&mut self.chunk);
+            self.record(REC_CONTENT, &c)?;
+        }
+        self.out.flush()?;
+        let file = self.out.get_ref();
+        let mut buf = vec![0u8; (self.pos - from) as usize];
+        file.read_exact_at(&mut buf, from)?;
+        let mut out = Vec::new();
+        let mut rest = &buf[..];
+        while rest.len() >= 5 {
+            let len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let data = rest
+                .get(5..5 + len)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short record"))?;
+            out.push((rest[0], data.to_vec()));
+            rest = &rest[5 + len..];
+        }
+        Ok(out)
+    }
+
+    /// Forgets every record from `to` on (a position taken before the
+    /// recipients and the content): they are written again.
+    pub fn rewind(&mut self, to: u64) -> io::Result<()> {
+        self.chunk.clear();
+        self.out.flush()?;
+        self.out.get_mut().set_len(to)?;
+        self.out.get_mut().seek(SeekFrom::Start(to))?;
+        self.pos = to;
+        self.content_at = 0;
+        self.content_size = 0;
+        self.rcpt_count = 0;
+        Ok(())
+    }
+
+    /// Writes a record read back with [`Writer::read_back`] (a sender,
+    /// attribute or recipient; content goes through [`Writer::content`]).
+    pub fn again(&mut self, kind: u8, data: &[u8]) -> io::Result<()> {
+        if kind == REC_RCPT || kind == REC_DONE {
+            self.rcpt_count += 1;
+        }
+        self.record(kind, data)
     }
 
     /// Content bytes written so far.

@@ -4,8 +4,9 @@
 //!
 //! `no_unknown_recipient_checks` is smtpd's own (no `reject_unlisted_
 //! recipient`); `no_address_mappings` and `no_header_body_checks` become
-//! [`cleanup_flags`] bits sent to cleanup with the envelope;
-//! `no_milters` is accepted (Postern calls no milter).
+//! [`cleanup_flags`] bits sent to cleanup with the envelope; so does
+//! `no_milters` (cleanup's content milters), which also keeps smtpd from
+//! asking `smtpd_milters` at the SMTP stages.
 
 use crate::ipc::cleanup_flags;
 
@@ -32,7 +33,7 @@ impl ReceiveOverride {
                 "no_unknown_recipient_checks" => r.no_unknown_recipient_checks = true,
                 "no_address_mappings" => r.cleanup_flags |= cleanup_flags::NO_ADDRESS_MAPPINGS,
                 "no_header_body_checks" => r.cleanup_flags |= cleanup_flags::NO_HEADER_BODY_CHECKS,
-                "no_milters" => {}
+                "no_milters" => r.cleanup_flags |= cleanup_flags::NO_MILTERS,
                 other => {
                     return Err(format!(
                         "receive_override_options: unknown option \"{other}\""
@@ -57,7 +58,9 @@ mod tests {
         assert!(r.no_unknown_recipient_checks);
         assert_eq!(
             r.cleanup_flags,
-            cleanup_flags::NO_HEADER_BODY_CHECKS | cleanup_flags::NO_ADDRESS_MAPPINGS
+            cleanup_flags::NO_HEADER_BODY_CHECKS
+                | cleanup_flags::NO_ADDRESS_MAPPINGS
+                | cleanup_flags::NO_MILTERS
         );
         assert_eq!(
             ReceiveOverride::parse("").unwrap(),

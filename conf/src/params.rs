@@ -569,6 +569,28 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_proxy_timeout", "100s"),
     ("smtpd_proxy_ehlo", "$myhostname"),
     ("smtpd_proxy_options", ""),
+    // Milters (MILTER_README): smtpd asks smtpd_milters at the SMTP
+    // stages (smtpd/src/milter.rs), cleanup at the content stages and
+    // applies the modifications (cleanup/src/milter.rs); cleanup asks
+    // non_smtpd_milters for sendmail/pickup mail. common/src/milter/ is
+    // the protocol.
+    ("smtpd_milters", ""),
+    ("non_smtpd_milters", ""),
+    ("milter_protocol", "6"),
+    ("milter_default_action", "tempfail"),
+    ("milter_connect_timeout", "30s"),
+    ("milter_command_timeout", "30s"),
+    ("milter_content_timeout", "300s"),
+    ("milter_connect_macros", "j {daemon_name} {daemon_addr} v _"),
+    ("milter_helo_macros", "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}"),
+    ("milter_mail_macros", "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"),
+    ("milter_rcpt_macros", "i {rcpt_addr} {rcpt_host} {rcpt_mailer}"),
+    ("milter_data_macros", "i"),
+    ("milter_end_of_header_macros", "i"),
+    ("milter_end_of_data_macros", "i"),
+    ("milter_unknown_command_macros", ""),
+    ("milter_macro_daemon_name", "$myhostname"),
+    ("milter_macro_v", "$mail_name $mail_version"),
     ("smtp_send_xforward_command", "no"),
     ("smtp_xforward_timeout", "300s"),
     // The smtp client's header and body checks (lmtp reads these too).

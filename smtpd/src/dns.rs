@@ -58,6 +58,10 @@ pub enum Query {
     /// (`reject_unverified_recipient`, `reject_unverified_sender`): not
     /// DNS, but asked and waited for the same way ([`crate::verify_lookup`]).
     Verify(String),
+    /// The session's milters at an SMTP stage (`smtpd_milters`): not DNS,
+    /// asked on a thread of its own and waited for the same way
+    /// ([`crate::milter`]).
+    Milter(crate::milter::Ask),
 }
 
 /// Which hosts [`Query::Servers`] asks for.
@@ -101,6 +105,8 @@ pub enum Answer {
     /// The answer to [`Query::Verify`]: the status and its text, or why
     /// the verify service could not answer.
     Verify(Result<(postern_common::verify::Status, String), String>),
+    /// The milters' answer to [`Query::Milter`].
+    Milter(postern_common::milter::Outcome),
 }
 
 /// How a client name lookup ended, as Postfix's `SMTPD_PEER_CODE_*`.
@@ -272,6 +278,32 @@ impl Dns {
         let _ = self.tx.send((slot, q));
     }
 
+    /// Asks the session's milters on a thread of its own: the milters
+    /// may take `milter_command_timeout` per stage.
+    pub fn submit_milter(&self, slot: usize, q: Query, link: crate::milter::Link) {
+        let Query::Milter(ask) = &q else {
+            return;
+        };
+        let ask = ask.clone();
+        let (done, waker) = (self.done_tx.clone(), self.waker.clone());
+        let q2 = q.clone();
+        let started = std::thread::Builder::new()
+            .name("milter".into())
+            .spawn(move || {
+                let outcome = link.ask(&ask);
+                let _ = done.send((slot, q, Answer::Milter(outcome)));
+                let _ = waker.wake();
+            });
+        if let Err(e) = started {
+            warning!("cannot start a milter thread: {e}");
+            let a = Answer::Milter(postern_common::milter::Outcome::Tempfail(
+                postern_common::milter::TEMPFAIL_TEXT.into(),
+            ));
+            let _ = self.done_tx.send((slot, q2, a));
+            let _ = self.waker.wake();
+        }
+    }
+
     /// Answers that came in.
     pub fn drain(&self) -> Vec<(usize, Query, Answer)> {
         self.rx.try_iter().collect()
@@ -332,6 +364,9 @@ impl Worker {
             Query::Servers(kind, domain) => self.servers(*kind, domain),
             // Answered by the verify service (Dns::submit), never here.
             Query::Verify(_) => Answer::Verify(Err("not a DNS query".into())),
+            Query::Milter(_) => Answer::Milter(postern_common::milter::Outcome::Tempfail(
+                postern_common::milter::TEMPFAIL_TEXT.into(),
+            )),
         }
     }
 

@@ -53,6 +53,7 @@ pub mod cleanup_conn;
 pub mod data;
 pub mod dns;
 pub mod listener;
+pub mod milter;
 pub mod outbuf;
 pub mod policy_client;
 pub mod proxy;

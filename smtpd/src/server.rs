@@ -809,7 +809,17 @@ fn submit_dns(
                 }
             }
             if let Some(d) = dns {
-                d.submit(idx, q);
+                if let crate::dns::Query::Milter(_) = &q {
+                    match slot.session.milter_link() {
+                        Some(link) => d.submit_milter(idx, q, link),
+                        None => slot.session.dns_answer(
+                            q,
+                            crate::dns::Answer::Milter(postern_common::milter::Outcome::Continue),
+                        ),
+                    }
+                } else {
+                    d.submit(idx, q);
+                }
             }
         }
     }

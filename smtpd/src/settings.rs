@@ -120,6 +120,8 @@ pub struct Settings {
     pub ehlo_discard: String,
     /// `smtpd_discard_ehlo_keyword_address_maps` (by client address).
     pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
+    /// `smtpd_milters` and the `milter_*` settings, when milters are set.
+    pub milters: Option<Arc<postern_common::milter::Settings>>,
     /// `smtpd_proxy_filter` and its settings, when one is set.
     pub proxy: Option<Arc<crate::proxy::ProxySettings>>,
 }
@@ -300,6 +302,23 @@ impl Settings {
                     }
                     t
                 })
+            },
+            milters: match postern_common::milter::Settings::from_config(cfg, "smtpd_milters") {
+                Ok(s) if s.milters.is_empty() => None,
+                // receive_override_options = no_milters (a content
+                // filter's reinjection smtpd).
+                Ok(_)
+                    if postern_common::receive_override::ReceiveOverride::parse(
+                        &cfg.get("receive_override_options"),
+                    )
+                    .is_ok_and(|r| {
+                        r.cleanup_flags & postern_common::ipc::cleanup_flags::NO_MILTERS != 0
+                    }) =>
+                {
+                    None
+                }
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => return Err(e),
             },
             proxy: {
                 let spec = cfg.get("smtpd_proxy_filter");

@@ -12,13 +12,14 @@
 //! - match lists (`mynetworks`, `relay_domains`, ...) whose file, table or
 //!   network cannot be read (`postern_common::match_list`);
 //! - a parameter Postern does not offer, set (in main.cf or by `-o`) to
-//!   something else than Postfix's default: a milter, a before-queue
-//!   proxy filter, ... (the TLS settings rustls does not take are
-//!   warnings);
+//!   something else than Postfix's default (the TLS settings rustls does
+//!   not take are warnings);
 //! - `receive_override_options` values Postfix does not know;
 //! - a before-queue filter (`smtpd_proxy_filter`) smtpd could not reach
 //!   for its form, or `smtpd_proxy_options` it does not know: smtpd
 //!   would refuse every message.
+//! - a milter list (`smtpd_milters`, `non_smtpd_milters`) or milter
+//!   setting smtpd and cleanup could not use;
 //! - (a warning) `reject_unverified_*` without a `verify` service in
 //!   master.cf: every address would get "address verification problem".
 
@@ -217,6 +218,25 @@ fn not_honoured(cfg: &Config, name: &str, value: &str) -> Option<(bool, String)>
         }
         let queue = postern_common::service::queue_directory(cfg);
         return postern_common::proxy_filter::Endpoint::parse(&spec, &queue)
+            .err()
+            .map(|e| (true, e));
+    }
+    // A milter list (or milter setting) smtpd and cleanup could not use:
+    // cleanup would refuse every message it applies to.
+    if name == "smtpd_milters" || name == "non_smtpd_milters" {
+        return postern_common::milter::Settings::from_config(cfg, name)
+            .err()
+            .map(|e| (true, e));
+    }
+    if matches!(
+        name,
+        "milter_default_action"
+            | "milter_protocol"
+            | "milter_connect_timeout"
+            | "milter_command_timeout"
+            | "milter_content_timeout"
+    ) {
+        return postern_common::milter::Settings::from_config(cfg, "smtpd_milters")
             .err()
             .map(|e| (true, e));
     }

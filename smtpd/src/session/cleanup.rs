@@ -322,7 +322,12 @@ impl Session {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),
             attrs,
-            flags: self.cfg.receive_override.cleanup_flags,
+            flags: self.cfg.receive_override.cleanup_flags
+                | if self.milter_discard {
+                    postern_common::ipc::cleanup_flags::MILTER_DISCARD
+                } else {
+                    0
+                },
             origin: "smtpd".to_string(),
         };
         let queue_id = tx.queue_id.clone().unwrap_or_default();
@@ -451,6 +456,18 @@ impl Session {
 
 /// The reply for a message cleanup would not take.
 pub(super) fn failure_reply(temporary: bool, dsn: &str, reason: &str) -> String {
+    if dsn == postern_common::ipc::MILTER_REPLY_DSN {
+        // A milter's own reply, as the milter gave it (checked to be a
+        // 4xx/5xx reply, lines joined by CRLF).
+        let class = if temporary { '4' } else { '5' };
+        let ok = reason.len() >= 4
+            && reason.starts_with(class)
+            && reason.as_bytes()[..3].iter().all(u8::is_ascii_digit)
+            && matches!(reason.as_bytes()[3], b' ' | b'-');
+        if ok && !reason.contains('\0') {
+            return reason.to_string();
+        }
+    }
     let valid = |d: &str, class: char| {
         d.starts_with(class)
             && d.split('.').count() == 3

@@ -135,6 +135,56 @@ impl Session {
             self.error_count += 1;
             return;
         }
+        if self.cfg.milters.is_some() {
+            let addr = self.client.port.map(|p| (self.client.addr, p));
+            let ask = crate::milter::Ask {
+                stage: crate::milter::Stage::Connect(self.client.names.name.clone(), addr),
+                macros: self.milter_macros_now(),
+            };
+            let q = crate::dns::Query::Milter(ask);
+            match self.dns.remove(&q) {
+                Some(crate::dns::Answer::Milter(o)) => match o {
+                    postern_common::milter::Outcome::Continue => {}
+                    postern_common::milter::Outcome::Discard => self.milter_discard = true,
+                    // As Postfix: a 421 (or a milter shutting down)
+                    // ends the session at the greeting; another refusal
+                    // answers MAIL, RCPT and DATA, and a 5xx one also
+                    // changes the greeting.
+                    postern_common::milter::Outcome::Shutdown(r) => {
+                        info!("milter-reject: CONNECT from {}: {r}", self.namaddr);
+                        let host = self.cfg.myhostname.clone();
+                        self.reply(&format!("421 {host} Service unavailable - try again later"));
+                        self.hangup = true;
+                        return;
+                    }
+                    postern_common::milter::Outcome::Reject(r)
+                    | postern_common::milter::Outcome::Tempfail(r) => {
+                        info!("milter-reject: CONNECT from {}: {r}", self.namaddr);
+                        if r.starts_with("421") {
+                            let host = self.cfg.myhostname.clone();
+                            self.reply(&format!(
+                                "421 {host} Service unavailable - try again later"
+                            ));
+                            self.hangup = true;
+                            return;
+                        }
+                        let reject = r.starts_with('5');
+                        self.milter_denied = Some(r);
+                        if reject {
+                            let host = self.cfg.myhostname.clone();
+                            self.reply(&format!("554 {host} ESMTP not accepting connections"));
+                            return;
+                        }
+                    }
+                },
+                _ => {
+                    if self.request_dns(vec![q]) {
+                        self.state = State::WaitDnsConnect;
+                        return;
+                    }
+                }
+            }
+        }
         let banner = self.cfg.banner.clone();
         self.reply(&format!("220 {banner}"));
     }
@@ -170,6 +220,14 @@ impl Session {
         }
         if let Some(reply) = refused {
             return self.reject(&reply, None, None);
+        }
+        match self.milter_step(crate::milter::Stage::Helo(name.clone()), verb) {
+            None => return Done::Pending,
+            Some(o) => {
+                if let Some(done) = self.milter_verdict(o, verb_name(ehlo)) {
+                    return done;
+                }
+            }
         }
         self.helo = Some(name);
         self.end_transaction();
@@ -230,6 +288,14 @@ impl Session {
             let sep = if i == last { ' ' } else { '-' };
             self.reply(&format!("250{sep}{l}"));
         }
+    }
+}
+
+fn verb_name(ehlo: bool) -> &'static str {
+    if ehlo {
+        "EHLO"
+    } else {
+        "HELO"
     }
 }
 

@@ -40,6 +40,7 @@ mod command_filter;
 mod ehlo_discard;
 mod etrn;
 mod greeting;
+mod milter;
 mod policy;
 mod proxy;
 #[cfg(test)]
@@ -299,6 +300,13 @@ pub struct Session {
     /// The client restrictions refused at connect (`smtpd_delay_reject =
     /// no`): every command but QUIT is answered 503.
     access_denied: bool,
+    /// The milters' connections (`smtpd_milters`), made at connect.
+    milter: Option<crate::milter::Link>,
+    /// The milters refused the connection (or failed under
+    /// `milter_default_action`): MAIL, RCPT and DATA get this reply.
+    milter_denied: Option<String>,
+    /// A milter said DISCARD during this transaction.
+    milter_discard: bool,
     sasl_requests: Vec<SaslRequest>,
     /// The mechanism of the AUTH in progress, or of the successful one.
     sasl_method: Option<String>,
@@ -379,6 +387,9 @@ impl Session {
             anvil,
             anvil_counted: false,
             access_denied: false,
+            milter: None,
+            milter_denied: None,
+            milter_discard: false,
             sasl_requests: Vec::new(),
             sasl_method: None,
             sasl_username: None,
@@ -634,7 +645,12 @@ impl Session {
                 self.hangup = true;
                 return;
             }
-            self.unknown_command("500 5.5.2 Error: command not recognized");
+            if let Some(reply) = self.milter_unknown(line) {
+                match reply {
+                    Some(r) => self.unknown_command(&r),
+                    None => self.unknown_command("500 5.5.2 Error: command not recognized"),
+                }
+            }
             return;
         };
         self.where_ = verb.name();

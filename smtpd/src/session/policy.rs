@@ -132,7 +132,8 @@ impl Session {
         self.verify_rerun = false;
         self.policy_memo.borrow_mut().clear();
         self.verify_wanted.replace(None);
-        self.dns.retain(|q, _| !matches!(q, Query::Verify(_)));
+        self.dns
+            .retain(|q, _| !matches!(q, Query::Verify(_) | Query::Milter(_)));
     }
 
     /// `sleep SECONDS` stopped the restrictions of the command (`verb`;

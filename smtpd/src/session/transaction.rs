@@ -40,6 +40,9 @@ impl Session {
         if self.tx.is_some() {
             return self.fail("503 5.5.1 Error: nested MAIL command");
         }
+        if let Some(done) = self.milter_denied() {
+            return done;
+        }
         let Some((path, params)) = protocol::path_command(args, "from:") else {
             return self.fail("501 5.5.4 Syntax: MAIL FROM:<address>");
         };
@@ -123,6 +126,19 @@ impl Session {
         if let Some(reply) = refused {
             return self.reject(&reply, Some(&tx.sender), None);
         }
+        if self.cfg.milters.is_some() {
+            let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+            let stage = crate::milter::Stage::Mail(tx.sender.clone(), params);
+            match self.milter_step(stage, Verb::Mail) {
+                None => return Done::Pending,
+                Some(o) => {
+                    self.milter_discard = false;
+                    if let Some(done) = self.milter_verdict(o, "MAIL") {
+                        return done;
+                    }
+                }
+            }
+        }
         self.tx = Some(tx);
         if self.proxied() {
             let line = String::from_utf8_lossy(&self.current_line).into_owned();
@@ -144,6 +160,9 @@ impl Session {
     pub(super) fn rcpt(&mut self, args: &[Token]) -> Done {
         if self.tx.is_none() {
             return self.fail("503 5.5.1 Error: need MAIL command");
+        }
+        if let Some(done) = self.milter_denied() {
+            return done;
         }
         let Some((path, params)) = protocol::path_command(args, "to:") else {
             return self.fail("501 5.5.4 Syntax: RCPT TO:<address>");
@@ -195,6 +214,18 @@ impl Session {
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }
+        if self.cfg.milters.is_some() {
+            let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+            let stage = crate::milter::Stage::Rcpt(address.clone(), params);
+            match self.milter_step(stage, Verb::Rcpt) {
+                None => return Done::Pending,
+                Some(o) => {
+                    if let Some(done) = self.milter_verdict(o, "RCPT") {
+                        return done;
+                    }
+                }
+            }
+        }
         if self.proxied() {
             return self.proxy_rcpt(rcpt);
         }
@@ -222,6 +253,9 @@ impl Session {
         if args.len() != 1 {
             return self.fail("501 5.5.4 Syntax: DATA");
         }
+        if let Some(done) = self.milter_denied() {
+            return done;
+        }
         let refused = self
             .cfg
             .restrictions
@@ -241,6 +275,14 @@ impl Session {
                 _ => None,
             };
             return self.reject(&reply, Some(&sender), only.as_deref());
+        }
+        match self.milter_step(crate::milter::Stage::Data, Verb::Data) {
+            None => return Done::Pending,
+            Some(o) => {
+                if let Some(done) = self.milter_verdict(o, "DATA") {
+                    return done;
+                }
+            }
         }
         if self.proxied() {
             return self.proxy_data_cmd();

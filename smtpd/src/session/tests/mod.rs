@@ -85,6 +85,7 @@ fn settings() -> Settings {
         command_filter: None,
         ccert: None,
         ehlo_discard_maps: None,
+        milters: None,
         proxy: None,
     }
 }
