@@ -448,3 +448,65 @@ def test_dmarc_reject_and_quarantine(make_inbound, sink):
     p.wait_for_log(r"hold: DMARC policy of dmarc-quar\.test")
     assert len(p.queue_files("hold")) == 1
     assert sink.find(t) == [] and sink.find(t2) == []
+
+
+# --------------------------------------------------------------------------
+# with milters: the milters first, then the built-in signature
+
+
+@pytest.fixture
+def test_milter():
+    from test_milter import PyMilterPeer
+    m = PyMilterPeer()
+    yield m
+    m.stop()
+
+
+def test_signature_covers_the_milters_changes(make_postern, sink, test_milter):
+    """A milter that changes the Subject, adds a header and replaces the
+    body: the built-in signature is made after it (issue 21: "after every
+    rewrite"), so it verifies on the message as delivered."""
+    test_milter.plan(edits=[
+        ["chgheader", "Subject", "1", "changed by the milter"],
+        ["addheader", "X-Milter", "was here"],
+        ["replacebody", "A new body.\r\nFrom the milter.\r\n"],
+    ])
+    p, records = signing_postern(
+        make_postern, sink,
+        extra={"smtpd_milters": test_milter.name},
+        table=None)
+    t = token()
+    code, text = p.send("alice@example.test", ["bob@remote.example"],
+                        message("Alice <alice@example.test>", "bob@remote.example", t))
+    assert code == 250, text
+    m = sink.wait_for(f"<{t}@example.test>")[0]
+    assert h.header_values(m.content, "Subject") == ["changed by the milter"], m.content
+    assert h.header_values(m.content, "X-Milter") == ["was here"], m.content
+    assert m.content.split(b"\r\n\r\n", 1)[1] == b"A new body.\r\nFrom the milter.\r\n"
+    sigs = h.header_values(m.content, "DKIM-Signature")
+    assert len(sigs) == 1, m.content
+    assert verify(m, records), m.content
+    # The milter did not see the signature: it is made after the milters.
+    seen = [e["args"][0].lower() for e in test_milter.events() if e["stage"] == "header"]
+    assert "dkim-signature" not in seen, seen
+    # The test can fail: the original Subject would break it.
+    assert not dkim.verify(m.content.replace(b"changed by the milter", t.encode(), 1),
+                           dnsfunc=dnsfunc_for(records))
+
+
+def test_milters_see_the_authentication_results(make_inbound, sink, test_milter):
+    """Inbound checks come before the milters (as a checking milter placed
+    first would in Postfix): a milter such as rspamd sees our
+    Authentication-Results header, and it is delivered."""
+    p, key = make_inbound(smtpd_milters=test_milter.name)
+    t = token()
+    code, text = send_outside(p, "news@signed.test", t,
+                              h.lf(signed_message(key, t).encode()).decode())
+    assert code == 250, text
+    ar = ours(sink.wait_for(t)[0])
+    assert re.search(r"\bdkim=pass\b", ar), ar
+    seen = [(e["args"][0], e["args"][1]) for e in test_milter.events() if e["stage"] == "header"]
+    mine = [v for n, v in seen if n.lower() == "authentication-results"
+            and re.sub(r"\s+", " ", v).startswith(h.MYHOSTNAME + ";")]
+    assert len(mine) == 1, seen
+    assert re.search(r"\bdkim=pass\b", mine[0]), mine

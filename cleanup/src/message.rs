@@ -543,11 +543,9 @@ impl<'a> Message<'a> {
                 added
                     .iter()
                     .find_map(|a| a.strip_prefix("From: ").map(|v| v.trim_end().to_string()))
-            })
-            .and_then(|v| headers::addresses(&v).into_iter().next())
-            .unwrap_or_else(|| self.new.sender.clone());
-        let domain = from.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-        let plan = dkim.plan(class, domain).map_err(|e| {
+            });
+        let domain = signing_domain(from, &self.new.sender);
+        let plan = dkim.plan(class, &domain).map_err(|e| {
             warning!("{}: {e}", self.id);
             Refusal {
                 temporary: true,
@@ -1178,6 +1176,19 @@ impl<'a> Message<'a> {
                 self.body_pieces(rest);
             }
         }
+        // With milters, the signature comes after them, over the message
+        // as they leave it (the checks' Authentication-Results before
+        // them, for them to see): the held content is written unsigned
+        // here, and signed when the milters' verdict is in. Without
+        // milters, signed here, with no read-back.
+        let sign_after_milters = self.refused.is_none()
+            && self.discard.is_none()
+            && self.filter.is_none()
+            && self.settings.dkim.enabled()
+            && !matches!(self.milter_list(), Ok(None));
+        if sign_after_milters {
+            self.auth.sign = None;
+        }
         if self.refused.is_none() {
             self.sign_and_check();
         }
@@ -1196,7 +1207,7 @@ impl<'a> Message<'a> {
             return Err(r);
         }
         if self.discard.is_none() {
-            if let Err(r) = self.milters() {
+            if let Err(r) = self.milters(sign_after_milters) {
                 self.discard();
                 return Err(r);
             }
@@ -1311,17 +1322,26 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// The milter list of the message's origin (none for notifications
+    /// or with `no_milters`); Err: a list that cannot be used.
+    fn milter_list(&self) -> Result<Option<&'a postern_common::milter::Settings>, &'a String> {
+        let settings: &'a Settings = self.settings;
+        if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
+            Ok(None)
+        } else if self.new.origin == "smtpd" {
+            settings.milters.smtpd.as_ref().map(Option::as_ref)
+        } else {
+            settings.milters.non_smtpd.as_ref().map(Option::as_ref)
+        }
+    }
+
     /// The milters of the message's origin (none for notifications):
-    /// their verdict, and their changes written into the file.
-    fn milters(&mut self) -> Result<(), Refusal> {
-        let list =
-            if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
-                Ok(None)
-            } else if self.new.origin == "smtpd" {
-                self.settings.milters.smtpd.as_ref().map(Option::as_ref)
-            } else {
-                self.settings.milters.non_smtpd.as_ref().map(Option::as_ref)
-            };
+    /// their verdict, and their changes written into the file. With
+    /// `sign`, the message as the milters leave it is then DKIM-signed
+    /// (the key chosen by its final From:), the signature written with
+    /// their changes in the one rewrite.
+    fn milters(&mut self, sign: bool) -> Result<(), Refusal> {
+        let list = self.milter_list();
         // A milter list that cannot be used: refused for now, as Postfix.
         let list = list.map_err(|e| {
             warning!("{}: {e}", self.id);
@@ -1368,6 +1388,9 @@ impl<'a> Message<'a> {
                     info!("{}: milter-hold: END-OF-MESSAGE: {q}", self.id);
                     self.hold = Some(q);
                 }
+                if sign {
+                    self.sign_parts(&mut parts)?;
+                }
                 if parts.changed {
                     let w = self.writer.as_mut().expect("writer present");
                     w.rewind(self.envelope_at)
@@ -1386,6 +1409,54 @@ impl<'a> Message<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Signs the message as the milters left it: the signing table is
+    /// asked for the domain of its final From: (or sender), and the
+    /// DKIM-Signature goes on top of the header section.
+    fn sign_parts(&mut self, parts: &mut crate::milter::Parts) -> Result<(), Refusal> {
+        let dkim = &self.settings.dkim;
+        let from = parts
+            .headers
+            .iter()
+            .find(|h| headers::header_name(h).is_some_and(|n| n.eq_ignore_ascii_case("from")))
+            .map(|h| {
+                let s = String::from_utf8_lossy(h);
+                let v = s.split_once(':').map(|(_, v)| v).unwrap_or("");
+                v.replace(['\r', '\n'], "").trim().to_string()
+            });
+        let domain = signing_domain(from, &parts.sender);
+        let class = dkim.class(&self.new);
+        let temporary = |e: String| {
+            warning!("{}: {e}", self.id);
+            Refusal {
+                temporary: true,
+                dsn: "4.7.0",
+                reason: "DKIM signing failed; try again later".into(),
+            }
+        };
+        let plan = dkim.plan(class, &domain).map_err(temporary)?;
+        if plan.sign.is_none() {
+            return Ok(());
+        }
+        let plan = crate::dkim::Plan {
+            sign: plan.sign,
+            check: false,
+        };
+        let mut content = Vec::with_capacity(parts.body.len() + 4096);
+        for h in &parts.headers {
+            content.extend_from_slice(h);
+        }
+        content.push(b'\n');
+        content.extend_from_slice(&parts.body);
+        let out = dkim
+            .finish(&self.id, &plan, &self.new, &content)
+            .map_err(temporary)?;
+        for (i, h) in out.prepend.iter().enumerate() {
+            parts.headers.insert(i, h.as_bytes().to_vec());
+        }
+        parts.changed = true;
+        Ok(())
     }
 
     /// A local submission refused for good (too many hops, a REJECT of
@@ -1539,6 +1610,17 @@ fn rewrite_recipient(
 }
 
 /// `20261122141142` in UTC, for Message-Id.
+/// The domain a message is signed for: its From: header's first address,
+/// else the envelope sender.
+fn signing_domain(from_value: Option<String>, sender: &str) -> String {
+    let from = from_value
+        .and_then(|v| headers::addresses(&v).into_iter().next())
+        .unwrap_or_else(|| sender.to_string());
+    from.rsplit_once('@')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default()
+}
+
 fn date_stamp(secs: u64) -> String {
     let days = secs / 86400;
     let rem = secs % 86400;

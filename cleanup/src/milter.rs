@@ -11,6 +11,9 @@
 //! applied by writing the envelope and content again from the sender
 //! record on; a refusal (reject, tempfail, a milter's own reply, a failure
 //! under `milter_default_action`) removes the file: nothing is queued.
+//! The milters see cleanup's Authentication-Results header; the built-in
+//! DKIM signature is made after them, over what they leave
+//! (`Message::sign_parts` in message.rs), and written in the same rewrite.
 
 use postern_common::milter::{self, Chain, Edit, Outcome, Scope};
 use postern_common::qfile::{self, attr, Recipient};
