@@ -426,9 +426,11 @@ pub fn remote_reply(reason: &str, dsn: &str) -> Option<String> {
 
 /// The smtp agent's part of `delivery_reply_rules`: `defer` makes a
 /// remote 5xx for a recipient temporary, `bounce` makes a 4xx final,
-/// before the outcome is recorded. `relay` is the server's name, for a
-/// rule's `site=`; a rule with `after=` is qmgr's only (it counts).
-/// Returns the outcome and status to record.
+/// before the outcome is recorded; `class=NAME` is the bounce class of
+/// the reply (instead of `bounce_classifier_maps`'), for the records of
+/// that recipient. `relay` is the server's name, for a rule's `site=`;
+/// the actions of a rule with `after=` are qmgr's only (it counts), its
+/// `class=` holds for every match.
 pub fn adjust_outcome(
     tables: &crate::maps::Tables,
     outcome: crate::ipc::Outcome,
@@ -436,9 +438,13 @@ pub fn adjust_outcome(
     reason: &str,
     site: &str,
     relay: &str,
-) -> (crate::ipc::Outcome, String) {
+) -> Adjusted {
     use crate::ipc::Outcome;
-    let same = (outcome, dsn.to_string());
+    let same = Adjusted {
+        outcome,
+        dsn: dsn.to_string(),
+        class: None,
+    };
     if outcome == Outcome::Sent || tables.is_empty() {
         return same;
     }
@@ -451,14 +457,15 @@ pub fn adjust_outcome(
     let Ok(rule) = ReplyRule::parse(&value) else {
         return same;
     };
-    if rule.after.is_some() {
-        return same;
-    }
     if let Some(suffix) = &rule.site {
         let host = relay.split('[').next().unwrap_or("").to_ascii_lowercase();
         if !site.ends_with(suffix.as_str()) && !host.ends_with(suffix.as_str()) {
             return same;
         }
+    }
+    let class = rule.class.clone().filter(|c| !c.is_empty());
+    if rule.after.is_some() {
+        return Adjusted { class, ..same };
     }
     let with_class = |c: char| -> String {
         let mut d = dsn.to_string();
@@ -467,11 +474,25 @@ pub fn adjust_outcome(
         }
         d
     };
-    match outcome {
+    let (outcome, dsn) = match outcome {
         Outcome::Bounced if rule.defer => (Outcome::Deferred, with_class('4')),
         Outcome::Deferred if rule.bounce.is_some() => (Outcome::Bounced, with_class('5')),
-        _ => same,
+        _ => (outcome, dsn.to_string()),
+    };
+    Adjusted {
+        outcome,
+        dsn,
+        class,
     }
+}
+
+/// What [`adjust_outcome`] makes of a recipient's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adjusted {
+    pub outcome: crate::ipc::Outcome,
+    pub dsn: String,
+    /// A matching rule's `class=NAME`.
+    pub class: Option<String>,
 }
 
 /// The values of the table `spec` that `postern check` can read without
