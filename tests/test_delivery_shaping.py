@@ -513,3 +513,32 @@ def test_operator_commands_and_rule_classes_in_the_accounting_log(make_postern, 
     dis = [r for r in recs if r["recipient"] == "dis@opa.test" and r["type"] == "Bounce"]
     assert len(dis) == 1 and dis[0]["bounce_classification"] == "owner-disabled", dis
     assert p.log_search(r"bounce_class=owner-disabled, recipient=<dis@opa\.test>"), p.log_tail()
+
+
+def test_backoff_entered_and_left_in_the_accounting_log(make_postern, dnsmasq, receivers):
+    """A `backoff` rule matching a reply writes a SiteModeChange `backoff`
+    record with the rule and the reply; the way back (here
+    backoff_to_normal_after=1s) writes `normal`."""
+    rx = receivers()
+    rx.set_rcpt("slow@bka.test", "451 4.7.1 rate limited, slow down")
+    dns = dnsmasq(["--local=/test/", "--mx-host=bka.test,mx.bka.test,10",
+                   "--host-record=mx.bka.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bka.test",
+                      "max_connections=2 max_message_rate=20/s backoff_to_normal_after=1s",
+                      "/rate limited/ backoff\n",
+                      accounting_log_file=lambda p: str(p.dir / "acct.log"))
+    inject(p, ["slow@bka.test"], "pt-bka")
+    h.wait_for(lambda: any(r["type"] == "SiteModeChange" for r in read_acct(p, "json")), 30,
+               what="a backoff record")
+    time.sleep(1.5)
+    inject(p, [f"ok{i}@bka.test" for i in range(3)], "pt-bka")
+    wait_count(rx, 3, 30)
+    h.wait_for(lambda: any(r.get("mode") == "normal" for r in read_acct(p, "json")), 20,
+               what="a normal record")
+    modes = [r for r in read_acct(p, "json") if r["type"] == "SiteModeChange"]
+    bo = [r for r in modes if r["mode"] == "backoff"]
+    assert bo and "bka" in bo[0]["site"], modes
+    assert bo[0]["rule"] == "backoff", bo
+    assert "rate limited, slow down" in reply_of(bo[0]) and "451" in reply_of(bo[0]), bo
+    normal = [r for r in modes if r["mode"] == "normal"]
+    assert normal[0]["site"] == bo[0]["site"] and normal[0]["rule"] == "backoff over", modes

@@ -594,6 +594,58 @@ mod tests {
     }
 
     #[test]
+    fn adjust_outcome_gives_a_rules_class() {
+        use crate::ipc::Outcome;
+        let dir = std::env::temp_dir().join(format!("postern-adj-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules");
+        std::fs::write(
+            &path,
+            "/disabled/ defer class=owner-disabled\n/TS04/ suspend=1h class=throttled after=3/1h\n",
+        )
+        .unwrap();
+        let (t, bad) = crate::maps::Tables::open_list(&format!("regexp:{}", path.display()));
+        assert!(bad.is_empty(), "{bad:?}");
+        let said =
+            |r: &str| format!("host mx.z.test[127.0.0.1] said: {r} (in reply to RCPT TO command)");
+        let a = adjust_outcome(
+            &t,
+            Outcome::Bounced,
+            "5.2.1",
+            &said("550 5.2.1 mailbox disabled"),
+            "z",
+            "mx.z.test[127.0.0.1]:25",
+        );
+        assert_eq!(
+            (a.outcome, a.dsn.as_str(), a.class.as_deref()),
+            (Outcome::Deferred, "4.2.1", Some("owner-disabled"))
+        );
+        // after=: the action is qmgr's, the class holds for every match.
+        let a = adjust_outcome(
+            &t,
+            Outcome::Deferred,
+            "4.7.0",
+            &said("421 4.7.0 [TS04] deferred"),
+            "z",
+            "",
+        );
+        assert_eq!(
+            (a.outcome, a.class.as_deref()),
+            (Outcome::Deferred, Some("throttled"))
+        );
+        let a = adjust_outcome(
+            &t,
+            Outcome::Deferred,
+            "4.4.1",
+            "connect to h[1.2.3.4]:25: Connection refused",
+            "z",
+            "",
+        );
+        assert_eq!(a.class, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn reply_rules_and_remote_replies() {
         let r = ReplyRule::parse("suspend=2h class=throttled after=3/10m").unwrap();
         assert_eq!(r.suspend, Some(Duration::from_secs(7200)));
