@@ -31,7 +31,9 @@ import pytest
 
 import postern_harness as h
 
-pytestmark = pytest.mark.serial_last
+# exclusive as well: another pytest run on the same machine (a developer's,
+# or a second checkout's) must not use Postfix while it is swapped out.
+pytestmark = [pytest.mark.serial_last, pytest.mark.exclusive]
 
 APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
 PKG_USER = "ptpkg"

@@ -70,11 +70,31 @@ pub fn request(command: &str, args: &[String]) -> AdminRequest {
     }
 }
 
+/// How long a command waits for qmgr's admin socket while qmgr restarts.
+const QMGR_RESTART_WAIT: Duration = Duration::from_secs(10);
+
 pub fn main(cfg: &Config, command: &str, args: &[String]) -> ! {
     let req = request(command, args);
     let tree = QueueTree::configured(cfg.get("queue_directory"), cfg);
     let path = tree.socket(true, ipc::QMGR_ADMIN_SOCKET);
-    let mut s = ipc::connect(&path, Duration::from_secs(30)).unwrap_or_else(|e| {
+    // Right after `postern reload` master is starting a new qmgr, which
+    // binds the socket anew: a refused or missing socket is waited for a
+    // little, as the operator would otherwise have to retry by hand.
+    let deadline = std::time::Instant::now() + QMGR_RESTART_WAIT;
+    let mut s = loop {
+        match ipc::connect(&path, Duration::from_secs(30)) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    }
+    .unwrap_or_else(|e| {
         die(
             NAME,
             EX_UNAVAILABLE,
