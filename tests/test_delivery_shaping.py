@@ -520,7 +520,8 @@ def test_backoff_entered_and_left_in_the_accounting_log(make_postern, dnsmasq, r
     record with the rule and the reply; the way back (here
     backoff_to_normal_after=1s) writes `normal`."""
     rx = receivers()
-    rx.set_rcpt("slow@bka.test", "451 4.7.1 rate limited, slow down")
+    # A 5xx: no retry comes to signal again while the site recovers.
+    rx.set_rcpt("slow@bka.test", "554 5.7.1 rate limited, slow down")
     dns = dnsmasq(["--local=/test/", "--mx-host=bka.test,mx.bka.test,10",
                    "--host-record=mx.bka.test,127.0.0.1"])
     p = rules_postern(make_postern, dns, rx, "bka.test",
@@ -539,6 +540,6 @@ def test_backoff_entered_and_left_in_the_accounting_log(make_postern, dnsmasq, r
     bo = [r for r in modes if r["mode"] == "backoff"]
     assert bo and "bka" in bo[0]["site"], modes
     assert bo[0]["rule"] == "backoff", bo
-    assert "rate limited, slow down" in reply_of(bo[0]) and "451" in reply_of(bo[0]), bo
+    assert "rate limited, slow down" in reply_of(bo[0]) and "554" in reply_of(bo[0]), bo
     normal = [r for r in modes if r["mode"] == "normal"]
     assert normal[0]["site"] == bo[0]["site"] and normal[0]["rule"] == "backoff over", modes
