@@ -352,3 +352,194 @@ def test_defer_and_bounce_rules_change_a_recipients_outcome(make_postern, dnsmas
                    what=f"{rcpt}: {status}")
     assert p.log_search(r"to=<tempo@rr\.test>.*dsn=4\.2\.1, status=deferred"), p.log_tail()
     assert p.log_search(r"to=<full@rr\.test>.*dsn=5\.2\.2, status=bounced"), p.log_tail()
+
+
+# --------------------------------------------------------------------------
+# The site model in the accounting log (accounting_log_file): site mode
+# changes, the operator's commands, AdminBounce and Delayed records, and
+# a reply rule's class=NAME.
+
+ACCT_CSV_FIELDS = ["type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction",
+                   "dsnStatus", "dsnDiag", "dsnMta", "bounceCat", "srcMta", "dlvSourceIp",
+                   "dlvDestinationIp", "dlvEsmtpAvailable", "dlvSize", "vmta", "jobId",
+                   "envId"]
+
+
+def read_acct(p, fmt):
+    """The accounting log as a list of dicts in KumoMTA's JSON terms,
+    whichever format it was written in (each line must parse)."""
+    path = p.dir / "acct.log"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    assert not text or text.endswith("\n"), text[-200:]
+    if fmt == "json":
+        return [json.loads(line) for line in text.splitlines()]
+    import csv
+    import io
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows and rows[0] == ACCT_CSV_FIELDS, rows[:1]
+    kinds = {"r": "Reception", "d": "Delivery", "t": "TransientFailure", "b": "Bounce",
+             "tq": "Delayed", "m": "SiteModeChange"}
+    out = []
+    for r in rows[1:]:
+        assert len(r) == len(ACCT_CSV_FIELDS), r
+        c = dict(zip(ACCT_CSV_FIELDS, r))
+        typ = kinds[c["type"]]
+        if typ == "Bounce" and "canceled by the administrator" in c["dsnDiag"]:
+            typ = "AdminBounce"
+        mode = typ == "SiteModeChange"
+        out.append({
+            "type": typ,
+            "recipient": c["rcpt"],
+            "site": c["jobId"],
+            "mode": c["dsnAction"] if mode else None,
+            "rule": c["srcMta"] if mode else None,
+            "reply": c["dsnDiag"],
+            "bounce_classification": c["bounceCat"],
+            "csv": c,
+        })
+    return out
+
+
+def reply_of(rec):
+    """The reply text of a record, either format."""
+    if "reply" in rec:
+        return rec["reply"]
+    resp = rec.get("response") or {}
+    e = resp.get("enhanced_code")
+    enh = f"{e['class']}.{e['subject']}.{e['detail']} " if e else ""
+    return f"{resp.get('code')} {enh}{resp.get('content', '')}"
+
+
+def acct_postern(make_postern, dns, rx, domain, fmt, rules, **params):
+    return rules_postern(make_postern, dns, rx, domain, "max_connections=2 max_message_rate=20/s",
+                         rules, accounting_log_file=lambda p: str(p.dir / "acct.log"),
+                         accounting_log_format=fmt, **params)
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_a_suspend_rule_writes_site_mode_changes_to_the_accounting_log(make_postern, dnsmasq,
+                                                                       receivers, fmt):
+    """A suspend= rule firing writes a SiteModeChange record naming the
+    site, the rule and the reply; what waits meanwhile gets Delayed
+    records; the suspension's end writes `resumed`; the TS04 failure's
+    record has the rule's class=NAME as its bounce_classification and
+    the site's name as its site."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=acs.test,mx.acs.test,10",
+                   "--host-record=mx.acs.test,127.0.0.1"])
+    p = acct_postern(make_postern, dns, rx, "acs.test", fmt,
+                     "/\\[TS0[1-4]\\]/ suspend=5s class=provider-throttled\n")
+    inject(p, ["warm@acs.test"], "pt-acs-warm")
+    wait_count(rx, 1, 30)
+    rx.reputation(2)
+    inject(p, [f"u{i}@acs.test" for i in range(10)], "pt-acs")
+    h.wait_for(lambda: p.log_search(r"site .*acs.*: suspended for 5s"), 20,
+               what="the site suspended")
+    wait_count(rx, 11, 60)
+    h.wait_for(lambda: any(r["type"] == "SiteModeChange" and r["mode"] == "resumed"
+                           for r in read_acct(p, fmt)), 20, what="a resumed record")
+    recs = read_acct(p, fmt)
+    modes = [r for r in recs if r["type"] == "SiteModeChange"]
+    susp = [r for r in modes if r["mode"] == "suspended"]
+    assert len(susp) == 1, modes
+    site = susp[0]["site"]
+    assert "acs" in site, susp
+    assert "suspend=5s" in susp[0]["rule"], susp
+    assert "421" in reply_of(susp[0]) and "[TS04]" in reply_of(susp[0]), susp
+    if fmt == "json":
+        assert susp[0]["until"] and susp[0]["until"] > susp[0]["timestamp"], susp
+    resumed = [r for r in modes if r["mode"] == "resumed"]
+    assert resumed and resumed[0]["site"] == site, modes
+    # The attempt that got [TS04]: its class is the rule's, its site the site's name.
+    ts04 = [r for r in recs if r["type"] == "TransientFailure" and "[TS04]" in reply_of(r)]
+    assert ts04, recs
+    assert all(r["bounce_classification"] == "provider-throttled" for r in ts04), ts04
+    assert all(r["site"] == site for r in ts04), ts04
+    # Mail that waited for the suspension's end, without an attempt.
+    delayed = [r for r in recs if r["type"] == "Delayed"]
+    assert delayed, [r["type"] for r in recs]
+    assert all("suspended" in reply_of(r) for r in delayed), delayed
+    assert all(r["site"] == site for r in delayed), delayed
+    ok = {r["recipient"] for r in recs if r["type"] == "Delivery"}
+    assert {f"u{i}@acs.test" for i in range(10)} <= ok, ok
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_operator_commands_and_rule_classes_in_the_accounting_log(make_postern, dnsmasq,
+                                                                  receivers, fmt):
+    """`postern suspend`, `resume` and `bounce` each write a record (the
+    site's mode with the command as its rule); mail `postern bounce`
+    fails gets AdminBounce records; a recipient's reply matched by a
+    rule with class=NAME gets NAME as its bounce_classification."""
+    rx = receivers()
+    rx.set_rcpt("dis@opa.test", "550 5.2.1 mailbox disabled by its owner")
+    dns = dnsmasq(["--local=/test/", "--mx-host=opa.test,mx.opa.test,10",
+                   "--host-record=mx.opa.test,127.0.0.1",
+                   "--mx-host=gone.test,mx.gone.test,10",
+                   "--host-record=mx.gone.test,127.0.0.1"])
+    p = acct_postern(make_postern, dns, rx, "opa.test", fmt,
+                     "/mailbox disabled/ class=owner-disabled\n")
+    inject(p, ["first@opa.test", "dis@opa.test"], "pt-opa")
+    wait_count(rx, 1, 30)
+    h.wait_for(lambda: any(r["type"] == "Bounce" for r in read_acct(p, fmt)), 20,
+               what="dis@opa.test bounced")
+
+    assert p.postern("suspend", "opa.test", "10m", "maintenance window").returncode == 0
+    assert p.postern("resume", "opa.test").returncode == 0
+    # New mail for gone.test fails at once, without an attempt.
+    assert p.postern("bounce", "gone.test", "domain retired").returncode == 0
+    inject(p, ["x@gone.test"], "pt-opa")
+    h.wait_for(lambda: p.log_search(r"x@gone\.test.*status=bounced.*domain retired"), 20,
+               what="x@gone.test bounced")
+    h.wait_for(lambda: any(r["type"] == "AdminBounce" for r in read_acct(p, fmt)), 20,
+               what="an AdminBounce record")
+    recs = read_acct(p, fmt)
+    modes = [r for r in recs if r["type"] == "SiteModeChange"]
+    susp = [r for r in modes if r["mode"] == "suspended"]
+    assert len(susp) == 1 and "opa" in susp[0]["site"], modes
+    assert susp[0]["rule"] == "postern suspend: maintenance window", susp
+    res = [r for r in modes if r["mode"] == "resumed"]
+    assert len(res) == 1 and res[0]["site"] == susp[0]["site"], modes
+    assert res[0]["rule"] == "postern resume", res
+    bnc = [r for r in modes if r["mode"] == "bounce"]
+    assert len(bnc) == 1 and bnc[0]["site"] == "gone.test", modes
+    assert bnc[0]["rule"] == "postern bounce: domain retired", bnc
+    admin = [r for r in recs if r["type"] == "AdminBounce"]
+    assert [r["recipient"] for r in admin] == ["x@gone.test"], admin
+    assert "domain retired" in reply_of(admin[0]), admin
+    # class=NAME of the reply rule, instead of the classifier's.
+    dis = [r for r in recs if r["recipient"] == "dis@opa.test" and r["type"] == "Bounce"]
+    assert len(dis) == 1 and dis[0]["bounce_classification"] == "owner-disabled", dis
+    assert p.log_search(r"bounce_class=owner-disabled, recipient=<dis@opa\.test>"), p.log_tail()
+
+
+def test_backoff_entered_and_left_in_the_accounting_log(make_postern, dnsmasq, receivers):
+    """A `backoff` rule matching a reply writes a SiteModeChange `backoff`
+    record with the rule and the reply; the way back (here
+    backoff_to_normal_after=1s) writes `normal`."""
+    rx = receivers()
+    # A 5xx: no retry comes to signal again while the site recovers.
+    rx.set_rcpt("slow@bka.test", "554 5.7.1 rate limited, slow down")
+    dns = dnsmasq(["--local=/test/", "--mx-host=bka.test,mx.bka.test,10",
+                   "--host-record=mx.bka.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bka.test",
+                      "max_connections=2 max_message_rate=20/s backoff_to_normal_after=1s",
+                      "/rate limited/ backoff\n",
+                      accounting_log_file=lambda p: str(p.dir / "acct.log"))
+    inject(p, ["slow@bka.test"], "pt-bka")
+    h.wait_for(lambda: any(r["type"] == "SiteModeChange" for r in read_acct(p, "json")), 30,
+               what="a backoff record")
+    time.sleep(1.5)
+    inject(p, [f"ok{i}@bka.test" for i in range(3)], "pt-bka")
+    wait_count(rx, 3, 30)
+    h.wait_for(lambda: any(r.get("mode") == "normal" for r in read_acct(p, "json")), 20,
+               what="a normal record")
+    modes = [r for r in read_acct(p, "json") if r["type"] == "SiteModeChange"]
+    bo = [r for r in modes if r["mode"] == "backoff"]
+    assert bo and "bka" in bo[0]["site"], modes
+    assert bo[0]["rule"] == "backoff", bo
+    assert "rate limited, slow down" in reply_of(bo[0]) and "554" in reply_of(bo[0]), bo
+    normal = [r for r in modes if r["mode"] == "normal"]
+    assert normal[0]["site"] == bo[0]["site"] and normal[0]["rule"] == "backoff over", modes

@@ -37,6 +37,17 @@ pub struct Job {
     pub egress_source: String,
     pub tls_cipher: String,
     pub tls_protocol_version: String,
+    /// For the next [`Job::record`] only, set by the caller: the bounce
+    /// class instead of `bounce_classifier_maps`' (a reply rule's
+    /// `class=NAME`, [`crate::delivery_policy::adjust_outcome`]); it goes
+    /// into the bounce/defer log entry (the DSN, `postqueue -j`), the
+    /// logged `bounce_class=` and the accounting record.
+    pub reply_class: Option<String>,
+    /// For every record of this job: the accounting record type instead
+    /// of the outcome's (qmgr: `AdminBounce` for mail `postern bounce`
+    /// or a `bounce=` rule fails, `Delayed` for mail held back without an
+    /// attempt).
+    pub account_kind: Option<crate::accounting::Kind>,
 }
 
 impl Job {
@@ -74,6 +85,8 @@ impl Job {
             egress_source: String::new(),
             tls_cipher: String::new(),
             tls_protocol_version: String::new(),
+            reply_class: None,
+            account_kind: None,
         })
     }
 
@@ -261,6 +274,7 @@ impl Job {
         reason: &str,
         diag_type: &str,
     ) {
+        let reply_class = self.reply_class.take();
         if self.results.iter().any(|x| x.offset == r.offset) {
             return;
         }
@@ -283,6 +297,9 @@ impl Job {
             };
             let mut entry = LogEntry::new(r.offset, &r.rcpt, dsn, action, relay, reason);
             entry.diag_type = diag_type.to_string();
+            if let Some(c) = reply_class.filter(|c| !c.is_empty()) {
+                entry.class = c;
+            }
             class = entry.class.clone();
             log_class(&self.req.queue_id, &r.rcpt.address, dsn, &class);
             if let Err(e) = append_log(&self.tree, log, &self.req.queue_id, &entry) {
@@ -339,10 +356,20 @@ impl Job {
         let attempts = read_log(&self.tree, MessageLog::Defer, &self.req.queue_id)
             .map(|l| l.iter().filter(|e| e.offset == r.offset).count())
             .unwrap_or(0) as u32;
-        let kind = match outcome {
-            Outcome::Sent => Kind::Delivery,
-            Outcome::Deferred => Kind::TransientFailure,
-            Outcome::Bounced => Kind::Bounce,
+        let kind = match (outcome, self.account_kind) {
+            (Outcome::Sent, _) => Kind::Delivery,
+            (_, Some(k)) => k,
+            (Outcome::Deferred, None) => Kind::TransientFailure,
+            (Outcome::Bounced, None) => Kind::Bounce,
+        };
+        // The site: the name qmgr gave it (delivery_policy_maps), else the
+        // next hop's domain, else (qmgr's own records) the recipient's.
+        let site = match &self.req.site {
+            Some(s) if !s.name.is_empty() => s.name.clone(),
+            _ => match accounting::site_of_nexthop(&self.req.nexthop) {
+                s if s.is_empty() || s == "none" => accounting::domain_of(&r.rcpt.address),
+                s => s,
+            },
         };
         let response = crate::bounce_class::parse_reason(dsn, reason);
         accounting::write(&Record {
@@ -352,7 +379,7 @@ impl Job {
             recipient: r.rcpt.address.clone(),
             orcpt: accounting::orcpt_of(&r.rcpt),
             queue: accounting::domain_of(&r.rcpt.address),
-            site: accounting::site_of_nexthop(&self.req.nexthop),
+            site,
             size: self.req.content_size,
             response: Some(response),
             peer_name,
@@ -386,10 +413,14 @@ impl Job {
     }
 
     /// Records the same outcome for every recipient not yet recorded.
+    /// [`Job::reply_class`] holds for each of them.
     pub fn record_rest(&mut self, outcome: Outcome, dsn: &str, relay: &str, reason: &str) {
+        let class = self.reply_class.take();
         for r in self.unfinished() {
+            self.reply_class = class.clone();
             self.record(&r, outcome, dsn, relay, reason);
         }
+        self.reply_class = None;
     }
 
     /// The reply for qmgr. Recipients without an outcome are deferred.

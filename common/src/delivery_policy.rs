@@ -426,9 +426,11 @@ pub fn remote_reply(reason: &str, dsn: &str) -> Option<String> {
 
 /// The smtp agent's part of `delivery_reply_rules`: `defer` makes a
 /// remote 5xx for a recipient temporary, `bounce` makes a 4xx final,
-/// before the outcome is recorded. `relay` is the server's name, for a
-/// rule's `site=`; a rule with `after=` is qmgr's only (it counts).
-/// Returns the outcome and status to record.
+/// before the outcome is recorded; `class=NAME` is the bounce class of
+/// the reply (instead of `bounce_classifier_maps`'), for the records of
+/// that recipient. `relay` is the server's name, for a rule's `site=`;
+/// the actions of a rule with `after=` are qmgr's only (it counts), its
+/// `class=` holds for every match.
 pub fn adjust_outcome(
     tables: &crate::maps::Tables,
     outcome: crate::ipc::Outcome,
@@ -436,9 +438,13 @@ pub fn adjust_outcome(
     reason: &str,
     site: &str,
     relay: &str,
-) -> (crate::ipc::Outcome, String) {
+) -> Adjusted {
     use crate::ipc::Outcome;
-    let same = (outcome, dsn.to_string());
+    let same = Adjusted {
+        outcome,
+        dsn: dsn.to_string(),
+        class: None,
+    };
     if outcome == Outcome::Sent || tables.is_empty() {
         return same;
     }
@@ -451,14 +457,15 @@ pub fn adjust_outcome(
     let Ok(rule) = ReplyRule::parse(&value) else {
         return same;
     };
-    if rule.after.is_some() {
-        return same;
-    }
     if let Some(suffix) = &rule.site {
         let host = relay.split('[').next().unwrap_or("").to_ascii_lowercase();
         if !site.ends_with(suffix.as_str()) && !host.ends_with(suffix.as_str()) {
             return same;
         }
+    }
+    let class = rule.class.clone().filter(|c| !c.is_empty());
+    if rule.after.is_some() {
+        return Adjusted { class, ..same };
     }
     let with_class = |c: char| -> String {
         let mut d = dsn.to_string();
@@ -467,11 +474,25 @@ pub fn adjust_outcome(
         }
         d
     };
-    match outcome {
+    let (outcome, dsn) = match outcome {
         Outcome::Bounced if rule.defer => (Outcome::Deferred, with_class('4')),
         Outcome::Deferred if rule.bounce.is_some() => (Outcome::Bounced, with_class('5')),
-        _ => same,
+        _ => (outcome, dsn.to_string()),
+    };
+    Adjusted {
+        outcome,
+        dsn,
+        class,
     }
+}
+
+/// What [`adjust_outcome`] makes of a recipient's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adjusted {
+    pub outcome: crate::ipc::Outcome,
+    pub dsn: String,
+    /// A matching rule's `class=NAME`.
+    pub class: Option<String>,
 }
 
 /// The values of the table `spec` that `postern check` can read without
@@ -570,6 +591,58 @@ mod tests {
             1000.0 / 3600.0
         );
         assert!(Policy::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn adjust_outcome_gives_a_rules_class() {
+        use crate::ipc::Outcome;
+        let dir = std::env::temp_dir().join(format!("postern-adj-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules");
+        std::fs::write(
+            &path,
+            "/disabled/ defer class=owner-disabled\n/TS04/ suspend=1h class=throttled after=3/1h\n",
+        )
+        .unwrap();
+        let (t, bad) = crate::maps::Tables::open_list(&format!("regexp:{}", path.display()));
+        assert!(bad.is_empty(), "{bad:?}");
+        let said =
+            |r: &str| format!("host mx.z.test[127.0.0.1] said: {r} (in reply to RCPT TO command)");
+        let a = adjust_outcome(
+            &t,
+            Outcome::Bounced,
+            "5.2.1",
+            &said("550 5.2.1 mailbox disabled"),
+            "z",
+            "mx.z.test[127.0.0.1]:25",
+        );
+        assert_eq!(
+            (a.outcome, a.dsn.as_str(), a.class.as_deref()),
+            (Outcome::Deferred, "4.2.1", Some("owner-disabled"))
+        );
+        // after=: the action is qmgr's, the class holds for every match.
+        let a = adjust_outcome(
+            &t,
+            Outcome::Deferred,
+            "4.7.0",
+            &said("421 4.7.0 [TS04] deferred"),
+            "z",
+            "",
+        );
+        assert_eq!(
+            (a.outcome, a.class.as_deref()),
+            (Outcome::Deferred, Some("throttled"))
+        );
+        let a = adjust_outcome(
+            &t,
+            Outcome::Deferred,
+            "4.4.1",
+            "connect to h[1.2.3.4]:25: Connection refused",
+            "z",
+            "",
+        );
+        assert_eq!(a.class, None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -339,9 +339,13 @@ impl Manager {
                 Some(s) => {
                     let name = s.borrow().name.clone();
                     info!("admin: suspend site {name} for {seconds}s: {reason}");
-                    // TODO(acct merge): accounting admin-action record.
-                    self.sched
-                        .suspend_site(&s, Duration::from_secs(seconds), &reason);
+                    self.sched.suspend_site(
+                        &s,
+                        Duration::from_secs(seconds),
+                        &reason,
+                        &admin_rule("suspend", &reason),
+                        "",
+                    );
                     (true, format!("site {name} suspended for {seconds}s"))
                 }
                 None => (false, format!("no site known for \"{site}\"")),
@@ -350,8 +354,7 @@ impl Manager {
                 Some(s) => {
                     let name = s.borrow().name.clone();
                     info!("admin: resume site {name}");
-                    // TODO(acct merge): accounting admin-action record.
-                    self.sched.resume_site(&s);
+                    self.sched.resume_site(&s, "postern resume");
                     // Its deferred mail waits for the suspension's end:
                     // due now (a scan of deferred/, as ETRN's).
                     let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
@@ -374,7 +377,15 @@ impl Manager {
                 let until = std::time::SystemTime::now() + Duration::from_secs(seconds);
                 let n = self.sched.bounce_domain(&domain, until, &reason);
                 info!("admin: bounce mail for {domain} for {seconds}s ({n} queued now): {reason}");
-                // TODO(acct merge): accounting AdminBounce records.
+                // The domain's mode; each message bounced gets its
+                // AdminBounce record (defer_suspended).
+                accounting::site_mode_change(
+                    &domain.trim_end_matches('.').to_ascii_lowercase(),
+                    "bounce",
+                    &admin_rule("bounce", &reason),
+                    "",
+                    unix_secs(until),
+                );
                 (
                     true,
                     format!("{n} queued deliveries for {domain} bounced; new mail for {seconds}s"),
@@ -688,7 +699,21 @@ impl Manager {
                     reason: s.reason.clone(),
                 })
                 .collect();
-            let results = record::record(&self.tree, msg.request("none", "", &[]), items);
+            // Never attempted: AdminBounce for what `postern bounce` or a
+            // `bounce=` rule fails, Delayed for what waits.
+            let kind = if s.bounce {
+                accounting::Kind::AdminBounce
+            } else {
+                accounting::Kind::Delayed
+            };
+            let mut req = msg.request("none", "", &[]);
+            if !s.site.is_empty() {
+                req.site = Some(postern_common::ipc::SiteHint {
+                    name: s.site.clone(),
+                    ..Default::default()
+                });
+            }
+            let results = record::record_as(&self.tree, req, items, Some(kind));
             msg.apply(&s.entry.recipients, &results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
                 self.apply_admin(&id);
@@ -816,8 +841,8 @@ impl Manager {
                     "{}: site {name}: reply \"{reply}\" matched rule \"{text}\"",
                     part.message
                 );
-                // TODO(acct merge): rule.class goes into the accounting
-                // record of this delivery (class=NAME is recorded only).
+                // A rule's class=NAME went into the records of this
+                // delivery already: the smtp agent applies it.
                 if rule.backoff {
                     site.borrow_mut().enter_backoff(&text, &reply);
                 }
@@ -827,11 +852,14 @@ impl Manager {
                             site,
                             d,
                             &format!("rule \"{text}\" matched \"{reply}\""),
+                            &text,
+                            &reply,
                         );
                     }
                 }
                 if let Some(d) = rule.bounce.filter(|d| !d.is_zero()) {
                     let until = std::time::SystemTime::now() + d;
+                    accounting::site_mode_change(&name, "bounce", &text, &reply, unix_secs(until));
                     let domains: Vec<String> = site.borrow().domains.iter().cloned().collect();
                     for dom in domains {
                         self.sched.bounce_domain(
@@ -1042,6 +1070,20 @@ impl Manager {
 }
 
 /// The qmgr daemon: the wake-up thread, start-up recovery, the main loop.
+/// The `rule` of an accounting record for an operator's command.
+fn admin_rule(command: &str, reason: &str) -> String {
+    if reason.trim().is_empty() {
+        format!("postern {command}")
+    } else {
+        format!("postern {command}: {}", reason.trim())
+    }
+}
+
+fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn run(cfg: &Config) -> ! {
     let mut m = Manager::new(cfg);
     let tx = m.sender();

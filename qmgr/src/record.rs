@@ -26,15 +26,23 @@ pub struct Item {
 /// Records each item's outcome with `relay=none`. `req` says which
 /// message; its recipient list is replaced by the items'. A recipient
 /// that could not be recorded comes back deferred (and is tried again).
-pub fn record(
+pub fn record(tree: &QueueTree, req: DeliveryRequest, items: Vec<Item>) -> Vec<RecipientResult> {
+    record_as(tree, req, items, None)
+}
+
+/// [`record`], with the accounting record type `kind` instead of the
+/// outcome's ([`Job::account_kind`]).
+pub fn record_as(
     tree: &QueueTree,
     mut req: DeliveryRequest,
     items: Vec<Item>,
+    kind: Option<accounting::Kind>,
 ) -> Vec<RecipientResult> {
     req.recipients = items.iter().map(|i| i.rcpt.clone()).collect();
     let id = req.queue_id.clone();
     match Job::open(tree, req) {
         Ok(mut job) => {
+            job.account_kind = kind;
             for i in &items {
                 job.record(&i.rcpt, i.outcome, &i.dsn, "none", &i.reason);
             }

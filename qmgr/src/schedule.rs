@@ -40,6 +40,7 @@
 //! that delay after the last one ended ([`Scheduler::next_wakeup`]).
 
 use crate::sites::{SiteRef, Sites, Suspension};
+use postern_common::accounting;
 use postern_common::ipc::SiteHint;
 use postern_common::{info, warning};
 use postern_conf::Config;
@@ -426,6 +427,9 @@ pub struct Suspended {
     pub bounce: bool,
     /// The site's suspension ends then (unix seconds): no retry sooner.
     pub site_until: Option<u64>,
+    /// The site's name, when the destination has one (for the
+    /// accounting records).
+    pub site: String,
 }
 
 #[derive(Debug)]
@@ -580,6 +584,7 @@ fn site_suspended(entry: Entry, site: &str, s: &Suspension) -> Suspended {
         ),
         bounce: false,
         site_until: Some(until),
+        site: site.to_string(),
     }
 }
 
@@ -595,6 +600,7 @@ fn suspend(entry: Entry, failure: &(String, String)) -> Suspended {
         reason: format!("delivery temporarily suspended: {reason}"),
         bounce: false,
         site_until: None,
+        site: String::new(),
     }
 }
 
@@ -721,6 +727,7 @@ impl Scheduler {
                         reason: reason.clone(),
                         bounce: true,
                         site_until: None,
+                        site: String::new(),
                     });
                 } else if let Some((name, susp)) = &site_suspension {
                     self.suspended.push(site_suspended(entry, name, susp));
@@ -896,6 +903,7 @@ impl Scheduler {
                         reason: text.clone(),
                         bounce: true,
                         site_until: None,
+                        site: String::new(),
                     });
                 }
             }
@@ -928,6 +936,8 @@ impl Scheduler {
                     site,
                     retry,
                     &format!("{failed} consecutive connection failures ({reason})"),
+                    &format!("max_connect_failures={limit}"),
+                    reason,
                 );
                 return;
             }
@@ -942,8 +952,17 @@ impl Scheduler {
     /// Suspends a site for `duration`: what waits for it is deferred
     /// without a connection attempt (the caller takes it with
     /// [`Scheduler::take_suspended`]), and so is new mail for it until
-    /// then. Saved in `data_directory`.
-    pub fn suspend_site(&mut self, site: &SiteRef, duration: Duration, reason: &str) {
+    /// then. Saved in `data_directory`. Written to the accounting log
+    /// as a `SiteModeChange` with `rule` (the reply rule, or the
+    /// operator's command) and `reply` (what matched, or "").
+    pub fn suspend_site(
+        &mut self,
+        site: &SiteRef,
+        duration: Duration,
+        reason: &str,
+        rule: &str,
+        reply: &str,
+    ) {
         let members: Vec<(usize, String)> = {
             let mut s = site.borrow_mut();
             let until = std::time::SystemTime::now() + duration;
@@ -956,8 +975,10 @@ impl Scheduler {
                 s.name,
                 duration.as_secs()
             );
-            // TODO(acct merge): write an accounting "site mode change"
-            // record (suspended, with the reason) here.
+            let until_secs = until
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            accounting::site_mode_change(&s.name, "suspended", rule, reply, until_secs);
             s.members.iter().cloned().collect()
         };
         let (name, susp) = {
@@ -981,14 +1002,15 @@ impl Scheduler {
         self.sites.save();
     }
 
-    /// Lifts a site's suspension; its queues may go at once.
-    pub fn resume_site(&mut self, site: &SiteRef) {
+    /// Lifts a site's suspension; its queues may go at once. `rule`
+    /// says why, for the accounting log.
+    pub fn resume_site(&mut self, site: &SiteRef, rule: &str) {
         let members: Vec<(usize, String)> = {
             let mut s = site.borrow_mut();
             s.suspended = None;
             s.connect_failures = 0;
             info!("site {}: resumed", s.name);
-            // TODO(acct merge): accounting "site mode change" (resumed).
+            accounting::site_mode_change(&s.name, "resumed", rule, "", 0);
             s.members.iter().cloned().collect()
         };
         for (ti, key) in members {
@@ -1535,7 +1557,7 @@ mod tests {
             "{}",
             sus[0].reason
         );
-        s.resume_site(&site);
+        s.resume_site(&site, "test");
         s.add_message("O", &[target(0, "smtp", "a.test", "x")]);
         assert!(s.take_suspended().is_empty());
     }

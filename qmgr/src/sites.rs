@@ -25,6 +25,7 @@
 //! process): the new qmgr takes them all back when master is the same
 //! process (a reload), and only the suspensions after a restart.
 
+use postern_common::accounting;
 use postern_common::delivery_policy::{lookup_keys, Gcra, Policy, Rate, ReplyRule};
 use postern_common::dns::{BlockingResolver, TxtError};
 use postern_common::maps::Tables;
@@ -165,8 +166,7 @@ impl Site {
             before_rate.map_or("-".into(), Rate::display),
             self.msg_rate.as_ref().map_or("-".into(), |g| Rate::display(g.per_sec)),
         );
-        // TODO(acct merge): accounting "site mode change" record
-        // (backoff entered, with the rule and the reply).
+        accounting::site_mode_change(&self.name, "backoff", rule, reply, 0);
     }
 
     /// A delivery went well: in backoff, every `backoff_recover_after`
@@ -224,7 +224,7 @@ impl Site {
         }
         if done {
             info!("site {}: backoff over: back to normal", self.name);
-            // TODO(acct merge): accounting "site mode change" (backoff left).
+            accounting::site_mode_change(&self.name, "normal", "backoff over", "", 0);
             self.backoff = None;
             self.cur_connections = None;
         }
@@ -256,6 +256,7 @@ impl Site {
             Some(s) if s.until > SystemTime::now() => true,
             Some(_) => {
                 info!("site {}: resumed (suspension over)", self.name);
+                accounting::site_mode_change(&self.name, "resumed", "suspension over", "", 0);
                 self.suspended = None;
                 self.connect_failures = 0;
                 false

@@ -123,7 +123,7 @@ impl Transaction for JobTransaction<'_> {
             .as_ref()
             .map(|s| s.name.clone())
             .unwrap_or_default();
-        let (outcome, dsn) = postern_common::delivery_policy::adjust_outcome(
+        let adjusted = postern_common::delivery_policy::adjust_outcome(
             self.reply_rules,
             outcome,
             dsn,
@@ -131,8 +131,14 @@ impl Transaction for JobTransaction<'_> {
             &site,
             &self.relay,
         );
-        self.job
-            .record(&self.rcpts[i], outcome, &dsn, &self.relay, reason);
+        self.job.reply_class = adjusted.class;
+        self.job.record(
+            &self.rcpts[i],
+            adjusted.outcome,
+            &adjusted.dsn,
+            &self.relay,
+            reason,
+        );
     }
 
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {

@@ -496,6 +496,7 @@ impl Agent {
                 job.destination_failed();
             }
             let dsn = nexthop::temporary_dsn(failure.dsn);
+            self.rule_class(job, &dsn, &failure.reason, &peer.relay);
             job.record_rest(Outcome::Deferred, &dsn, &peer.relay, &failure.reason);
         }
     }
@@ -744,6 +745,9 @@ impl Agent {
                 }
             }
         }
+        if let Some((f, relay)) = &last {
+            self.rule_class(job, &f.dsn, &f.reason, relay);
+        }
         Self::defer_rest(job, last, sessions, requiretls);
     }
 
@@ -797,6 +801,28 @@ impl Agent {
             }
         }
         Ok(end)
+    }
+
+    /// A session-wide failure (a server's reply to the greeting or to
+    /// MAIL FROM) that a `delivery_reply_rules` entry with `class=NAME`
+    /// matches: NAME is the class of the records of what is left
+    /// ([`Job::record_rest`]).
+    fn rule_class(&self, job: &mut Job, dsn: &str, reason: &str, relay: &str) {
+        let site = job
+            .req
+            .site
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        job.reply_class = postern_common::delivery_policy::adjust_outcome(
+            &self.reply_rules,
+            Outcome::Deferred,
+            dsn,
+            reason,
+            &site,
+            relay,
+        )
+        .class;
     }
 
     /// Defers the recipients still without an outcome once no server is
