@@ -60,6 +60,7 @@ pub mod header_checks;
 pub mod hostname;
 pub mod https;
 pub mod ipc;
+pub mod json;
 pub mod log;
 pub mod maps;
 pub mod match_list;

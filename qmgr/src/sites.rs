@@ -789,19 +789,7 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
     out
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
+use postern_common::json::string as json_str;
 
 #[cfg(test)]
 mod tests {
