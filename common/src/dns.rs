@@ -79,11 +79,29 @@ impl BlockingResolver {
         };
         builder.options_mut().timeout = timeout.max(Duration::from_secs(1));
         let resolver = builder
+            .with_tls_config(no_dns_over_tls()?)
             .build()
             .map_err(|e| format!("cannot set up DNS resolver: {e}"))?;
         drop(guard);
         Ok(BlockingResolver { rt, resolver })
     }
+}
+
+/// The resolver's TLS configuration. Postern asks DNS over UDP and TCP
+/// only, but hickory (its TLS feature on, as mail-auth needs it) builds a
+/// TLS client when the resolver is built, from the system's CA store
+/// unless it is given one — and a chrooted daemon has no CA store. This
+/// one trusts nothing: it is never used.
+fn no_dns_over_tls() -> Result<rustls::ClientConfig, String> {
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| {
+        b.with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    })
+    .map_err(|e| format!("cannot set up DNS resolver: {e}"))
 }
 
 /// Why a TXT or address lookup of [`BlockingResolver`] gave nothing.
