@@ -301,7 +301,7 @@ mod tests {
         assert!(j.contains("\"total-successful-session-count\":1"));
         assert!(j.contains("\"failed-session-count\":1"));
         assert!(j.contains("\"start-datetime\":\"2026-12-06T00:00:00Z\""));
-        assert!(j.contains("untrusted\\u0009issuer"));
+        assert!(j.contains("untrusted\\tissuer"));
         assert_eq!(
             parse_rua(&["v=TLSRPTv1; rua=mailto:a@b.test,https://r.test/x".into()]),
             vec!["mailto:a@b.test", "https://r.test/x"]
