@@ -54,6 +54,9 @@ NOT_PARAMETERS |= {
     "tls_require_cert", "size_limit", "chase_referrals", "mysql_real_escape_string",
     "sqlite_table", "pgsql_table", "mysql_table", "ldap_table",
 }
+# The settings of a delivery_policy_maps value (delivery_policy in qmgr(8)),
+# which accounting(5) names as the rule of a record.
+NOT_PARAMETERS |= {"max_connect_failures"}
 
 
 def test_every_page_is_found():
