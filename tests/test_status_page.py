@@ -280,3 +280,15 @@ def test_status_access_and_bad_requests(make_postern, dnsmasq, receiver):
     code, _, body = get(port, "/metrics")
     assert code == 200 and b"postfix_up" in body
     assert p.log_search(r"status\[\d+\]: .*refused 127\.0\.0\.2: not in status_access")
+
+
+def test_postern_check_refuses_a_bad_status_access(make_postern):
+    """A status_access entry that is not an address or network stops
+    `postern check` with one line naming it."""
+    p = make_postern({"status_access": "127.0.0.0/8, 10.1.2.3/8"}, start=False)
+    r = p.postern("check")
+    assert r.returncode == 1, h.describe(r)
+    assert re.search(r"status_access: .*10\.1\.2\.3/8", r.stderr), r.stderr
+    p.set_params(status_access="127.0.0.0/8, [::1]/128")
+    r = p.postern("check")
+    assert r.returncode == 0, h.describe(r)
