@@ -84,22 +84,25 @@ def receiver():
 
 
 def status_postern(make_postern, dnsmasq, rx, **params):
-    dns = dnsmasq(["--local=/test/",
-                   "--mx-host=st.test,mx.st.test,10", "--host-record=mx.st.test,127.0.0.1",
-                   "--mx-host=sus.test,mx.sus.test,10", "--host-record=mx.sus.test,127.0.0.1"])
-    table = f"st.test smtp:st.test:{rx.port}\nsus.test smtp:sus.test:{rx.port}\n"
+    dns = dnsmasq(["--local=/test/"] + [
+        a for d in ("st", "sus", "bo")
+        for a in (f"--mx-host={d}.test,mx.{d}.test,10", f"--host-record=mx.{d}.test,127.0.0.1")])
+    table = "".join(f"{d}.test smtp:{d}.test:{rx.port}\n" for d in ("st", "sus", "bo"))
     port = h.free_port()
     base = {
         "dns_resolver_addresses": f"127.0.0.1:{dns.port}",
         "transport_maps": lambda p: f"texthash:{p.etc}/transport",
         "delivery_policy_maps": lambda p: f"texthash:{p.etc}/delivery_policy",
+        "delivery_reply_rules": lambda p: f"regexp:{p.etc}/reply_rules",
         "minimal_backoff_time": "60s", "maximal_backoff_time": "60s",
     }
     base.update(params)
     p = make_postern(base, files={
         "etc/transport": table,
         "etc/delivery_policy": "st.test max_connections=3 max_message_rate=50/s\n"
-                               "* max_connections=2\n"},
+                               "bo.test max_connections=4 max_message_rate=20/s\n"
+                               "* max_connections=2\n",
+        "etc/reply_rules": "/rate limited/ backoff\n"},
         master_cf_extra=[shipped_status_line(port)])
     p.status_port = port
     h.wait_for(lambda: h.smtp_banner_ok(p.port), 20, what="smtpd")
@@ -132,7 +135,7 @@ def chromium_driver():
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--window-size=1500,1000", f"--user-data-dir={profile}"):
+              "--window-size=1500,1300", f"--user-data-dir={profile}"):
         opts.add_argument(a)
     service = Service(executable_path=driver)
     d = webdriver.Chrome(service=service, options=opts)
@@ -141,21 +144,26 @@ def chromium_driver():
 
 
 def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsmasq, receiver):
-    """Two sites, one suspended by the operator with mail held for it:
-    the page (in headless Chromium) shows both rows, the suspended one
-    with its reason, the sparkline and the queue counts; /metrics parses
-    as Prometheus text and its numbers are the queue's."""
+    """Three sites: one normal, one suspended by the operator with mail
+    held for it, one in backoff after a reply matched a rule. The page
+    (in headless Chromium) shows the rows, the suspended one with its
+    reason, the backoff one with its rule, reply and cut limits, the
+    sparkline and the queue counts; /metrics parses as Prometheus text
+    and its numbers are the queue's."""
     rx = receiver
+    rx.set_rcpt("slow@bo.test", "451 4.7.1 rate limited, slow down")
     p = status_postern(make_postern, dnsmasq, rx)
-    inject(p, [f"r{i}@st.test" for i in range(6)] + ["first@sus.test"], "pt-status")
+    inject(p, [f"r{i}@st.test" for i in range(6)] + ["first@sus.test", "slow@bo.test"],
+           "pt-status")
     h.wait_for(lambda: rx.count() >= 7, 60, what="7 messages at the receiver")
+    p.wait_for_log(r"site mx\.bo\.test: backoff: rate 20/s -> 10/s, connections 4 -> 2")
     r = p.postern("suspend", "sus.test", "10m", "maintenance window")
     assert r.returncode == 0, h.describe(r)
     inject(p, ["held1@sus.test", "held2@sus.test"], "pt-status-held")
     h.wait_for(lambda: len(p.log_findall(r"held\d@sus\.test.*status=deferred.*suspended")) >= 2,
                30, what="held1 and held2 deferred")
-    h.wait_for(lambda: len(p.queue_files("deferred")) == 2 and not p.queue_files("active"), 30,
-               what="two messages in deferred/")
+    h.wait_for(lambda: len(p.queue_files("deferred")) == 3 and not p.queue_files("active"), 30,
+               what="three messages in deferred/")
 
     # The daemon runs as mail_owner, not root.
     pids = status_pid(p)
@@ -188,7 +196,7 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
         n = len([f for f in p.queue_files(q) if q == "maildrop" or re.fullmatch(r"(.*/)?[0-9A-F]{14,}", f)])
         assert value("postern_queue_messages", queue=q) == n, q
         assert value("postfix_showq_message_size_bytes_count", queue=q) == n, q
-    assert value("postern_queue_messages", queue="deferred") == 2
+    assert value("postern_queue_messages", queue="deferred") == 3
     # The parser names a counter's family without its _total.
     assert families["postern_deliveries"].type == "counter"
     assert value("postern_deliveries_total", status="sent", source="smtp", **{"class": ""}) == 7
@@ -198,13 +206,25 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
             if x.labels.get("status") == "deferred" and x.labels.get("source") == "none"]
     assert sum(held) == 2, families["postern_deliveries"].samples
     sites = {json.loads(l)["site"]: json.loads(l) for l in p.postern("queues", "-j").stdout.splitlines()}
-    assert set(sites) == {"mx.st.test", "mx.sus.test"}, sites
+    assert set(sites) == {"mx.st.test", "mx.sus.test", "mx.bo.test"}, sites
     for name, s in sites.items():
         assert value("postern_site_connections", site=name) == s["active_connections"]
         queued = [x.value for x in families["postern_site_queued"].samples if x.labels["site"] == name]
         assert sum(queued) == s["queued"], (name, queued, s)
     assert value("postern_site_mode", site="mx.sus.test", mode="suspended") == 1
     assert value("postern_site_mode", site="mx.st.test", mode="normal") == 1
+    assert value("postern_site_mode", site="mx.bo.test", mode="backoff") == 1
+    assert value("postern_site_backoff", site="mx.bo.test") == 1
+    assert value("postern_site_backoff", site="mx.st.test") == 0
+    assert value("postern_site_connections_limit", site="mx.bo.test") == 2
+    assert value("postern_site_connections_configured", site="mx.bo.test") == 4
+    assert value("postern_site_message_rate_limit", site="mx.bo.test") == 10
+    assert value("postern_site_message_rate_configured", site="mx.bo.test") == 20
+    assert value("postern_site_deliveries_total", site="mx.bo.test", status="deferred") == 1
+    rate_deferred = [x for x in families["postern_deliveries"].samples
+                     if x.labels.get("status") == "deferred" and x.labels.get("source") == "smtp"]
+    assert [x.value for x in rate_deferred] == [1] and rate_deferred[0].labels["class"], \
+        rate_deferred
     assert value("postern_site_suspended_until_seconds", site="mx.sus.test") == \
         sites["mx.sus.test"]["suspended_until"]
     assert value("postern_site_connections_configured", site="mx.st.test") == 3
@@ -221,7 +241,7 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
         assert "Postern status" in driver.title, driver.title
         rows = {r.get_attribute("data-site"): r
                 for r in driver.find_elements(By.CSS_SELECTOR, "#sites tr.site")}
-        assert set(rows) == {"mx.st.test", "mx.sus.test"}, list(rows)
+        assert set(rows) == {"mx.st.test", "mx.sus.test", "mx.bo.test"}, list(rows)
         sus = rows["mx.sus.test"]
         assert "suspended" in sus.get_attribute("class").split()
         assert "suspended" in sus.text and "maintenance window" in sus.text, sus.text
@@ -230,11 +250,17 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
         assert "normal" in st.text and "st.test" in st.text and "smtp" in st.text, st.get_attribute("outerHTML")
         # Connections and rate against their limits.
         assert "0 / 3" in st.text and "50/s" in st.text, st.text
-        assert driver.find_element(By.ID, "queue-deferred").text == "2"
+        bo = rows["mx.bo.test"]
+        assert "backoff" in bo.get_attribute("class").split()
+        assert 'rule "backoff"' in bo.text and "451 4.7.1 rate limited, slow down" in bo.text, \
+            bo.text
+        # Connections and rate cut, against the configured limits.
+        assert "0 / 2 of 4" in bo.text and "10/s of 20/s" in bo.text, bo.text
+        assert driver.find_element(By.ID, "queue-deferred").text == "3"
         lines = driver.find_elements(By.CSS_SELECTOR, "#sparkline polyline")
         assert [l.get_attribute("class") for l in lines] == ["delivered", "deferred", "bounced"]
         legend = driver.find_element(By.CSS_SELECTOR, ".legend").text
-        assert "delivered 7" in legend and "deferred 2" in legend, legend
+        assert "delivered 7" in legend and "deferred 3" in legend, legend
         # An hour of minutes; the first (before qmgr started) on the
         # baseline, the minute of the deliveries above it.
         pts = [float(xy.split(",")[1]) for xy in lines[0].get_attribute("points").split()]
