@@ -345,6 +345,88 @@ pub fn render(snap: &Snapshot, admin_socket: &str, smtp_transports: &[String]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::QueueCount;
+    use postern_common::ipc::{DeliveryCount, QmgrStatus, SiteStatus, Warmup};
+
+    fn snapshot() -> Snapshot {
+        let site = |name: &str, mode: &str| SiteStatus {
+            name: name.into(),
+            mode: mode.into(),
+            queued: 3,
+            queued_by_source: vec![("smtp".into(), 1), ("ip2".into(), 2)],
+            max_connections: Some(2),
+            configured_connections: Some(4),
+            rate: Some(0.5),
+            ..Default::default()
+        };
+        let mut warm = site("mx.b\"q", "backoff");
+        warm.source = Some("ip2".into());
+        warm.warmup = Some(Warmup {
+            day: 2,
+            quota: 100,
+            sent_today: 40,
+        });
+        Snapshot {
+            qmgr: Ok(QmgrStatus {
+                sites: vec![site("mx.a", "normal"), warm],
+                deliveries: vec![DeliveryCount {
+                    status: "deferred".into(),
+                    class: "policy-related".into(),
+                    source: "smtp".into(),
+                    count: 2,
+                }],
+                ..Default::default()
+            }),
+            queues: vec![QueueCount {
+                name: "deferred",
+                sizes: vec![500, 5000, 2_000_000],
+                error: None,
+            }],
+            now: 0,
+        }
+    }
+
+    #[test]
+    fn every_sample_follows_its_family_header_once() {
+        let text = render(&snapshot(), "/q/private/qmgr-admin", &["smtp".to_string()]);
+        let mut seen = std::collections::HashSet::new();
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(family.clone()), "{family} twice");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| *b == family)
+                .unwrap_or(name);
+            assert_eq!(base, family, "{line}");
+        }
+        assert!(text.contains(
+            "postfix_showq_message_size_bytes_bucket{queue=\"deferred\",le=\"1000\"} 1\n"
+        ));
+        assert!(text.contains(
+            "postfix_showq_message_size_bytes_bucket{queue=\"deferred\",le=\"+Inf\"} 3\n"
+        ));
+        assert!(text.contains("postfix_smtp_messages_processed_total{status=\"deferred\"} 2\n"));
+        assert!(text.contains("postern_site_queued{site=\"mx.a\",source=\"ip2\"} 2\n"));
+        // A source's own site state and warm-up, the label escaped.
+        assert!(text.contains("postern_site_warmup_quota{site=\"mx.b\\\"q\",source=\"ip2\"} 100\n"));
+        assert!(text.contains("postern_site_message_rate_limit{site=\"mx.a\"} 0.5\n"));
+        // qmgr down: the queue counts only.
+        let mut down = snapshot();
+        down.qmgr = Err("connect: refused".into());
+        let text = render(&down, "/q", &[]);
+        assert!(text.contains("postfix_up{path=\"/q\"} 0\n"));
+        assert!(text.contains("postern_queue_messages{queue=\"deferred\"} 3\n"));
+        assert!(!text.contains("postern_site_"));
+    }
 
     #[test]
     fn escaping_and_numbers() {

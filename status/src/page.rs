@@ -304,6 +304,46 @@ mod tests {
     }
 
     #[test]
+    fn outside_text_is_escaped_and_warmup_shown() {
+        use crate::collect::Snapshot;
+        use postern_common::ipc::{QmgrStatus, Warmup};
+        let site = SiteStatus {
+            name: "mx.<b>".into(),
+            source: Some("ip-2".into()),
+            mode: "suspended".into(),
+            reason: "rule \"/x/ suspend=1h\" matched \"421 <script>\"".into(),
+            last_reply: "421 4.7.0 <script>alert(1)</script>".into(),
+            warmup: Some(Warmup {
+                day: 3,
+                quota: 200,
+                sent_today: 50,
+            }),
+            ..Default::default()
+        };
+        let snap = Snapshot {
+            qmgr: Ok(QmgrStatus {
+                sites: vec![site],
+                ..Default::default()
+            }),
+            queues: Vec::new(),
+            now: 0,
+        };
+        let html = render(&snap, "host<&>");
+        assert!(!html.contains("<script"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("host&lt;&amp;&gt;"));
+        assert!(html.contains("<tr class=\"site suspended\" data-site=\"mx.&lt;b&gt;\">"));
+        assert!(html.contains("<td>ip-2</td>"));
+        assert!(html.contains("day 3: 50 of 200"));
+        let down = Snapshot {
+            qmgr: Err("connect: <refused>".into()),
+            queues: Vec::new(),
+            now: 0,
+        };
+        assert!(render(&down, "h").contains("did not answer: connect: &lt;refused&gt;"));
+    }
+
+    #[test]
     fn sparkline_has_one_line_per_series() {
         let m: Vec<MinuteCount> = (0..5)
             .map(|i| MinuteCount {
