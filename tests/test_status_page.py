@@ -318,3 +318,20 @@ def test_postern_check_refuses_a_bad_status_access(make_postern):
     p.set_params(status_access="127.0.0.0/8, [::1]/128")
     r = p.postern("check")
     assert r.returncode == 0, h.describe(r)
+
+
+def test_status_refuses_to_serve_as_root(make_postern):
+    """On a master.cf line with unpriv = n master would leave it root: it
+    logs a fatal error and never answers HTTP."""
+    if not h.is_root():
+        pytest.skip("needs root (master drops only when it is root)")
+    port = h.free_port()
+    p = make_postern(master_cf_extra=[f"127.0.0.1:{port} inet n n n - 1 status"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        p.wait_for_log(r"status\[\d+\]: fatal: refusing to serve HTTP as root")
+        try:
+            got = s.recv(100)
+        except (ConnectionResetError, socket.timeout):
+            got = b""
+    assert got == b"", got

@@ -215,10 +215,19 @@ fn serve_request(settings: &Settings, conn: &mut UnixStream) -> Option<u16> {
     Some(code)
 }
 
-/// The service: settings read as root, then the serving loop (which
-/// drops privileges before its first connection).
+/// The service: settings read as root, the privilege drop, then the
+/// serving loop. Still root after the drop (a master.cf line with
+/// `unpriv` = n): a fatal error, no connection is read.
 pub fn run(cfg: &Config) -> ! {
     let settings = std::sync::Arc::new(Settings::from_config(cfg));
+    postern_common::service::drop_privileges(cfg);
+    // master drops only an unprivileged service (the master.cf unpriv
+    // column): the HTTP parser must never run as root.
+    if nix::unistd::geteuid().is_root() {
+        fatal!(
+            "refusing to serve HTTP as root: the unpriv column of the status service's master.cf line must be - or y"
+        );
+    }
     postern_common::service::serve_threaded(cfg, SLOTS, move |conn| serve(&settings, conn), || {})
 }
 
