@@ -211,6 +211,10 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
         assert value("postern_site_connections", site=name) == s["active_connections"]
         queued = [x.value for x in families["postern_site_queued"].samples if x.labels["site"] == name]
         assert sum(queued) == s["queued"], (name, queued, s)
+    # What waits on disk for each site: the deferred recipients of its domains.
+    assert value("postern_site_deferred_recipients", site="mx.sus.test") == 2
+    assert value("postern_site_deferred_recipients", site="mx.bo.test") == 1
+    assert value("postern_site_deferred_recipients", site="mx.st.test") == 0
     assert value("postern_site_mode", site="mx.sus.test", mode="suspended") == 1
     assert value("postern_site_mode", site="mx.st.test", mode="normal") == 1
     assert value("postern_site_mode", site="mx.bo.test", mode="backoff") == 1
@@ -246,6 +250,8 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
         assert "suspended" in sus.get_attribute("class").split()
         assert "suspended" in sus.text and "maintenance window" in sus.text, sus.text
         assert "sus.test" in sus.text
+        # Queued: none in qmgr, the two held on disk.
+        assert sus.find_element(By.CSS_SELECTOR, "td.queued").text == "0 / 2", sus.text
         st = rows["mx.st.test"]
         assert "normal" in st.text and "st.test" in st.text and "smtp" in st.text, st.get_attribute("outerHTML")
         # Connections and rate against their limits.

@@ -21,8 +21,9 @@
 //! socket `private/qmgr-admin`, asked
 //! [`postern_common::ipc::AdminRequest::Status`] (qmgr's sites and the
 //! counters it keeps since it started), and the queue directories,
-//! whose files it counts and sizes without opening them. Nothing is
-//! kept between requests, nothing is written.
+//! whose files it counts and sizes (and, in `deferred/`, whose
+//! envelopes it reads for what waits for each site's domains). Nothing
+//! is kept between requests, nothing is written.
 //!
 //! Who may ask: clients whose address is in `status_access` (a CIDR
 //! list, default `127.0.0.0/8`); others get 403. The HTTP it speaks

@@ -229,6 +229,18 @@ pub fn render(snap: &Snapshot, admin_socket: &str, smtp_transports: &[String]) -
             );
         }
     }
+    o.family(
+        "postern_site_deferred_recipients",
+        "gauge",
+        "Recipients waiting in the deferred queue directory for each site (those of its domains).",
+    );
+    for s in &st.sites {
+        o.sample(
+            "postern_site_deferred_recipients",
+            &site_labels(s),
+            crate::collect::site_deferred(snap, &s.domains) as f64,
+        );
+    }
     gauge(
         &mut o,
         "postern_site_connections",
@@ -382,6 +394,8 @@ mod tests {
                 sizes: vec![500, 5000, 2_000_000],
                 error: None,
             }],
+            deferred_by_domain: Default::default(),
+            deferred_truncated: false,
             now: 0,
         }
     }

@@ -119,7 +119,7 @@ fn limit(v: Option<u64>) -> String {
     v.map_or("&#8734;".into(), |n| n.to_string())
 }
 
-fn site_row(out: &mut String, s: &SiteStatus) {
+fn site_row(out: &mut String, s: &SiteStatus, deferred: u64, truncated: bool) {
     let source = match &s.source {
         Some(x) => esc(x),
         None => s
@@ -129,7 +129,7 @@ fn site_row(out: &mut String, s: &SiteStatus) {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let queued = if s.queued_by_source.len() > 1 {
+    let mut queued = if s.queued_by_source.len() > 1 {
         let parts: Vec<String> = s
             .queued_by_source
             .iter()
@@ -143,6 +143,11 @@ fn site_row(out: &mut String, s: &SiteStatus) {
     } else {
         s.queued.to_string()
     };
+    let _ = write!(
+        queued,
+        " / <span class=\"deferred\">{}{deferred}</span>",
+        if truncated { "&#8805;" } else { "" }
+    );
     let mut why = String::new();
     if !s.reason.is_empty() {
         let _ = write!(why, "<div class=\"reason\">{}</div>", esc(&s.reason));
@@ -256,12 +261,13 @@ pub fn render(snap: &Snapshot, hostname: &str) -> String {
             } else {
                 o.push_str(
                     "<table id=\"sites\"><tr><th>site <span class=\"muted\">(policy key)</span></th>\
-                     <th>source</th><th>domains</th><th>queued</th><th>mode, rule</th>\
+                     <th>source</th><th>domains</th><th>queued: active / deferred</th><th>mode, rule</th>\
                      <th>last reply</th><th>connections</th><th>rate</th>\
                      <th>delivered / deferred / bounced</th><th>warm-up</th></tr>",
                 );
                 for s in &st.sites {
-                    site_row(&mut o, s);
+                    let deferred = crate::collect::site_deferred(snap, &s.domains);
+                    site_row(&mut o, s, deferred, snap.deferred_truncated);
                 }
                 o.push_str("</table>");
             }
@@ -326,6 +332,8 @@ mod tests {
                 ..Default::default()
             }),
             queues: Vec::new(),
+            deferred_by_domain: Default::default(),
+            deferred_truncated: false,
             now: 0,
         };
         let html = render(&snap, "host<&>");
@@ -338,6 +346,8 @@ mod tests {
         let down = Snapshot {
             qmgr: Err("connect: <refused>".into()),
             queues: Vec::new(),
+            deferred_by_domain: Default::default(),
+            deferred_truncated: false,
             now: 0,
         };
         assert!(render(&down, "h").contains("did not answer: connect: &lt;refused&gt;"));
