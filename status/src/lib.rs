@@ -85,7 +85,7 @@ impl Settings {
             .master_services()
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| s.command == "smtp" || s.command == "lmtp")
+            .filter(|s| s.command == "smtp")
             .map(|s| s.name)
             .collect();
         // The queue as the serving process sees it (the service may be
@@ -109,7 +109,7 @@ impl Settings {
 
 /// The client's address, from the connected socket.
 fn peer_ip(conn: &UnixStream) -> Option<IpAddr> {
-    use nix::sys::socket::{getpeername, SockaddrLike, SockaddrStorage};
+    use nix::sys::socket::{getpeername, SockaddrStorage};
     let addr: SockaddrStorage = getpeername(conn.as_raw_fd()).ok()?;
     if let Some(a) = addr.as_sockaddr_in() {
         return Some(IpAddr::V4(a.ip()));
@@ -117,7 +117,6 @@ fn peer_ip(conn: &UnixStream) -> Option<IpAddr> {
     if let Some(a) = addr.as_sockaddr_in6() {
         return Some(IpAddr::V6(a.ip()));
     }
-    let _ = addr.family();
     None
 }
 
