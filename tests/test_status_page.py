@@ -341,3 +341,24 @@ def test_status_refuses_to_serve_as_root(make_postern):
         except (ConnectionResetError, socket.timeout):
             got = b""
     assert got == b"", got
+
+
+def test_a_saved_suspension_shows_after_a_restart(make_postern, dnsmasq, receiver):
+    """A site suspended before `postern stop` and `start` is shown
+    suspended, with its reason, before any mail for it comes again."""
+    rx = receiver
+    p = status_postern(make_postern, dnsmasq, rx)
+    inject(p, ["first@sus.test"], "pt-status-restart")
+    h.wait_for(lambda: rx.count() >= 1, 60, what="the message at the receiver")
+    r = p.postern("suspend", "sus.test", "10m", "saved maintenance window")
+    assert r.returncode == 0, h.describe(r)
+    p.stop()
+    p.start()
+    h.wait_for(lambda: h.smtp_banner_ok(p.port), 20, what="smtpd")
+    code, _, body = h.wait_for(lambda: (lambda r: r if r[0] == 200 else None)(
+        get(p.status_port, "/")), 20, what="the page")
+    page = body.decode()
+    row = re.search(r'<tr class="site suspended" data-site="mx\.sus\.test">.*?</tr>', page)
+    assert row and "saved maintenance window" in row[0], page
+    _, _, body = get(p.status_port, "/metrics")
+    assert 'postern_site_mode{site="mx.sus.test",mode="suspended"} 1' in body.decode()

@@ -239,6 +239,19 @@ pub fn status(sched: &crate::schedule::Scheduler, stats: &mut Stats, active: u64
         stats.fill_site(&mut row, st.now);
         st.sites.push(row);
     }
+    // Suspensions an earlier qmgr saved, for sites not seen since.
+    for (name, susp) in sched.sites.pending_suspensions() {
+        st.sites.push(SiteStatus {
+            name,
+            mode: "suspended".into(),
+            suspended_until: susp
+                .until
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            reason: susp.reason,
+            ..Default::default()
+        });
+    }
     st
 }
 
