@@ -182,6 +182,18 @@ def test_status_page_in_chromium_and_metrics_match_the_queue(make_postern, dnsma
     assert code == 200, body
     assert headers["content-type"].startswith("text/plain; version=0.0.4"), headers
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    # What promtool's lint asks too: a HELP and a TYPE per family, metric
+    # names of the format's alphabet, counters ending in _total.
+    name = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+    for line in body.decode().splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(rf"# (HELP|TYPE) {name} \S.*", line), line
+        else:
+            assert re.fullmatch(rf'{name}(\{{.*\}})? \S+', line), line
+    for f in families.values():
+        assert f.documentation and f.type != "unknown", f.name
+        if f.type == "counter":
+            assert all(x.name.endswith("_total") for x in f.samples), f.samples
 
     def value(name, **labels):
         fam_name = re.sub(r"_(total|bucket|count|sum)$", "", name)
