@@ -375,16 +375,121 @@ pub enum AdminRequest {
         seconds: u64,
         reason: String,
     },
+    /// The status daemon's read-only question: answered with
+    /// [`AdminReply::status`] (every site and the delivery counters).
+    Status,
 }
 
 /// qmgr's answer: one status per requested ID, in order; for the site
 /// commands, `text` (the listing, or what was done or why not) and
-/// `ok`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// `ok`; for [`AdminRequest::Status`], `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AdminReply {
     pub results: Vec<AdminStatus>,
     pub text: String,
     pub ok: bool,
+    pub status: Option<Box<QmgrStatus>>,
+}
+
+/// What qmgr tells the status daemon (`AdminRequest::Status`): its sites
+/// and what it counted since it started. Nothing secret: names, counts,
+/// limits and remote replies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct QmgrStatus {
+    /// When qmgr answered and when it started (Unix seconds).
+    pub now: u64,
+    pub started: u64,
+    /// Messages in qmgr's active queue, and delivery requests out.
+    pub active_messages: u64,
+    pub in_flight: u64,
+    /// Sorted by name (then source).
+    pub sites: Vec<SiteStatus>,
+    /// Recipients per minute for the last [`STATUS_MINUTES`] minutes,
+    /// oldest first, the current minute last (always that many; minutes
+    /// before qmgr started are zeros).
+    pub minutes: Vec<MinuteCount>,
+    /// Recipients by (status, class, source) since qmgr started.
+    pub deliveries: Vec<DeliveryCount>,
+}
+
+/// How many minutes [`QmgrStatus::minutes`] covers.
+pub const STATUS_MINUTES: usize = 60;
+
+/// One site's state (`delivery_policy_maps`), as `postern queues -j`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SiteStatus {
+    pub name: String,
+    /// The policy key that matched (`mx:.google.com`, a domain, `*`).
+    pub key: String,
+    /// The sending identity, when the site's state is kept per source;
+    /// None: one state for every source.
+    pub source: Option<String>,
+    pub domains: Vec<String>,
+    /// Deliveries waiting in qmgr's queues, and how they split by
+    /// source (the transport that will carry them).
+    pub queued: u64,
+    pub queued_by_source: Vec<(String, u64)>,
+    /// Connections open (requests in flight), allowed now (less than
+    /// configured in backoff) and configured; None: no limit.
+    pub connections: u64,
+    pub max_connections: Option<u64>,
+    pub configured_connections: Option<u64>,
+    /// Message rate allowed now and configured (per second).
+    pub rate: Option<f64>,
+    pub configured_rate: Option<f64>,
+    /// `normal`, `backoff`, `suspended`.
+    pub mode: String,
+    /// End of a suspension (Unix seconds), 0: none.
+    pub suspended_until: u64,
+    /// Why the site is in its mode (the suspension's reason, or the
+    /// backoff rule and reply).
+    pub reason: String,
+    /// The `delivery_reply_rules` entry behind a backoff.
+    pub rule: String,
+    /// The last reply that was not a success.
+    pub last_reply: String,
+    pub connect_failures: u32,
+    /// Recipients delivered, deferred and bounced by the site's
+    /// deliveries since qmgr started, and delivered in the last minute.
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+    pub delivered_last_minute: u64,
+    /// Warm-up progress of the source at this site, when it has a
+    /// schedule.
+    pub warmup: Option<Warmup>,
+}
+
+/// A source's warm-up at a site (`smtp_warmup_schedule`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Warmup {
+    /// Day of the schedule (1 = the first day).
+    pub day: u32,
+    /// Today's quota and what was sent today.
+    pub quota: u64,
+    pub sent_today: u64,
+}
+
+/// Recipients whose delivery ended in one minute.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MinuteCount {
+    /// Unix time of the minute's start.
+    pub start: u64,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+}
+
+/// A delivery counter: recipients by outcome (`sent`, `deferred`,
+/// `bounced`), bounce class (empty for `sent`) and source (the transport;
+/// `none` for what qmgr deferred or bounced without an attempt, as its
+/// `relay=none` log lines).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeliveryCount {
+    pub status: String,
+    pub class: String,
+    pub source: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

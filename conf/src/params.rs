@@ -313,6 +313,9 @@ pub const PARAMS: &[(&str, &str)] = &[
     // site=SUFFIX; defer and bounce are the smtp agent's). Per transport
     // with -o. Replies Postern writes itself never match.
     ("delivery_reply_rules", ""),
+    // Postern-only: the status service (status/): the clients (a CIDR
+    // list) that may read its page and /metrics; others get 403.
+    ("status_access", "127.0.0.0/8"),
     ("default_destination_recipient_limit", "50"),
     ("local_destination_recipient_limit", "1"),
     ("queue_run_delay", "300s"),

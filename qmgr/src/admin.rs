@@ -1,6 +1,8 @@
 //! qmgr's administration socket, `private/qmgr-admin`
 //! ([`ipc::QMGR_ADMIN_SOCKET`]): where postsuper asks for messages in
-//! `active/` to be deleted, held or released. qmgr binds it itself
+//! `active/` to be deleted, held or released, `postern queues` and its
+//! siblings act on sites, and the status daemon asks for a read-only
+//! snapshot ([`AdminRequest::Status`]). qmgr binds it itself
 //! (mode 0600, owner `mail_owner`: root and `mail_owner` may connect).
 //!
 //! One thread accepts connections one at a time, reads one

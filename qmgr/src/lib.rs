@@ -51,7 +51,11 @@
 //! - [`retire`]: finished files emptied into `spare/` (or removed) on a
 //!   thread of their own;
 //! - [`admin`]: `private/qmgr-admin`, postsuper's requests for active
-//!   messages (delete, hold, release), applied when none is in flight.
+//!   messages (delete, hold, release), applied when none is in flight,
+//!   `postern queues|suspend|resume|bounce`, and the status daemon's
+//!   read-only `Status` question;
+//! - [`stats`]: what the status daemon is told: recipients per minute,
+//!   by (status, class, source), per site.
 //!
 //! `e2e` (tests only) runs the whole manager on a real queue directory
 //! with fake agents and a fake cleanup.
@@ -72,4 +76,5 @@ pub mod retry;
 pub mod scan;
 pub mod schedule;
 pub mod sites;
+pub mod stats;
 pub mod transports;

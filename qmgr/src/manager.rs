@@ -90,6 +90,8 @@ pub struct Manager {
     drain_deadline: Option<Instant>,
     /// When the last flush request (`postqueue -f`) came.
     last_flush: Option<Instant>,
+    /// Counters for the status daemon.
+    stats: crate::stats::Stats,
 }
 
 impl Manager {
@@ -146,6 +148,7 @@ impl Manager {
             rx,
             drain_deadline: None,
             last_flush: None,
+            stats: crate::stats::Stats::new(),
         }
     }
 
@@ -281,6 +284,16 @@ impl Manager {
     /// scheduler's queues at once, and deleted, held or released when no
     /// request of it is in flight (now, or when the last one returns).
     pub fn admin(&mut self, req: AdminRequest) -> AdminReply {
+        if req == AdminRequest::Status {
+            let active = self.messages.len() as u64;
+            let status = crate::stats::status(&self.sched, &mut self.stats, active);
+            return AdminReply {
+                results: Vec::new(),
+                text: String::new(),
+                ok: true,
+                status: Some(Box::new(status)),
+            };
+        }
         let unhold = matches!(req, AdminRequest::Unhold(_));
         let (action, ids) = match req {
             AdminRequest::Delete(v) => (AdminAction::Delete, v),
@@ -294,6 +307,7 @@ impl Manager {
                     results: Vec::new(),
                     text,
                     ok,
+                    status: None,
                 };
             }
         };
@@ -324,6 +338,7 @@ impl Manager {
             results,
             text: String::new(),
             ok: true,
+            status: None,
         }
     }
 
@@ -714,6 +729,10 @@ impl Manager {
                 });
             }
             let results = record::record_as(&self.tree, req, items, Some(kind));
+            // Deferred or bounced without an attempt: counted as qmgr
+            // logs them, relay "none".
+            let site = (!s.site.is_empty()).then_some(s.site.as_str());
+            self.stats.record("none", site, &results);
             msg.apply(&s.entry.recipients, &results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
                 self.apply_admin(&id);
@@ -788,7 +807,13 @@ impl Manager {
                 .map(|r| (r.dsn.as_str(), r.reason.as_str()))
                 .unwrap_or(("4.4.1", "destination unreachable"))
         });
-        if let Some(site) = self.sched.site_of(&c.transport, &c.destination) {
+        let site = self.sched.site_of(&c.transport, &c.destination);
+        let site_name = site.as_ref().map(|s| s.borrow().name.clone());
+        for part in &c.parts {
+            self.stats
+                .record(&c.transport, site_name.as_deref(), &part.results);
+        }
+        if let Some(site) = site {
             self.site_replies(&site, &c);
         }
         self.sched.done(&c.transport, &c.destination, failure);

@@ -1041,6 +1041,24 @@ impl Scheduler {
             .sum()
     }
 
+    /// Entries waiting for a site, by the transport (source) that will
+    /// carry them, sorted by transport (for the status daemon); every
+    /// transport that fed the site is listed.
+    pub fn site_queued_by_transport(&self, site: &SiteRef) -> Vec<(String, u64)> {
+        let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+        for (ti, key) in site.borrow().members.iter() {
+            let Some(t) = self.transports.get(*ti) else {
+                continue;
+            };
+            // A transport that fed the site shows, with nothing queued.
+            let n = by.entry(t.name.clone()).or_default();
+            if let Some(d) = t.destinations.get(key) {
+                *n += d.entries.len as u64;
+            }
+        }
+        by.into_iter().collect()
+    }
+
     /// Forgets every dead destination (Postfix's `F` trigger, "purge all
     /// information about dead transports and destinations", which
     /// `postqueue -f` sends): each is tried again at once, with the

@@ -600,6 +600,20 @@ impl Sites {
             .cloned()
     }
 
+    /// Suspensions saved by an earlier qmgr for sites not created since
+    /// (still running), sorted by site name.
+    pub fn pending_suspensions(&self) -> Vec<(String, Suspension)> {
+        let now = SystemTime::now();
+        let mut v: Vec<(String, Suspension)> = self
+            .pending
+            .iter()
+            .filter_map(|(n, (s, _, _))| Some((n.clone(), s.clone()?)))
+            .filter(|(_, s)| s.until > now)
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Writes suspensions and rate limiters to `data_directory`.
     pub fn save(&self) {
         let Some(path) = &self.state_path else { return };

@@ -217,6 +217,16 @@ fn check(cfg: &Config) {
             format_args!("{}/main.cf: {e}", cfg.dir().display()),
         );
     }
+    // The status service's clients: a bad entry would stop it at start.
+    for item in cfg.get_list("status_access") {
+        if let Err(e) = postern_common::cidr::Cidr::parse(&item) {
+            die(
+                NAME,
+                1,
+                format_args!("{}/main.cf: status_access: {e}", cfg.dir().display()),
+            );
+        }
+    }
     if let Err(e) = postern_common::queue::Hashing::from_config(cfg) {
         die(
             NAME,
