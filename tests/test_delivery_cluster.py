@@ -307,4 +307,8 @@ def test_a_dead_nodes_connections_expire(make_postern, dnsmasq, receivers, redis
                what="the dead node's connections released")
     gone = time.time() - killed
     assert 5 <= gone <= 15, gone  # the 10 s lease, less the time since its last refresh
-    wait_count(rx, 6, 40)
+    try:
+        h.wait_for(lambda: len(subjects(rx, "pt-cld-b")) == 3, 30, what="B's mail delivered")
+    except AssertionError:
+        print(rx.summary(), b.log_tail(60))
+        raise
