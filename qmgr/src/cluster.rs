@@ -747,6 +747,53 @@ mod tests {
         assert_eq!(ClusterEvent::parse("nonsense"), None);
     }
 
+    fn unreachable(size: usize) -> Cluster {
+        Cluster {
+            addr: "127.0.0.1:1".into(),
+            node: "n".into(),
+            size,
+            timeout: Duration::from_millis(100),
+            conn: None,
+            handover: None,
+            want: None,
+            held: Arc::new(Mutex::new(HashMap::new())),
+            local: HashMap::new(),
+            unpublished: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn without_redis_each_node_keeps_to_its_share() {
+        let policy = postern_common::delivery_policy::Policy::parse(
+            "max_connections=5 max_message_rate=20/s",
+        )
+        .unwrap();
+        let mut site = Site::new("s", "*", policy, Vec::new());
+        let mut c = unreachable(2);
+        let now = Instant::now();
+        // 20/s shared by two: 10/s here, one every 100 ms.
+        assert_eq!(c.admit(&site, now), Admit::Go);
+        site.in_flight += 1;
+        match c.admit(&site, now) {
+            Admit::Wait(at) => assert!(at >= now + Duration::from_millis(99)),
+            other => panic!("{other:?}"),
+        }
+        let later = now + Duration::from_millis(100);
+        assert_eq!(c.admit(&site, later), Admit::Go);
+        site.in_flight += 1;
+        // 5 connections shared by two: 2 here.
+        assert_eq!(
+            c.admit(&site, later + Duration::from_secs(1)),
+            Admit::Blocked
+        );
+        assert_eq!(c.held.lock().unwrap()["s"], 2);
+        c.release("s");
+        assert_eq!(c.held.lock().unwrap()["s"], 1);
+        // What could not be published waits for Redis.
+        c.publish_resume("s", "postern resume");
+        assert!(c.unpublished.contains_key("s"));
+    }
+
     #[test]
     fn timeouts_in_seconds_or_milliseconds() {
         assert_eq!(parse_timeout("250ms"), Some(Duration::from_millis(250)));
