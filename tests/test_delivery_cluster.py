@@ -240,7 +240,9 @@ def test_redis_dies_mid_run_and_comes_back(make_postern, dnsmasq, receivers, red
     got = [s for _, s in subjects(rx)]
     assert sorted(got) == sorted([f"{ta} {i}" for i in range(n)] + [f"{tb} {i}" for i in range(n)]), \
         "lost or duplicated messages"
-    assert rx.max_concurrent <= 5, rx.summary()
+    crowded = [round(t - killed, 2) for t, _, _ in rx.connections if rx.concurrency_at(t) > 5]
+    assert rx.max_concurrent <= 5, (rx.summary(), "s after the kill:", crowded,
+                                    "restart at", round(restarted - killed, 2))
     assert rx.temp_failures() == [], rx.temp_failures()[:5]
     after = [t for t in rx.times() if t >= restarted + 2]
     if len(after) > 10:

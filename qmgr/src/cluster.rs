@@ -115,8 +115,10 @@ return c
 "#;
 
 /// A node's count for a site: written as it is (ARGV[4] = "set", after
-/// a reconnection) or only put back if Redis lost it (a refresh), and
-/// its lease renewed. KEYS: conns, alive. ARGV: node, count, lease (ms),
+/// a reconnection) or only put back if Redis has lost the node (a
+/// refresh: Redis restarted, or another node took it for dead; while
+/// Redis knows the node, its main thread's own counting stands), and its
+/// lease renewed. KEYS: conns, alive. ARGV: node, count, lease (ms),
 /// mode.
 const SYNC: &str = r#"
 local t = redis.call('TIME')
@@ -126,7 +128,7 @@ if n <= 0 then
   if ARGV[4] == 'set' then redis.call('HDEL', KEYS[1], node) end
   return 0
 end
-if ARGV[4] == 'set' or redis.call('HEXISTS', KEYS[1], node) == 0 then
+if ARGV[4] == 'set' or redis.call('ZSCORE', KEYS[2], node) == false then
   redis.call('HSET', KEYS[1], node, n)
 end
 redis.call('ZADD', KEYS[2], now + lease, node)
@@ -223,6 +225,10 @@ pub struct Cluster {
     /// Suspensions and resumptions not published yet (Redis was
     /// unreachable): site → message.
     unpublished: HashMap<String, (String, Option<String>)>,
+    /// After a reconnection: the local shares still hold until then
+    /// (counted in Redis meanwhile), so that every other node has
+    /// written its connections back before Redis's count is trusted.
+    grace_until: Option<Instant>,
 }
 
 /// `delivery_policy_redis_timeout`: seconds, or milliseconds as `250ms`.
@@ -265,6 +271,7 @@ impl Cluster {
             held: Arc::new(Mutex::new(HashMap::new())),
             local: HashMap::new(),
             unpublished: HashMap::new(),
+            grace_until: None,
         })
     }
 
@@ -370,6 +377,9 @@ impl Cluster {
             "delivery_policy_redis {}: Redis answers again: site limits shared by the cluster",
             self.addr
         );
+        // The other nodes' helper threads write their connections back
+        // within a heartbeat of Redis's return.
+        self.grace_until = Some(Instant::now() + 2 * HEARTBEAT);
         self.conn = Some(c);
     }
 
@@ -389,25 +399,22 @@ impl Cluster {
             usize::MAX => 0,
             n => n,
         };
-        if let Some(c) = self.conn.as_mut() {
-            let (mi, mt) = gcra_args(site.msg_rate.as_ref());
-            let (ci, ct) = gcra_args(site.conn_rate.as_ref());
-            let r = c.cmd(&[
-                "EVAL",
-                ACQUIRE,
-                "4",
-                &key(&site.name, "conns"),
-                &key(&site.name, "alive"),
-                &key(&site.name, "msg"),
-                &key(&site.name, "connrate"),
-                &self.node,
-                &limit.to_string(),
-                &LEASE.as_millis().to_string(),
-                &mi,
-                &mt,
-                &ci,
-                &ct,
-            ]);
+        if self.grace_until.is_some_and(|t| Instant::now() < t) && self.conn.is_some() {
+            let a = self.admit_local(site, limit, now);
+            if a == Admit::Go {
+                // Counted in Redis, limited by the share.
+                let r = self.acquire(site, 0, ("0".into(), "0".into()), ("0".into(), "0".into()));
+                if let Err(e) = r {
+                    self.fall_back(&e);
+                }
+            }
+            return a;
+        }
+        self.grace_until = None;
+        if self.conn.is_some() {
+            let m = gcra_args(site.msg_rate.as_ref());
+            let c = gcra_args(site.conn_rate.as_ref());
+            let r = self.acquire(site, limit, m, c);
             match r {
                 Ok(r) => {
                     let v: Vec<i64> = r.items().iter().filter_map(Reply::as_int).collect();
@@ -430,6 +437,36 @@ impl Cluster {
             }
         }
         self.admit_local(site, limit, now)
+    }
+
+    /// [`ACQUIRE`] for `site`: `limit` connections (0: none), message
+    /// and connection rates as [`gcra_args`] gives them.
+    fn acquire(
+        &mut self,
+        site: &Site,
+        limit: usize,
+        (mi, mt): (String, String),
+        (ci, ct): (String, String),
+    ) -> Result<Reply, resp::Error> {
+        let Some(c) = self.conn.as_mut() else {
+            return Err(resp::Error::Protocol("not connected".into()));
+        };
+        c.cmd(&[
+            "EVAL",
+            ACQUIRE,
+            "4",
+            &key(&site.name, "conns"),
+            &key(&site.name, "alive"),
+            &key(&site.name, "msg"),
+            &key(&site.name, "connrate"),
+            &self.node,
+            &limit.to_string(),
+            &LEASE.as_millis().to_string(),
+            &mi,
+            &mt,
+            &ci,
+            &ct,
+        ])
     }
 
     /// This node's share of the site's limits.
@@ -479,8 +516,10 @@ impl Cluster {
 
     /// A request that [`Cluster::admit`] let go has ended.
     pub fn release(&mut self, site: &str) {
-        self.held_add(site, false);
+        // A new connection writes back the count with this request in
+        // it, then gives it back.
         self.take_handover();
+        self.held_add(site, false);
         if let Some(c) = self.conn.as_mut() {
             if let Err(e) = c.cmd(&["EVAL", RELEASE, "1", &key(site, "conns"), &self.node]) {
                 self.fall_back(&e);
@@ -759,6 +798,7 @@ mod tests {
             held: Arc::new(Mutex::new(HashMap::new())),
             local: HashMap::new(),
             unpublished: HashMap::new(),
+            grace_until: None,
         }
     }
 
