@@ -113,6 +113,8 @@ def test_package_contents_and_fields(debs):
                  "/usr/libexec/postern/master", "/usr/libexec/postern/smtpd",
                  "/usr/libexec/postern/local", "/usr/libexec/postern/qmgr",
                  "/lib/systemd/system/postern.service", "/etc/logrotate.d/postern",
+                 "/usr/lib/systemd/system-generators/postern-systemd-generator",
+                 "/usr/share/man/man8/postern-systemd-generator.8.gz",
                  "/usr/share/man/man5/postconf.5.gz",
                  "/usr/share/man/man8/master.8.gz", "/usr/share/doc/postern/copyright"):
         assert path in files, path
