@@ -37,6 +37,7 @@
 //! - [`bounce_class`]: bounce classes of failures (`bounce_classifier_maps`).
 //! - [`accounting`]: the accounting log (`accounting_log_file`, JSON or CSV).
 //! - [`smtputf8`]: SMTPUTF8 flags, UTF-8 address checks, autodetect classes.
+//! - [`resp`]: a small Redis client (qmgr's `delivery_policy_redis`).
 
 pub mod accounting;
 pub mod addr;
@@ -75,6 +76,7 @@ pub mod queue;
 pub mod receive_override;
 pub mod regexp;
 pub mod resolve;
+pub mod resp;
 pub mod restriction;
 pub mod service;
 pub mod smtp_command;

@@ -316,6 +316,17 @@ pub const PARAMS: &[(&str, &str)] = &[
     // Postern-only: the status service (status/): the clients (a CIDR
     // list) that may read its page and /metrics; others get 403.
     ("status_access", "127.0.0.0/8"),
+    // Postern-only: host:port of a Redis server through which several
+    // Postern nodes share each site's connection count and message and
+    // connection rates, and its suspensions (qmgr/src/cluster.rs). Empty:
+    // every limit is this node's own.
+    ("delivery_policy_redis", ""),
+    // Postern-only: the nodes sharing delivery_policy_redis; while Redis
+    // cannot be reached each node keeps to limit / this (its share).
+    ("delivery_policy_cluster_size", "1"),
+    // Postern-only: the longest qmgr waits for Redis (connect, each
+    // reply); a time in seconds, or milliseconds as "250ms".
+    ("delivery_policy_redis_timeout", "500ms"),
     ("default_destination_recipient_limit", "50"),
     ("local_destination_recipient_limit", "1"),
     ("queue_run_delay", "300s"),

@@ -30,4 +30,7 @@ pub enum Event {
     /// requests in flight come back, then exit and let the new qmgr take
     /// over the queue as after any restart ([`crate::manager::DRAIN_GRACE`]).
     Drain,
+    /// A suspension or resumption another node of the cluster published
+    /// ([`crate::cluster`]).
+    Cluster(crate::cluster::ClusterEvent),
 }

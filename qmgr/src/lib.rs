@@ -36,6 +36,8 @@
 //!   (`qmgr_transport.c`, `qmgr_queue.c`, `qmgr_entry.c`, `qmgr_feedback.c`);
 //! - [`sites`]: sites (the MX host sets receivers throttle) and their
 //!   `delivery_policy_maps` state: connections, rates, suspensions;
+//! - [`cluster`]: those limits and suspensions shared by several nodes
+//!   through Redis (`delivery_policy_redis`);
 //! - [`deliver`]: one thread per request to a delivery agent
 //!   (`qmgr_deliver.c`);
 //! - [`record`]: outcomes qmgr records itself (error/retry transports,
@@ -62,6 +64,7 @@
 
 pub mod admin;
 pub mod bounce;
+pub mod cluster;
 pub mod deliver;
 #[cfg(test)]
 mod e2e;

@@ -235,7 +235,86 @@ impl Manager {
                 let r = self.admin(req);
                 let _ = reply.send(r);
             }
+            Event::Cluster(ev) => self.cluster_event(ev),
         }
+    }
+
+    /// Another node suspended or resumed a site: so does this one (the
+    /// cluster is taken aside meanwhile, so as not to publish it again).
+    fn cluster_event(&mut self, ev: crate::cluster::ClusterEvent) {
+        use crate::cluster::ClusterEvent;
+        let cluster = self.sched.sites.cluster.take();
+        match ev {
+            ClusterEvent::Suspend {
+                site,
+                until,
+                node,
+                rule,
+                reason,
+            } => {
+                let until_t = std::time::UNIX_EPOCH + Duration::from_secs(until);
+                let left = until_t
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                if left.is_zero() {
+                    // Over already.
+                } else if let Some(s) = self.sched.sites.sites.get(&site).cloned() {
+                    let already = s
+                        .borrow()
+                        .suspended
+                        .as_ref()
+                        .is_some_and(|x| x.until >= until_t);
+                    if !already {
+                        info!("site {site}: suspension from cluster node {node}");
+                        self.sched.suspend_site(
+                            &s,
+                            left,
+                            &reason,
+                            &format!("{rule} (node {node})"),
+                            "",
+                        );
+                        self.defer_suspended();
+                    }
+                } else {
+                    info!("site {site}: suspension from cluster node {node} (no mail for it here yet)");
+                    self.sched.sites.pend_suspension(
+                        &site,
+                        Some(crate::sites::Suspension {
+                            until: until_t,
+                            reason,
+                        }),
+                    );
+                    self.sched.sites.save();
+                }
+            }
+            ClusterEvent::Resume { site, node, rule } => {
+                if let Some(s) = self.sched.sites.sites.get(&site).cloned() {
+                    if s.borrow().suspended.is_some() {
+                        info!("site {site}: resumed by cluster node {node}");
+                        self.resume(&s, &format!("{rule} (node {node})"));
+                    }
+                } else {
+                    self.sched.sites.pend_suspension(&site, None);
+                    self.sched.sites.save();
+                }
+            }
+        }
+        self.sched.sites.cluster = cluster;
+    }
+
+    /// Lifts a site's suspension; its deferred mail waits for the
+    /// suspension's end: due now (a scan of deferred/, as ETRN's).
+    fn resume(&mut self, s: &crate::sites::SiteRef, rule: &str) {
+        let name = s.borrow().name.clone();
+        self.sched.resume_site(s, rule);
+        let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
+        for d in domains {
+            let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
+            if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
+                warning!("resume {name}: {e}");
+            }
+        }
+        self.deferred.request(false);
     }
 
     /// master's drain signal: no more messages are taken in and no more
@@ -369,17 +448,7 @@ impl Manager {
                 Some(s) => {
                     let name = s.borrow().name.clone();
                     info!("admin: resume site {name}");
-                    self.sched.resume_site(&s, "postern resume");
-                    // Its deferred mail waits for the suspension's end:
-                    // due now (a scan of deferred/, as ETRN's).
-                    let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
-                    for d in domains {
-                        let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
-                        if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
-                            warning!("resume {name}: {e}");
-                        }
-                    }
-                    self.deferred.request(false);
+                    self.resume(&s, "postern resume");
                     (true, format!("site {name} resumed"))
                 }
                 None => (false, format!("no site known for \"{site}\"")),
@@ -1127,6 +1196,11 @@ pub fn run(cfg: &Config) -> ! {
         })
         .unwrap_or_else(|e| fatal!("cannot start the wake-up thread: {e}"));
     crate::admin::listen(&m.tree, m.sender());
+    // Privileges are dropped: the cluster's threads may start.
+    let tx = m.sender();
+    if let Some(c) = m.sched.sites.cluster.as_mut() {
+        c.start(tx);
+    }
     m.start();
     m.run()
 }

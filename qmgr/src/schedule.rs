@@ -454,7 +454,12 @@ impl Transport {
 
     /// `waits`: destinations held back by their site's rate, and when
     /// they may go.
-    fn pick(&mut self, waits: &mut Vec<(Instant, String)>) -> Option<Dispatch> {
+    /// `cluster`: the site limits a cluster shares ([`crate::cluster`]).
+    fn pick(
+        &mut self,
+        waits: &mut Vec<(Instant, String)>,
+        mut cluster: Option<&mut crate::cluster::Cluster>,
+    ) -> Option<Dispatch> {
         while let Some(key) = self.ring.pop_front() {
             let Some(d) = self.destinations.get_mut(&key) else {
                 continue;
@@ -473,6 +478,17 @@ impl Transport {
                     waits.push((at, key));
                     continue;
                 }
+                if let Some(c) = cluster.as_deref_mut() {
+                    match c.admit(&s, now) {
+                        crate::cluster::Admit::Go => {}
+                        crate::cluster::Admit::Wait(at) => {
+                            d.next_at = Some(at);
+                            waits.push((at, key));
+                            continue;
+                        }
+                        crate::cluster::Admit::Blocked => continue,
+                    }
+                }
                 if let Some(g) = s.msg_rate.as_mut() {
                     let _ = g.take(now);
                 }
@@ -484,7 +500,13 @@ impl Transport {
                 s.in_flight += 1;
                 hint = Some(SiteHint {
                     name: s.name.clone(),
-                    max_messages_per_connection: s.policy.max_messages_per_connection.unwrap_or(0),
+                    // A connection kept open between requests would hold
+                    // a place of a cluster's limit no other node sees.
+                    max_messages_per_connection: if cluster.is_some() {
+                        1
+                    } else {
+                        s.policy.max_messages_per_connection.unwrap_or(0)
+                    },
                     idle_timeout_secs: s
                         .policy
                         .idle_timeout
@@ -789,7 +811,7 @@ impl Scheduler {
         let mut found = None;
         for k in 0..n {
             let ti = (self.next + k) % n;
-            let picked = self.transports[ti].pick(&mut waits);
+            let picked = self.transports[ti].pick(&mut waits, self.sites.cluster.as_mut());
             self.waiting
                 .extend(waits.drain(..).map(|(at, key)| (at, ti, key)));
             if let Some(d) = picked {
@@ -918,6 +940,9 @@ impl Scheduler {
         let members: Vec<(usize, String)> = {
             let mut s = site.borrow_mut();
             s.in_flight = s.in_flight.saturating_sub(1);
+            if let Some(c) = self.sites.cluster.as_mut() {
+                c.release(&s.name);
+            }
             match failure {
                 None => s.connect_failures = 0,
                 Some((dsn, reason)) => {
@@ -985,6 +1010,9 @@ impl Scheduler {
             let s = site.borrow();
             (s.name.clone(), s.suspended.clone().expect("just set"))
         };
+        if let Some(c) = self.sites.cluster.as_mut() {
+            c.publish_suspend(&name, &susp, rule);
+        }
         for (ti, key) in members {
             if let Some(d) = self
                 .transports
@@ -1011,6 +1039,9 @@ impl Scheduler {
             s.connect_failures = 0;
             info!("site {}: resumed", s.name);
             accounting::site_mode_change(&s.name, "resumed", rule, "", 0);
+            if let Some(c) = self.sites.cluster.as_mut() {
+                c.publish_resume(&s.name, rule);
+            }
             s.members.iter().cloned().collect()
         };
         for (ti, key) in members {

@@ -378,6 +378,9 @@ pub struct Sites {
     pending: HashMap<String, (Option<Suspension>, f64, f64)>,
     state_path: Option<PathBuf>,
     default_retry: Duration,
+    /// `delivery_policy_redis`: limits and suspensions shared by a
+    /// cluster of nodes ([`crate::cluster`]).
+    pub cluster: Option<crate::cluster::Cluster>,
     /// Tests: next hop → site name.
     #[cfg(test)]
     test_routes: HashMap<String, String>,
@@ -400,6 +403,7 @@ impl Sites {
             pending: HashMap::new(),
             state_path: (!data.is_empty()).then(|| PathBuf::from(data).join(STATE_FILE)),
             default_retry: Duration::from_secs(cfg.get_time("transport_retry_time").unwrap_or(60)),
+            cluster: crate::cluster::Cluster::from_config(cfg),
             #[cfg(test)]
             test_routes: HashMap::new(),
         };
@@ -420,6 +424,7 @@ impl Sites {
             pending: HashMap::new(),
             state_path: None,
             default_retry: Duration::from_secs(60),
+            cluster: None,
             #[cfg(test)]
             test_routes: HashMap::new(),
         }
@@ -586,6 +591,16 @@ impl Sites {
             }
         }
         Some((value, rule))
+    }
+
+    /// A suspension for a site not created yet (another node's, through
+    /// the cluster): it holds when the site is; None lifts it.
+    pub fn pend_suspension(&mut self, name: &str, s: Option<Suspension>) {
+        let e = self
+            .pending
+            .entry(name.to_string())
+            .or_insert((None, 0.0, 0.0));
+        e.0 = s;
     }
 
     /// The site a name or domain denotes (`postern suspend SITE|DOMAIN`).
