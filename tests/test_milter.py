@@ -72,7 +72,7 @@ def relay(sink, **more):
 class PyMilterPeer:
     """tests/milter_peer.py in its own process."""
 
-    def __init__(self, unix=False, helo_replies=False):
+    def __init__(self, unix=False, helo_replies=False, rcpt_rej=False):
         self.dir = Path(tempfile.mkdtemp(prefix="milter-"))
         os.chmod(self.dir, 0o755)
         self.port = h.free_port()
@@ -84,7 +84,8 @@ class PyMilterPeer:
         self.proc = subprocess.Popen(
             [PY, str(HERE / "milter_peer.py"),
              f"unix:{self.unix}" if self.unix else str(self.port), str(self.plan_file),
-             str(self.events_file)] + (["helo-replies"] if helo_replies else []),
+             str(self.events_file)] + (["helo-replies"] if helo_replies else [])
+            + (["rcpt-rej"] if rcpt_rej else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.unix:
             h.wait_for(self.unix.exists, 20, what="the milter's socket")
@@ -715,3 +716,129 @@ def test_tls_macros_at_helo(make_postern, sink, test_milter, tmp_path):
     assert tls, helos
     assert tls[-1]["macros"]["{tls_version}"].startswith("TLSv1."), tls
     assert tls[-1]["macros"].get("{cipher}") and tls[-1]["macros"].get("{cipher_bits}"), tls
+
+
+# --------------------------------------------------------------------------
+# macros, as Postfix sends them
+
+
+def by_conn(events):
+    """The events of each milter connection, in order of their first."""
+    conns = {}
+    for e in events:
+        conns.setdefault(e["conn"], []).append(e)
+    return list(conns.values())
+
+
+def stage_macros(events, stage, nth=0):
+    got = [e for e in events if e["stage"] == stage]
+    return got[nth]["macros"] if len(got) > nth else None
+
+
+def normal(macros, host):
+    """Macro values with the MTA's own names and the values that differ
+    by nature (queue id, client port, version) made comparable."""
+    out = {}
+    for k, v in (macros or {}).items():
+        if k in ("i", "{client_port}"):
+            v = "SET" if v else ""
+        elif k == "v":
+            v = "VERSION"
+        elif k in ("_", "{client_name}"):
+            # The client's name is the resolver's (Postfix here finds
+            # "localhost" for 127.0.0.1 in /etc/hosts).
+            v = re.sub(r"^(localhost|unknown)\b", "NAME", v)
+        else:
+            v = v.replace(host, "HOST")
+        out[k] = v
+    return out
+
+
+MACRO_STAGES = ("connect", "helo", "mail", "rcpt", "data", "eoh", "eom")
+
+
+def test_macros_as_postfix(make_postern, sink, postfix_peer, tmp_path):
+    """The same session through a private Postfix and through Postern,
+    with the same milter (asking for rejected recipients, SMFIP_RCPT_REJ):
+    every macro of the default milter_*_macros reaches the milter with
+    Postfix's value at each stage ({mail_host}, {mail_mailer},
+    {rcpt_host}, {rcpt_mailer}, {daemon_addr} ...), and a recipient the
+    MTA refused is shown with {rcpt_mailer} error, {rcpt_host} the
+    enhanced status code and {rcpt_addr} the reply text. A macro named in
+    a milter_*_macros list that neither MTA knows gets its
+    milter_macro_defaults value."""
+    m = PyMilterPeer(rcpt_rej=True)
+    try:
+        access = tmp_path / "rcpt_access"
+        access.write_text("bad@remote.example 550 5.1.1 No such user here\n")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(access, 0o644)
+        common = {"smtpd_milters": m.name, "smtpd_error_sleep_time": "0",
+                  "relayhost": f"[127.0.0.1]:{sink.port}",
+                  "smtpd_recipient_restrictions":
+                      f"check_recipient_access texthash:{access}, permit_mynetworks, "
+                      "reject_unauth_destination",
+                  # A macro neither MTA has a value for gets its default.
+                  "milter_macro_defaults": "{ test_default = two words }",
+                  "milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {test_default}"}
+        far = postfix_peer(params=dict(common))
+        p = make_postern(dict(common))
+        results = {}
+        for name, port, host in (("postfix", far.port, "mx.far.test"),
+                                 ("postern", p.port, "postern.test")):
+            m.plan()
+            tok = token()
+            c = h.RawSmtp(port)
+            try:
+                c.reply()
+                c.cmd("EHLO client.example")
+                assert c.cmd(f"MAIL FROM:<{SENDER}>")[-1].startswith("250"), name
+                assert c.cmd("RCPT TO:<bad@remote.example>") == [
+                    "550 5.1.1 <bad@remote.example>: Recipient address rejected: "
+                    "No such user here"], name
+                assert c.cmd(f"RCPT TO:<{RCPT}>")[-1].startswith("250"), name
+                assert c.cmd("DATA")[-1].startswith("354"), name
+                c.send(message(tok) + b".\r\n")
+                assert c.reply()[-1].startswith("250"), name
+                c.cmd("QUIT")
+            finally:
+                c.close()
+            h.wait_for(lambda: "eom" in m.stages(), 30, what=f"the end of message ({name})")
+            time.sleep(0.5)
+            results[name] = (by_conn(m.events()), host)
+        (pf_conns, pf_host), (pt_conns, pt_host) = results["postfix"], results["postern"]
+        # Postfix: one milter connection (smtpd's, handed to cleanup).
+        # Postern: smtpd's for the SMTP stages, cleanup's for the content.
+        pf = pf_conns[0]
+        pt_smtpd = pt_conns[0]
+        pt_cleanup = [c for c in pt_conns if any(e["stage"] == "eom" for e in c)][-1]
+        diffs = []
+        for stage in MACRO_STAGES:
+            ours_ev = pt_smtpd if stage in ("connect", "helo", "mail", "rcpt", "data") \
+                else pt_cleanup
+            theirs = normal(stage_macros(pf, stage), pf_host)
+            ours = normal(stage_macros(ours_ev, stage), pt_host)
+            if ours != theirs:
+                diffs.append((stage, ours, theirs))
+        assert diffs == [], "\n".join(map(repr, diffs))
+        # The refused recipient, then the accepted one.
+        pf_rcpts = [(e["args"][0], normal(e["macros"], pf_host)) for e in pf
+                    if e["stage"] == "rcpt"]
+        pt_rcpts = [(e["args"][0], normal(e["macros"], pt_host)) for e in pt_smtpd
+                    if e["stage"] == "rcpt"]
+        assert pt_rcpts == pf_rcpts, (pt_rcpts, pf_rcpts)
+        assert pf_rcpts[0][1]["{rcpt_mailer}"] == "error", pf_rcpts
+        assert stage_macros(pf, "connect").get("{test_default}") == "two words", pf
+        # cleanup's replay shows the same values as smtpd's stages (and
+        # the queue ID, which smtpd has only after the first recipient).
+        for stage in ("connect", "mail"):
+            replayed = normal(stage_macros(pt_cleanup, stage), pt_host)
+            replayed.pop("i", None)
+            assert replayed == normal(stage_macros(pt_smtpd, stage), pt_host), stage
+        replay_rcpt = [e for e in pt_cleanup if e["stage"] == "rcpt"]
+        assert [e["args"][0] for e in replay_rcpt] == [f"<{RCPT}>"], replay_rcpt
+        replayed = normal(replay_rcpt[0]["macros"], pt_host)
+        replayed.pop("i", None)
+        assert replayed == pt_rcpts[1][1], (replay_rcpt, pt_rcpts)
+    finally:
+        m.stop()
