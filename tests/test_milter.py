@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
 from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 HERE = Path(__file__).resolve().parent
@@ -842,3 +843,164 @@ def test_macros_as_postfix(make_postern, sink, postfix_peer, tmp_path):
         assert replayed == pt_rcpts[1][1], (replay_rcpt, pt_rcpts)
     finally:
         m.stop()
+
+
+def test_client_certificate_macros(make_postern, sink, test_milter, tmp_path):
+    """With smtpd_tls_ask_ccert, a client certificate gives
+    {cert_subject} and {cert_issuer} (their CNs, as Postfix's peer_CN and
+    issuer_CN) at HELO after STARTTLS, on smtpd's milter connection and in
+    cleanup's replay of the session."""
+    import ssl
+    from postfix_peer import TestCA
+    ca = TestCA(tmp_path / "ca", names=["client.example"], cn="Milter Test CA")
+    os.chmod(ca.key_file, 0o644)  # smtpd reads it after dropping privileges
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           smtpd_tls_security_level="may", smtpd_tls_cert_file=str(ca.cert_file),
+                           smtpd_tls_key_file=str(ca.key_file), smtpd_tls_ask_ccert="yes"))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(ca.cert_file), str(ca.key_file))
+    tok = token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.starttls(context=ctx)
+        s.ehlo("client.example")
+        code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok))
+        assert code == 250, text
+    sink.wait_for(tok)
+    # smtpd's connection and cleanup's (not the harness's start probe).
+    conns = [c for c in by_conn(test_milter.events()) if any(e["stage"] == "mail" for e in c)]
+    assert len(conns) == 2, conns
+    for c in conns:
+        helos = [e for e in c if e["stage"] == "helo" and "{cert_subject}" in e["macros"]]
+        assert helos, c
+        assert helos[-1]["macros"]["{cert_subject}"] == "client.example", helos
+        assert helos[-1]["macros"]["{cert_issuer}"] == "Milter Test CA", helos
+        assert helos[-1]["macros"]["{tls_version}"].startswith("TLSv1."), helos
+
+
+def test_auth_macros(make_postern, sink, test_milter, dovecot):
+    """An authenticated client: {auth_type} and {auth_authen}, and MAIL
+    FROM's AUTH= address as {auth_author}, at MAIL."""
+    dc = dovecot(users={"user@example.test": "pw"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
+                           smtpd_sasl_path=str(dc.auth_socket)))
+    tok = token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.user, s.password = "user@example.test", "pw"
+        code, _ = s.auth("PLAIN", s.auth_plain)
+        assert code == 235
+        code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok),
+                                        mail_options=["AUTH=author@example.test"])
+        assert code == 250, text
+    sink.wait_for(tok)
+    conns = [c for c in by_conn(test_milter.events()) if any(e["stage"] == "mail" for e in c)]
+    assert len(conns) == 2, conns
+    for c in conns:
+        mail = stage_macros(c, "mail")
+        assert mail.get("{auth_type}") == "PLAIN", mail
+        assert mail.get("{auth_authen}") == "user@example.test", mail
+        assert mail.get("{auth_author}") == "author@example.test", mail
+
+
+def test_added_recipients_are_aliased_as_postfix(make_postern, sink, test_milter,
+                                                 postfix_peer, tmp_path):
+    """A recipient a milter adds goes through virtual_alias_maps, in
+    Postfix and in Postern alike."""
+    aliases = tmp_path / "virtual"
+    aliases.write_text("alias@remote.example one@remote.example, two@remote.example\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(aliases, 0o644)
+    test_milter.plan(edits=[["addrcpt", "<alias@remote.example>"]])
+    common = {"smtpd_milters": test_milter.name, "smtpd_error_sleep_time": "0",
+              "relayhost": f"[127.0.0.1]:{sink.port}",
+              "virtual_alias_maps": f"texthash:{aliases}"}
+    far = postfix_peer(params=dict(common))
+    p = make_postern(dict(common))
+    got = {}
+    for name, port in (("postfix", far.port), ("postern", p.port)):
+        tok = token()
+        assert dialogue(None, message(tok), port=port)[:2] == ("END", 250), name
+        sink.wait_for(tok, timeout=30)
+        time.sleep(1)
+        got[name] = sorted(r for m in sink.find(tok) for r in m.rcpt_tos)
+    assert got["postern"] == got["postfix"], got
+    assert got["postern"] == sorted([RCPT, "one@remote.example", "two@remote.example"]), got
+
+
+def test_milter_header_checks_as_postfix(make_postern, sink, test_milter, postfix_peer,
+                                         tmp_path):
+    """milter_header_checks inspects the headers a milter adds or
+    changes, and only those: IGNORE removes one, REDIRECT sends the message
+    elsewhere; a header of the message itself that the same rule matches
+    stays; after REDIRECT no more headers are looked at. As in Postfix."""
+    checks = tmp_path / "milter_header_checks"
+    checks.write_text("/^X-Spam-Flag: YES/ REDIRECT spam@remote.example\n"
+                      "/^X-Drop-Me:/ IGNORE\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(checks, 0o644)
+    common = {"smtpd_milters": test_milter.name, "smtpd_error_sleep_time": "0",
+              "relayhost": f"[127.0.0.1]:{sink.port}",
+              "milter_header_checks": f"regexp:{checks}"}
+    far = postfix_peer(params=dict(common))
+    p = make_postern(dict(common))
+    results = {}
+    for flag in ("NO", "YES"):
+        test_milter.plan(edits=[["addheader", "X-Spam-Flag", flag],
+                                ["addheader", "X-Drop-Me", "milter"]])
+        for name, port in (("postfix", far.port), ("postern", p.port)):
+            tok = token()
+            data = message(tok, [("X-Drop-Me", "original")])
+            assert dialogue(None, data, port=port)[:2] == ("END", 250), name
+            m = sink.wait_for(tok, timeout=30)[0]
+            headers = h.unfold(m.headers)
+            results[(flag, name)] = (
+                sorted(m.rcpt_tos),
+                re.findall(r"^X-Drop-Me: .*$", headers, re.M),
+                re.findall(r"^X-Spam-Flag: .*$", headers, re.M))
+    for flag in ("NO", "YES"):
+        assert results[(flag, "postern")] == results[(flag, "postfix")], results
+    assert results[("NO", "postern")] == ([RCPT], ["X-Drop-Me: original"],
+                                          ["X-Spam-Flag: NO"]), results
+    assert results[("YES", "postern")] == (["spam@remote.example"],
+                                           ["X-Drop-Me: original", "X-Drop-Me: milter"],
+                                           ["X-Spam-Flag: YES"]), results
+
+
+def test_smtpd_milter_maps(make_postern, sink, test_milter, tmp_path):
+    """smtpd_milter_maps by client address: DISABLE turns the milters
+    off for 127.0.0.2 (smtpd's stages and cleanup's alike), another
+    milter list replaces smtpd_milters for 127.0.0.3, and other clients
+    keep smtpd_milters."""
+    other = PyMilterPeer()
+    try:
+        test_milter.plan(edits=[["addheader", "X-First", "yes"]])
+        other.plan(edits=[["addheader", "X-Second", "yes"]])
+        table = tmp_path / "milter_map"
+        table.write_text(f"127.0.0.2/32 DISABLE\n"
+                         f"127.0.0.3/32 {{ {other.name}, default_action=tempfail }}\n")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(table, 0o644)
+        p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                               smtpd_milter_maps=f"cidr:{table}",
+                               mynetworks="127.0.0.0/8"))
+        seen = {}
+        for src in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            test_milter.plan(edits=[["addheader", "X-First", "yes"]])
+            other.plan(edits=[["addheader", "X-Second", "yes"]])
+            tok = token()
+            with p.smtp(source_address=(src, 0)) as s:
+                s.ehlo("client.example")
+                code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok))
+                assert code == 250, (src, text)
+            m = sink.wait_for(tok)[0]
+            seen[src] = (b"X-First: yes" in m.content, b"X-Second: yes" in m.content,
+                         bool(test_milter.events()), bool(other.events()))
+        assert seen == {"127.0.0.1": (True, False, True, False),
+                        "127.0.0.2": (False, False, False, False),
+                        "127.0.0.3": (False, True, False, True)}, seen
+    finally:
+        other.stop()

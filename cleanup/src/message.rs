@@ -1467,8 +1467,9 @@ impl<'a> Message<'a> {
 
     /// `milter_header_checks` on the headers the milters added or
     /// changed: header_checks(5) actions, as Postfix (PREPEND is not
-    /// carried out there either). REDIRECT, BCC and FILTER change the
-    /// envelope that is written again with the milters' changes.
+    /// carried out there either; after REDIRECT or DISCARD no header is
+    /// looked at). REDIRECT, BCC and FILTER change the envelope that is
+    /// written again with the milters' changes.
     fn milter_header_checks(&mut self, parts: &mut crate::milter::Parts) -> Result<(), Refusal> {
         let tables = &self.settings.milters.header_checks;
         if tables.is_empty() || !self.checks_on() {
@@ -1494,6 +1495,8 @@ impl<'a> Message<'a> {
                     let a = self.settings.local_rewrite(a.trim());
                     parts.recipients = vec![Recipient::new(&a)];
                     parts.changed = true;
+                    // As Postfix: no more checks after REDIRECT.
+                    return Ok(());
                 }
                 Action::Bcc(a) => {
                     self.log_milter_check("bcc", &text, &a);
@@ -1534,6 +1537,10 @@ impl<'a> Message<'a> {
             }
             if let Some(r) = self.refused.take() {
                 return Err(r);
+            }
+            if self.discard.is_some() {
+                // As Postfix: no more checks after DISCARD.
+                return Ok(());
             }
             i += 1;
         }
