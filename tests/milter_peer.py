@@ -19,7 +19,10 @@ the macros the MTA sent for it.
 
 HELO is declared no-reply (``Milter.noreply``), so libmilter negotiates
 SMFIP_NR_HELO and the MTA must not wait for an answer there, unless a
-fourth argument ``helo-replies`` makes it an answered stage.
+further argument ``helo-replies`` makes it an answered stage. A further
+argument ``rcpt-rej`` asks for SMFIP_RCPT_REJ: recipients the MTA has
+refused are shown too (with ``{rcpt_mailer}`` ``error``, as Sendmail and
+Postfix send them).
 """
 
 import json
@@ -30,9 +33,11 @@ import Milter
 
 SOCKET, PLAN, EVENTS = sys.argv[1], sys.argv[2], sys.argv[3]
 
-MACROS = ["i", "j", "_", "{daemon_name}", "v", "{auth_type}", "{auth_authen}",
-          "{mail_addr}", "{rcpt_addr}", "{client_addr}", "{tls_version}", "{cipher}",
-          "{cipher_bits}"]
+MACROS = ["i", "j", "_", "{daemon_name}", "{daemon_addr}", "v", "{auth_type}",
+          "{auth_authen}", "{auth_author}", "{mail_addr}", "{mail_host}", "{mail_mailer}",
+          "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}", "{client_addr}", "{tls_version}",
+          "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}", "{client_name}",
+          "{client_port}", "{test_default}"]
 
 
 def plan():
@@ -43,9 +48,10 @@ def plan():
         return {}
 
 
-# "helo-replies" as a fourth argument: HELO is answered (and scripted)
+# "helo-replies" as a further argument: HELO is answered (and scripted)
 # like the other stages; without it HELO is a no-reply stage.
-HELO_REPLIES = sys.argv[4:5] == ["helo-replies"]
+HELO_REPLIES = "helo-replies" in sys.argv[4:]
+RCPT_REJ = "rcpt-rej" in sys.argv[4:]
 
 
 class TestMilter(Milter.Base):
@@ -143,6 +149,8 @@ class TestMilter(Milter.Base):
 if __name__ == "__main__":
     if not HELO_REPLIES:
         TestMilter.hello = Milter.noreply(TestMilter.hello)
+    if RCPT_REJ:
+        Milter.enable_protocols(TestMilter, Milter.P_RCPT_REJ)
     Milter.factory = TestMilter
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
                      | Milter.DELRCPT | Milter.CHGFROM | Milter.CHGBODY | Milter.QUARANTINE)

@@ -116,6 +116,55 @@ def test_relayed_mail_is_signed_and_verifies(make_postern, sink, kind):
     p.wait_for_log(r"DKIM-Signature field added \(s=sel, d=example\.test\)")
 
 
+def foreign_ed25519_key(directory, tool):
+    """An Ed25519 key made by another DKIM signer's tool, in its own raw
+    form: (key file, TXT value). dknewkey (dkimpy): the base64 of the
+    32-byte seed; rspamadm dkim_keygen (rspamd): the base64 of the seed
+    and the public key (64 bytes)."""
+    d = Path(directory)
+    if tool == "dknewkey":
+        r = h.run(["dknewkey", "--ktype", "ed25519", str(d / "k")], timeout=60)
+        assert r.returncode == 0, h.describe(r)
+        key, value = d / "k.key", (d / "k.dns").read_text().strip()
+    else:
+        key = d / "k.key"
+        r = h.run(["rspamadm", "dkim_keygen", "-t", "ed25519", "-d", "example.test",
+                   "-s", "sel", "-k", str(key)], timeout=60)
+        assert r.returncode == 0, h.describe(r)
+        value = "".join(re.findall(r'"([^"]*)"', r.stdout))
+    assert len(__import__("base64").b64decode(key.read_text().strip())) == \
+        (32 if tool == "dknewkey" else 64)
+    os.chmod(key, 0o600)
+    return key, value
+
+
+@pytest.mark.parametrize("tool", ["dknewkey", "rspamadm"])
+def test_raw_ed25519_key_files(make_postern, sink, tool):
+    """dkim_signing_table takes the raw Ed25519 key files other signers
+    keep (OpenDKIM 2.11 itself reads only PEM for Ed25519, which is what
+    postern dkim-keygen writes): the signature verifies with the public
+    key the tool published."""
+    p = make_postern(start=False)
+    d = Path(p.dir) / "keys"
+    d.mkdir()
+    key, value = foreign_ed25519_key(d, tool)
+    tbl = Path(p.dir) / "signing_table"
+    tbl.write_text(f"example.test example.test:sel:{key}\n")
+    p.set_params(relayhost=f"[127.0.0.1]:{sink.port}", dkim_signing_table=f"texthash:{tbl}")
+    p.start()
+    t = token()
+    code, text = p.send("alice@example.test", ["bob@remote.example"],
+                        message("alice@example.test", "bob@remote.example", t))
+    assert code == 250, text
+    m = sink.wait_for(t)[0]
+    sig = re.sub(r"\s+", "", h.header_values(m.content, "DKIM-Signature")[0])
+    assert "a=ed25519-sha256" in sig, sig
+    records = {"sel._domainkey.example.test": value}
+    assert verify(m, records), m.content
+    assert not dkim.verify(m.content.replace(t.encode(), b"changed", 1),
+                           dnsfunc=dnsfunc_for(records))
+
+
 def test_outside_client_is_not_signed(make_postern, sink):
     p, _ = signing_postern(make_postern, sink)
     t = token()
@@ -348,6 +397,8 @@ def _inbound(make_postern, sink, dnsmasq, extra):
         "--txt-record=_dmarc.dmarc-reject.test,v=DMARC1; p=reject",
         "--txt-record=dmarc-quar.test,v=spf1 ip4:192.0.2.1 -all",
         "--txt-record=_dmarc.dmarc-quar.test,v=DMARC1; p=quarantine",
+        "--txt-record=dmarc-spf.test,v=spf1 ip4:127.0.0.2 -all",
+        "--txt-record=_dmarc.dmarc-spf.test,v=DMARC1; p=reject",
     ])
     p.set_params(relayhost=f"[127.0.0.1]:{sink.port}", relay_domains="in.test",
                  authentication_checks="spf, dkim, dmarc",
@@ -448,6 +499,27 @@ def test_dmarc_reject_and_quarantine(make_inbound, sink):
     p.wait_for_log(r"hold: DMARC policy of dmarc-quar\.test")
     assert len(p.queue_files("hold")) == 1
     assert sink.find(t) == [] and sink.find(t2) == []
+
+
+def test_dmarc_passes_on_aligned_spf_alone(make_inbound, sink):
+    """No DKIM signature at all: SPF passes for the envelope sender's
+    domain, which is the From: domain, so DMARC passes (RFC 7489 section
+    4.2: either aligned identifier is enough) and p=reject does not
+    refuse the message; the same sender from an address SPF does not
+    allow fails DMARC and is refused."""
+    p, _ = make_inbound(smtpd_reject_dmarc_failures="reject")
+    t = token()
+    code, text = send_outside(p, "u@dmarc-spf.test", t)
+    assert code == 250, text
+    ar = ours(sink.wait_for(t)[0])
+    assert re.search(r"\bspf=pass\b", ar), ar
+    assert "dkim=none" in ar, ar
+    assert re.search(r"\bdmarc=pass\b.*header\.from=dmarc-spf\.test", ar), ar
+    t2 = token()
+    code, text = p.send("u@dmarc-spf.test", ["user@in.test"],
+                        message("u@dmarc-spf.test", "user@in.test", t2),
+                        source_address=("127.0.0.3", 0))
+    assert code == 550 and "DMARC" in text, (code, text)
 
 
 # --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
+from dovecot import dovecot  # noqa: F401  (the fixture)
 from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 HERE = Path(__file__).resolve().parent
@@ -72,7 +73,7 @@ def relay(sink, **more):
 class PyMilterPeer:
     """tests/milter_peer.py in its own process."""
 
-    def __init__(self, unix=False, helo_replies=False):
+    def __init__(self, unix=False, helo_replies=False, rcpt_rej=False):
         self.dir = Path(tempfile.mkdtemp(prefix="milter-"))
         os.chmod(self.dir, 0o755)
         self.port = h.free_port()
@@ -84,7 +85,8 @@ class PyMilterPeer:
         self.proc = subprocess.Popen(
             [PY, str(HERE / "milter_peer.py"),
              f"unix:{self.unix}" if self.unix else str(self.port), str(self.plan_file),
-             str(self.events_file)] + (["helo-replies"] if helo_replies else []),
+             str(self.events_file)] + (["helo-replies"] if helo_replies else [])
+            + (["rcpt-rej"] if rcpt_rej else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.unix:
             h.wait_for(self.unix.exists, 20, what="the milter's socket")
@@ -715,3 +717,290 @@ def test_tls_macros_at_helo(make_postern, sink, test_milter, tmp_path):
     assert tls, helos
     assert tls[-1]["macros"]["{tls_version}"].startswith("TLSv1."), tls
     assert tls[-1]["macros"].get("{cipher}") and tls[-1]["macros"].get("{cipher_bits}"), tls
+
+
+# --------------------------------------------------------------------------
+# macros, as Postfix sends them
+
+
+def by_conn(events):
+    """The events of each milter connection, in order of their first."""
+    conns = {}
+    for e in events:
+        conns.setdefault(e["conn"], []).append(e)
+    return list(conns.values())
+
+
+def stage_macros(events, stage, nth=0):
+    got = [e for e in events if e["stage"] == stage]
+    return got[nth]["macros"] if len(got) > nth else None
+
+
+def normal(macros, host):
+    """Macro values with the MTA's own names and the values that differ
+    by nature (queue id, client port, version) made comparable."""
+    out = {}
+    for k, v in (macros or {}).items():
+        if k in ("i", "{client_port}"):
+            v = "SET" if v else ""
+        elif k == "v":
+            v = "VERSION"
+        elif k in ("_", "{client_name}"):
+            # The client's name is the resolver's (Postfix here finds
+            # "localhost" for 127.0.0.1 in /etc/hosts).
+            v = re.sub(r"^(localhost|unknown)\b", "NAME", v)
+        else:
+            v = v.replace(host, "HOST")
+        out[k] = v
+    return out
+
+
+MACRO_STAGES = ("connect", "helo", "mail", "rcpt", "data", "eoh", "eom")
+
+
+def test_macros_as_postfix(make_postern, sink, postfix_peer, tmp_path):
+    """The same session through a private Postfix and through Postern,
+    with the same milter (asking for rejected recipients, SMFIP_RCPT_REJ):
+    every macro of the default milter_*_macros reaches the milter with
+    Postfix's value at each stage ({mail_host}, {mail_mailer},
+    {rcpt_host}, {rcpt_mailer}, {daemon_addr} ...), and a recipient the
+    MTA refused is shown with {rcpt_mailer} error, {rcpt_host} the
+    enhanced status code and {rcpt_addr} the reply text. A macro named in
+    a milter_*_macros list that neither MTA knows gets its
+    milter_macro_defaults value."""
+    m = PyMilterPeer(rcpt_rej=True)
+    try:
+        access = tmp_path / "rcpt_access"
+        access.write_text("bad@remote.example 550 5.1.1 No such user here\n")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(access, 0o644)
+        common = {"smtpd_milters": m.name, "smtpd_error_sleep_time": "0",
+                  "relayhost": f"[127.0.0.1]:{sink.port}",
+                  "smtpd_recipient_restrictions":
+                      f"check_recipient_access texthash:{access}, permit_mynetworks, "
+                      "reject_unauth_destination",
+                  # A macro neither MTA has a value for gets its default.
+                  "milter_macro_defaults": "{ test_default = two words }",
+                  "milter_connect_macros": "j {daemon_name} {daemon_addr} v _ {test_default}"}
+        far = postfix_peer(params=dict(common))
+        p = make_postern(dict(common))
+        results = {}
+        for name, port, host in (("postfix", far.port, "mx.far.test"),
+                                 ("postern", p.port, "postern.test")):
+            m.plan()
+            tok = token()
+            c = h.RawSmtp(port)
+            try:
+                c.reply()
+                c.cmd("EHLO client.example")
+                assert c.cmd(f"MAIL FROM:<{SENDER}>")[-1].startswith("250"), name
+                assert c.cmd("RCPT TO:<bad@remote.example>") == [
+                    "550 5.1.1 <bad@remote.example>: Recipient address rejected: "
+                    "No such user here"], name
+                assert c.cmd(f"RCPT TO:<{RCPT}>")[-1].startswith("250"), name
+                assert c.cmd("DATA")[-1].startswith("354"), name
+                c.send(message(tok) + b".\r\n")
+                assert c.reply()[-1].startswith("250"), name
+                c.cmd("QUIT")
+            finally:
+                c.close()
+            h.wait_for(lambda: "eom" in m.stages(), 30, what=f"the end of message ({name})")
+            time.sleep(0.5)
+            results[name] = (by_conn(m.events()), host)
+        (pf_conns, pf_host), (pt_conns, pt_host) = results["postfix"], results["postern"]
+        # Postfix: one milter connection (smtpd's, handed to cleanup).
+        # Postern: smtpd's for the SMTP stages, cleanup's for the content.
+        pf = pf_conns[0]
+        pt_smtpd = pt_conns[0]
+        pt_cleanup = [c for c in pt_conns if any(e["stage"] == "eom" for e in c)][-1]
+        diffs = []
+        for stage in MACRO_STAGES:
+            ours_ev = pt_smtpd if stage in ("connect", "helo", "mail", "rcpt", "data") \
+                else pt_cleanup
+            theirs = normal(stage_macros(pf, stage), pf_host)
+            ours = normal(stage_macros(ours_ev, stage), pt_host)
+            if ours != theirs:
+                diffs.append((stage, ours, theirs))
+        assert diffs == [], "\n".join(map(repr, diffs))
+        # The refused recipient, then the accepted one.
+        pf_rcpts = [(e["args"][0], normal(e["macros"], pf_host)) for e in pf
+                    if e["stage"] == "rcpt"]
+        pt_rcpts = [(e["args"][0], normal(e["macros"], pt_host)) for e in pt_smtpd
+                    if e["stage"] == "rcpt"]
+        assert pt_rcpts == pf_rcpts, (pt_rcpts, pf_rcpts)
+        assert pf_rcpts[0][1]["{rcpt_mailer}"] == "error", pf_rcpts
+        assert stage_macros(pf, "connect").get("{test_default}") == "two words", pf
+        # cleanup's replay shows the same values as smtpd's stages (and
+        # the queue ID, which smtpd has only after the first recipient).
+        for stage in ("connect", "mail"):
+            replayed = normal(stage_macros(pt_cleanup, stage), pt_host)
+            replayed.pop("i", None)
+            assert replayed == normal(stage_macros(pt_smtpd, stage), pt_host), stage
+        replay_rcpt = [e for e in pt_cleanup if e["stage"] == "rcpt"]
+        assert [e["args"][0] for e in replay_rcpt] == [f"<{RCPT}>"], replay_rcpt
+        replayed = normal(replay_rcpt[0]["macros"], pt_host)
+        replayed.pop("i", None)
+        assert replayed == pt_rcpts[1][1], (replay_rcpt, pt_rcpts)
+    finally:
+        m.stop()
+
+
+def test_client_certificate_macros(make_postern, sink, test_milter, tmp_path):
+    """With smtpd_tls_ask_ccert, a client certificate gives
+    {cert_subject} and {cert_issuer} (their CNs, as Postfix's peer_CN and
+    issuer_CN) at HELO after STARTTLS, on smtpd's milter connection and in
+    cleanup's replay of the session."""
+    import ssl
+    from postfix_peer import TestCA
+    ca = TestCA(tmp_path / "ca", names=["client.example"], cn="Milter Test CA")
+    os.chmod(ca.key_file, 0o644)  # smtpd reads it after dropping privileges
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           smtpd_tls_security_level="may", smtpd_tls_cert_file=str(ca.cert_file),
+                           smtpd_tls_key_file=str(ca.key_file), smtpd_tls_ask_ccert="yes"))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(ca.cert_file), str(ca.key_file))
+    tok = token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.starttls(context=ctx)
+        s.ehlo("client.example")
+        code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok))
+        assert code == 250, text
+    sink.wait_for(tok)
+    # smtpd's connection and cleanup's (not the harness's start probe).
+    conns = [c for c in by_conn(test_milter.events()) if any(e["stage"] == "mail" for e in c)]
+    assert len(conns) == 2, conns
+    for c in conns:
+        helos = [e for e in c if e["stage"] == "helo" and "{cert_subject}" in e["macros"]]
+        assert helos, c
+        assert helos[-1]["macros"]["{cert_subject}"] == "client.example", helos
+        assert helos[-1]["macros"]["{cert_issuer}"] == "Milter Test CA", helos
+        assert helos[-1]["macros"]["{tls_version}"].startswith("TLSv1."), helos
+
+
+def test_auth_macros(make_postern, sink, test_milter, dovecot):
+    """An authenticated client: {auth_type} and {auth_authen}, and MAIL
+    FROM's AUTH= address as {auth_author}, at MAIL."""
+    dc = dovecot(users={"user@example.test": "pw"})
+    p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                           smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
+                           smtpd_sasl_path=str(dc.auth_socket)))
+    tok = token()
+    with p.smtp() as s:
+        s.ehlo("client.example")
+        s.user, s.password = "user@example.test", "pw"
+        code, _ = s.auth("PLAIN", s.auth_plain)
+        assert code == 235
+        code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok),
+                                        mail_options=["AUTH=author@example.test"])
+        assert code == 250, text
+    sink.wait_for(tok)
+    conns = [c for c in by_conn(test_milter.events()) if any(e["stage"] == "mail" for e in c)]
+    assert len(conns) == 2, conns
+    for c in conns:
+        mail = stage_macros(c, "mail")
+        assert mail.get("{auth_type}") == "PLAIN", mail
+        assert mail.get("{auth_authen}") == "user@example.test", mail
+        assert mail.get("{auth_author}") == "author@example.test", mail
+
+
+def test_added_recipients_are_aliased_as_postfix(make_postern, sink, test_milter,
+                                                 postfix_peer, tmp_path):
+    """A recipient a milter adds goes through virtual_alias_maps, in
+    Postfix and in Postern alike."""
+    aliases = tmp_path / "virtual"
+    aliases.write_text("alias@remote.example one@remote.example, two@remote.example\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(aliases, 0o644)
+    test_milter.plan(edits=[["addrcpt", "<alias@remote.example>"]])
+    common = {"smtpd_milters": test_milter.name, "smtpd_error_sleep_time": "0",
+              "relayhost": f"[127.0.0.1]:{sink.port}",
+              "virtual_alias_maps": f"texthash:{aliases}"}
+    far = postfix_peer(params=dict(common))
+    p = make_postern(dict(common))
+    got = {}
+    for name, port in (("postfix", far.port), ("postern", p.port)):
+        tok = token()
+        assert dialogue(None, message(tok), port=port)[:2] == ("END", 250), name
+        sink.wait_for(tok, timeout=30)
+        time.sleep(1)
+        got[name] = sorted(r for m in sink.find(tok) for r in m.rcpt_tos)
+    assert got["postern"] == got["postfix"], got
+    assert got["postern"] == sorted([RCPT, "one@remote.example", "two@remote.example"]), got
+
+
+def test_milter_header_checks_as_postfix(make_postern, sink, test_milter, postfix_peer,
+                                         tmp_path):
+    """milter_header_checks inspects the headers a milter adds or
+    changes, and only those: IGNORE removes one, REDIRECT sends the message
+    elsewhere; a header of the message itself that the same rule matches
+    stays; after REDIRECT no more headers are looked at. As in Postfix."""
+    checks = tmp_path / "milter_header_checks"
+    checks.write_text("/^X-Spam-Flag: YES/ REDIRECT spam@remote.example\n"
+                      "/^X-Drop-Me:/ IGNORE\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(checks, 0o644)
+    common = {"smtpd_milters": test_milter.name, "smtpd_error_sleep_time": "0",
+              "relayhost": f"[127.0.0.1]:{sink.port}",
+              "milter_header_checks": f"regexp:{checks}"}
+    far = postfix_peer(params=dict(common))
+    p = make_postern(dict(common))
+    results = {}
+    for flag in ("NO", "YES"):
+        test_milter.plan(edits=[["addheader", "X-Spam-Flag", flag],
+                                ["addheader", "X-Drop-Me", "milter"]])
+        for name, port in (("postfix", far.port), ("postern", p.port)):
+            tok = token()
+            data = message(tok, [("X-Drop-Me", "original")])
+            assert dialogue(None, data, port=port)[:2] == ("END", 250), name
+            m = sink.wait_for(tok, timeout=30)[0]
+            headers = h.unfold(m.headers)
+            results[(flag, name)] = (
+                sorted(m.rcpt_tos),
+                re.findall(r"^X-Drop-Me: .*$", headers, re.M),
+                re.findall(r"^X-Spam-Flag: .*$", headers, re.M))
+    for flag in ("NO", "YES"):
+        assert results[(flag, "postern")] == results[(flag, "postfix")], results
+    assert results[("NO", "postern")] == ([RCPT], ["X-Drop-Me: original"],
+                                          ["X-Spam-Flag: NO"]), results
+    assert results[("YES", "postern")] == (["spam@remote.example"],
+                                           ["X-Drop-Me: original", "X-Drop-Me: milter"],
+                                           ["X-Spam-Flag: YES"]), results
+
+
+def test_smtpd_milter_maps(make_postern, sink, test_milter, tmp_path):
+    """smtpd_milter_maps by client address: DISABLE turns the milters
+    off for 127.0.0.2 (smtpd's stages and cleanup's alike), another
+    milter list replaces smtpd_milters for 127.0.0.3, and other clients
+    keep smtpd_milters."""
+    other = PyMilterPeer()
+    try:
+        test_milter.plan(edits=[["addheader", "X-First", "yes"]])
+        other.plan(edits=[["addheader", "X-Second", "yes"]])
+        table = tmp_path / "milter_map"
+        table.write_text(f"127.0.0.2/32 DISABLE\n"
+                         f"127.0.0.3/32 {{ {other.name}, default_action=tempfail }}\n")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(table, 0o644)
+        p = make_postern(relay(sink, smtpd_milters=test_milter.name,
+                               smtpd_milter_maps=f"cidr:{table}",
+                               mynetworks="127.0.0.0/8"))
+        seen = {}
+        for src in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            test_milter.plan(edits=[["addheader", "X-First", "yes"]])
+            other.plan(edits=[["addheader", "X-Second", "yes"]])
+            tok = token()
+            with p.smtp(source_address=(src, 0)) as s:
+                s.ehlo("client.example")
+                code, text = h.smtp_transaction(s, SENDER, [RCPT], message(tok))
+                assert code == 250, (src, text)
+            m = sink.wait_for(tok)[0]
+            seen[src] = (b"X-First: yes" in m.content, b"X-Second: yes" in m.content,
+                         bool(test_milter.events()), bool(other.events()))
+        assert seen == {"127.0.0.1": (True, False, True, False),
+                        "127.0.0.2": (False, False, False, False),
+                        "127.0.0.3": (False, True, False, True)}, seen
+    finally:
+        other.stop()

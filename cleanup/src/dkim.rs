@@ -21,8 +21,13 @@
 //!
 //! Keys: every key file `dkim_signing_table` names is read while cleanup
 //! is still root (0600 files, like smtpd's TLS keys); RSA (PKCS#1 or
-//! PKCS#8 PEM) signs with rsa-sha256, Ed25519 (PKCS#8) with
-//! ed25519-sha256 (RFC 8463); relaxed/relaxed. DNS for the checks goes
+//! PKCS#8) signs with rsa-sha256, Ed25519 with ed25519-sha256 (RFC
+//! 8463); relaxed/relaxed. A key file is PEM (what `postern dkim-keygen`
+//! and opendkim-genkey write, and the one form OpenDKIM 2.11 reads for
+//! Ed25519), binary DER (which OpenDKIM also reads), or for Ed25519 the
+//! raw forms other DKIM signers keep: the base64 of the 32-byte seed
+//! (dkimpy's `dknewkey --ktype ed25519`) or of the 64-byte seed and
+//! public key (rspamd's `rspamadm dkim_keygen -t ed25519`). DNS for the checks goes
 //! through Postern's resolver (`dns_resolver_addresses` or
 //! /etc/resolv.conf), started at first use, after the privilege drop.
 //! The cryptography, canonicalization and the three checks are
@@ -475,9 +480,52 @@ enum Key {
     Ed25519(Ed25519Key),
 }
 
-/// A PEM private key: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8).
-fn parse_key(pem: &[u8]) -> Result<Key, String> {
-    let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("not a PEM key: {e}"))?;
+/// The PKCS#8 (v1, RFC 8410) form of an Ed25519 seed.
+fn ed25519_pkcs8(seed: &[u8]) -> Vec<u8> {
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(seed);
+    der
+}
+
+/// A private key file (see the module doc for its forms): RSA (PKCS#1
+/// or PKCS#8) or Ed25519.
+fn parse_key(data: &[u8]) -> Result<Key, String> {
+    let text = std::str::from_utf8(data).unwrap_or("").trim();
+    if text.starts_with("-----BEGIN") {
+        let der = PrivateKeyDer::from_pem_slice(data).map_err(|e| format!("not a PEM key: {e}"))?;
+        return parse_der(der);
+    }
+    if !text.is_empty() && !text.contains(char::is_whitespace) {
+        if let Some(raw) = postern_common::base64::decode(text) {
+            return match raw.len() {
+                32 => Ed25519Key::from_pkcs8_maybe_unchecked_der(&ed25519_pkcs8(&raw))
+                    .map(Key::Ed25519)
+                    .map_err(|e| format!("bad Ed25519 seed: {e}")),
+                64 => Ed25519Key::from_seed_and_public_key(&raw[..32], &raw[32..])
+                    .map(Key::Ed25519)
+                    .map_err(|e| format!("bad Ed25519 key (seed and public key): {e}")),
+                n => Err(format!(
+                    "base64 of {n} bytes: neither an Ed25519 seed (32) nor seed and public \
+                     key (64)"
+                )),
+            };
+        }
+    }
+    // Binary DER, PKCS#8 or PKCS#1 (OpenDKIM reads it too).
+    if data.first() == Some(&0x30) {
+        let p8 = PrivateKeyDer::Pkcs8(data.to_vec().into());
+        if let Ok(k) = parse_der(p8) {
+            return Ok(k);
+        }
+        return parse_der(PrivateKeyDer::Pkcs1(data.to_vec().into()));
+    }
+    Err("not a key: PEM, DER, or an Ed25519 seed in base64".into())
+}
+
+fn parse_der(der: PrivateKeyDer<'_>) -> Result<Key, String> {
     match &der {
         PrivateKeyDer::Pkcs8(p8) => {
             if let Ok(e) = Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
@@ -531,6 +579,18 @@ mod tests {
         );
         assert_eq!(client_ip("unknown[IPv6:::1]"), Some("::1".parse().unwrap()));
         assert_eq!(client_ip("local"), None);
+    }
+
+    #[test]
+    fn raw_ed25519_keys() {
+        let seed = postern_common::base64::encode(&[7u8; 32]);
+        assert!(matches!(parse_key(seed.as_bytes()), Ok(Key::Ed25519(_))));
+        // Seed and a public key that is not its own: refused.
+        let wrong = postern_common::base64::encode(&[7u8; 64]);
+        assert!(parse_key(wrong.as_bytes()).is_err());
+        let short = postern_common::base64::encode(&[7u8; 10]);
+        assert!(parse_key(short.as_bytes()).is_err());
+        assert!(parse_key(b"hello world").is_err());
     }
 
     #[test]

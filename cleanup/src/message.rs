@@ -1324,14 +1324,21 @@ impl<'a> Message<'a> {
 
     /// The milter list of the message's origin (none for notifications
     /// or with `no_milters`); Err: a list that cannot be used.
-    fn milter_list(&self) -> Result<Option<&'a postern_common::milter::Settings>, &'a String> {
+    fn milter_list(
+        &self,
+    ) -> Result<Option<std::borrow::Cow<'a, postern_common::milter::Settings>>, String> {
         let settings: &'a Settings = self.settings;
         if self.new.flags & (cleanup_flags::NOTIFICATION | cleanup_flags::NO_MILTERS) != 0 {
             Ok(None)
         } else if self.new.origin == "smtpd" {
-            settings.milters.smtpd.as_ref().map(Option::as_ref)
+            // smtpd_milter_maps: the list smtpd chose for this client.
+            let client = crate::milter::client_ip(&self.new.attrs);
+            settings.milters.for_smtpd_client(client)
         } else {
-            settings.milters.non_smtpd.as_ref().map(Option::as_ref)
+            match &settings.milters.non_smtpd {
+                Ok(o) => Ok(o.as_ref().map(std::borrow::Cow::Borrowed)),
+                Err(e) => Err(e.clone()),
+            }
         }
     }
 
@@ -1363,7 +1370,8 @@ impl<'a> Message<'a> {
             .read_back(self.envelope_at)
             .map_err(Refusal::write_error)?;
         let mut parts = crate::milter::Parts::read(records);
-        match crate::milter::inspect(list, &self.id, &mut parts, from_smtpd) {
+        let resolver = &self.settings.milters.resolver;
+        match crate::milter::inspect(&list, resolver, &self.id, &mut parts, from_smtpd) {
             crate::milter::Verdict::Refuse { temporary, reply } => {
                 info!(
                     "{}: milter-{}: END-OF-MESSAGE from {}: {}",
@@ -1384,6 +1392,8 @@ impl<'a> Message<'a> {
                 Ok(())
             }
             crate::milter::Verdict::Accept => {
+                self.milter_recipients(&mut parts)?;
+                self.milter_header_checks(&mut parts)?;
                 if let Some(q) = parts.quarantine.take() {
                     info!("{}: milter-hold: END-OF-MESSAGE: {q}", self.id);
                     self.hold = Some(q);
@@ -1409,6 +1419,140 @@ impl<'a> Message<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Recipients the milters added go through `virtual_alias_maps`, as
+    /// in Postfix (not canonical mapping: they are taken as final
+    /// addresses); duplicates of recipients already there are dropped.
+    fn milter_recipients(&mut self, parts: &mut crate::milter::Parts) -> Result<(), Refusal> {
+        let added = std::mem::take(&mut parts.added);
+        for r in added {
+            let a = self.settings.local_rewrite(&r.address);
+            let expanded = if self.mappings() {
+                self.settings
+                    .rewriter
+                    .virtual_alias(&a)
+                    .map_err(|e| match e {
+                        AliasError::Limit(reason) => Refusal {
+                            temporary: false,
+                            dsn: "5.4.6",
+                            reason,
+                        },
+                        AliasError::Lookup(e) => Refusal::lookup_failure(&self.id, &e, &a),
+                    })?
+            } else {
+                vec![a.clone()]
+            };
+            for address in expanded {
+                let new = Recipient {
+                    original: if address == a {
+                        String::new()
+                    } else {
+                        a.clone()
+                    },
+                    address,
+                    notify: r.notify,
+                    orcpt: r.orcpt.clone(),
+                };
+                let dup = parts.recipients.iter().any(|o| {
+                    o.address == new.address && o.original_or_address() == new.original_or_address()
+                });
+                if !dup {
+                    parts.recipients.push(new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `milter_header_checks` on the headers the milters added or
+    /// changed: header_checks(5) actions, as Postfix (PREPEND is not
+    /// carried out there either; after REDIRECT or DISCARD no header is
+    /// looked at). REDIRECT, BCC and FILTER change the envelope that is
+    /// written again with the milters' changes.
+    fn milter_header_checks(&mut self, parts: &mut crate::milter::Parts) -> Result<(), Refusal> {
+        let tables = &self.settings.milters.header_checks;
+        if tables.is_empty() || !self.checks_on() {
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < parts.headers.len() {
+            if !parts.from_milter.get(i).copied().unwrap_or(false) {
+                i += 1;
+                continue;
+            }
+            // One logical header, folded lines joined (as header_checks).
+            let text = String::from_utf8_lossy(&parts.headers[i])
+                .trim_end_matches(['\r', '\n'])
+                .replace(['\r', '\n'], "");
+            let action = match Action::lookup(tables, &text) {
+                Ok(a) => a,
+                Err(e) => return Err(Refusal::lookup_failure(&self.id, &e, &text)),
+            };
+            match action {
+                Action::Redirect(a) => {
+                    self.log_milter_check("redirect", &text, &a);
+                    let a = self.settings.local_rewrite(a.trim());
+                    parts.recipients = vec![Recipient::new(&a)];
+                    parts.changed = true;
+                    // As Postfix: no more checks after REDIRECT.
+                    return Ok(());
+                }
+                Action::Bcc(a) => {
+                    self.log_milter_check("bcc", &text, &a);
+                    let a = self.settings.local_rewrite(a.trim());
+                    parts.recipients.push(Recipient {
+                        notify: qfile::NOTIFY_NEVER,
+                        ..Recipient::new(&a)
+                    });
+                    parts.changed = true;
+                }
+                Action::Filter(f) => {
+                    self.log_milter_check("filter", &text, &f);
+                    parts.attrs.retain(|(n, _)| n != qfile::attr::FILTER);
+                    parts.attrs.push((qfile::attr::FILTER.to_string(), f));
+                    parts.changed = true;
+                }
+                Action::Prepend(_) => {}
+                other => match self.apply("header", &text, other) {
+                    Applied::Keep | Applied::Prepend(_) => {}
+                    Applied::Drop => {
+                        parts.headers.remove(i);
+                        parts.from_milter.remove(i);
+                        parts.changed = true;
+                        continue;
+                    }
+                    Applied::Replace(t) => {
+                        if headers::header_name(t.as_bytes()).is_some() {
+                            parts.headers[i] = format!("{t}\n").into_bytes();
+                        } else {
+                            parts.headers.remove(i);
+                            parts.from_milter.remove(i);
+                            parts.changed = true;
+                            continue;
+                        }
+                        parts.changed = true;
+                    }
+                },
+            }
+            if let Some(r) = self.refused.take() {
+                return Err(r);
+            }
+            if self.discard.is_some() {
+                // As Postfix: no more checks after DISCARD.
+                return Ok(());
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn log_milter_check(&self, word: &str, text: &str, arg: &str) {
+        let shown: String = text.chars().take(200).collect();
+        info!(
+            "{}: {word}: header {shown} from {}; from=<{}>: {arg}",
+            self.id, self.new.origin, self.new.sender
+        );
     }
 
     /// Signs the message as the milters left it: the signing table is

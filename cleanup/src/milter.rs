@@ -26,6 +26,14 @@ use std::io;
 pub struct Settings {
     pub smtpd: Result<Option<milter::Settings>, String>,
     pub non_smtpd: Result<Option<milter::Settings>, String>,
+    /// `smtpd_milter_maps` (by the SMTP client's address, as smtpd looks
+    /// it up), with the settings its answers are read with.
+    pub smtpd_maps: Option<(postern_common::maps::Tables, milter::Settings)>,
+    /// `milter_header_checks`: header_checks(5) on the headers milters
+    /// add or change.
+    pub header_checks: postern_common::maps::Tables,
+    /// For `{mail_host}`, `{mail_mailer}`, `{rcpt_host}`, `{rcpt_mailer}`.
+    pub resolver: postern_common::resolve::Resolver,
 }
 
 impl Settings {
@@ -38,11 +46,70 @@ impl Settings {
                 Err(e)
             }
         };
+        let open = |name: &str| {
+            let (t, errors) = postern_common::maps::Tables::open_list(&cfg.get(name));
+            for e in errors {
+                postern_common::warning!("{name}: {e}");
+            }
+            t
+        };
+        let maps = cfg.get("smtpd_milter_maps");
+        let smtpd_maps = if maps.trim().is_empty() {
+            None
+        } else {
+            milter::Settings::from_config(cfg, "smtpd_milters")
+                .ok()
+                .map(|base| (open("smtpd_milter_maps"), base))
+        };
         Settings {
             smtpd: read("smtpd_milters"),
             non_smtpd: read("non_smtpd_milters"),
+            smtpd_maps,
+            header_checks: open("milter_header_checks"),
+            resolver: postern_common::resolve::Resolver::new(cfg),
         }
     }
+
+    /// The milters of mail from smtpd whose client is `client`
+    /// (`smtpd_milter_maps` as smtpd asked it, else `smtpd_milters`).
+    pub fn for_smtpd_client(
+        &self,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Option<std::borrow::Cow<'_, milter::Settings>>, String> {
+        let default = || {
+            self.smtpd
+                .as_ref()
+                .map(|o| o.as_ref().map(std::borrow::Cow::Borrowed))
+                .map_err(Clone::clone)
+        };
+        let (Some((maps, base)), Some(ip)) = (&self.smtpd_maps, client) else {
+            return default();
+        };
+        match maps.lookup(&ip.to_string()) {
+            Ok(None) => default(),
+            Ok(Some(v)) if v.trim().eq_ignore_ascii_case("DISABLE") => Ok(None),
+            Ok(Some(v)) => match base.with_list(&v, "smtpd_milter_maps") {
+                Ok(s) if s.milters.is_empty() => Ok(None),
+                Ok(s) => Ok(Some(std::borrow::Cow::Owned(s))),
+                Err(e) => {
+                    postern_common::warning!("smtpd_milter_maps: {ip}: {e}");
+                    default()
+                }
+            },
+            Err(e) => {
+                postern_common::warning!("smtpd_milter_maps: {ip}: {e}");
+                default()
+            }
+        }
+    }
+}
+
+/// The SMTP client's address of the `client` attribute ("name[addr]").
+pub fn client_ip(attrs: &[(String, String)]) -> Option<std::net::IpAddr> {
+    let c = attrs.iter().rev().find(|(n, _)| n == attr::CLIENT)?;
+    let (_, rest) = c.1.rsplit_once('[')?;
+    let addr = rest.trim_end_matches(']');
+    addr.strip_prefix("IPv6:").unwrap_or(addr).parse().ok()
 }
 
 /// What the milters decided.
@@ -63,6 +130,12 @@ pub struct Parts {
     pub recipients: Vec<Recipient>,
     /// Header texts as stored ("Name: value\n" with continuation lines).
     pub headers: Vec<Vec<u8>>,
+    /// Beside `headers`: the header was added or changed by a milter
+    /// (for `milter_header_checks`).
+    pub from_milter: Vec<bool>,
+    /// Recipients the milters added, not yet in `recipients`: they go
+    /// through virtual alias expansion first (the caller's).
+    pub added: Vec<Recipient>,
     pub body: Vec<u8>,
     pub quarantine: Option<String>,
     /// A modification was applied: the file is written again.
@@ -76,6 +149,8 @@ impl Parts {
             attrs: Vec::new(),
             recipients: Vec::new(),
             headers: Vec::new(),
+            from_milter: Vec::new(),
+            added: Vec::new(),
             body: Vec::new(),
             quarantine: None,
             changed: false,
@@ -119,6 +194,7 @@ impl Parts {
             at = end;
         }
         p.body = content[at..].to_vec();
+        p.from_milter = vec![false; p.headers.len()];
         p
     }
 
@@ -181,14 +257,26 @@ fn client(p: &Parts) -> (String, Option<std::net::IpAddr>) {
 
 /// Runs the milters over the message. `from_smtpd`: smtpd's list, else
 /// the non-SMTP one (whose connect and HELO are "localhost").
-pub fn inspect(settings: &milter::Settings, id: &str, p: &mut Parts, from_smtpd: bool) -> Verdict {
+pub fn inspect(
+    settings: &milter::Settings,
+    resolver: &postern_common::resolve::Resolver,
+    id: &str,
+    p: &mut Parts,
+    from_smtpd: bool,
+) -> Verdict {
     let mut chain = Chain::open(settings.clone());
-    let verdict = run(&mut chain, id, p, from_smtpd);
+    let verdict = run(&mut chain, resolver, id, p, from_smtpd);
     chain.quit();
     verdict
 }
 
-fn run(chain: &mut Chain, id: &str, p: &mut Parts, from_smtpd: bool) -> Verdict {
+fn run(
+    chain: &mut Chain,
+    resolver: &postern_common::resolve::Resolver,
+    id: &str,
+    p: &mut Parts,
+    from_smtpd: bool,
+) -> Verdict {
     let sets = chain.settings.macros.clone();
     let (mut cname, mut caddr) = client(p);
     if !from_smtpd || caddr.is_none() {
@@ -221,7 +309,12 @@ fn run(chain: &mut Chain, id: &str, p: &mut Parts, from_smtpd: bool) -> Verdict 
             .find(|(k, _)| k == n)
             .map(|(_, v)| v.clone())
     };
+    let mail_route = milter::route_macros(resolver, "mail", &sender);
+    let rcpt_route = RefCell::new(Vec::new());
     let value = |name: &str| -> Option<String> {
+        let routed = |list: &[(String, String)]| {
+            list.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        };
         match name {
             "i" => Some(id.to_string()),
             "j" => Some(myhostname.clone()),
@@ -235,7 +328,12 @@ fn run(chain: &mut Chain, id: &str, p: &mut Parts, from_smtpd: bool) -> Verdict 
             "auth_authen" => get_attr(attr::SASL_USERNAME),
             "auth_author" => get_attr(attr::SASL_SENDER),
             "mail_addr" => Some(sender.clone()),
+            "mail_host" | "mail_mailer" => routed(&mail_route),
             "rcpt_addr" => Some(rcpt_now.borrow().clone()),
+            "rcpt_host" | "rcpt_mailer" => routed(&rcpt_route.borrow()),
+            // What smtpd's session knew (server address, TLS, client
+            // certificate): recorded for this replay.
+            _ if from_smtpd => get_attr(&format!("{}{name}", attr::MILTER_MACRO_PREFIX)),
             _ => None,
         }
     };
@@ -253,6 +351,7 @@ fn run(chain: &mut Chain, id: &str, p: &mut Parts, from_smtpd: bool) -> Verdict 
             break;
         }
         *rcpt_now.borrow_mut() = r.address.clone();
+        *rcpt_route.borrow_mut() = milter::route_macros(resolver, "rcpt", &r.address);
         outcome = chain.stage(Scope::Message, |m| m.rcpt(&r.address, &[], &sets, &value));
     }
     if outcome == Outcome::Continue {
@@ -328,10 +427,14 @@ pub fn apply(p: &mut Parts, edits: Vec<Edit>) {
     p.changed |= edits.iter().any(|e| !matches!(e, Edit::Quarantine(_)));
     for e in edits {
         match e {
-            Edit::AddHeader(n, v) => p.headers.push(header_text(&n, &v)),
+            Edit::AddHeader(n, v) => {
+                p.headers.push(header_text(&n, &v));
+                p.from_milter.push(true);
+            }
             Edit::InsertHeader(i, n, v) => {
                 let at = (i as usize).min(p.headers.len());
                 p.headers.insert(at, header_text(&n, &v));
+                p.from_milter.insert(at, true);
             }
             Edit::ChangeHeader(i, n, v) => {
                 let i = i.max(1) as usize;
@@ -345,18 +448,26 @@ pub fn apply(p: &mut Parts, edits: Vec<Edit>) {
                 match (found, v.is_empty()) {
                     (Some(at), true) => {
                         p.headers.remove(at);
+                        p.from_milter.remove(at);
                     }
-                    (Some(at), false) => p.headers[at] = header_text(&n, &v),
-                    (None, false) => p.headers.push(header_text(&n, &v)),
+                    (Some(at), false) => {
+                        p.headers[at] = header_text(&n, &v);
+                        p.from_milter[at] = true;
+                    }
+                    (None, false) => {
+                        p.headers.push(header_text(&n, &v));
+                        p.from_milter.push(true);
+                    }
                     (None, true) => {}
                 }
             }
             Edit::AddRcpt(a, args) => {
                 let a = milter::bare_address(&a);
-                p.recipients.push(rcpt_with_args(&a, args.as_deref()));
+                p.added.push(rcpt_with_args(&a, args.as_deref()));
             }
             Edit::DelRcpt(a) => {
                 let a = milter::bare_address(&a);
+                p.added.retain(|r| !r.address.eq_ignore_ascii_case(&a));
                 p.recipients.retain(|r| {
                     !r.address.eq_ignore_ascii_case(&a)
                         && !r.original_or_address().eq_ignore_ascii_case(&a)
@@ -418,9 +529,12 @@ mod tests {
                 b"X-A: 1\n".to_vec()
             ]
         );
-        assert_eq!(p.recipients.len(), 1);
-        assert_eq!(p.recipients[0].address, "c@z");
-        assert_eq!(p.recipients[0].notify, qfile::NOTIFY_NEVER);
+        // Added recipients wait for virtual alias expansion.
+        assert!(p.recipients.is_empty());
+        assert_eq!(p.added.len(), 1);
+        assert_eq!(p.added[0].address, "c@z");
+        assert_eq!(p.added[0].notify, qfile::NOTIFY_NEVER);
+        assert_eq!(p.from_milter, vec![true, true, false]);
         assert_eq!(p.sender, "d@w");
         assert_eq!(p.body, b"new\nbody\n");
     }

@@ -116,6 +116,13 @@ pub mod attr {
     /// policy that would refuse it (level `may` instead). Recorded by
     /// cleanup from the header.
     pub const TLS_REQUIRED: &str = "tls_required";
+    /// `milter_macro.NAME`: a milter macro value of smtpd's session that
+    /// cleanup's own milter connection cannot know otherwise
+    /// (`{daemon_addr}`, `{tls_version}`, `{cipher}`, `{cipher_bits}`,
+    /// `{cert_subject}`, `{cert_issuer}`), recorded by smtpd when it has
+    /// milters and sent again by cleanup when it replays the connect and
+    /// HELO stages.
+    pub const MILTER_MACRO_PREFIX: &str = "milter_macro.";
 }
 
 /// One envelope recipient.

@@ -26,6 +26,11 @@ pub struct ClientCert {
     pub pkey_fingerprint: String,
     /// It chains to a CA of `smtpd_tls_CAfile`.
     pub trusted: bool,
+    /// The subject's and the issuer's common name (the issuer's
+    /// organization when it has no CN), as Postfix's `peer_CN` and
+    /// `issuer_CN` (the milter macros `{cert_subject}`, `{cert_issuer}`).
+    pub subject_cn: String,
+    pub issuer_cn: String,
 }
 
 /// The digests `smtpd_tls_fingerprint_digest` may name here.
@@ -93,6 +98,71 @@ pub fn spki(cert: &[u8]) -> Option<&[u8]> {
         index += 1;
     }
     None
+}
+
+/// The issuer and subject Names (DER) of a certificate: the third and
+/// fifth elements of tbsCertificate after the optional `[0]` version.
+fn issuer_and_subject(cert: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (_, _, h) = der_element(cert)?;
+    let tbs_all = &cert[h..];
+    let (_, tbs_len, tbs_head) = der_element(tbs_all)?;
+    let mut rest = &tbs_all[tbs_head..tbs_len];
+    let mut index = 0;
+    let mut issuer = None;
+    while !rest.is_empty() {
+        let (tag, len, _) = der_element(rest)?;
+        if index == 0 && tag != 0xa0 {
+            index = 1;
+        }
+        match index {
+            3 => issuer = Some(&rest[..len]),
+            5 => return Some((issuer?, &rest[..len])),
+            _ => {}
+        }
+        rest = &rest[len..];
+        index += 1;
+    }
+    None
+}
+
+/// The last attribute of type `oid` (DER content of the OID) in a Name:
+/// SEQUENCE OF SET OF SEQUENCE { type, value }.
+fn name_attribute(name: &[u8], oid: &[u8]) -> Option<String> {
+    let (_, len, head) = der_element(name)?;
+    let mut rdns = &name[head..len];
+    let mut found = None;
+    while !rdns.is_empty() {
+        let (_, set_len, set_head) = der_element(rdns)?;
+        let mut atvs = &rdns[set_head..set_len];
+        while !atvs.is_empty() {
+            let (_, atv_len, atv_head) = der_element(atvs)?;
+            let atv = &atvs[atv_head..atv_len];
+            let (otag, olen, ohead) = der_element(atv)?;
+            if otag == 0x06 && &atv[ohead..olen] == oid {
+                let v = &atv[olen..];
+                let (_, vlen, vhead) = der_element(v)?;
+                found = Some(String::from_utf8_lossy(&v[vhead..vlen]).into_owned());
+            }
+            atvs = &atvs[atv_len..];
+        }
+        rdns = &rdns[set_len..];
+    }
+    found
+}
+
+const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
+const OID_O: &[u8] = &[0x55, 0x04, 0x0a];
+
+/// The subject's CN and the issuer's CN (else O) of a certificate.
+pub fn peer_and_issuer_cn(cert: &[u8]) -> (String, String) {
+    let Some((issuer, subject)) = issuer_and_subject(cert) else {
+        return (String::new(), String::new());
+    };
+    let subject_cn = name_attribute(subject, OID_CN).unwrap_or_default();
+    let issuer_cn = name_attribute(issuer, OID_CN)
+        .or_else(|| name_attribute(issuer, OID_O))
+        .unwrap_or_default();
+    (subject_cn, issuer_cn)
 }
 
 /// Asks for a client certificate and takes any, or none; the signature
@@ -190,7 +260,10 @@ pub fn client_cert(
         v.verify_client_cert(end, intermediates, UnixTime::now())
             .is_ok()
     });
+    let (subject_cn, issuer_cn) = peer_and_issuer_cn(end.as_ref());
     Some(ClientCert {
+        subject_cn,
+        issuer_cn,
         cert_fingerprint: fingerprint(alg, end.as_ref()),
         pkey_fingerprint: spki(end.as_ref())
             .map(|k| fingerprint(alg, k))

@@ -605,6 +605,9 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("milter_unknown_command_macros", ""),
     ("milter_macro_daemon_name", "$myhostname"),
     ("milter_macro_v", "$mail_name $mail_version"),
+    ("milter_macro_defaults", ""),
+    ("milter_header_checks", ""),
+    ("smtpd_milter_maps", ""),
     ("smtp_send_xforward_command", "no"),
     ("smtp_xforward_timeout", "300s"),
     // The smtp client's header and body checks (lmtp reads these too).

@@ -30,6 +30,10 @@ pub enum Stage {
     /// Sender and ESMTP parameters.
     Mail(String, Vec<String>),
     Rcpt(String, Vec<String>),
+    /// A recipient smtpd refused, with its parameters and smtpd's reply:
+    /// shown only to the milters that asked for it (SMFIP_RCPT_REJ);
+    /// their answer does not change the refusal.
+    RcptRejected(String, Vec<String>, String),
     Data,
     /// An unknown command line.
     Unknown(String),
@@ -84,6 +88,13 @@ impl Link {
             Stage::Rcpt(rcpt, params) => {
                 chain.stage(Scope::Message, |m| m.rcpt(rcpt, params, &sets, &value))
             }
+            Stage::RcptRejected(rcpt, params, _) => chain.stage(Scope::Message, |m| {
+                if m.wants_rejected_recipients() {
+                    m.rcpt(rcpt, params, &sets, &value)
+                } else {
+                    Ok(postern_common::milter::Reply::Continue)
+                }
+            }),
             Stage::Data => chain.stage(Scope::Message, |m| m.data(&sets, &value)),
             Stage::Unknown(line) => chain.stage(Scope::Session, |m| m.unknown(line, &sets, &value)),
         }

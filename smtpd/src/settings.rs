@@ -122,6 +122,12 @@ pub struct Settings {
     pub ehlo_discard_maps: Option<postern_common::maps::Tables>,
     /// `smtpd_milters` and the `milter_*` settings, when milters are set.
     pub milters: Option<Arc<postern_common::milter::Settings>>,
+    /// `smtpd_milter_maps` (by client address), with the `milter_*`
+    /// settings its answers are read with.
+    pub milter_maps: Option<(
+        postern_common::maps::Tables,
+        Arc<postern_common::milter::Settings>,
+    )>,
     /// `smtpd_proxy_filter` and its settings, when one is set.
     pub proxy: Option<Arc<crate::proxy::ProxySettings>>,
 }
@@ -164,6 +170,36 @@ impl TlsLevel {
 }
 
 impl Settings {
+    /// The milters of a session from `addr` (`smtpd_milter_maps`, else
+    /// `smtpd_milters`). A `DISABLE` answer: none. A table that cannot
+    /// answer, or an answer that is no milter list: `smtpd_milters`, with
+    /// a warning.
+    pub fn milters_for(
+        &self,
+        addr: std::net::IpAddr,
+    ) -> Option<Arc<postern_common::milter::Settings>> {
+        let Some((maps, base)) = &self.milter_maps else {
+            return self.milters.clone();
+        };
+        let key = addr.to_string();
+        match maps.lookup(&key) {
+            Ok(None) => self.milters.clone(),
+            Ok(Some(v)) if v.trim().eq_ignore_ascii_case("DISABLE") => None,
+            Ok(Some(v)) => match base.with_list(&v, "smtpd_milter_maps") {
+                Ok(s) if s.milters.is_empty() => None,
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    warning!("smtpd_milter_maps: {key}: {e}");
+                    self.milters.clone()
+                }
+            },
+            Err(e) => {
+                warning!("smtpd_milter_maps: {key}: {e}");
+                self.milters.clone()
+            }
+        }
+    }
+
     pub fn from_config(cfg: &Config) -> Result<Settings, String> {
         let e = |e: postern_conf::ConfError| e.to_string();
         let tls_level = TlsLevel::parse(&cfg.get("smtpd_tls_security_level"))?;
@@ -193,6 +229,20 @@ impl Settings {
             None
         };
         let restrictions = Restrictions::from_config(cfg)?;
+        // receive_override_options = no_milters (a content filter's
+        // reinjection smtpd): no milters at all.
+        let no_milters = postern_common::receive_override::ReceiveOverride::parse(
+            &cfg.get("receive_override_options"),
+        )
+        .is_ok_and(|r| r.cleanup_flags & postern_common::ipc::cleanup_flags::NO_MILTERS != 0);
+        let milter_settings = if no_milters {
+            None
+        } else {
+            Some(postern_common::milter::Settings::from_config(
+                cfg,
+                "smtpd_milters",
+            )?)
+        };
         Ok(Settings {
             myhostname: cfg.get("myhostname"),
             mail_name: cfg.get("mail_name"),
@@ -303,22 +353,22 @@ impl Settings {
                     t
                 })
             },
-            milters: match postern_common::milter::Settings::from_config(cfg, "smtpd_milters") {
-                Ok(s) if s.milters.is_empty() => None,
-                // receive_override_options = no_milters (a content
-                // filter's reinjection smtpd).
-                Ok(_)
-                    if postern_common::receive_override::ReceiveOverride::parse(
-                        &cfg.get("receive_override_options"),
-                    )
-                    .is_ok_and(|r| {
-                        r.cleanup_flags & postern_common::ipc::cleanup_flags::NO_MILTERS != 0
-                    }) =>
-                {
-                    None
+            milters: match &milter_settings {
+                Some(s) if !s.milters.is_empty() => Some(Arc::new(s.clone())),
+                _ => None,
+            },
+            milter_maps: {
+                let spec = cfg.get("smtpd_milter_maps");
+                match &milter_settings {
+                    Some(s) if !spec.trim().is_empty() => {
+                        let (t, errors) = postern_common::maps::Tables::open_list(&spec);
+                        for e in errors {
+                            warning!("smtpd_milter_maps: {e}");
+                        }
+                        Some((t, Arc::new(s.clone())))
+                    }
+                    _ => None,
                 }
-                Ok(s) => Some(Arc::new(s)),
-                Err(e) => return Err(e),
             },
             proxy: {
                 let spec = cfg.get("smtpd_proxy_filter");

@@ -64,12 +64,40 @@ pub struct MacroSets {
     pub eoh: Vec<String>,
     pub eom: Vec<String>,
     pub unknown: Vec<String>,
+    /// `milter_macro_defaults`: values for macros the MTA has no value
+    /// for (names without braces).
+    pub defaults: Vec<(String, String)>,
+}
+
+/// `milter_macro_defaults`: `name=value` or `{ name = value }` pairs,
+/// separated by commas or white space.
+pub fn parse_macro_defaults(v: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in postern_conf::split_braced(v, true) {
+        let inner = item
+            .strip_prefix('{')
+            .and_then(|i| i.strip_suffix('}'))
+            .unwrap_or(&item);
+        let (n, val) = inner
+            .split_once('=')
+            .ok_or_else(|| format!("milter_macro_defaults: missing '=' in '{item}'"))?;
+        let n = n.trim().trim_start_matches('{').trim_end_matches('}');
+        if n.is_empty() {
+            return Err(format!("milter_macro_defaults: empty name in '{item}'"));
+        }
+        out.push((n.to_string(), val.trim().to_string()));
+    }
+    Ok(out)
 }
 
 /// A milter list and the macro sets, read from the configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub milters: Vec<Spec>,
+    /// The settings of a milter named without its own (the `milter_*`
+    /// parameters), for another list of the same form
+    /// (`smtpd_milter_maps`, see [`Settings::with_list`]).
+    pub template: Spec,
     pub macros: MacroSets,
     /// `milter_macro_daemon_name`, `milter_macro_v`, `myhostname`.
     pub daemon_name: String,
@@ -126,16 +154,53 @@ impl Settings {
             .ok()
             .filter(|p| (2..=6).contains(p))
             .ok_or_else(|| format!("bad milter_protocol: {p}"))?;
+        let template = Spec {
+            name: String::new(),
+            connect_timeout,
+            command_timeout,
+            content_timeout,
+            default_action,
+            protocol,
+        };
+        let milters = parse_list(&cfg.get(list_param), list_param, &template)?;
+        let m = |name: &str| words(&cfg.get(name));
+        Ok(Settings {
+            milters,
+            template,
+            macros: MacroSets {
+                connect: m("milter_connect_macros"),
+                helo: m("milter_helo_macros"),
+                mail: m("milter_mail_macros"),
+                rcpt: m("milter_rcpt_macros"),
+                data: m("milter_data_macros"),
+                eoh: m("milter_end_of_header_macros"),
+                eom: m("milter_end_of_data_macros"),
+                unknown: m("milter_unknown_command_macros"),
+                defaults: parse_macro_defaults(&cfg.get("milter_macro_defaults"))?,
+            },
+            daemon_name: cfg.get("milter_macro_daemon_name"),
+            macro_v: cfg.get("milter_macro_v"),
+            myhostname: cfg.get("myhostname"),
+        })
+    }
+
+    /// The same settings with another milter list (an answer of
+    /// `smtpd_milter_maps`, in the form of `smtpd_milters`).
+    pub fn with_list(&self, list: &str, what: &str) -> Result<Settings, String> {
+        Ok(Settings {
+            milters: parse_list(list, what, &self.template)?,
+            ..self.clone()
+        })
+    }
+}
+
+/// A milter list (`smtpd_milters` form): each entry an address, or an
+/// address with its own settings in braces.
+fn parse_list(list: &str, list_param: &str, template: &Spec) -> Result<Vec<Spec>, String> {
+    {
         let mut milters = Vec::new();
-        for item in postern_conf::split_braced(&cfg.get(list_param), true) {
-            let mut spec = Spec {
-                name: String::new(),
-                connect_timeout,
-                command_timeout,
-                content_timeout,
-                default_action,
-                protocol,
-            };
+        for item in postern_conf::split_braced(list, true) {
+            let mut spec = template.clone();
             if let Some(inner) = item.strip_prefix('{').and_then(|i| i.strip_suffix('}')) {
                 let mut parts = inner.split(',').map(str::trim).filter(|s| !s.is_empty());
                 spec.name = parts.next().unwrap_or("").to_string();
@@ -169,23 +234,7 @@ impl Settings {
                 .ok_or_else(|| format!("{list_param}: bad milter address '{}'", spec.name))?;
             milters.push(spec);
         }
-        let m = |name: &str| words(&cfg.get(name));
-        Ok(Settings {
-            milters,
-            macros: MacroSets {
-                connect: m("milter_connect_macros"),
-                helo: m("milter_helo_macros"),
-                mail: m("milter_mail_macros"),
-                rcpt: m("milter_rcpt_macros"),
-                data: m("milter_data_macros"),
-                eoh: m("milter_end_of_header_macros"),
-                eom: m("milter_end_of_data_macros"),
-                unknown: m("milter_unknown_command_macros"),
-            },
-            daemon_name: cfg.get("milter_macro_daemon_name"),
-            macro_v: cfg.get("milter_macro_v"),
-            myhostname: cfg.get("myhostname"),
-        })
+        Ok(milters)
     }
 }
 
@@ -317,6 +366,8 @@ pub struct Milter {
     pub done_message: bool,
     /// Said SKIP to the body.
     skip_body: bool,
+    /// `milter_macro_defaults`.
+    pub macro_defaults: Vec<(String, String)>,
 }
 
 impl Milter {
@@ -340,6 +391,7 @@ impl Milter {
             done_session: false,
             done_message: false,
             skip_body: false,
+            macro_defaults: Vec::new(),
         };
         m.negotiate()?;
         Ok(m)
@@ -387,6 +439,12 @@ impl Milter {
         self.protocol & bit != 0
     }
 
+    /// The milter asked to see recipients the MTA refused
+    /// (SMFIP_RCPT_REJ).
+    pub fn wants_rejected_recipients(&self) -> bool {
+        self.has(pb::RCPT_REJ)
+    }
+
     /// Sends the macros of a stage (before its command).
     fn macros(
         &mut self,
@@ -402,7 +460,13 @@ impl Milter {
         let mut any = false;
         for n in &names {
             let bare = n.trim_start_matches('{').trim_end_matches('}');
-            if let Some(v) = value(bare) {
+            let v = value(bare).or_else(|| {
+                self.macro_defaults
+                    .iter()
+                    .find(|(k, _)| k == bare)
+                    .map(|(_, v)| v.clone())
+            });
+            if let Some(v) = v {
                 let shown = if bare.len() == 1 {
                     bare.to_string()
                 } else {
@@ -796,6 +860,46 @@ pub fn failure_reply(action: DefaultAction) -> Option<Reply> {
     }
 }
 
+/// The macros of a recipient the MTA refused, shown to a milter that
+/// asked for them (SMFIP_RCPT_REJ), as Postfix and Sendmail give them:
+/// `{rcpt_mailer}` is `error`, `{rcpt_host}` the enhanced status code and
+/// `{rcpt_addr}` the text after it and the address (from
+/// `550 5.1.1 <a@b>: Recipient address rejected: ...`).
+pub fn rejected_rcpt_macros(reply: &str) -> Vec<(String, String)> {
+    let mut m = vec![("rcpt_mailer".to_string(), "error".to_string())];
+    let rest = reply.get(4..).unwrap_or("");
+    let (dsn, after) = match rest.split_once(' ') {
+        Some((d, a)) => (d, Some(a)),
+        None => (rest, None),
+    };
+    m.push(("rcpt_host".into(), dsn.to_string()));
+    if let Some((_, text)) = after.and_then(|a| a.split_once(' ')) {
+        m.push(("rcpt_addr".into(), text.to_string()));
+    }
+    m
+}
+
+/// `{mail_mailer}`/`{mail_host}` or `{rcpt_mailer}`/`{rcpt_host}`
+/// (`prefix` `mail` or `rcpt`): the transport and next hop the address
+/// resolves to, as Postfix's trivial-rewrite gives them. Nothing for the
+/// null sender or an address the resolver cannot answer for now.
+pub fn route_macros(
+    resolver: &crate::resolve::Resolver,
+    prefix: &str,
+    address: &str,
+) -> Vec<(String, String)> {
+    if address.is_empty() {
+        return Vec::new();
+    }
+    match resolver.resolve(None, address) {
+        Ok(r) => vec![
+            (format!("{prefix}_mailer"), r.transport),
+            (format!("{prefix}_host"), r.nexthop),
+        ],
+        Err(_) => Vec::new(),
+    }
+}
+
 /// An address as a milter gives it: angle brackets removed.
 pub fn bare_address(a: &str) -> String {
     let a = a.trim();
@@ -883,7 +987,10 @@ impl Chain {
                 disabled: false,
             };
             match Milter::open(&spec) {
-                Ok(m) => slot.conn = Some(m),
+                Ok(mut m) => {
+                    m.macro_defaults = chain.settings.macros.defaults.clone();
+                    slot.conn = Some(m)
+                }
                 Err(e) => {
                     crate::warning!("milter {}: cannot connect: {e}", spec.name);
                     chain.failed(&mut slot);

@@ -87,9 +87,10 @@ pub mod proto_bits {
     pub const NR_EOH: u32 = 0x40000;
     pub const NR_BODY: u32 = 0x80000;
     pub const HDR_LEADSPC: u32 = 0x100000;
-    /// What Postern offers: every NO and NR bit, SKIP and HDR_LEADSPC
-    /// (not RCPT_REJ: rejected recipients are not shown to milters).
-    pub const OFFERED: u32 = 0x1f_ffff & !RCPT_REJ;
+    /// What Postern offers: every NO and NR bit, SKIP, HDR_LEADSPC and
+    /// RCPT_REJ (smtpd shows the recipients it refused to the milters
+    /// that ask for them).
+    pub const OFFERED: u32 = 0x1f_ffff;
 }
 
 /// SMFIM_*: the stages of a SETSYMLIST macro list.

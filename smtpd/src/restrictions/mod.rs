@@ -594,6 +594,11 @@ impl Restrictions {
         matches!(self.resolved(rcpt), Ok(Some(r)) if r.class.is_final())
     }
 
+    /// The one resolver (address classes, transports, next hops).
+    pub fn resolver(&self) -> Option<&Resolver> {
+        self.resolver.as_deref()
+    }
+
     /// The resolver's answer (None: no resolver); Err: a table could not
     /// answer, the caller answers 451 4.3.0.
     fn resolved(&self, rcpt: &str) -> Result<Option<Resolved>, String> {

@@ -318,6 +318,9 @@ impl Session {
         if let Some(s) = &tx.sasl_sender {
             attrs.push((attr::SASL_SENDER.to_string(), s.clone()));
         }
+        for (n, v) in self.milter_session_macros() {
+            attrs.push((format!("{}{n}", attr::MILTER_MACRO_PREFIX), v));
+        }
         let msg = NewMessage {
             sender: tx.sender.clone(),
             recipients: tx.recipients.clone(),

@@ -135,7 +135,7 @@ impl Session {
             self.error_count += 1;
             return;
         }
-        if self.cfg.milters.is_some() {
+        if self.milters.is_some() {
             let addr = self.client.port.map(|p| (self.client.addr, p));
             let ask = crate::milter::Ask {
                 stage: crate::milter::Stage::Connect(self.client.names.name.clone(), addr),

@@ -12,7 +12,7 @@ use postern_common::smtp_command::Verb;
 impl Session {
     /// The session's milter connections (made at the first question).
     pub fn milter_link(&mut self) -> Option<Link> {
-        let settings = self.cfg.milters.clone()?;
+        let settings = self.milters.clone()?;
         Some(
             self.milter
                 .get_or_insert_with(|| Link::new(settings))
@@ -28,7 +28,7 @@ impl Session {
     }
 
     fn milter_macros(&self) -> Vec<(String, String)> {
-        let Some(s) = self.cfg.milters.as_deref() else {
+        let Some(s) = self.milters.as_deref() else {
             return Vec::new();
         };
         let name = self.client.names.name.clone();
@@ -52,6 +52,10 @@ impl Session {
             m.push(("cipher".into(), t.cipher.clone()));
             m.push(("cipher_bits".into(), t.bits.to_string()));
         }
+        if let Some(c) = &self.client_cert {
+            m.push(("cert_subject".into(), c.subject_cn.clone()));
+            m.push(("cert_issuer".into(), c.issuer_cn.clone()));
+        }
         if let Some(a) = &self.sasl_method {
             m.push(("auth_type".into(), a.clone()));
         }
@@ -59,7 +63,7 @@ impl Session {
             m.push(("auth_authen".into(), u.clone()));
         }
         if let Some(tx) = &self.tx {
-            m.push(("mail_addr".into(), tx.sender.clone()));
+            m.extend(self.sender_macros(&tx.sender, tx.sasl_sender.as_deref()));
             if let Some(id) = &tx.queue_id {
                 m.push(("i".into(), id.clone()));
             }
@@ -67,18 +71,72 @@ impl Session {
         m
     }
 
+    /// `{mail_addr}`, `{mail_host}`, `{mail_mailer}` and `{auth_author}`
+    /// (MAIL FROM's AUTH= of an authenticated client).
+    fn sender_macros(&self, sender: &str, author: Option<&str>) -> Vec<(String, String)> {
+        let mut m = vec![("mail_addr".to_string(), sender.to_string())];
+        if let Some(r) = self.cfg.restrictions.resolver() {
+            m.extend(postern_common::milter::route_macros(r, "mail", sender));
+        }
+        if let Some(a) = author {
+            m.push(("auth_author".into(), a.to_string()));
+        }
+        m
+    }
+
+    /// The session-level macro values cleanup's own milter connection
+    /// cannot know (the server address, TLS, the client certificate):
+    /// recorded in the queue file for its replay of the connect and HELO
+    /// stages (`attr::MILTER_MACRO_PREFIX`).
+    pub(super) fn milter_session_macros(&self) -> Vec<(String, String)> {
+        if self.milters.is_none() {
+            return Vec::new();
+        }
+        const KEPT: &[&str] = &[
+            "daemon_addr",
+            "tls_version",
+            "cipher",
+            "cipher_bits",
+            "cert_subject",
+            "cert_issuer",
+        ];
+        self.milter_macros()
+            .into_iter()
+            .filter(|(n, _)| KEPT.contains(&n.as_str()))
+            .collect()
+    }
+
     /// The milters' answer for `stage` of the command `verb`: `Some` when
     /// it is in (or there are no milters), `None` when it was asked for:
     /// the command waits and runs again with it.
     pub(super) fn milter_step(&mut self, stage: Stage, verb: Verb) -> Option<Outcome> {
-        if self.cfg.milters.is_none() || self.milter_denied.is_some() {
+        if self.milters.is_none() || self.milter_denied.is_some() {
             // No milters, or they refused the session at connect (MAIL,
             // RCPT and DATA get that refusal; HELO is not theirs then).
             return Some(Outcome::Continue);
         }
         let mut macros = self.milter_macros();
-        if let Stage::Rcpt(r, _) = &stage {
-            macros.push(("rcpt_addr".into(), r.clone()));
+        match &stage {
+            Stage::Mail(sender, params) => {
+                // The transaction starts after this answer.
+                let author = params.iter().find_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    (k.eq_ignore_ascii_case("AUTH") && v != "<>" && self.sasl_username.is_some())
+                        .then(|| postern_common::dsn::xtext_decode(v))
+                        .flatten()
+                });
+                macros.extend(self.sender_macros(sender, author.as_deref()));
+            }
+            Stage::Rcpt(r, _) => {
+                macros.push(("rcpt_addr".into(), r.clone()));
+                if let Some(res) = self.cfg.restrictions.resolver() {
+                    macros.extend(postern_common::milter::route_macros(res, "rcpt", r));
+                }
+            }
+            Stage::RcptRejected(_, _, reply) => {
+                macros.extend(postern_common::milter::rejected_rcpt_macros(reply));
+            }
+            _ => {}
         }
         let q = Query::Milter(Ask { stage, macros });
         if let Some(Answer::Milter(o)) = self.dns.remove(&q) {
@@ -102,7 +160,7 @@ impl Session {
     /// it), else the reply a milter gave instead of smtpd's own (`Some(None)`:
     /// smtpd's own).
     pub(super) fn milter_unknown(&mut self, line: &[u8]) -> Option<Option<String>> {
-        if self.cfg.milters.is_none() || self.milter_denied.is_some() {
+        if self.milters.is_none() || self.milter_denied.is_some() {
             return Some(None);
         }
         let text = String::from_utf8_lossy(line).into_owned();

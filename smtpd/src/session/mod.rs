@@ -300,7 +300,10 @@ pub struct Session {
     /// The client restrictions refused at connect (`smtpd_delay_reject =
     /// no`): every command but QUIT is answered 503.
     access_denied: bool,
-    /// The milters' connections (`smtpd_milters`), made at connect.
+    /// The session's milter list (`smtpd_milter_maps`, else
+    /// `smtpd_milters`; None: no milters).
+    milters: Option<std::sync::Arc<postern_common::milter::Settings>>,
+    /// The milters' connections, made at connect.
     milter: Option<crate::milter::Link>,
     /// The milters refused the connection (or failed under
     /// `milter_default_action`): MAIL, RCPT and DATA get this reply.
@@ -387,6 +390,7 @@ impl Session {
             anvil,
             anvil_counted: false,
             access_denied: false,
+            milters: None,
             milter: None,
             milter_denied: None,
             milter_discard: false,
@@ -400,6 +404,7 @@ impl Session {
             proxy_open: false,
             proxy_data: false,
         };
+        s.milters = s.cfg.milters_for(s.client.addr);
         if s.cfg.peername_lookup {
             s.request_dns(vec![Query::Peer(s.client.addr)]);
             s.state = State::WaitPeerName;

@@ -126,7 +126,7 @@ impl Session {
         if let Some(reply) = refused {
             return self.reject(&reply, Some(&tx.sender), None);
         }
-        if self.cfg.milters.is_some() {
+        if self.milters.is_some() {
             let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
             let stage = crate::milter::Stage::Mail(tx.sender.clone(), params);
             match self.milter_step(stage, Verb::Mail) {
@@ -211,10 +211,20 @@ impl Session {
             return Done::Pending;
         }
         if let Some(reply) = refused {
+            if self.milters.is_some() {
+                // Shown to the milters that ask for refused recipients
+                // (SMFIP_RCPT_REJ), as Postfix does; the refusal stands.
+                let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+                let stage =
+                    crate::milter::Stage::RcptRejected(address.clone(), params, reply.clone());
+                if self.milter_step(stage, Verb::Rcpt).is_none() {
+                    return Done::Pending;
+                }
+            }
             let sender = self.tx.as_ref().map(|t| t.sender.clone());
             return self.reject(&reply, sender.as_deref(), Some(&address));
         }
-        if self.cfg.milters.is_some() {
+        if self.milters.is_some() {
             let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
             let stage = crate::milter::Stage::Rcpt(address.clone(), params);
             match self.milter_step(stage, Verb::Rcpt) {

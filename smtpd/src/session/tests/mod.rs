@@ -86,6 +86,7 @@ fn settings() -> Settings {
         ccert: None,
         ehlo_discard_maps: None,
         milters: None,
+        milter_maps: None,
         proxy: None,
     }
 }
