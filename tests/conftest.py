@@ -53,13 +53,15 @@ def pytest_configure(config):
 # long file collected late (they are collected alphabetically) would run
 # on alone at the end of the parallel pass while the other workers idle.
 # Seconds per file (setup + call + teardown of its tests), measured on a
-# 2-core machine shared with other builds (load average 5 to 18), -n 4:
+# 2-core machine shared with other builds (load average 5 to 18), -n 4 or 6:
 SLOWEST_FIRST = [
-    "test_milter.py",             # 504 (rspamd's start alone 139)
+    "test_milter.py",             # 504 (rspamd's start alone 139; less now)
     "test_quickstart.py",         # 386 (two workspace builds)
     "test_delivery_shaping.py",   # 248
     "test_real_configs.py",       # 243
     "test_sql_tables.py",         # 218
+    "test_smtp_client.py",        # 210
+    "test_bounds.py",             # 194
     "test_queue_tools.py",        # 184
     "test_table_failures.py",     # 164
     "test_admin_commands.py",     # 113
