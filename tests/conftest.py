@@ -70,12 +70,13 @@ SLOWEST_FIRST = [
     "test_content_filter.py",     # 84
 ]
 # test_dane.py (134) and test_mta_sts.py stay where they are: each has an
-# exclusive test, which waits for every running test to end, and early on
-# the longest ones run.
+# exclusive test, which waits for every running test to end, and the
+# longest tests run early on.
 
 
 def _slowest_first(items):
     rank = {name: n for n, name in enumerate(SLOWEST_FIRST)}
+
     def key(item):
         return rank.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1], len(rank))
     items.sort(key=key)  # stable: the rest keep their order
