@@ -209,6 +209,8 @@ class Rspamd:
              "--var", f"LOCAL_CONFDIR={self.dir}", "--var", f"DBDIR={self.dir}/db",
              "--var", f"RUNDIR={self.dir}", "--var", f"LOGDIR={self.dir}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self):
         try:
             wait_port(self.port, timeout=180)
         except AssertionError:
@@ -224,13 +226,29 @@ class Rspamd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def rspamd():
-    if not shutil.which("rspamd"):
-        pytest.fail("rspamd is not installed (scripts/test installs it)")
+@pytest.fixture(scope="module", autouse=True)
+def rspamd_started(request):
+    """rspamd takes a minute or two to start (most of it compiling its
+    matcher of 9,600 TLD suffixes, 84 s on a loaded 2-core machine): when
+    a selected test of this module uses it, it is started with the module
+    and comes up while the tests before that one run."""
+    wanted = any(getattr(i, "module", None) is request.module
+                 and "rspamd" in getattr(i, "fixturenames", ())
+                 for i in request.session.items)
+    if not wanted or not shutil.which("rspamd"):
+        yield None
+        return
     r = Rspamd()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def rspamd(rspamd_started):
+    if rspamd_started is None:
+        pytest.fail("rspamd is not installed (scripts/test installs it)")
+    rspamd_started.wait_ready()
+    return rspamd_started
 
 
 # --------------------------------------------------------------------------
@@ -325,21 +343,6 @@ def test_non_smtpd_milters_sign_sendmail_t(make_postern, sink, opendkim):
     m = sink.wait_for(tok)[0]
     assert b"DKIM-Signature:" in m.content, m.content[:600]
     assert opendkim.verify(m.content)
-
-
-def test_rspamd_gtube_and_clean(make_postern, sink, rspamd):
-    p = make_postern(relay(sink, smtpd_milters=rspamd.name))
-    tok = token()
-    gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-    code, text = p.send(SENDER, [RCPT], message(tok, body=f"Spam.\n{gtube}\n"))
-    assert code == 554 and "5.7.1" in text and "Gtube pattern" in text, (code, text)
-    tok2 = token()
-    code, text = p.send(SENDER, [RCPT], message(tok2))
-    assert code == 250, text
-    m = sink.wait_for(tok2, timeout=60)[0]
-    assert re.search(rb"^X-Spamd-Result: ", m.content, re.M), m.content[:1500]
-    time.sleep(1)
-    assert sink.find(tok) == []
 
 
 # --------------------------------------------------------------------------
@@ -1004,3 +1007,20 @@ def test_smtpd_milter_maps(make_postern, sink, test_milter, tmp_path):
                         "127.0.0.3": (False, True, False, True)}, seen
     finally:
         other.stop()
+
+
+# rspamd last in the file: it is started with the module (rspamd_started)
+# and has the time of the tests above to come up.
+def test_rspamd_gtube_and_clean(make_postern, sink, rspamd):
+    p = make_postern(relay(sink, smtpd_milters=rspamd.name))
+    tok = token()
+    gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+    code, text = p.send(SENDER, [RCPT], message(tok, body=f"Spam.\n{gtube}\n"))
+    assert code == 554 and "5.7.1" in text and "Gtube pattern" in text, (code, text)
+    tok2 = token()
+    code, text = p.send(SENDER, [RCPT], message(tok2))
+    assert code == 250, text
+    m = sink.wait_for(tok2, timeout=60)[0]
+    assert re.search(rb"^X-Spamd-Result: ", m.content, re.M), m.content[:1500]
+    time.sleep(1)
+    assert sink.find(tok) == []

@@ -16,8 +16,11 @@ user.
 
 The build goes to CARGO_TARGET_DIR in the temporary directory, seeded with
 the compiled third-party crates of this checkout's target/debug (the
-clone's own crates are compiled afresh). dev-start listens on the fixed
-port 2525, so the runs are serialized by a lock file."""
+clone's own crates are compiled afresh). The plain user's copy of
+~/.cargo is seen at the original's path (CARGO_HOME), so that cargo
+finds the seeded crates up to date (see same_cargo_home_path).
+dev-start listens on the fixed port 2525, so the runs are serialized by
+a lock file."""
 
 import fcntl
 import os
@@ -88,6 +91,26 @@ def seed_target(dst):
             shutil.copy2(f, out / "deps" / n)
         elif n.endswith(".d") and (src / "deps" / ("lib" + n[:-2] + ".rlib")).exists():
             shutil.copy2(f, out / "deps" / n)
+
+
+def same_cargo_home_path(original, copy):
+    """Mount commands (for the plain user's mount namespace, run by root
+    before it drops to the user) that show the user's copy of ~/.cargo at
+    the path of the original, which the user's build then names as
+    CARGO_HOME. Cargo's fingerprint of a crates.io crate holds the absolute
+    path of its sources ($CARGO_HOME/registry/src/...): under another path
+    the seeded third-party crates would all be compiled again (the case
+    took 417 s that way, against the root case's 115 s). Where the
+    original's parent is closed to others (root's home, 0700), an empty
+    tmpfs covers it in the namespace: it hides nothing the user could see.
+    The ~/.rustup bind is made before."""
+    cmds = []
+    parent = original.parent
+    if not parent.stat().st_mode & 0o001:
+        cmds.append(f"mount -t tmpfs -o mode=0755,size=1m postern-quickstart {parent}")
+        cmds.append(f"mkdir {original}")
+    cmds.append(f"mount --bind {copy} {original}")
+    return cmds
 
 
 def clone(dest):
@@ -286,6 +309,9 @@ def test_quick_start_as_a_plain_user_from_a_fresh_clone(quickstart_lock):
             if rustup.is_dir():
                 (home / ".rustup").mkdir(exist_ok=True)
                 mounts.append(f"mount --bind {rustup} {home / '.rustup'}")
+            if home_cargo is not None and home_cargo.is_dir():
+                mounts += same_cargo_home_path(home_cargo, home / ".cargo")
+                env["CARGO_HOME"] = str(home_cargo)
             if home_cargo is None:
                 env["PATH"] = f"{cargo.parent}:" + env["PATH"]
             script = " && ".join(mounts + [
