@@ -72,4 +72,5 @@ pub mod retry;
 pub mod scan;
 pub mod schedule;
 pub mod sites;
+pub mod sources;
 pub mod transports;
