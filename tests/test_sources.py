@@ -241,3 +241,47 @@ def test_warmup_waits_for_tomorrow_when_no_source_has_room(make_postern, receive
     wait_count(rx, 150, 120)
     time.sleep(3)
     assert rx.by_peer() == {"127.0.0.2": 150}, rx.by_peer()
+
+
+def test_limits_hold_per_source_and_site_limits_cap_their_sum(make_postern):
+    """`max_connections=2 site_max_connections=3`: each source opens at
+    most 2 connections to the site, and the three together at most 3
+    (more than one source's 2: the limit is per source)."""
+    rx = ThrottleReceiver(data_delay=0.3).start()
+    try:
+        pool = "weighted:{vmta1=1,vmta2=1,vmta3=1}"
+        p = make_postern(fast(default_transport=f"{pool}:[127.0.0.1]:{rx.port}",
+                              default_delivery_batch_limit="1"),
+                         files={"etc/delivery_policy":
+                                "* max_connections=2 site_max_connections=3\n"},
+                         master_cf_extra=vmtas())
+        inject(p, 60, "pt-caps")
+        wait_count(rx, 60, 120)
+        assert rx.max_concurrent == 3, rx.summary()
+        for ip in IPS.values():
+            mine = [c for c in rx.connections if c[2][0] == ip]
+            most = max(sum(1 for o, c, _ in mine if o <= t and (c is None or c > t))
+                       for t, _, _ in mine)
+            assert most <= 2, (ip, most)
+    finally:
+        rx.stop()
+
+
+@pytest.mark.parametrize("enforce", ["yes", "no"])
+def test_bind_address_enforce(make_postern, receiver, enforce):
+    """A source address this host does not have (192.0.2.1): with
+    smtp_bind_address_enforce = yes the delivery is deferred; with no it
+    goes from the default address, with a warning."""
+    rx = receiver
+    p = make_postern(
+        {"default_transport": f"gone:[127.0.0.1]:{rx.port}"},
+        master_cf_extra=["gone unix - - n - - smtp -o smtp_bind_address=192.0.2.1"
+                         f" -o smtp_bind_address_enforce={enforce}"])
+    inject(p, 1, "pt-bind", threads=1)
+    if enforce == "yes":
+        p.wait_for_log(r"status=deferred .*cannot bind to 192\.0\.2\.1", 30)
+        assert rx.count() == 0
+    else:
+        wait_count(rx, 1, 30)
+        assert rx.accepted[0].peer[0] == "127.0.0.1"
+        assert p.log_search(r"cannot bind to 192\.0\.2\.1.*connecting from the default")

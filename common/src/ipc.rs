@@ -281,6 +281,11 @@ pub struct SiteHint {
     /// Seconds an idle connection is kept; 0 = the transport's
     /// `smtp_connection_cache_time_limit`.
     pub idle_timeout_secs: u32,
+    /// Close the connection after the request instead of keeping it
+    /// idle: the site's connections are capped across sources
+    /// (`site_max_connections`), which are other agent processes, whose
+    /// idle connections qmgr could not count.
+    pub no_reuse: bool,
 }
 
 impl DeliveryRequest {

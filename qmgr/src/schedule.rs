@@ -498,6 +498,10 @@ impl Transport {
                         .policy
                         .idle_timeout
                         .map_or(0, |t| t.as_secs().max(1) as u32),
+                    no_reuse: s
+                        .total
+                        .as_ref()
+                        .is_some_and(|t| t.borrow().max_connections.is_some()),
                 });
             }
             let entry = d.entries.pop().expect("ready destination has entries");
