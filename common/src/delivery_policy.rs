@@ -608,6 +608,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn source_settings_and_warmup_schedules() {
+        let p = Policy::parse(
+            "max_connections=2 site_max_connections=5 site_max_message_rate=100/m,burst=3 \
+             warmup_schedule=50,100,200",
+        )
+        .unwrap();
+        assert_eq!(p.site_max_connections, Some(5));
+        assert_eq!(p.site_max_message_rate.unwrap().burst, 3);
+        assert_eq!(p.warmup_schedule, Some(vec![50, 100, 200]));
+        assert_eq!(warmup_quota(&[50, 100], 1), Some(50));
+        assert_eq!(warmup_quota(&[50, 100], 2), Some(100));
+        assert_eq!(warmup_quota(&[50, 100], 3), None, "warm");
+        assert!(Policy::parse("warmup_schedule=50,x").is_err());
+        let r = ReplyRule::parse("/x/ suspend_source=1h").unwrap_err();
+        assert!(r.contains("unknown"), "{r}");
+        assert_eq!(
+            ReplyRule::parse("suspend_source=1h").unwrap().suspend_source,
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
     fn parses_settings() {
         let p = Policy::parse(
             "max_connections=3 max_message_rate=20/s,burst=5, idle_timeout=30s retry_after=5m \
