@@ -285,3 +285,20 @@ def test_bind_address_enforce(make_postern, receiver, enforce):
         wait_count(rx, 1, 30)
         assert rx.accepted[0].peer[0] == "127.0.0.1"
         assert p.log_search(r"cannot bind to 192\.0\.2\.1.*connecting from the default")
+
+
+def test_client_selected_pool_by_filter(make_postern, receiver):
+    """smtpd's access table gives the client 127.0.0.1 a FILTER whose
+    transport is a pool: its mail leaves from that pool's members (1:1),
+    not from default_transport's vmta1."""
+    rx = receiver
+    pool = f"weighted:{{vmta2=1,vmta3=1}}:[127.0.0.1]:{rx.port}"
+    p = make_postern(
+        fast(default_transport=f"vmta1:[127.0.0.1]:{rx.port}",
+             smtpd_client_restrictions=lambda p: f"check_client_access cidr:{p.etc}/clients"),
+        files={"etc/delivery_policy": "* max_connections=4\n",
+               "etc/clients": f"127.0.0.1/32 FILTER {pool}\n"},
+        master_cf_extra=vmtas())
+    inject(p, 10, "pt-filter", threads=1)
+    wait_count(rx, 10, 60)
+    assert rx.by_peer() == {"127.0.0.3": 5, "127.0.0.4": 5}, rx.by_peer()
