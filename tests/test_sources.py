@@ -302,3 +302,22 @@ def test_client_selected_pool_by_filter(make_postern, receiver):
     inject(p, 10, "pt-filter", threads=1)
     wait_count(rx, 10, 60)
     assert rx.by_peer() == {"127.0.0.3": 5, "127.0.0.4": 5}, rx.by_peer()
+
+
+def test_pool_header_from_an_untrusted_client_is_ignored_and_removed(make_postern, receiver):
+    """A client outside mynetworks, not authenticated, cannot choose the
+    pool: its X-Virtual-MTA header is ignored (the mail goes by
+    relay_transport) and still removed."""
+    rx = receiver
+    p = make_postern(
+        fast(relay_transport=f"vmta1:[127.0.0.1]:{rx.port}", relay_domains="pool.test",
+             mynetworks="127.0.0.9/32",
+             pool_maps=lambda p: f"texthash:{p.etc}/pools"),
+        files={"etc/delivery_policy": "* max_connections=4\n",
+               "etc/pools": "bulk vmta3\n"},
+        master_cf_extra=vmtas())
+    inject(p, 3, "pt-untrusted", headers="X-Virtual-MTA: bulk\n", threads=1)
+    wait_count(rx, 3, 60)
+    assert rx.by_peer() == {"127.0.0.2": 3}, rx.by_peer()
+    assert all(b"x-virtual-mta" not in a.content.lower() for a in rx.accepted)
+    assert p.log_search(r"X-Virtual-MTA header from an untrusted client ignored"), p.log_tail()
