@@ -624,7 +624,9 @@ mod tests {
         let r = ReplyRule::parse("/x/ suspend_source=1h").unwrap_err();
         assert!(r.contains("unknown"), "{r}");
         assert_eq!(
-            ReplyRule::parse("suspend_source=1h").unwrap().suspend_source,
+            ReplyRule::parse("suspend_source=1h")
+                .unwrap()
+                .suspend_source,
             Some(Duration::from_secs(3600))
         );
     }
