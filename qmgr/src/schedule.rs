@@ -421,6 +421,13 @@ fn initial_window(limits: &Limits) -> f64 {
     }
 }
 
+/// A pool member as written (`vmta1`, or Postfix's `smtp1:[relay]`):
+/// its transport, and its next hop or else `nexthop`.
+fn member_target(member: &str, nexthop: &str) -> (String, String) {
+    let (t, n) = postern_common::resolve::split_transport(member);
+    (t, if n.is_empty() { nexthop.to_string() } else { n })
+}
+
 /// Why and until when (unix seconds) a source may not send to a site.
 #[derive(Debug, Clone, Default)]
 struct Wait {
@@ -805,7 +812,10 @@ impl Scheduler {
                 };
                 let rooms: HashMap<String, Result<(), Wait>> = members
                     .iter()
-                    .map(|m| (m.clone(), self.source_room(m, &t.nexthop)))
+                    .map(|m| {
+                        let (mt, mn) = member_target(m, &t.nexthop);
+                        (m.clone(), self.source_room(&mt, &mn))
+                    })
                     .collect();
                 let pick = match &pool {
                     Some(p) => p.choose(|m| rooms.get(m).is_some_and(|r| r.is_ok())),
@@ -817,7 +827,8 @@ impl Scheduler {
                     .collect();
                 match pick {
                     Some(m) => {
-                        self.count_warm(&m, &t.nexthop);
+                        let (mt, mn) = member_target(&m, &t.nexthop);
+                        self.count_warm(&mt, &mn);
                         let why = if skipped.is_empty() {
                             "chosen".to_string()
                         } else {
@@ -826,7 +837,7 @@ impl Scheduler {
                         let pool_name = pool.as_ref().map_or(String::new(), |p| p.spec.clone());
                         if pool.is_some() || !skipped.is_empty() {
                             notes.insert(
-                                (m.clone(), nexthop.clone()),
+                                (mt.clone(), mn.to_ascii_lowercase()),
                                 std::rc::Rc::new((pool_name, why)),
                             );
                         }
@@ -854,10 +865,14 @@ impl Scheduler {
                 }
             }
             match &chosen[&gk] {
-                Ok(m) => out.push(Target {
-                    transport: m.clone(),
-                    ..t.clone()
-                }),
+                Ok(m) => {
+                    let (transport, nexthop) = member_target(m, &t.nexthop);
+                    out.push(Target {
+                        transport,
+                        nexthop,
+                        ..t.clone()
+                    })
+                }
                 Err(w) => waits[*w].0.push(t.index),
             }
         }
@@ -1799,5 +1814,38 @@ mod tests {
         s.resume_site(&site, "test");
         s.add_message("O", &[target(0, "smtp", "a.test", "x")]);
         assert!(s.take_suspended().is_empty());
+    }
+
+    #[test]
+    fn a_pool_member_is_chosen_per_message_and_may_carry_a_next_hop() {
+        let mut s = Scheduler::new(100, limits);
+        for i in 0..8 {
+            let id = format!("m{i}");
+            let n = s.add_message(
+                &id,
+                &[target(
+                    0,
+                    "weighted:{a=3, b:[relay]:25=1}",
+                    "x.test",
+                    "u@x.test",
+                )],
+            );
+            assert_eq!(n, 1);
+        }
+        let mut by: HashMap<(String, String), usize> = HashMap::new();
+        while let Some(d) = s.pick() {
+            let sel = d.entry.selection.clone().expect("from a pool");
+            assert_eq!(sel.0, "weighted:{a=3, b:[relay]:25=1}");
+            assert_eq!(sel.1, "chosen");
+            *by.entry((d.transport.clone(), d.nexthop.clone()))
+                .or_default() += 1;
+            s.done(&d.transport, &d.destination, None);
+        }
+        assert_eq!(by[&("a".to_string(), "x.test".to_string())], 6, "{by:?}");
+        assert_eq!(
+            by[&("b".to_string(), "[relay]:25".to_string())],
+            2,
+            "{by:?}"
+        );
     }
 }
