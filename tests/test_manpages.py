@@ -57,6 +57,8 @@ NOT_PARAMETERS |= {
 # The settings of a delivery_policy_maps value (delivery_policy in qmgr(8)),
 # which accounting(5) names as the rule of a record.
 NOT_PARAMETERS |= {"max_connect_failures"}
+# Fields of a pooled delivery's accounting record (accounting(5)).
+NOT_PARAMETERS |= {"source_selection"}
 
 
 def test_every_page_is_found():

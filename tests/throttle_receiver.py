@@ -12,6 +12,9 @@ What it can be told (all may change while it runs):
 - ``reputation(seconds)``: for that long every MAIL FROM is answered
   ``421 4.7.0 [TS04] Messages temporarily deferred`` and the connection is
   closed (Yahoo's phrasing).
+- ``block_peer(ip, reply)``: every MAIL FROM from that source address
+  gets ``reply`` (default the [TS04] one, and the connection is closed):
+  one IP blocked by a provider while the others are not.
 - ``set_rcpt(address, reply)``: per-recipient replies such as
   ``550 5.1.1 no such user`` or ``552 5.2.2 mailbox full``.
 - ``data_delay``: seconds to wait before answering the final dot (keeps
@@ -70,6 +73,7 @@ class ThrottleReceiver:
         self._lock = threading.Lock()
         self._rcpt = {}
         self._reputation_until = 0.0
+        self._blocked = {}  # source address -> reply
         self._open = 0
         self.max_concurrent = 0
         self.connections = []  # [open_time, close_time or None, peer]
@@ -87,6 +91,16 @@ class ThrottleReceiver:
         """Answer [TS04] to every MAIL FROM for that many seconds."""
         with self._lock:
             self._reputation_until = time.time() + seconds
+
+    def block_peer(self, ip, reply=REPUTATION):
+        """Answer `reply` to every MAIL FROM from source address `ip`."""
+        with self._lock:
+            self._blocked[ip] = reply
+
+    def by_peer(self):
+        """Accepted messages per source address: {ip: count}."""
+        with self._lock:
+            return dict(collections.Counter(a.peer[0] for a in self.accepted))
 
     def in_reputation_mode(self):
         with self._lock:
@@ -153,6 +167,11 @@ class ThrottleReceiver:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         peer = session.peer
+        with self._lock:
+            blocked = self._blocked.get(peer[0])
+        if blocked:
+            server._throttle_close = blocked.startswith("421")
+            return self._reply(peer, blocked)
         if self.in_reputation_mode():
             server._throttle_close = True
             return self._reply(peer, REPUTATION)

@@ -773,6 +773,32 @@ impl<'a> Message<'a> {
                 .any(|h| h.is("tls-required") && h.value().eq_ignore_ascii_case("no"))
     }
 
+    /// The pool or source an `X-Postern-Pool:`/`X-Virtual-MTA:` header
+    /// names, when the client may choose one: in `mynetworks`,
+    /// authenticated, or local (sendmail). From others it is ignored
+    /// (and removed all the same).
+    fn pool_header(&self) -> Option<String> {
+        let h = self
+            .headers
+            .iter()
+            .find(|h| qfile::POOL_HEADERS.iter().any(|p| h.is(p)))?;
+        let value = h.value().trim().to_string();
+        if value.is_empty() {
+            return None;
+        }
+        use crate::dkim::Class;
+        match self.settings.dkim.class(&self.new) {
+            Class::Local | Class::Authenticated | Class::Mynetworks => Some(value),
+            _ => {
+                info!(
+                    "{}: {} header from an untrusted client ignored and removed",
+                    self.id, h.name
+                );
+                None
+            }
+        }
+    }
+
     /// Mail from sendmail (through pickup) gets Postfix's trace header:
     /// Received: by HOST (Postern, from userid N) id ID; DATE.
     fn received_header(&self) -> Option<String> {
@@ -809,6 +835,7 @@ impl<'a> Message<'a> {
         let drop = &self.settings.drop_headers;
         let utf8 = self.smtputf8_flags(added);
         let tls_optional = self.tls_optional();
+        let pool = self.pool_header();
         // RFC 8601 section 5: results claiming to be ours, in mail from
         // outside, are forgeries.
         let strip_results = self.auth.check;
@@ -825,6 +852,9 @@ impl<'a> Message<'a> {
         }
         if tls_optional {
             w.attribute(qfile::attr::TLS_REQUIRED, "no")?;
+        }
+        if let Some(p) = &pool {
+            w.attribute(qfile::attr::POOL, p)?;
         }
         for r in &self.new.recipients {
             w.recipient(r)?;
@@ -849,6 +879,10 @@ impl<'a> Message<'a> {
                     "{}: removed a forged Authentication-Results header for {}",
                     self.id, self.settings.myhostname
                 );
+                continue;
+            }
+            // X-Postern-Pool:/X-Virtual-MTA: never leave (whoever sent them).
+            if qfile::POOL_HEADERS.iter().any(|p| h.is(p)) {
                 continue;
             }
             if !drop.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {

@@ -150,6 +150,10 @@ pub struct Record {
     /// The transport (Postern's "virtual MTA").
     pub egress_pool: String,
     pub egress_source: String,
+    /// The pool the transport was chosen from (`weighted:{...}`), and
+    /// why this member ("chosen", "overflow: ..."): JSON only.
+    pub pool: String,
+    pub source_selection: String,
     pub tls_cipher: String,
     pub tls_protocol_version: String,
     pub env_id: String,
@@ -525,6 +529,13 @@ pub fn json_line(r: &Record) -> String {
     }
     if !r.orcpt.is_empty() {
         s.push_str(&format!(",\"orcpt\":{}", json_str(&r.orcpt)));
+    }
+    if !r.pool.is_empty() || !r.source_selection.is_empty() {
+        s.push_str(&format!(
+            ",\"pool\":{},\"source_selection\":{}",
+            json_opt(&r.pool),
+            json_opt(&r.source_selection)
+        ));
     }
     if r.kind == Kind::SiteModeChange {
         s.push_str(&format!(

@@ -397,6 +397,8 @@ impl Job {
             bounce_classification: class.to_string(),
             egress_pool: self.req.transport.clone(),
             egress_source: self.egress_source.clone(),
+            pool: self.req.pool.clone(),
+            source_selection: self.req.selection.clone(),
             tls_cipher: self.tls_cipher.clone(),
             tls_protocol_version: self.tls_protocol_version.clone(),
             ..Default::default()
@@ -815,6 +817,8 @@ mod tests {
             queue_wait: 0.0,
             flags,
             site: None,
+            pool: String::new(),
+            selection: String::new(),
         }
     }
 

@@ -115,6 +115,13 @@ pub struct Policy {
     pub backoff_max_connections: Option<usize>,
     pub backoff_retry_after: Option<Duration>,
     pub backoff_to_normal_after: Option<Duration>,
+    // Sending identities (sources): the limits above hold per (source,
+    // site); these cap the sum over the site's sources.
+    pub site_max_connections: Option<usize>,
+    pub site_max_message_rate: Option<Rate>,
+    /// Messages per day a source sends to the site on day 1, 2, ... of
+    /// its warm-up (overrides the transport's `smtp_warmup_schedule`).
+    pub warmup_schedule: Option<Vec<u64>>,
 }
 
 /// Every setting name a policy value may hold.
@@ -135,6 +142,9 @@ pub const NAMES: &[&str] = &[
     "backoff_max_connections",
     "backoff_retry_after",
     "backoff_to_normal_after",
+    "site_max_connections",
+    "site_max_message_rate",
+    "warmup_schedule",
 ];
 
 fn time(name: &str, v: &str) -> Result<Duration, String> {
@@ -159,6 +169,15 @@ impl Policy {
             .split(|c: char| c.is_whitespace() || c == ',')
             .filter(|s| !s.is_empty())
         {
+            // `warmup_schedule=50,100,200`: the numbers after it (split
+            // off by the commas) belong to it.
+            if !item.contains('=') && last_rate == Some("warmup_schedule") {
+                let n: u64 = num("warmup_schedule", item)?;
+                if let Some(v) = p.warmup_schedule.as_mut() {
+                    v.push(n);
+                }
+                continue;
+            }
             let (name, v) = item
                 .split_once('=')
                 .ok_or_else(|| format!("\"{item}\": expected name=value"))?;
@@ -170,6 +189,7 @@ impl Policy {
                     Some("max_connection_rate") => p.max_connection_rate.as_mut(),
                     Some("backoff_message_rate") => p.backoff_message_rate.as_mut(),
                     Some("backoff_min_rate") => p.backoff_min_rate.as_mut(),
+                    Some("site_max_message_rate") => p.site_max_message_rate.as_mut(),
                     _ => None,
                 }
                 .ok_or_else(|| format!("\"{item}\": burst= must follow a rate setting"))?;
@@ -214,6 +234,15 @@ impl Policy {
                 "backoff_max_connections" => p.backoff_max_connections = Some(num(name, v)?),
                 "backoff_retry_after" => p.backoff_retry_after = Some(time(name, v)?),
                 "backoff_to_normal_after" => p.backoff_to_normal_after = Some(time(name, v)?),
+                "site_max_connections" => p.site_max_connections = Some(num(name, v)?),
+                "site_max_message_rate" => {
+                    p.site_max_message_rate = Some(Rate::parse(v)?);
+                    last_rate = Some("site_max_message_rate");
+                }
+                "warmup_schedule" => {
+                    p.warmup_schedule = Some(parse_schedule(v)?);
+                    last_rate = Some("warmup_schedule");
+                }
                 _ => {
                     return Err(format!(
                         "unknown setting \"{name}\" (known: {})",
@@ -229,6 +258,24 @@ impl Policy {
     pub fn is_empty(&self) -> bool {
         *self == Policy::default()
     }
+}
+
+/// A warm-up schedule: messages per day on day 1, 2, ... (`50, 100,
+/// 200` or `50:100:200`); empty: none.
+pub fn parse_schedule(v: &str) -> Result<Vec<u64>, String> {
+    v.split(|c: char| c == ',' || c == ':' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|n| num("warmup_schedule", n))
+        .collect()
+}
+
+/// A source's quota for day `day` (1 = the first) of `schedule`: None
+/// once the schedule is over (no limit: the source is warm).
+pub fn warmup_quota(schedule: &[u64], day: u64) -> Option<u64> {
+    if day == 0 {
+        return schedule.first().copied();
+    }
+    schedule.get(day as usize - 1).copied()
 }
 
 /// The keys a domain's policy is looked up under, in order: the domain,
@@ -559,6 +606,30 @@ pub fn table_values(spec: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_settings_and_warmup_schedules() {
+        let p = Policy::parse(
+            "max_connections=2 site_max_connections=5 site_max_message_rate=100/m,burst=3 \
+             warmup_schedule=50,100,200",
+        )
+        .unwrap();
+        assert_eq!(p.site_max_connections, Some(5));
+        assert_eq!(p.site_max_message_rate.unwrap().burst, 3);
+        assert_eq!(p.warmup_schedule, Some(vec![50, 100, 200]));
+        assert_eq!(warmup_quota(&[50, 100], 1), Some(50));
+        assert_eq!(warmup_quota(&[50, 100], 2), Some(100));
+        assert_eq!(warmup_quota(&[50, 100], 3), None, "warm");
+        assert!(Policy::parse("warmup_schedule=50,x").is_err());
+        let r = ReplyRule::parse("/x/ suspend_source=1h").unwrap_err();
+        assert!(r.contains("unknown"), "{r}");
+        assert_eq!(
+            ReplyRule::parse("suspend_source=1h")
+                .unwrap()
+                .suspend_source,
+            Some(Duration::from_secs(3600))
+        );
+    }
 
     #[test]
     fn parses_settings() {

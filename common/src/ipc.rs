@@ -264,6 +264,12 @@ pub struct DeliveryRequest {
     /// it has one: the agent keeps connections under the site's name, so
     /// that the site's domains share them, and honours its limits.
     pub site: Option<SiteHint>,
+    /// The pool (`weighted:{...}`, `randmap:{...}`) the transport was
+    /// chosen from, or "" (for the accounting log).
+    pub pool: String,
+    /// Why qmgr chose this member of the pool ("chosen", "overflow:
+    /// ..."), or "".
+    pub selection: String,
 }
 
 /// What an agent needs to know of a site ([`DeliveryRequest::site`]).
@@ -275,6 +281,11 @@ pub struct SiteHint {
     /// Seconds an idle connection is kept; 0 = the transport's
     /// `smtp_connection_cache_time_limit`.
     pub idle_timeout_secs: u32,
+    /// Close the connection after the request instead of keeping it
+    /// idle: the site's connections are capped across sources
+    /// (`site_max_connections`), which are other agent processes, whose
+    /// idle connections qmgr could not count.
+    pub no_reuse: bool,
 }
 
 impl DeliveryRequest {
@@ -360,14 +371,16 @@ pub enum AdminRequest {
     /// `postern queues [-j]`: one line (or JSON object) per site.
     Sites { json: bool },
     /// `postern suspend SITE|DOMAIN [DURATION]`: no deliveries to the
-    /// site for `seconds`.
+    /// site for `seconds`. With `-s SOURCE`, only that source's state for the site.
     Suspend {
         site: String,
         seconds: u64,
         reason: String,
+        /// `-s SOURCE`, or "" (every source).
+        source: String,
     },
-    /// `postern resume SITE|DOMAIN`.
-    Resume { site: String },
+    /// `postern resume [-s SOURCE] SITE|DOMAIN`.
+    Resume { site: String, source: String },
     /// `postern bounce DOMAIN [REASON]`: bounce what qmgr holds for the
     /// domain, and new mail for it for `seconds`.
     Bounce {

@@ -252,6 +252,12 @@ impl Table {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::pipemap::Pipemap::open(spec, name)?),
             }),
+            "randmap" | "weighted" => Ok(Table::Dict {
+                spec: spec.into(),
+                dict: Arc::new(crate::dict::randmap::PoolDict(
+                    crate::dict::randmap::Pool::parse(spec)?,
+                )),
+            }),
             "unix" => Ok(Table::Dict {
                 spec: spec.into(),
                 dict: Arc::new(crate::dict::unix::Unix::open(name)?),

@@ -123,7 +123,17 @@ pub mod attr {
     /// milters and sent again by cleanup when it replays the connect and
     /// HELO stages.
     pub const MILTER_MACRO_PREFIX: &str = "milter_macro.";
+    /// The pool or source an `X-Postern-Pool:` or `X-Virtual-MTA:`
+    /// header named (PowerMTA's `process-x-virtual-mta`), recorded by
+    /// cleanup only for mail from a trusted client (`mynetworks`,
+    /// authenticated, local); qmgr sends the message's SMTP recipients
+    /// through it. The header itself is removed.
+    pub const POOL: &str = "pool";
 }
+
+/// The headers that name a pool or source for a message
+/// ([`attr::POOL`]), in lower case.
+pub const POOL_HEADERS: &[&str] = &["x-postern-pool", "x-virtual-mta"];
 
 /// One envelope recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -411,6 +411,17 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtp_mx_session_limit", "2"),
     ("smtp_bind_address", ""),
     ("smtp_bind_address6", ""),
+    ("smtp_bind_address_enforce", "no"),
+    // Postern-only: a source's warm-up (qmgr): messages per site per day
+    // on day 1, 2, ... counted from smtp_warmup_start (YYYY-MM-DD or unix
+    // seconds); per transport with -o. Over the day's quota a message
+    // goes to another member of its pool, or waits for the next day.
+    ("smtp_warmup_schedule", ""),
+    // Postern-only: names of pools for the X-Postern-Pool:/X-Virtual-MTA:
+    // header of trusted clients (name -> transport or randmap:/weighted:
+    // pool).
+    ("pool_maps", ""),
+    ("smtp_warmup_start", ""),
     ("smtp_tls_security_level", "may"),
     ("smtp_dns_support_level", ""),
     (

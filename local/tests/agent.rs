@@ -226,6 +226,8 @@ fn queue(env: &Env, sender: &str, rcpts: &[&str], content: &[u8]) -> (String, De
         queue_wait: 0.0,
         flags: 0,
         site: None,
+        pool: String::new(),
+        selection: String::new(),
     };
     (nf.id, req)
 }

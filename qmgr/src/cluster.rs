@@ -231,6 +231,12 @@ pub struct Cluster {
     grace_until: Option<Instant>,
 }
 
+/// The name a site's state has in Redis: the site, with its source when
+/// it has one (limits hold per (source, site), as on one node).
+fn site_id(site: &Site) -> String {
+    crate::sources::site_key(&site.source, &site.name)
+}
+
 /// `delivery_policy_redis_timeout`: seconds, or milliseconds as `250ms`.
 pub fn parse_timeout(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -420,7 +426,7 @@ impl Cluster {
                     let v: Vec<i64> = r.items().iter().filter_map(Reply::as_int).collect();
                     return match v.as_slice() {
                         [1, ..] => {
-                            self.held_add(&site.name, true);
+                            self.held_add(&site_id(site), true);
                             Admit::Go
                         }
                         [0, -1, ..] => Admit::Wait(now + FULL_POLL),
@@ -455,10 +461,10 @@ impl Cluster {
             "EVAL",
             ACQUIRE,
             "4",
-            &key(&site.name, "conns"),
-            &key(&site.name, "alive"),
-            &key(&site.name, "msg"),
-            &key(&site.name, "connrate"),
+            &key(&site_id(site), "conns"),
+            &key(&site_id(site), "alive"),
+            &key(&site_id(site), "msg"),
+            &key(&site_id(site), "connrate"),
             &self.node,
             &limit.to_string(),
             &LEASE.as_millis().to_string(),
@@ -495,7 +501,7 @@ impl Cluster {
                 }
             }
         };
-        let (m, c) = self.local.entry(site.name.clone()).or_default();
+        let (m, c) = self.local.entry(site_id(site)).or_default();
         share(site.msg_rate.as_ref(), m);
         share(site.conn_rate.as_ref(), c);
         let at = [m.as_ref(), c.as_ref()]
@@ -510,7 +516,7 @@ impl Cluster {
         for g in [m.as_mut(), c.as_mut()].into_iter().flatten() {
             let _ = g.take(now);
         }
-        self.held_add(&site.name, true);
+        self.held_add(&site_id(site), true);
         Admit::Go
     }
 

@@ -79,5 +79,6 @@ pub mod retry;
 pub mod scan;
 pub mod schedule;
 pub mod sites;
+pub mod sources;
 pub mod stats;
 pub mod transports;

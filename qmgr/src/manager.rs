@@ -266,12 +266,16 @@ impl Manager {
                         .is_some_and(|x| x.until >= until_t);
                     if !already {
                         info!("site {site}: suspension from cluster node {node}");
+                        // A source's own suspension (the key names it)
+                        // is the source's alone, as on the node that set it.
+                        let source_only = !s.borrow().source.is_empty();
                         self.sched.suspend_site(
                             &s,
                             left,
                             &reason,
                             &format!("{rule} (node {node})"),
                             "",
+                            source_only,
                         );
                         self.defer_suspended();
                     }
@@ -282,6 +286,7 @@ impl Manager {
                         Some(crate::sites::Suspension {
                             until: until_t,
                             reason,
+                            source_only: site.contains("->"),
                         }),
                     );
                     self.sched.sites.save();
@@ -429,30 +434,64 @@ impl Manager {
                 site,
                 seconds,
                 reason,
-            } => match self.sched.sites.find(&site) {
-                Some(s) => {
-                    let name = s.borrow().name.clone();
-                    info!("admin: suspend site {name} for {seconds}s: {reason}");
+                source,
+            } => {
+                let found = if source.is_empty() {
+                    self.sched.sites.find_all(&site, None)
+                } else {
+                    self.sched
+                        .sites
+                        .source_site(&source, &site)
+                        .into_iter()
+                        .collect()
+                };
+                if found.is_empty() {
+                    return (
+                        false,
+                        format!("no site known for \"{site}\"{}", of_source(&source)),
+                    );
+                }
+                let mut names = Vec::new();
+                for s in &found {
+                    let label = s.borrow().label();
+                    info!("admin: suspend site {label} for {seconds}s: {reason}");
                     self.sched.suspend_site(
-                        &s,
+                        s,
                         Duration::from_secs(seconds),
                         &reason,
                         &admin_rule("suspend", &reason),
                         "",
+                        !source.is_empty(),
                     );
-                    (true, format!("site {name} suspended for {seconds}s"))
+                    names.push(label);
                 }
-                None => (false, format!("no site known for \"{site}\"")),
-            },
-            AdminRequest::Resume { site } => match self.sched.sites.find(&site) {
-                Some(s) => {
-                    let name = s.borrow().name.clone();
-                    info!("admin: resume site {name}");
-                    self.resume(&s, "postern resume");
-                    (true, format!("site {name} resumed"))
+                (
+                    true,
+                    format!("site {} suspended for {seconds}s", names.join(", ")),
+                )
+            }
+            AdminRequest::Resume { site, source } => {
+                let found = self
+                    .sched
+                    .sites
+                    .find_all(&site, (!source.is_empty()).then_some(source.as_str()));
+                if found.is_empty() {
+                    return (
+                        false,
+                        format!("no site known for \"{site}\"{}", of_source(&source)),
+                    );
                 }
-                None => (false, format!("no site known for \"{site}\"")),
-            },
+                let mut names = Vec::new();
+                for s in &found {
+                    let label = s.borrow().label();
+                    info!("admin: resume site {label}");
+                    // Its deferred mail waits for the suspension's end:
+                    // due now (a scan of deferred/, as ETRN's).
+                    self.resume(s, "postern resume");
+                    names.push(label);
+                }
+                (true, format!("site {} resumed", names.join(", ")))
+            }
             AdminRequest::Bounce {
                 domain,
                 seconds,
@@ -713,7 +752,21 @@ impl Manager {
                 .resolver
                 .resolve_filtered(sender, &r.rcpt.address, filter);
             let (outcome, dsn, reason) = match self.behaviours.apply(resolution) {
-                Resolution::Deliver { transport, nexthop } => {
+                Resolution::Deliver {
+                    mut transport,
+                    nexthop,
+                } => {
+                    // X-Postern-Pool/X-Virtual-MTA (a trusted client's,
+                    // cleanup saw to that): its pool or source replaces
+                    // the SMTP transport.
+                    if let Some(name) = msg.env.attr(postern_common::qfile::attr::POOL) {
+                        let sources = &self.sched.sites.sources;
+                        if sources.is_smtp(&transport) {
+                            if let Some(t) = sources.header_pool(name) {
+                                transport = t;
+                            }
+                        }
+                    }
                     targets.push(Target {
                         index: i,
                         transport,
@@ -754,12 +807,43 @@ impl Manager {
     /// Defers the recipients of entries whose destination is dead (no
     /// connection attempt), and finishes messages left with nothing to do.
     fn defer_suspended(&mut self) {
-        for s in self.sched.take_suspended() {
+        // Rerouting may hand back more (no member of the pool has room).
+        for _ in 0..4 {
+            let taken = self.sched.take_suspended();
+            if taken.is_empty() {
+                break;
+            }
+            self.defer_these(taken);
+        }
+    }
+
+    fn defer_these(&mut self, taken: Vec<crate::schedule::Suspended>) {
+        for s in taken {
             let id = s.entry.message.clone();
             let Some(msg) = self.messages.get_mut(&id) else {
                 continue;
             };
             msg.queued = msg.queued.saturating_sub(1);
+            if let Some((pool, nexthop)) = &s.reroute {
+                // Its source was suspended for the site: another member
+                // of the pool takes it.
+                let targets: Vec<Target> = s
+                    .entry
+                    .recipients
+                    .iter()
+                    .map(|&i| Target {
+                        index: i,
+                        transport: pool.clone(),
+                        nexthop: nexthop.clone(),
+                        address: msg.env.recipients[i].rcpt.address.clone(),
+                    })
+                    .collect();
+                let n = self.sched.add_message(&id, &targets);
+                if let Some(msg) = self.messages.get_mut(&id) {
+                    msg.queued += n;
+                }
+                continue;
+            }
             match s.site_until {
                 Some(t) => msg.site_wait = Some(msg.site_wait.map_or(t, |w| w.min(t))),
                 None if !s.bounce => msg.other_defer = true,
@@ -825,6 +909,10 @@ impl Manager {
                 msg.set(&entry.recipients, RcptState::InFlight);
                 let mut req = msg.request(&d.transport, &d.nexthop, &entry.recipients);
                 req.site = d.site.clone();
+                if let Some(sel) = &entry.selection {
+                    req.pool = sel.0.clone();
+                    req.selection = sel.1.clone();
+                }
                 batch.push((entry.recipients, req));
             }
             if batch.is_empty() {
@@ -941,6 +1029,23 @@ impl Manager {
                     site.borrow_mut().enter_backoff(&text, &reply);
                 }
                 if let Some(d) = rule.suspend {
+                    // The whole site: every source's state for it.
+                    let all = self.sched.sites.find_all(&name, None);
+                    for s in all {
+                        if !s.borrow_mut().is_suspended() {
+                            self.sched.suspend_site(
+                                &s,
+                                d,
+                                &format!("rule \"{text}\" matched \"{reply}\""),
+                                &text,
+                                &reply,
+                                false,
+                            );
+                        }
+                    }
+                }
+                if let Some(d) = rule.suspend_source {
+                    // This source only: the others of its pool carry on.
                     if !site.borrow_mut().is_suspended() {
                         self.sched.suspend_site(
                             site,
@@ -948,6 +1053,7 @@ impl Manager {
                             &format!("rule \"{text}\" matched \"{reply}\""),
                             &text,
                             &reply,
+                            true,
                         );
                     }
                 }
@@ -962,12 +1068,6 @@ impl Manager {
                             &format!("rule \"{text}\" matched \"{reply}\""),
                         );
                     }
-                }
-                if let Some(d) = rule.suspend_source {
-                    info!(
-                        "site {name}: suspend_source={}s: no sending identities yet; ignored",
-                        d.as_secs()
-                    );
                 }
             }
         }
@@ -1163,7 +1263,15 @@ impl Manager {
     }
 }
 
-/// The qmgr daemon: the wake-up thread, start-up recovery, the main loop.
+/// " (source X)" for a message, or "".
+fn of_source(source: &str) -> String {
+    if source.is_empty() {
+        String::new()
+    } else {
+        format!(" (source {source})")
+    }
+}
+
 /// The `rule` of an accounting record for an operator's command.
 fn admin_rule(command: &str, reason: &str) -> String {
     if reason.trim().is_empty() {

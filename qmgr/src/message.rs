@@ -136,6 +136,8 @@ impl Message {
                 0
             },
             site: None,
+            pool: String::new(),
+            selection: String::new(),
         }
     }
 

@@ -93,9 +93,10 @@ impl Resolver {
             };
         }
         if let Some(f) = filter.map(str::trim).filter(|f| !f.is_empty()) {
-            let (transport, nexthop) = f.split_once(':').unwrap_or((f, ""));
+            // A pool (FILTER weighted:{a=1,b=1}) stays whole.
+            let (transport, nexthop) = resolve::split_transport(f);
             let nexthop = if !nexthop.is_empty() {
-                nexthop.to_string()
+                nexthop
             } else if !self.default_filter_nexthop.is_empty() {
                 self.default_filter_nexthop.clone()
             } else {
@@ -104,10 +105,7 @@ impl Resolver {
                     .unwrap_or_default()
                     .to_string()
             };
-            return Resolution::Deliver {
-                transport: transport.to_string(),
-                nexthop,
-            };
+            return Resolution::Deliver { transport, nexthop };
         }
         let or = |text: String, default: &str| {
             if text.is_empty() {

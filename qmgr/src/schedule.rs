@@ -45,6 +45,7 @@ use postern_common::ipc::SiteHint;
 use postern_common::{info, warning};
 use postern_conf::Config;
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// A per-transport parameter: `TRANSPORT_NAME` when that is set (or has a
@@ -212,6 +213,9 @@ pub struct Entry {
     pub message: String,
     /// Indexes into the message's envelope recipients.
     pub recipients: Vec<usize>,
+    /// The pool the transport was chosen from, and why this member (for
+    /// the accounting log); None: no pool.
+    pub selection: Option<std::rc::Rc<(String, String)>>,
 }
 
 /// What to dispatch: an entry and where it goes.
@@ -395,6 +399,7 @@ impl Destination {
             && self.site.as_ref().is_none_or(|s| {
                 let s = s.borrow();
                 s.in_flight < s.max_connections()
+                    && s.total_allows()
                     && s.suspended
                         .as_ref()
                         .is_none_or(|x| x.until <= std::time::SystemTime::now())
@@ -416,6 +421,21 @@ fn initial_window(limits: &Limits) -> f64 {
     }
 }
 
+/// A pool member as written (`vmta1`, or Postfix's `smtp1:[relay]`):
+/// its transport, and its next hop or else `nexthop`.
+fn member_target(member: &str, nexthop: &str) -> (String, String) {
+    let (t, n) = postern_common::resolve::split_transport(member);
+    (t, if n.is_empty() { nexthop.to_string() } else { n })
+}
+
+/// Why and until when (unix seconds) a source may not send to a site.
+#[derive(Debug, Clone, Default)]
+struct Wait {
+    until: u64,
+    site: String,
+    reason: String,
+}
+
 /// An entry that was not dispatched because its destination is dead,
 /// with the status and reason to defer its recipients with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,6 +450,10 @@ pub struct Suspended {
     /// The site's name, when the destination has one (for the
     /// accounting records).
     pub site: String,
+    /// (pool, next hop): the entry's source was suspended for the site
+    /// alone; another member of its pool takes it
+    /// ([`Scheduler::add_message`] again) instead of it waiting.
+    pub reroute: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -489,15 +513,7 @@ impl Transport {
                         crate::cluster::Admit::Blocked => continue,
                     }
                 }
-                if let Some(g) = s.msg_rate.as_mut() {
-                    let _ = g.take(now);
-                }
-                // Every request may open a connection: counted per
-                // request, an upper bound of the connections made.
-                if let Some(g) = s.conn_rate.as_mut() {
-                    let _ = g.take(now);
-                }
-                s.in_flight += 1;
+                s.take(now);
                 hint = Some(SiteHint {
                     name: s.name.clone(),
                     // A connection kept open between requests would hold
@@ -511,6 +527,10 @@ impl Transport {
                         .policy
                         .idle_timeout
                         .map_or(0, |t| t.as_secs().max(1) as u32),
+                    no_reuse: s
+                        .total
+                        .as_ref()
+                        .is_some_and(|t| t.borrow().max_connections.is_some()),
                 });
             }
             let entry = d.entries.pop().expect("ready destination has entries");
@@ -522,10 +542,7 @@ impl Transport {
             // rate delay spaces deliveries out, which a batch would undo.
             let mut more = Vec::new();
             // A site with a message rate counts one message per request.
-            let rated = d
-                .site
-                .as_ref()
-                .is_some_and(|s| s.borrow().msg_rate.is_some());
+            let rated = d.site.as_ref().is_some_and(|s| s.borrow().rated());
             if self.limits.batch > 1 && d.full_grown() && !rated {
                 let free = d.allowed().saturating_sub(d.in_flight);
                 let extra = d
@@ -607,6 +624,7 @@ fn site_suspended(entry: Entry, site: &str, s: &Suspension) -> Suspended {
         bounce: false,
         site_until: Some(until),
         site: site.to_string(),
+        reroute: None,
     }
 }
 
@@ -623,6 +641,7 @@ fn suspend(entry: Entry, failure: &(String, String)) -> Suspended {
         bounce: false,
         site_until: None,
         site: String::new(),
+        reroute: None,
     }
 }
 
@@ -683,6 +702,8 @@ impl Scheduler {
     /// Queues a message's pending recipients. Returns the number of
     /// entries queued (the requests the message will need).
     pub fn add_message(&mut self, message: &str, targets: &[Target]) -> usize {
+        let (targets, notes, waiting) = self.choose_sources(message, targets);
+        let targets = &targets[..];
         // Group by (transport, destination) in order of first appearance.
         let mut groups: Vec<(usize, String, String, Vec<usize>)> = Vec::new();
         let mut at: HashMap<(usize, String), usize> = HashMap::new();
@@ -702,9 +723,15 @@ impl Scheduler {
                 }
             }
         }
-        let mut count = 0;
+        let mut count = waiting;
         let now = Instant::now();
         for (ti, key, nexthop, rcpts) in groups {
+            let selection = notes
+                .get(&(
+                    self.transports[ti].name.clone(),
+                    nexthop.to_ascii_lowercase(),
+                ))
+                .cloned();
             let t = &mut self.transports[ti];
             let limits = t.limits;
             if !t.destinations.contains_key(&key) {
@@ -741,6 +768,7 @@ impl Scheduler {
                 let entry = Entry {
                     message: message.to_string(),
                     recipients: chunk.to_vec(),
+                    selection: selection.clone(),
                 };
                 if let Some(reason) = &bounce_reason {
                     self.suspended.push(Suspended {
@@ -750,6 +778,7 @@ impl Scheduler {
                         bounce: true,
                         site_until: None,
                         site: String::new(),
+                        reroute: None,
                     });
                 } else if let Some((name, susp)) = &site_suspension {
                     self.suspended.push(site_suspended(entry, name, susp));
@@ -763,6 +792,217 @@ impl Scheduler {
             t.make_ready(&key);
         }
         count
+    }
+
+    /// Pools and warm-up: each target whose transport is a pool gets the
+    /// member chosen for its message and next hop, passing over members
+    /// that may not send to the site now (suspended for it, or at
+    /// today's warm-up quota); a target whose transport is a source at
+    /// its quota, or whose pool has no member with room, waits (handed
+    /// back by [`Scheduler::take_suspended`], deferred until the
+    /// earliest time a member has room). Returns the targets to queue,
+    /// (chosen transport, next hop) → (pool, why), and the number of
+    /// entries that wait.
+    #[allow(clippy::type_complexity)]
+    fn choose_sources(
+        &mut self,
+        message: &str,
+        targets: &[Target],
+    ) -> (
+        Vec<Target>,
+        HashMap<(String, String), std::rc::Rc<(String, String)>>,
+        usize,
+    ) {
+        let mut out = Vec::with_capacity(targets.len());
+        let mut notes = HashMap::new();
+        // (transport value, next hop) → the member chosen, or the wait.
+        let mut chosen: HashMap<(String, String), Result<String, usize>> = HashMap::new();
+        let mut waits: Vec<(Vec<usize>, Wait)> = Vec::new();
+        for t in targets {
+            let pool = self.sites.sources.pool(&t.transport);
+            let warming = pool.is_none() && self.sites.sources.warmup(&t.transport).is_some();
+            if pool.is_none() && !warming {
+                out.push(t.clone());
+                continue;
+            }
+            let nexthop = t.nexthop.to_ascii_lowercase();
+            let gk = (t.transport.clone(), nexthop.clone());
+            if !chosen.contains_key(&gk) {
+                let members: Vec<String> = match &pool {
+                    Some(p) => p.names().map(str::to_string).collect(),
+                    None => vec![t.transport.clone()],
+                };
+                let rooms: HashMap<String, Result<(), Wait>> = members
+                    .iter()
+                    .map(|m| {
+                        let (mt, mn) = member_target(m, &t.nexthop);
+                        (m.clone(), self.source_room(&mt, &mn))
+                    })
+                    .collect();
+                let pick = match &pool {
+                    Some(p) => p.choose(|m| rooms.get(m).is_some_and(|r| r.is_ok())),
+                    None => rooms[&t.transport].is_ok().then(|| t.transport.clone()),
+                };
+                let skipped: Vec<String> = members
+                    .iter()
+                    .filter_map(|m| Some(format!("{m}: {}", rooms[m].as_ref().err()?.reason)))
+                    .collect();
+                match pick {
+                    Some(m) => {
+                        let (mt, mn) = member_target(&m, &t.nexthop);
+                        self.count_warm(&mt, &mn);
+                        let why = if skipped.is_empty() {
+                            "chosen".to_string()
+                        } else {
+                            format!("overflow: {}", skipped.join("; "))
+                        };
+                        let pool_name = pool.as_ref().map_or(String::new(), |p| p.spec.clone());
+                        if pool.is_some() || !skipped.is_empty() {
+                            notes.insert(
+                                (mt.clone(), mn.to_ascii_lowercase()),
+                                std::rc::Rc::new((pool_name, why)),
+                            );
+                        }
+                        chosen.insert(gk.clone(), Ok(m));
+                    }
+                    None => {
+                        let first = members
+                            .iter()
+                            .filter_map(|m| rooms[m].as_ref().err())
+                            .min_by_key(|w| w.until)
+                            .cloned()
+                            .unwrap_or_default();
+                        let wait = Wait {
+                            until: first.until,
+                            site: first.site,
+                            reason: format!(
+                                "delivery temporarily suspended: no source of {} may send to the site now ({})",
+                                pool.as_ref().map_or(t.transport.as_str(), |p| p.spec.as_str()),
+                                skipped.join("; ")
+                            ),
+                        };
+                        waits.push((Vec::new(), wait));
+                        chosen.insert(gk.clone(), Err(waits.len() - 1));
+                    }
+                }
+            }
+            match &chosen[&gk] {
+                Ok(m) => {
+                    let (transport, nexthop) = member_target(m, &t.nexthop);
+                    out.push(Target {
+                        transport,
+                        nexthop,
+                        ..t.clone()
+                    })
+                }
+                Err(w) => waits[*w].0.push(t.index),
+            }
+        }
+        let n = waits.len();
+        for (rcpts, w) in waits {
+            info!("{message}: {}", w.reason);
+            self.suspended.push(Suspended {
+                entry: Entry {
+                    message: message.to_string(),
+                    recipients: rcpts,
+                    selection: None,
+                },
+                dsn: "4.7.0".into(),
+                reason: w.reason,
+                bounce: false,
+                site_until: Some(w.until),
+                site: w.site,
+                reroute: None,
+            });
+        }
+        (out, notes, n)
+    }
+
+    /// Whether `source` may send to the site of `nexthop` now: Err says
+    /// until when it may not, and why.
+    fn source_room(&mut self, source: &str, nexthop: &str) -> Result<(), Wait> {
+        let Some(site) = self.sites.site_for(source, nexthop) else {
+            return Ok(());
+        };
+        let mut s = site.borrow_mut();
+        if s.is_suspended() {
+            let x = s.suspended.clone().expect("suspended");
+            let until = x
+                .until
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            return Err(Wait {
+                until,
+                site: s.name.clone(),
+                reason: format!("suspended for site {} ({})", s.name, x.reason),
+            });
+        }
+        let sources = &self.sites.sources;
+        let Some((day, day_start)) = sources.day(source) else {
+            return Ok(());
+        };
+        let schedule = match &s.policy.warmup_schedule {
+            Some(v) => v.clone(),
+            None => sources
+                .warmup(source)
+                .map(|w| w.schedule.clone())
+                .unwrap_or_default(),
+        };
+        let Some(quota) = postern_common::delivery_policy::warmup_quota(&schedule, day) else {
+            return Ok(());
+        };
+        if s.warm.0 != day_start {
+            s.warm = (day_start, 0);
+        }
+        if s.warm.1 >= quota {
+            return Err(Wait {
+                until: sources.to_real(day_start + 86400),
+                site: s.name.clone(),
+                reason: format!(
+                    "warm-up day {day}: today's quota of {quota} messages for site {} reached",
+                    s.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A message goes to the site of `nexthop` from `source`: counted
+    /// against its warm-up quota.
+    fn count_warm(&mut self, source: &str, nexthop: &str) {
+        let Some((_, day_start)) = self.sites.sources.day(source) else {
+            return;
+        };
+        if let Some(site) = self.sites.site_for(source, nexthop) {
+            let mut s = site.borrow_mut();
+            if s.warm.0 != day_start {
+                s.warm = (day_start, 0);
+            }
+            s.warm.1 += 1;
+        }
+    }
+
+    /// The members of `site`, and with site-wide caps those of its
+    /// other sources too.
+    fn sibling_members(
+        &self,
+        site: &SiteRef,
+        mut members: Vec<(usize, String)>,
+    ) -> Vec<(usize, String)> {
+        if site.borrow().total.is_none() {
+            return members;
+        }
+        let name = site.borrow().name.clone();
+        for other in self.sites.sites.values() {
+            if Rc::ptr_eq(other, site) {
+                continue;
+            }
+            let o = other.borrow();
+            if o.name == name {
+                members.extend(o.members.iter().cloned());
+            }
+        }
+        members
     }
 
     /// Entries of dead destinations, taken out of the queues: the caller
@@ -926,6 +1166,7 @@ impl Scheduler {
                         bounce: true,
                         site_until: None,
                         site: String::new(),
+                        reroute: None,
                     });
                 }
             }
@@ -939,9 +1180,9 @@ impl Scheduler {
     fn site_done(&mut self, site: &SiteRef, failure: Option<(&str, &str)>) {
         let members: Vec<(usize, String)> = {
             let mut s = site.borrow_mut();
-            s.in_flight = s.in_flight.saturating_sub(1);
+            s.release();
             if let Some(c) = self.sites.cluster.as_mut() {
-                c.release(&s.name);
+                c.release(&crate::sources::site_key(&s.source, &s.name));
             }
             match failure {
                 None => s.connect_failures = 0,
@@ -952,17 +1193,22 @@ impl Scheduler {
             }
             s.members.iter().cloned().collect()
         };
+        // With site-wide caps, a connection freed here may let another
+        // source of the site go.
+        let members = self.sibling_members(site, members);
         let limit = site.borrow().policy.max_connect_failures;
         let failed = site.borrow().connect_failures;
         if let (Some(limit), Some((_, reason))) = (limit, failure) {
             if limit > 0 && failed >= limit && !site.borrow_mut().is_suspended() {
                 let retry = self.sites.retry_after(&site.borrow());
+                let source_only = !site.borrow().source.is_empty();
                 self.suspend_site(
                     site,
                     retry,
                     &format!("{failed} consecutive connection failures ({reason})"),
                     &format!("max_connect_failures={limit}"),
                     reason,
+                    source_only,
                 );
                 return;
             }
@@ -987,6 +1233,7 @@ impl Scheduler {
         reason: &str,
         rule: &str,
         reply: &str,
+        source_only: bool,
     ) {
         let members: Vec<(usize, String)> = {
             let mut s = site.borrow_mut();
@@ -994,10 +1241,11 @@ impl Scheduler {
             s.suspended = Some(Suspension {
                 until,
                 reason: reason.to_string(),
+                source_only,
             });
             info!(
                 "site {}: suspended for {}s: {reason}",
-                s.name,
+                s.label(),
                 duration.as_secs()
             );
             let until_secs = until
@@ -1011,7 +1259,8 @@ impl Scheduler {
             (s.name.clone(), s.suspended.clone().expect("just set"))
         };
         if let Some(c) = self.sites.cluster.as_mut() {
-            c.publish_suspend(&name, &susp, rule);
+            let s = site.borrow();
+            c.publish_suspend(&crate::sources::site_key(&s.source, &s.name), &susp, rule);
         }
         for (ti, key) in members {
             if let Some(d) = self
@@ -1019,12 +1268,18 @@ impl Scheduler {
                 .get_mut(ti)
                 .and_then(|t| t.destinations.get_mut(&key))
             {
-                self.suspended.extend(
-                    d.entries
-                        .drain()
-                        .into_iter()
-                        .map(|e| site_suspended(e, &name, &susp)),
-                );
+                let nexthop = d.nexthop.clone();
+                self.suspended
+                    .extend(d.entries.drain().into_iter().map(|e| {
+                        let pool = e
+                            .selection
+                            .as_ref()
+                            .map(|x| x.0.clone())
+                            .filter(|p| source_only && !p.is_empty());
+                        let mut x = site_suspended(e, &name, &susp);
+                        x.reroute = pool.map(|p| (p, nexthop.clone()));
+                        x
+                    }));
             }
         }
         self.sites.save();
@@ -1037,10 +1292,10 @@ impl Scheduler {
             let mut s = site.borrow_mut();
             s.suspended = None;
             s.connect_failures = 0;
-            info!("site {}: resumed", s.name);
+            info!("site {}: resumed", s.label());
             accounting::site_mode_change(&s.name, "resumed", rule, "", 0);
             if let Some(c) = self.sites.cluster.as_mut() {
-                c.publish_resume(&s.name, rule);
+                c.publish_resume(&crate::sources::site_key(&s.source, &s.name), rule);
             }
             s.members.iter().cloned().collect()
         };
@@ -1609,5 +1864,38 @@ mod tests {
         s.resume_site(&site, "test");
         s.add_message("O", &[target(0, "smtp", "a.test", "x")]);
         assert!(s.take_suspended().is_empty());
+    }
+
+    #[test]
+    fn a_pool_member_is_chosen_per_message_and_may_carry_a_next_hop() {
+        let mut s = Scheduler::new(100, limits);
+        for i in 0..8 {
+            let id = format!("m{i}");
+            let n = s.add_message(
+                &id,
+                &[target(
+                    0,
+                    "weighted:{a=3, b:[relay]:25=1}",
+                    "x.test",
+                    "u@x.test",
+                )],
+            );
+            assert_eq!(n, 1);
+        }
+        let mut by: HashMap<(String, String), usize> = HashMap::new();
+        while let Some(d) = s.pick() {
+            let sel = d.entry.selection.clone().expect("from a pool");
+            assert_eq!(sel.0, "weighted:{a=3, b:[relay]:25=1}");
+            assert_eq!(sel.1, "chosen");
+            *by.entry((d.transport.clone(), d.nexthop.clone()))
+                .or_default() += 1;
+            s.done(&d.transport, &d.destination, None);
+        }
+        assert_eq!(by[&("a".to_string(), "x.test".to_string())], 6, "{by:?}");
+        assert_eq!(
+            by[&("b".to_string(), "[relay]:25".to_string())],
+            2,
+            "{by:?}"
+        );
     }
 }

@@ -49,12 +49,34 @@ pub const STATE_FILE: &str = "qmgr-sites";
 pub struct Suspension {
     pub until: SystemTime,
     pub reason: String,
+    /// Only this source's state for the site (`suspend_source=`,
+    /// `postern suspend -s`): the site's other sources carry on.
+    pub source_only: bool,
+}
+
+/// What the sources of one site share: the site-wide caps of
+/// `site_max_connections` and `site_max_message_rate` over the sum of
+/// their connections and messages.
+#[derive(Debug, Default)]
+pub struct Total {
+    pub in_flight: usize,
+    pub max_connections: Option<usize>,
+    pub msg_rate: Option<Gcra>,
 }
 
 /// One site's state.
 #[derive(Debug)]
 pub struct Site {
     pub name: String,
+    /// The source (a master.cf transport with its own identity) whose
+    /// state for the site this is; "" = the site's own (no source).
+    pub source: String,
+    /// [`crate::sources::site_key`] of source and name.
+    pub id: String,
+    /// Shared by all sources of the site when it has site-wide caps.
+    pub total: Option<Rc<RefCell<Total>>>,
+    /// Warm-up: (start of the day counted, messages assigned that day).
+    pub warm: (u64, u64),
     /// The key its policy came from.
     pub key: String,
     pub policy: Policy,
@@ -86,6 +108,10 @@ impl Site {
     pub fn new(name: &str, key: &str, policy: Policy, mx: Vec<String>) -> Site {
         Site {
             name: name.to_string(),
+            source: String::new(),
+            id: name.to_string(),
+            total: None,
+            warm: (0, 0),
             key: key.to_string(),
             msg_rate: policy.max_message_rate.as_ref().map(Gcra::new),
             conn_rate: policy.max_connection_rate.as_ref().map(Gcra::new),
@@ -101,6 +127,23 @@ impl Site {
             cur_connections: None,
             hits: HashMap::new(),
         }
+    }
+
+    /// The name in logs and reports: the site, and the source if any.
+    pub fn label(&self) -> String {
+        if self.source.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} (source {})", self.name, self.source)
+        }
+    }
+
+    /// Whether the site-wide caps let one more connection start.
+    pub fn total_allows(&self) -> bool {
+        self.total.as_ref().is_none_or(|t| {
+            let t = t.borrow();
+            t.max_connections.is_none_or(|m| t.in_flight < m.max(1))
+        })
     }
 
     /// The configured message rate (per second), if any.
@@ -276,14 +319,60 @@ impl Site {
     /// Whether one more request may start now (connections and
     /// suspension; rates are asked at the pick).
     pub fn can_start(&mut self) -> bool {
-        !self.is_suspended() && self.in_flight < self.max_connections()
+        !self.is_suspended() && self.in_flight < self.max_connections() && self.total_allows()
     }
 
-    /// The earliest instant the rate limiters let one more go.
+    /// The earliest instant the rate limiters let one more go (the
+    /// source's own, and the site-wide one).
     pub fn rate_ready_at(&self, now: Instant) -> Instant {
         let a = self.msg_rate.as_ref().map_or(now, |g| g.ready_at(now));
         let b = self.conn_rate.as_ref().map_or(now, |g| g.ready_at(now));
-        a.max(b)
+        let c = self.total.as_ref().map_or(now, |t| {
+            t.borrow()
+                .msg_rate
+                .as_ref()
+                .map_or(now, |g| g.ready_at(now))
+        });
+        a.max(b).max(c)
+    }
+
+    /// A request starts: counted against the source's limits and the
+    /// site-wide ones.
+    pub fn take(&mut self, now: Instant) {
+        if let Some(g) = self.msg_rate.as_mut() {
+            let _ = g.take(now);
+        }
+        // Every request may open a connection: counted per request, an
+        // upper bound of the connections made.
+        if let Some(g) = self.conn_rate.as_mut() {
+            let _ = g.take(now);
+        }
+        self.in_flight += 1;
+        if let Some(t) = &self.total {
+            let mut t = t.borrow_mut();
+            t.in_flight += 1;
+            if let Some(g) = t.msg_rate.as_mut() {
+                let _ = g.take(now);
+            }
+        }
+    }
+
+    /// A request ended.
+    pub fn release(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(t) = &self.total {
+            let mut t = t.borrow_mut();
+            t.in_flight = t.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Whether a message with a rate counts one per request (no batch).
+    pub fn rated(&self) -> bool {
+        self.msg_rate.is_some()
+            || self
+                .total
+                .as_ref()
+                .is_some_and(|t| t.borrow().msg_rate.is_some())
     }
 }
 
@@ -373,6 +462,12 @@ pub struct Sites {
     dns_timeout: Duration,
     mx_cache: HashMap<String, (Instant, Vec<String>)>,
     pub sites: HashMap<String, SiteRef>,
+    /// The sources of master.cf and the pools (`crate::sources`).
+    pub sources: crate::sources::Sources,
+    /// Site name → what its sources share (site-wide caps).
+    totals: HashMap<String, Rc<RefCell<Total>>>,
+    /// Saved warm-up counts of sites not created yet: id → (day, count).
+    pending_warm: HashMap<String, (u64, u64)>,
     /// Saved state of sites not created yet: name → (suspension, rate
     /// limiters ahead in seconds).
     pending: HashMap<String, (Option<Suspension>, f64, f64)>,
@@ -400,6 +495,9 @@ impl Sites {
             dns_timeout: Duration::from_secs(cfg.get_time("dns_resolver_timeout").unwrap_or(5)),
             mx_cache: HashMap::new(),
             sites: HashMap::new(),
+            sources: crate::sources::Sources::from_config(cfg, &services),
+            totals: HashMap::new(),
+            pending_warm: HashMap::new(),
             pending: HashMap::new(),
             state_path: (!data.is_empty()).then(|| PathBuf::from(data).join(STATE_FILE)),
             default_retry: Duration::from_secs(cfg.get_time("transport_retry_time").unwrap_or(60)),
@@ -421,6 +519,9 @@ impl Sites {
             dns_timeout: Duration::from_secs(5),
             mx_cache: HashMap::new(),
             sites: HashMap::new(),
+            sources: Default::default(),
+            totals: HashMap::new(),
+            pending_warm: HashMap::new(),
             pending: HashMap::new(),
             state_path: None,
             default_retry: Duration::from_secs(60),
@@ -533,12 +634,41 @@ impl Sites {
             Some(_) => key.clone(),
             None => sorted.join(","),
         };
-        let site = match self.sites.get(&name) {
+        let source = self.sources.source_of(transport).to_string();
+        let id = crate::sources::site_key(&source, &name);
+        let site = match self.sites.get(&id) {
             Some(s) => s.clone(),
             None => {
                 let mut site = Site::new(&name, &key, policy, sorted);
-                if let Some((susp, msg, conn)) = self.pending.remove(&name) {
-                    site.suspended = susp;
+                site.source = source;
+                site.id = id.clone();
+                if site.policy.site_max_connections.is_some()
+                    || site.policy.site_max_message_rate.is_some()
+                {
+                    let total = self.totals.entry(name.clone()).or_insert_with(|| {
+                        Rc::new(RefCell::new(Total {
+                            in_flight: 0,
+                            max_connections: site.policy.site_max_connections,
+                            msg_rate: site.policy.site_max_message_rate.as_ref().map(Gcra::new),
+                        }))
+                    });
+                    site.total = Some(total.clone());
+                }
+                // A suspension of the whole site holds for a source that
+                // comes to it later.
+                site.suspended = self
+                    .sites
+                    .values()
+                    .filter(|o| o.borrow().name == name)
+                    .filter_map(|o| o.borrow().suspended.clone())
+                    .find(|x| !x.source_only && x.until > SystemTime::now());
+                if let Some(w) = self.pending_warm.remove(&id) {
+                    site.warm = w;
+                }
+                if let Some((susp, msg, conn)) = self.pending.remove(&id) {
+                    if susp.is_some() {
+                        site.suspended = susp;
+                    }
                     let now = Instant::now();
                     if let Some(g) = site.msg_rate.as_mut() {
                         g.set_ahead(now, msg);
@@ -548,7 +678,7 @@ impl Sites {
                     }
                 }
                 let site = Rc::new(RefCell::new(site));
-                self.sites.insert(name.clone(), site.clone());
+                self.sites.insert(id, site.clone());
                 site
             }
         };
@@ -605,14 +735,45 @@ impl Sites {
 
     /// The site a name or domain denotes (`postern suspend SITE|DOMAIN`).
     pub fn find(&self, what: &str) -> Option<SiteRef> {
+        self.find_all(what, None).into_iter().next()
+    }
+
+    /// The states of the site a name or domain denotes: one per source
+    /// (all of them, or that of `source`), sorted by source.
+    pub fn find_all(&self, what: &str, source: Option<&str>) -> Vec<SiteRef> {
         let what = what.to_ascii_lowercase();
-        if let Some(s) = self.sites.get(&what) {
-            return Some(s.clone());
-        }
-        self.sites
+        let name = match self.sites.get(&what) {
+            Some(s) => s.borrow().name.clone(),
+            None => match self
+                .sites
+                .values()
+                .find(|s| s.borrow().domains.contains(&what) || s.borrow().name == what)
+            {
+                Some(s) => s.borrow().name.clone(),
+                None => return Vec::new(),
+            },
+        };
+        let mut out: Vec<SiteRef> = self
+            .sites
             .values()
-            .find(|s| s.borrow().domains.contains(&what))
+            .filter(|s| {
+                let s = s.borrow();
+                s.name == name && source.is_none_or(|src| s.source == src)
+            })
             .cloned()
+            .collect();
+        out.sort_by_key(|s| s.borrow().id.clone());
+        out
+    }
+
+    /// The state of `source` for the site of `what` (a domain or site
+    /// name), created (MX lookup, policy) when no mail went there yet.
+    pub fn source_site(&mut self, source: &str, what: &str) -> Option<SiteRef> {
+        if let Some(s) = self.find_all(what, Some(source)).into_iter().next() {
+            return Some(s);
+        }
+        let domain = what.strip_prefix("mx:").unwrap_or(what);
+        self.site_for(source, domain.trim_start_matches('.'))
     }
 
     /// Suspensions saved by an earlier qmgr for sites not created since
@@ -650,11 +811,15 @@ impl Sites {
                 .unwrap_or_default();
             let msg = s.msg_rate.as_ref().map_or(0.0, |g| g.ahead(now));
             let conn = s.conn_rate.as_ref().map_or(0.0, |g| g.ahead(now));
+            if s.warm.1 > 0 {
+                out.push_str(&format!("warm\t{name}\t{}\t{}\n", s.warm.0, s.warm.1));
+            }
             if until == 0 && msg == 0.0 && conn == 0.0 {
                 continue;
             }
+            let only = s.suspended.as_ref().is_some_and(|x| x.source_only) as u8;
             out.push_str(&format!(
-                "site\t{name}\t{until}\t{msg:.3}\t{conn:.3}\t{reason}\n"
+                "site\t{name}\t{until}\t{msg:.3}\t{conn:.3}\t{reason}\t{only}\n"
             ));
         }
         for (name, (susp, msg, conn)) in &self.pending {
@@ -663,9 +828,13 @@ impl Sites {
                 .and_then(|x| x.until.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_secs());
             let reason = susp.as_ref().map(|x| x.reason.clone()).unwrap_or_default();
+            let only = susp.as_ref().is_some_and(|x| x.source_only) as u8;
             out.push_str(&format!(
-                "site\t{name}\t{until}\t{msg:.3}\t{conn:.3}\t{reason}\n"
+                "site\t{name}\t{until}\t{msg:.3}\t{conn:.3}\t{reason}\t{only}\n"
             ));
+        }
+        for (name, (day, count)) in &self.pending_warm {
+            out.push_str(&format!("warm\t{name}\t{day}\t{count}\n"));
         }
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, out).and_then(|_| std::fs::rename(&tmp, path)) {
@@ -688,6 +857,11 @@ impl Sites {
                 same_master = pid.trim() == std::os::unix::process::parent_id().to_string();
                 continue;
             }
+            if f.len() == 4 && f[0] == "warm" {
+                let (day, count) = (f[2].parse().unwrap_or(0), f[3].parse().unwrap_or(0));
+                self.pending_warm.insert(f[1].to_string(), (day, count));
+                continue;
+            }
             if f.len() < 6 || f[0] != "site" {
                 continue;
             }
@@ -696,6 +870,7 @@ impl Sites {
             let susp = (until > now).then(|| Suspension {
                 until,
                 reason: f[5].to_string(),
+                source_only: f.get(6) == Some(&"1"),
             });
             let (msg, conn) = if same_master {
                 (f[3].parse().unwrap_or(0.0), f[4].parse().unwrap_or(0.0))
@@ -747,8 +922,10 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
         let max_conn = s.cur_connections.or(s.policy.max_connections);
         if json {
             out.push_str(&format!(
-                "{{\"site\":{},\"key\":{},\"domains\":[{}],\"queued\":{queued},\"active_connections\":{},\"max_connections\":{},\"rate\":{},\"configured_rate\":{},\"mode\":\"{mode}\",\"suspended_until\":{},\"reason\":{},\"last_reply\":{}}}\n",
+                "{{\"site\":{},\"source\":{},\"warmup_sent_today\":{},\"key\":{},\"domains\":[{}],\"queued\":{queued},\"active_connections\":{},\"max_connections\":{},\"rate\":{},\"configured_rate\":{},\"mode\":\"{mode}\",\"suspended_until\":{},\"reason\":{},\"last_reply\":{}}}\n",
                 json_str(&s.name),
+                if s.source.is_empty() { "null".into() } else { json_str(&s.source) },
+                s.warm.1,
                 json_str(&s.key),
                 domains.iter().map(|d| json_str(d)).collect::<Vec<_>>().join(","),
                 s.in_flight,
@@ -761,8 +938,13 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
             ));
         } else {
             let mut line = format!(
-                "{} domains={} queued={queued} connections={}/{} rate={} mode={mode}",
+                "{}{} domains={} queued={queued} connections={}/{} rate={} mode={mode}",
                 s.name,
+                if s.source.is_empty() {
+                    String::new()
+                } else {
+                    format!(" source={} warmup_sent_today={}", s.source, s.warm.1)
+                },
                 domains.join(","),
                 s.in_flight,
                 max_conn.map_or("-".into(), |n| n.to_string()),

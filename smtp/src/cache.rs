@@ -88,7 +88,10 @@ impl Cache {
         site: Option<&SiteHint>,
     ) {
         let max_uses = site.map_or(0, |s| s.max_messages_per_connection);
-        if created.elapsed() >= self.reuse_limit || (max_uses > 0 && uses >= max_uses) {
+        if created.elapsed() >= self.reuse_limit
+            || (max_uses > 0 && uses >= max_uses)
+            || site.is_some_and(|s| s.no_reuse)
+        {
             idle.quit(self.quit_timeout);
             return;
         }

@@ -194,6 +194,7 @@ fn build_information(o: &Opts) -> Option<Vec<String>> {
             "pcre",
             "pipemap",
             "proxy",
+            "randmap",
             "regexp",
             "socketmap",
             "static",
@@ -201,6 +202,7 @@ fn build_information(o: &Opts) -> Option<Vec<String>> {
             "texthash",
             "unionmap",
             "unix",
+            "weighted",
         ]);
     }
     if o.server_sasl {

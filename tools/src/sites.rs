@@ -1,5 +1,6 @@
-//! `postern queues [-j]`, `postern suspend SITE|DOMAIN [DURATION]`,
-//! `postern resume SITE|DOMAIN`, `postern bounce DOMAIN [REASON]`: the
+//! `postern queues [-j]`, `postern suspend [-s SOURCE] SITE|DOMAIN
+//! [DURATION]`, `postern resume [-s SOURCE] SITE|DOMAIN`, `postern
+//! bounce DOMAIN [REASON]`: the
 //! operator's view of qmgr's sites (`delivery_policy_maps`), asked over
 //! qmgr's admin socket `private/qmgr-admin` (root or `mail_owner`). qmgr
 //! logs each action; this command prints qmgr's answer.
@@ -27,6 +28,13 @@ fn duration(s: &str) -> u64 {
 /// The request for `command` with its arguments.
 pub fn request(command: &str, args: &[String]) -> AdminRequest {
     let usage = |u: &str| -> ! { die(NAME, EX_USAGE, format_args!("usage: postern {u}")) };
+    // `-s SOURCE`: one source's state for the site (suspend, resume).
+    let (source, args) = match args {
+        [s, src, rest @ ..] if s == "-s" && (command == "suspend" || command == "resume") => {
+            (src.clone(), rest)
+        }
+        _ => (String::new(), args),
+    };
     match command {
         "queues" => match args {
             [] => AdminRequest::Sites { json: false },
@@ -38,9 +46,11 @@ pub fn request(command: &str, args: &[String]) -> AdminRequest {
                 site: site.clone(),
                 seconds: DEFAULT_SUSPEND,
                 reason: "suspended by the administrator".into(),
+                source,
             },
             [site, d, rest @ ..] => AdminRequest::Suspend {
                 site: site.clone(),
+                source,
                 seconds: duration(d),
                 reason: if rest.is_empty() {
                     "suspended by the administrator".into()
@@ -48,11 +58,14 @@ pub fn request(command: &str, args: &[String]) -> AdminRequest {
                     rest.join(" ")
                 },
             },
-            _ => usage("suspend SITE|DOMAIN [DURATION [REASON]]"),
+            _ => usage("suspend [-s SOURCE] SITE|DOMAIN [DURATION [REASON]]"),
         },
         "resume" => match args {
-            [site] => AdminRequest::Resume { site: site.clone() },
-            _ => usage("resume SITE|DOMAIN"),
+            [site] => AdminRequest::Resume {
+                site: site.clone(),
+                source,
+            },
+            _ => usage("resume [-s SOURCE] SITE|DOMAIN"),
         },
         "bounce" => match args {
             [domain, rest @ ..] => AdminRequest::Bounce {

@@ -1,6 +1,7 @@
 //! Tables answered by a server or a program rather than a file: the
 //! interface every such table type implements (`mysql:`, `pgsql:`,
 //! `sqlite:`, `ldap:`, `socketmap:`, `tcp:`, `pipemap:`, `unionmap:`,
+//! `randmap:`, `weighted:`,
 //! `proxy:`), as Postfix's `dict_*` modules share one interface.
 //!
 //! The one rule that matters for mail: a table that cannot answer is a
@@ -70,6 +71,7 @@ pub trait Dict: Send + Sync + fmt::Debug {
 
 pub mod pcre;
 pub mod pipemap;
+pub mod randmap;
 pub mod socketmap;
 pub mod tcp;
 pub mod unavailable;

@@ -136,8 +136,14 @@ fn fold(s: &str) -> String {
     s.to_lowercase()
 }
 
-/// `transport:nexthop` (the next hop may hold more colons).
+/// `transport:nexthop` (the next hop may hold more colons). The
+/// transport may be a pool, `randmap:{a,b}` or `weighted:{a=3,b=1}`
+/// (`crate::dict::randmap`), which qmgr resolves to one member per
+/// message.
 pub fn split_transport(v: &str) -> (String, String) {
+    if let Some(p) = crate::dict::randmap::split_pool_value(v) {
+        return p;
+    }
     match v.trim().split_once(':') {
         Some((t, n)) => (t.trim().to_string(), n.trim().to_string()),
         None => (v.trim().to_string(), String::new()),
@@ -171,6 +177,8 @@ struct Maps {
     tables: maps::Tables,
     /// `unix:passwd.byname` (through `proxy:` or not): the account database.
     passwd: bool,
+    /// It chooses a transport: a pool table answers the pool itself.
+    transports: bool,
     errors: Vec<String>,
     files: Vec<(PathBuf, Option<SystemTime>)>,
 }
@@ -199,6 +207,10 @@ impl Maps {
         }
         Maps {
             files: files_of(&joined),
+            transports: matches!(
+                name,
+                "transport_maps" | "sender_dependent_default_transport_maps"
+            ),
             spec,
             tables,
             passwd,
@@ -228,6 +240,14 @@ impl Maps {
         for t in &self.tables.0 {
             if !full && t.is_pattern() {
                 continue;
+            }
+            // A pool where a transport is chosen (transport_maps,
+            // sender_dependent_default_transport_maps): the whole pool,
+            // for qmgr to pick a member per message.
+            if self.transports {
+                if let Some(spec) = t.spec().filter(|s| crate::dict::randmap::is_pool_spec(s)) {
+                    return Ok(Some(spec.to_string()));
+                }
             }
             if let Some(v) = t.lookup_expanded(key)? {
                 return Ok(Some(v));

@@ -207,6 +207,9 @@ impl Agent {
             bind: Bind {
                 v4: bind_address(cfg, &p("smtp_bind_address")),
                 v6: bind_address(cfg, &p("smtp_bind_address6")),
+                enforce: cfg
+                    .get_bool(&p("smtp_bind_address_enforce"))
+                    .unwrap_or(false),
             },
             debug_peer: postern_common::debug_peer::DebugPeer::from_config(cfg).unwrap_or_else(
                 |e| {

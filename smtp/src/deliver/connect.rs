@@ -1,5 +1,10 @@
 //! TCP connections to a server: within `smtp_connect_timeout`, from
-//! `smtp_bind_address` or `smtp_bind_address6` when set.
+//! `smtp_bind_address` or `smtp_bind_address6` when set. When the
+//! address cannot be bound (not configured on this host), the connection
+//! is made from the address the system picks, with a warning, as in
+//! Postfix; with `smtp_bind_address_enforce = yes` the attempt fails
+//! instead (the delivery is deferred), so that mail never leaves from
+//! another source's address.
 
 use crate::nexthop::Server;
 use std::io;
@@ -15,11 +20,15 @@ pub(super) fn connect(srv: &Server, timeout: Duration, bind: &Bind) -> io::Resul
         std::net::IpAddr::V6(_) => bind.v6,
     };
     let stream = if let Some(from) = from {
-        connect_from(from, sa, timeout)?
-    } else if timeout.is_zero() {
-        TcpStream::connect(sa)?
+        match connect_from(from, sa, timeout) {
+            Err(e) if is_bind_error(&e) && !bind.enforce => {
+                postern_common::warning!("{e}; connecting from the default address");
+                plain(sa, timeout)?
+            }
+            r => r?,
+        }
     } else {
-        TcpStream::connect_timeout(&sa, timeout)?
+        plain(sa, timeout)?
     };
     // The client writes whole commands (a pipelined group, the content,
     // the end of data) and then waits for replies: Nagle's algorithm would
@@ -29,11 +38,27 @@ pub(super) fn connect(srv: &Server, timeout: Duration, bind: &Bind) -> io::Resul
     Ok(stream)
 }
 
+/// A bind that failed (the error [`connect_from`] makes of it).
+fn is_bind_error(e: &io::Error) -> bool {
+    e.to_string().starts_with("cannot bind to ")
+}
+
+fn plain(sa: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = if timeout.is_zero() {
+        TcpStream::connect(sa)?
+    } else {
+        TcpStream::connect_timeout(&sa, timeout)?
+    };
+    Ok(stream)
+}
+
 /// `smtp_bind_address` and `smtp_bind_address6`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Bind {
     pub v4: Option<std::net::IpAddr>,
     pub v6: Option<std::net::IpAddr>,
+    /// `smtp_bind_address_enforce`: a failed bind fails the connection.
+    pub enforce: bool,
 }
 
 /// A TCP connection from the local address `from` (port chosen by the
@@ -59,10 +84,15 @@ pub(super) fn connect_from(
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    bind(
+    if let Err(e) = bind(
         fd.as_raw_fd(),
         &SockaddrStorage::from(SocketAddr::new(from, 0)),
-    )?;
+    ) {
+        return Err(io::Error::other(format!(
+            "cannot bind to {from}: {}",
+            e.desc()
+        )));
+    }
     match connect(fd.as_raw_fd(), &SockaddrStorage::from(to)) {
         Ok(()) => {}
         Err(nix::errno::Errno::EINPROGRESS) => {

@@ -51,6 +51,8 @@ fn make_job(dir: &PathBuf, rcpts: &[&str], body: &[u8], nexthop: &str) -> (Queue
         queue_wait: 0.0,
         flags: 0,
         site: None,
+        pool: String::new(),
+        selection: String::new(),
     };
     let job = Job::open(&tree, req).unwrap();
     (tree, job)
