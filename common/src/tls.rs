@@ -371,14 +371,12 @@ struct KeysBySignature {
 
 impl rustls::server::ResolvesServerCert for KeysBySignature {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<sign::CertifiedKey>> {
+        // Runs once per full handshake: no allocation but the log words.
         let offered = hello.signature_schemes();
         let suites = hello.cipher_suites();
-        let tls13 = suites
-            .iter()
-            .any(|s| format!("{s:?}").starts_with("TLS13_"));
-        let mut order: Vec<&Arc<sign::CertifiedKey>> = self.keys.iter().collect();
-        order.sort_by_key(|k| k.key.algorithm() != rustls::SignatureAlgorithm::ECDSA);
-        let chosen = order.into_iter().find(|k| {
+        // TLS 1.3 suites are 0x13XX (RFC 8446, B.4).
+        let tls13 = suites.iter().any(|s| u16::from(*s) >> 8 == 0x13);
+        let usable = |k: &&Arc<sign::CertifiedKey>| {
             let Some(signer) = k.key.choose_scheme(offered) else {
                 return false;
             };
@@ -388,11 +386,19 @@ impl rustls::server::ResolvesServerCert for KeysBySignature {
                 _ => "-RSA-",
             };
             tls13
-                || provider()
-                    .cipher_suites
+                || ring::DEFAULT_CIPHER_SUITES
                     .iter()
                     .any(|s| cipher_name(*s).contains(auth) && suites.contains(&s.suite()))
-        })?;
+        };
+        // ECDSA first, as OpenSSL chooses for Postfix.
+        let is_ecdsa =
+            |k: &&Arc<sign::CertifiedKey>| k.key.algorithm() == rustls::SignatureAlgorithm::ECDSA;
+        let chosen = self
+            .keys
+            .iter()
+            .filter(is_ecdsa)
+            .chain(self.keys.iter().filter(|k| !is_ecdsa(k)))
+            .find(usable)?;
         let signature = chosen
             .key
             .choose_scheme(offered)

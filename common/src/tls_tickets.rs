@@ -110,6 +110,9 @@ pub struct SharedTicketer {
     /// Seconds a ticket stays valid (`smtpd_tls_session_cache_timeout`).
     lifetime: u64,
     rng: SystemRandom,
+    /// The key of the last period asked for (derived once per period,
+    /// not once per ticket).
+    last: std::sync::Mutex<Option<(u64, std::sync::Arc<LessSafeKey>)>>,
 }
 
 impl std::fmt::Debug for SharedTicketer {
@@ -126,6 +129,7 @@ impl SharedTicketer {
             secret,
             lifetime: lifetime.max(1),
             rng: SystemRandom::new(),
+            last: std::sync::Mutex::new(None),
         }
     }
 
@@ -141,8 +145,20 @@ impl SharedTicketer {
     }
 
     /// The key of the period `issued` falls in.
-    fn key(&self, issued: u64) -> Option<LessSafeKey> {
+    fn key(&self, issued: u64) -> Option<std::sync::Arc<LessSafeKey>> {
         let period = issued / self.period();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, k)) = &*last {
+            if *p == period {
+                return Some(k.clone());
+            }
+        }
+        let k = std::sync::Arc::new(self.derive(period)?);
+        *last = Some((period, k.clone()));
+        Some(k)
+    }
+
+    fn derive(&self, period: u64) -> Option<LessSafeKey> {
         let prk = Salt::new(HKDF_SHA256, b"postern smtpd ticket key").extract(&self.secret);
         let info = period.to_be_bytes();
         let info = [&info[..]];

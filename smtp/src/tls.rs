@@ -453,8 +453,23 @@ impl<S: crate::client::Stream> Read for TlsStream<S> {
 }
 
 impl<S: crate::client::Stream> Write for TlsStream<S> {
+    /// The plaintext and whatever TLS records wait before it (the
+    /// client's Finished after [`Client::handshake`]) in one write.
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.inner.write(b)
+        let s = &mut self.inner;
+        if s.conn.is_handshaking() {
+            return s.write(b);
+        }
+        let n = s.conn.writer().write(b)?;
+        while s.conn.wants_write() {
+            match s.conn.write_tls(&mut s.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
@@ -486,6 +501,36 @@ impl std::fmt::Display for HandshakeError {
             HandshakeError::Lost => f.write_str("lost connection"),
         }
     }
+}
+
+/// Runs the handshake until the client is done, leaving its last
+/// flight (Finished) queued: the first write of the session sends it
+/// with the first command ([`TlsStream`]), and a first read flushes it
+/// (rustls's `Stream`). Errors as rustls's `complete_io` gives them: a
+/// TLS error inside an `InvalidData` error, its alert sent.
+fn drive_handshake<S: Read + Write>(conn: &mut ClientConnection, sock: &mut S) -> io::Result<()> {
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            match conn.write_tls(sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match conn.read_tls(sock) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // The alert rustls queued goes out, once.
+            let _ = conn.write_tls(sock);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+    Ok(())
 }
 
 /// A finished handshake.
@@ -528,24 +573,22 @@ impl Client {
             .map_err(|e| HandshakeError::Tls(e.to_string()))?;
         let mut conn = ClientConnection::new(config, name.to_owned())
             .map_err(|e| HandshakeError::Tls(e.to_string()))?;
-        while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut sock) {
-                return Err(
-                    match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
-                        Some(t) => HandshakeError::Tls(t.to_string()),
-                        None if matches!(
-                            e.kind(),
-                            io::ErrorKind::UnexpectedEof
-                                | io::ErrorKind::ConnectionReset
-                                | io::ErrorKind::BrokenPipe
-                        ) =>
-                        {
-                            HandshakeError::Lost
-                        }
-                        None => HandshakeError::System(e.to_string()),
-                    },
-                );
-            }
+        if let Err(e) = drive_handshake(&mut conn, &mut sock) {
+            return Err(
+                match e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
+                    Some(t) => HandshakeError::Tls(t.to_string()),
+                    None if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
+                    ) =>
+                    {
+                        HandshakeError::Lost
+                    }
+                    None => HandshakeError::System(e.to_string()),
+                },
+            );
         }
         let negotiated = Negotiated::of(&conn);
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);

@@ -97,6 +97,9 @@ struct Slot {
     out: OutBuf,
     /// There may be bytes to read.
     readable: bool,
+    /// The client's side is closed (or in error): read until EOF, a
+    /// short read is no sign that the socket is drained of its news.
+    read_closed: bool,
     eof: bool,
     /// A write failed: the client is gone.
     broken: bool,
@@ -367,6 +370,7 @@ impl Server {
                 }
             } else {
                 slot.readable |= readable;
+                slot.read_closed |= ev.is_read_closed() || ev.is_error();
             }
             touched.push(idx);
         }
@@ -586,6 +590,7 @@ impl Server {
             sock,
             out: OutBuf::default(),
             readable: true,
+            read_closed: false,
             eof: false,
             broken: false,
             kill: false,
@@ -999,6 +1004,10 @@ fn read_input(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) -> ControlFlow
             }
             Ok(n) => {
                 *reads += 1;
+                // Short: drained for now; the next arrival is an event.
+                if n < buf.len() && !slot.read_closed {
+                    slot.readable = false;
+                }
                 slot.last_io = Instant::now();
                 slot.session.receive(&buf[..n]);
             }
@@ -1019,7 +1028,14 @@ fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
         return;
     };
     let handshaking = t.is_handshaking();
-    let outcome = t.read(&mut slot.sock, buf, &mut slot.readable);
+    let mut sock = crate::tls::NoteShort {
+        inner: &mut slot.sock,
+        short: false,
+    };
+    let outcome = t.read(&mut sock, buf, &mut slot.readable);
+    if sock.short && !slot.read_closed {
+        slot.readable = false;
+    }
     for e in t.take_ticket_events() {
         slot.session.tls_ticket(e);
     }

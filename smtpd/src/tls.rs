@@ -36,6 +36,29 @@ pub struct TlsConn {
     ticketed: bool,
     /// What the ticketer did for this connection, not yet logged.
     ticket_events: Vec<postern_common::tls_tickets::TicketEvent>,
+    /// The TLS 1.3 session ticket that follows the client's Finished is
+    /// held back to leave with the next reply (one write, one segment,
+    /// instead of two): the client sends its first command without
+    /// waiting for the ticket. Released by any plaintext, close or error.
+    hold: bool,
+}
+
+/// A reader that notes a short read: the socket had no more bytes at
+/// that moment, so the loop need not ask again until the next readiness
+/// event (epoll reports every arrival; tokio relies on the same).
+pub struct NoteShort<'a, R> {
+    pub inner: &'a mut R,
+    pub short: bool,
+}
+
+impl<R: Read> Read for NoteShort<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n < buf.len() {
+            self.short = true;
+        }
+        Ok(n)
+    }
 }
 
 /// What a read produced.
@@ -64,6 +87,7 @@ impl TlsConn {
             server_signature: None,
             ticketed: false,
             ticket_events: Vec::new(),
+            hold: false,
         })
     }
 
@@ -110,7 +134,11 @@ impl TlsConn {
                             return ReadOutcome::WouldBlock;
                         }
                     }
-                    Err(e) => return ReadOutcome::Error(e.to_string()),
+                    Err(e) => {
+                        // The alert goes out, with anything held.
+                        self.hold = false;
+                        return ReadOutcome::Error(e.to_string());
+                    }
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *sock_readable = false;
@@ -129,7 +157,19 @@ impl TlsConn {
         &mut self,
     ) -> Result<postern_common::tls::rustls::IoState, postern_common::tls::rustls::Error> {
         postern_common::tls_tickets::allow_issuing(!self.ticketed);
+        let was_handshaking = self.conn.is_handshaking();
         let processed = self.conn.process_new_packets();
+        // TLS 1.3 only: in 1.2 what follows the client's Finished is the
+        // server's own Finished, which the client waits for.
+        if was_handshaking
+            && !self.conn.is_handshaking()
+            && processed.is_ok()
+            && self.conn.wants_write()
+            && self.conn.protocol_version()
+                == Some(postern_common::tls::rustls::ProtocolVersion::TLSv1_3)
+        {
+            self.hold = true;
+        }
         let chosen = postern_common::tls::take_server_signature();
         if self.server_signature.is_none() {
             self.server_signature = chosen;
@@ -145,18 +185,19 @@ impl TlsConn {
 
     /// Hands plaintext to rustls (all of it: no buffer limit).
     pub fn write_plain(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hold = false;
         self.conn.writer().write(data)
     }
 
-    /// Whether rustls has records to send.
+    /// Whether rustls has records to send now (not a held ticket).
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        !self.hold && self.conn.wants_write()
     }
 
     /// Sends what rustls has until done or the socket is full; Ok(bytes).
     pub fn flush<W: Write>(&mut self, sock: &mut W) -> io::Result<usize> {
         let mut n = 0;
-        while self.conn.wants_write() {
+        while self.wants_write() {
             match self.conn.write_tls(sock) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => n += k,
@@ -201,6 +242,7 @@ impl TlsConn {
             return false;
         }
         self.closing = true;
+        self.hold = false;
         self.conn.send_close_notify();
         true
     }

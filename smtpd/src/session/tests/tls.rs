@@ -125,3 +125,123 @@ fn test_tls_config() -> Arc<postern_common::tls::rustls::ServerConfig> {
     .map(Arc::new)
     .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A TLS client that accepts any server (the server's side is tested).
+#[derive(Debug)]
+struct AnyServer(Arc<postern_common::tls::rustls::crypto::CryptoProvider>);
+
+impl postern_common::tls::rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &postern_common::tls::rustls::pki_types::CertificateDer<'_>,
+        _: &[postern_common::tls::rustls::pki_types::CertificateDer<'_>],
+        _: &postern_common::tls::rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: postern_common::tls::rustls::pki_types::UnixTime,
+    ) -> Result<
+        postern_common::tls::rustls::client::danger::ServerCertVerified,
+        postern_common::tls::rustls::Error,
+    > {
+        Ok(postern_common::tls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &postern_common::tls::rustls::pki_types::CertificateDer<'_>,
+        _: &postern_common::tls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        postern_common::tls::rustls::client::danger::HandshakeSignatureValid,
+        postern_common::tls::rustls::Error,
+    > {
+        Ok(postern_common::tls::rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &postern_common::tls::rustls::pki_types::CertificateDer<'_>,
+        _: &postern_common::tls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        postern_common::tls::rustls::client::danger::HandshakeSignatureValid,
+        postern_common::tls::rustls::Error,
+    > {
+        Ok(postern_common::tls::rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<postern_common::tls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Runs a handshake in memory between smtpd's TLS layer and a rustls
+/// client offering `version`; returns both once the server is done.
+fn handshake_in_memory(
+    version: &'static postern_common::tls::rustls::SupportedProtocolVersion,
+) -> (
+    crate::tls::TlsConn,
+    postern_common::tls::rustls::ClientConnection,
+) {
+    use crate::tls::{ReadOutcome, TlsConn};
+    use postern_common::tls::rustls;
+    let provider = postern_common::tls::provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let mut server = TlsConn::new(test_tls_config()).unwrap();
+    let mut buf = [0u8; 4096];
+    for _ in 0..10 {
+        let mut wire = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+        }
+        let mut readable = true;
+        let mut src = &wire[..];
+        match server.read(&mut src, &mut buf, &mut readable) {
+            ReadOutcome::WouldBlock | ReadOutcome::Eof => {}
+            other => panic!("{other:?}"),
+        }
+        if !server.is_handshaking() {
+            return (server, client);
+        }
+        let mut back = Vec::new();
+        server.flush(&mut back).unwrap();
+        client.read_tls(&mut &back[..]).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    panic!("no handshake");
+}
+
+#[test]
+fn tls13_ticket_leaves_with_the_first_reply() {
+    use std::io::Read;
+    let (mut server, mut client) =
+        handshake_in_memory(&postern_common::tls::rustls::version::TLS13);
+    // The session ticket waits: nothing to send, reading goes on.
+    assert!(!server.wants_write());
+    let mut wire = Vec::new();
+    assert_eq!(server.flush(&mut wire).unwrap(), 0);
+    // The first reply takes it along, in one write.
+    server.write_plain(b"250 ok\r\n").unwrap();
+    assert!(server.wants_write());
+    server.flush(&mut wire).unwrap();
+    client.read_tls(&mut &wire[..]).unwrap();
+    client.process_new_packets().unwrap();
+    let mut got = [0u8; 16];
+    let n = client.reader().read(&mut got).unwrap();
+    assert_eq!(&got[..n], b"250 ok\r\n");
+    // The ticket came too: the client can resume.
+    assert!(
+        client.tls13_tickets_received() > 0,
+        "no ticket with the reply"
+    );
+}
+
+#[test]
+fn tls12_finished_is_not_held() {
+    let (server, _client) = handshake_in_memory(&postern_common::tls::rustls::version::TLS12);
+    // The server's Finished follows the client's: the client waits for it.
+    assert!(server.wants_write());
+}
