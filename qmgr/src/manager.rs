@@ -25,7 +25,7 @@ use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
 use crate::retire::Retirer;
 use crate::retry;
-use crate::scan::{self, Scan};
+use crate::scan::{self, DeferredScan, Scan, Taken};
 use crate::schedule::{Limits, Scheduler, Target};
 use postern_common::accounting;
 use postern_common::fatal;
@@ -76,7 +76,8 @@ pub struct Manager {
     retry: retry::Policy,
     messages: HashMap<String, Message>,
     incoming: Scan,
-    deferred: Scan,
+    /// `deferred/`, indexed by retry time.
+    deferred: DeferredScan,
     /// Which scan goes first next: they alternate, as in Postfix.
     incoming_turn: bool,
     tx: Sender<Event>,
@@ -137,7 +138,11 @@ impl Manager {
             retry: retry::Policy::from_config(cfg),
             messages: HashMap::new(),
             incoming: Scan::new(Queue::Incoming),
-            deferred: Scan::new(Queue::Deferred),
+            deferred: DeferredScan::new(Duration::from_secs(
+                cfg.get_time("qmgr_deferred_rescan_time")
+                    .unwrap_or(3600)
+                    .max(1),
+            )),
             incoming_turn: false,
             retirer: Retirer::new(QueueTree::configured(&queue, cfg)),
             // As many as deliveries may be in flight; started on demand.
@@ -184,8 +189,9 @@ impl Manager {
                 self.rx
                     .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                     .ok()
-            } else if let Some(at) = self.sched.next_wakeup() {
-                // A destination waits out its rate delay.
+            } else if let Some(at) = self.next_wakeup() {
+                // A destination waits out its rate delay, or a deferred
+                // file's retry time is ahead.
                 let wait = at.saturating_duration_since(std::time::Instant::now());
                 self.rx.recv_timeout(wait).ok()
             } else {
@@ -197,6 +203,17 @@ impl Manager {
                     self.handle(ev);
                 }
             }
+        }
+    }
+
+    /// When the main loop must wake up without an event: a rate delay
+    /// ends, or the next deferred file is due (when there is room to
+    /// take it in: a full active queue waits for a message to finish).
+    fn next_wakeup(&self) -> Option<Instant> {
+        let deferred = self.deferred.next_due().filter(|_| self.room());
+        match (self.sched.next_wakeup(), deferred) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -335,7 +352,7 @@ impl Manager {
                 site,
                 seconds,
                 reason,
-            } => match self.sched.sites.find(&site) {
+            } => match self.site_named(&site) {
                 Some(s) => {
                     let name = s.borrow().name.clone();
                     info!("admin: suspend site {name} for {seconds}s: {reason}");
@@ -348,9 +365,9 @@ impl Manager {
                     );
                     (true, format!("site {name} suspended for {seconds}s"))
                 }
-                None => (false, format!("no site known for \"{site}\"")),
+                None => (false, no_site(&site)),
             },
-            AdminRequest::Resume { site } => match self.sched.sites.find(&site) {
+            AdminRequest::Resume { site } => match self.site_named(&site) {
                 Some(s) => {
                     let name = s.borrow().name.clone();
                     info!("admin: resume site {name}");
@@ -367,7 +384,7 @@ impl Manager {
                     self.deferred.request(false);
                     (true, format!("site {name} resumed"))
                 }
-                None => (false, format!("no site known for \"{site}\"")),
+                None => (false, no_site(&site)),
             },
             AdminRequest::Bounce {
                 domain,
@@ -392,6 +409,30 @@ impl Manager {
                 )
             }
             _ => (false, "unexpected request".into()),
+        }
+    }
+
+    /// The site a name or domain of `postern suspend/resume` denotes: one
+    /// qmgr knows, or, for a domain it has not seen mail for yet, the
+    /// site its mail would go to (routed as a recipient there, its MX
+    /// hosts looked up, `delivery_policy_maps` asked), made now, so that
+    /// a suspension holds the first message already.
+    fn site_named(&mut self, what: &str) -> Option<crate::sites::SiteRef> {
+        if let Some(s) = self.sched.sites.find(what) {
+            return Some(s);
+        }
+        let domain = what.trim().trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || domain.contains(['@', ',', ' ', ':', '/']) {
+            return None;
+        }
+        match self
+            .resolver
+            .resolve_from(None, &format!("postmaster@{domain}"))
+        {
+            Resolution::Deliver { transport, nexthop } => {
+                self.sched.sites.site_for(&transport, &nexthop)
+            }
+            _ => None,
         }
     }
 
@@ -426,9 +467,11 @@ impl Manager {
                 Err(e) => warning!("{id}: move from active to hold: {e}"),
             },
             Some(AdminAction::Release) => {
-                let _ = queue::set_mtime(&self.tree.path(Queue::Active, id), now_secs());
-                if let Err(e) = self.tree.move_to(id, Queue::Active, Queue::Deferred) {
-                    warning!("{id}: move from active to deferred: {e}");
+                let now = now_secs();
+                let _ = queue::set_mtime(&self.tree.path(Queue::Active, id), now);
+                match self.tree.move_to(id, Queue::Active, Queue::Deferred) {
+                    Ok(()) => self.deferred.deferred(id, now),
+                    Err(e) => warning!("{id}: move from active to deferred: {e}"),
                 }
             }
             None => {
@@ -463,7 +506,9 @@ impl Manager {
 
     fn wakeup(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
-            self.deferred.request(false);
+            // queue_run_delay: what is due comes from the index; the
+            // directory is listed every qmgr_deferred_rescan_time.
+            self.deferred.tick();
             return;
         }
         for &b in bytes {
@@ -512,7 +557,15 @@ impl Manager {
             }
             let file = match q {
                 Queue::Incoming => scan::take_incoming(&self.tree, &id),
-                _ => scan::take_deferred(&self.tree, &id, ignore_time),
+                _ => match scan::take_deferred(&self.tree, &id, ignore_time) {
+                    Taken::File(f) => Some(f),
+                    Taken::Later(at) => {
+                        // Its retry time was moved on: indexed again.
+                        self.deferred.deferred(&id, at);
+                        None
+                    }
+                    Taken::No => None,
+                },
             };
             if let Some(file) = file {
                 taken += 1;
@@ -527,13 +580,13 @@ impl Manager {
     fn next_file(&mut self) -> Option<(Queue, String, bool)> {
         for _ in 0..2 {
             self.incoming_turn = !self.incoming_turn;
-            let scan = if self.incoming_turn {
-                &mut self.incoming
+            let next = if self.incoming_turn {
+                self.incoming.next(&self.tree).map(|x| (Queue::Incoming, x))
             } else {
-                &mut self.deferred
+                self.deferred.next(&self.tree).map(|x| (Queue::Deferred, x))
             };
-            if let Some((id, ignore)) = scan.next(&self.tree) {
-                return Some((scan.queue(), id, ignore));
+            if let Some((q, (id, ignore))) = next {
+                return Some((q, id, ignore));
             }
         }
         None
@@ -549,7 +602,7 @@ impl Manager {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 info!("{id}: still being delivered by an earlier request; will retry");
-                self.to_deferred(id, 0, 0);
+                self.defer_file(id, 0, 0);
                 return;
             }
             Err(TryLockError::Error(e)) => warning!("{id}: lock queue file: {e}"),
@@ -559,7 +612,7 @@ impl Manager {
             Err(ReadError::Io(e)) => {
                 warning!("{id}: read queue file: {e}");
                 drop(file);
-                self.to_deferred(id, 0, 0);
+                self.defer_file(id, 0, 0);
                 return;
             }
             Err(e) => {
@@ -678,7 +731,10 @@ impl Manager {
             msg.queued = msg.queued.saturating_sub(1);
             match s.site_until {
                 Some(t) => msg.site_wait = Some(msg.site_wait.map_or(t, |w| w.min(t))),
-                None if !s.bounce => msg.other_defer = true,
+                None if !s.bounce => {
+                    msg.other_defer = true;
+                    msg.plain_defer = true;
+                }
                 None => {}
             }
             let items: Vec<Item> = s
@@ -788,9 +844,19 @@ impl Manager {
                 .map(|r| (r.dsn.as_str(), r.reason.as_str()))
                 .unwrap_or(("4.4.1", "destination unreachable"))
         });
-        if let Some(site) = self.sched.site_of(&c.transport, &c.destination) {
-            self.site_replies(&site, &c);
+        let site = self.sched.site_of(&c.transport, &c.destination);
+        if let Some(site) = &site {
+            self.site_replies(site, &c);
         }
+        // PowerMTA's backoff_retry_after: what a site in backoff defers
+        // is retried after that time, not the usual backoff.
+        let backoff_retry = site.as_ref().and_then(|s| {
+            let s = s.borrow();
+            s.backoff.as_ref()?;
+            s.policy
+                .backoff_retry_after
+                .map(|d| now_secs() + d.as_secs())
+        });
         self.sched.done(&c.transport, &c.destination, failure);
         self.defer_suspended();
         for part in c.parts {
@@ -800,6 +866,10 @@ impl Manager {
             msg.in_flight = msg.in_flight.saturating_sub(1);
             if part.results.iter().any(|r| r.outcome == Outcome::Deferred) {
                 msg.other_defer = true;
+                match backoff_retry {
+                    Some(t) => msg.backoff_retry = Some(msg.backoff_retry.map_or(t, |w| w.min(t))),
+                    None => msg.plain_defer = true,
+                }
             }
             msg.apply(&part.indexes, &part.results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
@@ -1049,27 +1119,46 @@ impl Manager {
             // Deferred only for suspended sites: not back before the
             // first suspension ends (a suspended site costs no retries).
             let not_before = msg.site_wait.filter(|_| !msg.other_defer).unwrap_or(0);
-            self.to_deferred(id, msg.env.arrival_secs, not_before);
+            // Deferred only by sites in backoff with backoff_retry_after
+            // (and perhaps suspended ones): their retry time.
+            let exact = msg
+                .backoff_retry
+                .filter(|_| !msg.plain_defer)
+                .map(|t| t.max(not_before));
+            self.defer_at(id, msg.env.arrival_secs, not_before, exact);
         }
     }
 
     /// Moves a message from `active/` to `deferred/`, its mtime set first
     /// to the time of the next attempt (so a deferred scan never sees it
     /// with an old time).
-    fn to_deferred(&self, id: &str, arrival: u64, not_before: u64) {
+    fn defer_file(&mut self, id: &str, arrival: u64, not_before: u64) {
+        self.defer_at(id, arrival, not_before, None);
+    }
+
+    /// [`Manager::defer_file`] with the retry time `exact` when given.
+    fn defer_at(&mut self, id: &str, arrival: u64, not_before: u64, exact: Option<u64>) {
         let now = now_secs();
-        let at = (now + self.retry.backoff(now, arrival)).max(not_before);
+        let at = exact.unwrap_or_else(|| (now + self.retry.backoff(now, arrival)).max(not_before));
         let path = self.tree.path(Queue::Active, id);
         if let Err(e) = queue::set_mtime(&path, at) {
             warning!("{id}: set retry time: {e}");
         }
-        if let Err(e) = self.tree.shift(id, Queue::Active, Queue::Deferred) {
-            warning!("{id}: move from active to deferred: {e}");
+        match self.tree.shift(id, Queue::Active, Queue::Deferred) {
+            Ok(()) => self.deferred.deferred(id, at),
+            Err(e) => warning!("{id}: move from active to deferred: {e}"),
         }
     }
 }
 
 /// The qmgr daemon: the wake-up thread, start-up recovery, the main loop.
+/// The answer to `postern suspend/resume` for what is no site.
+fn no_site(what: &str) -> String {
+    format!(
+        "no site for \"{what}\": not a site's name, and no delivery_policy_maps entry for its mail"
+    )
+}
+
 /// The `rule` of an accounting record for an operator's command.
 fn admin_rule(command: &str, reason: &str) -> String {
     if reason.trim().is_empty() {

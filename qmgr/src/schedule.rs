@@ -44,7 +44,8 @@ use postern_common::accounting;
 use postern_common::ipc::SiteHint;
 use postern_common::{info, warning};
 use postern_conf::Config;
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// A per-transport parameter: `TRANSPORT_NAME` when that is set (or has a
@@ -615,8 +616,14 @@ pub struct Scheduler {
     limits_of: Box<dyn Fn(&str) -> Limits>,
     /// Entries of dead destinations, for the manager to defer.
     suspended: Vec<Suspended>,
-    /// Destinations waiting out a rate delay: (when, transport, key).
-    waiting: Vec<(Instant, usize, String)>,
+    /// Destinations waiting out a rate delay or their site's rate: a
+    /// min-heap of (when, order of arrival, transport, key), so that the
+    /// next wake-up and each destination that may go again cost O(log n)
+    /// however many destinations wait (first come, first out at the
+    /// same instant).
+    waiting: BinaryHeap<Reverse<(Instant, u64, usize, String)>>,
+    /// Arrivals in `waiting` so far.
+    waits: u64,
     /// The sites of `delivery_policy_maps`.
     pub sites: Sites,
     /// `postern bounce DOMAIN`: domain → (until, reason).
@@ -635,7 +642,8 @@ impl Scheduler {
             max_in_flight: max_in_flight.max(1),
             limits_of: Box::new(limits_of),
             suspended: Vec::new(),
-            waiting: Vec::new(),
+            waiting: BinaryHeap::new(),
+            waits: 0,
             sites: Sites::none(),
             bounced: HashMap::new(),
         }
@@ -752,20 +760,20 @@ impl Scheduler {
 
     /// When a destination waiting out its rate delay can go.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.waiting.iter().map(|(t, _, _)| *t).min()
+        self.waiting.peek().map(|Reverse((t, _, _, _))| *t)
     }
 
     /// Puts destinations whose rate delay has passed back in their rings.
     fn promote_waiting(&mut self) {
-        if self.waiting.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(t, _, _)| *t <= now);
-        self.waiting = later;
-        for (_, ti, key) in due {
+        while self
+            .waiting
+            .peek()
+            .is_some_and(|Reverse((t, _, _, _))| *t <= now)
+        {
+            let Some(Reverse((_, _, ti, key))) = self.waiting.pop() else {
+                break;
+            };
             let t = &mut self.transports[ti];
             if let Some(d) = t.destinations.get_mut(&key) {
                 d.next_at = None;
@@ -790,8 +798,10 @@ impl Scheduler {
         for k in 0..n {
             let ti = (self.next + k) % n;
             let picked = self.transports[ti].pick(&mut waits);
-            self.waiting
-                .extend(waits.drain(..).map(|(at, key)| (at, ti, key)));
+            for (at, key) in waits.drain(..) {
+                self.waits += 1;
+                self.waiting.push(Reverse((at, self.waits, ti, key)));
+            }
             if let Some(d) = picked {
                 self.next = (ti + 1) % n;
                 self.in_flight += 1;
@@ -864,8 +874,13 @@ impl Scheduler {
         }
         if !limits.rate_delay.is_zero() {
             d.next_at = Some(now + limits.rate_delay);
-            self.waiting
-                .push((now + limits.rate_delay, ti, destination.to_string()));
+            self.waits += 1;
+            self.waiting.push(Reverse((
+                now + limits.rate_delay,
+                self.waits,
+                ti,
+                destination.to_string(),
+            )));
         } else if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
             t.destinations.remove(destination);
         } else {
