@@ -6,6 +6,7 @@ qmgr looks up itself to find each domain's site.
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -239,6 +240,66 @@ def test_backoff_rule_rate_falls_and_climbs_back(make_postern, dnsmasq, receiver
                                                        (recovered - t0, 0)]},
              "Adaptive backoff: a rule on '451 4.7.1 rate limited', 20/s configured", t0)
     print(f"struggling={struggling:.1f}/s final={final:.1f}/s; {rx.summary()}")
+
+
+def deferred_retry_times(p):
+    """The retry times (mtimes) of the files in deferred/."""
+    return [os.stat(p.queue / "deferred" / f).st_mtime for f in p.queue_files("deferred")]
+
+
+def test_backoff_retry_after_is_the_retry_time_of_a_backed_off_sites_mail(
+        make_postern, dnsmasq, receivers):
+    """PowerMTA's backoff_retry_after: what a site in backoff defers is
+    retried that long after, not after Postfix's backoff time (2s to 4s
+    here). The receiver takes 1 message a second and answers `451 4.7.1
+    rate limited` beyond; a `backoff` rule puts the site in backoff."""
+    rx = receivers(max_rate=1)
+    dns = dnsmasq(["--local=/test/", "--mx-host=bra.test,mx.bra.test,10",
+                   "--host-record=mx.bra.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bra.test",
+                      "max_connections=2 backoff_retry_after=2h",
+                      "/rate limited/ backoff\n", queue_run_delay="300s")
+    inject(p, [f"u{i}@bra.test" for i in range(10)], "pt-bra")
+    h.wait_for(lambda: p.log_search(r"site .*bra.*: backoff: rate"), 30,
+               what="the site in backoff")
+    h.wait_for(lambda: len(p.queue_files("deferred")) + rx.count() >= 10
+               and not p.queue_files("active") and not p.queue_files("incoming"), 60,
+               what="every message delivered or deferred")
+    deferred = deferred_retry_times(p)
+    assert deferred, f"nothing deferred; {rx.summary()}"
+    now = time.time()
+    for t in deferred:
+        assert now + 7000 <= t <= now + 7300, f"retry in {t - now:.0f}s, not 2h"
+    assert p.log_search(r"status=deferred .*rate limited"), p.log_tail()
+
+
+def test_suspend_a_domain_qmgr_has_not_seen(make_postern, dnsmasq, receivers):
+    """`postern suspend DOMAIN` before any mail for it: qmgr finds the
+    domain's site by its MX host and suspends it; the first message then
+    waits without an attempt, until `postern resume`. A domain no
+    delivery_policy_maps entry covers is refused with a reason."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=new.test,mx.new.test,10",
+                   "--host-record=mx.new.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "new.test", "max_connections=2", "",
+                      queue_run_delay="300s", minimal_backoff_time="300s",
+                      maximal_backoff_time="300s")
+    r = p.postern("suspend", "new.test", "1h", "maintenance")
+    assert r.returncode == 0, r
+    assert "site mx.new.test suspended" in r.stdout + r.stderr, r
+    q = p.postern("queues")
+    assert "mx.new.test" in q.stdout and "mode=suspended" in q.stdout, q.stdout
+    inject(p, ["u1@new.test"], "pt-new")
+    p.wait_for_log(r"to=<u1@new\.test>.*status=deferred.*suspended", 30)
+    assert rx.count() == 0
+    retry = h.wait_for(lambda: deferred_retry_times(p), 10, what="the message in deferred/")
+    assert len(retry) == 1 and retry[0] >= time.time() + 3000, retry
+    r = p.postern("resume", "new.test")
+    assert r.returncode == 0, r
+    wait_count(rx, 1, 30)
+    r = p.postern("suspend", "other.example", "1h")
+    assert r.returncode != 0
+    assert "no site for \"other.example\"" in r.stderr, r
 
 
 def test_shipped_policy_and_rules_pass_check(make_postern):
