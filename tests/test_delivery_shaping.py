@@ -480,6 +480,43 @@ def acct_postern(make_postern, dns, rx, domain, fmt, rules, **params):
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_mail_waiting_for_a_sites_limits_gets_delayed_records(make_postern, dnsmasq,
+                                                              receivers, fmt):
+    """12 messages in one session for a site of max_connections=1
+    max_message_rate=4/s: those queued while the site is at its limit
+    get one Delayed record each (451 4.4.5, "waiting for site ...", the
+    site's name), written as they start to wait, before their Delivery
+    record; every message is then delivered once."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=wsl.test,mx.wsl.test,10",
+                   "--host-record=mx.wsl.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "wsl.test", "max_connections=1 max_message_rate=4/s",
+                      "", accounting_log_file=lambda p: str(p.dir / "acct.log"),
+                      accounting_log_format=fmt)
+    inject(p, [f"u{i}@wsl.test" for i in range(12)], "pt-wsl")
+    wait_count(rx, 12, 60)
+    h.wait_for(lambda: sum(r["type"] == "Delivery" for r in read_acct(p, fmt)) >= 12, 20,
+               what="12 Delivery records")
+    recs = read_acct(p, fmt)
+    delayed = [r for r in recs if r["type"] == "Delayed"]
+    assert len(delayed) >= 6, [(r["type"], r["recipient"]) for r in recs]
+    assert all("waiting for site" in reply_of(r) for r in delayed), delayed
+    assert all("4.4.5" in (r["csv"]["dsnStatus"] if fmt == "csv" else reply_of(r))
+               for r in delayed), delayed
+    site = delayed[0]["site"]
+    assert "wsl" in site, delayed
+    assert all(r["site"] == site for r in delayed), delayed
+    # Once each, before the same recipient's Delivery.
+    rcpts = [r["recipient"] for r in delayed]
+    assert len(rcpts) == len(set(rcpts)), rcpts
+    order = [(r["type"], r["recipient"]) for r in recs]
+    for r in rcpts:
+        assert order.index(("Delayed", r)) < order.index(("Delivery", r)), order
+    assert sorted(r["recipient"] for r in recs if r["type"] == "Delivery") == \
+        sorted(f"u{i}@wsl.test" for i in range(12))
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_a_suspend_rule_writes_site_mode_changes_to_the_accounting_log(make_postern, dnsmasq,
                                                                        receivers, fmt):
     """A suspend= rule firing writes a SiteModeChange record naming the
@@ -518,8 +555,11 @@ def test_a_suspend_rule_writes_site_mode_changes_to_the_accounting_log(make_post
     assert ts04, recs
     assert all(r["bounce_classification"] == "provider-throttled" for r in ts04), ts04
     assert all(r["site"] == site for r in ts04), ts04
-    # Mail that waited for the suspension's end, without an attempt.
-    delayed = [r for r in recs if r["type"] == "Delayed"]
+    # Mail that waited for the suspension's end, without an attempt (the
+    # Delayed records of mail that waited for the site's limits are
+    # test_mail_waiting_for_a_sites_limits_gets_delayed_records').
+    delayed = [r for r in recs if r["type"] == "Delayed"
+               and "waiting for site" not in reply_of(r)]
     assert delayed, [r["type"] for r in recs]
     assert all("suspended" in reply_of(r) for r in delayed), delayed
     assert all(r["site"] == site for r in delayed), delayed

@@ -714,9 +714,43 @@ impl Manager {
         msg.set(&indexes, RcptState::Queued);
         msg.queued = self.sched.add_message(id, &targets);
         self.remember(id, msg);
+        self.record_held();
         self.defer_suspended();
         if self.messages.get(id).is_some_and(|m| m.idle()) {
             self.finish(id);
+        }
+    }
+
+    /// A Delayed accounting record for each recipient queued behind its
+    /// site's connection limit or message rate (KumoMTA's record for mail
+    /// held back by a throttle): written once, when it starts to wait.
+    fn record_held(&mut self) {
+        let held = self.sched.take_held();
+        if held.is_empty() || !accounting::enabled() {
+            return;
+        }
+        for h in held {
+            let Some(msg) = self.messages.get(&h.entry.message) else {
+                continue;
+            };
+            let reply = postern_common::bounce_class::Reply {
+                code: 451,
+                enhanced: "4.4.5".into(),
+                content: h.why.clone(),
+                ..Default::default()
+            };
+            for &i in &h.entry.recipients {
+                let mut rec = accounting::message_record(
+                    accounting::Kind::Delayed,
+                    &h.entry.message,
+                    &msg.env,
+                    &msg.env.recipients[i].rcpt,
+                    Some(&reply),
+                    "",
+                );
+                rec.site = h.site.clone();
+                accounting::write(&rec);
+            }
         }
     }
 

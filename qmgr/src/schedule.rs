@@ -433,6 +433,15 @@ pub struct Suspended {
     pub site: String,
 }
 
+/// An entry queued behind its site's connection limit or message rate
+/// (for the accounting log's Delayed record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub entry: Entry,
+    pub site: String,
+    pub why: String,
+}
+
 #[derive(Debug)]
 struct Transport {
     name: String,
@@ -616,6 +625,8 @@ pub struct Scheduler {
     limits_of: Box<dyn Fn(&str) -> Limits>,
     /// Entries of dead destinations, for the manager to defer.
     suspended: Vec<Suspended>,
+    /// Entries queued behind a site's limit, for the manager to record.
+    held: Vec<Held>,
     /// Destinations waiting out a rate delay or their site's rate: a
     /// min-heap of (when, order of arrival, transport, key), so that the
     /// next wake-up and each destination that may go again cost O(log n)
@@ -642,6 +653,7 @@ impl Scheduler {
             max_in_flight: max_in_flight.max(1),
             limits_of: Box::new(limits_of),
             suspended: Vec::new(),
+            held: Vec::new(),
             waiting: BinaryHeap::new(),
             waits: 0,
             sites: Sites::none(),
@@ -712,6 +724,27 @@ impl Scheduler {
                     .then(|| (s.name.clone(), s.suspended.clone().expect("suspended")))
             });
             let bounce_reason = bounce_reason(&mut self.bounced, &d.nexthop);
+            // Mail that will wait for the site's connection limit or
+            // message rate (not for a suspension: deferred below).
+            let site_limit = d
+                .site
+                .as_ref()
+                .filter(|_| site_suspension.is_none())
+                .and_then(|s| {
+                    let s = s.borrow();
+                    let why = if s.in_flight >= s.max_connections() {
+                        format!(
+                            "waiting for site {}: at its connection limit ({})",
+                            s.name,
+                            s.max_connections()
+                        )
+                    } else if s.rate_ready_at(now) > now {
+                        format!("waiting for site {}: at its message rate", s.name)
+                    } else {
+                        return None;
+                    };
+                    Some((s.name.clone(), why))
+                });
             let chunk_size = d
                 .site
                 .as_ref()
@@ -742,6 +775,13 @@ impl Scheduler {
                 } else if d.dead_until.is_some() {
                     self.suspended.push(suspend(entry, &d.last_failure));
                 } else {
+                    if let Some((site, why)) = &site_limit {
+                        self.held.push(Held {
+                            entry: entry.clone(),
+                            site: site.clone(),
+                            why: why.clone(),
+                        });
+                    }
                     d.entries.push(entry);
                 }
                 count += 1;
@@ -756,6 +796,12 @@ impl Scheduler {
     /// [`Scheduler::add_message`] returned).
     pub fn take_suspended(&mut self) -> Vec<Suspended> {
         std::mem::take(&mut self.suspended)
+    }
+
+    /// Entries queued behind a site's limit since the last call: the
+    /// caller writes a Delayed accounting record for each recipient.
+    pub fn take_held(&mut self) -> Vec<Held> {
+        std::mem::take(&mut self.held)
     }
 
     /// When a destination waiting out its rate delay can go.
