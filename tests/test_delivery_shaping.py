@@ -7,6 +7,7 @@ qmgr looks up itself to find each domain's site.
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -413,6 +414,40 @@ def test_defer_and_bounce_rules_change_a_recipients_outcome(make_postern, dnsmas
                    what=f"{rcpt}: {status}")
     assert p.log_search(r"to=<tempo@rr\.test>.*dsn=4\.2\.1, status=deferred"), p.log_tail()
     assert p.log_search(r"to=<full@rr\.test>.*dsn=5\.2\.2, status=bounced"), p.log_tail()
+
+
+def test_after_counts_before_defer_and_bounce_act(make_postern, dnsmasq, receivers):
+    """`after=3/1h` with `bounce`: the first two `452 4.2.2` are deferred
+    as usual, the third within the hour is final; with `defer`: the first
+    two `550 5.2.1` bounce as usual, the third is deferred. One message
+    at a time, so that each reply is its own match."""
+    rx = receivers()
+    for i in range(3):
+        rx.set_rcpt(f"full{i}@ra.test", "452 4.2.2 mailbox full")
+        rx.set_rcpt(f"tempo{i}@ra.test", "550 5.2.1 mailbox temporarily disabled")
+    dns = dnsmasq(["--local=/test/", "--mx-host=ra.test,mx.ra.test,10",
+                   "--host-record=mx.ra.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "ra.test", "max_connections=1",
+                      "/temporarily disabled/ defer after=3/1h\n"
+                      "/^452 4\\.2\\.2 / bounce after=3/1h\n",
+                      minimal_backoff_time="300s", maximal_backoff_time="300s",
+                      queue_run_delay="300s")
+    for kind, first, nth in [("full", "deferred", "bounced"), ("tempo", "bounced", "deferred")]:
+        for i in range(3):
+            inject(p, [f"{kind}{i}@ra.test"], "pt-ra")
+            want = nth if i == 2 else first
+            p.wait_for_log(rf"to=<{kind}{i}@ra\.test>.*status={want}", 20,
+                           what=f"{kind}{i}: {want}")
+    log = p.log_text()
+    # Before the third: the usual outcome only (the first two 452s are
+    # not bounced; the third 550 is not bounced).
+    for rcpt in ["full0", "full1", "tempo2"]:
+        assert not re.search(rf"to=<{rcpt}@ra\.test>.*status=bounced", log), log
+    # The third 452 made final: a bounce with a 5.x.x code.
+    assert re.search(r"to=<full2@ra\.test>.*dsn=5\.2\.2, status=bounced", log), p.log_tail()
+    assert re.search(r"to=<tempo2@ra\.test>.*dsn=4\.2\.1, status=deferred", log), p.log_tail()
+    # The first two 5xx: deferred by the agent, made final by qmgr.
+    assert re.search(r"to=<tempo0@ra\.test>.*dsn=5\.2\.1, status=bounced", log), p.log_tail()
 
 
 # --------------------------------------------------------------------------

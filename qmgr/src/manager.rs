@@ -869,18 +869,20 @@ impl Manager {
         }
     }
 
-    fn delivered(&mut self, c: Completion) {
-        let failure = c.destination_failed.then(|| {
+    fn delivered(&mut self, mut c: Completion) {
+        let failure: Option<(String, String)> = c.destination_failed.then(|| {
             c.parts
                 .iter()
                 .flat_map(|p| &p.results)
                 .find(|r| r.outcome == Outcome::Deferred)
-                .map(|r| (r.dsn.as_str(), r.reason.as_str()))
-                .unwrap_or(("4.4.1", "destination unreachable"))
+                .map(|r| (r.dsn.clone(), r.reason.clone()))
+                .unwrap_or(("4.4.1".into(), "destination unreachable".into()))
         });
+        let failure = failure.as_ref().map(|(d, r)| (d.as_str(), r.as_str()));
         let site = self.sched.site_of(&c.transport, &c.destination);
         if let Some(site) = &site {
-            self.site_replies(site, &c);
+            let bounce = self.site_replies(site, &c);
+            self.bounce_now(&mut c, bounce);
         }
         // PowerMTA's backoff_retry_after: what a site in backoff defers
         // is retried after that time, not the usual backoff.
@@ -917,9 +919,24 @@ impl Manager {
     /// What a site's replies mean: successes let a site in backoff
     /// recover; a remote reply (never one Postern wrote itself) that
     /// matches `delivery_reply_rules` acts on the site.
-    fn site_replies(&mut self, site: &crate::sites::SiteRef, c: &Completion) {
+    ///
+    /// A rule with `after=N/PERIOD` and `bounce` or `defer` decides the
+    /// outcome here, where the matches are counted: returns the deferred
+    /// recipients to bounce now, (message, offset, dsn, reason) — under
+    /// `bounce` those of the Nth match (a 4xx made final), under `defer`
+    /// those of the other matches (a 5xx the smtp agent deferred, as
+    /// `delivery_policy::adjust_outcome` does for such a rule, made final
+    /// again: only the Nth is treated as temporary).
+    fn site_replies(
+        &mut self,
+        site: &crate::sites::SiteRef,
+        c: &Completion,
+    ) -> Vec<(String, u64, String, String)> {
         use postern_common::delivery_policy::remote_reply;
-        let mut seen = std::collections::HashSet::new();
+        let mut bounce = Vec::new();
+        // Each distinct reply counts once per completion; its decision
+        // holds for every recipient that got it.
+        let mut decided: HashMap<String, bool> = HashMap::new();
         for part in &c.parts {
             if part.results.iter().any(|r| r.outcome == Outcome::Sent) {
                 site.borrow_mut().success();
@@ -929,15 +946,47 @@ impl Manager {
                     continue;
                 };
                 site.borrow_mut().last_reply = reply.clone();
-                if !seen.insert(reply.clone()) {
+                let final_dsn = || {
+                    let mut d = r.dsn.clone();
+                    if d.len() > 1 {
+                        d.replace_range(..1, "5");
+                    }
+                    d
+                };
+                if let Some(&b) = decided.get(&reply) {
+                    if b && r.outcome == Outcome::Deferred {
+                        bounce.push((
+                            part.message.clone(),
+                            r.offset,
+                            final_dsn(),
+                            r.reason.clone(),
+                        ));
+                    }
                     continue;
                 }
                 let found = {
                     let s = site.borrow();
                     self.sched.sites.reply_rule(&c.transport, &s, &reply)
                 };
-                let Some((text, rule)) = found else { continue };
-                if !site.borrow_mut().trigger(&text, rule.after) {
+                let Some((text, rule)) = found else {
+                    decided.insert(reply, false);
+                    continue;
+                };
+                let fired = site.borrow_mut().trigger(&text, rule.after);
+                let bounce_now = rule.after.is_some()
+                    && r.outcome == Outcome::Deferred
+                    && ((fired && rule.bounce.is_some())
+                        || (!fired && rule.defer && reply.starts_with('5')));
+                decided.insert(reply.clone(), bounce_now);
+                if bounce_now {
+                    bounce.push((
+                        part.message.clone(),
+                        r.offset,
+                        final_dsn(),
+                        r.reason.clone(),
+                    ));
+                }
+                if !fired {
                     continue;
                 }
                 let name = site.borrow().name.clone();
@@ -979,6 +1028,36 @@ impl Manager {
                         d.as_secs()
                     );
                 }
+            }
+        }
+        bounce
+    }
+
+    /// Bounces deferred recipients of a completion now (what
+    /// [`Manager::site_replies`] decided), recording the bounce as an
+    /// agent would and adding its result to the part's results.
+    fn bounce_now(&mut self, c: &mut Completion, bounce: Vec<(String, u64, String, String)>) {
+        for (message, offset, dsn, reason) in bounce {
+            let Some(msg) = self.messages.get(&message) else {
+                continue;
+            };
+            let Some(r) = msg.env.recipients.iter().find(|r| r.offset == offset) else {
+                continue;
+            };
+            info!("{message}: a reply rule's after= count makes the failure final: {reason}");
+            let item = Item {
+                rcpt: DeliveryRecipient {
+                    offset,
+                    rcpt: r.rcpt.clone(),
+                },
+                outcome: Outcome::Bounced,
+                dsn,
+                reason,
+            };
+            let results = record::record(&self.tree, msg.request("none", "", &[]), vec![item]);
+            if let Some(part) = c.parts.iter_mut().find(|p| p.message == message) {
+                // The last result for a recipient is what counts.
+                part.results.extend(results);
             }
         }
     }
