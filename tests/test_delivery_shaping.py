@@ -514,6 +514,33 @@ def acct_postern(make_postern, dns, rx, domain, fmt, rules, **params):
                          accounting_log_format=fmt, **params)
 
 
+def test_num_attempts_counts_across_delivery_rounds(make_postern, dnsmasq, receivers):
+    """A recipient answered `451 4.3.0` in three delivery rounds, then
+    accepted: its TransientFailure records count 1, 2, 3 and its Delivery
+    record 4 (the defer log of each round carries the earlier rounds'
+    count over)."""
+    rx = receivers()
+    rx.set_rcpt("slow@na.test", "451 4.3.0 try again later")
+    dns = dnsmasq(["--local=/test/", "--mx-host=na.test,mx.na.test,10",
+                   "--host-record=mx.na.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "na.test", "max_connections=2", "",
+                      accounting_log_file=lambda p: str(p.dir / "acct.log"),
+                      accounting_log_format="json",
+                      minimal_backoff_time="1s", maximal_backoff_time="1s")
+    inject(p, ["slow@na.test"], "pt-na")
+
+    def failures():
+        return [r for r in read_acct(p, "json") if r["type"] == "TransientFailure"]
+    h.wait_for(lambda: len(failures()) >= 3, 60, what="three rounds deferred")
+    rx.set_rcpt("slow@na.test", None)
+    wait_count(rx, 1, 60)
+    recs = h.wait_for(lambda: [r for r in read_acct(p, "json") if r["type"] == "Delivery"], 20,
+                      what="the Delivery record")
+    tf = [r["num_attempts"] for r in failures()]
+    assert tf == list(range(1, len(tf) + 1)), tf
+    assert recs[0]["num_attempts"] == len(tf) + 1, (recs, tf)
+
+
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_mail_waiting_for_a_sites_limits_gets_delayed_records(make_postern, dnsmasq,
                                                               receivers, fmt):

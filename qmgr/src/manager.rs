@@ -625,10 +625,13 @@ impl Manager {
             std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & qfile::MODE_EXPIRE_BIT != 0
         });
         drop(file);
-        // A new round: the defer log is for the reasons of this one. An
-        // expired message keeps it: its return says why it was delayed.
+        // A new round: the defer log is for the reasons of this one; the
+        // count of earlier deferrals stays (num_attempts). An expired
+        // message keeps it: its return says why it was delayed.
         if !force_expire {
-            remove_log(&self.tree, MessageLog::Defer, id);
+            if let Err(e) = postern_common::delivery::carry_attempts(&self.tree, id) {
+                warning!("{id}: defer log: {e}");
+            }
         }
         info!(
             "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
