@@ -373,15 +373,33 @@ impl Manager {
                     info!("admin: resume site {name}");
                     self.sched.resume_site(&s, "postern resume");
                     // Its deferred mail waits for the suspension's end:
-                    // due now (a scan of deferred/, as ETRN's).
+                    // due now (a scan of deferred/, as ETRN's, which
+                    // reads every deferred envelope: on a thread of its
+                    // own, so that a big queue never holds qmgr up; then
+                    // a D wake-up lists deferred/ again).
                     let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
-                    for d in domains {
-                        let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
-                        if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
-                            warning!("resume {name}: {e}");
-                        }
+                    let tree = self.tree.clone();
+                    let tx = self.tx.clone();
+                    let who = name.clone();
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("resume".into())
+                            .spawn(move || {
+                                let mut n = 0;
+                                for d in domains {
+                                    let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
+                                    match postern_common::flush::flush_site(&tree, &d) {
+                                        Ok(k) => n += k,
+                                        Err(e) => warning!("resume {who}: {e}"),
+                                    }
+                                }
+                                info!("resume {who}: {n} deferred message(s) due now");
+                                let _ = tx.send(Event::Wakeup(vec![b'D']));
+                            });
+                    if let Err(e) = spawned {
+                        warning!("resume {name}: cannot start a thread: {e}");
+                        self.deferred.request(false);
                     }
-                    self.deferred.request(false);
                     (true, format!("site {name} resumed"))
                 }
                 None => (false, no_site(&site)),
