@@ -6,6 +6,8 @@ qmgr looks up itself to find each domain's site.
 """
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -241,6 +243,66 @@ def test_backoff_rule_rate_falls_and_climbs_back(make_postern, dnsmasq, receiver
     print(f"struggling={struggling:.1f}/s final={final:.1f}/s; {rx.summary()}")
 
 
+def deferred_retry_times(p):
+    """The retry times (mtimes) of the files in deferred/."""
+    return [os.stat(p.queue / "deferred" / f).st_mtime for f in p.queue_files("deferred")]
+
+
+def test_backoff_retry_after_is_the_retry_time_of_a_backed_off_sites_mail(
+        make_postern, dnsmasq, receivers):
+    """PowerMTA's backoff_retry_after: what a site in backoff defers is
+    retried that long after, not after Postfix's backoff time (2s to 4s
+    here). The receiver takes 1 message a second and answers `451 4.7.1
+    rate limited` beyond; a `backoff` rule puts the site in backoff."""
+    rx = receivers(max_rate=1)
+    dns = dnsmasq(["--local=/test/", "--mx-host=bra.test,mx.bra.test,10",
+                   "--host-record=mx.bra.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "bra.test",
+                      "max_connections=2 backoff_retry_after=2h",
+                      "/rate limited/ backoff\n", queue_run_delay="300s")
+    inject(p, [f"u{i}@bra.test" for i in range(10)], "pt-bra")
+    h.wait_for(lambda: p.log_search(r"site .*bra.*: backoff: rate"), 30,
+               what="the site in backoff")
+    h.wait_for(lambda: len(p.queue_files("deferred")) + rx.count() >= 10
+               and not p.queue_files("active") and not p.queue_files("incoming"), 60,
+               what="every message delivered or deferred")
+    deferred = deferred_retry_times(p)
+    assert deferred, f"nothing deferred; {rx.summary()}"
+    now = time.time()
+    for t in deferred:
+        assert now + 7000 <= t <= now + 7300, f"retry in {t - now:.0f}s, not 2h"
+    assert p.log_search(r"status=deferred .*rate limited"), p.log_tail()
+
+
+def test_suspend_a_domain_qmgr_has_not_seen(make_postern, dnsmasq, receivers):
+    """`postern suspend DOMAIN` before any mail for it: qmgr finds the
+    domain's site by its MX host and suspends it; the first message then
+    waits without an attempt, until `postern resume`. A domain no
+    delivery_policy_maps entry covers is refused with a reason."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=new.test,mx.new.test,10",
+                   "--host-record=mx.new.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "new.test", "max_connections=2", "",
+                      queue_run_delay="300s", minimal_backoff_time="300s",
+                      maximal_backoff_time="300s")
+    r = p.postern("suspend", "new.test", "1h", "maintenance")
+    assert r.returncode == 0, r
+    assert "site mx.new.test suspended" in r.stdout + r.stderr, r
+    q = p.postern("queues")
+    assert "mx.new.test" in q.stdout and "mode=suspended" in q.stdout, q.stdout
+    inject(p, ["u1@new.test"], "pt-new")
+    p.wait_for_log(r"to=<u1@new\.test>.*status=deferred.*suspended", 30)
+    assert rx.count() == 0
+    retry = h.wait_for(lambda: deferred_retry_times(p), 10, what="the message in deferred/")
+    assert len(retry) == 1 and retry[0] >= time.time() + 3000, retry
+    r = p.postern("resume", "new.test")
+    assert r.returncode == 0, r
+    wait_count(rx, 1, 30)
+    r = p.postern("suspend", "other.example", "1h")
+    assert r.returncode != 0
+    assert "no site for \"other.example\"" in r.stderr, r
+
+
 def test_shipped_policy_and_rules_pass_check(make_postern):
     """conf/etc/delivery_policy and conf/etc/reply_rules, as shipped, are
     what `postern check` accepts; the shipped rules catch the receiver's
@@ -326,7 +388,13 @@ def test_operator_commands_and_suspensions_survive_reload_and_restart(make_poste
                what="x@gone.test bounced")
     assert p.log_search(r"admin: bounce mail for gone\.test")
     assert rx.count() == 3
-    assert p.postern("suspend", "nosuch.test").returncode == 1
+    # A domain qmgr has not seen is no longer refused: its site is looked
+    # up (test_suspend_a_domain_qmgr_has_not_seen; no MX: the domain is
+    # its own site); what is no domain still is.
+    r = p.postern("suspend", "nosuch.test")
+    assert r.returncode == 0 and "site nosuch.test suspended" in r.stderr, r
+    r = p.postern("suspend", "not@a-domain")
+    assert r.returncode == 1 and "no site for" in r.stderr, r
 
 
 def test_defer_and_bounce_rules_change_a_recipients_outcome(make_postern, dnsmasq, receivers):
@@ -352,6 +420,40 @@ def test_defer_and_bounce_rules_change_a_recipients_outcome(make_postern, dnsmas
                    what=f"{rcpt}: {status}")
     assert p.log_search(r"to=<tempo@rr\.test>.*dsn=4\.2\.1, status=deferred"), p.log_tail()
     assert p.log_search(r"to=<full@rr\.test>.*dsn=5\.2\.2, status=bounced"), p.log_tail()
+
+
+def test_after_counts_before_defer_and_bounce_act(make_postern, dnsmasq, receivers):
+    """`after=3/1h` with `bounce`: the first two `452 4.2.2` are deferred
+    as usual, the third within the hour is final; with `defer`: the first
+    two `550 5.2.1` bounce as usual, the third is deferred. One message
+    at a time, so that each reply is its own match."""
+    rx = receivers()
+    for i in range(3):
+        rx.set_rcpt(f"full{i}@ra.test", "452 4.2.2 mailbox full")
+        rx.set_rcpt(f"tempo{i}@ra.test", "550 5.2.1 mailbox temporarily disabled")
+    dns = dnsmasq(["--local=/test/", "--mx-host=ra.test,mx.ra.test,10",
+                   "--host-record=mx.ra.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "ra.test", "max_connections=1",
+                      "/temporarily disabled/ defer after=3/1h\n"
+                      "/^452 4\\.2\\.2 / bounce after=3/1h\n",
+                      minimal_backoff_time="300s", maximal_backoff_time="300s",
+                      queue_run_delay="300s")
+    for kind, first, nth in [("full", "deferred", "bounced"), ("tempo", "bounced", "deferred")]:
+        for i in range(3):
+            inject(p, [f"{kind}{i}@ra.test"], "pt-ra")
+            want = nth if i == 2 else first
+            p.wait_for_log(rf"to=<{kind}{i}@ra\.test>.*status={want}", 20,
+                           what=f"{kind}{i}: {want}")
+    log = p.log_text()
+    # Before the third: the usual outcome only (the first two 452s are
+    # not bounced; the third 550 is not bounced).
+    for rcpt in ["full0", "full1", "tempo2"]:
+        assert not re.search(rf"to=<{rcpt}@ra\.test>.*status=bounced", log), log
+    # The third 452 made final: a bounce with a 5.x.x code.
+    assert re.search(r"to=<full2@ra\.test>.*dsn=5\.2\.2, status=bounced", log), p.log_tail()
+    assert re.search(r"to=<tempo2@ra\.test>.*dsn=4\.2\.1, status=deferred", log), p.log_tail()
+    # The first two 5xx: deferred by the agent, made final by qmgr.
+    assert re.search(r"to=<tempo0@ra\.test>.*dsn=5\.2\.1, status=bounced", log), p.log_tail()
 
 
 # --------------------------------------------------------------------------
@@ -418,6 +520,70 @@ def acct_postern(make_postern, dns, rx, domain, fmt, rules, **params):
                          accounting_log_format=fmt, **params)
 
 
+def test_num_attempts_counts_across_delivery_rounds(make_postern, dnsmasq, receivers):
+    """A recipient answered `451 4.3.0` in three delivery rounds, then
+    accepted: its TransientFailure records count 1, 2, 3 and its Delivery
+    record 4 (the defer log of each round carries the earlier rounds'
+    count over)."""
+    rx = receivers()
+    rx.set_rcpt("slow@na.test", "451 4.3.0 try again later")
+    dns = dnsmasq(["--local=/test/", "--mx-host=na.test,mx.na.test,10",
+                   "--host-record=mx.na.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "na.test", "max_connections=2", "",
+                      accounting_log_file=lambda p: str(p.dir / "acct.log"),
+                      accounting_log_format="json",
+                      minimal_backoff_time="1s", maximal_backoff_time="1s")
+    inject(p, ["slow@na.test"], "pt-na")
+
+    def failures():
+        return [r for r in read_acct(p, "json") if r["type"] == "TransientFailure"]
+    h.wait_for(lambda: len(failures()) >= 3, 60, what="three rounds deferred")
+    rx.set_rcpt("slow@na.test", None)
+    wait_count(rx, 1, 60)
+    recs = h.wait_for(lambda: [r for r in read_acct(p, "json") if r["type"] == "Delivery"], 20,
+                      what="the Delivery record")
+    tf = [r["num_attempts"] for r in failures()]
+    assert tf == list(range(1, len(tf) + 1)), tf
+    assert recs[0]["num_attempts"] == len(tf) + 1, (recs, tf)
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_mail_waiting_for_a_sites_limits_gets_delayed_records(make_postern, dnsmasq,
+                                                              receivers, fmt):
+    """12 messages in one session for a site of max_connections=1
+    max_message_rate=4/s: those queued while the site is at its limit
+    get one Delayed record each (451 4.4.5, "waiting for site ...", the
+    site's name), written as they start to wait, before their Delivery
+    record; every message is then delivered once."""
+    rx = receivers()
+    dns = dnsmasq(["--local=/test/", "--mx-host=wsl.test,mx.wsl.test,10",
+                   "--host-record=mx.wsl.test,127.0.0.1"])
+    p = rules_postern(make_postern, dns, rx, "wsl.test", "max_connections=1 max_message_rate=4/s",
+                      "", accounting_log_file=lambda p: str(p.dir / "acct.log"),
+                      accounting_log_format=fmt)
+    inject(p, [f"u{i}@wsl.test" for i in range(12)], "pt-wsl")
+    wait_count(rx, 12, 60)
+    h.wait_for(lambda: sum(r["type"] == "Delivery" for r in read_acct(p, fmt)) >= 12, 20,
+               what="12 Delivery records")
+    recs = read_acct(p, fmt)
+    delayed = [r for r in recs if r["type"] == "Delayed"]
+    assert len(delayed) >= 6, [(r["type"], r["recipient"]) for r in recs]
+    assert all("waiting for site" in reply_of(r) for r in delayed), delayed
+    assert all("4.4.5" in (r["csv"]["dsnStatus"] if fmt == "csv" else reply_of(r))
+               for r in delayed), delayed
+    site = delayed[0]["site"]
+    assert "wsl" in site, delayed
+    assert all(r["site"] == site for r in delayed), delayed
+    # Once each, before the same recipient's Delivery.
+    rcpts = [r["recipient"] for r in delayed]
+    assert len(rcpts) == len(set(rcpts)), rcpts
+    order = [(r["type"], r["recipient"]) for r in recs]
+    for r in rcpts:
+        assert order.index(("Delayed", r)) < order.index(("Delivery", r)), order
+    assert sorted(r["recipient"] for r in recs if r["type"] == "Delivery") == \
+        sorted(f"u{i}@wsl.test" for i in range(12))
+
+
 @pytest.mark.parametrize("fmt", ["json", "csv"])
 def test_a_suspend_rule_writes_site_mode_changes_to_the_accounting_log(make_postern, dnsmasq,
                                                                        receivers, fmt):
@@ -457,8 +623,11 @@ def test_a_suspend_rule_writes_site_mode_changes_to_the_accounting_log(make_post
     assert ts04, recs
     assert all(r["bounce_classification"] == "provider-throttled" for r in ts04), ts04
     assert all(r["site"] == site for r in ts04), ts04
-    # Mail that waited for the suspension's end, without an attempt.
-    delayed = [r for r in recs if r["type"] == "Delayed"]
+    # Mail that waited for the suspension's end, without an attempt (the
+    # Delayed records of mail that waited for the site's limits are
+    # test_mail_waiting_for_a_sites_limits_gets_delayed_records').
+    delayed = [r for r in recs if r["type"] == "Delayed"
+               and "waiting for site" not in reply_of(r)]
     assert delayed, [r["type"] for r in recs]
     assert all("suspended" in reply_of(r) for r in delayed), delayed
     assert all(r["site"] == site for r in delayed), delayed

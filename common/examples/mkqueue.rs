@@ -4,10 +4,16 @@
 //! fsync'd), placed by the configured hashing (`hash_queue_names`,
 //! `hash_queue_depth`), owned by `mail_owner` when run as root, with a
 //! retry time in the future; or times one listing of the deferred queue
-//! as qmgr's scan makes it (`QueueTree::list`).
+//! as qmgr's scan makes it (`QueueTree::list`). Also bench/bigqueue's
+//! and tests/test_bigqueue.py's: a queue for many sites.
 //!
 //!     mkqueue -c CONFIG_DIR -n N [-j THREADS] [-l SIZE] [-r RETRY_SECS]
+//!             [--spread SECS] [--domain DOMAIN] [--sites S]
 //!     mkqueue -c CONFIG_DIR --list
+//!
+//! Message i goes to `u<i>@DOMAIN` (default `remote.test`), or with
+//! `--sites S` to `u<i>@site<i mod S>.DOMAIN`; its retry time is
+//! RETRY_SECS from now, plus i/N of `--spread` (spread evenly).
 //!
 //! Prints one line: `queued N in S s` or `listed N in S s`.
 
@@ -19,7 +25,8 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mkqueue -c CONFIG_DIR (-n N [-j THREADS] [-l SIZE] [-r RETRY_SECS] | --list)"
+        "usage: mkqueue -c CONFIG_DIR (-n N [-j THREADS] [-l SIZE] [-r RETRY_SECS] \
+         [--spread SECS] [--domain DOMAIN] [--sites S] | --list)"
     );
     std::process::exit(64)
 }
@@ -28,6 +35,8 @@ fn main() {
     let mut config: Option<PathBuf> = None;
     let (mut n, mut threads, mut size, mut retry) = (0usize, 4usize, 1024usize, 3600u64);
     let mut list = false;
+    let (mut spread, mut sites) = (0u64, 0usize);
+    let mut domain = "remote.test".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -38,6 +47,9 @@ fn main() {
             "-l" => size = value().parse().unwrap_or_else(|_| usage()),
             "-r" => retry = value().parse().unwrap_or_else(|_| usage()),
             "--list" => list = true,
+            "--spread" => spread = value().parse().unwrap_or_else(|_| usage()),
+            "--sites" => sites = value().parse().unwrap_or_else(|_| usage()),
+            "--domain" => domain = value(),
             _ => usage(),
         }
     }
@@ -74,14 +86,24 @@ fn main() {
     }
     let next = AtomicUsize::new(0);
     let t0 = Instant::now();
+    let start = std::time::SystemTime::now() + std::time::Duration::from_secs(retry);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    if let Err(e) = one(&tree, &body, retry, ids) {
-                        eprintln!("mkqueue: {e}");
-                        std::process::exit(1)
-                    }
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let rcpt = if sites > 0 {
+                    format!("u{i}@site{}.{domain}", i % sites)
+                } else {
+                    format!("u{i}@{domain}")
+                };
+                let at =
+                    start + std::time::Duration::from_secs(spread * i as u64 / n.max(1) as u64);
+                if let Err(e) = one(&tree, &body, &rcpt, at, ids) {
+                    eprintln!("mkqueue: {e}");
+                    std::process::exit(1)
                 }
             });
         }
@@ -89,11 +111,12 @@ fn main() {
     println!("queued {n} in {:.3} s", t0.elapsed().as_secs_f64());
 }
 
-/// Writes one message as cleanup does and defers it.
+/// Writes one message to `rcpt` as cleanup does and defers it until `at`.
 fn one(
     tree: &QueueTree,
     body: &[u8],
-    retry: u64,
+    rcpt: &str,
+    at: std::time::SystemTime,
     owner: Option<(u32, u32)>,
 ) -> std::io::Result<()> {
     let nf = tree.create(Queue::Deferred)?;
@@ -102,13 +125,13 @@ fn one(
     w.arrival(secs, usecs)?;
     w.sender("from@x.test")?;
     w.attribute("protocol", "ESMTP")?;
-    w.recipient(&Recipient::new("to@remote.test"))?;
+    w.recipient(&Recipient::new(rcpt))?;
     w.begin_content()?;
     w.content(body)?;
     let file = w.finish()?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
     }
-    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(retry))?;
+    file.set_modified(at)?;
     queue::sync_dir_grouped(&tree.parent(Queue::Deferred, &nf.id))
 }

@@ -353,9 +353,7 @@ impl Job {
     ) {
         use crate::accounting::{self, Kind, Record};
         let (peer_name, peer_addr) = accounting::split_relay(relay);
-        let attempts = read_log(&self.tree, MessageLog::Defer, &self.req.queue_id)
-            .map(|l| l.iter().filter(|e| e.offset == r.offset).count())
-            .unwrap_or(0) as u32;
+        let attempts = attempts_of(&self.tree, &self.req.queue_id, r.offset);
         let kind = match (outcome, self.account_kind) {
             (Outcome::Sent, _) => Kind::Delivery,
             (_, Some(k)) => k,
@@ -385,10 +383,10 @@ impl Job {
             peer_name,
             peer_addr,
             created: self.req.arrival_secs,
-            // This attempt and the deferrals before it in this delivery
-            // round (qmgr starts a new defer log each round, and keeps no
-            // count across rounds: a lifetime count is not kept). A
-            // deferral of this attempt is in the log already.
+            // This attempt and the deferrals before it, in this round
+            // and the earlier ones (their count carried over in the
+            // defer log: `carry_attempts`). A deferral of this attempt
+            // is in the log already.
             num_attempts: if outcome == Outcome::Deferred {
                 attempts.max(1)
             } else {
@@ -598,6 +596,64 @@ pub fn log_class(id: &str, address: &str, dsn: &str, class: &str) {
 }
 
 /// Reads a message log; a missing log is empty.
+/// The `action` of a defer log block that carries the deferrals of
+/// earlier rounds (`offset=`, `attempts=`): no entry of this round, and
+/// skipped by [`read_log`].
+const CARRY: &str = "attempts";
+
+/// The deferrals of the recipient at `offset` so far: those of this
+/// round's defer log and those carried over from earlier rounds.
+pub fn attempts_of(tree: &QueueTree, id: &str, offset: u64) -> u32 {
+    let text = std::fs::read_to_string(tree.log_path(MessageLog::Defer, id)).unwrap_or_default();
+    carried(&text).get(&offset).copied().unwrap_or(0)
+}
+
+/// Per recipient offset: carried deferrals plus this round's entries.
+fn carried(text: &str) -> std::collections::HashMap<u64, u32> {
+    let mut n = std::collections::HashMap::new();
+    for block in text.split("\n\n") {
+        let (mut offset, mut action, mut attempts) = (None, "", 0u32);
+        for line in block.lines() {
+            match line.split_once('=') {
+                Some(("offset", v)) => offset = v.parse::<u64>().ok(),
+                Some(("action", v)) => action = v,
+                Some(("attempts", v)) => attempts = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        let Some(offset) = offset else { continue };
+        *n.entry(offset).or_insert(0) += if action == CARRY { attempts } else { 1 };
+    }
+    n
+}
+
+/// The start of a delivery round (qmgr): the defer log is for the
+/// reasons of this round, so its entries go; what stays is each
+/// recipient's count of deferrals so far, one `action=attempts` block
+/// each, for the accounting log's `num_attempts`. Replaced in one
+/// rename; removed when there is nothing to carry.
+pub fn carry_attempts(tree: &QueueTree, id: &str) -> io::Result<()> {
+    let path = tree.log_path(MessageLog::Defer, id);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let counts = carried(&text);
+    if counts.is_empty() {
+        return std::fs::remove_file(&path);
+    }
+    let mut offsets: Vec<_> = counts.into_iter().collect();
+    offsets.sort();
+    let out: String = offsets
+        .iter()
+        .map(|(o, n)| format!("offset={o}\naction={CARRY}\nattempts={n}\n\n"))
+        .collect();
+    let tmp = path.with_file_name(format!(".carry.{id}"));
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, &path)
+}
+
 pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<LogEntry>> {
     let text = match std::fs::read_to_string(tree.log_path(log, id)) {
         Ok(t) => t,
@@ -632,7 +688,7 @@ pub fn read_log(tree: &QueueTree, log: MessageLog, id: &str) -> io::Result<Vec<L
                 _ => {}
             }
         }
-        if any {
+        if any && e.action != CARRY {
             out.push(e);
         }
     }

@@ -511,9 +511,6 @@ pub fn adjust_outcome(
         }
     }
     let class = rule.class.clone().filter(|c| !c.is_empty());
-    if rule.after.is_some() {
-        return Adjusted { class, ..same };
-    }
     let with_class = |c: char| -> String {
         let mut d = dsn.to_string();
         if d.len() > 1 {
@@ -521,6 +518,20 @@ pub fn adjust_outcome(
         }
         d
     };
+    if rule.after.is_some() {
+        // qmgr counts the matches and decides (Manager::site_replies):
+        // a 5xx under `defer` is deferred here, never lost, and qmgr
+        // bounces it unless it is the Nth match; a 4xx under `bounce`
+        // stays deferred and qmgr bounces it if it is.
+        if outcome == Outcome::Bounced && rule.defer {
+            return Adjusted {
+                outcome: Outcome::Deferred,
+                dsn: with_class('4'),
+                class,
+            };
+        }
+        return Adjusted { class, ..same };
+    }
     let (outcome, dsn) = match outcome {
         Outcome::Bounced if rule.defer => (Outcome::Deferred, with_class('4')),
         Outcome::Deferred if rule.bounce.is_some() => (Outcome::Bounced, with_class('5')),

@@ -278,6 +278,10 @@ pub const PARAMS: &[(&str, &str)] = &[
     // qmgr.
     ("qmgr_message_active_limit", "20000"),
     ("qmgr_message_recipient_limit", "20000"),
+    // Postern-only: qmgr keeps deferred/ indexed by retry time and lists
+    // the directory again (one stat per file) at most this often on its
+    // own: files another program put there come with a D wake-up.
+    ("qmgr_deferred_rescan_time", "1h"),
     ("default_destination_concurrency_limit", "20"),
     ("local_destination_concurrency_limit", "2"),
     // Postern-only: messages per delivery request to one destination,

@@ -7,8 +7,10 @@
 //! Who talks to it: master starts it with the `public/qmgr` listener on
 //! fd 3, on which cleanup, `postqueue -f`/`sendmail -q` and master itself
 //! write one-byte wake-ups (`W`/`I` scan incoming, `D` scan deferred, `F`
-//! or `A` flush: deferred mail regardless of retry time); it also scans
-//! `deferred/` every `queue_run_delay`. It talks to the delivery agents at
+//! or `A` flush: deferred mail regardless of retry time). It takes each
+//! deferred file when its retry time comes, from an index of `deferred/`
+//! by retry time (listed at start, on `D`, and every
+//! `qmgr_deferred_rescan_time`). It talks to the delivery agents at
 //! `private/TRANSPORT` (one `DeliveryRequest`, one `DeliveryReply` per
 //! connection, or a batch of them for a destination with a backlog:
 //! `*_delivery_batch_limit`) and to cleanup at `public/cleanup` to queue non-delivery
@@ -25,7 +27,8 @@
 //!   (`qmgr.c`, `qmgr_active.c`);
 //! - [`event`]: what the main loop waits for, from the other threads;
 //! - [`scan`]: start-up recovery and the incoming and deferred scans
-//!   (`qmgr_scan.c`, `qmgr_move.c`);
+//!   (`qmgr_scan.c`, `qmgr_move.c`); [`index`]: the deferred files by
+//!   retry time, so that a deferred scan reads only what is due;
 //! - [`message`]: one active message and its recipients' states
 //!   (`qmgr_message.c`);
 //! - [`resolve`]: recipient → (transport, next hop);
@@ -69,6 +72,7 @@ pub mod deliver;
 #[cfg(test)]
 mod e2e;
 pub mod event;
+pub mod index;
 pub mod manager;
 pub mod message;
 pub mod notices;

@@ -25,7 +25,7 @@ use crate::record::{self, Item};
 use crate::resolve::{Resolution, Resolver};
 use crate::retire::Retirer;
 use crate::retry;
-use crate::scan::{self, Scan};
+use crate::scan::{self, DeferredScan, Scan, Taken};
 use crate::schedule::{Limits, Scheduler, Target};
 use postern_common::accounting;
 use postern_common::fatal;
@@ -76,7 +76,8 @@ pub struct Manager {
     retry: retry::Policy,
     messages: HashMap<String, Message>,
     incoming: Scan,
-    deferred: Scan,
+    /// `deferred/`, indexed by retry time.
+    deferred: DeferredScan,
     /// Which scan goes first next: they alternate, as in Postfix.
     incoming_turn: bool,
     tx: Sender<Event>,
@@ -139,7 +140,11 @@ impl Manager {
             retry: retry::Policy::from_config(cfg),
             messages: HashMap::new(),
             incoming: Scan::new(Queue::Incoming),
-            deferred: Scan::new(Queue::Deferred),
+            deferred: DeferredScan::new(Duration::from_secs(
+                cfg.get_time("qmgr_deferred_rescan_time")
+                    .unwrap_or(3600)
+                    .max(1),
+            )),
             incoming_turn: false,
             retirer: Retirer::new(QueueTree::configured(&queue, cfg)),
             // As many as deliveries may be in flight; started on demand.
@@ -187,8 +192,9 @@ impl Manager {
                 self.rx
                     .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                     .ok()
-            } else if let Some(at) = self.sched.next_wakeup() {
-                // A destination waits out its rate delay.
+            } else if let Some(at) = self.next_wakeup() {
+                // A destination waits out its rate delay, or a deferred
+                // file's retry time is ahead.
                 let wait = at.saturating_duration_since(std::time::Instant::now());
                 self.rx.recv_timeout(wait).ok()
             } else {
@@ -200,6 +206,17 @@ impl Manager {
                     self.handle(ev);
                 }
             }
+        }
+    }
+
+    /// When the main loop must wake up without an event: a rate delay
+    /// ends, or the next deferred file is due (when there is room to
+    /// take it in: a full active queue waits for a message to finish).
+    fn next_wakeup(&self) -> Option<Instant> {
+        let deferred = self.deferred.next_due().filter(|_| self.room());
+        match (self.sched.next_wakeup(), deferred) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -310,16 +327,33 @@ impl Manager {
     /// Lifts a site's suspension; its deferred mail waits for the
     /// suspension's end: due now (a scan of deferred/, as ETRN's).
     fn resume(&mut self, s: &crate::sites::SiteRef, rule: &str) {
-        let name = s.borrow().name.clone();
+        let name = s.borrow().label();
         self.sched.resume_site(s, rule);
+        // A scan of deferred/, as ETRN's, reads every deferred envelope:
+        // on a thread of its own, so that a big queue never holds qmgr
+        // up; then a D wake-up lists deferred/ again.
         let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
-        for d in domains {
-            let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
-            if let Err(e) = postern_common::flush::flush_site(&self.tree, &d) {
-                warning!("resume {name}: {e}");
-            }
+        let tree = self.tree.clone();
+        let tx = self.tx.clone();
+        let who = name.clone();
+        let spawned = std::thread::Builder::new()
+            .name("resume".into())
+            .spawn(move || {
+                let mut n = 0;
+                for d in domains {
+                    let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
+                    match postern_common::flush::flush_site(&tree, &d) {
+                        Ok(k) => n += k,
+                        Err(e) => warning!("resume {who}: {e}"),
+                    }
+                }
+                info!("resume {who}: {n} deferred message(s) due now");
+                let _ = tx.send(Event::Wakeup(vec![b'D']));
+            });
+        if let Err(e) = spawned {
+            warning!("resume {name}: cannot start a thread: {e}");
+            self.deferred.request(false);
         }
-        self.deferred.request(false);
     }
 
     /// master's drain signal: no more messages are taken in and no more
@@ -437,7 +471,13 @@ impl Manager {
                 source,
             } => {
                 let found = if source.is_empty() {
-                    self.sched.sites.find_all(&site, None)
+                    // A domain qmgr has not seen yet: routed and made a site.
+                    let v = self.sched.sites.find_all(&site, None);
+                    if v.is_empty() {
+                        self.site_named(&site).into_iter().collect()
+                    } else {
+                        v
+                    }
                 } else {
                     self.sched
                         .sites
@@ -446,10 +486,7 @@ impl Manager {
                         .collect()
                 };
                 if found.is_empty() {
-                    return (
-                        false,
-                        format!("no site known for \"{site}\"{}", of_source(&source)),
-                    );
+                    return (false, no_site_of(&site, &source));
                 }
                 let mut names = Vec::new();
                 for s in &found {
@@ -471,22 +508,20 @@ impl Manager {
                 )
             }
             AdminRequest::Resume { site, source } => {
-                let found = self
+                let mut found = self
                     .sched
                     .sites
                     .find_all(&site, (!source.is_empty()).then_some(source.as_str()));
+                if found.is_empty() && source.is_empty() {
+                    found = self.site_named(&site).into_iter().collect();
+                }
                 if found.is_empty() {
-                    return (
-                        false,
-                        format!("no site known for \"{site}\"{}", of_source(&source)),
-                    );
+                    return (false, no_site_of(&site, &source));
                 }
                 let mut names = Vec::new();
                 for s in &found {
                     let label = s.borrow().label();
                     info!("admin: resume site {label}");
-                    // Its deferred mail waits for the suspension's end:
-                    // due now (a scan of deferred/, as ETRN's).
                     self.resume(s, "postern resume");
                     names.push(label);
                 }
@@ -515,6 +550,30 @@ impl Manager {
                 )
             }
             _ => (false, "unexpected request".into()),
+        }
+    }
+
+    /// The site a name or domain of `postern suspend/resume` denotes: one
+    /// qmgr knows, or, for a domain it has not seen mail for yet, the
+    /// site its mail would go to (routed as a recipient there, its MX
+    /// hosts looked up, `delivery_policy_maps` asked), made now, so that
+    /// a suspension holds the first message already.
+    fn site_named(&mut self, what: &str) -> Option<crate::sites::SiteRef> {
+        if let Some(s) = self.sched.sites.find(what) {
+            return Some(s);
+        }
+        let domain = what.trim().trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || domain.contains(['@', ',', ' ', ':', '/']) {
+            return None;
+        }
+        match self
+            .resolver
+            .resolve_from(None, &format!("postmaster@{domain}"))
+        {
+            Resolution::Deliver { transport, nexthop } => {
+                self.sched.sites.site_for(&transport, &nexthop)
+            }
+            _ => None,
         }
     }
 
@@ -549,9 +608,11 @@ impl Manager {
                 Err(e) => warning!("{id}: move from active to hold: {e}"),
             },
             Some(AdminAction::Release) => {
-                let _ = queue::set_mtime(&self.tree.path(Queue::Active, id), now_secs());
-                if let Err(e) = self.tree.move_to(id, Queue::Active, Queue::Deferred) {
-                    warning!("{id}: move from active to deferred: {e}");
+                let now = now_secs();
+                let _ = queue::set_mtime(&self.tree.path(Queue::Active, id), now);
+                match self.tree.move_to(id, Queue::Active, Queue::Deferred) {
+                    Ok(()) => self.deferred.deferred(id, now),
+                    Err(e) => warning!("{id}: move from active to deferred: {e}"),
                 }
             }
             None => {
@@ -586,7 +647,9 @@ impl Manager {
 
     fn wakeup(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
-            self.deferred.request(false);
+            // queue_run_delay: what is due comes from the index; the
+            // directory is listed every qmgr_deferred_rescan_time.
+            self.deferred.tick();
             return;
         }
         for &b in bytes {
@@ -635,7 +698,15 @@ impl Manager {
             }
             let file = match q {
                 Queue::Incoming => scan::take_incoming(&self.tree, &id),
-                _ => scan::take_deferred(&self.tree, &id, ignore_time),
+                _ => match scan::take_deferred(&self.tree, &id, ignore_time) {
+                    Taken::File(f) => Some(f),
+                    Taken::Later(at) => {
+                        // Its retry time was moved on: indexed again.
+                        self.deferred.deferred(&id, at);
+                        None
+                    }
+                    Taken::No => None,
+                },
             };
             if let Some(file) = file {
                 taken += 1;
@@ -650,13 +721,13 @@ impl Manager {
     fn next_file(&mut self) -> Option<(Queue, String, bool)> {
         for _ in 0..2 {
             self.incoming_turn = !self.incoming_turn;
-            let scan = if self.incoming_turn {
-                &mut self.incoming
+            let next = if self.incoming_turn {
+                self.incoming.next(&self.tree).map(|x| (Queue::Incoming, x))
             } else {
-                &mut self.deferred
+                self.deferred.next(&self.tree).map(|x| (Queue::Deferred, x))
             };
-            if let Some((id, ignore)) = scan.next(&self.tree) {
-                return Some((scan.queue(), id, ignore));
+            if let Some((q, (id, ignore))) = next {
+                return Some((q, id, ignore));
             }
         }
         None
@@ -672,7 +743,7 @@ impl Manager {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 info!("{id}: still being delivered by an earlier request; will retry");
-                self.to_deferred(id, 0, 0);
+                self.defer_file(id, 0, 0);
                 return;
             }
             Err(TryLockError::Error(e)) => warning!("{id}: lock queue file: {e}"),
@@ -682,7 +753,7 @@ impl Manager {
             Err(ReadError::Io(e)) => {
                 warning!("{id}: read queue file: {e}");
                 drop(file);
-                self.to_deferred(id, 0, 0);
+                self.defer_file(id, 0, 0);
                 return;
             }
             Err(e) => {
@@ -695,10 +766,13 @@ impl Manager {
             std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & qfile::MODE_EXPIRE_BIT != 0
         });
         drop(file);
-        // A new round: the defer log is for the reasons of this one. An
-        // expired message keeps it: its return says why it was delayed.
+        // A new round: the defer log is for the reasons of this one; the
+        // count of earlier deferrals stays (num_attempts). An expired
+        // message keeps it: its return says why it was delayed.
         if !force_expire {
-            remove_log(&self.tree, MessageLog::Defer, id);
+            if let Err(e) = postern_common::delivery::carry_attempts(&self.tree, id) {
+                warning!("{id}: defer log: {e}");
+            }
         }
         info!(
             "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
@@ -798,9 +872,43 @@ impl Manager {
         msg.set(&indexes, RcptState::Queued);
         msg.queued = self.sched.add_message(id, &targets);
         self.remember(id, msg);
+        self.record_held();
         self.defer_suspended();
         if self.messages.get(id).is_some_and(|m| m.idle()) {
             self.finish(id);
+        }
+    }
+
+    /// A Delayed accounting record for each recipient queued behind its
+    /// site's connection limit or message rate (KumoMTA's record for mail
+    /// held back by a throttle): written once, when it starts to wait.
+    fn record_held(&mut self) {
+        let held = self.sched.take_held();
+        if held.is_empty() || !accounting::enabled() {
+            return;
+        }
+        for h in held {
+            let Some(msg) = self.messages.get(&h.entry.message) else {
+                continue;
+            };
+            let reply = postern_common::bounce_class::Reply {
+                code: 451,
+                enhanced: "4.4.5".into(),
+                content: h.why.clone(),
+                ..Default::default()
+            };
+            for &i in &h.entry.recipients {
+                let mut rec = accounting::message_record(
+                    accounting::Kind::Delayed,
+                    &h.entry.message,
+                    &msg.env,
+                    &msg.env.recipients[i].rcpt,
+                    Some(&reply),
+                    "",
+                );
+                rec.site = h.site.clone();
+                accounting::write(&rec);
+            }
         }
     }
 
@@ -846,7 +954,10 @@ impl Manager {
             }
             match s.site_until {
                 Some(t) => msg.site_wait = Some(msg.site_wait.map_or(t, |w| w.min(t))),
-                None if !s.bounce => msg.other_defer = true,
+                None if !s.bounce => {
+                    msg.other_defer = true;
+                    msg.plain_defer = true;
+                }
                 None => {}
             }
             let items: Vec<Item> = s
@@ -955,24 +1066,35 @@ impl Manager {
         }
     }
 
-    fn delivered(&mut self, c: Completion) {
-        let failure = c.destination_failed.then(|| {
+    fn delivered(&mut self, mut c: Completion) {
+        let failure: Option<(String, String)> = c.destination_failed.then(|| {
             c.parts
                 .iter()
                 .flat_map(|p| &p.results)
                 .find(|r| r.outcome == Outcome::Deferred)
-                .map(|r| (r.dsn.as_str(), r.reason.as_str()))
-                .unwrap_or(("4.4.1", "destination unreachable"))
+                .map(|r| (r.dsn.clone(), r.reason.clone()))
+                .unwrap_or(("4.4.1".into(), "destination unreachable".into()))
         });
+        let failure = failure.as_ref().map(|(d, r)| (d.as_str(), r.as_str()));
         let site = self.sched.site_of(&c.transport, &c.destination);
         let site_name = site.as_ref().map(|s| s.borrow().name.clone());
         for part in &c.parts {
             self.stats
                 .record(&c.transport, site_name.as_deref(), &part.results);
         }
-        if let Some(site) = site {
-            self.site_replies(&site, &c);
+        if let Some(site) = &site {
+            let bounce = self.site_replies(site, &c);
+            self.bounce_now(&mut c, bounce);
         }
+        // PowerMTA's backoff_retry_after: what a site in backoff defers
+        // is retried after that time, not the usual backoff.
+        let backoff_retry = site.as_ref().and_then(|s| {
+            let s = s.borrow();
+            s.backoff.as_ref()?;
+            s.policy
+                .backoff_retry_after
+                .map(|d| now_secs() + d.as_secs())
+        });
         self.sched.done(&c.transport, &c.destination, failure);
         self.defer_suspended();
         for part in c.parts {
@@ -982,6 +1104,10 @@ impl Manager {
             msg.in_flight = msg.in_flight.saturating_sub(1);
             if part.results.iter().any(|r| r.outcome == Outcome::Deferred) {
                 msg.other_defer = true;
+                match backoff_retry {
+                    Some(t) => msg.backoff_retry = Some(msg.backoff_retry.map_or(t, |w| w.min(t))),
+                    None => msg.plain_defer = true,
+                }
             }
             msg.apply(&part.indexes, &part.results);
             if msg.admin.is_some() && msg.in_flight == 0 && !msg.finishing {
@@ -995,9 +1121,24 @@ impl Manager {
     /// What a site's replies mean: successes let a site in backoff
     /// recover; a remote reply (never one Postern wrote itself) that
     /// matches `delivery_reply_rules` acts on the site.
-    fn site_replies(&mut self, site: &crate::sites::SiteRef, c: &Completion) {
+    ///
+    /// A rule with `after=N/PERIOD` and `bounce` or `defer` decides the
+    /// outcome here, where the matches are counted: returns the deferred
+    /// recipients to bounce now, (message, offset, dsn, reason) — under
+    /// `bounce` those of the Nth match (a 4xx made final), under `defer`
+    /// those of the other matches (a 5xx the smtp agent deferred, as
+    /// `delivery_policy::adjust_outcome` does for such a rule, made final
+    /// again: only the Nth is treated as temporary).
+    fn site_replies(
+        &mut self,
+        site: &crate::sites::SiteRef,
+        c: &Completion,
+    ) -> Vec<(String, u64, String, String)> {
         use postern_common::delivery_policy::remote_reply;
-        let mut seen = std::collections::HashSet::new();
+        let mut bounce = Vec::new();
+        // Each distinct reply counts once per completion; its decision
+        // holds for every recipient that got it.
+        let mut decided: HashMap<String, bool> = HashMap::new();
         for part in &c.parts {
             if part.results.iter().any(|r| r.outcome == Outcome::Sent) {
                 site.borrow_mut().success();
@@ -1007,15 +1148,47 @@ impl Manager {
                     continue;
                 };
                 site.borrow_mut().last_reply = reply.clone();
-                if !seen.insert(reply.clone()) {
+                let final_dsn = || {
+                    let mut d = r.dsn.clone();
+                    if d.len() > 1 {
+                        d.replace_range(..1, "5");
+                    }
+                    d
+                };
+                if let Some(&b) = decided.get(&reply) {
+                    if b && r.outcome == Outcome::Deferred {
+                        bounce.push((
+                            part.message.clone(),
+                            r.offset,
+                            final_dsn(),
+                            r.reason.clone(),
+                        ));
+                    }
                     continue;
                 }
                 let found = {
                     let s = site.borrow();
                     self.sched.sites.reply_rule(&c.transport, &s, &reply)
                 };
-                let Some((text, rule)) = found else { continue };
-                if !site.borrow_mut().trigger(&text, rule.after) {
+                let Some((text, rule)) = found else {
+                    decided.insert(reply, false);
+                    continue;
+                };
+                let fired = site.borrow_mut().trigger(&text, rule.after);
+                let bounce_now = rule.after.is_some()
+                    && r.outcome == Outcome::Deferred
+                    && ((fired && rule.bounce.is_some())
+                        || (!fired && rule.defer && reply.starts_with('5')));
+                decided.insert(reply.clone(), bounce_now);
+                if bounce_now {
+                    bounce.push((
+                        part.message.clone(),
+                        r.offset,
+                        final_dsn(),
+                        r.reason.clone(),
+                    ));
+                }
+                if !fired {
                     continue;
                 }
                 let name = site.borrow().name.clone();
@@ -1069,6 +1242,36 @@ impl Manager {
                         );
                     }
                 }
+            }
+        }
+        bounce
+    }
+
+    /// Bounces deferred recipients of a completion now (what
+    /// [`Manager::site_replies`] decided), recording the bounce as an
+    /// agent would and adding its result to the part's results.
+    fn bounce_now(&mut self, c: &mut Completion, bounce: Vec<(String, u64, String, String)>) {
+        for (message, offset, dsn, reason) in bounce {
+            let Some(msg) = self.messages.get(&message) else {
+                continue;
+            };
+            let Some(r) = msg.env.recipients.iter().find(|r| r.offset == offset) else {
+                continue;
+            };
+            info!("{message}: a reply rule's after= count makes the failure final: {reason}");
+            let item = Item {
+                rcpt: DeliveryRecipient {
+                    offset,
+                    rcpt: r.rcpt.clone(),
+                },
+                outcome: Outcome::Bounced,
+                dsn,
+                reason,
+            };
+            let results = record::record(&self.tree, msg.request("none", "", &[]), vec![item]);
+            if let Some(part) = c.parts.iter_mut().find(|p| p.message == message) {
+                // The last result for a recipient is what counts.
+                part.results.extend(results);
             }
         }
     }
@@ -1243,32 +1446,46 @@ impl Manager {
             // Deferred only for suspended sites: not back before the
             // first suspension ends (a suspended site costs no retries).
             let not_before = msg.site_wait.filter(|_| !msg.other_defer).unwrap_or(0);
-            self.to_deferred(id, msg.env.arrival_secs, not_before);
+            // Deferred only by sites in backoff with backoff_retry_after
+            // (and perhaps suspended ones): their retry time.
+            let exact = msg
+                .backoff_retry
+                .filter(|_| !msg.plain_defer)
+                .map(|t| t.max(not_before));
+            self.defer_at(id, msg.env.arrival_secs, not_before, exact);
         }
     }
 
     /// Moves a message from `active/` to `deferred/`, its mtime set first
     /// to the time of the next attempt (so a deferred scan never sees it
     /// with an old time).
-    fn to_deferred(&self, id: &str, arrival: u64, not_before: u64) {
+    fn defer_file(&mut self, id: &str, arrival: u64, not_before: u64) {
+        self.defer_at(id, arrival, not_before, None);
+    }
+
+    /// [`Manager::defer_file`] with the retry time `exact` when given.
+    fn defer_at(&mut self, id: &str, arrival: u64, not_before: u64, exact: Option<u64>) {
         let now = now_secs();
-        let at = (now + self.retry.backoff(now, arrival)).max(not_before);
+        let at = exact.unwrap_or_else(|| (now + self.retry.backoff(now, arrival)).max(not_before));
         let path = self.tree.path(Queue::Active, id);
         if let Err(e) = queue::set_mtime(&path, at) {
             warning!("{id}: set retry time: {e}");
         }
-        if let Err(e) = self.tree.shift(id, Queue::Active, Queue::Deferred) {
-            warning!("{id}: move from active to deferred: {e}");
+        match self.tree.shift(id, Queue::Active, Queue::Deferred) {
+            Ok(()) => self.deferred.deferred(id, at),
+            Err(e) => warning!("{id}: move from active to deferred: {e}"),
         }
     }
 }
 
-/// " (source X)" for a message, or "".
-fn of_source(source: &str) -> String {
+/// The answer to `postern suspend/resume` for what is no site.
+fn no_site_of(what: &str, source: &str) -> String {
     if source.is_empty() {
-        String::new()
+        format!(
+            "no site for \"{what}\": not a site's name, and no delivery_policy_maps entry for its mail"
+        )
     } else {
-        format!(" (source {source})")
+        format!("no site known for \"{what}\" (source {source})")
     }
 }
 
@@ -1286,6 +1503,7 @@ fn unix_secs(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The qmgr daemon: the wake-up thread, start-up recovery, the main loop.
 pub fn run(cfg: &Config) -> ! {
     let mut m = Manager::new(cfg);
     let tx = m.sender();

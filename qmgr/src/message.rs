@@ -53,6 +53,12 @@ pub struct Message {
     pub site_wait: Option<u64>,
     /// A recipient was deferred for another reason this round.
     pub other_defer: bool,
+    /// Recipients were deferred by a site in backoff with
+    /// `backoff_retry_after`: the earliest retry time that gives (unix
+    /// seconds).
+    pub backoff_retry: Option<u64>,
+    /// A recipient was deferred where no `backoff_retry_after` applies.
+    pub plain_defer: bool,
 }
 
 /// An administrator's request for an active message.
@@ -90,6 +96,8 @@ impl Message {
             force_expire: false,
             site_wait: None,
             other_defer: false,
+            backoff_retry: None,
+            plain_defer: false,
         }
     }
 

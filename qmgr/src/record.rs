@@ -163,7 +163,7 @@ pub fn expire(
             if !addr.is_empty() {
                 (rec.peer_name, rec.peer_addr) = (name, addr);
             }
-            rec.num_attempts = deferrals.iter().filter(|e| e.offset == r.offset).count() as u32;
+            rec.num_attempts = delivery::attempts_of(tree, id, r.offset);
             accounting::write(&rec);
         }
         if let Err(e) = delivery::append_log(tree, MessageLog::Bounce, id, &entry) {

@@ -44,7 +44,8 @@ use postern_common::accounting;
 use postern_common::ipc::SiteHint;
 use postern_common::{info, warning};
 use postern_conf::Config;
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -456,6 +457,15 @@ pub struct Suspended {
     pub reroute: Option<(String, String)>,
 }
 
+/// An entry queued behind its site's connection limit or message rate
+/// (for the accounting log's Delayed record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub entry: Entry,
+    pub site: String,
+    pub why: String,
+}
+
 #[derive(Debug)]
 struct Transport {
     name: String,
@@ -656,8 +666,16 @@ pub struct Scheduler {
     limits_of: Box<dyn Fn(&str) -> Limits>,
     /// Entries of dead destinations, for the manager to defer.
     suspended: Vec<Suspended>,
-    /// Destinations waiting out a rate delay: (when, transport, key).
-    waiting: Vec<(Instant, usize, String)>,
+    /// Entries queued behind a site's limit, for the manager to record.
+    held: Vec<Held>,
+    /// Destinations waiting out a rate delay or their site's rate: a
+    /// min-heap of (when, order of arrival, transport, key), so that the
+    /// next wake-up and each destination that may go again cost O(log n)
+    /// however many destinations wait (first come, first out at the
+    /// same instant).
+    waiting: BinaryHeap<Reverse<(Instant, u64, usize, String)>>,
+    /// Arrivals in `waiting` so far.
+    waits: u64,
     /// The sites of `delivery_policy_maps`.
     pub sites: Sites,
     /// `postern bounce DOMAIN`: domain → (until, reason).
@@ -676,7 +694,9 @@ impl Scheduler {
             max_in_flight: max_in_flight.max(1),
             limits_of: Box::new(limits_of),
             suspended: Vec::new(),
-            waiting: Vec::new(),
+            held: Vec::new(),
+            waiting: BinaryHeap::new(),
+            waits: 0,
             sites: Sites::none(),
             bounced: HashMap::new(),
         }
@@ -753,6 +773,27 @@ impl Scheduler {
                     .then(|| (s.name.clone(), s.suspended.clone().expect("suspended")))
             });
             let bounce_reason = bounce_reason(&mut self.bounced, &d.nexthop);
+            // Mail that will wait for the site's connection limit or
+            // message rate (not for a suspension: deferred below).
+            let site_limit = d
+                .site
+                .as_ref()
+                .filter(|_| site_suspension.is_none())
+                .and_then(|s| {
+                    let s = s.borrow();
+                    let why = if s.in_flight >= s.max_connections() {
+                        format!(
+                            "waiting for site {}: at its connection limit ({})",
+                            s.name,
+                            s.max_connections()
+                        )
+                    } else if s.rate_ready_at(now) > now {
+                        format!("waiting for site {}: at its message rate", s.name)
+                    } else {
+                        return None;
+                    };
+                    Some((s.name.clone(), why))
+                });
             let chunk_size = d
                 .site
                 .as_ref()
@@ -785,6 +826,13 @@ impl Scheduler {
                 } else if d.dead_until.is_some() {
                     self.suspended.push(suspend(entry, &d.last_failure));
                 } else {
+                    if let Some((site, why)) = &site_limit {
+                        self.held.push(Held {
+                            entry: entry.clone(),
+                            site: site.clone(),
+                            why: why.clone(),
+                        });
+                    }
                     d.entries.push(entry);
                 }
                 count += 1;
@@ -1012,22 +1060,28 @@ impl Scheduler {
         std::mem::take(&mut self.suspended)
     }
 
+    /// Entries queued behind a site's limit since the last call: the
+    /// caller writes a Delayed accounting record for each recipient.
+    pub fn take_held(&mut self) -> Vec<Held> {
+        std::mem::take(&mut self.held)
+    }
+
     /// When a destination waiting out its rate delay can go.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.waiting.iter().map(|(t, _, _)| *t).min()
+        self.waiting.peek().map(|Reverse((t, _, _, _))| *t)
     }
 
     /// Puts destinations whose rate delay has passed back in their rings.
     fn promote_waiting(&mut self) {
-        if self.waiting.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(t, _, _)| *t <= now);
-        self.waiting = later;
-        for (_, ti, key) in due {
+        while self
+            .waiting
+            .peek()
+            .is_some_and(|Reverse((t, _, _, _))| *t <= now)
+        {
+            let Some(Reverse((_, _, ti, key))) = self.waiting.pop() else {
+                break;
+            };
             let t = &mut self.transports[ti];
             if let Some(d) = t.destinations.get_mut(&key) {
                 d.next_at = None;
@@ -1052,8 +1106,10 @@ impl Scheduler {
         for k in 0..n {
             let ti = (self.next + k) % n;
             let picked = self.transports[ti].pick(&mut waits, self.sites.cluster.as_mut());
-            self.waiting
-                .extend(waits.drain(..).map(|(at, key)| (at, ti, key)));
+            for (at, key) in waits.drain(..) {
+                self.waits += 1;
+                self.waiting.push(Reverse((at, self.waits, ti, key)));
+            }
             if let Some(d) = picked {
                 self.next = (ti + 1) % n;
                 self.in_flight += 1;
@@ -1126,8 +1182,13 @@ impl Scheduler {
         }
         if !limits.rate_delay.is_zero() {
             d.next_at = Some(now + limits.rate_delay);
-            self.waiting
-                .push((now + limits.rate_delay, ti, destination.to_string()));
+            self.waits += 1;
+            self.waiting.push(Reverse((
+                now + limits.rate_delay,
+                self.waits,
+                ti,
+                destination.to_string(),
+            )));
         } else if d.entries.is_empty() && d.in_flight == 0 && d.dead_until.is_none() {
             t.destinations.remove(destination);
         } else {
