@@ -1802,16 +1802,7 @@ fn signing_domain(from_value: Option<String>, sender: &str) -> String {
 fn date_stamp(secs: u64) -> String {
     let days = secs / 86400;
     let rem = secs % 86400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let (y, m, d) = postern_common::time::civil_from_days(days as i64);
     format!(
         "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
         rem / 3600,

@@ -223,14 +223,7 @@ pub fn parse_start(v: &str) -> Result<Option<u64>, String> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
         return Err(bad());
     }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
+    let days = postern_common::time::days_from_civil(y, m, d);
     Ok(Some((days * 86400) as u64))
 }
 

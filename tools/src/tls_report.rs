@@ -164,14 +164,7 @@ fn day_bounds(day: &str) -> Result<(u64, u64), String> {
     let (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) = (p.next(), p.next(), p.next()) else {
         return Err(format!("bad day {day}"));
     };
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = postern_common::time::days_from_civil(y, m, d);
     let begin = (days * 86400) as u64;
     Ok((begin, begin + 86399))
 }
