@@ -21,13 +21,6 @@ SENDER = "sender@example.org"
 IPS = {"vmta1": "127.0.0.2", "vmta2": "127.0.0.3", "vmta3": "127.0.0.4"}
 
 
-@pytest.fixture
-def receiver():
-    r = ThrottleReceiver().start()
-    yield r
-    r.stop()
-
-
 def vmtas(**extra):
     """master.cf lines: one smtp transport per source address, each with
     its own HELO name and any extra -o settings."""
@@ -171,17 +164,19 @@ def test_sender_and_header_selected_pools(make_postern, receiver):
     assert not p.log_search(r"status=deferred"), p.log_tail()
 
 
-def warm_postern(make_postern, rx, **params):
+def warm_postern(make_postern, rx, extra_services=(), policy="* max_connections=4\n",
+                 **params):
     """vmta1 (127.0.0.2) is new: day 1 of 50, 100 messages a day since
-    today; vmta2 (127.0.0.3) is warm. One pool of both, 1:1."""
+    today; vmta2 (127.0.0.3) is warm. One pool of both, 1:1.
+    `extra_services`: more master.cf lines."""
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     pool = "weighted:{vmta1=1,vmta2=1}"
     p = make_postern(
         fast(default_transport=f"{pool}:[127.0.0.1]:{rx.port}",
              accounting_log_file=lambda p: str(p.dir / "acct.log"), **params),
-        files={"etc/delivery_policy": "* max_connections=4\n"},
+        files={"etc/delivery_policy": policy},
         master_cf_extra=vmtas(vmta1={"smtp_warmup_schedule": "50,100",
-                                     "smtp_warmup_start": today}))
+                                     "smtp_warmup_start": today}) + list(extra_services))
     return p
 
 
@@ -189,6 +184,54 @@ def acct(p):
     import json
     path = p.dir / "acct.log"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_status_page_shows_each_source_and_its_warmup(make_postern, receiver):
+    """The status service (status(8)) shows the site once per source, and
+    the new source's warm-up: day 1, today's quota of 50, what it sent
+    today; on the page and in /metrics."""
+    import re
+    from test_status_page import get, shipped_status_line
+    rx = receiver
+    port = h.free_port()
+    p = warm_postern(make_postern, rx, extra_services=[shipped_status_line(port)])
+    inject(p, 120, "pt-warm-status")
+    wait_count(rx, 120, 300)
+    h.wait_for(lambda: get(port, "/metrics")[0] == 200, 30, what="the status service")
+    code, _, body = get(port, "/metrics")
+    assert code == 200, body[:300]
+    text = body.decode()
+
+    def sample(name, source):
+        m = re.search(rf'^{name}{{site="[^"]*",source="{source}"}} (\S+)$', text, re.M)
+        return m and float(m.group(1))
+
+    assert sample("postern_site_warmup_day", "vmta1") == 1, text[-3000:]
+    assert sample("postern_site_warmup_quota", "vmta1") == 50, text[-3000:]
+    assert sample("postern_site_warmup_sent_today", "vmta1") == 50, text[-3000:]
+    # The warm source has no schedule: no warm-up samples, but its site row.
+    assert sample("postern_site_warmup_day", "vmta2") is None, text[-3000:]
+    assert re.search(r'^postern_site_queued\{site="[^"]*",source="vmta2"\} ', text, re.M), \
+        text[-3000:]
+    code, _, page = get(port, "/")
+    assert code == 200
+    html = page.decode()
+    assert "<td>vmta1</td>" in html and "<td>vmta2</td>" in html, html[-3000:]
+    assert re.search(r"day 1: 50 of 50 <progress", html), html[-3000:]
+
+
+def test_a_sites_warmup_schedule_overrides_the_sources(make_postern, receiver):
+    """`warmup_schedule=20,40` in the site's delivery_policy_maps entry
+    wins over vmta1's smtp_warmup_schedule (50,100): on day 1 the new
+    source sends 20 of 100, the warm one the other 80, none waits."""
+    rx = receiver
+    p = warm_postern(make_postern, rx,
+                     policy="* max_connections=4 warmup_schedule=20,40\n")
+    inject(p, 100, "pt-site-warm")
+    wait_count(rx, 100, 120)
+    by = rx.by_peer()
+    assert by == {"127.0.0.2": 20, "127.0.0.3": 80}, by
+    assert p.queue_files("deferred") == []
 
 
 def test_warmup_overflows_to_the_warm_source(make_postern, receiver):
@@ -270,6 +313,34 @@ def test_limits_hold_per_source_and_site_limits_cap_their_sum(make_postern):
             assert most <= 2, (ip, most)
     finally:
         rx.stop()
+
+
+def test_site_message_rate_caps_the_sum_of_the_sources(make_postern, receiver):
+    """`max_message_rate=10/s site_max_message_rate=10/s,burst=1` on a
+    pool of three sources: each source alone may send 10 a second, the
+    three together send no more than 10 a second (30 without the cap),
+    and each source sends its share."""
+    rx = receiver
+    pool = "weighted:{vmta1=1,vmta2=1,vmta3=1}"
+    p = make_postern(fast(default_transport=f"{pool}:[127.0.0.1]:{rx.port}"),
+                     files={"etc/delivery_policy":
+                            "* max_connections=2 max_message_rate=10/s"
+                            " site_max_message_rate=10/s,burst=1\n"},
+                     master_cf_extra=vmtas())
+    n = 90
+    inject(p, n, "pt-site-rate")
+    wait_count(rx, n, 120)
+    by = rx.by_peer()
+    assert all(by.get(ip, 0) >= 20 for ip in IPS.values()), by
+    rate = rx.rate()
+    # 89 intervals at 10/s take 8.9 s; the three sources' own limits
+    # alone would allow 30/s (about 3 s).
+    assert rate <= 11.5, (rate, rx.summary())
+    # Loopback jitter puts a message or two more in one 2-second window
+    # (as test_delivery_shaping's 20/s case); the sum of the sources' own
+    # limits would allow 60.
+    assert rx.max_in_window(2.0) <= 26, rx.summary()
+    assert not rx.temp_failures(), rx.summary()
 
 
 @pytest.mark.parametrize("enforce", ["yes", "no"])

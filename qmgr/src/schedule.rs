@@ -986,17 +986,7 @@ impl Scheduler {
             });
         }
         let sources = &self.sites.sources;
-        let Some((day, day_start)) = sources.day(source) else {
-            return Ok(());
-        };
-        let schedule = match &s.policy.warmup_schedule {
-            Some(v) => v.clone(),
-            None => sources
-                .warmup(source)
-                .map(|w| w.schedule.clone())
-                .unwrap_or_default(),
-        };
-        let Some(quota) = postern_common::delivery_policy::warmup_quota(&schedule, day) else {
+        let Some((day, day_start, quota)) = warm_quota(sources, source, &s) else {
             return Ok(());
         };
         if s.warm.0 != day_start {
@@ -1013,6 +1003,17 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// A source's warm-up at a site now (for the status page): its day,
+    /// today's quota and what was sent today; None without a schedule.
+    pub fn warmup_status(&self, s: &crate::sites::Site) -> Option<postern_common::ipc::Warmup> {
+        let (day, day_start, quota) = warm_quota(&self.sites.sources, &s.source, s)?;
+        Some(postern_common::ipc::Warmup {
+            day: u32::try_from(day).unwrap_or(u32::MAX),
+            quota,
+            sent_today: if s.warm.0 == day_start { s.warm.1 } else { 0 },
+        })
     }
 
     /// A message goes to the site of `nexthop` from `source`: counted
@@ -1483,6 +1484,27 @@ impl Scheduler {
             .map(|d| d.entries.len())
             .sum()
     }
+}
+
+/// `source`'s warm-up at site `s` today: (day of the schedule, start of
+/// the day, today's quota); None when it has no schedule (or is warm).
+/// The site's `warmup_schedule=` wins over the source's
+/// `smtp_warmup_schedule`.
+fn warm_quota(
+    sources: &crate::sources::Sources,
+    source: &str,
+    s: &crate::sites::Site,
+) -> Option<(u64, u64, u64)> {
+    let (day, day_start) = sources.day(source)?;
+    let schedule = match &s.policy.warmup_schedule {
+        Some(v) => v.clone(),
+        None => sources
+            .warmup(source)
+            .map(|w| w.schedule.clone())
+            .unwrap_or_default(),
+    };
+    let quota = postern_common::delivery_policy::warmup_quota(&schedule, day)?;
+    Some((day, day_start, quota))
 }
 
 #[cfg(test)]

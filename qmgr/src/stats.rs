@@ -215,7 +215,7 @@ pub fn status(sched: &crate::schedule::Scheduler, stats: &mut Stats, active: u64
         let mut row = SiteStatus {
             name: s.name.clone(),
             key: s.key.clone(),
-            source: None,
+            source: (!s.source.is_empty()).then(|| s.source.clone()),
             domains: s.domains.iter().cloned().collect(),
             queued,
             queued_by_source: by_source,
@@ -233,7 +233,7 @@ pub fn status(sched: &crate::schedule::Scheduler, stats: &mut Stats, active: u64
             rule,
             last_reply: s.last_reply.clone(),
             connect_failures: s.connect_failures,
-            warmup: None,
+            warmup: sched.warmup_status(&s),
             ..Default::default()
         };
         stats.fill_site(&mut row, st.now);
