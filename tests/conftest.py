@@ -57,6 +57,7 @@ def pytest_configure(config):
 SLOWEST_FIRST = [
     "test_milter.py",             # 504 (rspamd's start alone 139; less now)
     "test_quickstart.py",         # 386 (two workspace builds)
+    "test_bigqueue.py",           # 270-360 (two 20,000-message queues)
     "test_delivery_shaping.py",   # 248
     "test_real_configs.py",       # 243
     "test_sql_tables.py",         # 218
@@ -66,6 +67,7 @@ SLOWEST_FIRST = [
     "test_table_failures.py",     # 164
     "test_admin_commands.py",     # 113
     "test_end_to_end.py",         # 108
+    "test_delivery_cluster.py",   # 100-150 (two nodes and Redis, 4 times)
     "test_scheduler.py",          # 87
     "test_content_filter.py",     # 84
 ]
@@ -227,6 +229,30 @@ def make_postern(request, system_accounts):
 def postern(make_postern):
     """A started Postern with the default test configuration."""
     return make_postern()
+
+
+
+@pytest.fixture
+def receivers():
+    """The scripted throttling receiver (tests/throttle_receiver.py):
+    `make(**kw)` starts one; all are stopped at the end."""
+    from throttle_receiver import ThrottleReceiver
+    started = []
+
+    def make(**kw):
+        r = ThrottleReceiver(**kw).start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture
+def receiver(receivers):
+    """One scripted throttling receiver with no limits set."""
+    return receivers()
 
 
 @pytest.fixture

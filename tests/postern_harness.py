@@ -483,6 +483,16 @@ def wait_for_messages(user, token, count=1, timeout=30.0):
 # Messages
 
 
+def send_each(p, rcpts, token, sender="sender@example.org", timeout=60):
+    """One SMTP session into Postern `p`, one message per recipient in
+    `rcpts`; message N's Subject is `token N`."""
+    with p.smtp(timeout=timeout) as s:
+        s.ehlo("client.example")
+        for i, rcpt in enumerate(rcpts):
+            msg = crlf(f"From: {sender}\nTo: {rcpt}\nSubject: {token} {i}\n\nbody {i}\n")
+            s.sendmail(sender, [rcpt], msg)
+
+
 def crlf(text):
     """str or bytes with any line ends -> bytes with CRLF line ends."""
     if isinstance(text, str):

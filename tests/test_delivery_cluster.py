@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
-from throttle_receiver import ThrottleReceiver
 
 SENDER = "sender@example.org"
 SITE = "mx.cl.test"
@@ -81,20 +80,6 @@ def redis():
         shutil.rmtree(r.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def receivers():
-    started = []
-
-    def make(**kw):
-        r = ThrottleReceiver(**kw).start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
-
-
 def cluster(make_postern, dns, rx, redis_port, policy, size=2, **params):
     """Two nodes with the same configuration."""
     base = {
@@ -118,12 +103,7 @@ def dns_for(dnsmasq):
 def inject(p, n, token):
     """One SMTP session into `p`, one message per recipient; each
     message's Subject is `token N`."""
-    with p.smtp(timeout=120) as s:
-        s.ehlo("client.example")
-        for i in range(n):
-            rcpt = f"u{i}@cl.test"
-            msg = h.crlf(f"From: {SENDER}\nTo: {rcpt}\nSubject: {token} {i}\n\nbody {i}\n")
-            s.sendmail(SENDER, [rcpt], msg)
+    h.send_each(p, [f"u{i}@cl.test" for i in range(n)], token, SENDER, timeout=120)
 
 
 def inject_all(jobs):

@@ -14,32 +14,13 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
-from throttle_receiver import ThrottleReceiver
 
 SENDER = "sender@example.org"
 
 
-@pytest.fixture
-def receivers():
-    started = []
-
-    def make(**kw):
-        r = ThrottleReceiver(**kw).start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
-
-
 def inject(p, rcpts, token):
     """One SMTP session into Postern, one message per recipient in `rcpts`."""
-    with p.smtp(timeout=60) as s:
-        s.ehlo("client.example")
-        for i, rcpt in enumerate(rcpts):
-            msg = h.crlf(f"From: {SENDER}\nTo: {rcpt}\nSubject: {token} {i}\n\nbody {i}\n")
-            s.sendmail(SENDER, [rcpt], msg)
+    h.send_each(p, rcpts, token, SENDER)
 
 
 def wait_count(rx, n, timeout):

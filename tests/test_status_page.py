@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 import postern_harness as h
-from throttle_receiver import ThrottleReceiver
 
 SENDER = "sender@example.org"
 RESULTS = h.REPO / "bench" / "results"
@@ -69,18 +68,7 @@ def read_response(s):
 
 
 def inject(p, rcpts, token):
-    with p.smtp(timeout=60) as s:
-        s.ehlo("client.example")
-        for i, rcpt in enumerate(rcpts):
-            msg = h.crlf(f"From: {SENDER}\nTo: {rcpt}\nSubject: {token} {i}\n\nbody {i}\n")
-            s.sendmail(SENDER, [rcpt], msg)
-
-
-@pytest.fixture
-def receiver():
-    r = ThrottleReceiver().start()
-    yield r
-    r.stop()
+    h.send_each(p, rcpts, token, SENDER)
 
 
 def status_postern(make_postern, dnsmasq, rx, **params):
