@@ -293,6 +293,36 @@ impl Site {
         }
     }
 
+    /// The site's mode now, for `postern queues` and the status page:
+    /// `suspended` (until when, why), `backoff` (the rule and the reply
+    /// that set it) or `normal`. An expired suspension is dropped first.
+    pub fn mode_now(&mut self) -> ModeNow {
+        if self.is_suspended() {
+            let x = self.suspended.as_ref().expect("suspended");
+            return ModeNow {
+                mode: "suspended",
+                until: x
+                    .until
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                reason: x.reason.clone(),
+                ..Default::default()
+            };
+        }
+        match &self.backoff {
+            Some(b) => ModeNow {
+                mode: "backoff",
+                rule: b.rule.clone(),
+                reply: b.reply.clone(),
+                ..Default::default()
+            },
+            None => ModeNow {
+                mode: "normal",
+                ..Default::default()
+            },
+        }
+    }
+
     /// Suspended now (an expired suspension is dropped).
     pub fn is_suspended(&mut self) -> bool {
         match &self.suspended {
@@ -438,6 +468,19 @@ impl PerTransport {
         self.opened.insert(spec, t.clone());
         t
     }
+}
+
+/// What [`Site::mode_now`] says.
+#[derive(Debug, Default)]
+pub struct ModeNow {
+    pub mode: &'static str,
+    /// A suspension's end, unix seconds (0: not suspended).
+    pub until: u64,
+    /// Why it is suspended.
+    pub reason: String,
+    /// In backoff: the rule and the reply that set it.
+    pub rule: String,
+    pub reply: String,
 }
 
 /// Backoff state of a site (adaptive: AIMD).
@@ -894,29 +937,18 @@ pub fn report(sched: &crate::schedule::Scheduler, json: bool) -> String {
         let site = &sched.sites.sites[name];
         let queued = sched.site_queued(site);
         let mut s = site.borrow_mut();
-        let suspended = s.is_suspended();
         let rate = s.msg_rate.as_ref().map(|g| Rate::display(g.per_sec));
         let conf_rate = s
             .policy
             .max_message_rate
             .as_ref()
             .map(|r| Rate::display(r.per_sec()));
-        let (mode, until, why) = match (&s.suspended, suspended) {
-            (Some(x), true) => (
-                "suspended",
-                x.until
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                x.reason.clone(),
-            ),
-            _ => match &s.backoff {
-                Some(b) => (
-                    "backoff",
-                    0,
-                    format!("rule \"{}\", reply \"{}\"", b.rule, b.reply),
-                ),
-                None => ("normal", 0, String::new()),
-            },
+        let m = s.mode_now();
+        let (mode, until) = (m.mode, m.until);
+        let why = if mode == "backoff" {
+            format!("rule \"{}\", reply \"{}\"", m.rule, m.reply)
+        } else {
+            m.reason
         };
         let domains: Vec<String> = s.domains.iter().cloned().collect();
         let max_conn = s.cur_connections.or(s.policy.max_connections);

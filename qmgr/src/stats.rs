@@ -192,25 +192,12 @@ pub fn status(sched: &crate::schedule::Scheduler, stats: &mut Stats, active: u64
         let queued = sched.site_queued(site) as u64;
         let by_source = sched.site_queued_by_transport(site);
         let mut s = site.borrow_mut();
-        let suspended = s.is_suspended();
-        let (mode, until, reason, rule) = match (&s.suspended, suspended) {
-            (Some(x), true) => (
-                "suspended",
-                x.until
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                x.reason.clone(),
-                String::new(),
-            ),
-            _ => match &s.backoff {
-                Some(b) => (
-                    "backoff",
-                    0,
-                    format!("rule \"{}\" matched \"{}\"", b.rule, b.reply),
-                    b.rule.clone(),
-                ),
-                None => ("normal", 0, String::new(), String::new()),
-            },
+        let m = s.mode_now();
+        let (mode, until, rule) = (m.mode, m.until, m.rule);
+        let reason = if mode == "backoff" {
+            format!("rule \"{rule}\" matched \"{}\"", m.reply)
+        } else {
+            m.reason
         };
         let mut row = SiteStatus {
             name: s.name.clone(),
