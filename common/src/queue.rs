@@ -110,16 +110,18 @@ pub const TREE: &[(&str, u32)] = &[
     ("defer", 0o700),
     ("bounce", 0o700),
     ("trace", 0o700),
+    // Per-domain logs of deferred mail (crate::flush).
+    ("flush", 0o700),
     ("spare", 0o700),
     ("private", 0o700),
     ("public", 0o710),
     ("pid", 0o755),
 ];
 
-/// Directories that may be hashed: Postfix's list (less `flush`, which
-/// Postern does not have). `maildrop` must not be (postdrop writes it as
-/// the submitting user), nor `corrupt`, `spare` and the socket
-/// directories.
+/// Directories that may be hashed: Postfix's list less `flush` (its
+/// per-domain logs stay in one flat directory). `maildrop` must not be
+/// (postdrop writes it as the submitting user), nor `corrupt`, `spare`
+/// and the socket directories.
 pub const HASHABLE: [&str; 7] = [
     "incoming", "active", "deferred", "hold", "defer", "bounce", "trace",
 ];
