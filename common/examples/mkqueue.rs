@@ -13,7 +13,11 @@
 //!
 //! Message i goes to `u<i>@DOMAIN` (default `remote.test`), or with
 //! `--sites S` to `u<i>@site<i mod S>.DOMAIN`; its retry time is
-//! RETRY_SECS from now, plus i/N of `--spread` (spread evenly).
+//! RETRY_SECS from now, plus i/N of `--spread` (spread evenly). Its
+//! queue ID is appended to the flush log of its recipient's domain
+//! (`flush/DOMAIN`, `postern_common::flush::add`), as qmgr appends it
+//! when it defers a message, so that `postqueue -s`, ETRN and `postern
+//! resume` find it.
 //!
 //! Prints one line: `queued N in S s` or `listed N in S s`.
 
@@ -133,5 +137,10 @@ fn one(
         std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
     }
     file.set_modified(at)?;
-    queue::sync_dir_grouped(&tree.parent(Queue::Deferred, &nf.id))
+    queue::sync_dir_grouped(&tree.parent(Queue::Deferred, &nf.id))?;
+    // As qmgr does when it defers a message.
+    if let Some(domain) = postern_common::flush::domain_of(rcpt) {
+        postern_common::flush::add(tree, &domain, &nf.id)?;
+    }
+    Ok(())
 }

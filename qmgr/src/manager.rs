@@ -54,6 +54,10 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How recent a flush request must be for a draining qmgr to pass it on.
 const FLUSH_HANDOVER: Duration = Duration::from_secs(60);
 
+/// How often the flush logs' upkeep may run (on the `queue_run_delay`
+/// timer): Postfix's master.cf wakes its flush service every 1000 s.
+const FLUSH_UPKEEP: Duration = Duration::from_secs(1000);
+
 /// Messages taken in per round of work, before events are looked at again.
 const TAKE_BATCH: usize = 100;
 /// Queue files looked at per round of work.
@@ -93,6 +97,10 @@ pub struct Manager {
     last_flush: Option<Instant>,
     /// Counters for the status daemon.
     stats: crate::stats::Stats,
+    /// `fast_flush_refresh_time`, `fast_flush_purge_time`.
+    flush_times: (Duration, Duration),
+    /// When the flush logs' upkeep last started.
+    flush_upkeep_at: Option<Instant>,
 }
 
 impl Manager {
@@ -154,6 +162,11 @@ impl Manager {
             drain_deadline: None,
             last_flush: None,
             stats: crate::stats::Stats::new(),
+            flush_times: (
+                Duration::from_secs(cfg.get_time("fast_flush_refresh_time").unwrap_or(43200)),
+                Duration::from_secs(cfg.get_time("fast_flush_purge_time").unwrap_or(604800)),
+            ),
+            flush_upkeep_at: None,
         }
     }
 
@@ -329,9 +342,10 @@ impl Manager {
     fn resume(&mut self, s: &crate::sites::SiteRef, rule: &str) {
         let name = s.borrow().label();
         self.sched.resume_site(s, rule);
-        // A scan of deferred/, as ETRN's, reads every deferred envelope:
-        // on a thread of its own, so that a big queue never holds qmgr
-        // up; then a D wake-up lists deferred/ again.
+        // The site's mail is found through its domains' flush logs
+        // (postern_common::flush: only the listed envelopes are read,
+        // the due ones moved to incoming/), on a thread of its own so
+        // that a big site never holds qmgr up; then an incoming scan.
         let domains: Vec<String> = s.borrow().domains.iter().cloned().collect();
         let tree = self.tree.clone();
         let tx = self.tx.clone();
@@ -339,21 +353,48 @@ impl Manager {
         let spawned = std::thread::Builder::new()
             .name("resume".into())
             .spawn(move || {
-                let mut n = 0;
-                for d in domains {
-                    let d = postern_common::flush::normalize_site(&d).unwrap_or(d);
-                    match postern_common::flush::flush_site(&tree, &d) {
-                        Ok(k) => n += k,
-                        Err(e) => warning!("resume {who}: {e}"),
+                let (mut due, mut listed) = (0, 0);
+                for d in &domains {
+                    match postern_common::flush::flush_site(&tree, d) {
+                        Ok(f) => {
+                            due += f.due;
+                            listed += f.listed;
+                        }
+                        Err(e) => warning!("resume {who}: flush log of {d}: {e}"),
                     }
                 }
-                info!("resume {who}: {n} deferred message(s) due now");
-                let _ = tx.send(Event::Wakeup(vec![b'D']));
+                info!(
+                    "resume {who}: {due} deferred message(s) due now, from the flush logs of {} domain(s) ({listed} listed)",
+                    domains.len()
+                );
+                let _ = tx.send(Event::Wakeup(vec![Wakeup::Incoming as u8]));
             });
         if let Err(e) = spawned {
             warning!("resume {name}: cannot start a thread: {e}");
             self.deferred.request(false);
         }
+    }
+
+    /// The upkeep of the flush logs ([`postern_common::flush::refresh`]),
+    /// on a thread of its own, at most every [`FLUSH_UPKEEP`] (Postfix's
+    /// master wakes its flush service as often).
+    fn flush_upkeep(&mut self) {
+        if self.flush_upkeep_at.is_some_and(|t| t.elapsed() < FLUSH_UPKEEP) {
+            return;
+        }
+        self.flush_upkeep_at = Some(Instant::now());
+        let tree = self.tree.clone();
+        let (refresh, purge) = self.flush_times;
+        let _ = std::thread::Builder::new()
+            .name("flush-upkeep".into())
+            .spawn(move || match postern_common::flush::refresh(&tree, refresh, purge) {
+                Ok(r) if r == Default::default() => {}
+                Ok(r) => info!(
+                    "flush logs: {} compacted ({} queue ID(s) dropped), {} empty one(s) removed",
+                    r.compacted, r.dropped, r.purged
+                ),
+                Err(e) => warning!("flush logs: {e}"),
+            });
     }
 
     /// master's drain signal: no more messages are taken in and no more
@@ -650,6 +691,7 @@ impl Manager {
             // queue_run_delay: what is due comes from the index; the
             // directory is listed every qmgr_deferred_rescan_time.
             self.deferred.tick();
+            self.flush_upkeep();
             return;
         }
         for &b in bytes {
@@ -1452,7 +1494,17 @@ impl Manager {
                 .backoff_retry
                 .filter(|_| !msg.plain_defer)
                 .map(|t| t.max(not_before));
-            self.defer_at(id, msg.env.arrival_secs, not_before, exact);
+            // The domains its deferred recipients are in: their flush
+            // logs list it (postqueue -s, ETRN, postern resume).
+            let sites = postern_common::flush::sites_of(
+                msg.env
+                    .recipients
+                    .iter()
+                    .zip(&msg.state)
+                    .filter(|(_, s)| **s != RcptState::Done)
+                    .map(|(r, _)| r.rcpt.address.as_str()),
+            );
+            self.defer_at(id, msg.env.arrival_secs, not_before, exact, &sites);
         }
     }
 
@@ -1460,11 +1512,19 @@ impl Manager {
     /// to the time of the next attempt (so a deferred scan never sees it
     /// with an old time).
     fn defer_file(&mut self, id: &str, arrival: u64, not_before: u64) {
-        self.defer_at(id, arrival, not_before, None);
+        self.defer_at(id, arrival, not_before, None, &[]);
     }
 
-    /// [`Manager::defer_file`] with the retry time `exact` when given.
-    fn defer_at(&mut self, id: &str, arrival: u64, not_before: u64, exact: Option<u64>) {
+    /// [`Manager::defer_file`] with the retry time `exact` when given,
+    /// its queue ID added to the flush logs of `sites`.
+    fn defer_at(
+        &mut self,
+        id: &str,
+        arrival: u64,
+        not_before: u64,
+        exact: Option<u64>,
+        sites: &[String],
+    ) {
         let now = now_secs();
         let at = exact.unwrap_or_else(|| (now + self.retry.backoff(now, arrival)).max(not_before));
         let path = self.tree.path(Queue::Active, id);
@@ -1472,7 +1532,14 @@ impl Manager {
             warning!("{id}: set retry time: {e}");
         }
         match self.tree.shift(id, Queue::Active, Queue::Deferred) {
-            Ok(()) => self.deferred.deferred(id, at),
+            Ok(()) => {
+                self.deferred.deferred(id, at);
+                for site in sites {
+                    if let Err(e) = postern_common::flush::add(&self.tree, site, id) {
+                        warning!("{id}: flush log of {site}: {e}");
+                    }
+                }
+            }
             Err(e) => warning!("{id}: move from active to deferred: {e}"),
         }
     }

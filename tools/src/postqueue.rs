@@ -13,14 +13,18 @@
 //!   `queue_id`, `arrival_time`, `message_size`, `forced_expire`,
 //!   `sender`, `recipients` with `address` and `delay_reason`, and
 //!   Postern's `bounce_class` of the deferral).
-//! - `-f`: wakes qmgr with `F` (deliver all deferred mail now);
-//!   `-s site`: makes deferred messages with a recipient in `site` due now
-//!   and wakes qmgr; `-i ID`: the same for one message.
+//! - `-f`: wakes qmgr with `F` (deliver all deferred mail now, whatever
+//!   the flush logs say);
+//!   `-s site`: the deferred messages that the site's flush log lists
+//!   and that still have a recipient in `site` go to `incoming/`, and
+//!   qmgr is woken to scan it ([`postern_common::flush`]); `-i ID`: one
+//!   message made due (its retry time set to now) and qmgr woken.
 //!
 //! Postern has no showq daemon: postqueue reads the queue directories
 //! itself, so it runs as root or as `mail_owner`. It only reads queue
-//! files; `-s` and `-i` change nothing but the retry time (mtime) of
-//! files in `deferred/`, which qmgr reads before it takes a file.
+//! files; `-s` moves files from `deferred/` to `incoming/` and rewrites
+//! the site's flush log, `-i` changes the retry time (mtime) of a file in
+//! `deferred/`, which qmgr reads before it takes a file.
 
 use crate::die;
 use crate::sysexits::*;
@@ -326,9 +330,16 @@ fn flush_site(name: &str, tree: &QueueTree, site: &str) -> ! {
             format_args!("Cannot flush mail queue - invalid destination: \"{shown}\""),
         );
     };
-    flush::flush_site(tree, &site)
-        .unwrap_or_else(|e| die(name, EX_NOPERM, format_args!("deferred queue: {e}")));
-    wake(name, tree, Wakeup::Deferred)
+    // The site's flush log names its deferred mail; what is due goes to
+    // incoming/ (postern_common::flush).
+    flush::flush_site(tree, &site).unwrap_or_else(|e| {
+        die(
+            name,
+            EX_NOPERM,
+            format_args!("flush log of {site}: {e}"),
+        )
+    });
+    wake(name, tree, Wakeup::Incoming)
 }
 
 fn flush_id(name: &str, tree: &QueueTree, id: &str) -> ! {

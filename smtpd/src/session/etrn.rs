@@ -7,10 +7,12 @@
 //! address literal (501); `smtpd_etrn_restrictions` (after the client and
 //! HELO lists with `smtpd_delay_reject`), the domain their subject; a
 //! domain not in `fast_flush_domains` is refused with RFC 1985's 459.
-//! Postern has no flush(8) service: the deferred messages with a
-//! recipient in the domain are made due now ([`postern_common::flush`],
-//! what `postqueue -s` does; smtpd runs as `mail_owner`, who owns the
-//! queue files) and qmgr is woken to scan the deferred queue.
+//! Postern has no flush(8) service: smtpd reads the domain's flush log
+//! itself ([`postern_common::flush`], what `postqueue -s` does; smtpd
+//! runs as `mail_owner`, who owns the queue tree), moves the listed
+//! messages that still have a recipient there to `incoming/`, and wakes
+//! qmgr to scan `incoming/`. A domain without a log has no deferred mail
+//! Postern knows of: 250 all the same, as Postfix answers.
 
 use super::{Done, Session};
 use crate::restrictions::Stage;
@@ -73,14 +75,19 @@ impl Session {
             warning!("bad ETRN {:.100}... from {}", domain, self.namaddr);
             return self.fail("458 Unable to queue messages");
         };
-        if let Err(e) = flush::flush_site(&self.cfg.queue, &site) {
-            warning!("unable to talk to fast flush service: deferred queue: {e}");
-            return self.fail("458 Unable to queue messages");
-        }
-        // The files are due now; qmgr also finds them on its own timer
-        // when it cannot be woken.
-        if let Err(e) = ipc::wake(&self.cfg.queue.qmgr_socket(), &[Wakeup::Deferred]) {
-            warning!("ETRN {site}: cannot wake qmgr: {e}");
+        match flush::flush_site(&self.cfg.queue, &site) {
+            Ok(f) if f.due > 0 => {
+                // qmgr also scans incoming/ on its own timer when it
+                // cannot be woken.
+                if let Err(e) = ipc::wake(&self.cfg.queue.qmgr_socket(), &[Wakeup::Incoming]) {
+                    warning!("ETRN {site}: cannot wake qmgr: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warning!("unable to talk to fast flush service: flush log of {site}: {e}");
+                return self.fail("458 Unable to queue messages");
+            }
         }
         self.reply("250 Queuing started");
         Done::Ok
