@@ -264,6 +264,12 @@ pub const PARAMS: &[(&str, &str)] = &[
     ("smtpd_etrn_restrictions", ""),
     // The domains ETRN may flush (a match list; 459 for the others).
     ("fast_flush_domains", "$relay_domains"),
+    // The flush logs (flush/, common/src/flush.rs), kept up by qmgr: a
+    // non-empty log not read for this long is compacted (Postfix's
+    // refresh delivers its mail instead) ...
+    ("fast_flush_refresh_time", "12h"),
+    // ... and an empty one not written for this long is removed.
+    ("fast_flush_purge_time", "7d"),
     // What cleanup skips for mail from this service (`-o` of a content
     // filter's re-injection service): no_unknown_recipient_checks,
     // no_address_mappings, no_header_body_checks, no_milters. Parsed and
