@@ -337,7 +337,7 @@ pub fn make_due(tree: &QueueTree, id: &str) -> bool {
 }
 
 /// What [`refresh`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Refreshed {
     /// Logs compacted.
     pub compacted: usize,
@@ -345,12 +345,15 @@ pub struct Refreshed {
     pub dropped: usize,
     /// Empty logs removed.
     pub purged: usize,
+    /// Logs that could not be read or rewritten (the last error).
+    pub failed: Option<(String, String)>,
 }
 
 /// The upkeep of `flush/`: a non-empty log not read (rewritten) for
 /// `refresh_after` is compacted; an empty log not written for
 /// `purge_after` is removed; a rewriter's temporary file left for a day
-/// (a crash) is removed.
+/// (a crash) is removed. A log that cannot be kept up is passed over
+/// (and named in [`Refreshed::failed`]); Err: `flush/` cannot be read.
 pub fn refresh(
     tree: &QueueTree,
     refresh_after: Duration,
@@ -380,34 +383,50 @@ pub fn refresh(
             }
             continue;
         }
-        if m.len() == 0 {
-            if older(m.modified(), purge_after) {
-                // Under the lock, and only if still empty: an appender
-                // that opened it finds the name gone and makes a new one.
-                let f = open_locked(&path)?;
-                if f.metadata()?.len() == 0 {
-                    fs::remove_file(&path)?;
-                    done.purged += 1;
-                }
-            }
-            continue;
-        }
-        if older(m.accessed(), refresh_after) {
-            let Some(log) = read_log(&path)? else {
-                continue;
-            };
-            let keep: Vec<String> = log
-                .ids
-                .iter()
-                .filter(|id| tree.locate(Queue::Deferred, id).is_some())
-                .cloned()
-                .collect();
-            done.dropped += log.lines.saturating_sub(keep.len());
-            rewrite(&path, &log, &keep)?;
-            done.compacted += 1;
+        if let Err(e) = keep_up(tree, &path, &m, &older, refresh_after, purge_after, &mut done) {
+            done.failed = Some((name, e.to_string()));
         }
     }
     Ok(done)
+}
+
+/// [`refresh`] of one log, `m` its metadata.
+fn keep_up(
+    tree: &QueueTree,
+    path: &Path,
+    m: &fs::Metadata,
+    older: &dyn Fn(io::Result<SystemTime>, Duration) -> bool,
+    refresh_after: Duration,
+    purge_after: Duration,
+    done: &mut Refreshed,
+) -> io::Result<()> {
+    if m.len() == 0 {
+        if older(m.modified(), purge_after) {
+            // Under the lock, and only if still empty: an appender that
+            // opened it finds the name gone and makes a new one.
+            let f = open_locked(path)?;
+            if f.metadata()?.len() == 0 {
+                fs::remove_file(path)?;
+                done.purged += 1;
+            }
+        }
+        return Ok(());
+    }
+    if older(m.accessed(), refresh_after) {
+        let Some(log) = read_log(path)? else {
+            return Ok(());
+        };
+        let keep: Vec<String> = log
+            .ids
+            .iter()
+            .filter(|id| tree.locate(Queue::Deferred, id).is_some())
+            .cloned()
+            .collect();
+        done.dropped += log.lines.saturating_sub(keep.len());
+        rewrite(path, &log, &keep)?;
+        done.compacted += 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -521,7 +540,8 @@ mod tests {
             Refreshed {
                 compacted: 1,
                 dropped: 3,
-                purged: 1
+                purged: 1,
+                failed: None,
             }
         );
         assert_eq!(log_of(&tree, "c.test"), [a.clone()]);

@@ -6,16 +6,18 @@
 //! (Postfix's rule); the index is a min-heap of (retry time, queue ID),
 //! filled from a listing of `deferred/` (one `stat` per file) when qmgr
 //! starts, when another program changed `deferred/` (its `D` wake-up:
-//! `postsuper -H/-r`, `postqueue -s`, ETRN) and every
+//! `postsuper -H/-r`, `postqueue -i`) and every
 //! `qmgr_deferred_rescan_time` (files moved in by hand), and kept between
 //! listings by qmgr's own moves (a deferral pushes the file with its new
 //! retry time). An entry can only be stale in a harmless way: its file
 //! is gone (deleted, held) and the entry is dropped when it comes up, or
 //! its file's retry time was moved later and it is pushed again with the
 //! time its mtime says ([`crate::scan::take_deferred`] checks the mtime
-//! of every file it takes). Whatever made a file due sooner (a flush,
-//! `postqueue -s`, `postern resume`) comes with a wake-up that lists the
-//! directory again.
+//! of every file it takes). Whatever made a file due sooner comes with
+//! a wake-up: a flush (`F`) or `postqueue -i` (`D`) lists the directory
+//! again; `postqueue -s`, ETRN and `postern resume` move the site's files
+//! to `incoming/` (`postern_common::flush`) and wake an incoming scan, and
+//! their entries here are dropped when they come up.
 //!
 //! Memory: an entry is 32 bytes (the retry time and the ID packed as
 //! nibbles in place, no allocation), so a million deferred messages cost

@@ -388,11 +388,17 @@ impl Manager {
         let _ = std::thread::Builder::new()
             .name("flush-upkeep".into())
             .spawn(move || match postern_common::flush::refresh(&tree, refresh, purge) {
-                Ok(r) if r == Default::default() => {}
-                Ok(r) => info!(
-                    "flush logs: {} compacted ({} queue ID(s) dropped), {} empty one(s) removed",
-                    r.compacted, r.dropped, r.purged
-                ),
+                Ok(r) => {
+                    if let Some((log, e)) = &r.failed {
+                        warning!("flush log of {log}: {e}");
+                    }
+                    if r.compacted + r.purged > 0 {
+                        info!(
+                            "flush logs: {} compacted ({} queue ID(s) dropped), {} empty one(s) removed",
+                            r.compacted, r.dropped, r.purged
+                        );
+                    }
+                }
                 Err(e) => warning!("flush logs: {e}"),
             });
     }
