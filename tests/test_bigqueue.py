@@ -8,6 +8,9 @@ qmgr indexes ``deferred/`` by retry time once at start (one listing, one
 stat per file), then takes each file when its retry time comes and sleeps
 in between: an idle queue with a suspended backlog costs it no CPU, and a
 message goes out when it is due, not at the next ``queue_run_delay``.
+``postern resume`` finds the site's mail through its domain's flush log
+(``flush/DOMAIN``, which mkqueue writes as qmgr would have when it
+deferred the messages), not by reading every deferred envelope.
 The million-message run is bench/bigqueue's.
 """
 
@@ -119,11 +122,20 @@ def test_a_suspended_backlog_costs_no_cpu_until_it_resumes(make_postern, dnsmasq
     assert len(p.queue_files("deferred")) == 20000
     assert not p.log_search(r"status=sent"), p.log_tail()
 
+    # mkqueue listed each message in its domain's flush log, as qmgr
+    # does when it defers one: the resume reads that log, not deferred/.
+    log = p.queue / "flush" / "hold.test"
+    assert len(log.read_text().split()) == 1000
+    assert len(list((p.queue / "flush").iterdir())) == SITES + 1
     r = p.postern("resume", "hold.test")
     assert r.returncode == 0, r.stderr
+    p.wait_for_log(r"qmgr\[\d+\]: resume \S+: 1000 deferred message\(s\) due now, from the "
+                   r"flush logs of 1 domain\(s\) \(1000 listed\)", timeout=120,
+                   what="the resume's count from the flush log")
     h.wait_for(lambda: sink.count() >= 1000, 240, interval=0.5,
                what=f"the resumed site's 1,000 messages at the sink (have {sink.count()})")
     assert sink.count() == 1000
+    assert log.read_text() == ""
     assert len(p.log_findall(r"to=<u\d+@hold\.test>.*status=sent")) == 1000
     assert not p.log_search(r"to=<u\d+@site\d+\.big\.test>.*status=sent"), p.log_tail()
     assert len(p.queue_files("deferred")) == 19000
