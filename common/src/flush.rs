@@ -81,8 +81,7 @@ pub fn domain_of(addr: &str) -> Option<String> {
 /// temporary files (and `.`/`..`).
 pub fn log_path(tree: &QueueTree, site: &str) -> Option<PathBuf> {
     let name = normalize_site(site)?;
-    (!name.starts_with('.') && !name.contains('\0'))
-        .then(|| tree.root().join(FLUSH_DIR).join(name))
+    (!name.starts_with('.') && !name.contains('\0')).then(|| tree.root().join(FLUSH_DIR).join(name))
 }
 
 /// The sites (recipient domains) of `addresses`, each once, as [`add`]
@@ -204,15 +203,14 @@ fn rewrite(path: &Path, before: &LogRead, keep: &[String]) -> io::Result<()> {
     let mut bytes = Vec::new();
     cur.read_to_end(&mut bytes)?;
     let m = cur.metadata()?;
-    let appended = if (m.dev(), m.ino()) == (before.dev, before.ino)
-        && bytes.len() as u64 >= before.len
-    {
-        &bytes[before.len as usize..]
-    } else {
-        // Replaced meanwhile (another flush of the same site): what is
-        // there now is all new to this rewrite.
-        &bytes[..]
-    };
+    let appended =
+        if (m.dev(), m.ino()) == (before.dev, before.ino) && bytes.len() as u64 >= before.len {
+            &bytes[before.len as usize..]
+        } else {
+            // Replaced meanwhile (another flush of the same site): what is
+            // there now is all new to this rewrite.
+            &bytes[..]
+        };
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("log");
     let temp = dir.join(format!(
@@ -274,9 +272,12 @@ fn flush_one(tree: &QueueTree, id: &str, site: &str) -> Listed {
         // its retry time comes.
         _ => return Listed::Kept,
     };
-    let wanted = env
-        .pending()
-        .any(|r| domain_of(&r.rcpt.address).and_then(|d| normalize_site(&d)).as_deref() == Some(site));
+    let wanted = env.pending().any(|r| {
+        domain_of(&r.rcpt.address)
+            .and_then(|d| normalize_site(&d))
+            .as_deref()
+            == Some(site)
+    });
     if !wanted {
         return Listed::Dropped;
     }
@@ -383,7 +384,15 @@ pub fn refresh(
             }
             continue;
         }
-        if let Err(e) = keep_up(tree, &path, &m, &older, refresh_after, purge_after, &mut done) {
+        if let Err(e) = keep_up(
+            tree,
+            &path,
+            &m,
+            &older,
+            refresh_after,
+            purge_after,
+            &mut done,
+        ) {
             done.failed = Some((name, e.to_string()));
         }
     }
@@ -478,18 +487,30 @@ mod tests {
         }
         add(&tree, "a.test", gone).unwrap();
         add(&tree, "b.test", &b).unwrap();
-        assert_eq!(sites_of(["u@A.test", "v@a.test", "w@b.test"]), ["a.test", "b.test"]);
+        assert_eq!(
+            sites_of(["u@A.test", "v@a.test", "w@b.test"]),
+            ["a.test", "b.test"]
+        );
         let done = flush_site(&tree, "[A.test]").unwrap();
         // a, b, only_b and the gone one, each once; two had mail for a.test.
         assert_eq!(done, Flushed { listed: 4, due: 2 });
         let incoming = tree.list(Queue::Incoming).unwrap();
-        assert!(incoming.contains(&a) && incoming.contains(&b), "{incoming:?}");
+        assert!(
+            incoming.contains(&a) && incoming.contains(&b),
+            "{incoming:?}"
+        );
         let left = tree.list(Queue::Deferred).unwrap();
-        assert!(left.contains(&only_b) && left.contains(&unlisted), "{left:?}");
+        assert!(
+            left.contains(&only_b) && left.contains(&unlisted),
+            "{left:?}"
+        );
         assert!(log_of(&tree, "a.test").is_empty());
         // b.test's log still lists b (gone from deferred/: dropped then).
-        assert_eq!(log_of(&tree, "b.test"), [b.clone()]);
-        assert_eq!(flush_site(&tree, "b.test").unwrap(), Flushed { listed: 1, due: 0 });
+        assert_eq!(log_of(&tree, "b.test"), [b]);
+        assert_eq!(
+            flush_site(&tree, "b.test").unwrap(),
+            Flushed { listed: 1, due: 0 }
+        );
         // No log: nothing known, no error.
         assert_eq!(flush_site(&tree, "none.test").unwrap(), Flushed::default());
         assert!(log_path(&tree, "..").is_none() && log_path(&tree, "a/b").is_none());
@@ -544,7 +565,7 @@ mod tests {
                 failed: None,
             }
         );
-        assert_eq!(log_of(&tree, "c.test"), [a.clone()]);
+        assert_eq!(log_of(&tree, "c.test"), [a]);
         assert!(!log_path(&tree, "e.test").unwrap().exists());
         fs::remove_dir_all(tree.root()).unwrap();
     }

@@ -379,7 +379,10 @@ impl Manager {
     /// on a thread of its own, at most every [`FLUSH_UPKEEP`] (Postfix's
     /// master wakes its flush service as often).
     fn flush_upkeep(&mut self) {
-        if self.flush_upkeep_at.is_some_and(|t| t.elapsed() < FLUSH_UPKEEP) {
+        if self
+            .flush_upkeep_at
+            .is_some_and(|t| t.elapsed() < FLUSH_UPKEEP)
+        {
             return;
         }
         self.flush_upkeep_at = Some(Instant::now());

@@ -332,13 +332,8 @@ fn flush_site(name: &str, tree: &QueueTree, site: &str) -> ! {
     };
     // The site's flush log names its deferred mail; what is due goes to
     // incoming/ (postern_common::flush).
-    flush::flush_site(tree, &site).unwrap_or_else(|e| {
-        die(
-            name,
-            EX_NOPERM,
-            format_args!("flush log of {site}: {e}"),
-        )
-    });
+    flush::flush_site(tree, &site)
+        .unwrap_or_else(|e| die(name, EX_NOPERM, format_args!("flush log of {site}: {e}")));
     wake(name, tree, Wakeup::Incoming)
 }
 
