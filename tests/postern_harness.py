@@ -981,6 +981,22 @@ class Postern:
             s.ehlo("client.example")
             return smtp_transaction(s, sender, rcpts, crlf(data), mail_options)
 
+    def send_deferred(self, sender, rcpts, data, said=None):
+        """One message over SMTP that qmgr then defers: waits for the
+        deferral of its last recipient in the log (the remote reply
+        starting with `said`, when given) and for its file in deferred/
+        (local logs the deferral before qmgr moves the file). Returns its
+        queue ID."""
+        code, text = self.send(sender, rcpts, data)
+        assert code == 250, text
+        qid = re.search(r"queued as ([0-9A-F]+)", text).group(1)
+        reply = rf" \(host \S+ said: {re.escape(said)}" if said else ""
+        self.wait_for_log(rf"{qid}: to=<{re.escape(rcpts[-1])}>.*status=deferred{reply}",
+                          what=f"{qid} deferred")
+        wait_for(lambda: any(os.path.basename(f) == qid for f in self.queue_files("deferred")),
+                 20, what=f"{qid} in deferred/")
+        return qid
+
 
 # --------------------------------------------------------------------------
 # Sink: an aiosmtpd receiver that answers as told

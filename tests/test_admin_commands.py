@@ -56,13 +56,7 @@ def queue_path(p, queue, qid):
 
 def send_deferred(p, rcpts, token=None, sender=SENDER):
     token = token or new_token()
-    code, text = p.send(sender, rcpts, message(token, rcpts[0]))
-    assert code == 250, text
-    qid = re.search(r"queued as ([0-9A-F]+)", text).group(1)
-    p.wait_for_log(rf"{qid}: to=<{re.escape(rcpts[-1])}>.*status=deferred",
-                   what=f"{qid} deferred")
-    wait_for(lambda: qid in ids_in(p, "deferred"), 20, what=f"{qid} in deferred/")
-    return qid, token
+    return p.send_deferred(sender, rcpts, message(token, rcpts[0])), token
 
 
 def start_sink_on(port, monkeypatch):

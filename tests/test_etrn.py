@@ -105,13 +105,7 @@ def send_deferred(p, rcpt):
     token = "pt-" + uuid.uuid4().hex
     msg = (f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: {token}\r\n"
            f"Message-ID: <{token}@example.org>\r\n\r\nHello.\r\n")
-    code, text = p.send(SENDER, [rcpt], msg)
-    assert code == 250, text
-    qid = re.search(r"queued as ([0-9A-F]+)", text).group(1)
-    p.wait_for_log(rf"{qid}: to=<{re.escape(rcpt)}>.*status=deferred", what=f"{qid} deferred")
-    wait_for(lambda: any(f.endswith("/" + qid) for f in p.queue_files("deferred")), 20,
-             what=f"{qid} in deferred/")
-    return qid, token
+    return p.send_deferred(SENDER, [rcpt], msg), token
 
 
 def start_sink_on(port, monkeypatch):
