@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 import postern_harness as h
-from postern_harness import dead_relay_params, wait_for
+from postern_harness import dead_relay_params
 from postfix_peer import postfix_peer  # noqa: F401  (the fixture)
 
 SENDER = "sender@example.org"
