@@ -56,36 +56,36 @@ def pytest_configure(config):
 # on alone at the end of the parallel pass while the other workers idle.
 # Seconds per file (setup + call + teardown of its tests) in a whole run
 # of scripts/test (6 workers, tmpfs) on a 2-core machine shared with other
-# builds (load average 8 to 12), at a6428ba:
+# builds (load average 1 to 14, 8.5 on average), at c4d65d6:
 SLOWEST_FIRST = [
-    "test_milter.py",             # 404 (about 250 since its milters stop at once)
-    "test_quickstart.py",         # 278 (two builds of a fresh clone, at nice 10)
-    "test_reject_unverified.py",  # 263 (a private Postfix per test)
-    "test_delivery_shaping.py",   # 253 (2,000 messages at 20/s alone: 100)
-    "test_dkim.py",               # 226
-    "test_smtp_client.py",        # 213
-    "test_sql_tables.py",         # 179
-    "test_real_configs.py",       # 177
-    "test_table_failures.py",     # 111
-    "test_smtputf8.py",           # 109
-    "test_bench_tls.py",          # 70 (shares "bench": kept apart from the other two)
-    "test_bounds.py",             # 97 (50,000 recipients: 69)
-    "test_delivery_cluster.py",   # 90
-    "test_bigqueue.py",           # 84 (two 20,000-message queues)
-    "test_mta_sts.py",            # 86 (its exclusive test runs in the serial pass)
-    "test_proxy_filter.py",       # 82
-    "test_smtpd_restrictions_postconf.py",  # 78
-    "test_bench_smoke.py",        # 41 (shares "bench")
-    "test_accounting.py",         # 75
-    "test_dane.py",               # 74 (its exclusive test runs in the serial pass)
-    "test_tls_settings.py",       # 72
-    "test_secrets.py",            # 64
-    "test_admin_commands.py",     # 64
-    "test_queue_tools.py",        # 59 (157 with its queues on the disk)
-    "test_content_filter.py",     # 59
+    "test_quickstart.py",         # 445 (two builds of a fresh clone, at nice 10)
+    "test_reject_unverified.py",  # 286 (a private Postfix per test)
+    "test_delivery_shaping.py",   # 249 (2,000 messages at 20/s alone: 103)
+    "test_milter.py",             # 219
+    "test_smtp_client.py",        # 219
+    "test_real_configs.py",       # 192
+    "test_sql_tables.py",         # 183
+    "test_tls_settings.py",       # 122 (testssl.sh)
+    "test_bounds.py",             # 118 (50,000 recipients: 85)
+    "test_bench_tls.py",          # 115 (shares "bench": kept apart from the other two)
+    "test_accounting.py",         # 114
+    "test_table_failures.py",     # 101
+    "test_mta_sts.py",            # 98 (its exclusive test runs in the serial pass)
+    "test_delivery_cluster.py",   # 98
+    "test_smtputf8.py",           # 94
+    "test_bigqueue.py",           # 89 (two 20,000-message queues)
+    "test_dkim.py",               # 84
+    "test_proxy_filter.py",       # 78
+    "test_bench_smoke.py",        # 43 (shares "bench")
+    "test_queue_tools.py",        # 74 (157 with its queues on the disk)
+    "test_dane.py",               # 67 (its exclusive test runs in the serial pass)
+    "test_admin_commands.py",     # 62
+    "test_content_filter.py",     # 61
+    "test_smtpd_restrictions_postconf.py",  # 60
+    "test_secrets.py",            # 60
 ]
-# The rest (each under a minute) keep their alphabetical order; among
-# them test_bench_sqltables.py (23), the third "bench" file.
+# The rest (each about a minute or less) keep their alphabetical order;
+# among them test_bench_sqltables.py (23), the third "bench" file.
 
 
 def _slowest_first(items):
