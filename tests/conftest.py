@@ -14,7 +14,9 @@ What keeps them apart:
   (``/etc/resolv.conf``, port 53) is marked ``@pytest.mark.exclusive`` and
   runs alone: every test holds a shared lock while it runs, an exclusive
   test holds it exclusively (and a gate lock first, so that it is not
-  starved by the other workers' stream of shared holders);
+  starved by the other workers' stream of shared holders). scripts/test
+  runs them after the parallel pass, with the ``serial_last`` ones: in it,
+  each stopped every worker until the tests running then had ended;
 - a resource that only some tests share (the bench/ scripts' cgroups and
   the local user ptbench) is named with ``@pytest.mark.shares("name")``:
   tests with the same name never run at the same time.
@@ -52,28 +54,38 @@ def pytest_configure(config):
 # loadfile) hands whole files to the workers in collection order, so a
 # long file collected late (they are collected alphabetically) would run
 # on alone at the end of the parallel pass while the other workers idle.
-# Seconds per file (setup + call + teardown of its tests), measured on a
-# 2-core machine shared with other builds (load average 5 to 18), -n 4 or 6:
+# Seconds per file (setup + call + teardown of its tests) in a whole run
+# of scripts/test (6 workers, tmpfs) on a 2-core machine shared with other
+# builds (load average 1 to 14, 8.5 on average), at c4d65d6:
 SLOWEST_FIRST = [
-    "test_milter.py",             # 504 (rspamd's start alone 139; less now)
-    "test_quickstart.py",         # 386 (two workspace builds)
-    "test_bigqueue.py",           # 270-360 (two 20,000-message queues)
-    "test_delivery_shaping.py",   # 248
-    "test_real_configs.py",       # 243
-    "test_sql_tables.py",         # 218
-    "test_smtp_client.py",        # 210
-    "test_bounds.py",             # 194
-    "test_queue_tools.py",        # 184
-    "test_table_failures.py",     # 164
-    "test_admin_commands.py",     # 113
-    "test_end_to_end.py",         # 108
-    "test_delivery_cluster.py",   # 100-150 (two nodes and Redis, 4 times)
-    "test_scheduler.py",          # 87
-    "test_content_filter.py",     # 84
+    "test_quickstart.py",         # 445 (two builds of a fresh clone, at nice 10)
+    "test_reject_unverified.py",  # 286 (a private Postfix per test)
+    "test_delivery_shaping.py",   # 249 (2,000 messages at 20/s alone: 103)
+    "test_milter.py",             # 219
+    "test_smtp_client.py",        # 219
+    "test_real_configs.py",       # 192
+    "test_sql_tables.py",         # 183
+    "test_tls_settings.py",       # 122 (testssl.sh)
+    "test_bounds.py",             # 118 (50,000 recipients: 85)
+    "test_bench_tls.py",          # 115 (shares "bench": kept apart from the other two)
+    "test_accounting.py",         # 114
+    "test_table_failures.py",     # 101
+    "test_mta_sts.py",            # 98 (its exclusive test runs in the serial pass)
+    "test_delivery_cluster.py",   # 98
+    "test_smtputf8.py",           # 94
+    "test_bigqueue.py",           # 89 (two 20,000-message queues)
+    "test_dkim.py",               # 84
+    "test_proxy_filter.py",       # 78
+    "test_bench_smoke.py",        # 43 (shares "bench")
+    "test_queue_tools.py",        # 74 (157 with its queues on the disk)
+    "test_dane.py",               # 67 (its exclusive test runs in the serial pass)
+    "test_admin_commands.py",     # 62
+    "test_content_filter.py",     # 61
+    "test_smtpd_restrictions_postconf.py",  # 60
+    "test_secrets.py",            # 60
 ]
-# test_dane.py (134) and test_mta_sts.py stay where they are: each has an
-# exclusive test, which waits for every running test to end, and the
-# longest tests run early on.
+# The rest (each about a minute or less) keep their alphabetical order;
+# among them test_bench_sqltables.py (23), the third "bench" file.
 
 
 def _slowest_first(items):

@@ -355,8 +355,11 @@ def test_a_saved_suspension_shows_after_a_restart(make_postern, dnsmasq, receive
     p.stop()
     p.start()
     h.wait_for(lambda: h.smtp_banner_ok(p.port), 20, what="smtpd")
-    code, _, body = h.wait_for(lambda: (lambda r: r if r[0] == 200 else None)(
-        get(p.status_port, "/")), 20, what="the page")
+    # The page answers as soon as master runs; the sites come from qmgr,
+    # which may not listen yet just after the start (the page says so).
+    code, _, body = h.wait_for(lambda: (lambda r: r if r[0] == 200
+                                        and b'id="qmgr-down"' not in r[2] else None)(
+        get(p.status_port, "/")), 20, what="the page with qmgr's answer")
     page = body.decode()
     row = re.search(r'<tr class="site suspended" data-site="mx\.sus\.test">.*?</tr>', page)
     assert row and "saved maintenance window" in row[0], page
