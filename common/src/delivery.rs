@@ -48,6 +48,9 @@ pub struct Job {
     /// or a `bounce=` rule fails, `Delayed` for mail held back without an
     /// attempt).
     pub account_kind: Option<crate::accounting::Kind>,
+    /// The queue file's envelope, read once for the job's questions about
+    /// the message's attributes ([`Job::envelope`]).
+    envelope: std::cell::OnceCell<Option<qfile::Envelope>>,
 }
 
 impl Job {
@@ -87,7 +90,20 @@ impl Job {
             tls_protocol_version: String::new(),
             reply_class: None,
             account_kind: None,
+            envelope: std::cell::OnceCell::new(),
         })
+    }
+
+    /// The message's envelope (None: the file cannot be read as one),
+    /// read from the queue file the first time it is asked for. For its
+    /// attributes: the recipients' done marks in it are those of that
+    /// moment. The SMTP client asks several times per message (REQUIRETLS,
+    /// SMTPUTF8, DSN, XFORWARD), and each reading of the file cost a
+    /// `stat`, a `pread`, a seek and a read.
+    pub fn envelope(&self) -> Option<&qfile::Envelope> {
+        self.envelope
+            .get_or_init(|| qfile::read_envelope(&self.file).ok())
+            .as_ref()
     }
 
     /// The message content, streamed from the queue file.

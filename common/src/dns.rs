@@ -93,15 +93,13 @@ impl BlockingResolver {
 /// unless it is given one — and a chrooted daemon has no CA store. This
 /// one trusts nothing: it is never used.
 fn no_dns_over_tls() -> Result<rustls::ClientConfig, String> {
-    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| {
-        b.with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-    })
-    .map_err(|e| format!("cannot set up DNS resolver: {e}"))
+    rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .map_err(|e| format!("cannot set up DNS resolver: {e}"))
 }
 
 /// Why a TXT or address lookup of [`BlockingResolver`] gave nothing.

@@ -628,13 +628,20 @@ where
     let mut busy = false;
     let mut uses = 0;
     let mut idle_since = Instant::now();
+    let last_done = Arc::new(LastDone::new());
     loop {
-        let now_active = active.load(Ordering::SeqCst);
         if leaving() {
             draining = true;
         }
         if uses >= max_use || draining {
             leave();
+        }
+        // Read after leave(): a connection that ends from here on sees
+        // that the process is leaving and pokes the loop ([`Finished`]).
+        let now_active = active.load(Ordering::SeqCst);
+        if now_active == 0 {
+            // Idle since the last connection ended, which did not say so.
+            idle_since = idle_since.max(last_done.get());
         }
         if now_active == 0 && idle_since.elapsed() >= max_idle {
             before_exit();
@@ -662,11 +669,14 @@ where
             busy = want_busy;
         }
         let accepting = !want_busy;
+        // With connections in hand the loop still looks again after
+        // `max_idle`: the last one may end without a word.
         let wait = if now_active == 0 {
-            Some(max_idle.saturating_sub(idle_since.elapsed()))
+            max_idle.saturating_sub(idle_since.elapsed())
         } else {
-            None
+            max_idle
         };
+        let wait = Some(wait);
         let Some(woken) = wait_threaded(&listener, accepting, &done_rx, &drain, draining, wait)
         else {
             continue;
@@ -678,9 +688,6 @@ where
         if woken.done {
             let mut b = [0u8; 64];
             let _ = std::io::Read::read(&mut done_rx, &mut b);
-            if active.load(Ordering::SeqCst) == 0 {
-                idle_since = Instant::now();
-            }
         }
         if !accepting || !woken.listener {
             continue;
@@ -704,6 +711,7 @@ where
         status.took_work();
         let finished = Finished {
             active: active.clone(),
+            last_done: last_done.clone(),
             done: done_tx.clone(),
             slots,
         };
@@ -778,25 +786,58 @@ fn hand_to_worker<F>(
 }
 
 /// One connection of [`serve_threaded`] ending (when dropped): the count
-/// of connections goes down, and the main loop hears of it when that
-/// changes what the loop does: a full process may accept again, an empty
-/// one starts its idle time (and a worn-out or drained one may exit).
-/// Poking it for every connection cost a wake-up of the main thread per
-/// message.
+/// of connections goes down, and the main loop hears of it only when that
+/// changes what the loop does at once: a full process may accept again,
+/// a leaving one (worn out, drained, a changed table) may exit when the
+/// last is done. An ordinary end, even of the last connection, pokes
+/// nobody: the time is noted for the idle limit, which the loop reads
+/// when it next wakes (at the latest after `max_idle`). A poke per
+/// message cost a pipe write and a wake-up of the main thread, the two
+/// context switches of a thread hand-off, for every message.
 struct Finished {
     active: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    last_done: std::sync::Arc<LastDone>,
     done: std::sync::Arc<std::fs::File>,
     slots: usize,
 }
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        let before = self
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        if before == self.slots || before == 1 {
+        use std::sync::atomic::Ordering;
+        // Before the count: a loop that sees none left sees the time.
+        self.last_done.set_now();
+        let before = self.active.fetch_sub(1, Ordering::SeqCst);
+        // The loop calls leave() before it reads the count, and this
+        // reads leaving() after the count went down (both SeqCst): either
+        // the loop sees no connection left, or this sees it leaving.
+        if before == self.slots || (before == 1 && leaving()) {
             let _ = (&*self.done).write(&[0]);
         }
+    }
+}
+
+/// When the last connection of [`serve_threaded`] ended, without a
+/// message to the loop: nanoseconds since the process's start.
+struct LastDone {
+    start: Instant,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl LastDone {
+    fn new() -> LastDone {
+        LastDone {
+            start: Instant::now(),
+            nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn set_now(&self) {
+        let n = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Instant {
+        self.start + Duration::from_nanos(self.nanos.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

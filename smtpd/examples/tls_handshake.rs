@@ -3,7 +3,7 @@
 //! `ServerConfig` smtpd builds from main.cf) against a rustls client in
 //! memory, no sockets, no SMTP. Only the server's calls are timed, in
 //! CPU time of this thread; beside them, the same cryptography alone
-//! through the same provider (ring): one X25519 key pair and shared
+//! through the same provider (Postern's: aws-lc-rs): one X25519 key pair and shared
 //! secret and one signature with the certificate's key.
 //!
 //! `bench/tls` runs it (its "handshake alone" table) to tell what the
@@ -136,7 +136,7 @@ fn main() {
 
     // The client: rustls's defaults (X25519 first, AES-256-GCM first, as
     // OpenSSL's client offers), no resumption.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = postern_common::tls::provider();
     let mut client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap_or_else(|e| fail(e.to_string()))

@@ -931,6 +931,17 @@ fn write_output(slot: &mut Slot) -> bool {
                 if slot.out.pending() > 0 && !t.wants_write() {
                     let mut w = PlainWriter(t);
                     let _ = slot.out.write_to(&mut w);
+                    // The session's last reply (the 221 to QUIT) takes
+                    // the close_notify along: one write and one segment
+                    // instead of two.
+                    if slot.out.pending() == 0
+                        && slot.session.is_done()
+                        && !slot.session.has_output()
+                        && !slot.kill
+                        && !slot.eof
+                    {
+                        t.close();
+                    }
                     Ok(n + t.flush(&mut slot.sock)?)
                 } else {
                     Ok(n)

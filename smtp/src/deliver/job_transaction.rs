@@ -142,23 +142,23 @@ impl Transaction for JobTransaction<'_> {
     }
 
     fn dsn_envelope(&mut self) -> (Option<String>, Option<String>) {
-        use postern_common::qfile::{self, attr};
+        use postern_common::qfile::attr;
         // Asked only of a server that announced DSN: the recipients'
         // NOTIFY goes with them, and that server reports success itself.
         self.job.dsn_passed_on = true;
-        match qfile::read_envelope(&self.job.file) {
-            Ok(env) => (
+        match self.job.envelope() {
+            Some(env) => (
                 env.attr(attr::RET).map(str::to_string),
                 env.attr(attr::ENVID).map(str::to_string),
             ),
-            Err(_) => (None, None),
+            None => (None, None),
         }
     }
 
     fn smtputf8(&mut self) -> postern_common::smtputf8::Flags {
-        match postern_common::qfile::read_envelope(&self.job.file) {
-            Ok(env) => postern_common::smtputf8::Flags::of_envelope(&env),
-            Err(_) => Default::default(),
+        match self.job.envelope() {
+            Some(env) => postern_common::smtputf8::Flags::of_envelope(env),
+            None => Default::default(),
         }
     }
 
@@ -184,8 +184,8 @@ impl Transaction for JobTransaction<'_> {
     }
 
     fn xforward(&mut self) -> Vec<(&'static str, String)> {
-        use postern_common::qfile::{self, attr};
-        let Ok(env) = qfile::read_envelope(&self.job.file) else {
+        use postern_common::qfile::attr;
+        let Some(env) = self.job.envelope() else {
             return Vec::new();
         };
         let mut out = Vec::new();

@@ -207,16 +207,16 @@ impl Agent {
     /// What the message asks of TLS (the queue file's `requiretls` and
     /// `tls_required` attributes); in LMTP mode (final delivery) nothing.
     pub fn message_tls(&self, job: &Job) -> MessageTls {
-        use postern_common::qfile::{self, attr};
+        use postern_common::qfile::attr;
         if self.lmtp {
             return MessageTls::Default;
         }
-        match qfile::read_envelope(&job.file) {
-            Ok(env) if env.attr(attr::REQUIRETLS).is_some() => MessageTls::Required,
-            Ok(env) if env.attr(attr::TLS_REQUIRED) == Some("no") => MessageTls::Optional,
+        match job.envelope() {
+            Some(env) if env.attr(attr::REQUIRETLS).is_some() => MessageTls::Required,
+            Some(env) if env.attr(attr::TLS_REQUIRED) == Some("no") => MessageTls::Optional,
             // Unreadable (qmgr read it to make the request): the content
             // cannot be read either, and the delivery fails on that.
-            Ok(_) | Err(_) => MessageTls::Default,
+            Some(_) | None => MessageTls::Default,
         }
     }
 
