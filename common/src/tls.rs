@@ -20,9 +20,10 @@ pub use rustls;
 /// whose X25519 and RSA signatures cost about half of ring's here
 /// (`bench/results/tls-e.md`: X25519 key pair and agreement 0.039 ms
 /// against 0.063–0.075, RSA-2048 PSS signature 0.31 against 0.64–0.69;
-/// ECDSA P-256 the same). The key exchange groups are ring's (X25519,
-/// P-256, P-384): what peers negotiate, and what is logged, stays as it
-/// was.
+/// ECDSA P-256 the same). Its key exchange groups are limited to those
+/// ring's provider offered (X25519, P-256, P-384; not aws-lc-rs's default
+/// X25519MLKEM768 hybrid): what peers negotiate, and what is logged, stays
+/// as it was.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use aws_lc_rs::kx_group;
     Arc::new(rustls::crypto::CryptoProvider {
