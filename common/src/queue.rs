@@ -929,14 +929,37 @@ struct SparePool {
     full_until: Option<std::time::Instant>,
 }
 
-static SPARES: std::sync::Mutex<SparePool> = std::sync::Mutex::new(SparePool {
-    names: Vec::new(),
-    empty_until: None,
-    added: 0,
-    // Counted at the first use.
-    counted: SPARE_LIMIT,
-    full_until: None,
-});
+impl SparePool {
+    const fn new() -> SparePool {
+        SparePool {
+            names: Vec::new(),
+            empty_until: None,
+            added: 0,
+            // Counted at the first use.
+            counted: SPARE_LIMIT,
+            full_until: None,
+        }
+    }
+}
+
+/// One pool per `spare/` directory: a daemon has one queue, but a test
+/// process has many, and one queue's empty `spare/` must not hide
+/// another's spares.
+static SPARES: std::sync::Mutex<Vec<(PathBuf, SparePool)>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `f` on the pool of `dir` (made on first use); None when the lock
+/// is poisoned.
+fn with_spare_pool<T>(dir: &Path, f: impl FnOnce(&mut SparePool) -> T) -> Option<T> {
+    let mut pools = SPARES.lock().ok()?;
+    let at = match pools.iter().position(|(d, _)| d == dir) {
+        Some(at) => at,
+        None => {
+            pools.push((dir.to_path_buf(), SparePool::new()));
+            pools.len() - 1
+        }
+    };
+    Some(f(&mut pools[at].1))
+}
 
 /// Renames `from` to `to` unless `to` exists (renameat2 RENAME_NOREPLACE).
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
@@ -949,7 +972,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 /// (256 names at a time) when this process has none left; None when it is
 /// empty.
 fn spare_name(dir: &Path) -> Option<(String, u64)> {
-    let mut pool = SPARES.lock().ok()?;
+    with_spare_pool(dir, |pool| read_spare_name(pool, dir)).flatten()
+}
+
+fn read_spare_name(pool: &mut SparePool, dir: &Path) -> Option<(String, u64)> {
     if let Some(name) = pool.names.pop() {
         return Some(name);
     }
@@ -975,9 +1001,10 @@ fn spare_name(dir: &Path) -> Option<(String, u64)> {
 /// Whether `spare/` may take one more file: counted again (a directory
 /// read) only when this process's estimate reaches the limit.
 fn spare_room(dir: &Path) -> bool {
-    let Ok(mut pool) = SPARES.lock() else {
-        return false;
-    };
+    with_spare_pool(dir, |pool| count_spare_room(pool, dir)).unwrap_or(false)
+}
+
+fn count_spare_room(pool: &mut SparePool, dir: &Path) -> bool {
     if pool.counted + pool.added >= SPARE_LIMIT {
         let now = std::time::Instant::now();
         if pool.full_until.is_some_and(|t| now < t) {
@@ -1534,7 +1561,7 @@ mod tests {
 
     #[test]
     fn spare_dir_found_empty_is_read_again_soon() {
-        let root = std::env::temp_dir().join(format!("pqs-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("pqe-{}", std::process::id()));
         let t = QueueTree::new(&root);
         t.create_dirs(None, None).unwrap();
         // spare/ is empty: a new file, and spare/ is not read again for a while.
