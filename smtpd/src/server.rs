@@ -1033,28 +1033,6 @@ fn read_input(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) -> ControlFlow
     ControlFlow::Continue(true)
 }
 
-/// Acknowledges what the client sent at once. At the end of a TLS 1.3
-/// handshake the client sends its Finished, then its EHLO in a second
-/// small segment, which its kernel holds back (Nagle) until the Finished
-/// is acknowledged; smtpd has nothing to send then (the session ticket
-/// waits for the EHLO reply; a resumed session gets none), so the ACK
-/// would wait for the delayed-ACK timer: 40 ms per session, seen as
-/// Postern's STARTTLS sessions taking twice Postfix's time (whose OpenSSL
-/// sends its tickets at once). TCP_QUICKACK sends the pending ACK now.
-fn ack_now(sock: &TcpStream) {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option of the right size.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(sock),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// One read through the TLS layer (handshake records included).
 fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
     let Some(t) = &mut slot.tls else {
@@ -1076,7 +1054,11 @@ fn read_tls(slot: &mut Slot, buf: &mut [u8], reads: &mut usize) {
         slot.session.tls_resumed(t.resumed());
         slot.session.tls_established(n);
         if matches!(outcome, ReadOutcome::WouldBlock) && !t.wants_write() {
-            ack_now(&slot.sock);
+            // The client's EHLO waits behind its Finished for our ACK
+            // (Nagle), and we have nothing to send (the ticket leaves with
+            // the EHLO reply; a resumed session gets none): without this,
+            // 40 ms per STARTTLS session.
+            postern_common::tcp::ack_now(&slot.sock);
         }
     }
     match outcome {

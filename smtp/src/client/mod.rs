@@ -66,17 +66,26 @@ use std::time::Duration;
 pub trait Stream: Read + Write {
     /// Limits each following read and write to `t` (zero: no limit).
     fn set_timeout(&mut self, t: Duration) -> io::Result<()>;
+    /// Acknowledges what was received now, not after the delayed-ACK
+    /// timer ([`postern_common::tcp::ack_now`]); TCP only.
+    fn ack_now(&mut self) {}
 }
 
 impl<S: Stream + ?Sized> Stream for Box<S> {
     fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
         (**self).set_timeout(t)
     }
+    fn ack_now(&mut self) {
+        (**self).ack_now()
+    }
 }
 
 impl<S: Stream + ?Sized> Stream for &mut S {
     fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
         (**self).set_timeout(t)
+    }
+    fn ack_now(&mut self) {
+        (**self).ack_now()
     }
 }
 
@@ -93,6 +102,9 @@ impl Stream for TcpStream {
         let t = (!t.is_zero()).then_some(t);
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
+    }
+    fn ack_now(&mut self) {
+        postern_common::tcp::ack_now(&*self)
     }
 }
 
