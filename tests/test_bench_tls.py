@@ -72,3 +72,37 @@ def test_tls_bench_checks_both_mtas(tmp_path, system_accounts):
         assert re.search(r"ECDSA P-256 sign \d+\.\d+ ms", md), md
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_tls_bench_on_a_fresh_file_system_per_run(tmp_path, system_accounts):
+    """``--queue-fs ext4-nojournal``: each run on a file system made for
+    it (a loop-mounted image under --tmp), named in the report, and gone
+    afterwards (no mount, no image left)."""
+    if not h.is_root():
+        pytest.skip("bench/tls needs root (cgroups, Postfix's daemons, mount)")
+    out = tmp_path / "tls.md"
+    work = Path(tempfile.mkdtemp(prefix="ptt-"))
+    os.chmod(work, 0o755)
+    try:
+        cmd = [sys.executable, str(BENCH), "-m", "6", "-s", "2", "--no-build",
+               "--postern-bin", str(h.BIN_DIR), "--out", str(out), "--tmp", str(work),
+               "--settle", "0.2", "--speed-seconds", "1", "--handshakes", "0",
+               "--cases", "clear,in-p256", "--queue-fs", "ext4-nojournal"]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=600)
+        report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
+                  f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+        assert p.returncode == 0, report
+        md = out.read_text()
+        assert "Checks passed" in md, report
+        assert "on a fresh ext4 without a journal for each run" in md, md
+        assert "--queue-fs ext4-nojournal" in md, md
+        for mta in ("Postfix", "Postern"):
+            for case in ("clear", "in-p256"):
+                assert re.search(rf"^\| {mta} \| `{case}` \|", md, re.M), (mta, case, md)
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+        assert str(work) not in mounts, mounts
+        assert sorted(os.listdir(work)) == [], os.listdir(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

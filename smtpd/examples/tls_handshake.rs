@@ -11,11 +11,15 @@
 //! STARTTLS round trip, the second EHLO, record encryption, the kernel):
 //!
 //!     cargo run --release -p postern-smtpd --example tls_handshake -- \
-//!         KEY.pem CERT.pem [HANDSHAKES] [DIR]
+//!         KEY.pem CERT.pem [HANDSHAKES] [DIR] [SUITE]
 //!
 //! Prints one line: `handshake_ms=… x25519_ms=… sign_ms=… floor_ms=… ratio=…`
 //! (ms of CPU per handshake or per operation). `DIR` (default a temporary
-//! directory) gets main.cf and the ticket key, as smtpd's would.
+//! directory) gets main.cf and the ticket key, as smtpd's would. `SUITE`
+//! (a TLS 1.3 suite by its OpenSSL name, `TLS_AES_128_GCM_SHA256`) is the
+//! only one the client offers: the transcript hash and key schedule then
+//! use that suite's hash, which tells the hash's share of the handshake
+//! (aws-lc computes SHA-384 without SIMD on AMD CPUs).
 
 use postern_common::tls::rustls;
 use postern_smtpd::tls::{ReadOutcome, TlsConn};
@@ -107,7 +111,7 @@ fn fail(msg: String) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 2 {
-        fail("usage: tls_handshake KEY.pem CERT.pem [HANDSHAKES] [DIR]".into());
+        fail("usage: tls_handshake KEY.pem CERT.pem [HANDSHAKES] [DIR] [SUITE]".into());
     }
     let n: u64 = args
         .get(2)
@@ -135,9 +139,18 @@ fn main() {
         postern_common::tls::smtpd_server_config(&cfg).unwrap_or_else(|e| fail(e.to_string()));
 
     // The client: rustls's defaults (X25519 first, AES-256-GCM first, as
-    // OpenSSL's client offers), no resumption.
+    // OpenSSL's client offers) or only SUITE, no resumption.
     let provider = postern_common::tls::provider();
-    let mut client_cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut client_provider = (*provider).clone();
+    if let Some(suite) = args.get(4) {
+        client_provider
+            .cipher_suites
+            .retain(|s| postern_common::tls::cipher_name(*s) == suite);
+        if client_provider.cipher_suites.is_empty() {
+            fail(format!("no such TLS 1.3 suite: {suite}"));
+        }
+    }
+    let mut client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap_or_else(|e| fail(e.to_string()))
         .dangerous()
