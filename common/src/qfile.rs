@@ -471,13 +471,20 @@ fn read_header<R: Read>(r: &mut R) -> Result<Option<(u8, u32)>, ReadError> {
 
 /// Whether `file` is marked complete and ends with an `E` record.
 pub fn is_complete(file: &File) -> io::Result<bool> {
+    complete_mode(file).map(|m| m.is_some())
+}
+
+/// The permission bits of a complete queue file (the complete mark and
+/// the expire mark among them), None when it is not complete.
+fn complete_mode(file: &File) -> io::Result<Option<u32>> {
     let meta = file.metadata()?;
-    if meta.permissions().mode() & MODE_COMPLETE_BIT == 0 || meta.len() < 5 {
-        return Ok(false);
+    let mode = meta.permissions().mode();
+    if mode & MODE_COMPLETE_BIT == 0 || meta.len() < 5 {
+        return Ok(None);
     }
     let mut tail = [0u8; 5];
     file.read_exact_at(&mut tail, meta.len() - 5)?;
-    Ok(tail == [REC_END, 0, 0, 0, 0])
+    Ok((tail == [REC_END, 0, 0, 0, 0]).then_some(mode))
 }
 
 /// A part of a message's envelope: see [`read_envelope_slice`].
@@ -489,6 +496,9 @@ pub struct EnvelopeSlice {
     pub next: Option<u64>,
     /// Recipients in the whole file, done or not (the size record's count).
     pub total: u64,
+    /// The file's permission bits when it was read (its expire mark:
+    /// [`MODE_EXPIRE_BIT`]), so that the reader needs no other `stat`.
+    pub mode: u32,
 }
 
 /// Reads the envelope of a complete queue file with at most `max` of its
@@ -515,12 +525,15 @@ fn scan_envelope(
     max: usize,
     keep_done: bool,
 ) -> Result<EnvelopeSlice, ReadError> {
-    if !is_complete(file)? {
+    let Some(mode) = complete_mode(file)? else {
         return Err(ReadError::Incomplete);
-    }
+    };
     let mut r = BufReader::new(file);
     r.seek(SeekFrom::Start(0))?;
-    let mut out = EnvelopeSlice::default();
+    let mut out = EnvelopeSlice {
+        mode,
+        ..Default::default()
+    };
     let mut pos: u64 = 0;
     let mut seen_version = false;
     let mut seen_sizes = false;

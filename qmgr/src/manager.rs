@@ -813,9 +813,7 @@ impl Manager {
                 return;
             }
         };
-        let force_expire = file.metadata().is_ok_and(|m| {
-            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & qfile::MODE_EXPIRE_BIT != 0
-        });
+        let force_expire = slice.mode & qfile::MODE_EXPIRE_BIT != 0;
         drop(file);
         // A new round: the defer log is for the reasons of this one; the
         // count of earlier deferrals stays (num_attempts). An expired
@@ -1438,7 +1436,13 @@ impl Manager {
             m.warned_now = plan.warned_now;
         }
         if plan.notices.is_empty() {
-            self.notices_done(id);
+            if plan.any_log || plan.warned_now {
+                self.notices_done(id);
+            } else if let Some(m) = self.messages.get_mut(id) {
+                // No log, nothing to note in one: nothing for done() or
+                // complete() to read or remove (most messages).
+                m.no_logs = true;
+            }
             self.complete(id, all_done);
             return;
         }
@@ -1489,9 +1493,11 @@ impl Manager {
             return;
         };
         if remove {
-            remove_log(&self.tree, MessageLog::Defer, id);
-            remove_log(&self.tree, MessageLog::Bounce, id);
-            remove_log(&self.tree, MessageLog::Success, id);
+            if !msg.no_logs {
+                remove_log(&self.tree, MessageLog::Defer, id);
+                remove_log(&self.tree, MessageLog::Bounce, id);
+                remove_log(&self.tree, MessageLog::Success, id);
+            }
             self.retirer.retire(id);
         } else {
             // Deferred only for suspended sites: not back before the

@@ -41,6 +41,9 @@ pub struct Message {
     pub admin: Option<AdminAction>,
     /// The notices being sent include this message's delay warning.
     pub warned_now: bool,
+    /// The round's end found no bounce, defer or success log and had no
+    /// notice to send: there is no log to remove ([`crate::notices::Plan::any_log`]).
+    pub no_logs: bool,
     /// Where the next slice of recipients starts in the queue file, when
     /// `env.recipients` holds only some (`qmgr_message_recipient_limit`).
     pub more: Option<u64>,
@@ -92,6 +95,7 @@ impl Message {
             all_done: false,
             admin: None,
             warned_now: false,
+            no_logs: false,
             more: None,
             force_expire: false,
             site_wait: None,

@@ -40,6 +40,11 @@ pub struct Plan {
     /// A delay warning is due in this round (whether or not a notice
     /// carries it: [`done`] notes it so that it goes once).
     pub warned_now: bool,
+    /// The message has a bounce, defer or success log. Without one, and
+    /// with no notice and no warning due, the round's end has no log to
+    /// note in or remove (qmgr skips [`done`] and the removals: six
+    /// failed system calls per message).
+    pub any_log: bool,
 }
 
 /// The notices a message's round calls for, from its bounce, success and
@@ -53,9 +58,15 @@ pub fn plan(
     env: &qfile::Envelope,
     all_done: bool,
 ) -> io::Result<Plan> {
-    let failed_log = delivery::read_log(tree, MessageLog::Bounce, id)?;
-    let defer_log = delivery::read_log(tree, MessageLog::Defer, id)?;
-    let trace = delivery::read_log(tree, MessageLog::Success, id)?;
+    let failed_log = delivery::read_log_if_any(tree, MessageLog::Bounce, id)?;
+    let defer_log = delivery::read_log_if_any(tree, MessageLog::Defer, id)?;
+    let trace = delivery::read_log_if_any(tree, MessageLog::Success, id)?;
+    let any_log = failed_log.is_some() || defer_log.is_some() || trace.is_some();
+    let (failed_log, defer_log, trace) = (
+        failed_log.unwrap_or_default(),
+        defer_log.unwrap_or_default(),
+        trace.unwrap_or_default(),
+    );
     let marks = bounce::marks(&trace);
     let warned = trace.iter().any(|e| e.action == WARNED);
     // What the agents wrote: successes (not the marks qmgr adds).
@@ -87,6 +98,7 @@ pub fn plan(
     Ok(Plan {
         notices: out,
         warned_now: warn_now,
+        any_log,
     })
 }
 
