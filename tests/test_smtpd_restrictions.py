@@ -242,7 +242,11 @@ def test_client_leaving_mid_data_leaves_nothing(make_postern):
     c.close()
     p.wait_for_log(r"lost connection after DATA from unknown\[127\.0\.0\.1\]")
     p.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\]")
-    for q in ("incoming", "active", "deferred", "maildrop"):
+    # cleanup unlinks the file after smtpd has sent it the abort (smtpd
+    # does not wait for that): wait a bounded while, then look.
+    queues = ("incoming", "active", "deferred", "maildrop")
+    h.poll_until(lambda: not any(p.queue_files(q) for q in queues), timeout=10)
+    for q in queues:
         assert p.queue_files(q) == [], q
 
 
