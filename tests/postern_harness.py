@@ -25,6 +25,7 @@ import smtplib
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -217,6 +218,18 @@ def describe(result):
         f"command: {' '.join(result.args)}\nexit status: {result.returncode}\n"
         f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     )
+
+
+def run_bench(script, args, timeout=600):
+    """A bench/ script run by the tests (test_bench_*.py): its
+    CompletedProcess and the text for an assertion message (the command,
+    its exit status and the ends of its output)."""
+    cmd = [sys.executable, str(script), *map(str, args)]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout)
+    report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
+              f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p, report
 
 
 def xforward_smtp_class():

@@ -9,8 +9,6 @@ timed.
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,13 +36,9 @@ def test_sqltables_bench_checks_both_mtas(tmp_path, system_accounts):
     work = Path(tempfile.mkdtemp(prefix="ptq-"))
     os.chmod(work, 0o755)
     try:
-        cmd = [sys.executable, str(BENCH), "-m", "60", "-r", "3", "-s", "5", "--no-build",
-               "--postern-bin", str(h.BIN_DIR), "--out", str(out), "--tmp", str(work),
-               "--settle", "0.2"]
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=600)
-        report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
-                  f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+        p, report = h.run_bench(BENCH, ["-m", 60, "-r", 3, "-s", 5, "--no-build",
+                                        "--postern-bin", h.BIN_DIR, "--out", out,
+                                        "--tmp", work, "--settle", 0.2])
         assert p.returncode == 0, report
         md = out.read_text()
         assert "Checks passed" in md and "18 unknown" in md, report

@@ -10,8 +10,6 @@ machinery, not speed: debug binaries of ``POSTERN_BIN_DIR``, nothing timed.
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,13 +36,10 @@ def test_tls_bench_checks_both_mtas(tmp_path, system_accounts):
     work = Path(tempfile.mkdtemp(prefix="ptt-"))
     os.chmod(work, 0o755)
     try:
-        cmd = [sys.executable, str(BENCH), "-m", str(M), "-s", "2", "--no-build",
-               "--postern-bin", str(h.BIN_DIR), "--out", str(out), "--tmp", str(work),
-               "--settle", "0.2", "--speed-seconds", "1"]
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=600)
-        report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
-                  f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+        p, report = h.run_bench(BENCH, ["-m", M, "-s", 2, "--no-build",
+                                        "--postern-bin", h.BIN_DIR, "--out", out,
+                                        "--tmp", work, "--settle", 0.2,
+                                        "--speed-seconds", 1])
         assert p.returncode == 0, report
         md = out.read_text()
         assert "Checks passed" in md and "RUN FAILED" not in md, report
@@ -86,14 +81,12 @@ def test_tls_bench_on_a_fresh_file_system_per_run(tmp_path, system_accounts):
     work = Path(tempfile.mkdtemp(prefix="ptt-"))
     os.chmod(work, 0o755)
     try:
-        cmd = [sys.executable, str(BENCH), "-m", "6", "-s", "2", "--no-build",
-               "--postern-bin", str(h.BIN_DIR), "--out", str(out), "--tmp", str(work),
-               "--settle", "0.2", "--speed-seconds", "1", "--handshakes", "0",
-               "--cases", "clear,in-p256", "--queue-fs", "ext4-nojournal"]
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=600)
-        report = (f"command: {' '.join(cmd)}\nexit {p.returncode}\n"
-                  f"stdout:\n{p.stdout[-6000:]}\nstderr:\n{p.stderr[-3000:]}")
+        p, report = h.run_bench(BENCH, ["-m", 6, "-s", 2, "--no-build",
+                                        "--postern-bin", h.BIN_DIR, "--out", out,
+                                        "--tmp", work, "--settle", 0.2,
+                                        "--speed-seconds", 1, "--handshakes", 0,
+                                        "--cases", "clear,in-p256",
+                                        "--queue-fs", "ext4-nojournal"])
         assert p.returncode == 0, report
         md = out.read_text()
         assert "Checks passed" in md, report
