@@ -571,6 +571,18 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
         clean(&e.reason)
     );
     let path = tree.log_path(log, id);
+    // An agent running as root (local) makes the log as the owner of its
+    // directory: qmgr, running as mail_owner, reads it, and the other
+    // agents append to it. Made as root and given away after, it was
+    // root's for an instant in which smtp, appending to the same
+    // message's log, was refused (and its entry lost).
+    let _owner = if crate::privs::is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(tree.root().join(log.name()))?;
+        Some(crate::privs::FsIdentity::assume(m.uid(), m.gid()))
+    } else {
+        None
+    };
     let open = || {
         OpenOptions::new()
             .append(true)
@@ -588,14 +600,6 @@ pub fn append_log(tree: &QueueTree, log: MessageLog, id: &str, e: &LogEntry) -> 
         }
         r => r?,
     };
-    if crate::privs::is_root() {
-        // An agent running as root (local) writes logs that qmgr, running
-        // as mail_owner, must read: give the file to the directory's owner.
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::metadata(tree.root().join(log.name())) {
-            let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
-        }
-    }
     f.write_all(text.as_bytes())?;
     f.sync_data()
 }

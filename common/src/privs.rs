@@ -106,6 +106,40 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// The calling thread's file-system identity (Linux's fsuid and fsgid)
+/// set to `uid`/`gid` until the guard goes: files it makes are theirs
+/// from the start, and it is refused what they would be. Per thread:
+/// the process's other threads and its real and effective ids do not
+/// change. For root, which keeps the capability to change them back.
+pub struct FsIdentity {
+    uid: u32,
+    gid: u32,
+}
+
+impl FsIdentity {
+    pub fn assume(uid: u32, gid: u32) -> FsIdentity {
+        // SAFETY: setfsgid/setfsuid take plain ids and change only this
+        // thread's credentials; each returns the previous id.
+        let gid0 = unsafe { libc::setfsgid(gid) } as u32;
+        let uid0 = unsafe { libc::setfsuid(uid) } as u32;
+        FsIdentity {
+            uid: uid0,
+            gid: gid0,
+        }
+    }
+}
+
+impl Drop for FsIdentity {
+    fn drop(&mut self) {
+        // SAFETY: as above; the user first, which gives back the
+        // capability to set the group.
+        unsafe {
+            libc::setfsuid(self.uid);
+            libc::setfsgid(self.gid);
+        }
+    }
+}
+
 /// Drops to `uid`/`gid` for good: no supplementary groups, an empty
 /// capability bounding set, no ambient capabilities, and no_new_privs.
 /// Made of plain system calls only, so that it is safe to call between
@@ -280,4 +314,45 @@ pub fn prepare_tree(cfg: &postern_conf::Config, owner: Option<QueueOwner>) -> Re
         let _ = std::os::unix::fs::chown(&data, Some(o.uid), Some(o.gid));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_file_made_under_another_fs_identity_is_theirs_from_the_start() {
+        if !is_root() {
+            return; // needs root, as the agents that use it
+        }
+        let dir = std::env::temp_dir().join(format!("postern-fsid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        // Another thread, started before (a thread starts with its
+        // creator's identity), keeps root's meanwhile.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn({
+            let d = dir.clone();
+            move || {
+                wait.recv().unwrap();
+                std::fs::write(d.join("roots"), b"x").unwrap()
+            }
+        });
+        {
+            let _as = FsIdentity::assume(65534, 65534);
+            std::fs::write(dir.join("theirs"), b"x").unwrap();
+            go.send(()).unwrap();
+            other.join().unwrap();
+        }
+        let m = std::fs::metadata(dir.join("theirs")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
+        let m = std::fs::metadata(dir.join("roots")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0));
+        // The guard gone, this thread is root again.
+        std::fs::write(dir.join("mine"), b"x").unwrap();
+        assert_eq!(std::fs::metadata(dir.join("mine")).unwrap().uid(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
