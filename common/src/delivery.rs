@@ -445,6 +445,7 @@ impl Job {
         DeliveryReply {
             results: self.results,
             destination_failed: self.destination_failed,
+            serves_more: false,
         }
     }
 }
@@ -732,21 +733,6 @@ fn parse_log(text: &str) -> Vec<LogEntry> {
 }
 
 /// Whether the other end of a connection has closed it.
-fn peer_gone(conn: &std::os::unix::net::UnixStream) -> bool {
-    use nix::sys::socket::MsgFlags;
-    use std::os::fd::AsRawFd;
-    let mut b = [0u8; 1];
-    let peeked = nix::sys::socket::recv(
-        conn.as_raw_fd(),
-        &mut b,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    );
-    match peeked {
-        Ok(n) => n == 0,
-        Err(e) => e == nix::errno::Errno::ECONNRESET,
-    }
-}
-
 /// Serves a delivery agent's socket: one request (or one batch, delivered
 /// in order) per connection, answered once every recipient is recorded;
 /// one connection at a time (local and virtual change their user per
@@ -763,13 +749,28 @@ pub fn serve_batches(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut [J
     let tree = QueueTree::configured(crate::service::queue_directory(cfg), cfg);
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_one_at_a_time(cfg, |conn| {
-        handle_request(&tree, timeout, conn, |jobs| deliver(jobs))
+        let _ = conn.set_read_timeout(Some(timeout));
+        handle_request(&tree, &conn, false, false, |jobs| deliver(jobs));
     })
 }
 
-/// As [`serve`], but up to `slots` requests at once, each on a thread
+/// How long an agent of [`serve_concurrently`] waits on a connection for
+/// qmgr's next request before it closes it.
+pub const AGENT_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long qmgr keeps an agent's connection for the next request: well
+/// inside [`AGENT_IDLE`], so that no request is ever on its way on a
+/// connection its agent is closing (the request would find no reader,
+/// and its recipients would be deferred).
+pub const AGENT_REUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// As [`serve`], but up to `slots` connections at once, each on a thread
 /// ([`crate::service::serve_threaded`]): for agents whose deliveries share
 /// nothing but read-only settings and a thread-safe cache (smtp, lmtp).
+/// A connection serves one request (or batch) after another until qmgr
+/// closes it, it is idle [`AGENT_IDLE`], or the process is leaving: qmgr
+/// keeps it for the next request to the transport, which then costs no
+/// connect, accept or thread hand-off.
 /// `before_exit` runs when the process leaves (to close cached sessions).
 pub fn serve_concurrently(
     cfg: &postern_conf::Config,
@@ -783,9 +784,20 @@ pub fn serve_concurrently(
         cfg,
         slots,
         move |conn| {
-            handle_request(&tree, timeout, conn, |jobs| {
+            let _ = conn.set_read_timeout(Some(timeout));
+            let mut kept = false;
+            // Each batch's replies say whether another is read (not when
+            // the process is leaving): then it is, even if the process
+            // starts leaving meanwhile, so that qmgr never sends a request
+            // to a connection its agent is closing.
+            while handle_request(&tree, &conn, kept, true, |jobs| {
                 jobs.iter_mut().for_each(&deliver)
-            })
+            }) {
+                if !kept {
+                    let _ = conn.set_read_timeout(Some(AGENT_IDLE));
+                    kept = true;
+                }
+            }
         },
         before_exit,
     )
@@ -829,24 +841,43 @@ fn not_opened(req: &DeliveryRequest, e: &io::Error) -> DeliveryReply {
             })
             .collect(),
         destination_failed: false,
+        serves_more: false,
     }
 }
 
-/// One connection from qmgr: its batch of requests, the deliveries, one
-/// reply per request.
+/// One batch of requests from qmgr on `conn` (whose read time limit is
+/// set): the deliveries, one reply per request. `kept`: a further batch
+/// on a connection qmgr kept, whose end or idle time is no error.
+/// `serves_more`: the agent reads further batches on a connection unless
+/// its process is leaving. True when the replies went out saying that
+/// it does ([`DeliveryReply::serves_more`]): the caller reads the next.
 fn handle_request(
     tree: &QueueTree,
-    timeout: std::time::Duration,
-    mut conn: std::os::unix::net::UnixStream,
+    mut conn: &std::os::unix::net::UnixStream,
+    kept: bool,
+    serves_more: bool,
     deliver: impl FnOnce(&mut [Job]),
-) {
-    let _ = conn.set_read_timeout(Some(timeout));
-    // Buffered: a request's length and body (a batch's requests) in one read.
-    let batch = match read_batch(&mut io::BufReader::with_capacity(8192, &conn)) {
+) -> bool {
+    // Buffered: a request's length and body (a batch's requests) in one
+    // read. qmgr sends nothing more before it has every reply, so the
+    // buffer never holds a part of the next batch.
+    let batch = match read_batch(&mut io::BufReader::with_capacity(8192, conn)) {
         Ok(b) => b,
+        // qmgr closed a kept connection, or left it idle: the end of it.
+        Err(e)
+            if kept
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) =>
+        {
+            return false;
+        }
         Err(e) => {
             warning!("read delivery request: {e}");
-            return;
+            return false;
         }
     };
     // Each reply in the request's place: opened jobs are delivered
@@ -867,27 +898,30 @@ fn handle_request(
     // messages out again (unless it sees these locks): deliver only if
     // the qmgr that asked is still there, so that no message is ever
     // delivered twice.
-    if !jobs.is_empty() && peer_gone(&conn) {
+    if !jobs.is_empty() && crate::ipc::peer_gone(conn) {
         for job in &jobs {
             warning!(
                 "{}: the queue manager went away; request dropped",
                 job.req.queue_id
             );
         }
-        return;
+        return false;
     }
     deliver(&mut jobs);
+    let more = serves_more && !crate::service::leaving();
     let mut done = jobs.into_iter().map(Job::finish);
     for reply in replies {
-        let reply = match reply {
+        let mut reply = match reply {
             Some(r) => r,
             None => done.next().expect("one job per unanswered request"),
         };
+        reply.serves_more = more;
         if let Err(e) = crate::ipc::send(&mut conn, &reply) {
             warning!("send delivery reply: {e}");
-            return;
+            return false;
         }
     }
+    more
 }
 
 #[cfg(test)]

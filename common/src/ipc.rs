@@ -110,6 +110,25 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     Ok(s)
 }
 
+/// Whether the other end of `conn` has closed it (nothing is read: a
+/// peek that does not wait). A delivery agent asks before it delivers
+/// (the qmgr that asked is gone: drop the request, never deliver twice);
+/// qmgr before it reuses an agent's connection.
+pub fn peer_gone(conn: &UnixStream) -> bool {
+    use nix::sys::socket::MsgFlags;
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    let peeked = nix::sys::socket::recv(
+        conn.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    );
+    match peeked {
+        Ok(n) => n == 0,
+        Err(e) => e == nix::errno::Errno::ECONNRESET,
+    }
+}
+
 // ---------------------------------------------------------------- cleanup
 
 /// Flags for a message submitted to cleanup.
@@ -345,6 +364,10 @@ pub struct DeliveryReply {
     /// The destination itself failed (no connection, no greeting): qmgr
     /// counts it against the destination's concurrency.
     pub destination_failed: bool,
+    /// The agent reads a further request on this connection (smtp, lmtp:
+    /// [`crate::delivery::serve_concurrently`]), so qmgr may keep it; an
+    /// agent that says false closes it after its replies.
+    pub serves_more: bool,
 }
 
 // ---------------------------------------------------------------- queue admin
