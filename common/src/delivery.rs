@@ -934,17 +934,8 @@ mod tests {
             queue_id: id.into(),
             transport: "local".into(),
             nexthop: "h".into(),
-            sender: String::new(),
-            arrival_secs: 0,
-            arrival_usecs: 0,
-            content_offset: 0,
-            content_size: 0,
-            recipients: Vec::new(),
-            queue_wait: 0.0,
             flags,
-            site: None,
-            pool: String::new(),
-            selection: String::new(),
+            ..Default::default()
         }
     }
 

@@ -259,7 +259,7 @@ pub struct DeliveryRecipient {
 
 /// qmgr asks a delivery agent to deliver one message to some recipients
 /// that share a transport and next hop.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeliveryRequest {
     /// Queue the file is in (always "active" today).
     pub queue: String,
