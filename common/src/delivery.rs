@@ -616,7 +616,6 @@ pub fn log_class(id: &str, address: &str, dsn: &str, class: &str) {
     }
 }
 
-/// Reads a message log; a missing log is empty.
 /// The `action` of a defer log block that carries the deferrals of
 /// earlier rounds (`offset=`, `attempts=`): no entry of this round, and
 /// skipped by [`read_log`].
@@ -732,7 +731,6 @@ fn parse_log(text: &str) -> Vec<LogEntry> {
     out
 }
 
-/// Whether the other end of a connection has closed it.
 /// Serves a delivery agent's socket: one request (or one batch, delivered
 /// in order) per connection, answered once every recipient is recorded;
 /// one connection at a time (local and virtual change their user per
