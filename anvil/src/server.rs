@@ -32,6 +32,10 @@ struct Conn {
     owner: u64,
     inbuf: Vec<u8>,
     out: Vec<u8>,
+    /// Registered for WRITABLE too: only while replies wait for room. A
+    /// Unix socket signals EPOLLOUT each time its peer reads, which woke
+    /// anvil once per reply smtpd took in.
+    writable: bool,
 }
 
 /// What one request does to the table; the reply, if it has one. Also
@@ -109,6 +113,22 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
+/// Registers for WRITABLE while replies are left unwritten, and drops it
+/// once all went.
+fn interest_fits(c: &mut Conn, registry: &mio::Registry, token: Token) -> io::Result<()> {
+    let want = !c.out.is_empty();
+    if want != c.writable {
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        registry.reregister(&mut c.sock, token, interest)?;
+        c.writable = want;
+    }
+    Ok(())
+}
+
 /// Reads what there is; Ok(false) at end of file.
 fn fill(c: &mut Conn, buf: &mut [u8]) -> io::Result<bool> {
     loop {
@@ -168,11 +188,10 @@ impl Clients {
                 Ok((mut sock, _)) => {
                     let token = Token(self.next_token);
                     self.next_token += 1;
-                    if let Err(e) = poll.registry().register(
-                        &mut sock,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) = poll
+                        .registry()
+                        .register(&mut sock, token, Interest::READABLE)
+                    {
                         warning!("register connection: {e}");
                         continue;
                     }
@@ -183,6 +202,7 @@ impl Clients {
                             owner: self.next_owner,
                             inbuf: Vec::new(),
                             out: Vec::new(),
+                            writable: false,
                         },
                     );
                     self.next_owner += 1;
@@ -272,6 +292,7 @@ pub fn run(cfg: &Config) -> ! {
                 .and_then(|open| {
                     serve(&mut table, &mut stats, c, now).map_err(Some)?;
                     flush(c).map_err(|e| Some(e.to_string()))?;
+                    interest_fits(c, poll.registry(), t).map_err(|e| Some(e.to_string()))?;
                     if open {
                         Ok(())
                     } else {
@@ -359,6 +380,7 @@ mod tests {
             owner: 1,
             inbuf: Vec::new(),
             out: Vec::new(),
+            writable: false,
         };
         let mut table = Table::new(Duration::from_secs(60));
         let mut stats = Stats::default();

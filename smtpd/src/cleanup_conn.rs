@@ -30,6 +30,17 @@ pub(crate) struct CleanupConn {
     pub(crate) out: OutBuf,
     inbuf: Vec<u8>,
     pub(crate) readable: bool,
+    /// Registered for WRITABLE too: only while output waits for room.
+    /// A Unix socket signals EPOLLOUT each time its peer reads, so a
+    /// connection always registered for it woke the event loop once per
+    /// request cleanup took in, for nothing.
+    writable_interest: bool,
+    token: Token,
+    /// The envelope is queued and held back until content follows (or
+    /// Close, or Abort): cleanup gets both in one read. DATA's envelope
+    /// sent alone cost cleanup a wake-up per message, a client round
+    /// trip before the content.
+    holding_envelope: bool,
     /// Abort sent: flush it and close; cleanup's answers no longer matter.
     pub(crate) closing: bool,
     pub(crate) last_io: Instant,
@@ -56,6 +67,14 @@ impl CleanupLink {
         if let Some(mut c) = self.conn.take() {
             let _ = c.sock.deregister(registry);
         }
+    }
+
+    /// Requests wait to be written to cleanup (not held back on purpose):
+    /// the session waits on cleanup, under `ipc_timeout`.
+    pub(crate) fn sending(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| !c.closing && !c.holding_envelope && c.out.pending() > 0)
     }
 
     /// Our content waiting for cleanup is at least `high` bytes.
@@ -87,6 +106,7 @@ impl CleanupLink {
                     self.pending_open = None;
                     if let Some(c) = &mut self.conn {
                         c.out.push(&frame(&req));
+                        c.holding_envelope = false;
                         c.closing = true;
                     }
                 }
@@ -94,6 +114,7 @@ impl CleanupLink {
                     if let Some(c) = &mut self.conn {
                         if !c.closing {
                             c.out.push(&frame(&req));
+                            c.holding_envelope = matches!(req, CleanupRequest::Envelope(_));
                         }
                     }
                 }
@@ -124,7 +145,15 @@ impl CleanupLink {
     ) -> bool {
         let mut progress = false;
         let (finished, mut lost) = match &mut self.conn {
-            Some(c) => c.transfer(cfg, buf),
+            Some(c) => {
+                let moved = c.transfer(cfg, buf);
+                if !moved.1 && !c.interest_fits(registry) {
+                    warning!("reregister connection to {}", cfg.cleanup_socket.display());
+                    (moved.0, true)
+                } else {
+                    moved
+                }
+            }
             None => (false, false),
         };
         // Deliver whole replies, even when the connection closed after them.
@@ -180,9 +209,10 @@ impl CleanupLink {
         let path = &cfg.cleanup_socket;
         match UnixStream::connect(path) {
             Ok(mut sock) => {
-                if let Err(e) =
-                    registry.register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-                {
+                // WRITABLE is added only when a write is held up
+                // (CleanupConn::interest_fits); `exchange` writes on every
+                // turn of the session.
+                if let Err(e) = registry.register(&mut sock, token, Interest::READABLE) {
                     warning!("register connection to {}: {e}", path.display());
                     session.cleanup_lost();
                     return;
@@ -194,6 +224,9 @@ impl CleanupLink {
                     out,
                     inbuf: Vec::new(),
                     readable: true,
+                    writable_interest: false,
+                    token,
+                    holding_envelope: false,
                     closing: false,
                     last_io: Instant::now(),
                 });
@@ -219,12 +252,39 @@ impl CleanupLink {
 }
 
 impl CleanupConn {
+    /// Registers for WRITABLE while output is left over (the socket was
+    /// full), and drops it once all went; false if the registry refused.
+    fn interest_fits(&mut self, registry: &Registry) -> bool {
+        let want = self.out.pending() > 0 && !self.holding_envelope;
+        if want == self.writable_interest {
+            return true;
+        }
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if registry
+            .reregister(&mut self.sock, self.token, interest)
+            .is_err()
+        {
+            return false;
+        }
+        self.writable_interest = want;
+        true
+    }
+
     /// Writes until done or the socket is full, then (unless closing
     /// with nothing left to send) reads until it would block; returns
     /// (finished: an Abort went out in full, lost: the connection failed
     /// or closed).
     fn transfer(&mut self, cfg: &Settings, buf: &mut [u8]) -> (bool, bool) {
-        match self.out.write_to(&mut self.sock) {
+        let written = if self.holding_envelope {
+            Ok(0)
+        } else {
+            self.out.write_to(&mut self.sock)
+        };
+        match written {
             Ok(n) if n > 0 => self.last_io = Instant::now(),
             Ok(_) => {}
             Err(e) => {

@@ -265,6 +265,9 @@ pub struct AuthConn {
     service: String,
     token: Token,
     sock: Option<Stream>,
+    /// Registered for WRITABLE too: only while a request waits for room
+    /// (a Unix socket signals EPOLLOUT each time the server reads).
+    writable_interest: bool,
     state: ConnState,
     out: Vec<u8>,
     inbuf: Vec<u8>,
@@ -286,6 +289,7 @@ impl AuthConn {
             service,
             token,
             sock: None,
+            writable_interest: false,
             state: ConnState::Down,
             out: Vec::new(),
             inbuf: Vec::new(),
@@ -328,17 +332,16 @@ impl AuthConn {
                 return;
             }
         };
-        if let Err(e) = registry.register(
-            sock.source(),
-            self.token,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        // WRITABLE only when a write is held up (see `pump`): the
+        // server is written to on every turn.
+        if let Err(e) = registry.register(sock.source(), self.token, Interest::READABLE) {
             warning!("SASL: register connection to {}: {e}", self.target);
             self.last_failure = Some(Instant::now());
             self.fail_all("Connection lost to authentication server", registry);
             return;
         }
         self.sock = Some(sock);
+        self.writable_interest = false;
         self.state = ConnState::Handshake;
         self.mechs.clear();
         self.inbuf.clear();
@@ -455,13 +458,32 @@ impl AuthConn {
     /// Moves bytes both ways and returns what the sessions get.
     pub fn pump(&mut self, registry: &Registry) -> Vec<(usize, Delivery)> {
         if self.sock.is_some() {
-            if let Err(e) = self.io() {
+            if let Err(e) = self.io().and_then(|_| self.interest_fits(registry)) {
                 warning!("SASL: connection to {}: {e}", self.target);
                 self.last_failure = Some(Instant::now());
                 self.fail_all("Connection lost to authentication server", registry);
             }
         }
         std::mem::take(&mut self.ready_deliveries)
+    }
+
+    /// Registers for WRITABLE while a request is left unwritten, and
+    /// drops it once all went.
+    fn interest_fits(&mut self, registry: &Registry) -> io::Result<()> {
+        let want = !self.out.is_empty();
+        let Some(sock) = &mut self.sock else {
+            return Ok(());
+        };
+        if want != self.writable_interest {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(sock.source(), self.token, interest)?;
+            self.writable_interest = want;
+        }
+        Ok(())
     }
 
     fn io(&mut self) -> io::Result<()> {

@@ -661,9 +661,12 @@ impl Server {
         let now = Instant::now();
         for (idx, slot) in self.slots.iter_mut().enumerate() {
             let Some(slot) = slot else { continue };
-            let cleanup_busy = slot.cleanup.conn.as_ref().is_some_and(|c| {
-                !c.closing && (c.out.pending() > 0 || slot.session.waiting_on_cleanup())
-            });
+            let cleanup_busy = slot.cleanup.sending()
+                || slot
+                    .cleanup
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| !c.closing && slot.session.waiting_on_cleanup());
             if cleanup_busy {
                 let c = slot.cleanup.conn.as_ref().map(|c| c.last_io).unwrap_or(now);
                 if now.duration_since(c) > self.cfg.ipc_timeout {

@@ -294,3 +294,88 @@ fn xforward_names_the_original_client() {
     assert_eq!(attr("client_port"), Some("4321"));
     assert_eq!(attr("source"), Some("REMOTE"));
 }
+
+/// The envelope DATA makes waits in smtpd until content follows: cleanup
+/// reads the envelope, the content and Close together, instead of waking
+/// once for the envelope a client round trip before the content. And
+/// smtpd is not woken each time cleanup reads.
+#[test]
+fn the_envelope_goes_to_cleanup_with_the_content() {
+    use crate::cleanup_conn::CleanupLink;
+    use postern_common::ipc;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    let dir = std::env::temp_dir().join(format!("postern-envelope-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let listener = UnixListener::bind(dir.join("cleanup")).unwrap();
+    let mut cfg = settings();
+    cfg.cleanup_socket = dir.join("cleanup");
+    let mut poll = mio::Poll::new().unwrap();
+    let registry = &poll.registry().try_clone().unwrap();
+    let mut events = mio::Events::with_capacity(8);
+    let token = mio::Token(2);
+    let mut link = CleanupLink::default();
+    let mut buf = vec![0u8; 4096];
+    let mut last_io = std::time::Instant::now();
+    let mut s = session();
+    // What cleanup has been sent: the frames one read gets.
+    let frames = |server: &mut std::os::unix::net::UnixStream| {
+        let mut got = vec![0u8; 65536];
+        let n = match server.read(&mut got) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("{e}"),
+        };
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Some((r, used)) =
+            ipc::take_frame::<CleanupRequest>(&got[at..n], ipc::MAX_MESSAGE).unwrap()
+        {
+            kinds.push(match r {
+                CleanupRequest::Open => "open",
+                CleanupRequest::Envelope(_) => "envelope",
+                CleanupRequest::Content(_) => "content",
+                CleanupRequest::Close => "close",
+                CleanupRequest::Abort => "abort",
+            });
+            at += used;
+        }
+        assert_eq!(at, n, "a frame cut short");
+        kinds
+    };
+    let mut turn = |s: &mut Session, link: &mut CleanupLink| {
+        link.send_requests(s, token, registry, &cfg);
+        link.exchange(s, registry, &cfg, &mut buf, &mut last_io);
+    };
+
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
+    );
+    turn(&mut s, &mut link);
+    let (mut server, _) = listener.accept().unwrap();
+    server.set_nonblocking(true).unwrap();
+    poll.poll(&mut events, Some(std::time::Duration::ZERO))
+        .unwrap();
+    assert_eq!(frames(&mut server), ["open"]);
+    // cleanup reading what smtpd wrote does not wake smtpd's event loop
+    // (a Unix socket registered for WRITABLE would signal it).
+    poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    assert!(events.is_empty(), "woken by cleanup's read");
+    assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
+
+    assert_eq!(
+        send(&mut s, "DATA\r\n"),
+        ["354 End data with <CR><LF>.<CR><LF>"]
+    );
+    turn(&mut s, &mut link);
+    assert!(frames(&mut server).is_empty(), "the envelope went alone");
+
+    send(&mut s, "Subject: x\r\n\r\nbody\r\n.\r\n");
+    turn(&mut s, &mut link);
+    assert_eq!(frames(&mut server), ["envelope", "content", "close"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
