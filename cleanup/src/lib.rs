@@ -9,8 +9,9 @@
 //! for `sendmail -t`, drops `message_drop_headers` (Bcc among them), adds
 //! Message-Id, Date and From where missing; streams the body; at Close
 //! marks the file complete, fsyncs it and its directory, answers Queued,
-//! and only then wakes qmgr (`public/qmgr`). A client that closes before
-//! Close, or a refusal, leaves nothing in the queue.
+//! and only then wakes qmgr (`public/qmgr`). A client may open its next
+//! message on the same connection (smtpd does). A client that closes
+//! before Close, or a refusal, leaves nothing in the queue.
 //! What it may touch: `incoming/` and `hold/` only. It runs as `mail_owner`.
 //!
 //! Address rewriting (canonical, masquerade, virtual alias) and
@@ -20,7 +21,8 @@
 //!
 //! Modules: [`message`] (one message, Open to Close), [`headers`] (header
 //! section parsing and address extraction), [`rewrite`] (address mapping
-//! and content checks), [`server`] (the connection).
+//! and content checks), [`server`] (the connection, one message after
+//! another).
 
 pub mod dkim;
 pub mod headers;

@@ -1,6 +1,8 @@
 //! The connections: each client's Open / Envelope / Content / Close
 //! exchange, on a thread of its own, up to [`CONNECTIONS_PER_PROCESS`] at
-//! once.
+//! once. A connection whose message was queued may carry the client's
+//! next message (smtpd keeps it a while: `ipc::CLEANUP_IDLE`), unless
+//! this process is leaving.
 
 use crate::message::{Message, Settings};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest, Wakeup};
@@ -30,93 +32,122 @@ pub fn run(cfg: &Config) -> ! {
             // Requests are read through a buffer: a frame's length and body,
             // and often the next frame, in one read.
             let mut requests = std::io::BufReader::with_capacity(16 * 1024, &conn);
-            let mut conn = &conn;
-            match ipc::recv::<_, CleanupRequest>(&mut requests) {
-                Ok(CleanupRequest::Open) => {}
-                Ok(other) => {
-                    warning!("unexpected request before Open: {other:?}");
-                    return;
-                }
-                Err(_) => return,
-            }
-            let mut msg = match Message::create(&settings, &tree) {
-                Ok(m) => m,
-                Err(r) => {
-                    warning!("message not queued: {}", r.reason);
-                    let _ = ipc::send(&mut conn, &r.reply());
-                    return;
-                }
-            };
-            if ipc::send(
-                &mut conn,
-                &CleanupReply::Opened {
-                    queue_id: msg.id.clone(),
-                },
-            )
-            .is_err()
-            {
-                msg.discard();
-                return;
-            }
-            // smtpd opens at the first RCPT TO: the envelope comes with
-            // DATA, a client round trip or more later.
-            match ipc::recv::<_, CleanupRequest>(&mut requests) {
-                Ok(CleanupRequest::Envelope(new)) => msg.envelope(new),
-                Ok(CleanupRequest::Abort) | Err(_) => {
-                    msg.discard();
-                    return;
-                }
-                Ok(other) => {
-                    warning!("{}: expected the envelope, got {other:?}", msg.id);
-                    msg.discard();
-                    return;
-                }
-            }
-            let origin = msg.origin().to_string();
+            let mut first = true;
+            // One message after another: smtpd keeps a connection whose
+            // message is queued for its next message (ipc::CLEANUP_IDLE).
             loop {
+                if !first {
+                    if postern_common::service::leaving() {
+                        return;
+                    }
+                    let _ = conn.set_read_timeout(Some(ipc::CLEANUP_IDLE));
+                }
                 match ipc::recv::<_, CleanupRequest>(&mut requests) {
-                    Ok(CleanupRequest::Content(data)) => msg.content(&data),
-                    Ok(CleanupRequest::Close) => break,
-                    Ok(CleanupRequest::Abort) | Err(_) => {
-                        // The client gave up or vanished: it was never told the
-                        // message is queued, so nothing may stay behind.
-                        msg.discard();
+                    Ok(CleanupRequest::Open) => {}
+                    Ok(other) => {
+                        warning!("unexpected request before Open: {other:?}");
                         return;
                     }
-                    Ok(other @ (CleanupRequest::Open | CleanupRequest::Envelope(_))) => {
-                        warning!("{}: unexpected {other:?}", msg.id);
-                        msg.discard();
-                        return;
-                    }
+                    Err(_) => return,
                 }
-            }
-            let id = msg.id.clone();
-            let reply = match msg.close() {
-                Ok(id) => CleanupReply::Queued { queue_id: id },
-                Err(r) => {
-                    warning!("{id}: {}: message not queued: {}", origin, r.reason);
-                    r.reply()
+                if !first {
+                    let _ = conn.set_read_timeout(Some(timeout));
                 }
-            };
-            let queued = matches!(reply, CleanupReply::Queued { .. });
-            let told = ipc::send(&mut conn, &reply).is_ok();
-            if queued && !told {
-                // The client is gone before it heard "queued", so nobody told
-                // the sender 250: withdraw the message rather than deliver
-                // mail its sender believes failed. If qmgr already took it,
-                // it is delivered (a duplicate at worst, never a loss).
-                let path = tree.path(postern_common::queue::Queue::Incoming, &id);
-                if std::fs::remove_file(&path).is_ok() {
-                    warning!("{id}: client went away before the reply; message withdrawn");
+                first = false;
+                if !one_message(&settings, &tree, &qmgr, &mut requests, &conn) {
                     return;
                 }
-            }
-            if queued {
-                // From here on a client that vanished was told the message is
-                // queued: it will be delivered.
-                let _ = ipc::wake(&qmgr, &[Wakeup::Incoming]);
             }
         },
         || {},
     )
+}
+
+/// One message, its Open read: the queue file, the envelope and content
+/// into it, the reply. True if the connection may carry another.
+fn one_message(
+    settings: &Settings,
+    tree: &QueueTree,
+    qmgr: &std::path::Path,
+    requests: &mut impl std::io::Read,
+    mut conn: &std::os::unix::net::UnixStream,
+) -> bool {
+    let mut msg = match Message::create(settings, tree) {
+        Ok(m) => m,
+        Err(r) => {
+            warning!("message not queued: {}", r.reason);
+            let _ = ipc::send(&mut conn, &r.reply());
+            return false;
+        }
+    };
+    if ipc::send(
+        &mut conn,
+        &CleanupReply::Opened {
+            queue_id: msg.id.clone(),
+        },
+    )
+    .is_err()
+    {
+        msg.discard();
+        return false;
+    }
+    // smtpd opens at the first RCPT TO: the envelope comes with
+    // DATA, a client round trip or more later.
+    match ipc::recv::<_, CleanupRequest>(requests) {
+        Ok(CleanupRequest::Envelope(new)) => msg.envelope(new),
+        Ok(CleanupRequest::Abort) | Err(_) => {
+            msg.discard();
+            return false;
+        }
+        Ok(other) => {
+            warning!("{}: expected the envelope, got {other:?}", msg.id);
+            msg.discard();
+            return false;
+        }
+    }
+    let origin = msg.origin().to_string();
+    loop {
+        match ipc::recv::<_, CleanupRequest>(requests) {
+            Ok(CleanupRequest::Content(data)) => msg.content(&data),
+            Ok(CleanupRequest::Close) => break,
+            Ok(CleanupRequest::Abort) | Err(_) => {
+                // The client gave up or vanished: it was never told the
+                // message is queued, so nothing may stay behind.
+                msg.discard();
+                return false;
+            }
+            Ok(other @ (CleanupRequest::Open | CleanupRequest::Envelope(_))) => {
+                warning!("{}: unexpected {other:?}", msg.id);
+                msg.discard();
+                return false;
+            }
+        }
+    }
+    let id = msg.id.clone();
+    let reply = match msg.close() {
+        Ok(id) => CleanupReply::Queued { queue_id: id },
+        Err(r) => {
+            warning!("{id}: {}: message not queued: {}", origin, r.reason);
+            r.reply()
+        }
+    };
+    let queued = matches!(reply, CleanupReply::Queued { .. });
+    let told = ipc::send(&mut conn, &reply).is_ok();
+    if queued && !told {
+        // The client is gone before it heard "queued", so nobody told
+        // the sender 250: withdraw the message rather than deliver
+        // mail its sender believes failed. If qmgr already took it,
+        // it is delivered (a duplicate at worst, never a loss).
+        let path = tree.path(postern_common::queue::Queue::Incoming, &id);
+        if std::fs::remove_file(&path).is_ok() {
+            warning!("{id}: client went away before the reply; message withdrawn");
+            return false;
+        }
+    }
+    if queued {
+        // From here on a client that vanished was told the message is
+        // queued: it will be delivered.
+        let _ = ipc::wake(qmgr, &[Wakeup::Incoming]);
+    }
+    queued && told
 }

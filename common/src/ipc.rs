@@ -114,9 +114,8 @@ pub fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
 /// peek that does not wait). A delivery agent asks before it delivers
 /// (the qmgr that asked is gone: drop the request, never deliver twice);
 /// qmgr before it reuses an agent's connection.
-pub fn peer_gone(conn: &UnixStream) -> bool {
+pub fn peer_gone(conn: &impl std::os::fd::AsRawFd) -> bool {
     use nix::sys::socket::MsgFlags;
-    use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
     let peeked = nix::sys::socket::recv(
         conn.as_raw_fd(),
@@ -130,6 +129,17 @@ pub fn peer_gone(conn: &UnixStream) -> bool {
 }
 
 // ---------------------------------------------------------------- cleanup
+
+/// How long cleanup waits on a connection, its message done, for the
+/// client's next `Open` before it closes it: smtpd keeps a connection
+/// whose message is queued for the next message of any of its sessions.
+pub const CLEANUP_IDLE: Duration = Duration::from_secs(5);
+
+/// How long smtpd keeps such a connection: well inside [`CLEANUP_IDLE`].
+/// An Open that still meets a closing cleanup (one that is leaving) finds
+/// the connection gone before any answer, and smtpd sends it again on a
+/// new connection: nothing was made for it.
+pub const CLEANUP_REUSE_WITHIN: Duration = Duration::from_secs(1);
 
 /// Flags for a message submitted to cleanup.
 pub mod cleanup_flags {

@@ -1,6 +1,9 @@
-//! The client side of smtpd → cleanup: one Unix connection to
-//! `queue_directory/public/cleanup` per message, non-blocking on the
-//! event loop of [`crate::server`].
+//! The client side of smtpd → cleanup: a Unix connection to
+//! `queue_directory/public/cleanup` per message in flight, non-blocking
+//! on the event loop of [`crate::server`]. A connection whose message
+//! was queued goes to the process's [`CleanupPool`] and carries the next
+//! message of any session, within `ipc::CLEANUP_REUSE_WITHIN`: no
+//! connect, and no accept or thread hand-off in cleanup.
 //!
 //! The session asks for it with [`CleanupRequest::Open`] (at the first
 //! accepted RCPT TO); the envelope and content follow as requests, framed
@@ -24,6 +27,39 @@ use std::time::{Duration, Instant};
 /// Wait before trying again to connect to a cleanup whose backlog is full.
 pub(crate) const CONNECT_RETRY: Duration = Duration::from_millis(100);
 
+/// The most connections a process keeps for its next messages.
+const POOL_MAX: usize = 16;
+
+/// Connections to cleanup whose last message was queued, kept for the
+/// next message of any session of this process.
+#[derive(Default)]
+pub(crate) struct CleanupPool {
+    idle: Vec<(UnixStream, Instant)>,
+}
+
+impl CleanupPool {
+    /// A kept connection, young enough and still open at cleanup's end.
+    fn take(&mut self) -> Option<UnixStream> {
+        self.idle
+            .retain(|(_, since)| since.elapsed() < ipc::CLEANUP_REUSE_WITHIN);
+        while let Some((sock, _)) = self.idle.pop() {
+            if !ipc::peer_gone(&sock) {
+                return Some(sock);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection (deregistered) for the next message.
+    fn put(&mut self, sock: UnixStream) {
+        self.idle
+            .retain(|(_, since)| since.elapsed() < ipc::CLEANUP_REUSE_WITHIN);
+        if self.idle.len() < POOL_MAX {
+            self.idle.push((sock, Instant::now()));
+        }
+    }
+}
+
 /// The connection to cleanup for the message being received.
 pub(crate) struct CleanupConn {
     pub(crate) sock: UnixStream,
@@ -44,6 +80,29 @@ pub(crate) struct CleanupConn {
     /// Abort sent: flush it and close; cleanup's answers no longer matter.
     pub(crate) closing: bool,
     pub(crate) last_io: Instant,
+    /// Taken from the pool, and cleanup has not answered on it yet: the
+    /// Open, kept here, goes again on a new connection if this one turns
+    /// out closed (cleanup left between its last reply and our Open).
+    reused_open: Option<Vec<u8>>,
+}
+
+impl CleanupConn {
+    fn new(sock: UnixStream, token: Token, open: Vec<u8>, reused: bool) -> CleanupConn {
+        let mut out = OutBuf::default();
+        out.push(&open);
+        CleanupConn {
+            sock,
+            out,
+            inbuf: Vec::new(),
+            readable: true,
+            writable_interest: false,
+            token,
+            holding_envelope: false,
+            closing: false,
+            last_io: Instant::now(),
+            reused_open: reused.then_some(open),
+        }
+    }
 }
 
 /// An Open that could not connect yet (cleanup's backlog was full).
@@ -91,6 +150,7 @@ impl CleanupLink {
         token: Token,
         registry: &Registry,
         cfg: &Settings,
+        pool: &mut CleanupPool,
     ) -> bool {
         let mut progress = false;
         for req in session.take_requests() {
@@ -100,7 +160,7 @@ impl CleanupLink {
                     self.drop_conn(registry);
                     self.pending_open = None;
                     let now = Instant::now();
-                    self.connect(session, token, registry, cfg, frame(&req), now);
+                    self.connect(session, token, registry, cfg, frame(&req), now, Some(pool));
                 }
                 CleanupRequest::Abort => {
                     self.pending_open = None;
@@ -123,7 +183,7 @@ impl CleanupLink {
         if let Some(p) = self.pending_open.take() {
             if Instant::now() >= p.next_try {
                 progress = true;
-                self.connect(session, token, registry, cfg, p.frame, p.since);
+                self.connect(session, token, registry, cfg, p.frame, p.since, Some(pool));
             } else {
                 self.pending_open = Some(p);
             }
@@ -142,6 +202,7 @@ impl CleanupLink {
         cfg: &Settings,
         buf: &mut [u8],
         last_io: &mut Instant,
+        pool: &mut CleanupPool,
     ) -> bool {
         let mut progress = false;
         let (finished, mut lost) = match &mut self.conn {
@@ -161,12 +222,14 @@ impl CleanupLink {
             match next_reply(&mut c.inbuf) {
                 Ok(Some(reply)) => {
                     progress = true;
+                    c.reused_open = None;
                     let last = matches!(
                         reply,
                         CleanupReply::Queued { .. } | CleanupReply::Failed { .. }
                     );
                     if last {
-                        self.drop_conn(registry);
+                        let queued = matches!(reply, CleanupReply::Queued { .. });
+                        self.finish_conn(registry, queued && !lost, pool);
                         lost = false;
                     }
                     session.cleanup_reply(reply);
@@ -178,6 +241,20 @@ impl CleanupLink {
                     lost = true;
                     break;
                 }
+            }
+        }
+        if lost && !finished {
+            // A kept connection that cleanup closed before it answered our
+            // Open: the Open goes again, on a new connection.
+            let again = self
+                .conn
+                .as_mut()
+                .filter(|c| !c.closing)
+                .and_then(|c| c.reused_open.take().map(|f| (f, c.token)));
+            if let Some((open, token)) = again {
+                self.drop_conn(registry);
+                self.connect(session, token, registry, cfg, open, Instant::now(), None);
+                return true;
             }
         }
         if finished || lost {
@@ -197,6 +274,21 @@ impl CleanupLink {
         progress
     }
 
+    /// The message's reply came: the connection goes to the pool when
+    /// the message was queued and nothing else is on it, else it closes.
+    fn finish_conn(&mut self, registry: &Registry, queued: bool, pool: &mut CleanupPool) {
+        let Some(mut c) = self.conn.take() else {
+            return;
+        };
+        let _ = c.sock.deregister(registry);
+        if queued && !c.closing && c.out.pending() == 0 && c.inbuf.is_empty() {
+            pool.put(c.sock);
+        }
+    }
+
+    /// Connects for `frame` (an Open): a kept connection from `pool` if
+    /// there is one, else a new one.
+    #[allow(clippy::too_many_arguments)]
     fn connect(
         &mut self,
         session: &mut Session,
@@ -205,7 +297,17 @@ impl CleanupLink {
         cfg: &Settings,
         frame: Vec<u8>,
         since: Instant,
+        pool: Option<&mut CleanupPool>,
     ) {
+        if let Some(mut sock) = pool.and_then(|p| p.take()) {
+            if registry
+                .register(&mut sock, token, Interest::READABLE)
+                .is_ok()
+            {
+                self.conn = Some(CleanupConn::new(sock, token, frame, true));
+                return;
+            }
+        }
         let path = &cfg.cleanup_socket;
         match UnixStream::connect(path) {
             Ok(mut sock) => {
@@ -217,19 +319,7 @@ impl CleanupLink {
                     session.cleanup_lost();
                     return;
                 }
-                let mut out = OutBuf::default();
-                out.push(&frame);
-                self.conn = Some(CleanupConn {
-                    sock,
-                    out,
-                    inbuf: Vec::new(),
-                    readable: true,
-                    writable_interest: false,
-                    token,
-                    holding_envelope: false,
-                    closing: false,
-                    last_io: Instant::now(),
-                });
+                self.conn = Some(CleanupConn::new(sock, token, frame, false));
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock

@@ -3,7 +3,8 @@
 //!
 //! Talks to: SMTP clients on the TCP listener master passes on fd 3 (many
 //! sessions per process, on one event loop); `cleanup` through
-//! `queue_directory/public/cleanup`, one connection per message, to
+//! `queue_directory/public/cleanup`, a connection per message in
+//! flight (kept a second for the next message once it is queued), to
 //! which it streams the envelope and the content; master through the
 //! status pipe on fd 4 (busy when `smtpd_client_session_limit` sessions
 //! are open); `anvil` through `queue_directory/private/anvil`, one
@@ -15,7 +16,8 @@
 //!   each session's turn, one function per phase (DNS, auth, cleanup,
 //!   output, STARTTLS, input, end).
 //! - [`cleanup_conn`]: the connection to cleanup for one message
-//!   (connect, retry on a full backlog, requests out, replies in).
+//!   (connect or take a kept one, retry on a full backlog, requests out,
+//!   replies in) and the process's kept connections.
 //! - [`listener`]: the TCP listener, or a `pass` service's socket where
 //!   postscreen hands over the clients it lets through.
 //! - [`outbuf`]: bytes waiting for a non-blocking socket.

@@ -25,7 +25,7 @@
 //! checked about once a second.
 
 use crate::anvil::Anvil;
-use crate::cleanup_conn::{CleanupLink, CONNECT_RETRY};
+use crate::cleanup_conn::{CleanupLink, CleanupPool, CONNECT_RETRY};
 use crate::dns::Dns;
 use crate::listener::Listener;
 use crate::outbuf::OutBuf;
@@ -212,6 +212,7 @@ pub fn run(cfg: Settings) -> ! {
         fd_starved: false,
         drain,
         proxies: ProxyHub::new(),
+        cleanup_pool: CleanupPool::default(),
     };
     if let Some(target) = &server.cfg.sasl {
         server.auth = Some(AuthConn::new(
@@ -257,6 +258,8 @@ struct Server {
     /// are then closed and the process exits after its last session.
     drain: UnixStream,
     proxies: ProxyHub,
+    /// Connections to cleanup kept for the next message.
+    cleanup_pool: CleanupPool,
 }
 
 impl Server {
@@ -619,6 +622,7 @@ impl Server {
                 auth: self.auth.as_mut(),
                 dns: &mut self.dns,
                 proxies: &mut self.proxies,
+                cleanup_pool: &mut self.cleanup_pool,
             },
         ) {
             Turn::Idle => false,
@@ -718,6 +722,7 @@ struct Helpers<'a> {
     auth: Option<&'a mut AuthConn>,
     dns: &'a mut Option<Dns>,
     proxies: &'a mut ProxyHub,
+    cleanup_pool: &'a mut CleanupPool,
 }
 
 /// One turn of a session: moves bytes between the client, the session
@@ -736,6 +741,7 @@ fn turn(
         mut auth,
         dns,
         proxies,
+        cleanup_pool,
     } = helpers;
     let mut reads = 0;
     // The session's own verbosity (debug_peer_list) while its work is done.
@@ -747,12 +753,21 @@ fn turn(
         submit_dns(slot, idx, registry, cfg, dns);
         submit_auth(slot, idx, registry, auth.as_deref_mut());
         let mut progress = submit_proxy(slot, idx, registry, cfg, proxies);
-        progress |=
-            slot.cleanup
-                .send_requests(&mut slot.session, cleanup_token(idx), registry, cfg);
-        progress |= slot
-            .cleanup
-            .exchange(&mut slot.session, registry, cfg, buf, &mut slot.last_io);
+        progress |= slot.cleanup.send_requests(
+            &mut slot.session,
+            cleanup_token(idx),
+            registry,
+            cfg,
+            cleanup_pool,
+        );
+        progress |= slot.cleanup.exchange(
+            &mut slot.session,
+            registry,
+            cfg,
+            buf,
+            &mut slot.last_io,
+            cleanup_pool,
+        );
         if tarpit(slot) {
             return Turn::Idle;
         }

@@ -295,33 +295,73 @@ fn xforward_names_the_original_client() {
     assert_eq!(attr("source"), Some("REMOTE"));
 }
 
-/// The envelope DATA makes waits in smtpd until content follows: cleanup
-/// reads the envelope, the content and Close together, instead of waking
-/// once for the envelope a client round trip before the content. And
-/// smtpd is not woken each time cleanup reads.
-#[test]
-fn the_envelope_goes_to_cleanup_with_the_content() {
-    use crate::cleanup_conn::CleanupLink;
-    use postern_common::ipc;
-    use std::io::Read;
-    use std::os::unix::net::UnixListener;
+/// smtpd's side of cleanup over a real socket, with a listener in the
+/// place of cleanup's: a session, its link and the process's pool.
+struct CleanupPeer {
+    dir: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+    cfg: Settings,
+    poll: mio::Poll,
+    registry: mio::Registry,
+    pool: crate::cleanup_conn::CleanupPool,
+    buf: Vec<u8>,
+}
 
-    let dir = std::env::temp_dir().join(format!("postern-envelope-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let listener = UnixListener::bind(dir.join("cleanup")).unwrap();
-    let mut cfg = settings();
-    cfg.cleanup_socket = dir.join("cleanup");
-    let mut poll = mio::Poll::new().unwrap();
-    let registry = &poll.registry().try_clone().unwrap();
-    let mut events = mio::Events::with_capacity(8);
-    let token = mio::Token(2);
-    let mut link = CleanupLink::default();
-    let mut buf = vec![0u8; 4096];
-    let mut last_io = std::time::Instant::now();
-    let mut s = session();
-    // What cleanup has been sent: the frames one read gets.
-    let frames = |server: &mut std::os::unix::net::UnixStream| {
+impl CleanupPeer {
+    fn new(name: &str) -> CleanupPeer {
+        let dir = std::env::temp_dir().join(format!("postern-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("cleanup")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut cfg = settings();
+        cfg.cleanup_socket = dir.join("cleanup");
+        let poll = mio::Poll::new().unwrap();
+        let registry = poll.registry().try_clone().unwrap();
+        CleanupPeer {
+            dir,
+            listener,
+            cfg,
+            poll,
+            registry,
+            pool: Default::default(),
+            buf: vec![0u8; 4096],
+        }
+    }
+
+    /// One turn of the session's requests and cleanup's replies.
+    fn turn(&mut self, s: &mut Session, link: &mut crate::cleanup_conn::CleanupLink) {
+        let token = mio::Token(2);
+        if let Some(c) = &mut link.conn {
+            c.readable = true;
+        }
+        let mut last_io = std::time::Instant::now();
+        link.send_requests(s, token, &self.registry, &self.cfg, &mut self.pool);
+        link.exchange(
+            s,
+            &self.registry,
+            &self.cfg,
+            &mut self.buf,
+            &mut last_io,
+            &mut self.pool,
+        );
+    }
+
+    /// A new connection from smtpd, if there is one.
+    fn accept(&self) -> Option<std::os::unix::net::UnixStream> {
+        match self.listener.accept() {
+            Ok((c, _)) => {
+                c.set_nonblocking(true).unwrap();
+                Some(c)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The requests one read on cleanup's end gets.
+    fn frames(server: &mut std::os::unix::net::UnixStream) -> Vec<&'static str> {
+        use std::io::Read;
         let mut got = vec![0u8; 65536];
         let n = match server.read(&mut got) {
             Ok(n) => n,
@@ -330,8 +370,11 @@ fn the_envelope_goes_to_cleanup_with_the_content() {
         };
         let mut kinds = Vec::new();
         let mut at = 0;
-        while let Some((r, used)) =
-            ipc::take_frame::<CleanupRequest>(&got[at..n], ipc::MAX_MESSAGE).unwrap()
+        while let Some((r, used)) = postern_common::ipc::take_frame::<CleanupRequest>(
+            &got[at..n],
+            postern_common::ipc::MAX_MESSAGE,
+        )
+        .unwrap()
         {
             kinds.push(match r {
                 CleanupRequest::Open => "open",
@@ -344,26 +387,39 @@ fn the_envelope_goes_to_cleanup_with_the_content() {
         }
         assert_eq!(at, n, "a frame cut short");
         kinds
-    };
-    let mut turn = |s: &mut Session, link: &mut CleanupLink| {
-        link.send_requests(s, token, registry, &cfg);
-        link.exchange(s, registry, &cfg, &mut buf, &mut last_io);
-    };
+    }
+}
+
+impl Drop for CleanupPeer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The envelope DATA makes waits in smtpd until content follows: cleanup
+/// reads the envelope, the content and Close together, instead of waking
+/// once for the envelope a client round trip before the content. And
+/// smtpd is not woken each time cleanup reads.
+#[test]
+fn the_envelope_goes_to_cleanup_with_the_content() {
+    let mut peer = CleanupPeer::new("envelope");
+    let mut events = mio::Events::with_capacity(8);
+    let mut link = crate::cleanup_conn::CleanupLink::default();
+    let mut s = session();
 
     send(
         &mut s,
         "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
     );
-    turn(&mut s, &mut link);
-    let (mut server, _) = listener.accept().unwrap();
-    server.set_nonblocking(true).unwrap();
-    poll.poll(&mut events, Some(std::time::Duration::ZERO))
-        .unwrap();
-    assert_eq!(frames(&mut server), ["open"]);
+    peer.turn(&mut s, &mut link);
+    let mut server = peer.accept().expect("a connection to cleanup");
+    let zero = Some(std::time::Duration::ZERO);
+    peer.poll.poll(&mut events, zero).unwrap();
+    assert_eq!(CleanupPeer::frames(&mut server), ["open"]);
     // cleanup reading what smtpd wrote does not wake smtpd's event loop
     // (a Unix socket registered for WRITABLE would signal it).
-    poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))
-        .unwrap();
+    let wait = Some(std::time::Duration::from_millis(100));
+    peer.poll.poll(&mut events, wait).unwrap();
     assert!(events.is_empty(), "woken by cleanup's read");
     assert_eq!(opened(&mut s), ["250 2.1.5 Ok"]);
 
@@ -371,11 +427,97 @@ fn the_envelope_goes_to_cleanup_with_the_content() {
         send(&mut s, "DATA\r\n"),
         ["354 End data with <CR><LF>.<CR><LF>"]
     );
-    turn(&mut s, &mut link);
-    assert!(frames(&mut server).is_empty(), "the envelope went alone");
+    peer.turn(&mut s, &mut link);
+    assert!(
+        CleanupPeer::frames(&mut server).is_empty(),
+        "the envelope went alone"
+    );
 
     send(&mut s, "Subject: x\r\n\r\nbody\r\n.\r\n");
-    turn(&mut s, &mut link);
-    assert_eq!(frames(&mut server), ["envelope", "content", "close"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    peer.turn(&mut s, &mut link);
+    assert_eq!(
+        CleanupPeer::frames(&mut server),
+        ["envelope", "content", "close"]
+    );
+}
+
+/// A connection whose message was queued carries the next message (of
+/// another session): cleanup gets its Open on the same connection, no
+/// new one. When cleanup closed a kept connection before it answered,
+/// the Open goes again on a new connection, and the session never knows.
+#[test]
+fn a_queued_message_leaves_its_connection_for_the_next() {
+    use postern_common::ipc;
+    let mut peer = CleanupPeer::new("kept");
+    let mut s = session();
+    let mut link = crate::cleanup_conn::CleanupLink::default();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
+    );
+    peer.turn(&mut s, &mut link);
+    let mut server = peer.accept().expect("a connection to cleanup");
+    assert_eq!(CleanupPeer::frames(&mut server), ["open"]);
+    let reply = |server: &mut std::os::unix::net::UnixStream, r: CleanupReply| {
+        ipc::send(server, &r).unwrap();
+    };
+    reply(
+        &mut server,
+        CleanupReply::Opened {
+            queue_id: "QID1".into(),
+        },
+    );
+    peer.turn(&mut s, &mut link);
+    assert_eq!(out(&mut s), ["250 2.1.5 Ok"]);
+    send(&mut s, "DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n");
+    peer.turn(&mut s, &mut link);
+    assert_eq!(
+        CleanupPeer::frames(&mut server),
+        ["envelope", "content", "close"]
+    );
+    reply(
+        &mut server,
+        CleanupReply::Queued {
+            queue_id: "QID1".into(),
+        },
+    );
+    peer.turn(&mut s, &mut link);
+    assert!(out(&mut s)
+        .iter()
+        .any(|l| l == "250 2.0.0 Ok: queued as QID1"));
+    assert!(link.conn.is_none());
+
+    // The next session's message: the kept connection.
+    let mut s2 = session();
+    let mut link2 = crate::cleanup_conn::CleanupLink::default();
+    send(
+        &mut s2,
+        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
+    );
+    peer.turn(&mut s2, &mut link2);
+    assert!(
+        peer.accept().is_none(),
+        "a new connection for the next message"
+    );
+    assert_eq!(CleanupPeer::frames(&mut server), ["open"]);
+
+    // cleanup leaves without answering: a new connection gets the Open.
+    drop(server);
+    peer.turn(&mut s2, &mut link2);
+    // (the turn's next pass writes to the new connection)
+    peer.turn(&mut s2, &mut link2);
+    let mut again = peer.accept().expect("the Open again, on a new connection");
+    assert_eq!(CleanupPeer::frames(&mut again), ["open"]);
+    assert!(
+        out(&mut s2).is_empty(),
+        "the session heard of the lost connection"
+    );
+    reply(
+        &mut again,
+        CleanupReply::Opened {
+            queue_id: "QID2".into(),
+        },
+    );
+    peer.turn(&mut s2, &mut link2);
+    assert_eq!(out(&mut s2), ["250 2.1.5 Ok"]);
 }
