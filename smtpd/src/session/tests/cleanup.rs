@@ -347,6 +347,32 @@ impl CleanupPeer {
         );
     }
 
+    /// A session through EHLO, MAIL and RCPT, its Open sent.
+    fn session_at_rcpt(&mut self) -> (Session, crate::cleanup_conn::CleanupLink) {
+        let mut s = session();
+        let mut link = crate::cleanup_conn::CleanupLink::default();
+        send(
+            &mut s,
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
+        );
+        self.turn(&mut s, &mut link);
+        (s, link)
+    }
+
+    /// cleanup answers the Open; the session answers its RCPT.
+    fn answer_open(
+        &mut self,
+        server: &mut std::os::unix::net::UnixStream,
+        id: &str,
+        s: &mut Session,
+        link: &mut crate::cleanup_conn::CleanupLink,
+    ) {
+        let queue_id = id.to_string();
+        postern_common::ipc::send(server, &CleanupReply::Opened { queue_id }).unwrap();
+        self.turn(s, link);
+        assert_eq!(out(s), ["250 2.1.5 Ok"]);
+    }
+
     /// A new connection from smtpd, if there is one.
     fn accept(&self) -> Option<std::os::unix::net::UnixStream> {
         match self.listener.accept() {
@@ -404,14 +430,7 @@ impl Drop for CleanupPeer {
 fn the_envelope_goes_to_cleanup_with_the_content() {
     let mut peer = CleanupPeer::new("envelope");
     let mut events = mio::Events::with_capacity(8);
-    let mut link = crate::cleanup_conn::CleanupLink::default();
-    let mut s = session();
-
-    send(
-        &mut s,
-        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
-    );
-    peer.turn(&mut s, &mut link);
+    let (mut s, mut link) = peer.session_at_rcpt();
     let mut server = peer.accept().expect("a connection to cleanup");
     let zero = Some(std::time::Duration::ZERO);
     peer.poll.poll(&mut events, zero).unwrap();
@@ -449,26 +468,13 @@ fn the_envelope_goes_to_cleanup_with_the_content() {
 fn a_queued_message_leaves_its_connection_for_the_next() {
     use postern_common::ipc;
     let mut peer = CleanupPeer::new("kept");
-    let mut s = session();
-    let mut link = crate::cleanup_conn::CleanupLink::default();
-    send(
-        &mut s,
-        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
-    );
-    peer.turn(&mut s, &mut link);
+    let (mut s, mut link) = peer.session_at_rcpt();
     let mut server = peer.accept().expect("a connection to cleanup");
     assert_eq!(CleanupPeer::frames(&mut server), ["open"]);
     let reply = |server: &mut std::os::unix::net::UnixStream, r: CleanupReply| {
         ipc::send(server, &r).unwrap();
     };
-    reply(
-        &mut server,
-        CleanupReply::Opened {
-            queue_id: "QID1".into(),
-        },
-    );
-    peer.turn(&mut s, &mut link);
-    assert_eq!(out(&mut s), ["250 2.1.5 Ok"]);
+    peer.answer_open(&mut server, "QID1", &mut s, &mut link);
     send(&mut s, "DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n");
     peer.turn(&mut s, &mut link);
     assert_eq!(
@@ -488,13 +494,7 @@ fn a_queued_message_leaves_its_connection_for_the_next() {
     assert!(link.conn.is_none());
 
     // The next session's message: the kept connection.
-    let mut s2 = session();
-    let mut link2 = crate::cleanup_conn::CleanupLink::default();
-    send(
-        &mut s2,
-        "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@mx.example>\r\n",
-    );
-    peer.turn(&mut s2, &mut link2);
+    let (mut s2, mut link2) = peer.session_at_rcpt();
     assert!(
         peer.accept().is_none(),
         "a new connection for the next message"
@@ -512,12 +512,5 @@ fn a_queued_message_leaves_its_connection_for_the_next() {
         out(&mut s2).is_empty(),
         "the session heard of the lost connection"
     );
-    reply(
-        &mut again,
-        CleanupReply::Opened {
-            queue_id: "QID2".into(),
-        },
-    );
-    peer.turn(&mut s2, &mut link2);
-    assert_eq!(out(&mut s2), ["250 2.1.5 Ok"]);
+    peer.answer_open(&mut again, "QID2", &mut s2, &mut link2);
 }
