@@ -23,6 +23,10 @@ pub fn run(cfg: &Config) -> ! {
     let tree = QueueTree::configured(postern_common::service::queue_directory(cfg), cfg);
     let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     let qmgr = tree.qmgr_socket();
+    // A connection carries at most max_use messages: serve_threaded counts
+    // connections toward max_use, and a kept one could otherwise carry
+    // every message a busy smtpd receives, and the process never renew.
+    let per_connection = cfg.get_u64("max_use").unwrap_or(100).max(1);
     postern_common::service::serve_threaded(
         cfg,
         CONNECTIONS_PER_PROCESS,
@@ -32,12 +36,12 @@ pub fn run(cfg: &Config) -> ! {
             // Requests are read through a buffer: a frame's length and body,
             // and often the next frame, in one read.
             let mut requests = std::io::BufReader::with_capacity(16 * 1024, &conn);
-            let mut first = true;
+            let mut messages = 0;
             // One message after another: smtpd keeps a connection whose
             // message is queued for its next message (ipc::CLEANUP_IDLE).
             loop {
-                if !first {
-                    if postern_common::service::leaving() {
+                if messages > 0 {
+                    if postern_common::service::leaving() || messages >= per_connection {
                         return;
                     }
                     let _ = conn.set_read_timeout(Some(ipc::CLEANUP_IDLE));
@@ -50,10 +54,10 @@ pub fn run(cfg: &Config) -> ! {
                     }
                     Err(_) => return,
                 }
-                if !first {
+                if messages > 0 {
                     let _ = conn.set_read_timeout(Some(timeout));
                 }
-                first = false;
+                messages += 1;
                 if !one_message(&settings, &tree, &qmgr, &mut requests, &conn) {
                     return;
                 }
