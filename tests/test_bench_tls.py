@@ -101,3 +101,33 @@ def test_tls_bench_on_a_fresh_file_system_per_run(tmp_path, system_accounts):
         assert sorted(os.listdir(work)) == [], os.listdir(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_tls_bench_pins_each_mta_to_one_cpu(tmp_path, system_accounts):
+    """``--pin`` (a diagnostic): each MTA's processes on CPU 0, checked
+    for every process of its cgroup after each run, and said in the
+    report; the clients run on the other CPUs."""
+    if not h.is_root():
+        pytest.skip("bench/tls needs root (cgroups, Postfix's daemons)")
+    if len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0):
+        pytest.skip("--pin needs CPU 0 and another CPU")
+    out = tmp_path / "tls.md"
+    work = Path(tempfile.mkdtemp(prefix="ptt-"))
+    os.chmod(work, 0o755)
+    try:
+        p, report = h.run_bench(BENCH, ["-m", 6, "-s", 2, "--no-build",
+                                        "--postern-bin", h.BIN_DIR, "--out", out,
+                                        "--tmp", work, "--settle", 0.2,
+                                        "--speed-seconds", 1, "--handshakes", 0,
+                                        "--cases", "clear", "--pin"])
+        assert p.returncode == 0, report
+        md = out.read_text()
+        assert "Checks passed" in md, report
+        assert "--pin`" in md and "a diagnostic" in md, md
+        pinned = re.search(r"Pinned \(`--pin`\): after each run, (\d+)–(\d+) processes "
+                           r"in the MTA's cgroup, each allowed on CPU 0 alone; (\d+) "
+                           r"allowed elsewhere\.", md)
+        assert pinned, md
+        assert int(pinned.group(1)) > 0 and pinned.group(3) == "0", md
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
