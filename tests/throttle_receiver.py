@@ -21,7 +21,8 @@ What it can be told (all may change while it runs):
   sessions open long enough to overlap).
 
 What it records: every connection (open and close times, source
-address), the most connections open at once (``max_concurrent``), every
+address; a connection ends when its QUIT is answered, or when it closes
+first), the most connections open at once (``max_concurrent``), every
 accepted message (time, source address, recipients), and every 4xx/5xx it
 answered (``replies``).
 
@@ -231,6 +232,12 @@ class ThrottleReceiver:
 
             async def push(self, status):
                 await super().push(status)
+                if status.startswith("221"):
+                    # QUIT answered: the client is done with the
+                    # connection, and may already have told its queue
+                    # manager, which may open the next one before this
+                    # event loop gets to the end of this one.
+                    rx._closed(self._throttle_rec)
                 if getattr(self, "_throttle_close", False) and status.startswith("421"):
                     self._throttle_close = False
                     rx._closed(self._throttle_rec)
