@@ -7,6 +7,7 @@ where asked; resumption only where offered) passing for both. Checks the
 machinery, not speed: debug binaries of ``POSTERN_BIN_DIR``, nothing timed.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -77,19 +78,8 @@ def test_tls_bench_on_a_fresh_file_system_per_run(tmp_path, system_accounts):
         pytest.skip("bench/tls needs root (cgroups, Postfix's daemons, mount)")
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop devices on this machine: --queue-fs cannot mount an image")
-    out = tmp_path / "tls.md"
-    work = Path(tempfile.mkdtemp(prefix="ptt-"))
-    os.chmod(work, 0o755)
-    try:
-        p, report = h.run_bench(BENCH, ["-m", 6, "-s", 2, "--no-build",
-                                        "--postern-bin", h.BIN_DIR, "--out", out,
-                                        "--tmp", work, "--settle", 0.2,
-                                        "--speed-seconds", 1, "--handshakes", 0,
-                                        "--cases", "clear,in-p256",
-                                        "--queue-fs", "ext4-nojournal"])
-        assert p.returncode == 0, report
-        md = out.read_text()
-        assert "Checks passed" in md, report
+    with small_run(tmp_path, "--cases", "clear,in-p256",
+                   "--queue-fs", "ext4-nojournal") as (md, work):
         assert "on a fresh ext4 without a journal for each run" in md, md
         assert "--queue-fs ext4-nojournal" in md, md
         for mta in ("Postfix", "Postern"):
@@ -99,8 +89,6 @@ def test_tls_bench_on_a_fresh_file_system_per_run(tmp_path, system_accounts):
             mounts = f.read()
         assert str(work) not in mounts, mounts
         assert sorted(os.listdir(work)) == [], os.listdir(work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_tls_bench_pins_each_mta_to_one_cpu(tmp_path, system_accounts):
@@ -111,23 +99,32 @@ def test_tls_bench_pins_each_mta_to_one_cpu(tmp_path, system_accounts):
         pytest.skip("bench/tls needs root (cgroups, Postfix's daemons)")
     if len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0):
         pytest.skip("--pin needs CPU 0 and another CPU")
-    out = tmp_path / "tls.md"
-    work = Path(tempfile.mkdtemp(prefix="ptt-"))
-    os.chmod(work, 0o755)
-    try:
-        p, report = h.run_bench(BENCH, ["-m", 6, "-s", 2, "--no-build",
-                                        "--postern-bin", h.BIN_DIR, "--out", out,
-                                        "--tmp", work, "--settle", 0.2,
-                                        "--speed-seconds", 1, "--handshakes", 0,
-                                        "--cases", "clear", "--pin"])
-        assert p.returncode == 0, report
-        md = out.read_text()
-        assert "Checks passed" in md, report
+    with small_run(tmp_path, "--cases", "clear", "--pin") as (md, _):
         assert "--pin`" in md and "a diagnostic" in md, md
         pinned = re.search(r"Pinned \(`--pin`\): after each run, (\d+)–(\d+) processes "
                            r"in the MTA's cgroup, each allowed on CPU 0 alone; (\d+) "
                            r"allowed elsewhere\.", md)
         assert pinned, md
         assert int(pinned.group(1)) > 0 and pinned.group(3) == "0", md
+
+
+@contextlib.contextmanager
+def small_run(tmp_path, *extra):
+    """bench/tls on 6 messages per case and MTA with ``extra`` options,
+    in a work directory of its own (removed afterwards): (the report,
+    the work directory), once the run passed its checks."""
+    out = tmp_path / "tls.md"
+    # Short: Postfix's socket paths under queue/ stay below 108 bytes.
+    work = Path(tempfile.mkdtemp(prefix="ptt-"))
+    os.chmod(work, 0o755)
+    try:
+        p, report = h.run_bench(BENCH, ["-m", 6, "-s", 2, "--no-build",
+                                        "--postern-bin", h.BIN_DIR, "--out", out,
+                                        "--tmp", work, "--settle", 0.2,
+                                        "--speed-seconds", 1, "--handshakes", 0, *extra])
+        assert p.returncode == 0, report
+        md = out.read_text()
+        assert "Checks passed" in md, report
+        yield md, work
     finally:
         shutil.rmtree(work, ignore_errors=True)
