@@ -778,19 +778,29 @@ pub fn serve_concurrently(
 ) -> ! {
     let tree = QueueTree::configured(crate::service::queue_directory(cfg), cfg);
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
+    // A connection carries at most max_use requests: serve_threaded
+    // counts connections toward max_use, and one that qmgr keeps could
+    // otherwise carry every request, and the process never renew.
+    let per_connection = cfg.get_u64("max_use").unwrap_or(100).max(1);
     crate::service::serve_threaded(
         cfg,
         slots,
         move |conn| {
             let _ = conn.set_read_timeout(Some(timeout));
             let mut kept = false;
+            let mut requests = 0;
             // Each batch's replies say whether another is read (not when
             // the process is leaving): then it is, even if the process
             // starts leaving meanwhile, so that qmgr never sends a request
             // to a connection its agent is closing.
-            while handle_request(&tree, &conn, kept, true, |jobs| {
-                jobs.iter_mut().for_each(&deliver)
-            }) {
+            loop {
+                requests += 1;
+                let more = requests < per_connection;
+                if !handle_request(&tree, &conn, kept, more, |jobs| {
+                    jobs.iter_mut().for_each(&deliver)
+                }) {
+                    break;
+                }
                 if !kept {
                     let _ = conn.set_read_timeout(Some(AGENT_IDLE));
                     kept = true;
