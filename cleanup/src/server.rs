@@ -41,10 +41,10 @@ pub fn run(cfg: &Config) -> ! {
             // message is queued for its next message (ipc::CLEANUP_IDLE).
             loop {
                 if messages > 0 {
-                    if postern_common::service::leaving() || messages >= per_connection {
+                    if messages >= per_connection || !next_request_comes(&mut requests) {
                         return;
                     }
-                    let _ = conn.set_read_timeout(Some(ipc::CLEANUP_IDLE));
+                    let _ = conn.set_read_timeout(Some(timeout));
                 }
                 match ipc::recv::<_, CleanupRequest>(&mut requests) {
                     Ok(CleanupRequest::Open) => {}
@@ -54,8 +54,13 @@ pub fn run(cfg: &Config) -> ! {
                     }
                     Err(_) => return,
                 }
-                if messages > 0 {
-                    let _ = conn.set_read_timeout(Some(timeout));
+                if messages > 0 && postern_common::service::leaving() {
+                    // Drained (postern reload) or worn out: this process
+                    // makes no more files. The connection closes before
+                    // any answer, and smtpd sends the Open again on a new
+                    // one, which a fresh process takes (with the new
+                    // configuration, and the accounting file reopened).
+                    return;
                 }
                 messages += 1;
                 if !one_message(&settings, &tree, &qmgr, &mut requests, &conn) {
@@ -65,6 +70,35 @@ pub fn run(cfg: &Config) -> ! {
         },
         || {},
     )
+}
+
+/// How often a kept connection's wait for the next request looks
+/// whether the process is leaving.
+const LEAVING_CHECK: Duration = Duration::from_millis(100);
+
+/// Waits, on a kept connection, for the first byte of the client's next
+/// request: at most [`ipc::CLEANUP_IDLE`], and no longer once the process
+/// is leaving. True if it came.
+fn next_request_comes(requests: &mut std::io::BufReader<&std::os::unix::net::UnixStream>) -> bool {
+    use std::io::BufRead;
+    let conn = *requests.get_ref();
+    let _ = conn.set_read_timeout(Some(LEAVING_CHECK));
+    let since = std::time::Instant::now();
+    loop {
+        if postern_common::service::leaving() {
+            return false;
+        }
+        match requests.fill_buf() {
+            Ok(b) => return !b.is_empty(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && since.elapsed() < ipc::CLEANUP_IDLE => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// One message, its Open read: the queue file, the envelope and content
@@ -154,4 +188,33 @@ fn one_message(
         let _ = ipc::wake(qmgr, &[Wakeup::Incoming]);
     }
     queued && told
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    /// A kept connection's next request is taken when it comes; once the
+    /// process is leaving (a drain, max_use), the wait ends within
+    /// LEAVING_CHECK instead of CLEANUP_IDLE.
+    #[test]
+    fn a_kept_connection_waits_for_the_next_request_until_the_process_leaves() {
+        let (ours, mut client) = UnixStream::pair().unwrap();
+        let mut requests = std::io::BufReader::new(&ours);
+        client.write_all(b"\x01\x00\x00\x00\x00").unwrap();
+        assert!(next_request_comes(&mut requests));
+        assert!(matches!(
+            ipc::recv::<_, CleanupRequest>(&mut requests),
+            Ok(CleanupRequest::Open)
+        ));
+        // Nothing comes, and the process starts leaving (the flag is
+        // this test process's; no other test of this crate reads it).
+        postern_common::service::leave();
+        let t = Instant::now();
+        assert!(!next_request_comes(&mut requests));
+        assert!(t.elapsed() < ipc::CLEANUP_IDLE / 2, "{:?}", t.elapsed());
+    }
 }
