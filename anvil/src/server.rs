@@ -15,6 +15,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use postern_common::anvil::{Event, Table};
 use postern_common::ipc::{self, AnvilReply, AnvilRequest, ANVIL_MAX_MESSAGE};
+use postern_common::poll::WriteInterest;
 use postern_common::service::Status;
 use postern_common::{fatal, warning};
 use postern_conf::Config;
@@ -32,10 +33,8 @@ struct Conn {
     owner: u64,
     inbuf: Vec<u8>,
     out: Vec<u8>,
-    /// Registered for WRITABLE too: only while replies wait for room. A
-    /// Unix socket signals EPOLLOUT each time its peer reads, which woke
-    /// anvil once per reply smtpd took in.
-    writable: bool,
+    /// WRITABLE only while replies wait for room.
+    writable: WriteInterest,
 }
 
 /// What one request does to the table; the reply, if it has one. Also
@@ -113,22 +112,6 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
-/// Registers for WRITABLE while replies are left unwritten, and drops it
-/// once all went.
-fn interest_fits(c: &mut Conn, registry: &mio::Registry, token: Token) -> io::Result<()> {
-    let want = !c.out.is_empty();
-    if want != c.writable {
-        let interest = if want {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        registry.reregister(&mut c.sock, token, interest)?;
-        c.writable = want;
-    }
-    Ok(())
-}
-
 /// Reads what there is; Ok(false) at end of file.
 fn fill(c: &mut Conn, buf: &mut [u8]) -> io::Result<bool> {
     loop {
@@ -202,7 +185,7 @@ impl Clients {
                             owner: self.next_owner,
                             inbuf: Vec::new(),
                             out: Vec::new(),
-                            writable: false,
+                            writable: WriteInterest::default(),
                         },
                     );
                     self.next_owner += 1;
@@ -292,7 +275,10 @@ pub fn run(cfg: &Config) -> ! {
                 .and_then(|open| {
                     serve(&mut table, &mut stats, c, now).map_err(Some)?;
                     flush(c).map_err(|e| Some(e.to_string()))?;
-                    interest_fits(c, poll.registry(), t).map_err(|e| Some(e.to_string()))?;
+                    let pending = !c.out.is_empty();
+                    c.writable
+                        .fit(poll.registry(), &mut c.sock, t, pending)
+                        .map_err(|e| Some(e.to_string()))?;
                     if open {
                         Ok(())
                     } else {
@@ -380,7 +366,7 @@ mod tests {
             owner: 1,
             inbuf: Vec::new(),
             out: Vec::new(),
-            writable: false,
+            writable: WriteInterest::default(),
         };
         let mut table = Table::new(Duration::from_secs(60));
         let mut stats = Stats::default();

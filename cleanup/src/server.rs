@@ -26,7 +26,7 @@ pub fn run(cfg: &Config) -> ! {
     // A connection carries at most max_use messages: serve_threaded counts
     // connections toward max_use, and a kept one could otherwise carry
     // every message a busy smtpd receives, and the process never renew.
-    let per_connection = cfg.get_u64("max_use").unwrap_or(100).max(1);
+    let per_connection = postern_common::service::max_use(cfg);
     postern_common::service::serve_threaded(
         cfg,
         CONNECTIONS_PER_PROCESS,

@@ -781,7 +781,7 @@ pub fn serve_concurrently(
     // A connection carries at most max_use requests: serve_threaded
     // counts connections toward max_use, and one that qmgr keeps could
     // otherwise carry every request, and the process never renew.
-    let per_connection = cfg.get_u64("max_use").unwrap_or(100).max(1);
+    let per_connection = crate::service::max_use(cfg);
     crate::service::serve_threaded(
         cfg,
         slots,

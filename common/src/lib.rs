@@ -22,6 +22,7 @@
 //! - [`log`]: logging in Postfix's format.
 //! - [`privs`]: accounts and dropping privileges.
 //! - [`service`]: the skeleton of a daemon started by master.
+//! - [`poll`]: the sockets of the mio event loops (smtpd, anvil).
 //! - [`table_watch`]: noticing that a table's file changed under a daemon.
 //! - [`time`]: RFC 5322 dates.
 //! - [`resolve`]: address classes, transports, next hops and recipient
@@ -68,6 +69,7 @@ pub mod match_list;
 pub mod milter;
 pub mod mta_sts;
 pub mod pass_fd;
+pub mod poll;
 pub mod pool;
 pub mod privs;
 pub mod proxy_filter;

@@ -536,6 +536,13 @@ fn accept(listener: &UnixListener) -> Option<UnixStream> {
     }
 }
 
+/// `max_use` (at least 1): the connections a process serves before it
+/// leaves (per slot, [`serve_threaded`]), and the messages or requests a
+/// connection that smtpd or qmgr keeps carries (cleanup, smtp, lmtp).
+pub fn max_use(cfg: &Config) -> u64 {
+    cfg.get_u64("max_use").unwrap_or(100).max(1)
+}
+
 /// Serves a unix-type service one connection at a time, as Postfix's
 /// single-threaded servers do: busy while a connection is handled, exits
 /// after `max_use` connections or `max_idle` seconds without one (master
@@ -546,7 +553,7 @@ pub fn serve_one_at_a_time(cfg: &Config, mut handle: impl FnMut(UnixStream)) -> 
         Ok(l) => l,
         Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
-    let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1);
+    let max_use = max_use(cfg);
     let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
     let drain = drain_notifier_or_die();
     let mut status = Status::new();
@@ -607,7 +614,7 @@ where
         Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
     };
     let slots = slots.max(1);
-    let max_use = cfg.get_u64("max_use").unwrap_or(100).max(1) as usize * slots;
+    let max_use = max_use(cfg) as usize * slots;
     let max_idle = Duration::from_secs(cfg.get_time("max_idle").unwrap_or(100).max(1));
     let handle = Arc::new(handle);
     // The threads stay for the next connection (see crate::pool).

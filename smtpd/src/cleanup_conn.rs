@@ -20,6 +20,7 @@ use mio::event::Source;
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
 use postern_common::ipc::{self, CleanupReply, CleanupRequest};
+use postern_common::poll::WriteInterest;
 use postern_common::warning;
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
@@ -66,11 +67,8 @@ pub(crate) struct CleanupConn {
     pub(crate) out: OutBuf,
     inbuf: Vec<u8>,
     pub(crate) readable: bool,
-    /// Registered for WRITABLE too: only while output waits for room.
-    /// A Unix socket signals EPOLLOUT each time its peer reads, so a
-    /// connection always registered for it woke the event loop once per
-    /// request cleanup took in, for nothing.
-    writable_interest: bool,
+    /// WRITABLE only while output waits for room (see [`WriteInterest`]).
+    writable: WriteInterest,
     token: Token,
     /// The envelope is queued and held back until content follows (or
     /// Close, or Abort): cleanup gets both in one read. DATA's envelope
@@ -95,7 +93,7 @@ impl CleanupConn {
             out,
             inbuf: Vec::new(),
             readable: true,
-            writable_interest: false,
+            writable: WriteInterest::default(),
             token,
             holding_envelope: false,
             closing: false,
@@ -208,11 +206,15 @@ impl CleanupLink {
         let (finished, mut lost) = match &mut self.conn {
             Some(c) => {
                 let moved = c.transfer(cfg, buf);
-                if !moved.1 && !c.interest_fits(registry) {
-                    warning!("reregister connection to {}", cfg.cleanup_socket.display());
-                    (moved.0, true)
-                } else {
-                    moved
+                match c.interest_fits(registry) {
+                    Err(e) if !moved.1 => {
+                        warning!(
+                            "reregister connection to {}: {e}",
+                            cfg.cleanup_socket.display()
+                        );
+                        (moved.0, true)
+                    }
+                    _ => moved,
                 }
             }
             None => (false, false),
@@ -311,9 +313,8 @@ impl CleanupLink {
         let path = &cfg.cleanup_socket;
         match UnixStream::connect(path) {
             Ok(mut sock) => {
-                // WRITABLE is added only when a write is held up
-                // (CleanupConn::interest_fits); `exchange` writes on every
-                // turn of the session.
+                // WRITABLE only when a write is held up
+                // (CleanupConn::interest_fits).
                 if let Err(e) = registry.register(&mut sock, token, Interest::READABLE) {
                     warning!("register connection to {}: {e}", path.display());
                     session.cleanup_lost();
@@ -343,25 +344,12 @@ impl CleanupLink {
 
 impl CleanupConn {
     /// Registers for WRITABLE while output is left over (the socket was
-    /// full), and drops it once all went; false if the registry refused.
-    fn interest_fits(&mut self, registry: &Registry) -> bool {
-        let want = self.out.pending() > 0 && !self.holding_envelope;
-        if want == self.writable_interest {
-            return true;
-        }
-        let interest = if want {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        if registry
-            .reregister(&mut self.sock, self.token, interest)
-            .is_err()
-        {
-            return false;
-        }
-        self.writable_interest = want;
-        true
+    /// full; not while the envelope is held back), and drops it once all
+    /// went.
+    fn interest_fits(&mut self, registry: &Registry) -> io::Result<()> {
+        let pending = self.out.pending() > 0 && !self.holding_envelope;
+        self.writable
+            .fit(registry, &mut self.sock, self.token, pending)
     }
 
     /// Writes until done or the socket is full, then (unless closing

@@ -22,6 +22,7 @@
 use mio::event::Source;
 use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
+use postern_common::poll::WriteInterest;
 use postern_common::warning;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -265,9 +266,8 @@ pub struct AuthConn {
     service: String,
     token: Token,
     sock: Option<Stream>,
-    /// Registered for WRITABLE too: only while a request waits for room
-    /// (a Unix socket signals EPOLLOUT each time the server reads).
-    writable_interest: bool,
+    /// WRITABLE only while a request waits for room.
+    writable: WriteInterest,
     state: ConnState,
     out: Vec<u8>,
     inbuf: Vec<u8>,
@@ -289,7 +289,7 @@ impl AuthConn {
             service,
             token,
             sock: None,
-            writable_interest: false,
+            writable: WriteInterest::default(),
             state: ConnState::Down,
             out: Vec::new(),
             inbuf: Vec::new(),
@@ -341,7 +341,7 @@ impl AuthConn {
             return;
         }
         self.sock = Some(sock);
-        self.writable_interest = false;
+        self.writable = WriteInterest::default();
         self.state = ConnState::Handshake;
         self.mechs.clear();
         self.inbuf.clear();
@@ -470,20 +470,13 @@ impl AuthConn {
     /// Registers for WRITABLE while a request is left unwritten, and
     /// drops it once all went.
     fn interest_fits(&mut self, registry: &Registry) -> io::Result<()> {
-        let want = !self.out.is_empty();
-        let Some(sock) = &mut self.sock else {
-            return Ok(());
-        };
-        if want != self.writable_interest {
-            let interest = if want {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            registry.reregister(sock.source(), self.token, interest)?;
-            self.writable_interest = want;
+        let pending = !self.out.is_empty();
+        match &mut self.sock {
+            Some(sock) => self
+                .writable
+                .fit(registry, sock.source(), self.token, pending),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn io(&mut self) -> io::Result<()> {
