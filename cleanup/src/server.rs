@@ -22,7 +22,9 @@ pub fn run(cfg: &Config) -> ! {
     let settings = Settings::from_config(cfg);
     let tree = QueueTree::configured(postern_common::service::queue_directory(cfg), cfg);
     let timeout = Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
-    let qmgr = tree.qmgr_socket();
+    // One kept connection to qmgr for the wake-ups of all this process's
+    // messages.
+    let qmgr = std::sync::Arc::new(ipc::Waker::new(&tree.qmgr_socket()));
     // A connection carries at most max_use messages: serve_threaded counts
     // connections toward max_use, and a kept one could otherwise carry
     // every message a busy smtpd receives, and the process never renew.
@@ -106,7 +108,7 @@ fn next_request_comes(requests: &mut std::io::BufReader<&std::os::unix::net::Uni
 fn one_message(
     settings: &Settings,
     tree: &QueueTree,
-    qmgr: &std::path::Path,
+    qmgr: &ipc::Waker,
     requests: &mut impl std::io::Read,
     mut conn: &std::os::unix::net::UnixStream,
 ) -> bool {
@@ -185,7 +187,7 @@ fn one_message(
     if queued {
         // From here on a client that vanished was told the message is
         // queued: it will be delivered.
-        let _ = ipc::wake(qmgr, &[Wakeup::Incoming]);
+        let _ = qmgr.wake(&[Wakeup::Incoming]);
     }
     queued && told
 }

@@ -625,8 +625,63 @@ impl Wakeup {
 pub fn wake(path: &Path, what: &[Wakeup]) -> io::Result<()> {
     let mut s = UnixStream::connect(path)?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let bytes: Vec<u8> = what.iter().map(|w| *w as u8).collect();
-    s.write_all(&bytes)
+    s.write_all(&wakeup_bytes(what))
+}
+
+fn wakeup_bytes(what: &[Wakeup]) -> Vec<u8> {
+    what.iter().map(|w| *w as u8).collect()
+}
+
+/// A kept connection to a trigger service, for a process that wakes it
+/// for every message (cleanup wakes qmgr for each one it queues): one
+/// connection for all of them, where [`wake`] made a socket, a connect
+/// and an accept per message. The service keeps the connection and
+/// reads it as it comes ([`crate::service::serve_triggers`]).
+///
+/// The bytes go without waiting: when the connection's buffer is full,
+/// the service has not yet read the wake-ups already in it, and reading
+/// them wakes it as this one would have. A connection the service closed
+/// (it ended, or was reloaded) fails at once (a Unix socket knows its
+/// peer is gone, and the service shuts its reading side before it reads
+/// the rest): the bytes go again on a new connection, which the listener
+/// holds for the next process of the service.
+pub struct Waker {
+    path: std::path::PathBuf,
+    conn: std::sync::Mutex<Option<UnixStream>>,
+}
+
+impl Waker {
+    pub fn new(path: &Path) -> Waker {
+        Waker {
+            path: path.to_path_buf(),
+            conn: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// As [`wake`], on the kept connection.
+    pub fn wake(&self, what: &[Wakeup]) -> io::Result<()> {
+        let bytes = wakeup_bytes(what);
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for _ in 0..2 {
+            if conn.is_none() {
+                let s = UnixStream::connect(&self.path)?;
+                s.set_nonblocking(true)?;
+                *conn = Some(s);
+            }
+            let s = conn.as_mut().expect("connected above");
+            match s.write(&bytes) {
+                // Part of them is enough: one byte wakes the service, and
+                // it scans all it was asked for by anyone.
+                Ok(n) if n > 0 => return Ok(()),
+                Ok(_) => last = Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            *conn = None;
+        }
+        Err(last.expect("a failed attempt"))
+    }
 }
 
 #[cfg(test)]

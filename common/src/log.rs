@@ -226,6 +226,32 @@ fn timestamp() -> String {
     }
 }
 
+/// This process's ID, asked of the kernel once (a system call per line
+/// was most of the system calls some daemons make per message): a child
+/// forked without exec asks again (`pthread_atfork`).
+fn pid() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static AT_FORK: std::sync::Once = std::sync::Once::new();
+    extern "C" fn forget() {
+        PID.store(0, Ordering::Relaxed);
+    }
+    let known = PID.load(Ordering::Relaxed);
+    if known != 0 {
+        return known;
+    }
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic,
+        // which is async-signal-safe as a fork's child handler must be.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(forget));
+        }
+    });
+    let pid = std::process::id();
+    PID.store(pid, Ordering::Relaxed);
+    pid
+}
+
 /// Writes one line. Used through the macros.
 pub fn write(level: Level, text: std::fmt::Arguments<'_>) {
     let Some(l) = LOGGER.get() else {
@@ -235,7 +261,7 @@ pub fn write(level: Level, text: std::fmt::Arguments<'_>) {
     if level == Level::Debug && !verbose() {
         return;
     }
-    let pid = std::process::id();
+    let pid = pid();
     let msg = format!("{}{}", level.prefix(), text);
     if let (Some(name), true) = (
         &l.stderr_name,
@@ -293,4 +319,35 @@ macro_rules! fatal {
         $crate::log::write($crate::log::Level::Fatal, format_args!($($a)*));
         std::process::exit(1)
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    /// The ID kept for log lines is this process's, and a forked child's
+    /// is its own, not its parent's.
+    #[test]
+    fn a_forked_child_logs_its_own_pid() {
+        assert_eq!(super::pid(), std::process::id());
+        // SAFETY: the child only calls pid() (an atomic load and store,
+        // and getpid) and _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                let ok = super::pid() == unsafe { libc::getpid() } as u32;
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            child => {
+                assert!(child > 0, "fork failed");
+                let mut status = 0;
+                // SAFETY: waits for the child forked above.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+                assert!(libc::WIFEXITED(status), "status {status}");
+                assert_eq!(
+                    libc::WEXITSTATUS(status),
+                    0,
+                    "the child logged its parent's pid"
+                );
+                assert_eq!(super::pid(), std::process::id());
+            }
+        }
+    }
 }

@@ -63,9 +63,9 @@ mod tests {
             events.iter().any(|e| e.token() == token && e.is_writable())
         };
         let mut interest = WriteInterest::default();
-        let mut b = [0u8; 16];
+        let mut b = [0u8; 7];
         ours.write_all(b"request").unwrap();
-        peer.read(&mut b).unwrap();
+        peer.read_exact(&mut b).unwrap();
         assert!(!signalled(&mut poll), "woken by the peer's read");
         interest
             .fit(poll.registry(), &mut ours, token, true)
@@ -75,7 +75,7 @@ mod tests {
             .fit(poll.registry(), &mut ours, token, false)
             .unwrap();
         ours.write_all(b"request").unwrap();
-        peer.read(&mut b).unwrap();
+        peer.read_exact(&mut b).unwrap();
         assert!(!signalled(&mut poll), "woken by the peer's read");
     }
 }

@@ -27,7 +27,7 @@
 
 use crate::{fatal, info, warning};
 use postern_conf::Config;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -848,11 +848,21 @@ impl LastDone {
     }
 }
 
+/// How many connections a trigger service keeps open for their next
+/// wake-ups ([`crate::ipc::Waker`]'s: one per cleanup process). A
+/// connection beyond them is read once and closed, and its writer
+/// connects again the next time.
+const KEPT_TRIGGER_CONNECTIONS: usize = 128;
+
 /// Serves a trigger service (qmgr, pickup): calls `on_wakeup` with the
-/// bytes of every wake-up connection, and with nothing when `period`
-/// passes without one. Returns when [`DRAIN_SIGNAL`] comes, between
-/// wake-ups; never exits by itself.
-pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
+/// bytes that came on wake-up connections, and with nothing when
+/// `period` passes. Connections stay open for more (a process that
+/// wakes the service for every message keeps one: [`crate::ipc::Waker`])
+/// until their writer closes them. Returns when [`DRAIN_SIGNAL`] comes,
+/// between wake-ups, having passed what came but was not yet read on to
+/// the next process of the service (through `own_socket`, whose listener
+/// master holds for it); never exits by itself.
+pub fn serve_triggers(period: Duration, own_socket: &Path, mut on_wakeup: impl FnMut(&[u8])) {
     let listener = match unix_listener() {
         Ok(l) => l,
         Err(e) => fatal!("no listener from master on fd {LISTEN_FD}: {e}"),
@@ -861,6 +871,7 @@ pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
     let mut status = Status::new();
     // A trigger server is always "busy": there is only ever one.
     status.busy();
+    let mut kept: Vec<UnixStream> = Vec::new();
     let mut next = Instant::now() + period;
     loop {
         let now = Instant::now();
@@ -869,35 +880,170 @@ pub fn serve_triggers(period: Duration, mut on_wakeup: impl FnMut(&[u8])) {
             next = Instant::now() + period;
             continue;
         }
-        let (readable, drained) = wait_readable_or_drain(
-            std::os::fd::AsFd::as_fd(&listener),
-            &drain,
-            Some(next - now),
-        );
-        if drained {
-            return;
-        }
-        if !readable {
+        let Some(ready) = wait_for_triggers(&listener, &drain, &kept, next - now) else {
             continue;
+        };
+        if ready.drained {
+            pass_on_triggers(kept, own_socket);
+            return;
         }
         let mut bytes = Vec::new();
         // Drain every pending wake-up before acting once.
-        while let Ok((mut c, _)) = listener.accept() {
-            use std::io::Read;
-            let _ = c.set_nonblocking(false);
-            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
-            let mut b = [0u8; 64];
-            if let Ok(n) = c.read(&mut b) {
-                bytes.extend_from_slice(&b[..n]);
+        let mut i = 0;
+        kept.retain(|c| {
+            let readable = ready.kept.get(i).copied().unwrap_or(false);
+            i += 1;
+            !readable || read_triggers(c, &mut bytes)
+        });
+        if ready.listener {
+            while let Ok((c, _)) = listener.accept() {
+                if c.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if read_triggers(&c, &mut bytes) && kept.len() < KEPT_TRIGGER_CONNECTIONS {
+                    kept.push(c);
+                }
             }
         }
-        on_wakeup(&bytes);
+        if !bytes.is_empty() {
+            on_wakeup(&bytes);
+        }
+    }
+}
+
+/// Which of a trigger service's sockets have something to read.
+struct TriggersReady {
+    listener: bool,
+    drained: bool,
+    kept: Vec<bool>,
+}
+
+/// Waits until the listener, the drain notifier or a kept connection is
+/// readable, or `timeout` passes (None then, as when a signal came).
+fn wait_for_triggers(
+    listener: &UnixListener,
+    drain: &UnixStream,
+    kept: &[UnixStream],
+    timeout: Duration,
+) -> Option<TriggersReady> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = vec![
+        PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+        PollFd::new(drain.as_fd(), PollFlags::POLLIN),
+    ];
+    fds.extend(
+        kept.iter()
+            .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+    );
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match nix::poll::poll(&mut fds, timeout) {
+        Ok(n) if n > 0 => {}
+        _ => return None,
+    }
+    // None from revents(): bits nix does not name, still an event.
+    let ready: Vec<bool> = fds
+        .iter()
+        .map(|fd| fd.revents() != Some(PollFlags::empty()))
+        .collect();
+    Some(TriggersReady {
+        listener: ready[0],
+        drained: ready[1] && drain_requested(drain),
+        kept: ready[2..].to_vec(),
+    })
+}
+
+/// Reads what a wake-up connection holds now into `bytes`. False when
+/// its writer closed it (or it failed): it is done with.
+fn read_triggers(mut c: &UnixStream, bytes: &mut Vec<u8>) -> bool {
+    let mut b = [0u8; 256];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return false,
+            Ok(n) => bytes.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// At a drain: the kept connections stop taking wake-ups (a writer's next
+/// one fails at once, and goes on a new connection to the next process),
+/// and what they held unread goes to the next process of the service.
+fn pass_on_triggers(kept: Vec<UnixStream>, own_socket: &Path) {
+    let mut bytes = Vec::new();
+    for c in &kept {
+        let _ = c.shutdown(std::net::Shutdown::Read);
+        read_triggers(c, &mut bytes);
+    }
+    drop(kept);
+    let mut what: Vec<crate::ipc::Wakeup> = bytes
+        .iter()
+        .filter_map(|&b| crate::ipc::Wakeup::from_byte(b))
+        .collect();
+    what.dedup();
+    if what.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::ipc::wake(own_socket, &what) {
+        warning!(
+            "reload: cannot pass wake-up requests on to the next process ({}): {e}",
+            own_socket.display()
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// cleanup's wake-ups of qmgr travel on one kept connection; what
+    /// qmgr had not read when it drains goes to the next qmgr, and the
+    /// waker's next wake-up finds the closed connection and goes on a
+    /// new one.
+    #[test]
+    fn wake_ups_keep_their_connection_and_outlive_a_drain() {
+        use crate::ipc::{Waker, Wakeup};
+        let dir = std::env::temp_dir().join(format!("postern-triggers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmgr");
+        let listener = UnixListener::bind(&path).unwrap();
+        let waker = Waker::new(&path);
+        waker.wake(&[Wakeup::Incoming]).unwrap();
+        waker.wake(&[Wakeup::Incoming]).unwrap();
+        let (kept, _) = listener.accept().unwrap();
+        kept.set_nonblocking(true).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "a second connection");
+        let mut bytes = Vec::new();
+        assert!(read_triggers(&kept, &mut bytes), "the connection stays");
+        assert_eq!(bytes, b"II");
+
+        // Unread at the drain: passed on through the listener.
+        waker.wake(&[Wakeup::Incoming]).unwrap();
+        pass_on_triggers(vec![kept], &path);
+        listener.set_nonblocking(false).unwrap();
+        let (next, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&next).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"I");
+
+        // The waker's connection was closed by the drain: the next
+        // wake-up reaches the listener on a new one.
+        waker.wake(&[Wakeup::Incoming]).unwrap();
+        let (again, _) = listener.accept().unwrap();
+        again.set_nonblocking(true).unwrap();
+        let mut bytes = Vec::new();
+        assert!(read_triggers(&again, &mut bytes));
+        assert_eq!(bytes, b"I");
+        drop(waker);
+        let mut bytes = Vec::new();
+        assert!(!read_triggers(&again, &mut bytes), "closed by its writer");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn drop_requests_as_master_writes_them() {

@@ -15,7 +15,8 @@ pub fn run(cfg: &Config) -> ! {
     let settings = submit::Settings::from_config(cfg);
     postern_common::service::drop_privileges(cfg);
     // Wake-ups come from sendmail and master; scan every minute anyway.
-    postern_common::service::serve_triggers(Duration::from_secs(60), |_| {
+    let own_socket = tree.pickup_socket();
+    postern_common::service::serve_triggers(Duration::from_secs(60), &own_socket, |_| {
         scan_once(&tree, &settings);
     });
     // Drained (reload): between scans, so no file is half picked up.

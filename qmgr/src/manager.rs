@@ -1590,6 +1590,7 @@ pub fn run(cfg: &Config) -> ! {
     let mut m = Manager::new(cfg);
     let tx = m.sender();
     let period = Duration::from_secs(cfg.get_time("queue_run_delay").unwrap_or(300).max(1));
+    let own_socket = m.tree.qmgr_socket();
     // The wake-up thread reports to master that this (only) process is
     // busy, and turns every connection's bytes and every timer tick into
     // an event.
@@ -1597,7 +1598,7 @@ pub fn run(cfg: &Config) -> ! {
         .name("wakeup".into())
         .spawn(move || {
             let drained = tx.clone();
-            postern_common::service::serve_triggers(period, move |bytes| {
+            postern_common::service::serve_triggers(period, &own_socket, move |bytes| {
                 let _ = tx.send(Event::Wakeup(bytes.to_vec()));
             });
             let _ = drained.send(Event::Drain);
