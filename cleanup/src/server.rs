@@ -42,11 +42,10 @@ pub fn run(cfg: &Config) -> ! {
             // One message after another: smtpd keeps a connection whose
             // message is queued for its next message (ipc::CLEANUP_IDLE).
             loop {
-                if messages > 0 {
-                    if messages >= per_connection || !next_request_comes(&mut requests) {
-                        return;
-                    }
-                    let _ = conn.set_read_timeout(Some(timeout));
+                if messages > 0
+                    && (messages >= per_connection || !next_request_comes(&mut requests))
+                {
+                    return;
                 }
                 match ipc::recv::<_, CleanupRequest>(&mut requests) {
                     Ok(CleanupRequest::Open) => {}
@@ -80,25 +79,29 @@ const LEAVING_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits, on a kept connection, for the first byte of the client's next
 /// request: at most [`ipc::CLEANUP_IDLE`], and no longer once the process
-/// is leaving. True if it came.
+/// is leaving. True if it came. The wait polls the socket, so that the
+/// connection's read timeout (`ipc_timeout`, for the requests of a
+/// message) is never changed and set back: two system calls per message.
 fn next_request_comes(requests: &mut std::io::BufReader<&std::os::unix::net::UnixStream>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::io::BufRead;
+    use std::os::fd::AsFd;
+    if !requests.buffer().is_empty() {
+        return true;
+    }
     let conn = *requests.get_ref();
-    let _ = conn.set_read_timeout(Some(LEAVING_CHECK));
+    let check = PollTimeout::try_from(LEAVING_CHECK).unwrap_or(PollTimeout::MAX);
     let since = std::time::Instant::now();
     loop {
         if postern_common::service::leaving() {
             return false;
         }
-        match requests.fill_buf() {
-            Ok(b) => return !b.is_empty(),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) && since.elapsed() < ipc::CLEANUP_IDLE => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, check) {
+            // Readable, or closed (then nothing is read: false).
+            Ok(n) if n > 0 => return requests.fill_buf().is_ok_and(|b| !b.is_empty()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) if since.elapsed() < ipc::CLEANUP_IDLE => {}
+            _ => return false,
         }
     }
 }
@@ -212,6 +215,12 @@ mod tests {
             ipc::recv::<_, CleanupRequest>(&mut requests),
             Ok(CleanupRequest::Open)
         ));
+        // A client that closes its kept connection ends the wait at once.
+        let (closed, client_gone) = UnixStream::pair().unwrap();
+        drop(client_gone);
+        let t = Instant::now();
+        assert!(!next_request_comes(&mut std::io::BufReader::new(&closed)));
+        assert!(t.elapsed() < ipc::CLEANUP_IDLE / 2, "{:?}", t.elapsed());
         // Nothing comes, and the process starts leaving (the flag is
         // this test process's; no other test of this crate reads it).
         postern_common::service::leave();
