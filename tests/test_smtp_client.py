@@ -673,3 +673,38 @@ def test_per_recipient_outcomes_in_one_transaction(make_postern, sink):
     time.sleep(2)  # a second copy for ok@ would arrive by now
     assert sorted(r for m in copies() for r in m.rcpt_tos) == \
         ["later@remote.example", "ok@remote.example"]
+
+
+# --------------------------------------------------------------------------
+# QUIT: smtp_skip_quit_response
+
+
+@pytest.mark.parametrize("skip", ["default", "no"])
+def test_quit_reply_skipped_by_default_awaited_when_asked(make_postern, receivers, skip):
+    """Postfix's smtp_skip_quit_response (default yes): after the last
+    transaction the client sends QUIT and closes without waiting for the
+    221. A receiver that takes 4 s to answer QUIT sees the client close
+    first, and the delivery is logged sent before those 4 s are up; with
+    `smtp_skip_quit_response = no` the client waits for the 221."""
+    rx = receivers(quit_delay=4.0)
+    params = {"relayhost": f"[127.0.0.1]:{rx.port}",
+              "smtp_connection_cache_on_demand": "no"}
+    if skip == "no":
+        params["smtp_skip_quit_response"] = "no"
+    p = make_postern(params)
+    token = new_token()
+    code, _ = p.send(SENDER, ["rcpt@remote.example"], message(token))
+    assert code == 250
+    h.wait_for(lambda: rx.count() == 1, 30, what="the message at the receiver")
+    h.wait_for(lambda: rx.quits and rx.quits[0]["lost"] is not None, 30,
+               what="the client's QUIT and the end of its connection")
+    p.wait_for_log(r"status=sent", timeout=30)
+    quit = rx.quits[0]
+    if skip == "default":
+        assert quit["answered"] is None, quit
+        assert quit["lost"] - quit["at"] < 2.0, quit
+    else:
+        assert quit["answered"] is not None, quit
+        assert quit["answered"] - quit["at"] >= 3.5, quit
+        assert quit["lost"] >= quit["answered"], quit
+    assert len(rx.quits) == 1, rx.quits

@@ -19,12 +19,15 @@ What it can be told (all may change while it runs):
   ``550 5.1.1 no such user`` or ``552 5.2.2 mailbox full``.
 - ``data_delay``: seconds to wait before answering the final dot (keeps
   sessions open long enough to overlap).
+- ``quit_delay``: seconds to wait before answering QUIT (shows whether a
+  client waits for that reply: Postfix's ``smtp_skip_quit_response``).
 
 What it records: every connection (open and close times, source
-address; a connection ends when its QUIT is answered, or when it closes
-first), the most connections open at once (``max_concurrent``), every
-accepted message (time, source address, recipients), and every 4xx/5xx it
-answered (``replies``).
+address; a connection ends when its QUIT arrives, or when the client
+closes first), the most connections open at once (``max_concurrent``), every
+accepted message (time, source address, recipients), every 4xx/5xx it
+answered (``replies``), and each QUIT (``quits``: when it arrived, when
+it was answered or None, when the connection was lost).
 
 Run alone (``python3 tests/throttle_receiver.py --port 2525
 --max-connections 3 --max-rate 20``) it serves until interrupted and prints
@@ -64,11 +67,12 @@ class Accepted:
 
 class ThrottleReceiver:
     def __init__(self, max_connections=0, max_rate=0, rate_window=1.0, data_delay=0.0,
-                 hostname="mx.throttle.test"):
+                 hostname="mx.throttle.test", quit_delay=0.0):
         self.max_connections = max_connections  # 0: no cap
         self.max_rate = max_rate  # 0: no limit
         self.rate_window = rate_window
         self.data_delay = data_delay
+        self.quit_delay = quit_delay
         self.hostname = hostname
         self.port = None
         self._lock = threading.Lock()
@@ -80,6 +84,7 @@ class ThrottleReceiver:
         self.connections = []  # [open_time, close_time or None, peer]
         self.accepted = []  # Accepted
         self.replies = []  # (time, reply, peer)
+        self.quits = []  # {"at", "answered", "lost"}: times (answered, lost: None until then)
         self._recent = collections.deque()  # accepted-message times in the window
         self.controller = None
 
@@ -196,6 +201,11 @@ class ThrottleReceiver:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
+    async def handle_QUIT(self, server, session, envelope):
+        if self.quit_delay:
+            await asyncio.sleep(self.quit_delay)
+        return "221 Bye"
+
     async def handle_DATA(self, server, session, envelope):
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
@@ -220,7 +230,30 @@ class ThrottleReceiver:
 
             def connection_lost(self, error):
                 rx._closed(self._throttle_rec)
+                quit = getattr(self, "_throttle_quit", None)
+                if quit is not None:
+                    with rx._lock:
+                        quit["lost"] = time.time()
                 super().connection_lost(error)
+
+            def data_received(self, data):
+                # The connection ends for counting when its QUIT arrives,
+                # here, as the event loop reads it: the command itself is
+                # handled in a later turn of the loop, and a client that
+                # does not wait for the reply (smtp_skip_quit_response)
+                # may already have told its queue manager, which may open
+                # the next connection before that turn.
+                if getattr(self, "_throttle_quit", None) is None and any(
+                        line.strip().upper() == b"QUIT" for line in data.split(b"\n")):
+                    rx._closed(self._throttle_rec)
+                    self._throttle_quit = {"at": time.time(), "answered": None, "lost": None}
+                    with rx._lock:
+                        rx.quits.append(self._throttle_quit)
+                super().data_received(data)
+
+            def eof_received(self):
+                rx._closed(self._throttle_rec)
+                return super().eof_received()
 
             async def _handle_client(self):
                 if self._throttle_over:
@@ -233,11 +266,11 @@ class ThrottleReceiver:
             async def push(self, status):
                 await super().push(status)
                 if status.startswith("221"):
-                    # QUIT answered: the client is done with the
-                    # connection, and may already have told its queue
-                    # manager, which may open the next one before this
-                    # event loop gets to the end of this one.
                     rx._closed(self._throttle_rec)
+                    quit = getattr(self, "_throttle_quit", None)
+                    if quit is not None:
+                        with rx._lock:
+                            quit["answered"] = time.time()
                 if getattr(self, "_throttle_close", False) and status.startswith("421"):
                     self._throttle_close = False
                     rx._closed(self._throttle_rec)
@@ -261,6 +294,7 @@ class ThrottleReceiver:
             time.sleep(0.02)
         with self._lock:
             self.connections.clear()
+            self.quits.clear()
             self._open = 0
             self.max_concurrent = 0
         return self

@@ -147,6 +147,11 @@ pub struct Settings {
     pub send_xforward: bool,
     /// `smtp_xforward_timeout`.
     pub xforward_timeout: Duration,
+    /// `smtp_skip_quit_response` (LMTP: `lmtp_skip_quit_response`): send
+    /// QUIT and close without waiting for its reply. The transaction is
+    /// over by then; waiting only costs the agent a round trip and a
+    /// wake-up per session.
+    pub skip_quit_response: bool,
 }
 
 /// Who a session talks to, as reasons and the `relay=` field name it.
@@ -350,13 +355,19 @@ pub struct Idle<'c> {
     ext: Extensions,
     encrypted: bool,
     tls_used: Option<(String, String)>,
+    /// `Settings::skip_quit_response` of the session it was.
+    skip_quit_response: bool,
 }
 
 impl Idle<'_> {
-    /// Ends the session politely.
+    /// Ends the session politely: QUIT, and its reply unless
+    /// `smtp_skip_quit_response`.
     pub fn quit(mut self, timeout: Duration) {
         let _ = self.conn.set_timeout(timeout);
-        if self.conn.write_all(b"QUIT\r\n").is_ok() && self.conn.flush().is_ok() {
+        if self.conn.write_all(b"QUIT\r\n").is_ok()
+            && self.conn.flush().is_ok()
+            && !self.skip_quit_response
+        {
             let _ = LineReader::new().read_reply(&mut self.conn);
         }
     }

@@ -153,11 +153,12 @@ impl<'a, 'c> Session<'a, 'c> {
         }
     }
 
-    /// Sends QUIT and reads its reply, ignoring any trouble.
+    /// Sends QUIT and, unless `smtp_skip_quit_response`, reads its
+    /// reply, ignoring any trouble.
     pub(super) fn quit(&mut self) {
         self.timeout(self.settings.timeouts.quit);
         self.queue("QUIT");
-        if self.flush().is_ok() {
+        if self.flush().is_ok() && !self.settings.skip_quit_response {
             let _ = self.read();
         }
     }
@@ -271,6 +272,7 @@ impl<'a, 'c> Session<'a, 'c> {
                     ext,
                     encrypted: self.encrypted,
                     tls_used: self.tls_used,
+                    skip_quit_response: self.settings.skip_quit_response,
                 }),
             ),
             _ => (end, None),

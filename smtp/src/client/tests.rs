@@ -153,6 +153,7 @@ fn settings(t: u64) -> Settings {
         line_limit: 998,
         send_xforward: false,
         xforward_timeout: d,
+        skip_quit_response: false,
     }
 }
 

@@ -89,6 +89,7 @@ impl Agent {
                     .get_bool(&p("smtp_send_xforward_command"))
                     .unwrap_or(false),
                 xforward_timeout: time(cfg, &p("smtp_xforward_timeout")),
+                skip_quit_response: cfg.get_bool(&p("smtp_skip_quit_response")).unwrap_or(!lmtp),
             },
             connect_timeout: time(cfg, &p("smtp_connect_timeout")),
             options: nexthop::Options::protocols(

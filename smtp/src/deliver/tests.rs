@@ -438,3 +438,38 @@ fn bad_next_hop_and_literal_address() {
     assert_eq!(reply.results[0].dsn, "4.3.5");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn quit_response_skipped_for_smtp_and_awaited_for_lmtp_by_default() {
+    let cfg = |text: &str| {
+        Config::from_text(
+            std::path::Path::new("/nonexistent"),
+            text,
+            std::path::Path::new("main.cf"),
+        )
+        .unwrap()
+    };
+    // Postfix's defaults: smtp_skip_quit_response = yes,
+    // lmtp_skip_quit_response = no.
+    assert!(
+        Agent::from_config(&cfg(""), false)
+            .settings
+            .skip_quit_response
+    );
+    assert!(
+        !Agent::from_config(&cfg(""), true)
+            .settings
+            .skip_quit_response
+    );
+    let flipped = cfg("smtp_skip_quit_response = no\nlmtp_skip_quit_response = yes\n");
+    assert!(
+        !Agent::from_config(&flipped, false)
+            .settings
+            .skip_quit_response
+    );
+    assert!(
+        Agent::from_config(&flipped, true)
+            .settings
+            .skip_quit_response
+    );
+}
