@@ -108,7 +108,7 @@ impl Job {
 
     /// The message content, streamed from the queue file.
     pub fn content(&self) -> io::Result<ContentReader<'_>> {
-        ContentReader::new(&self.file, self.req.content_offset)
+        ContentReader::sized(&self.file, self.req.content_offset, self.req.content_size)
     }
 
     /// Notes that the connection to the next hop is set up (for `delays=`).

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 
 impl Session<'_, '_> {
     /// The content as BDAT chunks (RFC 3030) of at most 64 KiB of queue
-    /// file each (CRLF line ends, no dot-stuffing), the last one `BDAT n
+    /// file each (a smaller message: one chunk of its size) (CRLF line ends, no dot-stuffing), the last one `BDAT n
     /// LAST`; each chunk but the last has its reply read before the next
     /// goes out. Then the reply (LMTP: replies) to the end of the content.
     pub(super) fn send_bdat<T: Transaction>(&mut self, txn: &mut T, accepted: &[usize]) -> End {
@@ -41,17 +41,17 @@ impl Session<'_, '_> {
 
     /// Sends the BDAT chunks; see [`Session::send_bdat`].
     pub(super) fn bdat_chunks<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
-        const CHUNK: usize = 64 * 1024;
+        let chunk = buffer_size(txn.content_size());
         let mut content = txn.content().map_err(Trouble::Local)?;
         let mut enc = DataEncoder::bdat().line_limit(self.settings.line_limit);
-        let mut inbuf = vec![0u8; CHUNK];
-        let mut pending: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
-        let mut next: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 2);
+        let mut inbuf = vec![0u8; chunk];
+        let mut pending: Vec<u8> = Vec::with_capacity(chunk + chunk / 2);
+        let mut next: Vec<u8> = Vec::with_capacity(chunk + chunk / 2);
         let mut started = false;
         loop {
             // A whole chunk's worth, however the content reads.
             let mut n = 0;
-            while n < CHUNK {
+            while n < chunk {
                 match content.read(&mut inbuf[n..]) {
                     Ok(0) => break,
                     Ok(k) => n += k,
@@ -101,11 +101,11 @@ impl Session<'_, '_> {
 
     /// Streams the content, encoded, and the final dot.
     pub(super) fn send_content<T: Transaction>(&mut self, txn: &mut T) -> Result<(), Trouble> {
-        const CHUNK: usize = 64 * 1024;
+        let size = buffer_size(txn.content_size());
         let mut content = txn.content().map_err(Trouble::Local)?;
         let mut enc = DataEncoder::new().line_limit(self.settings.line_limit);
-        let mut inbuf = vec![0u8; CHUNK];
-        let mut out = Vec::with_capacity(CHUNK + CHUNK / 2);
+        let mut inbuf = vec![0u8; size];
+        let mut out = Vec::with_capacity(size + size / 2);
         loop {
             let n = match content.read(&mut inbuf) {
                 Ok(0) => break,
@@ -146,4 +146,15 @@ pub(super) enum Trouble {
     Io(io::Error),
     /// The server refused a BDAT chunk.
     Refused(Reply),
+}
+
+/// The content buffers' size for a message of `content_size` bytes: the
+/// message and a byte (so that its end is read in one pass), at least
+/// 4 KiB, at most 64 KiB (the BDAT chunk). Buffers for 64 KiB whatever
+/// the message were 160 KiB more per delivery in flight for a small one
+/// (with the queue file reader's, `ContentReader::sized`). A wrong size
+/// costs only more passes.
+pub(crate) fn buffer_size(content_size: u64) -> usize {
+    const CHUNK: u64 = 64 * 1024;
+    content_size.saturating_add(1).clamp(4096, CHUNK) as usize
 }

@@ -40,7 +40,7 @@
 //! DATA, or as BDAT chunks), [`DataEncoder`] (the content's wire form).
 
 mod auth;
-mod content;
+pub(crate) mod content;
 mod data_encoder;
 mod extensions;
 mod session;

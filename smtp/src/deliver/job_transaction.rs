@@ -77,7 +77,7 @@ impl Transaction for JobTransaction<'_> {
             return Ok(b);
         }
         let mut r = self.job.content()?;
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; crate::client::content::buffer_size(self.job.req.content_size)];
         let found = loop {
             let n = r.read(&mut buf)?;
             if n == 0 {
