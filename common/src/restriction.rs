@@ -418,14 +418,7 @@ mod tests {
         );
         // Carried out by smtpd with the verify(8) service, but not after
         // the final dot.
-        let cfg = |text: &str| {
-            Config::from_text(
-                std::path::Path::new("/nonexistent"),
-                text,
-                std::path::Path::new("main.cf"),
-            )
-            .unwrap()
-        };
+        let cfg = |text: &str| Config::from_main_cf_text(text).unwrap();
         assert!(end_of_data_problem(&cfg(
             "smtpd_end_of_data_restrictions = reject_unverified_sender\n"
         ))

@@ -105,6 +105,12 @@ impl Config {
         Self::from_text(dir, &text, &file)
     }
 
+    /// A configuration from main.cf text alone, with no configuration
+    /// directory behind it (tests).
+    pub fn from_main_cf_text(text: &str) -> Result<Config, ConfError> {
+        Self::from_text(Path::new("/nonexistent"), text, Path::new("main.cf"))
+    }
+
     /// Builds a configuration from main.cf text (tests, and `postconf -d`
     /// with an empty text).
     pub fn from_text(dir: &Path, text: &str, file: &Path) -> Result<Config, ConfError> {

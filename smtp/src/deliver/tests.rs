@@ -59,10 +59,8 @@ fn make_job(dir: &PathBuf, rcpts: &[&str], body: &[u8], nexthop: &str) -> (Queue
 }
 
 fn agent() -> Agent {
-    let cfg = Config::from_text(
-        std::path::Path::new("/nonexistent"),
+    let cfg = Config::from_main_cf_text(
         "smtp_helo_name = client.test\nsmtp_connect_timeout = 2s\nsmtp_helo_timeout = 5s\n",
-        std::path::Path::new("main.cf"),
     )
     .unwrap();
     Agent::from_config(&cfg, false)
@@ -441,14 +439,7 @@ fn bad_next_hop_and_literal_address() {
 
 #[test]
 fn quit_response_skipped_for_smtp_and_awaited_for_lmtp_by_default() {
-    let cfg = |text: &str| {
-        Config::from_text(
-            std::path::Path::new("/nonexistent"),
-            text,
-            std::path::Path::new("main.cf"),
-        )
-        .unwrap()
-    };
+    let cfg = |text: &str| Config::from_main_cf_text(text).unwrap();
     // Postfix's defaults: smtp_skip_quit_response = yes,
     // lmtp_skip_quit_response = no.
     assert!(
