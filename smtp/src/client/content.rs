@@ -10,9 +10,10 @@ use std::io::{self, Read, Write};
 
 impl Session<'_, '_> {
     /// The content as BDAT chunks (RFC 3030) of at most 64 KiB of queue
-    /// file each (a smaller message: one chunk of its size) (CRLF line ends, no dot-stuffing), the last one `BDAT n
-    /// LAST`; each chunk but the last has its reply read before the next
-    /// goes out. Then the reply (LMTP: replies) to the end of the content.
+    /// file each, a smaller message in one chunk (CRLF line ends, no
+    /// dot-stuffing), the last one `BDAT n LAST`; each chunk but the last
+    /// has its reply read before the next goes out. Then the reply (LMTP:
+    /// replies) to the end of the content.
     pub(super) fn send_bdat<T: Transaction>(&mut self, txn: &mut T, accepted: &[usize]) -> End {
         // From here on a failure may leave a copy at the server: every
         // accepted recipient gets an outcome now.
