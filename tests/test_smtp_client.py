@@ -696,6 +696,9 @@ def test_quit_reply_skipped_by_default_awaited_when_asked(make_postern, receiver
     code, _ = p.send(SENDER, ["rcpt@remote.example"], message(token))
     assert code == 250
     h.wait_for(lambda: rx.count() == 1, 30, what="the message at the receiver")
+    assert rx.accepted[0].rcpts == ["rcpt@remote.example"]
+    assert token.encode() in rx.accepted[0].content
+    assert rx.accepted[0].content.rstrip(b"\r\n").endswith(b"Hello over SMTP.")
     h.wait_for(lambda: rx.quits and rx.quits[0]["lost"] is not None, 30,
                what="the client's QUIT and the end of its connection")
     p.wait_for_log(r"status=sent", timeout=30)

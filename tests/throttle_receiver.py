@@ -243,7 +243,10 @@ class ThrottleReceiver:
                 # does not wait for the reply (smtp_skip_quit_response)
                 # may already have told its queue manager, which may open
                 # the next connection before that turn.
-                if getattr(self, "_throttle_quit", None) is None and any(
+                # (Not a line of message content: between 354 and the
+                # reply to the final dot.)
+                if not getattr(self, "_throttle_in_data", False) and \
+                        getattr(self, "_throttle_quit", None) is None and any(
                         line.strip().upper() == b"QUIT" for line in data.split(b"\n")):
                     rx._closed(self._throttle_rec)
                     self._throttle_quit = {"at": time.time(), "answered": None, "lost": None}
@@ -264,6 +267,7 @@ class ThrottleReceiver:
                 await super()._handle_client()
 
             async def push(self, status):
+                self._throttle_in_data = status.startswith("354")
                 await super().push(status)
                 if status.startswith("221"):
                     rx._closed(self._throttle_rec)

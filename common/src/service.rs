@@ -850,9 +850,14 @@ impl LastDone {
 
 /// How many connections a trigger service keeps open for their next
 /// wake-ups ([`crate::ipc::Waker`]'s: one per cleanup process). A
-/// connection beyond them is read once and closed, and its writer
-/// connects again the next time.
+/// connection beyond them is read and closed (given [`TRIGGER_WAIT`] for
+/// its first bytes when none came yet), and its writer connects again
+/// the next time.
 const KEPT_TRIGGER_CONNECTIONS: usize = 128;
+
+/// How long a connection that cannot be kept may take to send its first
+/// bytes: its writer connects, then writes.
+const TRIGGER_WAIT: Duration = Duration::from_millis(200);
 
 /// Serves a trigger service (qmgr, pickup): calls `on_wakeup` with the
 /// bytes that came on wake-up connections, and with nothing when
@@ -896,17 +901,42 @@ pub fn serve_triggers(period: Duration, own_socket: &Path, mut on_wakeup: impl F
             !readable || read_triggers(c, &mut bytes)
         });
         if ready.listener {
-            while let Ok((c, _)) = listener.accept() {
-                if c.set_nonblocking(true).is_err() {
-                    continue;
-                }
-                if read_triggers(&c, &mut bytes) && kept.len() < KEPT_TRIGGER_CONNECTIONS {
-                    kept.push(c);
-                }
-            }
+            accept_triggers(&listener, &mut kept, KEPT_TRIGGER_CONNECTIONS, &mut bytes);
         }
         if !bytes.is_empty() {
             on_wakeup(&bytes);
+        }
+    }
+}
+
+/// Takes every wake-up connection waiting on `listener`: reads what each
+/// holds into `bytes`, and keeps it open in `kept` for more while `kept`
+/// has fewer than `limit`.
+fn accept_triggers(
+    listener: &UnixListener,
+    kept: &mut Vec<UnixStream>,
+    limit: usize,
+    bytes: &mut Vec<u8>,
+) {
+    while let Ok((c, _)) = listener.accept() {
+        if c.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let before = bytes.len();
+        if !read_triggers(&c, bytes) {
+            continue;
+        }
+        if kept.len() < limit {
+            kept.push(c);
+        } else if bytes.len() == before {
+            // Not kept, and nothing came yet: closed now, its wake-up
+            // would be lost.
+            let _ = c.set_nonblocking(false);
+            let _ = c.set_read_timeout(Some(TRIGGER_WAIT));
+            let mut b = [0u8; 64];
+            if let Ok(n) = (&c).read(&mut b) {
+                bytes.extend_from_slice(&b[..n]);
+            }
         }
     }
 }
@@ -1042,6 +1072,37 @@ mod tests {
         drop(waker);
         let mut bytes = Vec::new();
         assert!(!read_triggers(&again, &mut bytes), "closed by its writer");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A connection the service cannot keep (its limit reached) still
+    /// gets its wake-up read when the writer connects first and writes a
+    /// moment later, as `ipc::wake` does.
+    #[test]
+    fn a_wake_up_beyond_the_kept_connections_is_not_lost() {
+        let dir = std::env::temp_dir().join(format!("postern-trigger-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmgr");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&path).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                s.write_all(b"D").unwrap();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut kept, mut bytes) = (Vec::new(), Vec::new());
+        while bytes.is_empty() && Instant::now() < deadline {
+            accept_triggers(&listener, &mut kept, 0, &mut bytes);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        writer.join().unwrap();
+        assert_eq!(bytes, b"D");
+        assert!(kept.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
