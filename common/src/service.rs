@@ -1028,6 +1028,18 @@ fn pass_on_triggers(kept: Vec<UnixStream>, own_socket: &Path) {
 mod tests {
     use super::*;
 
+    /// A fresh directory of this test process's, with a trigger listener
+    /// in it: (directory, socket path, listener).
+    fn trigger_listener(name: &str) -> (PathBuf, PathBuf, UnixListener) {
+        let dir =
+            std::env::temp_dir().join(format!("postern-triggers-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("qmgr");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
     /// cleanup's wake-ups of qmgr travel on one kept connection; what
     /// qmgr had not read when it drains goes to the next qmgr, and the
     /// waker's next wake-up finds the closed connection and goes on a
@@ -1035,11 +1047,7 @@ mod tests {
     #[test]
     fn wake_ups_keep_their_connection_and_outlive_a_drain() {
         use crate::ipc::{Waker, Wakeup};
-        let dir = std::env::temp_dir().join(format!("postern-triggers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmgr");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = trigger_listener("keep");
         let waker = Waker::new(&path);
         waker.wake(&[Wakeup::Incoming]).unwrap();
         waker.wake(&[Wakeup::Incoming]).unwrap();
@@ -1080,11 +1088,7 @@ mod tests {
     /// moment later, as `ipc::wake` does.
     #[test]
     fn a_wake_up_beyond_the_kept_connections_is_not_lost() {
-        let dir = std::env::temp_dir().join(format!("postern-trigger-full-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("qmgr");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = trigger_listener("full");
         listener.set_nonblocking(true).unwrap();
         let writer = {
             let path = path.clone();
