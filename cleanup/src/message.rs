@@ -222,8 +222,8 @@ pub struct Message<'a> {
     mime: Option<MimeWalk>,
     /// The recipients and primary headers are in the file.
     head_written: bool,
-    /// The file's name in `incoming/`, whose directory fsync started when
-    /// the message opened.
+    /// The file's name in `incoming/`, made when the message opened, its
+    /// directory's fsync run by [`Message::sync_name`].
     named: queue::DirChange,
     /// The recipients kept so far: one copy for a recipient given again.
     dups: DupFilter,
@@ -245,9 +245,9 @@ impl<'a> Message<'a> {
         let nf = tree
             .create_recycled(Queue::Incoming)
             .map_err(Refusal::write_error)?;
-        // The new name's fsync starts now, while the envelope and the
-        // content come.
-        let started = queue::sync_dir_soon(&tree.parent(Queue::Incoming, &nf.id))
+        // The new name is synced once the Open is answered
+        // ([`Message::sync_name`]), while the envelope and the content come.
+        let started = queue::dir_changed(&tree.parent(Queue::Incoming, &nf.id))
             .and_then(|named| Ok((named, qfile::Writer::new(nf.file)?)));
         let (named, writer) = match started {
             Ok(s) => s,
@@ -285,6 +285,15 @@ impl<'a> Message<'a> {
             held: None,
             envelope_at: 0,
         })
+    }
+
+    /// Waits until the file's name in `incoming/` is on disk (with the
+    /// names other threads made meanwhile: one fsync for all). cleanup runs
+    /// it right after answering the Open, while the client sends the
+    /// envelope and the content, so that the end of data finds it done. A
+    /// failure is reported by [`Message::close`], which waits again.
+    pub fn sync_name(&self) {
+        let _ = queue::sync_dir_wait(&self.tree.parent(Queue::Incoming, &self.id), self.named);
     }
 
     /// Takes the envelope: rewrites the sender and the recipients

@@ -135,7 +135,9 @@ fn one_message(
         return false;
     }
     // smtpd opens at the first RCPT TO: the envelope comes with
-    // DATA, a client round trip or more later.
+    // DATA, a client round trip or more later. The new name's fsync runs
+    // meanwhile, on this thread.
+    msg.sync_name();
     match ipc::recv::<_, CleanupRequest>(requests) {
         Ok(CleanupRequest::Envelope(new)) => msg.envelope(new),
         Ok(CleanupRequest::Abort) | Err(_) => {

@@ -1072,10 +1072,6 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[derive(Default)]
 struct DirSyncs {
     dirs: std::collections::HashMap<PathBuf, DirSync>,
-    /// [`sync_dir_soon`] asked the background thread for a sync.
-    kicked: bool,
-    /// The background thread runs (or could not be started).
-    syncer_started: bool,
 }
 
 #[derive(Default)]
@@ -1101,10 +1097,9 @@ type DirSyncsGuard = std::sync::MutexGuard<'static, Option<DirSyncs>>;
 
 static DIR_SYNCS: std::sync::Mutex<Option<DirSyncs>> = std::sync::Mutex::new(None);
 static DIR_SYNCED: std::sync::Condvar = std::sync::Condvar::new();
-static DIR_SYNC_KICK: std::sync::Condvar = std::sync::Condvar::new();
 
 /// A name change made in a directory, waiting for an fsync of it
-/// ([`sync_dir_soon`], [`sync_dir_wait`]).
+/// ([`dir_changed`], [`sync_dir_wait`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirChange(u64);
 
@@ -1185,29 +1180,15 @@ pub fn sync_dir_grouped(dir: &Path) -> io::Result<()> {
     sync_dir_wait(dir, change)
 }
 
-/// Counts a name change just made in `dir` and has a background thread
-/// start an fsync of `dir` now, in the same group commit as
-/// [`sync_dir_grouped`]; [`sync_dir_wait`] later returns once the change
-/// is on disk. cleanup names a message's file in `incoming/` when the
-/// message opens: the directory's fsync then runs while the content
-/// arrives and the file is written, not after, and the end of data waits
-/// only for the file's own syncs (and for this one, if still running).
-pub fn sync_dir_soon(dir: &Path) -> io::Result<DirChange> {
-    let mut g = dir_syncs()?;
-    let change = arrive(&mut g, dir);
-    let s = g.as_mut().expect("made by arrive");
-    if !s.syncer_started {
-        s.syncer_started = true;
-        // Without the thread, sync_dir_wait runs the fsync itself.
-        let _ = std::thread::Builder::new()
-            .name("dirsync".into())
-            .spawn(dir_syncer);
-    }
-    s.kicked = true;
-    // Woken with the lock let go, as in run_dir_sync.
-    drop(g);
-    DIR_SYNC_KICK.notify_one();
-    Ok(change)
+/// Counts a name change just made in `dir`, for a later
+/// [`sync_dir_wait`] in the same group commit as [`sync_dir_grouped`].
+/// cleanup names a message's file in `incoming/` when the message opens,
+/// answers the Open, and only then waits for the directory's fsync: it
+/// runs while the client sends the content, and the end of data waits
+/// only for the file's own syncs. (A background thread that started the
+/// fsync at once cost a wake-up of its own per message.)
+pub fn dir_changed(dir: &Path) -> io::Result<DirChange> {
+    Ok(arrive(&mut dir_syncs()?, dir))
 }
 
 /// Waits until `change` in `dir` is on disk, running the fsync itself
@@ -1234,41 +1215,6 @@ pub fn sync_dir_wait(dir: &Path, change: DirChange) -> io::Result<()> {
         g = DIR_SYNCED
             .wait(g)
             .map_err(|_| io::Error::other("directory sync lock poisoned"))?;
-    }
-}
-
-/// The background thread of [`sync_dir_soon`]: one fsync per directory
-/// with changes not yet covered, each time it is asked. The waiters of
-/// the changes a failed fsync covered see the failure (`failed_below`).
-fn dir_syncer() {
-    let mut g = DIR_SYNCS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    loop {
-        while !g.as_ref().is_some_and(|s| s.kicked) {
-            g = DIR_SYNC_KICK
-                .wait(g)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-        let s = g.as_mut().expect("kicked");
-        s.kicked = false;
-        let due: Vec<PathBuf> = s
-            .dirs
-            .iter()
-            .filter(|(_, d)| d.arrivals > d.covered && !d.running)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for dir in due {
-            // A waiter may have started one meanwhile (the lock is let go
-            // during each fsync).
-            let still_due = g
-                .as_ref()
-                .and_then(|s| s.dirs.get(&dir))
-                .is_some_and(|d| d.arrivals > d.covered && !d.running);
-            if still_due {
-                g = run_dir_sync(g, &dir).0;
-            }
-        }
     }
 }
 
@@ -1451,22 +1397,16 @@ mod tests {
     }
 
     #[test]
-    fn a_sync_started_early_covers_its_change_and_later_waits_share_it() {
+    fn a_change_counted_early_is_covered_by_its_wait_and_later_waits_share_fsyncs() {
         let root = std::env::temp_dir().join(format!("pqs-{}", std::process::id()));
         fs::create_dir_all(&root).unwrap();
         fs::write(root.join("first"), b"x").unwrap();
-        let first = sync_dir_soon(&root).unwrap();
-        // The background thread's fsync covers the change without anybody
-        // waiting for it.
-        for _ in 0..500 {
-            let covered = DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered;
-            if covered > first.0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered > first.0);
+        let first = dir_changed(&root).unwrap();
+        // Counted, not yet synced: nothing runs until somebody waits.
+        let covered = || DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered;
+        assert!(covered() <= first.0);
         sync_dir_wait(&root, first).unwrap();
+        assert!(covered() > first.0);
         // Changes from many threads, each waited for later: every wait
         // returns, and the counts add up.
         let threads: Vec<_> = (0..8)
@@ -1475,7 +1415,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for j in 0..20 {
                         fs::write(root.join(format!("{i}-{j}")), b"x").unwrap();
-                        let c = sync_dir_soon(&root).unwrap();
+                        let c = dir_changed(&root).unwrap();
                         sync_dir_wait(&root, c).unwrap();
                     }
                 })

@@ -45,15 +45,19 @@ const KEPT_MAX: usize = 256;
 /// A kept connection to the agent at `path`, young enough and still open
 /// at the agent's end.
 fn kept(path: &Path) -> Option<(UnixStream, Duration)> {
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    kept.retain(|k| k.since.elapsed() < AGENT_REUSE_WITHIN);
-    while let Some(i) = kept.iter().rposition(|k| k.path == path) {
-        let k = kept.swap_remove(i);
+    loop {
+        let k = {
+            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            kept.retain(|k| k.since.elapsed() < AGENT_REUSE_WITHIN);
+            let i = kept.iter().rposition(|k| k.path == path)?;
+            kept.swap_remove(i)
+        };
+        // Looked at without the lock: the other delivery threads need it
+        // for their own connections meanwhile.
         if !ipc::peer_gone(&k.conn) {
             return Some((k.conn, k.wait));
         }
     }
-    None
 }
 
 /// Keeps `conn`, every reply of its last request in, for the next request.

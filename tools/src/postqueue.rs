@@ -107,6 +107,12 @@ pub fn scan(tree: &QueueTree, mut each: impl FnMut(&Listed) -> io::Result<()>) -
         };
         for id in ids {
             if let Some(l) = read_listed(tree, q, &id) {
+                // A finished message whose file qmgr's retire thread has
+                // not yet emptied (every recipient done) is not in the
+                // queue any more: Postfix's qmgr removes it at once.
+                if q == Queue::Active && l.recipients.is_empty() {
+                    continue;
+                }
                 each(&l)?;
             }
         }
@@ -433,6 +439,53 @@ mod tests {
                 .collect(),
             classes: Vec::new(),
         }
+    }
+
+    /// A finished message still in `active/` (every recipient done, its
+    /// file not yet retired by qmgr) is not listed; one with a recipient
+    /// left is.
+    #[test]
+    fn a_finished_message_in_active_is_not_listed() {
+        let root = std::env::temp_dir().join(format!("pql-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let tree = QueueTree::new(&root);
+        tree.create_dirs(None, None).unwrap();
+        let ids: Vec<String> = ["done@y.test", "left@y.test"]
+            .iter()
+            .map(|rcpt| {
+                let nf = tree.create(Queue::Active).unwrap();
+                let mut w = qfile::Writer::new(nf.file).unwrap();
+                w.arrival(1_700_000_000, 0).unwrap();
+                w.sender("s@x.test").unwrap();
+                w.recipient(&qfile::Recipient::new(rcpt)).unwrap();
+                w.begin_content().unwrap();
+                w.content(b"Subject: t\r\n\r\nbody\r\n").unwrap();
+                w.finish().unwrap();
+                nf.id
+            })
+            .collect();
+        let listed_ids = || {
+            let mut got = Vec::new();
+            scan(&tree, |l| {
+                got.push(l.id.clone());
+                Ok(())
+            })
+            .unwrap();
+            got.sort();
+            got
+        };
+        let mut both = ids.clone();
+        both.sort();
+        assert_eq!(listed_ids(), both);
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .open(tree.path(Queue::Active, &ids[0]))
+            .unwrap();
+        let env = qfile::read_envelope(&f).unwrap();
+        qfile::mark_done(&f, env.recipients[0].offset).unwrap();
+        assert_eq!(listed_ids(), vec![ids[1].clone()]);
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
