@@ -33,17 +33,18 @@ pub fn run(cfg: &Config) -> ! {
         cfg,
         CONNECTIONS_PER_PROCESS,
         move |conn| {
-            let _ = conn.set_read_timeout(Some(timeout));
             let _ = conn.set_write_timeout(Some(timeout));
             // Requests are read through a buffer: a frame's length and body,
-            // and often the next frame, in one read.
-            let mut requests = std::io::BufReader::with_capacity(16 * 1024, &conn);
+            // and often the next frame, in one read. Each wait is in poll
+            // (see ipc::PolledReader), `ipc_timeout` at most.
+            let polled = ipc::PolledReader::new(&conn, Some(timeout));
+            let mut requests = std::io::BufReader::with_capacity(16 * 1024, polled);
             let mut messages = 0;
             // One message after another: smtpd keeps a connection whose
             // message is queued for its next message (ipc::CLEANUP_IDLE).
             loop {
                 if messages > 0
-                    && (messages >= per_connection || !next_request_comes(&mut requests))
+                    && (messages >= per_connection || !next_request_comes(&mut requests, &conn))
                 {
                     return;
                 }
@@ -79,17 +80,19 @@ const LEAVING_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits, on a kept connection, for the first byte of the client's next
 /// request: at most [`ipc::CLEANUP_IDLE`], and no longer once the process
-/// is leaving. True if it came. The wait polls the socket, so that the
-/// connection's read timeout (`ipc_timeout`, for the requests of a
-/// message) is never changed and set back: two system calls per message.
-fn next_request_comes(requests: &mut std::io::BufReader<&std::os::unix::net::UnixStream>) -> bool {
+/// is leaving. True if it came. The wait polls the socket in steps of
+/// [`LEAVING_CHECK`]; the waits within a message are `requests`' own
+/// (`ipc_timeout` each).
+fn next_request_comes(
+    requests: &mut std::io::BufReader<ipc::PolledReader<'_>>,
+    conn: &std::os::unix::net::UnixStream,
+) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout};
     use std::io::BufRead;
     use std::os::fd::AsFd;
     if !requests.buffer().is_empty() {
         return true;
     }
-    let conn = *requests.get_ref();
     let check = PollTimeout::try_from(LEAVING_CHECK).unwrap_or(PollTimeout::MAX);
     let since = std::time::Instant::now();
     loop {
@@ -210,9 +213,9 @@ mod tests {
     #[test]
     fn a_kept_connection_waits_for_the_next_request_until_the_process_leaves() {
         let (ours, mut client) = UnixStream::pair().unwrap();
-        let mut requests = std::io::BufReader::new(&ours);
+        let mut requests = std::io::BufReader::new(ipc::PolledReader::new(&ours, None));
         client.write_all(b"\x01\x00\x00\x00\x00").unwrap();
-        assert!(next_request_comes(&mut requests));
+        assert!(next_request_comes(&mut requests, &ours));
         assert!(matches!(
             ipc::recv::<_, CleanupRequest>(&mut requests),
             Ok(CleanupRequest::Open)
@@ -221,13 +224,14 @@ mod tests {
         let (closed, client_gone) = UnixStream::pair().unwrap();
         drop(client_gone);
         let t = Instant::now();
-        assert!(!next_request_comes(&mut std::io::BufReader::new(&closed)));
+        let mut gone = std::io::BufReader::new(ipc::PolledReader::new(&closed, None));
+        assert!(!next_request_comes(&mut gone, &closed));
         assert!(t.elapsed() < ipc::CLEANUP_IDLE / 2, "{:?}", t.elapsed());
         // Nothing comes, and the process starts leaving (the flag is
         // this test process's; no other test of this crate reads it).
         postern_common::service::leave();
         let t = Instant::now();
-        assert!(!next_request_comes(&mut requests));
+        assert!(!next_request_comes(&mut requests, &ours));
         assert!(t.elapsed() < ipc::CLEANUP_IDLE / 2, "{:?}", t.elapsed());
     }
 }

@@ -747,8 +747,7 @@ pub fn serve_batches(cfg: &postern_conf::Config, mut deliver: impl FnMut(&mut [J
     let tree = QueueTree::configured(crate::service::queue_directory(cfg), cfg);
     let timeout = std::time::Duration::from_secs(cfg.get_time("ipc_timeout").unwrap_or(3600));
     crate::service::serve_one_at_a_time(cfg, |conn| {
-        let _ = conn.set_read_timeout(Some(timeout));
-        handle_request(&tree, &conn, false, false, |jobs| deliver(jobs));
+        handle_request(&tree, &conn, timeout, false, false, |jobs| deliver(jobs));
     })
 }
 
@@ -786,7 +785,6 @@ pub fn serve_concurrently(
         cfg,
         slots,
         move |conn| {
-            let _ = conn.set_read_timeout(Some(timeout));
             let mut kept = false;
             let mut requests = 0;
             // Each batch's replies say whether another is read (not when
@@ -796,15 +794,13 @@ pub fn serve_concurrently(
             loop {
                 requests += 1;
                 let more = requests < per_connection;
-                if !handle_request(&tree, &conn, kept, more, |jobs| {
+                let wait = if kept { AGENT_IDLE } else { timeout };
+                if !handle_request(&tree, &conn, wait, kept, more, |jobs| {
                     jobs.iter_mut().for_each(&deliver)
                 }) {
                     break;
                 }
-                if !kept {
-                    let _ = conn.set_read_timeout(Some(AGENT_IDLE));
-                    kept = true;
-                }
+                kept = true;
             }
         },
         before_exit,
@@ -853,8 +849,8 @@ fn not_opened(req: &DeliveryRequest, e: &io::Error) -> DeliveryReply {
     }
 }
 
-/// One batch of requests from qmgr on `conn` (whose read time limit is
-/// set): the deliveries, one reply per request. `kept`: a further batch
+/// One batch of requests from qmgr on `conn`, waited for `wait` at most:
+/// the deliveries, one reply per request. `kept`: a further batch
 /// on a connection qmgr kept, whose end or idle time is no error.
 /// `serves_more`: the agent reads further batches on a connection unless
 /// its process is leaving. True when the replies went out saying that
@@ -862,6 +858,7 @@ fn not_opened(req: &DeliveryRequest, e: &io::Error) -> DeliveryReply {
 fn handle_request(
     tree: &QueueTree,
     mut conn: &std::os::unix::net::UnixStream,
+    wait: std::time::Duration,
     kept: bool,
     serves_more: bool,
     deliver: impl FnOnce(&mut [Job]),
@@ -869,7 +866,9 @@ fn handle_request(
     // Buffered: a request's length and body (a batch's requests) in one
     // read. qmgr sends nothing more before it has every reply, so the
     // buffer never holds a part of the next batch.
-    let batch = match read_batch(&mut io::BufReader::with_capacity(8192, conn)) {
+    // Waited for in poll (crate::ipc::PolledReader), `wait` at most.
+    let polled = crate::ipc::PolledReader::new(conn, Some(wait));
+    let batch = match read_batch(&mut io::BufReader::with_capacity(8192, polled)) {
         Ok(b) => b,
         // qmgr closed a kept connection, or left it idle: the end of it.
         Err(e)

@@ -26,6 +26,53 @@ use std::time::Duration;
 
 use crate::qfile::Recipient;
 
+/// A reader of a Unix stream socket that waits for input in poll(2)
+/// rather than asleep in recv(2). Linux wakes a task asleep in a Unix
+/// stream recv whenever the peer reads what this side wrote (the
+/// socket's write-space wake-up, which that wait does not filter): an
+/// exchange of request and reply cost the asker two wake-ups, the second
+/// one for nothing. poll waits for POLLIN alone. For the waits of the
+/// request-reply exchanges between daemons (qmgr and its agents, smtpd
+/// and cleanup); `timeout` bounds each wait, as SO_RCVTIMEO would (an
+/// expired wait is `WouldBlock`, as from a timed-out recv).
+pub struct PolledReader<'a> {
+    sock: &'a UnixStream,
+    timeout: Option<Duration>,
+}
+
+impl<'a> PolledReader<'a> {
+    pub fn new(sock: &'a UnixStream, timeout: Option<Duration>) -> PolledReader<'a> {
+        PolledReader { sock, timeout }
+    }
+}
+
+impl Read for PolledReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::errno::Errno;
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        use nix::sys::socket::MsgFlags;
+        use std::os::fd::{AsFd, AsRawFd};
+        let wait = match self.timeout {
+            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        loop {
+            match nix::sys::socket::recv(self.sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, wait) {
+                Ok(0) => return Err(io::ErrorKind::WouldBlock.into()),
+                // Readable, closed or failed: the recv tells which.
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 /// Largest message a reader accepts.
 pub const MAX_MESSAGE: u32 = 16 << 20;
 
@@ -687,6 +734,55 @@ impl Waker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This thread's voluntary context switches so far.
+    fn voluntary_switches() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap()
+    }
+
+    /// The asker of a request waits once for the reply: the peer reading
+    /// the request (a write-space wake-up of the asker's socket) does not
+    /// wake it, as it would a task asleep in recv. Then the reply, its
+    /// end, and a wait that runs out.
+    #[test]
+    fn a_polled_reader_wakes_for_the_reply_only() {
+        let (asker, mut answerer) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            (&asker).write_all(b"request").unwrap();
+            let before = voluntary_switches();
+            let mut buf = [0u8; 16];
+            let n = PolledReader::new(&asker, None).read(&mut buf).unwrap();
+            let woken = voluntary_switches() - before;
+            assert_eq!(&buf[..n], b"reply");
+            // Nothing more within the time limit.
+            let e = PolledReader::new(&asker, Some(Duration::from_millis(50)))
+                .read(&mut buf)
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            woken
+        });
+        // The asker is asleep when the request is read, and when the
+        // reply comes.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut req = [0u8; 7];
+        answerer.read_exact(&mut req).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        answerer.write_all(b"reply").unwrap();
+        let woken = t.join().unwrap();
+        assert_eq!(woken, 1, "wake-ups while waiting for the reply");
+        // The peer's end: end of file.
+        let (asker, answerer) = UnixStream::pair().unwrap();
+        drop(answerer);
+        assert_eq!(
+            PolledReader::new(&asker, None).read(&mut [0u8; 4]).unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn frames_taken_from_a_buffer_in_pieces() {

@@ -174,7 +174,8 @@ pub fn deliver(
         }
     };
     let mut replies = Vec::with_capacity(batch.len());
-    let mut answers = io::BufReader::with_capacity(8192, &conn);
+    // Waited for in poll: see ipc::PolledReader.
+    let mut answers = io::BufReader::with_capacity(8192, ipc::PolledReader::new(&conn, Some(wait)));
     for req in batch {
         match ipc::recv::<_, DeliveryReply>(&mut answers) {
             Ok(reply) => replies.push(reply),
