@@ -138,6 +138,15 @@ pub fn recv_limited<R: Read, T: DeserializeOwned>(r: &mut R, max: u32) -> io::Re
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// Reads one framed message from `sock`, waiting in poll
+/// ([`PolledReader`]) as long as the socket's own read time limit
+/// (`ipc::connect` sets it): for the replies of cleanup to its other
+/// clients (pickup, qmgr's notices, local's forwarding).
+pub fn recv_polled<T: DeserializeOwned>(sock: &UnixStream) -> io::Result<T> {
+    let limit = sock.read_timeout()?;
+    recv(&mut PolledReader::new(sock, limit))
+}
+
 /// Starts a message whose envelope is known: `Open` and `Envelope` in one
 /// write. The reply to read next is cleanup's answer to `Open`.
 pub fn send_open<W: Write>(w: &mut W, envelope: NewMessage) -> io::Result<()> {
