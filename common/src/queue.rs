@@ -1402,8 +1402,10 @@ mod tests {
         fs::create_dir_all(&root).unwrap();
         fs::write(root.join("first"), b"x").unwrap();
         let first = dir_changed(&root).unwrap();
-        // Counted, not yet synced: nothing runs until somebody waits.
+        // Counted, not synced: nothing runs until somebody waits (no
+        // background thread takes it meanwhile).
         let covered = || DIR_SYNCS.lock().unwrap().as_ref().unwrap().dirs[&root].covered;
+        std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(covered() <= first.0);
         sync_dir_wait(&root, first).unwrap();
         assert!(covered() > first.0);
