@@ -31,9 +31,9 @@ use crate::qfile::Recipient;
 /// stream recv whenever the peer reads what this side wrote (the
 /// socket's write-space wake-up, which that wait does not filter): an
 /// exchange of request and reply cost the asker two wake-ups, the second
-/// one for nothing. poll waits for POLLIN alone. For the waits of the
-/// request-reply exchanges between daemons (qmgr and its agents, smtpd
-/// and cleanup); `timeout` bounds each wait, as SO_RCVTIMEO would (an
+/// one for nothing. poll waits for POLLIN alone. For the blocking waits
+/// of the request-reply exchanges between daemons (qmgr and its agents,
+/// cleanup and its clients); `timeout` bounds each wait, as SO_RCVTIMEO would (an
 /// expired wait is `WouldBlock`, as from a timed-out recv).
 pub struct PolledReader<'a> {
     sock: &'a UnixStream,
@@ -138,13 +138,11 @@ pub fn recv_limited<R: Read, T: DeserializeOwned>(r: &mut R, max: u32) -> io::Re
     postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Reads one framed message from `sock`, waiting in poll
-/// ([`PolledReader`]) as long as the socket's own read time limit
-/// (`ipc::connect` sets it): for the replies of cleanup to its other
-/// clients (pickup, qmgr's notices, local's forwarding).
-pub fn recv_polled<T: DeserializeOwned>(sock: &UnixStream) -> io::Result<T> {
-    let limit = sock.read_timeout()?;
-    recv(&mut PolledReader::new(sock, limit))
+/// Reads one framed message from `sock`, each wait in poll
+/// ([`PolledReader`]) `timeout` at most: for the replies of cleanup to
+/// its other clients (pickup, qmgr's notices, local's forwarding).
+pub fn recv_polled<T: DeserializeOwned>(sock: &UnixStream, timeout: Duration) -> io::Result<T> {
+    recv(&mut PolledReader::new(sock, Some(timeout)))
 }
 
 /// Starts a message whose envelope is known: `Open` and `Envelope` in one
@@ -783,7 +781,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         answerer.write_all(b"reply").unwrap();
         let woken = t.join().unwrap();
-        assert_eq!(woken, 1, "wake-ups while waiting for the reply");
+        // A plain recv wakes twice (2); a reader not yet asleep when the
+        // reply came, on a loaded machine, not at all (0).
+        assert!(woken <= 1, "{woken} wake-ups while waiting for the reply");
         // The peer's end: end of file.
         let (asker, answerer) = UnixStream::pair().unwrap();
         drop(answerer);

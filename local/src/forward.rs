@@ -68,7 +68,7 @@ impl Forward<'_> {
         if let Err(e) = ipc::send_open(&mut s, envelope) {
             return fail(e);
         }
-        match ipc::recv_polled::<CleanupReply>(&s) {
+        match ipc::recv_polled::<CleanupReply>(&s, self.timeout) {
             Ok(CleanupReply::Opened { .. }) => {}
             Ok(other) => return refused(other),
             Err(e) => return fail(e),
@@ -103,7 +103,7 @@ impl Forward<'_> {
         if let Err(e) = ipc::send(&mut s, &CleanupRequest::Close) {
             return fail(e);
         }
-        match ipc::recv_polled::<CleanupReply>(&s) {
+        match ipc::recv_polled::<CleanupReply>(&s, self.timeout) {
             Ok(CleanupReply::Queued { queue_id }) => {
                 Status::sent(format!("forwarded as {queue_id}"))
             }

@@ -83,7 +83,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
     if let Err(e) = ipc::send_open(&mut conn, new) {
         return io_err(e);
     }
-    let queue_id = match ipc::recv_polled::<CleanupReply>(&conn) {
+    let queue_id = match ipc::recv_polled::<CleanupReply>(&conn, s.timeout) {
         Ok(CleanupReply::Opened { queue_id }) => queue_id,
         Ok(CleanupReply::Failed {
             temporary: false,
@@ -115,7 +115,7 @@ pub fn submit(tree: &QueueTree, s: &Settings, file: &std::fs::File) -> Outcome {
     if let Err(e) = ipc::send(&mut conn, &CleanupRequest::Close) {
         return io_err(e);
     }
-    match ipc::recv_polled::<CleanupReply>(&conn) {
+    match ipc::recv_polled::<CleanupReply>(&conn, s.timeout) {
         Ok(CleanupReply::Queued { .. }) => Outcome::Queued,
         Ok(CleanupReply::Failed {
             temporary: false,

@@ -781,7 +781,7 @@ pub fn send(
         },
     )
     .map_err(io)?;
-    let new_id = match ipc::recv_polled::<CleanupReply>(&s).map_err(io)? {
+    let new_id = match ipc::recv_polled::<CleanupReply>(&s, timeout).map_err(io)? {
         CleanupReply::Opened { queue_id } => queue_id,
         CleanupReply::Failed {
             temporary: t,
@@ -805,7 +805,7 @@ pub fn send(
     returned_content(file, n.content_offset, n.returned, &mut chunk).map_err(io)?;
     chunk(&tail).map_err(io)?;
     ipc::send(&mut s, &CleanupRequest::Close).map_err(io)?;
-    match ipc::recv_polled::<CleanupReply>(&s).map_err(io)? {
+    match ipc::recv_polled::<CleanupReply>(&s, timeout).map_err(io)? {
         CleanupReply::Queued { queue_id } => Ok(queue_id),
         CleanupReply::Failed {
             temporary: t,

@@ -63,10 +63,16 @@ pub struct Listed {
 }
 
 /// Reads one queue file for listing. `None`: gone, incomplete or
-/// unreadable (skipped, as Postfix's showq skips files it cannot use).
+/// unreadable (skipped, as Postfix's showq skips files it cannot use), or
+/// finished: a message in `active/` with every recipient done, whose file
+/// qmgr's retire thread has not yet emptied, is not in the queue any more
+/// (Postfix's qmgr removes it at once).
 pub fn read_listed(tree: &QueueTree, q: Queue, id: &str) -> Option<Listed> {
     let f = File::open(tree.path(q, id)).ok()?;
     let env = qfile::read_envelope(&f).ok()?;
+    if q == Queue::Active && env.pending().next().is_none() {
+        return None;
+    }
     Some(listed_from(tree, q, id, &env))
 }
 
@@ -107,12 +113,6 @@ pub fn scan(tree: &QueueTree, mut each: impl FnMut(&Listed) -> io::Result<()>) -
         };
         for id in ids {
             if let Some(l) = read_listed(tree, q, &id) {
-                // A finished message whose file qmgr's retire thread has
-                // not yet emptied (every recipient done) is not in the
-                // queue any more: Postfix's qmgr removes it at once.
-                if q == Queue::Active && l.recipients.is_empty() {
-                    continue;
-                }
                 each(&l)?;
             }
         }
