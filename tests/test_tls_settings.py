@@ -133,6 +133,50 @@ def test_opportunistic_protocols_and_excluded_ciphers(make_postern, certs):
     assert re.search(r"Cipher is ECDHE-(RSA|ECDSA)-AES128-GCM-SHA256", r.stdout), h.describe(r)
 
 
+def test_tls13_aes_gcm_choice_as_go_and_boringssl(make_postern, certs, postfix_peer, tmp_path):  # noqa: F811
+    """TLS 1.3's suite: smtpd follows the client's order (Postfix's
+    tls_preempt_cipherlist = no) except that a client whose first choice
+    is AES-256-GCM, and which offers AES-128-GCM too, gets AES-128-GCM;
+    the smtp client offers AES-128-GCM first, so a Postfix receiver
+    answers with it."""
+    p = make_postern(params=dual(certs, smtpd_tls_loglevel="1"))
+
+    def cipher(*args):
+        r = s_client(p.port, "-tls1_3", "-sigalgs", "ECDSA+SHA256", *args)
+        m = re.search(r"Cipher is (\S+)", r.stdout)
+        assert m, h.describe(r)
+        return m.group(1)
+
+    # OpenSSL's own order: AES-256-GCM, ChaCha20, AES-128-GCM.
+    assert cipher() == "TLS_AES_128_GCM_SHA256"
+    assert cipher("-ciphersuites", "TLS_AES_256_GCM_SHA384") == "TLS_AES_256_GCM_SHA384"
+    assert cipher("-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:"
+                  "TLS_AES_128_GCM_SHA256") == "TLS_CHACHA20_POLY1305_SHA256"
+    assert cipher("-ciphersuites", "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256") \
+        == "TLS_AES_256_GCM_SHA384"
+    # The log line names what was chosen.
+    p.wait_for_log(r"post(fix|ern)/smtpd\[\d+\]: Anonymous TLS connection established from "
+                   r"\S+: TLSv1\.3 with cipher TLS_AES_128_GCM_SHA256 \(128/128 bits\)")
+
+    # An excluded AES-128-GCM is not chosen; the client's order is kept.
+    q = make_postern(params=dual(certs, smtpd_tls_exclude_ciphers="TLS_AES_128_GCM_SHA256"))
+    r = s_client(q.port, "-tls1_3")
+    assert "Cipher is TLS_AES_256_GCM_SHA384" in r.stdout, h.describe(r)
+
+    # Outbound: a Postfix receiver (OpenSSL, the client's order) takes
+    # the AES-128-GCM our client offers first.
+    ca = TestCA(tmp_path / "ca", names=["localhost"])
+    far = postfix_peer(tls=ca)
+    o = make_postern({"relayhost": f"[127.0.0.1]:{far.port}",
+                      "smtp_tls_security_level": "encrypt", "smtp_tls_loglevel": "1"})
+    token = "pt-" + uuid.uuid4().hex
+    code, text = o.send("s@example.org", ["u@far.test"],
+                        h.crlf(f"From: <s@example.org>\nSubject: {token}\n\nbody\n"))
+    assert code == 250, text
+    (_path, raw), = far.wait_for(token, timeout=40)
+    assert b"(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256 (128/128 bits)" in raw, raw[:600]
+
+
 def test_unusable_protocol_list_is_reported_by_check(make_postern, certs):
     p = make_postern(params=dual(certs, smtpd_tls_protocols="<=TLSv1.1"), start=False)
     r = p.postern("check")

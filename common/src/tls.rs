@@ -24,10 +24,21 @@ pub use rustls;
 /// ring's provider offered (X25519, P-256, P-384; not aws-lc-rs's default
 /// X25519MLKEM768 hybrid): what peers negotiate, and what is logged, stays
 /// as it was.
+///
+/// Its TLS 1.3 suites come in BoringSSL's order (Chrome's, Go's):
+/// AES-128-GCM first, then AES-256-GCM and ChaCha20. The SMTP client offers
+/// them so, and a receiver that follows its client's order (OpenSSL's
+/// default, Postfix's) answers with AES-128-GCM, whose SHA-256 costs
+/// less than AES-256-GCM's SHA-384 on either side (see
+/// [`ServerTls::config_for`]). The TLS 1.2 suites keep aws-lc-rs's order.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use aws_lc_rs::kx_group;
+    let mut cipher_suites = aws_lc_rs::default_provider().cipher_suites;
+    // A stable sort: only TLS_AES_128_GCM_SHA256 moves, to the front.
+    cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(rustls::crypto::CryptoProvider {
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        cipher_suites,
         ..aws_lc_rs::default_provider()
     })
 }
@@ -94,6 +105,66 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
         || cfg.get_bool("smtpd_tls_wrappermode").unwrap_or(false)
 }
 
+/// smtpd's TLS configurations (see [`smtpd_server_config`]): the one
+/// main.cf describes and, beside it, the same with only AES-128-GCM
+/// among the TLS 1.3 suites, for the clients that [`ServerTls::config_for`]
+/// gives it.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// What main.cf describes: every client the others do not serve.
+    pub config: Arc<ServerConfig>,
+    /// TLS 1.3 with TLS_AES_128_GCM_SHA256 only (None where main.cf
+    /// leaves out either AES-GCM suite or TLS 1.3, or the server's order
+    /// rules, `tls_preempt_cipherlist = yes`).
+    aes128: Option<Arc<ServerConfig>>,
+}
+
+impl ServerTls {
+    /// One configuration for every client (tests, simple callers).
+    pub fn single(config: Arc<ServerConfig>) -> ServerTls {
+        ServerTls {
+            config,
+            aes128: None,
+        }
+    }
+
+    /// The configuration for a client whose ClientHello offers `suites`.
+    ///
+    /// As Postfix (`tls_preempt_cipherlist = no`), smtpd follows the
+    /// client's order, with one exception, which Go's TLS servers and
+    /// BoringSSL's make too: where the client's first TLS 1.3 choice is
+    /// TLS_AES_256_GCM_SHA384 and it also offers TLS_AES_128_GCM_SHA256
+    /// (every TLS 1.3 client must, RFC 8446 9.1), it gets AES-128-GCM.
+    /// Both are AEADs of OpenSSL's HIGH class; beside an X25519 or P-256
+    /// key exchange (128-bit strength) the longer key adds nothing, while
+    /// the suite's SHA-384 (transcript hash and key schedule) costs a
+    /// third of a P-256 handshake's CPU on CPUs where aws-lc has no SIMD
+    /// SHA-512 (`bench/results/tls-l.md`, "in process"). OpenSSL's
+    /// clients, Postfix's and Python's among them, put AES-256-GCM
+    /// first; a client that puts ChaCha20 first (no AES instructions) is
+    /// followed. (testssl.sh still finds no server order: its two
+    /// ClientHellos get ChaCha20 and AES-128-GCM.)
+    pub fn config_for(&self, suites: &[rustls::CipherSuite]) -> &Arc<ServerConfig> {
+        use rustls::CipherSuite as C;
+        let Some(aes128) = &self.aes128 else {
+            return &self.config;
+        };
+        // The client's first choice among the TLS 1.3 suites smtpd has.
+        let ours = &self.config.crypto_provider().cipher_suites;
+        let first_tls13 = suites.iter().find(|s| {
+            ours.iter()
+                .any(|o| matches!(o, SupportedCipherSuite::Tls13(_)) && o.suite() == **s)
+        });
+        if first_tls13 == Some(&C::TLS13_AES_256_GCM_SHA384)
+            && suites.contains(&C::TLS13_AES_128_GCM_SHA256)
+        {
+            aes128
+        } else {
+            &self.config
+        }
+    }
+}
+
 /// smtpd's TLS configuration, as Postfix's smtpd builds it from
 /// postconf(5)'s parameters:
 /// - keys: `smtpd_tls_chain_files`, else `smtpd_tls_cert_file`/`key_file`
@@ -104,7 +175,8 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
 ///   (with `smtpd_tls_mandatory_exclude_ciphers`) at level `encrypt`,
 ///   else `smtpd_tls_protocols` and `smtpd_tls_ciphers`; with
 ///   `smtpd_tls_exclude_ciphers` always;
-/// - `tls_preempt_cipherlist`: the server's cipher order wins;
+/// - `tls_preempt_cipherlist`: the server's cipher order wins (else the
+///   client's, but for [`ServerTls::config_for`]'s one exception);
 /// - `smtpd_tls_session_cache_timeout`: 0 turns off session resumption
 ///   (session IDs and tickets), else both are on, with tickets every smtpd
 ///   process can decrypt (crate::tls_tickets), unless
@@ -113,8 +185,10 @@ pub fn smtpd_tls_wanted(cfg: &postern_conf::Config) -> bool {
 /// smtpd reads the files as root, before it drops its privileges;
 /// `postern check` reads them the same way to report a missing, unusable
 /// or mismatched key before a client finds STARTTLS gone.
-pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfig>, String> {
-    let keys = smtpd_keys(cfg)?;
+pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<ServerTls, String> {
+    let keys: Arc<dyn rustls::server::ResolvesServerCert> = Arc::new(KeysBySignature {
+        keys: smtpd_keys(cfg)?,
+    });
     let mandatory = cfg
         .get("smtpd_tls_security_level")
         .trim()
@@ -123,20 +197,26 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
     let ask_ccert = cfg
         .get_bool("smtpd_tls_ask_ccert")
         .map_err(|e| e.to_string())?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&versions)
-        .map_err(|e| {
-            format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}")
-        })?;
-    // smtpd_tls_ask_ccert: any certificate (or none) is taken; whether it
-    // is trusted, and its fingerprints, are for the restrictions.
-    let builder = if ask_ccert {
-        builder.with_client_cert_verifier(Arc::new(crate::tls_ccert::AnyClientCert { provider }))
-    } else {
-        builder.with_no_client_auth()
+    let preempt = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
+    let build = |provider: Arc<rustls::crypto::CryptoProvider>| -> Result<ServerConfig, String> {
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map_err(|e| {
+                format!("TLS configuration (smtpd_tls_*protocols, smtpd_tls_*ciphers): {e}")
+            })?;
+        // smtpd_tls_ask_ccert: any certificate (or none) is taken; whether it
+        // is trusted, and its fingerprints, are for the restrictions.
+        let builder = if ask_ccert {
+            builder
+                .with_client_cert_verifier(Arc::new(crate::tls_ccert::AnyClientCert { provider }))
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_cert_resolver(keys.clone());
+        config.ignore_client_order = preempt;
+        Ok(config)
     };
-    let mut config = builder.with_cert_resolver(Arc::new(KeysBySignature { keys }));
-    config.ignore_client_order = cfg.get_bool("tls_preempt_cipherlist").unwrap_or(false);
+    let mut config = build(provider.clone())?;
     let timeout = cfg
         .get_time("smtpd_tls_session_cache_timeout")
         .map_err(|e| e.to_string())?;
@@ -150,27 +230,60 @@ pub fn smtpd_server_config(cfg: &postern_conf::Config) -> Result<Arc<ServerConfi
         // A TLS 1.2 client without tickets resumes by session ID with
         // the process that served it (no shared cache database).
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-        if cfg.get("tls_session_ticket_cipher").trim().is_empty() {
-            // Postfix: an empty tls_session_ticket_cipher turns tickets
-            // off (rustls's default ticketer issues none).
-            return Ok(Arc::new(config));
+        if !cfg.get("tls_session_ticket_cipher").trim().is_empty() {
+            // One ticket per full handshake, as Postfix's smtpd sends.
+            config.send_tls13_tickets = 1;
+            let path = crate::tls_tickets::secret_path(cfg);
+            config.ticketer = match crate::tls_tickets::load_or_create_secret(&path) {
+                Ok(secret) => Arc::new(crate::tls_tickets::SharedTicketer::new(secret, timeout)),
+                Err(e) => {
+                    crate::warning!("TLS session ticket key {e}: tickets of this process only");
+                    Arc::new(TicketLifetime {
+                        inner: aws_lc_rs::Ticketer::new()
+                            .map_err(|e| format!("TLS session tickets: {e}"))?,
+                        lifetime: timeout.min(7 * 86400) as u32,
+                    })
+                }
+            };
         }
-        // One ticket per full handshake, as Postfix's smtpd sends.
-        config.send_tls13_tickets = 1;
-        let path = crate::tls_tickets::secret_path(cfg);
-        config.ticketer = match crate::tls_tickets::load_or_create_secret(&path) {
-            Ok(secret) => Arc::new(crate::tls_tickets::SharedTicketer::new(secret, timeout)),
-            Err(e) => {
-                crate::warning!("TLS session ticket key {e}: tickets of this process only");
-                Arc::new(TicketLifetime {
-                    inner: aws_lc_rs::Ticketer::new()
-                        .map_err(|e| format!("TLS session tickets: {e}"))?,
-                    lifetime: timeout.min(7 * 86400) as u32,
-                })
-            }
-        };
+        // Postfix: an empty tls_session_ticket_cipher turns tickets off
+        // (rustls's default ticketer issues none).
     }
-    Ok(Arc::new(config))
+    use rustls::CipherSuite as C;
+    let has = |c: C| provider.cipher_suites.iter().any(|s| s.suite() == c);
+    let tls13 = versions
+        .iter()
+        .any(|v| v.version == ProtocolVersion::TLSv1_3);
+    let aes128 = if !preempt
+        && tls13
+        && has(C::TLS13_AES_128_GCM_SHA256)
+        && has(C::TLS13_AES_256_GCM_SHA384)
+    {
+        let only_aes128 = rustls::crypto::CryptoProvider {
+            cipher_suites: provider
+                .cipher_suites
+                .iter()
+                .copied()
+                .filter(|s| {
+                    !matches!(s, SupportedCipherSuite::Tls13(_))
+                        || s.suite() == C::TLS13_AES_128_GCM_SHA256
+                })
+                .collect(),
+            ..(*provider).clone()
+        };
+        let mut second = build(Arc::new(only_aes128))?;
+        // The same sessions and tickets: a client resumes with either.
+        second.session_storage = config.session_storage.clone();
+        second.ticketer = config.ticketer.clone();
+        second.send_tls13_tickets = config.send_tls13_tickets;
+        Some(Arc::new(second))
+    } else {
+        None
+    };
+    Ok(ServerTls {
+        config: Arc::new(config),
+        aes128,
+    })
 }
 
 /// The protocol versions and cipher suites one side offers.

@@ -207,6 +207,7 @@ impl Settings {
             "" | "none" => None,
             "may" | "encrypt" => Some(
                 postern_common::tls::smtpd_server_config(cfg)
+                    .map(|t| t.config)
                     .map_err(|e| format!("postscreen_tls_security_level = {level}: {e}"))?,
             ),
             other => {

@@ -567,8 +567,8 @@ impl Server {
         }
         let tls = if self.cfg.tls_wrappermode {
             let made = match &self.cfg.tls {
-                Some(c) => TlsConn::new(c.clone()),
-                None => Err("no certificate loaded".into()),
+                Some(c) => Ok(TlsConn::new(c.clone())),
+                None => Err("no certificate loaded"),
             };
             match made {
                 Ok(t) => Some(Box::new(t)),
@@ -988,8 +988,8 @@ fn start_tls(slot: &mut Slot, cfg: &Settings) -> bool {
     }
     slot.session.tls_started();
     let made = match cfg.tls.clone() {
-        Some(c) => TlsConn::new(c),
-        None => Err("no certificate loaded".to_string()),
+        Some(c) => Ok(TlsConn::new(c)),
+        None => Err("no certificate loaded"),
     };
     match made {
         Ok(t) => slot.tls = Some(Box::new(t)),

@@ -4,7 +4,7 @@ use crate::restrictions::Restrictions;
 use crate::sasl::{self, AuthTarget};
 use postern_common::error;
 use postern_common::queue::QueueTree;
-use postern_common::tls::{self, rustls::ServerConfig};
+use postern_common::tls::{self, ServerTls};
 use postern_common::warning;
 use postern_conf::Config;
 use std::path::PathBuf;
@@ -57,7 +57,7 @@ pub struct Settings {
     pub tls_level: TlsLevel,
     /// The server's TLS configuration; None when TLS is off, or when the
     /// certificate could not be loaded (STARTTLS then answers 454).
-    pub tls: Option<Arc<ServerConfig>>,
+    pub tls: Option<Arc<ServerTls>>,
     /// `smtpd_tls_wrappermode`: TLS from the first byte (port 465).
     pub tls_wrappermode: bool,
     /// `smtpd_tls_auth_only` (implied by level `encrypt`).
@@ -206,7 +206,7 @@ impl Settings {
         let tls_wrappermode = cfg.get_bool("smtpd_tls_wrappermode").map_err(e)?;
         let tls = if tls_level != TlsLevel::None || tls_wrappermode {
             match tls::smtpd_server_config(cfg) {
-                Ok(c) => Some(c),
+                Ok(c) => Some(Arc::new(c)),
                 Err(why) => {
                     // An error, not a warning: clients lose STARTTLS
                     // (and with `encrypt` every mail) until it is fixed.

@@ -15,14 +15,31 @@
 //! is entirely on the wire, and tells the session when the handshake is
 //! complete ([`TlsConn::take_established`]), at which point the session
 //! forgets its earlier state.
+//!
+//! Until the ClientHello is complete the connection is a rustls
+//! `Acceptor`: which of smtpd's configurations serves the client depends
+//! on the suites it offers (`ServerTls::config_for`).
 
-use postern_common::tls::rustls::{ServerConfig, ServerConnection};
-use postern_common::tls::Negotiated;
+use postern_common::tls::rustls::server::{Acceptor, ServerConnection};
+use postern_common::tls::{Negotiated, ServerTls};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
+/// Where the handshake is.
+enum Stage {
+    /// Reading the ClientHello.
+    Hello(Acceptor, Arc<ServerTls>),
+    /// The configuration chosen: rustls's connection.
+    Conn(ServerConnection),
+    /// The ClientHello was refused: only the alert (if any) is left to send.
+    Refused,
+}
+
 pub struct TlsConn {
-    conn: ServerConnection,
+    stage: Stage,
+    /// Bytes to send before any of rustls's: the alert for a refused
+    /// ClientHello.
+    alert: Vec<u8>,
     /// rustls holds plaintext not yet read.
     plain_pending: bool,
     /// The session has been told that the handshake completed.
@@ -61,6 +78,19 @@ impl<R: Read> Read for NoteShort<'_, R> {
     }
 }
 
+/// Where reading the ClientHello stands.
+enum HelloOutcome {
+    /// rustls's connection had it before this call.
+    Done,
+    /// rustls's connection has it now, and its answer to send.
+    Answered,
+    /// More bytes are needed.
+    Wait,
+    Eof,
+    /// Refused: the alert is queued.
+    Error(String),
+}
+
 /// What a read produced.
 #[derive(Debug)]
 pub enum ReadOutcome {
@@ -74,13 +104,10 @@ pub enum ReadOutcome {
 }
 
 impl TlsConn {
-    pub fn new(cfg: Arc<ServerConfig>) -> Result<TlsConn, String> {
-        let mut conn = ServerConnection::new(cfg).map_err(|e| e.to_string())?;
-        // Replies are small and the loop stops reading a client whose
-        // output backs up, so rustls need not limit what it buffers.
-        conn.set_buffer_limit(None);
-        Ok(TlsConn {
-            conn,
+    pub fn new(cfg: Arc<ServerTls>) -> TlsConn {
+        TlsConn {
+            stage: Stage::Hello(Acceptor::default(), cfg),
+            alert: Vec::new(),
             plain_pending: false,
             reported: false,
             closing: false,
@@ -88,11 +115,76 @@ impl TlsConn {
             ticketed: false,
             ticket_events: Vec::new(),
             hold: false,
-        })
+        }
+    }
+
+    /// rustls's connection, once the ClientHello has chosen it.
+    fn conn(&self) -> Option<&ServerConnection> {
+        match &self.stage {
+            Stage::Conn(c) => Some(c),
+            _ => None,
+        }
     }
 
     pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        self.conn().is_none_or(|c| c.is_handshaking())
+    }
+
+    /// Reads the ClientHello; once it is whole, chooses the configuration
+    /// and goes on as rustls's connection (which answers it).
+    fn read_hello<R: Read>(&mut self, sock: &mut R, sock_readable: &mut bool) -> HelloOutcome {
+        let Stage::Hello(acceptor, tls) = &mut self.stage else {
+            return HelloOutcome::Done;
+        };
+        loop {
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    let cfg = tls
+                        .config_for(accepted.client_hello().cipher_suites())
+                        .clone();
+                    let made = accepted.into_connection(cfg);
+                    // The certificate choice (and any ticket decrypted)
+                    // happened on this thread, in into_connection.
+                    self.note_handshake_events();
+                    return match made {
+                        Ok(mut conn) => {
+                            // Replies are small and the loop stops reading
+                            // a client whose output backs up, so rustls
+                            // need not limit what it buffers.
+                            conn.set_buffer_limit(None);
+                            self.stage = Stage::Conn(conn);
+                            HelloOutcome::Answered
+                        }
+                        Err((e, alert)) => self.refuse(e, alert),
+                    };
+                }
+                Ok(None) => {}
+                Err((e, alert)) => return self.refuse(e, alert),
+            }
+            if !*sock_readable {
+                return HelloOutcome::Wait;
+            }
+            match acceptor.read_tls(sock) {
+                Ok(0) => return HelloOutcome::Eof,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *sock_readable = false;
+                    return HelloOutcome::Wait;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return HelloOutcome::Eof,
+            }
+        }
+    }
+
+    fn refuse(
+        &mut self,
+        e: postern_common::tls::rustls::Error,
+        mut alert: postern_common::tls::rustls::server::AcceptedAlert,
+    ) -> HelloOutcome {
+        let _ = alert.write_all(&mut self.alert);
+        self.stage = Stage::Refused;
+        HelloOutcome::Error(e.to_string())
     }
 
     /// Decrypted bytes wait in rustls.
@@ -109,8 +201,19 @@ impl TlsConn {
         buf: &mut [u8],
         sock_readable: &mut bool,
     ) -> ReadOutcome {
+        match self.read_hello(sock, sock_readable) {
+            HelloOutcome::Done => {}
+            // Handshake records only, as below: the caller flushes the
+            // answer and comes back when the client has more.
+            HelloOutcome::Answered | HelloOutcome::Wait => return ReadOutcome::WouldBlock,
+            HelloOutcome::Eof => return ReadOutcome::Eof,
+            HelloOutcome::Error(e) => return ReadOutcome::Error(e),
+        }
         loop {
-            match self.conn.reader().read(buf) {
+            let Stage::Conn(conn) = &mut self.stage else {
+                return ReadOutcome::Eof;
+            };
+            match conn.reader().read(buf) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(n) => return ReadOutcome::Data(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.plain_pending = false,
@@ -120,7 +223,7 @@ impl TlsConn {
             if !*sock_readable {
                 return ReadOutcome::WouldBlock;
             }
-            match self.conn.read_tls(sock) {
+            match conn.read_tls(sock) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(_) => match self.process_packets() {
                     Ok(st) => {
@@ -150,26 +253,36 @@ impl TlsConn {
         }
     }
 
-    /// rustls's `process_new_packets`, keeping the certificate choice
-    /// that a ClientHello among the packets led to (taken here, on the
-    /// loop's thread, before another connection's handshake can run).
+    /// rustls's `process_new_packets`, keeping what the handshake's
+    /// callbacks noted on this thread ([`TlsConn::note_handshake_events`]).
     fn process_packets(
         &mut self,
     ) -> Result<postern_common::tls::rustls::IoState, postern_common::tls::rustls::Error> {
+        let Stage::Conn(conn) = &mut self.stage else {
+            return Err(postern_common::tls::rustls::Error::HandshakeNotComplete);
+        };
         postern_common::tls_tickets::allow_issuing(!self.ticketed);
-        let was_handshaking = self.conn.is_handshaking();
-        let processed = self.conn.process_new_packets();
+        let was_handshaking = conn.is_handshaking();
+        let processed = conn.process_new_packets();
         // TLS 1.3 only: in 1.2 what follows the client's Finished is the
         // server's own Finished, which the client waits for.
         if was_handshaking
-            && !self.conn.is_handshaking()
+            && !conn.is_handshaking()
             && processed.is_ok()
-            && self.conn.wants_write()
-            && self.conn.protocol_version()
+            && conn.wants_write()
+            && conn.protocol_version()
                 == Some(postern_common::tls::rustls::ProtocolVersion::TLSv1_3)
         {
             self.hold = true;
         }
+        self.note_handshake_events();
+        processed
+    }
+
+    /// Keeps the certificate choice and the ticketer's work that the
+    /// packets just processed led to (noted on the loop's thread, taken
+    /// here before another connection's handshake can run).
+    fn note_handshake_events(&mut self) {
         let chosen = postern_common::tls::take_server_signature();
         if self.server_signature.is_none() {
             self.server_signature = chosen;
@@ -180,25 +293,42 @@ impl TlsConn {
             .iter()
             .any(|e| matches!(e, TicketEvent::Decrypted(_)));
         self.ticket_events.extend(events);
-        processed
     }
 
     /// Hands plaintext to rustls (all of it: no buffer limit).
     pub fn write_plain(&mut self, data: &[u8]) -> io::Result<usize> {
         self.hold = false;
-        self.conn.writer().write(data)
+        match &mut self.stage {
+            Stage::Conn(conn) => conn.writer().write(data),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
 
-    /// Whether rustls has records to send now (not a held ticket).
+    /// Whether there are records to send now (not a held ticket).
     pub fn wants_write(&self) -> bool {
-        !self.hold && self.conn.wants_write()
+        !self.alert.is_empty() || (!self.hold && self.conn().is_some_and(|c| c.wants_write()))
     }
 
-    /// Sends what rustls has until done or the socket is full; Ok(bytes).
+    /// Sends what there is until done or the socket is full; Ok(bytes).
     pub fn flush<W: Write>(&mut self, sock: &mut W) -> io::Result<usize> {
         let mut n = 0;
+        while !self.alert.is_empty() {
+            match sock.write(&self.alert) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    self.alert.drain(..k);
+                    n += k;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         while self.wants_write() {
-            match self.conn.write_tls(sock) {
+            let Stage::Conn(conn) = &mut self.stage else {
+                break;
+            };
+            match conn.write_tls(sock) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -211,11 +341,11 @@ impl TlsConn {
 
     /// What was negotiated, once, when the handshake has completed.
     pub fn take_established(&mut self) -> Option<Negotiated> {
-        if self.reported || self.conn.is_handshaking() {
+        if self.reported || self.is_handshaking() {
             return None;
         }
         self.reported = true;
-        let mut n = Negotiated::of(&self.conn)?;
+        let mut n = Negotiated::of(self.conn()?)?;
         if n.kx.is_some() {
             // Postfix reports the signature for TLS 1.3 only.
             n.server_signature = self.server_signature.take();
@@ -233,7 +363,10 @@ impl TlsConn {
     /// the session cache.
     pub fn resumed(&self) -> Option<bool> {
         use postern_common::tls::rustls::HandshakeKind;
-        (self.conn.handshake_kind() == Some(HandshakeKind::Resumed)).then_some(self.ticketed)
+        let resumed = self
+            .conn()
+            .is_some_and(|c| c.handshake_kind() == Some(HandshakeKind::Resumed));
+        resumed.then_some(self.ticketed)
     }
 
     /// Queues close_notify (once); true if it was queued now.
@@ -243,7 +376,11 @@ impl TlsConn {
         }
         self.closing = true;
         self.hold = false;
-        self.conn.send_close_notify();
+        match &mut self.stage {
+            Stage::Conn(conn) => conn.send_close_notify(),
+            // Nothing to close before the ClientHello is answered.
+            _ => return false,
+        }
         true
     }
 }

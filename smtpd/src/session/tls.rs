@@ -31,6 +31,7 @@ impl Session {
         info!("setting up TLS connection from {}", self.namaddr);
         if let Some(c) = &self.cfg.tls {
             let list: Vec<&str> = c
+                .config
                 .crypto_provider()
                 .cipher_suites
                 .iter()

@@ -110,7 +110,7 @@ const TEST_CERT: &[u8] = &[
 
 /// A server configuration from a throwaway key and certificate
 /// (made with `openssl req -x509 -newkey ec`).
-fn test_tls_config() -> Arc<postern_common::tls::rustls::ServerConfig> {
+fn test_tls_config() -> Arc<postern_common::tls::ServerTls> {
     use postern_common::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     // A P-256 key (PKCS#8) and its self-signed certificate.
     let key = PrivateKeyDer::try_from(TEST_KEY.to_vec()).unwrap();
@@ -122,7 +122,7 @@ fn test_tls_config() -> Arc<postern_common::tls::rustls::ServerConfig> {
     .unwrap()
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
-    .map(Arc::new)
+    .map(|c| Arc::new(postern_common::tls::ServerTls::single(Arc::new(c))))
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -190,7 +190,7 @@ fn handshake_in_memory(
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut client = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-    let mut server = TlsConn::new(test_tls_config()).unwrap();
+    let mut server = TlsConn::new(test_tls_config());
     let mut buf = [0u8; 4096];
     for _ in 0..10 {
         let mut wire = Vec::new();
