@@ -133,6 +133,17 @@ def test_opportunistic_protocols_and_excluded_ciphers(make_postern, certs):
     assert re.search(r"Cipher is ECDHE-(RSA|ECDSA)-AES128-GCM-SHA256", r.stdout), h.describe(r)
 
 
+def relayed(p, far):
+    """A message sent through Postern `p` to the Postfix receiver `far`,
+    as `far` stored it (its Received header tells the TLS of the hop)."""
+    token = "pt-" + uuid.uuid4().hex
+    code, text = p.send("s@example.org", ["u@far.test"],
+                        h.crlf(f"From: <s@example.org>\nSubject: {token}\n\nbody\n"))
+    assert code == 250, text
+    (_path, raw), = far.wait_for(token, timeout=40)
+    return raw
+
+
 def test_tls13_aes_gcm_choice_as_go_and_boringssl(make_postern, certs, postfix_peer, tmp_path):  # noqa: F811
     """TLS 1.3's suite: smtpd follows the client's order (Postfix's
     tls_preempt_cipherlist = no) except that a client whose first choice
@@ -169,11 +180,7 @@ def test_tls13_aes_gcm_choice_as_go_and_boringssl(make_postern, certs, postfix_p
     far = postfix_peer(tls=ca)
     o = make_postern({"relayhost": f"[127.0.0.1]:{far.port}",
                       "smtp_tls_security_level": "encrypt", "smtp_tls_loglevel": "1"})
-    token = "pt-" + uuid.uuid4().hex
-    code, text = o.send("s@example.org", ["u@far.test"],
-                        h.crlf(f"From: <s@example.org>\nSubject: {token}\n\nbody\n"))
-    assert code == 250, text
-    (_path, raw), = far.wait_for(token, timeout=40)
+    raw = relayed(o, far)
     assert b"(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256 (128/128 bits)" in raw, raw[:600]
 
 
@@ -362,11 +369,7 @@ def test_smtp_client_mandatory_protocols_and_ciphers(make_postern, postfix_peer,
                       "smtp_tls_protocols": "TLSv1.3",
                       "smtp_tls_mandatory_protocols": "!SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.3",
                       "smtp_tls_mandatory_exclude_ciphers": "AES256, CHACHA20"})
-    token = "pt-" + uuid.uuid4().hex
-    code, text = p.send("s@example.org", ["u@far.test"],
-                        h.crlf(f"From: <s@example.org>\nSubject: {token}\n\nbody\n"))
-    assert code == 250, text
-    (_path, raw), = far.wait_for(token, timeout=40)
+    raw = relayed(p, far)
     assert b"(using TLSv1.2 with cipher ECDHE-RSA-AES128-GCM-SHA256 (128/128 bits))" in raw, raw[:600]
     p.wait_for_log(r"post(fix|ern)/smtp\[\d+\]: Untrusted TLS connection established to "
                    rf"127\.0\.0\.1\[127\.0\.0\.1\]:{far.port}: TLSv1\.2 with cipher "
